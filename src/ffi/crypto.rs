@@ -1,0 +1,361 @@
+//! Cryptographic operations, key management and random numbers. On a
+//! virtual slot an operation runs on the member chosen at its `*Init`.
+
+use super::{buffer, cryptoki_fn, required, session};
+use crate::error::{check, Error};
+use crate::member::member_call;
+use crate::session::{OpKind, Step, Target};
+use crate::virtual_objects::template_bool;
+use cryptoki_sys::*;
+
+/// `*Init` functions that take a mechanism and a key.
+macro_rules! keyed_init {
+    ($($name:ident => $kind:ident),* $(,)?) => {$(
+        cryptoki_fn! {
+            fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
+                required(mechanism)?;
+                let (_, s) = session(handle)?;
+                match &s.target {
+                    Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, mechanism, key))),
+                    Target::Virtual(v) => v.init(OpKind::$kind, &[key], |l, m, h| {
+                        member_call!(l, $name(m, mechanism, h[0]))
+                    }),
+                }
+            }
+        }
+    )*};
+}
+
+/// Calls that take input and write output under the two-call convention.
+/// `$finishes` says whether the call ends the operation.
+macro_rules! in_out {
+    ($($name:ident => $kind:ident, $finishes:expr);* $(;)?) => {$(
+        cryptoki_fn! {
+            fn $name(
+                handle: CK_SESSION_HANDLE,
+                input: *mut CK_BYTE,
+                input_len: CK_ULONG,
+                output: *mut CK_BYTE,
+                output_len: CK_ULONG_PTR,
+            ) {
+                buffer(input, input_len)?;
+                required(output_len)?;
+                let (_, s) = session(handle)?;
+                let step = if $finishes {
+                    Step::Finish { length_query: output.is_null() }
+                } else {
+                    Step::Update
+                };
+                match &s.target {
+                    Target::PassThrough(p) => {
+                        check(member_call!(p.library, $name(p.handle, input, input_len, output, output_len)))
+                    }
+                    Target::Virtual(v) => v.step(OpKind::$kind, step, |l, m| {
+                        member_call!(l, $name(m, input, input_len, output, output_len))
+                    }),
+                }
+            }
+        }
+    )*};
+}
+
+/// Updates that take input only.
+macro_rules! input_update {
+    ($($name:ident => $kind:ident),* $(,)?) => {$(
+        cryptoki_fn! {
+            fn $name(handle: CK_SESSION_HANDLE, input: *mut CK_BYTE, input_len: CK_ULONG) {
+                buffer(input, input_len)?;
+                let (_, s) = session(handle)?;
+                match &s.target {
+                    Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, input, input_len))),
+                    Target::Virtual(v) => v.step(OpKind::$kind, Step::Update, |l, m| {
+                        member_call!(l, $name(m, input, input_len))
+                    }),
+                }
+            }
+        }
+    )*};
+}
+
+/// Finals that write output under the two-call convention.
+macro_rules! output_final {
+    ($($name:ident => $kind:ident),* $(,)?) => {$(
+        cryptoki_fn! {
+            fn $name(handle: CK_SESSION_HANDLE, output: *mut CK_BYTE, output_len: CK_ULONG_PTR) {
+                required(output_len)?;
+                let (_, s) = session(handle)?;
+                let step = Step::Finish { length_query: output.is_null() };
+                match &s.target {
+                    Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, output, output_len))),
+                    Target::Virtual(v) => v.step(OpKind::$kind, step, |l, m| member_call!(l, $name(m, output, output_len))),
+                }
+            }
+        }
+    )*};
+}
+
+keyed_init!(
+    C_EncryptInit => Encrypt,
+    C_DecryptInit => Decrypt,
+    C_SignInit => Sign,
+    C_VerifyInit => Verify,
+    C_SignRecoverInit => SignRecover,
+    C_VerifyRecoverInit => VerifyRecover,
+);
+
+in_out!(
+    C_Encrypt => Encrypt, true;
+    C_Decrypt => Decrypt, true;
+    C_Digest => Digest, true;
+    C_Sign => Sign, true;
+    C_SignRecover => SignRecover, true;
+    C_VerifyRecover => VerifyRecover, true;
+    C_EncryptUpdate => Encrypt, false;
+    C_DecryptUpdate => Decrypt, false;
+    C_DigestEncryptUpdate => Encrypt, false;
+    C_DecryptDigestUpdate => Decrypt, false;
+    C_SignEncryptUpdate => Encrypt, false;
+    C_DecryptVerifyUpdate => Decrypt, false;
+);
+
+input_update!(C_DigestUpdate => Digest, C_SignUpdate => Sign, C_VerifyUpdate => Verify);
+
+output_final!(
+    C_EncryptFinal => Encrypt,
+    C_DecryptFinal => Decrypt,
+    C_DigestFinal => Digest,
+    C_SignFinal => Sign,
+);
+
+cryptoki_fn! {
+    fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
+        required(mechanism)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
+            Target::Virtual(v) => v.init(OpKind::Digest, &[], |l, m, _| member_call!(l, C_DigestInit(m, mechanism))),
+        }
+    }
+
+    fn C_DigestKey(handle: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_DigestKey(p.handle, key))),
+            Target::Virtual(v) => {
+                let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
+                let member_key = v.resolve(key, position)?.ok_or(Error::new(CKR_KEY_HANDLE_INVALID))?;
+                v.step(OpKind::Digest, Step::Update, |l, m| member_call!(l, C_DigestKey(m, member_key)))
+            }
+        }
+    }
+
+    fn C_Verify(
+        handle: CK_SESSION_HANDLE,
+        data: *mut CK_BYTE,
+        data_len: CK_ULONG,
+        signature: *mut CK_BYTE,
+        signature_len: CK_ULONG,
+    ) {
+        buffer(data, data_len)?;
+        buffer(signature, signature_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => {
+                check(member_call!(p.library, C_Verify(p.handle, data, data_len, signature, signature_len)))
+            }
+            Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, |l, m| {
+                member_call!(l, C_Verify(m, data, data_len, signature, signature_len))
+            }),
+        }
+    }
+
+    fn C_VerifyFinal(handle: CK_SESSION_HANDLE, signature: *mut CK_BYTE, signature_len: CK_ULONG) {
+        buffer(signature, signature_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_VerifyFinal(p.handle, signature, signature_len))),
+            Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, |l, m| {
+                member_call!(l, C_VerifyFinal(m, signature, signature_len))
+            }),
+        }
+    }
+
+    fn C_GenerateKey(
+        handle: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_PTR,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+        key: CK_OBJECT_HANDLE_PTR,
+    ) {
+        required(mechanism)?;
+        buffer(template, count)?;
+        required(key)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => {
+                check(member_call!(p.library, C_GenerateKey(p.handle, mechanism, template, count, key)))
+            }
+            Target::Virtual(v) => {
+                let token = template_bool(template, count, CKA_TOKEN);
+                let made = v.make_on_one(handle, &*mechanism, &[], &[token], |l, m, mech, _, out| {
+                    member_call!(l, C_GenerateKey(m, mech, template, count, &mut out[0]))
+                })?;
+                *key = made[0];
+                Ok(())
+            }
+        }
+    }
+
+    fn C_GenerateKeyPair(
+        handle: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_PTR,
+        public_template: CK_ATTRIBUTE_PTR,
+        public_count: CK_ULONG,
+        private_template: CK_ATTRIBUTE_PTR,
+        private_count: CK_ULONG,
+        public_key: CK_OBJECT_HANDLE_PTR,
+        private_key: CK_OBJECT_HANDLE_PTR,
+    ) {
+        required(mechanism)?;
+        buffer(public_template, public_count)?;
+        buffer(private_template, private_count)?;
+        required(public_key)?;
+        required(private_key)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(
+                p.library,
+                C_GenerateKeyPair(
+                    p.handle, mechanism, public_template, public_count, private_template, private_count,
+                    public_key, private_key
+                )
+            )),
+            Target::Virtual(v) => {
+                let owners = [
+                    template_bool(public_template, public_count, CKA_TOKEN),
+                    template_bool(private_template, private_count, CKA_TOKEN),
+                ];
+                let made = v.make_on_one(handle, &*mechanism, &[], &owners, |l, m, mech, _, out| {
+                    let (public, private) = out.split_at_mut(1);
+                    member_call!(
+                        l,
+                        C_GenerateKeyPair(
+                            m, mech, public_template, public_count, private_template, private_count,
+                            &mut public[0], &mut private[0]
+                        )
+                    )
+                })?;
+                *public_key = made[0];
+                *private_key = made[1];
+                Ok(())
+            }
+        }
+    }
+
+    fn C_WrapKey(
+        handle: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_PTR,
+        wrapping_key: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+        wrapped: *mut CK_BYTE,
+        wrapped_len: CK_ULONG_PTR,
+    ) {
+        required(mechanism)?;
+        required(wrapped_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(
+                p.library,
+                C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
+            )),
+            Target::Virtual(v) => v.stateless(&[wrapping_key, key], |l, m, h| {
+                member_call!(l, C_WrapKey(m, mechanism, h[0], h[1], wrapped, wrapped_len))
+            }),
+        }
+    }
+
+    fn C_UnwrapKey(
+        handle: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_PTR,
+        unwrapping_key: CK_OBJECT_HANDLE,
+        wrapped: *mut CK_BYTE,
+        wrapped_len: CK_ULONG,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+        key: CK_OBJECT_HANDLE_PTR,
+    ) {
+        required(mechanism)?;
+        buffer(wrapped, wrapped_len)?;
+        buffer(template, count)?;
+        required(key)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(
+                p.library,
+                C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
+            )),
+            Target::Virtual(v) => {
+                let token = template_bool(template, count, CKA_TOKEN);
+                let made = v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], |l, m, mech, h, out| {
+                    member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, template, count, &mut out[0]))
+                })?;
+                *key = made[0];
+                Ok(())
+            }
+        }
+    }
+
+    fn C_DeriveKey(
+        handle: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_PTR,
+        base_key: CK_OBJECT_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+        key: CK_OBJECT_HANDLE_PTR,
+    ) {
+        required(mechanism)?;
+        buffer(template, count)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(
+                p.library,
+                C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
+            )),
+            Target::Virtual(v) => {
+                // Some mechanisms (TLS key-and-MAC derivation) return their
+                // keys inside the parameter and take no output handle.
+                let owners: Vec<Option<bool>> = if key.is_null() {
+                    Vec::new()
+                } else {
+                    vec![template_bool(template, count, CKA_TOKEN)]
+                };
+                let made = v.make_on_one(handle, &*mechanism, &[base_key], &owners, |l, m, mech, h, out| {
+                    let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
+                    member_call!(l, C_DeriveKey(m, mech, h[0], template, count, out_ptr))
+                })?;
+                if let Some(made) = made.first() {
+                    *key = *made;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn C_SeedRandom(handle: CK_SESSION_HANDLE, seed: *mut CK_BYTE, seed_len: CK_ULONG) {
+        buffer(seed, seed_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_SeedRandom(p.handle, seed, seed_len))),
+            Target::Virtual(v) => v.stateless(&[], |l, m, _| member_call!(l, C_SeedRandom(m, seed, seed_len))),
+        }
+    }
+
+    fn C_GenerateRandom(handle: CK_SESSION_HANDLE, random: *mut CK_BYTE, random_len: CK_ULONG) {
+        buffer(random, random_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_GenerateRandom(p.handle, random, random_len))),
+            Target::Virtual(v) => v.stateless(&[], |l, m, _| member_call!(l, C_GenerateRandom(m, random, random_len))),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! General-purpose, slot and token functions, and the interface discovery
+//! functions modern clients call first.
+
+use super::{copy_out, cryptoki_fn, required, session, FUNCTION_LIST};
+use crate::error::{check, Error};
+use crate::member::member_call;
+use crate::member::string_to_padded;
+use crate::provider::{self, library_version, Slot};
+use cryptoki_sys::*;
+
+const INTERFACE_NAME: &[u8] = b"PKCS 11\0";
+
+/// `CK_INTERFACE` holds raw pointers; ours point at statics only.
+struct StaticInterface(CK_INTERFACE);
+// SAFETY: the pointers refer to immutable statics.
+unsafe impl Sync for StaticInterface {}
+
+static INTERFACE: StaticInterface = StaticInterface(CK_INTERFACE {
+    pInterfaceName: INTERFACE_NAME.as_ptr() as *mut _,
+    pFunctionList: &FUNCTION_LIST as *const CK_FUNCTION_LIST as *mut _,
+    flags: 0,
+});
+
+cryptoki_fn! {
+    fn C_Initialize(init_args: *mut std::ffi::c_void) {
+        if !init_args.is_null() {
+            let args = &*(init_args as *const CK_C_INITIALIZE_ARGS);
+            if !args.pReserved.is_null() {
+                return Err(Error::new(CKR_ARGUMENTS_BAD));
+            }
+            let callbacks = [
+                args.CreateMutex.is_some(),
+                args.DestroyMutex.is_some(),
+                args.LockMutex.is_some(),
+                args.UnlockMutex.is_some(),
+            ];
+            let given = callbacks.iter().filter(|c| **c).count();
+            if given != 0 && given != callbacks.len() {
+                return Err(Error::new(CKR_ARGUMENTS_BAD));
+            }
+            // We lock with the OS's primitives; application mutexes alone
+            // are something we cannot use.
+            if given != 0 && args.flags & CKF_OS_LOCKING_OK == 0 {
+                return Err(Error::new(CKR_CANT_LOCK));
+            }
+        }
+        provider::initialize()
+    }
+
+    fn C_Finalize(reserved: *mut std::ffi::c_void) {
+        if !reserved.is_null() {
+            return Err(Error::new(CKR_ARGUMENTS_BAD));
+        }
+        provider::finalize()
+    }
+
+    fn C_GetInfo(info: *mut CK_INFO) {
+        required(info)?;
+        provider::get()?;
+        let mut out: CK_INFO = std::mem::zeroed();
+        out.cryptokiVersion = CK_VERSION { major: 2, minor: 40 };
+        string_to_padded("pkcs11-ha", &mut out.manufacturerID);
+        string_to_padded("pkcs11-ha high-availability provider", &mut out.libraryDescription);
+        out.libraryVersion = library_version();
+        *info = out;
+        Ok(())
+    }
+
+    fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) {
+        required(list)?;
+        *list = &FUNCTION_LIST as *const _ as *mut _;
+        Ok(())
+    }
+
+    fn C_GetInterfaceList(interfaces: *mut CK_INTERFACE, count: *mut CK_ULONG) {
+        copy_out(std::slice::from_ref(&INTERFACE.0), interfaces, count)
+    }
+
+    fn C_GetInterface(
+        name: *mut CK_UTF8CHAR,
+        version: *mut CK_VERSION,
+        interface: *mut *mut CK_INTERFACE,
+        flags: CK_FLAGS,
+    ) {
+        required(interface)?;
+        if !name.is_null() && std::ffi::CStr::from_ptr(name as *const _).to_bytes_with_nul() != INTERFACE_NAME {
+            return Err(Error::new(CKR_ARGUMENTS_BAD));
+        }
+        if !version.is_null() && ((*version).major, (*version).minor) != (2, 40) {
+            return Err(Error::new(CKR_ARGUMENTS_BAD));
+        }
+        if flags & !INTERFACE.0.flags != 0 {
+            return Err(Error::new(CKR_ARGUMENTS_BAD));
+        }
+        *interface = &INTERFACE.0 as *const _ as *mut _;
+        Ok(())
+    }
+
+    fn C_GetSlotList(token_present: CK_BBOOL, slots: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) {
+        required(count)?;
+        let provider = provider::get()?;
+        copy_out(&provider.slot_list(token_present != CK_FALSE), slots, count)
+    }
+
+    fn C_GetSlotInfo(slot: CK_SLOT_ID, info: *mut CK_SLOT_INFO) {
+        required(info)?;
+        *info = provider::get()?.slot_info(slot)?;
+        Ok(())
+    }
+
+    fn C_GetTokenInfo(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) {
+        required(info)?;
+        *info = provider::get()?.token_info(slot)?;
+        Ok(())
+    }
+
+    fn C_GetMechanismList(slot: CK_SLOT_ID, mechanisms: CK_MECHANISM_TYPE_PTR, count: CK_ULONG_PTR) {
+        required(count)?;
+        copy_out(&provider::get()?.mechanisms(slot)?, mechanisms, count)
+    }
+
+    fn C_GetMechanismInfo(slot: CK_SLOT_ID, mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO) {
+        required(info)?;
+        *info = provider::get()?.mechanism_info(slot, mechanism)?;
+        Ok(())
+    }
+
+    fn C_InitToken(slot: CK_SLOT_ID, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG, label: *mut CK_UTF8CHAR) {
+        super::buffer(pin, pin_len)?;
+        required(label)?;
+        match provider::get()?.slot(slot)? {
+            Slot::PassThrough(library, member_slot) => {
+                check(member_call!(library, C_InitToken(member_slot, pin, pin_len, label)))
+            }
+            // Members are initialised one by one, through their own slots;
+            // erasing a whole group in one call is not something to offer.
+            Slot::Virtual(_) => Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED)),
+        }
+    }
+
+    fn C_WaitForSlotEvent(flags: CK_FLAGS, slot: CK_SLOT_ID_PTR, reserved: *mut std::ffi::c_void) {
+        required(slot)?;
+        if !reserved.is_null() {
+            return Err(Error::new(CKR_ARGUMENTS_BAD));
+        }
+        provider::get()?;
+        if flags & CKF_DONT_BLOCK != 0 {
+            Err(Error::new(CKR_NO_EVENT))
+        } else {
+            Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED))
+        }
+    }
+
+    fn C_GetFunctionStatus(handle: CK_SESSION_HANDLE) {
+        session(handle)?;
+        Err(Error::new(CKR_FUNCTION_NOT_PARALLEL))
+    }
+
+    fn C_CancelFunction(handle: CK_SESSION_HANDLE) {
+        session(handle)?;
+        Err(Error::new(CKR_FUNCTION_NOT_PARALLEL))
+    }
+}

@@ -1,0 +1,180 @@
+//! The C entry points. Each is thin: check the application's pointers and
+//! lengths, convert, call the provider, map the result to a `CK_RV`. One
+//! macro generates every export so none can miss the panic guard.
+
+use crate::error::{Error, Result};
+use crate::provider::{self, Provider};
+use crate::session::Session;
+use cryptoki_sys::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+mod crypto;
+mod general;
+mod object;
+mod session;
+
+/// Generates `#[no_mangle] extern "C"` exports. A body returns
+/// `Result<()>` and runs in an unsafe context, because every entry point
+/// dereferences application pointers once it has checked them; an unwind
+/// never crosses into C but becomes `CKR_GENERAL_ERROR`.
+macro_rules! cryptoki_fn {
+    ($(fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block)*) => {
+        $(
+            #[no_mangle]
+            #[allow(clippy::missing_safety_doc)]
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
+                $crate::ffi::guard(
+                    #[allow(unused_unsafe)]
+                    || -> $crate::error::Result<()> { unsafe { $body } },
+                )
+            }
+        )*
+    };
+}
+pub(crate) use cryptoki_fn;
+
+pub fn guard(body: impl FnOnce() -> Result<()>) -> CK_RV {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => CKR_OK,
+        Ok(Err(e)) => e.rv,
+        Err(_) => CKR_GENERAL_ERROR,
+    }
+}
+
+/// `CKR_ARGUMENTS_BAD` for a null pointer the function cannot do without.
+fn required<T>(pointer: *const T) -> Result<()> {
+    if pointer.is_null() {
+        Err(Error::new(CKR_ARGUMENTS_BAD))
+    } else {
+        Ok(())
+    }
+}
+
+/// `CKR_ARGUMENTS_BAD` for a null buffer that claims a length.
+fn buffer<T>(pointer: *const T, len: CK_ULONG) -> Result<()> {
+    if pointer.is_null() && len != 0 {
+        Err(Error::new(CKR_ARGUMENTS_BAD))
+    } else {
+        Ok(())
+    }
+}
+
+/// The provider and the session named by `handle`.
+fn session(handle: CK_SESSION_HANDLE) -> Result<(Arc<Provider>, Arc<Session>)> {
+    let provider = provider::get()?;
+    let session = provider.session(handle)?;
+    Ok((provider, session))
+}
+
+/// Copies `items` to a caller's array with the two-call convention: a null
+/// array asks for the count, a short one gets `CKR_BUFFER_TOO_SMALL` and
+/// the count needed.
+///
+/// # Safety
+/// `count` must be writable; `out`, when not null, must have room for
+/// `*count` items.
+unsafe fn copy_out<T: Copy>(items: &[T], out: *mut T, count: *mut CK_ULONG) -> Result<()> {
+    required(count)?;
+    let needed = items.len() as CK_ULONG;
+    // SAFETY: checked non-null above; the caller vouches for the rest.
+    unsafe {
+        if out.is_null() {
+            *count = needed;
+            return Ok(());
+        }
+        if *count < needed {
+            *count = needed;
+            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
+        }
+        std::ptr::copy_nonoverlapping(items.as_ptr(), out, items.len());
+        *count = needed;
+    }
+    Ok(())
+}
+
+macro_rules! function_list {
+    ($($name:ident),* $(,)?) => {
+        /// The 2.40 function table we hand to applications.
+        pub static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
+            version: CK_VERSION { major: 2, minor: 40 },
+            $($name: Some($name),)*
+        };
+    };
+}
+
+use crypto::*;
+use general::*;
+use object::*;
+use session::*;
+
+function_list!(
+    C_Initialize,
+    C_Finalize,
+    C_GetInfo,
+    C_GetFunctionList,
+    C_GetSlotList,
+    C_GetSlotInfo,
+    C_GetTokenInfo,
+    C_GetMechanismList,
+    C_GetMechanismInfo,
+    C_InitToken,
+    C_InitPIN,
+    C_SetPIN,
+    C_OpenSession,
+    C_CloseSession,
+    C_CloseAllSessions,
+    C_GetSessionInfo,
+    C_GetOperationState,
+    C_SetOperationState,
+    C_Login,
+    C_Logout,
+    C_CreateObject,
+    C_CopyObject,
+    C_DestroyObject,
+    C_GetObjectSize,
+    C_GetAttributeValue,
+    C_SetAttributeValue,
+    C_FindObjectsInit,
+    C_FindObjects,
+    C_FindObjectsFinal,
+    C_EncryptInit,
+    C_Encrypt,
+    C_EncryptUpdate,
+    C_EncryptFinal,
+    C_DecryptInit,
+    C_Decrypt,
+    C_DecryptUpdate,
+    C_DecryptFinal,
+    C_DigestInit,
+    C_Digest,
+    C_DigestUpdate,
+    C_DigestKey,
+    C_DigestFinal,
+    C_SignInit,
+    C_Sign,
+    C_SignUpdate,
+    C_SignFinal,
+    C_SignRecoverInit,
+    C_SignRecover,
+    C_VerifyInit,
+    C_Verify,
+    C_VerifyUpdate,
+    C_VerifyFinal,
+    C_VerifyRecoverInit,
+    C_VerifyRecover,
+    C_DigestEncryptUpdate,
+    C_DecryptDigestUpdate,
+    C_SignEncryptUpdate,
+    C_DecryptVerifyUpdate,
+    C_GenerateKey,
+    C_GenerateKeyPair,
+    C_WrapKey,
+    C_UnwrapKey,
+    C_DeriveKey,
+    C_SeedRandom,
+    C_GenerateRandom,
+    C_GetFunctionStatus,
+    C_CancelFunction,
+    C_WaitForSlotEvent,
+);

@@ -1,0 +1,133 @@
+//! Object management and search.
+
+use super::{buffer, cryptoki_fn, required, session};
+use crate::error::check;
+use crate::member::member_call;
+use crate::session::{OpKind, Step, Target};
+use cryptoki_sys::*;
+
+cryptoki_fn! {
+    fn C_CreateObject(
+        handle: CK_SESSION_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+        object: CK_OBJECT_HANDLE_PTR,
+    ) {
+        buffer(template, count)?;
+        required(object)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_CreateObject(p.handle, template, count, object))),
+            Target::Virtual(v) => {
+                *object = v.create_object(handle, template, count)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn C_CopyObject(
+        handle: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+        object: CK_OBJECT_HANDLE_PTR,
+    ) {
+        buffer(template, count)?;
+        required(object)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => {
+                check(member_call!(p.library, C_CopyObject(p.handle, source, template, count, object)))
+            }
+            Target::Virtual(v) => {
+                *object = v.copy_object(handle, source, template, count)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn C_DestroyObject(handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) {
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_DestroyObject(p.handle, object))),
+            Target::Virtual(v) => v.destroy_object(object),
+        }
+    }
+
+    fn C_GetObjectSize(handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, size: CK_ULONG_PTR) {
+        required(size)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_GetObjectSize(p.handle, object, size))),
+            Target::Virtual(v) => v.stateless(&[object], |l, m, h| member_call!(l, C_GetObjectSize(m, h[0], size))),
+        }
+    }
+
+    fn C_GetAttributeValue(
+        handle: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+    ) {
+        buffer(template, count)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => {
+                check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
+            }
+            Target::Virtual(v) => v.stateless(&[object], |l, m, h| {
+                member_call!(l, C_GetAttributeValue(m, h[0], template, count))
+            }),
+        }
+    }
+
+    fn C_SetAttributeValue(
+        handle: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+    ) {
+        buffer(template, count)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => {
+                check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template, count)))
+            }
+            Target::Virtual(v) => v.set_attribute_value(object, template, count),
+        }
+    }
+
+    fn C_FindObjectsInit(handle: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) {
+        buffer(template, count)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template, count))),
+            Target::Virtual(v) => v.find_init(template, count),
+        }
+    }
+
+    fn C_FindObjects(
+        handle: CK_SESSION_HANDLE,
+        objects: CK_OBJECT_HANDLE_PTR,
+        max: CK_ULONG,
+        count: CK_ULONG_PTR,
+    ) {
+        buffer(objects, max)?;
+        required(count)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjects(p.handle, objects, max, count))),
+            Target::Virtual(v) => v.find(objects, max, count),
+        }
+    }
+
+    fn C_FindObjectsFinal(handle: CK_SESSION_HANDLE) {
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsFinal(p.handle))),
+            Target::Virtual(v) => v.step(OpKind::Find, Step::Finish { length_query: false }, |l, m| {
+                member_call!(l, C_FindObjectsFinal(m))
+            }),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Session management: open, close, session info, login and PINs, and
+//! saved operation state.
+
+use super::{buffer, cryptoki_fn, required, session};
+use crate::error::{check, Error};
+use crate::member::member_call;
+use crate::provider;
+use crate::session::Target;
+use cryptoki_sys::*;
+use zeroize::Zeroizing;
+
+/// Tags a virtual slot's saved operation state with the member it came
+/// from, since only that member can restore it.
+const STATE_MAGIC: &[u8; 4] = b"pkha";
+const STATE_HEADER: usize = 8;
+
+fn pin<'a>(pin: *const CK_UTF8CHAR, len: CK_ULONG) -> Option<&'a [u8]> {
+    if pin.is_null() {
+        None
+    } else {
+        // SAFETY: the entry point checked `pin` for `len` bytes.
+        Some(unsafe { std::slice::from_raw_parts(pin, len as usize) })
+    }
+}
+
+cryptoki_fn! {
+    fn C_OpenSession(
+        slot: CK_SLOT_ID,
+        flags: CK_FLAGS,
+        _application: *mut std::ffi::c_void,
+        _notify: CK_NOTIFY,
+        handle: CK_SESSION_HANDLE_PTR,
+    ) {
+        required(handle)?;
+        *handle = provider::get()?.open_session(slot, flags)?;
+        Ok(())
+    }
+
+    fn C_CloseSession(handle: CK_SESSION_HANDLE) {
+        provider::get()?.close_session(handle)
+    }
+
+    fn C_CloseAllSessions(slot: CK_SLOT_ID) {
+        provider::get()?.close_all_sessions(slot)
+    }
+
+    fn C_GetSessionInfo(handle: CK_SESSION_HANDLE, info: *mut CK_SESSION_INFO) {
+        required(info)?;
+        *info = provider::get()?.session_info(handle)?;
+        Ok(())
+    }
+
+    fn C_Login(handle: CK_SESSION_HANDLE, user_type: CK_USER_TYPE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
+        buffer(pin_ptr, pin_len)?;
+        let (provider, s) = session(handle)?;
+        if let (Target::Virtual(v), CKU_CONTEXT_SPECIFIC) = (&s.target, user_type) {
+            let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
+            let m = v.member_session(position)?;
+            return check(member_call!(m.library, C_Login(m.handle, user_type, pin_ptr, pin_len)));
+        }
+        provider.login(handle, user_type, pin(pin_ptr, pin_len))
+    }
+
+    fn C_Logout(handle: CK_SESSION_HANDLE) {
+        provider::get()?.logout(handle)
+    }
+
+    fn C_InitPIN(handle: CK_SESSION_HANDLE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
+        buffer(pin_ptr, pin_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_InitPIN(p.handle, pin_ptr, pin_len))),
+            Target::Virtual(v) => v.first_decides(|l, m| member_call!(l, C_InitPIN(m, pin_ptr, pin_len))),
+        }
+    }
+
+    fn C_SetPIN(
+        handle: CK_SESSION_HANDLE,
+        old: *mut CK_UTF8CHAR,
+        old_len: CK_ULONG,
+        new: *mut CK_UTF8CHAR,
+        new_len: CK_ULONG,
+    ) {
+        buffer(old, old_len)?;
+        buffer(new, new_len)?;
+        let (_, s) = session(handle)?;
+        match &s.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_SetPIN(p.handle, old, old_len, new, new_len))),
+            Target::Virtual(v) => {
+                v.first_decides(|l, m| member_call!(l, C_SetPIN(m, old, old_len, new, new_len)))?;
+                if let (Some(login), Some(new_pin)) = (v.group.login.lock().as_mut(), pin(new, new_len)) {
+                    if login.user_type == CKU_USER || login.user_type == CKU_SO {
+                        login.pin = Some(Zeroizing::new(new_pin.to_vec()));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn C_GetOperationState(handle: CK_SESSION_HANDLE, state: *mut CK_BYTE, state_len: CK_ULONG_PTR) {
+        required(state_len)?;
+        let (_, s) = session(handle)?;
+        let v = match &s.target {
+            Target::PassThrough(p) => {
+                return check(member_call!(p.library, C_GetOperationState(p.handle, state, state_len)));
+            }
+            Target::Virtual(v) => v,
+        };
+        let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
+        let m = v.member_session(position)?;
+        let mut member_len: CK_ULONG = 0;
+        check(member_call!(m.library, C_GetOperationState(m.handle, std::ptr::null_mut(), &mut member_len)))?;
+        let needed = member_len + STATE_HEADER as CK_ULONG;
+        if state.is_null() {
+            *state_len = needed;
+            return Ok(());
+        }
+        if *state_len < needed {
+            *state_len = needed;
+            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
+        }
+        let header = std::slice::from_raw_parts_mut(state, STATE_HEADER);
+        header[..4].copy_from_slice(STATE_MAGIC);
+        header[4..].copy_from_slice(&(position as u32).to_le_bytes());
+        let rv = member_call!(m.library, C_GetOperationState(m.handle, state.add(STATE_HEADER), &mut member_len));
+        *state_len = member_len + STATE_HEADER as CK_ULONG;
+        check(rv)
+    }
+
+    fn C_SetOperationState(
+        handle: CK_SESSION_HANDLE,
+        state: *mut CK_BYTE,
+        state_len: CK_ULONG,
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) {
+        required(state)?;
+        let (_, s) = session(handle)?;
+        let v = match &s.target {
+            Target::PassThrough(p) => {
+                return check(member_call!(
+                    p.library,
+                    C_SetOperationState(p.handle, state, state_len, encryption_key, authentication_key)
+                ));
+            }
+            Target::Virtual(v) => v,
+        };
+        let blob = std::slice::from_raw_parts(state, state_len as usize);
+        if blob.len() < STATE_HEADER || &blob[..4] != STATE_MAGIC {
+            return Err(Error::new(CKR_SAVED_STATE_INVALID));
+        }
+        let position = u32::from_le_bytes([blob[4], blob[5], blob[6], blob[7]]) as usize;
+        if position >= v.group.members.len() {
+            return Err(Error::new(CKR_SAVED_STATE_INVALID));
+        }
+        let member_key = |key: CK_OBJECT_HANDLE| -> crate::error::Result<CK_OBJECT_HANDLE> {
+            if key == CK_INVALID_HANDLE {
+                return Ok(CK_INVALID_HANDLE);
+            }
+            v.resolve(key, position)?.ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
+        };
+        let encryption_key = member_key(encryption_key)?;
+        let authentication_key = member_key(authentication_key)?;
+        let m = v.member_session(position)?;
+        check(member_call!(
+            m.library,
+            C_SetOperationState(
+                m.handle,
+                state.add(STATE_HEADER),
+                state_len - STATE_HEADER as CK_ULONG,
+                encryption_key,
+                authentication_key
+            )
+        ))?;
+        v.restore_binding(position);
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! An HA group: its member tokens, their health, which member serves the
+//! next operation, and how the members' token and mechanism facts combine
+//! into the virtual slot's.
+
+use crate::error::{Error, Result};
+use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
+use crate::object::ObjectTable;
+use cryptoki_sys::*;
+use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Where a member token was found.
+#[derive(Clone)]
+pub struct Location {
+    pub library: Arc<MemberLibrary>,
+    pub slot: CK_SLOT_ID,
+}
+
+/// The health of a member, as the group sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MemberState {
+    /// Serving calls.
+    Up = 0,
+    /// Its token was not found, or it faulted; it serves nothing.
+    Down = 1,
+}
+
+/// One member token of a group.
+pub struct Member {
+    pub serial: String,
+    pub position: usize,
+    pub standby: bool,
+    location: RwLock<Option<Location>>,
+    state: AtomicU8,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+}
+
+impl Member {
+    fn new(serial: &str, position: usize, standby: bool) -> Self {
+        Member {
+            serial: serial.to_string(),
+            position,
+            standby,
+            location: RwLock::new(None),
+            state: AtomicU8::new(MemberState::Down as u8),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+        }
+    }
+
+    pub fn location(&self) -> Option<Location> {
+        self.location.read().clone()
+    }
+
+    pub fn state(&self) -> MemberState {
+        if self.state.load(Ordering::Acquire) == MemberState::Up as u8 {
+            MemberState::Up
+        } else {
+            MemberState::Down
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state() == MemberState::Up
+    }
+
+    pub fn set_state(&self, state: MemberState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn calls_served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call in flight on this member for as long as the guard lives.
+    pub fn begin_call(&self) -> CallGuard<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        CallGuard { member: self }
+    }
+}
+
+pub struct CallGuard<'a> {
+    member: &'a Member,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.member.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.member.served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The credential the group logged in with, kept to log members in again.
+pub struct Login {
+    pub user_type: CK_USER_TYPE,
+    pub pin: Option<Zeroizing<Vec<u8>>>,
+}
+
+pub struct Group {
+    pub index: u32,
+    pub label: String,
+    /// The virtual token's serial number.
+    pub serial: String,
+    pub slot_id: CK_SLOT_ID,
+    pub members: Vec<Arc<Member>>,
+    pub objects: ObjectTable,
+    pub login: Mutex<Option<Login>>,
+    round_robin: AtomicUsize,
+}
+
+/// Length of `CK_TOKEN_INFO::serialNumber`.
+const SERIAL_FIELD: usize = 16;
+
+/// The group serial Luna users expect: "1" + the primary's serial, cut to
+/// the last 15 characters of that serial when it would not fit.
+pub fn virtual_serial(explicit: Option<&str>, primary: &str) -> String {
+    if let Some(serial) = explicit {
+        return serial.to_string();
+    }
+    let keep = SERIAL_FIELD - 1;
+    let tail = if primary.len() > keep {
+        &primary[primary.len() - keep..]
+    } else {
+        primary
+    };
+    format!("1{tail}")
+}
+
+impl Group {
+    pub fn new(
+        index: u32,
+        label: &str,
+        serial: String,
+        slot_id: CK_SLOT_ID,
+        active: &[String],
+        standby: &[String],
+    ) -> Self {
+        let members: Vec<Arc<Member>> = active
+            .iter()
+            .map(|s| (s, false))
+            .chain(standby.iter().map(|s| (s, true)))
+            .enumerate()
+            .map(|(position, (serial, standby))| Arc::new(Member::new(serial, position, standby)))
+            .collect();
+        let count = members.len();
+        Group {
+            index,
+            label: label.to_string(),
+            serial,
+            slot_id,
+            members,
+            objects: ObjectTable::new(count),
+            login: Mutex::new(None),
+            round_robin: AtomicUsize::new(0),
+        }
+    }
+
+    /// Records where a member token lives and brings it up.
+    pub fn attach(&self, position: usize, location: Location) {
+        let member = &self.members[position];
+        *member.location.write() = Some(location);
+        member.set_state(MemberState::Up);
+    }
+
+    pub fn up_members(&self) -> impl Iterator<Item = &Arc<Member>> {
+        self.members.iter().filter(|m| m.is_up())
+    }
+
+    /// Members that may serve crypto now: the active ones that are up, or
+    /// the standby ones when no active member is up.
+    pub fn serving_members(&self) -> Vec<&Arc<Member>> {
+        let active: Vec<_> = self.up_members().filter(|m| !m.standby).collect();
+        if active.is_empty() {
+            self.up_members().collect()
+        } else {
+            active
+        }
+    }
+
+    /// Serving members, least busy first, ties broken round-robin so equal
+    /// members share the load evenly.
+    pub fn by_preference(&self) -> Vec<usize> {
+        let mut serving: Vec<(usize, usize)> = self
+            .serving_members()
+            .into_iter()
+            .map(|m| (m.in_flight(), m.position))
+            .collect();
+        if serving.is_empty() {
+            return Vec::new();
+        }
+        let n = self.members.len();
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed) % n;
+        serving.sort_by_key(|&(busy, position)| (busy, (position + n - start) % n));
+        serving.into_iter().map(|(_, position)| position).collect()
+    }
+
+    /// Serving members in configured order, primary first.
+    pub fn by_position(&self) -> Vec<usize> {
+        self.serving_members()
+            .into_iter()
+            .map(|m| m.position)
+            .collect()
+    }
+
+    /// The virtual token's info: label and serial are the group's, the rest
+    /// a combination under which every advertised capability holds on
+    /// every member that is up.
+    pub fn token_info(&self, sessions: (CK_ULONG, CK_ULONG)) -> Result<CK_TOKEN_INFO> {
+        let infos: Vec<CK_TOKEN_INFO> = self
+            .up_members()
+            .filter_map(|m| m.location())
+            .filter_map(|loc| loc.library.token_info(loc.slot).ok())
+            .collect();
+        let first = *infos.first().ok_or(Error::new(CKR_TOKEN_NOT_PRESENT))?;
+        let mut info = first;
+        string_to_padded(&self.label, &mut info.label);
+        string_to_padded("pkcs11-ha", &mut info.manufacturerID);
+        string_to_padded("HA virtual slot", &mut info.model);
+        string_to_padded(&self.serial, &mut info.serialNumber);
+        const ALL_MUST_HAVE: CK_FLAGS = CKF_RNG
+            | CKF_USER_PIN_INITIALIZED
+            | CKF_TOKEN_INITIALIZED
+            | CKF_RESTORE_KEY_NOT_NEEDED
+            | CKF_CLOCK_ON_TOKEN
+            | CKF_DUAL_CRYPTO_OPERATIONS
+            | CKF_PROTECTED_AUTHENTICATION_PATH;
+        const ANY_MAY_HAVE: CK_FLAGS = CKF_LOGIN_REQUIRED
+            | CKF_WRITE_PROTECTED
+            | CKF_USER_PIN_COUNT_LOW
+            | CKF_USER_PIN_FINAL_TRY
+            | CKF_USER_PIN_LOCKED
+            | CKF_USER_PIN_TO_BE_CHANGED
+            | CKF_SO_PIN_COUNT_LOW
+            | CKF_SO_PIN_FINAL_TRY
+            | CKF_SO_PIN_LOCKED
+            | CKF_SO_PIN_TO_BE_CHANGED;
+        let all = infos.iter().fold(ALL_MUST_HAVE, |acc, i| acc & i.flags);
+        let any = infos
+            .iter()
+            .fold(0, |acc, i| acc | (i.flags & ANY_MAY_HAVE));
+        info.flags = all | any;
+        info.ulMaxSessionCount = combine_limit(infos.iter().map(|i| i.ulMaxSessionCount));
+        info.ulMaxRwSessionCount = combine_limit(infos.iter().map(|i| i.ulMaxRwSessionCount));
+        info.ulSessionCount = sessions.0;
+        info.ulRwSessionCount = sessions.1;
+        info.ulMaxPinLen = infos.iter().map(|i| i.ulMaxPinLen).min().unwrap_or(0);
+        info.ulMinPinLen = infos.iter().map(|i| i.ulMinPinLen).max().unwrap_or(0);
+        info.ulTotalPublicMemory = combine_amount(infos.iter().map(|i| i.ulTotalPublicMemory));
+        info.ulFreePublicMemory = combine_amount(infos.iter().map(|i| i.ulFreePublicMemory));
+        info.ulTotalPrivateMemory = combine_amount(infos.iter().map(|i| i.ulTotalPrivateMemory));
+        info.ulFreePrivateMemory = combine_amount(infos.iter().map(|i| i.ulFreePrivateMemory));
+        Ok(info)
+    }
+
+    /// Mechanisms every serving member offers, in the first member's order.
+    pub fn mechanisms(&self) -> Result<Vec<CK_MECHANISM_TYPE>> {
+        let lists: Vec<Vec<CK_MECHANISM_TYPE>> = self
+            .serving_locations()
+            .iter()
+            .filter_map(|loc| loc.library.mechanisms(loc.slot).ok())
+            .collect();
+        let (first, rest) = lists
+            .split_first()
+            .ok_or(Error::new(CKR_TOKEN_NOT_PRESENT))?;
+        Ok(first
+            .iter()
+            .copied()
+            .filter(|m| rest.iter().all(|l| l.contains(m)))
+            .collect())
+    }
+
+    /// A mechanism's info as every serving member supports it: the common
+    /// flags and the key-size range all of them accept.
+    pub fn mechanism_info(&self, mechanism: CK_MECHANISM_TYPE) -> Result<CK_MECHANISM_INFO> {
+        let locations = self.serving_locations();
+        if locations.is_empty() {
+            return Err(Error::new(CKR_TOKEN_NOT_PRESENT));
+        }
+        let mut combined: Option<CK_MECHANISM_INFO> = None;
+        for loc in locations {
+            let info = loc.library.mechanism_info(loc.slot, mechanism)?;
+            combined = Some(match combined {
+                None => info,
+                Some(c) => CK_MECHANISM_INFO {
+                    ulMinKeySize: c.ulMinKeySize.max(info.ulMinKeySize),
+                    ulMaxKeySize: c.ulMaxKeySize.min(info.ulMaxKeySize),
+                    flags: c.flags & info.flags,
+                },
+            });
+        }
+        combined.ok_or(Error::new(CKR_MECHANISM_INVALID))
+    }
+
+    fn serving_locations(&self) -> Vec<Location> {
+        self.serving_members()
+            .into_iter()
+            .filter_map(|m| m.location())
+            .collect()
+    }
+
+    /// The serial numbers of members, as the token reports them.
+    pub fn member_serial(info: &CK_TOKEN_INFO) -> String {
+        padded_to_string(&info.serialNumber)
+    }
+}
+
+/// Session-count limits: the smallest finite one; "infinite" (0) and
+/// "unavailable" only where every member says so.
+fn combine_limit(values: impl Iterator<Item = CK_ULONG>) -> CK_ULONG {
+    let values: Vec<CK_ULONG> = values.collect();
+    let finite = values
+        .iter()
+        .copied()
+        .filter(|&v| v != CK_EFFECTIVELY_INFINITE && v != CK_UNAVAILABLE_INFORMATION)
+        .min();
+    finite.unwrap_or_else(|| {
+        values
+            .first()
+            .copied()
+            .unwrap_or(CK_UNAVAILABLE_INFORMATION)
+    })
+}
+
+/// Memory amounts: the smallest known one, since an object must fit on all.
+fn combine_amount(values: impl Iterator<Item = CK_ULONG>) -> CK_ULONG {
+    values
+        .filter(|&v| v != CK_UNAVAILABLE_INFORMATION)
+        .min()
+        .unwrap_or(CK_UNAVAILABLE_INFORMATION)
+}
+
+/// Whether a member's return value says the member, not the request, is at
+/// fault. A request error must never take a member out of service, or one
+/// malformed request sent to each member in turn would take the group down.
+pub fn is_member_fault(rv: CK_RV) -> bool {
+    matches!(
+        rv,
+        CKR_DEVICE_ERROR
+            | CKR_DEVICE_REMOVED
+            | CKR_DEVICE_MEMORY
+            | CKR_TOKEN_NOT_PRESENT
+            | CKR_TOKEN_NOT_RECOGNIZED
+            | CKR_SESSION_CLOSED
+            | CKR_SESSION_HANDLE_INVALID
+            | CKR_CRYPTOKI_NOT_INITIALIZED
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_serial_follows_luna_and_fits_the_field() {
+        assert_eq!(virtual_serial(None, "154438865287"), "1154438865287");
+        assert_eq!(virtual_serial(None, "0123456789abcdef"), "1123456789abcdef");
+        assert_eq!(virtual_serial(Some("77"), "0123456789abcdef"), "77");
+    }
+
+    #[test]
+    fn limits_take_the_smallest_finite_value() {
+        assert_eq!(combine_limit([0, 10, 5].into_iter()), 5);
+        assert_eq!(combine_limit([CK_EFFECTIVELY_INFINITE].into_iter()), 0);
+        assert_eq!(
+            combine_amount([CK_UNAVAILABLE_INFORMATION, 9].into_iter()),
+            9
+        );
+    }
+
+    #[test]
+    fn least_busy_first_and_ties_rotate() {
+        let group = Group::new(
+            0,
+            "g",
+            "1".into(),
+            0,
+            &["a".into(), "b".into()],
+            &["c".into()],
+        );
+        for m in &group.members {
+            m.set_state(MemberState::Up);
+        }
+        let busy = group.members[0].begin_call();
+        assert_eq!(
+            group.by_preference(),
+            vec![1, 0],
+            "standby serves nothing while active are up"
+        );
+        drop(busy);
+        let firsts: Vec<usize> = (0..4).map(|_| group.by_preference()[0]).collect();
+        assert!(
+            firsts.contains(&0) && firsts.contains(&1),
+            "ties rotate: {firsts:?}"
+        );
+        group.members[0].set_state(MemberState::Down);
+        group.members[1].set_state(MemberState::Down);
+        assert_eq!(group.by_preference(), vec![2], "standby takes over");
+    }
+}

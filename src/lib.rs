@@ -1,0 +1,22 @@
+//! pkcs11-ha: a PKCS#11 provider that presents each configured HA group of
+//! member tokens as one virtual slot, and every member token as a
+//! pass-through slot.
+//!
+//! Data flows one way: C call -> [`ffi`] -> [`provider`] / [`session`] ->
+//! [`group`] -> [`member`]. Lock order, where more than one is taken:
+//! provider state, then the session table, then a session's own state, then
+//! a group's object table. No lock is ever held across a call into a
+//! member library.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+pub mod error;
+pub mod ffi;
+pub mod group;
+pub mod identity;
+pub mod mechanism;
+pub mod member;
+pub mod object;
+pub mod provider;
+pub mod session;
+pub mod virtual_objects;

@@ -1,0 +1,230 @@
+//! Virtual object handles of a group: which member handle each one stands
+//! for on each member, and the reverse maps. Owns no member calls; the
+//! group resolves unknown entries and records the result here.
+
+use cryptoki_sys::*;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What is known of an object on one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Not yet looked for on that member.
+    Unknown,
+    Present(CK_OBJECT_HANDLE),
+    /// Looked for and not found (or not identified uniquely).
+    Absent,
+}
+
+#[derive(Debug, Clone)]
+pub struct VirtualObject {
+    /// Indexed by member position in the group.
+    pub on: Vec<Presence>,
+    /// The virtual session that owns a session object; `None` for token
+    /// objects and for objects we found rather than created.
+    pub owner: Option<CK_SESSION_HANDLE>,
+}
+
+impl VirtualObject {
+    /// A member where the object certainly exists, to read it from.
+    pub fn any_present(&self) -> Option<(usize, CK_OBJECT_HANDLE)> {
+        self.on.iter().enumerate().find_map(|(m, p)| match p {
+            Presence::Present(h) => Some((m, *h)),
+            _ => None,
+        })
+    }
+}
+
+/// Virtual handles are process-wide, non-zero and never reused, so a stale
+/// handle from a destroyed object can never name another object.
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+fn allocate_handle() -> CK_OBJECT_HANDLE {
+    NEXT_HANDLE.fetch_add(1, Ordering::Relaxed) as CK_OBJECT_HANDLE
+}
+
+#[derive(Default)]
+struct Maps {
+    objects: HashMap<CK_OBJECT_HANDLE, VirtualObject>,
+    by_member: Vec<HashMap<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>>,
+}
+
+pub struct ObjectTable {
+    maps: RwLock<Maps>,
+    members: usize,
+}
+
+impl ObjectTable {
+    pub fn new(members: usize) -> Self {
+        ObjectTable {
+            maps: RwLock::new(Maps {
+                objects: HashMap::new(),
+                by_member: vec![HashMap::new(); members],
+            }),
+            members,
+        }
+    }
+
+    /// Records a new object with its member handles.
+    pub fn insert(&self, on: Vec<Presence>, owner: Option<CK_SESSION_HANDLE>) -> CK_OBJECT_HANDLE {
+        debug_assert_eq!(on.len(), self.members);
+        let handle = allocate_handle();
+        let mut maps = self.maps.write();
+        for (m, p) in on.iter().enumerate() {
+            if let Presence::Present(h) = p {
+                maps.by_member[m].insert(*h, handle);
+            }
+        }
+        maps.objects.insert(handle, VirtualObject { on, owner });
+        handle
+    }
+
+    /// The virtual handle of a member's object, made on first sight.
+    pub fn from_member(&self, member: usize, member_handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+        if let Some(h) = self.maps.read().by_member[member].get(&member_handle) {
+            return *h;
+        }
+        let mut maps = self.maps.write();
+        if let Some(h) = maps.by_member[member].get(&member_handle) {
+            return *h;
+        }
+        let handle = allocate_handle();
+        let mut on = vec![Presence::Unknown; self.members];
+        on[member] = Presence::Present(member_handle);
+        maps.by_member[member].insert(member_handle, handle);
+        maps.objects
+            .insert(handle, VirtualObject { on, owner: None });
+        handle
+    }
+
+    pub fn get(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
+        self.maps.read().objects.get(&handle).cloned()
+    }
+
+    /// What is known of `handle` on `member`; `None` for an unknown handle.
+    pub fn presence(&self, handle: CK_OBJECT_HANDLE, member: usize) -> Option<Presence> {
+        self.maps.read().objects.get(&handle).map(|o| o.on[member])
+    }
+
+    /// Records what resolving `handle` on `member` found.
+    pub fn set_presence(&self, handle: CK_OBJECT_HANDLE, member: usize, presence: Presence) {
+        let mut maps = self.maps.write();
+        let Some(object) = maps.objects.get_mut(&handle) else {
+            return;
+        };
+        let old = std::mem::replace(&mut object.on[member], presence);
+        if let Presence::Present(h) = old {
+            maps.by_member[member].remove(&h);
+        }
+        if let Presence::Present(h) = presence {
+            maps.by_member[member].insert(h, handle);
+        }
+    }
+
+    /// Forgets an object (destroyed) and returns what it was.
+    pub fn remove(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
+        let mut maps = self.maps.write();
+        let object = maps.objects.remove(&handle)?;
+        for (m, p) in object.on.iter().enumerate() {
+            if let Presence::Present(h) = p {
+                maps.by_member[m].remove(h);
+            }
+        }
+        Some(object)
+    }
+
+    /// Forgets the session objects of a closed virtual session: the
+    /// members destroyed them when their sessions closed.
+    pub fn remove_owned_by(&self, session: CK_SESSION_HANDLE) {
+        let owned: Vec<CK_OBJECT_HANDLE> = self
+            .maps
+            .read()
+            .objects
+            .iter()
+            .filter(|(_, o)| o.owner == Some(session))
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in owned {
+            self.remove(handle);
+        }
+    }
+
+    /// Forgets every session object: all sessions are gone.
+    pub fn remove_all_session_objects(&self) {
+        let owned: Vec<CK_OBJECT_HANDLE> = self
+            .maps
+            .read()
+            .objects
+            .iter()
+            .filter(|(_, o)| o.owner.is_some())
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in owned {
+            self.remove(handle);
+        }
+    }
+
+    /// Forgets everything known of one member's handles, whose numbers mean
+    /// nothing after that member restarts.
+    pub fn forget_member(&self, member: usize) {
+        let mut maps = self.maps.write();
+        maps.by_member[member].clear();
+        for object in maps.objects.values_mut() {
+            object.on[member] = Presence::Unknown;
+        }
+    }
+
+    /// Marks every `Absent` entry `Unknown` again, after objects were added
+    /// to members and an earlier search may now succeed.
+    pub fn retry_absent(&self) {
+        let mut maps = self.maps.write();
+        for object in maps.objects.values_mut() {
+            for p in object.on.iter_mut() {
+                if *p == Presence::Absent {
+                    *p = Presence::Unknown;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_unique_and_map_both_ways() {
+        let table = ObjectTable::new(2);
+        let a = table.insert(vec![Presence::Present(7), Presence::Present(9)], None);
+        let b = table.from_member(1, 10);
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        assert_eq!(table.from_member(0, 7), a);
+        assert_eq!(table.from_member(1, 9), a);
+        assert_eq!(table.from_member(1, 10), b);
+        assert_eq!(table.presence(b, 0), Some(Presence::Unknown));
+        table.set_presence(b, 0, Presence::Present(3));
+        assert_eq!(table.from_member(0, 3), b);
+        assert_eq!(
+            table.remove(a).map(|o| o.on),
+            Some(vec![Presence::Present(7), Presence::Present(9)])
+        );
+        assert_eq!(table.get(a).map(|o| o.owner), None);
+        assert_ne!(
+            table.from_member(0, 7),
+            a,
+            "a destroyed handle is never reused"
+        );
+    }
+
+    #[test]
+    fn session_objects_go_with_their_session() {
+        let table = ObjectTable::new(1);
+        let mine = table.insert(vec![Presence::Present(1)], Some(5));
+        let other = table.insert(vec![Presence::Present(2)], Some(6));
+        table.remove_owned_by(5);
+        assert!(table.get(mine).is_none());
+        assert!(table.get(other).is_some());
+    }
+}

@@ -1,0 +1,468 @@
+//! The library's process-wide state between `C_Initialize` and
+//! `C_Finalize`: loaded member libraries, groups, slots and sessions.
+//! Owns slot numbering, which never changes while the process runs and is
+//! the same on every start with the same config.
+
+use crate::config::{Config, ConfigError};
+use crate::error::{check, Error, Result};
+use crate::group::{virtual_serial, Group, Location, Login, MemberState};
+use crate::member::member_call;
+use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
+use crate::session::{
+    open_member_session, PassThroughSession, Session, SessionTable, Target, VirtualSession,
+};
+use cryptoki_sys::*;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Pass-through slot IDs carry the library's position above bit 32 and the
+/// member's own slot ID below, so they depend only on the config and the
+/// member, never on which other tokens happen to be present.
+const LIBRARY_SHIFT: u32 = 32;
+const MEMBER_SLOT_MASK: CK_SLOT_ID = (1 << LIBRARY_SHIFT) - 1;
+
+pub struct Provider {
+    pub ha_only: bool,
+    pub libraries: Vec<Arc<MemberLibrary>>,
+    pub groups: Vec<Arc<Group>>,
+    pub sessions: SessionTable,
+}
+
+/// What a slot ID names.
+pub enum Slot {
+    Virtual(Arc<Group>),
+    PassThrough(Arc<MemberLibrary>, CK_SLOT_ID),
+}
+
+static PROVIDER: RwLock<Option<Arc<Provider>>> = RwLock::new(None);
+
+/// Serialises `C_Initialize` and `C_Finalize` against each other.
+static LIFECYCLE: Mutex<()> = Mutex::new(());
+
+/// Set in a child after `fork`: the parent's state is not the child's until
+/// the child calls `C_Initialize`, as the specification requires.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// Libraries stay loaded for the life of the process: unloading and
+/// reloading a module between `C_Finalize` and `C_Initialize` gains nothing
+/// and some modules do not survive it.
+static LOADED: Mutex<Vec<Arc<MemberLibrary>>> = Mutex::new(Vec::new());
+
+extern "C" fn after_fork_in_child() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+/// The initialised provider, or `CKR_CRYPTOKI_NOT_INITIALIZED`.
+pub fn get() -> Result<Arc<Provider>> {
+    if FORKED.load(Ordering::Relaxed) {
+        return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
+    }
+    PROVIDER
+        .read()
+        .clone()
+        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))
+}
+
+pub fn initialize() -> Result<()> {
+    let _lifecycle = LIFECYCLE.lock();
+    if FORKED.swap(false, Ordering::Relaxed) {
+        // The parent's sessions and logins are the parent's: drop our view of
+        // them, and leave the parent's member initialisation alone.
+        if let Some(stale) = PROVIDER.write().take() {
+            for library in &stale.libraries {
+                library.forget_initialization();
+            }
+        }
+    }
+    if PROVIDER.read().is_some() {
+        return Err(Error::new(CKR_CRYPTOKI_ALREADY_INITIALIZED));
+    }
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    ATFORK.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+    let config = Config::load(&Config::locate()).map_err(report_config_error)?;
+    let provider = Provider::start(&config).map_err(report_config_error)?;
+    *PROVIDER.write() = Some(Arc::new(provider));
+    Ok(())
+}
+
+fn report_config_error(error: ConfigError) -> Error {
+    eprintln!("pkcs11-ha: {error}");
+    Error::new(CKR_GENERAL_ERROR)
+}
+
+pub fn finalize() -> Result<()> {
+    let _lifecycle = LIFECYCLE.lock();
+    let provider = get()?;
+    PROVIDER.write().take();
+    for session in provider.sessions.drain() {
+        close_session_members(&session);
+    }
+    for group in &provider.groups {
+        group.login.lock().take();
+    }
+    for library in &provider.libraries {
+        library.finalize();
+    }
+    Ok(())
+}
+
+fn load_library(name: &str, path: &PathBuf) -> std::result::Result<Arc<MemberLibrary>, String> {
+    let mut loaded = LOADED.lock();
+    if let Some(library) = loaded.iter().find(|l| l.name == name && &l.path == path) {
+        return Ok(Arc::clone(library));
+    }
+    let library = Arc::new(MemberLibrary::load(name, path)?);
+    loaded.push(Arc::clone(&library));
+    Ok(library)
+}
+
+impl Provider {
+    fn start(config: &Config) -> std::result::Result<Provider, ConfigError> {
+        let mut libraries = Vec::with_capacity(config.libraries.len());
+        for entry in &config.libraries {
+            let library =
+                load_library(&entry.name, &entry.path).map_err(|problem| ConfigError {
+                    file: config.path.clone(),
+                    section: Some("Libraries".into()),
+                    key: Some(entry.name.clone()),
+                    problem: format!("{problem}; check the path, or remove the entry"),
+                })?;
+            libraries.push(library);
+        }
+        let mut found: HashMap<String, Location> = HashMap::new();
+        for library in &libraries {
+            if let Err(e) = library.initialize() {
+                eprintln!(
+                    "pkcs11-ha: library {} ({}) failed C_Initialize with {}; its tokens are down",
+                    library.name,
+                    library.path.display(),
+                    crate::error::rv_name(e.rv)
+                );
+                continue;
+            }
+            for slot in library.token_slots().unwrap_or_default() {
+                if let Ok(info) = library.token_info(slot) {
+                    let serial = padded_to_string(&info.serialNumber);
+                    found.entry(serial).or_insert(Location {
+                        library: Arc::clone(library),
+                        slot,
+                    });
+                }
+            }
+        }
+        let groups = config
+            .groups
+            .iter()
+            .map(|g| {
+                let serial = virtual_serial(g.serial.as_deref(), &g.members[0]);
+                let group = Group::new(
+                    g.index,
+                    &g.label,
+                    serial,
+                    CK_SLOT_ID::from(g.index),
+                    &g.members,
+                    &g.standby,
+                );
+                for member in &group.members {
+                    if let Some(location) = found.get(&member.serial) {
+                        group.attach(member.position, location.clone());
+                    }
+                }
+                Arc::new(group)
+            })
+            .collect();
+        Ok(Provider {
+            ha_only: config.ha_only,
+            libraries,
+            groups,
+            sessions: SessionTable::default(),
+        })
+    }
+
+    pub fn slot(&self, slot_id: CK_SLOT_ID) -> Result<Slot> {
+        if slot_id <= MEMBER_SLOT_MASK {
+            return self
+                .groups
+                .iter()
+                .find(|g| g.slot_id == slot_id)
+                .map(|g| Slot::Virtual(Arc::clone(g)))
+                .ok_or(Error::new(CKR_SLOT_ID_INVALID));
+        }
+        if self.ha_only {
+            return Err(Error::new(CKR_SLOT_ID_INVALID));
+        }
+        let library = (slot_id >> LIBRARY_SHIFT) as usize - 1;
+        self.libraries
+            .get(library)
+            .map(|l| Slot::PassThrough(Arc::clone(l), slot_id & MEMBER_SLOT_MASK))
+            .ok_or(Error::new(CKR_SLOT_ID_INVALID))
+    }
+
+    /// Every slot: virtual slots first, then each library's slots.
+    pub fn slot_list(&self, token_present: bool) -> Vec<CK_SLOT_ID> {
+        let mut slots: Vec<CK_SLOT_ID> = self
+            .groups
+            .iter()
+            .filter(|g| !token_present || g.up_members().next().is_some())
+            .map(|g| g.slot_id)
+            .collect();
+        if !self.ha_only {
+            for (position, library) in self.libraries.iter().enumerate() {
+                let base = ((position + 1) as CK_SLOT_ID) << LIBRARY_SHIFT;
+                let member_slots = library
+                    .slot_list(CK_BBOOL::from(token_present))
+                    .unwrap_or_default();
+                slots.extend(
+                    member_slots
+                        .into_iter()
+                        .filter(|s| *s <= MEMBER_SLOT_MASK)
+                        .map(|s| base | s),
+                );
+            }
+        }
+        slots
+    }
+
+    pub fn slot_info(&self, slot_id: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {
+        match self.slot(slot_id)? {
+            Slot::PassThrough(library, slot) => library.slot_info(slot),
+            Slot::Virtual(group) => {
+                // SAFETY: CK_SLOT_INFO is plain data; all-zero is valid.
+                let mut info: CK_SLOT_INFO = unsafe { std::mem::zeroed() };
+                string_to_padded(
+                    &format!("pkcs11-ha virtual slot {}", group.label),
+                    &mut info.slotDescription,
+                );
+                string_to_padded("pkcs11-ha", &mut info.manufacturerID);
+                info.flags = if group.up_members().next().is_some() {
+                    CKF_TOKEN_PRESENT
+                } else {
+                    0
+                };
+                info.hardwareVersion = library_version();
+                info.firmwareVersion = library_version();
+                Ok(info)
+            }
+        }
+    }
+
+    pub fn token_info(&self, slot_id: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
+        match self.slot(slot_id)? {
+            Slot::PassThrough(library, slot) => library.token_info(slot),
+            Slot::Virtual(group) => group.token_info(self.sessions.count(slot_id)),
+        }
+    }
+
+    pub fn mechanisms(&self, slot_id: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
+        match self.slot(slot_id)? {
+            Slot::PassThrough(library, slot) => library.mechanisms(slot),
+            Slot::Virtual(group) => group.mechanisms(),
+        }
+    }
+
+    pub fn mechanism_info(
+        &self,
+        slot_id: CK_SLOT_ID,
+        mechanism: CK_MECHANISM_TYPE,
+    ) -> Result<CK_MECHANISM_INFO> {
+        match self.slot(slot_id)? {
+            Slot::PassThrough(library, slot) => library.mechanism_info(slot, mechanism),
+            Slot::Virtual(group) => group.mechanism_info(mechanism),
+        }
+    }
+
+    pub fn open_session(&self, slot_id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
+        if flags & CKF_SERIAL_SESSION == 0 {
+            return Err(Error::new(CKR_SESSION_PARALLEL_NOT_SUPPORTED));
+        }
+        let target = match self.slot(slot_id)? {
+            Slot::PassThrough(library, slot) => {
+                let s = open_member_session(&library, slot, flags)?;
+                Target::PassThrough(PassThroughSession {
+                    library,
+                    slot,
+                    handle: s.handle,
+                })
+            }
+            Slot::Virtual(group) => {
+                let login = group.login.lock().as_ref().map(|l| l.user_type);
+                if login == Some(CKU_SO) && flags & CKF_RW_SESSION == 0 {
+                    return Err(Error::new(CKR_SESSION_READ_WRITE_SO_EXISTS));
+                }
+                Target::Virtual(VirtualSession::open(group, flags)?)
+            }
+        };
+        Ok(self.sessions.insert(slot_id, flags, target))
+    }
+
+    pub fn close_session(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
+        let session = self.sessions.remove(handle)?;
+        close_session_members(&session);
+        self.after_session_closed(&session);
+        Ok(())
+    }
+
+    pub fn close_all_sessions(&self, slot_id: CK_SLOT_ID) -> Result<()> {
+        self.slot(slot_id)?;
+        for session in self.sessions.remove_slot(slot_id) {
+            close_session_members(&session);
+            self.after_session_closed(&session);
+        }
+        Ok(())
+    }
+
+    /// The last session on a virtual slot logs the group out, as on any token.
+    fn after_session_closed(&self, session: &Session) {
+        if let Target::Virtual(v) = &session.target {
+            v.group.objects.remove_owned_by(session.handle);
+            if self.sessions.count(session.slot_id).0 == 0 {
+                v.group.login.lock().take();
+                v.group.objects.remove_all_session_objects();
+            }
+        }
+    }
+
+    pub fn session(&self, handle: CK_SESSION_HANDLE) -> Result<Arc<Session>> {
+        self.sessions.get(handle)
+    }
+
+    pub fn session_info(&self, handle: CK_SESSION_HANDLE) -> Result<CK_SESSION_INFO> {
+        let session = self.session(handle)?;
+        let mut info = CK_SESSION_INFO {
+            slotID: session.slot_id,
+            state: 0,
+            flags: session.flags,
+            ulDeviceError: 0,
+        };
+        let (library, member_handle) = match &session.target {
+            Target::PassThrough(p) => (Arc::clone(&p.library), p.handle),
+            Target::Virtual(v) => {
+                let (_, s) = v
+                    .up_member_sessions()
+                    .into_iter()
+                    .next()
+                    .ok_or(Error::new(CKR_DEVICE_ERROR))?;
+                (s.library, s.handle)
+            }
+        };
+        let mut member_info = info;
+        check(member_call!(
+            library,
+            C_GetSessionInfo(member_handle, &mut member_info)
+        ))?;
+        info.state = member_info.state;
+        info.ulDeviceError = member_info.ulDeviceError;
+        Ok(info)
+    }
+
+    /// Logs in on a virtual slot: the credential is tried on one member
+    /// only, so a wrong PIN costs one retry on one token, never one on each;
+    /// only once it is accepted is it used on the others.
+    pub fn login(
+        &self,
+        handle: CK_SESSION_HANDLE,
+        user_type: CK_USER_TYPE,
+        pin: Option<&[u8]>,
+    ) -> Result<()> {
+        let session = self.session(handle)?;
+        let v = match &session.target {
+            Target::PassThrough(p) => {
+                let (ptr, len) = pin_parts(pin);
+                return check(member_call!(
+                    p.library,
+                    C_Login(p.handle, user_type, ptr, len)
+                ));
+            }
+            Target::Virtual(v) => v,
+        };
+        if user_type == CKU_SO
+            && self
+                .sessions_on(session.slot_id)
+                .any(|s| s.flags & CKF_RW_SESSION == 0)
+        {
+            return Err(Error::new(CKR_SESSION_READ_ONLY_EXISTS));
+        }
+        let mut members = v.up_member_sessions().into_iter();
+        let (_, first) = members.next().ok_or(Error::new(CKR_DEVICE_ERROR))?;
+        let (ptr, len) = pin_parts(pin);
+        let rv = member_call!(first.library, C_Login(first.handle, user_type, ptr, len));
+        if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
+            return Err(Error::new(rv));
+        }
+        if rv == CKR_USER_ALREADY_LOGGED_IN && v.group.login.lock().is_some() {
+            return Err(Error::new(rv));
+        }
+        for (position, member) in members {
+            let rv = member_call!(member.library, C_Login(member.handle, user_type, ptr, len));
+            if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
+                eprintln!(
+                    "pkcs11-ha: group {}: member {} refused the credential the group accepted ({}); it is taken out of service",
+                    v.group.label,
+                    v.group.members[position].serial,
+                    crate::error::rv_name(rv)
+                );
+                v.group.members[position].set_state(MemberState::Down);
+            }
+        }
+        *v.group.login.lock() = Some(Login {
+            user_type,
+            pin: pin.map(|p| Zeroizing::new(p.to_vec())),
+        });
+        Ok(())
+    }
+
+    pub fn logout(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
+        let session = self.session(handle)?;
+        match &session.target {
+            Target::PassThrough(p) => check(member_call!(p.library, C_Logout(p.handle))),
+            Target::Virtual(v) => {
+                if v.group.login.lock().take().is_none() {
+                    return Err(Error::new(CKR_USER_NOT_LOGGED_IN));
+                }
+                for (_, member) in v.up_member_sessions() {
+                    member_call!(member.library, C_Logout(member.handle));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn sessions_on(&self, slot_id: CK_SLOT_ID) -> impl Iterator<Item = Arc<Session>> + '_ {
+        self.sessions
+            .snapshot()
+            .into_iter()
+            .filter(move |s| s.slot_id == slot_id)
+    }
+}
+
+/// Closes the member sessions behind an application session.
+fn close_session_members(session: &Session) {
+    match &session.target {
+        Target::PassThrough(p) => {
+            member_call!(p.library, C_CloseSession(p.handle));
+        }
+        Target::Virtual(v) => v.close(),
+    }
+}
+
+fn pin_parts(pin: Option<&[u8]>) -> (*mut CK_UTF8CHAR, CK_ULONG) {
+    match pin {
+        Some(p) => (p.as_ptr() as *mut _, p.len() as CK_ULONG),
+        None => (std::ptr::null_mut(), 0),
+    }
+}
+
+/// This crate's version as a `CK_VERSION`.
+pub fn library_version() -> CK_VERSION {
+    CK_VERSION {
+        major: env!("CARGO_PKG_VERSION_MAJOR").parse().unwrap_or(0),
+        minor: env!("CARGO_PKG_VERSION_MINOR").parse().unwrap_or(0),
+    }
+}
