@@ -371,12 +371,17 @@ pub fn slot_by_label(pkcs11: &Pkcs11, label: &str) -> Option<Slot> {
     })
 }
 
-/// Open an RW session on `slot` and log the user in with [`USER_PIN`].
+/// Open an RW session on `slot` and log the user in with [`USER_PIN`];
+/// the login is per token and application, so a later session finds it
+/// already done.
 pub fn user_session(pkcs11: &Pkcs11, slot: Slot) -> Session {
     let session = pkcs11.open_rw_session(slot).expect("C_OpenSession");
-    session
-        .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
-        .expect("C_Login");
+    match session.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("C_Login: {e:?}"),
+    }
     session
 }
 
