@@ -4,6 +4,31 @@
 //! Key names follow Thales Luna's `crystoki.ini`, so a Luna HA setup carries
 //! over. This module reads, checks and writes the file; it never loads a
 //! library or talks to a token, so a library path is not checked here.
+//!
+//! Key names ignore case, and `;` starts a comment at the start of a line or
+//! after whitespace:
+//!
+//! ```ini
+//! [Libraries]
+//! softhsm = /usr/lib/softhsm/libsofthsm2.so      ; NAME = path; one or more
+//!
+//! [VirtualToken]
+//! VirtualToken00Label       = myHAgroup
+//! VirtualToken00SN          = 1154438865287      ; optional
+//! VirtualToken00Members     = 154438865287,1238700701509   ; member serials, primary first
+//! VirtualToken00Standby     = 1238700701510      ; optional, standby member serials
+//! VirtualToken00DomainLabel = myHAdomain         ; optional, default pkcs11-ha-domain
+//!
+//! [HAConfiguration]
+//! HAOnly = 0                     ; 1 = show only virtual slots
+//! MultipartReplayLimit = 1048576 ; optional, 0 to 1073741824; 0 disables replay
+//! ```
+//!
+//! `VirtualTokenNNDomainLabel` is the label of the AES wrapping key that the
+//! group's members share (their cloning domain). `MultipartReplayLimit` is
+//! how many bytes of multi-part digest/sign/verify input are kept per
+//! operation so that the operation can be replayed on another member when its
+//! member fails; a longer operation fails with its member.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,6 +50,14 @@ const VIRTUAL_TOKEN: &str = "VirtualToken";
 const HA_CONFIGURATION: &str = "HAConfiguration";
 const SECTIONS: [&str; 3] = [LIBRARIES, VIRTUAL_TOKEN, HA_CONFIGURATION];
 const HA_ONLY: &str = "HAOnly";
+const MULTIPART_REPLAY_LIMIT: &str = "MultipartReplayLimit";
+
+/// `VirtualTokenNNDomainLabel` when the key is not given.
+pub const DEFAULT_DOMAIN_LABEL: &str = "pkcs11-ha-domain";
+/// `MultipartReplayLimit` when the key is not given: 1 MiB.
+pub const DEFAULT_MULTIPART_REPLAY_LIMIT: usize = 1 << 20;
+/// Largest accepted `MultipartReplayLimit`: 1 GiB.
+const MAX_MULTIPART_REPLAY_LIMIT: usize = 1 << 30;
 
 /// Size of `CK_TOKEN_INFO.label`, which shows the group label.
 const MAX_LABEL_BYTES: usize = 32;
@@ -42,6 +75,9 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Show only the virtual slots, not the member tokens' own slots.
     pub ha_only: bool,
+    /// Bytes of multi-part digest/sign/verify input buffered per operation so
+    /// it can be replayed on another member; 0 disables replay.
+    pub multipart_replay_limit: usize,
 }
 
 /// One `[Libraries]` line: a PKCS#11 library to load.
@@ -63,6 +99,9 @@ pub struct GroupConfig {
     pub members: Vec<String>,
     /// Standby member serials.
     pub standby: Vec<String>,
+    /// `VirtualTokenNNDomainLabel`: label of the AES wrapping key the members
+    /// share (their cloning domain); [`DEFAULT_DOMAIN_LABEL`] if not given.
+    pub domain_label: String,
 }
 
 /// A problem in the configuration file, located as closely as the file allows.
@@ -128,7 +167,10 @@ impl Config {
         let [libraries, groups, ha] = read_sections(path, text)?;
         let libraries = parse_libraries(path, libraries.unwrap_or_default())?;
         let groups = parse_groups(path, groups.unwrap_or_default())?;
-        let ha_only = parse_ha_configuration(path, ha.unwrap_or_default())?;
+        let HaSettings {
+            ha_only,
+            multipart_replay_limit,
+        } = parse_ha_configuration(path, ha.unwrap_or_default())?;
         if ha_only && groups.is_empty() {
             let problem = format!(
                 "{HA_ONLY} hides the member slots but no group is configured, so no slot \
@@ -141,12 +183,14 @@ impl Config {
             libraries,
             groups,
             ha_only,
+            multipart_replay_limit,
         })
     }
 
     /// Serialises back to INI text that [`Config::parse`] reads to an equal
     /// `Config`. Group keys are written with a two-digit index, so indices
-    /// above 99 (which `parse` never produces) do not survive.
+    /// above 99 (which `parse` never produces) do not survive. Optional keys at
+    /// their default are left out, so older readers still accept the file.
     pub fn to_ini_string(&self) -> String {
         let mut out = String::new();
         self.write_ini(&mut out)
@@ -170,9 +214,20 @@ impl Config {
             if !group.standby.is_empty() {
                 writeln!(out, "{} = {}", key(Field::Standby), group.standby.join(","))?;
             }
+            if group.domain_label != DEFAULT_DOMAIN_LABEL {
+                writeln!(out, "{} = {}", key(Field::DomainLabel), group.domain_label)?;
+            }
         }
         writeln!(out, "\n[{HA_CONFIGURATION}]")?;
-        writeln!(out, "{HA_ONLY} = {}", u8::from(self.ha_only))
+        writeln!(out, "{HA_ONLY} = {}", u8::from(self.ha_only))?;
+        if self.multipart_replay_limit != DEFAULT_MULTIPART_REPLAY_LIMIT {
+            writeln!(
+                out,
+                "{MULTIPART_REPLAY_LIMIT} = {}",
+                self.multipart_replay_limit
+            )?;
+        }
+        Ok(())
     }
 
     /// Writes atomically: temp file in the same directory, fsync, rename, so a
@@ -356,14 +411,29 @@ fn parse_libraries(file: &Path, entries: Entries) -> Result<Vec<LibraryConfig>, 
         .collect()
 }
 
-fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<bool, ConfigError> {
-    let mut ha_only = false;
+/// The `[HAConfiguration]` settings.
+struct HaSettings {
+    ha_only: bool,
+    multipart_replay_limit: usize,
+}
+
+fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, ConfigError> {
+    let mut settings = HaSettings {
+        ha_only: false,
+        multipart_replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
+    };
     for (key, value) in entries {
         let err = |problem: String| error(file, Some(HA_CONFIGURATION), Some(&key), problem);
-        if !key.eq_ignore_ascii_case(HA_ONLY) {
-            return Err(err(format!("unknown key; the only key here is {HA_ONLY}")));
+        if key.eq_ignore_ascii_case(MULTIPART_REPLAY_LIMIT) {
+            settings.multipart_replay_limit = parse_replay_limit(&value).map_err(err)?;
+            continue;
         }
-        ha_only = match value.to_ascii_lowercase().as_str() {
+        if !key.eq_ignore_ascii_case(HA_ONLY) {
+            return Err(err(format!(
+                "unknown key; the keys here are {HA_ONLY} and {MULTIPART_REPLAY_LIMIT}"
+            )));
+        }
+        settings.ha_only = match value.to_ascii_lowercase().as_str() {
             "1" | "yes" | "true" => true,
             "0" | "no" | "false" => false,
             _ => {
@@ -374,7 +444,24 @@ fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<bool, ConfigE
             }
         };
     }
-    Ok(ha_only)
+    Ok(settings)
+}
+
+/// A decimal byte count in `0..=MAX_MULTIPART_REPLAY_LIMIT`.
+fn parse_replay_limit(value: &str) -> Result<usize, String> {
+    // Digits only: `str::parse` would also take "+5".
+    let limit = Some(value)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&limit| limit <= MAX_MULTIPART_REPLAY_LIMIT);
+    limit.ok_or_else(|| {
+        format!(
+            "\"{value}\" is not accepted; give a whole number of bytes from 0 to \
+             {MAX_MULTIPART_REPLAY_LIMIT} (1 GiB) as decimal digits, or 0 to disable replaying \
+             multi-part operations on another member; the default is \
+             {DEFAULT_MULTIPART_REPLAY_LIMIT}"
+        )
+    })
 }
 
 /// The part of a `VirtualToken<NN><Field>` key after the index.
@@ -384,10 +471,17 @@ enum Field {
     Sn,
     Members,
     Standby,
+    DomainLabel,
 }
 
 impl Field {
-    const ALL: [Field; 4] = [Field::Label, Field::Sn, Field::Members, Field::Standby];
+    const ALL: [Field; 5] = [
+        Field::Label,
+        Field::Sn,
+        Field::Members,
+        Field::Standby,
+        Field::DomainLabel,
+    ];
 
     fn suffix(self) -> &'static str {
         match self {
@@ -395,6 +489,7 @@ impl Field {
             Field::Sn => "SN",
             Field::Members => "Members",
             Field::Standby => "Standby",
+            Field::DomainLabel => "DomainLabel",
         }
     }
 }
@@ -423,12 +518,12 @@ fn parse_groups(file: &Path, entries: Entries) -> Result<Vec<GroupConfig>, Confi
     let err = |key: &str, problem: String| error(file, Some(VIRTUAL_TOKEN), Some(key), problem);
 
     // Index -> (key as written, value) per field.
-    let mut raw: BTreeMap<u32, [Option<(String, String)>; 4]> = BTreeMap::new();
+    let mut raw: BTreeMap<u32, [Option<(String, String)>; Field::ALL.len()]> = BTreeMap::new();
     for (key, value) in entries {
         let Some((index, field)) = parse_group_key(&key) else {
             let problem = format!(
-                "unknown key; group keys are {VIRTUAL_TOKEN}<NN>Label, ...SN, ...Members and \
-                 ...Standby, where <NN> is two digits such as 00"
+                "unknown key; group keys are {VIRTUAL_TOKEN}<NN>Label, ...SN, ...Members, \
+                 ...Standby and ...DomainLabel, where <NN> is two digits such as 00"
             );
             return Err(err(&key, problem));
         };
@@ -482,6 +577,13 @@ fn parse_groups(file: &Path, entries: Entries) -> Result<Vec<GroupConfig>, Confi
             }
             _ => Vec::new(),
         };
+        let domain_label = match value(Field::DomainLabel) {
+            Some(domain) => {
+                check_domain_label(domain).map_err(|p| err(&key(Field::DomainLabel), p))?;
+                domain.to_owned()
+            }
+            None => DEFAULT_DOMAIN_LABEL.to_owned(),
+        };
 
         let listed = members
             .iter()
@@ -507,6 +609,7 @@ fn parse_groups(file: &Path, entries: Entries) -> Result<Vec<GroupConfig>, Confi
             serial,
             members,
             standby,
+            domain_label,
         });
     }
 
@@ -547,6 +650,30 @@ fn check_label(label: &str) -> Result<(), String> {
     } else if label.eq_ignore_ascii_case("HA") {
         Err(format!(
             "the label \"{label}\" is reserved (Luna reserves it); choose another group label"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The domain label names a key object, so it is held to the token label
+/// size, and kept to printable ASCII so it reads the same in every tool.
+fn check_domain_label(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        Err(format!(
+            "the domain label is empty; name the wrapping key the group's members share, or \
+             remove the key to use \"{DEFAULT_DOMAIN_LABEL}\""
+        ))
+    } else if label.len() > MAX_LABEL_BYTES {
+        Err(format!(
+            "the domain label \"{label}\" is {} bytes long; shorten it to at most \
+             {MAX_LABEL_BYTES} bytes, the size of a PKCS#11 label",
+            label.len()
+        ))
+    } else if !label.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        Err(format!(
+            "the domain label {label:?} has a character that is not printable ASCII; use \
+             letters, digits, spaces and punctuation only"
         ))
     } else {
         Ok(())
@@ -600,9 +727,11 @@ VirtualToken00Label   = myHAgroup
 VirtualToken00SN      = 1154438865287          ; optional
 VirtualToken00Members = 154438865287,1238700701509   ; member token serials, primary first
 VirtualToken00Standby = 1238700701510          ; optional, standby member serials
+VirtualToken00DomainLabel = myHAdomain         ; optional wrapping key label
 
 [HAConfiguration]
 HAOnly = 0                                     ; 1 = show only virtual slots
+MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
 ";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -628,7 +757,16 @@ HAOnly = 0                                     ; 1 = show only virtual slots
             serial: None,
             members: members.split(',').map(str::to_owned).collect(),
             standby: Vec::new(),
+            domain_label: DEFAULT_DOMAIN_LABEL.into(),
         }
+    }
+
+    /// One group `g` with member `1`, plus `[HAConfiguration]` with `ha`.
+    fn with_ha(ha: &str) -> String {
+        with_library(&format!(
+            "[VirtualToken]\nVirtualToken00Label = g\nVirtualToken00Members = 1\n\
+             [HAConfiguration]\n{ha}"
+        ))
     }
 
     #[test]
@@ -648,10 +786,99 @@ HAOnly = 0                                     ; 1 = show only virtual slots
                     serial: Some("1154438865287".into()),
                     members: vec!["154438865287".into(), "1238700701509".into()],
                     standby: vec!["1238700701510".into()],
+                    domain_label: "myHAdomain".into(),
                 }],
                 ha_only: false,
+                multipart_replay_limit: 4096,
             }
         );
+    }
+
+    /// The example in the module documentation stays valid.
+    #[test]
+    fn doc_example_parses() {
+        let doc: String = include_str!("config.rs")
+            .lines()
+            .map_while(|line| line.strip_prefix("//!"))
+            .map(|line| format!("{}\n", line.strip_prefix(' ').unwrap_or(line)))
+            .collect();
+        let (_, example) = doc.split_once("```ini\n").expect("an ini example");
+        let (example, _) = example.split_once("```").expect("the example's end");
+        let config = parse(example).unwrap();
+        assert_eq!(config.groups[0].domain_label, "myHAdomain");
+        assert_eq!(
+            config.multipart_replay_limit,
+            DEFAULT_MULTIPART_REPLAY_LIMIT
+        );
+        let mut expected = parse(EXAMPLE).unwrap();
+        expected.multipart_replay_limit = DEFAULT_MULTIPART_REPLAY_LIMIT;
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn domain_label() {
+        let config = parse(&with_ha("")).unwrap();
+        assert_eq!(config.groups[0].domain_label, DEFAULT_DOMAIN_LABEL);
+        assert_eq!(DEFAULT_DOMAIN_LABEL, "pkcs11-ha-domain");
+        let longest = "d".repeat(MAX_LABEL_BYTES);
+        for domain in ["x", "Shared domain #1", "a=b", longest.as_str()] {
+            let text = with_library(&format!(
+                "[VirtualToken]\nVirtualToken00Label = g\nVirtualToken00Members = 1\n\
+                 virtualtoken00DOMAINLABEL = {domain}\n\
+                 VirtualToken01Label = h\nVirtualToken01Members = 2\n\
+                 VirtualToken01DomainLabel = {domain}\n"
+            ));
+            let config = parse(&text).unwrap();
+            // Groups may share a domain; its members are still disjoint.
+            for group in &config.groups {
+                assert_eq!(group.domain_label, domain, "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn multipart_replay_limit() {
+        assert_eq!(DEFAULT_MULTIPART_REPLAY_LIMIT, 1_048_576);
+        let config = parse(&with_library("")).unwrap();
+        assert_eq!(
+            config.multipart_replay_limit,
+            DEFAULT_MULTIPART_REPLAY_LIMIT
+        );
+        for (value, expected) in [
+            ("0", 0),
+            ("1", 1),
+            ("0064", 64),
+            ("1048576", 1 << 20),
+            ("1073741824", 1 << 30),
+        ] {
+            let text = with_ha(&format!("multipartREPLAYlimit = {value}\n"));
+            let config = parse(&text).unwrap();
+            assert_eq!(config.multipart_replay_limit, expected, "{text}");
+        }
+        // Valid without a group or HAOnly.
+        let text = with_library("[HAConfiguration]\nMultipartReplayLimit = 0\n");
+        assert_eq!(parse(&text).unwrap().multipart_replay_limit, 0);
+
+        for value in [
+            "",
+            "-1",
+            "+5",
+            "1073741825",
+            "99999999999999999999999",
+            "1e6",
+            "1_000",
+            "0x10",
+            "1 MiB",
+            "1.5",
+        ] {
+            let text = with_ha(&format!("MultipartReplayLimit = {value}\n"));
+            let e = parse_err(&text);
+            let context = format!("{e}\n--- from ---\n{text}");
+            assert_eq!(e.section.as_deref(), Some("HAConfiguration"), "{context}");
+            assert_eq!(e.key.as_deref(), Some("MultipartReplayLimit"), "{context}");
+            assert!(e.problem.contains("from 0 to 1073741824"), "{context}");
+            assert!(e.problem.contains(&format!("\"{value}\"")), "{context}");
+        }
     }
 
     #[test]
@@ -702,8 +929,16 @@ haonly = Yes
         second.label = "Second group".into();
         second.serial = Some("99".into());
         second.standby = vec!["c".into(), "d".into()];
+        second.domain_label = "Second domain".into();
+        let mut defaults = parse(EXAMPLE).unwrap();
+        defaults.groups[0].domain_label = DEFAULT_DOMAIN_LABEL.into();
+        defaults.multipart_replay_limit = DEFAULT_MULTIPART_REPLAY_LIMIT;
+        let text = defaults.to_ini_string();
+        assert!(!text.contains("DomainLabel"), "{text}");
+        assert!(!text.contains("MultipartReplayLimit"), "{text}");
         let configs = [
             parse(EXAMPLE).unwrap(),
+            defaults,
             Config {
                 path: PathBuf::from(FILE),
                 libraries: vec![
@@ -718,6 +953,7 @@ haonly = Yes
                 ],
                 groups: vec![group("1"), second],
                 ha_only: true,
+                multipart_replay_limit: 0,
             },
         ];
         for config in configs {
@@ -777,7 +1013,7 @@ haonly = Yes
                 with_library("[HAConfiguration]\nFoo = 1\n"),
                 "HAConfiguration",
                 "Foo",
-                "unknown key",
+                "the keys here are HAOnly and MultipartReplayLimit",
             ),
             (
                 with_library("[HAConfiguration]\nHAOnly = 2\n"),
@@ -895,6 +1131,74 @@ haonly = Yes
                 "VirtualToken",
                 "VirtualToken00Label",
                 "label is empty",
+            ),
+            (
+                with_library("[HAConfiguration]\nMultipartReplayLimit = 1073741825\n"),
+                "HAConfiguration",
+                "MultipartReplayLimit",
+                "from 0 to 1073741824",
+            ),
+            (
+                with_library(
+                    "[HAConfiguration]\nMultipartReplayLimit = 1\nmultipartreplaylimit = 2\n",
+                ),
+                "HAConfiguration",
+                "multipartreplaylimit",
+                "twice",
+            ),
+            (
+                members("VirtualToken00DomainLabel =\n"),
+                "VirtualToken",
+                "VirtualToken00DomainLabel",
+                "domain label is empty",
+            ),
+            (
+                members(&format!("VirtualToken00DomainLabel = {}\n", "d".repeat(33))),
+                "VirtualToken",
+                "VirtualToken00DomainLabel",
+                "at most 32 bytes",
+            ),
+            (
+                members(&format!("VirtualToken00DomainLabel = {}\n", "é".repeat(17))),
+                "VirtualToken",
+                "VirtualToken00DomainLabel",
+                "at most 32 bytes",
+            ),
+            (
+                members("VirtualToken00DomainLabel = caf\u{e9}\n"),
+                "VirtualToken",
+                "VirtualToken00DomainLabel",
+                "not printable ASCII",
+            ),
+            (
+                members("VirtualToken00DomainLabel = a\u{7}b\n"),
+                "VirtualToken",
+                "VirtualToken00DomainLabel",
+                "not printable ASCII",
+            ),
+            (
+                members("VirtualToken00DomainLabel = a\tb\n"),
+                "VirtualToken",
+                "VirtualToken00DomainLabel",
+                "not printable ASCII",
+            ),
+            (
+                members("VirtualToken00DomainLabel = d\nvirtualtoken00domainlabel = e\n"),
+                "VirtualToken",
+                "virtualtoken00domainlabel",
+                "twice",
+            ),
+            (
+                members("VirtualToken00Domain = d\n"),
+                "VirtualToken",
+                "VirtualToken00Domain",
+                "...DomainLabel",
+            ),
+            (
+                with_library("[VirtualToken]\nVirtualToken00DomainLabel = d\n"),
+                "VirtualToken",
+                "VirtualToken00Label",
+                "no label",
             ),
             (
                 members("VirtualToken00SN = 1 2\n"),

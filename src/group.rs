@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
 use crate::object::ObjectTable;
+use crate::replication::Pending;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -37,6 +38,10 @@ pub struct Member {
     state: AtomicU8,
     in_flight: AtomicUsize,
     served: AtomicU64,
+    /// Bumped each time the member fails: member sessions opened in an
+    /// earlier epoch are never used again, since a restarted member may
+    /// hand the same session numbers to someone else.
+    epoch: AtomicU64,
 }
 
 impl Member {
@@ -49,6 +54,7 @@ impl Member {
             state: AtomicU8::new(MemberState::Down as u8),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -70,6 +76,27 @@ impl Member {
 
     pub fn set_state(&self, state: MemberState) {
         self.state.store(state as u8, Ordering::Release);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Takes the member out of service after a fault; true if it was up.
+    pub fn fail(&self) -> bool {
+        let was_up = self
+            .state
+            .compare_exchange(
+                MemberState::Up as u8,
+                MemberState::Down as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if was_up {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        was_up
     }
 
     pub fn in_flight(&self) -> usize {
@@ -104,15 +131,84 @@ pub struct Login {
     pub pin: Option<Zeroizing<Vec<u8>>>,
 }
 
+/// Per-group settings from the config.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    /// Label of the AES key members share to move key material.
+    pub domain_label: String,
+    /// Bytes of multi-part input kept to replay an operation elsewhere.
+    pub replay_limit: usize,
+}
+
+/// Each member's domain key handle, and the check value all must share.
+#[derive(Default)]
+pub struct DomainKeys {
+    state: Mutex<DomainState>,
+}
+
+#[derive(Default)]
+struct DomainState {
+    reference: Option<Vec<u8>>,
+    /// Per member: (epoch, handle) of its domain key.
+    keys: Vec<Option<(u64, CK_OBJECT_HANDLE)>>,
+}
+
+impl DomainKeys {
+    fn new(members: usize) -> Self {
+        DomainKeys {
+            state: Mutex::new(DomainState {
+                reference: None,
+                keys: vec![None; members],
+            }),
+        }
+    }
+
+    pub fn cached(&self, position: usize, epoch: u64) -> Option<CK_OBJECT_HANDLE> {
+        match self.state.lock().keys[position] {
+            Some((e, handle)) if e == epoch => Some(handle),
+            _ => None,
+        }
+    }
+
+    /// Records a member's domain key if its check value matches the
+    /// group's (the first one seen sets it); false if it does not.
+    pub fn agree(
+        &self,
+        position: usize,
+        epoch: u64,
+        handle: CK_OBJECT_HANDLE,
+        check: Vec<u8>,
+    ) -> bool {
+        let mut state = self.state.lock();
+        match &state.reference {
+            Some(reference) if *reference != check => return false,
+            Some(_) => {}
+            None => state.reference = Some(check),
+        }
+        state.keys[position] = Some((epoch, handle));
+        true
+    }
+
+    /// Whether a member handle is that member's domain key, which the
+    /// application must never see through the virtual slot.
+    pub fn is_domain_key(&self, position: usize, handle: CK_OBJECT_HANDLE) -> bool {
+        matches!(self.state.lock().keys[position], Some((_, h)) if h == handle)
+    }
+}
+
 pub struct Group {
     pub index: u32,
     pub label: String,
+    pub settings: GroupSettings,
     /// The virtual token's serial number.
     pub serial: String,
     pub slot_id: CK_SLOT_ID,
     pub members: Vec<Arc<Member>>,
     pub objects: ObjectTable,
     pub login: Mutex<Option<Login>>,
+    pub domain: DomainKeys,
+    /// Per member: changes it missed while down, in order.
+    pending: Mutex<Vec<Vec<Pending>>>,
     round_robin: AtomicUsize,
 }
 
@@ -142,6 +238,7 @@ impl Group {
         slot_id: CK_SLOT_ID,
         active: &[String],
         standby: &[String],
+        settings: GroupSettings,
     ) -> Self {
         let members: Vec<Arc<Member>> = active
             .iter()
@@ -154,11 +251,14 @@ impl Group {
         Group {
             index,
             label: label.to_string(),
+            settings,
             serial,
             slot_id,
             members,
             objects: ObjectTable::new(count),
             login: Mutex::new(None),
+            domain: DomainKeys::new(count),
+            pending: Mutex::new(vec![Vec::new(); count]),
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -168,6 +268,45 @@ impl Group {
         let member = &self.members[position];
         *member.location.write() = Some(location);
         member.set_state(MemberState::Up);
+    }
+
+    /// Records a member fault: the member leaves the rotation and the
+    /// operator hears of it once.
+    pub fn member_failed(&self, position: usize, function: &str, rv: CK_RV) {
+        let member = &self.members[position];
+        if member.fail() {
+            eprintln!(
+                "pkcs11-ha: group {} ({}): member {} failed in {function} with {}; calls go to the other members",
+                self.label,
+                self.serial,
+                member.serial,
+                crate::error::rv_name(rv)
+            );
+        }
+    }
+
+    /// Queues a change for a member that is down.
+    pub fn add_pending(&self, position: usize, change: Pending) {
+        self.pending.lock()[position].push(change);
+    }
+
+    /// Takes the changes a member missed, to replay them in order.
+    pub fn take_pending(&self, position: usize) -> Vec<Pending> {
+        std::mem::take(&mut self.pending.lock()[position])
+    }
+
+    /// How many changes a member has yet to receive.
+    pub fn pending_count(&self, position: usize) -> usize {
+        self.pending.lock()[position].len()
+    }
+
+    /// The cached credential, to log a member in again after it lost its
+    /// login; `None` when the group is not logged in.
+    pub fn cached_login(&self) -> Option<(CK_USER_TYPE, Option<Zeroizing<Vec<u8>>>)> {
+        self.login
+            .lock()
+            .as_ref()
+            .map(|l| (l.user_type, l.pin.clone()))
     }
 
     pub fn up_members(&self) -> impl Iterator<Item = &Arc<Member>> {
@@ -377,6 +516,10 @@ mod tests {
 
     #[test]
     fn least_busy_first_and_ties_rotate() {
+        let settings = GroupSettings {
+            domain_label: "d".into(),
+            replay_limit: 0,
+        };
         let group = Group::new(
             0,
             "g",
@@ -384,6 +527,7 @@ mod tests {
             0,
             &["a".into(), "b".into()],
             &["c".into()],
+            settings,
         );
         for m in &group.members {
             m.set_state(MemberState::Up);

@@ -18,5 +18,7 @@ pub mod mechanism;
 pub mod member;
 pub mod object;
 pub mod provider;
+pub mod replication;
 pub mod session;
 pub mod virtual_objects;
+pub mod virtual_session;

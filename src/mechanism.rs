@@ -132,3 +132,159 @@ mod tests {
         assert_eq!(got, Err(Error::new(CKR_MECHANISM_PARAM_INVALID)));
     }
 }
+
+/// A mechanism copied deep enough to be sent again after the application's
+/// call has returned (and its parameter memory may be gone): what failover
+/// needs to start an operation again on another member.
+pub struct SavedMechanism {
+    mechanism: CK_MECHANISM,
+    _storage: Vec<Box<[u8]>>,
+}
+
+// SAFETY: the raw pointers point into `_storage`, owned by this value.
+unsafe impl Send for SavedMechanism {}
+
+impl SavedMechanism {
+    pub fn as_ptr(&mut self) -> CK_MECHANISM_PTR {
+        &mut self.mechanism
+    }
+}
+
+/// Mechanisms whose parameter is plain bytes (an IV, a counter block, PSS
+/// settings): a byte copy is a faithful copy.
+fn parameter_is_flat(mechanism: CK_MECHANISM_TYPE) -> bool {
+    matches!(
+        mechanism,
+        CKM_AES_CBC
+            | CKM_AES_CBC_PAD
+            | CKM_AES_CTR
+            | CKM_AES_CTS
+            | CKM_AES_OFB
+            | CKM_AES_CFB8
+            | CKM_AES_CFB64
+            | CKM_AES_CFB128
+            | CKM_DES3_CBC
+            | CKM_DES3_CBC_PAD
+            | CKM_RSA_PKCS_PSS
+            | CKM_SHA1_RSA_PKCS_PSS
+            | CKM_SHA224_RSA_PKCS_PSS
+            | CKM_SHA256_RSA_PKCS_PSS
+            | CKM_SHA384_RSA_PKCS_PSS
+            | CKM_SHA512_RSA_PKCS_PSS
+            | CKM_AES_CMAC_GENERAL
+            | CKM_SHA_1_HMAC_GENERAL
+            | CKM_SHA256_HMAC_GENERAL
+            | CKM_SHA384_HMAC_GENERAL
+            | CKM_SHA512_HMAC_GENERAL
+    )
+}
+
+/// Copies `len` bytes at `pointer` into owned storage.
+///
+/// # Safety
+/// `pointer` must be readable for `len` bytes, or null with `len` 0.
+unsafe fn own(pointer: *const u8, len: CK_ULONG, storage: &mut Vec<Box<[u8]>>) -> *mut u8 {
+    if pointer.is_null() || len == 0 {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller vouches for the bytes.
+    let bytes: Box<[u8]> = unsafe { std::slice::from_raw_parts(pointer, len as usize) }.into();
+    storage.push(bytes);
+    storage
+        .last_mut()
+        .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr())
+}
+
+/// A deep copy of `mechanism`, or `None` where its parameter holds pointers
+/// we do not know how to follow; an operation with such a mechanism cannot
+/// be moved to another member after its `*Init`.
+///
+/// # Safety
+/// `mechanism` and its parameter must be valid, as in an `*Init` call.
+pub unsafe fn save(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
+    let mut storage: Vec<Box<[u8]>> = Vec::new();
+    let mut copy = *mechanism;
+    let len = mechanism.ulParameterLen;
+    let param = mechanism.pParameter as *const u8;
+    // SAFETY (all blocks): the parameter is valid for its stated length, and
+    // the structs are read only after their size was checked.
+    if param.is_null() || len == 0 {
+        copy.pParameter = std::ptr::null_mut();
+        copy.ulParameterLen = 0;
+    } else if parameter_is_flat(mechanism.mechanism) {
+        copy.pParameter = unsafe { own(param, len, &mut storage) } as *mut _;
+    } else if mechanism.mechanism == CKM_AES_GCM && len as usize == size_of::<CK_GCM_PARAMS>() {
+        let mut gcm = unsafe { std::ptr::read_unaligned(param as *const CK_GCM_PARAMS) };
+        gcm.pIv = unsafe { own(gcm.pIv, gcm.ulIvLen, &mut storage) };
+        gcm.pAAD = unsafe { own(gcm.pAAD, gcm.ulAADLen, &mut storage) };
+        copy.pParameter =
+            unsafe { own(&gcm as *const _ as *const u8, len, &mut storage) } as *mut _;
+    } else if mechanism.mechanism == CKM_RSA_PKCS_OAEP
+        && len as usize == size_of::<CK_RSA_PKCS_OAEP_PARAMS>()
+    {
+        let mut oaep = unsafe { std::ptr::read_unaligned(param as *const CK_RSA_PKCS_OAEP_PARAMS) };
+        oaep.pSourceData = unsafe {
+            own(
+                oaep.pSourceData as *const u8,
+                oaep.ulSourceDataLen,
+                &mut storage,
+            )
+        } as *mut _;
+        copy.pParameter =
+            unsafe { own(&oaep as *const _ as *const u8, len, &mut storage) } as *mut _;
+    } else {
+        return None;
+    }
+    Some(SavedMechanism {
+        mechanism: copy,
+        _storage: storage,
+    })
+}
+
+#[cfg(test)]
+mod saved_tests {
+    use super::*;
+
+    #[test]
+    fn gcm_parameters_survive_the_application_freeing_them() {
+        let mut iv = vec![1u8; 12];
+        let mut aad = vec![2u8; 5];
+        let mut params = CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: aad.as_mut_ptr(),
+            ulAADLen: 5,
+            ulTagBits: 128,
+        };
+        let mechanism = CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: &mut params as *mut _ as *mut _,
+            ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+        };
+        // SAFETY: a valid GCM mechanism.
+        let mut saved = unsafe { save(&mechanism) }.expect("GCM is replayable");
+        iv.fill(0);
+        aad.fill(0);
+        drop((iv, aad));
+        // SAFETY: the saved copy owns everything it points to.
+        unsafe {
+            let copy = &*((*saved.as_ptr()).pParameter as *const CK_GCM_PARAMS);
+            assert_eq!(std::slice::from_raw_parts(copy.pIv, 12), &[1u8; 12]);
+            assert_eq!(std::slice::from_raw_parts(copy.pAAD, 5), &[2u8; 5]);
+            assert_eq!(copy.ulTagBits, 128);
+        }
+    }
+
+    #[test]
+    fn unknown_pointer_parameters_are_not_replayable() {
+        let mut opaque = [0u8; 16];
+        let mechanism = CK_MECHANISM {
+            mechanism: CKM_ECDH1_DERIVE,
+            pParameter: opaque.as_mut_ptr() as *mut _,
+            ulParameterLen: 16,
+        };
+        // SAFETY: a readable parameter of the stated length.
+        assert!(unsafe { save(&mechanism) }.is_none());
+    }
+}

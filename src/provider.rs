@@ -5,7 +5,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::error::{check, Error, Result};
-use crate::group::{virtual_serial, Group, Location, Login, MemberState};
+use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::member::member_call;
 use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
 use crate::session::{
@@ -169,6 +169,10 @@ impl Provider {
                     CK_SLOT_ID::from(g.index),
                     &g.members,
                     &g.standby,
+                    GroupSettings {
+                        domain_label: g.domain_label.clone(),
+                        replay_limit: config.multipart_replay_limit,
+                    },
                 );
                 for member in &group.members {
                     if let Some(location) = found.get(&member.serial) {
@@ -284,7 +288,7 @@ impl Provider {
         }
         let target = match self.slot(slot_id)? {
             Slot::PassThrough(library, slot) => {
-                let s = open_member_session(&library, slot, flags)?;
+                let s = open_member_session(&library, slot, flags, 0)?;
                 Target::PassThrough(PassThroughSession {
                     library,
                     slot,
@@ -296,7 +300,7 @@ impl Provider {
                 if login == Some(CKU_SO) && flags & CKF_RW_SESSION == 0 {
                     return Err(Error::new(CKR_SESSION_READ_WRITE_SO_EXISTS));
                 }
-                Target::Virtual(VirtualSession::open(group, flags)?)
+                Target::Virtual(Box::new(VirtualSession::open(group, flags)?))
             }
         };
         Ok(self.sessions.insert(slot_id, flags, target))
@@ -310,7 +314,12 @@ impl Provider {
     }
 
     pub fn close_all_sessions(&self, slot_id: CK_SLOT_ID) -> Result<()> {
-        self.slot(slot_id)?;
+        if let Slot::PassThrough(library, slot) = self.slot(slot_id)? {
+            // The member knows whether it has this slot; our sessions on it
+            // are closed one by one, so member sessions behind virtual slots
+            // on the same token are left alone.
+            library.slot_info(slot)?;
+        }
         for session in self.sessions.remove_slot(slot_id) {
             close_session_members(&session);
             self.after_session_closed(&session);
@@ -372,9 +381,9 @@ impl Provider {
         pin: Option<&[u8]>,
     ) -> Result<()> {
         let session = self.session(handle)?;
+        let (ptr, len) = pin_parts(pin);
         let v = match &session.target {
             Target::PassThrough(p) => {
-                let (ptr, len) = pin_parts(pin);
                 return check(member_call!(
                     p.library,
                     C_Login(p.handle, user_type, ptr, len)
@@ -382,6 +391,13 @@ impl Provider {
             }
             Target::Virtual(v) => v,
         };
+        if let Some(current) = v.group.login.lock().as_ref() {
+            return Err(Error::new(if current.user_type == user_type {
+                CKR_USER_ALREADY_LOGGED_IN
+            } else {
+                CKR_USER_ANOTHER_ALREADY_LOGGED_IN
+            }));
+        }
         if user_type == CKU_SO
             && self
                 .sessions_on(session.slot_id)
@@ -389,28 +405,14 @@ impl Provider {
         {
             return Err(Error::new(CKR_SESSION_READ_ONLY_EXISTS));
         }
-        let mut members = v.up_member_sessions().into_iter();
-        let (_, first) = members.next().ok_or(Error::new(CKR_DEVICE_ERROR))?;
-        let (ptr, len) = pin_parts(pin);
-        let rv = member_call!(first.library, C_Login(first.handle, user_type, ptr, len));
-        if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
-            return Err(Error::new(rv));
-        }
-        if rv == CKR_USER_ALREADY_LOGGED_IN && v.group.login.lock().is_some() {
-            return Err(Error::new(rv));
-        }
-        for (position, member) in members {
-            let rv = member_call!(member.library, C_Login(member.handle, user_type, ptr, len));
-            if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
-                eprintln!(
-                    "pkcs11-ha: group {}: member {} refused the credential the group accepted ({}); it is taken out of service",
-                    v.group.label,
-                    v.group.members[position].serial,
-                    crate::error::rv_name(rv)
-                );
-                v.group.members[position].set_state(MemberState::Down);
+        // A member already logged in (through a pass-through slot of this
+        // process) has accepted this application's login before.
+        v.first_decides("C_Login", |l, s| {
+            match member_call!(l, C_Login(s, user_type, ptr, len)) {
+                CKR_USER_ALREADY_LOGGED_IN => CKR_OK,
+                rv => rv,
             }
-        }
+        })?;
         *v.group.login.lock() = Some(Login {
             user_type,
             pin: pin.map(|p| Zeroizing::new(p.to_vec())),

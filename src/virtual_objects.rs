@@ -1,15 +1,16 @@
-//! Object calls on a virtual slot: objects the application creates exist
-//! on every member that is up when the call returns; objects made by a
-//! member-side computation (key generation, unwrapping, derivation) are
-//! made on one member. Handles the application sees are virtual.
+//! Object calls on a virtual slot. An object the application creates from
+//! its attributes is created on every member that is up; an object a
+//! member computes (key generation, unwrapping, derivation, copying) is
+//! made on one member and replicated to the others before the call
+//! returns. Handles the application sees are virtual.
 
 use crate::error::{check, Error, Result};
-use crate::group::{is_member_fault, MemberState};
-use crate::mechanism;
+use crate::identity;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
-use crate::session::{OpKind, Preference, Step, VirtualSession};
+use crate::replication::Pending;
+use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 
 /// The `CK_BBOOL` value of `attribute` in a template, if present.
@@ -33,6 +34,89 @@ pub unsafe fn template_bool(
         .map(|a| unsafe { *(a.pValue as *const CK_BBOOL) } != CK_FALSE)
 }
 
+static TRUE: CK_BBOOL = CK_TRUE;
+
+/// A template as the members get it: where the application asks for a
+/// non-extractable key, the members make it extractable under trusted keys
+/// only, so the domain key can still carry it to the other members.
+pub struct MemberTemplate {
+    rewritten: Option<Vec<CK_ATTRIBUTE>>,
+    original: (CK_ATTRIBUTE_PTR, CK_ULONG),
+}
+
+impl MemberTemplate {
+    /// For a template that makes a new key, where a key the template does
+    /// not call extractable is not (as on SoftHSM).
+    ///
+    /// # Safety
+    /// `template` must point to `count` readable attributes (or be null).
+    pub unsafe fn for_new_key(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Self {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::rewrite(template, count, true) }
+    }
+
+    /// For a template that changes or copies a key: only an explicit
+    /// `CKA_EXTRACTABLE = FALSE` makes it non-extractable.
+    ///
+    /// # Safety
+    /// `template` must point to `count` readable attributes (or be null).
+    pub unsafe fn for_change(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Self {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::rewrite(template, count, false) }
+    }
+
+    unsafe fn rewrite(template: CK_ATTRIBUTE_PTR, count: CK_ULONG, absent_is_false: bool) -> Self {
+        let original = (template, count);
+        // SAFETY: forwarded from the caller.
+        let extractable = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
+        if extractable.unwrap_or(!absent_is_false) {
+            return MemberTemplate {
+                rewritten: None,
+                original,
+            };
+        }
+        let attributes = if template.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(template, count as usize) }
+        };
+        let truth = CK_ATTRIBUTE {
+            type_: CKA_EXTRACTABLE,
+            pValue: &TRUE as *const _ as *mut _,
+            ulValueLen: 1,
+        };
+        let mut rewritten: Vec<CK_ATTRIBUTE> = attributes
+            .iter()
+            .filter(|a| a.type_ != CKA_WRAP_WITH_TRUSTED && a.type_ != CKA_EXTRACTABLE)
+            .copied()
+            .collect();
+        rewritten.push(truth);
+        rewritten.push(CK_ATTRIBUTE {
+            type_: CKA_WRAP_WITH_TRUSTED,
+            ..truth
+        });
+        MemberTemplate {
+            rewritten: Some(rewritten),
+            original,
+        }
+    }
+
+    pub fn ptr(&mut self) -> CK_ATTRIBUTE_PTR {
+        match &mut self.rewritten {
+            Some(r) => r.as_mut_ptr(),
+            None => self.original.0,
+        }
+    }
+
+    pub fn count(&self) -> CK_ULONG {
+        match &self.rewritten {
+            Some(r) => r.len() as CK_ULONG,
+            None => self.original.1,
+        }
+    }
+}
+
 /// Which session owns an object created with this `CKA_TOKEN` value.
 fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSION_HANDLE> {
     if token.unwrap_or(false) {
@@ -44,44 +128,45 @@ fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSI
 
 impl VirtualSession {
     /// Creates an object on every member that is up; all or nothing for
-    /// request errors, a member that faults is taken out of service.
+    /// request errors. A member that faults is taken out and gets the
+    /// object when it returns.
     pub fn create_everywhere(
         &self,
         owner: Option<CK_SESSION_HANDLE>,
-        create: impl Fn(
-            &MemberLibrary,
-            CK_SESSION_HANDLE,
-            usize,
-        ) -> std::result::Result<CK_OBJECT_HANDLE, CK_RV>,
+        create: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, &mut CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<CK_OBJECT_HANDLE> {
         let mut on = vec![Presence::Unknown; self.group.members.len()];
-        let mut created: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
-        for (position, s) in self.up_member_sessions() {
-            let guard = self.group.members[position].begin_call();
-            let outcome = create(&s.library, s.handle, position);
-            drop(guard);
-            match outcome {
-                Ok(h) => {
-                    on[position] = Presence::Present(h);
-                    created.push((position, h));
+        let mut missed = Vec::new();
+        let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        for member in &self.group.members {
+            let position = member.position;
+            if !member.is_up() {
+                missed.push(position);
+                continue;
+            }
+            let mut handle = CK_INVALID_HANDLE;
+            match self.attempt(position, "C_CreateObject", &mut |l, s| {
+                create(l, s, &mut handle)
+            }) {
+                Attempt::Answered(CKR_OK) => {
+                    on[position] = Presence::Present(handle);
+                    made.push((position, handle));
                 }
-                Err(rv) if is_member_fault(rv) => {
-                    self.group.members[position].set_state(MemberState::Down);
-                }
-                Err(rv) => {
-                    for (p, h) in created {
-                        if let Ok(s) = self.member_session(p) {
-                            member_call!(s.library, C_DestroyObject(s.handle, h));
-                        }
-                    }
+                Attempt::Answered(rv) => {
+                    self.undo(&made);
                     return Err(Error::new(rv));
                 }
+                Attempt::Faulted => missed.push(position),
             }
         }
-        if created.is_empty() {
+        if made.is_empty() {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        Ok(self.group.objects.insert(on, owner))
+        let object = self.group.objects.insert(on, owner);
+        for position in missed {
+            self.group.add_pending(position, Pending::Create(object));
+        }
+        Ok(object)
     }
 
     /// # Safety
@@ -97,17 +182,11 @@ impl VirtualSession {
             unsafe { template_bool(template, count, CKA_TOKEN) },
             session,
         );
-        self.create_everywhere(owner, |library, member_session, _| {
-            let mut handle = 0;
-            let rv = member_call!(
+        self.create_everywhere(owner, |library, member_session, handle| {
+            member_call!(
                 library,
-                C_CreateObject(member_session, template, count, &mut handle)
-            );
-            if rv == CKR_OK {
-                Ok(handle)
-            } else {
-                Err(rv)
-            }
+                C_CreateObject(member_session, template, count, handle)
+            )
         })
     }
 
@@ -120,46 +199,128 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
-        self.resolve_everywhere(source)?;
         // SAFETY: forwarded from the caller.
-        let token = unsafe { template_bool(template, count, CKA_TOKEN) };
-        let token = match token {
-            Some(t) => Some(t),
+        let token = match unsafe { template_bool(template, count, CKA_TOKEN) } {
+            Some(t) => t,
             None => self.read_bool(source, CKA_TOKEN)?,
         };
-        let owner = owner_for(token, session);
-        self.create_everywhere(owner, |library, member_session, position| {
-            let Ok(Some(member_source)) = self.resolve(source, position) else {
-                return Err(CKR_OBJECT_HANDLE_INVALID);
-            };
-            let mut handle = 0;
-            let rv = member_call!(
-                library,
-                C_CopyObject(member_session, member_source, template, count, &mut handle)
-            );
-            if rv == CKR_OK {
-                Ok(handle)
-            } else {
-                Err(rv)
-            }
-        })
+        // SAFETY: forwarded from the caller.
+        let mut member_template = unsafe { MemberTemplate::for_change(template, count) };
+        let (t, n) = (member_template.ptr(), member_template.count());
+        let no_mechanism = CK_MECHANISM {
+            mechanism: 0,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let copy = |l: &MemberLibrary,
+                    s: CK_SESSION_HANDLE,
+                    _: CK_MECHANISM_PTR,
+                    keys: &[CK_OBJECT_HANDLE],
+                    out: &mut [CK_OBJECT_HANDLE]| {
+            member_call!(l, C_CopyObject(s, keys[0], t, n, &mut out[0]))
+        };
+        // SAFETY: a mechanism without parameter.
+        let made = unsafe {
+            self.make_on_one(
+                session,
+                &no_mechanism,
+                &[source],
+                &[Some(token)],
+                "C_CopyObject",
+                copy,
+            )
+        }?;
+        Ok(made[0])
     }
 
-    fn read_bool(
+    fn read_bool(&self, object: CK_OBJECT_HANDLE, attribute: CK_ATTRIBUTE_TYPE) -> Result<bool> {
+        let mut value: CK_BBOOL = 0;
+        self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
+            let mut query = CK_ATTRIBUTE {
+                type_: attribute,
+                pValue: &mut value as *mut _ as *mut _,
+                ulValueLen: 1,
+            };
+            member_call!(library, C_GetAttributeValue(s, h[0], &mut query, 1))
+        })?;
+        Ok(value != CK_FALSE)
+    }
+
+    /// Whether the members keep this key extractable only on the
+    /// application's behalf, so that it must look non-extractable.
+    fn protected(&self, object: CK_OBJECT_HANDLE) -> Result<bool> {
+        let class = self.read_ulong(object, CKA_CLASS)?;
+        if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
+            return Ok(false);
+        }
+        Ok(self.read_bool(object, CKA_WRAP_WITH_TRUSTED)?
+            && self.read_bool(object, CKA_EXTRACTABLE)?)
+    }
+
+    fn read_ulong(
         &self,
         object: CK_OBJECT_HANDLE,
         attribute: CK_ATTRIBUTE_TYPE,
-    ) -> Result<Option<bool>> {
-        let mut value: CK_BBOOL = 0;
-        let mut query = CK_ATTRIBUTE {
-            type_: attribute,
-            pValue: &mut value as *mut _ as *mut _,
-            ulValueLen: 1,
-        };
-        self.stateless(&[object], |library, s, h| {
+    ) -> Result<CK_ULONG> {
+        let mut value: CK_ULONG = 0;
+        self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
+            let mut query = CK_ATTRIBUTE {
+                type_: attribute,
+                pValue: &mut value as *mut _ as *mut _,
+                ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
+            };
             member_call!(library, C_GetAttributeValue(s, h[0], &mut query, 1))
         })?;
-        Ok(Some(value != CK_FALSE))
+        Ok(value)
+    }
+
+    /// `C_WrapKey` may not take a key the application made non-extractable.
+    pub fn refuse_if_protected(&self, key: CK_OBJECT_HANDLE) -> Result<()> {
+        if self.protected(key)? {
+            Err(Error::new(CKR_KEY_UNEXTRACTABLE))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads attributes from one member; a key the application made
+    /// non-extractable reads as such on every member.
+    ///
+    /// # Safety
+    /// `template` must point to `count` attributes with valid buffers.
+    pub unsafe fn get_attribute_value(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+    ) -> Result<()> {
+        let answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
+            member_call!(l, C_GetAttributeValue(s, h[0], template, count))
+        });
+        if let Err(e) = answer {
+            if !matches!(e.rv, CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID) {
+                return Err(e);
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        let attributes = unsafe { std::slice::from_raw_parts_mut(template, count as usize) };
+        let shown = |a: &CK_ATTRIBUTE| {
+            matches!(a.type_, CKA_EXTRACTABLE | CKA_NEVER_EXTRACTABLE)
+                && !a.pValue.is_null()
+                && a.ulValueLen == 1
+        };
+        if attributes.iter().any(shown) && self.protected(object)? {
+            for a in attributes.iter_mut().filter(|a| shown(a)) {
+                let value = if a.type_ == CKA_EXTRACTABLE {
+                    CK_FALSE
+                } else {
+                    CK_TRUE
+                };
+                // SAFETY: a one-byte buffer the member just filled.
+                unsafe { *(a.pValue as *mut CK_BBOOL) = value };
+            }
+        }
+        answer
     }
 
     /// Looks the object up on every member that is up, so that changes
@@ -184,35 +345,54 @@ impl VirtualSession {
     }
 
     /// Applies a change to every copy of an object. The first copy's answer
-    /// decides: a request error there changes nothing anywhere.
+    /// decides: a request error there changes nothing anywhere. Members
+    /// that are down get the change when they return.
     fn change_everywhere(
         &self,
         object: CK_OBJECT_HANDLE,
+        function: &str,
+        destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let copies = self.resolve_everywhere(object)?;
-        let mut first_answer = None;
+        let before = self.fingerprint_from(copies[0]);
+        let mut decided = false;
         for (position, handle) in copies {
-            let s = self.member_session(position)?;
-            let guard = self.group.members[position].begin_call();
-            let rv = change(&s.library, s.handle, handle);
-            drop(guard);
-            if is_member_fault(rv) {
-                self.group.members[position].set_state(MemberState::Down);
-                continue;
-            }
-            if first_answer.is_none() {
-                if rv != CKR_OK {
-                    return Err(Error::new(rv));
+            match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
+                Attempt::Faulted => {}
+                Attempt::Answered(rv) if !decided => {
+                    check(rv)?;
+                    decided = true;
                 }
-                first_answer = Some(rv);
+                Attempt::Answered(_) => {}
             }
         }
-        first_answer.map(|_| ()).ok_or(Error::new(CKR_DEVICE_ERROR))
+        if !decided {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        for member in self.group.members.iter().filter(|m| !m.is_up()) {
+            if let Some(print) = &before {
+                self.group
+                    .add_pending(member.position, Pending::Destroy(print.clone()));
+            }
+            if !destroys {
+                self.group
+                    .add_pending(member.position, Pending::Create(object));
+            }
+        }
+        Ok(())
+    }
+
+    fn fingerprint_from(
+        &self,
+        (position, handle): (usize, CK_OBJECT_HANDLE),
+    ) -> Option<identity::Fingerprint> {
+        let s = self.member_session(position).ok()?;
+        Some(identity::fingerprint(&s.library, s.handle, handle))
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
-        self.change_everywhere(object, |library, s, h| {
+        self.change_everywhere(object, "C_DestroyObject", true, |library, s, h| {
             member_call!(library, C_DestroyObject(s, h))
         })?;
         self.group.objects.remove(object);
@@ -227,23 +407,36 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<()> {
-        self.change_everywhere(object, |library, s, h| {
-            member_call!(library, C_SetAttributeValue(s, h, template, count))
+        // SAFETY: forwarded from the caller.
+        let mut member_template = unsafe { MemberTemplate::for_change(template, count) };
+        let (t, n) = (member_template.ptr(), member_template.count());
+        self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {
+            member_call!(library, C_SetAttributeValue(s, h, t, n))
         })
     }
 
-    /// Starts a search on one member; the primary is preferred, since
-    /// objects made by one member live there first.
+    /// Starts a search on one member; the primary is preferred.
     ///
     /// # Safety
     /// `template` must point to `count` attributes.
     pub unsafe fn find_init(&self, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<()> {
-        self.init(OpKind::Find, &[], |library, s, _| {
+        let start = |library: &MemberLibrary, s, _| {
             member_call!(library, C_FindObjectsInit(s, template, count))
-        })
+        };
+        // SAFETY: a search has no mechanism.
+        unsafe {
+            self.init(
+                OpKind::Find,
+                std::ptr::null_mut(),
+                None,
+                "C_FindObjectsInit",
+                start,
+            )
+        }
     }
 
-    /// Continues the search and turns member handles into virtual ones.
+    /// Continues the search and turns member handles into virtual ones,
+    /// leaving out the domain key.
     ///
     /// # Safety
     /// `found` must have room for `max` handles; `count` must be writable.
@@ -254,31 +447,49 @@ impl VirtualSession {
         count: CK_ULONG_PTR,
     ) -> Result<()> {
         let mut member = None;
-        self.step(OpKind::Find, Step::Update, |library, s| {
-            member = self.bound_member();
-            member_call!(library, C_FindObjects(s, found, max, count))
-        })?;
+        self.step(
+            OpKind::Find,
+            Step::Update,
+            Input::None,
+            "C_FindObjects",
+            |l, s| {
+                member = self.bound_member();
+                member_call!(l, C_FindObjects(s, found, max, count))
+            },
+        )?;
         let member = member.ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
         // SAFETY: the member wrote `*count` handles into `found`.
         let handles = unsafe { std::slice::from_raw_parts_mut(found, (*count).min(max) as usize) };
-        for h in handles {
-            *h = self.group.objects.from_member(member, *h);
+        let mut kept = 0;
+        for i in 0..handles.len() {
+            if self.group.domain.is_domain_key(member, handles[i]) {
+                continue;
+            }
+            handles[kept] = self.group.objects.from_member(member, handles[i]);
+            kept += 1;
         }
+        // SAFETY: as above.
+        unsafe { *count = kept as CK_ULONG };
         Ok(())
     }
 
-    /// Runs a call that makes new objects on one member, where the keys it
-    /// needs exist, and gives the application virtual handles for them.
+    /// Runs a call that makes new objects on one member (the primary while
+    /// it is up) where the keys it needs exist, replicates them to every
+    /// other member, and returns their virtual handles. If the member dies
+    /// before its objects are safe elsewhere, the call runs again on
+    /// another member and the orphans are removed when it returns.
     ///
     /// # Safety
     /// `mechanism` must be a valid mechanism.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn make_on_one(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         keys: &[CK_OBJECT_HANDLE],
         owners: &[Option<bool>],
-        make: impl FnOnce(
+        function: &str,
+        mut make: impl FnMut(
             &MemberLibrary,
             CK_SESSION_HANDLE,
             CK_MECHANISM_PTR,
@@ -287,32 +498,69 @@ impl VirtualSession {
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
         // SAFETY: forwarded from the caller.
-        let parameter_keys = unsafe { mechanism::parameter_handles(mechanism)? };
+        let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
-        let (position, s, handles) = self.choose(&all_keys, Preference::Primary)?;
-        let (direct, in_parameter) = handles.split_at(keys.len());
-        // SAFETY: forwarded from the caller.
-        let mut member_mechanism = unsafe { mechanism::for_member(mechanism, in_parameter)? };
-        let mut made = vec![0; owners.len()];
-        let guard = self.group.members[position].begin_call();
-        let rv = make(
-            &s.library,
-            s.handle,
-            member_mechanism.as_ptr(),
-            direct,
-            &mut made,
-        );
-        drop(guard);
-        check(rv)?;
-        Ok(made
-            .into_iter()
-            .zip(owners)
-            .map(|(h, token)| {
-                let mut on = vec![Presence::Unknown; self.group.members.len()];
-                on[position] = Presence::Present(h);
-                self.group.objects.insert(on, owner_for(*token, session))
-            })
-            .collect())
+        loop {
+            let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
+            let (direct, in_parameter) = handles.split_at(keys.len());
+            // SAFETY: forwarded from the caller.
+            let mut member_mechanism =
+                unsafe { crate::mechanism::for_member(mechanism, in_parameter)? };
+            let mut made = vec![CK_INVALID_HANDLE; owners.len()];
+            let answer = self.attempt(position, function, &mut |l, s| {
+                make(l, s, member_mechanism.as_ptr(), direct, &mut made)
+            });
+            match answer {
+                Attempt::Faulted => continue,
+                Attempt::Answered(rv) => check(rv)?,
+            }
+            let objects: Vec<CK_OBJECT_HANDLE> = made
+                .iter()
+                .zip(owners)
+                .map(|(h, token)| {
+                    let mut on = vec![Presence::Unknown; self.group.members.len()];
+                    on[position] = Presence::Present(*h);
+                    self.group.objects.insert(on, owner_for(*token, session))
+                })
+                .collect();
+            if self.group.members.len() == 1 {
+                return Ok(objects);
+            }
+            let prints: Vec<_> = made
+                .iter()
+                .filter_map(|h| self.fingerprint_from((position, *h)))
+                .collect();
+            let mut failure = None;
+            for object in &objects {
+                if let Err(e) = self.replicate(*object, position) {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            let Some(error) = failure else {
+                return Ok(objects);
+            };
+            for object in &objects {
+                if let Some(entry) = self.group.objects.remove(*object) {
+                    let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry
+                        .on
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(m, p)| match p {
+                            Presence::Present(h) => Some((m, *h)),
+                            _ => None,
+                        })
+                        .collect();
+                    self.undo(&copies);
+                }
+            }
+            if self.group.members[position].is_up() {
+                return Err(error);
+            }
+            for print in prints {
+                self.group.add_pending(position, Pending::Destroy(print));
+            }
+        }
     }
 }
 
@@ -342,5 +590,24 @@ mod tests {
             assert_eq!(template_bool(template.as_ptr(), 2, CKA_PRIVATE), None);
             assert_eq!(template_bool(std::ptr::null(), 0, CKA_TOKEN), None);
         }
+    }
+
+    #[test]
+    fn non_extractable_becomes_wrap_with_trusted() {
+        let mut no: CK_BBOOL = CK_FALSE;
+        let mut template = [CK_ATTRIBUTE {
+            type_: CKA_EXTRACTABLE,
+            pValue: &mut no as *mut _ as *mut _,
+            ulValueLen: 1,
+        }];
+        // SAFETY: the template is a live local array.
+        unsafe {
+            let mut member = MemberTemplate::for_change(template.as_mut_ptr(), 1);
+            assert_eq!(member.count(), 2);
+            let p = member.ptr();
+            assert_eq!(template_bool(p, 2, CKA_EXTRACTABLE), Some(true));
+            assert_eq!(template_bool(p, 2, CKA_WRAP_WITH_TRUSTED), Some(true));
+        }
+        assert_eq!(no, CK_FALSE, "the application's template is untouched");
     }
 }

@@ -2,10 +2,11 @@
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
 use super::{buffer, cryptoki_fn, required, session};
-use crate::error::{check, Error};
+use crate::error::check;
 use crate::member::member_call;
-use crate::session::{OpKind, Step, Target};
-use crate::virtual_objects::template_bool;
+use crate::session::Target;
+use crate::virtual_objects::{template_bool, MemberTemplate};
+use crate::virtual_session::{Input, OpKind, Step};
 use cryptoki_sys::*;
 
 /// `*Init` functions that take a mechanism and a key.
@@ -17,8 +18,8 @@ macro_rules! keyed_init {
                 let (_, s) = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, mechanism, key))),
-                    Target::Virtual(v) => v.init(OpKind::$kind, &[key], |l, m, h| {
-                        member_call!(l, $name(m, mechanism, h[0]))
+                    Target::Virtual(v) => v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), |l, m, k| {
+                        member_call!(l, $name(m, mechanism, k))
                     }),
                 }
             }
@@ -50,7 +51,7 @@ macro_rules! in_out {
                     Target::PassThrough(p) => {
                         check(member_call!(p.library, $name(p.handle, input, input_len, output, output_len)))
                     }
-                    Target::Virtual(v) => v.step(OpKind::$kind, step, |l, m| {
+                    Target::Virtual(v) => v.step(OpKind::$kind, step, Input::None, stringify!($name), |l, m| {
                         member_call!(l, $name(m, input, input_len, output, output_len))
                     }),
                 }
@@ -68,9 +69,12 @@ macro_rules! input_update {
                 let (_, s) = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, input, input_len))),
-                    Target::Virtual(v) => v.step(OpKind::$kind, Step::Update, |l, m| {
-                        member_call!(l, $name(m, input, input_len))
-                    }),
+                    Target::Virtual(v) => {
+                        let data = if input.is_null() { &[][..] } else { std::slice::from_raw_parts(input, input_len as usize) };
+                        v.step(OpKind::$kind, Step::Update, Input::Data(data), stringify!($name), |l, m| {
+                            member_call!(l, $name(m, input, input_len))
+                        })
+                    }
                 }
             }
         }
@@ -87,7 +91,9 @@ macro_rules! output_final {
                 let step = Step::Finish { length_query: output.is_null() };
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, output, output_len))),
-                    Target::Virtual(v) => v.step(OpKind::$kind, step, |l, m| member_call!(l, $name(m, output, output_len))),
+                    Target::Virtual(v) => v.step(OpKind::$kind, step, Input::None, stringify!($name), |l, m| {
+                        member_call!(l, $name(m, output, output_len))
+                    }),
                 }
             }
         }
@@ -133,7 +139,9 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
-            Target::Virtual(v) => v.init(OpKind::Digest, &[], |l, m, _| member_call!(l, C_DigestInit(m, mechanism))),
+            Target::Virtual(v) => v.init(OpKind::Digest, mechanism, None, "C_DigestInit", |l, m, _| {
+                member_call!(l, C_DigestInit(m, mechanism))
+            }),
         }
     }
 
@@ -141,11 +149,7 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestKey(p.handle, key))),
-            Target::Virtual(v) => {
-                let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
-                let member_key = v.resolve(key, position)?.ok_or(Error::new(CKR_KEY_HANDLE_INVALID))?;
-                v.step(OpKind::Digest, Step::Update, |l, m| member_call!(l, C_DigestKey(m, member_key)))
-            }
+            Target::Virtual(v) => v.digest_key(key),
         }
     }
 
@@ -163,7 +167,7 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_Verify(p.handle, data, data_len, signature, signature_len)))
             }
-            Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, |l, m| {
+            Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, Input::None, "C_Verify", |l, m| {
                 member_call!(l, C_Verify(m, data, data_len, signature, signature_len))
             }),
         }
@@ -174,7 +178,7 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_VerifyFinal(p.handle, signature, signature_len))),
-            Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, |l, m| {
+            Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, Input::None, "C_VerifyFinal", |l, m| {
                 member_call!(l, C_VerifyFinal(m, signature, signature_len))
             }),
         }
@@ -197,8 +201,10 @@ cryptoki_fn! {
             }
             Target::Virtual(v) => {
                 let token = template_bool(template, count, CKA_TOKEN);
-                let made = v.make_on_one(handle, &*mechanism, &[], &[token], |l, m, mech, _, out| {
-                    member_call!(l, C_GenerateKey(m, mech, template, count, &mut out[0]))
+                let mut member_template = MemberTemplate::for_new_key(template, count);
+                let (t, n) = (member_template.ptr(), member_template.count());
+                let made = v.make_on_one(handle, &*mechanism, &[], &[token], "C_GenerateKey", |l, m, mech, _, out| {
+                    member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
                 })?;
                 *key = made[0];
                 Ok(())
@@ -235,14 +241,13 @@ cryptoki_fn! {
                     template_bool(public_template, public_count, CKA_TOKEN),
                     template_bool(private_template, private_count, CKA_TOKEN),
                 ];
-                let made = v.make_on_one(handle, &*mechanism, &[], &owners, |l, m, mech, _, out| {
+                let mut member_private = MemberTemplate::for_new_key(private_template, private_count);
+                let (t, n) = (member_private.ptr(), member_private.count());
+                let made = v.make_on_one(handle, &*mechanism, &[], &owners, "C_GenerateKeyPair", |l, m, mech, _, out| {
                     let (public, private) = out.split_at_mut(1);
                     member_call!(
                         l,
-                        C_GenerateKeyPair(
-                            m, mech, public_template, public_count, private_template, private_count,
-                            &mut public[0], &mut private[0]
-                        )
+                        C_GenerateKeyPair(m, mech, public_template, public_count, t, n, &mut public[0], &mut private[0])
                     )
                 })?;
                 *public_key = made[0];
@@ -268,9 +273,12 @@ cryptoki_fn! {
                 p.library,
                 C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
             )),
-            Target::Virtual(v) => v.stateless(&[wrapping_key, key], |l, m, h| {
-                member_call!(l, C_WrapKey(m, mechanism, h[0], h[1], wrapped, wrapped_len))
-            }),
+            Target::Virtual(v) => {
+                v.refuse_if_protected(key)?;
+                v.stateless(&[wrapping_key, key], "C_WrapKey", |l, m, h| {
+                    member_call!(l, C_WrapKey(m, mechanism, h[0], h[1], wrapped, wrapped_len))
+                })
+            }
         }
     }
 
@@ -296,8 +304,10 @@ cryptoki_fn! {
             )),
             Target::Virtual(v) => {
                 let token = template_bool(template, count, CKA_TOKEN);
-                let made = v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], |l, m, mech, h, out| {
-                    member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, template, count, &mut out[0]))
+                let mut member_template = MemberTemplate::for_new_key(template, count);
+                let (t, n) = (member_template.ptr(), member_template.count());
+                let made = v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], "C_UnwrapKey", |l, m, mech, h, out| {
+                    member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
                 })?;
                 *key = made[0];
                 Ok(())
@@ -329,9 +339,11 @@ cryptoki_fn! {
                 } else {
                     vec![template_bool(template, count, CKA_TOKEN)]
                 };
-                let made = v.make_on_one(handle, &*mechanism, &[base_key], &owners, |l, m, mech, h, out| {
+                let mut member_template = MemberTemplate::for_new_key(template, count);
+                let (t, n) = (member_template.ptr(), member_template.count());
+                let made = v.make_on_one(handle, &*mechanism, &[base_key], &owners, "C_DeriveKey", |l, m, mech, h, out| {
                     let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
-                    member_call!(l, C_DeriveKey(m, mech, h[0], template, count, out_ptr))
+                    member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
                 })?;
                 if let Some(made) = made.first() {
                     *key = *made;
@@ -346,7 +358,7 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_SeedRandom(p.handle, seed, seed_len))),
-            Target::Virtual(v) => v.stateless(&[], |l, m, _| member_call!(l, C_SeedRandom(m, seed, seed_len))),
+            Target::Virtual(v) => v.stateless(&[], "C_SeedRandom", |l, m, _| member_call!(l, C_SeedRandom(m, seed, seed_len))),
         }
     }
 
@@ -355,7 +367,9 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_GenerateRandom(p.handle, random, random_len))),
-            Target::Virtual(v) => v.stateless(&[], |l, m, _| member_call!(l, C_GenerateRandom(m, random, random_len))),
+            Target::Virtual(v) => v.stateless(&[], "C_GenerateRandom", |l, m, _| {
+                member_call!(l, C_GenerateRandom(m, random, random_len))
+            }),
         }
     }
 }

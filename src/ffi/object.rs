@@ -3,7 +3,8 @@
 use super::{buffer, cryptoki_fn, required, session};
 use crate::error::check;
 use crate::member::member_call;
-use crate::session::{OpKind, Step, Target};
+use crate::session::Target;
+use crate::virtual_session::{Input, OpKind, Step};
 use cryptoki_sys::*;
 
 cryptoki_fn! {
@@ -59,7 +60,9 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_GetObjectSize(p.handle, object, size))),
-            Target::Virtual(v) => v.stateless(&[object], |l, m, h| member_call!(l, C_GetObjectSize(m, h[0], size))),
+            Target::Virtual(v) => v.stateless(&[object], "C_GetObjectSize", |l, m, h| {
+                member_call!(l, C_GetObjectSize(m, h[0], size))
+            }),
         }
     }
 
@@ -75,9 +78,7 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
             }
-            Target::Virtual(v) => v.stateless(&[object], |l, m, h| {
-                member_call!(l, C_GetAttributeValue(m, h[0], template, count))
-            }),
+            Target::Virtual(v) => v.get_attribute_value(object, template, count),
         }
     }
 
@@ -125,9 +126,13 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsFinal(p.handle))),
-            Target::Virtual(v) => v.step(OpKind::Find, Step::Finish { length_query: false }, |l, m| {
-                member_call!(l, C_FindObjectsFinal(m))
-            }),
+            Target::Virtual(v) => v.step(
+                OpKind::Find,
+                Step::Finish { length_query: false },
+                Input::None,
+                "C_FindObjectsFinal",
+                |l, m| member_call!(l, C_FindObjectsFinal(m)),
+            ),
         }
     }
 }

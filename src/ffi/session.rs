@@ -70,7 +70,7 @@ cryptoki_fn! {
         let (_, s) = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_InitPIN(p.handle, pin_ptr, pin_len))),
-            Target::Virtual(v) => v.first_decides(|l, m| member_call!(l, C_InitPIN(m, pin_ptr, pin_len))),
+            Target::Virtual(v) => v.first_decides("C_InitPIN", |l, m| member_call!(l, C_InitPIN(m, pin_ptr, pin_len))),
         }
     }
 
@@ -87,7 +87,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_SetPIN(p.handle, old, old_len, new, new_len))),
             Target::Virtual(v) => {
-                v.first_decides(|l, m| member_call!(l, C_SetPIN(m, old, old_len, new, new_len)))?;
+                v.first_decides("C_SetPIN", |l, m| member_call!(l, C_SetPIN(m, old, old_len, new, new_len)))?;
                 if let (Some(login), Some(new_pin)) = (v.group.login.lock().as_mut(), pin(new, new_len)) {
                     if login.user_type == CKU_USER || login.user_type == CKU_SO {
                         login.pin = Some(Zeroizing::new(new_pin.to_vec()));

@@ -21,6 +21,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
@@ -348,6 +349,53 @@ pub fn load_ha() -> Pkcs11 {
     Pkcs11::new(&path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()))
 }
 
+/// Label of the domain key the fixtures provision (the library's default).
+pub const DOMAIN_LABEL: &str = "pkcs11-ha-domain";
+
+/// The domain secret the fixtures provision: the same AES-256 value on
+/// every member, so key material wrapped on one unwraps on another.
+pub const DOMAIN_VALUE: [u8; 32] = [0x42; 32];
+
+/// Provisions the group's domain key on every token of `hsm`, as the
+/// management CLI does: a trusted AES-256 key that only wraps and unwraps,
+/// created by the token's SO. Call before the HA library is initialised
+/// (SoftHSM is initialised directly here, then finalised).
+pub fn provision_domain(hsm: &SoftHsm, value: &[u8; 32]) {
+    hsm.activate();
+    let softhsm = load_softhsm();
+    initialize(&softhsm).expect("C_Initialize of SoftHSM");
+    let slots = softhsm.get_slots_with_token().expect("slots");
+    let initialized = slots.into_iter().filter(|s| {
+        softhsm
+            .get_token_info(*s)
+            .is_ok_and(|info| info.token_initialized())
+    });
+    for slot in initialized {
+        let session = softhsm.open_rw_session(slot).expect("C_OpenSession");
+        session
+            .login(UserType::So, Some(&AuthPin::new(SO_PIN.into())))
+            .expect("SO login");
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Label(DOMAIN_LABEL.into()),
+                Attribute::Value(value.to_vec()),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Trusted(true),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+            ])
+            .expect("create the domain key");
+    }
+    softhsm.finalize().expect("C_Finalize of SoftHSM");
+}
+
 /// Load SoftHSM directly (not initialised). Do not initialise it while the
 /// HA library is initialised in this process: both share one SoftHSM
 /// instance (same dlopen handle).
@@ -420,6 +468,7 @@ impl Fixture {
         let labels: Vec<String> = (0..n_members).map(|i| format!("member{i}")).collect();
         let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         let hsm = SoftHsm::new(&labels);
+        provision_domain(&hsm, &DOMAIN_VALUE);
         let config = write_config(
             hsm.dir.path(),
             &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],

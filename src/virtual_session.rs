@@ -1,0 +1,731 @@
+//! A session on a virtual slot: one member session per member, the member
+//! each active operation is bound to, and failover. Every member call goes
+//! through [`VirtualSession::attempt`], which tells a member fault (take the
+//! member out, carry on elsewhere) from a request error (the application's
+//! answer; the member stays healthy).
+
+use crate::error::{check, Error, Result};
+use crate::group::{is_member_fault, Group};
+use crate::identity;
+use crate::mechanism::{self, SavedMechanism};
+use crate::member::member_call;
+use crate::member::MemberLibrary;
+use crate::object::Presence;
+use crate::session::{open_member_session, MemberSession};
+use cryptoki_sys::*;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// The kinds of operation a session can have active at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Encrypt = 0,
+    Decrypt,
+    Digest,
+    Sign,
+    Verify,
+    SignRecover,
+    VerifyRecover,
+    Find,
+}
+const OP_KINDS: usize = 8;
+const ALL_KINDS: [OpKind; OP_KINDS] = [
+    OpKind::Encrypt,
+    OpKind::Decrypt,
+    OpKind::Digest,
+    OpKind::Sign,
+    OpKind::Verify,
+    OpKind::SignRecover,
+    OpKind::VerifyRecover,
+    OpKind::Find,
+];
+
+impl OpKind {
+    /// Whether updates of this kind can be replayed exactly on another
+    /// member: digests and signatures yes; cipher streams have already
+    /// handed output to the application, so no.
+    fn replays_updates(self) -> bool {
+        matches!(self, OpKind::Digest | OpKind::Sign | OpKind::Verify)
+    }
+}
+
+/// Which serving member a call would rather run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preference {
+    /// Spread load: crypto goes to the least busy member.
+    LeastBusy,
+    /// Searches and object-making calls go to the primary while it is up,
+    /// where objects made on one member live first.
+    Primary,
+}
+
+/// Where a call stands in its operation, to know when the member ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// An update: an error other than `CKR_BUFFER_TOO_SMALL` ends the
+    /// operation.
+    Update,
+    /// A final or single-part call: it ends the operation unless it was a
+    /// length query or answered `CKR_BUFFER_TOO_SMALL`.
+    Finish { length_query: bool },
+}
+
+impl Step {
+    fn ends_operation(self, rv: CK_RV) -> bool {
+        match self {
+            Step::Update => rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL,
+            Step::Finish { length_query } => {
+                rv != CKR_BUFFER_TOO_SMALL && !(rv == CKR_OK && length_query)
+            }
+        }
+    }
+}
+
+/// What an update fed into its operation, kept to replay it elsewhere.
+pub enum Input<'a> {
+    None,
+    Data(&'a [u8]),
+    /// `C_DigestKey`'s key, as a virtual handle.
+    Key(CK_OBJECT_HANDLE),
+}
+
+enum Replay {
+    Data(Vec<u8>),
+    Key(CK_OBJECT_HANDLE),
+}
+
+/// An active operation and what it takes to start it again elsewhere.
+struct ActiveOp {
+    /// `None` where the mechanism's parameter could not be copied.
+    mechanism: Option<SavedMechanism>,
+    key: Option<CK_OBJECT_HANDLE>,
+    replay: Vec<Replay>,
+    replay_bytes: usize,
+    /// False once the operation's history can no longer be replayed.
+    movable: bool,
+    /// Its member failed and it could not be moved: the next call on it
+    /// says `CKR_DEVICE_ERROR` and ends it, leaving the session usable.
+    lost: bool,
+}
+
+/// All operations of a session run on one member, so the dual functions
+/// find both halves together.
+#[derive(Default)]
+struct Bindings {
+    ops: [Option<ActiveOp>; OP_KINDS],
+    member: Option<usize>,
+    /// Set by `C_SetOperationState`: that member's state was restored, and
+    /// only that member can continue it.
+    restored: bool,
+}
+
+impl Bindings {
+    fn any_active(&self) -> bool {
+        self.restored || self.ops.iter().any(Option::is_some)
+    }
+}
+
+/// How a member answered a call.
+pub(crate) enum Attempt {
+    /// An answer for the application, success or request error.
+    Answered(CK_RV),
+    /// The member is at fault and has been taken out of service.
+    Faulted,
+}
+
+pub struct VirtualSession {
+    pub group: Arc<Group>,
+    flags: CK_FLAGS,
+    members: Mutex<Vec<Option<MemberSession>>>,
+    bindings: Mutex<Bindings>,
+}
+
+/// Starts an operation of `kind` on a member.
+fn member_init(
+    kind: OpKind,
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_PTR,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    match kind {
+        OpKind::Encrypt => member_call!(library, C_EncryptInit(session, mechanism, key)),
+        OpKind::Decrypt => member_call!(library, C_DecryptInit(session, mechanism, key)),
+        OpKind::Digest => member_call!(library, C_DigestInit(session, mechanism)),
+        OpKind::Sign => member_call!(library, C_SignInit(session, mechanism, key)),
+        OpKind::Verify => member_call!(library, C_VerifyInit(session, mechanism, key)),
+        OpKind::SignRecover => member_call!(library, C_SignRecoverInit(session, mechanism, key)),
+        OpKind::VerifyRecover => {
+            member_call!(library, C_VerifyRecoverInit(session, mechanism, key))
+        }
+        // A search is never moved: its template is not kept.
+        OpKind::Find => CKR_OPERATION_NOT_INITIALIZED,
+    }
+}
+
+/// Feeds one buffered update to a member.
+fn member_update(
+    kind: OpKind,
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    data: &[u8],
+) -> CK_RV {
+    let (ptr, len) = (data.as_ptr() as *mut u8, data.len() as CK_ULONG);
+    match kind {
+        OpKind::Digest => member_call!(library, C_DigestUpdate(session, ptr, len)),
+        OpKind::Sign => member_call!(library, C_SignUpdate(session, ptr, len)),
+        OpKind::Verify => member_call!(library, C_VerifyUpdate(session, ptr, len)),
+        _ => CKR_OPERATION_NOT_INITIALIZED,
+    }
+}
+
+impl VirtualSession {
+    /// Opens a member session on every member that is up. Fails only when
+    /// no member could open one.
+    pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
+        let session = VirtualSession {
+            members: Mutex::new(vec![None; group.members.len()]),
+            group,
+            flags,
+            bindings: Mutex::new(Bindings::default()),
+        };
+        let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
+        let mut opened = 0;
+        for position in 0..session.group.members.len() {
+            if !session.group.members[position].is_up() {
+                continue;
+            }
+            match session.member_session(position) {
+                Ok(_) => opened += 1,
+                Err(e) => {
+                    if is_member_fault(e.rv) {
+                        session.group.member_failed(position, "C_OpenSession", e.rv);
+                    }
+                    last_error = e;
+                }
+            }
+        }
+        if opened == 0 {
+            return Err(last_error);
+        }
+        Ok(session)
+    }
+
+    /// Closes every member session.
+    pub fn close(&self) {
+        let members = std::mem::take(&mut *self.members.lock());
+        for s in members.into_iter().flatten() {
+            if self.group.members.iter().any(|m| m.epoch() == s.epoch) {
+                member_call!(s.library, C_CloseSession(s.handle));
+            }
+        }
+    }
+
+    /// The session on member `position` in its current epoch, opened now if
+    /// the member came up (or came back) after this session was opened.
+    pub fn member_session(&self, position: usize) -> Result<MemberSession> {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        if let Some(s) = self.members.lock()[position].clone() {
+            if s.epoch == epoch {
+                return Ok(s);
+            }
+        }
+        let location = member
+            .location()
+            .filter(|_| member.is_up())
+            .ok_or(Error::new(CKR_DEVICE_ERROR))?;
+        let opened = open_member_session(&location.library, location.slot, self.flags, epoch)?;
+        let mut members = self.members.lock();
+        match members[position].clone() {
+            Some(raced) if raced.epoch == epoch => {
+                member_call!(opened.library, C_CloseSession(opened.handle));
+                Ok(raced)
+            }
+            _ => {
+                members[position] = Some(opened.clone());
+                Ok(opened)
+            }
+        }
+    }
+
+    /// Member sessions of every member that is up, opening any missing.
+    pub fn up_member_sessions(&self) -> Vec<(usize, MemberSession)> {
+        self.group
+            .up_members()
+            .filter_map(|m| {
+                self.member_session(m.position)
+                    .ok()
+                    .map(|s| (m.position, s))
+            })
+            .collect()
+    }
+
+    /// Runs `call` on member `position`: logs the member in again if it
+    /// lost its login, and takes it out of service if it faults.
+    pub(crate) fn attempt(
+        &self,
+        position: usize,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        let member = &self.group.members[position];
+        let session = match self.member_session(position) {
+            Ok(s) => s,
+            Err(e) if is_member_fault(e.rv) => {
+                self.group.member_failed(position, "C_OpenSession", e.rv);
+                return Attempt::Faulted;
+            }
+            Err(e) => return Attempt::Answered(e.rv),
+        };
+        let guard = member.begin_call();
+        let mut rv = call(&session.library, session.handle);
+        if rv == CKR_USER_NOT_LOGGED_IN && self.log_in_again(&session) {
+            rv = call(&session.library, session.handle);
+        }
+        drop(guard);
+        if is_member_fault(rv) {
+            self.group.member_failed(position, function, rv);
+            Attempt::Faulted
+        } else {
+            Attempt::Answered(rv)
+        }
+    }
+
+    /// Logs a member that restarted in again with the cached credential.
+    fn log_in_again(&self, session: &MemberSession) -> bool {
+        let Some((user_type, pin)) = self.group.cached_login() else {
+            return false;
+        };
+        let (ptr, len) = match &pin {
+            Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
+            None => (std::ptr::null_mut(), 0),
+        };
+        let rv = member_call!(
+            session.library,
+            C_Login(session.handle, user_type, ptr, len)
+        );
+        rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
+    }
+
+    /// The member handle of virtual object `object` on member `position`,
+    /// found by fingerprint the first time it is asked for.
+    pub fn resolve(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        position: usize,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
+        let objects = &self.group.objects;
+        match objects.presence(object, position) {
+            None => Err(Error::new(CKR_OBJECT_HANDLE_INVALID)),
+            Some(Presence::Present(h)) => Ok(Some(h)),
+            Some(Presence::Absent) => Ok(None),
+            Some(Presence::Unknown) => {
+                let entry = objects
+                    .get(object)
+                    .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
+                let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
+                    Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
+                    _ => None,
+                });
+                for (source, source_handle) in sources {
+                    let (Ok(from), Ok(to)) =
+                        (self.member_session(source), self.member_session(position))
+                    else {
+                        continue;
+                    };
+                    let print = identity::fingerprint(&from.library, from.handle, source_handle);
+                    let Ok(found) = identity::find(&to.library, to.handle, &print) else {
+                        continue;
+                    };
+                    let presence = match found.as_slice() {
+                        [one] => Presence::Present(*one),
+                        _ => Presence::Absent,
+                    };
+                    objects.set_presence(object, position, presence);
+                    return Ok(match presence {
+                        Presence::Present(h) => Some(h),
+                        _ => None,
+                    });
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Chooses the member for a new operation or a stateless call: the
+    /// member already bound to this session's operations, else a serving
+    /// member on which every key in `keys` exists, in order of
+    /// `preference`. Returns the member and the member handles of `keys`.
+    pub fn choose(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        preference: Preference,
+    ) -> Result<(usize, Vec<CK_OBJECT_HANDLE>)> {
+        let candidates = match self.bound_member() {
+            Some(m) if self.group.members[m].is_up() => vec![m],
+            Some(m) => {
+                self.move_operations(m);
+                match self.bound_member() {
+                    Some(moved) => vec![moved],
+                    None => self.candidates(preference),
+                }
+            }
+            None => self.candidates(preference),
+        };
+        if candidates.is_empty() {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        'members: for position in candidates {
+            let mut handles = Vec::with_capacity(keys.len());
+            for key in keys {
+                match self.resolve(*key, position)? {
+                    Some(h) => handles.push(h),
+                    None => continue 'members,
+                }
+            }
+            return Ok((position, handles));
+        }
+        Err(Error::new(CKR_KEY_HANDLE_INVALID))
+    }
+
+    fn candidates(&self, preference: Preference) -> Vec<usize> {
+        match preference {
+            Preference::LeastBusy => self.group.by_preference(),
+            Preference::Primary => self.group.by_position(),
+        }
+    }
+
+    /// Starts an operation of `kind` with the application's `mechanism`
+    /// and `key`, on the chosen member, failing over until one answers.
+    /// `call` receives the member's key handle (0 without a key).
+    ///
+    /// # Safety
+    /// `mechanism` must be null or a valid mechanism, as in an `*Init` call.
+    pub unsafe fn init(
+        &self,
+        kind: OpKind,
+        mechanism: CK_MECHANISM_PTR,
+        key: Option<CK_OBJECT_HANDLE>,
+        function: &str,
+        mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        let preference = if kind == OpKind::Find {
+            Preference::Primary
+        } else {
+            Preference::LeastBusy
+        };
+        let keys: Vec<CK_OBJECT_HANDLE> = key.into_iter().collect();
+        loop {
+            let (position, handles) = self.choose(&keys, preference)?;
+            let member_key = handles.first().copied().unwrap_or(CK_INVALID_HANDLE);
+            let answer = self.attempt(position, function, &mut |l, s| call(l, s, member_key));
+            let Attempt::Answered(rv) = answer else {
+                continue;
+            };
+            let mut b = self.bindings.lock();
+            if rv == CKR_OK {
+                // SAFETY: the application's mechanism is valid during its call.
+                let saved = (!mechanism.is_null())
+                    .then(|| unsafe { mechanism::save(&*mechanism) })
+                    .flatten();
+                let movable = saved.is_some() || mechanism.is_null();
+                b.ops[kind as usize] = Some(ActiveOp {
+                    mechanism: saved,
+                    key,
+                    replay: Vec::new(),
+                    replay_bytes: 0,
+                    movable: movable && kind != OpKind::Find,
+                    lost: false,
+                });
+                b.member = Some(position);
+            } else if rv != CKR_OPERATION_ACTIVE {
+                b.ops[kind as usize] = None;
+            }
+            return check(rv);
+        }
+    }
+
+    /// The member an operation of `kind` runs on.
+    fn bound_for(&self, kind: OpKind) -> Result<usize> {
+        let mut b = self.bindings.lock();
+        let member = b.member;
+        match (&b.ops[kind as usize], member) {
+            (Some(op), _) if op.lost => {
+                b.ops[kind as usize] = None;
+                Err(Error::new(CKR_DEVICE_ERROR))
+            }
+            (Some(_), Some(m)) => Ok(m),
+            (None, Some(m)) if b.restored => Ok(m),
+            _ => Err(Error::new(CKR_OPERATION_NOT_INITIALIZED)),
+        }
+    }
+
+    /// Continues the active operation of `kind` on its member; when the
+    /// member faults, moves the operation and tries again.
+    pub fn step(
+        &self,
+        kind: OpKind,
+        step: Step,
+        input: Input<'_>,
+        function: &str,
+        mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        loop {
+            let position = self.bound_for(kind)?;
+            match self.attempt(position, function, &mut call) {
+                Attempt::Answered(rv) => {
+                    self.record(kind, step, &input, rv);
+                    return check(rv);
+                }
+                Attempt::Faulted => self.move_operations(position),
+            }
+        }
+    }
+
+    /// `C_DigestKey`: like an update, with the key looked up on whichever
+    /// member the digest runs on.
+    pub fn digest_key(&self, key: CK_OBJECT_HANDLE) -> Result<()> {
+        loop {
+            let position = self.bound_for(OpKind::Digest)?;
+            let Some(member_key) = self.resolve(key, position)? else {
+                return Err(Error::new(CKR_KEY_HANDLE_INVALID));
+            };
+            let mut call = |l: &MemberLibrary, s| member_call!(l, C_DigestKey(s, member_key));
+            match self.attempt(position, "C_DigestKey", &mut call) {
+                Attempt::Answered(rv) => {
+                    self.record(OpKind::Digest, Step::Update, &Input::Key(key), rv);
+                    return check(rv);
+                }
+                Attempt::Faulted => self.move_operations(position),
+            }
+        }
+    }
+
+    /// Keeps what a step fed in, or forgets the operation it ended.
+    fn record(&self, kind: OpKind, step: Step, input: &Input<'_>, rv: CK_RV) {
+        let mut b = self.bindings.lock();
+        if step.ends_operation(rv) {
+            b.ops[kind as usize] = None;
+            b.restored = false;
+            return;
+        }
+        if rv != CKR_OK || step != Step::Update {
+            return;
+        }
+        let limit = self.group.settings.replay_limit;
+        let Some(op) = b.ops[kind as usize].as_mut() else {
+            return;
+        };
+        if !kind.replays_updates() || !op.movable {
+            op.movable = false;
+            return;
+        }
+        let item = match input {
+            Input::None => return,
+            Input::Data(data) => Replay::Data(data.to_vec()),
+            Input::Key(key) => Replay::Key(*key),
+        };
+        let size = match &item {
+            Replay::Data(d) => d.len(),
+            Replay::Key(_) => 0,
+        };
+        if op.replay_bytes + size > limit {
+            op.movable = false;
+            op.replay = Vec::new();
+        } else {
+            op.replay_bytes += size;
+            op.replay.push(item);
+        }
+    }
+
+    /// Moves every operation bound to the failed member `from` to another
+    /// member: starts each again with its saved mechanism and key and
+    /// replays its buffered updates. What cannot be moved is marked lost.
+    fn move_operations(&self, from: usize) {
+        let mut ops = {
+            let mut b = self.bindings.lock();
+            if b.member != Some(from) {
+                return;
+            }
+            let restored = std::mem::take(&mut b.restored);
+            let mut ops = std::mem::take(&mut b.ops);
+            if restored {
+                for op in ops.iter_mut().flatten() {
+                    op.movable = false;
+                }
+            }
+            b.member = None;
+            ops
+        };
+        let keys: Vec<CK_OBJECT_HANDLE> = ops
+            .iter()
+            .flatten()
+            .filter(|op| op.movable)
+            .flat_map(|op| {
+                op.key
+                    .into_iter()
+                    .chain(op.replay.iter().filter_map(replay_key))
+            })
+            .collect();
+        let mut moved_to = None;
+        'members: for position in self.group.by_preference() {
+            let Ok(handles) = keys
+                .iter()
+                .map(|k| {
+                    self.resolve(*k, position)?
+                        .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
+                })
+                .collect::<Result<Vec<_>>>()
+            else {
+                continue;
+            };
+            let member_key = |virtual_key: CK_OBJECT_HANDLE| {
+                keys.iter()
+                    .position(|k| *k == virtual_key)
+                    .map_or(CK_INVALID_HANDLE, |i| handles[i])
+            };
+            for kind in ALL_KINDS {
+                let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
+                    continue;
+                };
+                match self.restart(position, kind, op, &member_key) {
+                    Attempt::Faulted => continue 'members,
+                    Attempt::Answered(CKR_OK) => {}
+                    Attempt::Answered(_) => op.movable = false,
+                }
+            }
+            moved_to = Some(position);
+            break;
+        }
+        for op in ops.iter_mut().flatten() {
+            if !op.movable || moved_to.is_none() {
+                op.lost = true;
+            }
+        }
+        let mut b = self.bindings.lock();
+        b.ops = ops;
+        b.member = moved_to.or(Some(from));
+    }
+
+    /// Starts one operation again on `position` and replays its updates.
+    fn restart(
+        &self,
+        position: usize,
+        kind: OpKind,
+        op: &mut ActiveOp,
+        member_key: &dyn Fn(CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE,
+    ) -> Attempt {
+        let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
+        let mechanism = op
+            .mechanism
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |m| m.as_ptr());
+        let function = "operation failover";
+        let init = self.attempt(position, function, &mut |l, s| {
+            member_init(kind, l, s, mechanism, key)
+        });
+        if !matches!(init, Attempt::Answered(CKR_OK)) {
+            return init;
+        }
+        for item in &op.replay {
+            let answer = self.attempt(position, function, &mut |l, s| match item {
+                Replay::Data(data) => member_update(kind, l, s, data),
+                Replay::Key(key) => member_call!(l, C_DigestKey(s, member_key(*key))),
+            });
+            if !matches!(answer, Attempt::Answered(CKR_OK)) {
+                return answer;
+            }
+        }
+        Attempt::Answered(CKR_OK)
+    }
+
+    /// Runs a call that needs no operation (random numbers, attribute
+    /// reads) on the chosen member, failing over until one answers.
+    pub fn stateless(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        function: &str,
+        mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
+    ) -> Result<()> {
+        self.stateless_on(keys, Preference::LeastBusy, function, &mut call)
+            .map(|_| ())
+    }
+
+    /// As [`Self::stateless`], with a preference; returns the member that
+    /// answered.
+    pub fn stateless_on(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        preference: Preference,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
+    ) -> Result<usize> {
+        loop {
+            let (position, handles) = self.choose(keys, preference)?;
+            if let Attempt::Answered(rv) =
+                self.attempt(position, function, &mut |l, s| call(l, s, &handles))
+            {
+                return check(rv).map(|()| position);
+            }
+        }
+    }
+
+    /// The member whose operation state `C_GetOperationState` should save.
+    pub fn bound_member(&self) -> Option<usize> {
+        let b = self.bindings.lock();
+        b.member.filter(|_| b.any_active())
+    }
+
+    /// Binds every later operation call to `position`, whose state the
+    /// application restored.
+    pub fn restore_binding(&self, position: usize) {
+        let mut b = self.bindings.lock();
+        b.ops = Default::default();
+        b.member = Some(position);
+        b.restored = true;
+    }
+
+    /// Runs a credential call on every member that is up. The first member
+    /// to answer decides: if it refuses, no other member is asked, so a
+    /// wrong PIN costs one try on one token.
+    pub fn first_decides(
+        &self,
+        function: &str,
+        call: impl Fn(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        let mut call = call;
+        let mut decided = false;
+        for position in self.group.by_position() {
+            match self.attempt(position, function, &mut call) {
+                Attempt::Faulted => continue,
+                Attempt::Answered(rv) if !decided => {
+                    check(rv)?;
+                    decided = true;
+                }
+                Attempt::Answered(CKR_OK) => {}
+                Attempt::Answered(rv) => {
+                    eprintln!(
+                        "pkcs11-ha: group {}: member {} refused what the first member accepted in {function} ({}); it is taken out of service",
+                        self.group.label,
+                        self.group.members[position].serial,
+                        crate::error::rv_name(rv)
+                    );
+                    self.group.member_failed(position, function, rv);
+                }
+            }
+        }
+        if decided {
+            Ok(())
+        } else {
+            Err(Error::new(CKR_DEVICE_ERROR))
+        }
+    }
+}
+
+fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
+    match item {
+        Replay::Key(k) => Some(*k),
+        Replay::Data(_) => None,
+    }
+}

@@ -1,0 +1,320 @@
+//! A test-only PKCS#11 member that forwards every 2.40 call to a real
+//! library and lets a test inject latency, limited capacity and faults.
+//!
+//! Tests make one copy of the `.so` per simulated member: different paths
+//! give independent state under `dlopen`. Each copy reads the sidecar file
+//! `<its own path>.target` (`key = value` lines, `#` comments) at its first
+//! `C_Initialize`:
+//! - `library = /usr/lib/softhsm/libsofthsm2.so` (required): the real library;
+//! - `serial = <token serial>` (optional): only that token's slot is
+//!   visible; `C_GetSlotList` hides the others and calls naming them return
+//!   `CKR_SLOT_ID_INVALID`.
+//!
+//! Only `C_GetFunctionList` is exported (no `C_GetInterface`, so loaders take
+//! the 2.40 path). Every other entry point runs the gate, in this order:
+//! count the call; `CKR_CRYPTOKI_NOT_INITIALIZED` unless this copy is
+//! initialised; take a capacity slot; wait out a hang; sleep the latency;
+//! return the fault, if one is planned; forward. `C_Initialize` and
+//! `C_Finalize` are counted but bypass the rest, so a test can always start
+//! and stop a member.
+//!
+//! Control API, for the test after it `dlopen`s the same copy (see
+//! `plan.rs`): `faulty_set_latency_us(u64)`, `faulty_set_capacity(u32)`,
+//! `faulty_set_fault(CK_RV)`, `faulty_fail_after(u64, CK_RV)`,
+//! `faulty_hang()`, `faulty_release()`,
+//! `faulty_wait_for_blocked(u32, timeout_ms: u64) -> bool`,
+//! `faulty_call_count(const char *) -> u64`, `faulty_max_concurrent() -> u32`,
+//! `faulty_reset_counts()`; and `faulty_initialized() -> bool` for the
+//! other copies.
+//!
+//! The real library is shared by all copies in a process (same path, same
+//! handle). `C_Initialize` treats its `CKR_CRYPTOKI_ALREADY_INITIALIZED` as
+//! success. `C_Finalize` finalises it only when no other loaded copy is
+//! still initialised (found by walking the loaded objects for
+//! `faulty_initialized`): the last copy out finalises, so the next test can
+//! point `SOFTHSM2_CONF` elsewhere, and restarting one member never breaks
+//! the others. A copy that stops while others run closes the sessions on its
+//! token instead (with a serial filter), so a restart ends its sessions and
+//! login as a reconnect would. Start and stop copies from one thread at a
+//! time (SoftHSM crashes on parallel `C_Initialize`); a direct load of the
+//! real library in the same process does not take part in this count.
+#![deny(unsafe_op_in_unsafe_fn)]
+// The entry points keep their PKCS#11 names.
+#![allow(non_snake_case)]
+
+mod plan;
+mod real;
+
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cryptoki_sys::*;
+use parking_lot::Mutex;
+
+use crate::real::{real, Real};
+
+/// Whether this copy is between a successful `C_Initialize` and `C_Finalize`.
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
+
+/// Serialises this copy's `C_Initialize` and `C_Finalize` (held across the
+/// real call, which is the point).
+static INIT: Mutex<()> = Mutex::new(());
+
+/// Whether this copy is initialised; read by the other copies' `C_Finalize`.
+#[no_mangle]
+pub extern "C" fn faulty_initialized() -> bool {
+    INITIALIZED.load(Ordering::SeqCst)
+}
+
+/// The only PKCS#11 export: a 2.40 table with every entry forwarding.
+///
+/// # Safety
+/// `list` is NULL or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> CK_RV {
+    plan::count("C_GetFunctionList");
+    if list.is_null() {
+        return CKR_ARGUMENTS_BAD;
+    }
+    // SAFETY: checked non-NULL; callers only read the table.
+    unsafe { *list = ptr::addr_of!(FUNCTION_LIST).cast_mut() };
+    CKR_OK
+}
+
+/// Run `f`, turning a panic into `CKR_GENERAL_ERROR`: an unwind out of
+/// `extern "C"` would abort the test process.
+fn guard(f: impl FnOnce() -> Result<CK_RV, CK_RV>) -> CK_RV {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(rv) | Err(rv)) => rv,
+        Err(_) => CKR_GENERAL_ERROR,
+    }
+}
+
+/// The gate every forwarded call passes (see the crate doc); the admission
+/// holds a capacity slot until the real call returns.
+fn enter(name: &'static str) -> Result<(&'static Real, plan::Admission), CK_RV> {
+    plan::count(name);
+    if !INITIALIZED.load(Ordering::SeqCst) {
+        return Err(CKR_CRYPTOKI_NOT_INITIALIZED);
+    }
+    let admission = plan::admit()?;
+    Ok((real()?, admission))
+}
+
+unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
+    plan::count("C_Initialize");
+    guard(|| {
+        let _init = INIT.lock();
+        if INITIALIZED.load(Ordering::SeqCst) {
+            return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
+        }
+        let initialize = real()?.list.C_Initialize.ok_or(CKR_GENERAL_ERROR)?;
+        // SAFETY: the caller's arguments, passed on unchanged.
+        match unsafe { initialize(args) } {
+            CKR_OK | CKR_CRYPTOKI_ALREADY_INITIALIZED => {
+                INITIALIZED.store(true, Ordering::SeqCst);
+                Ok(CKR_OK)
+            }
+            rv => Err(rv),
+        }
+    })
+}
+
+unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
+    plan::count("C_Finalize");
+    guard(|| {
+        let _init = INIT.lock();
+        if !reserved.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        if !INITIALIZED.swap(false, Ordering::SeqCst) {
+            return Err(CKR_CRYPTOKI_NOT_INITIALIZED);
+        }
+        let real = real()?;
+        if other_copy_initialized() {
+            if real.filtered() {
+                let close_all = real.list.C_CloseAllSessions.ok_or(CKR_GENERAL_ERROR)?;
+                for slot in real.visible_slots()? {
+                    // SAFETY: a slot ID the real library just listed.
+                    unsafe { close_all(slot) };
+                }
+            }
+            return Ok(CKR_OK);
+        }
+        let finalize = real.list.C_Finalize.ok_or(CKR_GENERAL_ERROR)?;
+        // SAFETY: `reserved` is NULL, as checked.
+        match unsafe { finalize(reserved) } {
+            CKR_OK | CKR_CRYPTOKI_NOT_INITIALIZED => Ok(CKR_OK),
+            rv => Err(rv),
+        }
+    })
+}
+
+/// Whether another loaded copy of this library is initialised (this copy has
+/// already marked itself finalised, so it does not count).
+fn other_copy_initialized() -> bool {
+    unsafe extern "C" fn collect(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        paths: *mut c_void,
+    ) -> c_int {
+        // SAFETY: the loader passes a valid entry, and `paths` is the Vec below.
+        unsafe {
+            let name = (*info).dlpi_name;
+            if !name.is_null() && *name != 0 {
+                (*paths.cast::<Vec<CString>>()).push(CStr::from_ptr(name).to_owned());
+            }
+        }
+        0
+    }
+    // Collect first: dlopen must not run inside dl_iterate_phdr's callback,
+    // which holds the loader's lock.
+    let mut paths: Vec<CString> = Vec::new();
+    // SAFETY: `collect` only appends to `paths`.
+    unsafe { libc::dl_iterate_phdr(Some(collect), ptr::addr_of_mut!(paths).cast()) };
+    paths.iter().any(|path| {
+        // SAFETY: RTLD_NOLOAD only takes another reference to an object that
+        // is already loaded; `faulty_initialized` has the signature above.
+        unsafe {
+            let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if handle.is_null() {
+                return false;
+            }
+            let symbol = libc::dlsym(handle, c"faulty_initialized".as_ptr());
+            let initialized = !symbol.is_null()
+                && std::mem::transmute::<*mut c_void, extern "C" fn() -> bool>(symbol)();
+            libc::dlclose(handle);
+            initialized
+        }
+    })
+}
+
+unsafe extern "C" fn C_GetSlotList(
+    token_present: CK_BBOOL,
+    list: *mut CK_SLOT_ID,
+    count: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let (real, _admission) = enter("C_GetSlotList")?;
+        if !real.filtered() {
+            let get_slot_list = real.list.C_GetSlotList.ok_or(CKR_GENERAL_ERROR)?;
+            // SAFETY: the caller's arguments, passed on unchanged.
+            return Ok(unsafe { get_slot_list(token_present, list, count) });
+        }
+        if count.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let slots = real.visible_slots()?;
+        let needed = slots.len() as CK_ULONG;
+        // SAFETY: `count` is non-NULL; a non-NULL `list` holds `*count` entries.
+        unsafe {
+            let room = *count;
+            *count = needed;
+            if !list.is_null() {
+                if room < needed {
+                    return Err(CKR_BUFFER_TOO_SMALL);
+                }
+                ptr::copy_nonoverlapping(slots.as_ptr(), list, slots.len());
+            }
+        }
+        Ok(CKR_OK)
+    })
+}
+
+/// Generates the forwarding entry points and the function table.
+/// `#[slot]` marks an entry whose argument `slot` must be visible.
+macro_rules! forward {
+    ($($(#[$slot:ident])? $name:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {
+        $(
+            unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
+                guard(|| {
+                    let (real, _admission) = enter(stringify!($name))?;
+                    $(if !real.visible($slot) {
+                        return Err(CKR_SLOT_ID_INVALID);
+                    })?
+                    let f = real.list.$name.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+                    // SAFETY: the caller's arguments, passed on unchanged.
+                    Ok(unsafe { f($($arg),*) })
+                })
+            }
+        )*
+
+        static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
+            version: CK_VERSION { major: 2, minor: 40 },
+            C_Initialize: Some(C_Initialize),
+            C_Finalize: Some(C_Finalize),
+            C_GetFunctionList: Some(C_GetFunctionList),
+            C_GetSlotList: Some(C_GetSlotList),
+            $($name: Some($name),)*
+        };
+    };
+}
+
+forward! {
+    C_GetInfo(info: *mut CK_INFO);
+    #[slot] C_GetSlotInfo(slot: CK_SLOT_ID, info: *mut CK_SLOT_INFO);
+    #[slot] C_GetTokenInfo(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO);
+    #[slot] C_GetMechanismList(slot: CK_SLOT_ID, list: *mut CK_MECHANISM_TYPE, count: *mut CK_ULONG);
+    #[slot] C_GetMechanismInfo(slot: CK_SLOT_ID, mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO);
+    #[slot] C_InitToken(slot: CK_SLOT_ID, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG, label: *mut CK_UTF8CHAR);
+    C_InitPIN(session: CK_SESSION_HANDLE, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG);
+    C_SetPIN(session: CK_SESSION_HANDLE, old: *mut CK_UTF8CHAR, old_len: CK_ULONG, new: *mut CK_UTF8CHAR, new_len: CK_ULONG);
+    #[slot] C_OpenSession(slot: CK_SLOT_ID, flags: CK_FLAGS, app: *mut c_void, notify: CK_NOTIFY, session: *mut CK_SESSION_HANDLE);
+    C_CloseSession(session: CK_SESSION_HANDLE);
+    #[slot] C_CloseAllSessions(slot: CK_SLOT_ID);
+    C_GetSessionInfo(session: CK_SESSION_HANDLE, info: *mut CK_SESSION_INFO);
+    C_GetOperationState(session: CK_SESSION_HANDLE, state: *mut CK_BYTE, state_len: *mut CK_ULONG);
+    C_SetOperationState(session: CK_SESSION_HANDLE, state: *mut CK_BYTE, state_len: CK_ULONG, encryption_key: CK_OBJECT_HANDLE, authentication_key: CK_OBJECT_HANDLE);
+    C_Login(session: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG);
+    C_Logout(session: CK_SESSION_HANDLE);
+    C_CreateObject(session: CK_SESSION_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG, object: *mut CK_OBJECT_HANDLE);
+    C_CopyObject(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG, new_object: *mut CK_OBJECT_HANDLE);
+    C_DestroyObject(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE);
+    C_GetObjectSize(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, size: *mut CK_ULONG);
+    C_GetAttributeValue(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG);
+    C_SetAttributeValue(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG);
+    C_FindObjectsInit(session: CK_SESSION_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG);
+    C_FindObjects(session: CK_SESSION_HANDLE, objects: *mut CK_OBJECT_HANDLE, max: CK_ULONG, count: *mut CK_ULONG);
+    C_FindObjectsFinal(session: CK_SESSION_HANDLE);
+    C_EncryptInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
+    C_Encrypt(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_EncryptUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_EncryptFinal(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DecryptInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
+    C_Decrypt(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DecryptUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DecryptFinal(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DigestInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM);
+    C_Digest(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DigestUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG);
+    C_DigestKey(session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE);
+    C_DigestFinal(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_SignInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
+    C_Sign(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_SignUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG);
+    C_SignFinal(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_SignRecoverInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
+    C_SignRecover(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_VerifyInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
+    C_Verify(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, signature: *mut CK_BYTE, signature_len: CK_ULONG);
+    C_VerifyUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG);
+    C_VerifyFinal(session: CK_SESSION_HANDLE, signature: *mut CK_BYTE, signature_len: CK_ULONG);
+    C_VerifyRecoverInit(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE);
+    C_VerifyRecover(session: CK_SESSION_HANDLE, signature: *mut CK_BYTE, signature_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DigestEncryptUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DecryptDigestUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_SignEncryptUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_DecryptVerifyUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_GenerateKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
+    C_GenerateKeyPair(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, public_template: *mut CK_ATTRIBUTE, public_count: CK_ULONG, private_template: *mut CK_ATTRIBUTE, private_count: CK_ULONG, public_key: *mut CK_OBJECT_HANDLE, private_key: *mut CK_OBJECT_HANDLE);
+    C_WrapKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, wrapping_key: CK_OBJECT_HANDLE, key: CK_OBJECT_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    C_UnwrapKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, unwrapping_key: CK_OBJECT_HANDLE, wrapped: *mut CK_BYTE, wrapped_len: CK_ULONG, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
+    C_DeriveKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, base_key: CK_OBJECT_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
+    C_SeedRandom(session: CK_SESSION_HANDLE, seed: *mut CK_BYTE, seed_len: CK_ULONG);
+    C_GenerateRandom(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: CK_ULONG);
+    C_GetFunctionStatus(session: CK_SESSION_HANDLE);
+    C_CancelFunction(session: CK_SESSION_HANDLE);
+    C_WaitForSlotEvent(flags: CK_FLAGS, slot: *mut CK_SLOT_ID, reserved: *mut c_void);
+}

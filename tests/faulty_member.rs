@@ -1,0 +1,301 @@
+//! The faulty member itself, driven directly through `cryptoki`: it forwards
+//! to SoftHSM, filters by serial, and injects faults, hangs and capacity
+//! limits as asked; the real library is finalised only by the last copy.
+
+#[path = "common/faulty.rs"]
+mod faulty;
+
+use std::env;
+use std::fs;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use cryptoki_sys::{CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED};
+use faulty::FaultyMember;
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Long enough never to fire unless something is broken.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// `SOFTHSM2_CONF` and SoftHSM's initialisation are process-global.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One SoftHSM token in a temp dir (activated in this process) and a faulty
+/// member showing only it. Fields drop in order: the guard goes last.
+struct Setup {
+    member: FaultyMember,
+    serial: String,
+    dir: tempfile::TempDir,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokens = dir.path().join("tokens");
+        fs::create_dir(&tokens).expect("token dir");
+        let conf = dir.path().join("softhsm2.conf");
+        let text = format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        );
+        fs::write(&conf, text).expect("write softhsm2.conf");
+        env::set_var("SOFTHSM2_CONF", &conf);
+        let softhsm_util = |args: &[&str]| {
+            let out = Command::new("softhsm2-util")
+                .args(args)
+                .output()
+                .expect("run softhsm2-util");
+            assert!(out.status.success(), "softhsm2-util {args:?} failed");
+            String::from_utf8(out.stdout).expect("UTF-8 output")
+        };
+        softhsm_util(&[
+            "--init-token",
+            "--free",
+            "--label",
+            "t",
+            "--so-pin",
+            "5678",
+            "--pin",
+            "1234",
+        ]);
+        let serial = softhsm_util(&["--show-slots"])
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("Serial number:"))
+            .map(str::trim)
+            .find(|serial| !serial.is_empty())
+            .expect("a serial in --show-slots")
+            .to_owned();
+        let member = FaultyMember::new(dir.path(), "member", SOFTHSM, Some(&serial));
+        Setup {
+            member,
+            serial,
+            dir,
+            _guard: guard,
+        }
+    }
+}
+
+fn start(path: &std::path::Path) -> Pkcs11 {
+    let pkcs11 = Pkcs11::new(path).expect("load");
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
+    pkcs11
+}
+
+fn only_slot(pkcs11: &Pkcs11) -> Slot {
+    let slots = pkcs11.get_slots_with_token().expect("C_GetSlotList");
+    assert_eq!(slots.len(), 1, "{slots:?}");
+    slots[0]
+}
+
+fn user_session(pkcs11: &Pkcs11, slot: Slot) -> Session {
+    let session = pkcs11.open_ro_session(slot).expect("C_OpenSession");
+    session
+        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+        .expect("C_Login");
+    session
+}
+
+fn is_rv(result: cryptoki::error::Result<impl std::fmt::Debug>, rv: RvError) -> bool {
+    matches!(result, Err(Error::Pkcs11(got, _)) if got == rv)
+}
+
+#[test]
+fn forwards_and_shows_only_its_token() {
+    let setup = Setup::new();
+    let pkcs11 = start(&setup.member.path);
+    let slot = only_slot(&pkcs11);
+    let info = pkcs11.get_token_info(slot).expect("C_GetTokenInfo");
+    assert_eq!(info.serial_number(), setup.serial);
+
+    // Without a filter SoftHSM's free slot shows too; through the filtered
+    // copy it does not exist.
+    let open = FaultyMember::new(setup.dir.path(), "open", SOFTHSM, None);
+    let unfiltered = start(&open.path);
+    let all = unfiltered.get_slots_with_token().expect("C_GetSlotList");
+    assert_eq!(all.len(), 2, "{all:?}");
+    let other = *all.iter().find(|s| **s != slot).unwrap();
+    assert!(is_rv(pkcs11.get_token_info(other), RvError::SlotIdInvalid));
+
+    setup.member.reset_counts();
+    let session = pkcs11.open_ro_session(slot).expect("C_OpenSession");
+    session.generate_random_vec(16).expect("C_GenerateRandom");
+    session.generate_random_vec(16).expect("C_GenerateRandom");
+    assert_eq!(setup.member.call_count("C_OpenSession"), 1);
+    assert_eq!(setup.member.call_count("C_GenerateRandom"), 2);
+    assert_eq!(open.call_count("C_GenerateRandom"), 0);
+    drop(session);
+    unfiltered.finalize().expect("C_Finalize");
+    pkcs11.finalize().expect("C_Finalize");
+}
+
+#[test]
+fn faults_replace_answers_until_cleared() {
+    let setup = Setup::new();
+    let member = &setup.member;
+    let pkcs11 = start(&member.path);
+    let session = pkcs11.open_ro_session(only_slot(&pkcs11)).expect("session");
+
+    member.reset_counts();
+    member.set_fault(CKR_DEVICE_ERROR);
+    assert!(is_rv(session.generate_random_vec(8), RvError::DeviceError));
+    assert_eq!(member.call_count("C_GenerateRandom"), 1);
+    member.clear_fault();
+    session.generate_random_vec(8).expect("forwarded again");
+
+    member.fail_after(2, CKR_DEVICE_REMOVED);
+    session.generate_random_vec(8).expect("first of two");
+    session.generate_random_vec(8).expect("second of two");
+    assert!(is_rv(
+        session.generate_random_vec(8),
+        RvError::DeviceRemoved
+    ));
+    assert!(is_rv(
+        session.generate_random_vec(8),
+        RvError::DeviceRemoved
+    ));
+    member.clear_fault();
+    session.generate_random_vec(8).expect("forwarded again");
+    drop(session);
+
+    // A member can always be stopped.
+    member.set_fault(CKR_DEVICE_ERROR);
+    pkcs11.finalize().expect("C_Finalize is exempt from faults");
+}
+
+#[test]
+fn hang_blocks_calls_until_release() {
+    let setup = Setup::new();
+    let member = &setup.member;
+    let pkcs11 = start(&member.path);
+    let session = pkcs11.open_ro_session(only_slot(&pkcs11)).expect("session");
+
+    member.reset_counts();
+    member.hang();
+    let call = thread::spawn(move || session.generate_random_vec(8).map(|_| session));
+    assert!(member.wait_for_blocked(1, PATIENCE), "call never arrived");
+    assert_eq!(member.call_count("C_GenerateRandom"), 1);
+    assert!(!call.is_finished());
+    member.release();
+    let session = call.join().unwrap().expect("forwarded after release");
+    drop(session);
+    pkcs11.finalize().expect("C_Finalize");
+}
+
+#[test]
+fn capacity_limits_concurrent_calls() {
+    let setup = Setup::new();
+    let member = &setup.member;
+    let pkcs11 = start(&member.path);
+    let slot = only_slot(&pkcs11);
+    let sessions: Vec<Session> = (0..2)
+        .map(|_| pkcs11.open_ro_session(slot).expect("session"))
+        .collect();
+
+    let run = |sessions: Vec<Session>, calls: usize| -> Vec<Session> {
+        let threads: Vec<_> = sessions
+            .into_iter()
+            .map(|session| {
+                thread::spawn(move || {
+                    for _ in 0..calls {
+                        session.generate_random_vec(8).expect("C_GenerateRandom");
+                    }
+                    session
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+
+    // Unlimited: both calls are inside the member at once.
+    member.reset_counts();
+    member.hang();
+    let both = thread::scope(|scope| {
+        let both = scope.spawn(|| run(sessions, 1));
+        assert!(member.wait_for_blocked(2, PATIENCE), "both calls admitted");
+        member.release();
+        both.join().unwrap()
+    });
+    assert_eq!(member.max_concurrent(), 2);
+
+    // One connection: a hung call holds it and the next one queues behind.
+    member.set_capacity(1);
+    member.reset_counts();
+    member.hang();
+    let both = thread::scope(|scope| {
+        let both = scope.spawn(|| run(both, 1));
+        assert!(member.wait_for_blocked(1, PATIENCE), "first call admitted");
+        assert!(!member.wait_for_blocked(2, Duration::from_millis(200)));
+        member.release();
+        both.join().unwrap()
+    });
+
+    // And with latency the two threads' calls are served one at a time.
+    member.set_latency(Duration::from_millis(5));
+    let both = run(both, 5);
+    assert_eq!(member.max_concurrent(), 1);
+    assert_eq!(member.call_count("C_GenerateRandom"), 12);
+    drop(both);
+    pkcs11.finalize().expect("C_Finalize");
+}
+
+#[test]
+fn real_library_is_finalized_by_the_last_copy_only() {
+    let setup = Setup::new();
+    let first = start(&setup.member.path);
+    let second_member = FaultyMember::new(setup.dir.path(), "second", SOFTHSM, None);
+    let second = start(&second_member.path);
+    let slot = only_slot(&first);
+    let session = first.open_ro_session_no_drop(slot).expect("session");
+    session
+        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+        .expect("C_Login");
+
+    // Stopping the first copy leaves SoftHSM up for the second...
+    first
+        .clone()
+        .finalize()
+        .expect("C_Finalize of the first copy");
+    let direct = Pkcs11::new(SOFTHSM).expect("load SoftHSM");
+    let init = || direct.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    assert!(is_rv(init(), RvError::CryptokiAlreadyInitialized));
+    assert!(is_rv(
+        first.get_slots_with_token(),
+        RvError::CryptokiNotInitialized
+    ));
+    let other = second
+        .open_ro_session(slot)
+        .expect("session via the second copy");
+    other
+        .generate_random_vec(8)
+        .expect("the second copy still works");
+    drop(other);
+
+    // ...but ends the first copy's sessions on its token, as a restart would.
+    first
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize again");
+    assert!(is_rv(
+        session.generate_random_vec(8),
+        RvError::SessionHandleInvalid
+    ));
+    let session = user_session(&first, slot);
+    session.generate_random_vec(8).expect("new session");
+    drop(session);
+
+    // The last copy out finalises SoftHSM.
+    first.finalize().expect("C_Finalize of the first copy");
+    second.finalize().expect("C_Finalize of the second copy");
+    init().expect("SoftHSM was finalised");
+    direct.finalize().expect("C_Finalize of SoftHSM");
+}
