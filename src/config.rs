@@ -12,17 +12,34 @@
 //! [Libraries]
 //! softhsm = /usr/lib/softhsm/libsofthsm2.so      ; NAME = path; one or more
 //!
+//! [LibraryEnvironment]                           ; optional section
+//! softhsm.SOFTHSM2_CONF = /etc/softhsm2.conf     ; NAME.VARIABLE = value
+//!
 //! [VirtualToken]
 //! VirtualToken00Label       = myHAgroup
 //! VirtualToken00SN          = 1154438865287      ; optional
 //! VirtualToken00Members     = 154438865287,1238700701509   ; member serials, primary first
 //! VirtualToken00Standby     = 1238700701510      ; optional, standby member serials
 //! VirtualToken00DomainLabel = myHAdomain         ; optional, default pkcs11-ha-domain
+//! VirtualTokenActiveRecovery = activeEnhanced    ; optional, or activeBasic
+//!
+//! [HASynchronize]                                ; optional section
+//! myHAgroup = 1                  ; 0 = recovery does not copy missing objects
 //!
 //! [HAConfiguration]
 //! HAOnly = 0                     ; 1 = show only virtual slots
 //! MultipartReplayLimit = 1048576 ; optional, 0 to 1073741824; 0 disables replay
+//! reconnAtt = -1                 ; optional, recovery attempts; -1 forever, 0 off
+//! AutoReconnectInterval = 60     ; optional, seconds between recovery attempts
+//! memberTimeout = 20000          ; optional, milliseconds a member may take
+//! haLogStatus = disabled         ; optional, enabled or disabled
+//! haLogPath = /var/log/pkcs11-ha ; directory of haErrorLog.txt; needed if enabled
+//! logLen = 10485760              ; optional, bytes before the log rotates; 0 never
 //! ```
+//!
+//! `[LibraryEnvironment]` sets environment variables while a library's
+//! function list is obtained, e.g. `P11_KIT_SERVER_ADDRESS` for two entries
+//! of `p11-kit-client.so` that reach two servers.
 //!
 //! `VirtualTokenNNDomainLabel` is the label of the AES wrapping key that the
 //! group's members share (their cloning domain). `MultipartReplayLimit` is
@@ -46,11 +63,37 @@ pub const CONFIG_ENV: &str = "PKCS11_HA_CONF";
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pkcs11-ha.conf";
 
 const LIBRARIES: &str = "Libraries";
+const LIBRARY_ENVIRONMENT: &str = "LibraryEnvironment";
 const VIRTUAL_TOKEN: &str = "VirtualToken";
+const HA_SYNCHRONIZE: &str = "HASynchronize";
 const HA_CONFIGURATION: &str = "HAConfiguration";
-const SECTIONS: [&str; 3] = [LIBRARIES, VIRTUAL_TOKEN, HA_CONFIGURATION];
+const SECTIONS: [&str; 5] = [
+    LIBRARIES,
+    LIBRARY_ENVIRONMENT,
+    VIRTUAL_TOKEN,
+    HA_SYNCHRONIZE,
+    HA_CONFIGURATION,
+];
+const ACTIVE_RECOVERY: &str = "VirtualTokenActiveRecovery";
 const HA_ONLY: &str = "HAOnly";
 const MULTIPART_REPLAY_LIMIT: &str = "MultipartReplayLimit";
+const RECONN_ATT: &str = "reconnAtt";
+const AUTO_RECONNECT_INTERVAL: &str = "AutoReconnectInterval";
+const MEMBER_TIMEOUT: &str = "memberTimeout";
+const HA_LOG_STATUS: &str = "haLogStatus";
+const HA_LOG_PATH: &str = "haLogPath";
+const LOG_LEN: &str = "logLen";
+/// The `[HAConfiguration]` keys, for messages.
+const HA_KEYS: [&str; 8] = [
+    HA_ONLY,
+    MULTIPART_REPLAY_LIMIT,
+    RECONN_ATT,
+    AUTO_RECONNECT_INTERVAL,
+    MEMBER_TIMEOUT,
+    HA_LOG_STATUS,
+    HA_LOG_PATH,
+    LOG_LEN,
+];
 
 /// `VirtualTokenNNDomainLabel` when the key is not given.
 pub const DEFAULT_DOMAIN_LABEL: &str = "pkcs11-ha-domain";
@@ -58,6 +101,22 @@ pub const DEFAULT_DOMAIN_LABEL: &str = "pkcs11-ha-domain";
 pub const DEFAULT_MULTIPART_REPLAY_LIMIT: usize = 1 << 20;
 /// Largest accepted `MultipartReplayLimit`: 1 GiB.
 const MAX_MULTIPART_REPLAY_LIMIT: usize = 1 << 30;
+
+/// `reconnAtt` when the key is not given: try forever.
+pub const DEFAULT_RECONNECT_ATTEMPTS: i64 = -1;
+/// `AutoReconnectInterval` when the key is not given, in seconds (Luna's).
+pub const DEFAULT_RECONNECT_INTERVAL_SECS: u64 = 60;
+/// Largest accepted `AutoReconnectInterval`: one day, in seconds.
+pub const MAX_RECONNECT_INTERVAL_SECS: u64 = 86_400;
+/// `memberTimeout` when the key is not given, in milliseconds (Luna's
+/// receive timeout).
+pub const DEFAULT_MEMBER_TIMEOUT_MS: u64 = 20_000;
+/// Largest accepted `memberTimeout`: one hour, in milliseconds.
+pub const MAX_MEMBER_TIMEOUT_MS: u64 = 3_600_000;
+/// `logLen` when the key is not given: 10 MiB.
+pub const DEFAULT_HA_LOG_MAX_LEN: u64 = 10 * 1024 * 1024;
+/// The HA log's file name inside `haLogPath`.
+pub const HA_LOG_FILE: &str = "haErrorLog.txt";
 
 /// Size of `CK_TOKEN_INFO.label`, which shows the group label.
 const MAX_LABEL_BYTES: usize = 32;
@@ -78,13 +137,119 @@ pub struct Config {
     /// Bytes of multi-part digest/sign/verify input buffered per operation so
     /// it can be replayed on another member; 0 disables replay.
     pub multipart_replay_limit: usize,
+    /// Auto-recovery of failed members.
+    pub recovery: RecoveryConfig,
+    /// `memberTimeout`: milliseconds an application call waits on a member
+    /// before the member counts as failed; at least 1.
+    pub member_timeout_ms: u64,
+    /// The HA event log.
+    pub ha_log: HaLogConfig,
+}
+
+/// An empty configuration with every setting at its default. It has no
+/// library, so [`Config::parse`] would reject its text until one is added.
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            path: PathBuf::new(),
+            libraries: Vec::new(),
+            groups: Vec::new(),
+            ha_only: false,
+            multipart_replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
+            recovery: RecoveryConfig::default(),
+            member_timeout_ms: DEFAULT_MEMBER_TIMEOUT_MS,
+            ha_log: HaLogConfig::default(),
+        }
+    }
 }
 
 /// One `[Libraries]` line: a PKCS#11 library to load.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LibraryConfig {
     pub name: String,
     pub path: PathBuf,
+    /// `[LibraryEnvironment]` lines `NAME.VARIABLE = value` of this library,
+    /// in file order, as (variable, value): set while the library's function
+    /// list is obtained.
+    pub environment: Vec<(String, String)>,
+}
+
+/// Auto-recovery settings (`reconnAtt`, `AutoReconnectInterval`,
+/// `VirtualTokenActiveRecovery`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryConfig {
+    /// `reconnAtt`: attempts per failure; -1 forever, 0 no auto-recovery.
+    pub attempts: i64,
+    /// `AutoReconnectInterval`: seconds between attempts, at least 1.
+    pub interval_secs: u64,
+    /// `[VirtualToken] VirtualTokenActiveRecovery`.
+    pub mode: RecoveryMode,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> RecoveryConfig {
+        RecoveryConfig {
+            attempts: DEFAULT_RECONNECT_ATTEMPTS,
+            interval_secs: DEFAULT_RECONNECT_INTERVAL_SECS,
+            mode: RecoveryMode::default(),
+        }
+    }
+}
+
+/// What recovery restores before a member rejoins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum RecoveryMode {
+    /// `activeEnhanced`: reopen member sessions behind every open virtual
+    /// session and log them in, at recovery.
+    #[default]
+    ActiveEnhanced,
+    /// `activeBasic`: reopen member sessions only when a call needs them.
+    ActiveBasic,
+}
+
+impl RecoveryMode {
+    /// Luna's spelling, as in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoveryMode::ActiveEnhanced => "activeEnhanced",
+            RecoveryMode::ActiveBasic => "activeBasic",
+        }
+    }
+
+    /// Luna's spelling, any case.
+    pub fn from_name(name: &str) -> Option<RecoveryMode> {
+        [RecoveryMode::ActiveEnhanced, RecoveryMode::ActiveBasic]
+            .into_iter()
+            .find(|mode| mode.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for RecoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The HA log (`haLogStatus`, `haLogPath`, `logLen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaLogConfig {
+    /// `haLogStatus = enabled`.
+    pub enabled: bool,
+    /// `haLogPath`: the directory of [`HA_LOG_FILE`], absolute; always
+    /// `Some` when `enabled`.
+    pub path: Option<PathBuf>,
+    /// `logLen`: bytes after which the log is rotated; 0 never rotates.
+    pub max_len: u64,
+}
+
+impl Default for HaLogConfig {
+    fn default() -> HaLogConfig {
+        HaLogConfig {
+            enabled: false,
+            path: None,
+            max_len: DEFAULT_HA_LOG_MAX_LEN,
+        }
+    }
 }
 
 /// One HA group (`VirtualTokenNN...` keys): member tokens shown as one slot.
@@ -102,6 +267,24 @@ pub struct GroupConfig {
     /// `VirtualTokenNNDomainLabel`: label of the AES wrapping key the members
     /// share (their cloning domain); [`DEFAULT_DOMAIN_LABEL`] if not given.
     pub domain_label: String,
+    /// `[HASynchronize] <label> = 1` (the default): a recovered member gets
+    /// the objects it lacks before it rejoins.
+    pub synchronize: bool,
+}
+
+/// Group 00 without label or members, every option at its default.
+impl Default for GroupConfig {
+    fn default() -> GroupConfig {
+        GroupConfig {
+            index: 0,
+            label: String::new(),
+            serial: None,
+            members: Vec::new(),
+            standby: Vec::new(),
+            domain_label: DEFAULT_DOMAIN_LABEL.to_owned(),
+            synchronize: true,
+        }
+    }
 }
 
 /// A problem in the configuration file, located as closely as the file allows.
@@ -164,12 +347,18 @@ impl Config {
 
     /// Parses and checks `text`; `path` is used only in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let [libraries, groups, ha] = read_sections(path, text)?;
-        let libraries = parse_libraries(path, libraries.unwrap_or_default())?;
-        let groups = parse_groups(path, groups.unwrap_or_default())?;
+        let [libraries, environment, groups, synchronize, ha] = read_sections(path, text)?;
+        let mut libraries = parse_libraries(path, libraries.unwrap_or_default())?;
+        parse_environment(path, environment.unwrap_or_default(), &mut libraries)?;
+        let (mut groups, mode) = parse_groups(path, groups.unwrap_or_default())?;
+        parse_synchronize(path, synchronize.unwrap_or_default(), &mut groups)?;
         let HaSettings {
             ha_only,
             multipart_replay_limit,
+            attempts,
+            interval_secs,
+            member_timeout_ms,
+            ha_log,
         } = parse_ha_configuration(path, ha.unwrap_or_default())?;
         if ha_only && groups.is_empty() {
             let problem = format!(
@@ -184,13 +373,37 @@ impl Config {
             groups,
             ha_only,
             multipart_replay_limit,
+            recovery: RecoveryConfig {
+                attempts,
+                interval_secs,
+                mode,
+            },
+            member_timeout_ms,
+            ha_log,
         })
+    }
+
+    /// The library entry named `name` (names ignore case).
+    pub fn library(&self, name: &str) -> Option<&LibraryConfig> {
+        self.libraries
+            .iter()
+            .find(|l| l.name.eq_ignore_ascii_case(name))
+    }
+
+    /// The group labelled `label` (labels ignore case).
+    pub fn group(&self, label: &str) -> Option<&GroupConfig> {
+        self.groups
+            .iter()
+            .find(|g| g.label.eq_ignore_ascii_case(label))
     }
 
     /// Serialises back to INI text that [`Config::parse`] reads to an equal
     /// `Config`. Group keys are written with a two-digit index, so indices
-    /// above 99 (which `parse` never produces) do not survive. Optional keys at
-    /// their default are left out, so older readers still accept the file.
+    /// above 99 (which `parse` never produces) do not survive; nor do values
+    /// that INI cannot hold (a `" ;"` in a value, a `=` in a group label
+    /// whose synchronisation is off, leading or trailing blanks). Optional
+    /// keys and sections at their default are left out, so older readers
+    /// still accept the file.
     pub fn to_ini_string(&self) -> String {
         let mut out = String::new();
         self.write_ini(&mut out)
@@ -202,6 +415,14 @@ impl Config {
         writeln!(out, "[{LIBRARIES}]")?;
         for library in &self.libraries {
             writeln!(out, "{} = {}", library.name, library.path.display())?;
+        }
+        if self.libraries.iter().any(|l| !l.environment.is_empty()) {
+            writeln!(out, "\n[{LIBRARY_ENVIRONMENT}]")?;
+            for library in &self.libraries {
+                for (variable, value) in &library.environment {
+                    writeln!(out, "{}.{variable} = {value}", library.name)?;
+                }
+            }
         }
         writeln!(out, "\n[{VIRTUAL_TOKEN}]")?;
         for group in &self.groups {
@@ -218,6 +439,15 @@ impl Config {
                 writeln!(out, "{} = {}", key(Field::DomainLabel), group.domain_label)?;
             }
         }
+        if self.recovery.mode != RecoveryMode::default() {
+            writeln!(out, "{ACTIVE_RECOVERY} = {}", self.recovery.mode)?;
+        }
+        if self.groups.iter().any(|g| !g.synchronize) {
+            writeln!(out, "\n[{HA_SYNCHRONIZE}]")?;
+            for group in self.groups.iter().filter(|g| !g.synchronize) {
+                writeln!(out, "{} = 0", group.label)?;
+            }
+        }
         writeln!(out, "\n[{HA_CONFIGURATION}]")?;
         writeln!(out, "{HA_ONLY} = {}", u8::from(self.ha_only))?;
         if self.multipart_replay_limit != DEFAULT_MULTIPART_REPLAY_LIMIT {
@@ -226,6 +456,28 @@ impl Config {
                 "{MULTIPART_REPLAY_LIMIT} = {}",
                 self.multipart_replay_limit
             )?;
+        }
+        if self.recovery.attempts != DEFAULT_RECONNECT_ATTEMPTS {
+            writeln!(out, "{RECONN_ATT} = {}", self.recovery.attempts)?;
+        }
+        if self.recovery.interval_secs != DEFAULT_RECONNECT_INTERVAL_SECS {
+            writeln!(
+                out,
+                "{AUTO_RECONNECT_INTERVAL} = {}",
+                self.recovery.interval_secs
+            )?;
+        }
+        if self.member_timeout_ms != DEFAULT_MEMBER_TIMEOUT_MS {
+            writeln!(out, "{MEMBER_TIMEOUT} = {}", self.member_timeout_ms)?;
+        }
+        if self.ha_log.enabled {
+            writeln!(out, "{HA_LOG_STATUS} = enabled")?;
+        }
+        if let Some(path) = &self.ha_log.path {
+            writeln!(out, "{HA_LOG_PATH} = {}", path.display())?;
+        }
+        if self.ha_log.max_len != DEFAULT_HA_LOG_MAX_LEN {
+            writeln!(out, "{LOG_LEN} = {}", self.ha_log.max_len)?;
         }
         Ok(())
     }
@@ -306,7 +558,10 @@ fn strip_comments(text: &str) -> String {
 /// Splits the file into the known sections, in [`SECTIONS`] order, rejecting
 /// unknown or repeated sections and repeated keys (case-insensitive, as Luna's
 /// parser is).
-fn read_sections(file: &Path, text: &str) -> Result<[Option<Entries>; 3], ConfigError> {
+fn read_sections(
+    file: &Path,
+    text: &str,
+) -> Result<[Option<Entries>; SECTIONS.len()], ConfigError> {
     // Quotes and backslashes are literal, as in Luna's files and in paths.
     let options = ParseOption {
         enabled_quote: false,
@@ -336,23 +591,20 @@ fn read_sections(file: &Path, text: &str) -> Result<[Option<Entries>; 3], Config
         error(file, None, None, problem)
     })?;
 
-    let mut found: [Option<Entries>; 3] = Default::default();
+    let mut found: [Option<Entries>; SECTIONS.len()] = Default::default();
     for (name, properties) in &ini {
         let Some(name) = name else {
             if let Some((key, _)) = properties.iter().next() {
                 let problem = format!(
-                    "this setting is outside any section; move it under [{LIBRARIES}], \
-                     [{VIRTUAL_TOKEN}] or [{HA_CONFIGURATION}]"
+                    "this setting is outside any section; move it under one of {}",
+                    section_list("or")
                 );
                 return Err(error(file, None, Some(first_line(key)), problem));
             }
             continue;
         };
         let Some(slot) = SECTIONS.iter().position(|s| s.eq_ignore_ascii_case(name)) else {
-            let problem = format!(
-                "unknown section; the sections are [{LIBRARIES}], [{VIRTUAL_TOKEN}] and \
-                 [{HA_CONFIGURATION}]"
-            );
+            let problem = format!("unknown section; the sections are {}", section_list("and"));
             return Err(error(file, Some(name), None, problem));
         };
         let section = SECTIONS[slot];
@@ -383,6 +635,13 @@ fn read_sections(file: &Path, text: &str) -> Result<[Option<Entries>; 3], Config
     Ok(found)
 }
 
+/// "[A], [B] and [C]", with `last` before the last one.
+fn section_list(last: &str) -> String {
+    let names: Vec<String> = SECTIONS.iter().map(|s| format!("[{s}]")).collect();
+    let (tail, head) = names.split_last().expect("SECTIONS is not empty");
+    format!("{} {last} {tail}", head.join(", "))
+}
+
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default().trim()
 }
@@ -406,54 +665,235 @@ fn parse_libraries(file: &Path, entries: Entries) -> Result<Vec<LibraryConfig>, 
             Ok(LibraryConfig {
                 name,
                 path: PathBuf::from(path),
+                environment: Vec::new(),
             })
         })
         .collect()
+}
+
+/// `[LibraryEnvironment]`: `<library name>.<VARIABLE> = value`, into the
+/// libraries' `environment`.
+fn parse_environment(
+    file: &Path,
+    entries: Entries,
+    libraries: &mut [LibraryConfig],
+) -> Result<(), ConfigError> {
+    for (key, value) in entries {
+        let err = |problem: String| error(file, Some(LIBRARY_ENVIRONMENT), Some(&key), problem);
+        // A variable name has no ".", so the last one ends the library name.
+        let Some((name, variable)) = key.rsplit_once('.') else {
+            return Err(err(
+                "the key is not <library name>.<VARIABLE>; write it as, e.g., \
+                 hsmA.P11_KIT_SERVER_ADDRESS = unix:path=/run/hsmA.sock"
+                    .to_owned(),
+            ));
+        };
+        let Some(library) = libraries
+            .iter_mut()
+            .find(|l| l.name.eq_ignore_ascii_case(name))
+        else {
+            let known: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
+            return Err(err(format!(
+                "there is no library \"{name}\" in [{LIBRARIES}] (the libraries are {}); \
+                 use one of their names before the \".\"",
+                known.join(", ")
+            )));
+        };
+        if !is_variable_name(variable) {
+            return Err(err(format!(
+                "\"{variable}\" is not an environment variable name; use letters, digits \
+                 and \"_\", not starting with a digit"
+            )));
+        }
+        library.environment.push((variable.to_owned(), value));
+    }
+    Ok(())
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`
+fn is_variable_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b == b'_' || b.is_ascii_alphabetic())
+        && bytes.all(|b| b == b'_' || b.is_ascii_alphanumeric())
+}
+
+/// `[HASynchronize]`: `<group label> = 0|1`, into the groups' `synchronize`.
+fn parse_synchronize(
+    file: &Path,
+    entries: Entries,
+    groups: &mut [GroupConfig],
+) -> Result<(), ConfigError> {
+    for (key, value) in entries {
+        let err = |problem: String| error(file, Some(HA_SYNCHRONIZE), Some(&key), problem);
+        let Some(group) = groups
+            .iter_mut()
+            .find(|g| g.label.eq_ignore_ascii_case(&key))
+        else {
+            let known: Vec<&str> = groups.iter().map(|g| g.label.as_str()).collect();
+            let known = if known.is_empty() {
+                "none is configured".to_owned()
+            } else {
+                format!("the labels are {}", known.join(", "))
+            };
+            return Err(err(format!(
+                "no group has this label ({known}); the keys here are group labels from \
+                 [{VIRTUAL_TOKEN}]"
+            )));
+        };
+        group.synchronize = parse_bool(&value).ok_or_else(|| {
+            err(format!(
+                "\"{value}\" is not accepted; use 1 to copy missing objects to a recovered \
+                 member or 0 not to (yes/no and true/false also work)"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// 1/0, yes/no, true/false in any case.
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "yes" | "true" => Some(true),
+        "0" | "no" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// The `[HAConfiguration]` settings.
 struct HaSettings {
     ha_only: bool,
     multipart_replay_limit: usize,
+    attempts: i64,
+    interval_secs: u64,
+    member_timeout_ms: u64,
+    ha_log: HaLogConfig,
 }
 
 fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, ConfigError> {
     let mut settings = HaSettings {
         ha_only: false,
         multipart_replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
+        attempts: DEFAULT_RECONNECT_ATTEMPTS,
+        interval_secs: DEFAULT_RECONNECT_INTERVAL_SECS,
+        member_timeout_ms: DEFAULT_MEMBER_TIMEOUT_MS,
+        ha_log: HaLogConfig::default(),
     };
+    let mut status_key = None;
     for (key, value) in entries {
         let err = |problem: String| error(file, Some(HA_CONFIGURATION), Some(&key), problem);
-        if key.eq_ignore_ascii_case(MULTIPART_REPLAY_LIMIT) {
-            settings.multipart_replay_limit = parse_replay_limit(&value).map_err(err)?;
-            continue;
-        }
-        if !key.eq_ignore_ascii_case(HA_ONLY) {
+        let Some(known) = HA_KEYS.into_iter().find(|k| k.eq_ignore_ascii_case(&key)) else {
+            let (last, first) = HA_KEYS.split_last().expect("HA_KEYS is not empty");
             return Err(err(format!(
-                "unknown key; the keys here are {HA_ONLY} and {MULTIPART_REPLAY_LIMIT}"
+                "unknown key; the keys here are {} and {last}",
+                first.join(", ")
             )));
-        }
-        settings.ha_only = match value.to_ascii_lowercase().as_str() {
-            "1" | "yes" | "true" => true,
-            "0" | "no" | "false" => false,
-            _ => {
-                return Err(err(format!(
-                    "\"{value}\" is not accepted; use 1 to show only the virtual slots or 0 \
-                     to show the member slots too (yes/no and true/false also work)"
-                )))
-            }
         };
+        match known {
+            HA_ONLY => {
+                settings.ha_only = parse_bool(&value).ok_or_else(|| {
+                    err(format!(
+                        "\"{value}\" is not accepted; use 1 to show only the virtual slots or \
+                         0 to show the member slots too (yes/no and true/false also work)"
+                    ))
+                })?;
+            }
+            MULTIPART_REPLAY_LIMIT => {
+                settings.multipart_replay_limit = parse_replay_limit(&value).map_err(err)?;
+            }
+            RECONN_ATT => {
+                settings.attempts = Some(value.as_str())
+                    .filter(|v| *v == "-1" || is_digits(v))
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        err(format!(
+                            "\"{value}\" is not accepted; give the number of recovery attempts \
+                             after a member fails, -1 to try forever (the default) or 0 to \
+                             turn auto-recovery off"
+                        ))
+                    })?;
+            }
+            AUTO_RECONNECT_INTERVAL => {
+                settings.interval_secs = parse_bounded(&value, 1, MAX_RECONNECT_INTERVAL_SECS)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "\"{value}\" is not accepted; give the seconds between recovery \
+                             attempts, from 1 to {MAX_RECONNECT_INTERVAL_SECS}, as decimal \
+                             digits; the default is {DEFAULT_RECONNECT_INTERVAL_SECS}"
+                        ))
+                    })?;
+            }
+            MEMBER_TIMEOUT => {
+                settings.member_timeout_ms = parse_bounded(&value, 1, MAX_MEMBER_TIMEOUT_MS)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "\"{value}\" is not accepted; give the milliseconds a member may \
+                             take to answer, from 1 to {MAX_MEMBER_TIMEOUT_MS}, as decimal \
+                             digits; the default is {DEFAULT_MEMBER_TIMEOUT_MS}"
+                        ))
+                    })?;
+            }
+            HA_LOG_STATUS => {
+                settings.ha_log.enabled = match value.to_ascii_lowercase().as_str() {
+                    "enabled" => true,
+                    "disabled" => false,
+                    _ => {
+                        return Err(err(format!(
+                            "\"{value}\" is not accepted; use enabled or disabled"
+                        )))
+                    }
+                };
+                status_key = Some(key.clone());
+            }
+            HA_LOG_PATH => {
+                let path = PathBuf::from(&value);
+                if !path.is_absolute() {
+                    return Err(err(format!(
+                        "\"{value}\" is not an absolute path; give the directory for \
+                         {HA_LOG_FILE} starting with \"/\""
+                    )));
+                }
+                settings.ha_log.path = Some(path);
+            }
+            LOG_LEN => {
+                settings.ha_log.max_len = parse_bounded(&value, 0, u64::MAX).ok_or_else(|| {
+                    err(format!(
+                        "\"{value}\" is not accepted; give the size in bytes at which the HA \
+                         log is rotated, as decimal digits, or 0 never to rotate it; the \
+                         default is {DEFAULT_HA_LOG_MAX_LEN}"
+                    ))
+                })?;
+            }
+            _ => unreachable!("every key of HA_KEYS is handled"),
+        }
+    }
+    if settings.ha_log.enabled && settings.ha_log.path.is_none() {
+        let key = status_key.unwrap_or_else(|| HA_LOG_STATUS.to_owned());
+        let problem = format!(
+            "the HA log is enabled but {HA_LOG_PATH} is not set; add {HA_LOG_PATH} = <directory \
+             for {HA_LOG_FILE}> or set {HA_LOG_STATUS} = disabled"
+        );
+        return Err(error(file, Some(HA_CONFIGURATION), Some(&key), problem));
     }
     Ok(settings)
 }
 
+fn is_digits(value: &str) -> bool {
+    !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Decimal digits only (`str::parse` would also take "+5"), in `min..=max`.
+fn parse_bounded(value: &str, min: u64, max: u64) -> Option<u64> {
+    Some(value)
+        .filter(|v| is_digits(v))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| (min..=max).contains(n))
+}
+
 /// A decimal byte count in `0..=MAX_MULTIPART_REPLAY_LIMIT`.
 fn parse_replay_limit(value: &str) -> Result<usize, String> {
-    // Digits only: `str::parse` would also take "+5".
-    let limit = Some(value)
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&limit| limit <= MAX_MULTIPART_REPLAY_LIMIT);
+    let limit = parse_bounded(value, 0, MAX_MULTIPART_REPLAY_LIMIT as u64).map(|n| n as usize);
     limit.ok_or_else(|| {
         format!(
             "\"{value}\" is not accepted; give a whole number of bytes from 0 to \
@@ -514,16 +954,33 @@ fn parse_group_key(key: &str) -> Option<(u32, Field)> {
     Some((digits.parse().ok()?, field))
 }
 
-fn parse_groups(file: &Path, entries: Entries) -> Result<Vec<GroupConfig>, ConfigError> {
+/// The groups, and `VirtualTokenActiveRecovery`.
+fn parse_groups(
+    file: &Path,
+    entries: Entries,
+) -> Result<(Vec<GroupConfig>, RecoveryMode), ConfigError> {
     let err = |key: &str, problem: String| error(file, Some(VIRTUAL_TOKEN), Some(key), problem);
 
     // Index -> (key as written, value) per field.
     let mut raw: BTreeMap<u32, [Option<(String, String)>; Field::ALL.len()]> = BTreeMap::new();
+    let mut mode = RecoveryMode::default();
     for (key, value) in entries {
+        if key.eq_ignore_ascii_case(ACTIVE_RECOVERY) {
+            mode = RecoveryMode::from_name(&value).ok_or_else(|| {
+                let problem = format!(
+                    "\"{value}\" is not accepted; use activeEnhanced (reopen sessions and log \
+                     in at recovery, the default) or activeBasic (reopen sessions when a call \
+                     needs them)"
+                );
+                err(&key, problem)
+            })?;
+            continue;
+        }
         let Some((index, field)) = parse_group_key(&key) else {
             let problem = format!(
                 "unknown key; group keys are {VIRTUAL_TOKEN}<NN>Label, ...SN, ...Members, \
-                 ...Standby and ...DomainLabel, where <NN> is two digits such as 00"
+                 ...Standby and ...DomainLabel, where <NN> is two digits such as 00, and \
+                 {ACTIVE_RECOVERY}"
             );
             return Err(err(&key, problem));
         };
@@ -610,6 +1067,7 @@ fn parse_groups(file: &Path, entries: Entries) -> Result<Vec<GroupConfig>, Confi
             members,
             standby,
             domain_label,
+            synchronize: true,
         });
     }
 
@@ -635,7 +1093,7 @@ fn parse_groups(file: &Path, entries: Entries) -> Result<Vec<GroupConfig>, Confi
             return Err(err(&group_key(group.index, Field::Sn), problem));
         }
     }
-    Ok(groups)
+    Ok((groups, mode))
 }
 
 fn check_label(label: &str) -> Result<(), String> {
@@ -758,6 +1216,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
             members: members.split(',').map(str::to_owned).collect(),
             standby: Vec::new(),
             domain_label: DEFAULT_DOMAIN_LABEL.into(),
+            synchronize: true,
         }
     }
 
@@ -779,6 +1238,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
                 libraries: vec![LibraryConfig {
                     name: "softhsm".into(),
                     path: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+                    environment: Vec::new(),
                 }],
                 groups: vec![GroupConfig {
                     index: 0,
@@ -787,9 +1247,21 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
                     members: vec!["154438865287".into(), "1238700701509".into()],
                     standby: vec!["1238700701510".into()],
                     domain_label: "myHAdomain".into(),
+                    synchronize: true,
                 }],
                 ha_only: false,
                 multipart_replay_limit: 4096,
+                recovery: RecoveryConfig {
+                    attempts: -1,
+                    interval_secs: 60,
+                    mode: RecoveryMode::ActiveEnhanced,
+                },
+                member_timeout_ms: 20_000,
+                ha_log: HaLogConfig {
+                    enabled: false,
+                    path: None,
+                    max_len: 10_485_760,
+                },
             }
         );
     }
@@ -812,6 +1284,9 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
         );
         let mut expected = parse(EXAMPLE).unwrap();
         expected.multipart_replay_limit = DEFAULT_MULTIPART_REPLAY_LIMIT;
+        expected.libraries[0].environment =
+            vec![("SOFTHSM2_CONF".into(), "/etc/softhsm2.conf".into())];
+        expected.ha_log.path = Some(PathBuf::from("/var/log/pkcs11-ha"));
         assert_eq!(config, expected);
     }
 
@@ -930,12 +1405,25 @@ haonly = Yes
         second.serial = Some("99".into());
         second.standby = vec!["c".into(), "d".into()];
         second.domain_label = "Second domain".into();
+        second.synchronize = false;
         let mut defaults = parse(EXAMPLE).unwrap();
         defaults.groups[0].domain_label = DEFAULT_DOMAIN_LABEL.into();
         defaults.multipart_replay_limit = DEFAULT_MULTIPART_REPLAY_LIMIT;
         let text = defaults.to_ini_string();
-        assert!(!text.contains("DomainLabel"), "{text}");
-        assert!(!text.contains("MultipartReplayLimit"), "{text}");
+        for omitted in [
+            "DomainLabel",
+            "MultipartReplayLimit",
+            "LibraryEnvironment",
+            "HASynchronize",
+            "ActiveRecovery",
+            "reconnAtt",
+            "AutoReconnectInterval",
+            "memberTimeout",
+            "haLog",
+            "logLen",
+        ] {
+            assert!(!text.contains(omitted), "{omitted} in:\n{text}");
+        }
         let configs = [
             parse(EXAMPLE).unwrap(),
             defaults,
@@ -945,21 +1433,162 @@ haonly = Yes
                     LibraryConfig {
                         name: "one".into(),
                         path: PathBuf::from("/opt/x;y/lib one.so"),
+                        environment: vec![
+                            (
+                                "P11_KIT_SERVER_ADDRESS".into(),
+                                "unix:path=/run/a.sock".into(),
+                            ),
+                            ("_x1".into(), String::new()),
+                        ],
                     },
                     LibraryConfig {
                         name: "two".into(),
                         path: PathBuf::from("C:\\hsm\\lib.dll"),
+                        environment: Vec::new(),
+                    },
+                    LibraryConfig {
+                        name: "three.v2".into(),
+                        path: PathBuf::from("/three.so"),
+                        environment: vec![("A".into(), "b=c d".into())],
                     },
                 ],
                 groups: vec![group("1"), second],
                 ha_only: true,
                 multipart_replay_limit: 0,
+                recovery: RecoveryConfig {
+                    attempts: 0,
+                    interval_secs: 1,
+                    mode: RecoveryMode::ActiveBasic,
+                },
+                member_timeout_ms: 1,
+                ha_log: HaLogConfig {
+                    enabled: true,
+                    path: Some(PathBuf::from("/var/log/ha dir")),
+                    max_len: 0,
+                },
+            },
+            Config {
+                path: PathBuf::from(FILE),
+                libraries: vec![LibraryConfig {
+                    name: "one".into(),
+                    path: PathBuf::from("/one.so"),
+                    environment: Vec::new(),
+                }],
+                recovery: RecoveryConfig {
+                    attempts: 7,
+                    ..RecoveryConfig::default()
+                },
+                ha_log: HaLogConfig {
+                    path: Some(PathBuf::from("/kept/while/disabled")),
+                    ..HaLogConfig::default()
+                },
+                ..Config::default()
             },
         ];
         for config in configs {
             let text = config.to_ini_string();
             assert_eq!(parse(&text).unwrap(), config, "from:\n{text}");
         }
+    }
+
+    #[test]
+    fn library_environment() {
+        let text = "\
+[Libraries]
+hsmA = /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so
+hsmB = /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so
+[LibraryEnvironment]
+hsmA.P11_KIT_SERVER_ADDRESS = unix:path=/run/hsmA.sock
+HSMB.P11_KIT_SERVER_ADDRESS = unix:path=/run/hsmB.sock
+hsmA._Debug2 =
+";
+        let config = parse(text).unwrap();
+        assert_eq!(
+            config.libraries[0].environment,
+            [
+                (
+                    "P11_KIT_SERVER_ADDRESS".to_owned(),
+                    "unix:path=/run/hsmA.sock".to_owned()
+                ),
+                ("_Debug2".to_owned(), String::new()),
+            ]
+        );
+        assert_eq!(
+            config.libraries[1].environment,
+            [(
+                "P11_KIT_SERVER_ADDRESS".to_owned(),
+                "unix:path=/run/hsmB.sock".to_owned()
+            )]
+        );
+        assert_eq!(config.library("HSMA"), Some(&config.libraries[0]));
+        assert_eq!(config.library("hsmC"), None);
+        assert_eq!(parse(&config.to_ini_string()).unwrap(), config);
+    }
+
+    #[test]
+    fn synchronize_recovery_timeout_and_log() {
+        let config = parse(&with_ha("")).unwrap();
+        assert!(config.groups[0].synchronize);
+        assert_eq!(config.recovery, RecoveryConfig::default());
+        assert_eq!(config.recovery.attempts, -1);
+        assert_eq!(config.recovery.interval_secs, 60);
+        assert_eq!(config.recovery.mode, RecoveryMode::ActiveEnhanced);
+        assert_eq!(config.member_timeout_ms, 20_000);
+        assert_eq!(config.ha_log, HaLogConfig::default());
+        assert_eq!(config.ha_log.max_len, 10_485_760);
+        assert!(!config.ha_log.enabled);
+
+        let text = with_library(
+            "[VirtualToken]\nVirtualToken00Label = First\nVirtualToken00Members = 1\n\
+             VirtualToken01Label = second\nVirtualToken01Members = 2\n\
+             virtualtokenactiverecovery = ACTIVEBASIC\n\
+             [hasynchronize]\nfirst = 0\nSECOND = yes\n\
+             [HAConfiguration]\nRECONNATT = 10\nautoReconnectInterval = 1\n\
+             MemberTimeout = 250\nhaLogStatus = ENABLED\nhaLogPath = /var/log/ha\n\
+             LOGLEN = 0\n",
+        );
+        let config = parse(&text).unwrap();
+        assert!(!config.groups[0].synchronize);
+        assert!(config.groups[1].synchronize);
+        assert_eq!(config.group("FIRST"), Some(&config.groups[0]));
+        assert_eq!(
+            config.recovery,
+            RecoveryConfig {
+                attempts: 10,
+                interval_secs: 1,
+                mode: RecoveryMode::ActiveBasic,
+            }
+        );
+        assert_eq!(config.member_timeout_ms, 250);
+        assert_eq!(
+            config.ha_log,
+            HaLogConfig {
+                enabled: true,
+                path: Some(PathBuf::from("/var/log/ha")),
+                max_len: 0,
+            }
+        );
+        assert_eq!(parse(&config.to_ini_string()).unwrap(), config);
+
+        for (value, attempts) in [("-1", -1), ("0", 0), ("0003", 3)] {
+            let text = with_ha(&format!("reconnAtt = {value}\n"));
+            assert_eq!(parse(&text).unwrap().recovery.attempts, attempts, "{text}");
+        }
+        for (value, mode) in [
+            ("activeEnhanced", RecoveryMode::ActiveEnhanced),
+            ("activebasic", RecoveryMode::ActiveBasic),
+        ] {
+            assert_eq!(RecoveryMode::from_name(value), Some(mode));
+            assert_eq!(RecoveryMode::from_name(mode.as_str()), Some(mode));
+        }
+        assert_eq!(RecoveryMode::from_name("basic"), None);
+        // Disabled with a path keeps the path.
+        let text = with_ha("haLogStatus = disabled\nhaLogPath = /tmp\n");
+        let log = parse(&text).unwrap().ha_log;
+        assert_eq!(
+            (log.enabled, log.path),
+            (false, Some(PathBuf::from("/tmp")))
+        );
     }
 
     #[test]
@@ -1013,7 +1642,8 @@ haonly = Yes
                 with_library("[HAConfiguration]\nFoo = 1\n"),
                 "HAConfiguration",
                 "Foo",
-                "the keys here are HAOnly and MultipartReplayLimit",
+                "the keys here are HAOnly, MultipartReplayLimit, reconnAtt, \
+                 AutoReconnectInterval, memberTimeout, haLogStatus, haLogPath and logLen",
             ),
             (
                 with_library("[HAConfiguration]\nHAOnly = 2\n"),
@@ -1222,6 +1852,137 @@ haonly = Yes
                 "same serial",
             ),
         ];
+        let env = |rest: &str| with_library(&format!("[LibraryEnvironment]\n{rest}"));
+        let sync = |rest: &str| members(&format!("[HASynchronize]\n{rest}"));
+        let cases = cases.into_iter().chain([
+            (
+                env("SOFTHSM_CONF = /x\n"),
+                "LibraryEnvironment",
+                "SOFTHSM_CONF",
+                "<library name>.<VARIABLE>",
+            ),
+            (
+                env("hsmA.X = 1\n"),
+                "LibraryEnvironment",
+                "hsmA.X",
+                "no library \"hsmA\" in [Libraries] (the libraries are softhsm)",
+            ),
+            (
+                env("softhsm.1X = 1\n"),
+                "LibraryEnvironment",
+                "softhsm.1X",
+                "not an environment variable name",
+            ),
+            (
+                env("softhsm.A-B = 1\n"),
+                "LibraryEnvironment",
+                "softhsm.A-B",
+                "not an environment variable name",
+            ),
+            (
+                env("softhsm. = 1\n"),
+                "LibraryEnvironment",
+                "softhsm.",
+                "not an environment variable name",
+            ),
+            (
+                env("softhsm.X = 1\nSOFTHSM.x = 2\n"),
+                "LibraryEnvironment",
+                "SOFTHSM.x",
+                "twice",
+            ),
+            (
+                sync("other = 1\n"),
+                "HASynchronize",
+                "other",
+                "no group has this label (the labels are g)",
+            ),
+            (
+                with_library("[HASynchronize]\ng = 1\n"),
+                "HASynchronize",
+                "g",
+                "none is configured",
+            ),
+            (
+                sync("g = 2\n"),
+                "HASynchronize",
+                "g",
+                "\"2\" is not accepted; use 1",
+            ),
+            (
+                members("VirtualTokenActiveRecovery = enhanced\n"),
+                "VirtualToken",
+                "VirtualTokenActiveRecovery",
+                "use activeEnhanced",
+            ),
+            (
+                with_library("[HAConfiguration]\nreconnAtt = -2\n"),
+                "HAConfiguration",
+                "reconnAtt",
+                "-1 to try forever",
+            ),
+            (
+                with_library("[HAConfiguration]\nreconnAtt = +3\n"),
+                "HAConfiguration",
+                "reconnAtt",
+                "\"+3\" is not accepted",
+            ),
+            (
+                with_library("[HAConfiguration]\nAutoReconnectInterval = 0\n"),
+                "HAConfiguration",
+                "AutoReconnectInterval",
+                "from 1 to 86400",
+            ),
+            (
+                with_library("[HAConfiguration]\nautoreconnectinterval = 86401\n"),
+                "HAConfiguration",
+                "autoreconnectinterval",
+                "from 1 to 86400",
+            ),
+            (
+                with_library("[HAConfiguration]\nmemberTimeout = 0\n"),
+                "HAConfiguration",
+                "memberTimeout",
+                "from 1 to 3600000",
+            ),
+            (
+                with_library("[HAConfiguration]\nmemberTimeout = 20s\n"),
+                "HAConfiguration",
+                "memberTimeout",
+                "\"20s\" is not accepted",
+            ),
+            (
+                with_library("[HAConfiguration]\nhaLogStatus = on\n"),
+                "HAConfiguration",
+                "haLogStatus",
+                "use enabled or disabled",
+            ),
+            (
+                with_library("[HAConfiguration]\nHALOGSTATUS = Enabled\n"),
+                "HAConfiguration",
+                "HALOGSTATUS",
+                "haLogPath is not set",
+            ),
+            (
+                with_library("[HAConfiguration]\nhaLogPath = logs\n"),
+                "HAConfiguration",
+                "haLogPath",
+                "not an absolute path",
+            ),
+            (
+                with_library("[HAConfiguration]\nlogLen = -1\n"),
+                "HAConfiguration",
+                "logLen",
+                "0 never to rotate",
+            ),
+            (
+                with_library("[HASynchronise]\n"),
+                "HASynchronise",
+                "",
+                "the sections are [Libraries], [LibraryEnvironment], [VirtualToken], \
+                 [HASynchronize] and [HAConfiguration]",
+            ),
+        ]);
         for (text, section, key, problem) in cases {
             let e = parse_err(&text);
             let shown = e.to_string();

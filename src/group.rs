@@ -27,6 +27,16 @@ pub enum MemberState {
     Up = 0,
     /// Its token was not found, or it faulted; it serves nothing.
     Down = 1,
+    /// Coming back: receiving what it missed before it serves again.
+    Recovering = 2,
+}
+
+/// Milliseconds since the library was first used, for "time since the last
+/// state change" without a clock that jumps.
+pub fn now_ms() -> u64 {
+    static START: once_cell::sync::Lazy<std::time::Instant> =
+        once_cell::sync::Lazy::new(std::time::Instant::now);
+    START.elapsed().as_millis() as u64
 }
 
 /// One member token of a group.
@@ -42,6 +52,11 @@ pub struct Member {
     /// earlier epoch are never used again, since a restarted member may
     /// hand the same session numbers to someone else.
     epoch: AtomicU64,
+    consecutive_failures: AtomicU64,
+    last_fault: AtomicU64,
+    state_changed_ms: AtomicU64,
+    /// Recovery attempts since the member last failed.
+    pub recovery_attempts: AtomicU64,
 }
 
 impl Member {
@@ -55,6 +70,10 @@ impl Member {
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            consecutive_failures: AtomicU64::new(0),
+            last_fault: AtomicU64::new(CKR_OK),
+            state_changed_ms: AtomicU64::new(now_ms()),
+            recovery_attempts: AtomicU64::new(0),
         }
     }
 
@@ -63,11 +82,30 @@ impl Member {
     }
 
     pub fn state(&self) -> MemberState {
-        if self.state.load(Ordering::Acquire) == MemberState::Up as u8 {
-            MemberState::Up
-        } else {
-            MemberState::Down
+        match self.state.load(Ordering::Acquire) {
+            0 => MemberState::Up,
+            2 => MemberState::Recovering,
+            _ => MemberState::Down,
         }
+    }
+
+    /// Whether member sessions may be opened: it serves, or it is being
+    /// brought back.
+    pub fn reachable(&self) -> bool {
+        self.state() != MemberState::Down
+    }
+
+    pub fn consecutive_failures(&self) -> u64 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn last_fault(&self) -> CK_RV {
+        self.last_fault.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the member last changed state.
+    pub fn ms_since_state_change(&self) -> u64 {
+        now_ms().saturating_sub(self.state_changed_ms.load(Ordering::Relaxed))
     }
 
     pub fn is_up(&self) -> bool {
@@ -75,28 +113,31 @@ impl Member {
     }
 
     pub fn set_state(&self, state: MemberState) {
-        self.state.store(state as u8, Ordering::Release);
+        if self.state.swap(state as u8, Ordering::AcqRel) != state as u8 {
+            self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        if state == MemberState::Up {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.recovery_attempts.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Takes the member out of service after a fault; true if it was up.
-    pub fn fail(&self) -> bool {
-        let was_up = self
-            .state
-            .compare_exchange(
-                MemberState::Up as u8,
-                MemberState::Down as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok();
-        if was_up {
+    /// Takes the member out of service after a fault; true if it was up
+    /// (or coming back) until now.
+    pub fn fail(&self, rv: CK_RV) -> bool {
+        let previous = self.state.swap(MemberState::Down as u8, Ordering::AcqRel);
+        let was_reachable = previous != MemberState::Down as u8;
+        if was_reachable {
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.last_fault.store(rv, Ordering::Relaxed);
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+            self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
         }
-        was_up
+        was_reachable
     }
 
     pub fn in_flight(&self) -> usize {
@@ -265,24 +306,37 @@ impl Group {
 
     /// Records where a member token lives and brings it up.
     pub fn attach(&self, position: usize, location: Location) {
-        let member = &self.members[position];
-        *member.location.write() = Some(location);
-        member.set_state(MemberState::Up);
+        self.relocate(position, location);
+        self.members[position].set_state(MemberState::Up);
+    }
+
+    /// Records where a member token lives now (it may have moved slots
+    /// after its library reconnected), without changing its state.
+    pub fn relocate(&self, position: usize, location: Location) {
+        *self.members[position].location.write() = Some(location);
     }
 
     /// Records a member fault: the member leaves the rotation and the
     /// operator hears of it once.
     pub fn member_failed(&self, position: usize, function: &str, rv: CK_RV) {
         let member = &self.members[position];
-        if member.fail() {
-            eprintln!(
-                "pkcs11-ha: group {} ({}): member {} failed in {function} with {}; calls go to the other members",
-                self.label,
-                self.serial,
-                member.serial,
+        if member.fail(rv) {
+            let event = format!(
+                "member failed in {function} with {}; calls go to the other members",
                 crate::error::rv_name(rv)
             );
+            eprintln!(
+                "pkcs11-ha: group {} ({}): member {} {event}",
+                self.label, self.serial, member.serial
+            );
+            self.log(Some(position), &event);
         }
+    }
+
+    /// Records a group event in the HA log.
+    pub fn log(&self, position: Option<usize>, event: &str) {
+        let member = position.map(|p| self.members[p].serial.as_str());
+        crate::halog::record(&self.label, &self.serial, member, event);
     }
 
     /// Queues a change for a member that is down.

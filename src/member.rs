@@ -13,11 +13,12 @@ use std::ptr;
 /// `CKR_FUNCTION_NOT_SUPPORTED`, as the specification says of a NULL slot.
 macro_rules! member_call {
     ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        match $lib.functions().$func {
+        let library = &$lib;
+        match library.functions().$func {
             // SAFETY: the table came from the member's own C_GetFunctionList
             // or C_GetInterface and the library stays loaded while `$lib`
             // lives; the arguments follow the PKCS#11 signature.
-            Some(f) => unsafe { f($($arg),*) },
+            Some(f) => library.shielded(|| unsafe { f($($arg),*) }),
             None => ::cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED,
         }
     }};
@@ -28,10 +29,97 @@ pub(crate) use member_call;
 pub struct MemberLibrary {
     pub name: String,
     pub path: PathBuf,
+    /// Variables set while the library reads its environment (when its
+    /// function list is obtained and when it is initialised), so that two
+    /// entries of one client library can reach two servers.
+    environment: Vec<(String, String)>,
     functions: CK_FUNCTION_LIST,
     /// True when our `C_Initialize` succeeded, so ours is the `C_Finalize`.
     initialized_by_us: Mutex<bool>,
+    /// Sockets the library opened while we initialised it: severing them is
+    /// how a call stuck on a stalled network member is made to return.
+    sockets: Mutex<Vec<SocketFd>>,
+    networked: std::sync::atomic::AtomicBool,
     _library: Library,
+}
+
+fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
+    // SAFETY: signal-set manipulation on local values and this thread's
+    // mask only.
+    unsafe {
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut previous);
+        let already_blocked = libc::sigismember(&previous, libc::SIGPIPE) == 1;
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut pending);
+        let already_pending = libc::sigismember(&pending, libc::SIGPIPE) == 1;
+        let result = call();
+        if !already_blocked {
+            if !already_pending {
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                while libc::sigtimedwait(&pipe, std::ptr::null_mut(), &zero) == libc::SIGPIPE {}
+            }
+            libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        }
+        result
+    }
+}
+
+/// A socket descriptor and the inode it referred to, so that a descriptor
+/// the library closed and the process reused is never touched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SocketFd {
+    fd: i32,
+    inode: u64,
+}
+
+/// The process's open sockets.
+fn open_sockets() -> Vec<SocketFd> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let entry = e.ok()?;
+            let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+            socket_inode(fd).map(|inode| SocketFd { fd, inode })
+        })
+        .collect()
+}
+
+fn socket_inode(fd: i32) -> Option<u64> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    let text = target.to_str()?;
+    text.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Runs `f` with `environment` set in the process, then restores it.
+/// Callers hold the provider's lifecycle lock.
+fn with_environment<T>(environment: &[(String, String)], f: impl FnOnce() -> T) -> T {
+    let saved: Vec<(String, Option<std::ffi::OsString>)> = environment
+        .iter()
+        .map(|(k, _)| (k.clone(), std::env::var_os(k)))
+        .collect();
+    for (k, v) in environment {
+        std::env::set_var(k, v);
+    }
+    let result = f();
+    for (k, v) in saved {
+        match v {
+            Some(v) => std::env::set_var(&k, v),
+            None => std::env::remove_var(&k),
+        }
+    }
+    result
 }
 
 impl MemberLibrary {
@@ -40,18 +128,25 @@ impl MemberLibrary {
     /// `C_GetInterface` is asked first; whatever version a member reports,
     /// only the 2.40 entries are copied, because those are the only ones we
     /// call and SoftHSM reports 3.x while filling only those.
-    pub fn load(name: &str, path: &Path) -> std::result::Result<Self, String> {
+    pub fn load(
+        name: &str,
+        path: &Path,
+        environment: &[(String, String)],
+    ) -> std::result::Result<Self, String> {
         // SAFETY: loading a PKCS#11 module runs its constructors; that is
         // what the operator configured us to do.
         let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
             .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
-        let table = Self::function_table(&library)
+        let table = with_environment(environment, || Self::function_table(&library))
             .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
         Ok(MemberLibrary {
             name: name.to_string(),
             path: path.to_path_buf(),
+            environment: environment.to_vec(),
             functions: table,
             initialized_by_us: Mutex::new(false),
+            sockets: Mutex::new(Vec::new()),
+            networked: std::sync::atomic::AtomicBool::new(false),
             _library: library,
         })
     }
@@ -89,6 +184,21 @@ impl MemberLibrary {
         &self.functions
     }
 
+    /// Runs a call into the library. A library that talks to a server
+    /// (it opened sockets when initialised) runs with `SIGPIPE` blocked in
+    /// this thread, and a `SIGPIPE` it raises is consumed, so a server that
+    /// died while idle cannot kill an application that does not ignore the
+    /// signal. The process-wide disposition is never touched; in-process
+    /// members pay nothing.
+    #[inline]
+    pub fn shielded<T>(&self, call: impl FnOnce() -> T) -> T {
+        if self.networked.load(std::sync::atomic::Ordering::Relaxed) {
+            with_sigpipe_blocked(call)
+        } else {
+            call()
+        }
+    }
+
     /// Initialises the library for OS locking. A library the application
     /// (or a parent process before `fork`) already initialised is usable
     /// as it is, and is then not ours to finalise.
@@ -101,10 +211,22 @@ impl MemberLibrary {
             flags: CKF_OS_LOCKING_OK,
             pReserved: ptr::null_mut(),
         };
-        let rv = member_call!(
-            self,
-            C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
-        );
+        let before = open_sockets();
+        let rv = with_environment(&self.environment, || {
+            member_call!(
+                self,
+                C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
+            )
+        });
+        let opened: Vec<SocketFd> = open_sockets()
+            .into_iter()
+            .filter(|s| !before.contains(s))
+            .collect();
+        // Once a network library, always one: a reconnect that finds the
+        // server down opens no socket but the next one will.
+        self.networked
+            .fetch_or(!opened.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        *self.sockets.lock() = opened;
         let mut ours = self.initialized_by_us.lock();
         match rv {
             CKR_OK => {
@@ -122,6 +244,32 @@ impl MemberLibrary {
         if std::mem::take(&mut *ours) {
             member_call!(self, C_Finalize(ptr::null_mut()));
         }
+    }
+
+    /// Whether we initialised the library (and may therefore finalise and
+    /// initialise it again to reconnect it).
+    pub fn initialized_by_us(&self) -> bool {
+        *self.initialized_by_us.lock()
+    }
+
+    /// Reconnects a library whose connection is gone: a remote client
+    /// never reconnects by itself, but `C_Finalize` + `C_Initialize` does.
+    pub fn reinitialize(&self) -> Result<()> {
+        self.finalize();
+        self.initialize()
+    }
+
+    /// Shuts down the sockets the library opened, so that a call stuck on
+    /// a stalled server returns with an error instead of never.
+    pub fn sever(&self) -> usize {
+        let sockets = self.sockets.lock().clone();
+        sockets
+            .iter()
+            .filter(|s| socket_inode(s.fd) == Some(s.inode))
+            // SAFETY: shutdown on a descriptor verified to be the library's
+            // socket; it does not close or free anything.
+            .filter(|s| unsafe { libc::shutdown(s.fd, libc::SHUT_RDWR) } == 0)
+            .count()
     }
 
     /// Forgets a parent's initialisation after `fork`: the child must not

@@ -3,20 +3,24 @@
 //! Owns slot numbering, which never changes while the process runs and is
 //! the same on every start with the same config.
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LibraryConfig, RecoveryMode};
 use crate::error::{check, Error, Result};
+use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
+use crate::halog;
 use crate::member::member_call;
 use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
+use crate::recovery::{self, Workers};
 use crate::session::{
     open_member_session, PassThroughSession, Session, SessionTable, Target, VirtualSession,
 };
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// Pass-through slot IDs carry the library's position above bit 32 and the
@@ -30,6 +34,24 @@ pub struct Provider {
     pub libraries: Vec<Arc<MemberLibrary>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
+    pub recovery: RecoverySettings,
+    /// How long a member may hold calls without completing any.
+    pub member_timeout: Duration,
+    /// Groups (by index in `groups`) whose returning members are compared
+    /// with the group and given what they lack.
+    synchronized: Vec<bool>,
+    workers: Mutex<Option<Workers>>,
+    /// Without threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`), recovery
+    /// runs during calls, at most once per interval: when it is next due.
+    inline_recovery_due_ms: Option<AtomicU64>,
+}
+
+/// `reconnAtt`, `AutoReconnectInterval` and `VirtualTokenActiveRecovery`.
+pub struct RecoverySettings {
+    /// -1: forever; 0: never.
+    pub attempts: i64,
+    pub interval: Duration,
+    pub mode: RecoveryMode,
 }
 
 /// What a slot ID names.
@@ -61,13 +83,28 @@ pub fn get() -> Result<Arc<Provider>> {
     if FORKED.load(Ordering::Relaxed) {
         return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
     }
-    PROVIDER
+    let provider = PROVIDER
         .read()
         .clone()
-        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))
+        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+    if let Some(due) = &provider.inline_recovery_due_ms {
+        let now = now_ms();
+        let next = now + provider.recovery.interval.as_millis() as u64;
+        let current = due.load(Ordering::Relaxed);
+        if now >= current
+            && due
+                .compare_exchange(current, next, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            recovery::recover_failed_members(&provider);
+        }
+    }
+    Ok(provider)
 }
 
-pub fn initialize() -> Result<()> {
+/// Initialises the library; `threads_allowed` is false when the
+/// application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
+pub fn initialize(threads_allowed: bool) -> Result<()> {
     let _lifecycle = LIFECYCLE.lock();
     if FORKED.swap(false, Ordering::Relaxed) {
         // The parent's sessions and logins are the parent's: drop our view of
@@ -87,8 +124,25 @@ pub fn initialize() -> Result<()> {
         unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
     });
     let config = Config::load(&Config::locate()).map_err(report_config_error)?;
-    let provider = Provider::start(&config).map_err(report_config_error)?;
-    *PROVIDER.write() = Some(Arc::new(provider));
+    if let (true, Some(directory)) = (config.ha_log.enabled, &config.ha_log.path) {
+        halog::open(directory, config.ha_log.max_len);
+    }
+    let mut provider = Provider::start(&config).map_err(report_config_error)?;
+    let recovery_on = config.recovery.attempts != 0;
+    if !threads_allowed && recovery_on {
+        provider.inline_recovery_due_ms = Some(AtomicU64::new(
+            now_ms() + provider.recovery.interval.as_millis() as u64,
+        ));
+    }
+    let provider = Arc::new(provider);
+    if threads_allowed {
+        let workers = Workers::start(Arc::downgrade(&provider), recovery_on).map_err(|e| {
+            eprintln!("pkcs11-ha: cannot start the recovery threads: {e}");
+            Error::new(CKR_GENERAL_ERROR)
+        })?;
+        *provider.workers.lock() = Some(workers);
+    }
+    *PROVIDER.write() = Some(provider);
     Ok(())
 }
 
@@ -101,6 +155,10 @@ pub fn finalize() -> Result<()> {
     let _lifecycle = LIFECYCLE.lock();
     let provider = get()?;
     PROVIDER.write().take();
+    let mut workers = provider.workers.lock().take();
+    if let Some(w) = workers.as_mut() {
+        w.stop_recovery(provider.member_timeout);
+    }
     for session in provider.sessions.drain() {
         close_session_members(&session);
     }
@@ -108,17 +166,37 @@ pub fn finalize() -> Result<()> {
         group.login.lock().take();
     }
     for library in &provider.libraries {
+        let failed = provider.groups.iter().any(|g| {
+            g.members.iter().any(|m| {
+                !m.reachable()
+                    && m.location()
+                        .is_some_and(|l| Arc::ptr_eq(&l.library, library))
+            })
+        });
+        // A stalled server would hold C_Finalize forever: cut it off first.
+        if failed {
+            library.sever();
+        }
         library.finalize();
     }
+    if let Some(w) = workers.as_mut() {
+        w.stop_watchdog();
+    }
+    halog::close();
     Ok(())
 }
 
-fn load_library(name: &str, path: &PathBuf) -> std::result::Result<Arc<MemberLibrary>, String> {
+fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>, String> {
     let mut loaded = LOADED.lock();
-    if let Some(library) = loaded.iter().find(|l| l.name == name && &l.path == path) {
+    let same = |l: &&Arc<MemberLibrary>| l.name == entry.name && l.path == entry.path;
+    if let Some(library) = loaded.iter().find(same) {
         return Ok(Arc::clone(library));
     }
-    let library = Arc::new(MemberLibrary::load(name, path)?);
+    let library = Arc::new(MemberLibrary::load(
+        &entry.name,
+        &entry.path,
+        &entry.environment,
+    )?);
     loaded.push(Arc::clone(&library));
     Ok(library)
 }
@@ -127,13 +205,12 @@ impl Provider {
     fn start(config: &Config) -> std::result::Result<Provider, ConfigError> {
         let mut libraries = Vec::with_capacity(config.libraries.len());
         for entry in &config.libraries {
-            let library =
-                load_library(&entry.name, &entry.path).map_err(|problem| ConfigError {
-                    file: config.path.clone(),
-                    section: Some("Libraries".into()),
-                    key: Some(entry.name.clone()),
-                    problem: format!("{problem}; check the path, or remove the entry"),
-                })?;
+            let library = load_library(entry).map_err(|problem| ConfigError {
+                file: config.path.clone(),
+                section: Some("Libraries".into()),
+                key: Some(entry.name.clone()),
+                problem: format!("{problem}; check the path, or remove the entry"),
+            })?;
             libraries.push(library);
         }
         let mut found: HashMap<String, Location> = HashMap::new();
@@ -187,7 +264,25 @@ impl Provider {
             libraries,
             groups,
             sessions: SessionTable::default(),
+            recovery: RecoverySettings {
+                attempts: config.recovery.attempts,
+                interval: Duration::from_secs(config.recovery.interval_secs),
+                mode: config.recovery.mode,
+            },
+            member_timeout: Duration::from_millis(config.member_timeout_ms),
+            synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
+            workers: Mutex::new(None),
+            inline_recovery_due_ms: None,
         })
+    }
+
+    /// Whether `[HASynchronize]` asks for this group's returning members to
+    /// be given what they lack.
+    pub fn synchronize(&self, group: &Group) -> bool {
+        self.groups
+            .iter()
+            .position(|g| std::ptr::eq(g.as_ref(), group))
+            .is_some_and(|i| self.synchronized[i])
     }
 
     pub fn slot(&self, slot_id: CK_SLOT_ID) -> Result<Slot> {

@@ -182,9 +182,9 @@ impl VirtualSession {
             .objects
             .get(object)
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-        let Presence::Present(source_handle) = entry.on[source] else {
+        if !matches!(entry.on[source], Presence::Present(_)) {
             return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
-        };
+        }
         let targets: Vec<usize> = self
             .group
             .members
@@ -202,9 +202,22 @@ impl VirtualSession {
             .into_iter()
             .filter(|p| self.group.members[*p].is_up())
             .collect();
-        if up.is_empty() {
+        self.copy_to(object, source, &up)
+    }
+
+    /// Copies virtual object `object` from member `source` to `targets`.
+    pub fn copy_to(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        source: usize,
+        targets: &[usize],
+    ) -> Result<()> {
+        if targets.is_empty() {
             return Ok(());
         }
+        let source_handle = self
+            .resolve(object, source)?
+            .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
         let from = self.member_session(source)?;
         let class = identity::read_attribute(&from.library, from.handle, source_handle, CKA_CLASS)
             .map(|c| identity::ulong_of(&c))
@@ -222,7 +235,7 @@ impl VirtualSession {
             None
         };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
-        for position in up {
+        for &position in targets {
             let domain = match &wrapped {
                 Some(_) => match self.domain_key(position) {
                     Ok(h) => h,

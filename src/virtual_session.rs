@@ -211,6 +211,17 @@ impl VirtualSession {
         Ok(session)
     }
 
+    /// A session for the library's own work (recovery), with member
+    /// sessions opened as they are needed, also on members coming back.
+    pub fn internal(group: Arc<Group>) -> Self {
+        VirtualSession {
+            members: Mutex::new(vec![None; group.members.len()]),
+            group,
+            flags: CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            bindings: Mutex::new(Bindings::default()),
+        }
+    }
+
     /// Closes every member session.
     pub fn close(&self) {
         let members = std::mem::take(&mut *self.members.lock());
@@ -233,7 +244,7 @@ impl VirtualSession {
         }
         let location = member
             .location()
-            .filter(|_| member.is_up())
+            .filter(|_| member.reachable())
             .ok_or(Error::new(CKR_DEVICE_ERROR))?;
         let opened = open_member_session(&location.library, location.slot, self.flags, epoch)?;
         let mut members = self.members.lock();

@@ -23,6 +23,7 @@ static INTERFACE: StaticInterface = StaticInterface(CK_INTERFACE {
 
 cryptoki_fn! {
     fn C_Initialize(init_args: *mut std::ffi::c_void) {
+        let mut threads_allowed = true;
         if !init_args.is_null() {
             let args = &*(init_args as *const CK_C_INITIALIZE_ARGS);
             if !args.pReserved.is_null() {
@@ -43,8 +44,9 @@ cryptoki_fn! {
             if given != 0 && args.flags & CKF_OS_LOCKING_OK == 0 {
                 return Err(Error::new(CKR_CANT_LOCK));
             }
+            threads_allowed = args.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS == 0;
         }
-        provider::initialize()
+        provider::initialize(threads_allowed)
     }
 
     fn C_Finalize(reserved: *mut std::ffi::c_void) {

@@ -13,6 +13,7 @@ mod crypto;
 mod general;
 mod object;
 mod session;
+mod state;
 
 /// Generates `#[no_mangle] extern "C"` exports. A body returns
 /// `Result<()>` and runs in an unsafe context, because every entry point

@@ -1,0 +1,305 @@
+//! Comparing the members' objects and copying to each member what it lacks,
+//! by the same rules as the library's replication (`src/replication.rs`):
+//! objects are recognised by `identity::fingerprint`; public objects are
+//! copied by their attributes; secret and private keys leave a member only
+//! wrapped under the group's domain key (`CKM_AES_KEY_WRAP_PAD`) and are
+//! unwrapped on the member that lacks them. The domain key itself is never
+//! compared or copied.
+
+use cryptoki_sys::*;
+use pkcs11_ha::error::rv_name;
+use pkcs11_ha::identity::Fingerprint;
+use serde::Serialize;
+
+use crate::domain::{self, Found};
+use crate::p11::{Session, TokenRef};
+
+/// How key material travels, as in replication.
+const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
+
+/// What a copy of a secret or private key carries over: the same list as
+/// `replication::KEY_ATTRIBUTES`.
+pub const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_KEY_TYPE,
+    CKA_TOKEN,
+    CKA_PRIVATE,
+    CKA_LABEL,
+    CKA_ID,
+    CKA_SUBJECT,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_SENSITIVE,
+    CKA_EXTRACTABLE,
+    CKA_WRAP_WITH_TRUSTED,
+    CKA_ENCRYPT,
+    CKA_DECRYPT,
+    CKA_SIGN,
+    CKA_VERIFY,
+    CKA_SIGN_RECOVER,
+    CKA_VERIFY_RECOVER,
+    CKA_WRAP,
+    CKA_UNWRAP,
+    CKA_DERIVE,
+    CKA_MODIFIABLE,
+    CKA_ALWAYS_AUTHENTICATE,
+    CKA_ALLOWED_MECHANISMS,
+];
+
+/// What a copy of a public object carries: the same list as
+/// `replication::PUBLIC_ATTRIBUTES`.
+pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_KEY_TYPE,
+    CKA_CERTIFICATE_TYPE,
+    CKA_TOKEN,
+    CKA_PRIVATE,
+    CKA_LABEL,
+    CKA_ID,
+    CKA_SUBJECT,
+    CKA_ISSUER,
+    CKA_SERIAL_NUMBER,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_ENCRYPT,
+    CKA_VERIFY,
+    CKA_VERIFY_RECOVER,
+    CKA_WRAP,
+    CKA_DERIVE,
+    CKA_TRUSTED,
+    CKA_MODIFIABLE,
+    CKA_MODULUS,
+    CKA_PUBLIC_EXPONENT,
+    CKA_EC_PARAMS,
+    CKA_EC_POINT,
+    CKA_VALUE,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+    CKA_URL,
+    CKA_CERTIFICATE_CATEGORY,
+    CKA_JAVA_MIDP_SECURITY_DOMAIN,
+    CKA_ALLOWED_MECHANISMS,
+];
+
+/// An object as people name it: class, label and id.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Description {
+    pub class: String,
+    pub label: String,
+    pub id: String,
+}
+
+impl std::fmt::Display for Description {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} \"{}\"", self.class, self.label)?;
+        if !self.id.is_empty() {
+            write!(f, " (id {})", self.id)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn class_name(class: Option<CK_OBJECT_CLASS>) -> String {
+    match class {
+        Some(CKO_DATA) => "data object".into(),
+        Some(CKO_CERTIFICATE) => "certificate".into(),
+        Some(CKO_PUBLIC_KEY) => "public key".into(),
+        Some(CKO_PRIVATE_KEY) => "private key".into(),
+        Some(CKO_SECRET_KEY) => "secret key".into(),
+        Some(other) => format!("object of class {other:#x}"),
+        None => "object".into(),
+    }
+}
+
+pub fn describe(session: &Session, object: CK_OBJECT_HANDLE) -> Description {
+    let label = session.attribute(object, CKA_LABEL).unwrap_or_default();
+    let id = session.attribute(object, CKA_ID).unwrap_or_default();
+    Description {
+        class: class_name(session.ulong_attribute(object, CKA_CLASS)),
+        label: String::from_utf8_lossy(&label).into_owned(),
+        id: domain::hex(&id),
+    }
+}
+
+/// One member as a sync sees it: its open (and, given a PIN, logged-in)
+/// session, its domain key and its objects with their fingerprints.
+pub struct View<'a> {
+    pub serial: String,
+    pub token: TokenRef,
+    pub session: Session<'a>,
+    pub domain: Option<Found>,
+    /// Every object the session sees except the domain key.
+    pub objects: Vec<(CK_OBJECT_HANDLE, Fingerprint)>,
+}
+
+impl<'a> View<'a> {
+    /// Reads the member's domain key and objects through `session`.
+    pub fn read(
+        serial: &str,
+        token: TokenRef,
+        session: Session<'a>,
+        domain_label: &str,
+    ) -> Result<View<'a>, String> {
+        let domain = domain::find(&session, domain_label).unwrap_or(None);
+        let handles = session.objects().map_err(|rv| {
+            format!(
+                "member {serial}: cannot list its objects: C_FindObjects returned {}",
+                rv_name(rv)
+            )
+        })?;
+        let objects = handles
+            .into_iter()
+            .filter(|h| domain.as_ref().map_or(true, |d| d.handle != *h))
+            .map(|h| (h, session.fingerprint(h)))
+            .collect();
+        Ok(View {
+            serial: serial.to_owned(),
+            token,
+            session,
+            domain,
+            objects,
+        })
+    }
+}
+
+/// One object to copy from one member to another.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub from: usize,
+    pub object: CK_OBJECT_HANDLE,
+    pub to: usize,
+    pub fingerprint: Fingerprint,
+    pub description: Description,
+}
+
+/// An object that cannot be matched safely: its fingerprint names more than
+/// one object on a member, so it is not copied there (we never guess).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ambiguous {
+    pub member: String,
+    pub object: Description,
+    pub matches: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub copies: Vec<Copy>,
+    pub ambiguous: Vec<Ambiguous>,
+    /// Members whose objects could not be searched: (serial, reason).
+    pub errors: Vec<(String, String)>,
+}
+
+/// What each member lacks, and where to copy it from.
+pub fn plan(views: &[View]) -> Plan {
+    let mut plan = Plan::default();
+    for (from, source) in views.iter().enumerate() {
+        for (object, print) in &source.objects {
+            let own = source.session.find(print).map(|f| f.len()).unwrap_or(1);
+            if own > 1 {
+                note_ambiguous(&mut plan, source, *object, own);
+                continue;
+            }
+            for (to, target) in views.iter().enumerate() {
+                if to == from
+                    || plan
+                        .copies
+                        .iter()
+                        .any(|c| c.to == to && c.fingerprint == *print)
+                {
+                    continue;
+                }
+                match target.session.find(print) {
+                    Ok(found) if found.is_empty() => plan.copies.push(Copy {
+                        from,
+                        object: *object,
+                        to,
+                        fingerprint: print.clone(),
+                        description: describe(&source.session, *object),
+                    }),
+                    Ok(found) if found.len() > 1 => {
+                        note_ambiguous(&mut plan, target, found[0], found.len())
+                    }
+                    Ok(_) => {}
+                    Err(rv) => {
+                        let reason = format!("C_FindObjects returned {}", rv_name(rv));
+                        if !plan.errors.iter().any(|(s, _)| *s == target.serial) {
+                            plan.errors.push((target.serial.clone(), reason));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    plan
+}
+
+fn note_ambiguous(plan: &mut Plan, view: &View, object: CK_OBJECT_HANDLE, matches: usize) {
+    let description = describe(&view.session, object);
+    if !plan
+        .ambiguous
+        .iter()
+        .any(|a| a.member == view.serial && a.object == description)
+    {
+        plan.ambiguous.push(Ambiguous {
+            member: view.serial.clone(),
+            object: description,
+            matches,
+        });
+    }
+}
+
+/// Copies one object; the error says why it could not.
+pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
+    let source = &views[copy.from];
+    let target = &views[copy.to];
+    let class = source.session.ulong_attribute(copy.object, CKA_CLASS);
+    let secret = matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY));
+    if !secret {
+        let mut template = source.session.template(copy.object, PUBLIC_ATTRIBUTES);
+        return target
+            .session
+            .create(&mut template)
+            .map(drop)
+            .map_err(|rv| format!("C_CreateObject on {} returned {}", target.serial, rv_name(rv)));
+    }
+    let (Some(from_domain), Some(to_domain)) = (&source.domain, &target.domain) else {
+        let missing = if source.domain.is_none() {
+            &source.serial
+        } else {
+            &target.serial
+        };
+        return Err(format!(
+            "member {missing} has no domain key, so key material cannot move; provision it \
+             with `pkcs11-ha group add-member --provision-domain` on a fresh member"
+        ));
+    };
+    if from_domain.check_value != to_domain.check_value {
+        return Err(format!(
+            "the domain keys of {} and {} differ (check values {} and {}); key material \
+             wrapped on one cannot be unwrapped on the other",
+            source.serial,
+            target.serial,
+            domain::hex(&from_domain.check_value),
+            domain::hex(&to_domain.check_value)
+        ));
+    }
+    let blob = source
+        .session
+        .wrap(WRAP_MECHANISM, from_domain.handle, copy.object)
+        .map_err(|rv| match rv {
+            CKR_KEY_UNEXTRACTABLE | CKR_KEY_NOT_WRAPPABLE => format!(
+                "{} on {} cannot be wrapped ({}): it was made non-extractable outside \
+                 pkcs11-ha, so it can never leave that member",
+                copy.description,
+                source.serial,
+                rv_name(rv)
+            ),
+            rv => format!("C_WrapKey on {} returned {}", source.serial, rv_name(rv)),
+        })?;
+    let mut template = source.session.template(copy.object, KEY_ATTRIBUTES);
+    target
+        .session
+        .unwrap_key(WRAP_MECHANISM, to_domain.handle, &blob, &mut template)
+        .map(drop)
+        .map_err(|rv| format!("C_UnwrapKey on {} returned {}", target.serial, rv_name(rv)))
+}

@@ -1,0 +1,155 @@
+//! The HA log: one line per group event (a member failed, a call failed
+//! over, a recovery attempt and its result, objects replicated or
+//! synchronised), in `haErrorLog.txt` under `haLogPath`, rotated by renaming
+//! with a timestamp once the file passes `logLen` bytes. It never records a
+//! PIN or key material, and a write that fails never fails the application's
+//! call.
+
+use parking_lot::{Mutex, RwLock};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const FILE_NAME: &str = "haErrorLog.txt";
+
+struct HaLog {
+    path: PathBuf,
+    max_len: u64,
+    file: Mutex<Option<File>>,
+}
+
+static LOG: RwLock<Option<HaLog>> = RwLock::new(None);
+
+/// Starts logging to `directory`; `max_len` 0 never rotates.
+pub fn open(directory: &Path, max_len: u64) {
+    *LOG.write() = Some(HaLog {
+        path: directory.join(FILE_NAME),
+        max_len,
+        file: Mutex::new(None),
+    });
+}
+
+/// Stops logging (at `C_Finalize`).
+pub fn close() {
+    LOG.write().take();
+}
+
+/// Appends one event line for a group, and for a member where there is one.
+pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>, event: &str) {
+    let guard = LOG.read();
+    let Some(log) = guard.as_ref() else {
+        return;
+    };
+    let line = format!(
+        "{} group={} serial={} member={} {}\n",
+        utc_timestamp(SystemTime::now()),
+        group_label,
+        group_serial,
+        member_serial.unwrap_or("-"),
+        event
+    );
+    let mut file = log.file.lock();
+    if file.is_none() {
+        *file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log.path)
+            .ok();
+    }
+    let Some(f) = file.as_mut() else {
+        return;
+    };
+    if f.write_all(line.as_bytes()).is_err() {
+        return;
+    }
+    let full = log.max_len > 0 && f.metadata().is_ok_and(|m| m.len() >= log.max_len);
+    if full {
+        let stamp = utc_timestamp(SystemTime::now()).replace([':', '-'], "");
+        let rotated = log.path.with_file_name(format!("{FILE_NAME}.{stamp}"));
+        *file = None;
+        let _ = std::fs::rename(&log.path, rotated);
+    }
+}
+
+/// `2026-11-28T04:41:03.123Z`, without pulling in a date crate for one line.
+pub fn utc_timestamp(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_840_863_123);
+        assert_eq!(utc_timestamp(t), "2026-11-28T04:41:03.123Z");
+        assert_eq!(utc_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(utc_timestamp(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn records_are_private_and_rotate_after_a_complete_line() {
+        let dir = std::env::temp_dir().join(format!("halog-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        open(&dir, 100);
+        record(
+            "g",
+            "1abc",
+            Some("abc"),
+            "member failed in C_Sign with CKR_DEVICE_ERROR",
+        );
+        record("g", "1abc", Some("abc"), "member recovered");
+        close();
+        record("g", "1abc", None, "not written: the log is closed");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[1].starts_with("haErrorLog.txt."), "{names:?}");
+        let rotated = std::fs::read_to_string(dir.join(&names[1])).unwrap();
+        assert!(rotated.ends_with('\n') && rotated.contains("C_Sign with CKR_DEVICE_ERROR"));
+        let current = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
+        assert_eq!(current.lines().count(), 1);
+        assert!(current.contains("member recovered"));
+        let mode = std::fs::metadata(dir.join(FILE_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,417 @@
+//! Bringing failed members back, and noticing members that hang.
+//!
+//! The recovery thread probes failed members every `AutoReconnectInterval`
+//! seconds, at most `reconnAtt` times each (-1: forever). Recovering a
+//! member means: reconnect its library if the connection is gone (only when
+//! no healthy member shares that library), find its token again, log it in,
+//! replay the changes it missed, copy what it lacks (`[HASynchronize]`),
+//! reopen member sessions behind open virtual sessions (`activeEnhanced`),
+//! and only then put it back in the rotation.
+//!
+//! The watchdog thread takes out a member that has calls in flight but
+//! completes none for `memberTimeout`, and severs its library's connection
+//! so that the stuck calls return and fail over. It never calls a member.
+
+use crate::config::RecoveryMode;
+use crate::error::rv_name;
+use crate::group::{Group, Location, MemberState};
+use crate::identity;
+use crate::member::member_call;
+use crate::object::Presence;
+use crate::provider::Provider;
+use crate::replication::Pending;
+use crate::session::Target;
+use crate::virtual_session::VirtualSession;
+use cryptoki_sys::*;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Background threads of one initialised provider.
+pub struct Workers {
+    shared: Arc<Shared>,
+    recovery: Option<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    flags: Mutex<Flags>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Flags {
+    stop_recovery: bool,
+    stop_watchdog: bool,
+    recovery_done: bool,
+}
+
+impl Workers {
+    /// Starts the watchdog, and the recovery thread unless recovery is off.
+    pub fn start(provider: Weak<Provider>, recovery_on: bool) -> std::io::Result<Workers> {
+        let shared = Arc::new(Shared::default());
+        let recovery = if recovery_on {
+            let (p, s) = (provider.clone(), Arc::clone(&shared));
+            Some(
+                std::thread::Builder::new()
+                    .name("pkcs11-ha-recovery".into())
+                    .spawn(move || recovery_loop(p, s))?,
+            )
+        } else {
+            shared.flags.lock().recovery_done = true;
+            None
+        };
+        let (p, s) = (provider, Arc::clone(&shared));
+        let watchdog = Some(
+            std::thread::Builder::new()
+                .name("pkcs11-ha-watchdog".into())
+                .spawn(move || watchdog_loop(p, s))?,
+        );
+        Ok(Workers {
+            shared,
+            recovery,
+            watchdog,
+        })
+    }
+
+    /// Stops the recovery thread, waiting at most `limit` for an attempt
+    /// under way; a thread still stuck on a member after that is left to
+    /// finish on its own.
+    pub fn stop_recovery(&mut self, limit: Duration) {
+        let mut flags = self.shared.flags.lock();
+        flags.stop_recovery = true;
+        self.shared.wake.notify_all();
+        let deadline = Instant::now() + limit;
+        while !flags.recovery_done {
+            if self
+                .shared
+                .wake
+                .wait_until(&mut flags, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        let done = flags.recovery_done;
+        drop(flags);
+        if let Some(thread) = self.recovery.take() {
+            if done {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Stops and joins the watchdog.
+    pub fn stop_watchdog(&mut self) {
+        self.shared.flags.lock().stop_watchdog = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.watchdog.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
+    loop {
+        let interval = match provider.upgrade() {
+            Some(p) => p.recovery.interval,
+            None => break,
+        };
+        {
+            let mut flags = shared.flags.lock();
+            if !flags.stop_recovery {
+                shared.wake.wait_for(&mut flags, interval);
+            }
+            if flags.stop_recovery {
+                break;
+            }
+        }
+        let Some(p) = provider.upgrade() else { break };
+        recover_failed_members(&p);
+    }
+    shared.flags.lock().recovery_done = true;
+    shared.wake.notify_all();
+}
+
+fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
+    let mut progress: HashMap<(usize, usize), (u64, Instant)> = HashMap::new();
+    loop {
+        let Some(p) = provider.upgrade() else { break };
+        let timeout = p.member_timeout;
+        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        check_for_stalls(&p, timeout, &mut progress);
+        drop(p);
+        let mut flags = shared.flags.lock();
+        if !flags.stop_watchdog {
+            shared.wake.wait_for(&mut flags, tick);
+        }
+        if flags.stop_watchdog {
+            break;
+        }
+    }
+}
+
+/// Takes out members that have had calls in flight and completed none for
+/// `timeout`, and cuts their connection so that those calls return.
+fn check_for_stalls(
+    provider: &Provider,
+    timeout: Duration,
+    progress: &mut HashMap<(usize, usize), (u64, Instant)>,
+) {
+    let now = Instant::now();
+    for (g, group) in provider.groups.iter().enumerate() {
+        for member in &group.members {
+            let served = member.calls_served();
+            let seen = progress
+                .entry((g, member.position))
+                .or_insert((served, now));
+            if seen.0 != served || member.in_flight() == 0 {
+                *seen = (served, now);
+                continue;
+            }
+            if now.duration_since(seen.1) < timeout || !member.reachable() {
+                continue;
+            }
+            *seen = (served, now);
+            group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
+            group.log(
+                Some(member.position),
+                &format!(
+                    "member answered nothing for {} ms; connection cut",
+                    timeout.as_millis()
+                ),
+            );
+            if let Some(location) = member.location() {
+                location.library.sever();
+            }
+        }
+    }
+}
+
+/// One recovery pass over every failed member of every group.
+pub fn recover_failed_members(provider: &Provider) {
+    for group in &provider.groups {
+        for member in &group.members {
+            if member.state() != MemberState::Down {
+                continue;
+            }
+            let attempts = provider.recovery.attempts;
+            let made = member
+                .recovery_attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if attempts >= 0 && made >= attempts as u64 {
+                continue;
+            }
+            let position = member.position;
+            group.log(Some(position), &format!("recovery attempt {}", made + 1));
+            match recover(provider, group, position) {
+                Ok(copied) => {
+                    member.set_state(MemberState::Up);
+                    group.objects.retry_absent();
+                    group.log(
+                        Some(position),
+                        &format!("member recovered; {copied} objects replicated or synchronised"),
+                    );
+                }
+                Err(why) => {
+                    if member.state() == MemberState::Recovering {
+                        member.set_state(MemberState::Down);
+                    }
+                    group.log(Some(position), &format!("recovery failed: {why}"));
+                }
+            }
+        }
+    }
+}
+
+/// Brings one member back; returns how many objects it received.
+fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, String> {
+    let location = find_token(provider, group, position)?;
+    group.objects.forget_member(position);
+    group.relocate(position, location);
+    group.members[position].set_state(MemberState::Recovering);
+
+    let worker = VirtualSession::internal(Arc::clone(group));
+    let outcome = bring_up_to_date(provider, group, position, &worker);
+    worker.close();
+    outcome
+}
+
+fn bring_up_to_date(
+    provider: &Provider,
+    group: &Arc<Group>,
+    position: usize,
+    worker: &VirtualSession,
+) -> Result<usize, String> {
+    let session = worker
+        .member_session(position)
+        .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
+    if let Some((user_type, pin)) = group.cached_login() {
+        let (ptr, len) = match &pin {
+            Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
+            None => (std::ptr::null_mut(), 0),
+        };
+        let guard = group.members[position].begin_call();
+        let rv = member_call!(
+            session.library,
+            C_Login(session.handle, user_type, ptr, len)
+        );
+        drop(guard);
+        if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
+            return Err(format!("login refused with {}", rv_name(rv)));
+        }
+    }
+    let mut copied = replay_pending(group, position, worker)?;
+    if provider.synchronize(group) {
+        copied += synchronize(group, position, worker)?;
+    }
+    if provider.recovery.mode == RecoveryMode::ActiveEnhanced {
+        for s in provider.sessions.snapshot() {
+            if let Target::Virtual(v) = &s.target {
+                if Arc::ptr_eq(&v.group, group) {
+                    v.member_session(position)
+                        .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
+                }
+            }
+        }
+    }
+    Ok(copied)
+}
+
+/// Finds the member's token: on its library, reconnected if its connection
+/// is gone and no healthy member depends on it, or on any other library.
+fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Location, String> {
+    let serial = &group.members[position].serial;
+    let known = group.members[position].location();
+    let mut libraries: Vec<_> = provider.libraries.clone();
+    if let Some(loc) = &known {
+        libraries.retain(|l| !Arc::ptr_eq(l, &loc.library));
+        libraries.insert(0, Arc::clone(&loc.library));
+    }
+    for library in libraries {
+        if let Some(slot) = token_slot(&library, serial) {
+            return Ok(Location { library, slot });
+        }
+        let shared_with_healthy = provider.groups.iter().any(|g| {
+            g.members.iter().any(|m| {
+                m.reachable()
+                    && m.location()
+                        .is_some_and(|l| Arc::ptr_eq(&l.library, &library))
+            })
+        });
+        if library.initialized_by_us() && !shared_with_healthy && library.reinitialize().is_ok() {
+            if let Some(slot) = token_slot(&library, serial) {
+                return Ok(Location { library, slot });
+            }
+        }
+    }
+    Err(format!("token {serial} not found"))
+}
+
+fn token_slot(library: &crate::member::MemberLibrary, serial: &str) -> Option<CK_SLOT_ID> {
+    library.token_slots().ok()?.into_iter().find(|slot| {
+        library
+            .token_info(*slot)
+            .is_ok_and(|info| Group::member_serial(&info) == *serial)
+    })
+}
+
+/// Applies the changes the member missed, in order. On a failure the rest
+/// stay queued for the next attempt.
+fn replay_pending(
+    group: &Group,
+    position: usize,
+    worker: &VirtualSession,
+) -> Result<usize, String> {
+    let pending = group.take_pending(position);
+    let mut applied = 0;
+    for (i, change) in pending.iter().enumerate() {
+        let outcome = match change {
+            Pending::Destroy(print) => destroy_by_fingerprint(worker, position, print),
+            Pending::Create(object) => copy_object_to(group, position, worker, *object),
+        };
+        if let Err(why) = outcome {
+            for rest in &pending[i..] {
+                group.add_pending(position, rest.clone());
+            }
+            return Err(why);
+        }
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+fn destroy_by_fingerprint(
+    worker: &VirtualSession,
+    position: usize,
+    print: &identity::Fingerprint,
+) -> Result<(), String> {
+    let s = worker.member_session(position).map_err(|e| rv_name(e.rv))?;
+    let found = identity::find(&s.library, s.handle, print).map_err(rv_name)?;
+    if let [one] = found[..] {
+        member_call!(s.library, C_DestroyObject(s.handle, one));
+    }
+    Ok(())
+}
+
+/// Copies a token object the member missed from a member that serves.
+/// Session objects are not replayed: their sessions keep them on the
+/// members that were up.
+fn copy_object_to(
+    group: &Group,
+    position: usize,
+    worker: &VirtualSession,
+    object: CK_OBJECT_HANDLE,
+) -> Result<(), String> {
+    let Some(entry) = group.objects.get(object) else {
+        return Ok(());
+    };
+    if entry.owner.is_some() {
+        return Ok(());
+    }
+    if worker.resolve(object, position).ok().flatten().is_some() {
+        return Ok(());
+    }
+    let source = group
+        .up_members()
+        .map(|m| m.position)
+        .find(|p| worker.resolve(object, *p).ok().flatten().is_some())
+        .ok_or_else(|| "no member that serves holds the object".to_string())?;
+    worker
+        .copy_to(object, source, &[position])
+        .map_err(|e| format!("copying an object failed with {}", rv_name(e.rv)))
+}
+
+/// Copies to the member every token object a serving member has and it
+/// lacks.
+fn synchronize(group: &Group, position: usize, worker: &VirtualSession) -> Result<usize, String> {
+    let Some(reference) = group.up_members().map(|m| m.position).next() else {
+        return Ok(0);
+    };
+    let s = worker
+        .member_session(reference)
+        .map_err(|e| rv_name(e.rv))?;
+    let all_token_objects: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+    let handles = identity::find(&s.library, s.handle, &all_token_objects).map_err(rv_name)?;
+    let domain = worker.domain_key(reference).ok();
+    let mut copied = 0;
+    for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
+        let object = group.objects.from_member(reference, handle);
+        if group.objects.presence(object, position) == Some(Presence::Absent) {
+            group
+                .objects
+                .set_presence(object, position, Presence::Unknown);
+        }
+        if worker.resolve(object, position).ok().flatten().is_some() {
+            continue;
+        }
+        worker
+            .copy_to(object, reference, &[position])
+            .map_err(|e| format!("synchronising an object failed with {}", rv_name(e.rv)))?;
+        copied += 1;
+    }
+    Ok(copied)
+}
