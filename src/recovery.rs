@@ -19,9 +19,9 @@ use crate::identity;
 use crate::member::member_call;
 use crate::object::Presence;
 use crate::provider::Provider;
-use crate::replication::Pending;
+use crate::replication::{OwnedTemplate, Pending};
 use crate::session::Target;
-use crate::virtual_session::VirtualSession;
+use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -332,16 +332,66 @@ fn replay_pending(
         let outcome = match change {
             Pending::Destroy(print) => destroy_by_fingerprint(worker, position, print),
             Pending::Create(object) => copy_object_to(group, position, worker, *object),
-        };
-        if let Err(why) = outcome {
-            for rest in &pending[i..] {
-                group.add_pending(position, rest.clone());
+            Pending::Import(object, template) => {
+                import_to(group, position, worker, *object, template)
             }
-            return Err(why);
+        };
+        match outcome {
+            Ok(()) => applied += 1,
+            Err(why) if group.members[position].state() == MemberState::Recovering => {
+                // The member answered but cannot take this object: say so and
+                // go on; operations on it run on the members that have it.
+                group.log(
+                    Some(position),
+                    &format!("an object could not be replayed: {why}"),
+                );
+            }
+            Err(why) => {
+                for rest in &pending[i..] {
+                    group.add_pending(position, rest.clone());
+                }
+                return Err(why);
+            }
         }
-        applied += 1;
     }
     Ok(applied)
+}
+
+/// Creates an imported object on the member from the application's
+/// template.
+fn import_to(
+    group: &Group,
+    position: usize,
+    worker: &VirtualSession,
+    object: CK_OBJECT_HANDLE,
+    template: &OwnedTemplate,
+) -> Result<(), String> {
+    if group.objects.get(object).is_none() {
+        return Ok(());
+    }
+    let mut attributes = template.attributes();
+    let mut handle = CK_INVALID_HANDLE;
+    let mut call = |l: &crate::member::MemberLibrary, s| {
+        member_call!(
+            l,
+            C_CreateObject(
+                s,
+                attributes.as_mut_ptr(),
+                attributes.len() as CK_ULONG,
+                &mut handle
+            )
+        )
+    };
+    match worker.attempt(position, "C_CreateObject", &mut call) {
+        Attempt::Answered(CKR_OK) => {
+            group
+                .objects
+                .set_presence(object, position, Presence::Present(handle));
+            Ok(())
+        }
+        Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
+        Attempt::Faulted => Err("the member failed again".into()),
+    }
 }
 
 fn destroy_by_fingerprint(
@@ -408,10 +458,16 @@ fn synchronize(group: &Group, position: usize, worker: &VirtualSession) -> Resul
         if worker.resolve(object, position).ok().flatten().is_some() {
             continue;
         }
-        worker
-            .copy_to(object, reference, &[position])
-            .map_err(|e| format!("synchronising an object failed with {}", rv_name(e.rv)))?;
-        copied += 1;
+        match worker.copy_to(object, reference, &[position]) {
+            Ok(()) => copied += 1,
+            Err(e) if group.members[position].state() == MemberState::Recovering => {
+                group.log(
+                    Some(position),
+                    &format!("an object could not be synchronised: {}", rv_name(e.rv)),
+                );
+            }
+            Err(e) => return Err(format!("synchronising failed with {}", rv_name(e.rv))),
+        }
     }
     Ok(copied)
 }

@@ -9,7 +9,7 @@ use crate::identity;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
-use crate::replication::Pending;
+use crate::replication::{OwnedTemplate, Pending};
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 
@@ -130,11 +130,18 @@ impl VirtualSession {
     /// Creates an object on every member that is up; all or nothing for
     /// request errors. A member that faults is taken out and gets the
     /// object when it returns.
-    pub fn create_everywhere(
+    ///
+    /// # Safety
+    /// `template` must point to `count` attributes.
+    pub unsafe fn create_everywhere(
         &self,
         owner: Option<CK_SESSION_HANDLE>,
-        create: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, &mut CK_OBJECT_HANDLE) -> CK_RV,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
+            member_call!(library, C_CreateObject(session, template, count, handle))
+        };
         let mut on = vec![Presence::Unknown; self.group.members.len()];
         let mut missed = Vec::new();
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
@@ -163,8 +170,13 @@ impl VirtualSession {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
         let object = self.group.objects.insert(on, owner);
-        for position in missed {
-            self.group.add_pending(position, Pending::Create(object));
+        if !missed.is_empty() && owner.is_none() {
+            // SAFETY: forwarded from the caller.
+            let kept = std::sync::Arc::new(unsafe { OwnedTemplate::copy(template, count) });
+            for position in missed {
+                let change = Pending::Import(object, std::sync::Arc::clone(&kept));
+                self.group.add_pending(position, change);
+            }
         }
         Ok(object)
     }
@@ -178,16 +190,10 @@ impl VirtualSession {
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
         // SAFETY: forwarded from the caller.
-        let owner = owner_for(
-            unsafe { template_bool(template, count, CKA_TOKEN) },
-            session,
-        );
-        self.create_everywhere(owner, |library, member_session, handle| {
-            member_call!(
-                library,
-                C_CreateObject(member_session, template, count, handle)
-            )
-        })
+        unsafe {
+            let owner = owner_for(template_bool(template, count, CKA_TOKEN), session);
+            self.create_everywhere(owner, template, count)
+        }
     }
 
     /// # Safety
