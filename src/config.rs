@@ -582,6 +582,25 @@ fn read_sections(
         );
         return Err(error(file, None, None, problem));
     }
+    // rust-ini reads a line without "=" as the start of the next key, or
+    // fails at the end of the file without naming the line.
+    let mut current: Option<&str> = None;
+    for (number, line) in text.lines().enumerate() {
+        if let Some(name) = line.strip_prefix('[') {
+            let name = name.trim_end_matches(']').trim();
+            current = SECTIONS
+                .iter()
+                .find(|s| s.eq_ignore_ascii_case(name))
+                .copied();
+        } else if !line.is_empty() && !line.contains('=') {
+            let problem = format!(
+                "line {}: the line \"{line}\" is not key = value; add the \"=\" or comment it \
+                 out with \";\"",
+                number + 1
+            );
+            return Err(error(file, current, None, problem));
+        }
+    }
     let ini = Ini::load_from_str_opt(&text, options).map_err(|e| {
         let problem = format!(
             "line {}: {}; write sections as [Name] and settings as key = value",
@@ -2008,6 +2027,16 @@ hsmA._Debug2 =
 
         let e = parse_err("[Libraries]\na = /a.so\n[VirtualToken\n");
         assert!(e.problem.starts_with("line 3: "), "{}", e.problem);
+
+        // A last line without "=" is named too (rust-ini only says "EOF").
+        let e = parse_err("[Libraries]\na = /a.so\njunk\n");
+        assert_eq!(e.section.as_deref(), Some("Libraries"));
+        assert!(
+            e.problem
+                .starts_with("line 3: the line \"junk\" is not key = value"),
+            "{}",
+            e.problem
+        );
 
         let e = parse_err("x = 1\n[Libraries]\na = /a.so\n");
         assert_eq!(e.key.as_deref(), Some("x"));

@@ -190,8 +190,12 @@ pub struct DomainKeys {
 #[derive(Default)]
 struct DomainState {
     reference: Option<Vec<u8>>,
-    /// Per member: (epoch, handle) of its domain key.
+    /// Per member: (epoch, handle) of its domain key, once its check value
+    /// was found to agree with the group's.
     keys: Vec<Option<(u64, CK_OBJECT_HANDLE)>>,
+    /// Per member: (epoch, what a search by label found) -- the single
+    /// handle, or `None` where there is not exactly one.
+    found: Vec<Option<(u64, Option<CK_OBJECT_HANDLE>)>>,
 }
 
 impl DomainKeys {
@@ -200,6 +204,7 @@ impl DomainKeys {
             state: Mutex::new(DomainState {
                 reference: None,
                 keys: vec![None; members],
+                found: vec![None; members],
             }),
         }
     }
@@ -230,10 +235,23 @@ impl DomainKeys {
         true
     }
 
+    /// What a search for the domain key on a member found in this epoch,
+    /// if it was searched for.
+    pub fn found(&self, position: usize, epoch: u64) -> Option<Option<CK_OBJECT_HANDLE>> {
+        match self.state.lock().found[position] {
+            Some((e, handle)) if e == epoch => Some(handle),
+            _ => None,
+        }
+    }
+
+    pub fn record_found(&self, position: usize, epoch: u64, handle: Option<CK_OBJECT_HANDLE>) {
+        self.state.lock().found[position] = Some((epoch, handle));
+    }
+
     /// Whether a member handle is that member's domain key, which the
     /// application must never see through the virtual slot.
     pub fn is_domain_key(&self, position: usize, handle: CK_OBJECT_HANDLE) -> bool {
-        matches!(self.state.lock().keys[position], Some((_, h)) if h == handle)
+        matches!(self.state.lock().found[position], Some((_, Some(h))) if h == handle)
     }
 }
 
@@ -250,25 +268,35 @@ pub struct Group {
     pub domain: DomainKeys,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
-    round_robin: AtomicUsize,
+    round_robin: [AtomicUsize; LANES],
 }
+
+/// Round-robin lanes: one per kind of operation, one for stateless calls.
+pub const LANES: usize = 9;
 
 /// Length of `CK_TOKEN_INFO::serialNumber`.
 const SERIAL_FIELD: usize = 16;
 
 /// The group serial Luna users expect: "1" + the primary's serial, cut to
-/// the last 15 characters of that serial when it would not fit.
-pub fn virtual_serial(explicit: Option<&str>, primary: &str) -> String {
+/// the last 15 characters of that serial when it would not fit. Where that
+/// would equal a member's own serial (a 16-character serial that starts
+/// with "1"), the leading digit is the first of 2-9 that is free, so that
+/// applications choosing a token by serial never confuse the two.
+pub fn virtual_serial(explicit: Option<&str>, members: &[String]) -> String {
     if let Some(serial) = explicit {
         return serial.to_string();
     }
+    let primary = members.first().map_or("", String::as_str);
     let keep = SERIAL_FIELD - 1;
     let tail = if primary.len() > keep {
         &primary[primary.len() - keep..]
     } else {
         primary
     };
-    format!("1{tail}")
+    ('1'..='9')
+        .map(|digit| format!("{digit}{tail}"))
+        .find(|candidate| !members.contains(candidate))
+        .unwrap_or_else(|| format!("1{tail}"))
 }
 
 impl Group {
@@ -300,7 +328,7 @@ impl Group {
             login: Mutex::new(None),
             domain: DomainKeys::new(count),
             pending: Mutex::new(vec![Vec::new(); count]),
-            round_robin: AtomicUsize::new(0),
+            round_robin: Default::default(),
         }
     }
 
@@ -379,19 +407,25 @@ impl Group {
     }
 
     /// Serving members, least busy first, ties broken round-robin so equal
-    /// members share the load evenly.
-    pub fn by_preference(&self) -> Vec<usize> {
+    /// members share the load evenly. Each `lane` (a kind of operation)
+    /// rotates on its own, so that calls of different kinds interleaved in
+    /// a fixed pattern cannot pin one kind to one member.
+    pub fn by_preference(&self, lane: usize) -> Vec<usize> {
+        let any_active = self.members.iter().any(|m| m.is_up() && !m.standby);
         let mut serving: Vec<(usize, usize)> = self
-            .serving_members()
-            .into_iter()
+            .members
+            .iter()
+            .filter(|m| m.is_up() && !(any_active && m.standby))
             .map(|m| (m.in_flight(), m.position))
             .collect();
-        if serving.is_empty() {
-            return Vec::new();
+        let n = serving.len();
+        if n > 1 {
+            let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed) % n;
+            for (rank, entry) in serving.iter_mut().enumerate() {
+                entry.0 = entry.0 * n + (rank + n - start) % n;
+            }
+            serving.sort_unstable_by_key(|&(order, _)| order);
         }
-        let n = self.members.len();
-        let start = self.round_robin.fetch_add(1, Ordering::Relaxed) % n;
-        serving.sort_by_key(|&(busy, position)| (busy, (position + n - start) % n));
         serving.into_iter().map(|(_, position)| position).collect()
     }
 
@@ -553,9 +587,21 @@ mod tests {
 
     #[test]
     fn group_serial_follows_luna_and_fits_the_field() {
-        assert_eq!(virtual_serial(None, "154438865287"), "1154438865287");
-        assert_eq!(virtual_serial(None, "0123456789abcdef"), "1123456789abcdef");
-        assert_eq!(virtual_serial(Some("77"), "0123456789abcdef"), "77");
+        let serial = |members: &[&str]| {
+            let members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+            virtual_serial(None, &members)
+        };
+        assert_eq!(serial(&["154438865287", "1238700701509"]), "1154438865287");
+        assert_eq!(serial(&["0123456789abcdef"]), "1123456789abcdef");
+        assert_eq!(
+            serial(&["1d50ce428a1455a7"]),
+            "2d50ce428a1455a7",
+            "never the primary's own serial"
+        );
+        assert_eq!(
+            virtual_serial(Some("77"), &["0123456789abcdef".into()]),
+            "77"
+        );
     }
 
     #[test]
@@ -588,18 +634,18 @@ mod tests {
         }
         let busy = group.members[0].begin_call();
         assert_eq!(
-            group.by_preference(),
+            group.by_preference(0),
             vec![1, 0],
             "standby serves nothing while active are up"
         );
         drop(busy);
-        let firsts: Vec<usize> = (0..4).map(|_| group.by_preference()[0]).collect();
+        let firsts: Vec<usize> = (0..4).map(|_| group.by_preference(0)[0]).collect();
         assert!(
             firsts.contains(&0) && firsts.contains(&1),
             "ties rotate: {firsts:?}"
         );
         group.members[0].set_state(MemberState::Down);
         group.members[1].set_state(MemberState::Down);
-        assert_eq!(group.by_preference(), vec![2], "standby takes over");
+        assert_eq!(group.by_preference(0), vec![2], "standby takes over");
     }
 }

@@ -37,14 +37,17 @@ const PUBLIC_VALUE: CK_ATTRIBUTE_TYPE = CKA_VALUE;
 
 pub type Fingerprint = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
 
-/// Reads the fingerprint of `object` through a member session.
+/// Reads the fingerprint of `object` through a member session; `None` when
+/// the member cannot tell (it failed, or the handle is gone), since an
+/// empty fingerprint would match every object.
 pub fn fingerprint(
     library: &MemberLibrary,
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
-) -> Fingerprint {
+) -> Option<Fingerprint> {
     let mut types: Vec<CK_ATTRIBUTE_TYPE> = FINGERPRINT.to_vec();
     let class = read_attribute(library, session, object, CKA_CLASS);
+    class.as_ref()?;
     let is_public_data = class
         .as_deref()
         .map(ulong_of)
@@ -52,20 +55,47 @@ pub fn fingerprint(
     if is_public_data {
         types.push(PUBLIC_VALUE);
     }
-    types
-        .into_iter()
-        .filter_map(|t| read_attribute(library, session, object, t).map(|v| (t, v)))
-        .collect()
+    Some(
+        types
+            .into_iter()
+            .filter_map(|t| read_attribute(library, session, object, t).map(|v| (t, v)))
+            .collect(),
+    )
 }
 
-/// The objects on a member whose attributes match `fingerprint`.
+/// The objects on a member whose attributes match `fingerprint`. A check
+/// value matches where both sides have one: SoftHSM computes none for a
+/// key it unwrapped, so a copy may lack what its original has.
 pub fn find(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    fingerprint: &Fingerprint,
+) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
+    let check_value = fingerprint
+        .iter()
+        .find(|(t, v)| *t == CKA_CHECK_VALUE && !v.is_empty())
+        .map(|(_, v)| v);
+    let found = find_matching(library, session, fingerprint)?;
+    Ok(match check_value {
+        None => found,
+        Some(expected) => found
+            .into_iter()
+            .filter(|h| {
+                read_attribute(library, session, *h, CKA_CHECK_VALUE)
+                    .is_none_or(|v| v.is_empty() || v == *expected)
+            })
+            .collect(),
+    })
+}
+
+fn find_matching(
     library: &MemberLibrary,
     session: CK_SESSION_HANDLE,
     fingerprint: &Fingerprint,
 ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
     let mut template: Vec<CK_ATTRIBUTE> = fingerprint
         .iter()
+        .filter(|(t, _)| *t != CKA_CHECK_VALUE)
         .map(|(t, v)| CK_ATTRIBUTE {
             type_: *t,
             pValue: v.as_ptr() as *mut _,

@@ -40,6 +40,7 @@ pub struct MemberLibrary {
     /// how a call stuck on a stalled network member is made to return.
     sockets: Mutex<Vec<SocketFd>>,
     networked: std::sync::atomic::AtomicBool,
+    network_calls: Mutex<()>,
     _library: Library,
 }
 
@@ -147,6 +148,7 @@ impl MemberLibrary {
             initialized_by_us: Mutex::new(false),
             sockets: Mutex::new(Vec::new()),
             networked: std::sync::atomic::AtomicBool::new(false),
+            network_calls: Mutex::new(()),
             _library: library,
         })
     }
@@ -185,14 +187,19 @@ impl MemberLibrary {
     }
 
     /// Runs a call into the library. A library that talks to a server
-    /// (it opened sockets when initialised) runs with `SIGPIPE` blocked in
-    /// this thread, and a `SIGPIPE` it raises is consumed, so a server that
-    /// died while idle cannot kill an application that does not ignore the
-    /// signal. The process-wide disposition is never touched; in-process
-    /// members pay nothing.
+    /// (it opened sockets when initialised) gets one call at a time, and
+    /// runs with `SIGPIPE` blocked in this thread, a `SIGPIPE` it raises
+    /// being consumed, so a server that died while idle cannot kill an
+    /// application that does not ignore the signal (the process-wide
+    /// disposition is never touched). One call at a time costs nothing --
+    /// the connection serves one request at a time anyway -- and spares the
+    /// client library's own coordination of concurrent callers, which
+    /// p11-kit 0.24 can leave waiting forever when its server dies under
+    /// them. In-process members pay nothing.
     #[inline]
     pub fn shielded<T>(&self, call: impl FnOnce() -> T) -> T {
         if self.networked.load(std::sync::atomic::Ordering::Relaxed) {
+            let _one_at_a_time = self.network_calls.lock();
             with_sigpipe_blocked(call)
         } else {
             call()

@@ -4,7 +4,7 @@
 
 use cryptoki_sys::*;
 use parking_lot::RwLock;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What is known of an object on one member.
@@ -24,6 +24,9 @@ pub struct VirtualObject {
     /// The virtual session that owns a session object; `None` for token
     /// objects and for objects we found rather than created.
     pub owner: Option<CK_SESSION_HANDLE>,
+    /// How to recognise it on other members, read while a member that holds
+    /// it was alive, so that it can be found again when that member is not.
+    pub fingerprint: Option<std::sync::Arc<crate::identity::Fingerprint>>,
 }
 
 impl VirtualObject {
@@ -59,8 +62,8 @@ impl ObjectTable {
     pub fn new(members: usize) -> Self {
         ObjectTable {
             maps: RwLock::new(Maps {
-                objects: HashMap::new(),
-                by_member: vec![HashMap::new(); members],
+                objects: HashMap::default(),
+                by_member: vec![HashMap::default(); members],
             }),
             members,
         }
@@ -76,7 +79,14 @@ impl ObjectTable {
                 maps.by_member[m].insert(*h, handle);
             }
         }
-        maps.objects.insert(handle, VirtualObject { on, owner });
+        maps.objects.insert(
+            handle,
+            VirtualObject {
+                on,
+                owner,
+                fingerprint: None,
+            },
+        );
         handle
     }
 
@@ -93,8 +103,14 @@ impl ObjectTable {
         let mut on = vec![Presence::Unknown; self.members];
         on[member] = Presence::Present(member_handle);
         maps.by_member[member].insert(member_handle, handle);
-        maps.objects
-            .insert(handle, VirtualObject { on, owner: None });
+        maps.objects.insert(
+            handle,
+            VirtualObject {
+                on,
+                owner: None,
+                fingerprint: None,
+            },
+        );
         handle
     }
 
@@ -120,6 +136,24 @@ impl ObjectTable {
         if let Presence::Present(h) = presence {
             maps.by_member[member].insert(h, handle);
         }
+    }
+
+    /// Keeps the fingerprint of an object, unless one is kept already.
+    pub fn set_fingerprint(&self, handle: CK_OBJECT_HANDLE, print: crate::identity::Fingerprint) {
+        if let Some(object) = self.maps.write().objects.get_mut(&handle) {
+            object
+                .fingerprint
+                .get_or_insert_with(|| std::sync::Arc::new(print));
+        }
+    }
+
+    /// Whether an object's fingerprint is kept.
+    pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
+        self.maps
+            .read()
+            .objects
+            .get(&handle)
+            .is_some_and(|o| o.fingerprint.is_some())
     }
 
     /// Forgets an object (destroyed) and returns what it was.

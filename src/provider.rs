@@ -80,13 +80,30 @@ extern "C" fn after_fork_in_child() {
 
 /// The initialised provider, or `CKR_CRYPTOKI_NOT_INITIALIZED`.
 pub fn get() -> Result<Arc<Provider>> {
+    with(|provider| Ok(Arc::clone(provider)))
+}
+
+/// Runs `f` on the initialised provider without taking a reference to it:
+/// the path every session call takes.
+pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
     if FORKED.load(Ordering::Relaxed) {
         return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
     }
-    let provider = PROVIDER
-        .read()
-        .clone()
+    let guard = PROVIDER.read();
+    let provider = guard
+        .as_ref()
         .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+    if provider.inline_recovery_due_ms.is_some() {
+        let provider = Arc::clone(provider);
+        drop(guard);
+        run_inline_recovery_if_due(&provider);
+        return f(&provider);
+    }
+    f(provider)
+}
+
+/// Without threads, recovery runs during calls when it is due.
+fn run_inline_recovery_if_due(provider: &Provider) {
     if let Some(due) = &provider.inline_recovery_due_ms {
         let now = now_ms();
         let next = now + provider.recovery.interval.as_millis() as u64;
@@ -96,10 +113,9 @@ pub fn get() -> Result<Arc<Provider>> {
                 .compare_exchange(current, next, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            recovery::recover_failed_members(&provider);
+            recovery::recover_failed_members(provider);
         }
     }
-    Ok(provider)
 }
 
 /// Initialises the library; `threads_allowed` is false when the
@@ -238,7 +254,10 @@ impl Provider {
             .groups
             .iter()
             .map(|g| {
-                let serial = virtual_serial(g.serial.as_deref(), &g.members[0]);
+                let serial = virtual_serial(
+                    g.serial.as_deref(),
+                    &[g.members.clone(), g.standby.clone()].concat(),
+                );
                 let group = Group::new(
                     g.index,
                     &g.label,

@@ -24,7 +24,7 @@ const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
 /// What a copy of a secret or private key must carry over. Values a member
 /// computes itself (`CKA_LOCAL`, `CKA_CHECK_VALUE`, the key material) are
 /// left to it.
-const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
+pub const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_CLASS,
     CKA_KEY_TYPE,
     CKA_TOKEN,
@@ -53,7 +53,7 @@ const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
 
 /// What a copy of a public object carries: everything it has that can be
 /// read and set.
-const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
+pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_CLASS,
     CKA_KEY_TYPE,
     CKA_CERTIFICATE_TYPE,
@@ -189,23 +189,14 @@ impl VirtualSession {
         if let Some(handle) = self.group.domain.cached(position, member.epoch()) {
             return Ok(handle);
         }
-        let s = self.member_session(position)?;
-        let label = self.group.settings.domain_label.as_bytes().to_vec();
-        let print: Fingerprint = vec![
-            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
-            (CKA_LABEL, label),
-        ];
-        let found = identity::find(&s.library, s.handle, &print).map_err(Error::new)?;
-        let [handle] = found[..] else {
+        let Some(handle) = self.domain_handle(position) else {
             eprintln!(
-                "pkcs11-ha: group {}: member {} holds {} keys labelled {:?} where it needs exactly one domain key; provision it with `pkcs11-ha group add-member --provision-domain`",
-                self.group.label,
-                member.serial,
-                found.len(),
-                self.group.settings.domain_label
+                "pkcs11-ha: group {}: member {} does not hold exactly one key labelled {:?}, the group's domain key; provision it with `pkcs11-ha group add-member --provision-domain`",
+                self.group.label, member.serial, self.group.settings.domain_label
             );
             return Err(Error::new(CKR_FUNCTION_FAILED));
         };
+        let s = self.member_session(position)?;
         let check = identity::read_attribute(&s.library, s.handle, handle, CKA_CHECK_VALUE)
             .unwrap_or_default();
         if !self
@@ -220,6 +211,30 @@ impl VirtualSession {
             return Err(Error::new(CKR_FUNCTION_FAILED));
         }
         Ok(handle)
+    }
+
+    /// The handle of the member's domain key, looked up by class and label
+    /// once per member epoch (so that searches can leave it out); `None`
+    /// where the member does not hold exactly one.
+    pub fn domain_handle(&self, position: usize) -> Option<CK_OBJECT_HANDLE> {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        if let Some(found) = self.group.domain.found(position, epoch) {
+            return found;
+        }
+        let s = self.member_session(position).ok()?;
+        let label = self.group.settings.domain_label.as_bytes().to_vec();
+        let print: Fingerprint = vec![
+            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
+            (CKA_LABEL, label),
+        ];
+        let found = identity::find(&s.library, s.handle, &print).ok()?;
+        let handle = match found[..] {
+            [one] => Some(one),
+            _ => None,
+        };
+        self.group.domain.record_found(position, epoch, handle);
+        handle
     }
 
     /// Copies virtual object `object`, present on member `source`, to every
@@ -339,7 +354,10 @@ impl VirtualSession {
                 }
                 Attempt::Answered(rv) => {
                     self.undo(&made);
-                    return Err(Error::new(rv));
+                    return Err(match &wrapped {
+                        Some(_) => self.transport_error(position, rv),
+                        None => Error::new(rv),
+                    });
                 }
                 Attempt::Faulted => self.group.add_pending(position, Pending::Create(object)),
             }
@@ -369,7 +387,7 @@ impl VirtualSession {
             )
         );
         if rv != CKR_OK {
-            return Err(Error::new(rv));
+            return Err(self.transport_error(source, rv));
         }
         let mut blob = vec![0u8; len as usize];
         let rv = member_call!(
@@ -388,6 +406,24 @@ impl VirtualSession {
         }
         blob.truncate(len as usize);
         Ok(blob)
+    }
+
+    /// A member that cannot wrap or unwrap with the domain key (its library
+    /// does not carry the mechanism, as p11-kit 0.24's client does not)
+    /// cannot hold the group's generated keys: say so, and answer
+    /// `CKR_FUNCTION_FAILED` rather than a mechanism error the application
+    /// did not cause.
+    fn transport_error(&self, position: usize, rv: CK_RV) -> Error {
+        if rv != CKR_MECHANISM_INVALID {
+            return Error::new(rv);
+        }
+        let event = format!(
+            "member {} cannot carry key material: its library refuses CKM_AES_KEY_WRAP_PAD; keys generated in this group cannot replicate (imported keys can)",
+            self.group.members[position].serial
+        );
+        eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+        self.group.log(Some(position), &event);
+        Error::new(CKR_FUNCTION_FAILED)
     }
 
     /// Removes copies made before a replication had to be abandoned.

@@ -8,7 +8,7 @@ use crate::member::MemberLibrary;
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::RwLock;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -38,9 +38,11 @@ pub struct Session {
     pub target: Target,
 }
 
-/// Every open session, by the handle the application holds.
+/// Every open session, by the handle the application holds. The handles
+/// come from our own counter and applications can only look them up, so a
+/// fast non-cryptographic hash is safe here; it is on every call's path.
 pub struct SessionTable {
-    sessions: RwLock<HashMap<CK_SESSION_HANDLE, Arc<Session>>>,
+    sessions: RwLock<FxHashMap<CK_SESSION_HANDLE, Arc<Session>>>,
 }
 
 /// Session handles are process-wide and never reused, so a handle from a
@@ -50,7 +52,7 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 impl Default for SessionTable {
     fn default() -> Self {
         SessionTable {
-            sessions: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(FxHashMap::default()),
         }
     }
 }

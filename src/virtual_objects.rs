@@ -170,6 +170,9 @@ impl VirtualSession {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
         let object = self.group.objects.insert(on, owner);
+        if let Some(&(position, handle)) = made.first() {
+            self.remember_fingerprint(object, position, handle);
+        }
         if !missed.is_empty() && owner.is_none() {
             // SAFETY: forwarded from the caller.
             let kept = std::sync::Arc::new(unsafe { OwnedTemplate::copy(template, count) });
@@ -394,7 +397,7 @@ impl VirtualSession {
         (position, handle): (usize, CK_OBJECT_HANDLE),
     ) -> Option<identity::Fingerprint> {
         let s = self.member_session(position).ok()?;
-        Some(identity::fingerprint(&s.library, s.handle, handle))
+        identity::fingerprint(&s.library, s.handle, handle)
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
@@ -426,6 +429,11 @@ impl VirtualSession {
     /// # Safety
     /// `template` must point to `count` attributes.
     pub unsafe fn find_init(&self, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<()> {
+        // Known before the search starts (a member session runs one search
+        // at a time), so that the search can leave it out.
+        for member in self.group.up_members() {
+            self.domain_handle(member.position);
+        }
         let start = |library: &MemberLibrary, s, _| {
             member_call!(library, C_FindObjectsInit(s, template, count))
         };
@@ -471,7 +479,9 @@ impl VirtualSession {
             if self.group.domain.is_domain_key(member, handles[i]) {
                 continue;
             }
-            handles[kept] = self.group.objects.from_member(member, handles[i]);
+            let object = self.group.objects.from_member(member, handles[i]);
+            self.remember_fingerprint(object, member, handles[i]);
+            handles[kept] = object;
             kept += 1;
         }
         // SAFETY: as above.
@@ -534,7 +544,12 @@ impl VirtualSession {
             }
             let prints: Vec<_> = made
                 .iter()
-                .filter_map(|h| self.fingerprint_from((position, *h)))
+                .zip(&objects)
+                .filter_map(|(h, object)| {
+                    let print = self.fingerprint_from((position, *h))?;
+                    self.group.objects.set_fingerprint(*object, print.clone());
+                    Some(print)
+                })
                 .collect();
             let mut failure = None;
             for object in &objects {

@@ -29,6 +29,8 @@ pub enum OpKind {
     Find,
 }
 const OP_KINDS: usize = 8;
+/// The load-balancing lane of calls outside operations.
+const STATELESS_LANE: usize = OP_KINDS;
 const ALL_KINDS: [OpKind; OP_KINDS] = [
     OpKind::Encrypt,
     OpKind::Decrypt,
@@ -52,8 +54,9 @@ impl OpKind {
 /// Which serving member a call would rather run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preference {
-    /// Spread load: crypto goes to the least busy member.
-    LeastBusy,
+    /// Spread load: crypto goes to the least busy member; ties rotate
+    /// within the given lane.
+    LeastBusy(usize),
     /// Searches and object-making calls go to the primary while it is up,
     /// where objects made on one member live first.
     Primary,
@@ -246,7 +249,10 @@ impl VirtualSession {
             .location()
             .filter(|_| member.reachable())
             .ok_or(Error::new(CKR_DEVICE_ERROR))?;
-        let opened = open_member_session(&location.library, location.slot, self.flags, epoch)?;
+        let guard = member.begin_call();
+        let opened = open_member_session(&location.library, location.slot, self.flags, epoch);
+        drop(guard);
+        let opened = opened?;
         let mut members = self.members.lock();
         match members[position].clone() {
             Some(raced) if raced.epoch == epoch => {
@@ -274,6 +280,8 @@ impl VirtualSession {
 
     /// Runs `call` on member `position`: logs the member in again if it
     /// lost its login, and takes it out of service if it faults.
+    /// `Faulted` tells the caller to choose again: the member is out, or
+    /// its object handles had to be looked up afresh.
     pub(crate) fn attempt(
         &self,
         position: usize,
@@ -294,6 +302,19 @@ impl VirtualSession {
         if rv == CKR_USER_NOT_LOGGED_IN && self.log_in_again(&session) {
             rv = call(&session.library, session.handle);
         }
+        if matches!(rv, CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID)
+            && self.lost_login(&session)
+            && self.log_in_again(&session)
+        {
+            // A token logged out behind our back (SoftHSM then drops its
+            // private objects' handles): in again, and look the handles up
+            // afresh before the caller tries again.
+            drop(guard);
+            self.group.objects.forget_member(position);
+            self.group
+                .log(Some(position), "member had lost its login; logged in again");
+            return Attempt::Faulted;
+        }
         drop(guard);
         if is_member_fault(rv) {
             self.group.member_failed(position, function, rv);
@@ -301,6 +322,21 @@ impl VirtualSession {
         } else {
             Attempt::Answered(rv)
         }
+    }
+
+    /// Whether the group is logged in but this member session is not.
+    fn lost_login(&self, session: &MemberSession) -> bool {
+        if self.group.cached_login().is_none() {
+            return false;
+        }
+        let mut info = CK_SESSION_INFO {
+            slotID: 0,
+            state: 0,
+            flags: 0,
+            ulDeviceError: 0,
+        };
+        let rv = member_call!(session.library, C_GetSessionInfo(session.handle, &mut info));
+        rv == CKR_OK && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
     }
 
     /// Logs a member that restarted in again with the cached credential.
@@ -332,34 +368,68 @@ impl VirtualSession {
             Some(Presence::Present(h)) => Ok(Some(h)),
             Some(Presence::Absent) => Ok(None),
             Some(Presence::Unknown) => {
-                let entry = objects
-                    .get(object)
-                    .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-                let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
-                    Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
+                let Some(print) = self.fingerprint_of(object) else {
+                    return Ok(None);
+                };
+                let Ok(to) = self.member_session(position) else {
+                    return Ok(None);
+                };
+                let Ok(found) = identity::find(&to.library, to.handle, &print) else {
+                    return Ok(None);
+                };
+                let presence = match found.as_slice() {
+                    [one] => Presence::Present(*one),
+                    _ => Presence::Absent,
+                };
+                objects.set_presence(object, position, presence);
+                Ok(match presence {
+                    Presence::Present(h) => Some(h),
                     _ => None,
-                });
-                for (source, source_handle) in sources {
-                    let (Ok(from), Ok(to)) =
-                        (self.member_session(source), self.member_session(position))
-                    else {
-                        continue;
-                    };
-                    let print = identity::fingerprint(&from.library, from.handle, source_handle);
-                    let Ok(found) = identity::find(&to.library, to.handle, &print) else {
-                        continue;
-                    };
-                    let presence = match found.as_slice() {
-                        [one] => Presence::Present(*one),
-                        _ => Presence::Absent,
-                    };
-                    objects.set_presence(object, position, presence);
-                    return Ok(match presence {
-                        Presence::Present(h) => Some(h),
-                        _ => None,
-                    });
-                }
-                Ok(None)
+                })
+            }
+        }
+    }
+
+    /// The object's fingerprint: kept, or read now from a member that is up
+    /// and holds it (and then kept).
+    fn fingerprint_of(
+        &self,
+        object: CK_OBJECT_HANDLE,
+    ) -> Option<std::sync::Arc<identity::Fingerprint>> {
+        let entry = self.group.objects.get(object)?;
+        if let Some(print) = entry.fingerprint {
+            return Some(print);
+        }
+        let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
+            Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
+            _ => None,
+        });
+        for (source, handle) in sources {
+            let Ok(from) = self.member_session(source) else {
+                continue;
+            };
+            if let Some(print) = identity::fingerprint(&from.library, from.handle, handle) {
+                self.group.objects.set_fingerprint(object, print);
+                return self.group.objects.get(object)?.fingerprint;
+            }
+        }
+        None
+    }
+
+    /// Reads and keeps the fingerprint of an object first seen on member
+    /// `position`, while that member is known to be alive.
+    pub fn remember_fingerprint(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        position: usize,
+        handle: CK_OBJECT_HANDLE,
+    ) {
+        if self.group.members.len() < 2 || self.group.objects.has_fingerprint(object) {
+            return;
+        }
+        if let Ok(s) = self.member_session(position) {
+            if let Some(print) = identity::fingerprint(&s.library, s.handle, handle) {
+                self.group.objects.set_fingerprint(object, print);
             }
         }
     }
@@ -402,7 +472,7 @@ impl VirtualSession {
 
     fn candidates(&self, preference: Preference) -> Vec<usize> {
         match preference {
-            Preference::LeastBusy => self.group.by_preference(),
+            Preference::LeastBusy(lane) => self.group.by_preference(lane),
             Preference::Primary => self.group.by_position(),
         }
     }
@@ -424,11 +494,11 @@ impl VirtualSession {
         let preference = if kind == OpKind::Find {
             Preference::Primary
         } else {
-            Preference::LeastBusy
+            Preference::LeastBusy(kind as usize)
         };
-        let keys: Vec<CK_OBJECT_HANDLE> = key.into_iter().collect();
+        let keys = key.as_slice();
         loop {
-            let (position, handles) = self.choose(&keys, preference)?;
+            let (position, handles) = self.choose(keys, preference)?;
             let member_key = handles.first().copied().unwrap_or(CK_INVALID_HANDLE);
             let answer = self.attempt(position, function, &mut |l, s| call(l, s, member_key));
             let Attempt::Answered(rv) = answer else {
@@ -580,7 +650,7 @@ impl VirtualSession {
             })
             .collect();
         let mut moved_to = None;
-        'members: for position in self.group.by_preference() {
+        'members: for position in self.group.by_preference(STATELESS_LANE) {
             let Ok(handles) = keys
                 .iter()
                 .map(|k| {
@@ -659,8 +729,13 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
-        self.stateless_on(keys, Preference::LeastBusy, function, &mut call)
-            .map(|_| ())
+        self.stateless_on(
+            keys,
+            Preference::LeastBusy(STATELESS_LANE),
+            function,
+            &mut call,
+        )
+        .map(|_| ())
     }
 
     /// As [`Self::stateless`], with a preference; returns the member that

@@ -104,7 +104,7 @@ fn c_program_reads_both_calls_and_the_header_matches_the_library() {
         );
     }
 
-    let group_serial = virtual_serial(&serials[0]);
+    let group_serial = group_serial(&[active.to_vec(), serials[2..].to_vec()].concat());
     assert!(
         text.contains(&format!(
             "CA_GetHAState rv=0x0 group={group_serial} members=4"

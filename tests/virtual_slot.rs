@@ -106,10 +106,7 @@ fn virtual_token_carries_group_label_and_luna_serial() {
     let f = Fixture::group(2);
     let info = f.pkcs11.get_token_info(f.virtual_slot()).unwrap();
     assert_eq!(info.label(), GROUP_LABEL);
-    assert_eq!(
-        info.serial_number(),
-        virtual_serial(&f.hsm.tokens[0].serial)
-    );
+    assert_eq!(info.serial_number(), group_serial(&f.hsm.serials()));
     assert_eq!(info.manufacturer_id(), "pkcs11-ha");
     assert_eq!(info.model(), "HA virtual slot");
     assert!(info.token_initialized() && info.user_pin_initialized() && info.login_required());

@@ -15,7 +15,7 @@ macro_rules! keyed_init {
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
                 required(mechanism)?;
-                let (_, s) = session(handle)?;
+                let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, mechanism, key))),
                     Target::Virtual(v) => v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), |l, m, k| {
@@ -41,7 +41,7 @@ macro_rules! in_out {
             ) {
                 buffer(input, input_len)?;
                 required(output_len)?;
-                let (_, s) = session(handle)?;
+                let s = session(handle)?;
                 let step = if $finishes {
                     Step::Finish { length_query: output.is_null() }
                 } else {
@@ -66,7 +66,7 @@ macro_rules! input_update {
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, input: *mut CK_BYTE, input_len: CK_ULONG) {
                 buffer(input, input_len)?;
-                let (_, s) = session(handle)?;
+                let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, input, input_len))),
                     Target::Virtual(v) => {
@@ -87,7 +87,7 @@ macro_rules! output_final {
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, output: *mut CK_BYTE, output_len: CK_ULONG_PTR) {
                 required(output_len)?;
-                let (_, s) = session(handle)?;
+                let s = session(handle)?;
                 let step = Step::Finish { length_query: output.is_null() };
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, output, output_len))),
@@ -136,7 +136,7 @@ output_final!(
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
         required(mechanism)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
             Target::Virtual(v) => v.init(OpKind::Digest, mechanism, None, "C_DigestInit", |l, m, _| {
@@ -146,7 +146,7 @@ cryptoki_fn! {
     }
 
     fn C_DigestKey(handle: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestKey(p.handle, key))),
             Target::Virtual(v) => v.digest_key(key),
@@ -162,7 +162,7 @@ cryptoki_fn! {
     ) {
         buffer(data, data_len)?;
         buffer(signature, signature_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_Verify(p.handle, data, data_len, signature, signature_len)))
@@ -175,7 +175,7 @@ cryptoki_fn! {
 
     fn C_VerifyFinal(handle: CK_SESSION_HANDLE, signature: *mut CK_BYTE, signature_len: CK_ULONG) {
         buffer(signature, signature_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_VerifyFinal(p.handle, signature, signature_len))),
             Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, Input::None, "C_VerifyFinal", |l, m| {
@@ -194,7 +194,7 @@ cryptoki_fn! {
         required(mechanism)?;
         buffer(template, count)?;
         required(key)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_GenerateKey(p.handle, mechanism, template, count, key)))
@@ -227,7 +227,7 @@ cryptoki_fn! {
         buffer(private_template, private_count)?;
         required(public_key)?;
         required(private_key)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(
                 p.library,
@@ -267,7 +267,7 @@ cryptoki_fn! {
     ) {
         required(mechanism)?;
         required(wrapped_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(
                 p.library,
@@ -296,7 +296,7 @@ cryptoki_fn! {
         buffer(wrapped, wrapped_len)?;
         buffer(template, count)?;
         required(key)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(
                 p.library,
@@ -325,7 +325,7 @@ cryptoki_fn! {
     ) {
         required(mechanism)?;
         buffer(template, count)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(
                 p.library,
@@ -355,7 +355,7 @@ cryptoki_fn! {
 
     fn C_SeedRandom(handle: CK_SESSION_HANDLE, seed: *mut CK_BYTE, seed_len: CK_ULONG) {
         buffer(seed, seed_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_SeedRandom(p.handle, seed, seed_len))),
             Target::Virtual(v) => v.stateless(&[], "C_SeedRandom", |l, m, _| member_call!(l, C_SeedRandom(m, seed, seed_len))),
@@ -364,7 +364,7 @@ cryptoki_fn! {
 
     fn C_GenerateRandom(handle: CK_SESSION_HANDLE, random: *mut CK_BYTE, random_len: CK_ULONG) {
         buffer(random, random_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_GenerateRandom(p.handle, random, random_len))),
             Target::Virtual(v) => v.stateless(&[], "C_GenerateRandom", |l, m, _| {

@@ -3,7 +3,7 @@
 //! macro generates every export so none can miss the panic guard.
 
 use crate::error::{Error, Result};
-use crate::provider::{self, Provider};
+use crate::provider;
 use crate::session::Session;
 use cryptoki_sys::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -61,11 +61,9 @@ fn buffer<T>(pointer: *const T, len: CK_ULONG) -> Result<()> {
     }
 }
 
-/// The provider and the session named by `handle`.
-fn session(handle: CK_SESSION_HANDLE) -> Result<(Arc<Provider>, Arc<Session>)> {
-    let provider = provider::get()?;
-    let session = provider.session(handle)?;
-    Ok((provider, session))
+/// The session named by `handle`.
+fn session(handle: CK_SESSION_HANDLE) -> Result<Arc<Session>> {
+    provider::with(|p| p.session(handle))
 }
 
 /// Copies `items` to a caller's array with the two-call convention: a null

@@ -16,7 +16,7 @@ cryptoki_fn! {
     ) {
         buffer(template, count)?;
         required(object)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_CreateObject(p.handle, template, count, object))),
             Target::Virtual(v) => {
@@ -35,7 +35,7 @@ cryptoki_fn! {
     ) {
         buffer(template, count)?;
         required(object)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_CopyObject(p.handle, source, template, count, object)))
@@ -48,7 +48,7 @@ cryptoki_fn! {
     }
 
     fn C_DestroyObject(handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) {
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DestroyObject(p.handle, object))),
             Target::Virtual(v) => v.destroy_object(object),
@@ -57,7 +57,7 @@ cryptoki_fn! {
 
     fn C_GetObjectSize(handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, size: CK_ULONG_PTR) {
         required(size)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_GetObjectSize(p.handle, object, size))),
             Target::Virtual(v) => v.stateless(&[object], "C_GetObjectSize", |l, m, h| {
@@ -73,7 +73,7 @@ cryptoki_fn! {
         count: CK_ULONG,
     ) {
         buffer(template, count)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
@@ -89,7 +89,7 @@ cryptoki_fn! {
         count: CK_ULONG,
     ) {
         buffer(template, count)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template, count)))
@@ -100,7 +100,7 @@ cryptoki_fn! {
 
     fn C_FindObjectsInit(handle: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) {
         buffer(template, count)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template, count))),
             Target::Virtual(v) => v.find_init(template, count),
@@ -115,7 +115,7 @@ cryptoki_fn! {
     ) {
         buffer(objects, max)?;
         required(count)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjects(p.handle, objects, max, count))),
             Target::Virtual(v) => v.find(objects, max, count),
@@ -123,7 +123,7 @@ cryptoki_fn! {
     }
 
     fn C_FindObjectsFinal(handle: CK_SESSION_HANDLE) {
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsFinal(p.handle))),
             Target::Virtual(v) => v.step(

@@ -52,13 +52,13 @@ cryptoki_fn! {
 
     fn C_Login(handle: CK_SESSION_HANDLE, user_type: CK_USER_TYPE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
         buffer(pin_ptr, pin_len)?;
-        let (provider, s) = session(handle)?;
+        let s = session(handle)?;
         if let (Target::Virtual(v), CKU_CONTEXT_SPECIFIC) = (&s.target, user_type) {
             let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
             let m = v.member_session(position)?;
             return check(member_call!(m.library, C_Login(m.handle, user_type, pin_ptr, pin_len)));
         }
-        provider.login(handle, user_type, pin(pin_ptr, pin_len))
+        provider::get()?.login(handle, user_type, pin(pin_ptr, pin_len))
     }
 
     fn C_Logout(handle: CK_SESSION_HANDLE) {
@@ -67,7 +67,7 @@ cryptoki_fn! {
 
     fn C_InitPIN(handle: CK_SESSION_HANDLE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
         buffer(pin_ptr, pin_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_InitPIN(p.handle, pin_ptr, pin_len))),
             Target::Virtual(v) => v.first_decides("C_InitPIN", |l, m| member_call!(l, C_InitPIN(m, pin_ptr, pin_len))),
@@ -83,7 +83,7 @@ cryptoki_fn! {
     ) {
         buffer(old, old_len)?;
         buffer(new, new_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_SetPIN(p.handle, old, old_len, new, new_len))),
             Target::Virtual(v) => {
@@ -100,7 +100,7 @@ cryptoki_fn! {
 
     fn C_GetOperationState(handle: CK_SESSION_HANDLE, state: *mut CK_BYTE, state_len: CK_ULONG_PTR) {
         required(state_len)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         let v = match &s.target {
             Target::PassThrough(p) => {
                 return check(member_call!(p.library, C_GetOperationState(p.handle, state, state_len)));
@@ -136,7 +136,7 @@ cryptoki_fn! {
         authentication_key: CK_OBJECT_HANDLE,
     ) {
         required(state)?;
-        let (_, s) = session(handle)?;
+        let s = session(handle)?;
         let v = match &s.target {
             Target::PassThrough(p) => {
                 return check(member_call!(

@@ -13,6 +13,7 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod faulty;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -337,6 +338,17 @@ pub fn passthrough_slot_id(library_index: usize, member_slot_id: u64) -> u64 {
 pub fn virtual_serial(primary_serial: &str) -> String {
     let skip = primary_serial.len().saturating_sub(15);
     format!("1{}", &primary_serial[skip..])
+}
+
+/// The serial a group of `members` (primary first) reports: as
+/// [`virtual_serial`], with the leading digit raised to the first of 2-9
+/// that no member's serial already has.
+pub fn group_serial(members: &[String]) -> String {
+    let base = virtual_serial(&members[0]);
+    ('1'..='9')
+        .map(|digit| format!("{digit}{}", &base[1..]))
+        .find(|candidate| !members.contains(candidate))
+        .expect("a free leading digit")
 }
 
 // ---------------------------------------------------------------------------

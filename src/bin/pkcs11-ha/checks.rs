@@ -166,51 +166,15 @@ pub fn flag_problems(new: CK_FLAGS, group: Option<CK_FLAGS>) -> Vec<String> {
     problems
 }
 
-/// A mechanism's name, or its number for ones this table does not know.
+/// A mechanism's name, or its number for ones cryptoki-sys does not name.
 pub fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
-    let name = match mechanism {
-        CKM_RSA_PKCS_KEY_PAIR_GEN => "CKM_RSA_PKCS_KEY_PAIR_GEN",
-        CKM_RSA_PKCS => "CKM_RSA_PKCS",
-        CKM_RSA_X_509 => "CKM_RSA_X_509",
-        CKM_RSA_PKCS_OAEP => "CKM_RSA_PKCS_OAEP",
-        CKM_RSA_PKCS_PSS => "CKM_RSA_PKCS_PSS",
-        CKM_SHA1_RSA_PKCS => "CKM_SHA1_RSA_PKCS",
-        CKM_SHA256_RSA_PKCS => "CKM_SHA256_RSA_PKCS",
-        CKM_SHA384_RSA_PKCS => "CKM_SHA384_RSA_PKCS",
-        CKM_SHA512_RSA_PKCS => "CKM_SHA512_RSA_PKCS",
-        CKM_SHA256_RSA_PKCS_PSS => "CKM_SHA256_RSA_PKCS_PSS",
-        CKM_SHA384_RSA_PKCS_PSS => "CKM_SHA384_RSA_PKCS_PSS",
-        CKM_SHA512_RSA_PKCS_PSS => "CKM_SHA512_RSA_PKCS_PSS",
-        CKM_SHA_1 => "CKM_SHA_1",
-        CKM_SHA256 => "CKM_SHA256",
-        CKM_SHA384 => "CKM_SHA384",
-        CKM_SHA512 => "CKM_SHA512",
-        CKM_SHA256_HMAC => "CKM_SHA256_HMAC",
-        CKM_SHA384_HMAC => "CKM_SHA384_HMAC",
-        CKM_SHA512_HMAC => "CKM_SHA512_HMAC",
-        CKM_GENERIC_SECRET_KEY_GEN => "CKM_GENERIC_SECRET_KEY_GEN",
-        CKM_EC_KEY_PAIR_GEN => "CKM_EC_KEY_PAIR_GEN",
-        CKM_ECDSA => "CKM_ECDSA",
-        CKM_ECDSA_SHA256 => "CKM_ECDSA_SHA256",
-        CKM_ECDH1_DERIVE => "CKM_ECDH1_DERIVE",
-        CKM_EC_EDWARDS_KEY_PAIR_GEN => "CKM_EC_EDWARDS_KEY_PAIR_GEN",
-        CKM_EDDSA => "CKM_EDDSA",
-        CKM_AES_KEY_GEN => "CKM_AES_KEY_GEN",
-        CKM_AES_ECB => "CKM_AES_ECB",
-        CKM_AES_CBC => "CKM_AES_CBC",
-        CKM_AES_CBC_PAD => "CKM_AES_CBC_PAD",
-        CKM_AES_CTR => "CKM_AES_CTR",
-        CKM_AES_GCM => "CKM_AES_GCM",
-        CKM_AES_CMAC => "CKM_AES_CMAC",
-        CKM_AES_KEY_WRAP => "CKM_AES_KEY_WRAP",
-        CKM_AES_KEY_WRAP_PAD => "CKM_AES_KEY_WRAP_PAD",
-        CKM_DES3_KEY_GEN => "CKM_DES3_KEY_GEN",
-        CKM_DES3_CBC => "CKM_DES3_CBC",
-        CKM_DH_PKCS_KEY_PAIR_GEN => "CKM_DH_PKCS_KEY_PAIR_GEN",
-        CKM_DH_PKCS_DERIVE => "CKM_DH_PKCS_DERIVE",
-        _ => return format!("mechanism {mechanism:#x}"),
-    };
-    name.to_owned()
+    crate::mechanisms::NAMES
+        .iter()
+        .find(|(m, _)| *m == mechanism)
+        .map_or_else(
+            || format!("mechanism {mechanism:#x}"),
+            |(_, name)| (*name).to_owned(),
+        )
 }
 
 #[cfg(test)]
@@ -226,9 +190,10 @@ mod tests {
             missing_mechanisms(&[a.clone(), b.clone()], &[CKM_ECDSA]),
             [CKM_SHA256, CKM_AES_GCM]
         );
-        assert!(missing_mechanisms(&[a.clone(), b], &[CKM_ECDSA, CKM_SHA256, CKM_AES_GCM])
-            .is_empty());
-        assert_eq!(missing_mechanisms(&[a.clone()], &[]).len(), 4);
+        assert!(
+            missing_mechanisms(&[a.clone(), b], &[CKM_ECDSA, CKM_SHA256, CKM_AES_GCM]).is_empty()
+        );
+        assert_eq!(missing_mechanisms(std::slice::from_ref(&a), &[]).len(), 4);
         // The first member sets the group's list.
         assert!(missing_mechanisms(&[], &[CKM_ECDSA]).is_empty());
         // More mechanisms than the group is fine.
@@ -242,9 +207,15 @@ mod tests {
         assert!(flag_problems(good, Some(good & !CKF_RNG)).is_empty());
         let ped = flag_problems(good | CKF_PROTECTED_AUTHENTICATION_PATH, Some(good));
         assert_eq!(ped.len(), 1);
-        assert!(ped[0].contains("has CKF_PROTECTED_AUTHENTICATION_PATH"), "{ped:?}");
+        assert!(
+            ped[0].contains("has CKF_PROTECTED_AUTHENTICATION_PATH"),
+            "{ped:?}"
+        );
         let no_login = flag_problems(good & !CKF_LOGIN_REQUIRED, Some(good));
-        assert!(no_login[0].contains("lacks CKF_LOGIN_REQUIRED"), "{no_login:?}");
+        assert!(
+            no_login[0].contains("lacks CKF_LOGIN_REQUIRED"),
+            "{no_login:?}"
+        );
         let bad = flag_problems(CKF_WRITE_PROTECTED | CKF_USER_PIN_LOCKED, None);
         assert_eq!(bad.len(), 4, "{bad:?}");
     }

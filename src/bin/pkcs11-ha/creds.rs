@@ -106,9 +106,10 @@ impl Source<'_> {
     /// terminal without echo (asked twice when `confirm`).
     pub fn read(&self, prompt: &str, confirm: bool) -> Result<Secret, String> {
         let value = if let Some(path) = self.file {
-            let mut bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
-                format!("cannot read {} from {}: {e}", self.what, path.display())
-            })?);
+            let mut bytes =
+                Zeroizing::new(std::fs::read(path).map_err(|e| {
+                    format!("cannot read {} from {}: {e}", self.what, path.display())
+                })?);
             strip_line_end(&mut bytes);
             bytes
         } else if let Some(var) = self.env {
@@ -189,7 +190,10 @@ mod tests {
             ..source
         };
         let e = source.read("", false).unwrap_err();
-        assert!(e.contains("PKCS11_HA_CREDS_TEST_UNSET_VARIABLE is not set"), "{e}");
+        assert!(
+            e.contains("PKCS11_HA_CREDS_TEST_UNSET_VARIABLE is not set"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

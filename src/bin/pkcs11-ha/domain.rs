@@ -50,7 +50,9 @@ pub fn find(session: &Session, label: &str) -> Result<Option<Found>, String> {
         [] => Ok(None),
         [handle] => Ok(Some(Found {
             handle,
-            check_value: session.attribute(handle, CKA_CHECK_VALUE).unwrap_or_default(),
+            check_value: session
+                .attribute(handle, CKA_CHECK_VALUE)
+                .unwrap_or_default(),
         })),
         _ => Err(format!(
             "the token holds {} secret keys labelled \"{label}\" where the group needs exactly \
@@ -105,7 +107,9 @@ pub fn provision(session: &Session, label: &str, value: &[u8; 32]) -> Result<Fou
     let handle = session.create(&mut template)?;
     Ok(Found {
         handle,
-        check_value: session.attribute(handle, CKA_CHECK_VALUE).unwrap_or_default(),
+        check_value: session
+            .attribute(handle, CKA_CHECK_VALUE)
+            .unwrap_or_default(),
     })
 }
 
@@ -141,7 +145,9 @@ mod tests {
         let salt: Vec<u8> = (0x00..=0x0c).collect();
         let info: Vec<u8> = (0xf0..=0xf9).collect();
         let mut okm = [0u8; 42];
-        Hkdf::<Sha256>::new(Some(&salt), &ikm).expand(&info, &mut okm).unwrap();
+        Hkdf::<Sha256>::new(Some(&salt), &ikm)
+            .expand(&info, &mut okm)
+            .unwrap();
         assert_eq!(
             hex(&okm),
             "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
@@ -151,7 +157,12 @@ mod tests {
     #[test]
     fn template_matches_the_security_model() {
         let t = template("d", &[7; 32], true);
-        let get = |a| t.iter().find(|(t, _)| *t == a).map(|(_, v)| v.clone()).unwrap();
+        let get = |a| {
+            t.iter()
+                .find(|(t, _)| *t == a)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
         assert_eq!(get(CKA_TRUSTED), [CK_TRUE]);
         assert_eq!(get(CKA_EXTRACTABLE), [CK_FALSE]);
         assert_eq!(get(CKA_ENCRYPT), [CK_FALSE]);

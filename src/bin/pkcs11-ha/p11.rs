@@ -3,11 +3,10 @@
 //! applications), finds tokens by serial or slot, and wraps the few
 //! PKCS#11 calls the CLI makes. Never logs a PIN or key material.
 
-use std::ffi::OsString;
 use std::ptr;
 
 use cryptoki_sys::*;
-use pkcs11_ha::config::{Config, LibraryConfig};
+use pkcs11_ha::config::Config;
 use pkcs11_ha::error::rv_name;
 use pkcs11_ha::identity::{self, Fingerprint};
 use pkcs11_ha::member::{padded_to_string, MemberLibrary};
@@ -64,31 +63,8 @@ pub struct TokenRef {
 impl TokenRef {
     /// The slot ID pkcs11-ha gives this token's pass-through slot.
     pub fn passthrough_slot(&self) -> u64 {
-        ((self.library as u64 + 1) << 32) | self.slot as u64
+        ((self.library as u64 + 1) << 32) | self.slot
     }
-}
-
-/// Sets a library's `[LibraryEnvironment]` variables for the duration of
-/// `f` and restores the previous values: p11-kit's client reads its server
-/// address when its function list is obtained. The CLI is single-threaded
-/// while it loads libraries, so changing the environment is safe here.
-fn with_environment<T>(entry: &LibraryConfig, f: impl FnOnce() -> T) -> T {
-    let saved: Vec<(String, Option<OsString>)> = entry
-        .environment
-        .iter()
-        .map(|(name, _)| (name.clone(), std::env::var_os(name)))
-        .collect();
-    for (name, value) in &entry.environment {
-        std::env::set_var(name, value);
-    }
-    let result = f();
-    for (name, value) in saved.into_iter().rev() {
-        match value {
-            Some(value) => std::env::set_var(&name, value),
-            None => std::env::remove_var(&name),
-        }
-    }
-    result
 }
 
 impl Members {
@@ -99,17 +75,19 @@ impl Members {
             .libraries
             .iter()
             .map(|entry| {
-                let library = with_environment(entry, || {
-                    let library = MemberLibrary::load(&entry.name, &entry.path)?;
-                    library.initialize().map_err(|e| {
-                        format!(
-                            "C_Initialize of {} returned {}",
-                            entry.path.display(),
-                            rv_name(e.rv)
-                        )
-                    })?;
-                    Ok(library)
-                });
+                // The library applies its [LibraryEnvironment] settings
+                // while its function list is obtained.
+                let library = MemberLibrary::load(&entry.name, &entry.path, &entry.environment)
+                    .and_then(|library| {
+                        library.initialize().map_err(|e| {
+                            format!(
+                                "C_Initialize of {} returned {}",
+                                entry.path.display(),
+                                rv_name(e.rv)
+                            )
+                        })?;
+                        Ok(library)
+                    });
                 Loaded {
                     name: entry.name.clone(),
                     library,
@@ -130,7 +108,12 @@ impl Members {
     pub fn failures(&self) -> Vec<(&str, &str)> {
         self.libraries
             .iter()
-            .filter_map(|l| l.library.as_ref().err().map(|e| (l.name.as_str(), e.as_str())))
+            .filter_map(|l| {
+                l.library
+                    .as_ref()
+                    .err()
+                    .map(|e| (l.name.as_str(), e.as_str()))
+            })
             .collect()
     }
 
@@ -173,10 +156,11 @@ impl Members {
     /// pass-through slot ID.
     pub fn by_slot(&self, slot: u64, library: Option<&str>) -> Result<TokenRef, String> {
         let tokens = self.tokens();
-        let library_matches = |t: &TokenRef| library.map_or(true, |l| t.library_name.eq_ignore_ascii_case(l));
+        let library_matches =
+            |t: &TokenRef| library.is_none_or(|l| t.library_name.eq_ignore_ascii_case(l));
         let mut found: Vec<&TokenRef> = tokens
             .iter()
-            .filter(|t| t.slot as u64 == slot && library_matches(t))
+            .filter(|t| t.slot == slot && library_matches(t))
             .collect();
         if found.is_empty() {
             found = tokens
@@ -188,7 +172,9 @@ impl Members {
             [token] => Ok(token.clone()),
             [] => Err(format!(
                 "no token in slot {slot}{}; `pkcs11-ha slots` lists the tokens",
-                library.map(|l| format!(" of library {l}")).unwrap_or_default()
+                library
+                    .map(|l| format!(" of library {l}"))
+                    .unwrap_or_default()
             )),
             _ => Err(format!(
                 "slot {slot} has a token in more than one library ({}); name one with --library",
@@ -299,7 +285,8 @@ impl<'a> Session<'a> {
         identity::find(self.library, self.handle, print)
     }
 
-    pub fn fingerprint(&self, object: CK_OBJECT_HANDLE) -> Fingerprint {
+    /// The object's fingerprint; `None` if the member cannot read it.
+    pub fn fingerprint(&self, object: CK_OBJECT_HANDLE) -> Option<Fingerprint> {
         identity::fingerprint(self.library, self.handle, object)
     }
 
@@ -307,7 +294,11 @@ impl<'a> Session<'a> {
         identity::read_attribute(self.library, self.handle, object, t)
     }
 
-    pub fn ulong_attribute(&self, object: CK_OBJECT_HANDLE, t: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
+    pub fn ulong_attribute(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        t: CK_ATTRIBUTE_TYPE,
+    ) -> Option<CK_ULONG> {
         self.attribute(object, t).map(|v| identity::ulong_of(&v))
     }
 
@@ -355,7 +346,14 @@ impl<'a> Session<'a> {
         let mut len: CK_ULONG = 0;
         ck(call!(
             self.library,
-            C_WrapKey(self.handle, &mut mech, wrapping, key, ptr::null_mut(), &mut len)
+            C_WrapKey(
+                self.handle,
+                &mut mech,
+                wrapping,
+                key,
+                ptr::null_mut(),
+                &mut len
+            )
         ))?;
         let mut blob = Zeroizing::new(vec![0u8; len as usize]);
         ck(call!(
@@ -412,7 +410,10 @@ impl Drop for Session<'_> {
 }
 
 /// The mechanisms of a token's slot, sorted.
-pub fn mechanisms(library: &MemberLibrary, slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>, CK_RV> {
+pub fn mechanisms(
+    library: &MemberLibrary,
+    slot: CK_SLOT_ID,
+) -> Result<Vec<CK_MECHANISM_TYPE>, CK_RV> {
     let mut list = library.mechanisms(slot).map_err(|e| e.rv)?;
     list.sort_unstable();
     list.dedup();

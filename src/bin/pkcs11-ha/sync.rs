@@ -12,7 +12,7 @@ use pkcs11_ha::identity::Fingerprint;
 use serde::Serialize;
 
 use crate::domain::{self, Found};
-use crate::p11::{Session, TokenRef};
+use crate::p11::Session;
 
 /// How key material travels, as in replication.
 const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
@@ -125,7 +125,6 @@ pub fn describe(session: &Session, object: CK_OBJECT_HANDLE) -> Description {
 /// session, its domain key and its objects with their fingerprints.
 pub struct View<'a> {
     pub serial: String,
-    pub token: TokenRef,
     pub session: Session<'a>,
     pub domain: Option<Found>,
     /// Every object the session sees except the domain key.
@@ -136,7 +135,6 @@ impl<'a> View<'a> {
     /// Reads the member's domain key and objects through `session`.
     pub fn read(
         serial: &str,
-        token: TokenRef,
         session: Session<'a>,
         domain_label: &str,
     ) -> Result<View<'a>, String> {
@@ -149,12 +147,11 @@ impl<'a> View<'a> {
         })?;
         let objects = handles
             .into_iter()
-            .filter(|h| domain.as_ref().map_or(true, |d| d.handle != *h))
-            .map(|h| (h, session.fingerprint(h)))
+            .filter(|h| domain.as_ref().is_none_or(|d| d.handle != *h))
+            .filter_map(|h| session.fingerprint(h).map(|print| (h, print)))
             .collect();
         Ok(View {
             serial: serial.to_owned(),
-            token,
             session,
             domain,
             objects,
@@ -194,7 +191,7 @@ pub fn plan(views: &[View]) -> Plan {
     let mut plan = Plan::default();
     for (from, source) in views.iter().enumerate() {
         for (object, print) in &source.objects {
-            let own = source.session.find(print).map(|f| f.len()).unwrap_or(1);
+            let own = matches(&source.session, print).map_or(1, |f| f.len());
             if own > 1 {
                 note_ambiguous(&mut plan, source, *object, own);
                 continue;
@@ -208,7 +205,7 @@ pub fn plan(views: &[View]) -> Plan {
                 {
                     continue;
                 }
-                match target.session.find(print) {
+                match matches(&target.session, print) {
                     Ok(found) if found.is_empty() => plan.copies.push(Copy {
                         from,
                         object: *object,
@@ -231,6 +228,35 @@ pub fn plan(views: &[View]) -> Plan {
         }
     }
     plan
+}
+
+/// The objects on a member that are the object with fingerprint `print`.
+///
+/// As `identity::find`, except for `CKA_CHECK_VALUE`: a member that made a
+/// key by unwrapping may leave it empty (SoftHSM does), so an empty check
+/// value on either side matches any, and only two non-empty ones must agree.
+pub fn matches(session: &Session, print: &Fingerprint) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
+    let check = print
+        .iter()
+        .find(|(t, _)| *t == CKA_CHECK_VALUE)
+        .map(|(_, v)| v.as_slice())
+        .filter(|v| !v.is_empty());
+    let rest: Fingerprint = print
+        .iter()
+        .filter(|(t, _)| *t != CKA_CHECK_VALUE)
+        .cloned()
+        .collect();
+    let found = session.find(&rest)?;
+    Ok(match check {
+        None => found,
+        Some(check) => found
+            .into_iter()
+            .filter(|h| {
+                let theirs = session.attribute(*h, CKA_CHECK_VALUE).unwrap_or_default();
+                theirs.is_empty() || theirs == check
+            })
+            .collect(),
+    })
 }
 
 fn note_ambiguous(plan: &mut Plan, view: &View, object: CK_OBJECT_HANDLE, matches: usize) {
@@ -260,7 +286,13 @@ pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
             .session
             .create(&mut template)
             .map(drop)
-            .map_err(|rv| format!("C_CreateObject on {} returned {}", target.serial, rv_name(rv)));
+            .map_err(|rv| {
+                format!(
+                    "C_CreateObject on {} returned {}",
+                    target.serial,
+                    rv_name(rv)
+                )
+            });
     }
     let (Some(from_domain), Some(to_domain)) = (&source.domain, &target.domain) else {
         let missing = if source.domain.is_none() {

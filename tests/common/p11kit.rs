@@ -1,0 +1,169 @@
+//! A `p11-kit server` child process exporting one SoftHSM token on a unix
+//! socket: a real out-of-process member, reached through p11-kit's client
+//! module the way a network HSM is reached through its vendor library.
+//! Include with `#[path = "common/p11kit.rs"] mod p11kit;`.
+//!
+//! Owns: the server process, in a process group of its own, with the
+//! `p11-kit-remote` workers it forks (one per client connection), and its
+//! log file. Must never: outlive its test (the whole group is killed on
+//! drop), or start on a socket path another server uses (a starting server
+//! deletes whatever is at its path, even a live socket).
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The client side of p11-kit remoting (Debian package `p11-kit-modules`).
+pub const CLIENT_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+/// Read by the client module in `C_GetFunctionList`.
+pub const ADDRESS_ENV: &str = "P11_KIT_SERVER_ADDRESS";
+/// How long a server may take to create its socket, or a killed process
+/// to be gone, before the test gives up.
+const PATIENCE: Duration = Duration::from_secs(10);
+/// How often those conditions are polled.
+const POLL: Duration = Duration::from_millis(5);
+
+/// A running `p11-kit server -f` for one SoftHSM token.
+pub struct P11KitServer {
+    child: Child,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl P11KitServer {
+    /// Starts a server exporting the token labelled `token_label` of the
+    /// SoftHSM whose config is `softhsm_conf`, on `socket` (which must not
+    /// exist), and waits until the socket does. `softhsm` is the SoftHSM
+    /// module path.
+    pub fn start(softhsm: &str, softhsm_conf: &Path, token_label: &str, socket: &Path) -> Self {
+        assert!(!socket.exists(), "{} already exists", socket.display());
+        let log = socket.with_extension("log");
+        let log_file = fs::File::create(&log).expect("create the server log");
+        let child = Command::new("p11-kit")
+            .args(["server", "-f", "-n"])
+            .arg(socket)
+            .args(["--provider", softhsm])
+            .arg(format!("pkcs11:token={token_label}"))
+            .env("SOFTHSM2_CONF", softhsm_conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .process_group(0)
+            .spawn()
+            .expect("start p11-kit server (is p11-kit installed?)");
+        let mut server = P11KitServer {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
+        let started = Instant::now();
+        while !server.socket.exists() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("p11-kit server exited with {status}: {}", server.log_text());
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "p11-kit server made no socket at {}: {}",
+                server.socket.display(),
+                server.log_text()
+            );
+            thread::sleep(POLL);
+        }
+        server
+    }
+
+    /// The value for `P11_KIT_SERVER_ADDRESS`.
+    pub fn address(&self) -> String {
+        format!("unix:path={}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the server wrote to stderr so far, for failure messages.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The live worker processes: children of the server (`p11-kit-remote`,
+    /// one per client connection), zombies left out.
+    pub fn workers(&self) -> Vec<u32> {
+        children(self.pid())
+            .into_iter()
+            .filter(|pid| is_alive(*pid))
+            .collect()
+    }
+
+    /// `SIGKILL`s every worker -- a crash of the member behind each
+    /// connection, while the server itself keeps listening -- and waits
+    /// until each is dead. Returns their pids.
+    pub fn kill_workers(&self) -> Vec<u32> {
+        let workers = self.workers();
+        for pid in &workers {
+            // SAFETY: kill(2) on a pid that is our server's child.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let started = Instant::now();
+        while workers.iter().any(|pid| is_alive(*pid)) {
+            assert!(started.elapsed() < PATIENCE, "killed workers still run");
+            thread::sleep(POLL);
+        }
+        workers
+    }
+}
+
+impl Drop for P11KitServer {
+    fn drop(&mut self) {
+        // The server leads its own group: this takes its workers too.
+        // SAFETY: kill(2) on the group this struct started.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Children of `pid`, from every thread's `children` file in /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/<pid>/task");
+    let mut found: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn is_alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state ...": the command may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+/// Bytes a process read so far (`rchar` of /proc/<pid>/io): it grows while
+/// a worker serves calls.
+pub fn bytes_read(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|line| line.strip_prefix("rchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

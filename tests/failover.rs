@@ -1,0 +1,1534 @@
+//! Failover of a virtual slot, proved against simulated members. Each
+//! member is a copy of the test-only faulty member (tests/faulty-member)
+//! that forwards to one SoftHSM token, so a test can make any member fail
+//! with `CKR_DEVICE_ERROR` -- at once, or after a number of calls -- and count
+//! the calls each member received.
+//!
+//! Every test holds the serial guard (through [`Ha`]) and synchronises on
+//! conditions only: joins, a barrier, channels and call counts, never on the
+//! clock. A test named for a behaviour asserts exactly that behaviour.
+
+mod common;
+
+use std::env;
+use std::fmt::Debug;
+use std::fs;
+use std::ptr;
+use std::sync::mpsc;
+use std::sync::{Barrier, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::faulty::FaultyMember;
+use common::*;
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use cryptoki_sys::{
+    CKA_PRIVATE_EXPONENT, CKA_VALUE, CKM_ECDSA, CKM_VENDOR_DEFINED, CKR_ATTRIBUTE_SENSITIVE,
+    CKR_BUFFER_TOO_SMALL, CKR_DEVICE_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CK_ATTRIBUTE,
+    CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_RV,
+    CK_SESSION_HANDLE, CK_ULONG, CK_UNAVAILABLE_INFORMATION,
+};
+
+/// A bound for waits that only end early when something is broken.
+const PATIENCE: Duration = Duration::from_secs(20);
+/// DER of the prime256v1 OID.
+const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const IV: [u8; 16] = [7; 16];
+const MESSAGE: &[u8] = b"pkcs11-ha: a message every member must treat alike";
+
+// ---------------------------------------------------------------------------
+// A group of faulty members
+// ---------------------------------------------------------------------------
+
+/// One SoftHSM token per member, each behind its own faulty-member copy
+/// (library `m<i>` in the config, token `member<i>`), grouped into virtual
+/// slot 0 with the first `active` members active (member 0 primary) and
+/// the rest standby. Holds the serial guard; finalises on drop.
+struct Ha {
+    pkcs11: Pkcs11,
+    /// Dropped after `C_Finalize`, which they must see.
+    members: Vec<FaultyMember>,
+    hsm: SoftHsm,
+    // Last: released only after everything above is gone.
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Ha {
+    fn new(active: usize) -> Ha {
+        Ha::with(active, 0, "")
+    }
+
+    /// `ha_settings` is appended to the `[HAConfiguration]` section.
+    fn with(active: usize, standby: usize, ha_settings: &str) -> Ha {
+        let guard = serial_guard();
+        let labels: Vec<String> = (0..active + standby)
+            .map(|i| format!("member{i}"))
+            .collect();
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let hsm = SoftHsm::new(&labels);
+        // Before anything initialises SoftHSM through the members.
+        provision_domain(&hsm, &DOMAIN_VALUE);
+        let members: Vec<FaultyMember> = hsm
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| {
+                FaultyMember::new(
+                    hsm.dir.path(),
+                    &format!("m{i}"),
+                    SOFTHSM_LIB,
+                    Some(&token.serial),
+                )
+            })
+            .collect();
+        let names: Vec<String> = (0..members.len()).map(|i| format!("m{i}")).collect();
+        let paths: Vec<String> = members
+            .iter()
+            .map(|m| m.path.display().to_string())
+            .collect();
+        let libraries: Vec<(&str, &str)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(paths.iter().map(String::as_str))
+            .collect();
+        let serials = hsm.serials();
+        let group =
+            GroupSpec::new(GROUP_LABEL, &serials[..active]).with_standby(&serials[active..]);
+        let mut text = config_text(&libraries, &[group], false);
+        text.push_str(ha_settings);
+        let config = hsm.dir.path().join("pkcs11-ha.conf");
+        fs::write(&config, text).expect("write pkcs11-ha.conf");
+        hsm.activate();
+        activate_config(&config);
+        Ha {
+            pkcs11: start_ha(),
+            members,
+            hsm,
+            _guard: guard,
+        }
+    }
+
+    /// `C_Finalize` and `C_Initialize` again with every fault cleared: a
+    /// fresh library state over the same tokens (token objects stay).
+    fn restart(&mut self) {
+        for member in &self.members {
+            member.clear_fault();
+        }
+        self.pkcs11.clone().finalize().expect("C_Finalize");
+        self.pkcs11 = start_ha();
+    }
+
+    /// An RW session on the virtual slot, user logged in.
+    fn session(&self) -> Session {
+        user_session(&self.pkcs11, virtual_slot())
+    }
+
+    /// The pass-through slot of member `i` (library `m<i>` has index `i`).
+    fn member_slot(&self, i: usize) -> Slot {
+        let id = passthrough_slot_id(i, self.hsm.tokens[i].slot_id);
+        Slot::try_from(id).expect("slot id")
+    }
+
+    /// Makes member `i` answer every call with `CKR_DEVICE_ERROR`.
+    fn fault(&self, i: usize) {
+        self.members[i].set_fault(CKR_DEVICE_ERROR);
+    }
+
+    /// How often each member received the entry point `name`.
+    fn counts(&self, name: &str) -> Vec<u64> {
+        self.members.iter().map(|m| m.call_count(name)).collect()
+    }
+}
+
+impl Drop for Ha {
+    fn drop(&mut self) {
+        // An error here would only hide the test's own result.
+        let _ = self.pkcs11.clone().finalize();
+        env::remove_var(CONF_ENV);
+        env::remove_var(SOFTHSM_CONF_ENV);
+    }
+}
+
+fn start_ha() -> Pkcs11 {
+    let pkcs11 = load_ha();
+    initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
+    pkcs11
+}
+
+/// Slot 0: the group is `VirtualToken00`.
+fn virtual_slot() -> Slot {
+    Slot::try_from(0u64).expect("slot 0")
+}
+
+/// Per member, how much `after` grew over `before`.
+fn grown(before: &[u64], after: &[u64]) -> Vec<u64> {
+    before.iter().zip(after).map(|(b, a)| a - b).collect()
+}
+
+/// The one member whose count grew; panics unless exactly one did.
+fn only_one_grew(before: &[u64], after: &[u64], what: &str) -> usize {
+    let grew: Vec<usize> = grown(before, after)
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| **d > 0)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(grew.len(), 1, "{what}: counts went {before:?} -> {after:?}");
+    grew[0]
+}
+
+/// Asserts that `result` failed with exactly `want`.
+#[track_caller]
+fn expect_rv<T: Debug>(result: cryptoki::error::Result<T>, want: RvError, what: &str) {
+    match result {
+        Err(Error::Pkcs11(got, _)) if got == want => {}
+        other => panic!("{what}: expected {want:?}, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Keys
+// ---------------------------------------------------------------------------
+
+fn ec_pair(s: &Session, id: &str, token: bool, extractable: bool) -> (ObjectHandle, ObjectHandle) {
+    s.generate_key_pair(
+        &Mechanism::EccKeyPairGen,
+        &[
+            Attribute::EcParams(P256.to_vec()),
+            Attribute::Token(token),
+            Attribute::Id(id.into()),
+            Attribute::Verify(true),
+        ],
+        &[
+            Attribute::Token(token),
+            Attribute::Id(id.into()),
+            Attribute::Private(true),
+            Attribute::Sign(true),
+            Attribute::Sensitive(!extractable),
+            Attribute::Extractable(extractable),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("EC key pair {id}: {e}"))
+}
+
+fn rsa_pair(
+    s: &Session,
+    id: &str,
+    extractable: bool,
+    allowed: Option<Vec<MechanismType>>,
+) -> (ObjectHandle, ObjectHandle) {
+    let mut private = vec![
+        Attribute::Token(true),
+        Attribute::Id(id.into()),
+        Attribute::Private(true),
+        Attribute::Sign(true),
+        Attribute::Sensitive(!extractable),
+        Attribute::Extractable(extractable),
+    ];
+    if let Some(allowed) = allowed {
+        private.push(Attribute::AllowedMechanisms(allowed));
+    }
+    s.generate_key_pair(
+        &Mechanism::RsaPkcsKeyPairGen,
+        &[
+            Attribute::Token(true),
+            Attribute::Id(id.into()),
+            Attribute::ModulusBits(2048.into()),
+            Attribute::PublicExponent(vec![1, 0, 1]),
+            Attribute::Verify(true),
+        ],
+        &private,
+    )
+    .unwrap_or_else(|e| panic!("RSA key pair {id}: {e}"))
+}
+
+fn aes_key(s: &Session, id: &str, token: bool, extractable: bool) -> ObjectHandle {
+    s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(token),
+            Attribute::Id(id.into()),
+            Attribute::Private(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Sensitive(!extractable),
+            Attribute::Extractable(extractable),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("AES key {id}: {e}"))
+}
+
+/// The one object of `class` with `CKA_ID = id` the session sees.
+#[track_caller]
+fn find_one(s: &Session, class: ObjectClass, id: &str) -> ObjectHandle {
+    let found = s
+        .find_objects(&[Attribute::Class(class), Attribute::Id(id.into())])
+        .unwrap_or_else(|e| panic!("find {class} {id}: {e}"));
+    assert_eq!(found.len(), 1, "objects of class {class} with id {id}");
+    found[0]
+}
+
+fn label_of(s: &Session, object: ObjectHandle) -> Option<String> {
+    let attributes = s
+        .get_attributes(object, &[AttributeType::Label])
+        .expect("read CKA_LABEL");
+    attributes.into_iter().find_map(|a| match a {
+        Attribute::Label(l) => Some(String::from_utf8_lossy(&l).into_owned()),
+        _ => None,
+    })
+}
+
+fn bool_of(s: &Session, object: ObjectHandle, attribute: AttributeType) -> bool {
+    let attributes = s.get_attributes(object, &[attribute]).expect("read a flag");
+    match attributes.as_slice() {
+        [Attribute::Extractable(b)]
+        | [Attribute::Sensitive(b)]
+        | [Attribute::NeverExtractable(b)] => *b,
+        other => panic!("{attribute:?} read as {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw calls, for what `cryptoki` never sends
+// ---------------------------------------------------------------------------
+
+/// The built library's own function table: short output buffers, a
+/// vendor-defined mechanism, a raw attribute read. Same `dlopen` handle as
+/// `cryptoki`'s, so the same library state.
+struct Raw {
+    list: CK_FUNCTION_LIST,
+    _library: libloading::Library,
+}
+
+fn raw() -> &'static Raw {
+    static RAW: OnceLock<Raw> = OnceLock::new();
+    RAW.get_or_init(|| {
+        let path = library_path();
+        // SAFETY: loading a PKCS#11 module runs only its constructors, and
+        // C_GetFunctionList has the signature PKCS#11 gives it.
+        unsafe {
+            let library = libloading::Library::new(&path)
+                .unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
+            let get = *library
+                .get::<cryptoki_sys::CK_C_GetFunctionList>(b"C_GetFunctionList\0")
+                .expect("C_GetFunctionList");
+            let mut list: *mut CK_FUNCTION_LIST = ptr::null_mut();
+            assert_eq!(get.expect("C_GetFunctionList")(&mut list), CKR_OK);
+            Raw {
+                list: *list,
+                _library: library,
+            }
+        }
+    })
+}
+
+macro_rules! raw {
+    ($f:ident($($arg:expr),* $(,)?)) => {{
+        let f = raw().list.$f.expect(stringify!($f));
+        // SAFETY: every pointer passed points to a live local of the type
+        // the PKCS#11 signature names, with its true length.
+        unsafe { f($($arg),*) }
+    }};
+}
+
+fn raw_sign_init(session: &Session, mechanism: CK_MECHANISM_TYPE, key: ObjectHandle) -> CK_RV {
+    let mut mechanism = CK_MECHANISM {
+        mechanism,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    raw!(C_SignInit(session.handle(), &mut mechanism, key.handle()))
+}
+
+/// `C_Sign` into `out` (NULL for a length query): the answer and the length.
+fn raw_sign(session: CK_SESSION_HANDLE, data: &[u8], out: Option<&mut [u8]>) -> (CK_RV, usize) {
+    let (ptr, mut len) = match out {
+        Some(buf) => (buf.as_mut_ptr(), buf.len() as CK_ULONG),
+        None => (ptr::null_mut(), 0),
+    };
+    let rv = raw!(C_Sign(
+        session,
+        data.as_ptr() as *mut u8,
+        data.len() as CK_ULONG,
+        ptr,
+        &mut len
+    ));
+    (rv, len as usize)
+}
+
+/// Reads the secret component `attribute` of `key` into a zeroed buffer:
+/// the answer, the length reported, and the buffer.
+fn raw_secret(
+    session: &Session,
+    key: ObjectHandle,
+    attribute: CK_ATTRIBUTE_TYPE,
+) -> (CK_RV, CK_ULONG, [u8; 64]) {
+    let mut buffer = [0u8; 64];
+    let mut template = CK_ATTRIBUTE {
+        type_: attribute,
+        pValue: buffer.as_mut_ptr().cast(),
+        ulValueLen: buffer.len() as CK_ULONG,
+    };
+    let handle: CK_OBJECT_HANDLE = key.handle();
+    let rv = raw!(C_GetAttributeValue(
+        session.handle(),
+        handle,
+        &mut template,
+        1
+    ));
+    (rv, template.ulValueLen, buffer)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Replicated keys work on every member alone
+// ---------------------------------------------------------------------------
+
+/// Keys generated through the virtual slot -- AES-256 token and session
+/// keys, RSA-2048 and EC P-256 pairs, extractable and not -- exist on every
+/// member and work there alone: first through each member's own
+/// pass-through slot (encrypting with one member and decrypting with
+/// another, signing with one and verifying with every other), then through
+/// the virtual slot with every member but one failing, for each member in
+/// turn; signatures made by one survivor verify under the next.
+#[test]
+fn keys_made_on_the_virtual_slot_exist_and_work_on_every_member_alone() {
+    let mut ha = Ha::new(3);
+    let aes_ids = ["aes-token-x", "aes-token-n", "aes-session"];
+    let ec_ids = ["ec-x", "ec-n"];
+    let rsa_ids = ["rsa-x", "rsa-n"];
+    // What every member must reproduce: AES-CBC with a fixed IV and
+    // RSA PKCS#1 v1.5 are deterministic, so equal outputs mean equal keys.
+    let mut ciphertexts: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut rsa_signatures: Vec<(&str, Vec<u8>)> = Vec::new();
+    // (key id, signature) made by some member, for the others to verify.
+    let mut ec_signatures: Vec<(&str, Vec<u8>)> = Vec::new();
+    let digest;
+    {
+        let s = ha.session();
+        aes_key(&s, "aes-token-x", true, true);
+        aes_key(&s, "aes-token-n", true, false);
+        // Lives as long as `s`.
+        aes_key(&s, "aes-session", false, false);
+        ec_pair(&s, "ec-x", true, true);
+        ec_pair(&s, "ec-n", true, false);
+        rsa_pair(&s, "rsa-x", true, None);
+        rsa_pair(&s, "rsa-n", false, None);
+        digest = s.digest(&Mechanism::Sha256, MESSAGE).expect("digest");
+
+        let alone: Vec<Session> = (0..3)
+            .map(|i| user_session(&ha.pkcs11, ha.member_slot(i)))
+            .collect();
+        let cbc = Mechanism::AesCbcPad(IV);
+        for id in aes_ids {
+            let outputs: Vec<Vec<u8>> = alone
+                .iter()
+                .map(|m| {
+                    let key = find_one(m, ObjectClass::SECRET_KEY, id);
+                    m.encrypt(&cbc, key, MESSAGE)
+                        .unwrap_or_else(|e| panic!("{id}: encrypt: {e}"))
+                })
+                .collect();
+            assert!(
+                outputs.iter().all(|c| *c == outputs[0]),
+                "{id}: members hold different key values"
+            );
+            for (i, ciphertext) in outputs.iter().enumerate() {
+                let other = &alone[(i + 1) % 3];
+                let key = find_one(other, ObjectClass::SECRET_KEY, id);
+                let plain = other
+                    .decrypt(&cbc, key, ciphertext)
+                    .unwrap_or_else(|e| panic!("{id}: decrypt: {e}"));
+                assert_eq!(plain, MESSAGE, "{id}: member {i} -> {}", (i + 1) % 3);
+            }
+            if id != "aes-session" {
+                ciphertexts.push((id, outputs[0].clone()));
+            }
+        }
+        for id in ec_ids {
+            for (i, signer) in alone.iter().enumerate() {
+                let private = find_one(signer, ObjectClass::PRIVATE_KEY, id);
+                let signature = signer
+                    .sign(&Mechanism::Ecdsa, private, &digest)
+                    .unwrap_or_else(|e| panic!("{id}: sign on member {i}: {e}"));
+                for (j, verifier) in alone.iter().enumerate() {
+                    let public = find_one(verifier, ObjectClass::PUBLIC_KEY, id);
+                    verifier
+                        .verify(&Mechanism::Ecdsa, public, &digest, &signature)
+                        .unwrap_or_else(|e| panic!("{id}: signed on {i}, verified on {j}: {e}"));
+                }
+                ec_signatures.push((id, signature));
+            }
+        }
+        for id in rsa_ids {
+            let signatures: Vec<Vec<u8>> = alone
+                .iter()
+                .map(|m| {
+                    let private = find_one(m, ObjectClass::PRIVATE_KEY, id);
+                    m.sign(&Mechanism::Sha256RsaPkcs, private, MESSAGE)
+                        .unwrap_or_else(|e| panic!("{id}: sign: {e}"))
+                })
+                .collect();
+            assert!(
+                signatures.iter().all(|s| *s == signatures[0]),
+                "{id}: members hold different private keys"
+            );
+            for (j, verifier) in alone.iter().enumerate() {
+                let public = find_one(verifier, ObjectClass::PUBLIC_KEY, id);
+                verifier
+                    .verify(&Mechanism::Sha256RsaPkcs, public, MESSAGE, &signatures[0])
+                    .unwrap_or_else(|e| panic!("{id}: verify on member {j}: {e}"));
+            }
+            rsa_signatures.push((id, signatures[0].clone()));
+        }
+    }
+
+    for survivor in 0..3 {
+        ha.restart();
+        let s = ha.session();
+        for other in (0..3).filter(|m| *m != survivor) {
+            ha.fault(other);
+        }
+        let signs_before = ha.counts("C_Sign");
+        let mut signs = 0;
+        let cbc = Mechanism::AesCbcPad(IV);
+        for (id, expected) in &ciphertexts {
+            let key = find_one(&s, ObjectClass::SECRET_KEY, id);
+            let ciphertext = s
+                .encrypt(&cbc, key, MESSAGE)
+                .unwrap_or_else(|e| panic!("{id}: encrypt on member {survivor} alone: {e}"));
+            assert_eq!(&ciphertext, expected, "{id} on member {survivor} alone");
+            let plain = s
+                .decrypt(&cbc, key, expected)
+                .unwrap_or_else(|e| panic!("{id}: decrypt on member {survivor} alone: {e}"));
+            assert_eq!(plain, MESSAGE);
+        }
+        for (id, expected) in &rsa_signatures {
+            let private = find_one(&s, ObjectClass::PRIVATE_KEY, id);
+            let public = find_one(&s, ObjectClass::PUBLIC_KEY, id);
+            let signature = s
+                .sign(&Mechanism::Sha256RsaPkcs, private, MESSAGE)
+                .unwrap_or_else(|e| panic!("{id}: sign on member {survivor} alone: {e}"));
+            signs += 1;
+            assert_eq!(&signature, expected, "{id} on member {survivor} alone");
+            s.verify(&Mechanism::Sha256RsaPkcs, public, MESSAGE, &signature)
+                .unwrap_or_else(|e| panic!("{id}: verify on member {survivor} alone: {e}"));
+        }
+        let mut made = Vec::new();
+        for id in ec_ids {
+            let private = find_one(&s, ObjectClass::PRIVATE_KEY, id);
+            let public = find_one(&s, ObjectClass::PUBLIC_KEY, id);
+            let signature = s
+                .sign(&Mechanism::Ecdsa, private, &digest)
+                .unwrap_or_else(|e| panic!("{id}: sign on member {survivor} alone: {e}"));
+            signs += 1;
+            made.push((id, signature));
+            // Every signature made so far, by every member, verifies here.
+            for (signed_id, signature) in ec_signatures.iter().filter(|(i, _)| *i == id) {
+                s.verify(&Mechanism::Ecdsa, public, &digest, signature)
+                    .unwrap_or_else(|e| {
+                        panic!("{signed_id}: verify on member {survivor} alone: {e}")
+                    });
+            }
+        }
+        ec_signatures.extend(made);
+        // Each signature is a length query and the real call, and both ran
+        // on the survivor: nothing else could have made them.
+        let signed = grown(&signs_before, &ha.counts("C_Sign"));
+        let mut expected = vec![0; 3];
+        expected[survivor] = 2 * signs;
+        assert_eq!(
+            signed, expected,
+            "C_Sign calls per member, survivor {survivor}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Non-extractable keys, and the domain key
+// ---------------------------------------------------------------------------
+
+/// A key the application made non-extractable (and sensitive) cannot leave
+/// the group through the application: `C_WrapKey` under the application's
+/// own AES key fails with `CKR_KEY_UNEXTRACTABLE` on the virtual slot (and
+/// is refused on each member's own slot too), its `CKA_VALUE` is sensitive,
+/// and it reads `CKA_EXTRACTABLE = FALSE`, `CKA_NEVER_EXTRACTABLE = TRUE`
+/// through the virtual slot, though the members keep it extractable under
+/// trusted keys to replicate it.
+#[test]
+fn non_extractable_keys_cannot_be_exported_by_the_application() {
+    let ha = Ha::new(2);
+    let s = ha.session();
+    let wrapper = aes_key(&s, "app-wrapper", true, true);
+    let secret = aes_key(&s, "secret-aes", true, false);
+    let (_, ec_private) = ec_pair(&s, "secret-ec", true, false);
+    let (_, rsa_private) = rsa_pair(&s, "secret-rsa", false, None);
+    // The attribute holding each key's secret (RSA keys have no CKA_VALUE).
+    let keys = [
+        (secret, ObjectClass::SECRET_KEY, "secret-aes", CKA_VALUE),
+        (ec_private, ObjectClass::PRIVATE_KEY, "secret-ec", CKA_VALUE),
+        (
+            rsa_private,
+            ObjectClass::PRIVATE_KEY,
+            "secret-rsa",
+            CKA_PRIVATE_EXPONENT,
+        ),
+    ];
+    for (key, _, id, secret_attribute) in keys {
+        expect_rv(
+            s.wrap_key(&Mechanism::AesKeyWrapPad, wrapper, key),
+            RvError::KeyUnextractable,
+            &format!("{id}: C_WrapKey under the application's key"),
+        );
+        let (rv, len, buffer) = raw_secret(&s, key, secret_attribute);
+        assert_eq!(rv, CKR_ATTRIBUTE_SENSITIVE, "{id}: read its secret");
+        assert_eq!(
+            len, CK_UNAVAILABLE_INFORMATION,
+            "{id}: length of its secret"
+        );
+        assert_eq!(buffer, [0u8; 64], "{id}: nothing written");
+        assert!(!bool_of(&s, key, AttributeType::Extractable), "{id}");
+        assert!(bool_of(&s, key, AttributeType::NeverExtractable), "{id}");
+        assert!(bool_of(&s, key, AttributeType::Sensitive), "{id}");
+    }
+    // The extractable wrapping key itself can be wrapped: the refusal above
+    // is about the keys, not the mechanism.
+    let other = aes_key(&s, "app-other", true, true);
+    s.wrap_key(&Mechanism::AesKeyWrapPad, wrapper, other)
+        .expect("wrap an extractable key");
+
+    for i in 0..2 {
+        let alone = user_session(&ha.pkcs11, ha.member_slot(i));
+        let wrapper = find_one(&alone, ObjectClass::SECRET_KEY, "app-wrapper");
+        for (_, class, id, secret_attribute) in keys {
+            let key = find_one(&alone, class, id);
+            let wrapped = alone.wrap_key(&Mechanism::AesKeyWrapPad, wrapper, key);
+            assert!(
+                wrapped.is_err(),
+                "{id}: member {i} wrapped it under an untrusted key"
+            );
+            let (rv, _, buffer) = raw_secret(&alone, key, secret_attribute);
+            assert_eq!(rv, CKR_ATTRIBUTE_SENSITIVE, "{id} on member {i}");
+            assert_eq!(buffer, [0u8; 64]);
+        }
+    }
+}
+
+/// The domain key never reaches the application through the virtual slot:
+/// `C_FindObjects` leaves it out -- in a search for everything, by its
+/// label, by its class -- on a fresh start before any key was replicated,
+/// after replication, and when another member serves the search because the
+/// primary failed. (Each member's pass-through slot does show it, so the
+/// searches would find it if it were there.)
+#[test]
+fn the_domain_key_is_never_found_through_the_virtual_slot() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let alone = user_session(&ha.pkcs11, ha.member_slot(1));
+    let on_member = alone
+        .find_objects(&[Attribute::Label(DOMAIN_LABEL.into())])
+        .expect("find on the pass-through slot");
+    assert_eq!(
+        on_member.len(),
+        1,
+        "the member's own slot shows its domain key"
+    );
+    drop(alone);
+
+    // Every search that returned it, so one run shows each case.
+    let mut leaks: Vec<String> = Vec::new();
+    let mut check = |when: &str| {
+        let searches: [(&str, Vec<Attribute>); 3] = [
+            ("everything", vec![]),
+            ("by label", vec![Attribute::Label(DOMAIN_LABEL.into())]),
+            (
+                "secret keys",
+                vec![
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                ],
+            ),
+        ];
+        for (name, template) in searches {
+            let found = s
+                .find_objects(&template)
+                .unwrap_or_else(|e| panic!("{when}: find {name}: {e}"));
+            if found
+                .iter()
+                .any(|o| label_of(&s, *o).as_deref() == Some(DOMAIN_LABEL))
+            {
+                leaks.push(format!("{when}: the search for {name}"));
+            }
+        }
+    };
+    check("fresh start, nothing replicated yet");
+    aes_key(&s, "replicated", true, true);
+    ec_pair(&s, "replicated-ec", true, false);
+    check("after replication");
+    ha.fault(0);
+    check("primary failed");
+    assert!(
+        leaks.is_empty(),
+        "C_FindObjects on the virtual slot returned the domain key: {leaks:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Session keys
+// ---------------------------------------------------------------------------
+
+/// A session key (`CKA_TOKEN = FALSE`) is on every member: encrypt with
+/// it, fail the member that did, decrypt with the same handle on another;
+/// fail that one too, and the last member still decrypts.
+#[test]
+fn session_keys_survive_failover() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let key = aes_key(&s, "session-aes", false, false);
+    let cbc = Mechanism::AesCbcPad(IV);
+
+    let before = ha.counts("C_Encrypt");
+    let ciphertext = s.encrypt(&cbc, key, MESSAGE).expect("encrypt");
+    let encrypted_on = only_one_grew(&before, &ha.counts("C_Encrypt"), "C_Encrypt");
+    ha.fault(encrypted_on);
+
+    let mut served = vec![encrypted_on];
+    for round in 0..2 {
+        let before = ha.counts("C_Decrypt");
+        let plain = s
+            .decrypt(&cbc, key, &ciphertext)
+            .unwrap_or_else(|e| panic!("decrypt after {} members failed: {e}", round + 1));
+        assert_eq!(plain, MESSAGE);
+        let decrypted_on = only_one_grew(&before, &ha.counts("C_Decrypt"), "C_Decrypt");
+        assert!(
+            !served.contains(&decrypted_on),
+            "a failed member ({decrypted_on}) served"
+        );
+        ha.fault(decrypted_on);
+        served.push(decrypted_on);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Failover under load
+// ---------------------------------------------------------------------------
+
+const THREADS: usize = 4;
+const ROUNDS: usize = 300;
+/// Each thread reports in after this many rounds...
+const WARM_UP: usize = 20;
+/// ...and waits here until the fault is in, so at least
+/// `ROUNDS - HOLD` of its rounds run after it.
+const HOLD: usize = 100;
+
+/// `THREADS` threads, each on its own session, sign a digest with ECDSA and
+/// verify it, `ROUNDS` times. `inject` runs once every thread has done
+/// `WARM_UP` rounds, while they keep going. Returns every failure.
+fn sign_and_verify_under_load(
+    ha: &Ha,
+    (public, private): (ObjectHandle, ObjectHandle),
+    inject: impl FnOnce(),
+) -> Vec<String> {
+    let (started, warm) = mpsc::channel::<()>();
+    let barrier = Barrier::new(THREADS + 1);
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (started, barrier, pkcs11) = (started.clone(), &barrier, &ha.pkcs11);
+                // Never panics: a panic before the barrier would strand the
+                // others; failures are returned instead.
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    let session = pkcs11.open_rw_session(virtual_slot());
+                    for round in 0..ROUNDS {
+                        if round == WARM_UP {
+                            let _ = started.send(());
+                        }
+                        if round == HOLD {
+                            barrier.wait();
+                        }
+                        let Ok(session) = &session else {
+                            failures.push(format!("thread {t}: C_OpenSession: {session:?}"));
+                            continue;
+                        };
+                        let digest = [(round % 251) as u8 ^ t as u8; 32];
+                        let result =
+                            session
+                                .sign(&Mechanism::Ecdsa, private, &digest)
+                                .and_then(|sig| {
+                                    session.verify(&Mechanism::Ecdsa, public, &digest, &sig)
+                                });
+                        if let Err(e) = result {
+                            failures.push(format!("thread {t} round {round}: {e}"));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        for _ in 0..THREADS {
+            // Bounded: a thread that cannot report is caught by the
+            // failures it returns.
+            let _ = warm.recv_timeout(PATIENCE);
+        }
+        inject();
+        barrier.wait();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| vec!["a thread panicked".into()])
+            })
+            .collect()
+    })
+}
+
+/// Signs `count` digests on this thread and verifies each signature.
+fn sign_and_verify(s: &Session, (public, private): (ObjectHandle, ObjectHandle), count: usize) {
+    for round in 0..count {
+        let digest = [round as u8; 32];
+        let signature = s
+            .sign(&Mechanism::Ecdsa, private, &digest)
+            .unwrap_or_else(|e| panic!("sign {round}: {e}"));
+        s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+            .unwrap_or_else(|e| panic!("verify {round}: {e}"));
+    }
+}
+
+/// Four threads sign and verify on a three-member group; one member starts
+/// answering `CKR_DEVICE_ERROR` while they run. No operation fails; the
+/// failed member gets at most one call per thread after its fault (the one
+/// that discovers it) and then none, while the other two serve.
+#[test]
+fn signing_under_load_survives_a_member_fault() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let keys = ec_pair(&s, "load", true, false);
+    let faulted = 1;
+    let mut at_fault = Vec::new();
+    let failures = sign_and_verify_under_load(&ha, keys, || {
+        ha.fault(faulted);
+        at_fault = ha.counts("C_Sign");
+    });
+    let after_load = ha.counts("C_Sign");
+    assert!(failures.is_empty(), "failed operations: {failures:#?}");
+    assert!(
+        at_fault[faulted] > 0,
+        "member {faulted} served before its fault"
+    );
+    assert!(
+        after_load[faulted] - at_fault[faulted] <= THREADS as u64,
+        "member {faulted} kept receiving C_Sign after its fault: {at_fault:?} -> {after_load:?}"
+    );
+    for other in (0..3).filter(|m| *m != faulted) {
+        assert!(
+            after_load[other] > at_fault[other],
+            "member {other} served after the fault: {at_fault:?} -> {after_load:?}"
+        );
+    }
+    sign_and_verify(&s, keys, 30);
+    assert_eq!(
+        ha.counts("C_Sign")[faulted],
+        after_load[faulted],
+        "the failed member stays out of service"
+    );
+}
+
+/// As above, but the member fails only after three more calls, so the
+/// fault lands inside operations in flight (between a `C_SignInit` and its
+/// `C_Sign`, or between the length query and the signature): still no
+/// operation fails, and the member stops receiving calls.
+#[test]
+fn signing_under_load_survives_a_fault_inside_operations() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let keys = ec_pair(&s, "load", true, false);
+    let faulted = 0;
+    const FORWARDED: u64 = 3;
+    let mut at_fault = Vec::new();
+    let failures = sign_and_verify_under_load(&ha, keys, || {
+        at_fault = ha.counts("C_Sign");
+        ha.members[faulted].fail_after(FORWARDED, CKR_DEVICE_ERROR);
+    });
+    let after_load = ha.counts("C_Sign");
+    assert!(failures.is_empty(), "failed operations: {failures:#?}");
+    let later = after_load[faulted] - at_fault[faulted];
+    assert!(
+        later <= FORWARDED + THREADS as u64,
+        "member {faulted} kept receiving C_Sign after its fault: {at_fault:?} -> {after_load:?}"
+    );
+    for other in (0..3).filter(|m| *m != faulted) {
+        assert!(after_load[other] > at_fault[other], "member {other} served");
+    }
+    sign_and_verify(&s, keys, 30);
+    assert_eq!(
+        ha.counts("C_Sign")[faulted],
+        after_load[faulted],
+        "the failed member stays out of service"
+    );
+}
+
+/// The same, one step at a time: the member bound by `C_SignInit` fails
+/// before the `C_Sign` length query; then the next bound member answers the
+/// length query and fails before the signature. Both signatures are made
+/// (on another member) and verify.
+#[test]
+fn a_fault_between_sign_init_and_sign_is_absorbed() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let (public, private) = ec_pair(&s, "ec", true, false);
+    let digest = [0x5e; 32];
+
+    // Fails before the length query.
+    let inits = ha.counts("C_SignInit");
+    assert_eq!(raw_sign_init(&s, CKM_ECDSA, private), CKR_OK);
+    let first = only_one_grew(&inits, &ha.counts("C_SignInit"), "C_SignInit");
+    ha.members[first].fail_after(0, CKR_DEVICE_ERROR);
+    let (rv, len) = raw_sign(s.handle(), &digest, None);
+    assert_eq!((rv, len), (CKR_OK, 64), "length query after the fault");
+    let mut signature = vec![0u8; len];
+    let (rv, len) = raw_sign(s.handle(), &digest, Some(&mut signature));
+    assert_eq!((rv, len), (CKR_OK, 64), "signature after the fault");
+    s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+        .expect("the signature made after failover verifies");
+
+    // Answers the length query, then fails.
+    let inits = ha.counts("C_SignInit");
+    let signs = ha.counts("C_Sign");
+    assert_eq!(raw_sign_init(&s, CKM_ECDSA, private), CKR_OK);
+    let second = only_one_grew(&inits, &ha.counts("C_SignInit"), "C_SignInit");
+    assert_ne!(second, first, "a failed member was bound");
+    ha.members[second].fail_after(1, CKR_DEVICE_ERROR);
+    let (rv, len) = raw_sign(s.handle(), &digest, None);
+    assert_eq!((rv, len), (CKR_OK, 64), "length query");
+    let mut signature = vec![0u8; len];
+    let (rv, len) = raw_sign(s.handle(), &digest, Some(&mut signature));
+    assert_eq!(
+        (rv, len),
+        (CKR_OK, 64),
+        "signature after the fault between query and signature"
+    );
+    s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+        .expect("the signature made after failover verifies");
+    let third = 3 - first - second;
+    let signed = grown(&signs, &ha.counts("C_Sign"));
+    assert_eq!(signed[second], 2, "query and the faulted call: {signed:?}");
+    assert_eq!(
+        signed[third], 1,
+        "the signature came from member {third}: {signed:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. Multi-part operations in flight
+// ---------------------------------------------------------------------------
+
+const PARTS: [&[u8]; 6] = [
+    b"alpha ",
+    b"bravo ",
+    b"charlie ",
+    b"delta ",
+    b"echo ",
+    b"foxtrot",
+];
+
+/// A multi-part digest and a multi-part RSA signature, each in its own
+/// session and half fed, lose their member(s); the rest of their updates
+/// and their finals succeed elsewhere, with the very digest and signature a
+/// single-part call gives.
+#[test]
+fn multipart_digest_and_sign_in_flight_finish_on_another_member() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let (public, private) = rsa_pair(&s, "rsa", false, None);
+    let whole = PARTS.concat();
+    let expected_digest = s.digest(&Mechanism::Sha256, &whole).expect("digest");
+    let expected_signature = s
+        .sign(&Mechanism::Sha256RsaPkcs, private, &whole)
+        .expect("single-part signature");
+
+    let digesting = ha.session();
+    let signing = ha.session();
+    digesting
+        .digest_init(&Mechanism::Sha256)
+        .expect("C_DigestInit");
+    let before = ha.counts("C_DigestUpdate");
+    for part in &PARTS[..3] {
+        digesting.digest_update(part).expect("C_DigestUpdate");
+    }
+    let digest_member = only_one_grew(&before, &ha.counts("C_DigestUpdate"), "C_DigestUpdate");
+    signing
+        .sign_init(&Mechanism::Sha256RsaPkcs, private)
+        .expect("C_SignInit");
+    let before = ha.counts("C_SignUpdate");
+    for part in &PARTS[..3] {
+        signing.sign_update(part).expect("C_SignUpdate");
+    }
+    let sign_member = only_one_grew(&before, &ha.counts("C_SignUpdate"), "C_SignUpdate");
+
+    ha.fault(digest_member);
+    ha.fault(sign_member);
+    for part in &PARTS[3..] {
+        digesting
+            .digest_update(part)
+            .expect("C_DigestUpdate after the fault");
+        signing
+            .sign_update(part)
+            .expect("C_SignUpdate after the fault");
+    }
+    assert_eq!(
+        digesting.digest_final().expect("C_DigestFinal"),
+        expected_digest
+    );
+    let signature = signing.sign_final().expect("C_SignFinal");
+    assert_eq!(signature, expected_signature);
+    s.verify(&Mechanism::Sha256RsaPkcs, public, &whole, &signature)
+        .expect("verify");
+}
+
+/// A cipher stream cannot move (its output already reached the
+/// application): an encryption and then a decryption in flight each answer
+/// `CKR_DEVICE_ERROR` on the next call after their member fails, the
+/// operation is over (`CKR_OPERATION_NOT_INITIALIZED` after), and the same
+/// session then runs a new operation on another member.
+#[test]
+fn cipher_streams_in_flight_fail_once_and_the_session_stays_usable() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let key = aes_key(&s, "aes", true, false);
+    let cbc = Mechanism::AesCbcPad(IV);
+    let plain = [0x5a; 64];
+
+    s.encrypt_init(&cbc, key).expect("C_EncryptInit");
+    let before = ha.counts("C_EncryptUpdate");
+    let first_part = s.encrypt_update(&plain[..32]).expect("C_EncryptUpdate");
+    let encrypting = only_one_grew(&before, &ha.counts("C_EncryptUpdate"), "C_EncryptUpdate");
+    ha.fault(encrypting);
+    expect_rv(
+        s.encrypt_update(&plain[32..]),
+        RvError::DeviceError,
+        "C_EncryptUpdate after its member failed",
+    );
+    expect_rv(
+        s.encrypt_final(),
+        RvError::OperationNotInitialized,
+        "C_EncryptFinal of the lost operation",
+    );
+    let ciphertext = s
+        .encrypt(&cbc, key, &plain)
+        .expect("a new encryption on the same session");
+    assert_eq!(&ciphertext[..32], &first_part[..], "same key, same IV");
+
+    s.decrypt_init(&cbc, key).expect("C_DecryptInit");
+    let before = ha.counts("C_DecryptUpdate");
+    s.decrypt_update(&ciphertext[..48])
+        .expect("C_DecryptUpdate");
+    let decrypting = only_one_grew(&before, &ha.counts("C_DecryptUpdate"), "C_DecryptUpdate");
+    assert_ne!(decrypting, encrypting, "a failed member was bound");
+    ha.fault(decrypting);
+    expect_rv(
+        s.decrypt_update(&ciphertext[48..]),
+        RvError::DeviceError,
+        "C_DecryptUpdate after its member failed",
+    );
+    expect_rv(
+        s.decrypt_final(),
+        RvError::OperationNotInitialized,
+        "C_DecryptFinal of the lost operation",
+    );
+    assert_eq!(
+        s.decrypt(&cbc, key, &ciphertext)
+            .expect("a new decryption on the same session"),
+        plain
+    );
+}
+
+/// With `MultipartReplayLimit = 16`, a digest fed exactly 16 bytes moves
+/// when its member fails and gives the right digest; one fed 17 bytes
+/// cannot, and answers `CKR_DEVICE_ERROR`; the session stays usable.
+#[test]
+fn multipart_replay_limit_bounds_what_can_move() {
+    let ha = Ha::with(3, 0, "MultipartReplayLimit = 16\n");
+    let s = ha.session();
+    let at_limit = [0x11u8; 16];
+    let over = [0x22u8; 17];
+    let at_limit_digest = s.digest(&Mechanism::Sha256, &at_limit).expect("digest");
+    let over_digest = s.digest(&Mechanism::Sha256, &over).expect("digest");
+
+    s.digest_init(&Mechanism::Sha256).expect("C_DigestInit");
+    let before = ha.counts("C_DigestUpdate");
+    s.digest_update(&at_limit[..8]).expect("C_DigestUpdate");
+    s.digest_update(&at_limit[8..]).expect("C_DigestUpdate");
+    let first = only_one_grew(&before, &ha.counts("C_DigestUpdate"), "C_DigestUpdate");
+    ha.fault(first);
+    assert_eq!(
+        s.digest_final().expect("16 bytes of updates move"),
+        at_limit_digest
+    );
+
+    s.digest_init(&Mechanism::Sha256).expect("C_DigestInit");
+    let before = ha.counts("C_DigestUpdate");
+    s.digest_update(&over[..8]).expect("C_DigestUpdate");
+    s.digest_update(&over[8..]).expect("C_DigestUpdate");
+    let second = only_one_grew(&before, &ha.counts("C_DigestUpdate"), "C_DigestUpdate");
+    assert_ne!(second, first);
+    ha.fault(second);
+    expect_rv(
+        s.digest_final(),
+        RvError::DeviceError,
+        "a digest over the replay limit whose member failed",
+    );
+    assert_eq!(
+        s.digest(&Mechanism::Sha256, &over)
+            .expect("the session stays usable"),
+        over_digest
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6-8. Request errors, PINs and lost logins
+// ---------------------------------------------------------------------------
+
+/// Request errors are the application's, never a member fault: 3000 of
+/// them -- verifications of a bad signature (`CKR_SIGNATURE_INVALID`),
+/// `C_SignInit` with a mechanism the key does not allow or a vendor-defined
+/// one (`CKR_MECHANISM_INVALID`), and `C_Sign` into a short buffer
+/// (`CKR_BUFFER_TOO_SMALL`) -- spread over every member, and afterwards
+/// every member still serves signatures.
+#[test]
+fn request_errors_never_take_a_member_out() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let (public, private) = ec_pair(&s, "ec", true, false);
+    let (_, restricted) = rsa_pair(&s, "rsa", false, Some(vec![MechanismType::SHA256_RSA_PKCS]));
+    let digest = [0x3c; 32];
+    let mut bad = s.sign(&Mechanism::Ecdsa, private, &digest).expect("sign");
+    bad[10] ^= 0x01;
+    let vendor_defined = CKM_VENDOR_DEFINED | 0x4841;
+
+    // Each kind in its own run of 1000, so the rotation over members
+    // spreads each kind over all of them; the counts prove it did.
+    let reached = |name: &str, before: &[u64]| {
+        let reached = grown(before, &ha.counts(name));
+        assert!(
+            reached.iter().all(|n| *n > 0),
+            "{name}: the bad requests reached every member: {reached:?}"
+        );
+    };
+    let before = ha.counts("C_Verify");
+    for _ in 0..1000 {
+        expect_rv(
+            s.verify(&Mechanism::Ecdsa, public, &digest, &bad),
+            RvError::SignatureInvalid,
+            "verify a bad signature",
+        );
+    }
+    reached("C_Verify", &before);
+    let before = ha.counts("C_SignInit");
+    for round in 0..1000 {
+        if round % 2 == 0 {
+            expect_rv(
+                s.sign(&Mechanism::Sha1RsaPkcs, restricted, MESSAGE),
+                RvError::MechanismInvalid,
+                "C_SignInit with a mechanism the key does not allow",
+            );
+        } else {
+            assert_eq!(
+                raw_sign_init(&s, vendor_defined, private),
+                CKR_MECHANISM_INVALID,
+                "C_SignInit with a vendor-defined mechanism"
+            );
+        }
+    }
+    reached("C_SignInit", &before);
+    let before = ha.counts("C_Sign");
+    for _ in 0..1000 {
+        assert_eq!(raw_sign_init(&s, CKM_ECDSA, private), CKR_OK);
+        let mut short = [0u8; 10];
+        let (rv, needed) = raw_sign(s.handle(), &digest, Some(&mut short));
+        assert_eq!(
+            (rv, needed),
+            (CKR_BUFFER_TOO_SMALL, 64),
+            "C_Sign, short buffer"
+        );
+        let mut signature = [0u8; 64];
+        let (rv, _) = raw_sign(s.handle(), &digest, Some(&mut signature));
+        assert_eq!(rv, CKR_OK, "C_Sign after CKR_BUFFER_TOO_SMALL");
+    }
+    reached("C_Sign", &before);
+
+    let signs = ha.counts("C_Sign");
+    sign_and_verify(&s, (public, private), 30);
+    let served = grown(&signs, &ha.counts("C_Sign"));
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "every member still serves after 3000 request errors: {served:?}"
+    );
+}
+
+/// A wrong PIN costs one try on one token: `C_Login` through the virtual
+/// slot answers `CKR_PIN_INCORRECT` after exactly one member `C_Login` (and
+/// only that token counts a failed login), and no token is logged in; the
+/// right PIN then logs in every member.
+#[test]
+fn a_wrong_pin_is_tried_on_exactly_one_member() {
+    let ha = Ha::new(3);
+    let s = ha
+        .pkcs11
+        .open_rw_session(virtual_slot())
+        .expect("C_OpenSession");
+    let observers: Vec<Session> = (0..3)
+        .map(|i| {
+            ha.pkcs11
+                .open_ro_session(ha.member_slot(i))
+                .expect("C_OpenSession")
+        })
+        .collect();
+    let state = |i: usize| {
+        observers[i]
+            .get_session_info()
+            .expect("C_GetSessionInfo")
+            .session_state()
+    };
+
+    let before = ha.counts("C_Login");
+    expect_rv(
+        s.login(UserType::User, Some(&AuthPin::new("0000".into()))),
+        RvError::PinIncorrect,
+        "C_Login with a wrong PIN",
+    );
+    let tried = grown(&before, &ha.counts("C_Login"));
+    assert_eq!(
+        tried.iter().sum::<u64>(),
+        1,
+        "member C_Login calls: {tried:?}"
+    );
+    let count_low: Vec<bool> = (0..3)
+        .map(|i| {
+            ha.pkcs11
+                .get_token_info(ha.member_slot(i))
+                .expect("C_GetTokenInfo")
+                .user_pin_count_low()
+        })
+        .collect();
+    assert_eq!(
+        count_low.iter().filter(|low| **low).count(),
+        1,
+        "tokens that counted a failed login: {count_low:?}"
+    );
+    for i in 0..3 {
+        assert_eq!(state(i), SessionState::RoPublic, "member {i} logged in");
+    }
+
+    let before = ha.counts("C_Login");
+    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+        .expect("C_Login with the right PIN");
+    let logged = grown(&before, &ha.counts("C_Login"));
+    assert!(
+        logged.iter().all(|n| *n >= 1),
+        "member C_Login calls: {logged:?}"
+    );
+    for i in 0..3 {
+        assert_eq!(state(i), SessionState::RoUser, "member {i} is logged in");
+    }
+}
+
+/// Logs every member token out through its own slot: the login is per
+/// token and process, so the group's member sessions lose it too, as when
+/// a member restarts. Returns those sessions (they stay open).
+fn log_every_member_out(ha: &Ha) -> Vec<Session> {
+    (0..ha.members.len())
+        .map(|i| {
+            let member = ha
+                .pkcs11
+                .open_rw_session(ha.member_slot(i))
+                .expect("C_OpenSession");
+            member.logout().expect("C_Logout on the member's own slot");
+            let state = member.get_session_info().expect("info").session_state();
+            assert_eq!(state, SessionState::RwPublic, "member {i} logged out");
+            member
+        })
+        .collect()
+}
+
+/// A member that lost its login (see [`log_every_member_out`]) is logged
+/// in again transparently: a signature with a private key made before
+/// through the virtual slot still succeeds, whichever member serves it,
+/// and the member that served it got a new `C_Login`.
+#[test]
+fn a_member_that_lost_its_login_is_logged_in_again() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let (public, private) = ec_pair(&s, "ec", true, false);
+    let digest = [0x42; 32];
+    s.sign(&Mechanism::Ecdsa, private, &digest)
+        .expect("sign before the logout");
+    let _members = log_every_member_out(&ha);
+
+    let logins = ha.counts("C_Login");
+    let signs = ha.counts("C_Sign");
+    for round in 0..12 {
+        let signature = s
+            .sign(&Mechanism::Ecdsa, private, &digest)
+            .unwrap_or_else(|e| panic!("sign {round} after the members lost their login: {e}"));
+        s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+            .unwrap_or_else(|e| panic!("verify {round}: {e}"));
+    }
+    let signed = grown(&signs, &ha.counts("C_Sign"));
+    let logged = grown(&logins, &ha.counts("C_Login"));
+    for i in 0..3 {
+        if signed[i] > 0 {
+            assert!(logged[i] >= 1, "member {i} signed without a new login");
+        }
+    }
+}
+
+/// The same loss of login, met by a call the members refuse with
+/// `CKR_USER_NOT_LOGGED_IN` (generating a private key: made on the primary,
+/// unwrapped on the others): every member is logged in again with the
+/// cached PIN, and the key is made and works.
+#[test]
+fn a_member_that_lost_its_login_is_logged_in_again_to_make_a_key() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let members = log_every_member_out(&ha);
+    let logins = ha.counts("C_Login");
+    let key = aes_key(&s, "after-logout", true, false);
+    let logged = grown(&logins, &ha.counts("C_Login"));
+    assert!(
+        logged.iter().all(|n| *n >= 1),
+        "member C_Login calls: {logged:?}"
+    );
+    for (i, member) in members.iter().enumerate() {
+        let state = member.get_session_info().expect("info").session_state();
+        assert_eq!(state, SessionState::RwUser, "member {i} logged in again");
+    }
+    let cbc = Mechanism::AesCbcPad(IV);
+    let ciphertext = s.encrypt(&cbc, key, MESSAGE).expect("encrypt");
+    assert_eq!(s.decrypt(&cbc, key, &ciphertext).expect("decrypt"), MESSAGE);
+}
+
+// ---------------------------------------------------------------------------
+// 9-10. Load balancing, standby members, the end of the group
+// ---------------------------------------------------------------------------
+
+/// Sixty sequential signatures spread over every active member; the standby
+/// member serves nothing -- not even with only one active member left --
+/// and takes over once every active member has failed.
+#[test]
+fn load_is_balanced_and_standby_serves_only_when_every_active_member_failed() {
+    let ha = Ha::with(3, 1, "");
+    let standby = 3;
+    let s = ha.session();
+    let keys = ec_pair(&s, "ec", true, false);
+    let crypto_calls = |ha: &Ha| -> Vec<u64> {
+        let names = ["C_SignInit", "C_Sign", "C_VerifyInit", "C_Verify"];
+        (0..4)
+            .map(|i| names.iter().map(|n| ha.members[i].call_count(n)).sum())
+            .collect()
+    };
+
+    let signs = ha.counts("C_Sign");
+    let calls = crypto_calls(&ha);
+    for round in 0..60u8 {
+        s.sign(&Mechanism::Ecdsa, keys.1, &[round; 32])
+            .unwrap_or_else(|e| panic!("sign {round}: {e}"));
+    }
+    let signed = grown(&signs, &ha.counts("C_Sign"));
+    for (i, n) in signed.iter().take(3).enumerate() {
+        assert!(*n > 0, "active member {i} served none of 60: {signed:?}");
+    }
+    assert_eq!(
+        grown(&calls, &crypto_calls(&ha))[standby],
+        0,
+        "standby served"
+    );
+
+    ha.fault(0);
+    ha.fault(1);
+    let signs = ha.counts("C_Sign");
+    let calls = crypto_calls(&ha);
+    sign_and_verify(&s, keys, 20);
+    let signed = grown(&signs, &ha.counts("C_Sign"));
+    assert_eq!(
+        signed,
+        [0, 0, 40, 0],
+        "C_Sign per member, member 2 the last active"
+    );
+    assert_eq!(
+        grown(&calls, &crypto_calls(&ha))[standby],
+        0,
+        "standby served"
+    );
+
+    ha.fault(2);
+    let signs = ha.counts("C_Sign");
+    sign_and_verify(&s, keys, 20);
+    let signed = grown(&signs, &ha.counts("C_Sign"));
+    assert_eq!(
+        signed,
+        [0, 0, 0, 40],
+        "C_Sign per member, every active one failed"
+    );
+}
+
+/// Load balancing does not depend on what else the application calls:
+/// rounds of sign, verify and random numbers -- a common request pattern --
+/// on a three-member group still spread the signatures over every member,
+/// and so do rounds of sign and verify on a group with a standby member.
+#[test]
+fn signatures_spread_over_every_member_whatever_else_is_called() {
+    let mut unbalanced = Vec::new();
+    for (standby, with_random) in [(0, true), (1, false)] {
+        let ha = Ha::with(3, standby, "");
+        let s = ha.session();
+        let (public, private) = ec_pair(&s, "ec", true, false);
+        let before = ha.counts("C_Sign");
+        for round in 0..60u8 {
+            let digest = [round; 32];
+            let signature = s.sign(&Mechanism::Ecdsa, private, &digest).expect("sign");
+            s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+                .expect("verify");
+            if with_random {
+                s.generate_random_vec(16).expect("C_GenerateRandom");
+            }
+        }
+        let signed = grown(&before, &ha.counts("C_Sign"));
+        if signed.iter().take(3).any(|n| *n == 0) {
+            unbalanced.push(format!(
+                "3 active + {standby} standby, sign + verify{}: C_Sign per member {signed:?}",
+                if with_random { " + random" } else { "" }
+            ));
+        }
+    }
+    assert!(
+        unbalanced.is_empty(),
+        "an active member served none of 60 signatures: {unbalanced:#?}"
+    );
+}
+
+/// When every member has failed, calls on the virtual slot answer
+/// `CKR_DEVICE_ERROR` at once -- an operation in flight, new operations,
+/// searches, random numbers, key generation, attribute reads -- and the slot
+/// shows no token. Run on another thread with a bounded wait, so a hang
+/// fails the test instead of blocking it.
+#[test]
+fn when_every_member_has_failed_calls_answer_device_error_promptly() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let (public, private) = ec_pair(&s, "ec", true, false);
+    s.digest_init(&Mechanism::Sha256).expect("C_DigestInit");
+    s.digest_update(b"in flight").expect("C_DigestUpdate");
+    for i in 0..3 {
+        ha.fault(i);
+    }
+
+    let (answers, answered) = mpsc::channel();
+    let pkcs11 = ha.pkcs11.clone();
+    let started = Instant::now();
+    let caller = thread::spawn(move || {
+        let digest = [1u8; 32];
+        let rv = |r: cryptoki::error::Result<()>| match r {
+            Err(Error::Pkcs11(rv, _)) => Some(rv),
+            _ => None,
+        };
+        let results: Vec<(&str, Option<RvError>)> = vec![
+            ("C_DigestUpdate in flight", rv(s.digest_update(b"more"))),
+            (
+                "C_Sign",
+                rv(s.sign(&Mechanism::Ecdsa, private, &digest).map(drop)),
+            ),
+            (
+                "C_Verify",
+                rv(s.verify(&Mechanism::Ecdsa, public, &digest, &[0; 64])),
+            ),
+            ("C_Digest", rv(s.digest(&Mechanism::Sha256, b"x").map(drop))),
+            ("C_GenerateRandom", rv(s.generate_random_vec(16).map(drop))),
+            ("C_FindObjects", rv(s.find_objects(&[]).map(drop))),
+            (
+                "C_GetAttributeValue",
+                rv(s.get_attributes(private, &[AttributeType::Label]).map(drop)),
+            ),
+            (
+                "C_GenerateKey",
+                rv(s.generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[Attribute::ValueLen(32.into()), Attribute::Token(false)],
+                )
+                .map(drop)),
+            ),
+            (
+                "C_CreateObject",
+                rv(s.create_object(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(false),
+                    Attribute::Value(vec![1, 2, 3]),
+                ])
+                .map(drop)),
+            ),
+        ];
+        let opened = rv(pkcs11.open_rw_session(virtual_slot()).map(drop));
+        let present = pkcs11
+            .get_slot_info(virtual_slot())
+            .map(|info| info.token_present());
+        let _ = answers.send((results, opened, present));
+    });
+    let (results, opened, present) = answered
+        .recv_timeout(PATIENCE)
+        .expect("calls on a group whose members all failed did not return");
+    let elapsed = started.elapsed();
+    // It has answered; let it close its session before the library goes.
+    caller.join().expect("the calling thread");
+    for (call, rv) in results {
+        assert_eq!(rv, Some(RvError::DeviceError), "{call}");
+    }
+    assert!(
+        matches!(
+            opened,
+            Some(RvError::DeviceError | RvError::TokenNotPresent)
+        ),
+        "C_OpenSession: {opened:?}"
+    );
+    assert!(
+        matches!(present, Ok(false)),
+        "C_GetSlotInfo: token present: {present:?}"
+    );
+    assert!(elapsed < Duration::from_secs(5), "answers took {elapsed:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Handles found before a failure
+// ---------------------------------------------------------------------------
+
+/// Key handles an application found (rather than created) before a member
+/// failed keep working after it failed: keys made earlier are found through
+/// the virtual slot on a fresh start -- the search runs on the primary --
+/// and then the primary fails before the keys were ever used. A signature
+/// with the found handles must come from another member.
+#[test]
+fn key_handles_found_before_the_primary_fails_keep_working() {
+    let mut ha = Ha::new(3);
+    {
+        let s = ha.session();
+        ec_pair(&s, "found", true, false);
+    }
+    ha.restart();
+    let s = ha.session();
+    let private = find_one(&s, ObjectClass::PRIVATE_KEY, "found");
+    let public = find_one(&s, ObjectClass::PUBLIC_KEY, "found");
+    ha.fault(0);
+    let digest = [0x77; 32];
+    let signature = s
+        .sign(&Mechanism::Ecdsa, private, &digest)
+        .expect("sign with a handle found before the primary failed");
+    s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+        .expect("verify with a handle found before the primary failed");
+}

@@ -1,0 +1,353 @@
+//! A real out-of-process member: one SoftHSM token exported by a
+//! `p11-kit server` child process and reached through p11-kit's client
+//! module, grouped with a SoftHSM token this process loads directly. The
+//! server's per-connection worker is killed while signatures run, which is
+//! how a network HSM crashes (testing-notes.md, "p11-kit remoting").
+//!
+//! Holds the serial guard (environment and `C_Initialize` are process
+//! state) and synchronises on conditions only: a barrier, a channel, joins,
+//! the socket appearing and the killed worker being gone.
+
+mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
+
+use std::env;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Barrier, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use p11kit::{P11KitServer, ADDRESS_ENV, CLIENT_MODULE};
+
+/// DER of the prime256v1 OID.
+const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const THREADS: usize = 4;
+const ROUNDS: usize = 300;
+/// Each thread reports in after this many rounds...
+const WARM_UP: usize = 20;
+/// ...and waits here until the worker is dead, so at least
+/// `ROUNDS - HOLD` of its rounds run after the crash.
+const HOLD: usize = 100;
+/// A bound for waits that only end early when something is broken.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A group of two members: token "remote" of one SoftHSM dir exported by
+/// a `p11-kit server` child (member 0, the primary) and token "local" of
+/// another dir loaded directly. Fields drop in order: the library is
+/// finalised (and the environment cleared) before the server is killed and
+/// the token dirs go; the serial guard is released last.
+struct Group {
+    pkcs11: Pkcs11,
+    server: P11KitServer,
+    /// Kept for their token dirs.
+    _remote: SoftHsm,
+    _local: SoftHsm,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Group {
+    fn start() -> Group {
+        let guard = serial_guard();
+        let remote = SoftHsm::new(&["remote"]);
+        // Before the server (or anything else) opens the token.
+        provision_domain(&remote, &DOMAIN_VALUE);
+        let local = SoftHsm::new(&["local"]);
+        provision_domain(&local, &DOMAIN_VALUE);
+        let server = P11KitServer::start(
+            SOFTHSM_LIB,
+            &remote.conf,
+            "remote",
+            &remote.dir.path().join("p11-kit.sock"),
+        );
+        let members = [
+            remote.tokens[0].serial.clone(),
+            local.tokens[0].serial.clone(),
+        ];
+        // The library keeps a member library it loaded once, function list
+        // and all, across C_Finalize; p11-kit's client reads the server
+        // address only in C_GetFunctionList. A name of its own per group
+        // makes the library ask for a new list -- a new client instance
+        // that connects to this test's server.
+        static GROUPS: AtomicUsize = AtomicUsize::new(0);
+        let remote_name = format!("remote{}", GROUPS.fetch_add(1, Ordering::Relaxed));
+        let config = write_config(
+            local.dir.path(),
+            &[
+                (&remote_name, CLIENT_MODULE),
+                (SOFTHSM_LIB_NAME, SOFTHSM_LIB),
+            ],
+            &[GroupSpec::new(GROUP_LABEL, &members)],
+            false,
+        );
+        local.activate();
+        activate_config(&config);
+        env::set_var(ADDRESS_ENV, server.address());
+        let pkcs11 = load_ha();
+        initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
+        Group {
+            pkcs11,
+            server,
+            _remote: remote,
+            _local: local,
+            _guard: guard,
+        }
+    }
+
+    /// The slot whose token is labelled `label`: the group's, or a
+    /// member's own (pass-through) slot.
+    fn slot(&self, label: &str) -> Slot {
+        slot_by_label(&self.pkcs11, label)
+            .unwrap_or_else(|| panic!("no slot shows token {label:?}"))
+    }
+
+    /// Signs with the key `id` on each member alone, through its own slot,
+    /// and verifies each signature with `public` through the virtual slot.
+    fn check_each_member_signs_alone(&self, s: &Session, public: ObjectHandle, id: &[u8]) {
+        let digest = [0x24; 32];
+        for label in ["remote", "local"] {
+            let alone = user_session(&self.pkcs11, self.slot(label));
+            let key = find_one(&alone, ObjectClass::PRIVATE_KEY, id);
+            let signature = alone
+                .sign(&Mechanism::Ecdsa, key, &digest)
+                .unwrap_or_else(|e| panic!("sign on the {label} member alone: {e}"));
+            s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+                .unwrap_or_else(|e| panic!("verify what the {label} member signed: {e}"));
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // An error here would only hide the test's own result.
+        let _ = self.pkcs11.clone().finalize();
+        env::remove_var(CONF_ENV);
+        env::remove_var(SOFTHSM_CONF_ENV);
+        env::remove_var(ADDRESS_ENV);
+    }
+}
+
+fn find_one(s: &Session, class: ObjectClass, id: &[u8]) -> ObjectHandle {
+    let found = s
+        .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+        .expect("C_FindObjects");
+    assert_eq!(found.len(), 1, "objects of class {class} with id {id:?}");
+    found[0]
+}
+
+/// p11-kit 0.24's client carries no AES key-wrap mechanism, so a key
+/// generated in a group with a remote member cannot replicate: the call
+/// fails with `CKR_FUNCTION_FAILED` (not a mechanism error the application
+/// did not cause) and leaves no key on any member -- never a key on some
+/// members that the application was told failed.
+#[test]
+fn generated_keys_that_cannot_replicate_fail_cleanly() {
+    let group = Group::start();
+    let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
+    let id = b"generated".to_vec();
+    let refused = s
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::EcParams(P256.to_vec()),
+                Attribute::Token(true),
+                Attribute::Id(id.clone()),
+                Attribute::Verify(true),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Id(id.clone()),
+                Attribute::Private(true),
+                Attribute::Sign(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+            ],
+        )
+        .expect_err("a generated key cannot cross p11-kit 0.24");
+    assert!(
+        matches!(refused, Error::Pkcs11(RvError::FunctionFailed, _)),
+        "{refused:?}"
+    );
+    for label in ["remote", "local"] {
+        let member = user_session(&group.pkcs11, group.slot(label));
+        let left = member.find_objects(&[Attribute::Id(id.clone())]).unwrap();
+        assert!(
+            left.is_empty(),
+            "member {label} kept {} objects",
+            left.len()
+        );
+    }
+}
+
+/// Four threads sign and verify through the virtual slot with an EC key
+/// both members hold (created through the virtual slot from its
+/// attributes, so on every member without wrapping); while they run, the
+/// server's worker for our connection is killed -- the remote member
+/// crashes, and its own slot answers `CKR_DEVICE_ERROR` from then on. No
+/// operation fails, and signing goes on afterwards.
+#[test]
+fn signing_continues_when_the_remote_members_worker_is_killed() {
+    let group = Group::start();
+    let pkcs11 = &group.pkcs11;
+    let virtual_slot = group.slot(GROUP_LABEL);
+    let remote_slot = group.slot("remote");
+    let s = user_session(pkcs11, virtual_slot);
+    let id = b"imported".to_vec();
+    let (public, private) = import_ec_key(&group, &s, &id);
+    group.check_each_member_signs_alone(&s, public, &id);
+    let workers = group.server.workers();
+    assert_eq!(
+        workers.len(),
+        1,
+        "one connection, one worker: {workers:?}; {}",
+        group.server.log_text()
+    );
+    let worker = workers[0];
+
+    let (started, warm) = mpsc::channel::<()>();
+    let barrier = Barrier::new(THREADS + 1);
+    let mut served_before_kill = 0;
+    let failures: Vec<String> = thread::scope(|scope| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (started, barrier) = (started.clone(), &barrier);
+                // Never panics: a panic before the barrier would strand
+                // the others; failures are returned instead.
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    let session = pkcs11.open_rw_session(virtual_slot);
+                    for round in 0..ROUNDS {
+                        if round == WARM_UP {
+                            let _ = started.send(());
+                        }
+                        if round == HOLD {
+                            barrier.wait();
+                        }
+                        let Ok(session) = &session else {
+                            failures.push(format!("thread {t}: C_OpenSession: {session:?}"));
+                            continue;
+                        };
+                        let digest = [(round % 251) as u8 ^ t as u8; 32];
+                        let result =
+                            session
+                                .sign(&Mechanism::Ecdsa, private, &digest)
+                                .and_then(|sig| {
+                                    session.verify(&Mechanism::Ecdsa, public, &digest, &sig)
+                                });
+                        if let Err(e) = result {
+                            failures.push(format!("thread {t} round {round}: {e}"));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        let read_at_start = p11kit::bytes_read(worker);
+        for _ in 0..THREADS {
+            // Bounded: a thread that cannot report is caught by the
+            // failures it returns.
+            let _ = warm.recv_timeout(PATIENCE);
+        }
+        served_before_kill = p11kit::bytes_read(worker) - read_at_start;
+        let killed = group.server.kill_workers();
+        barrier.wait();
+        let mut failures: Vec<String> = threads
+            .into_iter()
+            .flat_map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| vec!["a thread panicked".into()])
+            })
+            .collect();
+        if killed != [worker] {
+            failures.push(format!("killed {killed:?}, expected [{worker}]"));
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "failed operations: {failures:#?}");
+    assert!(
+        served_before_kill > 0,
+        "the remote member was serving the threads when its worker died"
+    );
+    // The member really is gone: its own slot says so (testing-notes.md).
+    match pkcs11.get_token_info(remote_slot) {
+        Err(Error::Pkcs11(RvError::DeviceError, _)) => {}
+        other => panic!("the crashed member's own slot answered {other:?}"),
+    }
+
+    // Signing goes on, on the member that is left.
+    for round in 0..20u8 {
+        let digest = [round; 32];
+        let signature = s
+            .sign(&Mechanism::Ecdsa, private, &digest)
+            .unwrap_or_else(|e| panic!("sign {round} after the crash: {e}"));
+        s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+            .unwrap_or_else(|e| panic!("verify {round} after the crash: {e}"));
+    }
+    let token = pkcs11
+        .get_token_info(virtual_slot)
+        .expect("the virtual token is still there");
+    assert_eq!(token.label(), GROUP_LABEL);
+}
+
+/// An EC P-256 key pair created through the virtual slot from its
+/// attributes (`C_CreateObject` makes it on every member); the values come
+/// from a throw-away session key pair on the local member's own slot.
+fn import_ec_key(group: &Group, s: &Session, id: &[u8]) -> (ObjectHandle, ObjectHandle) {
+    let scratch = user_session(&group.pkcs11, group.slot("local"));
+    let (scratch_public, scratch_private) = scratch
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[Attribute::EcParams(P256.to_vec()), Attribute::Token(false)],
+            &[
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Sign(true),
+            ],
+        )
+        .expect("scratch key pair");
+    let value = |object, kind| {
+        let read = scratch
+            .get_attributes(object, &[kind])
+            .expect("read the scratch key");
+        match read.as_slice() {
+            [Attribute::Value(v)] | [Attribute::EcPoint(v)] => v.clone(),
+            other => panic!("{kind:?} read as {other:?}"),
+        }
+    };
+    let point = value(scratch_public, AttributeType::EcPoint);
+    let secret = value(scratch_private, AttributeType::Value);
+    let public = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(P256.to_vec()),
+            Attribute::EcPoint(point),
+            Attribute::Token(true),
+            Attribute::Id(id.to_vec()),
+            Attribute::Verify(true),
+        ])
+        .expect("create the public key through the virtual slot");
+    let private = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(P256.to_vec()),
+            Attribute::Value(secret),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Id(id.to_vec()),
+            Attribute::Sign(true),
+            Attribute::Sensitive(true),
+        ])
+        .expect("create the private key through the virtual slot");
+    (public, private)
+}

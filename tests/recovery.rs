@@ -1,0 +1,310 @@
+//! Auto-recovery and the watchdog, on fault-injecting members over real
+//! SoftHSM tokens: a failed member rejoins within one interval with what it
+//! missed, even when the application calls nothing; the HA log and the
+//! state API tell what happened; a member that hangs is taken out after
+//! `memberTimeout`.
+
+mod common;
+
+use common::faulty::FaultyMember;
+use common::*;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use cryptoki_sys::CKR_DEVICE_ERROR;
+use pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// A group of two faulty-member copies over two SoftHSM tokens.
+struct Group {
+    hsm: SoftHsm,
+    members: Vec<FaultyMember>,
+    log_dir: PathBuf,
+    pkcs11: Pkcs11,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Group {
+    fn start(settings: &str, flags: CInitializeFlags) -> Group {
+        let guard = serial_guard();
+        let hsm = SoftHsm::new(&["m0", "m1"]);
+        provision_domain(&hsm, &DOMAIN_VALUE);
+        let dir = hsm.dir.path().to_path_buf();
+        let members: Vec<FaultyMember> = hsm
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| FaultyMember::new(&dir, &format!("m{i}"), SOFTHSM_LIB, Some(&t.serial)))
+            .collect();
+        let log_dir = dir.join("halog");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let text = format!(
+            "[Libraries]\nm0 = {}\nm1 = {}\n\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\n\
+             VirtualToken00Members = {}\n\n[HAConfiguration]\nhaLogStatus = enabled\nhaLogPath = {}\n{settings}\n",
+            members[0].path.display(),
+            members[1].path.display(),
+            hsm.serials().join(","),
+            log_dir.display()
+        );
+        let config = dir.join("recovery.conf");
+        std::fs::write(&config, text).unwrap();
+        hsm.activate();
+        activate_config(&config);
+        let pkcs11 = load_ha();
+        pkcs11
+            .initialize(CInitializeArgs::new(flags))
+            .expect("C_Initialize");
+        Group {
+            hsm,
+            members,
+            log_dir,
+            pkcs11,
+            _guard: guard,
+        }
+    }
+
+    fn session(&self) -> Session {
+        user_session(&self.pkcs11, Slot::try_from(0u64).unwrap())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join("haErrorLog.txt")).unwrap_or_default()
+    }
+
+    /// Waits, within `limit`, for member `i` to reach `state` (0 up, 1 down).
+    fn wait_for_state(&self, i: usize, state: u64, limit: Duration) -> PKCS11HA_GROUP_STATUS {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = group_status();
+            if status.members[i].state == state {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {i} never reached state {state}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How many objects with `id` member `i` holds, through its own slot.
+    fn count_on_member(&self, i: usize, id: &[u8]) -> usize {
+        let slot = Slot::try_from(passthrough_slot_id(i, self.hsm.tokens[i].slot_id)).unwrap();
+        let session = user_session(&self.pkcs11, slot);
+        session
+            .find_objects(&[Attribute::Id(id.to_vec())])
+            .unwrap()
+            .len()
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for m in &self.members {
+            m.clear_fault();
+            m.release();
+        }
+        let _ = self.pkcs11.clone().finalize();
+        std::env::remove_var(CONF_ENV);
+        std::env::remove_var(SOFTHSM_CONF_ENV);
+    }
+}
+
+fn group_status() -> PKCS11HA_GROUP_STATUS {
+    // SAFETY: the export has this signature; the library stays loaded.
+    unsafe {
+        let library = libloading::Library::new(library_path()).unwrap();
+        let get: libloading::Symbol<unsafe extern "C" fn(u64, *mut PKCS11HA_GROUP_STATUS) -> u64> =
+            library.get(b"PKCS11HA_GetGroupStatus\0").unwrap();
+        let mut status = std::mem::zeroed();
+        assert_eq!(get(0, &mut status), 0);
+        status
+    }
+}
+
+fn ec_key(session: &Session, id: &[u8]) -> (ObjectHandle, ObjectHandle) {
+    session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::EcParams(P256.to_vec()),
+                Attribute::Token(true),
+                Attribute::Id(id.to_vec()),
+                Attribute::Verify(true),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Id(id.to_vec()),
+                Attribute::Sign(true),
+                Attribute::Private(true),
+            ],
+        )
+        .unwrap()
+}
+
+fn sign_verify(session: &Session, keys: (ObjectHandle, ObjectHandle)) {
+    let digest = [3u8; 32];
+    let signature = session.sign(&Mechanism::Ecdsa, keys.1, &digest).unwrap();
+    session
+        .verify(&Mechanism::Ecdsa, keys.0, &digest, &signature)
+        .unwrap();
+}
+
+/// Takes member `i` out: it faults, and the next call that reaches it
+/// fails over.
+fn fail_member(group: &Group, session: &Session, keys: (ObjectHandle, ObjectHandle), i: usize) {
+    group.members[i].set_fault(CKR_DEVICE_ERROR);
+    for _ in 0..4 {
+        sign_verify(session, keys);
+    }
+    group.wait_for_state(i, 1, Duration::from_secs(5));
+}
+
+#[test]
+fn failed_member_rejoins_with_keys_made_while_away_and_serves() {
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let before = ec_key(&session, b"before");
+    fail_member(&group, &session, before, 1);
+    let during = ec_key(&session, b"during");
+    assert_eq!(
+        group_status().members[1].pendingChanges,
+        2,
+        "the new key pair waits for member 1"
+    );
+    group.members[1].clear_fault();
+    let status = group.wait_for_state(1, 0, Duration::from_secs(5));
+    assert_eq!(status.members[1].pendingChanges, 0);
+    assert_eq!(status.members[1].consecutiveFailures, 0);
+    assert_eq!(
+        group.count_on_member(1, b"during"),
+        2,
+        "the key pair made while it was away"
+    );
+    let served = group.members[1].call_count("C_Sign");
+    for _ in 0..10 {
+        sign_verify(&session, during);
+    }
+    assert!(
+        group.members[1].call_count("C_Sign") > served,
+        "the member serves again"
+    );
+
+    let log = group.log();
+    let failed = log.find("member failed in").expect(&log);
+    let attempt = log.find("recovery attempt").expect(&log);
+    let recovered = log.find("member recovered; 2 objects").expect(&log);
+    assert!(
+        failed < attempt && attempt < recovered,
+        "events in order:\n{log}"
+    );
+    for line in log.lines() {
+        assert!(line.contains(&format!("group={GROUP_LABEL}")), "{line}");
+        assert!(!line.contains(USER_PIN), "no PIN in the log: {line}");
+    }
+}
+
+#[test]
+fn an_idle_application_still_gets_its_members_back() {
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let keys = ec_key(&session, b"idle");
+    fail_member(&group, &session, keys, 0);
+    group.members[0].clear_fault();
+    let calls = group.members[0].call_count("C_Sign");
+    group.wait_for_state(0, 0, Duration::from_secs(5));
+    assert_eq!(
+        group.members[0].call_count("C_Sign"),
+        calls,
+        "no application call was needed"
+    );
+}
+
+#[test]
+fn without_threads_recovery_runs_during_calls() {
+    let flags = CInitializeFlags::OS_LOCKING_OK | CInitializeFlags::LIBRARY_CANT_CREATE_OS_THREADS;
+    let group = Group::start("AutoReconnectInterval = 1", flags);
+    let session = group.session();
+    let keys = ec_key(&session, b"inline");
+    fail_member(&group, &session, keys, 1);
+    group.members[1].clear_fault();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while group_status().members[1].state != 0 {
+        assert!(Instant::now() < deadline, "no inline recovery");
+        sign_verify(&session, keys);
+    }
+}
+
+#[test]
+fn recovery_gives_up_after_reconn_att_attempts() {
+    let group = Group::start(
+        "AutoReconnectInterval = 1\nreconnAtt = 2",
+        CInitializeFlags::OS_LOCKING_OK,
+    );
+    let session = group.session();
+    let keys = ec_key(&session, b"give-up");
+    fail_member(&group, &session, keys, 1);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while group.log().matches("recovery failed").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two attempts expected:\n{}",
+            group.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = group.log();
+    group.members[1].clear_fault();
+    assert!(!log.contains("recovery attempt 3"), "{log}");
+    assert_eq!(group_status().members[1].state, 1);
+}
+
+#[test]
+fn a_hung_member_is_taken_out_after_member_timeout() {
+    let group = Group::start(
+        "memberTimeout = 300\nAutoReconnectInterval = 3600",
+        CInitializeFlags::OS_LOCKING_OK,
+    );
+    let session = group.session();
+    let keys = ec_key(&session, b"hang");
+    group.members[0].hang();
+    /// Releases the hung member even when an assertion fails, so the
+    /// scoped thread can be joined.
+    struct Release<'a>(&'a FaultyMember);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let stuck = std::thread::scope(|scope| {
+        let _release = Release(&group.members[0]);
+        let worker = scope.spawn(|| {
+            let other = group.session();
+            for _ in 0..6 {
+                sign_verify(&other, keys);
+            }
+        });
+        assert!(
+            group.members[0].wait_for_blocked(1, Duration::from_secs(5)),
+            "a call reached the hung member"
+        );
+        let status = group.wait_for_state(0, 1, Duration::from_secs(5));
+        group.members[0].release();
+        worker.join().unwrap();
+        status
+    });
+    assert_eq!(stuck.members[0].lastFault, CKR_DEVICE_ERROR);
+    assert!(
+        group.log().contains("member answered nothing for 300 ms"),
+        "{}",
+        group.log()
+    );
+    for _ in 0..5 {
+        sign_verify(&session, keys);
+    }
+}
