@@ -8,6 +8,7 @@ use crate::object::ObjectTable;
 use crate::replication::Pending;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
+use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -255,6 +256,10 @@ impl DomainKeys {
     }
 }
 
+/// Member positions in order of preference; inline, since this is on the
+/// path of every operation and groups are small.
+pub type Positions = SmallVec<[usize; 4]>;
+
 pub struct Group {
     pub index: u32,
     pub label: String,
@@ -410,14 +415,21 @@ impl Group {
     /// members share the load evenly. Each `lane` (a kind of operation)
     /// rotates on its own, so that calls of different kinds interleaved in
     /// a fixed pattern cannot pin one kind to one member.
-    pub fn by_preference(&self, lane: usize) -> Vec<usize> {
+    pub fn by_preference(&self, lane: usize) -> Positions {
+        if let [only] = &self.members[..] {
+            return if only.is_up() {
+                smallvec![0]
+            } else {
+                Positions::new()
+            };
+        }
         let any_active = self.members.iter().any(|m| m.is_up() && !m.standby);
-        let mut serving: Vec<(usize, usize)> = self
-            .members
-            .iter()
-            .filter(|m| m.is_up() && !(any_active && m.standby))
-            .map(|m| (m.in_flight(), m.position))
-            .collect();
+        let mut serving: SmallVec<[(usize, usize); 8]> = SmallVec::new();
+        for m in &self.members {
+            if m.is_up() && !(any_active && m.standby) {
+                serving.push((m.in_flight(), m.position));
+            }
+        }
         let n = serving.len();
         if n > 1 {
             let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed) % n;
@@ -426,11 +438,15 @@ impl Group {
             }
             serving.sort_unstable_by_key(|&(order, _)| order);
         }
-        serving.into_iter().map(|(_, position)| position).collect()
+        let mut order = Positions::new();
+        for (_, position) in serving {
+            order.push(position);
+        }
+        order
     }
 
     /// Serving members in configured order, primary first.
-    pub fn by_position(&self) -> Vec<usize> {
+    pub fn by_position(&self) -> Positions {
         self.serving_members()
             .into_iter()
             .map(|m| m.position)
@@ -634,7 +650,7 @@ mod tests {
         }
         let busy = group.members[0].begin_call();
         assert_eq!(
-            group.by_preference(0),
+            group.by_preference(0).to_vec(),
             vec![1, 0],
             "standby serves nothing while active are up"
         );
@@ -646,6 +662,10 @@ mod tests {
         );
         group.members[0].set_state(MemberState::Down);
         group.members[1].set_state(MemberState::Down);
-        assert_eq!(group.by_preference(0), vec![2], "standby takes over");
+        assert_eq!(
+            group.by_preference(0).to_vec(),
+            vec![2],
+            "standby takes over"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! answer; the member stays healthy).
 
 use crate::error::{check, Error, Result};
-use crate::group::{is_member_fault, Group};
+use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
 use crate::mechanism::{self, SavedMechanism};
 use crate::member::member_call;
@@ -14,6 +14,7 @@ use crate::object::Presence;
 use crate::session::{open_member_session, MemberSession};
 use cryptoki_sys::*;
 use parking_lot::Mutex;
+use smallvec::{smallvec, SmallVec};
 use std::sync::Arc;
 
 /// The kinds of operation a session can have active at once.
@@ -50,6 +51,10 @@ impl OpKind {
         matches!(self, OpKind::Digest | OpKind::Sign | OpKind::Verify)
     }
 }
+
+/// Member handles of the keys a call names; inline, being on every
+/// operation's path.
+pub type Handles = SmallVec<[CK_OBJECT_HANDLE; 4]>;
 
 /// Which serving member a call would rather run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,23 +447,26 @@ impl VirtualSession {
         &self,
         keys: &[CK_OBJECT_HANDLE],
         preference: Preference,
-    ) -> Result<(usize, Vec<CK_OBJECT_HANDLE>)> {
-        let candidates = match self.bound_member() {
-            Some(m) if self.group.members[m].is_up() => vec![m],
+    ) -> Result<(usize, Handles)> {
+        let candidates: Positions = match self.bound_member() {
+            Some(m) if self.group.members[m].is_up() => smallvec![m],
             Some(m) => {
                 self.move_operations(m);
                 match self.bound_member() {
-                    Some(moved) => vec![moved],
+                    Some(moved) => smallvec![moved],
                     None => self.candidates(preference),
                 }
             }
             None => self.candidates(preference),
         };
-        if candidates.is_empty() {
+        let Some(&first) = candidates.first() else {
             return Err(Error::new(CKR_DEVICE_ERROR));
+        };
+        if keys.is_empty() {
+            return Ok((first, Handles::new()));
         }
         'members: for position in candidates {
-            let mut handles = Vec::with_capacity(keys.len());
+            let mut handles = Handles::new();
             for key in keys {
                 match self.resolve(*key, position)? {
                     Some(h) => handles.push(h),
@@ -470,7 +478,7 @@ impl VirtualSession {
         Err(Error::new(CKR_KEY_HANDLE_INVALID))
     }
 
-    fn candidates(&self, preference: Preference) -> Vec<usize> {
+    fn candidates(&self, preference: Preference) -> Positions {
         match preference {
             Preference::LeastBusy(lane) => self.group.by_preference(lane),
             Preference::Primary => self.group.by_position(),
