@@ -29,16 +29,6 @@ pub struct VirtualObject {
     pub fingerprint: Option<std::sync::Arc<crate::identity::Fingerprint>>,
 }
 
-impl VirtualObject {
-    /// A member where the object certainly exists, to read it from.
-    pub fn any_present(&self) -> Option<(usize, CK_OBJECT_HANDLE)> {
-        self.on.iter().enumerate().find_map(|(m, p)| match p {
-            Presence::Present(h) => Some((m, *h)),
-            _ => None,
-        })
-    }
-}
-
 /// Virtual handles are process-wide, non-zero and never reused, so a stale
 /// handle from a destroyed object can never name another object.
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);

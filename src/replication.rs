@@ -19,7 +19,7 @@ use std::ptr;
 
 /// How key material travels: RFC 5649 key wrap with padding, which takes
 /// secret keys of any length and PKCS#8-encoded private keys.
-const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
+pub const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
 
 /// What a copy of a secret or private key must carry over. Values a member
 /// computes itself (`CKA_LOCAL`, `CKA_CHECK_VALUE`, the key material) are

@@ -14,72 +14,7 @@ use serde::Serialize;
 use crate::domain::{self, Found};
 use crate::p11::Session;
 
-/// How key material travels, as in replication.
-const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
-
-/// What a copy of a secret or private key carries over: the same list as
-/// `replication::KEY_ATTRIBUTES`.
-pub const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
-    CKA_CLASS,
-    CKA_KEY_TYPE,
-    CKA_TOKEN,
-    CKA_PRIVATE,
-    CKA_LABEL,
-    CKA_ID,
-    CKA_SUBJECT,
-    CKA_START_DATE,
-    CKA_END_DATE,
-    CKA_SENSITIVE,
-    CKA_EXTRACTABLE,
-    CKA_WRAP_WITH_TRUSTED,
-    CKA_ENCRYPT,
-    CKA_DECRYPT,
-    CKA_SIGN,
-    CKA_VERIFY,
-    CKA_SIGN_RECOVER,
-    CKA_VERIFY_RECOVER,
-    CKA_WRAP,
-    CKA_UNWRAP,
-    CKA_DERIVE,
-    CKA_MODIFIABLE,
-    CKA_ALWAYS_AUTHENTICATE,
-    CKA_ALLOWED_MECHANISMS,
-];
-
-/// What a copy of a public object carries: the same list as
-/// `replication::PUBLIC_ATTRIBUTES`.
-pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
-    CKA_CLASS,
-    CKA_KEY_TYPE,
-    CKA_CERTIFICATE_TYPE,
-    CKA_TOKEN,
-    CKA_PRIVATE,
-    CKA_LABEL,
-    CKA_ID,
-    CKA_SUBJECT,
-    CKA_ISSUER,
-    CKA_SERIAL_NUMBER,
-    CKA_START_DATE,
-    CKA_END_DATE,
-    CKA_ENCRYPT,
-    CKA_VERIFY,
-    CKA_VERIFY_RECOVER,
-    CKA_WRAP,
-    CKA_DERIVE,
-    CKA_TRUSTED,
-    CKA_MODIFIABLE,
-    CKA_MODULUS,
-    CKA_PUBLIC_EXPONENT,
-    CKA_EC_PARAMS,
-    CKA_EC_POINT,
-    CKA_VALUE,
-    CKA_APPLICATION,
-    CKA_OBJECT_ID,
-    CKA_URL,
-    CKA_CERTIFICATE_CATEGORY,
-    CKA_JAVA_MIDP_SECURITY_DOMAIN,
-    CKA_ALLOWED_MECHANISMS,
-];
+pub use pkcs11_ha::replication::{KEY_ATTRIBUTES, PUBLIC_ATTRIBUTES, WRAP_MECHANISM};
 
 /// An object as people name it: class, label and id.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
