@@ -117,6 +117,7 @@ impl Drop for Server {
 /// Two servers, each with one token of its own directory, in one group.
 struct Remote {
     servers: Vec<Server>,
+    log_dir: PathBuf,
     hsms: Vec<SoftHsm>,
     config: PathBuf,
     pkcs11: cryptoki::context::Pkcs11,
@@ -134,6 +135,9 @@ impl Remote {
             provision_domain(hsm, &DOMAIN_VALUE);
         }
         let dir = hsms[0].dir.path();
+        let log_dir = dir.join("halog");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let extra = extra.replace("LOGDIR", &log_dir.display().to_string());
         let servers: Vec<Server> = hsms
             .iter()
             .zip(["alpha", "beta"])
@@ -157,6 +161,7 @@ impl Remote {
         initialize(&pkcs11).expect("C_Initialize over two p11-kit servers");
         Remote {
             servers,
+            log_dir,
             hsms,
             config,
             pkcs11,
@@ -352,4 +357,116 @@ fn group_status() -> pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS {
         assert_eq!(get(0, &mut status), 0);
         status
     }
+}
+
+/// A C application that leaves `SIGPIPE` at its default (terminate) is
+/// not killed when a network member's connection died while it was idle:
+/// the next call answers `CKR_DEVICE_ERROR` and the process lives on.
+#[test]
+fn a_dead_connection_does_not_kill_a_c_application_with_sigpipe() {
+    use std::io::{BufRead, BufReader, Write};
+    let remote = Remote::start("");
+    let dir = remote.hsms[0].dir.path().to_path_buf();
+    let program = dir.join("sigpipe");
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/sigpipe.c");
+    let built = Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Werror", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("run the C compiler");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // The remote member's pass-through slot, found by its serial.
+    let serial = &remote.hsms[0].tokens[0].serial;
+    let slot = remote
+        .pkcs11
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.id() != 0)
+        .find(|s| remote.pkcs11.get_token_info(*s).unwrap().serial_number() == serial)
+        .expect("the remote member's slot");
+    let mut child = Command::new(&program)
+        .arg(library_path())
+        .arg(slot.id().to_string())
+        .env(CONF_ENV, &remote.config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "before rv=0x0");
+    // Our own process holds a connection to the same server too; the
+    // newest worker is the child's.
+    let workers = std::fs::read_to_string(format!(
+        "/proc/{0}/task/{0}/children",
+        remote.servers[0].child.id()
+    ))
+    .unwrap();
+    let newest: i32 = workers
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .max()
+        .expect("the child's worker");
+    // SAFETY: killing a worker process of our own test server.
+    assert_eq!(unsafe { libc::kill(newest, libc::SIGKILL) }, 0);
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the application died ({status}); it printed {rest:?}"
+    );
+    assert_eq!(rest.last().map(String::as_str), Some("alive"), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l == "after rv=0x30"),
+        "CKR_DEVICE_ERROR expected: {rest:?}"
+    );
+}
+
+/// A member whose server socket was removed stays down -- a reconnect that
+/// finds no server is not a recovery -- until the server listens again.
+#[test]
+fn removed_socket_keeps_the_member_down_until_the_server_returns() {
+    let mut remote =
+        Remote::start("AutoReconnectInterval = 1\nhaLogStatus = enabled\nhaLogPath = LOGDIR");
+    let session = remote.session();
+    let keys = ec_key(&session, b"socket");
+    std::fs::remove_file(&remote.servers[0].socket).unwrap();
+    remote.servers[0].signal_worker(libc::SIGKILL);
+    for _ in 0..4 {
+        sign_and_verify(&session, keys);
+    }
+    let log = remote.log_dir.join("haErrorLog.txt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("recovery failed")
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no failed recovery attempts logged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        group_status().members[0].state,
+        1,
+        "still down without a server"
+    );
+    remote.servers[0].restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_status().members[0].state != 0 {
+        assert!(Instant::now() < deadline, "member 0 did not rejoin");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sign_and_verify(&session, keys);
 }
