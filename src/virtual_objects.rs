@@ -460,33 +460,41 @@ impl VirtualSession {
         max: CK_ULONG,
         count: CK_ULONG_PTR,
     ) -> Result<()> {
-        let mut member = None;
-        self.step(
-            OpKind::Find,
-            Step::Update,
-            Input::None,
-            "C_FindObjects",
-            |l, s| {
-                member = self.bound_member();
-                member_call!(l, C_FindObjects(s, found, max, count))
-            },
-        )?;
-        let member = member.ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
-        // SAFETY: the member wrote `*count` handles into `found`.
-        let handles = unsafe { std::slice::from_raw_parts_mut(found, (*count).min(max) as usize) };
-        let mut kept = 0;
-        for i in 0..handles.len() {
-            if self.group.domain.is_domain_key(member, handles[i]) {
-                continue;
+        // A batch that held only the domain key must not read as the end of
+        // the search (a count of 0): ask the member again.
+        loop {
+            let mut member = None;
+            self.step(
+                OpKind::Find,
+                Step::Update,
+                Input::None,
+                "C_FindObjects",
+                |l, s| {
+                    member = self.bound_member();
+                    member_call!(l, C_FindObjects(s, found, max, count))
+                },
+            )?;
+            let member = member.ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
+            // SAFETY: the member wrote `*count` handles into `found`.
+            let returned = unsafe { (*count).min(max) } as usize;
+            // SAFETY: as above.
+            let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
+            let mut kept = 0;
+            for i in 0..handles.len() {
+                if self.group.domain.is_domain_key(member, handles[i]) {
+                    continue;
+                }
+                let object = self.group.objects.from_member(member, handles[i]);
+                self.remember_fingerprint(object, member, handles[i]);
+                handles[kept] = object;
+                kept += 1;
             }
-            let object = self.group.objects.from_member(member, handles[i]);
-            self.remember_fingerprint(object, member, handles[i]);
-            handles[kept] = object;
-            kept += 1;
+            // SAFETY: as above.
+            unsafe { *count = kept as CK_ULONG };
+            if kept > 0 || returned == 0 {
+                return Ok(());
+            }
         }
-        // SAFETY: as above.
-        unsafe { *count = kept as CK_ULONG };
-        Ok(())
     }
 
     /// Runs a call that makes new objects on one member (the primary while

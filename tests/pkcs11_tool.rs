@@ -114,3 +114,47 @@ fn a_forked_child_can_initialize_again() {
     );
     assert!(text.contains("Using slot 0 with a present token"), "{text}");
 }
+
+/// pkcs11-tool searches one object at a time: in a new process, where the
+/// group's domain key is among the first objects a member returns, the
+/// listing must still show every object (and never the domain key).
+#[test]
+fn list_objects_in_a_new_process_shows_every_object_but_the_domain_key() {
+    let hsm = SoftHsm::new(&["a", "b"]);
+    provision_domain(&hsm, &DOMAIN_VALUE);
+    let config = write_config(
+        hsm.dir.path(),
+        &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
+        &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
+        false,
+    );
+    let module = library_path();
+    let data = hsm.dir.path().join("data.txt");
+    std::fs::write(&data, b"listed").unwrap();
+    run(pkcs11_tool(&module, &hsm, &config)
+        .args([
+            "--slot",
+            "0",
+            "--login",
+            "--pin",
+            USER_PIN,
+            "--write-object",
+        ])
+        .arg(&data)
+        .args(["--type", "data", "--label", "listed-data"])
+        .output()
+        .unwrap());
+    let listing = run(pkcs11_tool(&module, &hsm, &config)
+        .args([
+            "--slot",
+            "0",
+            "--login",
+            "--pin",
+            USER_PIN,
+            "--list-objects",
+        ])
+        .output()
+        .unwrap());
+    assert!(listing.contains("listed-data"), "{listing}");
+    assert!(!listing.contains(DOMAIN_LABEL), "{listing}");
+}
