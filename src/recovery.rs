@@ -209,7 +209,6 @@ pub fn recover_failed_members(provider: &Provider) {
             group.log(Some(position), &format!("recovery attempt {}", made + 1));
             match recover(provider, group, position) {
                 Ok(copied) => {
-                    member.set_state(MemberState::Up);
                     group.objects.retry_absent();
                     group.log(
                         Some(position),
@@ -235,7 +234,13 @@ fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<u
     group.members[position].set_state(MemberState::Recovering);
 
     let worker = VirtualSession::internal(Arc::clone(group));
-    let outcome = bring_up_to_date(provider, group, position, &worker);
+    let mut outcome = bring_up_to_date(provider, group, position, &worker);
+    if let Ok(copied) = outcome {
+        // Changes made while it was coming back were queued for it; once it
+        // is up no more are, so one more replay leaves nothing behind.
+        group.members[position].set_state(MemberState::Up);
+        outcome = replay_pending(group, position, &worker).map(|more| copied + more);
+    }
     worker.close();
     outcome
 }
@@ -357,6 +362,22 @@ fn replay_pending(
     Ok(applied)
 }
 
+/// Whether the member already holds the object: resolved to one copy, or
+/// matched by more than one (an earlier copy that was interrupted) -- never
+/// copy it again then, or copies would multiply with every recovery.
+fn holds(worker: &VirtualSession, object: CK_OBJECT_HANDLE, position: usize) -> bool {
+    if worker.resolve(object, position).ok().flatten().is_some() {
+        return true;
+    }
+    let Some(print) = worker.fingerprint_of(object) else {
+        return false;
+    };
+    let Ok(s) = worker.member_session(position) else {
+        return false;
+    };
+    identity::find(&s.library, s.handle, &print).is_ok_and(|found| !found.is_empty())
+}
+
 /// Creates an imported object on the member from the application's
 /// template.
 fn import_to(
@@ -366,7 +387,7 @@ fn import_to(
     object: CK_OBJECT_HANDLE,
     template: &OwnedTemplate,
 ) -> Result<(), String> {
-    if group.objects.get(object).is_none() {
+    if group.objects.get(object).is_none() || holds(worker, object, position) {
         return Ok(());
     }
     let mut attributes = template.attributes();
@@ -422,7 +443,7 @@ fn copy_object_to(
     if entry.owner.is_some() {
         return Ok(());
     }
-    if worker.resolve(object, position).ok().flatten().is_some() {
+    if holds(worker, object, position) {
         return Ok(());
     }
     let source = group
@@ -455,7 +476,7 @@ fn synchronize(group: &Group, position: usize, worker: &VirtualSession) -> Resul
                 .objects
                 .set_presence(object, position, Presence::Unknown);
         }
-        if worker.resolve(object, position).ok().flatten().is_some() {
+        if holds(worker, object, position) {
             continue;
         }
         match worker.copy_to(object, reference, &[position]) {

@@ -397,7 +397,7 @@ impl VirtualSession {
 
     /// The object's fingerprint: kept, or read now from a member that is up
     /// and holds it (and then kept).
-    fn fingerprint_of(
+    pub fn fingerprint_of(
         &self,
         object: CK_OBJECT_HANDLE,
     ) -> Option<std::sync::Arc<identity::Fingerprint>> {
