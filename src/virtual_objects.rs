@@ -437,6 +437,8 @@ impl VirtualSession {
         let start = |library: &MemberLibrary, s, _| {
             member_call!(library, C_FindObjectsInit(s, template, count))
         };
+        // SAFETY: forwarded from the caller.
+        let kept = unsafe { OwnedTemplate::copy(template, count) };
         // SAFETY: a search has no mechanism.
         unsafe {
             self.init(
@@ -446,7 +448,9 @@ impl VirtualSession {
                 "C_FindObjectsInit",
                 start,
             )
-        }
+        }?;
+        self.keep_search(kept);
+        Ok(())
     }
 
     /// Continues the search and turns member handles into virtual ones,
@@ -460,8 +464,9 @@ impl VirtualSession {
         max: CK_ULONG,
         count: CK_ULONG_PTR,
     ) -> Result<()> {
-        // A batch that held only the domain key must not read as the end of
-        // the search (a count of 0): ask the member again.
+        // A batch that held only the domain key (or objects returned before
+        // the search moved to another member) must not read as the end of
+        // the search, a count of 0: ask the member again.
         loop {
             let mut member = None;
             self.step(
@@ -485,6 +490,9 @@ impl VirtualSession {
                     continue;
                 }
                 let object = self.group.objects.from_member(member, handles[i]);
+                if !self.first_time_found(object) {
+                    continue;
+                }
                 self.remember_fingerprint(object, member, handles[i]);
                 handles[kept] = object;
                 kept += 1;

@@ -114,6 +114,14 @@ struct ActiveOp {
     /// Its member failed and it could not be moved: the next call on it
     /// says `CKR_DEVICE_ERROR` and ends it, leaving the session usable.
     lost: bool,
+    /// A search: its template, to start it again elsewhere, and the objects
+    /// already returned, so that none is returned twice.
+    search: Option<Search>,
+}
+
+struct Search {
+    template: crate::replication::OwnedTemplate,
+    returned: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
 }
 
 /// All operations of a session run on one member, so the dual functions
@@ -166,7 +174,7 @@ fn member_init(
         OpKind::VerifyRecover => {
             member_call!(library, C_VerifyRecoverInit(session, mechanism, key))
         }
-        // A search is never moved: its template is not kept.
+        // A search starts again from its kept template (`restart`).
         OpKind::Find => CKR_OPERATION_NOT_INITIALIZED,
     }
 }
@@ -526,6 +534,7 @@ impl VirtualSession {
                     replay_bytes: 0,
                     movable: movable && kind != OpKind::Find,
                     lost: false,
+                    search: None,
                 });
                 b.member = Some(position);
             } else if rv != CKR_OPERATION_ACTIVE {
@@ -572,6 +581,27 @@ impl VirtualSession {
         }
     }
 
+    /// Makes the active search movable: keeps its template, and from now on
+    /// the objects it returns.
+    pub fn keep_search(&self, template: crate::replication::OwnedTemplate) {
+        if let Some(op) = self.bindings.lock().ops[OpKind::Find as usize].as_mut() {
+            op.search = Some(Search {
+                template,
+                returned: Default::default(),
+            });
+            op.movable = true;
+        }
+    }
+
+    /// Whether the active search returns `object` for the first time (a
+    /// search moved to another member meets objects it returned before).
+    pub fn first_time_found(&self, object: CK_OBJECT_HANDLE) -> bool {
+        match self.bindings.lock().ops[OpKind::Find as usize].as_mut() {
+            Some(op) => op.search.as_mut().is_none_or(|s| s.returned.insert(object)),
+            None => true,
+        }
+    }
+
     /// `C_DigestKey`: like an update, with the key looked up on whichever
     /// member the digest runs on.
     pub fn digest_key(&self, key: CK_OBJECT_HANDLE) -> Result<()> {
@@ -606,6 +636,11 @@ impl VirtualSession {
         let Some(op) = b.ops[kind as usize].as_mut() else {
             return;
         };
+        if kind == OpKind::Find {
+            // A search restarts from its template; what it returned is kept
+            // by `first_time_found`.
+            return;
+        }
         if !kind.replays_updates() || !op.movable {
             op.movable = false;
             return;
@@ -705,12 +740,21 @@ impl VirtualSession {
         op: &mut ActiveOp,
         member_key: &dyn Fn(CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE,
     ) -> Attempt {
+        let function = "operation failover";
+        if let Some(search) = &op.search {
+            let mut template = search.template.attributes();
+            return self.attempt(position, function, &mut |l, s| {
+                member_call!(
+                    l,
+                    C_FindObjectsInit(s, template.as_mut_ptr(), template.len() as CK_ULONG)
+                )
+            });
+        }
         let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
         let mechanism = op
             .mechanism
             .as_mut()
             .map_or(std::ptr::null_mut(), |m| m.as_ptr());
-        let function = "operation failover";
         let init = self.attempt(position, function, &mut |l, s| {
             member_init(kind, l, s, mechanism, key)
         });

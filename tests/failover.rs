@@ -1532,3 +1532,40 @@ fn key_handles_found_before_the_primary_fails_keep_working() {
     s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
         .expect("verify with a handle found before the primary failed");
 }
+
+/// A search whose member dies moves to another member: it goes on where it
+/// was, returning every object once.
+#[test]
+fn a_search_in_flight_moves_and_returns_each_object_once() {
+    let ha = Ha::new(2);
+    let s = ha.session();
+    for i in 0..4u8 {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label("moved-search".into()),
+            Attribute::Value(vec![i]),
+        ])
+        .unwrap();
+    }
+    let mut search = s
+        .iter_objects_with_cache_size(
+            &[Attribute::Label("moved-search".into())],
+            std::num::NonZeroUsize::new(1).unwrap(),
+        )
+        .unwrap();
+    let first = search.next().unwrap().unwrap();
+    // Searches run on the primary while it is up.
+    ha.fault(0);
+    let mut found: Vec<u64> = vec![first.handle()];
+    for object in search {
+        found.push(
+            object
+                .expect("the search goes on on the other member")
+                .handle(),
+        );
+    }
+    found.sort_unstable();
+    found.dedup();
+    assert_eq!(found.len(), 4, "every object once: {found:?}");
+}
