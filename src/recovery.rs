@@ -343,7 +343,7 @@ fn replay_pending(
         };
         match outcome {
             Ok(()) => applied += 1,
-            Err(why) if group.members[position].state() == MemberState::Recovering => {
+            Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
                 group.log(
@@ -481,7 +481,7 @@ fn synchronize(group: &Group, position: usize, worker: &VirtualSession) -> Resul
         }
         match worker.copy_to(object, reference, &[position]) {
             Ok(()) => copied += 1,
-            Err(e) if group.members[position].state() == MemberState::Recovering => {
+            Err(e) if group.members[position].reachable() => {
                 group.log(
                     Some(position),
                     &format!("an object could not be synchronised: {}", rv_name(e.rv)),
