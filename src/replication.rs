@@ -314,37 +314,45 @@ impl VirtualSession {
             };
             let mut attributes = template.attributes();
             let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-            let answer = self.attempt(position, "replication", &mut |l, s| match &wrapped {
-                Some(blob) => {
-                    let mut mechanism = CK_MECHANISM {
-                        mechanism: WRAP_MECHANISM,
-                        pParameter: ptr::null_mut(),
-                        ulParameterLen: 0,
-                    };
-                    member_call!(
+            let mut answer = Attempt::Faulted;
+            // A member that only had to be logged in again is still up: try
+            // it once more rather than leave the object pending.
+            for _ in 0..2 {
+                answer = self.attempt(position, "replication", &mut |l, s| match &wrapped {
+                    Some(blob) => {
+                        let mut mechanism = CK_MECHANISM {
+                            mechanism: WRAP_MECHANISM,
+                            pParameter: ptr::null_mut(),
+                            ulParameterLen: 0,
+                        };
+                        member_call!(
+                            l,
+                            C_UnwrapKey(
+                                s,
+                                &mut mechanism,
+                                domain,
+                                blob.as_ptr() as *mut _,
+                                blob.len() as CK_ULONG,
+                                attributes.as_mut_ptr(),
+                                attributes.len() as CK_ULONG,
+                                &mut handle
+                            )
+                        )
+                    }
+                    None => member_call!(
                         l,
-                        C_UnwrapKey(
+                        C_CreateObject(
                             s,
-                            &mut mechanism,
-                            domain,
-                            blob.as_ptr() as *mut _,
-                            blob.len() as CK_ULONG,
                             attributes.as_mut_ptr(),
                             attributes.len() as CK_ULONG,
                             &mut handle
                         )
-                    )
+                    ),
+                });
+                if !matches!(answer, Attempt::Faulted) || !self.group.members[position].is_up() {
+                    break;
                 }
-                None => member_call!(
-                    l,
-                    C_CreateObject(
-                        s,
-                        attributes.as_mut_ptr(),
-                        attributes.len() as CK_ULONG,
-                        &mut handle
-                    )
-                ),
-            });
+            }
             match answer {
                 Attempt::Answered(CKR_OK) => {
                     self.group

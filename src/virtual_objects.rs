@@ -152,9 +152,18 @@ impl VirtualSession {
                 continue;
             }
             let mut handle = CK_INVALID_HANDLE;
-            match self.attempt(position, "C_CreateObject", &mut |l, s| {
-                create(l, s, &mut handle)
-            }) {
+            let mut answer = Attempt::Faulted;
+            // A member that only had to be logged in again is still up:
+            // give it the object now rather than leave it pending.
+            for _ in 0..2 {
+                answer = self.attempt(position, "C_CreateObject", &mut |l, s| {
+                    create(l, s, &mut handle)
+                });
+                if !matches!(answer, Attempt::Faulted) || !member.is_up() {
+                    break;
+                }
+            }
+            match answer {
                 Attempt::Answered(CKR_OK) => {
                     on[position] = Presence::Present(handle);
                     made.push((position, handle));
