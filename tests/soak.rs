@@ -1,0 +1,1352 @@
+//! The soak test (issue 4): mixed load from 8 threads on a group of three
+//! `p11-kit server` members while a chaos thread kills, stalls and restarts
+//! members at random. It passes when no application operation failed (the
+//! chaos never touches a member unless another one is surely up), every
+//! member is back with nothing pending at the end, and every key created
+//! during the run is on every member exactly once.
+//!
+//! It is marked `#[ignore]` while it fails (see the issue-4 closing note);
+//! `PKCS11_HA_SOAK_SECS` sets the duration (default 60, meant for CI);
+//! `scripts/soak` runs the 30-minute version by hand. `PKCS11_HA_SOAK_SEED`
+//! repeats a run's choices (the timing of real processes still varies).
+//!
+//! The load: sign and verify (ECDSA over a 32-byte digest), SHA-256
+//! (single- and multi-part, checked), random bytes, AES-ECB round trips,
+//! searches by `CKA_ID` that must find exactly the key's objects, and every
+//! 50 iterations an imported key. Keys are imported (`C_CreateObject` with
+//! their values), not generated: p11-kit 0.24 carries no AES key-wrap
+//! mechanism, so a key generated in a group of remote members cannot
+//! replicate (README, "Known limits"); and since it forwards no AES
+//! mechanism parameters, AES runs as ECB.
+//!
+//! The chaos, every 1.5-4 s: SIGKILL of a member's `p11-kit` worker (a
+//! crash), SIGSTOP of it for 1-3 s (a hang: `memberTimeout` is 1 s), or the
+//! whole server killed and restarted 1-3 s later; always to a member that
+//! serves, and only while another member is surely up.
+//!
+//! Owns: three token directories, their servers (through
+//! `tests/common/p11kit.rs`), the config and the HA log, all in a temp dir
+//! that is kept when the test fails. Holds the serial guard throughout.
+
+mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
+
+use std::collections::HashMap;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use p11kit::{P11KitServer, CLIENT_MODULE};
+use pkcs11_ha::state_api::{PKCS11HA_GROUP_STATUS, PKCS11HA_STATE_UP};
+use sha2::{Digest as _, Sha256};
+
+/// Seconds of load and chaos.
+const SECS_ENV: &str = "PKCS11_HA_SOAK_SECS";
+const DEFAULT_SECS: u64 = 60;
+/// Seed of every random choice (printed, so a run can be repeated).
+const SEED_ENV: &str = "PKCS11_HA_SOAK_SEED";
+const THREADS: usize = 8;
+/// Library names, token labels and socket names of the three members.
+const MEMBERS: [&str; 3] = ["hsmA", "hsmB", "hsmC"];
+const MEMBER_TIMEOUT_MS: u64 = 1000;
+/// Each load thread imports a key every this many iterations.
+const IMPORT_EVERY: u64 = 50;
+/// Chaos events come this far apart (ms), at random.
+const CHAOS_GAP_MS: (u64, u64) = (1500, 4000);
+/// A stall (SIGSTOP of the worker) or a server's absence lasts this long.
+const OUTAGE_MS: (u64, u64) = (1000, 3000);
+/// How often the chaos thread looks at its timers and the state API.
+const CHAOS_TICK: Duration = Duration::from_millis(20);
+/// An event with no member to disturb tries again this much later.
+const CHAOS_RETRY: Duration = Duration::from_millis(100);
+/// Calls a member must have completed since its last disturbance, while
+/// staying up, before it counts as the member that is surely up: the first
+/// call on a dead connection takes a member down, so a member still up
+/// after that many calls is serving.
+const PROVEN_CALLS: u64 = 20;
+/// Bound on waiting for every member to be back at the end: this plus
+/// half the run, since a recovery copies what the member lacks and grows
+/// with the number of keys.
+const SETTLE_BASE: Duration = Duration::from_secs(120);
+/// An operation slower than this counts as slow in the summary.
+const SLOW: Duration = Duration::from_millis(250);
+/// DER of the prime256v1 OID.
+const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// The P-256 key pair of RFC 6979, appendix A.2.5: the first of the pool.
+const RFC6979_D: &str = "C9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721";
+const RFC6979_UX: &str = "60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6";
+const RFC6979_UY: &str = "7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299";
+/// Distinct EC key values to import (each import gets its own CKA_ID).
+const EC_POOL: usize = 12;
+
+// ---------------------------------------------------------------------------
+// Randomness without a dependency
+// ---------------------------------------------------------------------------
+
+/// SplitMix64: enough for choosing operations, members and delays.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn millis(&mut self, (low, high): (u64, u64)) -> Duration {
+        Duration::from_millis(low + self.below(high - low + 1))
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn seed() -> u64 {
+    match env::var(SEED_ENV) {
+        Ok(text) => {
+            let text = text.trim();
+            let parsed = match text.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => text.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("{SEED_ENV}={text:?} is not a number"))
+        }
+        Err(_) => {
+            let mut bytes = [0u8; 8];
+            fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .expect("read /dev/urandom");
+            u64::from_le_bytes(bytes)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Key material
+// ---------------------------------------------------------------------------
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// An EC P-256 key pair's values: the private scalar and the DER of the
+/// uncompressed point (`CKA_EC_POINT`).
+#[derive(Clone)]
+struct EcValues {
+    scalar: Vec<u8>,
+    point: Vec<u8>,
+}
+
+/// The RFC 6979 key and `EC_POOL - 1` fresh ones from `openssl ecparam`
+/// (its SEC1 DER has the scalar at bytes 7..39 and the point at 56..121).
+fn ec_pool() -> Vec<EcValues> {
+    let mut point = vec![0x04, 0x41, 0x04];
+    point.extend(hex(RFC6979_UX));
+    point.extend(hex(RFC6979_UY));
+    let mut pool = vec![EcValues {
+        scalar: hex(RFC6979_D),
+        point,
+    }];
+    while pool.len() < EC_POOL {
+        let out = Command::new("openssl")
+            .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout"])
+            .args(["-outform", "DER"])
+            .output()
+            .expect("run openssl ecparam (is openssl installed?)");
+        let der = out.stdout;
+        assert!(
+            out.status.success()
+                && der.len() == 121
+                && der[..7] == [0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20]
+                && der[51..57] == [0xa1, 0x44, 0x03, 0x42, 0x00, 0x04],
+            "unexpected openssl output: {der:02x?}"
+        );
+        let mut point = vec![0x04, 0x41];
+        point.extend_from_slice(&der[56..121]);
+        pool.push(EcValues {
+            scalar: der[7..39].to_vec(),
+            point,
+        });
+    }
+    pool
+}
+
+fn urandom(n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    bytes
+}
+
+// ---------------------------------------------------------------------------
+// The state API
+// ---------------------------------------------------------------------------
+
+type GetGroupStatus = unsafe extern "C" fn(u64, *mut PKCS11HA_GROUP_STATUS) -> u64;
+
+/// `PKCS11HA_GetGroupStatus` of the loaded library, found with dlsym.
+struct StateApi {
+    get: GetGroupStatus,
+    _library: libloading::Library,
+}
+
+impl StateApi {
+    fn new() -> StateApi {
+        // SAFETY: the library is already loaded (same path, same handle);
+        // the symbol has this signature (include/pkcs11_ha.h).
+        unsafe {
+            let library = libloading::Library::new(library_path()).expect("dlopen");
+            let get = *library
+                .get::<GetGroupStatus>(b"PKCS11HA_GetGroupStatus\0")
+                .expect("PKCS11HA_GetGroupStatus");
+            StateApi {
+                get,
+                _library: library,
+            }
+        }
+    }
+
+    fn group(&self) -> PKCS11HA_GROUP_STATUS {
+        // SAFETY: a plain-data struct the function fills.
+        unsafe {
+            let mut status = std::mem::zeroed();
+            assert_eq!((self.get)(0, &mut status), 0, "PKCS11HA_GetGroupStatus");
+            status
+        }
+    }
+}
+
+/// One line per member: state, failures, last fault, pending changes.
+fn describe(status: &PKCS11HA_GROUP_STATUS) -> String {
+    (0..MEMBERS.len())
+        .map(|i| {
+            let m = &status.members[i];
+            let state = match m.state {
+                0 => "up",
+                1 => "down",
+                2 => "recovering",
+                _ => "?",
+            };
+            format!(
+                "{}: {state} failures={} lastFault={:#x} pending={} served={} inFlight={}",
+                MEMBERS[i],
+                m.consecutiveFailures,
+                m.lastFault,
+                m.pendingChanges,
+                m.callsServed,
+                m.callsInFlight
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+// ---------------------------------------------------------------------------
+// Members
+// ---------------------------------------------------------------------------
+
+/// One member: its token directory and, while it is up, its server.
+struct Member {
+    name: &'static str,
+    hsm: SoftHsm,
+    socket: PathBuf,
+    server: Option<P11KitServer>,
+}
+
+impl Member {
+    fn new(name: &'static str, dir: &Path) -> Member {
+        let hsm = SoftHsm::new(&[name]);
+        // Before the server (or anything else) opens the token.
+        provision_domain(&hsm, &DOMAIN_VALUE);
+        Member {
+            name,
+            hsm,
+            socket: dir.join(format!("{name}.sock")),
+            server: None,
+        }
+    }
+
+    fn serial(&self) -> &str {
+        &self.hsm.tokens[0].serial
+    }
+
+    /// Starts the server; the socket a killed one left is removed first.
+    fn start(&mut self) {
+        let _ = fs::remove_file(&self.socket);
+        self.server = Some(P11KitServer::start(
+            SOFTHSM_LIB,
+            &self.hsm.conf,
+            self.name,
+            &self.socket,
+        ));
+    }
+
+    /// Kills the server and its workers (dropping it kills its group).
+    fn stop(&mut self) {
+        self.server = None;
+    }
+}
+
+fn config_text(members: &[Member], log_dir: &Path) -> String {
+    let mut s = String::from("[Libraries]\n");
+    for m in members {
+        writeln!(s, "{} = {CLIENT_MODULE}", m.name).unwrap();
+    }
+    s.push_str("\n[LibraryEnvironment]\n");
+    for m in members {
+        writeln!(
+            s,
+            "{}.P11_KIT_SERVER_ADDRESS = unix:path={}",
+            m.name,
+            m.socket.display()
+        )
+        .unwrap();
+    }
+    let serials: Vec<&str> = members.iter().map(Member::serial).collect();
+    write!(
+        s,
+        "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\n\
+         VirtualToken00Members = {}\n\n\
+         [HAConfiguration]\nAutoReconnectInterval = 1\nmemberTimeout = {MEMBER_TIMEOUT_MS}\n\
+         haLogStatus = enabled\nhaLogPath = {}\n",
+        serials.join(","),
+        log_dir.display()
+    )
+    .unwrap();
+    s
+}
+
+// ---------------------------------------------------------------------------
+// What the run records
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Sign,
+    Verify,
+    Digest,
+    DigestMultipart,
+    Random,
+    Encrypt,
+    Decrypt,
+    Find,
+    ImportEc,
+    ImportAes,
+    OpenSession,
+    /// `C_GenerateRandom` while waiting for the members at the end.
+    Settle,
+}
+
+const OPS: [Op; 12] = [
+    Op::Sign,
+    Op::Verify,
+    Op::Digest,
+    Op::DigestMultipart,
+    Op::Random,
+    Op::Encrypt,
+    Op::Decrypt,
+    Op::Find,
+    Op::ImportEc,
+    Op::ImportAes,
+    Op::OpenSession,
+    Op::Settle,
+];
+
+#[derive(Default)]
+struct OpStats {
+    count: AtomicU64,
+    failed: AtomicU64,
+    slow: AtomicU64,
+    max_us: AtomicU64,
+}
+
+struct Failure {
+    at: Duration,
+    thread: usize,
+    op: Op,
+    error: String,
+    latency: Duration,
+    state: String,
+}
+
+#[derive(Clone)]
+struct ChaosEvent {
+    at: Duration,
+    member: usize,
+    what: String,
+}
+
+/// A key imported through the virtual slot: its CKA_ID and the classes
+/// of the objects made with it.
+#[derive(Clone)]
+struct KeyRecord {
+    id: Vec<u8>,
+    classes: Vec<ObjectClass>,
+}
+
+struct Run {
+    start: Instant,
+    stop: AtomicBool,
+    state: StateApi,
+    stats: [OpStats; OPS.len()],
+    slowest: Mutex<(Duration, Option<(Op, Duration)>)>,
+    failures: Mutex<Vec<Failure>>,
+    chaos: Mutex<Vec<ChaosEvent>>,
+    keys: Mutex<Vec<KeyRecord>>,
+    ec_keys: RwLock<Vec<(ObjectHandle, ObjectHandle)>>,
+    aes_keys: RwLock<Vec<ObjectHandle>>,
+    next_id: AtomicU64,
+    ec_pool: Vec<EcValues>,
+}
+
+impl Run {
+    /// Runs one application operation, timing it and recording a failure
+    /// with the error, the time and the group's state.
+    fn op<T>(&self, thread: usize, op: Op, f: impl FnOnce() -> Result<T, String>) -> Option<T> {
+        let started = Instant::now();
+        let result = f();
+        let took = started.elapsed();
+        let stats = &self.stats[op as usize];
+        stats.count.fetch_add(1, Ordering::Relaxed);
+        stats
+            .max_us
+            .fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+        if took > SLOW {
+            stats.slow.fetch_add(1, Ordering::Relaxed);
+        }
+        {
+            let mut slowest = self.slowest.lock().unwrap();
+            if took > slowest.0 {
+                *slowest = (took, Some((op, started - self.start)));
+            }
+        }
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                let state = describe(&self.state.group());
+                self.failures.lock().unwrap().push(Failure {
+                    at: started - self.start,
+                    thread,
+                    op,
+                    error,
+                    latency: took,
+                    state,
+                });
+                None
+            }
+        }
+    }
+
+    fn chaos_event(&self, member: usize, what: String) {
+        let at = self.start.elapsed();
+        self.chaos
+            .lock()
+            .unwrap()
+            .push(ChaosEvent { at, member, what });
+    }
+
+    fn total_ops(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn total_failures(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.failed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn new_id(&self, kind: &str) -> Vec<u8> {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("soak-{kind}-{n:07}").into_bytes()
+    }
+
+    /// Imports an EC key pair with a new CKA_ID (values from the pool).
+    fn import_ec(&self, session: &Session, thread: usize, rng: &mut Rng) {
+        let values = &self.ec_pool[rng.below(self.ec_pool.len() as u64) as usize];
+        let id = self.new_id("ec");
+        let public = self.op(thread, Op::ImportEc, || {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::KeyType(KeyType::EC),
+                    Attribute::Token(true),
+                    Attribute::Id(id.clone()),
+                    Attribute::EcParams(P256.to_vec()),
+                    Attribute::EcPoint(values.point.clone()),
+                    Attribute::Verify(true),
+                ])
+                .map_err(|e| format!("C_CreateObject (EC public key): {e:?}"))
+        });
+        let Some(public) = public else { return };
+        let mut record = KeyRecord {
+            id: id.clone(),
+            classes: vec![ObjectClass::PUBLIC_KEY],
+        };
+        let private = self.op(thread, Op::ImportEc, || {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(KeyType::EC),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Id(id.clone()),
+                    Attribute::EcParams(P256.to_vec()),
+                    Attribute::Value(values.scalar.clone()),
+                    Attribute::Sign(true),
+                ])
+                .map_err(|e| format!("C_CreateObject (EC private key): {e:?}"))
+        });
+        if let Some(private) = private {
+            record.classes.push(ObjectClass::PRIVATE_KEY);
+            self.ec_keys.write().unwrap().push((public, private));
+        }
+        self.keys.lock().unwrap().push(record);
+    }
+
+    /// Imports an AES-256 key with a new CKA_ID and a random value.
+    fn import_aes(&self, session: &Session, thread: usize) {
+        let id = self.new_id("aes");
+        let value = urandom(32);
+        let key = self.op(thread, Op::ImportAes, || {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Id(id.clone()),
+                    Attribute::Value(value),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                ])
+                .map_err(|e| format!("C_CreateObject (AES key): {e:?}"))
+        });
+        if let Some(key) = key {
+            self.aes_keys.write().unwrap().push(key);
+            self.keys.lock().unwrap().push(KeyRecord {
+                id,
+                classes: vec![ObjectClass::SECRET_KEY],
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The load
+// ---------------------------------------------------------------------------
+
+/// One load thread: its own session on the virtual slot, a mixed loop
+/// until the run stops.
+fn load(run: &Run, pkcs11: &Pkcs11, thread: usize, seed: u64) -> u64 {
+    let mut rng = Rng::new(seed ^ (thread as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let virtual_slot = Slot::try_from(0u64).unwrap();
+    let mut session = None;
+    let mut iterations = 0u64;
+    let mut imports = 0u64;
+    while !run.stop.load(Ordering::Relaxed) {
+        let Some(s) = session.as_ref() else {
+            session = run.op(thread, Op::OpenSession, || {
+                pkcs11
+                    .open_rw_session(virtual_slot)
+                    .map_err(|e| format!("C_OpenSession: {e:?}"))
+            });
+            if session.is_none() {
+                thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        };
+        iterations += 1;
+        if iterations % IMPORT_EVERY == (thread as u64 * 7) % IMPORT_EVERY {
+            imports += 1;
+            if imports % 2 == 0 {
+                run.import_ec(s, thread, &mut rng);
+            } else {
+                run.import_aes(s, thread);
+            }
+        }
+        match rng.below(100) {
+            0..=39 => sign_and_verify(run, s, thread, &mut rng),
+            40..=59 => digest(run, s, thread, &mut rng),
+            60..=74 => {
+                run.op(thread, Op::Random, || {
+                    let bytes = s
+                        .generate_random_vec(32)
+                        .map_err(|e| format!("C_GenerateRandom: {e:?}"))?;
+                    if bytes.len() == 32 {
+                        Ok(())
+                    } else {
+                        Err(format!("C_GenerateRandom gave {} bytes", bytes.len()))
+                    }
+                });
+            }
+            75..=94 => encrypt_and_decrypt(run, s, thread, &mut rng),
+            _ => find(run, s, thread, &mut rng),
+        }
+    }
+    iterations
+}
+
+fn pick<T: Copy>(keys: &RwLock<Vec<T>>, rng: &mut Rng) -> T {
+    let keys = keys.read().unwrap();
+    keys[rng.below(keys.len() as u64) as usize]
+}
+
+fn sign_and_verify(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
+    let (public, private) = pick(&run.ec_keys, rng);
+    let digest = rng.bytes(32);
+    let Some(signature) = run.op(thread, Op::Sign, || {
+        s.sign(&Mechanism::Ecdsa, private, &digest)
+            .map_err(|e| format!("C_Sign (ECDSA): {e:?}"))
+    }) else {
+        return;
+    };
+    run.op(thread, Op::Verify, || {
+        s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+            .map_err(|e| format!("C_Verify (ECDSA): {e:?}"))
+    });
+}
+
+/// SHA-256 of 1 KiB, single-part or (one in four) in three updates,
+/// checked against the `sha2` crate.
+fn digest(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
+    let data = rng.bytes(1024);
+    let expected = Sha256::digest(&data).to_vec();
+    let check = |got: Vec<u8>| {
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!("wrong SHA-256: {got:02x?}"))
+        }
+    };
+    if rng.below(4) == 0 {
+        run.op(thread, Op::DigestMultipart, || {
+            s.digest_init(&Mechanism::Sha256)
+                .map_err(|e| format!("C_DigestInit: {e:?}"))?;
+            for part in data.chunks(400) {
+                s.digest_update(part)
+                    .map_err(|e| format!("C_DigestUpdate: {e:?}"))?;
+            }
+            check(
+                s.digest_final()
+                    .map_err(|e| format!("C_DigestFinal: {e:?}"))?,
+            )
+        });
+    } else {
+        run.op(thread, Op::Digest, || {
+            check(
+                s.digest(&Mechanism::Sha256, &data)
+                    .map_err(|e| format!("C_Digest: {e:?}"))?,
+            )
+        });
+    }
+}
+
+fn encrypt_and_decrypt(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
+    let key = pick(&run.aes_keys, rng);
+    let plain = rng.bytes(64);
+    let Some(cipher) = run.op(thread, Op::Encrypt, || {
+        s.encrypt(&Mechanism::AesEcb, key, &plain)
+            .map_err(|e| format!("C_Encrypt (AES-ECB): {e:?}"))
+    }) else {
+        return;
+    };
+    run.op(thread, Op::Decrypt, || {
+        let back = s
+            .decrypt(&Mechanism::AesEcb, key, &cipher)
+            .map_err(|e| format!("C_Decrypt (AES-ECB): {e:?}"))?;
+        if back == plain {
+            Ok(())
+        } else {
+            Err("AES-ECB decrypted to something else".into())
+        }
+    });
+}
+
+/// Finds a recorded key by CKA_ID through the virtual slot: exactly its
+/// objects, no more, no fewer.
+fn find(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
+    let record = {
+        let keys = run.keys.lock().unwrap();
+        keys[rng.below(keys.len() as u64) as usize].clone()
+    };
+    run.op(thread, Op::Find, || {
+        let found = s
+            .find_objects(&[Attribute::Id(record.id.clone())])
+            .map_err(|e| format!("C_FindObjects: {e:?}"))?;
+        if found.len() == record.classes.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "C_FindObjects of {} found {} objects, expected {}",
+                String::from_utf8_lossy(&record.id),
+                found.len(),
+                record.classes.len()
+            ))
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The chaos
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    KillWorker,
+    Stall,
+    RestartServer,
+}
+
+/// What the chaos is doing to one member.
+#[derive(Default)]
+struct Disturbance {
+    /// Workers stopped with SIGSTOP, and when they get SIGCONT.
+    stalled: Option<(Instant, Vec<u32>)>,
+    /// The server is down until then.
+    down_until: Option<Instant>,
+    /// `callsServed` when the last disturbance ended; `None` if never
+    /// disturbed.
+    served_at_end: Option<u64>,
+}
+
+impl Disturbance {
+    fn active(&self) -> bool {
+        self.stalled.is_some() || self.down_until.is_some()
+    }
+}
+
+#[derive(Default)]
+struct ChaosCounts {
+    kills: u64,
+    stalls: u64,
+    restarts: u64,
+    /// Events that found no worker to kill or stop (the member had no
+    /// connection at that moment).
+    no_worker: u64,
+    /// How long events waited for a member they may disturb.
+    waited: Duration,
+    /// Up -> not up transitions seen through the state API, per member.
+    failovers: [u64; 3],
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a worker of a server this test started.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// Kills, stalls and restarts members at random until the run stops; then
+/// ends every disturbance (SIGCONT, restart). Only a member that serves
+/// (up, as the state API says) is disturbed, and only while another one is
+/// surely up: a member still recovering is left to finish, so that each
+/// event is a failover of a member the load was using.
+fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
+    let mut rng = Rng::new(seed);
+    let mut counts = ChaosCounts::default();
+    let mut dist: Vec<Disturbance> = (0..members.len()).map(|_| Disturbance::default()).collect();
+    let mut was_up = [true; 3];
+    let mut next_event = Instant::now() + rng.millis(CHAOS_GAP_MS);
+    while !run.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let status = run.state.group();
+        for (i, up) in was_up.iter_mut().enumerate() {
+            let is_up = status.members[i].state == PKCS11HA_STATE_UP;
+            if *up && !is_up {
+                counts.failovers[i] += 1;
+            }
+            *up = is_up;
+        }
+        for (i, d) in dist.iter_mut().enumerate() {
+            let served = status.members[i].callsServed;
+            if let Some((until, pids)) = &d.stalled {
+                if *until <= now {
+                    pids.iter().for_each(|pid| signal(*pid, libc::SIGCONT));
+                    d.stalled = None;
+                    d.served_at_end = Some(served);
+                    run.chaos_event(i, "SIGCONT".into());
+                }
+            }
+            if d.down_until.is_some_and(|until| until <= now) {
+                members[i].start();
+                d.down_until = None;
+                d.served_at_end = Some(served);
+                run.chaos_event(i, "server restarted".into());
+            }
+        }
+        if now >= next_event {
+            let surely_up = |i: usize, d: &Disturbance| {
+                let m = &status.members[i];
+                !d.active()
+                    && m.state == PKCS11HA_STATE_UP
+                    && d.served_at_end
+                        .is_none_or(|then| m.callsServed >= then + PROVEN_CALLS)
+            };
+            let action = match rng.below(3) {
+                0 => Action::KillWorker,
+                1 => Action::Stall,
+                _ => Action::RestartServer,
+            };
+            let first = rng.below(members.len() as u64) as usize;
+            let target = (0..members.len())
+                .map(|k| (first + k) % members.len())
+                .filter(|t| !dist[*t].active() && status.members[*t].state == PKCS11HA_STATE_UP)
+                .find(|t| {
+                    (0..members.len()).any(|other| other != *t && surely_up(other, &dist[other]))
+                });
+            match target {
+                Some(t) => {
+                    disturb(
+                        run,
+                        &mut members[t],
+                        t,
+                        &mut dist[t],
+                        action,
+                        &mut rng,
+                        &mut counts,
+                    );
+                    if !dist[t].active() {
+                        dist[t].served_at_end = Some(run.state.group().members[t].callsServed);
+                    }
+                    next_event = now + rng.millis(CHAOS_GAP_MS);
+                }
+                None => {
+                    counts.waited += CHAOS_RETRY;
+                    next_event = now + CHAOS_RETRY;
+                }
+            }
+        }
+        thread::sleep(CHAOS_TICK);
+    }
+    for (i, d) in dist.iter_mut().enumerate() {
+        if let Some((_, pids)) = d.stalled.take() {
+            pids.iter().for_each(|pid| signal(*pid, libc::SIGCONT));
+            run.chaos_event(i, "SIGCONT (end of run)".into());
+        }
+        if d.down_until.take().is_some() {
+            members[i].start();
+            run.chaos_event(i, "server restarted (end of run)".into());
+        }
+    }
+    counts
+}
+
+fn disturb(
+    run: &Run,
+    member: &mut Member,
+    i: usize,
+    d: &mut Disturbance,
+    action: Action,
+    rng: &mut Rng,
+    counts: &mut ChaosCounts,
+) {
+    let server = member.server.as_ref().expect("an undisturbed member runs");
+    match action {
+        Action::KillWorker => {
+            let killed = server.kill_workers();
+            if killed.is_empty() {
+                counts.no_worker += 1;
+                run.chaos_event(i, "kill: no worker".into());
+            } else {
+                counts.kills += 1;
+                run.chaos_event(i, format!("SIGKILL worker {killed:?}"));
+            }
+        }
+        Action::Stall => {
+            let pids = server.workers();
+            if pids.is_empty() {
+                counts.no_worker += 1;
+                run.chaos_event(i, "stall: no worker".into());
+                return;
+            }
+            let outage = rng.millis(OUTAGE_MS);
+            pids.iter().for_each(|pid| signal(*pid, libc::SIGSTOP));
+            counts.stalls += 1;
+            run.chaos_event(
+                i,
+                format!("SIGSTOP worker {pids:?} for {} ms", outage.as_millis()),
+            );
+            d.stalled = Some((Instant::now() + outage, pids));
+        }
+        Action::RestartServer => {
+            let outage = rng.millis(OUTAGE_MS);
+            member.stop();
+            counts.restarts += 1;
+            run.chaos_event(
+                i,
+                format!("server killed, back in {} ms", outage.as_millis()),
+            );
+            d.down_until = Some(Instant::now() + outage);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The end: settle and check
+// ---------------------------------------------------------------------------
+
+/// Waits (bounded) until every member is up with nothing pending and
+/// serving, driving a few calls so that a dead connection is noticed.
+/// Returns how long it took, or `None` on timeout.
+fn settle(run: &Run, session: &Session, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut last_served = [0u64; 3];
+    let mut good_polls = 0;
+    let mut report = started + Duration::from_secs(10);
+    while started.elapsed() < limit {
+        if Instant::now() >= report {
+            report += Duration::from_secs(10);
+            println!(
+                "soak: settling for {} s; {}",
+                started.elapsed().as_secs(),
+                describe(&run.state.group())
+            );
+        }
+        for _ in 0..30 {
+            run.op(usize::MAX, Op::Settle, || {
+                session
+                    .generate_random_vec(32)
+                    .map(|_| ())
+                    .map_err(|e| format!("C_GenerateRandom (settling): {e:?}"))
+            });
+        }
+        let status = run.state.group();
+        let all_good = (0..3).all(|i| {
+            let m = &status.members[i];
+            m.state == PKCS11HA_STATE_UP && m.pendingChanges == 0 && m.callsServed > last_served[i]
+        });
+        for (i, served) in last_served.iter_mut().enumerate() {
+            *served = status.members[i].callsServed;
+        }
+        good_polls = if all_good { good_polls + 1 } else { 0 };
+        if good_polls >= 3 {
+            return Some(started.elapsed());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// Per member, through its own pass-through slot: CKA_ID -> the classes of
+/// the objects with that ID.
+fn member_contents(
+    pkcs11: &Pkcs11,
+    serial: &str,
+) -> Result<HashMap<Vec<u8>, Vec<ObjectClass>>, String> {
+    let slots = pkcs11
+        .get_slots_with_token()
+        .map_err(|e| format!("C_GetSlotList: {e:?}"))?;
+    let slot = slots
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .is_ok_and(|t| t.serial_number() == serial)
+        })
+        .ok_or_else(|| format!("no slot shows token {serial}"))?;
+    let session = user_session(pkcs11, slot);
+    let objects = session
+        .find_objects(&[Attribute::Token(true)])
+        .map_err(|e| format!("C_FindObjects: {e:?}"))?;
+    let mut contents: HashMap<Vec<u8>, Vec<ObjectClass>> = HashMap::new();
+    for object in objects {
+        let attributes = session
+            .get_attributes(object, &[AttributeType::Id, AttributeType::Class])
+            .map_err(|e| format!("C_GetAttributeValue: {e:?}"))?;
+        let (mut id, mut class) = (None, None);
+        for a in attributes {
+            match a {
+                Attribute::Id(v) => id = Some(v),
+                Attribute::Class(c) => class = Some(c),
+                _ => {}
+            }
+        }
+        if let (Some(id), Some(class)) = (id, class) {
+            contents.entry(id).or_default().push(class);
+        }
+    }
+    Ok(contents)
+}
+
+/// Every recorded key on every member, exactly once per object.
+fn check_keys(pkcs11: &Pkcs11, members: &[Member], keys: &[KeyRecord]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for m in members {
+        let contents = match member_contents(pkcs11, m.serial()) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(format!("{}: cannot list objects: {e}", m.name));
+                continue;
+            }
+        };
+        for key in keys {
+            let mut found = contents.get(&key.id).cloned().unwrap_or_default();
+            let mut expected = key.classes.clone();
+            found.sort_by_key(|c| u64::from(*c));
+            expected.sort_by_key(|c| u64::from(*c));
+            if found != expected {
+                let names = |classes: &[ObjectClass]| {
+                    let names: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+                    format!("[{}]", names.join(", "))
+                };
+                problems.push(format!(
+                    "{}: {} has {}, expected {}",
+                    m.name,
+                    String::from_utf8_lossy(&key.id),
+                    names(&found),
+                    names(&expected)
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Lines of the HA log (every file under `dir`), and counts by event.
+fn ha_log_counts(dir: &Path) -> (usize, Vec<(&'static str, usize)>) {
+    let mut text = String::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            text.push_str(&fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    let kinds = [
+        ("member failed", "member failed in"),
+        ("memberTimeout", "answered nothing"),
+        ("recovery attempts", "recovery attempt"),
+        ("recovered", "member recovered"),
+        ("recovery failed", "recovery failed"),
+        ("not replayed", "could not be replayed"),
+        ("not synchronised", "could not be synchronised"),
+        ("login lost", "lost its login"),
+    ];
+    let counts = kinds
+        .iter()
+        .map(|(name, needle)| (*name, text.lines().filter(|l| l.contains(needle)).count()))
+        .collect();
+    (text.lines().count(), counts)
+}
+
+/// A failure with the numbers (key IDs, handles) taken out, to group by.
+fn failure_kind(f: &Failure) -> String {
+    let error: String = f
+        .error
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '#' } else { c })
+        .collect();
+    format!("{:?}: {error}", f.op)
+}
+
+/// One failure with the group's state then and the chaos events before it.
+fn failure_detail(f: &Failure, chaos: &[ChaosEvent]) -> String {
+    let before: Vec<String> = chaos
+        .iter()
+        .filter(|e| e.at <= f.at + f.latency)
+        .rev()
+        .take(3)
+        .map(|e| format!("{} {}: {}", secs(e.at), MEMBERS[e.member], e.what))
+        .collect();
+    let thread = if f.thread == usize::MAX {
+        "main".to_string()
+    } else {
+        f.thread.to_string()
+    };
+    format!(
+        "  at {} thread {thread} {:?} after {}: {}\n    state: {}\n    chaos before: {before:?}",
+        secs(f.at),
+        f.op,
+        secs(f.latency),
+        f.error,
+        f.state,
+    )
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+#[test]
+#[ignore = "fails today: operations fail and members keep pending changes under chaos (issue 4 closing note); run with scripts/soak"]
+fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
+    let duration = Duration::from_secs(
+        env::var(SECS_ENV)
+            .ok()
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{SECS_ENV}={v:?}"))
+            })
+            .unwrap_or(DEFAULT_SECS),
+    );
+    let seed = seed();
+    println!(
+        "soak: {} s, seed {seed:#x} ({SEED_ENV} repeats it), {THREADS} threads, \
+         {} p11-kit members, memberTimeout {MEMBER_TIMEOUT_MS} ms",
+        duration.as_secs(),
+        MEMBERS.len()
+    );
+    let _guard = serial_guard();
+    let work = tempfile::Builder::new()
+        .prefix("pkcs11-ha-soak-")
+        .tempdir()
+        .expect("temp dir");
+    let mut members: Vec<Member> = MEMBERS
+        .iter()
+        .map(|n| Member::new(n, work.path()))
+        .collect();
+    env::remove_var(SOFTHSM_CONF_ENV);
+    for m in &mut members {
+        m.start();
+    }
+    let log_dir = work.path().join("halog");
+    fs::create_dir(&log_dir).unwrap();
+    let config = work.path().join("soak.conf");
+    fs::write(&config, config_text(&members, &log_dir)).unwrap();
+    activate_config(&config);
+    let pkcs11 = load_ha();
+    initialize(&pkcs11).expect("C_Initialize over three p11-kit servers");
+
+    let run = Run {
+        start: Instant::now(),
+        stop: AtomicBool::new(false),
+        state: StateApi::new(),
+        stats: Default::default(),
+        slowest: Mutex::new((Duration::ZERO, None)),
+        failures: Mutex::new(Vec::new()),
+        chaos: Mutex::new(Vec::new()),
+        keys: Mutex::new(Vec::new()),
+        ec_keys: RwLock::new(Vec::new()),
+        aes_keys: RwLock::new(Vec::new()),
+        next_id: AtomicU64::new(0),
+        ec_pool: ec_pool(),
+    };
+    let status = run.state.group();
+    assert!(
+        (0..3).all(|i| status.members[i].state == PKCS11HA_STATE_UP),
+        "every member up at the start: {}",
+        describe(&status)
+    );
+    // Held for the whole run: the group stays logged in while it lives.
+    let main = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    let mut rng = Rng::new(seed);
+    for _ in 0..2 {
+        run.import_ec(&main, usize::MAX, &mut rng);
+        run.import_aes(&main, usize::MAX);
+    }
+    assert_eq!(run.total_failures(), 0, "the first keys imported");
+
+    let (iterations, counts) = thread::scope(|scope| {
+        let loaders: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (run, pkcs11) = (&run, &pkcs11);
+                scope.spawn(move || load(run, pkcs11, t, seed))
+            })
+            .collect();
+        let controller = {
+            let (run, members) = (&run, &mut members);
+            scope.spawn(move || chaos(run, members, seed.rotate_left(17)))
+        };
+        let end = run.start + duration;
+        let mut report = run.start + Duration::from_secs(10);
+        while Instant::now() < end {
+            thread::sleep(Duration::from_millis(200).min(end - Instant::now().min(end)));
+            if Instant::now() >= report && Instant::now() < end {
+                report += Duration::from_secs(10);
+                println!(
+                    "soak: {:>5} s: {} ops, {} failed, {} keys, chaos events {}; {}",
+                    run.start.elapsed().as_secs(),
+                    run.total_ops(),
+                    run.total_failures(),
+                    run.keys.lock().unwrap().len(),
+                    run.chaos.lock().unwrap().len(),
+                    describe(&run.state.group())
+                );
+            }
+        }
+        run.stop.store(true, Ordering::Relaxed);
+        let iterations: u64 = loaders.into_iter().map(|l| l.join().unwrap()).sum();
+        (iterations, controller.join().unwrap())
+    });
+    let elapsed = run.start.elapsed();
+    let load_ops = run.total_ops();
+
+    let settled = settle(&run, &main, SETTLE_BASE + duration / 2);
+    let status = run.state.group();
+    let keys = run.keys.lock().unwrap().clone();
+    let key_problems = check_keys(&pkcs11, &members, &keys);
+    let (log_lines, log_counts) = ha_log_counts(&log_dir);
+
+    // The summary.
+    println!("\n==== soak summary ====");
+    println!("seed                {seed:#x}");
+    println!(
+        "load                {} ({THREADS} threads, {iterations} iterations)",
+        secs(elapsed)
+    );
+    println!(
+        "operations          {load_ops} ({:.0}/s), failed {}",
+        load_ops as f64 / elapsed.as_secs_f64(),
+        run.total_failures()
+    );
+    for op in OPS {
+        let s = &run.stats[op as usize];
+        println!(
+            "  {:<16}  {:>9}  failed {:>3}  >250ms {:>4}  max {:>9.1} ms",
+            format!("{op:?}"),
+            s.count.load(Ordering::Relaxed),
+            s.failed.load(Ordering::Relaxed),
+            s.slow.load(Ordering::Relaxed),
+            s.max_us.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+    }
+    let (slowest, which) = *run.slowest.lock().unwrap();
+    println!(
+        "max latency         {} ({})",
+        secs(slowest),
+        which.map_or("-".into(), |(op, at)| format!("{op:?} at {}", secs(at)))
+    );
+    println!(
+        "chaos               {} worker kills, {} stalls, {} server restarts, {} without a worker; \
+         events waited {} for a member to disturb",
+        counts.kills,
+        counts.stalls,
+        counts.restarts,
+        counts.no_worker,
+        secs(counts.waited)
+    );
+    println!(
+        "failovers           {} (state API, up -> down per member: {:?})",
+        counts.failovers.iter().sum::<u64>(),
+        counts.failovers
+    );
+    println!("HA log              {log_lines} lines: {log_counts:?}");
+    let ec = keys.iter().filter(|k| k.classes.len() == 2).count();
+    println!(
+        "keys                {} imported ({ec} EC pairs, {} AES)",
+        keys.len(),
+        keys.len() - ec
+    );
+    println!(
+        "settled             {}",
+        settled.map_or("NO (timed out)".into(), secs)
+    );
+    println!("final state         {}", describe(&status));
+    println!(
+        "keys on members     {}",
+        if key_problems.is_empty() {
+            "all present, once each, on every member".to_string()
+        } else {
+            format!("{} problems", key_problems.len())
+        }
+    );
+    let failures = run.failures.lock().unwrap();
+    let chaos_log = run.chaos.lock().unwrap();
+    if !failures.is_empty() {
+        println!("failures ({}), by kind:", failures.len());
+        let mut kinds: Vec<(String, Vec<&Failure>)> = Vec::new();
+        for f in failures.iter() {
+            let kind = failure_kind(f);
+            match kinds.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, list)) => list.push(f),
+                None => kinds.push((kind, vec![f])),
+            }
+        }
+        for (kind, list) in &kinds {
+            let first = list.iter().map(|f| f.at).min().unwrap_or_default();
+            let last = list.iter().map(|f| f.at).max().unwrap_or_default();
+            println!(
+                "  {:>5} x {kind} (from {} to {})",
+                list.len(),
+                secs(first),
+                secs(last)
+            );
+        }
+        println!("the first of each kind:");
+        for (_, list) in &kinds {
+            println!("{}", failure_detail(list[0], &chaos_log));
+        }
+    }
+    if !key_problems.is_empty() {
+        println!("key problems (first 40):");
+        for p in key_problems.iter().take(40) {
+            println!("  {p}");
+        }
+    }
+    if !failures.is_empty() || !key_problems.is_empty() || settled.is_none() {
+        println!("chaos events:");
+        for e in chaos_log.iter() {
+            println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
+        }
+    }
+    let mut verdict = Vec::new();
+    if !failures.is_empty() {
+        verdict.push(format!("{} failed application operations", failures.len()));
+    }
+    if settled.is_none() {
+        verdict.push(format!(
+            "the members were not all up with nothing pending in time: {}",
+            describe(&status)
+        ));
+    }
+    if !key_problems.is_empty() {
+        verdict.push(format!(
+            "{} keys missing or duplicated on members",
+            key_problems.len()
+        ));
+    }
+    if counts.kills + counts.stalls + counts.restarts == 0 && duration >= Duration::from_secs(10) {
+        verdict.push("the chaos did nothing".into());
+    }
+    drop((failures, chaos_log));
+
+    drop(main);
+    pkcs11.finalize().expect("C_Finalize");
+    env::remove_var(CONF_ENV);
+    drop(members);
+    if !verdict.is_empty() {
+        // The evidence: tokens, server logs, the HA log.
+        println!("work dir kept in {}", work.keep().display());
+    }
+    assert!(
+        verdict.is_empty(),
+        "soak failed (details above): {verdict:#?}"
+    );
+}
