@@ -18,20 +18,21 @@
 //! runs each benchmark once and the table briefly; a filter that matches no
 //! benchmark (`-- table`) prints only the table.
 
+#[macro_use]
+mod support;
+use support::{ha_library_path, load};
+
 use criterion::{black_box, Criterion};
 use cryptoki_sys::*;
 use libloading::Library;
 use std::ffi::c_void;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use std::{env, fs, ptr};
 
 const SOFTHSM_LIB: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const HA_LIB_FILE: &str = "libpkcs11_ha.so";
-/// Overrides where the built pkcs11-ha is (as in the integration tests).
-const HA_LIB_ENV: &str = "PKCS11_HA_TEST_LIB";
 const TOKEN_LABEL: &str = "bench";
 const GROUP_LABEL: &str = "bench-ha";
 const SO_PIN: &str = "5678";
@@ -47,25 +48,6 @@ const TABLE_TIME: Duration = Duration::from_secs(2);
 const TEST_TABLE_TIME: Duration = Duration::from_millis(20);
 /// One timed run of calls in the ratio table.
 const SLICE: Duration = Duration::from_millis(5);
-
-/// Calls one entry of a function table, panicking on anything but `CKR_OK`.
-macro_rules! ck {
-    ($fns:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        let rv = ck_raw!($fns, $func($($arg),*));
-        assert_eq!(rv, CKR_OK, "{} returned {:#x}", stringify!($func), rv);
-    }};
-}
-
-/// Calls one entry of a function table and returns its `CK_RV`.
-macro_rules! ck_raw {
-    ($fns:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        let f = $fns.$func.expect(concat!(stringify!($func), " is NULL"));
-        // SAFETY: the table came from the library's C_GetFunctionList, the
-        // library stays loaded for the whole run, and every caller passes
-        // arguments that follow the PKCS#11 signature.
-        unsafe { f($($arg),*) }
-    }};
-}
 
 /// One way of reaching the token: a function table, a logged-in session
 /// and the handles of the keys as that session sees them.
@@ -239,57 +221,6 @@ impl Drop for Bench {
     }
 }
 
-/// The built cdylib: `$PKCS11_HA_TEST_LIB`, else
-/// `target/release/libpkcs11_ha.so` under the crate.
-fn ha_library_path() -> PathBuf {
-    if let Some(p) = env::var_os(HA_LIB_ENV) {
-        return PathBuf::from(p);
-    }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("release")
-        .join(HA_LIB_FILE);
-    if !path.is_file() {
-        eprintln!(
-            "error: {} not found: run `cargo build --release` first (the bench \
-             dlopens the release cdylib), or set {HA_LIB_ENV}",
-            path.display()
-        );
-        std::process::exit(2);
-    }
-    warn_if_stale(&path);
-    path
-}
-
-/// Warns when a file under src/ is newer than the cdylib: the figures would
-/// then be those of an older build.
-fn warn_if_stale(lib: &Path) {
-    fn newest(dir: &Path) -> Option<SystemTime> {
-        let mut best = None;
-        for entry in fs::read_dir(dir).ok()?.flatten() {
-            let path = entry.path();
-            let time = if path.is_dir() {
-                newest(&path)
-            } else {
-                entry.metadata().and_then(|m| m.modified()).ok()
-            };
-            best = best.max(time);
-        }
-        best
-    }
-    let built = fs::metadata(lib).and_then(|m| m.modified()).ok();
-    let src = newest(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
-    if let (Some(built), Some(src)) = (built, src) {
-        if src > built {
-            eprintln!(
-                "warning: src/ changed after {} was built; run `cargo build --release` \
-                 to measure the current code",
-                lib.display()
-            );
-        }
-    }
-}
-
 /// Makes the token dir, the token and the pkcs11-ha config, and points the
 /// env at them. Returns the dir and SoftHSM's slot ID of the token.
 fn make_token() -> (tempfile::TempDir, CK_SLOT_ID) {
@@ -370,30 +301,6 @@ fn parse_show_slots(text: &str, label: &str) -> Option<(CK_SLOT_ID, String)> {
         }
     }
     None
-}
-
-/// `dlopen`s `path` and copies its 2.40 function table.
-fn load(path: &Path) -> (Library, CK_FUNCTION_LIST) {
-    // SAFETY: loading a PKCS#11 module runs its constructors; both are the
-    // modules under test.
-    let lib =
-        unsafe { Library::new(path) }.unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
-    // SAFETY: C_GetFunctionList has the PKCS#11 signature; the table it
-    // returns is at least the 2.40 one, of which we copy exactly that much.
-    let fns = unsafe {
-        let get = lib
-            .get::<CK_C_GetFunctionList>(b"C_GetFunctionList\0")
-            .unwrap_or_else(|e| panic!("{}: no C_GetFunctionList: {e}", path.display()));
-        let get = (*get).expect("C_GetFunctionList is NULL");
-        let mut list: CK_FUNCTION_LIST_PTR = ptr::null_mut();
-        let rv = get(&mut list);
-        assert!(
-            rv == CKR_OK && !list.is_null(),
-            "C_GetFunctionList: {rv:#x}"
-        );
-        ptr::read(list)
-    };
-    (lib, fns)
 }
 
 fn initialize(fns: &CK_FUNCTION_LIST) -> CK_RV {

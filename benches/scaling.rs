@@ -42,6 +42,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[macro_use]
+mod support;
+use support::{ha_library_path, load};
+
 use common::faulty::FaultyMember;
 use common::{config_text, provision_domain, GroupSpec, SoftHsm, DOMAIN_VALUE, SOFTHSM_LIB};
 use criterion::{black_box, BenchmarkId, Criterion, SamplingMode, Throughput};
@@ -54,12 +58,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Barrier;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use std::{env, fs, ptr};
 
-const HA_LIB_FILE: &str = "libpkcs11_ha.so";
-/// Overrides where the built pkcs11-ha is (as in the integration tests).
-const HA_LIB_ENV: &str = "PKCS11_HA_TEST_LIB";
 /// Group sizes measured; group `i` is `VirtualToken0i`, slot `i`.
 const SIZES: [usize; 3] = [1, 2, 4];
 const THREADS_PER_MEMBER: usize = 4;
@@ -82,25 +83,6 @@ const TEST_TRIALS: usize = 2;
 const HEALTHY_OPS: usize = 4;
 /// DER OID of prime256v1 (P-256).
 const P256_OID: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-/// Calls one entry of a function table, panicking on anything but `CKR_OK`.
-macro_rules! ck {
-    ($fns:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        let rv = ck_raw!($fns, $func($($arg),*));
-        assert_eq!(rv, CKR_OK, "{} returned {:#x}", stringify!($func), rv);
-    }};
-}
-
-/// Calls one entry of a function table and returns its `CK_RV`.
-macro_rules! ck_raw {
-    ($fns:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        let f = $fns.$func.expect(concat!(stringify!($func), " is NULL"));
-        // SAFETY: the table came from the library's C_GetFunctionList, the
-        // library stays loaded for the whole run, and every caller passes
-        // arguments that follow the PKCS#11 signature.
-        unsafe { f($($arg),*) }
-    }};
-}
 
 // ---------------------------------------------------------------------------
 // The operation
@@ -180,81 +162,6 @@ impl Drop for Bench {
             eprintln!("pkcs11-ha C_Finalize returned {rv:#x}");
         }
     }
-}
-
-/// The built cdylib: `$PKCS11_HA_TEST_LIB`, else
-/// `target/release/libpkcs11_ha.so` under the crate.
-fn ha_library_path() -> PathBuf {
-    if let Some(p) = env::var_os(HA_LIB_ENV) {
-        return PathBuf::from(p);
-    }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("release")
-        .join(HA_LIB_FILE);
-    if !path.is_file() {
-        eprintln!(
-            "error: {} not found: run `cargo build --release` first (the bench \
-             dlopens the release cdylib), or set {HA_LIB_ENV}",
-            path.display()
-        );
-        std::process::exit(2);
-    }
-    warn_if_stale(&path);
-    path
-}
-
-/// Warns when a file under src/ is newer than the cdylib: the figures would
-/// then be those of an older build.
-fn warn_if_stale(lib: &Path) {
-    fn newest(dir: &Path) -> Option<SystemTime> {
-        let mut best = None;
-        for entry in fs::read_dir(dir).ok()?.flatten() {
-            let path = entry.path();
-            let time = if path.is_dir() {
-                newest(&path)
-            } else {
-                entry.metadata().and_then(|m| m.modified()).ok()
-            };
-            best = best.max(time);
-        }
-        best
-    }
-    let built = fs::metadata(lib).and_then(|m| m.modified()).ok();
-    let src = newest(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
-    if let (Some(built), Some(src)) = (built, src) {
-        if src > built {
-            eprintln!(
-                "warning: src/ changed after {} was built; run `cargo build --release` \
-                 to measure the current code",
-                lib.display()
-            );
-        }
-    }
-}
-
-/// `dlopen`s `path` and copies its 2.40 function table.
-fn load(path: &Path) -> (Library, CK_FUNCTION_LIST) {
-    // SAFETY: loading a PKCS#11 module runs its constructors; this is the
-    // module under test.
-    let lib =
-        unsafe { Library::new(path) }.unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
-    // SAFETY: C_GetFunctionList has the PKCS#11 signature; the table it
-    // returns is at least the 2.40 one, of which we copy exactly that much.
-    let fns = unsafe {
-        let get = lib
-            .get::<CK_C_GetFunctionList>(b"C_GetFunctionList\0")
-            .unwrap_or_else(|e| panic!("{}: no C_GetFunctionList: {e}", path.display()));
-        let get = (*get).expect("C_GetFunctionList is NULL");
-        let mut list: CK_FUNCTION_LIST_PTR = ptr::null_mut();
-        let rv = get(&mut list);
-        assert!(
-            rv == CKR_OK && !list.is_null(),
-            "C_GetFunctionList: {rv:#x}"
-        );
-        ptr::read(list)
-    };
-    (lib, fns)
 }
 
 /// `C_Initialize` with `CKF_OS_LOCKING_OK` (pkcs11-ha reads the config

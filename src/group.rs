@@ -403,12 +403,16 @@ impl Group {
     /// Members that may serve crypto now: the active ones that are up, or
     /// the standby ones when no active member is up.
     pub fn serving_members(&self) -> Vec<&Arc<Member>> {
-        let active: Vec<_> = self.up_members().filter(|m| !m.standby).collect();
-        if active.is_empty() {
-            self.up_members().collect()
-        } else {
-            active
-        }
+        let standby_serves = self.standby_serves();
+        self.members
+            .iter()
+            .filter(|m| serves(m, standby_serves))
+            .collect()
+    }
+
+    /// Standby members serve only while no active member is up.
+    fn standby_serves(&self) -> bool {
+        !self.members.iter().any(|m| m.is_up() && !m.standby)
     }
 
     /// Serving members, least busy first, ties broken round-robin so equal
@@ -423,10 +427,10 @@ impl Group {
                 Positions::new()
             };
         }
-        let any_active = self.members.iter().any(|m| m.is_up() && !m.standby);
+        let standby_serves = self.standby_serves();
         let mut serving: SmallVec<[(usize, usize); 8]> = SmallVec::new();
         for m in &self.members {
-            if m.is_up() && !(any_active && m.standby) {
+            if serves(m, standby_serves) {
                 serving.push((m.in_flight(), m.position));
             }
         }
@@ -553,6 +557,12 @@ impl Group {
     pub fn member_serial(info: &CK_TOKEN_INFO) -> String {
         padded_to_string(&info.serialNumber)
     }
+}
+
+/// Whether a member serves crypto now: it is up, and active, or standby
+/// while standby members serve.
+fn serves(member: &Member, standby_serves: bool) -> bool {
+    member.is_up() && (!member.standby || standby_serves)
 }
 
 /// Session-count limits: the smallest finite one; "infinite" (0) and

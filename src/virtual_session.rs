@@ -781,30 +781,12 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
-        self.stateless_on(
-            keys,
-            Preference::LeastBusy(STATELESS_LANE),
-            function,
-            &mut call,
-        )
-        .map(|_| ())
-    }
-
-    /// As [`Self::stateless`], with a preference; returns the member that
-    /// answered.
-    pub fn stateless_on(
-        &self,
-        keys: &[CK_OBJECT_HANDLE],
-        preference: Preference,
-        function: &str,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
-    ) -> Result<usize> {
         loop {
-            let (position, handles) = self.choose(keys, preference)?;
+            let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
             if let Attempt::Answered(rv) =
                 self.attempt(position, function, &mut |l, s| call(l, s, &handles))
             {
-                return check(rv).map(|()| position);
+                return check(rv);
             }
         }
     }
@@ -842,15 +824,9 @@ impl VirtualSession {
                     decided = true;
                 }
                 Attempt::Answered(CKR_OK) => {}
-                Attempt::Answered(rv) => {
-                    eprintln!(
-                        "pkcs11-ha: group {}: member {} refused what the first member accepted in {function} ({}); it is taken out of service",
-                        self.group.label,
-                        self.group.members[position].serial,
-                        crate::error::rv_name(rv)
-                    );
-                    self.group.member_failed(position, function, rv);
-                }
+                // It refused what the first member accepted (a different
+                // credential): it cannot serve this group's logins.
+                Attempt::Answered(rv) => self.group.member_failed(position, function, rv),
             }
         }
         if decided {

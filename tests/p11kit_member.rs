@@ -351,3 +351,36 @@ fn import_ec_key(group: &Group, s: &Session, id: &[u8]) -> (ObjectHandle, Object
         .expect("create the private key through the virtual slot");
     (public, private)
 }
+
+/// The virtual slot advertises what every member supports: the remote
+/// member (p11-kit forwards fewer mechanisms) narrows the local one's list,
+/// and `C_GetMechanismInfo` takes the common key-size range.
+#[test]
+fn the_group_advertises_the_intersection_of_its_members_mechanisms() {
+    use cryptoki::mechanism::MechanismType;
+    let group = Group::start();
+    let list = |label: &str| group.pkcs11.get_mechanism_list(group.slot(label)).unwrap();
+    let (remote, local, virtual_list) = (list("remote"), list("local"), list(GROUP_LABEL));
+    assert!(local.contains(&MechanismType::AES_GCM) && !remote.contains(&MechanismType::AES_GCM));
+    let expected: Vec<_> = local
+        .iter()
+        .filter(|m| remote.contains(m))
+        .copied()
+        .collect();
+    assert_eq!(virtual_list.len(), expected.len(), "{virtual_list:?}");
+    assert!(
+        virtual_list.iter().all(|m| expected.contains(m)),
+        "{virtual_list:?}"
+    );
+    let ecdsa = group
+        .pkcs11
+        .get_mechanism_info(group.slot(GROUP_LABEL), MechanismType::ECDSA)
+        .unwrap();
+    let remote_ecdsa = group
+        .pkcs11
+        .get_mechanism_info(group.slot("remote"), MechanismType::ECDSA)
+        .unwrap();
+    assert_eq!(ecdsa.min_key_size(), remote_ecdsa.min_key_size());
+    assert_eq!(ecdsa.max_key_size(), remote_ecdsa.max_key_size());
+    assert!(ecdsa.sign() && ecdsa.verify());
+}
