@@ -23,9 +23,8 @@ use crate::replication::{OwnedTemplate, Pending};
 use crate::session::Target;
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
-use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,10 +35,34 @@ pub struct Workers {
     watchdog: Option<JoinHandle<()>>,
 }
 
+/// The threads' flags and wake-ups. The standard library's futex-based
+/// primitives, not parking_lot's: those keep parked threads in a
+/// process-wide table, and a child after `fork` inherits the table's entries
+/// for these threads, which do not exist there, and can crash on them when
+/// its own workers wake each other.
 #[derive(Default)]
 struct Shared {
     flags: Mutex<Flags>,
     wake: Condvar,
+}
+
+impl Shared {
+    fn flags(&self) -> MutexGuard<'_, Flags> {
+        self.flags.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a wake-up or `timeout`; true if it timed out.
+    fn sleep<'a>(
+        &self,
+        flags: MutexGuard<'a, Flags>,
+        timeout: Duration,
+    ) -> (MutexGuard<'a, Flags>, bool) {
+        let (flags, result) = self
+            .wake
+            .wait_timeout(flags, timeout)
+            .unwrap_or_else(PoisonError::into_inner);
+        (flags, result.timed_out())
+    }
 }
 
 #[derive(Default)]
@@ -61,7 +84,7 @@ impl Workers {
                     .spawn(move || recovery_loop(p, s))?,
             )
         } else {
-            shared.flags.lock().recovery_done = true;
+            shared.flags().recovery_done = true;
             None
         };
         let (p, s) = (provider, Arc::clone(&shared));
@@ -81,17 +104,15 @@ impl Workers {
     /// under way; a thread still stuck on a member after that is left to
     /// finish on its own.
     pub fn stop_recovery(&mut self, limit: Duration) {
-        let mut flags = self.shared.flags.lock();
+        let mut flags = self.shared.flags();
         flags.stop_recovery = true;
         self.shared.wake.notify_all();
         let deadline = Instant::now() + limit;
         while !flags.recovery_done {
-            if self
-                .shared
-                .wake
-                .wait_until(&mut flags, deadline)
-                .timed_out()
-            {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timed_out;
+            (flags, timed_out) = self.shared.sleep(flags, left);
+            if timed_out {
                 break;
             }
         }
@@ -106,7 +127,7 @@ impl Workers {
 
     /// Stops and joins the watchdog.
     pub fn stop_watchdog(&mut self) {
-        self.shared.flags.lock().stop_watchdog = true;
+        self.shared.flags().stop_watchdog = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.watchdog.take() {
             let _ = thread.join();
@@ -121,9 +142,9 @@ fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
             None => break,
         };
         {
-            let mut flags = shared.flags.lock();
+            let mut flags = shared.flags();
             if !flags.stop_recovery {
-                shared.wake.wait_for(&mut flags, interval);
+                flags = shared.sleep(flags, interval).0;
             }
             if flags.stop_recovery {
                 break;
@@ -132,7 +153,7 @@ fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
         let Some(p) = provider.upgrade() else { break };
         recover_failed_members(&p);
     }
-    shared.flags.lock().recovery_done = true;
+    shared.flags().recovery_done = true;
     shared.wake.notify_all();
 }
 
@@ -144,9 +165,9 @@ fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         check_for_stalls(&p, timeout, &mut progress);
         drop(p);
-        let mut flags = shared.flags.lock();
+        let mut flags = shared.flags();
         if !flags.stop_watchdog {
-            shared.wake.wait_for(&mut flags, tick);
+            flags = shared.sleep(flags, tick).0;
         }
         if flags.stop_watchdog {
             break;
