@@ -12,7 +12,8 @@ use crate::member::member_call;
 use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
 use crate::recovery::{self, Workers};
 use crate::session::{
-    open_member_session, PassThroughSession, Session, SessionTable, Target, VirtualSession,
+    open_member_session, PassThroughSession, Session, SessionRef, SessionTable, Target,
+    VirtualSession,
 };
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
@@ -69,6 +70,9 @@ static LIFECYCLE: Mutex<()> = Mutex::new(());
 /// the child calls `C_Initialize`, as the specification requires.
 static FORKED: AtomicBool = AtomicBool::new(false);
 
+/// Whether recovery runs during calls, which then all go through [`with`].
+static INLINE_RECOVERY: AtomicBool = AtomicBool::new(false);
+
 /// Libraries stay loaded for the life of the process: unloading and
 /// reloading a module between `C_Finalize` and `C_Initialize` gains nothing
 /// and some modules do not survive it.
@@ -81,6 +85,22 @@ extern "C" fn after_fork_in_child() {
 /// The initialised provider, or `CKR_CRYPTOKI_NOT_INITIALIZED`.
 pub fn get() -> Result<Arc<Provider>> {
     with(|provider| Ok(Arc::clone(provider)))
+}
+
+/// The session named by `handle`: from this thread's cache when it is the
+/// session the thread used last (unless recovery must run during calls).
+#[inline(always)]
+pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
+    if FORKED.load(Ordering::Relaxed) {
+        return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
+    }
+    if !INLINE_RECOVERY.load(Ordering::Relaxed) {
+        if let Some(session) = SessionRef::cached(handle) {
+            return Ok(session);
+        }
+    }
+    let removals = crate::session::removals();
+    with(|p| p.session(handle)).map(|s| SessionRef::new(s, removals))
 }
 
 /// Runs `f` on the initialised provider without taking a reference to it:
@@ -125,6 +145,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
     if FORKED.swap(false, Ordering::Relaxed) {
         // The parent's sessions and logins are the parent's: drop our view of
         // them, and leave the parent's member initialisation alone.
+        crate::session::forget_cached_sessions();
         if let Some(stale) = PROVIDER.write().take() {
             for library in &stale.libraries {
                 library.forget_initialization();
@@ -150,6 +171,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
             now_ms() + provider.recovery.interval.as_millis() as u64,
         ));
     }
+    INLINE_RECOVERY.store(provider.inline_recovery_due_ms.is_some(), Ordering::Relaxed);
     let provider = Arc::new(provider);
     if threads_allowed {
         let workers = Workers::start(Arc::downgrade(&provider), recovery_on).map_err(|e| {

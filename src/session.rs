@@ -7,9 +7,13 @@ use crate::member::member_call;
 use crate::member::MemberLibrary;
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use smallvec::SmallVec;
+use std::cell::Cell;
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A session on one member token, opened in the member's `epoch`.
@@ -18,6 +22,111 @@ pub struct MemberSession {
     pub library: Arc<MemberLibrary>,
     pub handle: CK_SESSION_HANDLE,
     pub epoch: u64,
+}
+
+/// The member session a virtual session holds on one member, readable on
+/// every call without a lock or a reference count: a sequence lock whose
+/// writers (a session being opened or dropped, which is rare) take `write`.
+pub struct MemberSessionCell {
+    /// Odd while a write is under way.
+    sequence: AtomicU64,
+    epoch: AtomicU64,
+    handle: AtomicU64,
+    library: AtomicPtr<MemberLibrary>,
+    /// Every library a session here was opened on, kept for as long as the
+    /// cell so that `library` never dangles.
+    write: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
+}
+
+/// The epoch of an empty cell; member epochs count up from 0.
+const NO_SESSION: u64 = u64::MAX;
+
+impl Default for MemberSessionCell {
+    fn default() -> Self {
+        MemberSessionCell {
+            sequence: AtomicU64::new(0),
+            epoch: AtomicU64::new(NO_SESSION),
+            handle: AtomicU64::new(0),
+            library: AtomicPtr::new(std::ptr::null_mut()),
+            write: Mutex::new(SmallVec::new()),
+        }
+    }
+}
+
+impl MemberSessionCell {
+    /// The session held, if it was opened in `epoch`.
+    #[inline(always)]
+    pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE)> {
+        loop {
+            let before = self.sequence.load(Ordering::Acquire);
+            let held = self.epoch.load(Ordering::Relaxed);
+            let handle = self.handle.load(Ordering::Relaxed);
+            let library = self.library.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            if before & 1 == 1 || self.sequence.load(Ordering::Relaxed) != before {
+                std::hint::spin_loop();
+                continue;
+            }
+            if held != epoch || library.is_null() {
+                return None;
+            }
+            // SAFETY: `library` came from an Arc that `write` keeps for as
+            // long as `self` lives.
+            return Some((unsafe { &*library }, handle as CK_SESSION_HANDLE));
+        }
+    }
+
+    /// The session held, whatever its epoch, as an owned value.
+    pub fn get_owned(&self) -> Option<MemberSession> {
+        let retained = self.write.lock();
+        self.owned(&retained)
+    }
+
+    fn owned(&self, retained: &[Arc<MemberLibrary>]) -> Option<MemberSession> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let library = self.library.load(Ordering::Relaxed);
+        let library = retained.iter().find(|l| Arc::as_ptr(l) == library)?;
+        (epoch != NO_SESSION).then(|| MemberSession {
+            library: Arc::clone(library),
+            handle: self.handle.load(Ordering::Relaxed) as CK_SESSION_HANDLE,
+            epoch,
+        })
+    }
+
+    /// Holds `session` unless one of its epoch is already held; returns the
+    /// session held afterwards and, if it lost that race, `session` back.
+    pub fn put(&self, session: MemberSession) -> (MemberSession, Option<MemberSession>) {
+        let mut retained = self.write.lock();
+        if let Some(held) = self.owned(&retained) {
+            if held.epoch == session.epoch {
+                return (held, Some(session));
+            }
+        }
+        if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
+            retained.push(Arc::clone(&session.library));
+        }
+        self.store(session.epoch, session.handle, Arc::as_ptr(&session.library));
+        (session, None)
+    }
+
+    /// Empties the cell, returning the session it held.
+    pub fn take(&self) -> Option<MemberSession> {
+        let retained = self.write.lock();
+        let held = self.owned(&retained);
+        self.store(NO_SESSION, 0, std::ptr::null());
+        held
+    }
+
+    /// Writes the fields; callers hold `write`.
+    fn store(&self, epoch: u64, handle: CK_SESSION_HANDLE, library: *const MemberLibrary) {
+        let sequence = self.sequence.load(Ordering::Relaxed);
+        self.sequence.store(sequence + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.handle.store(handle, Ordering::Relaxed);
+        self.library.store(library as *mut _, Ordering::Relaxed);
+        self.sequence.store(sequence + 2, Ordering::Release);
+    }
 }
 
 pub struct PassThroughSession {
@@ -48,6 +157,84 @@ pub struct SessionTable {
 /// Session handles are process-wide and never reused, so a handle from a
 /// closed session can never reach another one.
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Counts sessions leaving any table, so that a session a thread keeps
+/// from its last call ([`SessionRef`]) is never used after it was closed.
+static REMOVALS: AtomicU64 = AtomicU64::new(0);
+
+struct LastUsed {
+    session: Arc<Session>,
+    removals: u64,
+}
+
+thread_local! {
+    /// The session this thread used last: most applications use one
+    /// session per thread, and then a call finds its session without the
+    /// table's lock or a reference count.
+    static LAST_USED: Cell<Option<LastUsed>> = const { Cell::new(None) };
+}
+
+/// An application session held for one call; it goes back to the thread's
+/// cache when the call ends.
+pub struct SessionRef {
+    session: ManuallyDrop<Arc<Session>>,
+    removals: u64,
+}
+
+impl SessionRef {
+    /// The session this thread used last, if it is `handle` and no session
+    /// was closed since.
+    #[inline(always)]
+    pub fn cached(handle: CK_SESSION_HANDLE) -> Option<SessionRef> {
+        let last = LAST_USED.try_with(Cell::take).ok().flatten()?;
+        let valid = last.session.handle == handle && last.removals == removals();
+        valid.then(|| SessionRef {
+            session: ManuallyDrop::new(last.session),
+            removals: last.removals,
+        })
+    }
+
+    /// `session`, looked up after [`removals`] read `removals`.
+    pub fn new(session: Arc<Session>, removals: u64) -> Self {
+        SessionRef {
+            session: ManuallyDrop::new(session),
+            removals,
+        }
+    }
+}
+
+/// Makes every thread's cached session stale: for state dropped without
+/// going through a table, such as a parent's after `fork`.
+pub fn forget_cached_sessions() {
+    REMOVALS.fetch_add(1, Ordering::AcqRel);
+}
+
+/// How many sessions have left the table so far; read before a lookup whose
+/// result [`SessionRef`] caches.
+pub fn removals() -> u64 {
+    REMOVALS.load(Ordering::Acquire)
+}
+
+impl Deref for SessionRef {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl Drop for SessionRef {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: taken once, here, and `self.session` is not used again.
+        let session = unsafe { ManuallyDrop::take(&mut self.session) };
+        let last = LastUsed {
+            session,
+            removals: self.removals,
+        };
+        // During thread exit the cache is gone and `last` is simply dropped.
+        let _ = LAST_USED.try_with(|cell| cell.set(Some(last)));
+    }
+}
 
 impl Default for SessionTable {
     fn default() -> Self {
@@ -84,15 +271,15 @@ impl SessionTable {
     }
 
     pub fn remove(&self, handle: CK_SESSION_HANDLE) -> Result<Arc<Session>> {
-        self.sessions
-            .write()
-            .remove(&handle)
-            .ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
+        let removed = self.sessions.write().remove(&handle);
+        forget_cached_sessions();
+        removed.ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
     }
 
     /// Removes and returns every session on `slot_id`.
     pub fn remove_slot(&self, slot_id: CK_SLOT_ID) -> Vec<Arc<Session>> {
         let mut sessions = self.sessions.write();
+        forget_cached_sessions();
         let handles: Vec<_> = sessions
             .values()
             .filter(|s| s.slot_id == slot_id)
@@ -102,7 +289,9 @@ impl SessionTable {
     }
 
     pub fn drain(&self) -> Vec<Arc<Session>> {
-        self.sessions.write().drain().map(|(_, s)| s).collect()
+        let drained = self.sessions.write().drain().map(|(_, s)| s).collect();
+        forget_cached_sessions();
+        drained
     }
 
     /// (all, read-write) sessions open on `slot_id`.

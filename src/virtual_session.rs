@@ -11,10 +11,12 @@ use crate::mechanism::{self, SavedMechanism};
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
-use crate::session::{open_member_session, MemberSession};
+use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use smallvec::{smallvec, SmallVec};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The kinds of operation a session can have active at once.
@@ -111,9 +113,6 @@ struct ActiveOp {
     replay_bytes: usize,
     /// False once the operation's history can no longer be replayed.
     movable: bool,
-    /// Its member failed and it could not be moved: the next call on it
-    /// says `CKR_DEVICE_ERROR` and ends it, leaving the session usable.
-    lost: bool,
     /// A search: its template, to start it again elsewhere, and the objects
     /// already returned, so that none is returned twice.
     search: Option<Search>,
@@ -128,7 +127,15 @@ struct Search {
 /// find both halves together.
 #[derive(Default)]
 struct Bindings {
+    /// Changed only through `start`, `end`, `take_all` and `replace_all`,
+    /// which keep `active` in step.
     ops: [Option<ActiveOp>; OP_KINDS],
+    /// Bit `k`: an operation of kind `k` is in `ops`.
+    active: u8,
+    /// Bit `k`: that operation's member failed and it could not be moved;
+    /// the next call on it says `CKR_DEVICE_ERROR` and ends it, leaving the
+    /// session usable.
+    lost: u8,
     member: Option<usize>,
     /// Set by `C_SetOperationState`: that member's state was restored, and
     /// only that member can continue it.
@@ -136,9 +143,113 @@ struct Bindings {
 }
 
 impl Bindings {
-    fn any_active(&self) -> bool {
-        self.restored || self.ops.iter().any(Option::is_some)
+    fn start(&mut self, kind: OpKind, op: ActiveOp, member: usize) {
+        self.ops[kind as usize] = Some(op);
+        self.active |= 1 << kind as u8;
+        self.lost &= !(1 << kind as u8);
+        self.member = Some(member);
     }
+
+    fn end(&mut self, kind: OpKind) {
+        self.ops[kind as usize] = None;
+        self.active &= !(1 << kind as u8);
+        self.lost &= !(1 << kind as u8);
+    }
+
+    fn take_all(&mut self) -> [Option<ActiveOp>; OP_KINDS] {
+        self.active = 0;
+        self.lost = 0;
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Replaces every operation; `lost` names those that could not move.
+    fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u8) {
+        self.active = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| op.is_some())
+            .fold(0, |bits, (kind, _)| bits | 1 << kind);
+        self.lost = lost & self.active;
+        self.ops = ops;
+    }
+
+    fn summary(&self) -> Summary {
+        let mut bits = u64::from(self.active) | u64::from(self.lost) << LOST_SHIFT;
+        if self.restored {
+            bits |= RESTORED;
+        }
+        if let Some(member) = self.member {
+            bits |= (member as u64 + 1) << MEMBER_SHIFT;
+        }
+        Summary(bits)
+    }
+}
+
+/// What a session's bindings say, in one word that every call can read
+/// without the bindings' lock: bit `k` = an operation of kind `k` is active,
+/// bit `LOST_SHIFT + k` = it is lost, [`RESTORED`], and the bound member + 1
+/// from [`MEMBER_SHIFT`] up (0 = none).
+#[derive(Clone, Copy)]
+struct Summary(u64);
+const LOST_SHIFT: u32 = 8;
+const RESTORED: u64 = 1 << 16;
+const MEMBER_SHIFT: u32 = 32;
+
+impl Summary {
+    fn active(self, kind: OpKind) -> bool {
+        self.0 & (1 << kind as u32) != 0
+    }
+
+    fn lost(self, kind: OpKind) -> bool {
+        self.0 & (1 << (LOST_SHIFT + kind as u32)) != 0
+    }
+
+    fn restored(self) -> bool {
+        self.0 & RESTORED != 0
+    }
+
+    fn any_active(self) -> bool {
+        self.0 & ((1 << OP_KINDS) - 1) != 0 || self.restored()
+    }
+
+    fn member(self) -> Option<usize> {
+        ((self.0 >> MEMBER_SHIFT) as usize).checked_sub(1)
+    }
+}
+
+/// The bindings, locked; publishes their summary when released.
+struct BindingsGuard<'a> {
+    bindings: MutexGuard<'a, Bindings>,
+    summary: &'a AtomicU64,
+}
+
+impl Deref for BindingsGuard<'_> {
+    type Target = Bindings;
+    fn deref(&self) -> &Bindings {
+        &self.bindings
+    }
+}
+
+impl DerefMut for BindingsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Bindings {
+        &mut self.bindings
+    }
+}
+
+impl Drop for BindingsGuard<'_> {
+    fn drop(&mut self) {
+        self.summary
+            .store(self.bindings.summary().0, Ordering::Release);
+    }
+}
+
+/// What [`VirtualSession::attempt`] does after a login check.
+enum Relogin {
+    /// Logged in again: repeat the call.
+    Retry,
+    /// Logged in again, but the member's handles changed: choose again.
+    LookUpAgain,
+    NotNeeded,
 }
 
 /// How a member answered a call.
@@ -152,8 +263,11 @@ pub(crate) enum Attempt {
 pub struct VirtualSession {
     pub group: Arc<Group>,
     flags: CK_FLAGS,
-    members: Mutex<Vec<Option<MemberSession>>>,
+    /// The session on each member, by position.
+    members: Box<[MemberSessionCell]>,
     bindings: Mutex<Bindings>,
+    /// [`Bindings::summary`], for calls that only need to read it.
+    binding_summary: AtomicU64,
 }
 
 /// Starts an operation of `kind` on a member.
@@ -199,12 +313,7 @@ impl VirtualSession {
     /// Opens a member session on every member that is up. Fails only when
     /// no member could open one.
     pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
-        let session = VirtualSession {
-            members: Mutex::new(vec![None; group.members.len()]),
-            group,
-            flags,
-            bindings: Mutex::new(Bindings::default()),
-        };
+        let session = Self::new(group, flags);
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
         let mut opened = 0;
         for position in 0..session.group.members.len() {
@@ -230,19 +339,34 @@ impl VirtualSession {
     /// A session for the library's own work (recovery), with member
     /// sessions opened as they are needed, also on members coming back.
     pub fn internal(group: Arc<Group>) -> Self {
+        Self::new(group, CKF_SERIAL_SESSION | CKF_RW_SESSION)
+    }
+
+    fn new(group: Arc<Group>, flags: CK_FLAGS) -> Self {
         VirtualSession {
-            members: Mutex::new(vec![None; group.members.len()]),
+            members: group.members.iter().map(|_| Default::default()).collect(),
             group,
-            flags: CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            flags,
             bindings: Mutex::new(Bindings::default()),
+            binding_summary: AtomicU64::new(0),
         }
+    }
+
+    fn bindings(&self) -> BindingsGuard<'_> {
+        BindingsGuard {
+            bindings: self.bindings.lock(),
+            summary: &self.binding_summary,
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        Summary(self.binding_summary.load(Ordering::Acquire))
     }
 
     /// Closes every member session.
     pub fn close(&self) {
-        let members = std::mem::take(&mut *self.members.lock());
-        for s in members.into_iter().flatten() {
-            if self.group.members.iter().any(|m| m.epoch() == s.epoch) {
+        for (member, cell) in self.group.members.iter().zip(self.members.iter()) {
+            if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
                 member_call!(s.library, C_CloseSession(s.handle));
             }
         }
@@ -251,13 +375,39 @@ impl VirtualSession {
     /// The session on member `position` in its current epoch, opened now if
     /// the member came up (or came back) after this session was opened.
     pub fn member_session(&self, position: usize) -> Result<MemberSession> {
-        let member = &self.group.members[position];
-        let epoch = member.epoch();
-        if let Some(s) = self.members.lock()[position].clone() {
-            if s.epoch == epoch {
-                return Ok(s);
-            }
+        let epoch = self.group.members[position].epoch();
+        match self.members[position].get_owned() {
+            Some(s) if s.epoch == epoch => Ok(s),
+            _ => self.open_member_session(position, epoch),
         }
+    }
+
+    /// [`Self::member_session`] without a reference count: the path of
+    /// every member call.
+    #[inline(always)]
+    fn session_on(&self, position: usize) -> Result<(&MemberLibrary, CK_SESSION_HANDLE)> {
+        let epoch = self.group.members[position].epoch();
+        match self.members[position].get(epoch) {
+            Some(found) => Ok(found),
+            None => self.open_and_get(position, epoch),
+        }
+    }
+
+    #[cold]
+    fn open_and_get(
+        &self,
+        position: usize,
+        epoch: u64,
+    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE)> {
+        self.open_member_session(position, epoch)?;
+        // Absent only if the member failed again meanwhile.
+        self.members[position]
+            .get(epoch)
+            .ok_or(Error::new(CKR_DEVICE_ERROR))
+    }
+
+    fn open_member_session(&self, position: usize, epoch: u64) -> Result<MemberSession> {
+        let member = &self.group.members[position];
         let location = member
             .location()
             .filter(|_| member.reachable())
@@ -265,18 +415,11 @@ impl VirtualSession {
         let guard = member.begin_call();
         let opened = open_member_session(&location.library, location.slot, self.flags, epoch);
         drop(guard);
-        let opened = opened?;
-        let mut members = self.members.lock();
-        match members[position].clone() {
-            Some(raced) if raced.epoch == epoch => {
-                member_call!(opened.library, C_CloseSession(opened.handle));
-                Ok(raced)
-            }
-            _ => {
-                members[position] = Some(opened.clone());
-                Ok(opened)
-            }
+        let (held, raced) = self.members[position].put(opened?);
+        if let Some(raced) = raced {
+            member_call!(raced.library, C_CloseSession(raced.handle));
         }
+        Ok(held)
     }
 
     /// Member sessions of every member that is up, opening any missing.
@@ -295,38 +438,32 @@ impl VirtualSession {
     /// lost its login, and takes it out of service if it faults.
     /// `Faulted` tells the caller to choose again: the member is out, or
     /// its object handles had to be looked up afresh.
-    pub(crate) fn attempt(
-        &self,
-        position: usize,
-        function: &str,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
-    ) -> Attempt {
+    ///
+    /// Inlined, with the rare branches out of line: every member call of a
+    /// virtual slot runs through here, and each frame between the
+    /// application and the member costs on the way back from deep member
+    /// call chains.
+    #[inline(always)]
+    pub(crate) fn attempt<F>(&self, position: usize, function: &str, call: &mut F) -> Attempt
+    where
+        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
         let member = &self.group.members[position];
-        let session = match self.member_session(position) {
+        let (library, handle) = match self.session_on(position) {
             Ok(s) => s,
-            Err(e) if is_member_fault(e.rv) => {
-                self.group.member_failed(position, "C_OpenSession", e.rv);
-                return Attempt::Faulted;
-            }
-            Err(e) => return Attempt::Answered(e.rv),
+            Err(e) => return self.not_opened(position, e.rv),
         };
         let guard = member.begin_call();
-        let mut rv = call(&session.library, session.handle);
-        if rv == CKR_USER_NOT_LOGGED_IN && self.log_in_again(&session) {
-            rv = call(&session.library, session.handle);
-        }
-        if matches!(rv, CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID)
-            && self.lost_login(&session)
-            && self.log_in_again(&session)
-        {
-            // A token logged out behind our back (SoftHSM then drops its
-            // private objects' handles): in again, and look the handles up
-            // afresh before the caller tries again.
-            drop(guard);
-            self.group.objects.forget_member(position);
-            self.group
-                .log(Some(position), "member had lost its login; logged in again");
-            return Attempt::Faulted;
+        let mut rv = call(library, handle);
+        if matches!(
+            rv,
+            CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
+        ) {
+            match self.check_login(position, library, handle, rv) {
+                Relogin::Retry => rv = call(library, handle),
+                Relogin::LookUpAgain => return Attempt::Faulted,
+                Relogin::NotNeeded => {}
+            }
         }
         drop(guard);
         if is_member_fault(rv) {
@@ -337,8 +474,47 @@ impl VirtualSession {
         }
     }
 
+    #[cold]
+    fn not_opened(&self, position: usize, rv: CK_RV) -> Attempt {
+        if is_member_fault(rv) {
+            self.group.member_failed(position, "C_OpenSession", rv);
+            Attempt::Faulted
+        } else {
+            Attempt::Answered(rv)
+        }
+    }
+
+    /// After an answer that may mean the member lost its login: logs it in
+    /// again with the cached credential and says what the caller does next.
+    #[cold]
+    fn check_login(
+        &self,
+        position: usize,
+        library: &MemberLibrary,
+        handle: CK_SESSION_HANDLE,
+        rv: CK_RV,
+    ) -> Relogin {
+        if rv == CKR_USER_NOT_LOGGED_IN {
+            return if self.log_in_again(library, handle) {
+                Relogin::Retry
+            } else {
+                Relogin::NotNeeded
+            };
+        }
+        if self.lost_login(library, handle) && self.log_in_again(library, handle) {
+            // A token logged out behind our back (SoftHSM then drops its
+            // private objects' handles): in again, and look the handles up
+            // afresh before the caller tries again.
+            self.group.objects.forget_member(position);
+            self.group
+                .log(Some(position), "member had lost its login; logged in again");
+            return Relogin::LookUpAgain;
+        }
+        Relogin::NotNeeded
+    }
+
     /// Whether the group is logged in but this member session is not.
-    fn lost_login(&self, session: &MemberSession) -> bool {
+    fn lost_login(&self, library: &MemberLibrary, session: CK_SESSION_HANDLE) -> bool {
         if self.group.cached_login().is_none() {
             return false;
         }
@@ -348,12 +524,12 @@ impl VirtualSession {
             flags: 0,
             ulDeviceError: 0,
         };
-        let rv = member_call!(session.library, C_GetSessionInfo(session.handle, &mut info));
+        let rv = member_call!(library, C_GetSessionInfo(session, &mut info));
         rv == CKR_OK && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
     }
 
     /// Logs a member that restarted in again with the cached credential.
-    fn log_in_again(&self, session: &MemberSession) -> bool {
+    fn log_in_again(&self, library: &MemberLibrary, session: CK_SESSION_HANDLE) -> bool {
         let Some((user_type, pin)) = self.group.cached_login() else {
             return false;
         };
@@ -361,10 +537,7 @@ impl VirtualSession {
             Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
             None => (std::ptr::null_mut(), 0),
         };
-        let rv = member_call!(
-            session.library,
-            C_Login(session.handle, user_type, ptr, len)
-        );
+        let rv = member_call!(library, C_Login(session, user_type, ptr, len));
         rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
     }
 
@@ -451,6 +624,7 @@ impl VirtualSession {
     /// member already bound to this session's operations, else a serving
     /// member on which every key in `keys` exists, in order of
     /// `preference`. Returns the member and the member handles of `keys`.
+    #[inline(always)]
     pub fn choose(
         &self,
         keys: &[CK_OBJECT_HANDLE],
@@ -499,6 +673,7 @@ impl VirtualSession {
     ///
     /// # Safety
     /// `mechanism` must be null or a valid mechanism, as in an `*Init` call.
+    #[inline(always)]
     pub unsafe fn init(
         &self,
         kind: OpKind,
@@ -520,47 +695,55 @@ impl VirtualSession {
             let Attempt::Answered(rv) = answer else {
                 continue;
             };
-            let mut b = self.bindings.lock();
+            let mut b = self.bindings();
             if rv == CKR_OK {
                 // SAFETY: the application's mechanism is valid during its call.
                 let saved = (!mechanism.is_null())
                     .then(|| unsafe { mechanism::save(&*mechanism) })
                     .flatten();
                 let movable = saved.is_some() || mechanism.is_null();
-                b.ops[kind as usize] = Some(ActiveOp {
+                let op = ActiveOp {
                     mechanism: saved,
                     key,
                     replay: Vec::new(),
                     replay_bytes: 0,
                     movable: movable && kind != OpKind::Find,
-                    lost: false,
                     search: None,
-                });
-                b.member = Some(position);
+                };
+                b.start(kind, op, position);
             } else if rv != CKR_OPERATION_ACTIVE {
-                b.ops[kind as usize] = None;
+                b.end(kind);
             }
             return check(rv);
         }
     }
 
     /// The member an operation of `kind` runs on.
+    #[inline(always)]
     fn bound_for(&self, kind: OpKind) -> Result<usize> {
-        let mut b = self.bindings.lock();
-        let member = b.member;
-        match (&b.ops[kind as usize], member) {
-            (Some(op), _) if op.lost => {
-                b.ops[kind as usize] = None;
-                Err(Error::new(CKR_DEVICE_ERROR))
-            }
-            (Some(_), Some(m)) => Ok(m),
-            (None, Some(m)) if b.restored => Ok(m),
+        let summary = self.summary();
+        if !summary.lost(kind) {
+            return match (summary.active(kind), summary.member()) {
+                (true, Some(m)) => Ok(m),
+                (false, Some(m)) if summary.restored() => Ok(m),
+                _ => Err(Error::new(CKR_OPERATION_NOT_INITIALIZED)),
+            };
+        }
+        let mut b = self.bindings();
+        if b.lost & (1 << kind as u8) != 0 {
+            b.end(kind);
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        match (b.ops[kind as usize].is_some(), b.member) {
+            (true, Some(m)) => Ok(m),
+            (false, Some(m)) if b.restored => Ok(m),
             _ => Err(Error::new(CKR_OPERATION_NOT_INITIALIZED)),
         }
     }
 
     /// Continues the active operation of `kind` on its member; when the
     /// member faults, moves the operation and tries again.
+    #[inline(always)]
     pub fn step(
         &self,
         kind: OpKind,
@@ -584,7 +767,7 @@ impl VirtualSession {
     /// Makes the active search movable: keeps its template, and from now on
     /// the objects it returns.
     pub fn keep_search(&self, template: crate::replication::OwnedTemplate) {
-        if let Some(op) = self.bindings.lock().ops[OpKind::Find as usize].as_mut() {
+        if let Some(op) = self.bindings().ops[OpKind::Find as usize].as_mut() {
             op.search = Some(Search {
                 template,
                 returned: Default::default(),
@@ -596,7 +779,7 @@ impl VirtualSession {
     /// Whether the active search returns `object` for the first time (a
     /// search moved to another member meets objects it returned before).
     pub fn first_time_found(&self, object: CK_OBJECT_HANDLE) -> bool {
-        match self.bindings.lock().ops[OpKind::Find as usize].as_mut() {
+        match self.bindings().ops[OpKind::Find as usize].as_mut() {
             Some(op) => op.search.as_mut().is_none_or(|s| s.returned.insert(object)),
             None => true,
         }
@@ -622,10 +805,11 @@ impl VirtualSession {
     }
 
     /// Keeps what a step fed in, or forgets the operation it ended.
+    #[inline(always)]
     fn record(&self, kind: OpKind, step: Step, input: &Input<'_>, rv: CK_RV) {
-        let mut b = self.bindings.lock();
+        let mut b = self.bindings();
         if step.ends_operation(rv) {
-            b.ops[kind as usize] = None;
+            b.end(kind);
             b.restored = false;
             return;
         }
@@ -668,12 +852,12 @@ impl VirtualSession {
     /// replays its buffered updates. What cannot be moved is marked lost.
     fn move_operations(&self, from: usize) {
         let mut ops = {
-            let mut b = self.bindings.lock();
+            let mut b = self.bindings();
             if b.member != Some(from) {
                 return;
             }
             let restored = std::mem::take(&mut b.restored);
-            let mut ops = std::mem::take(&mut b.ops);
+            let mut ops = b.take_all();
             if restored {
                 for op in ops.iter_mut().flatten() {
                     op.movable = false;
@@ -722,13 +906,17 @@ impl VirtualSession {
             moved_to = Some(position);
             break;
         }
-        for op in ops.iter_mut().flatten() {
-            if !op.movable || moved_to.is_none() {
-                op.lost = true;
+        let mut lost = 0;
+        for (kind, op) in ops.iter().enumerate() {
+            if op
+                .as_ref()
+                .is_some_and(|op| !op.movable || moved_to.is_none())
+            {
+                lost |= 1 << kind;
             }
         }
-        let mut b = self.bindings.lock();
-        b.ops = ops;
+        let mut b = self.bindings();
+        b.replace_all(ops, lost);
         b.member = moved_to.or(Some(from));
     }
 
@@ -775,6 +963,7 @@ impl VirtualSession {
 
     /// Runs a call that needs no operation (random numbers, attribute
     /// reads) on the chosen member, failing over until one answers.
+    #[inline(always)]
     pub fn stateless(
         &self,
         keys: &[CK_OBJECT_HANDLE],
@@ -792,16 +981,17 @@ impl VirtualSession {
     }
 
     /// The member whose operation state `C_GetOperationState` should save.
+    #[inline(always)]
     pub fn bound_member(&self) -> Option<usize> {
-        let b = self.bindings.lock();
-        b.member.filter(|_| b.any_active())
+        let summary = self.summary();
+        summary.member().filter(|_| summary.any_active())
     }
 
     /// Binds every later operation call to `position`, whose state the
     /// application restored.
     pub fn restore_binding(&self, position: usize) {
-        let mut b = self.bindings.lock();
-        b.ops = Default::default();
+        let mut b = self.bindings();
+        b.take_all();
         b.member = Some(position);
         b.restored = true;
     }
