@@ -138,7 +138,7 @@ mod tests {
 /// needs to start an operation again on another member.
 pub struct SavedMechanism {
     mechanism: CK_MECHANISM,
-    _storage: Vec<Box<[u8]>>,
+    _storage: Storage,
 }
 
 // SAFETY: the raw pointers point into `_storage`, owned by this value.
@@ -179,20 +179,49 @@ fn parameter_is_flat(mechanism: CK_MECHANISM_TYPE) -> bool {
     )
 }
 
-/// Copies `len` bytes at `pointer` into owned storage.
-///
-/// # Safety
-/// `pointer` must be readable for `len` bytes, or null with `len` 0.
-unsafe fn own(pointer: *const u8, len: CK_ULONG, storage: &mut Vec<Box<[u8]>>) -> *mut u8 {
-    if pointer.is_null() || len == 0 {
-        return std::ptr::null_mut();
+/// A saved parameter and the buffers it points to, in one allocation (one
+/// per operation start, on the path of every operation) whose address
+/// stays put when the [`SavedMechanism`] moves. Word-aligned, as the
+/// parameter structs need.
+struct Storage {
+    words: Box<[u64]>,
+    used_bytes: usize,
+}
+
+impl Storage {
+    /// Room for buffers of these lengths.
+    fn for_lengths(lengths: &[CK_ULONG]) -> Self {
+        let words = lengths.iter().map(|l| words_for(*l)).sum();
+        Storage {
+            words: vec![0; words].into_boxed_slice(),
+            used_bytes: 0,
+        }
     }
-    // SAFETY: the caller vouches for the bytes.
-    let bytes: Box<[u8]> = unsafe { std::slice::from_raw_parts(pointer, len as usize) }.into();
-    storage.push(bytes);
-    storage
-        .last_mut()
-        .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr())
+
+    /// Copies `len` bytes at `pointer` in; null for an empty buffer, or
+    /// if there is no room (never, with the lengths given up front).
+    ///
+    /// # Safety
+    /// `pointer` must be readable for `len` bytes, or null with `len` 0.
+    unsafe fn own(&mut self, pointer: *const u8, len: CK_ULONG) -> *mut u8 {
+        let capacity = self.words.len() * size_of::<u64>();
+        let room = words_for(len) * size_of::<u64>();
+        if pointer.is_null() || len == 0 || self.used_bytes + room > capacity {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: within the allocation (checked above); the caller vouches
+        // for the source.
+        unsafe {
+            let target = (self.words.as_mut_ptr() as *mut u8).add(self.used_bytes);
+            std::ptr::copy_nonoverlapping(pointer, target, len as usize);
+            self.used_bytes += room;
+            target
+        }
+    }
+}
+
+fn words_for(len: CK_ULONG) -> usize {
+    (len as usize).div_ceil(size_of::<u64>())
 }
 
 /// A deep copy of `mechanism`, or `None` where its parameter holds pointers
@@ -202,7 +231,7 @@ unsafe fn own(pointer: *const u8, len: CK_ULONG, storage: &mut Vec<Box<[u8]>>) -
 /// # Safety
 /// `mechanism` and its parameter must be valid, as in an `*Init` call.
 pub unsafe fn save(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
-    let mut storage: Vec<Box<[u8]>> = Vec::new();
+    let mut storage = Storage::for_lengths(&[]);
     let mut copy = *mechanism;
     let len = mechanism.ulParameterLen;
     let param = mechanism.pParameter as *const u8;
@@ -212,26 +241,22 @@ pub unsafe fn save(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
         copy.pParameter = std::ptr::null_mut();
         copy.ulParameterLen = 0;
     } else if parameter_is_flat(mechanism.mechanism) {
-        copy.pParameter = unsafe { own(param, len, &mut storage) } as *mut _;
+        storage = Storage::for_lengths(&[len]);
+        copy.pParameter = unsafe { storage.own(param, len) } as *mut _;
     } else if mechanism.mechanism == CKM_AES_GCM && len as usize == size_of::<CK_GCM_PARAMS>() {
         let mut gcm = unsafe { std::ptr::read_unaligned(param as *const CK_GCM_PARAMS) };
-        gcm.pIv = unsafe { own(gcm.pIv, gcm.ulIvLen, &mut storage) };
-        gcm.pAAD = unsafe { own(gcm.pAAD, gcm.ulAADLen, &mut storage) };
-        copy.pParameter =
-            unsafe { own(&gcm as *const _ as *const u8, len, &mut storage) } as *mut _;
+        storage = Storage::for_lengths(&[len, gcm.ulIvLen, gcm.ulAADLen]);
+        gcm.pIv = unsafe { storage.own(gcm.pIv, gcm.ulIvLen) };
+        gcm.pAAD = unsafe { storage.own(gcm.pAAD, gcm.ulAADLen) };
+        copy.pParameter = unsafe { storage.own(&gcm as *const _ as *const u8, len) } as *mut _;
     } else if mechanism.mechanism == CKM_RSA_PKCS_OAEP
         && len as usize == size_of::<CK_RSA_PKCS_OAEP_PARAMS>()
     {
         let mut oaep = unsafe { std::ptr::read_unaligned(param as *const CK_RSA_PKCS_OAEP_PARAMS) };
-        oaep.pSourceData = unsafe {
-            own(
-                oaep.pSourceData as *const u8,
-                oaep.ulSourceDataLen,
-                &mut storage,
-            )
-        } as *mut _;
-        copy.pParameter =
-            unsafe { own(&oaep as *const _ as *const u8, len, &mut storage) } as *mut _;
+        storage = Storage::for_lengths(&[len, oaep.ulSourceDataLen]);
+        oaep.pSourceData =
+            unsafe { storage.own(oaep.pSourceData as *const u8, oaep.ulSourceDataLen) } as *mut _;
+        copy.pParameter = unsafe { storage.own(&oaep as *const _ as *const u8, len) } as *mut _;
     } else {
         return None;
     }
@@ -263,10 +288,13 @@ mod saved_tests {
             ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
         };
         // SAFETY: a valid GCM mechanism.
-        let mut saved = unsafe { save(&mechanism) }.expect("GCM is replayable");
+        let saved = unsafe { save(&mechanism) }.expect("GCM is replayable");
         iv.fill(0);
         aad.fill(0);
         drop((iv, aad));
+        // Moved, as an operation's saved mechanism is: the copy must not
+        // point into the old place.
+        let mut saved = Box::new(saved);
         // SAFETY: the saved copy owns everything it points to.
         unsafe {
             let copy = &*((*saved.as_ptr()).pParameter as *const CK_GCM_PARAMS);
