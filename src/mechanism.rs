@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use cryptoki_sys::*;
+use smallvec::SmallVec;
 use std::mem::size_of;
 
 /// A mechanism whose parameter may have been rewritten for one member; it
@@ -136,17 +137,90 @@ mod tests {
 /// A mechanism copied deep enough to be sent again after the application's
 /// call has returned (and its parameter memory may be gone): what failover
 /// needs to start an operation again on another member.
+///
+/// Small parameters are held inline, with no allocation: every operation
+/// start saves one, and an allocation that lives across the member's own
+/// allocations measurably slows the member's allocator. Pointers inside
+/// the parameter are therefore set when the mechanism is used
+/// ([`SavedMechanism::as_ptr`]), not when it is saved.
 pub struct SavedMechanism {
     mechanism: CK_MECHANISM,
-    _storage: Storage,
+    /// The parameter at offset 0, then the buffers it points to.
+    storage: SmallVec<[u64; INLINE_WORDS]>,
+    layout: Layout,
 }
 
-// SAFETY: the raw pointers point into `_storage`, owned by this value.
+/// Room for a GCM parameter with a 16-byte IV and 56 bytes of AAD.
+const INLINE_WORDS: usize = 16;
+
+/// Where the parameter's pointers point: offsets into the storage.
+#[derive(Clone, Copy)]
+enum Layout {
+    Empty,
+    Flat,
+    Gcm {
+        iv: Option<usize>,
+        aad: Option<usize>,
+    },
+    Oaep {
+        source: Option<usize>,
+    },
+}
+
+// SAFETY: the raw pointers point into `storage`, owned by this value.
 unsafe impl Send for SavedMechanism {}
 
 impl SavedMechanism {
+    /// The mechanism, its pointers aimed at this value's storage where it
+    /// is now. Valid until the value moves or is dropped.
     pub fn as_ptr(&mut self) -> CK_MECHANISM_PTR {
+        let base = self.storage.as_mut_ptr() as *mut u8;
+        let at = |offset: Option<usize>| {
+            // SAFETY: offsets were recorded within the storage.
+            offset.map_or(std::ptr::null_mut(), |o| unsafe { base.add(o) })
+        };
+        // SAFETY: offset 0 holds a parameter struct of the recorded kind,
+        // word-aligned.
+        unsafe {
+            match self.layout {
+                Layout::Empty | Layout::Flat => {}
+                Layout::Gcm { iv, aad } => {
+                    let gcm = base as *mut CK_GCM_PARAMS;
+                    (*gcm).pIv = at(iv);
+                    (*gcm).pAAD = at(aad);
+                }
+                Layout::Oaep { source } => {
+                    let oaep = base as *mut CK_RSA_PKCS_OAEP_PARAMS;
+                    (*oaep).pSourceData = at(source) as *mut _;
+                }
+            }
+        }
+        self.mechanism.pParameter = match self.layout {
+            Layout::Empty => std::ptr::null_mut(),
+            _ => base as *mut _,
+        };
         &mut self.mechanism
+    }
+
+    /// Appends `len` bytes at `pointer`, word-aligned; returns their offset,
+    /// or `None` for an empty buffer.
+    ///
+    /// # Safety
+    /// `pointer` must be readable for `len` bytes, or null with `len` 0.
+    unsafe fn append(&mut self, pointer: *const u8, len: CK_ULONG) -> Option<usize> {
+        if pointer.is_null() || len == 0 {
+            return None;
+        }
+        let offset = self.storage.len() * size_of::<u64>();
+        let words = (len as usize).div_ceil(size_of::<u64>());
+        self.storage.resize(self.storage.len() + words, 0);
+        // SAFETY: the storage now has room at `offset` for `len` bytes; the
+        // caller vouches for the source.
+        unsafe {
+            let target = (self.storage.as_mut_ptr() as *mut u8).add(offset);
+            std::ptr::copy_nonoverlapping(pointer, target, len as usize);
+        }
+        Some(offset)
     }
 }
 
@@ -179,51 +253,6 @@ fn parameter_is_flat(mechanism: CK_MECHANISM_TYPE) -> bool {
     )
 }
 
-/// A saved parameter and the buffers it points to, in one allocation (one
-/// per operation start, on the path of every operation) whose address
-/// stays put when the [`SavedMechanism`] moves. Word-aligned, as the
-/// parameter structs need.
-struct Storage {
-    words: Box<[u64]>,
-    used_bytes: usize,
-}
-
-impl Storage {
-    /// Room for buffers of these lengths.
-    fn for_lengths(lengths: &[CK_ULONG]) -> Self {
-        let words = lengths.iter().map(|l| words_for(*l)).sum();
-        Storage {
-            words: vec![0; words].into_boxed_slice(),
-            used_bytes: 0,
-        }
-    }
-
-    /// Copies `len` bytes at `pointer` in; null for an empty buffer, or
-    /// if there is no room (never, with the lengths given up front).
-    ///
-    /// # Safety
-    /// `pointer` must be readable for `len` bytes, or null with `len` 0.
-    unsafe fn own(&mut self, pointer: *const u8, len: CK_ULONG) -> *mut u8 {
-        let capacity = self.words.len() * size_of::<u64>();
-        let room = words_for(len) * size_of::<u64>();
-        if pointer.is_null() || len == 0 || self.used_bytes + room > capacity {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: within the allocation (checked above); the caller vouches
-        // for the source.
-        unsafe {
-            let target = (self.words.as_mut_ptr() as *mut u8).add(self.used_bytes);
-            std::ptr::copy_nonoverlapping(pointer, target, len as usize);
-            self.used_bytes += room;
-            target
-        }
-    }
-}
-
-fn words_for(len: CK_ULONG) -> usize {
-    (len as usize).div_ceil(size_of::<u64>())
-}
-
 /// A deep copy of `mechanism`, or `None` where its parameter holds pointers
 /// we do not know how to follow; an operation with such a mechanism cannot
 /// be moved to another member after its `*Init`.
@@ -231,39 +260,37 @@ fn words_for(len: CK_ULONG) -> usize {
 /// # Safety
 /// `mechanism` and its parameter must be valid, as in an `*Init` call.
 pub unsafe fn save(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
-    let mut storage = Storage::for_lengths(&[]);
-    let mut copy = *mechanism;
+    let mut saved = SavedMechanism {
+        mechanism: *mechanism,
+        storage: SmallVec::new(),
+        layout: Layout::Empty,
+    };
     let len = mechanism.ulParameterLen;
     let param = mechanism.pParameter as *const u8;
     // SAFETY (all blocks): the parameter is valid for its stated length, and
     // the structs are read only after their size was checked.
     if param.is_null() || len == 0 {
-        copy.pParameter = std::ptr::null_mut();
-        copy.ulParameterLen = 0;
+        saved.mechanism.ulParameterLen = 0;
     } else if parameter_is_flat(mechanism.mechanism) {
-        storage = Storage::for_lengths(&[len]);
-        copy.pParameter = unsafe { storage.own(param, len) } as *mut _;
+        unsafe { saved.append(param, len) };
+        saved.layout = Layout::Flat;
     } else if mechanism.mechanism == CKM_AES_GCM && len as usize == size_of::<CK_GCM_PARAMS>() {
-        let mut gcm = unsafe { std::ptr::read_unaligned(param as *const CK_GCM_PARAMS) };
-        storage = Storage::for_lengths(&[len, gcm.ulIvLen, gcm.ulAADLen]);
-        gcm.pIv = unsafe { storage.own(gcm.pIv, gcm.ulIvLen) };
-        gcm.pAAD = unsafe { storage.own(gcm.pAAD, gcm.ulAADLen) };
-        copy.pParameter = unsafe { storage.own(&gcm as *const _ as *const u8, len) } as *mut _;
+        let gcm = unsafe { std::ptr::read_unaligned(param as *const CK_GCM_PARAMS) };
+        unsafe { saved.append(param, len) };
+        let iv = unsafe { saved.append(gcm.pIv, gcm.ulIvLen) };
+        let aad = unsafe { saved.append(gcm.pAAD, gcm.ulAADLen) };
+        saved.layout = Layout::Gcm { iv, aad };
     } else if mechanism.mechanism == CKM_RSA_PKCS_OAEP
         && len as usize == size_of::<CK_RSA_PKCS_OAEP_PARAMS>()
     {
-        let mut oaep = unsafe { std::ptr::read_unaligned(param as *const CK_RSA_PKCS_OAEP_PARAMS) };
-        storage = Storage::for_lengths(&[len, oaep.ulSourceDataLen]);
-        oaep.pSourceData =
-            unsafe { storage.own(oaep.pSourceData as *const u8, oaep.ulSourceDataLen) } as *mut _;
-        copy.pParameter = unsafe { storage.own(&oaep as *const _ as *const u8, len) } as *mut _;
+        let oaep = unsafe { std::ptr::read_unaligned(param as *const CK_RSA_PKCS_OAEP_PARAMS) };
+        unsafe { saved.append(param, len) };
+        let source = unsafe { saved.append(oaep.pSourceData as *const u8, oaep.ulSourceDataLen) };
+        saved.layout = Layout::Oaep { source };
     } else {
         return None;
     }
-    Some(SavedMechanism {
-        mechanism: copy,
-        _storage: storage,
-    })
+    Some(saved)
 }
 
 #[cfg(test)]
@@ -301,6 +328,36 @@ mod saved_tests {
             assert_eq!(std::slice::from_raw_parts(copy.pIv, 12), &[1u8; 12]);
             assert_eq!(std::slice::from_raw_parts(copy.pAAD, 5), &[2u8; 5]);
             assert_eq!(copy.ulTagBits, 128);
+        }
+    }
+
+    #[test]
+    fn parameters_larger_than_the_inline_room_are_copied_too() {
+        let mut iv = [3u8; 16];
+        let mut aad = vec![4u8; 300];
+        let mut params = CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 16,
+            ulIvBits: 128,
+            pAAD: aad.as_mut_ptr(),
+            ulAADLen: 300,
+            ulTagBits: 96,
+        };
+        let mechanism = CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: &mut params as *mut _ as *mut _,
+            ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+        };
+        // SAFETY: a valid GCM mechanism.
+        let saved = unsafe { save(&mechanism) }.expect("GCM is replayable");
+        aad.fill(0);
+        let mut saved = Box::new(saved);
+        // SAFETY: the saved copy owns everything it points to.
+        unsafe {
+            let copy = &*((*saved.as_ptr()).pParameter as *const CK_GCM_PARAMS);
+            assert_eq!(std::slice::from_raw_parts(copy.pIv, 16), &[3u8; 16]);
+            assert_eq!(std::slice::from_raw_parts(copy.pAAD, 300), &[4u8; 300][..]);
+            assert_eq!(copy.ulTagBits, 96);
         }
     }
 
