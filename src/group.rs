@@ -58,6 +58,10 @@ pub struct Member {
     state_changed_ms: AtomicU64,
     /// Recovery attempts since the member last failed.
     pub recovery_attempts: AtomicU64,
+    /// One more than the epoch in which the member's library refused the
+    /// key-wrap mechanism (0: not refused), so that the group neither asks
+    /// again nor says so again until the member has been reconnected.
+    wrap_refused: AtomicU64,
 }
 
 impl Member {
@@ -75,6 +79,7 @@ impl Member {
             last_fault: AtomicU64::new(CKR_OK),
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
+            wrap_refused: AtomicU64::new(0),
         }
     }
 
@@ -123,6 +128,25 @@ impl Member {
         }
     }
 
+    /// Recovering -> up; false if the member failed meanwhile.
+    fn rejoin(&self) -> bool {
+        let rejoined = self
+            .state
+            .compare_exchange(
+                MemberState::Recovering as u8,
+                MemberState::Up as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if rejoined {
+            self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.recovery_attempts.store(0, Ordering::Relaxed);
+        }
+        rejoined
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
@@ -139,6 +163,19 @@ impl Member {
             self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
         }
         was_reachable
+    }
+
+    /// Whether the member can carry key material: its library has not
+    /// refused the key-wrap mechanism in this epoch.
+    pub fn carries_keys(&self) -> bool {
+        self.wrap_refused.load(Ordering::Relaxed) != self.epoch() + 1
+    }
+
+    /// Records that the library refused the key-wrap mechanism; true the
+    /// first time in this epoch.
+    pub fn refuses_keys(&self) -> bool {
+        let marker = self.epoch() + 1;
+        self.wrap_refused.swap(marker, Ordering::Relaxed) != marker
     }
 
     pub fn in_flight(&self) -> usize {
@@ -372,14 +409,55 @@ impl Group {
         crate::halog::record(&self.label, &self.serial, member, event);
     }
 
-    /// Queues a change for a member that is down.
-    pub fn add_pending(&self, position: usize, change: Pending) {
-        self.pending.lock()[position].push(change);
+    /// Queues a change for a member that is down or coming back. A member
+    /// that serves gets nothing queued, since nothing replays the queue of a
+    /// member that serves: the change is handed back, to be made on it now.
+    /// Decided under the same lock as [`Group::rejoin`].
+    pub fn queue_unless_up(
+        &self,
+        position: usize,
+        change: Pending,
+    ) -> std::result::Result<(), Pending> {
+        let mut pending = self.pending.lock();
+        if self.members[position].is_up() {
+            return Err(change);
+        }
+        pending[position].push(change);
+        Ok(())
     }
 
     /// Takes the changes a member missed, to replay them in order.
     pub fn take_pending(&self, position: usize) -> Vec<Pending> {
         std::mem::take(&mut self.pending.lock()[position])
+    }
+
+    /// Puts changes a replay could not make back in front of any queued
+    /// since, keeping their order.
+    pub fn requeue(&self, position: usize, mut changes: Vec<Pending>) {
+        let mut pending = self.pending.lock();
+        changes.append(&mut pending[position]);
+        pending[position] = changes;
+    }
+
+    /// Puts a recovering member back in service if, and only if, it has
+    /// nothing left to receive. Under the lock [`Group::queue_unless_up`]
+    /// takes, so a change is either queued before the member serves (and
+    /// this refuses) or made on it directly: a member never serves while
+    /// lacking an object the application was given.
+    pub fn rejoin(&self, position: usize) -> bool {
+        let pending = self.pending.lock();
+        pending[position].is_empty() && self.members[position].rejoin()
+    }
+
+    /// The objects queued to be created on a member.
+    pub fn queued_objects(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
+        self.pending.lock()[position]
+            .iter()
+            .filter_map(|change| match change {
+                Pending::Create(object) | Pending::Import(object, _) => Some(*object),
+                Pending::Destroy(_) => None,
+            })
+            .collect()
     }
 
     /// How many changes a member has yet to receive.

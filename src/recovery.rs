@@ -17,11 +17,10 @@ use crate::error::rv_name;
 use crate::group::{Group, Location, MemberState};
 use crate::identity;
 use crate::member::member_call;
-use crate::object::Presence;
 use crate::provider::Provider;
-use crate::replication::{OwnedTemplate, Pending};
+use crate::replication::{Holdings, Pending};
 use crate::session::Target;
-use crate::virtual_session::{Attempt, VirtualSession};
+use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -234,23 +233,33 @@ fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<u
     group.members[position].set_state(MemberState::Recovering);
 
     let worker = VirtualSession::internal(Arc::clone(group));
-    let mut outcome = bring_up_to_date(provider, group, position, &worker);
-    if let Ok(copied) = outcome {
-        // Changes made while it was coming back were queued for it; once it
-        // is up no more are, so one more replay leaves nothing behind.
-        group.members[position].set_state(MemberState::Up);
-        outcome = replay_pending(group, position, &worker).map(|more| copied + more);
-    }
+    let outcome = bring_up_to_date(provider, group, position, &worker).and_then(
+        |(mut copied, mut holdings)| {
+            // Changes made while it was coming back were queued for it; it
+            // serves again once none is left, which `rejoin` decides under
+            // the lock that queues them.
+            while !group.rejoin(position) {
+                if !group.members[position].reachable() {
+                    return Err("the member failed again".to_string());
+                }
+                copied += replay_pending(group, position, &worker, &mut holdings)?;
+            }
+            Ok(copied)
+        },
+    );
     worker.close();
     outcome
 }
 
+/// Logs the member in, replays what it missed, copies what it lacks and
+/// reopens sessions; returns how many objects it received and what it now
+/// holds.
 fn bring_up_to_date(
     provider: &Provider,
     group: &Arc<Group>,
     position: usize,
     worker: &VirtualSession,
-) -> Result<usize, String> {
+) -> Result<(usize, Holdings), String> {
     let session = worker
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
@@ -269,9 +278,11 @@ fn bring_up_to_date(
             return Err(format!("login refused with {}", rv_name(rv)));
         }
     }
-    let mut copied = replay_pending(group, position, worker)?;
+    let mut holdings = Holdings::read(worker, position)
+        .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+    let mut copied = replay_pending(group, position, worker, &mut holdings)?;
     if provider.synchronize(group) {
-        copied += synchronize(group, position, worker)?;
+        copied += synchronize(group, position, worker, &mut holdings)?;
     }
     if provider.recovery.mode == RecoveryMode::ActiveEnhanced {
         for s in provider.sessions.snapshot() {
@@ -283,7 +294,7 @@ fn bring_up_to_date(
             }
         }
     }
-    Ok(copied)
+    Ok((copied, holdings))
 }
 
 /// Finds the member's token: on its library, reconnected if its connection
@@ -330,19 +341,13 @@ fn replay_pending(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
+    holdings: &mut Holdings,
 ) -> Result<usize, String> {
-    let pending = group.take_pending(position);
+    let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
-    for (i, change) in pending.iter().enumerate() {
-        let outcome = match change {
-            Pending::Destroy(print) => destroy_by_fingerprint(worker, position, print),
-            Pending::Create(object) => copy_object_to(group, position, worker, *object),
-            Pending::Import(object, template) => {
-                import_to(group, position, worker, *object, template)
-            }
-        };
-        match outcome {
-            Ok(()) => applied += 1,
+    while let Some(change) = pending.next() {
+        match worker.apply(position, &change, Some(holdings)) {
+            Ok(made) => applied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
@@ -352,9 +357,7 @@ fn replay_pending(
                 );
             }
             Err(why) => {
-                for rest in &pending[i..] {
-                    group.add_pending(position, rest.clone());
-                }
+                group.requeue(position, std::iter::once(change).chain(pending).collect());
                 return Err(why);
             }
         }
@@ -362,132 +365,51 @@ fn replay_pending(
     Ok(applied)
 }
 
-/// Whether the member already holds the object: resolved to one copy, or
-/// matched by more than one (an earlier copy that was interrupted) -- never
-/// copy it again then, or copies would multiply with every recovery.
-fn holds(worker: &VirtualSession, object: CK_OBJECT_HANDLE, position: usize) -> bool {
-    if worker.resolve(object, position).ok().flatten().is_some() {
-        return true;
-    }
-    let Some(print) = worker.fingerprint_of(object) else {
-        return false;
-    };
-    let Ok(s) = worker.member_session(position) else {
-        return false;
-    };
-    identity::find(&s.library, s.handle, &print).is_ok_and(|found| !found.is_empty())
-}
-
-/// Creates an imported object on the member from the application's
-/// template.
-fn import_to(
+/// Copies to the member every token object a serving member has and it
+/// lacks. Both members are read once and compared here, and objects still
+/// queued for the member are left to the replay.
+fn synchronize(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
-    object: CK_OBJECT_HANDLE,
-    template: &OwnedTemplate,
-) -> Result<(), String> {
-    if group.objects.get(object).is_none() || holds(worker, object, position) {
-        return Ok(());
-    }
-    let mut attributes = template.attributes();
-    let mut handle = CK_INVALID_HANDLE;
-    let mut call = |l: &crate::member::MemberLibrary, s| {
-        member_call!(
-            l,
-            C_CreateObject(
-                s,
-                attributes.as_mut_ptr(),
-                attributes.len() as CK_ULONG,
-                &mut handle
-            )
-        )
-    };
-    match worker.attempt(position, "C_CreateObject", &mut call) {
-        Attempt::Answered(CKR_OK) => {
-            group
-                .objects
-                .set_presence(object, position, Presence::Present(handle));
-            Ok(())
-        }
-        Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
-        Attempt::Faulted => Err("the member failed again".into()),
-    }
-}
-
-fn destroy_by_fingerprint(
-    worker: &VirtualSession,
-    position: usize,
-    print: &identity::Fingerprint,
-) -> Result<(), String> {
-    let s = worker.member_session(position).map_err(|e| rv_name(e.rv))?;
-    let found = identity::find(&s.library, s.handle, print).map_err(rv_name)?;
-    if let [one] = found[..] {
-        member_call!(s.library, C_DestroyObject(s.handle, one));
-    }
-    Ok(())
-}
-
-/// Copies a token object the member missed from a member that serves.
-/// Session objects are not replayed: their sessions keep them on the
-/// members that were up.
-fn copy_object_to(
-    group: &Group,
-    position: usize,
-    worker: &VirtualSession,
-    object: CK_OBJECT_HANDLE,
-) -> Result<(), String> {
-    let Some(entry) = group.objects.get(object) else {
-        return Ok(());
-    };
-    if entry.owner.is_some() {
-        return Ok(());
-    }
-    if holds(worker, object, position) {
-        return Ok(());
-    }
-    let source = group
+    holdings: &mut Holdings,
+) -> Result<usize, String> {
+    let Some(reference) = group
         .up_members()
         .map(|m| m.position)
-        .find(|p| worker.resolve(object, *p).ok().flatten().is_some())
-        .ok_or_else(|| "no member that serves holds the object".to_string())?;
-    worker
-        .copy_to(object, source, &[position])
-        .map_err(|e| format!("copying an object failed with {}", rv_name(e.rv)))
-}
-
-/// Copies to the member every token object a serving member has and it
-/// lacks.
-fn synchronize(group: &Group, position: usize, worker: &VirtualSession) -> Result<usize, String> {
-    let Some(reference) = group.up_members().map(|m| m.position).next() else {
+        .find(|p| *p != position)
+    else {
         return Ok(0);
     };
-    let s = worker
-        .member_session(reference)
-        .map_err(|e| rv_name(e.rv))?;
-    let all_token_objects: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
-    let handles = identity::find(&s.library, s.handle, &all_token_objects).map_err(rv_name)?;
-    let domain = worker.domain_key(reference).ok();
+    let domain = worker.domain_handle(reference);
+    let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+    let handles = worker
+        .on_member(reference, |s| {
+            identity::find(&s.library, s.handle, &everything)
+        })
+        .and_then(|found| found.map_err(crate::error::Error::new))
+        .map_err(|e| {
+            format!(
+                "cannot list the objects of member {reference}: {}",
+                rv_name(e.rv)
+            )
+        })?;
+    let queued = group.queued_objects(position);
     let mut copied = 0;
     for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
         let object = group.objects.from_member(reference, handle);
-        if group.objects.presence(object, position) == Some(Presence::Absent) {
-            group
-                .objects
-                .set_presence(object, position, Presence::Unknown);
-        }
-        if holds(worker, object, position) {
+        if queued.contains(&object) {
             continue;
         }
-        match worker.copy_to(object, reference, &[position]) {
-            Ok(()) => copied += 1,
-            Err(e) if group.members[position].reachable() => {
+        match worker.apply(position, &Pending::Create(object), Some(holdings)) {
+            Ok(made) => copied += usize::from(made),
+            Err(why) if group.members[position].reachable() => {
                 group.log(
                     Some(position),
-                    &format!("an object could not be synchronised: {}", rv_name(e.rv)),
+                    &format!("an object could not be synchronised: {why}"),
                 );
             }
-            Err(e) => return Err(format!("synchronising failed with {}", rv_name(e.rv))),
+            Err(why) => return Err(format!("synchronising failed: {why}")),
         }
     }
     Ok(copied)

@@ -152,17 +152,9 @@ impl VirtualSession {
                 continue;
             }
             let mut handle = CK_INVALID_HANDLE;
-            let mut answer = Attempt::Faulted;
-            // A member that only had to be logged in again is still up:
-            // give it the object now rather than leave it pending.
-            for _ in 0..2 {
-                answer = self.attempt(position, "C_CreateObject", &mut |l, s| {
-                    create(l, s, &mut handle)
-                });
-                if !matches!(answer, Attempt::Faulted) || !member.is_up() {
-                    break;
-                }
-            }
+            let answer = self.attempt_on(position, "C_CreateObject", &mut |l, s| {
+                create(l, s, &mut handle)
+            });
             match answer {
                 Attempt::Answered(CKR_OK) => {
                     on[position] = Presence::Present(handle);
@@ -187,7 +179,7 @@ impl VirtualSession {
             let kept = std::sync::Arc::new(unsafe { OwnedTemplate::copy(template, count) });
             for position in missed {
                 let change = Pending::Import(object, std::sync::Arc::clone(&kept));
-                self.group.add_pending(position, change);
+                self.deliver_or_queue(position, change);
             }
         }
         Ok(object)
@@ -342,24 +334,29 @@ impl VirtualSession {
     }
 
     /// Looks the object up on every member that is up, so that changes
-    /// reach every copy.
+    /// reach every copy. Also returns the members that were not up, which
+    /// get the change when they are.
+    #[allow(clippy::type_complexity)]
     fn resolve_everywhere(
         &self,
         object: CK_OBJECT_HANDLE,
-    ) -> Result<Vec<(usize, CK_OBJECT_HANDLE)>> {
+    ) -> Result<(Vec<(usize, CK_OBJECT_HANDLE)>, Vec<usize>)> {
         if self.group.objects.get(object).is_none() {
             return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
         }
         let mut copies = Vec::new();
-        for member in self.group.up_members() {
-            if let Some(h) = self.resolve(object, member.position)? {
+        let mut missed = Vec::new();
+        for member in &self.group.members {
+            if !member.is_up() {
+                missed.push(member.position);
+            } else if let Some(h) = self.resolve(object, member.position)? {
                 copies.push((member.position, h));
             }
         }
         if copies.is_empty() {
             return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
         }
-        Ok(copies)
+        Ok((copies, missed))
     }
 
     /// Applies a change to every copy of an object. The first copy's answer
@@ -372,12 +369,12 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let copies = self.resolve_everywhere(object)?;
+        let (copies, mut missed) = self.resolve_everywhere(object)?;
         let before = self.fingerprint_from(copies[0]);
         let mut decided = false;
         for (position, handle) in copies {
             match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
-                Attempt::Faulted => {}
+                Attempt::Faulted => missed.push(position),
                 Attempt::Answered(rv) if !decided => {
                     check(rv)?;
                     decided = true;
@@ -388,14 +385,12 @@ impl VirtualSession {
         if !decided {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        for member in self.group.members.iter().filter(|m| !m.is_up()) {
+        for position in missed {
             if let Some(print) = &before {
-                self.group
-                    .add_pending(member.position, Pending::Destroy(print.clone()));
+                self.deliver_or_queue(position, Pending::Destroy(print.clone()));
             }
             if !destroys {
-                self.group
-                    .add_pending(member.position, Pending::Create(object));
+                self.deliver_or_queue(position, Pending::Create(object));
             }
         }
         Ok(())
@@ -405,8 +400,10 @@ impl VirtualSession {
         &self,
         (position, handle): (usize, CK_OBJECT_HANDLE),
     ) -> Option<identity::Fingerprint> {
-        let s = self.member_session(position).ok()?;
-        identity::fingerprint(&s.library, s.handle, handle)
+        self.on_member(position, |s| {
+            identity::fingerprint(&s.library, s.handle, handle)
+        })
+        .ok()?
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
@@ -604,7 +601,7 @@ impl VirtualSession {
                 return Err(error);
             }
             for print in prints {
-                self.group.add_pending(position, Pending::Destroy(print));
+                self.deliver_or_queue(position, Pending::Destroy(print));
             }
         }
     }

@@ -238,11 +238,15 @@ impl VirtualSession {
         }
     }
 
-    /// Closes every member session.
+    /// Closes every member session. One from an earlier epoch of its member
+    /// is left alone: after a reconnect its number may belong to another
+    /// session.
     pub fn close(&self) {
         let members = std::mem::take(&mut *self.members.lock());
-        for s in members.into_iter().flatten() {
-            if self.group.members.iter().any(|m| m.epoch() == s.epoch) {
+        for (position, s) in members.into_iter().enumerate() {
+            let member = &self.group.members[position];
+            if let Some(s) = s.filter(|s| s.epoch == member.epoch()) {
+                let _in_flight = member.begin_call();
                 member_call!(s.library, C_CloseSession(s.handle));
             }
         }
@@ -277,6 +281,19 @@ impl VirtualSession {
                 Ok(opened)
             }
         }
+    }
+
+    /// Runs member calls made outside [`VirtualSession::attempt`] (lookups,
+    /// attribute reads) on the member's session, counted in flight like any
+    /// call, so that the watchdog sees the member if it hangs under them.
+    pub fn on_member<T>(
+        &self,
+        position: usize,
+        calls: impl FnOnce(&MemberSession) -> T,
+    ) -> Result<T> {
+        let s = self.member_session(position)?;
+        let _in_flight = self.group.members[position].begin_call();
+        Ok(calls(&s))
     }
 
     /// Member sessions of every member that is up, opening any missing.
@@ -337,6 +354,38 @@ impl VirtualSession {
         }
     }
 
+    /// As [`VirtualSession::attempt`], for a call that must reach this
+    /// member: asked once more when the member only had to be logged in
+    /// again (it is still in service then).
+    pub(crate) fn attempt_on(
+        &self,
+        position: usize,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        let answer = self.attempt(position, function, call);
+        if matches!(answer, Attempt::Faulted) && self.group.members[position].reachable() {
+            return self.attempt(position, function, call);
+        }
+        answer
+    }
+
+    /// Whether the member still answers on this session; one that does not
+    /// is taken out of service.
+    pub fn answers(&self, position: usize) -> bool {
+        let mut info = CK_SESSION_INFO {
+            slotID: 0,
+            state: 0,
+            flags: 0,
+            ulDeviceError: 0,
+        };
+        let mut call = |l: &MemberLibrary, s| member_call!(l, C_GetSessionInfo(s, &mut info));
+        matches!(
+            self.attempt(position, "C_GetSessionInfo", &mut call),
+            Attempt::Answered(_)
+        )
+    }
+
     /// Whether the group is logged in but this member session is not.
     fn lost_login(&self, session: &MemberSession) -> bool {
         if self.group.cached_login().is_none() {
@@ -384,10 +433,9 @@ impl VirtualSession {
                 let Some(print) = self.fingerprint_of(object) else {
                     return Ok(None);
                 };
-                let Ok(to) = self.member_session(position) else {
-                    return Ok(None);
-                };
-                let Ok(found) = identity::find(&to.library, to.handle, &print) else {
+                let Ok(Ok(found)) =
+                    self.on_member(position, |s| identity::find(&s.library, s.handle, &print))
+                else {
                     return Ok(None);
                 };
                 let presence = match found.as_slice() {
@@ -418,10 +466,10 @@ impl VirtualSession {
             _ => None,
         });
         for (source, handle) in sources {
-            let Ok(from) = self.member_session(source) else {
-                continue;
-            };
-            if let Some(print) = identity::fingerprint(&from.library, from.handle, handle) {
+            let read = self.on_member(source, |s| {
+                identity::fingerprint(&s.library, s.handle, handle)
+            });
+            if let Ok(Some(print)) = read {
                 self.group.objects.set_fingerprint(object, print);
                 return self.group.objects.get(object)?.fingerprint;
             }
@@ -440,10 +488,11 @@ impl VirtualSession {
         if self.group.members.len() < 2 || self.group.objects.has_fingerprint(object) {
             return;
         }
-        if let Ok(s) = self.member_session(position) {
-            if let Some(print) = identity::fingerprint(&s.library, s.handle, handle) {
-                self.group.objects.set_fingerprint(object, print);
-            }
+        let read = self.on_member(position, |s| {
+            identity::fingerprint(&s.library, s.handle, handle)
+        });
+        if let Ok(Some(print)) = read {
+            self.group.objects.set_fingerprint(object, print);
         }
     }
 
