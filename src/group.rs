@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use zeroize::Zeroizing;
 
 /// Where a member token was found.
@@ -310,6 +311,10 @@ pub struct Group {
     pub domain: DomainKeys,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
+    /// Per member: objects whose creation on it was cut off on the wire,
+    /// and when. The member may still make them when it resumes, so they
+    /// are not made again on it until it has or can no longer.
+    in_doubt: Mutex<Vec<Vec<(CK_OBJECT_HANDLE, Instant)>>>,
     round_robin: [AtomicUsize; LANES],
 }
 
@@ -370,6 +375,7 @@ impl Group {
             login: Mutex::new(None),
             domain: DomainKeys::new(count),
             pending: Mutex::new(vec![Vec::new(); count]),
+            in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
         }
     }
@@ -447,6 +453,21 @@ impl Group {
     pub fn rejoin(&self, position: usize) -> bool {
         let pending = self.pending.lock();
         pending[position].is_empty() && self.members[position].rejoin()
+    }
+
+    /// Records that making `object` on a member was cut off on the wire.
+    pub fn mark_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.in_doubt.lock()[position].push((object, Instant::now()));
+    }
+
+    /// The objects in doubt on a member, and since when.
+    pub fn in_doubt(&self, position: usize) -> Vec<(CK_OBJECT_HANDLE, Instant)> {
+        self.in_doubt.lock()[position].clone()
+    }
+
+    /// Forgets that `object` was in doubt on a member.
+    pub fn settle_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.in_doubt.lock()[position].retain(|(o, _)| *o != object);
     }
 
     /// The objects queued to be created on a member.

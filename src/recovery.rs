@@ -214,19 +214,50 @@ pub fn recover_failed_members(provider: &Provider) {
                         &format!("member recovered; {copied} objects replicated or synchronised"),
                     );
                 }
-                Err(why) => {
+                Err(setback) => {
                     if member.state() == MemberState::Recovering {
                         member.set_state(MemberState::Down);
                     }
-                    group.log(Some(position), &format!("recovery failed: {why}"));
+                    let event = match setback {
+                        Setback::Failed(why) => format!("recovery failed: {why}"),
+                        Setback::Waiting(why) => {
+                            member
+                                .recovery_attempts
+                                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            format!("recovery waits: {why}")
+                        }
+                    };
+                    group.log(Some(position), &event);
                 }
             }
         }
     }
 }
 
+/// How long, in `memberTimeout`s from the cut, a member is given to carry
+/// out a request that making an object was cut off in. A stalled member
+/// that resumes carries out what it had received (p11-kit's server does,
+/// after its client gave up on it); one silent this much longer is taken
+/// to have dropped it.
+const IN_DOUBT_TIMEOUTS: u32 = 4;
+
+/// Why a recovery attempt did not bring the member back.
+enum Setback {
+    /// It failed; the attempt counts against `reconnAtt`.
+    Failed(String),
+    /// The member may still make an object it was cut off making: it is
+    /// tried again at the next interval, and the attempt does not count.
+    Waiting(String),
+}
+
+impl From<String> for Setback {
+    fn from(why: String) -> Setback {
+        Setback::Failed(why)
+    }
+}
+
 /// Brings one member back; returns how many objects it received.
-fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, String> {
+fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, Setback> {
     let location = find_token(provider, group, position)?;
     group.objects.forget_member(position);
     group.relocate(position, location);
@@ -240,7 +271,7 @@ fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<u
             // the lock that queues them.
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
-                    return Err("the member failed again".to_string());
+                    return Err("the member failed again".to_string().into());
                 }
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
             }
@@ -259,7 +290,7 @@ fn bring_up_to_date(
     group: &Arc<Group>,
     position: usize,
     worker: &VirtualSession,
-) -> Result<(usize, Holdings), String> {
+) -> Result<(usize, Holdings), Setback> {
     let session = worker
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
@@ -275,9 +306,15 @@ fn bring_up_to_date(
         );
         drop(guard);
         if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
-            return Err(format!("login refused with {}", rv_name(rv)));
+            return Err(format!("login refused with {}", rv_name(rv)).into());
         }
     }
+    settle_in_doubt(
+        group,
+        position,
+        worker,
+        provider.member_timeout * IN_DOUBT_TIMEOUTS,
+    )?;
     let mut holdings = Holdings::read(worker, position)
         .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
     let mut copied = replay_pending(group, position, worker, &mut holdings)?;
@@ -295,6 +332,33 @@ fn bring_up_to_date(
         }
     }
     Ok((copied, holdings))
+}
+
+/// Settles the objects whose making the member was cut off in: each once
+/// the member holds it, once it is gone from the group, or once the member
+/// has had `wait` to carry the request out. Until then the member is not
+/// given them again -- it would end with two when it resumes -- and so
+/// does not come back.
+fn settle_in_doubt(
+    group: &Group,
+    position: usize,
+    worker: &VirtualSession,
+    wait: Duration,
+) -> Result<(), Setback> {
+    for (object, since) in group.in_doubt(position) {
+        if group.objects.get(object).is_none()
+            || since.elapsed() >= wait
+            || worker.holds(object, position, None)
+        {
+            group.settle_in_doubt(position, object);
+        } else {
+            return Err(Setback::Waiting(format!(
+                "it may still make an object it was cut off making {} ms ago",
+                since.elapsed().as_millis()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Finds the member's token: on its library, reconnected if its connection

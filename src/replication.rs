@@ -379,7 +379,12 @@ impl VirtualSession {
                         None => Error::new(rv),
                     });
                 }
-                Attempt::Faulted => faulted.push(position),
+                Attempt::Faulted => {
+                    if crate::member::last_call_cut_off() {
+                        self.group.mark_in_doubt(position, object);
+                    }
+                    faulted.push(position);
+                }
             }
         }
         Ok(faulted)
@@ -509,7 +514,7 @@ impl VirtualSession {
     /// matched by one or more objects (more than one: an earlier copy that
     /// was interrupted -- never copy it again then, or copies would
     /// multiply with every recovery).
-    fn holds(
+    pub fn holds(
         &self,
         object: CK_OBJECT_HANDLE,
         position: usize,
@@ -586,7 +591,12 @@ impl VirtualSession {
                 Ok(true)
             }
             Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
-            Attempt::Faulted => Err("the member failed again".into()),
+            Attempt::Faulted => {
+                if crate::member::last_call_cut_off() {
+                    self.group.mark_in_doubt(position, object);
+                }
+                Err("the member failed again".into())
+            }
         }
     }
 

@@ -144,6 +144,7 @@ impl VirtualSession {
         };
         let mut on = vec![Presence::Unknown; self.group.members.len()];
         let mut missed = Vec::new();
+        let mut cut_off = Vec::new();
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         for member in &self.group.members {
             let position = member.position;
@@ -164,7 +165,12 @@ impl VirtualSession {
                     self.undo(&made);
                     return Err(Error::new(rv));
                 }
-                Attempt::Faulted => missed.push(position),
+                Attempt::Faulted => {
+                    if crate::member::last_call_cut_off() {
+                        cut_off.push(position);
+                    }
+                    missed.push(position);
+                }
             }
         }
         if made.is_empty() {
@@ -173,6 +179,9 @@ impl VirtualSession {
         let object = self.group.objects.insert(on, owner);
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
+        }
+        for position in cut_off {
+            self.group.mark_in_doubt(position, object);
         }
         if !missed.is_empty() && owner.is_none() {
             // SAFETY: forwarded from the caller.

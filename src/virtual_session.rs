@@ -322,6 +322,7 @@ impl VirtualSession {
         let session = match self.member_session(position) {
             Ok(s) => s,
             Err(e) if is_member_fault(e.rv) => {
+                crate::member::forget_cut_off();
                 self.group.member_failed(position, "C_OpenSession", e.rv);
                 return Attempt::Faulted;
             }
