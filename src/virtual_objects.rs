@@ -143,39 +143,39 @@ impl VirtualSession {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
         let mut on = vec![Presence::Unknown; self.group.members.len()];
-        let mut missed = Vec::new();
         let mut cut_off = Vec::new();
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
-        for member in &self.group.members {
-            let position = member.position;
-            if !member.is_up() {
-                missed.push(position);
-                continue;
+        // Until a member holds it: one that came up while those asked
+        // failed takes it, as another member takes any other call.
+        while made.is_empty() {
+            let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
+            if up.is_empty() {
+                return Err(Error::new(CKR_DEVICE_ERROR));
             }
-            let mut handle = CK_INVALID_HANDLE;
-            let answer = self.attempt_on(position, "C_CreateObject", &mut |l, s| {
-                create(l, s, &mut handle)
-            });
-            match answer {
-                Attempt::Answered(CKR_OK) => {
-                    on[position] = Presence::Present(handle);
-                    made.push((position, handle));
-                }
-                Attempt::Answered(rv) => {
-                    self.undo(&made);
-                    return Err(Error::new(rv));
-                }
-                Attempt::Faulted => {
-                    if crate::member::last_call_cut_off() {
-                        cut_off.push(position);
+            for position in up {
+                let mut handle = CK_INVALID_HANDLE;
+                let answer = self.attempt_on(position, "C_CreateObject", &mut |l, s| {
+                    create(l, s, &mut handle)
+                });
+                match answer {
+                    Attempt::Answered(CKR_OK) => {
+                        on[position] = Presence::Present(handle);
+                        made.push((position, handle));
                     }
-                    missed.push(position);
+                    Attempt::Answered(rv) => {
+                        self.undo(&made);
+                        return Err(Error::new(rv));
+                    }
+                    Attempt::Faulted if crate::member::last_call_cut_off() => {
+                        cut_off.push(position)
+                    }
+                    Attempt::Faulted => {}
                 }
             }
         }
-        if made.is_empty() {
-            return Err(Error::new(CKR_DEVICE_ERROR));
-        }
+        let missed: Vec<usize> = (0..on.len())
+            .filter(|p| !matches!(on[*p], Presence::Present(_)))
+            .collect();
         let object = self.group.objects.insert(on, owner);
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
@@ -378,22 +378,29 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let (copies, mut missed) = self.resolve_everywhere(object)?;
-        let before = self.fingerprint_from(copies[0]);
-        let mut decided = false;
-        for (position, handle) in copies {
-            match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
-                Attempt::Faulted => missed.push(position),
-                Attempt::Answered(rv) if !decided => {
-                    check(rv)?;
-                    decided = true;
+        let (before, missed) = loop {
+            let (copies, mut missed) = self.resolve_everywhere(object)?;
+            let before = self.fingerprint_from(copies[0]);
+            let mut decided = false;
+            for (position, handle) in copies {
+                match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
+                    Attempt::Faulted => missed.push(position),
+                    Attempt::Answered(rv) if !decided => {
+                        check(rv)?;
+                        decided = true;
+                    }
+                    Attempt::Answered(_) => {}
                 }
-                Attempt::Answered(_) => {}
             }
-        }
-        if !decided {
-            return Err(Error::new(CKR_DEVICE_ERROR));
-        }
+            if decided {
+                break (before, missed);
+            }
+            // Every copy asked failed: a member that came up meanwhile
+            // decides, as another member takes any other call.
+            if self.group.up_members().next().is_none() {
+                return Err(Error::new(CKR_DEVICE_ERROR));
+            }
+        };
         for position in missed {
             if let Some(print) = &before {
                 self.deliver_or_queue(position, Pending::Destroy(print.clone()));
