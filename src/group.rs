@@ -311,12 +311,17 @@ pub struct Group {
     pub domain: DomainKeys,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
-    /// Per member: objects whose creation on it was cut off on the wire,
-    /// and when. The member may still make them when it resumes, so they
-    /// are not made again on it until it has or can no longer.
-    in_doubt: Mutex<Vec<Vec<(CK_OBJECT_HANDLE, Instant)>>>,
+    /// Per member: objects a call is making on it (`None`), or whose
+    /// making was cut off on the wire (`Some(when)`). The member may still
+    /// make those when it resumes, so they are not made again on it until
+    /// it has or can no longer, and it does not rejoin meanwhile.
+    in_doubt: Mutex<Vec<Vec<InDoubt>>>,
     round_robin: [AtomicUsize; LANES],
 }
+
+/// An object being made on a member (`None`), or in doubt there since a
+/// request making it was cut off on the wire (`Some(when)`).
+pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
 
 /// Round-robin lanes: one per kind of operation, one for stateless calls.
 pub const LANES: usize = 9;
@@ -446,28 +451,48 @@ impl Group {
     }
 
     /// Puts a recovering member back in service if, and only if, it has
-    /// nothing left to receive. Under the lock [`Group::queue_unless_up`]
-    /// takes, so a change is either queued before the member serves (and
-    /// this refuses) or made on it directly: a member never serves while
-    /// lacking an object the application was given.
+    /// nothing left to receive and no object in doubt. Under the lock
+    /// [`Group::queue_unless_up`] takes, so a change is either queued
+    /// before the member serves (and this refuses) or made on it directly:
+    /// a member never serves while lacking an object the application was
+    /// given. Lock order: pending, then in-doubt.
     pub fn rejoin(&self, position: usize) -> bool {
         let pending = self.pending.lock();
-        pending[position].is_empty() && self.members[position].rejoin()
+        pending[position].is_empty()
+            && self.in_doubt.lock()[position].is_empty()
+            && self.members[position].rejoin()
     }
 
-    /// Records that making `object` on a member was cut off on the wire.
-    pub fn mark_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
-        self.in_doubt.lock()[position].push((object, Instant::now()));
+    /// Records, before the request goes out, that a call is making
+    /// `object` on a member: no recovery can then miss a request that is
+    /// cut off.
+    pub fn begin_making(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.in_doubt.lock()[position].push((object, None));
     }
 
-    /// The objects in doubt on a member, and since when.
-    pub fn in_doubt(&self, position: usize) -> Vec<(CK_OBJECT_HANDLE, Instant)> {
+    /// The call making `object` on a member returned: forgotten, unless it
+    /// was cut off on the wire -- then the object is in doubt from now on.
+    pub fn end_making(&self, position: usize, object: CK_OBJECT_HANDLE, cut_off: bool) {
+        let mut in_doubt = self.in_doubt.lock();
+        let entries = &mut in_doubt[position];
+        if let Some(i) = entries.iter().position(|e| *e == (object, None)) {
+            if cut_off {
+                entries[i].1 = Some(Instant::now());
+            } else {
+                entries.remove(i);
+            }
+        }
+    }
+
+    /// Objects being made on a member (`None`) or in doubt there (since
+    /// when).
+    pub fn in_doubt(&self, position: usize) -> Vec<InDoubt> {
         self.in_doubt.lock()[position].clone()
     }
 
     /// Forgets that `object` was in doubt on a member.
     pub fn settle_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
-        self.in_doubt.lock()[position].retain(|(o, _)| *o != object);
+        self.in_doubt.lock()[position].retain(|(o, since)| *o != object || since.is_none());
     }
 
     /// The objects queued to be created on a member.

@@ -6,7 +6,9 @@
 //! no healthy member shares that library), find its token again, log it in,
 //! replay the changes it missed, copy what it lacks (`[HASynchronize]`),
 //! reopen member sessions behind open virtual sessions (`activeEnhanced`),
-//! and only then put it back in the rotation.
+//! and only then -- with nothing left queued for it -- put it back in the
+//! rotation. A member that may still make an object it was cut off making
+//! is left out until it has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
 //! completes none for `memberTimeout`, and severs its library's connection
@@ -241,6 +243,10 @@ pub fn recover_failed_members(provider: &Provider) {
 /// to have dropped it.
 const IN_DOUBT_TIMEOUTS: u32 = 4;
 
+fn in_doubt_wait(provider: &Provider) -> Duration {
+    provider.member_timeout * IN_DOUBT_TIMEOUTS
+}
+
 /// Why a recovery attempt did not bring the member back.
 enum Setback {
     /// It failed; the attempt counts against `reconnAtt`.
@@ -264,6 +270,7 @@ fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<u
     group.members[position].set_state(MemberState::Recovering);
 
     let worker = VirtualSession::internal(Arc::clone(group));
+    let in_doubt_wait = in_doubt_wait(provider);
     let outcome = bring_up_to_date(provider, group, position, &worker).and_then(
         |(mut copied, mut holdings)| {
             // Changes made while it was coming back were queued for it; it
@@ -273,6 +280,7 @@ fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<u
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
+                settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
             }
             Ok(copied)
@@ -309,12 +317,7 @@ fn bring_up_to_date(
             return Err(format!("login refused with {}", rv_name(rv)).into());
         }
     }
-    settle_in_doubt(
-        group,
-        position,
-        worker,
-        provider.member_timeout * IN_DOUBT_TIMEOUTS,
-    )?;
+    settle_in_doubt(group, position, worker, in_doubt_wait(provider))?;
     let mut holdings = Holdings::read(worker, position)
         .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
     let mut copied = replay_pending(group, position, worker, &mut holdings)?;
@@ -338,7 +341,8 @@ fn bring_up_to_date(
 /// the member holds it, once it is gone from the group, or once the member
 /// has had `wait` to carry the request out. Until then the member is not
 /// given them again -- it would end with two when it resumes -- and so
-/// does not come back.
+/// does not come back; nor while a call making an object on it has yet to
+/// return and say whether it was cut off.
 fn settle_in_doubt(
     group: &Group,
     position: usize,
@@ -346,6 +350,11 @@ fn settle_in_doubt(
     wait: Duration,
 ) -> Result<(), Setback> {
     for (object, since) in group.in_doubt(position) {
+        let Some(since) = since else {
+            return Err(Setback::Waiting(
+                "a call making an object on it is still under way".into(),
+            ));
+        };
         if group.objects.get(object).is_none()
             || since.elapsed() >= wait
             || worker.holds(object, position, None)

@@ -12,7 +12,7 @@
 use crate::error::rv_name;
 use crate::error::{Error, Result};
 use crate::identity::{self, Fingerprint};
-use crate::member::member_call;
+use crate::member::{member_call, MemberLibrary};
 use crate::object::Presence;
 use crate::session::MemberSession;
 use crate::virtual_session::{Attempt, VirtualSession};
@@ -334,7 +334,7 @@ impl VirtualSession {
             };
             let mut attributes = template.attributes();
             let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-            let answer = self.attempt_on(position, "replication", &mut |l, s| match &wrapped {
+            let mut make = |l: &MemberLibrary, s| match &wrapped {
                 Some(blob) => {
                     let mut mechanism = CK_MECHANISM {
                         mechanism: WRAP_MECHANISM,
@@ -364,7 +364,8 @@ impl VirtualSession {
                         &mut handle
                     )
                 ),
-            });
+            };
+            let answer = self.attempt_making(position, "replication", object, &mut make);
             match answer {
                 Attempt::Answered(CKR_OK) => {
                     self.group
@@ -379,12 +380,7 @@ impl VirtualSession {
                         None => Error::new(rv),
                     });
                 }
-                Attempt::Faulted => {
-                    if crate::member::last_call_cut_off() {
-                        self.group.mark_in_doubt(position, object);
-                    }
-                    faulted.push(position);
-                }
+                Attempt::Faulted => faulted.push(position),
             }
         }
         Ok(faulted)
@@ -571,7 +567,7 @@ impl VirtualSession {
         }
         let mut attributes = template.attributes();
         let mut handle = CK_INVALID_HANDLE;
-        let answer = self.attempt_on(position, "C_CreateObject", &mut |l, s| {
+        let answer = self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
             member_call!(
                 l,
                 C_CreateObject(
@@ -591,12 +587,7 @@ impl VirtualSession {
                 Ok(true)
             }
             Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
-            Attempt::Faulted => {
-                if crate::member::last_call_cut_off() {
-                    self.group.mark_in_doubt(position, object);
-                }
-                Err("the member failed again".into())
-            }
+            Attempt::Faulted => Err("the member failed again".into()),
         }
     }
 

@@ -142,47 +142,51 @@ impl VirtualSession {
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
-        let mut on = vec![Presence::Unknown; self.group.members.len()];
-        let mut cut_off = Vec::new();
+        // Known before any member is asked, so that a request cut off on
+        // the wire leaves it in doubt on that member (attempt_making).
+        let object = self
+            .group
+            .objects
+            .insert(vec![Presence::Unknown; self.group.members.len()], owner);
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
             let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
             if up.is_empty() {
+                self.group.objects.remove(object);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
             for position in up {
                 let mut handle = CK_INVALID_HANDLE;
-                let answer = self.attempt_on(position, "C_CreateObject", &mut |l, s| {
-                    create(l, s, &mut handle)
-                });
+                let answer =
+                    self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
+                        create(l, s, &mut handle)
+                    });
                 match answer {
                     Attempt::Answered(CKR_OK) => {
-                        on[position] = Presence::Present(handle);
+                        self.group.objects.set_presence(
+                            object,
+                            position,
+                            Presence::Present(handle),
+                        );
                         made.push((position, handle));
                     }
                     Attempt::Answered(rv) => {
                         self.undo(&made);
+                        self.group.objects.remove(object);
                         return Err(Error::new(rv));
-                    }
-                    Attempt::Faulted if crate::member::last_call_cut_off() => {
-                        cut_off.push(position)
                     }
                     Attempt::Faulted => {}
                 }
             }
         }
-        let missed: Vec<usize> = (0..on.len())
-            .filter(|p| !matches!(on[*p], Presence::Present(_)))
-            .collect();
-        let object = self.group.objects.insert(on, owner);
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
         }
-        for position in cut_off {
-            self.group.mark_in_doubt(position, object);
-        }
+        let missed: Vec<usize> = (0..self.group.members.len())
+            .filter(|p| !made.iter().any(|(m, _)| m == p))
+            .collect();
         if !missed.is_empty() && owner.is_none() {
             // SAFETY: forwarded from the caller.
             let kept = std::sync::Arc::new(unsafe { OwnedTemplate::copy(template, count) });

@@ -371,6 +371,24 @@ impl VirtualSession {
         answer
     }
 
+    /// As [`VirtualSession::attempt_on`], for a call that makes `object` on
+    /// the member. The object is recorded as being made before the request
+    /// goes out, and stays in doubt there if the request was cut off on
+    /// the wire, since the member may still carry it out.
+    pub(crate) fn attempt_making(
+        &self,
+        position: usize,
+        function: &str,
+        object: CK_OBJECT_HANDLE,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        self.group.begin_making(position, object);
+        let answer = self.attempt_on(position, function, call);
+        let cut_off = matches!(answer, Attempt::Faulted) && crate::member::last_call_cut_off();
+        self.group.end_making(position, object, cut_off);
+        answer
+    }
+
     /// Whether the member still answers on this session; one that does not
     /// is taken out of service.
     pub fn answers(&self, position: usize) -> bool {
