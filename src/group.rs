@@ -129,6 +129,15 @@ impl Member {
         }
     }
 
+    /// Starts a recovery attempt in a new epoch, so that nothing opened or
+    /// looked up over an earlier connection -- member sessions, handles --
+    /// is taken for current: an attempt may reconnect the library, and a
+    /// reconnected library hands out the same numbers again.
+    pub fn begin_recovery(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.set_state(MemberState::Recovering);
+    }
+
     /// Recovering -> up; false if the member failed meanwhile.
     fn rejoin(&self) -> bool {
         let rejoined = self
@@ -287,10 +296,11 @@ impl DomainKeys {
         self.state.lock().found[position] = Some((epoch, handle));
     }
 
-    /// Whether a member handle is that member's domain key, which the
-    /// application must never see through the virtual slot.
-    pub fn is_domain_key(&self, position: usize, handle: CK_OBJECT_HANDLE) -> bool {
-        matches!(self.state.lock().found[position], Some((_, Some(h))) if h == handle)
+    /// Whether a member handle is, in the member's `epoch`, that member's
+    /// domain key, which the application must never see through the
+    /// virtual slot.
+    pub fn is_domain_key(&self, position: usize, epoch: u64, handle: CK_OBJECT_HANDLE) -> bool {
+        self.state.lock().found[position] == Some((epoch, Some(handle)))
     }
 }
 

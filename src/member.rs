@@ -49,6 +49,9 @@ pub struct MemberLibrary {
     calls_sent: AtomicU64,
     on_wire: AtomicU64,
     cut_off: AtomicU64,
+    /// Counts `C_Initialize` calls: a session belongs to the connection it
+    /// was opened on, and a reconnected library reuses session numbers.
+    connection: AtomicU64,
     _library: Library,
 }
 
@@ -56,6 +59,22 @@ thread_local! {
     /// Whether this thread's last call into a member library was on the
     /// wire when its connection was severed.
     static CUT_OFF: Cell<bool> = const { Cell::new(false) };
+    /// The connection the session this thread is calling on belongs to
+    /// (0: the call names no session).
+    static SESSION_CONNECTION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs member calls on a session opened on `connection`. A call into a
+/// networked library that has since been reconnected answers
+/// `CKR_SESSION_HANDLE_INVALID` without reaching it: its session number
+/// may now be another session's. Decided under the library's call lock, so
+/// a thread held up between choosing a session and calling cannot slip a
+/// call onto the new connection.
+pub fn on_connection<T>(connection: u64, calls: impl FnOnce() -> T) -> T {
+    let outer = SESSION_CONNECTION.replace(connection);
+    let result = calls();
+    SESSION_CONNECTION.set(outer);
+    result
 }
 
 /// Whether the calling thread's last member call was on the wire when the
@@ -180,6 +199,7 @@ impl MemberLibrary {
             calls_sent: AtomicU64::new(0),
             on_wire: AtomicU64::new(0),
             cut_off: AtomicU64::new(0),
+            connection: AtomicU64::new(1),
             _library: library,
         })
     }
@@ -230,9 +250,14 @@ impl MemberLibrary {
     /// the watchdog cut off knows it ([`last_call_cut_off`]). In-process
     /// members pay one thread-local store.
     #[inline]
-    pub fn shielded<T>(&self, call: impl FnOnce() -> T) -> T {
+    pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
         if self.networked.load(Ordering::Relaxed) {
             let _one_at_a_time = self.network_calls.lock();
+            let expected = SESSION_CONNECTION.get();
+            if expected != 0 && expected != self.connection.load(Ordering::Acquire) {
+                CUT_OFF.set(false);
+                return CKR_SESSION_HANDLE_INVALID;
+            }
             let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
             self.on_wire.store(number, Ordering::Relaxed);
             let result = with_sigpipe_blocked(call);
@@ -258,6 +283,7 @@ impl MemberLibrary {
             pReserved: ptr::null_mut(),
         };
         let before = open_sockets();
+        self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(&self.environment, || {
             member_call!(
                 self,
@@ -290,6 +316,11 @@ impl MemberLibrary {
         if std::mem::take(&mut *ours) {
             member_call!(self, C_Finalize(ptr::null_mut()));
         }
+    }
+
+    /// The current connection's number (see [`on_connection`]).
+    pub fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
     }
 
     /// Whether we initialised the library (and may therefore finalise and

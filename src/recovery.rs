@@ -267,7 +267,7 @@ fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<u
     let location = find_token(provider, group, position)?;
     group.objects.forget_member(position);
     group.relocate(position, location);
-    group.members[position].set_state(MemberState::Recovering);
+    group.members[position].begin_recovery();
 
     let worker = VirtualSession::internal(Arc::clone(group));
     let in_doubt_wait = in_doubt_wait(provider);

@@ -12,12 +12,14 @@ use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A session on one member token, opened in the member's `epoch`.
+/// A session on one member token, opened in the member's `epoch` on the
+/// library's `connection`.
 #[derive(Clone)]
 pub struct MemberSession {
     pub library: Arc<MemberLibrary>,
     pub handle: CK_SESSION_HANDLE,
     pub epoch: u64,
+    pub connection: u64,
 }
 
 pub struct PassThroughSession {
@@ -122,6 +124,9 @@ pub fn open_member_session(
     flags: CK_FLAGS,
     epoch: u64,
 ) -> Result<MemberSession> {
+    // Read first: a reconnect in between makes the session look older,
+    // never newer, than it is.
+    let connection = library.connection();
     let mut handle: CK_SESSION_HANDLE = 0;
     check(member_call!(
         library,
@@ -131,6 +136,7 @@ pub fn open_member_session(
         library: Arc::clone(library),
         handle,
         epoch,
+        connection,
     })
 }
 

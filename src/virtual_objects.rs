@@ -511,8 +511,9 @@ impl VirtualSession {
             // SAFETY: as above.
             let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
             let mut kept = 0;
+            let epoch = self.group.members[member].epoch();
             for i in 0..handles.len() {
-                if self.group.domain.is_domain_key(member, handles[i]) {
+                if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
                 let object = self.group.objects.from_member(member, handles[i]);

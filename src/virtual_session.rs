@@ -293,7 +293,7 @@ impl VirtualSession {
     ) -> Result<T> {
         let s = self.member_session(position)?;
         let _in_flight = self.group.members[position].begin_call();
-        Ok(calls(&s))
+        Ok(crate::member::on_connection(s.connection, || calls(&s)))
     }
 
     /// Member sessions of every member that is up, opening any missing.
@@ -329,30 +329,35 @@ impl VirtualSession {
             Err(e) => return Attempt::Answered(e.rv),
         };
         let guard = member.begin_call();
-        let mut rv = call(&session.library, session.handle);
-        if rv == CKR_USER_NOT_LOGGED_IN && self.log_in_again(&session) {
-            rv = call(&session.library, session.handle);
-        }
-        if matches!(rv, CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID)
-            && self.lost_login(&session)
-            && self.log_in_again(&session)
-        {
+        let (rv, logged_in_again) = crate::member::on_connection(session.connection, || {
+            let mut rv = call(&session.library, session.handle);
+            if rv == CKR_USER_NOT_LOGGED_IN && self.log_in_again(&session) {
+                rv = call(&session.library, session.handle);
+            }
+            let logged_in_again = matches!(rv, CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID)
+                && self.lost_login(&session)
+                && self.log_in_again(&session);
+            (rv, logged_in_again)
+        });
+        drop(guard);
+        if logged_in_again {
             // A token logged out behind our back (SoftHSM then drops its
             // private objects' handles): in again, and look the handles up
             // afresh before the caller tries again.
-            drop(guard);
             self.group.objects.forget_member(position);
             self.group
                 .log(Some(position), "member had lost its login; logged in again");
             return Attempt::Faulted;
         }
-        drop(guard);
-        if is_member_fault(rv) {
-            self.group.member_failed(position, function, rv);
-            Attempt::Faulted
-        } else {
-            Attempt::Answered(rv)
+        if !is_member_fault(rv) {
+            return Attempt::Answered(rv);
         }
+        // A fault on a session from an earlier epoch belongs to a failure
+        // already recorded: the member may be back by now.
+        if session.epoch == member.epoch() {
+            self.group.member_failed(position, function, rv);
+        }
+        Attempt::Faulted
     }
 
     /// As [`VirtualSession::attempt`], for a call that must reach this
@@ -810,6 +815,9 @@ impl VirtualSession {
     ) -> Attempt {
         let function = "operation failover";
         if let Some(search) = &op.search {
+            // Known before the search starts there, as in find_init, so that
+            // the search can leave it out.
+            self.domain_handle(position);
             let mut template = search.template.attributes();
             return self.attempt(position, function, &mut |l, s| {
                 member_call!(
