@@ -463,7 +463,8 @@ fn synchronize(
         .and_then(|found| found.map_err(crate::error::Error::new))
         .map_err(|e| {
             format!(
-                "cannot list the objects of member {reference}: {}",
+                "cannot list the objects of member {}: {}",
+                group.members[reference].serial,
                 rv_name(e.rv)
             )
         })?;

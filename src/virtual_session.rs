@@ -247,7 +247,9 @@ impl VirtualSession {
             let member = &self.group.members[position];
             if let Some(s) = s.filter(|s| s.epoch == member.epoch()) {
                 let _in_flight = member.begin_call();
-                member_call!(s.library, C_CloseSession(s.handle));
+                crate::member::on_connection(s.connection, || {
+                    member_call!(s.library, C_CloseSession(s.handle))
+                });
             }
         }
     }
