@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use zeroize::Zeroizing;
 
 /// Where a member token was found.
@@ -59,6 +60,10 @@ pub struct Member {
     state_changed_ms: AtomicU64,
     /// Recovery attempts since the member last failed.
     pub recovery_attempts: AtomicU64,
+    /// One more than the epoch in which the member's library refused the
+    /// key-wrap mechanism (0: not refused), so that the group neither asks
+    /// again nor says so again until the member has been reconnected.
+    wrap_refused: AtomicU64,
 }
 
 impl Member {
@@ -75,6 +80,7 @@ impl Member {
             last_fault: AtomicU64::new(CKR_OK),
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
+            wrap_refused: AtomicU64::new(0),
         }
     }
 
@@ -123,6 +129,34 @@ impl Member {
         }
     }
 
+    /// Starts a recovery attempt in a new epoch, so that nothing opened or
+    /// looked up over an earlier connection -- member sessions, handles --
+    /// is taken for current: an attempt may reconnect the library, and a
+    /// reconnected library hands out the same numbers again.
+    pub fn begin_recovery(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.set_state(MemberState::Recovering);
+    }
+
+    /// Recovering -> up; false if the member failed meanwhile.
+    fn rejoin(&self) -> bool {
+        let rejoined = self
+            .state
+            .compare_exchange(
+                MemberState::Recovering as u8,
+                MemberState::Up as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if rejoined {
+            self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.recovery_attempts.store(0, Ordering::Relaxed);
+        }
+        rejoined
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
@@ -139,6 +173,19 @@ impl Member {
             self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
         }
         was_reachable
+    }
+
+    /// Whether the member can carry key material: its library has not
+    /// refused the key-wrap mechanism in this epoch.
+    pub fn carries_keys(&self) -> bool {
+        self.wrap_refused.load(Ordering::Relaxed) != self.epoch() + 1
+    }
+
+    /// Records that the library refused the key-wrap mechanism; true the
+    /// first time in this epoch.
+    pub fn refuses_keys(&self) -> bool {
+        let marker = self.epoch() + 1;
+        self.wrap_refused.swap(marker, Ordering::Relaxed) != marker
     }
 
     pub fn in_flight(&self) -> usize {
@@ -255,10 +302,11 @@ impl DomainKeys {
         self.state.lock().found[position] = Some((epoch, handle));
     }
 
-    /// Whether a member handle is that member's domain key, which the
-    /// application must never see through the virtual slot.
-    pub fn is_domain_key(&self, position: usize, handle: CK_OBJECT_HANDLE) -> bool {
-        matches!(self.state.lock().found[position], Some((_, Some(h))) if h == handle)
+    /// Whether a member handle is, in the member's `epoch`, that member's
+    /// domain key, which the application must never see through the
+    /// virtual slot.
+    pub fn is_domain_key(&self, position: usize, epoch: u64, handle: CK_OBJECT_HANDLE) -> bool {
+        self.state.lock().found[position] == Some((epoch, Some(handle)))
     }
 }
 
@@ -279,8 +327,17 @@ pub struct Group {
     pub domain: DomainKeys,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
+    /// Per member: objects a call is making on it (`None`), or whose
+    /// making was cut off on the wire (`Some(when)`). The member may still
+    /// make those when it resumes, so they are not made again on it until
+    /// it has or can no longer, and it does not rejoin meanwhile.
+    in_doubt: Mutex<Vec<Vec<InDoubt>>>,
     round_robin: [AtomicUsize; LANES],
 }
+
+/// An object being made on a member (`None`), or in doubt there since a
+/// request making it was cut off on the wire (`Some(when)`).
+pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
 
 /// Round-robin lanes: one per kind of operation, one for stateless calls.
 pub const LANES: usize = 9;
@@ -339,6 +396,7 @@ impl Group {
             login: Mutex::new(None),
             domain: DomainKeys::new(count),
             pending: Mutex::new(vec![Vec::new(); count]),
+            in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
         }
     }
@@ -378,14 +436,90 @@ impl Group {
         crate::halog::record(&self.label, &self.serial, member, event);
     }
 
-    /// Queues a change for a member that is down.
-    pub fn add_pending(&self, position: usize, change: Pending) {
-        self.pending.lock()[position].push(change);
+    /// Queues a change for a member that is down or coming back. A member
+    /// that serves gets nothing queued, since nothing replays the queue of a
+    /// member that serves: the change is handed back, to be made on it now.
+    /// Decided under the same lock as [`Group::rejoin`].
+    pub fn queue_unless_up(
+        &self,
+        position: usize,
+        change: Pending,
+    ) -> std::result::Result<(), Pending> {
+        let mut pending = self.pending.lock();
+        if self.members[position].is_up() {
+            return Err(change);
+        }
+        pending[position].push(change);
+        Ok(())
     }
 
     /// Takes the changes a member missed, to replay them in order.
     pub fn take_pending(&self, position: usize) -> Vec<Pending> {
         std::mem::take(&mut self.pending.lock()[position])
+    }
+
+    /// Puts changes a replay could not make back in front of any queued
+    /// since, keeping their order.
+    pub fn requeue(&self, position: usize, mut changes: Vec<Pending>) {
+        let mut pending = self.pending.lock();
+        changes.append(&mut pending[position]);
+        pending[position] = changes;
+    }
+
+    /// Puts a recovering member back in service if, and only if, it has
+    /// nothing left to receive and no object in doubt. Under the lock
+    /// [`Group::queue_unless_up`] takes, so a change is either queued
+    /// before the member serves (and this refuses) or made on it directly:
+    /// a member never serves while lacking an object the application was
+    /// given. Lock order: pending, then in-doubt.
+    pub fn rejoin(&self, position: usize) -> bool {
+        let pending = self.pending.lock();
+        pending[position].is_empty()
+            && self.in_doubt.lock()[position].is_empty()
+            && self.members[position].rejoin()
+    }
+
+    /// Records, before the request goes out, that a call is making
+    /// `object` on a member: no recovery can then miss a request that is
+    /// cut off.
+    pub fn begin_making(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.in_doubt.lock()[position].push((object, None));
+    }
+
+    /// The call making `object` on a member returned: forgotten, unless it
+    /// was cut off on the wire -- then the object is in doubt from now on.
+    pub fn end_making(&self, position: usize, object: CK_OBJECT_HANDLE, cut_off: bool) {
+        let mut in_doubt = self.in_doubt.lock();
+        let entries = &mut in_doubt[position];
+        if let Some(i) = entries.iter().position(|e| *e == (object, None)) {
+            if cut_off {
+                entries[i].1 = Some(Instant::now());
+            } else {
+                entries.remove(i);
+            }
+        }
+    }
+
+    /// Objects being made on a member (`None`) or in doubt there (since
+    /// when).
+    pub fn in_doubt(&self, position: usize) -> Vec<InDoubt> {
+        self.in_doubt.lock()[position].clone()
+    }
+
+    /// Forgets that `object` was in doubt on a member.
+    pub fn settle_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.in_doubt.lock()[position].retain(|(o, since)| *o != object || since.is_none());
+    }
+
+    /// The objects queued to be created on a member.
+    pub fn queued_objects(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
+        self.pending.lock()[position]
+            .iter()
+            .filter_map(|change| match change {
+                Pending::Create(object) | Pending::Import(object, _) => Some(*object),
+                Pending::Destroy(_) => None,
+            })
+            .collect()
     }
 
     /// How many changes a member has yet to receive.

@@ -37,30 +37,126 @@ const PUBLIC_VALUE: CK_ATTRIBUTE_TYPE = CKA_VALUE;
 
 pub type Fingerprint = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
 
-/// Reads the fingerprint of `object` through a member session; `None` when
-/// the member cannot tell (it failed, or the handle is gone), since an
-/// empty fingerprint would match every object.
+/// Reads the fingerprint of `object` through a member session;
+/// `None` when the member cannot tell (it failed, or the handle is gone),
+/// since an empty fingerprint would match every object.
 pub fn fingerprint(
     library: &MemberLibrary,
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
 ) -> Option<Fingerprint> {
-    let mut types: Vec<CK_ATTRIBUTE_TYPE> = FINGERPRINT.to_vec();
-    let class = read_attribute(library, session, object, CKA_CLASS);
-    class.as_ref()?;
-    let is_public_data = class
-        .as_deref()
-        .map(ulong_of)
-        .is_some_and(|c| c == CKO_CERTIFICATE || c == CKO_DATA || c == CKO_PUBLIC_KEY);
-    if is_public_data {
-        types.push(PUBLIC_VALUE);
+    let mut print = read_attributes(library, session, object, FINGERPRINT)?;
+    let class = print
+        .iter()
+        .find(|(t, _)| *t == CKA_CLASS)
+        .map(|(_, v)| ulong_of(v))?;
+    if class == CKO_CERTIFICATE || class == CKO_DATA || class == CKO_PUBLIC_KEY {
+        if let Some(value) = read_attribute(library, session, object, PUBLIC_VALUE) {
+            print.push((PUBLIC_VALUE, value));
+        }
     }
-    Some(
-        types
-            .into_iter()
-            .filter_map(|t| read_attribute(library, session, object, t).map(|v| (t, v)))
-            .collect(),
-    )
+    Some(print)
+}
+
+/// Marks an attribute the library left untouched in a batched read.
+const UNANSWERED: CK_ULONG = CK_UNAVAILABLE_INFORMATION - 1;
+
+/// The values of `types` the object has and lets be read, in that order,
+/// asked in one call for the lengths and one for the values (the specification
+/// has a library answer every attribute even when some are missing or
+/// sensitive). Attributes a library leaves unanswered are read one by one.
+/// `None` when the object cannot be read at all.
+pub fn read_attributes(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
+) -> Option<Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>> {
+    let mut query: Vec<CK_ATTRIBUTE> = types
+        .iter()
+        .map(|t| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: ptr::null_mut(),
+            ulValueLen: UNANSWERED,
+        })
+        .collect();
+    let rv = member_call!(
+        library,
+        C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
+    );
+    if !matches!(
+        rv,
+        CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
+    ) {
+        return None;
+    }
+    let mut values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> = Vec::with_capacity(types.len());
+    let mut wanted: Vec<CK_ATTRIBUTE> = Vec::new();
+    for a in &query {
+        match a.ulValueLen {
+            CK_UNAVAILABLE_INFORMATION => {}
+            UNANSWERED => {
+                if let Some(v) = read_attribute(library, session, object, a.type_) {
+                    values.push((a.type_, v));
+                }
+            }
+            len => values.push((a.type_, vec![0u8; len as usize])),
+        }
+    }
+    for (t, v) in values.iter_mut().filter(|(_, v)| !v.is_empty()) {
+        wanted.push(CK_ATTRIBUTE {
+            type_: *t,
+            pValue: v.as_mut_ptr() as *mut _,
+            ulValueLen: v.len() as CK_ULONG,
+        });
+    }
+    if !wanted.is_empty() {
+        let rv = member_call!(
+            library,
+            C_GetAttributeValue(
+                session,
+                object,
+                wanted.as_mut_ptr(),
+                wanted.len() as CK_ULONG
+            )
+        );
+        let complete = rv == CKR_OK
+            && wanted
+                .iter()
+                .all(|a| a.ulValueLen != CK_UNAVAILABLE_INFORMATION);
+        if !complete {
+            // Changed between the two calls: ask each attribute on its own.
+            return Some(
+                types
+                    .iter()
+                    .filter_map(|t| read_attribute(library, session, object, *t).map(|v| (*t, v)))
+                    .collect(),
+            );
+        }
+        let lengths: Vec<usize> = wanted.iter().map(|a| a.ulValueLen as usize).collect();
+        let mut lengths = lengths.into_iter();
+        for (_, v) in values.iter_mut().filter(|(_, v)| !v.is_empty()) {
+            v.truncate(lengths.next().unwrap_or(0));
+        }
+    }
+    let order = |t: &CK_ATTRIBUTE_TYPE| types.iter().position(|x| x == t);
+    values.sort_by_key(|(t, _)| order(t));
+    Some(values)
+}
+
+/// Whether a search for `print` (as [`find`] makes it) finds an object
+/// whose own fingerprint is `candidate`: the object has every attribute of
+/// `print` with the same value, and a check value counts only where both
+/// have a non-empty one.
+pub fn matches(print: &Fingerprint, candidate: &Fingerprint) -> bool {
+    print.iter().all(|(t, v)| {
+        let theirs = candidate.iter().find(|(ct, _)| ct == t).map(|(_, cv)| cv);
+        if *t == CKA_CHECK_VALUE {
+            v.is_empty() || theirs.is_none_or(|cv| cv.is_empty() || cv == v)
+        } else {
+            theirs == Some(v)
+        }
+    })
 }
 
 /// The objects on a member whose attributes match `fingerprint`. A check
@@ -110,7 +206,7 @@ fn find_matching(
         return Err(rv);
     }
     let mut found = Vec::new();
-    let mut batch = [0 as CK_OBJECT_HANDLE; 16];
+    let mut batch = [0 as CK_OBJECT_HANDLE; 128];
     let outcome = loop {
         let mut count: CK_ULONG = 0;
         let rv = member_call!(
@@ -166,4 +262,30 @@ pub fn ulong_of(bytes: &[u8]) -> CK_ULONG {
     let n = bytes.len().min(raw.len());
     raw[..n].copy_from_slice(&bytes[..n]);
     CK_ULONG::from_ne_bytes(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching_follows_find() {
+        let print: Fingerprint = vec![
+            (CKA_CLASS, vec![4]),
+            (CKA_ID, b"k1".to_vec()),
+            (CKA_CHECK_VALUE, vec![1, 2, 3]),
+        ];
+        let same = print.clone();
+        let more = [print.clone(), vec![(CKA_LABEL, b"x".to_vec())]].concat();
+        let unwrapped: Fingerprint = print[..2].to_vec();
+        let other_check: Fingerprint =
+            [print[..2].to_vec(), vec![(CKA_CHECK_VALUE, vec![9])]].concat();
+        let other_id: Fingerprint = vec![(CKA_CLASS, vec![4]), (CKA_ID, b"k2".to_vec())];
+        assert!(matches(&print, &same));
+        assert!(matches(&print, &more), "extra attributes do not matter");
+        assert!(matches(&print, &unwrapped), "a copy without a check value");
+        assert!(!matches(&print, &other_check));
+        assert!(!matches(&print, &other_id));
+        assert!(!matches(&more, &print), "a missing attribute does");
+    }
 }

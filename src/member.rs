@@ -6,8 +6,10 @@ use crate::error::{check, rv_name, Error, Result};
 use cryptoki_sys::*;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Calls one entry of a member's function table; a missing entry is
 /// `CKR_FUNCTION_NOT_SUPPORTED`, as the specification says of a NULL slot.
@@ -41,7 +43,52 @@ pub struct MemberLibrary {
     sockets: Mutex<Vec<SocketFd>>,
     networked: std::sync::atomic::AtomicBool,
     network_calls: Mutex<()>,
+    /// Calls into a networked library are numbered as each goes on the
+    /// wire (one at a time); `on_wire` is the one there now (0: none), and
+    /// `cut_off` the one that was there when the connection was severed.
+    calls_sent: AtomicU64,
+    on_wire: AtomicU64,
+    cut_off: AtomicU64,
+    /// Counts `C_Initialize` calls: a session belongs to the connection it
+    /// was opened on, and a reconnected library reuses session numbers.
+    connection: AtomicU64,
     _library: Library,
+}
+
+thread_local! {
+    /// Whether this thread's last call into a member library was on the
+    /// wire when its connection was severed.
+    static CUT_OFF: Cell<bool> = const { Cell::new(false) };
+    /// The connection the session this thread is calling on belongs to
+    /// (0: the call names no session).
+    static SESSION_CONNECTION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs member calls on a session opened on `connection`. A call into a
+/// networked library that has since been reconnected answers
+/// `CKR_SESSION_HANDLE_INVALID` without reaching it: its session number
+/// may now be another session's. Decided under the library's call lock, so
+/// a thread held up between choosing a session and calling cannot slip a
+/// call onto the new connection.
+pub fn on_connection<T>(connection: u64, calls: impl FnOnce() -> T) -> T {
+    let outer = SESSION_CONNECTION.replace(connection);
+    let result = calls();
+    SESSION_CONNECTION.set(outer);
+    result
+}
+
+/// Whether the calling thread's last member call was on the wire when the
+/// watchdog severed its connection. Its request reached the server, which
+/// may still carry it out if it was only stalled: an object it made is
+/// then in doubt until the server has resumed or given it up.
+pub fn last_call_cut_off() -> bool {
+    CUT_OFF.get()
+}
+
+/// Forgets the last call's cut-off, for a call that never reached the
+/// member.
+pub fn forget_cut_off() {
+    CUT_OFF.set(false);
 }
 
 fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
@@ -149,6 +196,10 @@ impl MemberLibrary {
             sockets: Mutex::new(Vec::new()),
             networked: std::sync::atomic::AtomicBool::new(false),
             network_calls: Mutex::new(()),
+            calls_sent: AtomicU64::new(0),
+            on_wire: AtomicU64::new(0),
+            cut_off: AtomicU64::new(0),
+            connection: AtomicU64::new(1),
             _library: library,
         })
     }
@@ -195,13 +246,26 @@ impl MemberLibrary {
     /// the connection serves one request at a time anyway -- and spares the
     /// client library's own coordination of concurrent callers, which
     /// p11-kit 0.24 can leave waiting forever when its server dies under
-    /// them. In-process members pay nothing.
+    /// them. Each call is numbered while it is on the wire, so that a call
+    /// the watchdog cut off knows it ([`last_call_cut_off`]). In-process
+    /// members pay one thread-local store.
     #[inline]
-    pub fn shielded<T>(&self, call: impl FnOnce() -> T) -> T {
-        if self.networked.load(std::sync::atomic::Ordering::Relaxed) {
+    pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
+        if self.networked.load(Ordering::Relaxed) {
             let _one_at_a_time = self.network_calls.lock();
-            with_sigpipe_blocked(call)
+            let expected = SESSION_CONNECTION.get();
+            if expected != 0 && expected != self.connection.load(Ordering::Acquire) {
+                CUT_OFF.set(false);
+                return CKR_SESSION_HANDLE_INVALID;
+            }
+            let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
+            self.on_wire.store(number, Ordering::Relaxed);
+            let result = with_sigpipe_blocked(call);
+            self.on_wire.store(0, Ordering::Relaxed);
+            CUT_OFF.set(self.cut_off.load(Ordering::Relaxed) == number);
+            result
         } else {
+            CUT_OFF.set(false);
             call()
         }
     }
@@ -219,6 +283,7 @@ impl MemberLibrary {
             pReserved: ptr::null_mut(),
         };
         let before = open_sockets();
+        self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(&self.environment, || {
             member_call!(
                 self,
@@ -232,7 +297,7 @@ impl MemberLibrary {
         // Once a network library, always one: a reconnect that finds the
         // server down opens no socket but the next one will.
         self.networked
-            .fetch_or(!opened.is_empty(), std::sync::atomic::Ordering::Relaxed);
+            .fetch_or(!opened.is_empty(), Ordering::Relaxed);
         *self.sockets.lock() = opened;
         let mut ours = self.initialized_by_us.lock();
         match rv {
@@ -253,6 +318,11 @@ impl MemberLibrary {
         }
     }
 
+    /// The current connection's number (see [`on_connection`]).
+    pub fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
+    }
+
     /// Whether we initialised the library (and may therefore finalise and
     /// initialise it again to reconnect it).
     pub fn initialized_by_us(&self) -> bool {
@@ -269,6 +339,8 @@ impl MemberLibrary {
     /// Shuts down the sockets the library opened, so that a call stuck on
     /// a stalled server returns with an error instead of never.
     pub fn sever(&self) -> usize {
+        self.cut_off
+            .store(self.on_wire.load(Ordering::Relaxed), Ordering::Relaxed);
         let sockets = self.sockets.lock().clone();
         sockets
             .iter()

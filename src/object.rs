@@ -199,6 +199,17 @@ impl ObjectTable {
         }
     }
 
+    /// Forgets which object a member handle stood for (that copy was
+    /// removed), so that the object is looked for afresh on that member.
+    pub fn forget_copy(&self, member: usize, member_handle: CK_OBJECT_HANDLE) {
+        let mut maps = self.maps.write();
+        if let Some(handle) = maps.by_member[member].remove(&member_handle) {
+            if let Some(object) = maps.objects.get_mut(&handle) {
+                object.on[member] = Presence::Unknown;
+            }
+        }
+    }
+
     /// Marks every `Absent` entry `Unknown` again, after objects were added
     /// to members and an earlier search may now succeed.
     pub fn retry_absent(&self) {

@@ -6,7 +6,9 @@
 //! no healthy member shares that library), find its token again, log it in,
 //! replay the changes it missed, copy what it lacks (`[HASynchronize]`),
 //! reopen member sessions behind open virtual sessions (`activeEnhanced`),
-//! and only then put it back in the rotation.
+//! and only then -- with nothing left queued for it -- put it back in the
+//! rotation. A member that may still make an object it was cut off making
+//! is left out until it has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
 //! completes none for `memberTimeout`, and severs its library's connection
@@ -17,11 +19,10 @@ use crate::error::rv_name;
 use crate::group::{Group, Location, MemberState};
 use crate::identity;
 use crate::member::member_call;
-use crate::object::Presence;
 use crate::provider::Provider;
-use crate::replication::{OwnedTemplate, Pending};
+use crate::replication::{Holdings, Pending};
 use crate::session::Target;
-use crate::virtual_session::{Attempt, VirtualSession};
+use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -236,42 +237,89 @@ pub fn recover_failed_members(provider: &Provider) {
                         &format!("member recovered; {copied} objects replicated or synchronised"),
                     );
                 }
-                Err(why) => {
+                Err(setback) => {
                     if member.state() == MemberState::Recovering {
                         member.set_state(MemberState::Down);
                     }
-                    group.log(Some(position), &format!("recovery failed: {why}"));
+                    let event = match setback {
+                        Setback::Failed(why) => format!("recovery failed: {why}"),
+                        Setback::Waiting(why) => {
+                            member
+                                .recovery_attempts
+                                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            format!("recovery waits: {why}")
+                        }
+                    };
+                    group.log(Some(position), &event);
                 }
             }
         }
     }
 }
 
+/// How long, in `memberTimeout`s from the cut, a member is given to carry
+/// out a request that making an object was cut off in. A stalled member
+/// that resumes carries out what it had received (p11-kit's server does,
+/// after its client gave up on it); one silent this much longer is taken
+/// to have dropped it.
+const IN_DOUBT_TIMEOUTS: u32 = 4;
+
+fn in_doubt_wait(provider: &Provider) -> Duration {
+    provider.member_timeout * IN_DOUBT_TIMEOUTS
+}
+
+/// Why a recovery attempt did not bring the member back.
+enum Setback {
+    /// It failed; the attempt counts against `reconnAtt`.
+    Failed(String),
+    /// The member may still make an object it was cut off making: it is
+    /// tried again at the next interval, and the attempt does not count.
+    Waiting(String),
+}
+
+impl From<String> for Setback {
+    fn from(why: String) -> Setback {
+        Setback::Failed(why)
+    }
+}
+
 /// Brings one member back; returns how many objects it received.
-fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, String> {
+fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, Setback> {
     let location = find_token(provider, group, position)?;
     group.objects.forget_member(position);
     group.relocate(position, location);
-    group.members[position].set_state(MemberState::Recovering);
+    group.members[position].begin_recovery();
 
     let worker = VirtualSession::internal(Arc::clone(group));
-    let mut outcome = bring_up_to_date(provider, group, position, &worker);
-    if let Ok(copied) = outcome {
-        // Changes made while it was coming back were queued for it; once it
-        // is up no more are, so one more replay leaves nothing behind.
-        group.members[position].set_state(MemberState::Up);
-        outcome = replay_pending(group, position, &worker).map(|more| copied + more);
-    }
+    let in_doubt_wait = in_doubt_wait(provider);
+    let outcome = bring_up_to_date(provider, group, position, &worker).and_then(
+        |(mut copied, mut holdings)| {
+            // Changes made while it was coming back were queued for it; it
+            // serves again once none is left, which `rejoin` decides under
+            // the lock that queues them.
+            while !group.rejoin(position) {
+                if !group.members[position].reachable() {
+                    return Err("the member failed again".to_string().into());
+                }
+                settle_in_doubt(group, position, &worker, in_doubt_wait)?;
+                copied += replay_pending(group, position, &worker, &mut holdings)?;
+            }
+            Ok(copied)
+        },
+    );
     worker.close();
     outcome
 }
 
+/// Logs the member in, replays what it missed, copies what it lacks and
+/// reopens sessions; returns how many objects it received and what it now
+/// holds.
 fn bring_up_to_date(
     provider: &Provider,
     group: &Arc<Group>,
     position: usize,
     worker: &VirtualSession,
-) -> Result<usize, String> {
+) -> Result<(usize, Holdings), Setback> {
     let session = worker
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
@@ -287,12 +335,15 @@ fn bring_up_to_date(
         );
         drop(guard);
         if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
-            return Err(format!("login refused with {}", rv_name(rv)));
+            return Err(format!("login refused with {}", rv_name(rv)).into());
         }
     }
-    let mut copied = replay_pending(group, position, worker)?;
+    settle_in_doubt(group, position, worker, in_doubt_wait(provider))?;
+    let mut holdings = Holdings::read(worker, position)
+        .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+    let mut copied = replay_pending(group, position, worker, &mut holdings)?;
     if provider.synchronize(group) {
-        copied += synchronize(group, position, worker)?;
+        copied += synchronize(group, position, worker, &mut holdings)?;
     }
     if provider.recovery.mode == RecoveryMode::ActiveEnhanced {
         for s in provider.sessions.snapshot() {
@@ -304,7 +355,40 @@ fn bring_up_to_date(
             }
         }
     }
-    Ok(copied)
+    Ok((copied, holdings))
+}
+
+/// Settles the objects whose making the member was cut off in: each once
+/// the member holds it, once it is gone from the group, or once the member
+/// has had `wait` to carry the request out. Until then the member is not
+/// given them again -- it would end with two when it resumes -- and so
+/// does not come back; nor while a call making an object on it has yet to
+/// return and say whether it was cut off.
+fn settle_in_doubt(
+    group: &Group,
+    position: usize,
+    worker: &VirtualSession,
+    wait: Duration,
+) -> Result<(), Setback> {
+    for (object, since) in group.in_doubt(position) {
+        let Some(since) = since else {
+            return Err(Setback::Waiting(
+                "a call making an object on it is still under way".into(),
+            ));
+        };
+        if group.objects.get(object).is_none()
+            || since.elapsed() >= wait
+            || worker.holds(object, position, None)
+        {
+            group.settle_in_doubt(position, object);
+        } else {
+            return Err(Setback::Waiting(format!(
+                "it may still make an object it was cut off making {} ms ago",
+                since.elapsed().as_millis()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Finds the member's token: on its library, reconnected if its connection
@@ -351,19 +435,13 @@ fn replay_pending(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
+    holdings: &mut Holdings,
 ) -> Result<usize, String> {
-    let pending = group.take_pending(position);
+    let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
-    for (i, change) in pending.iter().enumerate() {
-        let outcome = match change {
-            Pending::Destroy(print) => destroy_by_fingerprint(worker, position, print),
-            Pending::Create(object) => copy_object_to(group, position, worker, *object),
-            Pending::Import(object, template) => {
-                import_to(group, position, worker, *object, template)
-            }
-        };
-        match outcome {
-            Ok(()) => applied += 1,
+    while let Some(change) = pending.next() {
+        match worker.apply(position, &change, Some(holdings)) {
+            Ok(made) => applied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
@@ -373,9 +451,7 @@ fn replay_pending(
                 );
             }
             Err(why) => {
-                for rest in &pending[i..] {
-                    group.add_pending(position, rest.clone());
-                }
+                group.requeue(position, std::iter::once(change).chain(pending).collect());
                 return Err(why);
             }
         }
@@ -383,132 +459,52 @@ fn replay_pending(
     Ok(applied)
 }
 
-/// Whether the member already holds the object: resolved to one copy, or
-/// matched by more than one (an earlier copy that was interrupted) -- never
-/// copy it again then, or copies would multiply with every recovery.
-fn holds(worker: &VirtualSession, object: CK_OBJECT_HANDLE, position: usize) -> bool {
-    if worker.resolve(object, position).ok().flatten().is_some() {
-        return true;
-    }
-    let Some(print) = worker.fingerprint_of(object) else {
-        return false;
-    };
-    let Ok(s) = worker.member_session(position) else {
-        return false;
-    };
-    identity::find(&s.library, s.handle, &print).is_ok_and(|found| !found.is_empty())
-}
-
-/// Creates an imported object on the member from the application's
-/// template.
-fn import_to(
+/// Copies to the member every token object a serving member has and it
+/// lacks. Both members are read once and compared here, and objects still
+/// queued for the member are left to the replay.
+fn synchronize(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
-    object: CK_OBJECT_HANDLE,
-    template: &OwnedTemplate,
-) -> Result<(), String> {
-    if group.objects.get(object).is_none() || holds(worker, object, position) {
-        return Ok(());
-    }
-    let mut attributes = template.attributes();
-    let mut handle = CK_INVALID_HANDLE;
-    let mut call = |l: &crate::member::MemberLibrary, s| {
-        member_call!(
-            l,
-            C_CreateObject(
-                s,
-                attributes.as_mut_ptr(),
-                attributes.len() as CK_ULONG,
-                &mut handle
-            )
-        )
-    };
-    match worker.attempt(position, "C_CreateObject", &mut call) {
-        Attempt::Answered(CKR_OK) => {
-            group
-                .objects
-                .set_presence(object, position, Presence::Present(handle));
-            Ok(())
-        }
-        Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
-        Attempt::Faulted => Err("the member failed again".into()),
-    }
-}
-
-fn destroy_by_fingerprint(
-    worker: &VirtualSession,
-    position: usize,
-    print: &identity::Fingerprint,
-) -> Result<(), String> {
-    let s = worker.member_session(position).map_err(|e| rv_name(e.rv))?;
-    let found = identity::find(&s.library, s.handle, print).map_err(rv_name)?;
-    if let [one] = found[..] {
-        member_call!(s.library, C_DestroyObject(s.handle, one));
-    }
-    Ok(())
-}
-
-/// Copies a token object the member missed from a member that serves.
-/// Session objects are not replayed: their sessions keep them on the
-/// members that were up.
-fn copy_object_to(
-    group: &Group,
-    position: usize,
-    worker: &VirtualSession,
-    object: CK_OBJECT_HANDLE,
-) -> Result<(), String> {
-    let Some(entry) = group.objects.get(object) else {
-        return Ok(());
-    };
-    if entry.owner.is_some() {
-        return Ok(());
-    }
-    if holds(worker, object, position) {
-        return Ok(());
-    }
-    let source = group
+    holdings: &mut Holdings,
+) -> Result<usize, String> {
+    let Some(reference) = group
         .up_members()
         .map(|m| m.position)
-        .find(|p| worker.resolve(object, *p).ok().flatten().is_some())
-        .ok_or_else(|| "no member that serves holds the object".to_string())?;
-    worker
-        .copy_to(object, source, &[position])
-        .map_err(|e| format!("copying an object failed with {}", rv_name(e.rv)))
-}
-
-/// Copies to the member every token object a serving member has and it
-/// lacks.
-fn synchronize(group: &Group, position: usize, worker: &VirtualSession) -> Result<usize, String> {
-    let Some(reference) = group.up_members().map(|m| m.position).next() else {
+        .find(|p| *p != position)
+    else {
         return Ok(0);
     };
-    let s = worker
-        .member_session(reference)
-        .map_err(|e| rv_name(e.rv))?;
-    let all_token_objects: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
-    let handles = identity::find(&s.library, s.handle, &all_token_objects).map_err(rv_name)?;
-    let domain = worker.domain_key(reference).ok();
+    let domain = worker.domain_handle(reference);
+    let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+    let handles = worker
+        .on_member(reference, |s| {
+            identity::find(&s.library, s.handle, &everything)
+        })
+        .and_then(|found| found.map_err(crate::error::Error::new))
+        .map_err(|e| {
+            format!(
+                "cannot list the objects of member {}: {}",
+                group.members[reference].serial,
+                rv_name(e.rv)
+            )
+        })?;
+    let queued = group.queued_objects(position);
     let mut copied = 0;
     for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
         let object = group.objects.from_member(reference, handle);
-        if group.objects.presence(object, position) == Some(Presence::Absent) {
-            group
-                .objects
-                .set_presence(object, position, Presence::Unknown);
-        }
-        if holds(worker, object, position) {
+        if queued.contains(&object) {
             continue;
         }
-        match worker.copy_to(object, reference, &[position]) {
-            Ok(()) => copied += 1,
-            Err(e) if group.members[position].reachable() => {
+        match worker.apply(position, &Pending::Create(object), Some(holdings)) {
+            Ok(made) => copied += usize::from(made),
+            Err(why) if group.members[position].reachable() => {
                 group.log(
                     Some(position),
-                    &format!("an object could not be synchronised: {}", rv_name(e.rv)),
+                    &format!("an object could not be synchronised: {why}"),
                 );
             }
-            Err(e) => return Err(format!("synchronising failed with {}", rv_name(e.rv))),
+            Err(why) => return Err(format!("synchronising failed: {why}")),
         }
     }
     Ok(copied)

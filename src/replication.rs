@@ -9,10 +9,12 @@
 //! domain key being the only one; the application sees it non-extractable
 //! and cannot wrap it. See `docs/security-model.md`.
 
+use crate::error::rv_name;
 use crate::error::{Error, Result};
 use crate::identity::{self, Fingerprint};
-use crate::member::member_call;
+use crate::member::{member_call, MemberLibrary};
 use crate::object::Presence;
+use crate::session::MemberSession;
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use std::ptr;
@@ -92,20 +94,19 @@ struct Template {
 }
 
 impl Template {
+    /// `None` when the object cannot be read (it is gone, or the member
+    /// failed).
     fn read(
         library: &crate::member::MemberLibrary,
         session: CK_SESSION_HANDLE,
         object: CK_OBJECT_HANDLE,
         types: &[CK_ATTRIBUTE_TYPE],
-    ) -> Template {
+    ) -> Option<Template> {
         // Empty values (no dates, no subject) are the members' defaults, and
         // some members refuse them spelled out.
-        let values = types
-            .iter()
-            .filter_map(|t| identity::read_attribute(library, session, object, *t).map(|v| (*t, v)))
-            .filter(|(_, v)| !v.is_empty())
-            .collect();
-        Template { values }
+        let mut values = identity::read_attributes(library, session, object, types)?;
+        values.retain(|(_, v)| !v.is_empty());
+        Some(Template { values })
     }
 
     fn attributes(&mut self) -> Vec<CK_ATTRIBUTE> {
@@ -196,8 +197,10 @@ impl VirtualSession {
             );
             return Err(Error::new(CKR_FUNCTION_FAILED));
         };
-        let s = self.member_session(position)?;
-        let check = identity::read_attribute(&s.library, s.handle, handle, CKA_CHECK_VALUE)
+        let check = self
+            .on_member(position, |s| {
+                identity::read_attribute(&s.library, s.handle, handle, CKA_CHECK_VALUE)
+            })?
             .unwrap_or_default();
         if !self
             .group
@@ -222,13 +225,15 @@ impl VirtualSession {
         if let Some(found) = self.group.domain.found(position, epoch) {
             return found;
         }
-        let s = self.member_session(position).ok()?;
         let label = self.group.settings.domain_label.as_bytes().to_vec();
         let print: Fingerprint = vec![
             (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
             (CKA_LABEL, label),
         ];
-        let found = identity::find(&s.library, s.handle, &print).ok()?;
+        let found = self
+            .on_member(position, |s| identity::find(&s.library, s.handle, &print))
+            .ok()?
+            .ok()?;
         let handle = match found[..] {
             [one] => Some(one),
             _ => None,
@@ -259,48 +264,63 @@ impl VirtualSession {
             .filter(|m| !matches!(entry.on[m.position], Presence::Present(_)))
             .map(|m| m.position)
             .collect();
-        for position in &targets {
-            if !self.group.members[*position].is_up() {
-                self.group.add_pending(*position, Pending::Create(object));
-            }
-        }
-        let up: Vec<usize> = targets
+        let (up, missed): (Vec<usize>, Vec<usize>) = targets
             .into_iter()
-            .filter(|p| self.group.members[*p].is_up())
-            .collect();
-        self.copy_to(object, source, &up)
+            .partition(|p| self.group.members[*p].is_up());
+        let faulted = self.copy_to(object, source, &up)?;
+        for position in missed.into_iter().chain(faulted) {
+            self.deliver_or_queue(position, Pending::Create(object));
+        }
+        Ok(())
     }
 
     /// Copies virtual object `object` from member `source` to `targets`.
+    /// Returns the targets that faulted (they are out of service and lack
+    /// the object); a request error removes every copy made.
     pub fn copy_to(
         &self,
         object: CK_OBJECT_HANDLE,
         source: usize,
         targets: &[usize],
-    ) -> Result<()> {
+    ) -> Result<Vec<usize>> {
         if targets.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let source_handle = self
             .resolve(object, source)?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-        let from = self.member_session(source)?;
-        let class = identity::read_attribute(&from.library, from.handle, source_handle, CKA_CLASS)
+        let class = self
+            .on_member(source, |s| {
+                identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
+            })?
             .map(|c| identity::ulong_of(&c))
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
         let secret = class == CKO_SECRET_KEY || class == CKO_PRIVATE_KEY;
+        if secret
+            && std::iter::once(&source)
+                .chain(targets)
+                .any(|p| !self.group.members[*p].carries_keys())
+        {
+            // Said once when the member refused; asking again changes nothing.
+            return Err(Error::new(CKR_FUNCTION_FAILED));
+        }
         let types = if secret {
             KEY_ATTRIBUTES
         } else {
             PUBLIC_ATTRIBUTES
         };
-        let mut template = Template::read(&from.library, from.handle, source_handle, types);
+        let mut template = self
+            .on_member(source, |s| {
+                Template::read(&s.library, s.handle, source_handle, types)
+            })?
+            .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
         let wrapped = if secret {
             Some(self.wrap_for_transfer(source, source_handle)?)
         } else {
             None
         };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut faulted = Vec::new();
         for &position in targets {
             let domain = match &wrapped {
                 Some(_) => match self.domain_key(position) {
@@ -314,45 +334,38 @@ impl VirtualSession {
             };
             let mut attributes = template.attributes();
             let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-            let mut answer = Attempt::Faulted;
-            // A member that only had to be logged in again is still up: try
-            // it once more rather than leave the object pending.
-            for _ in 0..2 {
-                answer = self.attempt(position, "replication", &mut |l, s| match &wrapped {
-                    Some(blob) => {
-                        let mut mechanism = CK_MECHANISM {
-                            mechanism: WRAP_MECHANISM,
-                            pParameter: ptr::null_mut(),
-                            ulParameterLen: 0,
-                        };
-                        member_call!(
-                            l,
-                            C_UnwrapKey(
-                                s,
-                                &mut mechanism,
-                                domain,
-                                blob.as_ptr() as *mut _,
-                                blob.len() as CK_ULONG,
-                                attributes.as_mut_ptr(),
-                                attributes.len() as CK_ULONG,
-                                &mut handle
-                            )
-                        )
-                    }
-                    None => member_call!(
+            let mut make = |l: &MemberLibrary, s| match &wrapped {
+                Some(blob) => {
+                    let mut mechanism = CK_MECHANISM {
+                        mechanism: WRAP_MECHANISM,
+                        pParameter: ptr::null_mut(),
+                        ulParameterLen: 0,
+                    };
+                    member_call!(
                         l,
-                        C_CreateObject(
+                        C_UnwrapKey(
                             s,
+                            &mut mechanism,
+                            domain,
+                            blob.as_ptr() as *mut _,
+                            blob.len() as CK_ULONG,
                             attributes.as_mut_ptr(),
                             attributes.len() as CK_ULONG,
                             &mut handle
                         )
-                    ),
-                });
-                if !matches!(answer, Attempt::Faulted) || !self.group.members[position].is_up() {
-                    break;
+                    )
                 }
-            }
+                None => member_call!(
+                    l,
+                    C_CreateObject(
+                        s,
+                        attributes.as_mut_ptr(),
+                        attributes.len() as CK_ULONG,
+                        &mut handle
+                    )
+                ),
+            };
+            let answer = self.attempt_making(position, "replication", object, &mut make);
             match answer {
                 Attempt::Answered(CKR_OK) => {
                     self.group
@@ -367,79 +380,328 @@ impl VirtualSession {
                         None => Error::new(rv),
                     });
                 }
-                Attempt::Faulted => self.group.add_pending(position, Pending::Create(object)),
+                Attempt::Faulted => faulted.push(position),
             }
         }
-        Ok(())
+        Ok(faulted)
     }
 
     /// The key on `source` wrapped under the domain key.
     fn wrap_for_transfer(&self, source: usize, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>> {
         let domain = self.domain_key(source)?;
-        let s = self.member_session(source)?;
-        let mut mechanism = CK_MECHANISM {
-            mechanism: WRAP_MECHANISM,
-            pParameter: ptr::null_mut(),
-            ulParameterLen: 0,
+        let wrap = |s: &MemberSession| {
+            let mut mechanism = CK_MECHANISM {
+                mechanism: WRAP_MECHANISM,
+                pParameter: ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+            let mut len: CK_ULONG = 0;
+            let rv = member_call!(
+                s.library,
+                C_WrapKey(
+                    s.handle,
+                    &mut mechanism,
+                    domain,
+                    key,
+                    ptr::null_mut(),
+                    &mut len
+                )
+            );
+            if rv != CKR_OK {
+                return Err(rv);
+            }
+            let mut blob = vec![0u8; len as usize];
+            let rv = member_call!(
+                s.library,
+                C_WrapKey(
+                    s.handle,
+                    &mut mechanism,
+                    domain,
+                    key,
+                    blob.as_mut_ptr(),
+                    &mut len
+                )
+            );
+            if rv != CKR_OK {
+                return Err(rv);
+            }
+            blob.truncate(len as usize);
+            Ok(blob)
         };
-        let mut len: CK_ULONG = 0;
-        let rv = member_call!(
-            s.library,
-            C_WrapKey(
-                s.handle,
-                &mut mechanism,
-                domain,
-                key,
-                ptr::null_mut(),
-                &mut len
-            )
-        );
-        if rv != CKR_OK {
-            return Err(self.transport_error(source, rv));
-        }
-        let mut blob = vec![0u8; len as usize];
-        let rv = member_call!(
-            s.library,
-            C_WrapKey(
-                s.handle,
-                &mut mechanism,
-                domain,
-                key,
-                blob.as_mut_ptr(),
-                &mut len
-            )
-        );
-        if rv != CKR_OK {
-            return Err(Error::new(rv));
-        }
-        blob.truncate(len as usize);
-        Ok(blob)
+        self.on_member(source, wrap)?
+            .map_err(|rv| self.transport_error(source, rv))
     }
 
     /// A member that cannot wrap or unwrap with the domain key (its library
     /// does not carry the mechanism, as p11-kit 0.24's client does not)
-    /// cannot hold the group's generated keys: say so, and answer
-    /// `CKR_FUNCTION_FAILED` rather than a mechanism error the application
-    /// did not cause.
+    /// cannot hold the group's generated keys: say so, once per member and
+    /// epoch, and answer `CKR_FUNCTION_FAILED` rather than a mechanism
+    /// error the application did not cause.
     fn transport_error(&self, position: usize, rv: CK_RV) -> Error {
         if rv != CKR_MECHANISM_INVALID {
             return Error::new(rv);
         }
-        let event = format!(
-            "member {} cannot carry key material: its library refuses CKM_AES_KEY_WRAP_PAD; keys generated in this group cannot replicate (imported keys can)",
-            self.group.members[position].serial
-        );
-        eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
-        self.group.log(Some(position), &event);
+        let member = &self.group.members[position];
+        if member.refuses_keys() {
+            let event = format!(
+                "member {} cannot carry key material: its library refuses CKM_AES_KEY_WRAP_PAD; keys generated in this group cannot replicate (imported keys can)",
+                member.serial
+            );
+            eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+            self.group.log(Some(position), &event);
+        }
         Error::new(CKR_FUNCTION_FAILED)
     }
 
     /// Removes copies made before a replication had to be abandoned.
     pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) {
         for (position, handle) in made {
-            if let Ok(s) = self.member_session(*position) {
-                member_call!(s.library, C_DestroyObject(s.handle, *handle));
+            let _ = self.on_member(*position, |s| {
+                member_call!(s.library, C_DestroyObject(s.handle, *handle))
+            });
+        }
+    }
+
+    /// Gives a member that missed a change the change: queued while the
+    /// member is down or coming back, for its recovery to replay; made on it
+    /// now if it serves again by then, since nothing replays the queue of a
+    /// member that serves.
+    pub fn deliver_or_queue(&self, position: usize, change: Pending) {
+        let mut change = change;
+        loop {
+            match self.group.queue_unless_up(position, change) {
+                Ok(()) => return,
+                Err(back) => change = back,
+            }
+            match self.apply(position, &change, None) {
+                Ok(_) => return,
+                Err(why) if self.group.members[position].is_up() => {
+                    self.group.log(
+                        Some(position),
+                        &format!("a change could not be made on the member: {why}"),
+                    );
+                    return;
+                }
+                // It failed meanwhile: queue the change after all.
+                Err(_) => {}
             }
         }
+    }
+
+    /// Makes on member `position` one change it missed; true if the member
+    /// needed it. `holdings`, where given, is what the member holds (kept
+    /// current here), and spares searching the member for each change.
+    pub fn apply(
+        &self,
+        position: usize,
+        change: &Pending,
+        holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        match change {
+            Pending::Destroy(print) => self.destroy_copy(position, print, holdings),
+            Pending::Create(object) => self.copy_missed(position, *object, holdings),
+            Pending::Import(object, template) => {
+                self.import_missed(position, *object, template, holdings)
+            }
+        }
+    }
+
+    /// Whether the member already holds the object: known there, or
+    /// matched by one or more objects (more than one: an earlier copy that
+    /// was interrupted -- never copy it again then, or copies would
+    /// multiply with every recovery).
+    pub fn holds(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        position: usize,
+        holdings: Option<&Holdings>,
+    ) -> bool {
+        if let Some(Presence::Present(_)) = self.group.objects.presence(object, position) {
+            return true;
+        }
+        let Some(print) = self.fingerprint_of(object) else {
+            return false;
+        };
+        let found: Vec<CK_OBJECT_HANDLE> = match holdings {
+            Some(h) => h.matching(&print).collect(),
+            None => {
+                match self.on_member(position, |s| identity::find(&s.library, s.handle, &print)) {
+                    Ok(Ok(found)) => found,
+                    _ => return false,
+                }
+            }
+        };
+        if let [one] = found[..] {
+            self.group
+                .objects
+                .set_presence(object, position, Presence::Present(one));
+        }
+        !found.is_empty()
+    }
+
+    /// Notes a new copy of `object` in `holdings`.
+    fn note_made(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        handle: CK_OBJECT_HANDLE,
+        holdings: Option<&mut Holdings>,
+    ) {
+        if let (Some(h), Some(print)) = (holdings, self.fingerprint_of(object)) {
+            h.objects.push((handle, (*print).clone()));
+        }
+    }
+
+    /// Creates an imported object on the member from the application's
+    /// template.
+    fn import_missed(
+        &self,
+        position: usize,
+        object: CK_OBJECT_HANDLE,
+        template: &OwnedTemplate,
+        holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        if self.group.objects.get(object).is_none()
+            || self.holds(object, position, holdings.as_deref())
+        {
+            return Ok(false);
+        }
+        let mut attributes = template.attributes();
+        let mut handle = CK_INVALID_HANDLE;
+        let answer = self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
+            member_call!(
+                l,
+                C_CreateObject(
+                    s,
+                    attributes.as_mut_ptr(),
+                    attributes.len() as CK_ULONG,
+                    &mut handle
+                )
+            )
+        });
+        match answer {
+            Attempt::Answered(CKR_OK) => {
+                self.group
+                    .objects
+                    .set_presence(object, position, Presence::Present(handle));
+                self.note_made(object, handle, holdings);
+                Ok(true)
+            }
+            Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
+            Attempt::Faulted => Err("the member failed again".into()),
+        }
+    }
+
+    /// Copies a token object the member missed from a member that serves.
+    /// Session objects are not replayed: their sessions keep them on the
+    /// members that were up.
+    fn copy_missed(
+        &self,
+        position: usize,
+        object: CK_OBJECT_HANDLE,
+        holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        let Some(entry) = self.group.objects.get(object) else {
+            return Ok(false);
+        };
+        if entry.owner.is_some() || self.holds(object, position, holdings.as_deref()) {
+            return Ok(false);
+        }
+        let source = self
+            .group
+            .up_members()
+            .map(|m| m.position)
+            .filter(|p| *p != position)
+            .find(|p| self.resolve(object, *p).ok().flatten().is_some())
+            .ok_or_else(|| "no member that serves holds the object".to_string())?;
+        match self.copy_to(object, source, &[position]) {
+            Ok(faulted) if faulted.is_empty() => {
+                if let Some(Presence::Present(h)) = self.group.objects.presence(object, position) {
+                    self.note_made(object, h, holdings);
+                }
+                Ok(true)
+            }
+            Ok(_) => Err("the member failed again".into()),
+            Err(e) => Err(format!("copying an object failed with {}", rv_name(e.rv))),
+        }
+    }
+
+    /// Removes from the member the one object with this fingerprint.
+    fn destroy_copy(
+        &self,
+        position: usize,
+        print: &Fingerprint,
+        holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        let found: Vec<CK_OBJECT_HANDLE> = match &holdings {
+            Some(h) => h.matching(print).collect(),
+            None => self
+                .on_member(position, |s| identity::find(&s.library, s.handle, print))
+                .map_err(|e| rv_name(e.rv))?
+                .map_err(rv_name)?,
+        };
+        let [one] = found[..] else {
+            return Ok(false);
+        };
+        let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
+            member_call!(l, C_DestroyObject(s, one))
+        });
+        match answer {
+            Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID) => {
+                self.group.objects.forget_copy(position, one);
+                if let Some(h) = holdings {
+                    h.objects.retain(|(handle, _)| *handle != one);
+                }
+                Ok(true)
+            }
+            Attempt::Answered(rv) => Err(format!("removal refused with {}", rv_name(rv))),
+            Attempt::Faulted => Err("the member failed again".into()),
+        }
+    }
+}
+
+/// A member's token objects with their fingerprints, read once, so that a
+/// recovery asks the member about each object once instead of searching it
+/// for each object it might lack.
+pub struct Holdings {
+    objects: Vec<(CK_OBJECT_HANDLE, Fingerprint)>,
+}
+
+impl Holdings {
+    /// Reads every token object of member `position` but the domain key.
+    pub fn read(session: &VirtualSession, position: usize) -> Result<Holdings> {
+        let domain = session.domain_handle(position);
+        let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+        let handles = session
+            .on_member(position, |s| {
+                identity::find(&s.library, s.handle, &everything)
+            })?
+            .map_err(Error::new)?;
+        let mut objects = Vec::with_capacity(handles.len());
+        let mut unread = false;
+        for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
+            match session.on_member(position, |s| {
+                identity::fingerprint(&s.library, s.handle, handle)
+            })? {
+                Some(print) => objects.push((handle, print)),
+                None => unread = true,
+            }
+        }
+        // An object removed since the search is simply not held; a member
+        // that stopped answering must not pass for one that lacks objects.
+        if unread && !session.answers(position) {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        Ok(Holdings { objects })
+    }
+
+    /// The member's objects a search for `print` finds.
+    pub fn matching<'a>(
+        &'a self,
+        print: &'a Fingerprint,
+    ) -> impl Iterator<Item = CK_OBJECT_HANDLE> + 'a {
+        self.objects
+            .iter()
+            .filter(move |(_, candidate)| identity::matches(print, candidate))
+            .map(|(h, _)| *h)
     }
 }

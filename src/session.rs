@@ -16,12 +16,14 @@ use std::ops::Deref;
 use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A session on one member token, opened in the member's `epoch`.
+/// A session on one member token, opened in the member's `epoch` on the
+/// library's `connection`.
 #[derive(Clone)]
 pub struct MemberSession {
     pub library: Arc<MemberLibrary>,
     pub handle: CK_SESSION_HANDLE,
     pub epoch: u64,
+    pub connection: u64,
 }
 
 /// The member session a virtual session holds on one member, readable on
@@ -32,6 +34,7 @@ pub struct MemberSessionCell {
     sequence: AtomicU64,
     epoch: AtomicU64,
     handle: AtomicU64,
+    connection: AtomicU64,
     library: AtomicPtr<MemberLibrary>,
     /// Every library a session here was opened on, kept for as long as the
     /// cell so that `library` never dangles.
@@ -47,6 +50,7 @@ impl Default for MemberSessionCell {
             sequence: AtomicU64::new(0),
             epoch: AtomicU64::new(NO_SESSION),
             handle: AtomicU64::new(0),
+            connection: AtomicU64::new(0),
             library: AtomicPtr::new(std::ptr::null_mut()),
             write: Mutex::new(SmallVec::new()),
         }
@@ -54,13 +58,15 @@ impl Default for MemberSessionCell {
 }
 
 impl MemberSessionCell {
-    /// The session held, if it was opened in `epoch`.
+    /// The session held, if it was opened in `epoch`: its library, handle
+    /// and connection.
     #[inline(always)]
-    pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE)> {
+    pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
         loop {
             let before = self.sequence.load(Ordering::Acquire);
             let held = self.epoch.load(Ordering::Relaxed);
             let handle = self.handle.load(Ordering::Relaxed);
+            let connection = self.connection.load(Ordering::Relaxed);
             let library = self.library.load(Ordering::Relaxed);
             fence(Ordering::Acquire);
             if before & 1 == 1 || self.sequence.load(Ordering::Relaxed) != before {
@@ -72,7 +78,11 @@ impl MemberSessionCell {
             }
             // SAFETY: `library` came from an Arc that `write` keeps for as
             // long as `self` lives.
-            return Some((unsafe { &*library }, handle as CK_SESSION_HANDLE));
+            return Some((
+                unsafe { &*library },
+                handle as CK_SESSION_HANDLE,
+                connection,
+            ));
         }
     }
 
@@ -90,6 +100,7 @@ impl MemberSessionCell {
             library: Arc::clone(library),
             handle: self.handle.load(Ordering::Relaxed) as CK_SESSION_HANDLE,
             epoch,
+            connection: self.connection.load(Ordering::Relaxed),
         })
     }
 
@@ -105,7 +116,7 @@ impl MemberSessionCell {
         if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
             retained.push(Arc::clone(&session.library));
         }
-        self.store(session.epoch, session.handle, Arc::as_ptr(&session.library));
+        self.store(&session);
         (session, None)
     }
 
@@ -113,18 +124,35 @@ impl MemberSessionCell {
     pub fn take(&self) -> Option<MemberSession> {
         let retained = self.write.lock();
         let held = self.owned(&retained);
-        self.store(NO_SESSION, 0, std::ptr::null());
+        self.clear();
         held
     }
 
-    /// Writes the fields; callers hold `write`.
-    fn store(&self, epoch: u64, handle: CK_SESSION_HANDLE, library: *const MemberLibrary) {
+    /// Writes the fields; callers hold `write`, which retains the library.
+    fn store(&self, session: &MemberSession) {
+        self.write_fields(|| {
+            self.epoch.store(session.epoch, Ordering::Relaxed);
+            self.handle.store(session.handle, Ordering::Relaxed);
+            self.connection.store(session.connection, Ordering::Relaxed);
+            let library = Arc::as_ptr(&session.library) as *mut MemberLibrary;
+            self.library.store(library, Ordering::Relaxed);
+        });
+    }
+
+    /// Empties the fields; callers hold `write`.
+    fn clear(&self) {
+        self.write_fields(|| {
+            self.epoch.store(NO_SESSION, Ordering::Relaxed);
+            self.library.store(std::ptr::null_mut(), Ordering::Relaxed);
+        });
+    }
+
+    /// The writer's half of the sequence lock.
+    fn write_fields(&self, write: impl FnOnce()) {
         let sequence = self.sequence.load(Ordering::Relaxed);
         self.sequence.store(sequence + 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        self.epoch.store(epoch, Ordering::Relaxed);
-        self.handle.store(handle, Ordering::Relaxed);
-        self.library.store(library as *mut _, Ordering::Relaxed);
+        write();
         self.sequence.store(sequence + 2, Ordering::Release);
     }
 }
@@ -311,6 +339,9 @@ pub fn open_member_session(
     flags: CK_FLAGS,
     epoch: u64,
 ) -> Result<MemberSession> {
+    // Read first: a reconnect in between makes the session look older,
+    // never newer, than it is.
+    let connection = library.connection();
     let mut handle: CK_SESSION_HANDLE = 0;
     check(member_call!(
         library,
@@ -320,6 +351,7 @@ pub fn open_member_session(
         library: Arc::clone(library),
         handle,
         epoch,
+        connection,
     })
 }
 

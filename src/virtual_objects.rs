@@ -142,52 +142,57 @@ impl VirtualSession {
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
-        let mut on = vec![Presence::Unknown; self.group.members.len()];
-        let mut missed = Vec::new();
+        // Known before any member is asked, so that a request cut off on
+        // the wire leaves it in doubt on that member (attempt_making).
+        let object = self
+            .group
+            .objects
+            .insert(vec![Presence::Unknown; self.group.members.len()], owner);
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
-        for member in &self.group.members {
-            let position = member.position;
-            if !member.is_up() {
-                missed.push(position);
-                continue;
+        // Until a member holds it: one that came up while those asked
+        // failed takes it, as another member takes any other call.
+        while made.is_empty() {
+            let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
+            if up.is_empty() {
+                self.group.objects.remove(object);
+                return Err(Error::new(CKR_DEVICE_ERROR));
             }
-            let mut handle = CK_INVALID_HANDLE;
-            let mut answer = Attempt::Faulted;
-            // A member that only had to be logged in again is still up:
-            // give it the object now rather than leave it pending.
-            for _ in 0..2 {
-                answer = self.attempt(position, "C_CreateObject", &mut |l, s| {
-                    create(l, s, &mut handle)
-                });
-                if !matches!(answer, Attempt::Faulted) || !member.is_up() {
-                    break;
+            for position in up {
+                let mut handle = CK_INVALID_HANDLE;
+                let answer =
+                    self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
+                        create(l, s, &mut handle)
+                    });
+                match answer {
+                    Attempt::Answered(CKR_OK) => {
+                        self.group.objects.set_presence(
+                            object,
+                            position,
+                            Presence::Present(handle),
+                        );
+                        made.push((position, handle));
+                    }
+                    Attempt::Answered(rv) => {
+                        self.undo(&made);
+                        self.group.objects.remove(object);
+                        return Err(Error::new(rv));
+                    }
+                    Attempt::Faulted => {}
                 }
-            }
-            match answer {
-                Attempt::Answered(CKR_OK) => {
-                    on[position] = Presence::Present(handle);
-                    made.push((position, handle));
-                }
-                Attempt::Answered(rv) => {
-                    self.undo(&made);
-                    return Err(Error::new(rv));
-                }
-                Attempt::Faulted => missed.push(position),
             }
         }
-        if made.is_empty() {
-            return Err(Error::new(CKR_DEVICE_ERROR));
-        }
-        let object = self.group.objects.insert(on, owner);
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
         }
+        let missed: Vec<usize> = (0..self.group.members.len())
+            .filter(|p| !made.iter().any(|(m, _)| m == p))
+            .collect();
         if !missed.is_empty() && owner.is_none() {
             // SAFETY: forwarded from the caller.
             let kept = std::sync::Arc::new(unsafe { OwnedTemplate::copy(template, count) });
             for position in missed {
                 let change = Pending::Import(object, std::sync::Arc::clone(&kept));
-                self.group.add_pending(position, change);
+                self.deliver_or_queue(position, change);
             }
         }
         Ok(object)
@@ -342,24 +347,29 @@ impl VirtualSession {
     }
 
     /// Looks the object up on every member that is up, so that changes
-    /// reach every copy.
+    /// reach every copy. Also returns the members that were not up, which
+    /// get the change when they are.
+    #[allow(clippy::type_complexity)]
     fn resolve_everywhere(
         &self,
         object: CK_OBJECT_HANDLE,
-    ) -> Result<Vec<(usize, CK_OBJECT_HANDLE)>> {
+    ) -> Result<(Vec<(usize, CK_OBJECT_HANDLE)>, Vec<usize>)> {
         if self.group.objects.get(object).is_none() {
             return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
         }
         let mut copies = Vec::new();
-        for member in self.group.up_members() {
-            if let Some(h) = self.resolve(object, member.position)? {
+        let mut missed = Vec::new();
+        for member in &self.group.members {
+            if !member.is_up() {
+                missed.push(member.position);
+            } else if let Some(h) = self.resolve(object, member.position)? {
                 copies.push((member.position, h));
             }
         }
         if copies.is_empty() {
             return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
         }
-        Ok(copies)
+        Ok((copies, missed))
     }
 
     /// Applies a change to every copy of an object. The first copy's answer
@@ -372,30 +382,35 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let copies = self.resolve_everywhere(object)?;
-        let before = self.fingerprint_from(copies[0]);
-        let mut decided = false;
-        for (position, handle) in copies {
-            match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
-                Attempt::Faulted => {}
-                Attempt::Answered(rv) if !decided => {
-                    check(rv)?;
-                    decided = true;
+        let (before, missed) = loop {
+            let (copies, mut missed) = self.resolve_everywhere(object)?;
+            let before = self.fingerprint_from(copies[0]);
+            let mut decided = false;
+            for (position, handle) in copies {
+                match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
+                    Attempt::Faulted => missed.push(position),
+                    Attempt::Answered(rv) if !decided => {
+                        check(rv)?;
+                        decided = true;
+                    }
+                    Attempt::Answered(_) => {}
                 }
-                Attempt::Answered(_) => {}
             }
-        }
-        if !decided {
-            return Err(Error::new(CKR_DEVICE_ERROR));
-        }
-        for member in self.group.members.iter().filter(|m| !m.is_up()) {
+            if decided {
+                break (before, missed);
+            }
+            // Every copy asked failed: a member that came up meanwhile
+            // decides, as another member takes any other call.
+            if self.group.up_members().next().is_none() {
+                return Err(Error::new(CKR_DEVICE_ERROR));
+            }
+        };
+        for position in missed {
             if let Some(print) = &before {
-                self.group
-                    .add_pending(member.position, Pending::Destroy(print.clone()));
+                self.deliver_or_queue(position, Pending::Destroy(print.clone()));
             }
             if !destroys {
-                self.group
-                    .add_pending(member.position, Pending::Create(object));
+                self.deliver_or_queue(position, Pending::Create(object));
             }
         }
         Ok(())
@@ -405,8 +420,10 @@ impl VirtualSession {
         &self,
         (position, handle): (usize, CK_OBJECT_HANDLE),
     ) -> Option<identity::Fingerprint> {
-        let s = self.member_session(position).ok()?;
-        identity::fingerprint(&s.library, s.handle, handle)
+        self.on_member(position, |s| {
+            identity::fingerprint(&s.library, s.handle, handle)
+        })
+        .ok()?
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
@@ -494,8 +511,9 @@ impl VirtualSession {
             // SAFETY: as above.
             let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
             let mut kept = 0;
+            let epoch = self.group.members[member].epoch();
             for i in 0..handles.len() {
-                if self.group.domain.is_domain_key(member, handles[i]) {
+                if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
                 let object = self.group.objects.from_member(member, handles[i]);
@@ -604,7 +622,7 @@ impl VirtualSession {
                 return Err(error);
             }
             for print in prints {
-                self.group.add_pending(position, Pending::Destroy(print));
+                self.deliver_or_queue(position, Pending::Destroy(print));
             }
         }
     }

@@ -363,11 +363,16 @@ impl VirtualSession {
         Summary(self.binding_summary.load(Ordering::Acquire))
     }
 
-    /// Closes every member session.
+    /// Closes every member session. One from an earlier epoch of its member
+    /// is left alone: after a reconnect its number may belong to another
+    /// session.
     pub fn close(&self) {
         for (member, cell) in self.group.members.iter().zip(self.members.iter()) {
             if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
-                member_call!(s.library, C_CloseSession(s.handle));
+                let _in_flight = member.begin_call();
+                crate::member::on_connection(s.connection, || {
+                    member_call!(s.library, C_CloseSession(s.handle))
+                });
             }
         }
     }
@@ -382,11 +387,14 @@ impl VirtualSession {
         }
     }
 
-    /// [`Self::member_session`] without a reference count: the path of
-    /// every member call.
+    /// [`Self::member_session`] without a reference count, as (library,
+    /// session, connection): the path of every member call.
     #[inline(always)]
-    fn session_on(&self, position: usize) -> Result<(&MemberLibrary, CK_SESSION_HANDLE)> {
-        let epoch = self.group.members[position].epoch();
+    fn session_on(
+        &self,
+        position: usize,
+        epoch: u64,
+    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
         match self.members[position].get(epoch) {
             Some(found) => Ok(found),
             None => self.open_and_get(position, epoch),
@@ -398,7 +406,7 @@ impl VirtualSession {
         &self,
         position: usize,
         epoch: u64,
-    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE)> {
+    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
         self.open_member_session(position, epoch)?;
         // Absent only if the member failed again meanwhile.
         self.members[position]
@@ -417,9 +425,24 @@ impl VirtualSession {
         drop(guard);
         let (held, raced) = self.members[position].put(opened?);
         if let Some(raced) = raced {
-            member_call!(raced.library, C_CloseSession(raced.handle));
+            crate::member::on_connection(raced.connection, || {
+                member_call!(raced.library, C_CloseSession(raced.handle))
+            });
         }
         Ok(held)
+    }
+
+    /// Runs member calls made outside [`VirtualSession::attempt`] (lookups,
+    /// attribute reads) on the member's session, counted in flight like any
+    /// call, so that the watchdog sees the member if it hangs under them.
+    pub fn on_member<T>(
+        &self,
+        position: usize,
+        calls: impl FnOnce(&MemberSession) -> T,
+    ) -> Result<T> {
+        let s = self.member_session(position)?;
+        let _in_flight = self.group.members[position].begin_call();
+        Ok(crate::member::on_connection(s.connection, || calls(&s)))
     }
 
     /// Member sessions of every member that is up, opening any missing.
@@ -449,34 +472,95 @@ impl VirtualSession {
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         let member = &self.group.members[position];
-        let (library, handle) = match self.session_on(position) {
+        let epoch = member.epoch();
+        let (library, handle, connection) = match self.session_on(position, epoch) {
             Ok(s) => s,
             Err(e) => return self.not_opened(position, e.rv),
         };
         let guard = member.begin_call();
-        let mut rv = call(library, handle);
-        if matches!(
-            rv,
-            CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
-        ) {
-            match self.check_login(position, library, handle, rv) {
-                Relogin::Retry => rv = call(library, handle),
-                Relogin::LookUpAgain => return Attempt::Faulted,
-                Relogin::NotNeeded => {}
+        let (rv, look_up_again) = crate::member::on_connection(connection, || {
+            let rv = call(library, handle);
+            if !matches!(
+                rv,
+                CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
+            ) {
+                return (rv, false);
             }
-        }
+            match self.check_login(position, library, handle, rv) {
+                Relogin::Retry => (call(library, handle), false),
+                Relogin::LookUpAgain => (rv, true),
+                Relogin::NotNeeded => (rv, false),
+            }
+        });
         drop(guard);
-        if is_member_fault(rv) {
-            self.group.member_failed(position, function, rv);
-            Attempt::Faulted
-        } else {
-            Attempt::Answered(rv)
+        if look_up_again {
+            return Attempt::Faulted;
         }
+        if !is_member_fault(rv) {
+            return Attempt::Answered(rv);
+        }
+        // A fault on a session from an earlier epoch belongs to a failure
+        // already recorded: the member may be back by now.
+        if epoch == member.epoch() {
+            self.group.member_failed(position, function, rv);
+        }
+        Attempt::Faulted
+    }
+
+    /// As [`VirtualSession::attempt`], for a call that must reach this
+    /// member: asked once more when the member only had to be logged in
+    /// again (it is still in service then).
+    pub(crate) fn attempt_on(
+        &self,
+        position: usize,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        let answer = self.attempt(position, function, call);
+        if matches!(answer, Attempt::Faulted) && self.group.members[position].reachable() {
+            return self.attempt(position, function, call);
+        }
+        answer
+    }
+
+    /// As [`VirtualSession::attempt_on`], for a call that makes `object` on
+    /// the member. The object is recorded as being made before the request
+    /// goes out, and stays in doubt there if the request was cut off on
+    /// the wire, since the member may still carry it out.
+    pub(crate) fn attempt_making(
+        &self,
+        position: usize,
+        function: &str,
+        object: CK_OBJECT_HANDLE,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        self.group.begin_making(position, object);
+        let answer = self.attempt_on(position, function, call);
+        let cut_off = matches!(answer, Attempt::Faulted) && crate::member::last_call_cut_off();
+        self.group.end_making(position, object, cut_off);
+        answer
+    }
+
+    /// Whether the member still answers on this session; one that does not
+    /// is taken out of service.
+    pub fn answers(&self, position: usize) -> bool {
+        let mut info = CK_SESSION_INFO {
+            slotID: 0,
+            state: 0,
+            flags: 0,
+            ulDeviceError: 0,
+        };
+        let mut call = |l: &MemberLibrary, s| member_call!(l, C_GetSessionInfo(s, &mut info));
+        matches!(
+            self.attempt(position, "C_GetSessionInfo", &mut call),
+            Attempt::Answered(_)
+        )
     }
 
     #[cold]
     fn not_opened(&self, position: usize, rv: CK_RV) -> Attempt {
         if is_member_fault(rv) {
+            crate::member::forget_cut_off();
             self.group.member_failed(position, "C_OpenSession", rv);
             Attempt::Faulted
         } else {
@@ -557,10 +641,9 @@ impl VirtualSession {
                 let Some(print) = self.fingerprint_of(object) else {
                     return Ok(None);
                 };
-                let Ok(to) = self.member_session(position) else {
-                    return Ok(None);
-                };
-                let Ok(found) = identity::find(&to.library, to.handle, &print) else {
+                let Ok(Ok(found)) =
+                    self.on_member(position, |s| identity::find(&s.library, s.handle, &print))
+                else {
                     return Ok(None);
                 };
                 let presence = match found.as_slice() {
@@ -591,10 +674,10 @@ impl VirtualSession {
             _ => None,
         });
         for (source, handle) in sources {
-            let Ok(from) = self.member_session(source) else {
-                continue;
-            };
-            if let Some(print) = identity::fingerprint(&from.library, from.handle, handle) {
+            let read = self.on_member(source, |s| {
+                identity::fingerprint(&s.library, s.handle, handle)
+            });
+            if let Ok(Some(print)) = read {
                 self.group.objects.set_fingerprint(object, print);
                 return self.group.objects.get(object)?.fingerprint;
             }
@@ -613,10 +696,11 @@ impl VirtualSession {
         if self.group.members.len() < 2 || self.group.objects.has_fingerprint(object) {
             return;
         }
-        if let Ok(s) = self.member_session(position) {
-            if let Some(print) = identity::fingerprint(&s.library, s.handle, handle) {
-                self.group.objects.set_fingerprint(object, print);
-            }
+        let read = self.on_member(position, |s| {
+            identity::fingerprint(&s.library, s.handle, handle)
+        });
+        if let Ok(Some(print)) = read {
+            self.group.objects.set_fingerprint(object, print);
         }
     }
 
@@ -930,6 +1014,9 @@ impl VirtualSession {
     ) -> Attempt {
         let function = "operation failover";
         if let Some(search) = &op.search {
+            // Known before the search starts there, as in find_init, so that
+            // the search can leave it out.
+            self.domain_handle(position);
             let mut template = search.template.attributes();
             return self.attempt(position, function, &mut |l, s| {
                 member_call!(
