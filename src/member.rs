@@ -77,8 +77,9 @@ pub fn on_connection<T>(connection: u64, calls: impl FnOnce() -> T) -> T {
     result
 }
 
-/// Whether the calling thread's last member call was on the wire when the
-/// watchdog severed its connection. Its request reached the server, which
+/// Whether the calling thread's last call into a networked member (since
+/// [`forget_cut_off`]) was on the wire when the watchdog severed its
+/// connection. Its request reached the server, which
 /// may still carry it out if it was only stalled: an object it made is
 /// then in doubt until the server has resumed or given it up.
 pub fn last_call_cut_off() -> bool {
@@ -248,7 +249,7 @@ impl MemberLibrary {
     /// p11-kit 0.24 can leave waiting forever when its server dies under
     /// them. Each call is numbered while it is on the wire, so that a call
     /// the watchdog cut off knows it ([`last_call_cut_off`]). In-process
-    /// members pay one thread-local store.
+    /// members pay nothing.
     #[inline]
     pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
         if self.networked.load(Ordering::Relaxed) {
@@ -265,9 +266,15 @@ impl MemberLibrary {
             CUT_OFF.set(self.cut_off.load(Ordering::Relaxed) == number);
             result
         } else {
-            CUT_OFF.set(false);
             call()
         }
+    }
+
+    /// Whether the library talks to a server (see [`Self::shielded`]); only
+    /// such a library can be reconnected under a session or cut off.
+    #[inline]
+    pub fn is_networked(&self) -> bool {
+        self.networked.load(Ordering::Relaxed)
     }
 
     /// Initialises the library for OS locking. A library the application

@@ -478,7 +478,7 @@ impl VirtualSession {
             Err(e) => return self.not_opened(position, e.rv),
         };
         let guard = member.begin_call();
-        let (rv, look_up_again) = crate::member::on_connection(connection, || {
+        let mut run = || {
             let rv = call(library, handle);
             if !matches!(
                 rv,
@@ -491,7 +491,13 @@ impl VirtualSession {
                 Relogin::LookUpAgain => (rv, true),
                 Relogin::NotNeeded => (rv, false),
             }
-        });
+        };
+        // Only a networked library can have reconnected under the session.
+        let (rv, look_up_again) = if library.is_networked() {
+            crate::member::on_connection(connection, run)
+        } else {
+            run()
+        };
         drop(guard);
         if look_up_again {
             return Attempt::Faulted;
@@ -535,6 +541,7 @@ impl VirtualSession {
         call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         self.group.begin_making(position, object);
+        crate::member::forget_cut_off();
         let answer = self.attempt_on(position, function, call);
         let cut_off = matches!(answer, Attempt::Faulted) && crate::member::last_call_cut_off();
         self.group.end_making(position, object, cut_off);
