@@ -128,14 +128,14 @@ struct Search {
 #[derive(Default)]
 struct Bindings {
     /// Changed only through `start`, `end`, `take_all` and `replace_all`,
-    /// which keep `active` in step.
+    /// which keep `kinds` in step.
     ops: [Option<ActiveOp>; OP_KINDS],
-    /// Bit `k`: an operation of kind `k` is in `ops`.
-    active: u8,
-    /// Bit `k`: that operation's member failed and it could not be moved;
-    /// the next call on it says `CKR_DEVICE_ERROR` and ends it, leaving the
-    /// session usable.
-    lost: u8,
+    /// Bit `k`: an operation of kind `k` is in `ops`. Bit `LOST_SHIFT + k`:
+    /// its member failed and it could not be moved; the next call on it
+    /// says `CKR_DEVICE_ERROR` and ends it, leaving the session usable.
+    /// One field, not two bytes: the summary reads both just after they are
+    /// written, and a load spanning two fresh byte stores stalls.
+    kinds: u16,
     member: Option<usize>,
     /// Set by `C_SetOperationState`: that member's state was restored, and
     /// only that member can continue it.
@@ -145,36 +145,37 @@ struct Bindings {
 impl Bindings {
     fn start(&mut self, kind: OpKind, op: ActiveOp, member: usize) {
         self.ops[kind as usize] = Some(op);
-        self.active |= 1 << kind as u8;
-        self.lost &= !(1 << kind as u8);
+        self.kinds = (self.kinds | kind_bit(kind)) & !(kind_bit(kind) << LOST_SHIFT);
         self.member = Some(member);
     }
 
     fn end(&mut self, kind: OpKind) {
         self.ops[kind as usize] = None;
-        self.active &= !(1 << kind as u8);
-        self.lost &= !(1 << kind as u8);
+        self.kinds &= !(kind_bit(kind) | kind_bit(kind) << LOST_SHIFT);
+    }
+
+    fn is_lost(&self, kind: OpKind) -> bool {
+        self.kinds & kind_bit(kind) << LOST_SHIFT != 0
     }
 
     fn take_all(&mut self) -> [Option<ActiveOp>; OP_KINDS] {
-        self.active = 0;
-        self.lost = 0;
+        self.kinds = 0;
         std::mem::take(&mut self.ops)
     }
 
     /// Replaces every operation; `lost` names those that could not move.
-    fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u8) {
-        self.active = ops
+    fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u16) {
+        let active = ops
             .iter()
             .enumerate()
             .filter(|(_, op)| op.is_some())
             .fold(0, |bits, (kind, _)| bits | 1 << kind);
-        self.lost = lost & self.active;
+        self.kinds = active | (lost & active) << LOST_SHIFT;
         self.ops = ops;
     }
 
     fn summary(&self) -> Summary {
-        let mut bits = u64::from(self.active) | u64::from(self.lost) << LOST_SHIFT;
+        let mut bits = u64::from(self.kinds);
         if self.restored {
             bits |= RESTORED;
         }
@@ -191,6 +192,11 @@ impl Bindings {
 /// from [`MEMBER_SHIFT`] up (0 = none).
 #[derive(Clone, Copy)]
 struct Summary(u64);
+
+fn kind_bit(kind: OpKind) -> u16 {
+    1 << kind as u16
+}
+
 const LOST_SHIFT: u32 = 8;
 const RESTORED: u64 = 1 << 16;
 const MEMBER_SHIFT: u32 = 32;
@@ -821,7 +827,7 @@ impl VirtualSession {
             };
         }
         let mut b = self.bindings();
-        if b.lost & (1 << kind as u8) != 0 {
+        if b.is_lost(kind) {
             b.end(kind);
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
