@@ -104,7 +104,8 @@ pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 }
 
 /// Runs `f` on the initialised provider without taking a reference to it:
-/// the path every session call takes.
+/// the path of every call that needs the provider, and of session lookups
+/// the thread's cache cannot answer.
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
     if FORKED.load(Ordering::Relaxed) {
         return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));

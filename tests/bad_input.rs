@@ -1596,6 +1596,39 @@ fn invalid_session_handles() {
     }
 }
 
+/// A thread's calls find their session without the session table while no
+/// session has been closed since; a session closed by another thread must
+/// still be refused here.
+#[test]
+fn a_session_closed_by_another_thread_is_refused() {
+    let ctx = Ctx::started();
+    let api = ha();
+    for (kind, slot) in ctx.slots() {
+        let session = open_session(api, slot);
+        let mut random = [0u8; 16];
+        let draw = |random: &mut [u8; 16]| {
+            ck!(
+                api,
+                C_GenerateRandom(session, random.as_mut_ptr(), len(random.len()))
+            )
+        };
+        expect(
+            draw(&mut random),
+            CKR_OK,
+            &format!("random on the {kind} slot"),
+        );
+        let closed = std::thread::spawn(move || ck!(api, C_CloseSession(session)))
+            .join()
+            .unwrap();
+        expect(closed, CKR_OK, "C_CloseSession on another thread");
+        expect(
+            draw(&mut random),
+            CKR_SESSION_HANDLE_INVALID,
+            &format!("random on the {kind} slot after another thread closed it"),
+        );
+    }
+}
+
 /// Answers to calls on object handles that name nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ObjectAnswers {
