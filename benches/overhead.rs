@@ -20,7 +20,7 @@
 
 #[macro_use]
 mod support;
-use support::{ha_library_path, load};
+use support::{attr, ha_library_path, initialize, load, user_session};
 
 use criterion::{black_box, Criterion};
 use cryptoki_sys::*;
@@ -303,58 +303,11 @@ fn parse_show_slots(text: &str, label: &str) -> Option<(CK_SLOT_ID, String)> {
     None
 }
 
-fn initialize(fns: &CK_FUNCTION_LIST) -> CK_RV {
-    let mut args = CK_C_INITIALIZE_ARGS {
-        CreateMutex: None,
-        DestroyMutex: None,
-        LockMutex: None,
-        UnlockMutex: None,
-        flags: CKF_OS_LOCKING_OK,
-        pReserved: ptr::null_mut(),
-    };
-    ck_raw!(fns, C_Initialize(&mut args as *mut _ as *mut c_void))
-}
-
 fn token_label(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> String {
     // SAFETY: CK_TOKEN_INFO is plain data.
     let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
     ck!(fns, C_GetTokenInfo(slot, &mut info));
     String::from_utf8_lossy(&info.label).trim_end().to_string()
-}
-
-/// An RW session on `slot` with the user logged in (or already logged in
-/// through another session of the same token).
-fn user_session(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
-    let mut session = 0;
-    ck!(
-        fns,
-        C_OpenSession(
-            slot,
-            CKF_SERIAL_SESSION | CKF_RW_SESSION,
-            ptr::null_mut(),
-            None,
-            &mut session
-        )
-    );
-    let mut pin = USER_PIN.as_bytes().to_vec();
-    let rv = ck_raw!(
-        fns,
-        C_Login(session, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG)
-    );
-    assert!(
-        rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN,
-        "C_Login on slot {slot:#x}: {rv:#x}"
-    );
-    session
-}
-
-/// A `CK_ATTRIBUTE` over a value that outlives the call.
-fn attr<T: ?Sized>(kind: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE {
-        type_: kind,
-        pValue: value as *const T as *mut c_void,
-        ulValueLen: std::mem::size_of_val(value) as CK_ULONG,
-    }
 }
 
 /// Makes the token's EC P-256 key pair and AES-256 key through `t` (the
@@ -493,7 +446,7 @@ impl Bench {
         let mut virt = Target {
             name: "virtual",
             fns: ha_fns,
-            session: user_session(&ha_fns, virtual_slot),
+            session: user_session(&ha_fns, virtual_slot, USER_PIN),
             ec_key: 0,
             aes_key: 0,
         };
@@ -502,14 +455,14 @@ impl Bench {
             Target {
                 name: "direct",
                 fns: softhsm_fns,
-                session: user_session(&softhsm_fns, member_slot),
+                session: user_session(&softhsm_fns, member_slot, USER_PIN),
                 ec_key: 0,
                 aes_key: 0,
             },
             Target {
                 name: "passthrough",
                 fns: ha_fns,
-                session: user_session(&ha_fns, passthrough_slot),
+                session: user_session(&ha_fns, passthrough_slot, USER_PIN),
                 ec_key: 0,
                 aes_key: 0,
             },

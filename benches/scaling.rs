@@ -44,14 +44,13 @@ mod common;
 
 #[macro_use]
 mod support;
-use support::{ha_library_path, load};
+use support::{attr, ha_library_path, initialize, load, user_session};
 
 use common::faulty::FaultyMember;
 use common::{config_text, provision_domain, GroupSpec, SoftHsm, DOMAIN_VALUE, SOFTHSM_LIB};
 use criterion::{black_box, BenchmarkId, Criterion, SamplingMode, Throughput};
 use cryptoki_sys::*;
 use libloading::Library;
-use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -161,55 +160,6 @@ impl Drop for Bench {
         if rv != CKR_OK {
             eprintln!("pkcs11-ha C_Finalize returned {rv:#x}");
         }
-    }
-}
-
-/// `C_Initialize` with `CKF_OS_LOCKING_OK` (pkcs11-ha reads the config
-/// named in the env).
-fn initialize(fns: &CK_FUNCTION_LIST) -> CK_RV {
-    let mut args = CK_C_INITIALIZE_ARGS {
-        CreateMutex: None,
-        DestroyMutex: None,
-        LockMutex: None,
-        UnlockMutex: None,
-        flags: CKF_OS_LOCKING_OK,
-        pReserved: ptr::null_mut(),
-    };
-    ck_raw!(fns, C_Initialize(&mut args as *mut _ as *mut c_void))
-}
-
-/// An RW session on `slot`, the user logged in (or already logged in
-/// through another session of the same slot).
-fn user_session(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
-    let mut session = 0;
-    ck!(
-        fns,
-        C_OpenSession(
-            slot,
-            CKF_SERIAL_SESSION | CKF_RW_SESSION,
-            ptr::null_mut(),
-            None,
-            &mut session
-        )
-    );
-    let mut pin = common::USER_PIN.as_bytes().to_vec();
-    let rv = ck_raw!(
-        fns,
-        C_Login(session, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG)
-    );
-    assert!(
-        rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN,
-        "C_Login on slot {slot}: {rv:#x}"
-    );
-    session
-}
-
-/// A `CK_ATTRIBUTE` over a value that outlives the call.
-fn attr<T: ?Sized>(kind: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE {
-        type_: kind,
-        pValue: value as *const T as *mut c_void,
-        ulValueLen: std::mem::size_of_val(value) as CK_ULONG,
     }
 }
 
@@ -391,7 +341,7 @@ impl Bench {
             .map(|(index, (&size, members))| {
                 let slot = index as CK_SLOT_ID;
                 let sessions: Vec<CK_SESSION_HANDLE> = (0..THREADS_PER_MEMBER * size)
-                    .map(|_| user_session(&fns, slot))
+                    .map(|_| user_session(&fns, slot, common::USER_PIN))
                     .collect();
                 let key = generate_ec_key(&fns, sessions[0], &key_id(index));
                 Target {
@@ -416,7 +366,7 @@ impl Bench {
         );
         let slot = hsm.tokens[0].slot_id as CK_SLOT_ID;
         let sessions: Vec<CK_SESSION_HANDLE> = (0..THREADS_PER_MEMBER)
-            .map(|_| user_session(&direct_fns, slot))
+            .map(|_| user_session(&direct_fns, slot, common::USER_PIN))
             .collect();
         let key = find_private_key(&direct_fns, sessions[0], &key_id(0));
         let direct = Target {
@@ -735,7 +685,7 @@ impl Failover<'_> {
         // Start afresh: both members up, nothing bound.
         ck!(fns, C_Finalize(ptr::null_mut()));
         assert_eq!(initialize(fns), CKR_OK, "C_Initialize of pkcs11-ha");
-        let session = user_session(fns, 0);
+        let session = user_session(fns, 0, common::USER_PIN);
         let key = find_private_key(fns, session, &self.id);
         for _ in 0..2 {
             sign(fns, session, key);

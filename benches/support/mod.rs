@@ -104,3 +104,55 @@ pub fn load(path: &Path) -> (Library, CK_FUNCTION_LIST) {
     };
     (lib, fns)
 }
+
+/// `C_Initialize` with `CKF_OS_LOCKING_OK` (pkcs11-ha reads the config
+/// named in the environment).
+pub fn initialize(fns: &CK_FUNCTION_LIST) -> CK_RV {
+    let mut args = CK_C_INITIALIZE_ARGS {
+        CreateMutex: None,
+        DestroyMutex: None,
+        LockMutex: None,
+        UnlockMutex: None,
+        flags: CKF_OS_LOCKING_OK,
+        pReserved: ptr::null_mut(),
+    };
+    ck_raw!(
+        fns,
+        C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
+    )
+}
+
+/// An RW session on `slot` with the user logged in with `pin` (or already
+/// logged in through another session of the same token).
+pub fn user_session(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID, pin: &str) -> CK_SESSION_HANDLE {
+    let mut session = 0;
+    ck!(
+        fns,
+        C_OpenSession(
+            slot,
+            CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            ptr::null_mut(),
+            None,
+            &mut session
+        )
+    );
+    let mut pin = pin.as_bytes().to_vec();
+    let rv = ck_raw!(
+        fns,
+        C_Login(session, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG)
+    );
+    assert!(
+        rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN,
+        "C_Login on slot {slot:#x}: {rv:#x}"
+    );
+    session
+}
+
+/// A `CK_ATTRIBUTE` over a value that outlives the call.
+pub fn attr<T: ?Sized>(kind: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_: kind,
+        pValue: value as *const T as *mut std::ffi::c_void,
+        ulValueLen: std::mem::size_of_val(value) as CK_ULONG,
+    }
+}
