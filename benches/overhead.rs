@@ -20,6 +20,9 @@
 
 #[macro_use]
 mod support;
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{SOFTHSM_LIB, USER_PIN};
 use support::{attr, ha_library_path, initialize, load, user_session};
 
 use criterion::{black_box, Criterion};
@@ -28,15 +31,11 @@ use libloading::Library;
 use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-use std::{env, fs, ptr};
+use std::{env, ptr};
 
-const SOFTHSM_LIB: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN_LABEL: &str = "bench";
 const GROUP_LABEL: &str = "bench-ha";
-const SO_PIN: &str = "5678";
-const USER_PIN: &str = "1234";
 const EC_ID: &[u8] = b"bench-ec";
 const AES_ID: &[u8] = b"bench-aes";
 /// DER OID of prime256v1 (P-256).
@@ -207,7 +206,7 @@ struct Bench {
     // Unloaded only after C_Finalize (see Drop), then the token dir goes.
     _ha_lib: Library,
     _softhsm_lib: Library,
-    _dir: tempfile::TempDir,
+    _tokens: common::SoftHsm,
 }
 
 impl Drop for Bench {
@@ -221,86 +220,22 @@ impl Drop for Bench {
     }
 }
 
-/// Makes the token dir, the token and the pkcs11-ha config, and points the
-/// env at them. Returns the dir and SoftHSM's slot ID of the token.
-fn make_token() -> (tempfile::TempDir, CK_SLOT_ID) {
-    let dir = tempfile::Builder::new()
-        .prefix("pkcs11-ha-bench-")
-        .tempdir()
-        .expect("create temp dir");
-    let token_dir = dir.path().join("tokens");
-    fs::create_dir(&token_dir).expect("create token dir");
-    let softhsm_conf = dir.path().join("softhsm2.conf");
-    fs::write(
-        &softhsm_conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            token_dir.display()
-        ),
-    )
-    .expect("write softhsm2.conf");
-    let util = |args: &[&str]| {
-        let out = Command::new("softhsm2-util")
-            .args(args)
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .output()
-            .expect("run softhsm2-util (is softhsm2 installed?)");
-        assert!(
-            out.status.success(),
-            "softhsm2-util {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    util(&[
-        "--init-token",
-        "--free",
-        "--label",
-        TOKEN_LABEL,
-        "--so-pin",
-        SO_PIN,
-        "--pin",
-        USER_PIN,
-    ]);
-    let (slot, serial) = parse_show_slots(&util(&["--show-slots"]), TOKEN_LABEL)
-        .expect("new token not in softhsm2-util --show-slots");
-
-    let ha_conf = dir.path().join("pkcs11-ha.conf");
-    fs::write(
-        &ha_conf,
-        format!(
-            "[Libraries]\nsofthsm = {SOFTHSM_LIB}\n\n[VirtualToken]\n\
-             VirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {serial}\n"
-        ),
-    )
-    .expect("write pkcs11-ha.conf");
+/// Makes the token dir, the token and the pkcs11-ha config (through the
+/// integration tests' fixtures), and points the env at them. Returns the
+/// token dir and SoftHSM's slot ID of the token.
+fn make_token() -> (common::SoftHsm, CK_SLOT_ID) {
+    let hsm = common::SoftHsm::new(&[TOKEN_LABEL]);
+    let token = hsm.token(TOKEN_LABEL).clone();
+    let config = common::write_config(
+        hsm.dir.path(),
+        &[(common::SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
+        &[common::GroupSpec::new(GROUP_LABEL, &[token.serial])],
+        false,
+    );
     // Single-threaded here: nothing else reads the environment yet.
-    env::set_var("SOFTHSM2_CONF", &softhsm_conf);
-    env::set_var("PKCS11_HA_CONF", &ha_conf);
-    (dir, slot)
-}
-
-/// (slot ID, serial) of the initialised token labelled `label` in
-/// `softhsm2-util --show-slots` output.
-fn parse_show_slots(text: &str, label: &str) -> Option<(CK_SLOT_ID, String)> {
-    let mut slot = None;
-    let mut serial = String::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("Slot ") {
-            slot = rest.trim().parse().ok();
-            serial.clear();
-        } else if let Some((key, value)) = line.trim_start().split_once(':') {
-            match (key, value.trim()) {
-                ("Serial number", v) => serial = v.to_string(),
-                ("Label", v) if v == label && !serial.is_empty() => {
-                    return slot.map(|s| (s, serial.clone()));
-                }
-                _ => {}
-            }
-        }
-    }
-    None
+    hsm.activate();
+    common::activate_config(&config);
+    (hsm, token.slot_id as CK_SLOT_ID)
 }
 
 fn token_label(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> String {
@@ -421,7 +356,7 @@ fn find_key(t: &Target, class: CK_OBJECT_CLASS, id: &[u8]) -> CK_OBJECT_HANDLE {
 impl Bench {
     fn start() -> Bench {
         let ha_path = ha_library_path();
-        let (dir, member_slot) = make_token();
+        let (tokens, member_slot) = make_token();
         let (ha_lib, ha_fns) = load(&ha_path);
         let (softhsm_lib, softhsm_fns) = load(Path::new(SOFTHSM_LIB));
 
@@ -477,7 +412,7 @@ impl Bench {
             ha_fns,
             _ha_lib: ha_lib,
             _softhsm_lib: softhsm_lib,
-            _dir: dir,
+            _tokens: tokens,
         }
     }
 }
