@@ -367,20 +367,7 @@ fn a_dead_connection_does_not_kill_a_c_application_with_sigpipe() {
     use std::io::{BufRead, BufReader, Write};
     let remote = Remote::start("");
     let dir = remote.hsms[0].dir.path().to_path_buf();
-    let program = dir.join("sigpipe");
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/sigpipe.c");
-    let built = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Werror", "-o"])
-        .arg(&program)
-        .arg(&source)
-        .arg("-ldl")
-        .output()
-        .expect("run the C compiler");
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    let program = build_c_program("sigpipe", &dir);
     // The remote member's pass-through slot, found by its serial.
     let serial = &remote.hsms[0].tokens[0].serial;
     let slot = remote

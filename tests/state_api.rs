@@ -9,27 +9,7 @@ use pkcs11_ha::state_api::{
     CK_HA_MEMBER, CK_HA_STATUS, PKCS11HA_GROUP_STATUS, PKCS11HA_MEMBER_STATUS,
 };
 use std::mem::{offset_of, size_of};
-use std::path::PathBuf;
 use std::process::Command;
-
-/// Builds the C program with the system compiler.
-fn build_program(dir: &std::path::Path) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/state_api.c");
-    let program = dir.join("state_api");
-    let output = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Werror", "-o"])
-        .arg(&program)
-        .arg(&source)
-        .arg("-ldl")
-        .output()
-        .expect("run the C compiler");
-    assert!(
-        output.status.success(),
-        "cc failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    program
-}
 
 fn layout_line(name: &str, values: &[usize]) -> String {
     let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
@@ -50,7 +30,7 @@ fn c_program_reads_both_calls_and_the_header_matches_the_library() {
         &[group],
         false,
     );
-    let program = build_program(hsm.dir.path());
+    let program = build_c_program("state_api", hsm.dir.path());
     let output = Command::new(&program)
         .arg(library_path())
         .env(SOFTHSM_CONF_ENV, &hsm.conf)

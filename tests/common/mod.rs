@@ -553,3 +553,26 @@ impl Drop for Fixture {
         env::remove_var(SOFTHSM_CONF_ENV);
     }
 }
+
+/// Compiles `tests/c/<name>.c` into `dir/<name>` with the system compiler
+/// (strict C99, warnings as errors) and returns the program's path.
+pub fn build_c_program(name: &str, dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/c")
+        .join(format!("{name}.c"));
+    let program = dir.join(name);
+    let output = Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Werror", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("run the C compiler");
+    assert!(
+        output.status.success(),
+        "cc {} failed: {}",
+        source.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    program
+}
