@@ -589,6 +589,15 @@ impl Group {
         order
     }
 
+    /// The member [`Self::by_preference`] would list first.
+    #[inline(always)]
+    pub fn least_busy(&self, lane: usize) -> Option<usize> {
+        match &self.members[..] {
+            [only] => only.is_up().then_some(0),
+            _ => self.by_preference(lane).first().copied(),
+        }
+    }
+
     /// Serving members in configured order, primary first.
     pub fn by_position(&self) -> Positions {
         self.serving_members()

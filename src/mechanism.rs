@@ -156,6 +156,9 @@ const INLINE_WORDS: usize = 16;
 /// Where the parameter's pointers point: offsets into the storage.
 #[derive(Clone, Copy)]
 enum Layout {
+    /// No mechanism (a search), or one whose parameter could not be saved.
+    Absent,
+    /// A mechanism without a parameter.
     Empty,
     Flat,
     Gcm {
@@ -167,13 +170,31 @@ enum Layout {
     },
 }
 
+impl Default for SavedMechanism {
+    fn default() -> Self {
+        SavedMechanism {
+            mechanism: CK_MECHANISM {
+                mechanism: 0,
+                pParameter: std::ptr::null_mut(),
+                ulParameterLen: 0,
+            },
+            storage: SmallVec::new(),
+            layout: Layout::Absent,
+        }
+    }
+}
+
 // SAFETY: the raw pointers point into `storage`, owned by this value.
 unsafe impl Send for SavedMechanism {}
 
 impl SavedMechanism {
     /// The mechanism, its pointers aimed at this value's storage where it
-    /// is now. Valid until the value moves or is dropped.
+    /// is now (null if none was saved). Valid until the value moves or is
+    /// dropped.
     pub fn as_ptr(&mut self) -> CK_MECHANISM_PTR {
+        if matches!(self.layout, Layout::Absent) {
+            return std::ptr::null_mut();
+        }
         let base = self.storage.as_mut_ptr() as *mut u8;
         let at = |offset: Option<usize>| {
             // SAFETY: offsets were recorded within the storage.
@@ -183,7 +204,7 @@ impl SavedMechanism {
         // word-aligned.
         unsafe {
             match self.layout {
-                Layout::Empty | Layout::Flat => {}
+                Layout::Absent | Layout::Empty | Layout::Flat => {}
                 Layout::Gcm { iv, aad } => {
                     let gcm = base as *mut CK_GCM_PARAMS;
                     (*gcm).pIv = at(iv);
@@ -196,7 +217,7 @@ impl SavedMechanism {
             }
         }
         self.mechanism.pParameter = match self.layout {
-            Layout::Empty => std::ptr::null_mut(),
+            Layout::Absent | Layout::Empty => std::ptr::null_mut(),
             _ => base as *mut _,
         };
         &mut self.mechanism
@@ -253,49 +274,80 @@ fn parameter_is_flat(mechanism: CK_MECHANISM_TYPE) -> bool {
     )
 }
 
-/// A deep copy of `mechanism`, or `None` where its parameter holds pointers
-/// we do not know how to follow; an operation with such a mechanism cannot
-/// be moved to another member after its `*Init`.
-///
-/// # Safety
-/// `mechanism` and its parameter must be valid, as in an `*Init` call.
-pub unsafe fn save(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
-    let mut saved = SavedMechanism {
-        mechanism: *mechanism,
-        storage: SmallVec::new(),
-        layout: Layout::Empty,
-    };
-    let len = mechanism.ulParameterLen;
-    let param = mechanism.pParameter as *const u8;
-    // SAFETY (all blocks): the parameter is valid for its stated length, and
-    // the structs are read only after their size was checked.
-    if param.is_null() || len == 0 {
-        saved.mechanism.ulParameterLen = 0;
-    } else if parameter_is_flat(mechanism.mechanism) {
-        unsafe { saved.append(param, len) };
-        saved.layout = Layout::Flat;
-    } else if mechanism.mechanism == CKM_AES_GCM && len as usize == size_of::<CK_GCM_PARAMS>() {
-        let gcm = unsafe { std::ptr::read_unaligned(param as *const CK_GCM_PARAMS) };
-        unsafe { saved.append(param, len) };
-        let iv = unsafe { saved.append(gcm.pIv, gcm.ulIvLen) };
-        let aad = unsafe { saved.append(gcm.pAAD, gcm.ulAADLen) };
-        saved.layout = Layout::Gcm { iv, aad };
-    } else if mechanism.mechanism == CKM_RSA_PKCS_OAEP
-        && len as usize == size_of::<CK_RSA_PKCS_OAEP_PARAMS>()
-    {
-        let oaep = unsafe { std::ptr::read_unaligned(param as *const CK_RSA_PKCS_OAEP_PARAMS) };
-        unsafe { saved.append(param, len) };
-        let source = unsafe { saved.append(oaep.pSourceData as *const u8, oaep.ulSourceDataLen) };
-        saved.layout = Layout::Oaep { source };
-    } else {
-        return None;
+impl SavedMechanism {
+    /// Copies `mechanism` in, reusing the room of the mechanism saved
+    /// before: every operation start saves one. False, with nothing kept,
+    /// where the parameter holds pointers we do not know how to follow; an
+    /// operation with such a mechanism cannot be moved to another member
+    /// after its `*Init`. A null `mechanism` (a search) is kept as null.
+    ///
+    /// Inlined up to the parameter, which most operations lack.
+    ///
+    /// # Safety
+    /// `mechanism` must be null or valid with its parameter, as in an
+    /// `*Init` call.
+    #[inline(always)]
+    pub unsafe fn save(&mut self, mechanism: CK_MECHANISM_PTR) -> bool {
+        self.storage.clear();
+        self.layout = Layout::Absent;
+        if mechanism.is_null() {
+            return true;
+        }
+        // SAFETY: non-null, and valid as the caller vouches.
+        self.mechanism = unsafe { *mechanism };
+        if self.mechanism.pParameter.is_null() || self.mechanism.ulParameterLen == 0 {
+            self.mechanism.ulParameterLen = 0;
+            self.layout = Layout::Empty;
+            return true;
+        }
+        // SAFETY: as above.
+        unsafe { self.save_parameter() }
     }
-    Some(saved)
+
+    /// # Safety
+    /// `self.mechanism`'s parameter must be valid for its stated length.
+    unsafe fn save_parameter(&mut self) -> bool {
+        let mechanism = self.mechanism;
+        let len = mechanism.ulParameterLen;
+        let param = mechanism.pParameter as *const u8;
+        // SAFETY (all blocks): the parameter is valid for its stated length,
+        // and the structs are read only after their size was checked.
+        self.layout = if parameter_is_flat(mechanism.mechanism) {
+            unsafe { self.append(param, len) };
+            Layout::Flat
+        } else if mechanism.mechanism == CKM_AES_GCM && len as usize == size_of::<CK_GCM_PARAMS>() {
+            let gcm = unsafe { std::ptr::read_unaligned(param as *const CK_GCM_PARAMS) };
+            unsafe { self.append(param, len) };
+            let iv = unsafe { self.append(gcm.pIv, gcm.ulIvLen) };
+            let aad = unsafe { self.append(gcm.pAAD, gcm.ulAADLen) };
+            Layout::Gcm { iv, aad }
+        } else if mechanism.mechanism == CKM_RSA_PKCS_OAEP
+            && len as usize == size_of::<CK_RSA_PKCS_OAEP_PARAMS>()
+        {
+            let oaep = unsafe { std::ptr::read_unaligned(param as *const CK_RSA_PKCS_OAEP_PARAMS) };
+            unsafe { self.append(param, len) };
+            let source =
+                unsafe { self.append(oaep.pSourceData as *const u8, oaep.ulSourceDataLen) };
+            Layout::Oaep { source }
+        } else {
+            self.storage.clear();
+            return false;
+        };
+        true
+    }
 }
 
 #[cfg(test)]
 mod saved_tests {
     use super::*;
+
+    /// `mechanism` saved into a fresh value, or `None` if it cannot be.
+    fn saved(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
+        let mut saved = SavedMechanism::default();
+        // SAFETY: the tests pass valid mechanisms.
+        let kept = unsafe { saved.save(mechanism as *const _ as CK_MECHANISM_PTR) };
+        kept.then_some(saved)
+    }
 
     #[test]
     fn gcm_parameters_survive_the_application_freeing_them() {
@@ -314,8 +366,7 @@ mod saved_tests {
             pParameter: &mut params as *mut _ as *mut _,
             ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
         };
-        // SAFETY: a valid GCM mechanism.
-        let saved = unsafe { save(&mechanism) }.expect("GCM is replayable");
+        let saved = saved(&mechanism).expect("GCM is replayable");
         iv.fill(0);
         aad.fill(0);
         drop((iv, aad));
@@ -348,8 +399,7 @@ mod saved_tests {
             pParameter: &mut params as *mut _ as *mut _,
             ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
         };
-        // SAFETY: a valid GCM mechanism.
-        let saved = unsafe { save(&mechanism) }.expect("GCM is replayable");
+        let saved = saved(&mechanism).expect("GCM is replayable");
         aad.fill(0);
         let mut saved = Box::new(saved);
         // SAFETY: the saved copy owns everything it points to.
@@ -369,7 +419,34 @@ mod saved_tests {
             pParameter: opaque.as_mut_ptr() as *mut _,
             ulParameterLen: 16,
         };
-        // SAFETY: a readable parameter of the stated length.
-        assert!(unsafe { save(&mechanism) }.is_none());
+        assert!(saved(&mechanism).is_none());
+    }
+
+    #[test]
+    fn a_reused_value_keeps_nothing_of_the_mechanism_before() {
+        let mut iv = [5u8; 16];
+        let mut cbc = CK_MECHANISM {
+            mechanism: CKM_AES_CBC,
+            pParameter: iv.as_mut_ptr() as *mut _,
+            ulParameterLen: 16,
+        };
+        let mut digest = CK_MECHANISM {
+            mechanism: CKM_SHA256,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let mut slot = SavedMechanism::default();
+        // SAFETY: valid mechanisms; the saved copies are read while `slot`
+        // stays in place.
+        unsafe {
+            assert!(slot.save(&mut cbc));
+            assert!(slot.save(&mut digest));
+            let copy = &*slot.as_ptr();
+            assert_eq!(copy.mechanism, CKM_SHA256);
+            assert!(copy.pParameter.is_null());
+            assert_eq!(copy.ulParameterLen, 0);
+            assert!(slot.save(std::ptr::null_mut()));
+            assert!(slot.as_ptr().is_null(), "a search has no mechanism");
+        }
     }
 }

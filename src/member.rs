@@ -250,24 +250,33 @@ impl MemberLibrary {
     /// them. Each call is numbered while it is on the wire, so that a call
     /// the watchdog cut off knows it ([`last_call_cut_off`]). In-process
     /// members pay nothing.
-    #[inline]
+    #[inline(always)]
     pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
         if self.networked.load(Ordering::Relaxed) {
-            let _one_at_a_time = self.network_calls.lock();
-            let expected = SESSION_CONNECTION.get();
-            if expected != 0 && expected != self.connection.load(Ordering::Acquire) {
-                CUT_OFF.set(false);
-                return CKR_SESSION_HANDLE_INVALID;
-            }
-            let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
-            self.on_wire.store(number, Ordering::Relaxed);
-            let result = with_sigpipe_blocked(call);
-            self.on_wire.store(0, Ordering::Relaxed);
-            CUT_OFF.set(self.cut_off.load(Ordering::Relaxed) == number);
-            result
+            let mut call = Some(call);
+            self.shielded_on_wire(&mut || call.take().map_or(CKR_GENERAL_ERROR, |c| c()))
         } else {
             call()
         }
+    }
+
+    /// The networked half of [`Self::shielded`], out of line so that the
+    /// in-process call path stays a few cache lines long.
+    #[cold]
+    #[inline(never)]
+    fn shielded_on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
+        let _one_at_a_time = self.network_calls.lock();
+        let expected = SESSION_CONNECTION.get();
+        if expected != 0 && expected != self.connection.load(Ordering::Acquire) {
+            CUT_OFF.set(false);
+            return CKR_SESSION_HANDLE_INVALID;
+        }
+        let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        self.on_wire.store(number, Ordering::Relaxed);
+        let result = with_sigpipe_blocked(call);
+        self.on_wire.store(0, Ordering::Relaxed);
+        CUT_OFF.set(self.cut_off.load(Ordering::Relaxed) == number);
+        result
     }
 
     /// Whether the library talks to a server (see [`Self::shielded`]); only

@@ -7,14 +7,14 @@
 use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
-use crate::mechanism::{self, SavedMechanism};
+use crate::mechanism::SavedMechanism;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
 use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
-use parking_lot::{Mutex, MutexGuard};
 use smallvec::{smallvec, SmallVec};
+use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -105,14 +105,22 @@ enum Replay {
 }
 
 /// An active operation and what it takes to start it again elsewhere.
+#[derive(Default)]
 struct ActiveOp {
-    /// `None` where the mechanism's parameter could not be copied.
-    mechanism: Option<SavedMechanism>,
+    mechanism: SavedMechanism,
     key: Option<CK_OBJECT_HANDLE>,
-    replay: Vec<Replay>,
-    replay_bytes: usize,
     /// False once the operation's history can no longer be replayed.
     movable: bool,
+    /// Only operations that had updates or are searches have one.
+    history: Option<Box<History>>,
+}
+
+/// What a multi-part operation or a search went through, to repeat it on
+/// another member.
+#[derive(Default)]
+struct History {
+    replay: Vec<Replay>,
+    replay_bytes: usize,
     /// A search: its template, to start it again elsewhere, and the objects
     /// already returned, so that none is returned twice.
     search: Option<Search>,
@@ -127,9 +135,11 @@ struct Search {
 /// find both halves together.
 #[derive(Default)]
 struct Bindings {
-    /// Changed only through `start`, `end`, `take_all` and `replace_all`,
-    /// which keep `kinds` in step.
-    ops: [Option<ActiveOp>; OP_KINDS],
+    /// Slot `k` holds the operation of kind `k` while bit `k` of `kinds` is
+    /// set. A slot outside `kinds` is stale, and the next start of its kind
+    /// overwrites it in place: ending an operation frees nothing, and
+    /// starting one reuses the room of the last.
+    ops: [ActiveOp; OP_KINDS],
     /// Bit `k`: an operation of kind `k` is in `ops`. Bit `LOST_SHIFT + k`:
     /// its member failed and it could not be moved; the next call on it
     /// says `CKR_DEVICE_ERROR` and ends it, leaving the session usable.
@@ -143,15 +153,37 @@ struct Bindings {
 }
 
 impl Bindings {
-    fn start(&mut self, kind: OpKind, op: ActiveOp, member: usize) {
-        self.ops[kind as usize] = Some(op);
+    /// Starts an operation of `kind` on `member`, with the mechanism saved
+    /// in its slot; one whose parameter could not be saved cannot move.
+    ///
+    /// # Safety
+    /// As for [`SavedMechanism::save`].
+    #[inline(always)]
+    unsafe fn start(
+        &mut self,
+        kind: OpKind,
+        mechanism: CK_MECHANISM_PTR,
+        key: Option<CK_OBJECT_HANDLE>,
+        member: usize,
+    ) {
+        let op = &mut self.ops[kind as usize];
+        // SAFETY: as the caller vouches.
+        let saved = unsafe { op.mechanism.save(mechanism) };
+        op.key = key;
+        op.movable = saved && kind != OpKind::Find;
+        if op.history.is_some() {
+            op.history = None;
+        }
         self.kinds = (self.kinds | kind_bit(kind)) & !(kind_bit(kind) << LOST_SHIFT);
         self.member = Some(member);
     }
 
     fn end(&mut self, kind: OpKind) {
-        self.ops[kind as usize] = None;
         self.kinds &= !(kind_bit(kind) | kind_bit(kind) << LOST_SHIFT);
+    }
+
+    fn active(&mut self, kind: OpKind) -> Option<&mut ActiveOp> {
+        (self.kinds & kind_bit(kind) != 0).then(|| &mut self.ops[kind as usize])
     }
 
     fn is_lost(&self, kind: OpKind) -> bool {
@@ -159,19 +191,20 @@ impl Bindings {
     }
 
     fn take_all(&mut self) -> [Option<ActiveOp>; OP_KINDS] {
-        self.kinds = 0;
-        std::mem::take(&mut self.ops)
+        let kinds = std::mem::take(&mut self.kinds);
+        std::array::from_fn(|k| (kinds & 1 << k != 0).then(|| std::mem::take(&mut self.ops[k])))
     }
 
     /// Replaces every operation; `lost` names those that could not move.
     fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u16) {
-        let active = ops
-            .iter()
-            .enumerate()
-            .filter(|(_, op)| op.is_some())
-            .fold(0, |bits, (kind, _)| bits | 1 << kind);
+        let mut active = 0;
+        for (kind, op) in ops.into_iter().enumerate() {
+            if let Some(op) = op {
+                self.ops[kind] = op;
+                active |= 1 << kind;
+            }
+        }
         self.kinds = active | (lost & active) << LOST_SHIFT;
-        self.ops = ops;
     }
 
     fn summary(&self) -> Summary {
@@ -223,29 +256,88 @@ impl Summary {
     }
 }
 
-/// The bindings, locked; publishes their summary when released.
+/// A session's bindings behind a lock that is also their [`Summary`]
+/// word. Taking the lock is one atomic read-modify-write, and releasing it
+/// is the plain store that publishes the new summary, where a mutex beside
+/// the word would cost two read-modify-writes more on each start and end of
+/// an operation. The lock is held for a few hundred instructions and never
+/// across a member call; only an application calling into one session from
+/// two threads at once waits for it, spinning briefly, then yielding.
+#[derive(Default)]
+struct BindingsCell {
+    /// The summary, with [`LOCKED`] set while a guard exists.
+    word: AtomicU64,
+    bindings: UnsafeCell<Bindings>,
+}
+
+// SAFETY: `bindings` is reached only through a `BindingsGuard`, and at most
+// one exists at a time (the `LOCKED` bit).
+unsafe impl Sync for BindingsCell {}
+
+/// Above every bit a [`Summary`] uses.
+const LOCKED: u64 = 1 << 63;
+
+impl BindingsCell {
+    #[inline(always)]
+    fn lock(&self) -> BindingsGuard<'_> {
+        if self.word.fetch_or(LOCKED, Ordering::Acquire) & LOCKED != 0 {
+            self.wait_and_lock();
+        }
+        BindingsGuard { cell: self }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wait_and_lock(&self) {
+        let mut spins = 0;
+        loop {
+            while self.word.load(Ordering::Relaxed) & LOCKED != 0 {
+                if spins < 100 {
+                    spins += 1;
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            if self.word.fetch_or(LOCKED, Ordering::Acquire) & LOCKED == 0 {
+                return;
+            }
+        }
+    }
+
+    /// The summary last published; readable while another thread holds
+    /// the lock.
+    #[inline(always)]
+    fn summary(&self) -> Summary {
+        Summary(self.word.load(Ordering::Acquire) & !LOCKED)
+    }
+}
+
+/// The bindings, locked; releasing them publishes their summary.
 struct BindingsGuard<'a> {
-    bindings: MutexGuard<'a, Bindings>,
-    summary: &'a AtomicU64,
+    cell: &'a BindingsCell,
 }
 
 impl Deref for BindingsGuard<'_> {
     type Target = Bindings;
     fn deref(&self) -> &Bindings {
-        &self.bindings
+        // SAFETY: this guard holds the lock.
+        unsafe { &*self.cell.bindings.get() }
     }
 }
 
 impl DerefMut for BindingsGuard<'_> {
     fn deref_mut(&mut self) -> &mut Bindings {
-        &mut self.bindings
+        // SAFETY: this guard holds the lock.
+        unsafe { &mut *self.cell.bindings.get() }
     }
 }
 
 impl Drop for BindingsGuard<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
-        self.summary
-            .store(self.bindings.summary().0, Ordering::Release);
+        let summary = self.summary().0;
+        self.cell.word.store(summary, Ordering::Release);
     }
 }
 
@@ -271,9 +363,7 @@ pub struct VirtualSession {
     flags: CK_FLAGS,
     /// The session on each member, by position.
     members: Box<[MemberSessionCell]>,
-    bindings: Mutex<Bindings>,
-    /// [`Bindings::summary`], for calls that only need to read it.
-    binding_summary: AtomicU64,
+    bindings: BindingsCell,
 }
 
 /// Starts an operation of `kind` on a member.
@@ -353,20 +443,18 @@ impl VirtualSession {
             members: group.members.iter().map(|_| Default::default()).collect(),
             group,
             flags,
-            bindings: Mutex::new(Bindings::default()),
-            binding_summary: AtomicU64::new(0),
+            bindings: BindingsCell::default(),
         }
     }
 
+    #[inline(always)]
     fn bindings(&self) -> BindingsGuard<'_> {
-        BindingsGuard {
-            bindings: self.bindings.lock(),
-            summary: &self.binding_summary,
-        }
+        self.bindings.lock()
     }
 
+    #[inline(always)]
     fn summary(&self) -> Summary {
-        Summary(self.binding_summary.load(Ordering::Acquire))
+        self.bindings.summary()
     }
 
     /// Closes every member session. One from an earlier epoch of its member
@@ -500,7 +588,7 @@ impl VirtualSession {
         };
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if library.is_networked() {
-            crate::member::on_connection(connection, run)
+            on_connection_cold(connection, &mut run)
         } else {
             run()
         };
@@ -721,40 +809,93 @@ impl VirtualSession {
     /// member already bound to this session's operations, else a serving
     /// member on which every key in `keys` exists, in order of
     /// `preference`. Returns the member and the member handles of `keys`.
+    ///
+    /// The first choice is made without listing every candidate: it
+    /// almost always holds the keys.
     #[inline(always)]
     pub fn choose(
         &self,
         keys: &[CK_OBJECT_HANDLE],
         preference: Preference,
     ) -> Result<(usize, Handles)> {
-        let candidates: Positions = match self.bound_member() {
-            Some(m) if self.group.members[m].is_up() => smallvec![m],
-            Some(m) => {
-                self.move_operations(m);
-                match self.bound_member() {
-                    Some(moved) => smallvec![moved],
-                    None => self.candidates(preference),
-                }
-            }
+        let (first, bound) = match self.bound_member() {
+            Some(m) if self.group.members[m].is_up() => (Some(m), true),
+            Some(m) => return self.choose_after_moving(m, keys, preference),
+            None => (self.first_candidate(preference), false),
+        };
+        let Some(first) = first else {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        };
+        if keys.is_empty() {
+            return Ok((first, Handles::new()));
+        }
+        if let Some(handles) = self.resolve_all(keys, first)? {
+            return Ok((first, handles));
+        }
+        if bound {
+            return Err(Error::new(CKR_KEY_HANDLE_INVALID));
+        }
+        self.choose_among(keys, self.candidates(preference))
+    }
+
+    /// [`Self::choose`] for a session whose operations were bound to the
+    /// failed member `from`: they move first.
+    #[cold]
+    fn choose_after_moving(
+        &self,
+        from: usize,
+        keys: &[CK_OBJECT_HANDLE],
+        preference: Preference,
+    ) -> Result<(usize, Handles)> {
+        self.move_operations(from);
+        let candidates = match self.bound_member() {
+            Some(moved) => smallvec![moved],
             None => self.candidates(preference),
         };
+        self.choose_among(keys, candidates)
+    }
+
+    /// The first of `candidates` on which every key in `keys` exists.
+    fn choose_among(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        candidates: Positions,
+    ) -> Result<(usize, Handles)> {
         let Some(&first) = candidates.first() else {
             return Err(Error::new(CKR_DEVICE_ERROR));
         };
         if keys.is_empty() {
             return Ok((first, Handles::new()));
         }
-        'members: for position in candidates {
-            let mut handles = Handles::new();
-            for key in keys {
-                match self.resolve(*key, position)? {
-                    Some(h) => handles.push(h),
-                    None => continue 'members,
-                }
+        for position in candidates {
+            if let Some(handles) = self.resolve_all(keys, position)? {
+                return Ok((position, handles));
             }
-            return Ok((position, handles));
         }
         Err(Error::new(CKR_KEY_HANDLE_INVALID))
+    }
+
+    /// The member handles of `keys` on member `position`; `None` if one
+    /// of them is not there.
+    #[inline(always)]
+    fn resolve_all(&self, keys: &[CK_OBJECT_HANDLE], position: usize) -> Result<Option<Handles>> {
+        let mut handles = Handles::new();
+        for key in keys {
+            match self.resolve(*key, position)? {
+                Some(h) => handles.push(h),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(handles))
+    }
+
+    /// The member [`Self::candidates`] would list first.
+    #[inline(always)]
+    fn first_candidate(&self, preference: Preference) -> Option<usize> {
+        match preference {
+            Preference::LeastBusy(lane) => self.group.least_busy(lane),
+            Preference::Primary => self.group.by_position().first().copied(),
+        }
     }
 
     fn candidates(&self, preference: Preference) -> Positions {
@@ -795,19 +936,7 @@ impl VirtualSession {
             let mut b = self.bindings();
             if rv == CKR_OK {
                 // SAFETY: the application's mechanism is valid during its call.
-                let saved = (!mechanism.is_null())
-                    .then(|| unsafe { mechanism::save(&*mechanism) })
-                    .flatten();
-                let movable = saved.is_some() || mechanism.is_null();
-                let op = ActiveOp {
-                    mechanism: saved,
-                    key,
-                    replay: Vec::new(),
-                    replay_bytes: 0,
-                    movable: movable && kind != OpKind::Find,
-                    search: None,
-                };
-                b.start(kind, op, position);
+                unsafe { b.start(kind, mechanism, key, position) };
             } else if rv != CKR_OPERATION_ACTIVE {
                 b.end(kind);
             }
@@ -831,7 +960,7 @@ impl VirtualSession {
             b.end(kind);
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        match (b.ops[kind as usize].is_some(), b.member) {
+        match (b.active(kind).is_some(), b.member) {
             (true, Some(m)) => Ok(m),
             (false, Some(m)) if b.restored => Ok(m),
             _ => Err(Error::new(CKR_OPERATION_NOT_INITIALIZED)),
@@ -864,8 +993,8 @@ impl VirtualSession {
     /// Makes the active search movable: keeps its template, and from now on
     /// the objects it returns.
     pub fn keep_search(&self, template: crate::replication::OwnedTemplate) {
-        if let Some(op) = self.bindings().ops[OpKind::Find as usize].as_mut() {
-            op.search = Some(Search {
+        if let Some(op) = self.bindings().active(OpKind::Find) {
+            op.history.get_or_insert_with(Default::default).search = Some(Search {
                 template,
                 returned: Default::default(),
             });
@@ -876,8 +1005,12 @@ impl VirtualSession {
     /// Whether the active search returns `object` for the first time (a
     /// search moved to another member meets objects it returned before).
     pub fn first_time_found(&self, object: CK_OBJECT_HANDLE) -> bool {
-        match self.bindings().ops[OpKind::Find as usize].as_mut() {
-            Some(op) => op.search.as_mut().is_none_or(|s| s.returned.insert(object)),
+        match self.bindings().active(OpKind::Find) {
+            Some(op) => op
+                .history
+                .as_mut()
+                .and_then(|h| h.search.as_mut())
+                .is_none_or(|s| s.returned.insert(object)),
             None => true,
         }
     }
@@ -914,7 +1047,7 @@ impl VirtualSession {
             return;
         }
         let limit = self.group.settings.replay_limit;
-        let Some(op) = b.ops[kind as usize].as_mut() else {
+        let Some(op) = b.active(kind) else {
             return;
         };
         if kind == OpKind::Find {
@@ -935,12 +1068,13 @@ impl VirtualSession {
             Replay::Data(d) => d.len(),
             Replay::Key(_) => 0,
         };
-        if op.replay_bytes + size > limit {
+        let history = op.history.get_or_insert_with(Default::default);
+        if history.replay_bytes + size > limit {
             op.movable = false;
-            op.replay = Vec::new();
+            op.history = None;
         } else {
-            op.replay_bytes += size;
-            op.replay.push(item);
+            history.replay_bytes += size;
+            history.replay.push(item);
         }
     }
 
@@ -968,9 +1102,8 @@ impl VirtualSession {
             .flatten()
             .filter(|op| op.movable)
             .flat_map(|op| {
-                op.key
-                    .into_iter()
-                    .chain(op.replay.iter().filter_map(replay_key))
+                let replay = op.history.iter().flat_map(|h| &h.replay);
+                op.key.into_iter().chain(replay.filter_map(replay_key))
             })
             .collect();
         let mut moved_to = None;
@@ -1026,7 +1159,7 @@ impl VirtualSession {
         member_key: &dyn Fn(CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE,
     ) -> Attempt {
         let function = "operation failover";
-        if let Some(search) = &op.search {
+        if let Some(search) = op.history.as_ref().and_then(|h| h.search.as_ref()) {
             // Known before the search starts there, as in find_init, so that
             // the search can leave it out.
             self.domain_handle(position);
@@ -1039,17 +1172,14 @@ impl VirtualSession {
             });
         }
         let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
-        let mechanism = op
-            .mechanism
-            .as_mut()
-            .map_or(std::ptr::null_mut(), |m| m.as_ptr());
+        let mechanism = op.mechanism.as_ptr();
         let init = self.attempt(position, function, &mut |l, s| {
             member_init(kind, l, s, mechanism, key)
         });
         if !matches!(init, Attempt::Answered(CKR_OK)) {
             return init;
         }
-        for item in &op.replay {
+        for item in op.history.iter().flat_map(|h| &h.replay) {
             let answer = self.attempt(position, function, &mut |l, s| match item {
                 Replay::Data(data) => member_update(kind, l, s, data),
                 Replay::Key(key) => member_call!(l, C_DigestKey(s, member_key(*key))),
@@ -1125,6 +1255,14 @@ impl VirtualSession {
             Err(Error::new(CKR_DEVICE_ERROR))
         }
     }
+}
+
+/// [`crate::member::on_connection`] out of the inlined call path, which
+/// in-process members take.
+#[cold]
+#[inline(never)]
+fn on_connection_cold(connection: u64, run: &mut dyn FnMut() -> (CK_RV, bool)) -> (CK_RV, bool) {
+    crate::member::on_connection(connection, run)
 }
 
 fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
