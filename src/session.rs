@@ -10,9 +10,9 @@ use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
-use std::cell::Cell;
-use std::mem::ManuallyDrop;
+use std::cell::UnsafeCell;
 use std::ops::Deref;
+use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -190,23 +190,31 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// from its last call ([`SessionRef`]) is never used after it was closed.
 static REMOVALS: AtomicU64 = AtomicU64::new(0);
 
+/// A thread's cached session. `in_use` is set while a [`SessionRef`]
+/// borrows `session`: a lookup meanwhile (a nested call) must not replace
+/// it, and gets a reference of its own instead.
 struct LastUsed {
-    session: Arc<Session>,
+    session: Option<Arc<Session>>,
     removals: u64,
+    in_use: bool,
 }
 
 thread_local! {
     /// The session this thread used last: most applications use one
-    /// session per thread, and then a call finds its session without the
-    /// table's lock or a reference count.
-    static LAST_USED: Cell<Option<LastUsed>> = const { Cell::new(None) };
+    /// session per thread, and then a call finds its session with one
+    /// thread-local access, without the table's lock or a reference count.
+    static LAST_USED: UnsafeCell<LastUsed> = const {
+        UnsafeCell::new(LastUsed { session: None, removals: 0, in_use: false })
+    };
 }
 
-/// An application session held for one call; it goes back to the thread's
-/// cache when the call ends.
+/// An application session held for one call: borrowed from the thread's
+/// cache, or, where the cache could not take it, a reference of its own.
 pub struct SessionRef {
-    session: ManuallyDrop<Arc<Session>>,
-    removals: u64,
+    session: NonNull<Session>,
+    /// The cache entry `session` is borrowed from, released on drop.
+    cache: Option<NonNull<LastUsed>>,
+    _owned: Option<Arc<Session>>,
 }
 
 impl SessionRef {
@@ -214,19 +222,56 @@ impl SessionRef {
     /// was closed since.
     #[inline(always)]
     pub fn cached(handle: CK_SESSION_HANDLE) -> Option<SessionRef> {
-        let last = LAST_USED.try_with(Cell::take).ok().flatten()?;
-        let valid = last.session.handle == handle && last.removals == removals();
-        valid.then(|| SessionRef {
-            session: ManuallyDrop::new(last.session),
-            removals: last.removals,
-        })
+        LAST_USED
+            .try_with(|cell| {
+                // SAFETY: the entry is this thread's, and no reference to it
+                // outlives this closure; a `SessionRef` keeps only a pointer.
+                let entry = unsafe { &mut *cell.get() };
+                let session = entry.session.as_deref()?;
+                if entry.in_use || session.handle != handle || entry.removals != removals() {
+                    return None;
+                }
+                entry.in_use = true;
+                Some(SessionRef {
+                    session: NonNull::from(session),
+                    cache: Some(NonNull::from(&mut *entry)),
+                    _owned: None,
+                })
+            })
+            .ok()
+            .flatten()
     }
 
-    /// `session`, looked up after [`removals`] read `removals`.
+    /// `session`, looked up after [`removals`] read `removals`; it becomes
+    /// the thread's cached session unless that one is in use.
     pub fn new(session: Arc<Session>, removals: u64) -> Self {
-        SessionRef {
-            session: ManuallyDrop::new(session),
-            removals,
+        let pointer = NonNull::from(&*session);
+        let cached = LAST_USED.try_with(|cell| {
+            // SAFETY: as in `cached`.
+            let entry = unsafe { &mut *cell.get() };
+            if entry.in_use {
+                return None;
+            }
+            entry.in_use = true;
+            entry.removals = removals;
+            Some((
+                entry.session.replace(Arc::clone(&session)),
+                NonNull::from(&mut *entry),
+            ))
+        });
+        match cached {
+            // The replaced session is dropped only now, outside the entry's
+            // borrow: its drop may close member sessions.
+            Ok(Some((_replaced, entry))) => SessionRef {
+                session: pointer,
+                cache: Some(entry),
+                _owned: None,
+            },
+            _ => SessionRef {
+                session: pointer,
+                cache: None,
+                _owned: Some(session),
+            },
         }
     }
 }
@@ -245,22 +290,22 @@ pub fn removals() -> u64 {
 
 impl Deref for SessionRef {
     type Target = Session;
+    #[inline(always)]
     fn deref(&self) -> &Session {
-        &self.session
+        // SAFETY: the cache entry (marked in use, so never replaced
+        // meanwhile) or `_owned` holds a reference for as long as `self`.
+        unsafe { self.session.as_ref() }
     }
 }
 
 impl Drop for SessionRef {
     #[inline(always)]
     fn drop(&mut self) {
-        // SAFETY: taken once, here, and `self.session` is not used again.
-        let session = unsafe { ManuallyDrop::take(&mut self.session) };
-        let last = LastUsed {
-            session,
-            removals: self.removals,
-        };
-        // During thread exit the cache is gone and `last` is simply dropped.
-        let _ = LAST_USED.try_with(|cell| cell.set(Some(last)));
+        if let Some(mut entry) = self.cache {
+            // SAFETY: the entry belongs to this thread (a `SessionRef` is
+            // neither `Send` nor outlives the call), which is still alive.
+            unsafe { entry.as_mut().in_use = false };
+        }
     }
 }
 

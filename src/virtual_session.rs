@@ -572,25 +572,11 @@ impl VirtualSession {
             Err(e) => return self.not_opened(position, e.rv),
         };
         let guard = member.begin_call();
-        let mut run = || {
-            let rv = call(library, handle);
-            if !matches!(
-                rv,
-                CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
-            ) {
-                return (rv, false);
-            }
-            match self.check_login(position, library, handle, rv) {
-                Relogin::Retry => (call(library, handle), false),
-                Relogin::LookUpAgain => (rv, true),
-                Relogin::NotNeeded => (rv, false),
-            }
-        };
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if library.is_networked() {
-            on_connection_cold(connection, &mut run)
+            self.run_on_connection(position, library, handle, connection, call)
         } else {
-            run()
+            self.run(position, library, handle, call)
         };
         drop(guard);
         if look_up_again {
@@ -605,6 +591,52 @@ impl VirtualSession {
             self.group.member_failed(position, function, rv);
         }
         Attempt::Faulted
+    }
+
+    /// Makes one call for [`Self::attempt`], logging the member in again
+    /// and repeating the call when its answer says it lost its login.
+    /// True as the second value when the caller must choose again.
+    #[inline(always)]
+    fn run<F>(
+        &self,
+        position: usize,
+        library: &MemberLibrary,
+        handle: CK_SESSION_HANDLE,
+        call: &mut F,
+    ) -> (CK_RV, bool)
+    where
+        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        let rv = call(library, handle);
+        if !matches!(
+            rv,
+            CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
+        ) {
+            return (rv, false);
+        }
+        match self.check_login(position, library, handle, rv) {
+            Relogin::Retry => (call(library, handle), false),
+            Relogin::LookUpAgain => (rv, true),
+            Relogin::NotNeeded => (rv, false),
+        }
+    }
+
+    /// [`Self::run`] on a networked member's session from `connection`,
+    /// out of the inlined path that in-process members take.
+    #[cold]
+    #[inline(never)]
+    fn run_on_connection<F>(
+        &self,
+        position: usize,
+        library: &MemberLibrary,
+        handle: CK_SESSION_HANDLE,
+        connection: u64,
+        call: &mut F,
+    ) -> (CK_RV, bool)
+    where
+        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        crate::member::on_connection(connection, || self.run(position, library, handle, call))
     }
 
     /// As [`VirtualSession::attempt`], for a call that must reach this
@@ -1255,14 +1287,6 @@ impl VirtualSession {
             Err(Error::new(CKR_DEVICE_ERROR))
         }
     }
-}
-
-/// [`crate::member::on_connection`] out of the inlined call path, which
-/// in-process members take.
-#[cold]
-#[inline(never)]
-fn on_connection_cold(connection: u64, run: &mut dyn FnMut() -> (CK_RV, bool)) -> (CK_RV, bool) {
-    crate::member::on_connection(connection, run)
 }
 
 fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
