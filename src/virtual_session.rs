@@ -15,7 +15,6 @@ use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
 use std::cell::UnsafeCell;
-use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -131,116 +130,55 @@ struct Search {
     returned: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
 }
 
-/// All operations of a session run on one member, so the dual functions
-/// find both halves together.
+/// A session's operations, by kind. All of them run on one member, so
+/// the dual functions find both halves together; which are active, which
+/// are lost and where they are bound is the [`Summary`] in their
+/// [`BindingsCell`].
 #[derive(Default)]
 struct Bindings {
-    /// Slot `k` holds the operation of kind `k` while bit `k` of `kinds` is
-    /// set. A slot outside `kinds` is stale, and the next start of its kind
+    /// Slot `k` holds the operation of kind `k` while the summary says it
+    /// is active. Any other slot is stale, and the next start of its kind
     /// overwrites it in place: ending an operation frees nothing, and
     /// starting one reuses the room of the last.
     ops: [ActiveOp; OP_KINDS],
-    /// Bit `k`: an operation of kind `k` is in `ops`. Bit `LOST_SHIFT + k`:
-    /// its member failed and it could not be moved; the next call on it
-    /// says `CKR_DEVICE_ERROR` and ends it, leaving the session usable.
-    /// One field, not two bytes: the summary reads both just after they are
-    /// written, and a load spanning two fresh byte stores stalls.
-    kinds: u16,
-    member: Option<usize>,
-    /// Set by `C_SetOperationState`: that member's state was restored, and
-    /// only that member can continue it.
-    restored: bool,
 }
 
-impl Bindings {
-    /// Starts an operation of `kind` on `member`, with the mechanism saved
-    /// in its slot; one whose parameter could not be saved cannot move.
-    ///
-    /// # Safety
-    /// As for [`SavedMechanism::save`].
-    #[inline(always)]
-    unsafe fn start(
-        &mut self,
-        kind: OpKind,
-        mechanism: CK_MECHANISM_PTR,
-        key: Option<CK_OBJECT_HANDLE>,
-        member: usize,
-    ) {
-        let op = &mut self.ops[kind as usize];
-        // SAFETY: as the caller vouches.
-        let saved = unsafe { op.mechanism.save(mechanism) };
-        op.key = key;
-        op.movable = saved && kind != OpKind::Find;
-        if op.history.is_some() {
-            op.history = None;
-        }
-        self.kinds = (self.kinds | kind_bit(kind)) & !(kind_bit(kind) << LOST_SHIFT);
-        self.member = Some(member);
-    }
-
-    fn end(&mut self, kind: OpKind) {
-        self.kinds &= !(kind_bit(kind) | kind_bit(kind) << LOST_SHIFT);
-    }
-
-    fn active(&mut self, kind: OpKind) -> Option<&mut ActiveOp> {
-        (self.kinds & kind_bit(kind) != 0).then(|| &mut self.ops[kind as usize])
-    }
-
-    fn is_lost(&self, kind: OpKind) -> bool {
-        self.kinds & kind_bit(kind) << LOST_SHIFT != 0
-    }
-
-    fn take_all(&mut self) -> [Option<ActiveOp>; OP_KINDS] {
-        let kinds = std::mem::take(&mut self.kinds);
-        std::array::from_fn(|k| (kinds & 1 << k != 0).then(|| std::mem::take(&mut self.ops[k])))
-    }
-
-    /// Replaces every operation; `lost` names those that could not move.
-    fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u16) {
-        let mut active = 0;
-        for (kind, op) in ops.into_iter().enumerate() {
-            if let Some(op) = op {
-                self.ops[kind] = op;
-                active |= 1 << kind;
-            }
-        }
-        self.kinds = active | (lost & active) << LOST_SHIFT;
-    }
-
-    fn summary(&self) -> Summary {
-        let mut bits = u64::from(self.kinds);
-        if self.restored {
-            bits |= RESTORED;
-        }
-        if let Some(member) = self.member {
-            bits |= (member as u64 + 1) << MEMBER_SHIFT;
-        }
-        Summary(bits)
-    }
-}
-
-/// What a session's bindings say, in one word that every call can read
-/// without the bindings' lock: bit `k` = an operation of kind `k` is active,
-/// bit `LOST_SHIFT + k` = it is lost, [`RESTORED`], and the bound member + 1
+/// Which operations of a session are active and where, in one word that
+/// every call can read without the bindings' lock: bit `k` = an operation
+/// of kind `k` is active; bit `LOST_SHIFT + k` = its member failed and it
+/// could not be moved (the next call on it says `CKR_DEVICE_ERROR` and ends
+/// it, leaving the session usable); [`RESTORED`]; and the bound member + 1
 /// from [`MEMBER_SHIFT`] up (0 = none).
 #[derive(Clone, Copy)]
 struct Summary(u64);
 
-fn kind_bit(kind: OpKind) -> u16 {
-    1 << kind as u16
-}
-
 const LOST_SHIFT: u32 = 8;
+/// The active and lost bits.
+const KINDS_MASK: u64 = (1 << (LOST_SHIFT + OP_KINDS as u32)) - 1;
+/// Set by `C_SetOperationState`: that member's state was restored, and
+/// only that member can continue it.
 const RESTORED: u64 = 1 << 16;
 const MEMBER_SHIFT: u32 = 32;
+/// The bound member's bits, [`LOCKED`] aside.
+const MEMBER_MASK: u64 = (u32::MAX as u64 >> 1) << MEMBER_SHIFT;
+/// Above every bit a [`Summary`] uses: the lock of the [`BindingsCell`].
+const LOCKED: u64 = 1 << 63;
+
+fn active_bit(kind: OpKind) -> u64 {
+    1 << kind as u32
+}
+
+fn lost_bit(kind: OpKind) -> u64 {
+    1 << (LOST_SHIFT + kind as u32)
+}
 
 impl Summary {
     fn active(self, kind: OpKind) -> bool {
-        self.0 & (1 << kind as u32) != 0
+        self.0 & active_bit(kind) != 0
     }
 
     fn lost(self, kind: OpKind) -> bool {
-        self.0 & (1 << (LOST_SHIFT + kind as u32)) != 0
+        self.0 & lost_bit(kind) != 0
     }
 
     fn restored(self) -> bool {
@@ -252,7 +190,7 @@ impl Summary {
     }
 
     fn member(self) -> Option<usize> {
-        ((self.0 >> MEMBER_SHIFT) as usize).checked_sub(1)
+        (((self.0 & MEMBER_MASK) >> MEMBER_SHIFT) as usize).checked_sub(1)
     }
 }
 
@@ -274,21 +212,23 @@ struct BindingsCell {
 // one exists at a time (the `LOCKED` bit).
 unsafe impl Sync for BindingsCell {}
 
-/// Above every bit a [`Summary`] uses.
-const LOCKED: u64 = 1 << 63;
-
 impl BindingsCell {
     #[inline(always)]
     fn lock(&self) -> BindingsGuard<'_> {
-        if self.word.fetch_or(LOCKED, Ordering::Acquire) & LOCKED != 0 {
-            self.wait_and_lock();
+        let mut before = self.word.fetch_or(LOCKED, Ordering::Acquire);
+        if before & LOCKED != 0 {
+            before = self.wait_and_lock();
         }
-        BindingsGuard { cell: self }
+        BindingsGuard {
+            cell: self,
+            summary: Summary(before),
+        }
     }
 
+    /// Takes the lock once its holder lets go; returns the summary then.
     #[cold]
     #[inline(never)]
-    fn wait_and_lock(&self) {
+    fn wait_and_lock(&self) -> u64 {
         let mut spins = 0;
         loop {
             while self.word.load(Ordering::Relaxed) & LOCKED != 0 {
@@ -299,8 +239,9 @@ impl BindingsCell {
                     std::thread::yield_now();
                 }
             }
-            if self.word.fetch_or(LOCKED, Ordering::Acquire) & LOCKED == 0 {
-                return;
+            let before = self.word.fetch_or(LOCKED, Ordering::Acquire);
+            if before & LOCKED == 0 {
+                return before;
             }
         }
     }
@@ -311,33 +252,123 @@ impl BindingsCell {
     fn summary(&self) -> Summary {
         Summary(self.word.load(Ordering::Acquire) & !LOCKED)
     }
-}
 
-/// The bindings, locked; releasing them publishes their summary.
-struct BindingsGuard<'a> {
-    cell: &'a BindingsCell,
-}
-
-impl Deref for BindingsGuard<'_> {
-    type Target = Bindings;
-    fn deref(&self) -> &Bindings {
-        // SAFETY: this guard holds the lock.
-        unsafe { &*self.cell.bindings.get() }
+    /// Ends the operation of `kind` (and a restored binding) with one
+    /// compare-and-swap instead of the lock, as every single-part operation
+    /// ends: ending touches no slot. False if the lock is held or the word
+    /// changed meanwhile; the caller then takes the lock.
+    #[inline(always)]
+    fn end_without_lock(&self, kind: OpKind) -> bool {
+        let current = self.word.load(Ordering::Relaxed);
+        let ended = current & !(active_bit(kind) | lost_bit(kind) | RESTORED);
+        current & LOCKED == 0
+            && self
+                .word
+                .compare_exchange(current, ended, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
-impl DerefMut for BindingsGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Bindings {
+/// The bindings, locked, with a working copy of their summary; releasing
+/// them publishes it.
+struct BindingsGuard<'a> {
+    cell: &'a BindingsCell,
+    summary: Summary,
+}
+
+impl BindingsGuard<'_> {
+    fn ops(&mut self) -> &mut [ActiveOp; OP_KINDS] {
         // SAFETY: this guard holds the lock.
-        unsafe { &mut *self.cell.bindings.get() }
+        unsafe { &mut (*self.cell.bindings.get()).ops }
+    }
+
+    /// Starts an operation of `kind` on `member`, with the mechanism saved
+    /// in its slot; one whose parameter could not be saved cannot move.
+    ///
+    /// # Safety
+    /// As for [`SavedMechanism::save`].
+    #[inline(always)]
+    unsafe fn start(
+        &mut self,
+        kind: OpKind,
+        mechanism: CK_MECHANISM_PTR,
+        key: Option<CK_OBJECT_HANDLE>,
+        member: usize,
+    ) {
+        let op = &mut self.ops()[kind as usize];
+        // SAFETY: as the caller vouches.
+        let saved = unsafe { op.mechanism.save(mechanism) };
+        op.key = key;
+        op.movable = saved && kind != OpKind::Find;
+        if op.history.is_some() {
+            op.history = None;
+        }
+        self.summary.0 = (self.summary.0 & !lost_bit(kind)) | active_bit(kind);
+        self.set_member(Some(member));
+    }
+
+    fn end(&mut self, kind: OpKind) {
+        self.summary.0 &= !(active_bit(kind) | lost_bit(kind));
+    }
+
+    fn active(&mut self, kind: OpKind) -> Option<&mut ActiveOp> {
+        let active = self.summary.active(kind);
+        active.then(|| &mut self.ops()[kind as usize])
+    }
+
+    fn is_lost(&self, kind: OpKind) -> bool {
+        self.summary.lost(kind)
+    }
+
+    fn member(&self) -> Option<usize> {
+        self.summary.member()
+    }
+
+    fn set_member(&mut self, member: Option<usize>) {
+        let bound = member.map_or(0, |m| m as u64 + 1) << MEMBER_SHIFT;
+        self.summary.0 = (self.summary.0 & !MEMBER_MASK) | bound;
+    }
+
+    fn restored(&self) -> bool {
+        self.summary.restored()
+    }
+
+    fn set_restored(&mut self, restored: bool) {
+        let bit = if restored { RESTORED } else { 0 };
+        self.summary.0 = (self.summary.0 & !RESTORED) | bit;
+    }
+
+    /// Takes every active operation out; none is active afterwards.
+    fn take_all(&mut self) -> [Option<ActiveOp>; OP_KINDS] {
+        let before = self.summary;
+        self.summary.0 &= !KINDS_MASK;
+        let ops = self.ops();
+        std::array::from_fn(|k| {
+            let active = before.0 & 1 << k != 0;
+            active.then(|| std::mem::take(&mut ops[k]))
+        })
+    }
+
+    /// Puts operations back as the active ones; `lost` names those that
+    /// could not move.
+    fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u64) {
+        let mut active = 0;
+        let slots = self.ops();
+        for (kind, op) in ops.into_iter().enumerate() {
+            if let Some(op) = op {
+                slots[kind] = op;
+                active |= 1 << kind;
+            }
+        }
+        let kinds = active | (lost & active) << LOST_SHIFT;
+        self.summary.0 = (self.summary.0 & !KINDS_MASK) | kinds;
     }
 }
 
 impl Drop for BindingsGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        let summary = self.summary().0;
-        self.cell.word.store(summary, Ordering::Release);
+        self.cell.word.store(self.summary.0, Ordering::Release);
     }
 }
 
@@ -992,9 +1023,9 @@ impl VirtualSession {
             b.end(kind);
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        match (b.active(kind).is_some(), b.member) {
+        match (b.active(kind).is_some(), b.member()) {
             (true, Some(m)) => Ok(m),
-            (false, Some(m)) if b.restored => Ok(m),
+            (false, Some(m)) if b.restored() => Ok(m),
             _ => Err(Error::new(CKR_OPERATION_NOT_INITIALIZED)),
         }
     }
@@ -1069,15 +1100,18 @@ impl VirtualSession {
     /// Keeps what a step fed in, or forgets the operation it ended.
     #[inline(always)]
     fn record(&self, kind: OpKind, step: Step, input: &Input<'_>, rv: CK_RV) {
-        let mut b = self.bindings();
         if step.ends_operation(rv) {
-            b.end(kind);
-            b.restored = false;
+            if !self.bindings.end_without_lock(kind) {
+                let mut b = self.bindings();
+                b.end(kind);
+                b.set_restored(false);
+            }
             return;
         }
         if rv != CKR_OK || step != Step::Update {
             return;
         }
+        let mut b = self.bindings();
         let limit = self.group.settings.replay_limit;
         let Some(op) = b.active(kind) else {
             return;
@@ -1116,17 +1150,18 @@ impl VirtualSession {
     fn move_operations(&self, from: usize) {
         let mut ops = {
             let mut b = self.bindings();
-            if b.member != Some(from) {
+            if b.member() != Some(from) {
                 return;
             }
-            let restored = std::mem::take(&mut b.restored);
+            let restored = b.restored();
+            b.set_restored(false);
             let mut ops = b.take_all();
             if restored {
                 for op in ops.iter_mut().flatten() {
                     op.movable = false;
                 }
             }
-            b.member = None;
+            b.set_member(None);
             ops
         };
         let keys: Vec<CK_OBJECT_HANDLE> = ops
@@ -1179,7 +1214,7 @@ impl VirtualSession {
         }
         let mut b = self.bindings();
         b.replace_all(ops, lost);
-        b.member = moved_to.or(Some(from));
+        b.set_member(moved_to.or(Some(from)));
     }
 
     /// Starts one operation again on `position` and replays its updates.
@@ -1254,8 +1289,8 @@ impl VirtualSession {
     pub fn restore_binding(&self, position: usize) {
         let mut b = self.bindings();
         b.take_all();
-        b.member = Some(position);
-        b.restored = true;
+        b.set_member(Some(position));
+        b.set_restored(true);
     }
 
     /// Runs a credential call on every member that is up. The first member
@@ -1293,5 +1328,63 @@ fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
     match item {
         Replay::Key(k) => Some(*k),
         Replay::Data(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_word_keeps_two_threads_out_of_each_others_bindings() {
+        let cell = BindingsCell::default();
+        const ROUNDS: u64 = 20_000;
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..ROUNDS {
+                        let mut b = cell.lock();
+                        // A read-modify-write that loses counts if two
+                        // guards ever overlap.
+                        let slot = &mut b.ops()[0];
+                        slot.key = Some(slot.key.unwrap_or(0) + 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(cell.lock().ops()[0].key, Some(2 * ROUNDS));
+        assert_eq!(cell.word.load(Ordering::Relaxed) & LOCKED, 0);
+    }
+
+    #[test]
+    fn the_summary_follows_starts_ends_and_moves() {
+        let cell = BindingsCell::default();
+        {
+            let mut b = cell.lock();
+            // SAFETY: a null mechanism, as a search has.
+            unsafe { b.start(OpKind::Find, std::ptr::null_mut(), None, 2) };
+            // SAFETY: as above.
+            unsafe { b.start(OpKind::Digest, std::ptr::null_mut(), Some(7), 2) };
+        }
+        let summary = cell.summary();
+        assert!(summary.active(OpKind::Digest) && summary.active(OpKind::Find));
+        assert_eq!(summary.member(), Some(2));
+        assert!(cell.end_without_lock(OpKind::Digest));
+        assert!(!cell.summary().active(OpKind::Digest));
+        assert!(cell.summary().active(OpKind::Find), "other kinds stay");
+        {
+            let mut b = cell.lock();
+            assert!(!cell.end_without_lock(OpKind::Find), "not while locked");
+            let ops = b.take_all();
+            assert!(ops[OpKind::Find as usize].is_some());
+            assert!(ops[OpKind::Digest as usize].is_none(), "ended before");
+            b.replace_all(ops, 1 << OpKind::Find as u32);
+            b.set_member(Some(0));
+        }
+        let summary = cell.summary();
+        assert!(summary.active(OpKind::Find) && summary.lost(OpKind::Find));
+        assert_eq!(summary.member(), Some(0));
+        assert!(cell.end_without_lock(OpKind::Find));
+        assert!(!cell.summary().any_active());
     }
 }
