@@ -610,6 +610,10 @@ impl VirtualSession {
             self.run(position, library, handle, call)
         };
         drop(guard);
+        // Success first: most calls succeed, and no other check applies.
+        if rv == CKR_OK {
+            return Attempt::Answered(CKR_OK);
+        }
         if look_up_again {
             return Attempt::Faulted;
         }
@@ -639,10 +643,12 @@ impl VirtualSession {
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         let rv = call(library, handle);
-        if !matches!(
-            rv,
-            CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
-        ) {
+        if rv == CKR_OK
+            || !matches!(
+                rv,
+                CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
+            )
+        {
             return (rv, false);
         }
         match self.check_login(position, library, handle, rv) {
