@@ -99,6 +99,14 @@ pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
             return Ok(session);
         }
     }
+    session_from_table(handle)
+}
+
+/// [`session`] when the thread's cache cannot answer: out of line, so that
+/// the cached path inlined into every entry point stays short.
+#[cold]
+#[inline(never)]
+fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     let removals = crate::session::removals();
     with(|p| p.session(handle)).map(|s| SessionRef::new(s, removals))
 }

@@ -63,7 +63,9 @@ fn buffer<T>(pointer: *const T, len: CK_ULONG) -> Result<()> {
     }
 }
 
-/// The session named by `handle`.
+/// The session named by `handle`; inlined, as the first step of most
+/// calls.
+#[inline(always)]
 fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     provider::session(handle)
 }
