@@ -224,19 +224,25 @@ impl SessionRef {
     pub fn cached(handle: CK_SESSION_HANDLE) -> Option<SessionRef> {
         LAST_USED
             .try_with(|cell| {
-                // SAFETY: the entry is this thread's, and no reference to it
-                // outlives this closure; a `SessionRef` keeps only a pointer.
-                let entry = unsafe { &mut *cell.get() };
-                let session = entry.session.as_deref()?;
-                if entry.in_use || session.handle != handle || entry.removals != removals() {
-                    return None;
+                let entry = cell.get();
+                // SAFETY: the entry is this thread's and is reached only
+                // through raw pointers from `cell.get()`, field by field,
+                // never through a reference that outlives the access.
+                unsafe {
+                    let session = (*entry).session.as_deref()?;
+                    if (*entry).in_use
+                        || session.handle != handle
+                        || (*entry).removals != removals()
+                    {
+                        return None;
+                    }
+                    (*entry).in_use = true;
+                    Some(SessionRef {
+                        session: NonNull::from(session),
+                        cache: NonNull::new(entry),
+                        _owned: None,
+                    })
                 }
-                entry.in_use = true;
-                Some(SessionRef {
-                    session: NonNull::from(session),
-                    cache: Some(NonNull::from(&mut *entry)),
-                    _owned: None,
-                })
             })
             .ok()
             .flatten()
@@ -247,24 +253,24 @@ impl SessionRef {
     pub fn new(session: Arc<Session>, removals: u64) -> Self {
         let pointer = NonNull::from(&*session);
         let cached = LAST_USED.try_with(|cell| {
+            let entry = cell.get();
             // SAFETY: as in `cached`.
-            let entry = unsafe { &mut *cell.get() };
-            if entry.in_use {
-                return None;
+            unsafe {
+                if (*entry).in_use {
+                    return None;
+                }
+                (*entry).in_use = true;
+                (*entry).removals = removals;
+                let replaced = (*entry).session.replace(Arc::clone(&session));
+                Some((replaced, NonNull::new(entry)))
             }
-            entry.in_use = true;
-            entry.removals = removals;
-            Some((
-                entry.session.replace(Arc::clone(&session)),
-                NonNull::from(&mut *entry),
-            ))
         });
         match cached {
             // The replaced session is dropped only now, outside the entry's
             // borrow: its drop may close member sessions.
             Ok(Some((_replaced, entry))) => SessionRef {
                 session: pointer,
-                cache: Some(entry),
+                cache: entry,
                 _owned: None,
             },
             _ => SessionRef {
@@ -301,10 +307,10 @@ impl Deref for SessionRef {
 impl Drop for SessionRef {
     #[inline(always)]
     fn drop(&mut self) {
-        if let Some(mut entry) = self.cache {
+        if let Some(entry) = self.cache {
             // SAFETY: the entry belongs to this thread (a `SessionRef` is
             // neither `Send` nor outlives the call), which is still alive.
-            unsafe { entry.as_mut().in_use = false };
+            unsafe { (*entry.as_ptr()).in_use = false };
         }
     }
 }

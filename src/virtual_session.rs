@@ -195,12 +195,13 @@ impl Summary {
 }
 
 /// A session's bindings behind a lock that is also their [`Summary`]
-/// word. Taking the lock is one atomic read-modify-write, and releasing it
-/// is the plain store that publishes the new summary, where a mutex beside
-/// the word would cost two read-modify-writes more on each start and end of
-/// an operation. The lock is held for a few hundred instructions and never
-/// across a member call; only an application calling into one session from
-/// two threads at once waits for it, spinning briefly, then yielding.
+/// word: taking the lock is one atomic read-modify-write, and releasing it
+/// is the store that publishes the new summary. One word instead of a
+/// mutex and a copy of its state to keep in step keeps the start and end of
+/// every operation a few instructions long. The lock is never held across
+/// a member call, and for no more than copying one update for replay; only
+/// an application calling into one session from two threads at once waits
+/// for it, spinning briefly, then yielding.
 #[derive(Default)]
 struct BindingsCell {
     /// The summary, with [`LOCKED`] set while a guard exists.
