@@ -611,10 +611,26 @@ impl VirtualSession {
             self.run(position, library, handle, call)
         };
         drop(guard);
-        // Success first: most calls succeed, and no other check applies.
+        // Success first and inline: most calls succeed, and no other check
+        // applies to them.
         if rv == CKR_OK {
             return Attempt::Answered(CKR_OK);
         }
+        self.judge(position, function, epoch, rv, look_up_again)
+    }
+
+    /// [`Self::attempt`]'s verdict on an answer other than `CKR_OK`, out of
+    /// line.
+    #[cold]
+    #[inline(never)]
+    fn judge(
+        &self,
+        position: usize,
+        function: &str,
+        epoch: u64,
+        rv: CK_RV,
+        look_up_again: bool,
+    ) -> Attempt {
         if look_up_again {
             return Attempt::Faulted;
         }
@@ -623,7 +639,7 @@ impl VirtualSession {
         }
         // A fault on a session from an earlier epoch belongs to a failure
         // already recorded: the member may be back by now.
-        if epoch == member.epoch() {
+        if epoch == self.group.members[position].epoch() {
             self.group.member_failed(position, function, rv);
         }
         Attempt::Faulted
@@ -1003,15 +1019,24 @@ impl VirtualSession {
             let Attempt::Answered(rv) = answer else {
                 continue;
             };
-            let mut b = self.bindings();
-            if rv == CKR_OK {
-                // SAFETY: the application's mechanism is valid during its call.
-                unsafe { b.start(kind, mechanism, key, position) };
-            } else if rv != CKR_OPERATION_ACTIVE {
-                b.end(kind);
+            if rv != CKR_OK {
+                return Err(self.refused_init(kind, rv));
             }
-            return check(rv);
+            // SAFETY: the application's mechanism is valid during its call.
+            unsafe { self.bindings().start(kind, mechanism, key, position) };
+            return Ok(());
         }
+    }
+
+    /// An `*Init` the member refused: it ended any operation of its kind,
+    /// unless that one was still active.
+    #[cold]
+    #[inline(never)]
+    fn refused_init(&self, kind: OpKind, rv: CK_RV) -> Error {
+        if rv != CKR_OPERATION_ACTIVE {
+            self.bindings().end(kind);
+        }
+        Error::new(rv)
     }
 
     /// The member an operation of `kind` runs on.
@@ -1025,6 +1050,13 @@ impl VirtualSession {
                 _ => Err(Error::new(CKR_OPERATION_NOT_INITIALIZED)),
             };
         }
+        self.bound_for_lost(kind)
+    }
+
+    /// [`Self::bound_for`] when the summary says the operation was lost.
+    #[cold]
+    #[inline(never)]
+    fn bound_for_lost(&self, kind: OpKind) -> Result<usize> {
         let mut b = self.bindings();
         if b.is_lost(kind) {
             b.end(kind);
