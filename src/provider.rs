@@ -19,7 +19,7 @@ use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -66,12 +66,14 @@ static PROVIDER: RwLock<Option<Arc<Provider>>> = RwLock::new(None);
 /// Serialises `C_Initialize` and `C_Finalize` against each other.
 static LIFECYCLE: Mutex<()> = Mutex::new(());
 
+/// Why calls must not take the session cache's shortcut, as bits: one
+/// word, so that the shortcut costs every call one test.
+static NO_SHORTCUT: AtomicU8 = AtomicU8::new(0);
 /// Set in a child after `fork`: the parent's state is not the child's until
 /// the child calls `C_Initialize`, as the specification requires.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-/// Whether recovery runs during calls, which then all go through [`with`].
-static INLINE_RECOVERY: AtomicBool = AtomicBool::new(false);
+const FORKED: u8 = 1;
+/// Recovery runs during calls, which then all go through [`with`].
+const INLINE_RECOVERY: u8 = 2;
 
 /// Libraries stay loaded for the life of the process: unloading and
 /// reloading a module between `C_Finalize` and `C_Initialize` gains nothing
@@ -79,7 +81,7 @@ static INLINE_RECOVERY: AtomicBool = AtomicBool::new(false);
 static LOADED: Mutex<Vec<Arc<MemberLibrary>>> = Mutex::new(Vec::new());
 
 extern "C" fn after_fork_in_child() {
-    FORKED.store(true, Ordering::Relaxed);
+    NO_SHORTCUT.fetch_or(FORKED, Ordering::Relaxed);
 }
 
 /// The initialised provider, or `CKR_CRYPTOKI_NOT_INITIALIZED`.
@@ -91,10 +93,7 @@ pub fn get() -> Result<Arc<Provider>> {
 /// session the thread used last (unless recovery must run during calls).
 #[inline(always)]
 pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
-    if FORKED.load(Ordering::Relaxed) {
-        return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
-    }
-    if !INLINE_RECOVERY.load(Ordering::Relaxed) {
+    if NO_SHORTCUT.load(Ordering::Relaxed) == 0 {
         if let Some(session) = SessionRef::cached(handle) {
             return Ok(session);
         }
@@ -102,8 +101,9 @@ pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     session_from_table(handle)
 }
 
-/// [`session`] when the thread's cache cannot answer: out of line, so that
-/// the cached path inlined into every entry point stays short.
+/// [`session`] when the thread's cache cannot answer (or must not: see
+/// [`NO_SHORTCUT`]), out of line, so that the cached path inlined into
+/// every entry point stays short.
 #[cold]
 #[inline(never)]
 fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
@@ -115,7 +115,7 @@ fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 /// the path of every call that needs the provider, and of session lookups
 /// the thread's cache cannot answer.
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
-    if FORKED.load(Ordering::Relaxed) {
+    if NO_SHORTCUT.load(Ordering::Relaxed) & FORKED != 0 {
         return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
     }
     let guard = PROVIDER.read();
@@ -151,7 +151,7 @@ fn run_inline_recovery_if_due(provider: &Provider) {
 /// application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
 pub fn initialize(threads_allowed: bool) -> Result<()> {
     let _lifecycle = LIFECYCLE.lock();
-    if FORKED.swap(false, Ordering::Relaxed) {
+    if NO_SHORTCUT.fetch_and(!FORKED, Ordering::Relaxed) & FORKED != 0 {
         // The parent's sessions and logins are the parent's: drop our view of
         // them, and leave the parent's member initialisation alone.
         crate::session::forget_cached_sessions();
@@ -180,7 +180,11 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
             now_ms() + provider.recovery.interval.as_millis() as u64,
         ));
     }
-    INLINE_RECOVERY.store(provider.inline_recovery_due_ms.is_some(), Ordering::Relaxed);
+    if provider.inline_recovery_due_ms.is_some() {
+        NO_SHORTCUT.fetch_or(INLINE_RECOVERY, Ordering::Relaxed);
+    } else {
+        NO_SHORTCUT.fetch_and(!INLINE_RECOVERY, Ordering::Relaxed);
+    }
     let provider = Arc::new(provider);
     if threads_allowed {
         let workers = Workers::start(Arc::downgrade(&provider), recovery_on).map_err(|e| {
