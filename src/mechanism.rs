@@ -349,23 +349,33 @@ mod saved_tests {
         kept.then_some(saved)
     }
 
+    /// GCM parameters pointing at `iv` and `aad`.
+    fn gcm_params(iv: &mut [u8], aad: &mut [u8], tag_bits: CK_ULONG) -> CK_GCM_PARAMS {
+        CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: iv.len() as CK_ULONG,
+            ulIvBits: 8 * iv.len() as CK_ULONG,
+            pAAD: aad.as_mut_ptr(),
+            ulAADLen: aad.len() as CK_ULONG,
+            ulTagBits: tag_bits,
+        }
+    }
+
+    /// A GCM mechanism with `params` as its parameter.
+    fn gcm(params: &mut CK_GCM_PARAMS) -> CK_MECHANISM {
+        CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: params as *mut _ as *mut _,
+            ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+        }
+    }
+
     #[test]
     fn gcm_parameters_survive_the_application_freeing_them() {
         let mut iv = vec![1u8; 12];
         let mut aad = vec![2u8; 5];
-        let mut params = CK_GCM_PARAMS {
-            pIv: iv.as_mut_ptr(),
-            ulIvLen: 12,
-            ulIvBits: 96,
-            pAAD: aad.as_mut_ptr(),
-            ulAADLen: 5,
-            ulTagBits: 128,
-        };
-        let mechanism = CK_MECHANISM {
-            mechanism: CKM_AES_GCM,
-            pParameter: &mut params as *mut _ as *mut _,
-            ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
-        };
+        let mut params = gcm_params(&mut iv, &mut aad, 128);
+        let mechanism = gcm(&mut params);
         let saved = saved(&mechanism).expect("GCM is replayable");
         iv.fill(0);
         aad.fill(0);
@@ -386,19 +396,8 @@ mod saved_tests {
     fn parameters_larger_than_the_inline_room_are_copied_too() {
         let mut iv = [3u8; 16];
         let mut aad = vec![4u8; 300];
-        let mut params = CK_GCM_PARAMS {
-            pIv: iv.as_mut_ptr(),
-            ulIvLen: 16,
-            ulIvBits: 128,
-            pAAD: aad.as_mut_ptr(),
-            ulAADLen: 300,
-            ulTagBits: 96,
-        };
-        let mechanism = CK_MECHANISM {
-            mechanism: CKM_AES_GCM,
-            pParameter: &mut params as *mut _ as *mut _,
-            ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
-        };
+        let mut params = gcm_params(&mut iv, &mut aad, 96);
+        let mechanism = gcm(&mut params);
         let saved = saved(&mechanism).expect("GCM is replayable");
         aad.fill(0);
         let mut saved = Box::new(saved);

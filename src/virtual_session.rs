@@ -130,19 +130,6 @@ struct Search {
     returned: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
 }
 
-/// A session's operations, by kind. All of them run on one member, so
-/// the dual functions find both halves together; which are active, which
-/// are lost and where they are bound is the [`Summary`] in their
-/// [`BindingsCell`].
-#[derive(Default)]
-struct Bindings {
-    /// Slot `k` holds the operation of kind `k` while the summary says it
-    /// is active. Any other slot is stale, and the next start of its kind
-    /// overwrites it in place: ending an operation frees nothing, and
-    /// starting one reuses the room of the last.
-    ops: [ActiveOp; OP_KINDS],
-}
-
 /// Which operations of a session are active and where, in one word that
 /// every call can read without the bindings' lock: bit `k` = an operation
 /// of kind `k` is active; bit `LOST_SHIFT + k` = its member failed and it
@@ -194,9 +181,11 @@ impl Summary {
     }
 }
 
-/// A session's bindings behind a lock that is also their [`Summary`]
-/// word: taking the lock is one atomic read-modify-write, and releasing it
-/// is the store that publishes the new summary. One word instead of a
+/// A session's operations, by kind, behind a lock that is also their
+/// [`Summary`] word. All of them run on one member, so the dual functions
+/// find both halves together. Taking the lock is one atomic
+/// read-modify-write, and releasing it is the store that publishes the new
+/// summary. One word instead of a
 /// mutex and a copy of its state to keep in step keeps the start and end of
 /// every operation a few instructions long. The lock is never held across
 /// a member call, and for no more than copying one update for replay; only
@@ -206,10 +195,14 @@ impl Summary {
 struct BindingsCell {
     /// The summary, with [`LOCKED`] set while a guard exists.
     word: AtomicU64,
-    bindings: UnsafeCell<Bindings>,
+    /// Slot `k` holds the operation of kind `k` while the summary says it
+    /// is active. Any other slot is stale, and the next start of its kind
+    /// overwrites it in place: ending an operation frees nothing, and
+    /// starting one reuses the room of the last.
+    ops: UnsafeCell<[ActiveOp; OP_KINDS]>,
 }
 
-// SAFETY: `bindings` is reached only through a `BindingsGuard`, and at most
+// SAFETY: `ops` is reached only through a `BindingsGuard`, and at most
 // one exists at a time (the `LOCKED` bit).
 unsafe impl Sync for BindingsCell {}
 
@@ -280,7 +273,7 @@ struct BindingsGuard<'a> {
 impl BindingsGuard<'_> {
     fn ops(&mut self) -> &mut [ActiveOp; OP_KINDS] {
         // SAFETY: this guard holds the lock.
-        unsafe { &mut (*self.cell.bindings.get()).ops }
+        unsafe { &mut *self.cell.ops.get() }
     }
 
     /// Starts an operation of `kind` on `member`, with the mechanism saved

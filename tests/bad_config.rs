@@ -332,14 +332,7 @@ impl Drop for Finalize {
 }
 
 fn initialize() -> CK_RV {
-    let mut args = CK_C_INITIALIZE_ARGS {
-        CreateMutex: None,
-        DestroyMutex: None,
-        LockMutex: None,
-        UnlockMutex: None,
-        flags: CKF_OS_LOCKING_OK,
-        pReserved: ptr::null_mut(),
-    };
+    let mut args = init_args(CKF_OS_LOCKING_OK);
     ck!(C_Initialize(&mut args as *mut _ as *mut c_void))
 }
 

@@ -266,17 +266,6 @@ impl Drop for Ctx {
     }
 }
 
-fn init_args(flags: CK_FLAGS) -> CK_C_INITIALIZE_ARGS {
-    CK_C_INITIALIZE_ARGS {
-        CreateMutex: None,
-        DestroyMutex: None,
-        LockMutex: None,
-        UnlockMutex: None,
-        flags,
-        pReserved: ptr::null_mut(),
-    }
-}
-
 fn open_session(api: &Api, slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
     let mut session = CK_INVALID_HANDLE;
     let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;

@@ -108,14 +108,7 @@ pub fn load(path: &Path) -> (Library, CK_FUNCTION_LIST) {
 /// `C_Initialize` with `CKF_OS_LOCKING_OK` (pkcs11-ha reads the config
 /// named in the environment).
 pub fn initialize(fns: &CK_FUNCTION_LIST) -> CK_RV {
-    let mut args = CK_C_INITIALIZE_ARGS {
-        CreateMutex: None,
-        DestroyMutex: None,
-        LockMutex: None,
-        UnlockMutex: None,
-        flags: CKF_OS_LOCKING_OK,
-        pReserved: ptr::null_mut(),
-    };
+    let mut args = crate::common::init_args(CKF_OS_LOCKING_OK);
     ck_raw!(
         fns,
         C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)

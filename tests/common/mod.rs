@@ -576,3 +576,16 @@ pub fn build_c_program(name: &str, dir: &Path) -> PathBuf {
     );
     program
 }
+
+/// `C_Initialize` arguments with no mutex callbacks and `flags`
+/// (`CKF_OS_LOCKING_OK` for the usual start).
+pub fn init_args(flags: cryptoki_sys::CK_FLAGS) -> cryptoki_sys::CK_C_INITIALIZE_ARGS {
+    cryptoki_sys::CK_C_INITIALIZE_ARGS {
+        CreateMutex: None,
+        DestroyMutex: None,
+        LockMutex: None,
+        UnlockMutex: None,
+        flags,
+        pReserved: std::ptr::null_mut(),
+    }
+}
