@@ -3,7 +3,9 @@
 //! into the virtual slot's.
 
 use crate::error::{Error, Result};
-use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
+use crate::member::{
+    open_member_session, padded_to_string, string_to_padded, MemberLibrary, MemberSession,
+};
 use crate::object::ObjectTable;
 use crate::replication::Pending;
 use cryptoki_sys::*;
@@ -64,6 +66,13 @@ pub struct Member {
     /// key-wrap mechanism (0: not refused), so that the group neither asks
     /// again nor says so again until the member has been reconnected.
     wrap_refused: AtomicU64,
+    /// A session of the group's own on the member, in the epoch it was
+    /// opened in. It is opened before any of the member's object handles
+    /// is cached and stays open while the member serves, because SoftHSM
+    /// numbers a token's objects anew once its last session closes; and the
+    /// group's own searches run on it, so that they never collide with an
+    /// operation the application has active on its member session.
+    utility: Mutex<Option<MemberSession>>,
 }
 
 impl Member {
@@ -81,6 +90,7 @@ impl Member {
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
+            utility: Mutex::new(None),
         }
     }
 
@@ -427,6 +437,56 @@ impl Group {
                 self.label, self.serial, member.serial
             );
             self.log(Some(position), &event);
+        }
+    }
+
+    /// Runs `calls` on the member's utility session (see [`Member`]), opened
+    /// now if the member has none in its current epoch. One caller at a
+    /// time: a search holds the session until it ends. A member that faults
+    /// while it opens is taken out of service.
+    pub fn on_utility<T>(
+        &self,
+        position: usize,
+        calls: impl FnOnce(&MemberSession) -> T,
+    ) -> Result<T> {
+        let member = &self.members[position];
+        let mut utility = member.utility.lock();
+        let epoch = member.epoch();
+        if utility.as_ref().is_none_or(|s| s.epoch != epoch) {
+            let location = member
+                .location()
+                .filter(|_| member.reachable())
+                .ok_or(Error::new(CKR_DEVICE_ERROR))?;
+            let guard = member.begin_call();
+            let opened = open_member_session(
+                &location.library,
+                location.slot,
+                CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                epoch,
+            );
+            drop(guard);
+            match opened {
+                Ok(session) => *utility = Some(session),
+                Err(e) => {
+                    if is_member_fault(e.rv) {
+                        self.member_failed(position, "C_OpenSession", e.rv);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let session = utility.as_ref().ok_or(Error::new(CKR_DEVICE_ERROR))?;
+        let _in_flight = member.begin_call();
+        Ok(crate::member::on_connection(session.connection, || {
+            calls(session)
+        }))
+    }
+
+    /// Opens the utility session of every member that serves and has none
+    /// yet, before anything of theirs is cached.
+    pub fn open_utility_sessions(&self) {
+        for member in self.up_members() {
+            let _ = self.on_utility(member.position, |_| ());
         }
     }
 

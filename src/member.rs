@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Calls one entry of a member's function table; a missing entry is
 /// `CKR_FUNCTION_NOT_SUPPORTED`, as the specification says of a NULL slot.
@@ -466,4 +467,37 @@ pub fn string_to_padded(text: &str, field: &mut [u8]) {
     let bytes = text.as_bytes();
     let n = bytes.len().min(field.len());
     field[..n].copy_from_slice(&bytes[..n]);
+}
+
+/// A session on one member token, opened in the member's `epoch` on the
+/// library's `connection`.
+#[derive(Clone)]
+pub struct MemberSession {
+    pub library: Arc<MemberLibrary>,
+    pub handle: CK_SESSION_HANDLE,
+    pub epoch: u64,
+    pub connection: u64,
+}
+
+/// Opens a session on one member token.
+pub fn open_member_session(
+    library: &Arc<MemberLibrary>,
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+    epoch: u64,
+) -> Result<MemberSession> {
+    // Read first: a reconnect in between makes the session look older,
+    // never newer, than it is.
+    let connection = library.connection();
+    let mut handle: CK_SESSION_HANDLE = 0;
+    check(member_call!(
+        library,
+        C_OpenSession(slot, flags, std::ptr::null_mut(), None, &mut handle)
+    ))?;
+    Ok(MemberSession {
+        library: Arc::clone(library),
+        handle,
+        epoch,
+        connection,
+    })
 }

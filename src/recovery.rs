@@ -478,7 +478,8 @@ fn synchronize(
     let domain = worker.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let handles = worker
-        .on_member(reference, |s| {
+        .group
+        .on_utility(reference, |s| {
             identity::find(&s.library, s.handle, &everything)
         })
         .and_then(|found| found.map_err(crate::error::Error::new))

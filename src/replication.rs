@@ -231,7 +231,8 @@ impl VirtualSession {
             (CKA_LABEL, label),
         ];
         let found = self
-            .on_member(position, |s| identity::find(&s.library, s.handle, &print))
+            .group
+            .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
             .ok()?
             .ok()?;
         let handle = match found[..] {
@@ -525,7 +526,10 @@ impl VirtualSession {
         let found: Vec<CK_OBJECT_HANDLE> = match holdings {
             Some(h) => h.matching(&print).collect(),
             None => {
-                match self.on_member(position, |s| identity::find(&s.library, s.handle, &print)) {
+                match self
+                    .group
+                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
+                {
                     Ok(Ok(found)) => found,
                     _ => return false,
                 }
@@ -635,7 +639,8 @@ impl VirtualSession {
         let found: Vec<CK_OBJECT_HANDLE> = match &holdings {
             Some(h) => h.matching(print).collect(),
             None => self
-                .on_member(position, |s| identity::find(&s.library, s.handle, print))
+                .group
+                .on_utility(position, |s| identity::find(&s.library, s.handle, print))
                 .map_err(|e| rv_name(e.rv))?
                 .map_err(rv_name)?,
         };
@@ -672,7 +677,8 @@ impl Holdings {
         let domain = session.domain_handle(position);
         let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
         let handles = session
-            .on_member(position, |s| {
+            .group
+            .on_utility(position, |s| {
                 identity::find(&s.library, s.handle, &everything)
             })?
             .map_err(Error::new)?;

@@ -2,9 +2,9 @@
 //! holds, and for each session where its calls go -- one member session for
 //! a pass-through slot, or a [`VirtualSession`] for a virtual slot.
 
-use crate::error::{check, Error, Result};
-use crate::member::member_call;
+use crate::error::{Error, Result};
 use crate::member::MemberLibrary;
+pub use crate::member::{open_member_session, MemberSession};
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
@@ -15,16 +15,6 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// A session on one member token, opened in the member's `epoch` on the
-/// library's `connection`.
-#[derive(Clone)]
-pub struct MemberSession {
-    pub library: Arc<MemberLibrary>,
-    pub handle: CK_SESSION_HANDLE,
-    pub epoch: u64,
-    pub connection: u64,
-}
 
 /// The member session a virtual session holds on one member, readable on
 /// every call without a lock or a reference count: a sequence lock whose
@@ -381,29 +371,6 @@ impl SessionTable {
             (all + 1, rw + CK_ULONG::from(s.flags & CKF_RW_SESSION != 0))
         })
     }
-}
-
-/// Opens a session on one member token.
-pub fn open_member_session(
-    library: &Arc<MemberLibrary>,
-    slot: CK_SLOT_ID,
-    flags: CK_FLAGS,
-    epoch: u64,
-) -> Result<MemberSession> {
-    // Read first: a reconnect in between makes the session look older,
-    // never newer, than it is.
-    let connection = library.connection();
-    let mut handle: CK_SESSION_HANDLE = 0;
-    check(member_call!(
-        library,
-        C_OpenSession(slot, flags, std::ptr::null_mut(), None, &mut handle)
-    ))?;
-    Ok(MemberSession {
-        library: Arc::clone(library),
-        handle,
-        epoch,
-        connection,
-    })
 }
 
 impl SessionTable {

@@ -434,6 +434,7 @@ impl VirtualSession {
     /// Opens a member session on every member that is up. Fails only when
     /// no member could open one.
     pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
+        group.open_utility_sessions();
         let session = Self::new(group, flags);
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
         let mut opened = 0;
@@ -821,8 +822,9 @@ impl VirtualSession {
                 let Some(print) = self.fingerprint_of(object) else {
                     return Ok(None);
                 };
-                let Ok(Ok(found)) =
-                    self.on_member(position, |s| identity::find(&s.library, s.handle, &print))
+                let Ok(Ok(found)) = self
+                    .group
+                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
                 else {
                     return Ok(None);
                 };

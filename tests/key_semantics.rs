@@ -1,0 +1,483 @@
+//! Keys behave as PKCS#11 promises through a virtual slot of two SoftHSM
+//! members: the emulation of non-extractable keys says exactly what a real
+//! token says, the domain key can never be reached, and cached member
+//! handles survive everything that makes SoftHSM hand out new ones.
+
+mod common;
+
+use common::*;
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use cryptoki_sys::*;
+use std::ptr;
+
+fn rv_of<T: std::fmt::Debug>(result: cryptoki::error::Result<T>) -> RvError {
+    match result {
+        Err(Error::Pkcs11(rv, _)) => rv,
+        other => panic!("expected a PKCS#11 error, got {other:?}"),
+    }
+}
+
+fn aes_template(label: &str, extractable: Option<bool>, sensitive: bool) -> Vec<Attribute> {
+    let mut template = vec![
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Label(label.into()),
+        Attribute::Id(label.as_bytes().to_vec()),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sensitive(sensitive),
+    ];
+    if let Some(e) = extractable {
+        template.push(Attribute::Extractable(e));
+    }
+    template
+}
+
+fn generate_aes(
+    session: &Session,
+    label: &str,
+    extractable: bool,
+    sensitive: bool,
+) -> ObjectHandle {
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &aes_template(label, Some(extractable), sensitive),
+        )
+        .expect("C_GenerateKey")
+}
+
+/// An object handle the application made up.
+fn raw_handle(value: CK_OBJECT_HANDLE) -> ObjectHandle {
+    // SAFETY: an arbitrary handle is what these tests send on purpose.
+    unsafe { ObjectHandle::new_from_raw(value) }
+}
+
+fn find_label(session: &Session, label: &str) -> Vec<ObjectHandle> {
+    session
+        .find_objects(&[Attribute::Label(label.into())])
+        .expect("C_FindObjects")
+}
+
+fn labels_of_everything(session: &Session) -> Vec<String> {
+    let all = session.find_objects(&[]).expect("C_FindObjects");
+    all.into_iter()
+        .filter_map(|h| {
+            session
+                .get_attributes(h, &[AttributeType::Label])
+                .ok()
+                .and_then(|a| match a.first() {
+                    Some(Attribute::Label(l)) => Some(String::from_utf8_lossy(l).into_owned()),
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+fn bool_attribute(session: &Session, object: ObjectHandle, which: AttributeType) -> bool {
+    let attributes = session
+        .get_attributes(object, &[which])
+        .expect("C_GetAttributeValue");
+    match attributes.first() {
+        Some(
+            Attribute::Extractable(b)
+            | Attribute::NeverExtractable(b)
+            | Attribute::Sensitive(b)
+            | Attribute::AlwaysSensitive(b)
+            | Attribute::WrapWithTrusted(b),
+        ) => *b,
+        other => panic!("{which:?} read as {other:?}"),
+    }
+}
+
+/// The raw function table of the library under test, for calls the
+/// `cryptoki` crate does not make (nested templates, raw lengths).
+fn raw() -> &'static CK_FUNCTION_LIST {
+    static LIST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let address = *LIST.get_or_init(|| {
+        // SAFETY: the library under test is a PKCS#11 module; the symbol has
+        // the standard signature, and the table it returns lives as long as
+        // the (never unloaded) library.
+        unsafe {
+            let library = libloading::Library::new(library_path()).expect("dlopen pkcs11-ha");
+            let get = *library
+                .get::<CK_C_GetFunctionList>(b"C_GetFunctionList\0")
+                .expect("C_GetFunctionList");
+            let mut list: *mut CK_FUNCTION_LIST = ptr::null_mut();
+            assert_eq!(get.expect("not NULL")(&mut list), CKR_OK);
+            std::mem::forget(library);
+            list as usize
+        }
+    });
+    // SAFETY: as above, the table is never freed.
+    unsafe { &*(address as *const CK_FUNCTION_LIST) }
+}
+
+fn close_all_sessions(slot: cryptoki::slot::Slot) {
+    // SAFETY: a plain call with a slot ID.
+    let rv = unsafe { raw().C_CloseAllSessions.unwrap()(slot.id()) };
+    assert_eq!(rv, CKR_OK, "C_CloseAllSessions");
+}
+
+#[test]
+fn key_generation_survives_closing_every_session() {
+    let fixture = Fixture::group(2);
+    let slot = fixture.virtual_slot();
+    for round in 0..3 {
+        let session = fixture.user_session();
+        let key = generate_aes(&session, &format!("round{round}"), true, false);
+        assert_eq!(find_label(&session, &format!("round{round}")), vec![key]);
+        close_all_sessions(slot);
+        std::mem::forget(session);
+    }
+    // With a pass-through session open meanwhile, as in the report.
+    let passthrough = fixture
+        .pkcs11
+        .open_ro_session(fixture.member_slot(1))
+        .unwrap();
+    let session = fixture.user_session();
+    generate_aes(&session, "after-cycles", true, false);
+    session.close().unwrap();
+    let session = fixture.user_session();
+    generate_aes(&session, "after-close", true, false);
+    for label in ["round0", "round1", "round2", "after-cycles", "after-close"] {
+        assert_eq!(find_label(&session, label).len(), 1, "{label} once");
+    }
+    drop(passthrough);
+}
+
+#[test]
+fn the_domain_key_never_shows_through_the_virtual_slot() {
+    let fixture = Fixture::group(2);
+    let slot = fixture.virtual_slot();
+    for round in 0..3 {
+        let session = fixture.user_session();
+        generate_aes(&session, &format!("k{round}"), true, false);
+        let labels = labels_of_everything(&session);
+        assert!(
+            !labels.iter().any(|l| l == DOMAIN_LABEL),
+            "round {round}: the domain key is listed: {labels:?}"
+        );
+        assert!(find_label(&session, DOMAIN_LABEL).is_empty());
+        let secret = session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+            .unwrap();
+        assert_eq!(secret.len(), round + 1, "only the application's keys");
+        close_all_sessions(slot);
+        std::mem::forget(session);
+    }
+    // Guessing virtual handles reaches nothing but the application's keys.
+    let session = fixture.user_session();
+    for guess in 1..=64u64 {
+        let handle = raw_handle(guess);
+        if let Ok(attributes) = session.get_attributes(handle, &[AttributeType::Label]) {
+            assert!(
+                !matches!(attributes.first(), Some(Attribute::Label(l)) if l == DOMAIN_LABEL.as_bytes()),
+                "virtual handle {guess} is the domain key"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_domain_key_is_hidden_and_untouchable_through_pass_through_slots() {
+    let fixture = Fixture::group(2);
+    // The virtual slot is used first, so the members hold open sessions.
+    let virtual_session = fixture.user_session();
+    generate_aes(&virtual_session, "app-key", true, false);
+    for member in 0..2 {
+        let session = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        assert!(find_label(&session, DOMAIN_LABEL).is_empty());
+        assert!(!labels_of_everything(&session)
+            .iter()
+            .any(|l| l == DOMAIN_LABEL));
+        // Member handles are small numbers: try them all.
+        for guess in 1..=64u64 {
+            let handle = raw_handle(guess);
+            if let Ok(attributes) = session.get_attributes(handle, &[AttributeType::Label]) {
+                assert!(
+                    !matches!(attributes.first(), Some(Attribute::Label(l)) if l == DOMAIN_LABEL.as_bytes()),
+                    "member {member}: handle {guess} is the domain key"
+                );
+            }
+        }
+        drop(session);
+    }
+    // Replication still works: the domain key is intact on both members.
+    generate_aes(&virtual_session, "still-replicates", true, false);
+    assert_eq!(find_label(&virtual_session, "still-replicates").len(), 1);
+}
+
+#[test]
+fn a_non_extractable_key_never_reveals_its_value() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let generated = generate_aes(&session, "gen-nx", false, false);
+    let imported = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Label("imp-nx".into()),
+            Attribute::Value(vec![7; 32]),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+        ])
+        .expect("C_CreateObject");
+    for key in [generated, imported] {
+        assert_eq!(
+            rv_of(session.get_attributes(key, &[AttributeType::Value])),
+            RvError::AttributeSensitive
+        );
+        // The raw call: the value's length says unavailable, and other
+        // attributes in the same template are still filled.
+        let mut value = [0u8; 64];
+        let mut class: CK_ULONG = 0;
+        let mut template = [
+            CK_ATTRIBUTE {
+                type_: CKA_VALUE,
+                pValue: value.as_mut_ptr().cast(),
+                ulValueLen: value.len() as CK_ULONG,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_CLASS,
+                pValue: (&mut class as *mut CK_ULONG).cast(),
+                ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
+            },
+        ];
+        // SAFETY: a live session and a template of live buffers.
+        let rv = unsafe {
+            raw().C_GetAttributeValue.unwrap()(
+                session.handle(),
+                key.handle(),
+                template.as_mut_ptr(),
+                2,
+            )
+        };
+        assert_eq!(rv, CKR_ATTRIBUTE_SENSITIVE);
+        assert_eq!(template[0].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+        assert!(
+            value.iter().all(|b| *b == 0),
+            "no key byte reached the buffer"
+        );
+        assert_eq!(class, CKO_SECRET_KEY);
+        assert!(!bool_attribute(&session, key, AttributeType::Extractable));
+    }
+}
+
+#[test]
+fn extractable_can_only_go_from_true_to_false() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let protected = generate_aes(&session, "nx", false, true);
+    assert_eq!(
+        rv_of(session.update_attributes(protected, &[Attribute::Extractable(true)])),
+        RvError::AttributeReadOnly
+    );
+    assert_eq!(
+        rv_of(session.copy_object(protected, &[Attribute::Extractable(true)])),
+        RvError::AttributeReadOnly
+    );
+    assert!(!bool_attribute(
+        &session,
+        protected,
+        AttributeType::Extractable
+    ));
+
+    let open = generate_aes(&session, "x", true, true);
+    session
+        .update_attributes(open, &[Attribute::Extractable(false)])
+        .expect("TRUE to FALSE is allowed");
+    assert!(!bool_attribute(&session, open, AttributeType::Extractable));
+    assert!(
+        !bool_attribute(&session, open, AttributeType::NeverExtractable),
+        "it was extractable once"
+    );
+    assert_eq!(
+        rv_of(session.update_attributes(open, &[Attribute::Extractable(true)])),
+        RvError::AttributeReadOnly
+    );
+    // Now it cannot be wrapped by the application either.
+    let wrapper = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(false),
+                Attribute::Wrap(true),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        rv_of(session.wrap_key(&Mechanism::AesKeyWrapPad, wrapper, open)),
+        RvError::KeyUnextractable
+    );
+    // A copy of it is still non-extractable, and so are its copies
+    // everywhere.
+    let copy = session
+        .copy_object(open, &[Attribute::Label("x-copy".into())])
+        .expect("C_CopyObject");
+    assert!(!bool_attribute(&session, copy, AttributeType::Extractable));
+}
+
+#[test]
+fn searches_see_the_application_view_of_extractability() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let protected = generate_aes(&session, "s-nx", false, true);
+    let open = generate_aes(&session, "s-x", true, true);
+    let secret = Attribute::Class(ObjectClass::SECRET_KEY);
+    let found = session
+        .find_objects(&[secret.clone(), Attribute::Extractable(false)])
+        .unwrap();
+    assert_eq!(found, vec![protected]);
+    let found = session
+        .find_objects(&[secret.clone(), Attribute::Extractable(true)])
+        .unwrap();
+    assert_eq!(found, vec![open]);
+    let found = session
+        .find_objects(&[secret.clone(), Attribute::NeverExtractable(true)])
+        .unwrap();
+    assert_eq!(found, vec![protected]);
+    let found = session
+        .find_objects(&[secret, Attribute::NeverExtractable(false)])
+        .unwrap();
+    assert_eq!(found, vec![open]);
+}
+
+#[test]
+fn imported_private_keys_stay_replicable() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    // An EC P-256 private key as pkcs11-tool --write-object imports one:
+    // no CKA_EXTRACTABLE in the template.
+    let key = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label("imported-ec".into()),
+            Attribute::Id(vec![0xec]),
+            Attribute::EcParams(vec![
+                0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+            ]),
+            Attribute::Value(vec![0x11; 32]),
+            Attribute::Sign(true),
+        ])
+        .expect("C_CreateObject of a private key");
+    assert!(!bool_attribute(&session, key, AttributeType::Extractable));
+    assert!(!bool_attribute(
+        &session,
+        key,
+        AttributeType::NeverExtractable
+    ));
+    // On each member it is kept so that the domain key can carry it.
+    for member in 0..2 {
+        let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        let on_member = find_label(&direct, "imported-ec");
+        assert_eq!(on_member.len(), 1, "member {member} holds it once");
+        drop(direct);
+    }
+    // And a key copied from it by the group is made from the member copy.
+    let copy = session
+        .copy_object(key, &[Attribute::Label("imported-ec-copy".into())])
+        .expect("C_CopyObject replicates through the domain key");
+    assert!(!bool_attribute(&session, copy, AttributeType::Extractable));
+}
+
+#[test]
+fn making_keys_while_an_operation_is_active_on_the_session() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    session.digest_init(&Mechanism::Sha256).unwrap();
+    generate_aes(&session, "during-digest", true, false);
+    session.digest_update(b"abc").unwrap();
+    let digest = session.digest_final().unwrap();
+    assert_eq!(
+        hex(&digest),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(find_label(&session, "during-digest").len(), 1);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn key_taking_calls_name_the_key_handle() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let bogus = raw_handle(0x7fff_0001);
+    let key = generate_aes(&session, "real", true, false);
+    session.digest_init(&Mechanism::Sha256).unwrap();
+    assert_eq!(rv_of(session.digest_key(bogus)), RvError::KeyHandleInvalid);
+    session.digest_final().ok();
+    assert_eq!(
+        rv_of(session.encrypt_init(&Mechanism::AesEcb, bogus)),
+        RvError::KeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.decrypt_init(&Mechanism::AesEcb, bogus)),
+        RvError::KeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.sign_init(&Mechanism::Sha256Hmac, bogus)),
+        RvError::KeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.verify_init(&Mechanism::Sha256Hmac, bogus)),
+        RvError::KeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.wrap_key(&Mechanism::AesKeyWrapPad, bogus, key)),
+        RvError::WrappingKeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.wrap_key(&Mechanism::AesKeyWrapPad, key, bogus)),
+        RvError::KeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            bogus,
+            &[0u8; 40],
+            &aes_template("u", Some(true), false)[1..],
+        )),
+        RvError::UnwrappingKeyHandleInvalid
+    );
+    assert_eq!(
+        rv_of(session.get_attributes(bogus, &[AttributeType::Label])),
+        RvError::ObjectHandleInvalid
+    );
+}
+
+#[test]
+fn a_wrong_answer_is_never_hidden_behind_logging_out_and_in() {
+    // SoftHSM forgets the handles of private objects at logout: cached
+    // member handles must not outlive that.
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let mut template = aes_template("private-key", Some(true), true);
+    template.push(Attribute::Private(true));
+    let key = session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .unwrap();
+    let encrypt = |s: &Session| s.encrypt(&Mechanism::AesEcb, key, &[0u8; 16]).unwrap();
+    let before = encrypt(&session);
+    for _ in 0..2 {
+        session.logout().unwrap();
+        session
+            .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+            .unwrap();
+        for _ in 0..4 {
+            assert_eq!(encrypt(&session), before);
+        }
+    }
+}
