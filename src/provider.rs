@@ -477,13 +477,49 @@ impl Provider {
     }
 
     /// The last session on a virtual slot logs the group out, as on any token.
+    ///
+    /// The members stay open through their utility sessions, so they are
+    /// logged out here -- except a member this application also uses
+    /// through its pass-through slot, whose login belongs to those sessions
+    /// too.
     fn after_session_closed(&self, session: &Session) {
         if let Target::Virtual(v) = &session.target {
             v.group.objects.remove_owned_by(session.handle);
             if self.sessions.count(session.slot_id).0 == 0 {
-                v.group.login.lock().take();
+                let was_logged_in = v.group.login.lock().take().is_some();
                 v.group.objects.remove_all_session_objects();
+                if was_logged_in {
+                    self.log_members_out(&v.group);
+                }
             }
+        }
+    }
+
+    /// Logs out every member of `group` that no pass-through session of
+    /// this application shares, and forgets the members' object handles:
+    /// SoftHSM drops the handles of private objects at logout and numbers
+    /// them anew at the next login.
+    fn log_members_out(&self, group: &Group) {
+        let shared: Vec<(usize, CK_SLOT_ID)> = self
+            .sessions
+            .snapshot()
+            .iter()
+            .filter_map(|s| match &s.target {
+                Target::PassThrough(p) => Some((Arc::as_ptr(&p.library) as usize, p.slot)),
+                Target::Virtual(_) => None,
+            })
+            .collect();
+        for member in &group.members {
+            let Some(location) = member.location() else {
+                continue;
+            };
+            let key = (Arc::as_ptr(&location.library) as usize, location.slot);
+            if member.reachable() && !shared.contains(&key) {
+                let _ = group.on_utility(member.position, |s| {
+                    member_call!(s.library, C_Logout(s.handle))
+                });
+            }
+            group.objects.forget_member(member.position);
         }
     }
 
@@ -566,6 +602,8 @@ impl Provider {
             user_type,
             pin: pin.map(|p| Zeroizing::new(p.to_vec())),
         });
+        // Private objects looked for while logged out were not visible.
+        v.group.objects.retry_absent();
         Ok(())
     }
 
@@ -579,6 +617,9 @@ impl Provider {
                 }
                 for (_, member) in v.up_member_sessions() {
                     member_call!(member.library, C_Logout(member.handle));
+                }
+                for member in &v.group.members {
+                    v.group.objects.forget_member(member.position);
                 }
                 Ok(())
             }

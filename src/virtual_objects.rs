@@ -582,9 +582,6 @@ impl VirtualSession {
                     self.group.objects.insert(on, owner_for(*token, session))
                 })
                 .collect();
-            if self.group.members.len() == 1 {
-                return Ok(objects);
-            }
             let prints: Vec<_> = made
                 .iter()
                 .zip(&objects)
@@ -594,6 +591,9 @@ impl VirtualSession {
                     Some(print)
                 })
                 .collect();
+            if self.group.members.len() == 1 {
+                return Ok(objects);
+            }
             let mut failure = None;
             for object in &objects {
                 if let Err(e) = self.replicate(*object, position) {

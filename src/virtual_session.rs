@@ -875,7 +875,7 @@ impl VirtualSession {
         position: usize,
         handle: CK_OBJECT_HANDLE,
     ) {
-        if self.group.members.len() < 2 || self.group.objects.has_fingerprint(object) {
+        if self.group.objects.has_fingerprint(object) {
             return;
         }
         let read = self.on_member(position, |s| {

@@ -481,3 +481,28 @@ fn a_wrong_answer_is_never_hidden_behind_logging_out_and_in() {
         }
     }
 }
+
+#[test]
+fn closing_the_last_session_logs_the_group_out_for_real() {
+    // The members stay open behind the virtual slot (the group's utility
+    // sessions): a wrong PIN must still be refused after the application
+    // closed every session, and private objects must be hidden again.
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let mut template = aes_template("private-again", Some(true), true);
+    template.push(Attribute::Private(true));
+    session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .unwrap();
+    session.close().unwrap();
+    let session = fixture.pkcs11.open_rw_session(fixture.virtual_slot()).unwrap();
+    assert!(find_label(&session, "private-again").is_empty());
+    assert_eq!(
+        rv_of(session.login(UserType::User, Some(&AuthPin::new("0000".into())))),
+        RvError::PinIncorrect
+    );
+    session
+        .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+        .unwrap();
+    assert_eq!(find_label(&session, "private-again").len(), 1);
+}
