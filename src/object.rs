@@ -27,6 +27,13 @@ pub struct VirtualObject {
     /// How to recognise it on other members, read while a member that holds
     /// it was alive, so that it can be found again when that member is not.
     pub fingerprint: Option<std::sync::Arc<crate::identity::Fingerprint>>,
+    /// Known to be a key the application made non-extractable (the members
+    /// keep it extractable under trusted keys only). Never goes back: a
+    /// key cannot become extractable again.
+    pub protected: bool,
+    /// Generated non-extractable in this process, so that it reads
+    /// `CKA_NEVER_EXTRACTABLE = TRUE`; the members' copies cannot record it.
+    pub never_extractable: bool,
 }
 
 /// Virtual handles are process-wide, non-zero and never reused, so a stale
@@ -75,9 +82,22 @@ impl ObjectTable {
                 on,
                 owner,
                 fingerprint: None,
+                protected: false,
+                never_extractable: false,
             },
         );
         handle
+    }
+
+    /// The virtual handle of a member's object, if it has one.
+    pub fn known(
+        &self,
+        member: usize,
+        member_handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        self.maps.read().by_member[member]
+            .get(&member_handle)
+            .copied()
     }
 
     /// The virtual handle of a member's object, made on first sight.
@@ -99,6 +119,8 @@ impl ObjectTable {
                 on,
                 owner: None,
                 fingerprint: None,
+                protected: false,
+                never_extractable: false,
             },
         );
         handle
@@ -134,6 +156,14 @@ impl ObjectTable {
             object
                 .fingerprint
                 .get_or_insert_with(|| std::sync::Arc::new(print));
+        }
+    }
+
+    /// Records that a key is one the application made non-extractable.
+    pub fn mark_protected(&self, handle: CK_OBJECT_HANDLE, never_extractable: bool) {
+        if let Some(object) = self.maps.write().objects.get_mut(&handle) {
+            object.protected = true;
+            object.never_extractable |= never_extractable;
         }
     }
 

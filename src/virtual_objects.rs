@@ -34,14 +34,106 @@ pub unsafe fn template_bool(
         .map(|a| unsafe { *(a.pValue as *const CK_BBOOL) } != CK_FALSE)
 }
 
+/// The `CK_ULONG` value of `attribute` in a template, if present.
+///
+/// # Safety
+/// As [`template_bool`].
+pub unsafe fn template_ulong(
+    template: *const CK_ATTRIBUTE,
+    count: CK_ULONG,
+    attribute: CK_ATTRIBUTE_TYPE,
+) -> Option<CK_ULONG> {
+    if template.is_null() {
+        return None;
+    }
+    // SAFETY: the caller vouches for the template.
+    let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
+    attributes
+        .iter()
+        .find(|a| {
+            a.type_ == attribute
+                && !a.pValue.is_null()
+                && a.ulValueLen as usize == std::mem::size_of::<CK_ULONG>()
+        })
+        // SAFETY: a value of the right size was checked above.
+        .map(|a| unsafe { std::ptr::read_unaligned(a.pValue as *const CK_ULONG) })
+}
+
+/// The attributes of `template` but those of the types in `left_out`.
+///
+/// # Safety
+/// As [`template_bool`].
+unsafe fn without(
+    template: CK_ATTRIBUTE_PTR,
+    count: CK_ULONG,
+    left_out: &[CK_ATTRIBUTE_TYPE],
+) -> Vec<CK_ATTRIBUTE> {
+    if template.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the caller vouches for the template.
+    let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
+    attributes
+        .iter()
+        .filter(|a| !left_out.contains(&a.type_))
+        .copied()
+        .collect()
+}
+
+/// Attributes that hold key material: a key the application made
+/// non-extractable never reveals them, sensitive or not (PKCS#11 2.40,
+/// `C_GetAttributeValue`), although the members keep it extractable.
+const KEY_MATERIAL: [CK_ATTRIBUTE_TYPE; 7] = [
+    CKA_VALUE,
+    CKA_PRIVATE_EXPONENT,
+    CKA_PRIME_1,
+    CKA_PRIME_2,
+    CKA_EXPONENT_1,
+    CKA_EXPONENT_2,
+    CKA_COEFFICIENT,
+];
+
+/// Attributes a search cannot ask the members: their copies of a key the
+/// application made non-extractable read extractable.
+const EMULATED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE];
+
 static TRUE: CK_BBOOL = CK_TRUE;
+
+const TRUE_VALUE: CK_ATTRIBUTE = CK_ATTRIBUTE {
+    type_: CKA_EXTRACTABLE,
+    pValue: &TRUE as *const _ as *mut _,
+    ulValueLen: 1,
+};
+
+/// Attributes holding a template for the keys a key unwraps or derives.
+const NESTED_TEMPLATES: [CK_ATTRIBUTE_TYPE; 2] = [CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
+
+/// The attributes of a nested template, if `a` is a well-formed one.
+///
+/// # Safety
+/// `a.pValue` must point to `a.ulValueLen` readable bytes (or be null).
+unsafe fn nested(a: &CK_ATTRIBUTE) -> Option<&[CK_ATTRIBUTE]> {
+    let size = std::mem::size_of::<CK_ATTRIBUTE>();
+    let len = a.ulValueLen as usize;
+    if !NESTED_TEMPLATES.contains(&a.type_) || a.pValue.is_null() || len % size != 0 {
+        return None;
+    }
+    // SAFETY: the caller vouches for the value; its length is a whole
+    // number of attributes.
+    Some(unsafe { std::slice::from_raw_parts(a.pValue as *const CK_ATTRIBUTE, len / size) })
+}
 
 /// A template as the members get it: where the application asks for a
 /// non-extractable key, the members make it extractable under trusted keys
-/// only, so the domain key can still carry it to the other members.
+/// only, so the domain key can still carry it to the other members. The
+/// templates a key imposes on the keys it unwraps or derives are rewritten
+/// the same way, so that the keys the group makes from it agree with them.
 pub struct MemberTemplate {
     rewritten: Option<Vec<CK_ATTRIBUTE>>,
+    /// Storage of rewritten nested templates that `rewritten` points into.
+    _nested: Vec<Vec<CK_ATTRIBUTE>>,
     original: (CK_ATTRIBUTE_PTR, CK_ULONG),
+    protects: bool,
 }
 
 impl MemberTemplate {
@@ -55,8 +147,10 @@ impl MemberTemplate {
         unsafe { Self::rewrite(template, count, true) }
     }
 
-    /// For a template that changes or copies a key: only an explicit
-    /// `CKA_EXTRACTABLE = FALSE` makes it non-extractable.
+    /// For a template that copies a key or changes its attributes, where
+    /// only an explicit `CKA_EXTRACTABLE = FALSE` makes it non-extractable:
+    /// that becomes `CKA_WRAP_WITH_TRUSTED = TRUE` (the members' copy stays
+    /// extractable, as it is).
     ///
     /// # Safety
     /// `template` must point to `count` readable attributes (or be null).
@@ -65,41 +159,89 @@ impl MemberTemplate {
         unsafe { Self::rewrite(template, count, false) }
     }
 
-    unsafe fn rewrite(template: CK_ATTRIBUTE_PTR, count: CK_ULONG, absent_is_false: bool) -> Self {
+    unsafe fn rewrite(template: CK_ATTRIBUTE_PTR, count: CK_ULONG, new_key: bool) -> Self {
         let original = (template, count);
-        // SAFETY: forwarded from the caller.
-        let extractable = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
-        if extractable.unwrap_or(!absent_is_false) {
-            return MemberTemplate {
-                rewritten: None,
-                original,
-            };
-        }
         let attributes = if template.is_null() {
             &[][..]
         } else {
-            // SAFETY: as above.
+            // SAFETY: forwarded from the caller.
             unsafe { std::slice::from_raw_parts(template, count as usize) }
         };
-        let truth = CK_ATTRIBUTE {
-            type_: CKA_EXTRACTABLE,
-            pValue: &TRUE as *const _ as *mut _,
-            ulValueLen: 1,
+        // SAFETY: as above.
+        let extractable = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
+        let protects = match extractable {
+            Some(e) => !e,
+            None => new_key,
         };
-        let mut rewritten: Vec<CK_ATTRIBUTE> = attributes
-            .iter()
-            .filter(|a| a.type_ != CKA_WRAP_WITH_TRUSTED && a.type_ != CKA_EXTRACTABLE)
-            .copied()
-            .collect();
-        rewritten.push(truth);
-        rewritten.push(CK_ATTRIBUTE {
-            type_: CKA_WRAP_WITH_TRUSTED,
-            ..truth
-        });
+        let protecting_nested = |a: &CK_ATTRIBUTE| {
+            // SAFETY: as above.
+            unsafe { nested(a) }.is_some_and(|inner| {
+                // SAFETY: as above, each inner value is readable.
+                let inner_extractable = unsafe {
+                    template_bool(inner.as_ptr(), inner.len() as CK_ULONG, CKA_EXTRACTABLE)
+                };
+                inner_extractable == Some(false)
+            })
+        };
+        if !protects && !attributes.iter().any(protecting_nested) {
+            return MemberTemplate {
+                rewritten: None,
+                _nested: Vec::new(),
+                original,
+                protects,
+            };
+        }
+        let mut storage: Vec<Vec<CK_ATTRIBUTE>> = Vec::new();
+        let mut rewritten: Vec<CK_ATTRIBUTE> = Vec::with_capacity(attributes.len() + 2);
+        for a in attributes {
+            if protects && matches!(a.type_, CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED) {
+                continue;
+            }
+            if !protecting_nested(a) {
+                rewritten.push(*a);
+                continue;
+            }
+            // SAFETY: checked by protecting_nested.
+            let inner = unsafe { nested(a) }.unwrap_or_default();
+            let mut protected: Vec<CK_ATTRIBUTE> = inner
+                .iter()
+                .filter(|i| !matches!(i.type_, CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED))
+                .copied()
+                .collect();
+            protected.push(TRUE_VALUE);
+            protected.push(CK_ATTRIBUTE {
+                type_: CKA_WRAP_WITH_TRUSTED,
+                ..TRUE_VALUE
+            });
+            rewritten.push(CK_ATTRIBUTE {
+                type_: a.type_,
+                pValue: protected.as_mut_ptr() as *mut _,
+                ulValueLen: std::mem::size_of_val(protected.as_slice()) as CK_ULONG,
+            });
+            // Moving the vector keeps its buffer where `rewritten` points.
+            storage.push(protected);
+        }
+        if protects {
+            if new_key {
+                rewritten.push(TRUE_VALUE);
+            }
+            rewritten.push(CK_ATTRIBUTE {
+                type_: CKA_WRAP_WITH_TRUSTED,
+                ..TRUE_VALUE
+            });
+        }
         MemberTemplate {
             rewritten: Some(rewritten),
+            _nested: storage,
             original,
+            protects,
         }
+    }
+
+    /// Whether the key made or changed with this template is one the
+    /// application made non-extractable.
+    pub fn protects(&self) -> bool {
+        self.protects
     }
 
     pub fn ptr(&mut self) -> CK_ATTRIBUTE_PTR {
@@ -114,6 +256,27 @@ impl MemberTemplate {
             Some(r) => r.len() as CK_ULONG,
             None => self.original.1,
         }
+    }
+}
+
+/// What decides whether a key looks extractable to the application.
+struct Protection {
+    /// Known protected from earlier (then nothing was read).
+    known: bool,
+    class: Option<CK_OBJECT_CLASS>,
+    /// The members' `CKA_EXTRACTABLE` and `CKA_WRAP_WITH_TRUSTED`.
+    extractable: Option<bool>,
+    trusted_only: Option<bool>,
+}
+
+impl Protection {
+    /// A key the application made non-extractable: the members keep it
+    /// extractable under trusted keys only.
+    fn protected(&self) -> bool {
+        self.known
+            || (matches!(self.class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY))
+                && self.extractable == Some(true)
+                && self.trusted_only == Some(true))
     }
 }
 
@@ -209,7 +372,19 @@ impl VirtualSession {
         // SAFETY: forwarded from the caller.
         unsafe {
             let owner = owner_for(template_bool(template, count, CKA_TOKEN), session);
-            self.create_everywhere(owner, template, count)
+            let class = template_ulong(template, count, CKA_CLASS);
+            if !matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)) {
+                return self.create_everywhere(owner, template, count);
+            }
+            // An imported key the application does not call extractable
+            // must still reach members that join later.
+            let mut member_template = MemberTemplate::for_new_key(template, count);
+            let (t, n) = (member_template.ptr(), member_template.count());
+            let object = self.create_everywhere(owner, t, n)?;
+            if member_template.protects() {
+                self.group.objects.mark_protected(object, false);
+            }
+            Ok(object)
         }
     }
 
@@ -228,32 +403,121 @@ impl VirtualSession {
             None => self.read_bool(source, CKA_TOKEN)?,
         };
         // SAFETY: forwarded from the caller.
-        let mut member_template = unsafe { MemberTemplate::for_change(template, count) };
-        let (t, n) = (member_template.ptr(), member_template.count());
-        let no_mechanism = CK_MECHANISM {
-            mechanism: 0,
-            pParameter: std::ptr::null_mut(),
-            ulParameterLen: 0,
+        let (mut changes, protects) =
+            unsafe { self.extractability_change(source, template, count, true) }?;
+        let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
+        let owner = owner_for(Some(token), session);
+        let object = self
+            .group
+            .objects
+            .insert(vec![Presence::Unknown; self.group.members.len()], owner);
+        // Each member that holds the source copies it itself: no key
+        // material moves, so even keys the members cannot wrap are copied.
+        let (made, missed) = loop {
+            let (copies, mut missed) = match self.resolve_everywhere(source) {
+                Ok(found) => found,
+                Err(e) => {
+                    self.group.objects.remove(object);
+                    return Err(e);
+                }
+            };
+            let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+            for (position, source_handle) in copies {
+                let mut handle = CK_INVALID_HANDLE;
+                let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
+                    member_call!(l, C_CopyObject(s, source_handle, t, n, &mut handle))
+                });
+                match answer {
+                    Attempt::Answered(CKR_OK) => {
+                        self.group.objects.set_presence(
+                            object,
+                            position,
+                            Presence::Present(handle),
+                        );
+                        made.push((position, handle));
+                    }
+                    Attempt::Answered(rv) => {
+                        self.undo(&made);
+                        self.group.objects.remove(object);
+                        return Err(Error::new(rv));
+                    }
+                    Attempt::Faulted => missed.push(position),
+                }
+            }
+            if !made.is_empty() {
+                break (made, missed);
+            }
+            if self.group.up_members().next().is_none() {
+                self.group.objects.remove(object);
+                return Err(Error::new(CKR_DEVICE_ERROR));
+            }
         };
-        let copy = |l: &MemberLibrary,
-                    s: CK_SESSION_HANDLE,
-                    _: CK_MECHANISM_PTR,
-                    keys: &[CK_OBJECT_HANDLE],
-                    out: &mut [CK_OBJECT_HANDLE]| {
-            member_call!(l, C_CopyObject(s, keys[0], t, n, &mut out[0]))
+        self.remember_fingerprint(object, made[0].0, made[0].1);
+        if owner.is_none() {
+            for position in missed {
+                self.deliver_or_queue(position, Pending::Create(object));
+            }
+        }
+        if protects {
+            let never = self
+                .group
+                .objects
+                .get(source)
+                .is_some_and(|o| o.never_extractable);
+            self.group.objects.mark_protected(object, never);
+        }
+        Ok(object)
+    }
+
+    /// The template of a copy or change of `object` as the members get
+    /// it, and whether the object is (or becomes) one the application made
+    /// non-extractable. `CKA_EXTRACTABLE` only goes from TRUE to FALSE
+    /// (PKCS#11 2.40, table 4.9 footnote 11): TRUE on such a key is
+    /// `CKR_ATTRIBUTE_READ_ONLY`; FALSE on an extractable one, when
+    /// `copying`, makes a copy the members keep extractable under trusted
+    /// keys only (`CKA_WRAP_WITH_TRUSTED = TRUE`), so that it replicates.
+    ///
+    /// # Safety
+    /// `template` must point to `count` readable attributes (or be null).
+    unsafe fn extractability_change(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+        copying: bool,
+    ) -> Result<(Vec<CK_ATTRIBUTE>, bool)> {
+        // SAFETY: forwarded from the caller.
+        let asked = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
+        // SAFETY: forwarded from the caller.
+        let unchanged = || unsafe { without(template, count, &[]) };
+        let Some(extractable) = asked else {
+            return Ok((unchanged(), self.protected(object)?));
         };
-        // SAFETY: a mechanism without parameter.
-        let made = unsafe {
-            self.make_on_one(
-                session,
-                &no_mechanism,
-                &[source],
-                &[Some(token)],
-                "C_CopyObject",
-                copy,
-            )
-        }?;
-        Ok(made[0])
+        let view = self.read_protection(object)?;
+        if view.protected() {
+            if extractable {
+                return Err(Error::new(CKR_ATTRIBUTE_READ_ONLY));
+            }
+            // Already non-extractable: nothing to change on the members.
+            // SAFETY: forwarded from the caller.
+            let rest = unsafe { without(template, count, &[CKA_EXTRACTABLE]) };
+            return Ok((rest, true));
+        }
+        if extractable || view.extractable != Some(true) || !copying {
+            // The members decide, as for any key they keep as it looks.
+            // SoftHSM lets no one set `CKA_WRAP_WITH_TRUSTED` on a key that
+            // exists, so a key made non-extractable after the fact is so on
+            // the members too (members that join later cannot receive it).
+            return Ok((unchanged(), false));
+        }
+        // SAFETY: forwarded from the caller.
+        let mut rest =
+            unsafe { without(template, count, &[CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED]) };
+        rest.push(CK_ATTRIBUTE {
+            type_: CKA_WRAP_WITH_TRUSTED,
+            ..TRUE_VALUE
+        });
+        Ok((rest, true))
     }
 
     fn read_bool(&self, object: CK_OBJECT_HANDLE, attribute: CK_ATTRIBUTE_TYPE) -> Result<bool> {
@@ -272,42 +536,110 @@ impl VirtualSession {
     /// Whether the members keep this key extractable only on the
     /// application's behalf, so that it must look non-extractable.
     fn protected(&self, object: CK_OBJECT_HANDLE) -> Result<bool> {
-        let class = self.read_ulong(object, CKA_CLASS)?;
-        if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
-            return Ok(false);
-        }
-        Ok(self.read_bool(object, CKA_WRAP_WITH_TRUSTED)?
-            && self.read_bool(object, CKA_EXTRACTABLE)?)
+        Ok(self.read_protection(object)?.protected())
     }
 
-    fn read_ulong(
-        &self,
-        object: CK_OBJECT_HANDLE,
-        attribute: CK_ATTRIBUTE_TYPE,
-    ) -> Result<CK_ULONG> {
-        let mut value: CK_ULONG = 0;
-        self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
-            let mut query = CK_ATTRIBUTE {
-                type_: attribute,
-                pValue: &mut value as *mut _ as *mut _,
+    /// What decides whether `object` looks extractable, read in one call
+    /// unless it is known already.
+    fn read_protection(&self, object: CK_OBJECT_HANDLE) -> Result<Protection> {
+        let entry = self
+            .group
+            .objects
+            .get(object)
+            .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
+        if entry.protected {
+            return Ok(Protection {
+                known: true,
+                class: None,
+                extractable: Some(true),
+                trusted_only: Some(true),
+            });
+        }
+        let mut class: CK_ULONG = CK_UNAVAILABLE_INFORMATION;
+        let mut extractable: CK_BBOOL = 0;
+        let mut trusted_only: CK_BBOOL = 0;
+        let mut query = [
+            CK_ATTRIBUTE {
+                type_: CKA_CLASS,
+                pValue: &mut class as *mut _ as *mut _,
                 ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
-            };
-            member_call!(library, C_GetAttributeValue(s, h[0], &mut query, 1))
-        })?;
-        Ok(value)
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: &mut extractable as *mut _ as *mut _,
+                ulValueLen: 1,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_WRAP_WITH_TRUSTED,
+                pValue: &mut trusted_only as *mut _ as *mut _,
+                ulValueLen: 1,
+            },
+        ];
+        let answer = self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
+            query[0].ulValueLen = std::mem::size_of::<CK_ULONG>() as CK_ULONG;
+            query[1].ulValueLen = 1;
+            query[2].ulValueLen = 1;
+            member_call!(library, C_GetAttributeValue(s, h[0], query.as_mut_ptr(), 3))
+        });
+        if let Err(e) = answer {
+            if e.rv != CKR_ATTRIBUTE_TYPE_INVALID {
+                return Err(e);
+            }
+        }
+        let read =
+            |a: &CK_ATTRIBUTE, value: CK_BBOOL| (a.ulValueLen == 1).then_some(value != CK_FALSE);
+        let protection = Protection {
+            known: false,
+            class: (query[0].ulValueLen != CK_UNAVAILABLE_INFORMATION).then_some(class),
+            extractable: read(&query[1], extractable),
+            trusted_only: read(&query[2], trusted_only),
+        };
+        if protection.protected() {
+            self.group.objects.mark_protected(object, false);
+        }
+        Ok(protection)
     }
 
     /// `C_WrapKey` may not take a key the application made non-extractable.
     pub fn refuse_if_protected(&self, key: CK_OBJECT_HANDLE) -> Result<()> {
-        if self.protected(key)? {
-            Err(Error::new(CKR_KEY_UNEXTRACTABLE))
-        } else {
-            Ok(())
+        match self.protected(key) {
+            Ok(true) => Err(Error::new(CKR_KEY_UNEXTRACTABLE)),
+            Ok(false) => Ok(()),
+            Err(e) if e.rv == CKR_OBJECT_HANDLE_INVALID => Err(Error::new(CKR_KEY_HANDLE_INVALID)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The application's view of a key's `CKA_EXTRACTABLE` or
+    /// `CKA_NEVER_EXTRACTABLE`; `None` where the object has no such
+    /// attribute.
+    fn extractability_view(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        attribute: CK_ATTRIBUTE_TYPE,
+    ) -> Result<Option<bool>> {
+        if self.protected(object)? {
+            return Ok(Some(match attribute {
+                CKA_EXTRACTABLE => false,
+                _ => self
+                    .group
+                    .objects
+                    .get(object)
+                    .is_some_and(|o| o.never_extractable),
+            }));
+        }
+        match self.read_bool(object, attribute) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if matches!(e.rv, CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
     /// Reads attributes from one member; a key the application made
-    /// non-extractable reads as such on every member.
+    /// non-extractable reads as such on every member, and never reveals
+    /// its key material.
     ///
     /// # Safety
     /// `template` must point to `count` attributes with valid buffers.
@@ -317,31 +649,75 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<()> {
-        let answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
-            member_call!(l, C_GetAttributeValue(s, h[0], template, count))
-        });
-        if let Err(e) = answer {
-            if !matches!(e.rv, CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID) {
-                return Err(e);
-            }
-        }
         // SAFETY: forwarded from the caller.
         let attributes = unsafe { std::slice::from_raw_parts_mut(template, count as usize) };
-        let shown = |a: &CK_ATTRIBUTE| {
-            matches!(a.type_, CKA_EXTRACTABLE | CKA_NEVER_EXTRACTABLE)
-                && !a.pValue.is_null()
-                && a.ulValueLen == 1
+        let emulated = |a: &CK_ATTRIBUTE| EMULATED.contains(&a.type_);
+        let material = |a: &CK_ATTRIBUTE| KEY_MATERIAL.contains(&a.type_);
+        let protected = if attributes.iter().any(|a| emulated(a) || material(a)) {
+            self.protected(object)?
+        } else {
+            false
         };
-        if attributes.iter().any(shown) && self.protected(object)? {
-            for a in attributes.iter_mut().filter(|a| shown(a)) {
+        if !protected {
+            return self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
+                member_call!(l, C_GetAttributeValue(s, h[0], template, count))
+            });
+        }
+        // The members are asked only what they may answer: key material is
+        // withheld before it could reach the application's buffers.
+        let mut asked: Vec<CK_ATTRIBUTE> = attributes
+            .iter()
+            .filter(|a| !material(a) && !emulated(a))
+            .copied()
+            .collect();
+        let mut answer = Ok(());
+        if !asked.is_empty() {
+            let n = asked.len() as CK_ULONG;
+            answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
+                member_call!(l, C_GetAttributeValue(s, h[0], asked.as_mut_ptr(), n))
+            });
+            if let Err(e) = &answer {
+                if !matches!(
+                    e.rv,
+                    CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID | CKR_BUFFER_TOO_SMALL
+                ) {
+                    return answer;
+                }
+            }
+        }
+        let never = self
+            .group
+            .objects
+            .get(object)
+            .is_some_and(|o| o.never_extractable);
+        let mut answers = asked.iter();
+        let mut withheld = false;
+        for a in attributes.iter_mut() {
+            if material(a) {
+                a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                withheld = true;
+            } else if emulated(a) {
                 let value = if a.type_ == CKA_EXTRACTABLE {
                     CK_FALSE
                 } else {
-                    CK_TRUE
+                    CK_BBOOL::from(never)
                 };
-                // SAFETY: a one-byte buffer the member just filled.
-                unsafe { *(a.pValue as *mut CK_BBOOL) = value };
+                if a.pValue.is_null() {
+                    a.ulValueLen = 1;
+                } else if a.ulValueLen < 1 {
+                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                    answer = Err(Error::new(CKR_BUFFER_TOO_SMALL));
+                } else {
+                    // SAFETY: a buffer of at least one byte, as the caller vouches.
+                    unsafe { *(a.pValue as *mut CK_BBOOL) = value };
+                    a.ulValueLen = 1;
+                }
+            } else if let Some(member) = answers.next() {
+                a.ulValueLen = member.ulValueLen;
             }
+        }
+        if withheld {
+            return Err(Error::new(CKR_ATTRIBUTE_SENSITIVE));
         }
         answer
     }
@@ -443,11 +819,18 @@ impl VirtualSession {
         count: CK_ULONG,
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
-        let mut member_template = unsafe { MemberTemplate::for_change(template, count) };
-        let (t, n) = (member_template.ptr(), member_template.count());
-        self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {
-            member_call!(library, C_SetAttributeValue(s, h, t, n))
-        })
+        let (mut changes, protects) =
+            unsafe { self.extractability_change(object, template, count, false) }?;
+        let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
+        if n > 0 {
+            self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {
+                member_call!(library, C_SetAttributeValue(s, h, t, n))
+            })?;
+        }
+        if protects {
+            self.group.objects.mark_protected(object, false);
+        }
+        Ok(())
     }
 
     /// Starts a search on one member; the primary is preferred.
@@ -460,11 +843,22 @@ impl VirtualSession {
         for member in self.group.up_members() {
             self.domain_handle(member.position);
         }
-        let start = |library: &MemberLibrary, s, _| {
-            member_call!(library, C_FindObjectsInit(s, template, count))
-        };
         // SAFETY: forwarded from the caller.
-        let kept = unsafe { OwnedTemplate::copy(template, count) };
+        let mut asked = unsafe { without(template, count, &EMULATED) };
+        let filter: crate::virtual_session::SearchFilter = EMULATED
+            .iter()
+            // SAFETY: forwarded from the caller.
+            .filter_map(|t| unsafe { template_bool(template, count, *t) }.map(|v| (*t, v)))
+            .collect();
+        let (t, n) = if filter.is_empty() {
+            (template, count)
+        } else {
+            (asked.as_mut_ptr(), asked.len() as CK_ULONG)
+        };
+        let start =
+            |library: &MemberLibrary, s, _| member_call!(library, C_FindObjectsInit(s, t, n));
+        // SAFETY: forwarded from the caller, or `asked`.
+        let kept = unsafe { OwnedTemplate::copy(t, n) };
         // SAFETY: a search has no mechanism.
         unsafe {
             self.init(
@@ -475,7 +869,7 @@ impl VirtualSession {
                 start,
             )
         }?;
-        self.keep_search(kept);
+        self.keep_search(kept, filter);
         Ok(())
     }
 
@@ -512,15 +906,17 @@ impl VirtualSession {
             let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
             let mut kept = 0;
             let epoch = self.group.members[member].epoch();
+            let filter = self.search_filter();
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
-                let object = self.group.objects.from_member(member, handles[i]);
-                if !self.first_time_found(object) {
+                let Some(object) = self.virtual_handle_of(member, handles[i]) else {
+                    continue;
+                };
+                if !self.first_time_found(object) || !self.shows(object, &filter)? {
                     continue;
                 }
-                self.remember_fingerprint(object, member, handles[i]);
                 handles[kept] = object;
                 kept += 1;
             }
@@ -530,6 +926,58 @@ impl VirtualSession {
                 return Ok(());
             }
         }
+    }
+
+    /// The virtual handle of an object a search found on `member`, made on
+    /// first sight once its fingerprint shows it is not the domain key;
+    /// `None` for the domain key, which the application never sees, or an
+    /// object that went away meanwhile.
+    fn virtual_handle_of(
+        &self,
+        member: usize,
+        handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        if let Some(object) = self.group.objects.known(member, handle) {
+            return Some(object);
+        }
+        let print = self
+            .on_member(member, |s| {
+                identity::fingerprint(&s.library, s.handle, handle)
+            })
+            .ok()??;
+        if self.is_domain_print(&print) {
+            return None;
+        }
+        let object = self.group.objects.from_member(member, handle);
+        self.group.objects.set_fingerprint(object, print);
+        Some(object)
+    }
+
+    /// Whether a fingerprint is that of the group's domain key.
+    fn is_domain_print(&self, print: &identity::Fingerprint) -> bool {
+        let value = |t: CK_ATTRIBUTE_TYPE| {
+            print
+                .iter()
+                .find(|(pt, _)| *pt == t)
+                .map(|(_, v)| v.as_slice())
+        };
+        value(CKA_CLASS).map(identity::ulong_of) == Some(CKO_SECRET_KEY)
+            && value(CKA_LABEL) == Some(self.group.settings.domain_label.as_bytes())
+    }
+
+    /// Whether `object` has the values a search's filter wants, as the
+    /// application sees them.
+    fn shows(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        filter: &[(CK_ATTRIBUTE_TYPE, bool)],
+    ) -> Result<bool> {
+        for (attribute, wanted) in filter {
+            if self.extractability_view(object, *attribute)? != Some(*wanted) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Runs a call that makes new objects on one member (the primary while
@@ -666,12 +1114,63 @@ mod tests {
         }];
         // SAFETY: the template is a live local array.
         unsafe {
-            let mut member = MemberTemplate::for_change(template.as_mut_ptr(), 1);
+            let mut member = MemberTemplate::for_new_key(template.as_mut_ptr(), 1);
+            assert!(member.protects());
             assert_eq!(member.count(), 2);
             let p = member.ptr();
             assert_eq!(template_bool(p, 2, CKA_EXTRACTABLE), Some(true));
             assert_eq!(template_bool(p, 2, CKA_WRAP_WITH_TRUSTED), Some(true));
+            let mut none = MemberTemplate::for_new_key(std::ptr::null_mut(), 0);
+            assert!(
+                none.protects(),
+                "absent means non-extractable for a new key"
+            );
+            assert_eq!(
+                template_bool(none.ptr(), none.count(), CKA_EXTRACTABLE),
+                Some(true)
+            );
+            let change = MemberTemplate::for_change(std::ptr::null_mut(), 0);
+            assert!(!change.protects(), "absent changes nothing");
         }
         assert_eq!(no, CK_FALSE, "the application's template is untouched");
+    }
+
+    #[test]
+    fn a_nested_unwrap_template_is_rewritten_too() {
+        let mut no: CK_BBOOL = CK_FALSE;
+        let mut inner = [CK_ATTRIBUTE {
+            type_: CKA_EXTRACTABLE,
+            pValue: &mut no as *mut _ as *mut _,
+            ulValueLen: 1,
+        }];
+        let mut yes: CK_BBOOL = CK_TRUE;
+        let mut template = [
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: &mut yes as *mut _ as *mut _,
+                ulValueLen: 1,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_UNWRAP_TEMPLATE,
+                pValue: inner.as_mut_ptr() as *mut _,
+                ulValueLen: std::mem::size_of_val(&inner) as CK_ULONG,
+            },
+        ];
+        // SAFETY: live local arrays.
+        unsafe {
+            let mut member = MemberTemplate::for_new_key(template.as_mut_ptr(), 2);
+            assert!(!member.protects(), "the key itself is extractable");
+            let outer = std::slice::from_raw_parts(member.ptr(), member.count() as usize);
+            let nested = nested(&outer[1]).expect("a nested template");
+            let n = nested.len() as CK_ULONG;
+            assert_eq!(
+                template_bool(nested.as_ptr(), n, CKA_EXTRACTABLE),
+                Some(true)
+            );
+            assert_eq!(
+                template_bool(nested.as_ptr(), n, CKA_WRAP_WITH_TRUSTED),
+                Some(true)
+            );
+        }
     }
 }

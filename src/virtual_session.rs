@@ -128,7 +128,14 @@ struct History {
 struct Search {
     template: crate::replication::OwnedTemplate,
     returned: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
+    /// Attributes the members cannot be asked (they would answer for their
+    /// own copies, not for the application's view): checked here.
+    filter: SearchFilter,
 }
+
+/// Attribute values a search wants that are checked against the
+/// application's view of each object found, not by the members.
+pub type SearchFilter = Vec<(CK_ATTRIBUTE_TYPE, bool)>;
 
 /// Which operations of a session are active and where, in one word that
 /// every call can read without the bindings' lock: bit `k` = an operation
@@ -1089,11 +1096,12 @@ impl VirtualSession {
 
     /// Makes the active search movable: keeps its template, and from now on
     /// the objects it returns.
-    pub fn keep_search(&self, template: crate::replication::OwnedTemplate) {
+    pub fn keep_search(&self, template: crate::replication::OwnedTemplate, filter: SearchFilter) {
         if let Some(op) = self.bindings().active(OpKind::Find) {
             op.history.get_or_insert_with(Default::default).search = Some(Search {
                 template,
                 returned: Default::default(),
+                filter,
             });
             op.movable = true;
         }
@@ -1109,6 +1117,19 @@ impl VirtualSession {
                 .and_then(|h| h.search.as_mut())
                 .is_none_or(|s| s.returned.insert(object)),
             None => true,
+        }
+    }
+
+    /// What the active search checks itself (see [`Search`]).
+    pub fn search_filter(&self) -> SearchFilter {
+        match self.bindings().active(OpKind::Find) {
+            Some(op) => op
+                .history
+                .as_ref()
+                .and_then(|h| h.search.as_ref())
+                .map(|s| s.filter.clone())
+                .unwrap_or_default(),
+            None => Vec::new(),
         }
     }
 

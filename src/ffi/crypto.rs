@@ -206,6 +206,9 @@ cryptoki_fn! {
                 let made = v.make_on_one(handle, &*mechanism, &[], &[token], "C_GenerateKey", |l, m, mech, _, out| {
                     member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
                 })?;
+                if member_template.protects() {
+                    v.group.objects.mark_protected(made[0], true);
+                }
                 *key = made[0];
                 Ok(())
             }
@@ -250,6 +253,9 @@ cryptoki_fn! {
                         C_GenerateKeyPair(m, mech, public_template, public_count, t, n, &mut public[0], &mut private[0])
                     )
                 })?;
+                if member_private.protects() {
+                    v.group.objects.mark_protected(made[1], true);
+                }
                 *public_key = made[0];
                 *private_key = made[1];
                 Ok(())
@@ -309,6 +315,10 @@ cryptoki_fn! {
                 let made = v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], "C_UnwrapKey", |l, m, mech, h, out| {
                     member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
                 })?;
+                // Imported material: never "never extractable".
+                if member_template.protects() {
+                    v.group.objects.mark_protected(made[0], false);
+                }
                 *key = made[0];
                 Ok(())
             }
@@ -346,6 +356,9 @@ cryptoki_fn! {
                     member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
                 })?;
                 if let Some(made) = made.first() {
+                    if member_template.protects() {
+                        v.group.objects.mark_protected(*made, false);
+                    }
                     *key = *made;
                 }
                 Ok(())
