@@ -17,6 +17,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// For calls that take a key: an object handle they could not use is
+    /// reported as the handle of the key in that role (PKCS#11 2.40 names
+    /// `CKR_KEY_HANDLE_INVALID`, `CKR_WRAPPING_KEY_HANDLE_INVALID` and
+    /// `CKR_UNWRAPPING_KEY_HANDLE_INVALID`), never as a bare object handle.
+    pub fn as_key(self, role: CK_RV) -> Self {
+        if self.rv == CKR_OBJECT_HANDLE_INVALID {
+            Error::new(role)
+        } else {
+            self
+        }
+    }
+}
+
 impl From<CK_RV> for Error {
     fn from(rv: CK_RV) -> Self {
         Error { rv }

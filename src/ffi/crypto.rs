@@ -2,7 +2,7 @@
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
 use super::{buffer, cryptoki_fn, required, session};
-use crate::error::check;
+use crate::error::{check, Error};
 use crate::member::member_call;
 use crate::session::Target;
 use crate::virtual_objects::{template_bool, MemberTemplate};
@@ -20,7 +20,7 @@ macro_rules! keyed_init {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, mechanism, key))),
                     Target::Virtual(v) => v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), |l, m, k| {
                         member_call!(l, $name(m, mechanism, k))
-                    }),
+                    }).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
                 }
             }
         }
@@ -149,7 +149,7 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestKey(p.handle, key))),
-            Target::Virtual(v) => v.digest_key(key),
+            Target::Virtual(v) => v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
         }
     }
 
@@ -280,10 +280,14 @@ cryptoki_fn! {
                 C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
             )),
             Target::Virtual(v) => {
+                if v.group.objects.get(wrapping_key).is_none() {
+                    return Err(Error::new(CKR_WRAPPING_KEY_HANDLE_INVALID));
+                }
                 v.refuse_if_protected(key)?;
                 v.stateless(&[wrapping_key, key], "C_WrapKey", |l, m, h| {
                     member_call!(l, C_WrapKey(m, mechanism, h[0], h[1], wrapped, wrapped_len))
                 })
+                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
         }
     }
@@ -314,7 +318,8 @@ cryptoki_fn! {
                 let (t, n) = (member_template.ptr(), member_template.count());
                 let made = v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], "C_UnwrapKey", |l, m, mech, h, out| {
                     member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
-                })?;
+                })
+                .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
                 // Imported material: never "never extractable".
                 if member_template.protects() {
                     v.group.objects.mark_protected(made[0], false);
@@ -354,7 +359,8 @@ cryptoki_fn! {
                 let made = v.make_on_one(handle, &*mechanism, &[base_key], &owners, "C_DeriveKey", |l, m, mech, h, out| {
                     let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
                     member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
-                })?;
+                })
+                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))?;
                 if let Some(made) = made.first() {
                     if member_template.protects() {
                         v.group.objects.mark_protected(*made, false);
