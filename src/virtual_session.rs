@@ -308,6 +308,15 @@ impl BindingsGuard<'_> {
         self.set_member(Some(member));
     }
 
+    /// Makes the active operation of `kind` stay on its member: it was fed
+    /// input that is not kept for replay.
+    fn stop_replaying(&mut self, kind: OpKind) {
+        if let Some(op) = self.active(kind) {
+            op.movable = false;
+            op.history = None;
+        }
+    }
+
     fn end(&mut self, kind: OpKind) {
         self.summary.0 &= !(active_bit(kind) | lost_bit(kind));
     }
@@ -1120,6 +1129,14 @@ impl VirtualSession {
         }
     }
 
+    /// A dual-function call (`C_DigestEncryptUpdate`, ...) fed the active
+    /// operation of `kind` through the other half's call: its input is not
+    /// kept, so if its member fails it is lost (`CKR_DEVICE_ERROR` next)
+    /// rather than moved and finished with part of its data missing.
+    pub fn stop_replaying(&self, kind: OpKind) {
+        self.bindings().stop_replaying(kind);
+    }
+
     /// What the active search checks itself (see [`Search`]).
     pub fn search_filter(&self) -> SearchFilter {
         match self.bindings().active(OpKind::Find) {
@@ -1409,6 +1426,22 @@ mod tests {
         });
         assert_eq!(cell.lock().ops()[0].key, Some(2 * ROUNDS));
         assert_eq!(cell.word.load(Ordering::Relaxed) & LOCKED, 0);
+    }
+
+    #[test]
+    fn a_dual_function_half_is_not_moved() {
+        let cell = BindingsCell::default();
+        let mut sha256 = CK_MECHANISM {
+            mechanism: CKM_SHA256,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let mut b = cell.lock();
+        // SAFETY: a mechanism without parameter.
+        unsafe { b.start(OpKind::Digest, &mut sha256, None, 1) };
+        assert!(b.active(OpKind::Digest).is_some_and(|op| op.movable));
+        b.stop_replaying(OpKind::Digest);
+        assert!(b.active(OpKind::Digest).is_some_and(|op| !op.movable));
     }
 
     #[test]

@@ -118,10 +118,48 @@ in_out!(
     C_VerifyRecover => VerifyRecover, true;
     C_EncryptUpdate => Encrypt, false;
     C_DecryptUpdate => Decrypt, false;
-    C_DigestEncryptUpdate => Encrypt, false;
-    C_DecryptDigestUpdate => Decrypt, false;
-    C_SignEncryptUpdate => Encrypt, false;
-    C_DecryptVerifyUpdate => Decrypt, false;
+);
+
+/// Dual-function updates: `$kind` is the operation that writes the
+/// output; `$other` is fed through the same call, and its input is not
+/// kept for replay.
+macro_rules! dual_update {
+    ($($name:ident => $kind:ident + $other:ident),* $(,)?) => {$(
+        cryptoki_fn! {
+            fn $name(
+                handle: CK_SESSION_HANDLE,
+                input: *mut CK_BYTE,
+                input_len: CK_ULONG,
+                output: *mut CK_BYTE,
+                output_len: CK_ULONG_PTR,
+            ) {
+                buffer(input, input_len)?;
+                required(output_len)?;
+                let s = session(handle)?;
+                match &s.target {
+                    Target::PassThrough(p) => {
+                        check(member_call!(p.library, $name(p.handle, input, input_len, output, output_len)))
+                    }
+                    Target::Virtual(v) => {
+                        let answer = v.step(OpKind::$kind, Step::Update, Input::None, stringify!($name), |l, m| {
+                            member_call!(l, $name(m, input, input_len, output, output_len))
+                        });
+                        if answer.is_ok() && !output.is_null() {
+                            v.stop_replaying(OpKind::$other);
+                        }
+                        answer
+                    }
+                }
+            }
+        }
+    )*};
+}
+
+dual_update!(
+    C_DigestEncryptUpdate => Encrypt + Digest,
+    C_DecryptDigestUpdate => Decrypt + Digest,
+    C_SignEncryptUpdate => Encrypt + Sign,
+    C_DecryptVerifyUpdate => Decrypt + Verify,
 );
 
 input_update!(C_DigestUpdate => Digest, C_SignUpdate => Sign, C_VerifyUpdate => Verify);
