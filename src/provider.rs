@@ -12,8 +12,8 @@ use crate::member::member_call;
 use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
 use crate::recovery::{self, Workers};
 use crate::session::{
-    open_member_session, PassThroughSession, Session, SessionRef, SessionTable, Target,
-    VirtualSession,
+    open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
+    Target, VirtualSession,
 };
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
@@ -42,6 +42,12 @@ pub struct Provider {
     /// with the group and given what they lack.
     synchronized: Vec<bool>,
     workers: Mutex<Option<Workers>>,
+    /// The domain keys hidden in each library reached through a
+    /// pass-through slot, by library (address), found once.
+    hidden: Mutex<HashMap<usize, Arc<HiddenObjects>>>,
+    /// Labels of the groups' domain keys (the default one when no group
+    /// names its own).
+    domain_labels: Vec<String>,
     /// Without threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`), recovery
     /// runs during calls, at most once per interval: when it is next due.
     inline_recovery_due_ms: Option<AtomicU64>,
@@ -327,6 +333,8 @@ impl Provider {
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
             inline_recovery_due_ms: None,
+            hidden: Mutex::new(HashMap::new()),
+            domain_labels: domain_labels(config),
         })
     }
 
@@ -437,11 +445,13 @@ impl Provider {
         }
         let target = match self.slot(slot_id)? {
             Slot::PassThrough(library, slot) => {
+                let hidden = self.hidden_on(&library);
                 let s = open_member_session(&library, slot, flags, 0)?;
                 Target::PassThrough(PassThroughSession {
                     library,
                     slot,
                     handle: s.handle,
+                    hidden,
                 })
             }
             Slot::Virtual(group) => {
@@ -453,6 +463,51 @@ impl Provider {
             }
         };
         Ok(self.sessions.insert(slot_id, flags, target))
+    }
+
+    /// The domain keys a library holds, on any of its tokens: a library
+    /// may take an object handle of one token on a session of another
+    /// (SoftHSM does). Looked up on sessions of our own that then stay
+    /// open, so that the handles stay valid; a library whose tokens cannot
+    /// all be searched now is looked up again at its next session.
+    fn hidden_on(&self, library: &Arc<MemberLibrary>) -> Arc<HiddenObjects> {
+        let key = Arc::as_ptr(library) as usize;
+        let mut hidden = self.hidden.lock();
+        if let Some(found) = hidden.get(&key) {
+            return Arc::clone(found);
+        }
+        let mut handles = Vec::new();
+        let mut keepers = Vec::new();
+        let slots = library.token_slots();
+        let mut complete = slots.is_ok();
+        for slot in slots.unwrap_or_default() {
+            let Ok(keeper) =
+                open_member_session(library, slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, 0)
+            else {
+                complete = false;
+                continue;
+            };
+            for label in &self.domain_labels {
+                let print: crate::identity::Fingerprint = vec![
+                    (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
+                    (CKA_LABEL, label.as_bytes().to_vec()),
+                ];
+                match crate::identity::find(&keeper.library, keeper.handle, &print) {
+                    Ok(found) => handles.extend(found),
+                    Err(_) => complete = false,
+                }
+            }
+            keepers.push(keeper);
+        }
+        let found = Arc::new(HiddenObjects {
+            handles,
+            labels: self.domain_labels.clone(),
+            _keepers: keepers,
+        });
+        if complete {
+            hidden.insert(key, Arc::clone(&found));
+        }
+        found
     }
 
     pub fn close_session(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
@@ -632,6 +687,18 @@ impl Provider {
             .into_iter()
             .filter(move |s| s.slot_id == slot_id)
     }
+}
+
+/// The labels of the domain keys the groups of `config` use, and the
+/// default one, which the CLI provisions when a group names none.
+fn domain_labels(config: &Config) -> Vec<String> {
+    let mut labels = vec![crate::config::DEFAULT_DOMAIN_LABEL.to_string()];
+    for group in &config.groups {
+        if !labels.contains(&group.domain_label) {
+            labels.push(group.domain_label.clone());
+        }
+    }
+    labels
 }
 
 /// Closes the member sessions behind an application session.

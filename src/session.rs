@@ -2,7 +2,8 @@
 //! holds, and for each session where its calls go -- one member session for
 //! a pass-through slot, or a [`VirtualSession`] for a virtual slot.
 
-use crate::error::{Error, Result};
+use crate::error::{check, Error, Result};
+use crate::member::member_call;
 use crate::member::MemberLibrary;
 pub use crate::member::{open_member_session, MemberSession};
 pub use crate::virtual_session::VirtualSession;
@@ -151,6 +152,103 @@ pub struct PassThroughSession {
     pub library: Arc<MemberLibrary>,
     pub slot: CK_SLOT_ID,
     pub handle: CK_SESSION_HANDLE,
+    /// Objects of this token the application must not reach: the domain
+    /// keys of HA groups (see [`HiddenObjects`]).
+    pub hidden: Arc<HiddenObjects>,
+}
+
+/// The domain keys in one library, hidden from its pass-through slots: a
+/// search never returns them and every call naming one is refused as if it
+/// did not exist, so no application can use, change or destroy the key
+/// that carries a group's key material. A session of our own stays open on
+/// each token (`_keepers`), so that the handles found stay valid: SoftHSM
+/// numbers a token's objects anew when its last session closes.
+pub struct HiddenObjects {
+    pub handles: Vec<CK_OBJECT_HANDLE>,
+    pub labels: Vec<String>,
+    pub _keepers: Vec<MemberSession>,
+}
+
+impl PassThroughSession {
+    /// `role` (the spec's error for that handle) if `object` is hidden.
+    pub fn reachable(&self, object: CK_OBJECT_HANDLE, role: CK_RV) -> Result<()> {
+        if self.hidden.handles.contains(&object) {
+            Err(Error::new(role))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `C_FindObjects` without the hidden objects. A batch that held only
+    /// those must not read as the end of the search: ask again.
+    ///
+    /// # Safety
+    /// `found` must have room for `max` handles; `count` must be writable.
+    pub unsafe fn find(
+        &self,
+        found: CK_OBJECT_HANDLE_PTR,
+        max: CK_ULONG,
+        count: CK_ULONG_PTR,
+    ) -> Result<()> {
+        loop {
+            check(member_call!(
+                self.library,
+                C_FindObjects(self.handle, found, max, count)
+            ))?;
+            // SAFETY: the member wrote `*count` handles into `found`.
+            let returned = unsafe { (*count).min(max) } as usize;
+            if self.hidden.handles.is_empty() || returned == 0 {
+                return Ok(());
+            }
+            // SAFETY: as above.
+            let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
+            let mut kept = 0;
+            for i in 0..returned {
+                if !self.hidden.handles.contains(&handles[i]) {
+                    handles[kept] = handles[i];
+                    kept += 1;
+                }
+            }
+            // SAFETY: as above.
+            unsafe { *count = kept as CK_ULONG };
+            if kept > 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Refuses a template that would make or rename a key with a domain
+    /// key's label: a second key of that label would stop its group from
+    /// replicating.
+    ///
+    /// # Safety
+    /// `template` must point to `count` readable attributes (or be null).
+    pub unsafe fn refuse_reserved_label(
+        &self,
+        template: CK_ATTRIBUTE_PTR,
+        count: CK_ULONG,
+    ) -> Result<()> {
+        if template.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the caller vouches for the template.
+        let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
+        let reserved = attributes.iter().any(|a| {
+            a.type_ == CKA_LABEL
+                && !a.pValue.is_null()
+                && self.hidden.labels.iter().any(|l| {
+                    l.len() == a.ulValueLen as usize
+                        // SAFETY: a value of that length, as the caller vouches.
+                        && unsafe { std::slice::from_raw_parts(a.pValue as *const u8, l.len()) }
+                            == l.as_bytes()
+                })
+        });
+        if reserved {
+            Err(Error::new(CKR_ATTRIBUTE_VALUE_INVALID))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 pub enum Target {

@@ -17,7 +17,10 @@ macro_rules! keyed_init {
                 required(mechanism)?;
                 let s = session(handle)?;
                 match &s.target {
-                    Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, mechanism, key))),
+                    Target::PassThrough(p) => {
+                        p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
+                        check(member_call!(p.library, $name(p.handle, mechanism, key)))
+                    }
                     Target::Virtual(v) => v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), |l, m, k| {
                         member_call!(l, $name(m, mechanism, k))
                     }).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
@@ -186,7 +189,10 @@ cryptoki_fn! {
     fn C_DigestKey(handle: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_DigestKey(p.handle, key))),
+            Target::PassThrough(p) => {
+                p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
+                check(member_call!(p.library, C_DigestKey(p.handle, key)))
+            }
             Target::Virtual(v) => v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
         }
     }
@@ -235,6 +241,7 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
+                p.refuse_reserved_label(template, count)?;
                 check(member_call!(p.library, C_GenerateKey(p.handle, mechanism, template, count, key)))
             }
             Target::Virtual(v) => {
@@ -270,13 +277,17 @@ cryptoki_fn! {
         required(private_key)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(
+            Target::PassThrough(p) => {
+                p.refuse_reserved_label(public_template, public_count)?;
+                p.refuse_reserved_label(private_template, private_count)?;
+                check(member_call!(
                 p.library,
                 C_GenerateKeyPair(
                     p.handle, mechanism, public_template, public_count, private_template, private_count,
                     public_key, private_key
                 )
-            )),
+            ))
+            }
             Target::Virtual(v) => {
                 let owners = [
                     template_bool(public_template, public_count, CKA_TOKEN),
@@ -313,10 +324,14 @@ cryptoki_fn! {
         required(wrapped_len)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(
-                p.library,
-                C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
-            )),
+            Target::PassThrough(p) => {
+                p.reachable(wrapping_key, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
+                p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
+                check(member_call!(
+                    p.library,
+                    C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
+                ))
+            }
             Target::Virtual(v) => {
                 if v.group.objects.get(wrapping_key).is_none() {
                     return Err(Error::new(CKR_WRAPPING_KEY_HANDLE_INVALID));
@@ -346,10 +361,14 @@ cryptoki_fn! {
         required(key)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(
-                p.library,
-                C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
-            )),
+            Target::PassThrough(p) => {
+                p.reachable(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
+                p.refuse_reserved_label(template, count)?;
+                check(member_call!(
+                    p.library,
+                    C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
+                ))
+            }
             Target::Virtual(v) => {
                 let token = template_bool(template, count, CKA_TOKEN);
                 let mut member_template = MemberTemplate::for_new_key(template, count);
@@ -380,10 +399,17 @@ cryptoki_fn! {
         buffer(template, count)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(
-                p.library,
-                C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
-            )),
+            Target::PassThrough(p) => {
+                p.reachable(base_key, CKR_KEY_HANDLE_INVALID)?;
+                for in_parameter in crate::mechanism::parameter_handles(&*mechanism)? {
+                    p.reachable(in_parameter, CKR_KEY_HANDLE_INVALID)?;
+                }
+                p.refuse_reserved_label(template, count)?;
+                check(member_call!(
+                    p.library,
+                    C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
+                ))
+            }
             Target::Virtual(v) => {
                 // Some mechanisms (TLS key-and-MAC derivation) return their
                 // keys inside the parameter and take no output handle.

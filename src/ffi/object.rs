@@ -18,7 +18,10 @@ cryptoki_fn! {
         required(object)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_CreateObject(p.handle, template, count, object))),
+            Target::PassThrough(p) => {
+                p.refuse_reserved_label(template, count)?;
+                check(member_call!(p.library, C_CreateObject(p.handle, template, count, object)))
+            }
             Target::Virtual(v) => {
                 *object = v.create_object(handle, template, count)?;
                 Ok(())
@@ -38,6 +41,8 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
+                p.reachable(source, CKR_OBJECT_HANDLE_INVALID)?;
+                p.refuse_reserved_label(template, count)?;
                 check(member_call!(p.library, C_CopyObject(p.handle, source, template, count, object)))
             }
             Target::Virtual(v) => {
@@ -50,7 +55,10 @@ cryptoki_fn! {
     fn C_DestroyObject(handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) {
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_DestroyObject(p.handle, object))),
+            Target::PassThrough(p) => {
+                p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
+                check(member_call!(p.library, C_DestroyObject(p.handle, object)))
+            }
             Target::Virtual(v) => v.destroy_object(object),
         }
     }
@@ -59,7 +67,10 @@ cryptoki_fn! {
         required(size)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_GetObjectSize(p.handle, object, size))),
+            Target::PassThrough(p) => {
+                p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
+                check(member_call!(p.library, C_GetObjectSize(p.handle, object, size)))
+            }
             Target::Virtual(v) => v.stateless(&[object], "C_GetObjectSize", |l, m, h| {
                 member_call!(l, C_GetObjectSize(m, h[0], size))
             }),
@@ -76,6 +87,7 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
+                p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
                 check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
             }
             Target::Virtual(v) => v.get_attribute_value(object, template, count),
@@ -92,6 +104,8 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
+                p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
+                p.refuse_reserved_label(template, count)?;
                 check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template, count)))
             }
             Target::Virtual(v) => v.set_attribute_value(object, template, count),
@@ -117,7 +131,7 @@ cryptoki_fn! {
         required(count)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjects(p.handle, objects, max, count))),
+            Target::PassThrough(p) => p.find(objects, max, count),
             Target::Virtual(v) => v.find(objects, max, count),
         }
     }
