@@ -24,7 +24,7 @@ use crate::{domain, Ctx, Res};
 /// Largest group index: keys carry two digits.
 const MAX_GROUP_INDEX: u32 = 99;
 
-fn find_group<'c>(config: &'c Config, label: &str) -> Res<&'c GroupConfig> {
+pub fn find_group<'c>(config: &'c Config, label: &str) -> Res<&'c GroupConfig> {
     config.group(label).ok_or_else(|| no_group(config, label))
 }
 
@@ -724,7 +724,9 @@ fn remove_objects(
     Ok(removed)
 }
 
-pub fn add_member(ctx: &Ctx, args: &AddMemberArgs) -> Res<ExitCode> {
+/// `group add-member`, and with `standby` `group add-standby`: the same
+/// checks, then the token joins as an active or a standby member.
+pub fn add_member(ctx: &Ctx, args: &AddMemberArgs, standby: bool) -> Res<ExitCode> {
     let _lock = ctx.lock()?;
     let config = ctx.load()?;
     let group = find_group(&config, &args.group)?.clone();
@@ -775,13 +777,18 @@ pub fn add_member(ctx: &Ctx, args: &AddMemberArgs) -> Res<ExitCode> {
         ));
     }
     let mut new = config.clone();
-    group_mut(&mut new, &group.label)
-        .members
-        .push(target.serial.clone());
+    let changed = group_mut(&mut new, &group.label);
+    if standby {
+        changed.standby.push(target.serial.clone());
+    } else {
+        changed.members.push(target.serial.clone());
+    }
     ctx.save(&new)?;
     ctx.say(format!(
-        "Member {} successfully added to group {}.",
-        target.serial, group.label
+        "Member {} successfully added to group {}{}.",
+        target.serial,
+        group.label,
+        if standby { " as a standby member" } else { "" }
     ));
     let new_group = find_group(&new, &group.label)?;
     let mut status = group_status(&members, new_group, Some(pin));
@@ -899,8 +906,16 @@ pub fn standby(ctx: &Ctx, args: &MemberArgs, make_standby: bool) -> Res<ExitCode
         };
         if group.members.len() == 1 {
             return Err(format!(
-                "{serial} is the only active member of group \"{label}\"; a group needs one \
-                 active member to serve"
+                "{serial} is the only active member of group \"{label}\", and a group needs one \
+                 active member to serve; first add another with `pkcs11-ha group add-member \
+                 --group {label} --serial SERIAL`{}, then make {serial} standby",
+                match group.standby.first() {
+                    Some(other) => format!(
+                        " or make a standby member active with `pkcs11-ha group standby remove \
+                         --group {label} --serial {other}`"
+                    ),
+                    None => String::new(),
+                }
             ));
         }
         group.members.remove(at);
@@ -934,12 +949,12 @@ pub fn standby(ctx: &Ctx, args: &MemberArgs, make_standby: bool) -> Res<ExitCode
 }
 
 /// One member's live status.
-struct MemberStatus {
-    serial: String,
-    role: &'static str,
-    token: Option<TokenRef>,
+pub struct MemberStatus {
+    pub serial: String,
+    pub role: &'static str,
+    pub token: Option<TokenRef>,
     /// Why it is down, or why it was not compared.
-    note: Option<String>,
+    pub note: Option<String>,
 }
 
 /// A group's live status.
@@ -982,7 +997,7 @@ impl GroupStatus {
 /// Opens a session on every reachable member of `group` and, given a PIN,
 /// logs it in: the PIN is tried on the first member, and a wrong one is
 /// never tried on the others.
-fn views<'m>(
+pub fn views<'m>(
     members: &'m Members,
     group: &GroupConfig,
     pin: Option<&[u8]>,

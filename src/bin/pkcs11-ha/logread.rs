@@ -1,0 +1,316 @@
+//! Reading the HA log the applications write (`src/halog.rs`):
+//! `haErrorLog.txt` under `haLogPath` and its rotated files
+//! `haErrorLog.txt.<stamp>`, oldest first, filtered by time and member,
+//! and followed as it grows. Also the per-member figures `status` takes
+//! from it: failures and the time of the last state change.
+
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use pkcs11_ha::config::HA_LOG_FILE;
+use pkcs11_ha::halog::utc_timestamp;
+use serde_json::json;
+
+use crate::cli::LogArgs;
+use crate::{Ctx, Res};
+
+/// How often `--follow` looks for new lines.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// One event line: `<time> group=<label> serial=<serial> member=<serial> <event>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub time: String,
+    pub group: String,
+    pub serial: String,
+    /// `None` for group events ("-" in the file).
+    pub member: Option<String>,
+    pub event: String,
+}
+
+impl Event {
+    pub fn parse(line: &str) -> Option<Event> {
+        let (time, rest) = line.split_once(' ')?;
+        let rest = rest.strip_prefix("group=")?;
+        let (group, rest) = rest.split_once(" serial=")?;
+        let (serial, rest) = rest.split_once(" member=")?;
+        let (member, event) = rest.split_once(' ').unwrap_or((rest, ""));
+        Some(Event {
+            time: time.to_owned(),
+            group: group.to_owned(),
+            serial: serial.to_owned(),
+            member: (member != "-").then(|| member.to_owned()),
+            event: event.to_owned(),
+        })
+    }
+
+    /// The member left the rotation (a fault or a cut-off).
+    pub fn is_failure(&self) -> bool {
+        self.event.starts_with("member failed") || self.event.starts_with("member answered nothing")
+    }
+
+    /// The member changed state: failed, or came back.
+    pub fn is_state_change(&self) -> bool {
+        self.is_failure() || self.event.starts_with("member recovered")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "time": self.time,
+            "group": self.group,
+            "group_serial": self.serial,
+            "member": self.member,
+            "event": self.event,
+        })
+    }
+}
+
+/// The log files, oldest first: rotated ones by their stamp, the current last.
+pub fn files(directory: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{HA_LOG_FILE}.");
+    let mut rotated: Vec<PathBuf> = fs::read_dir(directory)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    rotated.sort();
+    let current = directory.join(HA_LOG_FILE);
+    if current.is_file() {
+        rotated.push(current);
+    }
+    rotated
+}
+
+/// Every event of the log in `directory`, oldest first.
+pub fn events(directory: &Path) -> Vec<Event> {
+    files(directory)
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .flat_map(|text| text.lines().filter_map(Event::parse).collect::<Vec<_>>())
+        .collect()
+}
+
+/// `--since` as the log's own timestamp form, which sorts as text: an age
+/// (`90s`, `15m`, `2h`, `1d`) or a UTC date and time.
+pub fn since_stamp(text: &str, now: SystemTime) -> Res<String> {
+    let text = text.trim();
+    let unit = text.chars().last().unwrap_or(' ');
+    let seconds = match unit {
+        's' => Some(1),
+        'm' => Some(60),
+        'h' => Some(3600),
+        'd' => Some(86_400),
+        _ => None,
+    };
+    if let (Some(seconds), Ok(count)) = (seconds, text[..text.len() - 1].parse::<u64>()) {
+        let age = Duration::from_secs(count.saturating_mul(seconds));
+        return Ok(utc_timestamp(
+            now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH),
+        ));
+    }
+    let stamp = text.replace(' ', "T");
+    let stamp = stamp.trim_end_matches('Z');
+    let shape_ok = stamp.len() >= 10
+        && stamp.chars().enumerate().all(|(i, c)| match i {
+            4 | 7 => c == '-',
+            10 => c == 'T',
+            13 | 16 => c == ':',
+            19 => c == '.',
+            _ => c.is_ascii_digit(),
+        });
+    if !shape_ok {
+        return Err(format!(
+            "--since {text}: give a UTC time as 2026-12-03, 2026-12-03T07:15 or \
+             2026-12-03T07:15:30Z, or an age such as 90s, 15m, 2h, 1d"
+        ));
+    }
+    Ok(stamp.to_owned())
+}
+
+struct Filter {
+    since: Option<String>,
+    member: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, event: &Event) -> bool {
+        self.since
+            .as_deref()
+            .is_none_or(|s| event.time.as_str() >= s)
+            && self
+                .member
+                .as_deref()
+                .is_none_or(|m| event.member.as_deref() == Some(m))
+    }
+}
+
+/// Prints one event; false once the reader has gone (a closed pipe).
+fn print(ctx: &Ctx, event: &Event) -> bool {
+    let line = if ctx.json {
+        event.json().to_string()
+    } else {
+        let member = event.member.as_deref().unwrap_or("-");
+        format!(
+            "{}  {} ({})  member {member}  {}",
+            event.time, event.group, event.serial, event.event
+        )
+    };
+    let mut out = std::io::stdout();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+pub fn read(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
+    let config = ctx.load()?;
+    let Some(directory) = config.ha_log.path.clone() else {
+        return Err(
+            "the HA log has no directory (haLogPath); enable it with `pkcs11-ha log --enable \
+             --path DIR`"
+                .into(),
+        );
+    };
+    if !config.ha_log.enabled {
+        eprintln!(
+            "pkcs11-ha: warning: the HA log is disabled (haLogStatus), so applications add \
+             nothing to it; `pkcs11-ha log --enable` turns it on"
+        );
+    }
+    let filter = Filter {
+        since: args
+            .since
+            .as_deref()
+            .map(|s| since_stamp(s, SystemTime::now()))
+            .transpose()?,
+        member: args.member.clone(),
+    };
+    let current = directory.join(HA_LOG_FILE);
+    let mut shown = 0usize;
+    for path in files(&directory) {
+        let text = fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the HA log {}: {e}", path.display()))?;
+        for event in text.lines().filter_map(Event::parse) {
+            if filter.keeps(&event) {
+                if !print(ctx, &event) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                shown += 1;
+            }
+        }
+    }
+    if !args.follow {
+        if shown == 0 && !ctx.json {
+            eprintln!(
+                "pkcs11-ha: no event in the HA log under {}{}",
+                directory.display(),
+                if filter.since.is_some() || filter.member.is_some() {
+                    " that matches the filter"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow(ctx, &current, &filter)
+}
+
+/// Prints what is appended to `path`, starting at its end, and starts over
+/// at the beginning of the new file when the log is rotated.
+fn follow(ctx: &Ctx, path: &Path, filter: &Filter) -> Res<ExitCode> {
+    let identity = |path: &Path| {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(path).ok().map(|m| (m.dev(), m.ino(), m.len()))
+    };
+    let mut file = fs::File::open(path).ok();
+    let mut position = file
+        .as_mut()
+        .and_then(|f| f.seek(SeekFrom::End(0)).ok())
+        .unwrap_or(0);
+    let mut opened = identity(path);
+    let mut partial = String::new();
+    loop {
+        if let Some(f) = file.as_mut() {
+            let mut chunk = String::new();
+            f.read_to_string(&mut chunk)
+                .map_err(|e| format!("cannot read the HA log {}: {e}", path.display()))?;
+            position += chunk.len() as u64;
+            partial.push_str(&chunk);
+            while let Some(end) = partial.find('\n') {
+                let line: String = partial.drain(..=end).collect();
+                if let Some(event) = Event::parse(line.trim_end()) {
+                    if filter.keeps(&event) && !print(ctx, &event) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(FOLLOW_POLL);
+        let now = identity(path);
+        let replaced = match (opened, now) {
+            (Some((dev, ino, _)), Some((dev2, ino2, len))) => {
+                dev != dev2 || ino != ino2 || len < position
+            }
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if replaced {
+            file = fs::File::open(path).ok();
+            position = 0;
+            partial.clear();
+            opened = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_lines_halog_writes() {
+        let e = Event::parse(
+            "2026-12-03T07:15:30.123Z group=my group serial=1abc member=abc member failed in \
+             C_Sign with CKR_DEVICE_ERROR; calls go to the other members",
+        )
+        .unwrap();
+        assert_eq!(e.time, "2026-12-03T07:15:30.123Z");
+        assert_eq!(e.group, "my group");
+        assert_eq!(e.serial, "1abc");
+        assert_eq!(e.member.as_deref(), Some("abc"));
+        assert!(e.is_failure() && e.is_state_change());
+        let g = Event::parse("2026-12-03T07:15:30.123Z group=g serial=1 member=- started").unwrap();
+        assert_eq!(g.member, None);
+        assert!(!g.is_state_change());
+        assert_eq!(Event::parse("not a log line"), None);
+    }
+
+    #[test]
+    fn since_accepts_dates_times_and_ages() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        assert_eq!(
+            since_stamp("2026-12-03", now).unwrap(),
+            "2026-12-03".to_owned()
+        );
+        assert_eq!(
+            since_stamp("2026-12-03 07:15:30Z", now).unwrap(),
+            "2026-12-03T07:15:30"
+        );
+        assert_eq!(
+            since_stamp("90s", now).unwrap(),
+            utc_timestamp(now - Duration::from_secs(90))
+        );
+        assert_eq!(
+            since_stamp("2h", now).unwrap(),
+            utc_timestamp(now - Duration::from_secs(7200))
+        );
+        let e = since_stamp("yesterday", now).unwrap_err();
+        assert!(e.contains("2026-12-03T07:15"), "{e}");
+        assert!(since_stamp("2026-1-3", now).is_err());
+    }
+}
