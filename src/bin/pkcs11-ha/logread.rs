@@ -189,7 +189,6 @@ pub fn read(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
             .transpose()?,
         member: args.member.clone(),
     };
-    let current = directory.join(HA_LOG_FILE);
     let mut shown = 0usize;
     for path in files(&directory) {
         let text = fs::read_to_string(&path)
@@ -217,54 +216,97 @@ pub fn read(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    follow(ctx, &current, &filter)
+    follow(ctx, &directory, &filter)
 }
 
-/// Prints what is appended to `path`, starting at its end, and starts over
-/// at the beginning of the new file when the log is rotated.
-fn follow(ctx: &Ctx, path: &Path, filter: &Filter) -> Res<ExitCode> {
-    let identity = |path: &Path| {
-        use std::os::unix::fs::MetadataExt as _;
-        fs::metadata(path).ok().map(|m| (m.dev(), m.ino(), m.len()))
-    };
-    let mut file = fs::File::open(path).ok();
-    let mut position = file
-        .as_mut()
-        .and_then(|f| f.seek(SeekFrom::End(0)).ok())
-        .unwrap_or(0);
-    let mut opened = identity(path);
-    let mut partial = String::new();
-    loop {
-        if let Some(f) = file.as_mut() {
-            let mut chunk = String::new();
-            f.read_to_string(&mut chunk)
-                .map_err(|e| format!("cannot read the HA log {}: {e}", path.display()))?;
-            position += chunk.len() as u64;
-            partial.push_str(&chunk);
-            while let Some(end) = partial.find('\n') {
-                let line: String = partial.drain(..=end).collect();
-                if let Some(event) = Event::parse(line.trim_end()) {
-                    if filter.keeps(&event) && !print(ctx, &event) {
-                        return Ok(ExitCode::SUCCESS);
-                    }
+/// A log file being read: where it is on disk and how far it was read.
+struct Reading {
+    file: fs::File,
+    identity: (u64, u64),
+    partial: String,
+}
+
+fn identity(metadata: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (metadata.dev(), metadata.ino())
+}
+
+impl Reading {
+    fn open(path: &Path, from_end: bool) -> Option<Reading> {
+        let mut file = fs::File::open(path).ok()?;
+        let identity = identity(&file.metadata().ok()?);
+        if from_end {
+            file.seek(SeekFrom::End(0)).ok()?;
+        }
+        Some(Reading {
+            file,
+            identity,
+            partial: String::new(),
+        })
+    }
+
+    /// Prints the complete lines added since the last call; false once the
+    /// reader has gone.
+    fn drain(&mut self, ctx: &Ctx, filter: &Filter) -> Res<bool> {
+        let mut chunk = String::new();
+        self.file
+            .read_to_string(&mut chunk)
+            .map_err(|e| format!("cannot read the HA log: {e}"))?;
+        self.partial.push_str(&chunk);
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            if let Some(event) = Event::parse(line.trim_end()) {
+                if filter.keeps(&event) && !print(ctx, &event) {
+                    return Ok(false);
                 }
             }
         }
-        std::thread::sleep(FOLLOW_POLL);
-        let now = identity(path);
-        let replaced = match (opened, now) {
-            (Some((dev, ino, _)), Some((dev2, ino2, len))) => {
-                dev != dev2 || ino != ino2 || len < position
+        Ok(true)
+    }
+}
+
+/// Prints what is written to the log after now, across rotations: the
+/// file being read is finished after it is renamed, rotated files that
+/// appear meanwhile are read whole, then the new current file.
+fn follow(ctx: &Ctx, directory: &Path, filter: &Filter) -> Res<ExitCode> {
+    let current = directory.join(HA_LOG_FILE);
+    let mut known: Vec<PathBuf> = files(directory);
+    let mut reading = Reading::open(&current, true);
+    loop {
+        if let Some(r) = reading.as_mut() {
+            if !r.drain(ctx, filter)? {
+                return Ok(ExitCode::SUCCESS);
             }
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        if replaced {
-            file = fs::File::open(path).ok();
-            position = 0;
-            partial.clear();
-            opened = now;
         }
+        for path in files(directory) {
+            if path == current || known.contains(&path) {
+                continue;
+            }
+            known.push(path.clone());
+            let same = fs::metadata(&path)
+                .ok()
+                .is_some_and(|m| reading.as_ref().is_some_and(|r| r.identity == identity(&m)));
+            if same {
+                continue;
+            }
+            if let Some(mut rotated) = Reading::open(&path, false) {
+                if !rotated.drain(ctx, filter)? {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        let now = fs::metadata(&current).ok().map(|m| identity(&m));
+        if now.is_some() && now != reading.as_ref().map(|r| r.identity) {
+            // What was written to the old file just before it was renamed.
+            if let Some(r) = reading.as_mut() {
+                if !r.drain(ctx, filter)? {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            reading = Reading::open(&current, false);
+            continue;
+        }
+        std::thread::sleep(FOLLOW_POLL);
     }
 }
 
