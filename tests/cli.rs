@@ -1395,6 +1395,31 @@ fn sync_dry_run_finds_the_copies_that_would_fail() {
     );
     assert_eq!(s.labels("memberB"), ["pkcs11-ha-domain"]);
 
+    // On a terminal (a pseudo-terminal from script(1)): one progress line,
+    // rewritten, and the problems; no line per copy.
+    let line = format!("{BIN} {}", dry.join(" "));
+    let out = s
+        .command(&["--help"])
+        .get_envs()
+        .fold(Command::new("script"), |mut cmd, (k, v)| {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+            cmd
+        })
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("checked 3 of 3"), "{text}");
+    assert!(
+        text.contains("WOULD FAIL to copy secret key \"stuck\""),
+        "{text}"
+    );
+    assert!(!text.contains("Would copy"), "{text}");
+
     let out = s.run(&sync);
     assert_eq!(out.status.code(), Some(1), "a failed copy fails the sync");
     let text = String::from_utf8_lossy(&out.stdout);
