@@ -101,16 +101,13 @@ pub fn events(directory: &Path) -> Vec<Event> {
 /// (`90s`, `15m`, `2h`, `1d`) or a UTC date and time.
 pub fn since_stamp(text: &str, now: SystemTime) -> Res<String> {
     let text = text.trim();
-    let unit = text.chars().last().unwrap_or(' ');
-    let seconds = match unit {
-        's' => Some(1),
-        'm' => Some(60),
-        'h' => Some(3600),
-        'd' => Some(86_400),
-        _ => None,
-    };
-    if let (Some(seconds), Ok(count)) = (seconds, text[..text.len() - 1].parse::<u64>()) {
-        let age = Duration::from_secs(count.saturating_mul(seconds));
+    let age = [('s', 1), ('m', 60), ('h', 3600), ('d', 86_400)]
+        .into_iter()
+        .find_map(|(unit, seconds)| {
+            let count = text.strip_suffix(unit)?.parse::<u64>().ok()?;
+            Some(Duration::from_secs(count.saturating_mul(seconds)))
+        });
+    if let Some(age) = age {
         return Ok(utc_timestamp(
             now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH),
         ));
@@ -353,6 +350,9 @@ mod tests {
         );
         let e = since_stamp("yesterday", now).unwrap_err();
         assert!(e.contains("2026-12-03T07:15"), "{e}");
+        for odd in ["", "5ä", "ä", "m", "-5m"] {
+            assert!(since_stamp(odd, now).is_err(), "{odd:?}");
+        }
         assert!(since_stamp("2026-1-3", now).is_err());
     }
 }

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use pkcs11_ha::config::{Config, GroupConfig};
+use pkcs11_ha::config::GroupConfig;
 use serde_json::{json, Value};
 
 use crate::cli::{StatusArgs, StatusFormat};
@@ -154,7 +154,7 @@ fn group_health(
     })
 }
 
-fn gather(ctx: &Ctx, args: &StatusArgs) -> Res<(Config, Vec<Group>)> {
+fn gather(ctx: &Ctx, args: &StatusArgs) -> Res<Vec<Group>> {
     let config = ctx.load()?;
     let groups: Vec<&GroupConfig> = match &args.group {
         Some(label) => vec![find_group(&config, label)?],
@@ -184,7 +184,7 @@ fn gather(ctx: &Ctx, args: &StatusArgs) -> Res<(Config, Vec<Group>)> {
         .into_iter()
         .map(|g| group_health(&members, g, pin.as_deref().map(|p| &p[..]), &log, now))
         .collect::<Res<Vec<_>>>()?;
-    Ok((config, groups))
+    Ok(groups)
 }
 
 pub fn status(ctx: &Ctx, args: &StatusArgs) -> ExitCode {
@@ -194,7 +194,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> ExitCode {
         (None, false) => StatusFormat::Text,
     };
     match gather(ctx, args) {
-        Ok((_, groups)) => {
+        Ok(groups) => {
             match format {
                 StatusFormat::Text => print_text(&groups),
                 StatusFormat::Json => print!("{}", json_text(&groups)),
