@@ -1092,6 +1092,25 @@ fn init_and_library_verbs() {
     let out = s.run(&strs(&with(&["init", "--force", "--library", "novalue"])));
     assert_eq!(out.status.code(), Some(2), "NAME=PATH is a usage error");
 
+    // A library that went away: library list says which, exit 1, one JSON document.
+    let mut config = Config::load(&conf).unwrap();
+    config.libraries.push(pkcs11_ha::config::LibraryConfig {
+        name: "gone".into(),
+        path: PathBuf::from("/nonexistent/libgone.so"),
+        environment: Vec::new(),
+    });
+    config.save(&conf).unwrap();
+    let out = s.run(&strs(&with(&["--json", "library", "list"])));
+    assert_eq!(out.status.code(), Some(1));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["ok"], false);
+    assert_eq!(list["libraries"][1]["loads"], false);
+    let error = list["libraries"][1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot load /nonexistent/libgone.so"),
+        "{error}"
+    );
+
     // A directory that refuses writes is named with what to do.
     let text = s.fails(
         &["--config", "/sys/pkcs11-ha-test.conf", "init"],

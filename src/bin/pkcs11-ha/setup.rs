@@ -331,11 +331,13 @@ pub fn library_list(ctx: &Ctx) -> Res<ExitCode> {
     let failed = members.failures().len();
     ctx.emit(&json!({ "ok": failed == 0, "libraries": list }));
     if failed > 0 {
-        return Err(format!(
-            "{failed} librar{} cannot be used; fix the path (or the [LibraryEnvironment]) with \
-             `pkcs11-ha library remove` and `library add`",
+        // The listing above is the answer, also in JSON: one document only.
+        eprintln!(
+            "pkcs11-ha: error: {failed} librar{} cannot be used; fix the path (or the \
+             [LibraryEnvironment]) with `pkcs11-ha library remove` and `library add`",
             if failed == 1 { "y" } else { "ies" }
-        ));
+        );
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }
