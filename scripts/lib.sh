@@ -25,20 +25,25 @@ die() {
 }
 
 # ensure_tools: install softhsm2, opensc, p11-kit (and libsofthsm2,
-# p11-kit-modules, openssl) with apt-get when something is missing.
+# p11-kit-modules, openssl) and the clients of tests/clients.rs (NSS's
+# certutil and modutil, GnuTLS's p11tool and certtool, OpenSSL's pkcs11
+# engine, Java 17 for SunPKCS11) with apt-get when something is missing.
 ensure_tools() {
     local missing=() need
     # "file-or-command:package"
     for need in softhsm2-util:softhsm2 "$SOFTHSM_LIB":libsofthsm2 \
         pkcs11-tool:opensc p11-kit:p11-kit "$P11KIT_CLIENT":p11-kit-modules \
-        openssl:openssl; do
+        openssl:openssl certutil:libnss3-tools modutil:libnss3-tools \
+        p11tool:gnutls-bin certtool:gnutls-bin \
+        /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so:libengine-pkcs11-openssl \
+        java:openjdk-17-jdk-headless javac:openjdk-17-jdk-headless setpriv:util-linux; do
         local what="${need%%:*}" pkg="${need##*:}"
         if [[ "$what" == /* ]]; then
             [[ -e "$what" ]] && continue
         else
             command -v "$what" >/dev/null 2>&1 && continue
         fi
-        missing+=("$pkg")
+        [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
     done
     ((${#missing[@]} == 0)) && return 0
     if [[ "$(id -u)" != 0 ]]; then

@@ -14,6 +14,8 @@ use pkcs11_ha::config::{Config, RecoveryMode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pkcs11-ha");
 const SECRET: &str = "a domain secret for the tests, 32+ bytes";
+/// p11-kit's client module: a library that loads without a server.
+const P11KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
 
 /// Tokens, a configuration with SoftHSM and no group, and credential files.
 struct Setup {
@@ -36,6 +38,9 @@ impl Setup {
         fs::write(dir.join("so-pin"), format!("{SO_PIN}\n")).unwrap();
         fs::write(dir.join("secret"), SECRET).unwrap();
         fs::write(dir.join("other-secret"), "another domain secret, 32+ bytes").unwrap();
+        for name in ["pin", "wrong-pin", "so-pin", "secret", "other-secret"] {
+            private(&dir.join(name));
+        }
         Setup { hsm, conf }
     }
 
@@ -181,6 +186,12 @@ impl Setup {
         let out = self.ok(&["--json", "group", "list", "--pin-file", &self.file("pin")]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
     }
+}
+
+/// Mode 0600: the CLI refuses credential files others may read.
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -408,6 +419,10 @@ fn add_member_with_and_without_objects_and_sync() {
     assert!(text.contains("Would copy data object \"c-data\""), "{text}");
     // a's two objects to B, C, D; c's two to A, B, D.
     assert_eq!(text.matches("Would copy").count(), 12, "{text}");
+    assert!(
+        text.contains("Summary: would copy 12, already present 0, would fail 0."),
+        "{text}"
+    );
     assert_eq!(s.labels("memberD"), ["pkcs11-ha-domain"]);
 
     // sync copies; a second sync finds nothing to do.
@@ -425,12 +440,21 @@ fn add_member_with_and_without_objects_and_sync() {
         .unwrap();
     let text = check_ok(&["group", "sync"], out);
     assert_eq!(text.matches("Copied").count(), 12, "{text}");
+    assert!(
+        text.contains("Summary: copied 12, already present 0, failed 0."),
+        "{text}"
+    );
     let all = ["a-aes", "a-data", "c-aes", "c-data", "pkcs11-ha-domain"];
     for token in ["memberA", "memberB", "memberC", "memberD"] {
         assert_eq!(s.labels(token), all, "{token}");
     }
     let text = s.ok(&["group", "sync", "--group", "myHAgroup", "--pin-file", &pin]);
     assert!(text.contains("Nothing to copy"), "{text}");
+    // Four objects, each on three members besides the one it came from.
+    assert!(
+        text.contains("Summary: copied 0, already present 12, failed 0."),
+        "{text}"
+    );
     let list = s.list_json();
     assert_eq!(list["groups"][0]["needs_sync"], false);
     assert_eq!(list["groups"][0]["compared"], "all objects");
@@ -762,7 +786,7 @@ fn recovery_and_log_settings() {
     let log = s.config().ha_log;
     assert!(!log.enabled);
     assert_eq!(log.path.as_deref(), Some(logs.as_path()));
-    let text = s.ok(&["log"]);
+    let text = s.ok(&["log", "--settings"]);
     assert!(text.contains("disabled"), "{text}");
 }
 
@@ -775,6 +799,21 @@ fn import_luna_sample() {
     let out = s.ok(&["--json", "import-luna", &sample, "--force"]);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["format"], "Chrystoki.conf");
+    // Neither Luna's log directory nor its library exists on this machine.
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("haLogPath /var/log/lunaha does not exist here"),
+        "{warnings}"
+    );
+    assert!(
+        warnings
+            .contains("library luna: cannot load /usr/safenet/lunaclient/lib/libCryptoki2_64.so"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("--library-path PATH --force"),
+        "{warnings}"
+    );
     let ignored: Vec<&str> = report["ignored"]
         .as_array()
         .unwrap()
@@ -936,4 +975,585 @@ fn mechanism_mismatch_through_p11kit() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// The HA log writer is one per process: tests that write with it take turns.
+static HA_LOG_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `args` and returns its exit code and standard output.
+fn code_and_stdout(s: &Setup, args: &[&str]) -> (Option<i32>, String) {
+    let out = s.run(args);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn init_and_library_verbs() {
+    let s = Setup::new(&["memberA"]);
+    let conf = s.hsm.dir.path().join("new.conf");
+    let conf_arg = conf.display().to_string();
+    let with = |args: &[&str]| -> Vec<String> {
+        ["--config", conf_arg.as_str()]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect()
+    };
+
+    // From nothing: a file without a library, which says what to add.
+    let text = s.ok(&strs(&with(&["init"])));
+    assert!(text.contains("pkcs11-ha library add NAME PATH"), "{text}");
+    s.fails(&strs(&with(&["slots"])), "no PKCS#11 library is configured");
+    s.fails(&strs(&with(&["init"])), "exists; pass --force");
+
+    // library add checks the path before writing it.
+    s.fails(
+        &strs(&with(&["library", "add", "bad", "/nonexistent/libnone.so"])),
+        "cannot load /nonexistent/libnone.so",
+    );
+    s.fails(
+        &strs(&with(&["library", "add", "rel", "libsofthsm2.so"])),
+        "not an absolute path",
+    );
+    s.fails(
+        &strs(&with(&["library", "add", "a.b", SOFTHSM_LIB])),
+        "cannot be used",
+    );
+    let text = s.ok(&strs(&with(&["library", "add", "softhsm", SOFTHSM_LIB])));
+    assert!(text.contains("Library softhsm loads and shows"), "{text}");
+    s.fails(
+        &strs(&with(&["library", "add", "SoftHSM", SOFTHSM_LIB])),
+        "exists already",
+    );
+    let remote = "unix:path=/nonexistent/p11-kit.sock";
+    s.ok(&strs(&with(&[
+        "library",
+        "add",
+        "remote",
+        P11KIT_CLIENT,
+        "--env",
+        &format!("P11_KIT_SERVER_ADDRESS={remote}"),
+    ])));
+    let config = Config::load(&conf).unwrap();
+    assert_eq!(config.libraries.len(), 2);
+    assert_eq!(config.libraries[0].path, Path::new(SOFTHSM_LIB));
+    assert_eq!(
+        config.libraries[1].environment,
+        [("P11_KIT_SERVER_ADDRESS".to_owned(), remote.to_owned())]
+    );
+
+    // library list: each library loads, its version and its tokens.
+    let out = s.ok(&strs(&with(&["--json", "library", "list"])));
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let softhsm = &list["libraries"][0];
+    assert_eq!(softhsm["loads"], true);
+    assert_eq!(softhsm["cryptoki_version"], "2.40");
+    let serials: Vec<&str> = softhsm["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["serial"].as_str().unwrap())
+        .collect();
+    assert!(serials.contains(&s.serial("memberA").as_str()), "{out}");
+    assert_eq!(list["libraries"][1]["loads"], true, "{out}");
+
+    // remove refuses a library that holds a group member.
+    s.ok(&strs(&with(&["library", "remove", "remote"])));
+    s.fails(
+        &strs(&with(&["library", "remove", "softhsm"])),
+        "the only library",
+    );
+    s.fails(
+        &strs(&with(&["library", "remove", "nosuch"])),
+        "no library is named nosuch",
+    );
+    s.ok(&strs(&with(&["library", "add", "remote", P11KIT_CLIENT])));
+    let serial = s.serial("memberA");
+    let mut create = with(&["group", "create", "--label", "g", "--serial", &serial]);
+    create.extend(s.provisioning());
+    s.ok(&strs(&create));
+    s.fails(
+        &strs(&with(&["library", "remove", "softhsm"])),
+        "holds group members",
+    );
+
+    // init --force replaces the file; several libraries at once.
+    s.ok(&strs(&with(&[
+        "init",
+        "--force",
+        "--library",
+        &format!("softhsm={SOFTHSM_LIB}"),
+    ])));
+    let config = Config::load(&conf).unwrap();
+    assert_eq!(config.libraries.len(), 1);
+    assert!(config.groups.is_empty());
+    let out = s.run(&strs(&with(&["init", "--force", "--library", "novalue"])));
+    assert_eq!(out.status.code(), Some(2), "NAME=PATH is a usage error");
+
+    // A library that went away: library list says which, exit 1, one JSON document.
+    let mut config = Config::load(&conf).unwrap();
+    config.libraries.push(pkcs11_ha::config::LibraryConfig {
+        name: "gone".into(),
+        path: PathBuf::from("/nonexistent/libgone.so"),
+        environment: Vec::new(),
+    });
+    config.save(&conf).unwrap();
+    let out = s.run(&strs(&with(&["--json", "library", "list"])));
+    assert_eq!(out.status.code(), Some(1));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["ok"], false);
+    assert_eq!(list["libraries"][1]["loads"], false);
+    let error = list["libraries"][1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot load /nonexistent/libgone.so"),
+        "{error}"
+    );
+
+    // A directory that refuses writes is named with what to do.
+    let text = s.fails(
+        &["--config", "/sys/pkcs11-ha-test.conf", "init"],
+        "cannot write the configuration file /sys/pkcs11-ha-test.conf",
+    );
+    assert!(
+        text.contains("give --config FILE in a writable directory"),
+        "{text}"
+    );
+}
+
+#[test]
+fn status_exit_codes_prometheus_and_log_figures() {
+    let _writer = HA_LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new(&["memberA", "memberB"]);
+    let logs = s.hsm.dir.path().join("logs");
+    fs::create_dir(&logs).unwrap();
+    s.ok(&["log", "--enable", "--path", &logs.display().to_string()]);
+    s.create("myHAgroup", "memberA");
+    let [a, b] = ["memberA", "memberB"].map(|t| s.serial(t));
+    let mut add = vec![
+        "group",
+        "add-standby",
+        "--group",
+        "myHAgroup",
+        "--serial",
+        &b,
+    ];
+    let creds = s.provisioning();
+    add.extend(creds.iter().map(String::as_str));
+    let text = s.ok(&add);
+    assert!(text.contains("as a standby member"), "{text}");
+    assert_eq!(s.config().groups[0].standby, std::slice::from_ref(&b));
+
+    // The last active member cannot become standby; the message says what to do.
+    let text = s.fails(
+        &[
+            "group",
+            "standby",
+            "add",
+            "--group",
+            "myHAgroup",
+            "--serial",
+            &a,
+        ],
+        "only active member",
+    );
+    assert!(
+        text.contains(&format!(
+            "`pkcs11-ha group standby remove --group myHAgroup --serial {b}`"
+        )),
+        "{text}"
+    );
+
+    // Every member serving: exit 0.
+    let (code, text) = code_and_stdout(&s, &["status"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("Group myHAgroup"), "{text}");
+    assert!(text.contains(": serving"), "{text}");
+
+    // A member failure in the HA log, written by the library's own writer.
+    pkcs11_ha::halog::open(&logs, 0);
+    pkcs11_ha::halog::record(
+        "myHAgroup",
+        "1",
+        Some(&a),
+        "member failed in C_Sign with CKR_DEVICE_ERROR; calls go to the other members",
+    );
+    pkcs11_ha::halog::record(
+        "myHAgroup",
+        "1",
+        Some(&a),
+        "member recovered; 0 objects replicated or synchronised",
+    );
+    pkcs11_ha::halog::close();
+    let (code, text) = code_and_stdout(&s, &["status", "--format", "prometheus"]);
+    assert_eq!(code, Some(0), "{text}");
+    for line in [
+        "pkcs11_ha_config_usable 1".to_owned(),
+        format!("pkcs11_ha_group_state{{group=\"myHAgroup\",serial=\"{}\"}} 0", s.config().groups[0].serial.clone().unwrap()),
+        format!("pkcs11_ha_member_up{{group=\"myHAgroup\",member=\"{a}\",role=\"active\"}} 1"),
+        format!("pkcs11_ha_member_serving{{group=\"myHAgroup\",member=\"{b}\",role=\"standby\"}} 0"),
+        format!("pkcs11_ha_member_standby{{group=\"myHAgroup\",member=\"{b}\",role=\"standby\"}} 1"),
+        format!("pkcs11_ha_member_pending_changes{{group=\"myHAgroup\",member=\"{b}\",role=\"standby\"}} 0"),
+        format!("pkcs11_ha_member_failures_total{{group=\"myHAgroup\",member=\"{a}\",role=\"active\"}} 1"),
+        format!("pkcs11_ha_member_failures_total{{group=\"myHAgroup\",member=\"{b}\",role=\"standby\"}} 0"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE pkcs11_ha_member_failures_total counter"),
+        "{text}"
+    );
+    let since = format!(
+        "pkcs11_ha_member_seconds_since_state_change{{group=\"myHAgroup\",member=\"{a}\",role=\"active\"}} "
+    );
+    let age: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&since))
+        .unwrap_or_else(|| panic!("no state change age in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(age < 600, "{age}");
+
+    // Objects only the primary has: pending changes, degraded (exit 1).
+    s.add_objects("memberA", "a");
+    let pin = s.file("pin");
+    let (code, out) = code_and_stdout(&s, &["status", "--json", "--pin-file", &pin]);
+    assert_eq!(code, Some(1), "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "degraded");
+    let members = status["groups"][0]["members"].as_array().unwrap();
+    assert_eq!(members[1]["serial"], b.as_str());
+    assert_eq!(members[1]["pending_changes"], 2, "{out}");
+    assert_eq!(members[0]["pending_changes"], 0, "{out}");
+    s.ok(&["group", "sync", "--group", "myHAgroup", "--pin-file", &pin]);
+    let (code, out) = code_and_stdout(&s, &["status", "--pin-file", &pin]);
+    assert_eq!(code, Some(0), "{out}");
+
+    // A member that is nowhere to be found: degraded.
+    let mut config = s.config();
+    config.groups[0].standby = vec!["feedfacefeedface".into()];
+    config.save(&s.conf).unwrap();
+    let (code, out) = code_and_stdout(&s, &["status"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("member(s) down: feedfacefeedface"), "{out}");
+
+    // Only the standby member is up: it serves, the group is degraded.
+    config.groups[0].members = vec!["feedfacefeedface".into()];
+    config.groups[0].standby = vec![b.clone()];
+    config.save(&s.conf).unwrap();
+    let (code, out) = code_and_stdout(&s, &["status", "--json"]);
+    assert_eq!(code, Some(1), "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["groups"][0]["members"][1]["serving"], true, "{out}");
+    assert!(out.contains("a standby member serves"), "{out}");
+
+    // No member serves: exit 2.
+    config.groups[0].standby = vec!["feedfacefeedfac0".into()];
+    config.save(&s.conf).unwrap();
+    let (code, out) = code_and_stdout(&s, &["status"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains(": down (no member serves"), "{out}");
+
+    // An unusable configuration: exit 2, and the metric says so.
+    fs::write(&s.conf, "[VirtualToken]\nVirtualToken00Label = x\n").unwrap();
+    let (code, out) = code_and_stdout(&s, &["status", "--format", "prometheus"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.lines().any(|l| l == "pkcs11_ha_config_usable 0"),
+        "{out}"
+    );
+}
+
+#[test]
+fn log_reads_rotated_files_filters_and_follows() {
+    let _writer = HA_LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new(&[]);
+    let logs = s.hsm.dir.path().join("logs");
+    fs::create_dir(&logs).unwrap();
+    s.fails(
+        &["log"],
+        "enable it with `pkcs11-ha log --enable --path DIR`",
+    );
+    s.ok(&["log", "--enable", "--path", &logs.display().to_string()]);
+    // Small files: every second line (about 64 bytes each) rotates the log.
+    pkcs11_ha::halog::open(&logs, 100);
+    for i in 0..6 {
+        let member = if i % 2 == 0 { "m0" } else { "m1" };
+        // A rotated file is named by the millisecond: one rotation per millisecond.
+        let stamp = pkcs11_ha::halog::utc_timestamp(std::time::SystemTime::now());
+        while pkcs11_ha::halog::utc_timestamp(std::time::SystemTime::now()) == stamp {
+            std::hint::spin_loop();
+        }
+        pkcs11_ha::halog::record("g", "1abc", Some(member), &format!("event {i}"));
+    }
+    pkcs11_ha::halog::close();
+    let rotated = fs::read_dir(&logs).unwrap().count();
+    assert_eq!(rotated, 3, "the log rotated into three files");
+
+    let text = s.ok(&["log"]);
+    let events: Vec<&str> = text
+        .lines()
+        .map(|l| l.rsplit("  ").next().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["event 0", "event 1", "event 2", "event 3", "event 4", "event 5"],
+        "{text}"
+    );
+    let text = s.ok(&["log", "--member", "m1"]);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.lines().all(|l| l.contains("member m1")), "{text}");
+    let out = s.ok(&["log", "--json", "--since", "1h"]);
+    let parsed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parsed.len(), 6);
+    assert_eq!(parsed[0]["group"], "g");
+    assert_eq!(parsed[0]["member"], "m0");
+    assert_eq!(parsed[5]["event"], "event 5");
+    assert_eq!(s.ok(&["log", "--since", "2999-01-01"]), "");
+    s.fails(&["log", "--since", "yesterday"], "an age such as 90s");
+    s.fails(&["log", "--follow", "--disable"], "read the log");
+
+    // --follow prints what is written after it starts.
+    let mut child = s
+        .command(&["log", "--follow", "--json", "--member", "m1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // The six old m1/m0 events come first: three of them are m1.
+    let deadline = std::time::Duration::from_secs(20);
+    for _ in 0..3 {
+        let line = lines_rx
+            .recv_timeout(deadline)
+            .expect("the existing events");
+        assert!(line.contains("\"m1\""), "{line}");
+    }
+    // New events, through a rotation, until one reaches the follower.
+    pkcs11_ha::halog::open(&logs, 100);
+    let started = std::time::Instant::now();
+    let mut followed = None;
+    let mut n = 0;
+    while followed.is_none() && started.elapsed() < deadline {
+        pkcs11_ha::halog::record("g", "1abc", Some("m1"), &format!("later {n}"));
+        pkcs11_ha::halog::record("g", "1abc", Some("m0"), "not this member");
+        n += 1;
+        followed = lines_rx
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .ok();
+    }
+    pkcs11_ha::halog::close();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = followed.expect("--follow printed a new event");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["member"], "m1");
+    assert!(
+        event["event"].as_str().unwrap().starts_with("later "),
+        "{line}"
+    );
+}
+
+#[test]
+fn sync_dry_run_finds_the_copies_that_would_fail() {
+    let s = Setup::new(&["memberA", "memberB"]);
+    s.create("myHAgroup", "memberA");
+    let b = s.serial("memberB");
+    let mut add = vec![
+        "group",
+        "add-member",
+        "--group",
+        "myHAgroup",
+        "--serial",
+        &b,
+    ];
+    let creds = s.provisioning();
+    add.extend(creds.iter().map(String::as_str));
+    s.ok(&add);
+    // One key that may move, one that may not (pkcs11-tool's default).
+    s.add_objects("memberA", "a");
+    s.pkcs11_tool(
+        "memberA",
+        &[
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--id",
+            "0b",
+            "--label",
+            "stuck",
+        ],
+    );
+    let pin = s.file("pin");
+    let sync = ["group", "sync", "--group", "myHAgroup", "--pin-file", &pin];
+    let dry: Vec<&str> = sync.iter().copied().chain(["--dry-run"]).collect();
+    let out = s.run(&dry);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("WOULD FAIL to copy secret key \"stuck\" (id 0b)")
+            && text.contains("is not extractable"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Summary: would copy 2, already present 0, would fail 1."),
+        "{text}"
+    );
+    assert_eq!(s.labels("memberB"), ["pkcs11-ha-domain"]);
+
+    // On a terminal (a pseudo-terminal from script(1)): one progress line,
+    // rewritten, and the problems; no line per copy.
+    let line = format!("{BIN} {}", dry.join(" "));
+    let out = s
+        .command(&["--help"])
+        .get_envs()
+        .fold(Command::new("script"), |mut cmd, (k, v)| {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+            cmd
+        })
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("checked 3 of 3"), "{text}");
+    assert!(
+        text.contains("WOULD FAIL to copy secret key \"stuck\""),
+        "{text}"
+    );
+    assert!(!text.contains("Would copy"), "{text}");
+
+    let out = s.run(&sync);
+    assert_eq!(out.status.code(), Some(1), "a failed copy fails the sync");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAILED to copy secret key \"stuck\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("Summary: copied 2, already present 0, failed 1."),
+        "{text}"
+    );
+    assert_eq!(s.labels("memberB"), ["a-aes", "a-data", "pkcs11-ha-domain"]);
+}
+
+#[test]
+fn credentials_open_to_others_and_foreign_domain_keys_are_refused() {
+    let s = Setup::new(&["memberA", "memberB"]);
+    let a = s.serial("memberA");
+    let open_pin = s.hsm.dir.path().join("open-pin");
+    fs::write(&open_pin, format!("{USER_PIN}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&open_pin, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let text = s.fails(
+        &[
+            "group",
+            "list",
+            "--pin-file",
+            &open_pin.display().to_string(),
+        ],
+        "is open to other users (mode 0644)",
+    );
+    assert!(text.contains("chmod 600"), "{text}");
+
+    // B becomes a group's primary in another configuration.
+    let other = s.hsm.dir.path().join("other.conf");
+    let other_arg = other.display().to_string();
+    s.ok(&[
+        "--config",
+        &other_arg,
+        "init",
+        "--library",
+        &format!("softhsm={SOFTHSM_LIB}"),
+    ]);
+    let b = s.serial("memberB");
+    let mut create = vec![
+        "--config", &other_arg, "group", "create", "--label", "theirs", "--serial", &b,
+    ];
+    let creds = s.provisioning();
+    create.extend(creds.iter().map(String::as_str));
+    s.ok(&create);
+
+    // Here it is refused as a new primary, unless --force says that group is gone.
+    let pin = s.file("pin");
+    let mine = [
+        "group",
+        "create",
+        "--label",
+        "mine",
+        "--serial",
+        &b,
+        "--pin-file",
+        &pin,
+    ];
+    let text = s.fails(&mine, "already carries a domain key \"pkcs11-ha-domain\"");
+    assert!(text.contains("[FAIL] other group"), "{text}");
+    assert!(s.config().groups.is_empty());
+    let forced: Vec<&str> = mine.iter().copied().chain(["--force"]).collect();
+    let text = s.ok(&forced);
+    assert!(text.contains("[SKIP] other group"), "{text}");
+    // A fresh token passes the check.
+    let text = s.create("fresh", "memberA");
+    assert!(text.contains("[pass] other group"), "{text}");
+    assert_eq!(s.config().groups.len(), 2);
+    assert_eq!(s.config().groups[1].members, [a]);
+}
+
+#[test]
+fn p11kit_module_file() {
+    let s = Setup::new(&[]);
+    let text = s.ok(&[
+        "p11-kit-module",
+        "--module",
+        "/opt/pkcs11-ha/libpkcs11_ha.so",
+    ]);
+    assert!(
+        text.lines()
+            .any(|l| l == "module: /opt/pkcs11-ha/libpkcs11_ha.so"),
+        "{text}"
+    );
+    let dir = s.hsm.dir.path().join("modules");
+    s.fails(
+        &[
+            "p11-kit-module",
+            "--install",
+            "--dir",
+            &dir.display().to_string(),
+            "--module",
+            "/opt/x.so",
+        ],
+        "is not a directory",
+    );
+    fs::create_dir(&dir).unwrap();
+    s.ok(&[
+        "p11-kit-module",
+        "--install",
+        "--dir",
+        &dir.display().to_string(),
+        "--module",
+        "/opt/x.so",
+    ]);
+    let written = fs::read_to_string(dir.join("pkcs11-ha.module")).unwrap();
+    assert!(
+        written.lines().any(|l| l == "module: /opt/x.so"),
+        "{written}"
+    );
 }

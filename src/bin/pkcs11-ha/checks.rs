@@ -30,8 +30,10 @@ pub struct Check {
 
 /// The checks `--force` may skip: a group works with such a member, it
 /// only advertises less (the virtual token's flags and mechanism list
-/// combine the members': capabilities ANDed, the list intersected).
-pub const SKIPPABLE: [&str; 2] = [FLAGS, MECHANISMS];
+/// combine the members': capabilities ANDed, the list intersected); and a
+/// new primary that carries an old group's domain key, when the operator
+/// says that group is gone.
+pub const SKIPPABLE: [&str; 3] = [FLAGS, MECHANISMS, OTHER_GROUP];
 
 pub const MEMBERSHIP: &str = "membership";
 pub const LOGIN: &str = "login";
@@ -40,6 +42,7 @@ pub const SO_LOGIN: &str = "SO login";
 pub const FLAGS: &str = "token flags";
 pub const MECHANISMS: &str = "mechanisms";
 pub const OBJECTS: &str = "objects";
+pub const OTHER_GROUP: &str = "other group";
 
 impl Check {
     pub fn pass(check: &'static str, detail: impl Into<String>) -> Check {

@@ -31,8 +31,17 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Write a new configuration file (refuses to replace one without --force)
+    Init(InitArgs),
+    /// Add, remove or check the PKCS#11 libraries of [Libraries]
+    #[command(subcommand)]
+    Library(LibraryCommand),
     /// List every token of every configured library and the group it is in
     Slots,
+    /// Every group's health, for people and monitoring: exit 0 when every
+    /// member serves, 1 when a group is degraded, 2 when a group has no
+    /// serving member or the configuration is unusable
+    Status(StatusArgs),
     /// Create, change, list, synchronise and recover HA groups
     #[command(subcommand)]
     Group(GroupCommand),
@@ -42,11 +51,103 @@ pub enum Command {
     /// Set or show auto-recovery: reconnAtt, AutoReconnectInterval and
     /// VirtualTokenActiveRecovery
     Recovery(RecoveryArgs),
-    /// Set or show the HA log: haLogStatus, haLogPath and logLen
+    /// Read the HA log (rotated files too), or set or show its settings:
+    /// haLogStatus, haLogPath and logLen
     Log(LogArgs),
     /// Write the pkcs11-ha configuration equivalent to a Luna client's
     /// Chrystoki.conf or crystoki.ini
     ImportLuna(ImportArgs),
+    /// Print the p11-kit module file that loads pkcs11-ha, or install it
+    P11KitModule(P11KitModuleArgs),
+}
+
+/// A `NAME=VALUE` pair of the command line.
+fn name_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() && !value.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("\"{text}\" is not NAME=VALUE")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// A member library, as NAME=PATH (repeat for several)
+    #[arg(long = "library", value_name = "NAME=PATH", value_parser = name_value)]
+    pub libraries: Vec<(String, String)>,
+    /// Replace the configuration file if it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LibraryCommand {
+    /// Add a [Libraries] entry after checking that the library loads
+    Add(LibraryAddArgs),
+    /// Remove a [Libraries] entry that no group member lives in
+    Remove(LibraryNameArg),
+    /// Check every library: it loads, exports C_GetFunctionList, and its tokens
+    List,
+}
+
+#[derive(Args, Debug)]
+pub struct LibraryAddArgs {
+    /// The entry's name ([Libraries] NAME = PATH)
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The PKCS#11 library
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// An environment variable set while the library starts, as VAR=VALUE
+    /// ([LibraryEnvironment] NAME.VAR); repeat for several
+    #[arg(long = "env", value_name = "VAR=VALUE", value_parser = name_value)]
+    pub environment: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+pub struct LibraryNameArg {
+    /// The entry's name
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// How `status` prints.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFormat {
+    /// A table per group
+    Text,
+    /// One JSON document (as --json)
+    Json,
+    /// Prometheus text format, for node_exporter's textfile collector
+    Prometheus,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Only this group
+    #[arg(long, value_name = "LABEL")]
+    pub group: Option<String>,
+    /// Output format [default: text, json with --json]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<StatusFormat>,
+    /// Log in to compare private objects too (pending changes); without a
+    /// PIN only public objects are compared and nothing is asked
+    #[command(flatten)]
+    pub pin: PinArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct P11KitModuleArgs {
+    /// Write it to /usr/share/p11-kit/modules/pkcs11-ha.module (or --dir)
+    #[arg(long)]
+    pub install: bool,
+    /// With --install: the p11-kit modules directory
+    #[arg(long, value_name = "DIR", requires = "install")]
+    pub dir: Option<PathBuf>,
+    /// The provider library [default: libpkcs11_ha.so beside this program]
+    #[arg(long, value_name = "PATH")]
+    pub module: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,6 +156,8 @@ pub enum GroupCommand {
     Create(CreateArgs),
     /// Add a member to a group after checking it
     AddMember(AddMemberArgs),
+    /// Add a standby member to a group after checking it (Luna's addStandby)
+    AddStandby(AddMemberArgs),
     /// Remove a member (active or standby) from a group; its objects stay
     RemoveMember(MemberArgs),
     /// Delete a group; the objects stay on the members
@@ -201,7 +304,8 @@ pub struct SyncArgs {
     /// The group's label
     #[arg(long, value_name = "LABEL")]
     pub group: String,
-    /// Print what would be copied, copy nothing
+    /// Run every check of the copy (domain keys, extractability, wrap
+    /// support) and say which copies would fail; copy nothing
     #[arg(long)]
     pub dry_run: bool,
     #[command(flatten)]
@@ -232,8 +336,22 @@ pub struct RecoveryArgs {
     pub mode: Option<ModeArg>,
 }
 
+/// `log` reads the log unless a setting is given or --settings asks for them.
 #[derive(Args, Debug)]
 pub struct LogArgs {
+    /// Keep printing events as they are written (until interrupted)
+    #[arg(long)]
+    pub follow: bool,
+    /// Only events at or after TIME: UTC as 2026-12-03, 2026-12-03T07:15,
+    /// 2026-12-03T07:15:30Z, or an age such as 90s, 15m, 2h, 1d
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only events of the member with this serial
+    #[arg(long, value_name = "SERIAL")]
+    pub member: Option<String>,
+    /// Show the settings instead of the events
+    #[arg(long)]
+    pub settings: bool,
     /// haLogStatus = enabled (needs a directory: --path, or one set before)
     #[arg(long, conflicts_with = "disable")]
     pub enable: bool,

@@ -4,7 +4,7 @@
 //! command-line argument, which any user can read in `ps`. Values are kept
 //! in zeroizing buffers and never printed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use zeroize::Zeroizing;
@@ -101,11 +101,33 @@ fn strip_line_end(bytes: &mut Vec<u8>) {
     }
 }
 
+/// Refuses a credential file other users may read or change, as ssh
+/// refuses such key files: its mode must give them nothing (`chmod 600`).
+fn refuse_open_file(what: &str, flag: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {what} from {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{flag} {}: the file is open to other users (mode {:04o}), so {what} in it is not \
+             secret; make it private with `chmod 600 {}` and change the credential if others \
+             may have read it",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 impl Source<'_> {
     /// Reads the credential: file, environment, else a prompt on the
     /// terminal without echo (asked twice when `confirm`).
     pub fn read(&self, prompt: &str, confirm: bool) -> Result<Secret, String> {
         let value = if let Some(path) = self.file {
+            refuse_open_file(self.what, self.flags.0, path)?;
             let mut bytes =
                 Zeroizing::new(std::fs::read(path).map_err(|e| {
                     format!("cannot read {} from {}: {e}", self.what, path.display())
@@ -169,6 +191,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("pin");
         std::fs::write(&file, "4321\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let source = Source {
+            what: "the PIN",
+            flags: ("--pin-file", "--pin-env"),
+            file: Some(&file),
+            env: None,
+        };
+        let e = source.read("", false).unwrap_err();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let source = Source {
             what: "the PIN",
             flags: ("--pin-file", "--pin-env"),

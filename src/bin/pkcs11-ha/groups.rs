@@ -24,7 +24,7 @@ use crate::{domain, Ctx, Res};
 /// Largest group index: keys carry two digits.
 const MAX_GROUP_INDEX: u32 = 99;
 
-fn find_group<'c>(config: &'c Config, label: &str) -> Res<&'c GroupConfig> {
+pub fn find_group<'c>(config: &'c Config, label: &str) -> Res<&'c GroupConfig> {
     config.group(label).ok_or_else(|| no_group(config, label))
 }
 
@@ -298,6 +298,9 @@ fn run_checks(
     };
     let checks = &mut prepared.checks;
     checks.push(domain_check);
+    if group.is_none() {
+        checks.push(other_group_check(&session, domain_label, force));
+    }
 
     // Token flags and login requirements.
     let problems = checks::flag_problems(target.flags, reference.flags);
@@ -410,6 +413,35 @@ fn run_checks(
         prepared.checks.push(check);
     }
     Ok(prepared)
+}
+
+/// A new group's primary must not carry a domain key already: such a token
+/// is most likely a member of a group in another configuration, and two
+/// groups writing to one token would fail each other's calls.
+fn other_group_check(session: &Session, domain_label: &str, force: bool) -> Check {
+    let mut labels = vec![domain_label];
+    if domain_label != DEFAULT_DOMAIN_LABEL {
+        labels.push(DEFAULT_DOMAIN_LABEL);
+    }
+    let carried: Vec<&str> = labels
+        .into_iter()
+        .filter(|label| !matches!(domain::find(session, label), Ok(None)))
+        .collect();
+    match carried.first() {
+        None => Check::pass(
+            checks::OTHER_GROUP,
+            "the token carries no domain key, so no other configuration uses it",
+        ),
+        Some(label) => Check::fail(
+            checks::OTHER_GROUP,
+            format!(
+                "the token already carries a domain key \"{label}\", so it is most likely a \
+                 member of a group in another configuration; use a fresh token, or pass --force \
+                 if that group is gone and this one is to take over its keys"
+            ),
+            force,
+        ),
+    }
 }
 
 /// The domain key check; `Ok` when it passes (a key is to be provisioned
@@ -724,7 +756,9 @@ fn remove_objects(
     Ok(removed)
 }
 
-pub fn add_member(ctx: &Ctx, args: &AddMemberArgs) -> Res<ExitCode> {
+/// `group add-member`, and with `standby` `group add-standby`: the same
+/// checks, then the token joins as an active or a standby member.
+pub fn add_member(ctx: &Ctx, args: &AddMemberArgs, standby: bool) -> Res<ExitCode> {
     let _lock = ctx.lock()?;
     let config = ctx.load()?;
     let group = find_group(&config, &args.group)?.clone();
@@ -775,13 +809,18 @@ pub fn add_member(ctx: &Ctx, args: &AddMemberArgs) -> Res<ExitCode> {
         ));
     }
     let mut new = config.clone();
-    group_mut(&mut new, &group.label)
-        .members
-        .push(target.serial.clone());
+    let changed = group_mut(&mut new, &group.label);
+    if standby {
+        changed.standby.push(target.serial.clone());
+    } else {
+        changed.members.push(target.serial.clone());
+    }
     ctx.save(&new)?;
     ctx.say(format!(
-        "Member {} successfully added to group {}.",
-        target.serial, group.label
+        "Member {} successfully added to group {}{}.",
+        target.serial,
+        group.label,
+        if standby { " as a standby member" } else { "" }
     ));
     let new_group = find_group(&new, &group.label)?;
     let mut status = group_status(&members, new_group, Some(pin));
@@ -899,8 +938,16 @@ pub fn standby(ctx: &Ctx, args: &MemberArgs, make_standby: bool) -> Res<ExitCode
         };
         if group.members.len() == 1 {
             return Err(format!(
-                "{serial} is the only active member of group \"{label}\"; a group needs one \
-                 active member to serve"
+                "{serial} is the only active member of group \"{label}\", and a group needs one \
+                 active member to serve; first add another with `pkcs11-ha group add-member \
+                 --group {label} --serial SERIAL`{}, then make {serial} standby",
+                match group.standby.first() {
+                    Some(other) => format!(
+                        " or make a standby member active with `pkcs11-ha group standby remove \
+                         --group {label} --serial {other}`"
+                    ),
+                    None => String::new(),
+                }
             ));
         }
         group.members.remove(at);
@@ -934,12 +981,12 @@ pub fn standby(ctx: &Ctx, args: &MemberArgs, make_standby: bool) -> Res<ExitCode
 }
 
 /// One member's live status.
-struct MemberStatus {
-    serial: String,
-    role: &'static str,
-    token: Option<TokenRef>,
+pub struct MemberStatus {
+    pub serial: String,
+    pub role: &'static str,
+    pub token: Option<TokenRef>,
     /// Why it is down, or why it was not compared.
-    note: Option<String>,
+    pub note: Option<String>,
 }
 
 /// A group's live status.
@@ -982,7 +1029,7 @@ impl GroupStatus {
 /// Opens a session on every reachable member of `group` and, given a PIN,
 /// logs it in: the PIN is tried on the first member, and a wrong one is
 /// never tried on the others.
-fn views<'m>(
+pub fn views<'m>(
     members: &'m Members,
     group: &GroupConfig,
     pin: Option<&[u8]>,
@@ -1010,6 +1057,7 @@ fn views<'m>(
                 continue;
             }
         };
+        let slot = token.slot;
         status.token = Some(token);
         if let Some(pin) = pin {
             match session.login(CKU_USER, pin) {
@@ -1030,7 +1078,7 @@ fn views<'m>(
                 }
             }
         }
-        match View::read(serial, session, &group.domain_label) {
+        match View::read(serial, slot, session, &group.domain_label) {
             Ok(view) => views.push(view),
             Err(problem) => status.note = Some(problem),
         }
@@ -1217,30 +1265,40 @@ fn synchronise(
             ambiguous.object, ambiguous.matches, ambiguous.member
         ));
     }
+    let progress = Progress::new(ctx, plan.copies.len());
+    let (mut copied, mut failed) = (0usize, 0usize);
     for copy in &plan.copies {
         let (from, to) = (&views[copy.from].serial, &views[copy.to].serial);
-        let result = if dry_run {
-            ctx.say(format!(
-                "Would copy {} from {from} to {to}",
-                copy.description
-            ));
-            "would copy".to_owned()
+        let outcome = if dry_run {
+            sync::precheck(&views, copy).map(drop)
         } else {
-            match sync::copy(&views, copy) {
-                Ok(()) => {
-                    ctx.say(format!("Copied {} from {from} to {to}", copy.description));
-                    "copied".to_owned()
-                }
-                Err(problem) => {
-                    ok = false;
-                    ctx.say(format!(
-                        "FAILED to copy {} from {from} to {to}: {problem}",
-                        copy.description
-                    ));
-                    format!("failed: {problem}")
-                }
+            sync::copy(&views, copy)
+        };
+        let result = match outcome {
+            Ok(()) => {
+                copied += 1;
+                let verb = if dry_run { "Would copy" } else { "Copied" };
+                progress.line(format!("{verb} {} from {from} to {to}", copy.description));
+                if dry_run { "would copy" } else { "copied" }.to_owned()
+            }
+            Err(problem) => {
+                failed += 1;
+                let verb = if dry_run {
+                    "WOULD FAIL to copy"
+                } else {
+                    "FAILED to copy"
+                };
+                progress.problem(format!(
+                    "{verb} {} from {from} to {to}: {problem}",
+                    copy.description
+                ));
+                format!(
+                    "{}: {problem}",
+                    if dry_run { "would fail" } else { "failed" }
+                )
             }
         };
+        progress.advance(copied + failed, dry_run);
         copies.push(json!({
             "object": copy.description,
             "from": from,
@@ -1248,12 +1306,25 @@ fn synchronise(
             "result": result,
         }));
     }
+    progress.finish();
+    ok &= failed == 0;
     if plan.copies.is_empty() {
         ctx.say(format!(
             "Nothing to copy: every reachable member of {} has every object.",
             group.label
         ));
     }
+    ctx.say(if dry_run {
+        format!(
+            "Summary: would copy {copied}, already present {}, would fail {failed}.",
+            plan.present
+        )
+    } else {
+        format!(
+            "Summary: copied {copied}, already present {}, failed {failed}.",
+            plan.present
+        )
+    });
     let down: Vec<&str> = statuses
         .iter()
         .filter(|s| s.token.is_none())
@@ -1262,11 +1333,72 @@ fn synchronise(
     let report = json!({
         "group": group.label,
         "dry_run": dry_run,
+        "summary": {
+            "copied": if dry_run { 0 } else { copied },
+            "would_copy": if dry_run { copied } else { 0 },
+            "already_present": plan.present,
+            "failed": failed,
+        },
         "copies": copies,
         "ambiguous": plan.ambiguous,
         "down": down,
     });
     Ok((ok, report))
+}
+
+/// How a sync shows its copies: on a terminal one progress line that is
+/// rewritten ("copied 120 of 500") and the problems; elsewhere one line per
+/// copy, for logs and scripts.
+struct Progress {
+    terminal: bool,
+    json: bool,
+    total: usize,
+}
+
+impl Progress {
+    fn new(ctx: &Ctx, total: usize) -> Progress {
+        use std::io::IsTerminal as _;
+        Progress {
+            terminal: !ctx.json && std::io::stdout().is_terminal(),
+            json: ctx.json,
+            total,
+        }
+    }
+
+    fn say(&self, line: &str) {
+        if !self.json {
+            let _ = writeln!(std::io::stdout(), "{line}");
+        }
+    }
+
+    /// A copy that went well: its own line only off a terminal.
+    fn line(&self, line: String) {
+        if !self.terminal {
+            self.say(&line);
+        }
+    }
+
+    /// A copy that failed: always its own line.
+    fn problem(&self, line: String) {
+        if self.terminal {
+            print!("\r\x1b[K");
+        }
+        self.say(&line);
+    }
+
+    fn advance(&self, done: usize, dry_run: bool) {
+        if self.terminal {
+            let verb = if dry_run { "checked" } else { "copied" };
+            print!("\r\x1b[K{verb} {done} of {}", self.total);
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.total > 0 {
+            println!();
+        }
+    }
 }
 
 /// `group sync` and, with `recover`, `group recover`: the same copy, and

@@ -12,11 +12,14 @@ mod cli;
 mod creds;
 mod domain;
 mod groups;
+mod logread;
 mod luna;
 mod mechanisms;
 mod output;
 mod p11;
 mod settings;
+mod setup;
+mod status;
 mod sync;
 
 use std::fs;
@@ -29,7 +32,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use pkcs11_ha::config::Config;
 
-use crate::cli::{Cli, Command, GroupCommand, HaOnlyCommand, StandbyCommand};
+use crate::cli::{
+    Cli, Command, GroupCommand, HaOnlyCommand, LibraryCommand, LogArgs, StandbyCommand,
+};
 
 /// A failure for the operator: printed as `pkcs11-ha: error: ...`, exit 1.
 pub type Res<T> = Result<T, String>;
@@ -66,7 +71,41 @@ impl Ctx {
     pub fn save(&self, config: &Config) -> Res<()> {
         Config::parse(&self.config_path, &config.to_ini_string())
             .map_err(|e| format!("the change would make the configuration invalid: {e}"))?;
-        config.save(&self.config_path).map_err(|e| e.to_string())
+        self.write_unchecked(config)
+    }
+
+    /// Writes `config` atomically without the provider's checks: only for
+    /// `init` without a library, a file the provider is meant to refuse
+    /// until one is added.
+    pub fn write_unchecked(&self, config: &Config) -> Res<()> {
+        config
+            .save(&self.config_path)
+            .map_err(|e| self.not_writable(&e).unwrap_or_else(|| e.to_string()))
+    }
+
+    /// The directory the configuration file and its lock file live in.
+    fn config_dir(&self) -> &Path {
+        match self.config_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
+    }
+
+    /// What to do when the configuration's directory refuses writes.
+    fn not_writable(&self, error: &std::io::Error) -> Option<String> {
+        let refused = error.kind() == std::io::ErrorKind::PermissionDenied
+            || error.raw_os_error() == Some(libc::EROFS);
+        refused.then(|| {
+            format!(
+                "cannot write the configuration file {}: its directory {} is not writable \
+                 ({error}); pkcs11-ha writes a new file and a lock file there and renames the \
+                 new file over the old one. Run as a user who may write {}, or give --config \
+                 FILE in a writable directory",
+                self.config_path.display(),
+                self.config_dir().display(),
+                self.config_dir().display()
+            )
+        })
     }
 
     /// Serialises configuration edits between CLI processes: an exclusive
@@ -76,18 +115,19 @@ impl Ctx {
             .config_path
             .file_name()
             .ok_or_else(|| format!("{} names no file", self.config_path.display()))?;
-        let dir = match self.config_path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let path = dir.join(format!(".{}.lock", name.to_string_lossy()));
+        let path = self
+            .config_dir()
+            .join(format!(".{}.lock", name.to_string_lossy()));
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+            .map_err(|e| {
+                self.not_writable(&e)
+                    .unwrap_or_else(|| format!("cannot open the lock file {}: {e}", path.display()))
+            })?;
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -103,10 +143,16 @@ fn run(cli: Cli) -> Res<ExitCode> {
         json: cli.json,
     };
     match cli.command {
+        Command::Init(args) => setup::init(&ctx, &args),
+        Command::Library(LibraryCommand::Add(args)) => setup::library_add(&ctx, &args),
+        Command::Library(LibraryCommand::Remove(args)) => setup::library_remove(&ctx, &args.name),
+        Command::Library(LibraryCommand::List) => setup::library_list(&ctx),
         Command::Slots => settings::slots(&ctx),
+        Command::Status(args) => Ok(status::status(&ctx, &args)),
         Command::Group(command) => match command {
             GroupCommand::Create(args) => groups::create(&ctx, &args),
-            GroupCommand::AddMember(args) => groups::add_member(&ctx, &args),
+            GroupCommand::AddMember(args) => groups::add_member(&ctx, &args, false),
+            GroupCommand::AddStandby(args) => groups::add_member(&ctx, &args, true),
             GroupCommand::RemoveMember(args) => groups::remove_member(&ctx, &args),
             GroupCommand::Delete(args) => groups::delete(&ctx, &args.group),
             GroupCommand::List(args) => groups::list(&ctx, &args),
@@ -126,8 +172,24 @@ fn run(cli: Cli) -> Res<ExitCode> {
             },
         ),
         Command::Recovery(args) => settings::recovery(&ctx, &args),
-        Command::Log(args) => settings::log(&ctx, &args),
+        Command::Log(args) => log(&ctx, &args),
         Command::ImportLuna(args) => settings::import_luna(&ctx, &args),
+        Command::P11KitModule(args) => setup::p11kit_module(&ctx, &args),
+    }
+}
+
+/// `log` changes or shows the settings when asked to, else reads the log.
+fn log(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
+    let change = args.enable || args.disable || args.path.is_some() || args.max_size.is_some();
+    let reading = args.follow || args.since.is_some() || args.member.is_some();
+    match (change || args.settings, reading) {
+        (true, true) => Err(
+            "--follow, --since and --member read the log; give them without the settings \
+             options (--settings, --enable, --disable, --path, --max-size)"
+                .into(),
+        ),
+        (true, false) => settings::log(ctx, args),
+        (false, _) => logread::read(ctx, args),
     }
 }
 

@@ -11,6 +11,7 @@ use crate::cli::{ImportArgs, LogArgs, ModeArg, RecoveryArgs};
 use crate::output::table;
 use crate::p11::Members;
 use crate::{luna, Ctx, Res};
+use pkcs11_ha::member::MemberLibrary;
 
 /// The group a serial belongs to, and its role there.
 pub fn membership<'c>(config: &'c Config, serial: &str) -> Option<(&'c GroupConfig, &'static str)> {
@@ -244,6 +245,29 @@ pub fn log(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the imported configuration will trip over on this machine: an HA
+/// log directory that does not exist, a library that does not load.
+fn import_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(path) = config.ha_log.path.as_ref().filter(|p| !p.is_dir()) {
+        warnings.push(format!(
+            "haLogPath {} does not exist here, so applications cannot write the HA log; create \
+             it (writable by the applications' user) or set another with `pkcs11-ha log --path DIR`",
+            path.display()
+        ));
+    }
+    for library in &config.libraries {
+        if let Err(why) = MemberLibrary::load(&library.name, &library.path, &library.environment) {
+            warnings.push(format!(
+                "library {}: {why}; install the Luna client there, or import again with \
+                 --library-path PATH --force",
+                library.name
+            ));
+        }
+    }
+    warnings
+}
+
 pub fn import_luna(ctx: &Ctx, args: &ImportArgs) -> Res<ExitCode> {
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| format!("cannot read {}: {e}", args.file.display()))?;
@@ -264,6 +288,10 @@ pub fn import_luna(ctx: &Ctx, args: &ImportArgs) -> Res<ExitCode> {
     }
     ctx.save(&imported.config)?;
     let config = &imported.config;
+    let warnings = import_warnings(config);
+    for warning in &warnings {
+        eprintln!("pkcs11-ha: warning: {warning}");
+    }
     ctx.say(format!(
         "Imported {} ({}) into {}: {} group(s), HAOnly {}.",
         args.file.display(),
@@ -289,6 +317,7 @@ pub fn import_luna(ctx: &Ctx, args: &ImportArgs) -> Res<ExitCode> {
         "groups": config.groups.iter().map(|g| &g.label).collect::<Vec<_>>(),
         "notes": imported.notes,
         "ignored": imported.ignored,
+        "warnings": warnings,
     }));
     Ok(ExitCode::SUCCESS)
 }

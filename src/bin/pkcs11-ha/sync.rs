@@ -60,6 +60,8 @@ pub fn describe(session: &Session, object: CK_OBJECT_HANDLE) -> Description {
 /// session, its domain key and its objects with their fingerprints.
 pub struct View<'a> {
     pub serial: String,
+    /// The member's slot in its library, for its mechanism information.
+    pub slot: CK_SLOT_ID,
     pub session: Session<'a>,
     pub domain: Option<Found>,
     /// Every object the session sees except the domain key.
@@ -70,6 +72,7 @@ impl<'a> View<'a> {
     /// Reads the member's domain key and objects through `session`.
     pub fn read(
         serial: &str,
+        slot: CK_SLOT_ID,
         session: Session<'a>,
         domain_label: &str,
     ) -> Result<View<'a>, String> {
@@ -87,6 +90,7 @@ impl<'a> View<'a> {
             .collect();
         Ok(View {
             serial: serial.to_owned(),
+            slot,
             session,
             domain,
             objects,
@@ -116,6 +120,9 @@ pub struct Ambiguous {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub copies: Vec<Copy>,
+    /// Objects a member already has, counted once per object and member
+    /// besides the one it is copied from.
+    pub present: usize,
     pub ambiguous: Vec<Ambiguous>,
     /// Members whose objects could not be searched: (serial, reason).
     pub errors: Vec<(String, String)>,
@@ -124,12 +131,17 @@ pub struct Plan {
 /// What each member lacks, and where to copy it from.
 pub fn plan(views: &[View]) -> Plan {
     let mut plan = Plan::default();
+    let mut counted: Vec<&Fingerprint> = Vec::new();
     for (from, source) in views.iter().enumerate() {
         for (object, print) in &source.objects {
             let own = matches(&source.session, print).map_or(1, |f| f.len());
             if own > 1 {
                 note_ambiguous(&mut plan, source, *object, own);
                 continue;
+            }
+            let first_sight = !counted.iter().any(|seen| same_object(seen, print));
+            if first_sight {
+                counted.push(print);
             }
             for (to, target) in views.iter().enumerate() {
                 if to == from
@@ -151,7 +163,7 @@ pub fn plan(views: &[View]) -> Plan {
                     Ok(found) if found.len() > 1 => {
                         note_ambiguous(&mut plan, target, found[0], found.len())
                     }
-                    Ok(_) => {}
+                    Ok(_) => plan.present += usize::from(first_sight),
                     Err(rv) => {
                         let reason = format!("C_FindObjects returned {}", rv_name(rv));
                         if !plan.errors.iter().any(|(s, _)| *s == target.serial) {
@@ -194,6 +206,27 @@ pub fn matches(session: &Session, print: &Fingerprint) -> Result<Vec<CK_OBJECT_H
     })
 }
 
+/// Whether two fingerprints name the same object, by the rule of
+/// [`matches`]: an empty check value matches any.
+fn same_object(a: &Fingerprint, b: &Fingerprint) -> bool {
+    let rest = |print: &Fingerprint| -> Fingerprint {
+        print
+            .iter()
+            .filter(|(t, _)| *t != CKA_CHECK_VALUE)
+            .cloned()
+            .collect()
+    };
+    let check = |print: &Fingerprint| {
+        print
+            .iter()
+            .find(|(t, _)| *t == CKA_CHECK_VALUE)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let (check_a, check_b) = (check(a), check(b));
+    rest(a) == rest(b) && (check_a.is_empty() || check_b.is_empty() || check_a == check_b)
+}
+
 fn note_ambiguous(plan: &mut Plan, view: &View, object: CK_OBJECT_HANDLE, matches: usize) {
     let description = describe(&view.session, object);
     if !plan
@@ -209,25 +242,42 @@ fn note_ambiguous(plan: &mut Plan, view: &View, object: CK_OBJECT_HANDLE, matche
     }
 }
 
-/// Copies one object; the error says why it could not.
-pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
+/// Whether `mechanism` is offered on `view`'s slot with `flag` (`CKF_WRAP`
+/// or `CKF_UNWRAP`); the error says what is missing.
+fn offers(view: &View, mechanism: CK_MECHANISM_TYPE, flag: CK_FLAGS) -> Result<(), String> {
+    let what = if flag == CKF_WRAP { "wrap" } else { "unwrap" };
+    match view.session.library.mechanism_info(view.slot, mechanism) {
+        Ok(info) if info.flags & flag != 0 => Ok(()),
+        Ok(_) => Err(format!(
+            "member {} offers {} but not to {what} keys, so key material cannot move {}",
+            view.serial,
+            crate::checks::mechanism_name(mechanism),
+            if flag == CKF_WRAP { "from it" } else { "to it" }
+        )),
+        Err(e) => Err(format!(
+            "member {} does not offer {} ({}), so key material cannot move {} (p11-kit 0.24 \
+             remoting carries no AES key wrap)",
+            view.serial,
+            crate::checks::mechanism_name(mechanism),
+            rv_name(e.rv),
+            if flag == CKF_WRAP { "from it" } else { "to it" }
+        )),
+    }
+}
+
+/// Every check the copy makes before it changes anything: for a key, both
+/// members hold the same domain key and offer the wrap mechanism, and the
+/// key may leave its member. `--dry-run` runs exactly these. For a key,
+/// returns the domain keys to wrap and unwrap it with.
+pub fn precheck(
+    views: &[View],
+    copy: &Copy,
+) -> Result<Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>, String> {
     let source = &views[copy.from];
     let target = &views[copy.to];
     let class = source.session.ulong_attribute(copy.object, CKA_CLASS);
-    let secret = matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY));
-    if !secret {
-        let mut template = source.session.template(copy.object, PUBLIC_ATTRIBUTES);
-        return target
-            .session
-            .create(&mut template)
-            .map(drop)
-            .map_err(|rv| {
-                format!(
-                    "C_CreateObject on {} returned {}",
-                    target.serial,
-                    rv_name(rv)
-                )
-            });
+    if !matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)) {
+        return Ok(None);
     }
     let (Some(from_domain), Some(to_domain)) = (&source.domain, &target.domain) else {
         let missing = if source.domain.is_none() {
@@ -250,9 +300,58 @@ pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
             domain::hex(&to_domain.check_value)
         ));
     }
+    let flag = |t| {
+        source
+            .session
+            .attribute(copy.object, t)
+            .is_some_and(|v| v.first() == Some(&CK_TRUE))
+    };
+    if !flag(CKA_EXTRACTABLE) {
+        return Err(format!(
+            "{} on {} is not extractable: it was made non-extractable outside pkcs11-ha, so it \
+             can never leave that member",
+            copy.description, source.serial
+        ));
+    }
+    if flag(CKA_WRAP_WITH_TRUSTED)
+        && source
+            .session
+            .attribute(from_domain.handle, CKA_TRUSTED)
+            .is_none_or(|v| v.first() != Some(&CK_TRUE))
+    {
+        return Err(format!(
+            "{} on {} may be wrapped only by a trusted key, and the domain key there is not \
+             trusted; provision the domain key as the member's SO (`--provision-domain`)",
+            copy.description, source.serial
+        ));
+    }
+    offers(source, WRAP_MECHANISM, CKF_WRAP)?;
+    offers(target, WRAP_MECHANISM, CKF_UNWRAP)?;
+    Ok(Some((from_domain.handle, to_domain.handle)))
+}
+
+/// Copies one object; the error says why it could not.
+pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
+    let domains = precheck(views, copy)?;
+    let source = &views[copy.from];
+    let target = &views[copy.to];
+    let Some((wrapping, unwrapping)) = domains else {
+        let mut template = source.session.template(copy.object, PUBLIC_ATTRIBUTES);
+        return target
+            .session
+            .create(&mut template)
+            .map(drop)
+            .map_err(|rv| {
+                format!(
+                    "C_CreateObject on {} returned {}",
+                    target.serial,
+                    rv_name(rv)
+                )
+            });
+    };
     let blob = source
         .session
-        .wrap(WRAP_MECHANISM, from_domain.handle, copy.object)
+        .wrap(WRAP_MECHANISM, wrapping, copy.object)
         .map_err(|rv| match rv {
             CKR_KEY_UNEXTRACTABLE | CKR_KEY_NOT_WRAPPABLE => format!(
                 "{} on {} cannot be wrapped ({}): it was made non-extractable outside \
@@ -266,7 +365,7 @@ pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
     let mut template = source.session.template(copy.object, KEY_ATTRIBUTES);
     target
         .session
-        .unwrap_key(WRAP_MECHANISM, to_domain.handle, &blob, &mut template)
+        .unwrap_key(WRAP_MECHANISM, unwrapping, &blob, &mut template)
         .map(drop)
         .map_err(|rv| format!("C_UnwrapKey on {} returned {}", target.serial, rv_name(rv)))
 }
