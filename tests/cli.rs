@@ -1557,3 +1557,57 @@ fn p11kit_module_file() {
         "{written}"
     );
 }
+
+#[test]
+fn sync_copies_a_key_held_by_several_members_once() {
+    // A key generated through the group: its copy on the second member was
+    // made by unwrapping and has no check value, the original has one.
+    let s = Setup::new(&["memberA", "memberB", "memberC"]);
+    s.create("myHAgroup", "memberA");
+    let creds = s.provisioning();
+    let mut args: Vec<String> = ["group", "add-member", "--group", "myHAgroup", "--serial"]
+        .map(str::to_owned)
+        .to_vec();
+    args.push(s.serial("memberB"));
+    args.extend(creds.iter().cloned());
+    s.ok(&strs(&args));
+    let library = release_library_path();
+    let out = Command::new("pkcs11-tool")
+        .args(["--module"])
+        .arg(&library)
+        .args(["--slot", "0", "--login", "--pin", USER_PIN])
+        .args([
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "shared",
+            "--id",
+            "5a",
+        ])
+        .args(["--extractable"])
+        .env(SOFTHSM_CONF_ENV, &s.hsm.conf)
+        .env(CONF_ENV, &s.conf)
+        .output()
+        .expect("run pkcs11-tool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.labels("memberA").contains(&"shared".to_string()));
+    assert!(s.labels("memberB").contains(&"shared".to_string()));
+    let mut args: Vec<String> = ["group", "add-member", "--group", "myHAgroup", "--serial"]
+        .map(str::to_owned)
+        .to_vec();
+    args.push(s.serial("memberC"));
+    args.extend(creds.iter().cloned());
+    args.push("--sync".into());
+    let text = s.ok(&strs(&args));
+    let copies = s
+        .labels("memberC")
+        .iter()
+        .filter(|l| *l == "shared")
+        .count();
+    assert_eq!(copies, 1, "the new member holds the key once: {text}");
+}

@@ -148,7 +148,7 @@ pub fn plan(views: &[View]) -> Plan {
                     || plan
                         .copies
                         .iter()
-                        .any(|c| c.to == to && c.fingerprint == *print)
+                        .any(|c| c.to == to && same_object(&c.fingerprint, print))
                 {
                     continue;
                 }
