@@ -513,6 +513,15 @@ impl Group {
         Ok(())
     }
 
+    /// Drops every queued change, zeroizing the imported key values they
+    /// hold (`OwnedTemplate` zeroizes on drop): at `C_Finalize` nothing
+    /// will replay them.
+    pub fn drop_pending(&self) {
+        for queue in self.pending.lock().iter_mut() {
+            queue.clear();
+        }
+    }
+
     /// Takes the changes a member missed, to replay them in order.
     pub fn take_pending(&self, position: usize) -> Vec<Pending> {
         std::mem::take(&mut self.pending.lock()[position])
@@ -836,6 +845,41 @@ mod tests {
         assert_eq!(
             virtual_serial(Some("77"), &["0123456789abcdef".into()]),
             "77"
+        );
+    }
+
+    #[test]
+    fn finalize_drops_queued_key_values() {
+        let group = Group::new(
+            0,
+            "g",
+            "1".into(),
+            0,
+            &["a".into(), "b".into()],
+            &[],
+            GroupSettings {
+                domain_label: "d".into(),
+                replay_limit: 0,
+            },
+        );
+        let value = [9u8; 32];
+        let template = [CK_ATTRIBUTE {
+            type_: CKA_VALUE,
+            pValue: value.as_ptr() as *mut _,
+            ulValueLen: 32,
+        }];
+        // SAFETY: a live local template.
+        let kept = Arc::new(unsafe {
+            crate::replication::OwnedTemplate::copy(template.as_ptr() as *mut _, 1)
+        });
+        let watch = Arc::downgrade(&kept);
+        assert!(group.queue_unless_up(1, Pending::Import(7, kept)).is_ok());
+        assert_eq!(group.pending_count(1), 1);
+        group.drop_pending();
+        assert_eq!(group.pending_count(1), 0);
+        assert!(
+            watch.upgrade().is_none(),
+            "the copy of the key value is gone"
         );
     }
 

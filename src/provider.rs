@@ -221,6 +221,10 @@ pub fn finalize() -> Result<()> {
     }
     for group in &provider.groups {
         group.login.lock().take();
+        // Imported key values waiting for members that were down are
+        // zeroized now, not when the last reference to the group goes
+        // (a thread's session cache may hold one long after).
+        group.drop_pending();
     }
     for library in &provider.libraries {
         let failed = provider.groups.iter().any(|g| {

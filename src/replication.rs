@@ -439,6 +439,16 @@ impl VirtualSession {
     /// epoch, and answer `CKR_FUNCTION_FAILED` rather than a mechanism
     /// error the application did not cause.
     fn transport_error(&self, position: usize, rv: CK_RV) -> Error {
+        if rv == CKR_KEY_NOT_WRAPPABLE {
+            // SoftHSM cannot wrap EdDSA private keys, for one: the key
+            // cannot reach the other members, so it is not made at all.
+            let event = format!(
+                "member {} cannot wrap a key of this type (CKR_KEY_NOT_WRAPPABLE), so it cannot replicate; the key was not created (use a key type every member can wrap, e.g. EC P-256 instead of Ed25519 on SoftHSM)",
+                self.group.members[position].serial
+            );
+            eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+            self.group.log(Some(position), &event);
+        }
         if rv != CKR_MECHANISM_INVALID {
             return Error::new(rv);
         }
