@@ -510,3 +510,33 @@ fn closing_the_last_session_logs_the_group_out_for_real() {
         .unwrap();
     assert_eq!(find_label(&session, "private-again").len(), 1);
 }
+
+#[test]
+fn a_key_type_the_members_cannot_wrap_is_refused_and_leaves_nothing() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    // DER of the Ed25519 curve name, as PKCS#11 3.0 writes it.
+    let ed25519 = [
+        0x13, 0x0c, b'e', b'd', b'w', b'a', b'r', b'd', b's', b'2', b'5', b'5', b'1', b'9',
+    ];
+    let made = session.generate_key_pair(
+        &Mechanism::EccEdwardsKeyPairGen,
+        &[
+            Attribute::EcParams(ed25519.to_vec()),
+            Attribute::Token(true),
+            Attribute::Label("ed".into()),
+        ],
+        &[
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sign(true),
+            Attribute::Label("ed".into()),
+        ],
+    );
+    assert_eq!(rv_of(made), RvError::KeyNotWrappable);
+    assert!(find_label(&session, "ed").is_empty());
+    for member in 0..2 {
+        let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        assert!(find_label(&direct, "ed").is_empty(), "member {member}");
+    }
+}
