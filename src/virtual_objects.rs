@@ -404,7 +404,7 @@ impl VirtualSession {
         };
         // SAFETY: forwarded from the caller.
         let (mut changes, protects) =
-            unsafe { self.extractability_change(source, template, count, true) }?;
+            unsafe { self.extractability_change(source, template, count) }?;
         let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
         let owner = owner_for(Some(token), session);
         let object = self
@@ -473,9 +473,8 @@ impl VirtualSession {
     /// it, and whether the object is (or becomes) one the application made
     /// non-extractable. `CKA_EXTRACTABLE` only goes from TRUE to FALSE
     /// (PKCS#11 2.40, table 4.9 footnote 11): TRUE on such a key is
-    /// `CKR_ATTRIBUTE_READ_ONLY`; FALSE on an extractable one, when
-    /// `copying`, makes a copy the members keep extractable under trusted
-    /// keys only (`CKA_WRAP_WITH_TRUSTED = TRUE`), so that it replicates.
+    /// `CKR_ATTRIBUTE_READ_ONLY`; FALSE on an extractable one goes to the
+    /// members as it is.
     ///
     /// # Safety
     /// `template` must point to `count` readable attributes (or be null).
@@ -484,7 +483,6 @@ impl VirtualSession {
         object: CK_OBJECT_HANDLE,
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
-        copying: bool,
     ) -> Result<(Vec<CK_ATTRIBUTE>, bool)> {
         // SAFETY: forwarded from the caller.
         let asked = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
@@ -503,21 +501,12 @@ impl VirtualSession {
             let rest = unsafe { without(template, count, &[CKA_EXTRACTABLE]) };
             return Ok((rest, true));
         }
-        if extractable || view.extractable != Some(true) || !copying {
-            // The members decide, as for any key they keep as it looks.
-            // SoftHSM lets no one set `CKA_WRAP_WITH_TRUSTED` on a key that
-            // exists, so a key made non-extractable after the fact is so on
-            // the members too (members that join later cannot receive it).
-            return Ok((unchanged(), false));
-        }
-        // SAFETY: forwarded from the caller.
-        let mut rest =
-            unsafe { without(template, count, &[CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED]) };
-        rest.push(CK_ATTRIBUTE {
-            type_: CKA_WRAP_WITH_TRUSTED,
-            ..TRUE_VALUE
-        });
-        Ok((rest, true))
+        // The members decide, as for any key they keep as it looks.
+        // SoftHSM lets no one set `CKA_WRAP_WITH_TRUSTED` on a key that
+        // exists, nor on a copy, so a key (or copy) made non-extractable
+        // after the fact is so on the members too: it is on every member
+        // that holds it now, and members that join later cannot receive it.
+        Ok((unchanged(), false))
     }
 
     fn read_bool(&self, object: CK_OBJECT_HANDLE, attribute: CK_ATTRIBUTE_TYPE) -> Result<bool> {
@@ -820,7 +809,7 @@ impl VirtualSession {
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
         let (mut changes, protects) =
-            unsafe { self.extractability_change(object, template, count, false) }?;
+            unsafe { self.extractability_change(object, template, count) }?;
         let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
         if n > 0 {
             self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {

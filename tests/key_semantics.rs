@@ -540,3 +540,25 @@ fn a_key_type_the_members_cannot_wrap_is_refused_and_leaves_nothing() {
         assert!(find_label(&direct, "ed").is_empty(), "member {member}");
     }
 }
+
+#[test]
+fn a_non_extractable_copy_of_an_extractable_key_is_on_every_member() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let open = generate_aes(&session, "to-copy", true, true);
+    let copy = session
+        .copy_object(
+            open,
+            &[
+                Attribute::Label("copied-nx".into()),
+                Attribute::Extractable(false),
+            ],
+        )
+        .expect("C_CopyObject");
+    assert!(!bool_attribute(&session, copy, AttributeType::Extractable));
+    assert!(bool_attribute(&session, open, AttributeType::Extractable));
+    for member in 0..2 {
+        let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        assert_eq!(find_label(&direct, "copied-nx").len(), 1, "member {member}");
+    }
+}
