@@ -2,7 +2,8 @@
 //! applications written for Luna work unchanged, and a richer
 //! `PKCS11HA_GetGroupStatus`. The C declarations are in
 //! `include/pkcs11_ha.h`; the structs here must match them field for field
-//! (a test compiles the header and compares sizes and offsets).
+//! (build.rs compares names, fields and constants; a test compiles the
+//! header and compares sizes and offsets).
 #![allow(non_camel_case_types, non_snake_case)]
 
 use crate::group::{Group, MemberState};
