@@ -86,9 +86,17 @@ softhsm_token_field() {
 softhsm_serial() { softhsm_token_field "$1" "$2" serial; }
 softhsm_slot() { softhsm_token_field "$1" "$2" slot; }
 
-# passthrough_slot_id LIBRARY_INDEX MEMBER_SLOT_ID
+# passthrough_slot_id LIBRARY_NAME MEMBER_SLOT_ID: the slot ID pkcs11-ha
+# gives that member slot, FNV-1a (32 bits) of "<name, lower case>/<slot>"
+# brought into [0x1000, 2^31) (src/slot_ids.rs; slots whose hashes collide,
+# which takes thousands of slots to be likely, get the next free ID there).
 passthrough_slot_id() {
-    echo $(((($1 + 1) << 32) | $2))
+    local key hash=2166136261 i
+    key="$(printf '%s/%s' "${1,,}" "$2")"
+    for ((i = 0; i < ${#key}; i++)); do
+        hash=$(((hash ^ $(printf '%d' "'${key:i:1}")) * 16777619 & 0xffffffff))
+    done
+    echo $((0x1000 + hash % ((1 << 31) - 0x1000)))
 }
 
 # write_ha_config FILE GROUP_LABEL MEMBER_SERIAL...: one softhsm library and

@@ -22,6 +22,7 @@ pub mod provider;
 pub mod recovery;
 pub mod replication;
 pub mod session;
+pub mod slot_ids;
 pub mod state_api;
 pub mod virtual_objects;
 pub mod virtual_session;

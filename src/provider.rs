@@ -15,6 +15,7 @@ use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
     Target, VirtualSession,
 };
+use crate::slot_ids::{PassThroughSlots, FIRST_PASSTHROUGH_SLOT};
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -24,17 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
-/// Pass-through slot IDs carry the library's position above bit 32 and the
-/// member's own slot ID below, so they depend only on the config and the
-/// member, never on which other tokens happen to be present.
-const LIBRARY_SHIFT: u32 = 32;
-const MEMBER_SLOT_MASK: CK_SLOT_ID = (1 << LIBRARY_SHIFT) - 1;
-
 pub struct Provider {
     pub ha_only: bool,
     pub libraries: Vec<Arc<MemberLibrary>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
+    passthrough_slots: PassThroughSlots,
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
     pub member_timeout: Duration,
@@ -328,6 +324,7 @@ impl Provider {
             libraries,
             groups,
             sessions: SessionTable::default(),
+            passthrough_slots: PassThroughSlots::default(),
             recovery: RecoverySettings {
                 attempts: config.recovery.attempts,
                 interval: Duration::from_secs(config.recovery.interval_secs),
@@ -352,7 +349,7 @@ impl Provider {
     }
 
     pub fn slot(&self, slot_id: CK_SLOT_ID) -> Result<Slot> {
-        if slot_id <= MEMBER_SLOT_MASK {
+        if slot_id < FIRST_PASSTHROUGH_SLOT {
             return self
                 .groups
                 .iter()
@@ -363,11 +360,43 @@ impl Provider {
         if self.ha_only {
             return Err(Error::new(CKR_SLOT_ID_INVALID));
         }
-        let library = (slot_id >> LIBRARY_SHIFT) as usize - 1;
-        self.libraries
-            .get(library)
-            .map(|l| Slot::PassThrough(Arc::clone(l), slot_id & MEMBER_SLOT_MASK))
-            .ok_or(Error::new(CKR_SLOT_ID_INVALID))
+        // An ID from another process or an earlier run names a slot this
+        // process has not numbered yet: number them all, then look again.
+        let (library, member_slot) = match self.passthrough_slots.member(slot_id) {
+            Some(member) => member,
+            None => {
+                self.passthrough_slot_list(false);
+                self.passthrough_slots
+                    .member(slot_id)
+                    .ok_or(Error::new(CKR_SLOT_ID_INVALID))?
+            }
+        };
+        Ok(Slot::PassThrough(
+            Arc::clone(&self.libraries[library]),
+            member_slot,
+        ))
+    }
+
+    /// Every library's slots, as pass-through slot IDs.
+    fn passthrough_slot_list(&self, token_present: bool) -> Vec<CK_SLOT_ID> {
+        let member_slots: Vec<(&str, (usize, CK_SLOT_ID))> = self
+            .libraries
+            .iter()
+            .enumerate()
+            .flat_map(|(position, library)| {
+                library
+                    .slot_list(CK_BBOOL::from(token_present))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |slot| (library.name.as_str(), (position, slot)))
+            })
+            .collect();
+        // Slots are numbered in the order of all of them, with or without a
+        // token, so that colliding slots get the same IDs on every start.
+        if token_present && !self.passthrough_slots.all_numbered(&member_slots) {
+            self.passthrough_slot_list(false);
+        }
+        self.passthrough_slots.ids(member_slots)
     }
 
     /// Every slot: virtual slots first, then each library's slots.
@@ -379,18 +408,7 @@ impl Provider {
             .map(|g| g.slot_id)
             .collect();
         if !self.ha_only {
-            for (position, library) in self.libraries.iter().enumerate() {
-                let base = ((position + 1) as CK_SLOT_ID) << LIBRARY_SHIFT;
-                let member_slots = library
-                    .slot_list(CK_BBOOL::from(token_present))
-                    .unwrap_or_default();
-                slots.extend(
-                    member_slots
-                        .into_iter()
-                        .filter(|s| *s <= MEMBER_SLOT_MASK)
-                        .map(|s| base | s),
-                );
-            }
+            slots.extend(self.passthrough_slot_list(token_present));
         }
         slots
     }

@@ -94,7 +94,11 @@ impl Group {
 
     /// How many objects with `id` member `i` holds, through its own slot.
     fn count_on_member(&self, i: usize, id: &[u8]) -> usize {
-        let slot = Slot::try_from(passthrough_slot_id(i, self.hsm.tokens[i].slot_id)).unwrap();
+        let slot = Slot::try_from(passthrough_slot_id(
+            &format!("m{i}"),
+            self.hsm.tokens[i].slot_id,
+        ))
+        .unwrap();
         let session = user_session(&self.pkcs11, slot);
         session
             .find_objects(&[Attribute::Id(id.to_vec())])
