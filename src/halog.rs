@@ -5,6 +5,7 @@
 //! PIN or key material, and a write that fails never fails the application's
 //! call.
 
+use crate::fork::PerGeneration;
 use parking_lot::{Mutex, RwLock};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,11 +21,13 @@ struct HaLog {
     file: Mutex<Option<File>>,
 }
 
-static LOG: RwLock<Option<HaLog>> = RwLock::new(None);
+/// Per fork generation: a child never waits on a write its parent's
+/// threads had under way.
+static LOG: PerGeneration<RwLock<Option<HaLog>>> = PerGeneration::new(|| RwLock::new(None));
 
 /// Starts logging to `directory`; `max_len` 0 never rotates.
 pub fn open(directory: &Path, max_len: u64) {
-    *LOG.write() = Some(HaLog {
+    *LOG.get().write() = Some(HaLog {
         path: directory.join(FILE_NAME),
         max_len,
         file: Mutex::new(None),
@@ -33,12 +36,12 @@ pub fn open(directory: &Path, max_len: u64) {
 
 /// Stops logging (at `C_Finalize`).
 pub fn close() {
-    LOG.write().take();
+    LOG.get().write().take();
 }
 
 /// Appends one event line for a group, and for a member where there is one.
 pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>, event: &str) {
-    let guard = LOG.read();
+    let guard = LOG.get().read();
     let Some(log) = guard.as_ref() else {
         return;
     };

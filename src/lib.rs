@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod fork;
 pub mod group;
 pub mod halog;
 pub mod identity;

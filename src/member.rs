@@ -381,12 +381,6 @@ impl MemberLibrary {
             .count()
     }
 
-    /// Forgets a parent's initialisation after `fork`: the child must not
-    /// finalise what the parent still uses.
-    pub fn forget_initialization(&self) {
-        *self.initialized_by_us.lock() = false;
-    }
-
     /// The library's current slots with a token present.
     pub fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {
         self.slot_list(CK_TRUE)

@@ -5,6 +5,7 @@
 
 use crate::config::{Config, ConfigError, LibraryConfig, RecoveryMode};
 use crate::error::{check, Error, Result};
+use crate::fork::PerGeneration;
 use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
@@ -17,11 +18,11 @@ use crate::session::{
 };
 use crate::slot_ids::{PassThroughSlots, FIRST_PASSTHROUGH_SLOT};
 use cryptoki_sys::*;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -63,26 +64,52 @@ pub enum Slot {
     PassThrough(Arc<MemberLibrary>, CK_SLOT_ID),
 }
 
-static PROVIDER: RwLock<Option<Arc<Provider>>> = RwLock::new(None);
+/// What `C_Initialize` and `C_Finalize` look after, per fork generation: a
+/// child after `fork` starts with its own (see [`crate::fork`]). The
+/// standard library's futex-based locks, which keep no process-wide table
+/// of waiters that a child could inherit.
+#[derive(Default)]
+struct Lifecycle {
+    /// Serialises `C_Initialize` and `C_Finalize` against each other.
+    serialised: std::sync::Mutex<()>,
+    provider: std::sync::RwLock<Option<Arc<Provider>>>,
+    /// Libraries stay loaded for the life of the generation: unloading and
+    /// reloading a module between `C_Finalize` and `C_Initialize` gains
+    /// nothing and some modules do not survive it.
+    loaded: std::sync::Mutex<Vec<Arc<MemberLibrary>>>,
+}
 
-/// Serialises `C_Initialize` and `C_Finalize` against each other.
-static LIFECYCLE: Mutex<()> = Mutex::new(());
+static LIFECYCLE: PerGeneration<Lifecycle> = PerGeneration::new(Lifecycle::default);
+
+impl Lifecycle {
+    fn serialise(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.serialised
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn provider(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<Provider>>> {
+        self.provider.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn provider_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Provider>>> {
+        self.provider
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// Why calls must not take the session cache's shortcut, as bits: one
 /// word, so that the shortcut costs every call one test.
 static NO_SHORTCUT: AtomicU8 = AtomicU8::new(0);
-/// Set in a child after `fork`: the parent's state is not the child's until
-/// the child calls `C_Initialize`, as the specification requires.
+/// Set in a child after `fork`, until it calls `C_Initialize`: a session
+/// this thread cached is the parent's.
 const FORKED: u8 = 1;
 /// Recovery runs during calls, which then all go through [`with`].
 const INLINE_RECOVERY: u8 = 2;
 
-/// Libraries stay loaded for the life of the process: unloading and
-/// reloading a module between `C_Finalize` and `C_Initialize` gains nothing
-/// and some modules do not survive it.
-static LOADED: Mutex<Vec<Arc<MemberLibrary>>> = Mutex::new(Vec::new());
-
 extern "C" fn after_fork_in_child() {
+    crate::fork::new_generation();
     NO_SHORTCUT.fetch_or(FORKED, Ordering::Relaxed);
 }
 
@@ -117,10 +144,9 @@ fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 /// the path of every call that needs the provider, and of session lookups
 /// the thread's cache cannot answer.
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
-    if NO_SHORTCUT.load(Ordering::Relaxed) & FORKED != 0 {
-        return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
-    }
-    let guard = PROVIDER.read();
+    // A child after `fork` sees a generation of its own, without a
+    // provider until it calls `C_Initialize`, as the specification requires.
+    let guard = LIFECYCLE.get().provider();
     let provider = guard
         .as_ref()
         .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
@@ -152,18 +178,15 @@ fn run_inline_recovery_if_due(provider: &Provider) {
 /// Initialises the library; `threads_allowed` is false when the
 /// application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
 pub fn initialize(threads_allowed: bool) -> Result<()> {
-    let _lifecycle = LIFECYCLE.lock();
+    let lifecycle = LIFECYCLE.get();
+    let _serialised = lifecycle.serialise();
     if NO_SHORTCUT.fetch_and(!FORKED, Ordering::Relaxed) & FORKED != 0 {
-        // The parent's sessions and logins are the parent's: drop our view of
-        // them, and leave the parent's member initialisation alone.
+        // The parent's provider, sessions, logins and member libraries
+        // belong to the parent's generation, which this one never touches;
+        // only this thread's cached session has to be forgotten.
         crate::session::forget_cached_sessions();
-        if let Some(stale) = PROVIDER.write().take() {
-            for library in &stale.libraries {
-                library.forget_initialization();
-            }
-        }
     }
-    if PROVIDER.read().is_some() {
+    if lifecycle.provider().is_some() {
         return Err(Error::new(CKR_CRYPTOKI_ALREADY_INITIALIZED));
     }
     static ATFORK: std::sync::Once = std::sync::Once::new();
@@ -195,7 +218,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
         })?;
         *provider.workers.lock() = Some(workers);
     }
-    *PROVIDER.write() = Some(provider);
+    *lifecycle.provider_mut() = Some(provider);
     Ok(())
 }
 
@@ -205,9 +228,10 @@ fn report_config_error(error: ConfigError) -> Error {
 }
 
 pub fn finalize() -> Result<()> {
-    let _lifecycle = LIFECYCLE.lock();
+    let lifecycle = LIFECYCLE.get();
+    let _serialised = lifecycle.serialise();
     let provider = get()?;
-    PROVIDER.write().take();
+    lifecycle.provider_mut().take();
     let mut workers = provider.workers.lock().take();
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
@@ -244,7 +268,11 @@ pub fn finalize() -> Result<()> {
 }
 
 fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>, String> {
-    let mut loaded = LOADED.lock();
+    let mut loaded = LIFECYCLE
+        .get()
+        .loaded
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let same = |l: &&Arc<MemberLibrary>| l.name == entry.name && l.path == entry.path;
     if let Some(library) = loaded.iter().find(same) {
         return Ok(Arc::clone(library));
