@@ -4,6 +4,8 @@
 //! killed server's member is recovered when the server comes back.
 
 mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
 
 use common::*;
 use cryptoki::mechanism::Mechanism;
@@ -15,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// A `p11-kit server` exporting one SoftHSM token on a unix socket.
@@ -146,8 +147,9 @@ impl Remote {
             .map(|(hsm, label)| Server::start(hsm, label, &dir.join(format!("{label}.sock"))))
             .collect();
         let serials: Vec<String> = hsms.iter().map(|h| h.tokens[0].serial.clone()).collect();
+        let client = p11kit::client_module();
         let text = format!(
-            "[Libraries]\nhsmA = {P11_KIT_CLIENT}\nhsmB = {P11_KIT_CLIENT}\n\n\
+            "[Libraries]\nhsmA = {client}\nhsmB = {client}\n\n\
              [LibraryEnvironment]\nhsmA.P11_KIT_SERVER_ADDRESS = unix:path={}\n\
              hsmB.P11_KIT_SERVER_ADDRESS = unix:path={}\n\n\
              [VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\n\
