@@ -189,8 +189,13 @@ impl MemberLibrary {
     ) -> std::result::Result<Self, String> {
         // SAFETY: loading a PKCS#11 module runs its constructors; that is
         // what the operator configured us to do.
-        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-            .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+            // libloading says only "dlopen failed"; the loader's own
+            // reason (dlerror) is the error's source.
+            let reason =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            format!("cannot load {}: {reason}", path.display())
+        })?;
         let table = with_environment(environment, || Self::function_table(&library))
             .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
         Ok(MemberLibrary {

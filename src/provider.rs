@@ -4,6 +4,7 @@
 //! the same on every start with the same config.
 
 use crate::config::{Config, ConfigError, LibraryConfig, RecoveryMode};
+use crate::config_warnings;
 use crate::error::{check, Error, Result};
 use crate::fork::PerGeneration;
 use crate::group::now_ms;
@@ -196,9 +197,12 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
     });
     let config = Config::load(&Config::locate()).map_err(report_config_error)?;
     if let (true, Some(directory)) = (config.ha_log.enabled, &config.ha_log.path) {
-        halog::open(directory, config.ha_log.max_len);
+        if let Err(why) = halog::open(directory, config.ha_log.max_len) {
+            config_warnings::ha_log_unwritable(&config, directory, &why);
+        }
     }
     let mut provider = Provider::start(&config).map_err(report_config_error)?;
+    config_warnings::check_members(&config, &provider.groups, &provider.libraries);
     let recovery_on = config.recovery.attempts != 0;
     if !threads_allowed && recovery_on {
         provider.inline_recovery_due_ms = Some(AtomicU64::new(

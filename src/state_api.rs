@@ -10,6 +10,8 @@ use crate::group::{Group, MemberState};
 use cryptoki_sys::*;
 
 pub const CK_HA_MAX_MEMBERS: usize = 32;
+// A group reports every member: the config accepts no more than this.
+const _: () = assert!(CK_HA_MAX_MEMBERS == crate::config::MAX_GROUP_MEMBERS);
 /// `CK_TOKEN_SERIAL_NUMBER_SIZE + 4`, as in Luna's header.
 pub const CK_HA_SERIAL_SIZE: usize = 20;
 pub const PKCS11HA_LABEL_SIZE: usize = 33;
