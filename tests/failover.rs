@@ -129,9 +129,9 @@ impl Ha {
         user_session(&self.pkcs11, virtual_slot())
     }
 
-    /// The pass-through slot of member `i` (library `m<i>` has index `i`).
+    /// The pass-through slot of member `i` (library `m<i>`).
     fn member_slot(&self, i: usize) -> Slot {
-        let id = passthrough_slot_id(i, self.hsm.tokens[i].slot_id);
+        let id = passthrough_slot_id(&format!("m{i}"), self.hsm.tokens[i].slot_id);
         Slot::try_from(id).expect("slot id")
     }
 
