@@ -93,10 +93,13 @@ pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
 pub const NESTED_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] =
     &[CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
 
+/// Attribute values, by type.
+type Values = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
+
 /// An attribute list read from a member, as a template for another.
 struct Template {
-    values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>,
-    nested: Vec<(CK_ATTRIBUTE_TYPE, Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>)>,
+    values: Values,
+    nested: Vec<(CK_ATTRIBUTE_TYPE, Values)>,
     /// The inner arrays `attributes` points nested values at.
     inner: Vec<Vec<CK_ATTRIBUTE>>,
 }

@@ -639,7 +639,7 @@ fn copies_carry_the_templates_a_key_imposes_and_unwrapping_under_them_works() {
     let fixture = Fixture::group(2);
     let session = fixture.user_session();
     let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
-    let (secret, aes, length): (CK_ULONG, CK_ULONG, CK_ULONG) = (CKO_SECRET_KEY, CKK_AES, 32);
+    let (secret, length): (CK_ULONG, CK_ULONG) = (CKO_SECRET_KEY, 32);
     let unwrap_template = [bool_attr(CKA_EXTRACTABLE, &no)];
     let wrap_template = [ulong_attr(CKA_CLASS, &secret)];
     let label = b"kek";
