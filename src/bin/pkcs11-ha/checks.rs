@@ -19,6 +19,8 @@ pub enum Outcome {
     /// Not run because an earlier check failed.
     #[serde(rename = "not run")]
     NotRun,
+    /// Worth knowing, but no reason to refuse.
+    Warn,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +45,7 @@ pub const FLAGS: &str = "token flags";
 pub const MECHANISMS: &str = "mechanisms";
 pub const OBJECTS: &str = "objects";
 pub const OTHER_GROUP: &str = "other group";
+pub const REPLICATION: &str = "replication";
 
 impl Check {
     pub fn pass(check: &'static str, detail: impl Into<String>) -> Check {
@@ -69,6 +72,14 @@ impl Check {
         }
     }
 
+    pub fn warn(check: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Outcome::Warn,
+            detail: detail.into(),
+        }
+    }
+
     pub fn not_run(check: &'static str, why: &str) -> Check {
         Check {
             check,
@@ -88,6 +99,7 @@ impl Check {
             Outcome::Fail => "FAIL",
             Outcome::Skipped => "SKIP",
             Outcome::NotRun => "----",
+            Outcome::Warn => "WARN",
         };
         format!("  [{tag}] {}: {}", self.check, self.detail)
     }
