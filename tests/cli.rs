@@ -253,7 +253,9 @@ fn create_checks_and_refusals() {
     // SoftHSM generates Ed25519 keys it cannot wrap: said before anything
     // is made, without refusing the token.
     assert!(
-        text.contains("[WARN] replication: the token generates Ed25519 and Ed448 keys but cannot wrap them"),
+        text.contains(
+            "[WARN] replication: the token generates Ed25519 and Ed448 keys but cannot wrap them"
+        ),
         "{text}"
     );
     assert!(text.contains("nothing was changed"), "{text}");
