@@ -943,6 +943,13 @@ impl VirtualSession {
         if let Some(object) = self.group.objects.known(member, handle) {
             return Some(object);
         }
+        // Where the member's domain key is known (the search looked it up
+        // first), the handle alone tells it apart; the fingerprint is read
+        // when another member needs it.
+        let epoch = self.group.members[member].epoch();
+        if self.group.domain.found(member, epoch).is_some() {
+            return Some(self.group.objects.from_member(member, handle));
+        }
         let print = match self.group.indexed_fingerprint(member, handle) {
             Some(print) => (*print).clone(),
             None => self

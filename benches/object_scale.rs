@@ -1,0 +1,504 @@
+//! How pkcs11-ha scales with the number of objects on its members: a
+//! two-member group of SoftHSM tokens holding N AES keys (N = 100, 1,000,
+//! 10,000), against SoftHSM directly on the first member's token, in the
+//! same run.
+//!
+//! What is measured is what applications do first, so every measurement
+//! runs in a fresh child process (this binary again, told what to do by
+//! `OBJECT_SCALE_CHILD`), which reports its own timings:
+//! - `init`: `C_Initialize` + open a session + `C_Login`;
+//! - `enumerate`: find every object, then read `CKA_CLASS`, `CKA_LABEL` and
+//!   `CKA_ID` of each (a Java KeyStore load, NSS listing a token);
+//! - `first_use`: for 50 keys, find it by label and encrypt one block with
+//!   it (an OpenSSL engine resolving a `pkcs11:` URI);
+//! - `create`: generate 100 token keys, timed, then destroy them (untimed),
+//!   so the tokens keep N objects.
+//! The child also reports its resident memory after `enumerate`.
+//!
+//! The tokens are built once per N (directly on SoftHSM: the same key value,
+//! label and ID on both members, as replication leaves them) under
+//! `target/object-scale/N` and reused by later runs.
+//!
+//! Run: `cargo build --release && cargo bench --bench object_scale`; after
+//! the criterion groups it prints a table of ratios (median of five child
+//! runs each). `-- table` prints only the table; `-- --test` runs N = 100
+//! once.
+
+#[macro_use]
+mod support;
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{
+    config_text, GroupSpec, SoftHsm, DOMAIN_VALUE, SOFTHSM_LIB, SOFTHSM_LIB_NAME, USER_PIN,
+};
+use support::{attr, ha_library_path, initialize, load, user_session};
+
+use criterion::Criterion;
+use cryptoki_sys::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use std::{env, fs, ptr};
+
+const CHILD_ENV: &str = "OBJECT_SCALE_CHILD";
+const GROUP_LABEL: &str = "scale";
+const FIRST_USE_KEYS: usize = 50;
+const CREATED_KEYS: usize = 100;
+const RUNS: usize = 5;
+
+/// Which library a child drives.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Direct,
+    Group,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Group => "group",
+        }
+    }
+}
+
+/// The tokens for one N: their SoftHSM config, the pkcs11-ha config, and
+/// the first member's slot (for the direct target).
+struct Tokens {
+    dir: PathBuf,
+    objects: usize,
+}
+
+impl Tokens {
+    fn softhsm_conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    fn ha_conf(&self) -> PathBuf {
+        self.dir.join("pkcs11-ha.conf")
+    }
+
+    /// Builds the tokens for `objects` keys, or reuses those of an earlier
+    /// run.
+    fn prepare(objects: usize) -> Tokens {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/object-scale")
+            .join(objects.to_string());
+        let tokens = Tokens { dir, objects };
+        if tokens.dir.join("ready").is_file() {
+            return tokens;
+        }
+        let _ = fs::remove_dir_all(&tokens.dir);
+        fs::create_dir_all(&tokens.dir).unwrap();
+        let hsm = SoftHsm::new(&["memberA", "memberB"]);
+        common::provision_domain(&hsm, &DOMAIN_VALUE);
+        eprintln!("object_scale: making {objects} keys on each member (once)");
+        fill(&hsm, objects);
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(hsm.token_dir())
+            .arg(tokens.dir.join("tokens"))
+            .status()
+            .expect("run cp");
+        assert!(copied.success(), "copy the token directory");
+        fs::write(
+            tokens.softhsm_conf(),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        fs::write(
+            tokens.ha_conf(),
+            config_text(
+                &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
+                &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
+                true,
+            ),
+        )
+        .unwrap();
+        fs::write(tokens.dir.join("ready"), b"").unwrap();
+        tokens
+    }
+
+    /// Runs one child and returns what it printed: `name value` lines.
+    fn child(&self, target: Target, op: &str) -> Vec<(String, f64)> {
+        let out = Command::new(env::current_exe().unwrap())
+            .env(CHILD_ENV, format!("{} {op}", target.name()))
+            .env(common::SOFTHSM_CONF_ENV, self.softhsm_conf())
+            .env(common::CONF_ENV, self.ha_conf())
+            .output()
+            .expect("run a child");
+        assert!(
+            out.status.success(),
+            "child {} {op} for {} objects: {}",
+            target.name(),
+            self.objects,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (name, value) = l.split_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn figure(&self, target: Target, op: &str, name: &str) -> f64 {
+        self.child(target, op)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("child {op} reported no {name}"))
+            .1
+    }
+}
+
+/// `objects` AES keys on every token of `hsm`, the same on each.
+fn fill(hsm: &SoftHsm, objects: usize) {
+    hsm.activate();
+    let (_lib, fns) = load(Path::new(SOFTHSM_LIB));
+    assert_eq!(initialize(&fns), CKR_OK);
+    for token in &hsm.tokens {
+        let session = user_session(&fns, token.slot_id, USER_PIN);
+        let (class, key_type): (CK_ULONG, CK_ULONG) = (CKO_SECRET_KEY, CKK_AES);
+        let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
+        for i in 0..objects {
+            let label = format!("key-{i:05}");
+            let id = (i as u32).to_be_bytes();
+            let mut value = [0u8; 32];
+            value[..4].copy_from_slice(&id);
+            let mut template = [
+                attr(CKA_CLASS, &class),
+                attr(CKA_KEY_TYPE, &key_type),
+                attr(CKA_TOKEN, &yes),
+                attr(CKA_PRIVATE, &yes),
+                attr(CKA_SENSITIVE, &yes),
+                attr(CKA_EXTRACTABLE, &yes),
+                attr(CKA_ENCRYPT, &yes),
+                attr(CKA_DECRYPT, &no),
+                attr(CKA_LABEL, label.as_bytes()),
+                attr(CKA_ID, &id[..]),
+                attr(CKA_VALUE, &value[..]),
+            ];
+            let mut handle = 0;
+            ck!(
+                fns,
+                C_CreateObject(
+                    session,
+                    template.as_mut_ptr(),
+                    template.len() as CK_ULONG,
+                    &mut handle
+                )
+            );
+        }
+        ck!(fns, C_CloseSession(session));
+    }
+    ck!(fns, C_Finalize(ptr::null_mut()));
+}
+
+// ---------------------------------------------------------------------------
+// The child
+// ---------------------------------------------------------------------------
+
+fn child(spec: &str) {
+    let (target, op) = spec.split_once(' ').expect("TARGET OP");
+    let path = match target {
+        "direct" => PathBuf::from(SOFTHSM_LIB),
+        _ => ha_library_path(),
+    };
+    let (_lib, fns) = load(&path);
+    let started = Instant::now();
+    assert_eq!(initialize(&fns), CKR_OK);
+    let slot = find_slot(
+        &fns,
+        if target == "direct" {
+            "memberA"
+        } else {
+            GROUP_LABEL
+        },
+    );
+    let session = user_session(&fns, slot, USER_PIN);
+    let init = started.elapsed();
+    match op {
+        "init" => println!("seconds {}", init.as_secs_f64()),
+        "enumerate" => {
+            let rss_before = resident_kib();
+            let started = Instant::now();
+            let all = find(&fns, session, &mut []);
+            let found = started.elapsed();
+            for object in &all {
+                read_class_label_id(&fns, session, *object);
+            }
+            println!("seconds {}", started.elapsed().as_secs_f64());
+            println!("find_seconds {}", found.as_secs_f64());
+            println!("objects {}", all.len());
+            println!(
+                "kib_per_1000 {}",
+                (resident_kib() - rss_before) * 1000.0 / all.len().max(1) as f64
+            );
+        }
+        "first_use" => {
+            // Counting the objects is the same for both targets and is
+            // left out: what is measured is each key's first use.
+            let count = find(&fns, session, &mut []).len();
+            let step = (count / FIRST_USE_KEYS).max(1);
+            let started = Instant::now();
+            for i in (0..count).step_by(step).take(FIRST_USE_KEYS) {
+                let label = format!("key-{i:05}");
+                let mut template = [attr(CKA_LABEL, label.as_bytes())];
+                let found = find(&fns, session, &mut template);
+                assert_eq!(found.len(), 1, "{label}");
+                encrypt_block(&fns, session, found[0]);
+            }
+            let per_key = started.elapsed().as_secs_f64() / FIRST_USE_KEYS as f64;
+            println!("seconds_per_key {per_key}");
+        }
+        "create" => {
+            let started = Instant::now();
+            let made: Vec<CK_OBJECT_HANDLE> = (0..CREATED_KEYS)
+                .map(|i| generate(&fns, session, i))
+                .collect();
+            let seconds = started.elapsed().as_secs_f64();
+            for object in made {
+                ck!(fns, C_DestroyObject(session, object));
+            }
+            println!("keys_per_second {}", CREATED_KEYS as f64 / seconds);
+        }
+        other => panic!("unknown child operation {other}"),
+    }
+    ck!(fns, C_Finalize(ptr::null_mut()));
+}
+
+fn find_slot(fns: &CK_FUNCTION_LIST, label: &str) -> CK_SLOT_ID {
+    let mut count: CK_ULONG = 0;
+    ck!(fns, C_GetSlotList(CK_TRUE, ptr::null_mut(), &mut count));
+    let mut slots = vec![0; count as usize];
+    ck!(fns, C_GetSlotList(CK_TRUE, slots.as_mut_ptr(), &mut count));
+    slots
+        .into_iter()
+        .find(|slot| {
+            // SAFETY: CK_TOKEN_INFO is plain data; the library fills it.
+            let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+            ck_raw!(fns, C_GetTokenInfo(*slot, &mut info)) == CKR_OK
+                && String::from_utf8_lossy(&info.label).trim_end() == label
+        })
+        .unwrap_or_else(|| panic!("no token labelled {label}"))
+}
+
+fn find(
+    fns: &CK_FUNCTION_LIST,
+    session: CK_SESSION_HANDLE,
+    template: &mut [CK_ATTRIBUTE],
+) -> Vec<CK_OBJECT_HANDLE> {
+    ck!(
+        fns,
+        C_FindObjectsInit(session, template.as_mut_ptr(), template.len() as CK_ULONG)
+    );
+    let mut all = Vec::new();
+    let mut batch = [0; 64];
+    loop {
+        let mut count: CK_ULONG = 0;
+        ck!(
+            fns,
+            C_FindObjects(
+                session,
+                batch.as_mut_ptr(),
+                batch.len() as CK_ULONG,
+                &mut count
+            )
+        );
+        all.extend_from_slice(&batch[..count as usize]);
+        if (count as usize) < batch.len() {
+            break;
+        }
+    }
+    ck!(fns, C_FindObjectsFinal(session));
+    all
+}
+
+fn read_class_label_id(
+    fns: &CK_FUNCTION_LIST,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+) {
+    let mut class: CK_ULONG = 0;
+    let mut label = [0u8; 64];
+    let mut id = [0u8; 64];
+    let mut template = [
+        attr(CKA_CLASS, &class),
+        attr(CKA_LABEL, &label[..]),
+        attr(CKA_ID, &id[..]),
+    ];
+    template[0].pValue = &mut class as *mut _ as *mut _;
+    template[1].pValue = label.as_mut_ptr() as *mut _;
+    template[2].pValue = id.as_mut_ptr() as *mut _;
+    let rv = ck_raw!(
+        fns,
+        C_GetAttributeValue(session, object, template.as_mut_ptr(), 3)
+    );
+    // The domain key (direct target) has no ID of this size: any answer
+    // that filled CKA_CLASS counts.
+    assert!(
+        rv == CKR_OK || rv == CKR_ATTRIBUTE_TYPE_INVALID,
+        "C_GetAttributeValue: {rv:#x}"
+    );
+}
+
+fn encrypt_block(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
+    let mut mechanism = CK_MECHANISM {
+        mechanism: CKM_AES_ECB,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    ck!(fns, C_EncryptInit(session, &mut mechanism, key));
+    let mut block = [0u8; 16];
+    let mut out = [0u8; 16];
+    let mut out_len = out.len() as CK_ULONG;
+    ck!(
+        fns,
+        C_Encrypt(
+            session,
+            block.as_mut_ptr(),
+            16,
+            out.as_mut_ptr(),
+            &mut out_len
+        )
+    );
+}
+
+fn generate(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE, i: usize) -> CK_OBJECT_HANDLE {
+    let mut mechanism = CK_MECHANISM {
+        mechanism: CKM_AES_KEY_GEN,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let length: CK_ULONG = 32;
+    let yes: CK_BBOOL = CK_TRUE;
+    let label = format!("new-{i}");
+    let mut template = [
+        attr(CKA_VALUE_LEN, &length),
+        attr(CKA_TOKEN, &yes),
+        attr(CKA_EXTRACTABLE, &yes),
+        attr(CKA_ENCRYPT, &yes),
+        attr(CKA_LABEL, label.as_bytes()),
+    ];
+    let mut key = 0;
+    ck!(
+        fns,
+        C_GenerateKey(
+            session,
+            &mut mechanism,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG,
+            &mut key
+        )
+    );
+    key
+}
+
+fn resident_kib() -> f64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------
+// The parent
+// ---------------------------------------------------------------------------
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// Median over `RUNS` children of each target, interleaved.
+fn figures(tokens: &Tokens, op: &str, name: &str) -> (f64, f64) {
+    let mut direct = Vec::new();
+    let mut group = Vec::new();
+    for _ in 0..RUNS {
+        direct.push(tokens.figure(Target::Direct, op, name));
+        group.push(tokens.figure(Target::Group, op, name));
+    }
+    (median(direct), median(group))
+}
+
+fn table(counts: &[usize]) {
+    println!();
+    println!(
+        "object scale: two-member group / SoftHSM direct, median of {RUNS} fresh processes each"
+    );
+    println!(
+        "{:>7}  {:>26}  {:>26}  {:>24}  {:>26}  {:>10}",
+        "objects",
+        "init+login s (ratio)",
+        "enumerate s (ratio)",
+        "first use ms/key (ratio)",
+        "create keys/s (ratio)",
+        "KiB/1000"
+    );
+    for &n in counts {
+        let tokens = Tokens::prepare(n);
+        let (init_d, init_g) = figures(&tokens, "init", "seconds");
+        let (en_d, en_g) = figures(&tokens, "enumerate", "seconds");
+        let (fu_d, fu_g) = figures(&tokens, "first_use", "seconds_per_key");
+        let (cr_d, cr_g) = figures(&tokens, "create", "keys_per_second");
+        let memory = tokens.figure(Target::Group, "enumerate", "kib_per_1000");
+        println!(
+            "{n:>7}  {:>26}  {:>26}  {:>24}  {:>26}  {memory:>10.0}",
+            format!("{init_d:.3} / {init_g:.3} ({:.2}x)", init_g / init_d),
+            format!("{en_d:.3} / {en_g:.3} ({:.2}x)", en_g / en_d),
+            format!(
+                "{:.3} / {:.3} ({:.2}x)",
+                fu_d * 1e3,
+                fu_g * 1e3,
+                fu_g / fu_d
+            ),
+            format!("{cr_d:.0} / {cr_g:.0} ({:.2}x)", cr_g / cr_d),
+        );
+    }
+}
+
+fn main() {
+    if let Ok(spec) = env::var(CHILD_ENV) {
+        child(&spec);
+        return;
+    }
+    let args: Vec<String> = env::args().collect();
+    let test_mode = args.iter().any(|a| a == "--test");
+    let table_only = args.iter().any(|a| a == "table");
+    let counts: &[usize] = if test_mode {
+        &[100]
+    } else {
+        &[100, 1_000, 10_000]
+    };
+    if !table_only {
+        let mut criterion = Criterion::default()
+            .configure_from_args()
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(20));
+        for &n in counts {
+            let tokens = Tokens::prepare(n);
+            let mut group = criterion.benchmark_group(format!("object_scale/{n}"));
+            for target in [Target::Direct, Target::Group] {
+                for op in ["init", "enumerate"] {
+                    group.bench_function(format!("{op}/{}", target.name()), |b| {
+                        b.iter_custom(|iterations| {
+                            (0..iterations)
+                                .map(|_| {
+                                    Duration::from_secs_f64(tokens.figure(target, op, "seconds"))
+                                })
+                                .sum()
+                        })
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+    table(counts);
+}
