@@ -655,9 +655,10 @@ impl VirtualSession {
         Attempt::Faulted
     }
 
-    /// Makes one call for [`Self::attempt`], logging the member in again
-    /// and repeating the call when its answer says it lost its login.
-    /// True as the second value when the caller must choose again.
+    /// Makes one call for [`Self::attempt`]: asks a busy member again a
+    /// few times, and logs the member in again and repeats the call when its
+    /// answer says it lost its login. True as the second value when the
+    /// caller must choose again.
     #[inline(always)]
     fn run<F>(
         &self,
@@ -669,7 +670,13 @@ impl VirtualSession {
     where
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
-        let rv = call(library, handle);
+        let mut rv = call(library, handle);
+        if rv == CKR_OK {
+            return (rv, false);
+        }
+        if crate::group::classify(rv) == crate::group::Failure::Busy {
+            rv = crate::group::retry_while_busy(rv, || call(library, handle));
+        }
         if rv == CKR_OK
             || !matches!(
                 rv,
