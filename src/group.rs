@@ -8,6 +8,7 @@ use crate::member::{
 };
 use crate::object::ObjectTable;
 use crate::replication::Pending;
+use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
@@ -73,6 +74,8 @@ pub struct Member {
     /// group's own searches run on it, so that they never collide with an
     /// operation the application has active on its member session.
     utility: Mutex<Option<MemberSession>>,
+    /// How it can move keys, read where its token was found.
+    capabilities: RwLock<Capabilities>,
 }
 
 impl Member {
@@ -91,7 +94,13 @@ impl Member {
             recovery_attempts: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
             utility: Mutex::new(None),
+            capabilities: RwLock::new(Capabilities::default()),
         }
+    }
+
+    /// How the member can move keys (see [`crate::strategy`]).
+    pub fn capabilities(&self) -> Capabilities {
+        *self.capabilities.read()
     }
 
     pub fn location(&self) -> Option<Location> {
@@ -411,16 +420,35 @@ impl Group {
         }
     }
 
-    /// Records where a member token lives and brings it up.
+    /// Records where a member token lives and brings it up, unless the
+    /// slot cannot be a member (a Luna HA virtual slot): then it stays
+    /// down and the operator is told why, once.
     pub fn attach(&self, position: usize, location: Location) {
+        if let Some(why) = crate::strategy::refusal(&location.library, location.slot) {
+            let event = format!("member refused: {why}");
+            eprintln!(
+                "pkcs11-ha: group {} ({}): member {} {event}",
+                self.label, self.serial, self.members[position].serial
+            );
+            self.log(Some(position), &event);
+            return;
+        }
         self.relocate(position, location);
         self.members[position].set_state(MemberState::Up);
     }
 
     /// Records where a member token lives now (it may have moved slots
-    /// after its library reconnected), without changing its state.
+    /// after its library reconnected), without changing its state, and
+    /// what it can do to move keys there.
     pub fn relocate(&self, position: usize, location: Location) {
-        *self.members[position].location.write() = Some(location);
+        let member = &self.members[position];
+        let capabilities = Capabilities::detect(&location.library, location.slot);
+        let described = capabilities.describe();
+        if member.capabilities().describe() != described || member.location().is_none() {
+            self.log(Some(position), &described);
+        }
+        *member.capabilities.write() = capabilities;
+        *member.location.write() = Some(location);
     }
 
     /// Records a member fault: the member leaves the rotation and the

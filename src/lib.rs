@@ -23,5 +23,6 @@ pub mod recovery;
 pub mod replication;
 pub mod session;
 pub mod state_api;
+pub mod strategy;
 pub mod virtual_objects;
 pub mod virtual_session;
