@@ -425,7 +425,7 @@ impl Group {
     /// down and the operator is told why, once.
     pub fn attach(&self, position: usize, location: Location) {
         if let Some(why) = crate::strategy::refusal(&location.library, location.slot) {
-            let event = format!("member refused: {why}");
+            let event = format!("is refused as a member: {why}");
             eprintln!(
                 "pkcs11-ha: group {} ({}): member {} {event}",
                 self.label, self.serial, self.members[position].serial
