@@ -412,12 +412,12 @@ impl VirtualSession {
         let (from_can, to_can) = (from.capabilities(), to.capabilities());
         let side_from = Side {
             serial: &from.serial,
-            library: &from_location.library,
+            library: from_location.library.as_ref(),
             capabilities: &from_can,
         };
         let side_to = Side {
             serial: &to.serial,
-            library: &to_location.library,
+            library: to_location.library.as_ref(),
             capabilities: &to_can,
         };
         strategy::choose(&side_from, &side_to, class).map_err(|why| {

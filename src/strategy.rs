@@ -7,7 +7,6 @@
 
 use crate::member::{padded_to_string, MemberLibrary};
 use cryptoki_sys::*;
-use std::sync::Arc;
 
 /// Luna's vendor AES key wrap with padding (RFC 5649); whether Luna also
 /// takes the standard `CKM_AES_KEY_WRAP_PAD` is undocumented.
@@ -182,7 +181,8 @@ fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
 /// One member as [`choose`] sees it.
 pub struct Side<'a> {
     pub serial: &'a str,
-    pub library: &'a Arc<MemberLibrary>,
+    /// Partitions clone only within one loaded library instance.
+    pub library: &'a MemberLibrary,
     pub capabilities: &'a Capabilities,
 }
 
@@ -197,7 +197,7 @@ pub fn choose(
 ) -> std::result::Result<Strategy, String> {
     let private = class == CKO_PRIVATE_KEY;
     let (from, to) = (source.capabilities, target.capabilities);
-    let same_instance = Arc::ptr_eq(source.library, target.library);
+    let same_instance = std::ptr::eq(source.library, target.library);
     let cloning_refused = if from.cloning.is_none() || to.cloning.is_none() {
         None
     } else if !same_instance {
@@ -265,6 +265,7 @@ pub fn refusal(library: &MemberLibrary, slot: CK_SLOT_ID) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn luna(cloning: bool) -> Capabilities {
         Capabilities {
@@ -316,12 +317,12 @@ mod tests {
         choose(
             &Side {
                 serial: "A",
-                library: &one,
+                library: one.as_ref(),
                 capabilities: a,
             },
             &Side {
                 serial: "B",
-                library: &other,
+                library: other.as_ref(),
                 capabilities: b,
             },
             class,

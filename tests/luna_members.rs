@@ -579,3 +579,102 @@ fn ca_get_ha_state_keeps_lunas_layout() {
         "listSize ends the struct, as in Luna's header"
     );
 }
+
+/// `pkcs11-ha` (the CLI) run with this config and SoftHSM directory; its
+/// output, and whether it succeeded.
+fn cli(hsm: &SoftHsm, config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pkcs11-ha"))
+        .args(args)
+        .env(SOFTHSM_CONF_ENV, &hsm.conf)
+        .env(CONF_ENV, config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run pkcs11-ha");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The CLI's `group create` and `add-member` check how keys would move: a
+/// Cloning-mode partition joins a group as such; a Key-Export-mode
+/// partition beside it is refused (private keys could move neither way);
+/// an HA virtual slot is refused outright.
+#[test]
+fn the_cli_checks_key_transport_and_refuses_an_ha_slot() {
+    let _guard = serial_guard();
+    let hsm = SoftHsm::new(&["p0", "p1"]);
+    provision_partitions(&hsm, &["d", "d"], true);
+    let serials = hsm.serials();
+    let dir = hsm.dir.path();
+    let pin = dir.join("pin");
+    fs::write(&pin, format!("{USER_PIN}\n")).unwrap();
+    fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let pin = pin.display().to_string();
+    let specs = [
+        PartitionSpec {
+            serial: &serials[0],
+            mode: CLONING,
+            domain: "d",
+        },
+        PartitionSpec {
+            serial: &serials[1],
+            mode: KEY_EXPORT,
+            domain: "d",
+        },
+    ];
+    let luna = LunaMember::new(dir, "luna", &specs, false);
+    let path = luna.path.display().to_string();
+    let config = write_config(dir, &[("luna", &path)], &[], false);
+
+    let create = [
+        "group",
+        "create",
+        "--label",
+        "g",
+        "--serial",
+        &serials[0],
+        "--pin-file",
+        &pin,
+        // The tokens carry a domain key already ("other group"); the HA
+        // slot and key transport checks are not skipped by it.
+        "--force",
+    ];
+    let (ok, text) = cli(&hsm, &config, &create);
+    assert!(ok, "{text}");
+    assert!(text.contains("[pass] not an HA slot"), "{text}");
+    assert!(
+        text.contains("[pass] key transport: Luna partition in Cloning mode; clones with CA_MigrateKeys; wraps with CKM_AES_KWP"),
+        "{text}"
+    );
+    let add = [
+        "group",
+        "add-member",
+        "--group",
+        "g",
+        "--serial",
+        &serials[1],
+        "--pin-file",
+        &pin,
+    ];
+    let (ok, text) = cli(&hsm, &config, &add);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("[FAIL] key transport: no way to move private keys")
+            && text.contains("such keys could not be created in the group"),
+        "{text}"
+    );
+
+    let ha = LunaMember::new(dir, "luna-ha", &specs[..1], true);
+    let path = ha.path.display().to_string();
+    let config = write_config(dir, &[("luna", &path)], &[], false);
+    let (ok, text) = cli(&hsm, &config, &create);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("[FAIL] not an HA slot: slot")
+            && text.contains("an HA slot cannot be a member of another HA group"),
+        "{text}"
+    );
+}
