@@ -344,6 +344,8 @@ pub struct Group {
     pub objects: ObjectTable,
     pub login: Mutex<Option<Login>>,
     pub domain: DomainKeys,
+    /// Whether Luna partitions of unknown policy clone private keys.
+    pub probes: crate::strategy::Probes,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
     /// Per member: objects a call is making on it (`None`), or whose
@@ -414,6 +416,7 @@ impl Group {
             objects: ObjectTable::new(count),
             login: Mutex::new(None),
             domain: DomainKeys::new(count),
+            probes: Default::default(),
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),

@@ -14,10 +14,10 @@
 use crate::error::rv_name;
 use crate::error::{Error, Result};
 use crate::identity::{self, Fingerprint};
-use crate::member::member_call;
+use crate::member::{member_call, MemberLibrary};
 use crate::object::Presence;
 use crate::session::MemberSession;
-use crate::strategy::{self, MigrationData, Side, Strategy, OBJECT_TYPE_CRYPTOKI};
+use crate::strategy::{self, Cloning, MigrationData, Side, Strategy, OBJECT_TYPE_CRYPTOKI};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use std::ptr;
@@ -409,7 +409,20 @@ impl VirtualSession {
         let (Some(from_location), Some(to_location)) = (from.location(), to.location()) else {
             return Err(Error::new(CKR_DEVICE_ERROR));
         };
-        let (from_can, to_can) = (from.capabilities(), to.capabilities());
+        let (mut from_can, mut to_can) = (from.capabilities(), to.capabilities());
+        let unknown_policies = !(from_can.policies_read && to_can.policies_read);
+        if class == CKO_PRIVATE_KEY
+            && unknown_policies
+            && from_can.cloning.is_some()
+            && to_can.cloning.is_some()
+            && from_can.private_key_cloning
+            && to_can.private_key_cloning
+            && std::sync::Arc::ptr_eq(&from_location.library, &to_location.library)
+            && !self.probe_clones(source, target)
+        {
+            from_can.refuses_private_key_cloning();
+            to_can.refuses_private_key_cloning();
+        }
         let side_from = Side {
             serial: &from.serial,
             library: from_location.library.as_ref(),
@@ -426,6 +439,115 @@ impl VirtualSession {
             self.group.log(Some(target), &event);
             Error::new(CKR_FUNCTION_FAILED)
         })
+    }
+
+    /// Whether partitions `source` and `target`, whose policies could not be
+    /// read, clone private keys: probed once per pair of member epochs with
+    /// a throw-away session key pair, and logged. Only a policy refusal
+    /// (`CKR_OPERATION_NOT_ALLOWED`) says no; any other failure leaves the
+    /// real clone to fail with its own line.
+    fn probe_clones(&self, source: usize, target: usize) -> bool {
+        let members = &self.group.members;
+        let pair = (
+            (source, members[source].epoch()),
+            (target, members[target].epoch()),
+        );
+        if let Some(clones) = self.group.probes.get(pair.0, pair.1) {
+            return clones;
+        }
+        let rv = self.probe_cloning(source, target);
+        if crate::group::is_member_fault(rv) {
+            return true;
+        }
+        let clones = rv != crate::error::luna::CKR_OPERATION_NOT_ALLOWED;
+        let event = format!(
+            "start-up probe: cloning a throw-away private key from member {} to member {} answered {}; {}",
+            members[source].serial,
+            members[target].serial,
+            rv_name(rv),
+            if clones {
+                "private keys move by cloning"
+            } else {
+                "the partitions are taken for Key Export mode (private keys are wrapped)"
+            }
+        );
+        self.group.log(Some(target), &event);
+        self.group.probes.record(pair.0, pair.1, clones);
+        clones
+    }
+
+    /// Makes a throw-away EC session key pair on `source`, clones its
+    /// private key to `target` and destroys all three; the clone's answer.
+    fn probe_cloning(&self, source: usize, target: usize) -> CK_RV {
+        let Some(cloning) = self.group.members[source].capabilities().cloning else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        let Ok(from) = self.member_session(source) else {
+            return CKR_DEVICE_ERROR;
+        };
+        const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let mut params = P256;
+        let (mut yes, mut no) = (CK_TRUE, CK_FALSE);
+        let attribute = |type_, value: *mut u8, len: usize| CK_ATTRIBUTE {
+            type_,
+            pValue: value.cast(),
+            ulValueLen: len as CK_ULONG,
+        };
+        let mut public_template = [
+            attribute(CKA_EC_PARAMS, params.as_mut_ptr(), params.len()),
+            attribute(CKA_TOKEN, &mut no, 1),
+        ];
+        let mut private_template = [
+            attribute(CKA_TOKEN, &mut no, 1),
+            attribute(CKA_PRIVATE, &mut yes, 1),
+            attribute(CKA_SENSITIVE, &mut yes, 1),
+            attribute(CKA_EXTRACTABLE, &mut yes, 1),
+            attribute(CKA_WRAP_WITH_TRUSTED, &mut yes, 1),
+        ];
+        let mut mechanism = CK_MECHANISM {
+            mechanism: CKM_EC_KEY_PAIR_GEN,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let (mut public, mut private) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
+        let made = self
+            .on_member(source, |s| {
+                member_call!(
+                    s.library,
+                    C_GenerateKeyPair(
+                        s.handle,
+                        &mut mechanism,
+                        public_template.as_mut_ptr(),
+                        public_template.len() as CK_ULONG,
+                        private_template.as_mut_ptr(),
+                        private_template.len() as CK_ULONG,
+                        &mut public,
+                        &mut private
+                    )
+                )
+            })
+            .unwrap_or_else(|e| e.rv);
+        if made != CKR_OK {
+            return made;
+        }
+        let mut cloned = CK_INVALID_HANDLE;
+        let rv = self
+            .on_member(target, |t| {
+                clone_call(
+                    &cloning,
+                    &t.library,
+                    from.handle,
+                    t.handle,
+                    private,
+                    &mut cloned,
+                )
+            })
+            .unwrap_or_else(|e| e.rv);
+        if rv == CKR_OK {
+            self.undo(&[(target, cloned)]);
+        }
+        self.undo(&[(source, private), (source, public)]);
+        rv
     }
 
     /// Clones the key `source_handle` on member `source` to member `target`
@@ -449,35 +571,7 @@ impl VirtualSession {
         };
         let mut cloned = CK_INVALID_HANDLE;
         let answer = self.attempt_making(target, "CA_CloneObject", object, &mut |l, s| {
-            match (cloning.migrate, cloning.clone) {
-                (Some(migrate), _) => {
-                    let mut entry = MigrationData {
-                        object_type: OBJECT_TYPE_CRYPTOKI,
-                        source_handle,
-                        target_handle: CK_INVALID_HANDLE,
-                        rv: CKR_OK,
-                    };
-                    // SAFETY: the documented signature; one live entry.
-                    let rv = l.shielded(|| unsafe { migrate(source_session, s, 0, 1, &mut entry) });
-                    cloned = entry.target_handle;
-                    if rv == CKR_OK {
-                        entry.rv
-                    } else {
-                        rv
-                    }
-                }
-                // SAFETY: the documented signature; a live out-parameter.
-                (None, Some(clone)) => l.shielded(|| unsafe {
-                    clone(
-                        s,
-                        source_session,
-                        OBJECT_TYPE_CRYPTOKI,
-                        source_handle,
-                        &mut cloned,
-                    )
-                }),
-                (None, None) => CKR_FUNCTION_NOT_SUPPORTED,
-            }
+            clone_call(&cloning, l, source_session, s, source_handle, &mut cloned)
         });
         (answer, cloned)
     }
@@ -821,6 +915,49 @@ impl VirtualSession {
             Attempt::Answered(rv) => Err(format!("removal refused with {}", rv_name(rv))),
             Attempt::Faulted => Err("the member failed again".into()),
         }
+    }
+}
+
+/// Clones `object` from `source_session` to `target_session`, two sessions
+/// of one Luna library instance: `CA_MigrateKeys` where the library has it,
+/// else `CA_CloneObject`.
+fn clone_call(
+    cloning: &Cloning,
+    library: &MemberLibrary,
+    source_session: CK_SESSION_HANDLE,
+    target_session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    cloned: &mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    match (cloning.migrate, cloning.clone) {
+        (Some(migrate), _) => {
+            let mut entry = MigrationData {
+                object_type: OBJECT_TYPE_CRYPTOKI,
+                source_handle: object,
+                target_handle: CK_INVALID_HANDLE,
+                rv: CKR_OK,
+            };
+            // SAFETY: the documented signature; one live entry.
+            let rv = library
+                .shielded(|| unsafe { migrate(source_session, target_session, 0, 1, &mut entry) });
+            *cloned = entry.target_handle;
+            if rv == CKR_OK {
+                entry.rv
+            } else {
+                rv
+            }
+        }
+        // SAFETY: the documented signature; a live out-parameter.
+        (None, Some(clone)) => library.shielded(|| unsafe {
+            clone(
+                target_session,
+                source_session,
+                OBJECT_TYPE_CRYPTOKI,
+                object,
+                cloned,
+            )
+        }),
+        (None, None) => CKR_FUNCTION_NOT_SUPPORTED,
     }
 }
 

@@ -79,6 +79,9 @@ pub struct Capabilities {
     /// Luna partition policy 1, "Allow private key wrapping"; always true
     /// for other members, whose keys' own attributes decide.
     pub private_key_wrapping: bool,
+    /// Whether the two policies were read (else Luna's defaults are
+    /// assumed until a probe confirms them: [`Probes`]).
+    pub policies_read: bool,
     /// The key-wrap mechanisms it lists, in [`WRAP_MECHANISMS`] order.
     wrap_mechanisms: [Option<CK_MECHANISM_TYPE>; 2],
 }
@@ -97,7 +100,7 @@ impl Capabilities {
     /// Reads what the member in `slot` of `library` can do. Luna's policies
     /// come from `CA_GetContainerPolicySetting`; where it is absent or
     /// fails, a Luna partition is taken to have Luna's defaults (private
-    /// keys clone and are never wrapped), which the first clone confirms.
+    /// keys clone and are never wrapped) until a probe says otherwise.
     pub fn detect(library: &MemberLibrary, slot: CK_SLOT_ID) -> Capabilities {
         // SAFETY: each name is paired with its documented signature.
         let (luna, migrate, clone, policy) = unsafe {
@@ -126,14 +129,29 @@ impl Capabilities {
         for (found, mechanism) in wrap_mechanisms.iter_mut().zip(WRAP_MECHANISMS) {
             *found = listed.contains(&mechanism).then_some(mechanism);
         }
+        let (cloning_policy, wrapping_policy) = if is_luna {
+            (
+                read_policy(POLICY_PRIVATE_KEY_CLONING),
+                read_policy(POLICY_PRIVATE_KEY_WRAPPING),
+            )
+        } else {
+            (Some(false), Some(true))
+        };
         Capabilities {
             cloning,
             luna: is_luna,
-            private_key_cloning: is_luna && read_policy(POLICY_PRIVATE_KEY_CLONING).unwrap_or(true),
-            private_key_wrapping: !is_luna
-                || read_policy(POLICY_PRIVATE_KEY_WRAPPING).unwrap_or(false),
+            private_key_cloning: cloning_policy.unwrap_or(true),
+            private_key_wrapping: wrapping_policy.unwrap_or(false),
+            policies_read: cloning_policy.is_some() && wrapping_policy.is_some(),
             wrap_mechanisms,
         }
+    }
+
+    /// The partition turned out not to clone private keys (a probe was
+    /// refused): it is taken for Key Export mode, Luna's other mode.
+    pub fn refuses_private_key_cloning(&mut self) {
+        self.private_key_cloning = false;
+        self.private_key_wrapping = true;
     }
 
     /// One line for the HA log: how this member can move keys.
@@ -175,6 +193,35 @@ fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
         CKM_AES_KEY_WRAP_PAD => "CKM_AES_KEY_WRAP_PAD".into(),
         CKM_AES_KWP => "CKM_AES_KWP".into(),
         other => format!("mechanism 0x{other:X}"),
+    }
+}
+
+/// What start-up probes found: whether two Luna partitions whose policies
+/// could not be read clone a private key, per (source, target) member and
+/// their epochs then. A probe clones a throw-away session key pair and
+/// destroys it; it runs the first time a private key is to move between
+/// such partitions, since it needs the group's login.
+#[derive(Default)]
+pub struct Probes {
+    found: parking_lot::Mutex<Vec<Probed>>,
+}
+
+/// (source position, epoch), (target position, epoch), whether it cloned.
+type Probed = ((usize, u64), (usize, u64), bool);
+
+impl Probes {
+    pub fn get(&self, source: (usize, u64), target: (usize, u64)) -> Option<bool> {
+        self.found
+            .lock()
+            .iter()
+            .find(|(s, t, _)| *s == source && *t == target)
+            .map(|(_, _, clones)| *clones)
+    }
+
+    pub fn record(&self, source: (usize, u64), target: (usize, u64), clones: bool) {
+        let mut found = self.found.lock();
+        found.retain(|(s, t, _)| s.0 != source.0 || t.0 != target.0);
+        found.push((source, target, clones));
     }
 }
 
@@ -276,6 +323,7 @@ mod tests {
             luna: true,
             private_key_cloning: cloning,
             private_key_wrapping: !cloning,
+            policies_read: true,
             wrap_mechanisms: [None, Some(CKM_AES_KWP)],
         }
     }

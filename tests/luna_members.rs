@@ -51,6 +51,8 @@ struct Layout<'a> {
     /// Provision pkcs11-ha's domain key (only wrapping needs it).
     domain_key: bool,
     ha_slot: bool,
+    /// `CA_GetContainerPolicySetting` answers (else it is not supported).
+    policy_api: bool,
 }
 
 impl Luna {
@@ -70,13 +72,20 @@ impl Luna {
             })
             .collect();
         let dir = hsm.dir.path();
+        let mut extra = String::new();
+        if layout.ha_slot {
+            extra.push_str("ha_slot = yes\n");
+        }
+        if !layout.policy_api {
+            extra.push_str("policy_api = no\n");
+        }
         let libraries = if layout.one_instance {
-            vec![LunaMember::new(dir, "luna", &specs, layout.ha_slot)]
+            vec![LunaMember::with(dir, "luna", &specs, &extra)]
         } else {
             specs
                 .chunks(1)
                 .enumerate()
-                .map(|(i, one)| LunaMember::new(dir, &format!("luna{i}"), one, layout.ha_slot))
+                .map(|(i, one)| LunaMember::with(dir, &format!("luna{i}"), one, &extra))
                 .collect()
         };
         let names: Vec<String> = (0..libraries.len()).map(|i| format!("luna{i}")).collect();
@@ -116,6 +125,7 @@ impl Luna {
             one_instance: true,
             domain_key,
             ha_slot: false,
+            policy_api: true,
         })
     }
 
@@ -412,6 +422,7 @@ fn partitions_of_two_library_instances_do_not_clone() {
         one_instance: false,
         domain_key: true,
         ha_slot: false,
+        policy_api: true,
     });
     let s = luna.session();
     assert_eq!(
@@ -432,6 +443,7 @@ fn vendor_codes_are_classified_as_documented() {
         one_instance: false,
         domain_key: false,
         ha_slot: false,
+        policy_api: true,
     });
     let random = |s: &Session| rv_of(s.generate_random_vec(16));
     let down = [
@@ -524,6 +536,7 @@ fn a_luna_ha_virtual_slot_is_refused_as_a_member() {
         one_instance: true,
         domain_key: false,
         ha_slot: true,
+        policy_api: true,
     });
     let status = group_status();
     assert_eq!(status.members[0].state, PKCS11HA_STATE_DOWN);
@@ -677,4 +690,47 @@ fn the_cli_checks_key_transport_and_refuses_an_ha_slot() {
             && text.contains("an HA slot cannot be a member of another HA group"),
         "{text}"
     );
+}
+
+/// Where the partitions' policies cannot be read, a probe (a throw-away
+/// session key pair cloned and destroyed) decides, once, how private keys
+/// move: refused by Key Export partitions, they are wrapped; accepted by
+/// Cloning partitions, they are cloned.
+#[test]
+fn without_the_policy_api_a_probe_decides_how_private_keys_move() {
+    for (mode, cloned) in [(KEY_EXPORT, false), (CLONING, true)] {
+        let luna = Luna::new(Layout {
+            partitions: [(mode, "d"), (mode, "d")],
+            one_instance: true,
+            domain_key: true,
+            ha_slot: false,
+            policy_api: false,
+        });
+        let s = luna.session();
+        luna.libraries[0].reset_counts();
+        ec_pair(&s, "first").expect("EC pair on the group");
+        let probe_and_key = if cloned { 2 } else { 1 };
+        assert_eq!(luna.count("CA_MigrateKeys"), probe_and_key, "{mode}");
+        assert_eq!(luna.count("C_UnwrapKey"), u64::from(!cloned), "{mode}");
+        assert_eq!(
+            luna.count("C_DestroyObject"),
+            2 + u64::from(cloned),
+            "{mode}: the probe's pair (and its clone) are gone"
+        );
+        ec_pair(&s, "second").expect("a second EC pair");
+        assert_eq!(
+            luna.count("CA_MigrateKeys"),
+            probe_and_key + u64::from(cloned),
+            "{mode}: probed once"
+        );
+        assert_pair_works_on_each_partition(&luna, "first", &Mechanism::Ecdsa);
+        assert_pair_works_on_each_partition(&luna, "second", &Mechanism::Ecdsa);
+        let log = luna.ha_log();
+        let expected = if cloned {
+            "answered CKR_OK; private keys move by cloning"
+        } else {
+            "answered CKR_OPERATION_NOT_ALLOWED; the partitions are taken for Key Export mode"
+        };
+        assert!(log.contains(expected), "{mode}: {log}");
+    }
 }

@@ -73,6 +73,16 @@ impl LunaMember {
     /// Copies the library to `dir/<name>.so` with these partitions;
     /// `ha_slot` makes every slot describe itself as Luna's HA virtual slot.
     pub fn new(dir: &Path, name: &str, partitions: &[PartitionSpec], ha_slot: bool) -> LunaMember {
+        LunaMember::with(
+            dir,
+            name,
+            partitions,
+            if ha_slot { "ha_slot = yes\n" } else { "" },
+        )
+    }
+
+    /// As [`LunaMember::new`], with `extra` sidecar lines.
+    pub fn with(dir: &Path, name: &str, partitions: &[PartitionSpec], extra: &str) -> LunaMember {
         let path = dir.join(format!("{name}.so"));
         fs::copy(luna_member_library(), &path)
             .unwrap_or_else(|e| panic!("copy luna member to {}: {e}", path.display()));
@@ -80,9 +90,7 @@ impl LunaMember {
         for p in partitions {
             writeln!(sidecar, "partition = {} {} {}", p.serial, p.mode, p.domain).unwrap();
         }
-        if ha_slot {
-            sidecar.push_str("ha_slot = yes\n");
-        }
+        sidecar.push_str(extra);
         let mut sidecar_path = path.clone().into_os_string();
         sidecar_path.push(".conf");
         fs::write(&sidecar_path, sidecar)

@@ -399,6 +399,9 @@ pub unsafe extern "C" fn CA_GetContainerPolicySetting(
 ) -> CK_RV {
     guard(|| {
         let real = enter("CA_GetContainerPolicySetting")?;
+        if !crate::partition::policy_api() {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        }
         let partition = real.partition(slot).ok_or(CKR_SLOT_ID_INVALID)?;
         if value.is_null() {
             return Err(CKR_ARGUMENTS_BAD);

@@ -13,7 +13,9 @@
 //!   private key cloning" and 1 "Allow private key wrapping", which are
 //!   never both on) and its cloning domain;
 //! - `ha_slot = yes`: every slot describes itself as Luna's HA virtual slot
-//!   ("HA Virtual Card Slot"); partitions are "Net Token Slot".
+//!   ("HA Virtual Card Slot"); partitions are "Net Token Slot";
+//! - `policy_api = no`: `CA_GetContainerPolicySetting` answers
+//!   `CKR_FUNCTION_NOT_SUPPORTED`, so the caller cannot read the policies.
 //!
 //! What it does as Luna does:
 //! - `C_WrapKey` of a private key on a partition in Cloning mode answers

@@ -39,6 +39,9 @@ pub(crate) struct Layout {
     pub(crate) partitions: Vec<Partition>,
     /// Every slot describes itself as a Luna HA virtual slot.
     pub(crate) ha_slot: bool,
+    /// `CA_GetContainerPolicySetting` answers `CKR_FUNCTION_NOT_SUPPORTED`,
+    /// as a client library without the call would leave its caller.
+    pub(crate) no_policy_api: bool,
 }
 
 pub(crate) struct Real {
@@ -72,6 +75,10 @@ pub(crate) fn ha_slot() -> bool {
     LAYOUT.read().as_ref().is_some_and(|l| l.ha_slot)
 }
 
+pub(crate) fn policy_api() -> bool {
+    LAYOUT.read().as_ref().is_some_and(|l| !l.no_policy_api)
+}
+
 fn sidecar_path() -> Result<PathBuf, String> {
     let mut path = own_path()?.into_os_string();
     path.push(".conf");
@@ -92,6 +99,7 @@ fn read_sidecar() -> Result<(String, Layout), String> {
         match (key.trim(), value.trim()) {
             ("library", v) => library = Some(v.to_owned()),
             ("ha_slot", v) => layout.ha_slot = v == "yes",
+            ("policy_api", v) => layout.no_policy_api = v == "no",
             ("partition", v) => {
                 let fields: Vec<&str> = v.split_whitespace().collect();
                 let [serial, mode, domain] = fields[..] else {
