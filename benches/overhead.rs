@@ -371,7 +371,7 @@ impl Bench {
         );
 
         let virtual_slot: CK_SLOT_ID = 0;
-        let passthrough_slot: CK_SLOT_ID = (1 << 32) | member_slot;
+        let passthrough_slot = common::passthrough_slot_id(common::SOFTHSM_LIB_NAME, member_slot);
         assert_eq!(token_label(&ha_fns, virtual_slot), GROUP_LABEL);
         assert_eq!(token_label(&ha_fns, passthrough_slot), TOKEN_LABEL);
         assert_eq!(token_label(&softhsm_fns, member_slot), TOKEN_LABEL);

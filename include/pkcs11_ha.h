@@ -7,8 +7,10 @@
  * with dlsym(). Both return CKR_SLOT_ID_INVALID for a slot that is not a
  * virtual (HA group) slot.
  *
- * Keep in sync with src/state_api.rs; tests/state_api.rs compiles this
- * header and checks every size and offset against the library's.
+ * Keep in sync with src/state_api.rs: build.rs refuses to build when a
+ * constant, struct field or function here differs from the Rust one, and
+ * tests/state_api.rs compiles this header and checks every size and
+ * offset against the library's.
  */
 #ifndef PKCS11_HA_H
 #define PKCS11_HA_H

@@ -6,7 +6,22 @@
 # shellcheck disable=SC2034 # used by the scripts that source this file
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SOFTHSM_LIB="/usr/lib/softhsm/libsofthsm2.so"
-P11KIT_CLIENT="/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+# This machine's multiarch library directory, /usr/lib/<triplet>.
+multiarch_lib_dir() {
+    local triplet
+    triplet="$(gcc -print-multiarch 2>/dev/null || dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null)"
+    printf '/usr/lib/%s\n' "${triplet:-$(uname -m)-linux-gnu}"
+}
+
+# p11-kit's module directory: its pkg-config file says, else the multiarch
+# one.
+p11kit_module_dir() {
+    local dir
+    dir="$(pkg-config --variable=p11_module_path p11-kit-1 2>/dev/null)"
+    printf '%s\n' "${dir:-$(multiarch_lib_dir)/pkcs11}"
+}
+P11KIT_CLIENT="$(p11kit_module_dir)/p11-kit-client.so"
+PKCS11_ENGINE="$(multiarch_lib_dir)/engines-3/pkcs11.so"
 USER_PIN="1234"
 SO_PIN="5678"
 
@@ -35,7 +50,7 @@ ensure_tools() {
         pkcs11-tool:opensc p11-kit:p11-kit "$P11KIT_CLIENT":p11-kit-modules \
         openssl:openssl certutil:libnss3-tools modutil:libnss3-tools \
         p11tool:gnutls-bin certtool:gnutls-bin \
-        /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so:libengine-pkcs11-openssl \
+        "$PKCS11_ENGINE":libengine-pkcs11-openssl \
         java:openjdk-17-jdk-headless javac:openjdk-17-jdk-headless setpriv:util-linux; do
         local what="${need%%:*}" pkg="${need##*:}"
         if [[ "$what" == /* ]]; then
@@ -86,9 +101,17 @@ softhsm_token_field() {
 softhsm_serial() { softhsm_token_field "$1" "$2" serial; }
 softhsm_slot() { softhsm_token_field "$1" "$2" slot; }
 
-# passthrough_slot_id LIBRARY_INDEX MEMBER_SLOT_ID
+# passthrough_slot_id LIBRARY_NAME MEMBER_SLOT_ID: the slot ID pkcs11-ha
+# gives that member slot, FNV-1a (32 bits) of "<name, lower case>/<slot>"
+# brought into [0x1000, 2^31) (src/slot_ids.rs; slots whose hashes collide,
+# which takes thousands of slots to be likely, get the next free ID there).
 passthrough_slot_id() {
-    echo $(((($1 + 1) << 32) | $2))
+    local key hash=2166136261 i
+    key="$(printf '%s/%s' "${1,,}" "$2")"
+    for ((i = 0; i < ${#key}; i++)); do
+        hash=$(((hash ^ $(printf '%d' "'${key:i:1}")) * 16777619 & 0xffffffff))
+    done
+    echo $((0x1000 + hash % ((1 << 31) - 0x1000)))
 }
 
 # write_ha_config FILE GROUP_LABEL MEMBER_SERIAL...: one softhsm library and

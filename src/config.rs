@@ -64,9 +64,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/pkcs11-ha.conf";
 
 const LIBRARIES: &str = "Libraries";
 const LIBRARY_ENVIRONMENT: &str = "LibraryEnvironment";
-const VIRTUAL_TOKEN: &str = "VirtualToken";
+pub const VIRTUAL_TOKEN: &str = "VirtualToken";
 const HA_SYNCHRONIZE: &str = "HASynchronize";
-const HA_CONFIGURATION: &str = "HAConfiguration";
+pub const HA_CONFIGURATION: &str = "HAConfiguration";
 const SECTIONS: [&str; 5] = [
     LIBRARIES,
     LIBRARY_ENVIRONMENT,
@@ -81,7 +81,7 @@ const RECONN_ATT: &str = "reconnAtt";
 const AUTO_RECONNECT_INTERVAL: &str = "AutoReconnectInterval";
 const MEMBER_TIMEOUT: &str = "memberTimeout";
 const HA_LOG_STATUS: &str = "haLogStatus";
-const HA_LOG_PATH: &str = "haLogPath";
+pub const HA_LOG_PATH: &str = "haLogPath";
 const LOG_LEN: &str = "logLen";
 /// The `[HAConfiguration]` keys, for messages.
 const HA_KEYS: [&str; 8] = [
@@ -94,6 +94,10 @@ const HA_KEYS: [&str; 8] = [
     HA_LOG_PATH,
     LOG_LEN,
 ];
+
+/// Most members (active and standby) a group may have: as many as
+/// `CA_GetHAState` can report.
+pub const MAX_GROUP_MEMBERS: usize = 32;
 
 /// `VirtualTokenNNDomainLabel` when the key is not given.
 pub const DEFAULT_DOMAIN_LABEL: &str = "pkcs11-ha-domain";
@@ -957,6 +961,24 @@ fn group_key(index: u32, field: Field) -> String {
     format!("{VIRTUAL_TOKEN}{index:02}{}", field.suffix())
 }
 
+/// The key that lists group `index`'s active or standby members, for
+/// messages.
+pub fn member_list_key(index: u32, standby: bool) -> String {
+    group_key(
+        index,
+        if standby {
+            Field::Standby
+        } else {
+            Field::Members
+        },
+    )
+}
+
+/// The key naming group `index`'s domain key, for messages.
+pub fn domain_label_key(index: u32) -> String {
+    group_key(index, Field::DomainLabel)
+}
+
 /// Splits `VirtualToken<NN><Field>` (any case), NN exactly two digits.
 fn parse_group_key(key: &str) -> Option<(u32, Field)> {
     let prefix = key.get(..VIRTUAL_TOKEN.len())?;
@@ -1060,6 +1082,19 @@ fn parse_groups(
             }
             None => DEFAULT_DOMAIN_LABEL.to_owned(),
         };
+
+        let count = members.len() + standby.len();
+        if count > MAX_GROUP_MEMBERS {
+            let field = if members.len() > MAX_GROUP_MEMBERS {
+                Field::Members
+            } else {
+                Field::Standby
+            };
+            let problem = format!(
+                "group {index:02} has {count} members and standbys, more than the                  {MAX_GROUP_MEMBERS} CA_GetHAState can report; split it into groups of at                  most {MAX_GROUP_MEMBERS}"
+            );
+            return Err(err(&key(field), problem));
+        }
 
         let listed = members
             .iter()

@@ -5,6 +5,7 @@
 //! PIN or key material, and a write that fails never fails the application's
 //! call.
 
+use crate::fork::PerGeneration;
 use parking_lot::{Mutex, RwLock};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,25 +21,44 @@ struct HaLog {
     file: Mutex<Option<File>>,
 }
 
-static LOG: RwLock<Option<HaLog>> = RwLock::new(None);
+/// Per fork generation: a child never waits on a write its parent's
+/// threads had under way.
+static LOG: PerGeneration<RwLock<Option<HaLog>>> = PerGeneration::new(|| RwLock::new(None));
 
-/// Starts logging to `directory`; `max_len` 0 never rotates.
-pub fn open(directory: &Path, max_len: u64) {
-    *LOG.write() = Some(HaLog {
-        path: directory.join(FILE_NAME),
+/// Starts logging to `directory`; `max_len` 0 never rotates. The file is
+/// opened at once, so that a directory that is missing or not writable is
+/// reported now; logging is on all the same, and each event tries the file
+/// again until it can be written.
+pub fn open(directory: &Path, max_len: u64) -> std::io::Result<()> {
+    let path = directory.join(FILE_NAME);
+    let (file, opened) = match open_file(&path) {
+        Ok(file) => (Some(file), Ok(())),
+        Err(e) => (None, Err(e)),
+    };
+    *LOG.get().write() = Some(HaLog {
+        path,
         max_len,
-        file: Mutex::new(None),
+        file: Mutex::new(file),
     });
+    opened
+}
+
+fn open_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Stops logging (at `C_Finalize`).
 pub fn close() {
-    LOG.write().take();
+    LOG.get().write().take();
 }
 
 /// Appends one event line for a group, and for a member where there is one.
 pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>, event: &str) {
-    let guard = LOG.read();
+    let guard = LOG.get().read();
     let Some(log) = guard.as_ref() else {
         return;
     };
@@ -52,12 +72,7 @@ pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>
     );
     let mut file = log.file.lock();
     if file.is_none() {
-        *file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&log.path)
-            .ok();
+        *file = open_file(&log.path).ok();
     }
     let Some(f) = file.as_mut() else {
         return;
@@ -123,7 +138,7 @@ mod tests {
     fn records_are_private_and_rotate_after_a_complete_line() {
         let dir = std::env::temp_dir().join(format!("halog-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        open(&dir, 100);
+        open(&dir, 100).unwrap();
         record(
             "g",
             "1abc",

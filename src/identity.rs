@@ -230,6 +230,54 @@ fn find_matching(
     outcome.map(|()| found)
 }
 
+/// An attribute whose value is itself a template (`CKA_WRAP_TEMPLATE`,
+/// `CKA_UNWRAP_TEMPLATE`, `CKA_DERIVE_TEMPLATE`), read in the three calls
+/// PKCS#11 2.40 prescribes for arrays: the count, each value's length, the
+/// values. `None` where the object has none.
+pub fn read_nested(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    attribute: CK_ATTRIBUTE_TYPE,
+) -> Option<Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>> {
+    let size = std::mem::size_of::<CK_ATTRIBUTE>();
+    let mut outer = CK_ATTRIBUTE {
+        type_: attribute,
+        pValue: ptr::null_mut(),
+        ulValueLen: 0,
+    };
+    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
+    let len = outer.ulValueLen as usize;
+    if rv != CKR_OK || outer.ulValueLen == CK_UNAVAILABLE_INFORMATION || len % size != 0 {
+        return None;
+    }
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let mut inner = vec![
+        CK_ATTRIBUTE {
+            type_: 0,
+            pValue: ptr::null_mut(),
+            ulValueLen: 0,
+        };
+        len / size
+    ];
+    outer.pValue = inner.as_mut_ptr() as *mut _;
+    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
+    if rv != CKR_OK {
+        return None;
+    }
+    let mut values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> = inner
+        .iter()
+        .map(|a| (a.type_, vec![0u8; a.ulValueLen as usize]))
+        .collect();
+    for (a, (_, v)) in inner.iter_mut().zip(values.iter_mut()) {
+        a.pValue = v.as_mut_ptr() as *mut _;
+    }
+    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
+    (rv == CKR_OK).then_some(values)
+}
+
 /// One attribute's value, or `None` where the object lacks it or hides it.
 pub fn read_attribute(
     library: &MemberLibrary,

@@ -10,8 +10,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
+pub mod config_warnings;
 pub mod error;
 pub mod ffi;
+pub mod fork;
 pub mod group;
 pub mod halog;
 pub mod identity;
@@ -22,6 +24,7 @@ pub mod provider;
 pub mod recovery;
 pub mod replication;
 pub mod session;
+pub mod slot_ids;
 pub mod state_api;
 pub mod strategy;
 pub mod virtual_objects;

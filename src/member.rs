@@ -33,7 +33,8 @@ pub struct MemberLibrary {
     pub name: String,
     pub path: PathBuf,
     /// Variables set while the library reads its environment (when its
-    /// function list is obtained and when it is initialised), so that two
+    /// function list is obtained and when the application's `C_Initialize`
+    /// initialises it, never when recovery reconnects it), so that two
     /// entries of one client library can reach two servers.
     environment: Vec<(String, String)>,
     functions: CK_FUNCTION_LIST,
@@ -153,7 +154,10 @@ fn socket_inode(fd: i32) -> Option<u64> {
 }
 
 /// Runs `f` with `environment` set in the process, then restores it.
-/// Callers hold the provider's lifecycle lock.
+/// Only for the application's own `C_Initialize` (callers hold the
+/// provider's lifecycle lock) and the CLI: `setenv` while another thread
+/// reads the environment is undefined behaviour, and at other times the
+/// application's threads may be reading it.
 fn with_environment<T>(environment: &[(String, String)], f: impl FnOnce() -> T) -> T {
     let saved: Vec<(String, Option<std::ffi::OsString>)> = environment
         .iter()
@@ -185,8 +189,13 @@ impl MemberLibrary {
     ) -> std::result::Result<Self, String> {
         // SAFETY: loading a PKCS#11 module runs its constructors; that is
         // what the operator configured us to do.
-        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-            .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+        let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+            // libloading says only "dlopen failed"; the loader's own
+            // reason (dlerror) is the error's source.
+            let reason =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            format!("cannot load {}: {reason}", path.display())
+        })?;
         let table = with_environment(environment, || Self::function_table(&library))
             .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
         Ok(MemberLibrary {
@@ -297,10 +306,16 @@ impl MemberLibrary {
         self.networked.load(Ordering::Relaxed)
     }
 
-    /// Initialises the library for OS locking. A library the application
+    /// Initialises the library for OS locking, with its
+    /// `[LibraryEnvironment]` set: only within the application's
+    /// `C_Initialize` (see [`with_environment`]). A library the application
     /// (or a parent process before `fork`) already initialised is usable
     /// as it is, and is then not ours to finalise.
     pub fn initialize(&self) -> Result<()> {
+        self.initialize_with(&self.environment)
+    }
+
+    fn initialize_with(&self, environment: &[(String, String)]) -> Result<()> {
         let mut args = CK_C_INITIALIZE_ARGS {
             CreateMutex: None,
             DestroyMutex: None,
@@ -311,7 +326,7 @@ impl MemberLibrary {
         };
         let before = open_sockets();
         self.connection.fetch_add(1, Ordering::AcqRel);
-        let rv = with_environment(&self.environment, || {
+        let rv = with_environment(environment, || {
             member_call!(
                 self,
                 C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
@@ -358,9 +373,12 @@ impl MemberLibrary {
 
     /// Reconnects a library whose connection is gone: a remote client
     /// never reconnects by itself, but `C_Finalize` + `C_Initialize` does.
+    /// Runs on the recovery thread, so the environment is left alone: a
+    /// p11-kit client read its server's address when its function list
+    /// was obtained and reconnects to it without.
     pub fn reinitialize(&self) -> Result<()> {
         self.finalize();
-        self.initialize()
+        self.initialize_with(&[])
     }
 
     /// Shuts down the sockets the library opened, so that a call stuck on
@@ -376,12 +394,6 @@ impl MemberLibrary {
             // socket; it does not close or free anything.
             .filter(|s| unsafe { libc::shutdown(s.fd, libc::SHUT_RDWR) } == 0)
             .count()
-    }
-
-    /// Forgets a parent's initialisation after `fork`: the child must not
-    /// finalise what the parent still uses.
-    pub fn forget_initialization(&self) {
-        *self.initialized_by_us.lock() = false;
     }
 
     /// The library's current slots with a token present.

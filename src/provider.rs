@@ -4,7 +4,9 @@
 //! the same on every start with the same config.
 
 use crate::config::{Config, ConfigError, LibraryConfig, RecoveryMode};
+use crate::config_warnings;
 use crate::error::{check, Error, Result};
+use crate::fork::PerGeneration;
 use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
@@ -15,26 +17,22 @@ use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
     Target, VirtualSession,
 };
+use crate::slot_ids::{PassThroughSlots, FIRST_PASSTHROUGH_SLOT};
 use cryptoki_sys::*;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use zeroize::Zeroizing;
-
-/// Pass-through slot IDs carry the library's position above bit 32 and the
-/// member's own slot ID below, so they depend only on the config and the
-/// member, never on which other tokens happen to be present.
-const LIBRARY_SHIFT: u32 = 32;
-const MEMBER_SLOT_MASK: CK_SLOT_ID = (1 << LIBRARY_SHIFT) - 1;
 
 pub struct Provider {
     pub ha_only: bool,
     pub libraries: Vec<Arc<MemberLibrary>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
+    passthrough_slots: PassThroughSlots,
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
     pub member_timeout: Duration,
@@ -67,26 +65,52 @@ pub enum Slot {
     PassThrough(Arc<MemberLibrary>, CK_SLOT_ID),
 }
 
-static PROVIDER: RwLock<Option<Arc<Provider>>> = RwLock::new(None);
+/// What `C_Initialize` and `C_Finalize` look after, per fork generation: a
+/// child after `fork` starts with its own (see [`crate::fork`]). The
+/// standard library's futex-based locks, which keep no process-wide table
+/// of waiters that a child could inherit.
+#[derive(Default)]
+struct Lifecycle {
+    /// Serialises `C_Initialize` and `C_Finalize` against each other.
+    serialised: std::sync::Mutex<()>,
+    provider: std::sync::RwLock<Option<Arc<Provider>>>,
+    /// Libraries stay loaded for the life of the generation: unloading and
+    /// reloading a module between `C_Finalize` and `C_Initialize` gains
+    /// nothing and some modules do not survive it.
+    loaded: std::sync::Mutex<Vec<Arc<MemberLibrary>>>,
+}
 
-/// Serialises `C_Initialize` and `C_Finalize` against each other.
-static LIFECYCLE: Mutex<()> = Mutex::new(());
+static LIFECYCLE: PerGeneration<Lifecycle> = PerGeneration::new(Lifecycle::default);
+
+impl Lifecycle {
+    fn serialise(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.serialised
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn provider(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<Provider>>> {
+        self.provider.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn provider_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Provider>>> {
+        self.provider
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// Why calls must not take the session cache's shortcut, as bits: one
 /// word, so that the shortcut costs every call one test.
 static NO_SHORTCUT: AtomicU8 = AtomicU8::new(0);
-/// Set in a child after `fork`: the parent's state is not the child's until
-/// the child calls `C_Initialize`, as the specification requires.
+/// Set in a child after `fork`, until it calls `C_Initialize`: a session
+/// this thread cached is the parent's.
 const FORKED: u8 = 1;
 /// Recovery runs during calls, which then all go through [`with`].
 const INLINE_RECOVERY: u8 = 2;
 
-/// Libraries stay loaded for the life of the process: unloading and
-/// reloading a module between `C_Finalize` and `C_Initialize` gains nothing
-/// and some modules do not survive it.
-static LOADED: Mutex<Vec<Arc<MemberLibrary>>> = Mutex::new(Vec::new());
-
 extern "C" fn after_fork_in_child() {
+    crate::fork::new_generation();
     NO_SHORTCUT.fetch_or(FORKED, Ordering::Relaxed);
 }
 
@@ -121,10 +145,9 @@ fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 /// the path of every call that needs the provider, and of session lookups
 /// the thread's cache cannot answer.
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
-    if NO_SHORTCUT.load(Ordering::Relaxed) & FORKED != 0 {
-        return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
-    }
-    let guard = PROVIDER.read();
+    // A child after `fork` sees a generation of its own, without a
+    // provider until it calls `C_Initialize`, as the specification requires.
+    let guard = LIFECYCLE.get().provider();
     let provider = guard
         .as_ref()
         .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
@@ -156,18 +179,15 @@ fn run_inline_recovery_if_due(provider: &Provider) {
 /// Initialises the library; `threads_allowed` is false when the
 /// application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
 pub fn initialize(threads_allowed: bool) -> Result<()> {
-    let _lifecycle = LIFECYCLE.lock();
+    let lifecycle = LIFECYCLE.get();
+    let _serialised = lifecycle.serialise();
     if NO_SHORTCUT.fetch_and(!FORKED, Ordering::Relaxed) & FORKED != 0 {
-        // The parent's sessions and logins are the parent's: drop our view of
-        // them, and leave the parent's member initialisation alone.
+        // The parent's provider, sessions, logins and member libraries
+        // belong to the parent's generation, which this one never touches;
+        // only this thread's cached session has to be forgotten.
         crate::session::forget_cached_sessions();
-        if let Some(stale) = PROVIDER.write().take() {
-            for library in &stale.libraries {
-                library.forget_initialization();
-            }
-        }
     }
-    if PROVIDER.read().is_some() {
+    if lifecycle.provider().is_some() {
         return Err(Error::new(CKR_CRYPTOKI_ALREADY_INITIALIZED));
     }
     static ATFORK: std::sync::Once = std::sync::Once::new();
@@ -177,9 +197,12 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
     });
     let config = Config::load(&Config::locate()).map_err(report_config_error)?;
     if let (true, Some(directory)) = (config.ha_log.enabled, &config.ha_log.path) {
-        halog::open(directory, config.ha_log.max_len);
+        if let Err(why) = halog::open(directory, config.ha_log.max_len) {
+            config_warnings::ha_log_unwritable(&config, directory, &why);
+        }
     }
     let mut provider = Provider::start(&config).map_err(report_config_error)?;
+    config_warnings::check_members(&config, &provider.groups, &provider.libraries);
     let recovery_on = config.recovery.attempts != 0;
     if !threads_allowed && recovery_on {
         provider.inline_recovery_due_ms = Some(AtomicU64::new(
@@ -199,7 +222,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
         })?;
         *provider.workers.lock() = Some(workers);
     }
-    *PROVIDER.write() = Some(provider);
+    *lifecycle.provider_mut() = Some(provider);
     Ok(())
 }
 
@@ -209,9 +232,10 @@ fn report_config_error(error: ConfigError) -> Error {
 }
 
 pub fn finalize() -> Result<()> {
-    let _lifecycle = LIFECYCLE.lock();
+    let lifecycle = LIFECYCLE.get();
+    let _serialised = lifecycle.serialise();
     let provider = get()?;
-    PROVIDER.write().take();
+    lifecycle.provider_mut().take();
     let mut workers = provider.workers.lock().take();
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
@@ -248,7 +272,11 @@ pub fn finalize() -> Result<()> {
 }
 
 fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>, String> {
-    let mut loaded = LOADED.lock();
+    let mut loaded = LIFECYCLE
+        .get()
+        .loaded
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let same = |l: &&Arc<MemberLibrary>| l.name == entry.name && l.path == entry.path;
     if let Some(library) = loaded.iter().find(same) {
         return Ok(Arc::clone(library));
@@ -328,6 +356,7 @@ impl Provider {
             libraries,
             groups,
             sessions: SessionTable::default(),
+            passthrough_slots: PassThroughSlots::default(),
             recovery: RecoverySettings {
                 attempts: config.recovery.attempts,
                 interval: Duration::from_secs(config.recovery.interval_secs),
@@ -352,7 +381,7 @@ impl Provider {
     }
 
     pub fn slot(&self, slot_id: CK_SLOT_ID) -> Result<Slot> {
-        if slot_id <= MEMBER_SLOT_MASK {
+        if slot_id < FIRST_PASSTHROUGH_SLOT {
             return self
                 .groups
                 .iter()
@@ -363,11 +392,43 @@ impl Provider {
         if self.ha_only {
             return Err(Error::new(CKR_SLOT_ID_INVALID));
         }
-        let library = (slot_id >> LIBRARY_SHIFT) as usize - 1;
-        self.libraries
-            .get(library)
-            .map(|l| Slot::PassThrough(Arc::clone(l), slot_id & MEMBER_SLOT_MASK))
-            .ok_or(Error::new(CKR_SLOT_ID_INVALID))
+        // An ID from another process or an earlier run names a slot this
+        // process has not numbered yet: number them all, then look again.
+        let (library, member_slot) = match self.passthrough_slots.member(slot_id) {
+            Some(member) => member,
+            None => {
+                self.passthrough_slot_list(false);
+                self.passthrough_slots
+                    .member(slot_id)
+                    .ok_or(Error::new(CKR_SLOT_ID_INVALID))?
+            }
+        };
+        Ok(Slot::PassThrough(
+            Arc::clone(&self.libraries[library]),
+            member_slot,
+        ))
+    }
+
+    /// Every library's slots, as pass-through slot IDs.
+    fn passthrough_slot_list(&self, token_present: bool) -> Vec<CK_SLOT_ID> {
+        let member_slots: Vec<(&str, (usize, CK_SLOT_ID))> = self
+            .libraries
+            .iter()
+            .enumerate()
+            .flat_map(|(position, library)| {
+                library
+                    .slot_list(CK_BBOOL::from(token_present))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |slot| (library.name.as_str(), (position, slot)))
+            })
+            .collect();
+        // Slots are numbered in the order of all of them, with or without a
+        // token, so that colliding slots get the same IDs on every start.
+        if token_present && !self.passthrough_slots.all_numbered(&member_slots) {
+            self.passthrough_slot_list(false);
+        }
+        self.passthrough_slots.ids(member_slots)
     }
 
     /// Every slot: virtual slots first, then each library's slots.
@@ -379,18 +440,7 @@ impl Provider {
             .map(|g| g.slot_id)
             .collect();
         if !self.ha_only {
-            for (position, library) in self.libraries.iter().enumerate() {
-                let base = ((position + 1) as CK_SLOT_ID) << LIBRARY_SHIFT;
-                let member_slots = library
-                    .slot_list(CK_BBOOL::from(token_present))
-                    .unwrap_or_default();
-                slots.extend(
-                    member_slots
-                        .into_iter()
-                        .filter(|s| *s <= MEMBER_SLOT_MASK)
-                        .map(|s| base | s),
-                );
-            }
+            slots.extend(self.passthrough_slot_list(token_present));
         }
         slots
     }

@@ -91,9 +91,20 @@ pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_ALLOWED_MECHANISMS,
 ];
 
+/// Attributes whose value is a template: a copy carries them as the
+/// original has them, so it is no less restricted.
+pub const NESTED_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] =
+    &[CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
+
+/// Attribute values, by type.
+type Values = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
+
 /// An attribute list read from a member, as a template for another.
 struct Template {
-    values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>,
+    values: Values,
+    nested: Vec<(CK_ATTRIBUTE_TYPE, Values)>,
+    /// The inner arrays `attributes` points nested values at.
+    inner: Vec<Vec<CK_ATTRIBUTE>>,
 }
 
 impl Template {
@@ -104,23 +115,47 @@ impl Template {
         session: CK_SESSION_HANDLE,
         object: CK_OBJECT_HANDLE,
         types: &[CK_ATTRIBUTE_TYPE],
+        nested_types: &[CK_ATTRIBUTE_TYPE],
     ) -> Option<Template> {
         // Empty values (no dates, no subject) are the members' defaults, and
         // some members refuse them spelled out.
         let mut values = identity::read_attributes(library, session, object, types)?;
         values.retain(|(_, v)| !v.is_empty());
-        Some(Template { values })
+        let nested = nested_types
+            .iter()
+            .filter_map(|t| identity::read_nested(library, session, object, *t).map(|n| (*t, n)))
+            .filter(|(_, n)| !n.is_empty())
+            .collect();
+        Some(Template {
+            values,
+            nested,
+            inner: Vec::new(),
+        })
     }
 
     fn attributes(&mut self) -> Vec<CK_ATTRIBUTE> {
-        self.values
+        let as_attribute = |(t, v): &mut (CK_ATTRIBUTE_TYPE, Vec<u8>)| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: v.as_mut_ptr() as *mut _,
+            ulValueLen: v.len() as CK_ULONG,
+        };
+        self.inner = self
+            .nested
             .iter_mut()
-            .map(|(t, v)| CK_ATTRIBUTE {
+            .map(|(_, values)| values.iter_mut().map(as_attribute).collect())
+            .collect();
+        let nested = self
+            .nested
+            .iter()
+            .zip(self.inner.iter_mut())
+            .map(|((t, _), inner)| CK_ATTRIBUTE {
                 type_: *t,
-                pValue: v.as_mut_ptr() as *mut _,
-                ulValueLen: v.len() as CK_ULONG,
-            })
-            .collect()
+                pValue: inner.as_mut_ptr() as *mut _,
+                ulValueLen: std::mem::size_of_val(inner.as_slice()) as CK_ULONG,
+            });
+        let mut attributes: Vec<CK_ATTRIBUTE> = self.values.iter_mut().map(as_attribute).collect();
+        attributes.extend(nested);
+        attributes
     }
 }
 
@@ -329,10 +364,19 @@ impl VirtualSession {
             PUBLIC_ATTRIBUTES
         };
         let mut template = if secret && !wraps {
-            Template { values: Vec::new() }
+            Template {
+                values: Vec::new(),
+                nested: Vec::new(),
+                inner: Vec::new(),
+            }
         } else {
             self.on_member(source, |s| {
-                Template::read(&s.library, s.handle, source_handle, types)
+                let nested = if secret {
+                    NESTED_ATTRIBUTES
+                } else {
+                    &[CKA_WRAP_TEMPLATE][..]
+                };
+                Template::read(&s.library, s.handle, source_handle, types, nested)
             })?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?
         };

@@ -179,8 +179,9 @@ impl PassThroughSession {
         }
     }
 
-    /// `C_FindObjects` without the hidden objects. A batch that held only
-    /// those must not read as the end of the search: ask again.
+    /// `C_FindObjects` without the hidden objects. The batch is filled as
+    /// the member would have filled it: many clients (the `cryptoki` crate
+    /// among them) take a short batch for the end of the search.
     ///
     /// # Safety
     /// `found` must have room for `max` handles; `count` must be writable.
@@ -190,31 +191,41 @@ impl PassThroughSession {
         max: CK_ULONG,
         count: CK_ULONG_PTR,
     ) -> Result<()> {
-        loop {
-            check(member_call!(
+        if self.hidden.handles.is_empty() {
+            return check(member_call!(
                 self.library,
                 C_FindObjects(self.handle, found, max, count)
+            ));
+        }
+        let max = max as usize;
+        let mut kept = 0;
+        while kept < max {
+            let room = max - kept;
+            let mut returned: CK_ULONG = 0;
+            // SAFETY: `found` has room for `max` handles, `kept` of them used.
+            let at = unsafe { found.add(kept) };
+            check(member_call!(
+                self.library,
+                C_FindObjects(self.handle, at, room as CK_ULONG, &mut returned)
             ))?;
-            // SAFETY: the member wrote `*count` handles into `found`.
-            let returned = unsafe { (*count).min(max) } as usize;
-            if self.hidden.handles.is_empty() || returned == 0 {
-                return Ok(());
-            }
-            // SAFETY: as above.
-            let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
-            let mut kept = 0;
+            let returned = (returned as usize).min(room);
+            // SAFETY: the member wrote `returned` handles there.
+            let batch = unsafe { std::slice::from_raw_parts_mut(at, returned) };
+            let mut shown = 0;
             for i in 0..returned {
-                if !self.hidden.handles.contains(&handles[i]) {
-                    handles[kept] = handles[i];
-                    kept += 1;
+                if !self.hidden.handles.contains(&batch[i]) {
+                    batch[shown] = batch[i];
+                    shown += 1;
                 }
             }
-            // SAFETY: as above.
-            unsafe { *count = kept as CK_ULONG };
-            if kept > 0 {
-                return Ok(());
+            kept += shown;
+            if returned < room {
+                break;
             }
         }
+        // SAFETY: `count` is writable, as the caller vouches.
+        unsafe { *count = kept as CK_ULONG };
+        Ok(())
     }
 
     /// Refuses a template that would make or rename a key with a domain

@@ -2,13 +2,16 @@
 //! applications written for Luna work unchanged, and a richer
 //! `PKCS11HA_GetGroupStatus`. The C declarations are in
 //! `include/pkcs11_ha.h`; the structs here must match them field for field
-//! (a test compiles the header and compares sizes and offsets).
+//! (build.rs compares names, fields and constants; a test compiles the
+//! header and compares sizes and offsets).
 #![allow(non_camel_case_types, non_snake_case)]
 
 use crate::group::{Group, MemberState};
 use cryptoki_sys::*;
 
 pub const CK_HA_MAX_MEMBERS: usize = 32;
+// A group reports every member: the config accepts no more than this.
+const _: () = assert!(CK_HA_MAX_MEMBERS == crate::config::MAX_GROUP_MEMBERS);
 /// `CK_TOKEN_SERIAL_NUMBER_SIZE + 4`, as in Luna's header.
 pub const CK_HA_SERIAL_SIZE: usize = 20;
 pub const PKCS11HA_LABEL_SIZE: usize = 33;

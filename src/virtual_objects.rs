@@ -873,10 +873,19 @@ impl VirtualSession {
         max: CK_ULONG,
         count: CK_ULONG_PTR,
     ) -> Result<()> {
-        // A batch that held only the domain key (or objects returned before
-        // the search moved to another member) must not read as the end of
-        // the search, a count of 0: ask the member again.
-        loop {
+        // What is left out (the domain key, objects returned before the
+        // search moved, objects the filter rejects) is made up for from the
+        // member, so the batch is as full as the member would have made it:
+        // many clients (the `cryptoki` crate among them) take a short batch
+        // for the end of the search.
+        let max = max as usize;
+        let mut kept = 0;
+        let filter = self.search_filter();
+        while kept < max {
+            let room = max - kept;
+            // SAFETY: `found` has room for `max` handles, `kept` of them used.
+            let at = unsafe { found.add(kept) };
+            let mut returned: CK_ULONG = 0;
             let mut member = None;
             self.step(
                 OpKind::Find,
@@ -885,18 +894,16 @@ impl VirtualSession {
                 "C_FindObjects",
                 |l, s| {
                     member = self.bound_member();
-                    member_call!(l, C_FindObjects(s, found, max, count))
+                    member_call!(l, C_FindObjects(s, at, room as CK_ULONG, &mut returned))
                 },
             )?;
             let member = member.ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
-            // SAFETY: the member wrote `*count` handles into `found`.
-            let returned = unsafe { (*count).min(max) } as usize;
-            // SAFETY: as above.
-            let handles = unsafe { std::slice::from_raw_parts_mut(found, returned) };
-            let mut kept = 0;
+            let returned = (returned as usize).min(room);
+            // SAFETY: the member wrote `returned` handles there.
+            let handles = unsafe { std::slice::from_raw_parts_mut(at, returned) };
             let epoch = self.group.members[member].epoch();
-            let filter = self.search_filter();
-            for i in 0..handles.len() {
+            let mut shown = 0;
+            for i in 0..returned {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
@@ -906,15 +913,17 @@ impl VirtualSession {
                 if !self.first_time_found(object) || !self.shows(object, &filter)? {
                     continue;
                 }
-                handles[kept] = object;
-                kept += 1;
+                handles[shown] = object;
+                shown += 1;
             }
-            // SAFETY: as above.
-            unsafe { *count = kept as CK_ULONG };
-            if kept > 0 || returned == 0 {
-                return Ok(());
+            kept += shown;
+            if returned < room {
+                break;
             }
         }
+        // SAFETY: `count` is writable, as the caller vouches.
+        unsafe { *count = kept as CK_ULONG };
+        Ok(())
     }
 
     /// The virtual handle of an object a search found on `member`, made on

@@ -1,6 +1,9 @@
 //! A bad configuration must not crash the library: `C_Initialize` returns
 //! `CKR_GENERAL_ERROR` and one line on stderr names the file, the section,
-//! the key and the problem. stderr is captured by running `pkcs11-tool
+//! the key and the problem. Settings that are accepted but do not do what
+//! they say (a member no library has, a domain key no member holds, an HA
+//! log directory that cannot be written) get one warning line each, and
+//! `C_Initialize` succeeds. stderr is captured by running `pkcs11-tool
 //! --list-slots` on the built library in a child process. A member token
 //! that is simply absent is not a configuration error: that case, and
 //! recovery after a bad configuration, are checked in-process through the
@@ -75,6 +78,52 @@ fn assert_rejected(case: &str, config: &Path, parts: &[&str]) {
         assert!(
             line.contains(part),
             "{case}: the message does not name {part:?}: {line}\n{context}"
+        );
+    }
+}
+
+/// Runs `pkcs11-tool --list-slots` on the tokens of `hsm` with
+/// `PKCS11_HA_CONF` = `config`, checks that it succeeded and that stderr
+/// holds exactly one pkcs11-ha line, a warning naming the file and every
+/// one of `parts` (none at all when `parts` is empty).
+#[track_caller]
+fn assert_warned(case: &str, hsm: &SoftHsm, config: &Path, parts: &[&str]) {
+    let out = pkcs11_tool(&library_path(), hsm, config)
+        .arg("--list-slots")
+        .output()
+        .expect("run pkcs11-tool (is opensc installed?)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = format!(
+        "{case}\n--- stdout ---\n{}--- stderr ---\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        out.status.success(),
+        "{case}: pkcs11-tool failed\n{context}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("pkcs11-ha:"))
+        .collect();
+    if parts.is_empty() {
+        assert!(
+            lines.is_empty(),
+            "{case}: want no pkcs11-ha line\n{context}"
+        );
+        return;
+    }
+    assert_eq!(
+        lines.len(),
+        1,
+        "{case}: want exactly one pkcs11-ha line\n{context}"
+    );
+    let line = lines[0];
+    assert!(line.starts_with("pkcs11-ha: warning: "), "{case}: {line}");
+    let file = config.display().to_string();
+    for part in std::iter::once(file.as_str()).chain(parts.iter().copied()) {
+        assert!(
+            line.contains(part),
+            "{case}: the warning does not name {part:?}: {line}\n{context}"
         );
     }
 }
@@ -254,8 +303,141 @@ fn library_that_does_not_exist() {
     assert_rejected(
         "library path that does not exist",
         &config,
-        &["[Libraries]", "ghost", missing],
+        &[
+            "[Libraries]",
+            "ghost",
+            missing,
+            "cannot open shared object file",
+        ],
     );
+}
+
+#[test]
+fn library_the_loader_refuses_says_why() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = dir.path().join("libfake.so");
+    std::fs::write(&fake, "not a shared object\n".repeat(20)).unwrap();
+    let text = format!(
+        "[Libraries]\nfake = {}\n\n[VirtualToken]\nVirtualToken00Label = g\n\
+         VirtualToken00Members = {ABSENT_SERIAL}\n",
+        fake.display()
+    );
+    let (_dir, config) = write_file("fake-library.conf", &text);
+    assert_rejected(
+        "a file that is not a shared object",
+        &config,
+        &["[Libraries]", "fake", "invalid ELF header"],
+    );
+}
+
+#[test]
+fn more_members_than_ca_get_ha_state_reports() {
+    let serials: Vec<String> = (0..33).map(|i| format!("{i:016x}")).collect();
+    let text = with_softhsm(&format!(
+        "[VirtualToken]\nVirtualToken00Label = g\nVirtualToken00Members = {}\n",
+        serials[..30].join(",")
+    ));
+    let (_dir, config) = write_file("thirty.conf", &text);
+    let hsm = SoftHsm::new(&[]);
+    assert!(
+        pkcs11_tool(&library_path(), &hsm, &config)
+            .arg("--list-slots")
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "30 members are accepted"
+    );
+    let text = with_softhsm(&format!(
+        "[VirtualToken]\nVirtualToken00Label = g\nVirtualToken00Members = {}\n\
+         VirtualToken00Standby = {}\n",
+        serials[..30].join(","),
+        serials[30..].join(",")
+    ));
+    let (_dir, config) = write_file("thirty-three.conf", &text);
+    assert_rejected(
+        "33 members and standbys",
+        &config,
+        &["[VirtualToken]", "VirtualToken00Standby", "33", "32"],
+    );
+}
+
+#[test]
+fn member_serial_no_library_has_is_a_warning() {
+    let hsm = SoftHsm::new(&[]);
+    let (_dir, config) = write_file("absent-member.conf", &good_config());
+    assert_warned(
+        "a member serial no library has",
+        &hsm,
+        &config,
+        &[
+            "[VirtualToken]",
+            "VirtualToken00Members",
+            ABSENT_SERIAL,
+            SOFTHSM_LIB_NAME,
+        ],
+    );
+}
+
+#[test]
+fn ha_log_directory_that_cannot_be_written_is_a_warning() {
+    let hsm = SoftHsm::new(&[]);
+    let a_file = hsm.dir.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let missing = hsm.dir.path().join("missing");
+    // Not writable even by root.
+    let unwritable = Path::new("/proc/self");
+    for (case, directory) in [
+        ("missing", missing.as_path()),
+        ("a file", a_file.as_path()),
+        ("unwritable", unwritable),
+    ] {
+        let text = with_softhsm(&format!(
+            "[HAConfiguration]\nhaLogStatus = enabled\nhaLogPath = {}\n",
+            directory.display()
+        ));
+        let (_dir, config) = write_file("ha-log.conf", &text);
+        let path = directory.display().to_string();
+        assert_warned(
+            &format!("haLogPath {case}"),
+            &hsm,
+            &config,
+            &["[HAConfiguration]", "haLogPath", &path],
+        );
+    }
+}
+
+#[test]
+fn domain_label_no_member_holds_is_a_warning() {
+    let hsm = SoftHsm::new(&["a", "b"]);
+    let config = write_config(
+        hsm.dir.path(),
+        &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
+        &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
+        false,
+    );
+    let log_dir = hsm.dir.path().join("halog");
+    std::fs::create_dir(&log_dir).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "haLogStatus = enabled\nhaLogPath = {}\n",
+        log_dir.display()
+    ));
+    assert!(text.contains("[HAConfiguration]"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    assert_warned(
+        "no domain key",
+        &hsm,
+        &config,
+        &["[VirtualToken]", "VirtualToken00DomainLabel", DOMAIN_LABEL],
+    );
+    let log = std::fs::read_to_string(log_dir.join("haErrorLog.txt")).unwrap();
+    assert!(
+        log.contains("config warning") && log.contains(DOMAIN_LABEL),
+        "{log}"
+    );
+    provision_domain(&hsm, &DOMAIN_VALUE);
+    assert_warned("domain key provisioned", &hsm, &config, &[]);
 }
 
 #[test]

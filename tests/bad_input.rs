@@ -223,7 +223,7 @@ impl Ctx {
 
     /// The pass-through slot of [`PLAIN`] (SoftHSM is library 0).
     fn passthrough_slot(&self) -> CK_SLOT_ID {
-        passthrough_slot_id(0, self.hsm.token(PLAIN).slot_id)
+        passthrough_slot_id(SOFTHSM_LIB_NAME, self.hsm.token(PLAIN).slot_id)
     }
 
     /// The slots each test runs on, named for messages.
@@ -1242,7 +1242,7 @@ fn slot_and_mechanism_lists_follow_the_two_call_convention() {
             "virtual slot listed: {slots:x?}"
         );
         for token in &ctx.hsm.tokens {
-            let id = passthrough_slot_id(0, token.slot_id);
+            let id = passthrough_slot_id(SOFTHSM_LIB_NAME, token.slot_id);
             assert!(
                 slots.contains(&id),
                 "pass-through slot {id:#x} listed: {slots:x?}"
@@ -1797,8 +1797,9 @@ fn invalid_slot_ids() {
     let bad_slots = [
         999_999,
         (7 << 32) | 1,
+        0x1000,
         1, // no group 01
-        passthrough_slot_id(0, 999_999),
+        passthrough_slot_id(SOFTHSM_LIB_NAME, 999_999),
         CK_SLOT_ID::MAX,
     ];
     let mut wrong = Vec::new();

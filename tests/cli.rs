@@ -3,6 +3,8 @@
 //! PINs go through `--pin-file` / `--pin-env`, never on the command line.
 
 mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
 
 use std::fs;
 use std::io::Write as _;
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::*;
+use p11kit::P11KitServer;
 use pkcs11_ha::config::{Config, RecoveryMode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pkcs11-ha");
@@ -901,38 +904,23 @@ fn json_errors_and_help() {
 /// parameterised ones): the check lists what it lacks; --force skips it.
 #[test]
 fn mechanism_mismatch_through_p11kit() {
-    let client = Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so");
-    if !client.exists() {
-        eprintln!("skipped: {} is not installed", client.display());
-        return;
-    }
+    let client = p11kit::client_module();
     let s = Setup::new(&["memberA", "memberB"]);
     s.create("myHAgroup", "memberA");
     // B gets its domain key directly, then is exported by a p11-kit server.
     let b = s.serial("memberB");
-    let socket = s.hsm.dir.path().join("p11.sock");
-    let mut server = Command::new("p11-kit")
-        .args(["server", "-f", "-n"])
-        .arg(&socket)
-        .args(["--provider", SOFTHSM_LIB, "pkcs11:token=memberB"])
-        .env(SOFTHSM_CONF_ENV, &s.hsm.conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start p11-kit server");
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let server = P11KitServer::start(
+        SOFTHSM_LIB,
+        &s.hsm.conf,
+        "memberB",
+        &s.hsm.dir.path().join("p11.sock"),
+    );
     let mut text = fs::read_to_string(&s.conf).unwrap();
     text = text.replace(
         "[VirtualToken]",
         &format!(
-            "remote = {}\n\n[LibraryEnvironment]\nremote.P11_KIT_SERVER_ADDRESS = unix:path={}\n\n[VirtualToken]",
-            client.display(),
-            socket.display()
+            "remote = {client}\n\n[LibraryEnvironment]\nremote.P11_KIT_SERVER_ADDRESS = {}\n\n[VirtualToken]",
+            server.address()
         ),
     );
     fs::write(&s.conf, text).unwrap();
@@ -943,45 +931,38 @@ fn mechanism_mismatch_through_p11kit() {
         .iter()
         .find(|t| t["library"] == "remote" && t["serial"] == b.as_str())
         .cloned();
-    let result = std::panic::catch_unwind(|| {
-        let remote = remote.expect("memberB through the p11-kit client");
-        let slot = remote["slot"].to_string();
-        let creds = s.provisioning();
-        let mut args = vec![
-            "group",
-            "add-member",
-            "--group",
-            "myHAgroup",
-            "--slot",
-            &slot,
-            "--library",
-            "remote",
-        ];
-        args.extend(creds.iter().map(String::as_str));
-        let text = s.fails(&args, "[FAIL] mechanisms: lacks");
-        assert!(text.contains("CKM_AES_GCM"), "{text}");
-        assert!(s.config().groups[0].members.len() == 1);
-        args.push("--force");
-        let text = s.ok(&args);
-        assert!(text.contains("[SKIP] mechanisms"), "{text}");
-        assert!(
-            text.contains("[SKIP] key transport: no way to move secret keys"),
-            "p11-kit 0.24 lists no key-wrap mechanism: {text}"
-        );
-        assert!(
-            text.contains("--force skipped: key transport, mechanisms"),
-            "{text}"
-        );
-        assert_eq!(
-            s.config().groups[0].members,
-            [s.serial("memberA"), b.clone()]
-        );
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    let remote = remote.expect("memberB through the p11-kit client");
+    let slot = remote["slot"].to_string();
+    let creds = s.provisioning();
+    let mut args = vec![
+        "group",
+        "add-member",
+        "--group",
+        "myHAgroup",
+        "--slot",
+        &slot,
+        "--library",
+        "remote",
+    ];
+    args.extend(creds.iter().map(String::as_str));
+    let text = s.fails(&args, "[FAIL] mechanisms: lacks");
+    assert!(text.contains("CKM_AES_GCM"), "{text}");
+    assert!(s.config().groups[0].members.len() == 1);
+    args.push("--force");
+    let text = s.ok(&args);
+    assert!(text.contains("[SKIP] mechanisms"), "{text}");
+    assert!(
+        text.contains("[SKIP] key transport: no way to move secret keys"),
+        "p11-kit 0.24 lists no key-wrap mechanism: {text}"
+    );
+    assert!(
+        text.contains("--force skipped: key transport, mechanisms"),
+        "{text}"
+    );
+    assert_eq!(
+        s.config().groups[0].members,
+        [s.serial("memberA"), b.clone()]
+    );
 }
 
 /// The HA log writer is one per process: tests that write with it take turns.
@@ -1179,7 +1160,7 @@ fn status_exit_codes_prometheus_and_log_figures() {
     assert!(text.contains(": serving"), "{text}");
 
     // A member failure in the HA log, written by the library's own writer.
-    pkcs11_ha::halog::open(&logs, 0);
+    pkcs11_ha::halog::open(&logs, 0).expect("the HA log directory is writable");
     pkcs11_ha::halog::record(
         "myHAgroup",
         "1",
@@ -1284,7 +1265,7 @@ fn log_reads_rotated_files_filters_and_follows() {
     );
     s.ok(&["log", "--enable", "--path", &logs.display().to_string()]);
     // Small files: every second line (about 64 bytes each) rotates the log.
-    pkcs11_ha::halog::open(&logs, 100);
+    pkcs11_ha::halog::open(&logs, 100).expect("the HA log directory is writable");
     for i in 0..6 {
         let member = if i % 2 == 0 { "m0" } else { "m1" };
         // A rotated file is named by the millisecond: one rotation per millisecond.
@@ -1350,7 +1331,7 @@ fn log_reads_rotated_files_filters_and_follows() {
         assert!(line.contains("\"m1\""), "{line}");
     }
     // New events, through a rotation, until one reaches the follower.
-    pkcs11_ha::halog::open(&logs, 100);
+    pkcs11_ha::halog::open(&logs, 100).expect("the HA log directory is writable");
     let started = std::time::Instant::now();
     let mut followed = None;
     let mut n = 0;

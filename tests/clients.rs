@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pkcs11-ha");
-const PROXY: &str = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so";
-const PKCS11_ENGINE: &str = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so";
 
 /// A two-member group whose members share the domain key, so keys made
 /// through the group exist on both.
@@ -70,25 +68,7 @@ impl Group {
 
     /// The pass-through slot of member A.
     fn passthrough_slot(&self) -> u64 {
-        passthrough_slot_id(0, self.hsm.token("memberA").slot_id)
-    }
-
-    /// The place of `slot` in the provider's slot list (all slots, as
-    /// `C_GetSlotList(CK_FALSE)` gives them and `pkcs11-tool -L` numbers them).
-    fn slot_index(&self, slot: u64) -> usize {
-        let listing = run(self
-            .command("pkcs11-tool")
-            .arg("--module")
-            .arg(&self.library)
-            .arg("--list-slots"));
-        let id = format!("(0x{slot:x})");
-        listing
-            .lines()
-            .find_map(|l| {
-                let (index, tail) = l.strip_prefix("Slot ")?.split_once(' ')?;
-                tail.starts_with(&id).then(|| index.parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("slot {id} not listed:\n{listing}"))
+        passthrough_slot_id(SOFTHSM_LIB_NAME, self.hsm.token("memberA").slot_id)
     }
 
     /// Labels of the objects of `kind` (`privkey`, `cert`, ...) on member
@@ -172,10 +152,9 @@ fn java_sunpkcs11_virtual_and_passthrough_slots() {
     ] {
         assert!(text.contains(line), "{line}:\n{text}");
     }
-    // A member's pass-through slot. Its ID does not fit SunPKCS11's `slot`
-    // (an int), so it is chosen by its place in the slot list.
-    let index = g.slot_index(g.passthrough_slot());
-    let text = java(&format!("slotListIndex = {index}"), &[]);
+    // A member's pass-through slot, by its ID: SunPKCS11 reads `slot` as an
+    // int, and pass-through slot IDs are below 2^31.
+    let text = java(&format!("slot = {}", g.passthrough_slot()), &[]);
     assert!(
         text.contains("SHA256withECDSA signed and verified"),
         "{text}"
@@ -331,13 +310,17 @@ fn free_port() -> u16 {
 fn openssl_engine_s_server_100_handshakes() {
     let g = Group::new();
     let openssl_conf = g.path("openssl.cnf");
+    let engine = multiarch_dir()
+        .join("engines-3/pkcs11.so")
+        .display()
+        .to_string();
     fs::write(
         &openssl_conf,
         format!(
             "openssl_conf = openssl_init\n\
              [openssl_init]\nengines = engine_section\n\
              [engine_section]\npkcs11 = pkcs11_section\n\
-             [pkcs11_section]\nengine_id = pkcs11\ndynamic_path = {PKCS11_ENGINE}\n\
+             [pkcs11_section]\nengine_id = pkcs11\ndynamic_path = {engine}\n\
              MODULE_PATH = {}\ninit = 0\n",
             g.library.display()
         ),
@@ -468,7 +451,8 @@ fn p11kit_proxy_with_the_module_file() {
     };
     let proxied = |args: &[&str]| {
         run(as_nobody("pkcs11-tool")
-            .args(["--module", PROXY])
+            .arg("--module")
+            .arg(multiarch_dir().join("p11-kit-proxy.so"))
             .args(args))
     };
     let listed = run(as_nobody("p11-kit").arg("list-modules"));

@@ -81,8 +81,11 @@ fn config_text_lists_libraries_groups_and_standby() {
 
 #[test]
 fn slot_and_serial_arithmetic() {
-    assert_eq!(passthrough_slot_id(0, 0x3eb4_3bad), 0x1_3eb4_3bad);
-    assert_eq!(passthrough_slot_id(2, 7), (3 << 32) | 7);
+    // FNV-1a-32("softhsm/1234") = 0x858c2698.
+    assert_eq!(passthrough_slot_id("softhsm", 1234), 93_079_192);
+    assert_eq!(passthrough_slot_id("SoftHSM", 1234), 93_079_192);
+    let from_serial = passthrough_slot_id("softhsm", 0x12db_d55c8);
+    assert!((0x1000..1 << 31).contains(&from_serial));
     assert_eq!(virtual_serial("5d128f393eb43bad"), "1d128f393eb43bad");
     assert_eq!(virtual_serial("abc"), "1abc");
 }

@@ -562,3 +562,194 @@ fn a_non_extractable_copy_of_an_extractable_key_is_on_every_member() {
         assert_eq!(find_label(&direct, "copied-nx").len(), 1, "member {member}");
     }
 }
+
+fn bool_attr(type_: CK_ATTRIBUTE_TYPE, value: &CK_BBOOL) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_,
+        pValue: value as *const CK_BBOOL as *mut _,
+        ulValueLen: 1,
+    }
+}
+
+fn ulong_attr(type_: CK_ATTRIBUTE_TYPE, value: &CK_ULONG) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_,
+        pValue: value as *const CK_ULONG as *mut _,
+        ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
+    }
+}
+
+fn nested_attr(type_: CK_ATTRIBUTE_TYPE, inner: &[CK_ATTRIBUTE]) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_,
+        pValue: inner.as_ptr() as *mut _,
+        ulValueLen: std::mem::size_of_val(inner) as CK_ULONG,
+    }
+}
+
+/// The (type, value) pairs of a nested template attribute, read raw in
+/// the three calls PKCS#11 prescribes.
+fn read_nested(
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    type_: CK_ATTRIBUTE_TYPE,
+) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+    let get = raw().C_GetAttributeValue.unwrap();
+    let mut outer = CK_ATTRIBUTE {
+        type_,
+        pValue: ptr::null_mut(),
+        ulValueLen: 0,
+    };
+    // SAFETY: a template of one attribute with live buffers, each call.
+    unsafe {
+        assert_eq!(
+            get(session, object, &mut outer, 1),
+            CKR_OK,
+            "length of {type_:#x}"
+        );
+        let n = outer.ulValueLen as usize / std::mem::size_of::<CK_ATTRIBUTE>();
+        let mut inner = vec![
+            CK_ATTRIBUTE {
+                type_: 0,
+                pValue: ptr::null_mut(),
+                ulValueLen: 0
+            };
+            n
+        ];
+        outer.pValue = inner.as_mut_ptr().cast();
+        assert_eq!(
+            get(session, object, &mut outer, 1),
+            CKR_OK,
+            "lengths inside"
+        );
+        let mut values: Vec<Vec<u8>> = inner
+            .iter()
+            .map(|a| vec![0; a.ulValueLen as usize])
+            .collect();
+        for (a, v) in inner.iter_mut().zip(values.iter_mut()) {
+            a.pValue = v.as_mut_ptr().cast();
+        }
+        assert_eq!(get(session, object, &mut outer, 1), CKR_OK, "values inside");
+        inner.iter().map(|a| a.type_).zip(values).collect()
+    }
+}
+
+#[test]
+fn copies_carry_the_templates_a_key_imposes_and_unwrapping_under_them_works() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
+    let (secret, length): (CK_ULONG, CK_ULONG) = (CKO_SECRET_KEY, 32);
+    let unwrap_template = [bool_attr(CKA_EXTRACTABLE, &no)];
+    let wrap_template = [ulong_attr(CKA_CLASS, &secret)];
+    let label = b"kek";
+    let mut template = vec![
+        ulong_attr(CKA_VALUE_LEN, &length),
+        bool_attr(CKA_TOKEN, &yes),
+        bool_attr(CKA_WRAP, &yes),
+        bool_attr(CKA_UNWRAP, &yes),
+        bool_attr(CKA_EXTRACTABLE, &yes),
+        nested_attr(CKA_UNWRAP_TEMPLATE, &unwrap_template),
+        nested_attr(CKA_WRAP_TEMPLATE, &wrap_template),
+        CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_ptr() as *mut _,
+            ulValueLen: label.len() as CK_ULONG,
+        },
+    ];
+    let mut mechanism = CK_MECHANISM {
+        mechanism: CKM_AES_KEY_GEN,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut kek: CK_OBJECT_HANDLE = 0;
+    // SAFETY: live templates and out-pointer.
+    let rv = unsafe {
+        raw().C_GenerateKey.unwrap()(
+            session.handle(),
+            &mut mechanism,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG,
+            &mut kek,
+        )
+    };
+    assert_eq!(rv, CKR_OK, "C_GenerateKey with nested templates");
+    // The copy on each member carries both templates.
+    for member in 0..2 {
+        let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        let found = find_label(&direct, "kek");
+        assert_eq!(found.len(), 1, "member {member}");
+        let wrap = read_nested(direct.handle(), found[0].handle(), CKA_WRAP_TEMPLATE);
+        assert_eq!(
+            wrap,
+            vec![(CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec())],
+            "member {member}"
+        );
+        let unwrap = read_nested(direct.handle(), found[0].handle(), CKA_UNWRAP_TEMPLATE);
+        assert!(
+            unwrap.contains(&(CKA_WRAP_WITH_TRUSTED, vec![CK_TRUE])),
+            "member {member}: unwrapped keys stay replicable: {unwrap:?}"
+        );
+    }
+    // Unwrapping under it: the key comes out non-extractable to the
+    // application, and imported material is not "never extractable".
+    let kek = raw_handle(kek);
+    let payload = generate_aes(&session, "payload", true, false);
+    let wrapped = session
+        .wrap_key(&Mechanism::AesKeyWrapPad, kek, payload)
+        .expect("C_WrapKey under the wrap template");
+    let unwrapped = session
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            kek,
+            &wrapped,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Label("unwrapped".into()),
+                Attribute::Encrypt(true),
+            ],
+        )
+        .expect("C_UnwrapKey under the unwrap template");
+    assert!(!bool_attribute(
+        &session,
+        unwrapped,
+        AttributeType::Extractable
+    ));
+    assert!(!bool_attribute(
+        &session,
+        unwrapped,
+        AttributeType::NeverExtractable
+    ));
+    for member in 0..2 {
+        let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        assert_eq!(find_label(&direct, "unwrapped").len(), 1, "member {member}");
+    }
+}
+
+#[test]
+fn filtered_searches_fill_their_batches() {
+    // The cryptoki crate asks for batches of 10 and stops at a short one:
+    // what the virtual slot leaves out must be made up from the member.
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    for i in 0..12 {
+        generate_aes(&session, &format!("nx{i}"), false, true);
+        generate_aes(&session, &format!("x{i}"), true, true);
+    }
+    let secret = Attribute::Class(ObjectClass::SECRET_KEY);
+    for extractable in [false, true] {
+        let found = session
+            .find_objects(&[secret.clone(), Attribute::Extractable(extractable)])
+            .unwrap();
+        assert_eq!(found.len(), 12, "extractable = {extractable}");
+    }
+    assert_eq!(session.find_objects(&[secret]).unwrap().len(), 24);
+    // And a member's pass-through slot, which hides the domain key.
+    let direct = user_session(&fixture.pkcs11, fixture.member_slot(1));
+    let on_member = direct
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert_eq!(on_member.len(), 24);
+}

@@ -135,8 +135,8 @@ impl Luna {
 
     /// The pass-through slot of partition `i`.
     fn partition_slot(&self, i: usize) -> Slot {
-        let library = if self.libraries.len() == 1 { 0 } else { i };
-        let id = passthrough_slot_id(library, self.hsm.tokens[i].slot_id);
+        let library = format!("luna{}", if self.libraries.len() == 1 { 0 } else { i });
+        let id = passthrough_slot_id(&library, self.hsm.tokens[i].slot_id);
         Slot::try_from(id).expect("slot id")
     }
 

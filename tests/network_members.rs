@@ -4,6 +4,8 @@
 //! killed server's member is recovered when the server comes back.
 
 mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
 
 use common::*;
 use cryptoki::mechanism::Mechanism;
@@ -11,9 +13,10 @@ use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// A `p11-kit server` exporting one SoftHSM token on a unix socket.
@@ -144,8 +147,9 @@ impl Remote {
             .map(|(hsm, label)| Server::start(hsm, label, &dir.join(format!("{label}.sock"))))
             .collect();
         let serials: Vec<String> = hsms.iter().map(|h| h.tokens[0].serial.clone()).collect();
+        let client = p11kit::client_module();
         let text = format!(
-            "[Libraries]\nhsmA = {P11_KIT_CLIENT}\nhsmB = {P11_KIT_CLIENT}\n\n\
+            "[Libraries]\nhsmA = {client}\nhsmB = {client}\n\n\
              [LibraryEnvironment]\nhsmA.P11_KIT_SERVER_ADDRESS = unix:path={}\n\
              hsmB.P11_KIT_SERVER_ADDRESS = unix:path={}\n\n\
              [VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\n\
@@ -343,6 +347,53 @@ fn killed_server_member_recovers_with_keys_imported_while_away() {
         sign_and_verify(&session, during);
     }
     assert!(group_status().members[0].callsServed > 0);
+}
+
+/// Recovery reconnects a p11-kit member without touching the process
+/// environment (`setenv` while the application's threads call `getenv` is
+/// undefined behaviour): a thread reading the member's
+/// `[LibraryEnvironment]` variable all through the recovery never sees it.
+#[test]
+fn recovery_reconnects_without_setting_the_environment() {
+    const VARIABLE: &str = "P11_KIT_SERVER_ADDRESS";
+    let mut remote = Remote::start("AutoReconnectInterval = 1");
+    assert_eq!(
+        std::env::var_os(VARIABLE),
+        None,
+        "C_Initialize left {VARIABLE} set"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(value) = std::env::var_os(VARIABLE) {
+                    return Err(value);
+                }
+                reads += 1;
+            }
+            Ok(reads)
+        })
+    };
+    let session = remote.session();
+    let keys = ec_key(&session, b"env");
+    remote.servers[0].signal_worker(libc::SIGKILL);
+    sign_and_verify(&session, keys);
+    assert_ne!(group_status().members[0].state, 0, "member 0 is out");
+    remote.servers[0].restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_status().members[0].state != 0 {
+        assert!(Instant::now() < deadline, "member 0 did not rejoin");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = watcher
+        .join()
+        .unwrap()
+        .unwrap_or_else(|value| panic!("recovery set {VARIABLE}={value:?} in the process"));
+    assert!(reads > 0);
+    sign_and_verify(&session, keys);
 }
 
 /// `PKCS11HA_GetGroupStatus` of group 0, through the exported symbol.

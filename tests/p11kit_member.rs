@@ -26,7 +26,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
-use p11kit::{P11KitServer, ADDRESS_ENV, CLIENT_MODULE};
+use p11kit::{P11KitServer, ADDRESS_ENV};
 
 /// DER of the prime256v1 OID.
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -79,10 +79,11 @@ impl Group {
         // that connects to this test's server.
         static GROUPS: AtomicUsize = AtomicUsize::new(0);
         let remote_name = format!("remote{}", GROUPS.fetch_add(1, Ordering::Relaxed));
+        let client_module = p11kit::client_module();
         let config = write_config(
             local.dir.path(),
             &[
-                (&remote_name, CLIENT_MODULE),
+                (&remote_name, &client_module),
                 (SOFTHSM_LIB_NAME, SOFTHSM_LIB),
             ],
             &[GroupSpec::new(GROUP_LABEL, &members)],

@@ -71,7 +71,7 @@ fn self_test(slot: u64) -> String {
 /// `u64::MAX` stands for the pass-through slot of the only token.
 fn slot_arg(slot: u64, hsm: &SoftHsm) -> String {
     if slot == u64::MAX {
-        passthrough_slot_id(0, hsm.tokens[0].slot_id).to_string()
+        passthrough_slot_id(SOFTHSM_LIB_NAME, hsm.tokens[0].slot_id).to_string()
     } else {
         slot.to_string()
     }

@@ -50,7 +50,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
-use p11kit::{P11KitServer, CLIENT_MODULE};
+use p11kit::P11KitServer;
 use pkcs11_ha::state_api::{PKCS11HA_GROUP_STATUS, PKCS11HA_STATE_UP};
 use sha2::{Digest as _, Sha256};
 
@@ -317,9 +317,10 @@ impl Member {
 }
 
 fn config_text(members: &[Member], log_dir: &Path) -> String {
+    let client_module = p11kit::client_module();
     let mut s = String::from("[Libraries]\n");
     for m in members {
-        writeln!(s, "{} = {CLIENT_MODULE}", m.name).unwrap();
+        writeln!(s, "{} = {client_module}", m.name).unwrap();
     }
     s.push_str("\n[LibraryEnvironment]\n");
     for m in members {

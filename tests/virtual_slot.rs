@@ -120,9 +120,12 @@ fn slot_ids_are_stable_across_restarts_and_pass_through_every_token() {
     let first: Vec<Slot> = f.pkcs11.get_all_slots().unwrap();
     let ids: Vec<u64> = first.iter().map(|s| s.id()).collect();
     assert_eq!(ids[0], 0, "group 00 is slot 0");
+    // SoftHSM's own slot IDs come from serials and reach 2^32; tools that
+    // read a slot ID as a signed 32-bit int (Java SunPKCS11) need less.
+    assert!(ids.iter().all(|id| *id < 1 << 31), "slot IDs {ids:#x?}");
     for token in &f.hsm.tokens {
         assert!(
-            ids.contains(&passthrough_slot_id(0, token.slot_id)),
+            ids.contains(&passthrough_slot_id(SOFTHSM_LIB_NAME, token.slot_id)),
             "{ids:?} lacks {}",
             token.label
         );
@@ -153,7 +156,11 @@ fn ha_only_hides_member_slots() {
     let f = Fixture::start_with_guard(guard, hsm, config);
     let slots = f.pkcs11.get_all_slots().unwrap();
     assert_eq!(slots.iter().map(|s| s.id()).collect::<Vec<_>>(), vec![0]);
-    let hidden = Slot::try_from(passthrough_slot_id(0, f.hsm.tokens[0].slot_id)).unwrap();
+    let hidden = Slot::try_from(passthrough_slot_id(
+        SOFTHSM_LIB_NAME,
+        f.hsm.tokens[0].slot_id,
+    ))
+    .unwrap();
     assert_eq!(
         rv(f.pkcs11.get_token_info(hidden).unwrap_err()),
         RvError::SlotIdInvalid

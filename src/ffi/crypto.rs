@@ -3,7 +3,7 @@
 
 use super::{buffer, cryptoki_fn, required, session};
 use crate::error::{check, Error};
-use crate::member::member_call;
+use crate::member::{member_call, MemberLibrary};
 use crate::session::Target;
 use crate::virtual_objects::{template_bool, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
@@ -21,9 +21,13 @@ macro_rules! keyed_init {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                         check(member_call!(p.library, $name(p.handle, mechanism, key)))
                     }
-                    Target::Virtual(v) => v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), |l, m, k| {
-                        member_call!(l, $name(m, mechanism, k))
-                    }).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
+                    Target::Virtual(v) => {
+                        let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism, k));
+                        // SAFETY: `mechanism` is not null (checked above) and
+                        // the application vouches that it is a valid mechanism.
+                        unsafe { v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), on_member) }
+                            .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
+                    }
                 }
             }
         }
@@ -73,7 +77,13 @@ macro_rules! input_update {
                 match &s.target {
                     Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, input, input_len))),
                     Target::Virtual(v) => {
-                        let data = if input.is_null() { &[][..] } else { std::slice::from_raw_parts(input, input_len as usize) };
+                        let data = if input.is_null() {
+                            &[][..]
+                        } else {
+                            // SAFETY: not null, and the application vouches
+                            // for `input_len` readable bytes.
+                            unsafe { std::slice::from_raw_parts(input, input_len as usize) }
+                        };
                         v.step(OpKind::$kind, Step::Update, Input::Data(data), stringify!($name), |l, m| {
                             member_call!(l, $name(m, input, input_len))
                         })
@@ -180,9 +190,12 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
-            Target::Virtual(v) => v.init(OpKind::Digest, mechanism, None, "C_DigestInit", |l, m, _| {
-                member_call!(l, C_DigestInit(m, mechanism))
-            }),
+            Target::Virtual(v) => {
+                let on_member = |l: &MemberLibrary, m, _| member_call!(l, C_DigestInit(m, mechanism));
+                // SAFETY: `mechanism` is not null (checked above) and the
+                // application vouches that it points to a valid mechanism.
+                unsafe { v.init(OpKind::Digest, mechanism, None, "C_DigestInit", on_member) }
+            }
         }
     }
 
@@ -241,20 +254,29 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
-                p.refuse_reserved_label(template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                unsafe { p.refuse_reserved_label(template, count) }?;
                 check(member_call!(p.library, C_GenerateKey(p.handle, mechanism, template, count, key)))
             }
             Target::Virtual(v) => {
-                let token = template_bool(template, count, CKA_TOKEN);
-                let mut member_template = MemberTemplate::for_new_key(template, count);
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                let (token, mut member_template) = unsafe {
+                    (template_bool(template, count, CKA_TOKEN), MemberTemplate::for_new_key(template, count))
+                };
                 let (t, n) = (member_template.ptr(), member_template.count());
-                let made = v.make_on_one(handle, &*mechanism, &[], &[token], "C_GenerateKey", |l, m, mech, _, out| {
+                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
-                })?;
+                };
+                // SAFETY: `mechanism` is not null (checked above) and the
+                // application vouches that it points to a valid mechanism.
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &[token], "C_GenerateKey", generate) }?;
                 if member_template.protects() {
                     v.group.objects.mark_protected(made[0], true);
                 }
-                *key = made[0];
+                // SAFETY: `key` is not null (checked above) and writable.
+                unsafe { *key = made[0] };
                 Ok(())
             }
         }
@@ -278,8 +300,12 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
-                p.refuse_reserved_label(public_template, public_count)?;
-                p.refuse_reserved_label(private_template, private_count)?;
+                // SAFETY: each template is null only with a zero count
+                // (checked above); the application vouches for its count.
+                unsafe {
+                    p.refuse_reserved_label(public_template, public_count)?;
+                    p.refuse_reserved_label(private_template, private_count)?;
+                }
                 check(member_call!(
                 p.library,
                 C_GenerateKeyPair(
@@ -289,24 +315,37 @@ cryptoki_fn! {
             ))
             }
             Target::Virtual(v) => {
-                let owners = [
-                    template_bool(public_template, public_count, CKA_TOKEN),
-                    template_bool(private_template, private_count, CKA_TOKEN),
-                ];
-                let mut member_private = MemberTemplate::for_new_key(private_template, private_count);
+                // SAFETY: each template is null only with a zero count
+                // (checked above); the application vouches for its count.
+                let (owners, mut member_private) = unsafe {
+                    (
+                        [
+                            template_bool(public_template, public_count, CKA_TOKEN),
+                            template_bool(private_template, private_count, CKA_TOKEN),
+                        ],
+                        MemberTemplate::for_new_key(private_template, private_count),
+                    )
+                };
                 let (t, n) = (member_private.ptr(), member_private.count());
-                let made = v.make_on_one(handle, &*mechanism, &[], &owners, "C_GenerateKeyPair", |l, m, mech, _, out| {
+                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     let (public, private) = out.split_at_mut(1);
                     member_call!(
                         l,
                         C_GenerateKeyPair(m, mech, public_template, public_count, t, n, &mut public[0], &mut private[0])
                     )
-                })?;
+                };
+                // SAFETY: `mechanism` is not null (checked above) and the
+                // application vouches that it points to a valid mechanism.
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &owners, "C_GenerateKeyPair", generate) }?;
                 if member_private.protects() {
                     v.group.objects.mark_protected(made[1], true);
                 }
-                *public_key = made[0];
-                *private_key = made[1];
+                // SAFETY: both output pointers are not null (checked above)
+                // and writable.
+                unsafe {
+                    *public_key = made[0];
+                    *private_key = made[1];
+                }
                 Ok(())
             }
         }
@@ -363,25 +402,34 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
-                p.refuse_reserved_label(template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                unsafe { p.refuse_reserved_label(template, count) }?;
                 check(member_call!(
                     p.library,
                     C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
                 ))
             }
             Target::Virtual(v) => {
-                let token = template_bool(template, count, CKA_TOKEN);
-                let mut member_template = MemberTemplate::for_new_key(template, count);
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                let (token, mut member_template) = unsafe {
+                    (template_bool(template, count, CKA_TOKEN), MemberTemplate::for_new_key(template, count))
+                };
                 let (t, n) = (member_template.ptr(), member_template.count());
-                let made = v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], "C_UnwrapKey", |l, m, mech, h, out| {
+                let unwrap = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
-                })
-                .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
+                };
+                // SAFETY: `mechanism` is not null (checked above) and the
+                // application vouches that it points to a valid mechanism.
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], "C_UnwrapKey", unwrap) }
+                    .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
                 // Imported material: never "never extractable".
                 if member_template.protects() {
                     v.group.objects.mark_protected(made[0], false);
                 }
-                *key = made[0];
+                // SAFETY: `key` is not null (checked above) and writable.
+                unsafe { *key = made[0] };
                 Ok(())
             }
         }
@@ -401,10 +449,15 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(base_key, CKR_KEY_HANDLE_INVALID)?;
-                for in_parameter in crate::mechanism::parameter_handles(&*mechanism)? {
+                // SAFETY: `mechanism` is not null (checked above) and the
+                // application vouches that it points to a valid mechanism,
+                // its parameter `ulParameterLen` readable bytes.
+                for in_parameter in unsafe { crate::mechanism::parameter_handles(&*mechanism) }? {
                     p.reachable(in_parameter, CKR_KEY_HANDLE_INVALID)?;
                 }
-                p.refuse_reserved_label(template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                unsafe { p.refuse_reserved_label(template, count) }?;
                 check(member_call!(
                     p.library,
                     C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
@@ -413,23 +466,32 @@ cryptoki_fn! {
             Target::Virtual(v) => {
                 // Some mechanisms (TLS key-and-MAC derivation) return their
                 // keys inside the parameter and take no output handle.
-                let owners: Vec<Option<bool>> = if key.is_null() {
-                    Vec::new()
-                } else {
-                    vec![template_bool(template, count, CKA_TOKEN)]
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                let (owners, mut member_template) = unsafe {
+                    let owners: Vec<Option<bool>> = if key.is_null() {
+                        Vec::new()
+                    } else {
+                        vec![template_bool(template, count, CKA_TOKEN)]
+                    };
+                    (owners, MemberTemplate::for_new_key(template, count))
                 };
-                let mut member_template = MemberTemplate::for_new_key(template, count);
                 let (t, n) = (member_template.ptr(), member_template.count());
-                let made = v.make_on_one(handle, &*mechanism, &[base_key], &owners, "C_DeriveKey", |l, m, mech, h, out| {
+                let derive = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
                     member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
-                })
-                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))?;
+                };
+                // SAFETY: `mechanism` is not null (checked above) and the
+                // application vouches that it points to a valid mechanism.
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[base_key], &owners, "C_DeriveKey", derive) }
+                    .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))?;
                 if let Some(made) = made.first() {
                     if member_template.protects() {
                         v.group.objects.mark_protected(*made, false);
                     }
-                    *key = *made;
+                    // SAFETY: a key was made only when `key` is not null
+                    // (`owners` is empty otherwise); it is writable.
+                    unsafe { *key = *made };
                 }
                 Ok(())
             }

@@ -25,7 +25,9 @@ cryptoki_fn! {
     fn C_Initialize(init_args: *mut std::ffi::c_void) {
         let mut threads_allowed = true;
         if !init_args.is_null() {
-            let args = &*(init_args as *const CK_C_INITIALIZE_ARGS);
+            // SAFETY: not null; the specification makes a non-null argument
+            // a `CK_C_INITIALIZE_ARGS`.
+            let args = unsafe { &*(init_args as *const CK_C_INITIALIZE_ARGS) };
             if !args.pReserved.is_null() {
                 return Err(Error::new(CKR_ARGUMENTS_BAD));
             }
@@ -59,23 +61,28 @@ cryptoki_fn! {
     fn C_GetInfo(info: *mut CK_INFO) {
         required(info)?;
         provider::get()?;
-        let mut out: CK_INFO = std::mem::zeroed();
+        // SAFETY: CK_INFO is plain data; all-zero is a valid value.
+        let mut out: CK_INFO = unsafe { std::mem::zeroed() };
         out.cryptokiVersion = CK_VERSION { major: 2, minor: 40 };
         string_to_padded("pkcs11-ha", &mut out.manufacturerID);
         string_to_padded("pkcs11-ha high-availability provider", &mut out.libraryDescription);
         out.libraryVersion = library_version();
-        *info = out;
+        // SAFETY: `info` is not null (checked above) and writable.
+        unsafe { *info = out };
         Ok(())
     }
 
     fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) {
         required(list)?;
-        *list = &FUNCTION_LIST as *const _ as *mut _;
+        // SAFETY: `list` is not null (checked above) and writable.
+        unsafe { *list = &FUNCTION_LIST as *const _ as *mut _ };
         Ok(())
     }
 
     fn C_GetInterfaceList(interfaces: *mut CK_INTERFACE, count: *mut CK_ULONG) {
-        copy_out(std::slice::from_ref(&INTERFACE.0), interfaces, count)
+        // SAFETY: the application vouches that `count` is writable and that
+        // `interfaces`, when not null, has room for `*count` interfaces.
+        unsafe { copy_out(std::slice::from_ref(&INTERFACE.0), interfaces, count) }
     }
 
     fn C_GetInterface(
@@ -85,45 +92,61 @@ cryptoki_fn! {
         flags: CK_FLAGS,
     ) {
         required(interface)?;
-        if !name.is_null() && std::ffi::CStr::from_ptr(name as *const _).to_bytes_with_nul() != INTERFACE_NAME {
+        // SAFETY: not null; the specification makes `name` a
+        // NUL-terminated string.
+        if !name.is_null() && unsafe { std::ffi::CStr::from_ptr(name as *const _) }.to_bytes_with_nul() != INTERFACE_NAME {
             return Err(Error::new(CKR_ARGUMENTS_BAD));
         }
-        if !version.is_null() && ((*version).major, (*version).minor) != (2, 40) {
+        // SAFETY: not null; the application passes a readable version.
+        if !version.is_null() && unsafe { ((*version).major, (*version).minor) } != (2, 40) {
             return Err(Error::new(CKR_ARGUMENTS_BAD));
         }
         if flags & !INTERFACE.0.flags != 0 {
             return Err(Error::new(CKR_ARGUMENTS_BAD));
         }
-        *interface = &INTERFACE.0 as *const _ as *mut _;
+        // SAFETY: `interface` is not null (checked above) and writable.
+        unsafe { *interface = &INTERFACE.0 as *const _ as *mut _ };
         Ok(())
     }
 
     fn C_GetSlotList(token_present: CK_BBOOL, slots: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) {
         required(count)?;
         let provider = provider::get()?;
-        copy_out(&provider.slot_list(token_present != CK_FALSE), slots, count)
+        let slot_list = provider.slot_list(token_present != CK_FALSE);
+        // SAFETY: `count` is not null (checked above); the application
+        // vouches that `slots`, when not null, has room for `*count` IDs.
+        unsafe { copy_out(&slot_list, slots, count) }
     }
 
     fn C_GetSlotInfo(slot: CK_SLOT_ID, info: *mut CK_SLOT_INFO) {
         required(info)?;
-        *info = provider::get()?.slot_info(slot)?;
+        let slot_info = provider::get()?.slot_info(slot)?;
+        // SAFETY: `info` is not null (checked above) and writable.
+        unsafe { *info = slot_info };
         Ok(())
     }
 
     fn C_GetTokenInfo(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) {
         required(info)?;
-        *info = provider::get()?.token_info(slot)?;
+        let token_info = provider::get()?.token_info(slot)?;
+        // SAFETY: `info` is not null (checked above) and writable.
+        unsafe { *info = token_info };
         Ok(())
     }
 
     fn C_GetMechanismList(slot: CK_SLOT_ID, mechanisms: CK_MECHANISM_TYPE_PTR, count: CK_ULONG_PTR) {
         required(count)?;
-        copy_out(&provider::get()?.mechanisms(slot)?, mechanisms, count)
+        let mechanism_list = provider::get()?.mechanisms(slot)?;
+        // SAFETY: `count` is not null (checked above); the application
+        // vouches that `mechanisms`, when not null, has room for `*count`.
+        unsafe { copy_out(&mechanism_list, mechanisms, count) }
     }
 
     fn C_GetMechanismInfo(slot: CK_SLOT_ID, mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO) {
         required(info)?;
-        *info = provider::get()?.mechanism_info(slot, mechanism)?;
+        let mechanism_info = provider::get()?.mechanism_info(slot, mechanism)?;
+        // SAFETY: `info` is not null (checked above) and writable.
+        unsafe { *info = mechanism_info };
         Ok(())
     }
 

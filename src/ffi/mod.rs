@@ -1,6 +1,7 @@
 //! The C entry points. Each is thin: check the application's pointers and
 //! lengths, convert, call the provider, map the result to a `CK_RV`. One
 //! macro generates every export so none can miss the panic guard.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use crate::error::{Error, Result};
 use crate::provider;
@@ -15,19 +16,16 @@ mod session;
 mod state;
 
 /// Generates `#[no_mangle] extern "C"` exports. A body returns
-/// `Result<()>` and runs in an unsafe context, because every entry point
-/// dereferences application pointers once it has checked them; an unwind
-/// never crosses into C but becomes `CKR_GENERAL_ERROR`.
+/// `Result<()>`; each dereference of an application pointer in it is its
+/// own `unsafe` block saying why it holds. An unwind never crosses into C
+/// but becomes `CKR_GENERAL_ERROR`.
 macro_rules! cryptoki_fn {
     ($(fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block)*) => {
         $(
             #[no_mangle]
             #[allow(clippy::missing_safety_doc)]
             pub unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
-                $crate::ffi::guard(
-                    #[allow(unused_unsafe)]
-                    || -> $crate::error::Result<()> { unsafe { $body } },
-                )
+                $crate::ffi::guard(|| -> $crate::error::Result<()> { $body })
             }
         )*
     };

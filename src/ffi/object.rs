@@ -19,11 +19,17 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
-                p.refuse_reserved_label(template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                unsafe { p.refuse_reserved_label(template, count) }?;
                 check(member_call!(p.library, C_CreateObject(p.handle, template, count, object)))
             }
             Target::Virtual(v) => {
-                *object = v.create_object(handle, template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                let made = unsafe { v.create_object(handle, template, count) }?;
+                // SAFETY: `object` is not null (checked above) and writable.
+                unsafe { *object = made };
                 Ok(())
             }
         }
@@ -42,11 +48,17 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(source, CKR_OBJECT_HANDLE_INVALID)?;
-                p.refuse_reserved_label(template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                unsafe { p.refuse_reserved_label(template, count) }?;
                 check(member_call!(p.library, C_CopyObject(p.handle, source, template, count, object)))
             }
             Target::Virtual(v) => {
-                *object = v.copy_object(handle, source, template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                let made = unsafe { v.copy_object(handle, source, template, count) }?;
+                // SAFETY: `object` is not null (checked above) and writable.
+                unsafe { *object = made };
                 Ok(())
             }
         }
@@ -90,7 +102,10 @@ cryptoki_fn! {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
                 check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
             }
-            Target::Virtual(v) => v.get_attribute_value(object, template, count),
+            // SAFETY: `template` is null only with a zero count (checked
+            // above); the application vouches for `count` attributes with
+            // buffers of the lengths they give.
+            Target::Virtual(v) => unsafe { v.get_attribute_value(object, template, count) },
         }
     }
 
@@ -105,10 +120,14 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                p.refuse_reserved_label(template, count)?;
+                // SAFETY: `template` is null only with a zero count (checked
+                // above); the application vouches for `count` attributes.
+                unsafe { p.refuse_reserved_label(template, count) }?;
                 check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template, count)))
             }
-            Target::Virtual(v) => v.set_attribute_value(object, template, count),
+            // SAFETY: `template` is null only with a zero count (checked
+            // above); the application vouches for `count` attributes.
+            Target::Virtual(v) => unsafe { v.set_attribute_value(object, template, count) },
         }
     }
 
@@ -117,7 +136,9 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template, count))),
-            Target::Virtual(v) => v.find_init(template, count),
+            // SAFETY: `template` is null only with a zero count (checked
+            // above); the application vouches for `count` attributes.
+            Target::Virtual(v) => unsafe { v.find_init(template, count) },
         }
     }
 
@@ -131,8 +152,12 @@ cryptoki_fn! {
         required(count)?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => p.find(objects, max, count),
-            Target::Virtual(v) => v.find(objects, max, count),
+            // SAFETY: `count` is not null and `objects` is null only with a
+            // zero `max` (checked above); the application vouches for room
+            // for `max` handles.
+            Target::PassThrough(p) => unsafe { p.find(objects, max, count) },
+            // SAFETY: as for the pass-through search above.
+            Target::Virtual(v) => unsafe { v.find(objects, max, count) },
         }
     }
 

@@ -14,11 +14,16 @@ use zeroize::Zeroizing;
 const STATE_MAGIC: &[u8; 4] = b"pkha";
 const STATE_HEADER: usize = 8;
 
-fn pin<'a>(pin: *const CK_UTF8CHAR, len: CK_ULONG) -> Option<&'a [u8]> {
+/// The PIN an application passed, if any.
+///
+/// # Safety
+/// `pin`, when not null, must point to `len` readable bytes that outlive
+/// the returned slice.
+unsafe fn pin<'a>(pin: *const CK_UTF8CHAR, len: CK_ULONG) -> Option<&'a [u8]> {
     if pin.is_null() {
         None
     } else {
-        // SAFETY: the entry point checked `pin` for `len` bytes.
+        // SAFETY: not null; the caller vouches for `len` bytes.
         Some(unsafe { std::slice::from_raw_parts(pin, len as usize) })
     }
 }
@@ -32,7 +37,9 @@ cryptoki_fn! {
         handle: CK_SESSION_HANDLE_PTR,
     ) {
         required(handle)?;
-        *handle = provider::get()?.open_session(slot, flags)?;
+        let opened = provider::get()?.open_session(slot, flags)?;
+        // SAFETY: `handle` is not null (checked above) and writable.
+        unsafe { *handle = opened };
         Ok(())
     }
 
@@ -46,7 +53,9 @@ cryptoki_fn! {
 
     fn C_GetSessionInfo(handle: CK_SESSION_HANDLE, info: *mut CK_SESSION_INFO) {
         required(info)?;
-        *info = provider::get()?.session_info(handle)?;
+        let session_info = provider::get()?.session_info(handle)?;
+        // SAFETY: `info` is not null (checked above) and writable.
+        unsafe { *info = session_info };
         Ok(())
     }
 
@@ -58,7 +67,10 @@ cryptoki_fn! {
             let m = v.member_session(position)?;
             return check(member_call!(m.library, C_Login(m.handle, user_type, pin_ptr, pin_len)));
         }
-        provider::get()?.login(handle, user_type, pin(pin_ptr, pin_len))
+        // SAFETY: `pin_ptr` is null only with a zero length (checked
+        // above); the application vouches for `pin_len` bytes.
+        let pin = unsafe { pin(pin_ptr, pin_len) };
+        provider::get()?.login(handle, user_type, pin)
     }
 
     fn C_Logout(handle: CK_SESSION_HANDLE) {
@@ -88,7 +100,10 @@ cryptoki_fn! {
             Target::PassThrough(p) => check(member_call!(p.library, C_SetPIN(p.handle, old, old_len, new, new_len))),
             Target::Virtual(v) => {
                 v.first_decides("C_SetPIN", |l, m| member_call!(l, C_SetPIN(m, old, old_len, new, new_len)))?;
-                if let (Some(login), Some(new_pin)) = (v.group.login.lock().as_mut(), pin(new, new_len)) {
+                // SAFETY: `new` is null only with a zero length (checked
+                // above); the application vouches for `new_len` bytes.
+                let new_pin = unsafe { pin(new, new_len) };
+                if let (Some(login), Some(new_pin)) = (v.group.login.lock().as_mut(), new_pin) {
                     if login.user_type == CKU_USER || login.user_type == CKU_SO {
                         login.pin = Some(Zeroizing::new(new_pin.to_vec()));
                     }
@@ -112,19 +127,25 @@ cryptoki_fn! {
         let mut member_len: CK_ULONG = 0;
         check(member_call!(m.library, C_GetOperationState(m.handle, std::ptr::null_mut(), &mut member_len)))?;
         let needed = member_len + STATE_HEADER as CK_ULONG;
+        // SAFETY: `state_len` is not null (checked above) and read-write.
+        let room = unsafe { &mut *state_len };
         if state.is_null() {
-            *state_len = needed;
+            *room = needed;
             return Ok(());
         }
-        if *state_len < needed {
-            *state_len = needed;
+        if *room < needed {
+            *room = needed;
             return Err(Error::new(CKR_BUFFER_TOO_SMALL));
         }
-        let header = std::slice::from_raw_parts_mut(state, STATE_HEADER);
+        // SAFETY: `state` is not null and, as the application said, has
+        // room for `needed` bytes, more than the header.
+        let (header, member_state) = unsafe {
+            (std::slice::from_raw_parts_mut(state, STATE_HEADER), state.add(STATE_HEADER))
+        };
         header[..4].copy_from_slice(STATE_MAGIC);
         header[4..].copy_from_slice(&(position as u32).to_le_bytes());
-        let rv = member_call!(m.library, C_GetOperationState(m.handle, state.add(STATE_HEADER), &mut member_len));
-        *state_len = member_len + STATE_HEADER as CK_ULONG;
+        let rv = member_call!(m.library, C_GetOperationState(m.handle, member_state, &mut member_len));
+        *room = member_len + STATE_HEADER as CK_ULONG;
         check(rv)
     }
 
@@ -146,7 +167,9 @@ cryptoki_fn! {
             }
             Target::Virtual(v) => v,
         };
-        let blob = std::slice::from_raw_parts(state, state_len as usize);
+        // SAFETY: `state` is not null (checked above); the application
+        // vouches for `state_len` readable bytes.
+        let blob = unsafe { std::slice::from_raw_parts(state, state_len as usize) };
         if blob.len() < STATE_HEADER || &blob[..4] != STATE_MAGIC {
             return Err(Error::new(CKR_SAVED_STATE_INVALID));
         }
@@ -167,7 +190,7 @@ cryptoki_fn! {
             m.library,
             C_SetOperationState(
                 m.handle,
-                state.add(STATE_HEADER),
+                state.wrapping_add(STATE_HEADER),
                 state_len - STATE_HEADER as CK_ULONG,
                 encryption_key,
                 authentication_key

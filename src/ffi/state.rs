@@ -12,7 +12,9 @@ cryptoki_fn! {
         required(state)?;
         match provider::get()?.slot(slot)? {
             Slot::Virtual(group) => {
-                *state = state_api::ha_state(&group);
+                let ha_state = state_api::ha_state(&group);
+                // SAFETY: `state` is not null (checked above) and writable.
+                unsafe { *state = ha_state };
                 Ok(())
             }
             Slot::PassThrough(..) => Err(Error::new(CKR_SLOT_ID_INVALID)),
@@ -23,7 +25,9 @@ cryptoki_fn! {
         required(status)?;
         match provider::get()?.slot(slot)? {
             Slot::Virtual(group) => {
-                *status = state_api::group_status(&group);
+                let group_status = state_api::group_status(&group);
+                // SAFETY: `status` is not null (checked above) and writable.
+                unsafe { *status = group_status };
                 Ok(())
             }
             Slot::PassThrough(..) => Err(Error::new(CKR_SLOT_ID_INVALID)),

@@ -325,14 +325,38 @@ pub fn write_config(
     path
 }
 
+/// This machine's multiarch library directory, `/usr/lib/<triplet>` (as
+/// the C compiler names it), where Debian puts p11-kit's proxy and
+/// OpenSSL's engines.
+pub fn multiarch_dir() -> PathBuf {
+    let output = Command::new("cc")
+        .arg("-print-multiarch")
+        .output()
+        .expect("run cc -print-multiarch (install gcc)");
+    let triplet = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        output.status.success() && !triplet.is_empty(),
+        "cc -print-multiarch names no triplet: {output:?}"
+    );
+    Path::new("/usr/lib").join(triplet)
+}
+
 /// Set `PKCS11_HA_CONF` in this process (caller holds [`serial_guard`]).
 pub fn activate_config(path: &Path) {
     env::set_var(CONF_ENV, path);
 }
 
-/// Slot ID of a pass-through slot: `((library_index + 1) << 32) | member_slot_id`.
-pub fn passthrough_slot_id(library_index: usize, member_slot_id: u64) -> u64 {
-    ((library_index as u64 + 1) << 32) | member_slot_id
+/// Slot ID of a pass-through slot: FNV-1a (32 bits) of
+/// `"<library name, lower case>/<member slot ID>"`, brought into
+/// `[0x1000, 2^31)` (no two slots of these tests collide).
+pub fn passthrough_slot_id(library_name: &str, member_slot_id: u64) -> u64 {
+    let key = format!("{}/{member_slot_id}", library_name.to_lowercase());
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    0x1000 + u64::from(hash) % ((1 << 31) - 0x1000)
 }
 
 /// Serial of a virtual token: "1" + the last 15 characters of the primary's.
@@ -528,7 +552,7 @@ impl Fixture {
 
     /// The pass-through slot of `hsm.tokens[i]` (SoftHSM is library 0).
     pub fn member_slot(&self, i: usize) -> Slot {
-        let id = passthrough_slot_id(0, self.hsm.tokens[i].slot_id);
+        let id = passthrough_slot_id(SOFTHSM_LIB_NAME, self.hsm.tokens[i].slot_id);
         Slot::try_from(id).expect("slot id")
     }
 

@@ -17,8 +17,33 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The client side of p11-kit remoting (Debian package `p11-kit-modules`).
-pub const CLIENT_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+/// The client side of p11-kit remoting (Debian package `p11-kit-modules`),
+/// in p11-kit's module directory: the one its pkg-config file names, else
+/// the C compiler's multiarch one (`/usr/lib/<triplet>/pkcs11`). Panics,
+/// saying what to install, when it is not there.
+pub fn client_module() -> String {
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|text| !text.is_empty())
+    };
+    let directory = output("pkg-config", &["--variable=p11_module_path", "p11-kit-1"])
+        .or_else(|| {
+            output("cc", &["-print-multiarch"]).map(|triplet| format!("/usr/lib/{triplet}/pkcs11"))
+        })
+        .expect("neither pkg-config p11-kit-1 nor cc -print-multiarch names p11-kit's module directory; install pkg-config and libp11-kit-dev, or gcc");
+    let module = Path::new(&directory).join("p11-kit-client.so");
+    assert!(
+        module.is_file(),
+        "{} missing: install p11-kit-modules (scripts/test does)",
+        module.display()
+    );
+    module.display().to_string()
+}
 /// Read by the client module in `C_GetFunctionList`.
 pub const ADDRESS_ENV: &str = "P11_KIT_SERVER_ADDRESS";
 /// How long a server may take to create its socket, or a killed process

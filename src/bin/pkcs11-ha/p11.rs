@@ -63,7 +63,7 @@ pub struct TokenRef {
 impl TokenRef {
     /// The slot ID pkcs11-ha gives this token's pass-through slot.
     pub fn passthrough_slot(&self) -> u64 {
-        ((self.library as u64 + 1) << 32) | self.slot
+        pkcs11_ha::slot_ids::hashed_slot_id(&self.library_name, self.slot)
     }
 }
 
