@@ -53,6 +53,8 @@ struct Layout<'a> {
     ha_slot: bool,
     /// `CA_GetContainerPolicySetting` answers (else it is not supported).
     policy_api: bool,
+    /// Recovery every second (else off).
+    recovery: bool,
 }
 
 impl Luna {
@@ -100,8 +102,13 @@ impl Luna {
             .collect();
         let group = GroupSpec::new(GROUP_LABEL, &hsm.serials());
         let mut text = config_text(&entries, &[group], false);
+        text.push_str(if layout.recovery {
+            "AutoReconnectInterval = 1\n"
+        } else {
+            "reconnAtt = 0\n"
+        });
         text.push_str(&format!(
-            "reconnAtt = 0\nhaLogStatus = enabled\nhaLogPath = {}\n",
+            "haLogStatus = enabled\nhaLogPath = {}\n",
             dir.display()
         ));
         let config = dir.join("pkcs11-ha.conf");
@@ -126,6 +133,7 @@ impl Luna {
             domain_key,
             ha_slot: false,
             policy_api: true,
+            recovery: false,
         })
     }
 
@@ -423,6 +431,7 @@ fn partitions_of_two_library_instances_do_not_clone() {
         domain_key: true,
         ha_slot: false,
         policy_api: true,
+        recovery: false,
     });
     let s = luna.session();
     assert_eq!(
@@ -444,6 +453,7 @@ fn vendor_codes_are_classified_as_documented() {
         domain_key: false,
         ha_slot: false,
         policy_api: true,
+        recovery: false,
     });
     let random = |s: &Session| rv_of(s.generate_random_vec(16));
     let down = [
@@ -537,6 +547,7 @@ fn a_luna_ha_virtual_slot_is_refused_as_a_member() {
         domain_key: false,
         ha_slot: true,
         policy_api: true,
+        recovery: false,
     });
     let status = group_status();
     assert_eq!(status.members[0].state, PKCS11HA_STATE_DOWN);
@@ -705,6 +716,7 @@ fn without_the_policy_api_a_probe_decides_how_private_keys_move() {
             domain_key: true,
             ha_slot: false,
             policy_api: false,
+            recovery: false,
         });
         let s = luna.session();
         luna.libraries[0].reset_counts();
@@ -733,4 +745,48 @@ fn without_the_policy_api_a_probe_decides_how_private_keys_move() {
         };
         assert!(log.contains(expected), "{mode}: {log}");
     }
+}
+
+/// A partition that was down while a key was made receives it by cloning
+/// when it comes back: recovery takes the same way as replication.
+#[test]
+fn a_returning_partition_receives_missed_keys_by_cloning() {
+    let luna = Luna::new(Layout {
+        partitions: [(CLONING, "d"), (CLONING, "d")],
+        one_instance: true,
+        domain_key: false,
+        ha_slot: false,
+        policy_api: true,
+        recovery: true,
+    });
+    let serials = luna.hsm.serials();
+    let s = luna.session();
+    luna.libraries[0].set_partition_fault(&serials[1], cryptoki_sys::CKR_DEVICE_ERROR);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while group_status().members[1].state != PKCS11HA_STATE_DOWN {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partition 1 never failed"
+        );
+        assert_eq!(rv_of(s.generate_random_vec(8)), None, "the call moved on");
+    }
+    luna.libraries[0].reset_counts();
+    ec_pair(&s, "missed").expect("EC pair while partition 1 is down");
+    assert_eq!(luna.count("CA_MigrateKeys"), 0, "nothing to clone to yet");
+    luna.libraries[0].set_partition_fault(&serials[1], CKR_OK);
+    while group_status().members[1].state != PKCS11HA_STATE_UP {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partition 1 never came back: {}",
+            luna.ha_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        luna.count("CA_MigrateKeys"),
+        1,
+        "the private key was cloned"
+    );
+    assert_eq!(luna.count("C_WrapKey"), 0, "and not wrapped");
+    assert_pair_works_on_each_partition(&luna, "missed", &Mechanism::Ecdsa);
 }

@@ -124,6 +124,18 @@ impl LunaMember {
         self.control::<extern "C" fn(u64, CK_RV)>("luna_fail_next")(n, rv);
     }
 
+    /// Forwarded calls on the partition of token `serial` answer `rv`
+    /// (`CKR_OK` clears), as if that partition alone had failed.
+    pub fn set_partition_fault(&self, serial: &str, rv: CK_RV) {
+        let serial = CString::new(serial).expect("serial without NUL");
+        // SAFETY: `serial` is NUL-terminated and outlives the call.
+        unsafe {
+            self.control::<unsafe extern "C" fn(*const std::ffi::c_char, CK_RV)>(
+                "luna_set_partition_fault",
+            )(serial.as_ptr(), rv)
+        }
+    }
+
     /// Calls answered with a planned fault since the last reset.
     pub fn faults_returned(&self) -> u64 {
         self.control::<extern "C" fn() -> u64>("luna_faults_returned")()

@@ -49,7 +49,9 @@
 //! Test controls (for a test that `dlopen`s the same copy):
 //! `luna_set_fault(CK_RV)` (every call but `C_Initialize`/`C_Finalize`
 //! answers it; `CKR_OK` clears), `luna_fail_next(u64, CK_RV)` (the next n
-//! calls answer it, then calls are forwarded again), `luna_faults_returned()
+//! calls answer it, then calls are forwarded again),
+//! `luna_set_partition_fault(const char *serial, CK_RV)` (forwarded calls on
+//! one partition answer it), `luna_faults_returned()
 //! -> u64`, `luna_call_count(const char *) -> u64` and `luna_reset_counts()`.
 //! Load one copy per process at a time: its `C_Finalize` finalises the real
 //! library.
@@ -85,6 +87,9 @@ struct Plan {
     /// The next `.0` calls answer `.1`.
     next: (u64, CK_RV),
     faults_returned: u64,
+    /// Forwarded calls naming a slot of this partition (by token serial),
+    /// or a session on it, answer `.1`.
+    partition_fault: Option<(String, CK_RV)>,
     calls: BTreeMap<&'static str, u64>,
 }
 
@@ -92,6 +97,7 @@ static PLAN: Mutex<Plan> = Mutex::new(Plan {
     fault: None,
     next: (0, CKR_OK),
     faults_returned: 0,
+    partition_fault: None,
     calls: BTreeMap::new(),
 });
 
@@ -135,6 +141,44 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<CK_RV, CK_RV>) -> CK_RV {
 #[no_mangle]
 pub extern "C" fn luna_set_fault(rv: CK_RV) {
     PLAN.lock().fault = (rv != CKR_OK).then_some(rv);
+}
+
+/// Forwarded calls on the partition of token `serial` (naming its slot or
+/// a session on it) answer `rv`, as if that partition alone had failed;
+/// `CKR_OK` or a NULL `serial` forwards them again.
+///
+/// # Safety
+/// `serial` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn luna_set_partition_fault(serial: *const c_char, rv: CK_RV) {
+    let serial = (!serial.is_null() && rv != CKR_OK)
+        // SAFETY: the caller passes a NUL-terminated string.
+        .then(|| {
+            unsafe { CStr::from_ptr(serial) }
+                .to_string_lossy()
+                .into_owned()
+        });
+    PLAN.lock().partition_fault = serial.map(|s| (s, rv));
+}
+
+/// The partition fault for a forwarded call whose first argument is
+/// `first` (a slot or a session, by its name), if it names that partition.
+fn partition_fault(real: &Real, name: &str, first: CK_ULONG) -> Result<(), CK_RV> {
+    let Some((serial, rv)) = PLAN.lock().partition_fault.clone() else {
+        return Ok(());
+    };
+    let partition = match name {
+        "slot" => real.partition(first),
+        "session" => real.session_partition(first).ok().map(|(_, p, _)| p),
+        _ => None,
+    };
+    match partition {
+        Some(p) if p.serial == serial => {
+            PLAN.lock().faults_returned += 1;
+            Err(rv)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The next `n` calls answer `rv`; then calls are forwarded again.
@@ -474,17 +518,18 @@ unsafe extern "C" fn C_FindObjects(
 /// Generates the forwarding entry points and the function table.
 /// `#[slot]` marks an entry whose argument `slot` must be a partition.
 macro_rules! forward {
-    ($($(#[$slot:ident])? $name:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {
+    ($($(#[$slot:ident])? $name:ident($first:ident: $first_ty:ty $(, $arg:ident: $ty:ty)* $(,)?);)*) => {
         $(
-            unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
+            unsafe extern "C" fn $name($first: $first_ty $(, $arg: $ty)*) -> CK_RV {
                 guard(|| {
                     let real = enter(stringify!($name))?;
                     $(if real.partition($slot).is_none() {
                         return Err(CKR_SLOT_ID_INVALID);
                     })?
+                    partition_fault(real, stringify!($first), $first as CK_ULONG)?;
                     let f = real.list.$name.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
                     // SAFETY: the caller's arguments, passed on unchanged.
-                    Ok(unsafe { f($($arg),*) })
+                    Ok(unsafe { f($first $(, $arg)*) })
                 })
             }
         )*
