@@ -250,6 +250,14 @@ fn create_checks_and_refusals() {
     let args = with(&["--pin-file", &pin]);
     let text = s.fails(&strs(&args), "no domain key labelled \"pkcs11-ha-domain\"");
     assert!(text.contains("[pass] login"), "{text}");
+    // SoftHSM generates Ed25519 keys it cannot wrap: said before anything
+    // is made, without refusing the token.
+    assert!(
+        text.contains(
+            "[WARN] replication: the token generates Ed25519 and Ed448 keys but cannot wrap them"
+        ),
+        "{text}"
+    );
     assert!(text.contains("nothing was changed"), "{text}");
     assert!(s.config().groups.is_empty());
 

@@ -383,6 +383,18 @@ fn imported_private_keys_stay_replicable() {
         let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
         let on_member = find_label(&direct, "imported-ec");
         assert_eq!(on_member.len(), 1, "member {member} holds it once");
+        // As the member keeps it: movable under the trusted domain key
+        // only, which is what `group sync` and recovery wrap it with.
+        assert!(bool_attribute(
+            &direct,
+            on_member[0],
+            AttributeType::Extractable
+        ));
+        assert!(bool_attribute(
+            &direct,
+            on_member[0],
+            AttributeType::WrapWithTrusted
+        ));
         drop(direct);
     }
     // And a key copied from it by the group is made from the member copy.

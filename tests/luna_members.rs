@@ -670,6 +670,10 @@ fn the_cli_checks_key_transport_and_refuses_an_ha_slot() {
     assert!(ok, "{text}");
     assert!(text.contains("[pass] not an HA slot"), "{text}");
     assert!(
+        text.contains("[WARN] replication: the token wraps with Luna's CKM_AES_KWP only"),
+        "{text}"
+    );
+    assert!(
         text.contains("[pass] key transport: Luna partition in Cloning mode; clones with CA_MigrateKeys; wraps with CKM_AES_KWP"),
         "{text}"
     );

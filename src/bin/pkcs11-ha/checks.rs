@@ -20,6 +20,8 @@ pub enum Outcome {
     /// Not run because an earlier check failed.
     #[serde(rename = "not run")]
     NotRun,
+    /// Worth knowing, but no reason to refuse.
+    Warn,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +51,7 @@ pub const OBJECTS: &str = "objects";
 pub const OTHER_GROUP: &str = "other group";
 pub const HA_SLOT: &str = "not an HA slot";
 pub const KEY_TRANSPORT: &str = "key transport";
+pub const REPLICATION: &str = "replication";
 
 impl Check {
     pub fn pass(check: &'static str, detail: impl Into<String>) -> Check {
@@ -75,6 +78,14 @@ impl Check {
         }
     }
 
+    pub fn warn(check: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Outcome::Warn,
+            detail: detail.into(),
+        }
+    }
+
     pub fn not_run(check: &'static str, why: &str) -> Check {
         Check {
             check,
@@ -94,6 +105,7 @@ impl Check {
             Outcome::Fail => "FAIL",
             Outcome::Skipped => "SKIP",
             Outcome::NotRun => "----",
+            Outcome::Warn => "WARN",
         };
         format!("  [{tag}] {}: {}", self.check, self.detail)
     }

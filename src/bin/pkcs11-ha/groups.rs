@@ -422,6 +422,8 @@ fn run_checks(
         }
     });
 
+    checks.push(replication_check(&session, &own));
+
     // Objects already there.
     let domain_handle = domain::find(&session, domain_label)
         .ok()
@@ -1500,4 +1502,50 @@ pub fn sync(ctx: &Ctx, args: &SyncArgs, recover: bool) -> Res<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// DER of the curve names PKCS#11 3.0 gives Edwards curves.
+const EDWARDS_CURVES: [(&str, &[u8]); 2] = [
+    ("Ed25519", b"\x13\x0cedwards25519"),
+    ("Ed448", b"\x13\x0aedwards448"),
+];
+
+/// Which kinds of key the token can make but the group could not hand to
+/// its other members: the group then refuses to make them (fail closed),
+/// and the operator hears it here first.
+fn replication_check(session: &Session, own: &[CK_MECHANISM_TYPE]) -> Check {
+    if !own.contains(&CKM_AES_KEY_WRAP_PAD) {
+        let detail = if own.contains(&strategy::CKM_AES_KWP) {
+            "the token wraps with Luna's CKM_AES_KWP only: generated keys move by Luna \
+             cloning or with CKM_AES_KWP (see key transport)"
+        } else {
+            "the token offers no key-wrap mechanism (CKM_AES_KEY_WRAP_PAD or Luna's \
+             CKM_AES_KWP): keys generated in the group can move to or from it only by Luna \
+             cloning (see key transport); imported keys and public objects always can"
+        };
+        return Check::warn(checks::REPLICATION, detail);
+    }
+    let unwrappable: Vec<&str> = EDWARDS_CURVES
+        .iter()
+        .filter(|_| own.contains(&CKM_EC_EDWARDS_KEY_PAIR_GEN))
+        .filter(|(_, params)| {
+            session.probe_wrap(CKM_EC_EDWARDS_KEY_PAIR_GEN, params) == Err(CKR_KEY_NOT_WRAPPABLE)
+        })
+        .map(|(name, _)| *name)
+        .collect();
+    if unwrappable.is_empty() {
+        Check::pass(
+            checks::REPLICATION,
+            "every key type it generates that was probed can move with CKM_AES_KEY_WRAP_PAD",
+        )
+    } else {
+        Check::warn(
+            checks::REPLICATION,
+            format!(
+                "the token generates {} keys but cannot wrap them (CKR_KEY_NOT_WRAPPABLE): the \
+                 group refuses to create such keys; use another key type (e.g. EC P-256)",
+                unwrappable.join(" and ")
+            ),
+        )
+    }
 }

@@ -371,6 +371,80 @@ impl<'a> Session<'a> {
         Ok(blob)
     }
 
+    /// Whether the token can wrap the private key of a pair it generates
+    /// with `mechanism` (and `params` as `CKA_EC_PARAMS`) under an AES key
+    /// with `CKM_AES_KEY_WRAP_PAD`, as the group moves keys. Everything it
+    /// makes for the probe is a session object, destroyed at once.
+    pub fn probe_wrap(&self, mechanism: CK_MECHANISM_TYPE, params: &[u8]) -> Result<(), CK_RV> {
+        let mut made = Vec::new();
+        let answer = self.probe_wrap_into(mechanism, params, &mut made);
+        for object in made {
+            let _ = self.destroy(object);
+        }
+        answer
+    }
+
+    fn probe_wrap_into(
+        &self,
+        mechanism: CK_MECHANISM_TYPE,
+        params: &[u8],
+        made: &mut Vec<CK_OBJECT_HANDLE>,
+    ) -> Result<(), CK_RV> {
+        let mut aes: Template = vec![
+            (CKA_TOKEN, bool_bytes(false)),
+            (CKA_WRAP, bool_bytes(true)),
+            (CKA_VALUE_LEN, ulong_bytes(32)),
+        ];
+        let mut public: Template = vec![
+            (CKA_TOKEN, bool_bytes(false)),
+            (CKA_EC_PARAMS, params.to_vec()),
+        ];
+        let mut private: Template = vec![
+            (CKA_TOKEN, bool_bytes(false)),
+            (CKA_EXTRACTABLE, bool_bytes(true)),
+        ];
+        let (mut aes, mut public, mut private) = (
+            raw_template(&mut aes),
+            raw_template(&mut public),
+            raw_template(&mut private),
+        );
+        let mut mech = CK_MECHANISM {
+            mechanism: CKM_AES_KEY_GEN,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let mut wrapping = CK_INVALID_HANDLE;
+        ck(call!(
+            self.library,
+            C_GenerateKey(
+                self.handle,
+                &mut mech,
+                aes.as_mut_ptr(),
+                aes.len() as CK_ULONG,
+                &mut wrapping
+            )
+        ))?;
+        made.push(wrapping);
+        mech.mechanism = mechanism;
+        let (mut public_key, mut private_key) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
+        ck(call!(
+            self.library,
+            C_GenerateKeyPair(
+                self.handle,
+                &mut mech,
+                public.as_mut_ptr(),
+                public.len() as CK_ULONG,
+                private.as_mut_ptr(),
+                private.len() as CK_ULONG,
+                &mut public_key,
+                &mut private_key
+            )
+        ))?;
+        made.extend([public_key, private_key]);
+        self.wrap(CKM_AES_KEY_WRAP_PAD, wrapping, private_key)
+            .map(|_| ())
+    }
+
     pub fn unwrap_key(
         &self,
         mechanism: CK_MECHANISM_TYPE,

@@ -308,8 +308,10 @@ pub fn precheck(
     };
     if !flag(CKA_EXTRACTABLE) {
         return Err(format!(
-            "{} on {} is not extractable: it was made non-extractable outside pkcs11-ha, so it \
-             can never leave that member",
+            "{} on {} is not extractable on the member itself (made outside pkcs11-ha, imported \
+             before pkcs11-ha kept imported keys movable, or made non-extractable after it was \
+             created), so it can never leave that member; re-import or re-create it through the \
+             group to have it on every member",
             copy.description, source.serial
         ));
     }
@@ -354,8 +356,8 @@ pub fn copy(views: &[View], copy: &Copy) -> Result<(), String> {
         .wrap(WRAP_MECHANISM, wrapping, copy.object)
         .map_err(|rv| match rv {
             CKR_KEY_UNEXTRACTABLE | CKR_KEY_NOT_WRAPPABLE => format!(
-                "{} on {} cannot be wrapped ({}): it was made non-extractable outside \
-                 pkcs11-ha, so it can never leave that member",
+                "{} on {} cannot be wrapped ({}): the member keeps it non-extractable or \
+                 cannot wrap its type, so it can never leave that member",
                 copy.description,
                 source.serial,
                 rv_name(rv)
