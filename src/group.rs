@@ -471,6 +471,22 @@ impl Group {
         }
     }
 
+    /// Whether every member found is a Luna partition of one library
+    /// instance that clones private keys: keys then move by cloning alone,
+    /// and the group needs no domain key.
+    pub fn all_members_clone(&self) -> bool {
+        let found: Vec<(Location, Capabilities)> = self
+            .members
+            .iter()
+            .filter_map(|m| m.location().map(|l| (l, m.capabilities())))
+            .collect();
+        found.iter().all(|(location, capabilities)| {
+            capabilities.cloning.is_some()
+                && capabilities.private_key_cloning
+                && Arc::ptr_eq(&location.library, &found[0].0.library)
+        })
+    }
+
     /// Runs `calls` on the member's utility session (see [`Member`]), opened
     /// now if the member has none in its current epoch. One caller at a
     /// time: a search holds the session until it ends. A member that faults

@@ -963,8 +963,9 @@ impl VirtualSession {
 }
 
 /// Clones `object` from `source_session` to `target_session`, two sessions
-/// of one Luna library instance: `CA_MigrateKeys` where the library has it,
-/// else `CA_CloneObject`.
+/// of one Luna library instance: `CA_MigrateKeys` where the library has it
+/// and the partitions take it (firmware before 7.8 does not), else
+/// `CA_CloneObject`.
 fn clone_call(
     cloning: &Cloning,
     library: &MemberLibrary,
@@ -973,26 +974,24 @@ fn clone_call(
     object: CK_OBJECT_HANDLE,
     cloned: &mut CK_OBJECT_HANDLE,
 ) -> CK_RV {
-    match (cloning.migrate, cloning.clone) {
-        (Some(migrate), _) => {
-            let mut entry = MigrationData {
-                object_type: OBJECT_TYPE_CRYPTOKI,
-                source_handle: object,
-                target_handle: CK_INVALID_HANDLE,
-                rv: CKR_OK,
-            };
-            // SAFETY: the documented signature; one live entry.
-            let rv = library
-                .shielded(|| unsafe { migrate(source_session, target_session, 0, 1, &mut entry) });
+    if let Some(migrate) = cloning.migrate {
+        let mut entry = MigrationData {
+            object_type: OBJECT_TYPE_CRYPTOKI,
+            source_handle: object,
+            target_handle: CK_INVALID_HANDLE,
+            rv: CKR_OK,
+        };
+        // SAFETY: the documented signature; one live entry.
+        let rv = library
+            .shielded(|| unsafe { migrate(source_session, target_session, 0, 1, &mut entry) });
+        if rv != CKR_FUNCTION_NOT_SUPPORTED || cloning.clone.is_none() {
             *cloned = entry.target_handle;
-            if rv == CKR_OK {
-                entry.rv
-            } else {
-                rv
-            }
+            return if rv == CKR_OK { entry.rv } else { rv };
         }
+    }
+    match cloning.clone {
         // SAFETY: the documented signature; a live out-parameter.
-        (None, Some(clone)) => library.shielded(|| unsafe {
+        Some(clone) => library.shielded(|| unsafe {
             clone(
                 target_session,
                 source_session,
@@ -1001,7 +1000,7 @@ fn clone_call(
                 cloned,
             )
         }),
-        (None, None) => CKR_FUNCTION_NOT_SUPPORTED,
+        None => CKR_FUNCTION_NOT_SUPPORTED,
     }
 }
 

@@ -55,6 +55,8 @@ struct Layout<'a> {
     policy_api: bool,
     /// Recovery every second (else off).
     recovery: bool,
+    /// Extra sidecar lines for the member libraries.
+    extra: &'a str,
 }
 
 impl Luna {
@@ -74,7 +76,7 @@ impl Luna {
             })
             .collect();
         let dir = hsm.dir.path();
-        let mut extra = String::new();
+        let mut extra = layout.extra.to_string();
         if layout.ha_slot {
             extra.push_str("ha_slot = yes\n");
         }
@@ -134,6 +136,7 @@ impl Luna {
             ha_slot: false,
             policy_api: true,
             recovery: false,
+            extra: "",
         })
     }
 
@@ -321,6 +324,10 @@ fn cloning_mode_replicates_generated_keys_by_cloning_and_never_wraps() {
         log.contains("Luna partition in Cloning mode; clones with CA_MigrateKeys"),
         "the strategy found at C_Initialize is logged: {log}"
     );
+    assert!(
+        !log.contains("config warning"),
+        "partitions that clone need no domain key: {log}"
+    );
 }
 
 /// In Key Export mode private keys cannot be cloned: they move wrapped
@@ -432,6 +439,7 @@ fn partitions_of_two_library_instances_do_not_clone() {
         ha_slot: false,
         policy_api: true,
         recovery: false,
+        extra: "",
     });
     let s = luna.session();
     assert_eq!(
@@ -454,6 +462,7 @@ fn vendor_codes_are_classified_as_documented() {
         ha_slot: false,
         policy_api: true,
         recovery: false,
+        extra: "",
     });
     let random = |s: &Session| rv_of(s.generate_random_vec(16));
     let down = [
@@ -548,6 +557,7 @@ fn a_luna_ha_virtual_slot_is_refused_as_a_member() {
         ha_slot: true,
         policy_api: true,
         recovery: false,
+        extra: "",
     });
     let status = group_status();
     assert_eq!(status.members[0].state, PKCS11HA_STATE_DOWN);
@@ -721,6 +731,7 @@ fn without_the_policy_api_a_probe_decides_how_private_keys_move() {
             ha_slot: false,
             policy_api: false,
             recovery: false,
+            extra: "",
         });
         let s = luna.session();
         luna.libraries[0].reset_counts();
@@ -762,6 +773,7 @@ fn a_returning_partition_receives_missed_keys_by_cloning() {
         ha_slot: false,
         policy_api: true,
         recovery: true,
+        extra: "",
     });
     let serials = luna.hsm.serials();
     let s = luna.session();
@@ -793,4 +805,27 @@ fn a_returning_partition_receives_missed_keys_by_cloning() {
     );
     assert_eq!(luna.count("C_WrapKey"), 0, "and not wrapped");
     assert_pair_works_on_each_partition(&luna, "missed", &Mechanism::Ecdsa);
+}
+
+/// Where the partitions do not take `CA_MigrateKeys` (firmware before
+/// 7.8), keys clone with `CA_CloneObject`.
+#[test]
+fn without_migrate_keys_keys_clone_with_ca_clone_object() {
+    let luna = Luna::new(Layout {
+        partitions: [(CLONING, "d"), (CLONING, "d")],
+        one_instance: true,
+        domain_key: false,
+        ha_slot: false,
+        policy_api: true,
+        recovery: false,
+        extra: "migrate_keys = no\n",
+    });
+    let s = luna.session();
+    luna.libraries[0].reset_counts();
+    ec_pair(&s, "ec").expect("EC pair on the group");
+    aes_key(&s, "aes").expect("AES key on the group");
+    assert_eq!(luna.count("CA_CloneObject"), 2, "both keys were cloned");
+    assert_eq!(luna.count("C_WrapKey"), 0);
+    assert_pair_works_on_each_partition(&luna, "ec", &Mechanism::Ecdsa);
+    assert_eq!(luna.on_partition(1, "aes").len(), 1);
 }

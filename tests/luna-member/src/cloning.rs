@@ -357,6 +357,9 @@ pub unsafe extern "C" fn CA_MigrateKeys(
 ) -> CK_RV {
     guard(|| {
         let real = enter("CA_MigrateKeys")?;
+        if !crate::partition::migrate_keys() {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        }
         if data.is_null() || count == 0 {
             return Err(CKR_ARGUMENTS_BAD);
         }

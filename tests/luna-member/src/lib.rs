@@ -15,7 +15,9 @@
 //! - `ha_slot = yes`: every slot describes itself as Luna's HA virtual slot
 //!   ("HA Virtual Card Slot"); partitions are "Net Token Slot";
 //! - `policy_api = no`: `CA_GetContainerPolicySetting` answers
-//!   `CKR_FUNCTION_NOT_SUPPORTED`, so the caller cannot read the policies.
+//!   `CKR_FUNCTION_NOT_SUPPORTED`, so the caller cannot read the policies;
+//! - `migrate_keys = no`: `CA_MigrateKeys` answers
+//!   `CKR_FUNCTION_NOT_SUPPORTED`, as partitions before firmware 7.8 do.
 //!
 //! What it does as Luna does:
 //! - `C_WrapKey` of a private key on a partition in Cloning mode answers

@@ -42,6 +42,9 @@ pub(crate) struct Layout {
     /// `CA_GetContainerPolicySetting` answers `CKR_FUNCTION_NOT_SUPPORTED`,
     /// as a client library without the call would leave its caller.
     pub(crate) no_policy_api: bool,
+    /// `CA_MigrateKeys` answers `CKR_FUNCTION_NOT_SUPPORTED`, as on
+    /// firmware before 7.8.
+    pub(crate) no_migrate_keys: bool,
 }
 
 pub(crate) struct Real {
@@ -79,6 +82,10 @@ pub(crate) fn policy_api() -> bool {
     LAYOUT.read().as_ref().is_some_and(|l| !l.no_policy_api)
 }
 
+pub(crate) fn migrate_keys() -> bool {
+    LAYOUT.read().as_ref().is_some_and(|l| !l.no_migrate_keys)
+}
+
 fn sidecar_path() -> Result<PathBuf, String> {
     let mut path = own_path()?.into_os_string();
     path.push(".conf");
@@ -100,6 +107,7 @@ fn read_sidecar() -> Result<(String, Layout), String> {
             ("library", v) => library = Some(v.to_owned()),
             ("ha_slot", v) => layout.ha_slot = v == "yes",
             ("policy_api", v) => layout.no_policy_api = v == "no",
+            ("migrate_keys", v) => layout.no_migrate_keys = v == "no",
             ("partition", v) => {
                 let fields: Vec<&str> = v.split_whitespace().collect();
                 let [serial, mode, domain] = fields[..] else {
