@@ -505,12 +505,14 @@ impl Group {
                 .filter(|_| member.reachable())
                 .ok_or(Error::new(CKR_DEVICE_ERROR))?;
             let guard = member.begin_call();
-            let opened = open_member_session(
-                &location.library,
-                location.slot,
-                CKF_SERIAL_SESSION | CKF_RW_SESSION,
-                epoch,
-            );
+            let opened = retry_result_while_busy(|| {
+                open_member_session(
+                    &location.library,
+                    location.slot,
+                    CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                    epoch,
+                )
+            });
             drop(guard);
             match opened {
                 Ok(session) => *utility = Some(session),
@@ -924,6 +926,26 @@ pub fn retry_while_busy(mut rv: CK_RV, mut call: impl FnMut() -> CK_RV) -> CK_RV
     rv
 }
 
+/// [`retry_while_busy`] for a call that returns a value: asked once, and
+/// again while the member answers busy.
+pub fn retry_result_while_busy<T>(mut call: impl FnMut() -> Result<T>) -> Result<T> {
+    let result = call();
+    match &result {
+        Err(e) if classify(e.rv) == Failure::Busy => {
+            let mut value = None;
+            let rv = retry_while_busy(e.rv, || match call() {
+                Ok(v) => {
+                    value = Some(v);
+                    CKR_OK
+                }
+                Err(e) => e.rv,
+            });
+            value.ok_or(Error::new(rv))
+        }
+        _ => result,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1007,6 +1029,23 @@ mod tests {
             (CKR_DATA_INVALID, 0),
             "only busy answers are retried"
         );
+        let mut calls = 0;
+        let opened = retry_result_while_busy(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(Error::new(luna::CKR_AGAIN))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(opened, Ok(3), "a session opened at the third try");
+        let mut calls = 0;
+        let opened: Result<()> = retry_result_while_busy(|| {
+            calls += 1;
+            Err(Error::new(luna::CKR_BUSY))
+        });
+        assert_eq!(opened, Err(Error::new(luna::CKR_BUSY)));
+        assert_eq!(calls, 1 + BUSY_RETRIES);
     }
 
     #[test]

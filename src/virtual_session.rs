@@ -557,7 +557,9 @@ impl VirtualSession {
             .filter(|_| member.reachable())
             .ok_or(Error::new(CKR_DEVICE_ERROR))?;
         let guard = member.begin_call();
-        let opened = open_member_session(&location.library, location.slot, self.flags, epoch);
+        let opened = crate::group::retry_result_while_busy(|| {
+            open_member_session(&location.library, location.slot, self.flags, epoch)
+        });
         drop(guard);
         let (held, raced) = self.members[position].put(opened?);
         if let Some(raced) = raced {
