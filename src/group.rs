@@ -3,6 +3,8 @@
 //! into the virtual slot's.
 
 use crate::error::{Error, Result};
+use crate::identity::{self, Fingerprint};
+use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
 use crate::member::{
     open_member_session, padded_to_string, string_to_padded, MemberLibrary, MemberSession,
 };
@@ -354,6 +356,17 @@ pub struct Group {
     /// it has or can no longer, and it does not rejoin meanwhile.
     in_doubt: Mutex<Vec<Vec<InDoubt>>>,
     round_robin: [AtomicUsize; LANES],
+    /// Per member: what it holds (see `index.rs`).
+    indexes: Vec<Mutex<IndexState>>,
+}
+
+/// A member's object index, for the member epoch it was read in.
+#[derive(Default)]
+struct IndexState {
+    epoch: u64,
+    /// Objects looked for one by one on the member in this epoch.
+    searches: u32,
+    index: Option<MemberIndex>,
 }
 
 /// An object being made on a member (`None`), or in doubt there since a
@@ -420,6 +433,7 @@ impl Group {
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
+            indexes: (0..count).map(|_| Mutex::default()).collect(),
         }
     }
 
@@ -529,6 +543,82 @@ impl Group {
         Ok(crate::member::on_connection(session.connection, || {
             calls(session)
         }))
+    }
+
+    /// The objects on member `position` that a search for `print` would
+    /// find: from the member's index once it has one, else by a search of
+    /// the member. After [`SEARCHES_BEFORE_INDEX`] searches the index is
+    /// read, so enumerating a large token costs one read of each object,
+    /// not a search of the whole token per object.
+    pub fn look_up(&self, position: usize, print: &Fingerprint) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        let epoch = self.members[position].epoch();
+        {
+            let mut state = self.index_state(position, epoch);
+            if state.index.is_none() && state.searches >= SEARCHES_BEFORE_INDEX {
+                let hidden = self.domain.found(position, epoch).flatten();
+                state.index = self.on_utility(position, |s| {
+                    MemberIndex::read(&s.library, s.handle, hidden)
+                })?;
+            }
+            match &state.index {
+                Some(index) => {
+                    let found = index.matching(print);
+                    if !found.is_empty() {
+                        return Ok(found);
+                    }
+                }
+                None => state.searches += 1,
+            }
+        }
+        let found = self
+            .on_utility(position, |s| identity::find(&s.library, s.handle, print))?
+            .map_err(Error::new)?;
+        if let [one] = found[..] {
+            let mut state = self.index_state(position, epoch);
+            if let Some(index) = state.index.as_mut() {
+                index.insert(one, print.clone());
+            }
+        }
+        Ok(found)
+    }
+
+    /// The fingerprint of a member's object, where its index knows it.
+    pub fn indexed_fingerprint(
+        &self,
+        position: usize,
+        handle: CK_OBJECT_HANDLE,
+    ) -> Option<Arc<Fingerprint>> {
+        let epoch = self.members[position].epoch();
+        self.index_state(position, epoch)
+            .index
+            .as_ref()?
+            .fingerprint(handle)
+    }
+
+    /// Forgets an object removed from a member.
+    pub fn forget_object(&self, position: usize, handle: CK_OBJECT_HANDLE) {
+        let epoch = self.members[position].epoch();
+        if let Some(index) = self.index_state(position, epoch).index.as_mut() {
+            index.remove(handle);
+        }
+    }
+
+    /// Forgets every object handle of a member (it restarted, or logged
+    /// out: SoftHSM numbers private objects anew at the next login).
+    pub fn forget_handles(&self, position: usize) {
+        self.objects.forget_member(position);
+        *self.indexes[position].lock() = IndexState::default();
+    }
+
+    fn index_state(&self, position: usize, epoch: u64) -> parking_lot::MutexGuard<'_, IndexState> {
+        let mut state = self.indexes[position].lock();
+        if state.epoch != epoch {
+            *state = IndexState {
+                epoch,
+                ..IndexState::default()
+            };
+        }
+        state
     }
 
     /// Opens the utility session of every member that serves and has none

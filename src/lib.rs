@@ -17,6 +17,7 @@ pub mod fork;
 pub mod group;
 pub mod halog;
 pub mod identity;
+pub mod index;
 pub mod mechanism;
 pub mod member;
 pub mod object;

@@ -628,7 +628,7 @@ impl Provider {
                     member_call!(s.library, C_Logout(s.handle))
                 });
             }
-            group.objects.forget_member(member.position);
+            group.forget_handles(member.position);
         }
     }
 
@@ -728,7 +728,7 @@ impl Provider {
                     member_call!(member.library, C_Logout(member.handle));
                 }
                 for member in &v.group.members {
-                    v.group.objects.forget_member(member.position);
+                    v.group.forget_handles(member.position);
                 }
                 Ok(())
             }

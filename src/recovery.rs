@@ -286,7 +286,7 @@ impl From<String> for Setback {
 /// Brings one member back; returns how many objects it received.
 fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, Setback> {
     let location = find_token(provider, group, position)?;
-    group.objects.forget_member(position);
+    group.forget_handles(position);
     group.relocate(position, location);
     group.members[position].begin_recovery();
 

@@ -951,6 +951,7 @@ impl VirtualSession {
         match answer {
             Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID) => {
                 self.group.objects.forget_copy(position, one);
+                self.group.forget_object(position, one);
                 if let Some(h) = holdings {
                     h.objects.retain(|(handle, _)| *handle != one);
                 }

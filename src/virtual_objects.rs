@@ -752,7 +752,12 @@ impl VirtualSession {
             let before = self.fingerprint_from(copies[0]);
             let mut decided = false;
             for (position, handle) in copies {
-                match self.attempt(position, function, &mut |l, s| change(l, s, handle)) {
+                let answer = self.attempt(position, function, &mut |l, s| change(l, s, handle));
+                if matches!(answer, Attempt::Answered(CKR_OK)) {
+                    // Gone, or its fingerprint may have changed.
+                    self.group.forget_object(position, handle);
+                }
+                match answer {
                     Attempt::Faulted => missed.push(position),
                     Attempt::Answered(rv) if !decided => {
                         check(rv)?;
@@ -938,11 +943,14 @@ impl VirtualSession {
         if let Some(object) = self.group.objects.known(member, handle) {
             return Some(object);
         }
-        let print = self
-            .on_member(member, |s| {
-                identity::fingerprint(&s.library, s.handle, handle)
-            })
-            .ok()??;
+        let print = match self.group.indexed_fingerprint(member, handle) {
+            Some(print) => (*print).clone(),
+            None => self
+                .on_member(member, |s| {
+                    identity::fingerprint(&s.library, s.handle, handle)
+                })
+                .ok()??,
+        };
         if self.is_domain_print(&print) {
             return None;
         }

@@ -795,7 +795,7 @@ impl VirtualSession {
             // A token logged out behind our back (SoftHSM then drops its
             // private objects' handles): in again, and look the handles up
             // afresh before the caller tries again.
-            self.group.objects.forget_member(position);
+            self.group.forget_handles(position);
             self.group
                 .log(Some(position), "member had lost its login; logged in again");
             return Relogin::LookUpAgain;
@@ -847,10 +847,7 @@ impl VirtualSession {
                 let Some(print) = self.fingerprint_of(object) else {
                     return Ok(None);
                 };
-                let Ok(Ok(found)) = self
-                    .group
-                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
-                else {
+                let Ok(found) = self.group.look_up(position, &print) else {
                     return Ok(None);
                 };
                 let presence = match found.as_slice() {
