@@ -74,7 +74,8 @@ pub struct Capabilities {
     pub cloning: Option<Cloning>,
     /// Whether the library is Luna's (it exports `CA_GetFunctionList`).
     pub luna: bool,
-    /// Luna partition policy 0, "Allow private key cloning".
+    /// Luna partition policy 0, "Allow private key cloning"; false for
+    /// other members, which cannot clone.
     pub private_key_cloning: bool,
     /// Luna partition policy 1, "Allow private key wrapping"; always true
     /// for other members, whose keys' own attributes decide.
