@@ -65,8 +65,9 @@ pub fn check_members(config: &Config, groups: &[Arc<Group>], libraries: &[Arc<Me
             );
         }
         let present: Vec<_> = group.members.iter().filter_map(|m| m.location()).collect();
-        // One member alone has nothing to copy keys to.
-        if present.len() < 2 {
+        // One member alone has nothing to copy keys to; Luna partitions
+        // that clone to each other need no domain key.
+        if present.len() < 2 || group.all_members_clone() {
             continue;
         }
         let holds_domain_key = present

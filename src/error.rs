@@ -46,8 +46,35 @@ pub fn check(rv: CK_RV) -> Result<()> {
     }
 }
 
+/// Thales Luna's vendor return codes (`CKR_VENDOR_DEFINED` and up), as
+/// its client library returns them; `group::classify` says what each means
+/// for a group.
+pub mod luna {
+    use cryptoki_sys::CK_RV;
+
+    pub const CKR_CONTAINER_HANDLE_INVALID: CK_RV = 0x8000_0005;
+    pub const CKR_UNABLE_TO_CONNECT: CK_RV = 0x8000_001F;
+    pub const CKR_PARTITION_DISABLED: CK_RV = 0x8000_0020;
+    pub const CKR_TIMEOUT: CK_RV = 0x8000_0024;
+    pub const CKR_HSM_STORAGE_FULL: CK_RV = 0x8000_002A;
+    pub const CKR_DEVICE_TIMEOUT: CK_RV = 0x8000_002B;
+    pub const CKR_OPERATION_NOT_ALLOWED: CK_RV = 0x8000_0030;
+    pub const CKR_AGAIN: CK_RV = 0x8000_0041;
+    /// The secure-channel (NTLS/STC) errors: the link to the partition broke.
+    pub const SECURE_CHANNEL_ERRORS: std::ops::RangeInclusive<CK_RV> = 0x8000_0045..=0x8000_0066;
+    pub const CKR_OBJECT_ALREADY_EXISTS: CK_RV = 0x8000_006F;
+    pub const CKR_HSM_TAMPERED: CK_RV = 0x8000_0076;
+    pub const CKR_KEY_EXTRACTABLE: CK_RV = 0x8000_0101;
+    pub const CKR_FAILED_TO_CLONE_AN_OBJECT: CK_RV = 0x8000_0106;
+    pub const CKR_CLONE_NOT_ATTEMPTED: CK_RV = 0x8000_0107;
+    pub const CKR_BUSY: CK_RV = 0x8000_1604;
+}
+
 /// The name of a return value, for logs and messages.
 pub fn rv_name(rv: CK_RV) -> String {
+    if luna::SECURE_CHANNEL_ERRORS.contains(&rv) {
+        return format!("CKR_0x{rv:08X} (Luna secure-channel error)");
+    }
     let name = match rv {
         CKR_OK => "CKR_OK",
         CKR_CANCEL => "CKR_CANCEL",
@@ -134,7 +161,44 @@ pub fn rv_name(rv: CK_RV) -> String {
         CKR_MUTEX_BAD => "CKR_MUTEX_BAD",
         CKR_MUTEX_NOT_LOCKED => "CKR_MUTEX_NOT_LOCKED",
         CKR_FUNCTION_REJECTED => "CKR_FUNCTION_REJECTED",
+        luna::CKR_CONTAINER_HANDLE_INVALID => "CKR_CONTAINER_HANDLE_INVALID",
+        luna::CKR_UNABLE_TO_CONNECT => "CKR_UNABLE_TO_CONNECT",
+        luna::CKR_PARTITION_DISABLED => "CKR_PARTITION_DISABLED",
+        luna::CKR_TIMEOUT => "CKR_TIMEOUT",
+        luna::CKR_HSM_STORAGE_FULL => "CKR_HSM_STORAGE_FULL",
+        luna::CKR_DEVICE_TIMEOUT => "CKR_DEVICE_TIMEOUT",
+        luna::CKR_OPERATION_NOT_ALLOWED => "CKR_OPERATION_NOT_ALLOWED",
+        luna::CKR_AGAIN => "CKR_AGAIN",
+        luna::CKR_OBJECT_ALREADY_EXISTS => "CKR_OBJECT_ALREADY_EXISTS",
+        luna::CKR_HSM_TAMPERED => "CKR_HSM_TAMPERED",
+        luna::CKR_KEY_EXTRACTABLE => "CKR_KEY_EXTRACTABLE",
+        luna::CKR_FAILED_TO_CLONE_AN_OBJECT => "CKR_FAILED_TO_CLONE_AN_OBJECT",
+        luna::CKR_CLONE_NOT_ATTEMPTED => "CKR_CLONE_NOT_ATTEMPTED",
+        luna::CKR_BUSY => "CKR_BUSY",
         _ => return format!("CKR_0x{rv:08X}"),
     };
     name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luna_codes_have_names() {
+        assert_eq!(rv_name(luna::CKR_BUSY), "CKR_BUSY");
+        assert_eq!(
+            rv_name(luna::CKR_UNABLE_TO_CONNECT),
+            "CKR_UNABLE_TO_CONNECT"
+        );
+        assert_eq!(
+            rv_name(luna::CKR_FAILED_TO_CLONE_AN_OBJECT),
+            "CKR_FAILED_TO_CLONE_AN_OBJECT"
+        );
+        assert_eq!(
+            rv_name(0x8000_0050),
+            "CKR_0x80000050 (Luna secure-channel error)"
+        );
+        assert_eq!(rv_name(0x8000_0999), "CKR_0x80000999");
+    }
 }

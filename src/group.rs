@@ -10,6 +10,7 @@ use crate::member::{
 };
 use crate::object::ObjectTable;
 use crate::replication::Pending;
+use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
@@ -75,6 +76,8 @@ pub struct Member {
     /// group's own searches run on it, so that they never collide with an
     /// operation the application has active on its member session.
     utility: Mutex<Option<MemberSession>>,
+    /// How it can move keys, read where its token was found.
+    capabilities: RwLock<Capabilities>,
 }
 
 impl Member {
@@ -93,7 +96,13 @@ impl Member {
             recovery_attempts: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
             utility: Mutex::new(None),
+            capabilities: RwLock::new(Capabilities::default()),
         }
+    }
+
+    /// How the member can move keys (see [`crate::strategy`]).
+    pub fn capabilities(&self) -> Capabilities {
+        *self.capabilities.read()
     }
 
     pub fn location(&self) -> Option<Location> {
@@ -337,6 +346,8 @@ pub struct Group {
     pub objects: ObjectTable,
     pub login: Mutex<Option<Login>>,
     pub domain: DomainKeys,
+    /// Whether Luna partitions of unknown policy clone private keys.
+    pub probes: crate::strategy::Probes,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
     /// Per member: objects a call is making on it (`None`), or whose
@@ -418,6 +429,7 @@ impl Group {
             objects: ObjectTable::new(count),
             login: Mutex::new(None),
             domain: DomainKeys::new(count),
+            probes: Default::default(),
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
@@ -425,16 +437,35 @@ impl Group {
         }
     }
 
-    /// Records where a member token lives and brings it up.
+    /// Records where a member token lives and brings it up, unless the
+    /// slot cannot be a member (a Luna HA virtual slot): then it stays
+    /// down and the operator is told why, once.
     pub fn attach(&self, position: usize, location: Location) {
+        if let Some(why) = crate::strategy::refusal(&location.library, location.slot) {
+            let event = format!("is refused as a member: {why}");
+            eprintln!(
+                "pkcs11-ha: group {} ({}): member {} {event}",
+                self.label, self.serial, self.members[position].serial
+            );
+            self.log(Some(position), &event);
+            return;
+        }
         self.relocate(position, location);
         self.members[position].set_state(MemberState::Up);
     }
 
     /// Records where a member token lives now (it may have moved slots
-    /// after its library reconnected), without changing its state.
+    /// after its library reconnected), without changing its state, and
+    /// what it can do to move keys there.
     pub fn relocate(&self, position: usize, location: Location) {
-        *self.members[position].location.write() = Some(location);
+        let member = &self.members[position];
+        let capabilities = Capabilities::detect(&location.library, location.slot);
+        let described = capabilities.describe();
+        if member.capabilities().describe() != described || member.location().is_none() {
+            self.log(Some(position), &described);
+        }
+        *member.capabilities.write() = capabilities;
+        *member.location.write() = Some(location);
     }
 
     /// Records a member fault: the member leaves the rotation and the
@@ -452,6 +483,22 @@ impl Group {
             );
             self.log(Some(position), &event);
         }
+    }
+
+    /// Whether every member found is a Luna partition of one library
+    /// instance that clones private keys: keys then move by cloning alone,
+    /// and the group needs no domain key.
+    pub fn all_members_clone(&self) -> bool {
+        let found: Vec<(Location, Capabilities)> = self
+            .members
+            .iter()
+            .filter_map(|m| m.location().map(|l| (l, m.capabilities())))
+            .collect();
+        found.iter().all(|(location, capabilities)| {
+            capabilities.cloning.is_some()
+                && capabilities.private_key_cloning
+                && Arc::ptr_eq(&location.library, &found[0].0.library)
+        })
     }
 
     /// Runs `calls` on the member's utility session (see [`Member`]), opened
@@ -472,12 +519,14 @@ impl Group {
                 .filter(|_| member.reachable())
                 .ok_or(Error::new(CKR_DEVICE_ERROR))?;
             let guard = member.begin_call();
-            let opened = open_member_session(
-                &location.library,
-                location.slot,
-                CKF_SERIAL_SESSION | CKF_RW_SESSION,
-                epoch,
-            );
+            let opened = retry_result_while_busy(|| {
+                open_member_session(
+                    &location.library,
+                    location.slot,
+                    CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                    epoch,
+                )
+            });
             drop(guard);
             match opened {
                 Ok(session) => *utility = Some(session),
@@ -898,26 +947,196 @@ fn combine_amount(values: impl Iterator<Item = CK_ULONG>) -> CK_ULONG {
         .unwrap_or(CK_UNAVAILABLE_INFORMATION)
 }
 
-/// Whether a member's return value says the member, not the request, is at
-/// fault. A request error must never take a member out of service, or one
-/// malformed request sent to each member in turn would take the group down.
-pub fn is_member_fault(rv: CK_RV) -> bool {
-    matches!(
-        rv,
+/// What a member's failing answer means for the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The request's own answer: the application gets it and the member
+    /// stays in service.
+    Request,
+    /// The member is busy for now (Luna's `CKR_AGAIN`, `CKR_BUSY`): asked
+    /// again a few times ([`retry_while_busy`]), then taken for down.
+    Busy,
+    /// The member is down: it leaves the rotation and the call goes to
+    /// another member.
+    Down,
+}
+
+/// Classifies a member's answer other than `CKR_OK`: the one place that
+/// decides whether the member or the request is at fault. A request error
+/// must never take a member out of service, or one malformed request sent
+/// to each member in turn would take the group down.
+pub fn classify(rv: CK_RV) -> Failure {
+    use crate::error::luna;
+    match rv {
         CKR_DEVICE_ERROR
-            | CKR_DEVICE_REMOVED
-            | CKR_DEVICE_MEMORY
-            | CKR_TOKEN_NOT_PRESENT
-            | CKR_TOKEN_NOT_RECOGNIZED
-            | CKR_SESSION_CLOSED
-            | CKR_SESSION_HANDLE_INVALID
-            | CKR_CRYPTOKI_NOT_INITIALIZED
-    )
+        | CKR_DEVICE_REMOVED
+        | CKR_DEVICE_MEMORY
+        | CKR_TOKEN_NOT_PRESENT
+        | CKR_TOKEN_NOT_RECOGNIZED
+        | CKR_SESSION_CLOSED
+        | CKR_SESSION_HANDLE_INVALID
+        | CKR_CRYPTOKI_NOT_INITIALIZED
+        | luna::CKR_UNABLE_TO_CONNECT
+        | luna::CKR_TIMEOUT
+        | luna::CKR_DEVICE_TIMEOUT
+        | luna::CKR_PARTITION_DISABLED
+        | luna::CKR_CONTAINER_HANDLE_INVALID
+        | luna::CKR_HSM_TAMPERED => Failure::Down,
+        rv if luna::SECURE_CHANNEL_ERRORS.contains(&rv) => Failure::Down,
+        luna::CKR_AGAIN | luna::CKR_BUSY => Failure::Busy,
+        _ => Failure::Request,
+    }
+}
+
+/// Whether a member's answer takes it out of service: it is down, or it
+/// stayed busy however often it was asked.
+pub fn is_member_fault(rv: CK_RV) -> bool {
+    classify(rv) != Failure::Request
+}
+
+/// How often a busy member is asked again, and the first pause: each pause
+/// is four times the one before (2, 8, 32 ms), so a member busy for longer
+/// than about 40 ms is taken for down and the call moves on.
+const BUSY_RETRIES: u32 = 3;
+const FIRST_BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Asks a member that answered `rv` (busy) again, a bounded number of
+/// times with a short growing pause; the answer of the last try.
+#[cold]
+pub fn retry_while_busy(mut rv: CK_RV, mut call: impl FnMut() -> CK_RV) -> CK_RV {
+    let mut pause = FIRST_BUSY_PAUSE;
+    for _ in 0..BUSY_RETRIES {
+        if classify(rv) != Failure::Busy {
+            break;
+        }
+        std::thread::sleep(pause);
+        pause *= 4;
+        rv = call();
+    }
+    rv
+}
+
+/// [`retry_while_busy`] for a call that returns a value: asked once, and
+/// again while the member answers busy.
+pub fn retry_result_while_busy<T>(mut call: impl FnMut() -> Result<T>) -> Result<T> {
+    let result = call();
+    match &result {
+        Err(e) if classify(e.rv) == Failure::Busy => {
+            let mut value = None;
+            let rv = retry_while_busy(e.rv, || match call() {
+                Ok(v) => {
+                    value = Some(v);
+                    CKR_OK
+                }
+                Err(e) => e.rv,
+            });
+            value.ok_or(Error::new(rv))
+        }
+        _ => result,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::luna;
+
+    #[test]
+    fn luna_down_conditions_fail_over() {
+        let down = [
+            luna::CKR_UNABLE_TO_CONNECT,
+            luna::CKR_TIMEOUT,
+            luna::CKR_DEVICE_TIMEOUT,
+            luna::CKR_PARTITION_DISABLED,
+            luna::CKR_CONTAINER_HANDLE_INVALID,
+            luna::CKR_HSM_TAMPERED,
+            0x8000_0045,
+            0x8000_0050,
+            0x8000_0066,
+        ];
+        for rv in down {
+            assert_eq!(classify(rv), Failure::Down, "{}", crate::error::rv_name(rv));
+            assert!(is_member_fault(rv));
+        }
+        assert_eq!(classify(0x8000_0044), Failure::Request, "below the range");
+        assert_eq!(classify(0x8000_0067), Failure::Request, "above the range");
+    }
+
+    #[test]
+    fn luna_retry_conditions_are_busy() {
+        for rv in [luna::CKR_AGAIN, luna::CKR_BUSY] {
+            assert_eq!(classify(rv), Failure::Busy, "{}", crate::error::rv_name(rv));
+            assert!(is_member_fault(rv), "busy after the retries is down");
+        }
+    }
+
+    #[test]
+    fn luna_request_errors_go_to_the_application() {
+        let request = [
+            luna::CKR_OPERATION_NOT_ALLOWED,
+            luna::CKR_OBJECT_ALREADY_EXISTS,
+            luna::CKR_KEY_EXTRACTABLE,
+            luna::CKR_HSM_STORAGE_FULL,
+            luna::CKR_FAILED_TO_CLONE_AN_OBJECT,
+            luna::CKR_CLONE_NOT_ATTEMPTED,
+            CKR_PIN_INCORRECT,
+            CKR_ARGUMENTS_BAD,
+        ];
+        for rv in request {
+            assert_eq!(
+                classify(rv),
+                Failure::Request,
+                "{}",
+                crate::error::rv_name(rv)
+            );
+            assert!(!is_member_fault(rv));
+        }
+    }
+
+    #[test]
+    fn a_busy_member_is_asked_again_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let answers = [luna::CKR_BUSY, CKR_OK];
+        let rv = retry_while_busy(luna::CKR_AGAIN, || {
+            calls += 1;
+            answers[calls - 1]
+        });
+        assert_eq!((rv, calls), (CKR_OK, 2), "busy, busy, then answered");
+        let mut calls = 0;
+        let rv = retry_while_busy(luna::CKR_BUSY, || {
+            calls += 1;
+            luna::CKR_BUSY
+        });
+        assert_eq!(rv, luna::CKR_BUSY);
+        assert_eq!(calls, BUSY_RETRIES, "asked again only a few times");
+        let mut calls = 0;
+        let rv = retry_while_busy(CKR_DATA_INVALID, || {
+            calls += 1;
+            CKR_OK
+        });
+        assert_eq!(
+            (rv, calls),
+            (CKR_DATA_INVALID, 0),
+            "only busy answers are retried"
+        );
+        let mut calls = 0;
+        let opened = retry_result_while_busy(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(Error::new(luna::CKR_AGAIN))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(opened, Ok(3), "a session opened at the third try");
+        let mut calls = 0;
+        let opened: Result<()> = retry_result_while_busy(|| {
+            calls += 1;
+            Err(Error::new(luna::CKR_BUSY))
+        });
+        assert_eq!(opened, Err(Error::new(luna::CKR_BUSY)));
+        assert_eq!(calls, 1 + BUSY_RETRIES);
+    }
 
     #[test]
     fn group_serial_follows_luna_and_fits_the_field() {

@@ -27,5 +27,6 @@ pub mod replication;
 pub mod session;
 pub mod slot_ids;
 pub mod state_api;
+pub mod strategy;
 pub mod virtual_objects;
 pub mod virtual_session;

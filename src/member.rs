@@ -248,6 +248,16 @@ impl MemberLibrary {
         &self.functions
     }
 
+    /// A function the library exports beside its PKCS#11 table (Luna's
+    /// `CA_*` extensions), where it does.
+    ///
+    /// # Safety
+    /// `T` must be the function pointer type of the export `name`.
+    pub unsafe fn extension<T: Copy>(&self, name: &[u8]) -> Option<T> {
+        // SAFETY: the caller vouches for the type.
+        unsafe { self._library.get::<T>(name).ok().map(|symbol| *symbol) }
+    }
+
     /// Runs a call into the library. A library that talks to a server
     /// (it opened sockets when initialised) gets one call at a time, and
     /// runs with `SIGPIPE` blocked in this thread, a `SIGPIPE` it raises

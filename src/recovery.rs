@@ -426,6 +426,7 @@ fn token_slot(library: &crate::member::MemberLibrary, serial: &str) -> Option<CK
         library
             .token_info(*slot)
             .is_ok_and(|info| Group::member_serial(&info) == *serial)
+            && crate::strategy::refusal(library, *slot).is_none()
     })
 }
 

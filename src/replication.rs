@@ -1,8 +1,10 @@
 //! Moving objects between members. Key material leaves a member only
 //! wrapped under the group's domain key -- an AES-256 key with the same
 //! value on every member, marked `CKA_TRUSTED` -- and is unwrapped on the
-//! other members, before the call that made it returns. Public objects
-//! (public keys, certificates, data) are copied by their attributes.
+//! other members, or cloned by Luna's cloning protocol between partitions
+//! of one Luna library instance (`strategy` picks which), before the call
+//! that made it returns. Public objects (public keys, certificates, data)
+//! are copied by their attributes.
 //!
 //! A key the application asks to be non-extractable is kept extractable on
 //! the members but only under a trusted key (`CKA_WRAP_WITH_TRUSTED`), the
@@ -15,6 +17,7 @@ use crate::identity::{self, Fingerprint};
 use crate::member::{member_call, MemberLibrary};
 use crate::object::Presence;
 use crate::session::MemberSession;
+use crate::strategy::{self, Cloning, MigrationData, Side, Strategy, OBJECT_TYPE_CRYPTOKI};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use std::ptr;
@@ -312,7 +315,10 @@ impl VirtualSession {
 
     /// Copies virtual object `object` from member `source` to `targets`.
     /// Returns the targets that faulted (they are out of service and lack
-    /// the object); a request error removes every copy made.
+    /// the object); a request error removes every copy made. A key moves
+    /// the way [`strategy::choose`] picks for each target; where no way
+    /// exists for some target, nothing is copied and the call fails with
+    /// one line naming the member and the reason.
     pub fn copy_to(
         &self,
         object: CK_OBJECT_HANDLE,
@@ -332,7 +338,19 @@ impl VirtualSession {
             .map(|c| identity::ulong_of(&c))
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
         let secret = class == CKO_SECRET_KEY || class == CKO_PRIVATE_KEY;
-        if secret
+        let strategies: Vec<Option<Strategy>> = if secret {
+            let mut chosen = Vec::with_capacity(targets.len());
+            for &position in targets {
+                chosen.push(Some(self.strategy(source, position, class)?));
+            }
+            chosen
+        } else {
+            vec![None; targets.len()]
+        };
+        let wraps = strategies
+            .iter()
+            .any(|s| matches!(s, Some(Strategy::Wrap(_))));
+        if wraps
             && std::iter::once(&source)
                 .chain(targets)
                 .any(|p| !self.group.members[*p].carries_keys())
@@ -345,8 +363,14 @@ impl VirtualSession {
         } else {
             PUBLIC_ATTRIBUTES
         };
-        let mut template = self
-            .on_member(source, |s| {
+        let mut template = if secret && !wraps {
+            Template {
+                values: Vec::new(),
+                nested: Vec::new(),
+                inner: Vec::new(),
+            }
+        } else {
+            self.on_member(source, |s| {
                 let nested = if secret {
                     NESTED_ATTRIBUTES
                 } else {
@@ -354,85 +378,309 @@ impl VirtualSession {
                 };
                 Template::read(&s.library, s.handle, source_handle, types, nested)
             })?
-            .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-        let wrapped = if secret {
-            Some(self.wrap_for_transfer(source, source_handle)?)
-        } else {
-            None
+            .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?
         };
+        let mut wrapped: Option<(CK_MECHANISM_TYPE, Vec<u8>)> = None;
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted = Vec::new();
-        for &position in targets {
-            let domain = match &wrapped {
-                Some(_) => match self.domain_key(position) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        self.undo(&made);
-                        return Err(e);
-                    }
-                },
-                None => CK_INVALID_HANDLE,
-            };
-            let mut attributes = template.attributes();
-            let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-            let mut make = |l: &MemberLibrary, s| match &wrapped {
-                Some(blob) => {
-                    let mut mechanism = CK_MECHANISM {
-                        mechanism: WRAP_MECHANISM,
-                        pParameter: ptr::null_mut(),
-                        ulParameterLen: 0,
+        for (&position, strategy) in targets.iter().zip(&strategies) {
+            let answer = match strategy {
+                Some(Strategy::Clone) => self.clone_to(object, source, source_handle, position),
+                Some(Strategy::Wrap(mechanism)) => {
+                    let blob = match &wrapped {
+                        Some((m, blob)) if m == mechanism => blob,
+                        _ => match self.wrap_for_transfer(source, source_handle, *mechanism) {
+                            Ok(blob) => &wrapped.insert((*mechanism, blob)).1,
+                            Err(e) => {
+                                self.undo(&made);
+                                return Err(e);
+                            }
+                        },
                     };
-                    member_call!(
-                        l,
-                        C_UnwrapKey(
-                            s,
-                            &mut mechanism,
-                            domain,
-                            blob.as_ptr() as *mut _,
-                            blob.len() as CK_ULONG,
-                            attributes.as_mut_ptr(),
-                            attributes.len() as CK_ULONG,
-                            &mut handle
-                        )
-                    )
+                    let domain = match self.domain_key(position) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            self.undo(&made);
+                            return Err(e);
+                        }
+                    };
+                    self.unwrap_on(object, position, *mechanism, domain, blob, &mut template)
                 }
-                None => member_call!(
-                    l,
-                    C_CreateObject(
-                        s,
-                        attributes.as_mut_ptr(),
-                        attributes.len() as CK_ULONG,
-                        &mut handle
-                    )
-                ),
+                None => {
+                    let mut attributes = template.attributes();
+                    let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
+                    let answer =
+                        self.attempt_making(position, "replication", object, &mut |l, s| {
+                            member_call!(
+                                l,
+                                C_CreateObject(
+                                    s,
+                                    attributes.as_mut_ptr(),
+                                    attributes.len() as CK_ULONG,
+                                    &mut handle
+                                )
+                            )
+                        });
+                    (answer, handle)
+                }
             };
-            let answer = self.attempt_making(position, "replication", object, &mut make);
             match answer {
-                Attempt::Answered(CKR_OK) => {
+                (Attempt::Answered(CKR_OK), handle) => {
                     self.group
                         .objects
                         .set_presence(object, position, Presence::Present(handle));
                     made.push((position, handle));
                 }
-                Attempt::Answered(rv) => {
+                (Attempt::Answered(rv), _) => {
                     self.undo(&made);
-                    return Err(match &wrapped {
-                        Some(_) => self.transport_error(position, rv),
+                    return Err(match strategy {
+                        Some(Strategy::Wrap(_)) => self.transport_error(position, rv),
+                        Some(Strategy::Clone) => self.clone_error(source, position, rv),
                         None => Error::new(rv),
                     });
                 }
-                Attempt::Faulted => faulted.push(position),
+                (Attempt::Faulted, _) => faulted.push(position),
             }
         }
         Ok(faulted)
     }
 
+    /// The way a key of `class` moves from `source` to `target`; where
+    /// there is none, says why in one line (stderr and the HA log) and
+    /// fails: a key that cannot reach every member is not made.
+    fn strategy(&self, source: usize, target: usize, class: CK_OBJECT_CLASS) -> Result<Strategy> {
+        let (from, to) = (&self.group.members[source], &self.group.members[target]);
+        let (Some(from_location), Some(to_location)) = (from.location(), to.location()) else {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        };
+        let (mut from_can, mut to_can) = (from.capabilities(), to.capabilities());
+        let unknown_policies = !(from_can.policies_read && to_can.policies_read);
+        if class == CKO_PRIVATE_KEY
+            && unknown_policies
+            && from_can.cloning.is_some()
+            && to_can.cloning.is_some()
+            && from_can.private_key_cloning
+            && to_can.private_key_cloning
+            && std::sync::Arc::ptr_eq(&from_location.library, &to_location.library)
+            && !self.probe_clones(source, target)
+        {
+            from_can.refuses_private_key_cloning();
+            to_can.refuses_private_key_cloning();
+        }
+        let side_from = Side {
+            serial: &from.serial,
+            library: from_location.library.as_ref(),
+            capabilities: &from_can,
+        };
+        let side_to = Side {
+            serial: &to.serial,
+            library: to_location.library.as_ref(),
+            capabilities: &to_can,
+        };
+        strategy::choose(&side_from, &side_to, class).map_err(|why| {
+            let event = format!("{why}; the key was not created");
+            eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+            self.group.log(Some(target), &event);
+            Error::new(CKR_FUNCTION_FAILED)
+        })
+    }
+
+    /// Whether partitions `source` and `target`, whose policies could not be
+    /// read, clone private keys: probed once per pair of member epochs with
+    /// a throw-away session key pair, and logged. Only a policy refusal
+    /// (`CKR_OPERATION_NOT_ALLOWED`) says no; any other failure leaves the
+    /// real clone to fail with its own line.
+    fn probe_clones(&self, source: usize, target: usize) -> bool {
+        let members = &self.group.members;
+        let pair = (
+            (source, members[source].epoch()),
+            (target, members[target].epoch()),
+        );
+        if let Some(clones) = self.group.probes.get(pair.0, pair.1) {
+            return clones;
+        }
+        let rv = self.probe_cloning(source, target);
+        if crate::group::is_member_fault(rv) {
+            return true;
+        }
+        let clones = rv != crate::error::luna::CKR_OPERATION_NOT_ALLOWED;
+        let event = format!(
+            "start-up probe: cloning a throw-away private key from member {} to member {} answered {}; {}",
+            members[source].serial,
+            members[target].serial,
+            rv_name(rv),
+            if clones {
+                "private keys move by cloning"
+            } else {
+                "the partitions are taken for Key Export mode (private keys are wrapped)"
+            }
+        );
+        self.group.log(Some(target), &event);
+        self.group.probes.record(pair.0, pair.1, clones);
+        clones
+    }
+
+    /// Makes a throw-away EC session key pair on `source`, clones its
+    /// private key to `target` and destroys all three; the clone's answer.
+    fn probe_cloning(&self, source: usize, target: usize) -> CK_RV {
+        let Some(cloning) = self.group.members[source].capabilities().cloning else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        let Ok(from) = self.member_session(source) else {
+            return CKR_DEVICE_ERROR;
+        };
+        const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let mut params = P256;
+        let (mut yes, mut no) = (CK_TRUE, CK_FALSE);
+        let attribute = |type_, value: *mut u8, len: usize| CK_ATTRIBUTE {
+            type_,
+            pValue: value.cast(),
+            ulValueLen: len as CK_ULONG,
+        };
+        let mut public_template = [
+            attribute(CKA_EC_PARAMS, params.as_mut_ptr(), params.len()),
+            attribute(CKA_TOKEN, &mut no, 1),
+        ];
+        let mut private_template = [
+            attribute(CKA_TOKEN, &mut no, 1),
+            attribute(CKA_PRIVATE, &mut yes, 1),
+            attribute(CKA_SENSITIVE, &mut yes, 1),
+            attribute(CKA_EXTRACTABLE, &mut yes, 1),
+            attribute(CKA_WRAP_WITH_TRUSTED, &mut yes, 1),
+        ];
+        let mut mechanism = CK_MECHANISM {
+            mechanism: CKM_EC_KEY_PAIR_GEN,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let (mut public, mut private) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
+        let made = self
+            .on_member(source, |s| {
+                member_call!(
+                    s.library,
+                    C_GenerateKeyPair(
+                        s.handle,
+                        &mut mechanism,
+                        public_template.as_mut_ptr(),
+                        public_template.len() as CK_ULONG,
+                        private_template.as_mut_ptr(),
+                        private_template.len() as CK_ULONG,
+                        &mut public,
+                        &mut private
+                    )
+                )
+            })
+            .unwrap_or_else(|e| e.rv);
+        if made != CKR_OK {
+            return made;
+        }
+        let mut cloned = CK_INVALID_HANDLE;
+        let rv = self
+            .on_member(target, |t| {
+                clone_call(
+                    &cloning,
+                    &t.library,
+                    from.handle,
+                    t.handle,
+                    private,
+                    &mut cloned,
+                )
+            })
+            .unwrap_or_else(|e| e.rv);
+        if rv == CKR_OK {
+            self.undo(&[(target, cloned)]);
+        }
+        self.undo(&[(source, private), (source, public)]);
+        rv
+    }
+
+    /// Clones the key `source_handle` on member `source` to member `target`
+    /// with Luna's `CA_MigrateKeys` (or `CA_CloneObject` where that is all
+    /// the library exports), between the two member sessions of this
+    /// virtual session on one library instance.
+    fn clone_to(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        source: usize,
+        source_handle: CK_OBJECT_HANDLE,
+        target: usize,
+    ) -> (Attempt, CK_OBJECT_HANDLE) {
+        let cloning = self.group.members[source].capabilities().cloning;
+        let Some(cloning) = cloning else {
+            return (Attempt::Answered(CKR_FUNCTION_FAILED), CK_INVALID_HANDLE);
+        };
+        let source_session = match self.member_session(source) {
+            Ok(s) => s.handle,
+            Err(e) => return (Attempt::Answered(e.rv), CK_INVALID_HANDLE),
+        };
+        let mut cloned = CK_INVALID_HANDLE;
+        let answer = self.attempt_making(target, "CA_CloneObject", object, &mut |l, s| {
+            clone_call(&cloning, l, source_session, s, source_handle, &mut cloned)
+        });
+        (answer, cloned)
+    }
+
+    /// Unwraps `blob` under the domain key on member `position`.
+    fn unwrap_on(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        position: usize,
+        mechanism: CK_MECHANISM_TYPE,
+        domain: CK_OBJECT_HANDLE,
+        blob: &[u8],
+        template: &mut Template,
+    ) -> (Attempt, CK_OBJECT_HANDLE) {
+        let mut attributes = template.attributes();
+        let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
+        let answer = self.attempt_making(position, "replication", object, &mut |l, s| {
+            let mut mechanism = CK_MECHANISM {
+                mechanism,
+                pParameter: ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+            member_call!(
+                l,
+                C_UnwrapKey(
+                    s,
+                    &mut mechanism,
+                    domain,
+                    blob.as_ptr() as *mut _,
+                    blob.len() as CK_ULONG,
+                    attributes.as_mut_ptr(),
+                    attributes.len() as CK_ULONG,
+                    &mut handle
+                )
+            )
+        });
+        (answer, handle)
+    }
+
+    /// A clone the target refused: the partitions' policies or cloning
+    /// domains do not let the key move. Said in one line; the application
+    /// gets `CKR_FUNCTION_FAILED`, since its request was not at fault.
+    fn clone_error(&self, source: usize, target: usize, rv: CK_RV) -> Error {
+        let event = format!(
+            "cloning a key from member {} to member {} failed with {}: both partitions must share a cloning domain and allow cloning; the key was not created",
+            self.group.members[source].serial,
+            self.group.members[target].serial,
+            rv_name(rv)
+        );
+        eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+        self.group.log(Some(target), &event);
+        Error::new(CKR_FUNCTION_FAILED)
+    }
+
     /// The key on `source` wrapped under the domain key.
-    fn wrap_for_transfer(&self, source: usize, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>> {
+    fn wrap_for_transfer(
+        &self,
+        source: usize,
+        key: CK_OBJECT_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+    ) -> Result<Vec<u8>> {
         let domain = self.domain_key(source)?;
         let wrap = |s: &MemberSession| {
             let mut mechanism = CK_MECHANISM {
-                mechanism: WRAP_MECHANISM,
+                mechanism,
                 pParameter: ptr::null_mut(),
                 ulParameterLen: 0,
             };
@@ -495,7 +743,7 @@ impl VirtualSession {
         let member = &self.group.members[position];
         if member.refuses_keys() {
             let event = format!(
-                "member {} cannot carry key material: its library refuses CKM_AES_KEY_WRAP_PAD; keys generated in this group cannot replicate (imported keys can)",
+                "member {} cannot carry key material: its library refuses the key-wrap mechanism it lists; keys generated in this group cannot replicate (imported keys can)",
                 member.serial
             );
             eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
@@ -712,6 +960,48 @@ impl VirtualSession {
             Attempt::Answered(rv) => Err(format!("removal refused with {}", rv_name(rv))),
             Attempt::Faulted => Err("the member failed again".into()),
         }
+    }
+}
+
+/// Clones `object` from `source_session` to `target_session`, two sessions
+/// of one Luna library instance: `CA_MigrateKeys` where the library has it
+/// and the partitions take it (firmware before 7.8 does not), else
+/// `CA_CloneObject`.
+fn clone_call(
+    cloning: &Cloning,
+    library: &MemberLibrary,
+    source_session: CK_SESSION_HANDLE,
+    target_session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    cloned: &mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    if let Some(migrate) = cloning.migrate {
+        let mut entry = MigrationData {
+            object_type: OBJECT_TYPE_CRYPTOKI,
+            source_handle: object,
+            target_handle: CK_INVALID_HANDLE,
+            rv: CKR_OK,
+        };
+        // SAFETY: the documented signature; one live entry.
+        let rv = library
+            .shielded(|| unsafe { migrate(source_session, target_session, 0, 1, &mut entry) });
+        if rv != CKR_FUNCTION_NOT_SUPPORTED || cloning.clone.is_none() {
+            *cloned = entry.target_handle;
+            return if rv == CKR_OK { entry.rv } else { rv };
+        }
+    }
+    match cloning.clone {
+        // SAFETY: the documented signature; a live out-parameter.
+        Some(clone) => library.shielded(|| unsafe {
+            clone(
+                target_session,
+                source_session,
+                OBJECT_TYPE_CRYPTOKI,
+                object,
+                cloned,
+            )
+        }),
+        None => CKR_FUNCTION_NOT_SUPPORTED,
     }
 }
 

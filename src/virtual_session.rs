@@ -557,7 +557,9 @@ impl VirtualSession {
             .filter(|_| member.reachable())
             .ok_or(Error::new(CKR_DEVICE_ERROR))?;
         let guard = member.begin_call();
-        let opened = open_member_session(&location.library, location.slot, self.flags, epoch);
+        let opened = crate::group::retry_result_while_busy(|| {
+            open_member_session(&location.library, location.slot, self.flags, epoch)
+        });
         drop(guard);
         let (held, raced) = self.members[position].put(opened?);
         if let Some(raced) = raced {
@@ -655,9 +657,10 @@ impl VirtualSession {
         Attempt::Faulted
     }
 
-    /// Makes one call for [`Self::attempt`], logging the member in again
-    /// and repeating the call when its answer says it lost its login.
-    /// True as the second value when the caller must choose again.
+    /// Makes one call for [`Self::attempt`]: asks a busy member again a
+    /// few times, and logs the member in again and repeats the call when its
+    /// answer says it lost its login. True as the second value when the
+    /// caller must choose again.
     #[inline(always)]
     fn run<F>(
         &self,
@@ -669,7 +672,13 @@ impl VirtualSession {
     where
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
-        let rv = call(library, handle);
+        let mut rv = call(library, handle);
+        if rv == CKR_OK {
+            return (rv, false);
+        }
+        if crate::group::classify(rv) == crate::group::Failure::Busy {
+            rv = crate::group::retry_while_busy(rv, || call(library, handle));
+        }
         if rv == CKR_OK
             || !matches!(
                 rv,

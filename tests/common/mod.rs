@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod luna;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;

@@ -2,7 +2,8 @@
 //! Luna's list: the Crypto Officer PIN logs in, the domain key is there with
 //! the group's check value (or will be provisioned), token flags and login
 //! requirements match, the mechanisms the group advertises are all there,
-//! and the token is in no group yet. Each check is reported pass or fail
+//! the token is in no group yet, is not a Luna HA virtual slot, and keys
+//! can move between it and every member. Each check is reported pass or fail
 //! with its reason before anything changes.
 
 use cryptoki_sys::*;
@@ -35,7 +36,10 @@ pub struct Check {
 /// combine the members': capabilities ANDed, the list intersected); and a
 /// new primary that carries an old group's domain key, when the operator
 /// says that group is gone.
-pub const SKIPPABLE: [&str; 3] = [FLAGS, MECHANISMS, OTHER_GROUP];
+/// A member with no way to move keys to some member still serves
+/// imported keys and public objects; only making keys fails (with a line
+/// saying why).
+pub const SKIPPABLE: [&str; 4] = [FLAGS, MECHANISMS, OTHER_GROUP, KEY_TRANSPORT];
 
 pub const MEMBERSHIP: &str = "membership";
 pub const LOGIN: &str = "login";
@@ -45,6 +49,8 @@ pub const FLAGS: &str = "token flags";
 pub const MECHANISMS: &str = "mechanisms";
 pub const OBJECTS: &str = "objects";
 pub const OTHER_GROUP: &str = "other group";
+pub const HA_SLOT: &str = "not an HA slot";
+pub const KEY_TRANSPORT: &str = "key transport";
 pub const REPLICATION: &str = "replication";
 
 impl Check {
@@ -239,7 +245,11 @@ mod tests {
     fn force_skips_only_the_safe_checks() {
         assert_eq!(Check::fail(MECHANISMS, "x", true).result, Outcome::Skipped);
         assert_eq!(Check::fail(FLAGS, "x", true).result, Outcome::Skipped);
-        for check in [MEMBERSHIP, LOGIN, DOMAIN, SO_LOGIN] {
+        assert_eq!(
+            Check::fail(KEY_TRANSPORT, "x", true).result,
+            Outcome::Skipped
+        );
+        for check in [MEMBERSHIP, LOGIN, DOMAIN, SO_LOGIN, HA_SLOT] {
             assert_eq!(Check::fail(check, "x", true).result, Outcome::Fail);
         }
         assert_eq!(Check::fail(FLAGS, "x", false).result, Outcome::Fail);

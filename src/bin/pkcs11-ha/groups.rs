@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use cryptoki_sys::*;
 use pkcs11_ha::config::{Config, GroupConfig, DEFAULT_DOMAIN_LABEL};
 use pkcs11_ha::error::rv_name;
+use pkcs11_ha::strategy::{self, Capabilities, Side};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -153,6 +154,72 @@ fn reference(members: &Members, group: &GroupConfig) -> Reference {
     reference
 }
 
+/// The token is not a Luna HA virtual slot, and each kind of key can move
+/// between it and every reachable member of `group`, one way or another
+/// (`pkcs11_ha::strategy`): the library would refuse to make keys that
+/// cannot.
+fn key_transport(
+    members: &Members,
+    group: Option<&GroupConfig>,
+    target: &TokenRef,
+    force: bool,
+) -> Vec<Check> {
+    let library = members.library(target.library);
+    if let Some(why) = strategy::refusal(library, target.slot) {
+        return vec![
+            Check::fail(checks::HA_SLOT, why, force),
+            Check::not_run(checks::KEY_TRANSPORT, "an HA slot cannot be a member"),
+        ];
+    }
+    let ha_slot = Check::pass(
+        checks::HA_SLOT,
+        "the slot is a token, not an HA virtual slot",
+    );
+    let capabilities = Capabilities::detect(library, target.slot);
+    let new = Side {
+        serial: &target.serial,
+        library,
+        capabilities: &capabilities,
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let serials = group
+        .into_iter()
+        .flat_map(|g| g.members.iter().chain(&g.standby));
+    for serial in serials.filter(|s| **s != target.serial) {
+        let Some(token) = members.by_serial(serial) else {
+            continue;
+        };
+        let their_library = members.library(token.library);
+        let theirs = Capabilities::detect(their_library, token.slot);
+        let other = Side {
+            serial,
+            library: their_library,
+            capabilities: &theirs,
+        };
+        // A way closed to secret keys is closed to private keys too: one
+        // line per direction, the strictest that fails.
+        for (from, to) in [(&new, &other), (&other, &new)] {
+            let refused = [CKO_SECRET_KEY, CKO_PRIVATE_KEY]
+                .into_iter()
+                .find_map(|class| strategy::choose(from, to, class).err());
+            problems.extend(refused);
+        }
+    }
+    let transport = if problems.is_empty() {
+        Check::pass(checks::KEY_TRANSPORT, capabilities.describe())
+    } else {
+        Check::fail(
+            checks::KEY_TRANSPORT,
+            format!(
+                "{}; such keys could not be created in the group",
+                problems.join("; ")
+            ),
+            force,
+        )
+    };
+    vec![ha_slot, transport]
+}
+
 /// Runs every prerequisite check on `target` for joining `group` (None:
 /// creating a group with it). Changes nothing on any token.
 fn run_checks(
@@ -189,6 +256,7 @@ fn run_checks(
             format!("token {} is in no group", target.serial),
         )),
     }
+    checks.extend(key_transport(members, group, target, force));
     let reference = group.map(|g| reference(members, g)).unwrap_or_default();
 
     let library = members.library(target.library);
@@ -1447,11 +1515,15 @@ const EDWARDS_CURVES: [(&str, &[u8]); 2] = [
 /// and the operator hears it here first.
 fn replication_check(session: &Session, own: &[CK_MECHANISM_TYPE]) -> Check {
     if !own.contains(&CKM_AES_KEY_WRAP_PAD) {
-        return Check::warn(
-            checks::REPLICATION,
-            "the token offers no CKM_AES_KEY_WRAP_PAD: keys generated in the group cannot \
-             replicate to or from it (imported keys and public objects can)",
-        );
+        let detail = if own.contains(&strategy::CKM_AES_KWP) {
+            "the token wraps with Luna's CKM_AES_KWP only: generated keys move by Luna \
+             cloning or with CKM_AES_KWP (see key transport)"
+        } else {
+            "the token offers no key-wrap mechanism (CKM_AES_KEY_WRAP_PAD or Luna's \
+             CKM_AES_KWP): keys generated in the group can move to or from it only by Luna \
+             cloning (see key transport); imported keys and public objects always can"
+        };
+        return Check::warn(checks::REPLICATION, detail);
     }
     let unwrappable: Vec<&str> = EDWARDS_CURVES
         .iter()

@@ -1,0 +1,433 @@
+//! How key material can move from one member to another, and which way a
+//! group takes for each pair of members and kind of key: Luna cloning
+//! (`CA_MigrateKeys` / `CA_CloneObject`) between partitions of one Luna
+//! library instance, or wrapping under the domain key with a key-wrap
+//! mechanism both members list. Owns what a member can do (found when it
+//! is attached) and the choice; `replication` carries the key.
+
+use crate::member::{padded_to_string, MemberLibrary};
+use cryptoki_sys::*;
+
+/// Luna's vendor AES key wrap with padding (RFC 5649); whether Luna also
+/// takes the standard `CKM_AES_KEY_WRAP_PAD` is undocumented.
+pub const CKM_AES_KWP: CK_MECHANISM_TYPE = 0x8000_0171;
+
+/// Key-wrap mechanisms that carry secret keys and PKCS#8 private keys, in
+/// order of preference.
+const WRAP_MECHANISMS: [CK_MECHANISM_TYPE; 2] = [CKM_AES_KEY_WRAP_PAD, CKM_AES_KWP];
+
+/// How Luna's client library describes the virtual slot of one of its own
+/// HA groups.
+pub const LUNA_HA_SLOT_DESCRIPTION: &str = "HA Virtual Card Slot";
+
+/// Luna's partition policies 0 and 1, and the container a slot's partition
+/// is addressed by.
+const POLICY_PRIVATE_KEY_CLONING: CK_ULONG = 0;
+const POLICY_PRIVATE_KEY_WRAPPING: CK_ULONG = 1;
+const SLOT_CONTAINER: CK_ULONG = 0;
+
+/// `CA_CloneObject(hTargetSession, hSourceSession, ulObjectType, hObject,
+/// phClonedObject)`.
+pub type CloneObject = unsafe extern "C" fn(
+    CK_SESSION_HANDLE,
+    CK_SESSION_HANDLE,
+    CK_ULONG,
+    CK_OBJECT_HANDLE,
+    *mut CK_OBJECT_HANDLE,
+) -> CK_RV;
+
+/// `CA_MigrateKeys(hSourceSession, hTargetSession, flags, count, data)`.
+pub type MigrateKeys = unsafe extern "C" fn(
+    CK_SESSION_HANDLE,
+    CK_SESSION_HANDLE,
+    CK_ULONG,
+    CK_ULONG,
+    *mut MigrationData,
+) -> CK_RV;
+
+/// `CA_GetContainerPolicySetting(slotID, container, policy, pValue)`.
+type PolicySetting = unsafe extern "C" fn(CK_SLOT_ID, CK_ULONG, CK_ULONG, *mut CK_ULONG) -> CK_RV;
+
+/// `CK_OBJECT_MIGRATION_DATA`: one object for `CA_MigrateKeys`.
+#[repr(C)]
+pub struct MigrationData {
+    pub object_type: CK_ULONG,
+    pub source_handle: CK_OBJECT_HANDLE,
+    pub target_handle: CK_OBJECT_HANDLE,
+    pub rv: CK_RV,
+}
+
+/// `ulObjectType` of a PKCS#11 object.
+pub const OBJECT_TYPE_CRYPTOKI: CK_ULONG = 0;
+
+/// Luna's cloning entry points a library exports.
+#[derive(Clone, Copy)]
+pub struct Cloning {
+    pub migrate: Option<MigrateKeys>,
+    pub clone: Option<CloneObject>,
+}
+
+/// What a member can do to move keys, found when it is attached.
+#[derive(Clone, Copy, Default)]
+pub struct Capabilities {
+    /// Luna's cloning entry points, where the library exports them.
+    pub cloning: Option<Cloning>,
+    /// Whether the library is Luna's (it exports `CA_GetFunctionList`).
+    pub luna: bool,
+    /// Luna partition policy 0, "Allow private key cloning"; false for
+    /// other members, which cannot clone.
+    pub private_key_cloning: bool,
+    /// Luna partition policy 1, "Allow private key wrapping"; always true
+    /// for other members, whose keys' own attributes decide.
+    pub private_key_wrapping: bool,
+    /// Whether the two policies were read (else Luna's defaults are
+    /// assumed until a probe confirms them: [`Probes`]).
+    pub policies_read: bool,
+    /// The key-wrap mechanisms it lists, in [`WRAP_MECHANISMS`] order.
+    wrap_mechanisms: [Option<CK_MECHANISM_TYPE>; 2],
+}
+
+/// The way a key moves from one member to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Luna cloning within one library instance.
+    Clone,
+    /// Wrapped under the domain key with this mechanism, unwrapped on the
+    /// target.
+    Wrap(CK_MECHANISM_TYPE),
+}
+
+impl Capabilities {
+    /// Reads what the member in `slot` of `library` can do. Luna's policies
+    /// come from `CA_GetContainerPolicySetting`; where it is absent or
+    /// fails, a Luna partition is taken to have Luna's defaults (private
+    /// keys clone and are never wrapped) until a probe says otherwise.
+    pub fn detect(library: &MemberLibrary, slot: CK_SLOT_ID) -> Capabilities {
+        // SAFETY: each name is paired with its documented signature.
+        let (luna, migrate, clone, policy) = unsafe {
+            (
+                library
+                    .extension::<unsafe extern "C" fn(*mut *mut std::ffi::c_void) -> CK_RV>(
+                        b"CA_GetFunctionList\0",
+                    )
+                    .is_some(),
+                library.extension::<MigrateKeys>(b"CA_MigrateKeys\0"),
+                library.extension::<CloneObject>(b"CA_CloneObject\0"),
+                library.extension::<PolicySetting>(b"CA_GetContainerPolicySetting\0"),
+            )
+        };
+        let cloning = (migrate.is_some() || clone.is_some()).then_some(Cloning { migrate, clone });
+        let is_luna = luna || cloning.is_some();
+        let read_policy = |id: CK_ULONG| {
+            let f = policy?;
+            let mut value: CK_ULONG = 0;
+            // SAFETY: the documented signature, a live out-parameter.
+            let rv = library.shielded(|| unsafe { f(slot, SLOT_CONTAINER, id, &mut value) });
+            (rv == CKR_OK).then_some(value != 0)
+        };
+        let listed = library.mechanisms(slot).unwrap_or_default();
+        let mut wrap_mechanisms = [None; 2];
+        for (found, mechanism) in wrap_mechanisms.iter_mut().zip(WRAP_MECHANISMS) {
+            *found = listed.contains(&mechanism).then_some(mechanism);
+        }
+        let (cloning_policy, wrapping_policy) = if is_luna {
+            (
+                read_policy(POLICY_PRIVATE_KEY_CLONING),
+                read_policy(POLICY_PRIVATE_KEY_WRAPPING),
+            )
+        } else {
+            (Some(false), Some(true))
+        };
+        Capabilities {
+            cloning,
+            luna: is_luna,
+            private_key_cloning: cloning_policy.unwrap_or(true),
+            private_key_wrapping: wrapping_policy.unwrap_or(false),
+            policies_read: cloning_policy.is_some() && wrapping_policy.is_some(),
+            wrap_mechanisms,
+        }
+    }
+
+    /// The partition turned out not to clone private keys (a probe was
+    /// refused): it is taken for Key Export mode, Luna's other mode.
+    pub fn refuses_private_key_cloning(&mut self) {
+        self.private_key_cloning = false;
+        self.private_key_wrapping = true;
+    }
+
+    /// One line for the HA log: how this member can move keys.
+    pub fn describe(&self) -> String {
+        let wrap: Vec<String> = self
+            .wrap_mechanisms
+            .iter()
+            .flatten()
+            .map(|m| mechanism_name(*m))
+            .collect();
+        let wrap = if wrap.is_empty() {
+            "no key-wrap mechanism".to_string()
+        } else {
+            format!("wraps with {}", wrap.join(", "))
+        };
+        match (self.luna, self.cloning) {
+            (false, _) => format!("keys move by wrapping ({wrap})"),
+            (true, cloning) => format!(
+                "Luna partition in {} mode; clones with {}; {wrap}",
+                if self.private_key_cloning {
+                    "Cloning"
+                } else {
+                    "Key Export"
+                },
+                match cloning {
+                    Some(Cloning {
+                        migrate: Some(_), ..
+                    }) => "CA_MigrateKeys",
+                    Some(_) => "CA_CloneObject",
+                    None => "nothing",
+                }
+            ),
+        }
+    }
+}
+
+fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
+    match mechanism {
+        CKM_AES_KEY_WRAP_PAD => "CKM_AES_KEY_WRAP_PAD".into(),
+        CKM_AES_KWP => "CKM_AES_KWP".into(),
+        other => format!("mechanism 0x{other:X}"),
+    }
+}
+
+/// What start-up probes found: whether two Luna partitions whose policies
+/// could not be read clone a private key, per (source, target) member and
+/// their epochs then. A probe clones a throw-away session key pair and
+/// destroys it; it runs the first time a private key is to move between
+/// such partitions, since it needs the group's login.
+#[derive(Default)]
+pub struct Probes {
+    found: parking_lot::Mutex<Vec<Probed>>,
+}
+
+/// (source position, epoch), (target position, epoch), whether it cloned.
+type Probed = ((usize, u64), (usize, u64), bool);
+
+impl Probes {
+    pub fn get(&self, source: (usize, u64), target: (usize, u64)) -> Option<bool> {
+        self.found
+            .lock()
+            .iter()
+            .find(|(s, t, _)| *s == source && *t == target)
+            .map(|(_, _, clones)| *clones)
+    }
+
+    pub fn record(&self, source: (usize, u64), target: (usize, u64), clones: bool) {
+        let mut found = self.found.lock();
+        found.retain(|(s, t, _)| s.0 != source.0 || t.0 != target.0);
+        found.push((source, target, clones));
+    }
+}
+
+/// One member as [`choose`] sees it.
+pub struct Side<'a> {
+    pub serial: &'a str,
+    /// Partitions clone only within one loaded library instance.
+    pub library: &'a MemberLibrary,
+    pub capabilities: &'a Capabilities,
+}
+
+/// The way a key of `class` moves from `source` to `target`: cloning where
+/// both are partitions of one Luna library instance that may clone it,
+/// else wrapping where the source may wrap it and both list a key-wrap
+/// mechanism. `Err` says, in one line, why neither can.
+pub fn choose(
+    source: &Side,
+    target: &Side,
+    class: CK_OBJECT_CLASS,
+) -> std::result::Result<Strategy, String> {
+    let private = class == CKO_PRIVATE_KEY;
+    let (from, to) = (source.capabilities, target.capabilities);
+    let same_instance = std::ptr::eq(source.library, target.library);
+    let cloning_refused = if from.cloning.is_none() || to.cloning.is_none() {
+        None
+    } else if !same_instance {
+        Some(format!(
+            "members {} and {} are partitions of different Luna library instances, which cannot clone to each other",
+            source.serial, target.serial
+        ))
+    } else if private && !from.private_key_cloning {
+        Some(format!(
+            "member {}'s partition does not allow private key cloning (Key Export mode)",
+            source.serial
+        ))
+    } else if private && !to.private_key_cloning {
+        Some(format!(
+            "member {}'s partition does not allow private key cloning (Key Export mode)",
+            target.serial
+        ))
+    } else {
+        return Ok(Strategy::Clone);
+    };
+    let common = from
+        .wrap_mechanisms
+        .iter()
+        .flatten()
+        .find(|m| to.wrap_mechanisms.contains(&Some(**m)));
+    let wrapping_refused = if private && !from.private_key_wrapping {
+        format!(
+            "member {}'s partition does not allow private key wrapping (Cloning mode)",
+            source.serial
+        )
+    } else if let Some(mechanism) = common {
+        return Ok(Strategy::Wrap(*mechanism));
+    } else {
+        format!(
+            "members {} and {} list no common key-wrap mechanism (CKM_AES_KEY_WRAP_PAD or Luna's CKM_AES_KWP)",
+            source.serial, target.serial
+        )
+    };
+    let kind = if private { "private" } else { "secret" };
+    Err(match cloning_refused {
+        Some(why) => format!(
+            "no way to move {kind} keys from member {} to member {}: {why}, and {wrapping_refused}",
+            source.serial, target.serial
+        ),
+        None => format!(
+            "no way to move {kind} keys from member {} to member {}: {wrapping_refused}",
+            source.serial, target.serial
+        ),
+    })
+}
+
+/// Why a slot cannot be a member, if it cannot: Luna's own HA virtual slot
+/// already spreads work over partitions, and an HA group over it would
+/// hide its members' failures from this one and replicate twice.
+pub fn refusal(library: &MemberLibrary, slot: CK_SLOT_ID) -> Option<String> {
+    let info = library.slot_info(slot).ok()?;
+    (padded_to_string(&info.slotDescription) == LUNA_HA_SLOT_DESCRIPTION).then(|| {
+        format!(
+            "slot {slot} of library {} is a Luna HA virtual slot ({LUNA_HA_SLOT_DESCRIPTION:?}); an HA slot cannot be a member of another HA group: configure its member partitions instead",
+            library.name
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn luna(cloning: bool) -> Capabilities {
+        Capabilities {
+            cloning: Some(Cloning {
+                migrate: None,
+                clone: None,
+            }),
+            luna: true,
+            private_key_cloning: cloning,
+            private_key_wrapping: !cloning,
+            policies_read: true,
+            wrap_mechanisms: [None, Some(CKM_AES_KWP)],
+        }
+    }
+
+    fn softhsm() -> Capabilities {
+        Capabilities {
+            private_key_wrapping: true,
+            wrap_mechanisms: [Some(CKM_AES_KEY_WRAP_PAD), None],
+            ..Capabilities::default()
+        }
+    }
+
+    fn pick(
+        a: &Capabilities,
+        b: &Capabilities,
+        same: bool,
+        class: CK_OBJECT_CLASS,
+    ) -> std::result::Result<Strategy, String> {
+        let one = Arc::new(
+            MemberLibrary::load(
+                "x",
+                std::path::Path::new("/usr/lib/softhsm/libsofthsm2.so"),
+                &[],
+            )
+            .expect("SoftHSM loads"),
+        );
+        let other = if same {
+            Arc::clone(&one)
+        } else {
+            Arc::new(
+                MemberLibrary::load(
+                    "y",
+                    std::path::Path::new("/usr/lib/softhsm/libsofthsm2.so"),
+                    &[],
+                )
+                .expect("SoftHSM loads"),
+            )
+        };
+        choose(
+            &Side {
+                serial: "A",
+                library: one.as_ref(),
+                capabilities: a,
+            },
+            &Side {
+                serial: "B",
+                library: other.as_ref(),
+                capabilities: b,
+            },
+            class,
+        )
+    }
+
+    #[test]
+    fn cloning_mode_partitions_of_one_instance_clone() {
+        let c = luna(true);
+        assert_eq!(pick(&c, &c, true, CKO_PRIVATE_KEY), Ok(Strategy::Clone));
+        assert_eq!(pick(&c, &c, true, CKO_SECRET_KEY), Ok(Strategy::Clone));
+    }
+
+    #[test]
+    fn key_export_mode_wraps_private_keys_with_the_vendor_mechanism() {
+        let e = luna(false);
+        assert_eq!(
+            pick(&e, &e, true, CKO_PRIVATE_KEY),
+            Ok(Strategy::Wrap(CKM_AES_KWP))
+        );
+        assert_eq!(pick(&e, &e, true, CKO_SECRET_KEY), Ok(Strategy::Clone));
+    }
+
+    #[test]
+    fn mixed_modes_cannot_move_private_keys() {
+        let why = pick(&luna(true), &luna(false), true, CKO_PRIVATE_KEY).unwrap_err();
+        assert!(
+            why.contains("member B's partition does not allow private key cloning"),
+            "{why}"
+        );
+        assert!(
+            why.contains("member A's partition does not allow private key wrapping"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn different_instances_do_not_clone() {
+        let c = luna(true);
+        let why = pick(&c, &c, false, CKO_PRIVATE_KEY).unwrap_err();
+        assert!(why.contains("different Luna library instances"), "{why}");
+        assert_eq!(
+            pick(&c, &c, false, CKO_SECRET_KEY),
+            Ok(Strategy::Wrap(CKM_AES_KWP)),
+            "secret keys may still be wrapped"
+        );
+    }
+
+    #[test]
+    fn other_members_wrap_with_a_common_mechanism() {
+        let s = softhsm();
+        assert_eq!(
+            pick(&s, &s, false, CKO_PRIVATE_KEY),
+            Ok(Strategy::Wrap(CKM_AES_KEY_WRAP_PAD))
+        );
+        let why = pick(&s, &luna(false), false, CKO_SECRET_KEY).unwrap_err();
+        assert!(why.contains("no common key-wrap mechanism"), "{why}");
+    }
+}
