@@ -13,6 +13,7 @@
 //!   it (an OpenSSL engine resolving a `pkcs11:` URI);
 //! - `create`: generate 100 token keys, timed, then destroy them (untimed),
 //!   so the tokens keep N objects.
+//!
 //! The child also reports its resident memory after `enumerate`.
 //!
 //! The tokens are built once per N (directly on SoftHSM: the same key value,

@@ -45,7 +45,10 @@ pub fn fingerprint(
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
 ) -> Option<Fingerprint> {
-    let mut print = read_attributes(library, session, object, FINGERPRINT)?;
+    let mut print = match read_in_one_call(library, session, object) {
+        Some(print) => print,
+        None => read_attributes(library, session, object, FINGERPRINT)?,
+    };
     let class = print
         .iter()
         .find(|(t, _)| *t == CKA_CLASS)
@@ -56,6 +59,97 @@ pub fn fingerprint(
         }
     }
     Some(print)
+}
+
+/// Room for each fingerprint attribute in [`read_in_one_call`]: more than
+/// any of them holds in practice (an RSA-16384 modulus is 2 KiB).
+const ROOM: usize = 4096;
+
+/// Fingerprint attributes an object of each class must have (PKCS#11 2.40
+/// tables 4.x): if one of them reads unavailable in [`read_in_one_call`],
+/// it may have been too long for its room rather than absent.
+fn required(class: CK_OBJECT_CLASS, kind: Option<CK_ULONG>) -> &'static [CK_ATTRIBUTE_TYPE] {
+    match (class, kind) {
+        (CKO_SECRET_KEY, _) => &[CKA_KEY_TYPE, CKA_ID, CKA_LABEL],
+        (CKO_PRIVATE_KEY | CKO_PUBLIC_KEY, Some(CKK_RSA)) => {
+            &[CKA_KEY_TYPE, CKA_ID, CKA_LABEL, CKA_MODULUS]
+        }
+        (CKO_PRIVATE_KEY | CKO_PUBLIC_KEY, Some(CKK_EC)) => {
+            &[CKA_KEY_TYPE, CKA_ID, CKA_LABEL, CKA_EC_PARAMS]
+        }
+        (CKO_PRIVATE_KEY | CKO_PUBLIC_KEY, _) => &[CKA_KEY_TYPE, CKA_ID, CKA_LABEL],
+        (CKO_CERTIFICATE, Some(CKC_X_509)) => &[CKA_ID, CKA_LABEL, CKA_SERIAL_NUMBER],
+        (CKO_CERTIFICATE, _) => &[CKA_LABEL],
+        (CKO_DATA, _) => &[CKA_LABEL, CKA_APPLICATION, CKA_OBJECT_ID],
+        _ => &[CKA_LABEL],
+    }
+}
+
+thread_local! {
+    /// Where [`read_in_one_call`] has the member write, reused.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The fingerprint attributes read in one call, each into room enough for
+/// any value it holds in practice -- half the calls of asking the lengths
+/// first, which matters when a search returns thousands of objects. `None`
+/// when the answer is not certain (an attribute the object's class must
+/// have reads unavailable: it may be longer than its room), so that the
+/// caller asks the lengths after all.
+fn read_in_one_call(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+) -> Option<Fingerprint> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.resize(FINGERPRINT.len() * ROOM, 0);
+        let mut query: Vec<CK_ATTRIBUTE> = FINGERPRINT
+            .iter()
+            .zip(scratch.chunks_mut(ROOM))
+            .map(|(t, room)| CK_ATTRIBUTE {
+                type_: *t,
+                pValue: room.as_mut_ptr() as *mut _,
+                ulValueLen: ROOM as CK_ULONG,
+            })
+            .collect();
+        let rv = member_call!(
+            library,
+            C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
+        );
+        if !matches!(
+            rv,
+            CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
+        ) {
+            return None;
+        }
+        let value = |a: &CK_ATTRIBUTE| -> Option<Vec<u8>> {
+            let len = a.ulValueLen;
+            if len == CK_UNAVAILABLE_INFORMATION || len as usize > ROOM {
+                return None;
+            }
+            // SAFETY: the member wrote `len` bytes into this attribute's room.
+            Some(
+                unsafe { std::slice::from_raw_parts(a.pValue as *const u8, len as usize) }.to_vec(),
+            )
+        };
+        let print: Fingerprint = query
+            .iter()
+            .filter_map(|a| value(a).map(|v| (a.type_, v)))
+            .collect();
+        let ulong = |t: CK_ATTRIBUTE_TYPE| {
+            print
+                .iter()
+                .find(|(pt, _)| *pt == t)
+                .map(|(_, v)| ulong_of(v))
+        };
+        let class = ulong(CKA_CLASS)?;
+        let kind = ulong(CKA_KEY_TYPE).or(ulong(CKA_CERTIFICATE_TYPE));
+        let certain = required(class, kind)
+            .iter()
+            .all(|t| print.iter().any(|(pt, _)| pt == t));
+        certain.then_some(print)
+    })
 }
 
 /// Marks an attribute the library left untouched in a batched read.
@@ -276,6 +370,39 @@ pub fn read_nested(
     }
     let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
     (rv == CKR_OK).then_some(values)
+}
+
+/// Which of `types` (array attributes) the object has with a non-empty
+/// value, asked in one call.
+pub fn present_arrays(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
+) -> Vec<CK_ATTRIBUTE_TYPE> {
+    let mut query: Vec<CK_ATTRIBUTE> = types
+        .iter()
+        .map(|t| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: ptr::null_mut(),
+            ulValueLen: 0,
+        })
+        .collect();
+    let rv = member_call!(
+        library,
+        C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
+    );
+    if !matches!(
+        rv,
+        CKR_OK | CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE
+    ) {
+        return types.to_vec();
+    }
+    query
+        .iter()
+        .filter(|a| a.ulValueLen != 0 && a.ulValueLen != CK_UNAVAILABLE_INFORMATION)
+        .map(|a| a.type_)
+        .collect()
 }
 
 /// One attribute's value, or `None` where the object lacks it or hides it.

@@ -121,9 +121,9 @@ impl Template {
         // some members refuse them spelled out.
         let mut values = identity::read_attributes(library, session, object, types)?;
         values.retain(|(_, v)| !v.is_empty());
-        let nested = nested_types
-            .iter()
-            .filter_map(|t| identity::read_nested(library, session, object, *t).map(|n| (*t, n)))
+        let nested = identity::present_arrays(library, session, object, nested_types)
+            .into_iter()
+            .filter_map(|t| identity::read_nested(library, session, object, t).map(|n| (t, n)))
             .filter(|(_, n)| !n.is_empty())
             .collect();
         Some(Template {
@@ -331,12 +331,22 @@ impl VirtualSession {
         let source_handle = self
             .resolve(object, source)?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-        let class = self
-            .on_member(source, |s| {
-                identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
-            })?
-            .map(|c| identity::ulong_of(&c))
-            .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
+        // The kept fingerprint names the class; read it only without one.
+        let kept_class = self.group.objects.get(object).and_then(|o| {
+            o.fingerprint?
+                .iter()
+                .find(|(t, _)| *t == CKA_CLASS)
+                .map(|(_, v)| identity::ulong_of(v))
+        });
+        let class = match kept_class {
+            Some(class) => class,
+            None => self
+                .on_member(source, |s| {
+                    identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
+                })?
+                .map(|c| identity::ulong_of(&c))
+                .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?,
+        };
         let secret = class == CKO_SECRET_KEY || class == CKO_PRIVATE_KEY;
         let strategies: Vec<Option<Strategy>> = if secret {
             let mut chosen = Vec::with_capacity(targets.len());

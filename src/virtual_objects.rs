@@ -934,7 +934,9 @@ impl VirtualSession {
     /// The virtual handle of an object a search found on `member`, made on
     /// first sight once its fingerprint shows it is not the domain key;
     /// `None` for the domain key, which the application never sees, or an
-    /// object that went away meanwhile.
+    /// object that went away meanwhile. The fingerprint is read now, while
+    /// the member that found the object answers: if it fails before the
+    /// object is used, the other members find it by that fingerprint.
     fn virtual_handle_of(
         &self,
         member: usize,
@@ -942,13 +944,6 @@ impl VirtualSession {
     ) -> Option<CK_OBJECT_HANDLE> {
         if let Some(object) = self.group.objects.known(member, handle) {
             return Some(object);
-        }
-        // Where the member's domain key is known (the search looked it up
-        // first), the handle alone tells it apart; the fingerprint is read
-        // when another member needs it.
-        let epoch = self.group.members[member].epoch();
-        if self.group.domain.found(member, epoch).is_some() {
-            return Some(self.group.objects.from_member(member, handle));
         }
         let print = match self.group.indexed_fingerprint(member, handle) {
             Some(print) => (*print).clone(),
