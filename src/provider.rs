@@ -11,7 +11,7 @@ use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
-use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
+use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
 use crate::recovery::{self, Workers};
 use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
@@ -290,6 +290,59 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
     Ok(library)
 }
 
+/// Initialises the libraries, each in a thread of its own, and finds their
+/// tokens (serial -> where), each within one `memberTimeout` (see
+/// [`initialize_each`]): a library that has not answered by then is left to
+/// background recovery with its tokens down, so N silent members cost one
+/// `memberTimeout` (and a head start each), not N, and the healthy ones
+/// serve at once.
+fn find_tokens(
+    libraries: &[Arc<MemberLibrary>],
+    member_timeout: Duration,
+) -> HashMap<String, Location> {
+    let answers = initialize_each(libraries, member_timeout, tokens_of);
+    let mut found: HashMap<String, Location> = HashMap::new();
+    for (library, answer) in libraries.iter().zip(answers) {
+        match answer {
+            Ok(Ok(tokens)) => {
+                for (serial, slot) in tokens {
+                    found.entry(serial).or_insert(Location {
+                        library: Arc::clone(library),
+                        slot,
+                    });
+                }
+            }
+            Ok(Err(e)) => eprintln!(
+                "pkcs11-ha: library {} ({}) failed C_Initialize with {}; its tokens are down",
+                library.name,
+                library.path.display(),
+                crate::error::rv_name(e.rv)
+            ),
+            Err(Silent) => eprintln!(
+                "pkcs11-ha: library {} ({}) did not answer within memberTimeout ({} ms); \
+                 its tokens are down until recovery reaches it",
+                library.name,
+                library.path.display(),
+                member_timeout.as_millis()
+            ),
+        }
+    }
+    found
+}
+
+/// The serials of a library's tokens and their slots.
+fn tokens_of(library: &MemberLibrary) -> Vec<(String, CK_SLOT_ID)> {
+    library
+        .token_slots()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|slot| {
+            let info = library.token_info(slot).ok()?;
+            Some((padded_to_string(&info.serialNumber), slot))
+        })
+        .collect()
+}
+
 impl Provider {
     fn start(config: &Config) -> std::result::Result<Provider, ConfigError> {
         let mut libraries = Vec::with_capacity(config.libraries.len());
@@ -302,27 +355,8 @@ impl Provider {
             })?;
             libraries.push(library);
         }
-        let mut found: HashMap<String, Location> = HashMap::new();
-        for library in &libraries {
-            if let Err(e) = library.initialize() {
-                eprintln!(
-                    "pkcs11-ha: library {} ({}) failed C_Initialize with {}; its tokens are down",
-                    library.name,
-                    library.path.display(),
-                    crate::error::rv_name(e.rv)
-                );
-                continue;
-            }
-            for slot in library.token_slots().unwrap_or_default() {
-                if let Ok(info) = library.token_info(slot) {
-                    let serial = padded_to_string(&info.serialNumber);
-                    found.entry(serial).or_insert(Location {
-                        library: Arc::clone(library),
-                        slot,
-                    });
-                }
-            }
-        }
+        let member_timeout = Duration::from_millis(config.member_timeout_ms);
+        let found = find_tokens(&libraries, member_timeout);
         let groups = config
             .groups
             .iter()
@@ -344,8 +378,13 @@ impl Provider {
                     },
                 );
                 for member in &group.members {
-                    if let Some(location) = found.get(&member.serial) {
-                        group.attach(member.position, location.clone());
+                    match found.get(&member.serial) {
+                        Some(location) => group.attach(member.position, location.clone()),
+                        None => group.log(
+                            Some(member.position),
+                            "not found at start (its library failed or did not answer); \
+                             recovery looks for it",
+                        ),
                     }
                 }
                 Arc::new(group)
@@ -362,7 +401,7 @@ impl Provider {
                 interval: Duration::from_secs(config.recovery.interval_secs),
                 mode: config.recovery.mode,
             },
-            member_timeout: Duration::from_millis(config.member_timeout_ms),
+            member_timeout,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
             inline_recovery_due_ms: None,
@@ -403,10 +442,12 @@ impl Provider {
                     .ok_or(Error::new(CKR_SLOT_ID_INVALID))?
             }
         };
-        Ok(Slot::PassThrough(
-            Arc::clone(&self.libraries[library]),
-            member_slot,
-        ))
+        let library = &self.libraries[library];
+        // A library that has not answered its initialisation is not called.
+        if !library.usable() {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        Ok(Slot::PassThrough(Arc::clone(library), member_slot))
     }
 
     /// Every library's slots, as pass-through slot IDs.
@@ -415,6 +456,7 @@ impl Provider {
             .libraries
             .iter()
             .enumerate()
+            .filter(|(_, library)| library.usable())
             .flat_map(|(position, library)| {
                 library
                     .slot_list(CK_BBOOL::from(token_present))

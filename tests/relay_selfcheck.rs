@@ -119,15 +119,17 @@ fn refuse_stops_listening_until_pass() {
 }
 
 #[test]
-fn accept_and_close_closes_new_connections_only() {
+fn accept_and_close_passes_one_exchange_then_closes_new_connections_only() {
     let (_dir, mut relay) = setup();
     let mut before = UnixStream::connect(&relay.path).unwrap();
     assert_eq!(round_trip(&mut before, b"e", PATIENCE).unwrap(), b"e");
     relay.accept_and_close();
     let mut client = UnixStream::connect(&relay.path).unwrap();
-    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(round_trip(&mut client, b"x", PATIENCE).unwrap(), b"x");
+    let refused = client.write_all(b"y");
+    assert_eq!(refused.unwrap_err().kind(), ErrorKind::BrokenPipe);
     let mut answer = [0u8; 1];
-    assert_eq!(client.read(&mut answer).unwrap(), 0, "closed at once");
+    assert_eq!(client.read(&mut answer).unwrap(), 0, "closed");
     assert_eq!(round_trip(&mut before, b"f", PATIENCE).unwrap(), b"f");
 }
 

@@ -32,8 +32,11 @@ pub enum Mode {
     /// Accepts, and holds every byte until the mode changes; then
     /// forwards what it held.
     Paused,
-    /// Accepts and closes each new connection at once; connections made
-    /// before are left alone.
+    /// Accepts each new connection, lets its first exchange through (a
+    /// protocol's greeting) and closes it: reading first, so that the
+    /// client's next write is sure to find it closed (`EPIPE`, and
+    /// `SIGPIPE` where not blocked). Connections made before are left
+    /// alone.
     AcceptAndClose,
     /// Accepts and never answers: new connections are never connected
     /// upstream, bytes on every connection are swallowed.
@@ -232,9 +235,7 @@ fn accept_loop(listener: UnixListener, upstream: PathBuf, shared: Arc<Shared>) {
             state.mode
         };
         match mode {
-            Mode::AcceptAndClose => {
-                let _ = client.shutdown(Shutdown::Both);
-            }
+            Mode::AcceptAndClose => greet_and_close(client, &upstream),
             Mode::Blackhole => swallow(client, shared.clone()),
             _ => match UnixStream::connect(&upstream) {
                 Ok(server) => connect(client, server, shared.clone()),
@@ -245,6 +246,21 @@ fn accept_loop(listener: UnixListener, upstream: PathBuf, shared: Arc<Shared>) {
             },
         }
     }
+}
+
+/// Passes one chunk each way, then closes; see [`Mode::AcceptAndClose`].
+fn greet_and_close(mut client: UnixStream, upstream: &Path) {
+    let mut exchange = || -> std::io::Result<()> {
+        let mut server = UnixStream::connect(upstream)?;
+        let mut buffer = vec![0u8; 64 * 1024];
+        let n = client.read(&mut buffer)?;
+        server.write_all(&buffer[..n])?;
+        let n = server.read(&mut buffer)?;
+        client.shutdown(Shutdown::Read)?;
+        client.write_all(&buffer[..n])
+    };
+    let _ = exchange();
+    let _ = client.shutdown(Shutdown::Both);
 }
 
 /// Keeps a connection open and reads whatever comes, answering nothing.

@@ -1,0 +1,296 @@
+//! Chaos scenarios: SoftHSM members, each exported by a `p11-kit server`
+//! and reached through p11-kit's client and a fault relay
+//! (tests/common/relay.rs), the way a network HSM is reached over a path
+//! that can stall, drop and reset.
+//!
+//! Start-up bounds are correctness deadlines, not performance targets:
+//! `memberTimeout` plus a margin generous enough for a loaded machine.
+//! The times measured are printed (`--nocapture` shows them).
+
+mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
+#[path = "common/relay.rs"]
+mod relay;
+
+use common::*;
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::slot::Slot;
+use p11kit::P11KitServer;
+use relay::Relay;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+/// `memberTimeout` of the scenarios, in ms.
+const MEMBER_TIMEOUT_MS: u64 = 1500;
+/// What a start-up may take beyond `memberTimeout` before the test calls
+/// it wrong. The target is 0.5 s; the rest is room for a loaded machine.
+const MARGIN: Duration = Duration::from_millis(2500);
+/// SHA-256 of "abc".
+const SHA256_ABC: [u8; 32] = [
+    0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23,
+    0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00, 0x15, 0xad,
+];
+
+fn member_timeout() -> Duration {
+    Duration::from_millis(MEMBER_TIMEOUT_MS)
+}
+
+/// One member: its token, its server, and the relay in front of it.
+/// Fields drop in order: the relay's connections close before the server
+/// dies, and the token directory goes last.
+struct Member {
+    relay: Relay,
+    _server: P11KitServer,
+    hsm: SoftHsm,
+}
+
+/// A group of members reached only through their relays, with the HA log
+/// on. Not initialised until [`Chaos::start`].
+struct Chaos {
+    members: Vec<Member>,
+    config: PathBuf,
+    log_dir: PathBuf,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Chaos {
+    fn new(n: usize) -> Chaos {
+        let guard = serial_guard();
+        // Library entries are loaded once per process, and p11-kit's client
+        // reads its server's address when loaded: a name of their own per
+        // group makes this group's entries new instances.
+        static GROUPS: AtomicUsize = AtomicUsize::new(0);
+        let group = GROUPS.fetch_add(1, Ordering::Relaxed);
+        let members: Vec<Member> = (0..n)
+            .map(|i| {
+                let label = format!("chaos{i}");
+                let hsm = SoftHsm::new(&[&label]);
+                provision_domain(&hsm, &DOMAIN_VALUE);
+                let dir = hsm.dir.path();
+                let server =
+                    P11KitServer::start(SOFTHSM_LIB, &hsm.conf, &label, &dir.join("server.sock"));
+                let relay = Relay::start(&dir.join("relay.sock"), &server.socket);
+                Member {
+                    relay,
+                    _server: server,
+                    hsm,
+                }
+            })
+            .collect();
+        let dir = members[0].hsm.dir.path().to_path_buf();
+        let log_dir = dir.join("halog");
+        std::fs::create_dir(&log_dir).unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("g{group}m{i}")).collect();
+        let client_module = p11kit::client_module();
+        let mut text = String::from("[Libraries]\n");
+        for name in &names {
+            text += &format!("{name} = {client_module}\n");
+        }
+        text += "\n[LibraryEnvironment]\n";
+        for (name, member) in names.iter().zip(&members) {
+            text += &format!(
+                "{name}.P11_KIT_SERVER_ADDRESS = {}\n",
+                member.relay.address()
+            );
+        }
+        let serials: Vec<String> = members
+            .iter()
+            .map(|m| m.hsm.tokens[0].serial.clone())
+            .collect();
+        text += &format!(
+            "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
+             \n[HAConfiguration]\nmemberTimeout = {MEMBER_TIMEOUT_MS}\nAutoReconnectInterval = 1\n\
+             haLogStatus = enabled\nhaLogPath = {}\n",
+            serials.join(","),
+            log_dir.display()
+        );
+        let config = dir.join("chaos.conf");
+        std::fs::write(&config, text).unwrap();
+        Chaos {
+            members,
+            config,
+            log_dir,
+            _guard: guard,
+        }
+    }
+
+    /// Loads and initialises pkcs11-ha; returns it and how long
+    /// `C_Initialize` took.
+    fn start(&self) -> (Pkcs11, Duration) {
+        activate_config(&self.config);
+        let pkcs11 = load_ha();
+        let started = Instant::now();
+        initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
+        (pkcs11, started.elapsed())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join("haErrorLog.txt")).unwrap_or_default()
+    }
+}
+
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        std::env::remove_var(CONF_ENV);
+    }
+}
+
+/// What the application does first: list the slots, read the virtual
+/// token, open a session, log in, and digest. Returns how long each step
+/// had taken since `started`, by name.
+fn first_operation(pkcs11: &Pkcs11, started: Instant) -> Vec<(&'static str, Duration)> {
+    let mut times = Vec::new();
+    let slots = pkcs11.get_slots_with_token().expect("C_GetSlotList");
+    times.push(("C_GetSlotList", started.elapsed()));
+    let slot = Slot::try_from(0u64).unwrap();
+    assert!(
+        slots.contains(&slot),
+        "the virtual slot is listed: {slots:?}"
+    );
+    pkcs11.get_slot_info(slot).expect("C_GetSlotInfo");
+    let token = pkcs11.get_token_info(slot).expect("C_GetTokenInfo");
+    assert_eq!(token.label(), GROUP_LABEL);
+    times.push(("C_GetTokenInfo", started.elapsed()));
+    let session = user_session(pkcs11, slot);
+    times.push(("C_OpenSession+C_Login", started.elapsed()));
+    let digest = session
+        .digest(&Mechanism::Sha256, b"abc")
+        .expect("C_Digest");
+    assert_eq!(digest, SHA256_ABC);
+    times.push(("first C_Digest", started.elapsed()));
+    times
+}
+
+/// Starts the group with the members in `silent` black-holed (their relays
+/// accept and never answer) and checks that the first operation completes
+/// within one `memberTimeout` plus the margin.
+fn start_with_silent_members(n: usize, silent: &[usize]) {
+    let mut chaos = Chaos::new(n);
+    for &i in silent {
+        chaos.members[i].relay.blackhole();
+    }
+    let started = Instant::now();
+    let (pkcs11, init) = chaos.start();
+    let mut times = vec![("C_Initialize", init)];
+    times.extend(first_operation(&pkcs11, started));
+    eprintln!("{n} members, {} silent: {times:?}", silent.len());
+    let bound = member_timeout() + MARGIN;
+    for (step, took) in &times {
+        assert!(
+            *took < bound,
+            "{step} done {took:?} after start, beyond memberTimeout + margin ({bound:?})"
+        );
+    }
+    let log = chaos.log();
+    for &i in silent {
+        assert!(
+            chaos.members[i].relay.accepted() > 0,
+            "member {i} was asked at all"
+        );
+        let serial = &chaos.members[i].hsm.tokens[0].serial;
+        assert!(
+            log.lines()
+                .any(|l| l.contains(serial.as_str()) && l.contains("not found at start")),
+            "the HA log names the silent member {serial}: {log}"
+        );
+    }
+    pkcs11.finalize().unwrap();
+}
+
+#[test]
+fn starts_and_serves_with_one_member_silent() {
+    start_with_silent_members(3, &[1]);
+}
+
+/// Two silent members cost one `memberTimeout`, not two: members are
+/// initialised at once, each under its own deadline.
+#[test]
+fn starts_and_serves_with_all_but_one_member_silent() {
+    start_with_silent_members(3, &[0, 2]);
+}
+
+/// A C application that keeps `SIGPIPE` at its default disposition starts
+/// while a member's path accepts, greets and closes, so that the member
+/// library's first `C_Initialize` writes to a closed connection: the
+/// application lives, and the group starts without that member.
+#[test]
+fn a_member_closing_during_its_first_initialize_does_not_kill_a_c_application() {
+    let mut chaos = Chaos::new(2);
+    chaos.members[1].relay.accept_and_close();
+    let dir = chaos.members[0].hsm.dir.path().to_path_buf();
+    let program = build_c_program("startup_sigpipe", &dir);
+    let output = Command::new(&program)
+        .arg(library_path())
+        .env(CONF_ENV, &chaos.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the application ended with {}; it printed {stdout:?}, stderr {:?}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["initialize rv=0x0", "slots rv=0x0", "alive"]
+    );
+    assert!(
+        chaos.members[1].relay.accepted() > 0,
+        "the closing member was reached"
+    );
+}
+
+/// The CLI with one member silent: `slots` and `group list` answer within
+/// their `--timeout` plus the margin and show that library as not
+/// answering, and the member as not found because of it.
+#[test]
+fn cli_answers_within_its_timeout_with_one_member_silent() {
+    let mut chaos = Chaos::new(2);
+    chaos.members[1].relay.blackhole();
+    let silent_serial = chaos.members[1].hsm.tokens[0].serial.clone();
+    let healthy_serial = chaos.members[0].hsm.tokens[0].serial.clone();
+    let timeout = MEMBER_TIMEOUT_MS.to_string();
+    for verb in [&["slots"][..], &["group", "list", "--no-login"][..]] {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_pkcs11-ha"))
+            .args(verb)
+            .args(["--timeout", &timeout, "--config"])
+            .arg(&chaos.config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!("pkcs11-ha {verb:?} with one member silent: {took:?}");
+        assert!(output.status.success(), "{verb:?}: {stdout}{stderr}");
+        assert!(
+            took < member_timeout() + MARGIN,
+            "{verb:?} took {took:?}, beyond --timeout + margin"
+        );
+        assert!(
+            stderr.contains("not answering"),
+            "{verb:?} says which library is not answering: {stderr}"
+        );
+        assert!(stdout.contains(&healthy_serial), "{verb:?}: {stdout}");
+        if verb[0] == "group" {
+            let row = stdout
+                .lines()
+                .find(|l| l.contains(&silent_serial) && !l.starts_with("Group Members"))
+                .unwrap_or_else(|| panic!("no row for the silent member: {stdout}"));
+            assert!(
+                row.contains("down") && row.contains("not answering"),
+                "{row}"
+            );
+        } else {
+            assert!(!stdout.contains(&silent_serial), "{stdout}");
+        }
+    }
+}
