@@ -18,6 +18,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::slot::Slot;
 use p11kit::P11KitServer;
+use pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS;
 use relay::Relay;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -45,8 +46,36 @@ fn member_timeout() -> Duration {
 /// dies, and the token directory goes last.
 struct Member {
     relay: Relay,
-    _server: P11KitServer,
+    /// `None` while killed.
+    server: Option<P11KitServer>,
     hsm: SoftHsm,
+}
+
+impl Member {
+    fn socket(&self) -> PathBuf {
+        self.hsm.dir.path().join("server.sock")
+    }
+
+    fn server(&self) -> &P11KitServer {
+        self.server.as_ref().expect("the member's server runs")
+    }
+
+    /// Kills the server and its workers (`kill -9` of the whole member).
+    fn kill_server(&mut self) {
+        self.server.take();
+    }
+
+    /// Starts the server again on its socket.
+    fn restart_server(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let label = &self.hsm.tokens[0].label;
+        self.server = Some(P11KitServer::start(
+            SOFTHSM_LIB,
+            &self.hsm.conf,
+            label,
+            &self.socket(),
+        ));
+    }
 }
 
 /// A group of members reached only through their relays, with the HA log
@@ -77,7 +106,7 @@ impl Chaos {
                 let relay = Relay::start(&dir.join("relay.sock"), &server.socket);
                 Member {
                     relay,
-                    _server: server,
+                    server: Some(server),
                     hsm,
                 }
             })
@@ -293,4 +322,196 @@ fn cli_answers_within_its_timeout_with_one_member_silent() {
             assert!(!stdout.contains(&silent_serial), "{stdout}");
         }
     }
+}
+
+/// `PKCS11HA_GetGroupStatus` of group 0, through the exported symbol.
+fn group_status() -> PKCS11HA_GROUP_STATUS {
+    // SAFETY: the symbol has this signature; the library is loaded.
+    unsafe {
+        let library = libloading::Library::new(library_path()).unwrap();
+        let get: libloading::Symbol<unsafe extern "C" fn(u64, *mut PKCS11HA_GROUP_STATUS) -> u64> =
+            library.get(b"PKCS11HA_GetGroupStatus\0").unwrap();
+        let mut status = std::mem::zeroed();
+        assert_eq!(get(0, &mut status), 0);
+        status
+    }
+}
+
+/// Whether member `i` of group 0 serves (state 0).
+fn serves(i: usize) -> bool {
+    group_status().members[i].state == 0
+}
+
+/// Polls `condition` until it holds, failing with `what` after `limit`;
+/// returns how long it took.
+fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+/// Digests on the virtual slot until member `i` has served `calls` more.
+fn digest_until_served(session: &cryptoki::session::Session, i: usize, calls: u64) {
+    let before = group_status().members[i].callsServed;
+    wait_for("the member serves calls", Duration::from_secs(10), || {
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        group_status().members[i].callsServed >= before + calls
+    });
+}
+
+/// A member silent at start joins once its path answers again: the
+/// initialisation that never answered was cut off, and recovery
+/// initialises the library afresh.
+#[test]
+fn a_member_silent_at_start_joins_once_its_path_answers() {
+    let mut chaos = Chaos::new(2);
+    chaos.members[1].relay.blackhole();
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    assert!(!serves(1));
+    chaos.members[1].relay.pass();
+    let took = wait_for(
+        "the member silent at start rejoins",
+        Duration::from_secs(15),
+        || serves(1),
+    );
+    eprintln!("silent at start: serving {took:?} after its path answered");
+    digest_until_served(&session, 1, 3);
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// A member whose server is killed and restarted through the relay rejoins
+/// and serves: the relay accepts while the server is down, so the member
+/// library's `C_Initialize` fails in between, and a failed initialisation
+/// is only "not yet".
+#[test]
+fn a_member_killed_and_restarted_through_the_relay_rejoins() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 0, 1);
+    chaos.members[0].kill_server();
+    wait_for(
+        "the killed member is taken out",
+        Duration::from_secs(10),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on the other member");
+            !serves(0)
+        },
+    );
+    wait_for(
+        "recovery tries the member while its server is down",
+        Duration::from_secs(10),
+        || chaos.log().matches("recovery failed").count() >= 2,
+    );
+    chaos.members[0].restart_server();
+    let took = wait_for(
+        "the restarted member rejoins",
+        Duration::from_secs(15),
+        || serves(0),
+    );
+    eprintln!("killed and restarted: serving {took:?} after the server returned");
+    digest_until_served(&session, 0, 3);
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// One member black-holed (its path accepts and never answers, so each of
+/// its recovery attempts hangs until cut off) does not hold up the
+/// recovery of another member that failed meanwhile.
+#[test]
+fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
+    let mut chaos = Chaos::new(3);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 0, 1);
+    chaos.members[0].relay.blackhole();
+    wait_for(
+        "the black-holed member is taken out",
+        Duration::from_secs(20),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on the others");
+            !serves(0)
+        },
+    );
+    wait_for(
+        "a recovery attempt hangs on the black-holed member",
+        Duration::from_secs(10),
+        || chaos.members[0].relay.accepted() >= 2,
+    );
+    chaos.members[1].server().kill_workers();
+    wait_for(
+        "the second member is taken out",
+        Duration::from_secs(10),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on member 2");
+            !serves(1)
+        },
+    );
+    let out = Instant::now();
+    // One interval until the next attempt, and one more in case that
+    // attempt came too early for the member's server.
+    let bound = Duration::from_secs(2) + MARGIN;
+    wait_for("the second failed member rejoins", bound, || serves(1));
+    let took = out.elapsed();
+    eprintln!("second member beside a black hole: serving {took:?} after it was taken out");
+    assert!(!serves(0), "the black-holed member stays out");
+    digest_until_served(&session, 1, 3);
+    chaos.members[0].relay.pass();
+    wait_for(
+        "the black-holed member rejoins",
+        Duration::from_secs(15),
+        || serves(0),
+    );
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// Every member down and back in one process, without `C_Finalize`: the
+/// HA log says when the group has no member serving and when it serves
+/// again, and after how long.
+#[test]
+fn the_ha_log_says_when_the_group_has_no_member_serving_and_when_it_serves_again() {
+    let chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    for member in &chaos.members {
+        member.server().kill_workers();
+    }
+    wait_for("every member is taken out", Duration::from_secs(10), || {
+        let _ = session.digest(&Mechanism::Sha256, b"abc");
+        !serves(0) && !serves(1)
+    });
+    wait_for("a member serves again", Duration::from_secs(15), || {
+        serves(0) || serves(1)
+    });
+    let log = wait_for("the HA log says so", Duration::from_secs(5), || {
+        chaos.log().contains("serving again after")
+    });
+    let text = chaos.log();
+    let down = text
+        .find("no member serving")
+        .unwrap_or_else(|| panic!("no outage line: {text}"));
+    let up = text.find("serving again after").unwrap();
+    assert!(down < up, "{text}");
+    eprintln!("outage logged; the return line came {log:?} after a member served");
+    let digest = session
+        .digest(&Mechanism::Sha256, b"abc")
+        .expect("C_Digest");
+    assert_eq!(digest, SHA256_ABC);
+    drop(session);
+    pkcs11.finalize().unwrap();
 }
