@@ -341,6 +341,13 @@ impl MemberLibrary {
         result
     }
 
+    /// The number of the call on the wire now (0: none), for the watchdog:
+    /// the same number there too long is a stalled connection, whichever
+    /// call it is (a slot listing as much as an operation).
+    pub fn call_on_wire(&self) -> u64 {
+        self.on_wire.load(Ordering::Relaxed)
+    }
+
     /// Whether the library talks to a server (see [`Self::shielded`]); only
     /// such a library can be reconnected under a session or cut off.
     #[inline]

@@ -16,8 +16,9 @@
 //! it was cut off making is left out until it has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
-//! completes none for `memberTimeout`, and severs its library's connection
-//! so that the stuck calls return and fail over. It also says in the HA
+//! completes none for `memberTimeout`, or whose library has had one call on
+//! the wire that long, and severs its library's connection so that the
+//! stuck calls return and fail over. It also says in the HA
 //! log when a group has no member serving, how long that lasts, and when
 //! it serves again. It never calls a member.
 
@@ -207,12 +208,14 @@ fn start_attempts(provider: &Provider, weak: &Weak<Provider>, shared: &Arc<Share
 
 fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
     let mut progress: HashMap<(usize, usize), (u64, Instant)> = HashMap::new();
+    let mut on_wire: HashMap<usize, (u64, Instant)> = HashMap::new();
     let mut outages: HashMap<usize, Outage> = HashMap::new();
     loop {
         let Some(p) = provider.upgrade() else { break };
         let timeout = p.member_timeout;
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         check_for_stalls(&p, timeout, &mut progress);
+        check_for_stalled_connections(&p, timeout, &mut on_wire);
         report_outages(&p, &mut outages, Instant::now());
         drop(p);
         let mut flags = shared.flags();
@@ -316,6 +319,49 @@ fn check_for_stalls(
             );
             if let Some(location) = member.location() {
                 location.library.sever();
+            }
+        }
+    }
+}
+
+/// Cuts the connection of a networked library that has had one call on the
+/// wire for `timeout`, and takes out the members on it: calls outside any
+/// member's count (slot and token listings, pass-through calls) must not
+/// wait on a silent server either.
+fn check_for_stalled_connections(
+    provider: &Provider,
+    timeout: Duration,
+    seen: &mut HashMap<usize, (u64, Instant)>,
+) {
+    let now = Instant::now();
+    for (i, library) in provider.libraries.iter().enumerate() {
+        let call = library.call_on_wire();
+        let first = seen.entry(i).or_insert((call, now));
+        if call == 0 || first.0 != call {
+            *first = (call, now);
+            continue;
+        }
+        if now.duration_since(first.1) < timeout {
+            continue;
+        }
+        *first = (call, now);
+        library.sever();
+        for group in &provider.groups {
+            for member in &group.members {
+                let on_library = member
+                    .location()
+                    .is_some_and(|l| Arc::ptr_eq(&l.library, library));
+                if on_library && member.reachable() {
+                    group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
+                    group.log(
+                        Some(member.position),
+                        &format!(
+                            "library {} answered nothing for {} ms; connection cut",
+                            library.name,
+                            timeout.as_millis()
+                        ),
+                    );
+                }
             }
         }
     }

@@ -515,3 +515,41 @@ fn the_ha_log_says_when_the_group_has_no_member_serving_and_when_it_serves_again
     drop(session);
     pkcs11.finalize().unwrap();
 }
+
+/// A member that goes silent while the application runs (its path stops
+/// answering, connections stay open) holds no call of the application
+/// longer than `memberTimeout` and the margin: neither its operations, cut
+/// off and failed over, nor the slot and token listings that reach its
+/// library outside any operation.
+#[test]
+fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
+    let mut chaos = Chaos::new(3);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let session = user_session(&pkcs11, slot);
+    digest_until_served(&session, 1, 1);
+    chaos.members[1].relay.blackhole();
+    let bound = member_timeout() + MARGIN;
+    let mut slowest = Duration::ZERO;
+    // Long enough for the member to be cut off, and for recovery attempts
+    // on it to hang and be cut off too.
+    let until = Instant::now() + member_timeout() * 2;
+    while Instant::now() < until {
+        let started = Instant::now();
+        let slots = pkcs11.get_slots_with_token().expect("C_GetSlotList");
+        assert!(slots.contains(&slot));
+        pkcs11.get_token_info(slot).expect("C_GetTokenInfo");
+        let took = started.elapsed();
+        let started = Instant::now();
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        slowest = slowest.max(took).max(started.elapsed());
+        assert!(slowest < bound, "a call took {slowest:?}");
+    }
+    assert!(!serves(1), "the silent member is out");
+    eprintln!("member silent mid-run: slowest call {slowest:?}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
