@@ -553,3 +553,46 @@ fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
     drop(session);
     pkcs11.finalize().unwrap();
 }
+
+/// `pkcs11-tool`, as a new user would run it, with one member silent:
+/// listing the slots and hashing through the virtual slot each finish
+/// within `memberTimeout` and the margin.
+#[test]
+fn pkcs11_tool_lists_and_hashes_with_a_member_silent() {
+    use std::io::Write;
+    let mut chaos = Chaos::new(3);
+    chaos.members[2].relay.blackhole();
+    let module = library_path();
+    let hsm = &chaos.members[0].hsm;
+    let started = Instant::now();
+    let listing = pkcs11_tool(&module, hsm, &chaos.config)
+        .arg("-L")
+        .output()
+        .unwrap();
+    let list_took = started.elapsed();
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success(), "{text}");
+    assert!(text.contains(GROUP_LABEL), "{text}");
+    let started = Instant::now();
+    let mut hashing = pkcs11_tool(&module, hsm, &chaos.config)
+        .args(["--slot", "0", "--login", "--pin", USER_PIN])
+        .args(["--hash", "-m", "SHA256"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    hashing.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let hashed = hashing.wait_with_output().unwrap();
+    let hash_took = started.elapsed();
+    assert!(
+        hashed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hashed.stderr)
+    );
+    assert_eq!(hashed.stdout, SHA256_ABC);
+    eprintln!("pkcs11-tool with a member silent: -L {list_took:?}, --hash {hash_took:?}");
+    for took in [list_took, hash_took] {
+        assert!(took < member_timeout() + MARGIN, "{took:?}");
+    }
+}
