@@ -619,12 +619,25 @@ impl MemberLibrary {
 /// same time (SoftHSM, which several entries may reach, can crash when
 /// initialised from several threads at once). Runs with the variables the
 /// libraries' environments agree on set ([`with_common_environment`]);
-/// callers hold the provider's lifecycle lock, or are the CLI.
+/// callers hold the provider's lifecycle lock, or are the CLI. Without
+/// `threads` (the application forbade them), each is initialised in this
+/// thread, one after another, with no deadline.
 pub fn initialize_each<T: Send + 'static>(
     libraries: &[Arc<MemberLibrary>],
     timeout: std::time::Duration,
+    threads: bool,
     then: impl Fn(&MemberLibrary) -> T + Send + Sync + 'static,
 ) -> Vec<std::result::Result<Result<T>, Silent>> {
+    if !threads {
+        return libraries
+            .iter()
+            .map(|library| {
+                Ok(library
+                    .initialize()
+                    .map(|()| with_sigpipe_blocked(|| then(library))))
+            })
+            .collect();
+    }
     let head_start = (timeout / 10).clamp(
         std::time::Duration::from_millis(20),
         std::time::Duration::from_millis(500),
@@ -688,18 +701,10 @@ impl<T> Bounded<T> {
     }
 }
 
-/// This thread's id, asked of the system once per thread.
+/// This thread's id (never cached: a child after `fork` has new ones).
 fn this_thread() -> i32 {
-    thread_local! {
-        static TID: Cell<i32> = const { Cell::new(0) };
-    }
-    TID.with(|tid| {
-        if tid.get() == 0 {
-            // SAFETY: gettid has no preconditions.
-            tid.set(unsafe { libc::gettid() });
-        }
-        tid.get()
-    })
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
 }
 
 /// The socket a thread of this process is blocked on, from the system call

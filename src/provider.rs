@@ -36,6 +36,10 @@ pub struct Provider {
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
     pub member_timeout: Duration,
+    /// False when the application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`:
+    /// then no call into a member runs in a thread of ours, nor has a
+    /// deadline.
+    pub threads_allowed: bool,
     /// Groups (by index in `groups`) whose returning members are compared
     /// with the group and given what they lack.
     synchronized: Vec<bool>,
@@ -201,7 +205,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
             config_warnings::ha_log_unwritable(&config, directory, &why);
         }
     }
-    let mut provider = Provider::start(&config).map_err(report_config_error)?;
+    let mut provider = Provider::start(&config, threads_allowed).map_err(report_config_error)?;
     config_warnings::check_members(&config, &provider.groups, &provider.libraries);
     let recovery_on = config.recovery.attempts != 0;
     if !threads_allowed && recovery_on {
@@ -299,8 +303,9 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
 fn find_tokens(
     libraries: &[Arc<MemberLibrary>],
     member_timeout: Duration,
+    threads_allowed: bool,
 ) -> HashMap<String, Location> {
-    let answers = initialize_each(libraries, member_timeout, tokens_of);
+    let answers = initialize_each(libraries, member_timeout, threads_allowed, tokens_of);
     let mut found: HashMap<String, Location> = HashMap::new();
     for (library, answer) in libraries.iter().zip(answers) {
         match answer {
@@ -344,7 +349,7 @@ fn tokens_of(library: &MemberLibrary) -> Vec<(String, CK_SLOT_ID)> {
 }
 
 impl Provider {
-    fn start(config: &Config) -> std::result::Result<Provider, ConfigError> {
+    fn start(config: &Config, threads_allowed: bool) -> std::result::Result<Provider, ConfigError> {
         let mut libraries = Vec::with_capacity(config.libraries.len());
         for entry in &config.libraries {
             let library = load_library(entry).map_err(|problem| ConfigError {
@@ -356,7 +361,8 @@ impl Provider {
             libraries.push(library);
         }
         let member_timeout = Duration::from_millis(config.member_timeout_ms);
-        let found = find_tokens(&libraries, member_timeout);
+        let found = find_tokens(&libraries, member_timeout, threads_allowed);
+        let some_library_unanswered = libraries.iter().any(|l| !l.usable());
         let groups = config
             .groups
             .iter()
@@ -380,11 +386,14 @@ impl Provider {
                 for member in &group.members {
                     match found.get(&member.serial) {
                         Some(location) => group.attach(member.position, location.clone()),
-                        None => group.log(
+                        // Where every library answered, the configuration
+                        // warnings say the serial is nowhere.
+                        None if some_library_unanswered => group.log(
                             Some(member.position),
-                            "not found at start (its library failed or did not answer); \
+                            "not found at start (a library failed or did not answer); \
                              recovery looks for it",
                         ),
+                        None => {}
                     }
                 }
                 Arc::new(group)
@@ -402,6 +411,7 @@ impl Provider {
                 mode: config.recovery.mode,
             },
             member_timeout,
+            threads_allowed,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
             inline_recovery_due_ms: None,

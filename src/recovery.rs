@@ -567,7 +567,8 @@ fn settle_in_doubt(
 }
 
 /// Finds the member's token: on its library, or on any other, each asked
-/// within one `memberTimeout` -- initialised first if it is not (its last
+/// within one `memberTimeout` (where the application allows threads) --
+/// initialised first if it is not (its last
 /// `C_Initialize` failed or never answered), or reconnected if its
 /// connection is gone and no healthy member depends on it. A library whose
 /// last call has not returned is not called.
@@ -591,7 +592,7 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
         let may_reconnect =
             !library.usable() || (library.initialized_by_us() && !shared_with_healthy);
         let wanted = serial.clone();
-        let Some(job) = library.start_bounded(move |library| {
+        let job = move |library: &MemberLibrary| {
             if library.usable() {
                 if let Some(slot) = token_slot(library, &wanted) {
                     return Some(slot);
@@ -601,11 +602,17 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
                 return None;
             }
             token_slot(library, &wanted)
-        }) else {
-            silent.push(format!("{} (its last call has not returned)", library.name));
-            continue;
         };
-        match job.finish(Instant::now() + provider.member_timeout) {
+        let answer = if provider.threads_allowed {
+            let Some(job) = library.start_bounded(job) else {
+                silent.push(format!("{} (its last call has not returned)", library.name));
+                continue;
+            };
+            job.finish(Instant::now() + provider.member_timeout)
+        } else {
+            Ok(job(&library))
+        };
+        match answer {
             Ok(Some(slot)) => return Ok(Location { library, slot }),
             Ok(None) => {}
             Err(Silent) => {

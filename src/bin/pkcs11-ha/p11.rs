@@ -97,7 +97,7 @@ impl Members {
             })
             .collect();
         let usable: Vec<Arc<MemberLibrary>> = loaded.iter().flatten().cloned().collect();
-        let mut answers = initialize_each(&usable, timeout, tokens_of).into_iter();
+        let mut answers = initialize_each(&usable, timeout, true, tokens_of).into_iter();
         let answers: Vec<_> = loaded
             .iter()
             .map(|library| library.as_ref().ok().and(answers.next()))
