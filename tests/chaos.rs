@@ -276,9 +276,10 @@ fn a_member_closing_during_its_first_initialize_does_not_kill_a_c_application() 
     );
 }
 
-/// The CLI with one member silent: `slots` and `group list` answer within
-/// their `--timeout` plus the margin and show that library as not
-/// answering, and the member as not found because of it.
+/// The CLI with one member silent: `slots`, `group list` and `status`
+/// answer within their `--timeout` plus the margin and show that library
+/// as not answering and the member as down because of it; `status` calls
+/// the group degraded (exit status 1).
 #[test]
 fn cli_answers_within_its_timeout_with_one_member_silent() {
     let mut chaos = Chaos::new(2);
@@ -286,7 +287,12 @@ fn cli_answers_within_its_timeout_with_one_member_silent() {
     let silent_serial = chaos.members[1].hsm.tokens[0].serial.clone();
     let healthy_serial = chaos.members[0].hsm.tokens[0].serial.clone();
     let timeout = MEMBER_TIMEOUT_MS.to_string();
-    for verb in [&["slots"][..], &["group", "list", "--no-login"][..]] {
+    let verbs: [(&[&str], i32); 3] = [
+        (&["slots"], 0),
+        (&["group", "list", "--no-login"], 0),
+        (&["status"], 1),
+    ];
+    for (verb, exit_status) in verbs {
         let started = Instant::now();
         let output = Command::new(env!("CARGO_BIN_EXE_pkcs11-ha"))
             .args(verb)
@@ -299,27 +305,34 @@ fn cli_answers_within_its_timeout_with_one_member_silent() {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         eprintln!("pkcs11-ha {verb:?} with one member silent: {took:?}");
-        assert!(output.status.success(), "{verb:?}: {stdout}{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(exit_status),
+            "{verb:?}: {stdout}{stderr}"
+        );
         assert!(
             took < member_timeout() + MARGIN,
             "{verb:?} took {took:?}, beyond --timeout + margin"
         );
-        assert!(
-            stderr.contains("not answering"),
-            "{verb:?} says which library is not answering: {stderr}"
-        );
         assert!(stdout.contains(&healthy_serial), "{verb:?}: {stdout}");
-        if verb[0] == "group" {
+        if verb[0] == "slots" {
+            assert!(
+                stderr.contains("not answering"),
+                "{verb:?} says which library is not answering: {stderr}"
+            );
+            assert!(!stdout.contains(&silent_serial), "{stdout}");
+        } else {
             let row = stdout
                 .lines()
-                .find(|l| l.contains(&silent_serial) && !l.starts_with("Group Members"))
-                .unwrap_or_else(|| panic!("no row for the silent member: {stdout}"));
+                .find(|l| l.contains(&silent_serial) && !l.starts_with("Group"))
+                .unwrap_or_else(|| panic!("{verb:?}: no row for the silent member: {stdout}"));
             assert!(
                 row.contains("down") && row.contains("not answering"),
-                "{row}"
+                "{verb:?}: {row}"
             );
-        } else {
-            assert!(!stdout.contains(&silent_serial), "{stdout}");
+        }
+        if verb[0] == "status" {
+            assert!(stdout.contains("degraded"), "{stdout}");
         }
     }
 }
