@@ -727,10 +727,20 @@ fn blocked_socket(tid: i32) -> Option<i32> {
         | libc::SYS_sendto
         | libc::SYS_sendmsg
         | libc::SYS_connect => first as i32,
-        libc::SYS_poll | libc::SYS_ppoll if argument()? == 1 => polled_descriptor(first)?,
+        number if is_poll(number) && argument()? == 1 => polled_descriptor(first)?,
         _ => return None,
     };
     socket_inode(fd).map(|_| fd)
+}
+
+/// Whether a system call number is `poll` or `ppoll` (`poll` exists only
+/// on some architectures).
+fn is_poll(number: libc::c_long) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if number == libc::SYS_poll {
+        return true;
+    }
+    number == libc::SYS_ppoll
 }
 
 /// The descriptor of the one `pollfd` at `address`, read through
