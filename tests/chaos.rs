@@ -84,6 +84,9 @@ struct Chaos {
     members: Vec<Member>,
     config: PathBuf,
     log_dir: PathBuf,
+    /// Finalised on drop if a test ended early, so that the next test can
+    /// initialise.
+    started: Option<Pkcs11>,
     _guard: MutexGuard<'static, ()>,
 }
 
@@ -144,18 +147,21 @@ impl Chaos {
             members,
             config,
             log_dir,
+            started: None,
             _guard: guard,
         }
     }
 
     /// Loads and initialises pkcs11-ha; returns it and how long
     /// `C_Initialize` took.
-    fn start(&self) -> (Pkcs11, Duration) {
+    fn start(&mut self) -> (Pkcs11, Duration) {
         activate_config(&self.config);
         let pkcs11 = load_ha();
         let started = Instant::now();
         initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
-        (pkcs11, started.elapsed())
+        let took = started.elapsed();
+        self.started = Some(pkcs11.clone());
+        (pkcs11, took)
     }
 
     fn log(&self) -> String {
@@ -165,6 +171,10 @@ impl Chaos {
 
 impl Drop for Chaos {
     fn drop(&mut self) {
+        if let Some(pkcs11) = self.started.take() {
+            // Already finalised when the test ran to its end.
+            let _ = pkcs11.finalize();
+        }
         std::env::remove_var(CONF_ENV);
     }
 }
@@ -498,7 +508,7 @@ fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
 /// again, and after how long.
 #[test]
 fn the_ha_log_says_when_the_group_has_no_member_serving_and_when_it_serves_again() {
-    let chaos = Chaos::new(2);
+    let mut chaos = Chaos::new(2);
     let (pkcs11, _) = chaos.start();
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     for member in &chaos.members {
