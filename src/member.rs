@@ -449,6 +449,7 @@ impl MemberLibrary {
             .compare_exchange(0, STARTING, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
         let (answer, answered) = mpsc::sync_channel(1);
+        let calls_sent = self.calls_sent.load(Ordering::Relaxed);
         let library = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name(format!("pkcs11-ha-{}", self.name))
@@ -466,6 +467,7 @@ impl MemberLibrary {
             library: Arc::clone(self),
             answered,
             answer: Cell::new(None),
+            calls_sent,
         })
     }
 
@@ -660,7 +662,7 @@ pub fn initialize_each<T: Send + 'static>(
         // The environment stays until every library has answered or its
         // deadline passed: a library reads it during its C_Initialize.
         jobs.into_iter()
-            .map(|(job, deadline)| job.ok_or(Silent)?.finish(deadline))
+            .map(|(job, deadline)| job.ok_or(Silent)?.finish(deadline, timeout))
             .collect()
     })
 }
@@ -670,6 +672,9 @@ pub struct Bounded<T> {
     library: Arc<MemberLibrary>,
     answered: mpsc::Receiver<T>,
     answer: Cell<Option<T>>,
+    /// The library's count of calls sent when the job started: a job whose
+    /// calls keep being answered is slow, not silent.
+    calls_sent: u64,
 }
 
 /// A library that did not answer by its deadline.
@@ -686,18 +691,33 @@ impl<T> Bounded<T> {
         }
     }
 
-    /// The job's result, or [`Silent`] if it has none by `deadline`; then
-    /// the socket its thread waits on, if any, is shut down so that it
-    /// returns soon, and it is left to finish on its own.
-    pub fn finish(self, deadline: Instant) -> std::result::Result<T, Silent> {
-        if let Some(result) = self.answer.take() {
-            return Ok(result);
+    /// The job's result, or [`Silent`] if it has none by `deadline` and
+    /// the library has answered none of its calls for `patience` (a
+    /// networked library's calls are counted; one answering each call in
+    /// time is slow, not silent, and is waited for). Then the socket the
+    /// job's thread waits on, if any, is shut down so that it returns soon,
+    /// and it is left to finish on its own.
+    pub fn finish(
+        self,
+        deadline: Instant,
+        patience: std::time::Duration,
+    ) -> std::result::Result<T, Silent> {
+        let (mut deadline, mut seen) = (deadline, self.calls_sent);
+        loop {
+            if let Some(result) = self.answer.take() {
+                return Ok(result);
+            }
+            self.wait_until(deadline);
+            if let Some(result) = self.answer.take() {
+                return Ok(result);
+            }
+            let sent = self.library.calls_sent.load(Ordering::Relaxed);
+            if sent == seen {
+                self.library.sever_job();
+                return Err(Silent);
+            }
+            (deadline, seen) = (Instant::now() + patience, sent);
         }
-        self.wait_until(deadline);
-        self.answer.take().ok_or_else(|| {
-            self.library.sever_job();
-            Silent
-        })
     }
 }
 

@@ -608,7 +608,10 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
                 silent.push(format!("{} (its last call has not returned)", library.name));
                 continue;
             };
-            job.finish(Instant::now() + provider.member_timeout)
+            job.finish(
+                Instant::now() + provider.member_timeout,
+                provider.member_timeout,
+            )
         } else {
             Ok(job(&library))
         };

@@ -619,3 +619,45 @@ fn pkcs11_tool_lists_and_hashes_with_a_member_silent() {
         assert!(took < member_timeout() + MARGIN, "{took:?}");
     }
 }
+
+/// A slow member (150 ms added to every chunk on its path: each call takes
+/// some 600 ms, inside `memberTimeout`, but its start-up more than
+/// `memberTimeout` in all) is not taken for a failed one: it starts with
+/// the group, stays in service, every call succeeds, and the least-busy
+/// choice sends most calls to the fast members.
+#[test]
+fn a_slow_member_stays_in_service_and_gets_fewer_calls() {
+    let mut chaos = Chaos::new(3);
+    chaos.members[2].relay.delay(Duration::from_millis(150));
+    let (pkcs11, init) = chaos.start();
+    eprintln!("C_Initialize with a slow member: {init:?}");
+    assert!(serves(2), "the slow member starts with the group");
+    let slot = Slot::try_from(0u64).unwrap();
+    let before: Vec<u64> = (0..3)
+        .map(|i| group_status().members[i].callsServed)
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let session = pkcs11.open_ro_session(slot).expect("C_OpenSession");
+                for _ in 0..40 {
+                    let digest = session
+                        .digest(&Mechanism::Sha256, b"abc")
+                        .expect("C_Digest");
+                    assert_eq!(digest, SHA256_ABC);
+                }
+            });
+        }
+    });
+    let served: Vec<u64> = (0..3)
+        .map(|i| group_status().members[i].callsServed - before[i])
+        .collect();
+    eprintln!("calls served with member 2 slow: {served:?}");
+    assert!(serves(2), "the slow member stays in service");
+    assert!(
+        served[2] < served[0].min(served[1]),
+        "the slow member got fewer calls: {served:?}"
+    );
+    assert!(!chaos.log().contains("answered nothing"), "{}", chaos.log());
+    pkcs11.finalize().unwrap();
+}
