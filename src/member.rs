@@ -510,17 +510,22 @@ impl MemberLibrary {
 
     /// Shuts down the library's connection, so that a call stuck on a
     /// stalled server returns with an error instead of never: the socket
-    /// the call on the wire waits on, else the sockets the library opened
-    /// while we initialised it (libraries initialised at once may have
-    /// opened some of each other's meanwhile, so those are the fallback).
+    /// the call on the wire waits on (none if that call is not waiting on
+    /// a socket: it is running, and returns by itself), else, with no call
+    /// on the wire, the sockets the library opened while we initialised it
+    /// (libraries initialised at once may have opened some of each other's
+    /// meanwhile, so those are only a fallback).
     pub fn sever(&self) -> usize {
         self.cut_off
             .store(self.on_wire.load(Ordering::Relaxed), Ordering::Relaxed);
         let waiting = self.wire_thread.load(Ordering::Relaxed);
-        if let Some(fd) = (waiting != 0).then(|| blocked_socket(waiting)).flatten() {
-            // SAFETY: shutdown on a socket the library's call waits on; it
-            // neither closes nor frees anything.
-            return usize::from(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0);
+        if waiting != 0 {
+            return match blocked_socket(waiting) {
+                // SAFETY: shutdown on a socket the library's call waits on;
+                // it neither closes nor frees anything.
+                Some(fd) => usize::from(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0),
+                None => 0,
+            };
         }
         let sockets = self.sockets.lock().clone();
         sockets

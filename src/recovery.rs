@@ -566,8 +566,10 @@ fn settle_in_doubt(
     Ok(())
 }
 
-/// Finds the member's token: on its library, or on any other, each asked
-/// within one `memberTimeout` (where the application allows threads) --
+/// Finds the member's token: on its library, or on another (one serving
+/// healthy members, or for a member never found, any library no other
+/// failed member is on), each asked within one `memberTimeout` (where the
+/// application allows threads) --
 /// initialised first if it is not (its last
 /// `C_Initialize` failed or never answered), or reconnected if its
 /// connection is gone and no healthy member depends on it. A library whose
@@ -580,15 +582,26 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
         libraries.retain(|l| !Arc::ptr_eq(l, &loc.library));
         libraries.insert(0, Arc::clone(&loc.library));
     }
+    let this_member = &group.members[position];
     let mut silent = Vec::new();
     for library in libraries {
-        let shared_with_healthy = provider.groups.iter().any(|g| {
-            g.members.iter().any(|m| {
-                m.reachable()
-                    && m.location()
-                        .is_some_and(|l| Arc::ptr_eq(&l.library, &library))
-            })
-        });
+        let on_library = |m: &Arc<crate::group::Member>| {
+            m.location()
+                .is_some_and(|l| Arc::ptr_eq(&l.library, &library))
+        };
+        let members = || provider.groups.iter().flat_map(|g| g.members.iter());
+        let shared_with_healthy = members().any(|m| m.reachable() && on_library(m));
+        let own = known
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.library, &library));
+        let anothers_recovery =
+            members().any(|m| !Arc::ptr_eq(m, this_member) && !m.reachable() && on_library(m));
+        // Another library is asked only where that is quick and disturbs no
+        // other member's recovery: one serving healthy members, or, for a
+        // member never found, one no other failed member is on.
+        if !own && !shared_with_healthy && (known.is_some() || anothers_recovery) {
+            continue;
+        }
         let may_reconnect =
             !library.usable() || (library.initialized_by_us() && !shared_with_healthy);
         let wanted = serial.clone();
