@@ -238,7 +238,7 @@ struct Outage {
     reported: Instant,
 }
 
-/// Says in the HA log (and on stderr) when a group has no member serving,
+/// Says in the HA log when a group has no member serving,
 /// every [`OUTAGE_SUMMARY`] while that lasts, and when it serves again and
 /// after how long: the operator's view of the group as a whole.
 fn report_outages(provider: &Provider, outages: &mut HashMap<usize, Outage>, now: Instant) {
@@ -253,12 +253,10 @@ fn report_outages(provider: &Provider, outages: &mut HashMap<usize, Outage>, now
                         reported: now,
                     },
                 );
-                let event = "no member serving: calls on the group fail until a member returns";
-                eprintln!(
-                    "pkcs11-ha: group {} ({}): {event}",
-                    group.label, group.serial
+                group.log(
+                    None,
+                    "no member serving: calls on the group fail until a member returns",
                 );
-                group.log(None, event);
             }
             (false, Some(outage)) if now.duration_since(outage.reported) >= OUTAGE_SUMMARY => {
                 outage.reported = now;
@@ -271,15 +269,13 @@ fn report_outages(provider: &Provider, outages: &mut HashMap<usize, Outage>, now
                 );
             }
             (true, Some(outage)) => {
-                let event = format!(
-                    "serving again after {:.1} s without a serving member",
-                    now.duration_since(outage.since).as_secs_f64()
+                group.log(
+                    None,
+                    &format!(
+                        "serving again after {:.1} s without a serving member",
+                        now.duration_since(outage.since).as_secs_f64()
+                    ),
                 );
-                eprintln!(
-                    "pkcs11-ha: group {} ({}): {event}",
-                    group.label, group.serial
-                );
-                group.log(None, &event);
                 outages.remove(&g);
             }
             _ => {}
