@@ -36,6 +36,39 @@ pub struct VirtualObject {
     pub never_extractable: bool,
 }
 
+/// Fills a `C_FindObjects` batch as the member would have filled it,
+/// where some of what the member returns is left out (a hidden domain key,
+/// objects a search returned before it moved, objects a filter rejects):
+/// many clients (the `cryptoki` crate among them) take a short batch for
+/// the end of the search. `fetch(at, room)` has the member write up to
+/// `room` handles at `at` and says how many it wrote; `keep(batch)` moves
+/// the handles to show (translated as needed) to the front of `batch` and
+/// says how many. Returns how many handles the batch holds.
+///
+/// # Safety
+/// `found` must have room for `max` handles.
+pub unsafe fn fill_batch(
+    found: *mut CK_OBJECT_HANDLE,
+    max: usize,
+    mut fetch: impl FnMut(*mut CK_OBJECT_HANDLE, usize) -> crate::error::Result<usize>,
+    mut keep: impl FnMut(&mut [CK_OBJECT_HANDLE]) -> crate::error::Result<usize>,
+) -> crate::error::Result<usize> {
+    let mut kept = 0;
+    while kept < max {
+        let room = max - kept;
+        // SAFETY: `found` has room for `max` handles, `kept` of them used.
+        let at = unsafe { found.add(kept) };
+        let returned = fetch(at, room)?.min(room);
+        // SAFETY: the member wrote `returned` handles there.
+        let batch = unsafe { std::slice::from_raw_parts_mut(at, returned) };
+        kept += keep(batch)?;
+        if returned < room {
+            break;
+        }
+    }
+    Ok(kept)
+}
+
 /// Virtual handles are process-wide, non-zero and never reused, so a stale
 /// handle from a destroyed object can never name another object.
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);

@@ -179,9 +179,8 @@ impl PassThroughSession {
         }
     }
 
-    /// `C_FindObjects` without the hidden objects. The batch is filled as
-    /// the member would have filled it: many clients (the `cryptoki` crate
-    /// among them) take a short batch for the end of the search.
+    /// `C_FindObjects` without the hidden objects, the batch filled as the
+    /// member would have filled it (see [`crate::object::fill_batch`]).
     ///
     /// # Safety
     /// `found` must have room for `max` handles; `count` must be writable.
@@ -197,32 +196,26 @@ impl PassThroughSession {
                 C_FindObjects(self.handle, found, max, count)
             ));
         }
-        let max = max as usize;
-        let mut kept = 0;
-        while kept < max {
-            let room = max - kept;
+        let fetch = |at, room: usize| {
             let mut returned: CK_ULONG = 0;
-            // SAFETY: `found` has room for `max` handles, `kept` of them used.
-            let at = unsafe { found.add(kept) };
             check(member_call!(
                 self.library,
                 C_FindObjects(self.handle, at, room as CK_ULONG, &mut returned)
             ))?;
-            let returned = (returned as usize).min(room);
-            // SAFETY: the member wrote `returned` handles there.
-            let batch = unsafe { std::slice::from_raw_parts_mut(at, returned) };
+            Ok(returned as usize)
+        };
+        let keep = |batch: &mut [CK_OBJECT_HANDLE]| {
             let mut shown = 0;
-            for i in 0..returned {
+            for i in 0..batch.len() {
                 if !self.hidden.handles.contains(&batch[i]) {
                     batch[shown] = batch[i];
                     shown += 1;
                 }
             }
-            kept += shown;
-            if returned < room {
-                break;
-            }
-        }
+            Ok(shown)
+        };
+        // SAFETY: forwarded from the caller.
+        let kept = unsafe { crate::object::fill_batch(found, max as usize, fetch, keep) }?;
         // SAFETY: `count` is writable, as the caller vouches.
         unsafe { *count = kept as CK_ULONG };
         Ok(())

@@ -326,22 +326,7 @@ impl VirtualSession {
                     self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
-                match answer {
-                    Attempt::Answered(CKR_OK) => {
-                        self.group.objects.set_presence(
-                            object,
-                            position,
-                            Presence::Present(handle),
-                        );
-                        made.push((position, handle));
-                    }
-                    Attempt::Answered(rv) => {
-                        self.undo(&made);
-                        self.group.objects.remove(object);
-                        return Err(Error::new(rv));
-                    }
-                    Attempt::Faulted => {}
-                }
+                self.note_copy(object, position, handle, answer, &mut made)?;
             }
         }
         if let Some(&(position, handle)) = made.first() {
@@ -359,6 +344,36 @@ impl VirtualSession {
             }
         }
         Ok(object)
+    }
+
+    /// Records one member's answer to a call that makes `object` on every
+    /// member: a copy made is kept in `made`; a request error undoes every
+    /// copy and fails the call, so no member keeps what the application
+    /// was told failed; true for a member that faulted, to be given the
+    /// object when it returns.
+    fn note_copy(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        position: usize,
+        handle: CK_OBJECT_HANDLE,
+        answer: Attempt,
+        made: &mut Vec<(usize, CK_OBJECT_HANDLE)>,
+    ) -> Result<bool> {
+        match answer {
+            Attempt::Answered(CKR_OK) => {
+                self.group
+                    .objects
+                    .set_presence(object, position, Presence::Present(handle));
+                made.push((position, handle));
+                Ok(false)
+            }
+            Attempt::Answered(rv) => {
+                self.undo(made);
+                self.group.objects.remove(object);
+                Err(Error::new(rv))
+            }
+            Attempt::Faulted => Ok(true),
+        }
     }
 
     /// # Safety
@@ -427,21 +442,8 @@ impl VirtualSession {
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
                     member_call!(l, C_CopyObject(s, source_handle, t, n, &mut handle))
                 });
-                match answer {
-                    Attempt::Answered(CKR_OK) => {
-                        self.group.objects.set_presence(
-                            object,
-                            position,
-                            Presence::Present(handle),
-                        );
-                        made.push((position, handle));
-                    }
-                    Attempt::Answered(rv) => {
-                        self.undo(&made);
-                        self.group.objects.remove(object);
-                        return Err(Error::new(rv));
-                    }
-                    Attempt::Faulted => missed.push(position),
+                if self.note_copy(object, position, handle, answer, &mut made)? {
+                    missed.push(position);
                 }
             }
             if !made.is_empty() {
@@ -883,32 +885,30 @@ impl VirtualSession {
         // member, so the batch is as full as the member would have made it:
         // many clients (the `cryptoki` crate among them) take a short batch
         // for the end of the search.
-        let max = max as usize;
-        let mut kept = 0;
         let filter = self.search_filter();
-        while kept < max {
-            let room = max - kept;
-            // SAFETY: `found` has room for `max` handles, `kept` of them used.
-            let at = unsafe { found.add(kept) };
+        // Which member answered the last fetch: `keep` reads its handles.
+        let member = std::cell::Cell::new(None);
+        let fetch = |at, room: usize| {
             let mut returned: CK_ULONG = 0;
-            let mut member = None;
             self.step(
                 OpKind::Find,
                 Step::Update,
                 Input::None,
                 "C_FindObjects",
                 |l, s| {
-                    member = self.bound_member();
+                    member.set(self.bound_member());
                     member_call!(l, C_FindObjects(s, at, room as CK_ULONG, &mut returned))
                 },
             )?;
-            let member = member.ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
-            let returned = (returned as usize).min(room);
-            // SAFETY: the member wrote `returned` handles there.
-            let handles = unsafe { std::slice::from_raw_parts_mut(at, returned) };
+            Ok(returned as usize)
+        };
+        let keep = |handles: &mut [CK_OBJECT_HANDLE]| {
+            let member = member
+                .get()
+                .ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
             let epoch = self.group.members[member].epoch();
             let mut shown = 0;
-            for i in 0..returned {
+            for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
@@ -921,11 +921,10 @@ impl VirtualSession {
                 handles[shown] = object;
                 shown += 1;
             }
-            kept += shown;
-            if returned < room {
-                break;
-            }
-        }
+            Ok(shown)
+        };
+        // SAFETY: forwarded from the caller.
+        let kept = unsafe { crate::object::fill_batch(found, max as usize, fetch, keep) }?;
         // SAFETY: `count` is writable, as the caller vouches.
         unsafe { *count = kept as CK_ULONG };
         Ok(())

@@ -876,10 +876,18 @@ impl VirtualSession {
         &self,
         object: CK_OBJECT_HANDLE,
     ) -> Option<std::sync::Arc<identity::Fingerprint>> {
-        let entry = self.group.objects.get(object)?;
-        if let Some(print) = entry.fingerprint {
+        if let Some(print) = self.group.objects.get(object)?.fingerprint {
             return Some(print);
         }
+        let print = self.read_fingerprint(object)?;
+        self.group.objects.set_fingerprint(object, print);
+        self.group.objects.get(object)?.fingerprint
+    }
+
+    /// The object's full fingerprint, read from the first serving member
+    /// that knows the object.
+    fn read_fingerprint(&self, object: CK_OBJECT_HANDLE) -> Option<identity::Fingerprint> {
+        let entry = self.group.objects.get(object)?;
         let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
             Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
             _ => None,
@@ -889,8 +897,7 @@ impl VirtualSession {
                 identity::fingerprint(&s.library, s.handle, handle)
             });
             if let Ok(Some(print)) = read {
-                self.group.objects.set_fingerprint(object, print);
-                return self.group.objects.get(object)?.fingerprint;
+                return Some(print);
             }
         }
         None
@@ -899,23 +906,11 @@ impl VirtualSession {
     /// The object's full fingerprint (with its check value), read from a
     /// serving member that knows the object, and kept.
     fn full_fingerprint(&self, object: CK_OBJECT_HANDLE) -> Option<identity::Fingerprint> {
-        let entry = self.group.objects.get(object)?;
-        let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
-            Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
-            _ => None,
-        });
-        for (source, handle) in sources {
-            let read = self.on_member(source, |s| {
-                identity::fingerprint(&s.library, s.handle, handle)
-            });
-            if let Ok(Some(print)) = read {
-                self.group
-                    .objects
-                    .replace_fingerprint(object, print.clone());
-                return Some(print);
-            }
-        }
-        None
+        let print = self.read_fingerprint(object)?;
+        self.group
+            .objects
+            .replace_fingerprint(object, print.clone());
+        Some(print)
     }
 
     /// Reads and keeps the fingerprint of an object first seen on member
