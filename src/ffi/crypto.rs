@@ -1,7 +1,7 @@
 //! Cryptographic operations, key management and random numbers. On a
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
-use super::{buffer, cryptoki_fn, required, session};
+use super::{buffer, cryptoki_fn, mechanism_argument, required, session, template_argument};
 use crate::error::{check, Error};
 use crate::member::{member_call, MemberLibrary};
 use crate::session::Target;
@@ -14,7 +14,8 @@ macro_rules! keyed_init {
     ($($name:ident => $kind:ident),* $(,)?) => {$(
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
-                required(mechanism)?;
+                // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
                 let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => {
@@ -186,7 +187,8 @@ output_final!(
 
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
-        required(mechanism)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
@@ -248,8 +250,10 @@ cryptoki_fn! {
         count: CK_ULONG,
         key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
-        buffer(template, count)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(key)?;
         let s = session(handle)?;
         match &s.target {
@@ -292,9 +296,12 @@ cryptoki_fn! {
         public_key: CK_OBJECT_HANDLE_PTR,
         private_key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
-        buffer(public_template, public_count)?;
-        buffer(private_template, private_count)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
+        // SAFETY: the application vouches for each template's count.
+        unsafe { template_argument(public_template, public_count) }?;
+        // SAFETY: as above.
+        unsafe { template_argument(private_template, private_count) }?;
         required(public_key)?;
         required(private_key)?;
         let s = session(handle)?;
@@ -359,7 +366,8 @@ cryptoki_fn! {
         wrapped: *mut CK_BYTE,
         wrapped_len: CK_ULONG_PTR,
     ) {
-        required(mechanism)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
         required(wrapped_len)?;
         let s = session(handle)?;
         match &s.target {
@@ -394,9 +402,11 @@ cryptoki_fn! {
         count: CK_ULONG,
         key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
         buffer(wrapped, wrapped_len)?;
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(key)?;
         let s = session(handle)?;
         match &s.target {
@@ -443,8 +453,10 @@ cryptoki_fn! {
         count: CK_ULONG,
         key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
-        buffer(template, count)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {

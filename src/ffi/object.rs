@@ -1,6 +1,6 @@
 //! Object management and search.
 
-use super::{buffer, cryptoki_fn, required, session};
+use super::{buffer, cryptoki_fn, required, session, template_argument};
 use crate::error::check;
 use crate::member::member_call;
 use crate::session::Target;
@@ -14,7 +14,8 @@ cryptoki_fn! {
         count: CK_ULONG,
         object: CK_OBJECT_HANDLE_PTR,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(object)?;
         let s = session(handle)?;
         match &s.target {
@@ -42,7 +43,8 @@ cryptoki_fn! {
         count: CK_ULONG,
         object: CK_OBJECT_HANDLE_PTR,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(object)?;
         let s = session(handle)?;
         match &s.target {
@@ -115,7 +117,8 @@ cryptoki_fn! {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
@@ -132,7 +135,8 @@ cryptoki_fn! {
     }
 
     fn C_FindObjectsInit(handle: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template, count))),
