@@ -138,7 +138,7 @@ pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 #[inline(never)]
 fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     let removals = crate::session::removals();
-    with(|p| p.session(handle)).map(|s| SessionRef::new(s, removals))
+    with(|p| p.session(handle)).and_then(|s| SessionRef::new(s, removals))
 }
 
 /// Runs `f` on the initialised provider without taking a reference to it:
@@ -241,7 +241,7 @@ pub fn finalize() -> Result<()> {
         w.stop_recovery(provider.member_timeout);
     }
     for session in provider.sessions.drain() {
-        close_session_members(&session);
+        close_session_members(&session, provider.member_timeout);
     }
     for group in &provider.groups {
         group.login.lock().take();
@@ -566,7 +566,7 @@ impl Provider {
 
     pub fn close_session(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
         let session = self.sessions.remove(handle)?;
-        close_session_members(&session);
+        close_session_members(&session, self.member_timeout);
         self.after_session_closed(&session);
         Ok(())
     }
@@ -579,7 +579,7 @@ impl Provider {
             library.slot_info(slot)?;
         }
         for session in self.sessions.remove_slot(slot_id) {
-            close_session_members(&session);
+            close_session_members(&session, self.member_timeout);
             self.after_session_closed(&session);
         }
         Ok(())
@@ -638,6 +638,7 @@ impl Provider {
 
     pub fn session_info(&self, handle: CK_SESSION_HANDLE) -> Result<CK_SESSION_INFO> {
         let session = self.session(handle)?;
+        let _call = session.gate.call()?;
         let mut info = CK_SESSION_INFO {
             slotID: session.slot_id,
             state: 0,
@@ -675,6 +676,7 @@ impl Provider {
         pin: Option<&[u8]>,
     ) -> Result<()> {
         let session = self.session(handle)?;
+        let _call = session.gate.call()?;
         let (ptr, len) = pin_parts(pin);
         let v = match &session.target {
             Target::PassThrough(p) => {
@@ -718,6 +720,7 @@ impl Provider {
 
     pub fn logout(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
         let session = self.session(handle)?;
+        let _call = session.gate.call()?;
         match &session.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_Logout(p.handle))),
             Target::Virtual(v) => {
@@ -755,8 +758,19 @@ fn domain_labels(config: &Config) -> Vec<String> {
     labels
 }
 
-/// Closes the member sessions behind an application session.
-fn close_session_members(session: &Session) {
+/// Closes the member sessions behind an application session, once no call
+/// is inside them any more; calls still inside after `bound` (a member
+/// that hangs) keep them open, since closing a session under a running
+/// call crashes SoftHSM.
+fn close_session_members(session: &Session, bound: Duration) {
+    if !session.gate.close(bound) {
+        eprintln!(
+            "pkcs11-ha: session {} closed while calls were still inside a member after {} ms; its member sessions are left open",
+            session.handle,
+            bound.as_millis()
+        );
+        return;
+    }
     match &session.target {
         Target::PassThrough(p) => {
             member_call!(p.library, C_CloseSession(p.handle));

@@ -2144,3 +2144,114 @@ fn malformed_template_values_are_answered_without_reaching_a_member() {
         ec_key_pair(api, session);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Sessions closed under running calls (SoftHSM crashes when a session is
+// closed while another thread is inside `C_Sign` on it)
+// ---------------------------------------------------------------------------
+
+/// `PKCS11HA_GetGroupStatus` of the virtual slot.
+fn group_status() -> pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS {
+    type GetGroupStatus =
+        unsafe extern "C" fn(CK_SLOT_ID, *mut pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS) -> CK_RV;
+    // SAFETY: the symbol has this signature; the library stays loaded, and
+    // the status is plain data for which all-zero is valid.
+    unsafe {
+        let get = ha()
+            .library
+            .get::<GetGroupStatus>(b"PKCS11HA_GetGroupStatus\0")
+            .expect("PKCS11HA_GetGroupStatus exported");
+        let mut status = std::mem::zeroed();
+        expect(
+            get(VIRTUAL_SLOT, &mut status),
+            CKR_OK,
+            "PKCS11HA_GetGroupStatus",
+        );
+        status
+    }
+}
+
+#[test]
+fn sessions_closed_under_running_signatures_crash_nothing_and_fault_no_member() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    const ROUNDS: usize = 15;
+    const SIGNERS: usize = 3;
+    let ctx = Ctx::started();
+    let api = ha();
+    for (kind, slot) in ctx.slots() {
+        // Keeps the login and the key for the whole test.
+        let keeper = user_session(api, slot);
+        let (_, key) = ec_key_pair(api, keeper);
+        for round in 0..ROUNDS {
+            let sessions: Vec<CK_SESSION_HANDLE> =
+                (0..SIGNERS).map(|_| open_session(api, slot)).collect();
+            let signed = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for &session in &sessions {
+                    let signed = &signed;
+                    scope.spawn(move || {
+                        let digest = [0x5au8; 32];
+                        loop {
+                            let mut mech = mechanism(CKM_ECDSA);
+                            let rv = ck!(api, C_SignInit(session, &mut mech, key));
+                            if rv == CKR_SESSION_HANDLE_INVALID {
+                                return;
+                            }
+                            expect(rv, CKR_OK, &format!("C_SignInit on the {kind} slot"));
+                            let mut signature = [0u8; 64];
+                            let mut signature_len = len(signature.len());
+                            let rv = ck!(
+                                api,
+                                C_Sign(
+                                    session,
+                                    digest.as_ptr() as *mut _,
+                                    len(digest.len()),
+                                    signature.as_mut_ptr(),
+                                    &mut signature_len
+                                )
+                            );
+                            if rv == CKR_SESSION_HANDLE_INVALID {
+                                return;
+                            }
+                            expect(rv, CKR_OK, &format!("C_Sign on the {kind} slot"));
+                            signed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+                // Close only once every signer is well under way.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while signed.load(Ordering::Relaxed) < 4 * SIGNERS {
+                    assert!(Instant::now() < deadline, "the signers never got going");
+                    std::thread::yield_now();
+                }
+                for &session in &sessions {
+                    expect(
+                        ck!(api, C_CloseSession(session)),
+                        CKR_OK,
+                        &format!(
+                            "C_CloseSession under a running C_Sign, {kind} slot, round {round}"
+                        ),
+                    );
+                }
+            });
+        }
+        if slot == VIRTUAL_SLOT {
+            let status = group_status();
+            for member in &status.members[..status.memberCount as usize] {
+                assert_eq!(
+                    (member.state, member.lastFault, member.consecutiveFailures),
+                    (pkcs11_ha::state_api::PKCS11HA_STATE_UP, CKR_OK, 0),
+                    "a member was taken for faulty after sessions were closed under its calls"
+                );
+            }
+        }
+        // The keeper still works: nothing else was closed with them.
+        let mut mech = mechanism(CKM_ECDSA);
+        expect(
+            ck!(api, C_SignInit(keeper, &mut mech, key)),
+            CKR_OK,
+            &format!("C_SignInit on the keeper session, {kind} slot"),
+        );
+    }
+}
