@@ -1695,12 +1695,26 @@ fn invalid_object_handles() {
         "a destroyed private key",
     ];
 
-    // Pass-through: exactly what SoftHSM says.
+    // Pass-through: what SoftHSM says, except that a key the *Init calls
+    // cannot use is CKR_KEY_HANDLE_INVALID, as the specification requires
+    // (SoftHSM says CKR_OBJECT_HANDLE_INVALID).
+    let as_key = |rv| {
+        if rv == CKR_OBJECT_HANDLE_INVALID {
+            CKR_KEY_HANDLE_INVALID
+        } else {
+            rv
+        }
+    };
     let session = user_session(api, ctx.passthrough_slot());
     let answers = invalid_object_answers(api, session);
     for ((case, ours), theirs) in cases.iter().zip(answers).zip(softhsm_answers) {
+        let spec = ObjectAnswers {
+            sign_init: as_key(theirs.sign_init),
+            encrypt_init: as_key(theirs.encrypt_init),
+            ..theirs
+        };
         assert_eq!(
-            ours, theirs,
+            ours, spec,
             "pass-through slot, {case}: ours vs SoftHSM directly"
         );
     }

@@ -21,6 +21,7 @@ macro_rules! keyed_init {
                     Target::PassThrough(p) => {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                         check(member_call!(p.library, $name(p.handle, mechanism, key)))
+                            .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                     Target::Virtual(v) => {
                         let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism, k));
@@ -206,7 +207,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_DigestKey(p.handle, key)))
+                check(member_call!(p.library, C_DigestKey(p.handle, key))).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
         }
@@ -378,6 +379,7 @@ cryptoki_fn! {
                     p.library,
                     C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
                 ))
+                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 if v.group.objects.get(wrapping_key).is_none() {
@@ -419,6 +421,7 @@ cryptoki_fn! {
                     p.library,
                     C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
                 ))
+                .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 // SAFETY: `template` is null only with a zero count (checked
@@ -474,6 +477,7 @@ cryptoki_fn! {
                     p.library,
                     C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
                 ))
+                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 // Some mechanisms (TLS key-and-MAC derivation) return their
