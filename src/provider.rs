@@ -240,9 +240,7 @@ pub fn finalize() -> Result<()> {
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
     }
-    for session in provider.sessions.drain() {
-        close_session_members(&session, provider.member_timeout);
-    }
+    close_session_members(&provider.sessions.drain(), provider.member_timeout);
     for group in &provider.groups {
         group.login.lock().take();
         // Imported key values waiting for members that were down are
@@ -566,7 +564,7 @@ impl Provider {
 
     pub fn close_session(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
         let session = self.sessions.remove(handle)?;
-        close_session_members(&session, self.member_timeout);
+        close_session_members(std::slice::from_ref(&session), self.member_timeout);
         self.after_session_closed(&session);
         Ok(())
     }
@@ -578,9 +576,10 @@ impl Provider {
             // on the same token are left alone.
             library.slot_info(slot)?;
         }
-        for session in self.sessions.remove_slot(slot_id) {
-            close_session_members(&session, self.member_timeout);
-            self.after_session_closed(&session);
+        let sessions = self.sessions.remove_slot(slot_id);
+        close_session_members(&sessions, self.member_timeout);
+        for session in &sessions {
+            self.after_session_closed(session);
         }
         Ok(())
     }
@@ -758,24 +757,32 @@ fn domain_labels(config: &Config) -> Vec<String> {
     labels
 }
 
-/// Closes the member sessions behind an application session, once no call
-/// is inside them any more; calls still inside after `bound` (a member
-/// that hangs) keep them open, since closing a session under a running
-/// call crashes SoftHSM.
-fn close_session_members(session: &Session, bound: Duration) {
-    if !session.gate.close(bound) {
-        eprintln!(
-            "pkcs11-ha: session {} closed while calls were still inside a member after {} ms; its member sessions are left open",
-            session.handle,
-            bound.as_millis()
-        );
-        return;
+/// Closes the member sessions behind application sessions, once no call
+/// is inside them any more. New calls are refused on all of them first,
+/// then each is waited for, all within one `bound`; calls still inside a
+/// member after it (a member that hangs) keep that session's member
+/// sessions open, since closing a session under a running call crashes
+/// SoftHSM.
+fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
+    for session in sessions {
+        session.gate.close();
     }
-    match &session.target {
-        Target::PassThrough(p) => {
-            member_call!(p.library, C_CloseSession(p.handle));
+    let deadline = std::time::Instant::now() + bound;
+    for session in sessions {
+        if !session.gate.wait_idle(deadline) {
+            eprintln!(
+                "pkcs11-ha: session {} closed while calls were still inside a member after {} ms; its member sessions are left open",
+                session.handle,
+                bound.as_millis()
+            );
+            continue;
         }
-        Target::Virtual(v) => v.close(),
+        match &session.target {
+            Target::PassThrough(p) => {
+                member_call!(p.library, C_CloseSession(p.handle));
+            }
+            Target::Virtual(v) => v.close(),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The member session a virtual session holds on one member, readable on
 /// every call without a lock or a reference count: a sequence lock whose
@@ -323,11 +323,14 @@ impl CallGate {
         }
     }
 
-    /// Refuses new calls and waits up to `bound` for those under way;
-    /// false if some are still inside a member after it.
-    pub fn close(&self, bound: Duration) -> bool {
+    /// Refuses new calls from now on.
+    pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + bound;
+    }
+
+    /// Waits until `deadline` for the calls under way after
+    /// [`Self::close`]; false if some are still inside a member then.
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
         let mut idle = self.idle.lock();
         while self.calls.load(Ordering::SeqCst) != 0 {
             if self.went_idle.wait_until(&mut idle, deadline).timed_out() {
