@@ -2,7 +2,8 @@
 //! sequences with invalid arguments (NULL pointers with lengths, absurd
 //! lengths, malformed mechanism parameters and templates), stale and junk
 //! session and object handles, and sessions closed or logged out by another
-//! thread, against a two-member virtual slot and a pass-through slot. Each
+//! thread (and the library finalised and initialised again under running
+//! calls), against a two-member virtual slot and a pass-through slot. Each
 //! block of calls runs in a forked child, so that a crash or a hang is
 //! counted, not fatal; the figures are printed, and a crash, a hang or an
 //! answer PKCS#11 2.40 does not list for the function fails the test.
@@ -981,12 +982,20 @@ fn child(module: &Module, slots: &[CK_SLOT_ID], seed: u64, calls: u64, tally: &T
                         let sessions = sessions.lock().unwrap();
                         sessions[rng.below(sessions.len())]
                     };
-                    // SAFETY: session calls with no pointers.
+                    // SAFETY: calls with no pointers, or valid arguments.
                     unsafe {
-                        if rng.chance(80) {
-                            f.C_CloseSession.unwrap()(s);
-                        } else {
-                            f.C_Logout.unwrap()(s);
+                        match rng.below(100) {
+                            0..=74 => {
+                                f.C_CloseSession.unwrap()(s);
+                            }
+                            75..=94 => {
+                                f.C_Logout.unwrap()(s);
+                            }
+                            _ => {
+                                f.C_Finalize.unwrap()(ptr::null_mut());
+                                let mut args = init_args(CKF_OS_LOCKING_OK);
+                                f.C_Initialize.unwrap()(&mut args as *mut _ as *mut c_void);
+                            }
                         }
                     }
                 }
