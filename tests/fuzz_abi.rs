@@ -9,9 +9,11 @@
 //! answer PKCS#11 2.40 does not list for the function fails the test.
 //!
 //! `FUZZ_ABI_CALLS` (default 20000) sets the number of calls,
-//! `FUZZ_ABI_SEED` (default 1) the seed; the same seed replays the same
-//! calls. `FUZZ_ABI_SOFTHSM=1` also runs the driver against SoftHSM alone
-//! (its slot only), for comparison: its crashes are printed, not asserted.
+//! `FUZZ_ABI_SEED` (default 1) the seed; the same seed makes the same
+//! choices, though where another thread disturbs a block, the moment it
+//! does (and so the answers that follow) varies from run to run.
+//! `FUZZ_ABI_SOFTHSM=1` also runs the driver against SoftHSM alone (its
+//! slot only), for comparison: its crashes are printed, not asserted.
 //! `scripts/fuzz` runs 10^7 calls.
 
 mod common;
