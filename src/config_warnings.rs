@@ -44,8 +44,12 @@ pub fn ha_log_unwritable(config: &Config, directory: &std::path::Path, why: &std
 /// domain key: checked once the libraries are loaded.
 pub fn check_members(config: &Config, groups: &[Arc<Group>], libraries: &[Arc<MemberLibrary>]) {
     let names: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
+    // A library that failed or did not answer may hold the missing tokens:
+    // those members are left to recovery, and the HA log says so.
+    let all_answered = libraries.iter().all(|l| l.usable());
     for (group, settings) in groups.iter().zip(&config.groups) {
-        for member in group.members.iter().filter(|m| m.location().is_none()) {
+        let missing = group.members.iter().filter(|m| m.location().is_none());
+        for member in missing.filter(|_| all_answered) {
             let found = warning(
                 config,
                 VIRTUAL_TOKEN,

@@ -1,17 +1,21 @@
 //! The HA log: one line per group event (a member failed, a call failed
 //! over, a recovery attempt and its result, objects replicated or
-//! synchronised), in `haErrorLog.txt` under `haLogPath`, rotated by renaming
-//! with a timestamp once the file passes `logLen` bytes. It never records a
-//! PIN or key material, and a write that fails never fails the application's
-//! call.
+//! synchronised, the group without a serving member and back), in
+//! `haErrorLog.txt` under `haLogPath`, rotated by renaming with a timestamp
+//! once the file passes `logLen` bytes. An event that repeats (the same
+//! text but for its numbers, for the same member) is written
+//! [`REPEATS_WRITTEN`] times per [`REPEAT_WINDOW`], then once per window
+//! with how many like it were left out. It never records a PIN or key
+//! material, and a write that fails never fails the application's call.
 
 use crate::fork::PerGeneration;
 use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const FILE_NAME: &str = "haErrorLog.txt";
 
@@ -19,6 +23,81 @@ struct HaLog {
     path: PathBuf,
     max_len: u64,
     file: Mutex<Option<File>>,
+    repeats: Mutex<Repeats>,
+}
+
+/// How often an event may repeat within [`REPEAT_WINDOW`] before the rest
+/// are counted instead of written.
+pub const REPEATS_WRITTEN: u32 = 3;
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+/// Events remembered for repeats; past this, those whose window has ended
+/// are forgotten.
+const REPEATS_KEPT: usize = 1024;
+
+/// Recent events by (group, member, text with its numbers taken out).
+#[derive(Default)]
+struct Repeats {
+    seen: HashMap<(String, String, String), Window>,
+}
+
+struct Window {
+    started: Instant,
+    written: u32,
+    left_out: u64,
+}
+
+impl Repeats {
+    /// Whether to write an event now, and the note to add: how many like
+    /// it were left out since the last one written.
+    fn admit(&mut self, key: (String, String, String), now: Instant) -> Option<String> {
+        if self.seen.len() >= REPEATS_KEPT {
+            self.seen
+                .retain(|_, w| now.duration_since(w.started) < REPEAT_WINDOW);
+        }
+        let window = self.seen.entry(key).or_insert(Window {
+            started: now,
+            written: 0,
+            left_out: 0,
+        });
+        if now.duration_since(window.started) >= REPEAT_WINDOW {
+            let note = (window.left_out > 0).then(|| {
+                format!(
+                    " ({} more like this not written in the {} s before)",
+                    window.left_out,
+                    now.duration_since(window.started).as_secs()
+                )
+            });
+            *window = Window {
+                started: now,
+                written: 1,
+                left_out: 0,
+            };
+            return Some(note.unwrap_or_default());
+        }
+        if window.written < REPEATS_WRITTEN {
+            window.written += 1;
+            Some(String::new())
+        } else {
+            window.left_out += 1;
+            None
+        }
+    }
+}
+
+/// An event's text with every run of digits replaced by `#`, so that
+/// repeats that differ only in counts, sizes or durations are one event.
+fn without_numbers(event: &str) -> String {
+    let mut text = String::with_capacity(event.len());
+    for c in event.chars() {
+        if c.is_ascii_digit() {
+            if !text.ends_with('#') {
+                text.push('#');
+            }
+        } else {
+            text.push(c);
+        }
+    }
+    text
 }
 
 /// Per fork generation: a child never waits on a write its parent's
@@ -39,6 +118,7 @@ pub fn open(directory: &Path, max_len: u64) -> std::io::Result<()> {
         path,
         max_len,
         file: Mutex::new(file),
+        repeats: Mutex::new(Repeats::default()),
     });
     opened
 }
@@ -62,13 +142,23 @@ pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>
     let Some(log) = guard.as_ref() else {
         return;
     };
+    let member = member_serial.unwrap_or("-");
+    let key = (
+        group_serial.to_string(),
+        member.to_string(),
+        without_numbers(event),
+    );
+    let Some(note) = log.repeats.lock().admit(key, Instant::now()) else {
+        return;
+    };
     let line = format!(
-        "{} group={} serial={} member={} {}\n",
+        "{} group={} serial={} member={} {}{}\n",
         utc_timestamp(SystemTime::now()),
         group_label,
         group_serial,
-        member_serial.unwrap_or("-"),
-        event
+        member,
+        event,
+        note
     );
     let mut file = log.file.lock();
     if file.is_none() {
@@ -132,6 +222,34 @@ mod tests {
         assert_eq!(utc_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(utc_timestamp(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn repeats_are_written_a_few_times_per_window_then_counted() {
+        let mut repeats = Repeats::default();
+        let key = |text: &str| ("1abc".to_string(), "abc".to_string(), without_numbers(text));
+        let start = Instant::now();
+        let written: Vec<Option<String>> = (1..=5)
+            .map(|i| repeats.admit(key(&format!("recovery attempt {i}")), start))
+            .collect();
+        assert_eq!(
+            written,
+            [Some(""), Some(""), Some(""), None, None].map(|w| w.map(String::from))
+        );
+        assert_eq!(
+            repeats.admit(key("member recovered"), start),
+            Some(String::new()),
+            "another event is written"
+        );
+        let later = start + REPEAT_WINDOW;
+        assert_eq!(
+            repeats.admit(key("recovery attempt 6"), later).as_deref(),
+            Some(" (2 more like this not written in the 60 s before)")
+        );
+        assert_eq!(
+            without_numbers("token 8ca077b5 not found after 12 s"),
+            "token #ca#b# not found after # s"
+        );
     }
 
     #[test]

@@ -31,6 +31,27 @@ const FINGERPRINT: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_OBJECT_ID,
 ];
 
+/// The fingerprint without `CKA_CHECK_VALUE`, which costs a member that
+/// keeps objects encrypted (SoftHSM) one more decryption per object: what
+/// a search reads of every object it returns. It identifies an object
+/// unless another has the same label, ID and type; then the full
+/// fingerprint is read where the object is known.
+const LIGHT_FINGERPRINT: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_KEY_TYPE,
+    CKA_CERTIFICATE_TYPE,
+    CKA_TOKEN,
+    CKA_ID,
+    CKA_LABEL,
+    CKA_MODULUS,
+    CKA_PUBLIC_EXPONENT,
+    CKA_EC_POINT,
+    CKA_EC_PARAMS,
+    CKA_SERIAL_NUMBER,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+];
+
 /// Attributes whose value may be read for the fingerprint only when the
 /// object is not sensitive (certificates, data objects, public keys).
 const PUBLIC_VALUE: CK_ATTRIBUTE_TYPE = CKA_VALUE;
@@ -45,9 +66,32 @@ pub fn fingerprint(
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
 ) -> Option<Fingerprint> {
-    let mut print = match read_in_one_call(library, session, object) {
+    read_print(library, session, object, FINGERPRINT)
+}
+
+/// [`fingerprint`] without the check value (see [`LIGHT_FINGERPRINT`]).
+pub fn light_fingerprint(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+) -> Option<Fingerprint> {
+    read_print(library, session, object, LIGHT_FINGERPRINT)
+}
+
+/// Whether a fingerprint holds a check value (else it is a light one).
+pub fn has_check_value(print: &Fingerprint) -> bool {
+    print.iter().any(|(t, _)| *t == CKA_CHECK_VALUE)
+}
+
+fn read_print(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
+) -> Option<Fingerprint> {
+    let mut print = match read_in_one_call(library, session, object, types) {
         Some(print) => print,
-        None => read_attributes(library, session, object, FINGERPRINT)?,
+        None => read_attributes(library, session, object, types)?,
     };
     let class = print
         .iter()
@@ -100,11 +144,12 @@ fn read_in_one_call(
     library: &MemberLibrary,
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<Fingerprint> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        scratch.resize(FINGERPRINT.len() * ROOM, 0);
-        let mut query: Vec<CK_ATTRIBUTE> = FINGERPRINT
+        scratch.resize(types.len() * ROOM, 0);
+        let mut query: Vec<CK_ATTRIBUTE> = types
             .iter()
             .zip(scratch.chunks_mut(ROOM))
             .map(|(t, room)| CK_ATTRIBUTE {

@@ -9,8 +9,9 @@ use parking_lot::Mutex;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
 /// Calls one entry of a member's function table; a missing entry is
 /// `CKR_FUNCTION_NOT_SUPPORTED`, as the specification says of a NULL slot.
@@ -40,6 +41,13 @@ pub struct MemberLibrary {
     functions: CK_FUNCTION_LIST,
     /// True when our `C_Initialize` succeeded, so ours is the `C_Finalize`.
     initialized_by_us: Mutex<bool>,
+    /// Initialised (by us or before us) and not finalised since: only then
+    /// is the library called outside its initialisation.
+    usable: AtomicBool,
+    /// The thread of a [`Bounded`] job still in the library (0: none).
+    /// Nothing else starts a job on it, or initialises it, until that
+    /// thread has returned -- it may never.
+    job_thread: AtomicI32,
     /// Sockets the library opened while we initialised it: severing them is
     /// how a call stuck on a stalled network member is made to return.
     sockets: Mutex<Vec<SocketFd>>,
@@ -50,6 +58,9 @@ pub struct MemberLibrary {
     /// `cut_off` the one that was there when the connection was severed.
     calls_sent: AtomicU64,
     on_wire: AtomicU64,
+    /// The thread whose call is on the wire (0: none), so that severing
+    /// cuts the very socket it waits on.
+    wire_thread: AtomicI32,
     cut_off: AtomicU64,
     /// Counts `C_Initialize` calls: a session belongs to the connection it
     /// was opened on, and a reconnected library reuses session numbers.
@@ -94,7 +105,10 @@ pub fn forget_cut_off() {
     CUT_OFF.set(false);
 }
 
-fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
+/// Runs `call` with `SIGPIPE` blocked in this thread, consuming one it
+/// raised, so that a write to a dead connection cannot end an application
+/// that keeps the default disposition.
+pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
     // SAFETY: signal-set manipulation on local values and this thread's
     // mask only.
     unsafe {
@@ -153,6 +167,27 @@ fn socket_inode(fd: i32) -> Option<u64> {
         .ok()
 }
 
+/// Runs `f` with the variables of `libraries`' environments on which they
+/// agree set in the process, then restores them: the environment in
+/// effect while several libraries initialise at once. A variable two
+/// libraries set differently is left as it is (each library had its own
+/// value while its function list was obtained, which is when p11-kit's
+/// client reads its server address). Callers hold the provider's
+/// lifecycle lock.
+pub fn with_common_environment<T>(libraries: &[Arc<MemberLibrary>], f: impl FnOnce() -> T) -> T {
+    let mut common: Vec<(String, String)> = Vec::new();
+    let mut conflicting: Vec<String> = Vec::new();
+    for (key, value) in libraries.iter().flat_map(|l| l.environment.iter()) {
+        match common.iter().find(|(k, _)| k == key) {
+            Some((_, v)) if v != value => conflicting.push(key.clone()),
+            Some(_) => {}
+            None => common.push((key.clone(), value.clone())),
+        }
+    }
+    common.retain(|(k, _)| !conflicting.contains(k));
+    with_environment(&common, f)
+}
+
 /// Runs `f` with `environment` set in the process, then restores it.
 /// Only for the application's own `C_Initialize` (callers hold the
 /// provider's lifecycle lock) and the CLI: `setenv` while another thread
@@ -206,19 +241,24 @@ impl MemberLibrary {
                 path.display()
             ));
         }
-        let table = with_environment(environment, || Self::function_table(&library))
-            .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
+        let table = with_environment(environment, || {
+            with_sigpipe_blocked(|| Self::function_table(&library))
+        })
+        .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
         Ok(MemberLibrary {
             name: name.to_string(),
             path: path.to_path_buf(),
             environment: environment.to_vec(),
             functions: table,
             initialized_by_us: Mutex::new(false),
+            usable: AtomicBool::new(false),
+            job_thread: AtomicI32::new(0),
             sockets: Mutex::new(Vec::new()),
             networked: std::sync::atomic::AtomicBool::new(false),
             network_calls: Mutex::new(()),
             calls_sent: AtomicU64::new(0),
             on_wire: AtomicU64::new(0),
+            wire_thread: AtomicI32::new(0),
             cut_off: AtomicU64::new(0),
             connection: AtomicU64::new(1),
             _library: library,
@@ -303,10 +343,19 @@ impl MemberLibrary {
         }
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.on_wire.store(number, Ordering::Relaxed);
+        self.wire_thread.store(this_thread(), Ordering::Relaxed);
         let result = with_sigpipe_blocked(call);
+        self.wire_thread.store(0, Ordering::Relaxed);
         self.on_wire.store(0, Ordering::Relaxed);
         CUT_OFF.set(self.cut_off.load(Ordering::Relaxed) == number);
         result
+    }
+
+    /// The number of the call on the wire now (0: none), for the watchdog:
+    /// the same number there too long is a stalled connection, whichever
+    /// call it is (a slot listing as much as an operation).
+    pub fn call_on_wire(&self) -> u64 {
+        self.on_wire.load(Ordering::Relaxed)
     }
 
     /// Whether the library talks to a server (see [`Self::shielded`]); only
@@ -325,6 +374,14 @@ impl MemberLibrary {
         self.initialize_with(&self.environment)
     }
 
+    /// [`Self::initialize`] in the process environment as it is (see
+    /// [`with_common_environment`]).
+    pub fn initialize_in_this_environment(&self) -> Result<()> {
+        self.initialize_with(&[])
+    }
+
+    /// `SIGPIPE` is blocked around the call whatever the library is:
+    /// whether it talks to a server is known only once it has.
     fn initialize_with(&self, environment: &[(String, String)]) -> Result<()> {
         let mut args = CK_C_INITIALIZE_ARGS {
             CreateMutex: None,
@@ -334,13 +391,16 @@ impl MemberLibrary {
             flags: CKF_OS_LOCKING_OK,
             pReserved: ptr::null_mut(),
         };
+        self.usable.store(false, Ordering::Release);
         let before = open_sockets();
         self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(environment, || {
-            member_call!(
-                self,
-                C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
-            )
+            with_sigpipe_blocked(|| {
+                member_call!(
+                    self,
+                    C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
+                )
+            })
         });
         let opened: Vec<SocketFd> = open_sockets()
             .into_iter()
@@ -352,21 +412,88 @@ impl MemberLibrary {
             .fetch_or(!opened.is_empty(), Ordering::Relaxed);
         *self.sockets.lock() = opened;
         let mut ours = self.initialized_by_us.lock();
-        match rv {
+        let outcome = match rv {
             CKR_OK => {
                 *ours = true;
                 Ok(())
             }
             CKR_CRYPTOKI_ALREADY_INITIALIZED => Ok(()),
             rv => Err(Error::new(rv)),
-        }
+        };
+        self.usable.store(outcome.is_ok(), Ordering::Release);
+        outcome
     }
 
     /// Finalises the library if, and only if, we initialised it.
     pub fn finalize(&self) {
         let mut ours = self.initialized_by_us.lock();
         if std::mem::take(&mut *ours) {
-            member_call!(self, C_Finalize(ptr::null_mut()));
+            self.usable.store(false, Ordering::Release);
+            with_sigpipe_blocked(|| member_call!(self, C_Finalize(ptr::null_mut())));
+        }
+    }
+
+    /// Whether the library may be called: it is initialised and no
+    /// initialisation of ours is under way or stuck.
+    pub fn usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
+    }
+
+    /// Whether a [`Bounded`] job has yet to return from the library.
+    pub fn job_running(&self) -> bool {
+        self.job_thread.load(Ordering::Acquire) != 0
+    }
+
+    /// Starts `job` on the library in a thread of its own (with `SIGPIPE`
+    /// blocked), to be waited for with a deadline ([`Bounded::finish`]);
+    /// `None` while an earlier job has not returned. A job that misses its
+    /// deadline is abandoned, never joined: the library is not called
+    /// again until it returns.
+    pub fn start_bounded<T: Send + 'static>(
+        self: &Arc<Self>,
+        job: impl FnOnce(&MemberLibrary) -> T + Send + 'static,
+    ) -> Option<Bounded<T>> {
+        // A placeholder until the thread knows its own id.
+        const STARTING: i32 = -1;
+        self.job_thread
+            .compare_exchange(0, STARTING, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        let (answer, answered) = mpsc::sync_channel(1);
+        let calls_sent = self.calls_sent.load(Ordering::Relaxed);
+        let library = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("pkcs11-ha-{}", self.name))
+            .spawn(move || {
+                library.job_thread.store(this_thread(), Ordering::Release);
+                let result = with_sigpipe_blocked(|| job(&library));
+                library.job_thread.store(0, Ordering::Release);
+                let _ = answer.send(result);
+            });
+        if spawned.is_err() {
+            self.job_thread.store(0, Ordering::Release);
+            return None;
+        }
+        Some(Bounded {
+            library: Arc::clone(self),
+            answered,
+            answer: Cell::new(None),
+            calls_sent,
+        })
+    }
+
+    /// Shuts down the socket a stuck job's thread is blocked on, so that
+    /// its call returns with an error instead of never (a library that
+    /// hangs in process has none, and its thread stays where it is).
+    fn sever_job(&self) -> bool {
+        let tid = self.job_thread.load(Ordering::Acquire);
+        if tid <= 0 {
+            return false;
+        }
+        match blocked_socket(tid) {
+            // SAFETY: shutdown on a descriptor that is a socket the job's
+            // thread is waiting on; it neither closes nor frees anything.
+            Some(fd) => unsafe { libc::shutdown(fd, libc::SHUT_RDWR) == 0 },
+            None => false,
         }
     }
 
@@ -391,11 +518,25 @@ impl MemberLibrary {
         self.initialize_with(&[])
     }
 
-    /// Shuts down the sockets the library opened, so that a call stuck on
-    /// a stalled server returns with an error instead of never.
+    /// Shuts down the library's connection, so that a call stuck on a
+    /// stalled server returns with an error instead of never: the socket
+    /// the call on the wire waits on (none if that call is not waiting on
+    /// a socket: it is running, and returns by itself), else, with no call
+    /// on the wire, the sockets the library opened while we initialised it
+    /// (libraries initialised at once may have opened some of each other's
+    /// meanwhile, so those are only a fallback).
     pub fn sever(&self) -> usize {
         self.cut_off
             .store(self.on_wire.load(Ordering::Relaxed), Ordering::Relaxed);
+        let waiting = self.wire_thread.load(Ordering::Relaxed);
+        if waiting != 0 {
+            return match blocked_socket(waiting) {
+                // SAFETY: shutdown on a socket the library's call waits on;
+                // it neither closes nor frees anything.
+                Some(fd) => usize::from(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0),
+                None => 0,
+            };
+        }
         let sockets = self.sockets.lock().clone();
         sockets
             .iter()
@@ -484,6 +625,168 @@ impl MemberLibrary {
         ))?;
         Ok(info)
     }
+}
+
+/// Initialises each of `libraries` in a thread of its own and then runs
+/// `then` on each that initialised, waiting for each at most `timeout` from
+/// its start. They start one after another while each answers within a
+/// head start (a tenth of `timeout`, between 20 ms and 0.5 s), and at once
+/// past that: a library that does not answer delays the next by that head
+/// start only, while libraries that answer are never initialised at the
+/// same time (SoftHSM, which several entries may reach, can crash when
+/// initialised from several threads at once). Runs with the variables the
+/// libraries' environments agree on set ([`with_common_environment`]);
+/// callers hold the provider's lifecycle lock, or are the CLI. Without
+/// `threads` (the application forbade them), each is initialised in this
+/// thread, one after another, with no deadline.
+pub fn initialize_each<T: Send + 'static>(
+    libraries: &[Arc<MemberLibrary>],
+    timeout: std::time::Duration,
+    threads: bool,
+    then: impl Fn(&MemberLibrary) -> T + Send + Sync + 'static,
+) -> Vec<std::result::Result<Result<T>, Silent>> {
+    if !threads {
+        return libraries
+            .iter()
+            .map(|library| {
+                Ok(library
+                    .initialize()
+                    .map(|()| with_sigpipe_blocked(|| then(library))))
+            })
+            .collect();
+    }
+    let head_start = (timeout / 10).clamp(
+        std::time::Duration::from_millis(20),
+        std::time::Duration::from_millis(500),
+    );
+    let then = Arc::new(then);
+    with_common_environment(libraries, || {
+        let mut jobs = Vec::with_capacity(libraries.len());
+        for library in libraries {
+            let then = Arc::clone(&then);
+            let started = Instant::now();
+            let job = library.start_bounded(move |library| {
+                library.initialize_in_this_environment()?;
+                Ok(then(library))
+            });
+            if let Some(job) = &job {
+                job.wait_until(started + head_start);
+            }
+            jobs.push((job, started + timeout));
+        }
+        // The environment stays until every library has answered or its
+        // deadline passed: a library reads it during its C_Initialize.
+        jobs.into_iter()
+            .map(|(job, deadline)| job.ok_or(Silent)?.finish(deadline, timeout))
+            .collect()
+    })
+}
+
+/// A job started by [`MemberLibrary::start_bounded`].
+pub struct Bounded<T> {
+    library: Arc<MemberLibrary>,
+    answered: mpsc::Receiver<T>,
+    answer: Cell<Option<T>>,
+    /// The library's count of calls sent when the job started: a job whose
+    /// calls keep being answered is slow, not silent.
+    calls_sent: u64,
+}
+
+/// A library that did not answer by its deadline.
+#[derive(Debug)]
+pub struct Silent;
+
+impl<T> Bounded<T> {
+    /// Waits for the job's result until `deadline` at most, keeping it for
+    /// [`Self::finish`].
+    pub fn wait_until(&self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(result) = self.answered.recv_timeout(left) {
+            self.answer.set(Some(result));
+        }
+    }
+
+    /// The job's result, or [`Silent`] if it has none by `deadline` and
+    /// the library has answered none of its calls for `patience` (a
+    /// networked library's calls are counted; one answering each call in
+    /// time is slow, not silent, and is waited for). Then the socket the
+    /// job's thread waits on, if any, is shut down so that it returns soon,
+    /// and it is left to finish on its own.
+    pub fn finish(
+        self,
+        deadline: Instant,
+        patience: std::time::Duration,
+    ) -> std::result::Result<T, Silent> {
+        let (mut deadline, mut seen) = (deadline, self.calls_sent);
+        loop {
+            if let Some(result) = self.answer.take() {
+                return Ok(result);
+            }
+            self.wait_until(deadline);
+            if let Some(result) = self.answer.take() {
+                return Ok(result);
+            }
+            let sent = self.library.calls_sent.load(Ordering::Relaxed);
+            if sent == seen {
+                self.library.sever_job();
+                return Err(Silent);
+            }
+            (deadline, seen) = (Instant::now() + patience, sent);
+        }
+    }
+}
+
+/// This thread's id (never cached: a child after `fork` has new ones).
+fn this_thread() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// The socket a thread of this process is blocked on, from the system call
+/// it is in (`/proc/self/task/TID/syscall`: its number, then its arguments
+/// in hex): the descriptor of a read, write, send, receive or connect, or
+/// of a `poll` on one descriptor.
+fn blocked_socket(tid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    let mut fields = text.split_whitespace();
+    let number: libc::c_long = fields.next()?.parse().ok()?;
+    let mut argument = || u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok();
+    let first = argument()?;
+    let fd = match number {
+        libc::SYS_read
+        | libc::SYS_readv
+        | libc::SYS_recvfrom
+        | libc::SYS_recvmsg
+        | libc::SYS_write
+        | libc::SYS_writev
+        | libc::SYS_sendto
+        | libc::SYS_sendmsg
+        | libc::SYS_connect => first as i32,
+        number if is_poll(number) && argument()? == 1 => polled_descriptor(first)?,
+        _ => return None,
+    };
+    socket_inode(fd).map(|_| fd)
+}
+
+/// Whether a system call number is `poll` or `ppoll` (`poll` exists only
+/// on some architectures).
+fn is_poll(number: libc::c_long) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if number == libc::SYS_poll {
+        return true;
+    }
+    number == libc::SYS_ppoll
+}
+
+/// The descriptor of the one `pollfd` at `address`, read through
+/// `/proc/self/mem` so that an address no longer mapped is an error, not a
+/// crash.
+fn polled_descriptor(address: u64) -> Option<i32> {
+    use std::os::unix::fs::FileExt;
+    let memory = std::fs::File::open("/proc/self/mem").ok()?;
+    let mut fd = [0u8; 4];
+    memory.read_exact_at(&mut fd, address).ok()?;
+    Some(i32::from_ne_bytes(fd))
 }
 
 /// A token's serial number as text, without the padding blanks.

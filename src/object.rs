@@ -167,6 +167,17 @@ impl ObjectTable {
         }
     }
 
+    /// Keeps a fuller fingerprint of an object in place of the one kept.
+    pub fn replace_fingerprint(
+        &self,
+        handle: CK_OBJECT_HANDLE,
+        print: crate::identity::Fingerprint,
+    ) {
+        if let Some(object) = self.maps.write().objects.get_mut(&handle) {
+            object.fingerprint = Some(std::sync::Arc::new(print));
+        }
+    }
+
     /// Whether an object's fingerprint is kept.
     pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
         self.maps

@@ -11,7 +11,7 @@ use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
-use crate::member::{padded_to_string, string_to_padded, MemberLibrary};
+use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
 use crate::recovery::{self, Workers};
 use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
@@ -36,6 +36,10 @@ pub struct Provider {
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
     pub member_timeout: Duration,
+    /// False when the application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`:
+    /// then no call into a member runs in a thread of ours, nor has a
+    /// deadline.
+    pub threads_allowed: bool,
     /// Groups (by index in `groups`) whose returning members are compared
     /// with the group and given what they lack.
     synchronized: Vec<bool>,
@@ -201,7 +205,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
             config_warnings::ha_log_unwritable(&config, directory, &why);
         }
     }
-    let mut provider = Provider::start(&config).map_err(report_config_error)?;
+    let mut provider = Provider::start(&config, threads_allowed).map_err(report_config_error)?;
     config_warnings::check_members(&config, &provider.groups, &provider.libraries);
     let recovery_on = config.recovery.attempts != 0;
     if !threads_allowed && recovery_on {
@@ -288,8 +292,62 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
     Ok(library)
 }
 
+/// Initialises the libraries, each in a thread of its own, and finds their
+/// tokens (serial -> where), each within one `memberTimeout` (see
+/// [`initialize_each`]): a library that has not answered by then is left to
+/// background recovery with its tokens down, so N silent members cost one
+/// `memberTimeout` (and a head start each), not N, and the healthy ones
+/// serve at once.
+fn find_tokens(
+    libraries: &[Arc<MemberLibrary>],
+    member_timeout: Duration,
+    threads_allowed: bool,
+) -> HashMap<String, Location> {
+    let answers = initialize_each(libraries, member_timeout, threads_allowed, tokens_of);
+    let mut found: HashMap<String, Location> = HashMap::new();
+    for (library, answer) in libraries.iter().zip(answers) {
+        match answer {
+            Ok(Ok(tokens)) => {
+                for (serial, slot) in tokens {
+                    found.entry(serial).or_insert(Location {
+                        library: Arc::clone(library),
+                        slot,
+                    });
+                }
+            }
+            Ok(Err(e)) => eprintln!(
+                "pkcs11-ha: library {} ({}) failed C_Initialize with {}; its tokens are down",
+                library.name,
+                library.path.display(),
+                crate::error::rv_name(e.rv)
+            ),
+            Err(Silent) => eprintln!(
+                "pkcs11-ha: library {} ({}) did not answer within memberTimeout ({} ms); \
+                 its tokens are down until recovery reaches it",
+                library.name,
+                library.path.display(),
+                member_timeout.as_millis()
+            ),
+        }
+    }
+    found
+}
+
+/// The serials of a library's tokens and their slots.
+fn tokens_of(library: &MemberLibrary) -> Vec<(String, CK_SLOT_ID)> {
+    library
+        .token_slots()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|slot| {
+            let info = library.token_info(slot).ok()?;
+            Some((padded_to_string(&info.serialNumber), slot))
+        })
+        .collect()
+}
+
 impl Provider {
-    fn start(config: &Config) -> std::result::Result<Provider, ConfigError> {
+    fn start(config: &Config, threads_allowed: bool) -> std::result::Result<Provider, ConfigError> {
         let mut libraries = Vec::with_capacity(config.libraries.len());
         for entry in &config.libraries {
             let library = load_library(entry).map_err(|problem| ConfigError {
@@ -300,27 +358,9 @@ impl Provider {
             })?;
             libraries.push(library);
         }
-        let mut found: HashMap<String, Location> = HashMap::new();
-        for library in &libraries {
-            if let Err(e) = library.initialize() {
-                eprintln!(
-                    "pkcs11-ha: library {} ({}) failed C_Initialize with {}; its tokens are down",
-                    library.name,
-                    library.path.display(),
-                    crate::error::rv_name(e.rv)
-                );
-                continue;
-            }
-            for slot in library.token_slots().unwrap_or_default() {
-                if let Ok(info) = library.token_info(slot) {
-                    let serial = padded_to_string(&info.serialNumber);
-                    found.entry(serial).or_insert(Location {
-                        library: Arc::clone(library),
-                        slot,
-                    });
-                }
-            }
-        }
+        let member_timeout = Duration::from_millis(config.member_timeout_ms);
+        let found = find_tokens(&libraries, member_timeout, threads_allowed);
+        let some_library_unanswered = libraries.iter().any(|l| !l.usable());
         let groups = config
             .groups
             .iter()
@@ -342,8 +382,16 @@ impl Provider {
                     },
                 );
                 for member in &group.members {
-                    if let Some(location) = found.get(&member.serial) {
-                        group.attach(member.position, location.clone());
+                    match found.get(&member.serial) {
+                        Some(location) => group.attach(member.position, location.clone()),
+                        // Where every library answered, the configuration
+                        // warnings say the serial is nowhere.
+                        None if some_library_unanswered => group.log(
+                            Some(member.position),
+                            "not found at start (a library failed or did not answer); \
+                             recovery looks for it",
+                        ),
+                        None => {}
                     }
                 }
                 Arc::new(group)
@@ -360,7 +408,8 @@ impl Provider {
                 interval: Duration::from_secs(config.recovery.interval_secs),
                 mode: config.recovery.mode,
             },
-            member_timeout: Duration::from_millis(config.member_timeout_ms),
+            member_timeout,
+            threads_allowed,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
             inline_recovery_due_ms: None,
@@ -401,10 +450,12 @@ impl Provider {
                     .ok_or(Error::new(CKR_SLOT_ID_INVALID))?
             }
         };
-        Ok(Slot::PassThrough(
-            Arc::clone(&self.libraries[library]),
-            member_slot,
-        ))
+        let library = &self.libraries[library];
+        // A library that has not answered its initialisation is not called.
+        if !library.usable() {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        Ok(Slot::PassThrough(Arc::clone(library), member_slot))
     }
 
     /// Every library's slots, as pass-through slot IDs.
@@ -413,6 +464,7 @@ impl Provider {
             .libraries
             .iter()
             .enumerate()
+            .filter(|(_, library)| library.usable())
             .flat_map(|(position, library)| {
                 library
                     .slot_list(CK_BBOOL::from(token_present))

@@ -1,30 +1,38 @@
 //! Bringing failed members back, and noticing members that hang.
 //!
-//! The recovery thread probes failed members every `AutoReconnectInterval`
-//! seconds, at most `reconnAtt` times each (-1: forever). Recovering a
-//! member means: reconnect its library if the connection is gone (only when
-//! no healthy member shares that library), find its token again, log it in,
-//! replay the changes it missed, copy what it lacks (`[HASynchronize]`),
-//! reopen member sessions behind open virtual sessions (`activeEnhanced`),
-//! and only then -- with nothing left queued for it -- put it back in the
-//! rotation. A member that may still make an object it was cut off making
-//! is left out until it has, or has had time to.
+//! The recovery thread looks at failed members every
+//! `AutoReconnectInterval` seconds and starts an attempt for each, at most
+//! `reconnAtt` times each (-1: forever), each member in a thread of its
+//! own, so that one member's reconnect never delays another's. Recovering
+//! a member means: find its token again -- initialising its library again
+//! if it is not initialised (a failed `C_Initialize` is only "not yet"), or
+//! reconnecting it if its connection is gone and no healthy member shares
+//! that library -- within one `memberTimeout`, then log it in, replay the
+//! changes it missed, copy what it lacks (`[HASynchronize]`), reopen member
+//! sessions behind open virtual sessions (`activeEnhanced`), and only then
+//! -- with nothing left queued for it -- put it back in the rotation. That
+//! second part runs for one member of a group at a time; the watchdog cuts
+//! off any of its calls that hangs. A member that may still make an object
+//! it was cut off making is left out until it has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
-//! completes none for `memberTimeout`, and severs its library's connection
-//! so that the stuck calls return and fail over. It never calls a member.
+//! completes none for `memberTimeout`, or whose library has had one call on
+//! the wire that long, and severs its library's connection so that the
+//! stuck calls return and fail over. It also says in the HA
+//! log when a group has no member serving, how long that lasts, and when
+//! it serves again. It never calls a member.
 
 use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::group::{Group, Location, MemberState};
 use crate::identity;
-use crate::member::member_call;
+use crate::member::{member_call, MemberLibrary, Silent};
 use crate::provider::Provider;
 use crate::replication::{Holdings, Pending};
 use crate::session::Target;
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +53,9 @@ pub struct Workers {
 struct Shared {
     flags: Mutex<Flags>,
     wake: Condvar,
+    /// Per group: held while a member of it is brought up to date, so that
+    /// one group's members replay one at a time.
+    groups: Vec<Mutex<()>>,
 }
 
 impl Shared {
@@ -71,12 +82,18 @@ struct Flags {
     stop_recovery: bool,
     stop_watchdog: bool,
     recovery_done: bool,
+    /// Members (group, position) with an attempt under way.
+    attempts: HashSet<(usize, usize)>,
 }
 
 impl Workers {
     /// Starts the watchdog, and the recovery thread unless recovery is off.
     pub fn start(provider: Weak<Provider>, recovery_on: bool) -> std::io::Result<Workers> {
-        let shared = Arc::new(Shared::default());
+        let groups = provider.upgrade().map_or(0, |p| p.groups.len());
+        let shared = Arc::new(Shared {
+            groups: (0..groups).map(|_| Mutex::new(())).collect(),
+            ..Shared::default()
+        });
         let recovery = if recovery_on {
             let (p, s) = (provider.clone(), Arc::clone(&shared));
             Some(
@@ -101,7 +118,7 @@ impl Workers {
         })
     }
 
-    /// Stops the recovery thread, waiting at most `limit` for an attempt
+    /// Stops the recovery thread, waiting at most `limit` for the attempts
     /// under way; a thread still stuck on a member after that is left to
     /// finish on its own.
     pub fn stop_recovery(&mut self, limit: Duration) {
@@ -109,7 +126,7 @@ impl Workers {
         flags.stop_recovery = true;
         self.shared.wake.notify_all();
         let deadline = Instant::now() + limit;
-        while !flags.recovery_done {
+        while !flags.recovery_done || !flags.attempts.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             let timed_out;
             (flags, timed_out) = self.shared.sleep(flags, left);
@@ -152,19 +169,54 @@ fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
             }
         }
         let Some(p) = provider.upgrade() else { break };
-        recover_failed_members(&p);
+        start_attempts(&p, &provider, &shared);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
 }
 
+/// Starts an attempt, in a thread of its own, for every failed member that
+/// has none under way.
+fn start_attempts(provider: &Provider, weak: &Weak<Provider>, shared: &Arc<Shared>) {
+    for (g, group) in provider.groups.iter().enumerate() {
+        for member in &group.members {
+            let key = (g, member.position);
+            if member.state() != MemberState::Down || !shared.flags().attempts.insert(key) {
+                continue;
+            }
+            let (weak, shared_for_thread) = (weak.clone(), Arc::clone(shared));
+            let spawned = std::thread::Builder::new()
+                .name(format!("pkcs11-ha-recover-{}", member.serial))
+                .spawn(move || {
+                    if let Some(p) = weak.upgrade() {
+                        attempt(
+                            &p,
+                            &p.groups[key.0],
+                            key.1,
+                            shared_for_thread.groups.get(key.0),
+                        );
+                    }
+                    shared_for_thread.flags().attempts.remove(&key);
+                    shared_for_thread.wake.notify_all();
+                });
+            if spawned.is_err() {
+                shared.flags().attempts.remove(&key);
+            }
+        }
+    }
+}
+
 fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
     let mut progress: HashMap<(usize, usize), (u64, Instant)> = HashMap::new();
+    let mut on_wire: HashMap<usize, (u64, Instant)> = HashMap::new();
+    let mut outages: HashMap<usize, Outage> = HashMap::new();
     loop {
         let Some(p) = provider.upgrade() else { break };
         let timeout = p.member_timeout;
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         check_for_stalls(&p, timeout, &mut progress);
+        check_for_stalled_connections(&p, timeout, &mut on_wire);
+        report_outages(&p, &mut outages, Instant::now());
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
@@ -172,6 +224,61 @@ fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
         }
         if flags.stop_watchdog {
             break;
+        }
+    }
+}
+
+/// How often the HA log repeats that a group still has no member serving.
+const OUTAGE_SUMMARY: Duration = Duration::from_secs(60);
+
+/// A group without a serving member: since when, and when the HA log last
+/// said so.
+struct Outage {
+    since: Instant,
+    reported: Instant,
+}
+
+/// Says in the HA log when a group has no member serving,
+/// every [`OUTAGE_SUMMARY`] while that lasts, and when it serves again and
+/// after how long: the operator's view of the group as a whole.
+fn report_outages(provider: &Provider, outages: &mut HashMap<usize, Outage>, now: Instant) {
+    for (g, group) in provider.groups.iter().enumerate() {
+        let serving = group.up_members().next().is_some();
+        match (serving, outages.get_mut(&g)) {
+            (false, None) => {
+                outages.insert(
+                    g,
+                    Outage {
+                        since: now,
+                        reported: now,
+                    },
+                );
+                group.log(
+                    None,
+                    "no member serving: calls on the group fail until a member returns",
+                );
+            }
+            (false, Some(outage)) if now.duration_since(outage.reported) >= OUTAGE_SUMMARY => {
+                outage.reported = now;
+                group.log(
+                    None,
+                    &format!(
+                        "still no member serving after {} s",
+                        now.duration_since(outage.since).as_secs()
+                    ),
+                );
+            }
+            (true, Some(outage)) => {
+                group.log(
+                    None,
+                    &format!(
+                        "serving again after {:.1} s without a serving member",
+                        now.duration_since(outage.since).as_secs_f64()
+                    ),
+                );
+                outages.remove(&g);
+            }
+            _ => {}
         }
     }
 }
@@ -213,46 +320,103 @@ fn check_for_stalls(
     }
 }
 
-/// One recovery pass over every failed member of every group.
+/// Cuts the connection of a networked library that has had one call on the
+/// wire for `timeout`, and takes out the members on it: calls outside any
+/// member's count (slot and token listings, pass-through calls) must not
+/// wait on a silent server either.
+fn check_for_stalled_connections(
+    provider: &Provider,
+    timeout: Duration,
+    seen: &mut HashMap<usize, (u64, Instant)>,
+) {
+    let now = Instant::now();
+    for (i, library) in provider.libraries.iter().enumerate() {
+        let call = library.call_on_wire();
+        let first = seen.entry(i).or_insert((call, now));
+        if call == 0 || first.0 != call {
+            *first = (call, now);
+            continue;
+        }
+        if now.duration_since(first.1) < timeout {
+            continue;
+        }
+        *first = (call, now);
+        library.sever();
+        for group in &provider.groups {
+            for member in &group.members {
+                let on_library = member
+                    .location()
+                    .is_some_and(|l| Arc::ptr_eq(&l.library, library));
+                if on_library && member.reachable() {
+                    group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
+                    group.log(
+                        Some(member.position),
+                        &format!(
+                            "library {} answered nothing for {} ms; connection cut",
+                            library.name,
+                            timeout.as_millis()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One recovery pass over every failed member of every group, one after
+/// another: recovery during calls, for applications that forbid threads.
 pub fn recover_failed_members(provider: &Provider) {
     for group in &provider.groups {
         for member in &group.members {
-            if member.state() != MemberState::Down {
-                continue;
+            if member.state() == MemberState::Down {
+                attempt(provider, group, member.position, None);
             }
-            let attempts = provider.recovery.attempts;
-            let made = member
-                .recovery_attempts
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if attempts >= 0 && made >= attempts as u64 {
-                continue;
+        }
+    }
+}
+
+/// One recovery attempt for a failed member, if `reconnAtt` allows one
+/// more; `one_at_a_time` is held while the member is brought up to date.
+fn attempt(
+    provider: &Provider,
+    group: &Arc<Group>,
+    position: usize,
+    one_at_a_time: Option<&Mutex<()>>,
+) {
+    let member = &group.members[position];
+    if member.state() != MemberState::Down {
+        return;
+    }
+    let attempts = provider.recovery.attempts;
+    let made = member
+        .recovery_attempts
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if attempts >= 0 && made >= attempts as u64 {
+        return;
+    }
+    group.log(Some(position), &format!("recovery attempt {}", made + 1));
+    match recover(provider, group, position, one_at_a_time) {
+        Ok(copied) => {
+            group.objects.retry_absent();
+            group.log(
+                Some(position),
+                &format!("member recovered; {copied} objects replicated or synchronised"),
+            );
+        }
+        Err(setback) => {
+            if member.state() == MemberState::Recovering {
+                member.set_state(MemberState::Down);
             }
-            let position = member.position;
-            group.log(Some(position), &format!("recovery attempt {}", made + 1));
-            match recover(provider, group, position) {
-                Ok(copied) => {
-                    group.objects.retry_absent();
-                    group.log(
-                        Some(position),
-                        &format!("member recovered; {copied} objects replicated or synchronised"),
-                    );
+            let event = match setback {
+                Setback::Failed(why) => format!("recovery failed: {why}"),
+                Setback::Waiting(why) => {
+                    member
+                        .recovery_attempts
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    format!("recovery waits: {why}")
                 }
-                Err(setback) => {
-                    if member.state() == MemberState::Recovering {
-                        member.set_state(MemberState::Down);
-                    }
-                    let event = match setback {
-                        Setback::Failed(why) => format!("recovery failed: {why}"),
-                        Setback::Waiting(why) => {
-                            member
-                                .recovery_attempts
-                                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                            format!("recovery waits: {why}")
-                        }
-                    };
-                    group.log(Some(position), &event);
-                }
-            }
+            };
+            group.log(Some(position), &event);
         }
     }
 }
@@ -284,8 +448,15 @@ impl From<String> for Setback {
 }
 
 /// Brings one member back; returns how many objects it received.
-fn recover(provider: &Provider, group: &Arc<Group>, position: usize) -> Result<usize, Setback> {
+fn recover(
+    provider: &Provider,
+    group: &Arc<Group>,
+    position: usize,
+    one_at_a_time: Option<&Mutex<()>>,
+) -> Result<usize, Setback> {
     let location = find_token(provider, group, position)?;
+    let _one_member_at_a_time =
+        one_at_a_time.map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
     group.forget_handles(position);
     group.relocate(position, location);
     group.members[position].begin_recovery();
@@ -391,8 +562,14 @@ fn settle_in_doubt(
     Ok(())
 }
 
-/// Finds the member's token: on its library, reconnected if its connection
-/// is gone and no healthy member depends on it, or on any other library.
+/// Finds the member's token: on its library, or on another (one serving
+/// healthy members, or for a member never found, any library no other
+/// failed member is on), each asked within one `memberTimeout` (where the
+/// application allows threads) --
+/// initialised first if it is not (its last
+/// `C_Initialize` failed or never answered), or reconnected if its
+/// connection is gone and no healthy member depends on it. A library whose
+/// last call has not returned is not called.
 fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Location, String> {
     let serial = &group.members[position].serial;
     let known = group.members[position].location();
@@ -401,27 +578,71 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
         libraries.retain(|l| !Arc::ptr_eq(l, &loc.library));
         libraries.insert(0, Arc::clone(&loc.library));
     }
+    let this_member = &group.members[position];
+    let mut silent = Vec::new();
     for library in libraries {
-        if let Some(slot) = token_slot(&library, serial) {
-            return Ok(Location { library, slot });
+        let on_library = |m: &Arc<crate::group::Member>| {
+            m.location()
+                .is_some_and(|l| Arc::ptr_eq(&l.library, &library))
+        };
+        let members = || provider.groups.iter().flat_map(|g| g.members.iter());
+        let shared_with_healthy = members().any(|m| m.reachable() && on_library(m));
+        let own = known
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.library, &library));
+        let anothers_recovery =
+            members().any(|m| !Arc::ptr_eq(m, this_member) && !m.reachable() && on_library(m));
+        // Another library is asked only where that is quick and disturbs no
+        // other member's recovery: one serving healthy members, or, for a
+        // member never found, one no other failed member is on.
+        if !own && !shared_with_healthy && (known.is_some() || anothers_recovery) {
+            continue;
         }
-        let shared_with_healthy = provider.groups.iter().any(|g| {
-            g.members.iter().any(|m| {
-                m.reachable()
-                    && m.location()
-                        .is_some_and(|l| Arc::ptr_eq(&l.library, &library))
-            })
-        });
-        if library.initialized_by_us() && !shared_with_healthy && library.reinitialize().is_ok() {
-            if let Some(slot) = token_slot(&library, serial) {
-                return Ok(Location { library, slot });
+        let may_reconnect =
+            !library.usable() || (library.initialized_by_us() && !shared_with_healthy);
+        let wanted = serial.clone();
+        let job = move |library: &MemberLibrary| {
+            if library.usable() {
+                if let Some(slot) = token_slot(library, &wanted) {
+                    return Some(slot);
+                }
+            }
+            if !may_reconnect || library.reinitialize().is_err() {
+                return None;
+            }
+            token_slot(library, &wanted)
+        };
+        let answer = if provider.threads_allowed {
+            let Some(job) = library.start_bounded(job) else {
+                silent.push(format!("{} (its last call has not returned)", library.name));
+                continue;
+            };
+            job.finish(
+                Instant::now() + provider.member_timeout,
+                provider.member_timeout,
+            )
+        } else {
+            Ok(job(&library))
+        };
+        match answer {
+            Ok(Some(slot)) => return Ok(Location { library, slot }),
+            Ok(None) => {}
+            Err(Silent) => {
+                silent.push(format!("{} (no answer within memberTimeout)", library.name))
             }
         }
     }
-    Err(format!("token {serial} not found"))
+    if silent.is_empty() {
+        Err(format!("token {serial} not found"))
+    } else {
+        Err(format!(
+            "token {serial} not found; not answering: {}",
+            silent.join(", ")
+        ))
+    }
 }
 
-fn token_slot(library: &crate::member::MemberLibrary, serial: &str) -> Option<CK_SLOT_ID> {
+fn token_slot(library: &MemberLibrary, serial: &str) -> Option<CK_SLOT_ID> {
     library.token_slots().ok()?.into_iter().find(|slot| {
         library
             .token_info(*slot)

@@ -949,7 +949,7 @@ impl VirtualSession {
             Some(print) => (*print).clone(),
             None => self
                 .on_member(member, |s| {
-                    identity::fingerprint(&s.library, s.handle, handle)
+                    identity::light_fingerprint(&s.library, s.handle, handle)
                 })
                 .ok()??,
         };

@@ -868,9 +868,16 @@ impl VirtualSession {
                 let Some(print) = self.fingerprint_of(object) else {
                     return Ok(None);
                 };
-                let Ok(found) = self.group.look_up(position, &print) else {
+                let Ok(mut found) = self.group.look_up(position, &print) else {
                     return Ok(None);
                 };
+                if found.len() > 1 && !identity::has_check_value(&print) {
+                    // A light fingerprint named more than one object: the
+                    // check value may tell them apart.
+                    if let Some(full) = self.full_fingerprint(object) {
+                        found = self.group.look_up(position, &full).unwrap_or_default();
+                    }
+                }
                 let presence = match found.as_slice() {
                     [one] => Presence::Present(*one),
                     _ => Presence::Absent,
@@ -905,6 +912,28 @@ impl VirtualSession {
             if let Ok(Some(print)) = read {
                 self.group.objects.set_fingerprint(object, print);
                 return self.group.objects.get(object)?.fingerprint;
+            }
+        }
+        None
+    }
+
+    /// The object's full fingerprint (with its check value), read from a
+    /// serving member that knows the object, and kept.
+    fn full_fingerprint(&self, object: CK_OBJECT_HANDLE) -> Option<identity::Fingerprint> {
+        let entry = self.group.objects.get(object)?;
+        let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
+            Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
+            _ => None,
+        });
+        for (source, handle) in sources {
+            let read = self.on_member(source, |s| {
+                identity::fingerprint(&s.library, s.handle, handle)
+            });
+            if let Ok(Some(print)) = read {
+                self.group
+                    .objects
+                    .replace_fingerprint(object, print.clone());
+                return Some(print);
             }
         }
         None

@@ -113,7 +113,11 @@ fn is_rv(result: cryptoki::error::Result<impl std::fmt::Debug>, rv: RvError) -> 
 #[test]
 fn forwards_and_shows_only_its_token() {
     let setup = Setup::new();
+    assert_eq!(setup.member.initializing_thread(), 0, "not initialised yet");
     let pkcs11 = start(&setup.member.path);
+    // SAFETY: gettid has no preconditions.
+    let this_thread = unsafe { libc::gettid() };
+    assert_eq!(setup.member.initializing_thread(), this_thread);
     let slot = only_slot(&pkcs11);
     let info = pkcs11.get_token_info(slot).expect("C_GetTokenInfo");
     assert_eq!(info.serial_number(), setup.serial);

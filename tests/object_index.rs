@@ -38,6 +38,11 @@ fn keys_found_after_a_restart_serve_from_every_member() {
     }
     fixture.finalize().unwrap();
     initialize(&fixture.pkcs11).expect("C_Initialize again");
+    check_after_restart(&fixture);
+    fixture.finalize().unwrap();
+}
+
+fn check_after_restart(fixture: &Fixture) {
     let session = fixture.user_session();
     let keys = session
         .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
@@ -90,4 +95,54 @@ fn keys_found_after_a_restart_serve_from_every_member() {
             first
         );
     }
+}
+
+#[test]
+fn keys_that_share_label_and_id_are_never_confused() {
+    let mut fixture = Fixture::group(2);
+    {
+        let session = fixture.user_session();
+        for _ in 0..2 {
+            session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::ValueLen(16.into()),
+                        Attribute::Token(true),
+                        Attribute::Label(b"twin".to_vec()),
+                        Attribute::Id(vec![2]),
+                        Attribute::Encrypt(true),
+                    ],
+                )
+                .unwrap();
+        }
+    }
+    fixture.finalize().unwrap();
+    initialize(&fixture.pkcs11).expect("C_Initialize again");
+    check_twins(&fixture);
+    fixture.finalize().unwrap();
+}
+
+fn check_twins(fixture: &Fixture) {
+    let session = fixture.user_session();
+    let twins = session
+        .find_objects(&[Attribute::Label(b"twin".to_vec())])
+        .unwrap();
+    assert_eq!(twins.len(), 2);
+    let results: Vec<Vec<u8>> = twins
+        .iter()
+        .map(|key| {
+            let first = session
+                .encrypt(&Mechanism::AesEcb, *key, &[0u8; 16])
+                .unwrap();
+            for _ in 0..6 {
+                let again = session
+                    .encrypt(&Mechanism::AesEcb, *key, &[0u8; 16])
+                    .unwrap();
+                assert_eq!(again, first, "a handle always names the same key");
+            }
+            first
+        })
+        .collect();
+    assert_ne!(results[0], results[1], "two keys, two answers");
 }

@@ -229,10 +229,17 @@ fn an_idle_application_still_gets_its_members_back() {
     );
 }
 
+/// Without threads, members are initialised in the application's own
+/// thread and recovered during its calls.
 #[test]
 fn without_threads_recovery_runs_during_calls() {
     let flags = CInitializeFlags::OS_LOCKING_OK | CInitializeFlags::LIBRARY_CANT_CREATE_OS_THREADS;
     let group = Group::start("AutoReconnectInterval = 1", flags);
+    // SAFETY: gettid has no preconditions.
+    let this_thread = unsafe { libc::gettid() };
+    for member in &group.members {
+        assert_eq!(member.initializing_thread(), this_thread);
+    }
     let session = group.session();
     let keys = ec_key(&session, b"inline");
     fail_member(&group, &session, keys, 1);

@@ -19,10 +19,16 @@
 //! replicate (README, "Known limits"); and since it forwards no AES
 //! mechanism parameters, AES runs as ECB.
 //!
-//! The chaos, every 1.5-4 s: SIGKILL of a member's `p11-kit` worker (a
-//! crash), SIGSTOP of it for 1-3 s (a hang: `memberTimeout` is 1 s), or the
-//! whole server killed and restarted 1-3 s later; always to a member that
-//! serves, and only while another member is surely up.
+//! Each member is reached through a fault relay (tests/common/relay.rs),
+//! as a network HSM is reached over a path. The chaos, every 1.5-4 s:
+//! SIGKILL of a member's `p11-kit` worker (a crash), SIGSTOP of it for
+//! 1-3 s (a hang: `memberTimeout` is 1 s), the whole server killed and
+//! restarted 1-3 s later (the relay still accepting meanwhile), a reset of
+//! the member's connections, or its path black-holed (accepting and never
+//! answering) or paused for 1-3 s; always to a member that serves, and
+//! only while another member is surely up. The summary gives the time from
+//! the end of each disturbance to the member serving again (p50, p99), and
+//! the time the group had no member serving.
 //!
 //! Owns: three token directories, their servers (through
 //! `tests/common/p11kit.rs`), the config and the HA log, all in a temp dir
@@ -31,6 +37,8 @@
 mod common;
 #[path = "common/p11kit.rs"]
 mod p11kit;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::collections::HashMap;
 use std::env;
@@ -52,6 +60,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use p11kit::P11KitServer;
 use pkcs11_ha::state_api::{PKCS11HA_GROUP_STATUS, PKCS11HA_STATE_UP};
+use relay::Relay;
 use sha2::{Digest as _, Sha256};
 
 /// Seconds of load and chaos.
@@ -274,11 +283,13 @@ fn describe(status: &PKCS11HA_GROUP_STATUS) -> String {
 // Members
 // ---------------------------------------------------------------------------
 
-/// One member: its token directory and, while it is up, its server.
+/// One member: its token directory, the relay in front of it and, while
+/// it is up, its server.
 struct Member {
     name: &'static str,
     hsm: SoftHsm,
     socket: PathBuf,
+    relay: Relay,
     server: Option<P11KitServer>,
 }
 
@@ -287,10 +298,13 @@ impl Member {
         let hsm = SoftHsm::new(&[name]);
         // Before the server (or anything else) opens the token.
         provision_domain(&hsm, &DOMAIN_VALUE);
+        let socket = dir.join(format!("{name}.sock"));
+        let relay = Relay::start(&dir.join(format!("{name}-relay.sock")), &socket);
         Member {
             name,
             hsm,
-            socket: dir.join(format!("{name}.sock")),
+            socket,
+            relay,
             server: None,
         }
     }
@@ -326,9 +340,9 @@ fn config_text(members: &[Member], log_dir: &Path) -> String {
     for m in members {
         writeln!(
             s,
-            "{}.P11_KIT_SERVER_ADDRESS = unix:path={}",
+            "{}.P11_KIT_SERVER_ADDRESS = {}",
             m.name,
-            m.socket.display()
+            m.relay.address()
         )
         .unwrap();
     }
@@ -732,6 +746,9 @@ enum Action {
     KillWorker,
     Stall,
     RestartServer,
+    Reset,
+    Blackhole,
+    Pause,
 }
 
 /// What the chaos is doing to one member.
@@ -741,6 +758,10 @@ struct Disturbance {
     stalled: Option<(Instant, Vec<u32>)>,
     /// The server is down until then.
     down_until: Option<Instant>,
+    /// The relay is black-holed or paused until then.
+    path_until: Option<Instant>,
+    /// When the last disturbance ended, until the member serves again.
+    ended: Option<Instant>,
     /// `callsServed` when the last disturbance ended; `None` if never
     /// disturbed.
     served_at_end: Option<u64>,
@@ -748,7 +769,7 @@ struct Disturbance {
 
 impl Disturbance {
     fn active(&self) -> bool {
-        self.stalled.is_some() || self.down_until.is_some()
+        self.stalled.is_some() || self.down_until.is_some() || self.path_until.is_some()
     }
 }
 
@@ -760,8 +781,15 @@ struct ChaosCounts {
     /// Events that found no worker to kill or stop (the member had no
     /// connection at that moment).
     no_worker: u64,
+    resets: u64,
+    blackholes: u64,
+    pauses: u64,
     /// How long events waited for a member they may disturb.
     waited: Duration,
+    /// From the end of each disturbance to the member serving again.
+    returns: Vec<Duration>,
+    /// Time with no member serving.
+    outage: Duration,
     /// Up -> not up transitions seen through the state API, per member.
     failovers: [u64; 3],
 }
@@ -782,6 +810,7 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
     let mut dist: Vec<Disturbance> = (0..members.len()).map(|_| Disturbance::default()).collect();
     let mut was_up = [true; 3];
     let mut next_event = Instant::now() + rng.millis(CHAOS_GAP_MS);
+    let mut last_tick = Instant::now();
     while !run.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let status = run.state.group();
@@ -791,7 +820,16 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
                 counts.failovers[i] += 1;
             }
             *up = is_up;
+            if is_up && !dist[i].active() {
+                if let Some(ended) = dist[i].ended.take() {
+                    counts.returns.push(now.duration_since(ended));
+                }
+            }
         }
+        if !was_up.iter().any(|up| *up) {
+            counts.outage += now.duration_since(last_tick);
+        }
+        last_tick = now;
         for (i, d) in dist.iter_mut().enumerate() {
             let served = status.members[i].callsServed;
             if let Some((until, pids)) = &d.stalled {
@@ -806,7 +844,15 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
                 members[i].start();
                 d.down_until = None;
                 d.served_at_end = Some(served);
+                d.ended = Some(now);
                 run.chaos_event(i, "server restarted".into());
+            }
+            if d.path_until.is_some_and(|until| until <= now) {
+                members[i].relay.pass();
+                d.path_until = None;
+                d.served_at_end = Some(served);
+                d.ended = Some(now);
+                run.chaos_event(i, "path answers again".into());
             }
         }
         if now >= next_event {
@@ -817,10 +863,13 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
                     && d.served_at_end
                         .is_none_or(|then| m.callsServed >= then + PROVEN_CALLS)
             };
-            let action = match rng.below(3) {
+            let action = match rng.below(6) {
                 0 => Action::KillWorker,
                 1 => Action::Stall,
-                _ => Action::RestartServer,
+                2 => Action::RestartServer,
+                3 => Action::Reset,
+                4 => Action::Blackhole,
+                _ => Action::Pause,
             };
             let first = rng.below(members.len() as u64) as usize;
             let target = (0..members.len())
@@ -842,6 +891,7 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
                     );
                     if !dist[t].active() {
                         dist[t].served_at_end = Some(run.state.group().members[t].callsServed);
+                        dist[t].ended = Some(Instant::now());
                     }
                     next_event = now + rng.millis(CHAOS_GAP_MS);
                 }
@@ -862,6 +912,10 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
             members[i].start();
             run.chaos_event(i, "server restarted (end of run)".into());
         }
+        if d.path_until.take().is_some() {
+            members[i].relay.pass();
+            run.chaos_event(i, "path answers again (end of run)".into());
+        }
     }
     counts
 }
@@ -877,6 +931,25 @@ fn disturb(
 ) {
     let server = member.server.as_ref().expect("an undisturbed member runs");
     match action {
+        Action::Reset => {
+            member.relay.reset();
+            counts.resets += 1;
+            run.chaos_event(i, "connections reset".into());
+        }
+        Action::Blackhole | Action::Pause => {
+            let outage = rng.millis(OUTAGE_MS);
+            let what = if action == Action::Blackhole {
+                member.relay.blackhole();
+                counts.blackholes += 1;
+                "black-holed"
+            } else {
+                member.relay.pause();
+                counts.pauses += 1;
+                "paused"
+            };
+            run.chaos_event(i, format!("path {what} for {} ms", outage.as_millis()));
+            d.path_until = Some(Instant::now() + outage);
+        }
         Action::KillWorker => {
             let killed = server.kill_workers();
             if killed.is_empty() {
@@ -1244,14 +1317,32 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         which.map_or("-".into(), |(op, at)| format!("{op:?} at {}", secs(at)))
     );
     println!(
-        "chaos               {} worker kills, {} stalls, {} server restarts, {} without a worker; \
-         events waited {} for a member to disturb",
+        "chaos               {} worker kills, {} stalls, {} server restarts, {} resets, \
+         {} black holes, {} pauses, {} without a worker; events waited {} for a member to disturb",
         counts.kills,
         counts.stalls,
         counts.restarts,
+        counts.resets,
+        counts.blackholes,
+        counts.pauses,
         counts.no_worker,
         secs(counts.waited)
     );
+    let mut returns = counts.returns.clone();
+    returns.sort();
+    let percentile = |p: usize| {
+        returns
+            .get((returns.len() * p / 100).min(returns.len().saturating_sub(1)))
+            .map_or("-".into(), |d| secs(*d))
+    };
+    println!(
+        "back in service     {} returns: p50 {}, p99 {}, max {}",
+        returns.len(),
+        percentile(50),
+        percentile(99),
+        returns.last().map_or("-".into(), |d| secs(*d))
+    );
+    println!("no member serving   {}", secs(counts.outage));
     println!(
         "failovers           {} (state API, up -> down per member: {:?})",
         counts.failovers.iter().sum::<u64>(),
@@ -1332,7 +1423,19 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
             key_problems.len()
         ));
     }
-    if counts.kills + counts.stalls + counts.restarts == 0 && duration >= Duration::from_secs(10) {
+    if counts.outage > Duration::ZERO {
+        verdict.push(format!(
+            "no member served for {} although the chaos always left one alone",
+            secs(counts.outage)
+        ));
+    }
+    let events = counts.kills
+        + counts.stalls
+        + counts.restarts
+        + counts.resets
+        + counts.blackholes
+        + counts.pauses;
+    if events == 0 && duration >= Duration::from_secs(10) {
         verdict.push("the chaos did nothing".into());
     }
     drop((failures, chaos_log));

@@ -140,6 +140,11 @@ impl FaultyMember {
         }
     }
 
+    /// The thread id of the last caller of `C_Initialize` (0: none yet).
+    pub fn initializing_thread(&self) -> i32 {
+        self.control::<extern "C" fn() -> i32>("faulty_initializing_thread")()
+    }
+
     /// The most calls served at once since the last reset.
     pub fn max_concurrent(&self) -> u32 {
         self.control::<extern "C" fn() -> u32>("faulty_max_concurrent")()

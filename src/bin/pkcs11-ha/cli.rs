@@ -25,6 +25,10 @@ pub struct Cli {
     /// Print the result as JSON on standard output
     #[arg(long, global = true)]
     pub json: bool,
+    /// Milliseconds to wait for a member library to initialise and list its tokens; one that
+    /// has not answered by then is shown as not answering
+    #[arg(long, global = true, value_name = "MS", default_value_t = 10_000)]
+    pub timeout: u64,
     #[command(subcommand)]
     pub command: Command,
 }

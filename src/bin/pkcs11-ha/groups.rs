@@ -1115,7 +1115,7 @@ pub fn views<'m>(
             note: None,
         };
         let Some(token) = members.by_serial(serial) else {
-            status.note = Some("not found in any configured library".into());
+            status.note = Some(members.not_found_note());
             statuses.push(status);
             continue;
         };

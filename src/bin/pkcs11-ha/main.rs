@@ -138,6 +138,7 @@ impl Ctx {
 }
 
 fn run(cli: Cli) -> Res<ExitCode> {
+    p11::set_timeout(std::time::Duration::from_millis(cli.timeout));
     let ctx = Ctx {
         config_path: cli.config.clone().unwrap_or_else(Config::locate),
         json: cli.json,

@@ -4,12 +4,14 @@
 //! PKCS#11 calls the CLI makes. Never logs a PIN or key material.
 
 use std::ptr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cryptoki_sys::*;
 use pkcs11_ha::config::Config;
 use pkcs11_ha::error::rv_name;
 use pkcs11_ha::identity::{self, Fingerprint};
-use pkcs11_ha::member::{padded_to_string, MemberLibrary};
+use pkcs11_ha::member::{initialize_each, padded_to_string, MemberLibrary, Silent};
 use zeroize::Zeroizing;
 
 /// Calls one entry of a member's function table; a missing entry is
@@ -35,10 +37,21 @@ pub fn ck(rv: CK_RV) -> Result<(), CK_RV> {
     }
 }
 
+/// How long the CLI waits for a member library to initialise and list its
+/// tokens before it counts that library as not answering.
+static TIMEOUT: Mutex<Duration> = Mutex::new(Duration::from_secs(10));
+
+/// Sets the bound of [`Members::open`] (`--timeout`).
+pub fn set_timeout(timeout: Duration) {
+    *TIMEOUT.lock().unwrap_or_else(|p| p.into_inner()) = timeout;
+}
+
 /// One configured library, loaded and initialised, or why not.
 pub struct Loaded {
     pub name: String,
-    pub library: Result<MemberLibrary, String>,
+    pub library: Result<Arc<MemberLibrary>, String>,
+    /// Its tokens, read once within the bound.
+    tokens: Vec<TokenRef>,
 }
 
 /// Every configured library. Finalises the ones it initialised on drop.
@@ -68,29 +81,63 @@ impl TokenRef {
 }
 
 impl Members {
-    /// Loads and initialises every library of `config`. A library that
-    /// fails is kept with its reason, so its tokens show as down.
+    /// Loads every library of `config`, then initialises them all at once
+    /// and reads their tokens, waiting at most the `--timeout` bound: a
+    /// library that fails, or has not answered by then, is kept with its
+    /// reason, so its tokens show as down, and is not called again.
     pub fn open(config: &Config) -> Members {
-        let libraries = config
+        let timeout = *TIMEOUT.lock().unwrap_or_else(|p| p.into_inner());
+        // Each library applies its [LibraryEnvironment] settings while its
+        // function list is obtained.
+        let loaded: Vec<Result<Arc<MemberLibrary>, String>> = config
             .libraries
             .iter()
             .map(|entry| {
-                // The library applies its [LibraryEnvironment] settings
-                // while its function list is obtained.
-                let library = MemberLibrary::load(&entry.name, &entry.path, &entry.environment)
-                    .and_then(|library| {
-                        library.initialize().map_err(|e| {
-                            format!(
-                                "C_Initialize of {} returned {}",
-                                entry.path.display(),
-                                rv_name(e.rv)
-                            )
-                        })?;
-                        Ok(library)
-                    });
+                MemberLibrary::load(&entry.name, &entry.path, &entry.environment).map(Arc::new)
+            })
+            .collect();
+        let usable: Vec<Arc<MemberLibrary>> = loaded.iter().flatten().cloned().collect();
+        let mut answers = initialize_each(&usable, timeout, true, tokens_of).into_iter();
+        let answers: Vec<_> = loaded
+            .iter()
+            .map(|library| library.as_ref().ok().and(answers.next()))
+            .collect();
+        let libraries = config
+            .libraries
+            .iter()
+            .zip(loaded)
+            .zip(answers)
+            .enumerate()
+            .map(|(index, ((entry, library), answer))| {
+                let (library, tokens) = match (library, answer) {
+                    (Err(why), _) => (Err(why), Vec::new()),
+                    (Ok(library), Some(Ok(Ok(tokens)))) => (Ok(library), tokens),
+                    (Ok(_), Some(Ok(Err(e)))) => (
+                        Err(format!(
+                            "C_Initialize of {} returned {}",
+                            entry.path.display(),
+                            rv_name(e.rv)
+                        )),
+                        Vec::new(),
+                    ),
+                    (Ok(_), Some(Err(Silent)) | None) => (
+                        Err(format!(
+                            "not answering: no answer from {} within {} ms (--timeout)",
+                            entry.path.display(),
+                            timeout.as_millis()
+                        )),
+                        Vec::new(),
+                    ),
+                };
+                let mut tokens = tokens;
+                for token in &mut tokens {
+                    token.library = index;
+                    token.library_name = entry.name.clone();
+                }
                 Loaded {
                     name: entry.name.clone(),
                     library,
+                    tokens,
                 }
             })
             .collect();
@@ -104,7 +151,8 @@ impl Members {
             .expect("a TokenRef names a loaded library")
     }
 
-    /// Libraries that could not be loaded or initialised: (name, reason).
+    /// Libraries that could not be loaded or initialised, or did not
+    /// answer: (name, reason).
     pub fn failures(&self) -> Vec<(&str, &str)> {
         self.libraries
             .iter()
@@ -117,33 +165,26 @@ impl Members {
             .collect()
     }
 
+    /// Why a member token was found in no library: where libraries failed
+    /// or did not answer, it may be in one of them.
+    pub fn not_found_note(&self) -> String {
+        let failed: Vec<&str> = self.failures().iter().map(|(name, _)| *name).collect();
+        if failed.is_empty() {
+            "not found in any configured library".into()
+        } else {
+            format!(
+                "not found; not answering or failed: library {}",
+                failed.join(", ")
+            )
+        }
+    }
+
     /// Every token present in every library, in library then slot order.
     pub fn tokens(&self) -> Vec<TokenRef> {
-        let mut tokens = Vec::new();
-        for (index, loaded) in self.libraries.iter().enumerate() {
-            let Ok(library) = &loaded.library else {
-                continue;
-            };
-            let Ok(slots) = library.token_slots() else {
-                continue;
-            };
-            for slot in slots {
-                let Ok(info) = library.token_info(slot) else {
-                    continue;
-                };
-                tokens.push(TokenRef {
-                    library: index,
-                    library_name: loaded.name.clone(),
-                    slot,
-                    serial: padded_to_string(&info.serialNumber),
-                    label: padded_to_string(&info.label),
-                    model: padded_to_string(&info.model),
-                    manufacturer: padded_to_string(&info.manufacturerID),
-                    flags: info.flags,
-                });
-            }
-        }
-        tokens
+        self.libraries
+            .iter()
+            .flat_map(|l| l.tokens.iter().cloned())
+            .collect()
     }
 
     /// The token with `serial` (the first library that shows it).
@@ -196,6 +237,30 @@ impl Drop for Members {
             }
         }
     }
+}
+
+/// A library's tokens (their library's position and name are filled in by
+/// the caller).
+fn tokens_of(library: &MemberLibrary) -> Vec<TokenRef> {
+    let Ok(slots) = library.token_slots() else {
+        return Vec::new();
+    };
+    slots
+        .into_iter()
+        .filter_map(|slot| {
+            let info = library.token_info(slot).ok()?;
+            Some(TokenRef {
+                library: 0,
+                library_name: String::new(),
+                slot,
+                serial: padded_to_string(&info.serialNumber),
+                label: padded_to_string(&info.label),
+                model: padded_to_string(&info.model),
+                manufacturer: padded_to_string(&info.manufacturerID),
+                flags: info.flags,
+            })
+        })
+        .collect()
 }
 
 /// A session on one member token; closed on drop (logging out first if

@@ -103,8 +103,20 @@ fn enter(name: &'static str) -> Result<(&'static Real, plan::Admission), CK_RV> 
     Ok((real()?, admission))
 }
 
+/// The thread that called `C_Initialize` last (0: none yet), so a test can
+/// tell whether the library under test initialised its members in the
+/// application's thread.
+static INITIALIZING_THREAD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+#[no_mangle]
+pub extern "C" fn faulty_initializing_thread() -> i32 {
+    INITIALIZING_THREAD.load(Ordering::SeqCst)
+}
+
 unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
     plan::count("C_Initialize");
+    // SAFETY: gettid has no preconditions.
+    INITIALIZING_THREAD.store(unsafe { libc::gettid() }, Ordering::SeqCst);
     guard(|| {
         let _init = INIT.lock();
         if INITIALIZED.load(Ordering::SeqCst) {

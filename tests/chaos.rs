@@ -1,0 +1,663 @@
+//! Chaos scenarios: SoftHSM members, each exported by a `p11-kit server`
+//! and reached through p11-kit's client and a fault relay
+//! (tests/common/relay.rs), the way a network HSM is reached over a path
+//! that can stall, drop and reset.
+//!
+//! Start-up bounds are correctness deadlines, not performance targets:
+//! `memberTimeout` plus a margin generous enough for a loaded machine.
+//! The times measured are printed (`--nocapture` shows them).
+
+mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
+#[path = "common/relay.rs"]
+mod relay;
+
+use common::*;
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::slot::Slot;
+use p11kit::P11KitServer;
+use pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS;
+use relay::Relay;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+/// `memberTimeout` of the scenarios, in ms.
+const MEMBER_TIMEOUT_MS: u64 = 1500;
+/// What a start-up may take beyond `memberTimeout` before the test calls
+/// it wrong. The target is 0.5 s; the rest is room for a loaded machine.
+const MARGIN: Duration = Duration::from_millis(2500);
+/// SHA-256 of "abc".
+const SHA256_ABC: [u8; 32] = [
+    0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23,
+    0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00, 0x15, 0xad,
+];
+
+fn member_timeout() -> Duration {
+    Duration::from_millis(MEMBER_TIMEOUT_MS)
+}
+
+/// One member: its token, its server, and the relay in front of it.
+/// Fields drop in order: the relay's connections close before the server
+/// dies, and the token directory goes last.
+struct Member {
+    relay: Relay,
+    /// `None` while killed.
+    server: Option<P11KitServer>,
+    hsm: SoftHsm,
+}
+
+impl Member {
+    fn socket(&self) -> PathBuf {
+        self.hsm.dir.path().join("server.sock")
+    }
+
+    fn server(&self) -> &P11KitServer {
+        self.server.as_ref().expect("the member's server runs")
+    }
+
+    /// Kills the server and its workers (`kill -9` of the whole member).
+    fn kill_server(&mut self) {
+        self.server.take();
+    }
+
+    /// Starts the server again on its socket.
+    fn restart_server(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let label = &self.hsm.tokens[0].label;
+        self.server = Some(P11KitServer::start(
+            SOFTHSM_LIB,
+            &self.hsm.conf,
+            label,
+            &self.socket(),
+        ));
+    }
+}
+
+/// A group of members reached only through their relays, with the HA log
+/// on. Not initialised until [`Chaos::start`].
+struct Chaos {
+    members: Vec<Member>,
+    config: PathBuf,
+    log_dir: PathBuf,
+    /// Finalised on drop if a test ended early, so that the next test can
+    /// initialise.
+    started: Option<Pkcs11>,
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Chaos {
+    fn new(n: usize) -> Chaos {
+        let guard = serial_guard();
+        // Library entries are loaded once per process, and p11-kit's client
+        // reads its server's address when loaded: a name of their own per
+        // group makes this group's entries new instances.
+        static GROUPS: AtomicUsize = AtomicUsize::new(0);
+        let group = GROUPS.fetch_add(1, Ordering::Relaxed);
+        let members: Vec<Member> = (0..n)
+            .map(|i| {
+                let label = format!("chaos{i}");
+                let hsm = SoftHsm::new(&[&label]);
+                provision_domain(&hsm, &DOMAIN_VALUE);
+                let dir = hsm.dir.path();
+                let server =
+                    P11KitServer::start(SOFTHSM_LIB, &hsm.conf, &label, &dir.join("server.sock"));
+                let relay = Relay::start(&dir.join("relay.sock"), &server.socket);
+                Member {
+                    relay,
+                    server: Some(server),
+                    hsm,
+                }
+            })
+            .collect();
+        let dir = members[0].hsm.dir.path().to_path_buf();
+        let log_dir = dir.join("halog");
+        std::fs::create_dir(&log_dir).unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("g{group}m{i}")).collect();
+        let client_module = p11kit::client_module();
+        let mut text = String::from("[Libraries]\n");
+        for name in &names {
+            text += &format!("{name} = {client_module}\n");
+        }
+        text += "\n[LibraryEnvironment]\n";
+        for (name, member) in names.iter().zip(&members) {
+            text += &format!(
+                "{name}.P11_KIT_SERVER_ADDRESS = {}\n",
+                member.relay.address()
+            );
+        }
+        let serials: Vec<String> = members
+            .iter()
+            .map(|m| m.hsm.tokens[0].serial.clone())
+            .collect();
+        text += &format!(
+            "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
+             \n[HAConfiguration]\nmemberTimeout = {MEMBER_TIMEOUT_MS}\nAutoReconnectInterval = 1\n\
+             haLogStatus = enabled\nhaLogPath = {}\n",
+            serials.join(","),
+            log_dir.display()
+        );
+        let config = dir.join("chaos.conf");
+        std::fs::write(&config, text).unwrap();
+        Chaos {
+            members,
+            config,
+            log_dir,
+            started: None,
+            _guard: guard,
+        }
+    }
+
+    /// Loads and initialises pkcs11-ha; returns it and how long
+    /// `C_Initialize` took.
+    fn start(&mut self) -> (Pkcs11, Duration) {
+        activate_config(&self.config);
+        let pkcs11 = load_ha();
+        let started = Instant::now();
+        initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
+        let took = started.elapsed();
+        self.started = Some(pkcs11.clone());
+        (pkcs11, took)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join("haErrorLog.txt")).unwrap_or_default()
+    }
+}
+
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        if let Some(pkcs11) = self.started.take() {
+            // Already finalised when the test ran to its end.
+            let _ = pkcs11.finalize();
+        }
+        std::env::remove_var(CONF_ENV);
+    }
+}
+
+/// What the application does first: list the slots, read the virtual
+/// token, open a session, log in, and digest. Returns how long each step
+/// had taken since `started`, by name.
+fn first_operation(pkcs11: &Pkcs11, started: Instant) -> Vec<(&'static str, Duration)> {
+    let mut times = Vec::new();
+    let slots = pkcs11.get_slots_with_token().expect("C_GetSlotList");
+    times.push(("C_GetSlotList", started.elapsed()));
+    let slot = Slot::try_from(0u64).unwrap();
+    assert!(
+        slots.contains(&slot),
+        "the virtual slot is listed: {slots:?}"
+    );
+    pkcs11.get_slot_info(slot).expect("C_GetSlotInfo");
+    let token = pkcs11.get_token_info(slot).expect("C_GetTokenInfo");
+    assert_eq!(token.label(), GROUP_LABEL);
+    times.push(("C_GetTokenInfo", started.elapsed()));
+    let session = user_session(pkcs11, slot);
+    times.push(("C_OpenSession+C_Login", started.elapsed()));
+    let digest = session
+        .digest(&Mechanism::Sha256, b"abc")
+        .expect("C_Digest");
+    assert_eq!(digest, SHA256_ABC);
+    times.push(("first C_Digest", started.elapsed()));
+    times
+}
+
+/// Starts the group with the members in `silent` black-holed (their relays
+/// accept and never answer) and checks that the first operation completes
+/// within one `memberTimeout` plus the margin.
+fn start_with_silent_members(n: usize, silent: &[usize]) {
+    let mut chaos = Chaos::new(n);
+    for &i in silent {
+        chaos.members[i].relay.blackhole();
+    }
+    let started = Instant::now();
+    let (pkcs11, init) = chaos.start();
+    let mut times = vec![("C_Initialize", init)];
+    times.extend(first_operation(&pkcs11, started));
+    eprintln!("{n} members, {} silent: {times:?}", silent.len());
+    let bound = member_timeout() + MARGIN;
+    for (step, took) in &times {
+        assert!(
+            *took < bound,
+            "{step} done {took:?} after start, beyond memberTimeout + margin ({bound:?})"
+        );
+    }
+    let log = chaos.log();
+    for &i in silent {
+        assert!(
+            chaos.members[i].relay.accepted() > 0,
+            "member {i} was asked at all"
+        );
+        let serial = &chaos.members[i].hsm.tokens[0].serial;
+        assert!(
+            log.lines()
+                .any(|l| l.contains(serial.as_str()) && l.contains("not found at start")),
+            "the HA log names the silent member {serial}: {log}"
+        );
+    }
+    pkcs11.finalize().unwrap();
+}
+
+#[test]
+fn starts_and_serves_with_one_member_silent() {
+    start_with_silent_members(3, &[1]);
+}
+
+/// Two silent members cost one `memberTimeout`, not two: members are
+/// initialised at once, each under its own deadline.
+#[test]
+fn starts_and_serves_with_all_but_one_member_silent() {
+    start_with_silent_members(3, &[0, 2]);
+}
+
+/// A C application that keeps `SIGPIPE` at its default disposition starts
+/// while a member's path accepts, greets and closes, so that the member
+/// library's first `C_Initialize` writes to a closed connection: the
+/// application lives, and the group starts without that member.
+#[test]
+fn a_member_closing_during_its_first_initialize_does_not_kill_a_c_application() {
+    let mut chaos = Chaos::new(2);
+    chaos.members[1].relay.accept_and_close();
+    let dir = chaos.members[0].hsm.dir.path().to_path_buf();
+    let program = build_c_program("startup_sigpipe", &dir);
+    let output = Command::new(&program)
+        .arg(library_path())
+        .env(CONF_ENV, &chaos.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the application ended with {}; it printed {stdout:?}, stderr {:?}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["initialize rv=0x0", "slots rv=0x0", "alive"]
+    );
+    assert!(
+        chaos.members[1].relay.accepted() > 0,
+        "the closing member was reached"
+    );
+}
+
+/// The CLI with one member silent: `slots`, `group list` and `status`
+/// answer within their `--timeout` plus the margin and show that library
+/// as not answering and the member as down because of it; `status` calls
+/// the group degraded (exit status 1).
+#[test]
+fn cli_answers_within_its_timeout_with_one_member_silent() {
+    let mut chaos = Chaos::new(2);
+    chaos.members[1].relay.blackhole();
+    let silent_serial = chaos.members[1].hsm.tokens[0].serial.clone();
+    let healthy_serial = chaos.members[0].hsm.tokens[0].serial.clone();
+    let timeout = MEMBER_TIMEOUT_MS.to_string();
+    let verbs: [(&[&str], i32); 3] = [
+        (&["slots"], 0),
+        (&["group", "list", "--no-login"], 0),
+        (&["status"], 1),
+    ];
+    for (verb, exit_status) in verbs {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_pkcs11-ha"))
+            .args(verb)
+            .args(["--timeout", &timeout, "--config"])
+            .arg(&chaos.config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!("pkcs11-ha {verb:?} with one member silent: {took:?}");
+        assert_eq!(
+            output.status.code(),
+            Some(exit_status),
+            "{verb:?}: {stdout}{stderr}"
+        );
+        assert!(
+            took < member_timeout() + MARGIN,
+            "{verb:?} took {took:?}, beyond --timeout + margin"
+        );
+        assert!(stdout.contains(&healthy_serial), "{verb:?}: {stdout}");
+        if verb[0] == "slots" {
+            assert!(
+                stderr.contains("not answering"),
+                "{verb:?} says which library is not answering: {stderr}"
+            );
+            assert!(!stdout.contains(&silent_serial), "{stdout}");
+        } else {
+            let row = stdout
+                .lines()
+                .find(|l| l.contains(&silent_serial) && !l.starts_with("Group"))
+                .unwrap_or_else(|| panic!("{verb:?}: no row for the silent member: {stdout}"));
+            assert!(
+                row.contains("down") && row.contains("not answering"),
+                "{verb:?}: {row}"
+            );
+        }
+        if verb[0] == "status" {
+            assert!(stdout.contains("degraded"), "{stdout}");
+        }
+    }
+}
+
+/// `PKCS11HA_GetGroupStatus` of group 0, through the exported symbol.
+fn group_status() -> PKCS11HA_GROUP_STATUS {
+    // SAFETY: the symbol has this signature; the library is loaded.
+    unsafe {
+        let library = libloading::Library::new(library_path()).unwrap();
+        let get: libloading::Symbol<unsafe extern "C" fn(u64, *mut PKCS11HA_GROUP_STATUS) -> u64> =
+            library.get(b"PKCS11HA_GetGroupStatus\0").unwrap();
+        let mut status = std::mem::zeroed();
+        assert_eq!(get(0, &mut status), 0);
+        status
+    }
+}
+
+/// Whether member `i` of group 0 serves (state 0).
+fn serves(i: usize) -> bool {
+    group_status().members[i].state == 0
+}
+
+/// Polls `condition` until it holds, failing with `what` after `limit`;
+/// returns how long it took.
+fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+/// Digests on the virtual slot until member `i` has served `calls` more.
+fn digest_until_served(session: &cryptoki::session::Session, i: usize, calls: u64) {
+    let before = group_status().members[i].callsServed;
+    wait_for("the member serves calls", Duration::from_secs(10), || {
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        group_status().members[i].callsServed >= before + calls
+    });
+}
+
+/// A member silent at start joins once its path answers again: the
+/// initialisation that never answered was cut off, and recovery
+/// initialises the library afresh.
+#[test]
+fn a_member_silent_at_start_joins_once_its_path_answers() {
+    let mut chaos = Chaos::new(2);
+    chaos.members[1].relay.blackhole();
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    assert!(!serves(1));
+    chaos.members[1].relay.pass();
+    let took = wait_for(
+        "the member silent at start rejoins",
+        Duration::from_secs(15),
+        || serves(1),
+    );
+    eprintln!("silent at start: serving {took:?} after its path answered");
+    digest_until_served(&session, 1, 3);
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// A member whose server is killed and restarted through the relay rejoins
+/// and serves: the relay accepts while the server is down, so the member
+/// library's `C_Initialize` fails in between, and a failed initialisation
+/// is only "not yet".
+#[test]
+fn a_member_killed_and_restarted_through_the_relay_rejoins() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 0, 1);
+    chaos.members[0].kill_server();
+    wait_for(
+        "the killed member is taken out",
+        Duration::from_secs(10),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on the other member");
+            !serves(0)
+        },
+    );
+    wait_for(
+        "recovery tries the member while its server is down",
+        Duration::from_secs(10),
+        || chaos.log().matches("recovery failed").count() >= 2,
+    );
+    chaos.members[0].restart_server();
+    let took = wait_for(
+        "the restarted member rejoins",
+        Duration::from_secs(15),
+        || serves(0),
+    );
+    eprintln!("killed and restarted: serving {took:?} after the server returned");
+    digest_until_served(&session, 0, 3);
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// One member black-holed (its path accepts and never answers, so each of
+/// its recovery attempts hangs until cut off) does not hold up the
+/// recovery of another member that failed meanwhile.
+#[test]
+fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
+    let mut chaos = Chaos::new(3);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 0, 1);
+    chaos.members[0].relay.blackhole();
+    wait_for(
+        "the black-holed member is taken out",
+        Duration::from_secs(20),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on the others");
+            !serves(0)
+        },
+    );
+    wait_for(
+        "a recovery attempt hangs on the black-holed member",
+        Duration::from_secs(10),
+        || chaos.members[0].relay.accepted() >= 2,
+    );
+    chaos.members[1].server().kill_workers();
+    wait_for(
+        "the second member is taken out",
+        Duration::from_secs(10),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on member 2");
+            !serves(1)
+        },
+    );
+    let out = Instant::now();
+    // One interval until the next attempt, and one more in case that
+    // attempt came too early for the member's server.
+    let bound = Duration::from_secs(2) + MARGIN;
+    wait_for("the second failed member rejoins", bound, || serves(1));
+    let took = out.elapsed();
+    eprintln!("second member beside a black hole: serving {took:?} after it was taken out");
+    assert!(!serves(0), "the black-holed member stays out");
+    digest_until_served(&session, 1, 3);
+    chaos.members[0].relay.pass();
+    wait_for(
+        "the black-holed member rejoins",
+        Duration::from_secs(15),
+        || serves(0),
+    );
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// Every member down and back in one process, without `C_Finalize`: the
+/// HA log says when the group has no member serving and when it serves
+/// again, and after how long.
+#[test]
+fn the_ha_log_says_when_the_group_has_no_member_serving_and_when_it_serves_again() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    for member in &chaos.members {
+        member.server().kill_workers();
+    }
+    wait_for("every member is taken out", Duration::from_secs(10), || {
+        let _ = session.digest(&Mechanism::Sha256, b"abc");
+        !serves(0) && !serves(1)
+    });
+    wait_for("a member serves again", Duration::from_secs(15), || {
+        serves(0) || serves(1)
+    });
+    let log = wait_for("the HA log says so", Duration::from_secs(5), || {
+        chaos.log().contains("serving again after")
+    });
+    let text = chaos.log();
+    let down = text
+        .find("no member serving")
+        .unwrap_or_else(|| panic!("no outage line: {text}"));
+    let up = text.find("serving again after").unwrap();
+    assert!(down < up, "{text}");
+    eprintln!("outage logged; the return line came {log:?} after a member served");
+    let digest = session
+        .digest(&Mechanism::Sha256, b"abc")
+        .expect("C_Digest");
+    assert_eq!(digest, SHA256_ABC);
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// A member that goes silent while the application runs (its path stops
+/// answering, connections stay open) holds no call of the application
+/// longer than `memberTimeout` and the margin: neither its operations, cut
+/// off and failed over, nor the slot and token listings that reach its
+/// library outside any operation.
+#[test]
+fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
+    let mut chaos = Chaos::new(3);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let session = user_session(&pkcs11, slot);
+    digest_until_served(&session, 1, 1);
+    chaos.members[1].relay.blackhole();
+    let bound = member_timeout() + MARGIN;
+    let mut slowest = Duration::ZERO;
+    // Long enough for the member to be cut off, and for recovery attempts
+    // on it to hang and be cut off too.
+    let until = Instant::now() + member_timeout() * 2;
+    while Instant::now() < until {
+        let started = Instant::now();
+        let slots = pkcs11.get_slots_with_token().expect("C_GetSlotList");
+        assert!(slots.contains(&slot));
+        pkcs11.get_token_info(slot).expect("C_GetTokenInfo");
+        let took = started.elapsed();
+        let started = Instant::now();
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        slowest = slowest.max(took).max(started.elapsed());
+        assert!(slowest < bound, "a call took {slowest:?}");
+    }
+    assert!(!serves(1), "the silent member is out");
+    eprintln!("member silent mid-run: slowest call {slowest:?}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// `pkcs11-tool`, as a new user would run it, with one member silent:
+/// listing the slots and hashing through the virtual slot each finish
+/// within `memberTimeout` and the margin.
+#[test]
+fn pkcs11_tool_lists_and_hashes_with_a_member_silent() {
+    use std::io::Write;
+    let mut chaos = Chaos::new(3);
+    chaos.members[2].relay.blackhole();
+    let module = library_path();
+    let hsm = &chaos.members[0].hsm;
+    let started = Instant::now();
+    let listing = pkcs11_tool(&module, hsm, &chaos.config)
+        .arg("-L")
+        .output()
+        .unwrap();
+    let list_took = started.elapsed();
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success(), "{text}");
+    assert!(text.contains(GROUP_LABEL), "{text}");
+    let started = Instant::now();
+    let mut hashing = pkcs11_tool(&module, hsm, &chaos.config)
+        .args(["--slot", "0", "--login", "--pin", USER_PIN])
+        .args(["--hash", "-m", "SHA256"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    hashing.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let hashed = hashing.wait_with_output().unwrap();
+    let hash_took = started.elapsed();
+    assert!(
+        hashed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hashed.stderr)
+    );
+    assert_eq!(hashed.stdout, SHA256_ABC);
+    eprintln!("pkcs11-tool with a member silent: -L {list_took:?}, --hash {hash_took:?}");
+    for took in [list_took, hash_took] {
+        assert!(took < member_timeout() + MARGIN, "{took:?}");
+    }
+}
+
+/// A slow member (150 ms added to every chunk on its path: each call takes
+/// some 600 ms, inside `memberTimeout`, but its start-up more than
+/// `memberTimeout` in all) is not taken for a failed one: it starts with
+/// the group, stays in service, every call succeeds, and the least-busy
+/// choice sends most calls to the fast members.
+#[test]
+fn a_slow_member_stays_in_service_and_gets_fewer_calls() {
+    let mut chaos = Chaos::new(3);
+    chaos.members[2].relay.delay(Duration::from_millis(150));
+    let (pkcs11, init) = chaos.start();
+    eprintln!("C_Initialize with a slow member: {init:?}");
+    assert!(serves(2), "the slow member starts with the group");
+    let slot = Slot::try_from(0u64).unwrap();
+    let before: Vec<u64> = (0..3)
+        .map(|i| group_status().members[i].callsServed)
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let session = pkcs11.open_ro_session(slot).expect("C_OpenSession");
+                for _ in 0..40 {
+                    let digest = session
+                        .digest(&Mechanism::Sha256, b"abc")
+                        .expect("C_Digest");
+                    assert_eq!(digest, SHA256_ABC);
+                }
+            });
+        }
+    });
+    let served: Vec<u64> = (0..3)
+        .map(|i| group_status().members[i].callsServed - before[i])
+        .collect();
+    eprintln!("calls served with member 2 slow: {served:?}");
+    assert!(serves(2), "the slow member stays in service");
+    assert!(
+        served[2] < served[0].min(served[1]),
+        "the slow member got fewer calls: {served:?}"
+    );
+    assert!(!chaos.log().contains("answered nothing"), "{}", chaos.log());
+    pkcs11.finalize().unwrap();
+}

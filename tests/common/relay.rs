@@ -1,0 +1,325 @@
+//! A fault relay: a unix-socket proxy between a client (p11-kit's client
+//! module) and a server (`p11-kit server`), driven from the test thread to
+//! inject the faults a network path has -- delay, a stall, a reset, a
+//! refused connection, a peer that accepts and closes, and a black hole
+//! that accepts and never answers.
+//! Include with `#[path = "common/relay.rs"] mod relay;`.
+//!
+//! Owns: the listening socket at its path, one thread accepting, and two
+//! pump threads per connection. Must never: outlive its test (dropping it
+//! closes every connection and stops every thread it started), or touch
+//! the server's socket other than by connecting to it.
+#![allow(dead_code)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+/// How often a thread blocked on a socket looks at the relay's mode again.
+const RECHECK: Duration = Duration::from_millis(20);
+
+/// What the relay does with connections and the bytes on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forwards both ways at once.
+    Pass,
+    /// Forwards both ways, each chunk held this long first (one way).
+    Delay(Duration),
+    /// Accepts, and holds every byte until the mode changes; then
+    /// forwards what it held.
+    Paused,
+    /// Accepts each new connection, lets its first exchange through (a
+    /// protocol's greeting) and closes it: reading first, so that the
+    /// client's next write is sure to find it closed (`EPIPE`, and
+    /// `SIGPIPE` where not blocked). Connections made before are left
+    /// alone.
+    AcceptAndClose,
+    /// Accepts and never answers: new connections are never connected
+    /// upstream, bytes on every connection are swallowed.
+    Blackhole,
+    /// Not listening: connecting is refused. Connections made before are
+    /// left alone.
+    Refuse,
+}
+
+struct State {
+    mode: Mode,
+    stopped: bool,
+    /// Both ends of every connection made since the last reset, to reset
+    /// them.
+    connections: Vec<(UnixStream, Option<UnixStream>)>,
+    accepted: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mode(&self) -> Mode {
+        self.state().mode
+    }
+
+    fn stopped(&self) -> bool {
+        self.state().stopped
+    }
+}
+
+/// A relay listening at `path` and forwarding to `upstream`.
+pub struct Relay {
+    pub path: PathBuf,
+    upstream: PathBuf,
+    shared: Arc<Shared>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Listens at `path` (which must not exist), forwarding to the server
+    /// socket `upstream`, in [`Mode::Pass`].
+    pub fn start(path: &Path, upstream: &Path) -> Relay {
+        assert!(!path.exists(), "{} already exists", path.display());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                mode: Mode::Pass,
+                stopped: false,
+                connections: Vec::new(),
+                accepted: 0,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut relay = Relay {
+            path: path.to_path_buf(),
+            upstream: upstream.to_path_buf(),
+            shared,
+            acceptor: None,
+        };
+        relay.listen();
+        relay
+    }
+
+    /// The value for `P11_KIT_SERVER_ADDRESS` that goes through the relay.
+    pub fn address(&self) -> String {
+        format!("unix:path={}", self.path.display())
+    }
+
+    fn listen(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = UnixListener::bind(&self.path)
+            .unwrap_or_else(|e| panic!("relay cannot listen at {}: {e}", self.path.display()));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let (shared, upstream) = (Arc::clone(&self.shared), self.upstream.clone());
+        self.acceptor = Some(
+            thread::Builder::new()
+                .name("relay-accept".into())
+                .spawn(move || accept_loop(listener, upstream, shared))
+                .expect("start the relay's accept thread"),
+        );
+    }
+
+    /// Changes the mode. Leaving [`Mode::Refuse`] listens again; entering
+    /// it stops listening (the socket file stays, so connecting is
+    /// refused rather than "no such file").
+    pub fn set(&mut self, mode: Mode) {
+        let before = {
+            let mut state = self.shared.state();
+            std::mem::replace(&mut state.mode, mode)
+        };
+        self.shared.changed.notify_all();
+        match (before == Mode::Refuse, mode == Mode::Refuse) {
+            (false, true) => {
+                if let Some(acceptor) = self.acceptor.take() {
+                    acceptor.join().expect("the relay's accept thread");
+                }
+            }
+            (true, false) => self.listen(),
+            _ => {}
+        }
+    }
+
+    pub fn pass(&mut self) {
+        self.set(Mode::Pass);
+    }
+
+    /// Holds each chunk `delay` before forwarding it (each way).
+    pub fn delay(&mut self, delay: Duration) {
+        self.set(Mode::Delay(delay));
+    }
+
+    pub fn pause(&mut self) {
+        self.set(Mode::Paused);
+    }
+
+    /// Forwards again, what was held first.
+    pub fn resume(&mut self) {
+        self.set(Mode::Pass);
+    }
+
+    pub fn refuse(&mut self) {
+        self.set(Mode::Refuse);
+    }
+
+    pub fn accept_and_close(&mut self) {
+        self.set(Mode::AcceptAndClose);
+    }
+
+    pub fn blackhole(&mut self) {
+        self.set(Mode::Blackhole);
+    }
+
+    /// Closes every open connection, both ends, as a network reset does;
+    /// the mode stays.
+    pub fn reset(&self) {
+        let connections = std::mem::take(&mut self.shared.state().connections);
+        for (client, server) in connections {
+            let _ = client.shutdown(Shutdown::Both);
+            if let Some(server) = server {
+                let _ = server.shutdown(Shutdown::Both);
+            }
+        }
+        self.shared.changed.notify_all();
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.shared.state().accepted
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shared.state().stopped = true;
+        self.reset();
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Accepts until the relay stops or refuses; then the listener is closed.
+fn accept_loop(listener: UnixListener, upstream: PathBuf, shared: Arc<Shared>) {
+    loop {
+        {
+            let state = shared.state();
+            if state.stopped || state.mode == Mode::Refuse {
+                return;
+            }
+        }
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // Nothing to accept: wait for a mode change or the next look.
+                let state = shared.state();
+                let _ = shared.changed.wait_timeout(state, RECHECK);
+                continue;
+            }
+            Err(e) => panic!("relay accept: {e}"),
+        };
+        client
+            .set_nonblocking(false)
+            .expect("blocking client socket");
+        let mode = {
+            let mut state = shared.state();
+            state.accepted += 1;
+            state.mode
+        };
+        match mode {
+            Mode::AcceptAndClose => greet_and_close(client, &upstream),
+            Mode::Blackhole => swallow(client, shared.clone()),
+            _ => match UnixStream::connect(&upstream) {
+                Ok(server) => connect(client, server, shared.clone()),
+                // The server is gone: the client sees its connection close.
+                Err(_) => {
+                    let _ = client.shutdown(Shutdown::Both);
+                }
+            },
+        }
+    }
+}
+
+/// Passes one chunk each way, then closes; see [`Mode::AcceptAndClose`].
+fn greet_and_close(mut client: UnixStream, upstream: &Path) {
+    let mut exchange = || -> std::io::Result<()> {
+        let mut server = UnixStream::connect(upstream)?;
+        let mut buffer = vec![0u8; 64 * 1024];
+        let n = client.read(&mut buffer)?;
+        server.write_all(&buffer[..n])?;
+        let n = server.read(&mut buffer)?;
+        client.shutdown(Shutdown::Read)?;
+        client.write_all(&buffer[..n])
+    };
+    let _ = exchange();
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+/// Keeps a connection open and reads whatever comes, answering nothing.
+fn swallow(client: UnixStream, shared: Arc<Shared>) {
+    let kept = client.try_clone().expect("clone a client socket");
+    shared.state().connections.push((kept, None));
+    thread::spawn(move || {
+        let mut client = client;
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = client.read(&mut sink) {
+            if n == 0 || shared.stopped() {
+                break;
+            }
+        }
+    });
+}
+
+fn connect(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
+    let clone = |s: &UnixStream| s.try_clone().expect("clone a relay socket");
+    shared
+        .state()
+        .connections
+        .push((clone(&client), Some(clone(&server))));
+    let (c, s, sh) = (clone(&client), clone(&server), Arc::clone(&shared));
+    thread::spawn(move || pump(c, s, sh));
+    thread::spawn(move || pump(server, client, shared));
+}
+
+/// Moves bytes from `from` to `to` as the mode says, until either end
+/// closes; then closes both.
+fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mode = {
+            let mut state = shared.state();
+            while state.mode == Mode::Paused && !state.stopped {
+                state = shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if state.stopped {
+                break;
+            }
+            state.mode
+        };
+        match mode {
+            Mode::Blackhole => continue,
+            Mode::Delay(delay) => thread::sleep(delay),
+            _ => {}
+        }
+        if to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
