@@ -121,6 +121,7 @@ rv_names!(
     CKR_DEVICE_ERROR,
     CKR_FUNCTION_NOT_SUPPORTED,
     CKR_KEY_HANDLE_INVALID,
+    CKR_KEY_FUNCTION_NOT_PERMITTED,
     CKR_MECHANISM_INVALID,
     CKR_MECHANISM_PARAM_INVALID,
     CKR_ATTRIBUTE_VALUE_INVALID,
@@ -2267,5 +2268,102 @@ fn sessions_closed_under_running_signatures_crash_nothing_and_fault_no_member() 
             CKR_OK,
             &format!("C_SignInit on the keeper session, {kind} slot"),
         );
+    }
+}
+
+#[test]
+fn all_sessions_closed_under_running_signatures_crash_nothing_and_fault_no_member() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    const ROUNDS: usize = 10;
+    const SIGNERS: usize = 4;
+    let ctx = Ctx::started();
+    let api = ha();
+    for (kind, slot) in ctx.slots() {
+        for round in 0..ROUNDS {
+            // Closed with the others: the login and the key go with it.
+            let keeper = user_session(api, slot);
+            let (_, key) = ec_key_pair(api, keeper);
+            let sessions: Vec<CK_SESSION_HANDLE> =
+                (0..SIGNERS).map(|_| open_session(api, slot)).collect();
+            let signed = AtomicUsize::new(0);
+            let closing = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                for &session in &sessions {
+                    let (signed, closing) = (&signed, &closing);
+                    scope.spawn(move || {
+                        let digest = [0x5au8; 32];
+                        // Until its own session is gone; while the others
+                        // close, the key and the login may go first.
+                        let check = |rv: CK_RV, what: &str| {
+                            if closing.load(Ordering::SeqCst) {
+                                expect_one_of(
+                                    rv,
+                                    &[
+                                        CKR_OK,
+                                        CKR_USER_NOT_LOGGED_IN,
+                                        CKR_KEY_HANDLE_INVALID,
+                                        CKR_KEY_FUNCTION_NOT_PERMITTED,
+                                        CKR_OPERATION_NOT_INITIALIZED,
+                                    ],
+                                    &format!("{what} on the {kind} slot while closing"),
+                                );
+                            } else {
+                                expect(rv, CKR_OK, &format!("{what} on the {kind} slot"));
+                            }
+                        };
+                        loop {
+                            let mut mech = mechanism(CKM_ECDSA);
+                            let rv = ck!(api, C_SignInit(session, &mut mech, key));
+                            if rv == CKR_SESSION_HANDLE_INVALID {
+                                return;
+                            }
+                            check(rv, "C_SignInit");
+                            let mut signature = [0u8; 64];
+                            let mut signature_len = len(signature.len());
+                            let rv = ck!(
+                                api,
+                                C_Sign(
+                                    session,
+                                    digest.as_ptr() as *mut _,
+                                    len(digest.len()),
+                                    signature.as_mut_ptr(),
+                                    &mut signature_len
+                                )
+                            );
+                            if rv == CKR_SESSION_HANDLE_INVALID {
+                                return;
+                            }
+                            check(rv, "C_Sign");
+                            signed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while signed.load(Ordering::Relaxed) < 4 * SIGNERS {
+                    assert!(Instant::now() < deadline, "the signers never got going");
+                    std::thread::yield_now();
+                }
+                closing.store(true, Ordering::SeqCst);
+                expect(
+                    ck!(api, C_CloseAllSessions(slot)),
+                    CKR_OK,
+                    &format!("C_CloseAllSessions under running C_Sign, {kind} slot, round {round}"),
+                );
+            });
+        }
+        if slot == VIRTUAL_SLOT {
+            let status = group_status();
+            for member in &status.members[..status.memberCount as usize] {
+                assert_eq!(
+                    (member.state, member.lastFault, member.consecutiveFailures),
+                    (pkcs11_ha::state_api::PKCS11HA_STATE_UP, CKR_OK, 0),
+                    "a member was taken for faulty after C_CloseAllSessions under its calls"
+                );
+            }
+        }
+        // The slot still serves.
+        let session = user_session(api, slot);
+        ec_key_pair(api, session);
     }
 }
