@@ -810,18 +810,22 @@ fn domain_labels(config: &Config) -> Vec<String> {
 }
 
 /// Closes the member sessions behind application sessions, once no call
-/// is inside them any more. New calls are refused on all of them first,
-/// then each is waited for, all within one `bound`; calls still inside a
-/// member after it (a member that hangs) keep that session's member
-/// sessions open, since closing a session under a running call crashes
-/// SoftHSM.
+/// is inside any of them any more (a call on one may use a session object
+/// another owns). New calls are refused on all of them first, then all are
+/// waited for within one `bound`; calls still inside a member after it (a
+/// member that hangs) keep that session's member sessions open, since
+/// closing a session under a running call crashes SoftHSM.
 fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
     for session in sessions {
         session.gate.close();
     }
     let deadline = std::time::Instant::now() + bound;
-    for session in sessions {
-        if !session.gate.wait_idle(deadline) {
+    let idle: Vec<bool> = sessions
+        .iter()
+        .map(|s| s.gate.wait_idle(deadline))
+        .collect();
+    for (session, idle) in sessions.iter().zip(idle) {
+        if !idle {
             eprintln!(
                 "pkcs11-ha: session {} closed while calls were still inside a member after {} ms; its member sessions are left open",
                 session.handle,
