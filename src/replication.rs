@@ -22,6 +22,10 @@ use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use std::ptr;
 
+/// Room for a wrapped key on the first try: an RSA-4096 private key in
+/// PKCS#8 wraps to about 2.4 KiB.
+const FIRST_WRAP_ROOM: usize = 4096;
+
 /// How key material travels: RFC 5649 key wrap with padding, which takes
 /// secret keys of any length and PKCS#8-encoded private keys.
 pub const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
@@ -694,38 +698,33 @@ impl VirtualSession {
                 pParameter: ptr::null_mut(),
                 ulParameterLen: 0,
             };
-            let mut len: CK_ULONG = 0;
-            let rv = member_call!(
-                s.library,
-                C_WrapKey(
-                    s.handle,
-                    &mut mechanism,
-                    domain,
-                    key,
-                    ptr::null_mut(),
-                    &mut len
-                )
-            );
-            if rv != CKR_OK {
-                return Err(rv);
+            // Room for any key but the largest RSA ones in one call; the
+            // length the member then names where it is not enough.
+            let mut blob = vec![0u8; FIRST_WRAP_ROOM];
+            loop {
+                let mut len = blob.len() as CK_ULONG;
+                let rv = member_call!(
+                    s.library,
+                    C_WrapKey(
+                        s.handle,
+                        &mut mechanism,
+                        domain,
+                        key,
+                        blob.as_mut_ptr(),
+                        &mut len
+                    )
+                );
+                match rv {
+                    CKR_OK => {
+                        blob.truncate(len as usize);
+                        return Ok(blob);
+                    }
+                    CKR_BUFFER_TOO_SMALL if len as usize > blob.len() => {
+                        blob.resize(len as usize, 0);
+                    }
+                    rv => return Err(rv),
+                }
             }
-            let mut blob = vec![0u8; len as usize];
-            let rv = member_call!(
-                s.library,
-                C_WrapKey(
-                    s.handle,
-                    &mut mechanism,
-                    domain,
-                    key,
-                    blob.as_mut_ptr(),
-                    &mut len
-                )
-            );
-            if rv != CKR_OK {
-                return Err(rv);
-            }
-            blob.truncate(len as usize);
-            Ok(blob)
         };
         self.on_member(source, wrap)?
             .map_err(|rv| self.transport_error(source, rv))
