@@ -31,6 +31,19 @@ impl Error {
     }
 }
 
+impl Error {
+    /// For object calls (`C_GetAttributeValue`, `C_GetObjectSize`, ...):
+    /// PKCS#11 2.40 gives them `CKR_OBJECT_HANDLE_INVALID` only, while a
+    /// member looked up as a key answers `CKR_KEY_HANDLE_INVALID`.
+    pub fn as_object(self) -> Self {
+        if self.rv == CKR_KEY_HANDLE_INVALID {
+            Error::new(CKR_OBJECT_HANDLE_INVALID)
+        } else {
+            self
+        }
+    }
+}
+
 impl From<CK_RV> for Error {
     fn from(rv: CK_RV) -> Self {
         Error { rv }

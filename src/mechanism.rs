@@ -1,4 +1,5 @@
-//! Object handles inside mechanism parameters. On a virtual slot the
+//! Mechanism parameters: checked before any member sees them, copied for
+//! failover, and the object handles inside them. On a virtual slot the
 //! application passes virtual handles there too, and each must become the
 //! chosen member's handle before the mechanism reaches that member.
 
@@ -447,5 +448,251 @@ mod saved_tests {
             assert!(slot.save(std::ptr::null_mut()));
             assert!(slot.as_ptr().is_null(), "a search has no mechanism");
         }
+    }
+}
+
+/// The longest IV or nonce any standard mechanism takes (GCM allows more in
+/// theory; no token does).
+const MAX_IV_LEN: CK_ULONG = 256;
+/// The longest data buffer (AAD, KDF data, OAEP label) accepted: beyond
+/// this a length is a corrupt value, and SoftHSM `exit`s on allocating it.
+pub const MAX_BUFFER_LEN: CK_ULONG = 1 << 31;
+/// The longest public value in a key-agreement parameter (an uncompressed
+/// P-521 point is 133 bytes; a DH public value 1 KiB).
+const MAX_PUBLIC_LEN: CK_ULONG = 1 << 16;
+
+/// Checks a mechanism's parameter before any member sees it: structure
+/// size, pointer/length pairs and bounds for every mechanism whose
+/// parameter layout pkcs11-ha knows, so that a malformed parameter is
+/// answered here instead of crashing a member (SoftHSM dereferences a NULL
+/// IV with a length, and `exit`s on a 2^40-byte one). Vendor mechanisms
+/// pass untouched: only their token knows their layout.
+///
+/// # Safety
+/// `mechanism.pParameter`, when not null, must point to
+/// `ulParameterLen` readable bytes.
+pub unsafe fn check_parameter(mechanism: &CK_MECHANISM) -> Result<()> {
+    if mechanism.mechanism >= CKM_VENDOR_DEFINED {
+        return Ok(());
+    }
+    let param = mechanism.pParameter as *const u8;
+    let len = mechanism.ulParameterLen;
+    if param.is_null() && len != 0 {
+        return Err(Error::new(CKR_ARGUMENTS_BAD));
+    }
+    let invalid = || Error::new(CKR_MECHANISM_PARAM_INVALID);
+    let valid = |ok: bool| if ok { Ok(()) } else { Err(invalid()) };
+    /// The parameter as a `T`, if it is exactly one.
+    ///
+    /// # Safety
+    /// As for [`check_parameter`].
+    unsafe fn read<T: Copy>(param: *const u8, len: CK_ULONG) -> Result<T> {
+        if param.is_null() || len as usize != size_of::<T>() {
+            return Err(Error::new(CKR_MECHANISM_PARAM_INVALID));
+        }
+        // SAFETY: `len` readable bytes, the size of a `T`.
+        Ok(unsafe { std::ptr::read_unaligned(param as *const T) })
+    }
+    /// A buffer inside the parameter: NULL only when empty, at most `max`.
+    fn pair(pointer: *const u8, len: CK_ULONG, max: CK_ULONG) -> Result<()> {
+        if (pointer.is_null() && len != 0) || len > max {
+            Err(Error::new(CKR_MECHANISM_PARAM_INVALID))
+        } else {
+            Ok(())
+        }
+    }
+    // SAFETY (every `read`): the caller vouches for the parameter.
+    match mechanism.mechanism {
+        CKM_AES_GCM => {
+            let gcm: CK_GCM_PARAMS = unsafe { read(param, len) }?;
+            pair(gcm.pIv, gcm.ulIvLen, MAX_IV_LEN)?;
+            valid(gcm.ulIvLen > 0)?;
+            pair(gcm.pAAD, gcm.ulAADLen, MAX_BUFFER_LEN)?;
+            valid(gcm.ulTagBits <= 128)
+        }
+        CKM_AES_CCM => {
+            let ccm: CK_CCM_PARAMS = unsafe { read(param, len) }?;
+            pair(ccm.pNonce, ccm.ulNonceLen, 13)?;
+            valid(ccm.ulNonceLen >= 7)?;
+            pair(ccm.pAAD, ccm.ulAADLen, MAX_BUFFER_LEN)?;
+            valid((4..=16).contains(&ccm.ulMACLen) && ccm.ulMACLen % 2 == 0)?;
+            valid(ccm.ulDataLen <= MAX_BUFFER_LEN)
+        }
+        CKM_AES_CBC | CKM_AES_CBC_PAD | CKM_AES_CTS | CKM_AES_OFB | CKM_AES_CFB8
+        | CKM_AES_CFB64 | CKM_AES_CFB128 => valid(!param.is_null() && len == 16),
+        CKM_DES3_CBC | CKM_DES3_CBC_PAD => valid(!param.is_null() && len == 8),
+        CKM_AES_CTR => {
+            let ctr: CK_AES_CTR_PARAMS = unsafe { read(param, len) }?;
+            valid((1..=128).contains(&ctr.ulCounterBits))
+        }
+        CKM_AES_KEY_WRAP => valid(len == 0 || len == 8),
+        CKM_AES_KEY_WRAP_PAD => valid(len == 0 || len == 4 || len == 8),
+        CKM_RSA_PKCS_OAEP => {
+            let oaep: CK_RSA_PKCS_OAEP_PARAMS = unsafe { read(param, len) }?;
+            pair(
+                oaep.pSourceData as *const u8,
+                oaep.ulSourceDataLen,
+                MAX_BUFFER_LEN,
+            )
+        }
+        CKM_RSA_PKCS_PSS
+        | CKM_SHA1_RSA_PKCS_PSS
+        | CKM_SHA224_RSA_PKCS_PSS
+        | CKM_SHA256_RSA_PKCS_PSS
+        | CKM_SHA384_RSA_PKCS_PSS
+        | CKM_SHA512_RSA_PKCS_PSS => {
+            let pss: CK_RSA_PKCS_PSS_PARAMS = unsafe { read(param, len) }?;
+            valid(pss.sLen <= MAX_PUBLIC_LEN)
+        }
+        CKM_ECDH1_DERIVE | CKM_ECDH1_COFACTOR_DERIVE => {
+            let ecdh: CK_ECDH1_DERIVE_PARAMS = unsafe { read(param, len) }?;
+            pair(ecdh.pSharedData, ecdh.ulSharedDataLen, MAX_BUFFER_LEN)?;
+            pair(ecdh.pPublicData, ecdh.ulPublicDataLen, MAX_PUBLIC_LEN)?;
+            valid(ecdh.ulPublicDataLen > 0)
+        }
+        CKM_ECMQV_DERIVE => {
+            let mqv: CK_ECMQV_DERIVE_PARAMS = unsafe { read(param, len) }?;
+            pair(mqv.pSharedData, mqv.ulSharedDataLen, MAX_BUFFER_LEN)?;
+            pair(mqv.pPublicData, mqv.ulPublicDataLen, MAX_PUBLIC_LEN)?;
+            pair(mqv.pPublicData2, mqv.ulPublicDataLen2, MAX_PUBLIC_LEN)
+        }
+        CKM_CONCATENATE_BASE_AND_DATA
+        | CKM_CONCATENATE_DATA_AND_BASE
+        | CKM_XOR_BASE_AND_DATA
+        | CKM_AES_ECB_ENCRYPT_DATA
+        | CKM_DES3_ECB_ENCRYPT_DATA => {
+            let data: CK_KEY_DERIVATION_STRING_DATA = unsafe { read(param, len) }?;
+            pair(data.pData, data.ulLen, MAX_BUFFER_LEN)
+        }
+        CKM_AES_CBC_ENCRYPT_DATA => {
+            let data: CK_AES_CBC_ENCRYPT_DATA_PARAMS = unsafe { read(param, len) }?;
+            pair(data.pData, data.length, MAX_BUFFER_LEN)
+        }
+        CKM_HKDF_DERIVE | CKM_HKDF_DATA => {
+            let hkdf: CK_HKDF_PARAMS = unsafe { read(param, len) }?;
+            if hkdf.ulSaltType == CKF_HKDF_SALT_DATA {
+                pair(hkdf.pSalt, hkdf.ulSaltLen, MAX_BUFFER_LEN)?;
+            }
+            pair(hkdf.pInfo, hkdf.ulInfoLen, MAX_BUFFER_LEN)
+        }
+        // Their handles are read at fixed offsets: the size must be right.
+        CKM_CONCATENATE_BASE_AND_KEY | CKM_X9_42_DH_HYBRID_DERIVE | CKM_X9_42_MQV_DERIVE => {
+            handle_offsets(mechanism).map(|_| ())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod parameter_tests {
+    use super::*;
+
+    fn gcm_mechanism(params: &mut CK_GCM_PARAMS) -> CK_MECHANISM {
+        CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: params as *mut _ as *mut _,
+            ulParameterLen: size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+        }
+    }
+
+    fn checked(mechanism: &CK_MECHANISM) -> CK_RV {
+        // SAFETY: the tests' parameters are live locals of the stated size.
+        match unsafe { check_parameter(mechanism) } {
+            Ok(()) => CKR_OK,
+            Err(e) => e.rv,
+        }
+    }
+
+    #[test]
+    fn gcm_pointer_length_pairs_and_bounds() {
+        let mut iv = [0u8; 12];
+        let mut aad = [0u8; 16];
+        let good = CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: aad.as_mut_ptr(),
+            ulAADLen: 16,
+            ulTagBits: 128,
+        };
+        let cases: [(CK_GCM_PARAMS, CK_RV); 6] = [
+            (good, CKR_OK),
+            (
+                CK_GCM_PARAMS {
+                    pIv: std::ptr::null_mut(),
+                    ..good
+                },
+                CKR_MECHANISM_PARAM_INVALID,
+            ),
+            (
+                CK_GCM_PARAMS {
+                    pAAD: std::ptr::null_mut(),
+                    ..good
+                },
+                CKR_MECHANISM_PARAM_INVALID,
+            ),
+            (
+                CK_GCM_PARAMS {
+                    ulIvLen: 1 << 40,
+                    ..good
+                },
+                CKR_MECHANISM_PARAM_INVALID,
+            ),
+            (
+                CK_GCM_PARAMS {
+                    ulTagBits: 129,
+                    ..good
+                },
+                CKR_MECHANISM_PARAM_INVALID,
+            ),
+            (
+                CK_GCM_PARAMS {
+                    pAAD: std::ptr::null_mut(),
+                    ulAADLen: 0,
+                    ..good
+                },
+                CKR_OK,
+            ),
+        ];
+        for (mut params, want) in cases {
+            assert_eq!(checked(&gcm_mechanism(&mut params)), want);
+        }
+        let mut params = good;
+        let mut short = gcm_mechanism(&mut params);
+        short.ulParameterLen -= 8;
+        assert_eq!(checked(&short), CKR_MECHANISM_PARAM_INVALID);
+    }
+
+    #[test]
+    fn a_null_parameter_with_a_length_is_arguments_bad() {
+        let mechanism = CK_MECHANISM {
+            mechanism: CKM_SHA256,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 4,
+        };
+        assert_eq!(checked(&mechanism), CKR_ARGUMENTS_BAD);
+    }
+
+    #[test]
+    fn vendor_mechanisms_pass_untouched() {
+        let mechanism = CK_MECHANISM {
+            mechanism: CKM_VENDOR_DEFINED + 7,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 4,
+        };
+        assert_eq!(checked(&mechanism), CKR_OK);
+    }
+
+    #[test]
+    fn cbc_needs_a_sixteen_byte_iv() {
+        let mut iv = [0u8; 16];
+        let mut mechanism = CK_MECHANISM {
+            mechanism: CKM_AES_CBC_PAD,
+            pParameter: iv.as_mut_ptr() as *mut _,
+            ulParameterLen: 16,
+        };
+        assert_eq!(checked(&mechanism), CKR_OK);
+        mechanism.ulParameterLen = 8;
+        assert_eq!(checked(&mechanism), CKR_MECHANISM_PARAM_INVALID);
     }
 }

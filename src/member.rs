@@ -231,6 +231,16 @@ impl MemberLibrary {
                 std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
             format!("cannot load {}: {reason}", path.display())
         })?;
+        // Its own entry points would take the locks its caller holds:
+        // `C_Initialize` would wait forever. A copy at another path is
+        // caught too, by the export only pkcs11-ha has.
+        // SAFETY: only the symbol's presence is asked; it is never called.
+        if unsafe { library.get::<unsafe extern "C" fn()>(b"PKCS11HA_GetGroupStatus\0") }.is_ok() {
+            return Err(format!(
+                "{} is pkcs11-ha itself, which cannot be its own member; name the member's own library (SoftHSM, Luna, ...)",
+                path.display()
+            ));
+        }
         let table = with_environment(environment, || {
             with_sigpipe_blocked(|| Self::function_table(&library))
         })

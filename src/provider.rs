@@ -142,7 +142,7 @@ pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 #[inline(never)]
 fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     let removals = crate::session::removals();
-    with(|p| p.session(handle)).map(|s| SessionRef::new(s, removals))
+    with(|p| p.session(handle)).and_then(|s| SessionRef::new(s, removals))
 }
 
 /// Runs `f` on the initialised provider without taking a reference to it:
@@ -244,9 +244,7 @@ pub fn finalize() -> Result<()> {
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
     }
-    for session in provider.sessions.drain() {
-        close_session_members(&session);
-    }
+    close_session_members(&provider.sessions.drain(), provider.member_timeout);
     for group in &provider.groups {
         group.login.lock().take();
         // Imported key values waiting for members that were down are
@@ -618,7 +616,7 @@ impl Provider {
 
     pub fn close_session(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
         let session = self.sessions.remove(handle)?;
-        close_session_members(&session);
+        close_session_members(std::slice::from_ref(&session), self.member_timeout);
         self.after_session_closed(&session);
         Ok(())
     }
@@ -630,9 +628,10 @@ impl Provider {
             // on the same token are left alone.
             library.slot_info(slot)?;
         }
-        for session in self.sessions.remove_slot(slot_id) {
-            close_session_members(&session);
-            self.after_session_closed(&session);
+        let sessions = self.sessions.remove_slot(slot_id);
+        close_session_members(&sessions, self.member_timeout);
+        for session in &sessions {
+            self.after_session_closed(session);
         }
         Ok(())
     }
@@ -690,6 +689,7 @@ impl Provider {
 
     pub fn session_info(&self, handle: CK_SESSION_HANDLE) -> Result<CK_SESSION_INFO> {
         let session = self.session(handle)?;
+        let _call = session.gate.call()?;
         let mut info = CK_SESSION_INFO {
             slotID: session.slot_id,
             state: 0,
@@ -727,6 +727,7 @@ impl Provider {
         pin: Option<&[u8]>,
     ) -> Result<()> {
         let session = self.session(handle)?;
+        let _call = session.gate.call()?;
         let (ptr, len) = pin_parts(pin);
         let v = match &session.target {
             Target::PassThrough(p) => {
@@ -770,6 +771,7 @@ impl Provider {
 
     pub fn logout(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
         let session = self.session(handle)?;
+        let _call = session.gate.call()?;
         match &session.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_Logout(p.handle))),
             Target::Virtual(v) => {
@@ -807,13 +809,36 @@ fn domain_labels(config: &Config) -> Vec<String> {
     labels
 }
 
-/// Closes the member sessions behind an application session.
-fn close_session_members(session: &Session) {
-    match &session.target {
-        Target::PassThrough(p) => {
-            member_call!(p.library, C_CloseSession(p.handle));
+/// Closes the member sessions behind application sessions, once no call
+/// is inside any of them any more (a call on one may use a session object
+/// another owns). New calls are refused on all of them first, then all are
+/// waited for within one `bound`; calls still inside a member after it (a
+/// member that hangs) keep that session's member sessions open, since
+/// closing a session under a running call crashes SoftHSM.
+fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
+    for session in sessions {
+        session.gate.close();
+    }
+    let deadline = std::time::Instant::now() + bound;
+    let idle: Vec<bool> = sessions
+        .iter()
+        .map(|s| s.gate.wait_idle(deadline))
+        .collect();
+    for (session, idle) in sessions.iter().zip(idle) {
+        if !idle {
+            eprintln!(
+                "pkcs11-ha: session {} closed while calls were still inside a member after {} ms; its member sessions are left open",
+                session.handle,
+                bound.as_millis()
+            );
+            continue;
         }
-        Target::Virtual(v) => v.close(),
+        match &session.target {
+            Target::PassThrough(p) => {
+                member_call!(p.library, C_CloseSession(p.handle));
+            }
+            Target::Virtual(v) => v.close(),
+        }
     }
 }
 

@@ -8,14 +8,15 @@ use crate::member::MemberLibrary;
 pub use crate::member::{open_member_session, MemberSession};
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::cell::UnsafeCell;
 use std::ops::Deref;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The member session a virtual session holds on one member, readable on
 /// every call without a lock or a reference count: a sequence lock whose
@@ -265,6 +266,82 @@ pub struct Session {
     pub slot_id: CK_SLOT_ID,
     pub flags: CK_FLAGS,
     pub target: Target,
+    pub gate: CallGate,
+}
+
+/// The calls under way on a session. Its member sessions are closed only
+/// once none is left (SoftHSM crashes when a session is closed under a
+/// running `C_Sign`), and a call that arrives after the close is refused
+/// with `CKR_SESSION_HANDLE_INVALID` before it reaches a member.
+#[derive(Default)]
+pub struct CallGate {
+    calls: AtomicU32,
+    closed: AtomicBool,
+    idle: Mutex<()>,
+    went_idle: Condvar,
+}
+
+impl CallGate {
+    /// Counts a call in; false if the session is closed (the call must
+    /// still [`Self::leave`]). With `close`, a Dekker pair: sequentially
+    /// consistent, so either the call sees the close or the close sees
+    /// the call.
+    #[inline(always)]
+    fn enter(&self) -> bool {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        !self.closed.load(Ordering::SeqCst)
+    }
+
+    #[inline(always)]
+    fn leave(&self) {
+        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+            self.wake_closer();
+        }
+    }
+
+    #[cold]
+    fn wake_closer(&self) {
+        let _idle = self.idle.lock();
+        self.went_idle.notify_all();
+    }
+
+    /// A call counted in for as long as the guard lives, or
+    /// `CKR_SESSION_HANDLE_INVALID` if the session is closed.
+    pub fn call(&self) -> Result<CallGuard<'_>> {
+        let guard = CallGuard(self);
+        if guard.0.enter() {
+            Ok(guard)
+        } else {
+            Err(Error::new(CKR_SESSION_HANDLE_INVALID))
+        }
+    }
+
+    /// Refuses new calls from now on.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until `deadline` for the calls under way after
+    /// [`Self::close`]; false if some are still inside a member then.
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
+        let mut idle = self.idle.lock();
+        while self.calls.load(Ordering::SeqCst) != 0 {
+            if self.went_idle.wait_until(&mut idle, deadline).timed_out() {
+                return self.calls.load(Ordering::SeqCst) == 0;
+            }
+        }
+        true
+    }
+}
+
+/// A call counted in on a session's [`CallGate`].
+pub struct CallGuard<'a>(&'a CallGate);
+
+impl Drop for CallGuard<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        self.0.leave();
+    }
 }
 
 /// Every open session, by the handle the application holds. The handles
@@ -338,11 +415,20 @@ impl SessionRef {
             })
             .ok()
             .flatten()
+            .and_then(SessionRef::admitted)
+    }
+
+    /// Counts the call in on the session's gate; `None` if the session was
+    /// closed meanwhile (the drop counts the call out again).
+    #[inline(always)]
+    fn admitted(self) -> Option<Self> {
+        self.gate.enter().then_some(self)
     }
 
     /// `session`, looked up after [`removals`] read `removals`; it becomes
     /// the thread's cached session unless that one is in use.
-    pub fn new(session: Arc<Session>, removals: u64) -> Self {
+    /// `CKR_SESSION_HANDLE_INVALID` if it was closed since the lookup.
+    pub fn new(session: Arc<Session>, removals: u64) -> Result<Self> {
         let pointer = NonNull::from(&*session);
         let cached = LAST_USED.try_with(|cell| {
             let entry = cell.get();
@@ -357,7 +443,7 @@ impl SessionRef {
                 Some((replaced, NonNull::new(entry)))
             }
         });
-        match cached {
+        let held = match cached {
             // The replaced session is dropped only now, outside the entry's
             // borrow: its drop may close member sessions.
             Ok(Some((_replaced, entry))) => SessionRef {
@@ -370,7 +456,9 @@ impl SessionRef {
                 cache: None,
                 _owned: Some(session),
             },
-        }
+        };
+        held.admitted()
+            .ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
     }
 }
 
@@ -399,6 +487,7 @@ impl Deref for SessionRef {
 impl Drop for SessionRef {
     #[inline(always)]
     fn drop(&mut self) {
+        self.gate.leave();
         if let Some(entry) = self.cache {
             // SAFETY: the entry belongs to this thread (a `SessionRef` is
             // neither `Send` nor outlives the call), which is still alive.
@@ -428,6 +517,7 @@ impl SessionTable {
             slot_id,
             flags,
             target,
+            gate: CallGate::default(),
         });
         self.sessions.write().insert(handle, session);
         handle

@@ -15,7 +15,7 @@ use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The kinds of operation a session can have active at once.
@@ -405,6 +405,10 @@ pub struct VirtualSession {
     /// The session on each member, by position.
     members: Box<[MemberSessionCell]>,
     bindings: BindingsCell,
+    /// Set by [`Self::close`]: no member session is opened after it, and a
+    /// member's `CKR_SESSION_HANDLE_INVALID` for a session we closed is not
+    /// the member's fault.
+    closed: AtomicBool,
 }
 
 /// Starts an operation of `kind` on a member.
@@ -486,6 +490,7 @@ impl VirtualSession {
             group,
             flags,
             bindings: BindingsCell::default(),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -503,6 +508,7 @@ impl VirtualSession {
     /// is left alone: after a reconnect its number may belong to another
     /// session.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         for (member, cell) in self.group.members.iter().zip(self.members.iter()) {
             if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
                 let _in_flight = member.begin_call();
@@ -551,6 +557,9 @@ impl VirtualSession {
     }
 
     fn open_member_session(&self, position: usize, epoch: u64) -> Result<MemberSession> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
+        }
         let member = &self.group.members[position];
         let location = member
             .location()
@@ -566,6 +575,15 @@ impl VirtualSession {
             crate::member::on_connection(raced.connection, || {
                 member_call!(raced.library, C_CloseSession(raced.handle))
             });
+        }
+        // Closed while this one was being opened: `close` may have missed it.
+        if self.closed.load(Ordering::SeqCst) {
+            if let Some(late) = self.members[position].take() {
+                crate::member::on_connection(late.connection, || {
+                    member_call!(late.library, C_CloseSession(late.handle))
+                });
+            }
+            return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
         }
         Ok(held)
     }
@@ -648,6 +666,9 @@ impl VirtualSession {
         }
         if !is_member_fault(rv) {
             return Attempt::Answered(rv);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Attempt::Answered(CKR_SESSION_HANDLE_INVALID);
         }
         // A fault on a session from an earlier epoch belongs to a failure
         // already recorded: the member may be back by now.
@@ -765,7 +786,7 @@ impl VirtualSession {
 
     #[cold]
     fn not_opened(&self, position: usize, rv: CK_RV) -> Attempt {
-        if is_member_fault(rv) {
+        if is_member_fault(rv) && !self.closed.load(Ordering::SeqCst) {
             crate::member::forget_cut_off();
             self.group.member_failed(position, "C_OpenSession", rv);
             Attempt::Faulted

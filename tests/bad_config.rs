@@ -331,6 +331,39 @@ fn library_the_loader_refuses_says_why() {
 }
 
 #[test]
+fn pkcs11_ha_as_its_own_member_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("libcopy-of-ha.so");
+    std::fs::copy(library_path(), &copy).expect("copy the built library");
+    let itself = library_path();
+    for (case, path) in [
+        ("the same file", itself.as_path()),
+        ("a copy", copy.as_path()),
+    ] {
+        let text = format!(
+            "[Libraries]\n\
+             {SOFTHSM_LIB_NAME} = {SOFTHSM_LIB}\n\
+             myself = {}\n\n\
+             [VirtualToken]\n\
+             VirtualToken00Label = g\n\
+             VirtualToken00Members = {ABSENT_SERIAL}\n",
+            path.display()
+        );
+        let (_dir, config) = write_file("self-member.conf", &text);
+        assert_rejected(
+            &format!("pkcs11-ha named as a member library: {case}"),
+            &config,
+            &[
+                "[Libraries]",
+                "myself",
+                &path.display().to_string(),
+                "is pkcs11-ha itself",
+            ],
+        );
+    }
+}
+
+#[test]
 fn more_members_than_ca_get_ha_state_reports() {
     let serials: Vec<String> = (0..33).map(|i| format!("{i:016x}")).collect();
     let text = with_softhsm(&format!(

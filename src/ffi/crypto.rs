@@ -1,7 +1,7 @@
 //! Cryptographic operations, key management and random numbers. On a
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
-use super::{buffer, cryptoki_fn, required, session};
+use super::{buffer, cryptoki_fn, mechanism_argument, required, session, template_argument};
 use crate::error::{check, Error};
 use crate::member::{member_call, MemberLibrary};
 use crate::session::Target;
@@ -14,12 +14,14 @@ macro_rules! keyed_init {
     ($($name:ident => $kind:ident),* $(,)?) => {$(
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
-                required(mechanism)?;
+                // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
                 let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                         check(member_call!(p.library, $name(p.handle, mechanism, key)))
+                            .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                     Target::Virtual(v) => {
                         let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism, k));
@@ -186,7 +188,8 @@ output_final!(
 
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
-        required(mechanism)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
@@ -204,7 +207,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_DigestKey(p.handle, key)))
+                check(member_call!(p.library, C_DigestKey(p.handle, key))).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
         }
@@ -248,8 +251,10 @@ cryptoki_fn! {
         count: CK_ULONG,
         key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
-        buffer(template, count)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(key)?;
         let s = session(handle)?;
         match &s.target {
@@ -292,9 +297,12 @@ cryptoki_fn! {
         public_key: CK_OBJECT_HANDLE_PTR,
         private_key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
-        buffer(public_template, public_count)?;
-        buffer(private_template, private_count)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
+        // SAFETY: the application vouches for each template's count.
+        unsafe { template_argument(public_template, public_count) }?;
+        // SAFETY: as above.
+        unsafe { template_argument(private_template, private_count) }?;
         required(public_key)?;
         required(private_key)?;
         let s = session(handle)?;
@@ -359,7 +367,8 @@ cryptoki_fn! {
         wrapped: *mut CK_BYTE,
         wrapped_len: CK_ULONG_PTR,
     ) {
-        required(mechanism)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
         required(wrapped_len)?;
         let s = session(handle)?;
         match &s.target {
@@ -370,6 +379,7 @@ cryptoki_fn! {
                     p.library,
                     C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
                 ))
+                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 if v.group.objects.get(wrapping_key).is_none() {
@@ -394,9 +404,11 @@ cryptoki_fn! {
         count: CK_ULONG,
         key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
         buffer(wrapped, wrapped_len)?;
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(key)?;
         let s = session(handle)?;
         match &s.target {
@@ -409,6 +421,7 @@ cryptoki_fn! {
                     p.library,
                     C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
                 ))
+                .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 // SAFETY: `template` is null only with a zero count (checked
@@ -443,8 +456,10 @@ cryptoki_fn! {
         count: CK_ULONG,
         key: CK_OBJECT_HANDLE_PTR,
     ) {
-        required(mechanism)?;
-        buffer(template, count)?;
+        // SAFETY: the application vouches for the mechanism it passes.
+                unsafe { mechanism_argument(mechanism) }?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
@@ -462,6 +477,7 @@ cryptoki_fn! {
                     p.library,
                     C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
                 ))
+                .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 // Some mechanisms (TLS key-and-MAC derivation) return their

@@ -111,8 +111,7 @@ cryptoki_fn! {
 
     fn C_GetSlotList(token_present: CK_BBOOL, slots: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) {
         required(count)?;
-        let provider = provider::get()?;
-        let slot_list = provider.slot_list(token_present != CK_FALSE);
+        let slot_list = provider::with(|p| Ok(p.slot_list(token_present != CK_FALSE)))?;
         // SAFETY: `count` is not null (checked above); the application
         // vouches that `slots`, when not null, has room for `*count` IDs.
         unsafe { copy_out(&slot_list, slots, count) }
@@ -120,7 +119,7 @@ cryptoki_fn! {
 
     fn C_GetSlotInfo(slot: CK_SLOT_ID, info: *mut CK_SLOT_INFO) {
         required(info)?;
-        let slot_info = provider::get()?.slot_info(slot)?;
+        let slot_info = provider::with(|p| p.slot_info(slot))?;
         // SAFETY: `info` is not null (checked above) and writable.
         unsafe { *info = slot_info };
         Ok(())
@@ -128,7 +127,7 @@ cryptoki_fn! {
 
     fn C_GetTokenInfo(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) {
         required(info)?;
-        let token_info = provider::get()?.token_info(slot)?;
+        let token_info = provider::with(|p| p.token_info(slot))?;
         // SAFETY: `info` is not null (checked above) and writable.
         unsafe { *info = token_info };
         Ok(())
@@ -136,7 +135,7 @@ cryptoki_fn! {
 
     fn C_GetMechanismList(slot: CK_SLOT_ID, mechanisms: CK_MECHANISM_TYPE_PTR, count: CK_ULONG_PTR) {
         required(count)?;
-        let mechanism_list = provider::get()?.mechanisms(slot)?;
+        let mechanism_list = provider::with(|p| p.mechanisms(slot))?;
         // SAFETY: `count` is not null (checked above); the application
         // vouches that `mechanisms`, when not null, has room for `*count`.
         unsafe { copy_out(&mechanism_list, mechanisms, count) }
@@ -144,7 +143,7 @@ cryptoki_fn! {
 
     fn C_GetMechanismInfo(slot: CK_SLOT_ID, mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO) {
         required(info)?;
-        let mechanism_info = provider::get()?.mechanism_info(slot, mechanism)?;
+        let mechanism_info = provider::with(|p| p.mechanism_info(slot, mechanism))?;
         // SAFETY: `info` is not null (checked above) and writable.
         unsafe { *info = mechanism_info };
         Ok(())
@@ -153,14 +152,14 @@ cryptoki_fn! {
     fn C_InitToken(slot: CK_SLOT_ID, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG, label: *mut CK_UTF8CHAR) {
         super::buffer(pin, pin_len)?;
         required(label)?;
-        match provider::get()?.slot(slot)? {
+        provider::with(|p| match p.slot(slot)? {
             Slot::PassThrough(library, member_slot) => {
                 check(member_call!(library, C_InitToken(member_slot, pin, pin_len, label)))
             }
             // Members are initialised one by one, through their own slots;
             // erasing a whole group in one call is not something to offer.
             Slot::Virtual(_) => Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED)),
-        }
+        })
     }
 
     fn C_WaitForSlotEvent(flags: CK_FLAGS, slot: CK_SLOT_ID_PTR, reserved: *mut std::ffi::c_void) {

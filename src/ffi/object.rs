@@ -1,7 +1,7 @@
 //! Object management and search.
 
-use super::{buffer, cryptoki_fn, required, session};
-use crate::error::check;
+use super::{buffer, cryptoki_fn, required, session, template_argument};
+use crate::error::{check, Error};
 use crate::member::member_call;
 use crate::session::Target;
 use crate::virtual_session::{Input, OpKind, Step};
@@ -14,7 +14,8 @@ cryptoki_fn! {
         count: CK_ULONG,
         object: CK_OBJECT_HANDLE_PTR,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(object)?;
         let s = session(handle)?;
         match &s.target {
@@ -42,7 +43,8 @@ cryptoki_fn! {
         count: CK_ULONG,
         object: CK_OBJECT_HANDLE_PTR,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         required(object)?;
         let s = session(handle)?;
         match &s.target {
@@ -56,7 +58,7 @@ cryptoki_fn! {
             Target::Virtual(v) => {
                 // SAFETY: `template` is null only with a zero count (checked
                 // above); the application vouches for `count` attributes.
-                let made = unsafe { v.copy_object(handle, source, template, count) }?;
+                let made = unsafe { v.copy_object(handle, source, template, count) }.map_err(Error::as_object)?;
                 // SAFETY: `object` is not null (checked above) and writable.
                 unsafe { *object = made };
                 Ok(())
@@ -71,7 +73,7 @@ cryptoki_fn! {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
                 check(member_call!(p.library, C_DestroyObject(p.handle, object)))
             }
-            Target::Virtual(v) => v.destroy_object(object),
+            Target::Virtual(v) => v.destroy_object(object).map_err(Error::as_object),
         }
     }
 
@@ -83,9 +85,11 @@ cryptoki_fn! {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
                 check(member_call!(p.library, C_GetObjectSize(p.handle, object, size)))
             }
-            Target::Virtual(v) => v.stateless(&[object], "C_GetObjectSize", |l, m, h| {
-                member_call!(l, C_GetObjectSize(m, h[0], size))
-            }),
+            Target::Virtual(v) => v
+                .stateless(&[object], "C_GetObjectSize", |l, m, h| {
+                    member_call!(l, C_GetObjectSize(m, h[0], size))
+                })
+                .map_err(Error::as_object),
         }
     }
 
@@ -105,7 +109,7 @@ cryptoki_fn! {
             // SAFETY: `template` is null only with a zero count (checked
             // above); the application vouches for `count` attributes with
             // buffers of the lengths they give.
-            Target::Virtual(v) => unsafe { v.get_attribute_value(object, template, count) },
+            Target::Virtual(v) => unsafe { v.get_attribute_value(object, template, count) }.map_err(Error::as_object),
         }
     }
 
@@ -115,7 +119,8 @@ cryptoki_fn! {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
@@ -127,12 +132,13 @@ cryptoki_fn! {
             }
             // SAFETY: `template` is null only with a zero count (checked
             // above); the application vouches for `count` attributes.
-            Target::Virtual(v) => unsafe { v.set_attribute_value(object, template, count) },
+            Target::Virtual(v) => unsafe { v.set_attribute_value(object, template, count) }.map_err(Error::as_object),
         }
     }
 
     fn C_FindObjectsInit(handle: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes.
+        unsafe { template_argument(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template, count))),

@@ -37,23 +37,23 @@ cryptoki_fn! {
         handle: CK_SESSION_HANDLE_PTR,
     ) {
         required(handle)?;
-        let opened = provider::get()?.open_session(slot, flags)?;
+        let opened = provider::with(|p| p.open_session(slot, flags))?;
         // SAFETY: `handle` is not null (checked above) and writable.
         unsafe { *handle = opened };
         Ok(())
     }
 
     fn C_CloseSession(handle: CK_SESSION_HANDLE) {
-        provider::get()?.close_session(handle)
+        provider::with(|p| p.close_session(handle))
     }
 
     fn C_CloseAllSessions(slot: CK_SLOT_ID) {
-        provider::get()?.close_all_sessions(slot)
+        provider::with(|p| p.close_all_sessions(slot))
     }
 
     fn C_GetSessionInfo(handle: CK_SESSION_HANDLE, info: *mut CK_SESSION_INFO) {
         required(info)?;
-        let session_info = provider::get()?.session_info(handle)?;
+        let session_info = provider::with(|p| p.session_info(handle))?;
         // SAFETY: `info` is not null (checked above) and writable.
         unsafe { *info = session_info };
         Ok(())
@@ -61,20 +61,24 @@ cryptoki_fn! {
 
     fn C_Login(handle: CK_SESSION_HANDLE, user_type: CK_USER_TYPE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
         buffer(pin_ptr, pin_len)?;
-        let s = session(handle)?;
-        if let (Target::Virtual(v), CKU_CONTEXT_SPECIFIC) = (&s.target, user_type) {
-            let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
-            let m = v.member_session(position)?;
-            return check(member_call!(m.library, C_Login(m.handle, user_type, pin_ptr, pin_len)));
+        {
+            // Released before the provider's lock is taken: a close waiting
+            // for this session's calls may hold that lock.
+            let s = session(handle)?;
+            if let (Target::Virtual(v), CKU_CONTEXT_SPECIFIC) = (&s.target, user_type) {
+                let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
+                let m = v.member_session(position)?;
+                return check(member_call!(m.library, C_Login(m.handle, user_type, pin_ptr, pin_len)));
+            }
         }
         // SAFETY: `pin_ptr` is null only with a zero length (checked
         // above); the application vouches for `pin_len` bytes.
         let pin = unsafe { pin(pin_ptr, pin_len) };
-        provider::get()?.login(handle, user_type, pin)
+        provider::with(|p| p.login(handle, user_type, pin))
     }
 
     fn C_Logout(handle: CK_SESSION_HANDLE) {
-        provider::get()?.logout(handle)
+        provider::with(|p| p.logout(handle))
     }
 
     fn C_InitPIN(handle: CK_SESSION_HANDLE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
