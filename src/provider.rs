@@ -576,10 +576,12 @@ impl Provider {
     /// all be searched now is looked up again at its next session.
     fn hidden_on(&self, library: &Arc<MemberLibrary>) -> Arc<HiddenObjects> {
         let key = Arc::as_ptr(library) as usize;
-        let mut hidden = self.hidden.lock();
-        if let Some(found) = hidden.get(&key) {
+        if let Some(found) = self.hidden.lock().get(&key) {
             return Arc::clone(found);
         }
+        // Looked up without the lock: a library that does not answer holds
+        // up only its own sessions. Two threads may look up at once; the
+        // first one kept wins.
         let mut handles = Vec::new();
         let mut keepers = Vec::new();
         let slots = library.token_slots();
@@ -609,7 +611,7 @@ impl Provider {
             _keepers: keepers,
         });
         if complete {
-            hidden.insert(key, Arc::clone(&found));
+            return Arc::clone(self.hidden.lock().entry(key).or_insert(found));
         }
         found
     }
