@@ -21,6 +21,7 @@
 //! VirtualToken00Members     = 154438865287,1238700701509   ; member serials, primary first
 //! VirtualToken00Standby     = 1238700701510      ; optional, standby member serials
 //! VirtualToken00DomainLabel = myHAdomain         ; optional, default pkcs11-ha-domain
+//! VirtualToken00MinReplicas = 2                  ; optional, default 1: members an object must be on
 //! VirtualTokenActiveRecovery = activeEnhanced    ; optional, or activeBasic
 //!
 //! [HASynchronize]                                ; optional section
@@ -274,6 +275,10 @@ pub struct GroupConfig {
     /// `[HASynchronize] <label> = 1` (the default): a recovered member gets
     /// the objects it lacks before it rejoins.
     pub synchronize: bool,
+    /// `VirtualTokenNNMinReplicas`: on how many members an object must be
+    /// before a call that makes it returns OK (1, Luna's behaviour, by
+    /// default).
+    pub min_replicas: usize,
 }
 
 /// Group 00 without label or members, every option at its default.
@@ -287,6 +292,7 @@ impl Default for GroupConfig {
             standby: Vec::new(),
             domain_label: DEFAULT_DOMAIN_LABEL.to_owned(),
             synchronize: true,
+            min_replicas: 1,
         }
     }
 }
@@ -441,6 +447,9 @@ impl Config {
             }
             if group.domain_label != DEFAULT_DOMAIN_LABEL {
                 writeln!(out, "{} = {}", key(Field::DomainLabel), group.domain_label)?;
+            }
+            if group.min_replicas != 1 {
+                writeln!(out, "{} = {}", key(Field::MinReplicas), group.min_replicas)?;
             }
         }
         if self.recovery.mode != RecoveryMode::default() {
@@ -935,15 +944,17 @@ enum Field {
     Members,
     Standby,
     DomainLabel,
+    MinReplicas,
 }
 
 impl Field {
-    const ALL: [Field; 5] = [
+    const ALL: [Field; 6] = [
         Field::Label,
         Field::Sn,
         Field::Members,
         Field::Standby,
         Field::DomainLabel,
+        Field::MinReplicas,
     ];
 
     fn suffix(self) -> &'static str {
@@ -953,6 +964,7 @@ impl Field {
             Field::Members => "Members",
             Field::Standby => "Standby",
             Field::DomainLabel => "DomainLabel",
+            Field::MinReplicas => "MinReplicas",
         }
     }
 }
@@ -1084,6 +1096,20 @@ fn parse_groups(
         };
 
         let count = members.len() + standby.len();
+        let min_replicas = match value(Field::MinReplicas) {
+            None => 1,
+            Some(text) => match text.parse::<usize>() {
+                Ok(n) if (1..=count).contains(&n) => n,
+                _ => {
+                    let problem = format!(
+                        "{text:?} is not a number of members from 1 to {count} (the group's \
+                         members and standbys); it says on how many members an object must be \
+                         before the call that makes it succeeds"
+                    );
+                    return Err(err(&key(Field::MinReplicas), problem));
+                }
+            },
+        };
         if count > MAX_GROUP_MEMBERS {
             let field = if members.len() > MAX_GROUP_MEMBERS {
                 Field::Members
@@ -1091,7 +1117,9 @@ fn parse_groups(
                 Field::Standby
             };
             let problem = format!(
-                "group {index:02} has {count} members and standbys, more than the                  {MAX_GROUP_MEMBERS} CA_GetHAState can report; split it into groups of at                  most {MAX_GROUP_MEMBERS}"
+                "group {index:02} has {count} members and standbys, more than the \
+                 {MAX_GROUP_MEMBERS} CA_GetHAState can report; split it into groups of at \
+                 most {MAX_GROUP_MEMBERS}"
             );
             return Err(err(&key(field), problem));
         }
@@ -1122,6 +1150,7 @@ fn parse_groups(
             standby,
             domain_label,
             synchronize: true,
+            min_replicas,
         });
     }
 
@@ -1240,6 +1269,7 @@ VirtualToken00SN      = 1154438865287          ; optional
 VirtualToken00Members = 154438865287,1238700701509   ; member token serials, primary first
 VirtualToken00Standby = 1238700701510          ; optional, standby member serials
 VirtualToken00DomainLabel = myHAdomain         ; optional wrapping key label
+VirtualToken00MinReplicas = 2
 
 [HAConfiguration]
 HAOnly = 0                                     ; 1 = show only virtual slots
@@ -1271,6 +1301,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
             standby: Vec::new(),
             domain_label: DEFAULT_DOMAIN_LABEL.into(),
             synchronize: true,
+            min_replicas: 1,
         }
     }
 
@@ -1302,6 +1333,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
                     standby: vec!["1238700701510".into()],
                     domain_label: "myHAdomain".into(),
                     synchronize: true,
+                    min_replicas: 2,
                 }],
                 ha_only: false,
                 multipart_replay_limit: 4096,

@@ -254,6 +254,9 @@ pub struct GroupSettings {
     pub domain_label: String,
     /// Bytes of multi-part input kept to replay an operation elsewhere.
     pub replay_limit: usize,
+    /// Members an object must be on before the call that makes it
+    /// succeeds (`VirtualTokenNNMinReplicas`).
+    pub min_replicas: usize,
 }
 
 /// Each member's domain key handle, and the check value all must share.
@@ -1169,6 +1172,7 @@ mod tests {
             GroupSettings {
                 domain_label: "d".into(),
                 replay_limit: 0,
+                min_replicas: 1,
             },
         );
         let value = [9u8; 32];
@@ -1207,6 +1211,7 @@ mod tests {
         let settings = GroupSettings {
             domain_label: "d".into(),
             replay_limit: 0,
+            min_replicas: 1,
         };
         let group = Group::new(
             0,

@@ -379,6 +379,7 @@ impl Provider {
                     GroupSettings {
                         domain_label: g.domain_label.clone(),
                         replay_limit: config.multipart_replay_limit,
+                        min_replicas: g.min_replicas,
                     },
                 );
                 for member in &group.members {

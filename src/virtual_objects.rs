@@ -329,6 +329,11 @@ impl VirtualSession {
                 self.note_copy(object, position, handle, answer, &mut made)?;
             }
         }
+        if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
+            self.undo(&made);
+            self.group.objects.remove(object);
+            return Err(e);
+        }
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
         }
@@ -344,6 +349,35 @@ impl VirtualSession {
             }
         }
         Ok(object)
+    }
+
+    /// `VirtualTokenNNMinReplicas`: each new object must be on that many
+    /// members before the call that made it succeeds; otherwise the caller
+    /// removes it everywhere and the call fails, with one line saying why.
+    fn check_replicas(&self, objects: &[CK_OBJECT_HANDLE], function: &str) -> Result<()> {
+        let wanted = self.group.settings.min_replicas;
+        if wanted <= 1 {
+            return Ok(());
+        }
+        for object in objects {
+            let held = self.group.objects.get(*object).map_or(0, |o| {
+                o.on.iter()
+                    .filter(|p| matches!(p, Presence::Present(_)))
+                    .count()
+            });
+            if held < wanted {
+                let event = format!(
+                    "{function} made an object on {held} member(s), fewer than \
+                     VirtualToken{:02}MinReplicas = {wanted} (members are down); it was removed \
+                     again and the call failed",
+                    self.group.index
+                );
+                eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+                self.group.log(None, &event);
+                return Err(Error::new(CKR_FUNCTION_FAILED));
+            }
+        }
+        Ok(())
     }
 
     /// Records one member's answer to a call that makes `object` on every
@@ -454,6 +488,11 @@ impl VirtualSession {
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
+        if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
+            self.undo(&made);
+            self.group.objects.remove(object);
+            return Err(e);
+        }
         self.remember_fingerprint(object, made[0].0, made[0].1);
         if owner.is_none() {
             for position in missed {
@@ -1055,6 +1094,9 @@ impl VirtualSession {
                     failure = Some(e);
                     break;
                 }
+            }
+            if failure.is_none() {
+                failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
                 return Ok(objects);

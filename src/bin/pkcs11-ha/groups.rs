@@ -705,6 +705,7 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> Res<ExitCode> {
         standby: Vec::new(),
         domain_label,
         synchronize: true,
+        min_replicas: 1,
     });
     new.groups.sort_by_key(|g| g.index);
     ctx.save(&new)?;
