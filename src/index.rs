@@ -1,6 +1,7 @@
 //! What one member token holds: its token objects by handle and by
-//! fingerprint, read in one enumeration and then kept current by the
-//! group's own creations and removals. An object is then found on a member
+//! fingerprint, read in one enumeration and then kept current with what
+//! the group finds, changes and removes there (objects the group makes are
+//! known by handle already and need no lookup). An object is then found on a member
 //! by a lookup in memory instead of a search of the whole token -- a
 //! search costs time in proportion to the token's size, so enumerating N
 //! objects of a member by searches would cost N^2.
