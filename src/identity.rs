@@ -158,14 +158,7 @@ fn read_in_one_call(
                 ulValueLen: ROOM as CK_ULONG,
             })
             .collect();
-        let rv = member_call!(
-            library,
-            C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
-        );
-        if !matches!(
-            rv,
-            CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
-        ) {
+        if !answered(library, session, object, &mut query) {
             return None;
         }
         let value = |a: &CK_ATTRIBUTE| -> Option<Vec<u8>> {
@@ -197,6 +190,25 @@ fn read_in_one_call(
     })
 }
 
+/// One `C_GetAttributeValue` of `query`; true when the library answered
+/// each attribute (the specification has it answer all of them even when
+/// some are missing or sensitive).
+fn answered(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    query: &mut [CK_ATTRIBUTE],
+) -> bool {
+    let rv = member_call!(
+        library,
+        C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
+    );
+    matches!(
+        rv,
+        CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
+    )
+}
+
 /// Marks an attribute the library left untouched in a batched read.
 const UNANSWERED: CK_ULONG = CK_UNAVAILABLE_INFORMATION - 1;
 
@@ -219,14 +231,7 @@ pub fn read_attributes(
             ulValueLen: UNANSWERED,
         })
         .collect();
-    let rv = member_call!(
-        library,
-        C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
-    );
-    if !matches!(
-        rv,
-        CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
-    ) {
+    if !answered(library, session, object, &mut query) {
         return None;
     }
     let mut values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> = Vec::with_capacity(types.len());
@@ -433,14 +438,7 @@ pub fn present_arrays(
             ulValueLen: 0,
         })
         .collect();
-    let rv = member_call!(
-        library,
-        C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
-    );
-    if !matches!(
-        rv,
-        CKR_OK | CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE
-    ) {
+    if !answered(library, session, object, &mut query) {
         return types.to_vec();
     }
     query

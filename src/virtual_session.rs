@@ -977,8 +977,11 @@ impl VirtualSession {
         if keys.is_empty() {
             return Ok((first, Handles::new()));
         }
+        if let Some(handles) = self.known_on(keys, first) {
+            return Ok((first, handles));
+        }
         if !bound && preference == Preference::LeastBusy(STATELESS_LANE) {
-            if let Some(known) = self.known_elsewhere(keys, first) {
+            if let Some(known) = self.known_elsewhere(keys) {
                 return Ok(known);
             }
         }
@@ -991,31 +994,29 @@ impl VirtualSession {
         self.choose_among(keys, self.candidates(preference))
     }
 
+    /// The member handles of `keys` on `position` where every one is
+    /// known there already (no lookup): the path of almost every call.
+    #[inline(always)]
+    fn known_on(&self, keys: &[CK_OBJECT_HANDLE], position: usize) -> Option<Handles> {
+        keys.iter()
+            .map(|k| match self.group.objects.presence(*k, position) {
+                Some(Presence::Present(h)) => Some(h),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// For a stateless call whose first choice would have to look an
     /// object up: a serving member where every object is known already.
     /// Any member answers such a call alike, and an application reading
     /// the objects it just found (a keystore load) then costs no lookup
     /// on the other members at all.
-    #[inline(always)]
-    fn known_elsewhere(&self, keys: &[CK_OBJECT_HANDLE], first: usize) -> Option<(usize, Handles)> {
-        let presence =
-            |key: &CK_OBJECT_HANDLE, position| self.group.objects.presence(*key, position);
-        if keys
-            .iter()
-            .all(|k| !matches!(presence(k, first), Some(Presence::Unknown)))
-        {
-            return None;
-        }
-        self.group.serving_members().into_iter().find_map(|m| {
-            let handles: Option<Handles> = keys
-                .iter()
-                .map(|k| match presence(k, m.position) {
-                    Some(Presence::Present(h)) => Some(h),
-                    _ => None,
-                })
-                .collect();
-            handles.map(|h| (m.position, h))
-        })
+    #[cold]
+    fn known_elsewhere(&self, keys: &[CK_OBJECT_HANDLE]) -> Option<(usize, Handles)> {
+        self.group
+            .serving_members()
+            .into_iter()
+            .find_map(|m| Some((m.position, self.known_on(keys, m.position)?)))
     }
 
     /// [`Self::choose`] for a session whose operations were bound to the

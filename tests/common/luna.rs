@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use super::trusted_wrapping_key;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use cryptoki_sys::{CKR_OK, CK_RV};
@@ -188,21 +188,7 @@ pub fn provision_partitions(hsm: &SoftHsm, domains: &[&str], domain_key: bool) {
             .expect("SO login");
         let key = |label: String, value: Vec<u8>| {
             session
-                .create_object(&[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::Token(true),
-                    Attribute::Private(false),
-                    Attribute::Label(label.into_bytes()),
-                    Attribute::Value(value),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Trusted(true),
-                    Attribute::Wrap(true),
-                    Attribute::Unwrap(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                ])
+                .create_object(&trusted_wrapping_key(&label, &value))
                 .expect("create a domain key")
         };
         key(

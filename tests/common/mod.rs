@@ -413,24 +413,31 @@ pub fn provision_domain(hsm: &SoftHsm, value: &[u8; 32]) {
             .login(UserType::So, Some(&AuthPin::new(SO_PIN.into())))
             .expect("SO login");
         session
-            .create_object(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::Token(true),
-                Attribute::Private(false),
-                Attribute::Label(DOMAIN_LABEL.into()),
-                Attribute::Value(value.to_vec()),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Trusted(true),
-                Attribute::Wrap(true),
-                Attribute::Unwrap(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-            ])
+            .create_object(&trusted_wrapping_key(DOMAIN_LABEL, value))
             .expect("create the domain key");
     }
     softhsm.finalize().expect("C_Finalize of SoftHSM");
+}
+
+/// The template of a key only an SO can make: AES, trusted, that only
+/// wraps and unwraps and never leaves the token -- a group's domain key,
+/// or a stand-in Luna partition's cloning key.
+pub fn trusted_wrapping_key(label: &str, value: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Label(label.into()),
+        Attribute::Value(value.to_vec()),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Trusted(true),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+    ]
 }
 
 /// Load SoftHSM directly (not initialised). Do not initialise it while the
