@@ -790,7 +790,9 @@ impl VirtualSession {
     ) -> Result<()> {
         let (before, missed) = loop {
             let (copies, mut missed) = self.resolve_everywhere(object)?;
-            let before = self.fingerprint_from(copies[0]);
+            // From the first copy that answers: a member failing here must
+            // not leave the members that missed the change without it.
+            let before = copies.iter().find_map(|copy| self.fingerprint_from(*copy));
             let mut decided = false;
             for (position, handle) in copies {
                 let answer = self.attempt(position, function, &mut |l, s| change(l, s, handle));
