@@ -1,0 +1,920 @@
+//! The simulated tokens: objects, sessions, logins and operations in
+//! memory, and the faults the simulation driver plants on them. No raw
+//! pointer reaches this module; `lib.rs` converts at the C boundary.
+//!
+//! The "cryptography" is just enough to check results: a signature is
+//! SHA-256(key value || data), a digest is real SHA-256, encryption XORs
+//! the data with a keystream of SHA-256(key value || block number), and a
+//! wrapped key is its value under that keystream followed by an 8-byte tag.
+
+use cryptoki_sys::*;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// The Crypto Officer PIN of every simulated token.
+pub const USER_PIN: &[u8] = b"1234";
+/// Label and value of the domain key every token starts with.
+pub const DOMAIN_LABEL: &[u8] = b"pkcs11-ha-domain";
+pub const DOMAIN_VALUE: [u8; 32] = [0x42; 32];
+/// Slot IDs start here, so that a slot number mistaken for a token index shows.
+pub const FIRST_SLOT: CK_SLOT_ID = 10;
+
+/// What the driver can do to a token (`sim_fault`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Fault {
+    /// Every call fails with `CKR_DEVICE_ERROR` and the token leaves the
+    /// slot list; healing restarts it: sessions, logins and session
+    /// objects are gone and object handles renumbered, and a networked
+    /// library has lost its connection.
+    Crash,
+    /// Every call reports that it ran past its deadline
+    /// (`CKR_DEVICE_ERROR`) and the token leaves the slot list; healing
+    /// resumes it with its sessions intact, but a networked library has
+    /// lost its connection (pkcs11-ha's watchdog cut it).
+    Hang,
+    /// The next call fails with `CKR_DEVICE_ERROR` before it is carried
+    /// out, and the library's connection is lost (see [`Sim::disconnected`]).
+    Reset,
+    /// The next call that makes or destroys an object is carried out, but
+    /// its answer is lost: it returns `CKR_DEVICE_ERROR`.
+    LoseAnswer,
+    /// `C_WrapKey` and `C_UnwrapKey` fail with `CKR_MECHANISM_INVALID`.
+    RefuseWrap,
+    /// Closing the token's last session renumbers its object handles, as
+    /// SoftHSM does.
+    RenumberOnLastClose,
+}
+
+impl Fault {
+    pub fn from_code(code: u32) -> Option<Fault> {
+        Some(match code {
+            1 => Fault::Crash,
+            2 => Fault::Hang,
+            3 => Fault::Reset,
+            4 => Fault::LoseAnswer,
+            5 => Fault::RefuseWrap,
+            6 => Fault::RenumberOnLastClose,
+            _ => return None,
+        })
+    }
+}
+
+pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
+
+pub struct Object {
+    pub attributes: Attributes,
+    /// The session a session object belongs to.
+    pub session: Option<CK_SESSION_HANDLE>,
+}
+
+impl Object {
+    pub fn flag(&self, attribute: CK_ATTRIBUTE_TYPE) -> bool {
+        self.attributes
+            .get(&attribute)
+            .is_some_and(|v| v.first() == Some(&1))
+    }
+
+    fn value(&self) -> &[u8] {
+        self.attributes.get(&CKA_VALUE).map_or(&[], Vec::as_slice)
+    }
+}
+
+pub enum Operation {
+    Digest(Vec<u8>),
+    Sign { key: Vec<u8>, data: Vec<u8> },
+    Verify { key: Vec<u8>, data: Vec<u8> },
+    Encrypt { key: Vec<u8>, offset: usize },
+    Decrypt { key: Vec<u8>, offset: usize },
+}
+
+pub struct Session {
+    pub token: usize,
+    pub read_write: bool,
+    pub operation: Option<Operation>,
+    pub find: Option<Vec<CK_OBJECT_HANDLE>>,
+}
+
+#[derive(Default)]
+pub struct Token {
+    pub serial: String,
+    /// Objects by a number of their own; handles map onto these.
+    objects: BTreeMap<u64, Object>,
+    handles: BTreeMap<CK_OBJECT_HANDLE, u64>,
+    next_object: u64,
+    next_handle: CK_OBJECT_HANDLE,
+    pub logged_in: bool,
+    pub crashed: bool,
+    pub hung: bool,
+    pub reset_next: bool,
+    pub lose_next_answer: bool,
+    pub refuse_wrap: bool,
+    pub renumber_on_last_close: bool,
+}
+
+/// The whole simulated library.
+#[derive(Default)]
+pub struct Sim {
+    pub initialized: bool,
+    /// The library stands for a client of a server (as p11-kit's is): a
+    /// token restart loses its connection.
+    networked: bool,
+    /// The connection is lost: every call fails with `CKR_DEVICE_ERROR`
+    /// until `C_Finalize` and `C_Initialize` reconnect, as with p11-kit.
+    pub disconnected: bool,
+    pub tokens: Vec<Token>,
+    pub sessions: BTreeMap<CK_SESSION_HANDLE, Session>,
+    next_session: CK_SESSION_HANDLE,
+    /// Seeds generated key values and random bytes.
+    seed: u64,
+    generated: u64,
+}
+
+pub type Result<T> = std::result::Result<T, CK_RV>;
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part);
+    }
+    hash.finalize().into()
+}
+
+/// The simulated signature: SHA-256(key value || data).
+pub fn sign(key: &[u8], data: &[u8]) -> Vec<u8> {
+    sha256(&[key, data]).to_vec()
+}
+
+/// XORs `data` in place with the keystream of `key` from byte `offset`.
+pub fn keystream_xor(key: &[u8], offset: usize, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset + i;
+        let block = sha256(&[key, &(at as u64 / 32).to_le_bytes()]);
+        *byte ^= block[at % 32];
+    }
+}
+
+fn wrap_tag(wrapping_key: &[u8], value: &[u8]) -> [u8; 8] {
+    let tag = sha256(&[b"wrap", wrapping_key, value]);
+    tag[..8].try_into().expect("8 of 32 bytes")
+}
+
+fn check_value(value: &[u8]) -> Vec<u8> {
+    sha256(&[value])[..3].to_vec()
+}
+
+fn boolean(on: bool) -> Vec<u8> {
+    vec![u8::from(on)]
+}
+
+fn ulong(v: CK_ULONG) -> Vec<u8> {
+    v.to_ne_bytes().to_vec()
+}
+
+fn ulong_of(bytes: &[u8]) -> Option<CK_ULONG> {
+    Some(CK_ULONG::from_ne_bytes(bytes.try_into().ok()?))
+}
+
+impl Token {
+    fn new(serial: String) -> Token {
+        let mut token = Token {
+            serial,
+            next_handle: 1,
+            ..Token::default()
+        };
+        let mut domain = Attributes::new();
+        for (t, v) in [
+            (CKA_CLASS, ulong(CKO_SECRET_KEY)),
+            (CKA_KEY_TYPE, ulong(CKK_AES)),
+            (CKA_TOKEN, boolean(true)),
+            (CKA_PRIVATE, boolean(false)),
+            (CKA_LABEL, DOMAIN_LABEL.to_vec()),
+            (CKA_VALUE, DOMAIN_VALUE.to_vec()),
+            (CKA_SENSITIVE, boolean(true)),
+            (CKA_EXTRACTABLE, boolean(false)),
+            (CKA_TRUSTED, boolean(true)),
+            (CKA_WRAP, boolean(true)),
+            (CKA_UNWRAP, boolean(true)),
+        ] {
+            domain.insert(t, v);
+        }
+        complete_secret_key(&mut domain, false);
+        token.insert(Object {
+            attributes: domain,
+            session: None,
+        });
+        token
+    }
+
+    fn insert(&mut self, object: Object) -> CK_OBJECT_HANDLE {
+        let id = self.next_object;
+        self.next_object += 1;
+        self.objects.insert(id, object);
+        self.new_handle(id)
+    }
+
+    fn new_handle(&mut self, id: u64) -> CK_OBJECT_HANDLE {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.handles.insert(handle, id);
+        handle
+    }
+
+    /// Every object gets a new handle; the old ones are invalid.
+    pub fn renumber(&mut self) {
+        self.handles.clear();
+        let ids: Vec<u64> = self.objects.keys().copied().collect();
+        for id in ids {
+            self.new_handle(id);
+        }
+    }
+
+    fn visible(&self, object: &Object) -> bool {
+        self.logged_in || !object.flag(CKA_PRIVATE)
+    }
+
+    pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<&Object> {
+        let object = self
+            .handles
+            .get(&handle)
+            .and_then(|id| self.objects.get(id))
+            .ok_or(CKR_OBJECT_HANDLE_INVALID)?;
+        if self.visible(object) {
+            Ok(object)
+        } else {
+            Err(CKR_OBJECT_HANDLE_INVALID)
+        }
+    }
+
+    fn key(&self, handle: CK_OBJECT_HANDLE, usage: CK_ATTRIBUTE_TYPE) -> Result<Vec<u8>> {
+        let key = self.object(handle).map_err(|_| CKR_KEY_HANDLE_INVALID)?;
+        if !key.flag(usage) {
+            return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+        }
+        Ok(key.value().to_vec())
+    }
+
+    fn destroy_session_objects(&mut self, session: CK_SESSION_HANDLE) {
+        self.objects.retain(|_, o| o.session != Some(session));
+        let objects = &self.objects;
+        self.handles.retain(|_, id| objects.contains_key(id));
+    }
+
+    /// Token objects, for `sim_objects`: (handle-independent) attributes.
+    pub fn token_objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values().filter(|o| o.session.is_none())
+    }
+
+    fn down(&self) -> bool {
+        self.crashed || self.hung
+    }
+}
+
+/// Fills in what a token sets on a secret key it makes.
+fn complete_secret_key(attributes: &mut Attributes, local: bool) {
+    let value = attributes.get(&CKA_VALUE).cloned().unwrap_or_default();
+    let defaults = [
+        (CKA_TOKEN, boolean(false)),
+        (CKA_PRIVATE, boolean(true)),
+        (CKA_MODIFIABLE, boolean(true)),
+        (CKA_LABEL, Vec::new()),
+        (CKA_ID, Vec::new()),
+        (CKA_SENSITIVE, boolean(false)),
+        (CKA_EXTRACTABLE, boolean(true)),
+        (CKA_ENCRYPT, boolean(false)),
+        (CKA_DECRYPT, boolean(false)),
+        (CKA_SIGN, boolean(false)),
+        (CKA_VERIFY, boolean(false)),
+        (CKA_WRAP, boolean(false)),
+        (CKA_UNWRAP, boolean(false)),
+        (CKA_DERIVE, boolean(false)),
+        (CKA_WRAP_WITH_TRUSTED, boolean(false)),
+        (CKA_TRUSTED, boolean(false)),
+    ];
+    for (t, v) in defaults {
+        attributes.entry(t).or_insert(v);
+    }
+    let sensitive = attributes[&CKA_SENSITIVE] == [1];
+    let extractable = attributes[&CKA_EXTRACTABLE] == [1];
+    attributes.insert(CKA_LOCAL, boolean(local));
+    attributes.insert(CKA_ALWAYS_SENSITIVE, boolean(local && sensitive));
+    attributes.insert(CKA_NEVER_EXTRACTABLE, boolean(local && !extractable));
+    attributes.insert(CKA_VALUE_LEN, ulong(value.len() as CK_ULONG));
+    attributes.insert(CKA_CHECK_VALUE, check_value(&value));
+}
+
+fn complete_data_object(attributes: &mut Attributes) {
+    for (t, v) in [
+        (CKA_TOKEN, boolean(false)),
+        (CKA_PRIVATE, boolean(false)),
+        (CKA_MODIFIABLE, boolean(true)),
+        (CKA_LABEL, Vec::new()),
+        (CKA_APPLICATION, Vec::new()),
+        (CKA_VALUE, Vec::new()),
+    ] {
+        attributes.entry(t).or_insert(v);
+    }
+}
+
+/// Mechanisms the tokens list, with their flags.
+pub const MECHANISMS: [(CK_MECHANISM_TYPE, CK_FLAGS); 5] = [
+    (CKM_SHA256, CKF_DIGEST),
+    (CKM_SHA256_HMAC, CKF_SIGN | CKF_VERIFY),
+    (CKM_AES_ECB, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_KEY_GEN, CKF_GENERATE),
+    (CKM_AES_KEY_WRAP_PAD, CKF_WRAP | CKF_UNWRAP),
+];
+
+impl Sim {
+    /// Starts over with `tokens` fresh tokens, each holding the domain key.
+    /// Tokens are numbered from `first` in their serials.
+    pub fn reset(&mut self, tokens: usize, first: usize, networked: bool, seed: u64) {
+        *self = Sim {
+            initialized: self.initialized,
+            networked,
+            tokens: (first..first + tokens)
+                .map(|i| Token::new(format!("51500000000000{i:02}")))
+                .collect(),
+            next_session: 1,
+            seed,
+            ..Sim::default()
+        };
+    }
+
+    fn generate(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            self.generated += 1;
+            let block = sha256(&[&self.seed.to_le_bytes(), &self.generated.to_le_bytes()]);
+            out.extend_from_slice(&block);
+        }
+        out.truncate(len);
+        out
+    }
+
+    pub fn token_index(&self, slot: CK_SLOT_ID) -> Result<usize> {
+        let index = slot
+            .checked_sub(FIRST_SLOT)
+            .map(|i| i as usize)
+            .filter(|i| *i < self.tokens.len())
+            .ok_or(CKR_SLOT_ID_INVALID)?;
+        Ok(index)
+    }
+
+    /// The gate of every call on a token: its faults, in order.
+    pub fn enter(&mut self, token: usize) -> Result<()> {
+        if self.disconnected || self.tokens[token].down() {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        if std::mem::take(&mut self.tokens[token].reset_next) {
+            self.disconnect();
+            return Err(CKR_DEVICE_ERROR);
+        }
+        Ok(())
+    }
+
+    /// The connection is lost: every session and login with it.
+    pub fn disconnect(&mut self) {
+        for token in 0..self.tokens.len() {
+            self.drop_sessions(token);
+        }
+        self.disconnected = true;
+    }
+
+    /// The gate of a call on a session: the token's faults, then the session.
+    pub fn enter_session(&mut self, session: CK_SESSION_HANDLE) -> Result<usize> {
+        let token = self
+            .sessions
+            .get(&session)
+            .ok_or(CKR_SESSION_HANDLE_INVALID)?
+            .token;
+        self.enter(token)?;
+        self.sessions
+            .get(&session)
+            .map(|s| s.token)
+            .ok_or(CKR_SESSION_HANDLE_INVALID)
+    }
+
+    /// Answers `rv` for a call that changed the token, unless its answer
+    /// is to be lost.
+    fn answer(&mut self, token: usize, rv: CK_RV) -> Result<()> {
+        if rv == CKR_OK && std::mem::take(&mut self.tokens[token].lose_next_answer) {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        if rv == CKR_OK {
+            Ok(())
+        } else {
+            Err(rv)
+        }
+    }
+
+    pub fn session(&mut self, session: CK_SESSION_HANDLE) -> &mut Session {
+        self.sessions.get_mut(&session).expect("entered session")
+    }
+
+    /// Ends every session on `token`, as a lost connection or a restart does.
+    pub fn drop_sessions(&mut self, token: usize) {
+        let gone: Vec<CK_SESSION_HANDLE> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.token == token)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in gone {
+            self.end_session(handle);
+        }
+        self.tokens[token].logged_in = false;
+    }
+
+    fn end_session(&mut self, handle: CK_SESSION_HANDLE) {
+        let Some(session) = self.sessions.remove(&handle) else {
+            return;
+        };
+        let token = session.token;
+        self.tokens[token].destroy_session_objects(handle);
+        if !self.sessions.values().any(|s| s.token == token) {
+            self.tokens[token].logged_in = false;
+            if self.tokens[token].renumber_on_last_close {
+                self.tokens[token].renumber();
+            }
+        }
+    }
+
+    pub fn set_fault(&mut self, token: usize, fault: Fault) {
+        let t = &mut self.tokens[token];
+        match fault {
+            Fault::Crash => t.crashed = true,
+            Fault::Hang => t.hung = true,
+            Fault::Reset => t.reset_next = true,
+            Fault::LoseAnswer => t.lose_next_answer = true,
+            Fault::RefuseWrap => t.refuse_wrap = true,
+            Fault::RenumberOnLastClose => t.renumber_on_last_close = true,
+        }
+    }
+
+    /// Ends every fault on `token`; a crashed token restarts.
+    pub fn heal(&mut self, token: usize) {
+        if self.tokens[token].crashed {
+            self.drop_sessions(token);
+            self.tokens[token].renumber();
+            if self.networked {
+                self.disconnect();
+            }
+        }
+        if self.tokens[token].hung && self.networked {
+            // The deadline passed: pkcs11-ha's watchdog cut the connection.
+            self.disconnect();
+        }
+        let t = &mut self.tokens[token];
+        t.crashed = false;
+        t.hung = false;
+        t.reset_next = false;
+        t.lose_next_answer = false;
+        t.refuse_wrap = false;
+    }
+
+    /// Tokens that are present: not crashed or hung.
+    pub fn present_tokens(&self) -> Result<Vec<CK_SLOT_ID>> {
+        if self.disconnected {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        Ok((0..self.tokens.len())
+            .filter(|i| !self.tokens[*i].down())
+            .map(|i| FIRST_SLOT + i as CK_SLOT_ID)
+            .collect())
+    }
+
+    pub fn open_session(&mut self, token: usize, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
+        self.enter(token)?;
+        if flags & CKF_SERIAL_SESSION == 0 {
+            return Err(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
+        }
+        let handle = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(
+            handle,
+            Session {
+                token,
+                read_write: flags & CKF_RW_SESSION != 0,
+                operation: None,
+                find: None,
+            },
+        );
+        Ok(handle)
+    }
+
+    pub fn close_session(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
+        self.enter_session(session)?;
+        self.end_session(session);
+        Ok(())
+    }
+
+    pub fn close_all_sessions(&mut self, token: usize) -> Result<()> {
+        self.enter(token)?;
+        self.drop_sessions(token);
+        Ok(())
+    }
+
+    pub fn session_state(&mut self, session: CK_SESSION_HANDLE) -> Result<(usize, bool, bool)> {
+        let token = self.enter_session(session)?;
+        let rw = self.session(session).read_write;
+        Ok((token, rw, self.tokens[token].logged_in))
+    }
+
+    pub fn login(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        user: CK_USER_TYPE,
+        pin: &[u8],
+    ) -> Result<()> {
+        let token = self.enter_session(session)?;
+        if user != CKU_USER {
+            return Err(CKR_USER_TYPE_INVALID);
+        }
+        if self.tokens[token].logged_in {
+            return Err(CKR_USER_ALREADY_LOGGED_IN);
+        }
+        if pin != USER_PIN {
+            return Err(CKR_PIN_INCORRECT);
+        }
+        self.tokens[token].logged_in = true;
+        Ok(())
+    }
+
+    pub fn logout(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
+        let token = self.enter_session(session)?;
+        if !std::mem::take(&mut self.tokens[token].logged_in) {
+            return Err(CKR_USER_NOT_LOGGED_IN);
+        }
+        Ok(())
+    }
+
+    fn check_writable(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        attributes: &Attributes,
+    ) -> Result<usize> {
+        let token = self.enter_session(session)?;
+        let on_token = attributes.get(&CKA_TOKEN).is_some_and(|v| v == &[1]);
+        if on_token && !self.session(session).read_write {
+            return Err(CKR_SESSION_READ_ONLY);
+        }
+        let private = attributes.get(&CKA_PRIVATE).is_none_or(|v| v == &[1]);
+        let class = attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
+        if private && class != Some(CKO_DATA) && !self.tokens[token].logged_in {
+            return Err(CKR_USER_NOT_LOGGED_IN);
+        }
+        if attributes.get(&CKA_TRUSTED).is_some_and(|v| v == &[1]) {
+            return Err(CKR_ATTRIBUTE_READ_ONLY);
+        }
+        Ok(token)
+    }
+
+    fn store(
+        &mut self,
+        token: usize,
+        session: CK_SESSION_HANDLE,
+        attributes: Attributes,
+    ) -> CK_OBJECT_HANDLE {
+        let on_token = attributes.get(&CKA_TOKEN).is_some_and(|v| v == &[1]);
+        self.tokens[token].insert(Object {
+            attributes,
+            session: (!on_token).then_some(session),
+        })
+    }
+
+    pub fn create_object(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mut attributes: Attributes,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let token = self.check_writable(session, &attributes)?;
+        match attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v)) {
+            Some(CKO_DATA) => complete_data_object(&mut attributes),
+            Some(CKO_SECRET_KEY) => {
+                let Some(value) = attributes.get(&CKA_VALUE) else {
+                    return Err(CKR_TEMPLATE_INCOMPLETE);
+                };
+                if value.is_empty() {
+                    return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+                }
+                complete_secret_key(&mut attributes, false);
+            }
+            Some(_) => return Err(CKR_ATTRIBUTE_VALUE_INVALID),
+            None => return Err(CKR_TEMPLATE_INCOMPLETE),
+        }
+        let handle = self.store(token, session, attributes);
+        self.answer(token, CKR_OK)?;
+        Ok(handle)
+    }
+
+    pub fn generate_key(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+        mut attributes: Attributes,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        if mechanism != CKM_AES_KEY_GEN {
+            return Err(CKR_MECHANISM_INVALID);
+        }
+        let token = self.check_writable(session, &attributes)?;
+        let len = attributes
+            .get(&CKA_VALUE_LEN)
+            .and_then(|v| ulong_of(v))
+            .ok_or(CKR_TEMPLATE_INCOMPLETE)? as usize;
+        if ![16, 24, 32].contains(&len) {
+            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        if attributes.contains_key(&CKA_VALUE) {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
+        }
+        let value = self.generate(len);
+        attributes.insert(CKA_CLASS, ulong(CKO_SECRET_KEY));
+        attributes.insert(CKA_KEY_TYPE, ulong(CKK_AES));
+        attributes.insert(CKA_VALUE, value);
+        complete_secret_key(&mut attributes, true);
+        let handle = self.store(token, session, attributes);
+        self.answer(token, CKR_OK)?;
+        Ok(handle)
+    }
+
+    pub fn destroy_object(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        handle: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let token = self.enter_session(session)?;
+        let t = &self.tokens[token];
+        let object = t.object(handle)?;
+        if object.session.is_none() && !self.session(session).read_write {
+            return Err(CKR_SESSION_READ_ONLY);
+        }
+        let t = &mut self.tokens[token];
+        if let Some(id) = t.handles.remove(&handle) {
+            t.objects.remove(&id);
+        }
+        self.answer(token, CKR_OK)
+    }
+
+    /// The attribute values asked for: `None` for one the object lacks,
+    /// `Err(CKR_ATTRIBUTE_SENSITIVE)` for a value it keeps secret.
+    pub fn attributes(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        handle: CK_OBJECT_HANDLE,
+        types: &[CK_ATTRIBUTE_TYPE],
+    ) -> Result<Vec<Result<Option<Vec<u8>>>>> {
+        let token = self.enter_session(session)?;
+        let object = self.tokens[token].object(handle)?;
+        let secret = object.flag(CKA_SENSITIVE) || !object.flag(CKA_EXTRACTABLE);
+        let class = object.attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
+        Ok(types
+            .iter()
+            .map(|t| {
+                if *t == CKA_VALUE && class == Some(CKO_SECRET_KEY) && secret {
+                    Err(CKR_ATTRIBUTE_SENSITIVE)
+                } else {
+                    Ok(object.attributes.get(t).cloned())
+                }
+            })
+            .collect())
+    }
+
+    pub fn find_init(&mut self, session: CK_SESSION_HANDLE, template: Attributes) -> Result<()> {
+        let token = self.enter_session(session)?;
+        if self.session(session).find.is_some() {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        let t = &self.tokens[token];
+        let found: Vec<CK_OBJECT_HANDLE> = t
+            .handles
+            .iter()
+            .filter(|(_, id)| {
+                let o = &t.objects[id];
+                t.visible(o) && template.iter().all(|(k, v)| o.attributes.get(k) == Some(v))
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        self.session(session).find = Some(found);
+        Ok(())
+    }
+
+    pub fn find(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        room: usize,
+    ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        self.enter_session(session)?;
+        let found = self
+            .session(session)
+            .find
+            .as_mut()
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        let n = room.min(found.len());
+        Ok(found.drain(..n).collect())
+    }
+
+    pub fn find_final(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
+        self.enter_session(session)?;
+        self.session(session)
+            .find
+            .take()
+            .map(|_| ())
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)
+    }
+
+    pub fn operation_init(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+        key: Option<CK_OBJECT_HANDLE>,
+        kind: u8,
+    ) -> Result<()> {
+        let token = self.enter_session(session)?;
+        if self.session(session).operation.is_some() {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        let t = &self.tokens[token];
+        let operation = match (kind, mechanism) {
+            (b'D', CKM_SHA256) => Operation::Digest(Vec::new()),
+            (b'S', CKM_SHA256_HMAC) => Operation::Sign {
+                key: t.key(key.unwrap_or(0), CKA_SIGN)?,
+                data: Vec::new(),
+            },
+            (b'V', CKM_SHA256_HMAC) => Operation::Verify {
+                key: t.key(key.unwrap_or(0), CKA_VERIFY)?,
+                data: Vec::new(),
+            },
+            (b'E', CKM_AES_ECB) => Operation::Encrypt {
+                key: t.key(key.unwrap_or(0), CKA_ENCRYPT)?,
+                offset: 0,
+            },
+            (b'C', CKM_AES_ECB) => Operation::Decrypt {
+                key: t.key(key.unwrap_or(0), CKA_DECRYPT)?,
+                offset: 0,
+            },
+            _ => return Err(CKR_MECHANISM_INVALID),
+        };
+        self.session(session).operation = Some(operation);
+        Ok(())
+    }
+
+    /// Feeds `data` to the session's operation; returns output produced now.
+    pub fn operation_update(&mut self, session: CK_SESSION_HANDLE, data: &[u8]) -> Result<Vec<u8>> {
+        self.enter_session(session)?;
+        let s = self.session(session);
+        match s.operation.as_mut() {
+            Some(Operation::Digest(buffer))
+            | Some(Operation::Sign { data: buffer, .. })
+            | Some(Operation::Verify { data: buffer, .. }) => {
+                buffer.extend_from_slice(data);
+                Ok(Vec::new())
+            }
+            Some(Operation::Encrypt { key, offset }) | Some(Operation::Decrypt { key, offset }) => {
+                if !data.len().is_multiple_of(16) {
+                    s.operation = None;
+                    return Err(CKR_DATA_LEN_RANGE);
+                }
+                let mut out = data.to_vec();
+                keystream_xor(key, *offset, &mut out);
+                *offset += data.len();
+                Ok(out)
+            }
+            None => Err(CKR_OPERATION_NOT_INITIALIZED),
+        }
+    }
+
+    /// The operation's result, without ending it (two-call convention: the
+    /// caller ends it with [`Sim::operation_end`] once the result fits).
+    pub fn operation_result(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        signature: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        self.enter_session(session)?;
+        let s = self.session(session);
+        let result = match s.operation.as_ref() {
+            Some(Operation::Digest(data)) => sha256(&[data]).to_vec(),
+            Some(Operation::Sign { key, data }) => sign(key, data),
+            Some(Operation::Verify { key, data }) => {
+                let rv = if signature == Some(&sign(key, data)[..]) {
+                    CKR_OK
+                } else {
+                    CKR_SIGNATURE_INVALID
+                };
+                s.operation = None;
+                return if rv == CKR_OK {
+                    Ok(Vec::new())
+                } else {
+                    Err(rv)
+                };
+            }
+            Some(Operation::Encrypt { .. }) | Some(Operation::Decrypt { .. }) => Vec::new(),
+            None => return Err(CKR_OPERATION_NOT_INITIALIZED),
+        };
+        Ok(result)
+    }
+
+    /// A single-part call's result over what was fed so far plus `data`,
+    /// without changing the operation (the two-call convention may ask
+    /// again); [`Sim::operation_end`] ends it once the result was taken.
+    pub fn operation_single(&mut self, session: CK_SESSION_HANDLE, data: &[u8]) -> Result<Vec<u8>> {
+        self.enter_session(session)?;
+        let s = self.session(session);
+        match s.operation.as_ref() {
+            Some(Operation::Digest(fed)) => Ok(sha256(&[fed, data]).to_vec()),
+            Some(Operation::Sign { key, data: fed }) => Ok(sign(key, &[&fed[..], data].concat())),
+            Some(Operation::Encrypt { key, offset }) | Some(Operation::Decrypt { key, offset }) => {
+                if !data.len().is_multiple_of(16) {
+                    s.operation = None;
+                    return Err(CKR_DATA_LEN_RANGE);
+                }
+                let mut out = data.to_vec();
+                keystream_xor(key, *offset, &mut out);
+                Ok(out)
+            }
+            Some(Operation::Verify { .. }) | None => Err(CKR_OPERATION_NOT_INITIALIZED),
+        }
+    }
+
+    pub fn operation_end(&mut self, session: CK_SESSION_HANDLE) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.operation = None;
+        }
+    }
+
+    pub fn wrap_key(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+        wrapping: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<Vec<u8>> {
+        let token = self.enter_session(session)?;
+        let t = &self.tokens[token];
+        if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap {
+            return Err(CKR_MECHANISM_INVALID);
+        }
+        let wrapping_key = t
+            .object(wrapping)
+            .map_err(|_| CKR_WRAPPING_KEY_HANDLE_INVALID)?;
+        if !wrapping_key.flag(CKA_WRAP) {
+            return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+        }
+        let object = t.object(key).map_err(|_| CKR_KEY_HANDLE_INVALID)?;
+        if !object.flag(CKA_EXTRACTABLE) {
+            return Err(CKR_KEY_UNEXTRACTABLE);
+        }
+        if object.flag(CKA_WRAP_WITH_TRUSTED) && !wrapping_key.flag(CKA_TRUSTED) {
+            return Err(CKR_KEY_NOT_WRAPPABLE);
+        }
+        let mut blob = object.value().to_vec();
+        let tag = wrap_tag(wrapping_key.value(), &blob);
+        keystream_xor(wrapping_key.value(), 0, &mut blob);
+        blob.extend_from_slice(&tag);
+        Ok(blob)
+    }
+
+    pub fn unwrap_key(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+        unwrapping: CK_OBJECT_HANDLE,
+        blob: &[u8],
+        mut attributes: Attributes,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let token = self.check_writable(session, &attributes)?;
+        let t = &self.tokens[token];
+        if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap {
+            return Err(CKR_MECHANISM_INVALID);
+        }
+        let unwrapping_key = t
+            .object(unwrapping)
+            .map_err(|_| CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
+        if !unwrapping_key.flag(CKA_UNWRAP) {
+            return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+        }
+        if blob.len() <= 8 {
+            return Err(CKR_WRAPPED_KEY_LEN_RANGE);
+        }
+        let (sealed, tag) = blob.split_at(blob.len() - 8);
+        let mut value = sealed.to_vec();
+        keystream_xor(unwrapping_key.value(), 0, &mut value);
+        if wrap_tag(unwrapping_key.value(), &value) != tag {
+            return Err(CKR_WRAPPED_KEY_INVALID);
+        }
+        if attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v)) != Some(CKO_SECRET_KEY) {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
+        }
+        attributes.insert(CKA_VALUE, value);
+        attributes.entry(CKA_KEY_TYPE).or_insert(ulong(CKK_AES));
+        complete_secret_key(&mut attributes, false);
+        let handle = self.store(token, session, attributes);
+        self.answer(token, CKR_OK)?;
+        Ok(handle)
+    }
+
+    pub fn random(&mut self, session: CK_SESSION_HANDLE, len: usize) -> Result<Vec<u8>> {
+        self.enter_session(session)?;
+        Ok(self.generate(len))
+    }
+}
