@@ -548,6 +548,25 @@ impl Group {
         }))
     }
 
+    /// Searches member `position` for `print` on its utility session. A
+    /// member fault in the search takes the member out of service, as on any
+    /// other session: a utility session its token dropped unseen (it
+    /// restarted between two calls) would otherwise fail every search, and
+    /// every recovery that reads the member, for good.
+    pub fn find_on_utility(
+        &self,
+        position: usize,
+        print: &Fingerprint,
+    ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        self.on_utility(position, |s| identity::find(&s.library, s.handle, print))?
+            .map_err(|rv| {
+                if is_member_fault(rv) {
+                    self.member_failed(position, "C_FindObjects", rv);
+                }
+                Error::new(rv)
+            })
+    }
+
     /// The objects on member `position` that a search for `print` would
     /// find: from the member's index once it has one, else by a search of
     /// the member. After [`SEARCHES_BEFORE_INDEX`] searches the index is
@@ -573,9 +592,7 @@ impl Group {
                 None => state.searches += 1,
             }
         }
-        let found = self
-            .on_utility(position, |s| identity::find(&s.library, s.handle, print))?
-            .map_err(Error::new)?;
+        let found = self.find_on_utility(position, print)?;
         if let [one] = found[..] {
             let mut state = self.index_state(position, epoch);
             if let Some(index) = state.index.as_mut() {

@@ -699,19 +699,13 @@ fn synchronize(
     };
     let domain = worker.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
-    let handles = worker
-        .group
-        .on_utility(reference, |s| {
-            identity::find(&s.library, s.handle, &everything)
-        })
-        .and_then(|found| found.map_err(crate::error::Error::new))
-        .map_err(|e| {
-            format!(
-                "cannot list the objects of member {}: {}",
-                group.members[reference].serial,
-                rv_name(e.rv)
-            )
-        })?;
+    let handles = group.find_on_utility(reference, &everything).map_err(|e| {
+        format!(
+            "cannot list the objects of member {}: {}",
+            group.members[reference].serial,
+            rv_name(e.rv)
+        )
+    })?;
     let queued = group.queued_objects(position);
     let mut copied = 0;
     for handle in handles.into_iter().filter(|h| Some(*h) != domain) {

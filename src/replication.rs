@@ -272,11 +272,7 @@ impl VirtualSession {
             (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
             (CKA_LABEL, label),
         ];
-        let found = self
-            .group
-            .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
-            .ok()?
-            .ok()?;
+        let found = self.group.find_on_utility(position, &print).ok()?;
         let handle = match found[..] {
             [one] => Some(one),
             _ => None,
@@ -832,15 +828,10 @@ impl VirtualSession {
         };
         let found: Vec<CK_OBJECT_HANDLE> = match holdings {
             Some(h) => h.matching(&print).collect(),
-            None => {
-                match self
-                    .group
-                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
-                {
-                    Ok(Ok(found)) => found,
-                    _ => return false,
-                }
-            }
+            None => match self.group.find_on_utility(position, &print) {
+                Ok(found) => found,
+                Err(_) => return false,
+            },
         };
         if let [one] = found[..] {
             self.group
@@ -947,9 +938,8 @@ impl VirtualSession {
             Some(h) => h.matching(print).collect(),
             None => self
                 .group
-                .on_utility(position, |s| identity::find(&s.library, s.handle, print))
-                .map_err(|e| rv_name(e.rv))?
-                .map_err(rv_name)?,
+                .find_on_utility(position, print)
+                .map_err(|e| rv_name(e.rv))?,
         };
         let [one] = found[..] else {
             return Ok(false);
@@ -1026,12 +1016,7 @@ impl Holdings {
     pub fn read(session: &VirtualSession, position: usize) -> Result<Holdings> {
         let domain = session.domain_handle(position);
         let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
-        let handles = session
-            .group
-            .on_utility(position, |s| {
-                identity::find(&s.library, s.handle, &everything)
-            })?
-            .map_err(Error::new)?;
+        let handles = session.group.find_on_utility(position, &everything)?;
         let mut objects = Vec::with_capacity(handles.len());
         let mut unread = false;
         for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
