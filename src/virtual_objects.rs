@@ -770,6 +770,10 @@ impl VirtualSession {
                 missed.push(member.position);
             } else if let Some(h) = self.resolve(object, member.position)? {
                 copies.push((member.position, h));
+            } else if !member.is_up() {
+                // It failed while its copy was looked up: it gets the
+                // change when it returns, as if it had been down before.
+                missed.push(member.position);
             }
         }
         if copies.is_empty() {

@@ -957,13 +957,19 @@ fn run(
     copies: &Copies,
     configs: &BTreeMap<(u32, bool), PathBuf>,
 ) -> Report {
-    run_plan(seed, None, f, copies, configs)
+    run_plan(seed, None, open_defects(), f, copies, configs)
+}
+
+/// Whether schedules reach the core's open defects (see [`OPEN_DEFECTS`]).
+fn open_defects() -> bool {
+    std::env::var_os(OPEN_DEFECTS).is_some()
 }
 
 /// Runs schedule `seed`, or `script` (its data seeded by `seed`).
 fn run_plan(
     seed: u64,
     script: Option<&Script>,
+    open_defects: bool,
     f: &CK_FUNCTION_LIST,
     copies: &Copies,
     configs: &BTreeMap<(u32, bool), PathBuf>,
@@ -1023,7 +1029,7 @@ fn run_plan(
         rng,
         members,
         networked,
-        open_defects: std::env::var_os(OPEN_DEFECTS).is_some(),
+        open_defects,
         threads: (0..threads)
             .map(|_| Thread {
                 session: None,
@@ -1103,13 +1109,14 @@ fn run_forked(
     copies: &Copies,
     configs: &BTreeMap<(u32, bool), PathBuf>,
 ) -> Report {
-    run_forked_plan(seed, None, f, copies, configs)
+    run_forked_plan(seed, None, open_defects(), f, copies, configs)
 }
 
 /// [`run_forked`] for a seed or a script (see [`run_plan`]).
 fn run_forked_plan(
     seed: u64,
     script: Option<&Script>,
+    open_defects: bool,
     f: &CK_FUNCTION_LIST,
     copies: &Copies,
     configs: &BTreeMap<(u32, bool), PathBuf>,
@@ -1129,7 +1136,7 @@ fn run_forked_plan(
             std::fs::File::from_raw_fd(fds[1])
         };
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_plan(seed, script, f, copies, configs)
+            run_plan(seed, script, open_defects, f, copies, configs)
         }));
         let (failed, text) = match outcome {
             Ok(Report { failure, trace }) => (
@@ -1334,7 +1341,14 @@ fn a_schedule_replays_exactly() {
 fn run_script(script: &Script) {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
-    let report = run_forked_plan(0, Some(script), setup.f, &setup.copies, &setup.configs);
+    let report = run_forked_plan(
+        0,
+        Some(script),
+        false,
+        setup.f,
+        &setup.copies,
+        &setup.configs,
+    );
     assert!(
         report.failure.is_none(),
         "{}",
@@ -1363,19 +1377,29 @@ fn a_destroy_reaches_a_member_that_failed_under_it() {
     });
 }
 
-/// Seeds that found defects since fixed (with the schedule generator as it
-/// was then, which is as it is now): 6209 and 7588, a member whose token
-/// restarted between two calls kept its stale utility session, so a
-/// destroy's search there failed and the change was dropped, and every
-/// recovery that compared a returning member with it failed.
-const REGRESSION_SEEDS: [u64; 2] = [6209, 7588];
+/// Seeds that found defects since fixed, with whether they ran with the
+/// open defects' schedules (the schedule generator is as it was then):
+/// - 6209, 7588: a member whose token restarted between two calls kept
+///   its stale utility session, so a destroy's search there failed and the
+///   change was dropped, and every recovery comparing a returning member
+///   with it failed;
+/// - 72: a member that failed while a destroy looked its copy up was left
+///   out of the change altogether, not given it when it returned.
+const REGRESSION_SEEDS: [(u64, bool); 3] = [(6209, false), (7588, false), (72, true)];
 
 #[test]
 fn seeds_that_found_defects_pass() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
-    for seed in REGRESSION_SEEDS {
-        let report = run_forked(seed, setup.f, &setup.copies, &setup.configs);
+    for (seed, open_defects) in REGRESSION_SEEDS {
+        let report = run_forked_plan(
+            seed,
+            None,
+            open_defects,
+            setup.f,
+            &setup.copies,
+            &setup.configs,
+        );
         assert!(
             report.failure.is_none(),
             "seed {seed}: {}",
