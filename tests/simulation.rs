@@ -951,12 +951,7 @@ struct Script<'a> {
     steps: &'a dyn Fn(&mut Schedule) -> Outcome,
 }
 
-fn run(
-    seed: u64,
-    f: &CK_FUNCTION_LIST,
-    copies: &Copies,
-    configs: &BTreeMap<(u32, bool), PathBuf>,
-) -> Report {
+fn run(seed: u64, f: &CK_FUNCTION_LIST, copies: &Copies, configs: &Configs) -> Report {
     run_plan(seed, None, open_defects(), f, copies, configs)
 }
 
@@ -972,7 +967,7 @@ fn run_plan(
     open_defects: bool,
     f: &CK_FUNCTION_LIST,
     copies: &Copies,
-    configs: &BTreeMap<(u32, bool), PathBuf>,
+    configs: &Configs,
 ) -> Report {
     let mut rng = Rng(seed);
     // All members in one in-process library (as SoftHSM's slots), or each
@@ -1103,12 +1098,7 @@ struct Report {
 /// never initialises pkcs11-ha otherwise): pkcs11-ha's handle counters and
 /// every static start where they do in the replay. A crash is a failure of
 /// that seed, not the end of the run.
-fn run_forked(
-    seed: u64,
-    f: &CK_FUNCTION_LIST,
-    copies: &Copies,
-    configs: &BTreeMap<(u32, bool), PathBuf>,
-) -> Report {
+fn run_forked(seed: u64, f: &CK_FUNCTION_LIST, copies: &Copies, configs: &Configs) -> Report {
     run_forked_plan(seed, None, open_defects(), f, copies, configs)
 }
 
@@ -1119,7 +1109,7 @@ fn run_forked_plan(
     open_defects: bool,
     f: &CK_FUNCTION_LIST,
     copies: &Copies,
-    configs: &BTreeMap<(u32, bool), PathBuf>,
+    configs: &Configs,
 ) -> Report {
     use std::io::{Read as _, Write as _};
     use std::os::fd::FromRawFd as _;
@@ -1200,8 +1190,17 @@ fn config_text(libraries: &[&Path], members: u32, log_dir: &Path) -> String {
 struct Setup {
     _dir: tempfile::TempDir,
     copies: Copies,
-    configs: BTreeMap<(u32, bool), PathBuf>,
+    /// Per worker (see [`workers`]).
+    configs: Vec<Configs>,
     f: &'static CK_FUNCTION_LIST,
+}
+
+/// The configuration of a group of N members, all in one library or not.
+type Configs = BTreeMap<(u32, bool), PathBuf>;
+
+/// Schedules that run at once: as many as there are cores.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Serialises this file's tests: a replay initialises pkcs11-ha in this
@@ -1217,23 +1216,31 @@ fn setup() -> Setup {
             .map(|i| Controls::copy(&library, dir.path().join(format!("sim-{i}.so"))))
             .collect(),
     };
-    let mut configs: BTreeMap<(u32, bool), PathBuf> = BTreeMap::new();
-    for members in 2..=4 {
-        for split in [false, true] {
-            let libraries: Vec<&Path> = if split {
-                copies.single[..members as usize]
-                    .iter()
-                    .map(|c| c.path.as_path())
-                    .collect()
-            } else {
-                vec![copies.shared.path.as_path()]
-            };
-            let path = dir.path().join(format!("sim-{members}-{split}.conf"));
-            std::fs::write(&path, config_text(&libraries, members, dir.path()))
-                .expect("write config");
-            configs.insert((members, split), path);
-        }
-    }
+    // One set of configurations per worker, each with its own HA log.
+    let configs = (0..workers())
+        .map(|worker| {
+            let home = dir.path().join(format!("worker-{worker}"));
+            std::fs::create_dir(&home).expect("worker directory");
+            let mut configs = BTreeMap::new();
+            for members in 2..=4 {
+                for split in [false, true] {
+                    let libraries: Vec<&Path> = if split {
+                        copies.single[..members as usize]
+                            .iter()
+                            .map(|c| c.path.as_path())
+                            .collect()
+                    } else {
+                        vec![copies.shared.path.as_path()]
+                    };
+                    let path = home.join(format!("sim-{members}-{split}.conf"));
+                    std::fs::write(&path, config_text(&libraries, members, &home))
+                        .expect("write config");
+                    configs.insert((members, split), path);
+                }
+            }
+            configs
+        })
+        .collect();
     let mut list: *mut CK_FUNCTION_LIST = ptr::null_mut();
     // SAFETY: valid out pointer.
     assert_eq!(unsafe { C_GetFunctionList(&mut list) }, CKR_OK);
@@ -1250,7 +1257,7 @@ fn setup() -> Setup {
 fn seeded_schedules_keep_every_invariant() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
-    let (copies, configs, f) = (&setup.copies, &setup.configs, setup.f);
+    let (copies, f) = (&setup.copies, setup.f);
     let replay = std::env::var("SIM_SEED").ok();
     let seeds: Vec<u64> = match &replay {
         Some(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
@@ -1269,7 +1276,7 @@ fn seeded_schedules_keep_every_invariant() {
         seeds
             .iter()
             .filter_map(|seed| {
-                run(*seed, f, copies, configs)
+                run(*seed, f, copies, &setup.configs[0])
                     .failure
                     .map(|why| (*seed, why))
             })
@@ -1279,10 +1286,10 @@ fn seeded_schedules_keep_every_invariant() {
         // are cores, which changes nothing in any of them.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failures = std::sync::Mutex::new(BTreeMap::new());
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
+            for configs in &setup.configs {
+                let (next, failures, seeds) = (&next, &failures, &seeds);
+                scope.spawn(move || loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(seed) = seeds.get(i) else { break };
                     if let Some(why) = run_forked(*seed, f, copies, configs).failure {
@@ -1322,8 +1329,8 @@ fn a_schedule_replays_exactly() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
     for seed in 0..40 {
-        let first = run_forked(seed, setup.f, &setup.copies, &setup.configs);
-        let again = run_forked(seed, setup.f, &setup.copies, &setup.configs);
+        let first = run_forked(seed, setup.f, &setup.copies, &setup.configs[0]);
+        let again = run_forked(seed, setup.f, &setup.copies, &setup.configs[0]);
         assert!(!first.trace.is_empty(), "seed {seed} left no trace");
         assert_eq!(
             first.trace, again.trace,
@@ -1347,7 +1354,7 @@ fn run_script(script: &Script) {
         false,
         setup.f,
         &setup.copies,
-        &setup.configs,
+        &setup.configs[0],
     );
     assert!(
         report.failure.is_none(),
@@ -1398,7 +1405,7 @@ fn seeds_that_found_defects_pass() {
             open_defects,
             setup.f,
             &setup.copies,
-            &setup.configs,
+            &setup.configs[0],
         );
         assert!(
             report.failure.is_none(),
