@@ -1128,7 +1128,7 @@ fn run_forked_plan(
     copies: &Copies,
     configs: &Configs,
 ) -> Report {
-    use std::io::{Read as _, Write as _};
+    use std::io::Write as _;
     use std::os::fd::FromRawFd as _;
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors.
@@ -1161,14 +1161,23 @@ fn run_forked_plan(
         libc::close(fds[1]);
         std::fs::File::from_raw_fd(fds[0])
     };
-    let mut text = String::new();
-    let _ = report.read_to_string(&mut text);
+    let mut text = Vec::new();
+    let hung = !read_within(&mut report, &mut text, SCHEDULE_LIMIT);
+    if hung {
+        // SAFETY: our own child, which has not been waited for yet.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     let mut status = 0;
     // SAFETY: waits for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     let exited_cleanly = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let text = String::from_utf8_lossy(&text);
     let (failure, trace) = text.split_once('\0').unwrap_or((&text, ""));
     let failure = match (exited_cleanly, failure.is_empty()) {
+        _ if hung => Some(format!(
+            "the schedule hung: no end within {} s",
+            SCHEDULE_LIMIT.as_secs()
+        )),
         (true, true) => None,
         (_, false) => Some(failure.to_string()),
         (false, true) => Some(format!(
@@ -1178,6 +1187,38 @@ fn run_forked_plan(
     Report {
         failure,
         trace: trace.to_string(),
+    }
+}
+
+/// How long one schedule may take (they take milliseconds): past this it
+/// hung, which is a failure of its seed.
+const SCHEDULE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads `pipe` to its end into `out`; false if the end did not come
+/// within `limit`.
+fn read_within(pipe: &mut std::fs::File, out: &mut Vec<u8>, limit: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    let deadline = Instant::now() + limit;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut poll = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, left.as_millis().min(1000) as i32) } <= 0 {
+            continue;
+        }
+        match pipe.read(&mut chunk) {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
     }
 }
 
