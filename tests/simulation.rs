@@ -57,6 +57,11 @@ const RENUMBER_ON_LAST_CLOSE: u32 = 6;
 
 /// The simulated library, built (release) once per test process.
 fn sim_library() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_sim_library).clone()
+}
+
+fn build_sim_library() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Its own target dir: the cargo running these tests holds the lock on
     // the main one.
