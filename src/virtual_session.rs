@@ -13,8 +13,8 @@ use crate::member::MemberLibrary;
 use crate::object::Presence;
 use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
+use parking_lot::{Mutex, MutexGuard};
 use smallvec::{smallvec, SmallVec};
-use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -153,10 +153,8 @@ const KINDS_MASK: u64 = (1 << (LOST_SHIFT + OP_KINDS as u32)) - 1;
 /// only that member can continue it.
 const RESTORED: u64 = 1 << 16;
 const MEMBER_SHIFT: u32 = 32;
-/// The bound member's bits, [`LOCKED`] aside.
+/// The bound member's bits.
 const MEMBER_MASK: u64 = (u32::MAX as u64 >> 1) << MEMBER_SHIFT;
-/// Above every bit a [`Summary`] uses: the lock of the [`BindingsCell`].
-const LOCKED: u64 = 1 << 63;
 
 fn active_bit(kind: OpKind) -> u64 {
     1 << kind as u32
@@ -188,62 +186,31 @@ impl Summary {
     }
 }
 
-/// A session's operations, by kind, behind a lock that is also their
-/// [`Summary`] word. All of them run on one member, so the dual functions
-/// find both halves together. Taking the lock is one atomic
-/// read-modify-write, and releasing it is the store that publishes the new
-/// summary. One word instead of a
-/// mutex and a copy of its state to keep in step keeps the start and end of
-/// every operation a few instructions long. The lock is never held across
-/// a member call, and for no more than copying one update for replay; only
-/// an application calling into one session from two threads at once waits
-/// for it, spinning briefly, then yielding.
+/// A session's operations, by kind, behind a lock, with their [`Summary`]
+/// published in one word that every call reads without the lock. All of
+/// them run on one member, so the dual functions find both halves
+/// together. The lock is never held across a member call, and for no more
+/// than copying one update for replay; only an application calling into
+/// one session from two threads at once waits for it.
 #[derive(Default)]
 struct BindingsCell {
-    /// The summary, with [`LOCKED`] set while a guard exists.
+    /// The summary the last guard published; written only under `ops`.
     word: AtomicU64,
     /// Slot `k` holds the operation of kind `k` while the summary says it
     /// is active. Any other slot is stale, and the next start of its kind
     /// overwrites it in place: ending an operation frees nothing, and
     /// starting one reuses the room of the last.
-    ops: UnsafeCell<[ActiveOp; OP_KINDS]>,
+    ops: Mutex<[ActiveOp; OP_KINDS]>,
 }
-
-// SAFETY: `ops` is reached only through a `BindingsGuard`, and at most
-// one exists at a time (the `LOCKED` bit).
-unsafe impl Sync for BindingsCell {}
 
 impl BindingsCell {
     #[inline(always)]
     fn lock(&self) -> BindingsGuard<'_> {
-        let mut before = self.word.fetch_or(LOCKED, Ordering::Acquire);
-        if before & LOCKED != 0 {
-            before = self.wait_and_lock();
-        }
+        let ops = self.ops.lock();
         BindingsGuard {
             cell: self,
-            summary: Summary(before),
-        }
-    }
-
-    /// Takes the lock once its holder lets go; returns the summary then.
-    #[cold]
-    #[inline(never)]
-    fn wait_and_lock(&self) -> u64 {
-        let mut spins = 0;
-        loop {
-            while self.word.load(Ordering::Relaxed) & LOCKED != 0 {
-                if spins < 100 {
-                    spins += 1;
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-            let before = self.word.fetch_or(LOCKED, Ordering::Acquire);
-            if before & LOCKED == 0 {
-                return before;
-            }
+            summary: Summary(self.word.load(Ordering::Relaxed)),
+            ops,
         }
     }
 
@@ -251,22 +218,7 @@ impl BindingsCell {
     /// the lock.
     #[inline(always)]
     fn summary(&self) -> Summary {
-        Summary(self.word.load(Ordering::Acquire) & !LOCKED)
-    }
-
-    /// Ends the operation of `kind` (and a restored binding) with one
-    /// compare-and-swap instead of the lock, as every single-part operation
-    /// ends: ending touches no slot. False if the lock is held or the word
-    /// changed meanwhile; the caller then takes the lock.
-    #[inline(always)]
-    fn end_without_lock(&self, kind: OpKind) -> bool {
-        let current = self.word.load(Ordering::Relaxed);
-        let ended = current & !(active_bit(kind) | lost_bit(kind) | RESTORED);
-        current & LOCKED == 0
-            && self
-                .word
-                .compare_exchange(current, ended, Ordering::Release, Ordering::Relaxed)
-                .is_ok()
+        Summary(self.word.load(Ordering::Acquire))
     }
 }
 
@@ -275,12 +227,12 @@ impl BindingsCell {
 struct BindingsGuard<'a> {
     cell: &'a BindingsCell,
     summary: Summary,
+    ops: MutexGuard<'a, [ActiveOp; OP_KINDS]>,
 }
 
 impl BindingsGuard<'_> {
     fn ops(&mut self) -> &mut [ActiveOp; OP_KINDS] {
-        // SAFETY: this guard holds the lock.
-        unsafe { &mut *self.cell.ops.get() }
+        &mut self.ops
     }
 
     /// Starts an operation of `kind` on `member`, with the mechanism saved
@@ -1257,11 +1209,9 @@ impl VirtualSession {
     #[inline(always)]
     fn record(&self, kind: OpKind, step: Step, input: &Input<'_>, rv: CK_RV) {
         if step.ends_operation(rv) {
-            if !self.bindings.end_without_lock(kind) {
-                let mut b = self.bindings();
-                b.end(kind);
-                b.set_restored(false);
-            }
+            let mut b = self.bindings();
+            b.end(kind);
+            b.set_restored(false);
             return;
         }
         if rv != CKR_OK || step != Step::Update {
@@ -1492,7 +1442,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_lock_word_keeps_two_threads_out_of_each_others_bindings() {
+    fn the_lock_keeps_two_threads_out_of_each_others_bindings() {
         let cell = BindingsCell::default();
         const ROUNDS: u64 = 20_000;
         std::thread::scope(|scope| {
@@ -1509,7 +1459,6 @@ mod tests {
             }
         });
         assert_eq!(cell.lock().ops()[0].key, Some(2 * ROUNDS));
-        assert_eq!(cell.word.load(Ordering::Relaxed) & LOCKED, 0);
     }
 
     #[test]
@@ -1541,12 +1490,11 @@ mod tests {
         let summary = cell.summary();
         assert!(summary.active(OpKind::Digest) && summary.active(OpKind::Find));
         assert_eq!(summary.member(), Some(2));
-        assert!(cell.end_without_lock(OpKind::Digest));
+        cell.lock().end(OpKind::Digest);
         assert!(!cell.summary().active(OpKind::Digest));
         assert!(cell.summary().active(OpKind::Find), "other kinds stay");
         {
             let mut b = cell.lock();
-            assert!(!cell.end_without_lock(OpKind::Find), "not while locked");
             let ops = b.take_all();
             assert!(ops[OpKind::Find as usize].is_some());
             assert!(ops[OpKind::Digest as usize].is_none(), "ended before");
@@ -1556,7 +1504,7 @@ mod tests {
         let summary = cell.summary();
         assert!(summary.active(OpKind::Find) && summary.lost(OpKind::Find));
         assert_eq!(summary.member(), Some(0));
-        assert!(cell.end_without_lock(OpKind::Find));
+        cell.lock().end(OpKind::Find);
         assert!(!cell.summary().any_active());
     }
 }
