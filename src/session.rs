@@ -14,138 +14,58 @@ use smallvec::SmallVec;
 use std::cell::UnsafeCell;
 use std::ops::Deref;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The member session a virtual session holds on one member, readable on
-/// every call without a lock or a reference count: a sequence lock whose
-/// writers (a session being opened or dropped, which is rare) take `write`.
+/// The member session a virtual session holds on one member.
+#[derive(Default)]
 pub struct MemberSessionCell {
-    /// Odd while a write is under way.
-    sequence: AtomicU64,
-    epoch: AtomicU64,
-    handle: AtomicU64,
-    connection: AtomicU64,
-    library: AtomicPtr<MemberLibrary>,
+    held: RwLock<Option<MemberSession>>,
     /// Every library a session here was opened on, kept for as long as the
-    /// cell so that `library` never dangles.
-    write: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
-}
-
-/// The epoch of an empty cell; member epochs count up from 0.
-const NO_SESSION: u64 = u64::MAX;
-
-impl Default for MemberSessionCell {
-    fn default() -> Self {
-        MemberSessionCell {
-            sequence: AtomicU64::new(0),
-            epoch: AtomicU64::new(NO_SESSION),
-            handle: AtomicU64::new(0),
-            connection: AtomicU64::new(0),
-            library: AtomicPtr::new(std::ptr::null_mut()),
-            write: Mutex::new(SmallVec::new()),
-        }
-    }
+    /// cell, so that a library [`Self::get`] lends out outlives the session.
+    retained: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
 }
 
 impl MemberSessionCell {
     /// The session held, if it was opened in `epoch`: its library, handle
-    /// and connection.
+    /// and connection. The library is lent, not counted: every call reads
+    /// it, and a reference count shared by all threads would be contended.
     #[inline(always)]
     pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
-        loop {
-            let before = self.sequence.load(Ordering::Acquire);
-            let held = self.epoch.load(Ordering::Relaxed);
-            let handle = self.handle.load(Ordering::Relaxed);
-            let connection = self.connection.load(Ordering::Relaxed);
-            let library = self.library.load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            if before & 1 == 1 || self.sequence.load(Ordering::Relaxed) != before {
-                std::hint::spin_loop();
-                continue;
-            }
-            if held != epoch || library.is_null() {
-                return None;
-            }
-            // SAFETY: `library` came from an Arc that `write` keeps for as
-            // long as `self` lives.
-            return Some((
-                unsafe { &*library },
-                handle as CK_SESSION_HANDLE,
-                connection,
-            ));
-        }
+        let held = self.held.read();
+        let session = held.as_ref().filter(|s| s.epoch == epoch)?;
+        let library = Arc::as_ptr(&session.library);
+        let found = (session.handle, session.connection);
+        drop(held);
+        // SAFETY: `retained` holds an Arc of every library a session here
+        // was opened on for as long as `self` lives.
+        Some((unsafe { &*library }, found.0, found.1))
     }
 
     /// The session held, whatever its epoch, as an owned value.
     pub fn get_owned(&self) -> Option<MemberSession> {
-        let retained = self.write.lock();
-        self.owned(&retained)
-    }
-
-    fn owned(&self, retained: &[Arc<MemberLibrary>]) -> Option<MemberSession> {
-        let epoch = self.epoch.load(Ordering::Relaxed);
-        let library = self.library.load(Ordering::Relaxed);
-        let library = retained.iter().find(|l| Arc::as_ptr(l) == library)?;
-        (epoch != NO_SESSION).then(|| MemberSession {
-            library: Arc::clone(library),
-            handle: self.handle.load(Ordering::Relaxed) as CK_SESSION_HANDLE,
-            epoch,
-            connection: self.connection.load(Ordering::Relaxed),
-        })
+        self.held.read().clone()
     }
 
     /// Holds `session` unless one of its epoch is already held; returns the
     /// session held afterwards and, if it lost that race, `session` back.
     pub fn put(&self, session: MemberSession) -> (MemberSession, Option<MemberSession>) {
-        let mut retained = self.write.lock();
-        if let Some(held) = self.owned(&retained) {
-            if held.epoch == session.epoch {
-                return (held, Some(session));
-            }
+        let mut held = self.held.write();
+        if let Some(same_epoch) = held.as_ref().filter(|h| h.epoch == session.epoch) {
+            return (same_epoch.clone(), Some(session));
         }
+        let mut retained = self.retained.lock();
         if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
             retained.push(Arc::clone(&session.library));
         }
-        self.store(&session);
+        *held = Some(session.clone());
         (session, None)
     }
 
     /// Empties the cell, returning the session it held.
     pub fn take(&self) -> Option<MemberSession> {
-        let retained = self.write.lock();
-        let held = self.owned(&retained);
-        self.clear();
-        held
-    }
-
-    /// Writes the fields; callers hold `write`, which retains the library.
-    fn store(&self, session: &MemberSession) {
-        self.write_fields(|| {
-            self.epoch.store(session.epoch, Ordering::Relaxed);
-            self.handle.store(session.handle, Ordering::Relaxed);
-            self.connection.store(session.connection, Ordering::Relaxed);
-            let library = Arc::as_ptr(&session.library) as *mut MemberLibrary;
-            self.library.store(library, Ordering::Relaxed);
-        });
-    }
-
-    /// Empties the fields; callers hold `write`.
-    fn clear(&self) {
-        self.write_fields(|| {
-            self.epoch.store(NO_SESSION, Ordering::Relaxed);
-            self.library.store(std::ptr::null_mut(), Ordering::Relaxed);
-        });
-    }
-
-    /// The writer's half of the sequence lock.
-    fn write_fields(&self, write: impl FnOnce()) {
-        let sequence = self.sequence.load(Ordering::Relaxed);
-        self.sequence.store(sequence + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        write();
-        self.sequence.store(sequence + 2, Ordering::Release);
+        self.held.write().take()
     }
 }
 
