@@ -11,9 +11,8 @@ use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
-use std::cell::UnsafeCell;
+use std::cell::Cell;
 use std::ops::Deref;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -279,31 +278,22 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// from its last call ([`SessionRef`]) is never used after it was closed.
 static REMOVALS: AtomicU64 = AtomicU64::new(0);
 
-/// A thread's cached session. `in_use` is set while a [`SessionRef`]
-/// borrows `session`: a lookup meanwhile (a nested call) must not replace
-/// it, and gets a reference of its own instead.
-struct LastUsed {
+thread_local! {
+    /// The session this thread used last, with [`removals`] when it was
+    /// looked up: most applications use one session per thread, and then a
+    /// call finds its session with one thread-local access, without the
+    /// table's lock or a reference count. A [`SessionRef`] takes it out
+    /// for its call and puts it back when dropped, so a call nested in it
+    /// finds the cache empty and goes to the table.
+    static LAST_USED: Cell<Option<(Arc<Session>, u64)>> = const { Cell::new(None) };
+}
+
+/// An application session held for one call, counted in on its gate;
+/// dropping it counts the call out and makes it the thread's cached
+/// session.
+pub struct SessionRef {
     session: Option<Arc<Session>>,
     removals: u64,
-    in_use: bool,
-}
-
-thread_local! {
-    /// The session this thread used last: most applications use one
-    /// session per thread, and then a call finds its session with one
-    /// thread-local access, without the table's lock or a reference count.
-    static LAST_USED: UnsafeCell<LastUsed> = const {
-        UnsafeCell::new(LastUsed { session: None, removals: 0, in_use: false })
-    };
-}
-
-/// An application session held for one call: borrowed from the thread's
-/// cache, or, where the cache could not take it, a reference of its own.
-pub struct SessionRef {
-    session: NonNull<Session>,
-    /// The cache entry `session` is borrowed from, released on drop.
-    cache: Option<NonNull<LastUsed>>,
-    _owned: Option<Arc<Session>>,
 }
 
 impl SessionRef {
@@ -311,74 +301,31 @@ impl SessionRef {
     /// was closed since.
     #[inline(always)]
     pub fn cached(handle: CK_SESSION_HANDLE) -> Option<SessionRef> {
-        LAST_USED
-            .try_with(|cell| {
-                let entry = cell.get();
-                // SAFETY: the entry is this thread's and is reached only
-                // through raw pointers from `cell.get()`, field by field,
-                // never through a reference that outlives the access.
-                unsafe {
-                    let session = (*entry).session.as_deref()?;
-                    if (*entry).in_use
-                        || session.handle != handle
-                        || (*entry).removals != removals()
-                    {
-                        return None;
-                    }
-                    (*entry).in_use = true;
-                    Some(SessionRef {
-                        session: NonNull::from(session),
-                        cache: NonNull::new(entry),
-                        _owned: None,
-                    })
-                }
-            })
-            .ok()
-            .flatten()
-            .and_then(SessionRef::admitted)
+        let (session, looked_up) = LAST_USED.try_with(Cell::take).ok().flatten()?;
+        if session.handle != handle || looked_up != removals() {
+            let _kept = LAST_USED.try_with(|cell| cell.set(Some((session, looked_up))));
+            return None;
+        }
+        SessionRef::admitted(session, looked_up)
     }
 
     /// Counts the call in on the session's gate; `None` if the session was
-    /// closed meanwhile (the drop counts the call out again).
+    /// closed meanwhile.
     #[inline(always)]
-    fn admitted(self) -> Option<Self> {
-        self.gate.enter().then_some(self)
+    fn admitted(session: Arc<Session>, removals: u64) -> Option<Self> {
+        let entered = session.gate.enter();
+        let held = SessionRef {
+            session: Some(session),
+            removals,
+        };
+        // A refused call still leaves: dropping `held` does that.
+        entered.then_some(held)
     }
 
-    /// `session`, looked up after [`removals`] read `removals`; it becomes
-    /// the thread's cached session unless that one is in use.
+    /// `session`, looked up after [`removals`] read `removals`.
     /// `CKR_SESSION_HANDLE_INVALID` if it was closed since the lookup.
     pub fn new(session: Arc<Session>, removals: u64) -> Result<Self> {
-        let pointer = NonNull::from(&*session);
-        let cached = LAST_USED.try_with(|cell| {
-            let entry = cell.get();
-            // SAFETY: as in `cached`.
-            unsafe {
-                if (*entry).in_use {
-                    return None;
-                }
-                (*entry).in_use = true;
-                (*entry).removals = removals;
-                let replaced = (*entry).session.replace(Arc::clone(&session));
-                Some((replaced, NonNull::new(entry)))
-            }
-        });
-        let held = match cached {
-            // The replaced session is dropped only now, outside the entry's
-            // borrow: its drop may close member sessions.
-            Ok(Some((_replaced, entry))) => SessionRef {
-                session: pointer,
-                cache: entry,
-                _owned: None,
-            },
-            _ => SessionRef {
-                session: pointer,
-                cache: None,
-                _owned: Some(session),
-            },
-        };
-        held.admitted()
-            .ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
+        SessionRef::admitted(session, removals).ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
     }
 }
 
@@ -398,9 +345,10 @@ impl Deref for SessionRef {
     type Target = Session;
     #[inline(always)]
     fn deref(&self) -> &Session {
-        // SAFETY: the cache entry (marked in use, so never replaced
-        // meanwhile) or `_owned` holds a reference for as long as `self`.
-        unsafe { self.session.as_ref() }
+        match &self.session {
+            Some(session) => session,
+            None => unreachable!("a SessionRef holds its session until dropped"),
+        }
     }
 }
 
@@ -408,11 +356,10 @@ impl Drop for SessionRef {
     #[inline(always)]
     fn drop(&mut self) {
         self.gate.leave();
-        if let Some(entry) = self.cache {
-            // SAFETY: the entry belongs to this thread (a `SessionRef` is
-            // neither `Send` nor outlives the call), which is still alive.
-            unsafe { (*entry.as_ptr()).in_use = false };
-        }
+        let cached = self.session.take().map(|s| (s, self.removals));
+        // The session replaced is dropped only here, outside the cell: its
+        // drop may close member sessions.
+        let _replaced = LAST_USED.try_with(|cell| cell.replace(cached));
     }
 }
 
@@ -489,5 +436,93 @@ impl SessionTable {
     /// Every open session, for checks across a slot.
     pub fn snapshot(&self) -> Vec<Arc<Session>> {
         self.sessions.read().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::{Group, GroupSettings};
+
+    /// A session on a group without members: enough for the table, the
+    /// thread's cache and the gate, which never reach a member.
+    fn table_with_session() -> (SessionTable, CK_SESSION_HANDLE) {
+        let settings = GroupSettings {
+            domain_label: "d".into(),
+            replay_limit: 0,
+            min_replicas: 1,
+        };
+        let group = Arc::new(Group::new(0, "g", "1".into(), 0, &[], &[], settings));
+        let target = Target::Virtual(Box::new(VirtualSession::internal(group)));
+        let table = SessionTable::default();
+        let handle = table.insert(0, CKF_SERIAL_SESSION, target);
+        (table, handle)
+    }
+
+    fn look_up(table: &SessionTable, handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
+        if let Some(cached) = SessionRef::cached(handle) {
+            return Ok(cached);
+        }
+        let seen = removals();
+        SessionRef::new(table.get(handle)?, seen)
+    }
+
+    #[test]
+    fn the_cache_serves_the_last_session_and_a_nested_call_goes_to_the_table() {
+        let (table, handle) = table_with_session();
+        drop(look_up(&table, handle).unwrap());
+        let outer = SessionRef::cached(handle).expect("cached after its first call");
+        assert!(
+            SessionRef::cached(handle).is_none(),
+            "the cache is lent out for the outer call"
+        );
+        let inner = look_up(&table, handle).unwrap();
+        assert_eq!(inner.handle, outer.handle);
+        assert_eq!(outer.gate.calls.load(Ordering::SeqCst), 2);
+        drop(inner);
+        drop(outer);
+        assert_eq!(
+            table.get(handle).unwrap().gate.calls.load(Ordering::SeqCst),
+            0
+        );
+        assert!(SessionRef::cached(handle).is_some());
+    }
+
+    #[test]
+    fn a_closed_session_is_never_served_from_the_cache() {
+        let (table, handle) = table_with_session();
+        drop(look_up(&table, handle).unwrap());
+        let closed = table.remove(handle).unwrap();
+        closed.gate.close();
+        assert!(
+            SessionRef::cached(handle).is_none(),
+            "stale after a removal"
+        );
+        assert!(look_up(&table, handle).is_err());
+        assert!(closed.gate.wait_idle(Instant::now()), "a refused call left");
+    }
+
+    #[test]
+    fn threads_calling_while_another_closes_all_leave_the_gate_idle() {
+        let (table, handle) = table_with_session();
+        let session = table.get(handle).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        if look_up(&table, handle).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for drained in table.drain() {
+                    drained.gate.close();
+                }
+            });
+        });
+        assert!(session.gate.wait_idle(Instant::now()));
+        assert!(look_up(&table, handle).is_err());
     }
 }
