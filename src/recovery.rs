@@ -24,11 +24,12 @@
 
 use crate::config::RecoveryMode;
 use crate::error::rv_name;
+use crate::group::Pending;
 use crate::group::{Group, Location, MemberState};
 use crate::identity;
 use crate::member::{member_call, MemberLibrary, Silent};
 use crate::provider::Provider;
-use crate::replication::{Holdings, Pending};
+use crate::replication::Holdings;
 use crate::session::Target;
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;

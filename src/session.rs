@@ -10,63 +10,11 @@ pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
-use smallvec::SmallVec;
 use std::cell::Cell;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The member session a virtual session holds on one member.
-#[derive(Default)]
-pub struct MemberSessionCell {
-    held: RwLock<Option<MemberSession>>,
-    /// Every library a session here was opened on, kept for as long as the
-    /// cell, so that a library [`Self::get`] lends out outlives the session.
-    retained: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
-}
-
-impl MemberSessionCell {
-    /// The session held, if it was opened in `epoch`: its library, handle
-    /// and connection. The library is lent, not counted: every call reads
-    /// it, and a reference count shared by all threads would be contended.
-    #[inline(always)]
-    pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
-        let held = self.held.read();
-        let session = held.as_ref().filter(|s| s.epoch == epoch)?;
-        let library = Arc::as_ptr(&session.library);
-        let found = (session.handle, session.connection);
-        drop(held);
-        // SAFETY: `retained` holds an Arc of every library a session here
-        // was opened on for as long as `self` lives.
-        Some((unsafe { &*library }, found.0, found.1))
-    }
-
-    /// The session held, whatever its epoch, as an owned value.
-    pub fn get_owned(&self) -> Option<MemberSession> {
-        self.held.read().clone()
-    }
-
-    /// Holds `session` unless one of its epoch is already held; returns the
-    /// session held afterwards and, if it lost that race, `session` back.
-    pub fn put(&self, session: MemberSession) -> (MemberSession, Option<MemberSession>) {
-        let mut held = self.held.write();
-        if let Some(same_epoch) = held.as_ref().filter(|h| h.epoch == session.epoch) {
-            return (same_epoch.clone(), Some(session));
-        }
-        let mut retained = self.retained.lock();
-        if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
-            retained.push(Arc::clone(&session.library));
-        }
-        *held = Some(session.clone());
-        (session, None)
-    }
-
-    /// Empties the cell, returning the session it held.
-    pub fn take(&self) -> Option<MemberSession> {
-        self.held.write().take()
-    }
-}
 
 pub struct PassThroughSession {
     pub library: Arc<MemberLibrary>,

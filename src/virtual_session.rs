@@ -10,10 +10,10 @@ use crate::identity;
 use crate::mechanism::SavedMechanism;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
+use crate::member::{open_member_session, MemberSession};
 use crate::object::Presence;
-use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -126,7 +126,7 @@ struct History {
 }
 
 struct Search {
-    template: crate::replication::OwnedTemplate,
+    template: crate::mechanism::OwnedTemplate,
     returned: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
     /// Attributes the members cannot be asked (they would answer for their
     /// own copies, not for the application's view): checked here.
@@ -349,6 +349,57 @@ pub(crate) enum Attempt {
     Answered(CK_RV),
     /// The member is at fault and has been taken out of service.
     Faulted,
+}
+
+/// The member session a virtual session holds on one member.
+#[derive(Default)]
+pub struct MemberSessionCell {
+    held: RwLock<Option<MemberSession>>,
+    /// Every library a session here was opened on, kept for as long as the
+    /// cell, so that a library [`Self::get`] lends out outlives the session.
+    retained: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
+}
+
+impl MemberSessionCell {
+    /// The session held, if it was opened in `epoch`: its library, handle
+    /// and connection. The library is lent, not counted: every call reads
+    /// it, and a reference count shared by all threads would be contended.
+    #[inline(always)]
+    pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+        let held = self.held.read();
+        let session = held.as_ref().filter(|s| s.epoch == epoch)?;
+        let library = Arc::as_ptr(&session.library);
+        let found = (session.handle, session.connection);
+        drop(held);
+        // SAFETY: `retained` holds an Arc of every library a session here
+        // was opened on for as long as `self` lives.
+        Some((unsafe { &*library }, found.0, found.1))
+    }
+
+    /// The session held, whatever its epoch, as an owned value.
+    pub fn get_owned(&self) -> Option<MemberSession> {
+        self.held.read().clone()
+    }
+
+    /// Holds `session` unless one of its epoch is already held; returns the
+    /// session held afterwards and, if it lost that race, `session` back.
+    pub fn put(&self, session: MemberSession) -> (MemberSession, Option<MemberSession>) {
+        let mut held = self.held.write();
+        if let Some(same_epoch) = held.as_ref().filter(|h| h.epoch == session.epoch) {
+            return (same_epoch.clone(), Some(session));
+        }
+        let mut retained = self.retained.lock();
+        if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
+            retained.push(Arc::clone(&session.library));
+        }
+        *held = Some(session.clone());
+        (session, None)
+    }
+
+    /// Empties the cell, returning the session it held.
+    pub fn take(&self) -> Option<MemberSession> {
+        self.held.write().take()
+    }
 }
 
 pub struct VirtualSession {
@@ -1141,7 +1192,7 @@ impl VirtualSession {
 
     /// Makes the active search movable: keeps its template, and from now on
     /// the objects it returns.
-    pub fn keep_search(&self, template: crate::replication::OwnedTemplate, filter: SearchFilter) {
+    pub fn keep_search(&self, template: crate::mechanism::OwnedTemplate, filter: SearchFilter) {
         if let Some(op) = self.bindings().active(OpKind::Find) {
             op.history.get_or_insert_with(Default::default).search = Some(Search {
                 template,
