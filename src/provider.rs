@@ -3,7 +3,7 @@
 //! Owns slot numbering, which never changes while the process runs and is
 //! the same on every start with the same config.
 
-use crate::config::{Config, ConfigError, LibraryConfig, RecoveryMode};
+use crate::config::{Config, ConfigError, LibraryConfig};
 use crate::config_warnings;
 use crate::error::{check, Error, Result};
 use crate::fork::PerGeneration;
@@ -12,7 +12,7 @@ use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
 use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
-use crate::recovery::{self, Workers};
+use crate::recovery::{self, Host, RecoverySettings, Workers};
 use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
     Target, VirtualSession,
@@ -53,14 +53,6 @@ pub struct Provider {
     /// Without threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`), recovery
     /// runs during calls, at most once per interval: when it is next due.
     inline_recovery_due_ms: Option<AtomicU64>,
-}
-
-/// `reconnAtt`, `AutoReconnectInterval` and `VirtualTokenActiveRecovery`.
-pub struct RecoverySettings {
-    /// -1: forever; 0: never.
-    pub attempts: i64,
-    pub interval: Duration,
-    pub mode: RecoveryMode,
 }
 
 /// What a slot ID names.
@@ -220,7 +212,8 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
     }
     let provider = Arc::new(provider);
     if threads_allowed {
-        let workers = Workers::start(Arc::downgrade(&provider), recovery_on).map_err(|e| {
+        let host: Arc<dyn Host> = provider.clone();
+        let workers = Workers::start(Arc::downgrade(&host), recovery_on).map_err(|e| {
             eprintln!("pkcs11-ha: cannot start the recovery threads: {e}");
             Error::new(CKR_GENERAL_ERROR)
         })?;
@@ -344,6 +337,47 @@ fn tokens_of(library: &MemberLibrary) -> Vec<(String, CK_SLOT_ID)> {
             Some((padded_to_string(&info.serialNumber), slot))
         })
         .collect()
+}
+
+impl Host for Provider {
+    fn groups(&self) -> &[Arc<Group>] {
+        &self.groups
+    }
+
+    fn libraries(&self) -> &[Arc<MemberLibrary>] {
+        &self.libraries
+    }
+
+    fn settings(&self) -> &RecoverySettings {
+        &self.recovery
+    }
+
+    fn member_timeout(&self) -> Duration {
+        self.member_timeout
+    }
+
+    fn threads_allowed(&self) -> bool {
+        self.threads_allowed
+    }
+
+    fn synchronize(&self, group: &Group) -> bool {
+        Provider::synchronize(self, group)
+    }
+
+    fn each_virtual_session(
+        &self,
+        group: &Arc<Group>,
+        reopen: &mut dyn FnMut(&VirtualSession) -> Result<()>,
+    ) -> Result<()> {
+        for s in self.sessions.snapshot() {
+            if let Target::Virtual(v) = &s.target {
+                if Arc::ptr_eq(&v.group, group) {
+                    reopen(v)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Provider {
