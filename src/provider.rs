@@ -44,6 +44,8 @@ pub struct Provider {
     /// with the group and given what they lack.
     synchronized: Vec<bool>,
     workers: Mutex<Option<Workers>>,
+    /// Held by `C_Logout` for its whole run.
+    logouts: Mutex<()>,
     /// The domain keys hidden in each library reached through a
     /// pass-through slot, by library (address), found once.
     hidden: Mutex<HashMap<usize, Arc<HiddenObjects>>>,
@@ -447,6 +449,7 @@ impl Provider {
             threads_allowed,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
+            logouts: Mutex::new(()),
             inline_recovery_due_ms: None,
             hidden: Mutex::new(HashMap::new()),
             domain_labels: domain_labels(config),
@@ -806,17 +809,45 @@ impl Provider {
         Ok(())
     }
 
+    /// Logs the slot's token out once no call is inside any session on the
+    /// slot (SoftHSM crashes when a login goes under a running `C_Sign`):
+    /// calls arriving meanwhile wait outside their session until it is
+    /// done. Those still inside after `memberTimeout` keep their member
+    /// logged in (it is hung: the watchdog takes it out), and one line says
+    /// so.
     pub fn logout(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
+        // One logout at a time, taken before this call counts in on its
+        // session, so that two logouts never wait for each other's call.
+        let _one_at_a_time = self.logouts.lock();
         let session = self.session(handle)?;
         let _call = session.gate.call()?;
+        let on_slot: Vec<Arc<Session>> = self.sessions_on(session.slot_id).collect();
+        let _paused: Vec<_> = on_slot.iter().map(|s| s.gate.pause()).collect();
+        let deadline = std::time::Instant::now() + self.member_timeout;
+        let idle = on_slot.iter().all(|s| {
+            let own = u32::from(s.handle == session.handle);
+            s.gate.wait_calls(own, deadline)
+        });
         match &session.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_Logout(p.handle))),
+            Target::PassThrough(p) if idle => check(member_call!(p.library, C_Logout(p.handle))),
+            Target::PassThrough(_) => {
+                self.report_logout_under_calls(session.slot_id, "its token");
+                Err(Error::new(CKR_FUNCTION_FAILED))
+            }
             Target::Virtual(v) => {
                 if v.group.login.lock().take().is_none() {
                     return Err(Error::new(CKR_USER_NOT_LOGGED_IN));
                 }
-                for (_, member) in v.up_member_sessions() {
-                    member_call!(member.library, C_Logout(member.handle));
+                for (position, member) in v.up_member_sessions() {
+                    let in_use = &v.group.members[position];
+                    if !idle && in_use.in_flight() != 0 {
+                        self.report_logout_under_calls(session.slot_id, &in_use.serial);
+                        continue;
+                    }
+                    let _in_flight = in_use.begin_call();
+                    crate::member::on_connection(member.connection, || {
+                        member_call!(member.library, C_Logout(member.handle))
+                    });
                 }
                 for member in &v.group.members {
                     v.group.forget_handles(member.position);
@@ -824,6 +855,13 @@ impl Provider {
                 Ok(())
             }
         }
+    }
+
+    fn report_logout_under_calls(&self, slot_id: CK_SLOT_ID, what: &str) {
+        eprintln!(
+            "pkcs11-ha: C_Logout on slot {slot_id}: calls were still inside a member after {} ms; {what} is left logged in",
+            self.member_timeout.as_millis()
+        );
     }
 
     fn sessions_on(&self, slot_id: CK_SLOT_ID) -> impl Iterator<Item = Arc<Session>> + '_ {

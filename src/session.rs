@@ -12,7 +12,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use std::cell::Cell;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -139,36 +139,76 @@ pub struct Session {
 /// The calls under way on a session. Its member sessions are closed only
 /// once none is left (SoftHSM crashes when a session is closed under a
 /// running `C_Sign`), and a call that arrives after the close is refused
-/// with `CKR_SESSION_HANDLE_INVALID` before it reaches a member.
+/// with `CKR_SESSION_HANDLE_INVALID` before it reaches a member. A logout
+/// pauses the gate instead: calls that arrive meanwhile wait outside until
+/// it resumes.
 #[derive(Default)]
 pub struct CallGate {
     calls: AtomicU32,
-    closed: AtomicBool,
+    /// [`CLOSED`] and [`PAUSED`]; changed under `idle`, so that a call
+    /// waiting for a resume cannot miss it.
+    state: AtomicU8,
     idle: Mutex<()>,
+    /// Signalled when the last call leaves a closed or paused gate, and
+    /// when a paused gate resumes or closes.
     went_idle: Condvar,
 }
 
+const CLOSED: u8 = 1;
+const PAUSED: u8 = 2;
+
 impl CallGate {
     /// Counts a call in; false if the session is closed (the call must
-    /// still [`Self::leave`]). With `close`, a Dekker pair: sequentially
-    /// consistent, so either the call sees the close or the close sees
-    /// the call.
+    /// still [`Self::leave`]). With `close` and `pause`, a Dekker pair:
+    /// sequentially consistent, so either the call sees the close or the
+    /// close sees the call.
     #[inline(always)]
     fn enter(&self) -> bool {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        !self.closed.load(Ordering::SeqCst)
+        let state = self.state.load(Ordering::SeqCst);
+        state == 0 || self.enter_after_pause(state)
+    }
+
+    /// While the gate is paused, steps back out (so that the pause sees no
+    /// call) and waits for it to resume or close; then counts in again.
+    #[cold]
+    #[inline(never)]
+    fn enter_after_pause(&self, mut state: u8) -> bool {
+        while state == PAUSED {
+            self.leave();
+            let mut idle = self.idle.lock();
+            while self.state.load(Ordering::SeqCst) == PAUSED {
+                self.went_idle.wait(&mut idle);
+            }
+            drop(idle);
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            state = self.state.load(Ordering::SeqCst);
+        }
+        state & CLOSED == 0
     }
 
     #[inline(always)]
     fn leave(&self) {
-        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
-            self.wake_closer();
+        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.state.load(Ordering::SeqCst) != 0
+        {
+            self.wake_waiters();
         }
     }
 
     #[cold]
-    fn wake_closer(&self) {
+    fn wake_waiters(&self) {
         let _idle = self.idle.lock();
+        self.went_idle.notify_all();
+    }
+
+    /// Sets or clears `bit` where waiters cannot miss it, and wakes them.
+    fn set_state(&self, bit: u8, on: bool) {
+        let _idle = self.idle.lock();
+        if on {
+            self.state.fetch_or(bit, Ordering::SeqCst);
+        } else {
+            self.state.fetch_and(!bit, Ordering::SeqCst);
+        }
         self.went_idle.notify_all();
     }
 
@@ -185,19 +225,40 @@ impl CallGate {
 
     /// Refuses new calls from now on.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        self.set_state(CLOSED, true);
+    }
+
+    /// Holds new calls outside until [`Paused`] is dropped.
+    pub fn pause(&self) -> Paused<'_> {
+        self.set_state(PAUSED, true);
+        Paused(self)
     }
 
     /// Waits until `deadline` for the calls under way after
     /// [`Self::close`]; false if some are still inside a member then.
     pub fn wait_idle(&self, deadline: Instant) -> bool {
+        self.wait_calls(0, deadline)
+    }
+
+    /// Waits until `deadline` for at most `calls` to be under way (a
+    /// logout's own call among them); false if more are then.
+    pub fn wait_calls(&self, calls: u32, deadline: Instant) -> bool {
         let mut idle = self.idle.lock();
-        while self.calls.load(Ordering::SeqCst) != 0 {
+        while self.calls.load(Ordering::SeqCst) > calls {
             if self.went_idle.wait_until(&mut idle, deadline).timed_out() {
-                return self.calls.load(Ordering::SeqCst) == 0;
+                return self.calls.load(Ordering::SeqCst) <= calls;
             }
         }
         true
+    }
+}
+
+/// A paused [`CallGate`]; dropping it lets the calls held outside in.
+pub struct Paused<'a>(&'a CallGate);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.set_state(PAUSED, false);
     }
 }
 
@@ -448,6 +509,28 @@ mod tests {
         );
         assert!(look_up(&table, handle).is_err());
         assert!(closed.gate.wait_idle(Instant::now()), "a refused call left");
+    }
+
+    #[test]
+    fn a_paused_gate_holds_new_calls_outside_until_it_resumes() {
+        let gate = CallGate::default();
+        let own = gate.call().unwrap();
+        let paused = gate.pause();
+        assert!(gate.wait_calls(1, Instant::now()), "only the pauser's call");
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| gate.call().map(|_| ()).is_ok());
+            // Whenever the waiter comes, it steps back out of the pause.
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            assert!(gate.wait_calls(1, deadline), "the waiter is outside");
+            assert!(!waiting.is_finished(), "held while paused");
+            drop(paused);
+            assert!(waiting.join().unwrap(), "let in once resumed");
+        });
+        drop(own);
+        assert!(gate.wait_idle(Instant::now()));
+        let _paused = gate.pause();
+        gate.close();
+        assert!(gate.call().is_err(), "a close ends the wait with a refusal");
     }
 
     #[test]
