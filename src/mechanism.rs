@@ -1,5 +1,6 @@
 //! Mechanism parameters: checked before any member sees them, copied for
-//! failover, and the object handles inside them. On a virtual slot the
+//! failover (templates too: [`OwnedTemplate`]), and the object handles
+//! inside them. On a virtual slot the
 //! application passes virtual handles there too, and each must become the
 //! chosen member's handle before the mechanism reaches that member.
 

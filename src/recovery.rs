@@ -21,6 +21,9 @@
 //! stuck calls return and fail over. It also says in the HA
 //! log when a group has no member serving, how long that lasts, and when
 //! it serves again. It never calls a member.
+//!
+//! Recovery sits beside the group core: it reaches the provider that runs
+//! it only through [`Host`].
 
 use crate::config::RecoveryMode;
 use crate::error::rv_name;

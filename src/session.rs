@@ -1,6 +1,8 @@
 //! Application sessions: the table of session handles the application
 //! holds, and for each session where its calls go -- one member session for
-//! a pass-through slot, or a [`VirtualSession`] for a virtual slot.
+//! a pass-through slot, or a [`VirtualSession`] for a virtual slot -- and
+//! the calls under way on each ([`CallGate`]), which a close waits for and
+//! a logout pauses.
 
 use crate::error::{check, Error, Result};
 use crate::member::member_call;
