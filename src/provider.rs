@@ -350,7 +350,7 @@ impl Host for Provider {
         &self.libraries
     }
 
-    fn settings(&self) -> &RecoverySettings {
+    fn recovery(&self) -> &RecoverySettings {
         &self.recovery
     }
 

@@ -54,7 +54,7 @@ pub struct RecoverySettings {
 pub trait Host: Send + Sync {
     fn groups(&self) -> &[Arc<Group>];
     fn libraries(&self) -> &[Arc<MemberLibrary>];
-    fn settings(&self) -> &RecoverySettings;
+    fn recovery(&self) -> &RecoverySettings;
     /// How long a member may hold calls without completing any.
     fn member_timeout(&self) -> Duration;
     /// False when no call into a member may run in a thread of ours.
@@ -189,7 +189,7 @@ impl Workers {
 fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     loop {
         let interval = match provider.upgrade() {
-            Some(p) => p.settings().interval,
+            Some(p) => p.recovery().interval,
             None => break,
         };
         {
@@ -420,7 +420,7 @@ fn attempt(
     if member.state() != MemberState::Down {
         return;
     }
-    let attempts = provider.settings().attempts;
+    let attempts = provider.recovery().attempts;
     let made = member
         .recovery_attempts
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -549,7 +549,7 @@ fn bring_up_to_date(
     if provider.synchronize(group) {
         copied += synchronize(group, position, worker, &mut holdings)?;
     }
-    if provider.settings().mode == RecoveryMode::ActiveEnhanced {
+    if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
         provider
             .each_virtual_session(group, &mut |v| v.member_session(position).map(|_| ()))
             .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
