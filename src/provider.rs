@@ -12,7 +12,8 @@ use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
 use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
-use crate::recovery::{self, Host, RecoverySettings, Workers};
+use crate::recovery::{self, Workers};
+use crate::recovery::{Host, RecoverySettings};
 use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
     Target, VirtualSession,
@@ -32,6 +33,8 @@ pub struct Provider {
     pub libraries: Vec<Arc<MemberLibrary>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
+    /// Held by `C_Logout` for its whole run.
+    logouts: Mutex<()>,
     passthrough_slots: PassThroughSlots,
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
@@ -44,8 +47,6 @@ pub struct Provider {
     /// with the group and given what they lack.
     synchronized: Vec<bool>,
     workers: Mutex<Option<Workers>>,
-    /// Held by `C_Logout` for its whole run.
-    logouts: Mutex<()>,
     /// The domain keys hidden in each library reached through a
     /// pass-through slot, by library (address), found once.
     hidden: Mutex<HashMap<usize, Arc<HiddenObjects>>>,
@@ -439,6 +440,7 @@ impl Provider {
             libraries,
             groups,
             sessions: SessionTable::default(),
+            logouts: Mutex::new(()),
             passthrough_slots: PassThroughSlots::default(),
             recovery: RecoverySettings {
                 attempts: config.recovery.attempts,
@@ -449,7 +451,6 @@ impl Provider {
             threads_allowed,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
-            logouts: Mutex::new(()),
             inline_recovery_due_ms: None,
             hidden: Mutex::new(HashMap::new()),
             domain_labels: domain_labels(config),
