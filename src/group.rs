@@ -1,6 +1,5 @@
 //! An HA group: its member tokens, their health, which member serves the
-//! next operation, the changes a member that was down has yet to receive
-//! ([`Pending`]), and how the members' token and mechanism facts combine
+//! next operation, and how the members' token and mechanism facts combine
 //! into the virtual slot's.
 
 use crate::error::{Error, Result};

@@ -247,9 +247,9 @@ fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         let Some(p) = provider.upgrade() else { break };
         let timeout = p.member_timeout();
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        check_for_stalls(&*p, timeout, &mut progress);
-        check_for_stalled_connections(&*p, timeout, &mut on_wire);
-        report_outages(&*p, &mut outages, Instant::now());
+        check_for_stalls(&p, timeout, &mut progress);
+        check_for_stalled_connections(&p, timeout, &mut on_wire);
+        report_outages(&p, &mut outages, Instant::now());
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
@@ -274,7 +274,7 @@ struct Outage {
 /// Says in the HA log when a group has no member serving,
 /// every [`OUTAGE_SUMMARY`] while that lasts, and when it serves again and
 /// after how long: the operator's view of the group as a whole.
-fn report_outages(provider: &dyn Host, outages: &mut HashMap<usize, Outage>, now: Instant) {
+fn report_outages(provider: &Arc<dyn Host>, outages: &mut HashMap<usize, Outage>, now: Instant) {
     for (g, group) in provider.groups().iter().enumerate() {
         let serving = group.up_members().next().is_some();
         match (serving, outages.get_mut(&g)) {
@@ -319,7 +319,7 @@ fn report_outages(provider: &dyn Host, outages: &mut HashMap<usize, Outage>, now
 /// Takes out members that have had calls in flight and completed none for
 /// `timeout`, and cuts their connection so that those calls return.
 fn check_for_stalls(
-    provider: &dyn Host,
+    provider: &Arc<dyn Host>,
     timeout: Duration,
     progress: &mut HashMap<(usize, usize), (u64, Instant)>,
 ) {
@@ -358,7 +358,7 @@ fn check_for_stalls(
 /// member's count (slot and token listings, pass-through calls) must not
 /// wait on a silent server either.
 fn check_for_stalled_connections(
-    provider: &dyn Host,
+    provider: &Arc<dyn Host>,
     timeout: Duration,
     seen: &mut HashMap<usize, (u64, Instant)>,
 ) {
