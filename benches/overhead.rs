@@ -1,6 +1,10 @@
-//! What pkcs11-ha costs per call: the same SoftHSM token driven three ways
-//! in one process -- SoftHSM directly, pkcs11-ha's pass-through slot for
-//! the token, and pkcs11-ha's virtual slot of a one-member group over it.
+//! What pkcs11-ha costs per call: SoftHSM tokens driven four ways in one
+//! process -- SoftHSM directly, pkcs11-ha's pass-through slot for the same
+//! token, pkcs11-ha's virtual slot of a one-member group over it, and the
+//! virtual slot of a two-member group over two other tokens. A one-member
+//! group takes short cuts no real group takes (nothing to choose between,
+//! nowhere to look an object up), so the two-member group is the figure
+//! that says what an HA deployment costs.
 //!
 //! Owns: a throw-away SoftHSM token dir and pkcs11-ha config (temp dir),
 //! and the process-global env (`SOFTHSM2_CONF`, `PKCS11_HA_CONF`).
@@ -36,6 +40,9 @@ use std::{env, ptr};
 
 const TOKEN_LABEL: &str = "bench";
 const GROUP_LABEL: &str = "bench-ha";
+/// The two-member group's label and its members' token labels.
+const GROUP2_LABEL: &str = "bench-ha2";
+const GROUP2_TOKENS: [&str; 2] = ["bench2", "bench3"];
 const EC_ID: &[u8] = b"bench-ec";
 const AES_ID: &[u8] = b"bench-aes";
 /// DER OID of prime256v1 (P-256).
@@ -220,16 +227,25 @@ impl Drop for Bench {
     }
 }
 
-/// Makes the token dir, the token and the pkcs11-ha config (through the
+/// Makes the token dir, the tokens (the two-member group's with a domain
+/// key, so that its keys replicate) and the pkcs11-ha config (through the
 /// integration tests' fixtures), and points the env at them. Returns the
-/// token dir and SoftHSM's slot ID of the token.
+/// token dir and SoftHSM's slot ID of the first token.
 fn make_token() -> (common::SoftHsm, CK_SLOT_ID) {
-    let hsm = common::SoftHsm::new(&[TOKEN_LABEL]);
+    let hsm = common::SoftHsm::new(&[TOKEN_LABEL, GROUP2_TOKENS[0], GROUP2_TOKENS[1]]);
+    common::provision_domain(&hsm, &common::DOMAIN_VALUE);
     let token = hsm.token(TOKEN_LABEL).clone();
+    let pair: Vec<String> = GROUP2_TOKENS
+        .iter()
+        .map(|label| hsm.token(label).serial.clone())
+        .collect();
     let config = common::write_config(
         hsm.dir.path(),
         &[(common::SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
-        &[common::GroupSpec::new(GROUP_LABEL, &[token.serial])],
+        &[
+            common::GroupSpec::new(GROUP_LABEL, &[token.serial]),
+            common::GroupSpec::new(GROUP2_LABEL, &pair),
+        ],
         false,
     );
     // Single-threaded here: nothing else reads the environment yet.
@@ -245,7 +261,7 @@ fn token_label(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> String {
     String::from_utf8_lossy(&info.label).trim_end().to_string()
 }
 
-/// Makes the token's EC P-256 key pair and AES-256 key through `t` (the
+/// Makes the token's EC P-256 key pair and AES-256 key through `t` (a
 /// virtual slot) as token objects; fills in `t`'s handles.
 fn generate_keys(t: &mut Target) {
     let yes: CK_BBOOL = CK_TRUE;
@@ -371,8 +387,10 @@ impl Bench {
         );
 
         let virtual_slot: CK_SLOT_ID = 0;
+        let pair_slot: CK_SLOT_ID = 1;
         let passthrough_slot = common::passthrough_slot_id(common::SOFTHSM_LIB_NAME, member_slot);
         assert_eq!(token_label(&ha_fns, virtual_slot), GROUP_LABEL);
+        assert_eq!(token_label(&ha_fns, pair_slot), GROUP2_LABEL);
         assert_eq!(token_label(&ha_fns, passthrough_slot), TOKEN_LABEL);
         assert_eq!(token_label(&softhsm_fns, member_slot), TOKEN_LABEL);
 
@@ -386,6 +404,14 @@ impl Bench {
             aes_key: 0,
         };
         generate_keys(&mut virt);
+        let mut pair = Target {
+            name: "virtual2",
+            fns: ha_fns,
+            session: user_session(&ha_fns, pair_slot, USER_PIN),
+            ec_key: 0,
+            aes_key: 0,
+        };
+        generate_keys(&mut pair);
         let mut targets = vec![
             Target {
                 name: "direct",
@@ -407,6 +433,7 @@ impl Bench {
             t.aes_key = find_key(t, CKO_SECRET_KEY, AES_ID);
         }
         targets.push(virt);
+        targets.push(pair);
         Bench {
             targets,
             ha_fns,
@@ -490,7 +517,7 @@ fn measure(op: &Operation, targets: &[Target], b: &mut Buffers, per_target: Dura
 }
 
 /// The ops/s and ratio table (targets in the order direct, passthrough,
-/// virtual).
+/// virtual, virtual2).
 /// In `test_mode` the rounds are too short to judge the targets.
 fn ratio_table(bench: &Bench, per_target: Duration, test_mode: bool) -> String {
     let mut b = Buffers::new();
@@ -502,36 +529,39 @@ fn ratio_table(bench: &Bench, per_target: Duration, test_mode: bool) -> String {
          +ns = median of same-cycle extra time per operation over direct"
     )
     .unwrap();
-    writeln!(
+    const COLUMNS: [(usize, &str); 3] = [(1, "pt"), (2, "vt"), (3, "vt2")];
+    write!(
         out,
-        "{:<22} {:>8} {:>8} {:>8} | {:>6} {:>8} {:>6} | {:>6} {:>8} {:>6} | {:>6}",
-        "operation",
-        "direct",
-        "passthr",
-        "virtual",
-        "pt/dir",
-        "(best)",
-        "+ns",
-        "vt/dir",
-        "(best)",
-        "+ns",
-        "target"
+        "{:<22} {:>8} {:>8} {:>8} {:>8} |",
+        "operation", "direct", "passthr", "virtual", "virtual2"
     )
     .unwrap();
+    for (_, name) in COLUMNS {
+        write!(
+            out,
+            " {:>6} {:>8} {:>6} |",
+            format!("{name}/dir"),
+            "(best)",
+            "+ns"
+        )
+        .unwrap();
+    }
+    writeln!(out, " {:>6}", "target").unwrap();
     for op in &OPERATIONS {
         let f = measure(op, &bench.targets, &mut b, per_target);
         let ops = |k: usize| 1e9 / f.median_ns[k];
         write!(
             out,
-            "{:<22} {:>8.0} {:>8.0} {:>8.0} |",
+            "{:<22} {:>8.0} {:>8.0} {:>8.0} {:>8.0} |",
             op.name,
             ops(0),
             ops(1),
-            ops(2)
+            ops(2),
+            ops(3)
         )
         .unwrap();
         let mut misses = Vec::new();
-        for (k, name) in [(1, "pt"), (2, "vt")] {
+        for (k, name) in COLUMNS {
             write!(
                 out,
                 " {:>6.3} {:>8} {:>6.0} |",
@@ -564,7 +594,7 @@ fn main() {
     let bench = Bench::start();
     assert_eq!(
         bench.targets.iter().map(|t| t.name).collect::<Vec<_>>(),
-        ["direct", "passthrough", "virtual"]
+        ["direct", "passthrough", "virtual", "virtual2"]
     );
     let mut c = Criterion::default()
         .sample_size(30)

@@ -5,11 +5,11 @@
 use crate::error::{Error, Result};
 use crate::identity::{self, Fingerprint};
 use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
+use crate::mechanism::OwnedTemplate;
 use crate::member::{
     open_member_session, padded_to_string, string_to_padded, MemberLibrary, MemberSession,
 };
 use crate::object::ObjectTable;
-use crate::replication::Pending;
 use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
@@ -402,6 +402,17 @@ pub fn virtual_serial(explicit: Option<&str>, members: &[String]) -> String {
         .map(|digit| format!("{digit}{tail}"))
         .find(|candidate| !members.contains(candidate))
         .unwrap_or_else(|| format!("1{tail}"))
+}
+
+/// A change a member that was down has yet to receive.
+#[derive(Clone)]
+pub enum Pending {
+    /// Copy this virtual object to it.
+    Create(CK_OBJECT_HANDLE),
+    /// Create this virtual object on it from the application's template.
+    Import(CK_OBJECT_HANDLE, Arc<OwnedTemplate>),
+    /// Remove the object with this fingerprint from it.
+    Destroy(Fingerprint),
 }
 
 impl Group {
@@ -1200,7 +1211,7 @@ mod tests {
         }];
         // SAFETY: a live local template.
         let kept = Arc::new(unsafe {
-            crate::replication::OwnedTemplate::copy(template.as_ptr() as *mut _, 1)
+            crate::mechanism::OwnedTemplate::copy(template.as_ptr() as *mut _, 1)
         });
         let watch = Arc::downgrade(&kept);
         assert!(group.queue_unless_up(1, Pending::Import(7, kept)).is_ok());

@@ -9,6 +9,7 @@
 //! member library.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bindings;
 pub mod config;
 pub mod config_warnings;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod index;
 pub mod mechanism;
 pub mod member;
+pub mod member_sessions;
 pub mod object;
 pub mod provider;
 pub mod recovery;

@@ -1,5 +1,6 @@
 //! Mechanism parameters: checked before any member sees them, copied for
-//! failover, and the object handles inside them. On a virtual slot the
+//! failover (templates too: [`OwnedTemplate`]), and the object handles
+//! inside them. On a virtual slot the
 //! application passes virtual handles there too, and each must become the
 //! chosen member's handle before the mechanism reaches that member.
 
@@ -94,6 +95,55 @@ pub unsafe fn for_member(
         mechanism: copy,
         _parameter: Some(parameter),
     })
+}
+
+/// An application's `C_CreateObject` template, kept (zeroized when
+/// dropped) until every member that was down has the object: the
+/// application handed us the values, and a member behind a client library
+/// that carries no key-wrap mechanism can receive them no other way.
+pub struct OwnedTemplate {
+    values: Vec<(CK_ATTRIBUTE_TYPE, zeroize::Zeroizing<Vec<u8>>)>,
+}
+
+impl OwnedTemplate {
+    /// # Safety
+    /// `template` must point to `count` attributes with readable values.
+    pub unsafe fn copy(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> OwnedTemplate {
+        let attributes = if template.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: the caller vouches for the template.
+            unsafe { std::slice::from_raw_parts(template, count as usize) }
+        };
+        let values = attributes
+            .iter()
+            .map(|a| {
+                let bytes = if a.pValue.is_null() {
+                    Vec::new()
+                } else {
+                    // SAFETY: as above, each value is readable.
+                    unsafe {
+                        std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize)
+                    }
+                    .to_vec()
+                };
+                (a.type_, zeroize::Zeroizing::new(bytes))
+            })
+            .collect();
+        OwnedTemplate { values }
+    }
+
+    /// Attributes pointing into this template, for one member call.
+    pub fn attributes(&self) -> Vec<CK_ATTRIBUTE> {
+        self.values
+            .iter()
+            .map(|(t, v)| CK_ATTRIBUTE {
+                type_: *t,
+                pValue: v.as_ptr() as *mut _,
+                ulValueLen: v.len() as CK_ULONG,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

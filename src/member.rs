@@ -13,18 +13,19 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-/// Calls one entry of a member's function table; a missing entry is
-/// `CKR_FUNCTION_NOT_SUPPORTED`, as the specification says of a NULL slot.
+/// Calls one entry of a member's function table through
+/// [`MemberLibrary::call`]; a missing entry is `CKR_FUNCTION_NOT_SUPPORTED`,
+/// as the specification says of a NULL slot.
 macro_rules! member_call {
     ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        let library = &$lib;
-        match library.functions().$func {
+        let library: &$crate::member::MemberLibrary = &$lib;
+        library.call(
+            |table| table.$func,
             // SAFETY: the table came from the member's own C_GetFunctionList
             // or C_GetInterface and the library stays loaded while `$lib`
             // lives; the arguments follow the PKCS#11 signature.
-            Some(f) => library.shielded(|| unsafe { f($($arg),*) }),
-            None => ::cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED,
-        }
+            |f| unsafe { f($($arg),*) },
+        )
     }};
 }
 pub(crate) use member_call;
@@ -294,8 +295,25 @@ impl MemberLibrary {
         }
     }
 
-    pub fn functions(&self) -> &CK_FUNCTION_LIST {
-        &self.functions
+    /// The one way into the library's function table: `select` picks an
+    /// entry, `invoke` calls it, and the call runs [`Self::shielded`]. The
+    /// table itself never leaves this module, so no member call can skip
+    /// the connection check and the numbering the watchdog reads.
+    #[inline(always)]
+    pub fn call<F: Copy>(
+        &self,
+        select: impl FnOnce(&CK_FUNCTION_LIST) -> Option<F>,
+        invoke: impl FnOnce(F) -> CK_RV,
+    ) -> CK_RV {
+        match select(&self.functions) {
+            Some(f) => self.shielded(|| invoke(f)),
+            None => CKR_FUNCTION_NOT_SUPPORTED,
+        }
+    }
+
+    /// The PKCS#11 version the library's function table reports.
+    pub fn version(&self) -> CK_VERSION {
+        self.functions.version
     }
 
     /// A function the library exports beside its PKCS#11 table (Luna's

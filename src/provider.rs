@@ -3,7 +3,7 @@
 //! Owns slot numbering, which never changes while the process runs and is
 //! the same on every start with the same config.
 
-use crate::config::{Config, ConfigError, LibraryConfig, RecoveryMode};
+use crate::config::{Config, ConfigError, LibraryConfig};
 use crate::config_warnings;
 use crate::error::{check, Error, Result};
 use crate::fork::PerGeneration;
@@ -13,6 +13,7 @@ use crate::halog;
 use crate::member::member_call;
 use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
 use crate::recovery::{self, Workers};
+use crate::recovery::{Host, RecoverySettings};
 use crate::session::{
     open_member_session, HiddenObjects, PassThroughSession, Session, SessionRef, SessionTable,
     Target, VirtualSession,
@@ -32,6 +33,8 @@ pub struct Provider {
     pub libraries: Vec<Arc<MemberLibrary>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
+    /// Held by `C_Logout` for its whole run.
+    logouts: Mutex<()>,
     passthrough_slots: PassThroughSlots,
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
@@ -53,14 +56,6 @@ pub struct Provider {
     /// Without threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`), recovery
     /// runs during calls, at most once per interval: when it is next due.
     inline_recovery_due_ms: Option<AtomicU64>,
-}
-
-/// `reconnAtt`, `AutoReconnectInterval` and `VirtualTokenActiveRecovery`.
-pub struct RecoverySettings {
-    /// -1: forever; 0: never.
-    pub attempts: i64,
-    pub interval: Duration,
-    pub mode: RecoveryMode,
 }
 
 /// What a slot ID names.
@@ -220,7 +215,8 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
     }
     let provider = Arc::new(provider);
     if threads_allowed {
-        let workers = Workers::start(Arc::downgrade(&provider), recovery_on).map_err(|e| {
+        let host: Arc<dyn Host> = provider.clone();
+        let workers = Workers::start(Arc::downgrade(&host), recovery_on).map_err(|e| {
             eprintln!("pkcs11-ha: cannot start the recovery threads: {e}");
             Error::new(CKR_GENERAL_ERROR)
         })?;
@@ -346,6 +342,47 @@ fn tokens_of(library: &MemberLibrary) -> Vec<(String, CK_SLOT_ID)> {
         .collect()
 }
 
+impl Host for Provider {
+    fn groups(&self) -> &[Arc<Group>] {
+        &self.groups
+    }
+
+    fn libraries(&self) -> &[Arc<MemberLibrary>] {
+        &self.libraries
+    }
+
+    fn recovery(&self) -> &RecoverySettings {
+        &self.recovery
+    }
+
+    fn member_timeout(&self) -> Duration {
+        self.member_timeout
+    }
+
+    fn threads_allowed(&self) -> bool {
+        self.threads_allowed
+    }
+
+    fn synchronize(&self, group: &Group) -> bool {
+        Provider::synchronize(self, group)
+    }
+
+    fn each_virtual_session(
+        &self,
+        group: &Arc<Group>,
+        reopen: &mut dyn FnMut(&VirtualSession) -> Result<()>,
+    ) -> Result<()> {
+        for s in self.sessions.snapshot() {
+            if let Target::Virtual(v) = &s.target {
+                if Arc::ptr_eq(&v.group, group) {
+                    reopen(v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Provider {
     fn start(config: &Config, threads_allowed: bool) -> std::result::Result<Provider, ConfigError> {
         let mut libraries = Vec::with_capacity(config.libraries.len());
@@ -403,6 +440,7 @@ impl Provider {
             libraries,
             groups,
             sessions: SessionTable::default(),
+            logouts: Mutex::new(()),
             passthrough_slots: PassThroughSlots::default(),
             recovery: RecoverySettings {
                 attempts: config.recovery.attempts,
@@ -772,17 +810,45 @@ impl Provider {
         Ok(())
     }
 
+    /// Logs the slot's token out once no call is inside any session on the
+    /// slot (SoftHSM crashes when a login goes under a running `C_Sign`):
+    /// calls arriving meanwhile wait outside their session until it is
+    /// done. Those still inside after `memberTimeout` keep their member
+    /// logged in (it is hung: the watchdog takes it out), and one line says
+    /// so.
     pub fn logout(&self, handle: CK_SESSION_HANDLE) -> Result<()> {
+        // One logout at a time, taken before this call counts in on its
+        // session, so that two logouts never wait for each other's call.
+        let _one_at_a_time = self.logouts.lock();
         let session = self.session(handle)?;
         let _call = session.gate.call()?;
+        let on_slot: Vec<Arc<Session>> = self.sessions_on(session.slot_id).collect();
+        let _paused: Vec<_> = on_slot.iter().map(|s| s.gate.pause()).collect();
+        let deadline = std::time::Instant::now() + self.member_timeout;
+        let idle = on_slot.iter().all(|s| {
+            let own = u32::from(s.handle == session.handle);
+            s.gate.wait_calls(own, deadline)
+        });
         match &session.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_Logout(p.handle))),
+            Target::PassThrough(p) if idle => check(member_call!(p.library, C_Logout(p.handle))),
+            Target::PassThrough(_) => {
+                self.report_logout_under_calls(session.slot_id, "its token");
+                Err(Error::new(CKR_FUNCTION_FAILED))
+            }
             Target::Virtual(v) => {
                 if v.group.login.lock().take().is_none() {
                     return Err(Error::new(CKR_USER_NOT_LOGGED_IN));
                 }
-                for (_, member) in v.up_member_sessions() {
-                    member_call!(member.library, C_Logout(member.handle));
+                for (position, member) in v.up_member_sessions() {
+                    let in_use = &v.group.members[position];
+                    if !idle && in_use.in_flight() != 0 {
+                        self.report_logout_under_calls(session.slot_id, &in_use.serial);
+                        continue;
+                    }
+                    let _in_flight = in_use.begin_call();
+                    crate::member::on_connection(member.connection, || {
+                        member_call!(member.library, C_Logout(member.handle))
+                    });
                 }
                 for member in &v.group.members {
                     v.group.forget_handles(member.position);
@@ -790,6 +856,13 @@ impl Provider {
                 Ok(())
             }
         }
+    }
+
+    fn report_logout_under_calls(&self, slot_id: CK_SLOT_ID, what: &str) {
+        eprintln!(
+            "pkcs11-ha: C_Logout on slot {slot_id}: calls were still inside a member after {} ms; {what} is left logged in",
+            self.member_timeout.as_millis()
+        );
     }
 
     fn sessions_on(&self, slot_id: CK_SLOT_ID) -> impl Iterator<Item = Arc<Session>> + '_ {

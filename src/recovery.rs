@@ -21,21 +21,54 @@
 //! stuck calls return and fail over. It also says in the HA
 //! log when a group has no member serving, how long that lasts, and when
 //! it serves again. It never calls a member.
+//!
+//! Recovery sits beside the group core: it reaches the provider that runs
+//! it only through [`Host`].
 
 use crate::config::RecoveryMode;
 use crate::error::rv_name;
+use crate::error::Error;
+use crate::group::Pending;
 use crate::group::{Group, Location, MemberState};
 use crate::identity;
 use crate::member::{member_call, MemberLibrary, Silent};
-use crate::provider::Provider;
-use crate::replication::{Holdings, Pending};
-use crate::session::Target;
+use crate::replication::Holdings;
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// `reconnAtt`, `AutoReconnectInterval` and `VirtualTokenActiveRecovery`.
+pub struct RecoverySettings {
+    /// -1: forever; 0: never.
+    pub attempts: i64,
+    pub interval: Duration,
+    pub mode: RecoveryMode,
+}
+
+/// What recovery needs of the provider that runs it. The provider
+/// implements it, so that recovery sits beside the group core and never
+/// reaches up into the provider.
+pub trait Host: Send + Sync {
+    fn groups(&self) -> &[Arc<Group>];
+    fn libraries(&self) -> &[Arc<MemberLibrary>];
+    fn recovery(&self) -> &RecoverySettings;
+    /// How long a member may hold calls without completing any.
+    fn member_timeout(&self) -> Duration;
+    /// False when no call into a member may run in a thread of ours.
+    fn threads_allowed(&self) -> bool;
+    /// Whether `group`'s returning members are given what they lack.
+    fn synchronize(&self, group: &Group) -> bool;
+    /// Runs `reopen` on every open virtual session of `group`, stopping at
+    /// the first error.
+    fn each_virtual_session(
+        &self,
+        group: &Arc<Group>,
+        reopen: &mut dyn FnMut(&VirtualSession) -> Result<(), Error>,
+    ) -> Result<(), Error>;
+}
 
 /// Background threads of one initialised provider.
 pub struct Workers {
@@ -88,8 +121,8 @@ struct Flags {
 
 impl Workers {
     /// Starts the watchdog, and the recovery thread unless recovery is off.
-    pub fn start(provider: Weak<Provider>, recovery_on: bool) -> std::io::Result<Workers> {
-        let groups = provider.upgrade().map_or(0, |p| p.groups.len());
+    pub fn start(provider: Weak<dyn Host>, recovery_on: bool) -> std::io::Result<Workers> {
+        let groups = provider.upgrade().map_or(0, |p| p.groups().len());
         let shared = Arc::new(Shared {
             groups: (0..groups).map(|_| Mutex::new(())).collect(),
             ..Shared::default()
@@ -153,10 +186,10 @@ impl Workers {
     }
 }
 
-fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
+fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     loop {
         let interval = match provider.upgrade() {
-            Some(p) => p.recovery.interval,
+            Some(p) => p.recovery().interval,
             None => break,
         };
         {
@@ -169,7 +202,7 @@ fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
             }
         }
         let Some(p) = provider.upgrade() else { break };
-        start_attempts(&p, &provider, &shared);
+        start_attempts(&*p, &provider, &shared);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
@@ -177,8 +210,8 @@ fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
 
 /// Starts an attempt, in a thread of its own, for every failed member that
 /// has none under way.
-fn start_attempts(provider: &Provider, weak: &Weak<Provider>, shared: &Arc<Shared>) {
-    for (g, group) in provider.groups.iter().enumerate() {
+fn start_attempts(provider: &dyn Host, weak: &Weak<dyn Host>, shared: &Arc<Shared>) {
+    for (g, group) in provider.groups().iter().enumerate() {
         for member in &group.members {
             let key = (g, member.position);
             if member.state() != MemberState::Down || !shared.flags().attempts.insert(key) {
@@ -190,8 +223,8 @@ fn start_attempts(provider: &Provider, weak: &Weak<Provider>, shared: &Arc<Share
                 .spawn(move || {
                     if let Some(p) = weak.upgrade() {
                         attempt(
-                            &p,
-                            &p.groups[key.0],
+                            &*p,
+                            &p.groups()[key.0],
                             key.1,
                             shared_for_thread.groups.get(key.0),
                         );
@@ -206,13 +239,13 @@ fn start_attempts(provider: &Provider, weak: &Weak<Provider>, shared: &Arc<Share
     }
 }
 
-fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
+fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     let mut progress: HashMap<(usize, usize), (u64, Instant)> = HashMap::new();
     let mut on_wire: HashMap<usize, (u64, Instant)> = HashMap::new();
     let mut outages: HashMap<usize, Outage> = HashMap::new();
     loop {
         let Some(p) = provider.upgrade() else { break };
-        let timeout = p.member_timeout;
+        let timeout = p.member_timeout();
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         check_for_stalls(&p, timeout, &mut progress);
         check_for_stalled_connections(&p, timeout, &mut on_wire);
@@ -241,8 +274,8 @@ struct Outage {
 /// Says in the HA log when a group has no member serving,
 /// every [`OUTAGE_SUMMARY`] while that lasts, and when it serves again and
 /// after how long: the operator's view of the group as a whole.
-fn report_outages(provider: &Provider, outages: &mut HashMap<usize, Outage>, now: Instant) {
-    for (g, group) in provider.groups.iter().enumerate() {
+fn report_outages(provider: &Arc<dyn Host>, outages: &mut HashMap<usize, Outage>, now: Instant) {
+    for (g, group) in provider.groups().iter().enumerate() {
         let serving = group.up_members().next().is_some();
         match (serving, outages.get_mut(&g)) {
             (false, None) => {
@@ -286,12 +319,12 @@ fn report_outages(provider: &Provider, outages: &mut HashMap<usize, Outage>, now
 /// Takes out members that have had calls in flight and completed none for
 /// `timeout`, and cuts their connection so that those calls return.
 fn check_for_stalls(
-    provider: &Provider,
+    provider: &Arc<dyn Host>,
     timeout: Duration,
     progress: &mut HashMap<(usize, usize), (u64, Instant)>,
 ) {
     let now = Instant::now();
-    for (g, group) in provider.groups.iter().enumerate() {
+    for (g, group) in provider.groups().iter().enumerate() {
         for member in &group.members {
             let served = member.calls_served();
             let seen = progress
@@ -325,12 +358,12 @@ fn check_for_stalls(
 /// member's count (slot and token listings, pass-through calls) must not
 /// wait on a silent server either.
 fn check_for_stalled_connections(
-    provider: &Provider,
+    provider: &Arc<dyn Host>,
     timeout: Duration,
     seen: &mut HashMap<usize, (u64, Instant)>,
 ) {
     let now = Instant::now();
-    for (i, library) in provider.libraries.iter().enumerate() {
+    for (i, library) in provider.libraries().iter().enumerate() {
         let call = library.call_on_wire();
         let first = seen.entry(i).or_insert((call, now));
         if call == 0 || first.0 != call {
@@ -342,7 +375,7 @@ fn check_for_stalled_connections(
         }
         *first = (call, now);
         library.sever();
-        for group in &provider.groups {
+        for group in provider.groups() {
             for member in &group.members {
                 let on_library = member
                     .location()
@@ -365,8 +398,8 @@ fn check_for_stalled_connections(
 
 /// One recovery pass over every failed member of every group, one after
 /// another: recovery during calls, for applications that forbid threads.
-pub fn recover_failed_members(provider: &Provider) {
-    for group in &provider.groups {
+pub fn recover_failed_members(provider: &dyn Host) {
+    for group in provider.groups() {
         for member in &group.members {
             if member.state() == MemberState::Down {
                 attempt(provider, group, member.position, None);
@@ -378,7 +411,7 @@ pub fn recover_failed_members(provider: &Provider) {
 /// One recovery attempt for a failed member, if `reconnAtt` allows one
 /// more; `one_at_a_time` is held while the member is brought up to date.
 fn attempt(
-    provider: &Provider,
+    provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
     one_at_a_time: Option<&Mutex<()>>,
@@ -387,7 +420,7 @@ fn attempt(
     if member.state() != MemberState::Down {
         return;
     }
-    let attempts = provider.recovery.attempts;
+    let attempts = provider.recovery().attempts;
     let made = member
         .recovery_attempts
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -428,8 +461,8 @@ fn attempt(
 /// to have dropped it.
 const IN_DOUBT_TIMEOUTS: u32 = 4;
 
-fn in_doubt_wait(provider: &Provider) -> Duration {
-    provider.member_timeout * IN_DOUBT_TIMEOUTS
+fn in_doubt_wait(provider: &dyn Host) -> Duration {
+    provider.member_timeout() * IN_DOUBT_TIMEOUTS
 }
 
 /// Why a recovery attempt did not bring the member back.
@@ -449,7 +482,7 @@ impl From<String> for Setback {
 
 /// Brings one member back; returns how many objects it received.
 fn recover(
-    provider: &Provider,
+    provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
     one_at_a_time: Option<&Mutex<()>>,
@@ -486,7 +519,7 @@ fn recover(
 /// reopens sessions; returns how many objects it received and what it now
 /// holds.
 fn bring_up_to_date(
-    provider: &Provider,
+    provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
     worker: &VirtualSession,
@@ -516,15 +549,10 @@ fn bring_up_to_date(
     if provider.synchronize(group) {
         copied += synchronize(group, position, worker, &mut holdings)?;
     }
-    if provider.recovery.mode == RecoveryMode::ActiveEnhanced {
-        for s in provider.sessions.snapshot() {
-            if let Target::Virtual(v) = &s.target {
-                if Arc::ptr_eq(&v.group, group) {
-                    v.member_session(position)
-                        .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
-                }
-            }
-        }
+    if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
+        provider
+            .each_virtual_session(group, &mut |v| v.member_session(position).map(|_| ()))
+            .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
     }
     Ok((copied, holdings))
 }
@@ -570,10 +598,10 @@ fn settle_in_doubt(
 /// `C_Initialize` failed or never answered), or reconnected if its
 /// connection is gone and no healthy member depends on it. A library whose
 /// last call has not returned is not called.
-fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Location, String> {
+fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Location, String> {
     let serial = &group.members[position].serial;
     let known = group.members[position].location();
-    let mut libraries: Vec<_> = provider.libraries.clone();
+    let mut libraries: Vec<_> = provider.libraries().to_vec();
     if let Some(loc) = &known {
         libraries.retain(|l| !Arc::ptr_eq(l, &loc.library));
         libraries.insert(0, Arc::clone(&loc.library));
@@ -585,7 +613,7 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
             m.location()
                 .is_some_and(|l| Arc::ptr_eq(&l.library, &library))
         };
-        let members = || provider.groups.iter().flat_map(|g| g.members.iter());
+        let members = || provider.groups().iter().flat_map(|g| g.members.iter());
         let shared_with_healthy = members().any(|m| m.reachable() && on_library(m));
         let own = known
             .as_ref()
@@ -612,14 +640,14 @@ fn find_token(provider: &Provider, group: &Group, position: usize) -> Result<Loc
             }
             token_slot(library, &wanted)
         };
-        let answer = if provider.threads_allowed {
+        let answer = if provider.threads_allowed() {
             let Some(job) = library.start_bounded(job) else {
                 silent.push(format!("{} (its last call has not returned)", library.name));
                 continue;
             };
             job.finish(
-                Instant::now() + provider.member_timeout,
-                provider.member_timeout,
+                Instant::now() + provider.member_timeout(),
+                provider.member_timeout(),
             )
         } else {
             Ok(job(&library))

@@ -13,10 +13,12 @@
 
 use crate::error::rv_name;
 use crate::error::{Error, Result};
+use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
+use crate::mechanism::OwnedTemplate;
+use crate::member::MemberSession;
 use crate::member::{member_call, MemberLibrary};
 use crate::object::Presence;
-use crate::session::MemberSession;
 use crate::strategy::{self, Cloning, MigrationData, Side, Strategy, OBJECT_TYPE_CRYPTOKI};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
@@ -161,66 +163,6 @@ impl Template {
         attributes.extend(nested);
         attributes
     }
-}
-
-/// An application's `C_CreateObject` template, kept (zeroized when
-/// dropped) until every member that was down has the object: the
-/// application handed us the values, and a member behind a client library
-/// that carries no key-wrap mechanism can receive them no other way.
-pub struct OwnedTemplate {
-    values: Vec<(CK_ATTRIBUTE_TYPE, zeroize::Zeroizing<Vec<u8>>)>,
-}
-
-impl OwnedTemplate {
-    /// # Safety
-    /// `template` must point to `count` attributes with readable values.
-    pub unsafe fn copy(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> OwnedTemplate {
-        let attributes = if template.is_null() {
-            &[][..]
-        } else {
-            // SAFETY: the caller vouches for the template.
-            unsafe { std::slice::from_raw_parts(template, count as usize) }
-        };
-        let values = attributes
-            .iter()
-            .map(|a| {
-                let bytes = if a.pValue.is_null() {
-                    Vec::new()
-                } else {
-                    // SAFETY: as above, each value is readable.
-                    unsafe {
-                        std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize)
-                    }
-                    .to_vec()
-                };
-                (a.type_, zeroize::Zeroizing::new(bytes))
-            })
-            .collect();
-        OwnedTemplate { values }
-    }
-
-    /// Attributes pointing into this template, for one member call.
-    pub fn attributes(&self) -> Vec<CK_ATTRIBUTE> {
-        self.values
-            .iter()
-            .map(|(t, v)| CK_ATTRIBUTE {
-                type_: *t,
-                pValue: v.as_ptr() as *mut _,
-                ulValueLen: v.len() as CK_ULONG,
-            })
-            .collect()
-    }
-}
-
-/// A change a member that was down has yet to receive.
-#[derive(Clone)]
-pub enum Pending {
-    /// Copy this virtual object to it.
-    Create(CK_OBJECT_HANDLE),
-    /// Create this virtual object on it from the application's template.
-    Import(CK_OBJECT_HANDLE, std::sync::Arc<OwnedTemplate>),
-    /// Remove the object with this fingerprint from it.
-    Destroy(Fingerprint),
 }
 
 impl VirtualSession {

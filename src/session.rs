@@ -1,6 +1,8 @@
 //! Application sessions: the table of session handles the application
 //! holds, and for each session where its calls go -- one member session for
-//! a pass-through slot, or a [`VirtualSession`] for a virtual slot.
+//! a pass-through slot, or a [`VirtualSession`] for a virtual slot -- and
+//! the calls under way on each ([`CallGate`]), which a close waits for and
+//! a logout pauses.
 
 use crate::error::{check, Error, Result};
 use crate::member::member_call;
@@ -10,144 +12,11 @@ pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
-use smallvec::SmallVec;
-use std::cell::UnsafeCell;
+use std::cell::Cell;
 use std::ops::Deref;
-use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The member session a virtual session holds on one member, readable on
-/// every call without a lock or a reference count: a sequence lock whose
-/// writers (a session being opened or dropped, which is rare) take `write`.
-pub struct MemberSessionCell {
-    /// Odd while a write is under way.
-    sequence: AtomicU64,
-    epoch: AtomicU64,
-    handle: AtomicU64,
-    connection: AtomicU64,
-    library: AtomicPtr<MemberLibrary>,
-    /// Every library a session here was opened on, kept for as long as the
-    /// cell so that `library` never dangles.
-    write: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
-}
-
-/// The epoch of an empty cell; member epochs count up from 0.
-const NO_SESSION: u64 = u64::MAX;
-
-impl Default for MemberSessionCell {
-    fn default() -> Self {
-        MemberSessionCell {
-            sequence: AtomicU64::new(0),
-            epoch: AtomicU64::new(NO_SESSION),
-            handle: AtomicU64::new(0),
-            connection: AtomicU64::new(0),
-            library: AtomicPtr::new(std::ptr::null_mut()),
-            write: Mutex::new(SmallVec::new()),
-        }
-    }
-}
-
-impl MemberSessionCell {
-    /// The session held, if it was opened in `epoch`: its library, handle
-    /// and connection.
-    #[inline(always)]
-    pub fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
-        loop {
-            let before = self.sequence.load(Ordering::Acquire);
-            let held = self.epoch.load(Ordering::Relaxed);
-            let handle = self.handle.load(Ordering::Relaxed);
-            let connection = self.connection.load(Ordering::Relaxed);
-            let library = self.library.load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            if before & 1 == 1 || self.sequence.load(Ordering::Relaxed) != before {
-                std::hint::spin_loop();
-                continue;
-            }
-            if held != epoch || library.is_null() {
-                return None;
-            }
-            // SAFETY: `library` came from an Arc that `write` keeps for as
-            // long as `self` lives.
-            return Some((
-                unsafe { &*library },
-                handle as CK_SESSION_HANDLE,
-                connection,
-            ));
-        }
-    }
-
-    /// The session held, whatever its epoch, as an owned value.
-    pub fn get_owned(&self) -> Option<MemberSession> {
-        let retained = self.write.lock();
-        self.owned(&retained)
-    }
-
-    fn owned(&self, retained: &[Arc<MemberLibrary>]) -> Option<MemberSession> {
-        let epoch = self.epoch.load(Ordering::Relaxed);
-        let library = self.library.load(Ordering::Relaxed);
-        let library = retained.iter().find(|l| Arc::as_ptr(l) == library)?;
-        (epoch != NO_SESSION).then(|| MemberSession {
-            library: Arc::clone(library),
-            handle: self.handle.load(Ordering::Relaxed) as CK_SESSION_HANDLE,
-            epoch,
-            connection: self.connection.load(Ordering::Relaxed),
-        })
-    }
-
-    /// Holds `session` unless one of its epoch is already held; returns the
-    /// session held afterwards and, if it lost that race, `session` back.
-    pub fn put(&self, session: MemberSession) -> (MemberSession, Option<MemberSession>) {
-        let mut retained = self.write.lock();
-        if let Some(held) = self.owned(&retained) {
-            if held.epoch == session.epoch {
-                return (held, Some(session));
-            }
-        }
-        if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
-            retained.push(Arc::clone(&session.library));
-        }
-        self.store(&session);
-        (session, None)
-    }
-
-    /// Empties the cell, returning the session it held.
-    pub fn take(&self) -> Option<MemberSession> {
-        let retained = self.write.lock();
-        let held = self.owned(&retained);
-        self.clear();
-        held
-    }
-
-    /// Writes the fields; callers hold `write`, which retains the library.
-    fn store(&self, session: &MemberSession) {
-        self.write_fields(|| {
-            self.epoch.store(session.epoch, Ordering::Relaxed);
-            self.handle.store(session.handle, Ordering::Relaxed);
-            self.connection.store(session.connection, Ordering::Relaxed);
-            let library = Arc::as_ptr(&session.library) as *mut MemberLibrary;
-            self.library.store(library, Ordering::Relaxed);
-        });
-    }
-
-    /// Empties the fields; callers hold `write`.
-    fn clear(&self) {
-        self.write_fields(|| {
-            self.epoch.store(NO_SESSION, Ordering::Relaxed);
-            self.library.store(std::ptr::null_mut(), Ordering::Relaxed);
-        });
-    }
-
-    /// The writer's half of the sequence lock.
-    fn write_fields(&self, write: impl FnOnce()) {
-        let sequence = self.sequence.load(Ordering::Relaxed);
-        self.sequence.store(sequence + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        write();
-        self.sequence.store(sequence + 2, Ordering::Release);
-    }
-}
 
 pub struct PassThroughSession {
     pub library: Arc<MemberLibrary>,
@@ -272,36 +141,76 @@ pub struct Session {
 /// The calls under way on a session. Its member sessions are closed only
 /// once none is left (SoftHSM crashes when a session is closed under a
 /// running `C_Sign`), and a call that arrives after the close is refused
-/// with `CKR_SESSION_HANDLE_INVALID` before it reaches a member.
+/// with `CKR_SESSION_HANDLE_INVALID` before it reaches a member. A logout
+/// pauses the gate instead: calls that arrive meanwhile wait outside until
+/// it resumes.
 #[derive(Default)]
 pub struct CallGate {
     calls: AtomicU32,
-    closed: AtomicBool,
+    /// [`CLOSED`] and [`PAUSED`]; changed under `idle`, so that a call
+    /// waiting for a resume cannot miss it.
+    state: AtomicU8,
     idle: Mutex<()>,
+    /// Signalled when the last call leaves a closed or paused gate, and
+    /// when a paused gate resumes or closes.
     went_idle: Condvar,
 }
 
+const CLOSED: u8 = 1;
+const PAUSED: u8 = 2;
+
 impl CallGate {
     /// Counts a call in; false if the session is closed (the call must
-    /// still [`Self::leave`]). With `close`, a Dekker pair: sequentially
-    /// consistent, so either the call sees the close or the close sees
-    /// the call.
+    /// still [`Self::leave`]). With `close` and `pause`, a Dekker pair:
+    /// sequentially consistent, so either the call sees the close or the
+    /// close sees the call.
     #[inline(always)]
     fn enter(&self) -> bool {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        !self.closed.load(Ordering::SeqCst)
+        let state = self.state.load(Ordering::SeqCst);
+        state == 0 || self.enter_after_pause(state)
+    }
+
+    /// While the gate is paused, steps back out (so that the pause sees no
+    /// call) and waits for it to resume or close; then counts in again.
+    #[cold]
+    #[inline(never)]
+    fn enter_after_pause(&self, mut state: u8) -> bool {
+        while state == PAUSED {
+            self.leave();
+            let mut idle = self.idle.lock();
+            while self.state.load(Ordering::SeqCst) == PAUSED {
+                self.went_idle.wait(&mut idle);
+            }
+            drop(idle);
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            state = self.state.load(Ordering::SeqCst);
+        }
+        state & CLOSED == 0
     }
 
     #[inline(always)]
     fn leave(&self) {
-        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
-            self.wake_closer();
+        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.state.load(Ordering::SeqCst) != 0
+        {
+            self.wake_waiters();
         }
     }
 
     #[cold]
-    fn wake_closer(&self) {
+    fn wake_waiters(&self) {
         let _idle = self.idle.lock();
+        self.went_idle.notify_all();
+    }
+
+    /// Sets or clears `bit` where waiters cannot miss it, and wakes them.
+    fn set_state(&self, bit: u8, on: bool) {
+        let _idle = self.idle.lock();
+        if on {
+            self.state.fetch_or(bit, Ordering::SeqCst);
+        } else {
+            self.state.fetch_and(!bit, Ordering::SeqCst);
+        }
         self.went_idle.notify_all();
     }
 
@@ -318,19 +227,40 @@ impl CallGate {
 
     /// Refuses new calls from now on.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        self.set_state(CLOSED, true);
+    }
+
+    /// Holds new calls outside until [`Paused`] is dropped.
+    pub fn pause(&self) -> Paused<'_> {
+        self.set_state(PAUSED, true);
+        Paused(self)
     }
 
     /// Waits until `deadline` for the calls under way after
     /// [`Self::close`]; false if some are still inside a member then.
     pub fn wait_idle(&self, deadline: Instant) -> bool {
+        self.wait_calls(0, deadline)
+    }
+
+    /// Waits until `deadline` for at most `calls` to be under way (a
+    /// logout's own call among them); false if more are then.
+    pub fn wait_calls(&self, calls: u32, deadline: Instant) -> bool {
         let mut idle = self.idle.lock();
-        while self.calls.load(Ordering::SeqCst) != 0 {
+        while self.calls.load(Ordering::SeqCst) > calls {
             if self.went_idle.wait_until(&mut idle, deadline).timed_out() {
-                return self.calls.load(Ordering::SeqCst) == 0;
+                return self.calls.load(Ordering::SeqCst) <= calls;
             }
         }
         true
+    }
+}
+
+/// A paused [`CallGate`]; dropping it lets the calls held outside in.
+pub struct Paused<'a>(&'a CallGate);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.set_state(PAUSED, false);
     }
 }
 
@@ -359,31 +289,22 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// from its last call ([`SessionRef`]) is never used after it was closed.
 static REMOVALS: AtomicU64 = AtomicU64::new(0);
 
-/// A thread's cached session. `in_use` is set while a [`SessionRef`]
-/// borrows `session`: a lookup meanwhile (a nested call) must not replace
-/// it, and gets a reference of its own instead.
-struct LastUsed {
+thread_local! {
+    /// The session this thread used last, with [`removals`] when it was
+    /// looked up: most applications use one session per thread, and then a
+    /// call finds its session with one thread-local access, without the
+    /// table's lock or a reference count. A [`SessionRef`] takes it out
+    /// for its call and puts it back when dropped, so a call nested in it
+    /// finds the cache empty and goes to the table.
+    static LAST_USED: Cell<Option<(Arc<Session>, u64)>> = const { Cell::new(None) };
+}
+
+/// An application session held for one call, counted in on its gate;
+/// dropping it counts the call out and makes it the thread's cached
+/// session.
+pub struct SessionRef {
     session: Option<Arc<Session>>,
     removals: u64,
-    in_use: bool,
-}
-
-thread_local! {
-    /// The session this thread used last: most applications use one
-    /// session per thread, and then a call finds its session with one
-    /// thread-local access, without the table's lock or a reference count.
-    static LAST_USED: UnsafeCell<LastUsed> = const {
-        UnsafeCell::new(LastUsed { session: None, removals: 0, in_use: false })
-    };
-}
-
-/// An application session held for one call: borrowed from the thread's
-/// cache, or, where the cache could not take it, a reference of its own.
-pub struct SessionRef {
-    session: NonNull<Session>,
-    /// The cache entry `session` is borrowed from, released on drop.
-    cache: Option<NonNull<LastUsed>>,
-    _owned: Option<Arc<Session>>,
 }
 
 impl SessionRef {
@@ -391,74 +312,31 @@ impl SessionRef {
     /// was closed since.
     #[inline(always)]
     pub fn cached(handle: CK_SESSION_HANDLE) -> Option<SessionRef> {
-        LAST_USED
-            .try_with(|cell| {
-                let entry = cell.get();
-                // SAFETY: the entry is this thread's and is reached only
-                // through raw pointers from `cell.get()`, field by field,
-                // never through a reference that outlives the access.
-                unsafe {
-                    let session = (*entry).session.as_deref()?;
-                    if (*entry).in_use
-                        || session.handle != handle
-                        || (*entry).removals != removals()
-                    {
-                        return None;
-                    }
-                    (*entry).in_use = true;
-                    Some(SessionRef {
-                        session: NonNull::from(session),
-                        cache: NonNull::new(entry),
-                        _owned: None,
-                    })
-                }
-            })
-            .ok()
-            .flatten()
-            .and_then(SessionRef::admitted)
+        let (session, looked_up) = LAST_USED.try_with(Cell::take).ok().flatten()?;
+        if session.handle != handle || looked_up != removals() {
+            let _kept = LAST_USED.try_with(|cell| cell.set(Some((session, looked_up))));
+            return None;
+        }
+        SessionRef::admitted(session, looked_up)
     }
 
     /// Counts the call in on the session's gate; `None` if the session was
-    /// closed meanwhile (the drop counts the call out again).
+    /// closed meanwhile.
     #[inline(always)]
-    fn admitted(self) -> Option<Self> {
-        self.gate.enter().then_some(self)
+    fn admitted(session: Arc<Session>, removals: u64) -> Option<Self> {
+        let entered = session.gate.enter();
+        let held = SessionRef {
+            session: Some(session),
+            removals,
+        };
+        // A refused call still leaves: dropping `held` does that.
+        entered.then_some(held)
     }
 
-    /// `session`, looked up after [`removals`] read `removals`; it becomes
-    /// the thread's cached session unless that one is in use.
+    /// `session`, looked up after [`removals`] read `removals`.
     /// `CKR_SESSION_HANDLE_INVALID` if it was closed since the lookup.
     pub fn new(session: Arc<Session>, removals: u64) -> Result<Self> {
-        let pointer = NonNull::from(&*session);
-        let cached = LAST_USED.try_with(|cell| {
-            let entry = cell.get();
-            // SAFETY: as in `cached`.
-            unsafe {
-                if (*entry).in_use {
-                    return None;
-                }
-                (*entry).in_use = true;
-                (*entry).removals = removals;
-                let replaced = (*entry).session.replace(Arc::clone(&session));
-                Some((replaced, NonNull::new(entry)))
-            }
-        });
-        let held = match cached {
-            // The replaced session is dropped only now, outside the entry's
-            // borrow: its drop may close member sessions.
-            Ok(Some((_replaced, entry))) => SessionRef {
-                session: pointer,
-                cache: entry,
-                _owned: None,
-            },
-            _ => SessionRef {
-                session: pointer,
-                cache: None,
-                _owned: Some(session),
-            },
-        };
-        held.admitted()
-            .ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
+        SessionRef::admitted(session, removals).ok_or(Error::new(CKR_SESSION_HANDLE_INVALID))
     }
 }
 
@@ -478,9 +356,10 @@ impl Deref for SessionRef {
     type Target = Session;
     #[inline(always)]
     fn deref(&self) -> &Session {
-        // SAFETY: the cache entry (marked in use, so never replaced
-        // meanwhile) or `_owned` holds a reference for as long as `self`.
-        unsafe { self.session.as_ref() }
+        match &self.session {
+            Some(session) => session,
+            None => unreachable!("a SessionRef holds its session until dropped"),
+        }
     }
 }
 
@@ -488,11 +367,10 @@ impl Drop for SessionRef {
     #[inline(always)]
     fn drop(&mut self) {
         self.gate.leave();
-        if let Some(entry) = self.cache {
-            // SAFETY: the entry belongs to this thread (a `SessionRef` is
-            // neither `Send` nor outlives the call), which is still alive.
-            unsafe { (*entry.as_ptr()).in_use = false };
-        }
+        let cached = self.session.take().map(|s| (s, self.removals));
+        // The session replaced is dropped only here, outside the cell: its
+        // drop may close member sessions.
+        let _replaced = LAST_USED.try_with(|cell| cell.replace(cached));
     }
 }
 
@@ -569,5 +447,115 @@ impl SessionTable {
     /// Every open session, for checks across a slot.
     pub fn snapshot(&self) -> Vec<Arc<Session>> {
         self.sessions.read().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::{Group, GroupSettings};
+
+    /// A session on a group without members: enough for the table, the
+    /// thread's cache and the gate, which never reach a member.
+    fn table_with_session() -> (SessionTable, CK_SESSION_HANDLE) {
+        let settings = GroupSettings {
+            domain_label: "d".into(),
+            replay_limit: 0,
+            min_replicas: 1,
+        };
+        let group = Arc::new(Group::new(0, "g", "1".into(), 0, &[], &[], settings));
+        let target = Target::Virtual(Box::new(VirtualSession::internal(group)));
+        let table = SessionTable::default();
+        let handle = table.insert(0, CKF_SERIAL_SESSION, target);
+        (table, handle)
+    }
+
+    fn look_up(table: &SessionTable, handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
+        if let Some(cached) = SessionRef::cached(handle) {
+            return Ok(cached);
+        }
+        let seen = removals();
+        SessionRef::new(table.get(handle)?, seen)
+    }
+
+    #[test]
+    fn the_cache_serves_the_last_session_and_a_nested_call_goes_to_the_table() {
+        let (table, handle) = table_with_session();
+        drop(look_up(&table, handle).unwrap());
+        let outer = SessionRef::cached(handle).expect("cached after its first call");
+        assert!(
+            SessionRef::cached(handle).is_none(),
+            "the cache is lent out for the outer call"
+        );
+        let inner = look_up(&table, handle).unwrap();
+        assert_eq!(inner.handle, outer.handle);
+        assert_eq!(outer.gate.calls.load(Ordering::SeqCst), 2);
+        drop(inner);
+        drop(outer);
+        assert_eq!(
+            table.get(handle).unwrap().gate.calls.load(Ordering::SeqCst),
+            0
+        );
+        assert!(SessionRef::cached(handle).is_some());
+    }
+
+    #[test]
+    fn a_closed_session_is_never_served_from_the_cache() {
+        let (table, handle) = table_with_session();
+        drop(look_up(&table, handle).unwrap());
+        let closed = table.remove(handle).unwrap();
+        closed.gate.close();
+        assert!(
+            SessionRef::cached(handle).is_none(),
+            "stale after a removal"
+        );
+        assert!(look_up(&table, handle).is_err());
+        assert!(closed.gate.wait_idle(Instant::now()), "a refused call left");
+    }
+
+    #[test]
+    fn a_paused_gate_holds_new_calls_outside_until_it_resumes() {
+        let gate = CallGate::default();
+        let own = gate.call().unwrap();
+        let paused = gate.pause();
+        assert!(gate.wait_calls(1, Instant::now()), "only the pauser's call");
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| gate.call().map(|_| ()).is_ok());
+            // Whenever the waiter comes, it steps back out of the pause.
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            assert!(gate.wait_calls(1, deadline), "the waiter is outside");
+            assert!(!waiting.is_finished(), "held while paused");
+            drop(paused);
+            assert!(waiting.join().unwrap(), "let in once resumed");
+        });
+        drop(own);
+        assert!(gate.wait_idle(Instant::now()));
+        let _paused = gate.pause();
+        gate.close();
+        assert!(gate.call().is_err(), "a close ends the wait with a refusal");
+    }
+
+    #[test]
+    fn threads_calling_while_another_closes_all_leave_the_gate_idle() {
+        let (table, handle) = table_with_session();
+        let session = table.get(handle).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        if look_up(&table, handle).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for drained in table.drain() {
+                    drained.gate.close();
+                }
+            });
+        });
+        assert!(session.gate.wait_idle(Instant::now()));
+        assert!(look_up(&table, handle).is_err());
     }
 }

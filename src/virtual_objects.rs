@@ -5,11 +5,12 @@
 //! returns. Handles the application sees are virtual.
 
 use crate::error::{check, Error, Result};
+use crate::group::Pending;
 use crate::identity;
+use crate::mechanism::OwnedTemplate;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
-use crate::replication::{OwnedTemplate, Pending};
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 

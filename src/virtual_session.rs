@@ -1,57 +1,28 @@
-//! A session on a virtual slot: one member session per member, the member
-//! each active operation is bound to, and failover. Every member call goes
+//! A session on a virtual slot: its member sessions (a
+//! [`MemberSessions`] set), the member each active operation is bound to,
+//! and failover. Every member call goes
 //! through [`VirtualSession::attempt`], which tells a member fault (take the
 //! member out, carry on elsewhere) from a request error (the application's
 //! answer; the member stays healthy).
 
+use crate::bindings::{
+    ActiveOp, BindingsCell, BindingsGuard, Replay, Search, Summary, ALL_KINDS, OP_KINDS,
+};
+pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
-use crate::mechanism::SavedMechanism;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
+use crate::member::MemberSession;
+use crate::member_sessions::MemberSessions;
 use crate::object::Presence;
-use crate::session::{open_member_session, MemberSession, MemberSessionCell};
 use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The kinds of operation a session can have active at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
-    Encrypt = 0,
-    Decrypt,
-    Digest,
-    Sign,
-    Verify,
-    SignRecover,
-    VerifyRecover,
-    Find,
-}
-const OP_KINDS: usize = 8;
 /// The load-balancing lane of calls outside operations.
 const STATELESS_LANE: usize = OP_KINDS;
-const ALL_KINDS: [OpKind; OP_KINDS] = [
-    OpKind::Encrypt,
-    OpKind::Decrypt,
-    OpKind::Digest,
-    OpKind::Sign,
-    OpKind::Verify,
-    OpKind::SignRecover,
-    OpKind::VerifyRecover,
-    OpKind::Find,
-];
-
-impl OpKind {
-    /// Whether updates of this kind can be replayed exactly on another
-    /// member: digests and signatures yes; cipher streams have already
-    /// handed output to the application, so no.
-    fn replays_updates(self) -> bool {
-        matches!(self, OpKind::Digest | OpKind::Sign | OpKind::Verify)
-    }
-}
 
 /// Member handles of the keys a call names; inline, being on every
 /// operation's path.
@@ -90,298 +61,6 @@ impl Step {
     }
 }
 
-/// What an update fed into its operation, kept to replay it elsewhere.
-pub enum Input<'a> {
-    None,
-    Data(&'a [u8]),
-    /// `C_DigestKey`'s key, as a virtual handle.
-    Key(CK_OBJECT_HANDLE),
-}
-
-enum Replay {
-    Data(Vec<u8>),
-    Key(CK_OBJECT_HANDLE),
-}
-
-/// An active operation and what it takes to start it again elsewhere.
-#[derive(Default)]
-struct ActiveOp {
-    mechanism: SavedMechanism,
-    key: Option<CK_OBJECT_HANDLE>,
-    /// False once the operation's history can no longer be replayed.
-    movable: bool,
-    /// Only operations that had updates or are searches have one.
-    history: Option<Box<History>>,
-}
-
-/// What a multi-part operation or a search went through, to repeat it on
-/// another member.
-#[derive(Default)]
-struct History {
-    replay: Vec<Replay>,
-    replay_bytes: usize,
-    /// A search: its template, to start it again elsewhere, and the objects
-    /// already returned, so that none is returned twice.
-    search: Option<Search>,
-}
-
-struct Search {
-    template: crate::replication::OwnedTemplate,
-    returned: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
-    /// Attributes the members cannot be asked (they would answer for their
-    /// own copies, not for the application's view): checked here.
-    filter: SearchFilter,
-}
-
-/// Attribute values a search wants that are checked against the
-/// application's view of each object found, not by the members.
-pub type SearchFilter = Vec<(CK_ATTRIBUTE_TYPE, bool)>;
-
-/// Which operations of a session are active and where, in one word that
-/// every call can read without the bindings' lock: bit `k` = an operation
-/// of kind `k` is active; bit `LOST_SHIFT + k` = its member failed and it
-/// could not be moved (the next call on it says `CKR_DEVICE_ERROR` and ends
-/// it, leaving the session usable); [`RESTORED`]; and the bound member + 1
-/// from [`MEMBER_SHIFT`] up (0 = none).
-#[derive(Clone, Copy)]
-struct Summary(u64);
-
-const LOST_SHIFT: u32 = 8;
-/// The active and lost bits.
-const KINDS_MASK: u64 = (1 << (LOST_SHIFT + OP_KINDS as u32)) - 1;
-/// Set by `C_SetOperationState`: that member's state was restored, and
-/// only that member can continue it.
-const RESTORED: u64 = 1 << 16;
-const MEMBER_SHIFT: u32 = 32;
-/// The bound member's bits, [`LOCKED`] aside.
-const MEMBER_MASK: u64 = (u32::MAX as u64 >> 1) << MEMBER_SHIFT;
-/// Above every bit a [`Summary`] uses: the lock of the [`BindingsCell`].
-const LOCKED: u64 = 1 << 63;
-
-fn active_bit(kind: OpKind) -> u64 {
-    1 << kind as u32
-}
-
-fn lost_bit(kind: OpKind) -> u64 {
-    1 << (LOST_SHIFT + kind as u32)
-}
-
-impl Summary {
-    fn active(self, kind: OpKind) -> bool {
-        self.0 & active_bit(kind) != 0
-    }
-
-    fn lost(self, kind: OpKind) -> bool {
-        self.0 & lost_bit(kind) != 0
-    }
-
-    fn restored(self) -> bool {
-        self.0 & RESTORED != 0
-    }
-
-    fn any_active(self) -> bool {
-        self.0 & ((1 << OP_KINDS) - 1) != 0 || self.restored()
-    }
-
-    fn member(self) -> Option<usize> {
-        (((self.0 & MEMBER_MASK) >> MEMBER_SHIFT) as usize).checked_sub(1)
-    }
-}
-
-/// A session's operations, by kind, behind a lock that is also their
-/// [`Summary`] word. All of them run on one member, so the dual functions
-/// find both halves together. Taking the lock is one atomic
-/// read-modify-write, and releasing it is the store that publishes the new
-/// summary. One word instead of a
-/// mutex and a copy of its state to keep in step keeps the start and end of
-/// every operation a few instructions long. The lock is never held across
-/// a member call, and for no more than copying one update for replay; only
-/// an application calling into one session from two threads at once waits
-/// for it, spinning briefly, then yielding.
-#[derive(Default)]
-struct BindingsCell {
-    /// The summary, with [`LOCKED`] set while a guard exists.
-    word: AtomicU64,
-    /// Slot `k` holds the operation of kind `k` while the summary says it
-    /// is active. Any other slot is stale, and the next start of its kind
-    /// overwrites it in place: ending an operation frees nothing, and
-    /// starting one reuses the room of the last.
-    ops: UnsafeCell<[ActiveOp; OP_KINDS]>,
-}
-
-// SAFETY: `ops` is reached only through a `BindingsGuard`, and at most
-// one exists at a time (the `LOCKED` bit).
-unsafe impl Sync for BindingsCell {}
-
-impl BindingsCell {
-    #[inline(always)]
-    fn lock(&self) -> BindingsGuard<'_> {
-        let mut before = self.word.fetch_or(LOCKED, Ordering::Acquire);
-        if before & LOCKED != 0 {
-            before = self.wait_and_lock();
-        }
-        BindingsGuard {
-            cell: self,
-            summary: Summary(before),
-        }
-    }
-
-    /// Takes the lock once its holder lets go; returns the summary then.
-    #[cold]
-    #[inline(never)]
-    fn wait_and_lock(&self) -> u64 {
-        let mut spins = 0;
-        loop {
-            while self.word.load(Ordering::Relaxed) & LOCKED != 0 {
-                if spins < 100 {
-                    spins += 1;
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-            let before = self.word.fetch_or(LOCKED, Ordering::Acquire);
-            if before & LOCKED == 0 {
-                return before;
-            }
-        }
-    }
-
-    /// The summary last published; readable while another thread holds
-    /// the lock.
-    #[inline(always)]
-    fn summary(&self) -> Summary {
-        Summary(self.word.load(Ordering::Acquire) & !LOCKED)
-    }
-
-    /// Ends the operation of `kind` (and a restored binding) with one
-    /// compare-and-swap instead of the lock, as every single-part operation
-    /// ends: ending touches no slot. False if the lock is held or the word
-    /// changed meanwhile; the caller then takes the lock.
-    #[inline(always)]
-    fn end_without_lock(&self, kind: OpKind) -> bool {
-        let current = self.word.load(Ordering::Relaxed);
-        let ended = current & !(active_bit(kind) | lost_bit(kind) | RESTORED);
-        current & LOCKED == 0
-            && self
-                .word
-                .compare_exchange(current, ended, Ordering::Release, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
-/// The bindings, locked, with a working copy of their summary; releasing
-/// them publishes it.
-struct BindingsGuard<'a> {
-    cell: &'a BindingsCell,
-    summary: Summary,
-}
-
-impl BindingsGuard<'_> {
-    fn ops(&mut self) -> &mut [ActiveOp; OP_KINDS] {
-        // SAFETY: this guard holds the lock.
-        unsafe { &mut *self.cell.ops.get() }
-    }
-
-    /// Starts an operation of `kind` on `member`, with the mechanism saved
-    /// in its slot; one whose parameter could not be saved cannot move.
-    ///
-    /// # Safety
-    /// As for [`SavedMechanism::save`].
-    #[inline(always)]
-    unsafe fn start(
-        &mut self,
-        kind: OpKind,
-        mechanism: CK_MECHANISM_PTR,
-        key: Option<CK_OBJECT_HANDLE>,
-        member: usize,
-    ) {
-        let op = &mut self.ops()[kind as usize];
-        // SAFETY: as the caller vouches.
-        let saved = unsafe { op.mechanism.save(mechanism) };
-        op.key = key;
-        op.movable = saved && kind != OpKind::Find;
-        if op.history.is_some() {
-            op.history = None;
-        }
-        self.summary.0 = (self.summary.0 & !lost_bit(kind)) | active_bit(kind);
-        self.set_member(Some(member));
-    }
-
-    /// Makes the active operation of `kind` stay on its member: it was fed
-    /// input that is not kept for replay.
-    fn stop_replaying(&mut self, kind: OpKind) {
-        if let Some(op) = self.active(kind) {
-            op.movable = false;
-            op.history = None;
-        }
-    }
-
-    fn end(&mut self, kind: OpKind) {
-        self.summary.0 &= !(active_bit(kind) | lost_bit(kind));
-    }
-
-    fn active(&mut self, kind: OpKind) -> Option<&mut ActiveOp> {
-        let active = self.summary.active(kind);
-        active.then(|| &mut self.ops()[kind as usize])
-    }
-
-    fn is_lost(&self, kind: OpKind) -> bool {
-        self.summary.lost(kind)
-    }
-
-    fn member(&self) -> Option<usize> {
-        self.summary.member()
-    }
-
-    fn set_member(&mut self, member: Option<usize>) {
-        let bound = member.map_or(0, |m| m as u64 + 1) << MEMBER_SHIFT;
-        self.summary.0 = (self.summary.0 & !MEMBER_MASK) | bound;
-    }
-
-    fn restored(&self) -> bool {
-        self.summary.restored()
-    }
-
-    fn set_restored(&mut self, restored: bool) {
-        let bit = if restored { RESTORED } else { 0 };
-        self.summary.0 = (self.summary.0 & !RESTORED) | bit;
-    }
-
-    /// Takes every active operation out; none is active afterwards.
-    fn take_all(&mut self) -> [Option<ActiveOp>; OP_KINDS] {
-        let before = self.summary;
-        self.summary.0 &= !KINDS_MASK;
-        let ops = self.ops();
-        std::array::from_fn(|k| {
-            let active = before.0 & 1 << k != 0;
-            active.then(|| std::mem::take(&mut ops[k]))
-        })
-    }
-
-    /// Puts operations back as the active ones; `lost` names those that
-    /// could not move.
-    fn replace_all(&mut self, ops: [Option<ActiveOp>; OP_KINDS], lost: u64) {
-        let mut active = 0;
-        let slots = self.ops();
-        for (kind, op) in ops.into_iter().enumerate() {
-            if let Some(op) = op {
-                slots[kind] = op;
-                active |= 1 << kind;
-            }
-        }
-        let kinds = active | (lost & active) << LOST_SHIFT;
-        self.summary.0 = (self.summary.0 & !KINDS_MASK) | kinds;
-    }
-}
-
-impl Drop for BindingsGuard<'_> {
-    #[inline(always)]
-    fn drop(&mut self) {
-        self.cell.word.store(self.summary.0, Ordering::Release);
-    }
-}
-
 /// What [`VirtualSession::attempt`] does after a login check.
 enum Relogin {
     /// Logged in again: repeat the call.
@@ -401,14 +80,9 @@ pub(crate) enum Attempt {
 
 pub struct VirtualSession {
     pub group: Arc<Group>,
-    flags: CK_FLAGS,
     /// The session on each member, by position.
-    members: Box<[MemberSessionCell]>,
+    members: MemberSessions,
     bindings: BindingsCell,
-    /// Set by [`Self::close`]: no member session is opened after it, and a
-    /// member's `CKR_SESSION_HANDLE_INVALID` for a session we closed is not
-    /// the member's fault.
-    closed: AtomicBool,
 }
 
 /// Starts an operation of `kind` on a member.
@@ -486,11 +160,9 @@ impl VirtualSession {
 
     fn new(group: Arc<Group>, flags: CK_FLAGS) -> Self {
         VirtualSession {
-            members: group.members.iter().map(|_| Default::default()).collect(),
+            members: MemberSessions::new(&group, flags),
             group,
-            flags,
             bindings: BindingsCell::default(),
-            closed: AtomicBool::new(false),
         }
     }
 
@@ -504,29 +176,15 @@ impl VirtualSession {
         self.bindings.summary()
     }
 
-    /// Closes every member session. One from an earlier epoch of its member
-    /// is left alone: after a reconnect its number may belong to another
-    /// session.
+    /// Closes every member session (see [`MemberSessions::close`]).
     pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        for (member, cell) in self.group.members.iter().zip(self.members.iter()) {
-            if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
-                let _in_flight = member.begin_call();
-                crate::member::on_connection(s.connection, || {
-                    member_call!(s.library, C_CloseSession(s.handle))
-                });
-            }
-        }
+        self.members.close(&self.group);
     }
 
     /// The session on member `position` in its current epoch, opened now if
     /// the member came up (or came back) after this session was opened.
     pub fn member_session(&self, position: usize) -> Result<MemberSession> {
-        let epoch = self.group.members[position].epoch();
-        match self.members[position].get_owned() {
-            Some(s) if s.epoch == epoch => Ok(s),
-            _ => self.open_member_session(position, epoch),
-        }
+        self.members.member_session(&self.group, position)
     }
 
     /// [`Self::member_session`] without a reference count, as (library,
@@ -537,55 +195,7 @@ impl VirtualSession {
         position: usize,
         epoch: u64,
     ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
-        match self.members[position].get(epoch) {
-            Some(found) => Ok(found),
-            None => self.open_and_get(position, epoch),
-        }
-    }
-
-    #[cold]
-    fn open_and_get(
-        &self,
-        position: usize,
-        epoch: u64,
-    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
-        self.open_member_session(position, epoch)?;
-        // Absent only if the member failed again meanwhile.
-        self.members[position]
-            .get(epoch)
-            .ok_or(Error::new(CKR_DEVICE_ERROR))
-    }
-
-    fn open_member_session(&self, position: usize, epoch: u64) -> Result<MemberSession> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
-        }
-        let member = &self.group.members[position];
-        let location = member
-            .location()
-            .filter(|_| member.reachable())
-            .ok_or(Error::new(CKR_DEVICE_ERROR))?;
-        let guard = member.begin_call();
-        let opened = crate::group::retry_result_while_busy(|| {
-            open_member_session(&location.library, location.slot, self.flags, epoch)
-        });
-        drop(guard);
-        let (held, raced) = self.members[position].put(opened?);
-        if let Some(raced) = raced {
-            crate::member::on_connection(raced.connection, || {
-                member_call!(raced.library, C_CloseSession(raced.handle))
-            });
-        }
-        // Closed while this one was being opened: `close` may have missed it.
-        if self.closed.load(Ordering::SeqCst) {
-            if let Some(late) = self.members[position].take() {
-                crate::member::on_connection(late.connection, || {
-                    member_call!(late.library, C_CloseSession(late.handle))
-                });
-            }
-            return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
-        }
-        Ok(held)
+        self.members.session_on(&self.group, position, epoch)
     }
 
     /// Runs member calls made outside [`VirtualSession::attempt`] (lookups,
@@ -667,7 +277,7 @@ impl VirtualSession {
         if !is_member_fault(rv) {
             return Attempt::Answered(rv);
         }
-        if self.closed.load(Ordering::SeqCst) {
+        if self.members.closed() {
             return Attempt::Answered(CKR_SESSION_HANDLE_INVALID);
         }
         // A fault on a session from an earlier epoch belongs to a failure
@@ -786,7 +396,7 @@ impl VirtualSession {
 
     #[cold]
     fn not_opened(&self, position: usize, rv: CK_RV) -> Attempt {
-        if is_member_fault(rv) && !self.closed.load(Ordering::SeqCst) {
+        if is_member_fault(rv) && !self.members.closed() {
             crate::member::forget_cut_off();
             self.group.member_failed(position, "C_OpenSession", rv);
             Attempt::Faulted
@@ -1189,7 +799,7 @@ impl VirtualSession {
 
     /// Makes the active search movable: keeps its template, and from now on
     /// the objects it returns.
-    pub fn keep_search(&self, template: crate::replication::OwnedTemplate, filter: SearchFilter) {
+    pub fn keep_search(&self, template: crate::mechanism::OwnedTemplate, filter: SearchFilter) {
         if let Some(op) = self.bindings().active(OpKind::Find) {
             op.history.get_or_insert_with(Default::default).search = Some(Search {
                 template,
@@ -1257,11 +867,9 @@ impl VirtualSession {
     #[inline(always)]
     fn record(&self, kind: OpKind, step: Step, input: &Input<'_>, rv: CK_RV) {
         if step.ends_operation(rv) {
-            if !self.bindings.end_without_lock(kind) {
-                let mut b = self.bindings();
-                b.end(kind);
-                b.set_restored(false);
-            }
+            let mut b = self.bindings();
+            b.end(kind);
+            b.set_restored(false);
             return;
         }
         if rv != CKR_OK || step != Step::Update {
@@ -1484,79 +1092,5 @@ fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
     match item {
         Replay::Key(k) => Some(*k),
         Replay::Data(_) => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_lock_word_keeps_two_threads_out_of_each_others_bindings() {
-        let cell = BindingsCell::default();
-        const ROUNDS: u64 = 20_000;
-        std::thread::scope(|scope| {
-            for _ in 0..2 {
-                scope.spawn(|| {
-                    for _ in 0..ROUNDS {
-                        let mut b = cell.lock();
-                        // A read-modify-write that loses counts if two
-                        // guards ever overlap.
-                        let slot = &mut b.ops()[0];
-                        slot.key = Some(slot.key.unwrap_or(0) + 1);
-                    }
-                });
-            }
-        });
-        assert_eq!(cell.lock().ops()[0].key, Some(2 * ROUNDS));
-        assert_eq!(cell.word.load(Ordering::Relaxed) & LOCKED, 0);
-    }
-
-    #[test]
-    fn a_dual_function_half_is_not_moved() {
-        let cell = BindingsCell::default();
-        let mut sha256 = CK_MECHANISM {
-            mechanism: CKM_SHA256,
-            pParameter: std::ptr::null_mut(),
-            ulParameterLen: 0,
-        };
-        let mut b = cell.lock();
-        // SAFETY: a mechanism without parameter.
-        unsafe { b.start(OpKind::Digest, &mut sha256, None, 1) };
-        assert!(b.active(OpKind::Digest).is_some_and(|op| op.movable));
-        b.stop_replaying(OpKind::Digest);
-        assert!(b.active(OpKind::Digest).is_some_and(|op| !op.movable));
-    }
-
-    #[test]
-    fn the_summary_follows_starts_ends_and_moves() {
-        let cell = BindingsCell::default();
-        {
-            let mut b = cell.lock();
-            // SAFETY: a null mechanism, as a search has.
-            unsafe { b.start(OpKind::Find, std::ptr::null_mut(), None, 2) };
-            // SAFETY: as above.
-            unsafe { b.start(OpKind::Digest, std::ptr::null_mut(), Some(7), 2) };
-        }
-        let summary = cell.summary();
-        assert!(summary.active(OpKind::Digest) && summary.active(OpKind::Find));
-        assert_eq!(summary.member(), Some(2));
-        assert!(cell.end_without_lock(OpKind::Digest));
-        assert!(!cell.summary().active(OpKind::Digest));
-        assert!(cell.summary().active(OpKind::Find), "other kinds stay");
-        {
-            let mut b = cell.lock();
-            assert!(!cell.end_without_lock(OpKind::Find), "not while locked");
-            let ops = b.take_all();
-            assert!(ops[OpKind::Find as usize].is_some());
-            assert!(ops[OpKind::Digest as usize].is_none(), "ended before");
-            b.replace_all(ops, 1 << OpKind::Find as u32);
-            b.set_member(Some(0));
-        }
-        let summary = cell.summary();
-        assert!(summary.active(OpKind::Find) && summary.lost(OpKind::Find));
-        assert_eq!(summary.member(), Some(0));
-        assert!(cell.end_without_lock(OpKind::Find));
-        assert!(!cell.summary().any_active());
     }
 }

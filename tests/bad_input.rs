@@ -2351,3 +2351,91 @@ fn all_sessions_closed_under_running_signatures_crash_nothing_and_fault_no_membe
         ec_key_pair(api, session);
     }
 }
+
+#[test]
+fn logout_under_running_signatures_crashes_nothing_and_faults_no_member() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    const ROUNDS: usize = 5;
+    const SIGNERS: usize = 4;
+    let ctx = Ctx::started();
+    let api = ha();
+    for (kind, slot) in ctx.slots() {
+        for round in 0..ROUNDS {
+            // A private session key: the logout takes it away (the
+            // specification destroys private session objects at logout).
+            let keeper = user_session(api, slot);
+            let (_, key) = ec_key_pair(api, keeper);
+            let sessions: Vec<CK_SESSION_HANDLE> =
+                (0..SIGNERS).map(|_| open_session(api, slot)).collect();
+            let signed = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for &session in &sessions {
+                    let signed = &signed;
+                    scope.spawn(move || {
+                        let digest = [0x5au8; 32];
+                        // Every answer is OK until the logout, then the
+                        // specification's answer for a key gone with it.
+                        let gone = [
+                            CKR_USER_NOT_LOGGED_IN,
+                            CKR_KEY_HANDLE_INVALID,
+                            CKR_OBJECT_HANDLE_INVALID,
+                        ];
+                        loop {
+                            let mut mech = mechanism(CKM_ECDSA);
+                            let rv = ck!(api, C_SignInit(session, &mut mech, key));
+                            if rv != CKR_OK {
+                                expect_one_of(rv, &gone, &format!("C_SignInit, {kind} slot"));
+                                return;
+                            }
+                            let mut signature = [0u8; 64];
+                            let mut signature_len = len(signature.len());
+                            let rv = ck!(
+                                api,
+                                C_Sign(
+                                    session,
+                                    digest.as_ptr() as *mut _,
+                                    len(digest.len()),
+                                    signature.as_mut_ptr(),
+                                    &mut signature_len
+                                )
+                            );
+                            if rv != CKR_OK {
+                                let ended = [&gone[..], &[CKR_OPERATION_NOT_INITIALIZED]].concat();
+                                expect_one_of(rv, &ended, &format!("C_Sign, {kind} slot"));
+                                return;
+                            }
+                            signed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while signed.load(Ordering::Relaxed) < 4 * SIGNERS {
+                    assert!(Instant::now() < deadline, "the signers never got going");
+                    std::thread::yield_now();
+                }
+                expect(
+                    ck!(api, C_Logout(keeper)),
+                    CKR_OK,
+                    &format!("C_Logout under running C_Sign, {kind} slot, round {round}"),
+                );
+            });
+            for session in sessions.into_iter().chain([keeper]) {
+                expect(ck!(api, C_CloseSession(session)), CKR_OK, "C_CloseSession");
+            }
+        }
+        if slot == VIRTUAL_SLOT {
+            let status = group_status();
+            for member in &status.members[..status.memberCount as usize] {
+                assert_eq!(
+                    (member.state, member.lastFault, member.consecutiveFailures),
+                    (pkcs11_ha::state_api::PKCS11HA_STATE_UP, CKR_OK, 0),
+                    "a member was taken for faulty after C_Logout under its calls"
+                );
+            }
+        }
+        // The slot still serves a new login.
+        let session = user_session(api, slot);
+        ec_key_pair(api, session);
+    }
+}

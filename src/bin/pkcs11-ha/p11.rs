@@ -14,17 +14,18 @@ use pkcs11_ha::identity::{self, Fingerprint};
 use pkcs11_ha::member::{initialize_each, padded_to_string, MemberLibrary, Silent};
 use zeroize::Zeroizing;
 
-/// Calls one entry of a member's function table; a missing entry is
-/// `CKR_FUNCTION_NOT_SUPPORTED`.
+/// Calls one entry of a member's function table through
+/// [`MemberLibrary::call`]; a missing entry is `CKR_FUNCTION_NOT_SUPPORTED`.
 macro_rules! call {
     ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        match $lib.functions().$func {
+        let library: &MemberLibrary = &$lib;
+        library.call(
+            |table| table.$func,
             // SAFETY: the table came from the member's own C_GetFunctionList
             // or C_GetInterface and the library stays loaded while `$lib`
             // lives; the arguments follow the PKCS#11 signature.
-            Some(f) => unsafe { f($($arg),*) },
-            None => CKR_FUNCTION_NOT_SUPPORTED,
-        }
+            |f| unsafe { f($($arg),*) },
+        )
     }};
 }
 

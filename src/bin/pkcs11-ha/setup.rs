@@ -286,7 +286,7 @@ pub fn library_list(ctx: &Ctx) -> Res<ExitCode> {
         let own: Vec<_> = tokens.iter().filter(|t| t.library == index).collect();
         let (state, version) = match &loaded.library {
             Ok(library) => {
-                let v = library.functions().version;
+                let v = library.version();
                 ("ok".to_owned(), format!("{}.{}", v.major, v.minor))
             }
             Err(why) => (format!("FAILED: {why}"), "-".to_owned()),

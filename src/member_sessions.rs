@@ -1,0 +1,182 @@
+//! The member-session set of a virtual session: one member session per
+//! member of its group, opened in the member's current epoch (again on
+//! demand after the member comes back: handles from an earlier epoch are
+//! never used), and closed together. Once closed, it opens none.
+
+use crate::error::{Error, Result};
+use crate::group::Group;
+use crate::member::{member_call, open_member_session, MemberLibrary, MemberSession};
+use cryptoki_sys::*;
+use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The member session a virtual session holds on one member.
+#[derive(Default)]
+struct MemberSessionCell {
+    held: RwLock<Option<MemberSession>>,
+    /// Every library a session here was opened on, kept for as long as the
+    /// cell, so that a library [`Self::get`] lends out outlives the session.
+    retained: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
+}
+
+impl MemberSessionCell {
+    /// The session held, if it was opened in `epoch`: its library, handle
+    /// and connection. The library is lent, not counted: every call reads
+    /// it, and a reference count shared by all threads would be contended.
+    #[inline(always)]
+    fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+        let held = self.held.read();
+        let session = held.as_ref().filter(|s| s.epoch == epoch)?;
+        let library = Arc::as_ptr(&session.library);
+        let found = (session.handle, session.connection);
+        drop(held);
+        // SAFETY: `retained` holds an Arc of every library a session here
+        // was opened on for as long as `self` lives.
+        Some((unsafe { &*library }, found.0, found.1))
+    }
+
+    /// The session held, whatever its epoch, as an owned value.
+    fn get_owned(&self) -> Option<MemberSession> {
+        self.held.read().clone()
+    }
+
+    /// Holds `session` unless one of its epoch is already held; returns the
+    /// session held afterwards and, if it lost that race, `session` back.
+    fn put(&self, session: MemberSession) -> (MemberSession, Option<MemberSession>) {
+        let mut held = self.held.write();
+        if let Some(same_epoch) = held.as_ref().filter(|h| h.epoch == session.epoch) {
+            return (same_epoch.clone(), Some(session));
+        }
+        let mut retained = self.retained.lock();
+        if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
+            retained.push(Arc::clone(&session.library));
+        }
+        *held = Some(session.clone());
+        (session, None)
+    }
+
+    /// Empties the cell, returning the session it held.
+    fn take(&self) -> Option<MemberSession> {
+        self.held.write().take()
+    }
+}
+
+/// The member sessions of one virtual session, by member position.
+pub struct MemberSessions {
+    cells: Box<[MemberSessionCell]>,
+    /// The virtual session's flags, for each member session opened.
+    flags: CK_FLAGS,
+    /// Set by [`Self::close`]: no member session is opened after it, and a
+    /// member's `CKR_SESSION_HANDLE_INVALID` for a session we closed is not
+    /// the member's fault.
+    closed: AtomicBool,
+}
+
+impl MemberSessions {
+    pub fn new(group: &Group, flags: CK_FLAGS) -> Self {
+        MemberSessions {
+            cells: group.members.iter().map(|_| Default::default()).collect(),
+            flags,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether [`Self::close`] has run.
+    #[inline]
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes every member session. One from an earlier epoch of its member
+    /// is left alone: after a reconnect its number may belong to another
+    /// session.
+    pub fn close(&self, group: &Group) {
+        self.closed.store(true, Ordering::SeqCst);
+        for (member, cell) in group.members.iter().zip(self.cells.iter()) {
+            if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
+                let _in_flight = member.begin_call();
+                crate::member::on_connection(s.connection, || {
+                    member_call!(s.library, C_CloseSession(s.handle))
+                });
+            }
+        }
+    }
+
+    /// The session on member `position` in its current epoch, opened now if
+    /// the member came up (or came back) after this session was opened.
+    pub fn member_session(&self, group: &Group, position: usize) -> Result<MemberSession> {
+        let epoch = group.members[position].epoch();
+        match self.cells[position].get_owned() {
+            Some(s) if s.epoch == epoch => Ok(s),
+            _ => self.open_member_session(group, position, epoch),
+        }
+    }
+
+    /// [`Self::member_session`] without a reference count, as (library,
+    /// session, connection): the path of every member call.
+    #[inline(always)]
+    pub fn session_on(
+        &self,
+        group: &Group,
+        position: usize,
+        epoch: u64,
+    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+        match self.cells[position].get(epoch) {
+            Some(found) => Ok(found),
+            None => self.open_and_get(group, position, epoch),
+        }
+    }
+
+    #[cold]
+    fn open_and_get(
+        &self,
+        group: &Group,
+        position: usize,
+        epoch: u64,
+    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+        self.open_member_session(group, position, epoch)?;
+        // Absent only if the member failed again meanwhile.
+        self.cells[position]
+            .get(epoch)
+            .ok_or(Error::new(CKR_DEVICE_ERROR))
+    }
+
+    fn open_member_session(
+        &self,
+        group: &Group,
+        position: usize,
+        epoch: u64,
+    ) -> Result<MemberSession> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
+        }
+        let member = &group.members[position];
+        let location = member
+            .location()
+            .filter(|_| member.reachable())
+            .ok_or(Error::new(CKR_DEVICE_ERROR))?;
+        let guard = member.begin_call();
+        let opened = crate::group::retry_result_while_busy(|| {
+            open_member_session(&location.library, location.slot, self.flags, epoch)
+        });
+        drop(guard);
+        let (held, raced) = self.cells[position].put(opened?);
+        if let Some(raced) = raced {
+            crate::member::on_connection(raced.connection, || {
+                member_call!(raced.library, C_CloseSession(raced.handle))
+            });
+        }
+        // Closed while this one was being opened: `close` may have missed it.
+        if self.closed.load(Ordering::SeqCst) {
+            if let Some(late) = self.cells[position].take() {
+                crate::member::on_connection(late.connection, || {
+                    member_call!(late.library, C_CloseSession(late.handle))
+                });
+            }
+            return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
+        }
+        Ok(held)
+    }
+}
