@@ -827,7 +827,7 @@ impl Schedule<'_> {
 
     fn recovery_pass(&mut self) {
         let provider = pkcs11_ha::provider::get().expect("initialised");
-        pkcs11_ha::recovery::recover_failed_members(&provider);
+        pkcs11_ha::recovery::recover_failed_members(&*provider);
         let states: Vec<MemberState> = provider.groups[0]
             .members
             .iter()
