@@ -144,8 +144,15 @@ pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
 struct OnWire {
     number: u64,
     thread: i32,
-    cut_off: bool,
+    cut_off: Option<Instant>,
 }
+
+/// How long a call still inside a network client after its connection
+/// was cut may hold up a reconnect: one waiting on the socket returns at
+/// once, so one still there is stuck in the client itself (p11-kit 0.24
+/// can leave a caller waiting forever on a lock of the dead connection)
+/// and never sends anything again.
+const STUCK_AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether a library talks to a server, by what it is rather than by what
 /// it does: p11-kit's remoting client (`p11-kit-client.so`, which serves
@@ -395,14 +402,14 @@ impl MemberLibrary {
         self.wire.lock().push(OnWire {
             number,
             thread: this_thread(),
-            cut_off: false,
+            cut_off: None,
         });
         let result = with_sigpipe_blocked(call);
         let mut wire = self.wire.lock();
         let cut_off = wire
             .iter()
             .position(|c| c.number == number)
-            .is_some_and(|i| wire.swap_remove(i).cut_off);
+            .is_some_and(|i| wire.swap_remove(i).cut_off.is_some());
         drop(wire);
         CUT_OFF.set(cut_off);
         result
@@ -449,7 +456,7 @@ impl MemberLibrary {
             flags: CKF_OS_LOCKING_OK,
             pReserved: ptr::null_mut(),
         };
-        let _reconnecting = self.reconnecting.write();
+        let _reconnecting = self.exclusive();
         self.usable.store(false, Ordering::Release);
         self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(environment, || {
@@ -477,7 +484,7 @@ impl MemberLibrary {
     /// calls on the wire have returned (severing ends those a stalled
     /// server holds).
     pub fn finalize(&self) {
-        let _reconnecting = self.reconnecting.write();
+        let _reconnecting = self.exclusive();
         let mut ours = self.initialized_by_us.lock();
         if std::mem::take(&mut *ours) {
             self.usable.store(false, Ordering::Release);
@@ -487,6 +494,30 @@ impl MemberLibrary {
                 Some(f) => unsafe { f(ptr::null_mut()) },
                 None => CKR_FUNCTION_NOT_SUPPORTED,
             });
+        }
+    }
+
+    /// Holds off calls while the library is initialised or finalised, once
+    /// the calls on the wire have returned; `None` when those left were
+    /// cut off more than [`STUCK_AFTER_CUT`] ago (stuck for good in the
+    /// client: the reconnect goes ahead without them).
+    fn exclusive(&self) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
+        loop {
+            if let Some(guard) = self
+                .reconnecting
+                .try_write_for(std::time::Duration::from_millis(50))
+            {
+                return Some(guard);
+            }
+            let wire = self.wire.lock();
+            let stuck = !wire.is_empty()
+                && wire.iter().all(|call| {
+                    call.cut_off
+                        .is_some_and(|cut| cut.elapsed() >= STUCK_AFTER_CUT)
+                });
+            if stuck {
+                return None;
+            }
         }
     }
 
@@ -598,7 +629,7 @@ impl MemberLibrary {
             .lock()
             .iter_mut()
             .map(|call| {
-                call.cut_off = true;
+                call.cut_off.get_or_insert_with(Instant::now);
                 call.thread
             })
             .collect();

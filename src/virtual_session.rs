@@ -63,8 +63,9 @@ pub enum Preference {
     /// Spread load: crypto goes to the least busy member; ties rotate
     /// within the given lane.
     LeastBusy(usize),
-    /// Searches and object-making calls go to the primary while it is up,
-    /// where objects made on one member live first.
+    /// Searches and object-making calls: any serving member holds every
+    /// object, so these too go by expected completion, in a lane of their
+    /// own (never pinned to a slow primary).
     Primary,
 }
 
@@ -1075,14 +1076,14 @@ impl VirtualSession {
     fn first_candidate(&self, preference: Preference) -> Option<usize> {
         match preference {
             Preference::LeastBusy(lane) => self.group.least_busy(lane),
-            Preference::Primary => self.group.by_position().first().copied(),
+            Preference::Primary => self.group.least_busy(crate::group::MAKING_LANE),
         }
     }
 
     fn candidates(&self, preference: Preference) -> Positions {
         match preference {
             Preference::LeastBusy(lane) => self.group.by_preference(lane),
-            Preference::Primary => self.group.by_position(),
+            Preference::Primary => self.group.by_preference(crate::group::MAKING_LANE),
         }
     }
 
