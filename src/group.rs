@@ -91,8 +91,10 @@ pub struct Member {
     /// Whether every call is timed (its library talks to a server, whose
     /// round trip dwarfs reading the clock), not one in [`SAMPLE_EVERY`].
     timed: std::sync::atomic::AtomicBool,
-    /// In rotation, degraded, or degraded with a probe call wanted.
+    /// In rotation, or degraded.
     rotation: AtomicU8,
+    /// Whether a probe of the degraded member is under way.
+    probing: std::sync::atomic::AtomicBool,
     /// Since when it has been far slower than the others (see
     /// [`Group::review_latency`]); only the watchdog touches it.
     slow_since: Mutex<Option<Instant>>,
@@ -105,10 +107,8 @@ pub enum Rotation {
     /// Chosen by expected completion like any member.
     In = 0,
     /// Far slower than the others for a sustained period: chosen only
-    /// when no other member serves, and for probes.
+    /// when no other member serves; probed by the watchdog.
     Degraded = 1,
-    /// Degraded, and the next choice sends it one call to measure it.
-    ProbeWanted = 2,
 }
 
 /// In-process members have one call in this many timed, so that the clock
@@ -172,6 +172,7 @@ impl Member {
             reviewed_samples: Mutex::new([0; LANES]),
             timed: Default::default(),
             rotation: AtomicU8::new(Rotation::In as u8),
+            probing: Default::default(),
             slow_since: Mutex::new(None),
         }
     }
@@ -180,7 +181,6 @@ impl Member {
     pub fn rotation(&self) -> Rotation {
         match self.rotation.load(Ordering::Relaxed) {
             0 => Rotation::In,
-            2 => Rotation::ProbeWanted,
             _ => Rotation::Degraded,
         }
     }
@@ -345,19 +345,6 @@ impl Member {
             }
         }
         fresh
-    }
-
-    /// Takes the probe call a degraded member is waiting for; false if
-    /// another thread took it.
-    fn take_probe(&self) -> bool {
-        self.rotation
-            .compare_exchange(
-                Rotation::ProbeWanted as u8,
-                Rotation::Degraded as u8,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            )
-            .is_ok()
     }
 
     /// Counts a call in flight on this member for as long as the guard
@@ -544,6 +531,11 @@ pub const LANES: usize = 10;
 /// The lane of calls that make objects (create, copy, generate, unwrap,
 /// derive) and of searches' starts, which any serving member can serve.
 pub const MAKING_LANE: usize = 9;
+
+/// The lane of calls outside operations (`C_GenerateRandom`, attribute
+/// reads), where a probe's one round trip is counted too.
+pub const STATELESS_LANE: usize = 8;
+const PROBE_LANE: usize = STATELESS_LANE;
 
 /// Length of `CK_TOKEN_INFO::serialNumber`.
 const SERIAL_FIELD: usize = 16;
@@ -943,8 +935,7 @@ impl Group {
     /// least busy comes first and ties rotate round-robin, each `lane`
     /// on its own, so that calls of different kinds interleaved in a
     /// fixed pattern cannot pin one kind to one member. Degraded members
-    /// come last (only when no other serves do they serve), except one
-    /// call first each time a probe is wanted; and one choice in
+    /// come last (only when no other serves do they serve); and one choice in
     /// [`EXPLORE_EVERY`] puts the members in rotation first in turn. The
     /// calls this thread makes until it chooses again count as `lane`'s.
     pub fn by_preference(&self, lane: usize) -> Positions {
@@ -960,7 +951,6 @@ impl Group {
         // (latency, calls in flight, position)
         let mut serving: SmallVec<[(u64, u64, usize); 8]> = SmallVec::new();
         let mut degraded: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
-        let mut probe = None;
         for m in &self.members {
             if !serves(m, standby_serves) {
                 continue;
@@ -968,12 +958,10 @@ impl Group {
             let entry = (m.latency(lane), m.in_flight() as u64, m.position);
             match m.rotation.load(Ordering::Relaxed) {
                 0 => serving.push(entry),
-                2 if probe.is_none() && m.take_probe() => probe = Some(m.position),
                 _ => degraded.push(entry),
             }
         }
         let mut order = Positions::new();
-        order.extend(probe);
         if serving.is_empty() {
             serving = degraded.drain(..).collect();
         }
@@ -997,9 +985,9 @@ impl Group {
     }
 
     /// Takes members far slower than the others for a sustained period out
-    /// of the rotation as *degraded*, asks for a probe call on each
-    /// degraded member, and puts one back once a probe finds it close to
-    /// the others again; each change in the HA log. Called by the
+    /// of the rotation as *degraded*, probes each degraded member, and puts
+    /// one back once a probe finds it close to the others again; each
+    /// change in the HA log. Called by the
     /// watchdog on every tick (see [`judge_latency`] for the rule).
     pub fn review_latency(&self, now: Instant) {
         let standby_serves = self.standby_serves();
@@ -1042,15 +1030,12 @@ impl Group {
                         ),
                     );
                 }
-                Verdict::Probe => {
-                    let _ = member.rotation.compare_exchange(
-                        Rotation::Degraded as u8,
-                        Rotation::ProbeWanted as u8,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
+                Verdict::Probe => probe(member),
                 Verdict::Recover => {
+                    // Its other figures are from before: measured afresh.
+                    for slot in &member.latency {
+                        slot.store(0, Ordering::Relaxed);
+                    }
                     member.rotation.store(Rotation::In as u8, Ordering::Relaxed);
                     self.log(
                         Some(member.position),
@@ -1172,6 +1157,35 @@ impl Group {
     /// The serial numbers of members, as the token reports them.
     pub fn member_serial(info: &CK_TOKEN_INFO) -> String {
         padded_to_string(&info.serialNumber)
+    }
+}
+
+/// Asks a degraded member for its token info in a thread of its own (one
+/// probe at a time), timed as a stateless call: no application call waits
+/// on a member taken out for being slow, and a probe that hangs is a call
+/// in flight the watchdog sees like any other.
+fn probe(member: &Arc<Member>) {
+    let Some(location) = member.location() else {
+        return;
+    };
+    if member.probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let probed = Arc::clone(member);
+    let spawned = std::thread::Builder::new()
+        .name(format!("pkcs11-ha-probe-{}", member.serial))
+        .spawn(move || {
+            LANE.set(PROBE_LANE as u8);
+            {
+                let _call = probed.begin_call();
+                let _ = crate::member::with_sigpipe_blocked(|| {
+                    location.library.token_info(location.slot)
+                });
+            }
+            probed.probing.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        member.probing.store(false, Ordering::Release);
     }
 }
 
@@ -1792,9 +1806,11 @@ mod tests {
         );
         calls(200 * MS);
         group.review_latency(t0 + DEGRADED_AFTER + Duration::from_secs(1));
-        assert_eq!(group.members[0].rotation(), Rotation::ProbeWanted);
-        assert_eq!(group.by_preference(0)[0], 0, "one probe call");
-        assert_eq!(group.by_preference(0).last(), Some(&0), "only one");
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::Degraded,
+            "a probe as slow as before"
+        );
         drop(busy);
         calls(3 * MS);
         group.review_latency(t0 + DEGRADED_AFTER + Duration::from_secs(2));

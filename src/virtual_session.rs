@@ -32,7 +32,11 @@ pub enum OpKind {
 }
 const OP_KINDS: usize = 8;
 /// The load-balancing lane of calls outside operations.
-const STATELESS_LANE: usize = OP_KINDS;
+const STATELESS_LANE: usize = crate::group::STATELESS_LANE;
+const _: () = assert!(
+    STATELESS_LANE == OP_KINDS,
+    "one lane per kind, then stateless"
+);
 const ALL_KINDS: [OpKind; OP_KINDS] = [
     OpKind::Encrypt,
     OpKind::Decrypt,
