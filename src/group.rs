@@ -970,8 +970,10 @@ impl Group {
             let turn = (start / EXPLORE_EVERY) % serving.len();
             order.push(serving.remove(turn).2);
         }
-        order.extend(by_expected_completion(&mut serving, start));
-        order.extend(by_expected_completion(&mut degraded, start));
+        by_expected_completion(&serving, start, &mut order);
+        if !degraded.is_empty() {
+            by_expected_completion(&degraded, start, &mut order);
+        }
         order
     }
 
@@ -980,8 +982,61 @@ impl Group {
     pub fn least_busy(&self, lane: usize) -> Option<usize> {
         match &self.members[..] {
             [only] => only.is_up().then_some(0),
-            _ => self.by_preference(lane).first().copied(),
+            _ => self.first_by_preference(lane),
         }
+    }
+
+    /// [`Self::by_preference`]'s first member without listing the rest:
+    /// on the path of every operation's start. The same order, as long as
+    /// no member is degraded and it is not an exploring turn.
+    fn first_by_preference(&self, lane: usize) -> Option<usize> {
+        let standby_serves = self.standby_serves();
+        let mut serving = 0;
+        let mut fastest = u64::MAX;
+        for m in &self.members {
+            if !serves(m, standby_serves) {
+                continue;
+            }
+            if m.rotation.load(Ordering::Relaxed) != Rotation::In as u8 {
+                return self.by_preference(lane).first().copied();
+            }
+            serving += 1;
+            match m.latency(lane) {
+                0 => {}
+                latency => fastest = fastest.min(latency),
+            }
+        }
+        let start = self.round_robin[lane % LANES].load(Ordering::Relaxed);
+        if serving < 2 || (start + 1) % EXPLORE_EVERY == 0 {
+            return self.by_preference(lane).first().copied();
+        }
+        LANE.set(lane as u8);
+        let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed) % serving;
+        let fastest = if fastest == u64::MAX { 1 } else { fastest };
+        let mut best: Option<(u64, usize)> = None;
+        let mut rank = 0;
+        for m in &self.members {
+            if !serves(m, standby_serves) {
+                continue;
+            }
+            let latency = m.latency(lane);
+            let comparable = latency == 0
+                || latency * 2 <= fastest * COMPARABLE_HALVES
+                || latency <= fastest + COMPARABLE_MARGIN_NS;
+            let latency = if comparable { fastest } else { latency };
+            let rotated = if rank >= start {
+                rank - start
+            } else {
+                rank + serving - start
+            };
+            let cost = (m.in_flight() as u64 + 1).saturating_mul(latency);
+            let key = cost.saturating_mul(serving as u64) + rotated as u64;
+            if best.is_none_or(|(k, _)| key < k) {
+                best = Some((key, m.position));
+            }
+            rank += 1;
+        }
+        best.map(|(_, position)| position)
     }
 
     /// Takes members far slower than the others for a sustained period out
@@ -1192,10 +1247,7 @@ fn probe(member: &Arc<Member>) {
 /// Orders `members` (latency, calls in flight, position) by expected
 /// completion, as [`Group::by_preference`] describes; `start` rotates the
 /// ties.
-fn by_expected_completion(
-    members: &mut [(u64, u64, usize)],
-    start: usize,
-) -> impl Iterator<Item = usize> + '_ {
+fn by_expected_completion(members: &[(u64, u64, usize)], start: usize, order: &mut Positions) {
     let fastest = members
         .iter()
         .map(|&(latency, _, _)| latency)
@@ -1204,20 +1256,24 @@ fn by_expected_completion(
         .unwrap_or(1);
     let n = members.len().max(1);
     let start = start % n;
-    let mut keyed: SmallVec<[(u128, usize, usize); 8]> = members
-        .iter()
-        .enumerate()
-        .map(|(rank, &(latency, in_flight, position))| {
-            let comparable = latency == 0
-                || latency * 2 <= fastest * COMPARABLE_HALVES
-                || latency <= fastest + COMPARABLE_MARGIN_NS;
-            let latency = if comparable { fastest } else { latency };
-            let cost = u128::from(in_flight + 1) * u128::from(latency);
-            (cost, (rank + n - start) % n, position)
-        })
-        .collect();
+    // Expected completion, then the rotated rank, in one word: costs stay
+    // far below 2^58 (a million calls in flight of a minute each).
+    let mut keyed: SmallVec<[(u64, usize); 8]> = SmallVec::new();
+    for (rank, &(latency, in_flight, position)) in members.iter().enumerate() {
+        let comparable = latency == 0
+            || latency * 2 <= fastest * COMPARABLE_HALVES
+            || latency <= fastest + COMPARABLE_MARGIN_NS;
+        let latency = if comparable { fastest } else { latency };
+        let rotated = if rank >= start {
+            rank - start
+        } else {
+            rank + n - start
+        };
+        let cost = (in_flight + 1).saturating_mul(latency);
+        keyed.push((cost.saturating_mul(n as u64) + rotated as u64, position));
+    }
     keyed.sort_unstable();
-    keyed.into_iter().map(|(_, _, position)| position)
+    order.extend(keyed.into_iter().map(|(_, position)| position));
 }
 
 /// A member's latency and the fastest other in-rotation member's, in the
