@@ -129,9 +129,10 @@ const LATENCY_SMOOTHING: u64 = 8;
 const COMPARABLE_HALVES: u64 = 4;
 
 /// One choice in this many per lane goes to the members in rotation in
-/// turn, whatever their expected completion: a member whose latency was
-/// high once (a hiccup, a busy answer asked again) must be measured again,
-/// or it would never be chosen while the others keep up.
+/// turn, whatever their expected completion, if the member's turn finds it
+/// idle: a member whose latency was high once (a hiccup, a busy answer
+/// asked again) must be measured again, or it would never be chosen while
+/// the others keep up.
 const EXPLORE_EVERY: usize = 16;
 const COMPARABLE_MARGIN_NS: u64 = 2_000_000;
 
@@ -968,7 +969,11 @@ impl Group {
         let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed);
         if (start + 1) % EXPLORE_EVERY == 0 && serving.len() > 1 {
             let turn = (start / EXPLORE_EVERY) % serving.len();
-            order.push(serving.remove(turn).2);
+            // A member with calls in flight is being measured already (and
+            // may be stalled, its calls never to return).
+            if serving[turn].1 == 0 {
+                order.push(serving.remove(turn).2);
+            }
         }
         by_expected_completion(&serving, start, &mut order);
         if !degraded.is_empty() {
@@ -1902,6 +1907,15 @@ mod tests {
             1,
             "one choice in {EXPLORE_EVERY} per member in turn: {firsts:?}"
         );
+        let stalled = group.members[0].begin_call();
+        let firsts: Vec<usize> = (0..2 * EXPLORE_EVERY)
+            .map(|_| group.by_preference(0)[0])
+            .collect();
+        assert!(
+            !firsts.contains(&0),
+            "a member with a call in flight is not explored: {firsts:?}"
+        );
+        drop(stalled);
     }
 
     #[test]
