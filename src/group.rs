@@ -1110,12 +1110,16 @@ impl Group {
         }
     }
 
-    /// Serving members in configured order, primary first.
+    /// Serving members in configured order, primary first, degraded
+    /// members last: searches and object-making are not held up by a slow
+    /// primary. Calls made this way count as [`MAKING_LANE`]'s.
     pub fn by_position(&self) -> Positions {
-        self.serving_members()
+        LANE.set(MAKING_LANE as u8);
+        let serving = self.serving_members();
+        let (fast, slow): (Vec<_>, Vec<_>) = serving
             .into_iter()
-            .map(|m| m.position)
-            .collect()
+            .partition(|m| m.rotation() == Rotation::In);
+        fast.into_iter().chain(slow).map(|m| m.position).collect()
     }
 
     /// The virtual token's info: label and serial are the group's, the rest
@@ -1764,18 +1768,17 @@ mod tests {
     }
 
     #[test]
-    fn searches_and_object_making_go_by_latency_not_to_the_primary() {
+    fn searches_and_object_making_skip_a_degraded_primary() {
         let group = group_of(&["primary", "b", "c"]);
-        group.members[0].record_latency(MAKING_LANE, 200 * MS);
-        group.members[1].record_latency(MAKING_LANE, 2 * MS);
-        group.members[2].record_latency(MAKING_LANE, 2 * MS);
-        for _ in 0..4 {
-            assert_eq!(
-                group.by_preference(MAKING_LANE).last(),
-                Some(&0),
-                "the slow primary comes last"
-            );
-        }
+        assert_eq!(group.by_position().to_vec(), vec![0, 1, 2]);
+        group.members[0]
+            .rotation
+            .store(Rotation::Degraded as u8, Ordering::Relaxed);
+        assert_eq!(
+            group.by_position().to_vec(),
+            vec![1, 2, 0],
+            "the degraded primary comes last"
+        );
     }
 
     #[test]

@@ -67,9 +67,8 @@ pub enum Preference {
     /// Spread load: crypto goes to the least busy member; ties rotate
     /// within the given lane.
     LeastBusy(usize),
-    /// Searches and object-making calls: any serving member holds every
-    /// object, so these too go by expected completion, in a lane of their
-    /// own (never pinned to a slow primary).
+    /// Searches and object-making calls go to the primary while it is up
+    /// and not degraded, where objects made on one member live first.
     Primary,
 }
 
@@ -1080,14 +1079,14 @@ impl VirtualSession {
     fn first_candidate(&self, preference: Preference) -> Option<usize> {
         match preference {
             Preference::LeastBusy(lane) => self.group.least_busy(lane),
-            Preference::Primary => self.group.least_busy(crate::group::MAKING_LANE),
+            Preference::Primary => self.group.by_position().first().copied(),
         }
     }
 
     fn candidates(&self, preference: Preference) -> Positions {
         match preference {
             Preference::LeastBusy(lane) => self.group.by_preference(lane),
-            Preference::Primary => self.group.by_preference(crate::group::MAKING_LANE),
+            Preference::Primary => self.group.by_position(),
         }
     }
 
