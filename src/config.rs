@@ -15,6 +15,9 @@
 //! [LibraryEnvironment]                           ; optional section
 //! softhsm.SOFTHSM2_CONF = /etc/softhsm2.conf     ; NAME.VARIABLE = value
 //!
+//! [LibraryConcurrency]                           ; optional section
+//! softhsm = 8                                    ; NAME = most calls in flight at once
+//!
 //! [VirtualToken]
 //! VirtualToken00Label       = myHAgroup
 //! VirtualToken00SN          = 1154438865287      ; optional
@@ -65,12 +68,14 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/pkcs11-ha.conf";
 
 const LIBRARIES: &str = "Libraries";
 const LIBRARY_ENVIRONMENT: &str = "LibraryEnvironment";
+const LIBRARY_CONCURRENCY: &str = "LibraryConcurrency";
 pub const VIRTUAL_TOKEN: &str = "VirtualToken";
 const HA_SYNCHRONIZE: &str = "HASynchronize";
 pub const HA_CONFIGURATION: &str = "HAConfiguration";
-const SECTIONS: [&str; 5] = [
+const SECTIONS: [&str; 6] = [
     LIBRARIES,
     LIBRARY_ENVIRONMENT,
+    LIBRARY_CONCURRENCY,
     VIRTUAL_TOKEN,
     HA_SYNCHRONIZE,
     HA_CONFIGURATION,
@@ -177,6 +182,9 @@ pub struct LibraryConfig {
     /// in file order, as (variable, value): set while the library's function
     /// list is obtained.
     pub environment: Vec<(String, String)>,
+    /// `[LibraryConcurrency] NAME = N`: the most calls in flight at once
+    /// into the library; `None`, as many as the application makes.
+    pub concurrency: Option<std::num::NonZeroUsize>,
 }
 
 /// Auto-recovery settings (`reconnAtt`, `AutoReconnectInterval`,
@@ -357,9 +365,11 @@ impl Config {
 
     /// Parses and checks `text`; `path` is used only in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let [libraries, environment, groups, synchronize, ha] = read_sections(path, text)?;
+        let [libraries, environment, concurrency, groups, synchronize, ha] =
+            read_sections(path, text)?;
         let mut libraries = parse_libraries(path, libraries.unwrap_or_default())?;
         parse_environment(path, environment.unwrap_or_default(), &mut libraries)?;
+        parse_concurrency(path, concurrency.unwrap_or_default(), &mut libraries)?;
         let (mut groups, mode) = parse_groups(path, groups.unwrap_or_default())?;
         parse_synchronize(path, synchronize.unwrap_or_default(), &mut groups)?;
         let HaSettings {
@@ -431,6 +441,14 @@ impl Config {
             for library in &self.libraries {
                 for (variable, value) in &library.environment {
                     writeln!(out, "{}.{variable} = {value}", library.name)?;
+                }
+            }
+        }
+        if self.libraries.iter().any(|l| l.concurrency.is_some()) {
+            writeln!(out, "\n[{LIBRARY_CONCURRENCY}]")?;
+            for library in &self.libraries {
+                if let Some(limit) = library.concurrency {
+                    writeln!(out, "{} = {limit}", library.name)?;
                 }
             }
         }
@@ -698,6 +716,7 @@ fn parse_libraries(file: &Path, entries: Entries) -> Result<Vec<LibraryConfig>, 
                 name,
                 path: PathBuf::from(path),
                 environment: Vec::new(),
+                concurrency: None,
             })
         })
         .collect()
@@ -738,6 +757,47 @@ fn parse_environment(
             )));
         }
         library.environment.push((variable.to_owned(), value));
+    }
+    Ok(())
+}
+
+/// The largest `[LibraryConcurrency]` value: far above what any library
+/// or application needs, low enough to catch a typo.
+const MAX_CONCURRENCY: usize = 4096;
+
+/// `[LibraryConcurrency]`: `<library name> = N`, into the libraries'
+/// `concurrency`.
+fn parse_concurrency(
+    file: &Path,
+    entries: Entries,
+    libraries: &mut [LibraryConfig],
+) -> Result<(), ConfigError> {
+    for (key, value) in entries {
+        let err = |problem: String| error(file, Some(LIBRARY_CONCURRENCY), Some(&key), problem);
+        let Some(library) = libraries
+            .iter_mut()
+            .find(|l| l.name.eq_ignore_ascii_case(&key))
+        else {
+            let known: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
+            return Err(err(format!(
+                "there is no library \"{key}\" in [{LIBRARIES}] (the libraries are {}); \
+                 the keys here are library names",
+                known.join(", ")
+            )));
+        };
+        library.concurrency = Some(
+            value
+                .parse::<std::num::NonZeroUsize>()
+                .ok()
+                .filter(|n| n.get() <= MAX_CONCURRENCY)
+                .ok_or_else(|| {
+                    err(format!(
+                        "\"{value}\" is not a number of calls from 1 to {MAX_CONCURRENCY}; \
+                         give the most calls the library may have in flight at once, or \
+                         leave the key out for no limit"
+                    ))
+                })?,
+        );
     }
     Ok(())
 }
@@ -1324,6 +1384,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
                     name: "softhsm".into(),
                     path: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
                     environment: Vec::new(),
+                    concurrency: None,
                 }],
                 groups: vec![GroupConfig {
                     index: 0,
@@ -1372,6 +1433,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
         expected.multipart_replay_limit = DEFAULT_MULTIPART_REPLAY_LIMIT;
         expected.libraries[0].environment =
             vec![("SOFTHSM2_CONF".into(), "/etc/softhsm2.conf".into())];
+        expected.libraries[0].concurrency = std::num::NonZeroUsize::new(8);
         expected.ha_log.path = Some(PathBuf::from("/var/log/pkcs11-ha"));
         assert_eq!(config, expected);
     }
@@ -1500,6 +1562,7 @@ haonly = Yes
             "DomainLabel",
             "MultipartReplayLimit",
             "LibraryEnvironment",
+            "LibraryConcurrency",
             "HASynchronize",
             "ActiveRecovery",
             "reconnAtt",
@@ -1526,16 +1589,19 @@ haonly = Yes
                             ),
                             ("_x1".into(), String::new()),
                         ],
+                        concurrency: None,
                     },
                     LibraryConfig {
                         name: "two".into(),
                         path: PathBuf::from("C:\\hsm\\lib.dll"),
                         environment: Vec::new(),
+                        concurrency: std::num::NonZeroUsize::new(8),
                     },
                     LibraryConfig {
                         name: "three.v2".into(),
                         path: PathBuf::from("/three.so"),
                         environment: vec![("A".into(), "b=c d".into())],
+                        concurrency: None,
                     },
                 ],
                 groups: vec![group("1"), second],
@@ -1559,6 +1625,7 @@ haonly = Yes
                     name: "one".into(),
                     path: PathBuf::from("/one.so"),
                     environment: Vec::new(),
+                    concurrency: None,
                 }],
                 recovery: RecoveryConfig {
                     attempts: 7,
@@ -1939,6 +2006,7 @@ hsmA._Debug2 =
             ),
         ];
         let env = |rest: &str| with_library(&format!("[LibraryEnvironment]\n{rest}"));
+        let calls = |rest: &str| with_library(&format!("[LibraryConcurrency]\n{rest}"));
         let sync = |rest: &str| members(&format!("[HASynchronize]\n{rest}"));
         let cases = cases.into_iter().chain([
             (
@@ -1976,6 +2044,30 @@ hsmA._Debug2 =
                 "LibraryEnvironment",
                 "SOFTHSM.x",
                 "twice",
+            ),
+            (
+                calls("hsmA = 4\n"),
+                "LibraryConcurrency",
+                "hsmA",
+                "no library \"hsmA\" in [Libraries] (the libraries are softhsm)",
+            ),
+            (
+                calls("softhsm = 0\n"),
+                "LibraryConcurrency",
+                "softhsm",
+                "\"0\" is not a number of calls from 1 to 4096",
+            ),
+            (
+                calls("softhsm = 4097\n"),
+                "LibraryConcurrency",
+                "softhsm",
+                "\"4097\" is not a number of calls from 1 to 4096",
+            ),
+            (
+                calls("softhsm = many\n"),
+                "LibraryConcurrency",
+                "softhsm",
+                "leave the key out for no limit",
             ),
             (
                 sync("other = 1\n"),
@@ -2065,8 +2157,8 @@ hsmA._Debug2 =
                 with_library("[HASynchronise]\n"),
                 "HASynchronise",
                 "",
-                "the sections are [Libraries], [LibraryEnvironment], [VirtualToken], \
-                 [HASynchronize] and [HAConfiguration]",
+                "the sections are [Libraries], [LibraryEnvironment], [LibraryConcurrency], \
+                 [VirtualToken], [HASynchronize] and [HAConfiguration]",
             ),
         ]);
         for (text, section, key, problem) in cases {

@@ -1,6 +1,7 @@
 //! An HA group: its member tokens, their health, which member serves the
-//! next operation, and how the members' token and mechanism facts combine
-//! into the virtual slot's.
+//! next operation (by expected completion: recent latency and calls in
+//! flight), which members are too slow to be in rotation, and how the
+//! members' token and mechanism facts combine into the virtual slot's.
 
 use crate::error::{Error, Result};
 use crate::identity::{self, Fingerprint};
@@ -14,9 +15,10 @@ use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// Where a member token was found.
@@ -78,6 +80,75 @@ pub struct Member {
     utility: Mutex<Option<MemberSession>>,
     /// How it can move keys, read where its token was found.
     capabilities: RwLock<Capabilities>,
+    /// Recent latency of its calls, in ns, per lane: a moving average, 0
+    /// while unknown.
+    latency: [AtomicU64; LANES],
+    /// Latency samples taken per lane, and how many of them the last
+    /// review saw: only lanes with new ones are judged (the others'
+    /// figures are old).
+    samples: [AtomicU64; LANES],
+    reviewed_samples: Mutex<[u64; LANES]>,
+    /// Whether every call is timed (its library talks to a server, whose
+    /// round trip dwarfs reading the clock), not one in [`SAMPLE_EVERY`].
+    timed: std::sync::atomic::AtomicBool,
+    /// In rotation, or degraded.
+    rotation: AtomicU8,
+    /// Whether a probe of the degraded member is under way.
+    probing: std::sync::atomic::AtomicBool,
+    /// Since when it has been far slower than the others (see
+    /// [`Group::review_latency`]); only the watchdog touches it.
+    slow_since: Mutex<Option<Instant>>,
+}
+
+/// Whether the chooser sends a member calls (see [`Group::review_latency`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Rotation {
+    /// Chosen by expected completion like any member.
+    In = 0,
+    /// Far slower than the others for a sustained period: chosen only
+    /// when no other member serves; probed by the watchdog.
+    Degraded = 1,
+}
+
+/// In-process members have one call in this many timed, so that the clock
+/// costs the call path next to nothing.
+const SAMPLE_EVERY: u64 = 16;
+
+/// Weight of a new sample in the moving average: one in eight when it is
+/// slower (a member is taken for slow only once it has been slow for a
+/// while), one in two when it is faster (a member that hiccuped once gets
+/// its share back at its next calls).
+const LATENCY_SMOOTHING: u64 = 8;
+
+/// A member is comparable to the fastest when its latency is within this
+/// factor (x/2) or this margin of the fastest's: comparable members are
+/// chosen by calls in flight alone, ties rotating, so that jitter -- and
+/// the microseconds by which in-process members differ -- does not pin
+/// calls to one of them.
+const COMPARABLE_HALVES: u64 = 4;
+
+/// One choice in this many per lane goes to the members in rotation in
+/// turn, whatever their expected completion, if the member's turn finds it
+/// idle: a member whose latency was high once (a hiccup, a busy answer
+/// asked again) must be measured again, or it would never be chosen while
+/// the others keep up.
+const EXPLORE_EVERY: usize = 16;
+const COMPARABLE_MARGIN_NS: u64 = 2_000_000;
+
+/// How much slower than the fastest other member a member must be, and for
+/// how long, to leave the rotation as degraded, and how close it must come
+/// again (on a probe) to return. The absolute margin keeps in-process
+/// members, whose calls take microseconds, from being degraded by noise.
+const DEGRADED_RATIO: u64 = 8;
+const DEGRADED_MARGIN_NS: u64 = 5_000_000;
+const DEGRADED_AFTER: Duration = Duration::from_secs(2);
+const RECOVERED_RATIO: u64 = 4;
+
+thread_local! {
+    /// The lane this thread last chose a member for: the calls it makes
+    /// until it chooses again are that kind's, for their latency.
+    static LANE: Cell<u8> = const { Cell::new(0) };
 }
 
 impl Member {
@@ -97,7 +168,46 @@ impl Member {
             wrap_refused: AtomicU64::new(0),
             utility: Mutex::new(None),
             capabilities: RwLock::new(Capabilities::default()),
+            latency: Default::default(),
+            samples: Default::default(),
+            reviewed_samples: Mutex::new([0; LANES]),
+            timed: Default::default(),
+            rotation: AtomicU8::new(Rotation::In as u8),
+            probing: Default::default(),
+            slow_since: Mutex::new(None),
         }
+    }
+
+    /// Whether the chooser sends the member calls now.
+    pub fn rotation(&self) -> Rotation {
+        match self.rotation.load(Ordering::Relaxed) {
+            0 => Rotation::In,
+            _ => Rotation::Degraded,
+        }
+    }
+
+    /// The member's recent latency in `lane` (ns, 0: unknown). Kinds of
+    /// call differ too much (a key generation against a random number) for
+    /// one lane's figure to stand for another's.
+    pub fn latency(&self, lane: usize) -> u64 {
+        self.latency[lane % LANES].load(Ordering::Relaxed)
+    }
+
+    /// Adds one call's latency to the lane's average. A degraded member's
+    /// sample (a probe) replaces it: whether it has recovered is a question
+    /// about now.
+    pub fn record_latency(&self, lane: usize, nanos: u64) {
+        let slot = &self.latency[lane % LANES];
+        let old = slot.load(Ordering::Relaxed);
+        let new = if old == 0 || self.rotation() != Rotation::In {
+            nanos
+        } else if nanos < old {
+            (old + nanos) / 2
+        } else {
+            (old * (LATENCY_SMOOTHING - 1) + nanos) / LATENCY_SMOOTHING
+        };
+        slot.store(new.max(1), Ordering::Relaxed);
+        self.samples[lane % LANES].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How the member can move keys (see [`crate::strategy`]).
@@ -188,6 +298,13 @@ impl Member {
         let previous = self.state.swap(MemberState::Down as u8, Ordering::AcqRel);
         let was_reachable = previous != MemberState::Down as u8;
         if was_reachable {
+            // It comes back as a new member: in rotation, latency unknown.
+            for slot in &self.latency {
+                slot.store(0, Ordering::Relaxed);
+            }
+            self.fresh_lanes();
+            self.rotation.store(Rotation::In as u8, Ordering::Relaxed);
+            *self.slow_since.lock() = None;
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.last_fault.store(rv, Ordering::Relaxed);
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
@@ -217,10 +334,36 @@ impl Member {
         self.calls.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
     }
 
-    /// Counts a call in flight on this member for as long as the guard lives.
+    /// The lanes with latency samples since the last call, which were
+    /// fresh.
+    fn fresh_lanes(&self) -> SmallVec<[usize; LANES]> {
+        let mut reviewed = self.reviewed_samples.lock();
+        let mut fresh = SmallVec::new();
+        for (lane, seen) in reviewed.iter_mut().enumerate() {
+            let taken = self.samples[lane].load(Ordering::Relaxed);
+            if std::mem::replace(seen, taken) != taken {
+                fresh.push(lane);
+            }
+        }
+        fresh
+    }
+
+    /// Counts a call in flight on this member for as long as the guard
+    /// lives, timing it for the member's latency: every call of a member
+    /// whose library talks to a server or that is degraded, else one in
+    /// [`SAMPLE_EVERY`].
+    #[inline(always)]
     pub fn begin_call(&self) -> CallGuard<'_> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        CallGuard { member: self }
+        let before = self.calls.fetch_add(1, Ordering::Relaxed);
+        let sampled = (before >> IN_FLIGHT_BITS) % SAMPLE_EVERY == 0;
+        let started = (sampled
+            || self.timed.load(Ordering::Relaxed)
+            || self.rotation.load(Ordering::Relaxed) != Rotation::In as u8)
+            .then(Instant::now);
+        CallGuard {
+            member: self,
+            started,
+        }
     }
 }
 
@@ -233,11 +376,17 @@ const CALL_ENDED: u64 = (1 << IN_FLIGHT_BITS) - 1;
 
 pub struct CallGuard<'a> {
     member: &'a Member,
+    started: Option<Instant>,
 }
 
 impl Drop for CallGuard<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
         self.member.calls.fetch_add(CALL_ENDED, Ordering::Relaxed);
+        if let Some(started) = self.started {
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.member.record_latency(usize::from(LANE.get()), nanos);
+        }
     }
 }
 
@@ -376,8 +525,18 @@ struct IndexState {
 /// request making it was cut off on the wire (`Some(when)`).
 pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
 
-/// Round-robin lanes: one per kind of operation, one for stateless calls.
-pub const LANES: usize = 9;
+/// Round-robin and latency lanes: one per kind of operation, one for
+/// stateless calls, one for object-making calls.
+pub const LANES: usize = 10;
+
+/// The lane of calls that make objects (create, copy, generate, unwrap,
+/// derive) and of searches' starts, which any serving member can serve.
+pub const MAKING_LANE: usize = 9;
+
+/// The lane of calls outside operations (`C_GenerateRandom`, attribute
+/// reads), where a probe's one round trip is counted too.
+pub const STATELESS_LANE: usize = 8;
+const PROBE_LANE: usize = STATELESS_LANE;
 
 /// Length of `CK_TOKEN_INFO::serialNumber`.
 const SERIAL_FIELD: usize = 16;
@@ -479,6 +638,9 @@ impl Group {
             self.log(Some(position), &described);
         }
         *member.capabilities.write() = capabilities;
+        member
+            .timed
+            .store(location.library.is_networked(), Ordering::Relaxed);
         *member.location.write() = Some(location);
     }
 
@@ -794,11 +956,19 @@ impl Group {
         !self.members.iter().any(|m| m.is_up() && !m.standby)
     }
 
-    /// Serving members, least busy first, ties broken round-robin so equal
-    /// members share the load evenly. Each `lane` (a kind of operation)
-    /// rotates on its own, so that calls of different kinds interleaved in
-    /// a fixed pattern cannot pin one kind to one member.
+    /// Serving members by expected completion in `lane`: calls in flight
+    /// plus this one, times the member's recent latency for that kind of
+    /// call, so that a member twice as slow gets about half the calls.
+    /// Members within a factor of 2, or 2 ms, of the fastest count as
+    /// equally fast (jitter must not pin calls to one of them), so among them the
+    /// least busy comes first and ties rotate round-robin, each `lane`
+    /// on its own, so that calls of different kinds interleaved in a
+    /// fixed pattern cannot pin one kind to one member. Degraded members
+    /// come last (only when no other serves do they serve); and one choice in
+    /// [`EXPLORE_EVERY`] puts the members in rotation first in turn. The
+    /// calls this thread makes until it chooses again count as `lane`'s.
     pub fn by_preference(&self, lane: usize) -> Positions {
+        LANE.set(lane as u8);
         if let [only] = &self.members[..] {
             return if only.is_up() {
                 smallvec![0]
@@ -807,23 +977,35 @@ impl Group {
             };
         }
         let standby_serves = self.standby_serves();
-        let mut serving: SmallVec<[(usize, usize); 8]> = SmallVec::new();
+        // (latency, calls in flight, position)
+        let mut serving: SmallVec<[(u64, u64, usize); 8]> = SmallVec::new();
+        let mut degraded: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
         for m in &self.members {
-            if serves(m, standby_serves) {
-                serving.push((m.in_flight(), m.position));
+            if !serves(m, standby_serves) {
+                continue;
             }
-        }
-        let n = serving.len();
-        if n > 1 {
-            let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed) % n;
-            for (rank, entry) in serving.iter_mut().enumerate() {
-                entry.0 = entry.0 * n + (rank + n - start) % n;
+            let entry = (m.latency(lane), m.in_flight() as u64, m.position);
+            match m.rotation.load(Ordering::Relaxed) {
+                0 => serving.push(entry),
+                _ => degraded.push(entry),
             }
-            serving.sort_unstable_by_key(|&(order, _)| order);
         }
         let mut order = Positions::new();
-        for (_, position) in serving {
-            order.push(position);
+        if serving.is_empty() {
+            serving = degraded.drain(..).collect();
+        }
+        let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed);
+        if (start + 1) % EXPLORE_EVERY == 0 && serving.len() > 1 {
+            let turn = (start / EXPLORE_EVERY) % serving.len();
+            // A member with calls in flight is being measured already (and
+            // may be stalled, its calls never to return).
+            if serving[turn].1 == 0 {
+                order.push(serving.remove(turn).2);
+            }
+        }
+        by_expected_completion(&serving, start, &mut order);
+        if !degraded.is_empty() {
+            by_expected_completion(&degraded, start, &mut order);
         }
         order
     }
@@ -833,16 +1015,139 @@ impl Group {
     pub fn least_busy(&self, lane: usize) -> Option<usize> {
         match &self.members[..] {
             [only] => only.is_up().then_some(0),
-            _ => self.by_preference(lane).first().copied(),
+            _ => self.first_by_preference(lane),
         }
     }
 
-    /// Serving members in configured order, primary first.
+    /// [`Self::by_preference`]'s first member without listing the rest:
+    /// on the path of every operation's start. The same order, as long as
+    /// no member is degraded and it is not an exploring turn.
+    fn first_by_preference(&self, lane: usize) -> Option<usize> {
+        let standby_serves = self.standby_serves();
+        let mut serving = 0;
+        let mut fastest = u64::MAX;
+        for m in &self.members {
+            if !serves(m, standby_serves) {
+                continue;
+            }
+            if m.rotation.load(Ordering::Relaxed) != Rotation::In as u8 {
+                return self.by_preference(lane).first().copied();
+            }
+            serving += 1;
+            match m.latency(lane) {
+                0 => {}
+                latency => fastest = fastest.min(latency),
+            }
+        }
+        let start = self.round_robin[lane % LANES].load(Ordering::Relaxed);
+        if serving < 2 || (start + 1) % EXPLORE_EVERY == 0 {
+            return self.by_preference(lane).first().copied();
+        }
+        LANE.set(lane as u8);
+        let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed) % serving;
+        let fastest = if fastest == u64::MAX { 1 } else { fastest };
+        let mut best: Option<(u64, usize)> = None;
+        let mut rank = 0;
+        for m in &self.members {
+            if !serves(m, standby_serves) {
+                continue;
+            }
+            let latency = m.latency(lane);
+            let comparable = latency == 0
+                || latency * 2 <= fastest * COMPARABLE_HALVES
+                || latency <= fastest + COMPARABLE_MARGIN_NS;
+            let latency = if comparable { fastest } else { latency };
+            let rotated = if rank >= start {
+                rank - start
+            } else {
+                rank + serving - start
+            };
+            let cost = (m.in_flight() as u64 + 1).saturating_mul(latency);
+            let key = cost.saturating_mul(serving as u64) + rotated as u64;
+            if best.is_none_or(|(k, _)| key < k) {
+                best = Some((key, m.position));
+            }
+            rank += 1;
+        }
+        best.map(|(_, position)| position)
+    }
+
+    /// Takes members far slower than the others for a sustained period out
+    /// of the rotation as *degraded*, probes each degraded member, and puts
+    /// one back once a probe finds it close to the others again; each
+    /// change in the HA log. Called by the
+    /// watchdog on every tick (see [`judge_latency`] for the rule).
+    pub fn review_latency(&self, now: Instant) {
+        let standby_serves = self.standby_serves();
+        let serving: Vec<&Arc<Member>> = self
+            .members
+            .iter()
+            .filter(|m| serves(m, standby_serves))
+            .collect();
+        for member in &serving {
+            let fresh = member.fresh_lanes();
+            if fresh.is_empty() {
+                continue;
+            }
+            let others = serving
+                .iter()
+                .any(|o| o.position != member.position && o.rotation() == Rotation::In);
+            let (latency, reference) = compared_latency(member, &fresh, &serving);
+            if others && reference.is_none() {
+                // Nothing new to compare with the others: no change.
+                continue;
+            }
+            let degraded = member.rotation() != Rotation::In;
+            let mut slow_since = member.slow_since.lock();
+            let verdict = judge_latency(latency, reference, degraded, *slow_since, now);
+            let ms = |nanos: u64| nanos as f64 / 1e6;
+            match verdict {
+                Verdict::Serve => *slow_since = None,
+                Verdict::SlowSince(since) => *slow_since = Some(since),
+                Verdict::Degrade => {
+                    *slow_since = None;
+                    member
+                        .rotation
+                        .store(Rotation::Degraded as u8, Ordering::Relaxed);
+                    self.log(
+                        Some(member.position),
+                        &format!(
+                            "member degraded: its calls take {:.1} ms against {:.1} ms on the                              fastest other member; out of rotation, probed, until it is close                              to the others again",
+                            ms(latency),
+                            ms(reference.unwrap_or(0))
+                        ),
+                    );
+                }
+                Verdict::Probe => probe(member),
+                Verdict::Recover => {
+                    // Its other figures are from before: measured afresh.
+                    for slot in &member.latency {
+                        slot.store(0, Ordering::Relaxed);
+                    }
+                    member.rotation.store(Rotation::In as u8, Ordering::Relaxed);
+                    self.log(
+                        Some(member.position),
+                        &format!(
+                            "member no longer degraded: a probe took {:.1} ms against {:.1} ms                              on the fastest other member; back in rotation",
+                            ms(latency),
+                            ms(reference.unwrap_or(0))
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Serving members in configured order, primary first, degraded
+    /// members last: searches and object-making are not held up by a slow
+    /// primary. Calls made this way count as [`MAKING_LANE`]'s.
     pub fn by_position(&self) -> Positions {
-        self.serving_members()
+        LANE.set(MAKING_LANE as u8);
+        let serving = self.serving_members();
+        let (fast, slow): (Vec<_>, Vec<_>) = serving
             .into_iter()
-            .map(|m| m.position)
-            .collect()
+            .partition(|m| m.rotation() == Rotation::In);
+        fast.into_iter().chain(slow).map(|m| m.position).collect()
     }
 
     /// The virtual token's info: label and serial are the group's, the rest
@@ -944,6 +1249,157 @@ impl Group {
     /// The serial numbers of members, as the token reports them.
     pub fn member_serial(info: &CK_TOKEN_INFO) -> String {
         padded_to_string(&info.serialNumber)
+    }
+}
+
+/// Asks a degraded member for its token info in a thread of its own (one
+/// probe at a time), timed as a stateless call: no application call waits
+/// on a member taken out for being slow, and a probe that hangs is a call
+/// in flight the watchdog sees like any other.
+fn probe(member: &Arc<Member>) {
+    let Some(location) = member.location() else {
+        return;
+    };
+    if member.probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let probed = Arc::clone(member);
+    let spawned = std::thread::Builder::new()
+        .name(format!("pkcs11-ha-probe-{}", member.serial))
+        .spawn(move || {
+            LANE.set(PROBE_LANE as u8);
+            {
+                let _call = probed.begin_call();
+                let _ = crate::member::with_sigpipe_blocked(|| {
+                    location.library.token_info(location.slot)
+                });
+            }
+            probed.probing.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        member.probing.store(false, Ordering::Release);
+    }
+}
+
+/// Orders `members` (latency, calls in flight, position) by expected
+/// completion, as [`Group::by_preference`] describes; `start` rotates the
+/// ties.
+fn by_expected_completion(members: &[(u64, u64, usize)], start: usize, order: &mut Positions) {
+    let fastest = members
+        .iter()
+        .map(|&(latency, _, _)| latency)
+        .filter(|&l| l != 0)
+        .min()
+        .unwrap_or(1);
+    let n = members.len().max(1);
+    let start = start % n;
+    // Expected completion, then the rotated rank, in one word: costs stay
+    // far below 2^58 (a million calls in flight of a minute each).
+    let mut keyed: SmallVec<[(u64, usize); 8]> = SmallVec::new();
+    for (rank, &(latency, in_flight, position)) in members.iter().enumerate() {
+        let comparable = latency == 0
+            || latency * 2 <= fastest * COMPARABLE_HALVES
+            || latency <= fastest + COMPARABLE_MARGIN_NS;
+        let latency = if comparable { fastest } else { latency };
+        let rotated = if rank >= start {
+            rank - start
+        } else {
+            rank + n - start
+        };
+        let cost = (in_flight + 1).saturating_mul(latency);
+        keyed.push((cost.saturating_mul(n as u64) + rotated as u64, position));
+    }
+    keyed.sort_unstable();
+    order.extend(keyed.into_iter().map(|(_, position)| position));
+}
+
+/// A member's latency and the fastest other in-rotation member's, in the
+/// lane where the member compares best, of the `fresh` lanes (sampled
+/// since the last review) both have figures for; object-making is left
+/// out, its calls differing too much by key type. A member is judged slow
+/// only if it is slow at everything it has done lately.
+fn compared_latency(
+    member: &Member,
+    fresh: &[usize],
+    serving: &[&Arc<Member>],
+) -> (u64, Option<u64>) {
+    let mut best: (u64, Option<u64>) = (0, None);
+    for &lane in fresh.iter().filter(|&&l| l != MAKING_LANE) {
+        let latency = member.latency(lane);
+        let reference = serving
+            .iter()
+            .filter(|o| o.position != member.position && o.rotation() == Rotation::In)
+            .map(|o| o.latency(lane))
+            .filter(|&l| l != 0)
+            .min();
+        let (Some(reference), true) = (reference, latency != 0) else {
+            continue;
+        };
+        let better = match best {
+            (_, None) => true,
+            (l, Some(r)) => {
+                u128::from(latency) * u128::from(r) < u128::from(l) * u128::from(reference)
+            }
+        };
+        if better {
+            best = (latency, Some(reference));
+        }
+    }
+    best
+}
+
+/// What [`judge_latency`] decides for one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// In rotation, not slow.
+    Serve,
+    /// In rotation, slow since then: not for long enough yet.
+    SlowSince(Instant),
+    /// Out of rotation from now.
+    Degrade,
+    /// Degraded still: probe it again.
+    Probe,
+    /// Back in rotation from now.
+    Recover,
+}
+
+/// The degraded rule: a member in rotation whose recent latency (see
+/// [`compared_latency`]) has been more than [`DEGRADED_RATIO`] times, and
+/// [`DEGRADED_MARGIN_NS`] more than, the fastest other member's in rotation
+/// (`reference`) for [`DEGRADED_AFTER`] is degraded; a degraded member
+/// whose latest probe took at most [`RECOVERED_RATIO`] times the
+/// reference, or at most the margin more, returns. With no other member
+/// to compare with, nobody is degraded and a degraded member returns.
+pub fn judge_latency(
+    latency: u64,
+    reference: Option<u64>,
+    degraded: bool,
+    slow_since: Option<Instant>,
+    now: Instant,
+) -> Verdict {
+    let Some(reference) = reference.filter(|_| latency != 0) else {
+        return if degraded {
+            Verdict::Recover
+        } else {
+            Verdict::Serve
+        };
+    };
+    let excess = latency.saturating_sub(reference);
+    if degraded {
+        return if latency <= reference * RECOVERED_RATIO || excess <= DEGRADED_MARGIN_NS {
+            Verdict::Recover
+        } else {
+            Verdict::Probe
+        };
+    }
+    if latency <= reference * DEGRADED_RATIO || excess <= DEGRADED_MARGIN_NS {
+        return Verdict::Serve;
+    }
+    let since = slow_since.unwrap_or(now);
+    if now.saturating_duration_since(since) >= DEGRADED_AFTER {
+        Verdict::Degrade
+    } else {
+        Verdict::SlowSince(since)
     }
 }
 
@@ -1271,6 +1727,243 @@ mod tests {
             group.by_preference(0).to_vec(),
             vec![2],
             "standby takes over"
+        );
+    }
+
+    fn group_of(active: &[&str]) -> Group {
+        let active: Vec<String> = active.iter().map(|s| s.to_string()).collect();
+        let group = Group::new(
+            0,
+            "g",
+            "1".into(),
+            0,
+            &active,
+            &[],
+            GroupSettings {
+                domain_label: "d".into(),
+                replay_limit: 0,
+                min_replicas: 1,
+            },
+        );
+        for m in &group.members {
+            m.set_state(MemberState::Up);
+        }
+        group
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_slower_member_gets_calls_only_once_the_faster_one_is_that_much_busier() {
+        let group = group_of(&["a", "b"]);
+        group.members[0].record_latency(0, MS);
+        group.members[1].record_latency(0, 4 * MS);
+        assert_eq!(group.by_preference(0).to_vec(), vec![0, 1]);
+        let mut busy = Vec::new();
+        for in_flight in 1..=2 {
+            busy.push(group.members[0].begin_call());
+            for _ in 0..2 {
+                assert_eq!(group.least_busy(0), Some(0), "{in_flight} in flight");
+            }
+        }
+        busy.push(group.members[0].begin_call());
+        let firsts: Vec<usize> = (0..4).map(|_| group.by_preference(0)[0]).collect();
+        assert!(
+            firsts.contains(&0) && firsts.contains(&1),
+            "3 in flight on a member 4x faster: a tie, {firsts:?}"
+        );
+        busy.push(group.members[0].begin_call());
+        assert_eq!(
+            group.by_preference(0).to_vec(),
+            vec![1, 0],
+            "4 in flight on the fast member: the 4x slower one finishes sooner"
+        );
+        assert_eq!(
+            group.by_preference(3)[0],
+            1,
+            "a lane without latencies of its own goes by calls in flight alone"
+        );
+        drop(busy);
+    }
+
+    #[test]
+    fn members_of_about_equal_latency_share_the_calls() {
+        let group = group_of(&["a", "b"]);
+        group.members[0].record_latency(0, 10 * MS);
+        group.members[1].record_latency(0, 12 * MS);
+        let firsts: Vec<usize> = (0..4).map(|_| group.by_preference(0)[0]).collect();
+        assert!(firsts.contains(&0) && firsts.contains(&1), "{firsts:?}");
+    }
+
+    #[test]
+    fn searches_and_object_making_skip_a_degraded_primary() {
+        let group = group_of(&["primary", "b", "c"]);
+        assert_eq!(group.by_position().to_vec(), vec![0, 1, 2]);
+        group.members[0]
+            .rotation
+            .store(Rotation::Degraded as u8, Ordering::Relaxed);
+        assert_eq!(
+            group.by_position().to_vec(),
+            vec![1, 2, 0],
+            "the degraded primary comes last"
+        );
+    }
+
+    #[test]
+    fn the_degraded_rule() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            judge_latency(2 * MS, Some(2 * MS), false, None, t0),
+            Verdict::Serve
+        );
+        assert_eq!(
+            judge_latency(200 * MS, Some(2 * MS), false, None, t0),
+            Verdict::SlowSince(t0),
+            "slow, but not for long yet"
+        );
+        assert_eq!(
+            judge_latency(200 * MS, Some(2 * MS), false, Some(t0), at(1)),
+            Verdict::SlowSince(t0)
+        );
+        assert_eq!(
+            judge_latency(200 * MS, Some(2 * MS), false, Some(t0), at(2)),
+            Verdict::Degrade,
+            "slow for DEGRADED_AFTER"
+        );
+        assert_eq!(
+            judge_latency(10 * MS, Some(2 * MS), false, Some(t0), at(9)),
+            Verdict::Serve,
+            "5x slower is not far slower"
+        );
+        assert_eq!(
+            judge_latency(400_000, Some(20_000), false, Some(t0), at(9)),
+            Verdict::Serve,
+            "20x slower by less than the margin: in-process noise"
+        );
+        assert_eq!(
+            judge_latency(200 * MS, None, false, Some(t0), at(9)),
+            Verdict::Serve,
+            "no other member to compare with"
+        );
+        assert_eq!(
+            judge_latency(200 * MS, Some(2 * MS), true, None, at(9)),
+            Verdict::Probe
+        );
+        assert_eq!(
+            judge_latency(7 * MS, Some(2 * MS), true, None, at(9)),
+            Verdict::Recover,
+            "a probe within the recovered ratio"
+        );
+        assert_eq!(
+            judge_latency(200 * MS, None, true, None, at(9)),
+            Verdict::Recover,
+            "the only member left serves"
+        );
+    }
+
+    #[test]
+    fn a_degraded_member_leaves_the_rotation_is_probed_and_returns() {
+        let group = group_of(&["slow", "b", "c"]);
+        // Calls keep coming: each review sees new samples.
+        let calls = |slow: u64| {
+            group.members[0].record_latency(0, slow);
+            group.members[1].record_latency(0, 2 * MS);
+            group.members[2].record_latency(0, 2 * MS);
+        };
+        let t0 = Instant::now();
+        for second in 0..2 {
+            calls(200 * MS);
+            group.review_latency(t0 + Duration::from_secs(second));
+        }
+        assert_eq!(group.members[0].rotation(), Rotation::In, "not yet");
+        group.review_latency(t0 + DEGRADED_AFTER);
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::In,
+            "no new figures: not judged"
+        );
+        calls(200 * MS);
+        group.review_latency(t0 + DEGRADED_AFTER);
+        assert_eq!(group.members[0].rotation(), Rotation::Degraded);
+        let mut busy = Vec::new();
+        for _ in 0..8 {
+            busy.push(group.members[1].begin_call());
+            busy.push(group.members[2].begin_call());
+        }
+        assert_eq!(
+            group.by_preference(0).last(),
+            Some(&0),
+            "however busy the others are, a degraded member comes last"
+        );
+        calls(200 * MS);
+        group.review_latency(t0 + DEGRADED_AFTER + Duration::from_secs(1));
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::Degraded,
+            "a probe as slow as before"
+        );
+        drop(busy);
+        calls(3 * MS);
+        group.review_latency(t0 + DEGRADED_AFTER + Duration::from_secs(2));
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::In,
+            "the probe found it close to the others"
+        );
+        for m in &group.members[1..] {
+            m.set_state(MemberState::Down);
+        }
+        for second in 10..20 {
+            calls(200 * MS);
+            group.review_latency(t0 + Duration::from_secs(second));
+        }
+        assert_eq!(
+            group.by_preference(0).to_vec(),
+            vec![0],
+            "the only serving member is never degraded"
+        );
+    }
+
+    #[test]
+    fn a_member_slow_once_is_measured_again_in_turn() {
+        let group = group_of(&["hiccup", "b"]);
+        group.members[0].record_latency(0, 50 * MS);
+        group.members[1].record_latency(0, MS);
+        let firsts: Vec<usize> = (0..2 * EXPLORE_EVERY)
+            .map(|_| group.by_preference(0)[0])
+            .collect();
+        assert_eq!(
+            firsts.iter().filter(|&&p| p == 0).count(),
+            1,
+            "one choice in {EXPLORE_EVERY} per member in turn: {firsts:?}"
+        );
+        let stalled = group.members[0].begin_call();
+        let firsts: Vec<usize> = (0..2 * EXPLORE_EVERY)
+            .map(|_| group.by_preference(0)[0])
+            .collect();
+        assert!(
+            !firsts.contains(&0),
+            "a member with a call in flight is not explored: {firsts:?}"
+        );
+        drop(stalled);
+    }
+
+    #[test]
+    fn figures_with_nothing_to_compare_leave_the_slow_timer_running() {
+        let group = group_of(&["slow", "b"]);
+        let t0 = Instant::now();
+        group.members[0].record_latency(0, 200 * MS);
+        group.members[1].record_latency(0, 2 * MS);
+        group.review_latency(t0);
+        group.members[0].record_latency(MAKING_LANE, 200 * MS);
+        group.review_latency(t0 + Duration::from_secs(1));
+        group.members[0].record_latency(0, 200 * MS);
+        group.review_latency(t0 + DEGRADED_AFTER);
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::Degraded,
+            "a search's figure (object-making lane, not compared) did not restart the timer"
         );
     }
 }

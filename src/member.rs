@@ -5,7 +5,7 @@
 use crate::error::{check, rv_name, Error, Result};
 use cryptoki_sys::*;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -49,20 +49,22 @@ pub struct MemberLibrary {
     /// Nothing else starts a job on it, or initialises it, until that
     /// thread has returned -- it may never.
     job_thread: AtomicI32,
-    /// Sockets the library opened while we initialised it: severing them is
-    /// how a call stuck on a stalled network member is made to return.
-    sockets: Mutex<Vec<SocketFd>>,
-    networked: std::sync::atomic::AtomicBool,
-    network_calls: Mutex<()>,
+    /// A client of a remote server ([`is_network_client`]): its calls are
+    /// tracked on the wire, so that a stalled server's connection can be
+    /// cut under them and the library reconnected.
+    networked: bool,
+    /// The most calls in flight at once (`[LibraryConcurrency]`); `None`:
+    /// as many as the application makes, since we initialise every library
+    /// with `CKF_OS_LOCKING_OK`.
+    call_limit: Option<CallLimit>,
+    /// Held for reading by every call into a networked library and for
+    /// writing while it is reconnected, so that no call slips onto the new
+    /// connection with a session number from the old one.
+    reconnecting: RwLock<()>,
     /// Calls into a networked library are numbered as each goes on the
-    /// wire (one at a time); `on_wire` is the one there now (0: none), and
-    /// `cut_off` the one that was there when the connection was severed.
+    /// wire; `wire` holds those there now.
     calls_sent: AtomicU64,
-    on_wire: AtomicU64,
-    /// The thread whose call is on the wire (0: none), so that severing
-    /// cuts the very socket it waits on.
-    wire_thread: AtomicI32,
-    cut_off: AtomicU64,
+    wire: Mutex<Vec<OnWire>>,
     /// Counts `C_Initialize` calls: a session belongs to the connection it
     /// was opened on, and a reconnected library reuses session numbers.
     connection: AtomicU64,
@@ -137,26 +139,71 @@ pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
     }
 }
 
-/// A socket descriptor and the inode it referred to, so that a descriptor
-/// the library closed and the process reused is never touched.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct SocketFd {
-    fd: i32,
-    inode: u64,
+/// A call on the wire of a networked library: its number, the thread
+/// making it (whose blocked socket severing shuts down), and whether the
+/// connection was severed under it.
+struct OnWire {
+    number: u64,
+    thread: i32,
+    cut_off: Option<Instant>,
 }
 
-/// The process's open sockets.
-fn open_sockets() -> Vec<SocketFd> {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| {
-            let entry = e.ok()?;
-            let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
-            socket_inode(fd).map(|inode| SocketFd { fd, inode })
-        })
-        .collect()
+/// How long a call still inside a network client after its connection
+/// was cut may hold up a reconnect: one waiting on the socket returns at
+/// once, so one still there is stuck in the client itself (p11-kit 0.24
+/// can leave a caller waiting forever on a lock of the dead connection)
+/// and never sends anything again.
+const STUCK_AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a library talks to a server, by what it is rather than by what
+/// it does: p11-kit's remoting client (`p11-kit-client.so`, which serves
+/// every token through one connection to `p11-kit server`), or a library
+/// exporting Luna's `CA_GetFunctionList` (Luna's network client). Only
+/// such a library is reconnected under a session, or has its connection
+/// cut by the watchdog.
+fn is_network_client(path: &Path, library: &Library) -> bool {
+    let p11_kit_client = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("p11-kit-client"));
+    // SAFETY: only the symbol's presence is asked; it is never called.
+    p11_kit_client
+        || unsafe { library.get::<unsafe extern "C" fn()>(b"CA_GetFunctionList\0") }.is_ok()
+}
+
+/// A counting limit on calls in flight into one library.
+struct CallLimit {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// One call's place under a [`CallLimit`], given back on drop.
+struct CallPermit<'a>(&'a CallLimit);
+
+impl CallLimit {
+    fn new(limit: std::num::NonZeroUsize) -> Self {
+        CallLimit {
+            free: std::sync::Mutex::new(limit.get()),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn enter(&self) -> CallPermit<'_> {
+        let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = self
+            .freed
+            .wait_while(free, |free| *free == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *free -= 1;
+        CallPermit(self)
+    }
+}
+
+impl Drop for CallPermit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 fn socket_inode(fd: i32) -> Option<u64> {
@@ -246,6 +293,7 @@ impl MemberLibrary {
             with_sigpipe_blocked(|| Self::function_table(&library))
         })
         .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
+        let networked = is_network_client(path, &library);
         Ok(MemberLibrary {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -254,13 +302,11 @@ impl MemberLibrary {
             initialized_by_us: Mutex::new(false),
             usable: AtomicBool::new(false),
             job_thread: AtomicI32::new(0),
-            sockets: Mutex::new(Vec::new()),
-            networked: std::sync::atomic::AtomicBool::new(false),
-            network_calls: Mutex::new(()),
+            networked,
+            call_limit: None,
+            reconnecting: RwLock::new(()),
             calls_sent: AtomicU64::new(0),
-            on_wire: AtomicU64::new(0),
-            wire_thread: AtomicI32::new(0),
-            cut_off: AtomicU64::new(0),
+            wire: Mutex::new(Vec::new()),
             connection: AtomicU64::new(1),
             _library: library,
         })
@@ -326,21 +372,28 @@ impl MemberLibrary {
         unsafe { self._library.get::<T>(name).ok().map(|symbol| *symbol) }
     }
 
-    /// Runs a call into the library. A library that talks to a server
-    /// (it opened sockets when initialised) gets one call at a time, and
-    /// runs with `SIGPIPE` blocked in this thread, a `SIGPIPE` it raises
-    /// being consumed, so a server that died while idle cannot kill an
-    /// application that does not ignore the signal (the process-wide
-    /// disposition is never touched). One call at a time costs nothing --
-    /// the connection serves one request at a time anyway -- and spares the
-    /// client library's own coordination of concurrent callers, which
-    /// p11-kit 0.24 can leave waiting forever when its server dies under
-    /// them. Each call is numbered while it is on the wire, so that a call
-    /// the watchdog cut off knows it ([`last_call_cut_off`]). In-process
-    /// members pay nothing.
+    /// Limits the calls in flight at once into the library to `limit`
+    /// (`[LibraryConcurrency]`), for a library that cannot take as many
+    /// concurrent calls as the application makes.
+    pub fn limit_calls(mut self, limit: Option<std::num::NonZeroUsize>) -> Self {
+        self.call_limit = limit.map(CallLimit::new);
+        self
+    }
+
+    /// Runs a call into the library. Calls run concurrently, as the library
+    /// agreed to when it accepted `CKF_OS_LOCKING_OK`, up to its
+    /// `[LibraryConcurrency]` limit where one is set. A call into a network
+    /// client ([`is_network_client`]) is numbered and recorded with its
+    /// thread while it is on the wire, so that the watchdog can cut the
+    /// socket each such call waits on and the call knows it was cut off
+    /// ([`last_call_cut_off`]); and it runs with `SIGPIPE` blocked in this
+    /// thread, a `SIGPIPE` it raises being consumed, so a server that died
+    /// while idle cannot kill an application that does not ignore the
+    /// signal (the process-wide disposition is never touched). In-process
+    /// members without a limit pay nothing.
     #[inline(always)]
     pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
-        if self.networked.load(Ordering::Relaxed) {
+        if self.networked || self.call_limit.is_some() {
             let mut call = Some(call);
             self.shielded_on_wire(&mut || call.take().map_or(CKR_GENERAL_ERROR, |c| c()))
         } else {
@@ -348,39 +401,50 @@ impl MemberLibrary {
         }
     }
 
-    /// The networked half of [`Self::shielded`], out of line so that the
-    /// in-process call path stays a few cache lines long.
+    /// The networked or limited half of [`Self::shielded`], out of line so
+    /// that the in-process call path stays a few cache lines long.
     #[cold]
     #[inline(never)]
     fn shielded_on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
-        let _one_at_a_time = self.network_calls.lock();
+        let _permit = self.call_limit.as_ref().map(CallLimit::enter);
+        if !self.networked {
+            return call();
+        }
+        let _connection = self.reconnecting.read();
         let expected = SESSION_CONNECTION.get();
         if expected != 0 && expected != self.connection.load(Ordering::Acquire) {
             CUT_OFF.set(false);
             return CKR_SESSION_HANDLE_INVALID;
         }
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
-        self.on_wire.store(number, Ordering::Relaxed);
-        self.wire_thread.store(this_thread(), Ordering::Relaxed);
+        self.wire.lock().push(OnWire {
+            number,
+            thread: this_thread(),
+            cut_off: None,
+        });
         let result = with_sigpipe_blocked(call);
-        self.wire_thread.store(0, Ordering::Relaxed);
-        self.on_wire.store(0, Ordering::Relaxed);
-        CUT_OFF.set(self.cut_off.load(Ordering::Relaxed) == number);
+        let mut wire = self.wire.lock();
+        let cut_off = wire
+            .iter()
+            .position(|c| c.number == number)
+            .is_some_and(|i| wire.swap_remove(i).cut_off.is_some());
+        drop(wire);
+        CUT_OFF.set(cut_off);
         result
     }
 
-    /// The number of the call on the wire now (0: none), for the watchdog:
-    /// the same number there too long is a stalled connection, whichever
-    /// call it is (a slot listing as much as an operation).
+    /// The number of the oldest call on the wire now (0: none), for the
+    /// watchdog: the same number there too long is a stalled connection,
+    /// whichever call it is (a slot listing as much as an operation).
     pub fn call_on_wire(&self) -> u64 {
-        self.on_wire.load(Ordering::Relaxed)
+        self.wire.lock().iter().map(|c| c.number).min().unwrap_or(0)
     }
 
-    /// Whether the library talks to a server (see [`Self::shielded`]); only
+    /// Whether the library talks to a server ([`is_network_client`]); only
     /// such a library can be reconnected under a session or cut off.
     #[inline]
     pub fn is_networked(&self) -> bool {
-        self.networked.load(Ordering::Relaxed)
+        self.networked
     }
 
     /// Initialises the library for OS locking, with its
@@ -398,8 +462,9 @@ impl MemberLibrary {
         self.initialize_with(&[])
     }
 
-    /// `SIGPIPE` is blocked around the call whatever the library is:
-    /// whether it talks to a server is known only once it has.
+    /// `SIGPIPE` is blocked around the call whatever the library is. Holds
+    /// the reconnect lock for writing: a call made on the last connection
+    /// must not reach the next one.
     fn initialize_with(&self, environment: &[(String, String)]) -> Result<()> {
         let mut args = CK_C_INITIALIZE_ARGS {
             CreateMutex: None,
@@ -409,26 +474,17 @@ impl MemberLibrary {
             flags: CKF_OS_LOCKING_OK,
             pReserved: ptr::null_mut(),
         };
+        let _reconnecting = self.exclusive();
         self.usable.store(false, Ordering::Release);
-        let before = open_sockets();
         self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(environment, || {
-            with_sigpipe_blocked(|| {
-                member_call!(
-                    self,
-                    C_Initialize(&mut args as *mut _ as *mut std::ffi::c_void)
-                )
+            with_sigpipe_blocked(|| match self.functions.C_Initialize {
+                // SAFETY: the library's own C_Initialize, with arguments that
+                // live across the call.
+                Some(f) => unsafe { f(&mut args as *mut _ as *mut std::ffi::c_void) },
+                None => CKR_FUNCTION_NOT_SUPPORTED,
             })
         });
-        let opened: Vec<SocketFd> = open_sockets()
-            .into_iter()
-            .filter(|s| !before.contains(s))
-            .collect();
-        // Once a network library, always one: a reconnect that finds the
-        // server down opens no socket but the next one will.
-        self.networked
-            .fetch_or(!opened.is_empty(), Ordering::Relaxed);
-        *self.sockets.lock() = opened;
         let mut ours = self.initialized_by_us.lock();
         let outcome = match rv {
             CKR_OK => {
@@ -442,12 +498,56 @@ impl MemberLibrary {
         outcome
     }
 
-    /// Finalises the library if, and only if, we initialised it.
+    /// Finalises the library if, and only if, we initialised it, once the
+    /// calls on the wire have returned (severing ends those a stalled
+    /// server holds).
     pub fn finalize(&self) {
+        let _reconnecting = self.exclusive();
         let mut ours = self.initialized_by_us.lock();
         if std::mem::take(&mut *ours) {
             self.usable.store(false, Ordering::Release);
-            with_sigpipe_blocked(|| member_call!(self, C_Finalize(ptr::null_mut())));
+            with_sigpipe_blocked(|| match self.functions.C_Finalize {
+                // SAFETY: the library's own C_Finalize; NULL is its only
+                // valid argument.
+                Some(f) => unsafe { f(ptr::null_mut()) },
+                None => CKR_FUNCTION_NOT_SUPPORTED,
+            });
+        }
+    }
+
+    /// Holds off calls while the library is initialised or finalised, once
+    /// the calls on the wire have returned; `None` when those left were
+    /// cut off more than [`STUCK_AFTER_CUT`] ago (stuck for good in the
+    /// client: the reconnect goes ahead without them).
+    fn exclusive(&self) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
+        loop {
+            if let Some(guard) = self
+                .reconnecting
+                .try_write_for(std::time::Duration::from_millis(50))
+            {
+                return Some(guard);
+            }
+            let wire = self.wire.lock();
+            let stuck = !wire.is_empty()
+                && wire.iter().all(|call| {
+                    call.cut_off
+                        .is_some_and(|cut| cut.elapsed() >= STUCK_AFTER_CUT)
+                });
+            if stuck {
+                return None;
+            }
+        }
+    }
+
+    /// [`Self::finalize`] for a library whose server may be silent (its
+    /// `C_Finalize` may wait on it): in a thread of its own, whose socket
+    /// is cut if it has not returned after `patience`.
+    pub fn finalize_within(self: &Arc<Self>, patience: std::time::Duration) {
+        if !self.networked {
+            return self.finalize();
+        }
+        if let Some(job) = self.start_bounded(MemberLibrary::finalize) {
+            let _ = job.finish(Instant::now() + patience, patience);
         }
     }
 
@@ -536,32 +636,29 @@ impl MemberLibrary {
         self.initialize_with(&[])
     }
 
-    /// Shuts down the library's connection, so that a call stuck on a
-    /// stalled server returns with an error instead of never: the socket
-    /// the call on the wire waits on (none if that call is not waiting on
-    /// a socket: it is running, and returns by itself), else, with no call
-    /// on the wire, the sockets the library opened while we initialised it
-    /// (libraries initialised at once may have opened some of each other's
-    /// meanwhile, so those are only a fallback).
+    /// Shuts down the library's connection, so that calls stuck on a
+    /// stalled server return with an error instead of never: the socket
+    /// each call on the wire waits on (none for a call that is not waiting
+    /// on a socket: it is running, and returns by itself). Each of those
+    /// calls knows it was cut off. The number of sockets shut down.
     pub fn sever(&self) -> usize {
-        self.cut_off
-            .store(self.on_wire.load(Ordering::Relaxed), Ordering::Relaxed);
-        let waiting = self.wire_thread.load(Ordering::Relaxed);
-        if waiting != 0 {
-            return match blocked_socket(waiting) {
-                // SAFETY: shutdown on a socket the library's call waits on;
-                // it neither closes nor frees anything.
-                Some(fd) => usize::from(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0),
-                None => 0,
-            };
-        }
-        let sockets = self.sockets.lock().clone();
+        let waiting: Vec<i32> = self
+            .wire
+            .lock()
+            .iter_mut()
+            .map(|call| {
+                call.cut_off.get_or_insert_with(Instant::now);
+                call.thread
+            })
+            .collect();
+        let mut sockets: Vec<i32> = waiting.into_iter().filter_map(blocked_socket).collect();
+        sockets.sort_unstable();
+        sockets.dedup();
         sockets
-            .iter()
-            .filter(|s| socket_inode(s.fd) == Some(s.inode))
-            // SAFETY: shutdown on a descriptor verified to be the library's
-            // socket; it does not close or free anything.
-            .filter(|s| unsafe { libc::shutdown(s.fd, libc::SHUT_RDWR) } == 0)
+            .into_iter()
+            // SAFETY: shutdown on a socket a call into the library waits on;
+            // it neither closes nor frees anything.
+            .filter(|&fd| unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0)
             .count()
     }
 

@@ -256,11 +256,13 @@ pub fn finalize() -> Result<()> {
                         .is_some_and(|l| Arc::ptr_eq(&l.library, library))
             })
         });
-        // A stalled server would hold C_Finalize forever: cut it off first.
+        // A stalled server would hold C_Finalize forever: cut it off.
         if failed {
             library.sever();
+            library.finalize_within(provider.member_timeout);
+        } else {
+            library.finalize();
         }
-        library.finalize();
     }
     if let Some(w) = workers.as_mut() {
         w.stop_watchdog();
@@ -279,11 +281,10 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
     if let Some(library) = loaded.iter().find(same) {
         return Ok(Arc::clone(library));
     }
-    let library = Arc::new(MemberLibrary::load(
-        &entry.name,
-        &entry.path,
-        &entry.environment,
-    )?);
+    let library = Arc::new(
+        MemberLibrary::load(&entry.name, &entry.path, &entry.environment)?
+            .limit_calls(entry.concurrency),
+    );
     loaded.push(Arc::clone(&library));
     Ok(library)
 }

@@ -250,6 +250,9 @@ fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         check_for_stalls(&p, timeout, &mut progress);
         check_for_stalled_connections(&p, timeout, &mut on_wire);
         report_outages(&p, &mut outages, Instant::now());
+        for group in p.groups() {
+            group.review_latency(Instant::now());
+        }
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {

@@ -198,10 +198,13 @@ fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
 }
 
 /// What start-up probes found: whether two Luna partitions whose policies
-/// could not be read clone a private key, per (source, target) member and
-/// their epochs then. A probe clones a throw-away session key pair and
-/// destroys it; it runs the first time a private key is to move between
-/// such partitions, since it needs the group's login.
+/// could not be read clone a private key, per pair of members and their
+/// epochs then, either way: cloning a private key needs both partitions
+/// to allow it, so the answer one way is the answer the other (keys are
+/// made on the primary, or on the next member while it is degraded). A probe
+/// clones a throw-away session key pair and destroys it; it runs the
+/// first time a private key is to move between such partitions, since it
+/// needs the group's login.
 #[derive(Default)]
 pub struct Probes {
     found: parking_lot::Mutex<Vec<Probed>>,
@@ -215,13 +218,14 @@ impl Probes {
         self.found
             .lock()
             .iter()
-            .find(|(s, t, _)| *s == source && *t == target)
+            .find(|(s, t, _)| (*s, *t) == (source, target) || (*s, *t) == (target, source))
             .map(|(_, _, clones)| *clones)
     }
 
     pub fn record(&self, source: (usize, u64), target: (usize, u64), clones: bool) {
         let mut found = self.found.lock();
-        found.retain(|(s, t, _)| s.0 != source.0 || t.0 != target.0);
+        let pair = |a: usize, b: usize| (a.min(b), a.max(b));
+        found.retain(|(s, t, _)| pair(s.0, t.0) != pair(source.0, target.0));
         found.push((source, target, clones));
     }
 }

@@ -22,7 +22,11 @@ use smallvec::{smallvec, SmallVec};
 use std::sync::Arc;
 
 /// The load-balancing lane of calls outside operations.
-const STATELESS_LANE: usize = OP_KINDS;
+const STATELESS_LANE: usize = crate::group::STATELESS_LANE;
+const _: () = assert!(
+    STATELESS_LANE == OP_KINDS,
+    "one lane per kind, then stateless"
+);
 
 /// Member handles of the keys a call names; inline, being on every
 /// operation's path.
@@ -34,8 +38,8 @@ pub enum Preference {
     /// Spread load: crypto goes to the least busy member; ties rotate
     /// within the given lane.
     LeastBusy(usize),
-    /// Searches and object-making calls go to the primary while it is up,
-    /// where objects made on one member live first.
+    /// Searches and object-making calls go to the primary while it is up
+    /// and not degraded, where objects made on one member live first.
     Primary,
 }
 

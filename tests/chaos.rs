@@ -661,3 +661,53 @@ fn a_slow_member_stays_in_service_and_gets_fewer_calls() {
     assert!(!chaos.log().contains("answered nothing"), "{}", chaos.log());
     pkcs11.finalize().unwrap();
 }
+
+/// Several calls in flight at once on a network member whose path goes
+/// silent (calls into one client library run concurrently): the watchdog
+/// cuts the connection under all of them, and every call of every thread
+/// still succeeds within `memberTimeout` and the margin.
+#[test]
+fn concurrent_calls_on_a_member_gone_silent_all_return() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let session = user_session(&pkcs11, slot);
+    digest_until_served(&session, 1, 1);
+    let bound = member_timeout() + MARGIN;
+    let until = Instant::now() + member_timeout() * 2;
+    let silenced = std::sync::Barrier::new(5);
+    let slowest = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (pkcs11, silenced) = (&pkcs11, &silenced);
+                scope.spawn(move || {
+                    let session = pkcs11.open_ro_session(slot).expect("C_OpenSession");
+                    silenced.wait();
+                    let mut slowest = Duration::ZERO;
+                    while Instant::now() < until {
+                        let started = Instant::now();
+                        let digest = session
+                            .digest(&Mechanism::Sha256, b"abc")
+                            .expect("C_Digest");
+                        assert_eq!(digest, SHA256_ABC);
+                        slowest = slowest.max(started.elapsed());
+                    }
+                    slowest
+                })
+            })
+            .collect();
+        chaos.members[1].relay.blackhole();
+        silenced.wait();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .max()
+            .unwrap()
+    });
+    eprintln!("4 threads, member silent mid-run: slowest call {slowest:?}");
+    assert!(slowest < bound, "a call took {slowest:?}");
+    assert!(!serves(1), "the silent member is out");
+    assert!(chaos.log().contains("connection cut"), "{}", chaos.log());
+    drop(session);
+    pkcs11.finalize().unwrap();
+}

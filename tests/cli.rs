@@ -1094,6 +1094,7 @@ fn init_and_library_verbs() {
         name: "gone".into(),
         path: PathBuf::from("/nonexistent/libgone.so"),
         environment: Vec::new(),
+        concurrency: None,
     });
     config.save(&conf).unwrap();
     let out = s.run(&strs(&with(&["--json", "library", "list"])));

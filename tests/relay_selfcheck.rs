@@ -149,3 +149,77 @@ fn blackhole_accepts_and_never_answers() {
     }
     assert_eq!(relay.accepted(), 2);
 }
+
+/// A p11-kit message: a 12-byte header (call code, options length, body
+/// length, big-endian) and its body.
+fn message(code: u32, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend(code.to_be_bytes());
+    bytes.extend(0u32.to_be_bytes());
+    bytes.extend((body.len() as u32).to_be_bytes());
+    bytes.extend(body);
+    bytes
+}
+
+/// A server that speaks p11-kit's framing: echoes the version byte, then
+/// echoes each message once it has all of it, first noting whether the
+/// next one had already arrived (bytes readable at once).
+fn framed_server(path: &Path, early: std::sync::mpsc::Sender<bool>) {
+    let listener = UnixListener::bind(path).unwrap();
+    thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut version = [0u8; 1];
+        stream.read_exact(&mut version).unwrap();
+        stream.write_all(&version).unwrap();
+        loop {
+            let mut header = [0u8; 12];
+            if stream.read_exact(&mut header).is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; length];
+            stream.read_exact(&mut body).unwrap();
+            let mut peek = [0u8; 1];
+            // SAFETY: recv into a live one-byte buffer on our own socket.
+            let waiting = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&stream),
+                    peek.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            } > 0;
+            let _ = early.send(waiting);
+            stream.write_all(&header).unwrap();
+            stream.write_all(&body).unwrap();
+        }
+    });
+}
+
+#[test]
+fn one_at_a_time_sends_a_request_only_after_the_last_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("server.sock");
+    let (early, noted) = std::sync::mpsc::channel();
+    framed_server(&server, early);
+    let mut relay = Relay::start(&dir.path().join("relay.sock"), &server);
+    relay.set(relay::Mode::OneAtATime(Duration::from_millis(5)));
+    let mut client = UnixStream::connect(&relay.path).unwrap();
+    let mut pipelined = vec![0u8];
+    pipelined.extend(message(1, b"first request"));
+    pipelined.extend(message(2, b"second"));
+    pipelined.extend(message(3, b""));
+    assert_eq!(
+        round_trip(&mut client, &pipelined, PATIENCE).unwrap(),
+        pipelined,
+        "every request answered, in order"
+    );
+    let seen: Vec<bool> = noted.try_iter().collect();
+    assert_eq!(
+        seen,
+        [false, false, false],
+        "no request reached the server before the answer to the last"
+    );
+}

@@ -2,7 +2,8 @@
 //! module) and a server (`p11-kit server`), driven from the test thread to
 //! inject the faults a network path has -- delay, a stall, a reset, a
 //! refused connection, a peer that accepts and closes, and a black hole
-//! that accepts and never answers.
+//! that accepts and never answers -- or to make the member behind it one
+//! of limited capacity (one request at a time per connection).
 //! Include with `#[path = "common/relay.rs"] mod relay;`.
 //!
 //! Owns: the listening socket at its path, one thread accepting, and two
@@ -29,6 +30,11 @@ pub enum Mode {
     Pass,
     /// Forwards both ways, each chunk held this long first (one way).
     Delay(Duration),
+    /// A member of limited capacity: each connection is served one
+    /// p11-kit request at a time, each held this long before it is
+    /// forwarded; the next request goes on only once the server's answer
+    /// to the last one has gone back.
+    OneAtATime(Duration),
     /// Accepts, and holds every byte until the mode changes; then
     /// forwards what it held.
     Paused,
@@ -285,15 +291,120 @@ fn connect(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
         .connections
         .push((clone(&client), Some(clone(&server))));
     let (c, s, sh) = (clone(&client), clone(&server), Arc::clone(&shared));
-    thread::spawn(move || pump(c, s, sh));
-    thread::spawn(move || pump(server, client, shared));
+    let turnstile = Arc::new(Turnstile::default());
+    let requests = Side::Requests(Arc::clone(&turnstile));
+    thread::spawn(move || pump(c, s, sh, requests));
+    thread::spawn(move || {
+        pump(
+            server,
+            client,
+            shared,
+            Side::Answers(Arc::clone(&turnstile)),
+        );
+        turnstile.close();
+    });
+}
+
+/// Counts the answers of one connection that have gone back to the
+/// client, for [`Mode::OneAtATime`].
+#[derive(Default)]
+struct Turnstile {
+    /// Answers gone back, and whether the server's side has closed.
+    answered: Mutex<(u64, bool)>,
+    changed: Condvar,
+}
+
+impl Turnstile {
+    fn answer(&self) {
+        self.answered.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.answered.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `sent` answers have gone back; false if the connection
+    /// closed or the relay stopped first.
+    fn wait_for(&self, sent: u64, shared: &Shared) -> bool {
+        let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        while answered.0 < sent {
+            if answered.1 || shared.stopped() {
+                return false;
+            }
+            answered = self
+                .changed
+                .wait_timeout(answered, RECHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Where the p11-kit messages in a byte stream end: a version byte first,
+/// then messages of a 12-byte header (call code, options length, body
+/// length, big-endian) and that many bytes.
+#[derive(Default)]
+struct Framer {
+    version_seen: bool,
+    header: [u8; 12],
+    header_len: usize,
+    remaining: u64,
+}
+
+impl Framer {
+    /// How many bytes of `data` reach the end of the first message that
+    /// ends in it; `None` if none does (all of `data` is taken).
+    fn message_end(&mut self, data: &[u8]) -> Option<usize> {
+        if !self.version_seen && !data.is_empty() {
+            self.version_seen = true;
+            return Some(1);
+        }
+        let mut taken = 0;
+        while taken < data.len() {
+            if self.header_len < 12 {
+                let n = (12 - self.header_len).min(data.len() - taken);
+                self.header[self.header_len..self.header_len + n]
+                    .copy_from_slice(&data[taken..taken + n]);
+                self.header_len += n;
+                taken += n;
+                if self.header_len < 12 {
+                    continue;
+                }
+                let length = |at: usize| {
+                    u64::from(u32::from_be_bytes(
+                        self.header[at..at + 4].try_into().unwrap(),
+                    ))
+                };
+                self.remaining = length(4) + length(8);
+            }
+            let n = self.remaining.min((data.len() - taken) as u64);
+            self.remaining -= n;
+            taken += n as usize;
+            if self.remaining == 0 {
+                self.header_len = 0;
+                return Some(taken);
+            }
+        }
+        None
+    }
+}
+
+/// Which way a pump moves a connection's messages.
+enum Side {
+    Requests(Arc<Turnstile>),
+    Answers(Arc<Turnstile>),
 }
 
 /// Moves bytes from `from` to `to` as the mode says, until either end
 /// closes; then closes both.
-fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>) {
+fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>, side: Side) {
     let mut buffer = vec![0u8; 64 * 1024];
-    loop {
+    let mut framer = Framer::default();
+    let mut sent = 0;
+    'chunks: loop {
         let n = match from.read(&mut buffer) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
@@ -316,8 +427,31 @@ fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>) {
             Mode::Delay(delay) => thread::sleep(delay),
             _ => {}
         }
-        if to.write_all(&buffer[..n]).is_err() {
-            break;
+        let mut rest = &buffer[..n];
+        while !rest.is_empty() {
+            let end = framer.message_end(rest);
+            let (segment, tail) = rest.split_at(end.unwrap_or(rest.len()));
+            rest = tail;
+            let one_at_a_time = match (mode, &side, end) {
+                (Mode::OneAtATime(service), Side::Requests(_), Some(_)) => {
+                    thread::sleep(service);
+                    true
+                }
+                _ => false,
+            };
+            if to.write_all(segment).is_err() {
+                break 'chunks;
+            }
+            match (&side, end) {
+                (Side::Requests(turnstile), Some(_)) => {
+                    sent += 1;
+                    if one_at_a_time && !turnstile.wait_for(sent, &shared) {
+                        break 'chunks;
+                    }
+                }
+                (Side::Answers(turnstile), Some(_)) => turnstile.answer(),
+                (_, None) => {}
+            }
         }
     }
     let _ = from.shutdown(Shutdown::Both);

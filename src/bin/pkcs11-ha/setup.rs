@@ -103,6 +103,7 @@ pub fn init(ctx: &Ctx, args: &InitArgs) -> Res<ExitCode> {
             name: name.clone(),
             path,
             environment: Vec::new(),
+            concurrency: None,
         });
     }
     if config.libraries.is_empty() {
@@ -209,6 +210,7 @@ pub fn library_add(ctx: &Ctx, args: &LibraryAddArgs) -> Res<ExitCode> {
         name: args.name.clone(),
         path: args.path.clone(),
         environment: args.environment.clone(),
+        concurrency: None,
     });
     ctx.save(&config)?;
     ctx.say(format!(
