@@ -219,8 +219,17 @@ impl VirtualSession {
             [one] => Some(one),
             _ => None,
         };
-        self.group.domain.record_found(position, epoch, handle);
+        self.group.domain.record_found(position, epoch, found);
         handle
+    }
+
+    /// Looks up every serving member's domain key now (once per member
+    /// epoch), so that neither the first search nor the first key made
+    /// pays for a search of each member's whole token.
+    pub fn look_up_domain_keys(&self) {
+        for member in self.group.up_members() {
+            self.domain_handle(member.position);
+        }
     }
 
     /// Copies virtual object `object`, present on member `source`, to every
