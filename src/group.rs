@@ -420,9 +420,9 @@ struct DomainState {
     /// Per member: (epoch, handle) of its domain key, once its check value
     /// was found to agree with the group's.
     keys: Vec<Option<(u64, CK_OBJECT_HANDLE)>>,
-    /// Per member: (epoch, what a search by label found) -- the single
-    /// handle, or `None` where there is not exactly one.
-    found: Vec<Option<(u64, Option<CK_OBJECT_HANDLE>)>>,
+    /// Per member: (epoch, every handle a search by class and label
+    /// found). Each is hidden from searches; only a single one is used.
+    found: Vec<Option<(u64, Vec<CK_OBJECT_HANDLE>)>>,
 }
 
 impl DomainKeys {
@@ -463,23 +463,28 @@ impl DomainKeys {
     }
 
     /// What a search for the domain key on a member found in this epoch,
-    /// if it was searched for.
+    /// if it was searched for: the single key, or `None` where there is
+    /// not exactly one.
     pub fn found(&self, position: usize, epoch: u64) -> Option<Option<CK_OBJECT_HANDLE>> {
-        match self.state.lock().found[position] {
-            Some((e, handle)) if e == epoch => Some(handle),
+        match &self.state.lock().found[position] {
+            Some((e, handles)) if *e == epoch => Some(match handles[..] {
+                [one] => Some(one),
+                _ => None,
+            }),
             _ => None,
         }
     }
 
-    pub fn record_found(&self, position: usize, epoch: u64, handle: Option<CK_OBJECT_HANDLE>) {
-        self.state.lock().found[position] = Some((epoch, handle));
+    pub fn record_found(&self, position: usize, epoch: u64, handles: Vec<CK_OBJECT_HANDLE>) {
+        self.state.lock().found[position] = Some((epoch, handles));
     }
 
-    /// Whether a member handle is, in the member's `epoch`, that member's
-    /// domain key, which the application must never see through the
-    /// virtual slot.
+    /// Whether a member handle is, in the member's `epoch`, a key labelled
+    /// as that member's domain key, which the application must never see
+    /// through the virtual slot.
     pub fn is_domain_key(&self, position: usize, epoch: u64, handle: CK_OBJECT_HANDLE) -> bool {
-        self.state.lock().found[position] == Some((epoch, Some(handle)))
+        matches!(&self.state.lock().found[position],
+            Some((e, handles)) if *e == epoch && handles.contains(&handle))
     }
 }
 

@@ -93,11 +93,9 @@ fn read_print(
         Some(print) => print,
         None => read_attributes(library, session, object, types)?,
     };
-    let class = print
-        .iter()
-        .find(|(t, _)| *t == CKA_CLASS)
-        .map(|(_, v)| ulong_of(v))?;
-    if class == CKO_CERTIFICATE || class == CKO_DATA || class == CKO_PUBLIC_KEY {
+    // Without its class a fingerprint would match objects of any class.
+    print.iter().find(|(t, _)| *t == CKA_CLASS)?;
+    if holds_public_value(&print) {
         if let Some(value) = read_attribute(library, session, object, PUBLIC_VALUE) {
             print.push((PUBLIC_VALUE, value));
         }
@@ -147,47 +145,137 @@ fn read_in_one_call(
     types: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<Fingerprint> {
     SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        scratch.resize(types.len() * ROOM, 0);
-        let mut query: Vec<CK_ATTRIBUTE> = types
-            .iter()
-            .zip(scratch.chunks_mut(ROOM))
-            .map(|(t, room)| CK_ATTRIBUTE {
-                type_: *t,
-                pValue: room.as_mut_ptr() as *mut _,
-                ulValueLen: ROOM as CK_ULONG,
-            })
-            .collect();
+        let mut query = rooms(types, &mut scratch.borrow_mut());
         if !answered(library, session, object, &mut query) {
             return None;
         }
-        let value = |a: &CK_ATTRIBUTE| -> Option<Vec<u8>> {
-            let len = a.ulValueLen;
-            if len == CK_UNAVAILABLE_INFORMATION || len as usize > ROOM {
-                return None;
-            }
-            // SAFETY: the member wrote `len` bytes into this attribute's room.
-            Some(
-                unsafe { std::slice::from_raw_parts(a.pValue as *const u8, len as usize) }.to_vec(),
-            )
-        };
-        let print: Fingerprint = query
-            .iter()
-            .filter_map(|a| value(a).map(|v| (a.type_, v)))
-            .collect();
-        let ulong = |t: CK_ATTRIBUTE_TYPE| {
-            print
-                .iter()
-                .find(|(pt, _)| *pt == t)
-                .map(|(_, v)| ulong_of(v))
-        };
-        let class = ulong(CKA_CLASS)?;
-        let kind = ulong(CKA_KEY_TYPE).or(ulong(CKA_CERTIFICATE_TYPE));
-        let certain = required(class, kind)
-            .iter()
-            .all(|t| print.iter().any(|(pt, _)| pt == t));
-        certain.then_some(print)
+        // SAFETY: the member answered into the rooms of `query`.
+        unsafe { print_from(&query) }
     })
+}
+
+/// The attributes `query` has the member write into rooms of [`ROOM`]
+/// bytes from `scratch`, one per type.
+fn rooms(types: &[CK_ATTRIBUTE_TYPE], scratch: &mut Vec<u8>) -> Vec<CK_ATTRIBUTE> {
+    scratch.resize(types.len() * ROOM, 0);
+    types
+        .iter()
+        .zip(scratch.chunks_mut(ROOM))
+        .map(|(t, room)| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: room.as_mut_ptr() as *mut _,
+            ulValueLen: ROOM as CK_ULONG,
+        })
+        .collect()
+}
+
+/// The fingerprint a member wrote into [`rooms`]; `None` when it is not
+/// certain (see [`read_in_one_call`]).
+///
+/// # Safety
+/// Each attribute's `pValue` must point to [`ROOM`] bytes the member answered
+/// into.
+unsafe fn print_from(query: &[CK_ATTRIBUTE]) -> Option<Fingerprint> {
+    let value = |a: &CK_ATTRIBUTE| -> Option<Vec<u8>> {
+        let len = a.ulValueLen;
+        if len == CK_UNAVAILABLE_INFORMATION || len as usize > ROOM {
+            return None;
+        }
+        // SAFETY: the member wrote `len` bytes into this attribute's room.
+        Some(unsafe { std::slice::from_raw_parts(a.pValue as *const u8, len as usize) }.to_vec())
+    };
+    let print: Fingerprint = query
+        .iter()
+        .filter_map(|a| value(a).map(|v| (a.type_, v)))
+        .collect();
+    let ulong = |t: CK_ATTRIBUTE_TYPE| {
+        print
+            .iter()
+            .find(|(pt, _)| *pt == t)
+            .map(|(_, v)| ulong_of(v))
+    };
+    let class = ulong(CKA_CLASS)?;
+    let kind = ulong(CKA_KEY_TYPE).or(ulong(CKA_CERTIFICATE_TYPE));
+    let certain = required(class, kind)
+        .iter()
+        .all(|t| print.iter().any(|(pt, _)| pt == t));
+    certain.then_some(print)
+}
+
+/// Answers an application's `C_GetAttributeValue` of `object` and reads
+/// the object's light fingerprint in the same member call, so that an
+/// application reading each object it found (a keystore load) identifies
+/// them at no extra call. Returns the member's answer to the application's
+/// attributes alone, and the fingerprint where it is certain and complete
+/// (objects whose fingerprint holds their public value are left to
+/// [`light_fingerprint`]).
+///
+/// The specification has a library answer every attribute even when it
+/// returns `CKR_ATTRIBUTE_SENSITIVE`, `CKR_ATTRIBUTE_TYPE_INVALID` or
+/// `CKR_BUFFER_TOO_SMALL`; which of those the application's attributes
+/// alone would have caused cannot be told apart, so where one of them
+/// reads unavailable its call is made again alone.
+///
+/// # Safety
+/// `template` must be the application's attributes, each buffer valid for
+/// its length (or null).
+pub unsafe fn read_along(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    template: &mut [CK_ATTRIBUTE],
+) -> (CK_RV, Option<Fingerprint>) {
+    let combined = SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let mut query: Vec<CK_ATTRIBUTE> = template.to_vec();
+        query.extend(rooms(LIGHT_FINGERPRINT, &mut scratch));
+        let rv = member_call!(
+            library,
+            C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
+        );
+        let (asked, ours) = query.split_at(template.len());
+        let fits = |(a, q): (&CK_ATTRIBUTE, &CK_ATTRIBUTE)| {
+            q.ulValueLen != CK_UNAVAILABLE_INFORMATION
+                && (a.pValue.is_null() || q.ulValueLen <= a.ulValueLen)
+        };
+        match rv {
+            CKR_OK => {}
+            CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID | CKR_BUFFER_TOO_SMALL
+                if template.iter().zip(asked).all(fits) => {}
+            CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID | CKR_BUFFER_TOO_SMALL => {
+                return None
+            }
+            rv => return Some((rv, None)),
+        }
+        for (a, q) in template.iter_mut().zip(asked) {
+            a.ulValueLen = q.ulValueLen;
+        }
+        // SAFETY: the member answered into the rooms of `ours`.
+        let print = unsafe { print_from(ours) }.filter(|print| !holds_public_value(print));
+        Some((CKR_OK, print))
+    });
+    combined.unwrap_or_else(|| {
+        let rv = member_call!(
+            library,
+            C_GetAttributeValue(
+                session,
+                object,
+                template.as_mut_ptr(),
+                template.len() as CK_ULONG
+            )
+        );
+        (rv, None)
+    })
+}
+
+/// Whether an object of this fingerprint's class has its public value in
+/// its fingerprint (see [`read_print`]).
+fn holds_public_value(print: &Fingerprint) -> bool {
+    let class = print
+        .iter()
+        .find(|(t, _)| *t == CKA_CLASS)
+        .map(|(_, v)| ulong_of(v));
+    matches!(class, Some(CKO_CERTIFICATE | CKO_DATA | CKO_PUBLIC_KEY))
 }
 
 /// One `C_GetAttributeValue` of `query`; true when the library answered
@@ -209,12 +297,99 @@ fn answered(
     )
 }
 
+/// Attribute values, and the types of array attributes that hold a
+/// non-empty value.
+pub type ValuesAndArrays = (Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>, Vec<CK_ATTRIBUTE_TYPE>);
+
+/// [`read_attributes`] of `types` and [`present_arrays`] of `arrays` in one
+/// call, each value into a room of [`ROOM`] bytes: a quarter of the calls
+/// when a replica's template is read for every key made. An attribute that
+/// reads unavailable may also be one longer than its room (a library
+/// reports one error of several), so those are asked their lengths again.
+/// `None` when the answer is not certain (one of those has a length, or a
+/// length fills its room: an attribute the library may have left
+/// untouched); the caller then asks the slow way.
+pub fn read_in_rooms(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
+    arrays: &[CK_ATTRIBUTE_TYPE],
+) -> Option<ValuesAndArrays> {
+    let (values, present, unavailable) = SCRATCH.with(|scratch| {
+        let mut query = rooms(types, &mut scratch.borrow_mut());
+        query.extend(arrays.iter().map(|t| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: ptr::null_mut(),
+            ulValueLen: UNANSWERED,
+        }));
+        let rv = member_call!(
+            library,
+            C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
+        );
+        if !matches!(
+            rv,
+            CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
+        ) {
+            return None;
+        }
+        let (asked, array_lengths) = query.split_at(types.len());
+        let mut present = Vec::new();
+        for a in array_lengths {
+            match a.ulValueLen {
+                UNANSWERED => return None,
+                0 | CK_UNAVAILABLE_INFORMATION => {}
+                _ => present.push(a.type_),
+            }
+        }
+        let mut values = Vec::with_capacity(types.len());
+        let mut unavailable = Vec::new();
+        for a in asked {
+            match a.ulValueLen {
+                CK_UNAVAILABLE_INFORMATION => unavailable.push(a.type_),
+                len if len as usize >= ROOM => return None,
+                len => values.push((
+                    a.type_,
+                    // SAFETY: the member wrote `len` bytes into this room.
+                    unsafe { std::slice::from_raw_parts(a.pValue as *const u8, len as usize) }
+                        .to_vec(),
+                )),
+            }
+        }
+        Some((values, present, unavailable))
+    })?;
+    if unavailable.is_empty() {
+        return Some((values, present));
+    }
+    let mut lengths: Vec<CK_ATTRIBUTE> = unavailable
+        .iter()
+        .map(|t| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: ptr::null_mut(),
+            ulValueLen: UNANSWERED,
+        })
+        .collect();
+    if !answered(library, session, object, &mut lengths) {
+        return None;
+    }
+    if lengths
+        .iter()
+        .all(|a| a.ulValueLen == CK_UNAVAILABLE_INFORMATION)
+    {
+        return Some((values, present));
+    }
+    // Longer than its room, or left unanswered: the slow way keeps order.
+    None
+}
+
 /// Marks an attribute the library left untouched in a batched read.
 const UNANSWERED: CK_ULONG = CK_UNAVAILABLE_INFORMATION - 1;
 
-/// The values of `types` the object has and lets be read, in that order,
-/// asked in one call for the lengths and one for the values (the specification
-/// has a library answer every attribute even when some are missing or
+/// The values of `types` the object has and lets be read, in that order:
+/// first in one call, each into room enough for any value it holds in
+/// practice (see [`read_in_rooms`]); where that is not certain, asked in one
+/// call for the lengths and one for the values (the specification has a
+/// library answer every attribute even when some are missing or
 /// sensitive). Attributes a library leaves unanswered are read one by one.
 /// `None` when the object cannot be read at all.
 pub fn read_attributes(
@@ -223,6 +398,9 @@ pub fn read_attributes(
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>> {
+    if let Some((values, _)) = read_in_rooms(library, session, object, types, &[]) {
+        return Some(values);
+    }
     let mut query: Vec<CK_ATTRIBUTE> = types
         .iter()
         .map(|t| CK_ATTRIBUTE {

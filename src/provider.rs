@@ -808,6 +808,7 @@ impl Provider {
         });
         // Private objects looked for while logged out were not visible.
         v.group.objects.retry_absent();
+        v.look_up_domain_keys();
         Ok(())
     }
 

@@ -62,6 +62,32 @@ pub const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_ALLOWED_MECHANISMS,
 ];
 
+/// [`KEY_ATTRIBUTES`] that a secret key has (PKCS#11 2.40 tables 4.x: no
+/// subject, recovery or per-use authentication, which are private keys'):
+/// asking only these, a member answers every one.
+const SECRET_KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_KEY_TYPE,
+    CKA_TOKEN,
+    CKA_PRIVATE,
+    CKA_LABEL,
+    CKA_ID,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_SENSITIVE,
+    CKA_EXTRACTABLE,
+    CKA_WRAP_WITH_TRUSTED,
+    CKA_ENCRYPT,
+    CKA_DECRYPT,
+    CKA_SIGN,
+    CKA_VERIFY,
+    CKA_WRAP,
+    CKA_UNWRAP,
+    CKA_DERIVE,
+    CKA_MODIFIABLE,
+    CKA_ALLOWED_MECHANISMS,
+];
+
 /// What a copy of a public object carries: everything it has that can be
 /// read and set.
 pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
@@ -123,11 +149,18 @@ impl Template {
         types: &[CK_ATTRIBUTE_TYPE],
         nested_types: &[CK_ATTRIBUTE_TYPE],
     ) -> Option<Template> {
+        let (mut values, arrays) =
+            match identity::read_in_rooms(library, session, object, types, nested_types) {
+                Some(read) => read,
+                None => (
+                    identity::read_attributes(library, session, object, types)?,
+                    identity::present_arrays(library, session, object, nested_types),
+                ),
+            };
         // Empty values (no dates, no subject) are the members' defaults, and
         // some members refuse them spelled out.
-        let mut values = identity::read_attributes(library, session, object, types)?;
         values.retain(|(_, v)| !v.is_empty());
-        let nested = identity::present_arrays(library, session, object, nested_types)
+        let nested = arrays
             .into_iter()
             .filter_map(|t| identity::read_nested(library, session, object, t).map(|n| (t, n)))
             .filter(|(_, n)| !n.is_empty())
@@ -219,8 +252,17 @@ impl VirtualSession {
             [one] => Some(one),
             _ => None,
         };
-        self.group.domain.record_found(position, epoch, handle);
+        self.group.domain.record_found(position, epoch, found);
         handle
+    }
+
+    /// Looks up every serving member's domain key now (once per member
+    /// epoch), so that neither the first search nor the first key made
+    /// pays for a search of each member's whole token.
+    pub fn look_up_domain_keys(&self) {
+        for member in self.group.up_members() {
+            self.domain_handle(member.position);
+        }
     }
 
     /// Copies virtual object `object`, present on member `source`, to every
@@ -310,10 +352,10 @@ impl VirtualSession {
             // Said once when the member refused; asking again changes nothing.
             return Err(Error::new(CKR_FUNCTION_FAILED));
         }
-        let types = if secret {
-            KEY_ATTRIBUTES
-        } else {
-            PUBLIC_ATTRIBUTES
+        let types = match class {
+            CKO_SECRET_KEY => SECRET_KEY_ATTRIBUTES,
+            CKO_PRIVATE_KEY => KEY_ATTRIBUTES,
+            _ => PUBLIC_ATTRIBUTES,
         };
         let mut template = if secret && !wraps {
             Template {

@@ -94,6 +94,13 @@ const KEY_MATERIAL: [CK_ATTRIBUTE_TYPE; 7] = [
     CKA_COEFFICIENT,
 ];
 
+/// How many objects a search identifies as it returns them (reads their
+/// fingerprints): the few an application looks up to use at once stay
+/// usable if their member fails before it uses them. Beyond these an
+/// object is identified with its first read, so that an enumeration of a
+/// large token does not cost a second member call per object.
+const IDENTIFIED_AT_ONCE: usize = 16;
+
 /// Attributes a search cannot ask the members: their copies of a key the
 /// application made non-extractable read extractable.
 const EMULATED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE];
@@ -689,10 +696,25 @@ impl VirtualSession {
         } else {
             false
         };
-        if !protected {
+        if !protected && self.group.objects.has_fingerprint(object) {
             return self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
                 member_call!(l, C_GetAttributeValue(s, h[0], template, count))
             });
+        }
+        if !protected {
+            // Found but not yet identified (see `IDENTIFIED_AT_ONCE`): the
+            // same member call identifies it.
+            let mut learned = None;
+            let answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
+                // SAFETY: the caller vouches for the template's buffers.
+                let (rv, print) = unsafe { identity::read_along(l, s, h[0], attributes) };
+                learned = print;
+                rv
+            });
+            if let Some(print) = learned {
+                self.group.objects.set_fingerprint(object, print);
+            }
+            return answer;
         }
         // The members are asked only what they may answer: key material is
         // withheld before it could reach the application's buffers.
@@ -953,12 +975,16 @@ impl VirtualSession {
                 .get()
                 .ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
             let epoch = self.group.members[member].epoch();
+            // Where the member's domain keys are known by handle, they are
+            // left out by handle alone.
+            let domain_known = self.group.domain.found(member, epoch).is_some();
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
-                let Some(object) = self.virtual_handle_of(member, handles[i]) else {
+                let identify = !domain_known || self.returned_so_far() < IDENTIFIED_AT_ONCE;
+                let Some(object) = self.virtual_handle_of(member, handles[i], identify) else {
                     continue;
                 };
                 if !self.first_time_found(object) || !self.shows(object, &filter)? {
@@ -977,21 +1003,25 @@ impl VirtualSession {
     }
 
     /// The virtual handle of an object a search found on `member`, made on
-    /// first sight once its fingerprint shows it is not the domain key;
-    /// `None` for the domain key, which the application never sees, or an
-    /// object that went away meanwhile. The fingerprint is read now, while
-    /// the member that found the object answers: if it fails before the
-    /// object is used, the other members find it by that fingerprint.
+    /// first sight. With `identify`, its fingerprint is read now, while the
+    /// member that found the object answers (if it fails before the object
+    /// is used, the other members find it by that fingerprint), and shows
+    /// it is not the domain key. Without, the fingerprint is read with the
+    /// application's first read of the object, or when another member
+    /// needs it. `None` for the domain key, which the application never
+    /// sees, or an object that went away meanwhile.
     fn virtual_handle_of(
         &self,
         member: usize,
         handle: CK_OBJECT_HANDLE,
+        identify: bool,
     ) -> Option<CK_OBJECT_HANDLE> {
         if let Some(object) = self.group.objects.known(member, handle) {
             return Some(object);
         }
         let print = match self.group.indexed_fingerprint(member, handle) {
             Some(print) => (*print).clone(),
+            None if !identify => return Some(self.group.objects.from_member(member, handle)),
             None => self
                 .on_member(member, |s| {
                     identity::light_fingerprint(&s.library, s.handle, handle)

@@ -827,6 +827,18 @@ impl VirtualSession {
         }
     }
 
+    /// How many objects the active search has returned.
+    pub fn returned_so_far(&self) -> usize {
+        match self.bindings().active(OpKind::Find) {
+            Some(op) => op
+                .history
+                .as_ref()
+                .and_then(|h| h.search.as_ref())
+                .map_or(0, |s| s.returned.len()),
+            None => 0,
+        }
+    }
+
     /// A dual-function call (`C_DigestEncryptUpdate`, ...) fed the active
     /// operation of `kind` through the other half's call: its input is not
     /// kept, so if its member fails it is lost (`CKR_DEVICE_ERROR` next)

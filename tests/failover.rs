@@ -29,10 +29,11 @@ use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use cryptoki_sys::{
-    CKA_PRIVATE_EXPONENT, CKA_VALUE, CKM_ECDSA, CKM_VENDOR_DEFINED, CKR_ATTRIBUTE_SENSITIVE,
-    CKR_BUFFER_TOO_SMALL, CKR_DEVICE_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CK_ATTRIBUTE,
-    CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_RV,
-    CK_SESSION_HANDLE, CK_ULONG, CK_UNAVAILABLE_INFORMATION,
+    CKA_CLASS, CKA_ID, CKA_LABEL, CKA_MODULUS, CKA_PRIVATE_EXPONENT, CKA_VALUE, CKM_ECDSA,
+    CKM_VENDOR_DEFINED, CKR_ATTRIBUTE_SENSITIVE, CKR_BUFFER_TOO_SMALL, CKR_DEVICE_ERROR,
+    CKR_MECHANISM_INVALID, CKR_OK, CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM,
+    CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_ULONG,
+    CK_UNAVAILABLE_INFORMATION,
 };
 
 /// A bound for waits that only end early when something is broken.
@@ -1530,6 +1531,140 @@ fn key_handles_found_before_the_primary_fails_keep_working() {
         .expect("sign with a handle found before the primary failed");
     s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
         .expect("verify with a handle found before the primary failed");
+}
+
+/// More keys than a search identifies as it returns them (16).
+const MANY: usize = 40;
+
+/// Makes [`MANY`] AES token keys with IDs `many-NN`, then restarts, so that
+/// a search finds them rather than knowing them from their making.
+fn many_found_keys(ha: &mut Ha) {
+    {
+        let s = ha.session();
+        for i in 0..MANY {
+            aes_key(&s, &format!("many-{i:02}"), true, false);
+        }
+    }
+    ha.restart();
+}
+
+/// A keystore load: the application finds more keys than a search
+/// identifies as it returns them and reads each one's label; then the
+/// primary, which served the search and the reads, fails. Every key it read
+/// still works, served by the other member, and still reads the same label
+/// there.
+#[test]
+fn keys_read_after_a_large_search_keep_working_when_the_primary_fails() {
+    let mut ha = Ha::new(2);
+    many_found_keys(&mut ha);
+    let s = ha.session();
+    let keys = s
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert_eq!(keys.len(), MANY);
+    let ids: Vec<Vec<u8>> = keys
+        .iter()
+        .map(
+            |k| match s.get_attributes(*k, &[AttributeType::Id]).unwrap()[..] {
+                [Attribute::Id(ref id)] => id.clone(),
+                ref other => panic!("CKA_ID read as {other:?}"),
+            },
+        )
+        .collect();
+    let before = ha.counts("C_EncryptInit");
+    ha.fault(0);
+    for (key, id) in keys.iter().zip(&ids) {
+        let id = String::from_utf8_lossy(id);
+        let sealed = s
+            .encrypt(&Mechanism::AesEcb, *key, &[0x5a; 16])
+            .unwrap_or_else(|e| panic!("{id}: encrypt after the primary failed: {e}"));
+        let opened = s
+            .decrypt(&Mechanism::AesEcb, *key, &sealed)
+            .unwrap_or_else(|e| panic!("{id}: decrypt after the primary failed: {e}"));
+        assert_eq!(opened, [0x5a; 16], "{id}");
+        match s.get_attributes(*key, &[AttributeType::Id]).unwrap()[..] {
+            [Attribute::Id(ref again)] => assert_eq!(*again, id.as_bytes(), "{id}"),
+            ref other => panic!("{id}: CKA_ID read as {other:?}"),
+        }
+    }
+    let grown = grown(&before, &ha.counts("C_EncryptInit"));
+    assert_eq!(grown[1], MANY as u64, "every key encrypted on member 1");
+}
+
+/// An attribute read that identifies a found object in the same member call
+/// answers the application exactly as the member answers its own read:
+/// every answer code, length and value, compared with the member's
+/// pass-through slot, each on a key past those a search identifies as it
+/// returns them.
+#[test]
+fn reads_that_identify_a_found_object_answer_as_the_member_does() {
+    let mut ha = Ha::new(2);
+    many_found_keys(&mut ha);
+    let s = ha.session();
+    let keys = s
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert_eq!(keys.len(), MANY);
+    let alone = user_session(&ha.pkcs11, ha.member_slot(0));
+    // What is asked, and the room per attribute (`None` asks the lengths).
+    let reads: [(&[CK_ATTRIBUTE_TYPE], Option<usize>); 6] = [
+        (&[CKA_LABEL, CKA_ID, CKA_CLASS], Some(64)),
+        (&[CKA_ID], None),
+        (&[CKA_ID], Some(1)),
+        (&[CKA_ID, CKA_MODULUS], Some(64)),
+        (&[CKA_ID, CKA_MODULUS], None),
+        (&[CKA_ID, CKA_VALUE], Some(64)),
+    ];
+    for (n, (types, room)) in reads.iter().enumerate() {
+        let key = keys[MANY - 1 - n];
+        let through_group = raw_read(s.handle(), key.handle(), types, *room);
+        let id = match s.get_attributes(key, &[AttributeType::Id]).unwrap()[..] {
+            [Attribute::Id(ref id)] => id.clone(),
+            ref other => panic!("CKA_ID read as {other:?}"),
+        };
+        let found = alone
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Id(id)])
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        let on_member = raw_read(alone.handle(), found[0].handle(), types, *room);
+        assert_eq!(
+            through_group, on_member,
+            "read {n}: {types:?}, room {room:?}"
+        );
+    }
+}
+
+/// One raw `C_GetAttributeValue` of `types` into zeroed rooms of `room`
+/// bytes each (or NULL, asking the lengths): the answer, and each
+/// attribute's length and room afterwards.
+fn raw_read(
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
+    room: Option<usize>,
+) -> (CK_RV, Vec<(CK_ULONG, Vec<u8>)>) {
+    let mut rooms: Vec<Vec<u8>> = types.iter().map(|_| vec![0; room.unwrap_or(0)]).collect();
+    let mut template: Vec<CK_ATTRIBUTE> = types
+        .iter()
+        .zip(&mut rooms)
+        .map(|(t, r)| CK_ATTRIBUTE {
+            type_: *t,
+            pValue: if room.is_some() {
+                r.as_mut_ptr().cast()
+            } else {
+                ptr::null_mut()
+            },
+            ulValueLen: r.len() as CK_ULONG,
+        })
+        .collect();
+    let rv = raw!(C_GetAttributeValue(
+        session,
+        object,
+        template.as_mut_ptr(),
+        template.len() as CK_ULONG
+    ));
+    let lengths = template.iter().map(|a| a.ulValueLen);
+    (rv, lengths.zip(rooms).collect())
 }
 
 /// A search whose member dies moves to another member: it goes on where it
