@@ -361,6 +361,9 @@ pub struct Group {
     round_robin: [AtomicUsize; LANES],
     /// Per member: what it holds (see `index.rs`).
     indexes: Vec<Mutex<IndexState>>,
+    /// Where deletions a member missed are recorded for later processes
+    /// (`state_dir.rs`); unset without a usable state directory.
+    pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
 }
 
 /// A member's object index, for the member epoch it was read in.
@@ -437,6 +440,7 @@ impl Group {
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
+            state: std::sync::OnceLock::new(),
         }
     }
 
@@ -629,6 +633,24 @@ impl Group {
     pub fn open_utility_sessions(&self) {
         for member in self.up_members() {
             let _ = self.on_utility(member.position, |_| ());
+        }
+    }
+
+    /// Records, for processes that come later, that the object with `print`
+    /// was deleted while some member could not be told: they remove it from
+    /// that member rather than copy it back (see `reconcile.rs`).
+    pub fn record_deletion(&self, print: &Fingerprint) {
+        let Some(state) = self.state.get() else {
+            return;
+        };
+        if let Err(e) = state.record_deletion(&self.serial, print) {
+            let event = format!(
+                "a deletion that a member missed could not be recorded in {} ({e}); a later \
+                 process may copy the object back to that member",
+                state.path().display()
+            );
+            eprintln!("pkcs11-ha: group {}: {event}", self.label);
+            self.log(None, &event);
         }
     }
 

@@ -398,6 +398,8 @@ fn attempt(
     match recover(provider, group, position, one_at_a_time) {
         Ok(copied) => {
             group.objects.retry_absent();
+            // What other processes changed while it was away.
+            provider.reconcile_soon();
             group.log(
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised"),

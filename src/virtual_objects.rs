@@ -816,6 +816,11 @@ impl VirtualSession {
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
+        if destroys && !missed.is_empty() {
+            if let Some(print) = &before {
+                self.group.record_deletion(print);
+            }
+        }
         for position in missed {
             if let Some(print) = &before {
                 self.deliver_or_queue(position, Pending::Destroy(print.clone()));
