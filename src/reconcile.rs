@@ -194,6 +194,11 @@ fn run(
 /// What one pass did to a group.
 #[derive(Default)]
 struct Summary {
+    /// From taking the lock to the end of the pass.
+    took: Duration,
+    /// Objects read, over all members.
+    objects: usize,
+    members: usize,
     copied: usize,
     removed: usize,
     /// Copies removed again because another process made one meanwhile.
@@ -215,9 +220,13 @@ impl Summary {
             return;
         }
         let mut event = format!(
-            "reconciled: {} objects copied to members that lacked them, {} deleted objects \
-             removed from members that still held them",
-            self.copied, self.removed
+            "reconciled {} objects on {} members in {} ms: {} objects copied to members that \
+             lacked them, {} deleted objects removed from members that still held them",
+            self.objects,
+            self.members,
+            self.took.as_millis(),
+            self.copied,
+            self.removed
         );
         if self.doubled > 0 {
             event += &format!(
@@ -265,10 +274,16 @@ fn reconcile(
     let Some(_one_process_at_a_time) = lock else {
         return Ok(None);
     };
+    let started = std::time::Instant::now();
     let worker = VirtualSession::internal(Arc::clone(group));
     let outcome = pass(group, state, shared, &worker);
     worker.close();
-    outcome
+    outcome.map(|summary| {
+        summary.map(|summary| Summary {
+            took: started.elapsed(),
+            ..summary
+        })
+    })
 }
 
 /// Reads every serving member once, then copies and removes.
@@ -313,6 +328,8 @@ fn pass(
     }
     let mut summary = Summary {
         ambiguous: plan.ambiguous,
+        objects: held.iter().map(|(_, index)| index.len()).sum(),
+        members: held.len(),
         ..Summary::default()
     };
     for (print, holders) in &plan.removals {
