@@ -12,9 +12,10 @@
 //! members that still hold it. An object that more than one object on a
 //! member matches is left alone (we never guess). Passes of one group on
 //! one host take turns under the group's lock file, so the index each
-//! reads is current and no object is copied twice; where processes on
-//! other hosts copy the same object at once, each removes its own copy if
-//! the member then holds two, and the next pass copies it once.
+//! reads is current and no object is copied twice. Each copy is checked
+//! first (one search of the member for that object); where a process on
+//! another host copies the same object at once, each removes its own copy
+//! if the member then holds two, and the next pass copies it once.
 //!
 //! It runs in a thread of its own and never holds a lock the application's
 //! calls take across a member call, nor the members' utility sessions: the
@@ -471,6 +472,14 @@ fn copy_missing(
             }
             if key && no_way.contains(&(copy.source, target)) {
                 summary.failed += 1;
+                continue;
+            }
+            // Made there since the member was read (by a process on another
+            // host, or by this process's own replication): not again.
+            let present = worker.on_member(target, |s| {
+                crate::identity::find(&s.library, s.handle, &copy.print)
+            });
+            if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
                 continue;
             }
             match worker.copy_to(object, copy.source, &[target]) {

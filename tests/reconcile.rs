@@ -9,6 +9,8 @@
 //! be reached has none. What B holds is read directly with SoftHSM, never
 //! through the group.
 mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -142,30 +144,9 @@ impl Setup {
             .unwrap_or_else(|| panic!("SoftHSM shows no token {token}"))
     }
 
-    /// [`Setup::labels_on`], or `None` while SoftHSM shows no such token:
-    /// it skips a token whose file another process is writing.
+    /// [`Setup::labels_on`], or `None` while SoftHSM shows no such token.
     fn try_labels_on(&self, token: &str) -> Option<HashMap<String, usize>> {
-        self.hsm.activate();
-        let softhsm = load_softhsm();
-        initialize(&softhsm).expect("C_Initialize of SoftHSM");
-        let mut labels = HashMap::new();
-        let slot = slot_by_label(&softhsm, token);
-        if let Some(slot) = slot {
-            let session = user_session(&softhsm, slot);
-            for object in session.find_objects(&[Attribute::Token(true)]).unwrap() {
-                // An object removed since the search is not held.
-                let attributes = session.get_attributes(object, &[AttributeType::Label]);
-                if let Some(Attribute::Label(label)) =
-                    attributes.ok().and_then(|a| a.first().cloned())
-                {
-                    *labels
-                        .entry(String::from_utf8_lossy(&label).into_owned())
-                        .or_insert(0) += 1;
-                }
-            }
-        }
-        softhsm.finalize().unwrap();
-        slot.map(|_| labels)
+        labels_on(&self.hsm, token)
     }
 
     /// Waits until B's objects satisfy `done`, or fails after [`PATIENCE`]
@@ -184,6 +165,33 @@ impl Setup {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// How many objects with each label token `token` of `hsm` holds, read
+/// directly; `None` while SoftHSM shows no such token (it skips a token
+/// whose file another process is writing). The caller holds the serial
+/// guard.
+fn labels_on(hsm: &SoftHsm, token: &str) -> Option<HashMap<String, usize>> {
+    hsm.activate();
+    let softhsm = load_softhsm();
+    initialize(&softhsm).expect("C_Initialize of SoftHSM");
+    let mut labels = HashMap::new();
+    let slot = slot_by_label(&softhsm, token);
+    if let Some(slot) = slot {
+        let session = user_session(&softhsm, slot);
+        for object in session.find_objects(&[Attribute::Token(true)]).unwrap() {
+            // An object removed since the search is not held.
+            let attributes = session.get_attributes(object, &[AttributeType::Label]);
+            if let Some(Attribute::Label(label)) = attributes.ok().and_then(|a| a.first().cloned())
+            {
+                *labels
+                    .entry(String::from_utf8_lossy(&label).into_owned())
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    softhsm.finalize().unwrap();
+    slot.map(|_| labels)
 }
 
 fn count(held: &HashMap<String, usize>, label: &str) -> usize {
@@ -304,5 +312,91 @@ fn a_deletion_made_while_a_member_was_down_is_not_undone() {
         let held = setup.labels_on(member);
         assert_eq!(count(&held, "doomed"), 0, "{member}: {held:?}");
         assert_eq!(count(&held, "doomed-key"), 1, "{member}: {held:?}");
+    }
+}
+
+/// The issue's own reproduction: member B behind `p11-kit server`, its
+/// server stopped; `pkcs11-tool --write-object` through the virtual slot
+/// returns and exits; B's server starts again; another process uses the
+/// group: B comes to hold the object, once.
+#[test]
+fn an_object_written_by_pkcs11_tool_while_a_remote_member_was_down_reaches_it() {
+    let _guard = serial_guard();
+    let local = SoftHsm::new(&["local"]);
+    provision_domain(&local, &DOMAIN_VALUE);
+    let remote = SoftHsm::new(&["remote"]);
+    provision_domain(&remote, &DOMAIN_VALUE);
+    let members = [
+        local.tokens[0].serial.clone(),
+        remote.tokens[0].serial.clone(),
+    ];
+    let config = write_config(
+        local.dir.path(),
+        &[
+            (SOFTHSM_LIB_NAME, SOFTHSM_LIB),
+            ("remote", &p11kit::client_module()),
+        ],
+        &[GroupSpec::new(GROUP_LABEL, &members)],
+        false,
+    );
+    let library = release_library_path();
+    let socket = |n: usize| remote.dir.path().join(format!("p11-kit-{n}.sock"));
+    // Down: nothing listens at the address.
+    let object = local.dir.path().join("object.bin");
+    fs::write(&object, b"written while B was down").unwrap();
+    let out = pkcs11_tool(&library, &local, &config)
+        .env(
+            p11kit::ADDRESS_ENV,
+            format!("unix:path={}", socket(0).display()),
+        )
+        .args(["--token-label", GROUP_LABEL, "--login", "--pin", USER_PIN])
+        .arg("--write-object")
+        .arg(&object)
+        .args(["--type", "data", "--label", "while-b-down"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pkcs11-tool --write-object: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count(&labels_on(&remote, "remote").unwrap(), "while-b-down"),
+        0
+    );
+
+    let server = p11kit::P11KitServer::start(SOFTHSM_LIB, &remote.conf, "remote", &socket(1));
+    let program = build_c_program("reconcile_user", local.dir.path());
+    let mut c = Command::new(&program)
+        .arg(&library)
+        .arg("stay")
+        .env(SOFTHSM_CONF_ENV, &local.conf)
+        .env(CONF_ENV, &config)
+        .env(p11kit::ADDRESS_ENV, server.address())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let held = labels_on(&remote, "remote");
+        if held.as_ref().is_some_and(|h| count(h, "while-b-down") > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never got the object: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Setup::end_user(c);
+    for (hsm, token) in [(&local, "local"), (&remote, "remote")] {
+        let held = labels_on(hsm, token).unwrap();
+        assert_eq!(count(&held, "while-b-down"), 1, "{token}: {held:?}");
     }
 }
