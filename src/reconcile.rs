@@ -24,7 +24,7 @@
 
 use crate::error::rv_name;
 use crate::group::Group;
-use crate::identity::Fingerprint;
+use crate::identity::{self, Fingerprint};
 use crate::index::MemberIndex;
 use crate::member::member_call;
 use crate::object::Presence;
@@ -300,7 +300,7 @@ fn pass(
         if shared.stopping() {
             return Ok(None);
         }
-        if let Some(index) = read_index(worker, member.position) {
+        if let Some(index) = read_index(worker, member.position, shared) {
             held.push((member.position, index));
         }
     }
@@ -345,18 +345,44 @@ fn pass(
         }
     }
     let copied = copy_missing(group, shared, worker, &plan.copies, &mut summary);
-    remove_doubles(group, worker, &copied, &mut summary);
+    remove_doubles(group, shared, worker, &copied, &mut summary);
     Ok(Some(summary))
 }
 
-fn read_index(worker: &VirtualSession, position: usize) -> Option<MemberIndex> {
+/// Reads every token object of the member but its domain key, as
+/// [`MemberIndex::read`] does, but gives up (`None`) as soon as the
+/// provider is finalised -- a large token takes seconds to read, and
+/// `C_Finalize` must not wait for that -- and counts each object's read as
+/// a call of its own, so that the watchdog sees the member answer.
+fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Option<MemberIndex> {
     let hidden = worker.domain_handle(position);
-    worker
+    let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+    let handles = worker
         .on_member(position, |s| {
-            MemberIndex::read(&s.library, s.handle, hidden)
+            identity::find(&s.library, s.handle, &everything)
         })
-        .ok()
-        .flatten()
+        .ok()?
+        .ok()?;
+    let mut index = MemberIndex::default();
+    let mut unread = false;
+    for handle in handles.into_iter().filter(|h| Some(*h) != hidden) {
+        if shared.stopping() {
+            return None;
+        }
+        match worker.on_member(position, |s| {
+            identity::fingerprint(&s.library, s.handle, handle)
+        }) {
+            Ok(Some(print)) => index.insert(handle, print),
+            Ok(None) => unread = true,
+            Err(_) => return None,
+        }
+    }
+    // An object removed since the search is simply not held; a member that
+    // stopped answering must not pass for one that lacks objects.
+    if unread && !worker.answers(position) {
+        return None;
+    }
+    Some(index)
 }
 
 /// An object some members lack: where it is, and who lacks it.
@@ -442,7 +468,7 @@ fn is_key(print: &Fingerprint) -> bool {
     print
         .iter()
         .find(|(t, _)| *t == CKA_CLASS)
-        .map(|(_, v)| crate::identity::ulong_of(v))
+        .map(|(_, v)| identity::ulong_of(v))
         .is_some_and(|c| c == CKO_SECRET_KEY || c == CKO_PRIVATE_KEY)
 }
 
@@ -477,7 +503,7 @@ fn copy_missing(
             // Made there since the member was read (by a process on another
             // host, or by this process's own replication): not again.
             let present = worker.on_member(target, |s| {
-                crate::identity::find(&s.library, s.handle, &copy.print)
+                identity::find(&s.library, s.handle, &copy.print)
             });
             if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
                 continue;
@@ -509,6 +535,7 @@ fn copy_missing(
 /// which shares no lock with this one, copied it at the same time.
 fn remove_doubles(
     group: &Group,
+    shared: &Shared,
     worker: &VirtualSession,
     made: &[(CK_OBJECT_HANDLE, usize, Fingerprint)],
     summary: &mut Summary,
@@ -519,7 +546,7 @@ fn remove_doubles(
         by_member.entry(*target).or_default().push((*object, print));
     }
     for (target, copies) in by_member {
-        let Some(index) = read_index(worker, target) else {
+        let Some(index) = read_index(worker, target, shared) else {
             continue;
         };
         for (object, print) in copies {
