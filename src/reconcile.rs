@@ -42,6 +42,11 @@ use std::time::Duration;
 /// for the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(20);
 
+/// How long a pass waits after it is asked for: an application's first
+/// calls (often `C_Login` right after `C_Initialize`, which asks for a
+/// second pass) run before it, and the two asks make one pass.
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// The reconciliation thread of one initialised provider.
 pub struct Reconciler {
     shared: Arc<Shared>,
@@ -72,7 +77,27 @@ impl Shared {
         self.flags().stop
     }
 
-    /// Waits `wait` unless told to stop first; true if told to stop.
+    /// Waits all of `wait` (asks for passes meanwhile included) unless told
+    /// to stop first; true if told to stop.
+    fn sleep_unless_stopped(&self, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        let mut flags = self.flags();
+        while !flags.stop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            flags = self
+                .wake
+                .wait_timeout(flags, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        flags.stop
+    }
+
+    /// Waits at most `wait`, less if woken, unless told to stop first; true
+    /// if told to stop.
     fn wait_unless_stopped(&self, wait: Duration) -> bool {
         let flags = self.flags();
         if flags.stop {
@@ -172,8 +197,11 @@ fn run(
             if flags.stop {
                 break;
             }
-            flags.due = false;
         }
+        if shared.sleep_unless_stopped(SETTLE) {
+            break;
+        }
+        shared.flags().due = false;
         let Some(provider) = provider.upgrade() else {
             break;
         };

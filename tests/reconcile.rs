@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -141,7 +142,7 @@ impl Setup {
     /// How many objects with each label `token` holds, read directly.
     fn labels_on(&self, token: &str) -> HashMap<String, usize> {
         self.try_labels_on(token)
-            .unwrap_or_else(|| panic!("SoftHSM shows no token {token}"))
+            .unwrap_or_else(|| panic!("token {token} could not be read whole"))
     }
 
     /// [`Setup::labels_on`], or `None` while SoftHSM shows no such token.
@@ -169,29 +170,32 @@ impl Setup {
 
 /// How many objects with each label token `token` of `hsm` holds, read
 /// directly; `None` while SoftHSM shows no such token (it skips a token
-/// whose file another process is writing). The caller holds the serial
-/// guard.
+/// whose file another process is writing) or an object found cannot be
+/// read. The caller holds the serial guard.
 fn labels_on(hsm: &SoftHsm, token: &str) -> Option<HashMap<String, usize>> {
     hsm.activate();
     let softhsm = load_softhsm();
     initialize(&softhsm).expect("C_Initialize of SoftHSM");
     let mut labels = HashMap::new();
+    let mut complete = true;
     let slot = slot_by_label(&softhsm, token);
     if let Some(slot) = slot {
         let session = user_session(&softhsm, slot);
         for object in session.find_objects(&[Attribute::Token(true)]).unwrap() {
-            // An object removed since the search is not held.
+            // An object removed since the search makes the reading unsure.
             let attributes = session.get_attributes(object, &[AttributeType::Label]);
-            if let Some(Attribute::Label(label)) = attributes.ok().and_then(|a| a.first().cloned())
-            {
-                *labels
-                    .entry(String::from_utf8_lossy(&label).into_owned())
-                    .or_insert(0) += 1;
+            match attributes.ok().and_then(|a| a.first().cloned()) {
+                Some(Attribute::Label(label)) => {
+                    *labels
+                        .entry(String::from_utf8_lossy(&label).into_owned())
+                        .or_insert(0) += 1
+                }
+                _ => complete = false,
             }
         }
     }
     softhsm.finalize().unwrap();
-    slot.map(|_| labels)
+    slot.filter(|_| complete).map(|_| labels)
 }
 
 fn count(held: &HashMap<String, usize>, label: &str) -> usize {
@@ -301,6 +305,26 @@ fn a_deletion_made_while_a_member_was_down_is_not_undone() {
         1,
         "B missed it"
     );
+
+    // The operator's `group sync` reads the record too.
+    let pin = setup.hsm.dir.path().join("pin");
+    fs::write(&pin, format!("{USER_PIN}\n")).unwrap();
+    fs::set_permissions(&pin, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pkcs11-ha"))
+        .args(["group", "sync", "--group", GROUP_LABEL, "--pin-file"])
+        .arg(&pin)
+        .env(SOFTHSM_CONF_ENV, &setup.hsm.conf)
+        .env(CONF_ENV, &setup.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "group sync: {said}");
+    assert!(
+        said.contains("Not copied: data object \"doomed\""),
+        "{said}"
+    );
+    assert_eq!(count(&setup.labels_on("member0"), "doomed"), 0, "{said}");
 
     let c = setup.start_user();
     setup.wait_for_b("be rid of the deleted object", |held| {
