@@ -230,7 +230,7 @@ struct Summary {
     members: usize,
     copied: usize,
     removed: usize,
-    /// Copies removed again because another process made one meanwhile.
+    /// Copies removed again because another copy was made meanwhile.
     doubled: usize,
     failed: usize,
     first_failure: Option<String>,
@@ -259,8 +259,8 @@ impl Summary {
         );
         if self.doubled > 0 {
             event += &format!(
-                ", {} copies removed again (another host copied them at once; the next pass \
-                 copies them once)",
+                ", {} copies removed again (copied at the same moment by another process or \
+                 this one's replication; the next pass copies any still missing)",
                 self.doubled
             );
             // Soon, so that no member lacks them for a whole interval.
@@ -500,15 +500,24 @@ fn is_key(print: &Fingerprint) -> bool {
         .is_some_and(|c| c == CKO_SECRET_KEY || c == CKO_PRIVATE_KEY)
 }
 
+/// A copy a pass made.
+struct Made {
+    object: CK_OBJECT_HANDLE,
+    target: usize,
+    /// The copy's handle on the target.
+    handle: CK_OBJECT_HANDLE,
+    print: Fingerprint,
+}
+
 /// Copies each planned object to the members that lack it, one member at a
-/// time; returns (virtual object, member, fingerprint) of each copy made.
+/// time; returns the copies made.
 fn copy_missing(
     group: &Group,
     shared: &Shared,
     worker: &VirtualSession,
     copies: &[Copy],
     summary: &mut Summary,
-) -> Vec<(CK_OBJECT_HANDLE, usize, Fingerprint)> {
+) -> Vec<Made> {
     let mut made = Vec::new();
     // Pairs of members a key could not move between in this pass: the
     // reason was said once, and holds for every other key.
@@ -522,6 +531,10 @@ fn copy_missing(
                 return made;
             }
             if !group.members[target].is_up() {
+                continue;
+            }
+            // Copied meanwhile by this process's own replication.
+            if let Some(Presence::Present(_)) = group.objects.presence(object, target) {
                 continue;
             }
             if key && no_way.contains(&(copy.source, target)) {
@@ -539,7 +552,14 @@ fn copy_missing(
             match worker.copy_to(object, copy.source, &[target]) {
                 Ok(faulted) if faulted.is_empty() => {
                     summary.copied += 1;
-                    made.push((object, target, copy.print.clone()));
+                    if let Some(Presence::Present(ours)) = group.objects.presence(object, target) {
+                        made.push(Made {
+                            object,
+                            target,
+                            handle: ours,
+                            print: copy.print.clone(),
+                        });
+                    }
                 }
                 Ok(_) => summary.fail("the member failed meanwhile".into()),
                 Err(e) => {
@@ -565,30 +585,29 @@ fn remove_doubles(
     group: &Group,
     shared: &Shared,
     worker: &VirtualSession,
-    made: &[(CK_OBJECT_HANDLE, usize, Fingerprint)],
+    made: &[Made],
     summary: &mut Summary,
 ) {
-    let mut by_member: FxHashMap<usize, Vec<(CK_OBJECT_HANDLE, &Fingerprint)>> =
-        FxHashMap::default();
-    for (object, target, print) in made {
-        by_member.entry(*target).or_default().push((*object, print));
+    let mut by_member: FxHashMap<usize, Vec<&Made>> = FxHashMap::default();
+    for copy in made {
+        by_member.entry(copy.target).or_default().push(copy);
     }
     for (target, copies) in by_member {
         let Some(index) = read_index(worker, target, shared) else {
             continue;
         };
-        for (object, print) in copies {
-            if index.matching(print).len() < 2 {
+        for copy in copies {
+            if index.matching(&copy.print).len() < 2 {
                 continue;
             }
-            let Some(Presence::Present(ours)) = group.objects.presence(object, target) else {
-                continue;
-            };
+            let ours = copy.handle;
             let answer = worker.attempt_on(target, "C_DestroyObject", &mut |l, s| {
                 member_call!(l, C_DestroyObject(s, ours))
             });
             if matches!(answer, Attempt::Answered(CKR_OK)) {
-                group.objects.forget_copy(target, ours);
+                if group.objects.presence(copy.object, target) == Some(Presence::Present(ours)) {
+                    group.objects.forget_copy(target, ours);
+                }
                 group.forget_object(target, ours);
                 summary.doubled += 1;
             }
