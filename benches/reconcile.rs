@@ -50,7 +50,7 @@ fn main() {
          | calls 0.4 s later on/off (ms) |"
     );
     println!("|---|---|---|---|---|---|");
-    for (objects, missing) in [(1_000, 1), (1_000, 1_000), (10_000, 1), (10_000, 1_000)] {
+    for (objects, missing) in [(1_000, 1), (10_000, 1), (1_000, 1_000), (10_000, 1_000)] {
         let mut on = Vec::new();
         let mut off = Vec::new();
         for _ in 0..RUNS {

@@ -364,6 +364,17 @@ pub struct Group {
     /// Where deletions a member missed are recorded for later processes
     /// (`state_dir.rs`); unset without a usable state directory.
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
+    /// Calls making objects under way (see [`Group::making_objects`]).
+    making: AtomicUsize,
+}
+
+/// Counts a call making objects while it lives.
+pub struct Making<'a>(&'a AtomicUsize);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A member's object index, for the member epoch it was read in.
@@ -441,6 +452,7 @@ impl Group {
             round_robin: Default::default(),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
+            making: AtomicUsize::new(0),
         }
     }
 
@@ -634,6 +646,20 @@ impl Group {
         for member in self.up_members() {
             let _ = self.on_utility(member.position, |_| ());
         }
+    }
+
+    /// Marks a call that makes objects (and replicates them, or undoes them
+    /// everywhere) as under way until the guard drops: reconciliation copies
+    /// nothing meanwhile, since it could copy an object such a call is
+    /// about to copy itself or to undo.
+    pub fn making_objects(&self) -> Making<'_> {
+        self.making.fetch_add(1, Ordering::SeqCst);
+        Making(&self.making)
+    }
+
+    /// Whether a call making objects is under way.
+    pub fn objects_being_made(&self) -> bool {
+        self.making.load(Ordering::SeqCst) > 0
     }
 
     /// Records, for processes that come later, that the object with `print`

@@ -42,6 +42,14 @@ use std::time::Duration;
 /// for the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(20);
 
+/// Up to how many objects a member may lack for each copy to it to be
+/// checked first with a search of the member.
+const CHECKED_COPIES: usize = 64;
+
+/// How often a copy waiting for this process's calls making objects to
+/// end looks again.
+const MAKING_POLL: Duration = Duration::from_millis(2);
+
 /// How long a pass waits after it is asked for: an application's first
 /// calls (often `C_Login` right after `C_Initialize`, which asks for a
 /// second pass) run before it, and the two asks make one pass.
@@ -522,6 +530,15 @@ fn copy_missing(
     // Pairs of members a key could not move between in this pass: the
     // reason was said once, and holds for every other key.
     let mut no_way: FxHashSet<(usize, usize)> = FxHashSet::default();
+    let mut lacking: FxHashMap<usize, usize> = FxHashMap::default();
+    for target in copies.iter().flat_map(|c| &c.targets) {
+        *lacking.entry(*target).or_default() += 1;
+    }
+    let checked: FxHashSet<usize> = lacking
+        .into_iter()
+        .filter(|(_, n)| *n <= CHECKED_COPIES)
+        .map(|(target, _)| target)
+        .collect();
     for copy in copies {
         let object = group.objects.from_member(copy.source, copy.handle);
         group.objects.set_fingerprint(object, copy.print.clone());
@@ -533,6 +550,13 @@ fn copy_missing(
             if !group.members[target].is_up() {
                 continue;
             }
+            // Until this process makes no object: one being made may be
+            // about to be copied by its own call, or undone everywhere.
+            while group.objects_being_made() {
+                if shared.wait_unless_stopped(MAKING_POLL) {
+                    return made;
+                }
+            }
             // Copied meanwhile by this process's own replication.
             if let Some(Presence::Present(_)) = group.objects.presence(object, target) {
                 continue;
@@ -542,12 +566,16 @@ fn copy_missing(
                 continue;
             }
             // Made there since the member was read (by a process on another
-            // host, or by this process's own replication): not again.
-            let present = worker.on_member(target, |s| {
-                identity::find(&s.library, s.handle, &copy.print)
-            });
-            if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
-                continue;
+            // host): not again. A search costs time in proportion to the
+            // member's size, so a member that lacks many objects (back from
+            // a long outage) is only read again after its copies.
+            if checked.contains(&target) {
+                let present = worker.on_member(target, |s| {
+                    identity::find(&s.library, s.handle, &copy.print)
+                });
+                if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
+                    continue;
+                }
             }
             match worker.copy_to(object, copy.source, &[target]) {
                 Ok(faulted) if faulted.is_empty() => {

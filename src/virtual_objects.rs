@@ -302,6 +302,7 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _making = self.group.making_objects();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
@@ -446,6 +447,7 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _making = self.group.making_objects();
         // SAFETY: forwarded from the caller.
         let token = match unsafe { template_bool(template, count, CKA_TOKEN) } {
             Some(t) => t,
@@ -1055,6 +1057,7 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        let _making = self.group.making_objects();
         // SAFETY: forwarded from the caller.
         let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
