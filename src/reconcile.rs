@@ -12,10 +12,12 @@
 //! members that still hold it. An object that more than one object on a
 //! member matches is left alone (we never guess). Passes of one group on
 //! one host take turns under the group's lock file, so the index each
-//! reads is current and no object is copied twice. Each copy is checked
-//! first (one search of the member for that object); where a process on
-//! another host copies the same object at once, each removes its own copy
-//! if the member then holds two, and the next pass copies it once.
+//! reads is current and no object is copied twice. Copies wait while this
+//! process is making objects (its own calls copy or undo those), and where
+//! a member lacks few objects each copy is checked first with a search of
+//! the member; where a process on another host copies the same object at
+//! once, each removes its own copy if the member then holds two, and the
+//! next pass copies it once.
 //!
 //! It runs in a thread of its own and never holds a lock the application's
 //! calls take across a member call, nor the members' utility sessions: the
