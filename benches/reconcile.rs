@@ -18,7 +18,8 @@
 //! - `pass_ms`: the pass's own time, read from the HA log.
 //!
 //! Run: `cargo build --release && cargo bench --bench reconcile`; it prints
-//! a table (median of three children each).
+//! a table (median of three children each). `-- 10000:1` runs only that
+//! scenario (objects:missing).
 
 #[macro_use]
 mod support;
@@ -50,7 +51,19 @@ fn main() {
          | calls 0.4 s later on/off (ms) |"
     );
     println!("|---|---|---|---|---|---|");
-    for (objects, missing) in [(1_000, 1), (10_000, 1), (1_000, 1_000), (10_000, 1_000)] {
+    let asked: Vec<(usize, usize)> = env::args()
+        .filter_map(|a| {
+            let (objects, missing) = a.split_once(':')?;
+            Some((objects.parse().ok()?, missing.parse().ok()?))
+        })
+        .collect();
+    let all = [(1_000, 1), (10_000, 1), (1_000, 1_000), (10_000, 1_000)];
+    let scenarios = if asked.is_empty() {
+        &all[..]
+    } else {
+        &asked[..]
+    };
+    for &(objects, missing) in scenarios {
         let mut on = Vec::new();
         let mut off = Vec::new();
         for _ in 0..RUNS {

@@ -44,6 +44,12 @@ use std::time::Duration;
 /// for the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(20);
 
+/// How long a pass lets the application's calls on a member go first
+/// before each of its own (see [`yield_to_application`]), at most.
+const YIELD_LIMIT: Duration = Duration::from_millis(20);
+/// How often it looks whether they have.
+const YIELD_POLL: Duration = Duration::from_millis(1);
+
 /// Up to how many objects a member may lack for each copy to it to be
 /// checked first with a search of the member.
 const CHECKED_COPIES: usize = 64;
@@ -403,8 +409,9 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
         .ok()?;
     let mut index = MemberIndex::default();
     let mut unread = false;
+    let member = &worker.group.members[position];
     for handle in handles.into_iter().filter(|h| Some(*h) != hidden) {
-        if shared.stopping() {
+        if yield_to_application(member, shared) {
             return None;
         }
         match worker.on_member(position, |s| {
@@ -421,6 +428,19 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
         return None;
     }
     Some(index)
+}
+
+/// A pass is background work: before each of its calls on a member it waits
+/// while the application has calls in flight there, up to [`YIELD_LIMIT`]
+/// (so that it still advances under constant load). True if told to stop.
+fn yield_to_application(member: &crate::group::Member, shared: &Shared) -> bool {
+    let deadline = std::time::Instant::now() + YIELD_LIMIT;
+    while member.in_flight() > 0 && std::time::Instant::now() < deadline {
+        if shared.wait_unless_stopped(YIELD_POLL) {
+            return true;
+        }
+    }
+    shared.stopping()
 }
 
 /// An object some members lack: where it is, and who lacks it.
@@ -558,6 +578,9 @@ fn copy_missing(
                 if shared.wait_unless_stopped(MAKING_POLL) {
                     return made;
                 }
+            }
+            if yield_to_application(&group.members[target], shared) {
+                return made;
             }
             // Copied meanwhile by this process's own replication.
             if let Some(Presence::Present(_)) = group.objects.presence(object, target) {
