@@ -399,6 +399,10 @@ fn pass(
 /// `C_Finalize` must not wait for that -- and counts each object's read as
 /// a call of its own, so that the watchdog sees the member answer.
 fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Option<MemberIndex> {
+    let member = &worker.group.members[position];
+    if yield_to_application(member, shared) {
+        return None;
+    }
     let hidden = worker.domain_handle(position);
     let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let handles = worker
@@ -409,7 +413,6 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
         .ok()?;
     let mut index = MemberIndex::default();
     let mut unread = false;
-    let member = &worker.group.members[position];
     for handle in handles.into_iter().filter(|h| Some(*h) != hidden) {
         if yield_to_application(member, shared) {
             return None;
