@@ -39,6 +39,8 @@
 //! haLogStatus = disabled         ; optional, enabled or disabled
 //! haLogPath = /var/log/pkcs11-ha ; directory of haErrorLog.txt; needed if enabled
 //! logLen = 10485760              ; optional, bytes before the log rotates; 0 never
+//! haStateDir = /var/lib/pkcs11-ha ; optional, state shared by processes on this host
+//! ReconcileInterval = 300        ; optional, seconds between reconciliations; 0 off
 //! ```
 //!
 //! `[LibraryEnvironment]` sets environment variables while a library's
@@ -89,8 +91,10 @@ const MEMBER_TIMEOUT: &str = "memberTimeout";
 const HA_LOG_STATUS: &str = "haLogStatus";
 pub const HA_LOG_PATH: &str = "haLogPath";
 const LOG_LEN: &str = "logLen";
+pub const HA_STATE_DIR: &str = "haStateDir";
+const RECONCILE_INTERVAL: &str = "ReconcileInterval";
 /// The `[HAConfiguration]` keys, for messages.
-const HA_KEYS: [&str; 8] = [
+const HA_KEYS: [&str; 10] = [
     HA_ONLY,
     MULTIPART_REPLAY_LIMIT,
     RECONN_ATT,
@@ -99,6 +103,8 @@ const HA_KEYS: [&str; 8] = [
     HA_LOG_STATUS,
     HA_LOG_PATH,
     LOG_LEN,
+    HA_STATE_DIR,
+    RECONCILE_INTERVAL,
 ];
 
 /// Most members (active and standby) a group may have: as many as
@@ -127,6 +133,13 @@ pub const MAX_MEMBER_TIMEOUT_MS: u64 = 3_600_000;
 pub const DEFAULT_HA_LOG_MAX_LEN: u64 = 10 * 1024 * 1024;
 /// The HA log's file name inside `haLogPath`.
 pub const HA_LOG_FILE: &str = "haErrorLog.txt";
+/// `ReconcileInterval` when the key is not given, in seconds: often enough
+/// that a member rarely lacks an object for long where no process starts
+/// or sees a member return, rarely enough that each process's read of every
+/// member (one enumeration each) costs the members little.
+pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 300;
+/// Largest accepted `ReconcileInterval`: one day, in seconds.
+pub const MAX_RECONCILE_INTERVAL_SECS: u64 = 86_400;
 
 /// Size of `CK_TOKEN_INFO.label`, which shows the group label.
 const MAX_LABEL_BYTES: usize = 32;
@@ -154,6 +167,11 @@ pub struct Config {
     pub member_timeout_ms: u64,
     /// The HA event log.
     pub ha_log: HaLogConfig,
+    /// `haStateDir`, absolute, where given; else [`crate::state_dir::default_path`].
+    pub state_dir: Option<PathBuf>,
+    /// `ReconcileInterval`: seconds between reconciliations of each group
+    /// besides those at start, login and a member's return; 0: none.
+    pub reconcile_interval_secs: u64,
 }
 
 /// An empty configuration with every setting at its default. It has no
@@ -169,6 +187,8 @@ impl Default for Config {
             recovery: RecoveryConfig::default(),
             member_timeout_ms: DEFAULT_MEMBER_TIMEOUT_MS,
             ha_log: HaLogConfig::default(),
+            state_dir: None,
+            reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
         }
     }
 }
@@ -379,6 +399,8 @@ impl Config {
             interval_secs,
             member_timeout_ms,
             ha_log,
+            state_dir,
+            reconcile_interval_secs,
         } = parse_ha_configuration(path, ha.unwrap_or_default())?;
         if ha_only && groups.is_empty() {
             let problem = format!(
@@ -400,6 +422,8 @@ impl Config {
             },
             member_timeout_ms,
             ha_log,
+            state_dir,
+            reconcile_interval_secs,
         })
     }
 
@@ -509,6 +533,16 @@ impl Config {
         }
         if self.ha_log.max_len != DEFAULT_HA_LOG_MAX_LEN {
             writeln!(out, "{LOG_LEN} = {}", self.ha_log.max_len)?;
+        }
+        if let Some(path) = &self.state_dir {
+            writeln!(out, "{HA_STATE_DIR} = {}", path.display())?;
+        }
+        if self.reconcile_interval_secs != DEFAULT_RECONCILE_INTERVAL_SECS {
+            writeln!(
+                out,
+                "{RECONCILE_INTERVAL} = {}",
+                self.reconcile_interval_secs
+            )?;
         }
         Ok(())
     }
@@ -861,6 +895,8 @@ struct HaSettings {
     interval_secs: u64,
     member_timeout_ms: u64,
     ha_log: HaLogConfig,
+    state_dir: Option<PathBuf>,
+    reconcile_interval_secs: u64,
 }
 
 fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, ConfigError> {
@@ -871,6 +907,8 @@ fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, C
         interval_secs: DEFAULT_RECONNECT_INTERVAL_SECS,
         member_timeout_ms: DEFAULT_MEMBER_TIMEOUT_MS,
         ha_log: HaLogConfig::default(),
+        state_dir: None,
+        reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
     };
     let mut status_key = None;
     for (key, value) in entries {
@@ -956,6 +994,28 @@ fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, C
                          default is {DEFAULT_HA_LOG_MAX_LEN}"
                     ))
                 })?;
+            }
+            HA_STATE_DIR => {
+                let path = PathBuf::from(&value);
+                if !path.is_absolute() {
+                    return Err(err(format!(
+                        "\"{value}\" is not an absolute path; give the directory where \
+                         processes on this host share reconciliation state (lock files and \
+                         deletion records), starting with \"/\""
+                    )));
+                }
+                settings.state_dir = Some(path);
+            }
+            RECONCILE_INTERVAL => {
+                settings.reconcile_interval_secs =
+                    parse_bounded(&value, 0, MAX_RECONCILE_INTERVAL_SECS).ok_or_else(|| {
+                        err(format!(
+                            "\"{value}\" is not accepted; give the seconds between \
+                             reconciliations of each group, from 0 (only at start, login and \
+                             a member's return) to {MAX_RECONCILE_INTERVAL_SECS}, as decimal \
+                             digits; the default is {DEFAULT_RECONCILE_INTERVAL_SECS}"
+                        ))
+                    })?;
             }
             _ => unreachable!("every key of HA_KEYS is handled"),
         }
@@ -1409,6 +1469,8 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
                     path: None,
                     max_len: 10_485_760,
                 },
+                state_dir: None,
+                reconcile_interval_secs: 300,
             }
         );
     }
@@ -1435,6 +1497,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
             vec![("SOFTHSM2_CONF".into(), "/etc/softhsm2.conf".into())];
         expected.libraries[0].concurrency = std::num::NonZeroUsize::new(8);
         expected.ha_log.path = Some(PathBuf::from("/var/log/pkcs11-ha"));
+        expected.state_dir = Some(PathBuf::from("/var/lib/pkcs11-ha"));
         assert_eq!(config, expected);
     }
 
@@ -1618,6 +1681,8 @@ haonly = Yes
                     path: Some(PathBuf::from("/var/log/ha dir")),
                     max_len: 0,
                 },
+                state_dir: Some(PathBuf::from("/var/lib/ha state")),
+                reconcile_interval_secs: 0,
             },
             Config {
                 path: PathBuf::from(FILE),
@@ -1796,7 +1861,8 @@ hsmA._Debug2 =
                 "HAConfiguration",
                 "Foo",
                 "the keys here are HAOnly, MultipartReplayLimit, reconnAtt, \
-                 AutoReconnectInterval, memberTimeout, haLogStatus, haLogPath and logLen",
+                 AutoReconnectInterval, memberTimeout, haLogStatus, haLogPath, logLen, \
+                 haStateDir and ReconcileInterval",
             ),
             (
                 with_library("[HAConfiguration]\nHAOnly = 2\n"),
@@ -2152,6 +2218,18 @@ hsmA._Debug2 =
                 "HAConfiguration",
                 "logLen",
                 "0 never to rotate",
+            ),
+            (
+                with_library("[HAConfiguration]\nhaStateDir = state\n"),
+                "HAConfiguration",
+                "haStateDir",
+                "\"state\" is not an absolute path",
+            ),
+            (
+                with_library("[HAConfiguration]\nReconcileInterval = 86401\n"),
+                "HAConfiguration",
+                "ReconcileInterval",
+                "from 0 (only at start, login and a member's return) to 86400",
             ),
             (
                 with_library("[HASynchronise]\n"),

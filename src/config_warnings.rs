@@ -40,6 +40,26 @@ pub fn ha_log_unwritable(config: &Config, directory: &std::path::Path, why: &std
     ));
 }
 
+/// The state directory cannot be used: no process reconciles the groups
+/// (see `reconcile.rs`) until it can.
+pub fn state_dir_unusable(config: &Config, directory: Option<&std::path::Path>, why: &str) {
+    let place = directory.map_or(
+        "no default state directory (HOME is not set)".to_owned(),
+        |d| format!("the state directory {}: {why}", d.display()),
+    );
+    print(&warning(
+        config,
+        HA_CONFIGURATION,
+        config::HA_STATE_DIR.to_owned(),
+        format!(
+            "{place}; members are not reconciled across processes (what a member missed \
+             reaches it only through this process's recovery or `pkcs11-ha group sync`). Set \
+             {} to a directory this process may create or own",
+            config::HA_STATE_DIR
+        ),
+    ));
+}
+
 /// Members no configured library has, and groups whose members hold no
 /// domain key: checked once the libraries are loaded.
 pub fn check_members(config: &Config, groups: &[Arc<Group>], libraries: &[Arc<MemberLibrary>]) {

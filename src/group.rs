@@ -515,6 +515,20 @@ pub struct Group {
     round_robin: [AtomicUsize; LANES],
     /// Per member: what it holds (see `index.rs`).
     indexes: Vec<Mutex<IndexState>>,
+    /// Where deletions a member missed are recorded for later processes
+    /// (`state_dir.rs`); unset without a usable state directory.
+    pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
+    /// Calls making objects under way (see [`Group::making_objects`]).
+    making: AtomicUsize,
+}
+
+/// Counts a call making objects while it lives.
+pub struct Making<'a>(&'a AtomicUsize);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A member's object index, for the member epoch it was read in.
@@ -612,6 +626,8 @@ impl Group {
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
+            state: std::sync::OnceLock::new(),
+            making: AtomicUsize::new(0),
         }
     }
 
@@ -824,6 +840,38 @@ impl Group {
     pub fn open_utility_sessions(&self) {
         for member in self.up_members() {
             let _ = self.on_utility(member.position, |_| ());
+        }
+    }
+
+    /// Marks a call that makes objects (and replicates them, or undoes them
+    /// everywhere) as under way until the guard drops: reconciliation copies
+    /// nothing meanwhile, since it could copy an object such a call is
+    /// about to copy itself or to undo.
+    pub fn making_objects(&self) -> Making<'_> {
+        self.making.fetch_add(1, Ordering::SeqCst);
+        Making(&self.making)
+    }
+
+    /// Whether a call making objects is under way.
+    pub fn objects_being_made(&self) -> bool {
+        self.making.load(Ordering::SeqCst) > 0
+    }
+
+    /// Records, for processes that come later, that the object with `print`
+    /// was deleted while some member could not be told: they remove it from
+    /// that member rather than copy it back (see `reconcile.rs`).
+    pub fn record_deletion(&self, print: &Fingerprint) {
+        let Some(state) = self.state.get() else {
+            return;
+        };
+        if let Err(e) = state.record_deletion(&self.serial, print) {
+            let event = format!(
+                "a deletion that a member missed could not be recorded in {} ({e}); a later \
+                 process may copy the object back to that member",
+                state.path().display()
+            );
+            eprintln!("pkcs11-ha: group {}: {event}", self.label);
+            self.log(None, &event);
         }
     }
 

@@ -86,6 +86,11 @@ impl MemberIndex {
             .collect()
     }
 
+    /// Every object known, with its fingerprint.
+    pub fn objects(&self) -> impl Iterator<Item = (CK_OBJECT_HANDLE, &Fingerprint)> {
+        self.by_handle.iter().map(|(h, print)| (*h, print.as_ref()))
+    }
+
     /// The fingerprint of one of the member's objects, if known.
     pub fn fingerprint(&self, handle: CK_OBJECT_HANDLE) -> Option<Arc<Fingerprint>> {
         self.by_handle.get(&handle).cloned()

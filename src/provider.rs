@@ -12,6 +12,7 @@ use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
 use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
+use crate::reconcile::Reconciler;
 use crate::recovery::{self, Workers};
 use crate::recovery::{Host, RecoverySettings};
 use crate::session::{
@@ -19,6 +20,7 @@ use crate::session::{
     Target, VirtualSession,
 };
 use crate::slot_ids::{PassThroughSlots, FIRST_PASSTHROUGH_SLOT};
+use crate::state_dir::{self, StateDir};
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -47,6 +49,9 @@ pub struct Provider {
     /// with the group and given what they lack.
     synchronized: Vec<bool>,
     workers: Mutex<Option<Workers>>,
+    /// Compares the members of every group across processes
+    /// (`reconcile.rs`); none without threads or a state directory.
+    reconciler: Mutex<Option<Reconciler>>,
     /// The domain keys hidden in each library reached through a
     /// pass-through slot, by library (address), found once.
     hidden: Mutex<HashMap<usize, Arc<HiddenObjects>>>,
@@ -221,8 +226,42 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
             Error::new(CKR_GENERAL_ERROR)
         })?;
         *provider.workers.lock() = Some(workers);
+        start_reconciler(&config, &provider)?;
     }
     *lifecycle.provider_mut() = Some(provider);
+    Ok(())
+}
+
+/// Opens the state directory and starts reconciling the groups that ask
+/// for it (`[HASynchronize]`); without a usable directory, says so and
+/// leaves them to this process's recovery.
+fn start_reconciler(config: &Config, provider: &Arc<Provider>) -> Result<()> {
+    if !provider.synchronized.iter().any(|on| *on) {
+        return Ok(());
+    }
+    let path = config.state_dir.clone().or_else(state_dir::default_path);
+    let state = match path.as_deref().map(StateDir::open) {
+        Some(Ok(state)) => Arc::new(state),
+        Some(Err(why)) => {
+            config_warnings::state_dir_unusable(config, path.as_deref(), &why);
+            return Ok(());
+        }
+        None => {
+            config_warnings::state_dir_unusable(config, None, "");
+            return Ok(());
+        }
+    };
+    for group in &provider.groups {
+        let _ = group.state.set(Arc::clone(&state));
+    }
+    let interval =
+        Some(Duration::from_secs(config.reconcile_interval_secs)).filter(|i| !i.is_zero());
+    let host: Arc<dyn recovery::Host> = provider.clone();
+    let reconciler = Reconciler::start(Arc::downgrade(&host), state, interval).map_err(|e| {
+        eprintln!("pkcs11-ha: cannot start the reconciliation thread: {e}");
+        Error::new(CKR_GENERAL_ERROR)
+    })?;
+    *provider.reconciler.lock() = Some(reconciler);
     Ok(())
 }
 
@@ -236,6 +275,9 @@ pub fn finalize() -> Result<()> {
     let _serialised = lifecycle.serialise();
     let provider = get()?;
     lifecycle.provider_mut().take();
+    if let Some(mut reconciler) = provider.reconciler.lock().take() {
+        reconciler.stop(provider.member_timeout);
+    }
     let mut workers = provider.workers.lock().take();
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
@@ -368,6 +410,10 @@ impl Host for Provider {
         Provider::synchronize(self, group)
     }
 
+    fn reconcile_soon(&self) {
+        Provider::reconcile_soon(self)
+    }
+
     fn each_virtual_session(
         &self,
         group: &Arc<Group>,
@@ -452,10 +498,19 @@ impl Provider {
             threads_allowed,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
+            reconciler: Mutex::new(None),
             inline_recovery_due_ms: None,
             hidden: Mutex::new(HashMap::new()),
             domain_labels: domain_labels(config),
         })
+    }
+
+    /// Asks for the groups' members to be compared and given what they
+    /// lack, in the background, as soon as a pass under way ends.
+    pub fn reconcile_soon(&self) {
+        if let Some(reconciler) = self.reconciler.lock().as_ref() {
+            reconciler.soon();
+        }
     }
 
     /// Whether `[HASynchronize]` asks for this group's returning members to
@@ -809,6 +864,8 @@ impl Provider {
         // Private objects looked for while logged out were not visible.
         v.group.objects.retry_absent();
         v.look_up_domain_keys();
+        // Nor could the members' private objects be compared.
+        self.reconcile_soon();
         Ok(())
     }
 

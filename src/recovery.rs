@@ -61,6 +61,8 @@ pub trait Host: Send + Sync {
     fn threads_allowed(&self) -> bool;
     /// Whether `group`'s returning members are given what they lack.
     fn synchronize(&self, group: &Group) -> bool;
+    /// Asks for a reconciliation pass soon (a member has returned).
+    fn reconcile_soon(&self);
     /// Runs `reopen` on every open virtual session of `group`, stopping at
     /// the first error.
     fn each_virtual_session(
@@ -434,6 +436,8 @@ fn attempt(
     match recover(provider, group, position, one_at_a_time) {
         Ok(copied) => {
             group.objects.retry_absent();
+            // What other processes changed while it was away.
+            provider.reconcile_soon();
             group.log(
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised"),

@@ -378,6 +378,11 @@ impl VirtualSession {
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted = Vec::new();
         for (&position, strategy) in targets.iter().zip(&strategies) {
+            // Copied meanwhile by this process's reconciliation
+            // (`reconcile.rs`): a second copy would identify neither.
+            if let Some(Presence::Present(_)) = self.group.objects.presence(object, position) {
+                continue;
+            }
             let answer = match strategy {
                 Some(Strategy::Clone) => self.clone_to(object, source, source_handle, position),
                 Some(Strategy::Wrap(mechanism)) => {

@@ -310,6 +310,7 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _making = self.group.making_objects();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
@@ -454,6 +455,7 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _making = self.group.making_objects();
         // SAFETY: forwarded from the caller.
         let token = match unsafe { template_bool(template, count, CKA_TOKEN) } {
             Some(t) => t,
@@ -845,6 +847,11 @@ impl VirtualSession {
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
+        if destroys && !missed.is_empty() {
+            if let Some(print) = &before {
+                self.group.record_deletion(print);
+            }
+        }
         for position in missed {
             if let Some(print) = &before {
                 self.deliver_or_queue(position, Pending::Destroy(print.clone()));
@@ -1087,6 +1094,7 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        let _making = self.group.making_objects();
         // SAFETY: forwarded from the caller.
         let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();

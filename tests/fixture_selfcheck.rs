@@ -74,9 +74,11 @@ fn config_text_lists_libraries_groups_and_standby() {
     assert_eq!(text, expected);
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &[("softhsm", SOFTHSM_LIB)], &[], false);
-    assert!(std::fs::read_to_string(path)
-        .unwrap()
-        .ends_with("HAOnly = 0\n"));
+    let state = format!(
+        "HAOnly = 0\nhaStateDir = {}\n",
+        dir.path().join("state").display()
+    );
+    assert!(std::fs::read_to_string(path).unwrap().ends_with(&state));
 }
 
 #[test]

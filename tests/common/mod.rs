@@ -313,7 +313,9 @@ pub fn config_text(libraries: &[(&str, &str)], groups: &[GroupSpec], ha_only: bo
     s
 }
 
-/// Write `dir/pkcs11-ha.conf` (see [`config_text`]) and return its path.
+/// Write `dir/pkcs11-ha.conf` (see [`config_text`]), with the state
+/// directory `dir/state` (so that no test shares lock files or deletion
+/// records with another), and return its path.
 pub fn write_config(
     dir: &Path,
     libraries: &[(&str, &str)],
@@ -321,7 +323,9 @@ pub fn write_config(
     ha_only: bool,
 ) -> PathBuf {
     let path = dir.join("pkcs11-ha.conf");
-    fs::write(&path, config_text(libraries, groups, ha_only)).expect("write pkcs11-ha.conf");
+    let mut text = config_text(libraries, groups, ha_only);
+    writeln!(text, "haStateDir = {}", dir.join("state").display()).unwrap();
+    fs::write(&path, text).expect("write pkcs11-ha.conf");
     path
 }
 

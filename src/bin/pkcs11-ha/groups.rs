@@ -1166,7 +1166,7 @@ fn group_status(members: &Members, group: &GroupConfig, pin: Option<&[u8]>) -> G
     };
     match views(members, group, pin) {
         Ok((views, statuses)) => {
-            let plan = sync::plan(&views);
+            let plan = sync::plan(&views, &sync::deletions(members, group));
             GroupStatus {
                 group: group.clone(),
                 members: statuses,
@@ -1311,7 +1311,7 @@ fn synchronise(
     dry_run: bool,
 ) -> Res<(bool, Value)> {
     let (views, statuses) = views(members, group, Some(pin))?;
-    let plan = sync::plan(&views);
+    let plan = sync::plan(&views, &sync::deletions(members, group));
     let mut ok = plan.errors.is_empty();
     let mut copies = Vec::new();
     for status in statuses
@@ -1334,6 +1334,13 @@ fn synchronise(
             "Warning: {} matches {} objects on member {}, so it is not copied (give objects \
              distinct CKA_ID or labels)",
             ambiguous.object, ambiguous.matches, ambiguous.member
+        ));
+    }
+    for deleted in &plan.deleted {
+        ctx.say(format!(
+            "Not copied: {deleted} was deleted through the group while a member was down \
+             (recorded in haStateDir); applications using the group remove it from the members \
+             that still hold it"
         ));
     }
     let progress = Progress::new(ctx, plan.copies.len());
@@ -1412,6 +1419,7 @@ fn synchronise(
         },
         "copies": copies,
         "ambiguous": plan.ambiguous,
+        "deleted": plan.deleted,
         "down": down,
     });
     Ok((ok, report))

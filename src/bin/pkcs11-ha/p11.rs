@@ -58,6 +58,9 @@ pub struct Loaded {
 /// Every configured library. Finalises the ones it initialised on drop.
 pub struct Members {
     pub libraries: Vec<Loaded>,
+    /// The state directory applications share (`haStateDir`), where they
+    /// record deletions a member missed.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A token found in one of the libraries.
@@ -142,7 +145,13 @@ impl Members {
                 }
             })
             .collect();
-        Members { libraries }
+        Members {
+            libraries,
+            state_dir: config
+                .state_dir
+                .clone()
+                .or_else(pkcs11_ha::state_dir::default_path),
+        }
     }
 
     pub fn library(&self, index: usize) -> &MemberLibrary {

@@ -87,7 +87,7 @@ fn group_health(
     now: SystemTime,
 ) -> Res<Group> {
     let (views, statuses) = views(members, group, pin)?;
-    let plan = sync::plan(&views);
+    let plan = sync::plan(&views, &sync::deletions(members, group));
     let any_active_up = statuses
         .iter()
         .any(|s| s.role == "active" && s.token.is_some());

@@ -4,15 +4,19 @@
 //! copied by their attributes; secret and private keys leave a member only
 //! wrapped under the group's domain key (`CKM_AES_KEY_WRAP_PAD`) and are
 //! unwrapped on the member that lacks them. The domain key itself is never
-//! compared or copied.
+//! compared or copied, nor is an object that applications recorded as
+//! deleted while a member was down (`haStateDir`): they remove it from the
+//! members that still hold it (`src/reconcile.rs`).
 
 use cryptoki_sys::*;
+use pkcs11_ha::config::GroupConfig;
 use pkcs11_ha::error::rv_name;
 use pkcs11_ha::identity::Fingerprint;
+use pkcs11_ha::state_dir::{Deletion, StateDir};
 use serde::Serialize;
 
 use crate::domain::{self, Found};
-use crate::p11::Session;
+use crate::p11::{Members, Session};
 
 pub use pkcs11_ha::replication::{KEY_ATTRIBUTES, PUBLIC_ATTRIBUTES, WRAP_MECHANISM};
 
@@ -124,12 +128,32 @@ pub struct Plan {
     /// besides the one it is copied from.
     pub present: usize,
     pub ambiguous: Vec<Ambiguous>,
+    /// Objects some member lacks that were deleted through the group while
+    /// that member was down: not copied.
+    pub deleted: Vec<Description>,
     /// Members whose objects could not be searched: (serial, reason).
     pub errors: Vec<(String, String)>,
 }
 
-/// What each member lacks, and where to copy it from.
-pub fn plan(views: &[View]) -> Plan {
+/// The deletions applications recorded for `group` in the state
+/// directory; none where it cannot be read.
+pub fn deletions(members: &Members, group: &GroupConfig) -> Vec<Deletion> {
+    let serial = pkcs11_ha::group::virtual_serial(
+        group.serial.as_deref(),
+        &[group.members.clone(), group.standby.clone()].concat(),
+    );
+    members
+        .state_dir
+        .as_deref()
+        .filter(|dir| dir.is_dir())
+        .and_then(|dir| StateDir::open(dir).ok())
+        .and_then(|state| state.deletions(&serial).ok())
+        .unwrap_or_default()
+}
+
+/// What each member lacks, and where to copy it from; objects `deletions`
+/// name are not copied.
+pub fn plan(views: &[View], deletions: &[Deletion]) -> Plan {
     let mut plan = Plan::default();
     let mut counted: Vec<&Fingerprint> = Vec::new();
     for (from, source) in views.iter().enumerate() {
@@ -142,6 +166,13 @@ pub fn plan(views: &[View]) -> Plan {
             let first_sight = !counted.iter().any(|seen| same_object(seen, print));
             if first_sight {
                 counted.push(print);
+            }
+            if deletions.iter().any(|d| d.matches(print)) {
+                let description = describe(&source.session, *object);
+                if first_sight && !plan.deleted.contains(&description) {
+                    plan.deleted.push(description);
+                }
+                continue;
             }
             for (to, target) in views.iter().enumerate() {
                 if to == from

@@ -1,0 +1,758 @@
+//! Reconciliation across processes: what a member missed is known to no
+//! process once the one that made the change has exited, so every process
+//! compares the members itself -- when it starts using the groups, when it
+//! logs in (private objects become visible), when one of its members
+//! returns, and every `ReconcileInterval` -- and gives each serving member
+//! what it lacks, by the group's way of moving objects (`replication.rs`).
+//!
+//! A pass reads each serving member once (a [`MemberIndex`]: one
+//! enumeration per member, never a search per object) and decides per
+//! object: copy it where it is missing, unless a deletion of it is recorded
+//! in the state directory (`state_dir.rs`) -- then remove it from the
+//! members that still hold it. An object that more than one object on a
+//! member matches is left alone (we never guess). Passes of one group on
+//! one host take turns under the group's lock file, so the index each
+//! reads is current and no object is copied twice. Copies wait while this
+//! process is making objects (its own calls copy or undo those), and where
+//! a member lacks few objects each copy is checked first with a search of
+//! the member; where a process on another host copies the same object at
+//! once, each removes its own copy if the member then holds two, and the
+//! next pass copies it once.
+//!
+//! It runs in a thread of its own and never holds a lock the application's
+//! calls take across a member call, nor the members' utility sessions: the
+//! application's calls go on beside it. `C_Finalize` stops it between two
+//! objects.
+
+use crate::error::rv_name;
+use crate::group::Group;
+use crate::group::Pending;
+use crate::identity::{self, Fingerprint};
+use crate::index::MemberIndex;
+use crate::member::member_call;
+use crate::object::Presence;
+use crate::recovery::Host;
+use crate::state_dir::{Deletion, StateDir};
+use crate::virtual_session::{Attempt, VirtualSession};
+use cryptoki_sys::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often a pass waiting for another process's pass of the group asks
+/// for the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(20);
+
+/// How long a pass lets the application's calls on a member go first
+/// before each of its own (see [`yield_to_application`]), at most.
+const YIELD_LIMIT: Duration = Duration::from_millis(20);
+/// How often it looks whether they have.
+const YIELD_POLL: Duration = Duration::from_millis(1);
+
+/// Up to how many objects a member may lack for each copy to it to be
+/// checked first with a search of the member.
+const CHECKED_COPIES: usize = 64;
+
+/// How often a copy waiting for this process's calls making objects to
+/// end looks again.
+const MAKING_POLL: Duration = Duration::from_millis(2);
+
+/// How long a pass waits after it is asked for: an application's first
+/// calls (often `C_Login` right after `C_Initialize`, which asks for a
+/// second pass) run before it, and the two asks make one pass.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// The reconciliation thread of one initialised provider.
+pub struct Reconciler {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    flags: Mutex<Flags>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Flags {
+    stop: bool,
+    /// A pass is wanted now.
+    due: bool,
+    /// The thread has ended.
+    done: bool,
+}
+
+impl Shared {
+    fn flags(&self) -> MutexGuard<'_, Flags> {
+        self.flags.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopping(&self) -> bool {
+        self.flags().stop
+    }
+
+    /// Waits all of `wait` (asks for passes meanwhile included) unless told
+    /// to stop first; true if told to stop.
+    fn sleep_unless_stopped(&self, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        let mut flags = self.flags();
+        while !flags.stop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            flags = self
+                .wake
+                .wait_timeout(flags, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        flags.stop
+    }
+
+    /// Waits at most `wait`, less if woken, unless told to stop first; true
+    /// if told to stop.
+    fn wait_unless_stopped(&self, wait: Duration) -> bool {
+        let flags = self.flags();
+        if flags.stop {
+            return true;
+        }
+        let (flags, _) = self
+            .wake
+            .wait_timeout(flags, wait)
+            .unwrap_or_else(PoisonError::into_inner);
+        flags.stop
+    }
+}
+
+impl Reconciler {
+    /// Starts the thread, which makes a first pass at once; `interval`
+    /// `None`: no periodic passes.
+    pub fn start(
+        provider: Weak<dyn Host>,
+        state: Arc<StateDir>,
+        interval: Option<Duration>,
+    ) -> std::io::Result<Reconciler> {
+        let shared = Arc::new(Shared::default());
+        shared.flags().due = true;
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("pkcs11-ha-reconcile".into())
+            .spawn(move || run(provider, state, interval, for_thread))?;
+        Ok(Reconciler {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a pass as soon as the one under way (if any) ends.
+    pub fn soon(&self) {
+        self.shared.flags().due = true;
+        self.shared.wake.notify_all();
+    }
+
+    /// Stops the thread, waiting at most `limit` for the object it is
+    /// copying; a thread still inside a member call after that is left to
+    /// end on its own.
+    pub fn stop(&mut self, limit: Duration) {
+        let mut flags = self.shared.flags();
+        flags.stop = true;
+        self.shared.wake.notify_all();
+        let deadline = std::time::Instant::now() + limit;
+        while !flags.done {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            flags = self
+                .shared
+                .wake
+                .wait_timeout(flags, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let done = flags.done;
+        drop(flags);
+        if let Some(thread) = self.thread.take() {
+            if done {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn run(
+    provider: Weak<dyn Host>,
+    state: Arc<StateDir>,
+    interval: Option<Duration>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        {
+            let mut flags = shared.flags();
+            while !flags.stop && !flags.due {
+                match interval {
+                    Some(interval) => {
+                        let (next, waited) = shared
+                            .wake
+                            .wait_timeout(flags, interval)
+                            .unwrap_or_else(PoisonError::into_inner);
+                        flags = next;
+                        flags.due |= waited.timed_out();
+                    }
+                    None => {
+                        flags = shared
+                            .wake
+                            .wait(flags)
+                            .unwrap_or_else(PoisonError::into_inner)
+                    }
+                }
+            }
+            if flags.stop {
+                break;
+            }
+        }
+        if shared.sleep_unless_stopped(SETTLE) {
+            break;
+        }
+        shared.flags().due = false;
+        let Some(provider) = provider.upgrade() else {
+            break;
+        };
+        for group in provider.groups() {
+            if shared.stopping() {
+                break;
+            }
+            match reconcile(&*provider, group, &state, &shared) {
+                Ok(Some(summary)) => summary.report(group, &shared),
+                Ok(None) => {}
+                Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
+            }
+        }
+    }
+    shared.flags().done = true;
+    shared.wake.notify_all();
+}
+
+/// What one pass did to a group.
+#[derive(Default)]
+struct Summary {
+    /// From taking the lock to the end of the pass.
+    took: Duration,
+    /// Objects read, over all members.
+    objects: usize,
+    members: usize,
+    copied: usize,
+    removed: usize,
+    /// Copies removed again because another copy was made meanwhile.
+    doubled: usize,
+    failed: usize,
+    first_failure: Option<String>,
+    /// Objects that match more than one object on some member.
+    ambiguous: usize,
+}
+
+impl Summary {
+    fn fail(&mut self, why: String) {
+        self.failed += 1;
+        self.first_failure.get_or_insert(why);
+    }
+
+    fn report(&self, group: &Group, shared: &Shared) {
+        if self.copied + self.removed + self.doubled + self.failed == 0 {
+            return;
+        }
+        let mut event = format!(
+            "reconciled {} objects on {} members in {} ms: {} objects copied to members that \
+             lacked them, {} deleted objects removed from members that still held them",
+            self.objects,
+            self.members,
+            self.took.as_millis(),
+            self.copied,
+            self.removed
+        );
+        if self.doubled > 0 {
+            event += &format!(
+                ", {} copies removed again (copied at the same moment by another process or \
+                 this one's replication; the next pass copies any still missing)",
+                self.doubled
+            );
+            // Soon, so that no member lacks them for a whole interval.
+            shared.flags().due = true;
+        }
+        if self.ambiguous > 0 {
+            event += &format!(
+                ", {} objects left alone (more than one object on a member matches them)",
+                self.ambiguous
+            );
+        }
+        if let Some(why) = &self.first_failure {
+            event += &format!(", {} could not be copied ({why})", self.failed);
+        }
+        group.log(None, &event);
+    }
+}
+
+/// One pass over a group, if it has two members serving and
+/// `[HASynchronize]` asks for it; `None` when it did not run.
+fn reconcile(
+    provider: &dyn Host,
+    group: &Arc<Group>,
+    state: &StateDir,
+    shared: &Shared,
+) -> Result<Option<Summary>, String> {
+    if !provider.synchronize(group) || group.up_members().nth(1).is_none() {
+        return Ok(None);
+    }
+    let lock = state
+        .lock_group(&group.serial, LOCK_POLL, |wait| {
+            shared.wait_unless_stopped(wait)
+        })
+        .map_err(|e| {
+            format!(
+                "cannot take the lock file in {}: {e}",
+                state.path().display()
+            )
+        })?;
+    let Some(_one_process_at_a_time) = lock else {
+        return Ok(None);
+    };
+    let started = std::time::Instant::now();
+    let worker = VirtualSession::internal(Arc::clone(group));
+    let outcome = pass(group, state, shared, &worker);
+    worker.close();
+    outcome.map(|summary| {
+        summary.map(|summary| Summary {
+            took: started.elapsed(),
+            ..summary
+        })
+    })
+}
+
+/// Reads every serving member once, then copies and removes.
+fn pass(
+    group: &Arc<Group>,
+    state: &StateDir,
+    shared: &Shared,
+    worker: &VirtualSession,
+) -> Result<Option<Summary>, String> {
+    let logged_in = group.cached_login().is_some();
+    let mut held: Vec<(usize, MemberIndex)> = Vec::new();
+    for member in group.up_members() {
+        if shared.stopping() {
+            return Ok(None);
+        }
+        if let Some(index) = read_index(worker, member.position, shared) {
+            held.push((member.position, index));
+        }
+    }
+    // A login or logout meanwhile changed which objects a member shows.
+    if held.len() < 2 || group.cached_login().is_some() != logged_in {
+        return Ok(None);
+    }
+    let deletions = state
+        .deletions(&group.serial)
+        .map_err(|e| format!("cannot read the deletion record: {e}"))?;
+    let plan = Plan::make(&held, &deletions);
+    // A deletion can be forgotten once every member is known rid of the
+    // object -- which only a logged-in pass over all of them can tell --
+    // or once the object was made again.
+    let everyone = held.len() == group.members.len() && logged_in;
+    let forget: Vec<&Deletion> = deletions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| plan.made_again.contains(i) || (everyone && !plan.seen.contains(i)))
+        .map(|(_, d)| d)
+        .collect();
+    if !forget.is_empty() {
+        state
+            .forget_deletions(&group.serial, |d| forget.contains(&d))
+            .map_err(|e| format!("cannot rewrite the deletion record: {e}"))?;
+    }
+    let mut summary = Summary {
+        ambiguous: plan.ambiguous,
+        objects: held.iter().map(|(_, index)| index.len()).sum(),
+        members: held.len(),
+        ..Summary::default()
+    };
+    for (print, holders) in &plan.removals {
+        for position in holders {
+            if shared.stopping() {
+                return Ok(Some(summary));
+            }
+            match worker.apply(*position, &Pending::Destroy(print.clone()), None) {
+                Ok(removed) => summary.removed += usize::from(removed),
+                Err(why) => summary.fail(why),
+            }
+        }
+    }
+    let copied = copy_missing(group, shared, worker, &plan.copies, &mut summary);
+    remove_doubles(group, shared, worker, &copied, &mut summary);
+    Ok(Some(summary))
+}
+
+/// Reads every token object of the member but its domain key, as
+/// [`MemberIndex::read`] does, but gives up (`None`) as soon as the
+/// provider is finalised -- a large token takes seconds to read, and
+/// `C_Finalize` must not wait for that -- and counts each object's read as
+/// a call of its own, so that the watchdog sees the member answer.
+fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Option<MemberIndex> {
+    let member = &worker.group.members[position];
+    if yield_to_application(member, shared) {
+        return None;
+    }
+    let hidden = worker.domain_handle(position);
+    let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+    let handles = worker
+        .on_member(position, |s| {
+            identity::find(&s.library, s.handle, &everything)
+        })
+        .ok()?
+        .ok()?;
+    let mut index = MemberIndex::default();
+    let mut unread = false;
+    for handle in handles.into_iter().filter(|h| Some(*h) != hidden) {
+        if yield_to_application(member, shared) {
+            return None;
+        }
+        match worker.on_member(position, |s| {
+            identity::fingerprint(&s.library, s.handle, handle)
+        }) {
+            Ok(Some(print)) => index.insert(handle, print),
+            Ok(None) => unread = true,
+            Err(_) => return None,
+        }
+    }
+    // An object removed since the search is simply not held; a member that
+    // stopped answering must not pass for one that lacks objects.
+    if unread && !worker.answers(position) {
+        return None;
+    }
+    Some(index)
+}
+
+/// A pass is background work: before each of its calls on a member it waits
+/// while the application has calls in flight there, up to [`YIELD_LIMIT`]
+/// (so that it still advances under constant load). True if told to stop.
+fn yield_to_application(member: &crate::group::Member, shared: &Shared) -> bool {
+    let deadline = std::time::Instant::now() + YIELD_LIMIT;
+    while member.in_flight() > 0 && std::time::Instant::now() < deadline {
+        if shared.wait_unless_stopped(YIELD_POLL) {
+            return true;
+        }
+    }
+    shared.stopping()
+}
+
+/// An object some members lack: where it is, and who lacks it.
+struct Copy {
+    print: Fingerprint,
+    source: usize,
+    handle: CK_OBJECT_HANDLE,
+    targets: Vec<usize>,
+}
+
+/// What a pass will do, decided from the members' indexes alone.
+#[derive(Default)]
+struct Plan {
+    copies: Vec<Copy>,
+    /// Deleted objects, and the members that still hold them.
+    removals: Vec<(Fingerprint, Vec<usize>)>,
+    /// Recorded deletions (by position) that some object matched.
+    seen: FxHashSet<usize>,
+    /// Recorded deletions of objects every member read holds: made again.
+    made_again: FxHashSet<usize>,
+    ambiguous: usize,
+}
+
+impl Plan {
+    /// `held`: (member position, its index) for each member read.
+    fn make(held: &[(usize, MemberIndex)], deletions: &[Deletion]) -> Plan {
+        let mut plan = Plan::default();
+        let mut done: Vec<FxHashSet<CK_OBJECT_HANDLE>> = vec![FxHashSet::default(); held.len()];
+        for (i, (source, index)) in held.iter().enumerate() {
+            for (handle, print) in index.objects() {
+                if done[i].contains(&handle) {
+                    continue;
+                }
+                let found: Vec<Vec<CK_OBJECT_HANDLE>> = held
+                    .iter()
+                    .map(|(_, other)| other.matching(print))
+                    .collect();
+                done[i].insert(handle);
+                for (j, handles) in found.iter().enumerate() {
+                    done[j].extend(handles.iter().copied());
+                }
+                if found.iter().any(|f| f.len() > 1) {
+                    plan.ambiguous += 1;
+                    continue;
+                }
+                let holders: Vec<usize> = held
+                    .iter()
+                    .zip(&found)
+                    .filter(|(_, f)| !f.is_empty())
+                    .map(|((p, _), _)| *p)
+                    .collect();
+                let lacking: Vec<usize> = held
+                    .iter()
+                    .zip(&found)
+                    .filter(|(_, f)| f.is_empty())
+                    .map(|((p, _), _)| *p)
+                    .collect();
+                let deleted = deletions.iter().position(|d| d.matches(print));
+                if let Some(d) = deleted {
+                    plan.seen.insert(d);
+                    if lacking.is_empty() {
+                        plan.made_again.insert(d);
+                    } else {
+                        plan.removals.push((print.clone(), holders));
+                    }
+                    continue;
+                }
+                if !lacking.is_empty() {
+                    plan.copies.push(Copy {
+                        print: print.clone(),
+                        source: *source,
+                        handle,
+                        targets: lacking,
+                    });
+                }
+            }
+        }
+        plan
+    }
+}
+
+fn is_key(print: &Fingerprint) -> bool {
+    print
+        .iter()
+        .find(|(t, _)| *t == CKA_CLASS)
+        .map(|(_, v)| identity::ulong_of(v))
+        .is_some_and(|c| c == CKO_SECRET_KEY || c == CKO_PRIVATE_KEY)
+}
+
+/// A copy a pass made.
+struct Made {
+    object: CK_OBJECT_HANDLE,
+    target: usize,
+    /// The copy's handle on the target.
+    handle: CK_OBJECT_HANDLE,
+    print: Fingerprint,
+}
+
+/// Copies each planned object to the members that lack it, one member at a
+/// time; returns the copies made.
+fn copy_missing(
+    group: &Group,
+    shared: &Shared,
+    worker: &VirtualSession,
+    copies: &[Copy],
+    summary: &mut Summary,
+) -> Vec<Made> {
+    let mut made = Vec::new();
+    // Pairs of members a key could not move between in this pass: the
+    // reason was said once, and holds for every other key.
+    let mut no_way: FxHashSet<(usize, usize)> = FxHashSet::default();
+    let mut lacking: FxHashMap<usize, usize> = FxHashMap::default();
+    for target in copies.iter().flat_map(|c| &c.targets) {
+        *lacking.entry(*target).or_default() += 1;
+    }
+    let checked: FxHashSet<usize> = lacking
+        .into_iter()
+        .filter(|(_, n)| *n <= CHECKED_COPIES)
+        .map(|(target, _)| target)
+        .collect();
+    for copy in copies {
+        let object = group.objects.from_member(copy.source, copy.handle);
+        group.objects.set_fingerprint(object, copy.print.clone());
+        let key = is_key(&copy.print);
+        for &target in &copy.targets {
+            if shared.stopping() {
+                return made;
+            }
+            if !group.members[target].is_up() {
+                continue;
+            }
+            // Until this process makes no object: one being made may be
+            // about to be copied by its own call, or undone everywhere.
+            while group.objects_being_made() {
+                if shared.wait_unless_stopped(MAKING_POLL) {
+                    return made;
+                }
+            }
+            if yield_to_application(&group.members[target], shared) {
+                return made;
+            }
+            // Copied meanwhile by this process's own replication.
+            if let Some(Presence::Present(_)) = group.objects.presence(object, target) {
+                continue;
+            }
+            if key && no_way.contains(&(copy.source, target)) {
+                summary.failed += 1;
+                continue;
+            }
+            // Made there since the member was read (by a process on another
+            // host): not again. A search costs time in proportion to the
+            // member's size, so a member that lacks many objects (back from
+            // a long outage) is only read again after its copies.
+            if checked.contains(&target) {
+                let present = worker.on_member(target, |s| {
+                    identity::find(&s.library, s.handle, &copy.print)
+                });
+                if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
+                    continue;
+                }
+            }
+            match worker.copy_to(object, copy.source, &[target]) {
+                Ok(faulted) if faulted.is_empty() => {
+                    summary.copied += 1;
+                    if let Some(Presence::Present(ours)) = group.objects.presence(object, target) {
+                        made.push(Made {
+                            object,
+                            target,
+                            handle: ours,
+                            print: copy.print.clone(),
+                        });
+                    }
+                }
+                Ok(_) => summary.fail("the member failed meanwhile".into()),
+                Err(e) => {
+                    if key {
+                        no_way.insert((copy.source, target));
+                    }
+                    summary.fail(format!(
+                        "copying to member {} returned {}",
+                        group.members[target].serial,
+                        rv_name(e.rv)
+                    ));
+                }
+            }
+        }
+    }
+    made
+}
+
+/// Reads each member that received copies once more and removes any copy
+/// of ours that the member now holds twice: a process on another host,
+/// which shares no lock with this one, copied it at the same time.
+fn remove_doubles(
+    group: &Group,
+    shared: &Shared,
+    worker: &VirtualSession,
+    made: &[Made],
+    summary: &mut Summary,
+) {
+    let mut by_member: FxHashMap<usize, Vec<&Made>> = FxHashMap::default();
+    for copy in made {
+        by_member.entry(copy.target).or_default().push(copy);
+    }
+    for (target, copies) in by_member {
+        let Some(index) = read_index(worker, target, shared) else {
+            continue;
+        };
+        for copy in copies {
+            if index.matching(&copy.print).len() < 2 {
+                continue;
+            }
+            let ours = copy.handle;
+            let answer = worker.attempt_on(target, "C_DestroyObject", &mut |l, s| {
+                member_call!(l, C_DestroyObject(s, ours))
+            });
+            if matches!(answer, Attempt::Answered(CKR_OK)) {
+                if group.objects.presence(copy.object, target) == Some(Presence::Present(ours)) {
+                    group.objects.forget_copy(target, ours);
+                }
+                group.forget_object(target, ours);
+                summary.doubled += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(label: &str) -> Fingerprint {
+        vec![
+            (CKA_CLASS, CKO_DATA.to_ne_bytes().to_vec()),
+            (CKA_LABEL, label.as_bytes().to_vec()),
+        ]
+    }
+
+    fn index(objects: &[(CK_OBJECT_HANDLE, &str)]) -> MemberIndex {
+        let mut index = MemberIndex::default();
+        for (handle, label) in objects {
+            index.insert(*handle, data(label));
+        }
+        index
+    }
+
+    #[test]
+    fn copies_what_is_missing_and_removes_what_was_deleted() {
+        let held = vec![
+            (
+                0,
+                index(&[
+                    (1, "both"),
+                    (2, "only-a"),
+                    (3, "deleted"),
+                    (4, "twice"),
+                    (5, "twice"),
+                ]),
+            ),
+            (1, index(&[(7, "both"), (8, "only-b"), (9, "deleted")])),
+            (
+                2,
+                index(&[(11, "both"), (12, "only-b"), (13, "deleted-too")]),
+            ),
+        ];
+        let deletions = vec![
+            Deletion::of(&data("deleted"), 1),
+            Deletion::of(&data("deleted-too"), 1),
+            Deletion::of(&data("gone-everywhere"), 1),
+        ];
+        let plan = Plan::make(&held, &deletions);
+        let mut copies: Vec<(String, usize, Vec<usize>)> = plan
+            .copies
+            .iter()
+            .map(|c| {
+                (
+                    String::from_utf8_lossy(&c.print[1].1).into_owned(),
+                    c.source,
+                    c.targets.clone(),
+                )
+            })
+            .collect();
+        copies.sort();
+        assert_eq!(
+            copies,
+            vec![
+                ("only-a".into(), 0, vec![1, 2]),
+                ("only-b".into(), 1, vec![0])
+            ]
+        );
+        let mut removals = plan.removals.clone();
+        removals.sort();
+        assert_eq!(
+            removals,
+            vec![
+                (data("deleted"), vec![0, 1]),
+                (data("deleted-too"), vec![2])
+            ]
+        );
+        assert_eq!(plan.ambiguous, 1, "\"twice\" is never copied");
+        assert_eq!(plan.seen, [0, 1].into_iter().collect());
+        assert!(plan.made_again.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_object_every_member_holds_was_made_again() {
+        let held = vec![(0, index(&[(1, "k")])), (1, index(&[(2, "k")]))];
+        let plan = Plan::make(&held, &[Deletion::of(&data("k"), 1)]);
+        assert!(plan.copies.is_empty() && plan.removals.is_empty());
+        assert_eq!(plan.made_again, [0].into_iter().collect());
+    }
+}

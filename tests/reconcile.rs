@@ -1,0 +1,426 @@
+//! Reconciliation across processes (issue 20): what one process made or
+//! deleted while a member was down reaches that member from a later
+//! process, after the first has exited.
+//!
+//! Each application is a child process (`tests/c/reconcile_user.c`) on
+//! `target/release/libpkcs11_ha.so`. Member B is "down" for a process while
+//! its SoftHSM token directory is moved out of the token directory: B's
+//! library then has no token with B's serial, as a library whose HSM cannot
+//! be reached has none. What B holds is read directly with SoftHSM, never
+//! through the group.
+mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsString;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use cryptoki::object::{Attribute, AttributeType};
+
+/// How long a member may take to receive what it lacks: a correctness
+/// bound, far above what a pass takes here (see docs/design.md for figures).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Setup {
+    hsm: SoftHsm,
+    config: PathBuf,
+    state: PathBuf,
+    program: PathBuf,
+    /// B's token directory, inside the token directory or parked outside.
+    b_dir: OsString,
+    parked: PathBuf,
+}
+
+fn subdirs(dir: &Path) -> BTreeSet<OsString> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect()
+}
+
+impl Setup {
+    /// Two members, "member0" (A, primary) and "member1" (B), sharing the
+    /// domain key, and a state directory of their own. The caller holds the
+    /// serial guard.
+    fn new() -> Setup {
+        let mut hsm = SoftHsm::new(&["member0"]);
+        let before = subdirs(&hsm.token_dir());
+        hsm.add_token("member1");
+        let b_dir = subdirs(&hsm.token_dir())
+            .difference(&before)
+            .next()
+            .expect("member1's token directory")
+            .clone();
+        provision_domain(&hsm, &DOMAIN_VALUE);
+        let config = write_config(
+            hsm.dir.path(),
+            &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
+            &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
+            false,
+        );
+        let state = hsm.dir.path().join("state");
+        assert!(fs::read_to_string(&config).unwrap().contains("haStateDir"));
+        let program = build_c_program("reconcile_user", hsm.dir.path());
+        let parked = hsm.dir.path().join("parked");
+        Setup {
+            hsm,
+            config,
+            state,
+            program,
+            b_dir,
+            parked,
+        }
+    }
+
+    fn take_b_down(&self) {
+        fs::rename(self.hsm.token_dir().join(&self.b_dir), &self.parked).unwrap();
+    }
+
+    fn bring_b_back(&self) {
+        fs::rename(&self.parked, self.hsm.token_dir().join(&self.b_dir)).unwrap();
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .arg(release_library_path())
+            .args(args)
+            .env(SOFTHSM_CONF_ENV, &self.hsm.conf)
+            .env(CONF_ENV, &self.config);
+        command
+    }
+
+    /// Runs one application process to its end; it must succeed.
+    fn run(&self, args: &[&str]) {
+        let out = self.command(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.ends_with("ok\n"),
+            "reconcile_user {args:?}: {}; stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts an application process that uses the group until its stdin
+    /// closes, once it says it is logged in.
+    fn start_user(&self) -> Child {
+        let mut child = self
+            .command(&["stay"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready, "ready\n", "the application did not start");
+        child
+    }
+
+    /// Ends an application started by [`Setup::start_user`]; it must
+    /// finalise cleanly.
+    fn end_user(mut child: Child) {
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "the application ended with {}",
+            out.status
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    }
+
+    /// How many objects with each label `token` holds, read directly.
+    fn labels_on(&self, token: &str) -> HashMap<String, usize> {
+        self.try_labels_on(token)
+            .unwrap_or_else(|| panic!("token {token} could not be read whole"))
+    }
+
+    /// [`Setup::labels_on`], or `None` while SoftHSM shows no such token.
+    fn try_labels_on(&self, token: &str) -> Option<HashMap<String, usize>> {
+        labels_on(&self.hsm, token)
+    }
+
+    /// Waits until B's objects satisfy `done`, or fails after [`PATIENCE`]
+    /// with what B held last.
+    fn wait_for_b(&self, what: &str, done: impl Fn(&HashMap<String, usize>) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let held = self.try_labels_on("member1");
+            if held.as_ref().is_some_and(&done) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member B never came to {what}; it holds {held:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// How many objects with each label token `token` of `hsm` holds, read
+/// directly; `None` while SoftHSM shows no such token (it skips a token
+/// whose file another process is writing) or an object found cannot be
+/// read. The caller holds the serial guard.
+fn labels_on(hsm: &SoftHsm, token: &str) -> Option<HashMap<String, usize>> {
+    hsm.activate();
+    let softhsm = load_softhsm();
+    initialize(&softhsm).expect("C_Initialize of SoftHSM");
+    let mut labels = HashMap::new();
+    let mut complete = true;
+    let slot = slot_by_label(&softhsm, token);
+    if let Some(slot) = slot {
+        let session = user_session(&softhsm, slot);
+        for object in session.find_objects(&[Attribute::Token(true)]).unwrap() {
+            // An object removed since the search makes the reading unsure.
+            let attributes = session.get_attributes(object, &[AttributeType::Label]);
+            match attributes.ok().and_then(|a| a.first().cloned()) {
+                Some(Attribute::Label(label)) => {
+                    *labels
+                        .entry(String::from_utf8_lossy(&label).into_owned())
+                        .or_insert(0) += 1
+                }
+                _ => complete = false,
+            }
+        }
+    }
+    softhsm.finalize().unwrap();
+    slot.filter(|_| complete).map(|_| labels)
+}
+
+fn count(held: &HashMap<String, usize>, label: &str) -> usize {
+    held.get(label).copied().unwrap_or(0)
+}
+
+/// Process A makes a data object and a key while member B is down and
+/// exits; B returns; process C starts: B comes to hold both, exactly once.
+#[test]
+fn what_an_exited_process_made_while_a_member_was_down_reaches_it() {
+    let _guard = serial_guard();
+    let setup = Setup::new();
+    setup.take_b_down();
+    setup.run(&["make", "while-b-down"]);
+    setup.bring_b_back();
+    let before = setup.labels_on("member1");
+    assert_eq!(count(&before, "while-b-down"), 0, "B was down: {before:?}");
+    assert_eq!(count(&before, "while-b-down-key"), 0);
+
+    let c = setup.start_user();
+    setup.wait_for_b("hold the object and the key", |held| {
+        count(held, "while-b-down") > 0 && count(held, "while-b-down-key") > 0
+    });
+    Setup::end_user(c);
+
+    for member in ["member0", "member1"] {
+        let held = setup.labels_on(member);
+        assert_eq!(count(&held, "while-b-down"), 1, "{member}: {held:?}");
+        assert_eq!(count(&held, "while-b-down-key"), 1, "{member}: {held:?}");
+    }
+}
+
+/// Eight processes start at once against a group whose member B lacks 500
+/// objects: B ends with each exactly once.
+#[test]
+fn eight_processes_at_once_copy_each_missing_object_once() {
+    let _guard = serial_guard();
+    let setup = Setup::new();
+    setup.take_b_down();
+    setup.run(&["many", "bulk", "500"]);
+    setup.bring_b_back();
+    let labels: Vec<String> = (0..500).map(|i| format!("bulk-{i}")).collect();
+    let before = setup.labels_on("member1");
+    assert!(labels.iter().all(|l| count(&before, l) == 0), "{before:?}");
+
+    let children: Vec<Child> = (0..8)
+        .map(|_| {
+            setup
+                .command(&["stay"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    setup.wait_for_b("hold all 500 objects", |held| {
+        labels.iter().all(|l| count(held, l) > 0)
+    });
+    for mut child in children {
+        let mut ready = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready, "ready\n");
+        Setup::end_user(child);
+    }
+
+    // Every process has ended: nothing can copy any more.
+    for member in ["member0", "member1"] {
+        let held = setup.labels_on(member);
+        let wrong: Vec<(&String, usize)> = labels
+            .iter()
+            .map(|l| (l, count(&held, l)))
+            .filter(|(_, n)| *n != 1)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{member} holds these not exactly once: {wrong:?}"
+        );
+    }
+}
+
+/// An object deleted while member B was down is removed from B when B
+/// returns, not copied back to A; what was not deleted stays.
+#[test]
+fn a_deletion_made_while_a_member_was_down_is_not_undone() {
+    let _guard = serial_guard();
+    let setup = Setup::new();
+    setup.run(&["make", "doomed"]);
+    setup.take_b_down();
+    setup.run(&["destroy", "doomed"]);
+    let records: Vec<String> = fs::read_dir(&setup.state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deleted"))
+        .map(|p| fs::read_to_string(p).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "one group, one deletion record");
+    assert_eq!(records[0].lines().count(), 1, "{records:?}");
+    assert!(
+        !records[0].contains("doomed"),
+        "no attribute values: {records:?}"
+    );
+    setup.bring_b_back();
+    assert_eq!(
+        count(&setup.labels_on("member1"), "doomed"),
+        1,
+        "B missed it"
+    );
+
+    // The operator's `group sync` reads the record too.
+    let pin = setup.hsm.dir.path().join("pin");
+    fs::write(&pin, format!("{USER_PIN}\n")).unwrap();
+    fs::set_permissions(&pin, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pkcs11-ha"))
+        .args(["group", "sync", "--group", GROUP_LABEL, "--pin-file"])
+        .arg(&pin)
+        .env(SOFTHSM_CONF_ENV, &setup.hsm.conf)
+        .env(CONF_ENV, &setup.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "group sync: {said}");
+    assert!(
+        said.contains("Not copied: data object \"doomed\""),
+        "{said}"
+    );
+    assert_eq!(count(&setup.labels_on("member0"), "doomed"), 0, "{said}");
+
+    let c = setup.start_user();
+    setup.wait_for_b("be rid of the deleted object", |held| {
+        count(held, "doomed") == 0
+    });
+    Setup::end_user(c);
+
+    for member in ["member0", "member1"] {
+        let held = setup.labels_on(member);
+        assert_eq!(count(&held, "doomed"), 0, "{member}: {held:?}");
+        assert_eq!(count(&held, "doomed-key"), 1, "{member}: {held:?}");
+    }
+}
+
+/// The issue's own reproduction: member B behind `p11-kit server`, its
+/// server stopped; `pkcs11-tool --write-object` through the virtual slot
+/// returns and exits; B's server starts again; another process uses the
+/// group: B comes to hold the object, once.
+#[test]
+fn an_object_written_by_pkcs11_tool_while_a_remote_member_was_down_reaches_it() {
+    let _guard = serial_guard();
+    let local = SoftHsm::new(&["local"]);
+    provision_domain(&local, &DOMAIN_VALUE);
+    let remote = SoftHsm::new(&["remote"]);
+    provision_domain(&remote, &DOMAIN_VALUE);
+    let members = [
+        local.tokens[0].serial.clone(),
+        remote.tokens[0].serial.clone(),
+    ];
+    let config = write_config(
+        local.dir.path(),
+        &[
+            (SOFTHSM_LIB_NAME, SOFTHSM_LIB),
+            ("remote", &p11kit::client_module()),
+        ],
+        &[GroupSpec::new(GROUP_LABEL, &members)],
+        false,
+    );
+    let library = release_library_path();
+    let socket = |n: usize| remote.dir.path().join(format!("p11-kit-{n}.sock"));
+    // Down: nothing listens at the address.
+    let object = local.dir.path().join("object.bin");
+    fs::write(&object, b"written while B was down").unwrap();
+    let out = pkcs11_tool(&library, &local, &config)
+        .env(
+            p11kit::ADDRESS_ENV,
+            format!("unix:path={}", socket(0).display()),
+        )
+        .args(["--token-label", GROUP_LABEL, "--login", "--pin", USER_PIN])
+        .arg("--write-object")
+        .arg(&object)
+        .args(["--type", "data", "--label", "while-b-down"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pkcs11-tool --write-object: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count(&labels_on(&remote, "remote").unwrap(), "while-b-down"),
+        0
+    );
+
+    let server = p11kit::P11KitServer::start(SOFTHSM_LIB, &remote.conf, "remote", &socket(1));
+    let program = build_c_program("reconcile_user", local.dir.path());
+    let mut c = Command::new(&program)
+        .arg(&library)
+        .arg("stay")
+        .env(SOFTHSM_CONF_ENV, &local.conf)
+        .env(CONF_ENV, &config)
+        .env(p11kit::ADDRESS_ENV, server.address())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let held = labels_on(&remote, "remote");
+        if held.as_ref().is_some_and(|h| count(h, "while-b-down") > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never got the object: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Setup::end_user(c);
+    for (hsm, token) in [(&local, "local"), (&remote, "remote")] {
+        let held = labels_on(hsm, token).unwrap();
+        assert_eq!(count(&held, "while-b-down"), 1, "{token}: {held:?}");
+    }
+}
