@@ -22,6 +22,7 @@ pub mod mechanism;
 pub mod member;
 pub mod object;
 pub mod provider;
+pub mod published;
 pub mod reconcile;
 pub mod recovery;
 pub mod replication;
