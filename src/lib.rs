@@ -24,6 +24,7 @@ pub mod member;
 pub mod member_sessions;
 pub mod object;
 pub mod provider;
+pub mod published;
 pub mod reconcile;
 pub mod recovery;
 pub mod replication;

@@ -12,6 +12,7 @@ use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
 use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
+use crate::published::Publisher;
 use crate::reconcile::Reconciler;
 use crate::recovery::{self, Workers};
 use crate::recovery::{Host, RecoverySettings};
@@ -52,6 +53,8 @@ pub struct Provider {
     /// Compares the members of every group across processes
     /// (`reconcile.rs`); none without threads or a state directory.
     reconciler: Mutex<Option<Reconciler>>,
+    /// Writes this process's member counters for `pkcs11-ha status`.
+    publisher: Mutex<Option<Publisher>>,
     /// The domain keys hidden in each library reached through a
     /// pass-through slot, by library (address), found once.
     hidden: Mutex<HashMap<usize, Arc<HiddenObjects>>>,
@@ -227,6 +230,7 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
         })?;
         *provider.workers.lock() = Some(workers);
         start_reconciler(&config, &provider)?;
+        start_publisher(&config, &provider);
     }
     *lifecycle.provider_mut() = Some(provider);
     Ok(())
@@ -265,6 +269,21 @@ fn start_reconciler(config: &Config, provider: &Arc<Provider>) -> Result<()> {
     Ok(())
 }
 
+/// Publishes this process's member counters for `pkcs11-ha status`
+/// (`published.rs`) where the state directory is usable; where it is not,
+/// the application is not held up for it (the reconciler's warning, or the
+/// publisher's own, says so).
+fn start_publisher(config: &Config, provider: &Provider) {
+    let path = config.state_dir.clone().or_else(state_dir::default_path);
+    if let Some(Ok(state)) = path.as_deref().map(StateDir::open) {
+        *provider.publisher.lock() = Some(Publisher::start(
+            state.path(),
+            &config.path,
+            provider.groups.clone(),
+        ));
+    }
+}
+
 fn report_config_error(error: ConfigError) -> Error {
     eprintln!("pkcs11-ha: {error}");
     Error::new(CKR_GENERAL_ERROR)
@@ -277,6 +296,9 @@ pub fn finalize() -> Result<()> {
     lifecycle.provider_mut().take();
     if let Some(mut reconciler) = provider.reconciler.lock().take() {
         reconciler.stop(provider.member_timeout);
+    }
+    if let Some(publisher) = provider.publisher.lock().take() {
+        publisher.stop();
     }
     let mut workers = provider.workers.lock().take();
     if let Some(w) = workers.as_mut() {
@@ -499,6 +521,7 @@ impl Provider {
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),
             reconciler: Mutex::new(None),
+            publisher: Mutex::new(None),
             inline_recovery_due_ms: None,
             hidden: Mutex::new(HashMap::new()),
             domain_labels: domain_labels(config),

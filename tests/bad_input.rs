@@ -1094,7 +1094,7 @@ fn null_pointers_are_arguments_bad() {
         );
         assert_eq!(
             find_by_label(api, session, label),
-            [],
+            [0; 0],
             "{}",
             what("a refused C_CreateObject left an object")
         );

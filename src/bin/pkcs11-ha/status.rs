@@ -4,13 +4,17 @@
 //! state change come from the HA log. The exit status sums it up: 0 every
 //! member serving, 1 a group degraded, 2 a group without a serving member
 //! or no usable configuration. Calls served live only inside each
-//! application's process (`PKCS11HA_GetGroupStatus`), so they are not here.
+//! application's process: each running application publishes them in the
+//! state directory (`pkcs11_ha::published`), and they are summed here over
+//! the applications running now; a member that answers the probe but is
+//! out in a running application makes its group degraded.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 use pkcs11_ha::config::GroupConfig;
+use pkcs11_ha::published::ProcessStatus;
 use serde_json::{json, Value};
 
 use crate::cli::{StatusArgs, StatusFormat};
@@ -52,6 +56,12 @@ struct Member {
     failures: usize,
     /// Seconds since its last failure or recovery in the HA log.
     since_change: Option<u64>,
+    /// Running applications that use its group and publish their state.
+    applications: usize,
+    /// Calls it served, summed over those applications (`None`: none runs).
+    calls_served: Option<u64>,
+    /// Those applications in which it is out of rotation now.
+    out_in: usize,
 }
 
 struct Group {
@@ -84,8 +94,18 @@ fn group_health(
     group: &GroupConfig,
     pin: Option<&[u8]>,
     log: &[Event],
+    applications: &[ProcessStatus],
     now: SystemTime,
 ) -> Res<Group> {
+    let serial = pkcs11_ha::group::virtual_serial(
+        group.serial.as_deref(),
+        &[group.members.clone(), group.standby.clone()].concat(),
+    );
+    let seen_by: Vec<&pkcs11_ha::published::GroupStatus> = applications
+        .iter()
+        .flat_map(|a| &a.groups)
+        .filter(|g| g.serial == serial)
+        .collect();
     let (views, statuses) = views(members, group, pin)?;
     let plan = sync::plan(&views, &sync::deletions(members, group));
     let any_active_up = statuses
@@ -100,7 +120,15 @@ fn group_health(
             .filter(|e| e.group.eq_ignore_ascii_case(&group.label))
             .filter(|e| e.member.as_deref() == Some(status.serial.as_str()))
             .collect();
+        let seen: Vec<&pkcs11_ha::published::MemberStatus> = seen_by
+            .iter()
+            .flat_map(|g| &g.members)
+            .filter(|m| m.serial == status.serial)
+            .collect();
         out.push(Member {
+            applications: seen.len(),
+            calls_served: (!seen.is_empty()).then(|| seen.iter().map(|m| m.calls_served).sum()),
+            out_in: seen.iter().filter(|m| m.state != "up").count(),
             serving: up && (status.role == "active" || !any_active_up),
             pending: view.map(|v| plan.copies.iter().filter(|c| c.to == v).count()),
             failures: events.iter().filter(|e| e.is_failure()).count(),
@@ -124,6 +152,13 @@ fn group_health(
     if !down.is_empty() {
         reasons.push(format!("member(s) down: {}", down.join(", ")));
     }
+    for member in out.iter().filter(|m| m.up && m.out_in > 0) {
+        reasons.push(format!(
+            "member {} answers but is out of rotation in {} of {} running application(s); \
+             they take it back at their next recovery attempt (see `pkcs11-ha log --member {}`)",
+            member.serial, member.out_in, member.applications, member.serial
+        ));
+    }
     if !any_active_up && out.iter().any(|m| m.serving) {
         reasons.push("no active member is up: a standby member serves".into());
     }
@@ -144,10 +179,7 @@ fn group_health(
     };
     Ok(Group {
         label: group.label.clone(),
-        serial: pkcs11_ha::group::virtual_serial(
-            group.serial.as_deref(),
-            &[group.members.clone(), group.standby.clone()].concat(),
-        ),
+        serial,
         health,
         reasons,
         members: out,
@@ -180,9 +212,18 @@ fn gather(ctx: &Ctx, args: &StatusArgs) -> Res<Vec<Group>> {
         .unwrap_or_default();
     let members = Members::open(&config);
     let now = SystemTime::now();
+    let applications = config
+        .state_dir
+        .clone()
+        .or_else(pkcs11_ha::state_dir::default_path)
+        .map(|dir| pkcs11_ha::published::read_live(&dir, now))
+        .unwrap_or_default();
     let groups = groups
         .into_iter()
-        .map(|g| group_health(&members, g, pin.as_deref().map(|p| &p[..]), &log, now))
+        .map(|g| {
+            let pin = pin.as_deref().map(|p| &p[..]);
+            group_health(&members, g, pin, &log, &applications, now)
+        })
         .collect::<Res<Vec<_>>>()?;
     Ok(groups)
 }
@@ -262,6 +303,7 @@ fn print_text(groups: &[Group]) {
                     or_dash(m.pending),
                     m.failures.to_string(),
                     or_dash(m.since_change.map(|s| format!("{s} s ago"))),
+                    or_dash(m.calls_served),
                 ]
             })
             .collect();
@@ -274,7 +316,8 @@ fn print_text(groups: &[Group]) {
                     "State",
                     "Pending",
                     "Failures",
-                    "Last change"
+                    "Last change",
+                    "Calls served"
                 ],
                 &rows
             )
@@ -296,6 +339,9 @@ fn group_json(group: &Group) -> Value {
             "pending_changes": m.pending,
             "failures": m.failures,
             "seconds_since_state_change": m.since_change,
+            "applications": m.applications,
+            "calls_served": m.calls_served,
+            "out_of_rotation_in_applications": m.out_in,
             "note": m.note,
         })).collect::<Vec<_>>(),
     })
@@ -414,6 +460,24 @@ fn prometheus(groups: Option<&[Group]>) -> String {
         "gauge",
         "Seconds since the member's last failure or recovery in the HA log (absent without one).",
         member_samples(&|m| m.since_change.map(|s| s.to_string())),
+    );
+    metric(
+        "pkcs11_ha_member_calls_served_total",
+        "counter",
+        "Calls the member served, summed over the running applications that publish their state (absent when none runs); it falls when one of them exits.",
+        member_samples(&|m| m.calls_served.map(|c| c.to_string())),
+    );
+    metric(
+        "pkcs11_ha_member_applications",
+        "gauge",
+        "Running applications using the member's group that publish their state.",
+        member_samples(&|m| Some(m.applications.to_string())),
+    );
+    metric(
+        "pkcs11_ha_member_out_in_applications",
+        "gauge",
+        "Running applications in which the member is out of rotation now.",
+        member_samples(&|m| Some(m.out_in.to_string())),
     );
     out
 }
