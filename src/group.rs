@@ -16,7 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// Where a member token was found.
@@ -359,6 +359,11 @@ pub struct Group {
     /// it has or can no longer, and it does not rejoin meanwhile.
     in_doubt: Mutex<Vec<Vec<InDoubt>>>,
     round_robin: [AtomicUsize; LANES],
+    /// The write barrier: calls that make, change or destroy objects hold
+    /// it shared; a returning member's recovery holds it exclusively while
+    /// it copies the last few changes it missed, so that under continuous
+    /// writes it catches up instead of chasing the write rate.
+    writes: RwLock<()>,
     /// Per member: what it holds (see `index.rs`).
     indexes: Vec<Mutex<IndexState>>,
 }
@@ -375,6 +380,9 @@ struct IndexState {
 /// An object being made on a member (`None`), or in doubt there since a
 /// request making it was cut off on the wire (`Some(when)`).
 pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
+
+/// The longest a call that makes an object waits at the write barrier.
+pub const WRITE_BARRIER_WAIT: Duration = Duration::from_secs(1);
 
 /// Round-robin lanes: one per kind of operation, one for stateless calls.
 pub const LANES: usize = 9;
@@ -436,6 +444,7 @@ impl Group {
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
+            writes: RwLock::new(()),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
         }
     }
@@ -688,6 +697,20 @@ impl Group {
         pending[position].is_empty()
             && self.in_doubt.lock()[position].is_empty()
             && self.members[position].rejoin()
+    }
+
+    /// Enters a call that makes, changes or destroys objects: waits while
+    /// a returning member copies its last changes, at most
+    /// [`WRITE_BARRIER_WAIT`]; past that the call goes ahead, and its
+    /// change is queued for the member as any other.
+    pub fn enter_write(&self) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+        self.writes.try_read_for(WRITE_BARRIER_WAIT)
+    }
+
+    /// Holds new writes back (see [`Group::enter_write`]) once the writes
+    /// under way have ended, waiting for them at most `wait`.
+    pub fn hold_writes(&self, wait: Duration) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
+        self.writes.try_write_for(wait)
     }
 
     /// Records, before the request goes out, that a call is making

@@ -447,6 +447,12 @@ impl From<String> for Setback {
     }
 }
 
+/// Rounds of replay a returning member makes while writes go on before
+/// it holds them back for the rest.
+const CATCH_UP_ROUNDS: usize = 3;
+/// Changes left to copy that a member copies with writes held back.
+const SHORT_TAIL: usize = 64;
+
 /// Brings one member back; returns how many objects it received.
 fn recover(
     provider: &Provider,
@@ -467,11 +473,22 @@ fn recover(
         |(mut copied, mut holdings)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
-            // the lock that queues them.
+            // the lock that queues them. Under continuous writes the queue
+            // never empties by itself: once it is short (or after a few
+            // rounds), new writes wait at the barrier while the tail is
+            // copied, so the rejoin takes the backlog's time, not forever.
+            let mut barrier = None;
+            let mut rounds = 0;
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
+                if barrier.is_none()
+                    && (rounds >= CATCH_UP_ROUNDS || group.pending_count(position) <= SHORT_TAIL)
+                {
+                    barrier = group.hold_writes(provider.member_timeout);
+                }
+                rounds += 1;
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
             }

@@ -302,6 +302,7 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _write = self.group.enter_write();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
@@ -456,6 +457,7 @@ impl VirtualSession {
             unsafe { self.extractability_change(source, template, count) }?;
         let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
         let owner = owner_for(Some(token), session);
+        let _write = self.group.enter_write();
         let object = self
             .group
             .objects
@@ -788,6 +790,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
+        let _write = self.group.enter_write();
         let (before, missed) = loop {
             let (copies, mut missed) = self.resolve_everywhere(object)?;
             let before = self.fingerprint_from(copies[0]);
@@ -1053,6 +1056,7 @@ impl VirtualSession {
         // SAFETY: forwarded from the caller.
         let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
+        let _write = self.group.enter_write();
         loop {
             let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
