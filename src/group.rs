@@ -14,7 +14,7 @@ use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
@@ -69,6 +69,10 @@ pub struct Member {
     /// key-wrap mechanism (0: not refused), so that the group neither asks
     /// again nor says so again until the member has been reconnected.
     wrap_refused: AtomicU64,
+    /// Whether its library refused the key-wrap mechanism at any time in
+    /// this process (and has carried no key since): kept while the member
+    /// is down, so that no key it cannot receive is made meanwhile.
+    known_to_refuse_keys: AtomicBool,
     /// A session of the group's own on the member, in the epoch it was
     /// opened in. It is opened before any of the member's object handles
     /// is cached and stays open while the member serves, because SoftHSM
@@ -95,6 +99,7 @@ impl Member {
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
+            known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),
             capabilities: RwLock::new(Capabilities::default()),
         }
@@ -205,8 +210,23 @@ impl Member {
     /// Records that the library refused the key-wrap mechanism; true the
     /// first time in this epoch.
     pub fn refuses_keys(&self) -> bool {
+        self.known_to_refuse_keys.store(true, Ordering::Relaxed);
         let marker = self.epoch() + 1;
         self.wrap_refused.swap(marker, Ordering::Relaxed) != marker
+    }
+
+    /// Whether its library has refused the key-wrap mechanism in this
+    /// process and carried no key since, up or down.
+    pub fn known_to_refuse_keys(&self) -> bool {
+        self.known_to_refuse_keys.load(Ordering::Relaxed)
+    }
+
+    /// Its library wrapped or unwrapped a key: whatever it refused before,
+    /// it carries keys now.
+    pub fn carried_a_key(&self) {
+        if self.known_to_refuse_keys() {
+            self.known_to_refuse_keys.store(false, Ordering::Relaxed);
+        }
     }
 
     pub fn in_flight(&self) -> usize {

@@ -335,22 +335,7 @@ impl VirtualSession {
         let source_handle = self
             .resolve(object, source)?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-        // The kept fingerprint names the class; read it only without one.
-        let kept_class = self.group.objects.get(object).and_then(|o| {
-            o.fingerprint?
-                .iter()
-                .find(|(t, _)| *t == CKA_CLASS)
-                .map(|(_, v)| identity::ulong_of(v))
-        });
-        let class = match kept_class {
-            Some(class) => class,
-            None => self
-                .on_member(source, |s| {
-                    identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
-                })?
-                .map(|c| identity::ulong_of(&c))
-                .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?,
-        };
+        let class = self.class_of(object, source, source_handle)?;
         let secret = class == CKO_SECRET_KEY || class == CKO_PRIVATE_KEY;
         let strategies: Vec<Option<Strategy>> = if secret {
             let mut chosen = Vec::with_capacity(targets.len());
@@ -444,6 +429,10 @@ impl VirtualSession {
                         .objects
                         .set_presence(object, position, Presence::Present(handle));
                     made.push((position, handle));
+                    if matches!(strategy, Some(Strategy::Wrap(_))) {
+                        self.group.members[source].carried_a_key();
+                        self.group.members[position].carried_a_key();
+                    }
                 }
                 (Attempt::Answered(rv), _) => {
                     self.undo(&made);
@@ -457,6 +446,101 @@ impl VirtualSession {
             }
         }
         Ok(faulted)
+    }
+
+    /// The class of `object`, whose copy on `source` is `source_handle`:
+    /// the kept fingerprint names it; it is read only without one.
+    fn class_of(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        source: usize,
+        source_handle: CK_OBJECT_HANDLE,
+    ) -> Result<CK_OBJECT_CLASS> {
+        let kept_class = self.group.objects.get(object).and_then(|o| {
+            o.fingerprint?
+                .iter()
+                .find(|(t, _)| *t == CKA_CLASS)
+                .map(|(_, v)| identity::ulong_of(v))
+        });
+        match kept_class {
+            Some(class) => Ok(class),
+            None => self
+                .on_member(source, |s| {
+                    identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
+                })?
+                .map(|c| identity::ulong_of(&c))
+                .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID)),
+        }
+    }
+
+    /// Fails, with one line, when a member that lacks one of these new
+    /// keys (made on `source`) is known unable to receive it, up or down:
+    /// its library refused the key-wrap mechanism in this process, or what
+    /// it can do (read when it was attached) leaves no way from `source` to
+    /// it. A member never attached in this process is not known unable: it
+    /// is given the key when it joins, or says it cannot take it then.
+    pub fn refuse_unreceivable(
+        &self,
+        objects: &[CK_OBJECT_HANDLE],
+        source: usize,
+        function: &str,
+    ) -> Result<()> {
+        let from = &self.group.members[source];
+        let Some(from_location) = from.location() else {
+            return Ok(());
+        };
+        for &object in objects {
+            let Some(entry) = self.group.objects.get(object) else {
+                continue;
+            };
+            let Presence::Present(source_handle) = entry.on[source] else {
+                continue;
+            };
+            let class = self.class_of(object, source, source_handle)?;
+            if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
+                continue;
+            }
+            for to in &self.group.members {
+                if to.position == source || matches!(entry.on[to.position], Presence::Present(_)) {
+                    continue;
+                }
+                let Some(to_location) = to.location() else {
+                    continue;
+                };
+                let (from_can, to_can) = (from.capabilities(), to.capabilities());
+                let source_side = Side {
+                    serial: &from.serial,
+                    library: from_location.library.as_ref(),
+                    capabilities: &from_can,
+                };
+                let target_side = Side {
+                    serial: &to.serial,
+                    library: to_location.library.as_ref(),
+                    capabilities: &to_can,
+                };
+                let why = match strategy::choose(&source_side, &target_side, class) {
+                    Err(why) => why,
+                    Ok(Strategy::Wrap(_)) if to.known_to_refuse_keys() || to_can.wrap_refused => format!(
+                        "member {}'s library refused the key-wrap mechanism",
+                        to.serial
+                    ),
+                    Ok(Strategy::Wrap(_)) if from.known_to_refuse_keys() => format!(
+                        "member {}'s library refused the key-wrap mechanism, so the key cannot leave it",
+                        from.serial
+                    ),
+                    Ok(_) => continue,
+                };
+                let event = format!(
+                    "{function}: member {} ({}) could never receive the new key: {why}; the key was not created",
+                    to.serial,
+                    if to.is_up() { "up" } else { "down now" }
+                );
+                eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+                self.group.log(Some(to.position), &event);
+                return Err(Error::new(CKR_FUNCTION_FAILED));
+            }
+        }
+        Ok(())
     }
 
     /// The way a key of `class` moves from `source` to `target`; where

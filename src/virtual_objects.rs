@@ -1100,6 +1100,9 @@ impl VirtualSession {
                 }
             }
             if failure.is_none() {
+                failure = self.refuse_unreceivable(&objects, position, function).err();
+            }
+            if failure.is_none() {
                 failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
