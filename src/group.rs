@@ -378,6 +378,10 @@ pub struct Group {
     /// make those when it resumes, so they are not made again on it until
     /// it has or can no longer, and it does not rejoin meanwhile.
     in_doubt: Mutex<Vec<Vec<InDoubt>>>,
+    /// Fingerprints of objects whose making call failed while a member had
+    /// them in doubt: recovery looks for those copies by these, and removes
+    /// them. Kept while a member has the object in doubt.
+    abandoned: Mutex<rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Fingerprint>>,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -463,6 +467,7 @@ impl Group {
             probes: Default::default(),
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
+            abandoned: Mutex::default(),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
@@ -760,9 +765,27 @@ impl Group {
         self.in_doubt.lock()[position].clone()
     }
 
-    /// Forgets that `object` was in doubt on a member.
+    /// Forgets that `object` was in doubt on a member (and its fingerprint
+    /// as an abandoned object, once no member has it in doubt). Lock
+    /// order: in-doubt, then abandoned.
     pub fn settle_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
-        self.in_doubt.lock()[position].retain(|(o, since)| *o != object || since.is_none());
+        let mut in_doubt = self.in_doubt.lock();
+        in_doubt[position].retain(|(o, since)| *o != object || since.is_none());
+        if !in_doubt.iter().flatten().any(|(o, _)| *o == object) {
+            self.abandoned.lock().remove(&object);
+        }
+    }
+
+    /// Keeps the fingerprint of `object`, whose making call failed while a
+    /// member had it in doubt (see [`Group::abandoned_print`]).
+    pub fn record_abandoned(&self, object: CK_OBJECT_HANDLE, print: Fingerprint) {
+        self.abandoned.lock().insert(object, print);
+    }
+
+    /// The fingerprint of an object whose making call failed while a
+    /// member had it in doubt: what finds the copy it may still make.
+    pub fn abandoned_print(&self, object: CK_OBJECT_HANDLE) -> Option<Fingerprint> {
+        self.abandoned.lock().get(&object).cloned()
     }
 
     /// The objects queued to be created on a member.

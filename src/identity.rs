@@ -78,6 +78,46 @@ pub fn light_fingerprint(
     read_print(library, session, object, LIGHT_FINGERPRINT)
 }
 
+/// Attributes of which a print from a template needs one, besides class,
+/// key type and `CKA_TOKEN`, to find one object rather than any of a kind.
+const IDENTIFYING: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_ID,
+    CKA_LABEL,
+    CKA_MODULUS,
+    CKA_EC_POINT,
+    CKA_SERIAL_NUMBER,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+    PUBLIC_VALUE,
+];
+
+/// The fingerprint an object made from these template values has, as far
+/// as the template says (the check value a member computes is left out):
+/// to find a copy of an object whose making failed. `None` unless the
+/// template names the class and identifies one object by ID, label or a
+/// public value -- a print of a whole kind would find other objects.
+pub fn print_of_template<'a>(
+    values: impl Iterator<Item = (CK_ATTRIBUTE_TYPE, &'a [u8])> + Clone,
+) -> Option<Fingerprint> {
+    let class = values
+        .clone()
+        .find(|(t, _)| *t == CKA_CLASS)
+        .map(|(_, v)| ulong_of(v))?;
+    let public = class == CKO_CERTIFICATE || class == CKO_DATA || class == CKO_PUBLIC_KEY;
+    let print: Fingerprint = values
+        .filter(|(t, v)| {
+            !v.is_empty()
+                && *t != CKA_CHECK_VALUE
+                && (FINGERPRINT.contains(t) || (public && *t == PUBLIC_VALUE))
+        })
+        .map(|(t, v)| (t, v.to_vec()))
+        .collect();
+    print
+        .iter()
+        .any(|(t, _)| IDENTIFYING.contains(t))
+        .then_some(print)
+}
+
 /// Whether a fingerprint holds a check value (else it is a light one).
 pub fn has_check_value(print: &Fingerprint) -> bool {
     print.iter().any(|(t, _)| *t == CKA_CHECK_VALUE)
@@ -485,6 +525,44 @@ pub fn ulong_of(bytes: &[u8]) -> CK_ULONG {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_print_identifies_one_object_and_never_holds_a_secret() {
+        let ulong = |v: CK_ULONG| v.to_ne_bytes().to_vec();
+        let (secret, key_type, yes) = (ulong(CKO_SECRET_KEY), ulong(CKK_AES), vec![CK_TRUE]);
+        let value = vec![7u8; 16];
+        let id = b"k1".to_vec();
+        let mut template = vec![
+            (CKA_CLASS, secret.as_slice()),
+            (CKA_KEY_TYPE, key_type.as_slice()),
+            (CKA_TOKEN, yes.as_slice()),
+            (CKA_VALUE, value.as_slice()),
+        ];
+        assert_eq!(
+            print_of_template(template.iter().copied()),
+            None,
+            "a kind, not one object"
+        );
+        template.push((CKA_ID, id.as_slice()));
+        let print = print_of_template(template.iter().copied()).unwrap();
+        assert_eq!(
+            print,
+            vec![
+                (CKA_CLASS, secret.clone()),
+                (CKA_KEY_TYPE, key_type),
+                (CKA_TOKEN, yes),
+                (CKA_ID, id),
+            ],
+            "a secret key's value stays out"
+        );
+        let data = ulong(CKO_DATA);
+        let public = [(CKA_CLASS, data.as_slice()), (CKA_VALUE, value.as_slice())];
+        assert_eq!(
+            print_of_template(public.iter().copied()),
+            Some(vec![(CKA_CLASS, data.clone()), (CKA_VALUE, value.clone())]),
+            "a public value identifies"
+        );
+    }
 
     #[test]
     fn matching_follows_find() {

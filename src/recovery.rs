@@ -160,9 +160,13 @@ fn recovery_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
             None => break,
         };
         {
+            // Woken early by every attempt that ends (for `stop_recovery`):
+            // the next round still waits out the interval.
+            let next_round = Instant::now() + interval;
             let mut flags = shared.flags();
-            if !flags.stop_recovery {
-                flags = shared.sleep(flags, interval).0;
+            while !flags.stop_recovery && Instant::now() < next_round {
+                let left = next_round.saturating_duration_since(Instant::now());
+                flags = shared.sleep(flags, left).0;
             }
             if flags.stop_recovery {
                 break;
@@ -447,9 +451,6 @@ impl From<String> for Setback {
     }
 }
 
-/// Rounds of replay a returning member makes while writes go on before
-/// it holds them back for the rest.
-const CATCH_UP_ROUNDS: usize = 3;
 /// Changes left to copy that a member copies with writes held back.
 const SHORT_TAIL: usize = 64;
 
@@ -474,21 +475,21 @@ fn recover(
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
             // the lock that queues them. Under continuous writes the queue
-            // never empties by itself: once it is short (or after a few
-            // rounds), new writes wait at the barrier while the tail is
-            // copied, so the rejoin takes the backlog's time, not forever.
+            // never empties by itself: once it is short, or a round of
+            // replay no longer halves it, new writes wait at the barrier
+            // while the tail is copied, so the rejoin takes the backlog's
+            // time, not forever.
             let mut barrier = None;
-            let mut rounds = 0;
+            let mut before = usize::MAX;
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
-                if barrier.is_none()
-                    && (rounds >= CATCH_UP_ROUNDS || group.pending_count(position) <= SHORT_TAIL)
-                {
+                let left = group.pending_count(position);
+                if barrier.is_none() && (left <= SHORT_TAIL || left > before / 2) {
                     barrier = group.hold_writes(provider.member_timeout);
                 }
-                rounds += 1;
+                before = left;
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
             }
@@ -547,11 +548,14 @@ fn bring_up_to_date(
 }
 
 /// Settles the objects whose making the member was cut off in: each once
-/// the member holds it, once it is gone from the group, or once the member
-/// has had `wait` to carry the request out. Until then the member is not
-/// given them again -- it would end with two when it resumes -- and so
-/// does not come back; nor while a call making an object on it has yet to
-/// return and say whether it was cut off.
+/// the member holds it, once the member has had `wait` to carry the
+/// request out, or once it is gone from the group -- unless the call that
+/// made it failed (it was abandoned): then the copy the member may still
+/// make is waited for like any other, and removed by the removal queued
+/// for the member. Until then the member is not given them again -- it
+/// would end with two when it resumes -- and so does not come back; nor
+/// while a call making an object on it has yet to return and say whether
+/// it was cut off.
 fn settle_in_doubt(
     group: &Group,
     position: usize,
@@ -564,10 +568,14 @@ fn settle_in_doubt(
                 "a call making an object on it is still under way".into(),
             ));
         };
-        if group.objects.get(object).is_none()
-            || since.elapsed() >= wait
-            || worker.holds(object, position, None)
-        {
+        let held = || match group.abandoned_print(object) {
+            _ if group.objects.get(object).is_some() => worker.holds(object, position, None),
+            Some(print) => group
+                .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
+                .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
+            None => true,
+        };
+        if since.elapsed() >= wait || held() {
             group.settle_in_doubt(position, object);
         } else {
             return Err(Setback::Waiting(format!(

@@ -200,6 +200,12 @@ impl OwnedTemplate {
     }
 
     /// Attributes pointing into this template, for one member call.
+    /// The fingerprint of the object this template makes, where it
+    /// identifies one (see [`identity::print_of_template`]).
+    pub fn print(&self) -> Option<Fingerprint> {
+        identity::print_of_template(self.values.iter().map(|(t, v)| (*t, v.as_slice())))
+    }
+
     pub fn attributes(&self) -> Vec<CK_ATTRIBUTE> {
         self.values
             .iter()
@@ -845,12 +851,57 @@ impl VirtualSession {
         Error::new(CKR_FUNCTION_FAILED)
     }
 
-    /// Removes copies made before a replication had to be abandoned.
-    pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) {
-        for (position, handle) in made {
-            let _ = self.on_member(*position, |s| {
-                member_call!(s.library, C_DestroyObject(s.handle, *handle))
-            });
+    /// Removes copies made before a replication had to be abandoned;
+    /// returns the members that could not be asked (they failed).
+    pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) -> Vec<usize> {
+        made.iter()
+            .filter(|(position, handle)| {
+                self.on_member(*position, |s| {
+                    member_call!(s.library, C_DestroyObject(s.handle, *handle))
+                })
+                .is_err()
+            })
+            .map(|(position, _)| *position)
+            .collect()
+    }
+
+    /// A call that made `object` failed: the object leaves the group and
+    /// every member, so that no copy outlives the error. `made` are the
+    /// copies known; members that could not remove theirs now, and those
+    /// a request making it was cut off on (they may still carry it out),
+    /// get the removal queued, replayed before they serve again -- for an
+    /// in-doubt copy once recovery has waited for it (`recovery.rs`).
+    /// `print` finds those copies; without it, it is read from a copy made,
+    /// and without either (a template that identifies no one object) such
+    /// a copy stays.
+    pub fn abandon(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        print: Option<Fingerprint>,
+        made: &[(usize, CK_OBJECT_HANDLE)],
+    ) {
+        let print = print.or_else(|| {
+            made.iter().find_map(|(p, h)| {
+                self.on_member(*p, |s| identity::fingerprint(&s.library, s.handle, *h))
+                    .ok()?
+            })
+        });
+        self.group.objects.remove(object);
+        let mut left = self.undo(made);
+        let in_doubt: Vec<usize> = (0..self.group.members.len())
+            .filter(|p| self.group.in_doubt(*p).iter().any(|(o, _)| *o == object))
+            .collect();
+        let Some(print) = print else {
+            return;
+        };
+        if !in_doubt.is_empty() {
+            self.group.record_abandoned(object, print.clone());
+        }
+        left.extend(in_doubt);
+        left.sort_unstable();
+        left.dedup();
+        for position in left {
+            self.deliver_or_queue(position, Pending::Destroy(print.clone()));
         }
     }
 

@@ -312,13 +312,21 @@ impl VirtualSession {
             .group
             .objects
             .insert(vec![Presence::Unknown; self.group.members.len()], owner);
+        // What finds a copy of a token object whose making failed.
+        let print = || {
+            owner
+                .is_none()
+                // SAFETY: forwarded from the caller.
+                .then(|| unsafe { OwnedTemplate::copy(template, count) }.print())
+                .flatten()
+        };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
             let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
             if up.is_empty() {
-                self.group.objects.remove(object);
+                self.abandon(object, print(), &made);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
             for position in up {
@@ -327,16 +335,23 @@ impl VirtualSession {
                     self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
-                self.note_copy(object, position, handle, answer, &mut made)?;
+                self.note_copy(object, position, handle, answer, &mut made, &print)?;
             }
         }
         if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
-            self.undo(&made);
-            self.group.objects.remove(object);
+            self.abandon(object, print(), &made);
             return Err(e);
         }
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
+        }
+        if !self.group.objects.has_fingerprint(object) {
+            // The member failed before its copy could be read: without a
+            // fingerprint the object could not be found again once that
+            // member's handles are forgotten.
+            if let Some(print) = print() {
+                self.group.objects.set_fingerprint(object, print);
+            }
         }
         let missed: Vec<usize> = (0..self.group.members.len())
             .filter(|p| !made.iter().any(|(m, _)| m == p))
@@ -382,10 +397,10 @@ impl VirtualSession {
     }
 
     /// Records one member's answer to a call that makes `object` on every
-    /// member: a copy made is kept in `made`; a request error undoes every
-    /// copy and fails the call, so no member keeps what the application
-    /// was told failed; true for a member that faulted, to be given the
-    /// object when it returns.
+    /// member: a copy made is kept in `made`; a request error abandons the
+    /// object (`print` finds its copies) and fails the call, so no member
+    /// keeps what the application was told failed; true for a member that
+    /// faulted, to be given the object when it returns.
     fn note_copy(
         &self,
         object: CK_OBJECT_HANDLE,
@@ -393,6 +408,7 @@ impl VirtualSession {
         handle: CK_OBJECT_HANDLE,
         answer: Attempt,
         made: &mut Vec<(usize, CK_OBJECT_HANDLE)>,
+        print: &dyn Fn() -> Option<identity::Fingerprint>,
     ) -> Result<bool> {
         match answer {
             Attempt::Answered(CKR_OK) => {
@@ -403,8 +419,7 @@ impl VirtualSession {
                 Ok(false)
             }
             Attempt::Answered(rv) => {
-                self.undo(made);
-                self.group.objects.remove(object);
+                self.abandon(object, print(), made);
                 Err(Error::new(rv))
             }
             Attempt::Faulted => Ok(true),
@@ -478,7 +493,7 @@ impl VirtualSession {
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
                     member_call!(l, C_CopyObject(s, source_handle, t, n, &mut handle))
                 });
-                if self.note_copy(object, position, handle, answer, &mut made)? {
+                if self.note_copy(object, position, handle, answer, &mut made, &|| None)? {
                     missed.push(position);
                 }
             }
@@ -486,13 +501,12 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                self.group.objects.remove(object);
+                self.abandon(object, None, &made);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
-            self.undo(&made);
-            self.group.objects.remove(object);
+            self.abandon(object, None, &made);
             return Err(e);
         }
         self.remember_fingerprint(object, made[0].0, made[0].1);
@@ -1080,15 +1094,11 @@ impl VirtualSession {
                     self.group.objects.insert(on, owner_for(*token, session))
                 })
                 .collect();
-            let prints: Vec<_> = made
-                .iter()
-                .zip(&objects)
-                .filter_map(|(h, object)| {
-                    let print = self.fingerprint_from((position, *h))?;
-                    self.group.objects.set_fingerprint(*object, print.clone());
-                    Some(print)
-                })
-                .collect();
+            for (h, object) in made.iter().zip(&objects) {
+                if let Some(print) = self.fingerprint_from((position, *h)) {
+                    self.group.objects.set_fingerprint(*object, print);
+                }
+            }
             if self.group.members.len() == 1 {
                 return Ok(objects);
             }
@@ -1108,8 +1118,10 @@ impl VirtualSession {
             let Some(error) = failure else {
                 return Ok(objects);
             };
+            // Copies on members that failed meanwhile, the one that made
+            // them included, are removed when those return.
             for object in &objects {
-                if let Some(entry) = self.group.objects.remove(*object) {
+                if let Some(entry) = self.group.objects.get(*object) {
                     let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry
                         .on
                         .iter()
@@ -1119,14 +1131,12 @@ impl VirtualSession {
                             _ => None,
                         })
                         .collect();
-                    self.undo(&copies);
+                    let print = entry.fingerprint.map(|p| (*p).clone());
+                    self.abandon(*object, print, &copies);
                 }
             }
             if self.group.members[position].is_up() {
                 return Err(error);
-            }
-            for print in prints {
-                self.deliver_or_queue(position, Pending::Destroy(print));
             }
         }
     }

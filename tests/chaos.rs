@@ -662,6 +662,16 @@ fn a_slow_member_stays_in_service_and_gets_fewer_calls() {
     pkcs11.finalize().unwrap();
 }
 
+/// Stops the writers of a scenario when dropped, also when the scenario
+/// fails, so that its scope can end.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Imports an AES key with `id` through the virtual slot.
 fn import_key(session: &cryptoki::session::Session, id: &[u8]) -> cryptoki::error::Result<()> {
     use cryptoki::object::{Attribute, KeyType, ObjectClass};
@@ -784,6 +794,108 @@ fn a_member_reset_under_continuous_writes_rejoins_and_holds_every_object_once() 
             "member {i} holds {} of {} keys other than once: {wrong:?}",
             wrong.len(),
             made.len()
+        );
+    }
+    pkcs11.finalize().unwrap();
+}
+
+/// Keys the application was told failed are on no member, not even those
+/// whose making was on the wire when the last member dropped: both paths
+/// stall (the relays hold what they were sent) while four threads import
+/// keys, the watchdog cuts both members off, every call fails until they
+/// return, and the stalled requests reach the servers once the paths
+/// resume. Recovery waits for those copies and removes them; every key
+/// reported made is on every member exactly once.
+#[test]
+fn keys_reported_failed_are_left_on_no_member_even_when_in_flight_as_the_last_member_dropped() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    const WRITERS: usize = 4;
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let stop = AtomicBool::new(false);
+    let made: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let failed: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let count = |list: &Mutex<Vec<Vec<u8>>>| list.lock().unwrap().len();
+    std::thread::scope(|scope| {
+        for writer in 0..WRITERS {
+            let (pkcs11, stop, made, failed) = (&pkcs11, &stop, &made, &failed);
+            scope.spawn(move || {
+                let session = user_session(pkcs11, slot);
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("f{writer}-{n}").into_bytes();
+                    n += 1;
+                    match import_key(&session, &id) {
+                        Ok(()) => made.lock().unwrap().push(id),
+                        Err(_) => failed.lock().unwrap().push(id),
+                    }
+                }
+            });
+        }
+        let _stop = StopOnDrop(&stop);
+        wait_for("the writers write", Duration::from_secs(20), || {
+            count(&made) >= 40
+        });
+        for member in &mut chaos.members {
+            member.relay.pause();
+        }
+        wait_for("both members are cut off", Duration::from_secs(20), || {
+            !serves(0) && !serves(1)
+        });
+        wait_for(
+            "calls fail while no member serves",
+            Duration::from_secs(10),
+            || count(&failed) >= WRITERS,
+        );
+        for member in &mut chaos.members {
+            member.relay.resume();
+        }
+        // Both wait up to 4 x memberTimeout for the requests cut off, and
+        // replay what the other made meanwhile, on a loaded machine.
+        let limit = Instant::now() + Duration::from_secs(90);
+        while !(serves(0) && serves(1)) {
+            assert!(
+                Instant::now() < limit,
+                "both members serve again: not within 90 s; HA log:\n{}",
+                chaos.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let back = count(&made);
+        wait_for("writes go on", Duration::from_secs(20), || {
+            count(&made) >= back + 40
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (made, failed) = (made.into_inner().unwrap(), failed.into_inner().unwrap());
+    let in_doubt = chaos.log().matches("cut").count();
+    eprintln!(
+        "{} keys made, {} failed; {in_doubt} HA log lines about cut connections",
+        made.len(),
+        failed.len()
+    );
+    for (i, member) in chaos.members.iter().enumerate() {
+        let counts = ids_on_member(&pkcs11, member);
+        let left: Vec<String> = failed
+            .iter()
+            .filter(|id| counts.contains_key(*id))
+            .map(|id| String::from_utf8_lossy(id).into_owned())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "member {i} holds keys reported failed: {left:?}"
+        );
+        let wrong: Vec<String> = made
+            .iter()
+            .filter(|id| counts.get(*id) != Some(&1))
+            .map(|id| format!("{}: {:?}", String::from_utf8_lossy(id), counts.get(id)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "member {i} holds keys other than once: {wrong:?}; HA log:\n{}",
+            chaos.log()
         );
     }
     pkcs11.finalize().unwrap();
