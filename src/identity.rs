@@ -118,6 +118,34 @@ pub fn print_of_template<'a>(
         .then_some(print)
 }
 
+/// An object as the HA log names it: class, label and ID, from its
+/// fingerprint -- never a value, which for a key would be key material.
+pub fn describe(print: &Fingerprint) -> String {
+    let value = |t: CK_ATTRIBUTE_TYPE| {
+        print
+            .iter()
+            .find(|(a, v)| *a == t && !v.is_empty())
+            .map(|(_, v)| v)
+    };
+    let class = match value(CKA_CLASS).map(|v| ulong_of(v)) {
+        Some(CKO_DATA) => "data object".to_string(),
+        Some(CKO_CERTIFICATE) => "certificate".to_string(),
+        Some(CKO_PUBLIC_KEY) => "public key".to_string(),
+        Some(CKO_PRIVATE_KEY) => "private key".to_string(),
+        Some(CKO_SECRET_KEY) => "secret key".to_string(),
+        Some(other) => format!("object of class 0x{other:X}"),
+        None => "object".to_string(),
+    };
+    let label = value(CKA_LABEL).map_or("no label".to_string(), |l| {
+        format!("label {:?}", String::from_utf8_lossy(l))
+    });
+    let id = value(CKA_ID).map_or("no ID".to_string(), |id| {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        format!("ID {hex}")
+    });
+    format!("{class} ({label}, {id})")
+}
+
 /// Whether a fingerprint holds a check value (else it is a light one).
 pub fn has_check_value(print: &Fingerprint) -> bool {
     print.iter().any(|(t, _)| *t == CKA_CHECK_VALUE)
@@ -525,6 +553,22 @@ pub fn ulong_of(bytes: &[u8]) -> CK_ULONG {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_are_named_by_class_label_and_id_only() {
+        let print: Fingerprint = vec![
+            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
+            (CKA_LABEL, b"db key".to_vec()),
+            (CKA_ID, vec![0x6b, 0x01]),
+            (CKA_CHECK_VALUE, vec![0xaa, 0xbb, 0xcc]),
+        ];
+        assert_eq!(describe(&print), "secret key (label \"db key\", ID 6b01)");
+        let bare: Fingerprint = vec![
+            (CKA_CLASS, CKO_DATA.to_ne_bytes().to_vec()),
+            (CKA_LABEL, Vec::new()),
+        ];
+        assert_eq!(describe(&bare), "data object (no label, no ID)");
+    }
 
     #[test]
     fn a_template_print_identifies_one_object_and_never_holds_a_secret() {

@@ -221,6 +221,7 @@ fn watchdog_loop(provider: Weak<Provider>, shared: Arc<Shared>) {
         check_for_stalls(&p, timeout, &mut progress);
         check_for_stalled_connections(&p, timeout, &mut on_wire);
         report_outages(&p, &mut outages, Instant::now());
+        crate::halog::summarize();
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
@@ -694,7 +695,10 @@ fn replay_pending(
                 // go on; operations on it run on the members that have it.
                 group.log(
                     Some(position),
-                    &format!("an object could not be replayed: {why}"),
+                    &format!(
+                        "{} could not be replayed: {why}",
+                        worker.name_change(&change)
+                    ),
                 );
             }
             Err(why) => {
@@ -749,7 +753,10 @@ fn synchronize(
             Err(why) if group.members[position].reachable() => {
                 group.log(
                     Some(position),
-                    &format!("an object could not be synchronised: {why}"),
+                    &format!(
+                        "{} could not be synchronised: {why}",
+                        worker.name_object(object)
+                    ),
                 );
             }
             Err(why) => return Err(format!("synchronising failed: {why}")),

@@ -537,9 +537,10 @@ impl VirtualSession {
                     Ok(_) => continue,
                 };
                 let event = format!(
-                    "{function}: member {} ({}) could never receive the new key: {why}; the key was not created",
+                    "{function}: member {} ({}) could never receive the new {}: {why}; the key was not created",
                     to.serial,
-                    if to.is_up() { "up" } else { "down now" }
+                    if to.is_up() { "up" } else { "down now" },
+                    self.name_object(object)
                 );
                 eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
                 self.group.log(Some(to.position), &event);
@@ -921,12 +922,39 @@ impl VirtualSession {
                 Err(why) if self.group.members[position].is_up() => {
                     self.group.log(
                         Some(position),
-                        &format!("a change could not be made on the member: {why}"),
+                        &format!(
+                            "{} could not be made on the member: {why}",
+                            self.name_change(&change)
+                        ),
                     );
                     return;
                 }
                 // It failed meanwhile: queue the change after all.
                 Err(_) => {}
+            }
+        }
+    }
+
+    /// An object as the HA log names it (class, label, ID).
+    pub fn name_object(&self, object: CK_OBJECT_HANDLE) -> String {
+        self.fingerprint_of(object)
+            .map_or("an object that can no longer be read".to_string(), |p| {
+                identity::describe(&p)
+            })
+    }
+
+    /// A queued change as the HA log names it.
+    pub fn name_change(&self, change: &Pending) -> String {
+        match change {
+            Pending::Destroy(print) => format!("the removal of {}", identity::describe(print)),
+            Pending::Create(object) => self.name_object(*object),
+            Pending::Import(object, template) => {
+                match self.group.objects.get(*object).and_then(|o| o.fingerprint) {
+                    Some(print) => identity::describe(&print),
+                    None => template
+                        .print()
+                        .map_or("an imported object".to_string(), |p| identity::describe(&p)),
+                }
             }
         }
     }

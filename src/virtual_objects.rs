@@ -383,9 +383,10 @@ impl VirtualSession {
             });
             if held < wanted {
                 let event = format!(
-                    "{function} made an object on {held} member(s), fewer than \
+                    "{function} made {} on {held} member(s), fewer than \
                      VirtualToken{:02}MinReplicas = {wanted} (members are down); it was removed \
                      again and the call failed",
+                    self.name_object(*object),
                     self.group.index
                 );
                 eprintln!("pkcs11-ha: group {}: {event}", self.group.label);

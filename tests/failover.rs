@@ -583,7 +583,12 @@ fn keys_made_on_the_virtual_slot_exist_and_work_on_every_member_alone() {
 /// Imported keys still reach it when it returns.
 #[test]
 fn generated_keys_are_refused_alike_while_a_member_that_cannot_receive_them_is_up_or_down() {
-    let ha = Ha::prepared(2, 0, "", |members| members[1].refuse_key_wrap());
+    let log_dir = tempfile::tempdir().expect("HA log dir");
+    let settings = format!(
+        "haLogStatus = enabled\nhaLogPath = {}\n",
+        log_dir.path().display()
+    );
+    let ha = Ha::prepared(2, 0, &settings, |members| members[1].refuse_key_wrap());
     let s = ha.session();
     let generate = |id: &str| {
         s.generate_key(
@@ -612,6 +617,12 @@ fn generated_keys_are_refused_alike_while_a_member_that_cannot_receive_them_is_u
         "the key was made on member 0 while member 1 was down"
     );
     let alone = user_session(&ha.pkcs11, ha.member_slot(0));
+    let log = fs::read_to_string(log_dir.path().join("haErrorLog.txt")).expect("the HA log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("could never receive the new secret key (no label, ID 646f776e)")),
+        "the HA log names the key refused by class, label and ID: {log}"
+    );
     for id in ["up", "down"] {
         let left = alone
             .find_objects(&[Attribute::Id(id.into())])
