@@ -868,18 +868,20 @@ impl VirtualSession {
 
     /// A call that made `object` failed: the object leaves the group and
     /// every member, so that no copy outlives the error. `made` are the
-    /// copies known; members that could not remove theirs now, and those
-    /// a request making it was cut off on (they may still carry it out),
-    /// get the removal queued, replayed before they serve again -- for an
-    /// in-doubt copy once recovery has waited for it (`recovery.rs`).
-    /// `print` finds those copies; without it, it is read from a copy made,
-    /// and without either (a template that identifies no one object) such
-    /// a copy stays.
+    /// copies known; members that could not remove theirs now, those that
+    /// failed while asked to make it (`faulted`: a server that died may
+    /// have made it first), and those a request making it was cut off on
+    /// (they may still carry it out) get the removal queued, replayed
+    /// before they serve again -- for an in-doubt copy once recovery has
+    /// waited for it (`recovery.rs`). `print` finds those copies; without
+    /// it, it is read from a copy made, and without either (a template
+    /// that identifies no one object) such a copy stays.
     pub fn abandon(
         &self,
         object: CK_OBJECT_HANDLE,
         print: Option<Fingerprint>,
         made: &[(usize, CK_OBJECT_HANDLE)],
+        faulted: &[usize],
     ) {
         let print = print.or_else(|| {
             made.iter().find_map(|(p, h)| {
@@ -899,6 +901,7 @@ impl VirtualSession {
             self.group.record_abandoned(object, print.clone());
         }
         left.extend(in_doubt);
+        left.extend(faulted);
         left.sort_unstable();
         left.dedup();
         for position in left {

@@ -321,12 +321,13 @@ impl VirtualSession {
                 .flatten()
         };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut faulted: Vec<usize> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
             let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
             if up.is_empty() {
-                self.abandon(object, print(), &made);
+                self.abandon(object, print(), &made, &faulted);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
             for position in up {
@@ -335,11 +336,13 @@ impl VirtualSession {
                     self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
-                self.note_copy(object, position, handle, answer, &mut made, &print)?;
+                if self.note_copy(object, position, handle, answer, &mut made, &print)? {
+                    faulted.push(position);
+                }
             }
         }
         if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
-            self.abandon(object, print(), &made);
+            self.abandon(object, print(), &made, &faulted);
             return Err(e);
         }
         if let Some(&(position, handle)) = made.first() {
@@ -420,7 +423,7 @@ impl VirtualSession {
                 Ok(false)
             }
             Attempt::Answered(rv) => {
-                self.abandon(object, print(), made);
+                self.abandon(object, print(), made, &[]);
                 Err(Error::new(rv))
             }
             Attempt::Faulted => Ok(true),
@@ -502,12 +505,12 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                self.abandon(object, None, &made);
+                self.abandon(object, None, &made, &[]);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
-            self.abandon(object, None, &made);
+            self.abandon(object, None, &made, &[]);
             return Err(e);
         }
         self.remember_fingerprint(object, made[0].0, made[0].1);
@@ -1133,7 +1136,7 @@ impl VirtualSession {
                         })
                         .collect();
                     let print = entry.fingerprint.map(|p| (*p).clone());
-                    self.abandon(*object, print, &copies);
+                    self.abandon(*object, print, &copies, &[]);
                 }
             }
             if self.group.members[position].is_up() {
