@@ -193,9 +193,13 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
             None => break,
         };
         {
+            // Woken early by every attempt that ends (for `stop_recovery`):
+            // the next round still waits out the interval.
+            let next_round = Instant::now() + interval;
             let mut flags = shared.flags();
-            if !flags.stop_recovery {
-                flags = shared.sleep(flags, interval).0;
+            while !flags.stop_recovery && Instant::now() < next_round {
+                let left = next_round.saturating_duration_since(Instant::now());
+                flags = shared.sleep(flags, left).0;
             }
             if flags.stop_recovery {
                 break;
@@ -250,6 +254,7 @@ fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         check_for_stalls(&p, timeout, &mut progress);
         check_for_stalled_connections(&p, timeout, &mut on_wire);
         report_outages(&p, &mut outages, Instant::now());
+        crate::halog::summarize();
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
@@ -480,6 +485,9 @@ impl From<String> for Setback {
     }
 }
 
+/// Changes left to copy that a member copies with writes held back.
+const SHORT_TAIL: usize = 64;
+
 /// Brings one member back; returns how many objects it received.
 fn recover(
     provider: &dyn Host,
@@ -500,11 +508,22 @@ fn recover(
         |(mut copied, mut holdings)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
-            // the lock that queues them.
+            // the lock that queues them. Under continuous writes the queue
+            // never empties by itself: once it is short, or a round of
+            // replay no longer halves it, new writes wait at the barrier
+            // while the tail is copied, so the rejoin takes the backlog's
+            // time, not forever.
+            let mut barrier = None;
+            let mut before = usize::MAX;
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
+                let left = group.pending_count(position);
+                if barrier.is_none() && (left <= SHORT_TAIL || left > before / 2) {
+                    barrier = group.hold_writes(provider.member_timeout());
+                }
+                before = left;
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
             }
@@ -558,11 +577,14 @@ fn bring_up_to_date(
 }
 
 /// Settles the objects whose making the member was cut off in: each once
-/// the member holds it, once it is gone from the group, or once the member
-/// has had `wait` to carry the request out. Until then the member is not
-/// given them again -- it would end with two when it resumes -- and so
-/// does not come back; nor while a call making an object on it has yet to
-/// return and say whether it was cut off.
+/// the member holds it, once the member has had `wait` to carry the
+/// request out, or once it is gone from the group -- unless the call that
+/// made it failed (it was abandoned): then the copy the member may still
+/// make is waited for like any other, and removed by the removal queued
+/// for the member. Until then the member is not given them again -- it
+/// would end with two when it resumes -- and so does not come back; nor
+/// while a call making an object on it has yet to return and say whether
+/// it was cut off.
 fn settle_in_doubt(
     group: &Group,
     position: usize,
@@ -575,10 +597,14 @@ fn settle_in_doubt(
                 "a call making an object on it is still under way".into(),
             ));
         };
-        if group.objects.get(object).is_none()
-            || since.elapsed() >= wait
-            || worker.holds(object, position, None)
-        {
+        let held = || match group.abandoned_print(object) {
+            _ if group.objects.get(object).is_some() => worker.holds(object, position, None),
+            Some(print) => group
+                .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
+                .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
+            None => true,
+        };
+        if since.elapsed() >= wait || held() {
             group.settle_in_doubt(position, object);
         } else {
             return Err(Setback::Waiting(format!(
@@ -697,7 +723,10 @@ fn replay_pending(
                 // go on; operations on it run on the members that have it.
                 group.log(
                     Some(position),
-                    &format!("an object could not be replayed: {why}"),
+                    &format!(
+                        "{} could not be replayed: {why}",
+                        worker.name_change(&change)
+                    ),
                 );
             }
             Err(why) => {
@@ -746,7 +775,10 @@ fn synchronize(
             Err(why) if group.members[position].reachable() => {
                 group.log(
                     Some(position),
-                    &format!("an object could not be synchronised: {why}"),
+                    &format!(
+                        "{} could not be synchronised: {why}",
+                        worker.name_object(object)
+                    ),
                 );
             }
             Err(why) => return Err(format!("synchronising failed: {why}")),

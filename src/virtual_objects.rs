@@ -303,6 +303,7 @@ impl VirtualSession {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _write = self.group.enter_write();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
@@ -312,13 +313,22 @@ impl VirtualSession {
             .group
             .objects
             .insert(vec![Presence::Unknown; self.group.members.len()], owner);
+        // What finds a copy of a token object whose making failed.
+        let print = || {
+            owner
+                .is_none()
+                // SAFETY: forwarded from the caller.
+                .then(|| unsafe { OwnedTemplate::copy(template, count) }.print())
+                .flatten()
+        };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut faulted: Vec<usize> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
             let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
             if up.is_empty() {
-                self.group.objects.remove(object);
+                self.abandon(object, print(), &made, &faulted);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
             for position in up {
@@ -327,16 +337,25 @@ impl VirtualSession {
                     self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
-                self.note_copy(object, position, handle, answer, &mut made)?;
+                if self.note_copy(object, position, handle, answer, &mut made, &print)? {
+                    faulted.push(position);
+                }
             }
         }
         if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
-            self.undo(&made);
-            self.group.objects.remove(object);
+            self.abandon(object, print(), &made, &faulted);
             return Err(e);
         }
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
+        }
+        if !self.group.objects.has_fingerprint(object) {
+            // The member failed before its copy could be read: without a
+            // fingerprint the object could not be found again once that
+            // member's handles are forgotten.
+            if let Some(print) = print() {
+                self.group.objects.set_fingerprint(object, print);
+            }
         }
         let missed: Vec<usize> = (0..self.group.members.len())
             .filter(|p| !made.iter().any(|(m, _)| m == p))
@@ -368,9 +387,10 @@ impl VirtualSession {
             });
             if held < wanted {
                 let event = format!(
-                    "{function} made an object on {held} member(s), fewer than \
+                    "{function} made {} on {held} member(s), fewer than \
                      VirtualToken{:02}MinReplicas = {wanted} (members are down); it was removed \
                      again and the call failed",
+                    self.name_object(*object),
                     self.group.index
                 );
                 eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
@@ -382,10 +402,10 @@ impl VirtualSession {
     }
 
     /// Records one member's answer to a call that makes `object` on every
-    /// member: a copy made is kept in `made`; a request error undoes every
-    /// copy and fails the call, so no member keeps what the application
-    /// was told failed; true for a member that faulted, to be given the
-    /// object when it returns.
+    /// member: a copy made is kept in `made`; a request error abandons the
+    /// object (`print` finds its copies) and fails the call, so no member
+    /// keeps what the application was told failed; true for a member that
+    /// faulted, to be given the object when it returns.
     fn note_copy(
         &self,
         object: CK_OBJECT_HANDLE,
@@ -393,6 +413,7 @@ impl VirtualSession {
         handle: CK_OBJECT_HANDLE,
         answer: Attempt,
         made: &mut Vec<(usize, CK_OBJECT_HANDLE)>,
+        print: &dyn Fn() -> Option<identity::Fingerprint>,
     ) -> Result<bool> {
         match answer {
             Attempt::Answered(CKR_OK) => {
@@ -403,8 +424,7 @@ impl VirtualSession {
                 Ok(false)
             }
             Attempt::Answered(rv) => {
-                self.undo(made);
-                self.group.objects.remove(object);
+                self.abandon(object, print(), made, &[]);
                 Err(Error::new(rv))
             }
             Attempt::Faulted => Ok(true),
@@ -457,6 +477,7 @@ impl VirtualSession {
             unsafe { self.extractability_change(source, template, count) }?;
         let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
         let owner = owner_for(Some(token), session);
+        let _write = self.group.enter_write();
         let object = self
             .group
             .objects
@@ -477,7 +498,7 @@ impl VirtualSession {
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
                     member_call!(l, C_CopyObject(s, source_handle, t, n, &mut handle))
                 });
-                if self.note_copy(object, position, handle, answer, &mut made)? {
+                if self.note_copy(object, position, handle, answer, &mut made, &|| None)? {
                     missed.push(position);
                 }
             }
@@ -485,13 +506,12 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                self.group.objects.remove(object);
+                self.abandon(object, None, &made, &[]);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
-            self.undo(&made);
-            self.group.objects.remove(object);
+            self.abandon(object, None, &made, &[]);
             return Err(e);
         }
         self.remember_fingerprint(object, made[0].0, made[0].1);
@@ -793,6 +813,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
+        let _write = self.group.enter_write();
         let (before, missed) = loop {
             let (copies, mut missed) = self.resolve_everywhere(object)?;
             // From the first copy that answers: a member failing here must
@@ -1060,6 +1081,7 @@ impl VirtualSession {
         // SAFETY: forwarded from the caller.
         let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
+        let _write = self.group.enter_write();
         loop {
             let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
@@ -1083,15 +1105,11 @@ impl VirtualSession {
                     self.group.objects.insert(on, owner_for(*token, session))
                 })
                 .collect();
-            let prints: Vec<_> = made
-                .iter()
-                .zip(&objects)
-                .filter_map(|(h, object)| {
-                    let print = self.fingerprint_from((position, *h))?;
-                    self.group.objects.set_fingerprint(*object, print.clone());
-                    Some(print)
-                })
-                .collect();
+            for (h, object) in made.iter().zip(&objects) {
+                if let Some(print) = self.fingerprint_from((position, *h)) {
+                    self.group.objects.set_fingerprint(*object, print);
+                }
+            }
             if self.group.members.len() == 1 {
                 return Ok(objects);
             }
@@ -1103,13 +1121,18 @@ impl VirtualSession {
                 }
             }
             if failure.is_none() {
+                failure = self.refuse_unreceivable(&objects, position, function).err();
+            }
+            if failure.is_none() {
                 failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
                 return Ok(objects);
             };
+            // Copies on members that failed meanwhile, the one that made
+            // them included, are removed when those return.
             for object in &objects {
-                if let Some(entry) = self.group.objects.remove(*object) {
+                if let Some(entry) = self.group.objects.get(*object) {
                     let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry
                         .on
                         .iter()
@@ -1119,14 +1142,12 @@ impl VirtualSession {
                             _ => None,
                         })
                         .collect();
-                    self.undo(&copies);
+                    let print = entry.fingerprint.map(|p| (*p).clone());
+                    self.abandon(*object, print, &copies, &[]);
                 }
             }
             if self.group.members[position].is_up() {
                 return Err(error);
-            }
-            for print in prints {
-                self.deliver_or_queue(position, Pending::Destroy(print));
             }
         }
     }
