@@ -445,6 +445,11 @@ pub enum Pending {
     Import(CK_OBJECT_HANDLE, Arc<OwnedTemplate>),
     /// Remove the object with this fingerprint from it.
     Destroy(Fingerprint),
+    /// Remove every object matching this template's fingerprint that is no
+    /// object of the group: what a call making objects may have left on a
+    /// member that failed while asked (its answer lost), another key under
+    /// the same template, which must never pass for the group's copy.
+    Orphans(Fingerprint),
 }
 
 impl Group {
@@ -822,7 +827,7 @@ impl Group {
             .iter()
             .filter_map(|change| match change {
                 Pending::Create(object) | Pending::Import(object, _) => Some(*object),
-                Pending::Destroy(_) => None,
+                Pending::Destroy(_) | Pending::Orphans(_) => None,
             })
             .collect()
     }

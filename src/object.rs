@@ -211,6 +211,16 @@ impl ObjectTable {
         }
     }
 
+    /// Whether an object of the group has a kept fingerprint that a member
+    /// object whose own fingerprint is `candidate` matches.
+    pub fn any_matched_by(&self, candidate: &crate::identity::Fingerprint) -> bool {
+        self.maps.read().objects.values().any(|o| {
+            o.fingerprint
+                .as_ref()
+                .is_some_and(|p| crate::identity::matches(p, candidate))
+        })
+    }
+
     /// Whether an object's fingerprint is kept.
     pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
         self.maps

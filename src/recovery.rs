@@ -499,6 +499,12 @@ fn recover(
     let _one_member_at_a_time =
         one_at_a_time.map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
     group.forget_handles(position);
+    // Sessions it held when it was taken out (the group's, and those of
+    // virtual sessions, which never use them again) are all stale; where
+    // the token kept them they would leak, with the session objects made in
+    // them showing through the slot. No session of the new epoch is open
+    // yet, so none is closed that is in use.
+    let _ = member_call!(location.library, C_CloseAllSessions(location.slot));
     group.relocate(position, location);
     group.members[position].begin_recovery();
 

@@ -882,6 +882,9 @@ impl VirtualSession {
     pub fn name_change(&self, change: &Pending) -> String {
         match change {
             Pending::Destroy(print) => format!("the removal of {}", identity::describe(print)),
+            Pending::Orphans(print) => {
+                format!("the removal of orphans like {}", identity::describe(print))
+            }
             Pending::Create(object) => self.name_object(*object),
             Pending::Import(object, template) => {
                 match self.group.objects.get(*object).and_then(|o| o.fingerprint) {
@@ -905,6 +908,7 @@ impl VirtualSession {
     ) -> std::result::Result<bool, String> {
         match change {
             Pending::Destroy(print) => self.destroy_copy(position, print, holdings),
+            Pending::Orphans(print) => self.remove_orphans(position, print, holdings),
             Pending::Create(object) => self.copy_missed(position, *object, holdings),
             Pending::Import(object, template) => {
                 self.import_missed(position, *object, template, holdings)
@@ -1027,6 +1031,67 @@ impl VirtualSession {
             Ok(_) => Err("the member failed again".into()),
             Err(e) => Err(format!("copying an object failed with {}", rv_name(e.rv))),
         }
+    }
+
+    /// Removes from the member every object matching the template print
+    /// `print` that no object of the group is (see [`Pending::Orphans`]).
+    /// An object with the full fingerprint of one of the group's stays.
+    fn remove_orphans(
+        &self,
+        position: usize,
+        print: &Fingerprint,
+        mut holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        let found: Vec<(CK_OBJECT_HANDLE, Fingerprint)> = match &holdings {
+            Some(h) => h
+                .objects
+                .iter()
+                .filter(|(_, candidate)| identity::matches(print, candidate))
+                .cloned()
+                .collect(),
+            None => {
+                let handles = self
+                    .group
+                    .find_on_utility(position, print)
+                    .map_err(|e| rv_name(e.rv))?;
+                let mut found = Vec::with_capacity(handles.len());
+                for handle in handles {
+                    let own = self
+                        .on_member(position, |s| {
+                            identity::fingerprint(&s.library, s.handle, handle)
+                        })
+                        .map_err(|e| rv_name(e.rv))?;
+                    if let Some(own) = own {
+                        found.push((handle, own));
+                    }
+                }
+                found
+            }
+        };
+        let mut removed = false;
+        for (handle, own) in found {
+            if self.group.objects.known(position, handle).is_some()
+                || self.group.objects.any_matched_by(&own)
+            {
+                continue;
+            }
+            let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
+                member_call!(l, C_DestroyObject(s, handle))
+            });
+            match answer {
+                Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID) => {
+                    if let Some(h) = holdings.as_deref_mut() {
+                        h.objects.retain(|(held, _)| *held != handle);
+                    }
+                    removed = true;
+                }
+                Attempt::Answered(rv) => {
+                    return Err(format!("removal refused with {}", rv_name(rv)))
+                }
+                Attempt::Faulted => return Err("the member failed again".into()),
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes from the member the one object with this fingerprint.

@@ -14,6 +14,32 @@ use crate::object::Presence;
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 
+/// The fingerprint an object made from `template` has as far as the
+/// template says, its class `class` unless the template names one: what
+/// finds the orphans a call making it may leave (see [`Pending::Orphans`]).
+///
+/// # Safety
+/// `template` must point to `count` readable attributes (or be null with 0).
+pub unsafe fn made_print(
+    template: CK_ATTRIBUTE_PTR,
+    count: CK_ULONG,
+    class: CK_OBJECT_CLASS,
+) -> Option<identity::Fingerprint> {
+    // SAFETY: forwarded from the caller.
+    let owned = unsafe { OwnedTemplate::copy(template, count) };
+    let class = class.to_ne_bytes();
+    let default = [(CKA_CLASS, &class[..])];
+    let values = owned.values().chain(default.iter().copied());
+    let mut print = identity::print_of_template(values)?;
+    let mut seen = Vec::new();
+    print.retain(|(t, _)| {
+        let first = !seen.contains(t);
+        seen.push(*t);
+        first
+    });
+    Some(print)
+}
+
 /// The `CK_BBOOL` value of `attribute` in a template, if present.
 ///
 /// # Safety
@@ -1069,6 +1095,7 @@ impl VirtualSession {
         mechanism: &CK_MECHANISM,
         keys: &[CK_OBJECT_HANDLE],
         owners: &[Option<bool>],
+        prints: &[Option<identity::Fingerprint>],
         function: &str,
         mut make: impl FnMut(
             &MemberLibrary,
@@ -1093,7 +1120,13 @@ impl VirtualSession {
                 make(l, s, member_mechanism.as_ptr(), direct, &mut made)
             });
             match answer {
-                Attempt::Faulted => continue,
+                Attempt::Faulted => {
+                    // It may have made them before its answer was lost.
+                    for print in prints.iter().flatten() {
+                        self.deliver_or_queue(position, Pending::Orphans(print.clone()));
+                    }
+                    continue;
+                }
                 Attempt::Answered(rv) => check(rv)?,
             }
             let objects: Vec<CK_OBJECT_HANDLE> = made
