@@ -382,6 +382,11 @@ pub struct Group {
     /// them in doubt: recovery looks for those copies by these, and removes
     /// them. Kept while a member has the object in doubt.
     abandoned: Mutex<rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Fingerprint>>,
+    /// Per member: copies it missed that no serving member could give it
+    /// when it returned (the members holding the object were down, or
+    /// failed during the copy). It serves without them, and they are tried
+    /// again each time a member returns, until made or the object is gone.
+    deferred: Mutex<Vec<Vec<Pending>>>,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -484,6 +489,7 @@ impl Group {
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             abandoned: Mutex::default(),
+            deferred: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
@@ -734,6 +740,17 @@ impl Group {
     /// Takes the changes a member missed, to replay them in order.
     pub fn take_pending(&self, position: usize) -> Vec<Pending> {
         std::mem::take(&mut self.pending.lock()[position])
+    }
+
+    /// Keeps a copy the member missed for when a member holding the
+    /// object serves again (see `deferred`).
+    pub fn defer(&self, position: usize, change: Pending) {
+        self.deferred.lock()[position].push(change);
+    }
+
+    /// The copies kept for a member until a source serves, taken.
+    pub fn take_deferred(&self, position: usize) -> Vec<Pending> {
+        std::mem::take(&mut self.deferred.lock()[position])
     }
 
     /// Puts changes a replay could not make back in front of any queued

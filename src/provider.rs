@@ -807,6 +807,8 @@ impl Provider {
         });
         // Private objects looked for while logged out were not visible.
         v.group.objects.retry_absent();
+        // Nor could a returning member be given or rid of them.
+        recovery::replay_deferred(&v.group);
         Ok(())
     }
 

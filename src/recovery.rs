@@ -436,6 +436,7 @@ fn attempt(
     match recover(provider, group, position, one_at_a_time) {
         Ok(copied) => {
             group.objects.retry_absent();
+            replay_deferred(group);
             group.log(
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised"),
@@ -722,7 +723,18 @@ fn replay_pending(
     let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
     while let Some(change) = pending.next() {
-        match worker.apply(position, &change, Some(holdings)) {
+        let outcome = worker.apply(position, &change, Some(holdings));
+        let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
+        if group.members[position].reachable()
+            && (source_failed || must_wait(group, worker, position, &change, &outcome))
+        {
+            // A copy's source may have been down or failed during it, or
+            // the application is logged out: kept for when a member
+            // returns or it logs in, rather than dropped for good.
+            group.defer(position, change);
+            continue;
+        }
+        match outcome {
             Ok(made) => applied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
@@ -742,6 +754,50 @@ fn replay_pending(
         }
     }
     Ok(applied)
+}
+
+/// Makes on the serving members the changes they returned without (see
+/// [`Group::defer`]), now that a member returned or the application logged
+/// in; those that still cannot be made stay kept.
+pub fn replay_deferred(group: &Arc<Group>) {
+    let worker = VirtualSession::internal(Arc::clone(group));
+    for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
+        for change in group.take_deferred(position) {
+            let outcome = worker.apply(position, &change, None);
+            if must_wait(group, &worker, position, &change, &outcome) {
+                group.defer(position, change);
+            } else if let Err(why) = outcome {
+                group.log(
+                    Some(position),
+                    &format!(
+                        "{} could not be made after all: {why}",
+                        worker.name_change(&change)
+                    ),
+                );
+            }
+        }
+    }
+    worker.close();
+}
+
+/// Whether a change a member answered for must be kept rather than
+/// dropped: a copy whose source was down or failed during it (kept until a
+/// member holding the object returns), and, while the application is
+/// logged out, any change that was not made -- private objects can be
+/// neither copied nor seen then (kept until it logs in).
+fn must_wait(
+    group: &Group,
+    worker: &VirtualSession,
+    position: usize,
+    change: &Pending,
+    outcome: &Result<bool, String>,
+) -> bool {
+    let logged_out = group.cached_login().is_none();
+    match outcome {
+        Ok(true) => false,
+        Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
+        Err(_) => logged_out || worker.lacks_source(position, change),
+    }
 }
 
 /// Copies to the member every token object a serving member has and it

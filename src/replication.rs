@@ -916,6 +916,25 @@ impl VirtualSession {
         }
     }
 
+    /// Whether `change` is a copy that failed for want of a source: the
+    /// object is still the group's and no serving member but `position`
+    /// holds it (those that do are down, or failed during the copy).
+    pub fn lacks_source(&self, position: usize, change: &Pending) -> bool {
+        let Pending::Create(object) = change else {
+            return false;
+        };
+        self.group
+            .objects
+            .get(*object)
+            .is_some_and(|entry| entry.owner.is_none())
+            && !self
+                .group
+                .up_members()
+                .map(|m| m.position)
+                .filter(|p| *p != position)
+                .any(|p| self.resolve(*object, p).ok().flatten().is_some())
+    }
+
     /// Whether the member already holds the object: known there, or
     /// matched by one or more objects (more than one: an earlier copy that
     /// was interrupted -- never copy it again then, or copies would

@@ -894,6 +894,11 @@ impl Schedule<'_> {
             states.iter().all(|s| *s == MemberState::Up),
             "members stay out after every token was healed and 3 recovery passes: {states:?}"
         );
+        if !self.logged_in {
+            // Changes to private objects a member returned without while
+            // the application was logged out are made when it logs in.
+            self.open_session(0);
+        }
         let on: Vec<Vec<[String; 4]>> = self
             .tokens
             .iter()
