@@ -221,6 +221,26 @@ impl ObjectTable {
         })
     }
 
+    /// The objects of the group whose kept fingerprint a member object
+    /// with fingerprint `candidate` matches, with that fingerprint.
+    pub fn matched_by(
+        &self,
+        candidate: &crate::identity::Fingerprint,
+    ) -> Vec<(
+        CK_OBJECT_HANDLE,
+        std::sync::Arc<crate::identity::Fingerprint>,
+    )> {
+        self.maps
+            .read()
+            .objects
+            .iter()
+            .filter_map(|(handle, o)| {
+                let print = o.fingerprint.as_ref()?;
+                crate::identity::matches(print, candidate).then(|| (*handle, print.clone()))
+            })
+            .collect()
+    }
+
     /// Whether an object's fingerprint is kept.
     pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
         self.maps

@@ -753,6 +753,28 @@ impl VirtualSession {
             .map_err(|rv| self.transport_error(source, rv))
     }
 
+    /// A key made on `source` while a member is down reaches it later, by
+    /// wrapping: a library that lists the mechanism but has come to refuse
+    /// it is found out now, while the call can still fail and leave no key
+    /// that can never leave its member, rather than when the copy is due.
+    pub fn probe_wrapping(&self, source: usize) {
+        let member = &self.group.members[source];
+        if member.known_to_refuse_keys()
+            || self.group.up_members().count() == self.group.members.len()
+        {
+            return;
+        }
+        let Some(location) = member.location() else {
+            return;
+        };
+        let refuses = self.on_member(source, |_| {
+            strategy::refuses_wrapping(&location.library, location.slot, &member.capabilities())
+        });
+        if matches!(refuses, Ok(true)) {
+            self.transport_error(source, CKR_MECHANISM_INVALID);
+        }
+    }
+
     /// A member that cannot wrap or unwrap with the domain key (its library
     /// does not carry the mechanism, as p11-kit 0.24's client does not)
     /// cannot hold the group's generated keys: say so, once per member and
@@ -1090,7 +1112,7 @@ impl VirtualSession {
         let mut removed = false;
         for (handle, own) in found {
             if self.group.objects.known(position, handle).is_some()
-                || self.group.objects.any_matched_by(&own)
+                || self.is_group_object(position, &own)
             {
                 continue;
             }
@@ -1111,6 +1133,43 @@ impl VirtualSession {
             }
         }
         Ok(removed)
+    }
+
+    /// Whether a member object with fingerprint `own` is one of the group's
+    /// (and so no orphan): an object whose kept fingerprint it matches,
+    /// where that tells values apart -- a kept fingerprint without check
+    /// value (an object first seen in a search) is completed from a copy on
+    /// another serving member, and an object whose check value cannot be
+    /// read is taken to be it.
+    fn is_group_object(&self, position: usize, own: &Fingerprint) -> bool {
+        let Some((_, mine)) = own
+            .iter()
+            .find(|(t, v)| *t == CKA_CHECK_VALUE && !v.is_empty())
+        else {
+            return !self.group.objects.matched_by(own).is_empty();
+        };
+        self.group
+            .objects
+            .matched_by(own)
+            .into_iter()
+            .any(|(object, print)| {
+                if identity::has_check_value(&print) {
+                    return true;
+                }
+                let full = self
+                    .group
+                    .up_members()
+                    .map(|m| m.position)
+                    .filter(|p| *p != position)
+                    .find_map(|p| {
+                        let handle = self.resolve(object, p).ok().flatten()?;
+                        self.on_member(p, |s| identity::fingerprint(&s.library, s.handle, handle))
+                            .ok()
+                            .flatten()
+                    });
+                full.and_then(|f| f.into_iter().find(|(t, _)| *t == CKA_CHECK_VALUE))
+                    .is_none_or(|(_, theirs)| theirs.is_empty() || &theirs == mine)
+            })
     }
 
     /// Removes from the member the one object with this fingerprint.

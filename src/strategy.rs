@@ -206,6 +206,25 @@ impl Capabilities {
     }
 }
 
+/// Whether the library now refuses every key-wrap mechanism it was found
+/// to carry (`capabilities`): asked without a key, as when it was attached.
+pub fn refuses_wrapping(
+    library: &MemberLibrary,
+    slot: CK_SLOT_ID,
+    capabilities: &Capabilities,
+) -> bool {
+    let carried: Vec<CK_MECHANISM_TYPE> = capabilities
+        .wrap_mechanisms
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    !carried.is_empty()
+        && carried
+            .iter()
+            .all(|m| refuses_to_wrap_with(library, slot, *m))
+}
+
 /// Whether the library refuses a key-wrap mechanism it lists, asked
 /// without a key: a wrap with no wrapping key and no key, in a session of
 /// its own, is refused for the handles by a library that takes the

@@ -867,6 +867,9 @@ impl VirtualSession {
             // Every copy asked failed: a member that came up meanwhile
             // decides, as another member takes any other call.
             if self.group.up_members().next().is_none() {
+                if destroys {
+                    self.finish_destroy_later(object, before, &missed);
+                }
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
@@ -879,6 +882,33 @@ impl VirtualSession {
             }
         }
         Ok(())
+    }
+
+    /// A destroy every member failed in: one may have carried it out before
+    /// its answer was lost, so the members would disagree. The removal is
+    /// finished on each when it returns (the application, told
+    /// `CKR_DEVICE_ERROR`, cannot count on the object either way), and the
+    /// object leaves the slot now.
+    fn finish_destroy_later(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        before: Option<identity::Fingerprint>,
+        missed: &[usize],
+    ) {
+        let kept = || {
+            self.group
+                .objects
+                .get(object)
+                .and_then(|o| o.fingerprint)
+                .map(|p| (*p).clone())
+        };
+        let Some(print) = before.or_else(kept) else {
+            return;
+        };
+        for position in missed {
+            self.deliver_or_queue(*position, Pending::Destroy(print.clone()));
+        }
+        self.group.objects.remove(object);
     }
 
     fn fingerprint_from(
@@ -1154,6 +1184,7 @@ impl VirtualSession {
                 }
             }
             if failure.is_none() {
+                self.probe_wrapping(position);
                 failure = self.refuse_unreceivable(&objects, position, function).err();
             }
             if failure.is_none() {
@@ -1176,7 +1207,20 @@ impl VirtualSession {
                         })
                         .collect();
                     let print = entry.fingerprint.map(|p| (*p).clone());
-                    self.abandon(*object, print, &copies, &[]);
+                    // A member that failed while given a copy may hold it
+                    // (its answer lost); a print with a check value finds
+                    // that copy and no other key.
+                    let faulted: Vec<usize> = match &print {
+                        Some(p) if identity::has_check_value(p) => self
+                            .group
+                            .members
+                            .iter()
+                            .filter(|m| !m.is_up() && copies.iter().all(|(c, _)| *c != m.position))
+                            .map(|m| m.position)
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    self.abandon(*object, print, &copies, &faulted);
                 }
             }
             if self.group.members[position].is_up() {

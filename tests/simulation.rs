@@ -782,8 +782,7 @@ impl Schedule<'_> {
             3 if self.networked || self.open_defects => HANG,
             // Faults of networked libraries (a library each).
             4..=5 if self.networked => RESET,
-            6..=7 if self.networked && self.open_defects => LOSE_ANSWER,
-            6..=7 if self.networked => HANG,
+            6..=7 if self.networked => LOSE_ANSWER,
             8..=9 if self.open_defects => REFUSE_WRAP,
             _ => CRASH,
         };
@@ -841,14 +840,7 @@ impl Schedule<'_> {
             0..=6 => self.fault_step(),
             7..=12 => self.heal_step(),
             13..=17 => self.recovery_pass(),
-            18 => {
-                self.close_all();
-                if !self.open_defects {
-                    // Back in at once: no recovery runs while the
-                    // application is logged out (see OPEN_DEFECTS).
-                    self.open_session(0);
-                }
-            }
+            18 => self.close_all(),
             _ => {
                 let t = self.rng.below(self.threads.len() as u64) as usize;
                 let Some(session) = self.threads[t].session else {
@@ -859,7 +851,7 @@ impl Schedule<'_> {
                     return self.continue_running(t, session);
                 }
                 match self.rng.below(100) {
-                    0..=4 if t != 0 || self.open_defects => self.close_session(t),
+                    0..=4 => self.close_session(t),
                     5..=39 => self.crypto_step(t, session)?,
                     40..=69 => {
                         let token = self.rng.chance(70);
@@ -952,7 +944,7 @@ impl Schedule<'_> {
             .map(|(copy, local)| (copy.sessions)(*local))
             .collect();
         ensure!(
-            !self.open_defects || open.iter().all(|n| *n <= 1),
+            open.iter().all(|n| *n <= 1),
             "with every application session closed, the members hold {open:?} sessions"
         );
         let known: Vec<String> = self.made.iter().map(|m| hex(&m.label)).collect();
