@@ -604,12 +604,16 @@ fn settle_in_doubt(
                 "a call making an object on it is still under way".into(),
             ));
         };
-        let held = || match group.abandoned_print(object) {
-            _ if group.objects.get(object).is_some() => worker.holds(object, position, None),
-            Some(print) => group
-                .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
-                .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
-            None => true,
+        let held = || {
+            if group.objects.get(object).is_some() {
+                return worker.holds(object, position, None);
+            }
+            match group.abandoned_print(object) {
+                Some(print) => group
+                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
+                    .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
+                None => true,
+            }
         };
         if since.elapsed() >= wait || held() {
             group.settle_in_doubt(position, object);
