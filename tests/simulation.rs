@@ -1460,8 +1460,9 @@ fn a_destroy_reaches_a_member_that_failed_under_it() {
 /// - 6920, 7, 17 (open defects): a generate whose answer was lost left an
 ///   orphan key under the group's template, which recovery took for the
 ///   group's copy or spread to the other members;
-/// - 0, 1, 20 (open defects): member sessions abandoned when their member
-///   was taken out leaked;
+/// - 0, 1, 20, 363 (open defects): member sessions abandoned when their
+///   member was taken out, or left by a close the member failed under,
+///   leaked;
 /// - 63, 65, 4370 (open defects): a copy whose source member was down or
 ///   failed during it was dropped for good;
 /// - 247, 828, 1045 (open defects): recovery while the application was
@@ -1473,7 +1474,7 @@ fn a_destroy_reaches_a_member_that_failed_under_it() {
 ///   failed on the other left the members disagreeing; a copy given to a
 ///   member that failed while taking it outlived the abandoned key; an
 ///   orphan passed for a group key first seen in a search.
-const REGRESSION_SEEDS: [(u64, bool); 20] = [
+const REGRESSION_SEEDS: [(u64, bool); 21] = [
     (6209, false),
     (7588, false),
     (72, true),
@@ -1483,6 +1484,7 @@ const REGRESSION_SEEDS: [(u64, bool); 20] = [
     (0, true),
     (1, true),
     (20, true),
+    (363, true),
     (63, true),
     (65, true),
     (4370, true),
