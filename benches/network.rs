@@ -174,6 +174,13 @@ impl Bench {
             )
             .unwrap();
         }
+        // The throughput of concurrent calls, which p11-kit's client gets
+        // only when the config asks for it (`docs/design.md`, "Concurrent
+        // calls").
+        text += "\n[LibraryConcurrency]\n";
+        for i in 0..DIRECT {
+            writeln!(text, "m{i} = 64").unwrap();
+        }
         writeln!(
             text,
             "\n[VirtualToken]\nVirtualToken00Label = net-2\nVirtualToken00Members = {},{}\n\

@@ -16,7 +16,7 @@ use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
@@ -71,6 +71,10 @@ pub struct Member {
     /// key-wrap mechanism (0: not refused), so that the group neither asks
     /// again nor says so again until the member has been reconnected.
     wrap_refused: AtomicU64,
+    /// Whether its library refused the key-wrap mechanism at any time in
+    /// this process (and has carried no key since): kept while the member
+    /// is down, so that no key it cannot receive is made meanwhile.
+    known_to_refuse_keys: AtomicBool,
     /// A session of the group's own on the member, in the epoch it was
     /// opened in. It is opened before any of the member's object handles
     /// is cached and stays open while the member serves, because SoftHSM
@@ -166,6 +170,7 @@ impl Member {
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
+            known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),
             capabilities: RwLock::new(Capabilities::default()),
             latency: Default::default(),
@@ -322,8 +327,23 @@ impl Member {
     /// Records that the library refused the key-wrap mechanism; true the
     /// first time in this epoch.
     pub fn refuses_keys(&self) -> bool {
+        self.known_to_refuse_keys.store(true, Ordering::Relaxed);
         let marker = self.epoch() + 1;
         self.wrap_refused.swap(marker, Ordering::Relaxed) != marker
+    }
+
+    /// Whether its library has refused the key-wrap mechanism in this
+    /// process and carried no key since, up or down.
+    pub fn known_to_refuse_keys(&self) -> bool {
+        self.known_to_refuse_keys.load(Ordering::Relaxed)
+    }
+
+    /// Its library wrapped or unwrapped a key: whatever it refused before,
+    /// it carries keys now.
+    pub fn carried_a_key(&self) {
+        if self.known_to_refuse_keys() {
+            self.known_to_refuse_keys.store(false, Ordering::Relaxed);
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -512,7 +532,21 @@ pub struct Group {
     /// make those when it resumes, so they are not made again on it until
     /// it has or can no longer, and it does not rejoin meanwhile.
     in_doubt: Mutex<Vec<Vec<InDoubt>>>,
+    /// Fingerprints of objects whose making call failed while a member had
+    /// them in doubt: recovery looks for those copies by these, and removes
+    /// them. Kept while a member has the object in doubt.
+    abandoned: Mutex<rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Fingerprint>>,
+    /// Per member: copies it missed that no serving member could give it
+    /// when it returned (the members holding the object were down, or
+    /// failed during the copy). It serves without them, and they are tried
+    /// again each time a member returns, until made or the object is gone.
+    deferred: Mutex<Vec<Vec<Pending>>>,
     round_robin: [AtomicUsize; LANES],
+    /// The write barrier: calls that make, change or destroy objects hold
+    /// it shared; a returning member's recovery holds it exclusively while
+    /// it copies the last few changes it missed, so that under continuous
+    /// writes it catches up instead of chasing the write rate.
+    writes: RwLock<()>,
     /// Per member: what it holds (see `index.rs`).
     indexes: Vec<Mutex<IndexState>>,
     /// Where deletions a member missed are recorded for later processes
@@ -543,6 +577,9 @@ struct IndexState {
 /// An object being made on a member (`None`), or in doubt there since a
 /// request making it was cut off on the wire (`Some(when)`).
 pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
+
+/// The longest a call that makes an object waits at the write barrier.
+pub const WRITE_BARRIER_WAIT: Duration = Duration::from_secs(1);
 
 /// Round-robin and latency lanes: one per kind of operation, one for
 /// stateless calls, one for object-making calls.
@@ -591,6 +628,11 @@ pub enum Pending {
     Import(CK_OBJECT_HANDLE, Arc<OwnedTemplate>),
     /// Remove the object with this fingerprint from it.
     Destroy(Fingerprint),
+    /// Remove every object matching this template's fingerprint that is no
+    /// object of the group: what a call making objects may have left on a
+    /// member that failed while asked (its answer lost), another key under
+    /// the same template, which must never pass for the group's copy.
+    Orphans(Fingerprint),
 }
 
 impl Group {
@@ -624,7 +666,10 @@ impl Group {
             probes: Default::default(),
             pending: Mutex::new(vec![Vec::new(); count]),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
+            abandoned: Mutex::default(),
+            deferred: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
+            writes: RwLock::new(()),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
@@ -912,6 +957,17 @@ impl Group {
         std::mem::take(&mut self.pending.lock()[position])
     }
 
+    /// Keeps a copy the member missed for when a member holding the
+    /// object serves again (see `deferred`).
+    pub fn defer(&self, position: usize, change: Pending) {
+        self.deferred.lock()[position].push(change);
+    }
+
+    /// The copies kept for a member until a source serves, taken.
+    pub fn take_deferred(&self, position: usize) -> Vec<Pending> {
+        std::mem::take(&mut self.deferred.lock()[position])
+    }
+
     /// Puts changes a replay could not make back in front of any queued
     /// since, keeping their order.
     pub fn requeue(&self, position: usize, mut changes: Vec<Pending>) {
@@ -931,6 +987,20 @@ impl Group {
         pending[position].is_empty()
             && self.in_doubt.lock()[position].is_empty()
             && self.members[position].rejoin()
+    }
+
+    /// Enters a call that makes, changes or destroys objects: waits while
+    /// a returning member copies its last changes, at most
+    /// [`WRITE_BARRIER_WAIT`]; past that the call goes ahead, and its
+    /// change is queued for the member as any other.
+    pub fn enter_write(&self) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+        self.writes.try_read_for(WRITE_BARRIER_WAIT)
+    }
+
+    /// Holds new writes back (see [`Group::enter_write`]) once the writes
+    /// under way have ended, waiting for them at most `wait`.
+    pub fn hold_writes(&self, wait: Duration) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
+        self.writes.try_write_for(wait)
     }
 
     /// Records, before the request goes out, that a call is making
@@ -960,9 +1030,27 @@ impl Group {
         self.in_doubt.lock()[position].clone()
     }
 
-    /// Forgets that `object` was in doubt on a member.
+    /// Forgets that `object` was in doubt on a member (and its fingerprint
+    /// as an abandoned object, once no member has it in doubt). Lock
+    /// order: in-doubt, then abandoned.
     pub fn settle_in_doubt(&self, position: usize, object: CK_OBJECT_HANDLE) {
-        self.in_doubt.lock()[position].retain(|(o, since)| *o != object || since.is_none());
+        let mut in_doubt = self.in_doubt.lock();
+        in_doubt[position].retain(|(o, since)| *o != object || since.is_none());
+        if !in_doubt.iter().flatten().any(|(o, _)| *o == object) {
+            self.abandoned.lock().remove(&object);
+        }
+    }
+
+    /// Keeps the fingerprint of `object`, whose making call failed while a
+    /// member had it in doubt (see [`Group::abandoned_print`]).
+    pub fn record_abandoned(&self, object: CK_OBJECT_HANDLE, print: Fingerprint) {
+        self.abandoned.lock().insert(object, print);
+    }
+
+    /// The fingerprint of an object whose making call failed while a
+    /// member had it in doubt: what finds the copy it may still make.
+    pub fn abandoned_print(&self, object: CK_OBJECT_HANDLE) -> Option<Fingerprint> {
+        self.abandoned.lock().get(&object).cloned()
     }
 
     /// The objects queued to be created on a member.
@@ -971,7 +1059,7 @@ impl Group {
             .iter()
             .filter_map(|change| match change {
                 Pending::Create(object) | Pending::Import(object, _) => Some(*object),
-                Pending::Destroy(_) => None,
+                Pending::Destroy(_) | Pending::Orphans(_) => None,
             })
             .collect()
     }

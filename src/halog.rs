@@ -44,20 +44,31 @@ struct Window {
     started: Instant,
     written: u32,
     left_out: u64,
+    /// The group's label and the last event left out, for the summary.
+    group_label: String,
+    last_left_out: String,
 }
 
 impl Repeats {
     /// Whether to write an event now, and the note to add: how many like
     /// it were left out since the last one written.
-    fn admit(&mut self, key: (String, String, String), now: Instant) -> Option<String> {
+    fn admit(
+        &mut self,
+        key: (String, String, String),
+        group_label: &str,
+        event: &str,
+        now: Instant,
+    ) -> Option<String> {
         if self.seen.len() >= REPEATS_KEPT {
             self.seen
                 .retain(|_, w| now.duration_since(w.started) < REPEAT_WINDOW);
         }
-        let window = self.seen.entry(key).or_insert(Window {
+        let window = self.seen.entry(key).or_insert_with(|| Window {
             started: now,
             written: 0,
             left_out: 0,
+            group_label: group_label.to_string(),
+            last_left_out: String::new(),
         });
         if now.duration_since(window.started) >= REPEAT_WINDOW {
             let note = (window.left_out > 0).then(|| {
@@ -67,11 +78,9 @@ impl Repeats {
                     now.duration_since(window.started).as_secs()
                 )
             });
-            *window = Window {
-                started: now,
-                written: 1,
-                left_out: 0,
-            };
+            window.started = now;
+            window.written = 1;
+            window.left_out = 0;
             return Some(note.unwrap_or_default());
         }
         if window.written < REPEATS_WRITTEN {
@@ -79,8 +88,35 @@ impl Repeats {
             Some(String::new())
         } else {
             window.left_out += 1;
+            window.last_left_out = event.to_string();
             None
         }
+    }
+
+    /// Summary lines for the events left out in windows that have ended
+    /// (an event that stopped repeating is not followed by one that would
+    /// carry the count), each as (group label, group serial, member, text);
+    /// those windows are forgotten.
+    fn summaries(&mut self, now: Instant) -> Vec<(String, String, String, String)> {
+        let mut lines = Vec::new();
+        self.seen.retain(|(serial, member, _), w| {
+            let ended = now.duration_since(w.started) >= REPEAT_WINDOW;
+            if ended && w.left_out > 0 {
+                lines.push((
+                    w.group_label.clone(),
+                    serial.clone(),
+                    member.clone(),
+                    format!(
+                        "{} more like this not written in the {} s before: {}",
+                        w.left_out,
+                        now.duration_since(w.started).as_secs(),
+                        w.last_left_out
+                    ),
+                ));
+            }
+            !ended
+        });
+        lines
     }
 }
 
@@ -148,34 +184,59 @@ pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>
         member.to_string(),
         without_numbers(event),
     );
-    let Some(note) = log.repeats.lock().admit(key, Instant::now()) else {
+    let Some(note) = log
+        .repeats
+        .lock()
+        .admit(key, group_label, event, Instant::now())
+    else {
         return;
     };
-    let line = format!(
-        "{} group={} serial={} member={} {}{}\n",
-        utc_timestamp(SystemTime::now()),
-        group_label,
-        group_serial,
-        member,
-        event,
-        note
-    );
-    let mut file = log.file.lock();
-    if file.is_none() {
-        *file = open_file(&log.path).ok();
-    }
-    let Some(f) = file.as_mut() else {
+    log.write(group_label, group_serial, member, &format!("{event}{note}"));
+}
+
+/// Writes the periodic summary of events left out as repeats, for those
+/// whose window has ended: called by the watchdog, so that an event that
+/// stopped repeating still has its count written.
+pub fn summarize() {
+    let guard = LOG.get().read();
+    let Some(log) = guard.as_ref() else {
         return;
     };
-    if f.write_all(line.as_bytes()).is_err() {
-        return;
+    let lines = log.repeats.lock().summaries(Instant::now());
+    for (label, serial, member, text) in lines {
+        log.write(&label, &serial, &member, &text);
     }
-    let full = log.max_len > 0 && f.metadata().is_ok_and(|m| m.len() >= log.max_len);
-    if full {
-        let stamp = utc_timestamp(SystemTime::now()).replace([':', '-'], "");
-        let rotated = log.path.with_file_name(format!("{FILE_NAME}.{stamp}"));
-        *file = None;
-        let _ = std::fs::rename(&log.path, rotated);
+}
+
+impl HaLog {
+    /// Appends one line, rotating the file once it is full.
+    fn write(&self, group_label: &str, group_serial: &str, member: &str, text: &str) {
+        let line = format!(
+            "{} group={} serial={} member={} {}\n",
+            utc_timestamp(SystemTime::now()),
+            group_label,
+            group_serial,
+            member,
+            text
+        );
+        let log = self;
+        let mut file = log.file.lock();
+        if file.is_none() {
+            *file = open_file(&log.path).ok();
+        }
+        let Some(f) = file.as_mut() else {
+            return;
+        };
+        if f.write_all(line.as_bytes()).is_err() {
+            return;
+        }
+        let full = log.max_len > 0 && f.metadata().is_ok_and(|m| m.len() >= log.max_len);
+        if full {
+            let stamp = utc_timestamp(SystemTime::now()).replace([':', '-'], "");
+            let rotated = log.path.with_file_name(format!("{FILE_NAME}.{stamp}"));
+            *file = None;
+            let _ = std::fs::rename(&log.path, rotated);
+        }
     }
 }
 
@@ -230,21 +291,46 @@ mod tests {
         let key = |text: &str| ("1abc".to_string(), "abc".to_string(), without_numbers(text));
         let start = Instant::now();
         let written: Vec<Option<String>> = (1..=5)
-            .map(|i| repeats.admit(key(&format!("recovery attempt {i}")), start))
+            .map(|i| {
+                let event = format!("recovery attempt {i}");
+                repeats.admit(key(&event), "g", &event, start)
+            })
             .collect();
         assert_eq!(
             written,
             [Some(""), Some(""), Some(""), None, None].map(|w| w.map(String::from))
         );
         assert_eq!(
-            repeats.admit(key("member recovered"), start),
+            repeats.admit(key("member recovered"), "g", "member recovered", start),
             Some(String::new()),
             "another event is written"
         );
         let later = start + REPEAT_WINDOW;
         assert_eq!(
-            repeats.admit(key("recovery attempt 6"), later).as_deref(),
+            repeats
+                .admit(key("recovery attempt 6"), "g", "recovery attempt 6", later)
+                .as_deref(),
             Some(" (2 more like this not written in the 60 s before)")
+        );
+        // An event that stops repeating has its count written by the
+        // periodic summary once its window ends.
+        for i in 7..=10 {
+            let event = format!("recovery attempt {i}");
+            repeats.admit(key(&event), "g", &event, later);
+        }
+        assert!(repeats.summaries(later).is_empty(), "its window runs on");
+        assert_eq!(
+            repeats.summaries(later + REPEAT_WINDOW),
+            [(
+                "g".to_string(),
+                "1abc".to_string(),
+                "abc".to_string(),
+                "2 more like this not written in the 60 s before: recovery attempt 10".to_string()
+            )]
+        );
+        assert!(
+            repeats.summaries(later + REPEAT_WINDOW * 2).is_empty(),
+            "said once"
         );
         assert_eq!(
             without_numbers("token 8ca077b5 not found after 12 s"),

@@ -78,6 +78,74 @@ pub fn light_fingerprint(
     read_print(library, session, object, LIGHT_FINGERPRINT)
 }
 
+/// Attributes of which a print from a template needs one, besides class,
+/// key type and `CKA_TOKEN`, to find one object rather than any of a kind.
+const IDENTIFYING: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_ID,
+    CKA_LABEL,
+    CKA_MODULUS,
+    CKA_EC_POINT,
+    CKA_SERIAL_NUMBER,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+    PUBLIC_VALUE,
+];
+
+/// The fingerprint an object made from these template values has, as far
+/// as the template says (the check value a member computes is left out):
+/// to find a copy of an object whose making failed. `None` unless the
+/// template names the class and identifies one object by ID, label or a
+/// public value -- a print of a whole kind would find other objects.
+pub fn print_of_template<'a>(
+    values: impl Iterator<Item = (CK_ATTRIBUTE_TYPE, &'a [u8])> + Clone,
+) -> Option<Fingerprint> {
+    let class = values
+        .clone()
+        .find(|(t, _)| *t == CKA_CLASS)
+        .map(|(_, v)| ulong_of(v))?;
+    let public = class == CKO_CERTIFICATE || class == CKO_DATA || class == CKO_PUBLIC_KEY;
+    let print: Fingerprint = values
+        .filter(|(t, v)| {
+            !v.is_empty()
+                && *t != CKA_CHECK_VALUE
+                && (FINGERPRINT.contains(t) || (public && *t == PUBLIC_VALUE))
+        })
+        .map(|(t, v)| (t, v.to_vec()))
+        .collect();
+    print
+        .iter()
+        .any(|(t, _)| IDENTIFYING.contains(t))
+        .then_some(print)
+}
+
+/// An object as the HA log names it: class, label and ID, from its
+/// fingerprint -- never a value, which for a key would be key material.
+pub fn describe(print: &Fingerprint) -> String {
+    let value = |t: CK_ATTRIBUTE_TYPE| {
+        print
+            .iter()
+            .find(|(a, v)| *a == t && !v.is_empty())
+            .map(|(_, v)| v)
+    };
+    let class = match value(CKA_CLASS).map(|v| ulong_of(v)) {
+        Some(CKO_DATA) => "data object".to_string(),
+        Some(CKO_CERTIFICATE) => "certificate".to_string(),
+        Some(CKO_PUBLIC_KEY) => "public key".to_string(),
+        Some(CKO_PRIVATE_KEY) => "private key".to_string(),
+        Some(CKO_SECRET_KEY) => "secret key".to_string(),
+        Some(other) => format!("object of class 0x{other:X}"),
+        None => "object".to_string(),
+    };
+    let label = value(CKA_LABEL).map_or("no label".to_string(), |l| {
+        format!("label {:?}", String::from_utf8_lossy(l))
+    });
+    let id = value(CKA_ID).map_or("no ID".to_string(), |id| {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        format!("ID {hex}")
+    });
+    format!("{class} ({label}, {id})")
+}
+
 /// Whether a fingerprint holds a check value (else it is a light one).
 pub fn has_check_value(print: &Fingerprint) -> bool {
     print.iter().any(|(t, _)| *t == CKA_CHECK_VALUE)
@@ -663,6 +731,60 @@ pub fn ulong_of(bytes: &[u8]) -> CK_ULONG {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_are_named_by_class_label_and_id_only() {
+        let print: Fingerprint = vec![
+            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
+            (CKA_LABEL, b"db key".to_vec()),
+            (CKA_ID, vec![0x6b, 0x01]),
+            (CKA_CHECK_VALUE, vec![0xaa, 0xbb, 0xcc]),
+        ];
+        assert_eq!(describe(&print), "secret key (label \"db key\", ID 6b01)");
+        let bare: Fingerprint = vec![
+            (CKA_CLASS, CKO_DATA.to_ne_bytes().to_vec()),
+            (CKA_LABEL, Vec::new()),
+        ];
+        assert_eq!(describe(&bare), "data object (no label, no ID)");
+    }
+
+    #[test]
+    fn a_template_print_identifies_one_object_and_never_holds_a_secret() {
+        let ulong = |v: CK_ULONG| v.to_ne_bytes().to_vec();
+        let (secret, key_type, yes) = (ulong(CKO_SECRET_KEY), ulong(CKK_AES), vec![CK_TRUE]);
+        let value = vec![7u8; 16];
+        let id = b"k1".to_vec();
+        let mut template = vec![
+            (CKA_CLASS, secret.as_slice()),
+            (CKA_KEY_TYPE, key_type.as_slice()),
+            (CKA_TOKEN, yes.as_slice()),
+            (CKA_VALUE, value.as_slice()),
+        ];
+        assert_eq!(
+            print_of_template(template.iter().copied()),
+            None,
+            "a kind, not one object"
+        );
+        template.push((CKA_ID, id.as_slice()));
+        let print = print_of_template(template.iter().copied()).unwrap();
+        assert_eq!(
+            print,
+            vec![
+                (CKA_CLASS, secret.clone()),
+                (CKA_KEY_TYPE, key_type),
+                (CKA_TOKEN, yes),
+                (CKA_ID, id),
+            ],
+            "a secret key's value stays out"
+        );
+        let data = ulong(CKO_DATA);
+        let public = [(CKA_CLASS, data.as_slice()), (CKA_VALUE, value.as_slice())];
+        assert_eq!(
+            print_of_template(public.iter().copied()),
+            Some(vec![(CKA_CLASS, data.clone()), (CKA_VALUE, value.clone())]),
+            "a public value identifies"
+        );
+    }
 
     #[test]
     fn matching_follows_find() {

@@ -133,6 +133,17 @@ impl OwnedTemplate {
         OwnedTemplate { values }
     }
 
+    /// The fingerprint of the object this template makes, where it
+    /// identifies one (see [`crate::identity::print_of_template`]).
+    pub fn print(&self) -> Option<crate::identity::Fingerprint> {
+        crate::identity::print_of_template(self.values.iter().map(|(t, v)| (*t, v.as_slice())))
+    }
+
+    /// The template's attributes with their values.
+    pub fn values(&self) -> impl Iterator<Item = (CK_ATTRIBUTE_TYPE, &[u8])> + Clone {
+        self.values.iter().map(|(t, v)| (*t, v.as_slice()))
+    }
+
     /// Attributes pointing into this template, for one member call.
     pub fn attributes(&self) -> Vec<CK_ATTRIBUTE> {
         self.values

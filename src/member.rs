@@ -162,14 +162,24 @@ const STUCK_AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// such a library is reconnected under a session, or has its connection
 /// cut by the watchdog.
 fn is_network_client(path: &Path, library: &Library) -> bool {
-    let p11_kit_client = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("p11-kit-client"));
     // SAFETY: only the symbol's presence is asked; it is never called.
-    p11_kit_client
+    is_p11_kit_client(path)
         || unsafe { library.get::<unsafe extern "C" fn()>(b"CA_GetFunctionList\0") }.is_ok()
 }
+
+fn is_p11_kit_client(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("p11-kit-client"))
+}
+
+/// The calls in flight at once into p11-kit's client unless
+/// `[LibraryConcurrency]` says otherwise: one. With several, a server that
+/// dies between one caller's reply header and its body leaves the other
+/// callers of 0.24's client waiting forever on the dead connection's lock,
+/// where no cut socket reaches them (the soak test hung so, every
+/// application thread inside the client).
+const P11_KIT_CLIENT_CALLS: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN;
 
 /// A counting limit on calls in flight into one library.
 struct CallLimit {
@@ -303,7 +313,7 @@ impl MemberLibrary {
             usable: AtomicBool::new(false),
             job_thread: AtomicI32::new(0),
             networked,
-            call_limit: None,
+            call_limit: is_p11_kit_client(path).then(|| CallLimit::new(P11_KIT_CLIENT_CALLS)),
             reconnecting: RwLock::new(()),
             calls_sent: AtomicU64::new(0),
             wire: Mutex::new(Vec::new()),
@@ -375,8 +385,12 @@ impl MemberLibrary {
     /// Limits the calls in flight at once into the library to `limit`
     /// (`[LibraryConcurrency]`), for a library that cannot take as many
     /// concurrent calls as the application makes.
+    /// Without a limit in the config, the library keeps its default (one
+    /// call at a time for p11-kit's client, none otherwise).
     pub fn limit_calls(mut self, limit: Option<std::num::NonZeroUsize>) -> Self {
-        self.call_limit = limit.map(CallLimit::new);
+        if let Some(limit) = limit {
+            self.call_limit = Some(CallLimit::new(limit));
+        }
         self
     }
 

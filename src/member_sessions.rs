@@ -96,10 +96,16 @@ impl MemberSessions {
         self.closed.store(true, Ordering::SeqCst);
         for (member, cell) in group.members.iter().zip(self.cells.iter()) {
             if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
-                let _in_flight = member.begin_call();
-                crate::member::on_connection(s.connection, || {
+                let in_flight = member.begin_call();
+                let rv = crate::member::on_connection(s.connection, || {
                     member_call!(s.library, C_CloseSession(s.handle))
                 });
+                drop(in_flight);
+                // A member that failed under the close may keep the session
+                // open: taken out, its recovery closes what it kept.
+                if rv != CKR_SESSION_HANDLE_INVALID && crate::group::is_member_fault(rv) {
+                    group.member_failed(member.position, "C_CloseSession", rv);
+                }
             }
         }
     }

@@ -211,6 +211,36 @@ impl ObjectTable {
         }
     }
 
+    /// Whether an object of the group has a kept fingerprint that a member
+    /// object whose own fingerprint is `candidate` matches.
+    pub fn any_matched_by(&self, candidate: &crate::identity::Fingerprint) -> bool {
+        self.maps.read().objects.values().any(|o| {
+            o.fingerprint
+                .as_ref()
+                .is_some_and(|p| crate::identity::matches(p, candidate))
+        })
+    }
+
+    /// The objects of the group whose kept fingerprint a member object
+    /// with fingerprint `candidate` matches, with that fingerprint.
+    pub fn matched_by(
+        &self,
+        candidate: &crate::identity::Fingerprint,
+    ) -> Vec<(
+        CK_OBJECT_HANDLE,
+        std::sync::Arc<crate::identity::Fingerprint>,
+    )> {
+        self.maps
+            .read()
+            .objects
+            .iter()
+            .filter_map(|(handle, o)| {
+                let print = o.fingerprint.as_ref()?;
+                crate::identity::matches(print, candidate).then(|| (*handle, print.clone()))
+            })
+            .collect()
+    }
+
     /// Whether an object's fingerprint is kept.
     pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
         self.maps

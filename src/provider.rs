@@ -887,6 +887,8 @@ impl Provider {
         // Private objects looked for while logged out were not visible.
         v.group.objects.retry_absent();
         v.look_up_domain_keys();
+        // Nor could a returning member be given or rid of them.
+        recovery::replay_deferred(&v.group);
         // Nor could the members' private objects be compared.
         self.reconcile_soon();
         Ok(())

@@ -195,9 +195,13 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
             None => break,
         };
         {
+            // Woken early by every attempt that ends (for `stop_recovery`):
+            // the next round still waits out the interval.
+            let next_round = Instant::now() + interval;
             let mut flags = shared.flags();
-            if !flags.stop_recovery {
-                flags = shared.sleep(flags, interval).0;
+            while !flags.stop_recovery && Instant::now() < next_round {
+                let left = next_round.saturating_duration_since(Instant::now());
+                flags = shared.sleep(flags, left).0;
             }
             if flags.stop_recovery {
                 break;
@@ -255,6 +259,7 @@ fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         for group in p.groups() {
             group.review_latency(Instant::now());
         }
+        crate::halog::summarize();
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
@@ -436,6 +441,7 @@ fn attempt(
     match recover(provider, group, position, one_at_a_time) {
         Ok(copied) => {
             group.objects.retry_absent();
+            replay_deferred(group);
             // What other processes changed while it was away.
             provider.reconcile_soon();
             group.log(
@@ -487,6 +493,9 @@ impl From<String> for Setback {
     }
 }
 
+/// Changes left to copy that a member copies with writes held back.
+const SHORT_TAIL: usize = 64;
+
 /// Brings one member back; returns how many objects it received.
 fn recover(
     provider: &dyn Host,
@@ -498,6 +507,12 @@ fn recover(
     let _one_member_at_a_time =
         one_at_a_time.map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
     group.forget_handles(position);
+    // Sessions it held when it was taken out (the group's, and those of
+    // virtual sessions, which never use them again) are all stale; where
+    // the token kept them they would leak, with the session objects made in
+    // them showing through the slot. No session of the new epoch is open
+    // yet, so none is closed that is in use.
+    let _ = member_call!(location.library, C_CloseAllSessions(location.slot));
     group.relocate(position, location);
     group.members[position].begin_recovery();
 
@@ -507,11 +522,22 @@ fn recover(
         |(mut copied, mut holdings)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
-            // the lock that queues them.
+            // the lock that queues them. Under continuous writes the queue
+            // never empties by itself: once it is short, or a round of
+            // replay no longer halves it, new writes wait at the barrier
+            // while the tail is copied, so the rejoin takes the backlog's
+            // time, not forever.
+            let mut barrier = None;
+            let mut before = usize::MAX;
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
+                let left = group.pending_count(position);
+                if barrier.is_none() && (left <= SHORT_TAIL || left > before / 2) {
+                    barrier = group.hold_writes(provider.member_timeout());
+                }
+                before = left;
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
             }
@@ -565,11 +591,14 @@ fn bring_up_to_date(
 }
 
 /// Settles the objects whose making the member was cut off in: each once
-/// the member holds it, once it is gone from the group, or once the member
-/// has had `wait` to carry the request out. Until then the member is not
-/// given them again -- it would end with two when it resumes -- and so
-/// does not come back; nor while a call making an object on it has yet to
-/// return and say whether it was cut off.
+/// the member holds it, once the member has had `wait` to carry the
+/// request out, or once it is gone from the group -- unless the call that
+/// made it failed (it was abandoned): then the copy the member may still
+/// make is waited for like any other, and removed by the removal queued
+/// for the member. Until then the member is not given them again -- it
+/// would end with two when it resumes -- and so does not come back; nor
+/// while a call making an object on it has yet to return and say whether
+/// it was cut off.
 fn settle_in_doubt(
     group: &Group,
     position: usize,
@@ -582,10 +611,18 @@ fn settle_in_doubt(
                 "a call making an object on it is still under way".into(),
             ));
         };
-        if group.objects.get(object).is_none()
-            || since.elapsed() >= wait
-            || worker.holds(object, position, None)
-        {
+        let held = || {
+            if group.objects.get(object).is_some() {
+                return worker.holds(object, position, None);
+            }
+            match group.abandoned_print(object) {
+                Some(print) => group
+                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
+                    .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
+                None => true,
+            }
+        };
+        if since.elapsed() >= wait || held() {
             group.settle_in_doubt(position, object);
         } else {
             return Err(Setback::Waiting(format!(
@@ -697,14 +734,28 @@ fn replay_pending(
     let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
     while let Some(change) = pending.next() {
-        match worker.apply(position, &change, Some(holdings)) {
+        let outcome = worker.apply(position, &change, Some(holdings));
+        let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
+        if group.members[position].reachable()
+            && (source_failed || must_wait(group, worker, position, &change, &outcome))
+        {
+            // A copy's source may have been down or failed during it, or
+            // the application is logged out: kept for when a member
+            // returns or it logs in, rather than dropped for good.
+            group.defer(position, change);
+            continue;
+        }
+        match outcome {
             Ok(made) => applied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
                 group.log(
                     Some(position),
-                    &format!("an object could not be replayed: {why}"),
+                    &format!(
+                        "{} could not be replayed: {why}",
+                        worker.name_change(&change)
+                    ),
                 );
             }
             Err(why) => {
@@ -714,6 +765,50 @@ fn replay_pending(
         }
     }
     Ok(applied)
+}
+
+/// Makes on the serving members the changes they returned without (see
+/// [`Group::defer`]), now that a member returned or the application logged
+/// in; those that still cannot be made stay kept.
+pub fn replay_deferred(group: &Arc<Group>) {
+    let worker = VirtualSession::internal(Arc::clone(group));
+    for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
+        for change in group.take_deferred(position) {
+            let outcome = worker.apply(position, &change, None);
+            if must_wait(group, &worker, position, &change, &outcome) {
+                group.defer(position, change);
+            } else if let Err(why) = outcome {
+                group.log(
+                    Some(position),
+                    &format!(
+                        "{} could not be made after all: {why}",
+                        worker.name_change(&change)
+                    ),
+                );
+            }
+        }
+    }
+    worker.close();
+}
+
+/// Whether a change a member answered for must be kept rather than
+/// dropped: a copy whose source was down or failed during it (kept until a
+/// member holding the object returns), and, while the application is
+/// logged out, any change that was not made -- private objects can be
+/// neither copied nor seen then (kept until it logs in).
+fn must_wait(
+    group: &Group,
+    worker: &VirtualSession,
+    position: usize,
+    change: &Pending,
+    outcome: &Result<bool, String>,
+) -> bool {
+    let logged_out = group.cached_login().is_none();
+    match outcome {
+        Ok(true) => false,
+        Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
+        Err(_) => logged_out || worker.lacks_source(position, change),
+    }
 }
 
 /// Copies to the member every token object a serving member has and it
@@ -753,7 +848,10 @@ fn synchronize(
             Err(why) if group.members[position].reachable() => {
                 group.log(
                     Some(position),
-                    &format!("an object could not be synchronised: {why}"),
+                    &format!(
+                        "{} could not be synchronised: {why}",
+                        worker.name_object(object)
+                    ),
                 );
             }
             Err(why) => return Err(format!("synchronising failed: {why}")),

@@ -315,22 +315,7 @@ impl VirtualSession {
         let source_handle = self
             .resolve(object, source)?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
-        // The kept fingerprint names the class; read it only without one.
-        let kept_class = self.group.objects.get(object).and_then(|o| {
-            o.fingerprint?
-                .iter()
-                .find(|(t, _)| *t == CKA_CLASS)
-                .map(|(_, v)| identity::ulong_of(v))
-        });
-        let class = match kept_class {
-            Some(class) => class,
-            None => self
-                .on_member(source, |s| {
-                    identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
-                })?
-                .map(|c| identity::ulong_of(&c))
-                .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?,
-        };
+        let class = self.class_of(object, source, source_handle)?;
         let secret = class == CKO_SECRET_KEY || class == CKO_PRIVATE_KEY;
         let strategies: Vec<Option<Strategy>> = if secret {
             let mut chosen = Vec::with_capacity(targets.len());
@@ -429,6 +414,10 @@ impl VirtualSession {
                         .objects
                         .set_presence(object, position, Presence::Present(handle));
                     made.push((position, handle));
+                    if matches!(strategy, Some(Strategy::Wrap(_))) {
+                        self.group.members[source].carried_a_key();
+                        self.group.members[position].carried_a_key();
+                    }
                 }
                 (Attempt::Answered(rv), _) => {
                     self.undo(&made);
@@ -442,6 +431,102 @@ impl VirtualSession {
             }
         }
         Ok(faulted)
+    }
+
+    /// The class of `object`, whose copy on `source` is `source_handle`:
+    /// the kept fingerprint names it; it is read only without one.
+    fn class_of(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        source: usize,
+        source_handle: CK_OBJECT_HANDLE,
+    ) -> Result<CK_OBJECT_CLASS> {
+        let kept_class = self.group.objects.get(object).and_then(|o| {
+            o.fingerprint?
+                .iter()
+                .find(|(t, _)| *t == CKA_CLASS)
+                .map(|(_, v)| identity::ulong_of(v))
+        });
+        match kept_class {
+            Some(class) => Ok(class),
+            None => self
+                .on_member(source, |s| {
+                    identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
+                })?
+                .map(|c| identity::ulong_of(&c))
+                .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID)),
+        }
+    }
+
+    /// Fails, with one line, when a member that lacks one of these new
+    /// keys (made on `source`) is known unable to receive it, up or down:
+    /// its library refused the key-wrap mechanism in this process, or what
+    /// it can do (read when it was attached) leaves no way from `source` to
+    /// it. A member never attached in this process is not known unable: it
+    /// is given the key when it joins, or says it cannot take it then.
+    pub fn refuse_unreceivable(
+        &self,
+        objects: &[CK_OBJECT_HANDLE],
+        source: usize,
+        function: &str,
+    ) -> Result<()> {
+        let from = &self.group.members[source];
+        let Some(from_location) = from.location() else {
+            return Ok(());
+        };
+        for &object in objects {
+            let Some(entry) = self.group.objects.get(object) else {
+                continue;
+            };
+            let Presence::Present(source_handle) = entry.on[source] else {
+                continue;
+            };
+            let class = self.class_of(object, source, source_handle)?;
+            if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
+                continue;
+            }
+            for to in &self.group.members {
+                if to.position == source || matches!(entry.on[to.position], Presence::Present(_)) {
+                    continue;
+                }
+                let Some(to_location) = to.location() else {
+                    continue;
+                };
+                let (from_can, to_can) = (from.capabilities(), to.capabilities());
+                let source_side = Side {
+                    serial: &from.serial,
+                    library: from_location.library.as_ref(),
+                    capabilities: &from_can,
+                };
+                let target_side = Side {
+                    serial: &to.serial,
+                    library: to_location.library.as_ref(),
+                    capabilities: &to_can,
+                };
+                let why = match strategy::choose(&source_side, &target_side, class) {
+                    Err(why) => why,
+                    Ok(Strategy::Wrap(_)) if to.known_to_refuse_keys() || to_can.wrap_refused => format!(
+                        "member {}'s library refused the key-wrap mechanism",
+                        to.serial
+                    ),
+                    Ok(Strategy::Wrap(_)) if from.known_to_refuse_keys() => format!(
+                        "member {}'s library refused the key-wrap mechanism, so the key cannot leave it",
+                        from.serial
+                    ),
+                    Ok(_) => continue,
+                };
+                let event = format!(
+                    "{function}: member {} ({}) could never receive the new {}: {why}; the key was not created",
+                    to.serial,
+                    if to.is_up() { "up" } else { "down now" },
+                    self.name_object(object)
+                );
+                eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+                self.group.log(Some(to.position), &event);
+                return Err(Error::new(CKR_FUNCTION_FAILED));
+            }
+        }
+        Ok(())
     }
 
     /// The way a key of `class` moves from `source` to `target`; where
@@ -715,6 +800,28 @@ impl VirtualSession {
             .map_err(|rv| self.transport_error(source, rv))
     }
 
+    /// A key made on `source` while a member is down reaches it later, by
+    /// wrapping: a library that lists the mechanism but has come to refuse
+    /// it is found out now, while the call can still fail and leave no key
+    /// that can never leave its member, rather than when the copy is due.
+    pub fn probe_wrapping(&self, source: usize) {
+        let member = &self.group.members[source];
+        if member.known_to_refuse_keys()
+            || self.group.up_members().count() == self.group.members.len()
+        {
+            return;
+        }
+        let Some(location) = member.location() else {
+            return;
+        };
+        let refuses = self.on_member(source, |_| {
+            strategy::refuses_wrapping(&location.library, location.slot, &member.capabilities())
+        });
+        if matches!(refuses, Ok(true)) {
+            self.transport_error(source, CKR_MECHANISM_INVALID);
+        }
+    }
+
     /// A member that cannot wrap or unwrap with the domain key (its library
     /// does not carry the mechanism, as p11-kit 0.24's client does not)
     /// cannot hold the group's generated keys: say so, once per member and
@@ -746,12 +853,60 @@ impl VirtualSession {
         Error::new(CKR_FUNCTION_FAILED)
     }
 
-    /// Removes copies made before a replication had to be abandoned.
-    pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) {
-        for (position, handle) in made {
-            let _ = self.on_member(*position, |s| {
-                member_call!(s.library, C_DestroyObject(s.handle, *handle))
-            });
+    /// Removes copies made before a replication had to be abandoned;
+    /// returns the members that could not be asked (they failed).
+    pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) -> Vec<usize> {
+        made.iter()
+            .filter(|(position, handle)| {
+                self.on_member(*position, |s| {
+                    member_call!(s.library, C_DestroyObject(s.handle, *handle))
+                })
+                .is_err()
+            })
+            .map(|(position, _)| *position)
+            .collect()
+    }
+
+    /// A call that made `object` failed: the object leaves the group and
+    /// every member, so that no copy outlives the error. `made` are the
+    /// copies known; members that could not remove theirs now, those that
+    /// failed while asked to make it (`faulted`: a server that died may
+    /// have made it first), and those a request making it was cut off on
+    /// (they may still carry it out) get the removal queued, replayed
+    /// before they serve again -- for an in-doubt copy once recovery has
+    /// waited for it (`recovery.rs`). `print` finds those copies; without
+    /// it, it is read from a copy made, and without either (a template
+    /// that identifies no one object) such a copy stays.
+    pub fn abandon(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        print: Option<Fingerprint>,
+        made: &[(usize, CK_OBJECT_HANDLE)],
+        faulted: &[usize],
+    ) {
+        let print = print.or_else(|| {
+            made.iter().find_map(|(p, h)| {
+                self.on_member(*p, |s| identity::fingerprint(&s.library, s.handle, *h))
+                    .ok()?
+            })
+        });
+        self.group.objects.remove(object);
+        let mut left = self.undo(made);
+        let in_doubt: Vec<usize> = (0..self.group.members.len())
+            .filter(|p| self.group.in_doubt(*p).iter().any(|(o, _)| *o == object))
+            .collect();
+        let Some(print) = print else {
+            return;
+        };
+        if !in_doubt.is_empty() {
+            self.group.record_abandoned(object, print.clone());
+        }
+        left.extend(in_doubt);
+        left.extend(faulted);
+        left.sort_unstable();
+        left.dedup();
+        for position in left {
+            self.deliver_or_queue(position, Pending::Destroy(print.clone()));
         }
     }
 
@@ -771,12 +926,42 @@ impl VirtualSession {
                 Err(why) if self.group.members[position].is_up() => {
                     self.group.log(
                         Some(position),
-                        &format!("a change could not be made on the member: {why}"),
+                        &format!(
+                            "{} could not be made on the member: {why}",
+                            self.name_change(&change)
+                        ),
                     );
                     return;
                 }
                 // It failed meanwhile: queue the change after all.
                 Err(_) => {}
+            }
+        }
+    }
+
+    /// An object as the HA log names it (class, label, ID).
+    pub fn name_object(&self, object: CK_OBJECT_HANDLE) -> String {
+        self.fingerprint_of(object)
+            .map_or("an object that can no longer be read".to_string(), |p| {
+                identity::describe(&p)
+            })
+    }
+
+    /// A queued change as the HA log names it.
+    pub fn name_change(&self, change: &Pending) -> String {
+        match change {
+            Pending::Destroy(print) => format!("the removal of {}", identity::describe(print)),
+            Pending::Orphans(print) => {
+                format!("the removal of orphans like {}", identity::describe(print))
+            }
+            Pending::Create(object) => self.name_object(*object),
+            Pending::Import(object, template) => {
+                match self.group.objects.get(*object).and_then(|o| o.fingerprint) {
+                    Some(print) => identity::describe(&print),
+                    None => template
+                        .print()
+                        .map_or("an imported object".to_string(), |p| identity::describe(&p)),
+                }
             }
         }
     }
@@ -792,11 +977,31 @@ impl VirtualSession {
     ) -> std::result::Result<bool, String> {
         match change {
             Pending::Destroy(print) => self.destroy_copy(position, print, holdings),
+            Pending::Orphans(print) => self.remove_orphans(position, print, holdings),
             Pending::Create(object) => self.copy_missed(position, *object, holdings),
             Pending::Import(object, template) => {
                 self.import_missed(position, *object, template, holdings)
             }
         }
+    }
+
+    /// Whether `change` is a copy that failed for want of a source: the
+    /// object is still the group's and no serving member but `position`
+    /// holds it (those that do are down, or failed during the copy).
+    pub fn lacks_source(&self, position: usize, change: &Pending) -> bool {
+        let Pending::Create(object) = change else {
+            return false;
+        };
+        self.group
+            .objects
+            .get(*object)
+            .is_some_and(|entry| entry.owner.is_none())
+            && !self
+                .group
+                .up_members()
+                .map(|m| m.position)
+                .filter(|p| *p != position)
+                .any(|p| self.resolve(*object, p).ok().flatten().is_some())
     }
 
     /// Whether the member already holds the object: known there, or
@@ -914,6 +1119,104 @@ impl VirtualSession {
             Ok(_) => Err("the member failed again".into()),
             Err(e) => Err(format!("copying an object failed with {}", rv_name(e.rv))),
         }
+    }
+
+    /// Removes from the member every object matching the template print
+    /// `print` that no object of the group is (see [`Pending::Orphans`]).
+    /// An object with the full fingerprint of one of the group's stays.
+    fn remove_orphans(
+        &self,
+        position: usize,
+        print: &Fingerprint,
+        mut holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        let found: Vec<(CK_OBJECT_HANDLE, Fingerprint)> = match &holdings {
+            Some(h) => h
+                .objects
+                .iter()
+                .filter(|(_, candidate)| identity::matches(print, candidate))
+                .cloned()
+                .collect(),
+            None => {
+                let handles = self
+                    .group
+                    .find_on_utility(position, print)
+                    .map_err(|e| rv_name(e.rv))?;
+                let mut found = Vec::with_capacity(handles.len());
+                for handle in handles {
+                    let own = self
+                        .on_member(position, |s| {
+                            identity::fingerprint(&s.library, s.handle, handle)
+                        })
+                        .map_err(|e| rv_name(e.rv))?;
+                    if let Some(own) = own {
+                        found.push((handle, own));
+                    }
+                }
+                found
+            }
+        };
+        let mut removed = false;
+        for (handle, own) in found {
+            if self.group.objects.known(position, handle).is_some()
+                || self.is_group_object(position, &own)
+            {
+                continue;
+            }
+            let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
+                member_call!(l, C_DestroyObject(s, handle))
+            });
+            match answer {
+                Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID) => {
+                    if let Some(h) = holdings.as_deref_mut() {
+                        h.objects.retain(|(held, _)| *held != handle);
+                    }
+                    removed = true;
+                }
+                Attempt::Answered(rv) => {
+                    return Err(format!("removal refused with {}", rv_name(rv)))
+                }
+                Attempt::Faulted => return Err("the member failed again".into()),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether a member object with fingerprint `own` is one of the group's
+    /// (and so no orphan): an object whose kept fingerprint it matches,
+    /// where that tells values apart -- a kept fingerprint without check
+    /// value (an object first seen in a search) is completed from a copy on
+    /// another serving member, and an object whose check value cannot be
+    /// read is taken to be it.
+    fn is_group_object(&self, position: usize, own: &Fingerprint) -> bool {
+        let Some((_, mine)) = own
+            .iter()
+            .find(|(t, v)| *t == CKA_CHECK_VALUE && !v.is_empty())
+        else {
+            return !self.group.objects.matched_by(own).is_empty();
+        };
+        self.group
+            .objects
+            .matched_by(own)
+            .into_iter()
+            .any(|(object, print)| {
+                if identity::has_check_value(&print) {
+                    return true;
+                }
+                let full = self
+                    .group
+                    .up_members()
+                    .map(|m| m.position)
+                    .filter(|p| *p != position)
+                    .find_map(|p| {
+                        let handle = self.resolve(object, p).ok().flatten()?;
+                        self.on_member(p, |s| identity::fingerprint(&s.library, s.handle, handle))
+                            .ok()
+                            .flatten()
+                    });
+                full.and_then(|f| f.into_iter().find(|(t, _)| *t == CKA_CHECK_VALUE))
+                    .is_none_or(|(_, theirs)| theirs.is_empty() || &theirs == mine)
+            })
     }
 
     /// Removes from the member the one object with this fingerprint.

@@ -5,7 +5,7 @@
 //! mechanism both members list. Owns what a member can do (found when it
 //! is attached) and the choice; `replication` carries the key.
 
-use crate::member::{padded_to_string, MemberLibrary};
+use crate::member::{member_call, padded_to_string, MemberLibrary};
 use cryptoki_sys::*;
 
 /// Luna's vendor AES key wrap with padding (RFC 5649); whether Luna also
@@ -83,8 +83,13 @@ pub struct Capabilities {
     /// Whether the two policies were read (else Luna's defaults are
     /// assumed until a probe confirms them: [`Probes`]).
     pub policies_read: bool,
-    /// The key-wrap mechanisms it lists, in [`WRAP_MECHANISMS`] order.
+    /// The key-wrap mechanisms it lists and takes, in [`WRAP_MECHANISMS`]
+    /// order.
     wrap_mechanisms: [Option<CK_MECHANISM_TYPE>; 2],
+    /// Whether its library refused a key-wrap mechanism it lists (p11-kit
+    /// 0.24's client cannot carry one): it can never receive a key that
+    /// moves by wrapping. Kept while the member is down.
+    pub wrap_refused: bool,
 }
 
 /// The way a key moves from one member to another.
@@ -127,8 +132,17 @@ impl Capabilities {
         };
         let listed = library.mechanisms(slot).unwrap_or_default();
         let mut wrap_mechanisms = [None; 2];
+        let mut wrap_refused = false;
         for (found, mechanism) in wrap_mechanisms.iter_mut().zip(WRAP_MECHANISMS) {
-            *found = listed.contains(&mechanism).then_some(mechanism);
+            if listed.contains(&mechanism) {
+                // Luna's client carries what it lists; the probe is for
+                // libraries that forward calls elsewhere.
+                if !is_luna && refuses_to_wrap_with(library, slot, mechanism) {
+                    wrap_refused = true;
+                } else {
+                    *found = Some(mechanism);
+                }
+            }
         }
         let (cloning_policy, wrapping_policy) = if is_luna {
             (
@@ -145,6 +159,7 @@ impl Capabilities {
             private_key_wrapping: wrapping_policy.unwrap_or(false),
             policies_read: cloning_policy.is_some() && wrapping_policy.is_some(),
             wrap_mechanisms,
+            wrap_refused,
         }
     }
 
@@ -163,7 +178,9 @@ impl Capabilities {
             .flatten()
             .map(|m| mechanism_name(*m))
             .collect();
-        let wrap = if wrap.is_empty() {
+        let wrap = if wrap.is_empty() && self.wrap_refused {
+            "its library refuses the key-wrap mechanism it lists".to_string()
+        } else if wrap.is_empty() {
             "no key-wrap mechanism".to_string()
         } else {
             format!("wraps with {}", wrap.join(", "))
@@ -187,6 +204,71 @@ impl Capabilities {
             ),
         }
     }
+}
+
+/// Whether the library now refuses every key-wrap mechanism it was found
+/// to carry (`capabilities`): asked without a key, as when it was attached.
+pub fn refuses_wrapping(
+    library: &MemberLibrary,
+    slot: CK_SLOT_ID,
+    capabilities: &Capabilities,
+) -> bool {
+    let carried: Vec<CK_MECHANISM_TYPE> = capabilities
+        .wrap_mechanisms
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    !carried.is_empty()
+        && carried
+            .iter()
+            .all(|m| refuses_to_wrap_with(library, slot, *m))
+}
+
+/// Whether the library refuses a key-wrap mechanism it lists, asked
+/// without a key: a wrap with no wrapping key and no key, in a session of
+/// its own, is refused for the handles by a library that takes the
+/// mechanism and for the mechanism (`CKR_MECHANISM_INVALID`) by one that
+/// cannot carry it, as p11-kit 0.24's client, which refuses to send it.
+/// A library that cannot open a session is not taken to refuse.
+fn refuses_to_wrap_with(
+    library: &MemberLibrary,
+    slot: CK_SLOT_ID,
+    mechanism: CK_MECHANISM_TYPE,
+) -> bool {
+    let mut session: CK_SESSION_HANDLE = CK_INVALID_HANDLE;
+    let opened = member_call!(
+        library,
+        C_OpenSession(
+            slot,
+            CKF_SERIAL_SESSION,
+            std::ptr::null_mut(),
+            None,
+            &mut session
+        )
+    );
+    if opened != CKR_OK {
+        return false;
+    }
+    let mut mechanism = CK_MECHANISM {
+        mechanism,
+        pParameter: std::ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut len: CK_ULONG = 0;
+    let rv = member_call!(
+        library,
+        C_WrapKey(
+            session,
+            &mut mechanism,
+            CK_INVALID_HANDLE,
+            CK_INVALID_HANDLE,
+            std::ptr::null_mut(),
+            &mut len
+        )
+    );
+    let _ = member_call!(library, C_CloseSession(session));
+    rv == CKR_MECHANISM_INVALID
 }
 
 fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
@@ -282,6 +364,14 @@ pub fn choose(
         )
     } else if let Some(mechanism) = common {
         return Ok(Strategy::Wrap(*mechanism));
+    } else if let Some(refusing) = [(source, from), (target, to)]
+        .iter()
+        .find(|(_, can)| can.wrap_refused)
+    {
+        format!(
+            "member {}'s library refuses the key-wrap mechanism it lists",
+            refusing.0.serial
+        )
     } else {
         format!(
             "members {} and {} list no common key-wrap mechanism (CKM_AES_KEY_WRAP_PAD or Luna's CKM_AES_KWP)",
@@ -330,6 +420,7 @@ mod tests {
             private_key_wrapping: !cloning,
             policies_read: true,
             wrap_mechanisms: [None, Some(CKM_AES_KWP)],
+            wrap_refused: false,
         }
     }
 

@@ -14,6 +14,32 @@ use crate::object::Presence;
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 
+/// The fingerprint an object made from `template` has as far as the
+/// template says, its class `class` unless the template names one: what
+/// finds the orphans a call making it may leave (see [`Pending::Orphans`]).
+///
+/// # Safety
+/// `template` must point to `count` readable attributes (or be null with 0).
+pub unsafe fn made_print(
+    template: CK_ATTRIBUTE_PTR,
+    count: CK_ULONG,
+    class: CK_OBJECT_CLASS,
+) -> Option<identity::Fingerprint> {
+    // SAFETY: forwarded from the caller.
+    let owned = unsafe { OwnedTemplate::copy(template, count) };
+    let class = class.to_ne_bytes();
+    let default = [(CKA_CLASS, &class[..])];
+    let values = owned.values().chain(default.iter().copied());
+    let mut print = identity::print_of_template(values)?;
+    let mut seen = Vec::new();
+    print.retain(|(t, _)| {
+        let first = !seen.contains(t);
+        seen.push(*t);
+        first
+    });
+    Some(print)
+}
+
 /// The `CK_BBOOL` value of `attribute` in a template, if present.
 ///
 /// # Safety
@@ -311,6 +337,7 @@ impl VirtualSession {
         count: CK_ULONG,
     ) -> Result<CK_OBJECT_HANDLE> {
         let _making = self.group.making_objects();
+        let _write = self.group.enter_write();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
             member_call!(library, C_CreateObject(session, template, count, handle))
         };
@@ -320,13 +347,22 @@ impl VirtualSession {
             .group
             .objects
             .insert(vec![Presence::Unknown; self.group.members.len()], owner);
+        // What finds a copy of a token object whose making failed.
+        let print = || {
+            owner
+                .is_none()
+                // SAFETY: forwarded from the caller.
+                .then(|| unsafe { OwnedTemplate::copy(template, count) }.print())
+                .flatten()
+        };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut faulted: Vec<usize> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
             let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
             if up.is_empty() {
-                self.group.objects.remove(object);
+                self.abandon(object, print(), &made, &faulted);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
             for position in up {
@@ -335,16 +371,25 @@ impl VirtualSession {
                     self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
-                self.note_copy(object, position, handle, answer, &mut made)?;
+                if self.note_copy(object, position, handle, answer, &mut made, &print)? {
+                    faulted.push(position);
+                }
             }
         }
         if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
-            self.undo(&made);
-            self.group.objects.remove(object);
+            self.abandon(object, print(), &made, &faulted);
             return Err(e);
         }
         if let Some(&(position, handle)) = made.first() {
             self.remember_fingerprint(object, position, handle);
+        }
+        if !self.group.objects.has_fingerprint(object) {
+            // The member failed before its copy could be read: without a
+            // fingerprint the object could not be found again once that
+            // member's handles are forgotten.
+            if let Some(print) = print() {
+                self.group.objects.set_fingerprint(object, print);
+            }
         }
         let missed: Vec<usize> = (0..self.group.members.len())
             .filter(|p| !made.iter().any(|(m, _)| m == p))
@@ -376,9 +421,10 @@ impl VirtualSession {
             });
             if held < wanted {
                 let event = format!(
-                    "{function} made an object on {held} member(s), fewer than \
+                    "{function} made {} on {held} member(s), fewer than \
                      VirtualToken{:02}MinReplicas = {wanted} (members are down); it was removed \
                      again and the call failed",
+                    self.name_object(*object),
                     self.group.index
                 );
                 eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
@@ -390,10 +436,10 @@ impl VirtualSession {
     }
 
     /// Records one member's answer to a call that makes `object` on every
-    /// member: a copy made is kept in `made`; a request error undoes every
-    /// copy and fails the call, so no member keeps what the application
-    /// was told failed; true for a member that faulted, to be given the
-    /// object when it returns.
+    /// member: a copy made is kept in `made`; a request error abandons the
+    /// object (`print` finds its copies) and fails the call, so no member
+    /// keeps what the application was told failed; true for a member that
+    /// faulted, to be given the object when it returns.
     fn note_copy(
         &self,
         object: CK_OBJECT_HANDLE,
@@ -401,6 +447,7 @@ impl VirtualSession {
         handle: CK_OBJECT_HANDLE,
         answer: Attempt,
         made: &mut Vec<(usize, CK_OBJECT_HANDLE)>,
+        print: &dyn Fn() -> Option<identity::Fingerprint>,
     ) -> Result<bool> {
         match answer {
             Attempt::Answered(CKR_OK) => {
@@ -411,8 +458,7 @@ impl VirtualSession {
                 Ok(false)
             }
             Attempt::Answered(rv) => {
-                self.undo(made);
-                self.group.objects.remove(object);
+                self.abandon(object, print(), made, &[]);
                 Err(Error::new(rv))
             }
             Attempt::Faulted => Ok(true),
@@ -466,6 +512,7 @@ impl VirtualSession {
             unsafe { self.extractability_change(source, template, count) }?;
         let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
         let owner = owner_for(Some(token), session);
+        let _write = self.group.enter_write();
         let object = self
             .group
             .objects
@@ -486,7 +533,7 @@ impl VirtualSession {
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
                     member_call!(l, C_CopyObject(s, source_handle, t, n, &mut handle))
                 });
-                if self.note_copy(object, position, handle, answer, &mut made)? {
+                if self.note_copy(object, position, handle, answer, &mut made, &|| None)? {
                     missed.push(position);
                 }
             }
@@ -494,13 +541,12 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                self.group.objects.remove(object);
+                self.abandon(object, None, &made, &[]);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
-            self.undo(&made);
-            self.group.objects.remove(object);
+            self.abandon(object, None, &made, &[]);
             return Err(e);
         }
         self.remember_fingerprint(object, made[0].0, made[0].1);
@@ -817,6 +863,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
+        let _write = self.group.enter_write();
         let (before, missed) = loop {
             let (copies, mut missed) = self.resolve_everywhere(object)?;
             // From the first copy that answers: a member failing here must
@@ -844,6 +891,9 @@ impl VirtualSession {
             // Every copy asked failed: a member that came up meanwhile
             // decides, as another member takes any other call.
             if self.group.up_members().next().is_none() {
+                if destroys {
+                    self.finish_destroy_later(object, before, &missed);
+                }
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
@@ -861,6 +911,33 @@ impl VirtualSession {
             }
         }
         Ok(())
+    }
+
+    /// A destroy every member failed in: one may have carried it out before
+    /// its answer was lost, so the members would disagree. The removal is
+    /// finished on each when it returns (the application, told
+    /// `CKR_DEVICE_ERROR`, cannot count on the object either way), and the
+    /// object leaves the slot now.
+    fn finish_destroy_later(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        before: Option<identity::Fingerprint>,
+        missed: &[usize],
+    ) {
+        let kept = || {
+            self.group
+                .objects
+                .get(object)
+                .and_then(|o| o.fingerprint)
+                .map(|p| (*p).clone())
+        };
+        let Some(print) = before.or_else(kept) else {
+            return;
+        };
+        for position in missed {
+            self.deliver_or_queue(*position, Pending::Destroy(print.clone()));
+        }
+        self.group.objects.remove(object);
     }
 
     fn fingerprint_from(
@@ -1085,6 +1162,7 @@ impl VirtualSession {
         mechanism: &CK_MECHANISM,
         keys: &[CK_OBJECT_HANDLE],
         owners: &[Option<bool>],
+        prints: &[Option<identity::Fingerprint>],
         function: &str,
         mut make: impl FnMut(
             &MemberLibrary,
@@ -1098,6 +1176,7 @@ impl VirtualSession {
         // SAFETY: forwarded from the caller.
         let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
+        let _write = self.group.enter_write();
         loop {
             let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
@@ -1109,7 +1188,13 @@ impl VirtualSession {
                 make(l, s, member_mechanism.as_ptr(), direct, &mut made)
             });
             match answer {
-                Attempt::Faulted => continue,
+                Attempt::Faulted => {
+                    // It may have made them before its answer was lost.
+                    for print in prints.iter().flatten() {
+                        self.deliver_or_queue(position, Pending::Orphans(print.clone()));
+                    }
+                    continue;
+                }
                 Attempt::Answered(rv) => check(rv)?,
             }
             let objects: Vec<CK_OBJECT_HANDLE> = made
@@ -1121,15 +1206,11 @@ impl VirtualSession {
                     self.group.objects.insert(on, owner_for(*token, session))
                 })
                 .collect();
-            let prints: Vec<_> = made
-                .iter()
-                .zip(&objects)
-                .filter_map(|(h, object)| {
-                    let print = self.fingerprint_from((position, *h))?;
-                    self.group.objects.set_fingerprint(*object, print.clone());
-                    Some(print)
-                })
-                .collect();
+            for (h, object) in made.iter().zip(&objects) {
+                if let Some(print) = self.fingerprint_from((position, *h)) {
+                    self.group.objects.set_fingerprint(*object, print);
+                }
+            }
             if self.group.members.len() == 1 {
                 return Ok(objects);
             }
@@ -1141,13 +1222,19 @@ impl VirtualSession {
                 }
             }
             if failure.is_none() {
+                self.probe_wrapping(position);
+                failure = self.refuse_unreceivable(&objects, position, function).err();
+            }
+            if failure.is_none() {
                 failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
                 return Ok(objects);
             };
+            // Copies on members that failed meanwhile, the one that made
+            // them included, are removed when those return.
             for object in &objects {
-                if let Some(entry) = self.group.objects.remove(*object) {
+                if let Some(entry) = self.group.objects.get(*object) {
                     let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry
                         .on
                         .iter()
@@ -1157,14 +1244,25 @@ impl VirtualSession {
                             _ => None,
                         })
                         .collect();
-                    self.undo(&copies);
+                    let print = entry.fingerprint.map(|p| (*p).clone());
+                    // A member that failed while given a copy may hold it
+                    // (its answer lost); a print with a check value finds
+                    // that copy and no other key.
+                    let faulted: Vec<usize> = match &print {
+                        Some(p) if identity::has_check_value(p) => self
+                            .group
+                            .members
+                            .iter()
+                            .filter(|m| !m.is_up() && copies.iter().all(|(c, _)| *c != m.position))
+                            .map(|m| m.position)
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    self.abandon(*object, print, &copies, &faulted);
                 }
             }
             if self.group.members[position].is_up() {
                 return Err(error);
-            }
-            for print in prints {
-                self.deliver_or_queue(position, Pending::Destroy(print));
             }
         }
     }

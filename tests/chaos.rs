@@ -167,6 +167,30 @@ impl Chaos {
     fn log(&self) -> String {
         std::fs::read_to_string(self.log_dir.join("haErrorLog.txt")).unwrap_or_default()
     }
+
+    /// What SoftHSM itself shows of each member's token directory, to tell
+    /// a token a crash left uninitialised from a member that does not
+    /// return.
+    fn tokens(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let out = Command::new("softhsm2-util")
+                    .arg("--show-slots")
+                    .env(SOFTHSM_CONF_ENV, &m.hsm.conf)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_else(|e| format!("softhsm2-util: {e}"));
+                let labels: Vec<&str> = out
+                    .lines()
+                    .filter(|l| l.contains("Label:") || l.contains("Initialized:"))
+                    .map(str::trim)
+                    .collect();
+                format!("{}: {}", m.hsm.tokens[0].label, labels.join("; "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 impl Drop for Chaos {
@@ -709,5 +733,624 @@ fn concurrent_calls_on_a_member_gone_silent_all_return() {
     assert!(!serves(1), "the silent member is out");
     assert!(chaos.log().contains("connection cut"), "{}", chaos.log());
     drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// Stops the writers of a scenario when dropped, also when the scenario
+/// fails, so that its scope can end.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Imports an AES key with `id` through the virtual slot.
+fn import_key(session: &cryptoki::session::Session, id: &[u8]) -> cryptoki::error::Result<()> {
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    let mut value = [0u8; 16];
+    value[..id.len().min(16)].copy_from_slice(&id[..id.len().min(16)]);
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Id(id.to_vec()),
+            Attribute::Value(value.to_vec()),
+            Attribute::Encrypt(true),
+        ])
+        .map(|_| ())
+}
+
+/// Per member, through its own pass-through slot: how many of its token
+/// objects carry each `CKA_ID`.
+fn ids_on_member(pkcs11: &Pkcs11, member: &Member) -> std::collections::HashMap<Vec<u8>, usize> {
+    use cryptoki::object::{Attribute, AttributeType};
+    let slot = slot_by_label(pkcs11, &member.hsm.tokens[0].label).expect("the member's own slot");
+    let session = user_session(pkcs11, slot);
+    let mut counts = std::collections::HashMap::new();
+    for object in session
+        .find_objects(&[Attribute::Token(true)])
+        .expect("C_FindObjects")
+    {
+        for attribute in session
+            .get_attributes(object, &[AttributeType::Id])
+            .expect("C_GetAttributeValue")
+        {
+            if let Attribute::Id(id) = attribute {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Four threads import keys without pause while one member's connections
+/// are reset: the member is taken out, recovery replays what it missed,
+/// then copies the tail with writes held back at the barrier, and it
+/// serves again while the writes go on -- it does not chase the write rate
+/// forever. No write fails (two members serve throughout), and afterwards
+/// every member holds every key the application was given exactly once.
+#[test]
+fn a_member_reset_under_continuous_writes_rejoins_and_holds_every_object_once() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    const WRITERS: usize = 4;
+    let mut chaos = Chaos::new(3);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let stop = AtomicBool::new(false);
+    let made: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let failed: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let count = || made.lock().unwrap().len();
+    std::thread::scope(|scope| {
+        for writer in 0..WRITERS {
+            let (pkcs11, stop, made, failed) = (&pkcs11, &stop, &made, &failed);
+            scope.spawn(move || {
+                let session = user_session(pkcs11, slot);
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("w{writer}-{n}").into_bytes();
+                    n += 1;
+                    match import_key(&session, &id) {
+                        Ok(()) => made.lock().unwrap().push(id),
+                        Err(e) => failed.lock().unwrap().push(format!("{e}")),
+                    }
+                }
+            });
+        }
+        wait_for("the writers write", Duration::from_secs(20), || {
+            count() >= 40
+        });
+        chaos.members[1].relay.reset();
+        let reset = Instant::now();
+        wait_for(
+            "the reset member is taken out",
+            Duration::from_secs(10),
+            || !serves(1),
+        );
+        let written = count();
+        let took = wait_for(
+            "the reset member rejoins under continuous writes",
+            Duration::from_secs(30),
+            || serves(1),
+        );
+        eprintln!(
+            "reset under {WRITERS} writers: serving {:?} after the reset ({took:?} after it was \
+             taken out), {} keys written meanwhile",
+            reset.elapsed(),
+            count() - written
+        );
+        let rejoined = count();
+        wait_for(
+            "writes go on after the rejoin",
+            Duration::from_secs(20),
+            || count() >= rejoined + 40,
+        );
+        stop.store(true, Ordering::Relaxed);
+    });
+    let failed = failed.into_inner().unwrap();
+    assert!(failed.is_empty(), "writes failed: {failed:?}");
+    wait_for("every member serves", Duration::from_secs(15), || {
+        (0..3).all(serves)
+    });
+    let made = made.into_inner().unwrap();
+    for (i, member) in chaos.members.iter().enumerate() {
+        let counts = ids_on_member(&pkcs11, member);
+        let wrong: Vec<String> = made
+            .iter()
+            .filter(|id| counts.get(*id) != Some(&1))
+            .map(|id| format!("{}: {:?}", String::from_utf8_lossy(id), counts.get(id)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "member {i} holds {} of {} keys other than once: {wrong:?}",
+            wrong.len(),
+            made.len()
+        );
+    }
+    pkcs11.finalize().unwrap();
+}
+
+/// Keys the application was told failed are on no member, not even those
+/// whose making was on the wire when the last member dropped: both paths
+/// stall (the relays hold what they were sent) while four threads import
+/// keys, the watchdog cuts both members off, every call fails until they
+/// return, and the stalled requests reach the servers once the paths
+/// resume. Recovery waits for those copies and removes them; every key
+/// reported made is on every member exactly once.
+#[test]
+fn keys_reported_failed_are_left_on_no_member_even_when_in_flight_as_the_last_member_dropped() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    const WRITERS: usize = 4;
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let stop = AtomicBool::new(false);
+    let made: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let failed: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let count = |list: &Mutex<Vec<Vec<u8>>>| list.lock().unwrap().len();
+    std::thread::scope(|scope| {
+        for writer in 0..WRITERS {
+            let (pkcs11, stop, made, failed) = (&pkcs11, &stop, &made, &failed);
+            scope.spawn(move || {
+                let session = user_session(pkcs11, slot);
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("f{writer}-{n}").into_bytes();
+                    n += 1;
+                    match import_key(&session, &id) {
+                        Ok(()) => made.lock().unwrap().push(id),
+                        Err(_) => failed.lock().unwrap().push(id),
+                    }
+                }
+            });
+        }
+        let _stop = StopOnDrop(&stop);
+        wait_for("the writers write", Duration::from_secs(20), || {
+            count(&made) >= 40
+        });
+        for member in &mut chaos.members {
+            member.relay.pause();
+        }
+        wait_for("both members are cut off", Duration::from_secs(20), || {
+            !serves(0) && !serves(1)
+        });
+        wait_for(
+            "calls fail while no member serves",
+            Duration::from_secs(10),
+            || count(&failed) >= WRITERS,
+        );
+        for member in &mut chaos.members {
+            member.relay.resume();
+        }
+        // Both wait up to 4 x memberTimeout for the requests cut off, and
+        // replay what the other made meanwhile, on a loaded machine.
+        let limit = Instant::now() + Duration::from_secs(90);
+        while !(serves(0) && serves(1)) {
+            assert!(
+                Instant::now() < limit,
+                "both members serve again: not within 90 s; HA log:\n{}",
+                chaos.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let back = count(&made);
+        wait_for("writes go on", Duration::from_secs(20), || {
+            count(&made) >= back + 40
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (made, failed) = (made.into_inner().unwrap(), failed.into_inner().unwrap());
+    let in_doubt = chaos.log().matches("cut").count();
+    eprintln!(
+        "{} keys made, {} failed; {in_doubt} HA log lines about cut connections",
+        made.len(),
+        failed.len()
+    );
+    for (i, member) in chaos.members.iter().enumerate() {
+        let counts = ids_on_member(&pkcs11, member);
+        let left: Vec<String> = failed
+            .iter()
+            .filter(|id| counts.contains_key(*id))
+            .map(|id| String::from_utf8_lossy(id).into_owned())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "member {i} holds keys reported failed: {left:?}"
+        );
+        let wrong: Vec<String> = made
+            .iter()
+            .filter(|id| counts.get(*id) != Some(&1))
+            .map(|id| format!("{}: {:?}", String::from_utf8_lossy(id), counts.get(id)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "member {i} holds keys other than once: {wrong:?}; HA log:\n{}",
+            chaos.log()
+        );
+    }
+    pkcs11.finalize().unwrap();
+}
+
+/// Seconds of the chaos run; `scripts/chaos` runs it longer.
+const CHAOS_SECS_ENV: &str = "PKCS11_HA_CHAOS_SECS";
+const CHAOS_DEFAULT_SECS: u64 = 20;
+/// Seed of the run's choices (printed, so that a run can be repeated).
+const CHAOS_SEED_ENV: &str = "PKCS11_HA_CHAOS_SEED";
+
+/// SplitMix64: enough for choosing members, faults and delays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(low + self.below(high - low + 1))
+    }
+}
+
+/// What the chaos does to one member's server or path.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// `kill -9` of the server and its workers, restarted later.
+    Kill,
+    /// Every connection reset at once (instant).
+    Reset,
+    /// The path accepts and never answers, until it passes again.
+    Blackhole,
+    /// The path holds every byte, until it forwards them again.
+    Pause,
+}
+
+/// Per member: when its server or path was disturbed, `[from, until)`
+/// (`until` is `None` while it lasts).
+type Disturbances = Vec<Vec<(Instant, Option<Instant>)>>;
+
+fn disturbed_between(d: &Disturbances, member: usize, from: Instant, to: Instant) -> bool {
+    d[member]
+        .iter()
+        .any(|(start, end)| *start <= to && end.is_none_or(|e| e >= from))
+}
+
+/// One application call: when it ran and whether it succeeded.
+struct Call {
+    from: Instant,
+    to: Instant,
+    ok: bool,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// The chaos run (issue 12): three members behind fault relays, four
+/// threads importing keys and digesting, and a fault every 1-3 s on a
+/// member chosen at random -- its server killed and restarted 1-3 s
+/// later, its connections reset, its path black-holed or paused for
+/// 1-3 s -- faults on different members overlapping, so that at times
+/// every member is out. Afterwards, with every fault lifted and the group
+/// settled, every member serves and holds every key the application was
+/// given exactly once, and no key it was told failed. The figures of the
+/// issue are printed: failed calls while a member was healthy, keys
+/// missing or left behind, seconds without a serving member while a server
+/// was healthy, and the time from a member's return to serving.
+#[test]
+#[ignore = "fails: keys a returning member's replay got CKR_USER_NOT_LOGGED_IN for are skipped, \
+            so it rejoins without them; run by scripts/chaos"]
+fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    const WRITERS: usize = 4;
+    const MEMBERS: usize = 3;
+    let secs: u64 = std::env::var(CHAOS_SECS_ENV)
+        .map(|s| {
+            s.parse()
+                .expect("PKCS11_HA_CHAOS_SECS is a number of seconds")
+        })
+        .unwrap_or(CHAOS_DEFAULT_SECS);
+    let seed: u64 = match std::env::var(CHAOS_SEED_ENV) {
+        Ok(s) => s.parse().expect("PKCS11_HA_CHAOS_SEED is a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    eprintln!("chaos run: {secs} s, {CHAOS_SEED_ENV}={seed}");
+    let mut rng = Rng(seed);
+    let mut chaos = Chaos::new(MEMBERS);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let (stop, settled) = (AtomicBool::new(false), AtomicBool::new(false));
+    let disturbances: Mutex<Disturbances> = Mutex::new(vec![Vec::new(); MEMBERS]);
+    let keys: Mutex<Vec<(Vec<u8>, bool)>> = Mutex::new(Vec::new());
+    let mut calls: Vec<Call> = Vec::new();
+    let mut samples: Vec<(Instant, [bool; MEMBERS])> = Vec::new();
+    let mut faults: Vec<(usize, Fault)> = Vec::new();
+    std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let (pkcs11, stop, keys) = (&pkcs11, &stop, &keys);
+                scope.spawn(move || {
+                    let session = user_session(pkcs11, slot);
+                    let mut calls = Vec::new();
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = format!("c{writer}-{n}").into_bytes();
+                        n += 1;
+                        let from = Instant::now();
+                        let ok = import_key(&session, &id).is_ok();
+                        calls.push(Call {
+                            from,
+                            to: Instant::now(),
+                            ok,
+                        });
+                        keys.lock().unwrap().push((id, ok));
+                        let from = Instant::now();
+                        let ok = session
+                            .digest(&Mechanism::Sha256, b"abc")
+                            .is_ok_and(|d| d == SHA256_ABC);
+                        calls.push(Call {
+                            from,
+                            to: Instant::now(),
+                            ok,
+                        });
+                    }
+                    calls
+                })
+            })
+            .collect();
+        let _stop_sampling = StopOnDrop(&settled);
+        let sampler = scope.spawn(|| {
+            let mut samples = Vec::new();
+            while !settled.load(Ordering::Relaxed) {
+                let status = group_status();
+                let serving: [bool; MEMBERS] =
+                    std::array::from_fn(|i| status.members[i].state == 0);
+                samples.push((Instant::now(), serving));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut restores: Vec<(Instant, usize, Fault)> = Vec::new();
+        let mut next_fault = Instant::now() + rng.millis(1000, 3000);
+        loop {
+            let now = Instant::now();
+            let mut due: Vec<(Instant, usize, Fault)> = Vec::new();
+            restores.retain(|r| {
+                let ready = r.0 <= now || now >= end;
+                if ready {
+                    due.push(*r);
+                }
+                !ready
+            });
+            for (_, i, fault) in due {
+                match fault {
+                    Fault::Kill => chaos.members[i].restart_server(),
+                    _ => chaos.members[i].relay.pass(),
+                }
+                if let Some(last) = disturbances.lock().unwrap()[i].last_mut() {
+                    last.1 = Some(Instant::now());
+                }
+            }
+            if now >= end {
+                break;
+            }
+            if now >= next_fault {
+                next_fault = now + rng.millis(1000, 3000);
+                let i = rng.below(MEMBERS as u64) as usize;
+                let busy = restores.iter().any(|r| r.1 == i);
+                if !busy {
+                    let fault = match rng.below(4) {
+                        0 => Fault::Kill,
+                        1 => Fault::Reset,
+                        2 => Fault::Blackhole,
+                        _ => Fault::Pause,
+                    };
+                    let started = Instant::now();
+                    match fault {
+                        Fault::Kill => chaos.members[i].kill_server(),
+                        Fault::Reset => chaos.members[i].relay.reset(),
+                        Fault::Blackhole => chaos.members[i].relay.blackhole(),
+                        Fault::Pause => chaos.members[i].relay.pause(),
+                    }
+                    let lasts = match fault {
+                        Fault::Reset => Some(started),
+                        _ => {
+                            restores.push((started + rng.millis(1000, 3000), i, fault));
+                            None
+                        }
+                    };
+                    disturbances.lock().unwrap()[i].push((started, lasts));
+                    faults.push((i, fault));
+                }
+            }
+            let wake = restores
+                .iter()
+                .map(|r| r.0)
+                .chain([next_fault, end])
+                .min()
+                .unwrap();
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        }
+        // The faults are over: writes stop, and the group settles.
+        stop.store(true, Ordering::Relaxed);
+        for writer in writers {
+            calls.extend(writer.join().unwrap());
+        }
+        let settle = Instant::now();
+        let limit = Duration::from_secs(120);
+        while !(0..MEMBERS).all(serves) {
+            assert!(
+                settle.elapsed() < limit,
+                "every member serves again after the chaos; tokens:\n{}\nHA log:\n{}",
+                chaos.tokens(),
+                chaos.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        settled.store(true, Ordering::Relaxed);
+        samples = sampler.join().unwrap();
+    });
+    wait_for(
+        "every member serves with nothing left to replay",
+        Duration::from_secs(120),
+        || {
+            let status = group_status();
+            (0..MEMBERS)
+                .all(|i| status.members[i].state == 0 && status.members[i].pendingChanges == 0)
+        },
+    );
+    let disturbances = disturbances.into_inner().unwrap();
+    let keys = keys.into_inner().unwrap();
+
+    let healthy_during = |from: Instant, to: Instant| {
+        (0..MEMBERS).any(|i| !disturbed_between(&disturbances, i, from, to))
+    };
+    let failed: Vec<&Call> = calls.iter().filter(|c| !c.ok).collect();
+    let failed_while_healthy = failed
+        .iter()
+        .filter(|c| healthy_during(c.from, c.to))
+        .count();
+    let mut outage_while_healthy = Duration::ZERO;
+    for pair in samples.windows(2) {
+        let ((at, serving), (next, _)) = (pair[0], pair[1]);
+        if !serving.iter().any(|s| *s) && healthy_during(at, at) {
+            outage_while_healthy += next.duration_since(at);
+        }
+    }
+    let mut returns: Vec<Duration> = Vec::new();
+    let mut reset_returns: Vec<Duration> = Vec::new();
+    for (i, spans) in disturbances.iter().enumerate() {
+        for (k, (start, end)) in spans.iter().enumerate() {
+            let Some(end) = end else { continue };
+            let next_start = spans.get(k + 1).map(|s| s.0);
+            // Taken out by this fault (before the next one on it), and
+            // serving again after it was lifted.
+            let Some(out) = samples
+                .iter()
+                .find(|(t, serving)| t >= start && !serving[i])
+                .map(|(t, _)| *t)
+                .filter(|out| next_start.is_none_or(|n| *out < n))
+            else {
+                continue;
+            };
+            let Some(back) = samples
+                .iter()
+                .find(|(t, serving)| *t >= out.max(*end) && serving[i])
+                .map(|(t, _)| *t)
+            else {
+                continue;
+            };
+            if next_start.is_none_or(|n| n > back) {
+                returns.push(back.duration_since(*end));
+                if start == end {
+                    reset_returns.push(back.duration_since(*end));
+                }
+            }
+        }
+    }
+    returns.sort();
+    reset_returns.sort();
+
+    let contents: Vec<_> = chaos
+        .members
+        .iter()
+        .map(|m| ids_on_member(&pkcs11, m))
+        .collect();
+    let ok_keys: Vec<&Vec<u8>> = keys
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(id, _)| id)
+        .collect();
+    let failed_keys: Vec<&Vec<u8>> = keys
+        .iter()
+        .filter(|(_, ok)| !*ok)
+        .map(|(id, _)| id)
+        .collect();
+    let missing: Vec<String> = ok_keys
+        .iter()
+        .filter(|id| contents.iter().any(|c| !c.contains_key(**id)))
+        .map(|id| String::from_utf8_lossy(id).into_owned())
+        .collect();
+    let left_behind: Vec<String> = failed_keys
+        .iter()
+        .filter(|id| contents.iter().any(|c| c.contains_key(**id)))
+        .map(|id| String::from_utf8_lossy(id).into_owned())
+        .collect();
+    let doubled: Vec<String> = ok_keys
+        .iter()
+        .filter(|id| contents.iter().any(|c| c.get(**id).is_some_and(|n| *n > 1)))
+        .map(|id| String::from_utf8_lossy(id).into_owned())
+        .collect();
+    let count = |f: fn(&Fault) -> bool| faults.iter().filter(|(_, x)| f(x)).count();
+    eprintln!(
+        "chaos run figures ({secs} s, seed {seed}):\n\
+         faults: {} ({} kills, {} resets, {} black holes, {} pauses)\n\
+         application calls: {}, failed: {}, failed while at least one member was healthy: {}\n\
+         keys reported made: {}, reported failed: {}\n\
+         keys reported made but missing from a member after settling: {}\n\
+         keys reported failed but present on a member: {}\n\
+         keys on a member more than once: {}\n\
+         seconds with no member serving while a server was healthy: {:.1}\n\
+         time from a member's return to serving: p50 {:?}, p99 {:?} (n = {}); \
+         after a connection reset: p50 {:?}, p99 {:?} (n = {})",
+        faults.len(),
+        count(|f| matches!(f, Fault::Kill)),
+        count(|f| matches!(f, Fault::Reset)),
+        count(|f| matches!(f, Fault::Blackhole)),
+        count(|f| matches!(f, Fault::Pause)),
+        calls.len(),
+        failed.len(),
+        failed_while_healthy,
+        ok_keys.len(),
+        failed_keys.len(),
+        missing.len(),
+        left_behind.len(),
+        doubled.len(),
+        outage_while_healthy.as_secs_f64(),
+        percentile(&returns, 0.5),
+        percentile(&returns, 0.99),
+        returns.len(),
+        percentile(&reset_returns, 0.5),
+        percentile(&reset_returns, 0.99),
+        reset_returns.len(),
+    );
+    let missing_per_member: Vec<usize> = contents
+        .iter()
+        .map(|c| ok_keys.iter().filter(|id| !c.contains_key(**id)).count())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys reported made but missing (per member: {missing_per_member:?}): {missing:?}; \
+         HA log:\n{}",
+        chaos.log()
+    );
+    assert!(
+        left_behind.is_empty(),
+        "keys reported failed but present: {left_behind:?}"
+    );
+    assert!(
+        doubled.is_empty(),
+        "keys on a member more than once: {doubled:?}"
+    );
     pkcs11.finalize().unwrap();
 }

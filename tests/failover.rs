@@ -67,6 +67,17 @@ impl Ha {
 
     /// `ha_settings` is appended to the `[HAConfiguration]` section.
     fn with(active: usize, standby: usize, ha_settings: &str) -> Ha {
+        Ha::prepared(active, standby, ha_settings, |_| {})
+    }
+
+    /// As [`Ha::with`], with `prepare` given the members before the
+    /// library under test initialises them.
+    fn prepared(
+        active: usize,
+        standby: usize,
+        ha_settings: &str,
+        prepare: impl FnOnce(&[FaultyMember]),
+    ) -> Ha {
         let guard = serial_guard();
         let labels: Vec<String> = (0..active + standby)
             .map(|i| format!("member{i}"))
@@ -88,6 +99,7 @@ impl Ha {
                 )
             })
             .collect();
+        prepare(&members);
         let names: Vec<String> = (0..members.len()).map(|i| format!("m{i}")).collect();
         let paths: Vec<String> = members
             .iter()
@@ -564,6 +576,73 @@ fn keys_made_on_the_virtual_slot_exist_and_work_on_every_member_alone() {
 /// and it reads `CKA_EXTRACTABLE = FALSE`, `CKA_NEVER_EXTRACTABLE = TRUE`
 /// through the virtual slot, though the members keep it extractable under
 /// trusted keys to replicate it.
+/// A member whose library refuses the key-wrap mechanism it lists can
+/// never receive a generated key. That is found when it is attached and
+/// remembered while it is down: a generated key is refused the same way
+/// whether that member is up or down (`CKR_FUNCTION_FAILED`, nothing left
+/// on any member), never reported made while it lives on one member only.
+/// Imported keys still reach it when it returns.
+#[test]
+fn generated_keys_are_refused_alike_while_a_member_that_cannot_receive_them_is_up_or_down() {
+    let log_dir = tempfile::tempdir().expect("HA log dir");
+    let settings = format!(
+        "haLogStatus = enabled\nhaLogPath = {}\n",
+        log_dir.path().display()
+    );
+    let ha = Ha::prepared(2, 0, &settings, |members| members[1].refuse_key_wrap());
+    let s = ha.session();
+    let generate = |id: &str| {
+        s.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Id(id.into()),
+                Attribute::Encrypt(true),
+            ],
+        )
+    };
+    expect_rv(generate("up"), RvError::FunctionFailed, "member 1 up");
+    ha.fault(1);
+    // A call reaches member 1 and takes it out (fewest calls in flight,
+    // ties rotated: two digests reach both members).
+    for _ in 0..2 {
+        s.digest(&Mechanism::Sha256, b"x").expect("C_Digest");
+    }
+    assert!(!member_serves(0, 1), "member 1 is down");
+    let before = ha.counts("C_GenerateKey");
+    expect_rv(generate("down"), RvError::FunctionFailed, "member 1 down");
+    assert_eq!(
+        grown(&before, &ha.counts("C_GenerateKey")),
+        [1, 0],
+        "the key was made on member 0 while member 1 was down"
+    );
+    let alone = user_session(&ha.pkcs11, ha.member_slot(0));
+    let log = fs::read_to_string(log_dir.path().join("haErrorLog.txt")).expect("the HA log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("could never receive the new secret key (no label, ID 646f776e)")),
+        "the HA log names the key refused by class, label and ID: {log}"
+    );
+    for id in ["up", "down"] {
+        let left = alone
+            .find_objects(&[Attribute::Id(id.into())])
+            .expect("C_FindObjects");
+        assert!(left.is_empty(), "member 0 kept key {id}");
+    }
+    let imported = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Id(b"imported".to_vec()),
+            Attribute::Value(vec![7; 32]),
+            Attribute::Encrypt(true),
+        ])
+        .expect("an imported key is made while member 1 is down");
+    s.destroy_object(imported).expect("C_DestroyObject");
+}
+
 #[test]
 fn non_extractable_keys_cannot_be_exported_by_the_application() {
     let ha = Ha::new(2);

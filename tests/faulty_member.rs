@@ -143,6 +143,48 @@ fn forwards_and_shows_only_its_token() {
     pkcs11.finalize().expect("C_Finalize");
 }
 
+/// `refuse_key_wrap`: the AES key wraps are refused as a mechanism,
+/// though still listed (SoftHSM itself wraps with them: `failover.rs`).
+#[test]
+fn refuses_the_aes_key_wrap_it_still_lists() {
+    use cryptoki::mechanism::{Mechanism, MechanismType};
+    use cryptoki::object::{Attribute, ObjectHandle};
+    let setup = Setup::new();
+    setup.member.refuse_key_wrap();
+    let pkcs11 = start(&setup.member.path);
+    let slot = only_slot(&pkcs11);
+    let listed = pkcs11.get_mechanism_list(slot).expect("C_GetMechanismList");
+    assert!(listed.contains(&MechanismType::AES_KEY_WRAP_PAD));
+    let session = pkcs11.open_rw_session(slot).expect("C_OpenSession");
+    session
+        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+        .expect("C_Login");
+    let key = |extractable: bool| -> ObjectHandle {
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(false),
+                    Attribute::Wrap(true),
+                    Attribute::Extractable(extractable),
+                ],
+            )
+            .expect("C_GenerateKey")
+    };
+    let (wrapping, wrapped) = (key(false), key(true));
+    assert!(is_rv(
+        session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, wrapped),
+        RvError::MechanismInvalid
+    ));
+    assert!(is_rv(
+        session.wrap_key(&Mechanism::AesKeyWrap, wrapping, wrapped),
+        RvError::MechanismInvalid
+    ));
+    drop(session);
+    pkcs11.finalize().expect("C_Finalize");
+}
+
 #[test]
 fn faults_replace_answers_until_cleared() {
     let setup = Setup::new();

@@ -188,6 +188,45 @@ fn generated_keys_that_cannot_replicate_fail_cleanly() {
     }
 }
 
+/// A member whose library cannot receive generated keys (p11-kit 0.24's
+/// client refuses the key-wrap mechanism; found when the member was
+/// attached) is remembered while it is down: with it down, a key
+/// generated on the other member is refused the same way as while it is
+/// up (`CKR_FUNCTION_FAILED`, nothing left on the member that made it),
+/// never reported made and left on one member for good.
+#[test]
+fn generated_keys_are_refused_while_a_member_that_cannot_receive_them_is_down() {
+    let group = Group::start();
+    let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
+    group.server.kill_workers();
+    let id = b"while-down".to_vec();
+    let refused = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Id(id.clone()),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+            ],
+        )
+        .expect_err("a generated key the remote member can never receive");
+    assert!(
+        matches!(refused, Error::Pkcs11(RvError::FunctionFailed, _)),
+        "{refused:?}"
+    );
+    assert!(!member_serves(0, 0), "the remote member was down meanwhile");
+    let local = user_session(&group.pkcs11, group.slot("local"));
+    let left = local.find_objects(&[Attribute::Id(id.clone())]).unwrap();
+    assert!(
+        left.is_empty(),
+        "the local member kept {} objects",
+        left.len()
+    );
+    // Imported keys still reach it when it returns.
+    import_ec_key(&group, &s, b"imported-while-down");
+}
+
 /// Four threads sign and verify through the virtual slot with an EC key
 /// both members hold (created through the virtual slot from its
 /// attributes, so on every member without wrapping); while they run, the

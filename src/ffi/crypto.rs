@@ -5,7 +5,7 @@ use super::{buffer, cryptoki_fn, mechanism_argument, required, session, template
 use crate::error::{check, Error};
 use crate::member::{member_call, MemberLibrary};
 use crate::session::Target;
-use crate::virtual_objects::{template_bool, MemberTemplate};
+use crate::virtual_objects::{made_print, template_bool, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
 use cryptoki_sys::*;
 
@@ -274,9 +274,11 @@ cryptoki_fn! {
                 let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
                 };
+                // SAFETY: as above.
+                let prints = [unsafe { made_print(template, count, CKO_SECRET_KEY) }];
                 // SAFETY: `mechanism` is not null (checked above) and the
                 // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &[token], "C_GenerateKey", generate) }?;
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &[token], &prints, "C_GenerateKey", generate) }?;
                 if member_template.protects() {
                     v.group.objects.mark_protected(made[0], true);
                 }
@@ -342,9 +344,16 @@ cryptoki_fn! {
                         C_GenerateKeyPair(m, mech, public_template, public_count, t, n, &mut public[0], &mut private[0])
                     )
                 };
+                // SAFETY: each template as above.
+                let prints = unsafe {
+                    [
+                        made_print(public_template, public_count, CKO_PUBLIC_KEY),
+                        made_print(private_template, private_count, CKO_PRIVATE_KEY),
+                    ]
+                };
                 // SAFETY: `mechanism` is not null (checked above) and the
                 // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &owners, "C_GenerateKeyPair", generate) }?;
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &owners, &prints, "C_GenerateKeyPair", generate) }?;
                 if member_private.protects() {
                     v.group.objects.mark_protected(made[1], true);
                 }
@@ -433,9 +442,11 @@ cryptoki_fn! {
                 let unwrap = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
                 };
+                // SAFETY: as above.
+                let prints = [unsafe { made_print(template, count, CKO_SECRET_KEY) }];
                 // SAFETY: `mechanism` is not null (checked above) and the
                 // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], "C_UnwrapKey", unwrap) }
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], &prints, "C_UnwrapKey", unwrap) }
                     .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
                 // Imported material: never "never extractable".
                 if member_template.protects() {
@@ -497,9 +508,11 @@ cryptoki_fn! {
                     let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
                     member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
                 };
+                // SAFETY: as above.
+                let prints: Vec<_> = owners.iter().map(|_| unsafe { made_print(template, count, CKO_SECRET_KEY) }).collect();
                 // SAFETY: `mechanism` is not null (checked above) and the
                 // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[base_key], &owners, "C_DeriveKey", derive) }
+                let made = unsafe { v.make_on_one(handle, &*mechanism, &[base_key], &owners, &prints, "C_DeriveKey", derive) }
                     .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))?;
                 if let Some(made) = made.first() {
                     if member_template.protects() {

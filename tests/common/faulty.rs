@@ -78,6 +78,18 @@ impl FaultyMember {
         }
     }
 
+    /// Refuse the AES key-wrap mechanisms from the first `C_Initialize`
+    /// on (call before it): see the faulty member's crate doc.
+    pub fn refuse_key_wrap(&self) {
+        let mut sidecar_path = self.path.clone().into_os_string();
+        sidecar_path.push(".target");
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&sidecar_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", sidecar_path.to_string_lossy()));
+        std::io::Write::write_all(&mut file, b"refuse_key_wrap = true\n").unwrap();
+    }
+
     /// The export `name`, as a function pointer of type `F`.
     fn control<F: Copy>(&self, name: &str) -> F {
         // SAFETY: every caller names a `faulty_*` export with signature `F`.

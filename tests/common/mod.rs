@@ -345,6 +345,23 @@ pub fn multiarch_dir() -> PathBuf {
     Path::new("/usr/lib").join(triplet)
 }
 
+/// Whether member `i` of group `group` serves now, through the exported
+/// `PKCS11HA_GetGroupStatus` of the loaded library.
+pub fn member_serves(group: u64, i: usize) -> bool {
+    // SAFETY: the symbol has this signature; the library is loaded.
+    unsafe {
+        let library = libloading::Library::new(library_path()).expect("load pkcs11-ha");
+        let get: libloading::Symbol<
+            unsafe extern "C" fn(u64, *mut pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS) -> u64,
+        > = library
+            .get(b"PKCS11HA_GetGroupStatus\0")
+            .expect("PKCS11HA_GetGroupStatus");
+        let mut status = std::mem::zeroed();
+        assert_eq!(get(group, &mut status), 0, "PKCS11HA_GetGroupStatus");
+        status.members[i].state == pkcs11_ha::state_api::PKCS11HA_STATE_UP
+    }
+}
+
 /// Set `PKCS11_HA_CONF` in this process (caller holds [`serial_guard`]).
 pub fn activate_config(path: &Path) {
     env::set_var(CONF_ENV, path);

@@ -8,7 +8,11 @@
 //! - `library = /usr/lib/softhsm/libsofthsm2.so` (required): the real library;
 //! - `serial = <token serial>` (optional): only that token's slot is
 //!   visible; `C_GetSlotList` hides the others and calls naming them return
-//!   `CKR_SLOT_ID_INVALID`.
+//!   `CKR_SLOT_ID_INVALID`;
+//! - `refuse_key_wrap = true` (optional): `C_WrapKey` and `C_UnwrapKey`
+//!   refuse the AES key-wrap mechanisms with `CKR_MECHANISM_INVALID`,
+//!   though the mechanism list still names them (as a client library that
+//!   cannot carry a mechanism does).
 //!
 //! Only `C_GetFunctionList` is exported (no `C_GetInterface`, so loaders take
 //! the 2.40 path). Every other entry point runs the gate, in this order:
@@ -236,16 +240,16 @@ unsafe extern "C" fn C_GetSlotList(
 }
 
 /// Generates the forwarding entry points and the function table.
-/// `#[slot]` marks an entry whose argument `slot` must be visible.
+/// `#[slot]` marks an entry whose argument `slot` must be visible,
+/// `#[mechanism]` one whose `mechanism` this copy may refuse (see
+/// `real.rs`).
 macro_rules! forward {
-    ($($(#[$slot:ident])? $name:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {
+    ($($(#[$check:ident])? $name:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {
         $(
             unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
                 guard(|| {
                     let (real, _admission) = enter(stringify!($name))?;
-                    $(if !real.visible($slot) {
-                        return Err(CKR_SLOT_ID_INVALID);
-                    })?
+                    $(real.$check($check)?;)?
                     let f = real.list.$name.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
                     // SAFETY: the caller's arguments, passed on unchanged.
                     Ok(unsafe { f($($arg),*) })
@@ -321,8 +325,8 @@ forward! {
     C_DecryptVerifyUpdate(session: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_GenerateKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
     C_GenerateKeyPair(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, public_template: *mut CK_ATTRIBUTE, public_count: CK_ULONG, private_template: *mut CK_ATTRIBUTE, private_count: CK_ULONG, public_key: *mut CK_OBJECT_HANDLE, private_key: *mut CK_OBJECT_HANDLE);
-    C_WrapKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, wrapping_key: CK_OBJECT_HANDLE, key: CK_OBJECT_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
-    C_UnwrapKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, unwrapping_key: CK_OBJECT_HANDLE, wrapped: *mut CK_BYTE, wrapped_len: CK_ULONG, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
+    #[mechanism] C_WrapKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, wrapping_key: CK_OBJECT_HANDLE, key: CK_OBJECT_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
+    #[mechanism] C_UnwrapKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, unwrapping_key: CK_OBJECT_HANDLE, wrapped: *mut CK_BYTE, wrapped_len: CK_ULONG, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
     C_DeriveKey(session: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, base_key: CK_OBJECT_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG, key: *mut CK_OBJECT_HANDLE);
     C_SeedRandom(session: CK_SESSION_HANDLE, seed: *mut CK_BYTE, seed_len: CK_ULONG);
     C_GenerateRandom(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: CK_ULONG);

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::{fs, ptr};
 
 use cryptoki_sys::{
-    CKR_GENERAL_ERROR, CKR_OK, CK_FUNCTION_LIST, CK_RV, CK_SLOT_ID, CK_TOKEN_INFO, CK_TRUE,
+    CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD, CKR_GENERAL_ERROR, CKR_MECHANISM_INVALID, CKR_OK,
+    CKR_SLOT_ID_INVALID, CK_FUNCTION_LIST, CK_MECHANISM, CK_RV, CK_SLOT_ID, CK_TOKEN_INFO, CK_TRUE,
     CK_ULONG,
 };
 use libloading::Library;
@@ -20,6 +21,9 @@ pub(crate) struct Real {
     pub(crate) list: CK_FUNCTION_LIST,
     /// Only the token with this serial is visible, if set.
     serial: Option<String>,
+    /// Whether the AES key-wrap mechanisms are refused although listed, as
+    /// a client library that cannot carry them refuses them.
+    refuse_key_wrap: bool,
     /// Keeps the pointers in `list` valid.
     _lib: Library,
 }
@@ -39,12 +43,13 @@ fn load() -> Result<Real, String> {
     sidecar.push(".target");
     let sidecar = PathBuf::from(sidecar);
     let text = fs::read_to_string(&sidecar).map_err(|e| format!("{}: {e}", sidecar.display()))?;
-    let (mut library, mut serial) = (None, None);
+    let (mut library, mut serial, mut refuse_key_wrap) = (None, None, false);
     for line in text.lines().map(str::trim) {
         match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
             _ if line.is_empty() || line.starts_with('#') => {}
             Some(("library", v)) => library = Some(v.to_owned()),
             Some(("serial", v)) => serial = Some(v.to_owned()),
+            Some(("refuse_key_wrap", v)) => refuse_key_wrap = v == "true",
             _ => return Err(format!("{}: unexpected line {line:?}", sidecar.display())),
         }
     }
@@ -66,6 +71,7 @@ fn load() -> Result<Real, String> {
         // SAFETY: a non-NULL table from C_GetFunctionList holds at least the 2.40 entries.
         list: unsafe { *list },
         serial,
+        refuse_key_wrap,
         _lib: lib,
     })
 }
@@ -97,6 +103,27 @@ impl Real {
         // SAFETY: `info` is a valid out-parameter.
         let rv = unsafe { get_token_info(slot, &mut info) };
         rv == CKR_OK && info.serialNumber.trim_ascii_end() == serial.as_bytes()
+    }
+
+    /// `CKR_SLOT_ID_INVALID` for a slot this copy hides.
+    pub(crate) fn slot(&self, slot: CK_SLOT_ID) -> Result<(), CK_RV> {
+        if self.visible(slot) {
+            Ok(())
+        } else {
+            Err(CKR_SLOT_ID_INVALID)
+        }
+    }
+
+    /// `CKR_MECHANISM_INVALID` for an AES key wrap this copy refuses
+    /// (`refuse_key_wrap = true`).
+    pub(crate) fn mechanism(&self, mechanism: *mut CK_MECHANISM) -> Result<(), CK_RV> {
+        // SAFETY: NULL or the caller's valid mechanism.
+        let kind = unsafe { mechanism.as_ref() }.map(|m| m.mechanism);
+        if self.refuse_key_wrap && matches!(kind, Some(CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD)) {
+            Err(CKR_MECHANISM_INVALID)
+        } else {
+            Ok(())
+        }
     }
 
     /// Whether a serial filter is set (so slot lists must be filtered).
