@@ -436,6 +436,16 @@ impl Host for Provider {
         Provider::reconcile_soon(self)
     }
 
+    fn uses_member_slot(&self, library: &Arc<MemberLibrary>, slot: CK_SLOT_ID) -> bool {
+        self.hidden
+            .lock()
+            .contains_key(&(Arc::as_ptr(library) as usize))
+            || self.sessions.snapshot().iter().any(|s| {
+                matches!(&s.target, Target::PassThrough(p)
+                    if Arc::ptr_eq(&p.library, library) && p.slot == slot)
+            })
+    }
+
     fn each_virtual_session(
         &self,
         group: &Arc<Group>,

@@ -63,6 +63,10 @@ pub trait Host: Send + Sync {
     fn synchronize(&self, group: &Group) -> bool;
     /// Asks for a reconciliation pass soon (a member has returned).
     fn reconcile_soon(&self);
+    /// Whether this process holds sessions of its own on a member slot
+    /// outside the group: the application's pass-through sessions, or the
+    /// sessions that keep the domain keys hidden behind pass-through slots.
+    fn uses_member_slot(&self, library: &Arc<MemberLibrary>, slot: CK_SLOT_ID) -> bool;
     /// Runs `reopen` on every open virtual session of `group`, stopping at
     /// the first error.
     fn each_virtual_session(
@@ -511,8 +515,13 @@ fn recover(
     // virtual sessions, which never use them again) are all stale; where
     // the token kept them they would leak, with the session objects made in
     // them showing through the slot. No session of the new epoch is open
-    // yet, so none is closed that is in use.
-    let _ = member_call!(location.library, C_CloseAllSessions(location.slot));
+    // yet, so none is closed that is in use -- unless the process uses the
+    // slot outside the group too: closing the application's pass-through
+    // sessions, or those keeping the domain keys hidden there, would cost
+    // more than the stale sessions, which the token drops when it restarts.
+    if !provider.uses_member_slot(&location.library, location.slot) {
+        let _ = member_call!(location.library, C_CloseAllSessions(location.slot));
+    }
     group.relocate(position, location);
     group.members[position].begin_recovery();
 
