@@ -804,10 +804,12 @@ impl VirtualSession {
     /// wrapping: a library that lists the mechanism but has come to refuse
     /// it is found out now, while the call can still fail and leave no key
     /// that can never leave its member, rather than when the copy is due.
+    /// Members that move keys by cloning alone are not asked.
     pub fn probe_wrapping(&self, source: usize) {
         let member = &self.group.members[source];
         if member.known_to_refuse_keys()
             || self.group.up_members().count() == self.group.members.len()
+            || self.group.all_members_clone()
         {
             return;
         }
