@@ -1782,3 +1782,38 @@ fn a_search_in_flight_moves_and_returns_each_object_once() {
     found.dedup();
     assert_eq!(found.len(), 4, "every object once: {found:?}");
 }
+
+/// A returning member is rid of the member sessions it held when it was
+/// taken out, but the application's own session on its pass-through slot
+/// (the same token, the same library) stays open: recovery closes nothing
+/// on a slot the process uses outside the group.
+#[test]
+fn recovery_leaves_the_applications_passthrough_session_open() {
+    let ha = Ha::with(2, 0, "reconnAtt = -1\nAutoReconnectInterval = 1\n");
+    let s = ha.session();
+    let direct = ha
+        .pkcs11
+        .open_ro_session(ha.member_slot(1))
+        .expect("a session on member 1's pass-through slot");
+    ha.fault(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while member_serves(0, 1) {
+        assert!(Instant::now() < deadline, "member 1 was never taken out");
+        s.generate_random_vec(8)
+            .expect("the virtual slot serves from member 0");
+    }
+    ha.members[1].clear_fault();
+    while !member_serves(0, 1) {
+        assert!(Instant::now() < deadline, "member 1 never came back");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        ha.counts("C_CloseAllSessions")[1],
+        0,
+        "recovery closed every session on member 1's slot"
+    );
+    let info = direct
+        .get_session_info()
+        .expect("the pass-through session outlived the member's recovery");
+    assert_eq!(info.slot_id(), ha.member_slot(1));
+}
