@@ -1807,9 +1807,10 @@ mod tests {
             ulValueLen: 32,
         }];
         // SAFETY: a live local template.
-        let kept = Arc::new(unsafe {
-            crate::mechanism::OwnedTemplate::copy(template.as_ptr() as *mut _, 1)
-        });
+        let template =
+            unsafe { crate::arguments::Template::giving_values(template.as_ptr() as *mut _, 1) }
+                .unwrap();
+        let kept = Arc::new(crate::mechanism::OwnedTemplate::copy(&template));
         let watch = Arc::downgrade(&kept);
         assert!(group.queue_unless_up(1, Pending::Import(7, kept)).is_ok());
         assert_eq!(group.pending_count(1), 1);

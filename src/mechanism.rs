@@ -4,6 +4,7 @@
 //! application passes virtual handles there too, and each must become the
 //! chosen member's handle before the mechanism reaches that member.
 
+use crate::arguments::Template;
 use crate::error::{Error, Result};
 use cryptoki_sys::*;
 use smallvec::SmallVec;
@@ -106,29 +107,10 @@ pub struct OwnedTemplate {
 }
 
 impl OwnedTemplate {
-    /// # Safety
-    /// `template` must point to `count` attributes with readable values.
-    pub unsafe fn copy(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> OwnedTemplate {
-        let attributes = if template.is_null() {
-            &[][..]
-        } else {
-            // SAFETY: the caller vouches for the template.
-            unsafe { std::slice::from_raw_parts(template, count as usize) }
-        };
-        let values = attributes
-            .iter()
-            .map(|a| {
-                let bytes = if a.pValue.is_null() {
-                    Vec::new()
-                } else {
-                    // SAFETY: as above, each value is readable.
-                    unsafe {
-                        std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize)
-                    }
-                    .to_vec()
-                };
-                (a.type_, zeroize::Zeroizing::new(bytes))
-            })
+    pub fn copy(template: &Template) -> OwnedTemplate {
+        let values = template
+            .values()
+            .map(|(t, v)| (t, zeroize::Zeroizing::new(v.to_vec())))
             .collect();
         OwnedTemplate { values }
     }

@@ -4,6 +4,7 @@
 //! the calls under way on each ([`CallGate`]), which a close waits for and
 //! a logout pauses.
 
+use crate::arguments::Template;
 use crate::error::{check, Error, Result};
 use crate::member::member_call;
 use crate::member::MemberLibrary;
@@ -94,28 +95,11 @@ impl PassThroughSession {
     /// Refuses a template that would make or rename a key with a domain
     /// key's label: a second key of that label would stop its group from
     /// replicating.
-    ///
-    /// # Safety
-    /// `template` must point to `count` readable attributes (or be null).
-    pub unsafe fn refuse_reserved_label(
-        &self,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
-    ) -> Result<()> {
-        if template.is_null() {
-            return Ok(());
-        }
-        // SAFETY: the caller vouches for the template.
-        let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
-        let reserved = attributes.iter().any(|a| {
-            a.type_ == CKA_LABEL
-                && !a.pValue.is_null()
-                && self.hidden.labels.iter().any(|l| {
-                    l.len() == a.ulValueLen as usize
-                        // SAFETY: a value of that length, as the caller vouches.
-                        && unsafe { std::slice::from_raw_parts(a.pValue as *const u8, l.len()) }
-                            == l.as_bytes()
-                })
+    pub fn refuse_reserved_label(&self, template: &Template) -> Result<()> {
+        let reserved = template.iter().any(|a| {
+            a.kind() == CKA_LABEL
+                && a.value()
+                    .is_some_and(|value| self.hidden.labels.iter().any(|l| l.as_bytes() == value))
         });
         if reserved {
             Err(Error::new(CKR_ATTRIBUTE_VALUE_INVALID))
