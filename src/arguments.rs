@@ -299,6 +299,187 @@ impl<'t> TemplateBuilder<'t> {
     }
 }
 
+/// The attributes of a `C_GetAttributeValue`: each names a type and
+/// either a buffer for its value or none (asking the value's length). The
+/// answers go into the attributes' lengths and buffers.
+pub struct AttributeRequest<'a> {
+    attributes: &'a mut [CK_ATTRIBUTE],
+    absent: bool,
+}
+
+impl<'a> AttributeRequest<'a> {
+    /// `CKR_ARGUMENTS_BAD` for a null template with a count; null values
+    /// are allowed (they ask for the length).
+    ///
+    /// # Safety
+    /// `template`, when not null, must point to `count` attributes, each
+    /// value (when not null) writable for its length during `'a`.
+    pub unsafe fn new(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<Self> {
+        buffer(template, count)?;
+        if template.is_null() {
+            return Ok(AttributeRequest {
+                attributes: &mut [],
+                absent: true,
+            });
+        }
+        Ok(AttributeRequest {
+            // SAFETY: not null; the caller vouches for `count` attributes.
+            attributes: unsafe { std::slice::from_raw_parts_mut(template, count as usize) },
+            absent: false,
+        })
+    }
+
+    /// The attributes as asked: types, lengths, whether a buffer was given.
+    pub fn attributes(&self) -> &[CK_ATTRIBUTE] {
+        self.attributes
+    }
+
+    pub fn set_len(&mut self, index: usize, len: CK_ULONG) {
+        self.attributes[index].ulValueLen = len;
+    }
+
+    /// Answers one attribute with `value` under the two-call convention: no
+    /// buffer gets the length; a short one `CKR_BUFFER_TOO_SMALL` (its
+    /// length unavailable, as the specification has it).
+    pub fn answer(&mut self, index: usize, value: &[u8]) -> Result<()> {
+        let attribute = &mut self.attributes[index];
+        if attribute.pValue.is_null() {
+            attribute.ulValueLen = value.len() as CK_ULONG;
+        } else if (attribute.ulValueLen as usize) < value.len() {
+            attribute.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
+        } else {
+            // SAFETY: a buffer of at least `value.len()` bytes, as the
+            // application vouched when the request was made.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    value.as_ptr(),
+                    attribute.pValue as *mut u8,
+                    value.len(),
+                )
+            };
+            attribute.ulValueLen = value.len() as CK_ULONG;
+        }
+        Ok(())
+    }
+
+    /// The attributes as a member call takes them; the application's null
+    /// stays null.
+    pub fn as_mut_ptr(&mut self) -> CK_ATTRIBUTE_PTR {
+        if self.absent {
+            std::ptr::null_mut()
+        } else {
+            self.attributes.as_mut_ptr()
+        }
+    }
+
+    pub fn count(&self) -> CK_ULONG {
+        self.attributes.len() as CK_ULONG
+    }
+}
+
+/// An array the application gave a call to fill (`C_FindObjects`' handles).
+pub struct OutArray<'a, T> {
+    items: &'a mut [T],
+    absent: bool,
+}
+
+impl<'a, T> OutArray<'a, T> {
+    /// `CKR_ARGUMENTS_BAD` for a null array with room.
+    ///
+    /// # Safety
+    /// `items`, when not null, must have room for `room` items, writable
+    /// during `'a`.
+    pub unsafe fn new(items: *mut T, room: CK_ULONG) -> Result<Self> {
+        buffer(items, room)?;
+        if items.is_null() {
+            return Ok(OutArray {
+                items: &mut [],
+                absent: true,
+            });
+        }
+        Ok(OutArray {
+            // SAFETY: not null; the caller vouches for the room.
+            items: unsafe { std::slice::from_raw_parts_mut(items, room as usize) },
+            absent: false,
+        })
+    }
+
+    pub fn items(&mut self) -> &mut [T] {
+        self.items
+    }
+
+    /// The array as a member call takes it; the application's null stays
+    /// null.
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        if self.absent {
+            std::ptr::null_mut()
+        } else {
+            self.items.as_mut_ptr()
+        }
+    }
+
+    pub fn room(&self) -> CK_ULONG {
+        self.items.len() as CK_ULONG
+    }
+}
+
+/// Where a call writes a list or bytes under the two-call convention: no
+/// buffer asks for the length; a short one gets `CKR_BUFFER_TOO_SMALL` and
+/// the length needed; otherwise the items are written and their number.
+pub struct Output<'a, T> {
+    buffer: *mut T,
+    len: &'a mut CK_ULONG,
+}
+
+impl<'a, T: Copy> Output<'a, T> {
+    /// `CKR_ARGUMENTS_BAD` for a null length.
+    ///
+    /// # Safety
+    /// `len`, when not null, must be writable during `'a`; `buffer`, when
+    /// not null, must have room for `*len` items, writable as long.
+    pub unsafe fn new(buffer: *mut T, len: *mut CK_ULONG) -> Result<Self> {
+        required(len)?;
+        Ok(Output {
+            buffer,
+            // SAFETY: not null, writable as the caller vouches.
+            len: unsafe { &mut *len },
+        })
+    }
+
+    /// Writes `items`.
+    pub fn fill(self, items: &[T]) -> Result<()> {
+        let needed = items.len() as CK_ULONG;
+        self.fill_with(needed, |room| {
+            room.copy_from_slice(items);
+            (needed, Ok(()))
+        })
+    }
+
+    /// Has `write` fill `needed` items where the buffer has room for them;
+    /// `write` says how many it wrote, and whether it succeeded.
+    pub fn fill_with(
+        self,
+        needed: CK_ULONG,
+        write: impl FnOnce(&mut [T]) -> (CK_ULONG, Result<()>),
+    ) -> Result<()> {
+        if self.buffer.is_null() {
+            *self.len = needed;
+            return Ok(());
+        }
+        if *self.len < needed {
+            *self.len = needed;
+            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
+        }
+        // SAFETY: not null, with room for `*len` items (at least `needed`),
+        // as the caller of `new` vouches.
+        let room = unsafe { std::slice::from_raw_parts_mut(self.buffer, needed as usize) };
+        let (written, result) = write(room);
+        *self.len = written;
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +550,59 @@ mod tests {
         let nested = outer.iter().next().unwrap().nested().unwrap();
         assert_eq!(nested.bool(CKA_EXTRACTABLE), Some(false));
         assert_eq!(nested.bool(CKA_WRAP_WITH_TRUSTED), Some(true));
+    }
+
+    #[test]
+    fn output_follows_the_two_call_convention() {
+        let items = [7u64, 8, 9];
+        let mut len: CK_ULONG = 0;
+        // SAFETY: a live length, no buffer.
+        let asked = unsafe { Output::new(std::ptr::null_mut::<u64>(), &mut len) };
+        asked.unwrap().fill(&items).unwrap();
+        assert_eq!(len, 3, "no buffer asks for the length");
+        let mut room = [0u64; 3];
+        len = 2;
+        // SAFETY: `room` has at least `len` items.
+        let short = unsafe { Output::new(room.as_mut_ptr(), &mut len) }.unwrap();
+        assert_eq!(short.fill(&items).unwrap_err().rv, CKR_BUFFER_TOO_SMALL);
+        assert_eq!(len, 3, "a short buffer learns the length needed");
+        // SAFETY: as above.
+        let enough = unsafe { Output::new(room.as_mut_ptr(), &mut len) }.unwrap();
+        enough.fill(&items).unwrap();
+        assert_eq!((room, len), (items, 3));
+        // SAFETY: a null length is refused before anything is written.
+        let no_len = unsafe { Output::new(room.as_mut_ptr(), std::ptr::null_mut()) };
+        assert_eq!(no_len.err().map(|e| e.rv), Some(CKR_ARGUMENTS_BAD));
+    }
+
+    #[test]
+    fn an_attribute_answer_follows_the_two_call_convention() {
+        let mut byte: CK_BBOOL = 9;
+        let mut raw = [
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: std::ptr::null_mut(),
+                ulValueLen: 0,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: &mut byte as *mut _ as *mut _,
+                ulValueLen: 0,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: &mut byte as *mut _ as *mut _,
+                ulValueLen: 1,
+            },
+        ];
+        // SAFETY: live local attributes and buffers.
+        let mut request = unsafe { AttributeRequest::new(raw.as_mut_ptr(), 3) }.unwrap();
+        assert!(request.answer(0, &[CK_FALSE]).is_ok());
+        let short = request.answer(1, &[CK_FALSE]);
+        assert_eq!(short.unwrap_err().rv, CKR_BUFFER_TOO_SMALL);
+        assert!(request.answer(2, &[CK_FALSE]).is_ok());
+        assert_eq!(raw[0].ulValueLen, 1);
+        assert_eq!(raw[1].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+        assert_eq!((raw[2].ulValueLen, byte), (1, CK_FALSE));
     }
 }

@@ -4,7 +4,7 @@
 //! the calls under way on each ([`CallGate`]), which a close waits for and
 //! a logout pauses.
 
-use crate::arguments::Template;
+use crate::arguments::{OutArray, Template};
 use crate::error::{check, Error, Result};
 use crate::member::member_call;
 use crate::member::MemberLibrary;
@@ -52,26 +52,23 @@ impl PassThroughSession {
 
     /// `C_FindObjects` without the hidden objects, the batch filled as the
     /// member would have filled it (see [`crate::object::fill_batch`]).
-    ///
-    /// # Safety
-    /// `found` must have room for `max` handles; `count` must be writable.
-    pub unsafe fn find(
-        &self,
-        found: CK_OBJECT_HANDLE_PTR,
-        max: CK_ULONG,
-        count: CK_ULONG_PTR,
-    ) -> Result<()> {
+    pub fn find(&self, found: &mut OutArray<CK_OBJECT_HANDLE>, count: &mut CK_ULONG) -> Result<()> {
         if self.hidden.handles.is_empty() {
             return check(member_call!(
                 self.library,
-                C_FindObjects(self.handle, found, max, count)
+                C_FindObjects(self.handle, found.as_mut_ptr(), found.room(), count)
             ));
         }
-        let fetch = |at, room: usize| {
+        let fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
             check(member_call!(
                 self.library,
-                C_FindObjects(self.handle, at, room as CK_ULONG, &mut returned)
+                C_FindObjects(
+                    self.handle,
+                    at.as_mut_ptr(),
+                    at.len() as CK_ULONG,
+                    &mut returned
+                )
             ))?;
             Ok(returned as usize)
         };
@@ -85,10 +82,8 @@ impl PassThroughSession {
             }
             Ok(shown)
         };
-        // SAFETY: forwarded from the caller.
-        let kept = unsafe { crate::object::fill_batch(found, max as usize, fetch, keep) }?;
-        // SAFETY: `count` is writable, as the caller vouches.
-        unsafe { *count = kept as CK_ULONG };
+        let kept = crate::object::fill_batch(found.items(), fetch, keep)?;
+        *count = kept as CK_ULONG;
         Ok(())
     }
 

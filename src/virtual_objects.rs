@@ -4,7 +4,7 @@
 //! made on one member and replicated to the others before the call
 //! returns. Handles the application sees are virtual.
 
-use crate::arguments::{Attribute, Template, TemplateBuilder};
+use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
 use crate::error::{check, Error, Result};
 use crate::group::Pending;
 use crate::identity;
@@ -565,17 +565,12 @@ impl VirtualSession {
     /// Reads attributes from one member; a key the application made
     /// non-extractable reads as such on every member, and never reveals
     /// its key material.
-    ///
-    /// # Safety
-    /// `template` must point to `count` attributes with valid buffers.
-    pub unsafe fn get_attribute_value(
+    pub fn get_attribute_value(
         &self,
         object: CK_OBJECT_HANDLE,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
+        request: &mut AttributeRequest,
     ) -> Result<()> {
-        // SAFETY: forwarded from the caller.
-        let attributes = unsafe { std::slice::from_raw_parts_mut(template, count as usize) };
+        let attributes = request.attributes();
         let emulated = |a: &CK_ATTRIBUTE| EMULATED.contains(&a.type_);
         let material = |a: &CK_ATTRIBUTE| KEY_MATERIAL.contains(&a.type_);
         let protected = if attributes.iter().any(|a| emulated(a) || material(a)) {
@@ -584,6 +579,7 @@ impl VirtualSession {
             false
         };
         if !protected && self.group.objects.has_fingerprint(object) {
+            let (template, count) = (request.as_mut_ptr(), request.count());
             return self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
                 member_call!(l, C_GetAttributeValue(s, h[0], template, count))
             });
@@ -593,8 +589,7 @@ impl VirtualSession {
             // same member call identifies it.
             let mut learned = None;
             let answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
-                // SAFETY: the caller vouches for the template's buffers.
-                let (rv, print) = unsafe { identity::read_along(l, s, h[0], attributes) };
+                let (rv, print) = identity::read_along(l, s, h[0], request);
                 learned = print;
                 rv
             });
@@ -632,28 +627,22 @@ impl VirtualSession {
             .is_some_and(|o| o.never_extractable);
         let mut answers = asked.iter();
         let mut withheld = false;
-        for a in attributes.iter_mut() {
-            if material(a) {
-                a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        for i in 0..request.attributes().len() {
+            let a = request.attributes()[i];
+            if material(&a) {
+                request.set_len(i, CK_UNAVAILABLE_INFORMATION);
                 withheld = true;
-            } else if emulated(a) {
+            } else if emulated(&a) {
                 let value = if a.type_ == CKA_EXTRACTABLE {
                     CK_FALSE
                 } else {
                     CK_BBOOL::from(never)
                 };
-                if a.pValue.is_null() {
-                    a.ulValueLen = 1;
-                } else if a.ulValueLen < 1 {
-                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-                    answer = Err(Error::new(CKR_BUFFER_TOO_SMALL));
-                } else {
-                    // SAFETY: a buffer of at least one byte, as the caller vouches.
-                    unsafe { *(a.pValue as *mut CK_BBOOL) = value };
-                    a.ulValueLen = 1;
+                if let Err(e) = request.answer(i, &[value]) {
+                    answer = Err(e);
                 }
             } else if let Some(member) = answers.next() {
-                a.ulValueLen = member.ulValueLen;
+                request.set_len(i, member.ulValueLen);
             }
         }
         if withheld {
@@ -848,15 +837,7 @@ impl VirtualSession {
 
     /// Continues the search and turns member handles into virtual ones,
     /// leaving out the domain key.
-    ///
-    /// # Safety
-    /// `found` must have room for `max` handles; `count` must be writable.
-    pub unsafe fn find(
-        &self,
-        found: CK_OBJECT_HANDLE_PTR,
-        max: CK_ULONG,
-        count: CK_ULONG_PTR,
-    ) -> Result<()> {
+    pub fn find(&self, found: &mut OutArray<CK_OBJECT_HANDLE>, count: &mut CK_ULONG) -> Result<()> {
         // What is left out (the domain key, objects returned before the
         // search moved, objects the filter rejects) is made up for from the
         // member, so the batch is as full as the member would have made it:
@@ -865,7 +846,7 @@ impl VirtualSession {
         let filter = self.search_filter();
         // Which member answered the last fetch: `keep` reads its handles.
         let member = std::cell::Cell::new(None);
-        let fetch = |at, room: usize| {
+        let fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
             self.step(
                 OpKind::Find,
@@ -874,7 +855,10 @@ impl VirtualSession {
                 "C_FindObjects",
                 |l, s| {
                     member.set(self.bound_member());
-                    member_call!(l, C_FindObjects(s, at, room as CK_ULONG, &mut returned))
+                    member_call!(
+                        l,
+                        C_FindObjects(s, at.as_mut_ptr(), at.len() as CK_ULONG, &mut returned)
+                    )
                 },
             )?;
             Ok(returned as usize)
@@ -904,10 +888,8 @@ impl VirtualSession {
             }
             Ok(shown)
         };
-        // SAFETY: forwarded from the caller.
-        let kept = unsafe { crate::object::fill_batch(found, max as usize, fetch, keep) }?;
-        // SAFETY: `count` is writable, as the caller vouches.
-        unsafe { *count = kept as CK_ULONG };
+        let kept = crate::object::fill_batch(found.items(), fetch, keep)?;
+        *count = kept as CK_ULONG;
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use crate::arguments::{buffer, required};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::provider;
 use crate::session::SessionRef;
 use cryptoki_sys::*;
@@ -61,32 +61,6 @@ unsafe fn mechanism_argument(mechanism: CK_MECHANISM_PTR) -> Result<()> {
 #[inline(always)]
 fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     provider::session(handle)
-}
-
-/// Copies `items` to a caller's array with the two-call convention: a null
-/// array asks for the count, a short one gets `CKR_BUFFER_TOO_SMALL` and
-/// the count needed.
-///
-/// # Safety
-/// `count` must be writable; `out`, when not null, must have room for
-/// `*count` items.
-unsafe fn copy_out<T: Copy>(items: &[T], out: *mut T, count: *mut CK_ULONG) -> Result<()> {
-    required(count)?;
-    let needed = items.len() as CK_ULONG;
-    // SAFETY: checked non-null above; the caller vouches for the rest.
-    unsafe {
-        if out.is_null() {
-            *count = needed;
-            return Ok(());
-        }
-        if *count < needed {
-            *count = needed;
-            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
-        }
-        std::ptr::copy_nonoverlapping(items.as_ptr(), out, items.len());
-        *count = needed;
-    }
-    Ok(())
 }
 
 macro_rules! function_list {

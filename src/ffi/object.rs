@@ -1,7 +1,7 @@
 //! Object management and search.
 
-use super::{buffer, cryptoki_fn, required, session};
-use crate::arguments::Template;
+use super::{cryptoki_fn, required, session};
+use crate::arguments::{AttributeRequest, OutArray, Template};
 use crate::error::{check, Error};
 use crate::member::member_call;
 use crate::session::Target;
@@ -94,17 +94,16 @@ cryptoki_fn! {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes with
+        // buffers of the lengths they give.
+        let mut request = unsafe { AttributeRequest::new(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
+                check(member_call!(p.library, C_GetAttributeValue(p.handle, object, request.as_mut_ptr(), request.count())))
             }
-            // SAFETY: `template` is null only with a zero count (checked
-            // above); the application vouches for `count` attributes with
-            // buffers of the lengths they give.
-            Target::Virtual(v) => unsafe { v.get_attribute_value(object, template, count) }.map_err(Error::as_object),
+            Target::Virtual(v) => v.get_attribute_value(object, &mut request).map_err(Error::as_object),
         }
     }
 
@@ -145,16 +144,15 @@ cryptoki_fn! {
         max: CK_ULONG,
         count: CK_ULONG_PTR,
     ) {
-        buffer(objects, max)?;
+        // SAFETY: the application vouches for room for `max` handles.
+        let mut found = unsafe { OutArray::new(objects, max) }?;
         required(count)?;
+        // SAFETY: not null (checked above) and writable.
+        let count = unsafe { &mut *count };
         let s = session(handle)?;
         match &s.target {
-            // SAFETY: `count` is not null and `objects` is null only with a
-            // zero `max` (checked above); the application vouches for room
-            // for `max` handles.
-            Target::PassThrough(p) => unsafe { p.find(objects, max, count) },
-            // SAFETY: as for the pass-through search above.
-            Target::Virtual(v) => unsafe { v.find(objects, max, count) },
+            Target::PassThrough(p) => p.find(&mut found, count),
+            Target::Virtual(v) => v.find(&mut found, count),
         }
     }
 
