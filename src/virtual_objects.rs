@@ -8,7 +8,7 @@ use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, Template
 use crate::error::{check, Error, Result};
 use crate::group::Pending;
 use crate::identity;
-use crate::mechanism::OwnedTemplate;
+use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
@@ -821,16 +821,7 @@ impl VirtualSession {
         let start =
             |library: &MemberLibrary, s, _| member_call!(library, C_FindObjectsInit(s, t, n));
         let kept = OwnedTemplate::copy(&searched);
-        // SAFETY: a search has no mechanism.
-        unsafe {
-            self.init(
-                OpKind::Find,
-                std::ptr::null_mut(),
-                None,
-                "C_FindObjectsInit",
-                start,
-            )
-        }?;
+        self.init(OpKind::Find, None, None, "C_FindObjectsInit", start)?;
         self.keep_search(kept, filter);
         Ok(())
     }
@@ -959,14 +950,11 @@ impl VirtualSession {
     /// other member, and returns their virtual handles. If the member dies
     /// before its objects are safe elsewhere, the call runs again on
     /// another member and the orphans are removed when it returns.
-    ///
-    /// # Safety
-    /// `mechanism` must be a valid mechanism.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn make_on_one(
+    pub fn make_on_one(
         &self,
         session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
+        mechanism: &Mechanism,
         keys: &[CK_OBJECT_HANDLE],
         owners: &[Option<bool>],
         prints: &[Option<identity::Fingerprint>],
@@ -980,16 +968,13 @@ impl VirtualSession {
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
-        // SAFETY: forwarded from the caller.
-        let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
+        let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
         loop {
             let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
-            // SAFETY: forwarded from the caller.
-            let mut member_mechanism =
-                unsafe { crate::mechanism::for_member(mechanism, in_parameter)? };
+            let mut member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
             let answer = self.attempt(position, function, &mut |l, s| {
                 make(l, s, member_mechanism.as_ptr(), direct, &mut made)

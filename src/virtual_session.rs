@@ -12,6 +12,7 @@ pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
+use crate::mechanism::Mechanism;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::member::MemberSession;
@@ -703,14 +704,11 @@ impl VirtualSession {
     /// Starts an operation of `kind` with the application's `mechanism`
     /// and `key`, on the chosen member, failing over until one answers.
     /// `call` receives the member's key handle (0 without a key).
-    ///
-    /// # Safety
-    /// `mechanism` must be null or a valid mechanism, as in an `*Init` call.
     #[inline(always)]
-    pub unsafe fn init(
+    pub fn init(
         &self,
         kind: OpKind,
-        mechanism: CK_MECHANISM_PTR,
+        mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
         mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
@@ -731,8 +729,7 @@ impl VirtualSession {
             if rv != CKR_OK {
                 return Err(self.refused_init(kind, rv));
             }
-            // SAFETY: the application's mechanism is valid during its call.
-            unsafe { self.bindings().start(kind, mechanism, key, position) };
+            self.bindings().start(kind, mechanism, key, position);
             return Ok(());
         }
     }

@@ -1,9 +1,10 @@
 //! Cryptographic operations, key management and random numbers. On a
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
-use super::{buffer, cryptoki_fn, mechanism_argument, required, session};
+use super::{buffer, cryptoki_fn, required, session};
 use crate::arguments::Template;
 use crate::error::{check, Error};
+use crate::mechanism::Mechanism;
 use crate::member::{member_call, MemberLibrary};
 use crate::session::Target;
 use crate::virtual_objects::{made_print, MemberTemplate};
@@ -16,19 +17,17 @@ macro_rules! keyed_init {
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
                 // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+                let mechanism = unsafe { Mechanism::new(mechanism) }?;
                 let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                        check(member_call!(p.library, $name(p.handle, mechanism, key)))
+                        check(member_call!(p.library, $name(p.handle, mechanism.as_ptr(), key)))
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                     Target::Virtual(v) => {
-                        let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism, k));
-                        // SAFETY: `mechanism` is not null (checked above) and
-                        // the application vouches that it is a valid mechanism.
-                        unsafe { v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), on_member) }
+                        let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism.as_ptr(), k));
+                        v.init(OpKind::$kind, Some(&mechanism), Some(key), stringify!($name), on_member)
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                 }
@@ -190,15 +189,13 @@ output_final!(
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
+            Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism.as_ptr()))),
             Target::Virtual(v) => {
-                let on_member = |l: &MemberLibrary, m, _| member_call!(l, C_DigestInit(m, mechanism));
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                unsafe { v.init(OpKind::Digest, mechanism, None, "C_DigestInit", on_member) }
+                let on_member = |l: &MemberLibrary, m, _| member_call!(l, C_DigestInit(m, mechanism.as_ptr()));
+                v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member)
             }
         }
     }
@@ -253,7 +250,7 @@ cryptoki_fn! {
         key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         // SAFETY: the application vouches for `count` attributes, their
         // values readable during its call.
         let template = unsafe { Template::giving_values(template, count) }?;
@@ -262,7 +259,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(p.library, C_GenerateKey(p.handle, mechanism, template.as_ptr(), template.count(), key)))
+                check(member_call!(p.library, C_GenerateKey(p.handle, mechanism.as_ptr(), template.as_ptr(), template.count(), key)))
             }
             Target::Virtual(v) => {
                 let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
@@ -271,9 +268,7 @@ cryptoki_fn! {
                     member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
                 };
                 let prints = [made_print(&template, CKO_SECRET_KEY)];
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &[token], &prints, "C_GenerateKey", generate) }?;
+                let made = v.make_on_one(handle, &mechanism, &[], &[token], &prints, "C_GenerateKey", generate)?;
                 if member_template.protects() {
                     v.group.objects.mark_protected(made[0], true);
                 }
@@ -295,7 +290,7 @@ cryptoki_fn! {
         private_key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         // SAFETY: the application vouches for each template's count, their
         // values readable during its call.
         let public_template = unsafe { Template::giving_values(public_template, public_count) }?;
@@ -311,7 +306,7 @@ cryptoki_fn! {
                 check(member_call!(
                 p.library,
                 C_GenerateKeyPair(
-                    p.handle, mechanism, public_template.as_ptr(), public_template.count(), private_template.as_ptr(), private_template.count(),
+                    p.handle, mechanism.as_ptr(), public_template.as_ptr(), public_template.count(), private_template.as_ptr(), private_template.count(),
                     public_key, private_key
                 )
             ))
@@ -332,9 +327,7 @@ cryptoki_fn! {
                     made_print(&public_template, CKO_PUBLIC_KEY),
                     made_print(&private_template, CKO_PRIVATE_KEY),
                 ];
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &owners, &prints, "C_GenerateKeyPair", generate) }?;
+                let made = v.make_on_one(handle, &mechanism, &[], &owners, &prints, "C_GenerateKeyPair", generate)?;
                 if member_private.protects() {
                     v.group.objects.mark_protected(made[1], true);
                 }
@@ -358,7 +351,7 @@ cryptoki_fn! {
         wrapped_len: CK_ULONG_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         required(wrapped_len)?;
         let s = session(handle)?;
         match &s.target {
@@ -367,7 +360,7 @@ cryptoki_fn! {
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                 check(member_call!(
                     p.library,
-                    C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
+                    C_WrapKey(p.handle, mechanism.as_ptr(), wrapping_key, key, wrapped, wrapped_len)
                 ))
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
@@ -377,7 +370,7 @@ cryptoki_fn! {
                 }
                 v.refuse_if_protected(key)?;
                 v.stateless(&[wrapping_key, key], "C_WrapKey", |l, m, h| {
-                    member_call!(l, C_WrapKey(m, mechanism, h[0], h[1], wrapped, wrapped_len))
+                    member_call!(l, C_WrapKey(m, mechanism.as_ptr(), h[0], h[1], wrapped, wrapped_len))
                 })
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
@@ -395,7 +388,7 @@ cryptoki_fn! {
         key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         buffer(wrapped, wrapped_len)?;
         // SAFETY: the application vouches for `count` attributes, their
         // values readable during its call.
@@ -408,7 +401,7 @@ cryptoki_fn! {
                 p.refuse_reserved_label(&template)?;
                 check(member_call!(
                     p.library,
-                    C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template.as_ptr(), template.count(), key)
+                    C_UnwrapKey(p.handle, mechanism.as_ptr(), unwrapping_key, wrapped, wrapped_len, template.as_ptr(), template.count(), key)
                 ))
                 .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))
             }
@@ -419,9 +412,7 @@ cryptoki_fn! {
                     member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
                 };
                 let prints = [made_print(&template, CKO_SECRET_KEY)];
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], &prints, "C_UnwrapKey", unwrap) }
+                let made = v.make_on_one(handle, &mechanism, &[unwrapping_key], &[token], &prints, "C_UnwrapKey", unwrap)
                     .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
                 // Imported material: never "never extractable".
                 if member_template.protects() {
@@ -443,7 +434,7 @@ cryptoki_fn! {
         key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         // SAFETY: the application vouches for `count` attributes, their
         // values readable during its call.
         let template = unsafe { Template::giving_values(template, count) }?;
@@ -451,16 +442,13 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(base_key, CKR_KEY_HANDLE_INVALID)?;
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism,
-                // its parameter `ulParameterLen` readable bytes.
-                for in_parameter in unsafe { crate::mechanism::parameter_handles(&*mechanism) }? {
+                for in_parameter in crate::mechanism::parameter_handles(&mechanism)? {
                     p.reachable(in_parameter, CKR_KEY_HANDLE_INVALID)?;
                 }
                 p.refuse_reserved_label(&template)?;
                 check(member_call!(
                     p.library,
-                    C_DeriveKey(p.handle, mechanism, base_key, template.as_ptr(), template.count(), key)
+                    C_DeriveKey(p.handle, mechanism.as_ptr(), base_key, template.as_ptr(), template.count(), key)
                 ))
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
@@ -479,9 +467,7 @@ cryptoki_fn! {
                     member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
                 };
                 let prints: Vec<_> = owners.iter().map(|_| made_print(&template, CKO_SECRET_KEY)).collect();
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[base_key], &owners, &prints, "C_DeriveKey", derive) }
+                let made = v.make_on_one(handle, &mechanism, &[base_key], &owners, &prints, "C_DeriveKey", derive)
                     .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))?;
                 if let Some(made) = made.first() {
                     if member_template.protects() {

@@ -44,18 +44,6 @@ pub fn guard(body: impl FnOnce() -> Result<()>) -> CK_RV {
     }
 }
 
-/// A mechanism the call cannot do without, its parameter checked so that a
-/// malformed one never reaches a member.
-///
-/// # Safety
-/// `mechanism`, when not null, must point to a mechanism whose parameter
-/// is readable for its stated length.
-unsafe fn mechanism_argument(mechanism: CK_MECHANISM_PTR) -> Result<()> {
-    required(mechanism)?;
-    // SAFETY: not null (checked above); the caller vouches for the rest.
-    unsafe { crate::mechanism::check_parameter(&*mechanism) }
-}
-
 /// The session named by `handle`; inlined, as the first step of most
 /// calls.
 #[inline(always)]
