@@ -146,11 +146,6 @@ impl<'a> Template<'a> {
         }
     }
 
-    /// A template with no attributes.
-    pub fn empty() -> Self {
-        Template::from_checked(&[])
-    }
-
     /// The same template, borrowed again.
     pub fn reborrow(&self) -> Template<'_> {
         Template {

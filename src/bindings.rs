@@ -190,7 +190,6 @@ impl BindingsGuard<'_> {
 
     /// Starts an operation of `kind` on `member`, with the mechanism saved
     /// in its slot; one whose parameter could not be saved cannot move.
-    ///
     #[inline(always)]
     pub(crate) fn start(
         &mut self,

@@ -51,10 +51,6 @@ impl<'a> Mechanism<'a> {
         Ok(Mechanism { mechanism })
     }
 
-    pub fn kind(&self) -> CK_MECHANISM_TYPE {
-        self.mechanism.mechanism
-    }
-
     /// The parameter's bytes; empty for none.
     pub fn parameter(&self) -> &'a [u8] {
         let len = self.mechanism.ulParameterLen as usize;

@@ -1086,7 +1086,8 @@ mod tests {
         assert_eq!(member.template().count(), 2);
         assert_eq!(member.template().bool(CKA_EXTRACTABLE), Some(true));
         assert_eq!(member.template().bool(CKA_WRAP_WITH_TRUSTED), Some(true));
-        let empty = Template::empty();
+        // SAFETY: null with no attributes.
+        let empty = unsafe { Template::giving_values(std::ptr::null_mut(), 0) }.unwrap();
         let none = MemberTemplate::for_new_key(&empty);
         assert!(
             none.protects(),
