@@ -943,12 +943,15 @@ impl Group {
         Ok(())
     }
 
-    /// Drops every queued change, zeroizing the imported key values they
+    /// Drops every queued and kept change, zeroizing the imported key values they
     /// hold (`OwnedTemplate` zeroizes on drop): at `C_Finalize` nothing
     /// will replay them.
     pub fn drop_pending(&self) {
         for queue in self.pending.lock().iter_mut() {
             queue.clear();
+        }
+        for kept in self.deferred.lock().iter_mut() {
+            kept.clear();
         }
     }
 
@@ -1067,6 +1070,13 @@ impl Group {
     /// How many changes a member has yet to receive.
     pub fn pending_count(&self, position: usize) -> usize {
         self.pending.lock()[position].len()
+    }
+
+    /// How many changes a member has yet to receive, those kept for when a
+    /// source serves or the application logs in (see [`Group::defer`])
+    /// included: what the group status reports.
+    pub fn undelivered_count(&self, position: usize) -> usize {
+        self.pending_count(position) + self.deferred.lock()[position].len()
     }
 
     /// The cached credential, to log a member in again after it lost its

@@ -742,6 +742,7 @@ fn replay_pending(
 ) -> Result<usize, String> {
     let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
+    let mut kept = 0;
     while let Some(change) = pending.next() {
         let outcome = worker.apply(position, &change, Some(holdings));
         let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
@@ -752,6 +753,7 @@ fn replay_pending(
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
             group.defer(position, change);
+            kept += 1;
             continue;
         }
         match outcome {
@@ -772,6 +774,17 @@ fn replay_pending(
                 return Err(why);
             }
         }
+    }
+    if kept > 0 && group.cached_login().is_none() {
+        // The member serves without them: an operator must know that it
+        // lacks objects until the application logs in.
+        group.log(
+            Some(position),
+            &format!(
+                "changes it missed wait for the application's next login: {kept} \
+                 (private objects cannot be made or found while it is logged out)"
+            ),
+        );
     }
     Ok(applied)
 }
