@@ -347,7 +347,8 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
     }
     let library = Arc::new(
         MemberLibrary::load(&entry.name, &entry.path, &entry.environment)?
-            .limit_calls(entry.concurrency),
+            .limit_calls(entry.concurrency)
+            .with_instances(entry.instances)?,
     );
     loaded.push(Arc::clone(&library));
     Ok(library)

@@ -1049,12 +1049,42 @@ impl VirtualSession {
     ) -> Result<()> {
         loop {
             let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
-            if let Attempt::Answered(rv) =
-                self.attempt(position, function, &mut |l, s| call(l, s, &handles))
-            {
+            let mut on_member = |l: &MemberLibrary, s| call(l, s, &handles);
+            let answer = match keys {
+                [] => self.attempt_on_spare(position, function, &mut on_member),
+                _ => None,
+            };
+            let answer = answer.unwrap_or_else(|| self.attempt(position, function, &mut on_member));
+            if let Attempt::Answered(rv) = answer {
                 return check(rv);
             }
         }
+    }
+
+    /// [`Self::attempt`] on an idle spare instance of the member's library
+    /// ([`MemberLibrary::on_spare`]), for a call that names no object; `None`
+    /// when the library has none idle.
+    fn attempt_on_spare(
+        &self,
+        position: usize,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<Attempt> {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let (library, _, _) = self.session_on(position, epoch).ok()?;
+        if !library.has_spares() {
+            return None;
+        }
+        let slot = member.location()?.slot;
+        let rv = library.on_spare(slot, &mut |l, s| {
+            let _in_flight = member.begin_call();
+            call(l, s)
+        })?;
+        if rv == CKR_OK {
+            return Some(Attempt::Answered(CKR_OK));
+        }
+        Some(self.judge(position, function, epoch, rv, false))
     }
 
     /// The member whose operation state `C_GetOperationState` should save.
