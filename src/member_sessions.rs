@@ -1,6 +1,6 @@
 //! The member-session set of a virtual session: one member session per
-//! member of its group, opened in the member's current epoch (again on
-//! demand after the member comes back: handles from an earlier epoch are
+//! member of its group, opened on demand in the member's current epoch
+//! (again after the member comes back: handles from an earlier epoch are
 //! never used), and closed together. Once closed, it opens none.
 
 use crate::error::{Error, Result};
@@ -118,6 +118,18 @@ impl MemberSessions {
             Some(s) if s.epoch == epoch => Ok(s),
             _ => self.open_member_session(group, position, epoch),
         }
+    }
+
+    /// The first session held that is of its member's current epoch.
+    pub fn opened(&self, group: &Group) -> Option<(usize, MemberSession)> {
+        group
+            .members
+            .iter()
+            .zip(self.cells.iter())
+            .find_map(|(member, cell)| {
+                let session = cell.get_owned().filter(|s| s.epoch == member.epoch())?;
+                Some((member.position, session))
+            })
     }
 
     /// [`Self::member_session`] without a reference count, as (library,

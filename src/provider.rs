@@ -830,11 +830,7 @@ impl Provider {
         let (library, member_handle) = match &session.target {
             Target::PassThrough(p) => (Arc::clone(&p.library), p.handle),
             Target::Virtual(v) => {
-                let (_, s) = v
-                    .up_member_sessions()
-                    .into_iter()
-                    .next()
-                    .ok_or(Error::new(CKR_DEVICE_ERROR))?;
+                let (_, s) = v.any_member_session().ok_or(Error::new(CKR_DEVICE_ERROR))?;
                 (s.library, s.handle)
             }
         };

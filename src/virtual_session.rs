@@ -129,19 +129,23 @@ fn member_update(
 }
 
 impl VirtualSession {
-    /// Opens a member session on every member that is up. Fails only when
-    /// no member could open one.
+    /// Opens a member session on the first member that is up and opens
+    /// one, so that the application learns at once what that member
+    /// refuses (a session limit, a token gone); the sessions on the other
+    /// members are opened at their first call ([`MemberSessions::session_on`]
+    /// opens them on demand anyway, for members that come back), so that a
+    /// session the application uses on one member only costs one member
+    /// session. Fails only when no member could open one.
     pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
         group.open_utility_sessions();
         let session = Self::new(group, flags);
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
-        let mut opened = 0;
         for position in 0..session.group.members.len() {
             if !session.group.members[position].is_up() {
                 continue;
             }
             match session.member_session(position) {
-                Ok(_) => opened += 1,
+                Ok(_) => return Ok(session),
                 Err(e) => {
                     if is_member_fault(e.rv) {
                         session.group.member_failed(position, "C_OpenSession", e.rv);
@@ -150,10 +154,16 @@ impl VirtualSession {
                 }
             }
         }
-        if opened == 0 {
-            return Err(last_error);
-        }
-        Ok(session)
+        Err(last_error)
+    }
+
+    /// The first member session opened (opening one on an up member if
+    /// none is), for what any member session can answer
+    /// (`C_GetSessionInfo`).
+    pub fn any_member_session(&self) -> Option<(usize, MemberSession)> {
+        self.members
+            .opened(&self.group)
+            .or_else(|| self.up_member_sessions().into_iter().next())
     }
 
     /// A session for the library's own work (recovery), with member

@@ -429,6 +429,17 @@ fn a_dead_connection_does_not_kill_a_c_application_with_sigpipe() {
         .filter(|s| s.id() != 0)
         .find(|s| remote.pkcs11.get_token_info(*s).unwrap().serial_number() == serial)
         .expect("the remote member's slot");
+    let workers = || -> Vec<i32> {
+        std::fs::read_to_string(format!(
+            "/proc/{0}/task/{0}/children",
+            remote.servers[0].child.id()
+        ))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+    };
+    let ours = workers();
     let mut child = Command::new(&program)
         .arg(library_path())
         .arg(slot.id().to_string())
@@ -440,20 +451,17 @@ fn a_dead_connection_does_not_kill_a_c_application_with_sigpipe() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert_eq!(first, "before rv=0x0");
-    // Our own process holds a connection to the same server too; the
-    // newest worker is the child's.
-    let workers = std::fs::read_to_string(format!(
-        "/proc/{0}/task/{0}/children",
-        remote.servers[0].child.id()
-    ))
-    .unwrap();
-    let newest: i32 = workers
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .max()
-        .expect("the child's worker");
-    // SAFETY: killing a worker process of our own test server.
-    assert_eq!(unsafe { libc::kill(newest, libc::SIGKILL) }, 0);
+    // Our own process holds connections to the same server too; the
+    // workers that came since are the child's (one per client instance).
+    let childs: Vec<i32> = workers()
+        .into_iter()
+        .filter(|w| !ours.contains(w))
+        .collect();
+    assert!(!childs.is_empty(), "the child's workers");
+    for worker in childs {
+        // SAFETY: killing a worker process of our own test server.
+        assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    }
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
     let status = child.wait().unwrap();
