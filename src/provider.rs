@@ -879,6 +879,11 @@ impl Provider {
         {
             return Err(Error::new(CKR_SESSION_READ_ONLY_EXISTS));
         }
+        if user_type == CKU_SO {
+            for member in &v.group.members {
+                member.close_unused();
+            }
+        }
         // A member already logged in (through a pass-through slot of this
         // process) has accepted this application's login before.
         v.first_decides("C_Login", |l, s| {

@@ -251,12 +251,35 @@ impl VirtualSession {
     where
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
+        self.attempt_maybe_on_spare(position, function, false, call)
+    }
+
+    /// [`Self::attempt`], on a spare instance of the member's library when
+    /// `spare` (the call names no object and starts no operation) and one
+    /// is idle.
+    #[inline(always)]
+    fn attempt_maybe_on_spare<F>(
+        &self,
+        position: usize,
+        function: &str,
+        spare: bool,
+        call: &mut F,
+    ) -> Attempt
+    where
+        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
         let member = &self.group.members[position];
         let epoch = member.epoch();
         let (library, handle, connection) = match self.session_on(position, epoch) {
             Ok(s) => s,
             Err(e) => return self.not_opened(position, e.rv),
         };
+        if spare && library.has_spares() {
+            let mut call = |l: &MemberLibrary, s| call(l, s);
+            if let Some(answer) = self.attempt_on_spare(position, library, function, &mut call) {
+                return answer;
+            }
+        }
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if library.is_networked() {
@@ -1059,33 +1082,31 @@ impl VirtualSession {
     ) -> Result<()> {
         loop {
             let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
-            let mut on_member = |l: &MemberLibrary, s| call(l, s, &handles);
-            let answer = match keys {
-                [] => self.attempt_on_spare(position, function, &mut on_member),
-                _ => None,
-            };
-            let answer = answer.unwrap_or_else(|| self.attempt(position, function, &mut on_member));
-            if let Attempt::Answered(rv) = answer {
+            let spare = keys.is_empty();
+            if let Attempt::Answered(rv) =
+                self.attempt_maybe_on_spare(position, function, spare, &mut |l, s| {
+                    call(l, s, &handles)
+                })
+            {
                 return check(rv);
             }
         }
     }
 
-    /// [`Self::attempt`] on an idle spare instance of the member's library
-    /// ([`MemberLibrary::on_spare`]), for a call that names no object; `None`
-    /// when the library has none idle.
+    /// [`Self::attempt`] on an idle spare instance of the member's
+    /// library ([`MemberLibrary::on_spare`]), for a call that names no
+    /// object; `None` when the library has none idle.
+    #[cold]
+    #[inline(never)]
     fn attempt_on_spare(
         &self,
         position: usize,
+        library: &MemberLibrary,
         function: &str,
         call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<Attempt> {
         let member = &self.group.members[position];
         let epoch = member.epoch();
-        let (library, _, _) = self.session_on(position, epoch).ok()?;
-        if !library.has_spares() {
-            return None;
-        }
         let slot = member.location()?.slot;
         let rv = library.on_spare(slot, &mut |l, s| {
             let _in_flight = member.begin_call();
