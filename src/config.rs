@@ -18,9 +18,6 @@
 //! [LibraryConcurrency]                           ; optional section
 //! softhsm = 8                                    ; NAME = most calls in flight at once
 //!
-//! [LibraryInstances]                             ; optional section
-//! netA = 8                                       ; NAME = p11-kit client instances (connections)
-//!
 //! [VirtualToken]
 //! VirtualToken00Label       = myHAgroup
 //! VirtualToken00SN          = 1154438865287      ; optional
@@ -48,7 +45,9 @@
 //!
 //! `[LibraryEnvironment]` sets environment variables while a library's
 //! function list is obtained, e.g. `P11_KIT_SERVER_ADDRESS` for two entries
-//! of `p11-kit-client.so` that reach two servers.
+//! of `p11-kit-client.so` that reach two servers. `[LibraryInstances]`
+//! (optional, `NAME = N`) sets how many instances of p11-kit's client a
+//! library entry keeps, each its own connection to its server.
 //!
 //! `VirtualTokenNNDomainLabel` is the label of the AES wrapping key that the
 //! group's members share (their cloning domain). `MultipartReplayLimit` is
