@@ -194,8 +194,10 @@ const P11_KIT_CLIENT_INSTANCES: usize = 8;
 /// The first instance serves every session of the application and every
 /// call that names an object (object handles are numbered per instance);
 /// a spare serves calls that need neither -- random numbers -- each on a
-/// session of its own, one call at a time, and is initialised, finalised,
-/// watched and cut off together with the first.
+/// session of its own, one call at a time. A spare is initialised at its
+/// first use after the first instance was (so that a slow server's
+/// start-up costs one instance's), finalised with the first, and watched
+/// and cut off with it.
 #[derive(Default)]
 struct Spares {
     instances: Box<[Spare]>,
@@ -205,6 +207,10 @@ struct Spares {
 
 struct Spare {
     library: MemberLibrary,
+    /// The first instance's connection when this one's initialisation was
+    /// last tried: one that failed is tried again only after the first
+    /// instance reconnects.
+    tried_on: AtomicU64,
     /// Its sessions, one per slot, with the connection each was opened on.
     sessions: Mutex<SmallVec<[(CK_SLOT_ID, CK_SESSION_HANDLE, u64); 1]>>,
 }
@@ -222,11 +228,18 @@ impl Drop for Borrowed<'_> {
 }
 
 impl Spares {
-    fn borrow(&self) -> Option<Borrowed<'_>> {
+    /// An idle spare: an initialised one if any, else one not yet tried on
+    /// the first instance's `connection`.
+    fn borrow(&self, connection: u64) -> Option<Borrowed<'_>> {
         let mut idle = self.idle.lock();
+        let spare = |i: &usize| &self.instances[*i];
         let at = idle
             .iter()
-            .rposition(|&i| self.instances[i].library.usable())?;
+            .rposition(|i| spare(i).library.usable())
+            .or_else(|| {
+                idle.iter()
+                    .rposition(|i| spare(i).tried_on.load(Ordering::Relaxed) != connection)
+            })?;
         let index = idle.swap_remove(at);
         Some(Borrowed {
             spares: self,
@@ -428,6 +441,7 @@ impl MemberLibrary {
                 spares: Spares::default(),
                 _library: library,
             },
+            tried_on: AtomicU64::new(0),
             sessions: Mutex::new(SmallVec::new()),
         })
     }
@@ -439,18 +453,34 @@ impl MemberLibrary {
     }
 
     /// Runs `call`, which names no object and starts no operation, on an
-    /// idle spare instance, on that instance's session on `slot` (opened
-    /// now if it has none on its current connection); `None` when no spare
-    /// is idle and initialised, and the caller uses its own session. A
-    /// spare's answer is the member's: its server is the member's.
-    pub fn on_spare(
+    /// idle spare instance (initialised now if it is not yet, on the wire
+    /// like a call), on that instance's session on `slot` (opened now if
+    /// it has none on its current connection), with what `begin` returns
+    /// held around it; `None` when no spare is idle and initialised or
+    /// initialisable, and the caller uses its own session. A spare's answer
+    /// is the member's: its server is the member's.
+    pub fn on_spare<G>(
         &self,
         slot: CK_SLOT_ID,
+        begin: impl FnOnce() -> G,
         call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<CK_RV> {
-        let borrowed = self.spares.borrow()?;
+        let first_connection = self.connection();
+        let borrowed = self.spares.borrow(first_connection)?;
         let spare = &self.spares.instances[borrowed.index];
         let library = &spare.library;
+        if !library.usable() {
+            spare.tried_on.store(first_connection, Ordering::Relaxed);
+            library.on_wire(&mut || {
+                library
+                    .initialize_with(&[])
+                    .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
+            });
+            if !library.usable() {
+                return None;
+            }
+        }
+        let _begun = begin();
         let connection = library.connection();
         let mut sessions = spare.sessions.lock();
         sessions.retain(|(_, _, opened_on)| *opened_on == connection);
@@ -592,6 +622,12 @@ impl MemberLibrary {
             CUT_OFF.set(false);
             return CKR_SESSION_HANDLE_INVALID;
         }
+        self.on_wire(call)
+    }
+
+    /// Runs `call` numbered and recorded on the wire (see
+    /// [`Self::shielded`]).
+    fn on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.wire.lock().push(OnWire {
             number,
@@ -677,14 +713,6 @@ impl MemberLibrary {
             rv => Err(Error::new(rv)),
         };
         self.usable.store(outcome.is_ok(), Ordering::Release);
-        drop(ours);
-        if outcome.is_ok() {
-            for spare in self.spares.instances.iter() {
-                // A spare that does not initialise stays out of use until
-                // the library is initialised again.
-                let _ = spare.library.initialize_with(environment);
-            }
-        }
         outcome
     }
 

@@ -1108,10 +1108,7 @@ impl VirtualSession {
         let member = &self.group.members[position];
         let epoch = member.epoch();
         let slot = member.location()?.slot;
-        let rv = library.on_spare(slot, &mut |l, s| {
-            let _in_flight = member.begin_call();
-            call(l, s)
-        })?;
+        let rv = library.on_spare(slot, || member.begin_call(), call)?;
         if rv == CKR_OK {
             return Some(Attempt::Answered(CKR_OK));
         }

@@ -268,6 +268,69 @@ fn two_client_entries_reach_two_servers() {
     sign_and_verify(&session, keys);
 }
 
+/// `[LibraryInstances]`: each entry of p11-kit's client keeps up to that
+/// many instances, each a connection of its own (one `p11-kit remote`
+/// worker each on its server, the spares' made at their first use), and
+/// random numbers asked for from several threads at once are served by
+/// more than one of them on each server.
+#[test]
+fn random_numbers_spread_over_the_client_instances() {
+    const INSTANCES: usize = 4;
+    let remote = Remote::start(&format!(
+        "[LibraryInstances]\nhsmA = {INSTANCES}\nhsmB = {INSTANCES}"
+    ));
+    let workers = |server: &Server| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", server.child.id()))
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let read_before: Vec<Vec<(u32, u64)>> = remote
+        .servers
+        .iter()
+        .map(|server| {
+            workers(server)
+                .into_iter()
+                .map(|pid| (pid, p11kit::bytes_read(pid)))
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                let session = remote.session();
+                for _ in 0..300 {
+                    session.generate_random_vec(32).expect("C_GenerateRandom");
+                }
+            });
+        }
+    });
+    for (server, before) in remote.servers.iter().zip(&read_before) {
+        let now = workers(server);
+        assert!(
+            now.len() <= INSTANCES,
+            "{}: at most one worker per client instance: {now:?}",
+            server.label
+        );
+        let serving = now
+            .iter()
+            .filter(|pid| {
+                let was = before
+                    .iter()
+                    .find(|(p, _)| p == *pid)
+                    .map_or(0, |(_, n)| *n);
+                p11kit::bytes_read(**pid) > was
+            })
+            .count();
+        assert!(
+            serving >= 2,
+            "{}: {serving} of its workers {now:?} served the random numbers",
+            server.label
+        );
+    }
+}
+
 /// A stalled member (its worker stopped with SIGSTOP) costs at most one
 /// `memberTimeout`, then no more: the calls after go to the other member.
 #[test]
