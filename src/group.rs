@@ -225,7 +225,8 @@ impl Member {
     }
 
     /// Closes the sessions [`Self::keep_unused`] kept: before an SO login,
-    /// which a token refuses while a read-only session is open.
+    /// which a token refuses while a read-only session is open, and when
+    /// the slot's last session closes.
     pub fn close_unused(&self) {
         let kept = std::mem::take(&mut *self.unused_sessions.lock());
         let epoch = self.epoch();

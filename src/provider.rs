@@ -777,6 +777,11 @@ impl Provider {
         if let Target::Virtual(v) = &session.target {
             v.group.objects.remove_owned_by(session.handle);
             if self.sessions.count(session.slot_id).0 == 0 {
+                // No member session is left open for the slot but the
+                // group's own.
+                for member in &v.group.members {
+                    member.close_unused();
+                }
                 let was_logged_in = v.group.login.lock().take().is_some();
                 v.group.objects.remove_all_session_objects();
                 if was_logged_in {
