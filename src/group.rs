@@ -82,6 +82,10 @@ pub struct Member {
     /// group's own searches run on it, so that they never collide with an
     /// operation the application has active on its member session.
     utility: Mutex<Option<MemberSession>>,
+    /// Member sessions that closed virtual sessions made no call on, with
+    /// the flags they were opened with, for the next virtual sessions
+    /// ([`Member::keep_unused`]).
+    unused_sessions: Mutex<SmallVec<[(CK_FLAGS, MemberSession); UNUSED_SESSIONS_KEPT]>>,
     /// How it can move keys, read where its token was found.
     capabilities: RwLock<Capabilities>,
     /// Recent latency of its calls, in ns, per lane: a moving average, 0
@@ -149,6 +153,11 @@ const DEGRADED_MARGIN_NS: u64 = 5_000_000;
 const DEGRADED_AFTER: Duration = Duration::from_secs(2);
 const RECOVERED_RATIO: u64 = 4;
 
+/// How many unused member sessions a member keeps ([`Member::keep_unused`]):
+/// enough for a few threads opening and closing sessions at once, few
+/// against a token's session limit.
+const UNUSED_SESSIONS_KEPT: usize = 4;
+
 thread_local! {
     /// The lane this thread last chose a member for: the calls it makes
     /// until it chooses again are that kind's, for their latency.
@@ -172,6 +181,7 @@ impl Member {
             wrap_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),
+            unused_sessions: Mutex::new(SmallVec::new()),
             capabilities: RwLock::new(Capabilities::default()),
             latency: Default::default(),
             samples: Default::default(),
@@ -180,6 +190,51 @@ impl Member {
             rotation: AtomicU8::new(Rotation::In as u8),
             probing: Default::default(),
             slow_since: Mutex::new(None),
+        }
+    }
+
+    /// Keeps `session`, which a virtual session with `flags` opened and
+    /// closed without making a call on it, for the next virtual session
+    /// with the same flags: nothing tells it from a new one (a member's
+    /// login is its token's, not a session's), and opening and closing
+    /// member sessions would otherwise be most of what opening and closing
+    /// a virtual session costs. Gives it back when enough are kept
+    /// already, for the caller to close.
+    pub fn keep_unused(
+        &self,
+        flags: CK_FLAGS,
+        session: MemberSession,
+    ) -> std::result::Result<(), MemberSession> {
+        let mut kept = self.unused_sessions.lock();
+        if kept.len() >= UNUSED_SESSIONS_KEPT || session.epoch != self.epoch() {
+            return Err(session);
+        }
+        kept.push((flags, session));
+        Ok(())
+    }
+
+    /// A session kept by [`Self::keep_unused`] with `flags`, opened in
+    /// `epoch` on its library's current connection. Those of an earlier
+    /// epoch or connection are dropped unclosed: their numbers may be
+    /// another session's by now, and the member's recovery closes them.
+    pub fn take_unused(&self, flags: CK_FLAGS, epoch: u64) -> Option<MemberSession> {
+        let mut kept = self.unused_sessions.lock();
+        kept.retain(|(_, s)| s.epoch == epoch && s.connection == s.library.connection());
+        let at = kept.iter().rposition(|(f, _)| *f == flags)?;
+        Some(kept.swap_remove(at).1)
+    }
+
+    /// Closes the sessions [`Self::keep_unused`] kept: before an SO login,
+    /// which a token refuses while a read-only session is open, and when
+    /// the slot's last session closes.
+    pub fn close_unused(&self) {
+        let kept = std::mem::take(&mut *self.unused_sessions.lock());
+        let epoch = self.epoch();
+        for (_, s) in kept.into_iter().filter(|(_, s)| s.epoch == epoch) {
+            let _in_flight = self.begin_call();
+            crate::member::on_connection(s.connection, || {
+                crate::member::member_call!(s.library, C_CloseSession(s.handle))
+            });
         }
     }
 
