@@ -6,6 +6,11 @@
 //! search costs time in proportion to the token's size, so enumerating N
 //! objects of a member by searches would cost N^2.
 //!
+//! Reconciliation reads one of each member when a process starts and at
+//! login, and the group takes it (`Group::adopt_index`) unless objects left
+//! the member or its handles changed meanwhile; before that, the group
+//! reads its own after a few searches.
+//!
 //! The index is an optimisation, never the authority: an object it does
 //! not know (made by another process since it was read) is looked for on
 //! the member as before, and added.
@@ -21,7 +26,7 @@ use std::sync::Arc;
 /// token is cheaper served by searches than by reading every object.
 pub const SEARCHES_BEFORE_INDEX: u32 = 16;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct MemberIndex {
     by_handle: FxHashMap<CK_OBJECT_HANDLE, Arc<Fingerprint>>,
     /// Keyed by the fingerprint without `CKA_CHECK_VALUE`, which a member
