@@ -914,11 +914,17 @@ impl Group {
     /// no second reading of it -- unless the member's handles changed or
     /// objects left it since `ticket` was taken. An object made meanwhile
     /// is not in it and is searched for, as any object the index lacks.
-    /// True if taken.
+    /// Only while the group's utility session keeps the member's handles as
+    /// they were read (in use now, it is open). True if taken.
     pub fn adopt_index(&self, ticket: IndexTicket, index: MemberIndex) -> bool {
-        let epoch = self.members[ticket.position].epoch();
+        let member = &self.members[ticket.position];
+        let epoch = member.epoch();
+        let held_open = member
+            .utility
+            .try_lock()
+            .is_none_or(|utility| utility.as_ref().is_some_and(|s| s.epoch == epoch));
         let mut state = self.index_state(ticket.position, epoch);
-        let current = ticket.epoch == epoch && ticket.changes == state.changes;
+        let current = held_open && ticket.epoch == epoch && ticket.changes == state.changes;
         if current {
             state.index = Some(index);
         }
