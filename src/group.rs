@@ -627,6 +627,31 @@ struct IndexState {
     /// Objects looked for one by one on the member in this epoch.
     searches: u32,
     index: Option<MemberIndex>,
+    /// Counts what made an index read earlier out of date (objects removed
+    /// from the member, its handles forgotten); never goes back.
+    changes: u64,
+}
+
+impl IndexState {
+    /// Starts afresh for `epoch`: nothing known, and any index read before
+    /// out of date.
+    fn reset(&mut self, epoch: u64) {
+        *self = IndexState {
+            epoch,
+            changes: self.changes + 1,
+            ..IndexState::default()
+        };
+    }
+}
+
+/// Taken before a member's objects are read into an index elsewhere (by
+/// reconciliation): [`Group::adopt_index`] takes that index only if
+/// nothing made it out of date meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexTicket {
+    position: usize,
+    epoch: u64,
+    changes: u64,
 }
 
 /// An object being made on a member (`None`), or in doubt there since a
@@ -912,7 +937,9 @@ impl Group {
     /// Forgets an object removed from a member.
     pub fn forget_object(&self, position: usize, handle: CK_OBJECT_HANDLE) {
         let epoch = self.members[position].epoch();
-        if let Some(index) = self.index_state(position, epoch).index.as_mut() {
+        let mut state = self.index_state(position, epoch);
+        state.changes += 1;
+        if let Some(index) = state.index.as_mut() {
             index.remove(handle);
         }
     }
@@ -921,16 +948,48 @@ impl Group {
     /// out: SoftHSM numbers private objects anew at the next login).
     pub fn forget_handles(&self, position: usize) {
         self.objects.forget_member(position);
-        *self.indexes[position].lock() = IndexState::default();
+        let epoch = self.members[position].epoch();
+        self.indexes[position].lock().reset(epoch);
+    }
+
+    /// To take before reading member `position`'s objects into an index
+    /// for [`Group::adopt_index`].
+    pub fn index_ticket(&self, position: usize) -> IndexTicket {
+        let epoch = self.members[position].epoch();
+        let state = self.index_state(position, epoch);
+        IndexTicket {
+            position,
+            epoch,
+            changes: state.changes,
+        }
+    }
+
+    /// Takes an index of a member read elsewhere (reconciliation reads
+    /// every member), so that its look-ups need no search of its token and
+    /// no second reading of it -- unless the member's handles changed or
+    /// objects left it since `ticket` was taken. An object made meanwhile
+    /// is not in it and is searched for, as any object the index lacks.
+    /// Only while the group's utility session keeps the member's handles as
+    /// they were read (in use now, it is open). True if taken.
+    pub fn adopt_index(&self, ticket: IndexTicket, index: MemberIndex) -> bool {
+        let member = &self.members[ticket.position];
+        let epoch = member.epoch();
+        let held_open = member
+            .utility
+            .try_lock()
+            .is_none_or(|utility| utility.as_ref().is_some_and(|s| s.epoch == epoch));
+        let mut state = self.index_state(ticket.position, epoch);
+        let current = held_open && ticket.epoch == epoch && ticket.changes == state.changes;
+        if current {
+            state.index = Some(index);
+        }
+        current
     }
 
     fn index_state(&self, position: usize, epoch: u64) -> parking_lot::MutexGuard<'_, IndexState> {
         let mut state = self.indexes[position].lock();
         if state.epoch != epoch {
-            *state = IndexState {
-                epoch,
-                ..IndexState::default()
-            };
+            state.reset(epoch);
         }
         state
     }

@@ -47,9 +47,10 @@ const KEY_MATERIAL: [CK_ATTRIBUTE_TYPE; 7] = [
 
 /// How many objects a search identifies as it returns them (reads their
 /// fingerprints): the few an application looks up to use at once stay
-/// usable if their member fails before it uses them. Beyond these an
-/// object is identified with its first read, so that an enumeration of a
-/// large token does not cost a second member call per object.
+/// usable if their member fails before it uses them. Beyond these -- and
+/// in any batch that takes a search beyond them -- an object is identified
+/// with its first read, so that an enumeration does not cost a second
+/// member call per object, nor a fixed cost per search.
 const IDENTIFIED_AT_ONCE: usize = 16;
 
 /// Attributes a search cannot ask the members: their copies of a key the
@@ -862,12 +863,16 @@ impl VirtualSession {
             // Where the member's domain keys are known by handle, they are
             // left out by handle alone.
             let domain_known = self.group.domain.found(member, epoch).is_some();
+            // A batch that takes the search past the few identified at
+            // once is an enumeration's: none of it is identified before
+            // the application reads it.
+            let small = self.returned_so_far() + handles.len() <= IDENTIFIED_AT_ONCE;
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
-                let identify = !domain_known || self.returned_so_far() < IDENTIFIED_AT_ONCE;
+                let identify = !domain_known || small;
                 let Some(object) = self.virtual_handle_of(member, handles[i], identify) else {
                     continue;
                 };
