@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use common::*;
@@ -22,13 +22,15 @@ const PROCESSES: usize = 8;
 const ROUNDS: usize = 5;
 
 /// Starts `PROCESSES` applications, waits until each has its session,
-/// then tells them all to log in; the output of each after "ready".
-fn log_in_at_once(program: &Path, hsm: &SoftHsm, config: &Path) -> Vec<String> {
+/// then tells them all to log in with `pin`; the output of each after
+/// "ready".
+fn log_in_at_once(program: &Path, hsm: &SoftHsm, config: &Path, pin: &str) -> Vec<String> {
     let mut children: Vec<Child> = (0..PROCESSES)
         .map(|_| {
             Command::new(program)
                 .arg(release_library_path())
                 .arg("0")
+                .arg(pin)
                 .env(SOFTHSM_CONF_ENV, &hsm.conf)
                 .env(CONF_ENV, config)
                 .stdin(Stdio::piped())
@@ -63,20 +65,45 @@ fn log_in_at_once(program: &Path, hsm: &SoftHsm, config: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn eight_processes_logging_in_at_once_all_succeed_and_no_member_goes_out() {
-    let _guard = serial_guard();
+/// Two SoftHSM members, "member0" (configured first) and "member1", in
+/// one group; the config and the compiled program.
+fn setup() -> (SoftHsm, PathBuf, PathBuf) {
     let hsm = SoftHsm::new(&["member0", "member1"]);
-    let serials = hsm.serials();
     let config = write_config(
         hsm.dir.path(),
         &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
-        &[GroupSpec::new(GROUP_LABEL, &serials)],
+        &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
         false,
     );
     let program = build_c_program("concurrent_login", hsm.dir.path());
+    (hsm, config, program)
+}
+
+/// Whether each token counted a failed login (`CKF_USER_PIN_COUNT_LOW`),
+/// read with SoftHSM directly.
+fn pin_count_low(hsm: &SoftHsm, labels: &[&str]) -> Vec<bool> {
+    hsm.activate();
+    let softhsm = load_softhsm();
+    initialize(&softhsm).expect("C_Initialize of SoftHSM");
+    labels
+        .iter()
+        .map(|label| {
+            let slot = slot_by_label(&softhsm, label).expect("the token is present");
+            softhsm
+                .get_token_info(slot)
+                .expect("C_GetTokenInfo")
+                .user_pin_count_low()
+        })
+        .collect()
+}
+
+#[test]
+fn eight_processes_logging_in_at_once_all_succeed_and_no_member_goes_out() {
+    let _guard = serial_guard();
+    let (hsm, config, program) = setup();
+    let serials = hsm.serials();
     for round in 0..ROUNDS {
-        for output in log_in_at_once(&program, &hsm, &config) {
+        for output in log_in_at_once(&program, &hsm, &config, USER_PIN) {
             let mut lines = output.lines();
             assert_eq!(
                 lines.next(),
@@ -95,4 +122,22 @@ fn eight_processes_logging_in_at_once_all_succeed_and_no_member_goes_out() {
             }
         }
     }
+}
+
+/// Asking a member again after `CKR_GENERAL_ERROR` keeps the wrong-PIN
+/// rule: eight processes logging in at once with a wrong PIN each get
+/// `CKR_PIN_INCORRECT`, and only the member tried first (configured first)
+/// counted a failed login.
+#[test]
+fn eight_processes_with_a_wrong_pin_at_once_try_it_on_the_first_member_only() {
+    let _guard = serial_guard();
+    let (hsm, config, program) = setup();
+    for output in log_in_at_once(&program, &hsm, &config, "0000") {
+        assert!(output.starts_with("C_Login rv=0xa0\n"), "{output}");
+    }
+    assert_eq!(
+        pin_count_low(&hsm, &["member0", "member1"]),
+        [true, false],
+        "tokens that counted a failed login (member0, member1)"
+    );
 }
