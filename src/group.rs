@@ -8,7 +8,8 @@ use crate::identity::{self, Fingerprint};
 use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
 use crate::mechanism::OwnedTemplate;
 use crate::member::{
-    open_member_session, padded_to_string, string_to_padded, MemberLibrary, MemberSession,
+    member_call, open_member_session, padded_to_string, string_to_padded, MemberLibrary,
+    MemberSession,
 };
 use crate::object::ObjectTable;
 use crate::strategy::Capabilities;
@@ -1764,6 +1765,44 @@ pub fn retry_while_busy(mut rv: CK_RV, mut call: impl FnMut() -> CK_RV) -> CK_RV
         std::thread::sleep(pause);
         pause *= 4;
         rv = call();
+    }
+    rv
+}
+
+/// How often a member that answered `C_Login` with `CKR_GENERAL_ERROR` is
+/// asked again, and the first pause: each pause doubles (5 to 160 ms), so
+/// a login gives up after about a third of a second. Eight SoftHSM
+/// processes logging in at once need at most three more tries 10 ms apart.
+const LOGIN_RETRIES: u32 = 6;
+const FIRST_LOGIN_PAUSE: Duration = Duration::from_millis(5);
+
+/// Logs a member session in, asking again a bounded number of times while
+/// the member answers `CKR_GENERAL_ERROR`. SoftHSM answers that, before it
+/// looks at the PIN, when it cannot read its token file because another
+/// process is rewriting it (every login rewrites it), so many processes
+/// logging in together get it; asking the same member again spends no PIN
+/// try, and no other member is asked. Still refused after the bound, the
+/// answer is a request error ([`classify`]): the application gets it from
+/// the first member, and a later member, which cannot be logged in, goes
+/// out as before until recovery logs it in.
+pub fn log_in_member(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    user_type: CK_USER_TYPE,
+    pin: Option<&[u8]>,
+) -> CK_RV {
+    let (pin, pin_len) = pin.map_or((std::ptr::null_mut(), 0), |p| {
+        (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG)
+    });
+    let mut rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
+    let mut pause = FIRST_LOGIN_PAUSE;
+    for _ in 0..LOGIN_RETRIES {
+        if rv != CKR_GENERAL_ERROR {
+            break;
+        }
+        std::thread::sleep(pause);
+        pause *= 2;
+        rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
     }
     rv
 }

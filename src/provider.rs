@@ -892,7 +892,7 @@ impl Provider {
         // A member already logged in (through a pass-through slot of this
         // process) has accepted this application's login before.
         v.first_decides("C_Login", |l, s| {
-            match member_call!(l, C_Login(s, user_type, ptr, len)) {
+            match crate::group::log_in_member(l, s, user_type, pin) {
                 CKR_USER_ALREADY_LOGGED_IN => CKR_OK,
                 rv => rv,
             }

@@ -570,14 +570,12 @@ fn bring_up_to_date(
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
     if let Some((user_type, pin)) = group.cached_login() {
-        let (ptr, len) = match &pin {
-            Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
-            None => (std::ptr::null_mut(), 0),
-        };
         let guard = group.members[position].begin_call();
-        let rv = member_call!(
-            session.library,
-            C_Login(session.handle, user_type, ptr, len)
+        let rv = crate::group::log_in_member(
+            &session.library,
+            session.handle,
+            user_type,
+            pin.as_deref().map(|p| p.as_slice()),
         );
         drop(guard);
         if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {

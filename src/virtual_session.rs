@@ -492,11 +492,12 @@ impl VirtualSession {
         let Some((user_type, pin)) = self.group.cached_login() else {
             return false;
         };
-        let (ptr, len) = match &pin {
-            Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
-            None => (std::ptr::null_mut(), 0),
-        };
-        let rv = member_call!(library, C_Login(session, user_type, ptr, len));
+        let rv = crate::group::log_in_member(
+            library,
+            session,
+            user_type,
+            pin.as_deref().map(|p| p.as_slice()),
+        );
         rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
     }
 
