@@ -13,19 +13,18 @@
 //! member matches is left alone (we never guess) -- unless they are copies
 //! of one object, identical, and another member holds it once: then the
 //! extra copies go, which is how doubles that hosts sharing no lock made at
-//! once end. Passes of one group on
-//! one host take turns under the group's lock file, so the index each
-//! reads is current and no object is copied twice. Copies wait while this
-//! process is making objects (its own calls copy or undo those), and where
-//! a member lacks few objects each copy is checked first with a search of
-//! the member; where a process on another host copies the same object at
-//! once, each removes its own copy if the member then holds two, and the
-//! next pass copies it once.
+//! once end. Passes of one group on one host take turns under the group's
+//! lock file, so the index each reads is current and no object is copied
+//! twice. Copies wait while this process is making objects (its own calls
+//! copy or undo those), and where a member lacks few objects each copy is
+//! checked first with a search of the member; where a process on another
+//! host copies the same object at once, each removes its own copy if the
+//! member then holds two, and the next pass copies it once.
 //!
-//! It runs in a thread of its own and never holds a lock the application's
-//! calls take across a member call, nor the members' utility sessions: the
-//! application's calls go on beside it. `C_Finalize` stops it between two
-//! objects.
+//! It runs in a thread of its own, at the lowest priority, and never holds
+//! a lock the application's calls take across a member call, nor the
+//! members' utility sessions: the application's calls go on beside it.
+//! `C_Finalize` stops it between two objects.
 
 use crate::error::rv_name;
 use crate::group::Group;
