@@ -1312,7 +1312,7 @@ fn synchronise(
 ) -> Res<(bool, Value)> {
     let (views, statuses) = views(members, group, Some(pin))?;
     let plan = sync::plan(&views, &sync::deletions(members, group));
-    let mut ok = plan.errors.is_empty();
+    let mut ok = true;
     let mut copies = Vec::new();
     for status in statuses
         .iter()
@@ -1322,11 +1322,6 @@ fn synchronise(
             "Member {} is not synchronised: {}",
             status.serial,
             status.note.as_deref().unwrap_or("down")
-        ));
-    }
-    for (serial, problem) in &plan.errors {
-        ctx.say(format!(
-            "Member {serial}: cannot compare its objects: {problem}"
         ));
     }
     for ambiguous in &plan.ambiguous {

@@ -12,8 +12,10 @@ use cryptoki_sys::*;
 use pkcs11_ha::config::GroupConfig;
 use pkcs11_ha::error::rv_name;
 use pkcs11_ha::identity::Fingerprint;
+use pkcs11_ha::index::MemberIndex;
 use pkcs11_ha::state_dir::{Deletion, StateDir};
 use serde::Serialize;
+use std::collections::HashSet;
 
 use crate::domain::{self, Found};
 use crate::p11::{Members, Session};
@@ -108,7 +110,6 @@ pub struct Copy {
     pub from: usize,
     pub object: CK_OBJECT_HANDLE,
     pub to: usize,
-    pub fingerprint: Fingerprint,
     pub description: Description,
 }
 
@@ -131,8 +132,6 @@ pub struct Plan {
     /// Objects some member lacks that were deleted through the group while
     /// that member was down: not copied.
     pub deleted: Vec<Description>,
-    /// Members whose objects could not be searched: (serial, reason).
-    pub errors: Vec<(String, String)>,
 }
 
 /// The deletions applications recorded for `group` in the state
@@ -152,110 +151,64 @@ pub fn deletions(members: &Members, group: &GroupConfig) -> Vec<Deletion> {
 }
 
 /// What each member lacks, and where to copy it from; objects `deletions`
-/// name are not copied.
+/// name are not copied. Each member's objects were read once (its
+/// [`View`]); they are matched in memory by the library's member index,
+/// never by a search per object, which would cost each member's whole
+/// token once per object.
 pub fn plan(views: &[View], deletions: &[Deletion]) -> Plan {
+    let indexes: Vec<MemberIndex> = views
+        .iter()
+        .map(|view| {
+            let mut index = MemberIndex::default();
+            for (handle, print) in &view.objects {
+                index.insert(*handle, print.clone());
+            }
+            index
+        })
+        .collect();
     let mut plan = Plan::default();
-    let mut counted: Vec<&Fingerprint> = Vec::new();
+    // Per member, the objects already planned for as some object's match.
+    let mut done: Vec<HashSet<CK_OBJECT_HANDLE>> = vec![HashSet::new(); views.len()];
     for (from, source) in views.iter().enumerate() {
         for (object, print) in &source.objects {
-            let own = matches(&source.session, print).map_or(1, |f| f.len());
-            if own > 1 {
-                note_ambiguous(&mut plan, source, *object, own);
+            if done[from].contains(object) {
                 continue;
             }
-            let first_sight = !counted.iter().any(|seen| same_object(seen, print));
-            if first_sight {
-                counted.push(print);
+            let found: Vec<Vec<CK_OBJECT_HANDLE>> =
+                indexes.iter().map(|index| index.matching(print)).collect();
+            done[from].insert(*object);
+            for (member, handles) in found.iter().enumerate() {
+                done[member].extend(handles.iter().copied());
+            }
+            if found[from].len() > 1 {
+                note_ambiguous(&mut plan, source, *object, found[from].len());
+                continue;
             }
             if deletions.iter().any(|d| d.matches(print)) {
                 let description = describe(&source.session, *object);
-                if first_sight && !plan.deleted.contains(&description) {
+                if !plan.deleted.contains(&description) {
                     plan.deleted.push(description);
                 }
                 continue;
             }
             for (to, target) in views.iter().enumerate() {
-                if to == from
-                    || plan
-                        .copies
-                        .iter()
-                        .any(|c| c.to == to && same_object(&c.fingerprint, print))
-                {
+                if to == from {
                     continue;
                 }
-                match matches(&target.session, print) {
-                    Ok(found) if found.is_empty() => plan.copies.push(Copy {
+                match found[to].as_slice() {
+                    [] => plan.copies.push(Copy {
                         from,
                         object: *object,
                         to,
-                        fingerprint: print.clone(),
                         description: describe(&source.session, *object),
                     }),
-                    Ok(found) if found.len() > 1 => {
-                        note_ambiguous(&mut plan, target, found[0], found.len())
-                    }
-                    Ok(_) => plan.present += usize::from(first_sight),
-                    Err(rv) => {
-                        let reason = format!("C_FindObjects returned {}", rv_name(rv));
-                        if !plan.errors.iter().any(|(s, _)| *s == target.serial) {
-                            plan.errors.push((target.serial.clone(), reason));
-                        }
-                    }
+                    [_] => plan.present += 1,
+                    more => note_ambiguous(&mut plan, target, more[0], more.len()),
                 }
             }
         }
     }
     plan
-}
-
-/// The objects on a member that are the object with fingerprint `print`.
-///
-/// As `identity::find`, except for `CKA_CHECK_VALUE`: a member that made a
-/// key by unwrapping may leave it empty (SoftHSM does), so an empty check
-/// value on either side matches any, and only two non-empty ones must agree.
-pub fn matches(session: &Session, print: &Fingerprint) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
-    let check = print
-        .iter()
-        .find(|(t, _)| *t == CKA_CHECK_VALUE)
-        .map(|(_, v)| v.as_slice())
-        .filter(|v| !v.is_empty());
-    let rest: Fingerprint = print
-        .iter()
-        .filter(|(t, _)| *t != CKA_CHECK_VALUE)
-        .cloned()
-        .collect();
-    let found = session.find(&rest)?;
-    Ok(match check {
-        None => found,
-        Some(check) => found
-            .into_iter()
-            .filter(|h| {
-                let theirs = session.attribute(*h, CKA_CHECK_VALUE).unwrap_or_default();
-                theirs.is_empty() || theirs == check
-            })
-            .collect(),
-    })
-}
-
-/// Whether two fingerprints name the same object, by the rule of
-/// [`matches`]: an empty check value matches any.
-fn same_object(a: &Fingerprint, b: &Fingerprint) -> bool {
-    let rest = |print: &Fingerprint| -> Fingerprint {
-        print
-            .iter()
-            .filter(|(t, _)| *t != CKA_CHECK_VALUE)
-            .cloned()
-            .collect()
-    };
-    let check = |print: &Fingerprint| {
-        print
-            .iter()
-            .find(|(t, _)| *t == CKA_CHECK_VALUE)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    let (check_a, check_b) = (check(a), check(b));
-    rest(a) == rest(b) && (check_a.is_empty() || check_b.is_empty() || check_a == check_b)
 }
 
 fn note_ambiguous(plan: &mut Plan, view: &View, object: CK_OBJECT_HANDLE, matches: usize) {
