@@ -34,7 +34,9 @@ pub const WRAP_MECHANISM: CK_MECHANISM_TYPE = CKM_AES_KEY_WRAP_PAD;
 
 /// What a copy of a secret or private key must carry over. Values a member
 /// computes itself (`CKA_LOCAL`, `CKA_CHECK_VALUE`, the key material) are
-/// left to it.
+/// left to it. `CKA_MODIFIABLE` comes last in every list: SoftHSM refuses
+/// each attribute after a `CKA_MODIFIABLE` FALSE in a `C_UnwrapKey`
+/// template with `CKR_ATTRIBUTE_READ_ONLY`.
 pub const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_CLASS,
     CKA_KEY_TYPE,
@@ -57,9 +59,11 @@ pub const KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_WRAP,
     CKA_UNWRAP,
     CKA_DERIVE,
-    CKA_MODIFIABLE,
+    CKA_COPYABLE,
+    CKA_DESTROYABLE,
     CKA_ALWAYS_AUTHENTICATE,
     CKA_ALLOWED_MECHANISMS,
+    CKA_MODIFIABLE,
 ];
 
 /// [`KEY_ATTRIBUTES`] that a secret key has (PKCS#11 2.40 tables 4.x: no
@@ -84,8 +88,10 @@ const SECRET_KEY_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_WRAP,
     CKA_UNWRAP,
     CKA_DERIVE,
-    CKA_MODIFIABLE,
+    CKA_COPYABLE,
+    CKA_DESTROYABLE,
     CKA_ALLOWED_MECHANISMS,
+    CKA_MODIFIABLE,
 ];
 
 /// What a copy of a public object carries: everything it has that can be
@@ -109,7 +115,8 @@ pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_WRAP,
     CKA_DERIVE,
     CKA_TRUSTED,
-    CKA_MODIFIABLE,
+    CKA_COPYABLE,
+    CKA_DESTROYABLE,
     CKA_MODULUS,
     CKA_PUBLIC_EXPONENT,
     CKA_EC_PARAMS,
@@ -121,6 +128,7 @@ pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_CERTIFICATE_CATEGORY,
     CKA_JAVA_MIDP_SECURITY_DOMAIN,
     CKA_ALLOWED_MECHANISMS,
+    CKA_MODIFIABLE,
 ];
 
 /// Attributes whose value is a template: a copy carries them as the
@@ -194,6 +202,8 @@ impl Template {
             });
         let mut attributes: Vec<CK_ATTRIBUTE> = self.values.iter_mut().map(as_attribute).collect();
         attributes.extend(nested);
+        // After the nested templates too (see `KEY_ATTRIBUTES`).
+        attributes.sort_by_key(|a| a.type_ == CKA_MODIFIABLE);
         attributes
     }
 }

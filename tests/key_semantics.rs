@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use cryptoki::error::{Error, RvError};
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
@@ -764,4 +764,120 @@ fn filtered_searches_fill_their_batches() {
         .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
         .unwrap();
     assert_eq!(on_member.len(), 24);
+}
+
+/// A boolean attribute as a member or the virtual slot reports it.
+fn flag(session: &Session, object: ObjectHandle, which: AttributeType) -> bool {
+    match session
+        .get_attributes(object, &[which])
+        .expect("C_GetAttributeValue")
+        .first()
+    {
+        Some(Attribute::Copyable(b) | Attribute::Destroyable(b) | Attribute::Modifiable(b)) => *b,
+        other => panic!("{which:?} read as {other:?}"),
+    }
+}
+
+#[test]
+fn copies_on_every_member_keep_what_the_application_restricted() {
+    let fixture = Fixture::group(2);
+    let session = fixture.user_session();
+    let restrictions = [
+        (
+            "destroyable",
+            AttributeType::Destroyable,
+            Attribute::Destroyable(false),
+        ),
+        (
+            "copyable",
+            AttributeType::Copyable,
+            Attribute::Copyable(false),
+        ),
+        (
+            "modifiable",
+            AttributeType::Modifiable,
+            Attribute::Modifiable(false),
+        ),
+    ];
+    let mut made = Vec::new();
+    for (name, which, restriction) in &restrictions {
+        let data = format!("data-{name}");
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Label(data.as_str().into()),
+                Attribute::Value(b"payload".to_vec()),
+                restriction.clone(),
+            ])
+            .expect("C_CreateObject of a data object");
+        let imported = format!("imported-{name}");
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Label(imported.as_str().into()),
+                Attribute::Value(vec![0x42; 32]),
+                Attribute::Encrypt(true),
+                restriction.clone(),
+            ])
+            .expect("C_CreateObject of a secret key");
+        let generated = format!("generated-{name}");
+        let mut template = aes_template(&generated, Some(true), false);
+        template.push(restriction.clone());
+        template.push(Attribute::AllowedMechanisms(vec![
+            MechanismType::AES_CBC_PAD,
+        ]));
+        session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .expect("C_GenerateKey");
+        let pair = format!("pair-{name}");
+        session
+            .generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Label(pair.as_str().into()),
+                    Attribute::EcParams(vec![
+                        0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+                    ]),
+                    Attribute::Verify(true),
+                    restriction.clone(),
+                ],
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(pair.as_str().into()),
+                    Attribute::Sign(true),
+                    restriction.clone(),
+                ],
+            )
+            .expect("C_GenerateKeyPair");
+        made.extend([data, imported, generated].map(|label| (label, *which, 1)));
+        made.push((pair, *which, 2));
+    }
+    for (label, which, count) in &made {
+        let found = find_label(&session, label);
+        assert_eq!(found.len(), *count, "{label} through the virtual slot");
+        for object in found {
+            assert!(
+                !flag(&session, object, *which),
+                "{label} through the virtual slot"
+            );
+        }
+    }
+    for member in 0..2 {
+        let direct = user_session(&fixture.pkcs11, fixture.member_slot(member));
+        for (label, which, count) in &made {
+            let found = find_label(&direct, label);
+            assert_eq!(found.len(), *count, "member {member} holds {label}");
+            for object in found {
+                assert!(
+                    !flag(&direct, object, *which),
+                    "member {member}: {label} reads {which:?} TRUE"
+                );
+            }
+        }
+    }
 }

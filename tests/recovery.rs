@@ -10,7 +10,7 @@ use common::faulty::FaultyMember;
 use common::*;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use cryptoki_sys::CKR_DEVICE_ERROR;
@@ -391,5 +391,112 @@ fn a_hung_member_is_taken_out_after_member_timeout() {
     );
     for _ in 0..5 {
         sign_verify(&session, keys);
+    }
+}
+
+/// A boolean attribute of the objects labelled `label` on member `i`,
+/// read through its own slot.
+fn flag_on_member(group: &Group, i: usize, label: &str, which: AttributeType) -> Vec<bool> {
+    let slot = Slot::try_from(passthrough_slot_id(
+        &format!("m{i}"),
+        group.hsm.tokens[i].slot_id,
+    ))
+    .unwrap();
+    let session = user_session(&group.pkcs11, slot);
+    session
+        .find_objects(&[Attribute::Label(label.into())])
+        .unwrap()
+        .into_iter()
+        .map(
+            |object| match session.get_attributes(object, &[which]).unwrap()[..] {
+                [Attribute::Copyable(b) | Attribute::Destroyable(b) | Attribute::Modifiable(b)] => {
+                    b
+                }
+                ref other => panic!("{which:?} read as {other:?}"),
+            },
+        )
+        .collect()
+}
+
+/// What a member missed reaches it by the copy paths (attributes read from
+/// another member), not by the application's template: the restrictions
+/// must travel with it.
+#[test]
+fn a_member_that_was_away_gets_objects_as_restricted_as_the_application_made_them() {
+    use cryptoki::mechanism::MechanismType;
+    use cryptoki::object::{KeyType, ObjectClass};
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let before = ec_key(&session, b"before");
+    fail_member(&group, &session, before, 1);
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label("data".into()),
+            Attribute::Value(b"payload".to_vec()),
+            Attribute::Destroyable(false),
+        ])
+        .unwrap();
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Label("imported".into()),
+            Attribute::Value(vec![0x42; 32]),
+            Attribute::Encrypt(true),
+            Attribute::Copyable(false),
+        ])
+        .unwrap();
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Label("generated".into()),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+                Attribute::Modifiable(false),
+                Attribute::AllowedMechanisms(vec![MechanismType::AES_CBC_PAD]),
+            ],
+        )
+        .unwrap();
+    session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::EcParams(P256.to_vec()),
+                Attribute::Token(true),
+                Attribute::Label("pair".into()),
+                Attribute::Verify(true),
+                Attribute::Destroyable(false),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Label("pair".into()),
+                Attribute::Sign(true),
+                Attribute::Private(true),
+                Attribute::Destroyable(false),
+            ],
+        )
+        .unwrap();
+    group.members[1].clear_fault();
+    let status = group.wait_for_state(1, 0, Duration::from_secs(5));
+    assert_eq!(status.members[1].pendingChanges, 0);
+    let expected = [
+        ("data", AttributeType::Destroyable, 1),
+        ("imported", AttributeType::Copyable, 1),
+        ("generated", AttributeType::Modifiable, 1),
+        ("pair", AttributeType::Destroyable, 2),
+    ];
+    for member in 0..2 {
+        for (label, which, count) in expected {
+            assert_eq!(
+                flag_on_member(&group, member, label, which),
+                vec![false; count],
+                "member {member}: {which:?} of {label}"
+            );
+        }
     }
 }
