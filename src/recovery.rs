@@ -11,8 +11,10 @@
 //! changes it missed, copy what it lacks (`[HASynchronize]`), reopen member
 //! sessions behind open virtual sessions (`activeEnhanced`), and only then
 //! -- with nothing left queued for it -- put it back in the rotation. That
-//! second part runs for one member of a group at a time; the watchdog cuts
-//! off any of its calls that hangs. A member that may still make an object
+//! second part too runs for each member on its own, beside the other
+//! members' catch-ups (waiting for one that hangs on a stalled source kept
+//! every other returning member out); the watchdog cuts off any of its
+//! calls that hangs. A member that may still make an object
 //! it was cut off making is left out until it has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
@@ -92,9 +94,6 @@ pub struct Workers {
 struct Shared {
     flags: Mutex<Flags>,
     wake: Condvar,
-    /// Per group: held while a member of it is brought up to date, so that
-    /// one group's members replay one at a time.
-    groups: Vec<Mutex<()>>,
 }
 
 impl Shared {
@@ -128,11 +127,7 @@ struct Flags {
 impl Workers {
     /// Starts the watchdog, and the recovery thread unless recovery is off.
     pub fn start(provider: Weak<dyn Host>, recovery_on: bool) -> std::io::Result<Workers> {
-        let groups = provider.upgrade().map_or(0, |p| p.groups().len());
-        let shared = Arc::new(Shared {
-            groups: (0..groups).map(|_| Mutex::new(())).collect(),
-            ..Shared::default()
-        });
+        let shared = Arc::new(Shared::default());
         let recovery = if recovery_on {
             let (p, s) = (provider.clone(), Arc::clone(&shared));
             Some(
@@ -232,12 +227,7 @@ fn start_attempts(provider: &dyn Host, weak: &Weak<dyn Host>, shared: &Arc<Share
                 .name(format!("pkcs11-ha-recover-{}", member.serial))
                 .spawn(move || {
                     if let Some(p) = weak.upgrade() {
-                        attempt(
-                            &*p,
-                            &p.groups()[key.0],
-                            key.1,
-                            shared_for_thread.groups.get(key.0),
-                        );
+                        attempt(&*p, &p.groups()[key.0], key.1);
                     }
                     shared_for_thread.flags().attempts.remove(&key);
                     shared_for_thread.wake.notify_all();
@@ -416,20 +406,15 @@ pub fn recover_failed_members(provider: &dyn Host) {
     for group in provider.groups() {
         for member in &group.members {
             if member.state() == MemberState::Down {
-                attempt(provider, group, member.position, None);
+                attempt(provider, group, member.position);
             }
         }
     }
 }
 
 /// One recovery attempt for a failed member, if `reconnAtt` allows one
-/// more; `one_at_a_time` is held while the member is brought up to date.
-fn attempt(
-    provider: &dyn Host,
-    group: &Arc<Group>,
-    position: usize,
-    one_at_a_time: Option<&Mutex<()>>,
-) {
+/// more.
+fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) {
     let member = &group.members[position];
     if member.state() != MemberState::Down {
         return;
@@ -442,15 +427,15 @@ fn attempt(
         return;
     }
     group.log(Some(position), &format!("recovery attempt {}", made + 1));
-    match recover(provider, group, position, one_at_a_time) {
-        Ok(copied) => {
+    match recover(provider, group, position) {
+        Ok((copied, phases)) => {
             group.objects.retry_absent();
             replay_deferred(group);
             // What other processes changed while it was away.
             provider.reconcile_soon();
             group.log(
                 Some(position),
-                &format!("member recovered; {copied} objects replicated or synchronised"),
+                &format!("member recovered; {copied} objects replicated or synchronised {phases}"),
             );
         }
         Err(setback) => {
@@ -497,6 +482,55 @@ impl From<String> for Setback {
     }
 }
 
+/// Where a recovery spent its time, phase by phase, for the HA log: what
+/// an operator needs to see why a member took long to serve again.
+struct Phases {
+    started: Instant,
+    last: Instant,
+    spent: Vec<(&'static str, Duration)>,
+    notes: Vec<String>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        let now = Instant::now();
+        Phases {
+            started: now,
+            last: now,
+            spent: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    /// Ends the phase under way, named `phase`.
+    fn end(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.spent.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let each: Vec<String> = self
+            .spent
+            .iter()
+            .map(|(phase, spent)| format!("{phase} {} ms", spent.as_millis()))
+            .chain(self.notes.iter().cloned())
+            .collect();
+        write!(
+            f,
+            "in {} ms ({})",
+            (self.last - self.started).as_millis(),
+            each.join(", ")
+        )
+    }
+}
+
 /// Changes left to copy that a member copies with writes held back.
 const SHORT_TAIL: usize = 64;
 
@@ -505,11 +539,10 @@ fn recover(
     provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
-    one_at_a_time: Option<&Mutex<()>>,
-) -> Result<usize, Setback> {
+) -> Result<(usize, Phases), Setback> {
+    let mut phases = Phases::start();
     let location = find_token(provider, group, position)?;
-    let _one_member_at_a_time =
-        one_at_a_time.map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
+    phases.end("token found");
     group.forget_handles(position);
     // Sessions it held when it was taken out (the group's, and those of
     // virtual sessions, which never use them again) are all stale; where
@@ -527,7 +560,7 @@ fn recover(
 
     let worker = VirtualSession::internal(Arc::clone(group));
     let in_doubt_wait = in_doubt_wait(provider);
-    let outcome = bring_up_to_date(provider, group, position, &worker).and_then(
+    let outcome = bring_up_to_date(provider, group, position, &worker, &mut phases).and_then(
         |(mut copied, mut holdings)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
@@ -538,19 +571,34 @@ fn recover(
             // time, not forever.
             let mut barrier = None;
             let mut before = usize::MAX;
+            let (mut rounds, mut tail, mut at_barrier) = (0, 0, Duration::ZERO);
+            let (mut settle_time, mut replay_time) = (Duration::ZERO, Duration::ZERO);
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
                 let left = group.pending_count(position);
                 if barrier.is_none() && (left <= SHORT_TAIL || left > before / 2) {
+                    let asked = Instant::now();
                     barrier = group.hold_writes(provider.member_timeout());
+                    at_barrier += asked.elapsed();
                 }
                 before = left;
+                rounds += 1;
+                tail += left;
+                let settling = Instant::now();
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
+                settle_time += settling.elapsed();
+                let replaying = Instant::now();
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
+                replay_time += replaying.elapsed();
             }
-            Ok(copied)
+            phases.end("tail");
+            phases.note(format!(
+                "tail: {tail} changes in {rounds} rounds, {} ms getting the write barrier, {} ms settling, {} ms replaying",
+                at_barrier.as_millis(), settle_time.as_millis(), replay_time.as_millis()
+            ));
+            Ok((copied, phases))
         },
     );
     worker.close();
@@ -565,6 +613,7 @@ fn bring_up_to_date(
     group: &Arc<Group>,
     position: usize,
     worker: &VirtualSession,
+    phases: &mut Phases,
 ) -> Result<(usize, Holdings), Setback> {
     let session = worker
         .member_session(position)
@@ -584,17 +633,22 @@ fn bring_up_to_date(
             return Err(format!("login refused with {}", rv_name(rv)).into());
         }
     }
+    phases.end("login");
     settle_in_doubt(group, position, worker, in_doubt_wait(provider))?;
     let mut holdings = Holdings::read(worker, position)
         .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+    phases.end("objects read");
     let mut copied = replay_pending(group, position, worker, &mut holdings)?;
+    phases.end("replay");
     if provider.synchronize(group) {
         copied += synchronize(group, position, worker, &mut holdings)?;
+        phases.end("synchronisation");
     }
     if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
         provider
             .each_virtual_session(group, &mut |v| v.member_session(position).map(|_| ()))
             .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
+        phases.end("sessions");
     }
     Ok((copied, holdings))
 }
