@@ -107,6 +107,9 @@ pub struct Member {
     /// Since when it has been far slower than the others (see
     /// [`Group::review_latency`]); only the watchdog touches it.
     slow_since: Mutex<Option<Instant>>,
+    /// Since when recovery has found its token again after it last failed
+    /// (see [`Member::answering_since`]).
+    answering_since: Mutex<Option<Instant>>,
 }
 
 /// Whether the chooser sends a member calls (see [`Group::review_latency`]).
@@ -191,6 +194,7 @@ impl Member {
             rotation: AtomicU8::new(Rotation::In as u8),
             probing: Default::default(),
             slow_since: Mutex::new(None),
+            answering_since: Mutex::new(None),
         }
     }
 
@@ -366,12 +370,20 @@ impl Member {
             self.fresh_lanes();
             self.rotation.store(Rotation::In as u8, Ordering::Relaxed);
             *self.slow_since.lock() = None;
+            *self.answering_since.lock() = None;
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.last_fault.store(rv, Ordering::Relaxed);
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
             self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
         }
         was_reachable
+    }
+
+    /// Since when the member has answered again after it last failed:
+    /// recovery's first finding of its token since then, kept across
+    /// attempts (recovery calls this each time it finds the token).
+    pub fn answering_since(&self) -> Instant {
+        *self.answering_since.lock().get_or_insert_with(Instant::now)
     }
 
     /// Whether the member can carry key material: its library has not
@@ -583,6 +595,9 @@ pub struct Group {
     pub probes: crate::strategy::Probes,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
+    /// While no member serves: since when, and when the HA log last said
+    /// so (see [`Group::review_serving`]).
+    outage: Mutex<Option<Outage>>,
     /// Per member: objects a call is making on it (`None`), or whose
     /// making was cut off on the wire (`Some(when)`). The member may still
     /// make those when it resumes, so they are not made again on it until
@@ -658,6 +673,16 @@ pub struct IndexTicket {
 /// An object being made on a member (`None`), or in doubt there since a
 /// request making it was cut off on the wire (`Some(when)`).
 pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
+
+/// How often the HA log repeats that a group still has no member serving.
+const OUTAGE_SUMMARY: Duration = Duration::from_secs(60);
+
+/// A group without a serving member: since when, and when the HA log last
+/// said so.
+struct Outage {
+    since: Instant,
+    reported: Instant,
+}
 
 /// The longest a call that makes an object waits at the write barrier.
 pub const WRITE_BARRIER_WAIT: Duration = Duration::from_secs(1);
@@ -751,6 +776,7 @@ impl Group {
             deferred: Mutex::new(vec![Vec::new(); count]),
             round_robin: Default::default(),
             writes: RwLock::new(()),
+            outage: Mutex::new(None),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
@@ -805,6 +831,47 @@ impl Group {
                 self.label, self.serial, member.serial
             );
             self.log(Some(position), &event);
+            self.review_serving(Instant::now());
+        }
+    }
+
+    /// Says in the HA log when the group has no member serving, every
+    /// [`OUTAGE_SUMMARY`] while that lasts, and when it serves again and
+    /// after how long: the operator's view of the group as a whole. Called
+    /// as members fail and rejoin, so that an outage shorter than the
+    /// watchdog's tick is told too, and by the watchdog, for the summary
+    /// and for members that start serving by other paths.
+    pub fn review_serving(&self, now: Instant) {
+        let serving = self.up_members().next().is_some();
+        let mut outage = self.outage.lock();
+        match (serving, outage.as_mut()) {
+            (false, None) => {
+                *outage = Some(Outage {
+                    since: now,
+                    reported: now,
+                });
+                drop(outage);
+                self.log(
+                    None,
+                    "no member serving: calls on the group fail until a member returns",
+                );
+            }
+            (false, Some(o)) if now.saturating_duration_since(o.reported) >= OUTAGE_SUMMARY => {
+                o.reported = now;
+                let lasted = now.saturating_duration_since(o.since).as_secs();
+                drop(outage);
+                self.log(None, &format!("still no member serving after {lasted} s"));
+            }
+            (true, Some(o)) => {
+                let lasted = now.saturating_duration_since(o.since).as_secs_f64();
+                *outage = None;
+                drop(outage);
+                self.log(
+                    None,
+                    &format!("serving again after {lasted:.1} s without a serving member"),
+                );
+            }
+            _ => {}
         }
     }
 
@@ -1101,10 +1168,16 @@ impl Group {
     /// a member never serves while lacking an object the application was
     /// given. Lock order: pending, then in-doubt.
     pub fn rejoin(&self, position: usize) -> bool {
-        let pending = self.pending.lock();
-        pending[position].is_empty()
-            && self.in_doubt.lock()[position].is_empty()
-            && self.members[position].rejoin()
+        let rejoined = {
+            let pending = self.pending.lock();
+            pending[position].is_empty()
+                && self.in_doubt.lock()[position].is_empty()
+                && self.members[position].rejoin()
+        };
+        if rejoined {
+            self.review_serving(Instant::now());
+        }
+        rejoined
     }
 
     /// Enters a call that makes, changes or destroys objects: waits while

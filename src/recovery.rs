@@ -11,16 +11,19 @@
 //! changes it missed, copy what it lacks (`[HASynchronize]`), reopen member
 //! sessions behind open virtual sessions (`activeEnhanced`), and only then
 //! -- with nothing left queued for it -- put it back in the rotation. That
-//! second part runs for one member of a group at a time; the watchdog cuts
-//! off any of its calls that hangs. A member that may still make an object
+//! second part too runs for each member on its own, beside the other
+//! members' catch-ups (waiting for one that hangs on a stalled source kept
+//! every other returning member out); the watchdog cuts off any of its
+//! calls that hangs. A member that may still make an object
 //! it was cut off making is left out until it has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
 //! completes none for `memberTimeout`, or whose library has had one call on
 //! the wire that long, and severs its library's connection so that the
-//! stuck calls return and fail over. It also says in the HA
-//! log when a group has no member serving, how long that lasts, and when
-//! it serves again. It never calls a member.
+//! stuck calls return and fail over. It also has each group review
+//! whether it serves ([`Group::review_serving`]: the HA log's lines for the
+//! group as a whole, which members failing and rejoining trigger too). It
+//! never calls a member.
 //!
 //! Recovery sits beside the group core: it reaches the provider that runs
 //! it only through [`Host`].
@@ -29,7 +32,7 @@ use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::error::Error;
 use crate::group::Pending;
-use crate::group::{Group, Location, MemberState};
+use crate::group::{now_ms, Group, Location, MemberState};
 use crate::identity;
 use crate::member::{member_call, MemberLibrary, Silent};
 use crate::replication::Holdings;
@@ -92,9 +95,6 @@ pub struct Workers {
 struct Shared {
     flags: Mutex<Flags>,
     wake: Condvar,
-    /// Per group: held while a member of it is brought up to date, so that
-    /// one group's members replay one at a time.
-    groups: Vec<Mutex<()>>,
 }
 
 impl Shared {
@@ -123,16 +123,14 @@ struct Flags {
     recovery_done: bool,
     /// Members (group, position) with an attempt under way.
     attempts: HashSet<(usize, usize)>,
+    /// When each member's last attempt ended ([`now_ms`]).
+    last_ended: HashMap<(usize, usize), u64>,
 }
 
 impl Workers {
     /// Starts the watchdog, and the recovery thread unless recovery is off.
     pub fn start(provider: Weak<dyn Host>, recovery_on: bool) -> std::io::Result<Workers> {
-        let groups = provider.upgrade().map_or(0, |p| p.groups().len());
-        let shared = Arc::new(Shared {
-            groups: (0..groups).map(|_| Mutex::new(())).collect(),
-            ..Shared::default()
-        });
+        let shared = Arc::new(Shared::default());
         let recovery = if recovery_on {
             let (p, s) = (provider.clone(), Arc::clone(&shared));
             Some(
@@ -192,6 +190,11 @@ impl Workers {
     }
 }
 
+/// How often the recovery thread looks for members due an attempt: a
+/// member that has just failed is tried within this, not a whole
+/// `AutoReconnectInterval` later.
+const RECOVERY_TICK: Duration = Duration::from_millis(100);
+
 fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     loop {
         let interval = match provider.upgrade() {
@@ -200,8 +203,8 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         };
         {
             // Woken early by every attempt that ends (for `stop_recovery`):
-            // the next round still waits out the interval.
-            let next_round = Instant::now() + interval;
+            // the next look still waits out the tick.
+            let next_round = Instant::now() + interval.min(RECOVERY_TICK);
             let mut flags = shared.flags();
             while !flags.stop_recovery && Instant::now() < next_round {
                 let left = next_round.saturating_duration_since(Instant::now());
@@ -212,34 +215,53 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
             }
         }
         let Some(p) = provider.upgrade() else { break };
-        start_attempts(&*p, &provider, &shared);
+        start_attempts(&*p, &provider, &shared, interval);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
 }
 
 /// Starts an attempt, in a thread of its own, for every failed member that
-/// has none under way.
-fn start_attempts(provider: &dyn Host, weak: &Weak<dyn Host>, shared: &Arc<Shared>) {
+/// has none under way and is due one: it failed since its last attempt
+/// ended (or never had one), or that attempt ended `interval` ago. A
+/// member that fails is tried at once -- a reset connection is usually
+/// back by then -- and from then on every `interval`.
+fn start_attempts(
+    provider: &dyn Host,
+    weak: &Weak<dyn Host>,
+    shared: &Arc<Shared>,
+    interval: Duration,
+) {
+    let interval_ms = interval.as_millis() as u64;
     for (g, group) in provider.groups().iter().enumerate() {
         for member in &group.members {
             let key = (g, member.position);
-            if member.state() != MemberState::Down || !shared.flags().attempts.insert(key) {
+            if member.state() != MemberState::Down {
                 continue;
+            }
+            {
+                let mut flags = shared.flags();
+                let now = now_ms();
+                let failed_at = now.saturating_sub(member.ms_since_state_change());
+                let due = flags
+                    .last_ended
+                    .get(&key)
+                    .is_none_or(|&ended| failed_at > ended || now - ended >= interval_ms);
+                if !due || !flags.attempts.insert(key) {
+                    continue;
+                }
             }
             let (weak, shared_for_thread) = (weak.clone(), Arc::clone(shared));
             let spawned = std::thread::Builder::new()
                 .name(format!("pkcs11-ha-recover-{}", member.serial))
                 .spawn(move || {
                     if let Some(p) = weak.upgrade() {
-                        attempt(
-                            &*p,
-                            &p.groups()[key.0],
-                            key.1,
-                            shared_for_thread.groups.get(key.0),
-                        );
+                        attempt(&*p, &p.groups()[key.0], key.1);
                     }
-                    shared_for_thread.flags().attempts.remove(&key);
+                    let mut flags = shared_for_thread.flags();
+                    flags.attempts.remove(&key);
+                    flags.last_ended.insert(key, now_ms());
+                    drop(flags);
                     shared_for_thread.wake.notify_all();
                 });
             if spawned.is_err() {
@@ -252,15 +274,14 @@ fn start_attempts(provider: &dyn Host, weak: &Weak<dyn Host>, shared: &Arc<Share
 fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     let mut progress: HashMap<(usize, usize), (u64, Instant)> = HashMap::new();
     let mut on_wire: HashMap<usize, (u64, Instant)> = HashMap::new();
-    let mut outages: HashMap<usize, Outage> = HashMap::new();
     loop {
         let Some(p) = provider.upgrade() else { break };
         let timeout = p.member_timeout();
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         check_for_stalls(&p, timeout, &mut progress);
         check_for_stalled_connections(&p, timeout, &mut on_wire);
-        report_outages(&p, &mut outages, Instant::now());
         for group in p.groups() {
+            group.review_serving(Instant::now());
             group.review_latency(Instant::now());
         }
         crate::halog::summarize();
@@ -271,61 +292,6 @@ fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         }
         if flags.stop_watchdog {
             break;
-        }
-    }
-}
-
-/// How often the HA log repeats that a group still has no member serving.
-const OUTAGE_SUMMARY: Duration = Duration::from_secs(60);
-
-/// A group without a serving member: since when, and when the HA log last
-/// said so.
-struct Outage {
-    since: Instant,
-    reported: Instant,
-}
-
-/// Says in the HA log when a group has no member serving,
-/// every [`OUTAGE_SUMMARY`] while that lasts, and when it serves again and
-/// after how long: the operator's view of the group as a whole.
-fn report_outages(provider: &Arc<dyn Host>, outages: &mut HashMap<usize, Outage>, now: Instant) {
-    for (g, group) in provider.groups().iter().enumerate() {
-        let serving = group.up_members().next().is_some();
-        match (serving, outages.get_mut(&g)) {
-            (false, None) => {
-                outages.insert(
-                    g,
-                    Outage {
-                        since: now,
-                        reported: now,
-                    },
-                );
-                group.log(
-                    None,
-                    "no member serving: calls on the group fail until a member returns",
-                );
-            }
-            (false, Some(outage)) if now.duration_since(outage.reported) >= OUTAGE_SUMMARY => {
-                outage.reported = now;
-                group.log(
-                    None,
-                    &format!(
-                        "still no member serving after {} s",
-                        now.duration_since(outage.since).as_secs()
-                    ),
-                );
-            }
-            (true, Some(outage)) => {
-                group.log(
-                    None,
-                    &format!(
-                        "serving again after {:.1} s without a serving member",
-                        now.duration_since(outage.since).as_secs_f64()
-                    ),
-                );
-                outages.remove(&g);
-            }
-            _ => {}
         }
     }
 }
@@ -416,20 +382,15 @@ pub fn recover_failed_members(provider: &dyn Host) {
     for group in provider.groups() {
         for member in &group.members {
             if member.state() == MemberState::Down {
-                attempt(provider, group, member.position, None);
+                attempt(provider, group, member.position);
             }
         }
     }
 }
 
 /// One recovery attempt for a failed member, if `reconnAtt` allows one
-/// more; `one_at_a_time` is held while the member is brought up to date.
-fn attempt(
-    provider: &dyn Host,
-    group: &Arc<Group>,
-    position: usize,
-    one_at_a_time: Option<&Mutex<()>>,
-) {
+/// more.
+fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) {
     let member = &group.members[position];
     if member.state() != MemberState::Down {
         return;
@@ -442,15 +403,15 @@ fn attempt(
         return;
     }
     group.log(Some(position), &format!("recovery attempt {}", made + 1));
-    match recover(provider, group, position, one_at_a_time) {
-        Ok(copied) => {
+    match recover(provider, group, position) {
+        Ok((copied, phases)) => {
             group.objects.retry_absent();
             replay_deferred(group);
             // What other processes changed while it was away.
             provider.reconcile_soon();
             group.log(
                 Some(position),
-                &format!("member recovered; {copied} objects replicated or synchronised"),
+                &format!("member recovered; {copied} objects replicated or synchronised {phases}"),
             );
         }
         Err(setback) => {
@@ -471,15 +432,46 @@ fn attempt(
     }
 }
 
-/// How long, in `memberTimeout`s from the cut, a member is given to carry
-/// out a request that making an object was cut off in. A stalled member
-/// that resumes carries out what it had received (p11-kit's server does,
-/// after its client gave up on it); one silent this much longer is taken
-/// to have dropped it.
+/// How long, in `memberTimeout`s from the cut, a member that stays silent
+/// is given to carry out a request that making an object was cut off in.
+/// A stalled member that resumes carries out what it had received
+/// (p11-kit's server does, after its client gave up on it); one silent
+/// this much longer is taken to have dropped it.
 const IN_DOUBT_TIMEOUTS: u32 = 4;
 
-fn in_doubt_wait(provider: &dyn Host) -> Duration {
-    provider.member_timeout() * IN_DOUBT_TIMEOUTS
+/// How long a member that may still make an object it was cut off making
+/// is kept out. Once it answers again (recovery found its token), what it
+/// had received has reached it as well, and it carries that out within
+/// one `memberTimeout` like any request -- so the wait ends one
+/// `memberTimeout` after it answered again, or [`IN_DOUBT_TIMEOUTS`] after
+/// the cut, whichever is first. (Measured from the cut alone, a member
+/// paused 1-3 s waited 3-5 s more after it answered; in the chaos run
+/// that kept whole groups out.)
+#[derive(Clone, Copy)]
+struct InDoubtWait {
+    after_cut: Duration,
+    answering: Instant,
+    after_answering: Duration,
+}
+
+impl InDoubtWait {
+    fn new(provider: &dyn Host, answering: Instant) -> InDoubtWait {
+        InDoubtWait::for_timeout(provider.member_timeout(), answering)
+    }
+
+    fn for_timeout(member_timeout: Duration, answering: Instant) -> InDoubtWait {
+        InDoubtWait {
+            after_cut: member_timeout * IN_DOUBT_TIMEOUTS,
+            answering,
+            after_answering: member_timeout,
+        }
+    }
+
+    /// Whether a request cut off at `cut` has had its time.
+    fn over(&self, cut: Instant) -> bool {
+        cut.elapsed() >= self.after_cut
+            || (cut <= self.answering && self.answering.elapsed() >= self.after_answering)
+    }
 }
 
 /// Why a recovery attempt did not bring the member back.
@@ -497,6 +489,55 @@ impl From<String> for Setback {
     }
 }
 
+/// Where a recovery spent its time, phase by phase, for the HA log: what
+/// an operator needs to see why a member took long to serve again.
+struct Phases {
+    started: Instant,
+    last: Instant,
+    spent: Vec<(&'static str, Duration)>,
+    notes: Vec<String>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        let now = Instant::now();
+        Phases {
+            started: now,
+            last: now,
+            spent: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    /// Ends the phase under way, named `phase`.
+    fn end(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.spent.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let each: Vec<String> = self
+            .spent
+            .iter()
+            .map(|(phase, spent)| format!("{phase} {} ms", spent.as_millis()))
+            .chain(self.notes.iter().cloned())
+            .collect();
+        write!(
+            f,
+            "in {} ms ({})",
+            (self.last - self.started).as_millis(),
+            each.join(", ")
+        )
+    }
+}
+
 /// Changes left to copy that a member copies with writes held back.
 const SHORT_TAIL: usize = 64;
 
@@ -505,11 +546,10 @@ fn recover(
     provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
-    one_at_a_time: Option<&Mutex<()>>,
-) -> Result<usize, Setback> {
+) -> Result<(usize, Phases), Setback> {
+    let mut phases = Phases::start();
     let location = find_token(provider, group, position)?;
-    let _one_member_at_a_time =
-        one_at_a_time.map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
+    phases.end("token found");
     group.forget_handles(position);
     // Sessions it held when it was taken out (the group's, and those of
     // virtual sessions, which never use them again) are all stale; where
@@ -526,8 +566,8 @@ fn recover(
     group.members[position].begin_recovery();
 
     let worker = VirtualSession::internal(Arc::clone(group));
-    let in_doubt_wait = in_doubt_wait(provider);
-    let outcome = bring_up_to_date(provider, group, position, &worker).and_then(
+    let in_doubt_wait = InDoubtWait::new(provider, group.members[position].answering_since());
+    let outcome = bring_up_to_date(group, provider, position, &worker, in_doubt_wait, &mut phases).and_then(
         |(mut copied, mut holdings)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
@@ -538,19 +578,34 @@ fn recover(
             // time, not forever.
             let mut barrier = None;
             let mut before = usize::MAX;
+            let (mut rounds, mut tail, mut at_barrier) = (0, 0, Duration::ZERO);
+            let (mut settle_time, mut replay_time) = (Duration::ZERO, Duration::ZERO);
             while !group.rejoin(position) {
                 if !group.members[position].reachable() {
                     return Err("the member failed again".to_string().into());
                 }
                 let left = group.pending_count(position);
                 if barrier.is_none() && (left <= SHORT_TAIL || left > before / 2) {
+                    let asked = Instant::now();
                     barrier = group.hold_writes(provider.member_timeout());
+                    at_barrier += asked.elapsed();
                 }
                 before = left;
+                rounds += 1;
+                tail += left;
+                let settling = Instant::now();
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
+                settle_time += settling.elapsed();
+                let replaying = Instant::now();
                 copied += replay_pending(group, position, &worker, &mut holdings)?;
+                replay_time += replaying.elapsed();
             }
-            Ok(copied)
+            phases.end("tail");
+            phases.note(format!(
+                "tail: {tail} changes in {rounds} rounds, {} ms getting the write barrier, {} ms settling, {} ms replaying",
+                at_barrier.as_millis(), settle_time.as_millis(), replay_time.as_millis()
+            ));
+            Ok((copied, phases))
         },
     );
     worker.close();
@@ -561,10 +616,12 @@ fn recover(
 /// reopens sessions; returns how many objects it received and what it now
 /// holds.
 fn bring_up_to_date(
-    provider: &dyn Host,
     group: &Arc<Group>,
+    provider: &dyn Host,
     position: usize,
     worker: &VirtualSession,
+    in_doubt_wait: InDoubtWait,
+    phases: &mut Phases,
 ) -> Result<(usize, Holdings), Setback> {
     let session = worker
         .member_session(position)
@@ -582,24 +639,29 @@ fn bring_up_to_date(
             return Err(format!("login refused with {}", rv_name(rv)).into());
         }
     }
-    settle_in_doubt(group, position, worker, in_doubt_wait(provider))?;
+    phases.end("login");
+    settle_in_doubt(group, position, worker, in_doubt_wait)?;
     let mut holdings = Holdings::read(worker, position)
         .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+    phases.end("objects read");
     let mut copied = replay_pending(group, position, worker, &mut holdings)?;
+    phases.end("replay");
     if provider.synchronize(group) {
         copied += synchronize(group, position, worker, &mut holdings)?;
+        phases.end("synchronisation");
     }
     if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
         provider
             .each_virtual_session(group, &mut |v| v.member_session(position).map(|_| ()))
             .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
+        phases.end("sessions");
     }
     Ok((copied, holdings))
 }
 
 /// Settles the objects whose making the member was cut off in: each once
-/// the member holds it, once the member has had `wait` to carry the
-/// request out, or once it is gone from the group -- unless the call that
+/// the member holds it, once the member has had its time to carry the
+/// request out ([`InDoubtWait`]), or once it is gone from the group -- unless the call that
 /// made it failed (it was abandoned): then the copy the member may still
 /// make is waited for like any other, and removed by the removal queued
 /// for the member. Until then the member is not given them again -- it
@@ -610,7 +672,7 @@ fn settle_in_doubt(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
-    wait: Duration,
+    wait: InDoubtWait,
 ) -> Result<(), Setback> {
     for (object, since) in group.in_doubt(position) {
         let Some(since) = since else {
@@ -629,7 +691,7 @@ fn settle_in_doubt(
                 None => true,
             }
         };
-        if since.elapsed() >= wait || held() {
+        if wait.over(since) || held() {
             group.settle_in_doubt(position, object);
         } else {
             return Err(Setback::Waiting(format!(
@@ -878,4 +940,35 @@ fn synchronize(
         }
     }
     Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(1500);
+
+    fn ago(d: Duration) -> Instant {
+        Instant::now() - d
+    }
+
+    #[test]
+    fn a_request_cut_off_before_the_member_answered_again_waits_one_timeout_from_its_answer() {
+        let cut = ago(Duration::from_millis(2000));
+        let just_answered = InDoubtWait::for_timeout(TIMEOUT, ago(Duration::from_millis(100)));
+        assert!(!just_answered.over(cut), "it has not had its time yet");
+        let answered_a_timeout_ago = InDoubtWait::for_timeout(TIMEOUT, ago(TIMEOUT));
+        assert!(
+            answered_a_timeout_ago.over(cut),
+            "one timeout after its answer, well before 4 x memberTimeout from the cut"
+        );
+    }
+
+    #[test]
+    fn a_request_cut_off_after_the_member_answered_waits_the_whole_time_from_the_cut() {
+        let answering = ago(TIMEOUT * 2);
+        let wait = InDoubtWait::for_timeout(TIMEOUT, answering);
+        assert!(!wait.over(ago(TIMEOUT)), "cut after it answered");
+        assert!(wait.over(ago(TIMEOUT * IN_DOUBT_TIMEOUTS)));
+    }
 }

@@ -787,16 +787,22 @@ fn ids_on_member(pkcs11: &Pkcs11, member: &Member) -> std::collections::HashMap<
 }
 
 /// Four threads import keys without pause while one member's connections
-/// are reset: the member is taken out, recovery replays what it missed,
+/// are reset, [`RESETS_ENV`] times in turn on the members (2 unless set):
+/// each time the member is taken out, recovery replays what it missed,
 /// then copies the tail with writes held back at the barrier, and it
 /// serves again while the writes go on -- it does not chase the write rate
 /// forever. No write fails (two members serve throughout), and afterwards
 /// every member holds every key the application was given exactly once.
+/// Prints the time from each reset to serving again (p50, p99) and where
+/// each recovery spent it.
 #[test]
 fn a_member_reset_under_continuous_writes_rejoins_and_holds_every_object_once() {
     use std::sync::atomic::AtomicBool;
     use std::sync::Mutex;
     const WRITERS: usize = 4;
+    let resets: usize = std::env::var(RESETS_ENV)
+        .map(|s| s.parse().expect("PKCS11_HA_RESETS is a number"))
+        .unwrap_or(2);
     let mut chaos = Chaos::new(3);
     let (pkcs11, _) = chaos.start();
     let slot = Slot::try_from(0u64).unwrap();
@@ -804,7 +810,9 @@ fn a_member_reset_under_continuous_writes_rejoins_and_holds_every_object_once() 
     let made: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let failed: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let count = || made.lock().unwrap().len();
+    let mut rejoins = Vec::new();
     std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
         for writer in 0..WRITERS {
             let (pkcs11, stop, made, failed) = (&pkcs11, &stop, &made, &failed);
             scope.spawn(move || {
@@ -823,33 +831,51 @@ fn a_member_reset_under_continuous_writes_rejoins_and_holds_every_object_once() 
         wait_for("the writers write", Duration::from_secs(20), || {
             count() >= 40
         });
-        chaos.members[1].relay.reset();
-        let reset = Instant::now();
-        wait_for(
-            "the reset member is taken out",
-            Duration::from_secs(10),
-            || !serves(1),
-        );
-        let written = count();
-        let took = wait_for(
-            "the reset member rejoins under continuous writes",
-            Duration::from_secs(30),
-            || serves(1),
-        );
-        eprintln!(
-            "reset under {WRITERS} writers: serving {:?} after the reset ({took:?} after it was \
-             taken out), {} keys written meanwhile",
-            reset.elapsed(),
-            count() - written
-        );
-        let rejoined = count();
-        wait_for(
-            "writes go on after the rejoin",
-            Duration::from_secs(20),
-            || count() >= rejoined + 40,
-        );
+        for round in 0..resets {
+            let i = 1 + round % 2;
+            chaos.members[i].relay.reset();
+            let reset = Instant::now();
+            wait_for(
+                "the reset member is taken out",
+                Duration::from_secs(10),
+                || !serves(i),
+            );
+            let written = count();
+            wait_for(
+                "the reset member rejoins under continuous writes",
+                Duration::from_secs(30),
+                || serves(i),
+            );
+            let took = reset.elapsed();
+            rejoins.push(took);
+            eprintln!(
+                "reset {round} under {WRITERS} writers: member {i} serving {took:?} after the \
+                 reset, {} keys written meanwhile",
+                count() - written
+            );
+            let rejoined = count();
+            wait_for(
+                "writes go on after the rejoin",
+                Duration::from_secs(20),
+                || count() >= rejoined + 40,
+            );
+        }
         stop.store(true, Ordering::Relaxed);
     });
+    rejoins.sort();
+    eprintln!(
+        "after a reset under {WRITERS} writers, serving again: p50 {:?}, p99 {:?} (n = {})",
+        percentile(&rejoins, 0.5),
+        percentile(&rejoins, 0.99),
+        rejoins.len()
+    );
+    for line in chaos
+        .log()
+        .lines()
+        .filter(|l| l.contains("member recovered"))
+    {
+        eprintln!("{line}");
+    }
     let failed = failed.into_inner().unwrap();
     assert!(failed.is_empty(), "writes failed: {failed:?}");
     wait_for("every member serves", Duration::from_secs(15), || {
@@ -975,11 +1001,17 @@ fn keys_reported_failed_are_left_on_no_member_even_when_in_flight_as_the_last_me
     pkcs11.finalize().unwrap();
 }
 
+/// How many resets the reset-under-writes scenario makes (for figures).
+const RESETS_ENV: &str = "PKCS11_HA_RESETS";
+
 /// Seconds of the chaos run; `scripts/chaos` runs it longer.
 const CHAOS_SECS_ENV: &str = "PKCS11_HA_CHAOS_SECS";
 const CHAOS_DEFAULT_SECS: u64 = 20;
 /// Seed of the run's choices (printed, so that a run can be repeated).
 const CHAOS_SEED_ENV: &str = "PKCS11_HA_CHAOS_SEED";
+/// Where to keep the run's HA log, to study what the figures came from;
+/// the faults and when they were lifted go beside it (`.faults`).
+const CHAOS_LOG_ENV: &str = "PKCS11_HA_CHAOS_LOG";
 
 /// SplitMix64: enough for choosing members, faults and delays.
 struct Rng(u64);
@@ -1030,6 +1062,22 @@ struct Call {
     from: Instant,
     to: Instant,
     ok: bool,
+}
+
+/// Now as the HA log writes it (UTC, ms), to line faults up with its
+/// lines.
+fn wall_clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let secs = now.as_secs();
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60,
+        now.subsec_millis()
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -1087,6 +1135,10 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     let mut calls: Vec<Call> = Vec::new();
     let mut samples: Vec<(Instant, [bool; MEMBERS])> = Vec::new();
     let mut faults: Vec<(usize, Fault)> = Vec::new();
+    let serials: Vec<String> = (0..MEMBERS)
+        .map(|i| format!("member {i} is {}", chaos.members[i].hsm.tokens[0].serial))
+        .collect();
+    let mut timeline: Vec<String> = serials;
     std::thread::scope(|scope| {
         let _stop = StopOnDrop(&stop);
         let writers: Vec<_> = (0..WRITERS)
@@ -1151,6 +1203,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                     Fault::Kill => chaos.members[i].restart_server(),
                     _ => chaos.members[i].relay.pass(),
                 }
+                timeline.push(format!("{} lifted {fault:?} on member {i}", wall_clock()));
                 if let Some(last) = disturbances.lock().unwrap()[i].last_mut() {
                     last.1 = Some(Instant::now());
                 }
@@ -1184,6 +1237,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                         }
                     };
                     disturbances.lock().unwrap()[i].push((started, lasts));
+                    timeline.push(format!("{} {fault:?} on member {i}", wall_clock()));
                     faults.push((i, fault));
                 }
             }
@@ -1338,6 +1392,11 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         percentile(&reset_returns, 0.99),
         reset_returns.len(),
     );
+    if let Ok(path) = std::env::var(CHAOS_LOG_ENV) {
+        std::fs::write(&path, chaos.log()).expect("the HA log is copied where asked");
+        std::fs::write(format!("{path}.faults"), timeline.join("\n"))
+            .expect("the fault timeline is written beside it");
+    }
     let missing_per_member: Vec<usize> = contents
         .iter()
         .map(|c| ok_keys.iter().filter(|id| !c.contains_key(**id)).count())
