@@ -103,7 +103,7 @@ impl MemberSessions {
                 drop(in_flight);
                 // A member that failed under the close may keep the session
                 // open: taken out, its recovery closes what it kept.
-                if rv != CKR_SESSION_HANDLE_INVALID && crate::group::is_member_fault(rv) {
+                if crate::group::is_member_fault("C_CloseSession", rv) {
                     group.member_failed(member.position, "C_CloseSession", rv);
                 }
             }
@@ -164,7 +164,7 @@ impl MemberSessions {
             .filter(|_| member.reachable())
             .ok_or(Error::new(CKR_DEVICE_ERROR))?;
         let guard = member.begin_call();
-        let opened = crate::group::retry_result_while_busy(|| {
+        let opened = crate::group::retry_result_while_busy("C_OpenSession", || {
             open_member_session(&location.library, location.slot, self.flags, epoch)
         });
         drop(guard);
