@@ -142,15 +142,24 @@ impl CallCounts {
 pub struct InFlight<'a>(&'a CallCounts);
 
 impl InFlight<'_> {
-    /// Ends the call: served unless the member's answer was a member
-    /// fault.
+    /// Ends the call `function` answered `rv`: served unless the answer
+    /// is a member fault.
     #[inline(always)]
-    fn end(self, served: bool) {
+    fn answered(self, function: &'static str, rv: CK_RV) {
         let counts = self.0;
         std::mem::forget(self);
+        let served = rv == CKR_OK || served_despite(function, rv);
         let change = if served { CALL_SERVED } else { u64::MAX };
         counts.calls.fetch_add(change, Ordering::Relaxed);
     }
+}
+
+/// Whether an answer other than `CKR_OK` still counts as served; out of
+/// line, so that the classification is not copied into every call site.
+#[cold]
+#[inline(never)]
+fn served_despite(function: &str, rv: CK_RV) -> bool {
+    !classify(function, rv).is_member_fault()
 }
 
 impl Drop for InFlight<'_> {
@@ -549,12 +558,11 @@ impl MemberLibrary {
         };
         // SAFETY: set only by a `Counting` of this thread, which borrows
         // the counts for as long as it names them.
-        let Some(counts) = (unsafe { COUNTED_ON.get().as_ref() }) else {
-            return self.shielded(|| invoke(f));
-        };
-        let in_flight = counts.enter();
+        let in_flight = unsafe { COUNTED_ON.get().as_ref() }.map(CallCounts::enter);
         let rv = self.shielded(|| invoke(f));
-        in_flight.end(rv == CKR_OK || !classify(function, rv).is_member_fault());
+        if let Some(in_flight) = in_flight {
+            in_flight.answered(function, rv);
+        }
         rv
     }
 
