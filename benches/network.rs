@@ -74,6 +74,8 @@ const TEST_SLICE: Duration = Duration::from_millis(30);
 /// How long the slow member may take to be taken out as degraded.
 const DEGRADE_PATIENCE: Duration = Duration::from_secs(30);
 const DATA_LEN: usize = 1024;
+/// Client instances per member (`[LibraryInstances]`).
+const INSTANCES: usize = 16;
 
 /// One member: token, server and relay. Fields drop in order: the relay's
 /// connections close before the server dies, the token dir goes last.
@@ -174,12 +176,12 @@ impl Bench {
             )
             .unwrap();
         }
-        // The throughput of concurrent calls, which p11-kit's client gets
-        // only when the config asks for it (`docs/design.md`, "Concurrent
-        // calls").
-        text += "\n[LibraryConcurrency]\n";
+        // Each client one call at a time (its default), over as many
+        // instances, each a connection of its own, as `[LibraryInstances]`
+        // gives it (`docs/design.md`, "Concurrent calls").
+        text += "\n[LibraryInstances]\n";
         for i in 0..DIRECT {
-            writeln!(text, "m{i} = 64").unwrap();
+            writeln!(text, "m{i} = {INSTANCES}").unwrap();
         }
         writeln!(
             text,

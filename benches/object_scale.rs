@@ -14,9 +14,10 @@
 //! - `create`: generate 100 token keys, timed, then destroy them (untimed),
 //!   so the tokens keep N objects.
 //!
-//! The child also reports its resident memory after `enumerate`, and the
-//! key creation rate per second of CPU time it used (on a machine shared
-//! with other disk writers, wall time mostly measures them).
+//! The child also reports its resident memory after `enumerate`, the CPU
+//! time its own thread spent enumerating, and the key creation rate per
+//! second of CPU time it used (on a machine shared with other builds and
+//! disk writers, wall time mostly measures them).
 //!
 //! The tokens are built once per N (directly on SoftHSM: the same key value,
 //! label and ID on both members, as replication leaves them) under
@@ -25,7 +26,7 @@
 //! Run: `cargo build --release && cargo bench --bench object_scale`; after
 //! the criterion groups it prints a table of ratios (median of five child
 //! runs each). `-- table` prints only the table; `-- --test` runs N = 100
-//! once.
+//! once; `-- table 1000` (any object counts) only those.
 
 #[macro_use]
 mod support;
@@ -85,47 +86,68 @@ impl Tokens {
     }
 
     /// Builds the tokens for `objects` keys, or reuses those of an earlier
-    /// run.
+    /// run. The config files are written afresh each time, naming this
+    /// directory: a copied `target/` (another worktree's) would otherwise
+    /// drive the tokens -- and the reconciliation lock -- of the original.
     fn prepare(objects: usize) -> Tokens {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("target/object-scale")
             .join(objects.to_string());
         let tokens = Tokens { dir, objects };
-        if tokens.dir.join("ready").is_file() {
-            return tokens;
+        if !tokens.dir.join("ready").is_file() {
+            tokens.build();
         }
-        let _ = fs::remove_dir_all(&tokens.dir);
-        fs::create_dir_all(&tokens.dir).unwrap();
+        tokens.write_configs();
+        tokens
+    }
+
+    fn build(&self) {
+        let _ = fs::remove_dir_all(&self.dir);
+        fs::create_dir_all(&self.dir).unwrap();
         let hsm = SoftHsm::new(&["memberA", "memberB"]);
         common::provision_domain(&hsm, &DOMAIN_VALUE);
-        eprintln!("object_scale: making {objects} keys on each member (once)");
-        fill(&hsm, objects);
+        eprintln!(
+            "object_scale: making {} keys on each member (once)",
+            self.objects
+        );
+        fill(&hsm, self.objects);
         let copied = Command::new("cp")
             .arg("-a")
             .arg(hsm.token_dir())
-            .arg(tokens.dir.join("tokens"))
+            .arg(self.dir.join("tokens"))
             .status()
             .expect("run cp");
         assert!(copied.success(), "copy the token directory");
+        fs::write(self.dir.join("serials"), hsm.serials().join(",")).unwrap();
+        fs::write(self.dir.join("ready"), b"").unwrap();
+    }
+
+    /// The SoftHSM config naming this directory's tokens, and the
+    /// pkcs11-ha config grouping them with a state directory of its own.
+    fn write_configs(&self) {
         fs::write(
-            tokens.softhsm_conf(),
+            self.softhsm_conf(),
             format!(
                 "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.dir.join("tokens").display()
+                self.dir.join("tokens").display()
             ),
         )
         .unwrap();
-        fs::write(
-            tokens.ha_conf(),
-            config_text(
-                &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
-                &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
-                true,
-            ),
-        )
-        .unwrap();
-        fs::write(tokens.dir.join("ready"), b"").unwrap();
-        tokens
+        let serials: Vec<String> = fs::read_to_string(self.dir.join("serials"))
+            .expect("the tokens' serials (remove target/object-scale to build them again)")
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let mut text = config_text(
+            &[(SOFTHSM_LIB_NAME, SOFTHSM_LIB)],
+            &[GroupSpec::new(GROUP_LABEL, &serials)],
+            true,
+        );
+        text.push_str(&format!(
+            "haStateDir = {}\n",
+            self.dir.join("state").display()
+        ));
+        fs::write(self.ha_conf(), text).unwrap();
     }
 
     /// Runs one child and returns what it printed: `name value` lines.
@@ -231,14 +253,18 @@ fn child(spec: &str) {
         "init" => println!("seconds {}", init.as_secs_f64()),
         "enumerate" => {
             let rss_before = resident_kib();
+            let cpu = thread_cpu_seconds();
             let started = Instant::now();
             let all = find(&fns, session, &mut []);
             let found = started.elapsed();
+            let find_cpu = thread_cpu_seconds() - cpu;
             for object in &all {
                 read_class_label_id(&fns, session, *object);
             }
             println!("seconds {}", started.elapsed().as_secs_f64());
+            println!("cpu_seconds {}", thread_cpu_seconds() - cpu);
             println!("find_seconds {}", found.as_secs_f64());
+            println!("find_cpu_seconds {find_cpu}");
             println!("objects {}", all.len());
             println!(
                 "kib_per_1000 {}",
@@ -372,6 +398,17 @@ fn cpu_seconds() -> f64 {
     t(usage.ru_utime) + t(usage.ru_stime)
 }
 
+/// CPU time the calling thread has used: the application's calls alone,
+/// without the provider's background threads, and without the time a busy
+/// machine keeps it waiting for a core.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: timespec is plain data, and clock_gettime fills the one given.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
 fn resident_kib() -> f64 {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -437,7 +474,8 @@ fn table(counts: &[usize]) {
     for &n in counts {
         let tokens = Tokens::prepare(n);
         let (init_d, init_g) = figures(&tokens, "init", "seconds");
-        let (en_d, en_g) = figures(&tokens, "enumerate", "seconds");
+        let enumerated = figures_of(&tokens, "enumerate", &["seconds", "cpu_seconds"]);
+        let ((en_d, en_g), (en_cpu_d, en_cpu_g)) = (enumerated[0], enumerated[1]);
         let (fu_d, fu_g) = figures(&tokens, "first_use", "seconds_per_key");
         let created = figures_of(
             &tokens,
@@ -446,7 +484,10 @@ fn table(counts: &[usize]) {
         );
         let ((cr_d, cr_g), (cpu_d, cpu_g)) = (created[0], created[1]);
         cpu_rows.push(format!(
-            "{n:>7}  {cpu_d:.0} / {cpu_g:.0} ({:.2}x)",
+            "{n:>7}  enumerate {:.1} / {:.1} ms ({:.2}x), create {cpu_d:.0} / {cpu_g:.0} keys/s ({:.2}x)",
+            en_cpu_d * 1e3,
+            en_cpu_g * 1e3,
+            en_cpu_g / en_cpu_d,
             cpu_g / cpu_d
         ));
         let memory = tokens.figure(Target::Group, "enumerate", "kib_per_1000");
@@ -463,7 +504,10 @@ fn table(counts: &[usize]) {
             format!("{cr_d:.0} / {cr_g:.0} ({:.2}x)", cr_g / cr_d),
         );
     }
-    println!("key creation per CPU second (steadier than wall time on a busy machine):");
+    println!(
+        "CPU time (steadier than wall time on a busy machine): the application thread's for \
+         the enumeration, the process's per key created:"
+    );
     for row in cpu_rows {
         println!("{row}");
     }
@@ -477,8 +521,11 @@ fn main() {
     let args: Vec<String> = env::args().collect();
     let test_mode = args.iter().any(|a| a == "--test");
     let table_only = args.iter().any(|a| a == "table");
+    let chosen: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let counts: &[usize] = if test_mode {
         &[100]
+    } else if !chosen.is_empty() {
+        &chosen
     } else {
         &[100, 1_000, 10_000]
     };

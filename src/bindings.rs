@@ -5,7 +5,7 @@
 //! objects it returned). `virtual_session` starts, continues and moves
 //! operations with these.
 
-use crate::mechanism::SavedMechanism;
+use crate::mechanism::{Mechanism, SavedMechanism};
 use cryptoki_sys::*;
 use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,20 +190,16 @@ impl BindingsGuard<'_> {
 
     /// Starts an operation of `kind` on `member`, with the mechanism saved
     /// in its slot; one whose parameter could not be saved cannot move.
-    ///
-    /// # Safety
-    /// As for [`SavedMechanism::save`].
     #[inline(always)]
-    pub(crate) unsafe fn start(
+    pub(crate) fn start(
         &mut self,
         kind: OpKind,
-        mechanism: CK_MECHANISM_PTR,
+        mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         member: usize,
     ) {
         let op = &mut self.ops()[kind as usize];
-        // SAFETY: as the caller vouches.
-        let saved = unsafe { op.mechanism.save(mechanism) };
+        let saved = op.mechanism.save(mechanism);
         op.key = key;
         op.movable = saved && kind != OpKind::Find;
         if op.history.is_some() {
@@ -314,14 +310,15 @@ mod tests {
     #[test]
     fn a_dual_function_half_is_not_moved() {
         let cell = BindingsCell::default();
-        let mut sha256 = CK_MECHANISM {
+        let sha256 = CK_MECHANISM {
             mechanism: CKM_SHA256,
             pParameter: std::ptr::null_mut(),
             ulParameterLen: 0,
         };
         let mut b = cell.lock();
         // SAFETY: a mechanism without parameter.
-        unsafe { b.start(OpKind::Digest, &mut sha256, None, 1) };
+        let sha256 = unsafe { Mechanism::new(&sha256 as *const _ as *mut _) }.unwrap();
+        b.start(OpKind::Digest, Some(&sha256), None, 1);
         assert!(b.active(OpKind::Digest).is_some_and(|op| op.movable));
         b.stop_replaying(OpKind::Digest);
         assert!(b.active(OpKind::Digest).is_some_and(|op| !op.movable));
@@ -332,10 +329,8 @@ mod tests {
         let cell = BindingsCell::default();
         {
             let mut b = cell.lock();
-            // SAFETY: a null mechanism, as a search has.
-            unsafe { b.start(OpKind::Find, std::ptr::null_mut(), None, 2) };
-            // SAFETY: as above.
-            unsafe { b.start(OpKind::Digest, std::ptr::null_mut(), Some(7), 2) };
+            b.start(OpKind::Find, None, None, 2);
+            b.start(OpKind::Digest, None, Some(7), 2);
         }
         let summary = cell.summary();
         assert!(summary.active(OpKind::Digest) && summary.active(OpKind::Find));

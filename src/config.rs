@@ -45,7 +45,9 @@
 //!
 //! `[LibraryEnvironment]` sets environment variables while a library's
 //! function list is obtained, e.g. `P11_KIT_SERVER_ADDRESS` for two entries
-//! of `p11-kit-client.so` that reach two servers.
+//! of `p11-kit-client.so` that reach two servers. `[LibraryInstances]`
+//! (optional, `NAME = N`) sets how many instances of p11-kit's client a
+//! library entry keeps, each its own connection to its server.
 //!
 //! `VirtualTokenNNDomainLabel` is the label of the AES wrapping key that the
 //! group's members share (their cloning domain). `MultipartReplayLimit` is
@@ -71,13 +73,15 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/pkcs11-ha.conf";
 const LIBRARIES: &str = "Libraries";
 const LIBRARY_ENVIRONMENT: &str = "LibraryEnvironment";
 const LIBRARY_CONCURRENCY: &str = "LibraryConcurrency";
+const LIBRARY_INSTANCES: &str = "LibraryInstances";
 pub const VIRTUAL_TOKEN: &str = "VirtualToken";
 const HA_SYNCHRONIZE: &str = "HASynchronize";
 pub const HA_CONFIGURATION: &str = "HAConfiguration";
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     LIBRARIES,
     LIBRARY_ENVIRONMENT,
     LIBRARY_CONCURRENCY,
+    LIBRARY_INSTANCES,
     VIRTUAL_TOKEN,
     HA_SYNCHRONIZE,
     HA_CONFIGURATION,
@@ -205,6 +209,9 @@ pub struct LibraryConfig {
     /// `[LibraryConcurrency] NAME = N`: the most calls in flight at once
     /// into the library; `None`, as many as the application makes.
     pub concurrency: Option<std::num::NonZeroUsize>,
+    /// `[LibraryInstances] NAME = N`: the client instances (each its own
+    /// connection) of p11-kit's client; `None`, its default.
+    pub instances: Option<std::num::NonZeroUsize>,
 }
 
 /// Auto-recovery settings (`reconnAtt`, `AutoReconnectInterval`,
@@ -385,11 +392,12 @@ impl Config {
 
     /// Parses and checks `text`; `path` is used only in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let [libraries, environment, concurrency, groups, synchronize, ha] =
+        let [libraries, environment, concurrency, instances, groups, synchronize, ha] =
             read_sections(path, text)?;
         let mut libraries = parse_libraries(path, libraries.unwrap_or_default())?;
         parse_environment(path, environment.unwrap_or_default(), &mut libraries)?;
         parse_concurrency(path, concurrency.unwrap_or_default(), &mut libraries)?;
+        parse_instances(path, instances.unwrap_or_default(), &mut libraries)?;
         let (mut groups, mode) = parse_groups(path, groups.unwrap_or_default())?;
         parse_synchronize(path, synchronize.unwrap_or_default(), &mut groups)?;
         let HaSettings {
@@ -473,6 +481,14 @@ impl Config {
             for library in &self.libraries {
                 if let Some(limit) = library.concurrency {
                     writeln!(out, "{} = {limit}", library.name)?;
+                }
+            }
+        }
+        if self.libraries.iter().any(|l| l.instances.is_some()) {
+            writeln!(out, "\n[{LIBRARY_INSTANCES}]")?;
+            for library in &self.libraries {
+                if let Some(instances) = library.instances {
+                    writeln!(out, "{} = {instances}", library.name)?;
                 }
             }
         }
@@ -751,6 +767,7 @@ fn parse_libraries(file: &Path, entries: Entries) -> Result<Vec<LibraryConfig>, 
                 path: PathBuf::from(path),
                 environment: Vec::new(),
                 concurrency: None,
+                instances: None,
             })
         })
         .collect()
@@ -834,6 +851,65 @@ fn parse_concurrency(
         );
     }
     Ok(())
+}
+
+/// The most `[LibraryInstances]` of one library: each is a connection and,
+/// behind `p11-kit server`, a process of its own on the server's host.
+pub const MAX_INSTANCES: usize = 64;
+
+/// `[LibraryInstances]`: `<library name> = N`, into the libraries'
+/// `instances`. Only p11-kit's client makes an independent instance, with
+/// a connection of its own, each time its function list is asked for.
+fn parse_instances(
+    file: &Path,
+    entries: Entries,
+    libraries: &mut [LibraryConfig],
+) -> Result<(), ConfigError> {
+    for (key, value) in entries {
+        let err = |problem: String| error(file, Some(LIBRARY_INSTANCES), Some(&key), problem);
+        let Some(library) = libraries
+            .iter_mut()
+            .find(|l| l.name.eq_ignore_ascii_case(&key))
+        else {
+            let known: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
+            return Err(err(format!(
+                "there is no library \"{key}\" in [{LIBRARIES}] (the libraries are {}); \
+                 the keys here are library names",
+                known.join(", ")
+            )));
+        };
+        if !is_p11_kit_client(&library.path) {
+            return Err(err(format!(
+                "{} is not p11-kit's client (p11-kit-client.so), the only library that gives \
+                 an instance with a connection of its own per C_GetFunctionList; leave the key \
+                 out (other libraries take concurrent calls on one instance, see \
+                 [{LIBRARY_CONCURRENCY}])",
+                library.path.display()
+            )));
+        }
+        library.instances = Some(
+            value
+                .parse::<std::num::NonZeroUsize>()
+                .ok()
+                .filter(|n| n.get() <= MAX_INSTANCES)
+                .ok_or_else(|| {
+                    err(format!(
+                        "\"{value}\" is not a number of instances from 1 to {MAX_INSTANCES}; \
+                         give how many connections to keep to the library's server, or leave \
+                         the key out for the default"
+                    ))
+                })?,
+        );
+    }
+    Ok(())
+}
+
+/// Whether `path` names p11-kit's remoting client (its file name starts
+/// with `p11-kit-client`).
+pub fn is_p11_kit_client(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("p11-kit-client"))
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`
@@ -1445,6 +1521,7 @@ MultipartReplayLimit = 4096                    ; optional, bytes; 0 = no replay
                     path: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
                     environment: Vec::new(),
                     concurrency: None,
+                    instances: None,
                 }],
                 groups: vec![GroupConfig {
                     index: 0,
@@ -1626,6 +1703,7 @@ haonly = Yes
             "MultipartReplayLimit",
             "LibraryEnvironment",
             "LibraryConcurrency",
+            "LibraryInstances",
             "HASynchronize",
             "ActiveRecovery",
             "reconnAtt",
@@ -1653,18 +1731,28 @@ haonly = Yes
                             ("_x1".into(), String::new()),
                         ],
                         concurrency: None,
+                        instances: None,
                     },
                     LibraryConfig {
                         name: "two".into(),
                         path: PathBuf::from("C:\\hsm\\lib.dll"),
                         environment: Vec::new(),
                         concurrency: std::num::NonZeroUsize::new(8),
+                        instances: None,
                     },
                     LibraryConfig {
                         name: "three.v2".into(),
                         path: PathBuf::from("/three.so"),
                         environment: vec![("A".into(), "b=c d".into())],
                         concurrency: None,
+                        instances: None,
+                    },
+                    LibraryConfig {
+                        name: "net".into(),
+                        path: PathBuf::from("/usr/lib/pkcs11/p11-kit-client.so"),
+                        environment: Vec::new(),
+                        concurrency: None,
+                        instances: std::num::NonZeroUsize::new(8),
                     },
                 ],
                 groups: vec![group("1"), second],
@@ -1691,6 +1779,7 @@ haonly = Yes
                     path: PathBuf::from("/one.so"),
                     environment: Vec::new(),
                     concurrency: None,
+                    instances: None,
                 }],
                 recovery: RecoveryConfig {
                     attempts: 7,
@@ -2073,6 +2162,12 @@ hsmA._Debug2 =
         ];
         let env = |rest: &str| with_library(&format!("[LibraryEnvironment]\n{rest}"));
         let calls = |rest: &str| with_library(&format!("[LibraryConcurrency]\n{rest}"));
+        let instances = |rest: &str| {
+            format!(
+                "[Libraries]\nsofthsm = /usr/lib/softhsm/libsofthsm2.so\n\
+                 net = /usr/lib/pkcs11/p11-kit-client.so\n[LibraryInstances]\n{rest}"
+            )
+        };
         let sync = |rest: &str| members(&format!("[HASynchronize]\n{rest}"));
         let cases = cases.into_iter().chain([
             (
@@ -2134,6 +2229,30 @@ hsmA._Debug2 =
                 "LibraryConcurrency",
                 "softhsm",
                 "leave the key out for no limit",
+            ),
+            (
+                instances("hsmA = 4\n"),
+                "LibraryInstances",
+                "hsmA",
+                "no library \"hsmA\" in [Libraries] (the libraries are softhsm, net)",
+            ),
+            (
+                instances("softhsm = 4\n"),
+                "LibraryInstances",
+                "softhsm",
+                "/usr/lib/softhsm/libsofthsm2.so is not p11-kit's client",
+            ),
+            (
+                instances("net = 0\n"),
+                "LibraryInstances",
+                "net",
+                "\"0\" is not a number of instances from 1 to 64",
+            ),
+            (
+                instances("net = 65\n"),
+                "LibraryInstances",
+                "net",
+                "\"65\" is not a number of instances from 1 to 64",
             ),
             (
                 sync("other = 1\n"),
@@ -2236,7 +2355,7 @@ hsmA._Debug2 =
                 "HASynchronise",
                 "",
                 "the sections are [Libraries], [LibraryEnvironment], [LibraryConcurrency], \
-                 [VirtualToken], [HASynchronize] and [HAConfiguration]",
+                 [LibraryInstances], [VirtualToken], [HASynchronize] and [HAConfiguration]",
             ),
         ]);
         for (text, section, key, problem) in cases {

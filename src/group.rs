@@ -8,8 +8,8 @@ use crate::identity::{self, Fingerprint};
 use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
 use crate::mechanism::OwnedTemplate;
 use crate::member::{
-    classify, open_member_session, padded_to_string, string_to_padded, Answer, CallCounts,
-    Counting, MemberLibrary, MemberSession,
+    classify, member_call, open_member_session, padded_to_string, string_to_padded, Answer,
+    CallCounts, Counting, MemberLibrary, MemberSession,
 };
 use crate::object::ObjectTable;
 use crate::strategy::Capabilities;
@@ -85,6 +85,10 @@ pub struct Member {
     /// group's own searches run on it, so that they never collide with an
     /// operation the application has active on its member session.
     utility: Mutex<Option<MemberSession>>,
+    /// Member sessions that closed virtual sessions made no call on, with
+    /// the flags they were opened with, for the next virtual sessions
+    /// ([`Member::keep_unused`]).
+    unused_sessions: Mutex<SmallVec<[(CK_FLAGS, MemberSession); UNUSED_SESSIONS_KEPT]>>,
     /// How it can move keys, read where its token was found.
     capabilities: RwLock<Capabilities>,
     /// Recent latency of its calls, in ns, per lane: a moving average, 0
@@ -152,6 +156,11 @@ const DEGRADED_MARGIN_NS: u64 = 5_000_000;
 const DEGRADED_AFTER: Duration = Duration::from_secs(2);
 const RECOVERED_RATIO: u64 = 4;
 
+/// How many unused member sessions a member keeps ([`Member::keep_unused`]):
+/// enough for a few threads opening and closing sessions at once, few
+/// against a token's session limit.
+const UNUSED_SESSIONS_KEPT: usize = 4;
+
 thread_local! {
     /// The lane this thread last chose a member for: the calls it makes
     /// until it chooses again are that kind's, for their latency.
@@ -175,6 +184,7 @@ impl Member {
             wrap_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),
+            unused_sessions: Mutex::new(SmallVec::new()),
             capabilities: RwLock::new(Capabilities::default()),
             latency: Default::default(),
             samples: Default::default(),
@@ -183,6 +193,51 @@ impl Member {
             rotation: AtomicU8::new(Rotation::In as u8),
             probing: Default::default(),
             slow_since: Mutex::new(None),
+        }
+    }
+
+    /// Keeps `session`, which a virtual session with `flags` opened and
+    /// closed without making a call on it, for the next virtual session
+    /// with the same flags: nothing tells it from a new one (a member's
+    /// login is its token's, not a session's), and opening and closing
+    /// member sessions would otherwise be most of what opening and closing
+    /// a virtual session costs. Gives it back when enough are kept
+    /// already, for the caller to close.
+    pub fn keep_unused(
+        &self,
+        flags: CK_FLAGS,
+        session: MemberSession,
+    ) -> std::result::Result<(), MemberSession> {
+        let mut kept = self.unused_sessions.lock();
+        if kept.len() >= UNUSED_SESSIONS_KEPT || session.epoch != self.epoch() {
+            return Err(session);
+        }
+        kept.push((flags, session));
+        Ok(())
+    }
+
+    /// A session kept by [`Self::keep_unused`] with `flags`, opened in
+    /// `epoch` on its library's current connection. Those of an earlier
+    /// epoch or connection are dropped unclosed: their numbers may be
+    /// another session's by now, and the member's recovery closes them.
+    pub fn take_unused(&self, flags: CK_FLAGS, epoch: u64) -> Option<MemberSession> {
+        let mut kept = self.unused_sessions.lock();
+        kept.retain(|(_, s)| s.epoch == epoch && s.connection == s.library.connection());
+        let at = kept.iter().rposition(|(f, _)| *f == flags)?;
+        Some(kept.swap_remove(at).1)
+    }
+
+    /// Closes the sessions [`Self::keep_unused`] kept: before an SO login,
+    /// which a token refuses while a read-only session is open, and when
+    /// the slot's last session closes.
+    pub fn close_unused(&self) {
+        let kept = std::mem::take(&mut *self.unused_sessions.lock());
+        let epoch = self.epoch();
+        for (_, s) in kept.into_iter().filter(|(_, s)| s.epoch == epoch) {
+            let _in_flight = self.begin_call();
+            crate::member::on_connection(s.connection, || {
+                crate::member::member_call!(s.library, C_CloseSession(s.handle))
+            });
         }
     }
 
@@ -568,6 +623,31 @@ struct IndexState {
     /// Objects looked for one by one on the member in this epoch.
     searches: u32,
     index: Option<MemberIndex>,
+    /// Counts what made an index read earlier out of date (objects removed
+    /// from the member, its handles forgotten); never goes back.
+    changes: u64,
+}
+
+impl IndexState {
+    /// Starts afresh for `epoch`: nothing known, and any index read before
+    /// out of date.
+    fn reset(&mut self, epoch: u64) {
+        *self = IndexState {
+            epoch,
+            changes: self.changes + 1,
+            ..IndexState::default()
+        };
+    }
+}
+
+/// Taken before a member's objects are read into an index elsewhere (by
+/// reconciliation): [`Group::adopt_index`] takes that index only if
+/// nothing made it out of date meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexTicket {
+    position: usize,
+    epoch: u64,
+    changes: u64,
 }
 
 /// An object being made on a member (`None`), or in doubt there since a
@@ -856,7 +936,9 @@ impl Group {
     /// Forgets an object removed from a member.
     pub fn forget_object(&self, position: usize, handle: CK_OBJECT_HANDLE) {
         let epoch = self.members[position].epoch();
-        if let Some(index) = self.index_state(position, epoch).index.as_mut() {
+        let mut state = self.index_state(position, epoch);
+        state.changes += 1;
+        if let Some(index) = state.index.as_mut() {
             index.remove(handle);
         }
     }
@@ -865,16 +947,48 @@ impl Group {
     /// out: SoftHSM numbers private objects anew at the next login).
     pub fn forget_handles(&self, position: usize) {
         self.objects.forget_member(position);
-        *self.indexes[position].lock() = IndexState::default();
+        let epoch = self.members[position].epoch();
+        self.indexes[position].lock().reset(epoch);
+    }
+
+    /// To take before reading member `position`'s objects into an index
+    /// for [`Group::adopt_index`].
+    pub fn index_ticket(&self, position: usize) -> IndexTicket {
+        let epoch = self.members[position].epoch();
+        let state = self.index_state(position, epoch);
+        IndexTicket {
+            position,
+            epoch,
+            changes: state.changes,
+        }
+    }
+
+    /// Takes an index of a member read elsewhere (reconciliation reads
+    /// every member), so that its look-ups need no search of its token and
+    /// no second reading of it -- unless the member's handles changed or
+    /// objects left it since `ticket` was taken. An object made meanwhile
+    /// is not in it and is searched for, as any object the index lacks.
+    /// Only while the group's utility session keeps the member's handles as
+    /// they were read (in use now, it is open). True if taken.
+    pub fn adopt_index(&self, ticket: IndexTicket, index: MemberIndex) -> bool {
+        let member = &self.members[ticket.position];
+        let epoch = member.epoch();
+        let held_open = member
+            .utility
+            .try_lock()
+            .is_none_or(|utility| utility.as_ref().is_some_and(|s| s.epoch == epoch));
+        let mut state = self.index_state(ticket.position, epoch);
+        let current = held_open && ticket.epoch == epoch && ticket.changes == state.changes;
+        if current {
+            state.index = Some(index);
+        }
+        current
     }
 
     fn index_state(&self, position: usize, epoch: u64) -> parking_lot::MutexGuard<'_, IndexState> {
         let mut state = self.indexes[position].lock();
         if state.epoch != epoch {
-            *state = IndexState {
-                epoch,
-                ..IndexState::default()
-            };
+            state.reset(epoch);
         }
         state
     }
@@ -942,12 +1056,15 @@ impl Group {
         Ok(())
     }
 
-    /// Drops every queued change, zeroizing the imported key values they
+    /// Drops every queued and kept change, zeroizing the imported key values they
     /// hold (`OwnedTemplate` zeroizes on drop): at `C_Finalize` nothing
     /// will replay them.
     pub fn drop_pending(&self) {
         for queue in self.pending.lock().iter_mut() {
             queue.clear();
+        }
+        for kept in self.deferred.lock().iter_mut() {
+            kept.clear();
         }
     }
 
@@ -1066,6 +1183,13 @@ impl Group {
     /// How many changes a member has yet to receive.
     pub fn pending_count(&self, position: usize) -> usize {
         self.pending.lock()[position].len()
+    }
+
+    /// How many changes a member has yet to receive, those kept for when a
+    /// source serves or the application logs in (see [`Group::defer`])
+    /// included: what the group status reports.
+    pub fn undelivered_count(&self, position: usize) -> usize {
+        self.pending_count(position) + self.deferred.lock()[position].len()
     }
 
     /// The cached credential, to log a member in again after it lost its
@@ -1602,6 +1726,44 @@ pub fn retry_while_busy(function: &str, mut rv: CK_RV, mut call: impl FnMut() ->
     rv
 }
 
+/// How often a member that answered `C_Login` with `CKR_GENERAL_ERROR` is
+/// asked again, and the first pause: each pause doubles (5 to 160 ms), so
+/// a login gives up after about a third of a second. Eight SoftHSM
+/// processes logging in at once need at most three more tries 10 ms apart.
+const LOGIN_RETRIES: u32 = 6;
+const FIRST_LOGIN_PAUSE: Duration = Duration::from_millis(5);
+
+/// Logs a member session in, asking again a bounded number of times while
+/// the member answers `CKR_GENERAL_ERROR`. SoftHSM answers that, before it
+/// looks at the PIN, when it cannot read its token file because another
+/// process is rewriting it (every login rewrites it), so many processes
+/// logging in together get it; asking the same member again spends no PIN
+/// try, and no other member is asked. Still refused after the bound, the
+/// answer is a request error ([`classify`]): the application gets it from
+/// the first member, and a later member, which cannot be logged in, goes
+/// out as before until recovery logs it in.
+pub fn log_in_member(
+    library: &MemberLibrary,
+    session: CK_SESSION_HANDLE,
+    user_type: CK_USER_TYPE,
+    pin: Option<&[u8]>,
+) -> CK_RV {
+    let (pin, pin_len) = pin.map_or((std::ptr::null_mut(), 0), |p| {
+        (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG)
+    });
+    let mut rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
+    let mut pause = FIRST_LOGIN_PAUSE;
+    for _ in 0..LOGIN_RETRIES {
+        if rv != CKR_GENERAL_ERROR {
+            break;
+        }
+        std::thread::sleep(pause);
+        pause *= 2;
+        rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
+    }
+    rv
+}
+
 /// [`retry_while_busy`] for a call that returns a value: asked once, and
 /// again while the member answers busy.
 pub fn retry_result_while_busy<T>(
@@ -1716,9 +1878,10 @@ mod tests {
             ulValueLen: 32,
         }];
         // SAFETY: a live local template.
-        let kept = Arc::new(unsafe {
-            crate::mechanism::OwnedTemplate::copy(template.as_ptr() as *mut _, 1)
-        });
+        let template =
+            unsafe { crate::arguments::Template::giving_values(template.as_ptr() as *mut _, 1) }
+                .unwrap();
+        let kept = Arc::new(crate::mechanism::OwnedTemplate::copy(&template));
         let watch = Arc::downgrade(&kept);
         assert!(group.queue_unless_up(1, Pending::Import(7, kept)).is_ok());
         assert_eq!(group.pending_count(1), 1);

@@ -6,6 +6,7 @@
 //! identifies none of them; the object is then treated as absent there, and
 //! that member does not serve operations on it. We never guess.
 
+use crate::arguments::AttributeRequest;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use cryptoki_sys::*;
@@ -283,18 +284,15 @@ unsafe fn print_from(query: &[CK_ATTRIBUTE]) -> Option<Fingerprint> {
 /// `CKR_BUFFER_TOO_SMALL`; which of those the application's attributes
 /// alone would have caused cannot be told apart, so where one of them
 /// reads unavailable its call is made again alone.
-///
-/// # Safety
-/// `template` must be the application's attributes, each buffer valid for
-/// its length (or null).
-pub unsafe fn read_along(
+pub fn read_along(
     library: &MemberLibrary,
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
-    template: &mut [CK_ATTRIBUTE],
+    request: &mut AttributeRequest,
 ) -> (CK_RV, Option<Fingerprint>) {
     let combined = SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
+        let template = request.attributes();
         let mut query: Vec<CK_ATTRIBUTE> = template.to_vec();
         query.extend(rooms(LIGHT_FINGERPRINT, &mut scratch));
         let rv = member_call!(
@@ -315,8 +313,8 @@ pub unsafe fn read_along(
             }
             rv => return Some((rv, None)),
         }
-        for (a, q) in template.iter_mut().zip(asked) {
-            a.ulValueLen = q.ulValueLen;
+        for (i, q) in asked.iter().enumerate() {
+            request.set_len(i, q.ulValueLen);
         }
         // SAFETY: the member answered into the rooms of `ours`.
         let print = unsafe { print_from(ours) }.filter(|print| !holds_public_value(print));
@@ -325,12 +323,7 @@ pub unsafe fn read_along(
     combined.unwrap_or_else(|| {
         let rv = member_call!(
             library,
-            C_GetAttributeValue(
-                session,
-                object,
-                template.as_mut_ptr(),
-                template.len() as CK_ULONG
-            )
+            C_GetAttributeValue(session, object, request.as_mut_ptr(), request.count())
         );
         (rv, None)
     })

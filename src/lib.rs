@@ -9,6 +9,7 @@
 //! member library.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod arguments;
 pub mod bindings;
 pub mod config;
 pub mod config_warnings;

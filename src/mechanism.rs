@@ -1,9 +1,11 @@
-//! Mechanism parameters: checked before any member sees them, copied for
+//! Mechanism parameters: checked before any member sees them (an
+//! application's mechanism that passed is a [`Mechanism`]), copied for
 //! failover (templates too: [`OwnedTemplate`]), and the object handles
 //! inside them. On a virtual slot the
 //! application passes virtual handles there too, and each must become the
 //! chosen member's handle before the mechanism reaches that member.
 
+use crate::arguments::{required, Template};
 use crate::error::{Error, Result};
 use cryptoki_sys::*;
 use smallvec::SmallVec;
@@ -19,6 +21,50 @@ pub struct MemberMechanism {
 impl MemberMechanism {
     pub fn as_ptr(&mut self) -> CK_MECHANISM_PTR {
         &mut self.mechanism
+    }
+}
+
+/// An application's mechanism, checked once where `ffi/` takes it
+/// ([`check_parameter`]) and borrowed for the call: the core reads its type
+/// and parameter through it, and a member call gets it back as the
+/// application's pointer.
+#[derive(Clone, Copy)]
+pub struct Mechanism<'a> {
+    mechanism: &'a CK_MECHANISM,
+}
+
+impl<'a> Mechanism<'a> {
+    /// `CKR_ARGUMENTS_BAD` for a null mechanism; a malformed parameter is
+    /// refused as [`check_parameter`] says.
+    ///
+    /// # Safety
+    /// `mechanism`, when not null, must point to a mechanism whose
+    /// parameter, and the buffers a standard parameter points to, are
+    /// readable for their stated lengths during `'a`.
+    #[inline(always)]
+    pub unsafe fn new(mechanism: CK_MECHANISM_PTR) -> Result<Self> {
+        required(mechanism)?;
+        // SAFETY: not null; the caller vouches for the rest.
+        let mechanism = unsafe { &*mechanism };
+        // SAFETY: as the caller vouches.
+        unsafe { check_parameter(mechanism) }?;
+        Ok(Mechanism { mechanism })
+    }
+
+    /// The parameter's bytes; empty for none.
+    pub fn parameter(&self) -> &'a [u8] {
+        let len = self.mechanism.ulParameterLen as usize;
+        if self.mechanism.pParameter.is_null() || len == 0 {
+            return &[];
+        }
+        // SAFETY: readable for its length during `'a`, as the caller of
+        // `new` vouched.
+        unsafe { std::slice::from_raw_parts(self.mechanism.pParameter as *const u8, len) }
+    }
+
+    /// The mechanism as a member call takes it.
+    pub fn as_ptr(&self) -> CK_MECHANISM_PTR {
+        self.mechanism as *const CK_MECHANISM as CK_MECHANISM_PTR
     }
 }
 
@@ -51,45 +97,41 @@ fn handle_offsets(mechanism: &CK_MECHANISM) -> Result<&'static [usize]> {
 }
 
 /// The virtual object handles inside the mechanism's parameter.
-///
-/// # Safety
-/// `mechanism.pParameter` must point to `ulParameterLen` readable bytes.
-pub unsafe fn parameter_handles(mechanism: &CK_MECHANISM) -> Result<Vec<CK_OBJECT_HANDLE>> {
-    let offsets = handle_offsets(mechanism)?;
-    let base = mechanism.pParameter as *const u8;
+pub fn parameter_handles(mechanism: &Mechanism) -> Result<Vec<CK_OBJECT_HANDLE>> {
+    const SIZE: usize = size_of::<CK_OBJECT_HANDLE>();
+    let offsets = handle_offsets(mechanism.mechanism)?;
+    let parameter = mechanism.parameter();
     Ok(offsets
         .iter()
-        // SAFETY: offsets lie inside a parameter whose size was checked.
-        .map(|&o| unsafe { std::ptr::read_unaligned(base.add(o) as *const CK_OBJECT_HANDLE) })
+        .map(|&o| {
+            let mut handle = [0u8; SIZE];
+            // Offsets lie inside a parameter whose size was checked.
+            handle.copy_from_slice(&parameter[o..o + SIZE]);
+            CK_OBJECT_HANDLE::from_ne_bytes(handle)
+        })
         .collect())
 }
 
 /// A copy of the mechanism with the member's handles, in the order
 /// `parameter_handles` returned the virtual ones, written into its
 /// parameter.
-///
-/// # Safety
-/// As for [`parameter_handles`].
-pub unsafe fn for_member(
-    mechanism: &CK_MECHANISM,
+pub fn for_member(
+    mechanism: &Mechanism,
     member_handles: &[CK_OBJECT_HANDLE],
 ) -> Result<MemberMechanism> {
-    let offsets = handle_offsets(mechanism)?;
+    let offsets = handle_offsets(mechanism.mechanism)?;
     if offsets.is_empty() {
         return Ok(MemberMechanism {
-            mechanism: *mechanism,
+            mechanism: *mechanism.mechanism,
             _parameter: None,
         });
     }
-    let len = mechanism.ulParameterLen as usize;
-    // SAFETY: the caller vouches for `len` readable bytes.
-    let original = unsafe { std::slice::from_raw_parts(mechanism.pParameter as *const u8, len) };
-    let mut parameter: Box<[u8]> = original.into();
+    let mut parameter: Box<[u8]> = mechanism.parameter().into();
     for (offset, handle) in offsets.iter().zip(member_handles) {
         parameter[*offset..*offset + size_of::<CK_OBJECT_HANDLE>()]
             .copy_from_slice(&handle.to_ne_bytes());
     }
-    let mut copy = *mechanism;
+    let mut copy = *mechanism.mechanism;
     copy.pParameter = parameter.as_mut_ptr() as *mut _;
     Ok(MemberMechanism {
         mechanism: copy,
@@ -106,29 +148,10 @@ pub struct OwnedTemplate {
 }
 
 impl OwnedTemplate {
-    /// # Safety
-    /// `template` must point to `count` attributes with readable values.
-    pub unsafe fn copy(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> OwnedTemplate {
-        let attributes = if template.is_null() {
-            &[][..]
-        } else {
-            // SAFETY: the caller vouches for the template.
-            unsafe { std::slice::from_raw_parts(template, count as usize) }
-        };
-        let values = attributes
-            .iter()
-            .map(|a| {
-                let bytes = if a.pValue.is_null() {
-                    Vec::new()
-                } else {
-                    // SAFETY: as above, each value is readable.
-                    unsafe {
-                        std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize)
-                    }
-                    .to_vec()
-                };
-                (a.type_, zeroize::Zeroizing::new(bytes))
-            })
+    pub fn copy(template: &Template) -> OwnedTemplate {
+        let values = template
+            .values()
+            .map(|(t, v)| (t, zeroize::Zeroizing::new(v.to_vec())))
             .collect();
         OwnedTemplate { values }
     }
@@ -170,9 +193,11 @@ mod tests {
             ulParameterLen: size_of::<CK_OBJECT_HANDLE>() as CK_ULONG,
         };
         // SAFETY: the parameter points to a live handle of the stated size.
+        let checked = unsafe { Mechanism::new(&mechanism as *const _ as *mut _) }.unwrap();
+        assert_eq!(parameter_handles(&checked).unwrap(), vec![42]);
+        let mut mapped = for_member(&checked, &[7]).unwrap();
+        // SAFETY: the mapped copy owns its parameter, one handle.
         unsafe {
-            assert_eq!(parameter_handles(&mechanism).unwrap(), vec![42]);
-            let mut mapped = for_member(&mechanism, &[7]).unwrap();
             let param = (*mapped.as_ptr()).pParameter as *const CK_OBJECT_HANDLE;
             assert_eq!(*param, 7);
         }
@@ -191,8 +216,8 @@ mod tests {
             ulParameterLen: 3,
         };
         // SAFETY: the size is wrong on purpose; nothing is read.
-        let got = unsafe { parameter_handles(&mechanism) };
-        assert_eq!(got, Err(Error::new(CKR_MECHANISM_PARAM_INVALID)));
+        let got = unsafe { Mechanism::new(&mechanism as *const _ as *mut _) };
+        assert_eq!(got.err(), Some(Error::new(CKR_MECHANISM_PARAM_INVALID)));
     }
 }
 
@@ -341,28 +366,24 @@ impl SavedMechanism {
     /// before: every operation start saves one. False, with nothing kept,
     /// where the parameter holds pointers we do not know how to follow; an
     /// operation with such a mechanism cannot be moved to another member
-    /// after its `*Init`. A null `mechanism` (a search) is kept as null.
+    /// after its `*Init`. No mechanism (a search) is kept as null.
     ///
     /// Inlined up to the parameter, which most operations lack.
-    ///
-    /// # Safety
-    /// `mechanism` must be null or valid with its parameter, as in an
-    /// `*Init` call.
     #[inline(always)]
-    pub unsafe fn save(&mut self, mechanism: CK_MECHANISM_PTR) -> bool {
+    pub fn save(&mut self, mechanism: Option<&Mechanism>) -> bool {
         self.storage.clear();
         self.layout = Layout::Absent;
-        if mechanism.is_null() {
+        let Some(mechanism) = mechanism else {
             return true;
-        }
-        // SAFETY: non-null, and valid as the caller vouches.
-        self.mechanism = unsafe { *mechanism };
+        };
+        self.mechanism = *mechanism.mechanism;
         if self.mechanism.pParameter.is_null() || self.mechanism.ulParameterLen == 0 {
             self.mechanism.ulParameterLen = 0;
             self.layout = Layout::Empty;
             return true;
         }
-        // SAFETY: as above.
+        // SAFETY: the parameter of a `Mechanism`, readable for its stated
+        // length, the buffers of a standard one checked and readable too.
         unsafe { self.save_parameter() }
     }
 
@@ -406,9 +427,13 @@ mod saved_tests {
     /// `mechanism` saved into a fresh value, or `None` if it cannot be.
     fn saved(mechanism: &CK_MECHANISM) -> Option<SavedMechanism> {
         let mut saved = SavedMechanism::default();
-        // SAFETY: the tests pass valid mechanisms.
-        let kept = unsafe { saved.save(mechanism as *const _ as CK_MECHANISM_PTR) };
+        let kept = saved.save(Some(&checked(mechanism)));
         kept.then_some(saved)
+    }
+
+    fn checked(mechanism: &CK_MECHANISM) -> Mechanism<'_> {
+        // SAFETY: the tests pass valid mechanisms.
+        unsafe { Mechanism::new(mechanism as *const _ as CK_MECHANISM_PTR) }.unwrap()
     }
 
     /// GCM parameters pointing at `iv` and `aad`.
@@ -474,11 +499,18 @@ mod saved_tests {
 
     #[test]
     fn unknown_pointer_parameters_are_not_replayable() {
-        let mut opaque = [0u8; 16];
+        let mut public = [4u8; 65];
+        let mut params = CK_ECDH1_DERIVE_PARAMS {
+            kdf: CKD_NULL,
+            ulSharedDataLen: 0,
+            pSharedData: std::ptr::null_mut(),
+            ulPublicDataLen: public.len() as CK_ULONG,
+            pPublicData: public.as_mut_ptr(),
+        };
         let mechanism = CK_MECHANISM {
             mechanism: CKM_ECDH1_DERIVE,
-            pParameter: opaque.as_mut_ptr() as *mut _,
-            ulParameterLen: 16,
+            pParameter: &mut params as *mut _ as *mut _,
+            ulParameterLen: size_of::<CK_ECDH1_DERIVE_PARAMS>() as CK_ULONG,
         };
         assert!(saved(&mechanism).is_none());
     }
@@ -486,29 +518,26 @@ mod saved_tests {
     #[test]
     fn a_reused_value_keeps_nothing_of_the_mechanism_before() {
         let mut iv = [5u8; 16];
-        let mut cbc = CK_MECHANISM {
+        let cbc = CK_MECHANISM {
             mechanism: CKM_AES_CBC,
             pParameter: iv.as_mut_ptr() as *mut _,
             ulParameterLen: 16,
         };
-        let mut digest = CK_MECHANISM {
+        let digest = CK_MECHANISM {
             mechanism: CKM_SHA256,
             pParameter: std::ptr::null_mut(),
             ulParameterLen: 0,
         };
         let mut slot = SavedMechanism::default();
-        // SAFETY: valid mechanisms; the saved copies are read while `slot`
-        // stays in place.
-        unsafe {
-            assert!(slot.save(&mut cbc));
-            assert!(slot.save(&mut digest));
-            let copy = &*slot.as_ptr();
-            assert_eq!(copy.mechanism, CKM_SHA256);
-            assert!(copy.pParameter.is_null());
-            assert_eq!(copy.ulParameterLen, 0);
-            assert!(slot.save(std::ptr::null_mut()));
-            assert!(slot.as_ptr().is_null(), "a search has no mechanism");
-        }
+        assert!(slot.save(Some(&checked(&cbc))));
+        assert!(slot.save(Some(&checked(&digest))));
+        // SAFETY: the saved copy is read while `slot` stays in place.
+        let copy = unsafe { &*slot.as_ptr() };
+        assert_eq!(copy.mechanism, CKM_SHA256);
+        assert!(copy.pParameter.is_null());
+        assert_eq!(copy.ulParameterLen, 0);
+        assert!(slot.save(None));
+        assert!(slot.as_ptr().is_null(), "a search has no mechanism");
     }
 }
 

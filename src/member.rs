@@ -5,10 +5,12 @@
 //! Owns the `dlopen` handle; never holds a lock while calling into the
 //! library.
 
+use crate::config::is_p11_kit_client;
 use crate::error::{check, luna, rv_name, Error, Result};
 use cryptoki_sys::*;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -246,8 +248,10 @@ pub struct MemberLibrary {
     /// connection with a session number from the old one.
     reconnecting: RwLock<()>,
     /// Calls into a networked library are numbered as each goes on the
-    /// wire; `wire` holds those there now.
-    calls_sent: AtomicU64,
+    /// wire (one count for a library and its spare instances, so that the
+    /// lowest number on any of their wires is the oldest call); `wire`
+    /// holds those there now.
+    calls_sent: Arc<AtomicU64>,
     wire: Mutex<Vec<OnWire>>,
     /// Counts `C_Initialize` calls: a session belongs to the connection it
     /// was opened on, and a reconnected library reuses session numbers.
@@ -255,6 +259,8 @@ pub struct MemberLibrary {
     /// The call counts of each slot's token, shared with the group member
     /// on it (see [`Self::count_slot_as`]).
     slot_counts: Mutex<Vec<(CK_SLOT_ID, Arc<CallCounts>)>>,
+    /// Further instances of p11-kit's client ([`Spares`]); none elsewhere.
+    spares: Spares,
     _library: Library,
 }
 
@@ -354,12 +360,6 @@ fn is_network_client(path: &Path, library: &Library) -> bool {
         || unsafe { library.get::<unsafe extern "C" fn()>(b"CA_GetFunctionList\0") }.is_ok()
 }
 
-fn is_p11_kit_client(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("p11-kit-client"))
-}
-
 /// The calls in flight at once into p11-kit's client unless
 /// `[LibraryConcurrency]` says otherwise: one. With several, a server that
 /// dies between one caller's reply header and its body leaves the other
@@ -367,6 +367,73 @@ fn is_p11_kit_client(path: &Path) -> bool {
 /// where no cut socket reaches them (the soak test hung so, every
 /// application thread inside the client).
 const P11_KIT_CLIENT_CALLS: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN;
+
+/// The client instances of p11-kit's client unless `[LibraryInstances]`
+/// says otherwise. Each `C_GetFunctionList` of p11-kit's client makes an
+/// independent instance with a connection of its own, which
+/// `p11-kit server` serves in a process of its own (sessions, login and
+/// object handle numbers of its own); each instance takes one call at a
+/// time, so the member takes this many at once without the client's flaw
+/// under concurrent callers.
+const P11_KIT_CLIENT_INSTANCES: usize = 8;
+
+/// The instances of a library beyond its first: p11-kit's client only.
+/// The first instance serves every session of the application and every
+/// call that names an object (object handles are numbered per instance);
+/// a spare serves calls that need neither -- random numbers -- each on a
+/// session of its own, one call at a time. A spare is initialised at its
+/// first use after the first instance was (so that a slow server's
+/// start-up costs one instance's), finalised with the first, and watched
+/// and cut off with it.
+#[derive(Default)]
+struct Spares {
+    instances: Box<[Spare]>,
+    /// The instances no call is using, by index.
+    idle: Mutex<Vec<usize>>,
+}
+
+struct Spare {
+    library: MemberLibrary,
+    /// The first instance's connection when this one's initialisation was
+    /// last tried: one that failed is tried again only after the first
+    /// instance reconnects.
+    tried_on: AtomicU64,
+    /// Its sessions, one per slot, with the connection each was opened on.
+    sessions: Mutex<SmallVec<[(CK_SLOT_ID, CK_SESSION_HANDLE, u64); 1]>>,
+}
+
+/// A spare instance taken by one call, handed back on drop.
+struct Borrowed<'a> {
+    spares: &'a Spares,
+    index: usize,
+}
+
+impl Drop for Borrowed<'_> {
+    fn drop(&mut self) {
+        self.spares.idle.lock().push(self.index);
+    }
+}
+
+impl Spares {
+    /// An idle spare: an initialised one if any, else one not yet tried on
+    /// the first instance's `connection`.
+    fn borrow(&self, connection: u64) -> Option<Borrowed<'_>> {
+        let mut idle = self.idle.lock();
+        let spare = |i: &usize| &self.instances[*i];
+        let at = idle
+            .iter()
+            .rposition(|i| spare(i).library.usable())
+            .or_else(|| {
+                idle.iter()
+                    .rposition(|i| spare(i).tried_on.load(Ordering::Relaxed) != connection)
+            })?;
+        let index = idle.swap_remove(at);
+        Some(Borrowed {
+            spares: self,
+            index,
+        })
+    }
+}
 
 /// A counting limit on calls in flight into one library.
 struct CallLimit {
@@ -492,6 +559,7 @@ impl MemberLibrary {
         .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
         let networked = is_network_client(path, &library);
         Ok(MemberLibrary {
+            spares: Spares::default(),
             name: name.to_string(),
             path: path.to_path_buf(),
             environment: environment.to_vec(),
@@ -502,12 +570,137 @@ impl MemberLibrary {
             networked,
             call_limit: is_p11_kit_client(path).then(|| CallLimit::new(P11_KIT_CLIENT_CALLS)),
             reconnecting: RwLock::new(()),
-            calls_sent: AtomicU64::new(0),
+            calls_sent: Arc::new(AtomicU64::new(0)),
             wire: Mutex::new(Vec::new()),
             connection: AtomicU64::new(1),
             slot_counts: Mutex::new(Vec::new()),
             _library: library,
         })
+    }
+
+    /// Gives p11-kit's client `instances` instances in all
+    /// (`[LibraryInstances]`; its default without), the first being this
+    /// one. Each further instance's function list is obtained with the
+    /// library's environment set, as the first's was: p11-kit's client
+    /// reads its server's address then. Other libraries have one instance.
+    pub fn with_instances(
+        mut self,
+        instances: Option<std::num::NonZeroUsize>,
+    ) -> std::result::Result<Self, String> {
+        if !is_p11_kit_client(&self.path) {
+            return Ok(self);
+        }
+        let count = instances.map_or(P11_KIT_CLIENT_INSTANCES, std::num::NonZeroUsize::get);
+        let spares = (1..count)
+            .map(|_| self.spare())
+            .collect::<std::result::Result<Box<[Spare]>, String>>()?;
+        self.spares = Spares {
+            idle: Mutex::new((0..spares.len()).collect()),
+            instances: spares,
+        };
+        Ok(self)
+    }
+
+    /// A further instance of this library, from a function list of its own.
+    fn spare(&self) -> std::result::Result<Spare, String> {
+        // SAFETY: as in `load`; the library is loaded already, so this only
+        // counts one more reference to it.
+        let library = unsafe { Library::open(Some(&self.path), RTLD_NOW | RTLD_LOCAL) }
+            .map_err(|e| format!("cannot load {} again: {e}", self.path.display()))?;
+        let table = with_environment(&self.environment, || {
+            with_sigpipe_blocked(|| Self::function_table(&library))
+        })
+        .map_err(|why| format!("{} gave no further instance: {why}", self.path.display()))?;
+        Ok(Spare {
+            library: MemberLibrary {
+                name: self.name.clone(),
+                path: self.path.clone(),
+                environment: self.environment.clone(),
+                functions: table,
+                initialized_by_us: Mutex::new(false),
+                usable: AtomicBool::new(false),
+                job_thread: AtomicI32::new(0),
+                networked: true,
+                call_limit: None,
+                reconnecting: RwLock::new(()),
+                calls_sent: Arc::clone(&self.calls_sent),
+                wire: Mutex::new(Vec::new()),
+                connection: AtomicU64::new(1),
+                slot_counts: Mutex::new(Vec::new()),
+                spares: Spares::default(),
+                _library: library,
+            },
+            tried_on: AtomicU64::new(0),
+            sessions: Mutex::new(SmallVec::new()),
+        })
+    }
+
+    /// Whether the library has spare instances ([`Spares`]).
+    #[inline]
+    pub fn has_spares(&self) -> bool {
+        !self.spares.instances.is_empty()
+    }
+
+    /// Runs `call`, which names no object and starts no operation, on an
+    /// idle spare instance (initialised now if it is not yet, on the wire
+    /// like a call), on that instance's session on `slot` (opened now if
+    /// it has none on its current connection), with what `begin` returns
+    /// held around it; `None` when no spare is idle and initialised or
+    /// initialisable, and the caller uses its own session. A spare's answer
+    /// is the member's: its server is the member's.
+    pub fn on_spare<G>(
+        &self,
+        slot: CK_SLOT_ID,
+        begin: impl FnOnce() -> G,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<CK_RV> {
+        let first_connection = self.connection();
+        let borrowed = self.spares.borrow(first_connection)?;
+        let spare = &self.spares.instances[borrowed.index];
+        let library = &spare.library;
+        if !library.usable() {
+            spare.tried_on.store(first_connection, Ordering::Relaxed);
+            library.on_wire(&mut || {
+                library
+                    .initialize_with(&[])
+                    .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
+            });
+            if !library.usable() {
+                return None;
+            }
+        }
+        let _begun = begin();
+        let connection = library.connection();
+        let mut sessions = spare.sessions.lock();
+        sessions.retain(|(_, _, opened_on)| *opened_on == connection);
+        let session = match sessions.iter().find(|(s, _, _)| *s == slot) {
+            Some(&(_, session, _)) => session,
+            None => {
+                let mut session: CK_SESSION_HANDLE = 0;
+                let rv = on_connection(connection, || {
+                    member_call!(
+                        library,
+                        C_OpenSession(
+                            slot,
+                            CKF_SERIAL_SESSION,
+                            ptr::null_mut(),
+                            None,
+                            &mut session
+                        )
+                    )
+                });
+                if rv != CKR_OK {
+                    return Some(rv);
+                }
+                sessions.push((slot, session, connection));
+                session
+            }
+        };
+        let rv = on_connection(connection, || call(library, session));
+        if matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED) {
+            sessions.retain(|(s, _, _)| *s != slot);
+        }
+        Some(rv)
     }
 
     fn function_table(library: &Library) -> std::result::Result<CK_FUNCTION_LIST, String> {
@@ -650,6 +843,12 @@ impl MemberLibrary {
             CUT_OFF.set(false);
             return CKR_SESSION_HANDLE_INVALID;
         }
+        self.on_wire(call)
+    }
+
+    /// Runs `call` numbered and recorded on the wire (see
+    /// [`Self::shielded`]).
+    fn on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.wire.lock().push(OnWire {
             number,
@@ -671,7 +870,13 @@ impl MemberLibrary {
     /// watchdog: the same number there too long is a stalled connection,
     /// whichever call it is (a slot listing as much as an operation).
     pub fn call_on_wire(&self) -> u64 {
-        self.wire.lock().iter().map(|c| c.number).min().unwrap_or(0)
+        let own = self.wire.lock().iter().map(|c| c.number).min();
+        let spares = self
+            .spares
+            .instances
+            .iter()
+            .filter_map(|s| s.library.wire.lock().iter().map(|c| c.number).min());
+        own.into_iter().chain(spares).min().unwrap_or(0)
     }
 
     /// Whether the library talks to a server ([`is_network_client`]); only
@@ -746,6 +951,10 @@ impl MemberLibrary {
                 Some(f) => unsafe { f(ptr::null_mut()) },
                 None => CKR_FUNCTION_NOT_SUPPORTED,
             });
+        }
+        drop(ours);
+        for spare in self.spares.instances.iter() {
+            spare.library.finalize();
         }
     }
 
@@ -876,15 +1085,15 @@ impl MemberLibrary {
     /// on a socket: it is running, and returns by itself). Each of those
     /// calls knows it was cut off. The number of sockets shut down.
     pub fn sever(&self) -> usize {
-        let waiting: Vec<i32> = self
-            .wire
-            .lock()
-            .iter_mut()
-            .map(|call| {
+        let mut waiting = Vec::new();
+        for wire in
+            std::iter::once(&self.wire).chain(self.spares.instances.iter().map(|s| &s.library.wire))
+        {
+            waiting.extend(wire.lock().iter_mut().map(|call| {
                 call.cut_off.get_or_insert_with(Instant::now);
                 call.thread
-            })
-            .collect();
+            }));
+        }
         let mut sockets: Vec<i32> = waiting.into_iter().filter_map(blocked_socket).collect();
         sockets.sort_unstable();
         sockets.dedup();

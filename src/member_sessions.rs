@@ -1,6 +1,6 @@
 //! The member-session set of a virtual session: one member session per
-//! member of its group, opened in the member's current epoch (again on
-//! demand after the member comes back: handles from an earlier epoch are
+//! member of its group, opened on demand in the member's current epoch
+//! (again after the member comes back: handles from an earlier epoch are
 //! never used), and closed together. Once closed, it opens none.
 
 use crate::error::{Error, Result};
@@ -19,6 +19,9 @@ struct MemberSessionCell {
     /// Every library a session here was opened on, kept for as long as the
     /// cell, so that a library [`Self::get`] lends out outlives the session.
     retained: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
+    /// Whether the session held was lent out for a call: one never lent is
+    /// as good as new when the virtual session closes.
+    used: AtomicBool,
 }
 
 impl MemberSessionCell {
@@ -29,6 +32,7 @@ impl MemberSessionCell {
     fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
         let held = self.held.read();
         let session = held.as_ref().filter(|s| s.epoch == epoch)?;
+        self.mark_used();
         let library = Arc::as_ptr(&session.library);
         let found = (session.handle, session.connection);
         drop(held);
@@ -39,7 +43,18 @@ impl MemberSessionCell {
 
     /// The session held, whatever its epoch, as an owned value.
     fn get_owned(&self) -> Option<MemberSession> {
-        self.held.read().clone()
+        let session = self.held.read().clone();
+        if session.is_some() {
+            self.mark_used();
+        }
+        session
+    }
+
+    #[inline(always)]
+    fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Holds `session` unless one of its epoch is already held; returns the
@@ -57,9 +72,11 @@ impl MemberSessionCell {
         (session, None)
     }
 
-    /// Empties the cell, returning the session it held.
-    fn take(&self) -> Option<MemberSession> {
-        self.held.write().take()
+    /// Empties the cell, returning the session it held and whether it was
+    /// ever lent out for a call.
+    fn take(&self) -> Option<(MemberSession, bool)> {
+        let session = self.held.write().take()?;
+        Some((session, self.used.swap(false, Ordering::Relaxed)))
     }
 }
 
@@ -91,11 +108,20 @@ impl MemberSessions {
 
     /// Closes every member session. One from an earlier epoch of its member
     /// is left alone: after a reconnect its number may belong to another
-    /// session.
+    /// session. One no call was made on is kept by its member for the next
+    /// virtual session instead ([`crate::group::Member::keep_unused`]).
     pub fn close(&self, group: &Group) {
         self.closed.store(true, Ordering::SeqCst);
         for (member, cell) in group.members.iter().zip(self.cells.iter()) {
-            if let Some(s) = cell.take().filter(|s| s.epoch == member.epoch()) {
+            let Some((s, used)) = cell.take().filter(|(s, _)| s.epoch == member.epoch()) else {
+                continue;
+            };
+            let unused_kept = if used {
+                Err(s)
+            } else {
+                member.keep_unused(self.flags, s)
+            };
+            if let Err(s) = unused_kept {
                 let in_flight = member.begin_call();
                 let rv = crate::member::on_connection(s.connection, || {
                     member_call!(s.library, C_CloseSession(s.handle))
@@ -118,6 +144,18 @@ impl MemberSessions {
             Some(s) if s.epoch == epoch => Ok(s),
             _ => self.open_member_session(group, position, epoch),
         }
+    }
+
+    /// The first session held that is of its member's current epoch.
+    pub fn opened(&self, group: &Group) -> Option<(usize, MemberSession)> {
+        group
+            .members
+            .iter()
+            .zip(self.cells.iter())
+            .find_map(|(member, cell)| {
+                let session = cell.get_owned().filter(|s| s.epoch == member.epoch())?;
+                Some((member.position, session))
+            })
     }
 
     /// [`Self::member_session`] without a reference count, as (library,
@@ -163,12 +201,16 @@ impl MemberSessions {
             .location()
             .filter(|_| member.reachable())
             .ok_or(Error::new(CKR_DEVICE_ERROR))?;
-        let guard = member.begin_call();
-        let opened = crate::group::retry_result_while_busy("C_OpenSession", || {
-            open_member_session(&location.library, location.slot, self.flags, epoch)
-        });
-        drop(guard);
-        let (held, raced) = self.cells[position].put(opened?);
+        let opened = match member.take_unused(self.flags, epoch) {
+            Some(kept) => kept,
+            None => {
+                let _in_flight = member.begin_call();
+                crate::group::retry_result_while_busy("C_OpenSession", || {
+                    open_member_session(&location.library, location.slot, self.flags, epoch)
+                })?
+            }
+        };
+        let (held, raced) = self.cells[position].put(opened);
         if let Some(raced) = raced {
             crate::member::on_connection(raced.connection, || {
                 member_call!(raced.library, C_CloseSession(raced.handle))
@@ -176,7 +218,7 @@ impl MemberSessions {
         }
         // Closed while this one was being opened: `close` may have missed it.
         if self.closed.load(Ordering::SeqCst) {
-            if let Some(late) = self.cells[position].take() {
+            if let Some((late, _)) = self.cells[position].take() {
                 crate::member::on_connection(late.connection, || {
                     member_call!(late.library, C_CloseSession(late.handle))
                 });

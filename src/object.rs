@@ -40,28 +40,21 @@ pub struct VirtualObject {
 /// where some of what the member returns is left out (a hidden domain key,
 /// objects a search returned before it moved, objects a filter rejects):
 /// many clients (the `cryptoki` crate among them) take a short batch for
-/// the end of the search. `fetch(at, room)` has the member write up to
-/// `room` handles at `at` and says how many it wrote; `keep(batch)` moves
-/// the handles to show (translated as needed) to the front of `batch` and
-/// says how many. Returns how many handles the batch holds.
-///
-/// # Safety
-/// `found` must have room for `max` handles.
-pub unsafe fn fill_batch(
-    found: *mut CK_OBJECT_HANDLE,
-    max: usize,
-    mut fetch: impl FnMut(*mut CK_OBJECT_HANDLE, usize) -> crate::error::Result<usize>,
+/// the end of the search. `fetch(room)` has the member write handles into
+/// `room` and says how many it wrote; `keep(batch)` moves the handles to
+/// show (translated as needed) to the front of `batch` and says how many.
+/// Returns how many handles the batch holds.
+pub fn fill_batch(
+    found: &mut [CK_OBJECT_HANDLE],
+    mut fetch: impl FnMut(&mut [CK_OBJECT_HANDLE]) -> crate::error::Result<usize>,
     mut keep: impl FnMut(&mut [CK_OBJECT_HANDLE]) -> crate::error::Result<usize>,
 ) -> crate::error::Result<usize> {
+    let max = found.len();
     let mut kept = 0;
     while kept < max {
         let room = max - kept;
-        // SAFETY: `found` has room for `max` handles, `kept` of them used.
-        let at = unsafe { found.add(kept) };
-        let returned = fetch(at, room)?.min(room);
-        // SAFETY: the member wrote `returned` handles there.
-        let batch = unsafe { std::slice::from_raw_parts_mut(at, returned) };
-        kept += keep(batch)?;
+        let returned = fetch(&mut found[kept..])?.min(room);
+        kept += keep(&mut found[kept..kept + returned])?;
         if returned < room {
             break;
         }

@@ -349,7 +349,8 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
     }
     let library = Arc::new(
         MemberLibrary::load(&entry.name, &entry.path, &entry.environment)?
-            .limit_calls(entry.concurrency),
+            .limit_calls(entry.concurrency)
+            .with_instances(entry.instances)?,
     );
     loaded.push(Arc::clone(&library));
     Ok(library)
@@ -791,6 +792,11 @@ impl Provider {
         if let Target::Virtual(v) = &session.target {
             v.group.objects.remove_owned_by(session.handle);
             if self.sessions.count(session.slot_id).0 == 0 {
+                // No member session is left open for the slot but the
+                // group's own.
+                for member in &v.group.members {
+                    member.close_unused();
+                }
                 let was_logged_in = v.group.login.lock().take().is_some();
                 v.group.objects.remove_all_session_objects();
                 if was_logged_in {
@@ -844,11 +850,7 @@ impl Provider {
         let (library, member_handle) = match &session.target {
             Target::PassThrough(p) => (Arc::clone(&p.library), p.handle),
             Target::Virtual(v) => {
-                let (_, s) = v
-                    .up_member_sessions()
-                    .into_iter()
-                    .next()
-                    .ok_or(Error::new(CKR_DEVICE_ERROR))?;
+                let (_, s) = v.any_member_session().ok_or(Error::new(CKR_DEVICE_ERROR))?;
                 (s.library, s.handle)
             }
         };
@@ -897,10 +899,15 @@ impl Provider {
         {
             return Err(Error::new(CKR_SESSION_READ_ONLY_EXISTS));
         }
+        if user_type == CKU_SO {
+            for member in &v.group.members {
+                member.close_unused();
+            }
+        }
         // A member already logged in (through a pass-through slot of this
         // process) has accepted this application's login before.
         v.first_decides("C_Login", |l, s| {
-            match member_call!(l, C_Login(s, user_type, ptr, len)) {
+            match crate::group::log_in_member(l, s, user_type, pin) {
                 CKR_USER_ALREADY_LOGGED_IN => CKR_OK,
                 rv => rv,
             }

@@ -90,7 +90,7 @@ pub fn snapshot(config: &Path, groups: &[Arc<Group>]) -> ProcessStatus {
                         consecutive_failures: member.consecutive_failures(),
                         last_fault: rv_name(member.last_fault()),
                         ms_since_state_change: member.ms_since_state_change(),
-                        pending_changes: group.pending_count(member.position) as u64,
+                        pending_changes: group.undelivered_count(member.position) as u64,
                     })
                     .collect(),
             })

@@ -404,6 +404,7 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
         return None;
     }
     let hidden = worker.domain_handle(position);
+    let ticket = worker.group.index_ticket(position);
     let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let handles = worker
         .on_member(position, |s| {
@@ -430,6 +431,8 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
     if unread && !worker.answers(position) {
         return None;
     }
+    // The application's look-ups on this member need no search from now.
+    worker.group.adopt_index(ticket, index.clone());
     Some(index)
 }
 

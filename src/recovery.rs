@@ -570,14 +570,12 @@ fn bring_up_to_date(
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
     if let Some((user_type, pin)) = group.cached_login() {
-        let (ptr, len) = match &pin {
-            Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
-            None => (std::ptr::null_mut(), 0),
-        };
         let guard = group.members[position].begin_call();
-        let rv = member_call!(
-            session.library,
-            C_Login(session.handle, user_type, ptr, len)
+        let rv = crate::group::log_in_member(
+            &session.library,
+            session.handle,
+            user_type,
+            pin.as_deref().map(|p| p.as_slice()),
         );
         drop(guard);
         if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
@@ -742,6 +740,7 @@ fn replay_pending(
 ) -> Result<usize, String> {
     let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
+    let mut kept = 0;
     while let Some(change) = pending.next() {
         let outcome = worker.apply(position, &change, Some(holdings));
         let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
@@ -752,6 +751,7 @@ fn replay_pending(
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
             group.defer(position, change);
+            kept += 1;
             continue;
         }
         match outcome {
@@ -772,6 +772,17 @@ fn replay_pending(
                 return Err(why);
             }
         }
+    }
+    if kept > 0 && group.cached_login().is_none() {
+        // The member serves without them: an operator must know that it
+        // lacks objects until the application logs in.
+        group.log(
+            Some(position),
+            &format!(
+                "changes it missed wait for the application's next login: {kept} \
+                 (private objects cannot be made or found while it is logged out)"
+            ),
+        );
     }
     Ok(applied)
 }

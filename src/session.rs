@@ -4,6 +4,7 @@
 //! the calls under way on each ([`CallGate`]), which a close waits for and
 //! a logout pauses.
 
+use crate::arguments::{OutArray, Template};
 use crate::error::{check, Error, Result};
 use crate::member::member_call;
 pub use crate::member::{open_member_session, MemberSession};
@@ -55,26 +56,23 @@ impl PassThroughSession {
 
     /// `C_FindObjects` without the hidden objects, the batch filled as the
     /// member would have filled it (see [`crate::object::fill_batch`]).
-    ///
-    /// # Safety
-    /// `found` must have room for `max` handles; `count` must be writable.
-    pub unsafe fn find(
-        &self,
-        found: CK_OBJECT_HANDLE_PTR,
-        max: CK_ULONG,
-        count: CK_ULONG_PTR,
-    ) -> Result<()> {
+    pub fn find(&self, found: &mut OutArray<CK_OBJECT_HANDLE>, count: &mut CK_ULONG) -> Result<()> {
         if self.hidden.handles.is_empty() {
             return check(member_call!(
                 self.library,
-                C_FindObjects(self.handle, found, max, count)
+                C_FindObjects(self.handle, found.as_mut_ptr(), found.room(), count)
             ));
         }
-        let fetch = |at, room: usize| {
+        let fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
             check(member_call!(
                 self.library,
-                C_FindObjects(self.handle, at, room as CK_ULONG, &mut returned)
+                C_FindObjects(
+                    self.handle,
+                    at.as_mut_ptr(),
+                    at.len() as CK_ULONG,
+                    &mut returned
+                )
             ))?;
             Ok(returned as usize)
         };
@@ -88,38 +86,19 @@ impl PassThroughSession {
             }
             Ok(shown)
         };
-        // SAFETY: forwarded from the caller.
-        let kept = unsafe { crate::object::fill_batch(found, max as usize, fetch, keep) }?;
-        // SAFETY: `count` is writable, as the caller vouches.
-        unsafe { *count = kept as CK_ULONG };
+        let kept = crate::object::fill_batch(found.items(), fetch, keep)?;
+        *count = kept as CK_ULONG;
         Ok(())
     }
 
     /// Refuses a template that would make or rename a key with a domain
     /// key's label: a second key of that label would stop its group from
     /// replicating.
-    ///
-    /// # Safety
-    /// `template` must point to `count` readable attributes (or be null).
-    pub unsafe fn refuse_reserved_label(
-        &self,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
-    ) -> Result<()> {
-        if template.is_null() {
-            return Ok(());
-        }
-        // SAFETY: the caller vouches for the template.
-        let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
-        let reserved = attributes.iter().any(|a| {
-            a.type_ == CKA_LABEL
-                && !a.pValue.is_null()
-                && self.hidden.labels.iter().any(|l| {
-                    l.len() == a.ulValueLen as usize
-                        // SAFETY: a value of that length, as the caller vouches.
-                        && unsafe { std::slice::from_raw_parts(a.pValue as *const u8, l.len()) }
-                            == l.as_bytes()
-                })
+    pub fn refuse_reserved_label(&self, template: &Template) -> Result<()> {
+        let reserved = template.iter().any(|a| {
+            a.kind() == CKA_LABEL
+                && a.value()
+                    .is_some_and(|value| self.hidden.labels.iter().any(|l| l.as_bytes() == value))
         });
         if reserved {
             Err(Error::new(CKR_ATTRIBUTE_VALUE_INVALID))

@@ -135,7 +135,7 @@ pub fn group_status(group: &Group) -> PKCS11HA_GROUP_STATUS {
             callsInFlight: member.in_flight() as CK_ULONG,
             lastFault: member.last_fault(),
             msSinceStateChange: member.ms_since_state_change(),
-            pendingChanges: group.pending_count(member.position) as CK_ULONG,
+            pendingChanges: group.undelivered_count(member.position) as CK_ULONG,
         };
         status.memberCount += 1;
     }

@@ -4,10 +4,11 @@
 //! made on one member and replicated to the others before the call
 //! returns. Handles the application sees are virtual.
 
+use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
 use crate::error::{check, Error, Result};
 use crate::group::Pending;
 use crate::identity;
-use crate::mechanism::OwnedTemplate;
+use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::object::Presence;
@@ -17,19 +18,10 @@ use cryptoki_sys::*;
 /// The fingerprint an object made from `template` has as far as the
 /// template says, its class `class` unless the template names one: what
 /// finds the orphans a call making it may leave (see [`Pending::Orphans`]).
-///
-/// # Safety
-/// `template` must point to `count` readable attributes (or be null with 0).
-pub unsafe fn made_print(
-    template: CK_ATTRIBUTE_PTR,
-    count: CK_ULONG,
-    class: CK_OBJECT_CLASS,
-) -> Option<identity::Fingerprint> {
-    // SAFETY: forwarded from the caller.
-    let owned = unsafe { OwnedTemplate::copy(template, count) };
+pub fn made_print(template: &Template, class: CK_OBJECT_CLASS) -> Option<identity::Fingerprint> {
     let class = class.to_ne_bytes();
     let default = [(CKA_CLASS, &class[..])];
-    let values = owned.values().chain(default.iter().copied());
+    let values = template.values().chain(default.iter().copied());
     let mut print = identity::print_of_template(values)?;
     let mut seen = Vec::new();
     print.retain(|(t, _)| {
@@ -38,73 +30,6 @@ pub unsafe fn made_print(
         first
     });
     Some(print)
-}
-
-/// The `CK_BBOOL` value of `attribute` in a template, if present.
-///
-/// # Safety
-/// `template` must point to `count` readable attributes (or be null with 0).
-pub unsafe fn template_bool(
-    template: *const CK_ATTRIBUTE,
-    count: CK_ULONG,
-    attribute: CK_ATTRIBUTE_TYPE,
-) -> Option<bool> {
-    if template.is_null() {
-        return None;
-    }
-    // SAFETY: the caller vouches for the template.
-    let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
-    attributes
-        .iter()
-        .find(|a| a.type_ == attribute && !a.pValue.is_null() && a.ulValueLen as usize == 1)
-        // SAFETY: a one-byte value was checked above.
-        .map(|a| unsafe { *(a.pValue as *const CK_BBOOL) } != CK_FALSE)
-}
-
-/// The `CK_ULONG` value of `attribute` in a template, if present.
-///
-/// # Safety
-/// As [`template_bool`].
-pub unsafe fn template_ulong(
-    template: *const CK_ATTRIBUTE,
-    count: CK_ULONG,
-    attribute: CK_ATTRIBUTE_TYPE,
-) -> Option<CK_ULONG> {
-    if template.is_null() {
-        return None;
-    }
-    // SAFETY: the caller vouches for the template.
-    let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
-    attributes
-        .iter()
-        .find(|a| {
-            a.type_ == attribute
-                && !a.pValue.is_null()
-                && a.ulValueLen as usize == std::mem::size_of::<CK_ULONG>()
-        })
-        // SAFETY: a value of the right size was checked above.
-        .map(|a| unsafe { std::ptr::read_unaligned(a.pValue as *const CK_ULONG) })
-}
-
-/// The attributes of `template` but those of the types in `left_out`.
-///
-/// # Safety
-/// As [`template_bool`].
-unsafe fn without(
-    template: CK_ATTRIBUTE_PTR,
-    count: CK_ULONG,
-    left_out: &[CK_ATTRIBUTE_TYPE],
-) -> Vec<CK_ATTRIBUTE> {
-    if template.is_null() {
-        return Vec::new();
-    }
-    // SAFETY: the caller vouches for the template.
-    let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
-    attributes
-        .iter()
-        .filter(|a| !left_out.contains(&a.type_))
-        .copied()
-        .collect()
 }
 
 /// Attributes that hold key material: a key the application made
@@ -122,39 +47,25 @@ const KEY_MATERIAL: [CK_ATTRIBUTE_TYPE; 7] = [
 
 /// How many objects a search identifies as it returns them (reads their
 /// fingerprints): the few an application looks up to use at once stay
-/// usable if their member fails before it uses them. Beyond these an
-/// object is identified with its first read, so that an enumeration of a
-/// large token does not cost a second member call per object.
+/// usable if their member fails before it uses them. Beyond these -- and
+/// in any batch that takes a search beyond them -- an object is identified
+/// with its first read, so that an enumeration does not cost a second
+/// member call per object, nor a fixed cost per search.
 const IDENTIFIED_AT_ONCE: usize = 16;
 
 /// Attributes a search cannot ask the members: their copies of a key the
 /// application made non-extractable read extractable.
 const EMULATED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE];
 
-static TRUE: CK_BBOOL = CK_TRUE;
-
-const TRUE_VALUE: CK_ATTRIBUTE = CK_ATTRIBUTE {
-    type_: CKA_EXTRACTABLE,
-    pValue: &TRUE as *const _ as *mut _,
-    ulValueLen: 1,
-};
-
 /// Attributes holding a template for the keys a key unwraps or derives.
 const NESTED_TEMPLATES: [CK_ATTRIBUTE_TYPE; 2] = [CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
 
 /// The attributes of a nested template, if `a` is a well-formed one.
-///
-/// # Safety
-/// `a.pValue` must point to `a.ulValueLen` readable bytes (or be null).
-unsafe fn nested(a: &CK_ATTRIBUTE) -> Option<&[CK_ATTRIBUTE]> {
-    let size = std::mem::size_of::<CK_ATTRIBUTE>();
-    let len = a.ulValueLen as usize;
-    if !NESTED_TEMPLATES.contains(&a.type_) || a.pValue.is_null() || len % size != 0 {
+fn nested(a: Attribute<'_>) -> Option<impl Iterator<Item = Attribute<'_>> + Clone> {
+    if !NESTED_TEMPLATES.contains(&a.kind()) {
         return None;
     }
-    // SAFETY: the caller vouches for the value; its length is a whole
-    // number of attributes.
-    Some(unsafe { std::slice::from_raw_parts(a.pValue as *const CK_ATTRIBUTE, len / size) })
+    a.nested_attributes()
 }
 
 /// A template as the members get it: where the application asks for a
@@ -162,112 +73,73 @@ unsafe fn nested(a: &CK_ATTRIBUTE) -> Option<&[CK_ATTRIBUTE]> {
 /// only, so the domain key can still carry it to the other members. The
 /// templates a key imposes on the keys it unwraps or derives are rewritten
 /// the same way, so that the keys the group makes from it agree with them.
-pub struct MemberTemplate {
-    rewritten: Option<Vec<CK_ATTRIBUTE>>,
-    /// Storage of rewritten nested templates that `rewritten` points into.
-    _nested: Vec<Vec<CK_ATTRIBUTE>>,
-    original: (CK_ATTRIBUTE_PTR, CK_ULONG),
+pub struct MemberTemplate<'t> {
+    template: Template<'t>,
     protects: bool,
 }
 
-impl MemberTemplate {
+impl<'t> MemberTemplate<'t> {
     /// For a template that makes a new key, where a key the template does
     /// not call extractable is not (as on SoftHSM).
-    ///
-    /// # Safety
-    /// `template` must point to `count` readable attributes (or be null).
-    pub unsafe fn for_new_key(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Self {
-        // SAFETY: forwarded from the caller.
-        unsafe { Self::rewrite(template, count, true) }
+    pub fn for_new_key(template: &'t Template) -> Self {
+        Self::rewrite(template, true)
     }
 
     /// For a template that copies a key or changes its attributes, where
     /// only an explicit `CKA_EXTRACTABLE = FALSE` makes it non-extractable:
     /// that becomes `CKA_WRAP_WITH_TRUSTED = TRUE` (the members' copy stays
     /// extractable, as it is).
-    ///
-    /// # Safety
-    /// `template` must point to `count` readable attributes (or be null).
-    pub unsafe fn for_change(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Self {
-        // SAFETY: forwarded from the caller.
-        unsafe { Self::rewrite(template, count, false) }
+    pub fn for_change(template: &'t Template) -> Self {
+        Self::rewrite(template, false)
     }
 
-    unsafe fn rewrite(template: CK_ATTRIBUTE_PTR, count: CK_ULONG, new_key: bool) -> Self {
-        let original = (template, count);
-        let attributes = if template.is_null() {
-            &[][..]
-        } else {
-            // SAFETY: forwarded from the caller.
-            unsafe { std::slice::from_raw_parts(template, count as usize) }
-        };
-        // SAFETY: as above.
-        let extractable = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
+    fn rewrite(template: &'t Template, new_key: bool) -> Self {
+        let extractable = template.bool(CKA_EXTRACTABLE);
         let protects = match extractable {
             Some(e) => !e,
             None => new_key,
         };
-        let protecting_nested = |a: &CK_ATTRIBUTE| {
-            // SAFETY: as above.
-            unsafe { nested(a) }.is_some_and(|inner| {
-                // SAFETY: as above, each inner value is readable.
-                let inner_extractable = unsafe {
-                    template_bool(inner.as_ptr(), inner.len() as CK_ULONG, CKA_EXTRACTABLE)
-                };
-                inner_extractable == Some(false)
-            })
+        let protecting_nested = |a: Attribute| {
+            a.nested()
+                .filter(|_| NESTED_TEMPLATES.contains(&a.kind()))
+                .is_some_and(|inner| inner.bool(CKA_EXTRACTABLE) == Some(false))
         };
-        if !protects && !attributes.iter().any(protecting_nested) {
+        if !protects && !template.iter().any(protecting_nested) {
             return MemberTemplate {
-                rewritten: None,
-                _nested: Vec::new(),
-                original,
+                template: template.reborrow(),
                 protects,
             };
         }
-        let mut storage: Vec<Vec<CK_ATTRIBUTE>> = Vec::new();
-        let mut rewritten: Vec<CK_ATTRIBUTE> = Vec::with_capacity(attributes.len() + 2);
-        for a in attributes {
-            if protects && matches!(a.type_, CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED) {
+        let mut rewritten = TemplateBuilder::with_capacity(template.len() + 2);
+        for a in template.iter() {
+            if protects && matches!(a.kind(), CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED) {
                 continue;
             }
             if !protecting_nested(a) {
-                rewritten.push(*a);
+                rewritten.push(a);
                 continue;
             }
-            // SAFETY: checked by protecting_nested.
-            let inner = unsafe { nested(a) }.unwrap_or_default();
-            let mut protected: Vec<CK_ATTRIBUTE> = inner
-                .iter()
-                .filter(|i| !matches!(i.type_, CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED))
-                .copied()
-                .collect();
-            protected.push(TRUE_VALUE);
-            protected.push(CK_ATTRIBUTE {
-                type_: CKA_WRAP_WITH_TRUSTED,
-                ..TRUE_VALUE
-            });
-            rewritten.push(CK_ATTRIBUTE {
-                type_: a.type_,
-                pValue: protected.as_mut_ptr() as *mut _,
-                ulValueLen: std::mem::size_of_val(protected.as_slice()) as CK_ULONG,
-            });
-            // Moving the vector keeps its buffer where `rewritten` points.
-            storage.push(protected);
+            let mut protected =
+                TemplateBuilder::with_capacity(a.nested().map_or(0, |i| i.len()) + 2);
+            for i in nested(a)
+                .into_iter()
+                .flatten()
+                .filter(|i| !matches!(i.kind(), CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED))
+            {
+                protected.push(i);
+            }
+            protected.push_bool(CKA_EXTRACTABLE, true);
+            protected.push_bool(CKA_WRAP_WITH_TRUSTED, true);
+            rewritten.push_nested(a.kind(), protected.build());
         }
         if protects {
             if new_key {
-                rewritten.push(TRUE_VALUE);
+                rewritten.push_bool(CKA_EXTRACTABLE, true);
             }
-            rewritten.push(CK_ATTRIBUTE {
-                type_: CKA_WRAP_WITH_TRUSTED,
-                ..TRUE_VALUE
-            });
+            rewritten.push_bool(CKA_WRAP_WITH_TRUSTED, true);
         }
         MemberTemplate {
-            rewritten: Some(rewritten),
-            _nested: storage,
-            original,
+            template: rewritten.build(),
             protects,
         }
     }
@@ -278,18 +150,9 @@ impl MemberTemplate {
         self.protects
     }
 
-    pub fn ptr(&mut self) -> CK_ATTRIBUTE_PTR {
-        match &mut self.rewritten {
-            Some(r) => r.as_mut_ptr(),
-            None => self.original.0,
-        }
-    }
-
-    pub fn count(&self) -> CK_ULONG {
-        match &self.rewritten {
-            Some(r) => r.len() as CK_ULONG,
-            None => self.original.1,
-        }
+    /// The template the members get.
+    pub fn template(&self) -> &Template<'t> {
+        &self.template
     }
 }
 
@@ -327,19 +190,18 @@ impl VirtualSession {
     /// Creates an object on every member that is up; all or nothing for
     /// request errors. A member that faults is taken out and gets the
     /// object when it returns.
-    ///
-    /// # Safety
-    /// `template` must point to `count` attributes.
-    pub unsafe fn create_everywhere(
+    pub fn create_everywhere(
         &self,
         owner: Option<CK_SESSION_HANDLE>,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
+        template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
-            member_call!(library, C_CreateObject(session, template, count, handle))
+            member_call!(
+                library,
+                C_CreateObject(session, template.as_ptr(), template.count(), handle)
+            )
         };
         // Known before any member is asked, so that a request cut off on
         // the wire leaves it in doubt on that member (attempt_making).
@@ -351,8 +213,7 @@ impl VirtualSession {
         let print = || {
             owner
                 .is_none()
-                // SAFETY: forwarded from the caller.
-                .then(|| unsafe { OwnedTemplate::copy(template, count) }.print())
+                .then(|| OwnedTemplate::copy(template).print())
                 .flatten()
         };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
@@ -395,8 +256,7 @@ impl VirtualSession {
             .filter(|p| !made.iter().any(|(m, _)| m == p))
             .collect();
         if !missed.is_empty() && owner.is_none() {
-            // SAFETY: forwarded from the caller.
-            let kept = std::sync::Arc::new(unsafe { OwnedTemplate::copy(template, count) });
+            let kept = std::sync::Arc::new(OwnedTemplate::copy(template));
             for position in missed {
                 let change = Pending::Import(object, std::sync::Arc::clone(&kept));
                 self.deliver_or_queue(position, change);
@@ -465,52 +325,39 @@ impl VirtualSession {
         }
     }
 
-    /// # Safety
-    /// `template` must point to `count` attributes.
-    pub unsafe fn create_object(
+    pub fn create_object(
         &self,
         session: CK_SESSION_HANDLE,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
+        template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            let owner = owner_for(template_bool(template, count, CKA_TOKEN), session);
-            let class = template_ulong(template, count, CKA_CLASS);
-            if !matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)) {
-                return self.create_everywhere(owner, template, count);
-            }
-            // An imported key the application does not call extractable
-            // must still reach members that join later.
-            let mut member_template = MemberTemplate::for_new_key(template, count);
-            let (t, n) = (member_template.ptr(), member_template.count());
-            let object = self.create_everywhere(owner, t, n)?;
-            if member_template.protects() {
-                self.group.objects.mark_protected(object, false);
-            }
-            Ok(object)
+        let owner = owner_for(template.bool(CKA_TOKEN), session);
+        let class = template.ulong(CKA_CLASS);
+        if !matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)) {
+            return self.create_everywhere(owner, template);
         }
+        // An imported key the application does not call extractable
+        // must still reach members that join later.
+        let member_template = MemberTemplate::for_new_key(template);
+        let object = self.create_everywhere(owner, member_template.template())?;
+        if member_template.protects() {
+            self.group.objects.mark_protected(object, false);
+        }
+        Ok(object)
     }
 
-    /// # Safety
-    /// `template` must point to `count` attributes.
-    pub unsafe fn copy_object(
+    pub fn copy_object(
         &self,
         session: CK_SESSION_HANDLE,
         source: CK_OBJECT_HANDLE,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
+        template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
         let _making = self.group.making_objects();
-        // SAFETY: forwarded from the caller.
-        let token = match unsafe { template_bool(template, count, CKA_TOKEN) } {
+        let token = match template.bool(CKA_TOKEN) {
             Some(t) => t,
             None => self.read_bool(source, CKA_TOKEN)?,
         };
-        // SAFETY: forwarded from the caller.
-        let (mut changes, protects) =
-            unsafe { self.extractability_change(source, template, count) }?;
-        let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
+        let (changes, protects) = self.extractability_change(source, template)?;
+        let (t, n) = (changes.as_ptr(), changes.count());
         let owner = owner_for(Some(token), session);
         let _write = self.group.enter_write();
         let object = self
@@ -572,19 +419,13 @@ impl VirtualSession {
     /// (PKCS#11 2.40, table 4.9 footnote 11): TRUE on such a key is
     /// `CKR_ATTRIBUTE_READ_ONLY`; FALSE on an extractable one goes to the
     /// members as it is.
-    ///
-    /// # Safety
-    /// `template` must point to `count` readable attributes (or be null).
-    unsafe fn extractability_change(
+    fn extractability_change<'t>(
         &self,
         object: CK_OBJECT_HANDLE,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
-    ) -> Result<(Vec<CK_ATTRIBUTE>, bool)> {
-        // SAFETY: forwarded from the caller.
-        let asked = unsafe { template_bool(template, count, CKA_EXTRACTABLE) };
-        // SAFETY: forwarded from the caller.
-        let unchanged = || unsafe { without(template, count, &[]) };
+        template: &'t Template,
+    ) -> Result<(Template<'t>, bool)> {
+        let asked = template.bool(CKA_EXTRACTABLE);
+        let unchanged = || template.without(&[]);
         let Some(extractable) = asked else {
             return Ok((unchanged(), self.protected(object)?));
         };
@@ -594,8 +435,7 @@ impl VirtualSession {
                 return Err(Error::new(CKR_ATTRIBUTE_READ_ONLY));
             }
             // Already non-extractable: nothing to change on the members.
-            // SAFETY: forwarded from the caller.
-            let rest = unsafe { without(template, count, &[CKA_EXTRACTABLE]) };
+            let rest = template.without(&[CKA_EXTRACTABLE]);
             return Ok((rest, true));
         }
         // The members decide, as for any key they keep as it looks.
@@ -726,17 +566,12 @@ impl VirtualSession {
     /// Reads attributes from one member; a key the application made
     /// non-extractable reads as such on every member, and never reveals
     /// its key material.
-    ///
-    /// # Safety
-    /// `template` must point to `count` attributes with valid buffers.
-    pub unsafe fn get_attribute_value(
+    pub fn get_attribute_value(
         &self,
         object: CK_OBJECT_HANDLE,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
+        request: &mut AttributeRequest,
     ) -> Result<()> {
-        // SAFETY: forwarded from the caller.
-        let attributes = unsafe { std::slice::from_raw_parts_mut(template, count as usize) };
+        let attributes = request.attributes();
         let emulated = |a: &CK_ATTRIBUTE| EMULATED.contains(&a.type_);
         let material = |a: &CK_ATTRIBUTE| KEY_MATERIAL.contains(&a.type_);
         let protected = if attributes.iter().any(|a| emulated(a) || material(a)) {
@@ -745,6 +580,7 @@ impl VirtualSession {
             false
         };
         if !protected && self.group.objects.has_fingerprint(object) {
+            let (template, count) = (request.as_mut_ptr(), request.count());
             return self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
                 member_call!(l, C_GetAttributeValue(s, h[0], template, count))
             });
@@ -754,8 +590,7 @@ impl VirtualSession {
             // same member call identifies it.
             let mut learned = None;
             let answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
-                // SAFETY: the caller vouches for the template's buffers.
-                let (rv, print) = unsafe { identity::read_along(l, s, h[0], attributes) };
+                let (rv, print) = identity::read_along(l, s, h[0], request);
                 learned = print;
                 rv
             });
@@ -793,28 +628,22 @@ impl VirtualSession {
             .is_some_and(|o| o.never_extractable);
         let mut answers = asked.iter();
         let mut withheld = false;
-        for a in attributes.iter_mut() {
-            if material(a) {
-                a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        for i in 0..request.attributes().len() {
+            let a = request.attributes()[i];
+            if material(&a) {
+                request.set_len(i, CK_UNAVAILABLE_INFORMATION);
                 withheld = true;
-            } else if emulated(a) {
+            } else if emulated(&a) {
                 let value = if a.type_ == CKA_EXTRACTABLE {
                     CK_FALSE
                 } else {
                     CK_BBOOL::from(never)
                 };
-                if a.pValue.is_null() {
-                    a.ulValueLen = 1;
-                } else if a.ulValueLen < 1 {
-                    a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-                    answer = Err(Error::new(CKR_BUFFER_TOO_SMALL));
-                } else {
-                    // SAFETY: a buffer of at least one byte, as the caller vouches.
-                    unsafe { *(a.pValue as *mut CK_BBOOL) = value };
-                    a.ulValueLen = 1;
+                if let Err(e) = request.answer(i, &[value]) {
+                    answer = Err(e);
                 }
             } else if let Some(member) = answers.next() {
-                a.ulValueLen = member.ulValueLen;
+                request.set_len(i, member.ulValueLen);
             }
         }
         if withheld {
@@ -958,18 +787,9 @@ impl VirtualSession {
         Ok(())
     }
 
-    /// # Safety
-    /// `template` must point to `count` attributes.
-    pub unsafe fn set_attribute_value(
-        &self,
-        object: CK_OBJECT_HANDLE,
-        template: CK_ATTRIBUTE_PTR,
-        count: CK_ULONG,
-    ) -> Result<()> {
-        // SAFETY: forwarded from the caller.
-        let (mut changes, protects) =
-            unsafe { self.extractability_change(object, template, count) }?;
-        let (t, n) = (changes.as_mut_ptr(), changes.len() as CK_ULONG);
+    pub fn set_attribute_value(&self, object: CK_OBJECT_HANDLE, template: &Template) -> Result<()> {
+        let (changes, protects) = self.extractability_change(object, template)?;
+        let (t, n) = (changes.as_ptr(), changes.count());
         if n > 0 {
             self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {
                 member_call!(library, C_SetAttributeValue(s, h, t, n))
@@ -982,56 +802,34 @@ impl VirtualSession {
     }
 
     /// Starts a search on one member; the primary is preferred.
-    ///
-    /// # Safety
-    /// `template` must point to `count` attributes.
-    pub unsafe fn find_init(&self, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<()> {
+    pub fn find_init(&self, template: &Template) -> Result<()> {
         // Known before the search starts (a member session runs one search
         // at a time), so that the search can leave it out.
         for member in self.group.up_members() {
             self.domain_handle(member.position);
         }
-        // SAFETY: forwarded from the caller.
-        let mut asked = unsafe { without(template, count, &EMULATED) };
+        let asked = template.without(&EMULATED);
         let filter: crate::virtual_session::SearchFilter = EMULATED
             .iter()
-            // SAFETY: forwarded from the caller.
-            .filter_map(|t| unsafe { template_bool(template, count, *t) }.map(|v| (*t, v)))
+            .filter_map(|t| template.bool(*t).map(|v| (*t, v)))
             .collect();
-        let (t, n) = if filter.is_empty() {
-            (template, count)
+        let searched = if filter.is_empty() {
+            template.reborrow()
         } else {
-            (asked.as_mut_ptr(), asked.len() as CK_ULONG)
+            asked
         };
+        let (t, n) = (searched.as_ptr(), searched.count());
         let start =
             |library: &MemberLibrary, s, _| member_call!(library, C_FindObjectsInit(s, t, n));
-        // SAFETY: forwarded from the caller, or `asked`.
-        let kept = unsafe { OwnedTemplate::copy(t, n) };
-        // SAFETY: a search has no mechanism.
-        unsafe {
-            self.init(
-                OpKind::Find,
-                std::ptr::null_mut(),
-                None,
-                "C_FindObjectsInit",
-                start,
-            )
-        }?;
+        let kept = OwnedTemplate::copy(&searched);
+        self.init(OpKind::Find, None, None, "C_FindObjectsInit", start)?;
         self.keep_search(kept, filter);
         Ok(())
     }
 
     /// Continues the search and turns member handles into virtual ones,
     /// leaving out the domain key.
-    ///
-    /// # Safety
-    /// `found` must have room for `max` handles; `count` must be writable.
-    pub unsafe fn find(
-        &self,
-        found: CK_OBJECT_HANDLE_PTR,
-        max: CK_ULONG,
-        count: CK_ULONG_PTR,
-    ) -> Result<()> {
+    pub fn find(&self, found: &mut OutArray<CK_OBJECT_HANDLE>, count: &mut CK_ULONG) -> Result<()> {
         // What is left out (the domain key, objects returned before the
         // search moved, objects the filter rejects) is made up for from the
         // member, so the batch is as full as the member would have made it:
@@ -1040,7 +838,7 @@ impl VirtualSession {
         let filter = self.search_filter();
         // Which member answered the last fetch: `keep` reads its handles.
         let member = std::cell::Cell::new(None);
-        let fetch = |at, room: usize| {
+        let fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
             self.step(
                 OpKind::Find,
@@ -1049,7 +847,10 @@ impl VirtualSession {
                 "C_FindObjects",
                 |l, s| {
                     member.set(self.bound_member());
-                    member_call!(l, C_FindObjects(s, at, room as CK_ULONG, &mut returned))
+                    member_call!(
+                        l,
+                        C_FindObjects(s, at.as_mut_ptr(), at.len() as CK_ULONG, &mut returned)
+                    )
                 },
             )?;
             Ok(returned as usize)
@@ -1062,12 +863,16 @@ impl VirtualSession {
             // Where the member's domain keys are known by handle, they are
             // left out by handle alone.
             let domain_known = self.group.domain.found(member, epoch).is_some();
+            // A batch that takes the search past the few identified at
+            // once is an enumeration's: none of it is identified before
+            // the application reads it.
+            let small = self.returned_so_far() + handles.len() <= IDENTIFIED_AT_ONCE;
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
-                let identify = !domain_known || self.returned_so_far() < IDENTIFIED_AT_ONCE;
+                let identify = !domain_known || small;
                 let Some(object) = self.virtual_handle_of(member, handles[i], identify) else {
                     continue;
                 };
@@ -1079,10 +884,8 @@ impl VirtualSession {
             }
             Ok(shown)
         };
-        // SAFETY: forwarded from the caller.
-        let kept = unsafe { crate::object::fill_batch(found, max as usize, fetch, keep) }?;
-        // SAFETY: `count` is writable, as the caller vouches.
-        unsafe { *count = kept as CK_ULONG };
+        let kept = crate::object::fill_batch(found.items(), fetch, keep)?;
+        *count = kept as CK_ULONG;
         Ok(())
     }
 
@@ -1152,14 +955,11 @@ impl VirtualSession {
     /// other member, and returns their virtual handles. If the member dies
     /// before its objects are safe elsewhere, the call runs again on
     /// another member and the orphans are removed when it returns.
-    ///
-    /// # Safety
-    /// `mechanism` must be a valid mechanism.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn make_on_one(
+    pub fn make_on_one(
         &self,
         session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
+        mechanism: &Mechanism,
         keys: &[CK_OBJECT_HANDLE],
         owners: &[Option<bool>],
         prints: &[Option<identity::Fingerprint>],
@@ -1173,16 +973,13 @@ impl VirtualSession {
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
-        // SAFETY: forwarded from the caller.
-        let parameter_keys = unsafe { crate::mechanism::parameter_handles(mechanism)? };
+        let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
         loop {
             let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
-            // SAFETY: forwarded from the caller.
-            let mut member_mechanism =
-                unsafe { crate::mechanism::for_member(mechanism, in_parameter)? };
+            let mut member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
             let answer = self.attempt(position, function, &mut |l, s| {
                 make(l, s, member_mechanism.as_ptr(), direct, &mut made)
@@ -1272,58 +1069,38 @@ impl VirtualSession {
 mod tests {
     use super::*;
 
-    #[test]
-    fn template_bool_reads_one_byte_values_only() {
-        let mut yes: CK_BBOOL = CK_TRUE;
-        let mut wide: CK_ULONG = 1;
-        let template = [
-            CK_ATTRIBUTE {
-                type_: CKA_PRIVATE,
-                pValue: &mut wide as *mut _ as *mut _,
-                ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
-            },
-            CK_ATTRIBUTE {
-                type_: CKA_TOKEN,
-                pValue: &mut yes as *mut _ as *mut _,
-                ulValueLen: 1,
-            },
-        ];
-        // SAFETY: the template is a live local array.
+    fn template(attributes: &[CK_ATTRIBUTE]) -> Template<'_> {
+        // SAFETY: live local attributes.
         unsafe {
-            assert_eq!(template_bool(template.as_ptr(), 2, CKA_TOKEN), Some(true));
-            assert_eq!(template_bool(template.as_ptr(), 2, CKA_PRIVATE), None);
-            assert_eq!(template_bool(std::ptr::null(), 0, CKA_TOKEN), None);
+            Template::giving_values(attributes.as_ptr() as *mut _, attributes.len() as CK_ULONG)
         }
+        .unwrap()
     }
 
     #[test]
     fn non_extractable_becomes_wrap_with_trusted() {
         let mut no: CK_BBOOL = CK_FALSE;
-        let mut template = [CK_ATTRIBUTE {
+        let raw = [CK_ATTRIBUTE {
             type_: CKA_EXTRACTABLE,
             pValue: &mut no as *mut _ as *mut _,
             ulValueLen: 1,
         }];
-        // SAFETY: the template is a live local array.
-        unsafe {
-            let mut member = MemberTemplate::for_new_key(template.as_mut_ptr(), 1);
-            assert!(member.protects());
-            assert_eq!(member.count(), 2);
-            let p = member.ptr();
-            assert_eq!(template_bool(p, 2, CKA_EXTRACTABLE), Some(true));
-            assert_eq!(template_bool(p, 2, CKA_WRAP_WITH_TRUSTED), Some(true));
-            let mut none = MemberTemplate::for_new_key(std::ptr::null_mut(), 0);
-            assert!(
-                none.protects(),
-                "absent means non-extractable for a new key"
-            );
-            assert_eq!(
-                template_bool(none.ptr(), none.count(), CKA_EXTRACTABLE),
-                Some(true)
-            );
-            let change = MemberTemplate::for_change(std::ptr::null_mut(), 0);
-            assert!(!change.protects(), "absent changes nothing");
-        }
+        let given = template(&raw);
+        let member = MemberTemplate::for_new_key(&given);
+        assert!(member.protects());
+        assert_eq!(member.template().count(), 2);
+        assert_eq!(member.template().bool(CKA_EXTRACTABLE), Some(true));
+        assert_eq!(member.template().bool(CKA_WRAP_WITH_TRUSTED), Some(true));
+        // SAFETY: null with no attributes.
+        let empty = unsafe { Template::giving_values(std::ptr::null_mut(), 0) }.unwrap();
+        let none = MemberTemplate::for_new_key(&empty);
+        assert!(
+            none.protects(),
+            "absent means non-extractable for a new key"
+        );
+        assert_eq!(none.template().bool(CKA_EXTRACTABLE), Some(true));
+        let change = MemberTemplate::for_change(&empty);
+        assert!(!change.protects(), "absent changes nothing");
         assert_eq!(no, CK_FALSE, "the application's template is untouched");
     }
 
@@ -1336,7 +1113,7 @@ mod tests {
             ulValueLen: 1,
         }];
         let mut yes: CK_BBOOL = CK_TRUE;
-        let mut template = [
+        let raw = [
             CK_ATTRIBUTE {
                 type_: CKA_EXTRACTABLE,
                 pValue: &mut yes as *mut _ as *mut _,
@@ -1348,21 +1125,12 @@ mod tests {
                 ulValueLen: std::mem::size_of_val(&inner) as CK_ULONG,
             },
         ];
-        // SAFETY: live local arrays.
-        unsafe {
-            let mut member = MemberTemplate::for_new_key(template.as_mut_ptr(), 2);
-            assert!(!member.protects(), "the key itself is extractable");
-            let outer = std::slice::from_raw_parts(member.ptr(), member.count() as usize);
-            let nested = nested(&outer[1]).expect("a nested template");
-            let n = nested.len() as CK_ULONG;
-            assert_eq!(
-                template_bool(nested.as_ptr(), n, CKA_EXTRACTABLE),
-                Some(true)
-            );
-            assert_eq!(
-                template_bool(nested.as_ptr(), n, CKA_WRAP_WITH_TRUSTED),
-                Some(true)
-            );
-        }
+        let given = template(&raw);
+        let member = MemberTemplate::for_new_key(&given);
+        assert!(!member.protects(), "the key itself is extractable");
+        let outer = member.template().iter().nth(1).expect("two attributes");
+        let nested = outer.nested().expect("a nested template");
+        assert_eq!(nested.bool(CKA_EXTRACTABLE), Some(true));
+        assert_eq!(nested.bool(CKA_WRAP_WITH_TRUSTED), Some(true));
     }
 }

@@ -13,6 +13,7 @@ pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
+use crate::mechanism::Mechanism;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::member::MemberSession;
@@ -131,19 +132,23 @@ fn member_update(
 }
 
 impl VirtualSession {
-    /// Opens a member session on every member that is up. Fails only when
-    /// no member could open one.
+    /// Opens a member session on the first member that is up and opens
+    /// one, so that the application learns at once what that member
+    /// refuses (a session limit, a token gone); the sessions on the other
+    /// members are opened at their first call ([`MemberSessions::session_on`]
+    /// opens them on demand anyway, for members that come back), so that a
+    /// session the application uses on one member only costs one member
+    /// session. Fails only when no member could open one.
     pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
         group.open_utility_sessions();
         let session = Self::new(group, flags);
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
-        let mut opened = 0;
         for position in 0..session.group.members.len() {
             if !session.group.members[position].is_up() {
                 continue;
             }
             match session.member_session(position) {
-                Ok(_) => opened += 1,
+                Ok(_) => return Ok(session),
                 Err(e) => {
                     if is_member_fault("C_OpenSession", e.rv) {
                         session.group.member_failed(position, "C_OpenSession", e.rv);
@@ -152,10 +157,16 @@ impl VirtualSession {
                 }
             }
         }
-        if opened == 0 {
-            return Err(last_error);
-        }
-        Ok(session)
+        Err(last_error)
+    }
+
+    /// The first member session opened (opening one on an up member if
+    /// none is), for what any member session can answer
+    /// (`C_GetSessionInfo`).
+    pub fn any_member_session(&self) -> Option<(usize, MemberSession)> {
+        self.members
+            .opened(&self.group)
+            .or_else(|| self.up_member_sessions().into_iter().next())
     }
 
     /// A session for the library's own work (recovery), with member
@@ -243,12 +254,35 @@ impl VirtualSession {
     where
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
+        self.attempt_maybe_on_spare(position, function, false, call)
+    }
+
+    /// [`Self::attempt`], on a spare instance of the member's library when
+    /// `spare` (the call names no object and starts no operation) and one
+    /// is idle.
+    #[inline(always)]
+    fn attempt_maybe_on_spare<F>(
+        &self,
+        position: usize,
+        function: &str,
+        spare: bool,
+        call: &mut F,
+    ) -> Attempt
+    where
+        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
         let member = &self.group.members[position];
         let epoch = member.epoch();
         let (library, handle, connection) = match self.session_on(position, epoch) {
             Ok(s) => s,
             Err(e) => return self.not_opened(position, e.rv),
         };
+        if spare && library.has_spares() {
+            let mut call = |l: &MemberLibrary, s| call(l, s);
+            if let Some(answer) = self.attempt_on_spare(position, library, function, &mut call) {
+                return answer;
+            }
+        }
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if library.is_networked() {
@@ -463,11 +497,12 @@ impl VirtualSession {
         let Some((user_type, pin)) = self.group.cached_login() else {
             return false;
         };
-        let (ptr, len) = match &pin {
-            Some(p) => (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG),
-            None => (std::ptr::null_mut(), 0),
-        };
-        let rv = member_call!(library, C_Login(session, user_type, ptr, len));
+        let rv = crate::group::log_in_member(
+            library,
+            session,
+            user_type,
+            pin.as_deref().map(|p| p.as_slice()),
+        );
         rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
     }
 
@@ -708,14 +743,11 @@ impl VirtualSession {
     /// Starts an operation of `kind` with the application's `mechanism`
     /// and `key`, on the chosen member, failing over until one answers.
     /// `call` receives the member's key handle (0 without a key).
-    ///
-    /// # Safety
-    /// `mechanism` must be null or a valid mechanism, as in an `*Init` call.
     #[inline(always)]
-    pub unsafe fn init(
+    pub fn init(
         &self,
         kind: OpKind,
-        mechanism: CK_MECHANISM_PTR,
+        mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
         mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
@@ -736,8 +768,7 @@ impl VirtualSession {
             if rv != CKR_OK {
                 return Err(self.refused_init(kind, rv));
             }
-            // SAFETY: the application's mechanism is valid during its call.
-            unsafe { self.bindings().start(kind, mechanism, key, position) };
+            self.bindings().start(kind, mechanism, key, position);
             return Ok(());
         }
     }
@@ -1054,12 +1085,37 @@ impl VirtualSession {
     ) -> Result<()> {
         loop {
             let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
+            let spare = keys.is_empty();
             if let Attempt::Answered(rv) =
-                self.attempt(position, function, &mut |l, s| call(l, s, &handles))
+                self.attempt_maybe_on_spare(position, function, spare, &mut |l, s| {
+                    call(l, s, &handles)
+                })
             {
                 return check(rv);
             }
         }
+    }
+
+    /// [`Self::attempt`] on an idle spare instance of the member's
+    /// library ([`MemberLibrary::on_spare`]), for a call that names no
+    /// object; `None` when the library has none idle.
+    #[cold]
+    #[inline(never)]
+    fn attempt_on_spare(
+        &self,
+        position: usize,
+        library: &MemberLibrary,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<Attempt> {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let slot = member.location()?.slot;
+        let rv = library.on_spare(slot, || member.begin_call(), call)?;
+        if rv == CKR_OK {
+            return Some(Attempt::Answered(CKR_OK));
+        }
+        Some(self.judge(position, function, epoch, rv, false))
     }
 
     /// The member whose operation state `C_GetOperationState` should save.

@@ -1095,6 +1095,7 @@ fn init_and_library_verbs() {
         path: PathBuf::from("/nonexistent/libgone.so"),
         environment: Vec::new(),
         concurrency: None,
+        instances: None,
     });
     config.save(&conf).unwrap();
     let out = s.run(&strs(&with(&["--json", "library", "list"])));

@@ -1817,3 +1817,58 @@ fn recovery_leaves_the_applications_passthrough_session_open() {
         .expect("the pass-through session outlived the member's recovery");
     assert_eq!(info.slot_id(), ha.member_slot(1));
 }
+
+/// A virtual session opens its member session on one member at
+/// `C_OpenSession` and on another at its first call there; a member
+/// session no call was made on is kept by its member for the next virtual
+/// session instead of being closed, and one that served calls is closed
+/// with its virtual session.
+#[test]
+fn member_sessions_open_at_first_use_and_unused_ones_are_kept() {
+    // No reconciliation: its sessions would count too.
+    let ha = Ha::with(2, 0, &format!("\n[HASynchronize]\n{GROUP_LABEL} = 0\n"));
+    let _logged_in = ha.session();
+    let opens = ha.counts("C_OpenSession");
+    let closes = ha.counts("C_CloseSession");
+    for _ in 0..10 {
+        drop(
+            ha.pkcs11
+                .open_ro_session(virtual_slot())
+                .expect("C_OpenSession"),
+        );
+    }
+    let opened = grown(&opens, &ha.counts("C_OpenSession"));
+    assert_eq!(
+        opened.iter().sum::<u64>(),
+        1,
+        "ten unused virtual sessions, one member session: {opened:?}"
+    );
+    assert_eq!(
+        grown(&closes, &ha.counts("C_CloseSession")),
+        [0, 0],
+        "the unused member session was kept"
+    );
+
+    let opens = ha.counts("C_OpenSession");
+    let randoms = ha.counts("C_GenerateRandom");
+    let session = ha
+        .pkcs11
+        .open_ro_session(virtual_slot())
+        .expect("C_OpenSession");
+    for _ in 0..10 {
+        session.generate_random_vec(16).expect("C_GenerateRandom");
+    }
+    let served = grown(&randoms, &ha.counts("C_GenerateRandom"));
+    let opened = grown(&opens, &ha.counts("C_OpenSession"));
+    // Member 0's session is the kept one; member 1's is opened only if a
+    // call went there.
+    assert_eq!(opened, [0, u64::from(served[1] > 0)], "served {served:?}");
+    let closes = ha.counts("C_CloseSession");
+    drop(session);
+    let closed = grown(&closes, &ha.counts("C_CloseSession"));
+    let used: Vec<u64> = served.iter().map(|n| u64::from(*n > 0)).collect();
+    assert_eq!(
+        closed, used,
+        "the member sessions that served calls are closed"
+    );
+}

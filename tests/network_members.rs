@@ -268,6 +268,69 @@ fn two_client_entries_reach_two_servers() {
     sign_and_verify(&session, keys);
 }
 
+/// `[LibraryInstances]`: each entry of p11-kit's client keeps up to that
+/// many instances, each a connection of its own (one `p11-kit remote`
+/// worker each on its server, the spares' made at their first use), and
+/// random numbers asked for from several threads at once are served by
+/// more than one of them on each server.
+#[test]
+fn random_numbers_spread_over_the_client_instances() {
+    const INSTANCES: usize = 4;
+    let remote = Remote::start(&format!(
+        "[LibraryInstances]\nhsmA = {INSTANCES}\nhsmB = {INSTANCES}"
+    ));
+    let workers = |server: &Server| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", server.child.id()))
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let read_before: Vec<Vec<(u32, u64)>> = remote
+        .servers
+        .iter()
+        .map(|server| {
+            workers(server)
+                .into_iter()
+                .map(|pid| (pid, p11kit::bytes_read(pid)))
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                let session = remote.session();
+                for _ in 0..300 {
+                    session.generate_random_vec(32).expect("C_GenerateRandom");
+                }
+            });
+        }
+    });
+    for (server, before) in remote.servers.iter().zip(&read_before) {
+        let now = workers(server);
+        assert!(
+            now.len() <= INSTANCES,
+            "{}: at most one worker per client instance: {now:?}",
+            server.label
+        );
+        let serving = now
+            .iter()
+            .filter(|pid| {
+                let was = before
+                    .iter()
+                    .find(|(p, _)| p == *pid)
+                    .map_or(0, |(_, n)| *n);
+                p11kit::bytes_read(**pid) > was
+            })
+            .count();
+        assert!(
+            serving >= 2,
+            "{}: {serving} of its workers {now:?} served the random numbers",
+            server.label
+        );
+    }
+}
+
 /// A stalled member (its worker stopped with SIGSTOP) costs at most one
 /// `memberTimeout`, then no more: the calls after go to the other member.
 #[test]
@@ -429,6 +492,17 @@ fn a_dead_connection_does_not_kill_a_c_application_with_sigpipe() {
         .filter(|s| s.id() != 0)
         .find(|s| remote.pkcs11.get_token_info(*s).unwrap().serial_number() == serial)
         .expect("the remote member's slot");
+    let workers = || -> Vec<i32> {
+        std::fs::read_to_string(format!(
+            "/proc/{0}/task/{0}/children",
+            remote.servers[0].child.id()
+        ))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+    };
+    let ours = workers();
     let mut child = Command::new(&program)
         .arg(library_path())
         .arg(slot.id().to_string())
@@ -440,20 +514,17 @@ fn a_dead_connection_does_not_kill_a_c_application_with_sigpipe() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert_eq!(first, "before rv=0x0");
-    // Our own process holds a connection to the same server too; the
-    // newest worker is the child's.
-    let workers = std::fs::read_to_string(format!(
-        "/proc/{0}/task/{0}/children",
-        remote.servers[0].child.id()
-    ))
-    .unwrap();
-    let newest: i32 = workers
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .max()
-        .expect("the child's worker");
-    // SAFETY: killing a worker process of our own test server.
-    assert_eq!(unsafe { libc::kill(newest, libc::SIGKILL) }, 0);
+    // Our own process holds connections to the same server too; the
+    // workers that came since are the child's (one per client instance).
+    let childs: Vec<i32> = workers()
+        .into_iter()
+        .filter(|w| !ours.contains(w))
+        .collect();
+    assert!(!childs.is_empty(), "the child's workers");
+    for worker in childs {
+        // SAFETY: killing a worker process of our own test server.
+        assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    }
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
     let status = child.wait().unwrap();

@@ -1,14 +1,18 @@
 //! Objects a process finds on a group's members (made earlier, by another
 //! process or before a restart) are located on each member through that
-//! member's object index once a few have been looked for, not by a search
+//! member's object index -- the one reconciliation read, or, before it,
+//! one the group reads once a few have been looked for -- not by a search
 //! of the whole token each: the answers must be the same either way.
 
 mod common;
 
+use common::faulty::FaultyMember;
 use common::*;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectClass};
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::Session;
+use std::fs;
+use std::time::{Duration, Instant};
 
 const KEYS: usize = 48;
 
@@ -145,4 +149,115 @@ fn check_twins(fixture: &Fixture) {
         })
         .collect();
     assert_ne!(results[0], results[1], "two keys, two answers");
+}
+
+/// How long reconciliation may take to read two small members.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// After reconciliation has read both members at login, the first use of
+/// each found key on the member that did not find it needs no search of
+/// that member's token: the index reconciliation read answers it.
+#[test]
+fn first_use_on_the_second_member_needs_no_search_after_reconciliation() {
+    let guard = serial_guard();
+    let hsm = SoftHsm::new(&["member0", "member1"]);
+    provision_domain(&hsm, &DOMAIN_VALUE);
+    let members: Vec<FaultyMember> = hsm
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            FaultyMember::new(
+                hsm.dir.path(),
+                &format!("m{i}"),
+                SOFTHSM_LIB,
+                Some(&token.serial),
+            )
+        })
+        .collect();
+    let paths: Vec<String> = members
+        .iter()
+        .map(|m| m.path.display().to_string())
+        .collect();
+    let log = hsm.dir.path().join("log");
+    fs::create_dir_all(&log).unwrap();
+    let mut text = config_text(
+        &[("m0", &paths[0]), ("m1", &paths[1])],
+        &[GroupSpec::new(GROUP_LABEL, &hsm.serials())],
+        false,
+    );
+    text += &format!(
+        "haStateDir = {}\nhaLogStatus = enabled\nhaLogPath = {}\n",
+        hsm.dir.path().join("state").display(),
+        log.display()
+    );
+    let config = hsm.dir.path().join("pkcs11-ha.conf");
+    fs::write(&config, text).unwrap();
+    let mut fixture = Fixture::start_with_guard(guard, hsm, config);
+    make_keys(&fixture.user_session());
+    fixture.finalize().unwrap();
+    // One key on member 0 alone, made by another process, for
+    // reconciliation to copy: its report in the HA log shows that the
+    // pass has read both members.
+    let softhsm = load_softhsm();
+    initialize(&softhsm).expect("C_Initialize of SoftHSM");
+    let slot = slot_by_label(&softhsm, "member0").expect("member 0's slot");
+    user_session(&softhsm, slot)
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Label(b"lone".to_vec()),
+            Attribute::Value(vec![9; 16]),
+            Attribute::Extractable(true),
+            Attribute::Encrypt(true),
+        ])
+        .expect("a key on member 0 alone");
+    softhsm.finalize().expect("C_Finalize of SoftHSM");
+    initialize(&fixture.pkcs11).expect("C_Initialize again");
+    let session = fixture.user_session();
+    let report = log.join("haErrorLog.txt");
+    let deadline = Instant::now() + PATIENCE;
+    while !fs::read_to_string(&report).is_ok_and(|l| l.contains("1 objects copied")) {
+        assert!(
+            Instant::now() < deadline,
+            "no reconciliation copied the lone key within {PATIENCE:?}; HA log: {:?}",
+            fs::read_to_string(&report)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let searches = |m: &FaultyMember| m.call_count("C_FindObjectsInit");
+    let before: Vec<u64> = members.iter().map(searches).collect();
+    let keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap();
+    assert_eq!(keys.len(), KEYS + 1);
+    for key in &keys {
+        let served = members[1].call_count("C_EncryptInit");
+        let first = session
+            .encrypt(&Mechanism::AesEcb, *key, &[0u8; 16])
+            .expect("C_Encrypt");
+        for _ in 0..3 {
+            let again = session
+                .encrypt(&Mechanism::AesEcb, *key, &[0u8; 16])
+                .unwrap();
+            assert_eq!(again, first, "the same key on every member");
+        }
+        assert!(
+            members[1].call_count("C_EncryptInit") > served,
+            "member 1 served none of four encryptions"
+        );
+    }
+    let grown: Vec<u64> = members
+        .iter()
+        .zip(&before)
+        .map(|(m, b)| searches(m) - b)
+        .collect();
+    assert_eq!(
+        grown.iter().sum::<u64>(),
+        1,
+        "the application's one search, and no search per key: {grown:?}"
+    );
+    drop(session);
+    fixture.finalize().unwrap();
 }

@@ -230,7 +230,7 @@ fn generated_keys_are_refused_while_a_member_that_cannot_receive_them_is_down() 
 /// Four threads sign and verify through the virtual slot with an EC key
 /// both members hold (created through the virtual slot from its
 /// attributes, so on every member without wrapping); while they run, the
-/// server's worker for our connection is killed -- the remote member
+/// server's workers for our connections are killed -- the remote member
 /// crashes, and its own slot answers `CKR_DEVICE_ERROR` from then on. No
 /// operation fails, and signing goes on afterwards.
 #[test]
@@ -243,14 +243,15 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
     let id = b"imported".to_vec();
     let (public, private) = import_ec_key(&group, &s, &id);
     group.check_each_member_signs_alone(&s, public, &id);
+    // One worker per client instance (a connection each); the first
+    // instance, which connected first, serves the sessions.
     let workers = group.server.workers();
-    assert_eq!(
-        workers.len(),
-        1,
-        "one connection, one worker: {workers:?}; {}",
-        group.server.log_text()
-    );
-    let worker = workers[0];
+    let worker = *workers.iter().min().unwrap_or_else(|| {
+        panic!(
+            "no worker serves our connections; {}",
+            group.server.log_text()
+        )
+    });
 
     let (started, warm) = mpsc::channel::<()>();
     let barrier = Barrier::new(THREADS + 1);
@@ -306,8 +307,12 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
                     .unwrap_or_else(|_| vec!["a thread panicked".into()])
             })
             .collect();
-        if killed != [worker] {
-            failures.push(format!("killed {killed:?}, expected [{worker}]"));
+        let mut killed_sorted = killed.clone();
+        killed_sorted.sort_unstable();
+        let mut expected = workers.clone();
+        expected.sort_unstable();
+        if killed_sorted != expected {
+            failures.push(format!("killed {killed:?}, expected {workers:?}"));
         }
         failures
     });

@@ -213,6 +213,55 @@ fn failed_member_rejoins_with_keys_made_while_away_and_serves() {
     }
 }
 
+/// A member that returns while the application is logged out cannot be
+/// given the private keys it missed -- pkcs11-ha holds no credential then
+/// -- so they wait, and the group status counts them as changes the member
+/// has yet to receive (it said 0 while they waited, so a member could pass
+/// for complete that lacked keys the application was given); the
+/// application's next login delivers them.
+#[test]
+fn private_keys_a_member_missed_while_logged_out_are_counted_until_the_next_login() {
+    use cryptoki::object::{KeyType, ObjectClass};
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let keys = ec_key(&session, b"before");
+    fail_member(&group, &session, keys, 1);
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Id(b"while-away".to_vec()),
+            Attribute::Value(vec![7; 16]),
+            Attribute::Encrypt(true),
+        ])
+        .expect("import while member 1 is down");
+    drop(session);
+    group.members[1].clear_fault();
+    let status = group.wait_for_state(1, 0, Duration::from_secs(5));
+    assert_eq!(
+        status.members[1].pendingChanges,
+        1,
+        "the imported key waits for a login; HA log:\n{}",
+        group.log()
+    );
+    assert!(
+        group
+            .log()
+            .contains("changes it missed wait for the application's next login: 1 "),
+        "the HA log says what the member lacks; HA log:\n{}",
+        group.log()
+    );
+    let _session = group.session();
+    assert_eq!(
+        group_status().members[1].pendingChanges,
+        0,
+        "the login delivered the key"
+    );
+    assert_eq!(group.count_on_member(1, b"while-away"), 1);
+}
+
 #[test]
 fn an_idle_application_still_gets_its_members_back() {
     let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);

@@ -1,11 +1,13 @@
 //! Cryptographic operations, key management and random numbers. On a
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
-use super::{buffer, cryptoki_fn, mechanism_argument, required, session, template_argument};
+use super::{buffer, cryptoki_fn, required, session};
+use crate::arguments::Template;
 use crate::error::{check, Error};
+use crate::mechanism::Mechanism;
 use crate::member::{member_call, MemberLibrary};
 use crate::session::Target;
-use crate::virtual_objects::{made_print, template_bool, MemberTemplate};
+use crate::virtual_objects::{made_print, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
 use cryptoki_sys::*;
 
@@ -15,19 +17,17 @@ macro_rules! keyed_init {
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
                 // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+                let mechanism = unsafe { Mechanism::new(mechanism) }?;
                 let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                        check(member_call!(p.library, $name(p.handle, mechanism, key)))
+                        check(member_call!(p.library, $name(p.handle, mechanism.as_ptr(), key)))
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                     Target::Virtual(v) => {
-                        let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism, k));
-                        // SAFETY: `mechanism` is not null (checked above) and
-                        // the application vouches that it is a valid mechanism.
-                        unsafe { v.init(OpKind::$kind, mechanism, Some(key), stringify!($name), on_member) }
+                        let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism.as_ptr(), k));
+                        v.init(OpKind::$kind, Some(&mechanism), Some(key), stringify!($name), on_member)
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                 }
@@ -189,15 +189,13 @@ output_final!(
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism))),
+            Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism.as_ptr()))),
             Target::Virtual(v) => {
-                let on_member = |l: &MemberLibrary, m, _| member_call!(l, C_DigestInit(m, mechanism));
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                unsafe { v.init(OpKind::Digest, mechanism, None, "C_DigestInit", on_member) }
+                let on_member = |l: &MemberLibrary, m, _| member_call!(l, C_DigestInit(m, mechanism.as_ptr()));
+                v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member)
             }
         }
     }
@@ -252,33 +250,25 @@ cryptoki_fn! {
         key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         required(key)?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                unsafe { p.refuse_reserved_label(template, count) }?;
-                check(member_call!(p.library, C_GenerateKey(p.handle, mechanism, template, count, key)))
+                p.refuse_reserved_label(&template)?;
+                check(member_call!(p.library, C_GenerateKey(p.handle, mechanism.as_ptr(), template.as_ptr(), template.count(), key)))
             }
             Target::Virtual(v) => {
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                let (token, mut member_template) = unsafe {
-                    (template_bool(template, count, CKA_TOKEN), MemberTemplate::for_new_key(template, count))
-                };
-                let (t, n) = (member_template.ptr(), member_template.count());
+                let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
+                let (t, n) = (member_template.template().as_ptr(), member_template.template().count());
                 let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
                 };
-                // SAFETY: as above.
-                let prints = [unsafe { made_print(template, count, CKO_SECRET_KEY) }];
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &[token], &prints, "C_GenerateKey", generate) }?;
+                let prints = [made_print(&template, CKO_SECRET_KEY)];
+                let made = v.make_on_one(handle, &mechanism, &[], &[token], &prints, "C_GenerateKey", generate)?;
                 if member_template.protects() {
                     v.group.objects.mark_protected(made[0], true);
                 }
@@ -300,60 +290,44 @@ cryptoki_fn! {
         private_key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
-        // SAFETY: the application vouches for each template's count.
-        unsafe { template_argument(public_template, public_count) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
+        // SAFETY: the application vouches for each template's count, their
+        // values readable during its call.
+        let public_template = unsafe { Template::giving_values(public_template, public_count) }?;
         // SAFETY: as above.
-        unsafe { template_argument(private_template, private_count) }?;
+        let private_template = unsafe { Template::giving_values(private_template, private_count) }?;
         required(public_key)?;
         required(private_key)?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
-                // SAFETY: each template is null only with a zero count
-                // (checked above); the application vouches for its count.
-                unsafe {
-                    p.refuse_reserved_label(public_template, public_count)?;
-                    p.refuse_reserved_label(private_template, private_count)?;
-                }
+                p.refuse_reserved_label(&public_template)?;
+                p.refuse_reserved_label(&private_template)?;
                 check(member_call!(
                 p.library,
                 C_GenerateKeyPair(
-                    p.handle, mechanism, public_template, public_count, private_template, private_count,
+                    p.handle, mechanism.as_ptr(), public_template.as_ptr(), public_template.count(), private_template.as_ptr(), private_template.count(),
                     public_key, private_key
                 )
             ))
             }
             Target::Virtual(v) => {
-                // SAFETY: each template is null only with a zero count
-                // (checked above); the application vouches for its count.
-                let (owners, mut member_private) = unsafe {
-                    (
-                        [
-                            template_bool(public_template, public_count, CKA_TOKEN),
-                            template_bool(private_template, private_count, CKA_TOKEN),
-                        ],
-                        MemberTemplate::for_new_key(private_template, private_count),
-                    )
-                };
-                let (t, n) = (member_private.ptr(), member_private.count());
+                let owners = [public_template.bool(CKA_TOKEN), private_template.bool(CKA_TOKEN)];
+                let member_private = MemberTemplate::for_new_key(&private_template);
+                let (t, n) = (member_private.template().as_ptr(), member_private.template().count());
+                let (public_t, public_n) = (public_template.as_ptr(), public_template.count());
                 let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     let (public, private) = out.split_at_mut(1);
                     member_call!(
                         l,
-                        C_GenerateKeyPair(m, mech, public_template, public_count, t, n, &mut public[0], &mut private[0])
+                        C_GenerateKeyPair(m, mech, public_t, public_n, t, n, &mut public[0], &mut private[0])
                     )
                 };
-                // SAFETY: each template as above.
-                let prints = unsafe {
-                    [
-                        made_print(public_template, public_count, CKO_PUBLIC_KEY),
-                        made_print(private_template, private_count, CKO_PRIVATE_KEY),
-                    ]
-                };
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[], &owners, &prints, "C_GenerateKeyPair", generate) }?;
+                let prints = [
+                    made_print(&public_template, CKO_PUBLIC_KEY),
+                    made_print(&private_template, CKO_PRIVATE_KEY),
+                ];
+                let made = v.make_on_one(handle, &mechanism, &[], &owners, &prints, "C_GenerateKeyPair", generate)?;
                 if member_private.protects() {
                     v.group.objects.mark_protected(made[1], true);
                 }
@@ -377,7 +351,7 @@ cryptoki_fn! {
         wrapped_len: CK_ULONG_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         required(wrapped_len)?;
         let s = session(handle)?;
         match &s.target {
@@ -386,7 +360,7 @@ cryptoki_fn! {
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                 check(member_call!(
                     p.library,
-                    C_WrapKey(p.handle, mechanism, wrapping_key, key, wrapped, wrapped_len)
+                    C_WrapKey(p.handle, mechanism.as_ptr(), wrapping_key, key, wrapped, wrapped_len)
                 ))
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
@@ -396,7 +370,7 @@ cryptoki_fn! {
                 }
                 v.refuse_if_protected(key)?;
                 v.stateless(&[wrapping_key, key], "C_WrapKey", |l, m, h| {
-                    member_call!(l, C_WrapKey(m, mechanism, h[0], h[1], wrapped, wrapped_len))
+                    member_call!(l, C_WrapKey(m, mechanism.as_ptr(), h[0], h[1], wrapped, wrapped_len))
                 })
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
@@ -414,39 +388,31 @@ cryptoki_fn! {
         key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
         buffer(wrapped, wrapped_len)?;
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         required(key)?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                unsafe { p.refuse_reserved_label(template, count) }?;
+                p.refuse_reserved_label(&template)?;
                 check(member_call!(
                     p.library,
-                    C_UnwrapKey(p.handle, mechanism, unwrapping_key, wrapped, wrapped_len, template, count, key)
+                    C_UnwrapKey(p.handle, mechanism.as_ptr(), unwrapping_key, wrapped, wrapped_len, template.as_ptr(), template.count(), key)
                 ))
                 .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                let (token, mut member_template) = unsafe {
-                    (template_bool(template, count, CKA_TOKEN), MemberTemplate::for_new_key(template, count))
-                };
-                let (t, n) = (member_template.ptr(), member_template.count());
+                let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
+                let (t, n) = (member_template.template().as_ptr(), member_template.template().count());
                 let unwrap = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
                 };
-                // SAFETY: as above.
-                let prints = [unsafe { made_print(template, count, CKO_SECRET_KEY) }];
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[unwrapping_key], &[token], &prints, "C_UnwrapKey", unwrap) }
+                let prints = [made_print(&template, CKO_SECRET_KEY)];
+                let made = v.make_on_one(handle, &mechanism, &[unwrapping_key], &[token], &prints, "C_UnwrapKey", unwrap)
                     .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))?;
                 // Imported material: never "never extractable".
                 if member_template.protects() {
@@ -468,51 +434,40 @@ cryptoki_fn! {
         key: CK_OBJECT_HANDLE_PTR,
     ) {
         // SAFETY: the application vouches for the mechanism it passes.
-                unsafe { mechanism_argument(mechanism) }?;
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        let mechanism = unsafe { Mechanism::new(mechanism) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(base_key, CKR_KEY_HANDLE_INVALID)?;
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism,
-                // its parameter `ulParameterLen` readable bytes.
-                for in_parameter in unsafe { crate::mechanism::parameter_handles(&*mechanism) }? {
+                for in_parameter in crate::mechanism::parameter_handles(&mechanism)? {
                     p.reachable(in_parameter, CKR_KEY_HANDLE_INVALID)?;
                 }
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                unsafe { p.refuse_reserved_label(template, count) }?;
+                p.refuse_reserved_label(&template)?;
                 check(member_call!(
                     p.library,
-                    C_DeriveKey(p.handle, mechanism, base_key, template, count, key)
+                    C_DeriveKey(p.handle, mechanism.as_ptr(), base_key, template.as_ptr(), template.count(), key)
                 ))
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 // Some mechanisms (TLS key-and-MAC derivation) return their
                 // keys inside the parameter and take no output handle.
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                let (owners, mut member_template) = unsafe {
-                    let owners: Vec<Option<bool>> = if key.is_null() {
-                        Vec::new()
-                    } else {
-                        vec![template_bool(template, count, CKA_TOKEN)]
-                    };
-                    (owners, MemberTemplate::for_new_key(template, count))
+                let owners: Vec<Option<bool>> = if key.is_null() {
+                    Vec::new()
+                } else {
+                    vec![template.bool(CKA_TOKEN)]
                 };
-                let (t, n) = (member_template.ptr(), member_template.count());
+                let member_template = MemberTemplate::for_new_key(&template);
+                let (t, n) = (member_template.template().as_ptr(), member_template.template().count());
                 let derive = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
                     member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
                 };
-                // SAFETY: as above.
-                let prints: Vec<_> = owners.iter().map(|_| unsafe { made_print(template, count, CKO_SECRET_KEY) }).collect();
-                // SAFETY: `mechanism` is not null (checked above) and the
-                // application vouches that it points to a valid mechanism.
-                let made = unsafe { v.make_on_one(handle, &*mechanism, &[base_key], &owners, &prints, "C_DeriveKey", derive) }
+                let prints: Vec<_> = owners.iter().map(|_| made_print(&template, CKO_SECRET_KEY)).collect();
+                let made = v.make_on_one(handle, &mechanism, &[base_key], &owners, &prints, "C_DeriveKey", derive)
                     .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))?;
                 if let Some(made) = made.first() {
                     if member_template.protects() {

@@ -1,7 +1,8 @@
 //! General-purpose, slot and token functions, and the interface discovery
 //! functions modern clients call first.
 
-use super::{copy_out, cryptoki_fn, required, session, FUNCTION_LIST};
+use super::{cryptoki_fn, required, session, FUNCTION_LIST};
+use crate::arguments::Output;
 use crate::error::{check, Error};
 use crate::member::member_call;
 use crate::member::string_to_padded;
@@ -82,7 +83,7 @@ cryptoki_fn! {
     fn C_GetInterfaceList(interfaces: *mut CK_INTERFACE, count: *mut CK_ULONG) {
         // SAFETY: the application vouches that `count` is writable and that
         // `interfaces`, when not null, has room for `*count` interfaces.
-        unsafe { copy_out(std::slice::from_ref(&INTERFACE.0), interfaces, count) }
+        unsafe { Output::new(interfaces, count) }?.fill(std::slice::from_ref(&INTERFACE.0))
     }
 
     fn C_GetInterface(
@@ -112,9 +113,9 @@ cryptoki_fn! {
     fn C_GetSlotList(token_present: CK_BBOOL, slots: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) {
         required(count)?;
         let slot_list = provider::with(|p| Ok(p.slot_list(token_present != CK_FALSE)))?;
-        // SAFETY: `count` is not null (checked above); the application
-        // vouches that `slots`, when not null, has room for `*count` IDs.
-        unsafe { copy_out(&slot_list, slots, count) }
+        // SAFETY: the application vouches that `count` is writable and that
+        // `slots`, when not null, has room for `*count` IDs.
+        unsafe { Output::new(slots, count) }?.fill(&slot_list)
     }
 
     fn C_GetSlotInfo(slot: CK_SLOT_ID, info: *mut CK_SLOT_INFO) {
@@ -136,9 +137,9 @@ cryptoki_fn! {
     fn C_GetMechanismList(slot: CK_SLOT_ID, mechanisms: CK_MECHANISM_TYPE_PTR, count: CK_ULONG_PTR) {
         required(count)?;
         let mechanism_list = provider::with(|p| p.mechanisms(slot))?;
-        // SAFETY: `count` is not null (checked above); the application
-        // vouches that `mechanisms`, when not null, has room for `*count`.
-        unsafe { copy_out(&mechanism_list, mechanisms, count) }
+        // SAFETY: the application vouches that `count` is writable and that
+        // `mechanisms`, when not null, has room for `*count`.
+        unsafe { Output::new(mechanisms, count) }?.fill(&mechanism_list)
     }
 
     fn C_GetMechanismInfo(slot: CK_SLOT_ID, mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO) {

@@ -3,7 +3,8 @@
 //! macro generates every export so none can miss the panic guard.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-use crate::error::{Error, Result};
+use crate::arguments::{buffer, required};
+use crate::error::Result;
 use crate::provider;
 use crate::session::SessionRef;
 use cryptoki_sys::*;
@@ -43,123 +44,11 @@ pub fn guard(body: impl FnOnce() -> Result<()>) -> CK_RV {
     }
 }
 
-/// `CKR_ARGUMENTS_BAD` for a null pointer the function cannot do without.
-fn required<T>(pointer: *const T) -> Result<()> {
-    if pointer.is_null() {
-        Err(Error::new(CKR_ARGUMENTS_BAD))
-    } else {
-        Ok(())
-    }
-}
-
-/// `CKR_ARGUMENTS_BAD` for a null buffer that claims a length.
-fn buffer<T>(pointer: *const T, len: CK_ULONG) -> Result<()> {
-    if pointer.is_null() && len != 0 {
-        Err(Error::new(CKR_ARGUMENTS_BAD))
-    } else {
-        Ok(())
-    }
-}
-
-/// The most attributes one template may hold; a larger count is a corrupt
-/// value, and following it would read far past the application's array.
-const MAX_TEMPLATE_COUNT: CK_ULONG = 1 << 12;
-/// The longest attribute value accepted in a template, far beyond any
-/// token's object size: a longer one is a corrupt length that SoftHSM
-/// `exit`s on.
-const MAX_ATTRIBUTE_LEN: CK_ULONG = 1 << 24;
-
-/// A mechanism the call cannot do without, its parameter checked so that a
-/// malformed one never reaches a member.
-///
-/// # Safety
-/// `mechanism`, when not null, must point to a mechanism whose parameter
-/// is readable for its stated length.
-unsafe fn mechanism_argument(mechanism: CK_MECHANISM_PTR) -> Result<()> {
-    required(mechanism)?;
-    // SAFETY: not null (checked above); the caller vouches for the rest.
-    unsafe { crate::mechanism::check_parameter(&*mechanism) }
-}
-
-/// A template that gives values (creates, sets or searches): a NULL value
-/// with a length, or an absurd length, is `CKR_ATTRIBUTE_VALUE_INVALID`
-/// before any member reads it; nested templates (`CKA_WRAP_TEMPLATE` and
-/// the like) are checked the same way. Not for `C_GetAttributeValue`,
-/// where a NULL value asks for the length.
-///
-/// # Safety
-/// `template`, when not null, must point to `count` attributes.
-unsafe fn template_argument(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<()> {
-    buffer(template, count)?;
-    if count > MAX_TEMPLATE_COUNT {
-        return Err(Error::new(CKR_ARGUMENTS_BAD));
-    }
-    // SAFETY: `template` is null only with a zero count (checked above).
-    unsafe { check_values(template, count, 2) }
-}
-
-/// # Safety
-/// As for [`template_argument`], `template` non-null unless `count` is 0.
-unsafe fn check_values(template: CK_ATTRIBUTE_PTR, count: CK_ULONG, depth: u8) -> Result<()> {
-    if count == 0 {
-        return Ok(());
-    }
-    let invalid = Error::new(CKR_ATTRIBUTE_VALUE_INVALID);
-    // SAFETY: the caller vouches for `count` attributes.
-    let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
-    for attribute in attributes {
-        let len = attribute.ulValueLen;
-        if (attribute.pValue.is_null() && len != 0) || len > MAX_ATTRIBUTE_LEN {
-            return Err(invalid);
-        }
-        let nested = matches!(
-            attribute.type_,
-            CKA_WRAP_TEMPLATE | CKA_UNWRAP_TEMPLATE | CKA_DERIVE_TEMPLATE
-        );
-        if nested && !attribute.pValue.is_null() {
-            let size = std::mem::size_of::<CK_ATTRIBUTE>() as CK_ULONG;
-            if depth == 0 || len % size != 0 {
-                return Err(invalid);
-            }
-            // SAFETY: the value holds `len / size` attributes, as the
-            // application vouches for its values.
-            unsafe { check_values(attribute.pValue as CK_ATTRIBUTE_PTR, len / size, depth - 1) }?;
-        }
-    }
-    Ok(())
-}
-
 /// The session named by `handle`; inlined, as the first step of most
 /// calls.
 #[inline(always)]
 fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     provider::session(handle)
-}
-
-/// Copies `items` to a caller's array with the two-call convention: a null
-/// array asks for the count, a short one gets `CKR_BUFFER_TOO_SMALL` and
-/// the count needed.
-///
-/// # Safety
-/// `count` must be writable; `out`, when not null, must have room for
-/// `*count` items.
-unsafe fn copy_out<T: Copy>(items: &[T], out: *mut T, count: *mut CK_ULONG) -> Result<()> {
-    required(count)?;
-    let needed = items.len() as CK_ULONG;
-    // SAFETY: checked non-null above; the caller vouches for the rest.
-    unsafe {
-        if out.is_null() {
-            *count = needed;
-            return Ok(());
-        }
-        if *count < needed {
-            *count = needed;
-            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
-        }
-        std::ptr::copy_nonoverlapping(items.as_ptr(), out, items.len());
-        *count = needed;
-    }
-    Ok(())
 }
 
 macro_rules! function_list {

@@ -1,6 +1,7 @@
 //! Object management and search.
 
-use super::{buffer, cryptoki_fn, required, session, template_argument};
+use super::{cryptoki_fn, required, session};
+use crate::arguments::{AttributeRequest, OutArray, Template};
 use crate::error::{check, Error};
 use crate::member::member_call;
 use crate::session::Target;
@@ -14,21 +15,18 @@ cryptoki_fn! {
         count: CK_ULONG,
         object: CK_OBJECT_HANDLE_PTR,
     ) {
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         required(object)?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                unsafe { p.refuse_reserved_label(template, count) }?;
-                check(member_call!(p.library, C_CreateObject(p.handle, template, count, object)))
+                p.refuse_reserved_label(&template)?;
+                check(member_call!(p.library, C_CreateObject(p.handle, template.as_ptr(), template.count(), object)))
             }
             Target::Virtual(v) => {
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                let made = unsafe { v.create_object(handle, template, count) }?;
+                let made = v.create_object(handle, &template)?;
                 // SAFETY: `object` is not null (checked above) and writable.
                 unsafe { *object = made };
                 Ok(())
@@ -43,22 +41,19 @@ cryptoki_fn! {
         count: CK_ULONG,
         object: CK_OBJECT_HANDLE_PTR,
     ) {
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         required(object)?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(source, CKR_OBJECT_HANDLE_INVALID)?;
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                unsafe { p.refuse_reserved_label(template, count) }?;
-                check(member_call!(p.library, C_CopyObject(p.handle, source, template, count, object)))
+                p.refuse_reserved_label(&template)?;
+                check(member_call!(p.library, C_CopyObject(p.handle, source, template.as_ptr(), template.count(), object)))
             }
             Target::Virtual(v) => {
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                let made = unsafe { v.copy_object(handle, source, template, count) }.map_err(Error::as_object)?;
+                let made = v.copy_object(handle, source, &template).map_err(Error::as_object)?;
                 // SAFETY: `object` is not null (checked above) and writable.
                 unsafe { *object = made };
                 Ok(())
@@ -99,17 +94,16 @@ cryptoki_fn! {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) {
-        buffer(template, count)?;
+        // SAFETY: the application vouches for `count` attributes with
+        // buffers of the lengths they give.
+        let mut request = unsafe { AttributeRequest::new(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_GetAttributeValue(p.handle, object, template, count)))
+                check(member_call!(p.library, C_GetAttributeValue(p.handle, object, request.as_mut_ptr(), request.count())))
             }
-            // SAFETY: `template` is null only with a zero count (checked
-            // above); the application vouches for `count` attributes with
-            // buffers of the lengths they give.
-            Target::Virtual(v) => unsafe { v.get_attribute_value(object, template, count) }.map_err(Error::as_object),
+            Target::Virtual(v) => v.get_attribute_value(object, &mut request).map_err(Error::as_object),
         }
     }
 
@@ -119,32 +113,28 @@ cryptoki_fn! {
         template: CK_ATTRIBUTE_PTR,
         count: CK_ULONG,
     ) {
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                // SAFETY: `template` is null only with a zero count (checked
-                // above); the application vouches for `count` attributes.
-                unsafe { p.refuse_reserved_label(template, count) }?;
-                check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template, count)))
+                p.refuse_reserved_label(&template)?;
+                check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template.as_ptr(), template.count())))
             }
-            // SAFETY: `template` is null only with a zero count (checked
-            // above); the application vouches for `count` attributes.
-            Target::Virtual(v) => unsafe { v.set_attribute_value(object, template, count) }.map_err(Error::as_object),
+            Target::Virtual(v) => v.set_attribute_value(object, &template).map_err(Error::as_object),
         }
     }
 
     fn C_FindObjectsInit(handle: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG) {
-        // SAFETY: the application vouches for `count` attributes.
-        unsafe { template_argument(template, count) }?;
+        // SAFETY: the application vouches for `count` attributes, their
+        // values readable during its call.
+        let template = unsafe { Template::giving_values(template, count) }?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template, count))),
-            // SAFETY: `template` is null only with a zero count (checked
-            // above); the application vouches for `count` attributes.
-            Target::Virtual(v) => unsafe { v.find_init(template, count) },
+            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template.as_ptr(), template.count()))),
+            Target::Virtual(v) => v.find_init(&template),
         }
     }
 
@@ -154,16 +144,15 @@ cryptoki_fn! {
         max: CK_ULONG,
         count: CK_ULONG_PTR,
     ) {
-        buffer(objects, max)?;
+        // SAFETY: the application vouches for room for `max` handles.
+        let mut found = unsafe { OutArray::new(objects, max) }?;
         required(count)?;
+        // SAFETY: not null (checked above) and writable.
+        let count = unsafe { &mut *count };
         let s = session(handle)?;
         match &s.target {
-            // SAFETY: `count` is not null and `objects` is null only with a
-            // zero `max` (checked above); the application vouches for room
-            // for `max` handles.
-            Target::PassThrough(p) => unsafe { p.find(objects, max, count) },
-            // SAFETY: as for the pass-through search above.
-            Target::Virtual(v) => unsafe { v.find(objects, max, count) },
+            Target::PassThrough(p) => p.find(&mut found, count),
+            Target::Virtual(v) => v.find(&mut found, count),
         }
     }
 

@@ -2,6 +2,7 @@
 //! saved operation state.
 
 use super::{buffer, cryptoki_fn, required, session};
+use crate::arguments::Output;
 use crate::error::{check, Error};
 use crate::member::member_call;
 use crate::provider;
@@ -131,26 +132,17 @@ cryptoki_fn! {
         let mut member_len: CK_ULONG = 0;
         check(member_call!(m.library, C_GetOperationState(m.handle, std::ptr::null_mut(), &mut member_len)))?;
         let needed = member_len + STATE_HEADER as CK_ULONG;
-        // SAFETY: `state_len` is not null (checked above) and read-write.
-        let room = unsafe { &mut *state_len };
-        if state.is_null() {
-            *room = needed;
-            return Ok(());
-        }
-        if *room < needed {
-            *room = needed;
-            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
-        }
-        // SAFETY: `state` is not null and, as the application said, has
-        // room for `needed` bytes, more than the header.
-        let (header, member_state) = unsafe {
-            (std::slice::from_raw_parts_mut(state, STATE_HEADER), state.add(STATE_HEADER))
-        };
-        header[..4].copy_from_slice(STATE_MAGIC);
-        header[4..].copy_from_slice(&(position as u32).to_le_bytes());
-        let rv = member_call!(m.library, C_GetOperationState(m.handle, member_state, &mut member_len));
-        *room = member_len + STATE_HEADER as CK_ULONG;
-        check(rv)
+        // SAFETY: `state_len` is not null (checked above) and read-write;
+        // the application vouches that `state`, when not null, has room for
+        // `*state_len` bytes.
+        let out = unsafe { Output::new(state, state_len) }?;
+        out.fill_with(needed, |room| {
+            let (header, member_state) = room.split_at_mut(STATE_HEADER);
+            header[..4].copy_from_slice(STATE_MAGIC);
+            header[4..].copy_from_slice(&(position as u32).to_le_bytes());
+            let rv = member_call!(m.library, C_GetOperationState(m.handle, member_state.as_mut_ptr(), &mut member_len));
+            (member_len + STATE_HEADER as CK_ULONG, check(rv))
+        })
     }
 
     fn C_SetOperationState(

@@ -104,6 +104,7 @@ pub fn init(ctx: &Ctx, args: &InitArgs) -> Res<ExitCode> {
             path,
             environment: Vec::new(),
             concurrency: None,
+            instances: None,
         });
     }
     if config.libraries.is_empty() {
@@ -211,6 +212,7 @@ pub fn library_add(ctx: &Ctx, args: &LibraryAddArgs) -> Res<ExitCode> {
         path: args.path.clone(),
         environment: args.environment.clone(),
         concurrency: None,
+        instances: None,
     });
     ctx.save(&config)?;
     ctx.say(format!(

@@ -1,0 +1,603 @@
+//! The application's arguments as Rust values: templates, attribute
+//! requests, mechanisms and output buffers, each checked once where
+//! `ffi/` takes it from C and borrowed for that C call. The core reads them
+//! through these types alone; a C pointer is made of them again only as an
+//! argument of a member call.
+
+use crate::error::{Error, Result};
+use cryptoki_sys::*;
+use std::borrow::Cow;
+
+/// The most attributes one template may hold; a larger count is a corrupt
+/// value, and following it would read far past the application's array.
+const MAX_TEMPLATE_COUNT: CK_ULONG = 1 << 12;
+/// The longest attribute value accepted in a template, far beyond any
+/// token's object size: a longer one is a corrupt length that SoftHSM
+/// `exit`s on.
+const MAX_ATTRIBUTE_LEN: CK_ULONG = 1 << 24;
+/// How deep templates may nest in a template (`CKA_UNWRAP_TEMPLATE` and
+/// the like, inside one another).
+const MAX_NESTING: u8 = 2;
+
+/// `CKR_ARGUMENTS_BAD` for a null pointer the function cannot do without.
+pub fn required<T>(pointer: *const T) -> Result<()> {
+    if pointer.is_null() {
+        Err(Error::new(CKR_ARGUMENTS_BAD))
+    } else {
+        Ok(())
+    }
+}
+
+/// `CKR_ARGUMENTS_BAD` for a null buffer that claims a length.
+pub fn buffer<T>(pointer: *const T, len: CK_ULONG) -> Result<()> {
+    if pointer.is_null() && len != 0 {
+        Err(Error::new(CKR_ARGUMENTS_BAD))
+    } else {
+        Ok(())
+    }
+}
+
+/// An attribute template whose values are read, not written: checked once
+/// (see [`Template::giving_values`]), then read safely. Borrowed from the
+/// application for its call, or made from one by leaving attributes out or
+/// adding fixed ones ([`TemplateBuilder`]).
+pub struct Template<'a> {
+    attributes: Cow<'a, [CK_ATTRIBUTE]>,
+    /// Rewritten nested templates that `attributes` points into.
+    _nested: Vec<Template<'a>>,
+    /// The application passed a null template (with no attributes): a
+    /// member gets null too, as it would have without us.
+    absent: bool,
+}
+
+/// One attribute of a [`Template`], its value readable for as long as the
+/// template is borrowed.
+#[derive(Clone, Copy)]
+pub struct Attribute<'t>(&'t CK_ATTRIBUTE);
+
+impl<'t> Attribute<'t> {
+    pub fn kind(&self) -> CK_ATTRIBUTE_TYPE {
+        self.0.type_
+    }
+
+    /// The value; `None` for a null value (which has no length).
+    pub fn value(&self) -> Option<&'t [u8]> {
+        if self.0.pValue.is_null() {
+            return None;
+        }
+        // SAFETY: an `Attribute` comes only from a `Template`, whose values
+        // are readable for their lengths while it is borrowed.
+        Some(unsafe {
+            std::slice::from_raw_parts(self.0.pValue as *const u8, self.0.ulValueLen as usize)
+        })
+    }
+
+    /// The template this attribute's value holds, if it is a well-formed
+    /// nested one (`CKA_UNWRAP_TEMPLATE` and the like).
+    pub fn nested(&self) -> Option<Template<'t>> {
+        self.nested_slice().map(Template::from_checked)
+    }
+
+    /// The attributes of [`Attribute::nested`], borrowed as long as this one.
+    pub fn nested_attributes(&self) -> Option<impl Iterator<Item = Attribute<'t>> + Clone> {
+        self.nested_slice().map(|inner| inner.iter().map(Attribute))
+    }
+
+    fn nested_slice(&self) -> Option<&'t [CK_ATTRIBUTE]> {
+        let size = std::mem::size_of::<CK_ATTRIBUTE>();
+        let len = self.0.ulValueLen as usize;
+        if !is_nested(self.0.type_) || self.0.pValue.is_null() || len % size != 0 {
+            return None;
+        }
+        // SAFETY: a nested template's values were checked with the
+        // template's own (`check_values`), or it was built of checked
+        // attributes ([`TemplateBuilder::push_nested`]), and is readable as
+        // long as they are.
+        Some(unsafe {
+            std::slice::from_raw_parts(self.0.pValue as *const CK_ATTRIBUTE, len / size)
+        })
+    }
+}
+
+fn is_nested(kind: CK_ATTRIBUTE_TYPE) -> bool {
+    matches!(
+        kind,
+        CKA_WRAP_TEMPLATE | CKA_UNWRAP_TEMPLATE | CKA_DERIVE_TEMPLATE
+    )
+}
+
+static TRUE: CK_BBOOL = CK_TRUE;
+static FALSE: CK_BBOOL = CK_FALSE;
+
+impl<'a> Template<'a> {
+    /// The application's template of a call that gives values (creates,
+    /// sets or searches): a NULL template with a count, or more than 4096
+    /// attributes, is `CKR_ARGUMENTS_BAD`; a NULL value with a length, or an
+    /// absurd length, is `CKR_ATTRIBUTE_VALUE_INVALID` before any member
+    /// reads it; nested templates are checked the same way.
+    ///
+    /// # Safety
+    /// `template`, when not null, must point to `count` attributes whose
+    /// values are readable for their lengths during `'a`.
+    pub unsafe fn giving_values(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<Self> {
+        buffer(template, count)?;
+        if count > MAX_TEMPLATE_COUNT {
+            return Err(Error::new(CKR_ARGUMENTS_BAD));
+        }
+        if template.is_null() {
+            return Ok(Template {
+                attributes: Cow::Borrowed(&[]),
+                _nested: Vec::new(),
+                absent: true,
+            });
+        }
+        // SAFETY: not null; the caller vouches for `count` attributes.
+        let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
+        // SAFETY: the caller vouches for the values.
+        unsafe { check_values(attributes, MAX_NESTING) }?;
+        Ok(Template::from_checked(attributes))
+    }
+
+    fn from_checked(attributes: &'a [CK_ATTRIBUTE]) -> Self {
+        Template {
+            attributes: Cow::Borrowed(attributes),
+            _nested: Vec::new(),
+            absent: false,
+        }
+    }
+
+    /// The same template, borrowed again.
+    pub fn reborrow(&self) -> Template<'_> {
+        Template {
+            attributes: Cow::Borrowed(&self.attributes),
+            _nested: Vec::new(),
+            absent: self.absent,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Attribute<'_>> + Clone {
+        self.attributes.iter().map(Attribute)
+    }
+
+    pub fn len(&self) -> usize {
+        self.attributes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_empty()
+    }
+
+    /// The attributes with their values, a null value as an empty one.
+    pub fn values(&self) -> impl Iterator<Item = (CK_ATTRIBUTE_TYPE, &[u8])> + Clone {
+        self.iter()
+            .map(|a| (a.kind(), a.value().unwrap_or_default()))
+    }
+
+    /// The `CK_BBOOL` value of `attribute`, if present.
+    pub fn bool(&self, attribute: CK_ATTRIBUTE_TYPE) -> Option<bool> {
+        self.iter()
+            .filter(|a| a.kind() == attribute)
+            .find_map(|a| a.value().filter(|v| v.len() == 1))
+            .map(|v| v[0] != CK_FALSE)
+    }
+
+    /// The `CK_ULONG` value of `attribute`, if present.
+    pub fn ulong(&self, attribute: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
+        const SIZE: usize = std::mem::size_of::<CK_ULONG>();
+        self.iter()
+            .filter(|a| a.kind() == attribute)
+            .find_map(|a| a.value().and_then(|v| <[u8; SIZE]>::try_from(v).ok()))
+            .map(CK_ULONG::from_ne_bytes)
+    }
+
+    /// The attributes but those of the types in `left_out`.
+    pub fn without(&self, left_out: &[CK_ATTRIBUTE_TYPE]) -> Template<'_> {
+        let mut kept = TemplateBuilder::with_capacity(self.len());
+        for a in self.iter().filter(|a| !left_out.contains(&a.kind())) {
+            kept.push(a);
+        }
+        kept.build()
+    }
+
+    /// The template as a member call takes it; the application's null
+    /// stays null.
+    pub fn as_ptr(&self) -> CK_ATTRIBUTE_PTR {
+        if self.absent {
+            std::ptr::null_mut()
+        } else {
+            self.attributes.as_ptr() as CK_ATTRIBUTE_PTR
+        }
+    }
+
+    pub fn count(&self) -> CK_ULONG {
+        self.attributes.len() as CK_ULONG
+    }
+}
+
+/// Checks the values of `attributes` for [`Template::giving_values`],
+/// nested templates down to `depth` more levels.
+///
+/// # Safety
+/// Each attribute's value must be readable for its length (or be null).
+unsafe fn check_values(attributes: &[CK_ATTRIBUTE], depth: u8) -> Result<()> {
+    let invalid = Error::new(CKR_ATTRIBUTE_VALUE_INVALID);
+    for attribute in attributes {
+        let len = attribute.ulValueLen;
+        if (attribute.pValue.is_null() && len != 0) || len > MAX_ATTRIBUTE_LEN {
+            return Err(invalid);
+        }
+        if is_nested(attribute.type_) && !attribute.pValue.is_null() {
+            let size = std::mem::size_of::<CK_ATTRIBUTE>() as CK_ULONG;
+            if depth == 0 || len % size != 0 {
+                return Err(invalid);
+            }
+            // SAFETY: the value holds `len / size` attributes, as the
+            // application vouches for its values.
+            let inner = unsafe {
+                std::slice::from_raw_parts(
+                    attribute.pValue as *const CK_ATTRIBUTE,
+                    (len / size) as usize,
+                )
+            };
+            // SAFETY: as for the outer template.
+            unsafe { check_values(inner, depth - 1) }?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes a template of another's attributes and fixed values, for a member
+/// that must get something other than what the application gave.
+pub struct TemplateBuilder<'t> {
+    attributes: Vec<CK_ATTRIBUTE>,
+    nested: Vec<Template<'t>>,
+}
+
+impl<'t> TemplateBuilder<'t> {
+    pub fn with_capacity(capacity: usize) -> Self {
+        TemplateBuilder {
+            attributes: Vec::with_capacity(capacity),
+            nested: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, attribute: Attribute<'t>) {
+        self.attributes.push(*attribute.0);
+    }
+
+    pub fn push_bool(&mut self, kind: CK_ATTRIBUTE_TYPE, value: bool) {
+        let value: &'static CK_BBOOL = if value { &TRUE } else { &FALSE };
+        self.attributes.push(CK_ATTRIBUTE {
+            type_: kind,
+            pValue: value as *const CK_BBOOL as *mut _,
+            ulValueLen: 1,
+        });
+    }
+
+    /// Adds `inner` as the value of a nested-template attribute.
+    pub fn push_nested(&mut self, kind: CK_ATTRIBUTE_TYPE, inner: Template<'t>) {
+        // The attributes' buffer stays where it is when `inner` moves.
+        self.attributes.push(CK_ATTRIBUTE {
+            type_: kind,
+            pValue: inner.attributes.as_ptr() as *mut _,
+            ulValueLen: std::mem::size_of_val(inner.attributes.as_ref()) as CK_ULONG,
+        });
+        self.nested.push(inner);
+    }
+
+    pub fn build(self) -> Template<'t> {
+        Template {
+            attributes: Cow::Owned(self.attributes),
+            _nested: self.nested,
+            absent: false,
+        }
+    }
+}
+
+/// The attributes of a `C_GetAttributeValue`: each names a type and
+/// either a buffer for its value or none (asking the value's length). The
+/// answers go into the attributes' lengths and buffers.
+pub struct AttributeRequest<'a> {
+    attributes: &'a mut [CK_ATTRIBUTE],
+    absent: bool,
+}
+
+impl<'a> AttributeRequest<'a> {
+    /// `CKR_ARGUMENTS_BAD` for a null template with a count; null values
+    /// are allowed (they ask for the length).
+    ///
+    /// # Safety
+    /// `template`, when not null, must point to `count` attributes, each
+    /// value (when not null) writable for its length during `'a`.
+    pub unsafe fn new(template: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<Self> {
+        buffer(template, count)?;
+        if template.is_null() {
+            return Ok(AttributeRequest {
+                attributes: &mut [],
+                absent: true,
+            });
+        }
+        Ok(AttributeRequest {
+            // SAFETY: not null; the caller vouches for `count` attributes.
+            attributes: unsafe { std::slice::from_raw_parts_mut(template, count as usize) },
+            absent: false,
+        })
+    }
+
+    /// The attributes as asked: types, lengths, whether a buffer was given.
+    pub fn attributes(&self) -> &[CK_ATTRIBUTE] {
+        self.attributes
+    }
+
+    pub fn set_len(&mut self, index: usize, len: CK_ULONG) {
+        self.attributes[index].ulValueLen = len;
+    }
+
+    /// Answers one attribute with `value` under the two-call convention: no
+    /// buffer gets the length; a short one `CKR_BUFFER_TOO_SMALL` (its
+    /// length unavailable, as the specification has it).
+    pub fn answer(&mut self, index: usize, value: &[u8]) -> Result<()> {
+        let attribute = &mut self.attributes[index];
+        if attribute.pValue.is_null() {
+            attribute.ulValueLen = value.len() as CK_ULONG;
+        } else if (attribute.ulValueLen as usize) < value.len() {
+            attribute.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
+        } else {
+            // SAFETY: a buffer of at least `value.len()` bytes, as the
+            // application vouched when the request was made.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    value.as_ptr(),
+                    attribute.pValue as *mut u8,
+                    value.len(),
+                )
+            };
+            attribute.ulValueLen = value.len() as CK_ULONG;
+        }
+        Ok(())
+    }
+
+    /// The attributes as a member call takes them; the application's null
+    /// stays null.
+    pub fn as_mut_ptr(&mut self) -> CK_ATTRIBUTE_PTR {
+        if self.absent {
+            std::ptr::null_mut()
+        } else {
+            self.attributes.as_mut_ptr()
+        }
+    }
+
+    pub fn count(&self) -> CK_ULONG {
+        self.attributes.len() as CK_ULONG
+    }
+}
+
+/// An array the application gave a call to fill (`C_FindObjects`' handles).
+pub struct OutArray<'a, T> {
+    items: &'a mut [T],
+    absent: bool,
+}
+
+impl<'a, T> OutArray<'a, T> {
+    /// `CKR_ARGUMENTS_BAD` for a null array with room.
+    ///
+    /// # Safety
+    /// `items`, when not null, must have room for `room` items, writable
+    /// during `'a`.
+    pub unsafe fn new(items: *mut T, room: CK_ULONG) -> Result<Self> {
+        buffer(items, room)?;
+        if items.is_null() {
+            return Ok(OutArray {
+                items: &mut [],
+                absent: true,
+            });
+        }
+        Ok(OutArray {
+            // SAFETY: not null; the caller vouches for the room.
+            items: unsafe { std::slice::from_raw_parts_mut(items, room as usize) },
+            absent: false,
+        })
+    }
+
+    pub fn items(&mut self) -> &mut [T] {
+        self.items
+    }
+
+    /// The array as a member call takes it; the application's null stays
+    /// null.
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        if self.absent {
+            std::ptr::null_mut()
+        } else {
+            self.items.as_mut_ptr()
+        }
+    }
+
+    pub fn room(&self) -> CK_ULONG {
+        self.items.len() as CK_ULONG
+    }
+}
+
+/// Where a call writes a list or bytes under the two-call convention: no
+/// buffer asks for the length; a short one gets `CKR_BUFFER_TOO_SMALL` and
+/// the length needed; otherwise the items are written and their number.
+pub struct Output<'a, T> {
+    buffer: *mut T,
+    len: &'a mut CK_ULONG,
+}
+
+impl<'a, T: Copy> Output<'a, T> {
+    /// `CKR_ARGUMENTS_BAD` for a null length.
+    ///
+    /// # Safety
+    /// `len`, when not null, must be writable during `'a`; `buffer`, when
+    /// not null, must have room for `*len` items, writable as long.
+    pub unsafe fn new(buffer: *mut T, len: *mut CK_ULONG) -> Result<Self> {
+        required(len)?;
+        Ok(Output {
+            buffer,
+            // SAFETY: not null, writable as the caller vouches.
+            len: unsafe { &mut *len },
+        })
+    }
+
+    /// Writes `items`.
+    pub fn fill(self, items: &[T]) -> Result<()> {
+        let needed = items.len() as CK_ULONG;
+        self.fill_with(needed, |room| {
+            room.copy_from_slice(items);
+            (needed, Ok(()))
+        })
+    }
+
+    /// Has `write` fill `needed` items where the buffer has room for them;
+    /// `write` says how many it wrote, and whether it succeeded.
+    pub fn fill_with(
+        self,
+        needed: CK_ULONG,
+        write: impl FnOnce(&mut [T]) -> (CK_ULONG, Result<()>),
+    ) -> Result<()> {
+        if self.buffer.is_null() {
+            *self.len = needed;
+            return Ok(());
+        }
+        if *self.len < needed {
+            *self.len = needed;
+            return Err(Error::new(CKR_BUFFER_TOO_SMALL));
+        }
+        // SAFETY: not null, with room for `*len` items (at least `needed`),
+        // as the caller of `new` vouches.
+        let room = unsafe { std::slice::from_raw_parts_mut(self.buffer, needed as usize) };
+        let (written, result) = write(room);
+        *self.len = written;
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attribute<T>(kind: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
+        CK_ATTRIBUTE {
+            type_: kind,
+            pValue: value as *const T as *mut _,
+            ulValueLen: std::mem::size_of::<T>() as CK_ULONG,
+        }
+    }
+
+    #[test]
+    fn bool_and_ulong_read_values_of_their_size_only() {
+        let yes: CK_BBOOL = CK_TRUE;
+        let wide: CK_ULONG = 1;
+        let class: CK_ULONG = CKO_SECRET_KEY;
+        let raw = [
+            attribute(CKA_PRIVATE, &wide),
+            attribute(CKA_TOKEN, &yes),
+            attribute(CKA_CLASS, &class),
+        ];
+        // SAFETY: a live local template.
+        let template = unsafe { Template::giving_values(raw.as_ptr() as *mut _, 3) }.unwrap();
+        assert_eq!(template.bool(CKA_TOKEN), Some(true));
+        assert_eq!(template.bool(CKA_PRIVATE), None);
+        assert_eq!(template.ulong(CKA_CLASS), Some(CKO_SECRET_KEY));
+        assert_eq!(template.ulong(CKA_TOKEN), None);
+        let rest = template.without(&[CKA_TOKEN]);
+        assert_eq!(rest.count(), 2);
+        assert_eq!(rest.bool(CKA_TOKEN), None);
+    }
+
+    #[test]
+    fn malformed_templates_get_the_codes_they_always_got() {
+        let bad = |t, n| unsafe { Template::giving_values(t, n) }.err().map(|e| e.rv);
+        assert_eq!(bad(std::ptr::null_mut(), 1), Some(CKR_ARGUMENTS_BAD));
+        let null_value = [CK_ATTRIBUTE {
+            type_: CKA_VALUE,
+            pValue: std::ptr::null_mut(),
+            ulValueLen: 4,
+        }];
+        assert_eq!(
+            bad(null_value.as_ptr() as *mut _, 1),
+            Some(CKR_ATTRIBUTE_VALUE_INVALID)
+        );
+        assert_eq!(
+            bad(null_value.as_ptr() as *mut _, MAX_TEMPLATE_COUNT + 1),
+            Some(CKR_ARGUMENTS_BAD)
+        );
+        // SAFETY: null with no attributes.
+        let absent = unsafe { Template::giving_values(std::ptr::null_mut(), 0) }.unwrap();
+        assert!(absent.as_ptr().is_null(), "a member sees null as given");
+    }
+
+    #[test]
+    fn a_built_template_holds_its_nested_template() {
+        let no: CK_BBOOL = CK_FALSE;
+        let raw = [attribute(CKA_EXTRACTABLE, &no)];
+        // SAFETY: a live local template.
+        let template = unsafe { Template::giving_values(raw.as_ptr() as *mut _, 1) }.unwrap();
+        let mut inner = TemplateBuilder::with_capacity(2);
+        inner.push(template.iter().next().unwrap());
+        inner.push_bool(CKA_WRAP_WITH_TRUSTED, true);
+        let mut outer = TemplateBuilder::with_capacity(1);
+        outer.push_nested(CKA_UNWRAP_TEMPLATE, inner.build());
+        let outer = outer.build();
+        let nested = outer.iter().next().unwrap().nested().unwrap();
+        assert_eq!(nested.bool(CKA_EXTRACTABLE), Some(false));
+        assert_eq!(nested.bool(CKA_WRAP_WITH_TRUSTED), Some(true));
+    }
+
+    #[test]
+    fn output_follows_the_two_call_convention() {
+        let items = [7u64, 8, 9];
+        let mut len: CK_ULONG = 0;
+        // SAFETY: a live length, no buffer.
+        let asked = unsafe { Output::new(std::ptr::null_mut::<u64>(), &mut len) };
+        asked.unwrap().fill(&items).unwrap();
+        assert_eq!(len, 3, "no buffer asks for the length");
+        let mut room = [0u64; 3];
+        len = 2;
+        // SAFETY: `room` has at least `len` items.
+        let short = unsafe { Output::new(room.as_mut_ptr(), &mut len) }.unwrap();
+        assert_eq!(short.fill(&items).unwrap_err().rv, CKR_BUFFER_TOO_SMALL);
+        assert_eq!(len, 3, "a short buffer learns the length needed");
+        // SAFETY: as above.
+        let enough = unsafe { Output::new(room.as_mut_ptr(), &mut len) }.unwrap();
+        enough.fill(&items).unwrap();
+        assert_eq!((room, len), (items, 3));
+        // SAFETY: a null length is refused before anything is written.
+        let no_len = unsafe { Output::new(room.as_mut_ptr(), std::ptr::null_mut()) };
+        assert_eq!(no_len.err().map(|e| e.rv), Some(CKR_ARGUMENTS_BAD));
+    }
+
+    #[test]
+    fn an_attribute_answer_follows_the_two_call_convention() {
+        let mut byte: CK_BBOOL = 9;
+        let mut raw = [
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: std::ptr::null_mut(),
+                ulValueLen: 0,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: &mut byte as *mut _ as *mut _,
+                ulValueLen: 0,
+            },
+            CK_ATTRIBUTE {
+                type_: CKA_EXTRACTABLE,
+                pValue: &mut byte as *mut _ as *mut _,
+                ulValueLen: 1,
+            },
+        ];
+        // SAFETY: live local attributes and buffers.
+        let mut request = unsafe { AttributeRequest::new(raw.as_mut_ptr(), 3) }.unwrap();
+        assert!(request.answer(0, &[CK_FALSE]).is_ok());
+        let short = request.answer(1, &[CK_FALSE]);
+        assert_eq!(short.unwrap_err().rv, CKR_BUFFER_TOO_SMALL);
+        assert!(request.answer(2, &[CK_FALSE]).is_ok());
+        assert_eq!(raw[0].ulValueLen, 1);
+        assert_eq!(raw[1].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+        assert_eq!((raw[2].ulValueLen, byte), (1, CK_FALSE));
+    }
+}
