@@ -60,7 +60,7 @@ pub fn check(rv: CK_RV) -> Result<()> {
 }
 
 /// Thales Luna's vendor return codes (`CKR_VENDOR_DEFINED` and up), as
-/// its client library returns them; `group::classify` says what each means
+/// its client library returns them; `member::classify` says what each means
 /// for a group.
 pub mod luna {
     use cryptoki_sys::CK_RV;

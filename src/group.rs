@@ -8,8 +8,8 @@ use crate::identity::{self, Fingerprint};
 use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
 use crate::mechanism::OwnedTemplate;
 use crate::member::{
-    member_call, open_member_session, padded_to_string, string_to_padded, MemberLibrary,
-    MemberSession,
+    classify, member_call, open_member_session, padded_to_string, string_to_padded, Answer,
+    CallCounts, Counting, MemberLibrary, MemberSession,
 };
 use crate::object::ObjectTable;
 use crate::strategy::Capabilities;
@@ -56,9 +56,11 @@ pub struct Member {
     pub standby: bool,
     location: RwLock<Option<Location>>,
     state: AtomicU8,
-    /// Calls in flight (low [`IN_FLIGHT_BITS`] bits) and calls served (the
-    /// rest) in one word, so that a call costs two atomic updates, not three.
-    calls: AtomicU64,
+    /// Its calls in flight and served, counted by the member library's call
+    /// path ([`MemberLibrary::call`]) while [`Self::begin_call`] names the
+    /// member, and shared with its library for its slot, so that calls on
+    /// the token's pass-through sessions count too.
+    counts: Arc<CallCounts>,
     /// Bumped each time the member fails: member sessions opened in an
     /// earlier epoch are never used again, since a restarted member may
     /// hand the same session numbers to someone else.
@@ -176,7 +178,7 @@ impl Member {
             standby,
             location: RwLock::new(None),
             state: AtomicU8::new(MemberState::Down as u8),
-            calls: AtomicU64::new(0),
+            counts: Arc::default(),
             epoch: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
             last_fault: AtomicU64::new(CKR_OK),
@@ -415,11 +417,11 @@ impl Member {
     }
 
     pub fn in_flight(&self) -> usize {
-        (self.calls.load(Ordering::Relaxed) & IN_FLIGHT_MASK) as usize
+        self.counts.in_flight()
     }
 
     pub fn calls_served(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
+        self.counts.calls_served()
     }
 
     /// The lanes with latency samples since the last call, which were
@@ -436,41 +438,34 @@ impl Member {
         fresh
     }
 
-    /// Counts a call in flight on this member for as long as the guard
-    /// lives, timing it for the member's latency: every call of a member
-    /// whose library talks to a server or that is degraded, else one in
-    /// [`SAMPLE_EVERY`].
+    /// Counts the member calls this thread makes for as long as the guard
+    /// lives on this member ([`Counting`]), timing them together for the
+    /// member's latency: every time for a member whose library talks to a
+    /// server or that is degraded, else one in [`SAMPLE_EVERY`].
     #[inline(always)]
     pub fn begin_call(&self) -> CallGuard<'_> {
-        let before = self.calls.fetch_add(1, Ordering::Relaxed);
-        let sampled = (before >> IN_FLIGHT_BITS) % SAMPLE_EVERY == 0;
+        let sampled = self.calls_served() % SAMPLE_EVERY == 0;
         let started = (sampled
             || self.timed.load(Ordering::Relaxed)
             || self.rotation.load(Ordering::Relaxed) != Rotation::In as u8)
             .then(Instant::now);
         CallGuard {
             member: self,
+            _counting: Counting::on(&self.counts),
             started,
         }
     }
 }
 
-/// Room for a million calls in flight at once; the served count above it
-/// wraps after 2^44 calls.
-const IN_FLIGHT_BITS: u32 = 20;
-const IN_FLIGHT_MASK: u64 = (1 << IN_FLIGHT_BITS) - 1;
-/// Added when a call ends: one fewer in flight, one more served.
-const CALL_ENDED: u64 = (1 << IN_FLIGHT_BITS) - 1;
-
 pub struct CallGuard<'a> {
     member: &'a Member,
+    _counting: Counting<'a>,
     started: Option<Instant>,
 }
 
 impl Drop for CallGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        self.member.calls.fetch_add(CALL_ENDED, Ordering::Relaxed);
         if let Some(started) = self.started {
             let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             self.member.record_latency(usize::from(LANE.get()), nanos);
@@ -814,6 +809,9 @@ impl Group {
         member
             .timed
             .store(location.library.is_networked(), Ordering::Relaxed);
+        location
+            .library
+            .count_slot_as(location.slot, &member.counts);
         *member.location.write() = Some(location);
     }
 
@@ -909,7 +907,7 @@ impl Group {
                 .filter(|_| member.reachable())
                 .ok_or(Error::new(CKR_DEVICE_ERROR))?;
             let guard = member.begin_call();
-            let opened = retry_result_while_busy(|| {
+            let opened = retry_result_while_busy("C_OpenSession", || {
                 open_member_session(
                     &location.library,
                     location.slot,
@@ -921,7 +919,7 @@ impl Group {
             match opened {
                 Ok(session) => *utility = Some(session),
                 Err(e) => {
-                    if is_member_fault(e.rv) {
+                    if is_member_fault("C_OpenSession", e.rv) {
                         self.member_failed(position, "C_OpenSession", e.rv);
                     }
                     return Err(e);
@@ -947,7 +945,7 @@ impl Group {
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
         self.on_utility(position, |s| identity::find(&s.library, s.handle, print))?
             .map_err(|rv| {
-                if is_member_fault(rv) {
+                if is_member_fault("C_FindObjects", rv) {
                     self.member_failed(position, "C_FindObjects", rv);
                 }
                 Error::new(rv)
@@ -1773,51 +1771,10 @@ fn combine_amount(values: impl Iterator<Item = CK_ULONG>) -> CK_ULONG {
         .unwrap_or(CK_UNAVAILABLE_INFORMATION)
 }
 
-/// What a member's failing answer means for the group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The request's own answer: the application gets it and the member
-    /// stays in service.
-    Request,
-    /// The member is busy for now (Luna's `CKR_AGAIN`, `CKR_BUSY`): asked
-    /// again a few times ([`retry_while_busy`]), then taken for down.
-    Busy,
-    /// The member is down: it leaves the rotation and the call goes to
-    /// another member.
-    Down,
-}
-
-/// Classifies a member's answer other than `CKR_OK`: the one place that
-/// decides whether the member or the request is at fault. A request error
-/// must never take a member out of service, or one malformed request sent
-/// to each member in turn would take the group down.
-pub fn classify(rv: CK_RV) -> Failure {
-    use crate::error::luna;
-    match rv {
-        CKR_DEVICE_ERROR
-        | CKR_DEVICE_REMOVED
-        | CKR_DEVICE_MEMORY
-        | CKR_TOKEN_NOT_PRESENT
-        | CKR_TOKEN_NOT_RECOGNIZED
-        | CKR_SESSION_CLOSED
-        | CKR_SESSION_HANDLE_INVALID
-        | CKR_CRYPTOKI_NOT_INITIALIZED
-        | luna::CKR_UNABLE_TO_CONNECT
-        | luna::CKR_TIMEOUT
-        | luna::CKR_DEVICE_TIMEOUT
-        | luna::CKR_PARTITION_DISABLED
-        | luna::CKR_CONTAINER_HANDLE_INVALID
-        | luna::CKR_HSM_TAMPERED => Failure::Down,
-        rv if luna::SECURE_CHANNEL_ERRORS.contains(&rv) => Failure::Down,
-        luna::CKR_AGAIN | luna::CKR_BUSY => Failure::Busy,
-        _ => Failure::Request,
-    }
-}
-
-/// Whether a member's answer takes it out of service: it is down, or it
-/// stayed busy however often it was asked.
-pub fn is_member_fault(rv: CK_RV) -> bool {
-    classify(rv) != Failure::Request
+/// Whether a member's answer takes it out of service (see
+/// [`crate::member::classify`], where that is decided).
+pub fn is_member_fault(function: &str, rv: CK_RV) -> bool {
+    classify(function, rv).is_member_fault()
 }
 
 /// How often a busy member is asked again, and the first pause: each pause
@@ -1829,10 +1786,10 @@ const FIRST_BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(2
 /// Asks a member that answered `rv` (busy) again, a bounded number of
 /// times with a short growing pause; the answer of the last try.
 #[cold]
-pub fn retry_while_busy(mut rv: CK_RV, mut call: impl FnMut() -> CK_RV) -> CK_RV {
+pub fn retry_while_busy(function: &str, mut rv: CK_RV, mut call: impl FnMut() -> CK_RV) -> CK_RV {
     let mut pause = FIRST_BUSY_PAUSE;
     for _ in 0..BUSY_RETRIES {
-        if classify(rv) != Failure::Busy {
+        if classify(function, rv) != Answer::Busy {
             break;
         }
         std::thread::sleep(pause);
@@ -1882,12 +1839,15 @@ pub fn log_in_member(
 
 /// [`retry_while_busy`] for a call that returns a value: asked once, and
 /// again while the member answers busy.
-pub fn retry_result_while_busy<T>(mut call: impl FnMut() -> Result<T>) -> Result<T> {
+pub fn retry_result_while_busy<T>(
+    function: &str,
+    mut call: impl FnMut() -> Result<T>,
+) -> Result<T> {
     let result = call();
     match &result {
-        Err(e) if classify(e.rv) == Failure::Busy => {
+        Err(e) if classify(function, e.rv) == Answer::Busy => {
             let mut value = None;
-            let rv = retry_while_busy(e.rv, || match call() {
+            let rv = retry_while_busy(function, e.rv, || match call() {
                 Ok(v) => {
                     value = Some(v);
                     CKR_OK
@@ -1906,75 +1866,23 @@ mod tests {
     use crate::error::luna;
 
     #[test]
-    fn luna_down_conditions_fail_over() {
-        let down = [
-            luna::CKR_UNABLE_TO_CONNECT,
-            luna::CKR_TIMEOUT,
-            luna::CKR_DEVICE_TIMEOUT,
-            luna::CKR_PARTITION_DISABLED,
-            luna::CKR_CONTAINER_HANDLE_INVALID,
-            luna::CKR_HSM_TAMPERED,
-            0x8000_0045,
-            0x8000_0050,
-            0x8000_0066,
-        ];
-        for rv in down {
-            assert_eq!(classify(rv), Failure::Down, "{}", crate::error::rv_name(rv));
-            assert!(is_member_fault(rv));
-        }
-        assert_eq!(classify(0x8000_0044), Failure::Request, "below the range");
-        assert_eq!(classify(0x8000_0067), Failure::Request, "above the range");
-    }
-
-    #[test]
-    fn luna_retry_conditions_are_busy() {
-        for rv in [luna::CKR_AGAIN, luna::CKR_BUSY] {
-            assert_eq!(classify(rv), Failure::Busy, "{}", crate::error::rv_name(rv));
-            assert!(is_member_fault(rv), "busy after the retries is down");
-        }
-    }
-
-    #[test]
-    fn luna_request_errors_go_to_the_application() {
-        let request = [
-            luna::CKR_OPERATION_NOT_ALLOWED,
-            luna::CKR_OBJECT_ALREADY_EXISTS,
-            luna::CKR_KEY_EXTRACTABLE,
-            luna::CKR_HSM_STORAGE_FULL,
-            luna::CKR_FAILED_TO_CLONE_AN_OBJECT,
-            luna::CKR_CLONE_NOT_ATTEMPTED,
-            CKR_PIN_INCORRECT,
-            CKR_ARGUMENTS_BAD,
-        ];
-        for rv in request {
-            assert_eq!(
-                classify(rv),
-                Failure::Request,
-                "{}",
-                crate::error::rv_name(rv)
-            );
-            assert!(!is_member_fault(rv));
-        }
-    }
-
-    #[test]
     fn a_busy_member_is_asked_again_a_bounded_number_of_times() {
         let mut calls = 0;
         let answers = [luna::CKR_BUSY, CKR_OK];
-        let rv = retry_while_busy(luna::CKR_AGAIN, || {
+        let rv = retry_while_busy("C_GenerateRandom", luna::CKR_AGAIN, || {
             calls += 1;
             answers[calls - 1]
         });
         assert_eq!((rv, calls), (CKR_OK, 2), "busy, busy, then answered");
         let mut calls = 0;
-        let rv = retry_while_busy(luna::CKR_BUSY, || {
+        let rv = retry_while_busy("C_GenerateRandom", luna::CKR_BUSY, || {
             calls += 1;
             luna::CKR_BUSY
         });
         assert_eq!(rv, luna::CKR_BUSY);
         assert_eq!(calls, BUSY_RETRIES, "asked again only a few times");
         let mut calls = 0;
-        let rv = retry_while_busy(CKR_DATA_INVALID, || {
+        let rv = retry_while_busy("C_GenerateRandom", CKR_DATA_INVALID, || {
             calls += 1;
             CKR_OK
         });
@@ -1984,7 +1892,7 @@ mod tests {
             "only busy answers are retried"
         );
         let mut calls = 0;
-        let opened = retry_result_while_busy(|| {
+        let opened = retry_result_while_busy("C_OpenSession", || {
             calls += 1;
             if calls < 3 {
                 Err(Error::new(luna::CKR_AGAIN))
@@ -1994,7 +1902,7 @@ mod tests {
         });
         assert_eq!(opened, Ok(3), "a session opened at the third try");
         let mut calls = 0;
-        let opened: Result<()> = retry_result_while_busy(|| {
+        let opened: Result<()> = retry_result_while_busy("C_OpenSession", || {
             calls += 1;
             Err(Error::new(luna::CKR_BUSY))
         });
@@ -2087,7 +1995,7 @@ mod tests {
         for m in &group.members {
             m.set_state(MemberState::Up);
         }
-        let busy = group.members[0].begin_call();
+        let busy = group.members[0].counts.enter();
         assert_eq!(
             group.by_preference(0).to_vec(),
             vec![1, 0],
@@ -2139,18 +2047,18 @@ mod tests {
         assert_eq!(group.by_preference(0).to_vec(), vec![0, 1]);
         let mut busy = Vec::new();
         for in_flight in 1..=2 {
-            busy.push(group.members[0].begin_call());
+            busy.push(group.members[0].counts.enter());
             for _ in 0..2 {
                 assert_eq!(group.least_busy(0), Some(0), "{in_flight} in flight");
             }
         }
-        busy.push(group.members[0].begin_call());
+        busy.push(group.members[0].counts.enter());
         let firsts: Vec<usize> = (0..4).map(|_| group.by_preference(0)[0]).collect();
         assert!(
             firsts.contains(&0) && firsts.contains(&1),
             "3 in flight on a member 4x faster: a tie, {firsts:?}"
         );
-        busy.push(group.members[0].begin_call());
+        busy.push(group.members[0].counts.enter());
         assert_eq!(
             group.by_preference(0).to_vec(),
             vec![1, 0],
@@ -2266,8 +2174,8 @@ mod tests {
         assert_eq!(group.members[0].rotation(), Rotation::Degraded);
         let mut busy = Vec::new();
         for _ in 0..8 {
-            busy.push(group.members[1].begin_call());
-            busy.push(group.members[2].begin_call());
+            busy.push(group.members[1].counts.enter());
+            busy.push(group.members[2].counts.enter());
         }
         assert_eq!(
             group.by_preference(0).last(),
@@ -2316,7 +2224,7 @@ mod tests {
             1,
             "one choice in {EXPLORE_EVERY} per member in turn: {firsts:?}"
         );
-        let stalled = group.members[0].begin_call();
+        let stalled = group.members[0].counts.enter();
         let firsts: Vec<usize> = (0..2 * EXPLORE_EVERY)
             .map(|_| group.by_preference(0)[0])
             .collect();

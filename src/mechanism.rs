@@ -610,7 +610,9 @@ pub unsafe fn check_parameter(mechanism: &CK_MECHANISM) -> Result<()> {
         }
         CKM_AES_CBC | CKM_AES_CBC_PAD | CKM_AES_CTS | CKM_AES_OFB | CKM_AES_CFB8
         | CKM_AES_CFB64 | CKM_AES_CFB128 => valid(!param.is_null() && len == 16),
-        CKM_DES3_CBC | CKM_DES3_CBC_PAD => valid(!param.is_null() && len == 8),
+        CKM_DES_CBC | CKM_DES_CBC_PAD | CKM_DES3_CBC | CKM_DES3_CBC_PAD => {
+            valid(!param.is_null() && len == 8)
+        }
         CKM_AES_CTR => {
             let ctr: CK_AES_CTR_PARAMS = unsafe { read(param, len) }?;
             valid((1..=128).contains(&ctr.ulCounterBits))
@@ -650,6 +652,7 @@ pub unsafe fn check_parameter(mechanism: &CK_MECHANISM) -> Result<()> {
         | CKM_CONCATENATE_DATA_AND_BASE
         | CKM_XOR_BASE_AND_DATA
         | CKM_AES_ECB_ENCRYPT_DATA
+        | CKM_DES_ECB_ENCRYPT_DATA
         | CKM_DES3_ECB_ENCRYPT_DATA => {
             let data: CK_KEY_DERIVATION_STRING_DATA = unsafe { read(param, len) }?;
             pair(data.pData, data.ulLen, MAX_BUFFER_LEN)
@@ -657,6 +660,16 @@ pub unsafe fn check_parameter(mechanism: &CK_MECHANISM) -> Result<()> {
         CKM_AES_CBC_ENCRYPT_DATA => {
             let data: CK_AES_CBC_ENCRYPT_DATA_PARAMS = unsafe { read(param, len) }?;
             pair(data.pData, data.length, MAX_BUFFER_LEN)
+        }
+        CKM_DES_CBC_ENCRYPT_DATA | CKM_DES3_CBC_ENCRYPT_DATA => {
+            let data: CK_DES_CBC_ENCRYPT_DATA_PARAMS = unsafe { read(param, len) }?;
+            pair(data.pData, data.length, MAX_BUFFER_LEN)
+        }
+        // The parameter is optional; the context is at most 255 bytes.
+        CKM_EDDSA if len == 0 => Ok(()),
+        CKM_EDDSA => {
+            let eddsa: CK_EDDSA_PARAMS = unsafe { read(param, len) }?;
+            pair(eddsa.pContextData, eddsa.ulContextDataLen, 255)
         }
         CKM_HKDF_DERIVE | CKM_HKDF_DATA => {
             let hkdf: CK_HKDF_PARAMS = unsafe { read(param, len) }?;
@@ -771,6 +784,418 @@ mod parameter_tests {
             ulParameterLen: 4,
         };
         assert_eq!(checked(&mechanism), CKR_OK);
+    }
+
+    /// `mechanism` with `param` as its parameter, checked.
+    fn checked_with<T>(mechanism: CK_MECHANISM_TYPE, param: &mut T) -> CK_RV {
+        checked(&CK_MECHANISM {
+            mechanism,
+            pParameter: param as *mut T as *mut _,
+            ulParameterLen: size_of::<T>() as CK_ULONG,
+        })
+    }
+
+    /// Each family the issue names (beyond GCM and CBC above): a good
+    /// parameter passes, each malformed one is answered
+    /// `CKR_MECHANISM_PARAM_INVALID` before any member sees it.
+    #[test]
+    fn every_listed_family_checks_structure_size_pointer_pairs_and_bounds() {
+        let mut bytes = [0x5au8; 64];
+        let data = bytes.as_mut_ptr();
+        let null = std::ptr::null_mut::<u8>();
+        let absurd: CK_ULONG = 1 << 40;
+        let invalid = CKR_MECHANISM_PARAM_INVALID;
+
+        let ccm = CK_CCM_PARAMS {
+            ulDataLen: 32,
+            pNonce: data,
+            ulNonceLen: 12,
+            pAAD: data,
+            ulAADLen: 16,
+            ulMACLen: 16,
+        };
+        for (what, mut params, want) in [
+            ("good", ccm, CKR_OK),
+            (
+                "nonce NULL",
+                CK_CCM_PARAMS {
+                    pNonce: null,
+                    ..ccm
+                },
+                invalid,
+            ),
+            (
+                "nonce 14 bytes",
+                CK_CCM_PARAMS {
+                    ulNonceLen: 14,
+                    ..ccm
+                },
+                invalid,
+            ),
+            ("AAD NULL", CK_CCM_PARAMS { pAAD: null, ..ccm }, invalid),
+            (
+                "AAD 2^40",
+                CK_CCM_PARAMS {
+                    ulAADLen: absurd,
+                    ..ccm
+                },
+                invalid,
+            ),
+            ("MAC 5 bytes", CK_CCM_PARAMS { ulMACLen: 5, ..ccm }, invalid),
+            (
+                "data 2^40",
+                CK_CCM_PARAMS {
+                    ulDataLen: absurd,
+                    ..ccm
+                },
+                invalid,
+            ),
+        ] {
+            assert_eq!(checked_with(CKM_AES_CCM, &mut params), want, "CCM {what}");
+        }
+
+        let ctr = CK_AES_CTR_PARAMS {
+            ulCounterBits: 32,
+            cb: [0; 16],
+        };
+        for (what, mut params, want) in [
+            ("good", ctr, CKR_OK),
+            (
+                "0 counter bits",
+                CK_AES_CTR_PARAMS {
+                    ulCounterBits: 0,
+                    ..ctr
+                },
+                invalid,
+            ),
+            (
+                "129 counter bits",
+                CK_AES_CTR_PARAMS {
+                    ulCounterBits: 129,
+                    ..ctr
+                },
+                invalid,
+            ),
+        ] {
+            assert_eq!(checked_with(CKM_AES_CTR, &mut params), want, "CTR {what}");
+        }
+
+        let oaep = CK_RSA_PKCS_OAEP_PARAMS {
+            hashAlg: CKM_SHA256,
+            mgf: CKG_MGF1_SHA256,
+            source: CKZ_DATA_SPECIFIED,
+            pSourceData: data as *mut _,
+            ulSourceDataLen: 8,
+        };
+        for (what, mut params, want) in [
+            ("good", oaep, CKR_OK),
+            (
+                "source NULL with a length",
+                CK_RSA_PKCS_OAEP_PARAMS {
+                    pSourceData: std::ptr::null_mut(),
+                    ..oaep
+                },
+                invalid,
+            ),
+            (
+                "source 2^40",
+                CK_RSA_PKCS_OAEP_PARAMS {
+                    ulSourceDataLen: absurd,
+                    ..oaep
+                },
+                invalid,
+            ),
+        ] {
+            assert_eq!(
+                checked_with(CKM_RSA_PKCS_OAEP, &mut params),
+                want,
+                "OAEP {what}"
+            );
+        }
+
+        let pss = CK_RSA_PKCS_PSS_PARAMS {
+            hashAlg: CKM_SHA256,
+            mgf: CKG_MGF1_SHA256,
+            sLen: 32,
+        };
+        for mechanism in [
+            CKM_RSA_PKCS_PSS,
+            CKM_SHA1_RSA_PKCS_PSS,
+            CKM_SHA224_RSA_PKCS_PSS,
+            CKM_SHA256_RSA_PKCS_PSS,
+            CKM_SHA384_RSA_PKCS_PSS,
+            CKM_SHA512_RSA_PKCS_PSS,
+        ] {
+            assert_eq!(checked_with(mechanism, &mut { pss }), CKR_OK, "PSS good");
+            let mut huge = CK_RSA_PKCS_PSS_PARAMS {
+                sLen: absurd,
+                ..pss
+            };
+            assert_eq!(checked_with(mechanism, &mut huge), invalid, "PSS sLen 2^40");
+            let mut short = [0u8; 8];
+            assert_eq!(checked_with(mechanism, &mut short), invalid, "PSS 8 bytes");
+        }
+
+        let ecdh = CK_ECDH1_DERIVE_PARAMS {
+            kdf: CKD_NULL,
+            ulSharedDataLen: 0,
+            pSharedData: null,
+            ulPublicDataLen: 65,
+            pPublicData: data,
+        };
+        for mechanism in [CKM_ECDH1_DERIVE, CKM_ECDH1_COFACTOR_DERIVE] {
+            for (what, mut params, want) in [
+                ("good", ecdh, CKR_OK),
+                (
+                    "public NULL",
+                    CK_ECDH1_DERIVE_PARAMS {
+                        pPublicData: null,
+                        ..ecdh
+                    },
+                    invalid,
+                ),
+                (
+                    "public empty",
+                    CK_ECDH1_DERIVE_PARAMS {
+                        ulPublicDataLen: 0,
+                        ..ecdh
+                    },
+                    invalid,
+                ),
+                (
+                    "public 2^40",
+                    CK_ECDH1_DERIVE_PARAMS {
+                        ulPublicDataLen: absurd,
+                        ..ecdh
+                    },
+                    invalid,
+                ),
+                (
+                    "shared NULL with a length",
+                    CK_ECDH1_DERIVE_PARAMS {
+                        ulSharedDataLen: 8,
+                        ..ecdh
+                    },
+                    invalid,
+                ),
+            ] {
+                assert_eq!(checked_with(mechanism, &mut params), want, "ECDH {what}");
+            }
+        }
+
+        let mqv = CK_ECMQV_DERIVE_PARAMS {
+            kdf: CKD_NULL,
+            ulSharedDataLen: 0,
+            pSharedData: null,
+            ulPublicDataLen: 65,
+            pPublicData: data,
+            ulPrivateDataLen: 0,
+            hPrivateData: 0,
+            ulPublicDataLen2: 65,
+            pPublicData2: data,
+            publicKey: 0,
+        };
+        for (what, mut params, want) in [
+            ("good", mqv, CKR_OK),
+            (
+                "public NULL",
+                CK_ECMQV_DERIVE_PARAMS {
+                    pPublicData: null,
+                    ..mqv
+                },
+                invalid,
+            ),
+            (
+                "second public NULL",
+                CK_ECMQV_DERIVE_PARAMS {
+                    pPublicData2: null,
+                    ..mqv
+                },
+                invalid,
+            ),
+        ] {
+            assert_eq!(
+                checked_with(CKM_ECMQV_DERIVE, &mut params),
+                want,
+                "ECMQV {what}"
+            );
+        }
+
+        let string = CK_KEY_DERIVATION_STRING_DATA {
+            pData: data,
+            ulLen: 16,
+        };
+        for mechanism in [
+            CKM_CONCATENATE_BASE_AND_DATA,
+            CKM_CONCATENATE_DATA_AND_BASE,
+            CKM_XOR_BASE_AND_DATA,
+            CKM_AES_ECB_ENCRYPT_DATA,
+            CKM_DES3_ECB_ENCRYPT_DATA,
+        ] {
+            assert_eq!(
+                checked_with(mechanism, &mut { string }),
+                CKR_OK,
+                "KDF data good"
+            );
+            let mut bad = CK_KEY_DERIVATION_STRING_DATA {
+                pData: null,
+                ..string
+            };
+            assert_eq!(checked_with(mechanism, &mut bad), invalid, "KDF data NULL");
+            let mut bad = CK_KEY_DERIVATION_STRING_DATA {
+                ulLen: absurd,
+                ..string
+            };
+            assert_eq!(checked_with(mechanism, &mut bad), invalid, "KDF data 2^40");
+        }
+        let cbc_data = CK_AES_CBC_ENCRYPT_DATA_PARAMS {
+            iv: [0; 16],
+            pData: data,
+            length: 16,
+        };
+        assert_eq!(
+            checked_with(CKM_AES_CBC_ENCRYPT_DATA, &mut { cbc_data }),
+            CKR_OK
+        );
+        let mut bad = CK_AES_CBC_ENCRYPT_DATA_PARAMS {
+            pData: null,
+            ..cbc_data
+        };
+        assert_eq!(checked_with(CKM_AES_CBC_ENCRYPT_DATA, &mut bad), invalid);
+        let des_data = CK_DES_CBC_ENCRYPT_DATA_PARAMS {
+            iv: [0; 8],
+            pData: data,
+            length: 16,
+        };
+        for mechanism in [CKM_DES_CBC_ENCRYPT_DATA, CKM_DES3_CBC_ENCRYPT_DATA] {
+            assert_eq!(checked_with(mechanism, &mut { des_data }), CKR_OK);
+            let mut bad = CK_DES_CBC_ENCRYPT_DATA_PARAMS {
+                pData: null,
+                ..des_data
+            };
+            assert_eq!(
+                checked_with(mechanism, &mut bad),
+                invalid,
+                "DES CBC data NULL"
+            );
+        }
+        let mut des_data = CK_KEY_DERIVATION_STRING_DATA {
+            pData: null,
+            ..string
+        };
+        assert_eq!(
+            checked_with(CKM_DES_ECB_ENCRYPT_DATA, &mut des_data),
+            invalid,
+            "DES ECB data NULL"
+        );
+
+        let eddsa = CK_EDDSA_PARAMS {
+            phFlag: CK_FALSE,
+            ulContextDataLen: 8,
+            pContextData: data,
+        };
+        assert_eq!(
+            checked_with(CKM_EDDSA, &mut { eddsa }),
+            CKR_OK,
+            "EdDSA context"
+        );
+        let mut bad = CK_EDDSA_PARAMS {
+            pContextData: null,
+            ..eddsa
+        };
+        assert_eq!(
+            checked_with(CKM_EDDSA, &mut bad),
+            invalid,
+            "EdDSA context NULL"
+        );
+        let mut bad = CK_EDDSA_PARAMS {
+            ulContextDataLen: 256,
+            ..eddsa
+        };
+        assert_eq!(
+            checked_with(CKM_EDDSA, &mut bad),
+            invalid,
+            "EdDSA context 256 bytes"
+        );
+        let no_parameter = CK_MECHANISM {
+            mechanism: CKM_EDDSA,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        assert_eq!(checked(&no_parameter), CKR_OK, "EdDSA without a parameter");
+        let mut iv = [0u8; 8];
+        let mut des_cbc = CK_MECHANISM {
+            mechanism: CKM_DES_CBC_PAD,
+            pParameter: iv.as_mut_ptr() as *mut _,
+            ulParameterLen: 8,
+        };
+        assert_eq!(checked(&des_cbc), CKR_OK, "DES CBC, 8-byte IV");
+        des_cbc.ulParameterLen = 4;
+        assert_eq!(checked(&des_cbc), invalid, "DES CBC, 4-byte IV");
+
+        let hkdf = CK_HKDF_PARAMS {
+            bExtract: CK_TRUE,
+            bExpand: CK_TRUE,
+            prfHashMechanism: CKM_SHA256,
+            ulSaltType: CKF_HKDF_SALT_DATA,
+            pSalt: data,
+            ulSaltLen: 16,
+            hSaltKey: 0,
+            pInfo: data,
+            ulInfoLen: 16,
+        };
+        for mechanism in [CKM_HKDF_DERIVE, CKM_HKDF_DATA] {
+            for (what, mut params, want) in [
+                ("good", hkdf, CKR_OK),
+                (
+                    "salt NULL",
+                    CK_HKDF_PARAMS {
+                        pSalt: null,
+                        ..hkdf
+                    },
+                    invalid,
+                ),
+                (
+                    "info NULL",
+                    CK_HKDF_PARAMS {
+                        pInfo: null,
+                        ..hkdf
+                    },
+                    invalid,
+                ),
+                (
+                    "info 2^40",
+                    CK_HKDF_PARAMS {
+                        ulInfoLen: absurd,
+                        ..hkdf
+                    },
+                    invalid,
+                ),
+            ] {
+                assert_eq!(checked_with(mechanism, &mut params), want, "HKDF {what}");
+            }
+        }
+
+        let mut iv = [0u8; 8];
+        let mut wrap = |mechanism, len| {
+            checked(&CK_MECHANISM {
+                mechanism,
+                pParameter: iv.as_mut_ptr() as *mut _,
+                ulParameterLen: len,
+            })
+        };
+        assert_eq!(wrap(CKM_AES_KEY_WRAP, 8), CKR_OK, "key wrap, 8-byte IV");
+        assert_eq!(wrap(CKM_AES_KEY_WRAP, 7), invalid, "key wrap, 7-byte IV");
+        assert_eq!(
+            wrap(CKM_AES_KEY_WRAP_PAD, 4),
+            CKR_OK,
+            "key wrap pad, 4-byte IV"
+        );
+        assert_eq!(
+            wrap(CKM_AES_KEY_WRAP_PAD, 6),
+            invalid,
+            "key wrap pad, 6-byte IV"
+        );
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! A member PKCS#11 library loaded at run time: its function table and
-//! whether we initialised it. Owns the `dlopen` handle; never holds a lock
-//! while calling into the library.
+//! whether we initialised it, the one way into that table
+//! ([`MemberLibrary::call`]), the classification of a member's answers
+//! ([`classify`]) and each member token's call counts ([`CallCounts`]).
+//! Owns the `dlopen` handle; never holds a lock while calling into the
+//! library.
 
 use crate::config::is_p11_kit_client;
-use crate::error::{check, rv_name, Error, Result};
+use crate::error::{check, luna, rv_name, Error, Result};
 use cryptoki_sys::*;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use parking_lot::{Mutex, RwLock};
@@ -22,6 +25,7 @@ macro_rules! member_call {
     ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
         let library: &$crate::member::MemberLibrary = &$lib;
         library.call(
+            stringify!($func),
             |table| table.$func,
             // SAFETY: the table came from the member's own C_GetFunctionList
             // or C_GetInterface and the library stays loaded while `$lib`
@@ -31,6 +35,186 @@ macro_rules! member_call {
     }};
 }
 pub(crate) use member_call;
+
+/// What a member's answer says about the member: the one place that tells
+/// a member fault (take the member out, carry the call elsewhere) from a
+/// request error (the application's answer; the member stays in service).
+/// A request error must never take a member out, or one malformed request
+/// sent to each member in turn would take the group down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// `CKR_OK`.
+    Served,
+    /// The request's own answer: the application gets it.
+    Request,
+    /// A request error unless the member lost its login behind our back
+    /// (it restarted, or was logged out): then it is logged in again and
+    /// asked again (`virtual_session.rs`, `check_login`).
+    LoginLost,
+    /// The member is busy for now (Luna's `CKR_AGAIN`, `CKR_BUSY`): asked
+    /// again a few times ([`crate::group::retry_while_busy`]), then taken
+    /// for down.
+    Busy,
+    /// The member is down: it leaves the rotation and the call goes to
+    /// another member.
+    Down,
+}
+
+impl Answer {
+    /// Whether the answer takes the member out of service: it is down, or
+    /// it stayed busy however often it was asked.
+    pub fn is_member_fault(self) -> bool {
+        matches!(self, Answer::Down | Answer::Busy)
+    }
+}
+
+/// Classifies `function`'s answer `rv` from a member. Applied by
+/// [`MemberLibrary::call`] to every call (an answer that is a member fault
+/// is not counted as served), and by the group to decide what to do next.
+/// A closed session is never the member's fault when the call was the
+/// close itself: the session is gone either way. A session pkcs11-ha closed
+/// or never had is refused before any member is called (`session.rs`,
+/// `CallGate`), so a member that says a session it was given is invalid
+/// lost it: it restarted.
+pub fn classify(function: &str, rv: CK_RV) -> Answer {
+    match rv {
+        CKR_OK => Answer::Served,
+        CKR_SESSION_CLOSED | CKR_SESSION_HANDLE_INVALID if function == "C_CloseSession" => {
+            Answer::Request
+        }
+        CKR_DEVICE_ERROR
+        | CKR_DEVICE_REMOVED
+        | CKR_DEVICE_MEMORY
+        | CKR_TOKEN_NOT_PRESENT
+        | CKR_TOKEN_NOT_RECOGNIZED
+        | CKR_SESSION_CLOSED
+        | CKR_SESSION_HANDLE_INVALID
+        | CKR_CRYPTOKI_NOT_INITIALIZED
+        | luna::CKR_UNABLE_TO_CONNECT
+        | luna::CKR_TIMEOUT
+        | luna::CKR_DEVICE_TIMEOUT
+        | luna::CKR_PARTITION_DISABLED
+        | luna::CKR_CONTAINER_HANDLE_INVALID
+        | luna::CKR_HSM_TAMPERED => Answer::Down,
+        rv if luna::SECURE_CHANNEL_ERRORS.contains(&rv) => Answer::Down,
+        luna::CKR_AGAIN | luna::CKR_BUSY => Answer::Busy,
+        CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID => {
+            Answer::LoginLost
+        }
+        _ => Answer::Request,
+    }
+}
+
+/// The calls of one member token: in flight (low [`IN_FLIGHT_BITS`] bits)
+/// and served (the rest) in one word, so that a call costs two atomic
+/// updates, not three. Kept by the group's member and by its library for
+/// the token's slot, so that calls through the pass-through slot count too;
+/// updated only by [`MemberLibrary::call`], for the calls made while a
+/// [`Counting`] scope names them.
+#[derive(Default)]
+pub struct CallCounts {
+    calls: AtomicU64,
+}
+
+/// Room for a million calls in flight at once; the served count above it
+/// wraps after 2^44 calls.
+const IN_FLIGHT_BITS: u32 = 20;
+const IN_FLIGHT_MASK: u64 = (1 << IN_FLIGHT_BITS) - 1;
+/// Added when a call ends served: one fewer in flight, one more served.
+const CALL_SERVED: u64 = (1 << IN_FLIGHT_BITS) - 1;
+
+impl CallCounts {
+    pub fn in_flight(&self) -> usize {
+        (self.calls.load(Ordering::Relaxed) & IN_FLIGHT_MASK) as usize
+    }
+
+    pub fn calls_served(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed) >> IN_FLIGHT_BITS
+    }
+
+    /// Counts a call in flight until the guard is dropped, as served.
+    #[inline(always)]
+    pub fn enter(&self) -> InFlight<'_> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+}
+
+/// A call counted in flight on a [`CallCounts`].
+pub struct InFlight<'a>(&'a CallCounts);
+
+impl InFlight<'_> {
+    /// Ends the call `function` answered `rv`: served unless the answer
+    /// is a member fault.
+    #[inline(always)]
+    fn answered(self, function: &'static str, rv: CK_RV) {
+        let counts = self.0;
+        std::mem::forget(self);
+        let served = rv == CKR_OK || served_despite(function, rv);
+        let change = if served { CALL_SERVED } else { u64::MAX };
+        counts.calls.fetch_add(change, Ordering::Relaxed);
+    }
+}
+
+/// Whether an answer other than `CKR_OK` still counts as served; out of
+/// line, so that the classification is not copied into every call site.
+#[cold]
+#[inline(never)]
+fn served_despite(function: &str, rv: CK_RV) -> bool {
+    !classify(function, rv).is_member_fault()
+}
+
+impl Drop for InFlight<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        self.0.calls.fetch_add(CALL_SERVED, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// The counts of the member token this thread is calling on (null: the
+    /// call is no token's, such as a slot listing); set by [`Counting`].
+    static COUNTED_ON: Cell<*const CallCounts> = const { Cell::new(ptr::null()) };
+}
+
+/// Names the member token whose counts the member calls this thread makes
+/// go to, until dropped (the name before comes back then). Set for every
+/// call on a group member (`Member::begin_call`) and for every call on a
+/// pass-through session (`Session::call`, `SessionRef`); not `Send`, since
+/// it restores this thread's name.
+pub struct Counting<'a> {
+    outer: *const CallCounts,
+    _counts: std::marker::PhantomData<&'a CallCounts>,
+}
+
+impl<'a> Counting<'a> {
+    #[inline(always)]
+    pub fn on(counts: &'a CallCounts) -> Self {
+        Counting {
+            outer: COUNTED_ON.replace(counts),
+            _counts: std::marker::PhantomData,
+        }
+    }
+
+    /// [`Self::on`] for a holder that keeps `counts` alive itself.
+    ///
+    /// # Safety
+    /// `counts` must outlive the returned guard.
+    #[inline(always)]
+    pub unsafe fn on_kept(counts: &CallCounts) -> Counting<'static> {
+        Counting {
+            outer: COUNTED_ON.replace(counts),
+            _counts: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Counting<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        COUNTED_ON.set(self.outer);
+    }
+}
 
 /// One loaded member library.
 pub struct MemberLibrary {
@@ -72,6 +256,9 @@ pub struct MemberLibrary {
     /// Counts `C_Initialize` calls: a session belongs to the connection it
     /// was opened on, and a reconnected library reuses session numbers.
     connection: AtomicU64,
+    /// The call counts of each slot's token, shared with the group member
+    /// on it (see [`Self::count_slot_as`]).
+    slot_counts: Mutex<Vec<(CK_SLOT_ID, Arc<CallCounts>)>>,
     /// Further instances of p11-kit's client ([`Spares`]); none elsewhere.
     spares: Spares,
     _library: Library,
@@ -386,6 +573,7 @@ impl MemberLibrary {
             calls_sent: Arc::new(AtomicU64::new(0)),
             wire: Mutex::new(Vec::new()),
             connection: AtomicU64::new(1),
+            slot_counts: Mutex::new(Vec::new()),
             _library: library,
         })
     }
@@ -438,6 +626,7 @@ impl MemberLibrary {
                 calls_sent: Arc::clone(&self.calls_sent),
                 wire: Mutex::new(Vec::new()),
                 connection: AtomicU64::new(1),
+                slot_counts: Mutex::new(Vec::new()),
                 spares: Spares::default(),
                 _library: library,
             },
@@ -543,20 +732,52 @@ impl MemberLibrary {
         }
     }
 
-    /// The one way into the library's function table: `select` picks an
-    /// entry, `invoke` calls it, and the call runs [`Self::shielded`]. The
-    /// table itself never leaves this module, so no member call can skip
-    /// the connection check and the numbering the watchdog reads.
+    /// The one way into the library's function table: `select` picks
+    /// `function`'s entry, `invoke` calls it, and the call runs
+    /// [`Self::shielded`], counted on the token the thread's [`Counting`]
+    /// names: in flight while inside the library, then served unless
+    /// [`classify`] finds the answer a member fault. The table itself never
+    /// leaves this module, so no member call can skip the connection check,
+    /// the numbering the watchdog reads, the classification or the counts.
     #[inline(always)]
     pub fn call<F: Copy>(
         &self,
+        function: &'static str,
         select: impl FnOnce(&CK_FUNCTION_LIST) -> Option<F>,
         invoke: impl FnOnce(F) -> CK_RV,
     ) -> CK_RV {
-        match select(&self.functions) {
-            Some(f) => self.shielded(|| invoke(f)),
-            None => CKR_FUNCTION_NOT_SUPPORTED,
+        let Some(f) = select(&self.functions) else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        // SAFETY: set only by a `Counting` of this thread, which borrows
+        // the counts for as long as it names them.
+        let in_flight = unsafe { COUNTED_ON.get().as_ref() }.map(CallCounts::enter);
+        let rv = self.shielded(|| invoke(f));
+        if let Some(in_flight) = in_flight {
+            in_flight.answered(function, rv);
         }
+        rv
+    }
+
+    /// The call counts of the token in `slot`: those of the group member
+    /// there once the group has found it ([`Self::count_slot_as`]), so that
+    /// calls on a pass-through session count for the member too.
+    pub fn slot_counts(&self, slot: CK_SLOT_ID) -> Arc<CallCounts> {
+        let mut counts = self.slot_counts.lock();
+        if let Some((_, found)) = counts.iter().find(|(s, _)| *s == slot) {
+            return Arc::clone(found);
+        }
+        let fresh = Arc::new(CallCounts::default());
+        counts.push((slot, Arc::clone(&fresh)));
+        fresh
+    }
+
+    /// Makes `counts` (a group member's) the counts of the token in `slot`
+    /// for the pass-through sessions opened from now on.
+    pub fn count_slot_as(&self, slot: CK_SLOT_ID, counts: &Arc<CallCounts>) {
+        let mut all = self.slot_counts.lock();
+        all.retain(|(s, c)| *s != slot && !Arc::ptr_eq(c, counts));
+        all.push((slot, Arc::clone(counts)));
     }
 
     /// The PKCS#11 version the library's function table reports.
@@ -1172,4 +1393,134 @@ pub fn open_member_session(
         epoch,
         connection,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The classification table, by the answers each row holds.
+    #[test]
+    fn each_answer_is_classified_once_for_the_whole_library() {
+        let rows: &[(&str, &[CK_RV], Answer)] = &[
+            ("served", &[CKR_OK], Answer::Served),
+            (
+                "the member is down",
+                &[
+                    CKR_DEVICE_ERROR,
+                    CKR_DEVICE_REMOVED,
+                    CKR_DEVICE_MEMORY,
+                    CKR_TOKEN_NOT_PRESENT,
+                    CKR_TOKEN_NOT_RECOGNIZED,
+                    CKR_SESSION_CLOSED,
+                    CKR_SESSION_HANDLE_INVALID,
+                    CKR_CRYPTOKI_NOT_INITIALIZED,
+                    luna::CKR_UNABLE_TO_CONNECT,
+                    luna::CKR_TIMEOUT,
+                    luna::CKR_DEVICE_TIMEOUT,
+                    luna::CKR_PARTITION_DISABLED,
+                    luna::CKR_CONTAINER_HANDLE_INVALID,
+                    luna::CKR_HSM_TAMPERED,
+                    0x8000_0045,
+                    0x8000_0050,
+                    0x8000_0066,
+                ],
+                Answer::Down,
+            ),
+            ("busy", &[luna::CKR_AGAIN, luna::CKR_BUSY], Answer::Busy),
+            (
+                "the login may be lost",
+                &[
+                    CKR_USER_NOT_LOGGED_IN,
+                    CKR_OBJECT_HANDLE_INVALID,
+                    CKR_KEY_HANDLE_INVALID,
+                ],
+                Answer::LoginLost,
+            ),
+            (
+                "the request's own answer",
+                &[
+                    CKR_ARGUMENTS_BAD,
+                    CKR_PIN_INCORRECT,
+                    CKR_MECHANISM_INVALID,
+                    CKR_MECHANISM_PARAM_INVALID,
+                    CKR_ATTRIBUTE_VALUE_INVALID,
+                    CKR_BUFFER_TOO_SMALL,
+                    CKR_OPERATION_NOT_INITIALIZED,
+                    CKR_FUNCTION_NOT_SUPPORTED,
+                    CKR_GENERAL_ERROR,
+                    luna::CKR_OPERATION_NOT_ALLOWED,
+                    luna::CKR_OBJECT_ALREADY_EXISTS,
+                    luna::CKR_KEY_EXTRACTABLE,
+                    luna::CKR_HSM_STORAGE_FULL,
+                    luna::CKR_FAILED_TO_CLONE_AN_OBJECT,
+                    luna::CKR_CLONE_NOT_ATTEMPTED,
+                    0x8000_0044,
+                    0x8000_0067,
+                ],
+                Answer::Request,
+            ),
+        ];
+        for (what, answers, expected) in rows {
+            for &rv in *answers {
+                let answer = classify("C_Sign", rv);
+                assert_eq!(answer, *expected, "{what}: {}", rv_name(rv));
+                assert_eq!(
+                    answer.is_member_fault(),
+                    matches!(expected, Answer::Down | Answer::Busy),
+                    "{what}: {}",
+                    rv_name(rv)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn closing_a_session_the_member_no_longer_has_is_no_member_fault() {
+        for rv in [CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED] {
+            assert_eq!(classify("C_CloseSession", rv), Answer::Request);
+            assert_eq!(classify("C_SignInit", rv), Answer::Down);
+        }
+        assert_eq!(classify("C_CloseSession", CKR_DEVICE_ERROR), Answer::Down);
+    }
+
+    /// SoftHSM answers `C_GetFunctionList` before it is initialised and
+    /// `CKR_CRYPTOKI_NOT_INITIALIZED` (a member fault) to anything else.
+    #[test]
+    fn the_call_path_counts_calls_on_the_token_its_scope_names() {
+        let library =
+            MemberLibrary::load("softhsm", Path::new("/usr/lib/softhsm/libsofthsm2.so"), &[])
+                .expect("SoftHSM loads");
+        let mut list: CK_FUNCTION_LIST_PTR = ptr::null_mut();
+        let get_list = |list: &mut CK_FUNCTION_LIST_PTR| {
+            member_call!(
+                library,
+                C_GetFunctionList(list as *mut CK_FUNCTION_LIST_PTR)
+            )
+        };
+        let counts = CallCounts::default();
+        assert_eq!(get_list(&mut list), CKR_OK);
+        assert_eq!(counts.calls_served(), 0, "no scope names the token");
+        {
+            let _counting = Counting::on(&counts);
+            assert_eq!(get_list(&mut list), CKR_OK);
+            assert_eq!(
+                member_call!(library, C_Finalize(ptr::null_mut())),
+                CKR_CRYPTOKI_NOT_INITIALIZED
+            );
+            let inner = CallCounts::default();
+            {
+                let _nested = Counting::on(&inner);
+                assert_eq!(get_list(&mut list), CKR_OK);
+            }
+            assert_eq!(inner.calls_served(), 1, "the nested scope's call");
+            assert_eq!(get_list(&mut list), CKR_OK, "the outer scope again");
+        }
+        assert_eq!(get_list(&mut list), CKR_OK);
+        assert_eq!(
+            (counts.calls_served(), counts.in_flight()),
+            (2, 0),
+            "two calls served; the member fault ended without counting as served"
+        );
+    }
 }

@@ -129,7 +129,7 @@ impl MemberSessions {
                 drop(in_flight);
                 // A member that failed under the close may keep the session
                 // open: taken out, its recovery closes what it kept.
-                if rv != CKR_SESSION_HANDLE_INVALID && crate::group::is_member_fault(rv) {
+                if crate::group::is_member_fault("C_CloseSession", rv) {
                     group.member_failed(member.position, "C_CloseSession", rv);
                 }
             }
@@ -205,7 +205,7 @@ impl MemberSessions {
             Some(kept) => kept,
             None => {
                 let _in_flight = member.begin_call();
-                crate::group::retry_result_while_busy(|| {
+                crate::group::retry_result_while_busy("C_OpenSession", || {
                     open_member_session(&location.library, location.slot, self.flags, epoch)
                 })?
             }

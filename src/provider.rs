@@ -11,7 +11,9 @@ use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::member_call;
-use crate::member::{initialize_each, padded_to_string, string_to_padded, MemberLibrary, Silent};
+use crate::member::{
+    initialize_each, padded_to_string, string_to_padded, Counting, MemberLibrary, Silent,
+};
 use crate::published::Publisher;
 use crate::reconcile::Reconciler;
 use crate::recovery::{self, Workers};
@@ -626,7 +628,9 @@ impl Provider {
 
     pub fn slot_info(&self, slot_id: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {
         match self.slot(slot_id)? {
-            Slot::PassThrough(library, slot) => library.slot_info(slot),
+            Slot::PassThrough(library, slot) => {
+                counted_on(&library, slot, || library.slot_info(slot))
+            }
             Slot::Virtual(group) => {
                 // SAFETY: CK_SLOT_INFO is plain data; all-zero is valid.
                 let mut info: CK_SLOT_INFO = unsafe { std::mem::zeroed() };
@@ -649,14 +653,18 @@ impl Provider {
 
     pub fn token_info(&self, slot_id: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
         match self.slot(slot_id)? {
-            Slot::PassThrough(library, slot) => library.token_info(slot),
+            Slot::PassThrough(library, slot) => {
+                counted_on(&library, slot, || library.token_info(slot))
+            }
             Slot::Virtual(group) => group.token_info(self.sessions.count(slot_id)),
         }
     }
 
     pub fn mechanisms(&self, slot_id: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
         match self.slot(slot_id)? {
-            Slot::PassThrough(library, slot) => library.mechanisms(slot),
+            Slot::PassThrough(library, slot) => {
+                counted_on(&library, slot, || library.mechanisms(slot))
+            }
             Slot::Virtual(group) => group.mechanisms(),
         }
     }
@@ -667,7 +675,9 @@ impl Provider {
         mechanism: CK_MECHANISM_TYPE,
     ) -> Result<CK_MECHANISM_INFO> {
         match self.slot(slot_id)? {
-            Slot::PassThrough(library, slot) => library.mechanism_info(slot, mechanism),
+            Slot::PassThrough(library, slot) => {
+                counted_on(&library, slot, || library.mechanism_info(slot, mechanism))
+            }
             Slot::Virtual(group) => group.mechanism_info(mechanism),
         }
     }
@@ -679,12 +689,17 @@ impl Provider {
         let target = match self.slot(slot_id)? {
             Slot::PassThrough(library, slot) => {
                 let hidden = self.hidden_on(&library);
-                let s = open_member_session(&library, slot, flags, 0)?;
+                let counts = library.slot_counts(slot);
+                let s = {
+                    let _counting = Counting::on(&counts);
+                    open_member_session(&library, slot, flags, 0)?
+                };
                 Target::PassThrough(PassThroughSession {
                     library,
                     slot,
                     handle: s.handle,
                     hidden,
+                    counts,
                 })
             }
             Slot::Virtual(group) => {
@@ -825,7 +840,7 @@ impl Provider {
 
     pub fn session_info(&self, handle: CK_SESSION_HANDLE) -> Result<CK_SESSION_INFO> {
         let session = self.session(handle)?;
-        let _call = session.gate.call()?;
+        let _call = session.call()?;
         let mut info = CK_SESSION_INFO {
             slotID: session.slot_id,
             state: 0,
@@ -859,7 +874,7 @@ impl Provider {
         pin: Option<&[u8]>,
     ) -> Result<()> {
         let session = self.session(handle)?;
-        let _call = session.gate.call()?;
+        let _call = session.call()?;
         let (ptr, len) = pin_parts(pin);
         let v = match &session.target {
             Target::PassThrough(p) => {
@@ -922,7 +937,7 @@ impl Provider {
         // session, so that two logouts never wait for each other's call.
         let _one_at_a_time = self.logouts.lock();
         let session = self.session(handle)?;
-        let _call = session.gate.call()?;
+        let _call = session.call()?;
         let on_slot: Vec<Arc<Session>> = self.sessions_on(session.slot_id).collect();
         let _paused: Vec<_> = on_slot.iter().map(|s| s.gate.pause()).collect();
         let deadline = std::time::Instant::now() + self.member_timeout;
@@ -1012,11 +1027,20 @@ fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
         }
         match &session.target {
             Target::PassThrough(p) => {
+                let _counting = Counting::on(&p.counts);
                 member_call!(p.library, C_CloseSession(p.handle));
             }
             Target::Virtual(v) => v.close(),
         }
     }
+}
+
+/// Runs `calls` on a pass-through slot's token, counted for it (see
+/// [`MemberLibrary::slot_counts`]).
+fn counted_on<T>(library: &MemberLibrary, slot: CK_SLOT_ID, calls: impl FnOnce() -> T) -> T {
+    let counts = library.slot_counts(slot);
+    let _counting = Counting::on(&counts);
+    calls()
 }
 
 fn pin_parts(pin: Option<&[u8]>) -> (*mut CK_UTF8CHAR, CK_ULONG) {

@@ -594,7 +594,7 @@ impl VirtualSession {
             return clones;
         }
         let rv = self.probe_cloning(source, target);
-        if crate::group::is_member_fault(rv) {
+        if crate::group::is_member_fault("CA_CloneObject", rv) {
             return true;
         }
         let clones = rv != crate::error::luna::CKR_OPERATION_NOT_ALLOWED;

@@ -7,8 +7,8 @@
 use crate::arguments::{OutArray, Template};
 use crate::error::{check, Error, Result};
 use crate::member::member_call;
-use crate::member::MemberLibrary;
 pub use crate::member::{open_member_session, MemberSession};
+use crate::member::{CallCounts, Counting, MemberLibrary};
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -26,6 +26,10 @@ pub struct PassThroughSession {
     /// Objects of this token the application must not reach: the domain
     /// keys of HA groups (see [`HiddenObjects`]).
     pub hidden: Arc<HiddenObjects>,
+    /// The token's call counts ([`MemberLibrary::slot_counts`]): a group
+    /// member's when the token is one, so that its calls served include
+    /// the application's calls through this slot.
+    pub counts: Arc<CallCounts>,
 }
 
 /// The domain keys in one library, hidden from its pass-through slots: a
@@ -115,6 +119,35 @@ pub struct Session {
     pub flags: CK_FLAGS,
     pub target: Target,
     pub gate: CallGate,
+}
+
+impl Session {
+    /// Counts a call in on the session's gate (refused once it closed),
+    /// and for a pass-through session names its token's counts for the
+    /// member calls the call makes ([`Counting`]).
+    pub fn call(&self) -> Result<SessionCall<'_>> {
+        let gate = self.gate.call()?;
+        Ok(SessionCall {
+            _counting: self.counting(),
+            _gate: gate,
+        })
+    }
+
+    /// The counting scope of a pass-through session's token; a virtual
+    /// session's calls are counted per member (`Member::begin_call`).
+    #[inline(always)]
+    fn counting(&self) -> Option<Counting<'_>> {
+        match &self.target {
+            Target::PassThrough(p) => Some(Counting::on(&p.counts)),
+            Target::Virtual(_) => None,
+        }
+    }
+}
+
+/// A call under way on a session (see [`Session::call`]).
+pub struct SessionCall<'a> {
+    _counting: Option<Counting<'a>>,
+    _gate: CallGuard<'a>,
 }
 
 /// The calls under way on a session. Its member sessions are closed only
@@ -282,6 +315,9 @@ thread_local! {
 /// dropping it counts the call out and makes it the thread's cached
 /// session.
 pub struct SessionRef {
+    /// The pass-through token's counting scope ([`Session::call`]), ended
+    /// before the session is let go.
+    counting: Option<Counting<'static>>,
     session: Option<Arc<Session>>,
     removals: u64,
 }
@@ -304,7 +340,14 @@ impl SessionRef {
     #[inline(always)]
     fn admitted(session: Arc<Session>, removals: u64) -> Option<Self> {
         let entered = session.gate.enter();
+        let counting = match &session.target {
+            // SAFETY: the counts live as long as the session, which the
+            // SessionRef holds until it has ended the scope.
+            Target::PassThrough(p) => Some(unsafe { Counting::on_kept(&p.counts) }),
+            Target::Virtual(_) => None,
+        };
         let held = SessionRef {
+            counting,
             session: Some(session),
             removals,
         };
@@ -345,6 +388,7 @@ impl Deref for SessionRef {
 impl Drop for SessionRef {
     #[inline(always)]
     fn drop(&mut self) {
+        self.counting = None;
         self.gate.leave();
         let cached = self.session.take().map(|s| (s, self.removals));
         // The session replaced is dropped only here, outside the cell: its

@@ -1,9 +1,10 @@
 //! A session on a virtual slot: its member sessions (a
 //! [`MemberSessions`] set), the member each active operation is bound to,
 //! and failover. Every member call goes
-//! through [`VirtualSession::attempt`], which tells a member fault (take the
-//! member out, carry on elsewhere) from a request error (the application's
-//! answer; the member stays healthy).
+//! through [`VirtualSession::attempt`], which acts on the verdict of
+//! [`crate::member::classify`] on the member's answer: a member fault takes
+//! the member out and the call carries on elsewhere; a request error is the
+//! application's answer and the member stays healthy.
 
 use crate::bindings::{
     ActiveOp, BindingsCell, BindingsGuard, Replay, Search, Summary, ALL_KINDS, OP_KINDS,
@@ -16,6 +17,7 @@ use crate::mechanism::Mechanism;
 use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::member::MemberSession;
+use crate::member::{classify, Answer};
 use crate::member_sessions::MemberSessions;
 use crate::object::Presence;
 use cryptoki_sys::*;
@@ -148,7 +150,7 @@ impl VirtualSession {
             match session.member_session(position) {
                 Ok(_) => return Ok(session),
                 Err(e) => {
-                    if is_member_fault(e.rv) {
+                    if is_member_fault("C_OpenSession", e.rv) {
                         session.group.member_failed(position, "C_OpenSession", e.rv);
                     }
                     last_error = e;
@@ -284,9 +286,9 @@ impl VirtualSession {
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if library.is_networked() {
-            self.run_on_connection(position, library, handle, connection, call)
+            self.run_on_connection(position, function, library, handle, connection, call)
         } else {
-            self.run(position, library, handle, call)
+            self.run(position, function, library, handle, call)
         };
         drop(guard);
         // Success first and inline: most calls succeed, and no other check
@@ -312,9 +314,11 @@ impl VirtualSession {
         if look_up_again {
             return Attempt::Faulted;
         }
-        if !is_member_fault(rv) {
+        if !is_member_fault(function, rv) {
             return Attempt::Answered(rv);
         }
+        // Its member sessions were closed under the call (it outlived the
+        // close's wait): the session is gone, not the member.
         if self.members.closed() {
             return Attempt::Answered(CKR_SESSION_HANDLE_INVALID);
         }
@@ -334,6 +338,7 @@ impl VirtualSession {
     fn run<F>(
         &self,
         position: usize,
+        function: &str,
         library: &MemberLibrary,
         handle: CK_SESSION_HANDLE,
         call: &mut F,
@@ -345,15 +350,12 @@ impl VirtualSession {
         if rv == CKR_OK {
             return (rv, false);
         }
-        if crate::group::classify(rv) == crate::group::Failure::Busy {
-            rv = crate::group::retry_while_busy(rv, || call(library, handle));
+        let mut verdict = classify(function, rv);
+        if verdict == Answer::Busy {
+            rv = crate::group::retry_while_busy(function, rv, || call(library, handle));
+            verdict = classify(function, rv);
         }
-        if rv == CKR_OK
-            || !matches!(
-                rv,
-                CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID | CKR_KEY_HANDLE_INVALID
-            )
-        {
+        if verdict != Answer::LoginLost {
             return (rv, false);
         }
         match self.check_login(position, library, handle, rv) {
@@ -370,6 +372,7 @@ impl VirtualSession {
     fn run_on_connection<F>(
         &self,
         position: usize,
+        function: &str,
         library: &MemberLibrary,
         handle: CK_SESSION_HANDLE,
         connection: u64,
@@ -378,7 +381,9 @@ impl VirtualSession {
     where
         F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
-        crate::member::on_connection(connection, || self.run(position, library, handle, call))
+        crate::member::on_connection(connection, || {
+            self.run(position, function, library, handle, call)
+        })
     }
 
     /// As [`VirtualSession::attempt`], for a call that must reach this
@@ -434,7 +439,7 @@ impl VirtualSession {
 
     #[cold]
     fn not_opened(&self, position: usize, rv: CK_RV) -> Attempt {
-        if is_member_fault(rv) && !self.members.closed() {
+        if is_member_fault("C_OpenSession", rv) && !self.members.closed() {
             crate::member::forget_cut_off();
             self.group.member_failed(position, "C_OpenSession", rv);
             Attempt::Faulted

@@ -1449,6 +1449,121 @@ fn a_destroy_reaches_a_member_that_failed_under_it() {
     });
 }
 
+/// Sessions closed by one thread while others digest on them, with a
+/// member crashing under the calls so that they move to the other member:
+/// every member session opened for them is closed with them, and none is
+/// opened for a session already closed (issue 14: a close under a running
+/// call used to fault the member, and the call moved on to open a member
+/// session for the closed session that nothing ever closed).
+#[test]
+fn sessions_closed_under_running_calls_leave_no_member_session_open() {
+    const ROUNDS: usize = 8;
+    const CRASH_IN_ROUND: usize = 3;
+    const THREADS: usize = 3;
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            s.open_session(0);
+            ensure!(s.logged_in, "the keeper session logged in");
+            let sessions_on = |s: &Schedule| -> Vec<u32> {
+                s.tokens
+                    .iter()
+                    .map(|(copy, local)| (copy.sessions)(*local))
+                    .collect()
+            };
+            let before = sessions_on(s);
+            let f = s.f;
+            for round in 0..ROUNDS {
+                let sessions: Vec<CK_SESSION_HANDLE> = (0..THREADS)
+                    .map(|_| {
+                        let mut handle = 0;
+                        // SAFETY: valid out pointer; no application callback.
+                        let rv = unsafe {
+                            f.C_OpenSession.unwrap()(
+                                VIRTUAL_SLOT,
+                                CKF_SERIAL_SESSION,
+                                ptr::null_mut(),
+                                None,
+                                &mut handle,
+                            )
+                        };
+                        assert_eq!(rv, CKR_OK, "C_OpenSession, round {round}");
+                        handle
+                    })
+                    .collect();
+                let digests = std::sync::atomic::AtomicUsize::new(0);
+                std::thread::scope(|scope| {
+                    for &session in &sessions {
+                        let digests = &digests;
+                        scope.spawn(move || loop {
+                            let mut mechanism = CK_MECHANISM {
+                                mechanism: CKM_SHA256,
+                                pParameter: ptr::null_mut(),
+                                ulParameterLen: 0,
+                            };
+                            // SAFETY: a live mechanism without a parameter.
+                            let rv = unsafe { f.C_DigestInit.unwrap()(session, &mut mechanism) };
+                            if rv == CKR_SESSION_HANDLE_INVALID {
+                                return;
+                            }
+                            let data = *b"abc";
+                            let mut digest = [0u8; 32];
+                            let mut digest_len = digest.len() as CK_ULONG;
+                            // SAFETY: buffers of the lengths given.
+                            let rv = unsafe {
+                                f.C_Digest.unwrap()(
+                                    session,
+                                    data.as_ptr() as *mut u8,
+                                    data.len() as CK_ULONG,
+                                    digest.as_mut_ptr(),
+                                    &mut digest_len,
+                                )
+                            };
+                            match rv {
+                                CKR_SESSION_HANDLE_INVALID => return,
+                                CKR_OK => {
+                                    assert_eq!(digest.to_vec(), sha256(&[&data]));
+                                    digests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                _ => {}
+                            }
+                        });
+                    }
+                    while digests.load(std::sync::atomic::Ordering::Relaxed) < 4 * THREADS {
+                        std::thread::yield_now();
+                    }
+                    if round == CRASH_IN_ROUND {
+                        s.plant(0, CRASH);
+                    }
+                    for &session in &sessions {
+                        // SAFETY: a plain handle.
+                        let rv = unsafe { f.C_CloseSession.unwrap()(session) };
+                        assert_eq!(rv, CKR_OK, "C_CloseSession under calls, round {round}");
+                    }
+                });
+            }
+            let after = sessions_on(s);
+            ensure!(
+                after[1] == before[1],
+                "the member that stayed up holds {} sessions after {ROUNDS} rounds of \
+                 closes under running calls, {} before",
+                after[1],
+                before[1]
+            );
+            s.close_all();
+            let left = sessions_on(s);
+            ensure!(
+                left[1] <= 1,
+                "with every application session closed, the member that stayed up \
+                 holds {} sessions (its utility session at most)",
+                left[1]
+            );
+            Ok(())
+        },
+    });
+}
+
 /// Seeds that found defects since fixed, with whether they ran with the
 /// open defects' schedules (the schedule generator is as it was then):
 /// - 6209, 7588: a member whose token restarted between two calls kept

@@ -20,6 +20,7 @@ macro_rules! call {
     ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
         let library: &MemberLibrary = &$lib;
         library.call(
+            stringify!($func),
             |table| table.$func,
             // SAFETY: the table came from the member's own C_GetFunctionList
             // or C_GetInterface and the library stays loaded while `$lib`
