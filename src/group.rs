@@ -1800,11 +1800,14 @@ pub fn retry_while_busy(function: &str, mut rv: CK_RV, mut call: impl FnMut() ->
 }
 
 /// How often a member that answered `C_Login` with `CKR_GENERAL_ERROR` is
-/// asked again, and the first pause: each pause doubles (5 to 160 ms), so
-/// a login gives up after about a third of a second. Eight SoftHSM
-/// processes logging in at once need at most three more tries 10 ms apart.
-const LOGIN_RETRIES: u32 = 6;
+/// asked again, the first pause and the longest: pauses double from 5 ms
+/// up to 250 ms, so a login gives up after about 1.8 s. Eight SoftHSM
+/// processes logging in at once need at most three more tries 10 ms apart
+/// on a quiet machine; under the full test suite's load six tries within
+/// a third of a second were not always enough.
+const LOGIN_RETRIES: u32 = 12;
 const FIRST_LOGIN_PAUSE: Duration = Duration::from_millis(5);
+const LONGEST_LOGIN_PAUSE: Duration = Duration::from_millis(250);
 
 /// Logs a member session in, asking again a bounded number of times while
 /// the member answers `CKR_GENERAL_ERROR`. SoftHSM answers that, before it
@@ -1831,7 +1834,7 @@ pub fn log_in_member(
             break;
         }
         std::thread::sleep(pause);
-        pause *= 2;
+        pause = (pause * 2).min(LONGEST_LOGIN_PAUSE);
         rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
     }
     rv
