@@ -790,17 +790,8 @@ fn parse_environment(
                     .to_owned(),
             ));
         };
-        let Some(library) = libraries
-            .iter_mut()
-            .find(|l| l.name.eq_ignore_ascii_case(name))
-        else {
-            let known: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
-            return Err(err(format!(
-                "there is no library \"{name}\" in [{LIBRARIES}] (the libraries are {}); \
-                 use one of their names before the \".\"",
-                known.join(", ")
-            )));
-        };
+        let library = library_named(libraries, name)
+            .map_err(|known| err(format!("{known}; use one of their names before the \".\"")))?;
         if !is_variable_name(variable) {
             return Err(err(format!(
                 "\"{variable}\" is not an environment variable name; use letters, digits \
@@ -810,6 +801,24 @@ fn parse_environment(
         library.environment.push((variable.to_owned(), value));
     }
     Ok(())
+}
+
+/// The library of `[Libraries]` called `name` (in any case); else the
+/// start of an error saying which names there are.
+fn library_named<'a>(
+    libraries: &'a mut [LibraryConfig],
+    name: &str,
+) -> Result<&'a mut LibraryConfig, String> {
+    let known: Vec<String> = libraries.iter().map(|l| l.name.clone()).collect();
+    libraries
+        .iter_mut()
+        .find(|l| l.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            format!(
+                "there is no library \"{name}\" in [{LIBRARIES}] (the libraries are {})",
+                known.join(", ")
+            )
+        })
 }
 
 /// The largest `[LibraryConcurrency]` value: far above what any library
@@ -825,17 +834,8 @@ fn parse_concurrency(
 ) -> Result<(), ConfigError> {
     for (key, value) in entries {
         let err = |problem: String| error(file, Some(LIBRARY_CONCURRENCY), Some(&key), problem);
-        let Some(library) = libraries
-            .iter_mut()
-            .find(|l| l.name.eq_ignore_ascii_case(&key))
-        else {
-            let known: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
-            return Err(err(format!(
-                "there is no library \"{key}\" in [{LIBRARIES}] (the libraries are {}); \
-                 the keys here are library names",
-                known.join(", ")
-            )));
-        };
+        let library = library_named(libraries, &key)
+            .map_err(|known| err(format!("{known}; the keys here are library names")))?;
         library.concurrency = Some(
             value
                 .parse::<std::num::NonZeroUsize>()
@@ -867,17 +867,8 @@ fn parse_instances(
 ) -> Result<(), ConfigError> {
     for (key, value) in entries {
         let err = |problem: String| error(file, Some(LIBRARY_INSTANCES), Some(&key), problem);
-        let Some(library) = libraries
-            .iter_mut()
-            .find(|l| l.name.eq_ignore_ascii_case(&key))
-        else {
-            let known: Vec<&str> = libraries.iter().map(|l| l.name.as_str()).collect();
-            return Err(err(format!(
-                "there is no library \"{key}\" in [{LIBRARIES}] (the libraries are {}); \
-                 the keys here are library names",
-                known.join(", ")
-            )));
-        };
+        let library = library_named(libraries, &key)
+            .map_err(|known| err(format!("{known}; the keys here are library names")))?;
         if !is_p11_kit_client(&library.path) {
             return Err(err(format!(
                 "{} is not p11-kit's client (p11-kit-client.so), the only library that gives \
