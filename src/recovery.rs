@@ -7,8 +7,9 @@
 //! a member means: find its token again -- initialising its library again
 //! if it is not initialised (a failed `C_Initialize` is only "not yet"), or
 //! reconnecting it if its connection is gone and no healthy member shares
-//! that library -- within `memberTimeout` times the attempt's number (up
-//! to 10), then log it in, replay the
+//! that library -- within one `memberTimeout` more for each search since
+//! it was last found that its library did not answer (up to 10), then log
+//! it in, replay the
 //! changes it missed, copy what it lacks (`[HASynchronize]`), reopen member
 //! sessions behind open virtual sessions (`activeEnhanced`), and only then
 //! -- with nothing left queued for it -- put it back in the rotation. That
@@ -765,7 +766,12 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
             Ok(job(&library))
         };
         match answer {
-            Ok(Some(slot)) => return Ok(Location { library, slot }),
+            Ok(Some(slot)) => {
+                this_member
+                    .silent_searches
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                return Ok(Location { library, slot });
+            }
             Ok(None) => {}
             Err(Silent) => silent.push(format!(
                 "{} (no answer within {} ms)",
@@ -777,6 +783,9 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
     if silent.is_empty() {
         Err(format!("token {serial} not found"))
     } else {
+        this_member
+            .silent_searches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(format!(
             "token {serial} not found; not answering: {}",
             silent.join(", ")
@@ -784,23 +793,25 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
     }
 }
 
-/// Attempts after which looking for a member's token is given no more
-/// patience: [`find_patience`] grows to this many `memberTimeout`s.
+/// Silent searches after which looking for a member's token is given no
+/// more patience: [`find_patience`] grows to this many `memberTimeout`s.
 const FIND_PATIENCE_TIMEOUTS: u32 = 10;
 
 /// How long one attempt waits for the member's library to find its token:
-/// one `memberTimeout` more at each attempt since it failed, up to
-/// [`FIND_PATIENCE_TIMEOUTS`]. Reconnecting can take one call longer than
+/// one `memberTimeout` more for each search since the token was last found
+/// that a library did not answer, up to [`FIND_PATIENCE_TIMEOUTS`] (a
+/// quick "not found" does not start it over: after a cut-off the next
+/// reconnect may fail at once). Reconnecting can take one call longer than
 /// `memberTimeout` (p11-kit's client initialises: its server loads the
 /// whole token, 0.35 s for 8,000 objects on an idle SoftHSM), and a job
 /// cut off at a flat deadline started that call over at every attempt, so
 /// such a member never came back; a hung library is still abandoned and
 /// reported at each attempt.
 fn find_patience(member_timeout: Duration, member: &crate::group::Member) -> Duration {
-    let attempts = member
-        .recovery_attempts
+    let silent = member
+        .silent_searches
         .load(std::sync::atomic::Ordering::Relaxed);
-    let timeouts = attempts.clamp(1, u64::from(FIND_PATIENCE_TIMEOUTS)) as u32;
+    let timeouts = (silent + 1).min(u64::from(FIND_PATIENCE_TIMEOUTS)) as u32;
     member_timeout * timeouts
 }
 
