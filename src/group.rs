@@ -70,6 +70,9 @@ pub struct Member {
     state_changed_ms: AtomicU64,
     /// Recovery attempts since the member last failed.
     pub recovery_attempts: AtomicU64,
+    /// Searches for its token since it was last found that had a library
+    /// not answer: each next search waits longer (see recovery.rs).
+    pub silent_searches: AtomicU64,
     /// One more than the epoch in which the member's library refused the
     /// key-wrap mechanism (0: not refused), so that the group neither asks
     /// again nor says so again until the member has been reconnected.
@@ -184,6 +187,7 @@ impl Member {
             last_fault: AtomicU64::new(CKR_OK),
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
+            silent_searches: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),

@@ -7,7 +7,9 @@
 //! a member means: find its token again -- initialising its library again
 //! if it is not initialised (a failed `C_Initialize` is only "not yet"), or
 //! reconnecting it if its connection is gone and no healthy member shares
-//! that library -- within one `memberTimeout`, then log it in, replay the
+//! that library -- within one `memberTimeout` more for each search since
+//! it was last found that its library did not answer (up to 10), then log
+//! it in, replay the
 //! changes it missed, copy what it lacks (`[HASynchronize]`), reopen member
 //! sessions behind open virtual sessions (`activeEnhanced`), and only then
 //! -- with nothing left queued for it -- put it back in the rotation. That
@@ -705,7 +707,7 @@ fn settle_in_doubt(
 
 /// Finds the member's token: on its library, or on another (one serving
 /// healthy members, or for a member never found, any library no other
-/// failed member is on), each asked within one `memberTimeout` (where the
+/// failed member is on), each given [`find_patience`] (where the
 /// application allows threads) --
 /// initialised first if it is not (its last
 /// `C_Initialize` failed or never answered), or reconnected if its
@@ -758,29 +760,59 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
                 silent.push(format!("{} (its last call has not returned)", library.name));
                 continue;
             };
-            job.finish(
-                Instant::now() + provider.member_timeout(),
-                provider.member_timeout(),
-            )
+            let patience = find_patience(provider.member_timeout(), this_member);
+            job.finish(Instant::now() + patience, patience)
         } else {
             Ok(job(&library))
         };
         match answer {
-            Ok(Some(slot)) => return Ok(Location { library, slot }),
-            Ok(None) => {}
-            Err(Silent) => {
-                silent.push(format!("{} (no answer within memberTimeout)", library.name))
+            Ok(Some(slot)) => {
+                this_member
+                    .silent_searches
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                return Ok(Location { library, slot });
             }
+            Ok(None) => {}
+            Err(Silent) => silent.push(format!(
+                "{} (no answer within {} ms)",
+                library.name,
+                find_patience(provider.member_timeout(), this_member).as_millis()
+            )),
         }
     }
     if silent.is_empty() {
         Err(format!("token {serial} not found"))
     } else {
+        this_member
+            .silent_searches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(format!(
             "token {serial} not found; not answering: {}",
             silent.join(", ")
         ))
     }
+}
+
+/// Silent searches after which looking for a member's token is given no
+/// more patience: [`find_patience`] grows to this many `memberTimeout`s.
+const FIND_PATIENCE_TIMEOUTS: u32 = 10;
+
+/// How long one attempt waits for the member's library to find its token:
+/// one `memberTimeout` more for each search since the token was last found
+/// that a library did not answer, up to [`FIND_PATIENCE_TIMEOUTS`] (a
+/// quick "not found" does not start it over: after a cut-off the next
+/// reconnect may fail at once). Reconnecting can take one call longer than
+/// `memberTimeout` (p11-kit's client initialises: its server loads the
+/// whole token, 0.35 s for 8,000 objects on an idle SoftHSM), and a job
+/// cut off at a flat deadline started that call over at every attempt, so
+/// such a member never came back; a hung library is still abandoned and
+/// reported at each attempt.
+fn find_patience(member_timeout: Duration, member: &crate::group::Member) -> Duration {
+    let silent = member
+        .silent_searches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let timeouts = (silent + 1).min(u64::from(FIND_PATIENCE_TIMEOUTS)) as u32;
+    member_timeout * timeouts
 }
 
 fn token_slot(library: &MemberLibrary, serial: &str) -> Option<CK_SLOT_ID> {

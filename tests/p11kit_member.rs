@@ -439,3 +439,128 @@ fn the_group_advertises_the_intersection_of_its_members_mechanisms() {
     assert_eq!(ecdsa.max_key_size(), remote_ecdsa.max_key_size());
     assert!(ecdsa.sign() && ecdsa.verify());
 }
+
+/// Object files the slow member's token holds, copies of one data object:
+/// enough that its server's `C_Initialize` (which loads the whole token)
+/// takes several times the `memberTimeout` below (0.35 s on an idle
+/// machine), as a large production token does under load.
+const LARGE_TOKEN_OBJECTS: usize = 8_000;
+/// A `memberTimeout` the large token's `C_Initialize` always exceeds.
+const SHORT_MEMBER_TIMEOUT_MS: u64 = 100;
+
+/// Gives the only token of `hsm` [`LARGE_TOKEN_OBJECTS`] more objects:
+/// one data object made by pkcs11-tool, its file copied under new names.
+fn fill_token(hsm: &SoftHsm) {
+    let before = object_files(hsm.dir.path());
+    let data = hsm.dir.path().join("data.bin");
+    std::fs::write(&data, [0x5a; 32]).expect("write data.bin");
+    let made = std::process::Command::new("pkcs11-tool")
+        .env(SOFTHSM_CONF_ENV, &hsm.conf)
+        .args(["--module", SOFTHSM_LIB, "--login", "--pin", USER_PIN])
+        .arg("--write-object")
+        .arg(&data)
+        .args(["--type", "data", "--label", "filler"])
+        .output()
+        .expect("run pkcs11-tool");
+    assert!(made.status.success(), "pkcs11-tool: {made:?}");
+    let made: Vec<_> = object_files(hsm.dir.path())
+        .difference(&before)
+        .cloned()
+        .collect();
+    assert_eq!(made.len(), 1, "one object file made: {made:?}");
+    let dir = made[0].parent().expect("token dir");
+    for i in 0..LARGE_TOKEN_OBJECTS {
+        std::fs::copy(
+            &made[0],
+            dir.join(format!("{i:08x}-f111-4000-8000-000000000000.object")),
+        )
+        .expect("copy an object file");
+    }
+}
+
+/// Every `*.object` file under `dir` but the tokens' own.
+fn object_files(dir: &std::path::Path) -> std::collections::HashSet<std::path::PathBuf> {
+    let mut found = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(dir).expect("read token dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(object_files(&path));
+        } else if path.extension().is_some_and(|e| e == "object")
+            && path.file_name().is_some_and(|n| n != "token.object")
+        {
+            found.insert(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_member_whose_reconnect_outlasts_member_timeout_still_joins() {
+    let guard = serial_guard();
+    let remote = SoftHsm::new(&["remote"]);
+    provision_domain(&remote, &DOMAIN_VALUE);
+    fill_token(&remote);
+    let local = SoftHsm::new(&["local"]);
+    provision_domain(&local, &DOMAIN_VALUE);
+    let server = P11KitServer::start(
+        SOFTHSM_LIB,
+        &remote.conf,
+        "remote",
+        &remote.dir.path().join("p11-kit.sock"),
+    );
+    let client_module = p11kit::client_module();
+    // What the test is about: each connection's worker loads the whole
+    // token, so listing it through p11-kit's client outlasts memberTimeout.
+    let started = std::time::Instant::now();
+    let listed = std::process::Command::new("pkcs11-tool")
+        .env(ADDRESS_ENV, server.address())
+        .args(["--module", &client_module, "--list-token-slots"])
+        .output()
+        .expect("run pkcs11-tool");
+    let listing = started.elapsed();
+    assert!(listed.status.success(), "pkcs11-tool: {listed:?}");
+    assert!(
+        listing > Duration::from_millis(SHORT_MEMBER_TIMEOUT_MS),
+        "listing the large token took only {listing:?}: raise LARGE_TOKEN_OBJECTS"
+    );
+    let members = [
+        remote.tokens[0].serial.clone(),
+        local.tokens[0].serial.clone(),
+    ];
+    let config = write_config(
+        local.dir.path(),
+        &[
+            ("slowremote", &client_module),
+            (SOFTHSM_LIB_NAME, SOFTHSM_LIB),
+        ],
+        &[GroupSpec::new(GROUP_LABEL, &members)],
+        false,
+    );
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(&format!(
+        "memberTimeout = {SHORT_MEMBER_TIMEOUT_MS}\nAutoReconnectInterval = 1\n"
+    ));
+    std::fs::write(&config, text).expect("write config");
+    local.activate();
+    activate_config(&config);
+    env::set_var(ADDRESS_ENV, server.address());
+    let pkcs11 = load_ha();
+    initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
+    // Its first C_Initialize outlasts memberTimeout at start-up; recovery
+    // must wait for a reconnect that answers, not cut it off every time.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !member_serves(0, 0) && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let joined = member_serves(0, 0);
+    let _ = pkcs11.finalize();
+    env::remove_var(CONF_ENV);
+    env::remove_var(SOFTHSM_CONF_ENV);
+    env::remove_var(ADDRESS_ENV);
+    assert!(
+        joined,
+        "the member behind the slow server never joined; server log: {}",
+        server.log_text()
+    );
+    drop(guard);
+}
