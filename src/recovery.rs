@@ -9,15 +9,15 @@
 //! reconnecting it if its connection is gone and no healthy member shares
 //! that library -- within one `memberTimeout` more for each search since
 //! it was last found that its library did not answer (up to 10), then log
-//! it in, replay the
-//! changes it missed, copy what it lacks (`[HASynchronize]`), reopen member
-//! sessions behind open virtual sessions (`activeEnhanced`), and only then
-//! -- with nothing left queued for it -- put it back in the rotation. That
-//! second part too runs for each member on its own, beside the other
-//! members' catch-ups (waiting for one that hangs on a stalled source kept
-//! every other returning member out); the watchdog cuts off any of its
-//! calls that hangs. A member that may still make an object
-//! it was cut off making is left out until it has, or has had time to.
+//! it in, replay the changes it missed, copy what it lacks
+//! (`[HASynchronize]`), reopen member sessions behind open virtual
+//! sessions (`activeEnhanced`), and only then -- with nothing left queued
+//! for it -- put it back in the rotation. That second part too runs for
+//! each member on its own, beside the other members' catch-ups (waiting
+//! for one that hangs on a stalled source kept every other returning member
+//! out); the watchdog cuts off any of its calls that hangs. A member that
+//! may still make an object it was cut off making is left out until it
+//! has, or has had time to.
 //!
 //! The watchdog thread takes out a member that has calls in flight but
 //! completes none for `memberTimeout`, or whose library has had one call on
