@@ -132,23 +132,23 @@ fn member_update(
 }
 
 impl VirtualSession {
-    /// Opens a member session on the first member that is up and opens
-    /// one, so that the application learns at once what that member
-    /// refuses (a session limit, a token gone); the sessions on the other
-    /// members are opened at their first call ([`MemberSessions::session_on`]
-    /// opens them on demand anyway, for members that come back), so that a
-    /// session the application uses on one member only costs one member
-    /// session. Fails only when no member could open one.
+    /// Opens a member session on every member that is up (a member's
+    /// unused sessions are taken first, so this stays cheap). Opening them
+    /// at each member's first call instead lost and resurrected objects in
+    /// the simulation (seeds 102057, 122459, 133269, 141690, 148478,
+    /// 149728), so every member gets its session here. Fails only when no
+    /// member could open one.
     pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
         group.open_utility_sessions();
         let session = Self::new(group, flags);
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
+        let mut opened = 0;
         for position in 0..session.group.members.len() {
             if !session.group.members[position].is_up() {
                 continue;
             }
             match session.member_session(position) {
-                Ok(_) => return Ok(session),
+                Ok(_) => opened += 1,
                 Err(e) => {
                     if is_member_fault("C_OpenSession", e.rv) {
                         session.group.member_failed(position, "C_OpenSession", e.rv);
@@ -157,7 +157,10 @@ impl VirtualSession {
                 }
             }
         }
-        Err(last_error)
+        if opened == 0 {
+            return Err(last_error);
+        }
+        Ok(session)
     }
 
     /// The first member session opened (opening one on an up member if
