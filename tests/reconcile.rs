@@ -185,6 +185,22 @@ impl Setup {
     }
 
     /// How many objects with each label `token` holds, read directly.
+    /// Asserts that both members hold each of `labels` exactly once.
+    fn assert_both_hold_each_once(&self, labels: &[impl AsRef<str>]) {
+        for member in ["member0", "member1"] {
+            let held = self.labels_on(member);
+            let wrong: Vec<(&str, usize)> = labels
+                .iter()
+                .map(|l| (l.as_ref(), count(&held, l.as_ref())))
+                .filter(|(_, n)| *n != 1)
+                .collect();
+            assert!(
+                wrong.is_empty(),
+                "{member} holds these not exactly once: {wrong:?}"
+            );
+        }
+    }
+
     fn labels_on(&self, token: &str) -> HashMap<String, usize> {
         self.try_labels_on(token)
             .unwrap_or_else(|| panic!("token {token} could not be read whole"))
@@ -340,18 +356,7 @@ fn eight_processes_at_once_copy_each_missing_object_once() {
     }
 
     // Every process has ended: nothing can copy any more.
-    for member in ["member0", "member1"] {
-        let held = setup.labels_on(member);
-        let wrong: Vec<(&String, usize)> = labels
-            .iter()
-            .map(|l| (l, count(&held, l)))
-            .filter(|(_, n)| *n != 1)
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "{member} holds these not exactly once: {wrong:?}"
-        );
-    }
+    setup.assert_both_hold_each_once(&labels);
 }
 
 /// Two hosts share no lock (here: each its own state directory, so its own
@@ -422,18 +427,7 @@ fn two_hosts_reconciling_at_once_leave_each_object_exactly_once() {
     let last = setup.start_user();
     setup.wait_for_b("hold every object exactly once", each_once);
     Setup::end_user(last);
-    for member in ["member0", "member1"] {
-        let held = setup.labels_on(member);
-        let wrong: Vec<(&&String, usize)> = every_label
-            .iter()
-            .map(|l| (l, count(&held, l)))
-            .filter(|(_, n)| *n != 1)
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "{member} holds these not exactly once: {wrong:?}"
-        );
-    }
+    setup.assert_both_hold_each_once(&every_label);
 }
 
 /// An object deleted while member B was down is removed from B when B
