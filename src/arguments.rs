@@ -212,6 +212,12 @@ impl<'a> Template<'a> {
     pub fn count(&self) -> CK_ULONG {
         self.attributes.len() as CK_ULONG
     }
+
+    /// The template as a member call takes it; the application's null
+    /// stays `None`.
+    pub fn as_slice(&self) -> Option<&[CK_ATTRIBUTE]> {
+        (!self.absent).then_some(&self.attributes[..])
+    }
 }
 
 /// Checks the values of `attributes` for [`Template::giving_values`],
@@ -371,6 +377,12 @@ impl<'a> AttributeRequest<'a> {
     pub fn count(&self) -> CK_ULONG {
         self.attributes.len() as CK_ULONG
     }
+
+    /// The attributes as a member call takes them; the application's null
+    /// stays `None`.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [CK_ATTRIBUTE]> {
+        (!self.absent).then_some(&mut self.attributes[..])
+    }
 }
 
 /// An array the application gave a call to fill (`C_FindObjects`' handles).
@@ -416,6 +428,12 @@ impl<'a, T> OutArray<'a, T> {
 
     pub fn room(&self) -> CK_ULONG {
         self.items.len() as CK_ULONG
+    }
+
+    /// The array as a member call takes it; the application's null stays
+    /// `None`.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [T]> {
+        (!self.absent).then_some(&mut self.items[..])
     }
 }
 

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod index;
 pub mod mechanism;
 pub mod member;
+pub mod member_api;
 pub mod member_sessions;
 pub mod object;
 pub mod provider;

@@ -22,6 +22,11 @@ impl MemberMechanism {
     pub fn as_ptr(&mut self) -> CK_MECHANISM_PTR {
         &mut self.mechanism
     }
+
+    /// The mechanism as a member call takes it.
+    pub fn as_raw(&self) -> &CK_MECHANISM {
+        &self.mechanism
+    }
 }
 
 /// An application's mechanism, checked once where `ffi/` takes it
@@ -65,6 +70,11 @@ impl<'a> Mechanism<'a> {
     /// The mechanism as a member call takes it.
     pub fn as_ptr(&self) -> CK_MECHANISM_PTR {
         self.mechanism as *const CK_MECHANISM as CK_MECHANISM_PTR
+    }
+
+    /// The mechanism as a member call takes it.
+    pub fn as_raw(&self) -> &'a CK_MECHANISM {
+        self.mechanism
     }
 }
 
@@ -308,6 +318,15 @@ impl SavedMechanism {
             _ => base as *mut _,
         };
         &mut self.mechanism
+    }
+
+    /// [`Self::as_ptr`] as a member call takes it: `None` if no mechanism
+    /// was saved.
+    pub fn as_raw(&mut self) -> Option<&CK_MECHANISM> {
+        if self.as_ptr().is_null() {
+            return None;
+        }
+        Some(&self.mechanism)
     }
 
     /// Appends `len` bytes at `pointer`, word-aligned; returns their offset,

@@ -1,0 +1,819 @@
+//! The safe boundary between the HA core and a member token: [`MemberApi`],
+//! one method for each PKCS#11 function the core calls on a member, taking
+//! Rust values instead of C pointers, and its implementation over a loaded
+//! library ([`MemberLibrary`]), the one place that turns those values back
+//! into C arguments. A simulated member implements the same trait in
+//! memory, so the core can be driven without `dlopen`.
+//!
+//! The conventions, the same for every method:
+//! - The answer is the member's own `CK_RV`, unchanged: the group
+//!   classifies it ([`crate::member::classify`]), and some answers carry
+//!   data beside a failure (the length needed with `CKR_BUFFER_TOO_SMALL`,
+//!   attribute lengths with `CKR_ATTRIBUTE_SENSITIVE`), so outputs go
+//!   through `&mut` whatever the answer.
+//! - `None` for an array or a buffer is C's NULL (a length query, or the
+//!   application's own NULL passed on, which a member may answer
+//!   differently from an empty array); `Some` of an empty slice is not.
+//! - An output buffer's room is the smaller of its length and `*len`, so a
+//!   member can never be told of more room than the slice has.
+//! - Attributes and mechanisms keep the C layout the member reads: each
+//!   `pValue` and `pParameter` must point at as many bytes as its length
+//!   says for the call (those the core holds come from
+//!   [`crate::arguments`] and [`crate::mechanism`], which check that).
+
+use crate::error::Result;
+use crate::member::{member_call, MemberLibrary};
+use cryptoki_sys::*;
+use std::ptr;
+
+/// A member token library as the HA core calls it. Every call is counted
+/// and its answer classified by the implementation (for a loaded library,
+/// [`MemberLibrary::call`]).
+pub trait MemberApi {
+    fn open_session(
+        &self,
+        slot: CK_SLOT_ID,
+        flags: CK_FLAGS,
+        session: &mut CK_SESSION_HANDLE,
+    ) -> CK_RV;
+    fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV;
+    fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV;
+    fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV;
+    fn login(
+        &self,
+        session: CK_SESSION_HANDLE,
+        user_type: CK_USER_TYPE,
+        pin: Option<&[u8]>,
+    ) -> CK_RV;
+    fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV;
+    fn init_pin(&self, session: CK_SESSION_HANDLE, pin: Option<&[u8]>) -> CK_RV;
+    fn set_pin(&self, session: CK_SESSION_HANDLE, old: Option<&[u8]>, new: Option<&[u8]>) -> CK_RV;
+    fn init_token(&self, slot: CK_SLOT_ID, pin: Option<&[u8]>, label: &[u8; 32]) -> CK_RV;
+
+    fn create_object(
+        &self,
+        session: CK_SESSION_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        object: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn copy_object(
+        &self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        object: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV;
+    fn get_object_size(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        size: &mut CK_ULONG,
+    ) -> CK_RV;
+    /// Each attribute's buffer (its `pValue`, or none for a length query)
+    /// receives its value and each length its answer.
+    fn get_attribute_value(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: Option<&mut [CK_ATTRIBUTE]>,
+    ) -> CK_RV;
+    fn set_attribute_value(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+    ) -> CK_RV;
+    fn find_objects_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+    ) -> CK_RV;
+    fn find_objects(
+        &self,
+        session: CK_SESSION_HANDLE,
+        found: Option<&mut [CK_OBJECT_HANDLE]>,
+        count: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV;
+
+    fn encrypt_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn decrypt_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV;
+    fn sign_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn verify_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn sign_recover_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn verify_recover_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+
+    fn encrypt(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn decrypt(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn digest(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn sign(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn sign_recover(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn verify_recover(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn encrypt_update(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn decrypt_update(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn digest_encrypt_update(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn decrypt_digest_update(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn sign_encrypt_update(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn decrypt_verify_update(
+        &self,
+        session: CK_SESSION_HANDLE,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+
+    fn digest_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV;
+    fn sign_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV;
+    fn verify_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV;
+    fn digest_key(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV;
+
+    fn encrypt_final(
+        &self,
+        session: CK_SESSION_HANDLE,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn decrypt_final(
+        &self,
+        session: CK_SESSION_HANDLE,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn digest_final(
+        &self,
+        session: CK_SESSION_HANDLE,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn sign_final(
+        &self,
+        session: CK_SESSION_HANDLE,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV;
+
+    fn verify(
+        &self,
+        session: CK_SESSION_HANDLE,
+        data: Option<&[u8]>,
+        signature: Option<&[u8]>,
+    ) -> CK_RV;
+    fn verify_final(&self, session: CK_SESSION_HANDLE, signature: Option<&[u8]>) -> CK_RV;
+
+    fn generate_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    #[allow(clippy::too_many_arguments)]
+    fn generate_key_pair(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        public_template: Option<&[CK_ATTRIBUTE]>,
+        private_template: Option<&[CK_ATTRIBUTE]>,
+        public_key: &mut CK_OBJECT_HANDLE,
+        private_key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    fn wrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        wrapping_key: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+        wrapped: Option<&mut [u8]>,
+        wrapped_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    #[allow(clippy::too_many_arguments)]
+    fn unwrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        unwrapping_key: CK_OBJECT_HANDLE,
+        wrapped: Option<&[u8]>,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+    /// `key` is `None` for mechanisms that return their keys inside the
+    /// parameter (TLS key-and-MAC derivation).
+    fn derive_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        base_key: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: Option<&mut CK_OBJECT_HANDLE>,
+    ) -> CK_RV;
+
+    fn seed_random(&self, session: CK_SESSION_HANDLE, seed: Option<&[u8]>) -> CK_RV;
+    fn generate_random(&self, session: CK_SESSION_HANDLE, random: Option<&mut [u8]>) -> CK_RV;
+
+    fn get_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&mut [u8]>,
+        state_len: &mut CK_ULONG,
+    ) -> CK_RV;
+    fn set_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&[u8]>,
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> CK_RV;
+
+    /// The slots, with a token present only when `token_present`.
+    fn slot_list(&self, token_present: CK_BBOOL) -> Result<Vec<CK_SLOT_ID>>;
+    fn slot_info(&self, slot: CK_SLOT_ID) -> Result<CK_SLOT_INFO>;
+    fn token_info(&self, slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO>;
+    fn mechanisms(&self, slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>>;
+    fn mechanism_info(
+        &self,
+        slot: CK_SLOT_ID,
+        mechanism: CK_MECHANISM_TYPE,
+    ) -> Result<CK_MECHANISM_INFO>;
+    /// Initialises the library for OS locking (see
+    /// [`MemberLibrary::initialize`]).
+    fn initialize(&self) -> Result<()>;
+    /// Finalises the library if we initialised it.
+    fn finalize(&self);
+}
+
+/// A read-only array as C takes it: NULL for `None`.
+#[inline(always)]
+fn array<T>(items: Option<&[T]>) -> (*mut T, CK_ULONG) {
+    items.map_or((ptr::null_mut(), 0), |items| {
+        (items.as_ptr() as *mut T, items.len() as CK_ULONG)
+    })
+}
+
+/// A writable array as C takes it: NULL for `None`.
+#[inline(always)]
+fn array_mut<T>(items: Option<&mut [T]>) -> (*mut T, CK_ULONG) {
+    items.map_or((ptr::null_mut(), 0), |items| {
+        (items.as_mut_ptr(), items.len() as CK_ULONG)
+    })
+}
+
+/// An output buffer under the two-call convention: NULL for `None` (a
+/// length query); otherwise `len` becomes at most the buffer's room.
+#[inline(always)]
+fn room<T>(buffer: Option<&mut [T]>, len: &mut CK_ULONG) -> *mut T {
+    match buffer {
+        Some(buffer) => {
+            *len = (*len).min(buffer.len() as CK_ULONG);
+            buffer.as_mut_ptr()
+        }
+        None => ptr::null_mut(),
+    }
+}
+
+/// A mechanism as C takes it. Members read it; what a mechanism returns
+/// (TLS derivation's keys) goes where its parameter points.
+#[inline(always)]
+fn mechanism(mechanism: &CK_MECHANISM) -> CK_MECHANISM_PTR {
+    mechanism as *const CK_MECHANISM as CK_MECHANISM_PTR
+}
+
+/// Single-part and update calls with input and two-call output.
+macro_rules! in_out {
+    ($($method:ident => $function:ident),* $(,)?) => {$(
+        #[inline]
+        fn $method(
+            &self,
+            session: CK_SESSION_HANDLE,
+            input: Option<&[u8]>,
+            output: Option<&mut [u8]>,
+            output_len: &mut CK_ULONG,
+        ) -> CK_RV {
+            let (input, input_len) = array(input);
+            let output = room(output, output_len);
+            member_call!(self, $function(session, input, input_len, output, output_len))
+        }
+    )*};
+}
+
+/// Updates that take input only.
+macro_rules! input_only {
+    ($($method:ident => $function:ident),* $(,)?) => {$(
+        #[inline]
+        fn $method(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
+            let (input, input_len) = array(input);
+            member_call!(self, $function(session, input, input_len))
+        }
+    )*};
+}
+
+/// Finals that write two-call output.
+macro_rules! output_final {
+    ($($method:ident => $function:ident),* $(,)?) => {$(
+        #[inline]
+        fn $method(
+            &self,
+            session: CK_SESSION_HANDLE,
+            output: Option<&mut [u8]>,
+            output_len: &mut CK_ULONG,
+        ) -> CK_RV {
+            let output = room(output, output_len);
+            member_call!(self, $function(session, output, output_len))
+        }
+    )*};
+}
+
+/// `*Init` calls that take a mechanism and a key.
+macro_rules! keyed_init {
+    ($($method:ident => $function:ident),* $(,)?) => {$(
+        #[inline]
+        fn $method(
+            &self,
+            session: CK_SESSION_HANDLE,
+            mechanism: &CK_MECHANISM,
+            key: CK_OBJECT_HANDLE,
+        ) -> CK_RV {
+            member_call!(self, $function(session, self::mechanism(mechanism), key))
+        }
+    )*};
+}
+
+impl MemberApi for MemberLibrary {
+    fn open_session(
+        &self,
+        slot: CK_SLOT_ID,
+        flags: CK_FLAGS,
+        session: &mut CK_SESSION_HANDLE,
+    ) -> CK_RV {
+        member_call!(
+            self,
+            C_OpenSession(slot, flags, ptr::null_mut(), None, session)
+        )
+    }
+
+    fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        member_call!(self, C_CloseSession(session))
+    }
+
+    fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV {
+        member_call!(self, C_CloseAllSessions(slot))
+    }
+
+    fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV {
+        member_call!(self, C_GetSessionInfo(session, info))
+    }
+
+    fn login(
+        &self,
+        session: CK_SESSION_HANDLE,
+        user_type: CK_USER_TYPE,
+        pin: Option<&[u8]>,
+    ) -> CK_RV {
+        let (pin, pin_len) = array(pin);
+        member_call!(self, C_Login(session, user_type, pin, pin_len))
+    }
+
+    fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        member_call!(self, C_Logout(session))
+    }
+
+    fn init_pin(&self, session: CK_SESSION_HANDLE, pin: Option<&[u8]>) -> CK_RV {
+        let (pin, pin_len) = array(pin);
+        member_call!(self, C_InitPIN(session, pin, pin_len))
+    }
+
+    fn set_pin(&self, session: CK_SESSION_HANDLE, old: Option<&[u8]>, new: Option<&[u8]>) -> CK_RV {
+        let ((old, old_len), (new, new_len)) = (array(old), array(new));
+        member_call!(self, C_SetPIN(session, old, old_len, new, new_len))
+    }
+
+    fn init_token(&self, slot: CK_SLOT_ID, pin: Option<&[u8]>, label: &[u8; 32]) -> CK_RV {
+        let (pin, pin_len) = array(pin);
+        let label = label.as_ptr() as *mut CK_UTF8CHAR;
+        member_call!(self, C_InitToken(slot, pin, pin_len, label))
+    }
+
+    fn create_object(
+        &self,
+        session: CK_SESSION_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        object: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let (template, count) = array(template);
+        member_call!(self, C_CreateObject(session, template, count, object))
+    }
+
+    fn copy_object(
+        &self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        object: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let (template, count) = array(template);
+        member_call!(self, C_CopyObject(session, source, template, count, object))
+    }
+
+    fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
+        member_call!(self, C_DestroyObject(session, object))
+    }
+
+    fn get_object_size(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        size: &mut CK_ULONG,
+    ) -> CK_RV {
+        member_call!(self, C_GetObjectSize(session, object, size))
+    }
+
+    fn get_attribute_value(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: Option<&mut [CK_ATTRIBUTE]>,
+    ) -> CK_RV {
+        let (template, count) = array_mut(template);
+        member_call!(self, C_GetAttributeValue(session, object, template, count))
+    }
+
+    fn set_attribute_value(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+    ) -> CK_RV {
+        let (template, count) = array(template);
+        member_call!(self, C_SetAttributeValue(session, object, template, count))
+    }
+
+    fn find_objects_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+    ) -> CK_RV {
+        let (template, count) = array(template);
+        member_call!(self, C_FindObjectsInit(session, template, count))
+    }
+
+    fn find_objects(
+        &self,
+        session: CK_SESSION_HANDLE,
+        found: Option<&mut [CK_OBJECT_HANDLE]>,
+        count: &mut CK_ULONG,
+    ) -> CK_RV {
+        let (found, room) = array_mut(found);
+        member_call!(self, C_FindObjects(session, found, room, count))
+    }
+
+    fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        member_call!(self, C_FindObjectsFinal(session))
+    }
+
+    keyed_init!(
+        encrypt_init => C_EncryptInit,
+        decrypt_init => C_DecryptInit,
+        sign_init => C_SignInit,
+        verify_init => C_VerifyInit,
+        sign_recover_init => C_SignRecoverInit,
+        verify_recover_init => C_VerifyRecoverInit,
+    );
+
+    #[inline]
+    fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV {
+        member_call!(self, C_DigestInit(session, self::mechanism(mechanism)))
+    }
+
+    in_out!(
+        encrypt => C_Encrypt,
+        decrypt => C_Decrypt,
+        digest => C_Digest,
+        sign => C_Sign,
+        sign_recover => C_SignRecover,
+        verify_recover => C_VerifyRecover,
+        encrypt_update => C_EncryptUpdate,
+        decrypt_update => C_DecryptUpdate,
+        digest_encrypt_update => C_DigestEncryptUpdate,
+        decrypt_digest_update => C_DecryptDigestUpdate,
+        sign_encrypt_update => C_SignEncryptUpdate,
+        decrypt_verify_update => C_DecryptVerifyUpdate,
+    );
+
+    input_only!(
+        digest_update => C_DigestUpdate,
+        sign_update => C_SignUpdate,
+        verify_update => C_VerifyUpdate,
+    );
+
+    #[inline]
+    fn digest_key(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
+        member_call!(self, C_DigestKey(session, key))
+    }
+
+    output_final!(
+        encrypt_final => C_EncryptFinal,
+        decrypt_final => C_DecryptFinal,
+        digest_final => C_DigestFinal,
+        sign_final => C_SignFinal,
+    );
+
+    fn verify(
+        &self,
+        session: CK_SESSION_HANDLE,
+        data: Option<&[u8]>,
+        signature: Option<&[u8]>,
+    ) -> CK_RV {
+        let ((data, data_len), (signature, signature_len)) = (array(data), array(signature));
+        member_call!(
+            self,
+            C_Verify(session, data, data_len, signature, signature_len)
+        )
+    }
+
+    fn verify_final(&self, session: CK_SESSION_HANDLE, signature: Option<&[u8]>) -> CK_RV {
+        let (signature, signature_len) = array(signature);
+        member_call!(self, C_VerifyFinal(session, signature, signature_len))
+    }
+
+    fn generate_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let (template, count) = array(template);
+        member_call!(
+            self,
+            C_GenerateKey(session, self::mechanism(mechanism), template, count, key)
+        )
+    }
+
+    fn generate_key_pair(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        public_template: Option<&[CK_ATTRIBUTE]>,
+        private_template: Option<&[CK_ATTRIBUTE]>,
+        public_key: &mut CK_OBJECT_HANDLE,
+        private_key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let (public, public_count) = array(public_template);
+        let (private, private_count) = array(private_template);
+        member_call!(
+            self,
+            C_GenerateKeyPair(
+                session,
+                self::mechanism(mechanism),
+                public,
+                public_count,
+                private,
+                private_count,
+                public_key,
+                private_key
+            )
+        )
+    }
+
+    fn wrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        wrapping_key: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+        wrapped: Option<&mut [u8]>,
+        wrapped_len: &mut CK_ULONG,
+    ) -> CK_RV {
+        let wrapped = room(wrapped, wrapped_len);
+        member_call!(
+            self,
+            C_WrapKey(
+                session,
+                self::mechanism(mechanism),
+                wrapping_key,
+                key,
+                wrapped,
+                wrapped_len
+            )
+        )
+    }
+
+    fn unwrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        unwrapping_key: CK_OBJECT_HANDLE,
+        wrapped: Option<&[u8]>,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let (wrapped, wrapped_len) = array(wrapped);
+        let (template, count) = array(template);
+        member_call!(
+            self,
+            C_UnwrapKey(
+                session,
+                self::mechanism(mechanism),
+                unwrapping_key,
+                wrapped,
+                wrapped_len,
+                template,
+                count,
+                key
+            )
+        )
+    }
+
+    fn derive_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        base_key: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: Option<&mut CK_OBJECT_HANDLE>,
+    ) -> CK_RV {
+        let (template, count) = array(template);
+        let key = key.map_or(ptr::null_mut(), |key| key as *mut CK_OBJECT_HANDLE);
+        member_call!(
+            self,
+            C_DeriveKey(
+                session,
+                self::mechanism(mechanism),
+                base_key,
+                template,
+                count,
+                key
+            )
+        )
+    }
+
+    fn seed_random(&self, session: CK_SESSION_HANDLE, seed: Option<&[u8]>) -> CK_RV {
+        let (seed, seed_len) = array(seed);
+        member_call!(self, C_SeedRandom(session, seed, seed_len))
+    }
+
+    #[inline]
+    fn generate_random(&self, session: CK_SESSION_HANDLE, random: Option<&mut [u8]>) -> CK_RV {
+        let (random, random_len) = array_mut(random);
+        member_call!(self, C_GenerateRandom(session, random, random_len))
+    }
+
+    fn get_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&mut [u8]>,
+        state_len: &mut CK_ULONG,
+    ) -> CK_RV {
+        let state = room(state, state_len);
+        member_call!(self, C_GetOperationState(session, state, state_len))
+    }
+
+    fn set_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&[u8]>,
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let (state, state_len) = array(state);
+        member_call!(
+            self,
+            C_SetOperationState(
+                session,
+                state,
+                state_len,
+                encryption_key,
+                authentication_key
+            )
+        )
+    }
+
+    fn slot_list(&self, token_present: CK_BBOOL) -> Result<Vec<CK_SLOT_ID>> {
+        MemberLibrary::slot_list(self, token_present)
+    }
+
+    fn slot_info(&self, slot: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {
+        MemberLibrary::slot_info(self, slot)
+    }
+
+    fn token_info(&self, slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
+        MemberLibrary::token_info(self, slot)
+    }
+
+    fn mechanisms(&self, slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
+        MemberLibrary::mechanisms(self, slot)
+    }
+
+    fn mechanism_info(
+        &self,
+        slot: CK_SLOT_ID,
+        mechanism: CK_MECHANISM_TYPE,
+    ) -> Result<CK_MECHANISM_INFO> {
+        MemberLibrary::mechanism_info(self, slot, mechanism)
+    }
+
+    fn initialize(&self) -> Result<()> {
+        MemberLibrary::initialize(self)
+    }
+
+    fn finalize(&self) {
+        MemberLibrary::finalize(self)
+    }
+}
