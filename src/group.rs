@@ -8,9 +8,10 @@ use crate::identity::{self, Fingerprint};
 use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
 use crate::mechanism::OwnedTemplate;
 use crate::member::{
-    classify, member_call, open_member_session, padded_to_string, string_to_padded, Answer,
-    CallCounts, Counting, MemberLibrary, MemberSession,
+    classify, open_member_session, padded_to_string, string_to_padded, Answer, CallCounts,
+    Counting, MemberLibrary, MemberSession,
 };
+use crate::member_api::MemberApi;
 use crate::object::ObjectTable;
 use crate::strategy::Capabilities;
 use cryptoki_sys::*;
@@ -243,9 +244,7 @@ impl Member {
         let epoch = self.epoch();
         for (_, s) in kept.into_iter().filter(|(_, s)| s.epoch == epoch) {
             let _in_flight = self.begin_call();
-            crate::member::on_connection(s.connection, || {
-                crate::member::member_call!(s.library, C_CloseSession(s.handle))
-            });
+            crate::member::on_connection(s.connection, || s.library.close_session(s.handle));
         }
     }
 
@@ -1828,10 +1827,7 @@ pub fn log_in_member(
     user_type: CK_USER_TYPE,
     pin: Option<&[u8]>,
 ) -> CK_RV {
-    let (pin, pin_len) = pin.map_or((std::ptr::null_mut(), 0), |p| {
-        (p.as_ptr() as *mut CK_UTF8CHAR, p.len() as CK_ULONG)
-    });
-    let mut rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
+    let mut rv = library.login(session, user_type, pin);
     let mut pause = FIRST_LOGIN_PAUSE;
     for _ in 0..LOGIN_RETRIES {
         if rv != CKR_GENERAL_ERROR {
@@ -1839,7 +1835,7 @@ pub fn log_in_member(
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(LONGEST_LOGIN_PAUSE);
-        rv = member_call!(library, C_Login(session, user_type, pin, pin_len));
+        rv = library.login(session, user_type, pin);
     }
     rv
 }

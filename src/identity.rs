@@ -7,8 +7,8 @@
 //! that member does not serve operations on it. We never guess.
 
 use crate::arguments::AttributeRequest;
-use crate::member::member_call;
 use crate::member::MemberLibrary;
+use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 use std::ptr;
 
@@ -295,10 +295,7 @@ pub fn read_along(
         let template = request.attributes();
         let mut query: Vec<CK_ATTRIBUTE> = template.to_vec();
         query.extend(rooms(LIGHT_FINGERPRINT, &mut scratch));
-        let rv = member_call!(
-            library,
-            C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
-        );
+        let rv = library.get_attribute_value(session, object, Some(&mut query));
         let (asked, ours) = query.split_at(template.len());
         let fits = |(a, q): (&CK_ATTRIBUTE, &CK_ATTRIBUTE)| {
             q.ulValueLen != CK_UNAVAILABLE_INFORMATION
@@ -321,10 +318,7 @@ pub fn read_along(
         Some((CKR_OK, print))
     });
     combined.unwrap_or_else(|| {
-        let rv = member_call!(
-            library,
-            C_GetAttributeValue(session, object, request.as_mut_ptr(), request.count())
-        );
+        let rv = library.get_attribute_value(session, object, request.as_mut_slice());
         (rv, None)
     })
 }
@@ -348,10 +342,7 @@ fn answered(
     object: CK_OBJECT_HANDLE,
     query: &mut [CK_ATTRIBUTE],
 ) -> bool {
-    let rv = member_call!(
-        library,
-        C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
-    );
+    let rv = library.get_attribute_value(session, object, Some(query));
     matches!(
         rv,
         CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
@@ -384,10 +375,7 @@ pub fn read_in_rooms(
             pValue: ptr::null_mut(),
             ulValueLen: UNANSWERED,
         }));
-        let rv = member_call!(
-            library,
-            C_GetAttributeValue(session, object, query.as_mut_ptr(), query.len() as CK_ULONG)
-        );
+        let rv = library.get_attribute_value(session, object, Some(&mut query));
         if !matches!(
             rv,
             CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
@@ -494,15 +482,7 @@ pub fn read_attributes(
         });
     }
     if !wanted.is_empty() {
-        let rv = member_call!(
-            library,
-            C_GetAttributeValue(
-                session,
-                object,
-                wanted.as_mut_ptr(),
-                wanted.len() as CK_ULONG
-            )
-        );
+        let rv = library.get_attribute_value(session, object, Some(&mut wanted));
         let complete = rv == CKR_OK
             && wanted
                 .iter()
@@ -572,7 +552,7 @@ fn find_matching(
     session: CK_SESSION_HANDLE,
     fingerprint: &Fingerprint,
 ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
-    let mut template: Vec<CK_ATTRIBUTE> = fingerprint
+    let template: Vec<CK_ATTRIBUTE> = fingerprint
         .iter()
         .filter(|(t, _)| *t != CKA_CHECK_VALUE)
         .map(|(t, v)| CK_ATTRIBUTE {
@@ -581,10 +561,7 @@ fn find_matching(
             ulValueLen: v.len() as CK_ULONG,
         })
         .collect();
-    let rv = member_call!(
-        library,
-        C_FindObjectsInit(session, template.as_mut_ptr(), template.len() as CK_ULONG)
-    );
+    let rv = library.find_objects_init(session, Some(&template));
     if rv != CKR_OK {
         return Err(rv);
     }
@@ -592,15 +569,7 @@ fn find_matching(
     let mut batch = [0 as CK_OBJECT_HANDLE; 128];
     let outcome = loop {
         let mut count: CK_ULONG = 0;
-        let rv = member_call!(
-            library,
-            C_FindObjects(
-                session,
-                batch.as_mut_ptr(),
-                batch.len() as CK_ULONG,
-                &mut count
-            )
-        );
+        let rv = library.find_objects(session, Some(&mut batch), &mut count);
         if rv != CKR_OK {
             break Err(rv);
         }
@@ -609,7 +578,7 @@ fn find_matching(
         }
         found.extend_from_slice(&batch[..count as usize]);
     };
-    member_call!(library, C_FindObjectsFinal(session));
+    library.find_objects_final(session);
     outcome.map(|()| found)
 }
 
@@ -629,7 +598,7 @@ pub fn read_nested(
         pValue: ptr::null_mut(),
         ulValueLen: 0,
     };
-    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
+    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut outer)));
     let len = outer.ulValueLen as usize;
     if rv != CKR_OK || outer.ulValueLen == CK_UNAVAILABLE_INFORMATION || len % size != 0 {
         return None;
@@ -646,7 +615,7 @@ pub fn read_nested(
         len / size
     ];
     outer.pValue = inner.as_mut_ptr() as *mut _;
-    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
+    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut outer)));
     if rv != CKR_OK {
         return None;
     }
@@ -657,7 +626,7 @@ pub fn read_nested(
     for (a, (_, v)) in inner.iter_mut().zip(values.iter_mut()) {
         a.pValue = v.as_mut_ptr() as *mut _;
     }
-    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut outer, 1));
+    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut outer)));
     (rv == CKR_OK).then_some(values)
 }
 
@@ -699,13 +668,13 @@ pub fn read_attribute(
         pValue: ptr::null_mut(),
         ulValueLen: 0,
     };
-    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut query, 1));
+    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut query)));
     if rv != CKR_OK || query.ulValueLen == CK_UNAVAILABLE_INFORMATION {
         return None;
     }
     let mut value = vec![0u8; query.ulValueLen as usize];
     query.pValue = value.as_mut_ptr() as *mut _;
-    let rv = member_call!(library, C_GetAttributeValue(session, object, &mut query, 1));
+    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut query)));
     if rv != CKR_OK || query.ulValueLen == CK_UNAVAILABLE_INFORMATION {
         return None;
     }

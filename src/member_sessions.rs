@@ -5,7 +5,8 @@
 
 use crate::error::{Error, Result};
 use crate::group::Group;
-use crate::member::{member_call, open_member_session, MemberLibrary, MemberSession};
+use crate::member::{open_member_session, MemberLibrary, MemberSession};
+use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
@@ -124,7 +125,7 @@ impl MemberSessions {
             if let Err(s) = unused_kept {
                 let in_flight = member.begin_call();
                 let rv = crate::member::on_connection(s.connection, || {
-                    member_call!(s.library, C_CloseSession(s.handle))
+                    s.library.close_session(s.handle)
                 });
                 drop(in_flight);
                 // A member that failed under the close may keep the session
@@ -213,14 +214,14 @@ impl MemberSessions {
         let (held, raced) = self.cells[position].put(opened);
         if let Some(raced) = raced {
             crate::member::on_connection(raced.connection, || {
-                member_call!(raced.library, C_CloseSession(raced.handle))
+                raced.library.close_session(raced.handle)
             });
         }
         // Closed while this one was being opened: `close` may have missed it.
         if self.closed.load(Ordering::SeqCst) {
             if let Some((late, _)) = self.cells[position].take() {
                 crate::member::on_connection(late.connection, || {
-                    member_call!(late.library, C_CloseSession(late.handle))
+                    late.library.close_session(late.handle)
                 });
             }
             return Err(Error::new(CKR_SESSION_HANDLE_INVALID));

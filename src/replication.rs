@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
 use crate::mechanism::OwnedTemplate;
+use crate::member::MemberLibrary;
 use crate::member::MemberSession;
-use crate::member::{member_call, MemberLibrary};
+use crate::member_api::MemberApi;
 use crate::object::Presence;
 use crate::strategy::{self, Cloning, MigrationData, Side, Strategy, OBJECT_TYPE_CRYPTOKI};
 use crate::virtual_session::{Attempt, VirtualSession};
@@ -401,19 +402,11 @@ impl VirtualSession {
                     self.unwrap_on(object, position, *mechanism, domain, blob, &mut template)
                 }
                 None => {
-                    let mut attributes = template.attributes();
+                    let attributes = template.attributes();
                     let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
                     let answer =
                         self.attempt_making(position, "replication", object, &mut |l, s| {
-                            member_call!(
-                                l,
-                                C_CreateObject(
-                                    s,
-                                    attributes.as_mut_ptr(),
-                                    attributes.len() as CK_ULONG,
-                                    &mut handle
-                                )
-                            )
+                            l.create_object(s, Some(&attributes), &mut handle)
                         });
                     (answer, handle)
                 }
@@ -631,18 +624,18 @@ impl VirtualSession {
             pValue: value.cast(),
             ulValueLen: len as CK_ULONG,
         };
-        let mut public_template = [
+        let public_template = [
             attribute(CKA_EC_PARAMS, params.as_mut_ptr(), params.len()),
             attribute(CKA_TOKEN, &mut no, 1),
         ];
-        let mut private_template = [
+        let private_template = [
             attribute(CKA_TOKEN, &mut no, 1),
             attribute(CKA_PRIVATE, &mut yes, 1),
             attribute(CKA_SENSITIVE, &mut yes, 1),
             attribute(CKA_EXTRACTABLE, &mut yes, 1),
             attribute(CKA_WRAP_WITH_TRUSTED, &mut yes, 1),
         ];
-        let mut mechanism = CK_MECHANISM {
+        let mechanism = CK_MECHANISM {
             mechanism: CKM_EC_KEY_PAIR_GEN,
             pParameter: ptr::null_mut(),
             ulParameterLen: 0,
@@ -650,18 +643,13 @@ impl VirtualSession {
         let (mut public, mut private) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
         let made = self
             .on_member(source, |s| {
-                member_call!(
-                    s.library,
-                    C_GenerateKeyPair(
-                        s.handle,
-                        &mut mechanism,
-                        public_template.as_mut_ptr(),
-                        public_template.len() as CK_ULONG,
-                        private_template.as_mut_ptr(),
-                        private_template.len() as CK_ULONG,
-                        &mut public,
-                        &mut private
-                    )
+                s.library.generate_key_pair(
+                    s.handle,
+                    &mechanism,
+                    Some(&public_template),
+                    Some(&private_template),
+                    &mut public,
+                    &mut private,
                 )
             })
             .unwrap_or_else(|e| e.rv);
@@ -724,26 +712,21 @@ impl VirtualSession {
         blob: &[u8],
         template: &mut Template,
     ) -> (Attempt, CK_OBJECT_HANDLE) {
-        let mut attributes = template.attributes();
+        let attributes = template.attributes();
         let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
         let answer = self.attempt_making(position, "replication", object, &mut |l, s| {
-            let mut mechanism = CK_MECHANISM {
+            let mechanism = CK_MECHANISM {
                 mechanism,
                 pParameter: ptr::null_mut(),
                 ulParameterLen: 0,
             };
-            member_call!(
-                l,
-                C_UnwrapKey(
-                    s,
-                    &mut mechanism,
-                    domain,
-                    blob.as_ptr() as *mut _,
-                    blob.len() as CK_ULONG,
-                    attributes.as_mut_ptr(),
-                    attributes.len() as CK_ULONG,
-                    &mut handle
-                )
+            l.unwrap_key(
+                s,
+                &mechanism,
+                domain,
+                Some(blob),
+                Some(&attributes),
+                &mut handle,
             )
         });
         (answer, handle)
@@ -773,7 +756,7 @@ impl VirtualSession {
     ) -> Result<Vec<u8>> {
         let domain = self.domain_key(source)?;
         let wrap = |s: &MemberSession| {
-            let mut mechanism = CK_MECHANISM {
+            let mechanism = CK_MECHANISM {
                 mechanism,
                 pParameter: ptr::null_mut(),
                 ulParameterLen: 0,
@@ -783,16 +766,13 @@ impl VirtualSession {
             let mut blob = vec![0u8; FIRST_WRAP_ROOM];
             loop {
                 let mut len = blob.len() as CK_ULONG;
-                let rv = member_call!(
-                    s.library,
-                    C_WrapKey(
-                        s.handle,
-                        &mut mechanism,
-                        domain,
-                        key,
-                        blob.as_mut_ptr(),
-                        &mut len
-                    )
+                let rv = s.library.wrap_key(
+                    s.handle,
+                    &mechanism,
+                    domain,
+                    key,
+                    Some(&mut blob),
+                    &mut len,
                 );
                 match rv {
                     CKR_OK => {
@@ -870,10 +850,8 @@ impl VirtualSession {
     pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) -> Vec<usize> {
         made.iter()
             .filter(|(position, handle)| {
-                self.on_member(*position, |s| {
-                    member_call!(s.library, C_DestroyObject(s.handle, *handle))
-                })
-                .is_err()
+                self.on_member(*position, |s| s.library.destroy_object(s.handle, *handle))
+                    .is_err()
             })
             .map(|(position, _)| *position)
             .collect()
@@ -1073,18 +1051,10 @@ impl VirtualSession {
         {
             return Ok(false);
         }
-        let mut attributes = template.attributes();
+        let attributes = template.attributes();
         let mut handle = CK_INVALID_HANDLE;
         let answer = self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
-            member_call!(
-                l,
-                C_CreateObject(
-                    s,
-                    attributes.as_mut_ptr(),
-                    attributes.len() as CK_ULONG,
-                    &mut handle
-                )
-            )
+            l.create_object(s, Some(&attributes), &mut handle)
         });
         match answer {
             Attempt::Answered(CKR_OK) => {
@@ -1176,7 +1146,7 @@ impl VirtualSession {
                 continue;
             }
             let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
-                member_call!(l, C_DestroyObject(s, handle))
+                l.destroy_object(s, handle)
             });
             match answer {
                 Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID) => {
@@ -1249,7 +1219,7 @@ impl VirtualSession {
             return Ok(false);
         };
         let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
-            member_call!(l, C_DestroyObject(s, one))
+            l.destroy_object(s, one)
         });
         match answer {
             Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID) => {

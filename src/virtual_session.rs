@@ -14,10 +14,10 @@ use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
 use crate::mechanism::Mechanism;
-use crate::member::member_call;
 use crate::member::MemberLibrary;
 use crate::member::MemberSession;
 use crate::member::{classify, Answer};
+use crate::member_api::MemberApi;
 use crate::member_sessions::MemberSessions;
 use crate::object::Presence;
 use cryptoki_sys::*;
@@ -92,24 +92,26 @@ pub struct VirtualSession {
     bindings: BindingsCell,
 }
 
-/// Starts an operation of `kind` on a member.
+/// Starts an operation of `kind` on a member; `None` if no mechanism was
+/// saved for it.
 fn member_init(
     kind: OpKind,
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
-    mechanism: CK_MECHANISM_PTR,
+    mechanism: Option<&CK_MECHANISM>,
     key: CK_OBJECT_HANDLE,
 ) -> CK_RV {
+    let Some(mechanism) = mechanism else {
+        return CKR_OPERATION_NOT_INITIALIZED;
+    };
     match kind {
-        OpKind::Encrypt => member_call!(library, C_EncryptInit(session, mechanism, key)),
-        OpKind::Decrypt => member_call!(library, C_DecryptInit(session, mechanism, key)),
-        OpKind::Digest => member_call!(library, C_DigestInit(session, mechanism)),
-        OpKind::Sign => member_call!(library, C_SignInit(session, mechanism, key)),
-        OpKind::Verify => member_call!(library, C_VerifyInit(session, mechanism, key)),
-        OpKind::SignRecover => member_call!(library, C_SignRecoverInit(session, mechanism, key)),
-        OpKind::VerifyRecover => {
-            member_call!(library, C_VerifyRecoverInit(session, mechanism, key))
-        }
+        OpKind::Encrypt => library.encrypt_init(session, mechanism, key),
+        OpKind::Decrypt => library.decrypt_init(session, mechanism, key),
+        OpKind::Digest => library.digest_init(session, mechanism),
+        OpKind::Sign => library.sign_init(session, mechanism, key),
+        OpKind::Verify => library.verify_init(session, mechanism, key),
+        OpKind::SignRecover => library.sign_recover_init(session, mechanism, key),
+        OpKind::VerifyRecover => library.verify_recover_init(session, mechanism, key),
         // A search starts again from its kept template (`restart`).
         OpKind::Find => CKR_OPERATION_NOT_INITIALIZED,
     }
@@ -118,15 +120,14 @@ fn member_init(
 /// Feeds one buffered update to a member.
 fn member_update(
     kind: OpKind,
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     data: &[u8],
 ) -> CK_RV {
-    let (ptr, len) = (data.as_ptr() as *mut u8, data.len() as CK_ULONG);
     match kind {
-        OpKind::Digest => member_call!(library, C_DigestUpdate(session, ptr, len)),
-        OpKind::Sign => member_call!(library, C_SignUpdate(session, ptr, len)),
-        OpKind::Verify => member_call!(library, C_VerifyUpdate(session, ptr, len)),
+        OpKind::Digest => library.digest_update(session, Some(data)),
+        OpKind::Sign => library.sign_update(session, Some(data)),
+        OpKind::Verify => library.verify_update(session, Some(data)),
         _ => CKR_OPERATION_NOT_INITIALIZED,
     }
 }
@@ -433,7 +434,7 @@ impl VirtualSession {
             flags: 0,
             ulDeviceError: 0,
         };
-        let mut call = |l: &MemberLibrary, s| member_call!(l, C_GetSessionInfo(s, &mut info));
+        let mut call = |l: &MemberLibrary, s| l.get_session_info(s, &mut info);
         matches!(
             self.attempt(position, "C_GetSessionInfo", &mut call),
             Attempt::Answered(_)
@@ -491,7 +492,7 @@ impl VirtualSession {
             flags: 0,
             ulDeviceError: 0,
         };
-        let rv = member_call!(library, C_GetSessionInfo(session, &mut info));
+        let rv = library.get_session_info(session, &mut info);
         rv == CKR_OK && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
     }
 
@@ -907,7 +908,7 @@ impl VirtualSession {
             let Some(member_key) = self.resolve(key, position)? else {
                 return Err(Error::new(CKR_KEY_HANDLE_INVALID));
             };
-            let mut call = |l: &MemberLibrary, s| member_call!(l, C_DigestKey(s, member_key));
+            let mut call = |l: &MemberLibrary, s| l.digest_key(s, member_key);
             match self.attempt(position, "C_DigestKey", &mut call) {
                 Attempt::Answered(rv) => {
                     self.record(OpKind::Digest, Step::Update, &Input::Key(key), rv);
@@ -1049,16 +1050,13 @@ impl VirtualSession {
             // Known before the search starts there, as in find_init, so that
             // the search can leave it out.
             self.domain_handle(position);
-            let mut template = search.template.attributes();
+            let template = search.template.attributes();
             return self.attempt(position, function, &mut |l, s| {
-                member_call!(
-                    l,
-                    C_FindObjectsInit(s, template.as_mut_ptr(), template.len() as CK_ULONG)
-                )
+                l.find_objects_init(s, Some(&template))
             });
         }
         let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
-        let mechanism = op.mechanism.as_ptr();
+        let mechanism = op.mechanism.as_raw();
         let init = self.attempt(position, function, &mut |l, s| {
             member_init(kind, l, s, mechanism, key)
         });
@@ -1068,7 +1066,7 @@ impl VirtualSession {
         for item in op.history.iter().flat_map(|h| &h.replay) {
             let answer = self.attempt(position, function, &mut |l, s| match item {
                 Replay::Data(data) => member_update(kind, l, s, data),
-                Replay::Key(key) => member_call!(l, C_DigestKey(s, member_key(*key))),
+                Replay::Key(key) => l.digest_key(s, member_key(*key)),
             });
             if !matches!(answer, Attempt::Answered(CKR_OK)) {
                 return answer;
