@@ -37,6 +37,37 @@ pub fn buffer<T>(pointer: *const T, len: CK_ULONG) -> Result<()> {
     }
 }
 
+/// The application's input bytes as a member call takes them: `None` for
+/// its NULL (which [`buffer`] allows with a zero length only).
+///
+/// # Safety
+/// `data`, when not null, must be readable for `len` bytes during `'a`.
+#[inline(always)]
+pub unsafe fn input<'a>(data: *const CK_BYTE, len: CK_ULONG) -> Option<&'a [u8]> {
+    // SAFETY: not null; the caller vouches for `len` bytes.
+    (!data.is_null()).then(|| unsafe { std::slice::from_raw_parts(data, len as usize) })
+}
+
+/// The application's output under the two-call convention as a member
+/// call takes it: its buffer (`None` for NULL, a length query) with room
+/// for `*len` bytes as `len` says now, and `len` itself.
+///
+/// # Safety
+/// `len` must be writable and `data`, when not null, writable for `*len`
+/// bytes during `'a`.
+#[inline(always)]
+pub unsafe fn two_call_output<'a>(
+    data: *mut CK_BYTE,
+    len: *mut CK_ULONG,
+) -> (Option<&'a mut [u8]>, &'a mut CK_ULONG) {
+    // SAFETY: as the caller vouches.
+    let len = unsafe { &mut *len };
+    // SAFETY: not null; the caller vouches for `*len` bytes.
+    let data =
+        (!data.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(data, *len as usize) });
+    (data, len)
+}
+
 /// An attribute template whose values are read, not written: checked once
 /// (see [`Template::giving_values`]), then read safely. Borrowed from the
 /// application for its call, or made from one by leaving attributes out or

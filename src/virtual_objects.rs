@@ -9,8 +9,8 @@ use crate::error::{check, Error, Result};
 use crate::group::Pending;
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
-use crate::member::member_call;
 use crate::member::MemberLibrary;
+use crate::member_api::MemberApi;
 use crate::object::Presence;
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
@@ -198,10 +198,7 @@ impl VirtualSession {
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
         let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
-            member_call!(
-                library,
-                C_CreateObject(session, template.as_ptr(), template.count(), handle)
-            )
+            library.create_object(session, template.as_slice(), handle)
         };
         // Known before any member is asked, so that a request cut off on
         // the wire leaves it in doubt on that member (attempt_making).
@@ -357,7 +354,6 @@ impl VirtualSession {
             None => self.read_bool(source, CKA_TOKEN)?,
         };
         let (changes, protects) = self.extractability_change(source, template)?;
-        let (t, n) = (changes.as_ptr(), changes.count());
         let owner = owner_for(Some(token), session);
         let _write = self.group.enter_write();
         let object = self
@@ -378,7 +374,7 @@ impl VirtualSession {
             for (position, source_handle) in copies {
                 let mut handle = CK_INVALID_HANDLE;
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
-                    member_call!(l, C_CopyObject(s, source_handle, t, n, &mut handle))
+                    l.copy_object(s, source_handle, changes.as_slice(), &mut handle)
                 });
                 if self.note_copy(object, position, handle, answer, &mut made, &|| None)? {
                     missed.push(position);
@@ -454,7 +450,7 @@ impl VirtualSession {
                 pValue: &mut value as *mut _ as *mut _,
                 ulValueLen: 1,
             };
-            member_call!(library, C_GetAttributeValue(s, h[0], &mut query, 1))
+            library.get_attribute_value(s, h[0], Some(std::slice::from_mut(&mut query)))
         })?;
         Ok(value != CK_FALSE)
     }
@@ -505,7 +501,7 @@ impl VirtualSession {
             query[0].ulValueLen = std::mem::size_of::<CK_ULONG>() as CK_ULONG;
             query[1].ulValueLen = 1;
             query[2].ulValueLen = 1;
-            member_call!(library, C_GetAttributeValue(s, h[0], query.as_mut_ptr(), 3))
+            library.get_attribute_value(s, h[0], Some(&mut query))
         });
         if let Err(e) = answer {
             if e.rv != CKR_ATTRIBUTE_TYPE_INVALID {
@@ -580,9 +576,8 @@ impl VirtualSession {
             false
         };
         if !protected && self.group.objects.has_fingerprint(object) {
-            let (template, count) = (request.as_mut_ptr(), request.count());
             return self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
-                member_call!(l, C_GetAttributeValue(s, h[0], template, count))
+                l.get_attribute_value(s, h[0], request.as_mut_slice())
             });
         }
         if !protected {
@@ -608,9 +603,8 @@ impl VirtualSession {
             .collect();
         let mut answer = Ok(());
         if !asked.is_empty() {
-            let n = asked.len() as CK_ULONG;
             answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
-                member_call!(l, C_GetAttributeValue(s, h[0], asked.as_mut_ptr(), n))
+                l.get_attribute_value(s, h[0], Some(&mut asked))
             });
             if let Err(e) = &answer {
                 if !matches!(
@@ -781,7 +775,7 @@ impl VirtualSession {
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
         self.change_everywhere(object, "C_DestroyObject", true, |library, s, h| {
-            member_call!(library, C_DestroyObject(s, h))
+            library.destroy_object(s, h)
         })?;
         self.group.objects.remove(object);
         Ok(())
@@ -789,10 +783,9 @@ impl VirtualSession {
 
     pub fn set_attribute_value(&self, object: CK_OBJECT_HANDLE, template: &Template) -> Result<()> {
         let (changes, protects) = self.extractability_change(object, template)?;
-        let (t, n) = (changes.as_ptr(), changes.count());
-        if n > 0 {
+        if changes.count() > 0 {
             self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {
-                member_call!(library, C_SetAttributeValue(s, h, t, n))
+                library.set_attribute_value(s, h, changes.as_slice())
             })?;
         }
         if protects {
@@ -818,9 +811,8 @@ impl VirtualSession {
         } else {
             asked
         };
-        let (t, n) = (searched.as_ptr(), searched.count());
         let start =
-            |library: &MemberLibrary, s, _| member_call!(library, C_FindObjectsInit(s, t, n));
+            |library: &MemberLibrary, s, _| library.find_objects_init(s, searched.as_slice());
         let kept = OwnedTemplate::copy(&searched);
         self.init(OpKind::Find, None, None, "C_FindObjectsInit", start)?;
         self.keep_search(kept, filter);
@@ -847,10 +839,7 @@ impl VirtualSession {
                 "C_FindObjects",
                 |l, s| {
                     member.set(self.bound_member());
-                    member_call!(
-                        l,
-                        C_FindObjects(s, at.as_mut_ptr(), at.len() as CK_ULONG, &mut returned)
-                    )
+                    l.find_objects(s, Some(&mut *at), &mut returned)
                 },
             )?;
             Ok(returned as usize)
@@ -967,7 +956,7 @@ impl VirtualSession {
         mut make: impl FnMut(
             &MemberLibrary,
             CK_SESSION_HANDLE,
-            CK_MECHANISM_PTR,
+            &CK_MECHANISM,
             &[CK_OBJECT_HANDLE],
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
@@ -979,10 +968,10 @@ impl VirtualSession {
         loop {
             let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
-            let mut member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
+            let member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
             let answer = self.attempt(position, function, &mut |l, s| {
-                make(l, s, member_mechanism.as_ptr(), direct, &mut made)
+                make(l, s, member_mechanism.as_raw(), direct, &mut made)
             });
             match answer {
                 Attempt::Faulted => {

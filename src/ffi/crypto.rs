@@ -2,10 +2,11 @@
 //! virtual slot an operation runs on the member chosen at its `*Init`.
 
 use super::{buffer, cryptoki_fn, required, session};
-use crate::arguments::Template;
+use crate::arguments::{input as input_bytes, two_call_output, Template};
 use crate::error::{check, Error};
 use crate::mechanism::Mechanism;
-use crate::member::{member_call, MemberLibrary};
+use crate::member::MemberLibrary;
+use crate::member_api::MemberApi;
 use crate::session::Target;
 use crate::virtual_objects::{made_print, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
@@ -13,7 +14,7 @@ use cryptoki_sys::*;
 
 /// `*Init` functions that take a mechanism and a key.
 macro_rules! keyed_init {
-    ($($name:ident => $kind:ident),* $(,)?) => {$(
+    ($($name:ident => $kind:ident, $method:ident),* $(,)?) => {$(
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) {
                 // SAFETY: the application vouches for the mechanism it passes.
@@ -22,11 +23,11 @@ macro_rules! keyed_init {
                 match &s.target {
                     Target::PassThrough(p) => {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                        check(member_call!(p.library, $name(p.handle, mechanism.as_ptr(), key)))
+                        check(p.library.$method(p.handle, mechanism.as_raw(), key))
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                     Target::Virtual(v) => {
-                        let on_member = |l: &MemberLibrary, m, k| member_call!(l, $name(m, mechanism.as_ptr(), k));
+                        let on_member = |l: &MemberLibrary, m, k| l.$method(m, mechanism.as_raw(), k);
                         v.init(OpKind::$kind, Some(&mechanism), Some(key), stringify!($name), on_member)
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
@@ -39,7 +40,7 @@ macro_rules! keyed_init {
 /// Calls that take input and write output under the two-call convention.
 /// `$finishes` says whether the call ends the operation.
 macro_rules! in_out {
-    ($($name:ident => $kind:ident, $finishes:expr);* $(;)?) => {$(
+    ($($name:ident => $kind:ident, $method:ident, $finishes:expr);* $(;)?) => {$(
         cryptoki_fn! {
             fn $name(
                 handle: CK_SESSION_HANDLE,
@@ -58,10 +59,17 @@ macro_rules! in_out {
                 };
                 match &s.target {
                     Target::PassThrough(p) => {
-                        check(member_call!(p.library, $name(p.handle, input, input_len, output, output_len)))
+                        // SAFETY: checked above; the application vouches
+                        // for `input_len` bytes at `input` and room for
+                        // `*output_len` at `output`.
+                        let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                        check(p.library.$method(p.handle, input, output, output_len))
                     }
                     Target::Virtual(v) => v.step(OpKind::$kind, step, Input::None, stringify!($name), |l, m| {
-                        member_call!(l, $name(m, input, input_len, output, output_len))
+                        // SAFETY: as for a pass-through session; the room
+                        // is read again for each member asked.
+                        let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                        l.$method(m, input, output, output_len)
                     }),
                 }
             }
@@ -71,23 +79,19 @@ macro_rules! in_out {
 
 /// Updates that take input only.
 macro_rules! input_update {
-    ($($name:ident => $kind:ident),* $(,)?) => {$(
+    ($($name:ident => $kind:ident, $method:ident),* $(,)?) => {$(
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, input: *mut CK_BYTE, input_len: CK_ULONG) {
                 buffer(input, input_len)?;
+                // SAFETY: checked above; the application vouches for
+                // `input_len` bytes at `input`.
+                let input = unsafe { input_bytes(input, input_len) };
                 let s = session(handle)?;
                 match &s.target {
-                    Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, input, input_len))),
+                    Target::PassThrough(p) => check(p.library.$method(p.handle, input)),
                     Target::Virtual(v) => {
-                        let data = if input.is_null() {
-                            &[][..]
-                        } else {
-                            // SAFETY: not null, and the application vouches
-                            // for `input_len` readable bytes.
-                            unsafe { std::slice::from_raw_parts(input, input_len as usize) }
-                        };
-                        v.step(OpKind::$kind, Step::Update, Input::Data(data), stringify!($name), |l, m| {
-                            member_call!(l, $name(m, input, input_len))
+                        v.step(OpKind::$kind, Step::Update, Input::Data(input.unwrap_or_default()), stringify!($name), |l, m| {
+                            l.$method(m, input)
                         })
                     }
                 }
@@ -98,16 +102,25 @@ macro_rules! input_update {
 
 /// Finals that write output under the two-call convention.
 macro_rules! output_final {
-    ($($name:ident => $kind:ident),* $(,)?) => {$(
+    ($($name:ident => $kind:ident, $method:ident),* $(,)?) => {$(
         cryptoki_fn! {
             fn $name(handle: CK_SESSION_HANDLE, output: *mut CK_BYTE, output_len: CK_ULONG_PTR) {
                 required(output_len)?;
                 let s = session(handle)?;
                 let step = Step::Finish { length_query: output.is_null() };
                 match &s.target {
-                    Target::PassThrough(p) => check(member_call!(p.library, $name(p.handle, output, output_len))),
+                    Target::PassThrough(p) => {
+                        // SAFETY: `output_len` is not null (checked above);
+                        // the application vouches for room for `*output_len`
+                        // bytes at `output`.
+                        let (output, output_len) = unsafe { two_call_output(output, output_len) };
+                        check(p.library.$method(p.handle, output, output_len))
+                    }
                     Target::Virtual(v) => v.step(OpKind::$kind, step, Input::None, stringify!($name), |l, m| {
-                        member_call!(l, $name(m, output, output_len))
+                        // SAFETY: as for a pass-through session; the room
+                        // is read again for each member asked.
+                        let (output, output_len) = unsafe { two_call_output(output, output_len) };
+                        l.$method(m, output, output_len)
                     }),
                 }
             }
@@ -116,30 +129,30 @@ macro_rules! output_final {
 }
 
 keyed_init!(
-    C_EncryptInit => Encrypt,
-    C_DecryptInit => Decrypt,
-    C_SignInit => Sign,
-    C_VerifyInit => Verify,
-    C_SignRecoverInit => SignRecover,
-    C_VerifyRecoverInit => VerifyRecover,
+    C_EncryptInit => Encrypt, encrypt_init,
+    C_DecryptInit => Decrypt, decrypt_init,
+    C_SignInit => Sign, sign_init,
+    C_VerifyInit => Verify, verify_init,
+    C_SignRecoverInit => SignRecover, sign_recover_init,
+    C_VerifyRecoverInit => VerifyRecover, verify_recover_init,
 );
 
 in_out!(
-    C_Encrypt => Encrypt, true;
-    C_Decrypt => Decrypt, true;
-    C_Digest => Digest, true;
-    C_Sign => Sign, true;
-    C_SignRecover => SignRecover, true;
-    C_VerifyRecover => VerifyRecover, true;
-    C_EncryptUpdate => Encrypt, false;
-    C_DecryptUpdate => Decrypt, false;
+    C_Encrypt => Encrypt, encrypt, true;
+    C_Decrypt => Decrypt, decrypt, true;
+    C_Digest => Digest, digest, true;
+    C_Sign => Sign, sign, true;
+    C_SignRecover => SignRecover, sign_recover, true;
+    C_VerifyRecover => VerifyRecover, verify_recover, true;
+    C_EncryptUpdate => Encrypt, encrypt_update, false;
+    C_DecryptUpdate => Decrypt, decrypt_update, false;
 );
 
 /// Dual-function updates: `$kind` is the operation that writes the
 /// output; `$other` is fed through the same call, and its input is not
 /// kept for replay.
 macro_rules! dual_update {
-    ($($name:ident => $kind:ident + $other:ident),* $(,)?) => {$(
+    ($($name:ident => $kind:ident + $other:ident, $method:ident),* $(,)?) => {$(
         cryptoki_fn! {
             fn $name(
                 handle: CK_SESSION_HANDLE,
@@ -153,11 +166,18 @@ macro_rules! dual_update {
                 let s = session(handle)?;
                 match &s.target {
                     Target::PassThrough(p) => {
-                        check(member_call!(p.library, $name(p.handle, input, input_len, output, output_len)))
+                        // SAFETY: checked above; the application vouches
+                        // for `input_len` bytes at `input` and room for
+                        // `*output_len` at `output`.
+                        let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                        check(p.library.$method(p.handle, input, output, output_len))
                     }
                     Target::Virtual(v) => {
                         let answer = v.step(OpKind::$kind, Step::Update, Input::None, stringify!($name), |l, m| {
-                            member_call!(l, $name(m, input, input_len, output, output_len))
+                            // SAFETY: as for a pass-through session; the
+                            // room is read again for each member asked.
+                            let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                            l.$method(m, input, output, output_len)
                         });
                         if answer.is_ok() && !output.is_null() {
                             v.stop_replaying(OpKind::$other);
@@ -171,19 +191,23 @@ macro_rules! dual_update {
 }
 
 dual_update!(
-    C_DigestEncryptUpdate => Encrypt + Digest,
-    C_DecryptDigestUpdate => Decrypt + Digest,
-    C_SignEncryptUpdate => Encrypt + Sign,
-    C_DecryptVerifyUpdate => Decrypt + Verify,
+    C_DigestEncryptUpdate => Encrypt + Digest, digest_encrypt_update,
+    C_DecryptDigestUpdate => Decrypt + Digest, decrypt_digest_update,
+    C_SignEncryptUpdate => Encrypt + Sign, sign_encrypt_update,
+    C_DecryptVerifyUpdate => Decrypt + Verify, decrypt_verify_update,
 );
 
-input_update!(C_DigestUpdate => Digest, C_SignUpdate => Sign, C_VerifyUpdate => Verify);
+input_update!(
+    C_DigestUpdate => Digest, digest_update,
+    C_SignUpdate => Sign, sign_update,
+    C_VerifyUpdate => Verify, verify_update,
+);
 
 output_final!(
-    C_EncryptFinal => Encrypt,
-    C_DecryptFinal => Decrypt,
-    C_DigestFinal => Digest,
-    C_SignFinal => Sign,
+    C_EncryptFinal => Encrypt, encrypt_final,
+    C_DecryptFinal => Decrypt, decrypt_final,
+    C_DigestFinal => Digest, digest_final,
+    C_SignFinal => Sign, sign_final,
 );
 
 cryptoki_fn! {
@@ -192,9 +216,9 @@ cryptoki_fn! {
         let mechanism = unsafe { Mechanism::new(mechanism) }?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_DigestInit(p.handle, mechanism.as_ptr()))),
+            Target::PassThrough(p) => check(p.library.digest_init(p.handle, mechanism.as_raw())),
             Target::Virtual(v) => {
-                let on_member = |l: &MemberLibrary, m, _| member_call!(l, C_DigestInit(m, mechanism.as_ptr()));
+                let on_member = |l: &MemberLibrary, m, _| l.digest_init(m, mechanism.as_raw());
                 v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member)
             }
         }
@@ -205,7 +229,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_DigestKey(p.handle, key))).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
+                check(p.library.digest_key(p.handle, key)).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
         }
@@ -220,24 +244,26 @@ cryptoki_fn! {
     ) {
         buffer(data, data_len)?;
         buffer(signature, signature_len)?;
+        // SAFETY: checked above; the application vouches for the lengths.
+        let (data, signature) = unsafe { (input_bytes(data, data_len), input_bytes(signature, signature_len)) };
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => {
-                check(member_call!(p.library, C_Verify(p.handle, data, data_len, signature, signature_len)))
-            }
+            Target::PassThrough(p) => check(p.library.verify(p.handle, data, signature)),
             Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, Input::None, "C_Verify", |l, m| {
-                member_call!(l, C_Verify(m, data, data_len, signature, signature_len))
+                l.verify(m, data, signature)
             }),
         }
     }
 
     fn C_VerifyFinal(handle: CK_SESSION_HANDLE, signature: *mut CK_BYTE, signature_len: CK_ULONG) {
         buffer(signature, signature_len)?;
+        // SAFETY: checked above; the application vouches for the length.
+        let signature = unsafe { input_bytes(signature, signature_len) };
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_VerifyFinal(p.handle, signature, signature_len))),
+            Target::PassThrough(p) => check(p.library.verify_final(p.handle, signature)),
             Target::Virtual(v) => v.step(OpKind::Verify, Step::Finish { length_query: false }, Input::None, "C_VerifyFinal", |l, m| {
-                member_call!(l, C_VerifyFinal(m, signature, signature_len))
+                l.verify_final(m, signature)
             }),
         }
     }
@@ -259,13 +285,14 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(p.library, C_GenerateKey(p.handle, mechanism.as_ptr(), template.as_ptr(), template.count(), key)))
+                // SAFETY: `key` is not null (checked above) and writable.
+                let key = unsafe { &mut *key };
+                check(p.library.generate_key(p.handle, mechanism.as_raw(), template.as_slice(), key))
             }
             Target::Virtual(v) => {
                 let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
-                let (t, n) = (member_template.template().as_ptr(), member_template.template().count());
-                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
-                    member_call!(l, C_GenerateKey(m, mech, t, n, &mut out[0]))
+                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                    l.generate_key(m, mech, member_template.template().as_slice(), &mut out[0])
                 };
                 let prints = [made_print(&template, CKO_SECRET_KEY)];
                 let made = v.make_on_one(handle, &mechanism, &[], &[token], &prints, "C_GenerateKey", generate)?;
@@ -303,24 +330,20 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 p.refuse_reserved_label(&public_template)?;
                 p.refuse_reserved_label(&private_template)?;
-                check(member_call!(
-                p.library,
-                C_GenerateKeyPair(
-                    p.handle, mechanism.as_ptr(), public_template.as_ptr(), public_template.count(), private_template.as_ptr(), private_template.count(),
-                    public_key, private_key
-                )
-            ))
+                // SAFETY: both output pointers are not null (checked above)
+                // and writable.
+                let (public_key, private_key) = unsafe { (&mut *public_key, &mut *private_key) };
+                check(p.library.generate_key_pair(
+                    p.handle, mechanism.as_raw(), public_template.as_slice(), private_template.as_slice(), public_key, private_key,
+                ))
             }
             Target::Virtual(v) => {
                 let owners = [public_template.bool(CKA_TOKEN), private_template.bool(CKA_TOKEN)];
                 let member_private = MemberTemplate::for_new_key(&private_template);
-                let (t, n) = (member_private.template().as_ptr(), member_private.template().count());
-                let (public_t, public_n) = (public_template.as_ptr(), public_template.count());
-                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     let (public, private) = out.split_at_mut(1);
-                    member_call!(
-                        l,
-                        C_GenerateKeyPair(m, mech, public_t, public_n, t, n, &mut public[0], &mut private[0])
+                    l.generate_key_pair(
+                        m, mech, public_template.as_slice(), member_private.template().as_slice(), &mut public[0], &mut private[0],
                     )
                 };
                 let prints = [
@@ -358,10 +381,10 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 p.reachable(wrapping_key, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
-                check(member_call!(
-                    p.library,
-                    C_WrapKey(p.handle, mechanism.as_ptr(), wrapping_key, key, wrapped, wrapped_len)
-                ))
+                // SAFETY: `wrapped_len` is not null (checked above); the
+                // application vouches for room for `*wrapped_len` bytes.
+                let (wrapped, wrapped_len) = unsafe { two_call_output(wrapped, wrapped_len) };
+                check(p.library.wrap_key(p.handle, mechanism.as_raw(), wrapping_key, key, wrapped, wrapped_len))
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
@@ -370,7 +393,10 @@ cryptoki_fn! {
                 }
                 v.refuse_if_protected(key)?;
                 v.stateless(&[wrapping_key, key], "C_WrapKey", |l, m, h| {
-                    member_call!(l, C_WrapKey(m, mechanism.as_ptr(), h[0], h[1], wrapped, wrapped_len))
+                    // SAFETY: as for a pass-through session; the room is
+                    // read again for each member asked.
+                    let (wrapped, wrapped_len) = unsafe { two_call_output(wrapped, wrapped_len) };
+                    l.wrap_key(m, mechanism.as_raw(), h[0], h[1], wrapped, wrapped_len)
                 })
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
@@ -390,6 +416,8 @@ cryptoki_fn! {
         // SAFETY: the application vouches for the mechanism it passes.
         let mechanism = unsafe { Mechanism::new(mechanism) }?;
         buffer(wrapped, wrapped_len)?;
+        // SAFETY: checked above; the application vouches for the length.
+        let wrapped = unsafe { input_bytes(wrapped, wrapped_len) };
         // SAFETY: the application vouches for `count` attributes, their
         // values readable during its call.
         let template = unsafe { Template::giving_values(template, count) }?;
@@ -399,17 +427,15 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 p.reachable(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(
-                    p.library,
-                    C_UnwrapKey(p.handle, mechanism.as_ptr(), unwrapping_key, wrapped, wrapped_len, template.as_ptr(), template.count(), key)
-                ))
+                // SAFETY: `key` is not null (checked above) and writable.
+                let key = unsafe { &mut *key };
+                check(p.library.unwrap_key(p.handle, mechanism.as_raw(), unwrapping_key, wrapped, template.as_slice(), key))
                 .map_err(|e| e.as_key(CKR_UNWRAPPING_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
                 let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
-                let (t, n) = (member_template.template().as_ptr(), member_template.template().count());
-                let unwrap = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
-                    member_call!(l, C_UnwrapKey(m, mech, h[0], wrapped, wrapped_len, t, n, &mut out[0]))
+                let unwrap = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                    l.unwrap_key(m, mech, h[0], wrapped, member_template.template().as_slice(), &mut out[0])
                 };
                 let prints = [made_print(&template, CKO_SECRET_KEY)];
                 let made = v.make_on_one(handle, &mechanism, &[unwrapping_key], &[token], &prints, "C_UnwrapKey", unwrap)
@@ -446,10 +472,10 @@ cryptoki_fn! {
                     p.reachable(in_parameter, CKR_KEY_HANDLE_INVALID)?;
                 }
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(
-                    p.library,
-                    C_DeriveKey(p.handle, mechanism.as_ptr(), base_key, template.as_ptr(), template.count(), key)
-                ))
+                // SAFETY: the application vouches that `key`, when not
+                // null, is writable.
+                let key = unsafe { key.as_mut() };
+                check(p.library.derive_key(p.handle, mechanism.as_raw(), base_key, template.as_slice(), key))
                 .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
             Target::Virtual(v) => {
@@ -461,10 +487,8 @@ cryptoki_fn! {
                     vec![template.bool(CKA_TOKEN)]
                 };
                 let member_template = MemberTemplate::for_new_key(&template);
-                let (t, n) = (member_template.template().as_ptr(), member_template.template().count());
-                let derive = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: CK_MECHANISM_PTR, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
-                    let out_ptr = out.first_mut().map_or(std::ptr::null_mut(), |o| o as *mut _);
-                    member_call!(l, C_DeriveKey(m, mech, h[0], t, n, out_ptr))
+                let derive = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                    l.derive_key(m, mech, h[0], member_template.template().as_slice(), out.first_mut())
                 };
                 let prints: Vec<_> = owners.iter().map(|_| made_print(&template, CKO_SECRET_KEY)).collect();
                 let made = v.make_on_one(handle, &mechanism, &[base_key], &owners, &prints, "C_DeriveKey", derive)
@@ -484,20 +508,25 @@ cryptoki_fn! {
 
     fn C_SeedRandom(handle: CK_SESSION_HANDLE, seed: *mut CK_BYTE, seed_len: CK_ULONG) {
         buffer(seed, seed_len)?;
+        // SAFETY: checked above; the application vouches for the length.
+        let seed = unsafe { input_bytes(seed, seed_len) };
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_SeedRandom(p.handle, seed, seed_len))),
-            Target::Virtual(v) => v.stateless(&[], "C_SeedRandom", |l, m, _| member_call!(l, C_SeedRandom(m, seed, seed_len))),
+            Target::PassThrough(p) => check(p.library.seed_random(p.handle, seed)),
+            Target::Virtual(v) => v.stateless(&[], "C_SeedRandom", |l, m, _| l.seed_random(m, seed)),
         }
     }
 
     fn C_GenerateRandom(handle: CK_SESSION_HANDLE, random: *mut CK_BYTE, random_len: CK_ULONG) {
         buffer(random, random_len)?;
+        // SAFETY: checked above; the application vouches for `random_len`
+        // writable bytes at `random`.
+        let mut random = (!random.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(random, random_len as usize) });
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_GenerateRandom(p.handle, random, random_len))),
+            Target::PassThrough(p) => check(p.library.generate_random(p.handle, random)),
             Target::Virtual(v) => v.stateless(&[], "C_GenerateRandom", |l, m, _| {
-                member_call!(l, C_GenerateRandom(m, random, random_len))
+                l.generate_random(m, random.as_deref_mut())
             }),
         }
     }
