@@ -1,8 +1,9 @@
 //! The application's arguments as Rust values: templates, attribute
 //! requests, mechanisms and output buffers, each checked once where
 //! `ffi/` takes it from C and borrowed for that C call. The core reads them
-//! through these types alone; a C pointer is made of them again only as an
-//! argument of a member call.
+//! through these types alone, and hands them to a member as slices
+//! ([`crate::member_api`], the one place that makes C pointers of them
+//! again).
 
 use crate::error::{Error, Result};
 use cryptoki_sys::*;
@@ -230,16 +231,6 @@ impl<'a> Template<'a> {
         kept.build()
     }
 
-    /// The template as a member call takes it; the application's null
-    /// stays null.
-    pub fn as_ptr(&self) -> CK_ATTRIBUTE_PTR {
-        if self.absent {
-            std::ptr::null_mut()
-        } else {
-            self.attributes.as_ptr() as CK_ATTRIBUTE_PTR
-        }
-    }
-
     pub fn count(&self) -> CK_ULONG {
         self.attributes.len() as CK_ULONG
     }
@@ -396,20 +387,6 @@ impl<'a> AttributeRequest<'a> {
     }
 
     /// The attributes as a member call takes them; the application's null
-    /// stays null.
-    pub fn as_mut_ptr(&mut self) -> CK_ATTRIBUTE_PTR {
-        if self.absent {
-            std::ptr::null_mut()
-        } else {
-            self.attributes.as_mut_ptr()
-        }
-    }
-
-    pub fn count(&self) -> CK_ULONG {
-        self.attributes.len() as CK_ULONG
-    }
-
-    /// The attributes as a member call takes them; the application's null
     /// stays `None`.
     pub fn as_mut_slice(&mut self) -> Option<&mut [CK_ATTRIBUTE]> {
         (!self.absent).then_some(&mut self.attributes[..])
@@ -445,20 +422,6 @@ impl<'a, T> OutArray<'a, T> {
 
     pub fn items(&mut self) -> &mut [T] {
         self.items
-    }
-
-    /// The array as a member call takes it; the application's null stays
-    /// null.
-    pub fn as_mut_ptr(&mut self) -> *mut T {
-        if self.absent {
-            std::ptr::null_mut()
-        } else {
-            self.items.as_mut_ptr()
-        }
-    }
-
-    pub fn room(&self) -> CK_ULONG {
-        self.items.len() as CK_ULONG
     }
 
     /// The array as a member call takes it; the application's null stays
@@ -576,7 +539,7 @@ mod tests {
         );
         // SAFETY: null with no attributes.
         let absent = unsafe { Template::giving_values(std::ptr::null_mut(), 0) }.unwrap();
-        assert!(absent.as_ptr().is_null(), "a member sees null as given");
+        assert!(absent.as_slice().is_none(), "a member sees null as given");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 use crate::config::{self, Config, ConfigError, HA_CONFIGURATION, HA_LOG_PATH, VIRTUAL_TOKEN};
 use crate::group::Group;
 use crate::identity::{self, Fingerprint};
-use crate::member::{member_call, MemberLibrary};
+use crate::member::MemberLibrary;
+use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 use std::sync::Arc;
 
@@ -120,16 +121,7 @@ pub fn check_members(config: &Config, groups: &[Arc<Group>], libraries: &[Arc<Me
 /// (the domain key is public: it can be found before anyone logs in).
 fn holds_secret_key(library: &MemberLibrary, slot: CK_SLOT_ID, label: &str) -> bool {
     let mut session: CK_SESSION_HANDLE = 0;
-    let opened = member_call!(
-        library,
-        C_OpenSession(
-            slot,
-            CKF_SERIAL_SESSION,
-            std::ptr::null_mut(),
-            None,
-            &mut session
-        )
-    );
+    let opened = library.open_session(slot, CKF_SERIAL_SESSION, &mut session);
     if opened != CKR_OK {
         // Not a configuration problem: the member says why when it is used.
         return true;
@@ -139,6 +131,6 @@ fn holds_secret_key(library: &MemberLibrary, slot: CK_SLOT_ID, label: &str) -> b
         (CKA_LABEL, label.as_bytes().to_vec()),
     ];
     let found = identity::find(library, session, &print);
-    member_call!(library, C_CloseSession(session));
+    library.close_session(session);
     found.map_or(true, |handles| !handles.is_empty())
 }

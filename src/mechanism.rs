@@ -19,10 +19,6 @@ pub struct MemberMechanism {
 }
 
 impl MemberMechanism {
-    pub fn as_ptr(&mut self) -> CK_MECHANISM_PTR {
-        &mut self.mechanism
-    }
-
     /// The mechanism as a member call takes it.
     pub fn as_raw(&self) -> &CK_MECHANISM {
         &self.mechanism
@@ -65,11 +61,6 @@ impl<'a> Mechanism<'a> {
         // SAFETY: readable for its length during `'a`, as the caller of
         // `new` vouched.
         unsafe { std::slice::from_raw_parts(self.mechanism.pParameter as *const u8, len) }
-    }
-
-    /// The mechanism as a member call takes it.
-    pub fn as_ptr(&self) -> CK_MECHANISM_PTR {
-        self.mechanism as *const CK_MECHANISM as CK_MECHANISM_PTR
     }
 
     /// The mechanism as a member call takes it.
@@ -205,10 +196,10 @@ mod tests {
         // SAFETY: the parameter points to a live handle of the stated size.
         let checked = unsafe { Mechanism::new(&mechanism as *const _ as *mut _) }.unwrap();
         assert_eq!(parameter_handles(&checked).unwrap(), vec![42]);
-        let mut mapped = for_member(&checked, &[7]).unwrap();
+        let mapped = for_member(&checked, &[7]).unwrap();
         // SAFETY: the mapped copy owns its parameter, one handle.
         unsafe {
-            let param = (*mapped.as_ptr()).pParameter as *const CK_OBJECT_HANDLE;
+            let param = mapped.as_raw().pParameter as *const CK_OBJECT_HANDLE;
             assert_eq!(*param, 7);
         }
         assert_eq!(

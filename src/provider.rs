@@ -10,10 +10,10 @@ use crate::fork::PerGeneration;
 use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
-use crate::member::member_call;
 use crate::member::{
     initialize_each, padded_to_string, string_to_padded, Counting, MemberLibrary, Silent,
 };
+use crate::member_api::MemberApi;
 use crate::published::Publisher;
 use crate::reconcile::Reconciler;
 use crate::recovery::{self, Workers};
@@ -826,9 +826,7 @@ impl Provider {
             };
             let key = (Arc::as_ptr(&location.library) as usize, location.slot);
             if member.reachable() && !shared.contains(&key) {
-                let _ = group.on_utility(member.position, |s| {
-                    member_call!(s.library, C_Logout(s.handle))
-                });
+                let _ = group.on_utility(member.position, |s| s.library.logout(s.handle));
             }
             group.forget_handles(member.position);
         }
@@ -855,10 +853,7 @@ impl Provider {
             }
         };
         let mut member_info = info;
-        check(member_call!(
-            library,
-            C_GetSessionInfo(member_handle, &mut member_info)
-        ))?;
+        check(library.get_session_info(member_handle, &mut member_info))?;
         info.state = member_info.state;
         info.ulDeviceError = member_info.ulDeviceError;
         Ok(info)
@@ -875,13 +870,9 @@ impl Provider {
     ) -> Result<()> {
         let session = self.session(handle)?;
         let _call = session.call()?;
-        let (ptr, len) = pin_parts(pin);
         let v = match &session.target {
             Target::PassThrough(p) => {
-                return check(member_call!(
-                    p.library,
-                    C_Login(p.handle, user_type, ptr, len)
-                ));
+                return check(p.library.login(p.handle, user_type, pin));
             }
             Target::Virtual(v) => v,
         };
@@ -946,7 +937,7 @@ impl Provider {
             s.gate.wait_calls(own, deadline)
         });
         match &session.target {
-            Target::PassThrough(p) if idle => check(member_call!(p.library, C_Logout(p.handle))),
+            Target::PassThrough(p) if idle => check(p.library.logout(p.handle)),
             Target::PassThrough(_) => {
                 self.report_logout_under_calls(session.slot_id, "its token");
                 Err(Error::new(CKR_FUNCTION_FAILED))
@@ -963,7 +954,7 @@ impl Provider {
                     }
                     let _in_flight = in_use.begin_call();
                     crate::member::on_connection(member.connection, || {
-                        member_call!(member.library, C_Logout(member.handle))
+                        member.library.logout(member.handle)
                     });
                 }
                 for member in &v.group.members {
@@ -1028,7 +1019,7 @@ fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
         match &session.target {
             Target::PassThrough(p) => {
                 let _counting = Counting::on(&p.counts);
-                member_call!(p.library, C_CloseSession(p.handle));
+                p.library.close_session(p.handle);
             }
             Target::Virtual(v) => v.close(),
         }
@@ -1041,13 +1032,6 @@ fn counted_on<T>(library: &MemberLibrary, slot: CK_SLOT_ID, calls: impl FnOnce()
     let counts = library.slot_counts(slot);
     let _counting = Counting::on(&counts);
     calls()
-}
-
-fn pin_parts(pin: Option<&[u8]>) -> (*mut CK_UTF8CHAR, CK_ULONG) {
-    match pin {
-        Some(p) => (p.as_ptr() as *mut _, p.len() as CK_ULONG),
-        None => (std::ptr::null_mut(), 0),
-    }
 }
 
 /// This crate's version as a `CK_VERSION`.

@@ -31,7 +31,7 @@ use crate::group::Group;
 use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
 use crate::index::MemberIndex;
-use crate::member::member_call;
+use crate::member_api::MemberApi;
 use crate::object::Presence;
 use crate::recovery::Host;
 use crate::state_dir::{Deletion, StateDir};
@@ -809,7 +809,7 @@ fn remove_copy(
     handle: CK_OBJECT_HANDLE,
 ) -> bool {
     let answer = worker.attempt_on(target, "C_DestroyObject", &mut |l, s| {
-        member_call!(l, C_DestroyObject(s, handle))
+        l.destroy_object(s, handle)
     });
     if !matches!(answer, Attempt::Answered(CKR_OK)) {
         return false;

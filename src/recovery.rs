@@ -36,7 +36,8 @@ use crate::error::Error;
 use crate::group::Pending;
 use crate::group::{now_ms, Group, Location, MemberState};
 use crate::identity;
-use crate::member::{member_call, MemberLibrary, Silent};
+use crate::member::{MemberLibrary, Silent};
+use crate::member_api::MemberApi;
 use crate::replication::Holdings;
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
@@ -562,7 +563,7 @@ fn recover(
     // sessions, or those keeping the domain keys hidden there, would cost
     // more than the stale sessions, which the token drops when it restarts.
     if !provider.uses_member_slot(&location.library, location.slot) {
-        let _ = member_call!(location.library, C_CloseAllSessions(location.slot));
+        let _ = location.library.close_all_sessions(location.slot);
     }
     group.relocate(position, location);
     group.members[position].begin_recovery();

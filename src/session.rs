@@ -6,9 +6,9 @@
 
 use crate::arguments::{OutArray, Template};
 use crate::error::{check, Error, Result};
-use crate::member::member_call;
 pub use crate::member::{open_member_session, MemberSession};
 use crate::member::{CallCounts, Counting, MemberLibrary};
+use crate::member_api::MemberApi;
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -58,22 +58,17 @@ impl PassThroughSession {
     /// member would have filled it (see [`crate::object::fill_batch`]).
     pub fn find(&self, found: &mut OutArray<CK_OBJECT_HANDLE>, count: &mut CK_ULONG) -> Result<()> {
         if self.hidden.handles.is_empty() {
-            return check(member_call!(
-                self.library,
-                C_FindObjects(self.handle, found.as_mut_ptr(), found.room(), count)
-            ));
+            return check(
+                self.library
+                    .find_objects(self.handle, found.as_mut_slice(), count),
+            );
         }
         let fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
-            check(member_call!(
-                self.library,
-                C_FindObjects(
-                    self.handle,
-                    at.as_mut_ptr(),
-                    at.len() as CK_ULONG,
-                    &mut returned
-                )
-            ))?;
+            check(
+                self.library
+                    .find_objects(self.handle, Some(&mut *at), &mut returned),
+            )?;
             Ok(returned as usize)
         };
         let keep = |batch: &mut [CK_OBJECT_HANDLE]| {

@@ -5,7 +5,8 @@
 //! mechanism both members list. Owns what a member can do (found when it
 //! is attached) and the choice; `replication` carries the key.
 
-use crate::member::{member_call, padded_to_string, MemberLibrary};
+use crate::member::{padded_to_string, MemberLibrary};
+use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 
 /// Luna's vendor AES key wrap with padding (RFC 5649); whether Luna also
@@ -237,37 +238,25 @@ fn refuses_to_wrap_with(
     mechanism: CK_MECHANISM_TYPE,
 ) -> bool {
     let mut session: CK_SESSION_HANDLE = CK_INVALID_HANDLE;
-    let opened = member_call!(
-        library,
-        C_OpenSession(
-            slot,
-            CKF_SERIAL_SESSION,
-            std::ptr::null_mut(),
-            None,
-            &mut session
-        )
-    );
+    let opened = library.open_session(slot, CKF_SERIAL_SESSION, &mut session);
     if opened != CKR_OK {
         return false;
     }
-    let mut mechanism = CK_MECHANISM {
+    let mechanism = CK_MECHANISM {
         mechanism,
         pParameter: std::ptr::null_mut(),
         ulParameterLen: 0,
     };
     let mut len: CK_ULONG = 0;
-    let rv = member_call!(
-        library,
-        C_WrapKey(
-            session,
-            &mut mechanism,
-            CK_INVALID_HANDLE,
-            CK_INVALID_HANDLE,
-            std::ptr::null_mut(),
-            &mut len
-        )
+    let rv = library.wrap_key(
+        session,
+        &mechanism,
+        CK_INVALID_HANDLE,
+        CK_INVALID_HANDLE,
+        None,
+        &mut len,
     );
-    let _ = member_call!(library, C_CloseSession(session));
+    let _ = library.close_session(session);
     rv == CKR_MECHANISM_INVALID
 }
 

@@ -2,10 +2,10 @@
 //! functions modern clients call first.
 
 use super::{cryptoki_fn, required, session, FUNCTION_LIST};
-use crate::arguments::Output;
+use crate::arguments::{input, Output};
 use crate::error::{check, Error};
-use crate::member::member_call;
 use crate::member::string_to_padded;
+use crate::member_api::MemberApi;
 use crate::provider::{self, library_version, Slot};
 use cryptoki_sys::*;
 
@@ -155,7 +155,11 @@ cryptoki_fn! {
         required(label)?;
         provider::with(|p| match p.slot(slot)? {
             Slot::PassThrough(library, member_slot) => {
-                check(member_call!(library, C_InitToken(member_slot, pin, pin_len, label)))
+                // SAFETY: `pin` is null only with a zero length and `label`
+                // is not null (both checked above); the application vouches
+                // for `pin_len` bytes and a 32-byte label.
+                let (pin, label) = unsafe { (input(pin, pin_len), &*(label as *const [u8; 32])) };
+                check(library.init_token(member_slot, pin, label))
             }
             // Members are initialised one by one, through their own slots;
             // erasing a whole group in one call is not something to offer.

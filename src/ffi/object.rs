@@ -3,7 +3,7 @@
 use super::{cryptoki_fn, required, session};
 use crate::arguments::{AttributeRequest, OutArray, Template};
 use crate::error::{check, Error};
-use crate::member::member_call;
+use crate::member_api::MemberApi;
 use crate::session::Target;
 use crate::virtual_session::{Input, OpKind, Step};
 use cryptoki_sys::*;
@@ -23,7 +23,9 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(p.library, C_CreateObject(p.handle, template.as_ptr(), template.count(), object)))
+                // SAFETY: `object` is not null (checked above) and writable.
+                let object = unsafe { &mut *object };
+                check(p.library.create_object(p.handle, template.as_slice(), object))
             }
             Target::Virtual(v) => {
                 let made = v.create_object(handle, &template)?;
@@ -50,7 +52,9 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 p.reachable(source, CKR_OBJECT_HANDLE_INVALID)?;
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(p.library, C_CopyObject(p.handle, source, template.as_ptr(), template.count(), object)))
+                // SAFETY: `object` is not null (checked above) and writable.
+                let object = unsafe { &mut *object };
+                check(p.library.copy_object(p.handle, source, template.as_slice(), object))
             }
             Target::Virtual(v) => {
                 let made = v.copy_object(handle, source, &template).map_err(Error::as_object)?;
@@ -66,7 +70,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_DestroyObject(p.handle, object)))
+                check(p.library.destroy_object(p.handle, object))
             }
             Target::Virtual(v) => v.destroy_object(object).map_err(Error::as_object),
         }
@@ -74,15 +78,17 @@ cryptoki_fn! {
 
     fn C_GetObjectSize(handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, size: CK_ULONG_PTR) {
         required(size)?;
+        // SAFETY: not null (checked above) and writable.
+        let size = unsafe { &mut *size };
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_GetObjectSize(p.handle, object, size)))
+                check(p.library.get_object_size(p.handle, object, size))
             }
             Target::Virtual(v) => v
                 .stateless(&[object], "C_GetObjectSize", |l, m, h| {
-                    member_call!(l, C_GetObjectSize(m, h[0], size))
+                    l.get_object_size(m, h[0], size)
                 })
                 .map_err(Error::as_object),
         }
@@ -101,7 +107,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
-                check(member_call!(p.library, C_GetAttributeValue(p.handle, object, request.as_mut_ptr(), request.count())))
+                check(p.library.get_attribute_value(p.handle, object, request.as_mut_slice()))
             }
             Target::Virtual(v) => v.get_attribute_value(object, &mut request).map_err(Error::as_object),
         }
@@ -121,7 +127,7 @@ cryptoki_fn! {
             Target::PassThrough(p) => {
                 p.reachable(object, CKR_OBJECT_HANDLE_INVALID)?;
                 p.refuse_reserved_label(&template)?;
-                check(member_call!(p.library, C_SetAttributeValue(p.handle, object, template.as_ptr(), template.count())))
+                check(p.library.set_attribute_value(p.handle, object, template.as_slice()))
             }
             Target::Virtual(v) => v.set_attribute_value(object, &template).map_err(Error::as_object),
         }
@@ -133,7 +139,7 @@ cryptoki_fn! {
         let template = unsafe { Template::giving_values(template, count) }?;
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsInit(p.handle, template.as_ptr(), template.count()))),
+            Target::PassThrough(p) => check(p.library.find_objects_init(p.handle, template.as_slice())),
             Target::Virtual(v) => v.find_init(&template),
         }
     }
@@ -159,13 +165,13 @@ cryptoki_fn! {
     fn C_FindObjectsFinal(handle: CK_SESSION_HANDLE) {
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_FindObjectsFinal(p.handle))),
+            Target::PassThrough(p) => check(p.library.find_objects_final(p.handle)),
             Target::Virtual(v) => v.step(
                 OpKind::Find,
                 Step::Finish { length_query: false },
                 Input::None,
                 "C_FindObjectsFinal",
-                |l, m| member_call!(l, C_FindObjectsFinal(m)),
+                |l, m| l.find_objects_final(m),
             ),
         }
     }

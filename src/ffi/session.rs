@@ -2,9 +2,9 @@
 //! saved operation state.
 
 use super::{buffer, cryptoki_fn, required, session};
-use crate::arguments::Output;
+use crate::arguments::{two_call_output, Output};
 use crate::error::{check, Error};
-use crate::member::member_call;
+use crate::member_api::MemberApi;
 use crate::provider;
 use crate::session::Target;
 use cryptoki_sys::*;
@@ -62,6 +62,9 @@ cryptoki_fn! {
 
     fn C_Login(handle: CK_SESSION_HANDLE, user_type: CK_USER_TYPE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
         buffer(pin_ptr, pin_len)?;
+        // SAFETY: `pin_ptr` is null only with a zero length (checked
+        // above); the application vouches for `pin_len` bytes.
+        let pin = unsafe { pin(pin_ptr, pin_len) };
         {
             // Released before the provider's lock is taken: a close waiting
             // for this session's calls may hold that lock.
@@ -69,12 +72,9 @@ cryptoki_fn! {
             if let (Target::Virtual(v), CKU_CONTEXT_SPECIFIC) = (&s.target, user_type) {
                 let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
                 let m = v.member_session(position)?;
-                return check(member_call!(m.library, C_Login(m.handle, user_type, pin_ptr, pin_len)));
+                return check(m.library.login(m.handle, user_type, pin));
             }
         }
-        // SAFETY: `pin_ptr` is null only with a zero length (checked
-        // above); the application vouches for `pin_len` bytes.
-        let pin = unsafe { pin(pin_ptr, pin_len) };
         provider::with(|p| p.login(handle, user_type, pin))
     }
 
@@ -84,10 +84,13 @@ cryptoki_fn! {
 
     fn C_InitPIN(handle: CK_SESSION_HANDLE, pin_ptr: *mut CK_UTF8CHAR, pin_len: CK_ULONG) {
         buffer(pin_ptr, pin_len)?;
+        // SAFETY: `pin_ptr` is null only with a zero length (checked
+        // above); the application vouches for `pin_len` bytes.
+        let pin = unsafe { pin(pin_ptr, pin_len) };
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_InitPIN(p.handle, pin_ptr, pin_len))),
-            Target::Virtual(v) => v.first_decides("C_InitPIN", |l, m| member_call!(l, C_InitPIN(m, pin_ptr, pin_len))),
+            Target::PassThrough(p) => check(p.library.init_pin(p.handle, pin)),
+            Target::Virtual(v) => v.first_decides("C_InitPIN", |l, m| l.init_pin(m, pin)),
         }
     }
 
@@ -100,14 +103,14 @@ cryptoki_fn! {
     ) {
         buffer(old, old_len)?;
         buffer(new, new_len)?;
+        // SAFETY: each is null only with a zero length (checked above); the
+        // application vouches for the lengths.
+        let (old_pin, new_pin) = unsafe { (pin(old, old_len), pin(new, new_len)) };
         let s = session(handle)?;
         match &s.target {
-            Target::PassThrough(p) => check(member_call!(p.library, C_SetPIN(p.handle, old, old_len, new, new_len))),
+            Target::PassThrough(p) => check(p.library.set_pin(p.handle, old_pin, new_pin)),
             Target::Virtual(v) => {
-                v.first_decides("C_SetPIN", |l, m| member_call!(l, C_SetPIN(m, old, old_len, new, new_len)))?;
-                // SAFETY: `new` is null only with a zero length (checked
-                // above); the application vouches for `new_len` bytes.
-                let new_pin = unsafe { pin(new, new_len) };
+                v.first_decides("C_SetPIN", |l, m| l.set_pin(m, old_pin, new_pin))?;
                 if let (Some(login), Some(new_pin)) = (v.group.login.lock().as_mut(), new_pin) {
                     if login.user_type == CKU_USER || login.user_type == CKU_SO {
                         login.pin = Some(Zeroizing::new(new_pin.to_vec()));
@@ -123,14 +126,17 @@ cryptoki_fn! {
         let s = session(handle)?;
         let v = match &s.target {
             Target::PassThrough(p) => {
-                return check(member_call!(p.library, C_GetOperationState(p.handle, state, state_len)));
+                // SAFETY: `state_len` is not null (checked above); the
+                // application vouches for room for `*state_len` bytes.
+                let (state, state_len) = unsafe { two_call_output(state, state_len) };
+                return check(p.library.get_operation_state(p.handle, state, state_len));
             }
             Target::Virtual(v) => v,
         };
         let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
         let m = v.member_session(position)?;
         let mut member_len: CK_ULONG = 0;
-        check(member_call!(m.library, C_GetOperationState(m.handle, std::ptr::null_mut(), &mut member_len)))?;
+        check(m.library.get_operation_state(m.handle, None, &mut member_len))?;
         let needed = member_len + STATE_HEADER as CK_ULONG;
         // SAFETY: `state_len` is not null (checked above) and read-write;
         // the application vouches that `state`, when not null, has room for
@@ -140,7 +146,7 @@ cryptoki_fn! {
             let (header, member_state) = room.split_at_mut(STATE_HEADER);
             header[..4].copy_from_slice(STATE_MAGIC);
             header[4..].copy_from_slice(&(position as u32).to_le_bytes());
-            let rv = member_call!(m.library, C_GetOperationState(m.handle, member_state.as_mut_ptr(), &mut member_len));
+            let rv = m.library.get_operation_state(m.handle, Some(member_state), &mut member_len);
             (member_len + STATE_HEADER as CK_ULONG, check(rv))
         })
     }
@@ -153,19 +159,16 @@ cryptoki_fn! {
         authentication_key: CK_OBJECT_HANDLE,
     ) {
         required(state)?;
-        let s = session(handle)?;
-        let v = match &s.target {
-            Target::PassThrough(p) => {
-                return check(member_call!(
-                    p.library,
-                    C_SetOperationState(p.handle, state, state_len, encryption_key, authentication_key)
-                ));
-            }
-            Target::Virtual(v) => v,
-        };
         // SAFETY: `state` is not null (checked above); the application
         // vouches for `state_len` readable bytes.
         let blob = unsafe { std::slice::from_raw_parts(state, state_len as usize) };
+        let s = session(handle)?;
+        let v = match &s.target {
+            Target::PassThrough(p) => {
+                return check(p.library.set_operation_state(p.handle, Some(blob), encryption_key, authentication_key));
+            }
+            Target::Virtual(v) => v,
+        };
         if blob.len() < STATE_HEADER || &blob[..4] != STATE_MAGIC {
             return Err(Error::new(CKR_SAVED_STATE_INVALID));
         }
@@ -182,16 +185,7 @@ cryptoki_fn! {
         let encryption_key = member_key(encryption_key)?;
         let authentication_key = member_key(authentication_key)?;
         let m = v.member_session(position)?;
-        check(member_call!(
-            m.library,
-            C_SetOperationState(
-                m.handle,
-                state.wrapping_add(STATE_HEADER),
-                state_len - STATE_HEADER as CK_ULONG,
-                encryption_key,
-                authentication_key
-            )
-        ))?;
+        check(m.library.set_operation_state(m.handle, Some(&blob[STATE_HEADER..]), encryption_key, authentication_key))?;
         v.restore_binding(position);
         Ok(())
     }
