@@ -946,7 +946,7 @@ impl Group {
         position: usize,
         print: &Fingerprint,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        self.on_utility(position, |s| identity::find(&s.library, s.handle, print))?
+        self.on_utility(position, |s| identity::find(&*s.library, s.handle, print))?
             .map_err(|rv| {
                 if is_member_fault("C_FindObjects", rv) {
                     self.member_failed(position, "C_FindObjects", rv);
@@ -1822,7 +1822,7 @@ const LONGEST_LOGIN_PAUSE: Duration = Duration::from_millis(250);
 /// the first member, and a later member, which cannot be logged in, goes
 /// out as before until recovery logs it in.
 pub fn log_in_member(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     user_type: CK_USER_TYPE,
     pin: Option<&[u8]>,

@@ -7,7 +7,6 @@
 //! that member does not serve operations on it. We never guess.
 
 use crate::arguments::AttributeRequest;
-use crate::member::MemberLibrary;
 use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 use std::ptr;
@@ -63,7 +62,7 @@ pub type Fingerprint = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
 /// `None` when the member cannot tell (it failed, or the handle is gone),
 /// since an empty fingerprint would match every object.
 pub fn fingerprint(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
 ) -> Option<Fingerprint> {
@@ -72,7 +71,7 @@ pub fn fingerprint(
 
 /// [`fingerprint`] without the check value (see [`LIGHT_FINGERPRINT`]).
 pub fn light_fingerprint(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
 ) -> Option<Fingerprint> {
@@ -153,7 +152,7 @@ pub fn has_check_value(print: &Fingerprint) -> bool {
 }
 
 fn read_print(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
@@ -208,7 +207,7 @@ thread_local! {
 /// have reads unavailable: it may be longer than its room), so that the
 /// caller asks the lengths after all.
 fn read_in_one_call(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
@@ -285,7 +284,7 @@ unsafe fn print_from(query: &[CK_ATTRIBUTE]) -> Option<Fingerprint> {
 /// alone would have caused cannot be told apart, so where one of them
 /// reads unavailable its call is made again alone.
 pub fn read_along(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     request: &mut AttributeRequest,
@@ -337,7 +336,7 @@ fn holds_public_value(print: &Fingerprint) -> bool {
 /// each attribute (the specification has it answer all of them even when
 /// some are missing or sensitive).
 fn answered(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     query: &mut [CK_ATTRIBUTE],
@@ -362,7 +361,7 @@ pub type ValuesAndArrays = (Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>, Vec<CK_ATTRIBUTE_
 /// length fills its room: an attribute the library may have left
 /// untouched); the caller then asks the slow way.
 pub fn read_in_rooms(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
@@ -442,7 +441,7 @@ const UNANSWERED: CK_ULONG = CK_UNAVAILABLE_INFORMATION - 1;
 /// sensitive). Attributes a library leaves unanswered are read one by one.
 /// `None` when the object cannot be read at all.
 pub fn read_attributes(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
@@ -526,7 +525,7 @@ pub fn matches(print: &Fingerprint, candidate: &Fingerprint) -> bool {
 /// value matches where both sides have one: SoftHSM computes none for a
 /// key it unwrapped, so a copy may lack what its original has.
 pub fn find(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     fingerprint: &Fingerprint,
 ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
@@ -548,7 +547,7 @@ pub fn find(
 }
 
 fn find_matching(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     fingerprint: &Fingerprint,
 ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
@@ -587,7 +586,7 @@ fn find_matching(
 /// PKCS#11 2.40 prescribes for arrays: the count, each value's length, the
 /// values. `None` where the object has none.
 pub fn read_nested(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     attribute: CK_ATTRIBUTE_TYPE,
@@ -633,7 +632,7 @@ pub fn read_nested(
 /// Which of `types` (array attributes) the object has with a non-empty
 /// value, asked in one call.
 pub fn present_arrays(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
@@ -658,7 +657,7 @@ pub fn present_arrays(
 
 /// One attribute's value, or `None` where the object lacks it or hides it.
 pub fn read_attribute(
-    library: &MemberLibrary,
+    library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     attribute: CK_ATTRIBUTE_TYPE,

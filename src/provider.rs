@@ -742,7 +742,7 @@ impl Provider {
                     (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
                     (CKA_LABEL, label.as_bytes().to_vec()),
                 ];
-                match crate::identity::find(&keeper.library, keeper.handle, &print) {
+                match crate::identity::find(&*keeper.library, keeper.handle, &print) {
                     Ok(found) => handles.extend(found),
                     Err(_) => complete = false,
                 }

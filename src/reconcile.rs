@@ -497,7 +497,7 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
     let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let handles = worker
         .on_member(position, |s| {
-            identity::find(&s.library, s.handle, &everything)
+            identity::find(&*s.library, s.handle, &everything)
         })
         .ok()?
         .ok()?;
@@ -508,7 +508,7 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
             return None;
         }
         match worker.on_member(position, |s| {
-            identity::fingerprint(&s.library, s.handle, handle)
+            identity::fingerprint(&*s.library, s.handle, handle)
         }) {
             Ok(Some(print)) if identity::matches(&domain_print, &print) => domain_keys.push(handle),
             Ok(Some(print)) => index.insert(handle, print),
@@ -739,7 +739,7 @@ fn copy_missing(
             // a long outage) is only read again after its copies.
             if checked.contains(&target) {
                 let present = worker.on_member(target, |s| {
-                    identity::find(&s.library, s.handle, &copy.print)
+                    identity::find(&*s.library, s.handle, &copy.print)
                 });
                 if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
                     continue;

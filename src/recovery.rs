@@ -632,7 +632,7 @@ fn bring_up_to_date(
     if let Some((user_type, pin)) = group.cached_login() {
         let guard = group.members[position].begin_call();
         let rv = crate::group::log_in_member(
-            &session.library,
+            &*session.library,
             session.handle,
             user_type,
             pin.as_deref().map(|p| p.as_slice()),
@@ -689,7 +689,7 @@ fn settle_in_doubt(
             }
             match group.abandoned_print(object) {
                 Some(print) => group
-                    .on_utility(position, |s| identity::find(&s.library, s.handle, &print))
+                    .on_utility(position, |s| identity::find(&*s.library, s.handle, &print))
                     .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
                 None => true,
             }

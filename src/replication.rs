@@ -227,7 +227,7 @@ impl VirtualSession {
         };
         let check = self
             .on_member(position, |s| {
-                identity::read_attribute(&s.library, s.handle, handle, CKA_CHECK_VALUE)
+                identity::read_attribute(&*s.library, s.handle, handle, CKA_CHECK_VALUE)
             })?
             .unwrap_or_default();
         if !self
@@ -454,7 +454,7 @@ impl VirtualSession {
             Some(class) => Ok(class),
             None => self
                 .on_member(source, |s| {
-                    identity::read_attribute(&s.library, s.handle, source_handle, CKA_CLASS)
+                    identity::read_attribute(&*s.library, s.handle, source_handle, CKA_CLASS)
                 })?
                 .map(|c| identity::ulong_of(&c))
                 .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID)),
@@ -876,7 +876,7 @@ impl VirtualSession {
     ) {
         let print = print.or_else(|| {
             made.iter().find_map(|(p, h)| {
-                self.on_member(*p, |s| identity::fingerprint(&s.library, s.handle, *h))
+                self.on_member(*p, |s| identity::fingerprint(&*s.library, s.handle, *h))
                     .ok()?
             })
         });
@@ -1128,7 +1128,7 @@ impl VirtualSession {
                 for handle in handles {
                     let own = self
                         .on_member(position, |s| {
-                            identity::fingerprint(&s.library, s.handle, handle)
+                            identity::fingerprint(&*s.library, s.handle, handle)
                         })
                         .map_err(|e| rv_name(e.rv))?;
                     if let Some(own) = own {
@@ -1192,7 +1192,7 @@ impl VirtualSession {
                     .filter(|p| *p != position)
                     .find_map(|p| {
                         let handle = self.resolve(object, p).ok().flatten()?;
-                        self.on_member(p, |s| identity::fingerprint(&s.library, s.handle, handle))
+                        self.on_member(p, |s| identity::fingerprint(&*s.library, s.handle, handle))
                             .ok()
                             .flatten()
                     });
@@ -1295,7 +1295,7 @@ impl Holdings {
         let mut unread = false;
         for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
             match session.on_member(position, |s| {
-                identity::fingerprint(&s.library, s.handle, handle)
+                identity::fingerprint(&*s.library, s.handle, handle)
             })? {
                 Some(print) => objects.push((handle, print)),
                 None => unread = true,

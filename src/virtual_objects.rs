@@ -768,7 +768,7 @@ impl VirtualSession {
         (position, handle): (usize, CK_OBJECT_HANDLE),
     ) -> Option<identity::Fingerprint> {
         self.on_member(position, |s| {
-            identity::fingerprint(&s.library, s.handle, handle)
+            identity::fingerprint(&*s.library, s.handle, handle)
         })
         .ok()?
     }
@@ -900,7 +900,7 @@ impl VirtualSession {
             None if !identify => return Some(self.group.objects.from_member(member, handle)),
             None => self
                 .on_member(member, |s| {
-                    identity::light_fingerprint(&s.library, s.handle, handle)
+                    identity::light_fingerprint(&*s.library, s.handle, handle)
                 })
                 .ok()??,
         };

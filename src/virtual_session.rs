@@ -573,7 +573,7 @@ impl VirtualSession {
         });
         for (source, handle) in sources {
             let read = self.on_member(source, |s| {
-                identity::fingerprint(&s.library, s.handle, handle)
+                identity::fingerprint(&*s.library, s.handle, handle)
             });
             if let Ok(Some(print)) = read {
                 return Some(print);
@@ -604,7 +604,7 @@ impl VirtualSession {
             return;
         }
         let read = self.on_member(position, |s| {
-            identity::fingerprint(&s.library, s.handle, handle)
+            identity::fingerprint(&*s.library, s.handle, handle)
         });
         if let Ok(Some(print)) = read {
             self.group.objects.set_fingerprint(object, print);
