@@ -28,48 +28,77 @@ use std::ptr;
 
 /// A member token library as the HA core calls it. Every call is counted
 /// and its answer classified by the implementation (for a loaded library,
-/// [`MemberLibrary::call`]).
+/// [`MemberLibrary::call`]). A function a member does not implement
+/// answers `CKR_FUNCTION_NOT_SUPPORTED`, as a library whose function list
+/// has no entry for it does.
+#[allow(unused_variables)]
 pub trait MemberApi {
     fn open_session(
         &self,
         slot: CK_SLOT_ID,
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
-    ) -> CK_RV;
-    fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV;
-    fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV;
-    fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn login(
         &self,
         session: CK_SESSION_HANDLE,
         user_type: CK_USER_TYPE,
         pin: Option<&[u8]>,
-    ) -> CK_RV;
-    fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV;
-    fn init_pin(&self, session: CK_SESSION_HANDLE, pin: Option<&[u8]>) -> CK_RV;
-    fn set_pin(&self, session: CK_SESSION_HANDLE, old: Option<&[u8]>, new: Option<&[u8]>) -> CK_RV;
-    fn init_token(&self, slot: CK_SLOT_ID, pin: Option<&[u8]>, label: &[u8; 32]) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn init_pin(&self, session: CK_SESSION_HANDLE, pin: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn set_pin(&self, session: CK_SESSION_HANDLE, old: Option<&[u8]>, new: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn init_token(&self, slot: CK_SLOT_ID, pin: Option<&[u8]>, label: &[u8; 32]) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn create_object(
         &self,
         session: CK_SESSION_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn copy_object(
         &self,
         session: CK_SESSION_HANDLE,
         source: CK_OBJECT_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV;
-    fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn get_object_size(
         &self,
         session: CK_SESSION_HANDLE,
         object: CK_OBJECT_HANDLE,
         size: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     /// Each attribute's buffer (its `pValue`, or none for a length query)
     /// receives its value and each length its answer.
     fn get_attribute_value(
@@ -77,63 +106,87 @@ pub trait MemberApi {
         session: CK_SESSION_HANDLE,
         object: CK_OBJECT_HANDLE,
         template: Option<&mut [CK_ATTRIBUTE]>,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn set_attribute_value(
         &self,
         session: CK_SESSION_HANDLE,
         object: CK_OBJECT_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn find_objects_init(
         &self,
         session: CK_SESSION_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn find_objects(
         &self,
         session: CK_SESSION_HANDLE,
         found: Option<&mut [CK_OBJECT_HANDLE]>,
         count: &mut CK_ULONG,
-    ) -> CK_RV;
-    fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn encrypt_init(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn decrypt_init(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
-    fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn sign_init(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn verify_init(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn sign_recover_init(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn verify_recover_init(
         &self,
         session: CK_SESSION_HANDLE,
         mechanism: &CK_MECHANISM,
         key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn encrypt(
         &self,
@@ -141,122 +194,166 @@ pub trait MemberApi {
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn decrypt(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn digest(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn sign(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn sign_recover(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn verify_recover(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn encrypt_update(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn decrypt_update(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn digest_encrypt_update(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn decrypt_digest_update(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn sign_encrypt_update(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn decrypt_verify_update(
         &self,
         session: CK_SESSION_HANDLE,
         input: Option<&[u8]>,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
-    fn digest_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV;
-    fn sign_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV;
-    fn verify_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV;
-    fn digest_key(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV;
+    fn digest_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn sign_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn verify_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn digest_key(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn encrypt_final(
         &self,
         session: CK_SESSION_HANDLE,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn decrypt_final(
         &self,
         session: CK_SESSION_HANDLE,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn digest_final(
         &self,
         session: CK_SESSION_HANDLE,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn sign_final(
         &self,
         session: CK_SESSION_HANDLE,
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn verify(
         &self,
         session: CK_SESSION_HANDLE,
         data: Option<&[u8]>,
         signature: Option<&[u8]>,
-    ) -> CK_RV;
-    fn verify_final(&self, session: CK_SESSION_HANDLE, signature: Option<&[u8]>) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn verify_final(&self, session: CK_SESSION_HANDLE, signature: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn generate_key(
         &self,
@@ -264,7 +361,9 @@ pub trait MemberApi {
         mechanism: &CK_MECHANISM,
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     #[allow(clippy::too_many_arguments)]
     fn generate_key_pair(
         &self,
@@ -274,7 +373,9 @@ pub trait MemberApi {
         private_template: Option<&[CK_ATTRIBUTE]>,
         public_key: &mut CK_OBJECT_HANDLE,
         private_key: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn wrap_key(
         &self,
         session: CK_SESSION_HANDLE,
@@ -283,7 +384,9 @@ pub trait MemberApi {
         key: CK_OBJECT_HANDLE,
         wrapped: Option<&mut [u8]>,
         wrapped_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     #[allow(clippy::too_many_arguments)]
     fn unwrap_key(
         &self,
@@ -293,7 +396,9 @@ pub trait MemberApi {
         wrapped: Option<&[u8]>,
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     /// `key` is `None` for mechanisms that return their keys inside the
     /// parameter (TLS key-and-MAC derivation).
     fn derive_key(
@@ -303,24 +408,34 @@ pub trait MemberApi {
         base_key: CK_OBJECT_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
         key: Option<&mut CK_OBJECT_HANDLE>,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
-    fn seed_random(&self, session: CK_SESSION_HANDLE, seed: Option<&[u8]>) -> CK_RV;
-    fn generate_random(&self, session: CK_SESSION_HANDLE, random: Option<&mut [u8]>) -> CK_RV;
+    fn seed_random(&self, session: CK_SESSION_HANDLE, seed: Option<&[u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    fn generate_random(&self, session: CK_SESSION_HANDLE, random: Option<&mut [u8]>) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     fn get_operation_state(
         &self,
         session: CK_SESSION_HANDLE,
         state: Option<&mut [u8]>,
         state_len: &mut CK_ULONG,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
     fn set_operation_state(
         &self,
         session: CK_SESSION_HANDLE,
         state: Option<&[u8]>,
         encryption_key: CK_OBJECT_HANDLE,
         authentication_key: CK_OBJECT_HANDLE,
-    ) -> CK_RV;
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
 
     /// The slots, with a token present only when `token_present`.
     fn slot_list(&self, token_present: CK_BBOOL) -> Result<Vec<CK_SLOT_ID>>;
