@@ -967,7 +967,7 @@ impl Group {
             if state.index.is_none() && state.searches >= SEARCHES_BEFORE_INDEX {
                 let hidden = self.domain.found(position, epoch).flatten();
                 state.index = self.on_utility(position, |s| {
-                    MemberIndex::read(&s.library, s.handle, hidden)
+                    MemberIndex::read(&*s.library, s.handle, hidden)
                 })?;
             }
             match &state.index {

@@ -16,7 +16,7 @@
 //! the member as before, and added.
 
 use crate::identity::{self, Fingerprint};
-use crate::member::MemberLibrary;
+use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl MemberIndex {
     /// answering meanwhile: a partial index would pass objects off as
     /// absent.
     pub fn read(
-        library: &MemberLibrary,
+        library: &(impl MemberApi + ?Sized),
         session: CK_SESSION_HANDLE,
         hidden: Option<CK_OBJECT_HANDLE>,
     ) -> Option<MemberIndex> {

@@ -19,6 +19,7 @@ use cryptoki_sys::*;
 use parking_lot::Mutex;
 use pkcs11_ha::group::log_in_member;
 use pkcs11_ha::identity;
+use pkcs11_ha::index::MemberIndex;
 use pkcs11_ha::member::{classify, Answer, MemberLibrary};
 use pkcs11_ha::member_api::MemberApi;
 use sha2::{Digest, Sha256};
@@ -287,10 +288,11 @@ fn data_object(label: &[u8], value: &[u8]) -> Vec<CK_ATTRIBUTE> {
     ]
 }
 
-/// The same core code on any member: log in with the group's retry, make
-/// two data objects, tell them apart by fingerprint and find each by it,
-/// digest under the two-call convention; then a wrong PIN is a request
-/// error and the member stays in.
+/// The same core code on any member: a wrong PIN is a request error (the
+/// member stays in), the group's login retry logs in, two data objects are
+/// told apart by fingerprint and each found by its own, the member's
+/// object index holds its token objects but the session ones, and a digest
+/// follows the two-call convention.
 fn exercise(member: &dyn MemberApi, slot: CK_SLOT_ID, pin: &[u8]) {
     let mut session = CK_INVALID_HANDLE;
     assert_eq!(
@@ -317,7 +319,19 @@ fn exercise(member: &dyn MemberApi, slot: CK_SLOT_ID, pin: &[u8]) {
         .map(|h| identity::fingerprint(member, session, *h).expect("a fingerprint"))
         .collect();
     assert_ne!(prints[0], prints[1], "two objects, two fingerprints");
+    let token_objects = identity::find(member, session, &vec![(CKA_TOKEN, vec![CK_TRUE])])
+        .expect("a search for token objects");
+    let index = MemberIndex::read(member, session, None).expect("an index");
+    assert_eq!(index.len(), token_objects.len());
+    for handle in token_objects {
+        let print = identity::fingerprint(member, session, handle).expect("a fingerprint");
+        assert_eq!(index.matching(&print), vec![handle]);
+    }
     for (print, handle) in prints.iter().zip(&made) {
+        assert!(
+            index.matching(print).is_empty(),
+            "a session object is not indexed"
+        );
         assert_eq!(identity::find(member, session, print), Ok(vec![*handle]));
         assert_eq!(
             identity::read_attribute(member, session, *handle, CKA_LABEL).as_deref(),
