@@ -6,15 +6,19 @@
 //! pkcs11-ha runs in this process (through its C entry points, linked from
 //! the rlib) and loads the simulated library by its ordinary `dlopen` path.
 //! It is initialised with `CKF_LIBRARY_CANT_CREATE_OS_THREADS`, so that no
-//! thread and no deadline of its own runs: recovery runs only when the
-//! schedule says, as one synchronous pass
-//! ([`pkcs11_ha::recovery::recover_failed_members`]), and a schedule
-//! replays exactly. `SIM_SEED=N` replays seed N, printing each step;
+//! thread of its own runs: recovery runs as one synchronous pass
+//! ([`pkcs11_ha::recovery::recover_failed_members`]) when the schedule
+//! says, and during calls once `AutoReconnectInterval` has passed. Its
+//! clock is a manual one ([`pkcs11_ha::clock`]) that only the schedule
+//! moves, and the watchdog it would run in a thread of its own looks each
+//! time the clock has moved one of its ticks, also while a call is stalled
+//! inside a member ([`SimTime`]); so a schedule replays exactly. `SIM_SEED=N` replays seed N, printing each step;
 //! `SIM_SCHEDULES=N` runs N seeds from `SIM_FIRST_SEED` (0);
 //! `SIM_OPEN_DEFECTS=1` adds what pkcs11-ha is known to fail
 //! (see [`OPEN_DEFECTS`]). `scripts/simulate` runs these.
 
 use cryptoki_sys::*;
+use pkcs11_ha::clock::Clock as _;
 use pkcs11_ha::group::MemberState;
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
@@ -22,7 +26,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 extern "C" {
     /// pkcs11-ha's own export, from the rlib linked into this test.
@@ -34,8 +39,8 @@ extern "C" {
 const DEFAULT_SCHEDULES: u64 = 10_000;
 
 /// What the default schedules leave out, because pkcs11-ha fails it today:
-/// overlapping faults (a fault is planted only while every member serves),
-/// refused wrapping and hangs of in-process members. `SIM_OPEN_DEFECTS=1`
+/// overlapping faults (a fault is planted only while every member serves)
+/// and refused wrapping. `SIM_OPEN_DEFECTS=1`
 /// puts them back (`scripts/simulate --open-defects N`); the defects they find
 /// are listed with seeds in the simulation's section of docs/design.md.
 pub const OPEN_DEFECTS: &str = "SIM_OPEN_DEFECTS";
@@ -52,6 +57,61 @@ const RESET: u32 = 3;
 const LOSE_ANSWER: u32 = 4;
 const REFUSE_WRAP: u32 = 5;
 const RENUMBER_ON_LAST_CLOSE: u32 = 6;
+const STALL: u32 = 7;
+
+/// `memberTimeout` and `AutoReconnectInterval` of the simulated group, in
+/// schedule time.
+const MEMBER_TIMEOUT: Duration = Duration::from_millis(1000);
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest a step of the schedule takes, in schedule time.
+const LONGEST_STEP_MS: u64 = 400;
+
+/// Simulated time: the manual clock pkcs11-ha reads, and the watchdog
+/// pkcs11-ha would run in a thread of its own, which looks each time the
+/// clock has moved one of its ticks.
+struct SimTime {
+    clock: &'static pkcs11_ha::clock::ManualClock,
+    provider: Arc<pkcs11_ha::provider::Provider>,
+    watchdog: pkcs11_ha::recovery::Watchdog,
+    /// How long the next stalled call stays inside its member.
+    stall: Duration,
+}
+
+impl SimTime {
+    /// Moves the clock `by` forward, one watchdog tick at a time.
+    fn pass(&mut self, by: Duration) {
+        let tick = pkcs11_ha::recovery::watchdog_tick(MEMBER_TIMEOUT);
+        let mut left = by;
+        while !left.is_zero() {
+            let step = left.min(tick);
+            self.clock.advance(step);
+            left -= step;
+            self.watchdog.look(&*self.provider, self.clock.now());
+        }
+    }
+}
+
+/// The schedule's time; `None` outside a schedule.
+static TIME: Mutex<Option<SimTime>> = Mutex::new(None);
+
+/// The simulated library's stall hook (`sim_on_stall`): the stalled call
+/// stays inside its member while the schedule's stall passes, and the
+/// watchdog looks meanwhile, as pkcs11-ha's watchdog thread would. It looks
+/// from the stalled thread (a schedule runs in a child forked from a
+/// process with threads, where a thread of its own could crash), which
+/// holds no lock of pkcs11-ha inside a member: a look that needed one
+/// would hang the schedule, as it would stop the real watchdog. A stall
+/// met by the watchdog's own look (a probe of a degraded member) passes no
+/// time.
+extern "C" fn stalled(_token: u32) {
+    let Ok(mut slot) = TIME.try_lock() else {
+        return;
+    };
+    if let Some(time) = slot.as_mut() {
+        let stall = time.stall;
+        time.pass(stall);
+    }
+}
 
 /// The simulated library, built (release) once per test process.
 fn sim_library() -> PathBuf {
@@ -87,6 +147,7 @@ struct Controls {
     heal: extern "C" fn(u32) -> CK_RV,
     objects: unsafe extern "C" fn(u32, *mut u8, usize) -> usize,
     sessions: extern "C" fn(u32) -> u32,
+    on_stall: extern "C" fn(Option<extern "C" fn(u32)>),
     _library: libloading::Library,
 }
 
@@ -108,6 +169,7 @@ impl Controls {
                 heal: *library.get(b"sim_heal\0").expect("sim_heal"),
                 objects: *library.get(b"sim_objects\0").expect("sim_objects"),
                 sessions: *library.get(b"sim_sessions\0").expect("sim_sessions"),
+                on_stall: *library.get(b"sim_on_stall\0").expect("sim_on_stall"),
                 _library: library,
             }
         }
@@ -252,6 +314,9 @@ struct Schedule<'a> {
     /// Tokens with a crash or hang planted and not healed.
     down: Vec<bool>,
     logged_in: bool,
+    /// Chooses how long steps and stalls take, apart from `rng`, so that
+    /// a seed's steps are those it had before time was simulated.
+    time_rng: Rng,
     trace: Vec<String>,
     verbose: bool,
     serial: u64,
@@ -777,7 +842,8 @@ impl Schedule<'_> {
         let fault = match self.rng.below(10) {
             // Faults of in-process libraries (one library, all members).
             0..=2 => CRASH,
-            3 if self.networked || self.open_defects => HANG,
+            3 if self.networked => HANG,
+            3 => STALL,
             // Faults of networked libraries (a library each).
             4..=5 if self.networked => RESET,
             6..=7 if self.networked => LOSE_ANSWER,
@@ -809,7 +875,28 @@ impl Schedule<'_> {
         }
         let (copy, local) = self.tokens[token as usize];
         assert_eq!((copy.fault)(local, fault), CKR_OK, "sim_fault");
+        if fault == STALL {
+            // From a quarter of memberTimeout to three of them.
+            let quarter = MEMBER_TIMEOUT.as_millis() as u64 / 4;
+            let stall = Duration::from_millis(quarter + self.time_rng.below(11 * quarter));
+            if let Some(time) = TIME.lock().expect("time").as_mut() {
+                time.stall = stall;
+            }
+            self.note(format!(
+                "fault {fault} on token {token}: its next call stalls {} ms",
+                stall.as_millis()
+            ));
+            return;
+        }
         self.note(format!("fault {fault} on token {token}"));
+    }
+
+    /// Lets a step's time pass: up to [`LONGEST_STEP_MS`].
+    fn pass_time(&mut self) {
+        let by = Duration::from_millis(self.time_rng.below(LONGEST_STEP_MS + 1));
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            time.pass(by);
+        }
     }
 
     /// Every member serves and no token is crashed or hung.
@@ -1024,6 +1111,10 @@ fn run_plan(
             (copy.fault)(*local, RENUMBER_ON_LAST_CLOSE);
         }
     }
+    for copy in std::iter::once(&copies.shared).chain(&copies.single) {
+        (copy.on_stall)(Some(stalled));
+    }
+    let clock = pkcs11_ha::clock::install_manual();
     let config = &configs[&(members, split)];
     let ha_log = config.with_file_name("haErrorLog.txt");
     let _ = std::fs::remove_file(&ha_log);
@@ -1039,6 +1130,12 @@ fn run_plan(
     // SAFETY: valid arguments.
     let rv = unsafe { f.C_Initialize.unwrap()(&mut args as *mut _ as *mut _) };
     assert_eq!(rv, CKR_OK, "seed {seed}: C_Initialize of pkcs11-ha");
+    *TIME.lock().expect("time") = Some(SimTime {
+        clock,
+        provider: pkcs11_ha::provider::get().expect("initialised"),
+        watchdog: pkcs11_ha::recovery::Watchdog::default(),
+        stall: Duration::ZERO,
+    });
     let threads = 2 + rng.below(2) as usize;
     let steps = 20 + rng.below(40);
     let mut schedule = Schedule {
@@ -1057,6 +1154,7 @@ fn run_plan(
         made: Vec::new(),
         down: vec![false; members as usize],
         logged_in: false,
+        time_rng: Rng(seed ^ 0x7133_5eed_7133_5eed),
         trace: vec![format!(
             "{members} members, {}, {threads} threads, {steps} steps",
             if split {
@@ -1079,6 +1177,7 @@ fn run_plan(
         if script.is_some() || outcome.is_err() {
             break;
         }
+        schedule.pass_time();
         outcome = schedule.step();
         let provider = pkcs11_ha::provider::get().expect("initialised");
         let states: Vec<MemberState> = provider.groups[0]
@@ -1086,7 +1185,10 @@ fn run_plan(
             .iter()
             .map(|m| m.state())
             .collect();
-        schedule.note(format!("  members {states:?}"));
+        schedule.note(format!(
+            "  members {states:?} at {} ms",
+            clock.elapsed().as_millis()
+        ));
         if outcome.is_err() {
             break;
         }
@@ -1094,6 +1196,7 @@ fn run_plan(
     if outcome.is_ok() {
         outcome = schedule.settle();
     }
+    *TIME.lock().expect("time") = None;
     // SAFETY: no argument.
     let rv = unsafe { f.C_Finalize.unwrap()(ptr::null_mut()) };
     if outcome.is_ok() && rv != CKR_OK {
@@ -1239,8 +1342,10 @@ fn config_text(libraries: &[&Path], members: u32, log_dir: &Path) -> String {
         text,
         "\n[VirtualToken]\nVirtualToken00Label = simgroup\nVirtualToken00Members = {}\n\n\
          [HASynchronize]\nsimgroup = 1\n\n[HAConfiguration]\nHAOnly = 1\nreconnAtt = -1\n\
-         AutoReconnectInterval = 86400\nhaLogStatus = enabled\nhaLogPath = {}\n",
+         AutoReconnectInterval = {}\nmemberTimeout = {}\nhaLogStatus = enabled\nhaLogPath = {}\n",
         serials.join(","),
+        RECONNECT_INTERVAL.as_secs(),
+        MEMBER_TIMEOUT.as_millis(),
         log_dir.display()
     )
     .unwrap();
