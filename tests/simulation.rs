@@ -873,30 +873,55 @@ impl Schedule<'_> {
         if fault == CRASH || fault == HANG {
             self.down[token as usize] = true;
         }
-        let (copy, local) = self.tokens[token as usize];
-        assert_eq!((copy.fault)(local, fault), CKR_OK, "sim_fault");
         if fault == STALL {
             // From a quarter of memberTimeout to three of them.
             let quarter = MEMBER_TIMEOUT.as_millis() as u64 / 4;
             let stall = Duration::from_millis(quarter + self.time_rng.below(11 * quarter));
-            if let Some(time) = TIME.lock().expect("time").as_mut() {
-                time.stall = stall;
-            }
-            self.note(format!(
-                "fault {fault} on token {token}: its next call stalls {} ms",
-                stall.as_millis()
-            ));
-            return;
+            return self.stall(token, stall);
         }
+        let (copy, local) = self.tokens[token as usize];
+        assert_eq!((copy.fault)(local, fault), CKR_OK, "sim_fault");
         self.note(format!("fault {fault} on token {token}"));
+    }
+
+    /// The next call reaching `token` stays inside it for `stall`.
+    fn stall(&mut self, token: u32, stall: Duration) {
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            time.stall = stall;
+        }
+        let (copy, local) = self.tokens[token as usize];
+        assert_eq!((copy.fault)(local, STALL), CKR_OK, "sim_fault");
+        self.note(format!(
+            "fault {STALL} on token {token}: its next call stalls {} ms",
+            stall.as_millis()
+        ));
     }
 
     /// Lets a step's time pass: up to [`LONGEST_STEP_MS`].
     fn pass_time(&mut self) {
         let by = Duration::from_millis(self.time_rng.below(LONGEST_STEP_MS + 1));
+        self.pass(by);
+    }
+
+    /// Lets `by` pass on pkcs11-ha's clock, the watchdog looking.
+    fn pass(&mut self, by: Duration) {
         if let Some(time) = TIME.lock().expect("time").as_mut() {
             time.pass(by);
         }
+    }
+
+    /// The group's member states, as the application's next call finds
+    /// them (it runs recovery first when it is due).
+    fn states(&mut self) -> Vec<MemberState> {
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let states: Vec<MemberState> = provider.groups[0]
+            .members
+            .iter()
+            .map(|m| m.state())
+            .collect();
+        let at = pkcs11_ha::clock::install_manual().elapsed();
+        self.note(format!("  members {states:?} at {} ms", at.as_millis()));
+        states
     }
 
     /// Every member serves and no token is crashed or hung.
@@ -1550,6 +1575,99 @@ fn a_destroy_reaches_a_member_that_failed_under_it() {
             s.heal(0);
             s.recovery_pass();
             s.enumerate(0, session)
+        },
+    });
+}
+
+/// A member that hangs in process (the call stays inside it) longer than
+/// memberTimeout while generating a key: the watchdog takes it out under
+/// the call, the key is made elsewhere, and the late answer's key does not
+/// stay behind on it (seeds 764, 1300 and 1775, when stalls joined the
+/// schedules: the member kept the key twice, or kept a destroyed one).
+#[test]
+fn a_key_generated_by_a_member_taken_out_under_the_call_is_not_kept_twice() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            s.stall(0, MEMBER_TIMEOUT * 3 / 2);
+            s.make_object(0, session, 2, true);
+            ensure!(
+                s.made.last().is_some_and(|m| m.fate == Fate::Exists),
+                "the key was made elsewhere"
+            );
+            ensure!(
+                s.states()[0] == MemberState::Down,
+                "the watchdog took the stalled member out: {:?}",
+                s.states()
+            );
+            s.pass(RECONNECT_INTERVAL);
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up],
+                "back after AutoReconnectInterval: {:?}",
+                s.states()
+            );
+            s.destroy(0, session);
+            s.make_object(0, session, 2, true);
+            Ok(())
+        },
+    });
+}
+
+/// A call that stays inside a member for less than memberTimeout is only
+/// slow: the member stays in service.
+#[test]
+fn a_member_stalled_for_less_than_member_timeout_stays_in_service() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            s.stall(0, MEMBER_TIMEOUT - Duration::from_millis(1));
+            s.make_object(0, session, 2, true);
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up],
+                "a slow call took a member out: {:?}",
+                s.states()
+            );
+            Ok(())
+        },
+    });
+}
+
+/// Without threads, recovery runs during calls every
+/// AutoReconnectInterval of clock time: not before.
+#[test]
+fn without_threads_a_failed_member_is_tried_every_reconnect_interval() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            let almost = RECONNECT_INTERVAL - Duration::from_millis(1);
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            for round in 0..2 {
+                s.plant(0, CRASH);
+                // Made on every member: the crash is seen.
+                s.make_object(0, session, 0, true);
+                ensure!(s.states()[0] == MemberState::Down, "the crash was seen");
+                s.heal(0);
+                s.pass(almost);
+                ensure!(
+                    s.states()[0] == MemberState::Down,
+                    "tried before AutoReconnectInterval (round {round})"
+                );
+                s.pass(Duration::from_millis(1));
+                ensure!(
+                    s.states() == [MemberState::Up, MemberState::Up],
+                    "not back after AutoReconnectInterval (round {round}): {:?}",
+                    s.states()
+                );
+            }
+            Ok(())
         },
     });
 }
