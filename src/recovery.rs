@@ -28,7 +28,9 @@
 //! never calls a member.
 //!
 //! Recovery sits beside the group core: it reaches the provider that runs
-//! it only through [`Host`].
+//! it only through [`Host`]. Every time it reads is [`crate::clock`]'s, so
+//! a test can run the watchdog and the retry and in-doubt rules on a
+//! manual clock.
 
 use crate::clock;
 use crate::config::RecoveryMode;
