@@ -46,8 +46,8 @@ pub enum MemberState {
 /// state change" without a clock that jumps.
 pub fn now_ms() -> u64 {
     static START: once_cell::sync::Lazy<std::time::Instant> =
-        once_cell::sync::Lazy::new(std::time::Instant::now);
-    START.elapsed().as_millis() as u64
+        once_cell::sync::Lazy::new(crate::clock::now);
+    crate::clock::since(*START).as_millis() as u64
 }
 
 /// One member token of a group.
@@ -61,7 +61,7 @@ pub struct Member {
     /// path ([`MemberLibrary::call`]) while [`Self::begin_call`] names the
     /// member, and shared with its library for its slot, so that calls on
     /// the token's pass-through sessions count too.
-    counts: Arc<CallCounts>,
+    pub(crate) counts: Arc<CallCounts>,
     /// Bumped each time the member fails: member sessions opened in an
     /// earlier epoch are never used again, since a restarted member may
     /// hand the same session numbers to someone else.
@@ -160,7 +160,7 @@ const COMPARABLE_MARGIN_NS: u64 = 2_000_000;
 /// members, whose calls take microseconds, from being degraded by noise.
 const DEGRADED_RATIO: u64 = 8;
 const DEGRADED_MARGIN_NS: u64 = 5_000_000;
-const DEGRADED_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const DEGRADED_AFTER: Duration = Duration::from_secs(2);
 const RECOVERED_RATIO: u64 = 4;
 
 /// How many unused member sessions a member keeps ([`Member::keep_unused`]):
@@ -388,7 +388,10 @@ impl Member {
     /// recovery's first finding of its token since then, kept across
     /// attempts (recovery calls this each time it finds the token).
     pub fn answering_since(&self) -> Instant {
-        *self.answering_since.lock().get_or_insert_with(Instant::now)
+        *self
+            .answering_since
+            .lock()
+            .get_or_insert_with(crate::clock::now)
     }
 
     /// Whether the member can carry key material: its library has not
@@ -451,7 +454,7 @@ impl Member {
         let started = (sampled
             || self.timed.load(Ordering::Relaxed)
             || self.rotation.load(Ordering::Relaxed) != Rotation::In as u8)
-            .then(Instant::now);
+            .then(crate::clock::now);
         CallGuard {
             member: self,
             _counting: Counting::on(&self.counts),
@@ -470,7 +473,7 @@ impl Drop for CallGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
         if let Some(started) = self.started {
-            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let nanos = u64::try_from(crate::clock::since(started).as_nanos()).unwrap_or(u64::MAX);
             self.member.record_latency(usize::from(LANE.get()), nanos);
         }
     }
@@ -832,7 +835,7 @@ impl Group {
                 self.label, self.serial, member.serial
             );
             self.log(Some(position), &event);
-            self.review_serving(Instant::now());
+            self.review_serving(crate::clock::now());
         }
     }
 
@@ -1176,7 +1179,7 @@ impl Group {
                 && self.members[position].rejoin()
         };
         if rejoined {
-            self.review_serving(Instant::now());
+            self.review_serving(crate::clock::now());
         }
         rejoined
     }
@@ -1209,7 +1212,7 @@ impl Group {
         let entries = &mut in_doubt[position];
         if let Some(i) = entries.iter().position(|e| *e == (object, None)) {
             if cut_off {
-                entries[i].1 = Some(Instant::now());
+                entries[i].1 = Some(crate::clock::now());
             } else {
                 entries.remove(i);
             }
@@ -1795,7 +1798,7 @@ pub fn retry_while_busy(function: &str, mut rv: CK_RV, mut call: impl FnMut() ->
         if classify(function, rv) != Answer::Busy {
             break;
         }
-        std::thread::sleep(pause);
+        crate::clock::sleep(pause);
         pause *= 4;
         rv = call();
     }
@@ -1833,7 +1836,7 @@ pub fn log_in_member(
         if rv != CKR_GENERAL_ERROR {
             break;
         }
-        std::thread::sleep(pause);
+        crate::clock::sleep(pause);
         pause = (pause * 2).min(LONGEST_LOGIN_PAUSE);
         rv = library.login(session, user_type, pin);
     }

@@ -187,7 +187,7 @@ pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>
     let Some(note) = log
         .repeats
         .lock()
-        .admit(key, group_label, event, Instant::now())
+        .admit(key, group_label, event, crate::clock::now())
     else {
         return;
     };
@@ -202,7 +202,7 @@ pub fn summarize() {
     let Some(log) = guard.as_ref() else {
         return;
     };
-    let lines = log.repeats.lock().summaries(Instant::now());
+    let lines = log.repeats.lock().summaries(crate::clock::now());
     for (label, serial, member, text) in lines {
         log.write(&label, &serial, &member, &text);
     }

@@ -11,6 +11,7 @@
 
 pub mod arguments;
 pub mod bindings;
+pub mod clock;
 pub mod config;
 pub mod config_warnings;
 pub mod error;

@@ -974,7 +974,7 @@ impl MemberLibrary {
             let stuck = !wire.is_empty()
                 && wire.iter().all(|call| {
                     call.cut_off
-                        .is_some_and(|cut| cut.elapsed() >= STUCK_AFTER_CUT)
+                        .is_some_and(|cut| crate::clock::since(cut) >= STUCK_AFTER_CUT)
                 });
             if stuck {
                 return None;
@@ -990,7 +990,7 @@ impl MemberLibrary {
             return self.finalize();
         }
         if let Some(job) = self.start_bounded(MemberLibrary::finalize) {
-            let _ = job.finish(Instant::now() + patience, patience);
+            let _ = job.finish(crate::clock::now() + patience, patience);
         }
     }
 
@@ -1090,7 +1090,7 @@ impl MemberLibrary {
             std::iter::once(&self.wire).chain(self.spares.instances.iter().map(|s| &s.library.wire))
         {
             waiting.extend(wire.lock().iter_mut().map(|call| {
-                call.cut_off.get_or_insert_with(Instant::now);
+                call.cut_off.get_or_insert_with(crate::clock::now);
                 call.thread
             }));
         }
@@ -1222,7 +1222,7 @@ pub fn initialize_each<T: Send + 'static>(
         let mut jobs = Vec::with_capacity(libraries.len());
         for library in libraries {
             let then = Arc::clone(&then);
-            let started = Instant::now();
+            let started = crate::clock::now();
             let job = library.start_bounded(move |library| {
                 library.initialize_in_this_environment()?;
                 Ok(then(library))
@@ -1258,9 +1258,13 @@ impl<T> Bounded<T> {
     /// Waits for the job's result until `deadline` at most, keeping it for
     /// [`Self::finish`].
     pub fn wait_until(&self, deadline: Instant) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if let Ok(result) = self.answered.recv_timeout(left) {
-            self.answer.set(Some(result));
+        loop {
+            let left = crate::clock::block_for(deadline);
+            match self.answered.recv_timeout(left) {
+                Ok(result) => return self.answer.set(Some(result)),
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(_) => return,
+            }
         }
     }
 
@@ -1289,7 +1293,7 @@ impl<T> Bounded<T> {
                 self.library.sever_job();
                 return Err(Silent);
             }
-            (deadline, seen) = (Instant::now() + patience, sent);
+            (deadline, seen) = (crate::clock::now() + patience, sent);
         }
     }
 }

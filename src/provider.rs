@@ -931,7 +931,7 @@ impl Provider {
         let _call = session.call()?;
         let on_slot: Vec<Arc<Session>> = self.sessions_on(session.slot_id).collect();
         let _paused: Vec<_> = on_slot.iter().map(|s| s.gate.pause()).collect();
-        let deadline = std::time::Instant::now() + self.member_timeout;
+        let deadline = crate::clock::now() + self.member_timeout;
         let idle = on_slot.iter().all(|s| {
             let own = u32::from(s.handle == session.handle);
             s.gate.wait_calls(own, deadline)
@@ -1002,7 +1002,7 @@ fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
     for session in sessions {
         session.gate.close();
     }
-    let deadline = std::time::Instant::now() + bound;
+    let deadline = crate::clock::now() + bound;
     let idle: Vec<bool> = sessions
         .iter()
         .map(|s| s.gate.wait_idle(deadline))

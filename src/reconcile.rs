@@ -34,6 +34,7 @@ use crate::index::MemberIndex;
 use crate::member_api::MemberApi;
 use crate::object::Presence;
 use crate::recovery::Host;
+use crate::replication::Copying;
 use crate::state_dir::{Deletion, StateDir};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
@@ -745,7 +746,7 @@ fn copy_missing(
                     continue;
                 }
             }
-            match worker.copy_to(object, copy.source, &[target]) {
+            match worker.copy_to(object, copy.source, &[target], Copying::Missed) {
                 Ok(faulted) if faulted.is_empty() => {
                     summary.copied += 1;
                     if let Some(Presence::Present(ours)) = group.objects.presence(object, target) {

@@ -28,8 +28,11 @@
 //! never calls a member.
 //!
 //! Recovery sits beside the group core: it reaches the provider that runs
-//! it only through [`Host`].
+//! it only through [`Host`]. Every time it reads is [`crate::clock`]'s, so
+//! a test can run the watchdog and the retry and in-doubt rules on a
+//! manual clock.
 
+use crate::clock;
 use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::error::Error;
@@ -165,14 +168,13 @@ impl Workers {
         let mut flags = self.shared.flags();
         flags.stop_recovery = true;
         self.shared.wake.notify_all();
-        let deadline = Instant::now() + limit;
+        let deadline = clock::now() + limit;
         while !flags.recovery_done || !flags.attempts.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let timed_out;
-            (flags, timed_out) = self.shared.sleep(flags, left);
-            if timed_out {
+            let left = clock::block_for(deadline);
+            if left.is_zero() {
                 break;
             }
+            flags = self.shared.sleep(flags, left).0;
         }
         let done = flags.recovery_done;
         drop(flags);
@@ -207,11 +209,10 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         {
             // Woken early by every attempt that ends (for `stop_recovery`):
             // the next look still waits out the tick.
-            let next_round = Instant::now() + interval.min(RECOVERY_TICK);
+            let next_round = clock::now() + interval.min(RECOVERY_TICK);
             let mut flags = shared.flags();
-            while !flags.stop_recovery && Instant::now() < next_round {
-                let left = next_round.saturating_duration_since(Instant::now());
-                flags = shared.sleep(flags, left).0;
+            while !flags.stop_recovery && clock::now() < next_round {
+                flags = shared.sleep(flags, clock::block_for(next_round)).0;
             }
             if flags.stop_recovery {
                 break;
@@ -235,7 +236,6 @@ fn start_attempts(
     shared: &Arc<Shared>,
     interval: Duration,
 ) {
-    let interval_ms = interval.as_millis() as u64;
     for (g, group) in provider.groups().iter().enumerate() {
         for member in &group.members {
             let key = (g, member.position);
@@ -246,10 +246,12 @@ fn start_attempts(
                 let mut flags = shared.flags();
                 let now = now_ms();
                 let failed_at = now.saturating_sub(member.ms_since_state_change());
-                let due = flags
-                    .last_ended
-                    .get(&key)
-                    .is_none_or(|&ended| failed_at > ended || now - ended >= interval_ms);
+                let due = due_for_attempt(
+                    failed_at,
+                    flags.last_ended.get(&key).copied(),
+                    now,
+                    interval,
+                );
                 if !due || !flags.attempts.insert(key) {
                     continue;
                 }
@@ -274,20 +276,21 @@ fn start_attempts(
     }
 }
 
+/// Whether a failed member is due an attempt at `now` (all three in
+/// [`now_ms`]): it failed after its last attempt ended, or never had one,
+/// or that attempt ended `interval` ago.
+fn due_for_attempt(failed_at: u64, last_ended: Option<u64>, now: u64, interval: Duration) -> bool {
+    last_ended.is_none_or(|ended| {
+        failed_at > ended || now.saturating_sub(ended) >= interval.as_millis() as u64
+    })
+}
+
 fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
-    let mut progress: HashMap<(usize, usize), (u64, Instant)> = HashMap::new();
-    let mut on_wire: HashMap<usize, (u64, Instant)> = HashMap::new();
+    let mut watchdog = Watchdog::default();
     loop {
         let Some(p) = provider.upgrade() else { break };
-        let timeout = p.member_timeout();
-        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        check_for_stalls(&p, timeout, &mut progress);
-        check_for_stalled_connections(&p, timeout, &mut on_wire);
-        for group in p.groups() {
-            group.review_serving(Instant::now());
-            group.review_latency(Instant::now());
-        }
-        crate::halog::summarize();
+        let tick = watchdog_tick(p.member_timeout());
+        watchdog.look(&*p, clock::now());
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
@@ -299,14 +302,46 @@ fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     }
 }
 
+/// How often the watchdog looks: a quarter of `memberTimeout`, between
+/// 10 ms and 1 s.
+pub fn watchdog_tick(member_timeout: Duration) -> Duration {
+    (member_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// What the watchdog remembers from one look to the next: for each member,
+/// its count of completed calls and since when it has not moved; for each
+/// library, the call on the wire and since when. Its thread looks every
+/// [`watchdog_tick`]; the simulation looks as its clock moves.
+#[derive(Default)]
+pub struct Watchdog {
+    progress: HashMap<(usize, usize), (u64, Instant)>,
+    on_wire: HashMap<usize, (u64, Instant)>,
+}
+
+impl Watchdog {
+    /// One look at `now`: takes out members that hang, cuts stalled
+    /// connections, and has each group review whether it serves and which
+    /// members are degraded.
+    pub fn look(&mut self, provider: &dyn Host, now: Instant) {
+        let timeout = provider.member_timeout();
+        check_for_stalls(provider, timeout, now, &mut self.progress);
+        check_for_stalled_connections(provider, timeout, now, &mut self.on_wire);
+        for group in provider.groups() {
+            group.review_serving(now);
+            group.review_latency(now);
+        }
+        crate::halog::summarize();
+    }
+}
+
 /// Takes out members that have had calls in flight and completed none for
 /// `timeout`, and cuts their connection so that those calls return.
 fn check_for_stalls(
-    provider: &Arc<dyn Host>,
+    provider: &dyn Host,
     timeout: Duration,
+    now: Instant,
     progress: &mut HashMap<(usize, usize), (u64, Instant)>,
 ) {
-    let now = Instant::now();
     for (g, group) in provider.groups().iter().enumerate() {
         for member in &group.members {
             let served = member.calls_served();
@@ -341,11 +376,11 @@ fn check_for_stalls(
 /// member's count (slot and token listings, pass-through calls) must not
 /// wait on a silent server either.
 fn check_for_stalled_connections(
-    provider: &Arc<dyn Host>,
+    provider: &dyn Host,
     timeout: Duration,
+    now: Instant,
     seen: &mut HashMap<usize, (u64, Instant)>,
 ) {
-    let now = Instant::now();
     for (i, library) in provider.libraries().iter().enumerate() {
         let call = library.call_on_wire();
         let first = seen.entry(i).or_insert((call, now));
@@ -470,10 +505,11 @@ impl InDoubtWait {
         }
     }
 
-    /// Whether a request cut off at `cut` has had its time.
-    fn over(&self, cut: Instant) -> bool {
-        cut.elapsed() >= self.after_cut
-            || (cut <= self.answering && self.answering.elapsed() >= self.after_answering)
+    /// Whether, at `now`, a request cut off at `cut` has had its time.
+    fn over(&self, cut: Instant, now: Instant) -> bool {
+        let since = |then: Instant| now.saturating_duration_since(then);
+        since(cut) >= self.after_cut
+            || (cut <= self.answering && since(self.answering) >= self.after_answering)
     }
 }
 
@@ -694,12 +730,12 @@ fn settle_in_doubt(
                 None => true,
             }
         };
-        if wait.over(since) || held() {
+        if wait.over(since, clock::now()) || held() {
             group.settle_in_doubt(position, object);
         } else {
             return Err(Setback::Waiting(format!(
                 "it may still make an object it was cut off making {} ms ago",
-                since.elapsed().as_millis()
+                clock::since(since).as_millis()
             )));
         }
     }
@@ -762,7 +798,7 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
                 continue;
             };
             let patience = find_patience(provider.member_timeout(), this_member);
-            job.finish(Instant::now() + patience, patience)
+            job.finish(clock::now() + patience, patience)
         } else {
             Ok(job(&library))
         };
@@ -978,30 +1014,196 @@ fn synchronize(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::group::GroupSettings;
 
     const TIMEOUT: Duration = Duration::from_millis(1500);
 
-    fn ago(d: Duration) -> Instant {
-        Instant::now() - d
-    }
-
     #[test]
     fn a_request_cut_off_before_the_member_answered_again_waits_one_timeout_from_its_answer() {
-        let cut = ago(Duration::from_millis(2000));
-        let just_answered = InDoubtWait::for_timeout(TIMEOUT, ago(Duration::from_millis(100)));
-        assert!(!just_answered.over(cut), "it has not had its time yet");
-        let answered_a_timeout_ago = InDoubtWait::for_timeout(TIMEOUT, ago(TIMEOUT));
+        let clock = ManualClock::new();
+        let cut = clock.now();
+        clock.advance(Duration::from_millis(1900));
+        let wait = InDoubtWait::for_timeout(TIMEOUT, clock.now());
+        clock.advance(Duration::from_millis(100));
         assert!(
-            answered_a_timeout_ago.over(cut),
+            !wait.over(cut, clock.now()),
+            "answered 100 ms ago: it has not had its time yet"
+        );
+        clock.advance(TIMEOUT - Duration::from_millis(101));
+        assert!(!wait.over(cut, clock.now()), "1 ms short of a timeout");
+        clock.advance(Duration::from_millis(1));
+        assert!(
+            wait.over(cut, clock.now()),
             "one timeout after its answer, well before 4 x memberTimeout from the cut"
         );
     }
 
     #[test]
     fn a_request_cut_off_after_the_member_answered_waits_the_whole_time_from_the_cut() {
-        let answering = ago(TIMEOUT * 2);
-        let wait = InDoubtWait::for_timeout(TIMEOUT, answering);
-        assert!(!wait.over(ago(TIMEOUT)), "cut after it answered");
-        assert!(wait.over(ago(TIMEOUT * IN_DOUBT_TIMEOUTS)));
+        let clock = ManualClock::new();
+        let wait = InDoubtWait::for_timeout(TIMEOUT, clock.now());
+        clock.advance(TIMEOUT);
+        let cut = clock.now();
+        clock.advance(TIMEOUT);
+        assert!(!wait.over(cut, clock.now()), "cut after it answered");
+        clock.advance(TIMEOUT * (IN_DOUBT_TIMEOUTS - 1) - Duration::from_millis(1));
+        assert!(!wait.over(cut, clock.now()), "1 ms short");
+        clock.advance(Duration::from_millis(1));
+        assert!(wait.over(cut, clock.now()));
+    }
+
+    #[test]
+    fn a_failed_member_is_tried_at_once_then_every_interval_of_clock_time() {
+        let clock = ManualClock::new();
+        let ms = || clock.elapsed().as_millis() as u64;
+        let interval = Duration::from_secs(5);
+        clock.advance(Duration::from_secs(100));
+        let failed_at = ms();
+        assert!(
+            due_for_attempt(failed_at, None, ms(), interval),
+            "never tried: at once"
+        );
+        let ended = ms();
+        clock.advance(interval - Duration::from_millis(1));
+        assert!(!due_for_attempt(failed_at, Some(ended), ms(), interval));
+        clock.advance(Duration::from_millis(1));
+        assert!(due_for_attempt(failed_at, Some(ended), ms(), interval));
+        let ended = ms();
+        clock.advance(Duration::from_millis(10));
+        assert!(
+            due_for_attempt(ms(), Some(ended), ms(), interval),
+            "it served again and failed anew since: at once"
+        );
+    }
+
+    /// A provider of one group and no libraries: what the watchdog looks at.
+    struct OneGroup {
+        groups: Vec<Arc<Group>>,
+        recovery: RecoverySettings,
+    }
+
+    impl OneGroup {
+        fn new(members: &[&str]) -> OneGroup {
+            let active: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+            let settings = GroupSettings {
+                domain_label: "d".into(),
+                replay_limit: 0,
+                min_replicas: 1,
+            };
+            let group = Group::new(0, "g", "1".into(), 0, &active, &[], settings);
+            for m in &group.members {
+                m.set_state(MemberState::Up);
+            }
+            OneGroup {
+                groups: vec![Arc::new(group)],
+                recovery: RecoverySettings {
+                    attempts: -1,
+                    interval: Duration::from_secs(1),
+                    mode: RecoveryMode::default(),
+                },
+            }
+        }
+    }
+
+    impl Host for OneGroup {
+        fn groups(&self) -> &[Arc<Group>] {
+            &self.groups
+        }
+        fn libraries(&self) -> &[Arc<MemberLibrary>] {
+            &[]
+        }
+        fn recovery(&self) -> &RecoverySettings {
+            &self.recovery
+        }
+        fn member_timeout(&self) -> Duration {
+            TIMEOUT
+        }
+        fn threads_allowed(&self) -> bool {
+            false
+        }
+        fn synchronize(&self, _: &Group) -> bool {
+            false
+        }
+        fn reconcile_soon(&self) {}
+        fn uses_member_slot(&self, _: &Arc<MemberLibrary>, _: CK_SLOT_ID) -> bool {
+            false
+        }
+        fn each_virtual_session(
+            &self,
+            _: &Arc<Group>,
+            _: &mut dyn FnMut(&VirtualSession) -> Result<(), Error>,
+        ) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_watchdog_takes_out_a_member_that_completes_no_call_for_member_timeout() {
+        let host = OneGroup::new(&["hung", "b"]);
+        let group = &host.groups[0];
+        let (clock, mut watchdog) = (ManualClock::new(), Watchdog::default());
+        let tick = watchdog_tick(TIMEOUT);
+        let stuck = group.members[0].counts.enter();
+        let answering = group.members[1].counts.enter();
+        watchdog.look(&host, clock.now());
+        drop(answering);
+        let mut waited = Duration::ZERO;
+        while group.members[0].state() == MemberState::Up {
+            assert!(
+                waited <= TIMEOUT,
+                "still up {waited:?} after its call started"
+            );
+            clock.advance(tick);
+            waited += tick;
+            drop(group.members[1].counts.enter());
+            watchdog.look(&host, clock.now());
+        }
+        assert_eq!(
+            waited, TIMEOUT,
+            "taken out one memberTimeout after its call"
+        );
+        assert_eq!(group.members[0].state(), MemberState::Down);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "a member that completes its calls stays"
+        );
+        drop(stuck);
+    }
+
+    #[test]
+    fn the_watchdog_degrades_a_member_slow_for_a_sustained_period_of_clock_time() {
+        use crate::group::{Rotation, DEGRADED_AFTER};
+        const MS: u64 = 1_000_000;
+        let host = OneGroup::new(&["slow", "b", "c"]);
+        let group = &host.groups[0];
+        let (clock, mut watchdog) = (ManualClock::new(), Watchdog::default());
+        let tick = watchdog_tick(TIMEOUT);
+        let slow_since = clock.now();
+        while group.members[0].rotation() == Rotation::In {
+            assert!(
+                clock.now() - slow_since < DEGRADED_AFTER + tick,
+                "still in rotation after a sustained slow period"
+            );
+            group.members[0].record_latency(0, 200 * MS);
+            group.members[1].record_latency(0, 2 * MS);
+            group.members[2].record_latency(0, 2 * MS);
+            watchdog.look(&host, clock.now());
+            if group.members[0].rotation() == Rotation::In {
+                clock.advance(tick);
+            }
+        }
+        assert!(
+            clock.now() - slow_since >= DEGRADED_AFTER,
+            "degraded after {:?} slow only",
+            clock.now() - slow_since
+        );
+        assert_eq!(group.members[0].rotation(), Rotation::Degraded);
+        assert_eq!(
+            group.members[0].state(),
+            MemberState::Up,
+            "degraded, not down"
+        );
     }
 }

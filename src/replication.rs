@@ -209,6 +209,27 @@ impl Template {
     }
 }
 
+/// Why an object is being copied to a member, which decides what a
+/// refusal means: a key the application is making is not made at all,
+/// while a copy a member missed only stays missing there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copying {
+    /// A create, generate, unwrap, derive or copy the application asked for.
+    NewObject,
+    /// A copy a returning member missed, or one reconciliation found missing.
+    Missed,
+}
+
+impl Copying {
+    /// The end of an HA log line saying a key cannot move.
+    fn outcome(self) -> &'static str {
+        match self {
+            Copying::NewObject => "the key was not created",
+            Copying::Missed => "the member that missed the key stays without it",
+        }
+    }
+}
+
 impl VirtualSession {
     /// The domain key on member `position`, checked against the group's:
     /// every member must hold the same key, or key material would be
@@ -301,7 +322,7 @@ impl VirtualSession {
         let (up, missed): (Vec<usize>, Vec<usize>) = targets
             .into_iter()
             .partition(|p| self.group.members[*p].is_up());
-        let faulted = self.copy_to(object, source, &up)?;
+        let faulted = self.copy_to(object, source, &up, Copying::NewObject)?;
         for position in missed.into_iter().chain(faulted) {
             self.deliver_or_queue(position, Pending::Create(object));
         }
@@ -319,6 +340,7 @@ impl VirtualSession {
         object: CK_OBJECT_HANDLE,
         source: usize,
         targets: &[usize],
+        copying: Copying,
     ) -> Result<Vec<usize>> {
         if targets.is_empty() {
             return Ok(Vec::new());
@@ -331,7 +353,7 @@ impl VirtualSession {
         let strategies: Vec<Option<Strategy>> = if secret {
             let mut chosen = Vec::with_capacity(targets.len());
             for &position in targets {
-                chosen.push(Some(self.strategy(source, position, class)?));
+                chosen.push(Some(self.strategy(source, position, class, copying)?));
             }
             chosen
         } else {
@@ -384,13 +406,16 @@ impl VirtualSession {
                 Some(Strategy::Wrap(mechanism)) => {
                     let blob = match &wrapped {
                         Some((m, blob)) if m == mechanism => blob,
-                        _ => match self.wrap_for_transfer(source, source_handle, *mechanism) {
-                            Ok(blob) => &wrapped.insert((*mechanism, blob)).1,
-                            Err(e) => {
-                                self.undo(&made);
-                                return Err(e);
+                        _ => {
+                            match self.wrap_for_transfer(source, source_handle, *mechanism, copying)
+                            {
+                                Ok(blob) => &wrapped.insert((*mechanism, blob)).1,
+                                Err(e) => {
+                                    self.undo(&made);
+                                    return Err(e);
+                                }
                             }
-                        },
+                        }
                     };
                     let domain = match self.domain_key(position) {
                         Ok(h) => h,
@@ -425,8 +450,8 @@ impl VirtualSession {
                 (Attempt::Answered(rv), _) => {
                     self.undo(&made);
                     return Err(match strategy {
-                        Some(Strategy::Wrap(_)) => self.transport_error(position, rv),
-                        Some(Strategy::Clone) => self.clone_error(source, position, rv),
+                        Some(Strategy::Wrap(_)) => self.transport_error(position, rv, copying),
+                        Some(Strategy::Clone) => self.clone_error(source, position, rv, copying),
                         None => Error::new(rv),
                     });
                 }
@@ -535,7 +560,13 @@ impl VirtualSession {
     /// The way a key of `class` moves from `source` to `target`; where
     /// there is none, says why in one line (stderr and the HA log) and
     /// fails: a key that cannot reach every member is not made.
-    fn strategy(&self, source: usize, target: usize, class: CK_OBJECT_CLASS) -> Result<Strategy> {
+    fn strategy(
+        &self,
+        source: usize,
+        target: usize,
+        class: CK_OBJECT_CLASS,
+        copying: Copying,
+    ) -> Result<Strategy> {
         let (from, to) = (&self.group.members[source], &self.group.members[target]);
         let (Some(from_location), Some(to_location)) = (from.location(), to.location()) else {
             return Err(Error::new(CKR_DEVICE_ERROR));
@@ -565,7 +596,7 @@ impl VirtualSession {
             capabilities: &to_can,
         };
         strategy::choose(&side_from, &side_to, class).map_err(|why| {
-            let event = format!("{why}; the key was not created");
+            let event = format!("{why}; {}", copying.outcome());
             eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
             self.group.log(Some(target), &event);
             Error::new(CKR_FUNCTION_FAILED)
@@ -735,12 +766,13 @@ impl VirtualSession {
     /// A clone the target refused: the partitions' policies or cloning
     /// domains do not let the key move. Said in one line; the application
     /// gets `CKR_FUNCTION_FAILED`, since its request was not at fault.
-    fn clone_error(&self, source: usize, target: usize, rv: CK_RV) -> Error {
+    fn clone_error(&self, source: usize, target: usize, rv: CK_RV, copying: Copying) -> Error {
         let event = format!(
-            "cloning a key from member {} to member {} failed with {}: both partitions must share a cloning domain and allow cloning; the key was not created",
+            "cloning a key from member {} to member {} failed with {}: both partitions must share a cloning domain and allow cloning; {}",
             self.group.members[source].serial,
             self.group.members[target].serial,
-            rv_name(rv)
+            rv_name(rv),
+            copying.outcome()
         );
         eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
         self.group.log(Some(target), &event);
@@ -753,6 +785,7 @@ impl VirtualSession {
         source: usize,
         key: CK_OBJECT_HANDLE,
         mechanism: CK_MECHANISM_TYPE,
+        copying: Copying,
     ) -> Result<Vec<u8>> {
         let domain = self.domain_key(source)?;
         let wrap = |s: &MemberSession| {
@@ -787,7 +820,7 @@ impl VirtualSession {
             }
         };
         self.on_member(source, wrap)?
-            .map_err(|rv| self.transport_error(source, rv))
+            .map_err(|rv| self.transport_error(source, rv, copying))
     }
 
     /// A key made on `source` while a member is down reaches it later, by
@@ -810,7 +843,7 @@ impl VirtualSession {
             strategy::refuses_wrapping(&location.library, location.slot, &member.capabilities())
         });
         if matches!(refuses, Ok(true)) {
-            self.transport_error(source, CKR_MECHANISM_INVALID);
+            self.transport_error(source, CKR_MECHANISM_INVALID, Copying::NewObject);
         }
     }
 
@@ -819,13 +852,14 @@ impl VirtualSession {
     /// cannot hold the group's generated keys: say so, once per member and
     /// epoch, and answer `CKR_FUNCTION_FAILED` rather than a mechanism
     /// error the application did not cause.
-    fn transport_error(&self, position: usize, rv: CK_RV) -> Error {
+    fn transport_error(&self, position: usize, rv: CK_RV, copying: Copying) -> Error {
         if rv == CKR_KEY_NOT_WRAPPABLE {
             // SoftHSM cannot wrap EdDSA private keys, for one: the key
             // cannot reach the other members, so it is not made at all.
             let event = format!(
-                "member {} cannot wrap a key of this type (CKR_KEY_NOT_WRAPPABLE), so it cannot replicate; the key was not created (use a key type every member can wrap, e.g. EC P-256 instead of Ed25519 on SoftHSM)",
-                self.group.members[position].serial
+                "member {} cannot wrap a key of this type (CKR_KEY_NOT_WRAPPABLE), so it cannot replicate; {} (use a key type every member can wrap, e.g. EC P-256 instead of Ed25519 on SoftHSM)",
+                self.group.members[position].serial,
+                copying.outcome()
             );
             eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
             self.group.log(Some(position), &event);
@@ -1091,7 +1125,7 @@ impl VirtualSession {
             .filter(|p| *p != position)
             .find(|p| self.resolve(object, *p).ok().flatten().is_some())
             .ok_or_else(|| "no member that serves holds the object".to_string())?;
-        match self.copy_to(object, source, &[position]) {
+        match self.copy_to(object, source, &[position], Copying::Missed) {
             Ok(faulted) if faulted.is_empty() => {
                 if let Some(Presence::Present(h)) = self.group.objects.presence(object, position) {
                     self.note_made(object, h, holdings);

@@ -254,9 +254,11 @@ impl CallGate {
     pub fn wait_calls(&self, calls: u32, deadline: Instant) -> bool {
         let mut idle = self.idle.lock();
         while self.calls.load(Ordering::SeqCst) > calls {
-            if self.went_idle.wait_until(&mut idle, deadline).timed_out() {
-                return self.calls.load(Ordering::SeqCst) <= calls;
+            let left = crate::clock::block_for(deadline);
+            if left.is_zero() {
+                return false;
             }
+            self.went_idle.wait_for(&mut idle, left);
         }
         true
     }

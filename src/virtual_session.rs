@@ -297,7 +297,7 @@ impl VirtualSession {
         drop(guard);
         // Success first and inline: most calls succeed, and no other check
         // applies to them.
-        if rv == CKR_OK {
+        if rv == CKR_OK && member.epoch() == epoch {
             return Attempt::Answered(CKR_OK);
         }
         self.judge(position, function, epoch, rv, look_up_again)
@@ -315,7 +315,11 @@ impl VirtualSession {
         rv: CK_RV,
         look_up_again: bool,
     ) -> Attempt {
-        if look_up_again {
+        // Taken out while the call was inside it (the watchdog's cut of a
+        // member that hangs in process): its late answer is taken as lost,
+        // as if it had never come -- what it made is removed, what it
+        // missed replayed, when it returns.
+        if look_up_again || rv == CKR_OK {
             return Attempt::Faulted;
         }
         if !is_member_fault(function, rv) {

@@ -569,13 +569,6 @@ fn keys_made_on_the_virtual_slot_exist_and_work_on_every_member_alone() {
 // 2. Non-extractable keys, and the domain key
 // ---------------------------------------------------------------------------
 
-/// A key the application made non-extractable (and sensitive) cannot leave
-/// the group through the application: `C_WrapKey` under the application's
-/// own AES key fails with `CKR_KEY_UNEXTRACTABLE` on the virtual slot (and
-/// is refused on each member's own slot too), its `CKA_VALUE` is sensitive,
-/// and it reads `CKA_EXTRACTABLE = FALSE`, `CKA_NEVER_EXTRACTABLE = TRUE`
-/// through the virtual slot, though the members keep it extractable under
-/// trusted keys to replicate it.
 /// A member whose library refuses the key-wrap mechanism it lists can
 /// never receive a generated key. That is found when it is attached and
 /// remembered while it is down: a generated key is refused the same way
@@ -643,6 +636,13 @@ fn generated_keys_are_refused_alike_while_a_member_that_cannot_receive_them_is_u
     s.destroy_object(imported).expect("C_DestroyObject");
 }
 
+/// A key the application made non-extractable (and sensitive) cannot leave
+/// the group through the application: `C_WrapKey` under the application's
+/// own AES key fails with `CKR_KEY_UNEXTRACTABLE` on the virtual slot (and
+/// is refused on each member's own slot too), its `CKA_VALUE` is sensitive,
+/// and it reads `CKA_EXTRACTABLE = FALSE`, `CKA_NEVER_EXTRACTABLE = TRUE`
+/// through the virtual slot, though the members keep it extractable under
+/// trusted keys to replicate it.
 #[test]
 fn non_extractable_keys_cannot_be_exported_by_the_application() {
     let ha = Ha::new(2);

@@ -6,15 +6,19 @@
 //! pkcs11-ha runs in this process (through its C entry points, linked from
 //! the rlib) and loads the simulated library by its ordinary `dlopen` path.
 //! It is initialised with `CKF_LIBRARY_CANT_CREATE_OS_THREADS`, so that no
-//! thread and no deadline of its own runs: recovery runs only when the
-//! schedule says, as one synchronous pass
-//! ([`pkcs11_ha::recovery::recover_failed_members`]), and a schedule
-//! replays exactly. `SIM_SEED=N` replays seed N, printing each step;
+//! thread of its own runs: recovery runs as one synchronous pass
+//! ([`pkcs11_ha::recovery::recover_failed_members`]) when the schedule
+//! says, and during calls once `AutoReconnectInterval` has passed. Its
+//! clock is a manual one ([`pkcs11_ha::clock`]) that only the schedule
+//! moves, and the watchdog it would run in a thread of its own looks each
+//! time the clock has moved one of its ticks, also while a call is stalled
+//! inside a member ([`SimTime`]); so a schedule replays exactly. `SIM_SEED=N` replays seed N, printing each step;
 //! `SIM_SCHEDULES=N` runs N seeds from `SIM_FIRST_SEED` (0);
 //! `SIM_OPEN_DEFECTS=1` adds what pkcs11-ha is known to fail
 //! (see [`OPEN_DEFECTS`]). `scripts/simulate` runs these.
 
 use cryptoki_sys::*;
+use pkcs11_ha::clock::Clock as _;
 use pkcs11_ha::group::MemberState;
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
@@ -22,7 +26,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 extern "C" {
     /// pkcs11-ha's own export, from the rlib linked into this test.
@@ -34,8 +39,8 @@ extern "C" {
 const DEFAULT_SCHEDULES: u64 = 10_000;
 
 /// What the default schedules leave out, because pkcs11-ha fails it today:
-/// overlapping faults (a fault is planted only while every member serves),
-/// refused wrapping and hangs of in-process members. `SIM_OPEN_DEFECTS=1`
+/// overlapping faults (a fault is planted only while every member serves)
+/// and refused wrapping. `SIM_OPEN_DEFECTS=1`
 /// puts them back (`scripts/simulate --open-defects N`); the defects they find
 /// are listed with seeds in the simulation's section of docs/design.md.
 pub const OPEN_DEFECTS: &str = "SIM_OPEN_DEFECTS";
@@ -52,6 +57,61 @@ const RESET: u32 = 3;
 const LOSE_ANSWER: u32 = 4;
 const REFUSE_WRAP: u32 = 5;
 const RENUMBER_ON_LAST_CLOSE: u32 = 6;
+const STALL: u32 = 7;
+
+/// `memberTimeout` and `AutoReconnectInterval` of the simulated group, in
+/// schedule time.
+const MEMBER_TIMEOUT: Duration = Duration::from_millis(1000);
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest a step of the schedule takes, in schedule time.
+const LONGEST_STEP_MS: u64 = 400;
+
+/// Simulated time: the manual clock pkcs11-ha reads, and the watchdog
+/// pkcs11-ha would run in a thread of its own, which looks each time the
+/// clock has moved one of its ticks.
+struct SimTime {
+    clock: &'static pkcs11_ha::clock::ManualClock,
+    provider: Arc<pkcs11_ha::provider::Provider>,
+    watchdog: pkcs11_ha::recovery::Watchdog,
+    /// How long the next stalled call stays inside its member.
+    stall: Duration,
+}
+
+impl SimTime {
+    /// Moves the clock `by` forward, one watchdog tick at a time.
+    fn pass(&mut self, by: Duration) {
+        let tick = pkcs11_ha::recovery::watchdog_tick(MEMBER_TIMEOUT);
+        let mut left = by;
+        while !left.is_zero() {
+            let step = left.min(tick);
+            self.clock.advance(step);
+            left -= step;
+            self.watchdog.look(&*self.provider, self.clock.now());
+        }
+    }
+}
+
+/// The schedule's time; `None` outside a schedule.
+static TIME: Mutex<Option<SimTime>> = Mutex::new(None);
+
+/// The simulated library's stall hook (`sim_on_stall`): the stalled call
+/// stays inside its member while the schedule's stall passes, and the
+/// watchdog looks meanwhile, as pkcs11-ha's watchdog thread would. It looks
+/// from the stalled thread (a schedule runs in a child forked from a
+/// process with threads, where a thread of its own could crash), which
+/// holds no lock of pkcs11-ha inside a member: a look that needed one
+/// would hang the schedule, as it would stop the real watchdog. A stall
+/// met by the watchdog's own look (a probe of a degraded member) passes no
+/// time.
+extern "C" fn stalled(_token: u32) {
+    let Ok(mut slot) = TIME.try_lock() else {
+        return;
+    };
+    if let Some(time) = slot.as_mut() {
+        let stall = time.stall;
+        time.pass(stall);
+    }
+}
 
 /// The simulated library, built (release) once per test process.
 fn sim_library() -> PathBuf {
@@ -87,6 +147,7 @@ struct Controls {
     heal: extern "C" fn(u32) -> CK_RV,
     objects: unsafe extern "C" fn(u32, *mut u8, usize) -> usize,
     sessions: extern "C" fn(u32) -> u32,
+    on_stall: extern "C" fn(Option<extern "C" fn(u32)>),
     _library: libloading::Library,
 }
 
@@ -108,6 +169,7 @@ impl Controls {
                 heal: *library.get(b"sim_heal\0").expect("sim_heal"),
                 objects: *library.get(b"sim_objects\0").expect("sim_objects"),
                 sessions: *library.get(b"sim_sessions\0").expect("sim_sessions"),
+                on_stall: *library.get(b"sim_on_stall\0").expect("sim_on_stall"),
                 _library: library,
             }
         }
@@ -252,6 +314,9 @@ struct Schedule<'a> {
     /// Tokens with a crash or hang planted and not healed.
     down: Vec<bool>,
     logged_in: bool,
+    /// Chooses how long steps and stalls take, apart from `rng`, so that
+    /// a seed's steps are those it had before time was simulated.
+    time_rng: Rng,
     trace: Vec<String>,
     verbose: bool,
     serial: u64,
@@ -777,7 +842,8 @@ impl Schedule<'_> {
         let fault = match self.rng.below(10) {
             // Faults of in-process libraries (one library, all members).
             0..=2 => CRASH,
-            3 if self.networked || self.open_defects => HANG,
+            3 if self.networked => HANG,
+            3 => STALL,
             // Faults of networked libraries (a library each).
             4..=5 if self.networked => RESET,
             6..=7 if self.networked => LOSE_ANSWER,
@@ -807,9 +873,55 @@ impl Schedule<'_> {
         if fault == CRASH || fault == HANG {
             self.down[token as usize] = true;
         }
+        if fault == STALL {
+            // From a quarter of memberTimeout to three of them.
+            let quarter = MEMBER_TIMEOUT.as_millis() as u64 / 4;
+            let stall = Duration::from_millis(quarter + self.time_rng.below(11 * quarter));
+            return self.stall(token, stall);
+        }
         let (copy, local) = self.tokens[token as usize];
         assert_eq!((copy.fault)(local, fault), CKR_OK, "sim_fault");
         self.note(format!("fault {fault} on token {token}"));
+    }
+
+    /// The next call reaching `token` stays inside it for `stall`.
+    fn stall(&mut self, token: u32, stall: Duration) {
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            time.stall = stall;
+        }
+        let (copy, local) = self.tokens[token as usize];
+        assert_eq!((copy.fault)(local, STALL), CKR_OK, "sim_fault");
+        self.note(format!(
+            "fault {STALL} on token {token}: its next call stalls {} ms",
+            stall.as_millis()
+        ));
+    }
+
+    /// Lets a step's time pass: up to [`LONGEST_STEP_MS`].
+    fn pass_time(&mut self) {
+        let by = Duration::from_millis(self.time_rng.below(LONGEST_STEP_MS + 1));
+        self.pass(by);
+    }
+
+    /// Lets `by` pass on pkcs11-ha's clock, the watchdog looking.
+    fn pass(&mut self, by: Duration) {
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            time.pass(by);
+        }
+    }
+
+    /// The group's member states, as the application's next call finds
+    /// them (it runs recovery first when it is due).
+    fn states(&mut self) -> Vec<MemberState> {
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let states: Vec<MemberState> = provider.groups[0]
+            .members
+            .iter()
+            .map(|m| m.state())
+            .collect();
+        let at = pkcs11_ha::clock::install_manual().elapsed();
+        self.note(format!("  members {states:?} at {} ms", at.as_millis()));
+        states
     }
 
     /// Every member serves and no token is crashed or hung.
@@ -1024,6 +1136,10 @@ fn run_plan(
             (copy.fault)(*local, RENUMBER_ON_LAST_CLOSE);
         }
     }
+    for copy in std::iter::once(&copies.shared).chain(&copies.single) {
+        (copy.on_stall)(Some(stalled));
+    }
+    let clock = pkcs11_ha::clock::install_manual();
     let config = &configs[&(members, split)];
     let ha_log = config.with_file_name("haErrorLog.txt");
     let _ = std::fs::remove_file(&ha_log);
@@ -1039,6 +1155,12 @@ fn run_plan(
     // SAFETY: valid arguments.
     let rv = unsafe { f.C_Initialize.unwrap()(&mut args as *mut _ as *mut _) };
     assert_eq!(rv, CKR_OK, "seed {seed}: C_Initialize of pkcs11-ha");
+    *TIME.lock().expect("time") = Some(SimTime {
+        clock,
+        provider: pkcs11_ha::provider::get().expect("initialised"),
+        watchdog: pkcs11_ha::recovery::Watchdog::default(),
+        stall: Duration::ZERO,
+    });
     let threads = 2 + rng.below(2) as usize;
     let steps = 20 + rng.below(40);
     let mut schedule = Schedule {
@@ -1057,6 +1179,7 @@ fn run_plan(
         made: Vec::new(),
         down: vec![false; members as usize],
         logged_in: false,
+        time_rng: Rng(seed ^ 0x7133_5eed_7133_5eed),
         trace: vec![format!(
             "{members} members, {}, {threads} threads, {steps} steps",
             if split {
@@ -1079,6 +1202,7 @@ fn run_plan(
         if script.is_some() || outcome.is_err() {
             break;
         }
+        schedule.pass_time();
         outcome = schedule.step();
         let provider = pkcs11_ha::provider::get().expect("initialised");
         let states: Vec<MemberState> = provider.groups[0]
@@ -1086,7 +1210,10 @@ fn run_plan(
             .iter()
             .map(|m| m.state())
             .collect();
-        schedule.note(format!("  members {states:?}"));
+        schedule.note(format!(
+            "  members {states:?} at {} ms",
+            clock.elapsed().as_millis()
+        ));
         if outcome.is_err() {
             break;
         }
@@ -1094,6 +1221,7 @@ fn run_plan(
     if outcome.is_ok() {
         outcome = schedule.settle();
     }
+    *TIME.lock().expect("time") = None;
     // SAFETY: no argument.
     let rv = unsafe { f.C_Finalize.unwrap()(ptr::null_mut()) };
     if outcome.is_ok() && rv != CKR_OK {
@@ -1239,8 +1367,10 @@ fn config_text(libraries: &[&Path], members: u32, log_dir: &Path) -> String {
         text,
         "\n[VirtualToken]\nVirtualToken00Label = simgroup\nVirtualToken00Members = {}\n\n\
          [HASynchronize]\nsimgroup = 1\n\n[HAConfiguration]\nHAOnly = 1\nreconnAtt = -1\n\
-         AutoReconnectInterval = 86400\nhaLogStatus = enabled\nhaLogPath = {}\n",
+         AutoReconnectInterval = {}\nmemberTimeout = {}\nhaLogStatus = enabled\nhaLogPath = {}\n",
         serials.join(","),
+        RECONNECT_INTERVAL.as_secs(),
+        MEMBER_TIMEOUT.as_millis(),
         log_dir.display()
     )
     .unwrap();
@@ -1445,6 +1575,99 @@ fn a_destroy_reaches_a_member_that_failed_under_it() {
             s.heal(0);
             s.recovery_pass();
             s.enumerate(0, session)
+        },
+    });
+}
+
+/// A member that hangs in process (the call stays inside it) longer than
+/// memberTimeout while generating a key: the watchdog takes it out under
+/// the call, the key is made elsewhere, and the late answer's key does not
+/// stay behind on it (seeds 764, 1300 and 1775, when stalls joined the
+/// schedules: the member kept the key twice, or kept a destroyed one).
+#[test]
+fn a_key_generated_by_a_member_taken_out_under_the_call_is_not_kept_twice() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            s.stall(0, MEMBER_TIMEOUT * 3 / 2);
+            s.make_object(0, session, 2, true);
+            ensure!(
+                s.made.last().is_some_and(|m| m.fate == Fate::Exists),
+                "the key was made elsewhere"
+            );
+            ensure!(
+                s.states()[0] == MemberState::Down,
+                "the watchdog took the stalled member out: {:?}",
+                s.states()
+            );
+            s.pass(RECONNECT_INTERVAL);
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up],
+                "back after AutoReconnectInterval: {:?}",
+                s.states()
+            );
+            s.destroy(0, session);
+            s.make_object(0, session, 2, true);
+            Ok(())
+        },
+    });
+}
+
+/// A call that stays inside a member for less than memberTimeout is only
+/// slow: the member stays in service.
+#[test]
+fn a_member_stalled_for_less_than_member_timeout_stays_in_service() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            s.stall(0, MEMBER_TIMEOUT - Duration::from_millis(1));
+            s.make_object(0, session, 2, true);
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up],
+                "a slow call took a member out: {:?}",
+                s.states()
+            );
+            Ok(())
+        },
+    });
+}
+
+/// Without threads, recovery runs during calls every
+/// AutoReconnectInterval of clock time: not before.
+#[test]
+fn without_threads_a_failed_member_is_tried_every_reconnect_interval() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        steps: &|s| {
+            let almost = RECONNECT_INTERVAL - Duration::from_millis(1);
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            for round in 0..2 {
+                s.plant(0, CRASH);
+                // Made on every member: the crash is seen.
+                s.make_object(0, session, 0, true);
+                ensure!(s.states()[0] == MemberState::Down, "the crash was seen");
+                s.heal(0);
+                s.pass(almost);
+                ensure!(
+                    s.states()[0] == MemberState::Down,
+                    "tried before AutoReconnectInterval (round {round})"
+                );
+                s.pass(Duration::from_millis(1));
+                ensure!(
+                    s.states() == [MemberState::Up, MemberState::Up],
+                    "not back after AutoReconnectInterval (round {round}): {:?}",
+                    s.states()
+                );
+            }
+            Ok(())
         },
     });
 }

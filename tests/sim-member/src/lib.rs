@@ -20,7 +20,10 @@
 //! - `sim_objects(token: u32, buffer: *mut u8, len: usize) -> usize`: the
 //!   token objects, one line each, `class label id value` (hex), into the
 //!   buffer if it is large enough; returns the length needed;
-//! - `sim_sessions(token: u32) -> u32`: sessions open on the token.
+//! - `sim_sessions(token: u32) -> u32`: sessions open on the token;
+//! - `sim_on_stall(hook)`: `hook(token)` runs when a call that met a stall
+//!   (`token::Fault::Stall`) has been carried out, outside the library's
+//!   lock, before the call returns: the driver lets time pass in it.
 #![deny(unsafe_op_in_unsafe_fn)]
 // The entry points keep their PKCS#11 names.
 #![allow(non_snake_case)]
@@ -37,12 +40,27 @@ use token::{Attributes, Fault, Result, Sim, FIRST_SLOT, MECHANISMS};
 
 static SIM: Mutex<Option<Sim>> = Mutex::new(None);
 
-/// Runs `f` on the state, turning a panic into `CKR_GENERAL_ERROR`.
+/// What runs while a call is stalled (`sim_on_stall`).
+type StallHook = extern "C" fn(u32);
+
+static STALL_HOOK: Mutex<Option<StallHook>> = Mutex::new(None);
+
+/// Runs `f` on the state, turning a panic into `CKR_GENERAL_ERROR`; a call
+/// that met a stall then waits in the stall hook.
 fn with_sim(f: impl FnOnce(&mut Sim) -> Result<()>) -> CK_RV {
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
         let mut guard = SIM.lock();
-        f(guard.get_or_insert_with(Sim::default))
-    }));
+        let sim = guard.get_or_insert_with(Sim::default);
+        let result = f(sim);
+        (result, sim.stalled.take())
+    }))
+    .map(|(result, stalled)| {
+        let hook = *STALL_HOOK.lock();
+        if let (Some(token), Some(hook)) = (stalled, hook) {
+            hook(token as u32);
+        }
+        result
+    });
     match outcome {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(rv)) => rv,
@@ -1067,6 +1085,12 @@ pub unsafe extern "C" fn sim_objects(token: u32, buffer: *mut u8, len: usize) ->
         unsafe { ptr::copy_nonoverlapping(text.as_ptr(), buffer, text.len()) };
     }
     text.len()
+}
+
+/// Sets the hook a stalled call waits in (see the crate doc).
+#[no_mangle]
+pub extern "C" fn sim_on_stall(hook: Option<StallHook>) {
+    *STALL_HOOK.lock() = hook;
 }
 
 /// Sessions open on token `token`.

@@ -43,6 +43,11 @@ pub enum Fault {
     /// Closing the token's last session renumbers its object handles, as
     /// SoftHSM does.
     RenumberOnLastClose,
+    /// The next call that reaches the token takes long to answer, as an
+    /// in-process library that hangs for a while: it is carried out, and
+    /// then the caller stays inside the library while the driver lets
+    /// time pass (`sim_on_stall`).
+    Stall,
 }
 
 impl Fault {
@@ -54,6 +59,7 @@ impl Fault {
             4 => Fault::LoseAnswer,
             5 => Fault::RefuseWrap,
             6 => Fault::RenumberOnLastClose,
+            7 => Fault::Stall,
             _ => return None,
         })
     }
@@ -109,6 +115,7 @@ pub struct Token {
     pub lose_next_answer: bool,
     pub refuse_wrap: bool,
     pub renumber_on_last_close: bool,
+    pub stall_next: bool,
 }
 
 /// The whole simulated library.
@@ -127,6 +134,8 @@ pub struct Sim {
     /// Seeds generated key values and random bytes.
     seed: u64,
     generated: u64,
+    /// The token whose stall the call under way met ([`Fault::Stall`]).
+    pub stalled: Option<usize>,
 }
 
 pub type Result<T> = std::result::Result<T, CK_RV>;
@@ -365,6 +374,9 @@ impl Sim {
         if self.disconnected || self.tokens[token].down() {
             return Err(CKR_DEVICE_ERROR);
         }
+        if std::mem::take(&mut self.tokens[token].stall_next) {
+            self.stalled = Some(token);
+        }
         if std::mem::take(&mut self.tokens[token].reset_next) {
             self.disconnect();
             return Err(CKR_DEVICE_ERROR);
@@ -448,6 +460,7 @@ impl Sim {
             Fault::LoseAnswer => t.lose_next_answer = true,
             Fault::RefuseWrap => t.refuse_wrap = true,
             Fault::RenumberOnLastClose => t.renumber_on_last_close = true,
+            Fault::Stall => t.stall_next = true,
         }
     }
 
@@ -470,6 +483,7 @@ impl Sim {
         t.reset_next = false;
         t.lose_next_answer = false;
         t.refuse_wrap = false;
+        t.stall_next = false;
     }
 
     /// Tokens that are present: not crashed or hung.
