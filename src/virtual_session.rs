@@ -92,9 +92,7 @@ pub struct VirtualSession {
     /// The session on each member, by position.
     members: MemberSessions,
     bindings: BindingsCell,
-    /// Whether a member has spare instances to run operations on
-    /// (`lanes.rs`), and the lane this session holds.
-    lanes: bool,
+    /// The lane this session holds (`lanes.rs`).
     lane: lanes::LaneCell,
 }
 
@@ -187,7 +185,6 @@ impl VirtualSession {
     fn new(group: Arc<Group>, flags: CK_FLAGS) -> Self {
         VirtualSession {
             members: MemberSessions::new(&group, flags),
-            lanes: lanes::LaneCell::possible(&group),
             group,
             bindings: BindingsCell::default(),
             lane: lanes::LaneCell::default(),
@@ -774,7 +771,7 @@ impl VirtualSession {
         let keys = key.as_slice();
         loop {
             let (position, handles) = self.choose(keys, preference)?;
-            let on_lane = if self.lanes && kind != OpKind::Find {
+            let on_lane = if kind != OpKind::Find && self.lane.possible(&self.group) {
                 self.init_on_lane(kind, position, keys, &handles, function, &mut call)
             } else {
                 None

@@ -15,6 +15,7 @@ use crate::member::{classify, on_connection, Answer, Lane, MemberLibrary};
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// The lane a virtual session holds, if any.
 #[derive(Default)]
@@ -22,6 +23,10 @@ pub(super) struct LaneCell {
     held: Mutex<Option<HeldLane>>,
     /// Whether a lane is held: read without the lock on every step.
     on: AtomicBool,
+    /// Whether a member of the group has spare instances, found at the
+    /// session's first operation rather than at its opening, which must
+    /// stay cheap.
+    possible: OnceLock<bool>,
 }
 
 /// A lane with the session's operations on it: every active operation of
@@ -43,11 +48,14 @@ fn bit(kind: OpKind) -> u16 {
 
 impl LaneCell {
     /// Whether any member of `group` has spare instances to take lanes on.
-    pub(super) fn possible(group: &Group) -> bool {
-        group
-            .members
-            .iter()
-            .any(|m| m.location().is_some_and(|l| l.library.has_spares()))
+    #[inline(always)]
+    pub(super) fn possible(&self, group: &Group) -> bool {
+        *self.possible.get_or_init(|| {
+            group
+                .members
+                .iter()
+                .any(|m| m.location().is_some_and(|l| l.library.has_spares()))
+        })
     }
 
     #[inline(always)]
