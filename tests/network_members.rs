@@ -1,7 +1,13 @@
 //! Members on other machines, as p11-kit's remoting presents them: two
 //! entries of `p11-kit-client.so` reach two servers through
 //! `[LibraryEnvironment]`; a stalled server costs one `memberTimeout`; a
-//! killed server's member is recovered when the server comes back.
+//! killed server's member is recovered when the server comes back. With
+//! `[LibraryInstances]`, random numbers and operations spread over the
+//! client's instances, counted per instance (one server worker each) from
+//! p11-kit's RPC debug log: private keys on spares logged in with the
+//! group, session objects only where they were made, every instance
+//! logged out with the group, and a killed server still takes the whole
+//! member out.
 
 mod common;
 #[path = "common/p11kit.rs"]

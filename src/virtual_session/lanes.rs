@@ -134,7 +134,7 @@ impl VirtualSession {
         });
         match answer {
             Attempt::Answered(CKR_OK) => current.kinds |= bit(kind),
-            Attempt::Answered(rv) if key_refused(rv) => return self.leave_lane(held, current),
+            Attempt::Answered(rv) if key_refused(rv) => return self.refused_on_lane(held, current),
             // A refused start ends an operation of its kind, as the
             // session's bindings record (`refused_init`).
             Attempt::Answered(CKR_OPERATION_ACTIVE) => {}
@@ -146,6 +146,24 @@ impl VirtualSession {
         }
         self.hold(&mut held, current);
         Some(answer)
+    }
+
+    /// A lane whose spare refused a key it was given (its handle went
+    /// stale, or the spare its login): the lane's session is closed, and
+    /// with it what the spare session knew, and the operation runs on the
+    /// member's own session.
+    fn refused_on_lane(
+        &self,
+        held: parking_lot::MutexGuard<'_, Option<HeldLane>>,
+        current: HeldLane,
+    ) -> Option<Attempt> {
+        if current.kinds != 0 {
+            return self.leave_lane(held, current);
+        }
+        drop(held);
+        let _in_flight = self.group.members[current.position].begin_call();
+        current.lane.close();
+        None
     }
 
     /// Gives `current` up for an operation that must run on the member's
