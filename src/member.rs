@@ -512,10 +512,12 @@ impl Spare {
         Ok((handle, connection))
     }
 
-    /// Forgets the session `handle` (closed, or left with an operation
-    /// active), and with it its login and handles.
-    fn forget_session(&self, handle: CK_SESSION_HANDLE) {
-        self.sessions.lock().retain(|s| s.handle != handle);
+    /// Forgets the session `handle` opened on `connection` (closed, or
+    /// left with an operation active), and with it its login and handles.
+    fn forget_session(&self, handle: CK_SESSION_HANDLE, connection: u64) {
+        self.sessions
+            .lock()
+            .retain(|s| (s.handle, s.connection) != (handle, connection));
     }
 
     /// Runs `with` on the session `handle` still held on this connection.
@@ -647,7 +649,7 @@ impl Lane {
 impl Drop for Lane {
     fn drop(&mut self) {
         if !self.finished {
-            self.spare().forget_session(self.session);
+            self.spare().forget_session(self.session, self.connection);
         }
         self.first.spares.idle.lock().push(self.index);
     }
@@ -888,7 +890,7 @@ impl MemberLibrary {
         };
         let rv = on_connection(connection, || call(&spare.library, session));
         if matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED) {
-            spare.forget_session(session);
+            spare.forget_session(session, connection);
         }
         Some(rv)
     }
