@@ -56,8 +56,11 @@ impl Server {
             .append(true)
             .open(rpc_log)
             .expect("open the server's RPC log");
-        Command::new("p11-kit")
-            .args(["server", "-f", "-n"])
+        // Line-buffered, so that each line of the log, which p11-kit
+        // writes in three pieces, reaches the shared file in one write
+        // however many workers write at once.
+        Command::new("stdbuf")
+            .args(["-eL", "p11-kit", "server", "-f", "-n"])
             .arg(socket)
             .args(["--provider", SOFTHSM_LIB])
             .arg(format!("pkcs11:token={label}"))
