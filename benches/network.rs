@@ -12,6 +12,9 @@
 //! - **Latency-bound** (every relay holds each chunk 1 ms each way):
 //!   `C_GenerateRandom(32)` from T = 1, 8, 32 threads, a session each;
 //!   target: each group >= 0.9 x the direct member at the same T.
+//! - **An operation, latency-bound**: a 1 KiB SHA-256 (`C_DigestInit` +
+//!   `C_Digest`) from T = 8, 32 threads, same target: operations spread
+//!   over the client's instances (`[LibraryInstances]`).
 //! - **Limited capacity** (each relay serves a connection one request at a
 //!   time, 1 ms each): T = 8 and 32; target: a group of N >= 0.9 x N x the
 //!   direct member.
@@ -64,6 +67,7 @@ const SLOW_ONE_WAY: Duration = Duration::from_millis(200);
 const SERVICE: Duration = Duration::from_millis(1);
 const LATENCY_THREADS: [usize; 3] = [1, 8, 32];
 const CAPACITY_THREADS: [usize; 2] = [8, 32];
+const DIGEST_THREADS: [usize; 2] = [8, 32];
 const SLOW_THREADS: usize = 8;
 const MAX_THREADS: usize = 32;
 const TARGET_RATIO: f64 = 0.9;
@@ -273,10 +277,8 @@ fn random(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
     black_box(&out);
 }
 
-/// Random, a 1 KiB SHA-256 and a search for data objects: six member
-/// calls of three kinds, one of them a search.
-fn mixed(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
-    random(fns, session);
+/// A SHA-256 of 1 KiB: two member calls, an operation.
+fn digest(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
     let mut mechanism = CK_MECHANISM {
         mechanism: CKM_SHA256,
         pParameter: ptr::null_mut(),
@@ -297,6 +299,13 @@ fn mixed(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
         )
     );
     black_box(&digest);
+}
+
+/// Random, a 1 KiB SHA-256 and a search for data objects: six member
+/// calls of three kinds, one of them a search.
+fn mixed(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
+    random(fns, session);
+    digest(fns, session);
     let class: CK_OBJECT_CLASS = CKO_DATA;
     let mut template = [support::attr(CKA_CLASS, &class)];
     let mut found = [0; 4];
@@ -413,11 +422,14 @@ fn verdict(ratio: f64, test_mode: bool) -> &'static str {
     }
 }
 
-/// Latency-bound and limited-capacity tables: per T, each target's ops/s,
-/// p50 and p99, and each group's ratio to `expected(size) x direct`.
+/// Latency-bound and limited-capacity tables: per T, each target's ops/s
+/// of `op`, p50 and p99, and each group's ratio to `expected(size) x
+/// direct`.
+#[allow(clippy::too_many_arguments)]
 fn throughput_table(
     out: &mut String,
     bench: &Bench,
+    op: fn(&CK_FUNCTION_LIST, CK_SESSION_HANDLE),
     threads: &[usize],
     slice: Duration,
     cycles: usize,
@@ -432,7 +444,7 @@ fn throughput_table(
     .unwrap();
     let targets: Vec<&Target> = bench.targets.iter().collect();
     for &t in threads {
-        let mut samples = measure(&targets, t, random, slice, cycles);
+        let mut samples = measure(&targets, t, op, slice, cycles);
         let direct = samples[0].ops_per_s();
         for (target, sample) in targets.iter().zip(samples.iter_mut()) {
             let ratio = sample.ops_per_s() / (expected(target.size) * direct);
@@ -495,7 +507,25 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
     throughput_table(
         &mut out,
         bench,
+        random,
         &LATENCY_THREADS,
+        slice,
+        cycles,
+        |_| 1.0,
+        test_mode,
+    );
+
+    writeln!(
+        out,
+        "\nLatency-bound, an operation: {ONE_WAY:?} each way; SHA-256 of {DATA_LEN} bytes \
+         (C_DigestInit + C_Digest); ratio = group / direct at the same T"
+    )
+    .unwrap();
+    throughput_table(
+        &mut out,
+        bench,
+        digest,
+        &DIGEST_THREADS,
         slice,
         cycles,
         |_| 1.0,
@@ -512,6 +542,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
     throughput_table(
         &mut out,
         bench,
+        random,
         &CAPACITY_THREADS,
         slice,
         cycles,
@@ -528,6 +559,9 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
          threads; ratio = net-3 / net-2, the healthy two alone (target {TARGET_RATIO})"
     )
     .unwrap();
+    // The tables so far are kept if the slow member is never degraded.
+    print!("{out}");
+    out.clear();
     let degraded_after = load_until_degraded(bench, &bench.targets[2]);
     writeln!(out, "degraded after {degraded_after:.1?} under load").unwrap();
     let targets = [&bench.targets[1], &bench.targets[2]];

@@ -154,6 +154,10 @@ const COMPARABLE_HALVES: u64 = 4;
 const EXPLORE_EVERY: usize = 16;
 const COMPARABLE_MARGIN_NS: u64 = 2_000_000;
 
+/// The most serving members [`Group::least_busy`] chooses among on its
+/// fast path, without listing them.
+const FAST_CHOICE: usize = 4;
+
 /// How much slower than the fastest other member a member must be, and for
 /// how long, to leave the rotation as degraded, and how close it must come
 /// again (on a probe) to return. The absolute margin keeps in-process
@@ -473,10 +477,18 @@ impl Drop for CallGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
         if let Some(started) = self.started {
-            let nanos = u64::try_from(crate::clock::since(started).as_nanos()).unwrap_or(u64::MAX);
-            self.member.record_latency(usize::from(LANE.get()), nanos);
+            record_timed_call(self.member, started);
         }
     }
+}
+
+/// Records a timed call's latency in the lane this thread chose for; out
+/// of line, so that the calls not timed (most in-process ones) do not
+/// carry the clock read and the lane's thread-local access.
+#[inline(never)]
+fn record_timed_call(member: &Member, started: Instant) {
+    let nanos = u64::try_from(crate::clock::since(started).as_nanos()).unwrap_or(u64::MAX);
+    member.record_latency(usize::from(LANE.get()), nanos);
 }
 
 /// The credential the group logged in with, kept to log members in again.
@@ -1363,56 +1375,59 @@ impl Group {
     }
 
     /// [`Self::by_preference`]'s first member without listing the rest:
-    /// on the path of every operation's start. The same order, as long as
-    /// no member is degraded and it is not an exploring turn.
+    /// on the path of every operation's start and every stateless call, so
+    /// one pass reads each member once, and when none has calls in flight
+    /// and all are about as fast (one application thread) the rotation
+    /// alone decides. The same choice, exploring turns included, as long as
+    /// an active member serves, none of the serving is degraded and there
+    /// are at most [`FAST_CHOICE`] of them; otherwise it asks
+    /// [`Self::by_preference`].
     fn first_by_preference(&self, lane: usize) -> Option<usize> {
-        let standby_serves = self.standby_serves();
-        let mut serving = 0;
-        let mut fastest = u64::MAX;
+        let lane = lane % LANES;
+        // (latency, calls in flight, position) of the serving members.
+        let mut serving = [(0u64, 0u64, 0usize); FAST_CHOICE];
+        let mut count = 0;
+        let (mut fastest, mut slowest) = (u64::MAX, 0);
+        let mut any_in_flight = false;
         for m in &self.members {
-            if !serves(m, standby_serves) {
+            // Standby members serve only when no active one is up: then
+            // `count` stays 0 and `by_preference` decides.
+            if m.standby || !m.is_up() {
                 continue;
             }
-            if m.rotation.load(Ordering::Relaxed) != Rotation::In as u8 {
+            if count == FAST_CHOICE || m.rotation.load(Ordering::Relaxed) != Rotation::In as u8 {
                 return self.by_preference(lane).first().copied();
             }
-            serving += 1;
-            match m.latency(lane) {
-                0 => {}
-                latency => fastest = fastest.min(latency),
+            let latency = m.latency(lane);
+            if latency != 0 {
+                fastest = fastest.min(latency);
+                slowest = slowest.max(latency);
             }
+            let in_flight = m.in_flight() as u64;
+            any_in_flight |= in_flight != 0;
+            serving[count] = (latency, in_flight, m.position);
+            count += 1;
         }
-        let start = self.round_robin[lane % LANES].load(Ordering::Relaxed);
-        if serving < 2 || (start + 1) % EXPLORE_EVERY == 0 {
+        if count == 0 {
             return self.by_preference(lane).first().copied();
         }
         LANE.set(lane as u8);
-        let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed) % serving;
-        let fastest = if fastest == u64::MAX { 1 } else { fastest };
-        let mut best: Option<(u64, usize)> = None;
-        let mut rank = 0;
-        for m in &self.members {
-            if !serves(m, standby_serves) {
-                continue;
+        let turn = self.round_robin[lane].fetch_add(1, Ordering::Relaxed);
+        if (turn + 1) % EXPLORE_EVERY == 0 && count > 1 {
+            // As in `by_preference`: a member with calls in flight is
+            // being measured already.
+            let (_, in_flight, position) = serving[(turn / EXPLORE_EVERY) % count];
+            if in_flight == 0 {
+                return Some(position);
             }
-            let latency = m.latency(lane);
-            let comparable = latency == 0
-                || latency * 2 <= fastest * COMPARABLE_HALVES
-                || latency <= fastest + COMPARABLE_MARGIN_NS;
-            let latency = if comparable { fastest } else { latency };
-            let rotated = if rank >= start {
-                rank - start
-            } else {
-                rank + serving - start
-            };
-            let cost = (m.in_flight() as u64 + 1).saturating_mul(latency);
-            let key = cost.saturating_mul(serving as u64) + rotated as u64;
-            if best.is_none_or(|(k, _)| key < k) {
-                best = Some((key, m.position));
-            }
-            rank += 1;
         }
-        best.map(|(_, position)| position)
+        let start = turn % count;
+        let fastest = if fastest == u64::MAX { 1 } else { fastest };
+        if !any_in_flight && comparable(slowest, fastest) {
+            // Every expected completion is the same: the rotation decides.
+            return Some(serving[start].2);
+        }
+        Some(least_expected_completion(&serving[..count], fastest, start))
     }
 
     /// Takes members far slower than the others for a sustained period out
@@ -1640,10 +1655,11 @@ fn by_expected_completion(members: &[(u64, u64, usize)], start: usize, order: &m
     // far below 2^58 (a million calls in flight of a minute each).
     let mut keyed: SmallVec<[(u64, usize); 8]> = SmallVec::new();
     for (rank, &(latency, in_flight, position)) in members.iter().enumerate() {
-        let comparable = latency == 0
-            || latency * 2 <= fastest * COMPARABLE_HALVES
-            || latency <= fastest + COMPARABLE_MARGIN_NS;
-        let latency = if comparable { fastest } else { latency };
+        let latency = if comparable(latency, fastest) {
+            fastest
+        } else {
+            latency
+        };
         let rotated = if rank >= start {
             rank - start
         } else {
@@ -1654,6 +1670,41 @@ fn by_expected_completion(members: &[(u64, u64, usize)], start: usize, order: &m
     }
     keyed.sort_unstable();
     order.extend(keyed.into_iter().map(|(_, position)| position));
+}
+
+/// Whether a member of `latency` counts as fast as the fastest, `fastest`
+/// (see [`Group::by_preference`]); an unmeasured member (0) does.
+#[inline(always)]
+fn comparable(latency: u64, fastest: u64) -> bool {
+    latency == 0
+        || latency * 2 <= fastest * COMPARABLE_HALVES
+        || latency <= fastest + COMPARABLE_MARGIN_NS
+}
+
+/// The position [`by_expected_completion`] would list first among
+/// `serving` (latency, calls in flight, position), without sorting.
+#[inline(never)]
+fn least_expected_completion(serving: &[(u64, u64, usize)], fastest: u64, start: usize) -> usize {
+    let n = serving.len();
+    let mut best = (u64::MAX, 0);
+    for (rank, &(latency, in_flight, position)) in serving.iter().enumerate() {
+        let latency = if comparable(latency, fastest) {
+            fastest
+        } else {
+            latency
+        };
+        let rotated = if rank >= start {
+            rank - start
+        } else {
+            rank + n - start
+        };
+        let cost = (in_flight + 1).saturating_mul(latency);
+        let key = cost.saturating_mul(n as u64) + rotated as u64;
+        if rank == 0 || key < best.0 {
+            best = (key, position);
+        }
+    }
+    best.1
 }
 
 /// A member's latency and the fastest other in-rotation member's, in the
@@ -2044,6 +2095,41 @@ mod tests {
     }
 
     const MS: u64 = 1_000_000;
+
+    /// `least_busy`'s one-pass choice must be `by_preference`'s first, turn
+    /// for turn: with members idle and busy, fast and slow, unmeasured,
+    /// down, and on exploring turns.
+    #[test]
+    fn the_fast_choice_is_always_by_preferences_first() {
+        for size in 2..=5 {
+            let names: Vec<String> = (0..size).map(|i| i.to_string()).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let group = group_of(&names);
+            let mut busy = Vec::new();
+            for case in 0..64usize {
+                let m = &group.members[case % size];
+                match case % 4 {
+                    0 => m.record_latency(0, (1 + case as u64 % 7) * MS),
+                    1 => busy.push(m.counts.enter()),
+                    2 if case % 3 == 0 => busy.clear(),
+                    _ => m.record_latency(0, 3 * MS),
+                }
+                let down = (case % 11 == 0).then(|| &group.members[(case / 11) % size]);
+                if let Some(d) = down {
+                    d.set_state(MemberState::Down);
+                }
+                for _ in 0..EXPLORE_EVERY + 1 {
+                    let fast = group.least_busy(0);
+                    group.round_robin[0].fetch_sub(1, Ordering::Relaxed);
+                    let listed = group.by_preference(0).first().copied();
+                    assert_eq!(fast, listed, "{size} members, case {case}");
+                }
+                if let Some(d) = down {
+                    d.set_state(MemberState::Up);
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_slower_member_gets_calls_only_once_the_faster_one_is_that_much_busier() {

@@ -378,18 +378,23 @@ const P11_KIT_CLIENT_CALLS: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN
 const P11_KIT_CLIENT_INSTANCES: usize = 8;
 
 /// The instances of a library beyond its first: p11-kit's client only.
-/// The first instance serves every session of the application and every
-/// call that names an object (object handles are numbered per instance);
-/// a spare serves calls that need neither -- random numbers -- each on a
-/// session of its own, one call at a time. A spare is initialised at its
-/// first use after the first instance was (so that a slow server's
-/// start-up costs one instance's), finalised with the first, and watched
-/// and cut off with it.
+/// The first instance holds every session of the application, its
+/// logins and the object map's handles; a spare serves, one call at a
+/// time, calls that need none of them -- random numbers -- and whole
+/// operations on *lanes* ([`Lane`]), each on a session of its own per
+/// slot. A spare is initialised at its first use after the first
+/// instance was (so that a slow server's start-up costs one instance's),
+/// finalised with the first, and watched and cut off with it.
 #[derive(Default)]
 struct Spares {
     instances: Box<[Spare]>,
-    /// The instances no call is using, by index.
+    /// The instances no call or lane is using, by index.
     idle: Mutex<Vec<usize>>,
+    /// Held while a spare is logged in or out, so that a lane's login
+    /// (which first asks whether the group is logged in) and the group's
+    /// logout of the spares cannot interleave: a spare logged in after
+    /// the group logged out would serve private keys without a login.
+    logins: Mutex<()>,
 }
 
 struct Spare {
@@ -398,8 +403,24 @@ struct Spare {
     /// last tried: one that failed is tried again only after the first
     /// instance reconnects.
     tried_on: AtomicU64,
-    /// Its sessions, one per slot, with the connection each was opened on.
-    sessions: Mutex<SmallVec<[(CK_SLOT_ID, CK_SESSION_HANDLE, u64); 1]>>,
+    /// Its sessions, one per slot.
+    sessions: Mutex<SmallVec<[SpareSession; 1]>>,
+}
+
+/// A spare's session on one slot, with what is known on it: whether the
+/// spare is logged in there, and the handles of the token objects found on
+/// it. Both end with the session: closing a slot's last session logs the
+/// token out and may renumber its objects (SoftHSM).
+struct SpareSession {
+    slot: CK_SLOT_ID,
+    handle: CK_SESSION_HANDLE,
+    /// The spare's connection it was opened on.
+    connection: u64,
+    logged_in: bool,
+    /// Virtual object handle -> (its handle on the first instance when it
+    /// was found here, its handle here). A first-instance handle that has
+    /// changed since (the object was made again there) is looked up again.
+    keys: rustc_hash::FxHashMap<CK_OBJECT_HANDLE, (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
 }
 
 /// A spare instance taken by one call, handed back on drop.
@@ -411,6 +432,15 @@ struct Borrowed<'a> {
 impl Drop for Borrowed<'_> {
     fn drop(&mut self) {
         self.spares.idle.lock().push(self.index);
+    }
+}
+
+impl Borrowed<'_> {
+    /// Keeps the spare from being handed back on drop (a [`Lane`] owns it).
+    fn keep(self) -> usize {
+        let index = self.index;
+        std::mem::forget(self);
+        index
     }
 }
 
@@ -432,6 +462,196 @@ impl Spares {
             spares: self,
             index,
         })
+    }
+}
+
+impl Spare {
+    /// Initialises the spare if it is not yet usable (on the wire like a
+    /// call, so the watchdog covers it); false if it stays unusable.
+    fn ready(&self, first_connection: u64) -> bool {
+        let library = &self.library;
+        if !library.usable() {
+            self.tried_on.store(first_connection, Ordering::Relaxed);
+            library.on_wire(&mut || {
+                library
+                    .initialize_with(&[])
+                    .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
+            });
+        }
+        library.usable()
+    }
+
+    /// The spare's session on `slot` on its current connection, opened now
+    /// if it has none; its sessions from an earlier connection are
+    /// forgotten (their numbers may be another's now).
+    fn session_on(&self, slot: CK_SLOT_ID) -> std::result::Result<(CK_SESSION_HANDLE, u64), CK_RV> {
+        let library = &self.library;
+        let connection = library.connection();
+        let mut sessions = self.sessions.lock();
+        sessions.retain(|s| s.connection == connection);
+        if let Some(s) = sessions.iter().find(|s| s.slot == slot) {
+            return Ok((s.handle, connection));
+        }
+        let mut handle: CK_SESSION_HANDLE = 0;
+        let rv = on_connection(connection, || {
+            member_call!(
+                library,
+                C_OpenSession(slot, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut handle)
+            )
+        });
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        sessions.push(SpareSession {
+            slot,
+            handle,
+            connection,
+            logged_in: false,
+            keys: Default::default(),
+        });
+        Ok((handle, connection))
+    }
+
+    /// Forgets the session `handle` opened on `connection` (closed, or
+    /// left with an operation active), and with it its login and handles.
+    fn forget_session(&self, handle: CK_SESSION_HANDLE, connection: u64) {
+        self.sessions
+            .lock()
+            .retain(|s| (s.handle, s.connection) != (handle, connection));
+    }
+
+    /// Runs `with` on the session `handle` still held on this connection.
+    fn with_session<T>(
+        &self,
+        handle: CK_SESSION_HANDLE,
+        connection: u64,
+        with: impl FnOnce(&mut SpareSession) -> T,
+    ) -> Option<T> {
+        let mut sessions = self.sessions.lock();
+        sessions
+            .iter_mut()
+            .find(|s| s.handle == handle && s.connection == connection)
+            .map(with)
+    }
+}
+
+/// A spare instance taken for a virtual session's operations, from their
+/// `*Init` to their end, on the spare's session on the member's slot (an
+/// operation stays on the session it started on). Handed back idle, its
+/// session kept, by [`Lane::finish`]; dropped otherwise (an operation may
+/// still be active on its session), the session is forgotten -- left to
+/// its connection -- so that no later lane meets that operation.
+pub struct Lane {
+    first: Arc<MemberLibrary>,
+    index: usize,
+    pub session: CK_SESSION_HANDLE,
+    pub connection: u64,
+    finished: bool,
+}
+
+impl Lane {
+    fn spare(&self) -> &Spare {
+        &self.first.spares.instances[self.index]
+    }
+
+    /// The spare instance's library, for member calls on [`Self::session`].
+    pub fn library(&self) -> &MemberLibrary {
+        &self.spare().library
+    }
+
+    /// Which spare instance this is (0 is the first spare).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The handle here of virtual object `object`, whose handle on the
+    /// first instance is `first_handle`, if it was found here before.
+    pub fn known_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        self.spare()
+            .with_session(self.session, self.connection, |s| {
+                s.keys
+                    .get(&object)
+                    .filter(|(first, _)| *first == first_handle)
+                    .map(|(_, here)| *here)
+            })
+            .flatten()
+    }
+
+    /// Records that `object` (`first_handle` on the first instance) is
+    /// `here` on this spare.
+    pub fn remember_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+        here: CK_OBJECT_HANDLE,
+    ) {
+        self.spare()
+            .with_session(self.session, self.connection, |s| {
+                s.keys.insert(object, (first_handle, here));
+            });
+    }
+
+    /// Whether the spare is logged in on the lane's slot.
+    pub fn logged_in(&self) -> bool {
+        self.spare()
+            .with_session(self.session, self.connection, |s| s.logged_in)
+            .unwrap_or(false)
+    }
+
+    /// Forgets that the spare is logged in on the lane's slot: it answered
+    /// that it is not (it was logged out behind our back).
+    pub fn forget_login(&self) {
+        self.spare()
+            .with_session(self.session, self.connection, |s| s.logged_in = false);
+    }
+
+    /// Logs the spare in on the lane's slot with `log_in`, which answers
+    /// `None` when the group is not logged in (asked under the spares'
+    /// login lock, see [`Spares::logins`]). True when the spare is logged
+    /// in afterwards.
+    pub fn log_in(
+        &self,
+        log_in: impl FnOnce(&MemberLibrary, CK_SESSION_HANDLE) -> Option<CK_RV>,
+    ) -> bool {
+        let _logins = self.first.spares.logins.lock();
+        if self.logged_in() {
+            return true;
+        }
+        let rv = on_connection(self.connection, || log_in(self.library(), self.session));
+        let logged_in = matches!(rv, Some(CKR_OK | CKR_USER_ALREADY_LOGGED_IN));
+        if logged_in {
+            self.spare()
+                .with_session(self.session, self.connection, |s| s.logged_in = true);
+        }
+        logged_in
+    }
+
+    /// Hands the spare back with its session, no operation being active
+    /// on it any more.
+    pub fn finish(mut self) {
+        self.finished = true;
+    }
+
+    /// Closes the lane's session (an operation may be active on it) and
+    /// hands the spare back: for a member in service.
+    pub fn close(self) {
+        let library = self.library();
+        on_connection(self.connection, || {
+            member_call!(library, C_CloseSession(self.session))
+        });
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.spare().forget_session(self.session, self.connection);
+        }
+        self.first.spares.idle.lock().push(self.index);
     }
 }
 
@@ -597,6 +817,7 @@ impl MemberLibrary {
         self.spares = Spares {
             idle: Mutex::new((0..spares.len()).collect()),
             instances: spares,
+            logins: Mutex::new(()),
         };
         Ok(self)
     }
@@ -621,7 +842,9 @@ impl MemberLibrary {
                 usable: AtomicBool::new(false),
                 job_thread: AtomicI32::new(0),
                 networked: true,
-                call_limit: None,
+                // One call at a time, also when a logout reaches a spare
+                // that a lane holds.
+                call_limit: Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
                 reconnecting: RwLock::new(()),
                 calls_sent: Arc::clone(&self.calls_sent),
                 wire: Mutex::new(Vec::new()),
@@ -657,50 +880,67 @@ impl MemberLibrary {
         let first_connection = self.connection();
         let borrowed = self.spares.borrow(first_connection)?;
         let spare = &self.spares.instances[borrowed.index];
-        let library = &spare.library;
-        if !library.usable() {
-            spare.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire(&mut || {
-                library
-                    .initialize_with(&[])
-                    .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
-            });
-            if !library.usable() {
-                return None;
-            }
+        if !spare.ready(first_connection) {
+            return None;
         }
         let _begun = begin();
-        let connection = library.connection();
-        let mut sessions = spare.sessions.lock();
-        sessions.retain(|(_, _, opened_on)| *opened_on == connection);
-        let session = match sessions.iter().find(|(s, _, _)| *s == slot) {
-            Some(&(_, session, _)) => session,
-            None => {
-                let mut session: CK_SESSION_HANDLE = 0;
-                let rv = on_connection(connection, || {
-                    member_call!(
-                        library,
-                        C_OpenSession(
-                            slot,
-                            CKF_SERIAL_SESSION,
-                            ptr::null_mut(),
-                            None,
-                            &mut session
-                        )
-                    )
-                });
-                if rv != CKR_OK {
-                    return Some(rv);
-                }
-                sessions.push((slot, session, connection));
-                session
-            }
+        let (session, connection) = match spare.session_on(slot) {
+            Ok(opened) => opened,
+            Err(rv) => return Some(rv),
         };
-        let rv = on_connection(connection, || call(library, session));
+        let rv = on_connection(connection, || call(&spare.library, session));
         if matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED) {
-            sessions.retain(|(s, _, _)| *s != slot);
+            spare.forget_session(session, connection);
         }
         Some(rv)
+    }
+
+    /// Takes an idle spare instance as a [`Lane`] for a virtual session's
+    /// operations on `slot` (initialising the spare and opening its session
+    /// there as needed, with what `begin` returns held around those calls);
+    /// `None` when no spare is idle and usable. `Some(Err)` is the member's
+    /// answer when the spare could not open its session.
+    pub fn take_lane<G>(
+        self: &Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: impl FnOnce() -> G,
+    ) -> Option<std::result::Result<Lane, CK_RV>> {
+        let first_connection = self.connection();
+        let borrowed = self.spares.borrow(first_connection)?;
+        let spare = &self.spares.instances[borrowed.index];
+        let _begun = begin();
+        if !spare.ready(first_connection) {
+            return None;
+        }
+        let (session, connection) = match spare.session_on(slot) {
+            Ok(opened) => opened,
+            Err(rv) => return Some(Err(rv)),
+        };
+        Some(Ok(Lane {
+            first: Arc::clone(self),
+            index: borrowed.keep(),
+            session,
+            connection,
+            finished: false,
+        }))
+    }
+
+    /// Logs every spare instance out of `slot` where a lane logged it in,
+    /// and forgets the handles found there (a token drops its private
+    /// objects' handles at logout): when the group logs out.
+    pub fn log_out_spares(&self, slot: CK_SLOT_ID) {
+        let _logins = self.spares.logins.lock();
+        for spare in self.spares.instances.iter() {
+            let mut sessions = spare.sessions.lock();
+            let connection = spare.library.connection();
+            for s in sessions.iter_mut().filter(|s| s.slot == slot) {
+                s.keys.clear();
+                if std::mem::take(&mut s.logged_in) && s.connection == connection {
+                    let library = &spare.library;
+                    on_connection(s.connection, || member_call!(library, C_Logout(s.handle)));
+                }
+            }
+        }
     }
 
     fn function_table(library: &Library) -> std::result::Result<CK_FUNCTION_LIST, String> {

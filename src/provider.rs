@@ -828,6 +828,7 @@ impl Provider {
             if member.reachable() && !shared.contains(&key) {
                 let _ = group.on_utility(member.position, |s| s.library.logout(s.handle));
             }
+            log_spares_out(member);
             group.forget_handles(member.position);
         }
     }
@@ -958,6 +959,7 @@ impl Provider {
                     });
                 }
                 for member in &v.group.members {
+                    log_spares_out(member);
                     v.group.forget_handles(member.position);
                 }
                 Ok(())
@@ -977,6 +979,15 @@ impl Provider {
             .snapshot()
             .into_iter()
             .filter(move |s| s.slot_id == slot_id)
+    }
+}
+
+/// Logs out the spare instances of a member's library that lanes logged
+/// in (`virtual_session/lanes.rs`), as the group logs out.
+fn log_spares_out(member: &crate::group::Member) {
+    if let Some(location) = member.location().filter(|l| l.library.has_spares()) {
+        let _in_flight = member.begin_call();
+        location.library.log_out_spares(location.slot);
     }
 }
 

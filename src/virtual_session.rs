@@ -24,6 +24,8 @@ use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
 use std::sync::Arc;
 
+mod lanes;
+
 /// The load-balancing lane of calls outside operations.
 const STATELESS_LANE: usize = crate::group::STATELESS_LANE;
 const _: () = assert!(
@@ -90,6 +92,8 @@ pub struct VirtualSession {
     /// The session on each member, by position.
     members: MemberSessions,
     bindings: BindingsCell,
+    /// The lane this session holds (`lanes.rs`).
+    lane: lanes::LaneCell,
 }
 
 /// Starts an operation of `kind` on a member; `None` if no mechanism was
@@ -184,6 +188,7 @@ impl VirtualSession {
             members: MemberSessions::new(&group, flags),
             group,
             bindings: BindingsCell::default(),
+            lane: lanes::LaneCell::default(),
         }
     }
 
@@ -199,6 +204,9 @@ impl VirtualSession {
 
     /// Closes every member session (see [`MemberSessions::close`]).
     pub fn close(&self) {
+        if self.lane.on() {
+            self.drop_lane();
+        }
         self.members.close(&self.group);
     }
 
@@ -768,8 +776,15 @@ impl VirtualSession {
         let keys = key.as_slice();
         loop {
             let (position, handles) = self.choose(keys, preference)?;
-            let member_key = handles.first().copied().unwrap_or(CK_INVALID_HANDLE);
-            let answer = self.attempt(position, function, &mut |l, s| call(l, s, member_key));
+            let on_lane = if kind != OpKind::Find && self.lane.possible(&self.group) {
+                self.init_on_lane(kind, position, keys, &handles, function, &mut call)
+            } else {
+                None
+            };
+            let answer = on_lane.unwrap_or_else(|| {
+                let member_key = handles.first().copied().unwrap_or(CK_INVALID_HANDLE);
+                self.attempt(position, function, &mut |l, s| call(l, s, member_key))
+            });
             let Attempt::Answered(rv) = answer else {
                 continue;
             };
@@ -835,9 +850,18 @@ impl VirtualSession {
     ) -> Result<()> {
         loop {
             let position = self.bound_for(kind)?;
-            match self.attempt(position, function, &mut call) {
+            let on_lane = if self.lane.on() {
+                self.step_on_lane(kind, position, function, &mut call)
+            } else {
+                None
+            };
+            let answer = on_lane.unwrap_or_else(|| self.attempt(position, function, &mut call));
+            match answer {
                 Attempt::Answered(rv) => {
                     self.record(kind, step, &input, rv);
+                    if self.lane.on() {
+                        self.after_lane_step(kind);
+                    }
                     return check(rv);
                 }
                 Attempt::Faulted => self.move_operations(position),
@@ -907,6 +931,7 @@ impl VirtualSession {
     /// `C_DigestKey`: like an update, with the key looked up on whichever
     /// member the digest runs on.
     pub fn digest_key(&self, key: CK_OBJECT_HANDLE) -> Result<()> {
+        self.settle_operations();
         loop {
             let position = self.bound_for(OpKind::Digest)?;
             let Some(member_key) = self.resolve(key, position)? else {
@@ -972,6 +997,9 @@ impl VirtualSession {
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.
     fn move_operations(&self, from: usize) {
+        if self.lane.on() {
+            self.drop_lane();
+        }
         let mut ops = {
             let mut b = self.bindings();
             if b.member() != Some(from) {
@@ -1133,6 +1161,9 @@ impl VirtualSession {
     /// Binds every later operation call to `position`, whose state the
     /// application restored.
     pub fn restore_binding(&self, position: usize) {
+        if self.lane.on() {
+            self.drop_lane();
+        }
         let mut b = self.bindings();
         b.take_all();
         b.set_member(Some(position));

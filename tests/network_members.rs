@@ -1,7 +1,13 @@
 //! Members on other machines, as p11-kit's remoting presents them: two
 //! entries of `p11-kit-client.so` reach two servers through
 //! `[LibraryEnvironment]`; a stalled server costs one `memberTimeout`; a
-//! killed server's member is recovered when the server comes back.
+//! killed server's member is recovered when the server comes back. With
+//! `[LibraryInstances]`, random numbers and operations spread over the
+//! client's instances, counted per instance (one server worker each) from
+//! p11-kit's RPC debug log: private keys on spares logged in with the
+//! group, session objects only where they were made, every instance
+//! logged out with the group, and a killed server still takes the whole
+//! member out.
 
 mod common;
 #[path = "common/p11kit.rs"]
@@ -19,34 +25,73 @@ use std::time::{Duration, Instant};
 
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
-/// A `p11-kit server` exporting one SoftHSM token on a unix socket.
+/// A `p11-kit server` exporting one SoftHSM token on a unix socket, with
+/// p11-kit's RPC debug output (each call a worker receives, with the
+/// worker's process id) in a log of its own.
 struct Server {
     child: Child,
     socket: PathBuf,
     conf: PathBuf,
     label: String,
+    rpc_log: PathBuf,
 }
 
 impl Server {
     fn start(hsm: &SoftHsm, label: &str, socket: &Path) -> Server {
-        let child = Command::new("p11-kit")
-            .args(["server", "-f", "-n"])
-            .arg(socket)
-            .args(["--provider", SOFTHSM_LIB])
-            .arg(format!("pkcs11:token={label}"))
-            .env(SOFTHSM_CONF_ENV, &hsm.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start p11-kit server");
+        let rpc_log = socket.with_extension("rpc.log");
         let server = Server {
-            child,
+            child: Self::spawn(&hsm.conf, label, socket, &rpc_log),
             socket: socket.to_path_buf(),
             conf: hsm.conf.clone(),
             label: label.to_string(),
+            rpc_log,
         };
         server.wait_for_socket();
         server
+    }
+
+    fn spawn(conf: &Path, label: &str, socket: &Path, rpc_log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(rpc_log)
+            .expect("open the server's RPC log");
+        // Line-buffered, so that each line of the log, which p11-kit
+        // writes in three pieces, reaches the shared file in one write
+        // however many workers write at once.
+        Command::new("stdbuf")
+            .args(["-eL", "p11-kit", "server", "-f", "-n"])
+            .arg(socket)
+            .args(["--provider", SOFTHSM_LIB])
+            .arg(format!("pkcs11:token={label}"))
+            .env(SOFTHSM_CONF_ENV, conf)
+            .env("P11_KIT_DEBUG", "rpc")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start p11-kit server")
+    }
+
+    /// How many times each worker (by process id) has received
+    /// `function` (`"C_Sign"`), from the RPC log: p11-kit writes
+    /// `(p11-kit:PID) rpc_C_Sign: ...: enter` as a worker takes a call,
+    /// before it answers.
+    fn calls(&self, function: &str) -> std::collections::BTreeMap<i32, usize> {
+        let text = std::fs::read_to_string(&self.rpc_log).expect("the server's RPC log");
+        let entry = format!(" rpc_{function}: ");
+        let mut calls = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.ends_with(": enter")) {
+            let Some((pid, call)) = line
+                .strip_prefix("(p11-kit:")
+                .and_then(|rest| rest.split_once(')'))
+            else {
+                continue;
+            };
+            if call.starts_with(&entry) {
+                *calls.entry(pid.parse().unwrap()).or_insert(0) += 1;
+            }
+        }
+        calls
     }
 
     /// The server creates its socket once it listens; bounded wait on that
@@ -59,38 +104,36 @@ impl Server {
         }
     }
 
-    /// The worker process the server forked for our connection.
-    fn worker(&self) -> i32 {
+    /// The worker processes the server forked, one per client connection
+    /// (each instance of the client is one), oldest first.
+    fn workers(&self) -> Vec<i32> {
         let children =
             std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))
                 .expect("server children");
-        children
+        let mut workers: Vec<i32> = children
             .split_whitespace()
-            .next()
-            .expect("a worker for our connection")
-            .parse()
-            .unwrap()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        workers.sort_unstable();
+        assert!(!workers.is_empty(), "a worker for our connection");
+        workers
     }
 
-    fn signal_worker(&self, signal: i32) {
-        // SAFETY: signalling a child process of ours.
-        assert_eq!(unsafe { libc::kill(self.worker(), signal) }, 0);
+    /// Signals the whole server: every worker (a member is reached through
+    /// several client instances, one worker each) and the listening
+    /// process, so that a connection made meanwhile fares the same.
+    fn signal_all(&self, signal: i32) {
+        let listener = self.child.id() as i32;
+        for pid in self.workers().into_iter().chain([listener]) {
+            // SAFETY: signalling a child process of ours.
+            assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        }
     }
 
     fn restart(&mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new("p11-kit")
-            .args(["server", "-f", "-n"])
-            .arg(&self.socket)
-            .args(["--provider", SOFTHSM_LIB])
-            .arg(format!("pkcs11:token={}", self.label))
-            .env(SOFTHSM_CONF_ENV, &self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("restart p11-kit server");
-        self.child = child;
+        self.child = Self::spawn(&self.conf, &self.label, &self.socket, &self.rpc_log);
         self.wait_for_socket();
     }
 
@@ -331,6 +374,308 @@ fn random_numbers_spread_over_the_client_instances() {
     }
 }
 
+/// A config with `instances` client instances for each member.
+fn instances(instances: usize, extra: &str) -> String {
+    format!("{extra}\n[LibraryInstances]\nhsmA = {instances}\nhsmB = {instances}")
+}
+
+/// The spare instances' workers on `server` (all but the first
+/// connection's, made at `C_Initialize`) with how many times each
+/// received `function`.
+fn on_spares(server: &Server, function: &str) -> Vec<(i32, usize)> {
+    let calls = server.calls(function);
+    let workers = server.workers();
+    workers[1..]
+        .iter()
+        .map(|pid| (*pid, calls.get(pid).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// How many times the first instance's worker on `server` received
+/// `function`.
+fn on_first(server: &Server, function: &str) -> usize {
+    let first = server.workers()[0];
+    server.calls(function).get(&first).copied().unwrap_or(0)
+}
+
+/// Digests and signatures with a token key from 8 threads run on several
+/// client instances of each member at once, not one at a time on its
+/// first: counted per instance from the servers' RPC logs.
+#[test]
+fn operations_spread_over_the_client_instances() {
+    const INSTANCES: usize = 4;
+    let remote = Remote::start(&instances(INSTANCES, ""));
+    let keys = ec_key(&remote.session(), b"spread");
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                let session = remote.session();
+                for _ in 0..25 {
+                    let digest = session
+                        .digest(&Mechanism::Sha256, &[9u8; 1024])
+                        .expect("C_Digest");
+                    assert_eq!(digest.len(), 32);
+                    sign_and_verify(&session, keys);
+                }
+            });
+        }
+    });
+    for server in &remote.servers {
+        assert!(server.workers().len() <= INSTANCES, "{}", server.label);
+        for function in ["C_Digest", "C_Sign", "C_Verify"] {
+            let spares = on_spares(server, function);
+            eprintln!(
+                "{}: {function} on the first instance {}, on the spares {spares:?}",
+                server.label,
+                on_first(server, function)
+            );
+            let serving = spares.iter().filter(|(_, n)| *n > 0).count();
+            assert!(
+                serving >= 2,
+                "{}: {function} reached {serving} spare instances: {spares:?}",
+                server.label
+            );
+        }
+    }
+}
+
+/// A private key signs on a spare instance, logged in there with the
+/// group's login: with every member's first instance stalled (its worker
+/// stopped), signing still answers at once and no member is taken out,
+/// and the spares' workers received the logins and the signatures.
+#[test]
+fn a_private_key_signs_on_a_spare_instance_after_login() {
+    let remote = Remote::start(&instances(2, "memberTimeout = 5000"));
+    let session = remote.session();
+    let keys = ec_key(&session, b"spare");
+    // Both members' handles of the keys known, on each first instance and
+    // each spare.
+    for _ in 0..10 {
+        sign_and_verify(&session, keys);
+    }
+    for server in &remote.servers {
+        assert_eq!(on_first(server, "C_Sign"), 0, "{}", server.label);
+        let spares = on_spares(server, "C_Login");
+        assert!(
+            spares.iter().all(|(_, logins)| *logins == 1),
+            "{}: each spare logged in once: {spares:?}",
+            server.label
+        );
+    }
+    let first_workers: Vec<i32> = remote.servers.iter().map(|s| s.workers()[0]).collect();
+    for pid in &first_workers {
+        // SAFETY: stopping a worker of our own server.
+        assert_eq!(unsafe { libc::kill(*pid, libc::SIGSTOP) }, 0);
+    }
+    let started = Instant::now();
+    for _ in 0..4 {
+        sign_and_verify(&session, keys);
+    }
+    let took = started.elapsed();
+    for pid in &first_workers {
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(*pid, libc::SIGCONT) }, 0);
+    }
+    assert!(took < Duration::from_secs(4), "signing took {took:?}");
+    let status = group_status();
+    assert!(
+        status.members[..2].iter().all(|m| m.state == 0),
+        "no member was taken out"
+    );
+    let signed_on_spares: usize = remote
+        .servers
+        .iter()
+        .flat_map(|s| on_spares(s, "C_Sign"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        signed_on_spares >= 14,
+        "{signed_on_spares} signatures on spares"
+    );
+}
+
+/// A session object lives on the member session that made it, on the
+/// first instance: operations with it from several threads run there
+/// only, never on a spare, and give the right answer.
+#[test]
+fn a_session_object_is_used_only_on_its_instance() {
+    let remote = Remote::start(&instances(4, ""));
+    let session = remote.session();
+    let token_keys = ec_key(&session, b"token");
+    let key_value = [0x2bu8; 32];
+    let session_key = session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Value(key_value.to_vec()),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ])
+        .expect("import a session key");
+    let plain = [0x11u8; 64];
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let mine = remote.session();
+                for _ in 0..10 {
+                    sign_and_verify(&mine, token_keys);
+                    let sealed = mine
+                        .encrypt(&Mechanism::AesEcb, session_key, &plain)
+                        .expect("C_Encrypt with the session key");
+                    assert_ne!(sealed[..], plain[..]);
+                    let opened = mine
+                        .decrypt(&Mechanism::AesEcb, session_key, &sealed)
+                        .expect("C_Decrypt with the session key");
+                    assert_eq!(opened, plain);
+                }
+            });
+        }
+    });
+    let mut on_first_instances = 0;
+    for server in &remote.servers {
+        for function in ["C_EncryptInit", "C_Encrypt", "C_DecryptInit", "C_Decrypt"] {
+            let spares = on_spares(server, function);
+            assert!(
+                spares.iter().all(|(_, n)| *n == 0),
+                "{}: {function} reached a spare: {spares:?}",
+                server.label
+            );
+        }
+        on_first_instances += on_first(server, "C_Encrypt");
+        assert!(
+            on_spares(server, "C_Sign").iter().any(|(_, n)| *n > 0),
+            "{}: the token key's signatures spread meanwhile",
+            server.label
+        );
+    }
+    assert_eq!(
+        on_first_instances, 80,
+        "every encryption (a length query, then the call) on a first instance"
+    );
+}
+
+/// Logging out logs out every instance a lane logged in, not only the
+/// member sessions of the first.
+#[test]
+fn logout_logs_every_instance_out() {
+    let remote = Remote::start(&instances(3, ""));
+    let session = remote.session();
+    let keys = ec_key(&session, b"logout");
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let mine = remote.session();
+                for _ in 0..10 {
+                    sign_and_verify(&mine, keys);
+                }
+            });
+        }
+    });
+    let logged_in: Vec<Vec<(i32, usize)>> = remote
+        .servers
+        .iter()
+        .map(|s| on_spares(s, "C_Login"))
+        .collect();
+    assert!(
+        logged_in.iter().flatten().any(|(_, n)| *n > 0),
+        "a spare was logged in: {logged_in:?}"
+    );
+    session.logout().expect("C_Logout");
+    for (server, logins) in remote.servers.iter().zip(&logged_in) {
+        let logouts = server.calls("C_Logout");
+        for (pid, _) in logins.iter().filter(|(_, n)| *n > 0) {
+            assert_eq!(
+                logouts.get(pid).copied().unwrap_or(0),
+                1,
+                "{}: spare worker {pid} logged in, then out once",
+                server.label
+            );
+        }
+        assert!(
+            on_first(server, "C_Logout") >= 1,
+            "{}: the first instance logged out",
+            server.label
+        );
+    }
+}
+
+/// A server killed while calls are in flight on several of its member's
+/// instances takes the whole member out: every application call still
+/// answers (the operations move to the other member), the member stays out
+/// until its server returns, and then serves again.
+#[test]
+fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
+    let mut remote = Remote::start(&instances(4, "AutoReconnectInterval = 1"));
+    let keys = ec_key(&remote.session(), b"killed");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..6 {
+            scope.spawn(|| {
+                let session = remote.session();
+                while !stop.load(Ordering::Relaxed) {
+                    sign_and_verify(&session, keys);
+                    session
+                        .digest(&Mechanism::Sha256, &[5u8; 512])
+                        .expect("C_Digest");
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let busy_spares = || {
+            on_spares(&remote.servers[0], "C_Sign")
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .count()
+        };
+        while busy_spares() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no two spares of member 0 served"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let server = &remote.servers[0];
+        let listener = server.child.id() as i32;
+        for pid in server.workers().into_iter().chain([listener]) {
+            // SAFETY: killing our own server's processes.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while group_status().members[0].state == 0 {
+            assert!(Instant::now() < deadline, "member 0 was not taken out");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out_since = Instant::now();
+        while out_since.elapsed() < Duration::from_millis(500) {
+            assert_ne!(group_status().members[0].state, 0, "member 0 stays out");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    remote.servers[0].restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_status().members[0].state != 0 {
+        assert!(Instant::now() < deadline, "member 0 did not rejoin");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It serves again: chosen by expected completion, once the other
+    // member is busy enough.
+    let served = group_status().members[0].callsServed;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let session = remote.session();
+                while group_status().members[0].callsServed <= served {
+                    assert!(Instant::now() < deadline, "member 0 served nothing");
+                    sign_and_verify(&session, keys);
+                }
+            });
+        }
+    });
+}
+
 /// A stalled member (its worker stopped with SIGSTOP) costs at most one
 /// `memberTimeout`, then no more: the calls after go to the other member.
 #[test]
@@ -339,7 +684,7 @@ fn stalled_member_costs_one_timeout_once() {
     let session = remote.session();
     let keys = ec_key(&session, b"stall");
     sign_and_verify(&session, keys);
-    remote.servers[0].signal_worker(libc::SIGSTOP);
+    remote.servers[0].signal_all(libc::SIGSTOP);
     let mut slowest = Duration::ZERO;
     let mut slow_calls = 0;
     for _ in 0..20 {
@@ -359,7 +704,7 @@ fn stalled_member_costs_one_timeout_once() {
         slowest < Duration::from_millis(400 + 1000),
         "slowest call took {slowest:?}"
     );
-    remote.servers[0].signal_worker(libc::SIGCONT);
+    remote.servers[0].signal_all(libc::SIGCONT);
 }
 
 /// A member whose server was killed comes back within one interval of the
@@ -370,7 +715,7 @@ fn killed_server_member_recovers_with_keys_imported_while_away() {
     let mut remote = Remote::start("AutoReconnectInterval = 1");
     let session = remote.session();
     let before = ec_key(&session, b"before");
-    remote.servers[0].signal_worker(libc::SIGKILL);
+    remote.servers[0].signal_all(libc::SIGKILL);
     sign_and_verify(&session, before);
     sign_and_verify(&session, before);
     let during = ec_key(&session, b"during");
@@ -441,7 +786,7 @@ fn recovery_reconnects_without_setting_the_environment() {
     };
     let session = remote.session();
     let keys = ec_key(&session, b"env");
-    remote.servers[0].signal_worker(libc::SIGKILL);
+    remote.servers[0].signal_all(libc::SIGKILL);
     sign_and_verify(&session, keys);
     assert_ne!(group_status().members[0].state, 0, "member 0 is out");
     remote.servers[0].restart();
@@ -548,7 +893,7 @@ fn removed_socket_keeps_the_member_down_until_the_server_returns() {
     let session = remote.session();
     let keys = ec_key(&session, b"socket");
     std::fs::remove_file(&remote.servers[0].socket).unwrap();
-    remote.servers[0].signal_worker(libc::SIGKILL);
+    remote.servers[0].signal_all(libc::SIGKILL);
     for _ in 0..4 {
         sign_and_verify(&session, keys);
     }

@@ -243,15 +243,18 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
     let id = b"imported".to_vec();
     let (public, private) = import_ec_key(&group, &s, &id);
     group.check_each_member_signs_alone(&s, public, &id);
-    // One worker per client instance (a connection each); the first
-    // instance, which connected first, serves the sessions.
+    // One worker per client instance (a connection each); operations run
+    // on several of them, spares connecting at their first use.
     let workers = group.server.workers();
-    let worker = *workers.iter().min().unwrap_or_else(|| {
-        panic!(
-            "no worker serves our connections; {}",
-            group.server.log_text()
-        )
-    });
+    assert!(
+        !workers.is_empty(),
+        "no worker serves our connections; {}",
+        group.server.log_text()
+    );
+    let read_by_workers = || {
+        let workers = group.server.workers();
+        workers.into_iter().map(p11kit::bytes_read).sum::<u64>()
+    };
 
     let (started, warm) = mpsc::channel::<()>();
     let barrier = Barrier::new(THREADS + 1);
@@ -291,13 +294,13 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
                 })
             })
             .collect();
-        let read_at_start = p11kit::bytes_read(worker);
+        let read_at_start = read_by_workers();
         for _ in 0..THREADS {
             // Bounded: a thread that cannot report is caught by the
             // failures it returns.
             let _ = warm.recv_timeout(PATIENCE);
         }
-        served_before_kill = p11kit::bytes_read(worker) - read_at_start;
+        served_before_kill = read_by_workers().saturating_sub(read_at_start);
         let killed = group.server.kill_workers();
         barrier.wait();
         let mut failures: Vec<String> = threads
@@ -307,12 +310,10 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
                     .unwrap_or_else(|_| vec!["a thread panicked".into()])
             })
             .collect();
-        let mut killed_sorted = killed.clone();
-        killed_sorted.sort_unstable();
-        let mut expected = workers.clone();
-        expected.sort_unstable();
-        if killed_sorted != expected {
-            failures.push(format!("killed {killed:?}, expected {workers:?}"));
+        if !workers.iter().all(|w| killed.contains(w)) {
+            failures.push(format!(
+                "killed {killed:?}, expected {workers:?} among them"
+            ));
         }
         failures
     });

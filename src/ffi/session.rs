@@ -70,6 +70,7 @@ cryptoki_fn! {
             // for this session's calls may hold that lock.
             let s = session(handle)?;
             if let (Target::Virtual(v), CKU_CONTEXT_SPECIFIC) = (&s.target, user_type) {
+                v.settle_operations();
                 let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
                 let m = v.member_session(position)?;
                 return check(m.library.login(m.handle, user_type, pin));
@@ -133,6 +134,7 @@ cryptoki_fn! {
             }
             Target::Virtual(v) => v,
         };
+        v.settle_operations();
         let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
         let m = v.member_session(position)?;
         let mut member_len: CK_ULONG = 0;

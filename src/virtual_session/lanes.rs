@@ -1,0 +1,429 @@
+//! A virtual session's operations on a *lane*: a spare instance of a
+//! member's library (p11-kit's client, `[LibraryInstances]`) taken from an
+//! operation's `*Init` to its end, so that a network member serves as many
+//! operations at once as it has instances. Owns which lane a session
+//! holds, finding token keys on it (by fingerprint, as on another member),
+//! and its login. Only the member's own session (the first instance)
+//! holds session objects, searches, object-making and the object map; an
+//! operation that needs them runs there.
+
+use super::{Attempt, VirtualSession};
+use crate::bindings::OpKind;
+use crate::group::{is_member_fault, Group};
+use crate::identity;
+use crate::member::{classify, on_connection, Answer, Lane, MemberLibrary};
+use cryptoki_sys::*;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+/// The lane a virtual session holds, if any.
+#[derive(Default)]
+pub(super) struct LaneCell {
+    held: Mutex<Option<HeldLane>>,
+    /// Whether a lane is held: read without the lock on every step.
+    on: AtomicBool,
+    /// Whether a member of the group has spare instances, found at the
+    /// session's first operation rather than at its opening, which must
+    /// stay cheap.
+    possible: OnceLock<bool>,
+}
+
+/// A lane with the session's operations on it: every active operation of
+/// the session runs there (an operation stays on the session it started
+/// on, and a dual-function call needs both on one session).
+struct HeldLane {
+    position: usize,
+    /// The member's epoch when the lane was taken: a lane from an earlier
+    /// epoch lost its operations with the member's failure.
+    epoch: u64,
+    lane: Lane,
+    /// The kinds of operation active on it, one bit each.
+    kinds: u16,
+}
+
+fn bit(kind: OpKind) -> u16 {
+    1 << kind as u16
+}
+
+impl LaneCell {
+    /// Whether any member of `group` has spare instances to take lanes on.
+    #[inline(always)]
+    pub(super) fn possible(&self, group: &Group) -> bool {
+        *self.possible.get_or_init(|| {
+            group
+                .members
+                .iter()
+                .any(|m| m.location().is_some_and(|l| l.library.has_spares()))
+        })
+    }
+
+    #[inline(always)]
+    pub(super) fn on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+}
+
+/// The answers a lane's key may have gone stale by (or the spare's login
+/// with it): the call is made again on the member's own session.
+fn key_refused(rv: CK_RV) -> bool {
+    classify("C_SignInit", rv) == Answer::LoginLost
+}
+
+impl VirtualSession {
+    /// Starts an operation of `kind` on a lane of member `position`: the
+    /// lane the session's operations are on, or a new one when none is
+    /// active. `keys` are the virtual keys, `first_handles` their handles
+    /// on the member's own session. `None`: the operation runs on the
+    /// member's own session (no spare is idle, a key is a session object
+    /// or cannot be found on the spare, the member has no spares).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn init_on_lane(
+        &self,
+        kind: OpKind,
+        position: usize,
+        keys: &[CK_OBJECT_HANDLE],
+        first_handles: &[CK_OBJECT_HANDLE],
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+    ) -> Option<Attempt> {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let mut held = self.lane.held.lock();
+        let mut current = match held.take() {
+            Some(h) if h.position == position && h.epoch == epoch => h,
+            Some(h) => {
+                // Not where the session's operations are bound: leave them.
+                *held = Some(h);
+                return None;
+            }
+            None if self.bound_member().is_some() => return None,
+            None if !keys.iter().all(|k| self.token_print(*k).is_some()) => return None,
+            None => {
+                let location = member.location()?;
+                match location
+                    .library
+                    .take_lane(location.slot, || member.begin_call())?
+                {
+                    Ok(lane) => HeldLane {
+                        position,
+                        epoch,
+                        lane,
+                        kinds: 0,
+                    },
+                    Err(rv) if is_member_fault("C_OpenSession", rv) => {
+                        drop(held);
+                        return Some(self.judge(position, "C_OpenSession", epoch, rv, false));
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        let member_key = match self.lane_keys(position, &current.lane, keys, first_handles) {
+            Ok(Some(handles)) => handles.first().copied().unwrap_or(CK_INVALID_HANDLE),
+            Ok(None) => return self.leave_lane(held, current),
+            Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
+                drop((held, current));
+                return Some(self.judge(position, "C_FindObjectsInit", epoch, rv, false));
+            }
+            Err(_) => return self.leave_lane(held, current),
+        };
+        let answer = self.attempt_on_lane(position, epoch, function, &current.lane, &mut |l, s| {
+            call(l, s, member_key)
+        });
+        match answer {
+            Attempt::Answered(CKR_OK) => current.kinds |= bit(kind),
+            Attempt::Answered(rv) if key_refused(rv) => return self.refused_on_lane(held, current),
+            // A refused start ends an operation of its kind, as the
+            // session's bindings record (`refused_init`).
+            Attempt::Answered(CKR_OPERATION_ACTIVE) => {}
+            Attempt::Answered(_) => current.kinds &= !bit(kind),
+            Attempt::Faulted => {
+                self.hold(&mut held, None);
+                return Some(Attempt::Faulted);
+            }
+        }
+        self.hold(&mut held, current);
+        Some(answer)
+    }
+
+    /// A lane whose spare refused a key it was given (its handle went
+    /// stale, or the spare its login): the lane's session is closed, and
+    /// with it what the spare session knew, and the operation runs on the
+    /// member's own session.
+    fn refused_on_lane(
+        &self,
+        held: parking_lot::MutexGuard<'_, Option<HeldLane>>,
+        current: HeldLane,
+    ) -> Option<Attempt> {
+        if current.kinds != 0 {
+            return self.leave_lane(held, current);
+        }
+        drop(held);
+        let _in_flight = self.group.members[current.position].begin_call();
+        current.lane.close();
+        None
+    }
+
+    /// Gives `current` up for an operation that must run on the member's
+    /// own session: with no operation on the lane it goes back idle (and
+    /// the operation goes to the member's session); with some, they move
+    /// to a member's own session first and the caller chooses again.
+    fn leave_lane(
+        &self,
+        mut held: parking_lot::MutexGuard<'_, Option<HeldLane>>,
+        current: HeldLane,
+    ) -> Option<Attempt> {
+        if current.kinds == 0 {
+            self.hold(&mut held, current);
+            return None;
+        }
+        let position = current.position;
+        self.hold(&mut held, current);
+        drop(held);
+        self.settle_operations_from(position);
+        Some(Attempt::Faulted)
+    }
+
+    /// Holds `lane` (or none), keeping [`LaneCell::on`] in step; a lane
+    /// with no operation active goes back idle with its session.
+    fn hold(
+        &self,
+        held: &mut parking_lot::MutexGuard<'_, Option<HeldLane>>,
+        lane: impl Into<Option<HeldLane>>,
+    ) {
+        **held = match lane.into() {
+            Some(h) if h.kinds == 0 => {
+                h.lane.finish();
+                None
+            }
+            lane => lane,
+        };
+        self.lane.on.store(held.is_some(), Ordering::Release);
+    }
+
+    /// The handles on `lane` of token keys `keys`, logging the spare in
+    /// first while the group is logged in; `None` when one is a session
+    /// object, or not found there exactly once, or the spare cannot be
+    /// logged in; `Err` with a member's answer to the search.
+    fn lane_keys(
+        &self,
+        position: usize,
+        lane: &Lane,
+        keys: &[CK_OBJECT_HANDLE],
+        first_handles: &[CK_OBJECT_HANDLE],
+    ) -> std::result::Result<Option<super::Handles>, CK_RV> {
+        if keys.is_empty() {
+            return Ok(Some(super::Handles::new()));
+        }
+        if !self.log_lane_in(position, lane) {
+            return Ok(None);
+        }
+        let mut handles = super::Handles::new();
+        for (&key, &first) in keys.iter().zip(first_handles) {
+            let here = match lane.known_key(key, first) {
+                Some(here) => here,
+                None => match self.find_on_lane(position, lane, key)? {
+                    Some(here) => {
+                        lane.remember_key(key, first, here);
+                        here
+                    }
+                    None => return Ok(None),
+                },
+            };
+            handles.push(here);
+        }
+        Ok(Some(handles))
+    }
+
+    /// Finds token object `object` on the lane's spare by its fingerprint.
+    /// A session object exists only on the member session that made it.
+    fn find_on_lane(
+        &self,
+        position: usize,
+        lane: &Lane,
+        object: CK_OBJECT_HANDLE,
+    ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, CK_RV> {
+        let Some(mut print) = self.token_print(object) else {
+            return Ok(None);
+        };
+        let find = |print: &identity::Fingerprint| {
+            let _in_flight = self.group.members[position].begin_call();
+            on_connection(lane.connection, || {
+                identity::find(lane.library(), lane.session, print)
+            })
+        };
+        let mut found = find(print.as_ref())?;
+        if found.len() > 1 && !identity::has_check_value(&print) {
+            if let Some(full) = self.full_fingerprint(object) {
+                print = std::sync::Arc::new(full);
+                found = find(print.as_ref())?;
+            }
+        }
+        Ok(match found[..] {
+            [one] => Some(one),
+            _ => None,
+        })
+    }
+
+    /// The fingerprint of `object` if it is a token object, which every
+    /// instance sees; `None` for a session object, which exists only on
+    /// the member session that made it (the member's own).
+    fn token_print(
+        &self,
+        object: CK_OBJECT_HANDLE,
+    ) -> Option<std::sync::Arc<identity::Fingerprint>> {
+        if self.group.objects.get(object)?.owner.is_some() {
+            return None;
+        }
+        let print = self.fingerprint_of(object)?;
+        print
+            .iter()
+            .any(|(t, v)| *t == CKA_TOKEN && v.first() == Some(&CK_TRUE))
+            .then_some(print)
+    }
+
+    /// Logs the lane's spare in with the group's cached user login if the
+    /// group is logged in and the spare is not yet; true when it may serve
+    /// keys (logged in as needed). A login other than the user's (the SO)
+    /// is not carried to spares: their sessions are read-only.
+    fn log_lane_in(&self, position: usize, lane: &Lane) -> bool {
+        match self.group.cached_login() {
+            None => return true,
+            Some((user_type, _)) if user_type != CKU_USER => return false,
+            Some(_) => {}
+        }
+        if lane.logged_in() {
+            return true;
+        }
+        let _in_flight = self.group.members[position].begin_call();
+        lane.log_in(|library, session| {
+            let (user_type, pin) = self.group.cached_login()?;
+            Some(crate::group::log_in_member(
+                library,
+                session,
+                user_type,
+                pin.as_deref().map(|p| p.as_slice()),
+            ))
+        })
+    }
+
+    /// Runs `call` on the lane's session, as [`VirtualSession::attempt`]
+    /// does on the member's own: counted on the member, asked again while
+    /// busy, the spare logged in again if it lost its login, and a member
+    /// fault taking the whole member out (the spare's server is the
+    /// member's).
+    fn attempt_on_lane(
+        &self,
+        position: usize,
+        epoch: u64,
+        function: &str,
+        lane: &Lane,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        let member = &self.group.members[position];
+        if member.epoch() != epoch {
+            return Attempt::Faulted;
+        }
+        let library = lane.library();
+        let mut run = || on_connection(lane.connection, || call(library, lane.session));
+        let guard = member.begin_call();
+        let mut rv = run();
+        if rv != CKR_OK && classify(function, rv) == Answer::Busy {
+            rv = crate::group::retry_while_busy(function, rv, &mut run);
+        }
+        if rv == CKR_USER_NOT_LOGGED_IN && self.group.cached_login().is_some() {
+            lane.forget_login();
+            drop(guard);
+            if self.log_lane_in(position, lane) {
+                let _guard = member.begin_call();
+                rv = run();
+            }
+        } else {
+            drop(guard);
+        }
+        if rv == CKR_OK {
+            return Attempt::Answered(CKR_OK);
+        }
+        self.judge(position, function, epoch, rv, false)
+    }
+
+    /// Continues the operation of `kind` on the lane when it runs there;
+    /// `None` when it runs on the member's own session. A fault drops the
+    /// lane (the caller moves the operations).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn step_on_lane(
+        &self,
+        kind: OpKind,
+        position: usize,
+        function: &str,
+        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<Attempt> {
+        let mut held = self.lane.held.lock();
+        let current = held
+            .as_ref()
+            .filter(|h| h.position == position && h.kinds & bit(kind) != 0)?;
+        let answer = self.attempt_on_lane(position, current.epoch, function, &current.lane, call);
+        if matches!(answer, Attempt::Faulted) {
+            self.hold(&mut held, None);
+        }
+        Some(answer)
+    }
+
+    /// After a step of `kind` was recorded: a lane with no operation left
+    /// active goes back idle, its session kept.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn after_lane_step(&self, kind: OpKind) {
+        if self.summary().active(kind) {
+            return;
+        }
+        let mut held = self.lane.held.lock();
+        let Some(mut current) = held.take() else {
+            return;
+        };
+        current.kinds &= !bit(kind);
+        self.hold(&mut held, current);
+    }
+
+    /// Gives the lane up, its operations left behind: its session is
+    /// closed while the member is in service (ending them there), else
+    /// forgotten with the member's connection.
+    pub(super) fn drop_lane(&self) {
+        let mut held = self.lane.held.lock();
+        let Some(current) = held.take() else {
+            return;
+        };
+        self.hold(&mut held, None);
+        drop(held);
+        let member = &self.group.members[current.position];
+        if member.is_up() && member.epoch() == current.epoch {
+            let _in_flight = member.begin_call();
+            current.lane.close();
+        }
+    }
+
+    /// The member whose lane the session's operations are on, if any.
+    fn lane_position(&self) -> Option<usize> {
+        if !self.lane.on() {
+            return None;
+        }
+        self.lane.held.lock().as_ref().map(|h| h.position)
+    }
+
+    /// Brings the session's operations from a lane to a member's own
+    /// session (started again and their input replayed, as after a member
+    /// fault), for a call that must reach them there: the operation state,
+    /// a context-specific login, `C_DigestKey` with a key the lane lacks.
+    pub fn settle_operations(&self) {
+        if let Some(position) = self.lane_position() {
+            self.settle_operations_from(position);
+        }
+    }
+
+    fn settle_operations_from(&self, position: usize) {
+        self.move_operations(position);
+    }
+}
