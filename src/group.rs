@@ -11,7 +11,7 @@ use crate::member::{
     classify, member_call, open_member_session, padded_to_string, string_to_padded, Answer,
     CallCounts, Counting, MemberLibrary, MemberSession,
 };
-use crate::object::ObjectTable;
+use crate::object::{ObjectTable, Presence};
 use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
@@ -619,6 +619,14 @@ pub struct Group {
     writes: RwLock<()>,
     /// Per member: what it holds (see `index.rs`).
     indexes: Vec<Mutex<IndexState>>,
+    /// Per member: the group's objects it was seen to hold whenever its
+    /// handles were forgotten (see [`Group::held_before`]).
+    held_before: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
+    /// Per member: objects whose making call on it failed with the member
+    /// (cut off on the wire, a reset connection, a killed server): it may
+    /// have made them, so a recovery that did not read its objects looks
+    /// these up before making them there.
+    maybe_made: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
     /// Where deletions a member missed are recorded for later processes
     /// (`state_dir.rs`); unset without a usable state directory.
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
@@ -777,6 +785,8 @@ impl Group {
             writes: RwLock::new(()),
             outage: Mutex::new(None),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
+            held_before: (0..count).map(|_| Mutex::default()).collect(),
+            maybe_made: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
         }
@@ -1017,9 +1027,27 @@ impl Group {
     /// Forgets every object handle of a member (it restarted, or logged
     /// out: SoftHSM numbers private objects anew at the next login).
     pub fn forget_handles(&self, position: usize) {
+        self.held_before[position]
+            .lock()
+            .extend(self.objects.held_by(position));
         self.objects.forget_member(position);
         let epoch = self.members[position].epoch();
         self.indexes[position].lock().reset(epoch);
+    }
+
+    /// The group's objects that member `position` was seen to hold before
+    /// its handles were last forgotten, less those since gone from the
+    /// group or looked for there and not found: what a returning member
+    /// whose token kept its objects still holds, without reading them all.
+    pub fn held_before(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
+        let mut held = self.held_before[position].lock();
+        held.retain(|object| {
+            matches!(
+                self.objects.presence(*object, position),
+                Some(Presence::Unknown | Presence::Present(_))
+            )
+        });
+        held.clone()
     }
 
     /// To take before reading member `position`'s objects into an index
@@ -1211,10 +1239,25 @@ impl Group {
         if let Some(i) = entries.iter().position(|e| *e == (object, None)) {
             if cut_off {
                 entries[i].1 = Some(Instant::now());
+                self.maybe_made[position].lock().insert(object);
             } else {
                 entries.remove(i);
+                if !self.members[position].reachable() {
+                    self.maybe_made[position].lock().insert(object);
+                }
             }
         }
+    }
+
+    /// Whether a call making `object` on a member failed with it (see
+    /// `maybe_made`) and nothing has looked for the object there since.
+    pub fn maybe_made(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        self.maybe_made[position].lock().contains(&object)
+    }
+
+    /// The member was looked up for `object`, and holds it now.
+    pub fn made_known(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.maybe_made[position].lock().remove(&object);
     }
 
     /// Objects being made on a member (`None`) or in doubt there (since
