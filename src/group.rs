@@ -1035,17 +1035,18 @@ impl Group {
         self.indexes[position].lock().reset(epoch);
     }
 
-    /// The group's objects that member `position` was seen to hold before
-    /// its handles were last forgotten, less those since gone from the
-    /// group or looked for there and not found: what a returning member
+    /// The group's token objects that member `position` was seen to hold
+    /// before its handles were last forgotten, less those since gone from
+    /// the group or looked for there and not found: what a returning member
     /// whose token kept its objects still holds, without reading them all.
+    /// (Session objects end with their sessions.)
     pub fn held_before(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
         let mut held = self.held_before[position].lock();
         held.retain(|object| {
-            matches!(
-                self.objects.presence(*object, position),
-                Some(Presence::Unknown | Presence::Present(_))
-            )
+            self.objects.get(*object).is_some_and(|o| {
+                o.owner.is_none()
+                    && matches!(o.on[position], Presence::Unknown | Presence::Present(_))
+            })
         });
         held.clone()
     }

@@ -694,7 +694,10 @@ struct Known {
     /// until settled) and what a call failing with it may have made
     /// ([`Group::maybe_made`], looked up before it is replayed).
     complete: bool,
-    held_before: rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
+    /// The fingerprints of those objects: an object the group has under
+    /// two handles (one made when a member listed its copy before the
+    /// group had mapped it) counts, and is known, once.
+    held_before: rustc_hash::FxHashSet<Arc<identity::Fingerprint>>,
 }
 
 impl Known {
@@ -707,7 +710,11 @@ impl Known {
     /// attempt. Reconciliation, which runs once the member is back,
     /// compares every member object by object as before.
     fn of(group: &Group, worker: &VirtualSession, position: usize) -> Result<Known, String> {
-        let held_before = group.held_before(position);
+        let held_before: rustc_hash::FxHashSet<_> = group
+            .held_before(position)
+            .into_iter()
+            .filter_map(|object| group.objects.get(object)?.fingerprint)
+            .collect();
         if !held_before.is_empty() {
             let domain = worker.domain_handle(position);
             let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
@@ -740,6 +747,16 @@ impl Known {
 
     /// The holdings to apply `change` with: a removal needs the member's
     /// handle, which only a complete reading or its own search gives.
+    /// Whether the group saw `object` on the member before (by its kept
+    /// fingerprint: without one it is looked up).
+    fn held_before(&self, group: &Group, object: CK_OBJECT_HANDLE) -> bool {
+        group
+            .objects
+            .get(object)
+            .and_then(|o| o.fingerprint)
+            .is_some_and(|print| self.held_before.contains(&print))
+    }
+
     fn for_change(&mut self, change: &Pending) -> Option<&mut Holdings> {
         let removal = matches!(change, Pending::Destroy(_) | Pending::Orphans(_));
         (self.complete || !removal).then_some(&mut self.holdings)
@@ -1082,7 +1099,7 @@ fn synchronize(
         .collect();
     let unseen = candidates
         .iter()
-        .filter(|object| !known.held_before.contains(object))
+        .filter(|object| !known.held_before(group, **object))
         .count();
     if !known.complete && unseen > LOOK_UPS_INSTEAD_OF_READING {
         *known = Known::read(worker, position)?;
@@ -1094,7 +1111,7 @@ fn synchronize(
         // show here under a handle of its own before that call records it;
         // the replay of the change queued for it must find this copy.)
         let looked_up = || worker.holds(object, position, None);
-        if !known.complete && (known.held_before.contains(&object) || looked_up()) {
+        if !known.complete && (known.held_before(group, object) || looked_up()) {
             continue;
         }
         match worker.apply(

@@ -219,7 +219,11 @@ fn recovered_line(group: &Group, n: usize, limit: Duration) -> String {
     let deadline = Instant::now() + limit;
     loop {
         let log = group.log();
-        if let Some(line) = log.lines().filter(|l| l.contains("member recovered")).nth(n) {
+        if let Some(line) = log
+            .lines()
+            .filter(|l| l.contains("member recovered"))
+            .nth(n)
+        {
             return line.to_string();
         }
         assert!(Instant::now() < deadline, "no recovery {n} in:\n{log}");
