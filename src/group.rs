@@ -622,11 +622,6 @@ pub struct Group {
     /// Per member: the group's objects it was seen to hold whenever its
     /// handles were forgotten (see [`Group::held_before`]).
     held_before: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
-    /// Per member: objects whose making call on it failed with the member
-    /// (cut off on the wire, a reset connection, a killed server): it may
-    /// have made them, so a recovery that did not read its objects looks
-    /// these up before making them there.
-    maybe_made: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
     /// Where deletions a member missed are recorded for later processes
     /// (`state_dir.rs`); unset without a usable state directory.
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
@@ -786,7 +781,6 @@ impl Group {
             outage: Mutex::new(None),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
             held_before: (0..count).map(|_| Mutex::default()).collect(),
-            maybe_made: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
         }
@@ -1240,25 +1234,10 @@ impl Group {
         if let Some(i) = entries.iter().position(|e| *e == (object, None)) {
             if cut_off {
                 entries[i].1 = Some(Instant::now());
-                self.maybe_made[position].lock().insert(object);
             } else {
                 entries.remove(i);
-                if !self.members[position].reachable() {
-                    self.maybe_made[position].lock().insert(object);
-                }
             }
         }
-    }
-
-    /// Whether a call making `object` on a member failed with it (see
-    /// `maybe_made`) and nothing has looked for the object there since.
-    pub fn maybe_made(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
-        self.maybe_made[position].lock().contains(&object)
-    }
-
-    /// The member was looked up for `object`, and holds it now.
-    pub fn made_known(&self, position: usize, object: CK_OBJECT_HANDLE) {
-        self.maybe_made[position].lock().remove(&object);
     }
 
     /// Objects being made on a member (`None`) or in doubt there (since

@@ -688,11 +688,9 @@ const LOOK_UPS_INSTEAD_OF_READING: usize = 64;
 struct Known {
     holdings: Holdings,
     /// `holdings` were read from the member. Otherwise they list only what
-    /// the recovery made there, and `held_before` what the group saw there
-    /// before: a member holds nothing else the group queued for it but
-    /// what a call cut off on the wire may have made (in doubt, looked up
-    /// until settled) and what a call failing with it may have made
-    /// ([`Group::maybe_made`], looked up before it is replayed).
+    /// synchronisation copied there, and `held_before` what the group saw
+    /// there before; the replay looks the member up for each change (a
+    /// call that failed with the member may have made its object there).
     complete: bool,
     /// The fingerprints of those objects: an object the group has under
     /// two handles (one made when a member listed its copy before the
@@ -703,19 +701,23 @@ struct Known {
 impl Known {
     /// Reads the member's objects -- unless it still holds as many token
     /// objects as the group saw on it before its handles were forgotten
-    /// (its token kept them: a reset connection, a restarted server). Then
-    /// those are taken as held, and counting them costs one search where
-    /// reading them costs a call per object: 0.4-2.3 s for the few
-    /// thousand objects of the long chaos run under load, at every
-    /// attempt. Reconciliation, which runs once the member is back,
-    /// compares every member object by object as before.
+    /// (its token kept them: a reset connection, a restarted server) and
+    /// few changes are queued for it. Then those are taken as held, and
+    /// counting them costs one search where reading them costs a call per
+    /// object: 0.1-2.3 s for the few thousand objects of the long chaos
+    /// run under load, at every attempt. Reconciliation, which runs once
+    /// the member is back, compares every member object by object as
+    /// before.
     fn of(group: &Group, worker: &VirtualSession, position: usize) -> Result<Known, String> {
         let held_before: rustc_hash::FxHashSet<_> = group
             .held_before(position)
             .into_iter()
             .filter_map(|object| group.objects.get(object)?.fingerprint)
             .collect();
-        if !held_before.is_empty() {
+        // A look-up per queued change costs about four calls where the
+        // reading costs one per object.
+        let look_ups = group.pending_count(position) * 4;
+        if !held_before.is_empty() && look_ups < held_before.len() {
             let domain = worker.domain_handle(position);
             let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
             let held_now = group
@@ -745,8 +747,6 @@ impl Known {
         })
     }
 
-    /// The holdings to apply `change` with: a removal needs the member's
-    /// handle, which only a complete reading or its own search gives.
     /// Whether the group saw `object` on the member before (by its kept
     /// fingerprint: without one it is looked up).
     fn held_before(&self, group: &Group, object: CK_OBJECT_HANDLE) -> bool {
@@ -755,11 +755,6 @@ impl Known {
             .get(object)
             .and_then(|o| o.fingerprint)
             .is_some_and(|print| self.held_before.contains(&print))
-    }
-
-    fn for_change(&mut self, change: &Pending) -> Option<&mut Holdings> {
-        let removal = matches!(change, Pending::Destroy(_) | Pending::Orphans(_));
-        (self.complete || !removal).then_some(&mut self.holdings)
     }
 }
 
@@ -959,21 +954,9 @@ fn replay_pending(
     let mut applied = 0;
     let mut kept = 0;
     while let Some(change) = pending.next() {
-        let made_maybe = match &change {
-            Pending::Create(object) | Pending::Import(object, _) if !known.complete => {
-                Some(*object).filter(|o| group.maybe_made(position, *o))
-            }
-            _ => None,
-        };
-        let holdings = match made_maybe {
-            // Looked up on the member itself: it was read for no holdings.
-            Some(_) => None,
-            None => known.for_change(&change),
-        };
+        // Not read: each change looks the member up itself.
+        let holdings = known.complete.then_some(&mut known.holdings);
         let outcome = worker.apply(position, &change, holdings);
-        if let (Some(object), Ok(_)) = (made_maybe, &outcome) {
-            group.made_known(position, object);
-        }
         let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
         if group.members[position].reachable()
             && (source_failed || must_wait(group, worker, position, &change, &outcome))
