@@ -12,7 +12,7 @@ use crate::member::{
     Counting, MemberLibrary, MemberSession,
 };
 use crate::member_api::MemberApi;
-use crate::object::ObjectTable;
+use crate::object::{ObjectTable, Presence};
 use crate::strategy::Capabilities;
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
@@ -633,6 +633,9 @@ pub struct Group {
     writes: RwLock<()>,
     /// Per member: what it holds (see `index.rs`).
     indexes: Vec<Mutex<IndexState>>,
+    /// Per member: the group's objects it was seen to hold whenever its
+    /// handles were forgotten (see [`Group::held_before`]).
+    held_before: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
     /// Where deletions a member missed are recorded for later processes
     /// (`state_dir.rs`); unset without a usable state directory.
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
@@ -791,6 +794,7 @@ impl Group {
             writes: RwLock::new(()),
             outage: Mutex::new(None),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
+            held_before: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
         }
@@ -1031,9 +1035,28 @@ impl Group {
     /// Forgets every object handle of a member (it restarted, or logged
     /// out: SoftHSM numbers private objects anew at the next login).
     pub fn forget_handles(&self, position: usize) {
+        self.held_before[position]
+            .lock()
+            .extend(self.objects.held_by(position));
         self.objects.forget_member(position);
         let epoch = self.members[position].epoch();
         self.indexes[position].lock().reset(epoch);
+    }
+
+    /// The group's token objects that member `position` was seen to hold
+    /// before its handles were last forgotten, less those since gone from
+    /// the group or looked for there and not found: what a returning member
+    /// whose token kept its objects still holds, without reading them all.
+    /// (Session objects end with their sessions.)
+    pub fn held_before(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
+        let mut held = self.held_before[position].lock();
+        held.retain(|object| {
+            self.objects.get(*object).is_some_and(|o| {
+                o.owner.is_none()
+                    && matches!(o.on[position], Presence::Unknown | Presence::Present(_))
+            })
+        });
+        held.clone()
     }
 
     /// To take before reading member `position`'s objects into an index

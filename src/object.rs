@@ -126,6 +126,14 @@ impl ObjectTable {
             .copied()
     }
 
+    /// The objects known to be on `member` now.
+    pub fn held_by(&self, member: usize) -> Vec<CK_OBJECT_HANDLE> {
+        self.maps.read().by_member[member]
+            .values()
+            .copied()
+            .collect()
+    }
+
     /// The virtual handle of a member's object, made on first sight.
     pub fn from_member(&self, member: usize, member_handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
         if let Some(h) = self.maps.read().by_member[member].get(&member_handle) {

@@ -490,11 +490,18 @@ struct InDoubtWait {
     after_cut: Duration,
     answering: Instant,
     after_answering: Duration,
+    /// How long [`settle_in_doubt`] may wait in place: none where the
+    /// recovery runs inside an application's call.
+    in_place: Duration,
 }
 
 impl InDoubtWait {
     fn new(provider: &dyn Host, answering: Instant) -> InDoubtWait {
-        InDoubtWait::for_timeout(provider.member_timeout(), answering)
+        let mut wait = InDoubtWait::for_timeout(provider.member_timeout(), answering);
+        if !provider.threads_allowed() {
+            wait.in_place = Duration::ZERO;
+        }
+        wait
     }
 
     fn for_timeout(member_timeout: Duration, answering: Instant) -> InDoubtWait {
@@ -502,6 +509,7 @@ impl InDoubtWait {
             after_cut: member_timeout * IN_DOUBT_TIMEOUTS,
             answering,
             after_answering: member_timeout,
+            in_place: member_timeout,
         }
     }
 
@@ -607,16 +615,18 @@ fn recover(
     let worker = VirtualSession::internal(Arc::clone(group));
     let in_doubt_wait = InDoubtWait::new(provider, group.members[position].answering_since());
     let outcome = bring_up_to_date(group, provider, position, &worker, in_doubt_wait, &mut phases).and_then(
-        |(mut copied, mut holdings)| {
+        |(mut copied, mut known, backlog)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
             // the lock that queues them. Under continuous writes the queue
             // never empties by itself: once it is short, or a round of
-            // replay no longer halves it, new writes wait at the barrier
-            // while the tail is copied, so the rejoin takes the backlog's
-            // time, not forever.
+            // replay -- the first one included -- no longer halves it, new
+            // writes wait at the barrier while the tail is copied, so the
+            // rejoin takes the backlog's time, not forever. (Counted from
+            // the second round, a member replaying as fast as the writes
+            // came spent one more whole round chasing them.)
             let mut barrier = None;
-            let mut before = usize::MAX;
+            let mut before = backlog;
             let (mut rounds, mut tail, mut at_barrier) = (0, 0, Duration::ZERO);
             let (mut settle_time, mut replay_time) = (Duration::ZERO, Duration::ZERO);
             while !group.rejoin(position) {
@@ -636,7 +646,7 @@ fn recover(
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 settle_time += settling.elapsed();
                 let replaying = Instant::now();
-                copied += replay_pending(group, position, &worker, &mut holdings)?;
+                copied += replay_pending(group, position, &worker, &mut known)?;
                 replay_time += replaying.elapsed();
             }
             phases.end("tail");
@@ -652,8 +662,8 @@ fn recover(
 }
 
 /// Logs the member in, replays what it missed, copies what it lacks and
-/// reopens sessions; returns how many objects it received and what it now
-/// holds.
+/// reopens sessions; returns how many objects it received, what is known
+/// of what it now holds, and how many changes the replay found queued.
 fn bring_up_to_date(
     group: &Arc<Group>,
     provider: &dyn Host,
@@ -661,7 +671,7 @@ fn bring_up_to_date(
     worker: &VirtualSession,
     in_doubt_wait: InDoubtWait,
     phases: &mut Phases,
-) -> Result<(usize, Holdings), Setback> {
+) -> Result<(usize, Known, usize), Setback> {
     let session = worker
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
@@ -679,14 +689,22 @@ fn bring_up_to_date(
         }
     }
     phases.end("login");
+    // Known first: the objects in doubt have part of their time meanwhile.
+    // One that lands after the reading is found by its own search below,
+    // which the replay then knows of.
+    let mut known = Known::of(group, worker, position)?;
+    phases.end(if known.complete {
+        "objects read"
+    } else {
+        "objects counted"
+    });
     settle_in_doubt(group, position, worker, in_doubt_wait)?;
-    let mut holdings = Holdings::read(worker, position)
-        .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
-    phases.end("objects read");
-    let mut copied = replay_pending(group, position, worker, &mut holdings)?;
+    phases.end("in doubt");
+    let backlog = group.pending_count(position);
+    let mut copied = replay_pending(group, position, worker, &mut known)?;
     phases.end("replay");
     if provider.synchronize(group) {
-        copied += synchronize(group, position, worker, &mut holdings)?;
+        copied += synchronize(group, position, worker, &mut known)?;
         phases.end("synchronisation");
     }
     if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
@@ -695,51 +713,151 @@ fn bring_up_to_date(
             .map_err(|e| format!("cannot reopen sessions: {}", rv_name(e.rv)))?;
         phases.end("sessions");
     }
-    Ok((copied, holdings))
+    Ok((copied, known, backlog))
 }
+
+/// Objects the group saw on a member and not elsewhere, beyond which
+/// [`synchronize`] reads the member's objects rather than look each up.
+const LOOK_UPS_INSTEAD_OF_READING: usize = 64;
+
+/// What a recovery knows of the member's objects: what it holds, to make
+/// nothing there twice.
+struct Known {
+    holdings: Holdings,
+    /// `holdings` were read from the member. Otherwise they list only what
+    /// synchronisation copied there, and `held_before` what the group saw
+    /// there before; the replay looks the member up for each change (a
+    /// call that failed with the member may have made its object there).
+    complete: bool,
+    /// The fingerprints of those objects: an object the group has under
+    /// two handles (one made when a member listed its copy before the
+    /// group had mapped it) counts, and is known, once.
+    held_before: rustc_hash::FxHashSet<Arc<identity::Fingerprint>>,
+}
+
+impl Known {
+    /// Reads the member's objects -- unless it still holds as many token
+    /// objects as the group saw on it before its handles were forgotten
+    /// (its token kept them: a reset connection, a restarted server) and
+    /// few changes are queued for it. Then those are taken as held, and
+    /// counting them costs one search where reading them costs a call per
+    /// object: 0.1-2.3 s for the few thousand objects of the long chaos
+    /// run under load, at every attempt. Reconciliation, which runs once
+    /// the member is back, compares every member object by object as
+    /// before.
+    fn of(group: &Group, worker: &VirtualSession, position: usize) -> Result<Known, String> {
+        let held_before: rustc_hash::FxHashSet<_> = group
+            .held_before(position)
+            .into_iter()
+            .filter_map(|object| group.objects.get(object)?.fingerprint)
+            .collect();
+        // A look-up per queued change costs about four calls where the
+        // reading costs one per object.
+        let look_ups = group.pending_count(position) * 4;
+        if !held_before.is_empty() && look_ups < held_before.len() {
+            let domain = worker.domain_handle(position);
+            let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+            let held_now = group
+                .find_on_utility(position, &everything)
+                .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?
+                .into_iter()
+                .filter(|h| Some(*h) != domain)
+                .count();
+            if held_now >= held_before.len() {
+                return Ok(Known {
+                    holdings: Holdings::none_read(),
+                    complete: false,
+                    held_before,
+                });
+            }
+        }
+        Known::read(worker, position)
+    }
+
+    fn read(worker: &VirtualSession, position: usize) -> Result<Known, String> {
+        let holdings = Holdings::read(worker, position)
+            .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+        Ok(Known {
+            holdings,
+            complete: true,
+            held_before: Default::default(),
+        })
+    }
+
+    /// Whether the group saw `object` on the member before (by its kept
+    /// fingerprint: without one it is looked up).
+    fn held_before(&self, group: &Group, object: CK_OBJECT_HANDLE) -> bool {
+        group
+            .objects
+            .get(object)
+            .and_then(|o| o.fingerprint)
+            .is_some_and(|print| self.held_before.contains(&print))
+    }
+}
+
+/// How often a recovery looks again whether the member has made an object
+/// in doubt, while it has its time.
+const IN_DOUBT_POLL: Duration = Duration::from_millis(50);
 
 /// Settles the objects whose making the member was cut off in: each once
 /// the member holds it, once the member has had its time to carry the
-/// request out ([`InDoubtWait`]), or once it is gone from the group -- unless the call that
-/// made it failed (it was abandoned): then the copy the member may still
-/// make is waited for like any other, and removed by the removal queued
-/// for the member. Until then the member is not given them again -- it
-/// would end with two when it resumes -- and so does not come back; nor
-/// while a call making an object on it has yet to return and say whether
-/// it was cut off.
+/// request out ([`InDoubtWait`]), or once it is gone from the group --
+/// unless the call that made it failed (it was abandoned): then the copy
+/// the member may still make is waited for like any other, and removed by
+/// the removal queued for the member. Until then the member is not given
+/// them again -- it would end with two when it resumes -- and so does not
+/// come back; nor while a call making an object on it has yet to return
+/// and say whether it was cut off. The wait is spent here, looking again
+/// every [`IN_DOUBT_POLL`], for at most one `memberTimeout` (by then every
+/// request cut off before the member answered again has had its time),
+/// where recovery has threads of its own: giving the attempt up instead
+/// cost the next `AutoReconnectInterval`, and finding the token and
+/// logging in again.
 fn settle_in_doubt(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
     wait: InDoubtWait,
 ) -> Result<(), Setback> {
-    for (object, since) in group.in_doubt(position) {
-        let Some(since) = since else {
-            return Err(Setback::Waiting(
-                "a call making an object on it is still under way".into(),
-            ));
-        };
-        let held = || {
-            if group.objects.get(object).is_some() {
-                return worker.holds(object, position, None);
+    let give_up = clock::now() + wait.in_place;
+    loop {
+        let mut waiting = None;
+        for (object, since) in group.in_doubt(position) {
+            let Some(since) = since else {
+                waiting = Some("a call making an object on it is still under way".to_string());
+                continue;
+            };
+            let held = || {
+                if group.objects.get(object).is_some() {
+                    return worker.holds(object, position, None);
+                }
+                match group.abandoned_print(object) {
+                    Some(print) => group
+                        .on_utility(position, |s| identity::find(&*s.library, s.handle, &print))
+                        .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
+                    None => true,
+                }
+            };
+            if wait.over(since, clock::now()) || held() {
+                group.settle_in_doubt(position, object);
+            } else {
+                waiting = Some(format!(
+                    "it may still make an object it was cut off making {} ms ago",
+                    clock::since(since).as_millis()
+                ));
             }
-            match group.abandoned_print(object) {
-                Some(print) => group
-                    .on_utility(position, |s| identity::find(&*s.library, s.handle, &print))
-                    .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
-                None => true,
-            }
-        };
-        if wait.over(since, clock::now()) || held() {
-            group.settle_in_doubt(position, object);
-        } else {
-            return Err(Setback::Waiting(format!(
-                "it may still make an object it was cut off making {} ms ago",
-                clock::since(since).as_millis()
-            )));
         }
+        let Some(why) = waiting else {
+            return Ok(());
+        };
+        if !group.members[position].reachable() {
+            return Err("the member failed again".to_string().into());
+        }
+        if clock::now() >= give_up {
+            return Err(Setback::Waiting(why));
+        }
+        clock::sleep(IN_DOUBT_POLL);
     }
-    Ok(())
 }
 
 /// Finds the member's token: on its library, or on another (one serving
@@ -867,13 +985,15 @@ fn replay_pending(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
-    holdings: &mut Holdings,
+    known: &mut Known,
 ) -> Result<usize, String> {
     let mut pending = group.take_pending(position).into_iter();
     let mut applied = 0;
     let mut kept = 0;
     while let Some(change) = pending.next() {
-        let outcome = worker.apply(position, &change, Some(holdings));
+        // Not read: each change looks the member up itself.
+        let holdings = known.complete.then_some(&mut known.holdings);
+        let outcome = worker.apply(position, &change, holdings);
         let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
         if group.members[position].reachable()
             && (source_failed || must_wait(group, worker, position, &change, &outcome))
@@ -963,13 +1083,16 @@ fn must_wait(
 }
 
 /// Copies to the member every token object a serving member has and it
-/// lacks. Both members are read once and compared here, and objects still
-/// queued for the member are left to the replay.
+/// lacks. Both members are read once and compared here -- or, where the
+/// member was not read (see [`Known::of`]), the objects the group did not
+/// see there are looked up on it one by one, unless there are more than
+/// [`LOOK_UPS_INSTEAD_OF_READING`] -- and objects still queued for the
+/// member are left to the replay.
 fn synchronize(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
-    holdings: &mut Holdings,
+    known: &mut Known,
 ) -> Result<usize, String> {
     let Some(reference) = group
         .up_members()
@@ -988,13 +1111,34 @@ fn synchronize(
         )
     })?;
     let queued = group.queued_objects(position);
+    let candidates: Vec<CK_OBJECT_HANDLE> = handles
+        .into_iter()
+        .filter(|h| Some(*h) != domain)
+        .map(|handle| group.objects.from_member(reference, handle))
+        .filter(|object| !queued.contains(object))
+        .collect();
+    let unseen = candidates
+        .iter()
+        .filter(|object| !known.held_before(group, **object))
+        .count();
+    if !known.complete && unseen > LOOK_UPS_INSTEAD_OF_READING {
+        *known = Known::read(worker, position)?;
+    }
     let mut copied = 0;
-    for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
-        let object = group.objects.from_member(reference, handle);
-        if queued.contains(&object) {
+    for object in candidates {
+        // Not read: looked up on the member first, then copied with the
+        // holdings, which note the copy. (An object a call is making may
+        // show here under a handle of its own before that call records it;
+        // the replay of the change queued for it must find this copy.)
+        let looked_up = || worker.holds(object, position, None);
+        if !known.complete && (known.held_before(group, object) || looked_up()) {
             continue;
         }
-        match worker.apply(position, &Pending::Create(object), Some(holdings)) {
+        match worker.apply(
+            position,
+            &Pending::Create(object),
+            Some(&mut known.holdings),
+        ) {
             Ok(made) => copied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
                 group.log(

@@ -1343,6 +1343,15 @@ impl Holdings {
         Ok(Holdings { objects })
     }
 
+    /// Holdings that list nothing yet, for a member that recovery takes to
+    /// hold what it held before (see `recovery.rs`): the copies made on it
+    /// are noted in them.
+    pub fn none_read() -> Holdings {
+        Holdings {
+            objects: Vec::new(),
+        }
+    }
+
     /// The member's objects a search for `print` finds.
     pub fn matching<'a>(
         &'a self,

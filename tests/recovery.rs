@@ -213,6 +213,67 @@ fn failed_member_rejoins_with_keys_made_while_away_and_serves() {
     }
 }
 
+/// Waits, within `limit`, for the `n`th `member recovered` line of the HA
+/// log, and returns it.
+fn recovered_line(group: &Group, n: usize, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = group.log();
+        if let Some(line) = log
+            .lines()
+            .filter(|l| l.contains("member recovered"))
+            .nth(n)
+        {
+            return line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no recovery {n} in:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A member that returns with its token as it was is not read object by
+/// object again (its objects are counted, and those the group saw there
+/// taken as held); one whose token lost objects while it was away -- here
+/// another program removed one -- is read in full and given back what it
+/// lacks.
+#[test]
+fn a_member_whose_token_lost_objects_while_away_is_read_and_given_them_back() {
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let keys = ec_key(&session, b"kept");
+    fail_member(&group, &session, keys, 1);
+    group.members[1].clear_fault();
+    group.wait_for_state(1, 0, Duration::from_secs(5));
+    let unchanged = recovered_line(&group, 0, Duration::from_secs(5));
+    assert!(
+        unchanged.contains("objects counted") && !unchanged.contains("objects read"),
+        "a token that kept its objects is not read again: {unchanged}"
+    );
+    assert_eq!(group.count_on_member(1, b"kept"), 2);
+
+    fail_member(&group, &session, keys, 1);
+    let removed = std::process::Command::new("pkcs11-tool")
+        .args(["--module", SOFTHSM_LIB, "--token-label", "m1", "--login"])
+        .args(["--pin", USER_PIN, "--delete-object", "--type", "pubkey"])
+        .args(["--id", "6b657074"])
+        .output()
+        .expect("pkcs11-tool runs");
+    assert!(removed.status.success(), "{removed:?}");
+    group.members[1].clear_fault();
+    group.wait_for_state(1, 0, Duration::from_secs(5));
+    let changed = recovered_line(&group, 1, Duration::from_secs(5));
+    assert!(
+        changed.contains("objects read"),
+        "a token with fewer objects than the group saw there is read: {changed}"
+    );
+    assert_eq!(
+        group.count_on_member(1, b"kept"),
+        2,
+        "the public key removed while it was away is back"
+    );
+    sign_verify(&session, keys);
+}
+
 /// A member that returns while the application is logged out cannot be
 /// given the private keys it missed -- pkcs11-ha holds no credential then
 /// -- so they wait, and the group status counts them as changes the member
