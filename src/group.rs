@@ -240,6 +240,12 @@ impl Member {
         Some(kept.swap_remove(at).1)
     }
 
+    /// How many sessions [`Self::keep_unused`] holds now: open on the
+    /// member, and closed with the slot's last session.
+    pub fn unused_sessions_kept(&self) -> usize {
+        self.unused_sessions.lock().len()
+    }
+
     /// Closes the sessions [`Self::keep_unused`] kept: before an SO login,
     /// which a token refuses while a read-only session is open, and when
     /// the slot's last session closes.

@@ -1767,10 +1767,15 @@ fn sessions_closed_under_running_calls_leave_no_member_session_open() {
                 });
             }
             let after = sessions_on(s);
+            // A member session no call was made on is kept for the next
+            // virtual session (at most 4); which ones depends on where the
+            // digests went.
+            let kept = pkcs11_ha::provider::get().expect("initialised").groups[0].members[1]
+                .unused_sessions_kept() as u32;
             ensure!(
-                after[1] == before[1],
+                after[1] == before[1] + kept,
                 "the member that stayed up holds {} sessions after {ROUNDS} rounds of \
-                 closes under running calls, {} before",
+                 closes under running calls, {} before and {kept} kept unused",
                 after[1],
                 before[1]
             );
