@@ -1816,8 +1816,12 @@ fn sessions_closed_under_running_calls_leave_no_member_session_open() {
 ///   answers): a destroy whose answer was lost on one member and that
 ///   failed on the other left the members disagreeing; a copy given to a
 ///   member that failed while taking it outlived the abandoned key; an
-///   orphan passed for a group key first seen in a search.
-const REGRESSION_SEEDS: [(u64, bool); 21] = [
+///   orphan passed for a group key first seen in a search;
+/// - 108639, 117880, 143078: the check value of a member's domain key was
+///   read on a session its token had dropped unseen; the failed read
+///   became the group's reference, so every other member's domain key
+///   "differed" and keys made while a member was out never reached it.
+const REGRESSION_SEEDS: [(u64, bool); 24] = [
     (6209, false),
     (7588, false),
     (72, true),
@@ -1839,6 +1843,9 @@ const REGRESSION_SEEDS: [(u64, bool); 21] = [
     (3488, false),
     (4340, false),
     (4612, false),
+    (108639, false),
+    (117880, false),
+    (143078, false),
 ];
 
 #[test]
