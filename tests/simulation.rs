@@ -1910,8 +1910,12 @@ fn sessions_closed_under_running_calls_leave_no_member_session_open() {
 ///   next login; they were dropped, and a destroyed key outlived its
 ///   destroy there. 99071 found the same, and that the schedule's own
 ///   settling logged in without recovering the member that login found
-///   out.
-const REGRESSION_SEEDS: [(u64, Faults); 26] = [
+///   out;
+/// - 274959, 281134 (widened schedules): after a logout a search made a
+///   second group object for a key the group knew; destroying the key
+///   left that alias, which passed an orphan of the key (a generate whose
+///   answer was lost) for the group's copy, so the orphan stayed.
+const REGRESSION_SEEDS: [(u64, Faults); 28] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::OPEN_DEFECTS_UNWIDENED),
@@ -1938,6 +1942,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 26] = [
     (143078, Faults::ONE_AT_A_TIME),
     (64020, Faults::DEFAULT),
     (99071, Faults::DEFAULT),
+    (274959, Faults::DEFAULT),
+    (281134, Faults::DEFAULT),
 ];
 
 #[test]
