@@ -251,13 +251,43 @@ impl ObjectTable {
             .is_some_and(|o| o.fingerprint.is_some())
     }
 
-    /// Forgets an object (destroyed) and returns what it was.
+    /// Forgets an object (destroyed) and returns what it was, with any
+    /// other handle of the group for one of its copies: once the members'
+    /// handles were forgotten (a logout), a search makes a second object
+    /// for a copy the group knows, and that alias must not outlive it --
+    /// it would pass an orphan with the same label for the group's key.
     pub fn remove(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
         let mut maps = self.maps.write();
         let object = maps.objects.remove(&handle)?;
-        for (m, p) in object.on.iter().enumerate() {
+        let copies: Vec<(usize, CK_OBJECT_HANDLE)> = object
+            .on
+            .iter()
+            .enumerate()
+            .filter_map(|(m, p)| match p {
+                Presence::Present(h) => Some((m, *h)),
+                _ => None,
+            })
+            .collect();
+        let aliases: Vec<CK_OBJECT_HANDLE> = maps
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                copies
+                    .iter()
+                    .any(|(m, h)| o.on[*m] == Presence::Present(*h))
+            })
+            .map(|(alias, _)| *alias)
+            .collect();
+        let mut gone = vec![object.clone()];
+        gone.extend(aliases.iter().filter_map(|a| maps.objects.remove(a)));
+        for (m, p) in gone.iter().flat_map(|o| o.on.iter().enumerate()) {
             if let Presence::Present(h) = p {
-                maps.by_member[m].remove(h);
+                if maps.by_member[m]
+                    .get(h)
+                    .is_some_and(|v| *v == handle || aliases.contains(v))
+                {
+                    maps.by_member[m].remove(h);
+                }
             }
         }
         Some(object)
@@ -356,6 +386,20 @@ mod tests {
             a,
             "a destroyed handle is never reused"
         );
+    }
+
+    #[test]
+    fn an_alias_a_search_made_after_a_logout_goes_with_its_object() {
+        let table = ObjectTable::new(2);
+        let made = table.insert(vec![Presence::Present(7), Presence::Present(9)], None);
+        let other = table.from_member(1, 4);
+        table.forget_member(1);
+        let alias = table.from_member(1, 12);
+        table.set_presence(made, 1, Presence::Present(12));
+        table.remove(made);
+        assert!(table.get(alias).is_none(), "the alias outlived the object");
+        assert!(table.get(other).is_some(), "another object went too");
+        assert_ne!(table.from_member(1, 12), alias);
     }
 
     #[test]

@@ -1044,10 +1044,17 @@ fn replay_pending(
 pub fn replay_deferred(group: &Arc<Group>) {
     let worker = VirtualSession::internal(Arc::clone(group));
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
-        for change in group.take_deferred(position) {
+        let mut kept = group.take_deferred(position).into_iter();
+        while let Some(change) = kept.next() {
             let outcome = worker.apply(position, &change, None);
             if must_wait(group, &worker, position, &change, &outcome) {
                 group.defer(position, change);
+            } else if outcome.is_err() && !group.members[position].reachable() {
+                // It failed again (its token restarted unseen, for one):
+                // this change and the rest are replayed when it returns,
+                // before it serves, rather than dropped.
+                group.requeue(position, std::iter::once(change).chain(kept).collect());
+                break;
             } else if let Err(why) = outcome {
                 group.log(
                     Some(position),

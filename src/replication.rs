@@ -246,10 +246,17 @@ impl VirtualSession {
             );
             return Err(Error::new(CKR_FUNCTION_FAILED));
         };
+        // A key without a check value reads as an empty one; a read that
+        // failed (the token restarted unseen, for one) proves nothing and
+        // must not become the group's reference, or every other member's
+        // domain key would differ from it for the life of the process.
         let check = self
             .on_member(position, |s| {
-                identity::read_attribute(&*s.library, s.handle, handle, CKA_CHECK_VALUE)
+                identity::read_attributes(&*s.library, s.handle, handle, &[CKA_CHECK_VALUE])
             })?
+            .ok_or(Error::new(CKR_FUNCTION_FAILED))?
+            .pop()
+            .map(|(_, value)| value)
             .unwrap_or_default();
         if !self
             .group

@@ -40,6 +40,10 @@ pub enum Fault {
     LoseAnswer,
     /// `C_WrapKey` and `C_UnwrapKey` fail with `CKR_MECHANISM_INVALID`.
     RefuseWrap,
+    /// As [`Fault::RefuseWrap`], for good: healing does not end it (a
+    /// library that cannot carry the mechanism it lists, as p11-kit 0.24's
+    /// client, refuses it from the start).
+    RefuseWrapAlways,
     /// Closing the token's last session renumbers its object handles, as
     /// SoftHSM does.
     RenumberOnLastClose,
@@ -60,6 +64,7 @@ impl Fault {
             5 => Fault::RefuseWrap,
             6 => Fault::RenumberOnLastClose,
             7 => Fault::Stall,
+            8 => Fault::RefuseWrapAlways,
             _ => return None,
         })
     }
@@ -114,6 +119,7 @@ pub struct Token {
     pub reset_next: bool,
     pub lose_next_answer: bool,
     pub refuse_wrap: bool,
+    pub refuse_wrap_always: bool,
     pub renumber_on_last_close: bool,
     pub stall_next: bool,
 }
@@ -459,6 +465,7 @@ impl Sim {
             Fault::Reset => t.reset_next = true,
             Fault::LoseAnswer => t.lose_next_answer = true,
             Fault::RefuseWrap => t.refuse_wrap = true,
+            Fault::RefuseWrapAlways => t.refuse_wrap_always = true,
             Fault::RenumberOnLastClose => t.renumber_on_last_close = true,
             Fault::Stall => t.stall_next = true,
         }
@@ -865,7 +872,7 @@ impl Sim {
     ) -> Result<Vec<u8>> {
         let token = self.enter_session(session)?;
         let t = &self.tokens[token];
-        if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap {
+        if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap || t.refuse_wrap_always {
             return Err(CKR_MECHANISM_INVALID);
         }
         let wrapping_key = t
@@ -898,7 +905,7 @@ impl Sim {
     ) -> Result<CK_OBJECT_HANDLE> {
         let token = self.check_writable(session, &attributes)?;
         let t = &self.tokens[token];
-        if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap {
+        if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap || t.refuse_wrap_always {
             return Err(CKR_MECHANISM_INVALID);
         }
         let unwrapping_key = t
