@@ -228,6 +228,10 @@ pub struct MemberLibrary {
     functions: CK_FUNCTION_LIST,
     /// True when our `C_Initialize` succeeded, so ours is the `C_Finalize`.
     initialized_by_us: Mutex<bool>,
+    /// Set by the application's `C_Finalize` until its next `C_Initialize`:
+    /// a recovery thread still running after `C_Finalize` gave up waiting
+    /// for it must not initialise a library again behind the application.
+    retired: AtomicBool,
     /// Initialised (by us or before us) and not finalised since: only then
     /// is the library called outside its initialisation.
     usable: AtomicBool,
@@ -785,6 +789,7 @@ impl MemberLibrary {
             environment: environment.to_vec(),
             functions: table,
             initialized_by_us: Mutex::new(false),
+            retired: AtomicBool::new(false),
             usable: AtomicBool::new(false),
             job_thread: AtomicI32::new(0),
             networked,
@@ -839,6 +844,7 @@ impl MemberLibrary {
                 environment: self.environment.clone(),
                 functions: table,
                 initialized_by_us: Mutex::new(false),
+                retired: AtomicBool::new(false),
                 usable: AtomicBool::new(false),
                 job_thread: AtomicI32::new(0),
                 networked: true,
@@ -1132,13 +1138,33 @@ impl MemberLibrary {
     /// (or a parent process before `fork`) already initialised is usable
     /// as it is, and is then not ours to finalise.
     pub fn initialize(&self) -> Result<()> {
+        self.reinstate();
         self.initialize_with(&self.environment)
     }
 
     /// [`Self::initialize`] in the process environment as it is (see
     /// [`with_common_environment`]).
     pub fn initialize_in_this_environment(&self) -> Result<()> {
+        self.reinstate();
         self.initialize_with(&[])
+    }
+
+    /// Marks the library and its spares finalised by the application
+    /// (see `retired`); done before they are finalised, so that nothing
+    /// initialises them again once that has begun.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        for spare in self.spares.instances.iter() {
+            spare.library.retire();
+        }
+    }
+
+    /// Undoes [`Self::retire`]: the application initialises again.
+    fn reinstate(&self) {
+        self.retired.store(false, Ordering::Release);
+        for spare in self.spares.instances.iter() {
+            spare.library.reinstate();
+        }
     }
 
     /// `SIGPIPE` is blocked around the call whatever the library is. Holds
@@ -1154,6 +1180,9 @@ impl MemberLibrary {
             pReserved: ptr::null_mut(),
         };
         let _reconnecting = self.exclusive();
+        if self.retired.load(Ordering::Acquire) {
+            return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED));
+        }
         self.usable.store(false, Ordering::Release);
         self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(environment, || {
@@ -1726,6 +1755,23 @@ mod tests {
             assert_eq!(classify("C_SignInit", rv), Answer::Down);
         }
         assert_eq!(classify("C_CloseSession", CKR_DEVICE_ERROR), Answer::Down);
+    }
+
+    /// After the application's `C_Finalize` a recovery thread left running
+    /// may still try to reconnect: the library is not initialised again
+    /// (SoftHSM, in this process, would stay initialised behind the
+    /// application's back and refuse its next user's `C_Initialize`).
+    #[test]
+    fn a_retired_library_is_not_initialised_again_by_recovery() {
+        let library =
+            MemberLibrary::load("softhsm", Path::new("/usr/lib/softhsm/libsofthsm2.so"), &[])
+                .expect("SoftHSM loads");
+        library.retire();
+        let refused = library
+            .reinitialize()
+            .expect_err("reconnecting a retired library");
+        assert_eq!(refused.rv, CKR_CRYPTOKI_NOT_INITIALIZED);
+        assert!(!library.usable() && !library.initialized_by_us());
     }
 
     /// SoftHSM answers `C_GetFunctionList` before it is initialised and

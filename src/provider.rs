@@ -296,6 +296,9 @@ pub fn finalize() -> Result<()> {
     let _serialised = lifecycle.serialise();
     let provider = get()?;
     lifecycle.provider_mut().take();
+    for library in &provider.libraries {
+        library.retire();
+    }
     if let Some(mut reconciler) = provider.reconciler.lock().take() {
         reconciler.stop(provider.member_timeout);
     }

@@ -124,6 +124,14 @@ impl P11KitServer {
             .collect()
     }
 
+    /// `SIGSTOP`s the server itself, not its workers: it accepts no new
+    /// connection until it is dropped, so a member that lost its workers
+    /// cannot reconnect -- a down member that stays down.
+    pub fn stop_listening(&self) {
+        // SAFETY: kill(2) on the server this struct started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGSTOP) };
+    }
+
     /// `SIGKILL`s every worker -- a crash of the member behind each
     /// connection, while the server itself keeps listening -- and waits
     /// until each is dead. Returns their pids.
