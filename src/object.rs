@@ -36,16 +36,6 @@ pub struct VirtualObject {
     pub never_extractable: bool,
 }
 
-impl VirtualObject {
-    /// Its copies: (member position, member handle).
-    fn copies(&self) -> impl Iterator<Item = (usize, CK_OBJECT_HANDLE)> + '_ {
-        self.on.iter().enumerate().filter_map(|(m, p)| match p {
-            Presence::Present(h) => Some((m, *h)),
-            _ => None,
-        })
-    }
-}
-
 /// Fills a `C_FindObjects` batch as the member would have filled it,
 /// where some of what the member returns is left out (a hidden domain key,
 /// objects a search returned before it moved, objects a filter rejects):
@@ -84,29 +74,6 @@ fn allocate_handle() -> CK_OBJECT_HANDLE {
 struct Maps {
     objects: HashMap<CK_OBJECT_HANDLE, VirtualObject>,
     by_member: Vec<HashMap<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>>,
-    /// Objects that came to share a member copy with another (an alias a
-    /// search made after a logout, then the original resolved to the same
-    /// copy), each way, so that [`ObjectTable::remove`] takes the alias
-    /// along without scanning every object.
-    aliases: HashMap<CK_OBJECT_HANDLE, Vec<CK_OBJECT_HANDLE>>,
-}
-
-impl Maps {
-    /// Maps member handle `h` on `member` to `handle`, noting the object it
-    /// mapped to before if that one still holds the same copy.
-    fn map_copy(&mut self, member: usize, h: CK_OBJECT_HANDLE, handle: CK_OBJECT_HANDLE) {
-        let Some(before) = self.by_member[member].insert(h, handle) else {
-            return;
-        };
-        let shares = self
-            .objects
-            .get(&before)
-            .is_some_and(|o| o.on[member] == Presence::Present(h));
-        if before != handle && shares {
-            self.aliases.entry(handle).or_default().push(before);
-            self.aliases.entry(before).or_default().push(handle);
-        }
-    }
 }
 
 pub struct ObjectTable {
@@ -120,7 +87,6 @@ impl ObjectTable {
             maps: RwLock::new(Maps {
                 objects: HashMap::default(),
                 by_member: vec![HashMap::default(); members],
-                aliases: HashMap::default(),
             }),
             members,
         }
@@ -131,6 +97,11 @@ impl ObjectTable {
         debug_assert_eq!(on.len(), self.members);
         let handle = allocate_handle();
         let mut maps = self.maps.write();
+        for (m, p) in on.iter().enumerate() {
+            if let Presence::Present(h) = p {
+                maps.by_member[m].insert(*h, handle);
+            }
+        }
         maps.objects.insert(
             handle,
             VirtualObject {
@@ -141,10 +112,6 @@ impl ObjectTable {
                 never_extractable: false,
             },
         );
-        let copies: Vec<(usize, CK_OBJECT_HANDLE)> = maps.objects[&handle].copies().collect();
-        for (m, h) in copies {
-            maps.map_copy(m, h, handle);
-        }
         handle
     }
 
@@ -213,7 +180,7 @@ impl ObjectTable {
             maps.by_member[member].remove(&h);
         }
         if let Presence::Present(h) = presence {
-            maps.map_copy(member, h, handle);
+            maps.by_member[member].insert(h, handle);
         }
     }
 
@@ -292,21 +259,25 @@ impl ObjectTable {
     pub fn remove(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
         let mut maps = self.maps.write();
         let object = maps.objects.remove(&handle)?;
-        let copies: Vec<(usize, CK_OBJECT_HANDLE)> = object.copies().collect();
-        let noted = maps.aliases.remove(&handle).unwrap_or_default();
-        let aliases: Vec<CK_OBJECT_HANDLE> = noted
-            .into_iter()
-            .filter(|alias| {
-                maps.objects.get(alias).is_some_and(|o| {
-                    copies
-                        .iter()
-                        .any(|(m, h)| o.on[*m] == Presence::Present(*h))
-                })
+        let copies: Vec<(usize, CK_OBJECT_HANDLE)> = object
+            .on
+            .iter()
+            .enumerate()
+            .filter_map(|(m, p)| match p {
+                Presence::Present(h) => Some((m, *h)),
+                _ => None,
             })
             .collect();
-        for alias in &aliases {
-            maps.aliases.remove(alias);
-        }
+        let aliases: Vec<CK_OBJECT_HANDLE> = maps
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                copies
+                    .iter()
+                    .any(|(m, h)| o.on[*m] == Presence::Present(*h))
+            })
+            .map(|(alias, _)| *alias)
+            .collect();
         let mut gone = vec![object.clone()];
         gone.extend(aliases.iter().filter_map(|a| maps.objects.remove(a)));
         for (m, p) in gone.iter().flat_map(|o| o.on.iter().enumerate()) {
