@@ -1896,14 +1896,15 @@ const FIRST_LOGIN_PAUSE: Duration = Duration::from_millis(5);
 const LONGEST_LOGIN_PAUSE: Duration = Duration::from_millis(250);
 
 /// Logs a member session in, asking again a bounded number of times while
-/// the member answers `CKR_GENERAL_ERROR`. SoftHSM answers that, before it
-/// looks at the PIN, when it cannot read its token file because another
-/// process is rewriting it (every login rewrites it), so many processes
-/// logging in together get it; asking the same member again spends no PIN
-/// try, and no other member is asked. Still refused after the bound, the
-/// answer is a request error ([`classify`]): the application gets it from
-/// the first member, and a later member, which cannot be logged in, goes
-/// out as before until recovery logs it in.
+/// the member answers `CKR_GENERAL_ERROR` or `CKR_USER_PIN_NOT_INITIALIZED`.
+/// SoftHSM answers one or the other, before it looks at the PIN, when it
+/// reads its token file while another process rewrites it (every login
+/// rewrites it): a file cut short, or one whose flags say no user PIN yet.
+/// Many processes logging in together get them; asking the same member
+/// again spends no PIN try, and no other member is asked. Still refused
+/// after the bound, the answer is a request error ([`classify`]): the
+/// application gets it from the first member, and a later member, which
+/// cannot be logged in, goes out as before until recovery logs it in.
 pub fn log_in_member(
     library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
@@ -1913,7 +1914,7 @@ pub fn log_in_member(
     let mut rv = library.login(session, user_type, pin);
     let mut pause = FIRST_LOGIN_PAUSE;
     for _ in 0..LOGIN_RETRIES {
-        if rv != CKR_GENERAL_ERROR {
+        if rv != CKR_GENERAL_ERROR && rv != CKR_USER_PIN_NOT_INITIALIZED {
             break;
         }
         crate::clock::sleep(pause);
