@@ -503,8 +503,13 @@ impl Spare {
                 C_OpenSession(slot, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut handle)
             )
         });
-        if rv != CKR_OK {
-            return Err(rv);
+        match rv {
+            CKR_OK => {}
+            // The slot is the member's, found on the first instance: a
+            // spare that has it no more reached a server that lost the
+            // token (restarted), a member fault and not the caller's.
+            CKR_SLOT_ID_INVALID | CKR_TOKEN_NOT_PRESENT => return Err(CKR_DEVICE_ERROR),
+            rv => return Err(rv),
         }
         sessions.push(SpareSession {
             slot,
