@@ -469,6 +469,14 @@ impl Spares {
     }
 }
 
+/// A spare that does not know the member's slot (its server restarted
+/// and has not found the token yet, or the instance has not listed its
+/// slots): not the application's error, and not proof the member is down;
+/// the call runs on the member's own session, whose answer decides.
+fn slot_unknown_to_spare(rv: CK_RV) -> bool {
+    matches!(rv, CKR_SLOT_ID_INVALID | CKR_TOKEN_NOT_PRESENT)
+}
+
 impl Spare {
     /// Initialises the spare if it is not yet usable (on the wire like a
     /// call, so the watchdog covers it); false if it stays unusable.
@@ -503,13 +511,8 @@ impl Spare {
                 C_OpenSession(slot, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut handle)
             )
         });
-        match rv {
-            CKR_OK => {}
-            // The slot is the member's, found on the first instance: a
-            // spare that has it no more reached a server that lost the
-            // token (restarted), a member fault and not the caller's.
-            CKR_SLOT_ID_INVALID | CKR_TOKEN_NOT_PRESENT => return Err(CKR_DEVICE_ERROR),
-            rv => return Err(rv),
+        if rv != CKR_OK {
+            return Err(rv);
         }
         sessions.push(SpareSession {
             slot,
@@ -897,6 +900,7 @@ impl MemberLibrary {
         let _begun = begin();
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
+            Err(rv) if slot_unknown_to_spare(rv) => return None,
             Err(rv) => return Some(rv),
         };
         let rv = on_connection(connection, || call(&spare.library, session));
@@ -925,6 +929,7 @@ impl MemberLibrary {
         }
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
+            Err(rv) if slot_unknown_to_spare(rv) => return None,
             Err(rv) => return Some(Err(rv)),
         };
         Some(Ok(Lane {
