@@ -1684,21 +1684,35 @@ fn by_expected_completion(members: &[(u64, u64, usize)], start: usize, order: &m
     // far below 2^58 (a million calls in flight of a minute each).
     let mut keyed: SmallVec<[(u64, usize); 8]> = SmallVec::new();
     for (rank, &(latency, in_flight, position)) in members.iter().enumerate() {
-        let latency = if comparable(latency, fastest) {
-            fastest
-        } else {
-            latency
-        };
-        let rotated = if rank >= start {
-            rank - start
-        } else {
-            rank + n - start
-        };
-        let cost = (in_flight + 1).saturating_mul(latency);
-        keyed.push((cost.saturating_mul(n as u64) + rotated as u64, position));
+        let key = completion_key(latency, in_flight, fastest, (rank, start, n));
+        keyed.push((key, position));
     }
     keyed.sort_unstable();
     order.extend(keyed.into_iter().map(|(_, position)| position));
+}
+
+/// Expected completion, then the rank rotated to start at `start` of `n`,
+/// in one word: the order [`by_expected_completion`] sorts by and
+/// [`least_expected_completion`] takes the least of.
+#[inline(always)]
+fn completion_key(
+    latency: u64,
+    in_flight: u64,
+    fastest: u64,
+    (rank, start, n): (usize, usize, usize),
+) -> u64 {
+    let latency = if comparable(latency, fastest) {
+        fastest
+    } else {
+        latency
+    };
+    let rotated = if rank >= start {
+        rank - start
+    } else {
+        rank + n - start
+    };
+    let cost = (in_flight + 1).saturating_mul(latency);
+    cost.saturating_mul(n as u64) + rotated as u64
 }
 
 /// Whether a member of `latency` counts as fast as the fastest, `fastest`
@@ -1717,18 +1731,7 @@ fn least_expected_completion(serving: &[(u64, u64, usize)], fastest: u64, start:
     let n = serving.len();
     let mut best = (u64::MAX, 0);
     for (rank, &(latency, in_flight, position)) in serving.iter().enumerate() {
-        let latency = if comparable(latency, fastest) {
-            fastest
-        } else {
-            latency
-        };
-        let rotated = if rank >= start {
-            rank - start
-        } else {
-            rank + n - start
-        };
-        let cost = (in_flight + 1).saturating_mul(latency);
-        let key = cost.saturating_mul(n as u64) + rotated as u64;
+        let key = completion_key(latency, in_flight, fastest, (rank, start, n));
         if rank == 0 || key < best.0 {
             best = (key, position);
         }

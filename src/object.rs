@@ -36,6 +36,16 @@ pub struct VirtualObject {
     pub never_extractable: bool,
 }
 
+impl VirtualObject {
+    /// Its copies: (member position, member handle).
+    pub fn copies(&self) -> impl Iterator<Item = (usize, CK_OBJECT_HANDLE)> + '_ {
+        self.on.iter().enumerate().filter_map(|(m, p)| match p {
+            Presence::Present(h) => Some((m, *h)),
+            _ => None,
+        })
+    }
+}
+
 /// Fills a `C_FindObjects` batch as the member would have filled it,
 /// where some of what the member returns is left out (a hidden domain key,
 /// objects a search returned before it moved, objects a filter rejects):
@@ -259,15 +269,7 @@ impl ObjectTable {
     pub fn remove(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
         let mut maps = self.maps.write();
         let object = maps.objects.remove(&handle)?;
-        let copies: Vec<(usize, CK_OBJECT_HANDLE)> = object
-            .on
-            .iter()
-            .enumerate()
-            .filter_map(|(m, p)| match p {
-                Presence::Present(h) => Some((m, *h)),
-                _ => None,
-            })
-            .collect();
+        let copies: Vec<(usize, CK_OBJECT_HANDLE)> = object.copies().collect();
         let aliases: Vec<CK_OBJECT_HANDLE> = maps
             .objects
             .iter()

@@ -1021,15 +1021,7 @@ impl VirtualSession {
             // them included, are removed when those return.
             for object in &objects {
                 if let Some(entry) = self.group.objects.get(*object) {
-                    let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry
-                        .on
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(m, p)| match p {
-                            Presence::Present(h) => Some((m, *h)),
-                            _ => None,
-                        })
-                        .collect();
+                    let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry.copies().collect();
                     let print = entry.fingerprint.map(|p| (*p).clone());
                     // A member that failed while given a copy may hold it
                     // (its answer lost); a print with a check value finds
