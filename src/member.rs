@@ -407,6 +407,13 @@ struct Spare {
     /// last tried: one that failed is tried again only after the first
     /// instance reconnects.
     tried_on: AtomicU64,
+    /// Its connection failed while the member's may not have (a reset, a
+    /// restarted server the first instance has reconnected to): it is
+    /// finalised and initialised again at its next use, and calls go to
+    /// the member's own session meanwhile. Without this, a member recovered
+    /// on its first instance was taken out again by each call a dead spare
+    /// failed, several times a second.
+    stale: AtomicBool,
     /// Its sessions, one per slot.
     sessions: Mutex<SmallVec<[SpareSession; 1]>>,
 }
@@ -482,7 +489,14 @@ impl Spare {
     /// call, so the watchdog covers it); false if it stays unusable.
     fn ready(&self, first_connection: u64) -> bool {
         let library = &self.library;
-        if !library.usable() {
+        if self.stale.swap(false, Ordering::AcqRel) {
+            self.tried_on.store(first_connection, Ordering::Relaxed);
+            library.on_wire(&mut || {
+                library
+                    .reinitialize()
+                    .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
+            });
+        } else if !library.usable() {
             self.tried_on.store(first_connection, Ordering::Relaxed);
             library.on_wire(&mut || {
                 library
@@ -512,6 +526,9 @@ impl Spare {
             )
         });
         if rv != CKR_OK {
+            if classify("C_OpenSession", rv).is_member_fault() {
+                self.stale.store(true, Ordering::Release);
+            }
             return Err(rv);
         }
         sessions.push(SpareSession {
@@ -868,6 +885,7 @@ impl MemberLibrary {
                 _library: library,
             },
             tried_on: AtomicU64::new(0),
+            stale: AtomicBool::new(false),
             sessions: Mutex::new(SmallVec::new()),
         })
     }
@@ -900,7 +918,9 @@ impl MemberLibrary {
         let _begun = begin();
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
-            Err(rv) if slot_unknown_to_spare(rv) => return None,
+            Err(rv) if slot_unknown_to_spare(rv) || spare.stale.load(Ordering::Acquire) => {
+                return None
+            }
             Err(rv) => return Some(rv),
         };
         let rv = on_connection(connection, || call(&spare.library, session));
@@ -929,7 +949,9 @@ impl MemberLibrary {
         }
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
-            Err(rv) if slot_unknown_to_spare(rv) => return None,
+            Err(rv) if slot_unknown_to_spare(rv) || spare.stale.load(Ordering::Acquire) => {
+                return None
+            }
             Err(rv) => return Some(Err(rv)),
         };
         Some(Ok(Lane {
