@@ -163,12 +163,17 @@ impl Setup {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        Self::expect_ready(&mut child);
+        child
+    }
+
+    /// Waits for an application process to say it is logged in.
+    fn expect_ready(child: &mut Child) {
         let mut ready = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut ready)
             .unwrap();
         assert_eq!(ready, "ready\n", "the application did not start");
-        child
     }
 
     /// Ends an application started by [`Setup::start_user`]; it must
@@ -347,11 +352,7 @@ fn eight_processes_at_once_copy_each_missing_object_once() {
         labels.iter().all(|l| count(held, l) > 0)
     });
     for mut child in children {
-        let mut ready = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(ready, "ready\n");
+        Setup::expect_ready(&mut child);
         Setup::end_user(child);
     }
 
@@ -416,11 +417,7 @@ fn two_hosts_reconciling_at_once_leave_each_object_exactly_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
     for mut child in children {
-        let mut ready = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(ready, "ready\n");
+        Setup::expect_ready(&mut child);
         Setup::end_user(child);
     }
 

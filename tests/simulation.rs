@@ -1280,16 +1280,7 @@ fn run_plan(
         }
         schedule.pass_time();
         outcome = schedule.step();
-        let provider = pkcs11_ha::provider::get().expect("initialised");
-        let states: Vec<MemberState> = provider.groups[0]
-            .members
-            .iter()
-            .map(|m| m.state())
-            .collect();
-        schedule.note(format!(
-            "  members {states:?} at {} ms",
-            clock.elapsed().as_millis()
-        ));
+        schedule.states();
         if outcome.is_err() {
             break;
         }
