@@ -67,6 +67,9 @@ impl Member {
 
     /// Starts the server again on its socket.
     fn restart_server(&mut self) {
+        // Gone before the new one starts: a live old server's socket would
+        // pass for the new one's (`p11kit::listening`).
+        self.server.take();
         let _ = std::fs::remove_file(self.socket());
         let label = &self.hsm.tokens[0].label;
         self.server = Some(P11KitServer::start(

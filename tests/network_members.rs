@@ -94,11 +94,11 @@ impl Server {
         calls
     }
 
-    /// The server creates its socket once it listens; bounded wait on that
-    /// condition.
+    /// Bounded wait until the server listens ([`p11kit::listening`]: its
+    /// socket file exists a moment before).
     fn wait_for_socket(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.socket.exists() {
+        while !p11kit::listening(&self.socket) {
             assert!(Instant::now() < deadline, "p11-kit server did not listen");
             std::thread::yield_now();
         }
@@ -218,6 +218,12 @@ impl Remote {
 
     fn session(&self) -> Session {
         user_session(&self.pkcs11, cryptoki::slot::Slot::try_from(0u64).unwrap())
+    }
+
+    /// The HA log, where the configuration enables it (`LOGDIR`), for
+    /// failure messages.
+    fn ha_log(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join("haErrorLog.txt")).unwrap_or_default()
     }
 }
 
@@ -606,7 +612,10 @@ fn logout_logs_every_instance_out() {
 /// until its server returns, and then serves again.
 #[test]
 fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
-    let mut remote = Remote::start(&instances(4, "AutoReconnectInterval = 1"));
+    let mut remote = Remote::start(&instances(
+        4,
+        "AutoReconnectInterval = 1\nhaLogStatus = enabled\nhaLogPath = LOGDIR",
+    ));
     let keys = ec_key(&remote.session(), b"killed");
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -656,7 +665,11 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
     remote.servers[0].restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     while group_status().members[0].state != 0 {
-        assert!(Instant::now() < deadline, "member 0 did not rejoin");
+        assert!(
+            Instant::now() < deadline,
+            "member 0 did not rejoin; HA log:\n{}",
+            remote.ha_log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // It serves again: chosen by expected completion, once the other

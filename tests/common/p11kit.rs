@@ -62,8 +62,8 @@ pub struct P11KitServer {
 impl P11KitServer {
     /// Starts a server exporting the token labelled `token_label` of the
     /// SoftHSM whose config is `softhsm_conf`, on `socket` (which must not
-    /// exist), and waits until the socket does. `softhsm` is the SoftHSM
-    /// module path.
+    /// exist), and waits until the server listens there ([`listening`]).
+    /// `softhsm` is the SoftHSM module path.
     pub fn start(softhsm: &str, softhsm_conf: &Path, token_label: &str, socket: &Path) -> Self {
         assert!(!socket.exists(), "{} already exists", socket.display());
         let log = socket.with_extension("log");
@@ -86,7 +86,7 @@ impl P11KitServer {
             log,
         };
         let started = Instant::now();
-        while !server.socket.exists() {
+        while !listening(&server.socket) {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!("p11-kit server exited with {status}: {}", server.log_text());
             }
@@ -157,6 +157,27 @@ impl Drop for P11KitServer {
         unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.child.wait();
     }
+}
+
+/// Whether a unix socket at `path` accepts connections. Its file exists
+/// from `bind`, and `p11-kit server` calls `listen` about 2 ms later (under
+/// strace): a client connecting in between is refused, and p11-kit's client
+/// then starts with no slot, so the member looks down. Read from
+/// `/proc/net/unix` (a listening socket has `__SO_ACCEPTCON`, 0x10000, in
+/// its flags), so that no connection -- and no worker of the server's -- is
+/// made to find out.
+pub fn listening(path: &Path) -> bool {
+    const ACCEPTING: u32 = 0x10000;
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & ACCEPTING != 0)
+    })
 }
 
 /// Children of `pid`, from every thread's `children` file in /proc.
