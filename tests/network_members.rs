@@ -663,7 +663,9 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
         stop.store(true, Ordering::Relaxed);
     });
     remote.servers[0].restart();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // A bound for a broken recovery, not a figure: at a load of 20 the new
+    // server's worker took over 10 s to answer its first call.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while group_status().members[0].state != 0 {
         assert!(
             Instant::now() < deadline,
@@ -675,7 +677,7 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
     // It serves again: chosen by expected completion, once the other
     // member is busy enough.
     let served = group_status().members[0].callsServed;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     std::thread::scope(|scope| {
         for _ in 0..4 {
             scope.spawn(|| {
