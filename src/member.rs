@@ -1667,39 +1667,6 @@ pub fn string_to_padded(text: &str, field: &mut [u8]) {
     field[..n].copy_from_slice(&bytes[..n]);
 }
 
-/// A session on one member token, opened in the member's `epoch` on the
-/// library's `connection`.
-#[derive(Clone)]
-pub struct MemberSession {
-    pub library: Arc<MemberLibrary>,
-    pub handle: CK_SESSION_HANDLE,
-    pub epoch: u64,
-    pub connection: u64,
-}
-
-/// Opens a session on one member token.
-pub fn open_member_session(
-    library: &Arc<MemberLibrary>,
-    slot: CK_SLOT_ID,
-    flags: CK_FLAGS,
-    epoch: u64,
-) -> Result<MemberSession> {
-    // Read first: a reconnect in between makes the session look older,
-    // never newer, than it is.
-    let connection = library.connection();
-    let mut handle: CK_SESSION_HANDLE = 0;
-    check(member_call!(
-        library,
-        C_OpenSession(slot, flags, std::ptr::null_mut(), None, &mut handle)
-    ))?;
-    Ok(MemberSession {
-        library: Arc::clone(library),
-        handle,
-        epoch,
-        connection,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
