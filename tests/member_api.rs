@@ -20,20 +20,21 @@ use common::{SoftHsm, SOFTHSM_CONF_ENV, SOFTHSM_LIB};
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 use pkcs11_ha::arguments::Template;
+use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
 use pkcs11_ha::error::Error;
 use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
 use pkcs11_ha::mechanism::Mechanism;
-use pkcs11_ha::member::{classify, string_to_padded, Answer, MemberLibrary, Silent};
+use pkcs11_ha::member::{classify, counted, string_to_padded, Answer, MemberLibrary, Silent};
 use pkcs11_ha::member_api::{MemberApi, MemberBackend, TokenSearch};
-use pkcs11_ha::recovery::{self, Host, RecoverySettings};
+use pkcs11_ha::recovery::{self, Host, RecoverySettings, Watchdog};
 use pkcs11_ha::virtual_objects::{made_print, MemberTemplate};
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use token::{Attributes, Fault, Sim, FIRST_SLOT, MECHANISMS};
 use zeroize::Zeroizing;
@@ -42,21 +43,40 @@ use zeroize::Zeroizing;
 /// lock, answering through [`MemberApi`] as `sim-member` answers through
 /// its C function list. Functions the model lacks keep the trait's
 /// `CKR_FUNCTION_NOT_SUPPORTED`.
-struct SimMember(Mutex<Sim>);
+struct SimMember(Mutex<Sim>, StallGate);
+
+/// Where a call that meets a planted stall ([`Fault::Stall`]) waits, after
+/// it was carried out, inside the member as a library that hangs for a
+/// while: it says so on the first channel and returns when told on the
+/// second, so that a test can move the clock and look meanwhile.
+type StallGate = Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>;
 
 impl SimMember {
     fn new(tokens: usize, seed: u64) -> SimMember {
         let mut sim = Sim::default();
         sim.reset(tokens, 0, false, seed);
         sim.initialized = true;
-        SimMember(Mutex::new(sim))
+        SimMember(Mutex::new(sim), Mutex::new(None))
     }
 
-    fn call(&self, f: impl FnOnce(&mut Sim) -> token::Result<()>) -> CK_RV {
-        match f(&mut self.0.lock()) {
-            Ok(()) => CKR_OK,
-            Err(rv) => rv,
-        }
+    /// Runs `function` on the model, counted on the member the thread
+    /// calls for, as a loaded library's calls are.
+    fn call(&self, function: &'static str, f: impl FnOnce(&mut Sim) -> token::Result<()>) -> CK_RV {
+        counted(function, || {
+            let (answer, stalled) = {
+                let mut sim = self.0.lock();
+                let answer = f(&mut sim);
+                (answer, sim.stalled.take())
+            };
+            if let (Some(_), Some((stalled, resume))) = (stalled, self.1.lock().take()) {
+                stalled.send(()).expect("the test waits for the stall");
+                resume.recv().expect("the test ends the stall");
+            }
+            match answer {
+                Ok(()) => CKR_OK,
+                Err(rv) => rv,
+            }
+        })
     }
 }
 
@@ -103,14 +123,14 @@ impl MemberApi for SimMember {
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_OpenSession", |sim| {
             *session = sim.open_session(sim.token_index(slot)?, flags)?;
             Ok(())
         })
     }
 
     fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.call(|sim| sim.close_session(session))
+        self.call("C_CloseSession", |sim| sim.close_session(session))
     }
 
     fn login(
@@ -119,7 +139,9 @@ impl MemberApi for SimMember {
         user_type: CK_USER_TYPE,
         pin: Option<&[u8]>,
     ) -> CK_RV {
-        self.call(|sim| sim.login(session, user_type, pin.unwrap_or_default()))
+        self.call("C_Login", |sim| {
+            sim.login(session, user_type, pin.unwrap_or_default())
+        })
     }
 
     fn create_object(
@@ -128,14 +150,14 @@ impl MemberApi for SimMember {
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_CreateObject", |sim| {
             *object = sim.create_object(session, attributes(template))?;
             Ok(())
         })
     }
 
     fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
-        self.call(|sim| sim.destroy_object(session, object))
+        self.call("C_DestroyObject", |sim| sim.destroy_object(session, object))
     }
 
     fn get_attribute_value(
@@ -146,7 +168,7 @@ impl MemberApi for SimMember {
     ) -> CK_RV {
         let template = template.unwrap_or_default();
         let types: Vec<CK_ATTRIBUTE_TYPE> = template.iter().map(|a| a.type_).collect();
-        self.call(|sim| {
+        self.call("C_GetAttributeValue", |sim| {
             let mut rv = CKR_OK;
             for (a, value) in template
                 .iter_mut()
@@ -189,7 +211,9 @@ impl MemberApi for SimMember {
         session: CK_SESSION_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
     ) -> CK_RV {
-        self.call(|sim| sim.find_init(session, attributes(template)))
+        self.call("C_FindObjectsInit", |sim| {
+            sim.find_init(session, attributes(template))
+        })
     }
 
     fn find_objects(
@@ -201,7 +225,7 @@ impl MemberApi for SimMember {
         let Some(found) = found else {
             return CKR_ARGUMENTS_BAD;
         };
-        self.call(|sim| {
+        self.call("C_FindObjects", |sim| {
             let handles = sim.find(session, found.len())?;
             found[..handles.len()].copy_from_slice(&handles);
             *count = handles.len() as CK_ULONG;
@@ -210,11 +234,13 @@ impl MemberApi for SimMember {
     }
 
     fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.call(|sim| sim.find_final(session))
+        self.call("C_FindObjectsFinal", |sim| sim.find_final(session))
     }
 
     fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV {
-        self.call(|sim| sim.operation_init(session, mechanism.mechanism, None, b'D'))
+        self.call("C_DigestInit", |sim| {
+            sim.operation_init(session, mechanism.mechanism, None, b'D')
+        })
     }
 
     fn digest(
@@ -224,7 +250,7 @@ impl MemberApi for SimMember {
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_Digest", |sim| {
             let result = sim
                 .operation_single(session, input.unwrap_or_default())
                 .inspect_err(|_| sim.operation_end(session))?;
@@ -237,7 +263,7 @@ impl MemberApi for SimMember {
     }
 
     fn digest_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_DigestUpdate", |sim| {
             sim.operation_update(session, input.unwrap_or_default())
                 .inspect_err(|_| sim.operation_end(session))
                 .map(|_| ())
@@ -250,7 +276,7 @@ impl MemberApi for SimMember {
         output: Option<&mut [u8]>,
         output_len: &mut CK_ULONG,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_DigestFinal", |sim| {
             let result = sim
                 .operation_result(session, None)
                 .inspect_err(|_| sim.operation_end(session))?;
@@ -262,14 +288,14 @@ impl MemberApi for SimMember {
     }
 
     fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_CloseAllSessions", |sim| {
             let token = sim.token_index(slot)?;
             sim.close_all_sessions(token)
         })
     }
 
     fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_GetSessionInfo", |sim| {
             let (token, rw, user) = sim.session_state(session)?;
             *info = CK_SESSION_INFO {
                 slotID: FIRST_SLOT + token as CK_SLOT_ID,
@@ -287,7 +313,7 @@ impl MemberApi for SimMember {
     }
 
     fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.call(|sim| sim.logout(session))
+        self.call("C_Logout", |sim| sim.logout(session))
     }
 
     fn generate_key(
@@ -297,7 +323,7 @@ impl MemberApi for SimMember {
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_GenerateKey", |sim| {
             *key = sim.generate_key(session, mechanism.mechanism, attributes(template))?;
             Ok(())
         })
@@ -312,7 +338,7 @@ impl MemberApi for SimMember {
         wrapped: Option<&mut [u8]>,
         wrapped_len: &mut CK_ULONG,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_WrapKey", |sim| {
             let blob = sim.wrap_key(session, mechanism.mechanism, wrapping_key, key)?;
             two_call(&blob, wrapped, wrapped_len).map(|_| ())
         })
@@ -327,7 +353,7 @@ impl MemberApi for SimMember {
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        self.call(|sim| {
+        self.call("C_UnwrapKey", |sim| {
             *key = sim.unwrap_key(
                 session,
                 mechanism.mechanism,
@@ -343,7 +369,7 @@ impl MemberApi for SimMember {
         let Some(random) = random else {
             return CKR_ARGUMENTS_BAD;
         };
-        self.call(|sim| {
+        self.call("C_GenerateRandom", |sim| {
             random.copy_from_slice(&sim.random(session, random.len())?);
             Ok(())
         })
@@ -730,6 +756,20 @@ struct MemoryHost {
     recovery: RecoverySettings,
 }
 
+impl MemoryHost {
+    fn new(group: &Arc<Group>, member: &Arc<SimMember>) -> MemoryHost {
+        MemoryHost {
+            groups: vec![Arc::clone(group)],
+            libraries: vec![Arc::clone(member) as Arc<dyn MemberBackend>],
+            recovery: RecoverySettings {
+                attempts: -1,
+                interval: Duration::from_secs(1),
+                mode: RecoveryMode::ActiveBasic,
+            },
+        }
+    }
+}
+
 impl Host for MemoryHost {
     fn groups(&self) -> &[Arc<Group>] {
         &self.groups
@@ -897,16 +937,7 @@ fn a_key_made_through_an_in_memory_group_is_on_every_member_and_replayed_to_one_
     assert!(group.pending_count(2) > 0, "the key waits for member 2");
 
     member.0.lock().heal(2);
-    let host = MemoryHost {
-        groups: vec![Arc::clone(&group)],
-        libraries: vec![Arc::clone(&member) as Arc<dyn MemberBackend>],
-        recovery: RecoverySettings {
-            attempts: -1,
-            interval: Duration::from_secs(1),
-            mode: RecoveryMode::ActiveBasic,
-        },
-    };
-    recovery::recover_failed_members(&host);
+    recovery::recover_failed_members(&MemoryHost::new(&group, &member));
     assert_eq!(
         group.members[2].state(),
         MemberState::Up,
@@ -925,5 +956,53 @@ fn a_key_made_through_an_in_memory_group_is_on_every_member_and_replayed_to_one_
             String::from_utf8_lossy(label)
         );
     }
+    v.close();
+}
+
+#[test]
+fn the_watchdog_takes_out_an_in_memory_member_whose_call_stalls_for_member_timeout() {
+    let (member, group) = memory_group(2, 24);
+    let host = MemoryHost::new(&group, &member);
+    let clock = pkcs11_ha::clock::install_manual();
+    let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    *member.1.lock() = Some((stalled_tx, resume_rx));
+    member.0.lock().set_fault(0, Fault::Stall);
+
+    std::thread::scope(|scope| {
+        // Asked on member 0 first, where it stalls.
+        let caller = scope.spawn(|| {
+            let sha256 = no_parameter(CKM_SHA256);
+            v.first_decides("C_DigestInit", |l, s| l.digest_init(s, &sha256))
+        });
+        stalled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the call reaches the stalled member");
+        assert_eq!(group.members[0].in_flight(), 1, "counted in flight");
+        let mut watchdog = Watchdog::default();
+        watchdog.look(&host, clock.now());
+        clock.advance(host.member_timeout() - Duration::from_millis(1));
+        watchdog.look(&host, clock.now());
+        assert_eq!(
+            group.members[0].state(),
+            MemberState::Up,
+            "1 ms short of memberTimeout"
+        );
+        clock.advance(Duration::from_millis(1));
+        watchdog.look(&host, clock.now());
+        assert_eq!(
+            group.members[0].state(),
+            MemberState::Down,
+            "taken out once its call has stalled for memberTimeout"
+        );
+        resume.send(()).expect("the stalled call waits");
+        let answer = caller.join().expect("the caller returns");
+        assert!(
+            answer.is_ok(),
+            "the late answer counts as lost and member 1 decides: {answer:?}"
+        );
+    });
+    assert_eq!(group.members[1].state(), MemberState::Up);
     v.close();
 }
