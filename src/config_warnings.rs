@@ -10,7 +10,7 @@ use crate::config::{self, Config, ConfigError, HA_CONFIGURATION, HA_LOG_PATH, VI
 use crate::group::Group;
 use crate::identity::{self, Fingerprint};
 use crate::member::MemberLibrary;
-use crate::member_api::MemberApi;
+use crate::member_api::MemberBackend;
 use cryptoki_sys::*;
 use std::sync::Arc;
 
@@ -97,7 +97,7 @@ pub fn check_members(config: &Config, groups: &[Arc<Group>], libraries: &[Arc<Me
         }
         let holds_domain_key = present
             .iter()
-            .any(|at| holds_secret_key(&at.library, at.slot, &settings.domain_label));
+            .any(|at| holds_secret_key(&*at.library, at.slot, &settings.domain_label));
         if !holds_domain_key {
             let missing = warning(
                 config,
@@ -119,7 +119,7 @@ pub fn check_members(config: &Config, groups: &[Arc<Group>], libraries: &[Arc<Me
 
 /// Whether the token in `slot` holds a public secret key labelled `label`
 /// (the domain key is public: it can be found before anyone logs in).
-fn holds_secret_key(library: &MemberLibrary, slot: CK_SLOT_ID, label: &str) -> bool {
+fn holds_secret_key(library: &dyn MemberBackend, slot: CK_SLOT_ID, label: &str) -> bool {
     let mut session: CK_SESSION_HANDLE = 0;
     let opened = library.open_session(slot, CKF_SERIAL_SESSION, &mut session);
     if opened != CKR_OK {

@@ -7,11 +7,10 @@ use crate::error::{Error, Result};
 use crate::identity::{self, Fingerprint};
 use crate::index::{MemberIndex, SEARCHES_BEFORE_INDEX};
 use crate::mechanism::OwnedTemplate;
-use crate::member::{
-    classify, open_member_session, padded_to_string, string_to_padded, Answer, CallCounts,
-    Counting, MemberLibrary, MemberSession,
+use crate::member::{classify, padded_to_string, string_to_padded, Answer, CallCounts, Counting};
+use crate::member_api::{
+    open_member_session, same_library, MemberApi, MemberBackend, MemberSession,
 };
-use crate::member_api::MemberApi;
 use crate::object::{ObjectTable, Presence};
 use crate::strategy::Capabilities;
 use cryptoki_sys::*;
@@ -26,7 +25,7 @@ use zeroize::Zeroizing;
 /// Where a member token was found.
 #[derive(Clone)]
 pub struct Location {
-    pub library: Arc<MemberLibrary>,
+    pub library: Arc<dyn MemberBackend>,
     pub slot: CK_SLOT_ID,
 }
 
@@ -58,9 +57,10 @@ pub struct Member {
     location: RwLock<Option<Location>>,
     state: AtomicU8,
     /// Its calls in flight and served, counted by the member library's call
-    /// path ([`MemberLibrary::call`]) while [`Self::begin_call`] names the
-    /// member, and shared with its library for its slot, so that calls on
-    /// the token's pass-through sessions count too.
+    /// path ([`crate::member::MemberLibrary::call`]) while
+    /// [`Self::begin_call`] names the member, and shared with its library
+    /// for its slot, so that calls on the token's pass-through sessions
+    /// count too.
     pub(crate) counts: Arc<CallCounts>,
     /// Bumped each time the member fails: member sessions opened in an
     /// earlier epoch are never used again, since a restarted member may
@@ -810,7 +810,7 @@ impl Group {
     /// slot cannot be a member (a Luna HA virtual slot): then it stays
     /// down and the operator is told why, once.
     pub fn attach(&self, position: usize, location: Location) {
-        if let Some(why) = crate::strategy::refusal(&location.library, location.slot) {
+        if let Some(why) = crate::strategy::refusal(&*location.library, location.slot) {
             let event = format!("is refused as a member: {why}");
             eprintln!(
                 "pkcs11-ha: group {} ({}): member {} {event}",
@@ -828,7 +828,7 @@ impl Group {
     /// what it can do to move keys there.
     pub fn relocate(&self, position: usize, location: Location) {
         let member = &self.members[position];
-        let capabilities = Capabilities::detect(&location.library, location.slot);
+        let capabilities = Capabilities::detect(&*location.library, location.slot);
         let described = capabilities.describe();
         if member.capabilities().describe() != described || member.location().is_none() {
             self.log(Some(position), &described);
@@ -913,7 +913,7 @@ impl Group {
         found.iter().all(|(location, capabilities)| {
             capabilities.cloning.is_some()
                 && capabilities.private_key_cloning
-                && Arc::ptr_eq(&location.library, &found[0].0.library)
+                && same_library(&*location.library, &*found[0].0.library)
         })
     }
 
@@ -937,7 +937,7 @@ impl Group {
             let guard = member.begin_call();
             let opened = retry_result_while_busy("C_OpenSession", || {
                 open_member_session(
-                    &location.library,
+                    Arc::clone(&location.library),
                     location.slot,
                     CKF_SERIAL_SESSION | CKF_RW_SESSION,
                     epoch,

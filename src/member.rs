@@ -177,6 +177,24 @@ thread_local! {
     static COUNTED_ON: Cell<*const CallCounts> = const { Cell::new(ptr::null()) };
 }
 
+/// Runs `call`, the member function `function`, counted on the token the
+/// thread's [`Counting`] names: in flight while it runs, then served unless
+/// [`classify`] finds its answer a member fault. Every member
+/// implementation counts its calls through here ([`MemberLibrary::call`]
+/// for a loaded library), so that the load balancer and the watchdog see
+/// any member alike.
+#[inline(always)]
+pub fn counted(function: &'static str, call: impl FnOnce() -> CK_RV) -> CK_RV {
+    // SAFETY: set only by a `Counting` of this thread, which borrows the
+    // counts for as long as it names them.
+    let in_flight = unsafe { COUNTED_ON.get().as_ref() }.map(CallCounts::enter);
+    let rv = call();
+    if let Some(in_flight) = in_flight {
+        in_flight.answered(function, rv);
+    }
+    rv
+}
+
 /// Names the member token whose counts the member calls this thread makes
 /// go to, until dropped (the name before comes back then). Set for every
 /// call on a group member (`Member::begin_call`) and for every call on a
@@ -1027,14 +1045,7 @@ impl MemberLibrary {
         let Some(f) = select(&self.functions) else {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
-        // SAFETY: set only by a `Counting` of this thread, which borrows
-        // the counts for as long as it names them.
-        let in_flight = unsafe { COUNTED_ON.get().as_ref() }.map(CallCounts::enter);
-        let rv = self.shielded(|| invoke(f));
-        if let Some(in_flight) = in_flight {
-            in_flight.answered(function, rv);
-        }
-        rv
+        counted(function, || self.shielded(|| invoke(f)))
     }
 
     /// The call counts of the token in `slot`: those of the group member
@@ -1665,39 +1676,6 @@ pub fn string_to_padded(text: &str, field: &mut [u8]) {
     let bytes = text.as_bytes();
     let n = bytes.len().min(field.len());
     field[..n].copy_from_slice(&bytes[..n]);
-}
-
-/// A session on one member token, opened in the member's `epoch` on the
-/// library's `connection`.
-#[derive(Clone)]
-pub struct MemberSession {
-    pub library: Arc<MemberLibrary>,
-    pub handle: CK_SESSION_HANDLE,
-    pub epoch: u64,
-    pub connection: u64,
-}
-
-/// Opens a session on one member token.
-pub fn open_member_session(
-    library: &Arc<MemberLibrary>,
-    slot: CK_SLOT_ID,
-    flags: CK_FLAGS,
-    epoch: u64,
-) -> Result<MemberSession> {
-    // Read first: a reconnect in between makes the session look older,
-    // never newer, than it is.
-    let connection = library.connection();
-    let mut handle: CK_SESSION_HANDLE = 0;
-    check(member_call!(
-        library,
-        C_OpenSession(slot, flags, std::ptr::null_mut(), None, &mut handle)
-    ))?;
-    Ok(MemberSession {
-        library: Arc::clone(library),
-        handle,
-        epoch,
-        connection,
-    })
 }
 
 #[cfg(test)]

@@ -21,10 +21,12 @@
 //!   says for the call (those the core holds come from
 //!   [`crate::arguments`] and [`crate::mechanism`], which check that).
 
-use crate::error::Result;
-use crate::member::{member_call, MemberLibrary};
+use crate::error::{check, Result};
+use crate::member::{member_call, CallCounts, Lane, MemberLibrary, Silent};
 use cryptoki_sys::*;
 use std::ptr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A member token library as the HA core calls it. Every call is counted
 /// and its answer classified by the implementation (for a loaded library,
@@ -452,6 +454,223 @@ pub trait MemberApi {
     fn initialize(&self) -> Result<()>;
     /// Finalises the library if we initialised it.
     fn finalize(&self);
+}
+
+/// Anything a caller holds around the calls a backend makes for it (the
+/// group's count of the member's calls in flight), dropped when they end.
+pub trait Held {}
+impl<T: ?Sized> Held for T {}
+
+/// A search for a token run where a hung library cannot stall the caller.
+pub type TokenSearch = Box<dyn FnOnce(&dyn MemberBackend) -> Option<CK_SLOT_ID> + Send>;
+
+/// Which of Luna's extension functions a library exports beside PKCS#11:
+/// none for any other library.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LunaExtensions {
+    /// `CA_GetFunctionList`: the library is Luna's.
+    pub luna: bool,
+    /// `CA_MigrateKeys`.
+    pub migrate_keys: bool,
+    /// `CA_CloneObject`.
+    pub clone_object: bool,
+    /// `CA_GetContainerPolicySetting`.
+    pub container_policy: bool,
+}
+
+/// A member library as the HA core holds it: its PKCS#11 functions
+/// ([`MemberApi`]) and the library-level facts and calls the group,
+/// replication and recovery need. Each default is what a library in this
+/// process that never disconnects answers: one connection, no network, no
+/// instance pool, no Luna extensions.
+#[allow(unused_variables)]
+pub trait MemberBackend: MemberApi + Send + Sync {
+    /// The library's name in the config, for the operator.
+    fn name(&self) -> &str;
+
+    /// The current connection's number: a session belongs to the
+    /// connection it was opened on ([`crate::member::on_connection`]).
+    fn connection(&self) -> u64 {
+        0
+    }
+    /// Whether the library talks to a server (its calls are timed).
+    fn is_networked(&self) -> bool {
+        false
+    }
+    /// Makes `counts` (a group member's) the counts of the token in `slot`
+    /// for calls outside the group (pass-through sessions).
+    fn count_slot_as(&self, slot: CK_SLOT_ID, counts: &Arc<CallCounts>) {}
+
+    /// Whether the library has spare instances (p11-kit's client).
+    fn has_spares(&self) -> bool {
+        false
+    }
+    /// Runs `call` on an idle spare instance's session on `slot`, with what
+    /// `begin` returns held around it; `None`: no spare, the caller uses
+    /// its own session (see [`MemberLibrary::on_spare`]).
+    fn on_spare<'g>(
+        &self,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<CK_RV> {
+        None
+    }
+    /// Takes an idle spare instance as a [`Lane`] on `slot` (see
+    /// [`MemberLibrary::take_lane`]); `None`: no spare.
+    fn take_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<std::result::Result<Lane, CK_RV>> {
+        None
+    }
+    /// Logs every spare instance out of `slot`: the group logged out.
+    fn log_out_spares(&self, slot: CK_SLOT_ID) {}
+
+    /// The Luna extensions the library exports.
+    fn luna_extensions(&self) -> LunaExtensions {
+        LunaExtensions::default()
+    }
+    /// `CA_MigrateKeys` of one `object` from `source` to `target` (two
+    /// sessions of this library): the call's answer, the handle made and
+    /// the object's own answer in `migrated` and `object_rv`.
+    fn migrate_key(
+        &self,
+        source: CK_SESSION_HANDLE,
+        target: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        migrated: &mut CK_OBJECT_HANDLE,
+        object_rv: &mut CK_RV,
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    /// `CA_CloneObject` of `object` from `source` to `target`.
+    fn clone_object(
+        &self,
+        target: CK_SESSION_HANDLE,
+        source: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        cloned: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+    /// `CA_GetContainerPolicySetting` of the partition in `slot`.
+    fn container_policy(&self, slot: CK_SLOT_ID, policy: CK_ULONG, value: &mut CK_ULONG) -> CK_RV {
+        CKR_FUNCTION_NOT_SUPPORTED
+    }
+
+    /// Whether the library may be called now (initialised, no
+    /// initialisation of ours stuck).
+    fn usable(&self) -> bool {
+        true
+    }
+    /// Whether we initialised it, and so may finalise and initialise it
+    /// again to reconnect it.
+    fn initialized_by_us(&self) -> bool {
+        false
+    }
+    /// Reconnects the library: finalises and initialises it again.
+    fn reinitialize(&self) -> Result<()> {
+        self.finalize();
+        self.initialize()
+    }
+    /// Cuts the connection under calls stuck on a stalled server; how many
+    /// sockets were shut down.
+    fn sever(&self) -> usize {
+        0
+    }
+    /// The number of the oldest call on the wire now (0: none).
+    fn call_on_wire(&self) -> u64 {
+        0
+    }
+    /// The slots with a token present.
+    fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {
+        self.slot_list(CK_TRUE)
+    }
+    /// Runs `search` on the library, giving up once it has not answered
+    /// by `deadline` and answers no call for `patience` ([`Silent`]);
+    /// `None` while an earlier such job has not returned. A library that
+    /// cannot hang may run it in this thread.
+    fn search_bounded(
+        self: Arc<Self>,
+        search: TokenSearch,
+        deadline: Instant,
+        patience: Duration,
+    ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>>;
+}
+
+/// Whether `a` and `b` are one library instance.
+#[inline]
+pub fn same_library(a: &dyn MemberBackend, b: &dyn MemberBackend) -> bool {
+    std::ptr::addr_eq(a, b)
+}
+
+/// `CA_CloneObject(hTargetSession, hSourceSession, ulObjectType, hObject,
+/// phClonedObject)`.
+type CloneObject = unsafe extern "C" fn(
+    CK_SESSION_HANDLE,
+    CK_SESSION_HANDLE,
+    CK_ULONG,
+    CK_OBJECT_HANDLE,
+    *mut CK_OBJECT_HANDLE,
+) -> CK_RV;
+
+/// `CA_MigrateKeys(hSourceSession, hTargetSession, flags, count, data)`.
+type MigrateKeys = unsafe extern "C" fn(
+    CK_SESSION_HANDLE,
+    CK_SESSION_HANDLE,
+    CK_ULONG,
+    CK_ULONG,
+    *mut MigrationData,
+) -> CK_RV;
+
+/// `CA_GetContainerPolicySetting(slotID, container, policy, pValue)`.
+type PolicySetting = unsafe extern "C" fn(CK_SLOT_ID, CK_ULONG, CK_ULONG, *mut CK_ULONG) -> CK_RV;
+
+/// `CK_OBJECT_MIGRATION_DATA`: one object for `CA_MigrateKeys`.
+#[repr(C)]
+struct MigrationData {
+    object_type: CK_ULONG,
+    source_handle: CK_OBJECT_HANDLE,
+    target_handle: CK_OBJECT_HANDLE,
+    rv: CK_RV,
+}
+
+/// `ulObjectType` of a PKCS#11 object.
+const OBJECT_TYPE_CRYPTOKI: CK_ULONG = 0;
+
+/// The container a slot's partition is addressed by.
+const SLOT_CONTAINER: CK_ULONG = 0;
+
+/// A session on one member token, opened in the member's `epoch` on the
+/// library's `connection`.
+#[derive(Clone)]
+pub struct MemberSession {
+    pub library: Arc<dyn MemberBackend>,
+    pub handle: CK_SESSION_HANDLE,
+    pub epoch: u64,
+    pub connection: u64,
+}
+
+/// Opens a session on one member token.
+pub fn open_member_session(
+    library: Arc<dyn MemberBackend>,
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+    epoch: u64,
+) -> Result<MemberSession> {
+    // Read first: a reconnect in between makes the session look older,
+    // never newer, than it is.
+    let connection = library.connection();
+    let mut handle: CK_SESSION_HANDLE = 0;
+    check(library.open_session(slot, flags, &mut handle))?;
+    Ok(MemberSession {
+        library,
+        handle,
+        epoch,
+        connection,
+    })
 }
 
 /// A read-only array as C takes it: NULL for `None`.
@@ -930,5 +1149,159 @@ impl MemberApi for MemberLibrary {
 
     fn finalize(&self) {
         MemberLibrary::finalize(self)
+    }
+}
+
+impl MemberBackend for MemberLibrary {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    #[inline(always)]
+    fn connection(&self) -> u64 {
+        MemberLibrary::connection(self)
+    }
+
+    fn is_networked(&self) -> bool {
+        MemberLibrary::is_networked(self)
+    }
+
+    fn count_slot_as(&self, slot: CK_SLOT_ID, counts: &Arc<CallCounts>) {
+        MemberLibrary::count_slot_as(self, slot, counts)
+    }
+
+    #[inline(always)]
+    fn has_spares(&self) -> bool {
+        MemberLibrary::has_spares(self)
+    }
+
+    fn on_spare<'g>(
+        &self,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<CK_RV> {
+        MemberLibrary::on_spare(
+            self,
+            slot,
+            begin,
+            &mut |library: &MemberLibrary, session| call(library, session),
+        )
+    }
+
+    fn take_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<std::result::Result<Lane, CK_RV>> {
+        MemberLibrary::take_lane(&self, slot, begin)
+    }
+
+    fn log_out_spares(&self, slot: CK_SLOT_ID) {
+        MemberLibrary::log_out_spares(self, slot)
+    }
+
+    fn luna_extensions(&self) -> LunaExtensions {
+        // SAFETY: each name is paired with its documented signature; only
+        // presence is read.
+        unsafe {
+            LunaExtensions {
+                luna: self
+                    .extension::<unsafe extern "C" fn(*mut *mut std::ffi::c_void) -> CK_RV>(
+                        b"CA_GetFunctionList\0",
+                    )
+                    .is_some(),
+                migrate_keys: self.extension::<MigrateKeys>(b"CA_MigrateKeys\0").is_some(),
+                clone_object: self.extension::<CloneObject>(b"CA_CloneObject\0").is_some(),
+                container_policy: self
+                    .extension::<PolicySetting>(b"CA_GetContainerPolicySetting\0")
+                    .is_some(),
+            }
+        }
+    }
+
+    fn migrate_key(
+        &self,
+        source: CK_SESSION_HANDLE,
+        target: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        migrated: &mut CK_OBJECT_HANDLE,
+        object_rv: &mut CK_RV,
+    ) -> CK_RV {
+        // SAFETY: the documented signature of the export.
+        let Some(migrate) = (unsafe { self.extension::<MigrateKeys>(b"CA_MigrateKeys\0") }) else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        let mut entry = MigrationData {
+            object_type: OBJECT_TYPE_CRYPTOKI,
+            source_handle: object,
+            target_handle: CK_INVALID_HANDLE,
+            rv: CKR_OK,
+        };
+        // SAFETY: the documented signature; one live entry.
+        let rv = self.shielded(|| unsafe { migrate(source, target, 0, 1, &mut entry) });
+        *migrated = entry.target_handle;
+        *object_rv = entry.rv;
+        rv
+    }
+
+    fn clone_object(
+        &self,
+        target: CK_SESSION_HANDLE,
+        source: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        cloned: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        // SAFETY: the documented signature of the export.
+        let Some(clone) = (unsafe { self.extension::<CloneObject>(b"CA_CloneObject\0") }) else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        // SAFETY: the documented signature; a live out-parameter.
+        self.shielded(|| unsafe { clone(target, source, OBJECT_TYPE_CRYPTOKI, object, cloned) })
+    }
+
+    fn container_policy(&self, slot: CK_SLOT_ID, policy: CK_ULONG, value: &mut CK_ULONG) -> CK_RV {
+        // SAFETY: the documented signature of the export.
+        let Some(read) =
+            (unsafe { self.extension::<PolicySetting>(b"CA_GetContainerPolicySetting\0") })
+        else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        // SAFETY: the documented signature, a live out-parameter.
+        self.shielded(|| unsafe { read(slot, SLOT_CONTAINER, policy, value) })
+    }
+
+    fn usable(&self) -> bool {
+        MemberLibrary::usable(self)
+    }
+
+    fn initialized_by_us(&self) -> bool {
+        MemberLibrary::initialized_by_us(self)
+    }
+
+    fn reinitialize(&self) -> Result<()> {
+        MemberLibrary::reinitialize(self)
+    }
+
+    fn sever(&self) -> usize {
+        MemberLibrary::sever(self)
+    }
+
+    fn call_on_wire(&self) -> u64 {
+        MemberLibrary::call_on_wire(self)
+    }
+
+    fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {
+        MemberLibrary::token_slots(self)
+    }
+
+    fn search_bounded(
+        self: Arc<Self>,
+        search: TokenSearch,
+        deadline: Instant,
+        patience: Duration,
+    ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>> {
+        let job = self.start_bounded(move |library: &MemberLibrary| search(library))?;
+        Some(job.finish(deadline, patience))
     }
 }

@@ -5,8 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::group::Group;
-use crate::member::{open_member_session, MemberLibrary, MemberSession};
-use crate::member_api::MemberApi;
+use crate::member_api::{open_member_session, MemberBackend, MemberSession};
 use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
@@ -19,7 +18,7 @@ struct MemberSessionCell {
     held: RwLock<Option<MemberSession>>,
     /// Every library a session here was opened on, kept for as long as the
     /// cell, so that a library [`Self::get`] lends out outlives the session.
-    retained: Mutex<SmallVec<[Arc<MemberLibrary>; 1]>>,
+    retained: Mutex<SmallVec<[Arc<dyn MemberBackend>; 1]>>,
     /// Whether the session held was lent out for a call: one never lent is
     /// as good as new when the virtual session closes.
     used: AtomicBool,
@@ -30,7 +29,7 @@ impl MemberSessionCell {
     /// and connection. The library is lent, not counted: every call reads
     /// it, and a reference count shared by all threads would be contended.
     #[inline(always)]
-    fn get(&self, epoch: u64) -> Option<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+    fn get(&self, epoch: u64) -> Option<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
         let held = self.held.read();
         let session = held.as_ref().filter(|s| s.epoch == epoch)?;
         self.mark_used();
@@ -167,7 +166,7 @@ impl MemberSessions {
         group: &Group,
         position: usize,
         epoch: u64,
-    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+    ) -> Result<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
         match self.cells[position].get(epoch) {
             Some(found) => Ok(found),
             None => self.open_and_get(group, position, epoch),
@@ -180,7 +179,7 @@ impl MemberSessions {
         group: &Group,
         position: usize,
         epoch: u64,
-    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+    ) -> Result<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
         self.open_member_session(group, position, epoch)?;
         // Absent only if the member failed again meanwhile.
         self.cells[position]
@@ -207,7 +206,12 @@ impl MemberSessions {
             None => {
                 let _in_flight = member.begin_call();
                 crate::group::retry_result_while_busy("C_OpenSession", || {
-                    open_member_session(&location.library, location.slot, self.flags, epoch)
+                    open_member_session(
+                        Arc::clone(&location.library),
+                        location.slot,
+                        self.flags,
+                        epoch,
+                    )
                 })?
             }
         };

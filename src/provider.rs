@@ -13,7 +13,7 @@ use crate::halog;
 use crate::member::{
     initialize_each, padded_to_string, string_to_padded, Counting, MemberLibrary, Silent,
 };
-use crate::member_api::MemberApi;
+use crate::member_api::{same_library, MemberApi, MemberBackend};
 use crate::published::Publisher;
 use crate::reconcile::Reconciler;
 use crate::recovery::{self, Workers};
@@ -36,6 +36,8 @@ use zeroize::Zeroizing;
 pub struct Provider {
     pub ha_only: bool,
     pub libraries: Vec<Arc<MemberLibrary>>,
+    /// The same libraries as the group core and recovery hold them.
+    backends: Vec<Arc<dyn MemberBackend>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
     /// Held by `C_Logout` for its whole run.
@@ -322,7 +324,7 @@ pub fn finalize() -> Result<()> {
             g.members.iter().any(|m| {
                 !m.reachable()
                     && m.location()
-                        .is_some_and(|l| Arc::ptr_eq(&l.library, library))
+                        .is_some_and(|l| same_library(&*l.library, &**library))
             })
         });
         // A stalled server would hold C_Finalize forever: cut it off.
@@ -377,7 +379,7 @@ fn find_tokens(
             Ok(Ok(tokens)) => {
                 for (serial, slot) in tokens {
                     found.entry(serial).or_insert(Location {
-                        library: Arc::clone(library),
+                        library: library.clone(),
                         slot,
                     });
                 }
@@ -418,8 +420,8 @@ impl Host for Provider {
         &self.groups
     }
 
-    fn libraries(&self) -> &[Arc<MemberLibrary>] {
-        &self.libraries
+    fn libraries(&self) -> &[Arc<dyn MemberBackend>] {
+        &self.backends
     }
 
     fn recovery(&self) -> &RecoverySettings {
@@ -442,13 +444,13 @@ impl Host for Provider {
         Provider::reconcile_soon(self)
     }
 
-    fn uses_member_slot(&self, library: &Arc<MemberLibrary>, slot: CK_SLOT_ID) -> bool {
+    fn uses_member_slot(&self, library: &Arc<dyn MemberBackend>, slot: CK_SLOT_ID) -> bool {
         self.hidden
             .lock()
-            .contains_key(&(Arc::as_ptr(library) as usize))
+            .contains_key(&(Arc::as_ptr(library).cast::<()>() as usize))
             || self.sessions.snapshot().iter().any(|s| {
                 matches!(&s.target, Target::PassThrough(p)
-                    if Arc::ptr_eq(&p.library, library) && p.slot == slot)
+                    if same_library(&*p.library, &**library) && p.slot == slot)
             })
     }
 
@@ -520,9 +522,14 @@ impl Provider {
                 Arc::new(group)
             })
             .collect();
+        let backends = libraries
+            .iter()
+            .map(|l| Arc::clone(l) as Arc<dyn MemberBackend>)
+            .collect();
         Ok(Provider {
             ha_only: config.ha_only,
             libraries,
+            backends,
             groups,
             sessions: SessionTable::default(),
             logouts: Mutex::new(()),
@@ -695,7 +702,7 @@ impl Provider {
                 let counts = library.slot_counts(slot);
                 let s = {
                     let _counting = Counting::on(&counts);
-                    open_member_session(&library, slot, flags, 0)?
+                    open_member_session(library.clone(), slot, flags, 0)?
                 };
                 Target::PassThrough(PassThroughSession {
                     library,
@@ -734,9 +741,12 @@ impl Provider {
         let slots = library.token_slots();
         let mut complete = slots.is_ok();
         for slot in slots.unwrap_or_default() {
-            let Ok(keeper) =
-                open_member_session(library, slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, 0)
-            else {
+            let Ok(keeper) = open_member_session(
+                library.clone(),
+                slot,
+                CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                0,
+            ) else {
                 complete = false;
                 continue;
             };
@@ -827,7 +837,10 @@ impl Provider {
             let Some(location) = member.location() else {
                 continue;
             };
-            let key = (Arc::as_ptr(&location.library) as usize, location.slot);
+            let key = (
+                Arc::as_ptr(&location.library).cast::<()>() as usize,
+                location.slot,
+            );
             if member.reachable() && !shared.contains(&key) {
                 let _ = group.on_utility(member.position, |s| s.library.logout(s.handle));
             }
@@ -850,7 +863,7 @@ impl Provider {
             ulDeviceError: 0,
         };
         let (library, member_handle) = match &session.target {
-            Target::PassThrough(p) => (Arc::clone(&p.library), p.handle),
+            Target::PassThrough(p) => (Arc::clone(&p.library) as Arc<dyn MemberBackend>, p.handle),
             Target::Virtual(v) => {
                 let (_, s) = v.any_member_session().ok_or(Error::new(CKR_DEVICE_ERROR))?;
                 (s.library, s.handle)

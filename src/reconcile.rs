@@ -31,7 +31,6 @@ use crate::group::Group;
 use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
 use crate::index::MemberIndex;
-use crate::member_api::MemberApi;
 use crate::object::Presence;
 use crate::recovery::Host;
 use crate::replication::Copying;

@@ -39,8 +39,8 @@ use crate::error::Error;
 use crate::group::Pending;
 use crate::group::{now_ms, Group, Location, MemberState};
 use crate::identity;
-use crate::member::{MemberLibrary, Silent};
-use crate::member_api::MemberApi;
+use crate::member::Silent;
+use crate::member_api::{MemberBackend, TokenSearch};
 use crate::replication::Holdings;
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
@@ -62,7 +62,7 @@ pub struct RecoverySettings {
 /// reaches up into the provider.
 pub trait Host: Send + Sync {
     fn groups(&self) -> &[Arc<Group>];
-    fn libraries(&self) -> &[Arc<MemberLibrary>];
+    fn libraries(&self) -> &[Arc<dyn MemberBackend>];
     fn recovery(&self) -> &RecoverySettings;
     /// How long a member may hold calls without completing any.
     fn member_timeout(&self) -> Duration;
@@ -75,7 +75,7 @@ pub trait Host: Send + Sync {
     /// Whether this process holds sessions of its own on a member slot
     /// outside the group: the application's pass-through sessions, or the
     /// sessions that keep the domain keys hidden behind pass-through slots.
-    fn uses_member_slot(&self, library: &Arc<MemberLibrary>, slot: CK_SLOT_ID) -> bool;
+    fn uses_member_slot(&self, library: &Arc<dyn MemberBackend>, slot: CK_SLOT_ID) -> bool;
     /// Runs `reopen` on every open virtual session of `group`, stopping at
     /// the first error.
     fn each_virtual_session(
@@ -404,7 +404,7 @@ fn check_for_stalled_connections(
                         Some(member.position),
                         &format!(
                             "library {} answered nothing for {} ms; connection cut",
-                            library.name,
+                            library.name(),
                             timeout.as_millis()
                         ),
                     );
@@ -928,7 +928,7 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
         let may_reconnect =
             !library.usable() || (library.initialized_by_us() && !shared_with_healthy);
         let wanted = serial.clone();
-        let job = move |library: &MemberLibrary| {
+        let job: TokenSearch = Box::new(move |library: &dyn MemberBackend| {
             if library.usable() {
                 if let Some(slot) = token_slot(library, &wanted) {
                     return Some(slot);
@@ -938,16 +938,21 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
                 return None;
             }
             token_slot(library, &wanted)
-        };
+        });
         let answer = if provider.threads_allowed() {
-            let Some(job) = library.start_bounded(job) else {
-                silent.push(format!("{} (its last call has not returned)", library.name));
+            let patience = find_patience(provider.member_timeout(), this_member);
+            let searched =
+                Arc::clone(&library).search_bounded(job, clock::now() + patience, patience);
+            let Some(answer) = searched else {
+                silent.push(format!(
+                    "{} (its last call has not returned)",
+                    library.name()
+                ));
                 continue;
             };
-            let patience = find_patience(provider.member_timeout(), this_member);
-            job.finish(clock::now() + patience, patience)
+            answer
         } else {
-            Ok(job(&library))
+            Ok(job(&*library))
         };
         match answer {
             Ok(Some(slot)) => {
@@ -959,7 +964,7 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
             Ok(None) => {}
             Err(Silent) => silent.push(format!(
                 "{} (no answer within {} ms)",
-                library.name,
+                library.name(),
                 find_patience(provider.member_timeout(), this_member).as_millis()
             )),
         }
@@ -999,7 +1004,7 @@ fn find_patience(member_timeout: Duration, member: &crate::group::Member) -> Dur
     member_timeout * timeouts
 }
 
-fn token_slot(library: &MemberLibrary, serial: &str) -> Option<CK_SLOT_ID> {
+fn token_slot(library: &dyn MemberBackend, serial: &str) -> Option<CK_SLOT_ID> {
     library.token_slots().ok()?.into_iter().find(|slot| {
         library
             .token_info(*slot)
@@ -1290,7 +1295,7 @@ mod tests {
         fn groups(&self) -> &[Arc<Group>] {
             &self.groups
         }
-        fn libraries(&self) -> &[Arc<MemberLibrary>] {
+        fn libraries(&self) -> &[Arc<dyn MemberBackend>] {
             &[]
         }
         fn recovery(&self) -> &RecoverySettings {
@@ -1306,7 +1311,7 @@ mod tests {
             false
         }
         fn reconcile_soon(&self) {}
-        fn uses_member_slot(&self, _: &Arc<MemberLibrary>, _: CK_SLOT_ID) -> bool {
+        fn uses_member_slot(&self, _: &Arc<dyn MemberBackend>, _: CK_SLOT_ID) -> bool {
             false
         }
         fn each_virtual_session(

@@ -16,11 +16,9 @@ use crate::error::{Error, Result};
 use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
 use crate::mechanism::OwnedTemplate;
-use crate::member::MemberLibrary;
-use crate::member::MemberSession;
-use crate::member_api::MemberApi;
+use crate::member_api::{MemberBackend, MemberSession};
 use crate::object::Presence;
-use crate::strategy::{self, Cloning, MigrationData, Side, Strategy, OBJECT_TYPE_CRYPTOKI};
+use crate::strategy::{self, Cloning, Side, Strategy};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use std::ptr;
@@ -152,7 +150,7 @@ impl Template {
     /// `None` when the object cannot be read (it is gone, or the member
     /// failed).
     fn read(
-        library: &crate::member::MemberLibrary,
+        library: &dyn MemberBackend,
         session: CK_SESSION_HANDLE,
         object: CK_OBJECT_HANDLE,
         types: &[CK_ATTRIBUTE_TYPE],
@@ -395,7 +393,7 @@ impl VirtualSession {
                 } else {
                     &[CKA_WRAP_TEMPLATE][..]
                 };
-                Template::read(&s.library, s.handle, source_handle, types, nested)
+                Template::read(&*s.library, s.handle, source_handle, types, nested)
             })?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?
         };
@@ -699,7 +697,7 @@ impl VirtualSession {
             .on_member(target, |t| {
                 clone_call(
                     &cloning,
-                    &t.library,
+                    &*t.library,
                     from.handle,
                     t.handle,
                     private,
@@ -847,7 +845,7 @@ impl VirtualSession {
             return;
         };
         let refuses = self.on_member(source, |_| {
-            strategy::refuses_wrapping(&location.library, location.slot, &member.capabilities())
+            strategy::refuses_wrapping(&*location.library, location.slot, &member.capabilities())
         });
         if matches!(refuses, Ok(true)) {
             self.transport_error(source, CKR_MECHANISM_INVALID, Copying::NewObject);
@@ -1283,39 +1281,30 @@ impl VirtualSession {
 /// `CA_CloneObject`.
 fn clone_call(
     cloning: &Cloning,
-    library: &MemberLibrary,
+    library: &dyn MemberBackend,
     source_session: CK_SESSION_HANDLE,
     target_session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     cloned: &mut CK_OBJECT_HANDLE,
 ) -> CK_RV {
-    if let Some(migrate) = cloning.migrate {
-        let mut entry = MigrationData {
-            object_type: OBJECT_TYPE_CRYPTOKI,
-            source_handle: object,
-            target_handle: CK_INVALID_HANDLE,
-            rv: CKR_OK,
-        };
-        // SAFETY: the documented signature; one live entry.
-        let rv = library
-            .shielded(|| unsafe { migrate(source_session, target_session, 0, 1, &mut entry) });
-        if rv != CKR_FUNCTION_NOT_SUPPORTED || cloning.clone.is_none() {
-            *cloned = entry.target_handle;
-            return if rv == CKR_OK { entry.rv } else { rv };
+    if cloning.migrate {
+        let (mut migrated, mut object_rv) = (CK_INVALID_HANDLE, CKR_OK);
+        let rv = library.migrate_key(
+            source_session,
+            target_session,
+            object,
+            &mut migrated,
+            &mut object_rv,
+        );
+        if rv != CKR_FUNCTION_NOT_SUPPORTED || !cloning.clone {
+            *cloned = migrated;
+            return if rv == CKR_OK { object_rv } else { rv };
         }
     }
-    match cloning.clone {
-        // SAFETY: the documented signature; a live out-parameter.
-        Some(clone) => library.shielded(|| unsafe {
-            clone(
-                target_session,
-                source_session,
-                OBJECT_TYPE_CRYPTOKI,
-                object,
-                cloned,
-            )
-        }),
-        None => CKR_FUNCTION_NOT_SUPPORTED,
+    if cloning.clone {
+        library.clone_object(target_session, source_session, object, cloned)
+    } else {
+        CKR_FUNCTION_NOT_SUPPORTED
     }
 }
 

@@ -6,9 +6,9 @@
 
 use crate::arguments::{OutArray, Template};
 use crate::error::{check, Error, Result};
-pub use crate::member::{open_member_session, MemberSession};
 use crate::member::{CallCounts, Counting, MemberLibrary};
 use crate::member_api::MemberApi;
+pub use crate::member_api::{open_member_session, MemberSession};
 pub use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};

@@ -5,8 +5,8 @@
 //! mechanism both members list. Owns what a member can do (found when it
 //! is attached) and the choice; `replication` carries the key.
 
-use crate::member::{padded_to_string, MemberLibrary};
-use crate::member_api::MemberApi;
+use crate::member::padded_to_string;
+use crate::member_api::{same_library, MemberBackend};
 use cryptoki_sys::*;
 
 /// Luna's vendor AES key wrap with padding (RFC 5649); whether Luna also
@@ -21,51 +21,17 @@ const WRAP_MECHANISMS: [CK_MECHANISM_TYPE; 2] = [CKM_AES_KEY_WRAP_PAD, CKM_AES_K
 /// HA groups.
 pub const LUNA_HA_SLOT_DESCRIPTION: &str = "HA Virtual Card Slot";
 
-/// Luna's partition policies 0 and 1, and the container a slot's partition
-/// is addressed by.
+/// Luna's partition policies 0 and 1.
 const POLICY_PRIVATE_KEY_CLONING: CK_ULONG = 0;
 const POLICY_PRIVATE_KEY_WRAPPING: CK_ULONG = 1;
-const SLOT_CONTAINER: CK_ULONG = 0;
-
-/// `CA_CloneObject(hTargetSession, hSourceSession, ulObjectType, hObject,
-/// phClonedObject)`.
-pub type CloneObject = unsafe extern "C" fn(
-    CK_SESSION_HANDLE,
-    CK_SESSION_HANDLE,
-    CK_ULONG,
-    CK_OBJECT_HANDLE,
-    *mut CK_OBJECT_HANDLE,
-) -> CK_RV;
-
-/// `CA_MigrateKeys(hSourceSession, hTargetSession, flags, count, data)`.
-pub type MigrateKeys = unsafe extern "C" fn(
-    CK_SESSION_HANDLE,
-    CK_SESSION_HANDLE,
-    CK_ULONG,
-    CK_ULONG,
-    *mut MigrationData,
-) -> CK_RV;
-
-/// `CA_GetContainerPolicySetting(slotID, container, policy, pValue)`.
-type PolicySetting = unsafe extern "C" fn(CK_SLOT_ID, CK_ULONG, CK_ULONG, *mut CK_ULONG) -> CK_RV;
-
-/// `CK_OBJECT_MIGRATION_DATA`: one object for `CA_MigrateKeys`.
-#[repr(C)]
-pub struct MigrationData {
-    pub object_type: CK_ULONG,
-    pub source_handle: CK_OBJECT_HANDLE,
-    pub target_handle: CK_OBJECT_HANDLE,
-    pub rv: CK_RV,
-}
-
-/// `ulObjectType` of a PKCS#11 object.
-pub const OBJECT_TYPE_CRYPTOKI: CK_ULONG = 0;
 
 /// Luna's cloning entry points a library exports.
 #[derive(Clone, Copy)]
 pub struct Cloning {
-    pub migrate: Option<MigrateKeys>,
-    pub clone: Option<CloneObject>,
+    /// `CA_MigrateKeys`.
+    pub migrate: bool,
+    /// `CA_CloneObject`.
+    pub clone: bool,
 }
 
 /// What a member can do to move keys, found when it is attached.
@@ -108,27 +74,17 @@ impl Capabilities {
     /// come from `CA_GetContainerPolicySetting`; where it is absent or
     /// fails, a Luna partition is taken to have Luna's defaults (private
     /// keys clone and are never wrapped) until a probe says otherwise.
-    pub fn detect(library: &MemberLibrary, slot: CK_SLOT_ID) -> Capabilities {
-        // SAFETY: each name is paired with its documented signature.
-        let (luna, migrate, clone, policy) = unsafe {
-            (
-                library
-                    .extension::<unsafe extern "C" fn(*mut *mut std::ffi::c_void) -> CK_RV>(
-                        b"CA_GetFunctionList\0",
-                    )
-                    .is_some(),
-                library.extension::<MigrateKeys>(b"CA_MigrateKeys\0"),
-                library.extension::<CloneObject>(b"CA_CloneObject\0"),
-                library.extension::<PolicySetting>(b"CA_GetContainerPolicySetting\0"),
-            )
-        };
-        let cloning = (migrate.is_some() || clone.is_some()).then_some(Cloning { migrate, clone });
-        let is_luna = luna || cloning.is_some();
+    pub fn detect(library: &dyn MemberBackend, slot: CK_SLOT_ID) -> Capabilities {
+        let extensions = library.luna_extensions();
+        let (migrate, clone) = (extensions.migrate_keys, extensions.clone_object);
+        let cloning = (migrate || clone).then_some(Cloning { migrate, clone });
+        let is_luna = extensions.luna || cloning.is_some();
         let read_policy = |id: CK_ULONG| {
-            let f = policy?;
+            if !extensions.container_policy {
+                return None;
+            }
             let mut value: CK_ULONG = 0;
-            // SAFETY: the documented signature, a live out-parameter.
-            let rv = library.shielded(|| unsafe { f(slot, SLOT_CONTAINER, id, &mut value) });
+            let rv = library.container_policy(slot, id, &mut value);
             (rv == CKR_OK).then_some(value != 0)
         };
         let listed = library.mechanisms(slot).unwrap_or_default();
@@ -196,9 +152,7 @@ impl Capabilities {
                     "Key Export"
                 },
                 match cloning {
-                    Some(Cloning {
-                        migrate: Some(_), ..
-                    }) => "CA_MigrateKeys",
+                    Some(Cloning { migrate: true, .. }) => "CA_MigrateKeys",
                     Some(_) => "CA_CloneObject",
                     None => "nothing",
                 }
@@ -210,7 +164,7 @@ impl Capabilities {
 /// Whether the library now refuses every key-wrap mechanism it was found
 /// to carry (`capabilities`): asked without a key, as when it was attached.
 pub fn refuses_wrapping(
-    library: &MemberLibrary,
+    library: &dyn MemberBackend,
     slot: CK_SLOT_ID,
     capabilities: &Capabilities,
 ) -> bool {
@@ -233,7 +187,7 @@ pub fn refuses_wrapping(
 /// cannot carry it, as p11-kit 0.24's client, which refuses to send it.
 /// A library that cannot open a session is not taken to refuse.
 fn refuses_to_wrap_with(
-    library: &MemberLibrary,
+    library: &dyn MemberBackend,
     slot: CK_SLOT_ID,
     mechanism: CK_MECHANISM_TYPE,
 ) -> bool {
@@ -305,7 +259,7 @@ impl Probes {
 pub struct Side<'a> {
     pub serial: &'a str,
     /// Partitions clone only within one loaded library instance.
-    pub library: &'a MemberLibrary,
+    pub library: &'a dyn MemberBackend,
     pub capabilities: &'a Capabilities,
 }
 
@@ -320,7 +274,7 @@ pub fn choose(
 ) -> std::result::Result<Strategy, String> {
     let private = class == CKO_PRIVATE_KEY;
     let (from, to) = (source.capabilities, target.capabilities);
-    let same_instance = std::ptr::eq(source.library, target.library);
+    let same_instance = same_library(source.library, target.library);
     let cloning_refused = if from.cloning.is_none() || to.cloning.is_none() {
         None
     } else if !same_instance {
@@ -383,12 +337,12 @@ pub fn choose(
 /// Why a slot cannot be a member, if it cannot: Luna's own HA virtual slot
 /// already spreads work over partitions, and an HA group over it would
 /// hide its members' failures from this one and replicate twice.
-pub fn refusal(library: &MemberLibrary, slot: CK_SLOT_ID) -> Option<String> {
+pub fn refusal(library: &dyn MemberBackend, slot: CK_SLOT_ID) -> Option<String> {
     let info = library.slot_info(slot).ok()?;
     (padded_to_string(&info.slotDescription) == LUNA_HA_SLOT_DESCRIPTION).then(|| {
         format!(
             "slot {slot} of library {} is a Luna HA virtual slot ({LUNA_HA_SLOT_DESCRIPTION:?}); an HA slot cannot be a member of another HA group: configure its member partitions instead",
-            library.name
+            library.name()
         )
     })
 }
@@ -396,13 +350,14 @@ pub fn refusal(library: &MemberLibrary, slot: CK_SLOT_ID) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::member::MemberLibrary;
     use std::sync::Arc;
 
     fn luna(cloning: bool) -> Capabilities {
         Capabilities {
             cloning: Some(Cloning {
-                migrate: None,
-                clone: None,
+                migrate: false,
+                clone: false,
             }),
             luna: true,
             private_key_cloning: cloning,

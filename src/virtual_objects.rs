@@ -9,8 +9,7 @@ use crate::error::{check, Error, Result};
 use crate::group::Pending;
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
-use crate::member::MemberLibrary;
-use crate::member_api::MemberApi;
+use crate::member_api::MemberBackend;
 use crate::object::Presence;
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
@@ -197,7 +196,7 @@ impl VirtualSession {
     ) -> Result<CK_OBJECT_HANDLE> {
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
-        let create = |library: &MemberLibrary, session, handle: &mut CK_OBJECT_HANDLE| {
+        let create = |library: &dyn MemberBackend, session, handle: &mut CK_OBJECT_HANDLE| {
             library.create_object(session, template.as_slice(), handle)
         };
         // Known before any member is asked, so that a request cut off on
@@ -684,7 +683,7 @@ impl VirtualSession {
         object: CK_OBJECT_HANDLE,
         function: &str,
         destroys: bool,
-        change: impl Fn(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+        change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let _write = self.group.enter_write();
         let (before, missed) = loop {
@@ -812,7 +811,7 @@ impl VirtualSession {
             asked
         };
         let start =
-            |library: &MemberLibrary, s, _| library.find_objects_init(s, searched.as_slice());
+            |library: &dyn MemberBackend, s, _| library.find_objects_init(s, searched.as_slice());
         let kept = OwnedTemplate::copy(&searched);
         self.init(OpKind::Find, None, None, "C_FindObjectsInit", start)?;
         self.keep_search(kept, filter);
@@ -954,7 +953,7 @@ impl VirtualSession {
         prints: &[Option<identity::Fingerprint>],
         function: &str,
         mut make: impl FnMut(
-            &MemberLibrary,
+            &dyn MemberBackend,
             CK_SESSION_HANDLE,
             &CK_MECHANISM,
             &[CK_OBJECT_HANDLE],

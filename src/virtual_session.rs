@@ -14,10 +14,8 @@ use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Positions};
 use crate::identity;
 use crate::mechanism::Mechanism;
-use crate::member::MemberLibrary;
-use crate::member::MemberSession;
 use crate::member::{classify, Answer};
-use crate::member_api::MemberApi;
+use crate::member_api::{MemberApi, MemberBackend, MemberSession};
 use crate::member_sessions::MemberSessions;
 use crate::object::Presence;
 use cryptoki_sys::*;
@@ -223,7 +221,7 @@ impl VirtualSession {
         &self,
         position: usize,
         epoch: u64,
-    ) -> Result<(&MemberLibrary, CK_SESSION_HANDLE, u64)> {
+    ) -> Result<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
         self.members.session_on(&self.group, position, epoch)
     }
 
@@ -264,7 +262,7 @@ impl VirtualSession {
     #[inline(always)]
     pub(crate) fn attempt<F>(&self, position: usize, function: &str, call: &mut F) -> Attempt
     where
-        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         self.attempt_maybe_on_spare(position, function, false, call)
     }
@@ -281,7 +279,7 @@ impl VirtualSession {
         call: &mut F,
     ) -> Attempt
     where
-        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         let member = &self.group.members[position];
         let epoch = member.epoch();
@@ -290,7 +288,7 @@ impl VirtualSession {
             Err(e) => return self.not_opened(position, e.rv),
         };
         if spare && library.has_spares() {
-            let mut call = |l: &MemberLibrary, s| call(l, s);
+            let mut call = |l: &dyn MemberBackend, s| call(l, s);
             if let Some(answer) = self.attempt_on_spare(position, library, function, &mut call) {
                 return answer;
             }
@@ -355,12 +353,12 @@ impl VirtualSession {
         &self,
         position: usize,
         function: &str,
-        library: &MemberLibrary,
+        library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
         call: &mut F,
     ) -> (CK_RV, bool)
     where
-        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         let mut rv = call(library, handle);
         if rv == CKR_OK {
@@ -389,13 +387,13 @@ impl VirtualSession {
         &self,
         position: usize,
         function: &str,
-        library: &MemberLibrary,
+        library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
         connection: u64,
         call: &mut F,
     ) -> (CK_RV, bool)
     where
-        F: FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         crate::member::on_connection(connection, || {
             self.run(position, function, library, handle, call)
@@ -409,7 +407,7 @@ impl VirtualSession {
         &self,
         position: usize,
         function: &str,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         let answer = self.attempt(position, function, call);
         if matches!(answer, Attempt::Faulted) && self.group.members[position].reachable() {
@@ -427,7 +425,7 @@ impl VirtualSession {
         position: usize,
         function: &str,
         object: CK_OBJECT_HANDLE,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         self.group.begin_making(position, object);
         crate::member::forget_cut_off();
@@ -446,7 +444,7 @@ impl VirtualSession {
             flags: 0,
             ulDeviceError: 0,
         };
-        let mut call = |l: &MemberLibrary, s| l.get_session_info(s, &mut info);
+        let mut call = |l: &dyn MemberBackend, s| l.get_session_info(s, &mut info);
         matches!(
             self.attempt(position, "C_GetSessionInfo", &mut call),
             Attempt::Answered(_)
@@ -470,7 +468,7 @@ impl VirtualSession {
     fn check_login(
         &self,
         position: usize,
-        library: &MemberLibrary,
+        library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
         rv: CK_RV,
     ) -> Relogin {
@@ -494,7 +492,7 @@ impl VirtualSession {
     }
 
     /// Whether the group is logged in but this member session is not.
-    fn lost_login(&self, library: &MemberLibrary, session: CK_SESSION_HANDLE) -> bool {
+    fn lost_login(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
         if self.group.cached_login().is_none() {
             return false;
         }
@@ -509,7 +507,7 @@ impl VirtualSession {
     }
 
     /// Logs a member that restarted in again with the cached credential.
-    fn log_in_again(&self, library: &MemberLibrary, session: CK_SESSION_HANDLE) -> bool {
+    fn log_in_again(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
         let Some((user_type, pin)) = self.group.cached_login() else {
             return false;
         };
@@ -766,7 +764,7 @@ impl VirtualSession {
         mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
-        mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+        mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let preference = if kind == OpKind::Find {
             Preference::Primary
@@ -846,7 +844,7 @@ impl VirtualSession {
         step: Step,
         input: Input<'_>,
         function: &str,
-        mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Result<()> {
         loop {
             let position = self.bound_for(kind)?;
@@ -937,7 +935,7 @@ impl VirtualSession {
             let Some(member_key) = self.resolve(key, position)? else {
                 return Err(Error::new(CKR_KEY_HANDLE_INVALID));
             };
-            let mut call = |l: &MemberLibrary, s| l.digest_key(s, member_key);
+            let mut call = |l: &dyn MemberBackend, s| l.digest_key(s, member_key);
             match self.attempt(position, "C_DigestKey", &mut call) {
                 Attempt::Answered(rv) => {
                     self.record(OpKind::Digest, Step::Update, &Input::Key(key), rv);
@@ -1114,7 +1112,7 @@ impl VirtualSession {
         &self,
         keys: &[CK_OBJECT_HANDLE],
         function: &str,
-        mut call: impl FnMut(&MemberLibrary, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
+        mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
         loop {
             let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
@@ -1130,21 +1128,21 @@ impl VirtualSession {
     }
 
     /// [`Self::attempt`] on an idle spare instance of the member's
-    /// library ([`MemberLibrary::on_spare`]), for a call that names no
+    /// library ([`MemberBackend::on_spare`]), for a call that names no
     /// object; `None` when the library has none idle.
     #[cold]
     #[inline(never)]
     fn attempt_on_spare(
         &self,
         position: usize,
-        library: &MemberLibrary,
+        library: &dyn MemberBackend,
         function: &str,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<Attempt> {
         let member = &self.group.members[position];
         let epoch = member.epoch();
         let slot = member.location()?.slot;
-        let rv = library.on_spare(slot, || member.begin_call(), call)?;
+        let rv = library.on_spare(slot, &mut || Box::new(member.begin_call()), call)?;
         if rv == CKR_OK {
             return Some(Attempt::Answered(CKR_OK));
         }
@@ -1176,7 +1174,7 @@ impl VirtualSession {
     pub fn first_decides(
         &self,
         function: &str,
-        call: impl Fn(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        call: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let mut call = call;
         let mut decided = false;

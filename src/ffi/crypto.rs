@@ -5,8 +5,7 @@ use super::{buffer, cryptoki_fn, required, session};
 use crate::arguments::{input as input_bytes, two_call_output, Template};
 use crate::error::{check, Error};
 use crate::mechanism::Mechanism;
-use crate::member::MemberLibrary;
-use crate::member_api::MemberApi;
+use crate::member_api::{MemberApi, MemberBackend};
 use crate::session::Target;
 use crate::virtual_objects::{made_print, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
@@ -27,7 +26,7 @@ macro_rules! keyed_init {
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
                     Target::Virtual(v) => {
-                        let on_member = |l: &MemberLibrary, m, k| l.$method(m, mechanism.as_raw(), k);
+                        let on_member = |l: &dyn MemberBackend, m, k| l.$method(m, mechanism.as_raw(), k);
                         v.init(OpKind::$kind, Some(&mechanism), Some(key), stringify!($name), on_member)
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
@@ -218,7 +217,7 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => check(p.library.digest_init(p.handle, mechanism.as_raw())),
             Target::Virtual(v) => {
-                let on_member = |l: &MemberLibrary, m, _| l.digest_init(m, mechanism.as_raw());
+                let on_member = |l: &dyn MemberBackend, m, _| l.digest_init(m, mechanism.as_raw());
                 v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member)
             }
         }
@@ -291,7 +290,7 @@ cryptoki_fn! {
             }
             Target::Virtual(v) => {
                 let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
-                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                let generate = |l: &dyn MemberBackend, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     l.generate_key(m, mech, member_template.template().as_slice(), &mut out[0])
                 };
                 let prints = [made_print(&template, CKO_SECRET_KEY)];
@@ -340,7 +339,7 @@ cryptoki_fn! {
             Target::Virtual(v) => {
                 let owners = [public_template.bool(CKA_TOKEN), private_template.bool(CKA_TOKEN)];
                 let member_private = MemberTemplate::for_new_key(&private_template);
-                let generate = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                let generate = |l: &dyn MemberBackend, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, _: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     let (public, private) = out.split_at_mut(1);
                     l.generate_key_pair(
                         m, mech, public_template.as_slice(), member_private.template().as_slice(), &mut public[0], &mut private[0],
@@ -434,7 +433,7 @@ cryptoki_fn! {
             }
             Target::Virtual(v) => {
                 let (token, member_template) = (template.bool(CKA_TOKEN), MemberTemplate::for_new_key(&template));
-                let unwrap = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                let unwrap = |l: &dyn MemberBackend, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     l.unwrap_key(m, mech, h[0], wrapped, member_template.template().as_slice(), &mut out[0])
                 };
                 let prints = [made_print(&template, CKO_SECRET_KEY)];
@@ -487,7 +486,7 @@ cryptoki_fn! {
                     vec![template.bool(CKA_TOKEN)]
                 };
                 let member_template = MemberTemplate::for_new_key(&template);
-                let derive = |l: &MemberLibrary, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
+                let derive = |l: &dyn MemberBackend, m: CK_SESSION_HANDLE, mech: &CK_MECHANISM, h: &[CK_OBJECT_HANDLE], out: &mut [CK_OBJECT_HANDLE]| {
                     l.derive_key(m, mech, h[0], member_template.template().as_slice(), out.first_mut())
                 };
                 let prints: Vec<_> = owners.iter().map(|_| made_print(&template, CKO_SECRET_KEY)).collect();

@@ -11,7 +11,8 @@ use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
 use crate::group::{is_member_fault, Group};
 use crate::identity;
-use crate::member::{classify, on_connection, Answer, Lane, MemberLibrary};
+use crate::member::{classify, on_connection, Answer, Lane};
+use crate::member_api::MemberBackend;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,7 +87,7 @@ impl VirtualSession {
         keys: &[CK_OBJECT_HANDLE],
         first_handles: &[CK_OBJECT_HANDLE],
         function: &str,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Option<Attempt> {
         let member = &self.group.members[position];
         let epoch = member.epoch();
@@ -104,7 +105,7 @@ impl VirtualSession {
                 let location = member.location()?;
                 match location
                     .library
-                    .take_lane(location.slot, || member.begin_call())?
+                    .take_lane(location.slot, &mut || Box::new(member.begin_call()))?
                 {
                     Ok(lane) => HeldLane {
                         position,
@@ -320,7 +321,7 @@ impl VirtualSession {
         epoch: u64,
         function: &str,
         lane: &Lane,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         let member = &self.group.members[position];
         if member.epoch() != epoch {
@@ -359,7 +360,7 @@ impl VirtualSession {
         kind: OpKind,
         position: usize,
         function: &str,
-        call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<Attempt> {
         let mut held = self.lane.held.lock();
         let current = held
