@@ -1479,13 +1479,25 @@ impl Group {
             let others = serving
                 .iter()
                 .any(|o| o.position != member.position && o.rotation() == Rotation::In);
-            let (latency, reference) = compared_latency(member, &fresh, &serving);
+            let (mut latency, mut reference) = compared_latency(member, &fresh, &serving);
+            let mut slow_since = member.slow_since.lock();
             if others && reference.is_none() {
-                // Nothing new to compare with the others: no change.
-                continue;
+                // Busy only at what is not compared (searches and
+                // object-making, pinned to it as the primary). Once found
+                // slow, a member gets nothing else from the chooser, and
+                // is not measured again in turn while those calls are in
+                // flight: its latest figures stand until newer ones say
+                // otherwise. Otherwise nothing new: no change.
+                if slow_since.is_none() {
+                    continue;
+                }
+                let every_lane: SmallVec<[usize; LANES]> = (0..LANES).collect();
+                (latency, reference) = compared_latency(member, &every_lane, &serving);
+                if reference.is_none() {
+                    continue;
+                }
             }
             let degraded = member.rotation() != Rotation::In;
-            let mut slow_since = member.slow_since.lock();
             let verdict = judge_latency(latency, reference, degraded, *slow_since, now);
             let ms = |nanos: u64| nanos as f64 / 1e6;
             match verdict {
@@ -1740,8 +1752,9 @@ fn least_expected_completion(serving: &[(u64, u64, usize)], fastest: u64, start:
 }
 
 /// A member's latency and the fastest other in-rotation member's, in the
-/// lane where the member compares best, of the `fresh` lanes (sampled
-/// since the last review) both have figures for; object-making is left
+/// lane where the member compares best, of `fresh` (the lanes sampled
+/// since the last review, or every lane: [`Group::review_latency`]) both
+/// have figures for; object-making is left
 /// out, its calls differing too much by key type. A member is judged slow
 /// only if it is slow at everything it has done lately.
 fn compared_latency(
@@ -2358,6 +2371,42 @@ mod tests {
             "a member with a call in flight is not explored: {firsts:?}"
         );
         drop(stalled);
+    }
+
+    #[test]
+    fn a_member_found_slow_then_busy_only_with_searches_is_degraded_on_its_latest_figures() {
+        let group = group_of(&["slow primary", "b", "c"]);
+        let t0 = Instant::now();
+        group.members[0].record_latency(0, 200 * MS);
+        group.members[1].record_latency(0, 2 * MS);
+        group.members[2].record_latency(0, 2 * MS);
+        group.review_latency(t0);
+        // From now on the chooser sends it searches only, which are not
+        // compared, while the others keep answering in lane 0.
+        for second in 1..=2 {
+            group.members[0].record_latency(MAKING_LANE, 400 * MS);
+            group.members[1].record_latency(0, 2 * MS);
+            group.review_latency(t0 + Duration::from_secs(second));
+        }
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::Degraded,
+            "slow for {DEGRADED_AFTER:?} with nothing newer to say otherwise"
+        );
+    }
+
+    #[test]
+    fn a_member_busy_only_with_searches_and_never_found_slow_stays_in_rotation() {
+        let group = group_of(&["primary", "b"]);
+        let t0 = Instant::now();
+        group.members[0].record_latency(0, 2 * MS);
+        group.members[1].record_latency(0, 2 * MS);
+        group.review_latency(t0);
+        for second in 1..=5 {
+            group.members[0].record_latency(MAKING_LANE, 400 * MS);
+            group.review_latency(t0 + Duration::from_secs(second));
+        }
+        assert_eq!(group.members[0].rotation(), Rotation::In);
     }
 
     #[test]
