@@ -1366,6 +1366,13 @@ mod tests {
         let group = &host.groups[0];
         let (clock, mut watchdog) = (ManualClock::new(), Watchdog::default());
         let tick = watchdog_tick(TIMEOUT);
+        // Digests before it slowed down, as fast as the others'.
+        for member in &group.members {
+            member.record_latency(3, MS / 100);
+            drop(member.counts.enter());
+        }
+        watchdog.look(&host, clock.now());
+        clock.advance(tick);
         // Its first random numbers after it slowed down take 400 ms; from
         // then on the chooser sends it only the searches pinned to the
         // primary (not compared), always in flight, so it is never
