@@ -744,6 +744,15 @@ fn searches_find_session_objects_on_the_first_instance_and_token_objects_on_spar
     assert_eq!(after, ROUNDS, "with no session object left, on a spare");
 }
 
+/// Sets its flag when dropped, also while a panic unwinds.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A server killed while calls are in flight on several of its member's
 /// instances takes the whole member out: every application call still
 /// answers (the operations move to the other member), the member stays out
@@ -754,6 +763,9 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
     let keys = ec_key(&remote.session(), b"killed");
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
+        // Stops the callers however this scope ends: an assertion failing
+        // below must fail the test, not leave it waiting on them forever.
+        let _stop_callers = StopOnDrop(&stop);
         for _ in 0..6 {
             scope.spawn(|| {
                 let session = remote.session();
@@ -795,7 +807,6 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
             assert_ne!(group_status().members[0].state, 0, "member 0 stays out");
             std::thread::sleep(Duration::from_millis(20));
         }
-        stop.store(true, Ordering::Relaxed);
     });
     remote.servers[0].restart();
     let deadline = Instant::now() + Duration::from_secs(10);
