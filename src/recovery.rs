@@ -692,7 +692,7 @@ fn bring_up_to_date(
     // Known first: the objects in doubt have part of their time meanwhile.
     // One that lands after the reading is found by its own search below,
     // which the replay then knows of.
-    let mut known = Known::of(group, worker, position)?;
+    let mut known = Known::of(group, worker, position, phases)?;
     phases.end(if known.complete {
         "objects read"
     } else {
@@ -745,7 +745,14 @@ impl Known {
     /// run under load, at every attempt. Reconciliation, which runs once
     /// the member is back, compares every member object by object as
     /// before.
-    fn of(group: &Group, worker: &VirtualSession, position: usize) -> Result<Known, String> {
+    /// Notes in `phases` why the member was read rather than counted: the
+    /// HA log shows how often the count applies.
+    fn of(
+        group: &Group,
+        worker: &VirtualSession,
+        position: usize,
+        phases: &mut Phases,
+    ) -> Result<Known, String> {
         let held_before: rustc_hash::FxHashSet<_> = group
             .held_before(position)
             .into_iter()
@@ -770,6 +777,16 @@ impl Known {
                     held_before,
                 });
             }
+            phases.note(format!(
+                "read: it holds {held_now} token objects, {} seen there before",
+                held_before.len()
+            ));
+        } else {
+            phases.note(format!(
+                "read: {} token objects seen there before, {} changes queued",
+                held_before.len(),
+                look_ups / 4
+            ));
         }
         Known::read(worker, position)
     }

@@ -18,7 +18,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::slot::Slot;
 use p11kit::P11KitServer;
-use pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS;
+use pkcs11_ha::state_api::{PKCS11HA_GROUP_STATUS, PKCS11HA_STATE_RECOVERING, PKCS11HA_STATE_UP};
 use relay::Relay;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -1140,7 +1140,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     let disturbances: Mutex<Disturbances> = Mutex::new(vec![Vec::new(); MEMBERS]);
     let keys: Mutex<Vec<(Vec<u8>, bool)>> = Mutex::new(Vec::new());
     let mut calls: Vec<Call> = Vec::new();
-    let mut samples: Vec<(Instant, [bool; MEMBERS])> = Vec::new();
+    let mut samples: Vec<(Instant, [u64; MEMBERS])> = Vec::new();
     let mut faults: Vec<(usize, Fault)> = Vec::new();
     let serials: Vec<String> = (0..MEMBERS)
         .map(|i| format!("member {i} is {}", chaos.members[i].hsm.tokens[0].serial))
@@ -1185,9 +1185,8 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
             let mut samples = Vec::new();
             while !settled.load(Ordering::Relaxed) {
                 let status = group_status();
-                let serving: [bool; MEMBERS] =
-                    std::array::from_fn(|i| status.members[i].state == 0);
-                samples.push((Instant::now(), serving));
+                let states: [u64; MEMBERS] = std::array::from_fn(|i| status.members[i].state);
+                samples.push((Instant::now(), states));
                 std::thread::sleep(Duration::from_millis(20));
             }
             samples
@@ -1295,13 +1294,27 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .iter()
         .filter(|c| healthy_during(c.from, c.to))
         .count();
+    // The outage while a server was healthy, split by what the healthy
+    // members were doing: catching up (recovering) or out (down).
     let mut outage_while_healthy = Duration::ZERO;
+    let mut outage_recovering = Duration::ZERO;
     for pair in samples.windows(2) {
-        let ((at, serving), (next, _)) = (pair[0], pair[1]);
-        if !serving.iter().any(|s| *s) && healthy_during(at, at) {
-            outage_while_healthy += next.duration_since(at);
+        let ((at, states), (next, _)) = (pair[0], pair[1]);
+        if states.contains(&PKCS11HA_STATE_UP) || !healthy_during(at, at) {
+            continue;
+        }
+        outage_while_healthy += next.duration_since(at);
+        let healthy_recovering = (0..MEMBERS).any(|i| {
+            states[i] == PKCS11HA_STATE_RECOVERING && !disturbed_between(&disturbances, i, at, at)
+        });
+        if healthy_recovering {
+            outage_recovering += next.duration_since(at);
         }
     }
+    let samples: Vec<(Instant, [bool; MEMBERS])> = samples
+        .into_iter()
+        .map(|(at, states)| (at, states.map(|s| s == PKCS11HA_STATE_UP)))
+        .collect();
     let mut returns: Vec<Duration> = Vec::new();
     let mut reset_returns: Vec<Duration> = Vec::new();
     for (i, spans) in disturbances.iter().enumerate() {
@@ -1375,7 +1388,8 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
          keys reported made but missing from a member after settling: {}\n\
          keys reported failed but present on a member: {}\n\
          keys on a member more than once: {}\n\
-         seconds with no member serving while a server was healthy: {:.1}\n\
+         seconds with no member serving while a server was healthy: {:.1} \
+         ({:.1} with a healthy member recovering, the rest with every healthy member down)\n\
          time from a member's return to serving: p50 {:?}, p99 {:?} (n = {}); \
          after a connection reset: p50 {:?}, p99 {:?} (n = {})",
         faults.len(),
@@ -1392,6 +1406,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         left_behind.len(),
         doubled.len(),
         outage_while_healthy.as_secs_f64(),
+        outage_recovering.as_secs_f64(),
         percentile(&returns, 0.5),
         percentile(&returns, 0.99),
         returns.len(),
