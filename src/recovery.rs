@@ -1086,7 +1086,15 @@ pub fn replay_deferred(group: &Arc<Group>) {
         let mut kept = group.take_deferred(position).into_iter();
         while let Some(change) = kept.next() {
             let outcome = worker.apply(position, &change, None);
-            if must_wait(group, &worker, position, &change, &outcome) {
+            // As in the replay: a copy that failed while the member answers
+            // is kept (its source may have failed during it; another may
+            // serve by the next return). Dropped, a copy kept for a member
+            // that returned to a group with no member serving left it
+            // without the object for good (simulation seed 368).
+            let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
+            if (source_failed && group.members[position].reachable())
+                || must_wait(group, &worker, position, &change, &outcome)
+            {
                 group.defer(position, change);
             } else if outcome.is_err() && !group.members[position].reachable() {
                 // It failed again (its token restarted unseen, for one):
