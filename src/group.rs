@@ -629,9 +629,14 @@ pub struct Group {
     abandoned: Mutex<rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Fingerprint>>,
     /// Per member: copies it missed that no serving member could give it
     /// when it returned (the members holding the object were down, or
-    /// failed during the copy). It serves without them, and they are tried
-    /// again each time a member returns, until made or the object is gone.
+    /// failed during the copy), and the objects it missed when it returned
+    /// to a group with no member serving. It serves without them, and they
+    /// are tried again each time a member returns, until made or the
+    /// object is gone.
     deferred: Mutex<Vec<Vec<Pending>>>,
+    /// Per member: kept changes taken to be made now and not made yet, so
+    /// that the status counts them while they are made.
+    deferred_underway: Vec<AtomicUsize>,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -797,6 +802,7 @@ impl Group {
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             abandoned: Mutex::default(),
             deferred: Mutex::new(vec![Vec::new(); count]),
+            deferred_underway: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -1188,15 +1194,25 @@ impl Group {
         std::mem::take(&mut self.pending.lock()[position])
     }
 
-    /// Keeps a copy the member missed for when a member holding the
-    /// object serves again (see `deferred`).
+    /// Keeps a change the member missed for after it serves (see
+    /// `deferred`).
     pub fn defer(&self, position: usize, change: Pending) {
         self.deferred.lock()[position].push(change);
     }
 
-    /// The copies kept for a member until a source serves, taken.
+    /// The changes kept for a member, taken to be made now; each is
+    /// counted as undelivered until [`Group::deferred_handled`] says it was
+    /// made, kept again or queued.
     pub fn take_deferred(&self, position: usize) -> Vec<Pending> {
-        std::mem::take(&mut self.deferred.lock()[position])
+        let mut deferred = self.deferred.lock();
+        let taken = std::mem::take(&mut deferred[position]);
+        self.deferred_underway[position].fetch_add(taken.len(), Ordering::Relaxed);
+        taken
+    }
+
+    /// `count` changes taken by [`Group::take_deferred`] are handled.
+    pub fn deferred_handled(&self, position: usize, count: usize) {
+        self.deferred_underway[position].fetch_sub(count, Ordering::Relaxed);
     }
 
     /// Puts changes a replay could not make back in front of any queued
@@ -1212,7 +1228,9 @@ impl Group {
     /// [`Group::queue_unless_up`] takes, so a change is either queued
     /// before the member serves (and this refuses) or made on it directly:
     /// a member never serves while lacking an object the application was
-    /// given. Lock order: pending, then in-doubt.
+    /// given -- unless the group had no member serving when it returned
+    /// (`recovery::replay_pending` kept the objects for right after). Lock
+    /// order: pending, then in-doubt.
     pub fn rejoin(&self, position: usize) -> bool {
         let rejoined = {
             let pending = self.pending.lock();
@@ -1310,7 +1328,9 @@ impl Group {
     /// source serves or the application logs in (see [`Group::defer`])
     /// included: what the group status reports.
     pub fn undelivered_count(&self, position: usize) -> usize {
-        self.pending_count(position) + self.deferred.lock()[position].len()
+        self.pending_count(position)
+            + self.deferred.lock()[position].len()
+            + self.deferred_underway[position].load(Ordering::Relaxed)
     }
 
     /// The cached credential, to log a member in again after it lost its

@@ -1354,16 +1354,25 @@ impl MemberLibrary {
     /// blocked), to be waited for with a deadline ([`Bounded::finish`]);
     /// `None` while an earlier job has not returned. A job that misses its
     /// deadline is abandoned, never joined: the library is not called
-    /// again until it returns.
+    /// again until it returns. Each `None` cuts again the socket that job
+    /// waits on: the cut at its deadline finds none while the job waits on
+    /// a lock or between calls, and a job that then reads from a connection
+    /// whose requests were dropped never returns (in the long chaos run a
+    /// member stayed out 23 s so, its server healthy, no member serving).
     pub fn start_bounded<T: Send + 'static>(
         self: &Arc<Self>,
         job: impl FnOnce(&MemberLibrary) -> T + Send + 'static,
     ) -> Option<Bounded<T>> {
         // A placeholder until the thread knows its own id.
         const STARTING: i32 = -1;
-        self.job_thread
+        if self
+            .job_thread
             .compare_exchange(0, STARTING, Ordering::AcqRel, Ordering::Acquire)
-            .ok()?;
+            .is_err()
+        {
+            self.sever_job();
+            return None;
+        }
         let (answer, answered) = mpsc::sync_channel(1);
         let calls_sent = self.calls_sent.load(Ordering::Relaxed);
         let library = Arc::clone(self);
@@ -1815,6 +1824,65 @@ mod tests {
             .expect_err("reconnecting a retired library");
         assert_eq!(refused.rv, CKR_CRYPTOKI_NOT_INITIALIZED);
         assert!(!library.usable() && !library.initialized_by_us());
+    }
+
+    /// A job that is past its deadline and waits on a lock (no socket to
+    /// cut then), and then on a socket that never answers, returns once
+    /// the next job is asked for: the socket is cut then.
+    #[test]
+    fn a_job_stuck_on_a_socket_after_its_deadline_is_cut_when_the_next_is_asked_for() {
+        use std::io::Read;
+        use std::time::Duration;
+        let library = Arc::new(
+            MemberLibrary::load("softhsm", Path::new("/usr/lib/softhsm/libsofthsm2.so"), &[])
+                .expect("SoftHSM loads"),
+        );
+        let (mut socket, _silent_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (go_on, waiting) = mpsc::channel::<()>();
+        let job = library
+            .start_bounded(move |_| {
+                let _ = waiting.recv();
+                let mut byte = [0u8; 1];
+                socket.read(&mut byte).ok()
+            })
+            .expect("no job is under way");
+        assert!(
+            job.finish(crate::clock::now(), Duration::ZERO).is_err(),
+            "the job waits on the channel past its deadline"
+        );
+        go_on.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let tid = library.job_thread.load(Ordering::Acquire);
+            if tid > 0 && blocked_socket(tid).is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the job never read its socket");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            library.start_bounded(|_| ()).is_none(),
+            "the stuck job is still under way"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while library.job_running() {
+            assert!(
+                Instant::now() < deadline,
+                "the job still waits on its socket: it was not cut"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let next = library
+            .start_bounded(|_| 7)
+            .expect("the library takes a job again");
+        assert_eq!(
+            next.finish(
+                Instant::now() + Duration::from_secs(30),
+                Duration::from_secs(30)
+            )
+            .ok(),
+            Some(7)
+        );
     }
 
     /// SoftHSM answers `C_GetFunctionList` before it is initialised and
