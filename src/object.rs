@@ -84,10 +84,6 @@ fn allocate_handle() -> CK_OBJECT_HANDLE {
 struct Maps {
     objects: HashMap<CK_OBJECT_HANDLE, VirtualObject>,
     by_member: Vec<HashMap<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>>,
-    /// How many of `objects` are session objects (an owner): a search
-    /// may run on a spare instance only while there are none, since they
-    /// exist only on the member's own sessions.
-    session_objects: usize,
 }
 
 pub struct ObjectTable {
@@ -101,7 +97,6 @@ impl ObjectTable {
             maps: RwLock::new(Maps {
                 objects: HashMap::default(),
                 by_member: vec![HashMap::default(); members],
-                session_objects: 0,
             }),
             members,
         }
@@ -117,7 +112,6 @@ impl ObjectTable {
                 maps.by_member[m].insert(*h, handle);
             }
         }
-        maps.session_objects += usize::from(owner.is_some());
         maps.objects.insert(
             handle,
             VirtualObject {
@@ -258,12 +252,6 @@ impl ObjectTable {
             .collect()
     }
 
-    /// Whether the group holds a session object: one made in this process
-    /// that no longer lives is removed with its session.
-    pub fn has_session_objects(&self) -> bool {
-        self.maps.read().session_objects != 0
-    }
-
     /// Whether an object's fingerprint is kept.
     pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
         self.maps
@@ -294,7 +282,6 @@ impl ObjectTable {
             .collect();
         let mut gone = vec![object.clone()];
         gone.extend(aliases.iter().filter_map(|a| maps.objects.remove(a)));
-        maps.session_objects -= gone.iter().filter(|o| o.owner.is_some()).count();
         for (m, p) in gone.iter().flat_map(|o| o.on.iter().enumerate()) {
             if let Presence::Present(h) = p {
                 if maps.by_member[m]
