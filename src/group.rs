@@ -1193,6 +1193,19 @@ impl Group {
         self.deferred.lock()[position].push(change);
     }
 
+    /// The template prints of removals of orphans kept for a member, which
+    /// could not tell an object there from the group's copy: objects there
+    /// matching them may be orphans.
+    pub fn undecided_orphans(&self, position: usize) -> Vec<Fingerprint> {
+        self.deferred.lock()[position]
+            .iter()
+            .filter_map(|change| match change {
+                Pending::Orphans(print) => Some(print.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The copies kept for a member until a source serves, taken.
     pub fn take_deferred(&self, position: usize) -> Vec<Pending> {
         std::mem::take(&mut self.deferred.lock()[position])

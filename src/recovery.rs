@@ -1089,6 +1089,23 @@ fn must_wait(
     }
 }
 
+/// Whether an object on member `reference` may be an orphan its removal
+/// there could not yet tell from the group's copy (see
+/// [`Group::undecided_orphans`]): it is not spread to other members
+/// meanwhile (simulation seed 256398).
+fn may_be_orphan(
+    group: &Group,
+    worker: &VirtualSession,
+    reference: usize,
+    object: CK_OBJECT_HANDLE,
+) -> bool {
+    let prints = group.undecided_orphans(reference);
+    !prints.is_empty()
+        && worker
+            .fingerprint_of(object)
+            .is_some_and(|own| prints.iter().any(|p| identity::matches(p, &own)))
+}
+
 /// Copies to the member every token object a serving member has and it
 /// lacks. Both members are read once and compared here -- or, where the
 /// member was not read (see [`Known::of`]), the objects the group did not
@@ -1123,6 +1140,7 @@ fn synchronize(
         .filter(|h| Some(*h) != domain)
         .map(|handle| group.objects.from_member(reference, handle))
         .filter(|object| !queued.contains(object))
+        .filter(|object| !may_be_orphan(group, worker, reference, *object))
         .collect();
     let unseen = candidates
         .iter()
