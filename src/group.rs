@@ -418,17 +418,26 @@ impl Member {
         self.wrap_refused.swap(marker, Ordering::Relaxed) != marker
     }
 
+    /// Whether its library refuses the key-wrap mechanism as far as known:
+    /// it refused in this epoch, or was found refusing when attached.
+    pub fn refuses_wrapping(&self) -> bool {
+        !self.carries_keys() || self.capabilities().refuses_wrapping()
+    }
+
     /// Whether its library has refused the key-wrap mechanism in this
     /// process and carried no key since, up or down.
     pub fn known_to_refuse_keys(&self) -> bool {
         self.known_to_refuse_keys.load(Ordering::Relaxed)
     }
 
-    /// Its library wrapped or unwrapped a key: whatever it refused before,
-    /// it carries keys now.
+    /// Its library wrapped or unwrapped a key, or takes the key-wrap
+    /// mechanism again: whatever it refused before, it carries keys now.
     pub fn carried_a_key(&self) {
         if self.known_to_refuse_keys() {
             self.known_to_refuse_keys.store(false, Ordering::Relaxed);
+        }
+        if !self.carries_keys() {
+            self.wrap_refused.store(0, Ordering::Relaxed);
         }
     }
 
@@ -823,6 +832,22 @@ impl Group {
         self.members[position].set_state(MemberState::Up);
     }
 
+    /// Reads again what a serving member can do to move keys, where its
+    /// library was found refusing the key-wrap mechanism: one that came to
+    /// refuse may have stopped.
+    pub fn reread_capabilities(&self, position: usize) {
+        let member = &self.members[position];
+        let Some(location) = member.location() else {
+            return;
+        };
+        let capabilities = Capabilities::detect(&location.library, location.slot);
+        let described = capabilities.describe();
+        if member.capabilities().describe() != described {
+            self.log(Some(position), &described);
+        }
+        *member.capabilities.write() = capabilities;
+    }
+
     /// Records where a member token lives now (it may have moved slots
     /// after its library reconnected), without changing its state, and
     /// what it can do to move keys there.
@@ -1204,6 +1229,11 @@ impl Group {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whether changes are kept for any member (see `deferred`).
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.lock().iter().any(|kept| !kept.is_empty())
     }
 
     /// The copies kept for a member until a source serves, taken.

@@ -220,6 +220,7 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         }
         let Some(p) = provider.upgrade() else { break };
         start_attempts(&*p, &provider, &shared, interval);
+        retry_copies_waiting_for_wrapping(&*p);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
@@ -423,6 +424,26 @@ pub fn recover_failed_members(provider: &dyn Host) {
                 attempt(provider, group, member.position);
             }
         }
+    }
+    retry_copies_waiting_for_wrapping(provider);
+}
+
+/// Makes the copies kept while a library refused the key-wrap mechanism
+/// (see [`VirtualSession::waits_for_wrapping`]) once per recovery round
+/// while one still refuses: a library that came to refuse mid-run may
+/// stop with every member serving, and no member's return would try them
+/// again (simulation seeds 129, 499).
+fn retry_copies_waiting_for_wrapping(provider: &dyn Host) {
+    for group in provider.groups() {
+        if !group.has_deferred() || !group.members.iter().any(|m| m.refuses_wrapping()) {
+            continue;
+        }
+        for member in group.up_members() {
+            if member.capabilities().refuses_wrapping() {
+                group.reread_capabilities(member.position);
+            }
+        }
+        replay_deferred(group);
     }
 }
 
@@ -1085,7 +1106,11 @@ fn must_wait(
     match outcome {
         Ok(true) => false,
         Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
-        Err(_) => logged_out || worker.lacks_source(position, change),
+        Err(_) => {
+            logged_out
+                || worker.lacks_source(position, change)
+                || worker.waits_for_wrapping(position, change)
+        }
     }
 }
 
@@ -1159,13 +1184,13 @@ fn synchronize(
         if !known.complete && (known.held_before(group, object) || looked_up()) {
             continue;
         }
-        match worker.apply(
-            position,
-            &Pending::Create(object),
-            Some(&mut known.holdings),
-        ) {
+        let change = Pending::Create(object);
+        match worker.apply(position, &change, Some(&mut known.holdings)) {
             Ok(made) => copied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
+                if worker.waits_for_wrapping(position, &change) {
+                    group.defer(position, change);
+                }
                 group.log(
                     Some(position),
                     &format!(

@@ -372,9 +372,9 @@ impl VirtualSession {
         if wraps
             && std::iter::once(&source)
                 .chain(targets)
-                .any(|p| !self.group.members[*p].carries_keys())
+                .any(|p| !self.carries_keys_now(*p))
         {
-            // Said once when the member refused; asking again changes nothing.
+            // Said once when the member refused.
             return Err(Error::new(CKR_FUNCTION_FAILED));
         }
         let types = match class {
@@ -830,6 +830,30 @@ impl VirtualSession {
             .map_err(|rv| self.transport_error(source, rv, copying))
     }
 
+    /// Whether member `position` carries key material: its library has not
+    /// refused the key-wrap mechanism in this epoch, or, asked again, takes
+    /// it now. A library that came to refuse mid-run may stop (a server
+    /// restarted with another backend, and back), and the keys made before
+    /// it refused must move then; a verdict kept for the epoch left them
+    /// on one member for the life of the process (simulation seed 129).
+    fn carries_keys_now(&self, position: usize) -> bool {
+        let member = &self.group.members[position];
+        if member.carries_keys() {
+            return true;
+        }
+        let Some(location) = member.location() else {
+            return false;
+        };
+        let refuses = self.on_member(position, |_| {
+            strategy::refuses_wrapping(&location.library, location.slot, &member.capabilities())
+        });
+        if matches!(refuses, Ok(false)) {
+            member.carried_a_key();
+            return true;
+        }
+        false
+    }
+
     /// A key made on `source` while a member is down reaches it later, by
     /// wrapping: a library that lists the mechanism but has come to refuse
     /// it is found out now, while the call can still fail and leave no key
@@ -1041,6 +1065,18 @@ impl VirtualSession {
                 .map(|m| m.position)
                 .filter(|p| *p != position)
                 .any(|p| self.resolve(*object, p).ok().flatten().is_some())
+    }
+
+    /// Whether `change` is a copy that may fail only because a library
+    /// refuses the key-wrap mechanism now: the member's own, or that of a
+    /// serving member that could give it the object. Such a copy is kept,
+    /// not dropped, and tried again until the library takes the mechanism
+    /// again (see [`Self::carries_keys_now`]).
+    pub fn waits_for_wrapping(&self, position: usize, change: &Pending) -> bool {
+        matches!(change, Pending::Create(_))
+            && std::iter::once(&self.group.members[position])
+                .chain(self.group.up_members())
+                .any(|m| m.refuses_wrapping())
     }
 
     /// Whether the member already holds the object: known there, or

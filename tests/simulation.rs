@@ -1047,7 +1047,11 @@ impl Schedule<'_> {
         // application was logged out are made when it logs in -- where a
         // member's token restarted unseen, that login finds it out, and
         // recovery brings it back once more.
-        let mut passes = 0;
+        // One pass at least, as the recovery thread's next tick: copies
+        // kept while a library refused the key-wrap mechanism are made
+        // then, with every member serving.
+        self.recovery_pass();
+        let mut passes = 1;
         for round in 1..=2 {
             while !all_up() && passes < 3 * round {
                 self.recovery_pass();
