@@ -437,8 +437,8 @@ mod tests {
                 all.sort_unstable();
                 all
             };
-            for m in 0..self.members {
-                assert_eq!(sorted(&maps.holders[m]), sorted(&holders[m]), "member {m}");
+            for (m, scanned) in holders.iter().enumerate() {
+                assert_eq!(sorted(&maps.holders[m]), sorted(scanned), "member {m}");
             }
             assert_eq!(sorted(&maps.owned), sorted(&owned));
         }
