@@ -832,20 +832,35 @@ impl Group {
         self.members[position].set_state(MemberState::Up);
     }
 
-    /// Reads again what a serving member can do to move keys, where its
-    /// library was found refusing the key-wrap mechanism: one that came to
-    /// refuse may have stopped.
-    pub fn reread_capabilities(&self, position: usize) {
-        let member = &self.members[position];
-        let Some(location) = member.location() else {
-            return;
-        };
-        let capabilities = Capabilities::detect(&location.library, location.slot);
-        let described = capabilities.describe();
-        if member.capabilities().describe() != described {
-            self.log(Some(position), &described);
+    /// Asks the libraries of serving members known to refuse the key-wrap
+    /// mechanism whether they still do (what a member found refusing when
+    /// attached can do is read again; one that refused since is asked with
+    /// a wrap without a key); true if one has stopped.
+    pub fn wrapping_resumed(&self) -> bool {
+        let mut resumed = false;
+        for member in self.up_members() {
+            let Some(location) = member.location() else {
+                continue;
+            };
+            if member.capabilities().refuses_wrapping() {
+                let capabilities = Capabilities::detect(&location.library, location.slot);
+                if !capabilities.refuses_wrapping() {
+                    self.log(Some(member.position), &capabilities.describe());
+                    *member.capabilities.write() = capabilities;
+                    resumed = true;
+                }
+            } else if !member.carries_keys()
+                && !crate::strategy::refuses_wrapping(
+                    &location.library,
+                    location.slot,
+                    &member.capabilities(),
+                )
+            {
+                member.carried_a_key();
+                resumed = true;
+            }
         }
-        *member.capabilities.write() = capabilities;
+        resumed
     }
 
     /// Records where a member token lives now (it may have moved slots

@@ -429,21 +429,15 @@ pub fn recover_failed_members(provider: &dyn Host) {
 }
 
 /// Makes the copies kept while a library refused the key-wrap mechanism
-/// (see [`VirtualSession::waits_for_wrapping`]) once per recovery round
-/// while one still refuses: a library that came to refuse mid-run may
-/// stop with every member serving, and no member's return would try them
-/// again (simulation seeds 129, 499).
+/// (see [`VirtualSession::waits_for_wrapping`]) once one has stopped
+/// refusing, asked each recovery round while copies are kept: a library
+/// that came to refuse mid-run may stop with every member serving, and no
+/// member's return would try them again (simulation seeds 129, 499, 804).
 fn retry_copies_waiting_for_wrapping(provider: &dyn Host) {
     for group in provider.groups() {
-        if !group.has_deferred() || !group.members.iter().any(|m| m.refuses_wrapping()) {
-            continue;
+        if group.has_deferred() && group.wrapping_resumed() {
+            replay_deferred(group);
         }
-        for member in group.up_members() {
-            if member.capabilities().refuses_wrapping() {
-                group.reread_capabilities(member.position);
-            }
-        }
-        replay_deferred(group);
     }
 }
 
