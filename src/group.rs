@@ -640,6 +640,10 @@ pub struct Group {
     /// failed during the copy). It serves without them, and they are tried
     /// again each time a member returns, until made or the object is gone.
     deferred: Mutex<Vec<Vec<Pending>>>,
+    /// A library that refused the key-wrap mechanism was found taking it
+    /// again by a copy (`VirtualSession::carries_keys_now`) since the last
+    /// [`Group::wrapping_resumed`]: the copies kept meanwhile are due.
+    wrapping_resumed_unseen: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -805,6 +809,7 @@ impl Group {
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             abandoned: Mutex::default(),
             deferred: Mutex::new(vec![Vec::new(); count]),
+            wrapping_resumed_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -832,12 +837,19 @@ impl Group {
         self.members[position].set_state(MemberState::Up);
     }
 
+    /// Notes that a library that refused the key-wrap mechanism takes it
+    /// again (see [`Group::wrapping_resumed`]).
+    pub fn note_wrapping_resumed(&self) {
+        self.wrapping_resumed_unseen.store(true, Ordering::Relaxed);
+    }
+
     /// Asks the libraries of serving members known to refuse the key-wrap
     /// mechanism whether they still do (what a member found refusing when
     /// attached can do is read again; one that refused since is asked with
-    /// a wrap without a key); true if one has stopped.
+    /// a wrap without a key); true if one has stopped, here or in a copy
+    /// since the last call.
     pub fn wrapping_resumed(&self) -> bool {
-        let mut resumed = false;
+        let mut resumed = self.wrapping_resumed_unseen.swap(false, Ordering::Relaxed);
         for member in self.up_members() {
             let Some(location) = member.location() else {
                 continue;

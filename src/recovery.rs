@@ -1062,7 +1062,11 @@ pub fn replay_deferred(group: &Arc<Group>) {
         let mut kept = group.take_deferred(position).into_iter();
         while let Some(change) = kept.next() {
             let outcome = worker.apply(position, &change, None);
-            if must_wait(group, &worker, position, &change, &outcome) {
+            // As in the replay: a copy's source may have failed during it.
+            let source_failed = matches!(change, Pending::Create(_))
+                && outcome.is_err()
+                && group.members[position].reachable();
+            if source_failed || must_wait(group, &worker, position, &change, &outcome) {
                 group.defer(position, change);
             } else if outcome.is_err() && !group.members[position].reachable() {
                 // It failed again (its token restarted unseen, for one):

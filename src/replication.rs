@@ -849,6 +849,7 @@ impl VirtualSession {
         });
         if matches!(refuses, Ok(false)) {
             member.carried_a_key();
+            self.group.note_wrapping_resumed();
             return true;
         }
         false

@@ -1952,8 +1952,11 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   stopped was taken to refuse for the rest of its epoch (129), a copy
 ///   that failed while it refused was dropped (499), and a member found
 ///   refusing when it returned kept that verdict until its next failure
-///   (804): keys made before the refusal stayed on one member for good.
-const REGRESSION_SEEDS: [(u64, Faults); 38] = [
+///   (804): keys made before the refusal stayed on one member for good;
+///   and (47857, 108840, 114724) a copy kept meanwhile was not tried
+///   again when a copy found the library taking the mechanism again, or
+///   was dropped when its source failed while it was tried again.
+const REGRESSION_SEEDS: [(u64, Faults); 41] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -1992,6 +1995,9 @@ const REGRESSION_SEEDS: [(u64, Faults); 38] = [
     (129, Faults::DEFAULT),
     (499, Faults::DEFAULT),
     (804, Faults::DEFAULT),
+    (47857, Faults::DEFAULT),
+    (108840, Faults::DEFAULT),
+    (114724, Faults::DEFAULT),
 ];
 
 #[test]
