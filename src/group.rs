@@ -418,17 +418,26 @@ impl Member {
         self.wrap_refused.swap(marker, Ordering::Relaxed) != marker
     }
 
+    /// Whether its library refuses the key-wrap mechanism as far as known:
+    /// it refused in this epoch, or was found refusing when attached.
+    pub fn refuses_wrapping(&self) -> bool {
+        !self.carries_keys() || self.capabilities().refuses_wrapping()
+    }
+
     /// Whether its library has refused the key-wrap mechanism in this
     /// process and carried no key since, up or down.
     pub fn known_to_refuse_keys(&self) -> bool {
         self.known_to_refuse_keys.load(Ordering::Relaxed)
     }
 
-    /// Its library wrapped or unwrapped a key: whatever it refused before,
-    /// it carries keys now.
+    /// Its library wrapped or unwrapped a key, or takes the key-wrap
+    /// mechanism again: whatever it refused before, it carries keys now.
     pub fn carried_a_key(&self) {
         if self.known_to_refuse_keys() {
             self.known_to_refuse_keys.store(false, Ordering::Relaxed);
+        }
+        if !self.carries_keys() {
+            self.wrap_refused.store(0, Ordering::Relaxed);
         }
     }
 
@@ -636,6 +645,10 @@ pub struct Group {
     /// Per member: kept changes taken to be made now and not made yet, so
     /// that the status counts them while they are made.
     deferred_underway: Vec<AtomicUsize>,
+    /// A library that refused the key-wrap mechanism was found taking it
+    /// again by a copy (`VirtualSession::carries_keys_now`) since the last
+    /// [`Group::wrapping_resumed`]: the copies kept meanwhile are due.
+    wrapping_resumed_unseen: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -802,6 +815,7 @@ impl Group {
             abandoned: Mutex::default(),
             deferred: Mutex::new(vec![Vec::new(); count]),
             deferred_underway: (0..count).map(|_| AtomicUsize::new(0)).collect(),
+            wrapping_resumed_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -827,6 +841,44 @@ impl Group {
         }
         self.relocate(position, location);
         self.members[position].set_state(MemberState::Up);
+    }
+
+    /// Notes that a library that refused the key-wrap mechanism takes it
+    /// again (see [`Group::wrapping_resumed`]).
+    pub fn note_wrapping_resumed(&self) {
+        self.wrapping_resumed_unseen.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the libraries of serving members known to refuse the key-wrap
+    /// mechanism whether they still do (what a member found refusing when
+    /// attached can do is read again; one that refused since is asked with
+    /// a wrap without a key); true if one has stopped, here or in a copy
+    /// since the last call.
+    pub fn wrapping_resumed(&self) -> bool {
+        let mut resumed = self.wrapping_resumed_unseen.swap(false, Ordering::Relaxed);
+        for member in self.up_members() {
+            let Some(location) = member.location() else {
+                continue;
+            };
+            if member.capabilities().refuses_wrapping() {
+                let capabilities = Capabilities::detect(&*location.library, location.slot);
+                if !capabilities.refuses_wrapping() {
+                    self.log(Some(member.position), &capabilities.describe());
+                    *member.capabilities.write() = capabilities;
+                    resumed = true;
+                }
+            } else if !member.carries_keys()
+                && !crate::strategy::refuses_wrapping(
+                    &*location.library,
+                    location.slot,
+                    &member.capabilities(),
+                )
+            {
+                member.carried_a_key();
+                resumed = true;
+            }
+        }
+        resumed
     }
 
     /// Records where a member token lives now (it may have moved slots
@@ -1197,6 +1249,24 @@ impl Group {
     /// `deferred`).
     pub fn defer(&self, position: usize, change: Pending) {
         self.deferred.lock()[position].push(change);
+    }
+
+    /// The template prints of removals of orphans kept for a member, which
+    /// could not tell an object there from the group's copy: objects there
+    /// matching them may be orphans.
+    pub fn undecided_orphans(&self, position: usize) -> Vec<Fingerprint> {
+        self.deferred.lock()[position]
+            .iter()
+            .filter_map(|change| match change {
+                Pending::Orphans(print) => Some(print.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether changes are kept for any member (see `deferred`).
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.lock().iter().any(|kept| !kept.is_empty())
     }
 
     /// The changes kept for a member, taken to be made now; each is

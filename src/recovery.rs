@@ -220,6 +220,7 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         }
         let Some(p) = provider.upgrade() else { break };
         start_attempts(&*p, &provider, &shared, interval);
+        retry_copies_waiting_for_wrapping(&*p);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
@@ -422,6 +423,20 @@ pub fn recover_failed_members(provider: &dyn Host) {
             if member.state() == MemberState::Down {
                 attempt(provider, group, member.position);
             }
+        }
+    }
+    retry_copies_waiting_for_wrapping(provider);
+}
+
+/// Makes the copies kept while a library refused the key-wrap mechanism
+/// (see [`VirtualSession::waits_for_wrapping`]) once one has stopped
+/// refusing, asked each recovery round while copies are kept: a library
+/// that came to refuse mid-run may stop with every member serving, and no
+/// member's return would try them again (simulation seeds 129, 499, 804).
+fn retry_copies_waiting_for_wrapping(provider: &dyn Host) {
+    for group in provider.groups() {
+        if group.has_deferred() && group.wrapping_resumed() {
+            replay_deferred(group);
         }
     }
 }
@@ -1170,8 +1185,29 @@ fn must_wait(
     match outcome {
         Ok(true) => false,
         Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
-        Err(_) => logged_out || worker.lacks_source(position, change),
+        Err(_) => {
+            logged_out
+                || worker.lacks_source(position, change)
+                || worker.waits_for_wrapping(position, change)
+        }
     }
+}
+
+/// Whether an object on member `reference` may be an orphan its removal
+/// there could not yet tell from the group's copy (see
+/// [`Group::undecided_orphans`]): it is not spread to other members
+/// meanwhile (simulation seed 256398).
+fn may_be_orphan(
+    group: &Group,
+    worker: &VirtualSession,
+    reference: usize,
+    object: CK_OBJECT_HANDLE,
+) -> bool {
+    let prints = group.undecided_orphans(reference);
+    !prints.is_empty()
+        && worker
+            .fingerprint_of(object)
+            .is_some_and(|own| prints.iter().any(|p| identity::matches(p, &own)))
 }
 
 /// Copies to the member every token object a serving member has and it
@@ -1222,6 +1258,7 @@ fn synchronize(
         .filter(|h| Some(*h) != domain)
         .map(|handle| group.objects.from_member(reference, handle))
         .filter(|object| !queued.contains(object))
+        .filter(|object| !may_be_orphan(group, worker, reference, *object))
         .collect();
     let unseen = candidates
         .iter()
@@ -1245,13 +1282,13 @@ fn synchronize(
         if !known.complete && (known.held_before(group, object) || looked_up()) {
             continue;
         }
-        match worker.apply(
-            position,
-            &Pending::Create(object),
-            Some(&mut known.holdings),
-        ) {
+        let change = Pending::Create(object);
+        match worker.apply(position, &change, Some(&mut known.holdings)) {
             Ok(made) => copied += usize::from(made),
             Err(why) if group.members[position].reachable() => {
+                if worker.waits_for_wrapping(position, &change) {
+                    group.defer(position, change);
+                }
                 group.log(
                     Some(position),
                     &format!(

@@ -120,6 +120,12 @@ impl Capabilities {
         }
     }
 
+    /// Whether it was found to move no key by wrapping because its library
+    /// refuses every key-wrap mechanism it lists.
+    pub fn refuses_wrapping(&self) -> bool {
+        self.wrap_refused && self.wrap_mechanisms.iter().all(Option::is_none)
+    }
+
     /// The partition turned out not to clone private keys (a probe was
     /// refused): it is taken for Key Export mode, Luna's other mode.
     pub fn refuses_private_key_cloning(&mut self) {

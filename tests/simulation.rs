@@ -13,9 +13,8 @@
 //! moves, and the watchdog it would run in a thread of its own looks each
 //! time the clock has moved one of its ticks, also while a call is stalled
 //! inside a member ([`SimTime`]); so a schedule replays exactly. `SIM_SEED=N` replays seed N, printing each step;
-//! `SIM_SCHEDULES=N` runs N seeds from `SIM_FIRST_SEED` (0);
-//! `SIM_OPEN_DEFECTS=1` adds what pkcs11-ha is known to fail
-//! (see [`OPEN_DEFECTS`]). `scripts/simulate` runs these.
+//! `SIM_SCHEDULES=N` runs N seeds from `SIM_FIRST_SEED` (0).
+//! `scripts/simulate` runs these.
 
 use cryptoki_sys::*;
 use pkcs11_ha::clock::Clock as _;
@@ -38,14 +37,6 @@ extern "C" {
 /// well under 2 minutes in a debug build on a busy 2-core machine.
 const DEFAULT_SCHEDULES: u64 = 10_000;
 
-/// What the default schedules leave out, because pkcs11-ha fails it today:
-/// a library that comes to refuse the key-wrap mechanism mid-run (a real
-/// one refuses from the start, which the default schedules plant when the
-/// member is attached). `SIM_OPEN_DEFECTS=1` puts it back
-/// (`scripts/simulate --open-defects N`); the defects it finds are listed
-/// with seeds in the simulation's section of docs/design.md.
-pub const OPEN_DEFECTS: &str = "SIM_OPEN_DEFECTS";
-
 /// Which faults a schedule draws. Each set draws its own choices from the
 /// seed, so a seed replays only with the set it was found with.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -54,33 +45,39 @@ struct Faults {
     /// member goes out at once now and then, and a networked member's
     /// library may refuse the key-wrap mechanism from the start. Without
     /// it, as the default schedules were until these passed: one member
-    /// out at a time, no refusal.
+    /// out at a time, no refusal from the start.
     widened: bool,
-    /// What pkcs11-ha is known to fail (see [`OPEN_DEFECTS`]); overlapping
-    /// faults too.
-    open_defects: bool,
+    /// A library comes to refuse the key-wrap mechanism mid-run, and
+    /// healing ends it; faults overlap too. Until pkcs11-ha passed these
+    /// they were the open-defect schedules (`SIM_OPEN_DEFECTS`).
+    refusals: bool,
 }
 
 impl Faults {
     /// The default schedules.
     const DEFAULT: Faults = Faults {
         widened: true,
-        open_defects: false,
+        refusals: true,
+    };
+    /// The default schedules before a refusal mid-run joined them.
+    const WIDENED: Faults = Faults {
+        widened: true,
+        refusals: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
         widened: false,
-        open_defects: false,
+        refusals: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
-    const OPEN_DEFECTS_UNWIDENED: Faults = Faults {
+    const REFUSALS_UNWIDENED: Faults = Faults {
         widened: false,
-        open_defects: true,
+        refusals: true,
     };
 
     /// Whether a fault may be planted while a member is out.
     fn overlapping(self) -> bool {
-        self.widened || self.open_defects
+        self.widened || self.refusals
     }
 }
 
@@ -897,7 +894,7 @@ impl Schedule<'_> {
             // Faults of networked libraries (a library each).
             4..=5 if self.networked => RESET,
             6..=7 if self.networked => LOSE_ANSWER,
-            8..=9 if self.faults.open_defects => REFUSE_WRAP,
+            8..=9 if self.faults.refusals => REFUSE_WRAP,
             _ => CRASH,
         }
     }
@@ -1047,7 +1044,11 @@ impl Schedule<'_> {
         // application was logged out are made when it logs in -- where a
         // member's token restarted unseen, that login finds it out, and
         // recovery brings it back once more.
-        let mut passes = 0;
+        // One pass at least, as the recovery thread's next tick: copies
+        // kept while a library refused the key-wrap mechanism are made
+        // then, with every member serving.
+        self.recovery_pass();
+        let mut passes = 1;
         for round in 1..=2 {
             while !all_up() && passes < 3 * round {
                 self.recovery_pass();
@@ -1149,16 +1150,7 @@ struct Script<'a> {
 }
 
 fn run(seed: u64, f: &CK_FUNCTION_LIST, copies: &Copies, configs: &Configs) -> Report {
-    run_plan(seed, None, faults(), f, copies, configs)
-}
-
-/// The faults of this run's schedules: the default ones, with the core's
-/// open defects where asked (see [`OPEN_DEFECTS`]).
-fn faults() -> Faults {
-    Faults {
-        open_defects: std::env::var_os(OPEN_DEFECTS).is_some(),
-        ..Faults::DEFAULT
-    }
+    run_plan(seed, None, Faults::DEFAULT, f, copies, configs)
 }
 
 /// Runs schedule `seed`, or `script` (its data seeded by `seed`).
@@ -1543,7 +1535,7 @@ fn seeded_schedules_keep_every_invariant() {
     } else {
         // Each schedule in a process of its own: as many at once as there
         // are cores, which changes nothing in any of them.
-        let faults = faults();
+        let faults = Faults::DEFAULT;
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failures = std::sync::Mutex::new(BTreeMap::new());
         std::thread::scope(|scope| {
@@ -1867,6 +1859,53 @@ fn sessions_closed_under_running_calls_leave_no_member_session_open() {
     });
 }
 
+/// Found as seed 256398 of the widened schedules before simulated time: a
+/// generate whose answer was lost leaves an orphan key on that member;
+/// after a logout a search makes a second group object, without check
+/// value, for the group's copy on the other member; that member goes out,
+/// and when the first returns with no other member serving there is no
+/// copy to compare check values with, so the orphan was taken for the
+/// group's key: kept, and spread by `[HASynchronize]` (the settled members
+/// held 2 and 1 copies). The first member now serves with the orphan's
+/// removal kept until the other returns, and spreads nothing meanwhile.
+#[test]
+fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
+    run_script(&Script {
+        members: 2,
+        split: true,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            // Made on member 0 and moved: the libraries' key generators now
+            // differ, so the orphan below has another value than the key.
+            s.make_object(0, session, 2, true);
+            s.plant(0, LOSE_ANSWER);
+            s.make_object(0, session, 2, true);
+            ensure!(
+                s.made.last().is_some_and(|m| m.fate == Fate::Exists),
+                "the key was made on the other member"
+            );
+            s.plant(0, CRASH);
+            s.close_all();
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            // The search after the logout: the alias without check value.
+            s.enumerate(0, session)?;
+            s.plant(1, CRASH);
+            s.heal(0);
+            s.recovery_pass();
+            s.pass(RECONNECT_INTERVAL);
+            s.recovery_pass();
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Down],
+                "the member holding the orphan serves alone: {:?}",
+                s.states()
+            );
+            s.enumerate(0, session)
+        },
+    });
+}
+
 /// Seeds that found defects since fixed, with the faults their schedules
 /// drew from when they did (the rest of the generator is as it was then):
 /// - 6209, 7588: a member whose token restarted between two calls kept
@@ -1907,25 +1946,34 @@ fn sessions_closed_under_running_calls_leave_no_member_session_open() {
 ///   the group knew, and destroying the key left that alias, which passed
 ///   an orphan of the key (a generate whose answer was lost) for the
 ///   group's copy (found as 274959 and 281134); and the domain-key
-///   reference above.
-const REGRESSION_SEEDS: [(u64, Faults); 35] = [
+///   reference above;
+/// - 129, 499, 804 (open-defect schedules until they passed, default since):
+///   a library that came to refuse the key-wrap mechanism mid-run and
+///   stopped was taken to refuse for the rest of its epoch (129), a copy
+///   that failed while it refused was dropped (499), and a member found
+///   refusing when it returned kept that verdict until its next failure
+///   (804): keys made before the refusal stayed on one member for good;
+///   and (47857, 108840, 114724) a copy kept meanwhile was not tried
+///   again when a copy found the library taking the mechanism again, or
+///   was dropped when its source failed while it was tried again.
+const REGRESSION_SEEDS: [(u64, Faults); 41] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
-    (72, Faults::OPEN_DEFECTS_UNWIDENED),
-    (6920, Faults::OPEN_DEFECTS_UNWIDENED),
-    (7, Faults::OPEN_DEFECTS_UNWIDENED),
-    (17, Faults::OPEN_DEFECTS_UNWIDENED),
-    (0, Faults::OPEN_DEFECTS_UNWIDENED),
-    (1, Faults::OPEN_DEFECTS_UNWIDENED),
-    (20, Faults::OPEN_DEFECTS_UNWIDENED),
-    (363, Faults::OPEN_DEFECTS_UNWIDENED),
-    (63, Faults::OPEN_DEFECTS_UNWIDENED),
-    (65, Faults::OPEN_DEFECTS_UNWIDENED),
-    (4370, Faults::OPEN_DEFECTS_UNWIDENED),
-    (247, Faults::OPEN_DEFECTS_UNWIDENED),
-    (828, Faults::OPEN_DEFECTS_UNWIDENED),
-    (1045, Faults::OPEN_DEFECTS_UNWIDENED),
-    (10, Faults::OPEN_DEFECTS_UNWIDENED),
+    (72, Faults::REFUSALS_UNWIDENED),
+    (6920, Faults::REFUSALS_UNWIDENED),
+    (7, Faults::REFUSALS_UNWIDENED),
+    (17, Faults::REFUSALS_UNWIDENED),
+    (0, Faults::REFUSALS_UNWIDENED),
+    (1, Faults::REFUSALS_UNWIDENED),
+    (20, Faults::REFUSALS_UNWIDENED),
+    (363, Faults::REFUSALS_UNWIDENED),
+    (63, Faults::REFUSALS_UNWIDENED),
+    (65, Faults::REFUSALS_UNWIDENED),
+    (4370, Faults::REFUSALS_UNWIDENED),
+    (247, Faults::REFUSALS_UNWIDENED),
+    (828, Faults::REFUSALS_UNWIDENED),
+    (1045, Faults::REFUSALS_UNWIDENED),
+    (10, Faults::REFUSALS_UNWIDENED),
     (2088, Faults::ONE_AT_A_TIME),
     (3488, Faults::ONE_AT_A_TIME),
     (4340, Faults::ONE_AT_A_TIME),
@@ -1936,14 +1984,20 @@ const REGRESSION_SEEDS: [(u64, Faults); 35] = [
     (33339, Faults::ONE_AT_A_TIME),
     (35878, Faults::ONE_AT_A_TIME),
     (46194, Faults::ONE_AT_A_TIME),
-    (3054, Faults::DEFAULT),
-    (5761, Faults::DEFAULT),
-    (10170, Faults::DEFAULT),
-    (14634, Faults::DEFAULT),
-    (14755, Faults::DEFAULT),
-    (19954, Faults::DEFAULT),
-    (37700, Faults::DEFAULT),
-    (43265, Faults::DEFAULT),
+    (3054, Faults::WIDENED),
+    (5761, Faults::WIDENED),
+    (10170, Faults::WIDENED),
+    (14634, Faults::WIDENED),
+    (14755, Faults::WIDENED),
+    (19954, Faults::WIDENED),
+    (37700, Faults::WIDENED),
+    (43265, Faults::WIDENED),
+    (129, Faults::DEFAULT),
+    (499, Faults::DEFAULT),
+    (804, Faults::DEFAULT),
+    (47857, Faults::DEFAULT),
+    (108840, Faults::DEFAULT),
+    (114724, Faults::DEFAULT),
 ];
 
 #[test]
