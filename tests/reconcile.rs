@@ -279,9 +279,19 @@ impl Setup {
         reading: Reading,
         done: impl Fn(&HashMap<String, usize>) -> bool,
     ) {
+        self.wait_for_b_read_by(what, || labels_on(&self.hsm.conf, "member1", reading), done)
+    }
+
+    /// [`Setup::wait_for_b`] with B's objects read by `read`.
+    fn wait_for_b_read_by(
+        &self,
+        what: &str,
+        read: impl Fn() -> Option<HashMap<String, usize>>,
+        done: impl Fn(&HashMap<String, usize>) -> bool,
+    ) {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let held = labels_on(&self.hsm.conf, "member1", reading);
+            let held = read();
             if held.as_ref().is_some_and(&done) {
                 return;
             }
@@ -458,22 +468,11 @@ fn a_member_returning_while_another_process_reconciles_is_not_copied_to_twice() 
     );
 
     drop(lock);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let held = remote.labels();
-        if held
-            .as_ref()
-            .is_some_and(|held| count(held, "while-b-down") > 0)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B never received what it missed; it holds {held:?}; HA log:\n{}",
-            setup.ha_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    setup.wait_for_b_read_by(
+        "hold the object it missed",
+        || remote.labels(),
+        |held| count(held, "while-b-down") > 0,
+    );
     Setup::end_user(user);
     let held = remote.labels().expect("B can be read");
     assert_eq!(count(&held, "while-b-down"), 1, "B: {held:?}");
