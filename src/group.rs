@@ -463,14 +463,6 @@ impl Member {
         fresh
     }
 
-    /// Whether the member's library talks to a server (so can reconnect
-    /// under a session), as noted when it was last located: one atomic
-    /// load where asking its library is a call through the trait object.
-    #[inline(always)]
-    pub fn networked(&self) -> bool {
-        self.timed.load(Ordering::Relaxed)
-    }
-
     /// Counts the member calls this thread makes for as long as the guard
     /// lives on this member ([`Counting`]), timing them together for the
     /// member's latency: every time for a member whose library talks to a

@@ -295,7 +295,7 @@ impl VirtualSession {
         }
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
-        let (rv, look_up_again) = if member.networked() {
+        let (rv, look_up_again) = if library.is_networked() {
             self.run_on_connection(position, function, library, handle, connection, call)
         } else {
             self.run(position, function, library, handle, call)
