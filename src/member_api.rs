@@ -651,6 +651,10 @@ pub struct MemberSession {
     pub handle: CK_SESSION_HANDLE,
     pub epoch: u64,
     pub connection: u64,
+    /// Whether `library` talks to a server, asked once when the session
+    /// was opened (it never changes for a library), so that a call on the
+    /// session does not ask through the trait object each time.
+    pub networked: bool,
 }
 
 /// Opens a session on one member token.
@@ -666,6 +670,7 @@ pub fn open_member_session(
     let mut handle: CK_SESSION_HANDLE = 0;
     check(library.open_session(slot, flags, &mut handle))?;
     Ok(MemberSession {
+        networked: library.is_networked(),
         library,
         handle,
         epoch,

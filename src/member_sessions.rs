@@ -12,6 +12,17 @@ use smallvec::SmallVec;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// A member session lent for one call: what the call path needs of a
+/// [`MemberSession`], without its library's reference count.
+#[derive(Clone, Copy)]
+pub struct LentSession<'a> {
+    pub library: &'a dyn MemberBackend,
+    pub handle: CK_SESSION_HANDLE,
+    pub connection: u64,
+    /// As [`MemberSession::networked`].
+    pub networked: bool,
+}
+
 /// The member session a virtual session holds on one member.
 #[derive(Default)]
 struct MemberSessionCell {
@@ -25,20 +36,26 @@ struct MemberSessionCell {
 }
 
 impl MemberSessionCell {
-    /// The session held, if it was opened in `epoch`: its library, handle
-    /// and connection. The library is lent, not counted: every call reads
-    /// it, and a reference count shared by all threads would be contended.
+    /// The session held, if it was opened in `epoch`. The library is
+    /// lent, not counted: every call reads it, and a reference count shared
+    /// by all threads would be contended.
     #[inline(always)]
-    fn get(&self, epoch: u64) -> Option<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
+    fn get(&self, epoch: u64) -> Option<LentSession<'_>> {
         let held = self.held.read();
         let session = held.as_ref().filter(|s| s.epoch == epoch)?;
         self.mark_used();
         let library = Arc::as_ptr(&session.library);
-        let found = (session.handle, session.connection);
+        let (handle, connection, networked) =
+            (session.handle, session.connection, session.networked);
         drop(held);
-        // SAFETY: `retained` holds an Arc of every library a session here
-        // was opened on for as long as `self` lives.
-        Some((unsafe { &*library }, found.0, found.1))
+        Some(LentSession {
+            // SAFETY: `retained` holds an Arc of every library a session
+            // here was opened on for as long as `self` lives.
+            library: unsafe { &*library },
+            handle,
+            connection,
+            networked,
+        })
     }
 
     /// The session held, whatever its epoch, as an owned value.
@@ -158,15 +175,15 @@ impl MemberSessions {
             })
     }
 
-    /// [`Self::member_session`] without a reference count, as (library,
-    /// session, connection): the path of every member call.
+    /// [`Self::member_session`] without a reference count: the path of
+    /// every member call.
     #[inline(always)]
     pub fn session_on(
         &self,
         group: &Group,
         position: usize,
         epoch: u64,
-    ) -> Result<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
+    ) -> Result<LentSession<'_>> {
         match self.cells[position].get(epoch) {
             Some(found) => Ok(found),
             None => self.open_and_get(group, position, epoch),
@@ -174,12 +191,7 @@ impl MemberSessions {
     }
 
     #[cold]
-    fn open_and_get(
-        &self,
-        group: &Group,
-        position: usize,
-        epoch: u64,
-    ) -> Result<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
+    fn open_and_get(&self, group: &Group, position: usize, epoch: u64) -> Result<LentSession<'_>> {
         self.open_member_session(group, position, epoch)?;
         // Absent only if the member failed again meanwhile.
         self.cells[position]

@@ -16,7 +16,7 @@ use crate::identity;
 use crate::mechanism::Mechanism;
 use crate::member::{classify, Answer};
 use crate::member_api::{MemberApi, MemberBackend, MemberSession};
-use crate::member_sessions::MemberSessions;
+use crate::member_sessions::{LentSession, MemberSessions};
 use crate::object::Presence;
 use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
@@ -217,11 +217,7 @@ impl VirtualSession {
     /// [`Self::member_session`] without a reference count, as (library,
     /// session, connection): the path of every member call.
     #[inline(always)]
-    fn session_on(
-        &self,
-        position: usize,
-        epoch: u64,
-    ) -> Result<(&dyn MemberBackend, CK_SESSION_HANDLE, u64)> {
+    fn session_on(&self, position: usize, epoch: u64) -> Result<LentSession<'_>> {
         self.members.session_on(&self.group, position, epoch)
     }
 
@@ -283,7 +279,12 @@ impl VirtualSession {
     {
         let member = &self.group.members[position];
         let epoch = member.epoch();
-        let (library, handle, connection) = match self.session_on(position, epoch) {
+        let LentSession {
+            library,
+            handle,
+            connection,
+            networked,
+        } = match self.session_on(position, epoch) {
             Ok(s) => s,
             Err(e) => return self.not_opened(position, e.rv),
         };
@@ -295,7 +296,7 @@ impl VirtualSession {
         }
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
-        let (rv, look_up_again) = if library.is_networked() {
+        let (rv, look_up_again) = if networked {
             self.run_on_connection(position, function, library, handle, connection, call)
         } else {
             self.run(position, function, library, handle, call)
