@@ -15,7 +15,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use std::cell::Cell;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -153,14 +153,17 @@ pub struct SessionCall<'a> {
 /// it resumes.
 #[derive(Default)]
 pub struct CallGate {
-    calls: AtomicU32,
-    /// [`CLOSED`] and [`PAUSED`]; changed under `idle`, so that a call
-    /// waiting for a resume cannot miss it.
-    state: AtomicU8,
-    idle: Mutex<()>,
-    /// Signalled when the last call leaves a closed or paused gate, and
-    /// when a paused gate resumes or closes.
+    /// The calls under way, and [`CLOSED`] and [`PAUSED`].
+    inner: Mutex<GateState>,
+    /// Signalled when a call leaves a closed or paused gate, and when a
+    /// paused gate resumes or closes.
     went_idle: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    calls: u32,
+    state: u8,
 }
 
 const CLOSED: u8 = 1;
@@ -168,57 +171,42 @@ const PAUSED: u8 = 2;
 
 impl CallGate {
     /// Counts a call in; false if the session is closed (the call must
-    /// still [`Self::leave`]). With `close` and `pause`, a Dekker pair:
-    /// sequentially consistent, so either the call sees the close or the
-    /// close sees the call.
+    /// still [`Self::leave`]). While the gate is paused, waits outside for
+    /// it to resume or close.
     #[inline(always)]
     fn enter(&self) -> bool {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let state = self.state.load(Ordering::SeqCst);
-        state == 0 || self.enter_after_pause(state)
-    }
-
-    /// While the gate is paused, steps back out (so that the pause sees no
-    /// call) and waits for it to resume or close; then counts in again.
-    #[cold]
-    #[inline(never)]
-    fn enter_after_pause(&self, mut state: u8) -> bool {
-        while state == PAUSED {
-            self.leave();
-            let mut idle = self.idle.lock();
-            while self.state.load(Ordering::SeqCst) == PAUSED {
-                self.went_idle.wait(&mut idle);
-            }
-            drop(idle);
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            state = self.state.load(Ordering::SeqCst);
+        let mut inner = self.inner.lock();
+        while inner.state == PAUSED {
+            self.went_idle.wait(&mut inner);
         }
-        state & CLOSED == 0
+        inner.calls += 1;
+        inner.state & CLOSED == 0
     }
 
     #[inline(always)]
     fn leave(&self) {
-        if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 && self.state.load(Ordering::SeqCst) != 0
-        {
-            self.wake_waiters();
+        let mut inner = self.inner.lock();
+        inner.calls -= 1;
+        if inner.state != 0 {
+            self.went_idle.notify_all();
         }
     }
 
-    #[cold]
-    fn wake_waiters(&self) {
-        let _idle = self.idle.lock();
-        self.went_idle.notify_all();
-    }
-
-    /// Sets or clears `bit` where waiters cannot miss it, and wakes them.
+    /// Sets or clears `bit`, and wakes the waiters.
     fn set_state(&self, bit: u8, on: bool) {
-        let _idle = self.idle.lock();
+        let mut inner = self.inner.lock();
         if on {
-            self.state.fetch_or(bit, Ordering::SeqCst);
+            inner.state |= bit;
         } else {
-            self.state.fetch_and(!bit, Ordering::SeqCst);
+            inner.state &= !bit;
         }
         self.went_idle.notify_all();
+    }
+
+    /// The calls under way now.
+    #[cfg(test)]
+    fn calls(&self) -> u32 {
+        self.inner.lock().calls
     }
 
     /// A call counted in for as long as the guard lives, or
@@ -252,13 +240,13 @@ impl CallGate {
     /// Waits until `deadline` for at most `calls` to be under way (a
     /// logout's own call among them); false if more are then.
     pub fn wait_calls(&self, calls: u32, deadline: Instant) -> bool {
-        let mut idle = self.idle.lock();
-        while self.calls.load(Ordering::SeqCst) > calls {
+        let mut inner = self.inner.lock();
+        while inner.calls > calls {
             let left = crate::clock::block_for(deadline);
             if left.is_zero() {
                 return false;
             }
-            self.went_idle.wait_for(&mut idle, left);
+            self.went_idle.wait_for(&mut inner, left);
         }
         true
     }
@@ -509,13 +497,10 @@ mod tests {
         );
         let inner = look_up(&table, handle).unwrap();
         assert_eq!(inner.handle, outer.handle);
-        assert_eq!(outer.gate.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(outer.gate.calls(), 2);
         drop(inner);
         drop(outer);
-        assert_eq!(
-            table.get(handle).unwrap().gate.calls.load(Ordering::SeqCst),
-            0
-        );
+        assert_eq!(table.get(handle).unwrap().gate.calls(), 0);
         assert!(SessionRef::cached(handle).is_some());
     }
 
