@@ -296,6 +296,12 @@ impl ObjectTable {
             .collect()
     }
 
+    /// Whether the group holds a session object: one made in this process
+    /// that no longer lives is removed with its session.
+    pub fn has_session_objects(&self) -> bool {
+        !self.maps.read().owned.is_empty()
+    }
+
     /// Whether an object's fingerprint is kept.
     pub fn has_fingerprint(&self, handle: CK_OBJECT_HANDLE) -> bool {
         self.maps

@@ -6,8 +6,9 @@
 //! client's instances, counted per instance (one server worker each) from
 //! p11-kit's RPC debug log: private keys on spares logged in with the
 //! group, session objects only where they were made, every instance
-//! logged out with the group, and a killed server still takes the whole
-//! member out.
+//! logged out with the group, searches and attribute reads of token
+//! objects on spares while session objects are still found where they
+//! live, and a killed server still takes the whole member out.
 
 mod common;
 #[path = "common/p11kit.rs"]
@@ -15,7 +16,7 @@ mod p11kit;
 
 use common::*;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -606,6 +607,162 @@ fn logout_logs_every_instance_out() {
     }
 }
 
+/// How many times `function` reached a spare instance of any member.
+fn on_any_spare(remote: &Remote, function: &str) -> usize {
+    remote
+        .servers
+        .iter()
+        .flat_map(|s| on_spares(s, function))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Searches for token keys and reads of their attributes from 4 threads
+/// run on spare instances (5 of them per member), and what they return is
+/// the group's: every spare session's search
+/// names the key by one virtual handle, whose attributes read right and
+/// which signs.
+#[test]
+fn searches_and_attribute_reads_of_token_objects_run_on_spare_instances() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 10;
+    let remote = Remote::start(&instances(6, "haLogStatus = enabled\nhaLogPath = LOGDIR"));
+    let keys = ec_key(&remote.session(), b"found");
+    let named = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let on_first_instances = |function| {
+        remote
+            .servers
+            .iter()
+            .map(|s| on_first(s, function))
+            .sum::<usize>()
+    };
+    let first_before = on_first_instances("C_FindObjectsInit");
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                let session = remote.session();
+                for _ in 0..ROUNDS {
+                    let found = session
+                        .find_objects(&[
+                            Attribute::Class(ObjectClass::PRIVATE_KEY),
+                            Attribute::Id(b"found".to_vec()),
+                        ])
+                        .expect("C_FindObjects");
+                    assert_eq!(found.len(), 1, "one private key with that ID");
+                    named.lock().unwrap().insert(found[0].handle());
+                    let read = session
+                        .get_attributes(found[0], &[AttributeType::Id, AttributeType::Sign])
+                        .expect("C_GetAttributeValue");
+                    assert_eq!(
+                        read,
+                        vec![Attribute::Id(b"found".to_vec()), Attribute::Sign(true)]
+                    );
+                    sign_and_verify(&session, (keys.0, found[0]));
+                }
+            });
+        }
+    });
+    let named = named.into_inner().unwrap();
+    assert_eq!(named.len(), 1, "one handle for the key: {named:?}");
+    let searches = on_any_spare(&remote, "C_FindObjectsInit");
+    let reads = on_any_spare(&remote, "C_GetAttributeValue");
+    let on_firsts = on_first_instances("C_FindObjectsInit") - first_before;
+    eprintln!(
+        "searches: {searches} on spares, {on_firsts} on first instances; \
+         {reads} attribute reads on spares; HA log:\n{}",
+        remote.ha_log()
+    );
+    // Besides the application's, the spares search for the keys a lane
+    // uses (once per spare session), the first instances for what a spare
+    // found (once per spare session, then from the member's index). A
+    // search finding every spare of its member busy runs on the first
+    // instance, which under load happened to 27 of 40: most, not every,
+    // search is on a spare.
+    assert!(
+        searches >= THREADS * ROUNDS / 2,
+        "most searches on spares: {searches} of {}",
+        THREADS * ROUNDS
+    );
+    assert!(
+        on_firsts < searches,
+        "fewer searches on first instances ({on_firsts}) than on spares ({searches})"
+    );
+    assert!(
+        reads >= THREADS * ROUNDS,
+        "every attribute read on a spare: {reads} of {}",
+        THREADS * ROUNDS
+    );
+}
+
+/// While the group holds a session object, a search that could match it
+/// runs on the member's own session (the first instance, where the object
+/// lives) and finds it; one asking for token objects only still runs on a
+/// spare, and so does every search once the session object is gone.
+#[test]
+fn searches_find_session_objects_on_the_first_instance_and_token_objects_on_spares() {
+    const ROUNDS: usize = 5;
+    let remote = Remote::start(&instances(3, ""));
+    let maker = remote.session();
+    let data = |token: bool| {
+        maker
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(token),
+                Attribute::Label(b"notes".to_vec()),
+                Attribute::Value(vec![u8::from(token); 4]),
+            ])
+            .expect("C_CreateObject")
+    };
+    let on_token = data(true);
+    let in_session = data(false);
+    let searcher = remote.session();
+    let notes = |token_only: bool| {
+        let mut template = vec![
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Label(b"notes".to_vec()),
+        ];
+        if token_only {
+            template.push(Attribute::Token(true));
+        }
+        let mut found = searcher.find_objects(&template).expect("C_FindObjects");
+        found.sort_unstable_by_key(|h| h.handle());
+        found
+    };
+    let mut both = vec![on_token, in_session];
+    both.sort_unstable_by_key(|h| h.handle());
+    let before = on_any_spare(&remote, "C_FindObjectsInit");
+    for _ in 0..ROUNDS {
+        assert_eq!(notes(false), both, "the session object found too");
+    }
+    assert_eq!(
+        on_any_spare(&remote, "C_FindObjectsInit"),
+        before,
+        "no search that could match the session object reached a spare"
+    );
+    for _ in 0..ROUNDS {
+        assert_eq!(notes(true), vec![on_token], "token objects only");
+    }
+    let token_only = on_any_spare(&remote, "C_FindObjectsInit") - before;
+    assert_eq!(token_only, ROUNDS, "each token-only search on a spare");
+    maker
+        .destroy_object(in_session)
+        .expect("destroy the session object");
+    for _ in 0..ROUNDS {
+        assert_eq!(notes(false), vec![on_token], "the session object is gone");
+    }
+    let after = on_any_spare(&remote, "C_FindObjectsInit") - before - token_only;
+    assert_eq!(after, ROUNDS, "with no session object left, on a spare");
+}
+
+/// Sets its flag when dropped, also while a panic unwinds.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A server killed while calls are in flight on several of its member's
 /// instances takes the whole member out: every application call still
 /// answers (the operations move to the other member), the member stays out
@@ -619,6 +776,9 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
     let keys = ec_key(&remote.session(), b"killed");
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
+        // Stops the callers however this scope ends: an assertion failing
+        // below must fail the test, not leave it waiting on them forever.
+        let _stop_callers = StopOnDrop(&stop);
         for _ in 0..6 {
             scope.spawn(|| {
                 let session = remote.session();
@@ -640,7 +800,9 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
         while busy_spares() < 2 {
             assert!(
                 Instant::now() < deadline,
-                "no two spares of member 0 served"
+                "no two spares of member 0 served: {:?}; HA log:\n{}",
+                on_spares(&remote.servers[0], "C_Sign"),
+                remote.ha_log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -660,7 +822,6 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
             assert_ne!(group_status().members[0].state, 0, "member 0 stays out");
             std::thread::sleep(Duration::from_millis(20));
         }
-        stop.store(true, Ordering::Relaxed);
     });
     remote.servers[0].restart();
     // A bound for a broken recovery, not a figure: at a load of 20 the new
