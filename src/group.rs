@@ -483,6 +483,25 @@ impl Member {
     }
 }
 
+impl Member {
+    /// [`Self::begin_call`] for what sets an operation up on a lane (a
+    /// spare's session, its login, finding a key or identifying an object
+    /// there): counted in flight, never timed. A spare's first login
+    /// (SoftHSM derives a key from the PIN) takes hundreds of times a
+    /// signature; timed in the signatures' lane, it made the member look
+    /// slow at signing, so the chooser sent it one signature at a time and
+    /// its other spares were never logged in (`network_members`: one spare
+    /// served every signature of its member).
+    #[inline(always)]
+    pub fn begin_setup_call(&self) -> CallGuard<'_> {
+        CallGuard {
+            member: self,
+            _counting: Counting::on(&self.counts),
+            started: None,
+        }
+    }
+}
+
 pub struct CallGuard<'a> {
     member: &'a Member,
     _counting: Counting<'a>,

@@ -212,6 +212,56 @@ impl ObjectTable {
         handle
     }
 
+    /// The virtual handle of a member's object identified by `print`: the
+    /// one object of the group it matches whose copy on `member` is not
+    /// known yet, else one made now. Without this, once the members'
+    /// handles were forgotten (a logout), searches answered by different
+    /// members (spares of whichever member is primary at the time) named
+    /// one key by two handles.
+    pub fn from_member_identified(
+        &self,
+        member: usize,
+        member_handle: CK_OBJECT_HANDLE,
+        print: crate::identity::Fingerprint,
+    ) -> CK_OBJECT_HANDLE {
+        if let Some(h) = self.known(member, member_handle) {
+            return h;
+        }
+        let mut maps = self.maps.write();
+        if let Some(h) = maps.by_member[member].get(&member_handle) {
+            return *h;
+        }
+        let mut matching = maps.objects.iter().filter(|(_, o)| {
+            o.owner.is_none()
+                && o.on[member] == Presence::Unknown
+                && o.fingerprint
+                    .as_ref()
+                    .is_some_and(|p| crate::identity::matches(p, &print))
+        });
+        if let (Some((&handle, _)), None) = (matching.next(), matching.next()) {
+            if let Some(object) = maps.objects.get_mut(&handle) {
+                object.on[member] = Presence::Present(member_handle);
+            }
+            maps.by_member[member].insert(member_handle, handle);
+            maps.hold(member, member_handle, handle);
+            return handle;
+        }
+        let handle = allocate_handle();
+        let mut on = vec![Presence::Unknown; self.members];
+        on[member] = Presence::Present(member_handle);
+        maps.add(
+            handle,
+            VirtualObject {
+                on,
+                owner: None,
+                fingerprint: Some(std::sync::Arc::new(print)),
+                protected: false,
+                never_extractable: false,
+            },
+        );
+        handle
+    }
+
     pub fn get(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
         self.maps.read().objects.get(&handle).cloned()
     }

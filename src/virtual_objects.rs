@@ -936,9 +936,11 @@ impl VirtualSession {
         if self.is_domain_print(&print) {
             return None;
         }
-        let object = self.group.objects.from_member(member, handle);
-        self.group.objects.set_fingerprint(object, print);
-        Some(object)
+        Some(
+            self.group
+                .objects
+                .from_member_identified(member, handle, print),
+        )
     }
 
     /// Whether a fingerprint is that of the group's domain key.

@@ -131,6 +131,46 @@ impl Server {
         }
     }
 
+    /// Whether a worker is inside `C_Login`: its last line about the call
+    /// in the RPC log is the entry, not the return.
+    fn logging_in(&self) -> bool {
+        let text = std::fs::read_to_string(&self.rpc_log).expect("the server's RPC log");
+        let mut inside = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.contains(" rpc_C_Login: ")) {
+            if let Some((pid, _)) = line
+                .strip_prefix("(p11-kit:")
+                .and_then(|rest| rest.split_once(')'))
+            {
+                inside.insert(pid.to_string(), line.ends_with(": enter"));
+            }
+        }
+        inside.values().any(|&entered| entered)
+    }
+
+    /// Kills the whole server at a moment no worker is inside `C_Login`:
+    /// SoftHSM rewrites its token file at every login, and a worker killed
+    /// while writing it leaves the token uninitialised for good, so that
+    /// the restarted server lists no slot (seen in 3 runs of 8 at load 10,
+    /// the spares logging in just as the test killed the server). The
+    /// server is stopped, looked at, and killed or let go on.
+    fn kill_outside_logins(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.signal_all(libc::SIGSTOP);
+            if !self.logging_in() {
+                self.signal_all(libc::SIGKILL);
+                return;
+            }
+            self.signal_all(libc::SIGCONT);
+            assert!(
+                Instant::now() < deadline,
+                "{}: a worker stayed inside C_Login",
+                self.label
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn restart(&mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.socket);
@@ -806,12 +846,7 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let server = &remote.servers[0];
-        let listener = server.child.id() as i32;
-        for pid in server.workers().into_iter().chain([listener]) {
-            // SAFETY: killing our own server's processes.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        remote.servers[0].kill_outside_logins();
         let deadline = Instant::now() + Duration::from_secs(10);
         while group_status().members[0].state == 0 {
             assert!(Instant::now() < deadline, "member 0 was not taken out");

@@ -111,7 +111,7 @@ impl VirtualSession {
                 let location = member.location()?;
                 match location
                     .library
-                    .take_lane(location.slot, &mut || Box::new(member.begin_call()))?
+                    .take_lane(location.slot, &mut || Box::new(member.begin_setup_call()))?
                 {
                     Ok(lane) => HeldLane {
                         position,
@@ -172,7 +172,7 @@ impl VirtualSession {
             return self.leave_lane(held, current);
         }
         drop(held);
-        let _in_flight = self.group.members[current.position].begin_call();
+        let _in_flight = self.group.members[current.position].begin_setup_call();
         current.lane.close();
         None
     }
@@ -273,7 +273,7 @@ impl VirtualSession {
         let location = member.location()?;
         let lane = match location
             .library
-            .take_lane(location.slot, &mut || Box::new(member.begin_call()))?
+            .take_lane(location.slot, &mut || Box::new(member.begin_setup_call()))?
         {
             Ok(lane) => lane,
             Err(rv) if is_member_fault("C_OpenSession", rv) => {
@@ -297,7 +297,7 @@ impl VirtualSession {
         });
         match answer {
             Attempt::Answered(rv) if key_refused(rv) => {
-                let _in_flight = member.begin_call();
+                let _in_flight = member.begin_setup_call();
                 lane.close();
                 None
             }
@@ -388,7 +388,7 @@ impl VirtualSession {
         here: CK_OBJECT_HANDLE,
     ) -> Option<Option<CK_OBJECT_HANDLE>> {
         let read = |full: bool| {
-            let _in_flight = self.group.members[position].begin_call();
+            let _in_flight = self.group.members[position].begin_setup_call();
             on_connection(lane.connection, || {
                 if full {
                     identity::fingerprint(lane.library(), lane.session, here)
@@ -411,10 +411,7 @@ impl VirtualSession {
             return None;
         };
         let objects = &self.group.objects;
-        let object = objects
-            .known(position, first)
-            .unwrap_or_else(|| objects.from_member(position, first));
-        objects.set_fingerprint(object, print);
+        let object = objects.from_member_identified(position, first, print);
         lane.remember_found(here, Some((object, first)));
         lane.remember_key(object, first, here);
         Some(Some(object))
@@ -432,7 +429,7 @@ impl VirtualSession {
             return Ok(None);
         };
         let find = |print: &identity::Fingerprint| {
-            let _in_flight = self.group.members[position].begin_call();
+            let _in_flight = self.group.members[position].begin_setup_call();
             on_connection(lane.connection, || {
                 identity::find(lane.library(), lane.session, print)
             })
@@ -480,7 +477,7 @@ impl VirtualSession {
         if lane.logged_in() {
             return true;
         }
-        let _in_flight = self.group.members[position].begin_call();
+        let _in_flight = self.group.members[position].begin_setup_call();
         lane.log_in(|library, session| {
             let (user_type, pin) = self.group.cached_login()?;
             Some(crate::group::log_in_member(
@@ -583,7 +580,7 @@ impl VirtualSession {
         drop(held);
         let member = &self.group.members[current.position];
         if member.is_up() && member.epoch() == current.epoch {
-            let _in_flight = member.begin_call();
+            let _in_flight = member.begin_setup_call();
             current.lane.close();
         }
     }
