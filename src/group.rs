@@ -485,8 +485,8 @@ impl Member {
 
 impl Member {
     /// [`Self::begin_call`] for what sets an operation up on a lane (a
-    /// spare's session, its login, finding a key or identifying an object
-    /// there): counted in flight, never timed. A spare's first login
+    /// spare's session, its login, finding a key there): counted in
+    /// flight, never timed. A spare's first login
     /// (SoftHSM derives a key from the PIN) takes hundreds of times a
     /// signature; timed in the signatures' lane, it made the member look
     /// slow at signing, so the chooser sent it one signature at a time and
