@@ -13,16 +13,21 @@
 //!   `C_GenerateRandom(32)` from T = 1, 8, 32 threads, a session each;
 //!   target: each group >= 0.9 x the direct member at the same T.
 //! - **An operation, latency-bound**: a 1 KiB SHA-256 (`C_DigestInit` +
-//!   `C_Digest`) from T = 8, 32 threads, same target: operations spread
+//!   `C_Digest`) from T = 1, 8, 32 threads, same target: operations spread
 //!   over the client's instances (`[LibraryInstances]`).
+//! - **Mixed, latency-bound**: random, a 1 KiB SHA-256 and a search (six
+//!   member calls) from T = 8, 32 threads, same target: searches run on
+//!   spare instances too.
 //! - **Limited capacity** (each relay serves a connection one request at a
 //!   time, 1 ms each): T = 8 and 32; target: a group of N >= 0.9 x N x the
 //!   direct member.
 //! - **One slow member**: relays back to 1 ms, member 2 (net-3's primary)
 //!   at 200 ms each way; a mixed operation (random, a 1 KiB SHA-256, a
 //!   search: six member calls) from 8 threads on net-3, once the HA log
-//!   says the slow member is degraded, against net-2 (the two healthy
-//!   members alone); target: >= 0.9.
+//!   says the slow member is degraded (how long that took under this load
+//!   is reported; if it is not within 30 s, the table is taken anyway and
+//!   says so), against net-2 (the two healthy members alone); target:
+//!   >= 0.9.
 //!
 //! Each table runs its targets in slices that alternate, the order
 //! rotating every cycle; ops/s is over all slices, p50 and p99 over every
@@ -67,7 +72,8 @@ const SLOW_ONE_WAY: Duration = Duration::from_millis(200);
 const SERVICE: Duration = Duration::from_millis(1);
 const LATENCY_THREADS: [usize; 3] = [1, 8, 32];
 const CAPACITY_THREADS: [usize; 2] = [8, 32];
-const DIGEST_THREADS: [usize; 2] = [8, 32];
+const DIGEST_THREADS: [usize; 3] = [1, 8, 32];
+const MIXED_THREADS: [usize; 2] = [8, 32];
 const SLOW_THREADS: usize = 8;
 const MAX_THREADS: usize = 32;
 const TARGET_RATIO: f64 = 0.9;
@@ -468,18 +474,18 @@ fn throughput_table(
 }
 
 /// Waits, under load on `target`, until the HA log says a member is
-/// degraded; how long that took.
-fn load_until_degraded(bench: &Bench, target: &Target) -> Duration {
+/// degraded; how long that took, `None` if not within
+/// [`DEGRADE_PATIENCE`].
+fn load_until_degraded(bench: &Bench, target: &Target) -> Option<Duration> {
     let started = Instant::now();
     loop {
         let log = fs::read_to_string(&bench.log).unwrap_or_default();
         if log.contains("member degraded") {
-            return started.elapsed();
+            return Some(started.elapsed());
         }
-        assert!(
-            started.elapsed() < DEGRADE_PATIENCE,
-            "the slow member was not degraded within {DEGRADE_PATIENCE:?}; HA log:\n{log}"
-        );
+        if started.elapsed() >= DEGRADE_PATIENCE {
+            return None;
+        }
         run_slice(
             target,
             SLOW_THREADS,
@@ -534,6 +540,23 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
 
     writeln!(
         out,
+        "\nMixed, latency-bound: {ONE_WAY:?} each way; random, SHA-256 of {DATA_LEN} bytes and \
+         a search; ratio = group / direct at the same T"
+    )
+    .unwrap();
+    throughput_table(
+        &mut out,
+        bench,
+        mixed,
+        &MIXED_THREADS,
+        slice,
+        cycles,
+        |_| 1.0,
+        test_mode,
+    );
+
+    writeln!(
+        out,
         "\nLimited capacity: each connection served one request at a time, {SERVICE:?} each; \
          ratio = group / (N x direct) (target {TARGET_RATIO})"
     )
@@ -559,11 +582,16 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
          threads; ratio = net-3 / net-2, the healthy two alone (target {TARGET_RATIO})"
     )
     .unwrap();
-    // The tables so far are kept if the slow member is never degraded.
     print!("{out}");
     out.clear();
-    let degraded_after = load_until_degraded(bench, &bench.targets[2]);
-    writeln!(out, "degraded after {degraded_after:.1?} under load").unwrap();
+    match load_until_degraded(bench, &bench.targets[2]) {
+        Some(after) => writeln!(out, "degraded after {after:.1?} under load").unwrap(),
+        None => writeln!(
+            out,
+            "NOT degraded within {DEGRADE_PATIENCE:?} under load: measured in rotation"
+        )
+        .unwrap(),
+    }
     let targets = [&bench.targets[1], &bench.targets[2]];
     let mut samples = measure(&targets, SLOW_THREADS, mixed, slow_slice, cycles + 1);
     let healthy = samples[0].ops_per_s();

@@ -110,9 +110,10 @@ pub struct Member {
     rotation: AtomicU8,
     /// Whether a probe of the degraded member is under way.
     probing: std::sync::atomic::AtomicBool,
-    /// Since when it has been far slower than the others (see
-    /// [`Group::review_latency`]); only the watchdog touches it.
-    slow_since: Mutex<Option<Instant>>,
+    /// Since when it has been far slower than the others, and the lane
+    /// it was last found so in (see [`Group::review_latency`]); only the
+    /// watchdog touches it.
+    slow_since: Mutex<Option<(Instant, usize)>>,
     /// Since when recovery has found its token again after it last failed
     /// (see [`Member::answering_since`]).
     answering_since: Mutex<Option<Instant>>,
@@ -478,6 +479,25 @@ impl Member {
             member: self,
             _counting: Counting::on(&self.counts),
             started,
+        }
+    }
+}
+
+impl Member {
+    /// [`Self::begin_call`] for what sets an operation up on a lane (a
+    /// spare's session, its login, finding a key there): counted in
+    /// flight, never timed. A spare's first login
+    /// (SoftHSM derives a key from the PIN) takes hundreds of times a
+    /// signature; timed in the signatures' lane, it made the member look
+    /// slow at signing, so the chooser sent it one signature at a time and
+    /// its other spares were never logged in (`network_members`: one spare
+    /// served every signature of its member).
+    #[inline(always)]
+    pub fn begin_setup_call(&self) -> CallGuard<'_> {
+        CallGuard {
+            member: self,
+            _counting: Counting::on(&self.counts),
+            started: None,
         }
     }
 }
@@ -1569,18 +1589,36 @@ impl Group {
             let others = serving
                 .iter()
                 .any(|o| o.position != member.position && o.rotation() == Rotation::In);
-            let (latency, reference) = compared_latency(member, &fresh, &serving);
+            let (mut latency, mut reference, mut lane) = compared_latency(member, &fresh, &serving);
+            let mut slow_since = member.slow_since.lock();
             if others && reference.is_none() {
-                // Nothing new to compare with the others: no change.
-                continue;
+                // Busy only at what is not compared (searches and
+                // object-making, pinned to it as the primary): while those
+                // calls are in flight the chooser sends it nothing else,
+                // not even in turn, so a probe measures it for the next
+                // review (a network member's: an in-process member's
+                // probe would be timed one time in SAMPLE_EVERY). Once
+                // found slow, its latest figure in the lane it was found
+                // slow in stands meanwhile; otherwise nothing new: no
+                // change.
+                if member.timed.load(Ordering::Relaxed) {
+                    probe(member);
+                }
+                let Some((_, slow_lane)) = *slow_since else {
+                    continue;
+                };
+                (latency, reference, lane) = compared_latency(member, &[slow_lane], &serving);
+                if reference.is_none() {
+                    continue;
+                }
             }
             let degraded = member.rotation() != Rotation::In;
-            let mut slow_since = member.slow_since.lock();
-            let verdict = judge_latency(latency, reference, degraded, *slow_since, now);
+            let since = slow_since.map(|(since, _)| since);
+            let verdict = judge_latency(latency, reference, degraded, since, now);
             let ms = |nanos: u64| nanos as f64 / 1e6;
             match verdict {
                 Verdict::Serve => *slow_since = None,
-                Verdict::SlowSince(since) => *slow_since = Some(since),
+                Verdict::SlowSince(since) => *slow_since = Some((since, lane)),
                 Verdict::Degrade => {
                     *slow_since = None;
                     member
@@ -1729,10 +1767,11 @@ impl Group {
     }
 }
 
-/// Asks a degraded member for its token info in a thread of its own (one
-/// probe at a time), timed as a stateless call: no application call waits
-/// on a member taken out for being slow, and a probe that hangs is a call
-/// in flight the watchdog sees like any other.
+/// Asks a member for its token info in a thread of its own (one probe at
+/// a time), timed as a stateless call: a degraded member, to see whether
+/// it recovered, or one busy only at what is not compared. No application
+/// call waits on it, and a probe that hangs is a call in flight the
+/// watchdog sees like any other.
 fn probe(member: &Arc<Member>) {
     let Some(location) = member.location() else {
         return;
@@ -1745,12 +1784,19 @@ fn probe(member: &Arc<Member>) {
         .name(format!("pkcs11-ha-probe-{}", member.serial))
         .spawn(move || {
             LANE.set(PROBE_LANE as u8);
+            let started = crate::clock::now();
             {
                 let _call = probed.begin_call();
                 let _ = crate::member::with_sigpipe_blocked(|| {
                     location.library.token_info(location.slot)
                 });
             }
+            // Its figure replaces the lane's, as any sample of a degraded
+            // member does: whether the member is slow is a question about
+            // now, and averaged in at 1/8 a slow probe took several
+            // reviews to count.
+            let nanos = u64::try_from(crate::clock::since(started).as_nanos()).unwrap_or(u64::MAX);
+            probed.latency[PROBE_LANE].store(nanos.max(1), Ordering::Relaxed);
             probed.probing.store(false, Ordering::Release);
         });
     if spawned.is_err() {
@@ -1829,17 +1875,18 @@ fn least_expected_completion(serving: &[(u64, u64, usize)], fastest: u64, start:
     best.1
 }
 
-/// A member's latency and the fastest other in-rotation member's, in the
-/// lane where the member compares best, of the `fresh` lanes (sampled
-/// since the last review) both have figures for; object-making is left
+/// A member's latency and the fastest other in-rotation member's, and
+/// the lane, of the lanes `fresh` (sampled since the last review, or the
+/// one it was found slow in: [`Group::review_latency`]) both have figures
+/// for, the one where the member compares best; object-making is left
 /// out, its calls differing too much by key type. A member is judged slow
 /// only if it is slow at everything it has done lately.
 fn compared_latency(
     member: &Member,
     fresh: &[usize],
     serving: &[&Arc<Member>],
-) -> (u64, Option<u64>) {
-    let mut best: (u64, Option<u64>) = (0, None);
+) -> (u64, Option<u64>, usize) {
+    let mut best: (u64, Option<u64>, usize) = (0, None, 0);
     for &lane in fresh.iter().filter(|&&l| l != MAKING_LANE) {
         let latency = member.latency(lane);
         let reference = serving
@@ -1852,13 +1899,13 @@ fn compared_latency(
             continue;
         };
         let better = match best {
-            (_, None) => true,
-            (l, Some(r)) => {
+            (_, None, _) => true,
+            (l, Some(r), _) => {
                 u128::from(latency) * u128::from(r) < u128::from(l) * u128::from(reference)
             }
         };
         if better {
-            best = (latency, Some(reference));
+            best = (latency, Some(reference), lane);
         }
     }
     best
@@ -2448,6 +2495,48 @@ mod tests {
             "a member with a call in flight is not explored: {firsts:?}"
         );
         drop(stalled);
+    }
+
+    #[test]
+    fn a_member_found_slow_then_busy_only_with_searches_is_degraded_on_its_latest_figures() {
+        let group = group_of(&["slow primary", "b", "c"]);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        // Figures of another kind from before it slowed down, as fast as
+        // the others': old, they say nothing about now.
+        for member in &group.members {
+            member.record_latency(3, MS / 100);
+        }
+        group.review_latency(t0 - Duration::from_secs(1));
+        group.members[0].record_latency(0, 200 * MS);
+        group.members[1].record_latency(0, 2 * MS);
+        group.members[2].record_latency(0, 2 * MS);
+        group.review_latency(t0);
+        // From now on the chooser sends it searches only, which are not
+        // compared, while the others keep answering in lane 0.
+        for second in 1..=2 {
+            group.members[0].record_latency(MAKING_LANE, 400 * MS);
+            group.members[1].record_latency(0, 2 * MS);
+            group.review_latency(t0 + Duration::from_secs(second));
+        }
+        assert_eq!(
+            group.members[0].rotation(),
+            Rotation::Degraded,
+            "slow for {DEGRADED_AFTER:?} with nothing newer to say otherwise"
+        );
+    }
+
+    #[test]
+    fn a_member_busy_only_with_searches_and_never_found_slow_stays_in_rotation() {
+        let group = group_of(&["primary", "b"]);
+        let t0 = Instant::now();
+        group.members[0].record_latency(0, 2 * MS);
+        group.members[1].record_latency(0, 2 * MS);
+        group.review_latency(t0);
+        for second in 1..=5 {
+            group.members[0].record_latency(MAKING_LANE, 400 * MS);
+            group.review_latency(t0 + Duration::from_secs(second));
+        }
+        assert_eq!(group.members[0].rotation(), Rotation::In);
     }
 
     #[test]

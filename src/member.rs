@@ -494,6 +494,36 @@ impl Spares {
     }
 }
 
+/// How many times a list that grew between its two calls is read again.
+const LIST_READS: usize = 8;
+
+/// Reads a list by the two-call convention: `call(NULL, count)` for its
+/// length, then `call(buffer, count)`. An empty list takes no second call:
+/// p11-kit's client answers a buffer of length 0 with
+/// `CKR_BUFFER_TOO_SMALL` and a count of 0, and a server listing no slot
+/// (a restarted one, before it finds its token) kept recovery asking again
+/// forever, 500 calls a second, so that the member never rejoined. A list
+/// still growing after [`LIST_READS`] reads is that answer.
+fn read_list(mut call: impl FnMut(*mut CK_ULONG, &mut CK_ULONG) -> CK_RV) -> Result<Vec<CK_ULONG>> {
+    let mut rv = CKR_BUFFER_TOO_SMALL;
+    for _ in 0..LIST_READS {
+        let mut count: CK_ULONG = 0;
+        check(call(ptr::null_mut(), &mut count))?;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let mut list = vec![0; count as usize];
+        rv = call(list.as_mut_ptr(), &mut count);
+        if rv == CKR_BUFFER_TOO_SMALL {
+            continue;
+        }
+        check(rv)?;
+        list.truncate(count as usize);
+        return Ok(list);
+    }
+    check(rv).map(|()| Vec::new())
+}
+
 /// A spare that does not know the member's slot (its server restarted
 /// and has not found the token yet, or the instance has not listed its
 /// slots): not the application's error, and not proof the member is down;
@@ -1433,24 +1463,7 @@ impl MemberLibrary {
 
     /// The library's current slots, with or without a token.
     pub fn slot_list(&self, token_present: CK_BBOOL) -> Result<Vec<CK_SLOT_ID>> {
-        loop {
-            let mut count: CK_ULONG = 0;
-            check(member_call!(
-                self,
-                C_GetSlotList(token_present, ptr::null_mut(), &mut count)
-            ))?;
-            let mut slots = vec![0; count as usize];
-            let rv = member_call!(
-                self,
-                C_GetSlotList(token_present, slots.as_mut_ptr(), &mut count)
-            );
-            if rv == CKR_BUFFER_TOO_SMALL {
-                continue;
-            }
-            check(rv)?;
-            slots.truncate(count as usize);
-            return Ok(slots);
-        }
+        read_list(|list, count| member_call!(self, C_GetSlotList(token_present, list, count)))
     }
 
     pub fn token_info(&self, slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
@@ -1468,24 +1481,7 @@ impl MemberLibrary {
     }
 
     pub fn mechanisms(&self, slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
-        loop {
-            let mut count: CK_ULONG = 0;
-            check(member_call!(
-                self,
-                C_GetMechanismList(slot, ptr::null_mut(), &mut count)
-            ))?;
-            let mut list = vec![0; count as usize];
-            let rv = member_call!(
-                self,
-                C_GetMechanismList(slot, list.as_mut_ptr(), &mut count)
-            );
-            if rv == CKR_BUFFER_TOO_SMALL {
-                continue;
-            }
-            check(rv)?;
-            list.truncate(count as usize);
-            return Ok(list);
-        }
+        read_list(|list, count| member_call!(self, C_GetMechanismList(slot, list, count)))
     }
 
     pub fn mechanism_info(

@@ -1510,4 +1510,52 @@ mod tests {
             "degraded, not down"
         );
     }
+
+    #[test]
+    fn the_watchdog_degrades_a_slow_primary_busy_with_searches_within_seconds() {
+        use crate::group::{Rotation, DEGRADED_AFTER, MAKING_LANE};
+        const MS: u64 = 1_000_000;
+        let host = OneGroup::new(&["slow primary", "b", "c"]);
+        let group = &host.groups[0];
+        let (clock, mut watchdog) = (ManualClock::new(), Watchdog::default());
+        let tick = watchdog_tick(TIMEOUT);
+        // Digests before it slowed down, as fast as the others'.
+        for member in &group.members {
+            member.record_latency(3, MS / 100);
+            drop(member.counts.enter());
+        }
+        watchdog.look(&host, clock.now());
+        clock.advance(tick);
+        // Its first random numbers after it slowed down take 400 ms; from
+        // then on the chooser sends it only the searches pinned to the
+        // primary (not compared), always in flight, so it is never
+        // measured again in turn, while the others answer in 2 ms.
+        group.members[0].record_latency(0, 400 * MS);
+        let slow_since = clock.now();
+        let searching = group.members[0].counts.enter();
+        while group.members[0].rotation() == Rotation::In {
+            assert!(
+                clock.now() - slow_since <= DEGRADED_AFTER + tick,
+                "still in rotation {:?} after it was found slow",
+                clock.now() - slow_since
+            );
+            group.members[0].record_latency(MAKING_LANE, 400 * MS);
+            drop(group.members[0].counts.enter());
+            for other in &group.members[1..] {
+                other.record_latency(0, 2 * MS);
+                drop(other.counts.enter());
+            }
+            watchdog.look(&host, clock.now());
+            if group.members[0].rotation() == Rotation::In {
+                clock.advance(tick);
+            }
+        }
+        assert!(clock.now() - slow_since >= DEGRADED_AFTER);
+        assert_eq!(
+            group.members[0].state(),
+            MemberState::Up,
+            "degraded, not down"
+        );
+        drop(searching);
+    }
 }

@@ -1118,11 +1118,17 @@ impl VirtualSession {
         loop {
             let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
             let spare = keys.is_empty();
-            if let Attempt::Answered(rv) =
+            let on_lane = if !spare && self.lane.possible(&self.group) {
+                self.stateless_on_lane(position, keys, &handles, function, &mut call)
+            } else {
+                None
+            };
+            let answer = on_lane.unwrap_or_else(|| {
                 self.attempt_maybe_on_spare(position, function, spare, &mut |l, s| {
                     call(l, s, &handles)
                 })
-            {
+            });
+            if let Attempt::Answered(rv) = answer {
                 return check(rv);
             }
         }

@@ -1,11 +1,11 @@
 //! A virtual session's operations on a *lane*: a spare instance of a
 //! member's library (p11-kit's client, `[LibraryInstances]`) taken from an
-//! operation's `*Init` to its end, so that a network member serves as many
-//! operations at once as it has instances. Owns which lane a session
-//! holds, finding token keys on it (by fingerprint, as on another member),
-//! and its login. Only the member's own session (the first instance)
-//! holds session objects, searches, object-making and the object map; an
-//! operation that needs them runs there.
+//! operation's `*Init` to its end, or for one attribute read, so that a
+//! network member serves as many of them at once as it has instances.
+//! Owns which lane a session holds, finding token keys on it (by
+//! fingerprint, as on another member), and its login. Only the member's
+//! own session (the first instance) holds session objects, searches,
+//! object-making and the object map; what needs them runs there.
 
 use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
@@ -15,6 +15,10 @@ use crate::member::{classify, on_connection, Answer, Lane};
 use crate::member_api::MemberBackend;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
+
+/// A call given the member, its session and the handles of its keys there.
+pub(super) type KeyedCall<'a> =
+    dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV + 'a;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -105,7 +109,7 @@ impl VirtualSession {
                 let location = member.location()?;
                 match location
                     .library
-                    .take_lane(location.slot, &mut || Box::new(member.begin_call()))?
+                    .take_lane(location.slot, &mut || Box::new(member.begin_setup_call()))?
                 {
                     Ok(lane) => HeldLane {
                         position,
@@ -162,7 +166,7 @@ impl VirtualSession {
             return self.leave_lane(held, current);
         }
         drop(held);
-        let _in_flight = self.group.members[current.position].begin_call();
+        let _in_flight = self.group.members[current.position].begin_setup_call();
         current.lane.close();
         None
     }
@@ -238,6 +242,67 @@ impl VirtualSession {
         Ok(Some(handles))
     }
 
+    /// Runs a call outside operations that names token objects `keys`
+    /// (an attribute read, a wrap; `first_handles` their handles on the
+    /// member's own session) on an idle spare of member `position`, taken
+    /// as a lane for this call only and handed back with what it learned.
+    /// `None`: the call runs on the member's own session (the session's
+    /// operations hold a lane, a key is a session object or not found on
+    /// the spare, none is idle).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn stateless_on_lane(
+        &self,
+        position: usize,
+        keys: &[CK_OBJECT_HANDLE],
+        first_handles: &[CK_OBJECT_HANDLE],
+        function: &str,
+        call: &mut KeyedCall<'_>,
+    ) -> Option<Attempt> {
+        if self.lane.on() || !keys.iter().all(|k| self.token_print(*k).is_some()) {
+            return None;
+        }
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let location = member.location()?;
+        let lane = match location
+            .library
+            .take_lane(location.slot, &mut || Box::new(member.begin_setup_call()))?
+        {
+            Ok(lane) => lane,
+            Err(rv) if is_member_fault("C_OpenSession", rv) => {
+                return Some(self.judge(position, "C_OpenSession", epoch, rv, false));
+            }
+            Err(_) => return None,
+        };
+        let handles = match self.lane_keys(position, &lane, keys, first_handles) {
+            Ok(Some(handles)) => handles,
+            Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
+                drop(lane);
+                return Some(self.judge(position, "C_FindObjectsInit", epoch, rv, false));
+            }
+            Ok(None) | Err(_) => {
+                lane.finish();
+                return None;
+            }
+        };
+        let answer = self.attempt_on_lane(position, epoch, function, &lane, &mut |l, s| {
+            call(l, s, &handles)
+        });
+        match answer {
+            Attempt::Answered(rv) if key_refused(rv) => {
+                let _in_flight = member.begin_setup_call();
+                lane.close();
+                None
+            }
+            Attempt::Answered(_) => {
+                lane.finish();
+                Some(answer)
+            }
+            Attempt::Faulted => Some(answer),
+        }
+    }
+
     /// Finds token object `object` on the lane's spare by its fingerprint.
     /// A session object exists only on the member session that made it.
     fn find_on_lane(
@@ -250,7 +315,7 @@ impl VirtualSession {
             return Ok(None);
         };
         let find = |print: &identity::Fingerprint| {
-            let _in_flight = self.group.members[position].begin_call();
+            let _in_flight = self.group.members[position].begin_setup_call();
             on_connection(lane.connection, || {
                 identity::find(lane.library(), lane.session, print)
             })
@@ -298,7 +363,7 @@ impl VirtualSession {
         if lane.logged_in() {
             return true;
         }
-        let _in_flight = self.group.members[position].begin_call();
+        let _in_flight = self.group.members[position].begin_setup_call();
         lane.log_in(|library, session| {
             let (user_type, pin) = self.group.cached_login()?;
             Some(crate::group::log_in_member(
@@ -401,7 +466,7 @@ impl VirtualSession {
         drop(held);
         let member = &self.group.members[current.position];
         if member.is_up() && member.epoch() == current.epoch {
-            let _in_flight = member.begin_call();
+            let _in_flight = member.begin_setup_call();
             current.lane.close();
         }
     }
