@@ -1955,8 +1955,12 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   (804): keys made before the refusal stayed on one member for good;
 ///   and (47857, 108840, 114724) a copy kept meanwhile was not tried
 ///   again when a copy found the library taking the mechanism again, or
-///   was dropped when its source failed while it was tried again.
-const REGRESSION_SEEDS: [(u64, Faults); 41] = [
+///   was dropped when its source failed while it was tried again;
+/// - 23075: a destroy whose answer was lost on the one serving member
+///   holding a copy (the other serving member's copy still to come, kept
+///   while a library refused the key-wrap mechanism) answered "no such
+///   object" and left the members disagreeing.
+const REGRESSION_SEEDS: [(u64, Faults); 42] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -1998,6 +2002,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 41] = [
     (47857, Faults::DEFAULT),
     (108840, Faults::DEFAULT),
     (114724, Faults::DEFAULT),
+    (23075, Faults::DEFAULT),
 ];
 
 #[test]
