@@ -203,14 +203,18 @@ fn a_simulated_fault_is_a_member_fault_and_a_bad_request_is_not() {
 /// where the provider would attach it; the whole process on simulated
 /// time, so that nothing below depends on how fast the machine is.
 fn memory_group(tokens: usize, seed: u64) -> (Arc<SimMember>, Arc<Group>) {
-    pkcs11_ha::clock::install_manual();
     let member = Arc::new(SimMember::initialized(tokens, seed));
-    let serials: Vec<String> = member
-        .sim
-        .lock()
-        .tokens
+    let places = (0..tokens).map(|token| (Arc::clone(&member), token));
+    (Arc::clone(&member), group_of(places.collect()))
+}
+
+/// A group of the tokens at `places` (a library, a token's index there),
+/// each member attached where the provider would attach it.
+fn group_of(places: Vec<(Arc<SimMember>, usize)>) -> Arc<Group> {
+    pkcs11_ha::clock::install_manual();
+    let serials: Vec<String> = places
         .iter()
-        .map(|t| t.serial.clone())
+        .map(|(library, token)| library.sim.lock().tokens[*token].serial.clone())
         .collect();
     let settings = GroupSettings {
         domain_label: String::from_utf8(token::DOMAIN_LABEL.to_vec()).unwrap(),
@@ -218,14 +222,14 @@ fn memory_group(tokens: usize, seed: u64) -> (Arc<SimMember>, Arc<Group>) {
         min_replicas: 1,
     };
     let group = Group::new(0, "memory", "memory".into(), 0, &serials, &[], settings);
-    for position in 0..tokens {
+    for (position, (library, token)) in places.into_iter().enumerate() {
         let location = Location {
-            library: Arc::clone(&member) as Arc<dyn MemberBackend>,
-            slot: FIRST_SLOT + position as CK_SLOT_ID,
+            library: library as Arc<dyn MemberBackend>,
+            slot: FIRST_SLOT + token as CK_SLOT_ID,
         };
         group.attach(position, location);
     }
-    (member, Arc::new(group))
+    Arc::new(group)
 }
 
 /// A virtual session on `group`, logged in as the provider's `C_Login`
@@ -328,9 +332,16 @@ struct MemoryHost {
 
 impl MemoryHost {
     fn new(group: &Arc<Group>, member: &Arc<SimMember>) -> MemoryHost {
+        MemoryHost::of(group, std::slice::from_ref(member))
+    }
+
+    fn of(group: &Arc<Group>, libraries: &[Arc<SimMember>]) -> MemoryHost {
         MemoryHost {
             groups: vec![Arc::clone(group)],
-            libraries: vec![Arc::clone(member) as Arc<dyn MemberBackend>],
+            libraries: libraries
+                .iter()
+                .map(|l| Arc::clone(l) as Arc<dyn MemberBackend>)
+                .collect(),
             recovery: RecoverySettings {
                 attempts: -1,
                 interval: Duration::from_secs(1),
@@ -581,5 +592,66 @@ fn the_watchdog_takes_out_an_in_memory_member_whose_call_stalls_for_member_timeo
         );
     });
     assert_eq!(group.members[1].state(), MemberState::Up);
+    v.close();
+}
+
+/// A networked in-memory library that lost its connection (a reset: every
+/// call fails until it is finalised and initialised again, as p11-kit's
+/// client) takes its member out, and recovery reconnects it as it does a
+/// loaded library it initialised: on a connection of a new number, the
+/// member back in service.
+#[test]
+fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
+    let libraries: Vec<Arc<SimMember>> = (0..2)
+        .map(|i| {
+            let library = SimMember::new(&format!("net{i}"), 1, i, true, 25);
+            library
+                .initialize()
+                .expect("an in-memory library initialises");
+            Arc::new(library)
+        })
+        .collect();
+    let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
+    let host = MemoryHost::of(&group, &libraries);
+    let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
+    let before = libraries[0].connection();
+    assert!(libraries[0].initialized_by_us());
+
+    libraries[0].sim.lock().set_fault(0, Fault::Reset);
+    // Calls spread over the members: within a few, one meets the reset.
+    for call in 0..64 {
+        let mut random = [0u8; 16];
+        v.stateless(&[], "C_GenerateRandom", |l, s, _| {
+            l.generate_random(s, Some(&mut random))
+        })
+        .unwrap_or_else(|e| panic!("call {call} failed with {:#x}", e.rv));
+        if group.members[0].state() == MemberState::Down {
+            break;
+        }
+    }
+    assert_eq!(group.members[0].state(), MemberState::Down);
+    assert!(
+        libraries[0].sim.lock().disconnected,
+        "the library lost its connection"
+    );
+    assert_eq!(
+        libraries[0].slot_list(CK_TRUE).map_err(|e| e.rv),
+        Err(CKR_DEVICE_ERROR),
+        "nothing answers on a lost connection"
+    );
+
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    assert!(libraries[0].connection() > before, "on a new connection");
+    assert!(!libraries[0].sim.lock().disconnected, "reconnected");
+    assert_eq!(
+        libraries[1].connection(),
+        1,
+        "the healthy library was left alone"
+    );
     v.close();
 }
