@@ -187,11 +187,16 @@ fn reference_sign(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 fn reference_crypt(key: &[u8], offset: usize, data: &[u8]) -> Vec<u8> {
+    let block = |at: usize| sha256(&[key, &(at as u64 / 32).to_le_bytes()]);
+    let mut stream = (offset / 32, block(offset));
     data.iter()
         .enumerate()
         .map(|(i, b)| {
             let at = offset + i;
-            b ^ sha256(&[key, &(at as u64 / 32).to_le_bytes()])[at % 32]
+            if stream.0 != at / 32 {
+                stream = (at / 32, block(at));
+            }
+            b ^ stream.1[at % 32]
         })
         .collect()
 }

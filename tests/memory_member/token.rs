@@ -144,11 +144,17 @@ pub fn sign(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 /// XORs `data` in place with the keystream of `key` from byte `offset`.
+/// Each 32 bytes of keystream are SHA-256(key value || block number),
+/// computed once per block.
 pub fn keystream_xor(key: &[u8], offset: usize, data: &mut [u8]) {
+    let mut block = (u64::MAX, [0u8; 32]);
     for (i, byte) in data.iter_mut().enumerate() {
         let at = offset + i;
-        let block = sha256(&[key, &(at as u64 / 32).to_le_bytes()]);
-        *byte ^= block[at % 32];
+        let number = at as u64 / 32;
+        if block.0 != number {
+            block = (number, sha256(&[key, &number.to_le_bytes()]));
+        }
+        *byte ^= block.1[at % 32];
     }
 }
 
