@@ -220,6 +220,7 @@ impl SimMember {
     }
 }
 
+/// `bytes` as the simulation compares values: "x" and two hex digits each.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     bytes.iter().fold(String::from("x"), |mut s, b| {
