@@ -35,8 +35,11 @@ use zeroize::Zeroizing;
 
 pub struct Provider {
     pub ha_only: bool,
+    /// The libraries loaded from `[Libraries]`: they also serve the
+    /// pass-through slots.
     pub libraries: Vec<Arc<MemberLibrary>>,
-    /// The same libraries as the group core and recovery hold them.
+    /// Every member library as the group core and recovery hold them: the
+    /// loaded ones, and any given in memory ([`initialize_with_members`]).
     backends: Vec<Arc<dyn MemberBackend>>,
     pub groups: Vec<Arc<Group>>,
     pub sessions: SessionTable,
@@ -190,6 +193,17 @@ fn run_inline_recovery_if_due(provider: &Provider) {
 /// Initialises the library; `threads_allowed` is false when the
 /// application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
 pub fn initialize(threads_allowed: bool) -> Result<()> {
+    initialize_with_members(threads_allowed, Vec::new())
+}
+
+/// [`initialize`] with `members` in place of the `[Libraries]` entries
+/// named as they are ([`MemberBackend::name`]): member libraries
+/// implemented in memory, as the deterministic simulation's are, which
+/// serve the groups and no pass-through slot.
+pub fn initialize_with_members(
+    threads_allowed: bool,
+    members: Vec<Arc<dyn MemberBackend>>,
+) -> Result<()> {
     let lifecycle = LIFECYCLE.get();
     let _serialised = lifecycle.serialise();
     if NO_SHORTCUT.fetch_and(!FORKED, Ordering::Relaxed) & FORKED != 0 {
@@ -212,7 +226,8 @@ pub fn initialize(threads_allowed: bool) -> Result<()> {
             config_warnings::ha_log_unwritable(&config, directory, &why);
         }
     }
-    let mut provider = Provider::start(&config, threads_allowed).map_err(report_config_error)?;
+    let mut provider =
+        Provider::start(&config, threads_allowed, members).map_err(report_config_error)?;
     config_warnings::check_members(&config, &provider.groups, &provider.libraries);
     let recovery_on = config.recovery.attempts != 0;
     if !threads_allowed && recovery_on {
@@ -319,6 +334,15 @@ pub fn finalize() -> Result<()> {
         // (a thread's session cache may hold one long after).
         group.drop_pending();
     }
+    for member in &provider.backends {
+        if !provider
+            .libraries
+            .iter()
+            .any(|l| same_library(&**l, &**member))
+        {
+            member.finalize();
+        }
+    }
     for library in &provider.libraries {
         let failed = provider.groups.iter().any(|g| {
             g.members.iter().any(|m| {
@@ -372,7 +396,9 @@ fn find_tokens(
     member_timeout: Duration,
     threads_allowed: bool,
 ) -> HashMap<String, Location> {
-    let answers = initialize_each(libraries, member_timeout, threads_allowed, tokens_of);
+    let answers = initialize_each(libraries, member_timeout, threads_allowed, |library| {
+        tokens_of(library)
+    });
     let mut found: HashMap<String, Location> = HashMap::new();
     for (library, answer) in libraries.iter().zip(answers) {
         match answer {
@@ -403,7 +429,7 @@ fn find_tokens(
 }
 
 /// The serials of a library's tokens and their slots.
-fn tokens_of(library: &MemberLibrary) -> Vec<(String, CK_SLOT_ID)> {
+fn tokens_of(library: &dyn MemberBackend) -> Vec<(String, CK_SLOT_ID)> {
     library
         .token_slots()
         .unwrap_or_default()
@@ -471,20 +497,46 @@ impl Host for Provider {
 }
 
 impl Provider {
-    fn start(config: &Config, threads_allowed: bool) -> std::result::Result<Provider, ConfigError> {
+    fn start(
+        config: &Config,
+        threads_allowed: bool,
+        in_memory: Vec<Arc<dyn MemberBackend>>,
+    ) -> std::result::Result<Provider, ConfigError> {
         let mut libraries = Vec::with_capacity(config.libraries.len());
+        let mut backends = Vec::with_capacity(config.libraries.len());
         for entry in &config.libraries {
+            if let Some(member) = in_memory.iter().find(|m| m.name() == entry.name) {
+                backends.push(Arc::clone(member));
+                continue;
+            }
             let library = load_library(entry).map_err(|problem| ConfigError {
                 file: config.path.clone(),
                 section: Some("Libraries".into()),
                 key: Some(entry.name.clone()),
                 problem: format!("{problem}; check the path, or remove the entry"),
             })?;
+            backends.push(Arc::clone(&library) as Arc<dyn MemberBackend>);
             libraries.push(library);
         }
         let member_timeout = Duration::from_millis(config.member_timeout_ms);
-        let found = find_tokens(&libraries, member_timeout, threads_allowed);
-        let some_library_unanswered = libraries.iter().any(|l| !l.usable());
+        let mut found = find_tokens(&libraries, member_timeout, threads_allowed);
+        let mut some_library_unanswered = libraries.iter().any(|l| !l.usable());
+        // In memory: nothing to wait for, nothing that can hang.
+        for member in backends
+            .iter()
+            .filter(|b| !libraries.iter().any(|l| same_library(&**l, &***b)))
+        {
+            if member.initialize().is_err() {
+                some_library_unanswered = true;
+                continue;
+            }
+            for (serial, slot) in tokens_of(&**member) {
+                found.entry(serial).or_insert(Location {
+                    library: Arc::clone(member),
+                    slot,
+                });
+            }
+        }
         let groups = config
             .groups
             .iter()
@@ -521,10 +573,6 @@ impl Provider {
                 }
                 Arc::new(group)
             })
-            .collect();
-        let backends = libraries
-            .iter()
-            .map(|l| Arc::clone(l) as Arc<dyn MemberBackend>)
             .collect();
         Ok(Provider {
             ha_only: config.ha_only,

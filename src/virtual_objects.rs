@@ -686,11 +686,37 @@ impl VirtualSession {
         change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let _write = self.group.enter_write();
+        // Whether a member failed under the change: it may have carried
+        // it out before its answer was lost.
+        let mut faulted = false;
+        let mut earlier_print = None;
         let (before, missed) = loop {
-            let (copies, mut missed) = self.resolve_everywhere(object)?;
+            let (copies, mut missed) = match self.resolve_everywhere(object) {
+                Ok(found) => found,
+                // Every copy on a serving member failed under the change
+                // and the members serving now hold none (their copy was
+                // still to come): as when every member failed, not "no
+                // such object", which would leave the change half made
+                // (seed 23075).
+                Err(e) if faulted && e.rv == CKR_OBJECT_HANDLE_INVALID => {
+                    if destroys {
+                        let missed: Vec<usize> = (self.group.members)
+                            .iter()
+                            .filter(|m| !m.is_up())
+                            .map(|m| m.position)
+                            .collect();
+                        self.finish_destroy_later(object, earlier_print, &missed);
+                    }
+                    return Err(Error::new(CKR_DEVICE_ERROR));
+                }
+                Err(e) => return Err(e),
+            };
             // From the first copy that answers: a member failing here must
             // not leave the members that missed the change without it.
-            let before = copies.iter().find_map(|copy| self.fingerprint_from(*copy));
+            let before = copies
+                .iter()
+                .find_map(|copy| self.fingerprint_from(*copy))
+                .or(earlier_print.take());
             let mut decided = false;
             for (position, handle) in copies {
                 let answer = self.attempt(position, function, &mut |l, s| change(l, s, handle));
@@ -699,7 +725,10 @@ impl VirtualSession {
                     self.group.forget_object(position, handle);
                 }
                 match answer {
-                    Attempt::Faulted => missed.push(position),
+                    Attempt::Faulted => {
+                        faulted = true;
+                        missed.push(position);
+                    }
                     Attempt::Answered(rv) if !decided => {
                         check(rv)?;
                         decided = true;
@@ -710,6 +739,7 @@ impl VirtualSession {
             if decided {
                 break (before, missed);
             }
+            earlier_print = before.clone();
             // Every copy asked failed: a member that came up meanwhile
             // decides, as another member takes any other call.
             if self.group.up_members().next().is_none() {
@@ -735,7 +765,7 @@ impl VirtualSession {
         Ok(())
     }
 
-    /// A destroy every member failed in: one may have carried it out before
+    /// A destroy every member holding a copy failed in: one may have carried it out before
     /// its answer was lost, so the members would disagree. The removal is
     /// finished on each when it returns (the application, told
     /// `CKR_DEVICE_ERROR`, cannot count on the object either way), and the

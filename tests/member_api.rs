@@ -1,7 +1,6 @@
 //! The member boundary ([`MemberApi`], [`MemberBackend`]) implemented in
-//! memory over the simulation's token model
-//! (`tests/sim-member/src/token.rs`, the same model the C-ABI simulated
-//! member serves), with no shared library: the core code that depends only
+//! memory over the simulation's token model (`memory_member`, the members
+//! the deterministic simulation runs on), with no shared library: the core code that depends only
 //! on the trait -- object fingerprints and searches, the login retry, the
 //! classification of answers -- runs on the simulated member and on
 //! SoftHSM loaded as a real member, and answers alike; and a group of
@@ -9,459 +8,30 @@
 //! replication of a key, recovery's replay to a member that returns.
 
 mod common;
-
-/// The token model, shared with `sim-member` (which has no MSRV of its
-/// own); parts of it that only the C library uses are unused here.
-#[path = "sim-member/src/token.rs"]
-#[allow(dead_code, clippy::incompatible_msrv)]
-mod token;
+mod memory_member;
 
 use common::{SoftHsm, SOFTHSM_CONF_ENV, SOFTHSM_LIB};
 use cryptoki_sys::*;
+use memory_member::token::{self, Fault, FIRST_SLOT};
+use memory_member::SimMember;
 use parking_lot::Mutex;
 use pkcs11_ha::arguments::Template;
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
-use pkcs11_ha::error::Error;
 use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
 use pkcs11_ha::mechanism::Mechanism;
-use pkcs11_ha::member::{classify, counted, string_to_padded, Answer, MemberLibrary, Silent};
-use pkcs11_ha::member_api::{MemberApi, MemberBackend, TokenSearch};
+use pkcs11_ha::member::{classify, Answer, MemberLibrary};
+use pkcs11_ha::member_api::{MemberApi, MemberBackend};
 use pkcs11_ha::recovery::{self, Host, RecoverySettings, Watchdog};
 use pkcs11_ha::virtual_objects::{made_print, MemberTemplate};
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
-use token::{Attributes, Fault, Sim, FIRST_SLOT, MECHANISMS};
+use std::time::Duration;
 use zeroize::Zeroizing;
-
-/// A simulated member library in this process: the token model behind a
-/// lock, answering through [`MemberApi`] as `sim-member` answers through
-/// its C function list. Functions the model lacks keep the trait's
-/// `CKR_FUNCTION_NOT_SUPPORTED`.
-struct SimMember(Mutex<Sim>, StallGate);
-
-/// Where a call that meets a planted stall ([`Fault::Stall`]) waits, after
-/// it was carried out, inside the member as a library that hangs for a
-/// while: it says so on the first channel and returns when told on the
-/// second, so that a test can move the clock and look meanwhile.
-type StallGate = Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>;
-
-impl SimMember {
-    fn new(tokens: usize, seed: u64) -> SimMember {
-        let mut sim = Sim::default();
-        sim.reset(tokens, 0, false, seed);
-        sim.initialized = true;
-        SimMember(Mutex::new(sim), Mutex::new(None))
-    }
-
-    /// Runs `function` on the model, counted on the member the thread
-    /// calls for, as a loaded library's calls are.
-    fn call(&self, function: &'static str, f: impl FnOnce(&mut Sim) -> token::Result<()>) -> CK_RV {
-        counted(function, || {
-            let (answer, stalled) = {
-                let mut sim = self.0.lock();
-                let answer = f(&mut sim);
-                (answer, sim.stalled.take())
-            };
-            if let (Some(_), Some((stalled, resume))) = (stalled, self.1.lock().take()) {
-                stalled.send(()).expect("the test waits for the stall");
-                resume.recv().expect("the test ends the stall");
-            }
-            match answer {
-                Ok(()) => CKR_OK,
-                Err(rv) => rv,
-            }
-        })
-    }
-}
-
-/// A template's attributes, each value readable for its length as
-/// [`MemberApi`] requires of its callers.
-fn attributes(template: Option<&[CK_ATTRIBUTE]>) -> Attributes {
-    template
-        .unwrap_or_default()
-        .iter()
-        .map(|a| {
-            let value = if a.pValue.is_null() {
-                Vec::new()
-            } else {
-                // SAFETY: the trait's contract: a value points at as many
-                // bytes as its length says.
-                unsafe { std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize) }
-                    .to_vec()
-            };
-            (a.type_, value)
-        })
-        .collect()
-}
-
-/// Writes `result` under the two-call convention into a room of the
-/// smaller of the buffer and `*len`; true when written.
-fn two_call(result: &[u8], output: Option<&mut [u8]>, len: &mut CK_ULONG) -> token::Result<bool> {
-    let Some(output) = output else {
-        *len = result.len() as CK_ULONG;
-        return Ok(false);
-    };
-    let room = (*len as usize).min(output.len());
-    *len = result.len() as CK_ULONG;
-    if room < result.len() {
-        return Err(CKR_BUFFER_TOO_SMALL);
-    }
-    output[..result.len()].copy_from_slice(result);
-    Ok(true)
-}
-
-impl MemberApi for SimMember {
-    fn open_session(
-        &self,
-        slot: CK_SLOT_ID,
-        flags: CK_FLAGS,
-        session: &mut CK_SESSION_HANDLE,
-    ) -> CK_RV {
-        self.call("C_OpenSession", |sim| {
-            *session = sim.open_session(sim.token_index(slot)?, flags)?;
-            Ok(())
-        })
-    }
-
-    fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.call("C_CloseSession", |sim| sim.close_session(session))
-    }
-
-    fn login(
-        &self,
-        session: CK_SESSION_HANDLE,
-        user_type: CK_USER_TYPE,
-        pin: Option<&[u8]>,
-    ) -> CK_RV {
-        self.call("C_Login", |sim| {
-            sim.login(session, user_type, pin.unwrap_or_default())
-        })
-    }
-
-    fn create_object(
-        &self,
-        session: CK_SESSION_HANDLE,
-        template: Option<&[CK_ATTRIBUTE]>,
-        object: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.call("C_CreateObject", |sim| {
-            *object = sim.create_object(session, attributes(template))?;
-            Ok(())
-        })
-    }
-
-    fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
-        self.call("C_DestroyObject", |sim| sim.destroy_object(session, object))
-    }
-
-    fn get_attribute_value(
-        &self,
-        session: CK_SESSION_HANDLE,
-        object: CK_OBJECT_HANDLE,
-        template: Option<&mut [CK_ATTRIBUTE]>,
-    ) -> CK_RV {
-        let template = template.unwrap_or_default();
-        let types: Vec<CK_ATTRIBUTE_TYPE> = template.iter().map(|a| a.type_).collect();
-        self.call("C_GetAttributeValue", |sim| {
-            let mut rv = CKR_OK;
-            for (a, value) in template
-                .iter_mut()
-                .zip(sim.attributes(session, object, &types)?)
-            {
-                match value {
-                    Err(e) => (a.ulValueLen, rv) = (CK_UNAVAILABLE_INFORMATION, e),
-                    Ok(None) => {
-                        (a.ulValueLen, rv) =
-                            (CK_UNAVAILABLE_INFORMATION, CKR_ATTRIBUTE_TYPE_INVALID)
-                    }
-                    Ok(Some(bytes)) if a.pValue.is_null() => a.ulValueLen = bytes.len() as CK_ULONG,
-                    Ok(Some(bytes)) if (a.ulValueLen as usize) < bytes.len() => {
-                        (a.ulValueLen, rv) = (CK_UNAVAILABLE_INFORMATION, CKR_BUFFER_TOO_SMALL)
-                    }
-                    Ok(Some(bytes)) => {
-                        // SAFETY: the trait's contract: the buffer holds
-                        // `ulValueLen` bytes, at least `bytes.len()`.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                bytes.as_ptr(),
-                                a.pValue as *mut u8,
-                                bytes.len(),
-                            )
-                        };
-                        a.ulValueLen = bytes.len() as CK_ULONG;
-                    }
-                }
-            }
-            if rv == CKR_OK {
-                Ok(())
-            } else {
-                Err(rv)
-            }
-        })
-    }
-
-    fn find_objects_init(
-        &self,
-        session: CK_SESSION_HANDLE,
-        template: Option<&[CK_ATTRIBUTE]>,
-    ) -> CK_RV {
-        self.call("C_FindObjectsInit", |sim| {
-            sim.find_init(session, attributes(template))
-        })
-    }
-
-    fn find_objects(
-        &self,
-        session: CK_SESSION_HANDLE,
-        found: Option<&mut [CK_OBJECT_HANDLE]>,
-        count: &mut CK_ULONG,
-    ) -> CK_RV {
-        let Some(found) = found else {
-            return CKR_ARGUMENTS_BAD;
-        };
-        self.call("C_FindObjects", |sim| {
-            let handles = sim.find(session, found.len())?;
-            found[..handles.len()].copy_from_slice(&handles);
-            *count = handles.len() as CK_ULONG;
-            Ok(())
-        })
-    }
-
-    fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.call("C_FindObjectsFinal", |sim| sim.find_final(session))
-    }
-
-    fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV {
-        self.call("C_DigestInit", |sim| {
-            sim.operation_init(session, mechanism.mechanism, None, b'D')
-        })
-    }
-
-    fn digest(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.call("C_Digest", |sim| {
-            let result = sim
-                .operation_single(session, input.unwrap_or_default())
-                .inspect_err(|_| sim.operation_end(session))?;
-            // Ends with the answer, not with a length query or too little room.
-            if two_call(&result, output, output_len)? {
-                sim.operation_end(session);
-            }
-            Ok(())
-        })
-    }
-
-    fn digest_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
-        self.call("C_DigestUpdate", |sim| {
-            sim.operation_update(session, input.unwrap_or_default())
-                .inspect_err(|_| sim.operation_end(session))
-                .map(|_| ())
-        })
-    }
-
-    fn digest_final(
-        &self,
-        session: CK_SESSION_HANDLE,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.call("C_DigestFinal", |sim| {
-            let result = sim
-                .operation_result(session, None)
-                .inspect_err(|_| sim.operation_end(session))?;
-            if two_call(&result, output, output_len)? {
-                sim.operation_end(session);
-            }
-            Ok(())
-        })
-    }
-
-    fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV {
-        self.call("C_CloseAllSessions", |sim| {
-            let token = sim.token_index(slot)?;
-            sim.close_all_sessions(token)
-        })
-    }
-
-    fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV {
-        self.call("C_GetSessionInfo", |sim| {
-            let (token, rw, user) = sim.session_state(session)?;
-            *info = CK_SESSION_INFO {
-                slotID: FIRST_SLOT + token as CK_SLOT_ID,
-                state: match (rw, user) {
-                    (true, true) => CKS_RW_USER_FUNCTIONS,
-                    (true, false) => CKS_RW_PUBLIC_SESSION,
-                    (false, true) => CKS_RO_USER_FUNCTIONS,
-                    (false, false) => CKS_RO_PUBLIC_SESSION,
-                },
-                flags: CKF_SERIAL_SESSION | if rw { CKF_RW_SESSION } else { 0 },
-                ulDeviceError: 0,
-            };
-            Ok(())
-        })
-    }
-
-    fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.call("C_Logout", |sim| sim.logout(session))
-    }
-
-    fn generate_key(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        template: Option<&[CK_ATTRIBUTE]>,
-        key: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.call("C_GenerateKey", |sim| {
-            *key = sim.generate_key(session, mechanism.mechanism, attributes(template))?;
-            Ok(())
-        })
-    }
-
-    fn wrap_key(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        wrapping_key: CK_OBJECT_HANDLE,
-        key: CK_OBJECT_HANDLE,
-        wrapped: Option<&mut [u8]>,
-        wrapped_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.call("C_WrapKey", |sim| {
-            let blob = sim.wrap_key(session, mechanism.mechanism, wrapping_key, key)?;
-            two_call(&blob, wrapped, wrapped_len).map(|_| ())
-        })
-    }
-
-    fn unwrap_key(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        unwrapping_key: CK_OBJECT_HANDLE,
-        wrapped: Option<&[u8]>,
-        template: Option<&[CK_ATTRIBUTE]>,
-        key: &mut CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.call("C_UnwrapKey", |sim| {
-            *key = sim.unwrap_key(
-                session,
-                mechanism.mechanism,
-                unwrapping_key,
-                wrapped.unwrap_or_default(),
-                attributes(template),
-            )?;
-            Ok(())
-        })
-    }
-
-    fn generate_random(&self, session: CK_SESSION_HANDLE, random: Option<&mut [u8]>) -> CK_RV {
-        let Some(random) = random else {
-            return CKR_ARGUMENTS_BAD;
-        };
-        self.call("C_GenerateRandom", |sim| {
-            random.copy_from_slice(&sim.random(session, random.len())?);
-            Ok(())
-        })
-    }
-
-    fn slot_list(&self, _token_present: CK_BBOOL) -> pkcs11_ha::error::Result<Vec<CK_SLOT_ID>> {
-        Ok(self.0.lock().present_tokens()?)
-    }
-
-    fn slot_info(&self, _slot: CK_SLOT_ID) -> pkcs11_ha::error::Result<CK_SLOT_INFO> {
-        Err(CKR_FUNCTION_NOT_SUPPORTED.into())
-    }
-
-    /// As `sim-member`'s `C_GetTokenInfo`: recovery finds a member's token
-    /// by its serial.
-    fn token_info(&self, slot: CK_SLOT_ID) -> pkcs11_ha::error::Result<CK_TOKEN_INFO> {
-        let mut sim = self.0.lock();
-        let token = sim.token_index(slot)?;
-        sim.enter(token)?;
-        let version = CK_VERSION { major: 0, minor: 1 };
-        let mut info = CK_TOKEN_INFO {
-            label: [b' '; 32],
-            manufacturerID: [b' '; 32],
-            model: [b' '; 16],
-            serialNumber: [b' '; 16],
-            flags: CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED,
-            ulMaxSessionCount: CK_EFFECTIVELY_INFINITE,
-            ulSessionCount: CK_UNAVAILABLE_INFORMATION,
-            ulMaxRwSessionCount: CK_EFFECTIVELY_INFINITE,
-            ulRwSessionCount: CK_UNAVAILABLE_INFORMATION,
-            ulMaxPinLen: 64,
-            ulMinPinLen: 4,
-            ulTotalPublicMemory: CK_UNAVAILABLE_INFORMATION,
-            ulFreePublicMemory: CK_UNAVAILABLE_INFORMATION,
-            ulTotalPrivateMemory: CK_UNAVAILABLE_INFORMATION,
-            ulFreePrivateMemory: CK_UNAVAILABLE_INFORMATION,
-            hardwareVersion: version,
-            firmwareVersion: version,
-            utcTime: [b' '; 16],
-        };
-        string_to_padded(&format!("sim-{token}"), &mut info.label);
-        string_to_padded(&sim.tokens[token].serial, &mut info.serialNumber);
-        Ok(info)
-    }
-
-    fn mechanisms(&self, _slot: CK_SLOT_ID) -> pkcs11_ha::error::Result<Vec<CK_MECHANISM_TYPE>> {
-        Ok(MECHANISMS.iter().map(|(m, _)| *m).collect())
-    }
-
-    fn mechanism_info(
-        &self,
-        _slot: CK_SLOT_ID,
-        mechanism: CK_MECHANISM_TYPE,
-    ) -> pkcs11_ha::error::Result<CK_MECHANISM_INFO> {
-        let (_, flags) = MECHANISMS
-            .iter()
-            .find(|(m, _)| *m == mechanism)
-            .ok_or(Error::new(CKR_MECHANISM_INVALID))?;
-        Ok(CK_MECHANISM_INFO {
-            ulMinKeySize: 16,
-            ulMaxKeySize: 32,
-            flags: *flags,
-        })
-    }
-
-    fn initialize(&self) -> pkcs11_ha::error::Result<()> {
-        self.0.lock().initialized = true;
-        Ok(())
-    }
-
-    fn finalize(&self) {
-        self.0.lock().initialized = false;
-    }
-}
-
-/// A library in this process that never hangs: the trait's defaults (one
-/// connection, no instance pool, no Luna extensions) hold, and a token
-/// search runs in the caller's thread.
-impl MemberBackend for SimMember {
-    fn name(&self) -> &str {
-        "simulated"
-    }
-
-    fn search_bounded(
-        self: Arc<Self>,
-        search: TokenSearch,
-        _deadline: Instant,
-        _patience: Duration,
-    ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>> {
-        Some(Ok(search(&*self)))
-    }
-}
 
 /// A data object's template: class, label and value.
 fn data_object(label: &[u8], value: &[u8]) -> Vec<CK_ATTRIBUTE> {
@@ -582,7 +152,7 @@ fn the_core_runs_alike_on_a_simulated_member_and_on_softhsm() {
     let softhsm = MemberLibrary::load("softhsm", Path::new(SOFTHSM_LIB), &environment)
         .expect("SoftHSM loads");
     softhsm.initialize().expect("SoftHSM initialises");
-    let simulated = SimMember::new(1, 7);
+    let simulated = SimMember::initialized(1, 7);
     let members: [(&dyn MemberApi, CK_SLOT_ID, &[u8]); 2] = [
         (&simulated, FIRST_SLOT, token::USER_PIN),
         (&softhsm, hsm.tokens[0].slot_id, common::USER_PIN.as_bytes()),
@@ -595,7 +165,7 @@ fn the_core_runs_alike_on_a_simulated_member_and_on_softhsm() {
 
 #[test]
 fn a_simulated_fault_is_a_member_fault_and_a_bad_request_is_not() {
-    let member = SimMember::new(2, 11);
+    let member = SimMember::initialized(2, 11);
     let mut sessions = [CK_INVALID_HANDLE; 2];
     for (token, session) in sessions.iter_mut().enumerate() {
         assert_eq!(
@@ -607,7 +177,7 @@ fn a_simulated_fault_is_a_member_fault_and_a_bad_request_is_not() {
             CKR_OK
         );
     }
-    member.0.lock().set_fault(0, Fault::Crash);
+    member.sim.lock().set_fault(0, Fault::Crash);
     let sha256 = CK_MECHANISM {
         mechanism: CKM_SHA256,
         pParameter: std::ptr::null_mut(),
@@ -633,14 +203,18 @@ fn a_simulated_fault_is_a_member_fault_and_a_bad_request_is_not() {
 /// where the provider would attach it; the whole process on simulated
 /// time, so that nothing below depends on how fast the machine is.
 fn memory_group(tokens: usize, seed: u64) -> (Arc<SimMember>, Arc<Group>) {
+    let member = Arc::new(SimMember::initialized(tokens, seed));
+    let places = (0..tokens).map(|token| (Arc::clone(&member), token));
+    (Arc::clone(&member), group_of(places.collect()))
+}
+
+/// A group of the tokens at `places` (a library, a token's index there),
+/// each member attached where the provider would attach it.
+fn group_of(places: Vec<(Arc<SimMember>, usize)>) -> Arc<Group> {
     pkcs11_ha::clock::install_manual();
-    let member = Arc::new(SimMember::new(tokens, seed));
-    let serials: Vec<String> = member
-        .0
-        .lock()
-        .tokens
+    let serials: Vec<String> = places
         .iter()
-        .map(|t| t.serial.clone())
+        .map(|(library, token)| library.sim.lock().tokens[*token].serial.clone())
         .collect();
     let settings = GroupSettings {
         domain_label: String::from_utf8(token::DOMAIN_LABEL.to_vec()).unwrap(),
@@ -648,14 +222,14 @@ fn memory_group(tokens: usize, seed: u64) -> (Arc<SimMember>, Arc<Group>) {
         min_replicas: 1,
     };
     let group = Group::new(0, "memory", "memory".into(), 0, &serials, &[], settings);
-    for position in 0..tokens {
+    for (position, (library, token)) in places.into_iter().enumerate() {
         let location = Location {
-            library: Arc::clone(&member) as Arc<dyn MemberBackend>,
-            slot: FIRST_SLOT + position as CK_SLOT_ID,
+            library: library as Arc<dyn MemberBackend>,
+            slot: FIRST_SLOT + token as CK_SLOT_ID,
         };
         group.attach(position, location);
     }
-    (member, Arc::new(group))
+    Arc::new(group)
 }
 
 /// A virtual session on `group`, logged in as the provider's `C_Login`
@@ -735,7 +309,7 @@ fn generate_token_key(
 /// The values of the token keys labelled `label` on each token, read from
 /// the model itself (a crashed token's too).
 fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
-    let sim = member.0.lock();
+    let sim = member.sim.lock();
     sim.tokens
         .iter()
         .map(|t| {
@@ -758,9 +332,16 @@ struct MemoryHost {
 
 impl MemoryHost {
     fn new(group: &Arc<Group>, member: &Arc<SimMember>) -> MemoryHost {
+        MemoryHost::of(group, std::slice::from_ref(member))
+    }
+
+    fn of(group: &Arc<Group>, libraries: &[Arc<SimMember>]) -> MemoryHost {
         MemoryHost {
             groups: vec![Arc::clone(group)],
-            libraries: vec![Arc::clone(member) as Arc<dyn MemberBackend>],
+            libraries: libraries
+                .iter()
+                .map(|l| Arc::clone(l) as Arc<dyn MemberBackend>)
+                .collect(),
             recovery: RecoverySettings {
                 attempts: -1,
                 interval: Duration::from_secs(1),
@@ -830,7 +411,7 @@ fn a_digest_moves_to_another_in_memory_member_when_its_member_crashes_mid_operat
     )
     .expect("the first update");
 
-    member.0.lock().set_fault(first, Fault::Crash);
+    member.sim.lock().set_fault(first, Fault::Crash);
     v.step(
         OpKind::Digest,
         Step::Update,
@@ -888,7 +469,7 @@ fn in_a_group_a_crash_takes_a_member_out_and_a_request_error_does_not() {
         "a request error takes no member out"
     );
 
-    member.0.lock().set_fault(0, Fault::Crash);
+    member.sim.lock().set_fault(0, Fault::Crash);
     // Calls spread over the members: within a few, one meets the crash.
     for call in 0..64 {
         let mut random = [0u8; 16];
@@ -929,14 +510,14 @@ fn a_key_made_through_an_in_memory_group_is_on_every_member_and_replayed_to_one_
         "the same key once on each member: {everywhere:?}"
     );
 
-    member.0.lock().set_fault(2, Fault::Crash);
+    member.sim.lock().set_fault(2, Fault::Crash);
     generate_token_key(&v, b"missed").expect("a key made while member 2 crashed");
     assert_eq!(group.members[2].state(), MemberState::Down);
     let missed = key_values(&member, b"missed");
     assert!(missed[2].is_empty(), "member 2 missed it");
     assert!(group.pending_count(2) > 0, "the key waits for member 2");
 
-    member.0.lock().heal(2);
+    member.sim.lock().heal(2);
     recovery::recover_failed_members(&MemoryHost::new(&group, &member));
     assert_eq!(
         group.members[2].state(),
@@ -967,8 +548,15 @@ fn the_watchdog_takes_out_an_in_memory_member_whose_call_stalls_for_member_timeo
     let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
     let (stalled_tx, stalled) = mpsc::sync_channel(1);
     let (resume, resume_rx) = mpsc::channel();
-    *member.1.lock() = Some((stalled_tx, resume_rx));
-    member.0.lock().set_fault(0, Fault::Stall);
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    // The stalled call says so, and returns when told.
+    member.on_stall(move |_| {
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    member.sim.lock().set_fault(0, Fault::Stall);
 
     std::thread::scope(|scope| {
         // Asked on member 0 first, where it stalls.
@@ -1004,5 +592,66 @@ fn the_watchdog_takes_out_an_in_memory_member_whose_call_stalls_for_member_timeo
         );
     });
     assert_eq!(group.members[1].state(), MemberState::Up);
+    v.close();
+}
+
+/// A networked in-memory library that lost its connection (a reset: every
+/// call fails until it is finalised and initialised again, as p11-kit's
+/// client) takes its member out, and recovery reconnects it as it does a
+/// loaded library it initialised: on a connection of a new number, the
+/// member back in service.
+#[test]
+fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
+    let libraries: Vec<Arc<SimMember>> = (0..2)
+        .map(|i| {
+            let library = SimMember::new(&format!("net{i}"), 1, i, true, 25);
+            library
+                .initialize()
+                .expect("an in-memory library initialises");
+            Arc::new(library)
+        })
+        .collect();
+    let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
+    let host = MemoryHost::of(&group, &libraries);
+    let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
+    let before = libraries[0].connection();
+    assert!(libraries[0].initialized_by_us());
+
+    libraries[0].sim.lock().set_fault(0, Fault::Reset);
+    // Calls spread over the members: within a few, one meets the reset.
+    for call in 0..64 {
+        let mut random = [0u8; 16];
+        v.stateless(&[], "C_GenerateRandom", |l, s, _| {
+            l.generate_random(s, Some(&mut random))
+        })
+        .unwrap_or_else(|e| panic!("call {call} failed with {:#x}", e.rv));
+        if group.members[0].state() == MemberState::Down {
+            break;
+        }
+    }
+    assert_eq!(group.members[0].state(), MemberState::Down);
+    assert!(
+        libraries[0].sim.lock().disconnected,
+        "the library lost its connection"
+    );
+    assert_eq!(
+        libraries[0].slot_list(CK_TRUE).map_err(|e| e.rv),
+        Err(CKR_DEVICE_ERROR),
+        "nothing answers on a lost connection"
+    );
+
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    assert!(libraries[0].connection() > before, "on a new connection");
+    assert!(!libraries[0].sim.lock().disconnected, "reconnected");
+    assert_eq!(
+        libraries[1].connection(),
+        1,
+        "the healthy library was left alone"
+    );
     v.close();
 }

@@ -1,6 +1,6 @@
 //! The simulated tokens: objects, sessions, logins and operations in
 //! memory, and the faults the simulation driver plants on them. No raw
-//! pointer reaches this module; `lib.rs` converts at the C boundary.
+//! pointer reaches this module; `mod.rs` answers the member traits with it.
 //!
 //! The "cryptography" is just enough to check results: a signature is
 //! SHA-256(key value || data), a digest is real SHA-256, encryption XORs
@@ -19,7 +19,7 @@ pub const DOMAIN_VALUE: [u8; 32] = [0x42; 32];
 /// Slot IDs start here, so that a slot number mistaken for a token index shows.
 pub const FIRST_SLOT: CK_SLOT_ID = 10;
 
-/// What the driver can do to a token (`sim_fault`).
+/// What the driver can do to a token (`Sim::set_fault`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Fault {
     /// Every call fails with `CKR_DEVICE_ERROR` and the token leaves the
@@ -50,24 +50,8 @@ pub enum Fault {
     /// The next call that reaches the token takes long to answer, as an
     /// in-process library that hangs for a while: it is carried out, and
     /// then the caller stays inside the library while the driver lets
-    /// time pass (`sim_on_stall`).
+    /// time pass (`SimMember::on_stall`).
     Stall,
-}
-
-impl Fault {
-    pub fn from_code(code: u32) -> Option<Fault> {
-        Some(match code {
-            1 => Fault::Crash,
-            2 => Fault::Hang,
-            3 => Fault::Reset,
-            4 => Fault::LoseAnswer,
-            5 => Fault::RefuseWrap,
-            6 => Fault::RenumberOnLastClose,
-            7 => Fault::Stall,
-            8 => Fault::RefuseWrapAlways,
-            _ => return None,
-        })
-    }
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -160,11 +144,17 @@ pub fn sign(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 /// XORs `data` in place with the keystream of `key` from byte `offset`.
+/// Each 32 bytes of keystream are SHA-256(key value || block number),
+/// computed once per block.
 pub fn keystream_xor(key: &[u8], offset: usize, data: &mut [u8]) {
+    let mut block = (u64::MAX, [0u8; 32]);
     for (i, byte) in data.iter_mut().enumerate() {
         let at = offset + i;
-        let block = sha256(&[key, &(at as u64 / 32).to_le_bytes()]);
-        *byte ^= block[at % 32];
+        let number = at as u64 / 32;
+        if block.0 != number {
+            block = (number, sha256(&[key, &number.to_le_bytes()]));
+        }
+        *byte ^= block.1[at % 32];
     }
 }
 
@@ -274,7 +264,7 @@ impl Token {
         self.handles.retain(|_, id| objects.contains_key(id));
     }
 
-    /// Token objects, for `sim_objects`: (handle-independent) attributes.
+    /// Token objects, for the driver to compare: (handle-independent) attributes.
     pub fn token_objects(&self) -> impl Iterator<Item = &Object> {
         self.objects.values().filter(|o| o.session.is_none())
     }
@@ -791,7 +781,7 @@ impl Sim {
                 Ok(Vec::new())
             }
             Some(Operation::Encrypt { key, offset }) | Some(Operation::Decrypt { key, offset }) => {
-                if !data.len().is_multiple_of(16) {
+                if data.len() % 16 != 0 {
                     s.operation = None;
                     return Err(CKR_DATA_LEN_RANGE);
                 }
@@ -845,7 +835,7 @@ impl Sim {
             Some(Operation::Digest(fed)) => Ok(sha256(&[fed, data]).to_vec()),
             Some(Operation::Sign { key, data: fed }) => Ok(sign(key, &[&fed[..], data].concat())),
             Some(Operation::Encrypt { key, offset }) | Some(Operation::Decrypt { key, offset }) => {
-                if !data.len().is_multiple_of(16) {
+                if data.len() % 16 != 0 {
                     s.operation = None;
                     return Err(CKR_DATA_LEN_RANGE);
                 }
