@@ -1435,25 +1435,33 @@ impl MemberLibrary {
     /// each call on the wire waits on (none for a call that is not waiting
     /// on a socket: it is running, and returns by itself). Each of those
     /// calls knows it was cut off. The number of sockets shut down.
+    /// Each wire stays locked until its sockets are shut down: a call that
+    /// returns meanwhile waits to leave the wire, so its thread cannot be
+    /// read blocked on another member's socket and cut that member off.
     pub fn sever(&self) -> usize {
-        let mut waiting = Vec::new();
+        let mut severed = 0;
         for wire in
             std::iter::once(&self.wire).chain(self.spares.instances.iter().map(|s| &s.library.wire))
         {
-            waiting.extend(wire.lock().iter_mut().map(|call| {
-                call.cut_off.get_or_insert_with(crate::clock::now);
-                call.thread
-            }));
+            let mut calls = wire.lock();
+            let mut sockets: Vec<i32> = calls
+                .iter_mut()
+                .filter_map(|call| {
+                    call.cut_off.get_or_insert_with(crate::clock::now);
+                    blocked_socket(call.thread)
+                })
+                .collect();
+            sockets.sort_unstable();
+            sockets.dedup();
+            severed += sockets
+                .into_iter()
+                // SAFETY: shutdown on a socket a call into the library waits
+                // on; it neither closes nor frees anything.
+                .filter(|&fd| unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0)
+                .count();
+            drop(calls);
         }
-        let mut sockets: Vec<i32> = waiting.into_iter().filter_map(blocked_socket).collect();
-        sockets.sort_unstable();
-        sockets.dedup();
-        sockets
-            .into_iter()
-            // SAFETY: shutdown on a socket a call into the library waits on;
-            // it neither closes nor frees anything.
-            .filter(|&fd| unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0)
-            .count()
+        severed
     }
 
     /// The library's current slots with a token present.

@@ -35,7 +35,7 @@ use crate::object::Presence;
 use crate::recovery::Host;
 use crate::replication::Copying;
 use crate::state_dir::{Deletion, StateDir};
-use crate::virtual_session::{Attempt, VirtualSession};
+use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -407,12 +407,14 @@ fn pass(
 ) -> Result<Option<Summary>, String> {
     let logged_in = group.cached_login().is_some();
     let mut held: Vec<(usize, MemberIndex)> = Vec::new();
+    let mut epochs = vec![0; group.members.len()];
     for member in group.up_members() {
         if shared.stopping() {
             return Ok(None);
         }
-        if let Some(index) = read_index(worker, member.position, shared) {
+        if let Some((index, epoch)) = read_index(worker, member.position, shared) {
             held.push((member.position, index));
+            epochs[member.position] = epoch;
         }
     }
     // A login or logout meanwhile changed which objects a member shows.
@@ -460,10 +462,15 @@ fn pass(
             if shared.stopping() {
                 return Ok(Some(summary));
             }
-            summary.doubled += usize::from(remove_copy(group, worker, *position, *handle));
+            summary.doubled += usize::from(remove_copy(
+                group,
+                worker,
+                *position,
+                (*handle, epochs[*position]),
+            ));
         }
     }
-    let copied = copy_missing(group, shared, worker, &plan.copies, &mut summary);
+    let copied = copy_missing(group, shared, worker, &plan.copies, &epochs, &mut summary);
     remove_doubles(group, shared, worker, &copied, &mut summary);
     Ok(Some(summary))
 }
@@ -473,7 +480,16 @@ fn pass(
 /// provider is finalised -- a large token takes seconds to read, and
 /// `C_Finalize` must not wait for that -- and counts each object's read as
 /// a call of its own, so that the watchdog sees the member answer.
-fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Option<MemberIndex> {
+/// Returns the member epoch its handles belong to; `None` also where the
+/// member came back meanwhile: a reconnected p11-kit server numbers the
+/// objects afresh, and handles searched on the old connection then name
+/// other objects on the new one -- a soak run removed twelve keys as
+/// "copies" of others so.
+fn read_index(
+    worker: &VirtualSession,
+    position: usize,
+    shared: &Shared,
+) -> Option<(MemberIndex, u64)> {
     let member = &worker.group.members[position];
     if yield_to_application(member, shared) {
         return None;
@@ -521,6 +537,9 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
     if unread && !worker.answers(position) {
         return None;
     }
+    if member.epoch() != epoch {
+        return None;
+    }
     if known.is_none() && domain_keys.len() == 1 {
         worker
             .group
@@ -529,7 +548,7 @@ fn read_index(worker: &VirtualSession, position: usize, shared: &Shared) -> Opti
     }
     // The application's look-ups on this member need no search from now.
     worker.group.adopt_index(ticket, index.clone());
-    Some(index)
+    Some((index, epoch))
 }
 
 /// A pass is background work: before each of its calls on a member it waits
@@ -677,18 +696,21 @@ fn is_key(print: &Fingerprint) -> bool {
 /// A copy a pass made.
 struct Made {
     target: usize,
-    /// The copy's handle on the target.
-    handle: CK_OBJECT_HANDLE,
+    /// The copy's handle on the target, and the target's epoch it belongs to.
+    handle: (CK_OBJECT_HANDLE, u64),
     print: Fingerprint,
 }
 
 /// Copies each planned object to the members that lack it, one member at a
-/// time; returns the copies made.
+/// time; returns the copies made. A source that came back since it was
+/// read (its epoch is no longer the one in `epochs`) gives nothing: its
+/// handles may name other objects now.
 fn copy_missing(
     group: &Group,
     shared: &Shared,
     worker: &VirtualSession,
     copies: &[Copy],
+    epochs: &[u64],
     summary: &mut Summary,
 ) -> Vec<Made> {
     let mut made = Vec::new();
@@ -705,6 +727,9 @@ fn copy_missing(
         .map(|(target, _)| target)
         .collect();
     for copy in copies {
+        if group.members[copy.source].epoch() != epochs[copy.source] {
+            continue;
+        }
         let object = group.objects.from_member(copy.source, copy.handle);
         group.objects.set_fingerprint(object, copy.print.clone());
         let key = is_key(&copy.print);
@@ -745,13 +770,14 @@ fn copy_missing(
                     continue;
                 }
             }
+            let target_epoch = group.members[target].epoch();
             match worker.copy_to(object, copy.source, &[target], Copying::Missed) {
                 Ok(faulted) if faulted.is_empty() => {
                     summary.copied += 1;
                     if let Some(Presence::Present(ours)) = group.objects.presence(object, target) {
                         made.push(Made {
                             target,
-                            handle: ours,
+                            handle: (ours, target_epoch),
                             print: copy.print.clone(),
                         });
                     }
@@ -788,11 +814,11 @@ fn remove_doubles(
         by_member.entry(copy.target).or_default().push(copy);
     }
     for (target, copies) in by_member {
-        let Some(index) = read_index(worker, target, shared) else {
+        let Some((index, epoch)) = read_index(worker, target, shared) else {
             continue;
         };
         for copy in copies {
-            if index.matching(&copy.print).len() < 2 {
+            if copy.handle.1 != epoch || index.matching(&copy.print).len() < 2 {
                 continue;
             }
             summary.doubled += usize::from(remove_copy(group, worker, target, copy.handle));
@@ -801,17 +827,19 @@ fn remove_doubles(
 }
 
 /// Removes `handle`, one copy too many of an object, from member `target`,
-/// and forgets it; true if the member removed it.
+/// and forgets it; true if the member removed it. Only in the member epoch
+/// the handle was found in: after a reconnect its number may name another
+/// object, which would be destroyed in its place.
 fn remove_copy(
     group: &Group,
     worker: &VirtualSession,
     target: usize,
-    handle: CK_OBJECT_HANDLE,
+    (handle, epoch): (CK_OBJECT_HANDLE, u64),
 ) -> bool {
-    let answer = worker.attempt_on(target, "C_DestroyObject", &mut |l, s| {
-        l.destroy_object(s, handle)
+    let answer = worker.on_member(target, |s| {
+        (s.epoch == epoch).then(|| s.library.destroy_object(s.handle, handle))
     });
-    if !matches!(answer, Attempt::Answered(CKR_OK)) {
+    if !matches!(answer, Ok(Some(CKR_OK))) {
         return false;
     }
     group.objects.forget_copy(target, handle);

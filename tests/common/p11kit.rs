@@ -68,7 +68,25 @@ impl P11KitServer {
         assert!(!socket.exists(), "{} already exists", socket.display());
         let log = socket.with_extension("log");
         let log_file = fs::File::create(&log).expect("create the server log");
-        let child = Command::new("p11-kit")
+        let mut command = Command::new("p11-kit");
+        // p11-kit's client, loaded in this process, opens its sockets
+        // without close-on-exec: a server started (or restarted) later
+        // inherited other members' connections, which then never closed
+        // when the client dropped them (seen in the soak: a restarted
+        // server holding the socket of a member that never served again).
+        // SAFETY: close_range(2) is async-signal-safe and only marks
+        // descriptors; it runs in the child between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::close_range(
+                    3,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+                );
+                Ok(())
+            })
+        };
+        let child = command
             .args(["server", "-f", "-n"])
             .arg(socket)
             .args(["--provider", softhsm])
