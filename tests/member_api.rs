@@ -5,7 +5,8 @@
 //! classification of answers -- runs on the simulated member and on
 //! SoftHSM loaded as a real member, and answers alike; and a group of
 //! in-memory members runs the HA core itself: failover of an operation,
-//! replication of a key, recovery's replay to a member that returns.
+//! replication of a key, recovery's replay to a member that returns, a
+//! reconciliation pass across a member's reconnect.
 
 mod common;
 mod memory_member;
@@ -24,13 +25,15 @@ use pkcs11_ha::index::MemberIndex;
 use pkcs11_ha::mechanism::Mechanism;
 use pkcs11_ha::member::{classify, Answer, MemberLibrary};
 use pkcs11_ha::member_api::{MemberApi, MemberBackend};
+use pkcs11_ha::reconcile::Reconciler;
 use pkcs11_ha::recovery::{self, Host, RecoverySettings, Watchdog};
+use pkcs11_ha::state_dir::StateDir;
 use pkcs11_ha::virtual_objects::{made_print, MemberTemplate};
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// A data object's template: class, label and value.
@@ -321,13 +324,15 @@ fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// What recovery asks of the provider, for one group over in-memory
-/// members: replay only (no synchronisation, so that what the returning
-/// member gets comes from the queue of what it missed).
+/// What recovery and reconciliation ask of the provider, for one group
+/// over in-memory members: by default replay only (no synchronisation, so
+/// that what the returning member gets comes from the queue of what it
+/// missed).
 struct MemoryHost {
     groups: Vec<Arc<Group>>,
     libraries: Vec<Arc<dyn MemberBackend>>,
     recovery: RecoverySettings,
+    synchronize: bool,
 }
 
 impl MemoryHost {
@@ -347,6 +352,7 @@ impl MemoryHost {
                 interval: Duration::from_secs(1),
                 mode: RecoveryMode::ActiveBasic,
             },
+            synchronize: false,
         }
     }
 }
@@ -368,7 +374,7 @@ impl Host for MemoryHost {
         false
     }
     fn synchronize(&self, _: &Group) -> bool {
-        false
+        self.synchronize
     }
     fn reconcile_soon(&self) {}
     fn uses_member_slot(&self, _: &Arc<dyn MemberBackend>, _: CK_SLOT_ID) -> bool {
@@ -654,4 +660,124 @@ fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
         "the healthy library was left alone"
     );
     v.close();
+}
+
+/// A reconciliation pass reading a member whose library reconnects midway
+/// -- the member fails and recovery brings it back, on a connection whose
+/// server numbers the objects afresh, as a p11-kit server does -- must not
+/// take the handles it searched on the old connection for objects on the
+/// new one: there they name other objects, the pass sees doubles, and
+/// removing the "extra copy" destroys a real single one (a soak run lost
+/// nine keys so). It acts on a member's handles only in the epoch it read
+/// them in; the members held the same objects, so every object stays,
+/// once, on each.
+#[test]
+fn a_member_reconnecting_while_a_pass_reads_it_keeps_every_object() {
+    let libraries: Vec<Arc<SimMember>> = (0..2)
+        .map(|i| {
+            let library = SimMember::new(&format!("net{i}"), 1, i, true, 26);
+            library
+                .initialize()
+                .expect("an in-memory library initialises");
+            Arc::new(library)
+        })
+        .collect();
+    let labels: Vec<String> = (0..8).map(|i| format!("object {i}")).collect();
+    let mut handles_on_1 = Vec::new();
+    for library in &libraries {
+        let mut session = CK_INVALID_HANDLE;
+        let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+        assert_eq!(
+            library.open_session(FIRST_SLOT, flags, &mut session),
+            CKR_OK
+        );
+        handles_on_1.clear();
+        for label in &labels {
+            let mut template = data_object(label.as_bytes(), b"the same on each member");
+            let token_object: &'static CK_BBOOL = &CK_TRUE;
+            template[1].pValue = token_object as *const _ as *mut _;
+            let mut handle = CK_INVALID_HANDLE;
+            assert_eq!(
+                library.create_object(session, Some(&template), &mut handle),
+                CKR_OK
+            );
+            handles_on_1.push(handle);
+        }
+        assert_eq!(library.close_session(session), CKR_OK);
+    }
+    let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
+    let host = Arc::new(MemoryHost {
+        synchronize: true,
+        ..MemoryHost::of(&group, &libraries)
+    });
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    let state =
+        Arc::new(StateDir::open(&scratch.path().join("state")).expect("the state directory opens"));
+
+    // Once the pass has read member 1's fourth object, the member's
+    // connection drops and recovery brings it back on a new one.
+    let (reconnected_tx, reconnected) = mpsc::sync_channel(1);
+    let gate = Mutex::new(Some(reconnected_tx));
+    let (weak_host, weak_library) = (Arc::downgrade(&host), Arc::downgrade(&libraries[1]));
+    libraries[1].on_stall(move |_| {
+        let Some(reconnected) = gate.lock().take() else {
+            return;
+        };
+        let (Some(host), Some(library)) = (weak_host.upgrade(), weak_library.upgrade()) else {
+            return;
+        };
+        let member = &host.groups[0].members[1];
+        member.fail(CKR_DEVICE_ERROR);
+        library.sim.lock().disconnect();
+        recovery::recover_failed_members(&*host);
+        reconnected
+            .send(member.state())
+            .expect("the test waits for the reconnect");
+    });
+    {
+        let mut sim = libraries[1].sim.lock();
+        sim.set_fault(0, Fault::RenumberOnReconnect);
+        sim.set_fault(0, Fault::StallOnReading(handles_on_1[3]));
+    }
+    let connection_before = libraries[1].connection();
+
+    let weak_host: std::sync::Weak<dyn Host> = Arc::downgrade(&host) as _;
+    let mut reconciler =
+        Reconciler::start(weak_host, Arc::clone(&state), None).expect("the reconciler starts");
+    let back = reconnected
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the pass reads member 1's fourth object");
+    assert_eq!(back, MemberState::Up, "member 1 is back");
+    assert!(
+        libraries[1].connection() > connection_before,
+        "on a new connection"
+    );
+    // A pass holds the group's lock till it ends: once the test holds it,
+    // the pass is over, and no other begins.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = state
+        .lock_group(&group.serial, Duration::from_millis(5), |poll| {
+            std::thread::sleep(poll);
+            Instant::now() > deadline
+        })
+        .expect("the group's lock file opens")
+        .expect("the pass ends within a minute");
+
+    for (position, library) in libraries.iter().enumerate() {
+        let objects = library.token_objects(0);
+        for label in &labels {
+            let copies = objects
+                .iter()
+                .filter(|[_, l, _, _]| *l == memory_member::hex(label.as_bytes()))
+                .count();
+            assert_eq!(copies, 1, "{label:?} on member {position}: {objects:?}");
+        }
+        assert_eq!(
+            objects.len(),
+            labels.len() + 1,
+            "member {position} holds the objects and its domain key, nothing else"
+        );
+    }
+    reconciler.stop(Duration::from_secs(10));
+    drop(held);
 }

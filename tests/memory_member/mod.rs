@@ -751,7 +751,7 @@ impl MemberApi for SimMember {
         if std::mem::replace(&mut sim.initialized, true) {
             return Ok(());
         }
-        sim.disconnected = false;
+        sim.connect();
         self.ours.store(true, Ordering::Release);
         Ok(())
     }

@@ -52,6 +52,14 @@ pub enum Fault {
     /// then the caller stays inside the library while the driver lets
     /// time pass (`SimMember::on_stall`).
     Stall,
+    /// As [`Fault::Stall`], met by the first read of the attributes of
+    /// the object with this handle: a driver can act at a chosen point of
+    /// an enumeration.
+    StallOnReading(CK_OBJECT_HANDLE),
+    /// Each new connection numbers the token's objects afresh, from 1 and
+    /// newest first, as a p11-kit server does per connection: a handle of
+    /// the old connection names another object on the new one.
+    RenumberOnReconnect,
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -106,6 +114,8 @@ pub struct Token {
     pub refuse_wrap_always: bool,
     pub renumber_on_last_close: bool,
     pub stall_next: bool,
+    pub stall_on_reading: Option<CK_OBJECT_HANDLE>,
+    pub renumber_on_reconnect: bool,
 }
 
 /// The whole simulated library.
@@ -228,6 +238,17 @@ impl Token {
     pub fn renumber(&mut self) {
         self.handles.clear();
         let ids: Vec<u64> = self.objects.keys().copied().collect();
+        for id in ids {
+            self.new_handle(id);
+        }
+    }
+
+    /// Handles from 1 again, newest object first, as a new connection to a
+    /// p11-kit server hands them out.
+    fn renumber_afresh(&mut self) {
+        self.handles.clear();
+        self.next_handle = 1;
+        let ids: Vec<u64> = self.objects.keys().rev().copied().collect();
         for id in ids {
             self.new_handle(id);
         }
@@ -380,6 +401,17 @@ impl Sim {
         Ok(())
     }
 
+    /// A new connection: tokens that number their objects per connection
+    /// do so afresh ([`Fault::RenumberOnReconnect`]).
+    pub fn connect(&mut self) {
+        self.disconnected = false;
+        for token in &mut self.tokens {
+            if token.renumber_on_reconnect {
+                token.renumber_afresh();
+            }
+        }
+    }
+
     /// The connection is lost: every session and login with it.
     pub fn disconnect(&mut self) {
         for token in 0..self.tokens.len() {
@@ -458,6 +490,8 @@ impl Sim {
             Fault::RefuseWrapAlways => t.refuse_wrap_always = true,
             Fault::RenumberOnLastClose => t.renumber_on_last_close = true,
             Fault::Stall => t.stall_next = true,
+            Fault::StallOnReading(handle) => t.stall_on_reading = Some(handle),
+            Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
         }
     }
 
@@ -481,6 +515,7 @@ impl Sim {
         t.lose_next_answer = false;
         t.refuse_wrap = false;
         t.stall_next = false;
+        t.stall_on_reading = None;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -675,6 +710,10 @@ impl Sim {
         types: &[CK_ATTRIBUTE_TYPE],
     ) -> Result<Vec<Result<Option<Vec<u8>>>>> {
         let token = self.enter_session(session)?;
+        if self.tokens[token].stall_on_reading == Some(handle) {
+            self.tokens[token].stall_on_reading = None;
+            self.stalled = Some(token);
+        }
         let object = self.tokens[token].object(handle)?;
         let secret = object.flag(CKA_SENSITIVE) || !object.flag(CKA_EXTRACTABLE);
         let class = object.attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
