@@ -1830,7 +1830,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   holding a copy (the other serving member's copy still to come, kept
 ///   while a library refused the key-wrap mechanism) answered "no such
 ///   object" and left the members disagreeing.
-const REGRESSION_SEEDS: [(u64, Faults); 42] = [
+const REGRESSION_SEEDS: [(u64, Faults); 43] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -1873,6 +1873,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 42] = [
     (108840, Faults::DEFAULT),
     (114724, Faults::DEFAULT),
     (23075, Faults::DEFAULT),
+    (135188, Faults::DEFAULT),
 ];
 
 #[test]
