@@ -1695,6 +1695,63 @@ pub fn string_to_padded(text: &str, field: &mut [u8]) {
 mod tests {
     use super::*;
 
+    /// A list read by the two-call convention from a library that answers
+    /// as `answers` says: each answer is (count reported for NULL, count
+    /// reported for a buffer, what the buffer call returns).
+    fn read_with(answers: &[(CK_ULONG, CK_ULONG, CK_RV)]) -> (Result<Vec<CK_ULONG>>, usize) {
+        let mut calls = 0;
+        let mut round = 0;
+        let result = read_list(|list, count| {
+            calls += 1;
+            let (length, filled, rv) = answers[round.min(answers.len() - 1)];
+            if list.is_null() {
+                *count = length;
+                return CKR_OK;
+            }
+            round += 1;
+            if rv == CKR_OK {
+                // SAFETY: read_list gave a buffer of the length it was told.
+                let slots = unsafe { std::slice::from_raw_parts_mut(list, filled as usize) };
+                slots
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, s)| *s = i as CK_ULONG + 1);
+            }
+            *count = filled;
+            rv
+        });
+        (result, calls)
+    }
+
+    /// p11-kit's client answers a buffer of length 0 with
+    /// CKR_BUFFER_TOO_SMALL and a count of 0: an empty list takes one call,
+    /// not a loop (recovery asked a restarted server 500 times a second).
+    #[test]
+    fn an_empty_list_takes_one_call() {
+        let (list, calls) = read_with(&[(0, 0, CKR_BUFFER_TOO_SMALL)]);
+        assert_eq!(list.expect("an empty list"), Vec::<CK_ULONG>::new());
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn a_list_that_grew_between_the_calls_is_read_again() {
+        let (list, calls) = read_with(&[(1, 2, CKR_BUFFER_TOO_SMALL), (2, 2, CKR_OK)]);
+        assert_eq!(list.expect("the grown list"), vec![1, 2]);
+        assert_eq!(calls, 4);
+    }
+
+    /// A library that always says the list grew gets an error after
+    /// [`LIST_READS`] rounds instead of keeping its caller forever.
+    #[test]
+    fn a_list_that_never_stops_growing_is_an_error() {
+        let (list, calls) = read_with(&[(1, 2, CKR_BUFFER_TOO_SMALL)]);
+        assert_eq!(
+            list.expect_err("a list never read").rv,
+            CKR_BUFFER_TOO_SMALL
+        );
+        assert_eq!(calls, 2 * LIST_READS);
+    }
+
     /// The classification table, by the answers each row holds.
     #[test]
     fn each_answer_is_classified_once_for_the_whole_library() {
