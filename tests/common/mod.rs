@@ -28,10 +28,12 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-/// User PIN of every token the helpers create.
-pub const USER_PIN: &str = "1234";
-/// Security-officer PIN of every token the helpers create.
-pub const SO_PIN: &str = "5678";
+/// User PIN of every token the helpers create. Tests search output for it to
+/// prove it never leaks, so it must not be digits a serial or a count can hold
+/// (a random serial `5e5678103d95f6b7` once "leaked" the SO PIN 5678).
+pub const USER_PIN: &str = "ha-user-pin";
+/// Security-officer PIN of every token the helpers create; see [`USER_PIN`].
+pub const SO_PIN: &str = "ha-so-pin";
 /// The SoftHSMv2 module (Debian package `libsofthsm2`).
 pub const SOFTHSM_LIB: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Name of the SoftHSM library entry in configs written by [`Fixture`].
