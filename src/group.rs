@@ -542,6 +542,9 @@ pub struct GroupSettings {
     /// Members an object must be on before the call that makes it
     /// succeeds (`VirtualTokenNNMinReplicas`).
     pub min_replicas: usize,
+    /// `memberTimeout`: how long an application call that finds no member
+    /// serving waits for a returning one (see [`Group::wait_for_serving`]).
+    pub member_timeout: Duration,
 }
 
 /// Each member's domain key handle, and the check value all must share.
@@ -685,6 +688,22 @@ pub struct Group {
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
     /// Calls making objects under way (see [`Group::making_objects`]).
     making: AtomicUsize,
+    /// Application calls waiting for a member to serve, and whether the
+    /// group is closing (see [`Group::wait_for_serving`]). The standard
+    /// library's futex-based primitives, not parking_lot's, for the reason
+    /// `recovery.rs` gives: an application may fork while a call waits.
+    serving_wait: std::sync::Mutex<ServingWait>,
+    /// Woken whenever a member may have started or stopped serving or
+    /// being brought back, and when the group closes.
+    serving_changed: std::sync::Condvar,
+}
+
+/// Who waits in [`Group::wait_for_serving`].
+#[derive(Default)]
+struct ServingWait {
+    waiting: usize,
+    /// `C_Finalize` began: no call waits any more.
+    closed: bool,
 }
 
 /// Counts a call making objects while it lives.
@@ -843,6 +862,8 @@ impl Group {
             held_before: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
+            serving_wait: std::sync::Mutex::default(),
+            serving_changed: std::sync::Condvar::new(),
         }
     }
 
@@ -861,6 +882,7 @@ impl Group {
         }
         self.relocate(position, location);
         self.members[position].set_state(MemberState::Up);
+        self.wake_waiting_calls();
     }
 
     /// Notes that a library that refused the key-wrap mechanism takes it
@@ -946,6 +968,7 @@ impl Group {
     /// watchdog's tick is told too, and by the watchdog, for the summary
     /// and for members that start serving by other paths.
     pub fn review_serving(&self, now: Instant) {
+        self.wake_waiting_calls();
         let serving = self.up_members().next().is_some();
         let mut outage = self.outage.lock();
         match (serving, outage.as_mut()) {
@@ -977,6 +1000,70 @@ impl Group {
             }
             _ => {}
         }
+    }
+
+    /// For an application call that found no member serving: while a
+    /// member is being brought back (recovering: its token answered and it
+    /// is catching up), waits for a member to serve, at most
+    /// `memberTimeout` from now; true if one serves. It stops waiting, and
+    /// answers false, as soon as no member is being brought back any more
+    /// (the returning one failed again) or the group closes
+    /// ([`Group::stop_waiting`]), so the call fails as it would have. Most
+    /// outages are a returning member's last second of catching up; failing
+    /// at once, each cost the application a burst of failed calls.
+    ///
+    /// The caller holds nothing recovery waits for: no write barrier
+    /// ([`Group::enter_write`]), no object being made, no session lock.
+    pub fn wait_for_serving(&self) -> bool {
+        let deadline = crate::clock::now() + self.settings.member_timeout;
+        let mut wait = self.serving_wait();
+        wait.waiting += 1;
+        let served = loop {
+            if self.up_members().next().is_some() {
+                break true;
+            }
+            let returning = self
+                .members
+                .iter()
+                .any(|m| m.state() == MemberState::Recovering);
+            let left = crate::clock::block_for(deadline);
+            if wait.closed || !returning || left.is_zero() {
+                break false;
+            }
+            wait = self
+                .serving_changed
+                .wait_timeout(wait, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        };
+        wait.waiting -= 1;
+        served
+    }
+
+    /// How many application calls wait for a member to serve now.
+    pub fn calls_waiting_for_a_member(&self) -> usize {
+        self.serving_wait().waiting
+    }
+
+    /// Wakes the calls waiting for a member to serve, to look again: a
+    /// member started or stopped serving or being brought back.
+    pub fn wake_waiting_calls(&self) {
+        // Taken, so that a call between its look and its wait is not missed.
+        drop(self.serving_wait());
+        self.serving_changed.notify_all();
+    }
+
+    /// `C_Finalize`: calls waiting for a member to serve fail now, and no
+    /// call waits from now on.
+    pub fn stop_waiting(&self) {
+        self.serving_wait().closed = true;
+        self.serving_changed.notify_all();
+    }
+
+    fn serving_wait(&self) -> std::sync::MutexGuard<'_, ServingWait> {
+        self.serving_wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether every member found is a Luna partition of one library
@@ -2169,6 +2256,7 @@ mod tests {
                 domain_label: "d".into(),
                 replay_limit: 0,
                 min_replicas: 1,
+                member_timeout: Duration::from_secs(1),
             },
         );
         let value = [9u8; 32];
@@ -2209,6 +2297,7 @@ mod tests {
             domain_label: "d".into(),
             replay_limit: 0,
             min_replicas: 1,
+            member_timeout: Duration::from_secs(1),
         };
         let group = Group::new(
             0,
@@ -2256,6 +2345,7 @@ mod tests {
                 domain_label: "d".into(),
                 replay_limit: 0,
                 min_replicas: 1,
+                member_timeout: Duration::from_secs(1),
             },
         );
         for m in &group.members {

@@ -312,6 +312,11 @@ pub fn finalize() -> Result<()> {
     let lifecycle = LIFECYCLE.get();
     let _serialised = lifecycle.serialise();
     let provider = get()?;
+    // Before anything waits for the calls under way: a call waiting for a
+    // member to serve would hold this up for up to memberTimeout.
+    for group in &provider.groups {
+        group.stop_waiting();
+    }
     lifecycle.provider_mut().take();
     for library in &provider.libraries {
         library.retire();
@@ -556,6 +561,7 @@ impl Provider {
                         domain_label: g.domain_label.clone(),
                         replay_limit: config.multipart_replay_limit,
                         min_replicas: g.min_replicas,
+                        member_timeout,
                     },
                 );
                 for member in &group.members {

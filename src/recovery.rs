@@ -483,6 +483,7 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
         Err(setback) => {
             if member.state() == MemberState::Recovering {
                 member.set_state(MemberState::Down);
+                group.wake_waiting_calls();
             }
             let event = match setback {
                 Setback::Failed(why) => format!("recovery failed: {why}"),
@@ -1442,6 +1443,7 @@ mod tests {
                 domain_label: "d".into(),
                 replay_limit: 0,
                 min_replicas: 1,
+                member_timeout: Duration::from_secs(1),
             };
             let group = Group::new(0, "g", "1".into(), 0, &active, &[], settings);
             for m in &group.members {

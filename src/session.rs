@@ -470,6 +470,7 @@ mod tests {
             domain_label: "d".into(),
             replay_limit: 0,
             min_replicas: 1,
+            member_timeout: std::time::Duration::from_secs(1),
         };
         let group = Arc::new(Group::new(0, "g", "1".into(), 0, &[], &[], settings));
         let target = Target::Virtual(Box::new(VirtualSession::internal(group)));

@@ -194,6 +194,7 @@ impl VirtualSession {
         owner: Option<CK_SESSION_HANDLE>,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _writing = self.wait_before_writing();
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
         let create = |library: &dyn MemberBackend, session, handle: &mut CK_OBJECT_HANDLE| {
@@ -347,6 +348,7 @@ impl VirtualSession {
         source: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let _writing = self.wait_before_writing();
         let _making = self.group.making_objects();
         let token = match template.bool(CKA_TOKEN) {
             Some(t) => t,
@@ -685,6 +687,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
+        let _writing = self.wait_before_writing();
         let _write = self.group.enter_write();
         // Whether a member failed under the change: it may have carried
         // it out before its answer was lost.
@@ -990,6 +993,7 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        let _writing = self.wait_before_writing();
         let _making = self.group.making_objects();
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();

@@ -85,6 +85,22 @@ pub(crate) enum Attempt {
     Faulted,
 }
 
+thread_local! {
+    /// Set while this thread runs a call that makes, changes or destroys
+    /// objects (see [`VirtualSession::wait_before_writing`]).
+    static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A call that makes, changes or destroys objects is under way on this
+/// thread; holds what was set before it.
+pub(crate) struct Writing(bool);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        WRITING.set(self.0);
+    }
+}
+
 pub struct VirtualSession {
     pub group: Arc<Group>,
     /// The session on each member, by position.
@@ -92,6 +108,11 @@ pub struct VirtualSession {
     bindings: BindingsCell,
     /// The lane this session holds (`lanes.rs`).
     lane: lanes::LaneCell,
+    /// Whether its calls wait for a returning member when none serves (see
+    /// [`VirtualSession::wait_for_a_member`]): the application's sessions
+    /// do; the library's own (recovery's, reconciliation's) never, since
+    /// that member's return may wait on them.
+    waits_for_members: bool,
 }
 
 /// Starts an operation of `kind` on a member; `None` if no mechanism was
@@ -140,30 +161,64 @@ impl VirtualSession {
     /// at each member's first call instead lost and resurrected objects in
     /// the simulation (seeds 102057, 122459, 133269, 141690, 148478,
     /// 149728), so every member gets its session here. Fails only when no
-    /// member could open one.
+    /// member could open one (after waiting for a returning member, if
+    /// none served).
     pub fn open(group: Arc<Group>, flags: CK_FLAGS) -> Result<Self> {
         group.open_utility_sessions();
-        let session = Self::new(group, flags);
+        let mut session = Self::new(group, flags);
+        session.waits_for_members = true;
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
-        let mut opened = 0;
-        for position in 0..session.group.members.len() {
-            if !session.group.members[position].is_up() {
-                continue;
-            }
-            match session.member_session(position) {
-                Ok(_) => opened += 1,
-                Err(e) => {
-                    if is_member_fault("C_OpenSession", e.rv) {
-                        session.group.member_failed(position, "C_OpenSession", e.rv);
+        let mut waited = false;
+        loop {
+            let mut opened = 0;
+            for position in 0..session.group.members.len() {
+                if !session.group.members[position].is_up() {
+                    continue;
+                }
+                match session.member_session(position) {
+                    Ok(_) => opened += 1,
+                    Err(e) => {
+                        if is_member_fault("C_OpenSession", e.rv) {
+                            session.group.member_failed(position, "C_OpenSession", e.rv);
+                        }
+                        last_error = e;
                     }
-                    last_error = e;
                 }
             }
+            if opened > 0 {
+                return Ok(session);
+            }
+            if !session.wait_for_a_member(&mut waited) {
+                return Err(last_error);
+            }
         }
-        if opened == 0 {
-            return Err(last_error);
-        }
-        Ok(session)
+    }
+
+    /// For a call that found no member serving: waits for a returning
+    /// member to serve ([`Group::wait_for_serving`]), at most once per call
+    /// (`waited`), and only in the application's sessions; true if one
+    /// serves now, and the call chooses again. Callers hold no lock of the
+    /// session; a call making, changing or destroying objects waits only
+    /// at its start ([`Self::wait_before_writing`]).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_for_a_member(&self, waited: &mut bool) -> bool {
+        self.waits_for_members
+            && !WRITING.get()
+            && !std::mem::replace(waited, true)
+            && self.group.up_members().next().is_none()
+            && self.group.wait_for_serving()
+    }
+
+    /// At the start of a call that makes, changes or destroys objects:
+    /// with no member serving, waits for a returning one
+    /// ([`Self::wait_for_a_member`]) -- here, before the write barrier and
+    /// the objects being made, which that member's recovery waits for.
+    /// Until the guard drops, the call waits no more: a member that fails
+    /// later in it fails it as before.
+    pub(crate) fn wait_before_writing(&self) -> Writing {
+        self.wait_for_a_member(&mut false);
+        Writing(WRITING.replace(true))
     }
 
     /// The first member session opened (opening one on an up member if
@@ -187,6 +242,7 @@ impl VirtualSession {
             group,
             bindings: BindingsCell::default(),
             lane: lanes::LaneCell::default(),
+            waits_for_members: false,
         }
     }
 
@@ -773,8 +829,13 @@ impl VirtualSession {
             Preference::LeastBusy(kind as usize)
         };
         let keys = key.as_slice();
+        let mut waited = false;
         loop {
-            let (position, handles) = self.choose(keys, preference)?;
+            let (position, handles) = match self.choose(keys, preference) {
+                Ok(chosen) => chosen,
+                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(e) => return Err(e),
+            };
             let on_lane = if kind != OpKind::Find && self.lane.possible(&self.group) {
                 self.init_on_lane(kind, position, keys, &handles, function, &mut call)
             } else {
@@ -847,6 +908,7 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Result<()> {
+        let mut waited = false;
         loop {
             let position = self.bound_for(kind)?;
             let on_lane = if self.lane.on() {
@@ -863,7 +925,12 @@ impl VirtualSession {
                     }
                     return check(rv);
                 }
-                Attempt::Faulted => self.move_operations(position),
+                Attempt::Faulted => {
+                    // The last serving member failed under the operation:
+                    // it moves to a returning one rather than being lost.
+                    self.wait_for_a_member(&mut waited);
+                    self.move_operations(position);
+                }
             }
         }
     }
@@ -1115,8 +1182,14 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
+        let mut waited = false;
         loop {
-            let (position, handles) = self.choose(keys, Preference::LeastBusy(STATELESS_LANE))?;
+            let (position, handles) = match self.choose(keys, Preference::LeastBusy(STATELESS_LANE))
+            {
+                Ok(chosen) => chosen,
+                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(e) => return Err(e),
+            };
             let spare = keys.is_empty();
             let on_lane = if !spare && self.lane.possible(&self.group) {
                 self.stateless_on_lane(position, keys, &handles, function, &mut call)

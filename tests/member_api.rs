@@ -223,6 +223,7 @@ fn group_of(places: Vec<(Arc<SimMember>, usize)>) -> Arc<Group> {
         domain_label: String::from_utf8(token::DOMAIN_LABEL.to_vec()).unwrap(),
         replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
         min_replicas: 1,
+        member_timeout: Duration::from_secs(1),
     };
     let group = Group::new(0, "memory", "memory".into(), 0, &serials, &[], settings);
     for (position, (library, token)) in places.into_iter().enumerate() {
