@@ -668,6 +668,10 @@ pub struct Group {
     /// Per member: kept changes taken to be made now and not made yet, so
     /// that the status counts them while they are made.
     deferred_underway: Vec<AtomicUsize>,
+    /// Per member: keys synchronisation skipped because they cannot reach
+    /// it (see [`Group::skip_unreceivable`]), so that the HA log says so
+    /// once per key; forgotten when what the member can do changes.
+    unreceivable: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
     /// A library that refused the key-wrap mechanism was found taking it
     /// again by a copy (`VirtualSession::carries_keys_now`) since the last
     /// [`Group::wrapping_resumed`]: the copies kept meanwhile are due.
@@ -854,6 +858,7 @@ impl Group {
             abandoned: Mutex::default(),
             deferred: Mutex::new(vec![Vec::new(); count]),
             deferred_underway: (0..count).map(|_| AtomicUsize::new(0)).collect(),
+            unreceivable: Mutex::new(vec![Default::default(); count]),
             wrapping_resumed_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
@@ -932,6 +937,7 @@ impl Group {
         let described = capabilities.describe();
         if member.capabilities().describe() != described || member.location().is_none() {
             self.log(Some(position), &described);
+            self.unreceivable.lock()[position].clear();
         }
         *member.capabilities.write() = capabilities;
         member
@@ -1356,6 +1362,38 @@ impl Group {
     /// `deferred`).
     pub fn defer(&self, position: usize, change: Pending) {
         self.deferred.lock()[position].push(change);
+    }
+
+    /// Synchronisation skips key `object`, which cannot reach member
+    /// `position` (`why`, from [`crate::virtual_session::VirtualSession::unreceivable`]):
+    /// the HA log names the key the first time, and a copy that waits only
+    /// for a library to take the key-wrap mechanism again (`waits`) is
+    /// kept, once, for when it does.
+    pub fn skip_unreceivable(
+        &self,
+        position: usize,
+        object: CK_OBJECT_HANDLE,
+        name: impl FnOnce() -> String,
+        why: &str,
+        waits: bool,
+    ) {
+        if waits {
+            let mut deferred = self.deferred.lock();
+            let kept = &mut deferred[position];
+            if !kept
+                .iter()
+                .any(|c| matches!(c, Pending::Create(o) if *o == object))
+            {
+                kept.push(Pending::Create(object));
+            }
+        }
+        if self.unreceivable.lock()[position].insert(object) {
+            let event = format!(
+                "{} is not synchronised to it: {why}; the member serves without it",
+                name()
+            );
+            self.log(Some(position), &event);
+        }
     }
 
     /// The template prints of removals of orphans kept for a member, which

@@ -1172,6 +1172,17 @@ pub fn replay_deferred(group: &Arc<Group>) {
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
         let mut kept = group.take_deferred(position).into_iter();
         while let Some(change) = kept.next() {
+            // A copy waiting for a library to take the key-wrap mechanism
+            // again, which it does not yet: kept without being tried.
+            if let Pending::Create(object) = change {
+                if worker.waits_for_wrapping(position, &change)
+                    && worker.unreceivable(object, position).is_some()
+                {
+                    group.defer(position, change);
+                    group.deferred_handled(position, 1);
+                    continue;
+                }
+            }
             let outcome = worker.apply(position, &change, None);
             // As in the replay: a copy that failed while the member answers
             // is kept (its source may have failed during it; another may
@@ -1323,6 +1334,13 @@ fn synchronize(
                 ),
             );
             break;
+        }
+        // A key no serving member can give it: neither looked up nor
+        // copied, in this pass or the next.
+        if let Some(why) = worker.unreceivable(object, position) {
+            let waits = worker.waits_for_wrapping(position, &Pending::Create(object));
+            group.skip_unreceivable(position, object, || worker.name_object(object), &why, waits);
+            continue;
         }
         // Not read: looked up on the member first, then copied with the
         // holdings, which note the copy. (An object a call is making may

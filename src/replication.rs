@@ -1066,6 +1066,51 @@ impl VirtualSession {
                 .any(|p| self.resolve(*object, p).ok().flatten().is_some())
     }
 
+    /// Why key `object` cannot reach member `target` from any serving
+    /// member, as what the members can do says ([`strategy::choose`]: no
+    /// common key-wrap mechanism, a library that refuses the one it lists,
+    /// a Luna policy); `None` for an object that is no secret or private
+    /// key, or that some serving member could give it. Asks no member but
+    /// for the object's class, read once and kept: synchronisation asks it
+    /// before it looks an object up or copies it, so that a member that
+    /// can take no key costs nothing per key and pass (it cost one recovery
+    /// 55 s of failed copies in the long chaos run).
+    pub fn unreceivable(&self, object: CK_OBJECT_HANDLE, target: usize) -> Option<String> {
+        let print = self.fingerprint_of(object)?;
+        let class = print
+            .iter()
+            .find(|(t, _)| *t == CKA_CLASS)
+            .map(|(_, v)| identity::ulong_of(v))?;
+        if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
+            return None;
+        }
+        let to = &self.group.members[target];
+        let to_location = to.location()?;
+        let to_can = to.capabilities();
+        let target_side = Side {
+            serial: &to.serial,
+            library: to_location.library.as_ref(),
+            capabilities: &to_can,
+        };
+        let mut why = None;
+        for from in self.group.up_members().filter(|m| m.position != target) {
+            let Some(from_location) = from.location() else {
+                continue;
+            };
+            let from_can = from.capabilities();
+            let source_side = Side {
+                serial: &from.serial,
+                library: from_location.library.as_ref(),
+                capabilities: &from_can,
+            };
+            match strategy::choose(&source_side, &target_side, class) {
+                Ok(_) => return None,
+                Err(reason) => why = Some(reason),
+            }
+        }
+        why
+    }
+
     /// Whether `change` is a copy that may fail only because a library
     /// refuses the key-wrap mechanism now: the member's own, or that of a
     /// serving member that could give it the object. Such a copy is kept,

@@ -1,0 +1,205 @@
+//! Synchronisation of a returning member that can take no key (issue 12):
+//! a member whose library refuses the key-wrap mechanism it lists (as
+//! p11-kit 0.24's client does) cannot receive the secret keys the others
+//! hold. Recovery skips them -- neither looked up nor copied -- with one HA
+//! log line per key, naming it by class, label and ID, said once and not
+//! again at the next return, and the member serves without them. In-memory
+//! members (`memory_member`), so that nothing depends on timing.
+
+mod memory_member;
+
+use cryptoki_sys::*;
+use memory_member::token::{Fault, DOMAIN_LABEL, FIRST_SLOT};
+use memory_member::{hex, SimMember};
+use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
+use pkcs11_ha::group::{Group, GroupSettings, Location, MemberState};
+use pkcs11_ha::member_api::{MemberApi, MemberBackend};
+use pkcs11_ha::recovery::{self, Host, RecoverySettings};
+use pkcs11_ha::virtual_session::VirtualSession;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What recovery asks of the provider: one group, synchronisation on.
+struct MemoryHost {
+    groups: Vec<Arc<Group>>,
+    libraries: Vec<Arc<dyn MemberBackend>>,
+    recovery: RecoverySettings,
+}
+
+impl Host for MemoryHost {
+    fn groups(&self) -> &[Arc<Group>] {
+        &self.groups
+    }
+    fn libraries(&self) -> &[Arc<dyn MemberBackend>] {
+        &self.libraries
+    }
+    fn recovery(&self) -> &RecoverySettings {
+        &self.recovery
+    }
+    fn member_timeout(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn threads_allowed(&self) -> bool {
+        false
+    }
+    fn synchronize(&self, _: &Group) -> bool {
+        true
+    }
+    fn reconcile_soon(&self) {}
+    fn uses_member_slot(&self, _: &Arc<dyn MemberBackend>, _: CK_SLOT_ID) -> bool {
+        false
+    }
+    fn each_virtual_session(
+        &self,
+        _: &Arc<Group>,
+        _: &mut dyn FnMut(&VirtualSession) -> pkcs11_ha::error::Result<()>,
+    ) -> pkcs11_ha::error::Result<()> {
+        Ok(())
+    }
+}
+
+/// The secret keys made on member 0 outside the group: labels that differ
+/// in letters (the HA log takes events differing only in numbers for
+/// repeats), and the byte each key's value repeats.
+const KEYS: [(&str, u8); 3] = [("alpha", 0xa5), ("bravo", 0xb6), ("charlie", 0xc7)];
+const DATA_LABEL: &str = "plain data";
+
+/// Makes a token object on token `token` outside the group: a secret AES
+/// key of `value` repeated, or a data object without one.
+fn make(library: &SimMember, token: usize, label: &str, value: Option<u8>) {
+    let mut session = CK_INVALID_HANDLE;
+    let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+    let slot = FIRST_SLOT + token as CK_SLOT_ID;
+    assert_eq!(library.open_session(slot, flags, &mut session), CKR_OK);
+    let class = if value.is_some() {
+        CKO_SECRET_KEY
+    } else {
+        CKO_DATA
+    };
+    let (key_type, yes, no) = (CKK_AES, CK_TRUE, CK_FALSE);
+    let bytes = [value.unwrap_or(0); 32];
+    let ulong = std::mem::size_of::<CK_ULONG>();
+    let attribute = |type_, value: *const u8, len: usize| CK_ATTRIBUTE {
+        type_,
+        pValue: value as *mut _,
+        ulValueLen: len as CK_ULONG,
+    };
+    let mut template = vec![
+        attribute(CKA_CLASS, &class as *const _ as *const u8, ulong),
+        attribute(CKA_TOKEN, &yes, 1),
+        attribute(CKA_PRIVATE, &no, 1),
+        attribute(CKA_LABEL, label.as_ptr(), label.len()),
+        attribute(CKA_ID, label.as_ptr(), label.len()),
+    ];
+    if value.is_some() {
+        template.extend([
+            attribute(CKA_KEY_TYPE, &key_type as *const _ as *const u8, ulong),
+            attribute(CKA_VALUE, bytes.as_ptr(), bytes.len()),
+            attribute(CKA_EXTRACTABLE, &yes, 1),
+            attribute(CKA_ENCRYPT, &yes, 1),
+        ]);
+    }
+    let mut handle = CK_INVALID_HANDLE;
+    assert_eq!(
+        library.create_object(session, Some(&template), &mut handle),
+        CKR_OK,
+        "{label} is made on member {token}"
+    );
+    assert_eq!(library.close_session(session), CKR_OK);
+}
+
+/// Takes member 1 out and lets recovery bring it back.
+fn fail_and_recover(group: &Group, host: &MemoryHost) {
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    assert_eq!(group.members[1].state(), MemberState::Down);
+    recovery::recover_failed_members(host);
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 serves without the keys it cannot take"
+    );
+}
+
+#[test]
+fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 71));
+    library.sim.lock().set_fault(1, Fault::RefuseWrapAlways);
+    for (label, value) in KEYS {
+        make(&library, 0, label, Some(value));
+    }
+    make(&library, 0, DATA_LABEL, None);
+    let serials: Vec<String> = (0..2)
+        .map(|token| library.sim.lock().tokens[token].serial.clone())
+        .collect();
+    let settings = GroupSettings {
+        domain_label: String::from_utf8(DOMAIN_LABEL.to_vec()).unwrap(),
+        replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
+        min_replicas: 1,
+        member_timeout: Duration::from_secs(1),
+    };
+    let group = Arc::new(Group::new(
+        0,
+        "sync",
+        "sync".into(),
+        0,
+        &serials,
+        &[],
+        settings,
+    ));
+    for position in 0..2 {
+        let location = Location {
+            library: Arc::clone(&library) as Arc<dyn MemberBackend>,
+            slot: FIRST_SLOT + position as CK_SLOT_ID,
+        };
+        group.attach(position, location);
+    }
+    let host = MemoryHost {
+        groups: vec![Arc::clone(&group)],
+        libraries: vec![Arc::clone(&library) as Arc<dyn MemberBackend>],
+        recovery: RecoverySettings {
+            attempts: -1,
+            interval: Duration::from_secs(1),
+            mode: RecoveryMode::ActiveBasic,
+        },
+    };
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+
+    fail_and_recover(&group, &host);
+    let labels_on_1: Vec<String> = library
+        .token_objects(1)
+        .into_iter()
+        .map(|[_, label, _, _]| label)
+        .collect();
+    assert!(
+        labels_on_1.contains(&hex(DATA_LABEL.as_bytes())),
+        "the data object was synchronised: {labels_on_1:?}"
+    );
+    for (label, _) in KEYS {
+        assert!(
+            !labels_on_1.contains(&hex(label.as_bytes())),
+            "{label} cannot reach member 1, yet it is there"
+        );
+    }
+    // At the next return, the keys are skipped again without a word.
+    fail_and_recover(&group, &host);
+    pkcs11_ha::halog::close();
+
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    for (label, value) in KEYS {
+        let id: String = label.bytes().map(|b| format!("{b:02x}")).collect();
+        let named = format!("secret key (label {label:?}, ID {id}) is not synchronised to it");
+        let lines = log.lines().filter(|l| l.contains(&named)).count();
+        assert_eq!(lines, 1, "one line names {label} over two returns:\n{log}");
+        assert!(
+            !log.contains(&format!("{value:02x}").repeat(8)),
+            "the HA log holds {label}'s key material:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("could not be synchronised"),
+        "no copy of a key was attempted:\n{log}"
+    );
+}
