@@ -1173,10 +1173,12 @@ pub fn replay_deferred(group: &Arc<Group>) {
         let mut kept = group.take_deferred(position).into_iter();
         while let Some(change) = kept.next() {
             // A copy waiting for a library to take the key-wrap mechanism
-            // again, which it does not yet: kept without being tried.
+            // again, which it does not yet: kept without being tried, unless
+            // the member has the object by now (then it is dropped below).
             if let Pending::Create(object) = change {
                 if worker.waits_for_wrapping(position, &change)
                     && worker.unreceivable(object, position).is_some()
+                    && !worker.holds(object, position, None)
                 {
                     group.defer(position, change);
                     group.deferred_handled(position, 1);
@@ -1335,19 +1337,22 @@ fn synchronize(
             );
             break;
         }
-        // A key no serving member can give it: neither looked up nor
-        // copied, in this pass or the next.
-        if let Some(why) = worker.unreceivable(object, position) {
-            let waits = worker.waits_for_wrapping(position, &Pending::Create(object));
-            group.skip_unreceivable(position, object, || worker.name_object(object), &why, waits);
-            continue;
-        }
         // Not read: looked up on the member first, then copied with the
         // holdings, which note the copy. (An object a call is making may
         // show here under a handle of its own before that call records it;
         // the replay of the change queued for it must find this copy.)
         let looked_up = || worker.holds(object, position, None);
         if !known.complete && (known.held_before(group, object) || looked_up()) {
+            continue;
+        }
+        // A key it lacks that no serving member can give it: not tried,
+        // in this pass or the next.
+        if let Some(why) = worker.unreceivable(object, position) {
+            if known.complete && worker.holds(object, position, Some(&known.holdings)) {
+                continue;
+            }
+            let waits = worker.waits_for_wrapping(position, &Pending::Create(object));
+            group.skip_unreceivable(position, object, || worker.name_object(object), &why, waits);
             continue;
         }
         let change = Pending::Create(object);
