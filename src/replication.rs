@@ -1072,9 +1072,9 @@ impl VirtualSession {
     /// a Luna policy); `None` for an object that is no secret or private
     /// key, or that some serving member could give it. Asks no member but
     /// for the object's class, read once and kept: synchronisation asks it
-    /// before it looks an object up or copies it, so that a member that
-    /// can take no key costs nothing per key and pass (it cost one recovery
-    /// 55 s of failed copies in the long chaos run).
+    /// before it tries a copy, so that a member that can take no key costs
+    /// no copy attempt per key and pass (failed copies cost one recovery
+    /// 55 s in the long chaos run).
     pub fn unreceivable(&self, object: CK_OBJECT_HANDLE, target: usize) -> Option<String> {
         let print = self.fingerprint_of(object)?;
         let class = print
