@@ -71,6 +71,10 @@ pub struct Member {
     state_changed_ms: AtomicU64,
     /// Recovery attempts since the member last failed.
     pub recovery_attempts: AtomicU64,
+    /// Whether a recovery attempt for it is under way, from before its
+    /// token is looked for until the member serves or the attempt gives up
+    /// (see [`Member::expected_back`]).
+    attempt_under_way: AtomicBool,
     /// Searches for its token since it was last found that had a library
     /// not answer: each next search waits longer (see recovery.rs).
     pub silent_searches: AtomicU64,
@@ -193,6 +197,7 @@ impl Member {
             last_fault: AtomicU64::new(CKR_OK),
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
+            attempt_under_way: AtomicBool::new(false),
             silent_searches: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
@@ -339,6 +344,17 @@ impl Member {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.recovery_attempts.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the member is being brought back: a recovery attempt for it
+    /// is under way (looking for its token, or catching it up).
+    pub fn expected_back(&self) -> bool {
+        self.attempt_under_way.load(Ordering::Acquire) || self.state() == MemberState::Recovering
+    }
+
+    /// Marks a recovery attempt for the member as under way, or over.
+    pub fn set_attempt_under_way(&self, under_way: bool) {
+        self.attempt_under_way.store(under_way, Ordering::Release);
     }
 
     /// Starts a recovery attempt in a new epoch, so that nothing opened or
@@ -1009,8 +1025,9 @@ impl Group {
     }
 
     /// For an application call that found no member serving: while a
-    /// member is being brought back (recovering: its token answered and it
-    /// is catching up), waits for a member to serve, at most
+    /// member is being brought back (a recovery attempt for it is under
+    /// way: its token is being looked for, or it is catching up; see
+    /// [`Member::expected_back`]), waits for a member to serve, at most
     /// `memberTimeout` from now; true if one serves. It stops waiting, and
     /// answers false, as soon as no member is being brought back any more
     /// (the returning one failed again) or the group closes
@@ -1028,10 +1045,7 @@ impl Group {
             if self.up_members().next().is_some() {
                 break true;
             }
-            let returning = self
-                .members
-                .iter()
-                .any(|m| m.state() == MemberState::Recovering);
+            let returning = self.members.iter().any(|m| m.expected_back());
             let left = crate::clock::block_for(deadline);
             if wait.closed || !returning || left.is_zero() {
                 break false;

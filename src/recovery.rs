@@ -472,6 +472,7 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
         return false;
     }
     group.log(Some(position), &format!("recovery attempt {}", made + 1));
+    let _under_way = AttemptUnderWay::start(group, position);
     match recover(provider, group, position) {
         Ok((copied, phases)) => {
             group.log(
@@ -483,7 +484,6 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
         Err(setback) => {
             if member.state() == MemberState::Recovering {
                 member.set_state(MemberState::Down);
-                group.wake_waiting_calls();
             }
             let event = match setback {
                 Setback::Failed(why) => format!("recovery failed: {why}"),
@@ -497,6 +497,28 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
             group.log(Some(position), &event);
             false
         }
+    }
+}
+
+/// Marks a member's recovery attempt as under way while it lives: calls
+/// finding no member serving wait for the member meanwhile
+/// ([`Group::wait_for_serving`]), and are woken when it ends.
+struct AttemptUnderWay<'a> {
+    group: &'a Group,
+    position: usize,
+}
+
+impl<'a> AttemptUnderWay<'a> {
+    fn start(group: &'a Group, position: usize) -> AttemptUnderWay<'a> {
+        group.members[position].set_attempt_under_way(true);
+        AttemptUnderWay { group, position }
+    }
+}
+
+impl Drop for AttemptUnderWay<'_> {
+    fn drop(&mut self) {
+        self.group.members[self.position].set_attempt_under_way(false);
+        self.group.wake_waiting_calls();
     }
 }
 

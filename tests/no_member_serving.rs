@@ -3,8 +3,9 @@
 //! `memberTimeout`, instead of failing at once; with no member coming back,
 //! when the returning one fails again, or once `C_Finalize` has begun, it
 //! fails as before. A group of in-memory members (`memory_member`) on the
-//! manual clock: the returning member's recovery is held inside its read
-//! of the member's objects (a planted stall) while the test acts, so that
+//! manual clock: the returning member's recovery is held by a planted
+//! stall (in the search for its token, or in its read of the member's
+//! objects) while the test acts, so that
 //! nothing depends on how fast the machine is. Each test holds [`SERIAL`]:
 //! one of them moves the process's clock.
 
@@ -140,12 +141,13 @@ impl Outage {
         }
     }
 
-    /// Brings member 1 back, its recovery held inside its read of the
-    /// member's objects; there runs `held` (given the outage and the
-    /// application's call, on a thread of its own); then the recovery goes
-    /// on. Returns what `held` returned and the call's answer.
+    /// Brings member 1 back, its recovery held at `phase`; there runs
+    /// `held` (given the outage and the application's call, made on a
+    /// thread of its own); then the recovery goes on. Returns what `held`
+    /// returned and the call's answer.
     fn while_member_1_returns<T>(
         &self,
+        phase: Phase,
         held: impl FnOnce(&Outage, &std::thread::ScopedJoinHandle<'_, CallAnswer>) -> T,
     ) -> (T, CallAnswer) {
         self.library.sim.lock().heal(1);
@@ -158,22 +160,24 @@ impl Outage {
                 let _ = resume.recv();
             }
         });
-        // Its handle as the restarted token numbers it.
-        let stalls_reading = token_object(&self.library, 1);
-        self.library
-            .sim
-            .lock()
-            .set_fault(1, Fault::StallOnReading(stalls_reading));
+        let stall = match phase {
+            // The first calls that reach its token are the search for it.
+            Phase::LookingForToken => Fault::Stall,
+            // Its handle as the restarted token numbers it.
+            Phase::CatchingUp => Fault::StallOnReading(token_object(&self.library, 1)),
+        };
+        self.library.sim.lock().set_fault(1, stall);
         std::thread::scope(|scope| {
             let recovering = scope.spawn(|| recovery::recover_failed_members(&self.host));
             stalled
                 .recv_timeout(Duration::from_secs(60))
-                .expect("member 1's recovery reads its objects");
-            assert_eq!(
-                self.group.members[1].state(),
-                MemberState::Recovering,
-                "member 1 is being brought back"
-            );
+                .expect("member 1's recovery is held");
+            let state = match phase {
+                Phase::LookingForToken => MemberState::Down,
+                Phase::CatchingUp => MemberState::Recovering,
+            };
+            assert_eq!(self.group.members[1].state(), state, "{phase:?}");
+            assert!(self.group.members[1].expected_back(), "{phase:?}");
             assert!(self.group.serving_members().is_empty(), "no member serves");
             let call = scope.spawn(|| digest(&self.session));
             poll("the call waits for a member", || {
@@ -189,6 +193,15 @@ impl Outage {
 }
 
 type CallAnswer = pkcs11_ha::error::Result<Vec<u8>>;
+
+/// Where member 1's recovery is held.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Its token is being looked for: the member is still down.
+    LookingForToken,
+    /// Inside its read of the member's objects: the member is recovering.
+    CatchingUp,
+}
 
 const LABEL: &[u8] = b"read by recovery";
 
@@ -298,20 +311,28 @@ fn with_no_member_coming_back_a_call_fails_at_once() {
 }
 
 /// A call made while no member serves and member 1 is being brought back
-/// waits, and runs on member 1 once it serves.
+/// -- its token being looked for, or the member catching up -- waits, and
+/// runs on member 1 once it serves.
 #[test]
 fn a_call_made_while_a_member_is_coming_back_runs_on_it_once_it_serves() {
+    for (seed, phase) in [(62, Phase::LookingForToken), (66, Phase::CatchingUp)] {
+        runs_once_the_member_serves(seed, phase);
+    }
+}
+
+fn runs_once_the_member_serves(seed: u64, phase: Phase) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let outage = Outage::new(62);
+    let outage = Outage::new(seed);
     let clock = pkcs11_ha::clock::install_manual();
     let started = clock.now();
-    let (finished_while_held, answer) = outage.while_member_1_returns(|_, call| call.is_finished());
+    let (finished_while_held, answer) =
+        outage.while_member_1_returns(phase, |_, call| call.is_finished());
     assert!(
         !finished_while_held,
-        "the call waited while member 1 caught up"
+        "the call waited while member 1 came back ({phase:?})"
     );
     assert_eq!(
-        answer.expect("the call succeeds once member 1 serves"),
+        answer.unwrap_or_else(|e| panic!("{phase:?}: the call failed with {:#x}", e.rv)),
         Sha256::digest(b"abc").to_vec()
     );
     assert_eq!(outage.group.members[1].state(), MemberState::Up);
@@ -327,11 +348,12 @@ fn a_call_waits_at_most_member_timeout_for_a_returning_member() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let outage = Outage::new(63);
     let clock = pkcs11_ha::clock::install_manual();
-    let (still_recovering, answer) = outage.while_member_1_returns(|outage, call| {
-        clock.advance(MEMBER_TIMEOUT);
-        poll("the call gives up at memberTimeout", || call.is_finished());
-        outage.group.members[1].state()
-    });
+    let (still_recovering, answer) =
+        outage.while_member_1_returns(Phase::CatchingUp, |outage, call| {
+            clock.advance(MEMBER_TIMEOUT);
+            poll("the call gives up at memberTimeout", || call.is_finished());
+            outage.group.members[1].state()
+        });
     assert_eq!(
         still_recovering,
         MemberState::Recovering,
@@ -352,7 +374,7 @@ fn a_call_waits_at_most_member_timeout_for_a_returning_member() {
 fn a_waiting_call_fails_when_the_returning_member_fails_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let outage = Outage::new(64);
-    let ((), answer) = outage.while_member_1_returns(|outage, _| {
+    let ((), answer) = outage.while_member_1_returns(Phase::CatchingUp, |outage, _| {
         outage.library.sim.lock().set_fault(1, Fault::Crash);
     });
     assert_eq!(error_of(&answer), CKR_DEVICE_ERROR);
@@ -366,7 +388,7 @@ fn a_waiting_call_fails_when_the_returning_member_fails_again() {
 fn finalize_ends_the_wait_of_a_call_for_a_returning_member() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let outage = Outage::new(65);
-    let (after, answer) = outage.while_member_1_returns(|outage, call| {
+    let (after, answer) = outage.while_member_1_returns(Phase::CatchingUp, |outage, call| {
         outage.group.stop_waiting();
         poll("the waiting call returns", || call.is_finished());
         // Still no member serves: another call fails at once.
