@@ -765,6 +765,23 @@ impl VirtualSession {
         mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
+        call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        let on_spare = kind != OpKind::Find;
+        self.init_where(kind, mechanism, key, function, on_spare, call)
+    }
+
+    /// [`Self::init`]; `on_spare` says whether the operation may run on a
+    /// lane (`lanes.rs`): a search only where it cannot miss a session
+    /// object ([`crate::virtual_objects`], `find_init`).
+    #[inline(always)]
+    pub fn init_where(
+        &self,
+        kind: OpKind,
+        mechanism: Option<&Mechanism>,
+        key: Option<CK_OBJECT_HANDLE>,
+        function: &str,
+        on_spare: bool,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let preference = if kind == OpKind::Find {
@@ -775,7 +792,7 @@ impl VirtualSession {
         let keys = key.as_slice();
         loop {
             let (position, handles) = self.choose(keys, preference)?;
-            let on_lane = if kind != OpKind::Find && self.lane.possible(&self.group) {
+            let on_lane = if on_spare && self.lane.possible(&self.group) {
                 self.init_on_lane(kind, position, keys, &handles, function, &mut call)
             } else {
                 None

@@ -1,11 +1,12 @@
 //! A virtual session's operations on a *lane*: a spare instance of a
 //! member's library (p11-kit's client, `[LibraryInstances]`) taken from an
-//! operation's `*Init` to its end, or for one attribute read, so that a
-//! network member serves as many of them at once as it has instances.
-//! Owns which lane a session holds, finding token keys on it (by
+//! operation's `*Init` to its end -- searches included -- or for one
+//! attribute read, so that a network member serves as many of them at
+//! once as it has instances. Owns which lane a session holds, finding
+//! token keys on it and identifying what its searches find (by
 //! fingerprint, as on another member), and its login. Only the member's
-//! own session (the first instance) holds session objects, searches,
-//! object-making and the object map; what needs them runs there.
+//! own session (the first instance) holds session objects, object-making
+//! and the object map; what needs them runs there.
 
 use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
@@ -13,6 +14,7 @@ use crate::group::{is_member_fault, Group};
 use crate::identity;
 use crate::member::{classify, on_connection, Answer, Lane};
 use crate::member_api::MemberBackend;
+use crate::object::Presence;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 
@@ -125,6 +127,10 @@ impl VirtualSession {
                 }
             }
         };
+        // A search sees private objects only where the spare is logged in.
+        if kind == OpKind::Find && !self.log_lane_in(position, &current.lane) {
+            return self.leave_lane(held, current);
+        }
         let member_key = match self.lane_keys(position, &current.lane, keys, first_handles) {
             Ok(Some(handles)) => handles.first().copied().unwrap_or(CK_INVALID_HANDLE),
             Ok(None) => return self.leave_lane(held, current),
@@ -301,6 +307,114 @@ impl VirtualSession {
             }
             Attempt::Faulted => Some(answer),
         }
+    }
+
+    /// Turns what the search on the session's lane just fetched (the
+    /// spare's handles, in place) into the virtual handles to show, for
+    /// member `position`: each identified by its fingerprint on the spare
+    /// and looked up on the member's own session the first time the spare
+    /// session meets it, the domain key left out; `show` says whether to
+    /// show an object. `None` when the search is not on a lane. Returns
+    /// how many were kept, and whether the search had to move to a
+    /// member's own session (started again there; the handles not yet
+    /// shown are found there again): an object that cannot be identified,
+    /// or an enumeration (`enumerating`), which must not cost a read per
+    /// object there.
+    pub(crate) fn keep_found_on_lane(
+        &self,
+        position: usize,
+        handles: &mut [CK_OBJECT_HANDLE],
+        enumerating: bool,
+        show: &mut dyn FnMut(CK_OBJECT_HANDLE) -> crate::error::Result<bool>,
+    ) -> crate::error::Result<Option<(usize, bool)>> {
+        if !self.lane.on() {
+            return Ok(None);
+        }
+        let held = self.lane.held.lock();
+        let Some(current) = held
+            .as_ref()
+            .filter(|h| h.position == position && h.kinds & bit(OpKind::Find) != 0)
+        else {
+            return Ok(None);
+        };
+        let mut shown = 0;
+        let mut unidentified = false;
+        for i in 0..handles.len() {
+            let here = handles[i];
+            let object = match current.lane.known_found(here) {
+                Some(Some((object, first)))
+                    if self.group.objects.presence(object, position)
+                        == Some(Presence::Present(first)) =>
+                {
+                    Some(object)
+                }
+                Some(None) => None,
+                _ if enumerating => {
+                    unidentified = true;
+                    break;
+                }
+                _ => match self.identify_on_lane(position, &current.lane, here) {
+                    Some(object) => object,
+                    None => {
+                        unidentified = true;
+                        break;
+                    }
+                },
+            };
+            let Some(object) = object else {
+                continue;
+            };
+            if show(object)? {
+                handles[shown] = object;
+                shown += 1;
+            }
+        }
+        drop(held);
+        if unidentified {
+            self.settle_operations_from(position);
+        }
+        Ok(Some((shown, unidentified)))
+    }
+
+    /// Identifies the object a search on `lane` found as `here`: its
+    /// virtual handle (made now if the member's own session had not met
+    /// it), `Some(None)` for the domain key; `None` when it cannot be told
+    /// (no fingerprint, or not exactly one match on the member's own
+    /// session).
+    fn identify_on_lane(
+        &self,
+        position: usize,
+        lane: &Lane,
+        here: CK_OBJECT_HANDLE,
+    ) -> Option<Option<CK_OBJECT_HANDLE>> {
+        let read = |full: bool| {
+            let _in_flight = self.group.members[position].begin_setup_call();
+            on_connection(lane.connection, || {
+                if full {
+                    identity::fingerprint(lane.library(), lane.session, here)
+                } else {
+                    identity::light_fingerprint(lane.library(), lane.session, here)
+                }
+            })
+        };
+        let mut print = read(false)?;
+        if self.is_domain_print(&print) {
+            lane.remember_found(here, None);
+            return Some(None);
+        }
+        let mut found = self.group.look_up(position, &print).ok()?;
+        if found.len() > 1 {
+            print = read(true)?;
+            found = self.group.look_up(position, &print).ok()?;
+        }
+        let [first] = found[..] else {
+            return None;
+        };
+        let objects = &self.group.objects;
+        let object = objects.from_member_identified(position, first, print);
+        lane.remember_found(here, Some((object, first)));
+        lane.remember_key(object, first, here);
+        Some(Some(object))
     }
 
     /// Finds token object `object` on the lane's spare by its fingerprint.
