@@ -12,8 +12,8 @@ use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
 use crate::group::{is_member_fault, Group};
 use crate::identity;
-use crate::member::{classify, on_connection, Answer, Lane};
-use crate::member_api::MemberBackend;
+use crate::member::{classify, on_connection, Answer};
+use crate::member_api::{MemberBackend, SpareLane};
 use crate::object::Presence;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
@@ -44,7 +44,7 @@ struct HeldLane {
     /// The member's epoch when the lane was taken: a lane from an earlier
     /// epoch lost its operations with the member's failure.
     epoch: u64,
-    lane: Lane,
+    lane: Box<dyn SpareLane>,
     /// The kinds of operation active on it, one bit each.
     kinds: u16,
 }
@@ -128,10 +128,10 @@ impl VirtualSession {
             }
         };
         // A search sees private objects only where the spare is logged in.
-        if kind == OpKind::Find && !self.log_lane_in(position, &current.lane) {
+        if kind == OpKind::Find && !self.log_lane_in(position, &*current.lane) {
             return self.leave_lane(held, current);
         }
-        let member_key = match self.lane_keys(position, &current.lane, keys, first_handles) {
+        let member_key = match self.lane_keys(position, &*current.lane, keys, first_handles) {
             Ok(Some(handles)) => handles.first().copied().unwrap_or(CK_INVALID_HANDLE),
             Ok(None) => return self.leave_lane(held, current),
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
@@ -140,9 +140,10 @@ impl VirtualSession {
             }
             Err(_) => return self.leave_lane(held, current),
         };
-        let answer = self.attempt_on_lane(position, epoch, function, &current.lane, &mut |l, s| {
-            call(l, s, member_key)
-        });
+        let answer =
+            self.attempt_on_lane(position, epoch, function, &*current.lane, &mut |l, s| {
+                call(l, s, member_key)
+            });
         match answer {
             Attempt::Answered(CKR_OK) => current.kinds |= bit(kind),
             Attempt::Answered(rv) if key_refused(rv) => return self.refused_on_lane(held, current),
@@ -221,7 +222,7 @@ impl VirtualSession {
     fn lane_keys(
         &self,
         position: usize,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         keys: &[CK_OBJECT_HANDLE],
         first_handles: &[CK_OBJECT_HANDLE],
     ) -> std::result::Result<Option<super::Handles>, CK_RV> {
@@ -281,7 +282,7 @@ impl VirtualSession {
             }
             Err(_) => return None,
         };
-        let handles = match self.lane_keys(position, &lane, keys, first_handles) {
+        let handles = match self.lane_keys(position, &*lane, keys, first_handles) {
             Ok(Some(handles)) => handles,
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
                 drop(lane);
@@ -292,7 +293,7 @@ impl VirtualSession {
                 return None;
             }
         };
-        let answer = self.attempt_on_lane(position, epoch, function, &lane, &mut |l, s| {
+        let answer = self.attempt_on_lane(position, epoch, function, &*lane, &mut |l, s| {
             call(l, s, &handles)
         });
         match answer {
@@ -353,7 +354,7 @@ impl VirtualSession {
                     unidentified = true;
                     break;
                 }
-                _ => match self.identify_on_lane(position, &current.lane, here) {
+                _ => match self.identify_on_lane(position, &*current.lane, here) {
                     Some(object) => object,
                     None => {
                         unidentified = true;
@@ -384,16 +385,16 @@ impl VirtualSession {
     fn identify_on_lane(
         &self,
         position: usize,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         here: CK_OBJECT_HANDLE,
     ) -> Option<Option<CK_OBJECT_HANDLE>> {
         let read = |full: bool| {
             let _in_flight = self.group.members[position].begin_setup_call();
-            on_connection(lane.connection, || {
+            on_connection(lane.connection(), || {
                 if full {
-                    identity::fingerprint(lane.library(), lane.session, here)
+                    identity::fingerprint(lane.library(), lane.session(), here)
                 } else {
-                    identity::light_fingerprint(lane.library(), lane.session, here)
+                    identity::light_fingerprint(lane.library(), lane.session(), here)
                 }
             })
         };
@@ -422,7 +423,7 @@ impl VirtualSession {
     fn find_on_lane(
         &self,
         position: usize,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         object: CK_OBJECT_HANDLE,
     ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, CK_RV> {
         let Some(mut print) = self.token_print(object) else {
@@ -430,8 +431,8 @@ impl VirtualSession {
         };
         let find = |print: &identity::Fingerprint| {
             let _in_flight = self.group.members[position].begin_setup_call();
-            on_connection(lane.connection, || {
-                identity::find(lane.library(), lane.session, print)
+            on_connection(lane.connection(), || {
+                identity::find(lane.library(), lane.session(), print)
             })
         };
         let mut found = find(print.as_ref())?;
@@ -468,7 +469,7 @@ impl VirtualSession {
     /// group is logged in and the spare is not yet; true when it may serve
     /// keys (logged in as needed). A login other than the user's (the SO)
     /// is not carried to spares: their sessions are read-only.
-    fn log_lane_in(&self, position: usize, lane: &Lane) -> bool {
+    fn log_lane_in(&self, position: usize, lane: &dyn SpareLane) -> bool {
         match self.group.cached_login() {
             None => return true,
             Some((user_type, _)) if user_type != CKU_USER => return false,
@@ -478,7 +479,7 @@ impl VirtualSession {
             return true;
         }
         let _in_flight = self.group.members[position].begin_setup_call();
-        lane.log_in(|library, session| {
+        lane.log_in(&mut |library, session| {
             let (user_type, pin) = self.group.cached_login()?;
             Some(crate::group::log_in_member(
                 library,
@@ -499,7 +500,7 @@ impl VirtualSession {
         position: usize,
         epoch: u64,
         function: &str,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         let member = &self.group.members[position];
@@ -507,7 +508,7 @@ impl VirtualSession {
             return Attempt::Faulted;
         }
         let library = lane.library();
-        let mut run = || on_connection(lane.connection, || call(library, lane.session));
+        let mut run = || on_connection(lane.connection(), || call(library, lane.session()));
         let guard = member.begin_call();
         let mut rv = run();
         if rv != CKR_OK && classify(function, rv) == Answer::Busy {
@@ -545,7 +546,7 @@ impl VirtualSession {
         let current = held
             .as_ref()
             .filter(|h| h.position == position && h.kinds & bit(kind) != 0)?;
-        let answer = self.attempt_on_lane(position, current.epoch, function, &current.lane, call);
+        let answer = self.attempt_on_lane(position, current.epoch, function, &*current.lane, call);
         if matches!(answer, Attempt::Faulted) {
             self.hold(&mut held, None);
         }
