@@ -403,15 +403,22 @@ impl VirtualSession {
 
     /// As [`VirtualSession::attempt`], for a call that must reach this
     /// member: asked once more when the member only had to be logged in
-    /// again (it is still in service then).
+    /// again (it is still in service then, in the same epoch). A member
+    /// that failed, or failed and began to return, during the call is not
+    /// asked again even if it is reachable by now: the request may have
+    /// been carried out, and a second one would make its object twice (a
+    /// soak run's public key, made again on a member whose recovery had
+    /// begun before the maker saw its answer lost).
     pub(crate) fn attempt_on(
         &self,
         position: usize,
         function: &str,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
         let answer = self.attempt(position, function, call);
-        if matches!(answer, Attempt::Faulted) && self.group.members[position].reachable() {
+        if matches!(answer, Attempt::Faulted) && member.epoch() == epoch && member.reachable() {
             return self.attempt(position, function, call);
         }
         answer
