@@ -406,9 +406,9 @@ impl VirtualSession {
     /// again (it is still in service then, in the same epoch). A member
     /// that failed, or failed and began to return, during the call is not
     /// asked again even if it is reachable by now: the request may have
-    /// been carried out, and a second one would make its object twice (a
-    /// soak run's public key, made again on a member whose recovery had
-    /// begun before the maker saw its answer lost).
+    /// been carried out, and a second one would make its object twice
+    /// (`tests/member_api.rs`: a member whose recovery began before the
+    /// maker saw its answer lost).
     pub(crate) fn attempt_on(
         &self,
         position: usize,
