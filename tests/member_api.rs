@@ -789,7 +789,7 @@ fn a_member_reconnecting_while_a_pass_reads_it_keeps_every_object() {
 /// member again within milliseconds -- is on that member once after it
 /// returns: the call is not asked there again because the member is
 /// reachable by then, and the returning member looks the object up rather
-/// than import it a second time. (The soak's "hsmB: soak-ec-0000286 has
+/// than import it a second time. (The symptom of the soak's "hsmB: soak-ec-0000286 has
 /// [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]".)
 #[test]
 fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_once() {
