@@ -879,3 +879,74 @@ fn a_member_reconnecting_while_a_pass_reads_it_keeps_every_object() {
     reconciler.stop(Duration::from_secs(10));
     drop(held);
 }
+
+/// A token object imported while one member fails under the call -- its
+/// copy there made, the answer lost (`CKR_DEVICE_ERROR`), and the member's
+/// recovery begun before the caller saw the answer, as when the chaos of
+/// the soak SIGKILLs a p11-kit worker and the recovery thread finds the
+/// member again within milliseconds -- is on that member once after it
+/// returns: the call is not asked there again because the member is
+/// reachable by then, and the returning member looks the object up rather
+/// than import it a second time. (The symptom of the soak's "hsmB: soak-ec-0000286 has
+/// [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]".)
+#[test]
+fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_once() {
+    let label = b"answer lost";
+    let (member, group) = memory_group(2, 27);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    let (weak_group, weak_member) = (Arc::downgrade(&group), Arc::downgrade(&member));
+    let (made_tx, made) = mpsc::channel();
+    // Met by the calls on member 1 until its copy is made; then the member
+    // fails and begins to return while the call is still inside it.
+    member.on_stall(move |_| {
+        let (Some(group), Some(member)) = (weak_group.upgrade(), weak_member.upgrade()) else {
+            return;
+        };
+        if key_values(&member, label)[1].is_empty() {
+            member.sim.lock().set_fault(1, Fault::Stall);
+            return;
+        }
+        group.members[1].fail(CKR_DEVICE_ERROR);
+        group.members[1].begin_recovery();
+        let _ = made_tx.send(());
+    });
+    {
+        let mut sim = member.sim.lock();
+        sim.set_fault(1, Fault::Stall);
+        sim.set_fault(1, Fault::LoseAnswer);
+    }
+
+    let token_object: CK_BBOOL = CK_TRUE;
+    let mut attributes = data_object(label, b"made once on each member");
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    // A token object: no virtual session owns it.
+    v.create_object(CK_INVALID_HANDLE, &template)
+        .expect("the import succeeds on member 0");
+    made.try_recv()
+        .expect("member 1 made its copy and failed under the call");
+    assert_eq!(
+        key_values(&member, label)[1].len(),
+        1,
+        "member 1 was not asked again after its answer was lost"
+    );
+
+    group.members[1].fail(CKR_DEVICE_ERROR);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 is back"
+    );
+    assert_eq!(group.pending_count(1), 0, "nothing waits for it any more");
+    let values = key_values(&member, label);
+    assert!(
+        values.iter().all(|on| on.len() == 1),
+        "the object once on each member: {values:?}"
+    );
+    v.close();
+}
