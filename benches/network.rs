@@ -39,6 +39,9 @@
 //!
 //! Run: `cargo build --release && cargo bench --bench network` (about a
 //! minute). `-- --test` runs each benchmark once and the tables briefly.
+//! `PKCS11_HA_NETWORK_TABLES=mixed,slow` takes only the tables named
+//! (`random`, `digest`, `mixed`, `capacity`, `slow`), for a short run on a
+//! shared machine.
 
 // Only some of the shared helpers are used here.
 #[allow(dead_code)]
@@ -86,6 +89,13 @@ const DEGRADE_PATIENCE: Duration = Duration::from_secs(30);
 const DATA_LEN: usize = 1024;
 /// Client instances per member (`[LibraryInstances]`).
 const INSTANCES: usize = 16;
+/// The tables to take, by name, comma-separated; all when unset.
+const TABLES_ENV: &str = "PKCS11_HA_NETWORK_TABLES";
+
+/// Whether the table `name` is to be taken ([`TABLES_ENV`]).
+fn wanted(name: &str) -> bool {
+    env::var(TABLES_ENV).map_or(true, |tables| tables.split(',').any(|t| t.trim() == name))
+}
 
 /// One member: token, server and relay. Fields drop in order: the relay's
 /// connections close before the server dies, the token dir goes last.
@@ -503,114 +513,122 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
         (SLICE, CYCLES, SLOW_SLICE)
     };
     let mut out = String::new();
-    writeln!(
-        out,
-        "\nLatency-bound: {ONE_WAY:?} each way per chunk on every path; C_GenerateRandom(32); \
-         ratio = group / direct at the same T (target {TARGET_RATIO})"
-    )
-    .unwrap();
-    bench.set_all(Mode::Delay(ONE_WAY));
-    throughput_table(
-        &mut out,
-        bench,
-        random,
-        &LATENCY_THREADS,
-        slice,
-        cycles,
-        |_| 1.0,
-        test_mode,
-    );
-
-    writeln!(
-        out,
-        "\nLatency-bound, an operation: {ONE_WAY:?} each way; SHA-256 of {DATA_LEN} bytes \
-         (C_DigestInit + C_Digest); ratio = group / direct at the same T"
-    )
-    .unwrap();
-    throughput_table(
-        &mut out,
-        bench,
-        digest,
-        &DIGEST_THREADS,
-        slice,
-        cycles,
-        |_| 1.0,
-        test_mode,
-    );
-
-    writeln!(
-        out,
-        "\nMixed, latency-bound: {ONE_WAY:?} each way; random, SHA-256 of {DATA_LEN} bytes and \
-         a search; ratio = group / direct at the same T"
-    )
-    .unwrap();
-    throughput_table(
-        &mut out,
-        bench,
-        mixed,
-        &MIXED_THREADS,
-        slice,
-        cycles,
-        |_| 1.0,
-        test_mode,
-    );
-
-    writeln!(
-        out,
-        "\nLimited capacity: each connection served one request at a time, {SERVICE:?} each; \
-         ratio = group / (N x direct) (target {TARGET_RATIO})"
-    )
-    .unwrap();
-    bench.set_all(Mode::OneAtATime(SERVICE));
-    throughput_table(
-        &mut out,
-        bench,
-        random,
-        &CAPACITY_THREADS,
-        slice,
-        cycles,
-        |n| n as f64,
-        test_mode,
-    );
-
-    bench.set_all(Mode::Delay(ONE_WAY));
-    bench.members[SLOW].relay.set(Mode::Delay(SLOW_ONE_WAY));
-    writeln!(
-        out,
-        "\nOne slow member: net-3's primary at {SLOW_ONE_WAY:?} each way, the others at \
-         {ONE_WAY:?}; mixed operation (random, SHA-256 1 KiB, search) from {SLOW_THREADS} \
-         threads; ratio = net-3 / net-2, the healthy two alone (target {TARGET_RATIO})"
-    )
-    .unwrap();
-    print!("{out}");
-    out.clear();
-    match load_until_degraded(bench, &bench.targets[2]) {
-        Some(after) => writeln!(out, "degraded after {after:.1?} under load").unwrap(),
-        None => writeln!(
-            out,
-            "NOT degraded within {DEGRADE_PATIENCE:?} under load: measured in rotation"
-        )
-        .unwrap(),
-    }
-    let targets = [&bench.targets[1], &bench.targets[2]];
-    let mut samples = measure(&targets, SLOW_THREADS, mixed, slow_slice, cycles + 1);
-    let healthy = samples[0].ops_per_s();
-    for (target, sample) in targets.iter().zip(samples.iter_mut()) {
-        let ratio = sample.ops_per_s() / healthy;
+    if wanted("random") {
+        bench.set_all(Mode::Delay(ONE_WAY));
         writeln!(
             out,
-            "{:<7} {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>8.2} ms  ratio {ratio:.3} {}",
-            target.name,
-            sample.ops_per_s(),
-            ms(sample.percentile(0.5)),
-            ms(sample.percentile(0.99)),
-            if target.size == 3 {
-                verdict(ratio, test_mode)
-            } else {
-                ""
-            }
+            "\nLatency-bound: {ONE_WAY:?} each way per chunk on every path; C_GenerateRandom(32); \
+             ratio = group / direct at the same T (target {TARGET_RATIO})"
         )
         .unwrap();
+        throughput_table(
+            &mut out,
+            bench,
+            random,
+            &LATENCY_THREADS,
+            slice,
+            cycles,
+            |_| 1.0,
+            test_mode,
+        );
+    }
+    if wanted("digest") {
+        bench.set_all(Mode::Delay(ONE_WAY));
+        writeln!(
+            out,
+            "\nLatency-bound, an operation: {ONE_WAY:?} each way; SHA-256 of {DATA_LEN} bytes \
+             (C_DigestInit + C_Digest); ratio = group / direct at the same T"
+        )
+        .unwrap();
+        throughput_table(
+            &mut out,
+            bench,
+            digest,
+            &DIGEST_THREADS,
+            slice,
+            cycles,
+            |_| 1.0,
+            test_mode,
+        );
+    }
+    if wanted("mixed") {
+        bench.set_all(Mode::Delay(ONE_WAY));
+        writeln!(
+            out,
+            "\nMixed, latency-bound: {ONE_WAY:?} each way; random, SHA-256 of {DATA_LEN} bytes \
+             and a search; ratio = group / direct at the same T"
+        )
+        .unwrap();
+        throughput_table(
+            &mut out,
+            bench,
+            mixed,
+            &MIXED_THREADS,
+            slice,
+            cycles,
+            |_| 1.0,
+            test_mode,
+        );
+    }
+    if wanted("capacity") {
+        writeln!(
+            out,
+            "\nLimited capacity: each connection served one request at a time, {SERVICE:?} each; \
+             ratio = group / (N x direct) (target {TARGET_RATIO})"
+        )
+        .unwrap();
+        bench.set_all(Mode::OneAtATime(SERVICE));
+        throughput_table(
+            &mut out,
+            bench,
+            random,
+            &CAPACITY_THREADS,
+            slice,
+            cycles,
+            |n| n as f64,
+            test_mode,
+        );
+    }
+    if wanted("slow") {
+        bench.set_all(Mode::Delay(ONE_WAY));
+        bench.members[SLOW].relay.set(Mode::Delay(SLOW_ONE_WAY));
+        writeln!(
+            out,
+            "\nOne slow member: net-3's primary at {SLOW_ONE_WAY:?} each way, the others at \
+             {ONE_WAY:?}; mixed operation (random, SHA-256 1 KiB, search) from {SLOW_THREADS} \
+             threads; ratio = net-3 / net-2, the healthy two alone (target {TARGET_RATIO})"
+        )
+        .unwrap();
+        print!("{out}");
+        out.clear();
+        match load_until_degraded(bench, &bench.targets[2]) {
+            Some(after) => writeln!(out, "degraded after {after:.1?} under load").unwrap(),
+            None => writeln!(
+                out,
+                "NOT degraded within {DEGRADE_PATIENCE:?} under load: measured in rotation"
+            )
+            .unwrap(),
+        }
+        let targets = [&bench.targets[1], &bench.targets[2]];
+        let mut samples = measure(&targets, SLOW_THREADS, mixed, slow_slice, cycles + 1);
+        let healthy = samples[0].ops_per_s();
+        for (target, sample) in targets.iter().zip(samples.iter_mut()) {
+            let ratio = sample.ops_per_s() / healthy;
+            writeln!(
+                out,
+                "{:<7} {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>8.2} ms  ratio {ratio:.3} {}",
+                target.name,
+                sample.ops_per_s(),
+                ms(sample.percentile(0.5)),
+                ms(sample.percentile(0.99)),
+                if target.size == 3 {
+                    verdict(ratio, test_mode)
+                } else {
+                    ""
+                }
+            )
+            .unwrap();
+        }
     }
     bench.set_all(Mode::Pass);
     out

@@ -118,9 +118,6 @@ pub struct Member {
     /// it was last found so in (see [`Group::review_latency`]); only the
     /// watchdog touches it.
     slow_since: Mutex<Option<(Instant, usize)>>,
-    /// Since when recovery has found its token again after it last failed
-    /// (see [`Member::answering_since`]).
-    answering_since: Mutex<Option<Instant>>,
 }
 
 /// Whether the chooser sends a member calls (see [`Group::review_latency`]).
@@ -211,7 +208,6 @@ impl Member {
             rotation: AtomicU8::new(Rotation::In as u8),
             probing: Default::default(),
             slow_since: Mutex::new(None),
-            answering_since: Mutex::new(None),
         }
     }
 
@@ -402,23 +398,12 @@ impl Member {
             self.fresh_lanes();
             self.rotation.store(Rotation::In as u8, Ordering::Relaxed);
             *self.slow_since.lock() = None;
-            *self.answering_since.lock() = None;
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.last_fault.store(rv, Ordering::Relaxed);
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
             self.state_changed_ms.store(now_ms(), Ordering::Relaxed);
         }
         was_reachable
-    }
-
-    /// Since when the member has answered again after it last failed:
-    /// recovery's first finding of its token since then, kept across
-    /// attempts (recovery calls this each time it finds the token).
-    pub fn answering_since(&self) -> Instant {
-        *self
-            .answering_since
-            .lock()
-            .get_or_insert_with(crate::clock::now)
     }
 
     /// Whether the member can carry key material: its library has not

@@ -450,6 +450,10 @@ struct SpareSession {
     /// was found here, its handle here). A first-instance handle that has
     /// changed since (the object was made again there) is looked up again.
     keys: rustc_hash::FxHashMap<CK_OBJECT_HANDLE, (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
+    /// The other way, for searches on the spare: its handle -> (the
+    /// virtual handle, its handle on the first instance), or `None` for an
+    /// object the application never sees (the domain key).
+    found: rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>>,
 }
 
 /// A spare instance taken by one call, handed back on drop.
@@ -585,6 +589,7 @@ impl Spare {
             connection,
             logged_in: false,
             keys: Default::default(),
+            found: Default::default(),
         });
         Ok((handle, connection))
     }
@@ -669,6 +674,33 @@ impl Lane {
         self.spare()
             .with_session(self.session, self.connection, |s| {
                 s.keys.insert(object, (first_handle, here));
+            });
+    }
+
+    /// What a search on this spare found as `here` stands for, if it was
+    /// identified before: `Some(None)` for an object hidden from the
+    /// application.
+    pub fn known_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+    ) -> Option<Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>> {
+        self.spare()
+            .with_session(self.session, self.connection, |s| {
+                s.found.get(&here).copied()
+            })
+            .flatten()
+    }
+
+    /// Records what the object `here` on this spare stands for: (virtual
+    /// handle, handle on the first instance), or `None` if hidden.
+    pub fn remember_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+        stands_for: Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
+    ) {
+        self.spare()
+            .with_session(self.session, self.connection, |s| {
+                s.found.insert(here, stands_for);
             });
     }
 
@@ -1021,6 +1053,7 @@ impl MemberLibrary {
             let connection = spare.library.connection();
             for s in sessions.iter_mut().filter(|s| s.slot == slot) {
                 s.keys.clear();
+                s.found.clear();
                 if std::mem::take(&mut s.logged_in) && s.connection == connection {
                     let library = &spare.library;
                     on_connection(s.connection, || member_call!(library, C_Logout(s.handle)));

@@ -461,6 +461,142 @@ pub trait MemberApi {
 pub trait Held {}
 impl<T: ?Sized> Held for T {}
 
+/// A spare instance of a member's library taken for a virtual session's
+/// operations (a *lane*), from their `*Init` to their end, on the spare's
+/// own session on the member's slot; what the core needs of it. Handed
+/// back idle with its session by [`SpareLane::finish`]; dropped otherwise
+/// (an operation may still be active on its session), its session is
+/// forgotten with its connection, so no later lane meets that operation.
+/// What the spare knows (its login, the handles found there) lives as long
+/// as its session: closing a token's last session logs it out and may
+/// renumber its objects.
+pub trait SpareLane: Send {
+    /// The spare instance, for member calls on [`Self::session`].
+    fn library(&self) -> &dyn MemberBackend;
+    /// The spare's session on the member's slot.
+    fn session(&self) -> CK_SESSION_HANDLE;
+    /// The spare's connection the session was opened on
+    /// ([`crate::member::on_connection`]).
+    fn connection(&self) -> u64;
+    /// The handle here of virtual object `object`, whose handle on the
+    /// member's own session is `first_handle`, if it was found here for
+    /// that handle before.
+    fn known_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE>;
+    /// Records that `object` (`first_handle` on the member's own session)
+    /// is `here` on this spare.
+    fn remember_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+        here: CK_OBJECT_HANDLE,
+    );
+    /// What a search on this spare found as `here` stands for, if it was
+    /// identified before: (virtual handle, handle on the member's own
+    /// session), or `Some(None)` for an object hidden from the application.
+    fn known_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+    ) -> Option<Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>>;
+    /// Records what the object `here` on this spare stands for.
+    fn remember_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+        stands_for: Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
+    );
+    /// Whether the spare is logged in on the lane's slot.
+    fn logged_in(&self) -> bool;
+    /// Forgets that the spare is logged in: it answered that it is not.
+    fn forget_login(&self);
+    /// Logs the spare in with `log_in`, which answers `None` when the group
+    /// is not logged in. It is asked under a lock the group's logout of the
+    /// spares ([`MemberBackend::log_out_spares`]) takes too, so that no
+    /// spare is left logged in after the group logged out. True when the
+    /// spare is logged in afterwards.
+    fn log_in(
+        &self,
+        log_in: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> Option<CK_RV>,
+    ) -> bool;
+    /// Hands the spare back with its session, no operation being active
+    /// on it any more.
+    fn finish(self: Box<Self>);
+    /// Closes the lane's session (an operation may be active on it) and
+    /// hands the spare back: for a member in service.
+    fn close(self: Box<Self>);
+}
+
+impl SpareLane for Lane {
+    fn library(&self) -> &dyn MemberBackend {
+        Lane::library(self)
+    }
+
+    fn session(&self) -> CK_SESSION_HANDLE {
+        self.session
+    }
+
+    fn connection(&self) -> u64 {
+        self.connection
+    }
+
+    fn known_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        Lane::known_key(self, object, first_handle)
+    }
+
+    fn remember_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+        here: CK_OBJECT_HANDLE,
+    ) {
+        Lane::remember_key(self, object, first_handle, here)
+    }
+
+    fn known_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+    ) -> Option<Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>> {
+        Lane::known_found(self, here)
+    }
+
+    fn remember_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+        stands_for: Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
+    ) {
+        Lane::remember_found(self, here, stands_for)
+    }
+
+    fn logged_in(&self) -> bool {
+        Lane::logged_in(self)
+    }
+
+    fn forget_login(&self) {
+        Lane::forget_login(self)
+    }
+
+    fn log_in(
+        &self,
+        log_in: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> Option<CK_RV>,
+    ) -> bool {
+        Lane::log_in(self, |library, session| log_in(library, session))
+    }
+
+    fn finish(self: Box<Self>) {
+        Lane::finish(*self)
+    }
+
+    fn close(self: Box<Self>) {
+        Lane::close(*self)
+    }
+}
+
 /// A search for a token run where a hung library cannot stall the caller.
 pub type TokenSearch = Box<dyn FnOnce(&dyn MemberBackend) -> Option<CK_SLOT_ID> + Send>;
 
@@ -516,13 +652,13 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     ) -> Option<CK_RV> {
         None
     }
-    /// Takes an idle spare instance as a [`Lane`] on `slot` (see
+    /// Takes an idle spare instance as a [`SpareLane`] on `slot` (see
     /// [`MemberLibrary::take_lane`]); `None`: no spare.
     fn take_lane<'g>(
         self: Arc<Self>,
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
-    ) -> Option<std::result::Result<Lane, CK_RV>> {
+    ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
         None
     }
     /// Logs every spare instance out of `slot`: the group logged out.
@@ -1198,8 +1334,9 @@ impl MemberBackend for MemberLibrary {
         self: Arc<Self>,
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
-    ) -> Option<std::result::Result<Lane, CK_RV>> {
+    ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
         MemberLibrary::take_lane(&self, slot, begin)
+            .map(|taken| taken.map(|lane| Box::new(lane) as Box<dyn SpareLane>))
     }
 
     fn log_out_spares(&self, slot: CK_SLOT_ID) {

@@ -212,6 +212,59 @@ impl ObjectTable {
         handle
     }
 
+    /// The virtual handle of a member's object identified by `print` (kept
+    /// as its fingerprint if it has none): the one it has, else the one
+    /// object of the group it matches whose copy on `member` is not known
+    /// yet, else one made now. Without this, once the members'
+    /// handles were forgotten (a logout), searches answered by different
+    /// members (spares of whichever member is primary at the time) named
+    /// one key by two handles.
+    pub fn from_member_identified(
+        &self,
+        member: usize,
+        member_handle: CK_OBJECT_HANDLE,
+        print: crate::identity::Fingerprint,
+    ) -> CK_OBJECT_HANDLE {
+        let mut maps = self.maps.write();
+        if let Some(&h) = maps.by_member[member].get(&member_handle) {
+            if let Some(object) = maps.objects.get_mut(&h) {
+                object
+                    .fingerprint
+                    .get_or_insert_with(|| std::sync::Arc::new(print));
+            }
+            return h;
+        }
+        let mut matching = maps.objects.iter().filter(|(_, o)| {
+            o.owner.is_none()
+                && o.on[member] == Presence::Unknown
+                && o.fingerprint
+                    .as_ref()
+                    .is_some_and(|p| crate::identity::matches(p, &print))
+        });
+        if let (Some((&handle, _)), None) = (matching.next(), matching.next()) {
+            if let Some(object) = maps.objects.get_mut(&handle) {
+                object.on[member] = Presence::Present(member_handle);
+            }
+            maps.by_member[member].insert(member_handle, handle);
+            maps.hold(member, member_handle, handle);
+            return handle;
+        }
+        let handle = allocate_handle();
+        let mut on = vec![Presence::Unknown; self.members];
+        on[member] = Presence::Present(member_handle);
+        maps.add(
+            handle,
+            VirtualObject {
+                on,
+                owner: None,
+                fingerprint: Some(std::sync::Arc::new(print)),
+                protected: false,
+                never_extractable: false,
+            },
+        );
+        handle
+    }
+
     pub fn get(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
         self.maps.read().objects.get(&handle).cloned()
     }
@@ -294,6 +347,12 @@ impl ObjectTable {
                 crate::identity::matches(print, candidate).then(|| (*handle, print.clone()))
             })
             .collect()
+    }
+
+    /// Whether the group holds a session object: one made in this process
+    /// that no longer lives is removed with its session.
+    pub fn has_session_objects(&self) -> bool {
+        !self.maps.read().owned.is_empty()
     }
 
     /// Whether an object's fingerprint is kept.
@@ -544,5 +603,27 @@ mod tests {
         table.remove_owned_by(5);
         assert!(table.get(mine).is_none());
         assert!(table.get(other).is_some());
+    }
+
+    #[test]
+    fn an_identified_copy_joins_the_one_object_it_matches_after_a_logout() {
+        let print = |label: &[u8]| vec![(CKA_LABEL, label.to_vec())];
+        let table = ObjectTable::new(2);
+        let key = table.insert(vec![Presence::Present(10), Presence::Present(20)], None);
+        table.set_fingerprint(key, print(b"key"));
+        let twin = table.insert(vec![Presence::Present(11), Presence::Present(21)], None);
+        table.set_fingerprint(twin, print(b"twin"));
+        let other_twin = table.insert(vec![Presence::Present(12), Presence::Present(22)], None);
+        table.set_fingerprint(other_twin, print(b"twin"));
+        table.forget_member(0);
+        table.forget_member(1);
+        // Found again on each member, under new numbers: one handle still.
+        assert_eq!(table.from_member_identified(0, 30, print(b"key")), key);
+        assert_eq!(table.from_member_identified(1, 40, print(b"key")), key);
+        assert_eq!(table.from_member_identified(0, 30, print(b"key")), key);
+        // Two objects it could be: a handle of its own, never a guess.
+        let found = table.from_member_identified(0, 31, print(b"twin"));
+        assert!(![key, twin, other_twin].contains(&found));
+        table.assert_indexes_agree();
     }
 }

@@ -846,7 +846,19 @@ impl VirtualSession {
         let start =
             |library: &dyn MemberBackend, s, _| library.find_objects_init(s, searched.as_slice());
         let kept = OwnedTemplate::copy(&searched);
-        self.init(OpKind::Find, None, None, "C_FindObjectsInit", start)?;
+        // A spare instance's session sees token objects only: the search
+        // runs there when it asks for nothing else or the group holds no
+        // session object.
+        let on_spare =
+            template.bool(CKA_TOKEN) == Some(true) || !self.group.objects.has_session_objects();
+        self.init_where(
+            OpKind::Find,
+            None,
+            None,
+            "C_FindObjectsInit",
+            on_spare,
+            start,
+        )?;
         self.keep_search(kept, filter);
         Ok(())
     }
@@ -862,7 +874,7 @@ impl VirtualSession {
         let filter = self.search_filter();
         // Which member answered the last fetch: `keep` reads its handles.
         let member = std::cell::Cell::new(None);
-        let fetch = |at: &mut [CK_OBJECT_HANDLE]| {
+        let mut fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
             self.step(
                 OpKind::Find,
@@ -876,18 +888,30 @@ impl VirtualSession {
             )?;
             Ok(returned as usize)
         };
-        let keep = |handles: &mut [CK_OBJECT_HANDLE]| {
+        // Whether the search moved from a lane in the last batch.
+        let moved = std::cell::Cell::new(false);
+        let mut keep = |handles: &mut [CK_OBJECT_HANDLE]| {
             let member = member
                 .get()
                 .ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
-            let epoch = self.group.members[member].epoch();
-            // Where the member's domain keys are known by handle, they are
-            // left out by handle alone.
-            let domain_known = self.group.domain.found(member, epoch).is_some();
             // A batch that takes the search past the few identified at
             // once is an enumeration's: none of it is identified before
             // the application reads it.
             let small = self.returned_so_far() + handles.len() <= IDENTIFIED_AT_ONCE;
+            let mut show =
+                |object| Ok(self.first_time_found(object) && self.shows(object, &filter)?);
+            if let Some((shown, settled)) =
+                self.keep_found_on_lane(member, handles, !small, &mut show)?
+            {
+                if settled {
+                    moved.set(true);
+                }
+                return Ok(shown);
+            }
+            let epoch = self.group.members[member].epoch();
+            // Where the member's domain keys are known by handle, they are
+            // left out by handle alone.
+            let domain_known = self.group.domain.found(member, epoch).is_some();
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
@@ -905,7 +929,13 @@ impl VirtualSession {
             }
             Ok(shown)
         };
-        let kept = crate::object::fill_batch(found.items(), fetch, keep)?;
+        let items = found.items();
+        let mut kept = crate::object::fill_batch(items, &mut fetch, &mut keep)?;
+        // A search that left its lane mid-batch goes on where it moved:
+        // the batch may have ended short only because of the move.
+        while moved.replace(false) && kept < items.len() {
+            kept += crate::object::fill_batch(&mut items[kept..], &mut fetch, &mut keep)?;
+        }
         *count = kept as CK_ULONG;
         Ok(())
     }
@@ -939,13 +969,15 @@ impl VirtualSession {
         if self.is_domain_print(&print) {
             return None;
         }
-        let object = self.group.objects.from_member(member, handle);
-        self.group.objects.set_fingerprint(object, print);
-        Some(object)
+        Some(
+            self.group
+                .objects
+                .from_member_identified(member, handle, print),
+        )
     }
 
     /// Whether a fingerprint is that of the group's domain key.
-    fn is_domain_print(&self, print: &identity::Fingerprint) -> bool {
+    pub(crate) fn is_domain_print(&self, print: &identity::Fingerprint) -> bool {
         let value = |t: CK_ATTRIBUTE_TYPE| {
             print
                 .iter()

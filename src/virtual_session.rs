@@ -459,15 +459,22 @@ impl VirtualSession {
 
     /// As [`VirtualSession::attempt`], for a call that must reach this
     /// member: asked once more when the member only had to be logged in
-    /// again (it is still in service then).
+    /// again (it is still in service then, in the same epoch). A member
+    /// that failed, or failed and began to return, during the call is not
+    /// asked again even if it is reachable by now: the request may have
+    /// been carried out, and a second one would make its object twice
+    /// (`tests/member_api.rs`: a member whose recovery began before the
+    /// maker saw its answer lost).
     pub(crate) fn attempt_on(
         &self,
         position: usize,
         function: &str,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
         let answer = self.attempt(position, function, call);
-        if matches!(answer, Attempt::Faulted) && self.group.members[position].reachable() {
+        if matches!(answer, Attempt::Faulted) && member.epoch() == epoch && member.reachable() {
             return self.attempt(position, function, call);
         }
         answer
@@ -476,7 +483,12 @@ impl VirtualSession {
     /// As [`VirtualSession::attempt_on`], for a call that makes `object` on
     /// the member. The object is recorded as being made before the request
     /// goes out, and stays in doubt there if the request was cut off on
-    /// the wire, since the member may still carry it out.
+    /// the wire, since the member may still carry it out -- or if a
+    /// recovery of the member began while the call was inside it (the
+    /// epoch moved twice: failed, then returning): that recovery may have
+    /// read the member's objects before the member carried the request
+    /// out, and would make the object again from the queue rather than
+    /// look it up.
     pub(crate) fn attempt_making(
         &self,
         position: usize,
@@ -484,11 +496,14 @@ impl VirtualSession {
         object: CK_OBJECT_HANDLE,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
+        let epoch = self.group.members[position].epoch();
         self.group.begin_making(position, object);
         crate::member::forget_cut_off();
         let answer = self.attempt_on(position, function, call);
-        let cut_off = matches!(answer, Attempt::Faulted) && crate::member::last_call_cut_off();
-        self.group.end_making(position, object, cut_off);
+        let returning_meanwhile = self.group.members[position].epoch() >= epoch + 2;
+        let in_doubt = matches!(answer, Attempt::Faulted)
+            && (crate::member::last_call_cut_off() || returning_meanwhile);
+        self.group.end_making(position, object, in_doubt);
         answer
     }
 
@@ -821,6 +836,23 @@ impl VirtualSession {
         mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
+        call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        let on_spare = kind != OpKind::Find;
+        self.init_where(kind, mechanism, key, function, on_spare, call)
+    }
+
+    /// [`Self::init`]; `on_spare` says whether the operation may run on a
+    /// lane (`lanes.rs`): a search only where it cannot miss a session
+    /// object ([`crate::virtual_objects`], `find_init`).
+    #[inline(always)]
+    pub fn init_where(
+        &self,
+        kind: OpKind,
+        mechanism: Option<&Mechanism>,
+        key: Option<CK_OBJECT_HANDLE>,
+        function: &str,
+        on_spare: bool,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let preference = if kind == OpKind::Find {
@@ -836,7 +868,7 @@ impl VirtualSession {
                 Err(_) if self.wait_for_a_member(&mut waited) => continue,
                 Err(e) => return Err(e),
             };
-            let on_lane = if kind != OpKind::Find && self.lane.possible(&self.group) {
+            let on_lane = if on_spare && self.lane.possible(&self.group) {
                 self.init_on_lane(kind, position, keys, &handles, function, &mut call)
             } else {
                 None

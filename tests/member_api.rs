@@ -16,7 +16,7 @@ use cryptoki_sys::*;
 use memory_member::token::{self, Fault, FIRST_SLOT};
 use memory_member::SimMember;
 use parking_lot::Mutex;
-use pkcs11_ha::arguments::Template;
+use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
 use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
@@ -388,6 +388,104 @@ impl Host for MemoryHost {
     ) -> pkcs11_ha::error::Result<()> {
         Ok(())
     }
+}
+
+/// Encrypts `data` with AES-ECB (the model's keystream) and `key`
+/// through the group.
+fn encrypt(v: &VirtualSession, key: CK_OBJECT_HANDLE, data: &[u8]) -> Vec<u8> {
+    let mut raw = no_parameter(CKM_AES_ECB);
+    let ecb = mechanism(&mut raw);
+    v.init(
+        OpKind::Encrypt,
+        Some(&ecb),
+        Some(key),
+        "C_EncryptInit",
+        |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+    )
+    .expect("C_EncryptInit");
+    let mut out = vec![0u8; data.len()];
+    let mut len = out.len() as CK_ULONG;
+    v.step(
+        OpKind::Encrypt,
+        Step::Finish {
+            length_query: false,
+        },
+        Input::Data(data),
+        "C_Encrypt",
+        |l, s| l.encrypt(s, Some(data), Some(&mut out[..]), &mut len),
+    )
+    .expect("C_Encrypt");
+    out.truncate(len as usize);
+    out
+}
+
+/// The core takes lanes through [`MemberBackend::take_lane`] alone: an
+/// in-memory member with spare instances serves a keyed operation and a
+/// search on them (its key and what the search finds identified on the
+/// spare by fingerprint), with no loaded library and no `member::Lane`.
+#[test]
+fn operations_and_searches_run_on_the_spares_of_an_in_memory_member() {
+    pkcs11_ha::clock::install_manual();
+    let member = Arc::new(SimMember::new("spared", 2, 0, false, 31).with_spares(2));
+    member
+        .initialize()
+        .expect("an in-memory library initialises");
+    let group = group_of(vec![(Arc::clone(&member), 0), (Arc::clone(&member), 1)]);
+    let v = logged_in_session(&group);
+    let key = generate_token_key(&v, b"on a lane").expect("C_GenerateKey");
+    let before: usize = member.spares.taken().iter().sum();
+
+    let plain = *b"sixteen bytes ok";
+    let mut expected = plain;
+    token::keystream_xor(&key_values(&member, b"on a lane")[0][0], 0, &mut expected);
+    assert_eq!(
+        encrypt(&v, key, &plain),
+        expected,
+        "the spare encrypts with the group's key"
+    );
+    assert!(
+        member.spares.taken().iter().sum::<usize>() > before,
+        "the encryption took a spare: {:?}",
+        member.spares.taken()
+    );
+
+    let label = b"on a lane";
+    let mut attributes = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: label.as_ptr() as *mut _,
+        ulValueLen: label.len() as CK_ULONG,
+    }];
+    // SAFETY: one attribute whose value lives until the search starts.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
+    let taken_before_search: usize = member.spares.taken().iter().sum();
+    v.find_init(&template).expect("C_FindObjectsInit");
+    assert!(
+        member.spares.taken().iter().sum::<usize>() > taken_before_search,
+        "the search took a spare: {:?}",
+        member.spares.taken()
+    );
+    let mut found = [0; 4];
+    let mut count = 0;
+    // SAFETY: room for four handles, alive for the call.
+    let mut out = unsafe { OutArray::new(found.as_mut_ptr(), 4) }.expect("out array");
+    v.find(&mut out, &mut count).expect("C_FindObjects");
+    assert_eq!(
+        found[..count as usize],
+        [key],
+        "the search on the spare names the key by its virtual handle"
+    );
+    v.step(
+        OpKind::Find,
+        Step::Finish {
+            length_query: false,
+        },
+        Input::None,
+        "C_FindObjectsFinal",
+        |l, m| l.find_objects_final(m),
+    )
+    .expect("C_FindObjectsFinal");
+    v.close();
 }
 
 #[test]
@@ -781,4 +879,75 @@ fn a_member_reconnecting_while_a_pass_reads_it_keeps_every_object() {
     }
     reconciler.stop(Duration::from_secs(10));
     drop(held);
+}
+
+/// A token object imported while one member fails under the call -- its
+/// copy there made, the answer lost (`CKR_DEVICE_ERROR`), and the member's
+/// recovery begun before the caller saw the answer, as when the chaos of
+/// the soak SIGKILLs a p11-kit worker and the recovery thread finds the
+/// member again within milliseconds -- is on that member once after it
+/// returns: the call is not asked there again because the member is
+/// reachable by then, and the returning member looks the object up rather
+/// than import it a second time. (The symptom of the soak's "hsmB: soak-ec-0000286 has
+/// [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]".)
+#[test]
+fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_once() {
+    let label = b"answer lost";
+    let (member, group) = memory_group(2, 27);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    let (weak_group, weak_member) = (Arc::downgrade(&group), Arc::downgrade(&member));
+    let (made_tx, made) = mpsc::channel();
+    // Met by the calls on member 1 until its copy is made; then the member
+    // fails and begins to return while the call is still inside it.
+    member.on_stall(move |_| {
+        let (Some(group), Some(member)) = (weak_group.upgrade(), weak_member.upgrade()) else {
+            return;
+        };
+        if key_values(&member, label)[1].is_empty() {
+            member.sim.lock().set_fault(1, Fault::Stall);
+            return;
+        }
+        group.members[1].fail(CKR_DEVICE_ERROR);
+        group.members[1].begin_recovery();
+        let _ = made_tx.send(());
+    });
+    {
+        let mut sim = member.sim.lock();
+        sim.set_fault(1, Fault::Stall);
+        sim.set_fault(1, Fault::LoseAnswer);
+    }
+
+    let token_object: CK_BBOOL = CK_TRUE;
+    let mut attributes = data_object(label, b"made once on each member");
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    // A token object: no virtual session owns it.
+    v.create_object(CK_INVALID_HANDLE, &template)
+        .expect("the import succeeds on member 0");
+    made.try_recv()
+        .expect("member 1 made its copy and failed under the call");
+    assert_eq!(
+        key_values(&member, label)[1].len(),
+        1,
+        "member 1 was not asked again after its answer was lost"
+    );
+
+    group.members[1].fail(CKR_DEVICE_ERROR);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 is back"
+    );
+    assert_eq!(group.pending_count(1), 0, "nothing waits for it any more");
+    let values = key_values(&member, label);
+    assert!(
+        values.iter().all(|on| on.len() == 1),
+        "the object once on each member: {values:?}"
+    );
+    v.close();
 }

@@ -106,7 +106,8 @@ impl Setup {
             .arg(release_library_path())
             .args(args)
             .env(SOFTHSM_CONF_ENV, &self.hsm.conf)
-            .env(CONF_ENV, &self.config);
+            .env(CONF_ENV, &self.config)
+            .env("RECONCILE_USER_PIN", USER_PIN);
         command
     }
 
@@ -686,6 +687,7 @@ fn an_object_written_by_pkcs11_tool_while_a_remote_member_was_down_reaches_it() 
         .env(SOFTHSM_CONF_ENV, &local.conf)
         .env(CONF_ENV, &config)
         .env(p11kit::ADDRESS_ENV, server.address())
+        .env("RECONCILE_USER_PIN", USER_PIN)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -1,18 +1,20 @@
 //! A virtual session's operations on a *lane*: a spare instance of a
 //! member's library (p11-kit's client, `[LibraryInstances]`) taken from an
-//! operation's `*Init` to its end, or for one attribute read, so that a
-//! network member serves as many of them at once as it has instances.
-//! Owns which lane a session holds, finding token keys on it (by
+//! operation's `*Init` to its end -- searches included -- or for one
+//! attribute read, so that a network member serves as many of them at
+//! once as it has instances. Owns which lane a session holds, finding
+//! token keys on it and identifying what its searches find (by
 //! fingerprint, as on another member), and its login. Only the member's
-//! own session (the first instance) holds session objects, searches,
-//! object-making and the object map; what needs them runs there.
+//! own session (the first instance) holds session objects, object-making
+//! and the object map; what needs them runs there.
 
 use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
 use crate::group::{is_member_fault, Group};
 use crate::identity;
-use crate::member::{classify, on_connection, Answer, Lane};
-use crate::member_api::MemberBackend;
+use crate::member::{classify, on_connection, Answer};
+use crate::member_api::{MemberBackend, SpareLane};
+use crate::object::Presence;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 
@@ -42,7 +44,7 @@ struct HeldLane {
     /// The member's epoch when the lane was taken: a lane from an earlier
     /// epoch lost its operations with the member's failure.
     epoch: u64,
-    lane: Lane,
+    lane: Box<dyn SpareLane>,
     /// The kinds of operation active on it, one bit each.
     kinds: u16,
 }
@@ -125,7 +127,11 @@ impl VirtualSession {
                 }
             }
         };
-        let member_key = match self.lane_keys(position, &current.lane, keys, first_handles) {
+        // A search sees private objects only where the spare is logged in.
+        if kind == OpKind::Find && !self.log_lane_in(position, &*current.lane) {
+            return self.leave_lane(held, current);
+        }
+        let member_key = match self.lane_keys(position, &*current.lane, keys, first_handles) {
             Ok(Some(handles)) => handles.first().copied().unwrap_or(CK_INVALID_HANDLE),
             Ok(None) => return self.leave_lane(held, current),
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
@@ -134,9 +140,10 @@ impl VirtualSession {
             }
             Err(_) => return self.leave_lane(held, current),
         };
-        let answer = self.attempt_on_lane(position, epoch, function, &current.lane, &mut |l, s| {
-            call(l, s, member_key)
-        });
+        let answer =
+            self.attempt_on_lane(position, epoch, function, &*current.lane, &mut |l, s| {
+                call(l, s, member_key)
+            });
         match answer {
             Attempt::Answered(CKR_OK) => current.kinds |= bit(kind),
             Attempt::Answered(rv) if key_refused(rv) => return self.refused_on_lane(held, current),
@@ -215,7 +222,7 @@ impl VirtualSession {
     fn lane_keys(
         &self,
         position: usize,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         keys: &[CK_OBJECT_HANDLE],
         first_handles: &[CK_OBJECT_HANDLE],
     ) -> std::result::Result<Option<super::Handles>, CK_RV> {
@@ -275,7 +282,7 @@ impl VirtualSession {
             }
             Err(_) => return None,
         };
-        let handles = match self.lane_keys(position, &lane, keys, first_handles) {
+        let handles = match self.lane_keys(position, &*lane, keys, first_handles) {
             Ok(Some(handles)) => handles,
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
                 drop(lane);
@@ -286,7 +293,7 @@ impl VirtualSession {
                 return None;
             }
         };
-        let answer = self.attempt_on_lane(position, epoch, function, &lane, &mut |l, s| {
+        let answer = self.attempt_on_lane(position, epoch, function, &*lane, &mut |l, s| {
             call(l, s, &handles)
         });
         match answer {
@@ -303,12 +310,120 @@ impl VirtualSession {
         }
     }
 
+    /// Turns what the search on the session's lane just fetched (the
+    /// spare's handles, in place) into the virtual handles to show, for
+    /// member `position`: each identified by its fingerprint on the spare
+    /// and looked up on the member's own session the first time the spare
+    /// session meets it, the domain key left out; `show` says whether to
+    /// show an object. `None` when the search is not on a lane. Returns
+    /// how many were kept, and whether the search had to move to a
+    /// member's own session (started again there; the handles not yet
+    /// shown are found there again): an object that cannot be identified,
+    /// or an enumeration (`enumerating`), which must not cost a read per
+    /// object there.
+    pub(crate) fn keep_found_on_lane(
+        &self,
+        position: usize,
+        handles: &mut [CK_OBJECT_HANDLE],
+        enumerating: bool,
+        show: &mut dyn FnMut(CK_OBJECT_HANDLE) -> crate::error::Result<bool>,
+    ) -> crate::error::Result<Option<(usize, bool)>> {
+        if !self.lane.on() {
+            return Ok(None);
+        }
+        let held = self.lane.held.lock();
+        let Some(current) = held
+            .as_ref()
+            .filter(|h| h.position == position && h.kinds & bit(OpKind::Find) != 0)
+        else {
+            return Ok(None);
+        };
+        let mut shown = 0;
+        let mut unidentified = false;
+        for i in 0..handles.len() {
+            let here = handles[i];
+            let object = match current.lane.known_found(here) {
+                Some(Some((object, first)))
+                    if self.group.objects.presence(object, position)
+                        == Some(Presence::Present(first)) =>
+                {
+                    Some(object)
+                }
+                Some(None) => None,
+                _ if enumerating => {
+                    unidentified = true;
+                    break;
+                }
+                _ => match self.identify_on_lane(position, &*current.lane, here) {
+                    Some(object) => object,
+                    None => {
+                        unidentified = true;
+                        break;
+                    }
+                },
+            };
+            let Some(object) = object else {
+                continue;
+            };
+            if show(object)? {
+                handles[shown] = object;
+                shown += 1;
+            }
+        }
+        drop(held);
+        if unidentified {
+            self.settle_operations_from(position);
+        }
+        Ok(Some((shown, unidentified)))
+    }
+
+    /// Identifies the object a search on `lane` found as `here`: its
+    /// virtual handle (made now if the member's own session had not met
+    /// it), `Some(None)` for the domain key; `None` when it cannot be told
+    /// (no fingerprint, or not exactly one match on the member's own
+    /// session).
+    fn identify_on_lane(
+        &self,
+        position: usize,
+        lane: &dyn SpareLane,
+        here: CK_OBJECT_HANDLE,
+    ) -> Option<Option<CK_OBJECT_HANDLE>> {
+        let read = |full: bool| {
+            let _in_flight = self.group.members[position].begin_setup_call();
+            on_connection(lane.connection(), || {
+                if full {
+                    identity::fingerprint(lane.library(), lane.session(), here)
+                } else {
+                    identity::light_fingerprint(lane.library(), lane.session(), here)
+                }
+            })
+        };
+        let mut print = read(false)?;
+        if self.is_domain_print(&print) {
+            lane.remember_found(here, None);
+            return Some(None);
+        }
+        let mut found = self.group.look_up(position, &print).ok()?;
+        if found.len() > 1 {
+            print = read(true)?;
+            found = self.group.look_up(position, &print).ok()?;
+        }
+        let [first] = found[..] else {
+            return None;
+        };
+        let objects = &self.group.objects;
+        let object = objects.from_member_identified(position, first, print);
+        lane.remember_found(here, Some((object, first)));
+        lane.remember_key(object, first, here);
+        Some(Some(object))
+    }
+
     /// Finds token object `object` on the lane's spare by its fingerprint.
     /// A session object exists only on the member session that made it.
     fn find_on_lane(
         &self,
         position: usize,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         object: CK_OBJECT_HANDLE,
     ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, CK_RV> {
         let Some(mut print) = self.token_print(object) else {
@@ -316,8 +431,8 @@ impl VirtualSession {
         };
         let find = |print: &identity::Fingerprint| {
             let _in_flight = self.group.members[position].begin_setup_call();
-            on_connection(lane.connection, || {
-                identity::find(lane.library(), lane.session, print)
+            on_connection(lane.connection(), || {
+                identity::find(lane.library(), lane.session(), print)
             })
         };
         let mut found = find(print.as_ref())?;
@@ -354,7 +469,7 @@ impl VirtualSession {
     /// group is logged in and the spare is not yet; true when it may serve
     /// keys (logged in as needed). A login other than the user's (the SO)
     /// is not carried to spares: their sessions are read-only.
-    fn log_lane_in(&self, position: usize, lane: &Lane) -> bool {
+    fn log_lane_in(&self, position: usize, lane: &dyn SpareLane) -> bool {
         match self.group.cached_login() {
             None => return true,
             Some((user_type, _)) if user_type != CKU_USER => return false,
@@ -364,7 +479,7 @@ impl VirtualSession {
             return true;
         }
         let _in_flight = self.group.members[position].begin_setup_call();
-        lane.log_in(|library, session| {
+        lane.log_in(&mut |library, session| {
             let (user_type, pin) = self.group.cached_login()?;
             Some(crate::group::log_in_member(
                 library,
@@ -385,7 +500,7 @@ impl VirtualSession {
         position: usize,
         epoch: u64,
         function: &str,
-        lane: &Lane,
+        lane: &dyn SpareLane,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         let member = &self.group.members[position];
@@ -393,7 +508,7 @@ impl VirtualSession {
             return Attempt::Faulted;
         }
         let library = lane.library();
-        let mut run = || on_connection(lane.connection, || call(library, lane.session));
+        let mut run = || on_connection(lane.connection(), || call(library, lane.session()));
         let guard = member.begin_call();
         let mut rv = run();
         if rv != CKR_OK && classify(function, rv) == Answer::Busy {
@@ -431,7 +546,7 @@ impl VirtualSession {
         let current = held
             .as_ref()
             .filter(|h| h.position == position && h.kinds & bit(kind) != 0)?;
-        let answer = self.attempt_on_lane(position, current.epoch, function, &current.lane, call);
+        let answer = self.attempt_on_lane(position, current.epoch, function, &*current.lane, call);
         if matches!(answer, Attempt::Faulted) {
             self.hold(&mut held, None);
         }

@@ -2,11 +2,11 @@
  * One of several processes that log in to the same token at the same
  * moment, for tests/concurrent_login.rs: opens a session, prints "ready",
  * waits for a line on stdin (the start signal every process gets at once),
- * calls C_Login once as the user with PIN (1234 if not given) and prints
+ * calls C_Login once as the user with PIN and prints
  * its answer. On pkcs11-ha it then prints each member's state as
  * PKCS11HA_GetGroupStatus reports it.
  *
- * usage: concurrent_login LIBRARY SLOT_ID [PIN]
+ * usage: concurrent_login LIBRARY SLOT_ID PIN
  *
  * Output after "ready": "C_Login rv=0x..", then on pkcs11-ha one line
  * "member SERIAL state=S fault=0x.." per member; exits 0 unless a call
@@ -53,8 +53,8 @@ static void check(const char *call, CK_RV rv) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 && argc != 4) {
-        fprintf(stderr, "usage: %s LIBRARY SLOT_ID [PIN]\n", argv[0]);
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s LIBRARY SLOT_ID PIN\n", argv[0]);
         return 2;
     }
     library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
@@ -63,7 +63,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     CK_SLOT_ID slot = strtoul(argv[2], NULL, 10);
-    char *pin = argc == 4 ? argv[3] : "1234";
+    char *pin = argv[3];
     check("C_Initialize", ((C_Initialize_fn)entry("C_Initialize"))(NULL));
     CK_ULONG session;
     check("C_OpenSession", ((C_OpenSession_fn)entry("C_OpenSession"))(

@@ -1,6 +1,7 @@
 /*
  * One application process on the virtual slot 0 (group VirtualToken00),
- * logged in as the user with PIN 1234, for tests/reconcile.rs.
+ * logged in as the user with the PIN in $RECONCILE_USER_PIN, for
+ * tests/reconcile.rs.
  *
  * usage: reconcile_user LIBRARY make LABEL    a data object LABEL and an AES key LABEL-key
  *        reconcile_user LIBRARY many PREFIX N data objects PREFIX-0 .. PREFIX-(N-1)
@@ -134,7 +135,13 @@ int main(int argc, char **argv) {
     /* One C_Login, as an ordinary application makes it: SoftHSM's
      * CKR_GENERAL_ERROR while other processes log in is pkcs11-ha's to
      * retry (group::log_in_member). */
-    check("C_Login", ((login_fn)entry("C_Login"))(session, CKU_USER, (unsigned char *)"1234", 4));
+    const char *pin = getenv("RECONCILE_USER_PIN");
+    if (!pin) {
+        fprintf(stderr, "RECONCILE_USER_PIN is not set\n");
+        return 1;
+    }
+    check("C_Login", ((login_fn)entry("C_Login"))(session, CKU_USER, (unsigned char *)pin,
+                                                  strlen(pin)));
     const char *command = argv[2];
     if (strcmp(command, "make") == 0 && argc == 4) {
         char key_label[256];

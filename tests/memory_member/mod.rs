@@ -7,6 +7,7 @@
 //! (`tests/member_api.rs`) share it.
 #![allow(dead_code)]
 
+pub mod spares;
 /// Parts of the model that only some tests use are unused in others.
 #[allow(dead_code)]
 pub mod token;
@@ -15,7 +16,7 @@ use cryptoki_sys::*;
 use parking_lot::Mutex;
 use pkcs11_ha::error::Error;
 use pkcs11_ha::member::{counted, string_to_padded, Silent};
-use pkcs11_ha::member_api::{MemberApi, MemberBackend, TokenSearch};
+use pkcs11_ha::member_api::{Held, MemberApi, MemberBackend, SpareLane, TokenSearch};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,8 @@ pub struct SimMember {
     connection: AtomicU64,
     /// Initialised by the core (not already initialised when it asked).
     ours: AtomicBool,
+    /// Spare instances ([`SimMember::with_spares`]); none by default.
+    pub spares: spares::Spares,
 }
 
 impl SimMember {
@@ -57,7 +60,16 @@ impl SimMember {
             stall: Mutex::new(None),
             connection: AtomicU64::new(0),
             ours: AtomicBool::new(false),
+            spares: spares::Spares::default(),
         }
+    }
+
+    /// The member with `count` spare instances, as p11-kit's client has
+    /// them: operations, searches and attribute reads of token objects may
+    /// run on their sessions (lanes).
+    pub fn with_spares(mut self, count: usize) -> SimMember {
+        self.spares = spares::Spares::new(count);
+        self
     }
 
     /// [`SimMember::new`] of one in-process library, initialised.
@@ -770,7 +782,8 @@ impl MemberApi for SimMember {
     }
 }
 
-/// A library in this process that never hangs: no instance pool, no Luna
+/// A library in this process that never hangs: spares only where a test
+/// gives them ([`SimMember::with_spares`]), no Luna
 /// extensions, and a token search runs in the caller's thread. Recovery
 /// reconnects it as a loaded library that it initialised
 /// ([`MemberBackend::reinitialize`]: finalise, then initialise).
@@ -789,6 +802,31 @@ impl MemberBackend for SimMember {
 
     fn initialized_by_us(&self) -> bool {
         self.ours.load(Ordering::Acquire)
+    }
+
+    fn has_spares(&self) -> bool {
+        self.spares.count() > 0
+    }
+
+    fn on_spare<'g>(
+        &self,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<CK_RV> {
+        self.on_spare_call(slot, begin, call)
+    }
+
+    fn take_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
+        self.take_spare_lane(slot, begin)
+    }
+
+    fn log_out_spares(&self, slot: CK_SLOT_ID) {
+        self.log_out_spare_sessions(slot)
     }
 
     fn search_bounded(

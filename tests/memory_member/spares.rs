@@ -1,0 +1,277 @@
+//! Spare instances of an in-memory member, as p11-kit's client gives
+//! them (`[LibraryInstances]`): each a session of its own per slot on the
+//! member's tokens, taken whole as a lane ([`SpareLane`]) or for one call,
+//! and what the core keeps on each (its login, the handles found there),
+//! forgotten with its session or the member's connection. The model has one
+//! login per token, so a spare's login answers
+//! `CKR_USER_ALREADY_LOGGED_IN` where the member's own session is logged
+//! in; the core takes that as logged in, as it does from a real spare.
+
+use super::SimMember;
+use cryptoki_sys::*;
+use parking_lot::Mutex;
+use pkcs11_ha::member_api::{Held, MemberApi, MemberBackend, SpareLane};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The spare instances of one [`SimMember`].
+#[derive(Default)]
+pub struct Spares {
+    state: Mutex<State>,
+    /// Held while a spare logs in or the group's logout reaches the
+    /// spares, as [`MemberBackend::log_out_spares`] requires.
+    logins: Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each spare's sessions, by index.
+    sessions: Vec<Vec<SpareSession>>,
+    idle: Vec<usize>,
+    /// Lanes taken from each spare so far, for tests to read.
+    taken: Vec<usize>,
+}
+
+struct SpareSession {
+    slot: CK_SLOT_ID,
+    handle: CK_SESSION_HANDLE,
+    connection: u64,
+    logged_in: bool,
+    keys: HashMap<CK_OBJECT_HANDLE, (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
+    found: HashMap<CK_OBJECT_HANDLE, Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>>,
+}
+
+impl Spares {
+    pub fn new(count: usize) -> Spares {
+        Spares {
+            state: Mutex::new(State {
+                sessions: (0..count).map(|_| Vec::new()).collect(),
+                idle: (0..count).rev().collect(),
+                taken: vec![0; count],
+            }),
+            logins: Mutex::new(()),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().sessions.len()
+    }
+
+    /// Lanes taken from each spare so far.
+    pub fn taken(&self) -> Vec<usize> {
+        self.state.lock().taken.clone()
+    }
+}
+
+impl SimMember {
+    /// An idle spare's session on `slot` on the current connection (opened
+    /// now if it has none), with `begin` held around the opening; `None`
+    /// when no spare is idle, `Some(Err)` with the member's answer when the
+    /// session could not be opened (the spare handed back).
+    fn borrow_spare<'g>(
+        &self,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64), CK_RV>> {
+        let index = self.spares.state.lock().idle.pop()?;
+        let connection = self.connection();
+        let known = {
+            let mut state = self.spares.state.lock();
+            let sessions = &mut state.sessions[index];
+            sessions.retain(|s| s.connection == connection);
+            sessions.iter().find(|s| s.slot == slot).map(|s| s.handle)
+        };
+        if let Some(handle) = known {
+            return Some(Ok((index, handle, connection)));
+        }
+        let _begun = begin();
+        let mut handle = 0;
+        let rv = self.open_session(slot, CKF_SERIAL_SESSION, &mut handle);
+        let mut state = self.spares.state.lock();
+        if rv != CKR_OK {
+            state.idle.push(index);
+            return Some(Err(rv));
+        }
+        state.sessions[index].push(SpareSession {
+            slot,
+            handle,
+            connection,
+            logged_in: false,
+            keys: HashMap::new(),
+            found: HashMap::new(),
+        });
+        Some(Ok((index, handle, connection)))
+    }
+
+    pub(super) fn on_spare_call<'g>(
+        &self,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<CK_RV> {
+        let (index, session, _) = match self.borrow_spare(slot, begin)? {
+            Ok(borrowed) => borrowed,
+            Err(rv) => return Some(rv),
+        };
+        let rv = call(self, session);
+        self.spares.state.lock().idle.push(index);
+        Some(rv)
+    }
+
+    pub(super) fn take_spare_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<Result<Box<dyn SpareLane>, CK_RV>> {
+        let (index, session, connection) = match self.borrow_spare(slot, begin)? {
+            Ok(borrowed) => borrowed,
+            Err(rv) => return Some(Err(rv)),
+        };
+        self.spares.state.lock().taken[index] += 1;
+        Some(Ok(Box::new(SimLane {
+            member: self,
+            index,
+            session,
+            connection,
+            finished: false,
+        })))
+    }
+
+    pub(super) fn log_out_spare_sessions(&self, slot: CK_SLOT_ID) {
+        let _logins = self.spares.logins.lock();
+        let connection = self.connection();
+        let logged_in: Vec<CK_SESSION_HANDLE> = {
+            let mut state = self.spares.state.lock();
+            let sessions = state.sessions.iter_mut().flatten();
+            sessions
+                .filter(|s| s.slot == slot)
+                .filter_map(|s| {
+                    s.keys.clear();
+                    s.found.clear();
+                    (std::mem::take(&mut s.logged_in) && s.connection == connection)
+                        .then_some(s.handle)
+                })
+                .collect()
+        };
+        for session in logged_in {
+            self.logout(session);
+        }
+    }
+}
+
+/// A spare of a [`SimMember`] taken as a lane.
+struct SimLane {
+    member: Arc<SimMember>,
+    index: usize,
+    session: CK_SESSION_HANDLE,
+    connection: u64,
+    finished: bool,
+}
+
+impl SimLane {
+    fn with_session<T>(&self, with: impl FnOnce(&mut SpareSession) -> T) -> Option<T> {
+        let mut state = self.member.spares.state.lock();
+        state.sessions[self.index]
+            .iter_mut()
+            .find(|s| s.handle == self.session && s.connection == self.connection)
+            .map(with)
+    }
+}
+
+impl SpareLane for SimLane {
+    fn library(&self) -> &dyn MemberBackend {
+        &*self.member
+    }
+
+    fn session(&self) -> CK_SESSION_HANDLE {
+        self.session
+    }
+
+    fn connection(&self) -> u64 {
+        self.connection
+    }
+
+    fn known_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        self.with_session(|s| {
+            s.keys
+                .get(&object)
+                .filter(|(first, _)| *first == first_handle)
+                .map(|(_, here)| *here)
+        })
+        .flatten()
+    }
+
+    fn remember_key(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        first_handle: CK_OBJECT_HANDLE,
+        here: CK_OBJECT_HANDLE,
+    ) {
+        self.with_session(|s| s.keys.insert(object, (first_handle, here)));
+    }
+
+    fn known_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+    ) -> Option<Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>> {
+        self.with_session(|s| s.found.get(&here).copied()).flatten()
+    }
+
+    fn remember_found(
+        &self,
+        here: CK_OBJECT_HANDLE,
+        stands_for: Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
+    ) {
+        self.with_session(|s| s.found.insert(here, stands_for));
+    }
+
+    fn logged_in(&self) -> bool {
+        self.with_session(|s| s.logged_in).unwrap_or(false)
+    }
+
+    fn forget_login(&self) {
+        self.with_session(|s| s.logged_in = false);
+    }
+
+    fn log_in(
+        &self,
+        log_in: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> Option<CK_RV>,
+    ) -> bool {
+        let _logins = self.member.spares.logins.lock();
+        if self.logged_in() {
+            return true;
+        }
+        let logged_in = matches!(
+            log_in(&*self.member, self.session),
+            Some(CKR_OK | CKR_USER_ALREADY_LOGGED_IN)
+        );
+        if logged_in {
+            self.with_session(|s| s.logged_in = true);
+        }
+        logged_in
+    }
+
+    fn finish(mut self: Box<Self>) {
+        self.finished = true;
+    }
+
+    fn close(self: Box<Self>) {
+        self.member.close_session(self.session);
+    }
+}
+
+impl Drop for SimLane {
+    fn drop(&mut self) {
+        let mut state = self.member.spares.state.lock();
+        if !self.finished {
+            let (session, connection) = (self.session, self.connection);
+            state.sessions[self.index]
+                .retain(|s| (s.handle, s.connection) != (session, connection));
+        }
+        state.idle.push(self.index);
+    }
+}
