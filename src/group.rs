@@ -673,6 +673,8 @@ pub struct Group {
     /// it (see [`Group::skip_unreceivable`]), so that the HA log says so
     /// once per key; forgotten when what the member can do changes.
     unreceivable: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
+    /// Held while kept changes are made ([`Group::replaying_deferred`]).
+    replaying_deferred: Mutex<()>,
     /// A library that refused the key-wrap mechanism was found taking it
     /// again by a copy (`VirtualSession::carries_keys_now`) since the last
     /// [`Group::wrapping_resumed`]: the copies kept meanwhile are due.
@@ -860,6 +862,7 @@ impl Group {
             deferred: Mutex::new(vec![Vec::new(); count]),
             deferred_underway: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             unreceivable: Mutex::new(vec![Default::default(); count]),
+            replaying_deferred: Mutex::new(()),
             wrapping_resumed_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
@@ -1411,6 +1414,14 @@ impl Group {
     /// Whether changes are kept for any member (see `deferred`).
     pub fn has_deferred(&self) -> bool {
         self.deferred.lock().iter().any(|kept| !kept.is_empty())
+    }
+
+    /// Held while the changes kept for the members are made, one replay at
+    /// a time: a login's replay waits for a returning member's, whose
+    /// changes, tried while logged out, are kept again -- beside it, the
+    /// login's replay found none and they waited for the next login.
+    pub fn replaying_deferred(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.replaying_deferred.lock()
     }
 
     /// The changes kept for a member, taken to be made now; each is

@@ -1126,10 +1126,11 @@ fn replay_pending(
         }
         // Not read: each change looks the member up itself.
         let holdings = known.complete.then_some(&mut known.holdings);
+        let logged_out = group.cached_login().is_none();
         let outcome = worker.apply(position, &change, holdings);
         let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
         if group.members[position].reachable()
-            && (source_failed || must_wait(group, worker, position, &change, &outcome))
+            && (source_failed || must_wait(group, logged_out, worker, position, &change, &outcome))
         {
             // A copy's source may have been down or failed during it, or
             // the application is logged out: kept for when a member
@@ -1184,6 +1185,7 @@ fn replay_pending(
 /// [`Group::defer`]), now that a member returned or the application logged
 /// in; those that still cannot be made stay kept.
 pub fn replay_deferred(group: &Arc<Group>) {
+    let _one_at_a_time = group.replaying_deferred();
     let worker = VirtualSession::internal(Arc::clone(group));
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
         let mut kept = group.take_deferred(position).into_iter();
@@ -1201,6 +1203,7 @@ pub fn replay_deferred(group: &Arc<Group>) {
                     continue;
                 }
             }
+            let logged_out = group.cached_login().is_none();
             let outcome = worker.apply(position, &change, None);
             // As in the replay: a copy that failed while the member answers
             // is kept (its source may have failed during it; another may
@@ -1209,7 +1212,7 @@ pub fn replay_deferred(group: &Arc<Group>) {
             // without the object for good (simulation seed 368).
             let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
             if (source_failed && group.members[position].reachable())
-                || must_wait(group, &worker, position, &change, &outcome)
+                || must_wait(group, logged_out, &worker, position, &change, &outcome)
             {
                 group.defer(position, change);
             } else if outcome.is_err() && !group.members[position].reachable() {
@@ -1240,15 +1243,18 @@ pub fn replay_deferred(group: &Arc<Group>) {
 /// dropped: a copy whose source was down or failed during it (kept until a
 /// member holding the object returns), and, while the application is
 /// logged out, any change that was not made -- private objects can be
-/// neither copied nor seen then (kept until it logs in).
+/// neither copied nor seen then (kept until it logs in). `was_logged_out`
+/// is whether it was logged out when the change was tried: one that
+/// failed for it and was judged after a login came meanwhile was dropped.
 fn must_wait(
     group: &Group,
+    was_logged_out: bool,
     worker: &VirtualSession,
     position: usize,
     change: &Pending,
     outcome: &Result<bool, String>,
 ) -> bool {
-    let logged_out = group.cached_login().is_none();
+    let logged_out = was_logged_out || group.cached_login().is_none();
     match outcome {
         Ok(true) => false,
         Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),

@@ -442,6 +442,10 @@ fn ha_log_directory_that_cannot_be_written_is_a_warning() {
 
 #[test]
 fn domain_label_no_member_holds_is_a_warning() {
+    // Provisioning initialises SoftHSM in this process and sets its
+    // configuration variable: beside a test initialising pkcs11-ha here,
+    // one of the two C_Initialize calls failed (CKR_CRYPTOKI_ALREADY_INITIALIZED).
+    let _guard = serial_guard();
     let hsm = SoftHsm::new(&["a", "b"]);
     let config = write_config(
         hsm.dir.path(),

@@ -11,7 +11,7 @@
 mod common;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -297,15 +297,6 @@ fn gnutls_p11tool_and_certtool_with_a_key_on_the_group() {
     }
 }
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn openssl_engine_s_server_100_handshakes() {
     let g = Group::new();
@@ -366,20 +357,48 @@ fn openssl_engine_s_server_100_handshakes() {
         "-out",
         &cert,
     ]));
-    let port = free_port();
-    let server = Server(
+    // On a port the server binds itself and prints (`ACCEPT host:port`):
+    // a free port chosen beforehand may be taken by another process (a
+    // parallel test run) before the server binds it.
+    let mut server = Server(
         openssl()
             .args([
-                "s_server", "-engine", "pkcs11", "-keyform", "engine", "-key", &key, "-cert",
-                &cert, "-accept",
+                "s_server",
+                "-engine",
+                "pkcs11",
+                "-keyform",
+                "engine",
+                "-key",
+                &key,
+                "-cert",
+                &cert,
+                "-accept",
+                "127.0.0.1:0",
+                "-www",
             ])
-            .arg(port.to_string())
-            .args(["-www", "-quiet"])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
+    let stdout = server.0.stdout.take().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    // Reads the server's output to its end, so that it never blocks on it.
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(port) = line
+                .strip_prefix("ACCEPT 127.0.0.1:")
+                .and_then(|p| p.trim().parse::<u16>().ok())
+            {
+                let _ = port_tx.send(port);
+            }
+        }
+    });
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("s_server printed the port it listens on");
     let started = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(

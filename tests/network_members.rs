@@ -106,18 +106,59 @@ impl Server {
     }
 
     /// The worker processes the server forked, one per client connection
-    /// (each instance of the client is one), oldest first.
+    /// (each instance of the client is one), in the order their first
+    /// calls reached the RPC log: the first instance's worker first, as
+    /// the first instance is initialised before any spare. Not by process
+    /// id: ids wrap (at 32768 here), so a spare's worker can have the
+    /// lower one.
     fn workers(&self) -> Vec<i32> {
         let children =
             std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))
                 .expect("server children");
+        let text = std::fs::read_to_string(&self.rpc_log).expect("the server's RPC log");
+        let mut first_line = std::collections::HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            if let Some(pid) = line
+                .strip_prefix("(p11-kit:")
+                .and_then(|rest| rest.split_once(')'))
+                .and_then(|(pid, _)| pid.parse::<i32>().ok())
+            {
+                first_line.entry(pid).or_insert(n);
+            }
+        }
         let mut workers: Vec<i32> = children
             .split_whitespace()
             .map(|p| p.parse().unwrap())
             .collect();
-        workers.sort_unstable();
+        workers
+            .sort_unstable_by_key(|pid| (first_line.get(pid).copied().unwrap_or(usize::MAX), *pid));
         assert!(!workers.is_empty(), "a worker for our connection");
         workers
+    }
+
+    /// What each worker is doing, for failure messages: its process state
+    /// and the kernel function it waits in, and how many lines it has
+    /// written to the RPC log (none: it never read its client's first call).
+    fn waiting_in(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.rpc_log).expect("the server's RPC log");
+        self.workers()
+            .into_iter()
+            .map(|pid| {
+                let proc = |file: &str| {
+                    std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
+                };
+                let state = proc("stat");
+                let state = state.rsplit(") ").next().unwrap_or("").split(' ').next();
+                let prefix = format!("(p11-kit:{pid})");
+                let lines = text.lines().filter(|l| l.starts_with(&prefix)).count();
+                format!(
+                    "{}: {pid} {} in {}, {lines} log lines",
+                    self.label,
+                    state.unwrap_or("?"),
+                    proc("wchan")
+                )
+            })
+            .collect()
     }
 
     /// Signals the whole server: every worker (a member is reached through
@@ -447,40 +488,70 @@ fn on_first(server: &Server, function: &str) -> usize {
 
 /// Digests and signatures with a token key from 8 threads run on several
 /// client instances of each member at once, not one at a time on its
-/// first: counted per instance from the servers' RPC logs.
+/// first: counted per instance from the servers' RPC logs. Which member
+/// takes an operation follows the members' measured latencies, so on a
+/// loaded machine one member may get few of a function's calls, none of
+/// them while another of its spares was taken (seen in 2 runs of 40
+/// beside two busy loops: 12 signatures on one member, 390 on the
+/// other): rounds of the 8 threads go on until every function reached
+/// two spares of each member, within a deadline.
 #[test]
 fn operations_spread_over_the_client_instances() {
     const INSTANCES: usize = 4;
-    let remote = Remote::start(&instances(INSTANCES, ""));
+    const FUNCTIONS: [&str; 3] = ["C_Digest", "C_Sign", "C_Verify"];
+    let remote = Remote::start(&instances(
+        INSTANCES,
+        "haLogStatus = enabled\nhaLogPath = LOGDIR",
+    ));
     let keys = ec_key(&remote.session(), b"spread");
-    std::thread::scope(|scope| {
-        for _ in 0..8 {
-            scope.spawn(|| {
-                let session = remote.session();
-                for _ in 0..25 {
-                    let digest = session
-                        .digest(&Mechanism::Sha256, &[9u8; 1024])
-                        .expect("C_Digest");
-                    assert_eq!(digest.len(), 32);
-                    sign_and_verify(&session, keys);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for round in 1.. {
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    let session = remote.session();
+                    for _ in 0..25 {
+                        let digest = session
+                            .digest(&Mechanism::Sha256, &[9u8; 1024])
+                            .expect("C_Digest");
+                        assert_eq!(digest.len(), 32);
+                        sign_and_verify(&session, keys);
+                    }
+                });
+            }
+        });
+        let mut short = Vec::new();
+        for server in &remote.servers {
+            assert!(server.workers().len() <= INSTANCES, "{}", server.label);
+            for function in FUNCTIONS {
+                let spares = on_spares(server, function);
+                let serving = spares.iter().filter(|(_, n)| *n > 0).count();
+                if serving < 2 {
+                    short.push(format!(
+                        "{}: {function} reached {serving} spare instances: {spares:?}",
+                        server.label
+                    ));
                 }
-            });
+            }
         }
-    });
+        if short.is_empty() {
+            eprintln!("{round} rounds of 8 threads");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {round} rounds of 8 threads: {short:?}; where each worker waits: {:?}; HA log:\n{}",
+            remote.servers.iter().map(Server::waiting_in).collect::<Vec<_>>(),
+            remote.ha_log()
+        );
+    }
     for server in &remote.servers {
-        assert!(server.workers().len() <= INSTANCES, "{}", server.label);
-        for function in ["C_Digest", "C_Sign", "C_Verify"] {
-            let spares = on_spares(server, function);
+        for function in FUNCTIONS {
             eprintln!(
-                "{}: {function} on the first instance {}, on the spares {spares:?}",
+                "{}: {function} on the first instance {}, on the spares {:?}",
                 server.label,
-                on_first(server, function)
-            );
-            let serving = spares.iter().filter(|(_, n)| *n > 0).count();
-            assert!(
-                serving >= 2,
-                "{}: {function} reached {serving} spare instances: {spares:?}",
-                server.label
+                on_first(server, function),
+                on_spares(server, function)
             );
         }
     }

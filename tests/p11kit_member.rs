@@ -558,7 +558,13 @@ fn a_member_whose_reconnect_outlasts_member_timeout_still_joins() {
     initialize(&pkcs11).expect("C_Initialize of pkcs11-ha");
     // Its first C_Initialize outlasts memberTimeout at start-up; recovery
     // must wait for a reconnect that answers, not cut it off every time.
-    let deadline = std::time::Instant::now() + PATIENCE;
+    // Attempt k waits k memberTimeouts (up to ten), one interval apart:
+    // with a listing up to three times the one measured, the tenth waits
+    // long enough, after 45 memberTimeouts (15 listings) and 9 intervals
+    // of attempts cut off. At a load of 19 the deadline of 20 s alone
+    // passed with four attempts cut off.
+    let patience = PATIENCE + listing * 20;
+    let deadline = std::time::Instant::now() + patience;
     while !member_serves(0, 0) && std::time::Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
@@ -569,7 +575,8 @@ fn a_member_whose_reconnect_outlasts_member_timeout_still_joins() {
     env::remove_var(ADDRESS_ENV);
     assert!(
         joined,
-        "the member behind the slow server never joined; server log: {}",
+        "the member behind the slow server never joined within {patience:?} (listing \
+         took {listing:?}, memberTimeout {member_timeout_ms} ms); server log: {}",
         server.log_text()
     );
     drop(guard);
