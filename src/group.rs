@@ -956,19 +956,52 @@ impl Group {
     /// Records a member fault: the member leaves the rotation and the
     /// operator hears of it once.
     pub fn member_failed(&self, position: usize, function: &str, rv: CK_RV) {
-        let member = &self.members[position];
-        if member.fail(rv) {
-            let event = format!(
+        self.take_out(
+            position,
+            rv,
+            &format!(
                 "member failed in {function} with {}; calls go to the other members",
                 crate::error::rv_name(rv)
-            );
+            ),
+        );
+    }
+
+    /// Takes a member out of service for `rv`, saying `event` once.
+    fn take_out(&self, position: usize, rv: CK_RV, event: &str) {
+        let member = &self.members[position];
+        if member.fail(rv) {
             eprintln!(
                 "pkcs11-ha: group {} ({}): member {} {event}",
                 self.label, self.serial, member.serial
             );
-            self.log(Some(position), &event);
+            self.log(Some(position), event);
             self.review_serving(crate::clock::now());
         }
+    }
+
+    /// Whether `session`, just opened on a serving member, shows that its
+    /// token lost the login the group holds: it restarted (or was logged
+    /// out) since recovery logged it in, and no call met it meanwhile. A
+    /// search on such a session finds none of the private objects, so
+    /// every look-up there would take the group's private objects for
+    /// absent: a copy owed to another member found no source, and the
+    /// member served on without them (simulation seed 135188). A standby
+    /// member is left out: it is logged in only while it serves.
+    fn lost_login(&self, member: &Member, session: &MemberSession) -> bool {
+        if !member.is_up() || member.standby || self.login.lock().is_none() {
+            return false;
+        }
+        let mut info = CK_SESSION_INFO {
+            slotID: 0,
+            state: 0,
+            flags: 0,
+            ulDeviceError: 0,
+        };
+        let _in_flight = member.begin_call();
+        let rv = crate::member::on_connection(session.connection, || {
+            session.library.get_session_info(session.handle, &mut info)
+        });
+        rv == CKR_OK && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
     }
 
     /// Says in the HA log when the group has no member serving, every
@@ -1118,6 +1151,22 @@ impl Group {
             });
             drop(guard);
             match opened {
+                Ok(session) if self.lost_login(member, &session) => {
+                    // Its handles are stale too: recovery, as after any
+                    // failure, logs it in again in a new epoch and gives
+                    // it what it missed.
+                    let _in_flight = member.begin_call();
+                    crate::member::on_connection(session.connection, || {
+                        session.library.close_session(session.handle)
+                    });
+                    self.take_out(
+                        position,
+                        CKR_USER_NOT_LOGGED_IN,
+                        "member lost its login unseen (its token restarted, or was logged \
+                         out): taken out until recovery logs it in again",
+                    );
+                    return Err(Error::new(CKR_DEVICE_ERROR));
+                }
                 Ok(session) => *utility = Some(session),
                 Err(e) => {
                     if is_member_fault("C_OpenSession", e.rv) {

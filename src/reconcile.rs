@@ -270,6 +270,21 @@ fn run(
     shared.wake.notify_all();
 }
 
+/// One pass over every group, in the calling thread, for a provider
+/// without threads of its own: the deterministic simulation
+/// (`tests/simulation.rs`) makes its passes so, at the steps its schedule
+/// draws.
+pub fn reconcile_now(provider: &dyn Host, state: &StateDir) {
+    let shared = Shared::default();
+    for group in provider.groups() {
+        match reconcile(provider, group, state, &shared) {
+            Ok(Some(summary)) => summary.report(group, &shared),
+            Ok(None) => {}
+            Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
+        }
+    }
+}
+
 /// Waits until the application has left every member alone for [`QUIET`]
 /// (no call in flight, none served meanwhile), at most [`QUIET_LIMIT`], so
 /// that a pass does not begin beside an application's first calls; true if

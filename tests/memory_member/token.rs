@@ -285,6 +285,16 @@ impl Token {
         self.handles.retain(|_, id| objects.contains_key(id));
     }
 
+    /// The handles of the token objects on the current connection, for a
+    /// driver to plant [`Fault::StallOnReading`] on one.
+    pub fn token_object_handles(&self) -> Vec<CK_OBJECT_HANDLE> {
+        self.handles
+            .iter()
+            .filter(|(_, id)| self.objects.get(id).is_some_and(|o| o.session.is_none()))
+            .map(|(handle, _)| *handle)
+            .collect()
+    }
+
     /// Token objects, for the driver to compare: (handle-independent) attributes.
     pub fn token_objects(&self) -> impl Iterator<Item = &Object> {
         self.objects.values().filter(|o| o.session.is_none())
