@@ -752,8 +752,6 @@ fn bring_up_to_date(
     let mut known = Known::of(group, worker, position, phases)?;
     phases.end(if known.complete {
         "objects read"
-    } else if known.held_before.is_empty() {
-        "objects not read"
     } else {
         "objects counted"
     });
@@ -841,19 +839,6 @@ impl Known {
         position: usize,
         phases: &mut Phases,
     ) -> Result<Known, String> {
-        if group.up_members().next().is_none() {
-            // It serves first and is given the objects it missed after
-            // (see `replay_pending`), looked up one by one then; reading
-            // a few thousand objects here kept the whole group out 0.2-2.8
-            // s longer in the long chaos run. A member that serves by the
-            // time synchronisation compares reads the objects there.
-            phases.note("not read: no member serving".to_string());
-            return Ok(Known {
-                holdings: Holdings::none_read(),
-                complete: false,
-                held_before: Default::default(),
-            });
-        }
         let held_before: rustc_hash::FxHashSet<_> = group
             .held_before(position)
             .into_iter()
