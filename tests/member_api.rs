@@ -13,12 +13,13 @@ mod memory_member;
 
 use common::{SoftHsm, SOFTHSM_CONF_ENV, SOFTHSM_LIB};
 use cryptoki_sys::*;
+use memory_member::host::MemoryHost;
 use memory_member::token::{self, Fault, FIRST_SLOT};
 use memory_member::SimMember;
 use parking_lot::Mutex;
 use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
-use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
+use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -26,7 +27,7 @@ use pkcs11_ha::mechanism::Mechanism;
 use pkcs11_ha::member::{classify, Answer, MemberLibrary};
 use pkcs11_ha::member_api::{MemberApi, MemberBackend};
 use pkcs11_ha::reconcile::Reconciler;
-use pkcs11_ha::recovery::{self, Host, RecoverySettings, Watchdog};
+use pkcs11_ha::recovery::{self, Host, Watchdog};
 use pkcs11_ha::state_dir::StateDir;
 use pkcs11_ha::virtual_objects::{made_print, MemberTemplate};
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
@@ -323,71 +324,6 @@ fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
                 .collect()
         })
         .collect()
-}
-
-/// What recovery and reconciliation ask of the provider, for one group
-/// over in-memory members: by default replay only (no synchronisation, so
-/// that what the returning member gets comes from the queue of what it
-/// missed).
-struct MemoryHost {
-    groups: Vec<Arc<Group>>,
-    libraries: Vec<Arc<dyn MemberBackend>>,
-    recovery: RecoverySettings,
-    synchronize: bool,
-}
-
-impl MemoryHost {
-    fn new(group: &Arc<Group>, member: &Arc<SimMember>) -> MemoryHost {
-        MemoryHost::of(group, std::slice::from_ref(member))
-    }
-
-    fn of(group: &Arc<Group>, libraries: &[Arc<SimMember>]) -> MemoryHost {
-        MemoryHost {
-            groups: vec![Arc::clone(group)],
-            libraries: libraries
-                .iter()
-                .map(|l| Arc::clone(l) as Arc<dyn MemberBackend>)
-                .collect(),
-            recovery: RecoverySettings {
-                attempts: -1,
-                interval: Duration::from_secs(1),
-                mode: RecoveryMode::ActiveBasic,
-            },
-            synchronize: false,
-        }
-    }
-}
-
-impl Host for MemoryHost {
-    fn groups(&self) -> &[Arc<Group>] {
-        &self.groups
-    }
-    fn libraries(&self) -> &[Arc<dyn MemberBackend>] {
-        &self.libraries
-    }
-    fn recovery(&self) -> &RecoverySettings {
-        &self.recovery
-    }
-    fn member_timeout(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn threads_allowed(&self) -> bool {
-        false
-    }
-    fn synchronize(&self, _: &Group) -> bool {
-        self.synchronize
-    }
-    fn reconcile_soon(&self) {}
-    fn uses_member_slot(&self, _: &Arc<dyn MemberBackend>, _: CK_SLOT_ID) -> bool {
-        false
-    }
-    fn each_virtual_session(
-        &self,
-        _: &Arc<Group>,
-        _: &mut dyn FnMut(&VirtualSession) -> pkcs11_ha::error::Result<()>,
-    ) -> pkcs11_ha::error::Result<()> {
-        Ok(())
-    }
 }
 
 /// Encrypts `data` with AES-ECB (the model's keystream) and `key`

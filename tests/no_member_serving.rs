@@ -12,13 +12,14 @@
 mod memory_member;
 
 use cryptoki_sys::*;
+use memory_member::host::{MemoryHost, MEMBER_TIMEOUT};
 use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::SimMember;
 use pkcs11_ha::clock::Clock as _;
-use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
+use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{Group, GroupSettings, Location, MemberState};
 use pkcs11_ha::member_api::{MemberApi, MemberBackend};
-use pkcs11_ha::recovery::{self, Host, RecoverySettings};
+use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use sha2::{Digest as _, Sha256};
 use std::sync::{mpsc, Arc, Mutex};
@@ -26,47 +27,6 @@ use std::time::{Duration, Instant};
 
 /// The tests of this file run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What recovery asks of the provider, for one group of in-memory members.
-struct MemoryHost {
-    groups: Vec<Arc<Group>>,
-    libraries: Vec<Arc<dyn MemberBackend>>,
-    recovery: RecoverySettings,
-}
-
-impl Host for MemoryHost {
-    fn groups(&self) -> &[Arc<Group>] {
-        &self.groups
-    }
-    fn libraries(&self) -> &[Arc<dyn MemberBackend>] {
-        &self.libraries
-    }
-    fn recovery(&self) -> &RecoverySettings {
-        &self.recovery
-    }
-    fn member_timeout(&self) -> Duration {
-        MEMBER_TIMEOUT
-    }
-    fn threads_allowed(&self) -> bool {
-        false
-    }
-    fn synchronize(&self, _: &Group) -> bool {
-        false
-    }
-    fn reconcile_soon(&self) {}
-    fn uses_member_slot(&self, _: &Arc<dyn MemberBackend>, _: CK_SLOT_ID) -> bool {
-        false
-    }
-    fn each_virtual_session(
-        &self,
-        _: &Arc<Group>,
-        _: &mut dyn FnMut(&VirtualSession) -> pkcs11_ha::error::Result<()>,
-    ) -> pkcs11_ha::error::Result<()> {
-        Ok(())
-    }
-}
 
 /// Two in-memory members, both taken out by a crash; member 1's token holds
 /// an object made outside the group, whose reading will stall member 1's
@@ -108,15 +68,7 @@ impl Outage {
             };
             group.attach(position, location);
         }
-        let host = MemoryHost {
-            groups: vec![Arc::clone(&group)],
-            libraries: vec![Arc::clone(&library) as Arc<dyn MemberBackend>],
-            recovery: RecoverySettings {
-                attempts: -1,
-                interval: Duration::from_secs(1),
-                mode: RecoveryMode::ActiveBasic,
-            },
-        };
+        let host = MemoryHost::new(&group, &library);
         let session =
             VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
         digest(&session).expect("a digest with both members serving");

@@ -9,54 +9,15 @@
 mod memory_member;
 
 use cryptoki_sys::*;
+use memory_member::host::MemoryHost;
 use memory_member::token::{Fault, DOMAIN_LABEL, FIRST_SLOT};
 use memory_member::{hex, SimMember};
-use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
+use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{Group, GroupSettings, Location, MemberState};
 use pkcs11_ha::member_api::{MemberApi, MemberBackend};
-use pkcs11_ha::recovery::{self, Host, RecoverySettings};
-use pkcs11_ha::virtual_session::VirtualSession;
+use pkcs11_ha::recovery;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What recovery asks of the provider: one group, synchronisation on.
-struct MemoryHost {
-    groups: Vec<Arc<Group>>,
-    libraries: Vec<Arc<dyn MemberBackend>>,
-    recovery: RecoverySettings,
-}
-
-impl Host for MemoryHost {
-    fn groups(&self) -> &[Arc<Group>] {
-        &self.groups
-    }
-    fn libraries(&self) -> &[Arc<dyn MemberBackend>] {
-        &self.libraries
-    }
-    fn recovery(&self) -> &RecoverySettings {
-        &self.recovery
-    }
-    fn member_timeout(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn threads_allowed(&self) -> bool {
-        false
-    }
-    fn synchronize(&self, _: &Group) -> bool {
-        true
-    }
-    fn reconcile_soon(&self) {}
-    fn uses_member_slot(&self, _: &Arc<dyn MemberBackend>, _: CK_SLOT_ID) -> bool {
-        false
-    }
-    fn each_virtual_session(
-        &self,
-        _: &Arc<Group>,
-        _: &mut dyn FnMut(&VirtualSession) -> pkcs11_ha::error::Result<()>,
-    ) -> pkcs11_ha::error::Result<()> {
-        Ok(())
-    }
-}
 
 /// The secret keys made on member 0 outside the group: labels that differ
 /// in letters (the HA log takes events differing only in numbers for
@@ -155,13 +116,8 @@ fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
         group.attach(position, location);
     }
     let host = MemoryHost {
-        groups: vec![Arc::clone(&group)],
-        libraries: vec![Arc::clone(&library) as Arc<dyn MemberBackend>],
-        recovery: RecoverySettings {
-            attempts: -1,
-            interval: Duration::from_secs(1),
-            mode: RecoveryMode::ActiveBasic,
-        },
+        synchronize: true,
+        ..MemoryHost::new(&group, &library)
     };
     let logs = tempfile::tempdir().expect("a directory for the HA log");
     pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");

@@ -7,6 +7,7 @@
 //! (`tests/member_api.rs`) share it.
 #![allow(dead_code)]
 
+pub mod host;
 pub mod spares;
 /// Parts of the model that only some tests use are unused in others.
 #[allow(dead_code)]
