@@ -991,17 +991,10 @@ impl Group {
         if !member.is_up() || member.standby || self.login.lock().is_none() {
             return false;
         }
-        let mut info = CK_SESSION_INFO {
-            slotID: 0,
-            state: 0,
-            flags: 0,
-            ulDeviceError: 0,
-        };
         let _in_flight = member.begin_call();
-        let rv = crate::member::on_connection(session.connection, || {
-            session.library.get_session_info(session.handle, &mut info)
-        });
-        rv == CKR_OK && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
+        crate::member::on_connection(session.connection, || {
+            crate::member_api::session_is_public(&*session.library, session.handle)
+        })
     }
 
     /// Says in the HA log when the group has no member serving, every

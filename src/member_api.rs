@@ -736,6 +736,20 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>>;
 }
 
+/// Whether `session` answers that it is not logged in (a public session):
+/// on a token the group is logged in to, its login was lost unseen. An
+/// error answer says nothing of the login, and counts as no.
+pub fn session_is_public(library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
+    let mut info = CK_SESSION_INFO {
+        slotID: 0,
+        state: 0,
+        flags: 0,
+        ulDeviceError: 0,
+    };
+    library.get_session_info(session, &mut info) == CKR_OK
+        && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
+}
+
 /// Whether `a` and `b` are one library instance.
 #[inline]
 pub fn same_library(a: &dyn MemberBackend, b: &dyn MemberBackend) -> bool {

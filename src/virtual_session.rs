@@ -565,17 +565,8 @@ impl VirtualSession {
 
     /// Whether the group is logged in but this member session is not.
     fn lost_login(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
-        if self.group.cached_login().is_none() {
-            return false;
-        }
-        let mut info = CK_SESSION_INFO {
-            slotID: 0,
-            state: 0,
-            flags: 0,
-            ulDeviceError: 0,
-        };
-        let rv = library.get_session_info(session, &mut info);
-        rv == CKR_OK && matches!(info.state, CKS_RO_PUBLIC_SESSION | CKS_RW_PUBLIC_SESSION)
+        self.group.cached_login().is_some()
+            && crate::member_api::session_is_public(library, session)
     }
 
     /// Logs a member that restarted in again with the cached credential.

@@ -12,13 +12,12 @@
 mod memory_member;
 
 use cryptoki_sys::*;
-use memory_member::host::{MemoryHost, MEMBER_TIMEOUT};
+use memory_member::host::{group_over, MemoryHost, MEMBER_TIMEOUT};
 use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::SimMember;
 use pkcs11_ha::clock::Clock as _;
-use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
-use pkcs11_ha::group::{Group, GroupSettings, Location, MemberState};
-use pkcs11_ha::member_api::{MemberApi, MemberBackend};
+use pkcs11_ha::group::{Group, MemberState};
+use pkcs11_ha::member_api::MemberApi;
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use sha2::{Digest as _, Sha256};
@@ -43,31 +42,7 @@ impl Outage {
         pkcs11_ha::clock::install_manual();
         let library = Arc::new(SimMember::initialized(2, seed));
         make_token_object(&library, 1);
-        let serials: Vec<String> = (0..2)
-            .map(|token| library.sim.lock().tokens[token].serial.clone())
-            .collect();
-        let settings = GroupSettings {
-            domain_label: String::from_utf8(memory_member::token::DOMAIN_LABEL.to_vec()).unwrap(),
-            replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
-            min_replicas: 1,
-            member_timeout: MEMBER_TIMEOUT,
-        };
-        let group = Arc::new(Group::new(
-            0,
-            "outage",
-            "outage".into(),
-            0,
-            &serials,
-            &[],
-            settings,
-        ));
-        for position in 0..2 {
-            let location = Location {
-                library: Arc::clone(&library) as Arc<dyn MemberBackend>,
-                slot: FIRST_SLOT + position as CK_SLOT_ID,
-            };
-            group.attach(position, location);
-        }
+        let group = group_over(&library, 2, "outage");
         let host = MemoryHost::new(&group, &library);
         let session =
             VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");

@@ -9,15 +9,13 @@
 mod memory_member;
 
 use cryptoki_sys::*;
-use memory_member::host::MemoryHost;
-use memory_member::token::{Fault, DOMAIN_LABEL, FIRST_SLOT};
+use memory_member::host::{group_over, MemoryHost};
+use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::{hex, SimMember};
-use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
-use pkcs11_ha::group::{Group, GroupSettings, Location, MemberState};
-use pkcs11_ha::member_api::{MemberApi, MemberBackend};
+use pkcs11_ha::group::{Group, MemberState};
+use pkcs11_ha::member_api::MemberApi;
 use pkcs11_ha::recovery;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The secret keys made on member 0 outside the group: labels that differ
 /// in letters (the HA log takes events differing only in numbers for
@@ -90,31 +88,7 @@ fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
         make(&library, 0, label, Some(value));
     }
     make(&library, 0, DATA_LABEL, None);
-    let serials: Vec<String> = (0..2)
-        .map(|token| library.sim.lock().tokens[token].serial.clone())
-        .collect();
-    let settings = GroupSettings {
-        domain_label: String::from_utf8(DOMAIN_LABEL.to_vec()).unwrap(),
-        replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
-        min_replicas: 1,
-        member_timeout: Duration::from_secs(1),
-    };
-    let group = Arc::new(Group::new(
-        0,
-        "sync",
-        "sync".into(),
-        0,
-        &serials,
-        &[],
-        settings,
-    ));
-    for position in 0..2 {
-        let location = Location {
-            library: Arc::clone(&library) as Arc<dyn MemberBackend>,
-            slot: FIRST_SLOT + position as CK_SLOT_ID,
-        };
-        group.attach(position, location);
-    }
+    let group = group_over(&library, 2, "sync");
     let host = MemoryHost {
         synchronize: true,
         ..MemoryHost::new(&group, &library)

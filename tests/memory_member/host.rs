@@ -3,10 +3,11 @@
 //! of one second, and by default replay only (no synchronisation, so that
 //! what a returning member gets comes from the queue of what it missed).
 
+use super::token::{DOMAIN_LABEL, FIRST_SLOT};
 use super::SimMember;
 use cryptoki_sys::CK_SLOT_ID;
-use pkcs11_ha::config::RecoveryMode;
-use pkcs11_ha::group::Group;
+use pkcs11_ha::config::{RecoveryMode, DEFAULT_MULTIPART_REPLAY_LIMIT};
+use pkcs11_ha::group::{Group, GroupSettings, Location};
 use pkcs11_ha::member_api::MemberBackend;
 use pkcs11_ha::recovery::{Host, RecoverySettings};
 use pkcs11_ha::virtual_session::VirtualSession;
@@ -15,6 +16,38 @@ use std::time::Duration;
 
 /// The `memberTimeout` an in-memory group's recovery is given.
 pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A group named `label` whose members are the `count` tokens of
+/// `library`, in slot order, each attached (found) as it would be at
+/// start-up; `memberTimeout` is [`MEMBER_TIMEOUT`].
+pub fn group_over(library: &Arc<SimMember>, count: usize, label: &str) -> Arc<Group> {
+    let serials: Vec<String> = (0..count)
+        .map(|token| library.sim.lock().tokens[token].serial.clone())
+        .collect();
+    let settings = GroupSettings {
+        domain_label: String::from_utf8(DOMAIN_LABEL.to_vec()).unwrap(),
+        replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
+        min_replicas: 1,
+        member_timeout: MEMBER_TIMEOUT,
+    };
+    let group = Arc::new(Group::new(
+        0,
+        label,
+        label.into(),
+        0,
+        &serials,
+        &[],
+        settings,
+    ));
+    for position in 0..count {
+        let location = Location {
+            library: Arc::clone(library) as Arc<dyn MemberBackend>,
+            slot: FIRST_SLOT + position as CK_SLOT_ID,
+        };
+        group.attach(position, location);
+    }
+    group
+}
 
 pub struct MemoryHost {
     pub groups: Vec<Arc<Group>>,
