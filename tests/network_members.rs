@@ -1006,7 +1006,7 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
                 }
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let busy_spares = || {
             on_spares(&remote.servers[0], "C_Sign")
                 .iter()
