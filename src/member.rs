@@ -14,9 +14,9 @@ use smallvec::SmallVec;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Calls one entry of a member's function table through
 /// [`MemberLibrary::call`]; a missing entry is `CKR_FUNCTION_NOT_SUPPORTED`,
@@ -410,7 +410,8 @@ const P11_KIT_CLIENT_INSTANCES: usize = 8;
 #[derive(Default)]
 struct Spares {
     instances: Box<[Spare]>,
-    /// The instances no call or lane is using, by index.
+    /// The instances no call or lane is using, by index, lent from the
+    /// back ([`lend_from`], [`hand_back`]).
     idle: Mutex<Vec<usize>>,
     /// Held while a spare is logged in or out, so that a lane's login
     /// (which first asks whether the group is logged in) and the group's
@@ -430,8 +431,13 @@ struct Spare {
     /// finalised and initialised again at its next use, and calls go to
     /// the member's own session meanwhile. Without this, a member recovered
     /// on its first instance was taken out again by each call a dead spare
-    /// failed, several times a second.
+    /// failed, several times a second. Also set when it did not know the
+    /// member's slot ([`Spare::missed_slot`]).
     stale: AtomicBool,
+    /// How many times in a row it did not know the member's slot, and
+    /// until when it is not lent after the last ([`spare_rest`]).
+    slot_misses: AtomicU32,
+    rests_until: Mutex<Option<Instant>>,
     /// Its sessions, one per slot.
     sessions: Mutex<SmallVec<[SpareSession; 1]>>,
 }
@@ -456,17 +462,69 @@ struct SpareSession {
     found: rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>>,
 }
 
-/// A spare instance taken by one call, handed back on drop.
+/// A spare instance taken by one call, handed back on drop: behind every
+/// other idle spare if it `failed` (could not be initialised or open its
+/// session).
 struct Borrowed<'a> {
     spares: &'a Spares,
     index: usize,
+    failed: bool,
 }
 
 impl Drop for Borrowed<'_> {
     fn drop(&mut self) {
-        self.spares.idle.lock().push(self.index);
+        hand_back(&mut self.spares.idle.lock(), self.index, self.failed);
     }
 }
+
+/// Takes from `idle` the spare to lend: the last that `first_choice`
+/// accepts, else the last that `second_choice` accepts. Lent from the
+/// back, a spare that just served is lent again first (last in, first
+/// out): its session is open, logged in and knows the keys, and a member
+/// serving fewer calls at once than it has spares logs in and searches on
+/// fewer of them.
+fn lend_from(
+    idle: &mut Vec<usize>,
+    first_choice: impl Fn(usize) -> bool,
+    second_choice: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let at = idle
+        .iter()
+        .rposition(|&i| first_choice(i))
+        .or_else(|| idle.iter().rposition(|&i| second_choice(i)))?;
+    Some(idle.remove(at))
+}
+
+/// Hands spare `index` back to `idle`: one that served on top, lent next;
+/// one that `failed` at the bottom, lent after every other idle spare, so
+/// that a broken spare is not tried again ahead of healthy ones. Handed
+/// back on top, two spares whose server processes had no slot served
+/// first every call of a member for a whole minute, each only to fail
+/// and send the call to the member's first instance: one spare of three
+/// served (the third, only while both broken ones were taken).
+fn hand_back(idle: &mut Vec<usize>, index: usize, failed: bool) {
+    if failed {
+        idle.insert(0, index);
+    } else {
+        idle.push(index);
+    }
+}
+
+/// How long a spare that did not know the member's slot `misses` times in
+/// a row is not lent: [`SPARE_REST_FIRST`], doubled at each further miss
+/// up to [`SPARE_REST_MAX`]. Each lending after a miss connects the spare
+/// again (a new server process), which costs far more than a call; a
+/// server that never lists the slot to new connections costs one
+/// reconnection per [`SPARE_REST_MAX`].
+fn spare_rest(misses: u32) -> Duration {
+    let doublings = misses.saturating_sub(1).min(16);
+    SPARE_REST_FIRST
+        .saturating_mul(1 << doublings)
+        .min(SPARE_REST_MAX)
+}
+
+const SPARE_REST_FIRST: Duration = Duration::from_millis(100);
+const SPARE_REST_MAX: Duration = Duration::from_secs(5);
 
 impl Borrowed<'_> {
     /// Keeps the spare from being handed back on drop (a [`Lane`] owns it).
@@ -478,22 +536,21 @@ impl Borrowed<'_> {
 }
 
 impl Spares {
-    /// An idle spare: an initialised one if any, else one not yet tried on
-    /// the first instance's `connection`.
+    /// An idle spare that is not resting after missing the slot: an
+    /// initialised one if any, else one not yet tried on the first
+    /// instance's `connection`.
     fn borrow(&self, connection: u64) -> Option<Borrowed<'_>> {
         let mut idle = self.idle.lock();
-        let spare = |i: &usize| &self.instances[*i];
-        let at = idle
-            .iter()
-            .rposition(|i| spare(i).library.usable())
-            .or_else(|| {
-                idle.iter()
-                    .rposition(|i| spare(i).tried_on.load(Ordering::Relaxed) != connection)
-            })?;
-        let index = idle.swap_remove(at);
+        let spare = |i: usize| &self.instances[i];
+        let index = lend_from(
+            &mut idle,
+            |i| spare(i).library.usable() && !spare(i).resting(),
+            |i| spare(i).tried_on.load(Ordering::Relaxed) != connection && !spare(i).resting(),
+        )?;
         Some(Borrowed {
             spares: self,
             index,
+            failed: false,
         })
     }
 }
@@ -529,9 +586,11 @@ fn read_list(mut call: impl FnMut(*mut CK_ULONG, &mut CK_ULONG) -> CK_RV) -> Res
 }
 
 /// A spare that does not know the member's slot (its server restarted
-/// and has not found the token yet, or the instance has not listed its
-/// slots): not the application's error, and not proof the member is down;
-/// the call runs on the member's own session, whose answer decides.
+/// and has not found the token yet, or the server's process for the
+/// spare's connection never listed it): not the application's error, and
+/// not proof the member is down; the call runs on the member's own
+/// session, whose answer decides, and the spare connects again later
+/// ([`Spare::missed_slot`]).
 fn slot_unknown_to_spare(rv: CK_RV) -> bool {
     matches!(rv, CKR_SLOT_ID_INVALID | CKR_TOKEN_NOT_PRESENT)
 }
@@ -578,10 +637,15 @@ impl Spare {
             )
         });
         if rv != CKR_OK {
-            if classify("C_OpenSession", rv).is_member_fault() {
+            if slot_unknown_to_spare(rv) {
+                self.missed_slot();
+            } else if classify("C_OpenSession", rv).is_member_fault() {
                 self.stale.store(true, Ordering::Release);
             }
             return Err(rv);
+        }
+        if self.slot_misses.load(Ordering::Relaxed) != 0 {
+            self.slot_misses.store(0, Ordering::Relaxed);
         }
         sessions.push(SpareSession {
             slot,
@@ -592,6 +656,27 @@ impl Spare {
             found: Default::default(),
         });
         Ok((handle, connection))
+    }
+
+    /// The spare did not know the member's slot, which the first instance
+    /// serves: the server's process for this connection may never list
+    /// it (one whose SoftHSM was initialised while another instance's
+    /// `C_Login` rewrote the token file answered `CKR_SLOT_ID_INVALID` to
+    /// every `C_OpenSession` for its life), so the spare is connected
+    /// again at its next use, after a rest ([`spare_rest`]).
+    fn missed_slot(&self) {
+        let misses = self.slot_misses.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.rests_until.lock() = Some(crate::clock::now() + spare_rest(misses));
+        self.stale.store(true, Ordering::Release);
+    }
+
+    /// Whether the spare rests after missing the slot.
+    fn resting(&self) -> bool {
+        self.slot_misses.load(Ordering::Relaxed) != 0
+            && self
+                .rests_until
+                .lock()
+                .is_some_and(|until| crate::clock::now() < until)
     }
 
     /// Forgets the session `handle` opened on `connection` (closed, or
@@ -760,7 +845,7 @@ impl Drop for Lane {
         if !self.finished {
             self.spare().forget_session(self.session, self.connection);
         }
-        self.first.spares.idle.lock().push(self.index);
+        hand_back(&mut self.first.spares.idle.lock(), self.index, false);
     }
 }
 
@@ -966,6 +1051,8 @@ impl MemberLibrary {
             },
             tried_on: AtomicU64::new(0),
             stale: AtomicBool::new(false),
+            slot_misses: AtomicU32::new(0),
+            rests_until: Mutex::new(None),
             sessions: Mutex::new(SmallVec::new()),
         })
     }
@@ -990,18 +1077,22 @@ impl MemberLibrary {
         call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<CK_RV> {
         let first_connection = self.connection();
-        let borrowed = self.spares.borrow(first_connection)?;
+        let mut borrowed = self.spares.borrow(first_connection)?;
         let spare = &self.spares.instances[borrowed.index];
         if !spare.ready(first_connection) {
+            borrowed.failed = true;
             return None;
         }
         let _begun = begin();
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
-            Err(rv) if slot_unknown_to_spare(rv) || spare.stale.load(Ordering::Acquire) => {
-                return None
+            Err(rv) => {
+                borrowed.failed = true;
+                if slot_unknown_to_spare(rv) || spare.stale.load(Ordering::Acquire) {
+                    return None;
+                }
+                return Some(rv);
             }
-            Err(rv) => return Some(rv),
         };
         let rv = on_connection(connection, || call(&spare.library, session));
         if matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED) {
@@ -1021,18 +1112,22 @@ impl MemberLibrary {
         begin: impl FnOnce() -> G,
     ) -> Option<std::result::Result<Lane, CK_RV>> {
         let first_connection = self.connection();
-        let borrowed = self.spares.borrow(first_connection)?;
+        let mut borrowed = self.spares.borrow(first_connection)?;
         let spare = &self.spares.instances[borrowed.index];
         let _begun = begin();
         if !spare.ready(first_connection) {
+            borrowed.failed = true;
             return None;
         }
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
-            Err(rv) if slot_unknown_to_spare(rv) || spare.stale.load(Ordering::Acquire) => {
-                return None
+            Err(rv) => {
+                borrowed.failed = true;
+                if slot_unknown_to_spare(rv) || spare.stale.load(Ordering::Acquire) {
+                    return None;
+                }
+                return Some(Err(rv));
             }
-            Err(rv) => return Some(Err(rv)),
         };
         Some(Ok(Lane {
             first: Arc::clone(self),
@@ -1984,5 +2079,63 @@ mod tests {
             (2, 0),
             "two calls served; the member fault ended without counting as served"
         );
+    }
+
+    /// The lending rule of spares: one that served is lent again first;
+    /// one that failed is lent only after every other idle spare, however
+    /// often it fails, and a spare that is not acceptable is passed over
+    /// in favour of the second choice.
+    #[test]
+    fn a_failed_spare_is_lent_after_every_healthy_one() {
+        let mut idle: Vec<usize> = (0..3).collect();
+        let any = |_: usize| true;
+        let none = |_: usize| false;
+        assert_eq!(lend_from(&mut idle, any, none), Some(2));
+        hand_back(&mut idle, 2, false);
+        assert_eq!(
+            lend_from(&mut idle, any, none),
+            Some(2),
+            "the warm spare first"
+        );
+        hand_back(&mut idle, 2, true);
+        for _ in 0..5 {
+            let lent = lend_from(&mut idle, any, none);
+            assert_eq!(lent, Some(1), "a healthy spare before the failed one");
+            hand_back(&mut idle, 1, false);
+        }
+        let (first, second) = (
+            lend_from(&mut idle, any, none).unwrap(),
+            lend_from(&mut idle, any, none).unwrap(),
+        );
+        assert_eq!((first, second), (1, 0));
+        assert_eq!(
+            lend_from(&mut idle, any, none),
+            Some(2),
+            "the failed one last"
+        );
+        assert_eq!(lend_from(&mut idle, any, none), None);
+        for i in [0, 1, 2] {
+            hand_back(&mut idle, i, false);
+        }
+        assert_eq!(
+            lend_from(&mut idle, |i| i == 0, |i| i == 1),
+            Some(0),
+            "the first choice wherever it is"
+        );
+        assert_eq!(lend_from(&mut idle, |i| i == 0, |i| i == 1), Some(1));
+        assert_eq!(lend_from(&mut idle, |i| i == 0, |i| i == 1), None);
+        assert_eq!(idle, [2]);
+    }
+
+    /// A spare that keeps missing the slot rests longer each time, up to
+    /// a bound, so that reconnecting it stays rare.
+    #[test]
+    fn a_spare_missing_the_slot_rests_longer_each_time_up_to_a_bound() {
+        assert_eq!(spare_rest(1), SPARE_REST_FIRST);
+        assert_eq!(spare_rest(2), SPARE_REST_FIRST * 2);
+        assert_eq!(spare_rest(3), SPARE_REST_FIRST * 4);
+        assert_eq!(spare_rest(40), SPARE_REST_MAX);
+        assert_eq!(spare_rest(u32::MAX), SPARE_REST_MAX);
+        assert!((1..60).all(|m| spare_rest(m) <= spare_rest(m + 1)));
     }
 }

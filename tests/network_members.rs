@@ -35,6 +35,9 @@ struct Server {
     conf: PathBuf,
     label: String,
     rpc_log: PathBuf,
+    /// The workers of listeners replaced by [`Server::relisten`]: still
+    /// serving the connections made to them, and stopped with the server.
+    former_workers: Vec<i32>,
 }
 
 impl Server {
@@ -46,6 +49,7 @@ impl Server {
             conf: hsm.conf.clone(),
             label: label.to_string(),
             rpc_log,
+            former_workers: Vec::new(),
         };
         server.wait_for_socket();
         server
@@ -212,6 +216,35 @@ impl Server {
         }
     }
 
+    /// The listener's children: the workers of the connections made to it.
+    fn children(&self) -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Replaces the listening process by one exporting the token labelled
+    /// `token` (none if no token has that label); the connections made so
+    /// far keep their workers.
+    fn relisten(&mut self, token: &str) {
+        self.former_workers.extend(self.children());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Self::spawn(&self.conf, token, &self.socket, &self.rpc_log);
+        self.wait_for_socket();
+    }
+
+    /// Whether a worker answered `C_OpenSession` with
+    /// `CKR_SLOT_ID_INVALID`, from the RPC log.
+    fn refused_a_slot(&self) -> bool {
+        let text = std::fs::read_to_string(&self.rpc_log).expect("the server's RPC log");
+        text.lines()
+            .any(|l| l.ends_with(" rpc_C_OpenSession: ret: 3"))
+    }
+
     fn restart(&mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.socket);
@@ -220,16 +253,13 @@ impl Server {
     }
 
     fn stop(&mut self) {
-        if let Ok(text) =
-            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))
+        for pid in self
+            .children()
+            .into_iter()
+            .chain(self.former_workers.drain(..))
         {
-            for pid in text
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: killing our own server's workers.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            // SAFETY: killing our own server's workers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -554,6 +584,80 @@ fn operations_spread_over_the_client_instances() {
                 on_spares(server, function)
             );
         }
+    }
+}
+
+/// A spare whose server process does not list the member's slot connects
+/// again and serves. Seen: a spare's worker whose SoftHSM was initialised
+/// while another instance's `C_Login` rewrote the token file answered
+/// `CKR_SLOT_ID_INVALID` to every `C_OpenSession` for its life, and the
+/// spare, never connected again, failed every call it was lent (4 runs of
+/// 150 of the test above). Here each server's listener is replaced, before
+/// any spare connects, by one exporting no token, until a spare met it;
+/// with the right listener back, digests must reach a new worker -- a
+/// spare connected again -- of each server that refused a slot, within a
+/// deadline.
+#[test]
+fn a_spare_that_missed_the_slot_connects_again_and_serves() {
+    let mut remote = Remote::start(&instances(2, ""));
+    let first_workers: Vec<Vec<i32>> = remote.servers.iter().map(Server::children).collect();
+    for server in &mut remote.servers {
+        server.relisten("no-such-token");
+    }
+    let digests = |remote: &Remote| {
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let session = remote.session();
+                    for _ in 0..10 {
+                        let digest = session
+                            .digest(&Mechanism::Sha256, &[5u8; 64])
+                            .expect("C_Digest");
+                        assert_eq!(digest.len(), 32);
+                    }
+                });
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !remote.servers.iter().any(Server::refused_a_slot) {
+        digests(&remote);
+        assert!(
+            Instant::now() < deadline,
+            "no spare connected while the servers exported no token"
+        );
+    }
+    let refused: Vec<bool> = remote.servers.iter().map(Server::refused_a_slot).collect();
+    for server in &mut remote.servers {
+        let label = server.label.clone();
+        server.relisten(&label);
+    }
+    let on_new_workers = |server: &Server, first: &[i32]| -> usize {
+        let calls = server.calls("C_Digest");
+        server
+            .children()
+            .iter()
+            .filter(|pid| !first.contains(pid))
+            .map(|pid| calls.get(pid).copied().unwrap_or(0))
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        digests(&remote);
+        let served: Vec<usize> = remote
+            .servers
+            .iter()
+            .zip(&first_workers)
+            .map(|(server, first)| on_new_workers(server, first))
+            .collect();
+        if served.iter().zip(&refused).all(|(n, r)| !r || *n > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a spare that met no slot never served again: servers that refused a slot \
+             {refused:?}, digests on spares connected since {served:?}"
+        );
     }
 }
 
@@ -902,7 +1006,7 @@ fn a_killed_server_takes_the_member_out_with_calls_on_several_instances() {
                 }
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let busy_spares = || {
             on_spares(&remote.servers[0], "C_Sign")
                 .iter()
