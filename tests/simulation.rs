@@ -963,6 +963,12 @@ impl Schedule<'_> {
         let Some(state) = self.state.clone() else {
             return;
         };
+        // Before the fault is planted: `provider::get` runs recovery when
+        // it is due, which may read the object too, and the reconnect the
+        // fault makes runs recovery beside the read -- inside recovery,
+        // that would wait for itself (seeds 20242, 25940, 44635, 45728,
+        // 46730 hung so). The pass itself makes no C call.
+        let provider = pkcs11_ha::provider::get().expect("initialised");
         let mut planted = None;
         if self.networked && self.rng.chance(50) {
             let token = self.rng.below(self.members as u64) as usize;
@@ -984,7 +990,6 @@ impl Schedule<'_> {
                 planted = Some((library, local));
             }
         }
-        let provider = pkcs11_ha::provider::get().expect("initialised");
         pkcs11_ha::reconcile::reconcile_now(&*provider, &state);
         // A reconnect the pass did not meet ends with it.
         if let Some((library, local)) = planted {
