@@ -1968,8 +1968,12 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   the domain key showed through the virtual slot, and recovery copied
 ///   it as an object (see
 ///   `a_pass_before_the_first_login_keeps_the_domain_key_known_on_tokens_that_renumber`
-///   in `tests/member_api.rs`).
-const REGRESSION_SEEDS: [(u64, Faults); 50] = [
+///   in `tests/member_api.rs`);
+/// - 30474 (reconnect schedules): a copy kept for a member while its
+///   library refused the key-wrap mechanism failed, once it took it again,
+///   on a source whose connection had dropped unseen; the source stayed
+///   serving, so the copy was never made while no call reached it.
+const REGRESSION_SEEDS: [(u64, Faults); 51] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -2020,6 +2024,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 50] = [
     (3527, Faults::RECONNECTS),
     (3788, Faults::RECONNECTS),
     (4770, Faults::RECONNECTS),
+    (30474, Faults::RECONNECTS),
 ];
 
 #[test]
