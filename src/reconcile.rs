@@ -509,6 +509,13 @@ fn read_index(
     if yield_to_application(member, shared) {
         return None;
     }
+    // The handles read stay valid only while a session of the group's own
+    // is open on the member: SoftHSM numbers a token's objects anew when
+    // its last session closes, which this pass's own session may be (before
+    // the application's first login the group has none open) -- the domain
+    // key's handle recorded so went stale, and the key then showed through
+    // the virtual slot and was copied as an object (seeds 271, 3527).
+    worker.group.on_utility(position, |_| ()).ok()?;
     // Not `domain_handle`: it searches on the member's utility session,
     // whose lock the application's lookups wait for, and this thread runs
     // at the lowest priority -- the application's first calls at 10,000

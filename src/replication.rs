@@ -1228,7 +1228,19 @@ impl VirtualSession {
                 Ok(true)
             }
             Ok(_) => Err("the member failed again".into()),
-            Err(e) => Err(format!("copying an object failed with {}", rv_name(e.rv))),
+            Err(e) => {
+                // The source may have failed under the copy unseen (its
+                // connection lost while no call went there): asked once, it
+                // is taken out if it does not answer, so that recovery
+                // brings it back and the copy, kept, is made then. Left
+                // serving, it failed every copy from it until an
+                // application call happened to reach it (simulation seed
+                // 30474 with `SIM_RECONNECTS`).
+                if crate::group::is_member_fault("C_WrapKey", e.rv) {
+                    self.answers(source);
+                }
+                Err(format!("copying an object failed with {}", rv_name(e.rv)))
+            }
         }
     }
 

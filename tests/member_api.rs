@@ -817,6 +817,65 @@ fn a_member_reconnecting_while_a_pass_reads_it_keeps_every_object() {
     drop(held);
 }
 
+/// A reconciliation pass made before the application's first login -- the
+/// reconciliation thread's first, right after `C_Initialize` -- may hold
+/// the only session on a member's token: when it closes, the token numbers
+/// its objects anew (as SoftHSM does), so no handle the pass read may be
+/// kept past it unless a session of the group's own keeps them. The domain
+/// key's handle recorded so named nothing afterwards: keys could not be
+/// made (its check value unreadable), and the domain key, no longer hidden,
+/// showed through the virtual slot and was copied as an object (simulation
+/// seeds 271, 3527 with `SIM_RECONNECTS`).
+#[test]
+fn a_pass_before_the_first_login_keeps_the_domain_key_known_on_tokens_that_renumber() {
+    let (member, group) = memory_group(2, 27);
+    for token in 0..2 {
+        member
+            .sim
+            .lock()
+            .set_fault(token, Fault::RenumberOnLastClose);
+    }
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &member)
+    };
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    let state = StateDir::open(&scratch.path().join("state")).expect("the state directory opens");
+    pkcs11_ha::reconcile::reconcile_now(&host, &state);
+
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        let hidden = v
+            .domain_key(position)
+            .expect("the domain key of each member is known and readable");
+        let mut own = CK_INVALID_HANDLE;
+        assert_eq!(
+            member.open_session(
+                FIRST_SLOT + position as CK_SLOT_ID,
+                CKF_SERIAL_SESSION,
+                &mut own
+            ),
+            CKR_OK
+        );
+        let label = identity::read_attributes(&*member, own, hidden, &[CKA_LABEL]);
+        assert_eq!(
+            label,
+            Some(vec![(CKA_LABEL, token::DOMAIN_LABEL.to_vec())]),
+            "member {position}: the handle hidden is its domain key's"
+        );
+        assert_eq!(member.close_session(own), CKR_OK);
+    }
+    generate_token_key(&v, b"after the pass").expect("a key is made after the pass");
+    let values = key_values(&member, b"after the pass");
+    assert!(
+        values
+            .iter()
+            .all(|on| on.len() == 1 && on[0] == values[0][0]),
+        "the same key once on each member: {values:?}"
+    );
+    v.close();
+}
+
 /// A token object imported while one member fails under the call -- its
 /// copy there made, the answer lost (`CKR_DEVICE_ERROR`), and the member's
 /// recovery begun before the caller saw the answer, as when the chaos of
