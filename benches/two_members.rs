@@ -24,6 +24,10 @@
 //!
 //! Run: `cargo build --release && cargo bench --bench two_members` (about
 //! half a minute). `-- --test` runs each benchmark once, the table briefly.
+//! Instructions per call, which a busy machine does not move:
+//! `PKCS11_HA_BENCH_LOOP=sha256_1k/two/1000 valgrind --tool=callgrind
+//! --toggle-collect='*counted_calls*' target/release/deps/two_members-*`
+//! (targets `direct`, `two`, `proxy`, `one`), total `Ir` / 1000.
 
 // Only some of the shared helpers are used here.
 #[allow(dead_code)]
@@ -51,6 +55,8 @@ const TARGET_RATIO: f64 = 0.95;
 const SLICE: Duration = Duration::from_millis(20);
 const PER_TARGET: Duration = Duration::from_millis(1500);
 const TEST_PER_TARGET: Duration = Duration::from_millis(60);
+/// Runs one operation on one target only (see [`counted_run`]).
+const LOOP_ENV: &str = "PKCS11_HA_BENCH_LOOP";
 
 /// One way of reaching token `a` (or a group's slot): a function table, a
 /// logged-in session, the keys as it sees them, and the slot.
@@ -493,11 +499,62 @@ fn table(bench: &Bench, per_target: Duration, test_mode: bool) -> String {
     out
 }
 
+/// `count` calls of `op` on `target`, nothing else: the function
+/// `--toggle-collect` names to count a call's instructions with callgrind.
+#[inline(never)]
+fn counted_calls(op: Op, target: &Target, b: &mut Buffers, count: u64) {
+    for _ in 0..count {
+        op(target, b);
+    }
+}
+
+/// With `LOOP_ENV` = `OPERATION/TARGET/COUNT` (`sha256_1k/two/1000`), the
+/// bench makes its tokens, runs that many calls in [`counted_calls`] and
+/// ends, for `valgrind --tool=callgrind --toggle-collect='*counted_calls*'`.
+fn counted_run(bench: &Bench, spec: &str) {
+    let parts: Vec<&str> = spec.split('/').collect();
+    let [operation, target, count] = parts[..] else {
+        panic!("{LOOP_ENV}={spec:?}: expected OPERATION/TARGET/COUNT");
+    };
+    let op: Op = match operation {
+        "ecdsa_p256_sign" => sign,
+        "aes256_gcm_1k" => encrypt,
+        "sha256_1k" => digest,
+        "random_32" => random,
+        "open_close" => open_close,
+        _ => panic!("{LOOP_ENV}: no operation {operation:?}"),
+    };
+    let target = bench
+        .targets
+        .iter()
+        .find(|t| t.name == target)
+        .unwrap_or_else(|| panic!("{LOOP_ENV}: no target {target:?}"));
+    let count = count
+        .parse()
+        .unwrap_or_else(|_| panic!("{LOOP_ENV}: count {count:?} is not a number"));
+    let mut b = Buffers {
+        digest: [0x5a; 32],
+        data: vec![1; DATA_LEN],
+        iv: [7; 12],
+        out: vec![0; DATA_LEN + 64],
+    };
+    // The first calls set up what later calls reuse (member sessions,
+    // lookups); counted calls are the steady state.
+    for _ in 0..10 {
+        op(target, &mut b);
+    }
+    counted_calls(op, target, &mut b, count);
+}
+
 fn main() {
     let args: Vec<String> = env::args().collect();
     let test_mode = args.iter().any(|a| a == "--test");
     let list_mode = args.iter().any(|a| a == "--list");
     let bench = Bench::start();
+    if let Some(spec) = env::var_os(LOOP_ENV) {
+        counted_run(&bench, &spec.to_string_lossy());
+        return;
+    }
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(200))
