@@ -887,3 +887,157 @@ fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_o
     );
     v.close();
 }
+
+/// A key generated while a member returns with `[HASynchronize]` on: the
+/// returning member's synchronisation lists the source member while the
+/// generating call is still inside it -- the key made there, the call not
+/// yet back to record it -- copies the key it finds under a handle of its
+/// own, and, nothing being queued for the member, puts it back in service.
+/// The generating call then records its key and replicates it to every
+/// member that serves, the returned one included: the key must be there
+/// once, not copied a second time under the call's handle. (The soak's
+/// "hsmB: soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY,
+/// CKO_PRIVATE_KEY]": a public key copied by value, in a recovery that did
+/// not fail.)
+#[test]
+fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once() {
+    let label = b"generated while member 1 returned";
+    let (member, group) = memory_group(2, 28);
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &member)
+    };
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    let weak_member = Arc::downgrade(&member);
+    // Met by the calls on member 0 until the key is made there; then the
+    // generating call stays inside member 0 until the test lets it go.
+    member.on_stall(move |_| {
+        let Some(member) = weak_member.upgrade() else {
+            return;
+        };
+        if key_values(&member, label)[0].is_empty() {
+            member.sim.lock().set_fault(0, Fault::Stall);
+            return;
+        }
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    member.sim.lock().set_fault(0, Fault::Stall);
+
+    std::thread::scope(|scope| {
+        let caller = scope.spawn(|| generate_token_key(&v, label));
+        stalled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the key is made on member 0 while its call is inside it");
+        recovery::recover_failed_members(&host);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "member 1 is back while the call is under way"
+        );
+        resume.send(()).expect("the generating call waits");
+        caller
+            .join()
+            .expect("the caller returns")
+            .expect("C_GenerateKey succeeds");
+    });
+    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    assert_eq!(copies, [1, 1], "copies of the key on each member");
+    v.close();
+}
+
+/// The soak's interleaving, with an imported token object: the import is
+/// carried out on member 0, the only member serving, and its answer is
+/// then lost; while the call is still inside member 0, member 1 returns,
+/// and its synchronisation lists member 0 and finds the object there. The
+/// call, its answer lost, makes the object on the member that serves by
+/// then -- member 1 -- so synchronisation giving member 1 the object too
+/// would leave it there twice. (The soak's "hsmB: soak-ec-0000286 has
+/// [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]": the public key's
+/// import was the call under way; the private key's came after.)
+#[test]
+fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
+    let label = b"imported while member 1 returned";
+    let (member, group) = memory_group(2, 29);
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &member)
+    };
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    let weak_member = Arc::downgrade(&member);
+    // Met by the calls on member 0 until the object is made there; then
+    // the import stays inside member 0 until the test lets it go, and its
+    // answer is lost.
+    member.on_stall(move |_| {
+        let Some(member) = weak_member.upgrade() else {
+            return;
+        };
+        if key_values(&member, label)[0].is_empty() {
+            member.sim.lock().set_fault(0, Fault::Stall);
+            return;
+        }
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    {
+        let mut sim = member.sim.lock();
+        sim.set_fault(0, Fault::Stall);
+        sim.set_fault(0, Fault::LoseAnswer);
+    }
+
+    let import = || {
+        let token_object: CK_BBOOL = CK_TRUE;
+        let mut attributes = data_object(label, b"made once on each member");
+        attributes[1].pValue = &token_object as *const _ as *mut _;
+        // SAFETY: attributes whose values live until the call returns.
+        let template = unsafe {
+            Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG)
+        }
+        .expect("a valid template");
+        // A token object: no virtual session owns it.
+        v.create_object(CK_INVALID_HANDLE, &template)
+    };
+    std::thread::scope(|scope| {
+        let caller = scope.spawn(import);
+        stalled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the object is made on member 0 while its call is inside it");
+        recovery::recover_failed_members(&host);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "member 1 is back while the call is under way"
+        );
+        resume.send(()).expect("the import waits");
+        caller
+            .join()
+            .expect("the caller returns")
+            .expect("the import succeeds on member 1");
+    });
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Down,
+        "its answer was lost"
+    );
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    assert_eq!(copies, [1, 1], "copies of the object on each member");
+    v.close();
+}
