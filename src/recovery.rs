@@ -1290,9 +1290,10 @@ fn may_be_orphan(
 /// kept fingerprint. That call gives it to the returning member itself,
 /// queued or made there once the member serves, or removes it everywhere
 /// if it fails; a copy made here as well left the member holding it twice
-/// (the soak's "hsmB: soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY,
-/// CKO_PRIVATE_KEY]": an import whose answer from the only other serving
-/// member was lost made the key again on the member just back). An
+/// (an import whose answer from the only other serving member was lost
+/// made the object again on the member just back: most likely the soak's
+/// "hsmB: soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY,
+/// CKO_PRIVATE_KEY]"). An
 /// object of another process's left out here is copied by the
 /// reconciliation pass the member's return asks for, which waits for
 /// this process's calls making objects.

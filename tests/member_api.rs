@@ -891,14 +891,11 @@ fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_o
 /// A key generated while a member returns with `[HASynchronize]` on: the
 /// returning member's synchronisation lists the source member while the
 /// generating call is still inside it -- the key made there, the call not
-/// yet back to record it -- copies the key it finds under a handle of its
-/// own, and, nothing being queued for the member, puts it back in service.
-/// The generating call then records its key and replicates it to every
-/// member that serves, the returned one included: the key must be there
-/// once, not copied a second time under the call's handle. (The soak's
-/// "hsmB: soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY,
-/// CKO_PRIVATE_KEY]": a public key copied by value, in a recovery that did
-/// not fail.)
+/// yet back to record it -- and, nothing being queued for the member, puts
+/// it back in service. The generating call then records its key and
+/// replicates it to every member that serves, the returned one included:
+/// had synchronisation copied the key it found (under a handle of its
+/// own), the member would hold it twice.
 #[test]
 fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once() {
     let label = b"generated while member 1 returned";
@@ -952,15 +949,16 @@ fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once
     v.close();
 }
 
-/// The soak's interleaving, with an imported token object: the import is
+/// An imported token object, in the soak's setting: the import is
 /// carried out on member 0, the only member serving, and its answer is
 /// then lost; while the call is still inside member 0, member 1 returns,
 /// and its synchronisation lists member 0 and finds the object there. The
 /// call, its answer lost, makes the object on the member that serves by
 /// then -- member 1 -- so synchronisation giving member 1 the object too
-/// would leave it there twice. (The soak's "hsmB: soak-ec-0000286 has
-/// [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]": the public key's
-/// import was the call under way; the private key's came after.)
+/// would leave it there twice. (The likely course of the soak's "hsmB:
+/// soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]":
+/// the public key's import the call under way, the private key's after
+/// it; that run's HA log was not kept.)
 #[test]
 fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
     let label = b"imported while member 1 returned";
