@@ -1283,6 +1283,45 @@ fn may_be_orphan(
             .is_some_and(|own| prints.iter().any(|p| identity::matches(p, &own)))
 }
 
+/// The group's object for `handle`, a token object synchronisation listed
+/// on member `reference` -- `None` for one that a call making objects
+/// (`making`: one was under way during the listing) may have made there
+/// and not recorded yet: one the group knows by no handle there and no
+/// kept fingerprint. That call gives it to the returning member itself,
+/// queued or made there once the member serves, or removes it everywhere
+/// if it fails; a copy made here as well left the member holding it twice
+/// (an import whose answer from the only other serving member was lost
+/// made the object again on the member just back: most likely the soak's
+/// "hsmB: soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY,
+/// CKO_PRIVATE_KEY]"). An
+/// object of another process's left out here is copied by the
+/// reconciliation pass the member's return asks for, which waits for
+/// this process's calls making objects.
+fn listed_object(
+    group: &Group,
+    worker: &VirtualSession,
+    reference: usize,
+    handle: CK_OBJECT_HANDLE,
+    making: bool,
+) -> Option<CK_OBJECT_HANDLE> {
+    if let Some(object) = group.objects.known(reference, handle) {
+        return Some(object);
+    }
+    if !making {
+        return Some(group.objects.from_member(reference, handle));
+    }
+    let print = worker
+        .on_member(reference, |s| {
+            identity::fingerprint(&*s.library, s.handle, handle)
+        })
+        .ok()??;
+    group.objects.any_matched_by(&print).then(|| {
+        group
+            .objects
+            .from_member_identified(reference, handle, print)
+    })
+}
+
 /// Copies to the member every token object a serving member has and it
 /// lacks. Both members are read once and compared here -- or, where the
 /// member was not read (see [`Known::of`]), the objects the group did not
@@ -1305,6 +1344,7 @@ fn synchronize(
     };
     let domain = worker.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
+    let making = group.objects_being_made();
     let handles = match group.find_on_utility(reference, &everything) {
         Ok(handles) => handles,
         Err(e) => {
@@ -1325,11 +1365,20 @@ fn synchronize(
             return Ok(0);
         }
     };
+    // A call under way during the listing may have made an object there
+    // that it has not recorded yet: taken to be, unless a kept fingerprint
+    // of the group's names it.
+    let making = making || group.objects_being_made();
     let queued = group.queued_objects(position);
+    let mut unsettled = 0;
     let candidates: Vec<CK_OBJECT_HANDLE> = handles
         .into_iter()
         .filter(|h| Some(*h) != domain)
-        .map(|handle| group.objects.from_member(reference, handle))
+        .filter_map(|handle| {
+            let object = listed_object(group, worker, reference, handle, making);
+            unsettled += usize::from(object.is_none());
+            object
+        })
         .filter(|object| !queued.contains(object))
         .filter(|object| !may_be_orphan(group, worker, reference, *object))
         .collect();
@@ -1339,6 +1388,16 @@ fn synchronize(
         .count();
     if !known.complete && unseen > LOOK_UPS_INSTEAD_OF_READING {
         *known = Known::read(worker, position)?;
+    }
+    if unsettled > 0 {
+        group.log(
+            Some(position),
+            &format!(
+                "synchronisation left {unsettled} objects of member {} to reconciliation: calls \
+                 making objects were under way, and these may be theirs",
+                group.members[reference].serial
+            ),
+        );
     }
     let mut copied = 0;
     for object in candidates {
@@ -1360,9 +1419,7 @@ fn synchronize(
             break;
         }
         // Not read: looked up on the member first, then copied with the
-        // holdings, which note the copy. (An object a call is making may
-        // show here under a handle of its own before that call records it;
-        // the replay of the change queued for it must find this copy.)
+        // holdings, which note the copy.
         let looked_up = || worker.holds(object, position, None);
         if !known.complete && (known.held_before(group, object) || looked_up()) {
             continue;

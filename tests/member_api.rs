@@ -946,3 +946,244 @@ fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_o
     );
     v.close();
 }
+
+/// A key generated while a member returns with `[HASynchronize]` on: the
+/// returning member's synchronisation lists the source member while the
+/// generating call is still inside it -- the key made there, the call not
+/// yet back to record it -- and, nothing being queued for the member, puts
+/// it back in service. The generating call then records its key and
+/// replicates it to every member that serves, the returned one included:
+/// had synchronisation copied the key it found (under a handle of its
+/// own), the member would hold it twice.
+#[test]
+fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once() {
+    let label = b"generated while member 1 returned";
+    let (member, group) = memory_group(2, 28);
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &member)
+    };
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    let weak_member = Arc::downgrade(&member);
+    // Met by the calls on member 0 until the key is made there; then the
+    // generating call stays inside member 0 until the test lets it go.
+    member.on_stall(move |_| {
+        let Some(member) = weak_member.upgrade() else {
+            return;
+        };
+        if key_values(&member, label)[0].is_empty() {
+            member.sim.lock().set_fault(0, Fault::Stall);
+            return;
+        }
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    member.sim.lock().set_fault(0, Fault::Stall);
+
+    // Asserted once the call is let go: a failure inside the scope would
+    // wait for the stalled call for ever.
+    let back = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| generate_token_key(&v, label));
+        stalled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the key is made on member 0 while its call is inside it");
+        recovery::recover_failed_members(&host);
+        let back = group.members[1].state();
+        resume.send(()).expect("the generating call waits");
+        caller
+            .join()
+            .expect("the caller returns")
+            .expect("C_GenerateKey succeeds");
+        back
+    });
+    assert_eq!(
+        back,
+        MemberState::Up,
+        "member 1 is back while the call is under way"
+    );
+    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    assert_eq!(copies, [1, 1], "copies of the key on each member");
+    v.close();
+}
+
+/// An imported token object, in the soak's setting: the import is
+/// carried out on member 0, the only member serving, and its answer is
+/// then lost; while the call is still inside member 0, member 1 returns,
+/// and its synchronisation lists member 0 and finds the object there. The
+/// call, its answer lost, makes the object on the member that serves by
+/// then -- member 1 -- so synchronisation giving member 1 the object too
+/// would leave it there twice. (The likely course of the soak's "hsmB:
+/// soak-ec-0000286 has [CKO_PUBLIC_KEY, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY]":
+/// the public key's import the call under way, the private key's after
+/// it; that run's HA log was not kept.)
+#[test]
+fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
+    let label = b"imported while member 1 returned";
+    let (member, group) = memory_group(2, 29);
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &member)
+    };
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    let weak_member = Arc::downgrade(&member);
+    // Met by the calls on member 0 until the object is made there; then
+    // the import stays inside member 0 until the test lets it go, and its
+    // answer is lost.
+    member.on_stall(move |_| {
+        let Some(member) = weak_member.upgrade() else {
+            return;
+        };
+        if key_values(&member, label)[0].is_empty() {
+            member.sim.lock().set_fault(0, Fault::Stall);
+            return;
+        }
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    {
+        let mut sim = member.sim.lock();
+        sim.set_fault(0, Fault::Stall);
+        sim.set_fault(0, Fault::LoseAnswer);
+    }
+
+    let import = || {
+        let token_object: CK_BBOOL = CK_TRUE;
+        let mut attributes = data_object(label, b"made once on each member");
+        attributes[1].pValue = &token_object as *const _ as *mut _;
+        // SAFETY: attributes whose values live until the call returns.
+        let template = unsafe {
+            Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG)
+        }
+        .expect("a valid template");
+        // A token object: no virtual session owns it.
+        v.create_object(CK_INVALID_HANDLE, &template)
+    };
+    // Asserted once the call is let go, as above.
+    let back = std::thread::scope(|scope| {
+        let caller = scope.spawn(import);
+        stalled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the object is made on member 0 while its call is inside it");
+        recovery::recover_failed_members(&host);
+        let back = group.members[1].state();
+        resume.send(()).expect("the import waits");
+        caller
+            .join()
+            .expect("the caller returns")
+            .expect("the import succeeds on member 1");
+        back
+    });
+    assert_eq!(
+        back,
+        MemberState::Up,
+        "member 1 is back while the call is under way"
+    );
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Down,
+        "its answer was lost"
+    );
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    assert_eq!(copies, [1, 1], "copies of the object on each member");
+    v.close();
+}
+
+/// Synchronisation beside a call making objects still copies what the
+/// group knows: an object the returning member lost outside the group, on
+/// a serving member whose handles were forgotten (its reconnect), is
+/// named by its kept fingerprint and copied, while the key the call is
+/// making there, which nothing names yet, is left to the call.
+#[test]
+fn an_object_the_group_knows_is_synchronised_beside_a_call_making_another() {
+    let (label, known) = (&b"made while member 1 returned"[..], &b"known"[..]);
+    let (member, group) = memory_group(2, 30);
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &member)
+    };
+    let v = logged_in_session(&group);
+    let token_object: CK_BBOOL = CK_TRUE;
+    let mut attributes = data_object(known, b"on both members, then lost on one");
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    v.create_object(CK_INVALID_HANDLE, &template)
+        .expect("the object is made on both members");
+    // Removed from member 1 outside the group; member 0's handles are
+    // forgotten, as when it reconnects.
+    let mut session = CK_INVALID_HANDLE;
+    assert_eq!(
+        member.open_session(
+            FIRST_SLOT + 1,
+            CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            &mut session
+        ),
+        CKR_OK
+    );
+    let print = vec![(CKA_LABEL, known.to_vec())];
+    let found = identity::find(&*member, session, &print).expect("a search of member 1");
+    assert_eq!(found.len(), 1);
+    assert_eq!(member.destroy_object(session, found[0]), CKR_OK);
+    assert_eq!(member.close_session(session), CKR_OK);
+    group.forget_handles(0);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    member.on_stall(move |_| {
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    member.sim.lock().set_fault(0, Fault::StallAfterChange);
+    // Asserted once the call is let go, as above.
+    let (back, synchronised) = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| generate_token_key(&v, label));
+        stalled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the key is made on member 0 while its call is inside it");
+        recovery::recover_failed_members(&host);
+        let back = group.members[1].state();
+        let synchronised = member
+            .token_objects(1)
+            .iter()
+            .filter(|o| o[1] == memory_member::hex(known))
+            .count();
+        resume.send(()).expect("the generating call waits");
+        caller
+            .join()
+            .expect("the caller returns")
+            .expect("C_GenerateKey succeeds");
+        (back, synchronised)
+    });
+    assert_eq!(back, MemberState::Up, "member 1 is back");
+    assert_eq!(
+        synchronised, 1,
+        "copies of the object the group knows synchronised beside the call"
+    );
+    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    assert_eq!(copies, [1, 1], "copies of the key on each member");
+    v.close();
+}

@@ -71,6 +71,11 @@ struct Faults {
     /// seed's schedule is the one it has in [`Faults::RECONNECTS`] or in the
     /// set without them.
     reconnects: u64,
+    /// Half the stalls wait for a call that makes or destroys an object,
+    /// with a recovery pass running beside it
+    /// ([`Schedule::stall_after_change`]). The sets found before it leave
+    /// it out, so that their seeds replay as they were found.
+    recovery_beside: bool,
 }
 
 impl Faults {
@@ -82,6 +87,7 @@ impl Faults {
         widened: true,
         refusals: true,
         reconnects: 50,
+        recovery_beside: true,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -89,13 +95,30 @@ impl Faults {
         widened: true,
         refusals: true,
         reconnects: 100,
+        recovery_beside: true,
     };
-    /// No schedule with them (`SIM_RECONNECTS=0`): the default schedules
-    /// before they joined.
+    /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
         widened: true,
         refusals: true,
         reconnects: 0,
+        recovery_beside: true,
+    };
+    /// The default schedules before reconnects and recovery beside a
+    /// call joined them.
+    const REFUSALS: Faults = Faults {
+        widened: true,
+        refusals: true,
+        reconnects: 0,
+        recovery_beside: false,
+    };
+    /// The reconnect schedules as they were before recovery beside a
+    /// call joined them.
+    const RECONNECTS_ALONE: Faults = Faults {
+        widened: true,
+        refusals: true,
+        reconnects: 100,
+        recovery_beside: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -115,18 +138,21 @@ impl Faults {
         widened: true,
         refusals: false,
         reconnects: 0,
+        recovery_beside: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
         widened: false,
         refusals: false,
         reconnects: 0,
+        recovery_beside: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
         widened: false,
         refusals: true,
         reconnects: 0,
+        recovery_beside: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -174,6 +200,13 @@ struct SimTime {
     /// The member (position, library) whose connection drops, and which
     /// recovery brings back, while the next stalled call is inside it.
     reconnect: Option<(usize, Arc<SimMember>)>,
+    /// A recovery pass runs while the next stalled call -- one that made
+    /// or destroyed an object there ([`Fault::StallAfterChange`]) -- is
+    /// inside its member, before the stall passes: the recovery thread
+    /// runs beside the application's calls, and a returning member's
+    /// synchronisation may list the member while a call making an object
+    /// there has yet to record it.
+    recover_beside: bool,
 }
 
 impl SimTime {
@@ -208,6 +241,15 @@ fn stalled(_token: usize) {
     };
     if let Some(time) = slot.as_mut() {
         let stall = time.stall;
+        if std::mem::take(&mut time.recover_beside) {
+            // Only beside an application's call making objects: a
+            // recovery's own copies are made in no such call, and a pass
+            // inside a pass would wait on locks the outer one holds.
+            let provider = Arc::clone(&time.provider);
+            if provider.groups[0].objects_being_made() {
+                pkcs11_ha::recovery::recover_failed_members(&*provider);
+            }
+        }
         time.pass(stall);
         if let Some((position, library)) = time.reconnect.take() {
             // As the recovery thread would, beside the stalled call.
@@ -335,6 +377,10 @@ struct Schedule<'a> {
     /// Chooses how long steps and stalls take, apart from `rng`, so that
     /// a seed's steps are those it had before time was simulated.
     time_rng: Rng,
+    /// Chooses, apart from both, which stalls wait for a call that makes
+    /// or destroys an object and have recovery run beside it, so that a
+    /// schedule planting no stall is as it was.
+    beside_rng: Rng,
     trace: Vec<String>,
     verbose: bool,
     serial: u64,
@@ -915,6 +961,9 @@ impl Schedule<'_> {
             // From a quarter of memberTimeout to three of them.
             let quarter = MEMBER_TIMEOUT.as_millis() as u64 / 4;
             let stall = Duration::from_millis(quarter + self.time_rng.below(11 * quarter));
+            if self.faults.recovery_beside && self.beside_rng.chance(50) {
+                return self.stall_after_change(token, stall);
+            }
             return self.stall(token, stall);
         }
         let (library, local) = &self.tokens[token as usize];
@@ -926,11 +975,32 @@ impl Schedule<'_> {
     fn stall(&mut self, token: u32, stall: Duration) {
         if let Some(time) = TIME.lock().expect("time").as_mut() {
             time.stall = stall;
+            time.recover_beside = false;
         }
         let (library, local) = &self.tokens[token as usize];
         library.sim.lock().set_fault(*local, Fault::Stall);
         self.note(format!(
             "fault Stall on token {token}: its next call stalls {} ms",
+            stall.as_millis()
+        ));
+    }
+
+    /// The next call that makes or destroys an object on `token` stays
+    /// inside it for `stall`, once it is carried out, and a recovery pass
+    /// runs beside it first.
+    fn stall_after_change(&mut self, token: u32, stall: Duration) {
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            time.stall = stall;
+            time.recover_beside = true;
+        }
+        let (library, local) = &self.tokens[token as usize];
+        library
+            .sim
+            .lock()
+            .set_fault(*local, Fault::StallAfterChange);
+        self.note(format!(
+            "fault StallAfterChange on token {token}: its next change stalls {} ms, \
+             recovery running beside it",
             stall.as_millis()
         ));
     }
@@ -1271,6 +1341,7 @@ fn run_plan(
         watchdog: pkcs11_ha::recovery::Watchdog::default(),
         stall: Duration::ZERO,
         reconnect: None,
+        recover_beside: false,
     });
     // A state directory of the schedule's own, as the reconciliation
     // thread would have (a provider without threads opens none).
@@ -1305,6 +1376,7 @@ fn run_plan(
         down: vec![false; members as usize],
         logged_in: false,
         time_rng: Rng(seed ^ 0x7133_5eed_7133_5eed),
+        beside_rng: Rng(seed ^ 0xbe51_de00_be51_de00),
         trace: vec![format!(
             "{members} members, {}, {threads} threads, {steps} steps{}",
             if split {
@@ -1735,6 +1807,50 @@ fn a_key_generated_by_a_member_taken_out_under_the_call_is_not_kept_twice() {
     });
 }
 
+/// An object made on the only member serving, whose call then stays
+/// inside that member while the other member returns beside it and
+/// longer than memberTimeout: the returning member's synchronisation
+/// finds the object there before the call has recorded it, the watchdog
+/// takes the stalled member out, and the call -- its answer lost -- makes
+/// the object on the member just back. It is there once: synchronisation
+/// leaves an object a call under way may be making to that call (the
+/// soak's public key twice on one member), for an imported key and for a
+/// generated one.
+#[test]
+fn an_object_a_returning_member_finds_while_its_call_is_under_way_is_made_there_once() {
+    for kind in [1, 2] {
+        run_script(&Script {
+            members: 2,
+            split: false,
+            steps: &|s| {
+                s.open_session(0);
+                let session = s.threads[0].session.expect("a session");
+                s.plant(1, Fault::Crash);
+                s.make_object(0, session, 0, true);
+                ensure!(
+                    s.states()[1] == MemberState::Down,
+                    "member 1 failed under the call: {:?}",
+                    s.states()
+                );
+                s.heal(1);
+                s.stall_after_change(0, MEMBER_TIMEOUT * 3 / 2);
+                s.make_object(0, session, kind, true);
+                ensure!(
+                    s.made.last().is_some_and(|m| m.fate == Fate::Exists),
+                    "the object was made"
+                );
+                ensure!(
+                    s.states() == [MemberState::Down, MemberState::Up],
+                    "member 1 came back beside the call, and member 0 was taken out under \
+                     it: {:?}",
+                    s.states()
+                );
+                Ok(())
+            },
+        });
+    }
+}
+
 /// A call that stays inside a member for less than memberTimeout is only
 /// slow: the member stays in service.
 #[test]
@@ -2024,7 +2140,11 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   library refused the key-wrap mechanism failed, once it took it again,
 ///   on a source whose connection had dropped unseen; the source stayed
 ///   serving, so the copy was never made while no call reached it.
-const REGRESSION_SEEDS: [(u64, Faults); 51] = [
+/// - 2366, 4214, 7895, 8577, 10616 (the first schedules with recovery
+///   beside a call making objects): a returning member's synchronisation
+///   copied an object that call had made and not yet recorded, and the
+///   member held it twice, or kept one reported failed or destroyed.
+const REGRESSION_SEEDS: [(u64, Faults); 56] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -2060,22 +2180,27 @@ const REGRESSION_SEEDS: [(u64, Faults); 51] = [
     (19954, Faults::WIDENED),
     (37700, Faults::WIDENED),
     (43265, Faults::WIDENED),
-    (129, Faults::NO_RECONNECTS),
-    (499, Faults::NO_RECONNECTS),
-    (804, Faults::NO_RECONNECTS),
-    (47857, Faults::NO_RECONNECTS),
-    (108840, Faults::NO_RECONNECTS),
-    (114724, Faults::NO_RECONNECTS),
-    (23075, Faults::NO_RECONNECTS),
-    (135188, Faults::NO_RECONNECTS),
-    (271, Faults::RECONNECTS),
-    (1138, Faults::RECONNECTS),
-    (2446, Faults::RECONNECTS),
-    (2948, Faults::RECONNECTS),
-    (3527, Faults::RECONNECTS),
-    (3788, Faults::RECONNECTS),
-    (4770, Faults::RECONNECTS),
-    (30474, Faults::RECONNECTS),
+    (129, Faults::REFUSALS),
+    (499, Faults::REFUSALS),
+    (804, Faults::REFUSALS),
+    (47857, Faults::REFUSALS),
+    (108840, Faults::REFUSALS),
+    (114724, Faults::REFUSALS),
+    (23075, Faults::REFUSALS),
+    (135188, Faults::REFUSALS),
+    (271, Faults::RECONNECTS_ALONE),
+    (1138, Faults::RECONNECTS_ALONE),
+    (2446, Faults::RECONNECTS_ALONE),
+    (2948, Faults::RECONNECTS_ALONE),
+    (3527, Faults::RECONNECTS_ALONE),
+    (3788, Faults::RECONNECTS_ALONE),
+    (4770, Faults::RECONNECTS_ALONE),
+    (30474, Faults::RECONNECTS_ALONE),
+    (2366, Faults::NO_RECONNECTS),
+    (4214, Faults::NO_RECONNECTS),
+    (7895, Faults::NO_RECONNECTS),
+    (8577, Faults::NO_RECONNECTS),
+    (10616, Faults::NO_RECONNECTS),
 ];
 
 #[test]

@@ -1126,6 +1126,10 @@ fn ha_log_counts(dir: &Path) -> (usize, Vec<(&'static str, usize)>) {
         ("recovery failed", "recovery failed"),
         ("not replayed", "could not be replayed"),
         ("not synchronised", "could not be synchronised"),
+        (
+            "left to reconciliation",
+            "to reconciliation: calls making objects",
+        ),
         ("login lost", "lost its login"),
     ];
     let counts = kinds

@@ -56,6 +56,11 @@ pub enum Fault {
     /// the object with this handle: a driver can act at a chosen point of
     /// an enumeration.
     StallOnReading(CK_OBJECT_HANDLE),
+    /// As [`Fault::Stall`], met by the next call that makes or destroys
+    /// an object, once it is carried out and before its answer returns: a
+    /// driver can act while the object is on the token and the call that
+    /// made it has yet to say so.
+    StallAfterChange,
     /// Each new connection numbers the token's objects afresh, from 1 and
     /// newest first, as a p11-kit server does per connection: a handle of
     /// the old connection names another object on the new one.
@@ -115,6 +120,7 @@ pub struct Token {
     pub renumber_on_last_close: bool,
     pub stall_next: bool,
     pub stall_on_reading: Option<CK_OBJECT_HANDLE>,
+    pub stall_after_change: bool,
     pub renumber_on_reconnect: bool,
 }
 
@@ -447,6 +453,9 @@ impl Sim {
     /// Answers `rv` for a call that changed the token, unless its answer
     /// is to be lost.
     fn answer(&mut self, token: usize, rv: CK_RV) -> Result<()> {
+        if std::mem::take(&mut self.tokens[token].stall_after_change) {
+            self.stalled = Some(token);
+        }
         if rv == CKR_OK && std::mem::take(&mut self.tokens[token].lose_next_answer) {
             return Err(CKR_DEVICE_ERROR);
         }
@@ -501,6 +510,7 @@ impl Sim {
             Fault::RenumberOnLastClose => t.renumber_on_last_close = true,
             Fault::Stall => t.stall_next = true,
             Fault::StallOnReading(handle) => t.stall_on_reading = Some(handle),
+            Fault::StallAfterChange => t.stall_after_change = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
         }
     }
@@ -526,6 +536,7 @@ impl Sim {
         t.refuse_wrap = false;
         t.stall_next = false;
         t.stall_on_reading = None;
+        t.stall_after_change = false;
     }
 
     /// Tokens that are present: not crashed or hung.
