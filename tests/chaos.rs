@@ -794,6 +794,28 @@ fn with_no_member_serving_a_returning_member_serves_before_it_is_given_what_it_m
         "member 0 served only once it had been given all {MISSED} keys it missed; HA log:\n{}",
         chaos.log()
     );
+    // Nor did it read its objects first: nothing is made on it before it
+    // serves, and each key owed is looked up as it is made.
+    let serial = &chaos.members[0].hsm.tokens[0].serial;
+    wait_for(
+        "member 0's recovery is logged",
+        Duration::from_secs(30),
+        || {
+            chaos
+                .log()
+                .lines()
+                .any(|l| l.contains(serial.as_str()) && l.contains("member recovered"))
+        },
+    );
+    let log = chaos.log();
+    let recovered = log
+        .lines()
+        .find(|l| l.contains(serial.as_str()) && l.contains("member recovered"))
+        .unwrap();
+    assert!(
+        recovered.contains("not read: no member serving"),
+        "member 0 read its objects before serving with no member serving: {recovered}"
+    );
     let digest = session
         .digest(&Mechanism::Sha256, b"abc")
         .expect("C_Digest on the member back");

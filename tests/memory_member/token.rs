@@ -56,6 +56,10 @@ pub enum Fault {
     /// the object with this handle: a driver can act at a chosen point of
     /// an enumeration.
     StallOnReading(CK_OBJECT_HANDLE),
+    /// As [`Fault::Stall`], met by the next `C_Login` on the token: a
+    /// driver can hold a recovery once the member is catching up (its
+    /// login is the first thing it is given).
+    StallOnLogin,
     /// Each new connection numbers the token's objects afresh, from 1 and
     /// newest first, as a p11-kit server does per connection: a handle of
     /// the old connection names another object on the new one.
@@ -115,6 +119,7 @@ pub struct Token {
     pub renumber_on_last_close: bool,
     pub stall_next: bool,
     pub stall_on_reading: Option<CK_OBJECT_HANDLE>,
+    pub stall_on_login: bool,
     pub renumber_on_reconnect: bool,
 }
 
@@ -501,6 +506,7 @@ impl Sim {
             Fault::RenumberOnLastClose => t.renumber_on_last_close = true,
             Fault::Stall => t.stall_next = true,
             Fault::StallOnReading(handle) => t.stall_on_reading = Some(handle),
+            Fault::StallOnLogin => t.stall_on_login = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
         }
     }
@@ -526,6 +532,7 @@ impl Sim {
         t.refuse_wrap = false;
         t.stall_next = false;
         t.stall_on_reading = None;
+        t.stall_on_login = false;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -583,6 +590,9 @@ impl Sim {
         pin: &[u8],
     ) -> Result<()> {
         let token = self.enter_session(session)?;
+        if std::mem::take(&mut self.tokens[token].stall_on_login) {
+            self.stalled = Some(token);
+        }
         if user != CKU_USER {
             return Err(CKR_USER_TYPE_INVALID);
         }
