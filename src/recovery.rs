@@ -711,6 +711,16 @@ fn recover(
                 "tail: {tail} changes in {rounds} rounds, {} ms getting the write barrier, {} ms settling, {} ms replaying",
                 at_barrier.as_millis(), settle_time.as_millis(), replay_time.as_millis()
             ));
+            let writes_ended = barrier.is_some();
+            drop(barrier);
+            report_unsynchronised(
+                group,
+                position,
+                &worker,
+                std::mem::take(&mut known.unsynchronised),
+                writes_ended,
+                provider.member_timeout(),
+            );
             Ok((copied, phases))
         },
     );
@@ -783,6 +793,62 @@ fn bring_up_to_date(
     Ok((copied, known, backlog))
 }
 
+/// Names in the HA log the objects synchronisation could not give the
+/// member, now that it serves -- except those it holds by now.
+/// Synchronisation lists objects a call may still be making; that call
+/// queues the object for the member (the tail replays it) or, once the
+/// member serves, makes it there, and the long chaos run's HA log named
+/// such keys as not synchronised although the member got them. So the
+/// writes under way are waited for first (at the write barrier, at most
+/// `wait`; already, where the tail raised it: `writes_ended`), and an
+/// object is named only if the member holds no copy of it then, nor is
+/// it gone from the group (its call failed and undid it).
+fn report_unsynchronised(
+    group: &Group,
+    position: usize,
+    worker: &VirtualSession,
+    unsynchronised: Vec<Unsynchronised>,
+    writes_ended: bool,
+    wait: Duration,
+) {
+    if unsynchronised.is_empty() {
+        return;
+    }
+    if !writes_ended {
+        drop(group.hold_writes(wait));
+    }
+    let lacks = |object: CK_OBJECT_HANDLE| {
+        let Some(entry) = group.objects.get(object) else {
+            return false;
+        };
+        if matches!(entry.on[position], crate::object::Presence::Present(_)) {
+            return false;
+        }
+        // Looked up without recording the copy: synchronisation may have
+        // named the object under a handle of its own before its call
+        // recorded it, and the copy is that call's object.
+        !worker.fingerprint_of(object).is_some_and(|print| {
+            group
+                .find_on_utility(position, &print)
+                .is_ok_and(|found| !found.is_empty())
+        })
+    };
+    for item in unsynchronised {
+        match item {
+            Unsynchronised::Failed(object, why) if lacks(object) => group.log(
+                Some(position),
+                &format!(
+                    "{} could not be synchronised: {why}",
+                    worker.name_object(object)
+                ),
+            ),
+            Unsynchronised::Unreceivable { object, why, waits } if lacks(object) => group
+                .skip_unreceivable(position, object, || worker.name_object(object), &why, waits),
+            _ => {}
+        }
+    }
+}
+
 /// Synchronisation copies what other processes made, as a reconciliation
 /// pass does (`reconcile.rs`), so it takes the group's lock file too: where
 /// a recovery copied beside another process's pass, both copied every
@@ -821,6 +887,23 @@ struct Known {
     /// two handles (one made when a member listed its copy before the
     /// group had mapped it) counts, and is known, once.
     held_before: rustc_hash::FxHashSet<Arc<identity::Fingerprint>>,
+    /// Objects synchronisation could not give the member, named in the HA
+    /// log only once it serves ([`report_unsynchronised`]).
+    unsynchronised: Vec<Unsynchronised>,
+}
+
+/// An object synchronisation listed on a serving member and could not
+/// give the returning one.
+enum Unsynchronised {
+    /// Its copy failed, for this reason.
+    Failed(CK_OBJECT_HANDLE, String),
+    /// A key no serving member can give it (see
+    /// [`Group::skip_unreceivable`]).
+    Unreceivable {
+        object: CK_OBJECT_HANDLE,
+        why: String,
+        waits: bool,
+    },
 }
 
 impl Known {
@@ -855,6 +938,7 @@ impl Known {
                 holdings: Holdings::none_read(),
                 complete: false,
                 held_before: Default::default(),
+                unsynchronised: Vec::new(),
             });
         }
         let held_before: rustc_hash::FxHashSet<_> = group
@@ -877,6 +961,7 @@ impl Known {
                     holdings: Holdings::none_read(),
                     complete: false,
                     held_before,
+                    unsynchronised: Vec::new(),
                 });
             }
             phases.note(format!(
@@ -899,6 +984,7 @@ impl Known {
             holdings,
             complete: true,
             held_before: Default::default(),
+            unsynchronised: Vec::new(),
         })
     }
 
@@ -1392,7 +1478,9 @@ fn synchronize(
                 continue;
             }
             let waits = worker.waits_for_wrapping(position, &Pending::Create(object));
-            group.skip_unreceivable(position, object, || worker.name_object(object), &why, waits);
+            known
+                .unsynchronised
+                .push(Unsynchronised::Unreceivable { object, why, waits });
             continue;
         }
         let change = Pending::Create(object);
@@ -1402,13 +1490,13 @@ fn synchronize(
                 if worker.waits_for_wrapping(position, &change) {
                     group.defer(position, change);
                 }
-                group.log(
-                    Some(position),
-                    &format!(
-                        "{} could not be synchronised: {why}",
-                        worker.name_object(object)
-                    ),
-                );
+                // A source that failed meanwhile is said once, by the
+                // line that stops the pass, not for this object.
+                if group.members[reference].is_up() {
+                    known
+                        .unsynchronised
+                        .push(Unsynchronised::Failed(object, why));
+                }
             }
             Err(why) => return Err(format!("synchronising failed: {why}")),
         }
