@@ -1180,6 +1180,33 @@ struct Call {
     from: Instant,
     to: Instant,
     ok: bool,
+    /// The call (`C_CreateObject` or `C_Digest`) and, when it failed, why:
+    /// the chaos run names each failure while a member was healthy.
+    what: &'static str,
+    failure: Option<String>,
+    /// The wall clock at `to`, to line a failure up with the HA log.
+    at: String,
+}
+
+/// Why a call failed, as its return value's name.
+fn failure_of<T>(result: &cryptoki::error::Result<T>) -> Option<String> {
+    match result {
+        Ok(_) => None,
+        Err(cryptoki::error::Error::Pkcs11(rv, _)) => Some(format!("{rv:?}")),
+        Err(other) => Some(format!("{other}")),
+    }
+}
+
+/// The members' states as letters (U up, R recovering, D down).
+fn states_named(states: &[u64]) -> String {
+    states
+        .iter()
+        .map(|s| match *s {
+            PKCS11HA_STATE_UP => 'U',
+            PKCS11HA_STATE_RECOVERING => 'R',
+            _ => 'D',
+        })
+        .collect()
 }
 
 /// Now as the HA log writes it (UTC, ms), to line faults up with its
@@ -1270,21 +1297,30 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                         let id = format!("c{writer}-{n}").into_bytes();
                         n += 1;
                         let from = Instant::now();
-                        let ok = import_key(&session, &id).is_ok();
+                        let failure = failure_of(&import_key(&session, &id));
+                        let ok = failure.is_none();
                         calls.push(Call {
                             from,
                             to: Instant::now(),
                             ok,
+                            what: "C_CreateObject",
+                            failure,
+                            at: wall_clock(),
                         });
                         keys.lock().unwrap().push((id, ok));
                         let from = Instant::now();
-                        let ok = session
-                            .digest(&Mechanism::Sha256, b"abc")
-                            .is_ok_and(|d| d == SHA256_ABC);
+                        let digest = session.digest(&Mechanism::Sha256, b"abc");
+                        let failure = match &digest {
+                            Ok(d) if *d != SHA256_ABC => Some("a wrong digest".to_string()),
+                            _ => failure_of(&digest),
+                        };
                         calls.push(Call {
                             from,
                             to: Instant::now(),
-                            ok,
+                            ok: failure.is_none(),
+                            what: "C_Digest",
+                            failure,
+                            at: wall_clock(),
                         });
                     }
                     calls
@@ -1401,10 +1437,43 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         (0..MEMBERS).any(|i| !disturbed_between(&disturbances, i, from, to))
     };
     let failed: Vec<&Call> = calls.iter().filter(|c| !c.ok).collect();
-    let failed_while_healthy = failed
+    let failed_healthy: Vec<&&Call> = failed
         .iter()
         .filter(|c| healthy_during(c.from, c.to))
-        .count();
+        .collect();
+    let failed_while_healthy = failed_healthy.len();
+    // Each such failure by call, return value and the members' states
+    // when it returned (the last sample before), and the first few with
+    // their times, to line up with the HA log.
+    let states_at = |t: Instant| {
+        samples
+            .iter()
+            .take_while(|(at, _)| *at <= t)
+            .last()
+            .map_or("?".to_string(), |(_, states)| states_named(states))
+    };
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for call in &failed_healthy {
+        let kind = format!(
+            "{} {} with members {}",
+            call.what,
+            call.failure.as_deref().unwrap_or("?"),
+            states_at(call.to)
+        );
+        *kinds.entry(kind).or_default() += 1;
+    }
+    for (kind, count) in &kinds {
+        eprintln!("failed while a member was healthy: {count} x {kind}");
+    }
+    for call in failed_healthy.iter().take(20) {
+        eprintln!(
+            "  {} {} {} after {:?}",
+            call.at,
+            call.what,
+            call.failure.as_deref().unwrap_or("?"),
+            call.to.duration_since(call.from)
+        );
+    }
     // The outage while a server was healthy, split by what the healthy
     // members were doing: catching up (recovering) or out (down).
     let mut outage_while_healthy = Duration::ZERO;
