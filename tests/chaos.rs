@@ -1474,6 +1474,29 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
             call.to.duration_since(call.from)
         );
     }
+    // Bursts: failures less than 200 ms apart, the largest ten, with the
+    // members' states at their start.
+    let mut by_end: Vec<&Call> = failed_healthy.iter().map(|c| **c).collect();
+    by_end.sort_by_key(|c| c.to);
+    let mut bursts: Vec<(&Call, &Call, usize)> = Vec::new();
+    for call in by_end {
+        match bursts.last_mut() {
+            Some((_, last, count)) if call.from <= last.to + Duration::from_millis(200) => {
+                *last = call;
+                *count += 1;
+            }
+            _ => bursts.push((call, call, 1)),
+        }
+    }
+    bursts.sort_by_key(|b| std::cmp::Reverse(b.2));
+    for (first, last, count) in bursts.iter().take(10) {
+        eprintln!(
+            "  burst from {} for {:?}: {count} failed calls, members {} at its start",
+            first.at,
+            last.to.duration_since(first.to),
+            states_at(first.to)
+        );
+    }
     // The outage while a server was healthy, split by what the healthy
     // members were doing: catching up (recovering) or out (down).
     let mut outage_while_healthy = Duration::ZERO;
