@@ -1212,7 +1212,12 @@ fn states_named(states: &[u64]) -> String {
 /// Now as the HA log writes it (UTC, ms), to line faults up with its
 /// lines.
 fn wall_clock() -> String {
-    let now = std::time::SystemTime::now()
+    wall_at(Instant::now())
+}
+
+/// `at` as the HA log writes it (UTC, ms).
+fn wall_at(at: Instant) -> String {
+    let now = (std::time::SystemTime::now() - Instant::now().saturating_duration_since(at))
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let secs = now.as_secs();
@@ -1520,6 +1525,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .collect();
     let mut returns: Vec<Duration> = Vec::new();
     let mut reset_returns: Vec<Duration> = Vec::new();
+    let mut slowest: Vec<(Duration, usize, Instant)> = Vec::new();
     for (i, spans) in disturbances.iter().enumerate() {
         for (k, (start, end)) in spans.iter().enumerate() {
             let Some(end) = end else { continue };
@@ -1542,6 +1548,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                 continue;
             };
             if next_start.is_none_or(|n| n > back) {
+                slowest.push((back.duration_since(*end), i, *end));
                 returns.push(back.duration_since(*end));
                 if start == end {
                     reset_returns.push(back.duration_since(*end));
@@ -1551,6 +1558,15 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     }
     returns.sort();
     reset_returns.sort();
+    // The slowest returns, with when their fault was lifted (the fault
+    // timeline names it), to line up with the HA log's recovery lines.
+    slowest.sort_by_key(|r| std::cmp::Reverse(r.0));
+    for (took, i, lifted) in slowest.iter().take(5) {
+        eprintln!(
+            "slow return: member {i} serving {took:?} after its fault was lifted at {}",
+            wall_at(*lifted)
+        );
+    }
 
     let contents: Vec<_> = chaos
         .members
