@@ -73,7 +73,7 @@ pub struct Member {
     pub recovery_attempts: AtomicU64,
     /// How many marks say that a recovery attempt for it is under way,
     /// from before its token is looked for until the member serves or the
-    /// attempt gives up -- or that another follows at once (see
+    /// attempt gives up -- or that another follows in the same run (see
     /// [`Member::expected_back`]).
     attempt_under_way: AtomicUsize,
     /// Searches for its token since it was last found that had a library
@@ -352,7 +352,7 @@ impl Member {
 
     /// Marks a recovery attempt for the member as under way (`true`), or
     /// takes one such mark away: marks nest, so that a run of attempts
-    /// one right after another counts as under way throughout.
+    /// one after another counts as under way throughout, gaps included.
     pub fn set_attempt_under_way(&self, under_way: bool) {
         if under_way {
             self.attempt_under_way.fetch_add(1, Ordering::AcqRel);

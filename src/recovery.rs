@@ -532,7 +532,7 @@ fn attempts_while_none_serves(
         if attempt(provider, group, position) {
             return true;
         }
-        if !tries_again_at_once(provider, group, position) {
+        if !tries_again_in_the_run(provider, group, position) {
             return false;
         }
         let next = clock::now() + interval;
@@ -549,7 +549,7 @@ fn attempts_while_none_serves(
 /// Whether a member whose attempt just failed is tried again in the same
 /// run, its calls waiting (see [`attempts_while_none_serves`]): no member
 /// of its group serves, it is still out, and `reconnAtt` is -1.
-fn tries_again_at_once(provider: &dyn Host, group: &Group, position: usize) -> bool {
+fn tries_again_in_the_run(provider: &dyn Host, group: &Group, position: usize) -> bool {
     provider.recovery().attempts < 0
         && group.up_members().next().is_none()
         && group.members[position].state() == MemberState::Down
@@ -1627,25 +1627,25 @@ mod tests {
         for m in &group.members {
             m.set_state(MemberState::Down);
         }
-        assert!(tries_again_at_once(&provider, &group, 0));
+        assert!(tries_again_in_the_run(&provider, &group, 0));
         group.members[1].set_state(MemberState::Recovering);
         assert!(
-            !tries_again_at_once(&provider, &group, 1),
+            !tries_again_in_the_run(&provider, &group, 1),
             "it is catching up"
         );
         assert!(
-            tries_again_at_once(&provider, &group, 0),
+            tries_again_in_the_run(&provider, &group, 0),
             "a recovering member does not serve"
         );
         group.members[1].set_state(MemberState::Up);
         assert!(
-            !tries_again_at_once(&provider, &group, 0),
-            "a member serves: the next attempt waits AutoReconnectInterval"
+            !tries_again_in_the_run(&provider, &group, 0),
+            "a member serves: the run ends, and no call waits for it"
         );
         group.members[1].set_state(MemberState::Down);
         provider.recovery.attempts = 3;
         assert!(
-            !tries_again_at_once(&provider, &group, 0),
+            !tries_again_in_the_run(&provider, &group, 0),
             "reconnAtt is limited"
         );
 
