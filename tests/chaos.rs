@@ -1442,6 +1442,32 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         (0..MEMBERS).any(|i| !disturbed_between(&disturbances, i, from, to))
     };
     let failed: Vec<&Call> = calls.iter().filter(|c| !c.ok).collect();
+    // Where the writers' time went: calls that took a second or more
+    // (they waited for a member, or at the write barrier) against all,
+    // to tell the keys made fewer by load from fewer by waiting.
+    let spent = |f: &dyn Fn(&Call) -> bool| -> Duration {
+        calls
+            .iter()
+            .filter(|c| f(c))
+            .map(|c| c.to.duration_since(c.from))
+            .sum()
+    };
+    let (all_time, long_time) = (
+        spent(&|_| true),
+        spent(&|c| c.to.duration_since(c.from) >= Duration::from_secs(1)),
+    );
+    eprintln!(
+        "writers' time in calls: {:.1} s, {:.1} s of it in calls of 1 s or more ({} calls;          {} creates took {:.1} ms on average)",
+        all_time.as_secs_f64(),
+        long_time.as_secs_f64(),
+        calls
+            .iter()
+            .filter(|c| c.to.duration_since(c.from) >= Duration::from_secs(1))
+            .count(),
+        calls.iter().filter(|c| c.what == "C_CreateObject").count(),
+        spent(&|c| c.what == "C_CreateObject").as_secs_f64() * 1000.0
+            / calls.iter().filter(|c| c.what == "C_CreateObject").count().max(1) as f64
+    );
     let failed_healthy: Vec<&&Call> = failed
         .iter()
         .filter(|c| healthy_during(c.from, c.to))
