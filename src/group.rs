@@ -71,10 +71,11 @@ pub struct Member {
     state_changed_ms: AtomicU64,
     /// Recovery attempts since the member last failed.
     pub recovery_attempts: AtomicU64,
-    /// Whether a recovery attempt for it is under way, from before its
-    /// token is looked for until the member serves or the attempt gives up
-    /// (see [`Member::expected_back`]).
-    attempt_under_way: AtomicBool,
+    /// How many marks say that a recovery attempt for it is under way,
+    /// from before its token is looked for until the member serves or the
+    /// attempt gives up -- or that another follows in the same run (see
+    /// [`Member::expected_back`]).
+    attempt_under_way: AtomicUsize,
     /// Searches for its token since it was last found that had a library
     /// not answer: each next search waits longer (see recovery.rs).
     pub silent_searches: AtomicU64,
@@ -194,7 +195,7 @@ impl Member {
             last_fault: AtomicU64::new(CKR_OK),
             state_changed_ms: AtomicU64::new(now_ms()),
             recovery_attempts: AtomicU64::new(0),
-            attempt_under_way: AtomicBool::new(false),
+            attempt_under_way: AtomicUsize::new(0),
             silent_searches: AtomicU64::new(0),
             wrap_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
@@ -345,12 +346,19 @@ impl Member {
     /// Whether the member is being brought back: a recovery attempt for it
     /// is under way (looking for its token, or catching it up).
     pub fn expected_back(&self) -> bool {
-        self.attempt_under_way.load(Ordering::Acquire) || self.state() == MemberState::Recovering
+        self.attempt_under_way.load(Ordering::Acquire) > 0
+            || self.state() == MemberState::Recovering
     }
 
-    /// Marks a recovery attempt for the member as under way, or over.
+    /// Marks a recovery attempt for the member as under way (`true`), or
+    /// takes one such mark away: marks nest, so that a run of attempts
+    /// one after another counts as under way throughout, gaps included.
     pub fn set_attempt_under_way(&self, under_way: bool) {
-        self.attempt_under_way.store(under_way, Ordering::Release);
+        if under_way {
+            self.attempt_under_way.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.attempt_under_way.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Starts a recovery attempt in a new epoch, so that nothing opened or

@@ -794,6 +794,28 @@ fn with_no_member_serving_a_returning_member_serves_before_it_is_given_what_it_m
         "member 0 served only once it had been given all {MISSED} keys it missed; HA log:\n{}",
         chaos.log()
     );
+    // Nor did it read its objects first: nothing is made on it before it
+    // serves, and each key owed is looked up as it is made.
+    let serial = &chaos.members[0].hsm.tokens[0].serial;
+    wait_for(
+        "member 0's recovery is logged",
+        Duration::from_secs(30),
+        || {
+            chaos
+                .log()
+                .lines()
+                .any(|l| l.contains(serial.as_str()) && l.contains("member recovered"))
+        },
+    );
+    let log = chaos.log();
+    let recovered = log
+        .lines()
+        .find(|l| l.contains(serial.as_str()) && l.contains("member recovered"))
+        .unwrap();
+    assert!(
+        recovered.contains("not read: no member serving"),
+        "member 0 read its objects before serving with no member serving: {recovered}"
+    );
     let digest = session
         .digest(&Mechanism::Sha256, b"abc")
         .expect("C_Digest on the member back");
@@ -1158,12 +1180,44 @@ struct Call {
     from: Instant,
     to: Instant,
     ok: bool,
+    /// The call (`C_CreateObject` or `C_Digest`) and, when it failed, why:
+    /// the chaos run names each failure while a member was healthy.
+    what: &'static str,
+    failure: Option<String>,
+    /// The wall clock at `to`, to line a failure up with the HA log.
+    at: String,
+}
+
+/// Why a call failed, as its return value's name.
+fn failure_of<T>(result: &cryptoki::error::Result<T>) -> Option<String> {
+    match result {
+        Ok(_) => None,
+        Err(cryptoki::error::Error::Pkcs11(rv, _)) => Some(format!("{rv:?}")),
+        Err(other) => Some(format!("{other}")),
+    }
+}
+
+/// The members' states as letters (U up, R recovering, D down).
+fn states_named(states: &[u64]) -> String {
+    states
+        .iter()
+        .map(|s| match *s {
+            PKCS11HA_STATE_UP => 'U',
+            PKCS11HA_STATE_RECOVERING => 'R',
+            _ => 'D',
+        })
+        .collect()
 }
 
 /// Now as the HA log writes it (UTC, ms), to line faults up with its
 /// lines.
 fn wall_clock() -> String {
-    let now = std::time::SystemTime::now()
+    wall_at(Instant::now())
+}
+
+/// `at` as the HA log writes it (UTC, ms).
+fn wall_at(at: Instant) -> String {
+    let now = (std::time::SystemTime::now() - Instant::now().saturating_duration_since(at))
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let secs = now.as_secs();
@@ -1248,21 +1302,30 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                         let id = format!("c{writer}-{n}").into_bytes();
                         n += 1;
                         let from = Instant::now();
-                        let ok = import_key(&session, &id).is_ok();
+                        let failure = failure_of(&import_key(&session, &id));
+                        let ok = failure.is_none();
                         calls.push(Call {
                             from,
                             to: Instant::now(),
                             ok,
+                            what: "C_CreateObject",
+                            failure,
+                            at: wall_clock(),
                         });
                         keys.lock().unwrap().push((id, ok));
                         let from = Instant::now();
-                        let ok = session
-                            .digest(&Mechanism::Sha256, b"abc")
-                            .is_ok_and(|d| d == SHA256_ABC);
+                        let digest = session.digest(&Mechanism::Sha256, b"abc");
+                        let failure = match &digest {
+                            Ok(d) if *d != SHA256_ABC => Some("a wrong digest".to_string()),
+                            _ => failure_of(&digest),
+                        };
                         calls.push(Call {
                             from,
                             to: Instant::now(),
-                            ok,
+                            ok: failure.is_none(),
+                            what: "C_Digest",
+                            failure,
+                            at: wall_clock(),
                         });
                     }
                     calls
@@ -1379,10 +1442,92 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         (0..MEMBERS).any(|i| !disturbed_between(&disturbances, i, from, to))
     };
     let failed: Vec<&Call> = calls.iter().filter(|c| !c.ok).collect();
-    let failed_while_healthy = failed
+    // Where the writers' time went: calls that took a second or more
+    // (they waited for a member, or at the write barrier) against all,
+    // to tell the keys made fewer by load from fewer by waiting.
+    let spent = |f: &dyn Fn(&Call) -> bool| -> Duration {
+        calls
+            .iter()
+            .filter(|c| f(c))
+            .map(|c| c.to.duration_since(c.from))
+            .sum()
+    };
+    let (all_time, long_time) = (
+        spent(&|_| true),
+        spent(&|c| c.to.duration_since(c.from) >= Duration::from_secs(1)),
+    );
+    eprintln!(
+        "writers' time in calls: {:.1} s, {:.1} s of it in calls of 1 s or more ({} calls;          {} creates took {:.1} ms on average)",
+        all_time.as_secs_f64(),
+        long_time.as_secs_f64(),
+        calls
+            .iter()
+            .filter(|c| c.to.duration_since(c.from) >= Duration::from_secs(1))
+            .count(),
+        calls.iter().filter(|c| c.what == "C_CreateObject").count(),
+        spent(&|c| c.what == "C_CreateObject").as_secs_f64() * 1000.0
+            / calls.iter().filter(|c| c.what == "C_CreateObject").count().max(1) as f64
+    );
+    let failed_healthy: Vec<&&Call> = failed
         .iter()
         .filter(|c| healthy_during(c.from, c.to))
-        .count();
+        .collect();
+    let failed_while_healthy = failed_healthy.len();
+    // Each such failure by call, return value and the members' states
+    // when it returned (the last sample before), and the first few with
+    // their times, to line up with the HA log.
+    let states_at = |t: Instant| {
+        samples
+            .iter()
+            .take_while(|(at, _)| *at <= t)
+            .last()
+            .map_or("?".to_string(), |(_, states)| states_named(states))
+    };
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for call in &failed_healthy {
+        let kind = format!(
+            "{} {} with members {}",
+            call.what,
+            call.failure.as_deref().unwrap_or("?"),
+            states_at(call.to)
+        );
+        *kinds.entry(kind).or_default() += 1;
+    }
+    for (kind, count) in &kinds {
+        eprintln!("failed while a member was healthy: {count} x {kind}");
+    }
+    for call in failed_healthy.iter().take(20) {
+        eprintln!(
+            "  {} {} {} after {:?}",
+            call.at,
+            call.what,
+            call.failure.as_deref().unwrap_or("?"),
+            call.to.duration_since(call.from)
+        );
+    }
+    // Bursts: failures less than 200 ms apart, the largest ten, with the
+    // members' states at their start.
+    let mut by_end: Vec<&Call> = failed_healthy.iter().map(|c| **c).collect();
+    by_end.sort_by_key(|c| c.to);
+    let mut bursts: Vec<(&Call, &Call, usize)> = Vec::new();
+    for call in by_end {
+        match bursts.last_mut() {
+            Some((_, last, count)) if call.from <= last.to + Duration::from_millis(200) => {
+                *last = call;
+                *count += 1;
+            }
+            _ => bursts.push((call, call, 1)),
+        }
+    }
+    bursts.sort_by_key(|b| std::cmp::Reverse(b.2));
+    for (first, last, count) in bursts.iter().take(10) {
+        eprintln!(
+            "  burst from {} for {:?}: {count} failed calls, members {} at its start",
+            first.at,
+            last.to.duration_since(first.to),
+            states_at(first.to)
+        );
+    }
     // The outage while a server was healthy, split by what the healthy
     // members were doing: catching up (recovering) or out (down).
     let mut outage_while_healthy = Duration::ZERO;
@@ -1406,6 +1551,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .collect();
     let mut returns: Vec<Duration> = Vec::new();
     let mut reset_returns: Vec<Duration> = Vec::new();
+    let mut slowest: Vec<(Duration, usize, Instant)> = Vec::new();
     for (i, spans) in disturbances.iter().enumerate() {
         for (k, (start, end)) in spans.iter().enumerate() {
             let Some(end) = end else { continue };
@@ -1428,6 +1574,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                 continue;
             };
             if next_start.is_none_or(|n| n > back) {
+                slowest.push((back.duration_since(*end), i, *end));
                 returns.push(back.duration_since(*end));
                 if start == end {
                     reset_returns.push(back.duration_since(*end));
@@ -1437,6 +1584,15 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     }
     returns.sort();
     reset_returns.sort();
+    // The slowest returns, with when their fault was lifted (the fault
+    // timeline names it), to line up with the HA log's recovery lines.
+    slowest.sort_by_key(|r| std::cmp::Reverse(r.0));
+    for (took, i, lifted) in slowest.iter().take(5) {
+        eprintln!(
+            "slow return: member {i} serving {took:?} after its fault was lifted at {}",
+            wall_at(*lifted)
+        );
+    }
 
     let contents: Vec<_> = chaos
         .members

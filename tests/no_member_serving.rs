@@ -4,32 +4,36 @@
 //! when the returning one fails again, or once `C_Finalize` has begun, it
 //! fails as before. A group of in-memory members (`memory_member`) on the
 //! manual clock: the returning member's recovery is held by a planted
-//! stall (in the search for its token, or in its read of the member's
-//! objects) while the test acts, so that
-//! nothing depends on how fast the machine is. Each test holds [`SERIAL`]:
-//! one of them moves the process's clock.
+//! stall (in the search for its token, or in its login, the first thing it
+//! is given once it is catching up) while the test acts, so that
+//! nothing depends on how fast the machine is. A member returning to a
+//! group with no member serving serves without reading its objects first.
+//! Each test holds [`SERIAL`]: one of them moves the process's clock.
 
 mod memory_member;
 
 use cryptoki_sys::*;
 use memory_member::host::{group_over, MemoryHost, MEMBER_TIMEOUT};
+use memory_member::token::USER_PIN;
 use memory_member::token::{Fault, FIRST_SLOT};
-use memory_member::SimMember;
+use memory_member::{hex, SimMember};
 use pkcs11_ha::clock::Clock as _;
-use pkcs11_ha::group::{Group, MemberState};
+use pkcs11_ha::group::{Group, Login, MemberState, Pending};
 use pkcs11_ha::member_api::MemberApi;
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use sha2::{Digest as _, Sha256};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The tests of this file run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Two in-memory members, both taken out by a crash; member 1's token holds
-/// an object made outside the group, whose reading will stall member 1's
-/// recovery.
+/// Two in-memory members, both taken out by a crash while the application
+/// is logged in. Member 1's token holds two objects made outside the group
+/// ([`REMOVED`], [`KEPT`]), and member 1 missed the removal of the first:
+/// its recovery logs it in, makes that removal, and it serves.
 struct Outage {
     library: Arc<SimMember>,
     group: Arc<Group>,
@@ -41,7 +45,8 @@ impl Outage {
     fn new(seed: u64) -> Outage {
         pkcs11_ha::clock::install_manual();
         let library = Arc::new(SimMember::initialized(2, seed));
-        make_token_object(&library, 1);
+        make_token_object(&library, 1, REMOVED);
+        make_token_object(&library, 1, KEPT);
         let group = group_over(&library, 2, "outage");
         let host = MemoryHost::new(&group, &library);
         let session =
@@ -59,6 +64,18 @@ impl Outage {
         assert!(
             group.members.iter().all(|m| m.state() == MemberState::Down),
             "both members are out"
+        );
+        // What the application's C_Login leaves: the credential recovery
+        // logs a returning member in with.
+        *group.login.lock() = Some(Login {
+            user_type: CKU_USER,
+            pin: Some(zeroize::Zeroizing::new(USER_PIN.to_vec())),
+        });
+        // A removal member 1 missed while it was out.
+        let removal = Pending::Destroy(vec![(CKA_LABEL, REMOVED.to_vec())]);
+        assert!(
+            group.queue_unless_up(1, removal).is_ok(),
+            "the removal is queued for member 1"
         );
         Outage {
             library,
@@ -90,8 +107,7 @@ impl Outage {
         let stall = match phase {
             // The first calls that reach its token are the search for it.
             Phase::LookingForToken => Fault::Stall,
-            // Its handle as the restarted token numbers it.
-            Phase::CatchingUp => Fault::StallOnReading(token_object(&self.library, 1)),
+            Phase::CatchingUp => Fault::StallOnLogin,
         };
         self.library.sim.lock().set_fault(1, stall);
         std::thread::scope(|scope| {
@@ -126,20 +142,23 @@ type CallAnswer = pkcs11_ha::error::Result<Vec<u8>>;
 enum Phase {
     /// Its token is being looked for: the member is still down.
     LookingForToken,
-    /// Inside its read of the member's objects: the member is recovering.
+    /// Inside its login, before the removal it missed: the member is
+    /// recovering.
     CatchingUp,
 }
 
-const LABEL: &[u8] = b"read by recovery";
+/// The labels of the objects made on member 1's token outside the group.
+const REMOVED: &[u8] = b"removed while away";
+const KEPT: &[u8] = b"kept";
 
-/// Makes a token data object on token `token`, outside the group.
-fn make_token_object(library: &SimMember, token: usize) {
+/// Makes a token data object labelled `label` on token `token`, outside
+/// the group.
+fn make_token_object(library: &SimMember, token: usize, label: &[u8]) {
     let mut session = CK_INVALID_HANDLE;
     let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
     let slot = FIRST_SLOT + token as CK_SLOT_ID;
     assert_eq!(library.open_session(slot, flags, &mut session), CKR_OK);
     let (class, yes, no) = (CKO_DATA, CK_TRUE, CK_FALSE);
-    let label = LABEL;
     let attribute = |type_, value: *const u8, len: usize| CK_ATTRIBUTE {
         type_,
         pValue: value as *mut _,
@@ -163,15 +182,15 @@ fn make_token_object(library: &SimMember, token: usize) {
     assert_eq!(library.close_session(session), CKR_OK);
 }
 
-/// The handle of the object [`make_token_object`] made on token `token`.
-fn token_object(library: &SimMember, token: usize) -> CK_OBJECT_HANDLE {
+/// The handle of the object labelled `label` on token `token`.
+fn token_object(library: &SimMember, token: usize, label: &[u8]) -> CK_OBJECT_HANDLE {
     let mut session = CK_INVALID_HANDLE;
     let slot = FIRST_SLOT + token as CK_SLOT_ID;
     assert_eq!(
         library.open_session(slot, CKF_SERIAL_SESSION, &mut session),
         CKR_OK
     );
-    let print = vec![(CKA_LABEL, LABEL.to_vec())];
+    let print = vec![(CKA_LABEL, label.to_vec())];
     let found = pkcs11_ha::identity::find(library, session, &print).expect("a search");
     assert_eq!(library.close_session(session), CKR_OK);
     assert_eq!(found.len(), 1, "the object is on the token once");
@@ -263,8 +282,60 @@ fn runs_once_the_member_serves(seed: u64, phase: Phase) {
         Sha256::digest(b"abc").to_vec()
     );
     assert_eq!(outage.group.members[1].state(), MemberState::Up);
+    assert!(
+        made_the_removal(&outage.library),
+        "member 1 made the removal it missed ({phase:?})"
+    );
     assert_eq!(outage.group.calls_waiting_for_a_member(), 0);
     assert_eq!(clock.now(), started, "no timeout was needed");
+}
+
+/// Whether member 1's token lost [`REMOVED`] and kept [`KEPT`].
+fn made_the_removal(library: &SimMember) -> bool {
+    let labels: Vec<String> = library
+        .token_objects(1)
+        .into_iter()
+        .map(|[_, label, _, _]| label)
+        .collect();
+    !labels.contains(&hex(REMOVED)) && labels.contains(&hex(KEPT))
+}
+
+/// The first member back in a group with no member serving serves without
+/// reading its objects first (a call each: 0.2-2.8 s of each such outage
+/// in the long chaos run): it is logged in and makes the removal it
+/// missed, and nothing reads the object it keeps. The objects it missed
+/// would be made on it right after it serves, each looked up then.
+#[test]
+fn a_member_returning_to_a_group_with_no_member_serving_serves_without_reading_its_objects() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let outage = Outage::new(67);
+    outage.library.sim.lock().heal(1);
+    let read = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&read);
+    outage
+        .library
+        .on_stall(move |_| seen.store(true, Ordering::SeqCst));
+    // Its handle as the restarted token numbers it.
+    let kept = token_object(&outage.library, 1, KEPT);
+    outage
+        .library
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(kept));
+    recovery::recover_failed_members(&outage.host);
+    assert_eq!(outage.group.members[1].state(), MemberState::Up);
+    assert!(
+        !read.load(Ordering::SeqCst),
+        "member 1's objects were read before it served"
+    );
+    assert!(
+        made_the_removal(&outage.library),
+        "member 1 made the removal it missed"
+    );
+    assert_eq!(
+        digest(&outage.session).expect("a call runs on member 1"),
+        Sha256::digest(b"abc").to_vec()
+    );
 }
 
 /// A call waiting for a returning member fails once `memberTimeout` has

@@ -3,7 +3,8 @@
 //! p11-kit 0.24's client does) cannot receive the secret keys the others
 //! hold. Recovery skips them -- neither looked up nor copied -- with one HA
 //! log line per key, naming it by class, label and ID, said once and not
-//! again at the next return, and the member serves without them. In-memory
+//! again at the next return, and the member serves without them; a key it
+//! holds by the time it serves (a call was making it) is not named. In-memory
 //! members (`memory_member`), so that nothing depends on timing.
 
 mod memory_member;
@@ -15,7 +16,11 @@ use memory_member::{hex, SimMember};
 use pkcs11_ha::group::{Group, MemberState};
 use pkcs11_ha::member_api::MemberApi;
 use pkcs11_ha::recovery;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The tests of this file run one at a time: each opens the process's HA
+/// log.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The secret keys made on member 0 outside the group: labels that differ
 /// in letters (the HA log takes events differing only in numbers for
@@ -81,6 +86,7 @@ fn fail_and_recover(group: &Group, host: &MemoryHost) {
 
 #[test]
 fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     pkcs11_ha::clock::install_manual();
     let library = Arc::new(SimMember::initialized(2, 71));
     library.sim.lock().set_fault(1, Fault::RefuseWrapAlways);
@@ -131,5 +137,68 @@ fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
     assert!(
         !log.contains("could not be synchronised"),
         "no copy of a key was attempted:\n{log}"
+    );
+}
+
+/// The handle of the object labelled `label` on token `token`.
+fn handle_of(library: &SimMember, token: usize, label: &str) -> CK_OBJECT_HANDLE {
+    let mut session = CK_INVALID_HANDLE;
+    let slot = FIRST_SLOT + token as CK_SLOT_ID;
+    assert_eq!(
+        library.open_session(slot, CKF_SERIAL_SESSION, &mut session),
+        CKR_OK
+    );
+    let print = vec![(CKA_LABEL, label.as_bytes().to_vec())];
+    let found = pkcs11_ha::identity::find(library, session, &print).expect("a search");
+    assert_eq!(library.close_session(session), CKR_OK);
+    assert_eq!(found.len(), 1, "{label} is on token {token} once");
+    found[0]
+}
+
+/// A key synchronisation lists and cannot give the returning member, but
+/// which the member holds by the time it serves, is not named in the HA
+/// log: synchronisation lists keys a call is still making, and that call
+/// queues the key for the member, whose replay makes it (the long chaos
+/// run named such keys as not synchronised). Here the key reaches member
+/// 1 while synchronisation reads it on member 0 (a planted stall).
+#[test]
+fn a_key_the_member_holds_by_the_time_it_serves_is_not_named_as_not_synchronised() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 72));
+    library.sim.lock().set_fault(1, Fault::RefuseWrapAlways);
+    let (label, value) = ("delta", 0xd8);
+    make(&library, 0, label, Some(value));
+    let group = group_over(&library, 2, "sync");
+    let host = MemoryHost {
+        synchronize: true,
+        ..MemoryHost::new(&group, &library)
+    };
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let reached = Arc::new(AtomicBool::new(false));
+    let (on_stall, maker) = (Arc::clone(&reached), Arc::clone(&library));
+    library.on_stall(move |_| {
+        make(&maker, 1, label, Some(value));
+        on_stall.store(true, Ordering::SeqCst);
+    });
+    let key = handle_of(&library, 0, label);
+    library.sim.lock().set_fault(0, Fault::StallOnReading(key));
+    recovery::recover_failed_members(&host);
+    pkcs11_ha::halog::close();
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert!(
+        reached.load(Ordering::SeqCst),
+        "synchronisation read the key on member 0"
+    );
+
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    assert!(
+        !log.contains(&format!("{label:?}")),
+        "member 1 holds {label}, yet the HA log names it:\n{log}"
     );
 }

@@ -61,6 +61,10 @@ pub enum Fault {
     /// driver can act while the object is on the token and the call that
     /// made it has yet to say so.
     StallAfterChange,
+    /// As [`Fault::Stall`], met by the next `C_Login` on the token: a
+    /// driver can hold a recovery once the member is catching up (its
+    /// login is the first thing it is given).
+    StallOnLogin,
     /// Each new connection numbers the token's objects afresh, from 1 and
     /// newest first, as a p11-kit server does per connection: a handle of
     /// the old connection names another object on the new one.
@@ -121,6 +125,7 @@ pub struct Token {
     pub stall_next: bool,
     pub stall_on_reading: Option<CK_OBJECT_HANDLE>,
     pub stall_after_change: bool,
+    pub stall_on_login: bool,
     pub renumber_on_reconnect: bool,
 }
 
@@ -511,6 +516,7 @@ impl Sim {
             Fault::Stall => t.stall_next = true,
             Fault::StallOnReading(handle) => t.stall_on_reading = Some(handle),
             Fault::StallAfterChange => t.stall_after_change = true,
+            Fault::StallOnLogin => t.stall_on_login = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
         }
     }
@@ -537,6 +543,7 @@ impl Sim {
         t.stall_next = false;
         t.stall_on_reading = None;
         t.stall_after_change = false;
+        t.stall_on_login = false;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -594,6 +601,9 @@ impl Sim {
         pin: &[u8],
     ) -> Result<()> {
         let token = self.enter_session(session)?;
+        if std::mem::take(&mut self.tokens[token].stall_on_login) {
+            self.stalled = Some(token);
+        }
         if user != CKU_USER {
             return Err(CKR_USER_TYPE_INVALID);
         }
