@@ -1762,17 +1762,25 @@ fn peer_path(fd: i32) -> Option<PathBuf> {
     (!path.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&path)))
 }
 
-/// The socket path p11-kit's client connects to: `P11_KIT_SERVER_ADDRESS`
-/// from `environment`, else from the process (as the client reads it when
-/// its function list is obtained), when it is `unix:path=` (p11-kit
-/// percent-encodes it). `None` for another address: then any socket the
+/// The socket path p11-kit's client connects to, as it finds it when its
+/// function list is obtained (each variable from `environment`, else from
+/// the process; an empty one is unset): `P11_KIT_SERVER_ADDRESS` when it
+/// is `unix:path=` (percent-encoded), else `$XDG_RUNTIME_DIR/p11-kit/pkcs11`.
+/// `None` for any other address or default: then any socket the
 /// instance's thread is blocked on is taken for its own.
 fn p11_kit_server_path(environment: &[(String, String)]) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStringExt;
-    const VARIABLE: &str = "P11_KIT_SERVER_ADDRESS";
-    let address = match environment.iter().find(|(k, _)| k == VARIABLE) {
-        Some((_, v)) => v.clone(),
-        None => std::env::var(VARIABLE).ok()?,
+    let variable = |name: &str| {
+        environment
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(name).ok())
+            .filter(|v| !v.is_empty())
+    };
+    let Some(address) = variable("P11_KIT_SERVER_ADDRESS") else {
+        return variable("XDG_RUNTIME_DIR")
+            .map(|directory| Path::new(&directory).join("p11-kit").join("pkcs11"));
     };
     let encoded = address.strip_prefix("unix:path=")?.as_bytes();
     let mut path = Vec::with_capacity(encoded.len());
@@ -2226,6 +2234,35 @@ mod tests {
             "the call returned, cut again, before the library was finalised"
         );
         drop(socket);
+    }
+
+    /// The server a cut checks a socket against is the one p11-kit's
+    /// client connects to: its address decoded, its default without one,
+    /// none for an address that is not a unix path.
+    #[test]
+    fn the_server_of_p11_kits_client_is_read_as_the_client_reads_it() {
+        let server = |environment: &[(&str, &str)]| {
+            let environment: Vec<(String, String)> = environment
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            p11_kit_server_path(&environment)
+        };
+        assert_eq!(
+            server(&[("P11_KIT_SERVER_ADDRESS", "unix:path=/run/a%20b/sock")]),
+            Some(PathBuf::from("/run/a b/sock"))
+        );
+        assert_eq!(
+            server(&[("P11_KIT_SERVER_ADDRESS", "vsock:cid=3;port=9")]),
+            None
+        );
+        assert_eq!(
+            server(&[
+                ("P11_KIT_SERVER_ADDRESS", ""),
+                ("XDG_RUNTIME_DIR", "/run/user/7")
+            ]),
+            Some(PathBuf::from("/run/user/7/p11-kit/pkcs11"))
+        );
     }
 
     /// A job that is merely running -- another member's recovery looking
