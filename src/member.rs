@@ -257,10 +257,20 @@ pub struct MemberLibrary {
     /// Nothing else starts a job on it, or initialises it, until that
     /// thread has returned -- it may never.
     job_thread: AtomicI32,
+    /// The job under way was given up ([`Silent`]): only then does asking
+    /// for another cut its socket again. A job merely running (another
+    /// member's recovery looking for its token on this library) is no
+    /// stuck one, and its connection may be the one a healthy member on
+    /// this library serves on.
+    job_given_up: AtomicBool,
     /// A client of a remote server ([`is_network_client`]): its calls are
     /// tracked on the wire, so that a stalled server's connection can be
     /// cut under them and the library reconnected.
     networked: bool,
+    /// The socket path of p11-kit's client's server, as it read its address
+    /// when its function list was obtained: a socket is cut only if it is
+    /// connected there ([`cut_blocked_socket`]). `None` for other libraries.
+    server: Option<PathBuf>,
     /// The most calls in flight at once (`[LibraryConcurrency]`); `None`:
     /// as many as the application makes, since we initialise every library
     /// with `CKF_OS_LOCKING_OK`.
@@ -363,12 +373,11 @@ struct OnWire {
     cut_off: Option<Instant>,
 }
 
-/// How long a call still inside a network client after its connection
-/// was cut may hold up a reconnect: one waiting on the socket returns at
-/// once, so one still there is stuck in the client itself (p11-kit 0.24
-/// can leave a caller waiting forever on a lock of the dead connection)
-/// and never sends anything again.
-const STUCK_AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a reconnect waiting for calls to leave the library cuts
+/// again the sockets of those that were cut off: a thread that was not
+/// yet waiting on its socket when it was cut (it was running, or waiting
+/// for the CPU) may wait there now.
+const CUT_AGAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Whether a library talks to a server, by what it is rather than by what
 /// it does: p11-kit's remoting client (`p11-kit-client.so`, which serves
@@ -974,6 +983,9 @@ impl MemberLibrary {
         let networked = is_network_client(path, &library);
         Ok(MemberLibrary {
             spares: Spares::default(),
+            server: is_p11_kit_client(path)
+                .then(|| p11_kit_server_path(environment))
+                .flatten(),
             name: name.to_string(),
             path: path.to_path_buf(),
             environment: environment.to_vec(),
@@ -982,6 +994,7 @@ impl MemberLibrary {
             retired: AtomicBool::new(false),
             usable: AtomicBool::new(false),
             job_thread: AtomicI32::new(0),
+            job_given_up: AtomicBool::new(false),
             networked,
             call_limit: is_p11_kit_client(path).then(|| CallLimit::new(P11_KIT_CLIENT_CALLS)),
             reconnecting: RwLock::new(()),
@@ -1037,7 +1050,9 @@ impl MemberLibrary {
                 retired: AtomicBool::new(false),
                 usable: AtomicBool::new(false),
                 job_thread: AtomicI32::new(0),
+                job_given_up: AtomicBool::new(false),
                 networked: true,
+                server: self.server.clone(),
                 // One call at a time, also when a logout reaches a spare
                 // that a lane holds.
                 call_limit: Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
@@ -1407,9 +1422,9 @@ impl MemberLibrary {
         outcome
     }
 
-    /// Finalises the library if, and only if, we initialised it, once the
-    /// calls on the wire have returned (severing ends those a stalled
-    /// server holds).
+    /// Finalises the library if, and only if, we initialised it, once every
+    /// call inside it has returned (see [`Self::exclusive`]; severing ends
+    /// those a stalled server holds).
     pub fn finalize(&self) {
         let _reconnecting = self.exclusive();
         let mut ours = self.initialized_by_us.lock();
@@ -1429,26 +1444,22 @@ impl MemberLibrary {
     }
 
     /// Holds off calls while the library is initialised or finalised, once
-    /// the calls on the wire have returned; `None` when those left were
-    /// cut off more than [`STUCK_AFTER_CUT`] ago (stuck for good in the
-    /// client: the reconnect goes ahead without them).
-    fn exclusive(&self) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
+    /// every call inside it has returned, cutting again every
+    /// [`CUT_AGAIN_EVERY`] the sockets of those that were cut off. Never
+    /// sooner: `C_Finalize` closes the library's socket, and the next
+    /// socket opened anywhere in the process (another member's reconnect,
+    /// a spare's first connection) takes its number while a thread of ours
+    /// may still use it -- its client reads or writes another member's
+    /// connection, and a cut that finds it blocked on that number shuts
+    /// that member down (issue 12: in a soak run a member with no fault of
+    /// its own failed twice, 1 ms and 251 ms after another member's cut,
+    /// leaving none serving).
+    fn exclusive(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
         loop {
-            if let Some(guard) = self
-                .reconnecting
-                .try_write_for(std::time::Duration::from_millis(50))
-            {
-                return Some(guard);
+            if let Some(guard) = self.reconnecting.try_write_for(CUT_AGAIN_EVERY) {
+                return guard;
             }
-            let wire = self.wire.lock();
-            let stuck = !wire.is_empty()
-                && wire.iter().all(|call| {
-                    call.cut_off
-                        .is_some_and(|cut| crate::clock::since(cut) >= STUCK_AFTER_CUT)
-                });
-            if stuck {
-                return None;
-            }
+            self.cut_calls(|call| call.cut_off.is_some());
         }
     }
 
@@ -1479,11 +1490,12 @@ impl MemberLibrary {
     /// blocked), to be waited for with a deadline ([`Bounded::finish`]);
     /// `None` while an earlier job has not returned. A job that misses its
     /// deadline is abandoned, never joined: the library is not called
-    /// again until it returns. Each `None` cuts again the socket that job
-    /// waits on: the cut at its deadline finds none while the job waits on
-    /// a lock or between calls, and a job that then reads from a connection
-    /// whose requests were dropped never returns (in the long chaos run a
-    /// member stayed out 23 s so, its server healthy, no member serving).
+    /// again until it returns. Each `None` for an abandoned job cuts again
+    /// the socket that job waits on: the cut at its deadline finds none
+    /// while the job waits on a lock or between calls, and a job that then
+    /// reads from a connection whose requests were dropped never returns
+    /// (in the long chaos run a member stayed out 23 s so, its server
+    /// healthy, no member serving).
     pub fn start_bounded<T: Send + 'static>(
         self: &Arc<Self>,
         job: impl FnOnce(&MemberLibrary) -> T + Send + 'static,
@@ -1495,9 +1507,12 @@ impl MemberLibrary {
             .compare_exchange(0, STARTING, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            self.sever_job();
+            if self.job_given_up.load(Ordering::Acquire) {
+                self.sever_job();
+            }
             return None;
         }
+        self.job_given_up.store(false, Ordering::Release);
         let (answer, answered) = mpsc::sync_channel(1);
         let calls_sent = self.calls_sent.load(Ordering::Relaxed);
         let library = Arc::clone(self);
@@ -1521,20 +1536,13 @@ impl MemberLibrary {
         })
     }
 
-    /// Shuts down the socket a stuck job's thread is blocked on, so that
-    /// its call returns with an error instead of never (a library that
-    /// hangs in process has none, and its thread stays where it is).
+    /// Shuts down the socket a stuck job's thread is blocked on, if it is
+    /// this library's ([`cut_blocked_socket`]), so that its call returns
+    /// with an error instead of never (a library that hangs in process has
+    /// none, and its thread stays where it is).
     fn sever_job(&self) -> bool {
         let tid = self.job_thread.load(Ordering::Acquire);
-        if tid <= 0 {
-            return false;
-        }
-        match blocked_socket(tid) {
-            // SAFETY: shutdown on a descriptor that is a socket the job's
-            // thread is waiting on; it neither closes nor frees anything.
-            Some(fd) => unsafe { libc::shutdown(fd, libc::SHUT_RDWR) == 0 },
-            None => false,
-        }
+        tid > 0 && cut_blocked_socket(tid, self.server.as_deref()).is_some()
     }
 
     /// The current connection's number (see [`on_connection`]).
@@ -1560,36 +1568,35 @@ impl MemberLibrary {
 
     /// Shuts down the library's connection, so that calls stuck on a
     /// stalled server return with an error instead of never: the socket
-    /// each call on the wire waits on (none for a call that is not waiting
-    /// on a socket: it is running, and returns by itself). Each of those
-    /// calls knows it was cut off. The number of sockets shut down.
-    /// Each wire stays locked until its sockets are shut down: a call that
-    /// returns meanwhile waits to leave the wire, so its thread cannot be
-    /// read blocked on another member's socket and cut that member off.
+    /// each call on the wire of each instance waits on, if it is that
+    /// instance's ([`cut_blocked_socket`]; none for a call that is not
+    /// waiting on a socket: it is running, and returns by itself). Each of
+    /// those calls knows it was cut off. The number of sockets shut down.
     pub fn sever(&self) -> usize {
-        let mut severed = 0;
-        for wire in
-            std::iter::once(&self.wire).chain(self.spares.instances.iter().map(|s| &s.library.wire))
-        {
-            let mut calls = wire.lock();
-            let mut sockets: Vec<i32> = calls
-                .iter_mut()
-                .filter_map(|call| {
-                    call.cut_off.get_or_insert_with(crate::clock::now);
-                    blocked_socket(call.thread)
-                })
-                .collect();
-            sockets.sort_unstable();
-            sockets.dedup();
-            severed += sockets
-                .into_iter()
-                // SAFETY: shutdown on a socket a call into the library waits
-                // on; it neither closes nor frees anything.
-                .filter(|&fd| unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0)
-                .count();
-            drop(calls);
-        }
-        severed
+        std::iter::once(self)
+            .chain(self.spares.instances.iter().map(|s| &s.library))
+            .map(|instance| instance.cut_calls(|_| true))
+            .sum()
+    }
+
+    /// Cuts off the calls on this instance's wire that `which` picks, and
+    /// shuts down the sockets they are blocked on; how many. The wire stays
+    /// locked until then: a call that returns meanwhile waits to leave it,
+    /// so its thread cannot be read blocked on another member's socket.
+    fn cut_calls(&self, which: impl Fn(&OnWire) -> bool) -> usize {
+        let mut calls = self.wire.lock();
+        let mut sockets: Vec<u64> = calls
+            .iter_mut()
+            .filter(|call| which(call))
+            .filter_map(|call| {
+                call.cut_off.get_or_insert_with(crate::clock::now);
+                cut_blocked_socket(call.thread, self.server.as_deref())
+            })
+            .collect();
+        drop(calls);
+        sockets.sort_unstable();
+        sockets.dedup();
+        sockets.len()
     }
 
     /// The library's current slots with a token present.
@@ -1743,6 +1750,7 @@ impl<T> Bounded<T> {
             }
             let sent = self.library.calls_sent.load(Ordering::Relaxed);
             if sent == seen {
+                self.library.job_given_up.store(true, Ordering::Release);
                 self.library.sever_job();
                 return Err(Silent);
             }
@@ -1781,6 +1789,114 @@ fn blocked_socket(tid: i32) -> Option<i32> {
         _ => return None,
     };
     socket_inode(fd).map(|_| fd)
+}
+
+/// Shuts down the socket thread `tid` is blocked on if it is the
+/// library's own -- connected to `server`, where that is known -- and
+/// returns its inode. The number read from `/proc` is a number only: the
+/// socket is copied first and checked as the copy, and the thread must
+/// still be blocked on that number after the copy was made, so that what
+/// is shut down is what was checked, whoever closes or reuses the number
+/// meanwhile. A socket connected elsewhere is another member's (or the
+/// application's) and is left alone.
+fn cut_blocked_socket(tid: i32, server: Option<&Path>) -> Option<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fd = blocked_socket(tid)?;
+    // SAFETY: duplicating a descriptor number has no preconditions; an
+    // unused number is an error.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return None;
+    }
+    // SAFETY: `copy` was just made here and nothing else owns it.
+    let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+    let inode = socket_inode(copy.as_raw_fd())?;
+    let still_blocked = blocked_socket(tid) == Some(fd);
+    let connected_there = server.is_none_or(|server| {
+        peer_path(copy.as_raw_fd()).is_some_and(|peer| same_path(&peer, server))
+    });
+    // SAFETY: shutdown on a socket this function holds a descriptor of; it
+    // neither closes nor frees anything.
+    (still_blocked
+        && connected_there
+        && unsafe { libc::shutdown(copy.as_raw_fd(), libc::SHUT_RDWR) } == 0)
+        .then_some(inode)
+}
+
+/// Whether two paths name one file: the same text, or the same file
+/// (a link, a relative path) now.
+fn same_path(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a == b
+        || matches!(
+            (std::fs::metadata(a), std::fs::metadata(b)),
+            (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino())
+        )
+}
+
+/// The path of the unix socket `fd` is connected to (`None` for another
+/// kind of socket, an unnamed or abstract peer, or an error).
+fn peer_path(fd: i32) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; getpeername writes at most `len`
+    // bytes into it.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: as above, with a live address and length.
+    let rv =
+        unsafe { libc::getpeername(fd, &mut address as *mut _ as *mut libc::sockaddr, &mut len) };
+    if rv != 0 || address.sun_family != libc::AF_UNIX as libc::sa_family_t {
+        return None;
+    }
+    let path: Vec<u8> = address
+        .sun_path
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    (!path.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&path)))
+}
+
+/// The socket path p11-kit's client connects to, as it finds it when its
+/// function list is obtained (each variable from `environment`, else from
+/// the process; an empty one is unset): `P11_KIT_SERVER_ADDRESS` when it
+/// is `unix:path=` (percent-encoded), else `$XDG_RUNTIME_DIR/p11-kit/pkcs11`.
+/// `None` for any other address or default: then any socket the
+/// instance's thread is blocked on is taken for its own.
+fn p11_kit_server_path(environment: &[(String, String)]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let variable = |name: &str| {
+        environment
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(name).ok())
+            .filter(|v| !v.is_empty())
+    };
+    let Some(address) = variable("P11_KIT_SERVER_ADDRESS") else {
+        return variable("XDG_RUNTIME_DIR")
+            .map(|directory| Path::new(&directory).join("p11-kit").join("pkcs11"));
+    };
+    let encoded = address.strip_prefix("unix:path=")?.as_bytes();
+    let mut path = Vec::with_capacity(encoded.len());
+    let mut i = 0;
+    while i < encoded.len() {
+        let escaped = (encoded[i] == b'%')
+            .then(|| encoded.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            Some(byte) => {
+                path.push(byte);
+                i += 3;
+            }
+            None => {
+                path.push(encoded[i]);
+                i += 1;
+            }
+        }
+    }
+    Some(PathBuf::from(std::ffi::OsString::from_vec(path)))
 }
 
 /// Whether a system call number is `poll` or `ppoll` (`poll` exists only
@@ -2038,6 +2154,251 @@ mod tests {
             )
             .ok(),
             Some(7)
+        );
+    }
+
+    /// Polls until thread `tid` is blocked on `fd`, for at most 30 s.
+    fn wait_blocked(tid: &mpsc::Receiver<i32>, fd: i32) -> i32 {
+        use std::time::Duration;
+        let tid = tid
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the thread started");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while blocked_socket(tid) != Some(fd) {
+            assert!(
+                Instant::now() < deadline,
+                "thread {tid} never blocked on {fd}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tid
+    }
+
+    /// A call on the library's wire, in a thread of its own, reading one
+    /// byte from descriptor `fd`; sends its thread id, then the read's
+    /// result.
+    fn call_reading(
+        library: &Arc<MemberLibrary>,
+        fd: i32,
+    ) -> (mpsc::Receiver<i32>, mpsc::Receiver<isize>) {
+        let (tid, tid_known) = mpsc::channel();
+        let (read, done) = mpsc::channel();
+        let library = Arc::clone(library);
+        std::thread::spawn(move || {
+            tid.send(this_thread()).unwrap();
+            let mut got = 0;
+            library.on_wire(&mut || {
+                let mut byte = 0u8;
+                // SAFETY: a read of one byte into a live local.
+                got = unsafe { libc::read(fd, &mut byte as *mut u8 as *mut _, 1) };
+                CKR_OK
+            });
+            let _ = read.send(got);
+        });
+        (tid_known, done)
+    }
+
+    /// A cut shuts down the library's own socket, and never another
+    /// member's at a reused number. A thread of ours blocked on a socket
+    /// whose number was closed under it (by a `C_Finalize` that did not
+    /// wait for it) and taken by another connection (made so here with
+    /// `dup2`: the next socket opened anywhere in the process takes it)
+    /// still reads its own socket, but `/proc` names the number: the cut
+    /// found that number and shut down the other member's connection
+    /// (issue 12's soak run, no member serving).
+    #[test]
+    fn a_cut_shuts_down_the_librarys_own_socket_never_another_at_a_reused_number() {
+        use std::io::{Read, Write};
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let (own_path, other_path) = (dir.path().join("own.sock"), dir.path().join("other.sock"));
+        let own_server = UnixListener::bind(&own_path).unwrap();
+        let other_server = UnixListener::bind(&other_path).unwrap();
+        let address = format!("unix:path={}", own_path.display());
+        let library = Arc::new(
+            MemberLibrary::load(
+                "own",
+                Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
+                &[("P11_KIT_SERVER_ADDRESS".to_string(), address)],
+            )
+            .expect("p11-kit's client loads"),
+        );
+        assert!(library.is_networked());
+
+        let own = UnixStream::connect(&own_path).unwrap();
+        let _own_peer = own_server.accept().unwrap();
+        let (tid, done) = call_reading(&library, own.as_raw_fd());
+        wait_blocked(&tid, own.as_raw_fd());
+        assert_eq!(library.sever(), 1, "the library's own socket is cut");
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(30)),
+            Ok(0),
+            "the cut call returns, its socket shut down"
+        );
+
+        let stale = UnixStream::connect(&own_path).unwrap().into_raw_fd();
+        let (stale_peer, _) = own_server.accept().unwrap();
+        let (tid, done) = call_reading(&library, stale);
+        wait_blocked(&tid, stale);
+        let mut other = UnixStream::connect(&other_path).unwrap();
+        let (mut other_peer, _) = other_server.accept().unwrap();
+        // SAFETY: `stale` is ours; the thread's read keeps its socket.
+        assert_eq!(unsafe { libc::dup2(other.as_raw_fd(), stale) }, stale);
+        assert_eq!(library.sever(), 0, "no socket of the library to cut");
+        other
+            .write_all(b"x")
+            .expect("the other connection still sends");
+        other_peer.write_all(b"y").unwrap();
+        let mut byte = [0u8; 2];
+        other_peer.read_exact(&mut byte[..1]).unwrap();
+        other
+            .read_exact(&mut byte[1..])
+            .expect("and still receives");
+        assert_eq!(&byte, b"xy");
+        drop(stale_peer);
+        assert_eq!(done.recv_timeout(Duration::from_secs(30)), Ok(0));
+        // SAFETY: the copy of `other` made at `stale`, no longer read.
+        unsafe { libc::close(stale) };
+    }
+
+    /// A reconnect never finalises the library under a call of ours: one
+    /// cut off while it was not yet waiting on its socket (the cut found
+    /// none) and waiting there now is cut again, and the library is
+    /// finalised after it returned, however long ago the first cut was.
+    /// (A reconnect used to go ahead a second after the cut: its
+    /// `C_Finalize` freed the socket's number under the call.)
+    #[test]
+    fn a_reconnect_waits_for_a_call_cut_off_before_it_reached_its_socket() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.sock");
+        let server = UnixListener::bind(&path).unwrap();
+        let library = Arc::new(
+            MemberLibrary::load(
+                "own",
+                Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
+                &[(
+                    "P11_KIT_SERVER_ADDRESS".to_string(),
+                    format!("unix:path={}", path.display()),
+                )],
+            )
+            .expect("p11-kit's client loads"),
+        );
+        let socket = UnixStream::connect(&path).unwrap();
+        let _peer = server.accept().unwrap();
+        let fd = socket.as_raw_fd();
+        let (go_on, waiting) = mpsc::channel::<()>();
+        let (tid, tid_known) = mpsc::channel();
+        let (returned, call_done) = mpsc::channel();
+        let caller = Arc::clone(&library);
+        std::thread::spawn(move || {
+            tid.send(this_thread()).unwrap();
+            let rv = caller.shielded(|| {
+                let _ = waiting.recv();
+                let mut byte = 0u8;
+                // SAFETY: a read of one byte into a live local.
+                unsafe { libc::read(fd, &mut byte as *mut u8 as *mut _, 1) };
+                CKR_DEVICE_ERROR
+            });
+            returned.send(rv).unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while library.call_on_wire() == 0 {
+            assert!(Instant::now() < deadline, "the call never went on the wire");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(library.sever(), 0, "the call waits on no socket yet");
+        go_on.send(()).unwrap();
+        wait_blocked(&tid_known, fd);
+        let (finalized, finalize_done) = mpsc::channel();
+        let reconnect = Arc::clone(&library);
+        std::thread::spawn(move || {
+            reconnect.finalize();
+            finalized.send(()).unwrap();
+        });
+        finalize_done
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the finalisation ends");
+        assert_eq!(
+            call_done.try_recv(),
+            Ok(CKR_DEVICE_ERROR),
+            "the call returned, cut again, before the library was finalised"
+        );
+        drop(socket);
+    }
+
+    /// The server a cut checks a socket against is the one p11-kit's
+    /// client connects to: its address decoded, its default without one,
+    /// none for an address that is not a unix path.
+    #[test]
+    fn the_server_of_p11_kits_client_is_read_as_the_client_reads_it() {
+        let server = |environment: &[(&str, &str)]| {
+            let environment: Vec<(String, String)> = environment
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            p11_kit_server_path(&environment)
+        };
+        assert_eq!(
+            server(&[("P11_KIT_SERVER_ADDRESS", "unix:path=/run/a%20b/sock")]),
+            Some(PathBuf::from("/run/a b/sock"))
+        );
+        assert_eq!(
+            server(&[("P11_KIT_SERVER_ADDRESS", "vsock:cid=3;port=9")]),
+            None
+        );
+        assert_eq!(
+            server(&[
+                ("P11_KIT_SERVER_ADDRESS", ""),
+                ("XDG_RUNTIME_DIR", "/run/user/7")
+            ]),
+            Some(PathBuf::from("/run/user/7/p11-kit/pkcs11"))
+        );
+    }
+
+    /// A job that is merely running -- another member's recovery looking
+    /// for its token on this library, on the connection a healthy member
+    /// serves on -- is not cut when a second job is asked for: only a job
+    /// given up is.
+    #[test]
+    fn asking_for_a_job_while_one_runs_does_not_cut_its_socket() {
+        use std::io::{Read, Write};
+        use std::time::Duration;
+        let library = Arc::new(
+            MemberLibrary::load("softhsm", Path::new("/usr/lib/softhsm/libsofthsm2.so"), &[])
+                .expect("SoftHSM loads"),
+        );
+        let (mut socket, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let job = library
+            .start_bounded(move |_| {
+                let mut byte = [0u8; 1];
+                socket.read(&mut byte).ok().map(|n| (n, byte[0]))
+            })
+            .expect("no job is under way");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let tid = library.job_thread.load(Ordering::Acquire);
+            if tid > 0 && blocked_socket(tid).is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the job never read its socket");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            library.start_bounded(|_| ()).is_none(),
+            "a job is under way"
+        );
+        peer.write_all(b"z")
+            .expect("the running job's socket is not shut down");
+        let far = Instant::now() + Duration::from_secs(30);
+        assert_eq!(
+            job.finish(far, Duration::from_secs(30)).ok(),
+            Some(Some((1, b'z'))),
+            "the running job's socket was not cut"
         );
     }
 
