@@ -1451,9 +1451,9 @@ impl MemberLibrary {
     /// a spare's first connection) takes its number while a thread of ours
     /// may still use it -- its client reads or writes another member's
     /// connection, and a cut that finds it blocked on that number shuts
-    /// that member down (issue 12: in a soak run a member with no fault of
-    /// its own failed twice, 1 ms and 251 ms after another member's cut,
-    /// leaving none serving).
+    /// that member down (suspected, not shown, in an issue 12 soak run: a
+    /// member with no fault of its own failed twice, 1 ms and 251 ms after
+    /// another member's cut, leaving none serving).
     fn exclusive(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
         loop {
             if let Some(guard) = self.reconnecting.try_write_for(CUT_AGAIN_EVERY) {
@@ -2204,8 +2204,8 @@ mod tests {
     /// wait for it) and taken by another connection (made so here with
     /// `dup2`: the next socket opened anywhere in the process takes it)
     /// still reads its own socket, but `/proc` names the number: the cut
-    /// found that number and shut down the other member's connection
-    /// (issue 12's soak run, no member serving).
+    /// found that number and would shut down the other member's connection
+    /// (the suspected cause of a total outage in an issue 12 soak run).
     #[test]
     fn a_cut_shuts_down_the_librarys_own_socket_never_another_at_a_reused_number() {
         use std::io::{Read, Write};
