@@ -313,6 +313,48 @@ fn generate_token_key(
 
 /// The values of the token keys labelled `label` on each token, read from
 /// the model itself (a crashed token's too).
+/// Holds the first stalled call on `member` that `hold_now` picks until the
+/// test lets it go: the receiver hears it has stalled, the sender ends the
+/// stall. Stalls `hold_now` passes by go on at once.
+fn hold_stalled_call(
+    member: &SimMember,
+    hold_now: impl Fn() -> bool + Send + Sync + 'static,
+) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (stalled_tx, stalled) = mpsc::sync_channel(1);
+    let (resume, resume_rx) = mpsc::channel();
+    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
+    member.on_stall(move |_| {
+        if !hold_now() {
+            return;
+        }
+        if let Some((stalled, resume)) = gate.lock().take() {
+            stalled.send(()).expect("the test waits for the stall");
+            resume.recv().expect("the test ends the stall");
+        }
+    });
+    (stalled, resume)
+}
+
+/// [`hold_stalled_call`] for the first call on member 0 that stalls once
+/// the object labelled `label` is on it: the calls before stall there
+/// again and go on at once, so the call that made the object is held.
+fn hold_stalled_call_once_made(
+    member: &Arc<SimMember>,
+    label: &'static [u8],
+) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let weak_member = Arc::downgrade(member);
+    hold_stalled_call(member, move || {
+        let Some(member) = weak_member.upgrade() else {
+            return false;
+        };
+        if key_values(&member, label)[0].is_empty() {
+            member.sim.lock().set_fault(0, Fault::Stall);
+            return false;
+        }
+        true
+    })
+}
+
 fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
     let sim = member.sim.lock();
     sim.tokens
@@ -587,16 +629,8 @@ fn the_watchdog_takes_out_an_in_memory_member_whose_call_stalls_for_member_timeo
     let host = MemoryHost::new(&group, &member);
     let clock = pkcs11_ha::clock::install_manual();
     let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
-    let (stalled_tx, stalled) = mpsc::sync_channel(1);
-    let (resume, resume_rx) = mpsc::channel();
-    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
     // The stalled call says so, and returns when told.
-    member.on_stall(move |_| {
-        if let Some((stalled, resume)) = gate.lock().take() {
-            stalled.send(()).expect("the test waits for the stall");
-            resume.recv().expect("the test ends the stall");
-        }
-    });
+    let (stalled, resume) = hold_stalled_call(&member, || true);
     member.sim.lock().set_fault(0, Fault::Stall);
 
     std::thread::scope(|scope| {
@@ -965,25 +999,9 @@ fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once
     };
     let v = logged_in_session(&group);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    let (stalled_tx, stalled) = mpsc::sync_channel(1);
-    let (resume, resume_rx) = mpsc::channel();
-    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
-    let weak_member = Arc::downgrade(&member);
     // Met by the calls on member 0 until the key is made there; then the
     // generating call stays inside member 0 until the test lets it go.
-    member.on_stall(move |_| {
-        let Some(member) = weak_member.upgrade() else {
-            return;
-        };
-        if key_values(&member, label)[0].is_empty() {
-            member.sim.lock().set_fault(0, Fault::Stall);
-            return;
-        }
-        if let Some((stalled, resume)) = gate.lock().take() {
-            stalled.send(()).expect("the test waits for the stall");
-            resume.recv().expect("the test ends the stall");
-        }
-    });
+    let (stalled, resume) = hold_stalled_call_once_made(&member, label);
     member.sim.lock().set_fault(0, Fault::Stall);
 
     // Asserted once the call is let go: a failure inside the scope would
@@ -1032,26 +1050,10 @@ fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
     };
     let v = logged_in_session(&group);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    let (stalled_tx, stalled) = mpsc::sync_channel(1);
-    let (resume, resume_rx) = mpsc::channel();
-    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
-    let weak_member = Arc::downgrade(&member);
     // Met by the calls on member 0 until the object is made there; then
     // the import stays inside member 0 until the test lets it go, and its
     // answer is lost.
-    member.on_stall(move |_| {
-        let Some(member) = weak_member.upgrade() else {
-            return;
-        };
-        if key_values(&member, label)[0].is_empty() {
-            member.sim.lock().set_fault(0, Fault::Stall);
-            return;
-        }
-        if let Some((stalled, resume)) = gate.lock().take() {
-            stalled.send(()).expect("the test waits for the stall");
-            resume.recv().expect("the test ends the stall");
-        }
-    });
+    let (stalled, resume) = hold_stalled_call_once_made(&member, label);
     {
         let mut sim = member.sim.lock();
         sim.set_fault(0, Fault::Stall);
@@ -1148,15 +1150,7 @@ fn an_object_the_group_knows_is_synchronised_beside_a_call_making_another() {
     group.forget_handles(0);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
 
-    let (stalled_tx, stalled) = mpsc::sync_channel(1);
-    let (resume, resume_rx) = mpsc::channel();
-    let gate = Mutex::new(Some((stalled_tx, resume_rx)));
-    member.on_stall(move |_| {
-        if let Some((stalled, resume)) = gate.lock().take() {
-            stalled.send(()).expect("the test waits for the stall");
-            resume.recv().expect("the test ends the stall");
-        }
-    });
+    let (stalled, resume) = hold_stalled_call(&member, || true);
     member.sim.lock().set_fault(0, Fault::StallAfterChange);
     // Asserted once the call is let go, as above.
     let (back, synchronised) = std::thread::scope(|scope| {
