@@ -355,6 +355,11 @@ fn hold_stalled_call_once_made(
     })
 }
 
+/// How many copies of the object labelled `label` each token holds.
+fn copies_on_each_member(member: &SimMember, label: &[u8]) -> Vec<usize> {
+    key_values(member, label).iter().map(Vec::len).collect()
+}
+
 fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
     let sim = member.sim.lock();
     sim.tokens
@@ -869,10 +874,7 @@ fn a_pass_before_the_first_login_keeps_the_domain_key_known_on_tokens_that_renum
             .lock()
             .set_fault(token, Fault::RenumberOnLastClose);
     }
-    let host = MemoryHost {
-        synchronize: true,
-        ..MemoryHost::new(&group, &member)
-    };
+    let host = MemoryHost::synchronizing(&group, &member);
     let scratch = tempfile::tempdir().expect("a scratch directory");
     let state = StateDir::open(&scratch.path().join("state")).expect("the state directory opens");
     pkcs11_ha::reconcile::reconcile_now(&host, &state);
@@ -993,10 +995,7 @@ fn an_object_whose_answer_was_lost_as_its_member_began_to_return_is_made_there_o
 fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once() {
     let label = b"generated while member 1 returned";
     let (member, group) = memory_group(2, 28);
-    let host = MemoryHost {
-        synchronize: true,
-        ..MemoryHost::new(&group, &member)
-    };
+    let host = MemoryHost::synchronizing(&group, &member);
     let v = logged_in_session(&group);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     // Met by the calls on member 0 until the key is made there; then the
@@ -1025,7 +1024,7 @@ fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once
         MemberState::Up,
         "member 1 is back while the call is under way"
     );
-    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    let copies = copies_on_each_member(&member, label);
     assert_eq!(copies, [1, 1], "copies of the key on each member");
     v.close();
 }
@@ -1044,10 +1043,7 @@ fn a_key_synchronised_to_a_returning_member_while_its_call_made_it_is_there_once
 fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
     let label = b"imported while member 1 returned";
     let (member, group) = memory_group(2, 29);
-    let host = MemoryHost {
-        synchronize: true,
-        ..MemoryHost::new(&group, &member)
-    };
+    let host = MemoryHost::synchronizing(&group, &member);
     let v = logged_in_session(&group);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     // Met by the calls on member 0 until the object is made there; then
@@ -1103,7 +1099,7 @@ fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
         MemberState::Up,
         "member 0 is back"
     );
-    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    let copies = copies_on_each_member(&member, label);
     assert_eq!(copies, [1, 1], "copies of the object on each member");
     v.close();
 }
@@ -1117,10 +1113,7 @@ fn an_object_synchronised_while_its_import_lost_its_answer_is_made_once() {
 fn an_object_the_group_knows_is_synchronised_beside_a_call_making_another() {
     let (label, known) = (&b"made while member 1 returned"[..], &b"known"[..]);
     let (member, group) = memory_group(2, 30);
-    let host = MemoryHost {
-        synchronize: true,
-        ..MemoryHost::new(&group, &member)
-    };
+    let host = MemoryHost::synchronizing(&group, &member);
     let v = logged_in_session(&group);
     let token_object: CK_BBOOL = CK_TRUE;
     let mut attributes = data_object(known, b"on both members, then lost on one");
@@ -1177,7 +1170,7 @@ fn an_object_the_group_knows_is_synchronised_beside_a_call_making_another() {
         synchronised, 1,
         "copies of the object the group knows synchronised beside the call"
     );
-    let copies: Vec<usize> = key_values(&member, label).iter().map(Vec::len).collect();
+    let copies = copies_on_each_member(&member, label);
     assert_eq!(copies, [1, 1], "copies of the key on each member");
     v.close();
 }

@@ -61,6 +61,15 @@ impl MemoryHost {
         MemoryHost::of(group, std::slice::from_ref(member))
     }
 
+    /// [`MemoryHost::new`] with `[HASynchronize]` on: a returning member is
+    /// given what the serving members hold before it serves.
+    pub fn synchronizing(group: &Arc<Group>, member: &Arc<SimMember>) -> MemoryHost {
+        MemoryHost {
+            synchronize: true,
+            ..MemoryHost::new(group, member)
+        }
+    }
+
     pub fn of(group: &Arc<Group>, libraries: &[Arc<SimMember>]) -> MemoryHost {
         MemoryHost {
             groups: vec![Arc::clone(group)],
