@@ -1598,6 +1598,12 @@ impl Group {
         self.pending.lock()[position].len()
     }
 
+    /// Whether member `position` serves without some object of the group:
+    /// changes queued or kept for it, or keys that cannot reach it.
+    pub fn lacks_objects(&self, position: usize) -> bool {
+        self.undelivered_count(position) > 0 || !self.unreceivable.lock()[position].is_empty()
+    }
+
     /// How many changes a member has yet to receive, those kept for when a
     /// source serves or the application logs in (see [`Group::defer`])
     /// included: what the group status reports.

@@ -52,6 +52,50 @@ const KEY_MATERIAL: [CK_ATTRIBUTE_TYPE; 7] = [
 /// member call per object, nor a fixed cost per search.
 const IDENTIFIED_AT_ONCE: usize = 16;
 
+/// Attributes every copy of an object holds as the original does
+/// (`replication.rs` carries them, or they follow from what it carries):
+/// a search naming only these finds the same objects on every member that
+/// holds every object of the group. Others may differ between a key and
+/// its copies -- how it was made (`CKA_LOCAL`, `CKA_KEY_GEN_MECHANISM`,
+/// `CKA_ALWAYS_SENSITIVE`), `CKA_DESTROYABLE`, `CKA_COPYABLE`, vendors'
+/// attributes -- so a search naming one runs on the primary.
+const ALIKE_ON_COPIES: [CK_ATTRIBUTE_TYPE; 34] = [
+    CKA_CLASS,
+    CKA_TOKEN,
+    CKA_PRIVATE,
+    CKA_LABEL,
+    CKA_APPLICATION,
+    CKA_VALUE,
+    CKA_OBJECT_ID,
+    CKA_CERTIFICATE_TYPE,
+    CKA_ISSUER,
+    CKA_SERIAL_NUMBER,
+    CKA_CERTIFICATE_CATEGORY,
+    CKA_KEY_TYPE,
+    CKA_SUBJECT,
+    CKA_ID,
+    CKA_SENSITIVE,
+    CKA_ENCRYPT,
+    CKA_DECRYPT,
+    CKA_WRAP,
+    CKA_UNWRAP,
+    CKA_SIGN,
+    CKA_SIGN_RECOVER,
+    CKA_VERIFY,
+    CKA_VERIFY_RECOVER,
+    CKA_DERIVE,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_MODULUS,
+    CKA_MODULUS_BITS,
+    CKA_PUBLIC_EXPONENT,
+    CKA_VALUE_LEN,
+    CKA_EC_PARAMS,
+    CKA_EC_POINT,
+    CKA_WRAP_WITH_TRUSTED,
+    CKA_MODIFIABLE,
+];
+
 /// Attributes a search cannot ask the members: their copies of a key the
 /// application made non-extractable read extractable.
 const EMULATED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE];
@@ -826,7 +870,9 @@ impl VirtualSession {
         Ok(())
     }
 
-    /// Starts a search on one member; the primary is preferred.
+    /// Starts a search on one member: chosen by expected completion, as an
+    /// operation is, where every serving member answers it alike
+    /// ([`Self::answered_alike`]); otherwise on the primary.
     pub fn find_init(&self, template: &Template) -> Result<()> {
         // Known before the search starts (a member session runs one search
         // at a time), so that the search can leave it out.
@@ -851,8 +897,14 @@ impl VirtualSession {
         // session object.
         let on_spare =
             template.bool(CKA_TOKEN) == Some(true) || !self.group.objects.has_session_objects();
+        let preference = if self.answered_alike(&searched) {
+            Preference::LeastBusy(OpKind::Find as usize)
+        } else {
+            Preference::Primary
+        };
         self.init_where(
             OpKind::Find,
+            preference,
             None,
             None,
             "C_FindObjectsInit",
@@ -861,6 +913,102 @@ impl VirtualSession {
         )?;
         self.keep_search(kept, filter);
         Ok(())
+    }
+
+    /// Whether a search for `searched` (what the members are asked) finds
+    /// the same objects on every serving member: it names only attributes
+    /// copies hold alike ([`ALIKE_ON_COPIES`]), and no serving member
+    /// serves without some object of the group (changes queued or kept
+    /// for it, keys that cannot reach it). What such a search finds off
+    /// the primary is named as the primary names it
+    /// ([`Self::found_off_home`]).
+    fn answered_alike(&self, searched: &Template) -> bool {
+        searched.iter().all(|a| ALIKE_ON_COPIES.contains(&a.kind()))
+            && self
+                .group
+                .serving_members()
+                .iter()
+                .all(|m| !self.group.lacks_objects(m.position))
+    }
+
+    /// The member a search runs on when it is not spread (see
+    /// [`Self::find_init`]): the first serving member in configured order
+    /// that is not degraded -- the primary, as `Group::by_position` lists
+    /// it.
+    fn search_home(&self) -> Option<usize> {
+        let serving = self.group.serving_members();
+        serving
+            .iter()
+            .find(|m| m.rotation() == crate::group::Rotation::In)
+            .or(serving.first())
+            .map(|m| m.position)
+    }
+
+    /// Whether a search on `position` answers off the primary, where an
+    /// object the group has not met there is named as the primary names
+    /// it ([`Self::found_off_home`]): a search on a lane there that finds
+    /// one moves to the member's own session, which does that.
+    pub(crate) fn off_search_home(&self, position: usize) -> bool {
+        self.search_home().is_some_and(|home| home != position)
+    }
+
+    /// The virtual handle of the object a search on `member`, other than
+    /// the primary `home`, found as `handle`: the one the group knows it by
+    /// there, else the one a search on `home` names it by -- `home`'s copy
+    /// found by fingerprint (from `member`'s index, else read there) --
+    /// which is then known on `member` too. So the search answers as one on
+    /// `home` would, whichever member ran it. `None` where a search on
+    /// `home` would not show it: the domain key, an object `home` does not
+    /// hold, one gone meanwhile. Where `home` cannot tell (its look-up
+    /// fails, or the fingerprint matches more than one object there: a
+    /// collision, "Identity across members"), `member`'s copy names it, as
+    /// on a search moved by a failure.
+    fn found_off_home(
+        &self,
+        member: usize,
+        home: usize,
+        handle: CK_OBJECT_HANDLE,
+        identify: bool,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        if let Some(object) = self.group.objects.known(member, handle) {
+            return Some(object);
+        }
+        let read = |full: bool| {
+            self.on_member(member, |s| {
+                if full {
+                    identity::fingerprint(&*s.library, s.handle, handle)
+                } else {
+                    identity::light_fingerprint(&*s.library, s.handle, handle)
+                }
+            })
+            .ok()
+            .flatten()
+        };
+        let mut print = match self.group.indexed_fingerprint(member, handle) {
+            Some(print) => (*print).clone(),
+            None => read(false)?,
+        };
+        if self.is_domain_print(&print) {
+            return None;
+        }
+        let mut found = self.group.look_up(home, &print);
+        if found.as_ref().is_ok_and(|f| f.len() > 1) && !identity::has_check_value(&print) {
+            print = read(true)?;
+            found = self.group.look_up(home, &print);
+        }
+        let there = match found.as_deref() {
+            Ok([]) => return None,
+            Ok([one]) => *one,
+            _ => return self.virtual_handle_of(member, handle, identify),
+        };
+        let objects = &self.group.objects;
+        let object = objects
+            .known(home, there)
+            .unwrap_or_else(|| objects.from_member_identified(home, there, print));
+        if objects.presence(object, member) == Some(Presence::Unknown) {
+            objects.set_presence(object, member, Presence::Present(handle));
+        }
+        Some(object)
     }
 
     /// Continues the search and turns member handles into virtual ones,
@@ -912,13 +1060,18 @@ impl VirtualSession {
             // Where the member's domain keys are known by handle, they are
             // left out by handle alone.
             let domain_known = self.group.domain.found(member, epoch).is_some();
+            let home = self.search_home().filter(|home| *home != member);
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
                 let identify = !domain_known || small;
-                let Some(object) = self.virtual_handle_of(member, handles[i], identify) else {
+                let object = match home {
+                    Some(home) => self.found_off_home(member, home, handles[i], identify),
+                    None => self.virtual_handle_of(member, handles[i], identify),
+                };
+                let Some(object) = object else {
                     continue;
                 };
                 if !self.first_time_found(object) || !self.shows(object, &filter)? {

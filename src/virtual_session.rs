@@ -830,27 +830,29 @@ impl VirtualSession {
         call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let on_spare = kind != OpKind::Find;
-        self.init_where(kind, mechanism, key, function, on_spare, call)
+        let preference = if kind == OpKind::Find {
+            Preference::Primary
+        } else {
+            Preference::LeastBusy(kind as usize)
+        };
+        self.init_where(kind, preference, mechanism, key, function, on_spare, call)
     }
 
     /// [`Self::init`]; `on_spare` says whether the operation may run on a
     /// lane (`lanes.rs`): a search only where it cannot miss a session
     /// object ([`crate::virtual_objects`], `find_init`).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub fn init_where(
         &self,
         kind: OpKind,
+        preference: Preference,
         mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
         on_spare: bool,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let preference = if kind == OpKind::Find {
-            Preference::Primary
-        } else {
-            Preference::LeastBusy(kind as usize)
-        };
         let keys = key.as_slice();
         let mut waited = false;
         loop {

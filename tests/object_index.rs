@@ -9,8 +9,9 @@ mod common;
 use common::faulty::FaultyMember;
 use common::*;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use cryptoki::slot::Slot;
 use std::fs;
 use std::time::{Duration, Instant};
 
@@ -151,14 +152,11 @@ fn check_twins(fixture: &Fixture) {
     assert_ne!(results[0], results[1], "two keys, two answers");
 }
 
-/// How long reconciliation may take to read two small members.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// After reconciliation has read both members at login, the first use of
-/// each found key on the member that did not find it needs no search of
-/// that member's token: the index reconciliation read answers it.
-#[test]
-fn first_use_on_the_second_member_needs_no_search_after_reconciliation() {
+/// A group of two SoftHSM tokens behind faulty-member copies "m0" and
+/// "m1" (member0 primary), which count each member's calls; `extra`
+/// closes the config. Returns the fixture, the members, and the HA log's
+/// directory.
+fn counted_group(extra: &str) -> (Fixture, Vec<FaultyMember>, std::path::PathBuf) {
     let guard = serial_guard();
     let hsm = SoftHsm::new(&["member0", "member1"]);
     provision_domain(&hsm, &DOMAIN_VALUE);
@@ -187,13 +185,180 @@ fn first_use_on_the_second_member_needs_no_search_after_reconciliation() {
         false,
     );
     text += &format!(
-        "haStateDir = {}\nhaLogStatus = enabled\nhaLogPath = {}\n",
+        "haStateDir = {}\nhaLogStatus = enabled\nhaLogPath = {}\n{extra}",
         hsm.dir.path().join("state").display(),
         log.display()
     );
     let config = hsm.dir.path().join("pkcs11-ha.conf");
     fs::write(&config, text).unwrap();
-    let mut fixture = Fixture::start_with_guard(guard, hsm, config);
+    (Fixture::start_with_guard(guard, hsm, config), members, log)
+}
+
+/// Objects made outside the group in [`searches_off_the_primary_find_what_it_finds`]:
+/// more than a search identifies as it returns them, so that searching
+/// them all is an enumeration.
+const OUTSIDE: usize = 20;
+
+/// Searches spread over the members as operations do (issue 13: a slow
+/// primary must not hold every search), and a search on member 1 names
+/// what it finds as one on the primary does: every round of the same
+/// searches, whichever member ran each, returns the same virtual handles
+/// -- keys and data objects the group made, the session object of
+/// another session of this application (visible to every session,
+/// PKCS#11 2.40 4.4), objects made outside the group on both tokens (as
+/// another process does) and never seen by it before, enumerated and
+/// looked up one by one -- private keys only while logged in, and a
+/// closed session's objects no more. Reconciliation is off, so no index
+/// names the outside objects in advance.
+#[test]
+fn searches_off_the_primary_find_what_it_finds() {
+    let (mut fixture, members, _log) =
+        counted_group(&format!("\n[HASynchronize]\n{GROUP_LABEL} = 0\n"));
+    let maker = fixture.user_session();
+    let keys: Vec<ObjectHandle> = (0..KEYS)
+        .map(|i| {
+            maker
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::ValueLen(16.into()),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Label(format!("k{i}").into()),
+                        Attribute::Id(vec![i as u8]),
+                        Attribute::Encrypt(true),
+                    ],
+                )
+                .expect("C_GenerateKey")
+        })
+        .collect();
+    let data = |session: &Session, token: bool, label: String| {
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(token),
+                Attribute::Private(false),
+                Attribute::Label(label.into_bytes()),
+                Attribute::Value(vec![7; 8]),
+            ])
+            .expect("C_CreateObject")
+    };
+    let made: Vec<ObjectHandle> = (0..3)
+        .map(|i| data(&maker, true, format!("d{i}")))
+        .collect();
+    let in_session = data(&maker, false, "in-session".into());
+    // Outside the group: the same objects on each token, through the
+    // members' pass-through slots.
+    for (i, token) in fixture.hsm.tokens.iter().enumerate() {
+        let id = passthrough_slot_id(&format!("m{i}"), token.slot_id);
+        let slot = Slot::try_from(id).expect("slot id");
+        let session = fixture.pkcs11.open_rw_session(slot).expect("pass-through");
+        for n in 0..OUTSIDE {
+            data(&session, true, format!("outside-{n}"));
+        }
+    }
+    let searcher = fixture
+        .pkcs11
+        .open_rw_session(fixture.virtual_slot())
+        .expect("a second session");
+    let templates: Vec<Vec<Attribute>> = vec![
+        vec![Attribute::Class(ObjectClass::DATA)],
+        vec![Attribute::Class(ObjectClass::SECRET_KEY)],
+        vec![],
+        vec![Attribute::Label(b"k7".to_vec())],
+        vec![Attribute::Label(b"outside-3".to_vec())],
+        vec![Attribute::Class(ObjectClass::DATA), Attribute::Token(false)],
+        // Seven searches a round: the members take turns, so each search
+        // runs on each member from one round to the next.
+        vec![Attribute::Token(true), Attribute::Label(b"d1".to_vec())],
+    ];
+    let round = |session: &Session| -> Vec<Vec<ObjectHandle>> {
+        templates
+            .iter()
+            .map(|t| {
+                let mut found = session.find_objects(t).expect("C_FindObjects");
+                found.sort_unstable_by_key(|h| h.handle());
+                found
+            })
+            .collect()
+    };
+    let searches = |m: &FaultyMember| m.call_count("C_FindObjectsInit");
+    let before: Vec<u64> = members.iter().map(searches).collect();
+    let first = round(&searcher);
+    let sorted = |mut handles: Vec<ObjectHandle>| {
+        handles.sort_unstable_by_key(|h| h.handle());
+        handles
+    };
+    assert_eq!(first[1], sorted(keys.clone()), "every key, by its handle");
+    assert_eq!(first[0].len(), made.len() + 1 + OUTSIDE, "data objects");
+    for object in made.iter().chain([&in_session]) {
+        assert!(
+            first[0].contains(object),
+            "a made data object by its handle"
+        );
+    }
+    assert_eq!(
+        first[2].len(),
+        KEYS + made.len() + 1 + OUTSIDE,
+        "everything"
+    );
+    assert_eq!(first[3], vec![keys[7]], "one key by label");
+    assert_eq!(first[4].len(), 1, "one outside object by label");
+    assert!(first[0].contains(&first[4][0]), "named alike either way");
+    assert_eq!(first[5], vec![in_session], "the other session's object");
+    assert_eq!(first[6], vec![made[1]], "a token object by label");
+    for n in 0..8 {
+        assert_eq!(round(&searcher), first, "round {n}: the same handles");
+    }
+    let grown: Vec<u64> = members
+        .iter()
+        .zip(&before)
+        .map(|(m, b)| searches(m) - b)
+        .collect();
+    assert!(
+        grown.iter().all(|g| *g >= templates.len() as u64),
+        "the searches ran on both members: {grown:?}"
+    );
+
+    maker.close().expect("C_CloseSession");
+    let closed = round(&searcher);
+    let without = |found: &Vec<ObjectHandle>| -> Vec<ObjectHandle> {
+        found.iter().copied().filter(|h| *h != in_session).collect()
+    };
+    assert_eq!(closed[0], without(&first[0]), "its session object is gone");
+    assert_eq!(closed[2], without(&first[2]));
+    assert!(closed[5].is_empty());
+    searcher.logout().expect("C_Logout");
+    // The members' handles are forgotten at logout: an outside object read
+    // by no one has no fingerprint to be found again by, and gets a new
+    // handle ("Handles", aliases); the group's own keep theirs.
+    let public = round(&searcher);
+    assert!(public[1].is_empty(), "no private key logged out");
+    assert!(public[3].is_empty(), "no private key by label");
+    assert_eq!(public[0].len(), closed[0].len(), "every public object");
+    for object in &made {
+        assert!(
+            public[0].contains(object),
+            "a made data object by its handle"
+        );
+    }
+    for n in 0..4 {
+        assert_eq!(round(&searcher), public, "logged out, round {n}");
+    }
+    drop(searcher);
+    fixture.finalize().unwrap();
+}
+
+/// How long reconciliation may take to read two small members.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// After reconciliation has read both members at login, the first use of
+/// each found key on the member that did not find it needs no search of
+/// that member's token: the index reconciliation read answers it.
+#[test]
+fn first_use_on_the_second_member_needs_no_search_after_reconciliation() {
+    let (fixture, members, log) = counted_group("");
+    let mut fixture = fixture;
     make_keys(&fixture.user_session());
     fixture.finalize().unwrap();
     // One key on member 0 alone, made by another process, for

@@ -412,6 +412,10 @@ impl VirtualSession {
             return None;
         };
         let objects = &self.group.objects;
+        if objects.known(position, first).is_none() && self.off_search_home(position) {
+            // Named as the primary names it, on the member's own session.
+            return None;
+        }
         let object = objects.from_member_identified(position, first, print);
         lane.remember_found(here, Some((object, first)));
         lane.remember_key(object, first, here);
