@@ -41,8 +41,9 @@ pub enum Preference {
     /// Spread load: crypto goes to the least busy member; ties rotate
     /// within the given lane.
     LeastBusy(usize),
-    /// Searches and object-making calls go to the primary while it is up
-    /// and not degraded, where objects made on one member live first.
+    /// Object-making calls, and searches not every member answers alike,
+    /// go to the primary while it is up and not degraded, where objects
+    /// made on one member live first.
     Primary,
 }
 
@@ -838,9 +839,11 @@ impl VirtualSession {
         self.init_where(kind, preference, mechanism, key, function, on_spare, call)
     }
 
-    /// [`Self::init`]; `on_spare` says whether the operation may run on a
-    /// lane (`lanes.rs`): a search only where it cannot miss a session
-    /// object ([`crate::virtual_objects`], `find_init`).
+    /// [`Self::init`] on the member `preference` picks; `on_spare` says
+    /// whether the operation may run on a lane (`lanes.rs`): a search
+    /// only where it cannot miss a session object
+    /// ([`crate::virtual_objects`], `find_init`, which also picks its
+    /// preference).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub fn init_where(

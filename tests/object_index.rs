@@ -208,7 +208,8 @@ const OUTSIDE: usize = 20;
 /// PKCS#11 2.40 4.4), objects made outside the group on both tokens (as
 /// another process does) and never seen by it before, enumerated and
 /// looked up one by one -- private keys only while logged in, and a
-/// closed session's objects no more. Reconciliation is off, so no index
+/// closed session's objects no more. A search naming an attribute copies
+/// do not hold alike (`CKA_LOCAL`) stays on the primary. Reconciliation is off, so no index
 /// names the outside objects in advance.
 #[test]
 fn searches_off_the_primary_find_what_it_finds() {
@@ -318,6 +319,26 @@ fn searches_off_the_primary_find_what_it_finds() {
     assert!(
         grown.iter().all(|g| *g >= templates.len() as u64),
         "the searches ran on both members: {grown:?}"
+    );
+
+    // A key generated on member 0 reached member 1 as an unwrapped copy,
+    // which is not `CKA_LOCAL`: a search naming it runs on the primary.
+    let on_member1 = searches(&members[1]);
+    for n in 0..4 {
+        let local = sorted(
+            searcher
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Local(true),
+                ])
+                .expect("C_FindObjects"),
+        );
+        assert_eq!(local, first[1], "round {n}: every generated key is local");
+    }
+    assert_eq!(
+        searches(&members[1]),
+        on_member1,
+        "no search naming CKA_LOCAL reached member 1"
     );
 
     maker.close().expect("C_CloseSession");
