@@ -970,6 +970,86 @@ fn searches_find_session_objects_on_the_first_instance_and_token_objects_on_spar
     assert_eq!(after, ROUNDS, "with no session object left, on a spare");
 }
 
+/// Objects made outside the group -- the same ones on each member's
+/// token, through its pass-through slot, as another process makes them --
+/// searched for from several threads, the searches spread over both
+/// members and their spares: each object is named by one virtual handle,
+/// whichever member's instance met it first (a spare off the primary that
+/// meets one moves its search to its member's own session, which names it
+/// as the primary does).
+#[test]
+fn objects_made_outside_are_named_alike_by_searches_on_every_member() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 8;
+    const OBJECTS: usize = 3;
+    let remote = Remote::start(&instances(4, "haLogStatus = enabled\nhaLogPath = LOGDIR"));
+    let _login = remote.session();
+    for label in ["alpha", "beta"] {
+        let slot = slot_by_label(&remote.pkcs11, label).expect("the member's pass-through slot");
+        let session = remote
+            .pkcs11
+            .open_rw_session(slot)
+            .expect("a pass-through session");
+        for n in 0..OBJECTS {
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(true),
+                    Attribute::Private(false),
+                    Attribute::Label(format!("outside-{n}").into_bytes()),
+                    Attribute::Value(vec![n as u8; 4]),
+                ])
+                .expect("C_CreateObject on the member");
+        }
+    }
+    let searches = |server: &Server| {
+        on_first(server, "C_FindObjectsInit")
+            + on_spares(server, "C_FindObjectsInit")
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<usize>()
+    };
+    let before: Vec<usize> = remote.servers.iter().map(searches).collect();
+    let named = std::sync::Mutex::new(vec![std::collections::BTreeSet::new(); OBJECTS]);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                let session = remote.session();
+                for _ in 0..ROUNDS {
+                    for n in 0..OBJECTS {
+                        let found = session
+                            .find_objects(&[
+                                Attribute::Class(ObjectClass::DATA),
+                                Attribute::Label(format!("outside-{n}").into_bytes()),
+                            ])
+                            .expect("C_FindObjects");
+                        assert_eq!(found.len(), 1, "one object labelled outside-{n}");
+                        named.lock().unwrap()[n].insert(found[0].handle());
+                    }
+                }
+            });
+        }
+    });
+    let named = named.into_inner().unwrap();
+    let grown: Vec<usize> = remote
+        .servers
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| searches(s) - b)
+        .collect();
+    assert!(
+        named.iter().all(|names| names.len() == 1),
+        "one handle each: {named:?}; searches per member {grown:?}; HA log:\n{}",
+        remote.ha_log()
+    );
+    let all: std::collections::BTreeSet<_> = named.iter().flatten().collect();
+    assert_eq!(all.len(), OBJECTS, "three objects, three handles");
+    assert!(
+        grown.iter().all(|g| *g >= THREADS),
+        "the searches ran on both members: {grown:?}"
+    );
+}
+
 /// Sets its flag when dropped, also while a panic unwinds.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
