@@ -20,7 +20,9 @@ use parking_lot::Mutex;
 use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
-use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
+use pkcs11_ha::group::{
+    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending,
+};
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
 use pkcs11_ha::mechanism::Mechanism;
@@ -468,6 +470,85 @@ fn operations_and_searches_run_on_the_spares_of_an_in_memory_member() {
         |l, m| l.find_objects_final(m),
     )
     .expect("C_FindObjectsFinal");
+    v.close();
+}
+
+/// Searches go to either member by expected completion (issue 13), each
+/// on a spare of its member, and name the key alike; while a change is
+/// kept for member 1 (it serves without an object of the group) every
+/// search runs on member 0, the primary.
+#[test]
+fn searches_spread_over_the_members_unless_one_lacks_an_object() {
+    const SEARCHES: usize = 8;
+    let libraries: Vec<Arc<SimMember>> = (0..2)
+        .map(|i| {
+            let library = SimMember::new(&format!("spread{i}"), 1, i, false, 33).with_spares(2);
+            library
+                .initialize()
+                .expect("an in-memory library initialises");
+            Arc::new(library)
+        })
+        .collect();
+    let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
+    let v = logged_in_session(&group);
+    let label = b"spread";
+    let key = generate_token_key(&v, label).expect("C_GenerateKey");
+    let search = || {
+        let mut attributes = [CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_ptr() as *mut _,
+            ulValueLen: label.len() as CK_ULONG,
+        }];
+        // SAFETY: one attribute whose value lives until the search starts.
+        let template =
+            unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
+        v.find_init(&template).expect("C_FindObjectsInit");
+        let mut found = [0; 4];
+        let mut count = 0;
+        // SAFETY: room for four handles, alive for the call.
+        let mut out = unsafe { OutArray::new(found.as_mut_ptr(), 4) }.expect("out array");
+        v.find(&mut out, &mut count).expect("C_FindObjects");
+        v.step(
+            OpKind::Find,
+            Step::Finish {
+                length_query: false,
+            },
+            Input::None,
+            "C_FindObjectsFinal",
+            |l, m| l.find_objects_final(m),
+        )
+        .expect("C_FindObjectsFinal");
+        found[..count as usize].to_vec()
+    };
+    let lanes = |library: &SimMember| library.spares.taken().iter().sum::<usize>();
+    let before: Vec<usize> = libraries.iter().map(|l| lanes(l)).collect();
+    for n in 0..SEARCHES {
+        assert_eq!(search(), [key], "search {n} names the key");
+    }
+    let grown: Vec<usize> = libraries
+        .iter()
+        .zip(&before)
+        .map(|(l, b)| lanes(l) - b)
+        .collect();
+    assert!(
+        grown.iter().all(|g| *g > 0),
+        "the searches ran on both members: {grown:?}"
+    );
+
+    group.defer(1, Pending::Create(key));
+    let on_member1 = lanes(&libraries[1]);
+    for n in 0..SEARCHES {
+        assert_eq!(
+            search(),
+            [key],
+            "search {n} with a change kept for member 1"
+        );
+    }
+    assert_eq!(
+        lanes(&libraries[1]),
+        on_member1,
+        "no search reached member 1 while it lacks an object"
+    );
     v.close();
 }
 
