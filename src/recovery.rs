@@ -1,8 +1,9 @@
 //! Bringing failed members back, and noticing members that hang.
 //!
 //! The recovery thread looks at failed members every
-//! `AutoReconnectInterval` seconds and starts an attempt for each, at most
-//! `reconnAtt` times each (-1: forever), each member in a thread of its
+//! `AutoReconnectInterval` seconds -- and at once for each when its
+//! group's last serving member fails -- and starts an attempt for each, at
+//! most `reconnAtt` times each (-1: forever), each member in a thread of its
 //! own, so that one member's reconnect never delays another's. Recovering
 //! a member means: find its token again -- initialising its library again
 //! if it is not initialised (a failed `C_Initialize` is only "not yet"), or
