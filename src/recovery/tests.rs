@@ -93,7 +93,7 @@ fn with_no_member_serving_a_failed_attempt_is_followed_by_another_in_the_same_ru
     drop(one);
     assert!(
         member.expected_back(),
-        "between two attempts of a run it is still being brought back"
+        "a mark held across the gap (its token answered) keeps it being brought back"
     );
     drop(run);
     assert!(!member.expected_back());
