@@ -1,8 +1,9 @@
 //! Bringing failed members back, and noticing members that hang.
 //!
 //! The recovery thread looks at failed members every
-//! `AutoReconnectInterval` seconds and starts an attempt for each, at most
-//! `reconnAtt` times each (-1: forever), each member in a thread of its
+//! `AutoReconnectInterval` seconds -- and at once for each when its
+//! group's last serving member fails -- and starts an attempt for each, at
+//! most `reconnAtt` times each (-1: forever), each member in a thread of its
 //! own, so that one member's reconnect never delays another's. Recovering
 //! a member means: find its token again -- initialising its library again
 //! if it is not initialised (a failed `C_Initialize` is only "not yet"), or
@@ -126,6 +127,9 @@ impl Shared {
 struct Flags {
     stop_recovery: bool,
     stop_watchdog: bool,
+    /// Attempts are due at once ([`Group::review_serving`]): the recovery
+    /// thread looks now, not at its next tick.
+    prompt: bool,
     recovery_done: bool,
     /// Members (group, position) with an attempt under way.
     attempts: HashSet<(usize, usize)>,
@@ -140,6 +144,17 @@ impl Workers {
     /// Starts the watchdog, and the recovery thread unless recovery is off.
     pub fn start(provider: Weak<dyn Host>, recovery_on: bool) -> std::io::Result<Workers> {
         let shared = Arc::new(Shared::default());
+        if let (true, Some(host)) = (recovery_on, provider.upgrade()) {
+            for group in host.groups() {
+                let shared = Arc::downgrade(&shared);
+                group.set_recovery_wake(Box::new(move || {
+                    if let Some(shared) = shared.upgrade() {
+                        shared.flags().prompt = true;
+                        shared.wake.notify_all();
+                    }
+                }));
+            }
+        }
         let recovery = if recovery_on {
             let (p, s) = (provider.clone(), Arc::clone(&shared));
             Some(
@@ -211,15 +226,17 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         };
         {
             // Woken early by every attempt that ends (for `stop_recovery`):
-            // the next look still waits out the tick.
+            // the next look still waits out the tick, unless attempts are
+            // due at once.
             let next_round = clock::now() + interval.min(RECOVERY_TICK);
             let mut flags = shared.flags();
-            while !flags.stop_recovery && clock::now() < next_round {
+            while !flags.stop_recovery && !flags.prompt && clock::now() < next_round {
                 flags = shared.sleep(flags, clock::block_for(next_round)).0;
             }
             if flags.stop_recovery {
                 break;
             }
+            flags.prompt = false;
         }
         let Some(p) = provider.upgrade() else { break };
         start_attempts(&*p, &provider, &shared, interval);
@@ -230,10 +247,11 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
 }
 
 /// Starts an attempt, in a thread of its own, for every failed member that
-/// has none under way and is due one: it failed since its last attempt
-/// ended (or never had one), or that attempt ended `interval` ago. A
-/// member that fails is tried at once -- a reset connection is usually
-/// back by then -- and from then on every `interval`.
+/// has none under way and is due one: it is due at once (its group's last
+/// serving member failed: [`Group::review_serving`]), it failed since its
+/// last attempt ended (or never had one), or that attempt ended `interval`
+/// ago. A member that fails is tried at once -- a reset connection is
+/// usually back by then -- and from then on every `interval`.
 fn start_attempts(
     provider: &dyn Host,
     weak: &Weak<dyn Host>,
@@ -244,18 +262,26 @@ fn start_attempts(
         for member in &group.members {
             let key = (g, member.position);
             if member.state() != MemberState::Down {
+                if member.attempt_due() {
+                    member.drop_attempt_due();
+                    group.wake_waiting_calls();
+                }
                 continue;
             }
             {
                 let mut flags = shared.flags();
                 let now = now_ms();
                 let failed_at = now.saturating_sub(member.ms_since_state_change());
-                let due = due_for_attempt(
-                    failed_at,
-                    flags.last_ended.get(&key).copied(),
-                    now,
-                    interval,
-                );
+                let due = member.attempt_due()
+                    || due_for_attempt(
+                        failed_at,
+                        flags.last_ended.get(&key).copied(),
+                        now,
+                        interval,
+                    );
+                // One under way already tries again at once if due
+                // (`attempts_while_none_serves`), or has this thread look
+                // again as it ends.
                 if !due || !flags.attempts.insert(key) {
                     continue;
                 }
@@ -284,6 +310,12 @@ fn start_attempts(
                     if returned {
                         flags.handing_over += 1;
                     }
+                    if provider
+                        .as_ref()
+                        .is_some_and(|p| p.groups()[key.0].members[key.1].attempt_due())
+                    {
+                        flags.prompt = true;
+                    }
                     drop(flags);
                     shared_for_thread.wake.notify_all();
                     if let (true, Some(p)) = (returned, provider) {
@@ -294,6 +326,8 @@ fn start_attempts(
                 });
             if spawned.is_err() {
                 shared.flags().attempts.remove(&key);
+                member.drop_attempt_due();
+                group.wake_waiting_calls();
             }
         }
     }
@@ -442,7 +476,9 @@ fn check_for_stalled_connections(
 pub fn recover_failed_members(provider: &dyn Host) {
     for group in provider.groups() {
         for member in &group.members {
-            if member.state() == MemberState::Down && attempt(provider, group, member.position) {
+            if member.state() == MemberState::Down
+                && attempt(provider, group, member.position) == Attempted::Serves
+            {
                 after_return(provider, group);
             }
         }
@@ -463,19 +499,33 @@ fn retry_copies_waiting_for_wrapping(provider: &dyn Host) {
     }
 }
 
+/// How a recovery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempted {
+    /// The member serves again.
+    Serves,
+    /// Its token answered -- found, so its server is up -- but the member
+    /// does not serve: it failed again while catching up, or may still make
+    /// an object it was cut off making.
+    FellShort,
+    /// Its token was not found (its library answered without it, or did not
+    /// answer), or `reconnAtt` allows no more attempts.
+    NotFound,
+}
+
 /// One recovery attempt for a failed member, if `reconnAtt` allows one
-/// more; true if the member serves again.
-fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
+/// more.
+fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempted {
     let member = &group.members[position];
     if member.state() != MemberState::Down {
-        return false;
+        return Attempted::NotFound;
     }
     let attempts = provider.recovery().attempts;
     let made = member
         .recovery_attempts
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if attempts >= 0 && made >= attempts as u64 {
-        return false;
+        return Attempted::NotFound;
     }
     group.log(Some(position), &format!("recovery attempt {}", made + 1));
     let _under_way = AttemptUnderWay::start(group, position);
@@ -485,23 +535,24 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised {phases}"),
             );
-            true
+            Attempted::Serves
         }
         Err(setback) => {
             if member.state() == MemberState::Recovering {
                 member.set_state(MemberState::Down);
             }
-            let event = match setback {
-                Setback::Failed(why) => format!("recovery failed: {why}"),
+            let (event, attempted) = match setback {
+                Setback::NotFound(why) => (format!("recovery failed: {why}"), Attempted::NotFound),
+                Setback::Failed(why) => (format!("recovery failed: {why}"), Attempted::FellShort),
                 Setback::Waiting(why) => {
                     member
                         .recovery_attempts
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    format!("recovery waits: {why}")
+                    (format!("recovery waits: {why}"), Attempted::FellShort)
                 }
             };
             group.log(Some(position), &event);
-            false
+            attempted
         }
     }
 }
@@ -509,17 +560,20 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> bool {
 /// One recovery attempt for a failed member ([`attempt`]) -- and, while
 /// the group has no member serving and `reconnAtt` is -1, another every
 /// `interval` (`AutoReconnectInterval`, as the recovery thread would
-/// start it) until the member serves, another member does, or recovery
-/// stops, the member counting as being brought back throughout: calls
-/// that find no member serving wait for it across the gaps between
-/// attempts ([`Group::wait_for_serving`]), where before each gap failed
-/// every call made in it at once (in one long chaos run, seed 42, 30,466
-/// calls failed so while a member was healthy). The schedule stays that
-/// of `interval`: each attempt on a p11-kit member has its server start a
-/// worker that loads the whole token, and in the one chaos run that
-/// retried every 0.1 s two members did not serve again within two minutes
-/// of its end (load 13; not shown to be the cause). True if the member
-/// serves again.
+/// start it), or at once when the member is due one
+/// ([`Group::review_serving`]), until the member serves, another member
+/// does, or recovery stops. Calls finding no member serving wait for the
+/// member during each attempt, and across the gap after one that found
+/// its token ([`Attempted::FellShort`]: its server answers, and it failed
+/// again while catching up or waits for an object in doubt), but not
+/// after one that did not: with every member gone, a call answers once
+/// each member's attempt has failed to find its token, instead of
+/// waiting out `memberTimeout` across the gaps (`tests/failover.rs`). The
+/// schedule stays that of `interval`: each attempt on a p11-kit member
+/// has its server start a worker that loads the whole token, and in the
+/// one chaos run that retried every 0.1 s two members did not serve again
+/// within two minutes of its end (load 13; not shown to be the cause).
+/// True if the member serves again.
 fn attempts_while_none_serves(
     provider: &dyn Host,
     group: &Arc<Group>,
@@ -527,17 +581,28 @@ fn attempts_while_none_serves(
     shared: &Shared,
     interval: Duration,
 ) -> bool {
-    let _under_way = AttemptUnderWay::start(group, position);
+    let member = &group.members[position];
+    // The mark held across the gap, if any: taken away only once the next
+    // attempt's is set, so that a waiting call never finds neither.
+    let mut across_gap = None;
     loop {
-        if attempt(provider, group, position) {
+        let under_way = AttemptUnderWay::start(group, position);
+        drop(across_gap.take());
+        let attempted = attempt(provider, group, position);
+        if attempted == Attempted::Serves {
             return true;
         }
         if !tries_again_in_the_run(provider, group, position) {
             return false;
         }
+        if attempted == Attempted::FellShort {
+            across_gap = Some(under_way);
+        } else {
+            drop(under_way);
+        }
         let next = clock::now() + interval;
         let mut flags = shared.flags();
-        while !flags.stop_recovery && clock::now() < next {
+        while !flags.stop_recovery && !member.attempt_due() && clock::now() < next {
             flags = shared.sleep(flags, clock::block_for(next)).0;
         }
         if flags.stop_recovery {
@@ -547,8 +612,8 @@ fn attempts_while_none_serves(
 }
 
 /// Whether a member whose attempt just failed is tried again in the same
-/// run, its calls waiting (see [`attempts_while_none_serves`]): no member
-/// of its group serves, it is still out, and `reconnAtt` is -1.
+/// run (see [`attempts_while_none_serves`]): no member of its group
+/// serves, it is still out, and `reconnAtt` is -1.
 fn tries_again_in_the_run(provider: &dyn Host, group: &Group, position: usize) -> bool {
     provider.recovery().attempts < 0
         && group.up_members().next().is_none()
@@ -635,6 +700,8 @@ impl InDoubtWait {
 
 /// Why a recovery attempt did not bring the member back.
 enum Setback {
+    /// Its token was not found; the attempt counts against `reconnAtt`.
+    NotFound(String),
     /// It failed; the attempt counts against `reconnAtt`.
     Failed(String),
     /// The member may still make an object it was cut off making: it is
@@ -707,7 +774,7 @@ fn recover(
     position: usize,
 ) -> Result<(usize, Phases), Setback> {
     let mut phases = Phases::start();
-    let location = find_token(provider, group, position)?;
+    let location = find_token(provider, group, position).map_err(Setback::NotFound)?;
     phases.end("token found");
     group.forget_handles(position);
     // Sessions it held when it was taken out (the group's, and those of

@@ -93,10 +93,122 @@ fn with_no_member_serving_a_failed_attempt_is_followed_by_another_in_the_same_ru
     drop(one);
     assert!(
         member.expected_back(),
-        "between two attempts of a run it is still being brought back"
+        "a mark held across the gap (its token answered) keeps it being brought back"
     );
     drop(run);
     assert!(!member.expected_back());
+}
+
+/// When a group's last serving member fails, every failed member is due
+/// an attempt at once -- where a recovery thread runs, which is woken --
+/// and counts as being brought back until that attempt begins; while
+/// another member serves, a member that fails is due none.
+#[test]
+fn when_the_last_serving_member_fails_every_failed_member_is_due_an_attempt_at_once() {
+    let provider = OneGroup::new(&["a", "b", "c"]);
+    let group = Arc::clone(&provider.groups[0]);
+    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&woken);
+    group.set_recovery_wake(Box::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let wakes = || woken.load(std::sync::atomic::Ordering::SeqCst);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
+    assert!(
+        group.members.iter().all(|m| !m.expected_back()),
+        "a member serves"
+    );
+    assert_eq!(wakes(), 0);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    assert!(group
+        .members
+        .iter()
+        .all(|m| m.attempt_due() && m.expected_back()));
+    assert_eq!(wakes(), 1, "the recovery thread is woken once");
+    let attempt = AttemptUnderWay::start(&group, 1);
+    assert!(!group.members[1].attempt_due() && group.members[1].expected_back());
+    drop(attempt);
+    assert!(!group.members[1].expected_back(), "its attempt has ended");
+    assert!(
+        group.members[2].expected_back(),
+        "its attempt has not begun"
+    );
+}
+
+/// Without a recovery thread (recovery off, or threads forbidden) no
+/// attempt is due when the last serving member fails: no call waits for
+/// one that would never begin.
+#[test]
+fn without_a_recovery_thread_no_attempt_is_due() {
+    let provider = OneGroup::new(&["a", "b"]);
+    let group = &provider.groups[0];
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    assert!(group.members.iter().all(|m| !m.expected_back()));
+}
+
+/// Between the attempts of a run (no member serving, `reconnAtt` -1), a
+/// member whose token was not found is not being brought back, so calls
+/// fail at once instead of waiting for its next attempt an
+/// `AutoReconnectInterval` later; a member due an attempt at once (the
+/// group's last serving member failed) is tried without waiting for it.
+#[test]
+fn between_attempts_a_member_whose_token_was_not_found_is_not_waited_for_and_one_due_is_tried_at_once(
+) {
+    let mut provider = OneGroup::new(&["a", "b"]);
+    provider.recovery.interval = Duration::from_secs(3600);
+    let group = Arc::clone(&provider.groups[0]);
+    let shared = Arc::new(Shared::default());
+    let wake = Arc::clone(&shared);
+    group.set_recovery_wake(Box::new(move || {
+        wake.flags().prompt = true;
+        wake.wake.notify_all();
+    }));
+    let attempts = |i: usize| {
+        group.members[i]
+            .recovery_attempts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let poll = |what: &str, condition: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !condition() {
+            assert!(Instant::now() < deadline, "{what}: not within a minute");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..2)
+            .map(|i| {
+                let (provider, group, shared) = (&provider, &group, &shared);
+                scope.spawn(move || {
+                    attempts_while_none_serves(
+                        provider,
+                        group,
+                        i,
+                        shared,
+                        provider.recovery.interval,
+                    )
+                })
+            })
+            .collect();
+        // What a call finding no member serving looks at: it fails at once.
+        poll("both out of the first attempts, not waited for", &|| {
+            (0..2).all(|i| attempts(i) >= 1 && !group.members[i].expected_back())
+        });
+        let before = attempts(0);
+        group.members[1].set_state(MemberState::Up);
+        group.review_serving(clock::now());
+        group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+        poll("the attempt due at once", &|| attempts(0) > before);
+        shared.flags().stop_recovery = true;
+        shared.wake.notify_all();
+        for run in runs {
+            assert!(!run.join().expect("the run ends"), "no member serves");
+        }
+    });
 }
 
 /// A provider of one group and no libraries: what the watchdog looks at.
