@@ -11,7 +11,7 @@ use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::{
-    initialize_each, padded_to_string, string_to_padded, Counting, MemberLibrary, Silent,
+    initialize_each, padded_to_string, string_to_padded, Counting, LeftBusy, MemberLibrary, Silent,
 };
 use crate::member_api::{same_library, MemberApi, MemberBackend};
 use crate::published::Publisher;
@@ -155,23 +155,26 @@ fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     with(|p| p.session(handle)).and_then(|s| SessionRef::new(s, removals))
 }
 
-/// Runs `f` on the initialised provider without taking a reference to it:
-/// the path of every call that needs the provider, and of session lookups
-/// the thread's cache cannot answer.
+/// Runs `f` on the initialised provider: the path of every call that needs
+/// the provider, and of session lookups the thread's cache cannot answer.
+/// `f` runs on a reference of its own, the lifecycle lock released: a
+/// call that hangs in a member (a `C_Login`, a `C_GetTokenInfo`) must not
+/// hold `C_Finalize` off the lock for ever. `C_Finalize` waits for the
+/// calls inside each member library instead, for `memberTimeout` at most
+/// ([`MemberLibrary::finalize_for_application`]).
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
     // A child after `fork` sees a generation of its own, without a
     // provider until it calls `C_Initialize`, as the specification requires.
-    let guard = LIFECYCLE.get().provider();
-    let provider = guard
+    let provider = LIFECYCLE
+        .get()
+        .provider()
         .as_ref()
+        .map(Arc::clone)
         .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
     if provider.inline_recovery_due_ms.is_some() {
-        let provider = Arc::clone(provider);
-        drop(guard);
         run_inline_recovery_if_due(&provider);
-        return f(&provider);
     }
-    f(provider)
+    f(&provider)
 }
 
 /// Without threads, recovery runs during calls when it is due.
@@ -348,6 +351,8 @@ pub fn finalize() -> Result<()> {
             member.finalize();
         }
     }
+    // One wait for calls to leave the libraries, however many there are.
+    let deadline = crate::clock::now() + provider.member_timeout;
     for library in &provider.libraries {
         let failed = provider.groups.iter().any(|g| {
             g.members.iter().any(|m| {
@@ -356,12 +361,18 @@ pub fn finalize() -> Result<()> {
                         .is_some_and(|l| same_library(&*l.library, &**library))
             })
         });
-        // A stalled server would hold C_Finalize forever: cut it off.
+        // A stalled server would hold its calls until the deadline: cut
+        // them off now.
         if failed {
             library.sever();
-            library.finalize_within(provider.member_timeout);
-        } else {
-            library.finalize();
+        }
+        let finalized = library.finalize_for_application(
+            deadline,
+            provider.member_timeout,
+            provider.threads_allowed,
+        );
+        if let Err(left) = finalized {
+            report_left_initialised(&provider, library, &left);
         }
     }
     if let Some(w) = workers.as_mut() {
@@ -369,6 +380,32 @@ pub fn finalize() -> Result<()> {
     }
     halog::close();
     Ok(())
+}
+
+/// Says on stderr and in the HA log (for each member token the library
+/// serves) that `C_Finalize` left `library` initialised.
+fn report_left_initialised(provider: &Provider, library: &Arc<MemberLibrary>, left: &LeftBusy) {
+    let why = match left.calls {
+        0 => "its C_Finalize had not returned".to_string(),
+        n => format!("{n} call(s) were still inside it"),
+    };
+    let event = format!(
+        "C_Finalize left library {} initialised and loaded: {why} after memberTimeout ({} ms); \
+         such a call answers CKR_CRYPTOKI_NOT_INITIALIZED when it returns",
+        library.name,
+        provider.member_timeout.as_millis()
+    );
+    eprintln!("pkcs11-ha: {event}");
+    for group in &provider.groups {
+        for (position, member) in group.members.iter().enumerate() {
+            if member
+                .location()
+                .is_some_and(|l| same_library(&*l.library, &**library))
+            {
+                group.log(Some(position), &event);
+            }
+        }
+    }
 }
 
 fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>, String> {
