@@ -193,6 +193,28 @@ fn run_inline_recovery_if_due(provider: &Provider) {
     }
 }
 
+/// Keeps this library mapped after the application's `dlclose`: threads
+/// of ours may outlive `C_Finalize` -- a call left inside a hung member
+/// ([`MemberLibrary::finalize_for_application`]), a recovery step given
+/// up after `memberTimeout` -- and return into our code later, which must
+/// still be there.
+fn stay_loaded() {
+    // SAFETY: `dladdr` reads the loader's tables for an address of this
+    // library; `dlopen` with `RTLD_NOLOAD` only takes one more reference
+    // to an object already loaded (never released: that is the point).
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(stay_loaded as *const libc::c_void, &mut info) != 0
+            && !info.dli_fname.is_null()
+        {
+            libc::dlopen(
+                info.dli_fname,
+                libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+            );
+        }
+    }
+}
+
 /// Initialises the library; `threads_allowed` is false when the
 /// application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
 pub fn initialize(threads_allowed: bool) -> Result<()> {
@@ -222,6 +244,7 @@ pub fn initialize_with_members(
     ATFORK.call_once(|| {
         // SAFETY: registers a handler that only stores to an atomic.
         unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        stay_loaded();
     });
     let config = Config::load(&Config::locate()).map_err(report_config_error)?;
     if let (true, Some(directory)) = (config.ha_log.enabled, &config.ha_log.path) {

@@ -31,7 +31,8 @@ const MEMBER_TIMEOUT_MS: u64 = 1000;
 /// Two members, `m0` and `m1`, each one SoftHSM token behind a faulty-member
 /// copy, grouped into virtual slot 0. Holds the serial guard.
 struct Ha {
-    pkcs11: Pkcs11,
+    /// `None` while the application has unloaded the library.
+    pkcs11: Option<Pkcs11>,
     members: Vec<FaultyMember>,
     hsm: SoftHsm,
     _guard: MutexGuard<'static, ()>,
@@ -39,6 +40,13 @@ struct Ha {
 
 impl Ha {
     fn new() -> Ha {
+        let mut ha = Ha::unstarted();
+        ha.pkcs11 = Some(start_ha());
+        ha
+    }
+
+    /// [`Ha::new`] before the library under test is loaded.
+    fn unstarted() -> Ha {
         let guard = serial_guard();
         let hsm = SoftHsm::new(&["member0", "member1"]);
         provision_domain(&hsm, &DOMAIN_VALUE);
@@ -72,11 +80,18 @@ impl Ha {
         hsm.activate();
         activate_config(&config);
         Ha {
-            pkcs11: start_ha(),
+            pkcs11: None,
             members,
             hsm,
             _guard: guard,
         }
+    }
+
+    /// The library under test, initialised.
+    fn pkcs11(&self) -> &Pkcs11 {
+        self.pkcs11
+            .as_ref()
+            .expect("the library under test is loaded")
     }
 
     /// The pass-through slot of member `i`: its calls reach that member
@@ -89,7 +104,7 @@ impl Ha {
     /// `C_Finalize`, from a thread of its own so that a hang fails the test
     /// instead of holding it; how long it took.
     fn finalize(&self) -> Duration {
-        let pkcs11 = self.pkcs11.clone();
+        let pkcs11 = self.pkcs11().clone();
         let (done, finalized) = mpsc::channel();
         thread::spawn(move || {
             let started = Instant::now();
@@ -110,7 +125,9 @@ impl Drop for Ha {
             member.release();
         }
         // An error here would only hide the test's own result.
-        let _ = self.pkcs11.clone().finalize();
+        if let Some(pkcs11) = self.pkcs11.take() {
+            let _ = pkcs11.finalize();
+        }
         env::remove_var(CONF_ENV);
         env::remove_var(SOFTHSM_CONF_ENV);
     }
@@ -155,7 +172,7 @@ fn rv<T>(result: cryptoki::error::Result<T>) -> Option<RvError> {
 fn c_finalize_leaves_a_library_with_a_hung_session_call_and_that_call_answers_later() {
     let mut ha = Ha::new();
     let passthrough: Session = ha
-        .pkcs11
+        .pkcs11()
         .open_ro_session(ha.member_slot(0))
         .expect("C_OpenSession on member 0's pass-through slot");
     let m0 = &ha.members[0];
@@ -180,8 +197,8 @@ fn c_finalize_leaves_a_library_with_a_hung_session_call_and_that_call_answers_la
         "member 1, with no call inside, is finalised"
     );
 
-    ha.pkcs11 = start_ha();
-    let s = user_session(&ha.pkcs11, Slot::try_from(0u64).expect("slot 0"));
+    ha.pkcs11 = Some(start_ha());
+    let s = user_session(ha.pkcs11(), Slot::try_from(0u64).expect("slot 0"));
     s.digest(&Mechanism::Sha256, b"served by member 1")
         .expect("C_Digest after C_Initialize again, member 0 still hung");
 
@@ -191,7 +208,7 @@ fn c_finalize_leaves_a_library_with_a_hung_session_call_and_that_call_answers_la
         .expect("the hung call did not return once released");
     assert_eq!(answer, Some(RvError::CryptokiNotInitialized));
     let again = ha
-        .pkcs11
+        .pkcs11()
         .open_ro_session(ha.member_slot(0))
         .expect("C_OpenSession on member 0 once it answers again");
     again
@@ -207,12 +224,12 @@ fn c_finalize_leaves_a_library_with_a_hung_session_call_and_that_call_answers_la
 fn c_finalize_returns_with_a_slot_call_hung_in_a_member() {
     let mut ha = Ha::new();
     let slot = ha.member_slot(0);
-    ha.pkcs11
+    ha.pkcs11()
         .get_token_info(slot)
         .expect("C_GetTokenInfo on member 0's pass-through slot");
     let m0 = &ha.members[0];
     m0.hang();
-    let hung = in_thread(ha.pkcs11.clone(), move |p: &Pkcs11| {
+    let hung = in_thread(ha.pkcs11().clone(), move |p: &Pkcs11| {
         rv(p.get_token_info(slot))
     });
     assert!(
@@ -236,10 +253,60 @@ fn c_finalize_returns_with_a_slot_call_hung_in_a_member() {
 
     // Left initialised, member 0 serves the next provider and is
     // finalised by the next C_Finalize, which finds it empty.
-    ha.pkcs11 = start_ha();
-    ha.pkcs11
+    ha.pkcs11 = Some(start_ha());
+    ha.pkcs11()
         .get_token_info(slot)
         .expect("C_GetTokenInfo on member 0 after C_Initialize again");
     ha.finalize();
     assert_eq!(m0.call_count("C_Finalize"), 1, "member 0 finalised");
+}
+
+/// Whether the library under test is mapped in this process.
+fn ha_mapped() -> bool {
+    let maps = fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
+    let name = library_path();
+    let name = name.file_name().expect("a file name").to_string_lossy();
+    maps.lines().any(|line| line.ends_with(&*name))
+}
+
+/// A thread of ours outlives `C_Finalize` and the application's `dlclose`
+/// of the library: `C_Initialize`'s look for member 0's token, given up
+/// after `memberTimeout` while member 0 hangs. The library stays mapped,
+/// and when member 0 lets the thread go it returns into our code (the
+/// process would die of `SIGSEGV` were it unmapped) and leaves. Every application call is made from a
+/// thread that has ended before the `dlclose`, so no thread-local of the
+/// application's threads keeps the library loaded.
+#[test]
+fn a_thread_of_ours_returns_safely_after_c_finalize_and_dlclose() {
+    let mut ha = Ha::unstarted();
+    // The application's calls, each from a thread that ends with it.
+    let start = || thread::spawn(start_ha).join().expect("C_Initialize");
+    ha.pkcs11 = Some(start());
+    ha.finalize();
+    ha.members[0].hang();
+    ha.members[0].reset_counts();
+    ha.pkcs11 = Some(start());
+    assert!(
+        ha.members[0].wait_for_blocked(1, PATIENCE),
+        "C_Initialize did not ask member 0 for its slots"
+    );
+    ha.finalize();
+    // The application unloads the library: the last reference goes.
+    ha.pkcs11 = None;
+    assert!(
+        ha_mapped(),
+        "the library was unmapped with a thread of ours in it"
+    );
+    ha.members[0].release();
+    // The thread returns into our code; once it has left member 0, a
+    // C_Finalize finds member 0 empty and finalises it.
+    let deadline = Instant::now() + PATIENCE;
+    while ha.members[0].call_count("C_Finalize") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the thread left in member 0 did not leave it once released"
+        );
+        ha.pkcs11 = Some(start());
+        ha.finalize();
+    }
 }
