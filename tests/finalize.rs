@@ -7,6 +7,10 @@
 //! call inside the library as a hung HSM does.
 
 mod common;
+#[path = "common/p11kit.rs"]
+mod p11kit;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::env;
 use std::fs;
@@ -22,6 +26,9 @@ use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
+use p11kit::P11KitServer;
+use pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS;
+use relay::Relay;
 
 /// A bound for waits that only end early when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -309,4 +316,115 @@ fn a_thread_of_ours_returns_safely_after_c_finalize_and_dlclose() {
         ha.pkcs11 = Some(start());
         ha.finalize();
     }
+}
+
+/// `PKCS11HA_GetGroupStatus` of group 0, through the exported symbol.
+fn group_status() -> PKCS11HA_GROUP_STATUS {
+    // SAFETY: the symbol has this signature; the library is loaded.
+    unsafe {
+        let library = libloading::Library::new(library_path()).expect("load pkcs11-ha");
+        let get: libloading::Symbol<unsafe extern "C" fn(u64, *mut PKCS11HA_GROUP_STATUS) -> u64> =
+            library
+                .get(b"PKCS11HA_GetGroupStatus\0")
+                .expect("PKCS11HA_GetGroupStatus");
+        let mut status = std::mem::zeroed();
+        assert_eq!(get(0, &mut status), 0, "PKCS11HA_GetGroupStatus");
+        status
+    }
+}
+
+/// Calls that wait inside p11-kit's client, up to `[LibraryConcurrency]`
+/// of them at once, on a server that has stalled (the relay in front of
+/// it holds what it is sent): `C_Finalize` returns, each call answers with
+/// an error, and once the path is back `C_Initialize` serves again.
+#[test]
+fn c_finalize_returns_with_calls_stalled_inside_p11_kits_client() {
+    const CALLERS: usize = 3;
+    let guard = serial_guard();
+    let hsm = SoftHsm::new(&["stalled"]);
+    provision_domain(&hsm, &DOMAIN_VALUE);
+    let dir = hsm.dir.path();
+    let server = P11KitServer::start(SOFTHSM_LIB, &hsm.conf, "stalled", &dir.join("server.sock"));
+    let mut relay = Relay::start(&dir.join("relay.sock"), &server.socket);
+    let text = format!(
+        "[Libraries]\nremote = {}\n\n[LibraryEnvironment]\nremote.P11_KIT_SERVER_ADDRESS = {}\n\
+         \n[LibraryConcurrency]\nremote = {CALLERS}\n\n[LibraryInstances]\nremote = 1\n\
+         \n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
+         \n[HAConfiguration]\nmemberTimeout = {MEMBER_TIMEOUT_MS}\nAutoReconnectInterval = 1\n\
+         haStateDir = {}\n",
+        p11kit::client_module(),
+        relay.address(),
+        hsm.tokens[0].serial,
+        dir.join("state").display()
+    );
+    let config = dir.join("pkcs11-ha.conf");
+    fs::write(&config, text).expect("write pkcs11-ha.conf");
+    activate_config(&config);
+    let pkcs11 = start_ha();
+    let slot = Slot::try_from(0u64).expect("slot 0");
+    let sessions: Vec<Session> = (0..CALLERS).map(|_| user_session(&pkcs11, slot)).collect();
+    for s in &sessions {
+        s.digest(&Mechanism::Sha256, b"before")
+            .expect("C_Digest before the stall");
+    }
+
+    relay.pause();
+    let callers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            in_thread(
+                s,
+                |s: &Session| rv(s.digest(&Mechanism::Sha256, b"stalled")),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + PATIENCE;
+    while group_status().members[0].callsInFlight < CALLERS as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the digests did not all reach the member"
+        );
+        thread::yield_now();
+    }
+
+    let (done, finalized) = mpsc::channel();
+    let finalizing = pkcs11.clone();
+    thread::spawn(move || {
+        let started = Instant::now();
+        let result = finalizing.finalize();
+        let _ = done.send((result, started.elapsed()));
+    });
+    let (result, took) = finalized
+        .recv_timeout(PATIENCE)
+        .expect("C_Finalize did not return with calls stalled in p11-kit's client");
+    result.expect("C_Finalize");
+    eprintln!("C_Finalize with {CALLERS} calls stalled in p11-kit's client took {took:?}");
+    for caller in callers {
+        let answer = caller
+            .recv_timeout(PATIENCE)
+            .expect("a stalled call did not return after C_Finalize");
+        assert!(
+            matches!(
+                answer,
+                Some(RvError::CryptokiNotInitialized | RvError::DeviceError)
+            ),
+            "a stalled call answered {answer:?}"
+        );
+    }
+
+    relay.resume();
+    initialize(&pkcs11).expect("C_Initialize again");
+    let deadline = Instant::now() + PATIENCE;
+    let session = user_session(&pkcs11, slot);
+    while session.digest(&Mechanism::Sha256, b"after").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the member did not serve again after C_Initialize"
+        );
+        thread::yield_now();
+    }
+    drop(session);
+    pkcs11.finalize().expect("C_Finalize");
+    env::remove_var(CONF_ENV);
+    drop((relay, server, hsm, guard));
 }
