@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 pub struct Provider {
@@ -357,7 +357,15 @@ pub fn finalize() -> Result<()> {
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
     }
-    close_session_members(&provider.sessions.drain(), provider.member_timeout);
+    // One wait for the calls inside members to leave, for the sessions'
+    // sake and then for the libraries', however many there are: they
+    // wait for the same calls.
+    let deadline = crate::clock::now() + provider.member_timeout;
+    close_session_members_by(
+        &provider.sessions.drain(),
+        deadline,
+        provider.member_timeout,
+    );
     for group in &provider.groups {
         group.login.lock().take();
         // Imported key values waiting for members that were down are
@@ -374,8 +382,6 @@ pub fn finalize() -> Result<()> {
             member.finalize();
         }
     }
-    // One wait for calls to leave the libraries, however many there are.
-    let deadline = crate::clock::now() + provider.member_timeout;
     for library in &provider.libraries {
         let failed = provider.groups.iter().any(|g| {
             g.members.iter().any(|m| {
@@ -1140,10 +1146,15 @@ fn domain_labels(config: &Config) -> Vec<String> {
 /// member that hangs) keep that session's member sessions open, since
 /// closing a session under a running call crashes SoftHSM.
 fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
+    close_session_members_by(sessions, crate::clock::now() + bound, bound);
+}
+
+/// [`close_session_members`] waiting until `deadline`, `bound` after the
+/// wait began.
+fn close_session_members_by(sessions: &[Arc<Session>], deadline: Instant, bound: Duration) {
     for session in sessions {
         session.gate.close();
     }
-    let deadline = crate::clock::now() + bound;
     let idle: Vec<bool> = sessions
         .iter()
         .map(|s| s.gate.wait_idle(deadline))
