@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -305,42 +305,57 @@ pub struct MemberLibrary {
 }
 
 /// The calls inside one library instance (every call through
-/// [`MemberLibrary::call`]) and the application's `C_Finalize`s the
-/// instance has seen, on a cache line of their own: every call updates
-/// `calls` twice, and a call that was inside when `C_Finalize` gave up
-/// waiting for it sees `finalized` changed when it returns.
+/// [`MemberLibrary::call`]: low 32 bits) and the application's
+/// `C_Finalize`s the instance has seen (the rest) in one word, on a cache
+/// line of its own: a call costs two atomic updates, and one that was
+/// inside when `C_Finalize` gave up waiting for it sees the count above
+/// change between them.
 #[derive(Default)]
 #[repr(align(64))]
 struct Inside {
-    calls: AtomicUsize,
-    finalized: AtomicU64,
+    word: AtomicU64,
 }
 
-/// A call counted inside its library until dropped.
+const CALLS_INSIDE: u64 = (1 << 32) - 1;
+/// Added by each `C_Finalize` of the application.
+const FINALIZED: u64 = 1 << 32;
+
+/// A call counted inside its library until it answers (or unwinds).
 struct CallInside<'a> {
     inside: &'a Inside,
-    finalized: u64,
+    /// The word as the call entered.
+    entered: u64,
 }
 
 impl Inside {
     #[inline(always)]
     fn enter(&self) -> CallInside<'_> {
-        self.calls.fetch_add(1, Ordering::AcqRel);
         CallInside {
             inside: self,
-            finalized: self.finalized.load(Ordering::Acquire),
+            entered: self.word.fetch_add(1, Ordering::AcqRel),
         }
+    }
+
+    fn calls(&self) -> usize {
+        (self.word.load(Ordering::Acquire) & CALLS_INSIDE) as usize
+    }
+
+    fn finalized(&self) {
+        self.word.fetch_add(FINALIZED, Ordering::AcqRel);
     }
 }
 
 impl CallInside<'_> {
-    /// `rv`, or `CKR_CRYPTOKI_NOT_INITIALIZED` for a call the
-    /// application's `C_Finalize` gave up waiting for (see
+    /// The call leaves with `rv`, or with `CKR_CRYPTOKI_NOT_INITIALIZED`
+    /// if the application's `C_Finalize` gave up waiting for it (see
     /// [`MemberLibrary::finalize_for_application`]): its answer belongs to
-    /// a session of a finalised provider.
+    /// a finalised provider.
     #[inline(always)]
     fn answer(self, rv: CK_RV) -> CK_RV {
-        if self.inside.finalized.load(Ordering::Acquire) == self.finalized {
+        let left = self.inside.word.fetch_sub(1, Ordering::AcqRel);
+        let entered = self.entered;
+        std::mem::forget(self);
+        if (left ^ entered) & !CALLS_INSIDE == 0 {
             rv
         } else {
             CKR_CRYPTOKI_NOT_INITIALIZED
@@ -351,7 +366,7 @@ impl CallInside<'_> {
 impl Drop for CallInside<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        self.inside.calls.fetch_sub(1, Ordering::AcqRel);
+        self.inside.word.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1543,7 +1558,7 @@ impl MemberLibrary {
     pub fn calls_inside(&self) -> usize {
         std::iter::once(self)
             .chain(self.spares.instances.iter().map(|s| &s.library))
-            .map(|instance| instance.inside.calls.load(Ordering::Acquire))
+            .map(|instance| instance.inside.calls())
             .sum()
     }
 
@@ -1604,7 +1619,7 @@ impl MemberLibrary {
         for instance in
             std::iter::once(&**self).chain(self.spares.instances.iter().map(|s| &s.library))
         {
-            instance.inside.finalized.fetch_add(1, Ordering::AcqRel);
+            instance.inside.finalized();
         }
         if !quiet {
             return Err(LeftBusy {
