@@ -558,3 +558,21 @@ fn a_spare_missing_the_slot_rests_longer_each_time_up_to_a_bound() {
     assert_eq!(spare_rest(u32::MAX), SPARE_REST_MAX);
     assert!((1..60).all(|m| spare_rest(m) <= spare_rest(m + 1)));
 }
+
+#[test]
+fn a_call_inside_when_c_finalize_gave_up_on_it_answers_not_initialized() {
+    let inside = Inside::default();
+    let done_before = inside.enter();
+    let spanning = inside.enter();
+    assert_eq!(inside.calls(), 2);
+    assert_eq!(
+        done_before.answer(CKR_SIGNATURE_INVALID),
+        CKR_SIGNATURE_INVALID
+    );
+    inside.finalized();
+    assert_eq!(spanning.answer(CKR_OK), CKR_CRYPTOKI_NOT_INITIALIZED);
+    let after = inside.enter();
+    assert_eq!(after.answer(CKR_OK), CKR_OK, "a call of the next provider");
+    drop(inside.enter());
+    assert_eq!(inside.calls(), 0, "an unanswered call leaves on unwinding");
+}
