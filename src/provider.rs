@@ -130,7 +130,18 @@ extern "C" fn after_fork_in_child() {
 
 /// The initialised provider, or `CKR_CRYPTOKI_NOT_INITIALIZED`.
 pub fn get() -> Result<Arc<Provider>> {
-    with(|provider| Ok(Arc::clone(provider)))
+    // A child after `fork` sees a generation of its own, without a
+    // provider until it calls `C_Initialize`, as the specification requires.
+    let provider = LIFECYCLE
+        .get()
+        .provider()
+        .as_ref()
+        .map(Arc::clone)
+        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+    if provider.inline_recovery_due_ms.is_some() {
+        run_inline_recovery_if_due(&provider);
+    }
+    Ok(provider)
 }
 
 /// The session named by `handle`: from this thread's cache when it is the
@@ -163,18 +174,7 @@ fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
 /// calls inside each member library instead, for `memberTimeout` at most
 /// ([`MemberLibrary::finalize_for_application`]).
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
-    // A child after `fork` sees a generation of its own, without a
-    // provider until it calls `C_Initialize`, as the specification requires.
-    let provider = LIFECYCLE
-        .get()
-        .provider()
-        .as_ref()
-        .map(Arc::clone)
-        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
-    if provider.inline_recovery_due_ms.is_some() {
-        run_inline_recovery_if_due(&provider);
-    }
-    f(&provider)
+    f(&get()?)
 }
 
 /// Without threads, recovery runs during calls when it is due.
