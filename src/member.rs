@@ -1614,7 +1614,7 @@ impl MemberLibrary {
             {
                 instance.cut_calls(|call| call.cut_off.is_some());
             }
-            std::thread::sleep(left.min(FINALIZE_POLL));
+            crate::clock::sleep(left.min(FINALIZE_POLL));
         };
         for instance in
             std::iter::once(&**self).chain(self.spares.instances.iter().map(|s| &s.library))
