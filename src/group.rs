@@ -726,6 +726,9 @@ pub struct Group {
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
     /// Calls making objects under way (see [`Group::making_objects`]).
     making: AtomicUsize,
+    /// The objects those calls are making, known to the group before the
+    /// calls have succeeded (see [`Group::making_object`]).
+    unfinished: Mutex<SmallVec<[CK_OBJECT_HANDLE; 4]>>,
     /// Application calls waiting for a member to serve, and whether the
     /// group is closing (see [`Group::wait_for_serving`]). The standard
     /// library's futex-based primitives, not parking_lot's, for the reason
@@ -753,6 +756,21 @@ pub struct Making<'a>(&'a AtomicUsize);
 impl Drop for Making<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks an object its call is still making while it lives.
+pub struct Unfinished<'a> {
+    objects: &'a Mutex<SmallVec<[CK_OBJECT_HANDLE; 4]>>,
+    object: CK_OBJECT_HANDLE,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        let mut objects = self.objects.lock();
+        if let Some(i) = objects.iter().position(|o| *o == self.object) {
+            objects.swap_remove(i);
+        }
     }
 }
 
@@ -905,6 +923,7 @@ impl Group {
             held_before: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
+            unfinished: Mutex::new(SmallVec::new()),
             serving_wait: std::sync::Mutex::default(),
             serving_changed: std::sync::Condvar::new(),
             wake_recovery: std::sync::OnceLock::new(),
@@ -1392,6 +1411,21 @@ impl Group {
         }
     }
 
+    /// Marks `object`, which the group knows already, as still being made
+    /// by the call under way until the guard drops: that call gives it to
+    /// the members that lack it, or removes it from every member it knows
+    /// of if it fails (`VirtualTokenNNMinReplicas`), so synchronisation
+    /// leaves it alone ([`Group::queued_objects`]). A copy synchronisation
+    /// made meanwhile was no copy that call knew of, and stayed behind on
+    /// a returning member when it failed.
+    pub fn making_object(&self, object: CK_OBJECT_HANDLE) -> Unfinished<'_> {
+        self.unfinished.lock().push(object);
+        Unfinished {
+            objects: &self.unfinished,
+            object,
+        }
+    }
+
     /// Marks a call that makes objects (and replicates them, or undoes them
     /// everywhere) as under way until the guard drops: reconciliation copies
     /// nothing meanwhile, since it could copy an object such a call is
@@ -1636,15 +1670,19 @@ impl Group {
         self.abandoned.lock().get(&object).cloned()
     }
 
-    /// The objects queued to be created on a member.
+    /// The objects queued to be created on a member, and those calls under
+    /// way are still making ([`Group::making_object`]): either comes to
+    /// the member by its queue or by its call, not by synchronisation.
     pub fn queued_objects(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
-        self.pending.lock()[position]
+        let mut queued: rustc_hash::FxHashSet<CK_OBJECT_HANDLE> = self.pending.lock()[position]
             .iter()
             .filter_map(|change| match change {
                 Pending::Create(object) | Pending::Import(object, _) => Some(*object),
                 Pending::Destroy(_) | Pending::Orphans(_) => None,
             })
-            .collect()
+            .collect();
+        queued.extend(self.unfinished.lock().iter().copied());
+        queued
     }
 
     /// How many changes a member has yet to receive.

@@ -293,7 +293,90 @@ pub struct MemberLibrary {
     slot_counts: Mutex<Vec<(CK_SLOT_ID, Arc<CallCounts>)>>,
     /// Further instances of p11-kit's client ([`Spares`]); none elsewhere.
     spares: Spares,
+    /// The calls inside the library now, and the application's
+    /// `C_Finalize`s it has seen ([`Inside`]).
+    inside: Inside,
+    /// Never dropped while the process may still call into the library:
+    /// every `MemberLibrary` of `[Libraries]` stays in the provider's list
+    /// of loaded libraries for the life of the process (its fork
+    /// generation), so `dlclose` never pulls code from under a thread that
+    /// a call left inside it.
     _library: Library,
+}
+
+/// The calls inside one library instance (every call through
+/// [`MemberLibrary::call`]: low 32 bits) and the application's
+/// `C_Finalize`s the instance has seen (the rest) in one word, on a cache
+/// line of its own: a call costs two atomic updates, and one that was
+/// inside when `C_Finalize` gave up waiting for it sees the count above
+/// change between them.
+#[derive(Default)]
+#[repr(align(64))]
+struct Inside {
+    word: AtomicU64,
+}
+
+const CALLS_INSIDE: u64 = (1 << 32) - 1;
+/// Added by each `C_Finalize` of the application.
+const FINALIZED: u64 = 1 << 32;
+
+/// A call counted inside its library until it answers (or unwinds).
+struct CallInside<'a> {
+    inside: &'a Inside,
+    /// The word as the call entered.
+    entered: u64,
+}
+
+impl Inside {
+    #[inline(always)]
+    fn enter(&self) -> CallInside<'_> {
+        CallInside {
+            inside: self,
+            entered: self.word.fetch_add(1, Ordering::AcqRel),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        (self.word.load(Ordering::Acquire) & CALLS_INSIDE) as usize
+    }
+
+    fn finalized(&self) {
+        self.word.fetch_add(FINALIZED, Ordering::AcqRel);
+    }
+}
+
+impl CallInside<'_> {
+    /// The call leaves with `rv`, or with `CKR_CRYPTOKI_NOT_INITIALIZED`
+    /// if the application's `C_Finalize` gave up waiting for it (see
+    /// [`MemberLibrary::finalize_for_application`]): its answer belongs to
+    /// a finalised provider.
+    #[inline(always)]
+    fn answer(self, rv: CK_RV) -> CK_RV {
+        let left = self.inside.word.fetch_sub(1, Ordering::AcqRel);
+        let entered = self.entered;
+        std::mem::forget(self);
+        if (left ^ entered) & !CALLS_INSIDE == 0 {
+            rv
+        } else {
+            CKR_CRYPTOKI_NOT_INITIALIZED
+        }
+    }
+}
+
+impl Drop for CallInside<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        self.inside.word.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A library that the application's `C_Finalize` left initialised: calls
+/// were still inside it, or its own `C_Finalize` had not returned, when
+/// `memberTimeout` ran out.
+#[derive(Debug)]
+pub struct LeftBusy {
+    /// The calls still inside it (0: its `C_Finalize` is the one stuck).
+    pub calls: usize,
 }
 
 thread_local! {
@@ -378,6 +461,10 @@ struct OnWire {
 /// yet waiting on its socket when it was cut (it was running, or waiting
 /// for the CPU) may wait there now.
 const CUT_AGAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How often the application's `C_Finalize` looks whether the calls
+/// inside a library have left it: a few ms of its bounded wait.
+const FINALIZE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Whether a library talks to a server, by what it is rather than by what
 /// it does: p11-kit's remoting client (`p11-kit-client.so`, which serves
@@ -1002,6 +1089,7 @@ impl MemberLibrary {
             wire: Mutex::new(Vec::new()),
             connection: AtomicU64::new(1),
             slot_counts: Mutex::new(Vec::new()),
+            inside: Inside::default(),
             _library: library,
         })
     }
@@ -1062,6 +1150,7 @@ impl MemberLibrary {
                 connection: AtomicU64::new(1),
                 slot_counts: Mutex::new(Vec::new()),
                 spares: Spares::default(),
+                inside: Inside::default(),
                 _library: library,
             },
             tried_on: AtomicU64::new(0),
@@ -1218,7 +1307,9 @@ impl MemberLibrary {
         let Some(f) = select(&self.functions) else {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
-        counted(function, || self.shielded(|| invoke(f)))
+        let inside = self.inside.enter();
+        let rv = counted(function, || self.shielded(|| invoke(f)));
+        inside.answer(rv)
     }
 
     /// The call counts of the token in `slot`: those of the group member
@@ -1463,15 +1554,88 @@ impl MemberLibrary {
         }
     }
 
-    /// [`Self::finalize`] for a library whose server may be silent (its
-    /// `C_Finalize` may wait on it): in a thread of its own, whose socket
-    /// is cut if it has not returned after `patience`.
-    pub fn finalize_within(self: &Arc<Self>, patience: std::time::Duration) {
-        if !self.networked {
-            return self.finalize();
+    /// The calls inside the library and its spare instances now.
+    pub fn calls_inside(&self) -> usize {
+        std::iter::once(self)
+            .chain(self.spares.instances.iter().map(|s| &s.library))
+            .map(|instance| instance.inside.calls())
+            .sum()
+    }
+
+    /// Whether nothing is inside the library: no call, no [`Bounded`]
+    /// job, no initialisation or finalisation.
+    fn quiet(&self) -> bool {
+        self.calls_inside() == 0 && !self.job_running() && self.reconnecting.try_write().is_some()
+    }
+
+    /// The application's `C_Finalize` of the library. Waits until nothing
+    /// is inside it ([`Self::quiet`]), until `deadline` at most, cutting
+    /// again every [`CUT_AGAIN_EVERY`] the sockets of calls that were cut
+    /// off, and at `deadline` those of every call on the wire (one more
+    /// [`CUT_AGAIN_EVERY`] for them to return); then finalises it as
+    /// [`Self::finalize`] does, in a thread of
+    /// its own given `patience` where `threads` are allowed (a stalled
+    /// server or a hung library can hold its `C_Finalize` too).
+    ///
+    /// A library still busy at `deadline`, or whose `C_Finalize` has not
+    /// returned after `patience`, is left initialised and loaded: a call
+    /// still running in a library that is finalised uses freed state
+    /// (SoftHSM's), and one in a library that is unloaded runs in unmapped
+    /// code. Each call that was inside answers
+    /// `CKR_CRYPTOKI_NOT_INITIALIZED` when it returns ([`CallInside`]),
+    /// and the next `C_Initialize` finds the library initialised and
+    /// serves from it. A call that enters after the wait (the application
+    /// calling while it finalises, which the standard leaves undefined) is
+    /// not waited for.
+    pub fn finalize_for_application(
+        self: &Arc<Self>,
+        deadline: Instant,
+        patience: Duration,
+        threads: bool,
+    ) -> std::result::Result<(), LeftBusy> {
+        let (mut deadline, mut severed) = (deadline, false);
+        let quiet = loop {
+            if self.quiet() {
+                break true;
+            }
+            let mut left = crate::clock::block_for(deadline);
+            if left.is_zero() && !severed && self.networked {
+                // What still waits on the server is cut off, and given a
+                // moment to return.
+                severed = true;
+                self.sever();
+                deadline = crate::clock::now() + CUT_AGAIN_EVERY;
+                left = CUT_AGAIN_EVERY;
+            } else if left.is_zero() {
+                break false;
+            }
+            for instance in
+                std::iter::once(&**self).chain(self.spares.instances.iter().map(|s| &s.library))
+            {
+                instance.cut_calls(|call| call.cut_off.is_some());
+            }
+            crate::clock::sleep(left.min(FINALIZE_POLL));
+        };
+        for instance in
+            std::iter::once(&**self).chain(self.spares.instances.iter().map(|s| &s.library))
+        {
+            instance.inside.finalized();
         }
-        if let Some(job) = self.start_bounded(MemberLibrary::finalize) {
-            let _ = job.finish(crate::clock::now() + patience, patience);
+        if !quiet {
+            return Err(LeftBusy {
+                calls: self.calls_inside(),
+            });
+        }
+        if !threads {
+            self.finalize();
+            return Ok(());
+        }
+        let finished = self
+            .start_bounded(MemberLibrary::finalize)
+            .map(|job| job.finish(crate::clock::now() + patience, patience));
+        match finished {
+            Some(Ok(())) => Ok(()),
+            _ => Err(LeftBusy { calls: 0 }),
         }
     }
 
@@ -1561,7 +1725,15 @@ impl MemberLibrary {
     /// Runs on the recovery thread, so the environment is left alone: a
     /// p11-kit client read its server's address when its function list
     /// was obtained and reconnects to it without.
+    ///
+    /// Not while a call is inside an in-process library: no socket cut
+    /// brings it back, and finalising a library under a call frees state
+    /// that call uses; `CKR_DEVICE_ERROR`, the member staying down until
+    /// a later attempt finds the library empty.
     pub fn reinitialize(&self) -> Result<()> {
+        if !self.networked && self.calls_inside() != 0 {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
         self.finalize();
         self.initialize_with(&[])
     }

@@ -11,7 +11,7 @@ use crate::group::now_ms;
 use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
 use crate::halog;
 use crate::member::{
-    initialize_each, padded_to_string, string_to_padded, Counting, MemberLibrary, Silent,
+    initialize_each, padded_to_string, string_to_padded, Counting, LeftBusy, MemberLibrary, Silent,
 };
 use crate::member_api::{same_library, MemberApi, MemberBackend};
 use crate::published::Publisher;
@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 pub struct Provider {
@@ -130,7 +130,18 @@ extern "C" fn after_fork_in_child() {
 
 /// The initialised provider, or `CKR_CRYPTOKI_NOT_INITIALIZED`.
 pub fn get() -> Result<Arc<Provider>> {
-    with(|provider| Ok(Arc::clone(provider)))
+    // A child after `fork` sees a generation of its own, without a
+    // provider until it calls `C_Initialize`, as the specification requires.
+    let provider = LIFECYCLE
+        .get()
+        .provider()
+        .as_ref()
+        .map(Arc::clone)
+        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+    if provider.inline_recovery_due_ms.is_some() {
+        run_inline_recovery_if_due(&provider);
+    }
+    Ok(provider)
 }
 
 /// The session named by `handle`: from this thread's cache when it is the
@@ -155,23 +166,15 @@ fn session_from_table(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     with(|p| p.session(handle)).and_then(|s| SessionRef::new(s, removals))
 }
 
-/// Runs `f` on the initialised provider without taking a reference to it:
-/// the path of every call that needs the provider, and of session lookups
-/// the thread's cache cannot answer.
+/// Runs `f` on the initialised provider: the path of every call that needs
+/// the provider, and of session lookups the thread's cache cannot answer.
+/// `f` runs on a reference of its own, the lifecycle lock released: a
+/// call that hangs in a member (a `C_Login`, a `C_GetTokenInfo`) must not
+/// hold `C_Finalize` off the lock for ever. `C_Finalize` waits for the
+/// calls inside each member library instead, for `memberTimeout` at most
+/// ([`MemberLibrary::finalize_for_application`]).
 pub fn with<T>(f: impl FnOnce(&Arc<Provider>) -> Result<T>) -> Result<T> {
-    // A child after `fork` sees a generation of its own, without a
-    // provider until it calls `C_Initialize`, as the specification requires.
-    let guard = LIFECYCLE.get().provider();
-    let provider = guard
-        .as_ref()
-        .ok_or(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED))?;
-    if provider.inline_recovery_due_ms.is_some() {
-        let provider = Arc::clone(provider);
-        drop(guard);
-        run_inline_recovery_if_due(&provider);
-        return f(&provider);
-    }
-    f(provider)
+    f(&get()?)
 }
 
 /// Without threads, recovery runs during calls when it is due.
@@ -186,6 +189,28 @@ fn run_inline_recovery_if_due(provider: &Provider) {
                 .is_ok()
         {
             recovery::recover_failed_members(provider);
+        }
+    }
+}
+
+/// Keeps this library mapped after the application's `dlclose`: threads
+/// of ours may outlive `C_Finalize` -- a call left inside a hung member
+/// ([`MemberLibrary::finalize_for_application`]), a recovery step given
+/// up after `memberTimeout` -- and return into our code later, which must
+/// still be there.
+fn stay_loaded() {
+    // SAFETY: `dladdr` reads the loader's tables for an address of this
+    // library; `dlopen` with `RTLD_NOLOAD` only takes one more reference
+    // to an object already loaded (never released: that is the point).
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(stay_loaded as *const libc::c_void, &mut info) != 0
+            && !info.dli_fname.is_null()
+        {
+            libc::dlopen(
+                info.dli_fname,
+                libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+            );
         }
     }
 }
@@ -219,6 +244,7 @@ pub fn initialize_with_members(
     ATFORK.call_once(|| {
         // SAFETY: registers a handler that only stores to an atomic.
         unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        stay_loaded();
     });
     let config = Config::load(&Config::locate()).map_err(report_config_error)?;
     if let (true, Some(directory)) = (config.ha_log.enabled, &config.ha_log.path) {
@@ -331,7 +357,15 @@ pub fn finalize() -> Result<()> {
     if let Some(w) = workers.as_mut() {
         w.stop_recovery(provider.member_timeout);
     }
-    close_session_members(&provider.sessions.drain(), provider.member_timeout);
+    // One wait for the calls inside members to leave, for the sessions'
+    // sake and then for the libraries', however many there are: they
+    // wait for the same calls.
+    let deadline = crate::clock::now() + provider.member_timeout;
+    close_session_members_by(
+        &provider.sessions.drain(),
+        deadline,
+        provider.member_timeout,
+    );
     for group in &provider.groups {
         group.login.lock().take();
         // Imported key values waiting for members that were down are
@@ -356,12 +390,18 @@ pub fn finalize() -> Result<()> {
                         .is_some_and(|l| same_library(&*l.library, &**library))
             })
         });
-        // A stalled server would hold C_Finalize forever: cut it off.
+        // A stalled server would hold its calls until the deadline: cut
+        // them off now.
         if failed {
             library.sever();
-            library.finalize_within(provider.member_timeout);
-        } else {
-            library.finalize();
+        }
+        let finalized = library.finalize_for_application(
+            deadline,
+            provider.member_timeout,
+            provider.threads_allowed,
+        );
+        if let Err(left) = finalized {
+            report_left_initialised(&provider, library, &left);
         }
     }
     if let Some(w) = workers.as_mut() {
@@ -369,6 +409,32 @@ pub fn finalize() -> Result<()> {
     }
     halog::close();
     Ok(())
+}
+
+/// Says on stderr and in the HA log (for each member token the library
+/// serves) that `C_Finalize` left `library` initialised.
+fn report_left_initialised(provider: &Provider, library: &Arc<MemberLibrary>, left: &LeftBusy) {
+    let why = match left.calls {
+        0 => "its C_Finalize had not returned".to_string(),
+        n => format!("{n} call(s) were still inside it"),
+    };
+    let event = format!(
+        "C_Finalize left library {} initialised and loaded: {why} after memberTimeout ({} ms); \
+         such a call answers CKR_CRYPTOKI_NOT_INITIALIZED when it returns",
+        library.name,
+        provider.member_timeout.as_millis()
+    );
+    eprintln!("pkcs11-ha: {event}");
+    for group in &provider.groups {
+        for (position, member) in group.members.iter().enumerate() {
+            if member
+                .location()
+                .is_some_and(|l| same_library(&*l.library, &**library))
+            {
+                group.log(Some(position), &event);
+            }
+        }
+    }
 }
 
 fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>, String> {
@@ -1080,10 +1146,15 @@ fn domain_labels(config: &Config) -> Vec<String> {
 /// member that hangs) keep that session's member sessions open, since
 /// closing a session under a running call crashes SoftHSM.
 fn close_session_members(sessions: &[Arc<Session>], bound: Duration) {
+    close_session_members_by(sessions, crate::clock::now() + bound, bound);
+}
+
+/// [`close_session_members`] waiting until `deadline`, `bound` after the
+/// wait began.
+fn close_session_members_by(sessions: &[Arc<Session>], deadline: Instant, bound: Duration) {
     for session in sessions {
         session.gate.close();
     }
-    let deadline = crate::clock::now() + bound;
     let idle: Vec<bool> = sessions
         .iter()
         .map(|s| s.gate.wait_idle(deadline))

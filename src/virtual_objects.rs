@@ -250,6 +250,7 @@ impl VirtualSession {
             .group
             .objects
             .insert(vec![Presence::Unknown; self.group.members.len()], owner);
+        let _unfinished = self.group.making_object(object);
         // What finds a copy of a token object whose making failed.
         let print = || {
             owner
@@ -405,6 +406,7 @@ impl VirtualSession {
             .group
             .objects
             .insert(vec![Presence::Unknown; self.group.members.len()], owner);
+        let _unfinished = self.group.making_object(object);
         // Each member that holds the source copies it itself: no key
         // material moves, so even keys the members cannot wrap are copied.
         let (made, missed) = loop {
@@ -1209,6 +1211,10 @@ impl VirtualSession {
                     on[position] = Presence::Present(*h);
                     self.group.objects.insert(on, owner_for(*token, session))
                 })
+                .collect();
+            let _unfinished: Vec<_> = objects
+                .iter()
+                .map(|o| self.group.making_object(*o))
                 .collect();
             for (h, object) in made.iter().zip(&objects) {
                 if let Some(print) = self.fingerprint_from((position, *h)) {

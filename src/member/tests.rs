@@ -558,3 +558,48 @@ fn a_spare_missing_the_slot_rests_longer_each_time_up_to_a_bound() {
     assert_eq!(spare_rest(u32::MAX), SPARE_REST_MAX);
     assert!((1..60).all(|m| spare_rest(m) <= spare_rest(m + 1)));
 }
+
+#[test]
+fn a_call_inside_when_c_finalize_gave_up_on_it_answers_not_initialized() {
+    let inside = Inside::default();
+    let done_before = inside.enter();
+    let spanning = inside.enter();
+    assert_eq!(inside.calls(), 2);
+    assert_eq!(
+        done_before.answer(CKR_SIGNATURE_INVALID),
+        CKR_SIGNATURE_INVALID
+    );
+    inside.finalized();
+    assert_eq!(spanning.answer(CKR_OK), CKR_CRYPTOKI_NOT_INITIALIZED);
+    let after = inside.enter();
+    assert_eq!(after.answer(CKR_OK), CKR_OK, "a call of the next provider");
+    drop(inside.enter());
+    assert_eq!(inside.calls(), 0, "an unanswered call leaves on unwinding");
+}
+
+/// An in-process library with a call inside is neither reconnected by
+/// recovery nor finalised by the application's `C_Finalize`, which gives
+/// up at its deadline; once the call has left (answering
+/// `CKR_CRYPTOKI_NOT_INITIALIZED`), `C_Finalize` goes ahead.
+#[test]
+fn an_in_process_library_is_never_finalised_under_a_call() {
+    use std::time::Duration;
+    let library = Arc::new(
+        MemberLibrary::load("softhsm", Path::new("/usr/lib/softhsm/libsofthsm2.so"), &[])
+            .expect("SoftHSM loads"),
+    );
+    let call = library.inside.enter();
+    let refused = library
+        .reinitialize()
+        .expect_err("reconnecting under a call");
+    assert_eq!(refused.rv, CKR_DEVICE_ERROR);
+    let patience = Duration::from_millis(20);
+    let left = library
+        .finalize_for_application(crate::clock::now() + patience, patience, true)
+        .expect_err("C_Finalize under a call");
+    assert_eq!(left.calls, 1);
+    assert_eq!(call.answer(CKR_OK), CKR_CRYPTOKI_NOT_INITIALIZED);
+    assert!(library
+        .finalize_for_application(crate::clock::now() + patience, patience, true)
+        .is_ok());
+}
