@@ -14,6 +14,7 @@ use cryptoki_sys::*;
 use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use std::cell::Cell;
+use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -303,7 +304,8 @@ pub struct SessionRef {
     /// The pass-through token's counting scope ([`Session::call`]), ended
     /// before the session is let go.
     counting: Option<Counting<'static>>,
-    session: Option<Arc<Session>>,
+    /// Moved into the thread's cache by `drop`, the only place it is taken.
+    session: ManuallyDrop<Arc<Session>>,
     removals: u64,
 }
 
@@ -333,7 +335,7 @@ impl SessionRef {
         };
         let held = SessionRef {
             counting,
-            session: Some(session),
+            session: ManuallyDrop::new(session),
             removals,
         };
         // A refused call still leaves: dropping `held` does that.
@@ -363,23 +365,48 @@ impl Deref for SessionRef {
     type Target = Session;
     #[inline(always)]
     fn deref(&self) -> &Session {
-        match &self.session {
-            Some(session) => session,
-            None => unreachable!("a SessionRef holds its session until dropped"),
+        &self.session
+    }
+}
+
+impl SessionRef {
+    /// Ends the call as dropping does, inlined where the hot entry points
+    /// call it (the compiler keeps the drop out of line in some): its
+    /// access to [`LAST_USED`] then shares the one the lookup made.
+    #[inline(always)]
+    pub fn release(mut self) {
+        self.end();
+        std::mem::forget(self);
+    }
+
+    /// Counts the call out and makes the session the thread's cached one;
+    /// once only (`release` or the drop).
+    #[inline(always)]
+    fn end(&mut self) {
+        self.counting = None;
+        self.gate.leave();
+        // SAFETY: `end` runs once, from `release` (which forgets `self`)
+        // or from the drop.
+        let session = unsafe { ManuallyDrop::take(&mut self.session) };
+        let cached = Some((session, self.removals));
+        if let Ok(Some(replaced)) = LAST_USED.try_with(|cell| cell.replace(cached)) {
+            drop_outside_cache(replaced);
         }
     }
 }
 
 impl Drop for SessionRef {
-    #[inline(always)]
     fn drop(&mut self) {
-        self.counting = None;
-        self.gate.leave();
-        let cached = self.session.take().map(|s| (s, self.removals));
-        // The session replaced is dropped only here, outside the cell: its
-        // drop may close member sessions.
-        let _replaced = LAST_USED.try_with(|cell| cell.replace(cached));
+        self.end();
     }
+}
+
+/// Drops the session a [`SessionRef`] found in the thread's cache (a
+/// nested call's), outside the cell: its drop may close member sessions.
+#[cold]
+#[inline(never)]
+fn drop_outside_cache(replaced: (Arc<Session>, u64)) {
+    drop(replaced);
 }
 
 impl Default for SessionTable {

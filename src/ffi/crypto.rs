@@ -19,7 +19,7 @@ macro_rules! keyed_init {
                 // SAFETY: the application vouches for the mechanism it passes.
                 let mechanism = unsafe { Mechanism::new(mechanism) }?;
                 let s = session(handle)?;
-                match &s.target {
+                let done = match &s.target {
                     Target::PassThrough(p) => {
                         p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                         check(p.library.$method(p.handle, mechanism.as_raw(), key))
@@ -30,7 +30,9 @@ macro_rules! keyed_init {
                         v.init(OpKind::$kind, Some(&mechanism), Some(key), stringify!($name), on_member)
                             .map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
                     }
-                }
+                };
+                s.release();
+                done
             }
         }
     )*};
@@ -56,7 +58,7 @@ macro_rules! in_out {
                 } else {
                     Step::Update
                 };
-                match &s.target {
+                let done = match &s.target {
                     Target::PassThrough(p) => {
                         // SAFETY: checked above; the application vouches
                         // for `input_len` bytes at `input` and room for
@@ -70,7 +72,9 @@ macro_rules! in_out {
                         let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
                         l.$method(m, input, output, output_len)
                     }),
-                }
+                };
+                s.release();
+                done
             }
         }
     )*};
@@ -86,14 +90,16 @@ macro_rules! input_update {
                 // `input_len` bytes at `input`.
                 let input = unsafe { input_bytes(input, input_len) };
                 let s = session(handle)?;
-                match &s.target {
+                let done = match &s.target {
                     Target::PassThrough(p) => check(p.library.$method(p.handle, input)),
                     Target::Virtual(v) => {
                         v.step(OpKind::$kind, Step::Update, Input::Data(input.unwrap_or_default()), stringify!($name), |l, m| {
                             l.$method(m, input)
                         })
                     }
-                }
+                };
+                s.release();
+                done
             }
         }
     )*};
@@ -107,7 +113,7 @@ macro_rules! output_final {
                 required(output_len)?;
                 let s = session(handle)?;
                 let step = Step::Finish { length_query: output.is_null() };
-                match &s.target {
+                let done = match &s.target {
                     Target::PassThrough(p) => {
                         // SAFETY: `output_len` is not null (checked above);
                         // the application vouches for room for `*output_len`
@@ -121,7 +127,9 @@ macro_rules! output_final {
                         let (output, output_len) = unsafe { two_call_output(output, output_len) };
                         l.$method(m, output, output_len)
                     }),
-                }
+                };
+                s.release();
+                done
             }
         }
     )*};
@@ -214,13 +222,15 @@ cryptoki_fn! {
         // SAFETY: the application vouches for the mechanism it passes.
         let mechanism = unsafe { Mechanism::new(mechanism) }?;
         let s = session(handle)?;
-        match &s.target {
+        let done = match &s.target {
             Target::PassThrough(p) => check(p.library.digest_init(p.handle, mechanism.as_raw())),
             Target::Virtual(v) => {
                 let on_member = |l: &dyn MemberBackend, m, _| l.digest_init(m, mechanism.as_raw());
                 v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member)
             }
-        }
+        };
+        s.release();
+        done
     }
 
     fn C_DigestKey(handle: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
@@ -522,11 +532,13 @@ cryptoki_fn! {
         // writable bytes at `random`.
         let mut random = (!random.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(random, random_len as usize) });
         let s = session(handle)?;
-        match &s.target {
+        let done = match &s.target {
             Target::PassThrough(p) => check(p.library.generate_random(p.handle, random)),
             Target::Virtual(v) => v.stateless(&[], "C_GenerateRandom", |l, m, _| {
                 l.generate_random(m, random.as_deref_mut())
             }),
-        }
+        };
+        s.release();
+        done
     }
 }
