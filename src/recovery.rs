@@ -41,10 +41,10 @@ use crate::group::{now_ms, Group, Location, MemberState};
 use crate::identity;
 use crate::member::Silent;
 use crate::member_api::{MemberBackend, TokenSearch};
-use crate::replication::Holdings;
+use crate::replication::{Holdings, IMPORTS_ON_SPARES};
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1272,20 +1272,49 @@ fn replay_pending(
     worker: &VirtualSession,
     known: &mut Known,
 ) -> Result<usize, String> {
-    let mut pending = group.take_pending(position).into_iter();
+    let mut pending: VecDeque<Pending> = group.take_pending(position).into();
     let mut applied = 0;
     let mut kept = 0;
     let mut after_rejoining = 0;
-    while let Some(change) = pending.next() {
+    // Changes at the front of `pending` to make one by one: what a run on
+    // spares left, or a run too short for them.
+    let mut one_by_one: usize = 0;
+    while let Some(mut change) = pending.pop_front() {
+        let on_its_own = one_by_one > 0;
+        one_by_one = one_by_one.saturating_sub(1);
         let makes_object = matches!(change, Pending::Create(_) | Pending::Import(..));
         if makes_object && group.up_members().next().is_none() {
             group.defer(position, change);
             after_rejoining += 1;
             continue;
         }
+        let logged_out = group.cached_login().is_none();
+        if !on_its_own
+            && known.complete
+            && !logged_out
+            && matches!(change, Pending::Import(..))
+            && has_spares(group, position)
+        {
+            let mut run = import_run(change, &mut pending);
+            if run.len() >= IMPORTS_ON_SPARES {
+                let done = worker.import_on_spares(position, run, &mut known.holdings);
+                applied += done.made;
+                known.complete = done.holdings_current;
+                one_by_one = done.left.len();
+                for change in done.left.into_iter().rev() {
+                    pending.push_front(change);
+                }
+                continue;
+            }
+            let rest = run.split_off(1);
+            one_by_one = rest.len();
+            for later in rest.into_iter().rev() {
+                pending.push_front(later);
+            }
+            change = run.pop().expect("a run holds its first change");
+        }
         // Not read: each change looks the member up itself.
         let holdings = known.complete.then_some(&mut known.holdings);
-        let logged_out = group.cached_login().is_none();
         let outcome = worker.apply(position, &change, holdings);
         let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
         if group.members[position].reachable()
@@ -1338,6 +1367,34 @@ fn replay_pending(
         );
     }
     Ok(applied)
+}
+
+/// Whether member `position`'s library has spare instances to replay on.
+fn has_spares(group: &Group, position: usize) -> bool {
+    group.members[position]
+        .location()
+        .is_some_and(|l| l.library.has_spares())
+}
+
+/// `first`, an import, and the imports right after it in `pending`, each
+/// object once: a run whose changes depend on none of each other, made on
+/// spares at once ([`VirtualSession::import_on_spares`]). Any other change
+/// ends it -- a removal must come after the import it removes, and before
+/// any import after it, as they were made -- and so does an object met
+/// twice, whose second import the first decides.
+fn import_run(first: Pending, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut objects = HashSet::new();
+    if let Pending::Import(object, _) = &first {
+        objects.insert(*object);
+    }
+    let mut run = vec![first];
+    while let Some(Pending::Import(object, _)) = pending.front() {
+        if !objects.insert(*object) {
+            break;
+        }
+        run.extend(pending.pop_front());
+    }
+    run
 }
 
 /// Makes on the serving members the changes they returned without (see
