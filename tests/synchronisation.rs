@@ -318,3 +318,62 @@ fn imports_a_member_missed_are_made_on_spares_once_each_around_a_removal() {
         v.close();
     }
 }
+
+/// Removes the object labelled `label` from token `token` outside the
+/// group.
+fn remove(library: &SimMember, token: usize, label: &str) {
+    let handle = handle_of(library, token, label);
+    let mut session = CK_INVALID_HANDLE;
+    let slot = FIRST_SLOT + token as CK_SLOT_ID;
+    let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+    assert_eq!(library.open_session(slot, flags, &mut session), CKR_OK);
+    assert_eq!(library.destroy_object(session, handle), CKR_OK);
+    assert_eq!(library.close_session(session), CKR_OK);
+}
+
+/// A synchronisation source none of whose objects the group has mapped
+/// (its own return counted them rather than read them) and which lists as
+/// many as the group saw there before: they are taken as those objects,
+/// none read there one by one, and the returning member is given the few
+/// it lacks, each once.
+#[test]
+fn a_source_whose_objects_are_unmapped_is_taken_by_count_and_not_read() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 74));
+    let group = group_over(&library, 2, "count");
+    let host = MemoryHost::synchronizing(&group, &library);
+    let v = logged_in_session(&group);
+    let labels: Vec<String> = (0..70).map(|n| format!("held {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    let lacking = ["held 05", "held 33", "held 61"];
+    for label in lacking {
+        remove(&library, 1, label);
+    }
+    group.forget_handles(0);
+    let read = Arc::new(AtomicBool::new(false));
+    let on_stall = Arc::clone(&read);
+    library.on_stall(move |_| on_stall.store(true, Ordering::SeqCst));
+    let held = handle_of(&library, 0, "held 40");
+    library.sim.lock().set_fault(0, Fault::StallOnReading(held));
+
+    fail_and_recover(&group, &host);
+    assert!(
+        !read.load(Ordering::SeqCst),
+        "member 0's objects were read one by one"
+    );
+    let count_on = |token: usize, label: &str| {
+        library
+            .token_objects(token)
+            .iter()
+            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+            .count()
+    };
+    for label in &labels {
+        assert_eq!(count_on(1, label), 1, "{label} is on member 1 once");
+    }
+    v.close();
+}
