@@ -1573,17 +1573,19 @@ const UNIDENTIFIED_SURPLUS: usize = 16;
 /// copies any object of another process's left out here; the surplus
 /// covers objects calls under way made there unrecorded, which
 /// [`listed_object`] leaves to reconciliation as well.
+/// `Err` holds how many handles are unmapped and how many objects were
+/// seen there before, for the recovery line.
 fn unmapped_taken_as_held(
     group: &Group,
     reference: usize,
     handles: &[CK_OBJECT_HANDLE],
-) -> Option<(Vec<CK_OBJECT_HANDLE>, usize)> {
+) -> Result<(Vec<CK_OBJECT_HANDLE>, usize), (usize, usize)> {
     let unmapped = handles
         .iter()
         .filter(|h| group.objects.known(reference, **h).is_none())
         .count();
     if unmapped <= LOOK_UPS_INSTEAD_OF_READING {
-        return None;
+        return Err((unmapped, 0));
     }
     let held: Vec<CK_OBJECT_HANDLE> = group
         .held_before(reference)
@@ -1593,8 +1595,10 @@ fn unmapped_taken_as_held(
                 && group.objects.has_fingerprint(*object)
         })
         .collect();
-    let surplus = unmapped.checked_sub(held.len())?;
-    (surplus <= UNIDENTIFIED_SURPLUS).then_some((held, surplus))
+    match unmapped.checked_sub(held.len()) {
+        Some(surplus) if surplus <= UNIDENTIFIED_SURPLUS => Ok((held, surplus)),
+        _ => Err((unmapped, held.len())),
+    }
 }
 
 /// Copies to the member every token object a serving member has and it
@@ -1651,7 +1655,7 @@ fn synchronize(
     let handles: Vec<CK_OBJECT_HANDLE> =
         handles.into_iter().filter(|h| Some(*h) != domain).collect();
     let listed: Vec<CK_OBJECT_HANDLE> = match unmapped_taken_as_held(group, reference, &handles) {
-        Some((mut objects, surplus)) => {
+        Ok((mut objects, surplus)) => {
             phases.note(format!(
                 "{} objects of member {} taken by count as those seen there before",
                 objects.len(),
@@ -1666,14 +1670,29 @@ fn synchronize(
             );
             objects
         }
-        None => handles
-            .into_iter()
-            .filter_map(|handle| {
-                let object = listed_object(group, worker, reference, handle, making);
-                unsettled += usize::from(object.is_none());
-                object
-            })
-            .collect(),
+        Err((unmapped, held)) => {
+            if unmapped > 0 {
+                phases.note(format!(
+                    "{unmapped} unmapped objects of member {} read one by one ({held} seen there \
+                     before)",
+                    group.members[reference].serial
+                ));
+            }
+            handles
+                .into_iter()
+                .filter_map(|handle| {
+                    // A source that failed answers no more: what is left
+                    // goes to reconciliation, without a call each.
+                    let object = match group.objects.known(reference, handle) {
+                        Some(object) => Some(object),
+                        None if !group.members[reference].is_up() => None,
+                        None => listed_object(group, worker, reference, handle, making),
+                    };
+                    unsettled += usize::from(object.is_none());
+                    object
+                })
+                .collect()
+        }
     };
     let candidates: Vec<CK_OBJECT_HANDLE> = listed
         .into_iter()
