@@ -1554,27 +1554,23 @@ fn listed_object(
     })
 }
 
-/// Listed objects of a synchronisation's source beyond those the group
-/// saw there before that may go unidentified (see
-/// [`unmapped_taken_as_held`]): about one per call making objects.
-const UNIDENTIFIED_SURPLUS: usize = 16;
-
 /// The group's objects that source member `reference` held before its
 /// handles were last forgotten and that are not mapped there again, taken
 /// for the unmapped `handles` listed there without reading them, with how
-/// many more the listing holds (left to reconciliation) -- where there
-/// are more than [`LOOK_UPS_INSTEAD_OF_READING`] unmapped handles and at
-/// most [`UNIDENTIFIED_SURPLUS`] more than those objects. A source whose
-/// own return counted its objects rather than read them has none mapped,
-/// and reading each (one call, queued on a serving member behind the
-/// application's calls) took 20 ms under load: 25 s of one long chaos
-/// run's rejoins. As with the count on a returning member ([`Known::of`]),
-/// the reconciliation the rejoin asks for compares every object, and
-/// copies any object of another process's left out here; the surplus
-/// covers objects calls under way made there unrecorded, which
-/// [`listed_object`] leaves to reconciliation as well.
-/// `Err` holds how many handles are unmapped and how many objects were
-/// seen there before, for the recovery line.
+/// many more the listing holds (left to reconciliation) -- where more than
+/// [`LOOK_UPS_INSTEAD_OF_READING`] handles are unmapped and they are at
+/// least as many as those objects: the rule a returning member's count
+/// follows ([`Known::of`]). A source whose own return counted its objects
+/// rather than read them has none mapped, and reading each (one call,
+/// queued on a serving member behind the application's calls) took 20 ms
+/// under load: 25 s of one long chaos run's rejoins. The surplus -- 7-14%
+/// in a long chaos run with many failed calls: objects calls under way
+/// made there unrecorded, copies a failed call left that wait for removal,
+/// another process's objects -- is what [`listed_object`] leaves to
+/// reconciliation too while calls make objects, and the reconciliation
+/// the rejoin asks for compares every object. `Err` holds how many handles
+/// are unmapped and how many objects were seen there before, for the
+/// recovery line.
 fn unmapped_taken_as_held(
     group: &Group,
     reference: usize,
@@ -1596,7 +1592,7 @@ fn unmapped_taken_as_held(
         })
         .collect();
     match unmapped.checked_sub(held.len()) {
-        Some(surplus) if surplus <= UNIDENTIFIED_SURPLUS => Ok((held, surplus)),
+        Some(surplus) if !held.is_empty() => Ok((held, surplus)),
         _ => Err((unmapped, held.len())),
     }
 }
@@ -1662,7 +1658,7 @@ fn synchronize(
                 group.members[reference].serial
             ));
             unsettled = surplus;
-            unsettled_why = "they are more than the objects seen there before, and were not read";
+            unsettled_why = "they outnumber the objects seen there before and were not read";
             objects.extend(
                 handles
                     .iter()
