@@ -23,6 +23,9 @@ use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use std::ptr;
 
+mod spares;
+pub use spares::{SpareImports, IMPORTS_ON_SPARES};
+
 /// Room for a wrapped key on the first try: an RSA-4096 private key in
 /// PKCS#8 wraps to about 2.4 KiB.
 const FIRST_WRAP_ROOM: usize = 4096;

@@ -13,10 +13,13 @@ use cryptoki_sys::*;
 use memory_member::host::{group_over, MemoryHost};
 use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::{hex, SimMember};
-use pkcs11_ha::group::{Group, MemberState};
+use pkcs11_ha::arguments::Template;
+use pkcs11_ha::group::{log_in_member, Group, Login, MemberState};
 use pkcs11_ha::member_api::MemberApi;
 use pkcs11_ha::recovery;
+use pkcs11_ha::virtual_session::VirtualSession;
 use std::sync::{Arc, Mutex};
+use zeroize::Zeroizing;
 
 /// The tests of this file run one at a time: each opens the process's HA
 /// log.
@@ -201,4 +204,176 @@ fn a_key_the_member_holds_by_the_time_it_serves_is_not_named_as_not_synchronised
         !log.contains(&format!("{label:?}")),
         "member 1 holds {label}, yet the HA log names it:\n{log}"
     );
+}
+
+/// A virtual session on `group`, logged in as the provider's `C_Login`
+/// does it.
+fn logged_in_session(group: &Arc<Group>) -> VirtualSession {
+    let v = VirtualSession::open(Arc::clone(group), CKF_SERIAL_SESSION | CKF_RW_SESSION)
+        .expect("a virtual session opens");
+    v.first_decides("C_Login", |l, s| {
+        log_in_member(l, s, CKU_USER, Some(memory_member::token::USER_PIN))
+    })
+    .expect("the group logs in");
+    *group.login.lock() = Some(Login {
+        user_type: CKU_USER,
+        pin: Some(Zeroizing::new(memory_member::token::USER_PIN.to_vec())),
+    });
+    v.look_up_domain_keys();
+    v
+}
+
+/// Imports a token data object labelled `label` through the group.
+fn import(v: &VirtualSession, label: &str) -> CK_OBJECT_HANDLE {
+    let (class, yes, no) = (CKO_DATA, CK_TRUE, CK_FALSE);
+    let attribute = |type_, value: *const u8, len: usize| CK_ATTRIBUTE {
+        type_,
+        pValue: value as *mut _,
+        ulValueLen: len as CK_ULONG,
+    };
+    let mut attributes = [
+        attribute(
+            CKA_CLASS,
+            &class as *const _ as *const u8,
+            std::mem::size_of::<CK_OBJECT_CLASS>(),
+        ),
+        attribute(CKA_TOKEN, &yes, 1),
+        attribute(CKA_PRIVATE, &no, 1),
+        attribute(CKA_LABEL, label.as_ptr(), label.len()),
+        attribute(CKA_VALUE, label.as_ptr(), label.len()),
+    ];
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    v.create_object(CK_INVALID_HANDLE, &template)
+        .unwrap_or_else(|e| panic!("{label} is imported: {e:?}"))
+}
+
+/// A member owed a run of imports, the removal of an object, an import
+/// of the same attributes again, and more imports: recovery makes each
+/// run of imports on the library's spare instances at once, and the
+/// removal after the run before it and before the run after it -- made
+/// after the second import, the removal (which goes by fingerprint) would
+/// take the object the application still has. The copies made on spares
+/// are known on the member's own session by then: synchronisation, on in
+/// a second run, would otherwise copy each again. In both runs every
+/// object the application has is on each member exactly once, and
+/// nothing waits.
+#[test]
+fn imports_a_member_missed_are_made_on_spares_once_each_around_a_removal() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    for synchronize in [false, true] {
+        let library = Arc::new(SimMember::initialized(2, 73).with_spares(3));
+        let group = group_over(&library, 2, "spares");
+        let host = MemoryHost {
+            synchronize,
+            ..MemoryHost::new(&group, &library)
+        };
+        let v = logged_in_session(&group);
+
+        group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+        let first: Vec<String> = (0..12).map(|n| format!("first {n:02}")).collect();
+        let second: Vec<String> = (0..12).map(|n| format!("second {n:02}")).collect();
+        for label in &first {
+            import(&v, label);
+        }
+        let again = import(&v, "again");
+        v.destroy_object(again)
+            .expect("the first \"again\" is removed");
+        for label in std::iter::once(&"again".to_string()).chain(&second) {
+            import(&v, label);
+        }
+        assert_eq!(group.pending_count(1), 27, "member 1 is owed every change");
+        let taken_before: usize = library.spares.taken().iter().sum();
+
+        recovery::recover_failed_members(&host);
+        assert_eq!(group.members[1].state(), MemberState::Up);
+        assert_eq!(group.pending_count(1), 0, "nothing waits for member 1");
+        assert!(
+            library.spares.taken().iter().sum::<usize>() >= taken_before + 2,
+            "the runs were made on spares: {:?}",
+            library.spares.taken()
+        );
+        let count_on = |token: usize, label: &str| {
+            library
+                .token_objects(token)
+                .iter()
+                .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+                .count()
+        };
+        for label in first
+            .iter()
+            .chain(&second)
+            .map(String::as_str)
+            .chain(["again"])
+        {
+            assert_eq!(
+                (count_on(0, label), count_on(1, label)),
+                (1, 1),
+                "{label} on members 0 and 1 (synchronisation {synchronize})"
+            );
+        }
+        v.close();
+    }
+}
+
+/// Removes the object labelled `label` from token `token` outside the
+/// group.
+fn remove(library: &SimMember, token: usize, label: &str) {
+    let handle = handle_of(library, token, label);
+    let mut session = CK_INVALID_HANDLE;
+    let slot = FIRST_SLOT + token as CK_SLOT_ID;
+    let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+    assert_eq!(library.open_session(slot, flags, &mut session), CKR_OK);
+    assert_eq!(library.destroy_object(session, handle), CKR_OK);
+    assert_eq!(library.close_session(session), CKR_OK);
+}
+
+/// A synchronisation source none of whose objects the group has mapped
+/// (its own return counted them rather than read them) and which lists as
+/// many as the group saw there before: they are taken as those objects,
+/// none read there one by one, and the returning member is given the few
+/// it lacks, each once.
+#[test]
+fn a_source_whose_objects_are_unmapped_is_taken_by_count_and_not_read() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 74));
+    let group = group_over(&library, 2, "count");
+    let host = MemoryHost::synchronizing(&group, &library);
+    let v = logged_in_session(&group);
+    let labels: Vec<String> = (0..70).map(|n| format!("held {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    let lacking = ["held 05", "held 33", "held 61"];
+    for label in lacking {
+        remove(&library, 1, label);
+    }
+    group.forget_handles(0);
+    let read = Arc::new(AtomicBool::new(false));
+    let on_stall = Arc::clone(&read);
+    library.on_stall(move |_| on_stall.store(true, Ordering::SeqCst));
+    let held = handle_of(&library, 0, "held 40");
+    library.sim.lock().set_fault(0, Fault::StallOnReading(held));
+
+    fail_and_recover(&group, &host);
+    assert!(
+        !read.load(Ordering::SeqCst),
+        "member 0's objects were read one by one"
+    );
+    let count_on = |token: usize, label: &str| {
+        library
+            .token_objects(token)
+            .iter()
+            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+            .count()
+    };
+    for label in &labels {
+        assert_eq!(count_on(1, label), 1, "{label} is on member 1 once");
+    }
+    v.close();
 }

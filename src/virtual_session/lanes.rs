@@ -473,7 +473,7 @@ impl VirtualSession {
     /// group is logged in and the spare is not yet; true when it may serve
     /// keys (logged in as needed). A login other than the user's (the SO)
     /// is not carried to spares: their sessions are read-only.
-    fn log_lane_in(&self, position: usize, lane: &dyn SpareLane) -> bool {
+    pub(crate) fn log_lane_in(&self, position: usize, lane: &dyn SpareLane) -> bool {
         match self.group.cached_login() {
             None => return true,
             Some((user_type, _)) if user_type != CKU_USER => return false,
@@ -499,7 +499,7 @@ impl VirtualSession {
     /// busy, the spare logged in again if it lost its login, and a member
     /// fault taking the whole member out (the spare's server is the
     /// member's).
-    fn attempt_on_lane(
+    pub(crate) fn attempt_on_lane(
         &self,
         position: usize,
         epoch: u64,
