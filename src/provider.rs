@@ -90,8 +90,13 @@ struct Lifecycle {
     provider: std::sync::RwLock<Option<Arc<Provider>>>,
     /// Libraries stay loaded for the life of the generation: unloading and
     /// reloading a module between `C_Finalize` and `C_Initialize` gains
-    /// nothing and some modules do not survive it.
-    loaded: std::sync::Mutex<Vec<Arc<MemberLibrary>>>,
+    /// nothing and some modules do not survive it. Each is kept with the
+    /// `[Libraries]` entry it was loaded for, and serves only that entry
+    /// again: the generation outlives the application's `dlclose` (see
+    /// `stay_loaded`), and a configuration read later may give the same
+    /// library another environment -- p11-kit's client another server --
+    /// or other limits.
+    loaded: std::sync::Mutex<Vec<(LibraryConfig, Arc<MemberLibrary>)>>,
 }
 
 static LIFECYCLE: PerGeneration<Lifecycle> = PerGeneration::new(Lifecycle::default);
@@ -443,8 +448,7 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
         .loaded
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    let same = |l: &&Arc<MemberLibrary>| l.name == entry.name && l.path == entry.path;
-    if let Some(library) = loaded.iter().find(same) {
+    if let Some((_, library)) = loaded.iter().find(|(loaded_for, _)| loaded_for == entry) {
         return Ok(Arc::clone(library));
     }
     let library = Arc::new(
@@ -452,7 +456,7 @@ fn load_library(entry: &LibraryConfig) -> std::result::Result<Arc<MemberLibrary>
             .limit_calls(entry.concurrency)
             .with_instances(entry.instances)?,
     );
-    loaded.push(Arc::clone(&library));
+    loaded.push((entry.clone(), Arc::clone(&library)));
     Ok(library)
 }
 
