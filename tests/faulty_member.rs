@@ -233,6 +233,30 @@ fn faults_replace_answers_until_cleared() {
 }
 
 #[test]
+fn a_call_fault_fails_only_that_entry_point() {
+    let setup = Setup::new();
+    let member = &setup.member;
+    let pkcs11 = start(&member.path);
+    let slot = only_slot(&pkcs11);
+    member.fail_call("C_Login", CKR_DEVICE_ERROR);
+    let session = pkcs11.open_ro_session(slot).expect("C_OpenSession answers");
+    let pin = AuthPin::new("1234".into());
+    assert!(is_rv(
+        session.login(UserType::User, Some(&pin)),
+        RvError::DeviceError
+    ));
+    session
+        .generate_random_vec(8)
+        .expect("C_GenerateRandom answers");
+    member.clear_fault();
+    session
+        .login(UserType::User, Some(&pin))
+        .expect("C_Login forwarded again");
+    drop(session);
+    pkcs11.finalize().expect("C_Finalize");
+}
+
+#[test]
 fn hang_blocks_calls_until_release() {
     let setup = Setup::new();
     let member = &setup.member;

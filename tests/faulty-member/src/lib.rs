@@ -24,7 +24,8 @@
 //!
 //! Control API, for the test after it `dlopen`s the same copy (see
 //! `plan.rs`): `faulty_set_latency_us(u64)`, `faulty_set_capacity(u32)`,
-//! `faulty_set_fault(CK_RV)`, `faulty_fail_after(u64, CK_RV)`,
+//! `faulty_set_fault(CK_RV)`, `faulty_set_call_fault(const char *, CK_RV)`,
+//! `faulty_fail_after(u64, CK_RV)`,
 //! `faulty_hang()`, `faulty_release()`,
 //! `faulty_wait_for_blocked(u32, timeout_ms: u64) -> bool`,
 //! `faulty_call_count(const char *) -> u64`, `faulty_max_concurrent() -> u32`,
@@ -94,7 +95,7 @@ fn enter(name: &'static str) -> Result<(&'static Real, plan::Admission), CK_RV> 
     if !INITIALIZED.load(Ordering::SeqCst) {
         return Err(CKR_CRYPTOKI_NOT_INITIALIZED);
     }
-    let admission = plan::admit()?;
+    let admission = plan::admit(name)?;
     Ok((real()?, admission))
 }
 
