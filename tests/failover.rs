@@ -38,6 +38,8 @@ use cryptoki_sys::{
 
 /// A bound for waits that only end early when something is broken.
 const PATIENCE: Duration = Duration::from_secs(20);
+/// How often a test re-reads what it polls for (the HA log).
+const POLL: Duration = Duration::from_millis(10);
 /// DER of the prime256v1 OID.
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const IV: [u8; 16] = [7; 16];
@@ -1605,6 +1607,87 @@ haLogPath = {}
             token.serial
         );
     }
+}
+
+/// With no member serving, a call waits across the gap between two attempts
+/// of a member whose last attempt found its token (it answers, but its login
+/// fails while it catches up), and runs once that member serves: it neither
+/// fails at once nor waits for `memberTimeout` (ten minutes here).
+#[test]
+fn with_no_member_serving_a_call_waits_for_a_member_whose_token_answers() {
+    let log_dir = tempfile::tempdir().expect("HA log dir");
+    let ha = Ha::with(
+        3,
+        0,
+        &format!(
+            "memberTimeout = 600000
+AutoReconnectInterval = 1
+haLogStatus = enabled
+haLogPath = {}
+",
+            log_dir.path().display()
+        ),
+    );
+    let s = ha.session();
+    for i in 0..3 {
+        ha.fault(i);
+    }
+    expect_rv(
+        s.generate_random_vec(8),
+        RvError::DeviceError,
+        "C_GenerateRandom with every member out",
+    );
+    // Member 0's token answers again, but logging in to it fails.
+    ha.members[0].clear_fault();
+    ha.members[0].fail_call("C_Login", CKR_DEVICE_ERROR);
+    let log = || fs::read_to_string(log_dir.path().join("haErrorLog.txt")).unwrap_or_default();
+    let refused = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&ha.hsm.tokens[0].serial)
+                    && l.contains("recovery failed: login refused with CKR_DEVICE_ERROR")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while refused(&log()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "member 0 was never tried: {}",
+            log()
+        );
+        thread::sleep(POLL);
+    }
+
+    let (answers, answered) = mpsc::channel();
+    let (started, began) = mpsc::channel();
+    let caller = thread::spawn(move || {
+        started.send(()).expect("the test waits");
+        let _ = answers.send(s.generate_random_vec(8).map(drop));
+    });
+    began.recv().expect("the caller started");
+    // Two more refused attempts: the second began a whole interval after the
+    // call was made, which still waits.
+    let before = refused(&log());
+    while refused(&log()) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "member 0 was not tried again: {}",
+            log()
+        );
+        thread::sleep(POLL);
+    }
+    assert!(
+        answered.try_recv().is_err(),
+        "the call answered before member 0 served"
+    );
+    ha.members[0].clear_fault();
+    answered
+        .recv_timeout(PATIENCE)
+        .expect("the call did not answer once member 0 served")
+        .expect("C_GenerateRandom once member 0 serves");
+    caller.join().expect("the calling thread");
+    assert!(member_serves(0, 0), "member 0 serves");
 }
 
 /// The last serving member fails while the others are healthy again but

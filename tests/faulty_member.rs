@@ -1,6 +1,7 @@
 //! The faulty member itself, driven directly through `cryptoki`: it forwards
 //! to SoftHSM, filters by serial, and injects faults, hangs and capacity
-//! limits as asked; the real library is finalised only by the last copy.
+//! limits as asked; the real library is finalised only by the last copy,
+//! also when copies start and stop concurrently.
 
 #[path = "common/faulty.rs"]
 mod faulty;
@@ -49,31 +50,7 @@ impl Setup {
         );
         fs::write(&conf, text).expect("write softhsm2.conf");
         env::set_var("SOFTHSM2_CONF", &conf);
-        let softhsm_util = |args: &[&str]| {
-            let out = Command::new("softhsm2-util")
-                .args(args)
-                .output()
-                .expect("run softhsm2-util");
-            assert!(out.status.success(), "softhsm2-util {args:?} failed");
-            String::from_utf8(out.stdout).expect("UTF-8 output")
-        };
-        softhsm_util(&[
-            "--init-token",
-            "--free",
-            "--label",
-            "t",
-            "--so-pin",
-            "5678",
-            "--pin",
-            "1234",
-        ]);
-        let serial = softhsm_util(&["--show-slots"])
-            .lines()
-            .filter_map(|line| line.trim().strip_prefix("Serial number:"))
-            .map(str::trim)
-            .find(|serial| !serial.is_empty())
-            .expect("a serial in --show-slots")
-            .to_owned();
+        let serial = init_token();
         let member = FaultyMember::new(dir.path(), "member", SOFTHSM, Some(&serial));
         Setup {
             member,
@@ -82,6 +59,42 @@ impl Setup {
             _guard: guard,
         }
     }
+}
+
+fn softhsm_util(args: &[&str]) -> String {
+    let out = Command::new("softhsm2-util")
+        .args(args)
+        .output()
+        .expect("run softhsm2-util");
+    assert!(out.status.success(), "softhsm2-util {args:?} failed");
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Initialise one more SoftHSM token (user PIN 1234) under the current
+/// `SOFTHSM2_CONF`; its serial.
+fn init_token() -> String {
+    let serials = |text: String| -> Vec<String> {
+        text.lines()
+            .filter_map(|line| line.trim().strip_prefix("Serial number:"))
+            .map(|serial| serial.trim().to_owned())
+            .filter(|serial| !serial.is_empty())
+            .collect()
+    };
+    let before = serials(softhsm_util(&["--show-slots"]));
+    softhsm_util(&[
+        "--init-token",
+        "--free",
+        "--label",
+        "t",
+        "--so-pin",
+        "5678",
+        "--pin",
+        "1234",
+    ]);
+    serials(softhsm_util(&["--show-slots"]))
+        .into_iter()
+        .find(|serial| !before.contains(serial))
+        .expect("a new serial in --show-slots")
 }
 
 fn start(path: &std::path::Path) -> Pkcs11 {
@@ -220,6 +233,30 @@ fn faults_replace_answers_until_cleared() {
 }
 
 #[test]
+fn a_call_fault_fails_only_that_entry_point() {
+    let setup = Setup::new();
+    let member = &setup.member;
+    let pkcs11 = start(&member.path);
+    let slot = only_slot(&pkcs11);
+    member.fail_call("C_Login", CKR_DEVICE_ERROR);
+    let session = pkcs11.open_ro_session(slot).expect("C_OpenSession answers");
+    let pin = AuthPin::new("1234".into());
+    assert!(is_rv(
+        session.login(UserType::User, Some(&pin)),
+        RvError::DeviceError
+    ));
+    session
+        .generate_random_vec(8)
+        .expect("C_GenerateRandom answers");
+    member.clear_fault();
+    session
+        .login(UserType::User, Some(&pin))
+        .expect("C_Login forwarded again");
+    drop(session);
+    pkcs11.finalize().expect("C_Finalize");
+}
+
+#[test]
 fn hang_blocks_calls_until_release() {
     let setup = Setup::new();
     let member = &setup.member;
@@ -343,5 +380,62 @@ fn real_library_is_finalized_by_the_last_copy_only() {
     first.finalize().expect("C_Finalize of the first copy");
     second.finalize().expect("C_Finalize of the second copy");
     init().expect("SoftHSM was finalised");
+    direct.finalize().expect("C_Finalize of SoftHSM");
+}
+
+/// Copies start and stop concurrently, each while the others serve calls:
+/// they share one SoftHSM, so only the last copy out may finalise it and no
+/// copy may initialise while another finalises. Every call on a started copy
+/// must succeed.
+#[test]
+fn copies_start_and_stop_concurrently_while_the_others_serve() {
+    const ROUNDS: usize = 150;
+    let setup = Setup::new();
+    let mut members = vec![(setup.member.path.clone(), setup.serial.clone())];
+    let mut extra = Vec::new();
+    for name in ["second", "third"] {
+        let serial = init_token();
+        let member = FaultyMember::new(setup.dir.path(), name, SOFTHSM, Some(&serial));
+        members.push((member.path.clone(), serial));
+        extra.push(member);
+    }
+    thread::scope(|scope| {
+        for (path, serial) in &members {
+            scope.spawn(move || {
+                let pkcs11 = Pkcs11::new(path).expect("load");
+                for round in 0..ROUNDS {
+                    let context = format!("{} round {round}", path.display());
+                    pkcs11
+                        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                        .unwrap_or_else(|e| panic!("{context}: C_Initialize: {e}"));
+                    let slot = only_slot(&pkcs11);
+                    let token = pkcs11
+                        .get_token_info(slot)
+                        .unwrap_or_else(|e| panic!("{context}: C_GetTokenInfo: {e}"));
+                    assert_eq!(token.serial_number(), serial, "{context}");
+                    let session = pkcs11
+                        .open_ro_session(slot)
+                        .unwrap_or_else(|e| panic!("{context}: C_OpenSession: {e}"));
+                    session
+                        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+                        .unwrap_or_else(|e| panic!("{context}: C_Login: {e}"));
+                    for _ in 0..3 {
+                        session
+                            .generate_random_vec(16)
+                            .unwrap_or_else(|e| panic!("{context}: C_GenerateRandom: {e}"));
+                    }
+                    drop(session);
+                    pkcs11
+                        .clone()
+                        .finalize()
+                        .unwrap_or_else(|e| panic!("{context}: C_Finalize: {e}"));
+                }
+            });
+        }
+    });
+    let direct = Pkcs11::new(SOFTHSM).expect("load SoftHSM");
+    direct
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("the last copy out finalised SoftHSM");
     direct.finalize().expect("C_Finalize of SoftHSM");
 }

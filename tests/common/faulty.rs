@@ -113,7 +113,20 @@ impl FaultyMember {
         self.control::<extern "C" fn(CK_RV)>("faulty_set_fault")(rv);
     }
 
-    /// Forward calls again (clears [`FaultyMember::fail_after`] too).
+    /// Only the entry point `name` (e.g. `"C_Login"`) returns `rv`
+    /// unforwarded; the others answer. [`FaultyMember::clear_fault`] clears it.
+    pub fn fail_call(&self, name: &str, rv: CK_RV) {
+        let name = CString::new(name).expect("function name without NUL");
+        // SAFETY: `name` is NUL-terminated and outlives the call.
+        unsafe {
+            self.control::<unsafe extern "C" fn(*const std::ffi::c_char, CK_RV)>(
+                "faulty_set_call_fault",
+            )(name.as_ptr(), rv)
+        }
+    }
+
+    /// Forward calls again (clears [`FaultyMember::fail_after`] and
+    /// [`FaultyMember::fail_call`] too).
     pub fn clear_fault(&self) {
         self.set_fault(CKR_OK);
     }

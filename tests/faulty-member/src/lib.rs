@@ -24,53 +24,45 @@
 //!
 //! Control API, for the test after it `dlopen`s the same copy (see
 //! `plan.rs`): `faulty_set_latency_us(u64)`, `faulty_set_capacity(u32)`,
-//! `faulty_set_fault(CK_RV)`, `faulty_fail_after(u64, CK_RV)`,
+//! `faulty_set_fault(CK_RV)`, `faulty_set_call_fault(const char *, CK_RV)`,
+//! `faulty_fail_after(u64, CK_RV)`,
 //! `faulty_hang()`, `faulty_release()`,
 //! `faulty_wait_for_blocked(u32, timeout_ms: u64) -> bool`,
 //! `faulty_call_count(const char *) -> u64`, `faulty_max_concurrent() -> u32`,
-//! `faulty_reset_counts()`; and `faulty_initialized() -> bool` for the
-//! other copies.
+//! `faulty_reset_counts()`; and `faulty_initialized_copies()` for the
+//! other copies (see `shared.rs`).
 //!
 //! The real library is shared by all copies in a process (same path, same
-//! handle). `C_Initialize` treats its `CKR_CRYPTOKI_ALREADY_INITIALIZED` as
-//! success. `C_Finalize` finalises it only when no other loaded copy is
-//! still initialised (found by walking the loaded objects for
-//! `faulty_initialized`): the last copy out finalises, so the next test can
-//! point `SOFTHSM2_CONF` elsewhere, and restarting one member never breaks
-//! the others. A copy that stops while others run closes the sessions on its
-//! token instead (with a serial filter), so a restart ends its sessions and
-//! login as a reconnect would. Start and stop copies from one thread at a
-//! time (SoftHSM crashes on parallel `C_Initialize`); a direct load of the
-//! real library in the same process does not take part in this count.
+//! handle), so all copies share one count of initialised copies and one lock
+//! held across every copy's `C_Initialize` and `C_Finalize` (see
+//! `shared.rs`): copies may start and stop concurrently from any threads.
+//! `C_Initialize` treats the real library's `CKR_CRYPTOKI_ALREADY_INITIALIZED`
+//! as success. `C_Finalize` finalises it only when it stops the last
+//! initialised copy, so the next test can point `SOFTHSM2_CONF` elsewhere,
+//! and restarting one member never breaks the others. A copy that stops
+//! while others run closes the sessions on its token instead (with a serial
+//! filter), so a restart ends its sessions and login as a reconnect would. A
+//! direct load of the real library in the same process does not take part
+//! in this count.
 #![deny(unsafe_op_in_unsafe_fn)]
 // The entry points keep their PKCS#11 names.
 #![allow(non_snake_case)]
 
 mod plan;
 mod real;
+mod shared;
 
-use std::ffi::{c_int, c_void, CStr, CString};
+use std::ffi::c_void;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use cryptoki_sys::*;
-use parking_lot::Mutex;
 
 use crate::real::{real, Real};
 
 /// Whether this copy is between a successful `C_Initialize` and `C_Finalize`.
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
-
-/// Serialises this copy's `C_Initialize` and `C_Finalize` (held across the
-/// real call, which is the point).
-static INIT: Mutex<()> = Mutex::new(());
-
-/// Whether this copy is initialised; read by the other copies' `C_Finalize`.
-#[no_mangle]
-pub extern "C" fn faulty_initialized() -> bool {
-    INITIALIZED.load(Ordering::SeqCst)
-}
 
 /// The only PKCS#11 export: a 2.40 table with every entry forwarding.
 ///
@@ -103,7 +95,7 @@ fn enter(name: &'static str) -> Result<(&'static Real, plan::Admission), CK_RV> 
     if !INITIALIZED.load(Ordering::SeqCst) {
         return Err(CKR_CRYPTOKI_NOT_INITIALIZED);
     }
-    let admission = plan::admit()?;
+    let admission = plan::admit(name)?;
     Ok((real()?, admission))
 }
 
@@ -122,7 +114,7 @@ unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
     // SAFETY: gettid has no preconditions.
     INITIALIZING_THREAD.store(unsafe { libc::gettid() }, Ordering::SeqCst);
     guard(|| {
-        let _init = INIT.lock();
+        let mut copies = shared::copies()?;
         if INITIALIZED.load(Ordering::SeqCst) {
             return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
         }
@@ -130,6 +122,7 @@ unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
         // SAFETY: the caller's arguments, passed on unchanged.
         match unsafe { initialize(args) } {
             CKR_OK | CKR_CRYPTOKI_ALREADY_INITIALIZED => {
+                *copies += 1;
                 INITIALIZED.store(true, Ordering::SeqCst);
                 Ok(CKR_OK)
             }
@@ -141,15 +134,16 @@ unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
 unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
     plan::count("C_Finalize");
     guard(|| {
-        let _init = INIT.lock();
         if !reserved.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
+        let mut copies = shared::copies()?;
         if !INITIALIZED.swap(false, Ordering::SeqCst) {
             return Err(CKR_CRYPTOKI_NOT_INITIALIZED);
         }
+        *copies -= 1;
         let real = real()?;
-        if other_copy_initialized() {
+        if *copies > 0 {
             if real.filtered() {
                 let close_all = real.list.C_CloseAllSessions.ok_or(CKR_GENERAL_ERROR)?;
                 for slot in real.visible_slots()? {
@@ -164,45 +158,6 @@ unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
         match unsafe { finalize(reserved) } {
             CKR_OK | CKR_CRYPTOKI_NOT_INITIALIZED => Ok(CKR_OK),
             rv => Err(rv),
-        }
-    })
-}
-
-/// Whether another loaded copy of this library is initialised (this copy has
-/// already marked itself finalised, so it does not count).
-fn other_copy_initialized() -> bool {
-    unsafe extern "C" fn collect(
-        info: *mut libc::dl_phdr_info,
-        _size: usize,
-        paths: *mut c_void,
-    ) -> c_int {
-        // SAFETY: the loader passes a valid entry, and `paths` is the Vec below.
-        unsafe {
-            let name = (*info).dlpi_name;
-            if !name.is_null() && *name != 0 {
-                (*paths.cast::<Vec<CString>>()).push(CStr::from_ptr(name).to_owned());
-            }
-        }
-        0
-    }
-    // Collect first: dlopen must not run inside dl_iterate_phdr's callback,
-    // which holds the loader's lock.
-    let mut paths: Vec<CString> = Vec::new();
-    // SAFETY: `collect` only appends to `paths`.
-    unsafe { libc::dl_iterate_phdr(Some(collect), ptr::addr_of_mut!(paths).cast()) };
-    paths.iter().any(|path| {
-        // SAFETY: RTLD_NOLOAD only takes another reference to an object that
-        // is already loaded; `faulty_initialized` has the signature above.
-        unsafe {
-            let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
-            if handle.is_null() {
-                return false;
-            }
-            let symbol = libc::dlsym(handle, c"faulty_initialized".as_ptr());
-            let initialized = !symbol.is_null()
-                && std::mem::transmute::<*mut c_void, extern "C" fn() -> bool>(symbol)();
-            libc::dlclose(handle);
-            initialized
         }
     })
 }

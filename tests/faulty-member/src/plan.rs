@@ -28,6 +28,9 @@ struct Plan {
     /// Most calls served at once; 0 = unlimited.
     capacity: u32,
     fault: Fault,
+    /// Entry points that return this instead of forwarding, where `fault`
+    /// lets them through.
+    call_faults: BTreeMap<String, CK_RV>,
     hung: bool,
     /// Bumped by every release, so the calls it freed go even if the test
     /// hangs the member again before they wake.
@@ -44,6 +47,7 @@ static PLAN: Mutex<Plan> = Mutex::new(Plan {
     latency: Duration::ZERO,
     capacity: 0,
     fault: Fault::None,
+    call_faults: BTreeMap::new(),
     hung: false,
     releases: 0,
     blocked: 0,
@@ -74,7 +78,7 @@ impl Drop for Admission {
 /// Run the plan for one call: take a capacity slot, wait out a hang, sleep
 /// the latency, then admit the call or fail it with the planned fault.
 /// A hung call keeps its slot, as a stalled HSM connection would.
-pub(crate) fn admit() -> Result<Admission, CK_RV> {
+pub(crate) fn admit(name: &str) -> Result<Admission, CK_RV> {
     let mut plan = PLAN.lock();
     while plan.capacity != 0 && plan.in_flight >= plan.capacity {
         CHANGED.wait(&mut plan);
@@ -99,7 +103,8 @@ pub(crate) fn admit() -> Result<Admission, CK_RV> {
             *remaining -= 1;
             None
         }
-    };
+    }
+    .or_else(|| plan.call_faults.get(name).copied());
     let latency = plan.latency;
     drop(plan);
     thread::sleep(latency);
@@ -123,14 +128,39 @@ pub extern "C" fn faulty_set_capacity(n: u32) {
 }
 
 /// Make every call return `rv` without forwarding; `CKR_OK` clears any fault
-/// (including one set by [`faulty_fail_after`]).
+/// (including those set by [`faulty_fail_after`] and
+/// [`faulty_set_call_fault`]).
 #[no_mangle]
 pub extern "C" fn faulty_set_fault(rv: CK_RV) {
-    PLAN.lock().fault = if rv == CKR_OK {
-        Fault::None
+    let mut plan = PLAN.lock();
+    if rv == CKR_OK {
+        plan.fault = Fault::None;
+        plan.call_faults.clear();
     } else {
-        Fault::Always(rv)
-    };
+        plan.fault = Fault::Always(rv);
+    }
+}
+
+/// Make the entry point `name` (e.g. `"C_Login"`) return `rv` without
+/// forwarding while the others answer; `CKR_OK` clears it.
+///
+/// # Safety
+/// `name` is NULL (ignored) or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn faulty_set_call_fault(name: *const c_char, rv: CK_RV) {
+    if name.is_null() {
+        return;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    let mut plan = PLAN.lock();
+    if rv == CKR_OK {
+        plan.call_faults.remove(&name);
+    } else {
+        plan.call_faults.insert(name, rv);
+    }
 }
 
 /// Forward the next `n` calls, then make every call return `rv`.
