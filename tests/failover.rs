@@ -88,19 +88,8 @@ impl Ha {
         let hsm = SoftHsm::new(&labels);
         // Before anything initialises SoftHSM through the members.
         provision_domain(&hsm, &DOMAIN_VALUE);
-        let members: Vec<FaultyMember> = hsm
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, token)| {
-                FaultyMember::new(
-                    hsm.dir.path(),
-                    &format!("m{i}"),
-                    SOFTHSM_LIB,
-                    Some(&token.serial),
-                )
-            })
-            .collect();
+        let members: Vec<FaultyMember> =
+            FaultyMember::one_per_token(hsm.dir.path(), SOFTHSM_LIB, &hsm.serials());
         prepare(&members);
         let names: Vec<String> = (0..members.len()).map(|i| format!("m{i}")).collect();
         let paths: Vec<String> = members

@@ -392,13 +392,9 @@ fn copies_start_and_stop_concurrently_while_the_others_serve() {
     const ROUNDS: usize = 150;
     let setup = Setup::new();
     let mut members = vec![(setup.member.path.clone(), setup.serial.clone())];
-    let mut extra = Vec::new();
-    for name in ["second", "third"] {
-        let serial = init_token();
-        let member = FaultyMember::new(setup.dir.path(), name, SOFTHSM, Some(&serial));
-        members.push((member.path.clone(), serial));
-        extra.push(member);
-    }
+    let serials = [init_token(), init_token()];
+    let extra = FaultyMember::one_per_token(setup.dir.path(), SOFTHSM, &serials);
+    members.extend(extra.iter().map(|m| m.path.clone()).zip(serials));
     thread::scope(|scope| {
         for (path, serial) in &members {
             scope.spawn(move || {

@@ -160,19 +160,8 @@ fn counted_group(extra: &str) -> (Fixture, Vec<FaultyMember>, std::path::PathBuf
     let guard = serial_guard();
     let hsm = SoftHsm::new(&["member0", "member1"]);
     provision_domain(&hsm, &DOMAIN_VALUE);
-    let members: Vec<FaultyMember> = hsm
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, token)| {
-            FaultyMember::new(
-                hsm.dir.path(),
-                &format!("m{i}"),
-                SOFTHSM_LIB,
-                Some(&token.serial),
-            )
-        })
-        .collect();
+    let members: Vec<FaultyMember> =
+        FaultyMember::one_per_token(hsm.dir.path(), SOFTHSM_LIB, &hsm.serials());
     let paths: Vec<String> = members
         .iter()
         .map(|m| m.path.display().to_string())

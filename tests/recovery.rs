@@ -42,12 +42,7 @@ impl Group {
         let hsm = SoftHsm::new(&["m0", "m1"]);
         provision_domain(&hsm, &DOMAIN_VALUE);
         let dir = hsm.dir.path().to_path_buf();
-        let members: Vec<FaultyMember> = hsm
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| FaultyMember::new(&dir, &format!("m{i}"), SOFTHSM_LIB, Some(&t.serial)))
-            .collect();
+        let members = FaultyMember::one_per_token(hsm.dir.path(), SOFTHSM_LIB, &hsm.serials());
         let log_dir = dir.join("halog");
         std::fs::create_dir_all(&log_dir).unwrap();
         let text = format!(

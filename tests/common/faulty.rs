@@ -55,6 +55,23 @@ pub struct FaultyMember {
 }
 
 impl FaultyMember {
+    /// One copy per serial, named `m0`, `m1`, ... in that order, each
+    /// forwarding to `target_library` and showing only its own token: the
+    /// members of a test group.
+    pub fn one_per_token(
+        dir: &Path,
+        target_library: &str,
+        serials: &[String],
+    ) -> Vec<FaultyMember> {
+        serials
+            .iter()
+            .enumerate()
+            .map(|(i, serial)| {
+                FaultyMember::new(dir, &format!("m{i}"), target_library, Some(serial))
+            })
+            .collect()
+    }
+
     /// Copy the library to `dir/<name>.so`, forwarding to `target_library`
     /// and, with `serial`, showing only the token with that serial.
     pub fn new(dir: &Path, name: &str, target_library: &str, serial: Option<&str>) -> FaultyMember {
