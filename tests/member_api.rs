@@ -450,26 +450,11 @@ fn operations_and_searches_run_on_the_spares_of_an_in_memory_member() {
         "the search took a spare: {:?}",
         member.spares.taken()
     );
-    let mut found = [0; 4];
-    let mut count = 0;
-    // SAFETY: room for four handles, alive for the call.
-    let mut out = unsafe { OutArray::new(found.as_mut_ptr(), 4) }.expect("out array");
-    v.find(&mut out, &mut count).expect("C_FindObjects");
     assert_eq!(
-        found[..count as usize],
+        found_then_final(&v),
         [key],
         "the search on the spare names the key by its virtual handle"
     );
-    v.step(
-        OpKind::Find,
-        Step::Finish {
-            length_query: false,
-        },
-        Input::None,
-        "C_FindObjectsFinal",
-        |l, m| l.find_objects_final(m),
-    )
-    .expect("C_FindObjectsFinal");
     v.close();
 }
 
@@ -503,22 +488,7 @@ fn searches_spread_over_the_members_unless_one_lacks_an_object() {
         let template =
             unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
         v.find_init(&template).expect("C_FindObjectsInit");
-        let mut found = [0; 4];
-        let mut count = 0;
-        // SAFETY: room for four handles, alive for the call.
-        let mut out = unsafe { OutArray::new(found.as_mut_ptr(), 4) }.expect("out array");
-        v.find(&mut out, &mut count).expect("C_FindObjects");
-        v.step(
-            OpKind::Find,
-            Step::Finish {
-                length_query: false,
-            },
-            Input::None,
-            "C_FindObjectsFinal",
-            |l, m| l.find_objects_final(m),
-        )
-        .expect("C_FindObjectsFinal");
-        found[..count as usize].to_vec()
+        found_then_final(&v)
     };
     let lanes = |library: &SimMember| library.spares.taken().iter().sum::<usize>();
     let before: Vec<usize> = libraries.iter().map(|l| lanes(l)).collect();
@@ -1254,4 +1224,25 @@ fn an_object_the_group_knows_is_synchronised_beside_a_call_making_another() {
     let copies = copies_on_each_member(&member, label);
     assert_eq!(copies, [1, 1], "copies of the key on each member");
     v.close();
+}
+
+/// The rest of a search begun on `v`: up to four handles found, then
+/// `C_FindObjectsFinal`.
+fn found_then_final(v: &VirtualSession) -> Vec<CK_OBJECT_HANDLE> {
+    let mut found = [0; 4];
+    let mut count = 0;
+    // SAFETY: room for four handles, alive for the call.
+    let mut out = unsafe { OutArray::new(found.as_mut_ptr(), 4) }.expect("out array");
+    v.find(&mut out, &mut count).expect("C_FindObjects");
+    v.step(
+        OpKind::Find,
+        Step::Finish {
+            length_query: false,
+        },
+        Input::None,
+        "C_FindObjectsFinal",
+        |l, m| l.find_objects_final(m),
+    )
+    .expect("C_FindObjectsFinal");
+    found[..count as usize].to_vec()
 }
