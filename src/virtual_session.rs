@@ -22,6 +22,7 @@ use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
 use std::sync::Arc;
 
+mod digest;
 mod lanes;
 
 /// The load-balancing lane of calls outside operations.
@@ -109,6 +110,8 @@ pub struct VirtualSession {
     bindings: BindingsCell,
     /// The lane this session holds (`lanes.rs`).
     lane: lanes::LaneCell,
+    /// A digest `C_DigestInit` noted and no member has yet (`digest.rs`).
+    pending_digest: digest::PendingDigest,
     /// Whether its calls wait for a returning member when none serves (see
     /// [`VirtualSession::wait_for_a_member`]): the application's sessions
     /// do; the library's own (recovery's, reconciliation's) never, since
@@ -243,6 +246,7 @@ impl VirtualSession {
             group,
             bindings: BindingsCell::default(),
             lane: lanes::LaneCell::default(),
+            pending_digest: digest::PendingDigest::default(),
             waits_for_members: false,
         }
     }

@@ -30,10 +30,10 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use cryptoki_sys::{
     CKA_CLASS, CKA_ID, CKA_LABEL, CKA_MODULUS, CKA_PRIVATE_EXPONENT, CKA_VALUE, CKM_ECDSA,
-    CKM_VENDOR_DEFINED, CKR_ATTRIBUTE_SENSITIVE, CKR_BUFFER_TOO_SMALL, CKR_DEVICE_ERROR,
-    CKR_MECHANISM_INVALID, CKR_OK, CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM,
-    CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_ULONG,
-    CK_UNAVAILABLE_INFORMATION,
+    CKM_SHA256, CKM_VENDOR_DEFINED, CKR_ATTRIBUTE_SENSITIVE, CKR_BUFFER_TOO_SMALL,
+    CKR_DEVICE_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CKR_OPERATION_ACTIVE, CK_ATTRIBUTE,
+    CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_RV,
+    CK_SESSION_HANDLE, CK_ULONG, CK_UNAVAILABLE_INFORMATION,
 };
 
 /// A bound for waits that only end early when something is broken.
@@ -361,6 +361,32 @@ fn raw_sign(session: CK_SESSION_HANDLE, data: &[u8], out: Option<&mut [u8]>) -> 
     };
     let rv = raw!(C_Sign(
         session,
+        data.as_ptr() as *mut u8,
+        data.len() as CK_ULONG,
+        ptr,
+        &mut len
+    ));
+    (rv, len as usize)
+}
+
+fn raw_digest_init(session: &Session, mechanism: CK_MECHANISM_TYPE) -> CK_RV {
+    let mut mechanism = CK_MECHANISM {
+        mechanism,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    raw!(C_DigestInit(session.handle(), &mut mechanism))
+}
+
+/// `C_Digest` into `out` (NULL for a length query): the answer and the
+/// length.
+fn raw_digest(session: &Session, data: &[u8], out: Option<&mut [u8]>) -> (CK_RV, usize) {
+    let (ptr, mut len) = match out {
+        Some(buf) => (buf.as_mut_ptr(), buf.len() as CK_ULONG),
+        None => (ptr::null_mut(), 0),
+    };
+    let rv = raw!(C_Digest(
+        session.handle(),
         data.as_ptr() as *mut u8,
         data.len() as CK_ULONG,
         ptr,
@@ -994,6 +1020,82 @@ fn a_fault_between_sign_init_and_sign_is_absorbed() {
     assert_eq!(
         signed[third], 1,
         "the signature came from member {third}: {signed:?}"
+    );
+}
+
+/// Once a member has accepted a mechanism without a parameter at
+/// `C_DigestInit` on a session, the session's later digests with it start
+/// lazily: `C_DigestInit` reaches no member (a second one is still
+/// refused), and `C_Digest` starts and finishes the digest on one member --
+/// on another if that one faults first. An update starts it on a member as
+/// `C_DigestInit` would have; a length query leaves it bound to the member
+/// that answered, and it moves when that member fails. Every digest is the
+/// one a single eager digest gave.
+#[test]
+fn a_digest_started_lazily_reaches_a_member_with_its_data() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let data = b"started lazily";
+    let expected = s.digest(&Mechanism::Sha256, data).expect("digest");
+    let mut out = [0u8; 32];
+
+    let (inits, digests) = (ha.counts("C_DigestInit"), ha.counts("C_Digest"));
+    assert_eq!(raw_digest_init(&s, CKM_SHA256), CKR_OK);
+    assert_eq!(
+        ha.counts("C_DigestInit"),
+        inits,
+        "C_DigestInit reached a member"
+    );
+    assert_eq!(
+        raw_digest_init(&s, CKM_SHA256),
+        CKR_OPERATION_ACTIVE,
+        "a second C_DigestInit"
+    );
+    assert_eq!(raw_digest(&s, data, Some(&mut out)), (CKR_OK, 32));
+    assert_eq!(out.as_slice(), expected.as_slice());
+    let member = only_one_grew(&inits, &ha.counts("C_DigestInit"), "C_DigestInit");
+    let digested = only_one_grew(&digests, &ha.counts("C_Digest"), "C_Digest");
+    assert_eq!(member, digested, "init and digest on one member");
+
+    let inits = ha.counts("C_DigestInit");
+    assert_eq!(raw_digest_init(&s, CKM_SHA256), CKR_OK);
+    s.digest_update(data)
+        .expect("C_DigestUpdate of a lazy digest");
+    only_one_grew(
+        &inits,
+        &ha.counts("C_DigestInit"),
+        "C_DigestInit at the update",
+    );
+    assert_eq!(s.digest_final().expect("C_DigestFinal"), expected);
+
+    let inits = ha.counts("C_DigestInit");
+    assert_eq!(raw_digest_init(&s, CKM_SHA256), CKR_OK);
+    assert_eq!(raw_digest(&s, data, None), (CKR_OK, 32), "length query");
+    let queried = only_one_grew(&inits, &ha.counts("C_DigestInit"), "C_DigestInit");
+    ha.fault(queried);
+    out.fill(0);
+    assert_eq!(
+        raw_digest(&s, data, Some(&mut out)),
+        (CKR_OK, 32),
+        "the digest after its member failed"
+    );
+    assert_eq!(out.as_slice(), expected.as_slice());
+
+    let other = (queried + 1) % 3;
+    let last = 3 - queried - other;
+    assert_eq!(raw_digest_init(&s, CKM_SHA256), CKR_OK);
+    ha.fault(other);
+    let digests = ha.counts("C_Digest");
+    out.fill(0);
+    assert_eq!(
+        raw_digest(&s, data, Some(&mut out)),
+        (CKR_OK, 32),
+        "the digest with one serving member left"
+    );
+    assert_eq!(out.as_slice(), expected.as_slice());
+    assert_eq!(
+        only_one_grew(&digests, &ha.counts("C_Digest"), "C_Digest"),
+        last
     );
 }
 
