@@ -6,6 +6,7 @@ use crate::arguments::{input as input_bytes, two_call_output, Template};
 use crate::error::{check, Error};
 use crate::mechanism::Mechanism;
 use crate::member_api::{MemberApi, MemberBackend};
+use crate::provider;
 use crate::session::Target;
 use crate::virtual_objects::{made_print, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
@@ -229,12 +230,24 @@ output_final!(
 
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
+        // A digest noted lazily reaches no member: the session from the
+        // thread's cache, without its gate.
+        // SAFETY: the application vouches for the mechanism it passes.
+        if let Some(raw) = unsafe { mechanism.as_ref() } {
+            let noted = provider::with_cached_session(handle, |s| match &s.target {
+                Target::Virtual(v) => v.digest_init_lazily(raw),
+                Target::PassThrough(_) => None,
+            });
+            if let Some(Some(done)) = noted {
+                return done;
+            }
+        }
         // SAFETY: the application vouches for the mechanism it passes.
         let mechanism = unsafe { Mechanism::new(mechanism) }?;
         let s = session(handle)?;
         let done = match &s.target {
             Target::PassThrough(p) => check(p.library.digest_init(p.handle, mechanism.as_raw())),
-            Target::Virtual(v) => match v.digest_init_lazily(&mechanism) {
+            Target::Virtual(v) => match v.digest_init_lazily(mechanism.as_raw()) {
                 Some(noted) => noted,
                 None => {
                     let on_member = |l: &dyn MemberBackend, m, _| l.digest_init(m, mechanism.as_raw());
@@ -277,7 +290,12 @@ cryptoki_fn! {
                     l.digest(m, input, output, output_len)
                 };
                 match v.take_pending_digest() {
-                    Some(mechanism) => v.digest_at_once(mechanism, length_query, call),
+                    Some(mechanism) => v.digest_at_once(mechanism, length_query, |l, m, mechanism, started| {
+                        // SAFETY: as for a pass-through session; the room
+                        // is read again for each member asked.
+                        let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                        l.digest_init_and_digest(m, mechanism, started, input, output, output_len)
+                    }),
                     None => v.step(OpKind::Digest, Step::Finish { length_query }, Input::None, "C_Digest", call),
                 }
             }

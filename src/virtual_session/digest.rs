@@ -38,13 +38,14 @@ fn bare(type_: CK_MECHANISM_TYPE) -> CK_MECHANISM {
 }
 
 impl VirtualSession {
-    /// `C_DigestInit` without a member call when `mechanism` was accepted
-    /// before on this session and no digest is active; `None`: start it on
-    /// a member ([`Self::digest_accepted`] after it succeeds).
+    /// `C_DigestInit` without a member call when `raw` was accepted before
+    /// on this session and no digest is active; `None`: start it on a
+    /// member ([`Self::digest_accepted`] after it succeeds). Reads the
+    /// mechanism's type and parameter fields only: one with a parameter is
+    /// never started lazily.
     #[inline(always)]
-    pub fn digest_init_lazily(&self, mechanism: &Mechanism) -> Option<Result<()>> {
+    pub fn digest_init_lazily(&self, raw: &CK_MECHANISM) -> Option<Result<()>> {
         let pending = &self.pending_digest;
-        let raw = mechanism.as_raw();
         let noted = raw.mechanism.wrapping_add(1);
         let summary = self.summary();
         if pending.accepted.load(Ordering::Relaxed) != noted
@@ -124,22 +125,31 @@ impl VirtualSession {
         )
     }
 
-    /// `C_Digest` of the pending digest `type_`: `C_DigestInit` and `call`
-    /// (the member's `C_Digest`) on the chosen member in one attempt,
-    /// again on another member if it faults. A length query or too small
-    /// a buffer leaves the digest active on that member, bound as if
-    /// started there.
+    /// `C_Digest` of the pending digest `type_`: the member's
+    /// `C_DigestInit` and `C_Digest` (`call`, which gets the mechanism and
+    /// whether the init succeeded on this session already) on the chosen
+    /// member in one attempt, again on another member if it faults. A
+    /// length query or too small a buffer leaves the digest active on that
+    /// member, bound as if started there.
     #[inline(always)]
     pub fn digest_at_once(
         &self,
         type_: CK_MECHANISM_TYPE,
         length_query: bool,
-        mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+        mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &CK_MECHANISM, &mut bool) -> CK_RV,
     ) -> Result<()> {
         let step = Step::Finish { length_query };
         if self.lane.possible(&self.group) {
             self.start_digest(type_)?;
-            return self.step(OpKind::Digest, step, super::Input::None, "C_Digest", call);
+            let mut started = true;
+            let raw = bare(type_);
+            return self.step(
+                OpKind::Digest,
+                step,
+                super::Input::None,
+                "C_Digest",
+                |l, s| call(l, s, &raw, &mut started),
+            );
         }
         let raw = bare(type_);
         let mut waited = false;
@@ -154,14 +164,7 @@ impl VirtualSession {
             // login restored) then repeats only `C_Digest`.
             let mut started = false;
             let answer = self.attempt(position, "C_Digest", &mut |l, s| {
-                if !started {
-                    let rv = l.digest_init(s, &raw);
-                    if rv != CKR_OK {
-                        return rv;
-                    }
-                    started = true;
-                }
-                call(l, s)
+                call(l, s, &raw, &mut started)
             });
             let Attempt::Answered(rv) = answer else {
                 continue;
