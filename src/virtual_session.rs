@@ -1,10 +1,10 @@
 //! A session on a virtual slot: its member sessions (a
-//! [`MemberSessions`] set), the member each active operation is bound to,
-//! and failover. Every member call goes
-//! through [`VirtualSession::attempt`], which acts on the verdict of
-//! [`crate::member::classify`] on the member's answer: a member fault takes
-//! the member out and the call carries on elsewhere; a request error is the
-//! application's answer and the member stays healthy.
+//! [`MemberSessions`] set) and the calls that need no operation. Its other
+//! jobs are parts of its own: every member call and the judgement of its
+//! answer (`attempt`), choosing a member (`choice`), finding an object on
+//! a member (`resolve`), operations (`operations`) and their failover
+//! (`moving`), spare instances (`lanes`), waiting for a returning member
+//! (`waiting`).
 
 use crate::bindings::{BindingsCell, BindingsGuard, Summary, OP_KINDS};
 pub use crate::bindings::{Input, OpKind, SearchFilter};

@@ -22,7 +22,7 @@ impl Drop for Writing {
 
 impl VirtualSession {
     /// For a call that found no member serving: waits for a returning
-    /// member to serve ([`Group::wait_for_serving`]), at most once per call
+    /// member to serve ([`crate::group::Group::wait_for_serving`]), at most once per call
     /// (`waited`), and only in the application's sessions; true if one
     /// serves now, and the call chooses again. Callers hold no lock of the
     /// session; a call making, changing or destroying objects waits only
