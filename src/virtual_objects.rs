@@ -263,7 +263,7 @@ impl VirtualSession {
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
-            let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
+            let up = self.making_order();
             if up.is_empty() {
                 self.abandon(object, print(), &made, &faulted);
                 return Err(Error::new(CKR_DEVICE_ERROR));
@@ -305,6 +305,27 @@ impl VirtualSession {
             }
         }
         Ok(object)
+    }
+
+    /// The members that are up in the order a call that makes an object
+    /// on each of them asks them: the serving ones by expected completion
+    /// in the object-making lane (degraded ones last), then the rest
+    /// (standby members). The first copy made is the one whose fingerprint
+    /// is read (two or three more calls), so it is on the member expected
+    /// to answer first rather than on a slow primary.
+    fn making_order(&self) -> Vec<usize> {
+        let members = &self.group.members;
+        let mut order: Vec<usize> = (self.group)
+            .by_preference(crate::group::MAKING_LANE)
+            .into_iter()
+            .filter(|p| members[*p].is_up())
+            .collect();
+        for member in self.group.up_members() {
+            if !order.contains(&member.position) {
+                order.push(member.position);
+            }
+        }
+        order
     }
 
     /// `VirtualTokenNNMinReplicas`: each new object must be on that many
@@ -418,6 +439,10 @@ impl VirtualSession {
                 }
             };
             let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+            let order = self.making_order();
+            let rank = |p: &usize| order.iter().position(|o| o == p).unwrap_or(order.len());
+            let mut copies = copies;
+            copies.sort_by_key(|(p, _)| rank(p));
             for (position, source_handle) in copies {
                 let mut handle = CK_INVALID_HANDLE;
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
@@ -1158,11 +1183,15 @@ impl VirtualSession {
         Ok(true)
     }
 
-    /// Runs a call that makes new objects on one member (the primary while
-    /// it is up) where the keys it needs exist, replicates them to every
-    /// other member, and returns their virtual handles. If the member dies
-    /// before its objects are safe elsewhere, the call runs again on
-    /// another member and the orphans are removed when it returns.
+    /// Runs a call that makes new objects on one member where the keys it
+    /// needs exist, replicates them to every other member, and returns
+    /// their virtual handles. The member is the one expected to finish
+    /// first in the object-making lane, as for an operation, where the
+    /// members are alike as makers ([`Self::makers_alike`]); otherwise the
+    /// primary (the next member in configured order while it is
+    /// degraded). If the member dies before its objects are safe
+    /// elsewhere, the call runs again on another member and the orphans
+    /// are removed when it returns.
     #[allow(clippy::too_many_arguments)]
     pub fn make_on_one(
         &self,
@@ -1186,7 +1215,12 @@ impl VirtualSession {
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
         loop {
-            let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
+            let preference = if self.makers_alike() {
+                Preference::LeastBusy(crate::group::MAKING_LANE)
+            } else {
+                Preference::Primary
+            };
+            let (position, handles) = self.choose(&all_keys, preference)?;
             let (direct, in_parameter) = handles.split_at(keys.len());
             let member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];

@@ -1362,7 +1362,7 @@ fn a_member_that_lost_its_login_is_logged_in_again() {
 }
 
 /// The same loss of login, met by a call the members refuse with
-/// `CKR_USER_NOT_LOGGED_IN` (generating a private key: made on the primary,
+/// `CKR_USER_NOT_LOGGED_IN` (generating a private key: made on one member,
 /// unwrapped on the others): every member is logged in again with the
 /// cached PIN, and the key is made and works.
 #[test]

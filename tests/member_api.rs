@@ -21,7 +21,7 @@ use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
-    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending,
+    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -519,6 +519,109 @@ fn searches_spread_over_the_members_unless_one_lacks_an_object() {
         on_member1,
         "no search reached member 1 while it lacks an object"
     );
+    v.close();
+}
+
+/// Which tokens made (rather than received) the token key labelled
+/// `label`: the model keeps `CKA_LOCAL` TRUE on the copy a member
+/// generated, FALSE on copies it unwrapped.
+fn made_on(member: &SimMember, label: &[u8]) -> Vec<usize> {
+    let sim = member.sim.lock();
+    (0..sim.tokens.len())
+        .filter(|t| {
+            sim.tokens[*t].token_objects().any(|o| {
+                o.attributes.get(&CKA_LABEL).map(Vec::as_slice) == Some(label)
+                    && o.attributes.get(&CKA_LOCAL).map(Vec::as_slice) == Some(&[1][..])
+            })
+        })
+        .collect()
+}
+
+/// A search for the objects labelled `label` through `v`.
+fn search_label(v: &VirtualSession, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
+    let mut attributes = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: label.as_ptr() as *mut _,
+        ulValueLen: label.len() as CK_ULONG,
+    }];
+    // SAFETY: one attribute whose value lives until the search starts.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
+    v.find_init(&template).expect("C_FindObjectsInit");
+    found_then_final(v)
+}
+
+#[test]
+fn keys_are_made_on_the_member_expected_to_finish_first_not_on_a_slow_primary() {
+    const MS: u64 = 1_000_000;
+    let (member, group) = memory_group(3, 41);
+    let v = logged_in_session(&group);
+    // As fast as one another (no figures yet): the members take turns,
+    // the primary among them.
+    let mut keys = Vec::new();
+    let mut makers = Vec::new();
+    for label in [&b"turn0"[..], b"turn1", b"turn2"] {
+        keys.push((label, generate_token_key(&v, label).expect("C_GenerateKey")));
+        makers.extend(made_on(&member, label));
+    }
+    makers.sort_unstable();
+    assert_eq!(makers, [0, 1, 2], "each member made one key");
+
+    // The primary far slower at making objects than the others, as the
+    // chooser keeps its figures: it makes none of the next keys.
+    group.members[0].record_latency(MAKING_LANE, 200 * MS);
+    group.members[1].record_latency(MAKING_LANE, MS);
+    group.members[2].record_latency(MAKING_LANE, MS);
+    for label in [&b"fast0"[..], b"fast1", b"fast2", b"fast3"] {
+        let key = generate_token_key(&v, label).expect("C_GenerateKey");
+        let maker = made_on(&member, label);
+        assert!(
+            maker == [1] || maker == [2],
+            "{}: made on member 1 or 2, not the slow primary: {maker:?}",
+            String::from_utf8_lossy(label)
+        );
+        keys.push((label, key));
+    }
+    for (label, key) in &keys {
+        let name = String::from_utf8_lossy(label);
+        assert_eq!(
+            copies_on_each_member(&member, label),
+            [1, 1, 1],
+            "{name}: once on every member"
+        );
+        // Searches rotate over the members (each answers them alike): on
+        // each, the key is named by the handle its call returned.
+        for n in 0..3 {
+            assert_eq!(search_label(&v, label), [*key], "{name}: search {n}");
+        }
+    }
+    v.close();
+}
+
+#[test]
+fn no_maker_gives_a_key_a_member_cannot_receive() {
+    let member = Arc::new(SimMember::initialized(3, 43));
+    // Member 2's library refuses the key-wrap mechanism from the start, so
+    // it is known, when attached, never to receive a generated key.
+    member.sim.lock().set_fault(2, Fault::RefuseWrapAlways);
+    let group = group_of((0..3).map(|t| (Arc::clone(&member), t)).collect());
+    let v = logged_in_session(&group);
+    // Three keys, the members taking turns to make them (as in the test
+    // above): whichever makes one, the call fails and no member keeps it.
+    for label in [&b"none0"[..], b"none1", b"none2"] {
+        let name = String::from_utf8_lossy(label);
+        let made = generate_token_key(&v, label);
+        assert_eq!(
+            made.map_err(|e| e.rv),
+            Err(CKR_FUNCTION_FAILED),
+            "{name}: refused"
+        );
+        assert_eq!(
+            copies_on_each_member(&member, label),
+            [0, 0, 0],
+            "{name}: on no member"
+        );
+    }
     v.close();
 }
 

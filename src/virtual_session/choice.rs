@@ -19,9 +19,9 @@ pub enum Preference {
     /// Spread load: crypto goes to the least busy member; ties rotate
     /// within the given lane.
     LeastBusy(usize),
-    /// Object-making calls, and searches not every member answers alike,
-    /// go to the primary while it is up and not degraded, where objects
-    /// made on one member live first.
+    /// Searches not every member answers alike, and object-making calls
+    /// where the members are not alike as makers, go to the primary while
+    /// it is up and not degraded.
     Primary,
 }
 
