@@ -6,7 +6,7 @@
 
 use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
 use crate::error::{check, Error, Result};
-use crate::group::Pending;
+use crate::group::{Pending, Waits};
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
@@ -232,13 +232,37 @@ fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSI
 impl VirtualSession {
     /// Creates an object on every member that is up; all or nothing for
     /// request errors. A member that faults is taken out and gets the
-    /// object when it returns.
+    /// object when it returns. When every member asked failed and none
+    /// serves, the try is abandoned (its copies, made or in doubt, are
+    /// removed from the members as they return) and, while a member is
+    /// being brought back, the call waits for it outside its write and
+    /// tries again as a new object, within one `memberTimeout` of waiting
+    /// in all ([`Waits`]).
     pub fn create_everywhere(
         &self,
         owner: Option<CK_SESSION_HANDLE>,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing();
+        let mut waits = Waits::default();
+        loop {
+            let writing = self.wait_before_writing(&mut waits);
+            let made = self.try_create(owner, template)?;
+            drop(writing);
+            match made {
+                Some(object) => return Ok(object),
+                None if self.wait_for_a_member(&mut waits) => continue,
+                None => return Err(Error::new(CKR_DEVICE_ERROR)),
+            }
+        }
+    }
+
+    /// One try of [`Self::create_everywhere`]: `None` when every member
+    /// asked failed and none serves any more (the object abandoned).
+    fn try_create(
+        &self,
+        owner: Option<CK_SESSION_HANDLE>,
+        template: &Template,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
         let create = |library: &dyn MemberBackend, session, handle: &mut CK_OBJECT_HANDLE| {
@@ -266,7 +290,7 @@ impl VirtualSession {
             let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
             if up.is_empty() {
                 self.abandon(object, print(), &made, &faulted);
-                return Err(Error::new(CKR_DEVICE_ERROR));
+                return Ok(None);
             }
             for position in up {
                 let mut handle = CK_INVALID_HANDLE;
@@ -304,7 +328,7 @@ impl VirtualSession {
                 self.deliver_or_queue(position, change);
             }
         }
-        Ok(object)
+        Ok(Some(object))
     }
 
     /// `VirtualTokenNNMinReplicas`: each new object must be on that many
@@ -393,7 +417,7 @@ impl VirtualSession {
         source: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing();
+        let _writing = self.wait_before_writing(&mut Waits::default());
         let _making = self.group.making_objects();
         let token = match template.bool(CKA_TOKEN) {
             Some(t) => t,
@@ -733,7 +757,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let _writing = self.wait_before_writing();
+        let _writing = self.wait_before_writing(&mut Waits::default());
         let _write = self.group.enter_write();
         // Whether a member failed under the change: it may have carried
         // it out before its answer was lost.
@@ -1180,7 +1204,7 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        let _writing = self.wait_before_writing();
+        let _writing = self.wait_before_writing(&mut Waits::default());
         let _making = self.group.making_objects();
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();

@@ -11,7 +11,7 @@ use crate::bindings::{
 };
 pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
-use crate::group::{is_member_fault, Group, Positions};
+use crate::group::{is_member_fault, Group, Positions, Waits};
 use crate::identity;
 use crate::mechanism::Mechanism;
 use crate::member::{classify, Answer};
@@ -169,7 +169,7 @@ impl VirtualSession {
         let mut session = Self::new(group, flags);
         session.waits_for_members = true;
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let mut opened = 0;
             for position in 0..session.group.members.len() {
@@ -189,36 +189,36 @@ impl VirtualSession {
             if opened > 0 {
                 return Ok(session);
             }
-            if !session.wait_for_a_member(&mut waited) {
+            if !session.wait_for_a_member(&mut waits) {
                 return Err(last_error);
             }
         }
     }
 
     /// For a call that found no member serving: waits for a returning
-    /// member to serve ([`Group::wait_for_serving`]), at most once per call
-    /// (`waited`), and only in the application's sessions; true if one
-    /// serves now, and the call chooses again. Callers hold no lock of the
+    /// member to serve ([`Group::wait_for_serving`]), within the call's
+    /// `waits` (all its waits end one `memberTimeout` after the first
+    /// began), and only in the application's sessions; true if one serves
+    /// now, and the call chooses again. Callers hold no lock of the
     /// session; a call making, changing or destroying objects waits only
-    /// at its start ([`Self::wait_before_writing`]).
+    /// outside its write ([`Self::wait_before_writing`]).
     #[cold]
     #[inline(never)]
-    pub(crate) fn wait_for_a_member(&self, waited: &mut bool) -> bool {
+    pub(crate) fn wait_for_a_member(&self, waits: &mut Waits) -> bool {
         self.waits_for_members
             && !WRITING.get()
-            && !std::mem::replace(waited, true)
             && self.group.up_members().next().is_none()
-            && self.group.wait_for_serving()
+            && self.group.wait_for_serving(waits)
     }
 
-    /// At the start of a call that makes, changes or destroys objects:
-    /// with no member serving, waits for a returning one
-    /// ([`Self::wait_for_a_member`]) -- here, before the write barrier and
-    /// the objects being made, which that member's recovery waits for.
-    /// Until the guard drops, the call waits no more: a member that fails
-    /// later in it fails it as before.
-    pub(crate) fn wait_before_writing(&self) -> Writing {
-        self.wait_for_a_member(&mut false);
+    /// At the start of a call that makes, changes or destroys objects (or
+    /// of its next try, `waits` shared between them): with no member
+    /// serving, waits for a returning one ([`Self::wait_for_a_member`]) --
+    /// here, before the write barrier and the objects being made, which
+    /// that member's recovery waits for. Until the guard drops, the call
+    /// waits no more.
+    pub(crate) fn wait_before_writing(&self, waits: &mut Waits) -> Writing {
+        self.wait_for_a_member(waits);
         Writing(WRITING.replace(true))
     }
 
@@ -857,11 +857,11 @@ impl VirtualSession {
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let keys = key.as_slice();
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let (position, handles) = match self.choose(keys, preference) {
                 Ok(chosen) => chosen,
-                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };
             let on_lane = if on_spare && self.lane.possible(&self.group) {
@@ -936,7 +936,7 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let position = self.bound_for(kind)?;
             let on_lane = if self.lane.on() {
@@ -954,10 +954,10 @@ impl VirtualSession {
                     return check(rv);
                 }
                 Attempt::Faulted => {
-                    // The last serving member failed under the operation:
-                    // it moves to a returning one rather than being lost.
-                    self.wait_for_a_member(&mut waited);
-                    self.move_operations(position);
+                    // Its member failed under the operation: it moves to
+                    // another, or, when none serves, to a returning one
+                    // rather than being lost.
+                    self.move_operations_waiting(position, &mut waits);
                 }
             }
         }
@@ -1091,6 +1091,13 @@ impl VirtualSession {
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.
     fn move_operations(&self, from: usize) {
+        self.move_operations_waiting(from, &mut Waits::spent());
+    }
+
+    /// [`Self::move_operations`] for a call that may wait within `waits`:
+    /// when each member tried failed under the move and none serves, it
+    /// waits for a returning one and tries again rather than lose them.
+    fn move_operations_waiting(&self, from: usize, waits: &mut Waits) {
         if self.lane.on() {
             self.drop_lane();
         }
@@ -1120,34 +1127,39 @@ impl VirtualSession {
             })
             .collect();
         let mut moved_to = None;
-        'members: for position in self.group.by_preference(STATELESS_LANE) {
-            let Ok(handles) = keys
-                .iter()
-                .map(|k| {
-                    self.resolve(*k, position)?
-                        .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
-                })
-                .collect::<Result<Vec<_>>>()
-            else {
-                continue;
-            };
-            let member_key = |virtual_key: CK_OBJECT_HANDLE| {
-                keys.iter()
-                    .position(|k| *k == virtual_key)
-                    .map_or(CK_INVALID_HANDLE, |i| handles[i])
-            };
-            for kind in ALL_KINDS {
-                let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
+        'waiting: loop {
+            'members: for position in self.group.by_preference(STATELESS_LANE) {
+                let Ok(handles) = keys
+                    .iter()
+                    .map(|k| {
+                        self.resolve(*k, position)?
+                            .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
+                    })
+                    .collect::<Result<Vec<_>>>()
+                else {
                     continue;
                 };
-                match self.restart(position, kind, op, &member_key) {
-                    Attempt::Faulted => continue 'members,
-                    Attempt::Answered(CKR_OK) => {}
-                    Attempt::Answered(_) => op.movable = false,
+                let member_key = |virtual_key: CK_OBJECT_HANDLE| {
+                    keys.iter()
+                        .position(|k| *k == virtual_key)
+                        .map_or(CK_INVALID_HANDLE, |i| handles[i])
+                };
+                for kind in ALL_KINDS {
+                    let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
+                        continue;
+                    };
+                    match self.restart(position, kind, op, &member_key) {
+                        Attempt::Faulted => continue 'members,
+                        Attempt::Answered(CKR_OK) => {}
+                        Attempt::Answered(_) => op.movable = false,
+                    }
                 }
+                moved_to = Some(position);
+                break 'waiting;
             }
-            moved_to = Some(position);
-            break;
+            if !self.wait_for_a_member(waits) {
+                break;
+            }
         }
         let mut lost = 0;
         for (kind, op) in ops.iter().enumerate() {
@@ -1210,12 +1222,12 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let (position, handles) = match self.choose(keys, Preference::LeastBusy(STATELESS_LANE))
             {
                 Ok(chosen) => chosen,
-                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };
             let spare = keys.is_empty();
