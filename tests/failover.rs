@@ -1740,6 +1740,73 @@ haLogPath = {}
     );
 }
 
+/// The last serving member fails inside `C_CreateObject` while the others
+/// are healthy again but between attempts (as above): the import has
+/// spent its wait for a member at its start (none was needed), yet it
+/// does not fail -- it waits for the members tried at once and is made on
+/// one of them (in the long chaos run, such imports failed while a member
+/// was healthy). The member that failed never made it (the fault is
+/// answered before the call reaches its token), and the object ends on
+/// each member that serves once.
+#[test]
+fn an_import_whose_last_serving_member_fails_under_it_is_made_on_a_returning_member() {
+    let log_dir = tempfile::tempdir().expect("HA log dir");
+    let ha = Ha::with(
+        3,
+        0,
+        &format!(
+            "AutoReconnectInterval = 3600
+haLogStatus = enabled
+haLogPath = {}
+",
+            log_dir.path().display()
+        ),
+    );
+    let s = ha.session();
+    let log = || fs::read_to_string(log_dir.path().join("haErrorLog.txt")).unwrap_or_default();
+    let deadline = Instant::now() + PATIENCE;
+    for i in [1, 2] {
+        ha.fault(i);
+        let failed = format!(
+            "recovery failed: token {} not found",
+            ha.hsm.tokens[i].serial
+        );
+        while !log().contains(&failed) {
+            assert!(Instant::now() < deadline, "member {i} was never tried");
+            s.generate_random_vec(8).expect("the other members serve");
+        }
+    }
+    assert!(!member_serves(0, 1) && !member_serves(0, 2));
+    ha.members[1].clear_fault();
+    ha.members[2].clear_fault();
+
+    let label = b"made after its member failed under it".to_vec();
+    ha.members[0].fail_call("C_CreateObject", CKR_DEVICE_ERROR);
+    s.create_object(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(label.clone()),
+        Attribute::Value(vec![4, 5, 6]),
+    ])
+    .expect("C_CreateObject: member 0 fails under it, and it waits for the others");
+    let copies = |i: usize| {
+        user_session(&ha.pkcs11, ha.member_slot(i))
+            .find_objects(&[Attribute::Label(label.clone())])
+            .expect("a search on the member alone")
+            .len()
+    };
+    assert_eq!(copies(0), 0, "member 0 never made it");
+    while !(member_serves(0, 1) && member_serves(0, 2) && copies(1) == 1 && copies(2) == 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the object once on members 1 and 2: {} and {}",
+            copies(1),
+            copies(2)
+        );
+        thread::sleep(POLL);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Handles found before a failure
 // ---------------------------------------------------------------------------
