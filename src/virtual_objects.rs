@@ -243,13 +243,23 @@ impl VirtualSession {
         owner: Option<CK_SESSION_HANDLE>,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
+        self.make_waiting(|| self.try_create(owner, template))
+    }
+
+    /// Runs the tries of a call that makes objects: each inside the write
+    /// ([`Self::wait_before_writing`]); one that answers `None` -- every
+    /// member it asked failed and none serves, its objects abandoned --
+    /// is followed, outside the write, by a wait for a returning member
+    /// and another try, all the call's waits within one `memberTimeout`
+    /// ([`Waits`]); `CKR_DEVICE_ERROR` when no member serves by then.
+    fn make_waiting<T>(&self, mut try_once: impl FnMut() -> Result<Option<T>>) -> Result<T> {
         let mut waits = Waits::default();
         loop {
             let writing = self.wait_before_writing(&mut waits);
-            let made = self.try_create(owner, template)?;
+            let made = try_once()?;
             drop(writing);
             match made {
-                Some(object) => return Ok(object),
+                Some(made) => return Ok(made),
                 None if self.wait_for_a_member(&mut waits) => continue,
                 None => return Err(Error::new(CKR_DEVICE_ERROR)),
             }
@@ -411,13 +421,25 @@ impl VirtualSession {
         Ok(object)
     }
 
+    /// `C_CopyObject`, tried again on a returning member when every
+    /// member asked failed ([`Self::make_waiting`]).
     pub fn copy_object(
         &self,
         session: CK_SESSION_HANDLE,
         source: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing(&mut Waits::default());
+        self.make_waiting(|| self.try_copy(session, source, template))
+    }
+
+    /// One try of [`Self::copy_object`]: `None` when every member asked
+    /// failed and none serves any more (the copy abandoned).
+    fn try_copy(
+        &self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
         let token = match template.bool(CKA_TOKEN) {
             Some(t) => t,
@@ -456,7 +478,7 @@ impl VirtualSession {
             }
             if self.group.up_members().next().is_none() {
                 self.abandon(object, None, &made, &[]);
-                return Err(Error::new(CKR_DEVICE_ERROR));
+                return Ok(None);
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
@@ -477,7 +499,7 @@ impl VirtualSession {
                 .is_some_and(|o| o.never_extractable);
             self.group.objects.mark_protected(object, never);
         }
-        Ok(object)
+        Ok(Some(object))
     }
 
     /// The template of a copy or change of `object` as the members get
@@ -1204,13 +1226,43 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        let _writing = self.wait_before_writing(&mut Waits::default());
+        self.make_waiting(|| {
+            self.try_make_on_one(
+                session, mechanism, keys, owners, prints, function, &mut make,
+            )
+        })
+    }
+
+    /// One try of [`Self::make_on_one`]: `None` when the members it ran
+    /// on failed and none serves any more (what they may have made
+    /// queued for removal).
+    #[allow(clippy::too_many_arguments)]
+    fn try_make_on_one(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &Mechanism,
+        keys: &[CK_OBJECT_HANDLE],
+        owners: &[Option<bool>],
+        prints: &[Option<identity::Fingerprint>],
+        function: &str,
+        make: &mut impl FnMut(
+            &dyn MemberBackend,
+            CK_SESSION_HANDLE,
+            &CK_MECHANISM,
+            &[CK_OBJECT_HANDLE],
+            &mut [CK_OBJECT_HANDLE],
+        ) -> CK_RV,
+    ) -> Result<Option<Vec<CK_OBJECT_HANDLE>>> {
         let _making = self.group.making_objects();
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
         loop {
-            let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
+            let (position, handles) = match self.choose(&all_keys, Preference::Primary) {
+                Ok(chosen) => chosen,
+                Err(_) if self.group.up_members().next().is_none() => return Ok(None),
+                Err(e) => return Err(e),
+            };
             let (direct, in_parameter) = handles.split_at(keys.len());
             let member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
@@ -1246,7 +1298,7 @@ impl VirtualSession {
                 }
             }
             if self.group.members.len() == 1 {
-                return Ok(objects);
+                return Ok(Some(objects));
             }
             let mut failure = None;
             for object in &objects {
@@ -1263,7 +1315,7 @@ impl VirtualSession {
                 failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
-                return Ok(objects);
+                return Ok(Some(objects));
             };
             // Copies on members that failed meanwhile, the one that made
             // them included, are removed when those return.

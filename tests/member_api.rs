@@ -1429,3 +1429,56 @@ fn a_digest_whose_member_fails_again_after_its_wait_waits_again_and_finishes() {
     );
     v.close();
 }
+
+/// A key generated on the only serving member, which makes it and loses
+/// the answer, while another member is being brought back: the call
+/// waits for that member and generates the key there; once the first
+/// member returns, its orphan is removed and the key the application was
+/// given is on each member once.
+#[test]
+fn a_key_whose_only_member_lost_the_answer_is_generated_on_the_returning_member() {
+    let label = b"generated after its member lost the answer";
+    let (member, group) = memory_group(2, 33);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    group.members[1].set_attempt_under_way(true);
+    member.sim.lock().set_fault(0, Fault::LoseAnswer);
+
+    let generated = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| generate_token_key(&v, label));
+        until_waiting(&group, &caller, "member 0 lost the answer", || true);
+        member.sim.lock().set_fault(0, Fault::Crash);
+        group.members[1].set_attempt_under_way(false);
+        recovery::recover_failed_members(&host);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "member 1 is back"
+        );
+        caller.join().expect("the caller returns")
+    });
+    generated.expect("C_GenerateKey succeeds on member 1 after the wait");
+    assert_eq!(
+        copies_on_each_member(&member, label),
+        [1, 1],
+        "member 1's key, and the orphan of the failed try on member 0 (out)"
+    );
+
+    member.sim.lock().heal(0);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    assert_eq!(group.pending_count(0), 0, "nothing waits for member 0");
+    let values = key_values(&member, label);
+    assert!(
+        values
+            .iter()
+            .all(|on| on.len() == 1 && on[0] == values[1][0]),
+        "the key generated on member 1, once on each member: {values:?}"
+    );
+    v.close();
+}
