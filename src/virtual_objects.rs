@@ -248,10 +248,11 @@ impl VirtualSession {
 
     /// Runs the tries of a call that makes objects: each inside the write
     /// ([`Self::wait_before_writing`]); one that answers `None` -- every
-    /// member it asked failed and none serves, its objects abandoned --
-    /// is followed, outside the write, by a wait for a returning member
-    /// and another try, all the call's waits within one `memberTimeout`
-    /// ([`Waits`]); `CKR_DEVICE_ERROR` when no member serves by then.
+    /// member it asked failed and none served, its objects abandoned --
+    /// is followed, outside the write, by another try as soon as a member
+    /// serves, waiting for a returning one if none does (all the call's
+    /// waits within one `memberTimeout`, [`Waits`]); `CKR_DEVICE_ERROR`
+    /// when none serves by then.
     fn make_waiting<T>(&self, mut try_once: impl FnMut() -> Result<Option<T>>) -> Result<T> {
         let mut waits = Waits::default();
         loop {
@@ -260,7 +261,7 @@ impl VirtualSession {
             drop(writing);
             match made {
                 Some(made) => return Ok(made),
-                None if self.wait_for_a_member(&mut waits) => continue,
+                None if self.serving_again(&mut waits) => continue,
                 None => return Err(Error::new(CKR_DEVICE_ERROR)),
             }
         }

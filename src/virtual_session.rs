@@ -197,18 +197,24 @@ impl VirtualSession {
 
     /// For a call that found no member serving: waits for a returning
     /// member to serve ([`Group::wait_for_serving`]), within the call's
-    /// `waits` (all its waits end one `memberTimeout` after the first
-    /// began), and only in the application's sessions; true if one serves
-    /// now, and the call chooses again. Callers hold no lock of the
+    /// `waits` (one `memberTimeout` for all its waits), and only in the
+    /// application's sessions; true if one serves now, and the call
+    /// chooses again. Callers hold no lock of the
     /// session; a call making, changing or destroying objects waits only
     /// outside its write ([`Self::wait_before_writing`]).
     #[cold]
     #[inline(never)]
     pub(crate) fn wait_for_a_member(&self, waits: &mut Waits) -> bool {
-        self.waits_for_members
-            && !WRITING.get()
-            && self.group.up_members().next().is_none()
-            && self.group.wait_for_serving(waits)
+        self.group.up_members().next().is_none() && self.serving_again(waits)
+    }
+
+    /// After a try that found no member serving: true if one serves now,
+    /// or once one returns within the call's `waits` (as
+    /// [`Self::wait_for_a_member`]), and the call tries again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn serving_again(&self, waits: &mut Waits) -> bool {
+        self.waits_for_members && !WRITING.get() && self.group.wait_for_serving(waits)
     }
 
     /// At the start of a call that makes, changes or destroys objects (or

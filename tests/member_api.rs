@@ -1304,8 +1304,8 @@ fn an_import_whose_only_member_lost_its_answer_waits_and_is_made_on_the_returnin
         );
         // Member 0 stays out; member 1 returns.
         member.sim.lock().set_fault(0, Fault::Crash);
-        group.members[1].set_attempt_under_way(false);
         recovery::recover_failed_members(&host);
+        group.members[1].set_attempt_under_way(false);
         assert_eq!(
             group.members[1].state(),
             MemberState::Up,
@@ -1449,8 +1449,8 @@ fn a_key_whose_only_member_lost_the_answer_is_generated_on_the_returning_member(
         let caller = scope.spawn(|| generate_token_key(&v, label));
         until_waiting(&group, &caller, "member 0 lost the answer", || true);
         member.sim.lock().set_fault(0, Fault::Crash);
-        group.members[1].set_attempt_under_way(false);
         recovery::recover_failed_members(&host);
+        group.members[1].set_attempt_under_way(false);
         assert_eq!(
             group.members[1].state(),
             MemberState::Up,
