@@ -6,7 +6,7 @@
 
 use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
 use crate::error::{check, Error, Result};
-use crate::group::Pending;
+use crate::group::{Pending, Waits};
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
@@ -232,13 +232,48 @@ fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSI
 impl VirtualSession {
     /// Creates an object on every member that is up; all or nothing for
     /// request errors. A member that faults is taken out and gets the
-    /// object when it returns.
+    /// object when it returns. When every member asked failed and none
+    /// serves, the try is abandoned (its copies, made or in doubt, are
+    /// removed from the members as they return) and, while a member is
+    /// being brought back, the call waits for it outside its write and
+    /// tries again as a new object, within one `memberTimeout` of waiting
+    /// in all ([`Waits`]).
     pub fn create_everywhere(
         &self,
         owner: Option<CK_SESSION_HANDLE>,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing();
+        self.make_waiting(|| self.try_create(owner, template))
+    }
+
+    /// Runs the tries of a call that makes objects: each inside the write
+    /// ([`Self::wait_before_writing`]); one that answers `None` -- every
+    /// member it asked failed and none served, its objects abandoned --
+    /// is followed, outside the write, by another try as soon as a member
+    /// serves, waiting for a returning one if none does (all the call's
+    /// waits within one `memberTimeout`, [`Waits`]); `CKR_DEVICE_ERROR`
+    /// when none serves by then.
+    fn make_waiting<T>(&self, mut try_once: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+        let mut waits = Waits::default();
+        loop {
+            let writing = self.wait_before_writing(&mut waits);
+            let made = try_once()?;
+            drop(writing);
+            match made {
+                Some(made) => return Ok(made),
+                None if self.serving_again(&mut waits) => continue,
+                None => return Err(Error::new(CKR_DEVICE_ERROR)),
+            }
+        }
+    }
+
+    /// One try of [`Self::create_everywhere`]: `None` when every member
+    /// asked failed and none serves any more (the object abandoned).
+    fn try_create(
+        &self,
+        owner: Option<CK_SESSION_HANDLE>,
+        template: &Template,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
         let create = |library: &dyn MemberBackend, session, handle: &mut CK_OBJECT_HANDLE| {
@@ -266,7 +301,7 @@ impl VirtualSession {
             let up = self.making_order();
             if up.is_empty() {
                 self.abandon(object, print(), &made, &faulted);
-                return Err(Error::new(CKR_DEVICE_ERROR));
+                return Ok(None);
             }
             for position in up {
                 let mut handle = CK_INVALID_HANDLE;
@@ -304,7 +339,7 @@ impl VirtualSession {
                 self.deliver_or_queue(position, change);
             }
         }
-        Ok(object)
+        Ok(Some(object))
     }
 
     /// The members that are up in the order a call that makes an object
@@ -408,13 +443,25 @@ impl VirtualSession {
         Ok(object)
     }
 
+    /// `C_CopyObject`, tried again on a returning member when every
+    /// member asked failed ([`Self::make_waiting`]).
     pub fn copy_object(
         &self,
         session: CK_SESSION_HANDLE,
         source: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing();
+        self.make_waiting(|| self.try_copy(session, source, template))
+    }
+
+    /// One try of [`Self::copy_object`]: `None` when every member asked
+    /// failed and none serves any more (the copy abandoned).
+    fn try_copy(
+        &self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
         let token = match template.bool(CKA_TOKEN) {
             Some(t) => t,
@@ -457,7 +504,7 @@ impl VirtualSession {
             }
             if self.group.up_members().next().is_none() {
                 self.abandon(object, None, &made, &[]);
-                return Err(Error::new(CKR_DEVICE_ERROR));
+                return Ok(None);
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
@@ -478,7 +525,7 @@ impl VirtualSession {
                 .is_some_and(|o| o.never_extractable);
             self.group.objects.mark_protected(object, never);
         }
-        Ok(object)
+        Ok(Some(object))
     }
 
     /// The template of a copy or change of `object` as the members get
@@ -758,7 +805,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let _writing = self.wait_before_writing();
+        let _writing = self.wait_before_writing(&mut Waits::default());
         let _write = self.group.enter_write();
         // Whether a member failed under the change: it may have carried
         // it out before its answer was lost.
@@ -1209,7 +1256,33 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        let _writing = self.wait_before_writing();
+        self.make_waiting(|| {
+            self.try_make_on_one(
+                session, mechanism, keys, owners, prints, function, &mut make,
+            )
+        })
+    }
+
+    /// One try of [`Self::make_on_one`]: `None` when the members it ran
+    /// on failed and none serves any more (what they may have made
+    /// queued for removal).
+    #[allow(clippy::too_many_arguments)]
+    fn try_make_on_one(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &Mechanism,
+        keys: &[CK_OBJECT_HANDLE],
+        owners: &[Option<bool>],
+        prints: &[Option<identity::Fingerprint>],
+        function: &str,
+        make: &mut impl FnMut(
+            &dyn MemberBackend,
+            CK_SESSION_HANDLE,
+            &CK_MECHANISM,
+            &[CK_OBJECT_HANDLE],
+            &mut [CK_OBJECT_HANDLE],
+        ) -> CK_RV,
+    ) -> Result<Option<Vec<CK_OBJECT_HANDLE>>> {
         let _making = self.group.making_objects();
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
@@ -1220,7 +1293,11 @@ impl VirtualSession {
             } else {
                 Preference::Primary
             };
-            let (position, handles) = self.choose(&all_keys, preference)?;
+            let (position, handles) = match self.choose(&all_keys, preference) {
+                Ok(chosen) => chosen,
+                Err(_) if self.group.up_members().next().is_none() => return Ok(None),
+                Err(e) => return Err(e),
+            };
             let (direct, in_parameter) = handles.split_at(keys.len());
             let member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
@@ -1256,7 +1333,7 @@ impl VirtualSession {
                 }
             }
             if self.group.members.len() == 1 {
-                return Ok(objects);
+                return Ok(Some(objects));
             }
             let mut failure = None;
             for object in &objects {
@@ -1273,7 +1350,7 @@ impl VirtualSession {
                 failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
-                return Ok(objects);
+                return Ok(Some(objects));
             };
             // Copies on members that failed meanwhile, the one that made
             // them included, are removed when those return.

@@ -9,7 +9,7 @@
 use crate::bindings::{BindingsCell, BindingsGuard, Summary, OP_KINDS};
 pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
-use crate::group::{is_member_fault, Group};
+use crate::group::{is_member_fault, Group, Waits};
 use crate::member_api::{MemberBackend, MemberSession};
 use crate::member_sessions::{LentSession, MemberSessions};
 use cryptoki_sys::*;
@@ -61,7 +61,7 @@ impl VirtualSession {
         let mut session = Self::new(group, flags);
         session.waits_for_members = true;
         let mut last_error = Error::new(CKR_TOKEN_NOT_PRESENT);
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let mut opened = 0;
             for position in 0..session.group.members.len() {
@@ -81,7 +81,7 @@ impl VirtualSession {
             if opened > 0 {
                 return Ok(session);
             }
-            if !session.wait_for_a_member(&mut waited) {
+            if !session.wait_for_a_member(&mut waits) {
                 return Err(last_error);
             }
         }
@@ -177,12 +177,12 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let (position, handles) = match self.choose(keys, Preference::LeastBusy(STATELESS_LANE))
             {
                 Ok(chosen) => chosen,
-                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };
             let spare = keys.is_empty();

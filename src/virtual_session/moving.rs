@@ -5,6 +5,7 @@
 use super::{Attempt, VirtualSession, STATELESS_LANE};
 use crate::bindings::{ActiveOp, OpKind, Replay, ALL_KINDS};
 use crate::error::{Error, Result};
+use crate::group::Waits;
 use crate::member_api::MemberApi;
 use cryptoki_sys::*;
 
@@ -60,6 +61,13 @@ impl VirtualSession {
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.
     pub(super) fn move_operations(&self, from: usize) {
+        self.move_operations_waiting(from, &mut Waits::spent());
+    }
+
+    /// [`Self::move_operations`] for a call that may wait within `waits`:
+    /// when each member tried failed under the move and none serves, it
+    /// waits for a returning one and tries again rather than lose them.
+    pub(super) fn move_operations_waiting(&self, from: usize, waits: &mut Waits) {
         if self.lane.on() {
             self.drop_lane();
         }
@@ -89,34 +97,39 @@ impl VirtualSession {
             })
             .collect();
         let mut moved_to = None;
-        'members: for position in self.group.by_preference(STATELESS_LANE) {
-            let Ok(handles) = keys
-                .iter()
-                .map(|k| {
-                    self.resolve(*k, position)?
-                        .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
-                })
-                .collect::<Result<Vec<_>>>()
-            else {
-                continue;
-            };
-            let member_key = |virtual_key: CK_OBJECT_HANDLE| {
-                keys.iter()
-                    .position(|k| *k == virtual_key)
-                    .map_or(CK_INVALID_HANDLE, |i| handles[i])
-            };
-            for kind in ALL_KINDS {
-                let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
+        'waiting: loop {
+            'members: for position in self.group.by_preference(STATELESS_LANE) {
+                let Ok(handles) = keys
+                    .iter()
+                    .map(|k| {
+                        self.resolve(*k, position)?
+                            .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
+                    })
+                    .collect::<Result<Vec<_>>>()
+                else {
                     continue;
                 };
-                match self.restart(position, kind, op, &member_key) {
-                    Attempt::Faulted => continue 'members,
-                    Attempt::Answered(CKR_OK) => {}
-                    Attempt::Answered(_) => op.movable = false,
+                let member_key = |virtual_key: CK_OBJECT_HANDLE| {
+                    keys.iter()
+                        .position(|k| *k == virtual_key)
+                        .map_or(CK_INVALID_HANDLE, |i| handles[i])
+                };
+                for kind in ALL_KINDS {
+                    let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
+                        continue;
+                    };
+                    match self.restart(position, kind, op, &member_key) {
+                        Attempt::Faulted => continue 'members,
+                        Attempt::Answered(CKR_OK) => {}
+                        Attempt::Answered(_) => op.movable = false,
+                    }
                 }
+                moved_to = Some(position);
+                break 'waiting;
             }
-            moved_to = Some(position);
-            break;
+            if !self.wait_for_a_member(waits) {
+                break;
+            }
         }
         let mut lost = 0;
         for (kind, op) in ops.iter().enumerate() {

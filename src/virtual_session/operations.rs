@@ -5,6 +5,7 @@
 use super::{Attempt, Preference, VirtualSession};
 use crate::bindings::{Input, OpKind, Replay, Search, SearchFilter};
 use crate::error::{check, Error, Result};
+use crate::group::Waits;
 use crate::mechanism::Mechanism;
 use crate::member_api::MemberBackend;
 use cryptoki_sys::*;
@@ -71,11 +72,11 @@ impl VirtualSession {
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
         let keys = key.as_slice();
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let (position, handles) = match self.choose(keys, preference) {
                 Ok(chosen) => chosen,
-                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };
             let on_lane = if on_spare && self.lane.possible(&self.group) {
@@ -150,7 +151,7 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let position = self.bound_for(kind)?;
             let on_lane = if self.lane.on() {
@@ -168,10 +169,10 @@ impl VirtualSession {
                     return check(rv);
                 }
                 Attempt::Faulted => {
-                    // The last serving member failed under the operation:
-                    // it moves to a returning one rather than being lost.
-                    self.wait_for_a_member(&mut waited);
-                    self.move_operations(position);
+                    // Its member failed under the operation: it moves to
+                    // another, or, when none serves, to a returning one
+                    // rather than being lost.
+                    self.move_operations_waiting(position, &mut waits);
                 }
             }
         }

@@ -1,8 +1,10 @@
-//! Waiting for a returning member when none serves: at most once per call,
-//! only in the application's sessions, and for a call that makes, changes
-//! or destroys objects only at its start.
+//! Waiting for a returning member when none serves: at most
+//! `memberTimeout` in all per call (`Waits`), only in the application's
+//! sessions, and for a call that makes, changes or destroys objects only
+//! outside its write.
 
 use super::VirtualSession;
+use crate::group::Waits;
 
 thread_local! {
     /// Set while this thread runs a call that makes, changes or destroys
@@ -22,29 +24,35 @@ impl Drop for Writing {
 
 impl VirtualSession {
     /// For a call that found no member serving: waits for a returning
-    /// member to serve ([`crate::group::Group::wait_for_serving`]), at most once per call
-    /// (`waited`), and only in the application's sessions; true if one
-    /// serves now, and the call chooses again. Callers hold no lock of the
-    /// session; a call making, changing or destroying objects waits only
-    /// at its start ([`Self::wait_before_writing`]).
+    /// member to serve ([`crate::group::Group::wait_for_serving`]), within
+    /// the call's `waits` (one `memberTimeout` for all its waits), and only
+    /// in the application's sessions; true if one serves now, and the call
+    /// chooses again. Callers hold no lock of the session; a call making,
+    /// changing or destroying objects waits only outside its write
+    /// ([`Self::wait_before_writing`]).
     #[cold]
     #[inline(never)]
-    pub(crate) fn wait_for_a_member(&self, waited: &mut bool) -> bool {
-        self.waits_for_members
-            && !WRITING.get()
-            && !std::mem::replace(waited, true)
-            && self.group.up_members().next().is_none()
-            && self.group.wait_for_serving()
+    pub(crate) fn wait_for_a_member(&self, waits: &mut Waits) -> bool {
+        self.group.up_members().next().is_none() && self.serving_again(waits)
     }
 
-    /// At the start of a call that makes, changes or destroys objects:
-    /// with no member serving, waits for a returning one
-    /// ([`Self::wait_for_a_member`]) -- here, before the write barrier and
-    /// the objects being made, which that member's recovery waits for.
-    /// Until the guard drops, the call waits no more: a member that fails
-    /// later in it fails it as before.
-    pub(crate) fn wait_before_writing(&self) -> Writing {
-        self.wait_for_a_member(&mut false);
+    /// After a try that found no member serving: true if one serves now,
+    /// or once one returns within the call's `waits` (as
+    /// [`Self::wait_for_a_member`]), and the call tries again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn serving_again(&self, waits: &mut Waits) -> bool {
+        self.waits_for_members && !WRITING.get() && self.group.wait_for_serving(waits)
+    }
+
+    /// At the start of a call that makes, changes or destroys objects (or
+    /// of its next try, `waits` shared between them): with no member
+    /// serving, waits for a returning one ([`Self::wait_for_a_member`]) --
+    /// here, before the write barrier and the objects being made, which
+    /// that member's recovery waits for. Until the guard drops, the call
+    /// waits no more.
+    pub(crate) fn wait_before_writing(&self, waits: &mut Waits) -> Writing {
+        self.wait_for_a_member(waits);
         Writing(WRITING.replace(true))
     }
 }
