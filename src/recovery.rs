@@ -1583,7 +1583,12 @@ fn may_be_orphan(
 }
 
 /// The group's object for `handle`, a token object synchronisation listed
-/// on member `reference` -- `None` for one that a call making objects
+/// on member `reference`, identified by its fingerprint: an unmapped handle
+/// of a source whose return counted its objects is most often an object
+/// the group has, and named anew it was a second virtual handle for the
+/// same key, which the source's next return then counted as seen there
+/// twice. `None` where its fingerprint cannot be read (the source failed:
+/// reconciliation has it), and for one that a call making objects
 /// (`making`: one was under way during the listing) may have made there
 /// and not recorded yet: one the group knows by no handle there and no
 /// kept fingerprint. That call gives it to the returning member itself,
@@ -1606,15 +1611,12 @@ fn listed_object(
     if let Some(object) = group.objects.known(reference, handle) {
         return Some(object);
     }
-    if !making {
-        return Some(group.objects.from_member(reference, handle));
-    }
     let print = worker
         .on_member(reference, |s| {
             identity::fingerprint(&*s.library, s.handle, handle)
         })
         .ok()??;
-    group.objects.any_matched_by(&print).then(|| {
+    (!making || group.objects.any_matched_by(&print)).then(|| {
         group
             .objects
             .from_member_identified(reference, handle, print)
