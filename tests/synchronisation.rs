@@ -427,3 +427,51 @@ fn a_source_read_one_by_one_names_each_object_by_the_handle_the_group_has() {
     );
     v.close();
 }
+
+/// A member replaying a run of imports on a spare when the group's last
+/// serving member fails takes no further import of the run: it serves
+/// first, and the rest are made on it right after, as for a member that
+/// returns to a group with no member serving. Here the first import made
+/// on the spare (one spare: one lane, so the order is fixed) is where
+/// member 0 fails; the other 39 wait until member 1 serves, and each is
+/// then on it once.
+#[test]
+fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 76).with_spares(1));
+    let group = group_over(&library, 2, "outage");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let labels: Vec<String> = (0..40).map(|n| format!("owed {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    let failing = Arc::clone(&group);
+    library.on_stall(move |_| failing.member_failed(0, "C_Sign", CKR_DEVICE_ERROR));
+    library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    recovery::recover_failed_members(&host);
+    pkcs11_ha::halog::close();
+
+    assert_eq!(group.members[0].state(), MemberState::Down);
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    assert!(
+        log.contains("it serves first, and the 39 objects it missed are made on it right after"),
+        "member 1 made one import on the spare, then served:\n{log}"
+    );
+    for label in &labels {
+        let on_1 = library
+            .token_objects(1)
+            .iter()
+            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+            .count();
+        assert_eq!(on_1, 1, "{label} is on member 1 once");
+    }
+    v.close();
+}
