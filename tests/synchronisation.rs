@@ -475,3 +475,68 @@ fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
     }
     v.close();
 }
+
+/// A member copying its tail while no member serves does not hold writes
+/// back at the write barrier: no write can be made to refill its queue
+/// then, and the writes under way it would wait for kept the group out
+/// longer. Here a removal queued while the member replays the one before
+/// it is its tail, and while that is made an application's write enters
+/// at once (held back, it would wait out the barrier's second).
+#[test]
+fn with_no_member_serving_the_tail_holds_no_write_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 77));
+    let group = group_over(&library, 2, "tail");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+    let first = import(&v, "removed first");
+    import(&v, "removed in the tail");
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    v.destroy_object(first)
+        .expect("the first object is removed");
+    library.sim.lock().set_fault(0, Fault::Crash);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    assert_eq!(group.pending_count(1), 1, "member 1 is owed one removal");
+    // 1: the first removal was made; 2: a write entered during the tail;
+    // 3: a write was held back during the tail.
+    let stage = Arc::new(AtomicUsize::new(0));
+    let (seen, tail_group, maker) = (Arc::clone(&stage), Arc::clone(&group), Arc::clone(&library));
+    library.on_stall(move |_| {
+        if seen.load(Ordering::SeqCst) == 0 {
+            let print = vec![(CKA_LABEL, b"removed in the tail".to_vec())];
+            assert!(tail_group
+                .queue_unless_up(1, pkcs11_ha::group::Pending::Destroy(print))
+                .is_ok());
+            maker.sim.lock().set_fault(1, Fault::StallAfterChange);
+            seen.store(1, Ordering::SeqCst);
+        } else {
+            let entered = tail_group.enter_write().is_some();
+            seen.store(if entered { 2 } else { 3 }, Ordering::SeqCst);
+        }
+    });
+    library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    recovery::recover_failed_members(&host);
+
+    assert_eq!(group.members[0].state(), MemberState::Down);
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert_eq!(
+        stage.load(Ordering::SeqCst),
+        2,
+        "during the tail an application's write entered at once"
+    );
+    let labels_on_1: Vec<String> = library
+        .token_objects(1)
+        .into_iter()
+        .map(|[_, label, _, _]| label)
+        .collect();
+    for label in ["removed first", "removed in the tail"] {
+        assert!(
+            !labels_on_1.contains(&hex(label.as_bytes())),
+            "{label} is gone from member 1: {labels_on_1:?}"
+        );
+    }
+    v.close();
+}
