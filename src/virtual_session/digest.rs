@@ -11,6 +11,7 @@
 use super::{Attempt, Preference, Step, VirtualSession};
 use crate::bindings::OpKind;
 use crate::error::{check, Error, Result};
+use crate::group::Waits;
 use crate::mechanism::Mechanism;
 use crate::member_api::MemberBackend;
 use cryptoki_sys::*;
@@ -152,11 +153,11 @@ impl VirtualSession {
             );
         }
         let raw = bare(type_);
-        let mut waited = false;
+        let mut waits = Waits::default();
         loop {
             let position = match self.choose(&[], Preference::LeastBusy(OpKind::Digest as usize)) {
                 Ok((position, _)) => position,
-                Err(_) if self.wait_for_a_member(&mut waited) => continue,
+                Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };
             // Whether the member's `C_DigestInit` succeeded on this
