@@ -752,8 +752,15 @@ fn copy_missing(
         if group.members[copy.source].epoch() != epochs[copy.source] {
             continue;
         }
-        let object = group.objects.from_member(copy.source, copy.handle);
-        group.objects.set_fingerprint(object, copy.print.clone());
+        // By fingerprint: a source whose handles the group forgot (a
+        // restart, a logout, a return counted rather than read) holds the
+        // group's own objects under unmapped handles, and named anew each
+        // was a second virtual handle for one key (the soak's "found 3
+        // objects, expected 2").
+        let object =
+            group
+                .objects
+                .from_member_identified(copy.source, copy.handle, copy.print.clone());
         let key = is_key(&copy.print);
         for &target in &copy.targets {
             if shared.stopping() {

@@ -455,3 +455,88 @@ fn first_use_on_the_second_member_needs_no_search_after_reconciliation() {
     drop(session);
     fixture.finalize().unwrap();
 }
+
+/// A key the group knows keeps its one virtual handle when reconciliation
+/// copies it from a member whose handles the group has forgotten (a
+/// logout here; a restart or a return counted, not read, in the soak):
+/// the copy's source handle is identified as the group's key, not taken
+/// for a new object. Before, the pass named the source's copy by a handle
+/// of its own, and searches answered by that member returned it -- the
+/// soak's "found 3 objects, expected 2" where a search met one key under
+/// both handles.
+#[test]
+fn a_key_reconciliation_copies_from_a_member_with_forgotten_handles_keeps_its_handle() {
+    let (fixture, _members, log) = counted_group("");
+    let session = fixture.user_session();
+    let key = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::ValueLen(16.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(b"lost-copy".to_vec()),
+                Attribute::Id(b"lost-copy".to_vec()),
+                Attribute::Encrypt(true),
+                Attribute::Extractable(true),
+            ],
+        )
+        .expect("C_GenerateKey");
+    let sealed = session
+        .encrypt(&Mechanism::AesEcb, key, &[0u8; 16])
+        .expect("C_Encrypt");
+    // The group forgets every member handle; member 1 loses its copy
+    // behind the group's back (another process).
+    session.logout().expect("C_Logout");
+    let deleted = std::process::Command::new("pkcs11-tool")
+        .args(["--module", SOFTHSM_LIB, "--token-label", "member1"])
+        .args(["--login", "--pin", USER_PIN])
+        .args([
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--label",
+            "lost-copy",
+        ])
+        .env(SOFTHSM_CONF_ENV, &fixture.hsm.conf)
+        .output()
+        .expect("pkcs11-tool runs");
+    assert!(
+        deleted.status.success(),
+        "pkcs11-tool --delete-object: {deleted:?}"
+    );
+    // Logging in again asks for a reconciliation pass, which copies the
+    // key back to member 1 from member 0.
+    session
+        .login(
+            cryptoki::session::UserType::User,
+            Some(&cryptoki::types::AuthPin::new(USER_PIN.into())),
+        )
+        .expect("C_Login");
+    let report = log.join("haErrorLog.txt");
+    let deadline = Instant::now() + PATIENCE;
+    while !fs::read_to_string(&report).is_ok_and(|l| l.contains("1 objects copied")) {
+        assert!(
+            Instant::now() < deadline,
+            "no reconciliation copied the key within {PATIENCE:?}; HA log: {:?}",
+            fs::read_to_string(&report)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Searches spread over both members: whichever answers, the key,
+    // once, by its handle.
+    for round in 0..4 {
+        let found = session
+            .find_objects(&[Attribute::Id(b"lost-copy".to_vec())])
+            .expect("C_FindObjects");
+        assert_eq!(
+            found,
+            vec![key],
+            "search {round}: the key under its own handle, once"
+        );
+    }
+    let again = session
+        .encrypt(&Mechanism::AesEcb, key, &[0u8; 16])
+        .expect("C_Encrypt after the copy");
+    assert_eq!(again, sealed, "the same key");
+}

@@ -851,7 +851,8 @@ impl Schedule<'_> {
     }
 
     /// Lists every object through the virtual slot: the domain key never
-    /// shows, and nothing the application was told is gone does.
+    /// shows, nothing the application was told is gone does, and nothing
+    /// shows twice (one object, two virtual handles).
     fn enumerate(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
         // SAFETY: an empty template.
         let rv = unsafe { self.f.C_FindObjectsInit.unwrap()(session, ptr::null_mut(), 0) };
@@ -870,6 +871,7 @@ impl Schedule<'_> {
         if rv != CKR_OK {
             return Ok(());
         }
+        let mut seen: Vec<Vec<u8>> = Vec::new();
         for handle in &handles[..found as usize] {
             let mut label = vec![0u8; 64];
             let mut query = CK_ATTRIBUTE {
@@ -899,6 +901,12 @@ impl Schedule<'_> {
                 "{} shows through the virtual slot, but the application was told it failed or was destroyed",
                 String::from_utf8_lossy(&label)
             );
+            ensure!(
+                !seen.contains(&label),
+                "{} shows twice in one search (under two virtual handles)",
+                String::from_utf8_lossy(&label)
+            );
+            seen.push(label);
         }
         Ok(())
     }
