@@ -1134,24 +1134,27 @@ impl Group {
     /// ([`Group::enter_write`]), no object being made, no session lock.
     pub fn wait_for_serving(&self) -> bool {
         let deadline = crate::clock::now() + self.settings.member_timeout;
-        let mut wait = self.serving_wait();
-        wait.waiting += 1;
+        self.serving_wait().waiting += 1;
         let served = loop {
+            // Outside the lock, which recovery takes to wake this call: on
+            // the simulation's clock, the recovery thread's rounds run in
+            // here ([`crate::clock::ManualClock::on_block`]).
+            let left = crate::clock::block_for(deadline);
+            let wait = self.serving_wait();
             if self.up_members().next().is_some() {
                 break true;
             }
             let returning = self.members.iter().any(|m| m.expected_back());
-            let left = crate::clock::block_for(deadline);
             if wait.closed || !returning || left.is_zero() {
                 break false;
             }
-            wait = self
-                .serving_changed
-                .wait_timeout(wait, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+            drop(
+                self.serving_changed
+                    .wait_timeout(wait, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
         };
-        wait.waiting -= 1;
+        self.serving_wait().waiting -= 1;
         served
     }
 
