@@ -2162,6 +2162,68 @@ fn a_member_stalled_for_less_than_member_timeout_stays_in_service() {
     });
 }
 
+/// Seed 30474 of the reconnect schedules, written out: a copy kept for a
+/// returning member while its library refused the key-wrap mechanism is
+/// tried again
+/// once it takes it, from a source whose connection dropped unseen. The
+/// failed copy asks the source whether it answers; it does not, so it is
+/// taken out and brought back, and the copy is made then -- left serving,
+/// the source failed every copy from it while no call reached it.
+#[test]
+fn a_kept_copy_whose_source_dropped_its_connection_unseen_is_made_once_the_source_returns() {
+    run_script(&Script {
+        members: 2,
+        split: true,
+        threaded: false,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            // The group's first key, made with every member serving.
+            s.make_object(0, session, 2, true);
+            s.plant(1, Fault::Crash);
+            s.make_object(0, session, 2, true);
+            let label = hex(&s.made.last().expect("made").label);
+            ensure!(
+                s.made.last().is_some_and(|m| m.fate == Fate::Exists),
+                "the key was made"
+            );
+            s.heal(1);
+            s.plant(1, Fault::RefuseWrap);
+            s.recovery_pass();
+            let held = |s: &Schedule, token: usize| {
+                let (library, local) = &s.tokens[token];
+                library
+                    .token_objects(*local)
+                    .iter()
+                    .filter(|o| o[1] == label)
+                    .count()
+            };
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up] && held(s, 1) == 0,
+                "member 1 serves, its copy kept while its library refuses wrapping: {:?}",
+                s.states()
+            );
+            s.heal(1);
+            s.tokens[0].0.sim.lock().disconnect();
+            s.note("token 0's connection drops unseen".into());
+            s.recovery_pass();
+            ensure!(
+                s.states()[0] == MemberState::Down,
+                "the failed copy found its source silent and took it out: {:?}",
+                s.states()
+            );
+            s.recovery_pass();
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up] && held(s, 1) == 1,
+                "the source returned and the copy was made: {:?}, {} copies",
+                s.states(),
+                held(s, 1)
+            );
+            Ok(())
+        },
+    });
+}
+
 /// With the recovery thread stepped: when the last serving member fails,
 /// a member whose last attempt found no token but whose token answers now
 /// is due an attempt at once, and the next call -- finding no member
