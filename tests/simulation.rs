@@ -8,7 +8,8 @@
 //! token model behind the core's member traits, no `dlopen`), given to it
 //! in place of the configuration's `[Libraries]` entries
 //! ([`pkcs11_ha::provider::initialize_with_members`]). No thread of its
-//! own runs, as after `CKF_LIBRARY_CANT_CREATE_OS_THREADS`: recovery runs
+//! own runs; in schedules without the stepped recovery thread, as after
+//! `CKF_LIBRARY_CANT_CREATE_OS_THREADS`, recovery runs
 //! as one synchronous pass
 //! ([`pkcs11_ha::recovery::recover_failed_members`]) when the schedule
 //! says, and during calls once `AutoReconnectInterval` has passed. Its
@@ -20,7 +21,14 @@
 //! N seeds from `SIM_FIRST_SEED` (0). Half the schedules, drawn by seed,
 //! add reconciliation passes across reconnects ([`Faults::reconnects`]);
 //! `SIM_RECONNECTS=1` draws them in every schedule, `SIM_RECONNECTS=0` in
-//! none. `scripts/simulate` runs these.
+//! none. Half the schedules, drawn by seed apart from that, run pkcs11-ha
+//! as an application allowing threads has it, with none started
+//! ([`pkcs11_ha::provider::initialize_stepped`]): the schedule steps the
+//! recovery thread's rounds ([`Stepped`]) before half its steps, and while
+//! a call with no member serving waits for one ([`blocked`]), which checks
+//! the rule that every failed member is due an attempt once the last
+//! serving member fails ([`Faults::threads`]). `scripts/simulate` runs
+//! these.
 
 mod memory_member;
 
