@@ -29,6 +29,15 @@
 //!   rotation; if it is not within 30 s, the table is taken anyway and
 //!   says so), against net-2 (the two healthy members alone); target:
 //!   >= 0.9.
+//! - **Object-making with one slow member**: as above, but each operation
+//!   makes objects -- `C_GenerateKey` (an AES-256 session key, which the
+//!   group makes on one member and copies to the others before it
+//!   returns) or `C_CreateObject` (a data object, made on every member) --
+//!   measured while the slow member is still in rotation (until the HA log
+//!   says it is degraded), then net-3 against net-2 once it is. No target:
+//!   every object reaches the slow member before its call returns, so its
+//!   latency bounds each call either way; the table shows what choosing
+//!   the member that makes a key saves.
 //!
 //! Each table runs its targets in slices that alternate, the order
 //! rotating every cycle, after one unmeasured cycle at each T; ops/s is
@@ -41,8 +50,8 @@
 //! Run: `cargo build --release && cargo bench --bench network` (about a
 //! minute). `-- --test` runs each benchmark once and the tables briefly.
 //! `PKCS11_HA_NETWORK_TABLES=mixed,slow` takes only the tables named
-//! (`random`, `digest`, `mixed`, `capacity`, `slow`), for a short run on a
-//! shared machine.
+//! (`random`, `digest`, `mixed`, `capacity`, `slow`, `making`), for a
+//! short run on a shared machine.
 
 // Only some of the shared helpers are used here.
 #[allow(dead_code)]
@@ -55,6 +64,7 @@ mod p11kit;
 #[path = "../tests/common/relay.rs"]
 mod relay;
 
+use common::faulty::FaultyMember;
 use common::{SoftHsm, SOFTHSM_LIB};
 use criterion::{black_box, Criterion};
 use cryptoki_sys::*;
@@ -73,6 +83,11 @@ const DIRECT: usize = 5;
 const SLOW: usize = 2;
 const ONE_WAY: Duration = Duration::from_millis(1);
 const SLOW_ONE_WAY: Duration = Duration::from_millis(200);
+/// In-process members of the key-making groups (SoftHSM behind the faulty
+/// member's latency): `gen-2` over the first two, `gen-3` over the other
+/// three, the first of those (its primary) the slow one.
+const GEN_MEMBERS: usize = 5;
+const GEN_SLOW: usize = 2;
 const SERVICE: Duration = Duration::from_millis(1);
 const LATENCY_THREADS: [usize; 3] = [1, 8, 32];
 const CAPACITY_THREADS: [usize; 2] = [8, 32];
@@ -118,10 +133,13 @@ struct Target {
 struct Bench {
     ha_fns: CK_FUNCTION_LIST,
     direct_fns: CK_FUNCTION_LIST,
-    /// direct, net-2, net-3.
+    /// direct, net-2, net-3, gen-2, gen-3.
     targets: Vec<Target>,
     members: Vec<Member>,
     log: PathBuf,
+    /// The key-making groups' members, to set their latency.
+    gen: Vec<FaultyMember>,
+    _gen_hsm: SoftHsm,
     _ha_lib: Library,
     _client_lib: Library,
 }
@@ -183,9 +201,22 @@ impl Bench {
         let dir = members[0]._hsm.dir.path().to_path_buf();
         let log_dir = dir.join("halog");
         fs::create_dir(&log_dir).expect("HA log dir");
+        // Key-making groups: p11-kit 0.24's client carries no key-wrap
+        // mechanism, so keys generated on p11-kit members cannot
+        // replicate; these members are SoftHSM tokens in this process,
+        // each behind a faulty member that adds the network's latency.
+        let gen_labels: Vec<String> = (0..GEN_MEMBERS).map(|i| format!("gen{i}")).collect();
+        let gen_labels: Vec<&str> = gen_labels.iter().map(String::as_str).collect();
+        let gen_hsm = SoftHsm::new(&gen_labels);
+        common::provision_domain(&gen_hsm, &common::DOMAIN_VALUE);
+        let gen = FaultyMember::one_per_token(gen_hsm.dir.path(), SOFTHSM_LIB, &gen_hsm.serials());
+        let gen_serials = gen_hsm.serials();
         let mut text = String::from("[Libraries]\n");
         for i in 0..DIRECT {
             writeln!(text, "m{i} = {client}").unwrap();
+        }
+        for (i, member) in gen.iter().enumerate() {
+            writeln!(text, "g{i} = {}", member.path.display()).unwrap();
         }
         text += "\n[LibraryEnvironment]\n";
         for (i, member) in members.iter().enumerate().take(DIRECT) {
@@ -208,15 +239,20 @@ impl Bench {
             text,
             "\n[VirtualToken]\nVirtualToken00Label = net-2\nVirtualToken00Members = {},{}\n\
              VirtualToken01Label = net-3\nVirtualToken01Members = {},{},{}\n\
+             VirtualToken02Label = gen-2\nVirtualToken02Members = {}\n\
+             VirtualToken03Label = gen-3\nVirtualToken03Members = {}\n\
              \n[HAConfiguration]\nmemberTimeout = 4000\nhaLogStatus = enabled\nhaLogPath = {}",
             serial(0),
             serial(1),
             serial(2),
             serial(3),
             serial(4),
+            gen_serials[..GEN_SLOW].join(","),
+            gen_serials[GEN_SLOW..].join(","),
             log_dir.display()
         )
         .unwrap();
+        env::set_var(common::SOFTHSM_CONF_ENV, &gen_hsm.conf);
         let config = dir.join("network.conf");
         fs::write(&config, text).expect("write the config");
         common::activate_config(&config);
@@ -261,6 +297,18 @@ impl Bench {
                 sessions: open_sessions(&ha_fns, 1),
                 size: 3,
             },
+            Target {
+                name: "gen-2",
+                fns: ha_fns,
+                sessions: open_sessions(&ha_fns, 2),
+                size: 2,
+            },
+            Target {
+                name: "gen-3",
+                fns: ha_fns,
+                sessions: open_sessions(&ha_fns, 3),
+                size: 3,
+            },
         ];
         Bench {
             ha_fns,
@@ -268,6 +316,8 @@ impl Bench {
             targets,
             members,
             log: log_dir.join("haErrorLog.txt"),
+            gen,
+            _gen_hsm: gen_hsm,
             _ha_lib: ha_lib,
             _client_lib: client_lib,
         }
@@ -276,6 +326,13 @@ impl Bench {
     fn set_all(&mut self, mode: Mode) {
         for member in &mut self.members {
             member.relay.set(mode);
+        }
+        let latency = match mode {
+            Mode::Delay(one_way) => 2 * one_way,
+            _ => Duration::ZERO,
+        };
+        for member in &self.gen {
+            member.set_latency(latency);
         }
     }
 }
@@ -338,6 +395,56 @@ fn mixed(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
         )
     );
     ck!(fns, C_FindObjectsFinal(session));
+}
+
+/// `C_GenerateKey` of an AES-256 session key: made on one member, copied
+/// to the others (wrapped under the domain key) before the call returns.
+/// Kept until the session closes: a destroy would time every member too.
+fn generate(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
+    let mut mechanism = CK_MECHANISM {
+        mechanism: CKM_AES_KEY_GEN,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let len: CK_ULONG = 32;
+    let yes: CK_BBOOL = CK_TRUE;
+    let mut template = [
+        support::attr(CKA_VALUE_LEN, &len),
+        support::attr(CKA_ENCRYPT, &yes),
+    ];
+    let mut key = 0;
+    ck!(
+        fns,
+        C_GenerateKey(
+            session,
+            &mut mechanism,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG,
+            &mut key
+        )
+    );
+    black_box(key);
+}
+
+/// `C_CreateObject` of a small data session object: made on every member.
+fn create(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
+    let class: CK_OBJECT_CLASS = CKO_DATA;
+    let value = [0x5au8; 32];
+    let mut template = [
+        support::attr(CKA_CLASS, &class),
+        support::attr(CKA_VALUE, &value),
+    ];
+    let mut object = 0;
+    ck!(
+        fns,
+        C_CreateObject(
+            session,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG,
+            &mut object
+        )
+    );
+    black_box(object);
 }
 
 // ---------------------------------------------------------------------------
@@ -459,7 +566,8 @@ fn throughput_table(
         "T", "target", "ops/s", "p50 ms", "p99 ms", "ratio", ""
     )
     .unwrap();
-    let targets: Vec<&Target> = bench.targets.iter().collect();
+    // direct, net-2, net-3.
+    let targets: Vec<&Target> = bench.targets[..3].iter().collect();
     for &t in threads {
         // Unmeasured first: the sessions and lanes T threads need (a spare
         // instance's session, opened and logged in on first use) are made
@@ -492,12 +600,16 @@ fn throughput_table(
 /// degraded; how long that took, `None` if not within
 /// [`DEGRADE_PATIENCE`], and what the load did meanwhile (the slow member
 /// in rotation).
-fn load_until_degraded(bench: &Bench, target: &Target) -> (Option<Duration>, Sample) {
+fn load_until_degraded(
+    bench: &Bench,
+    target: &Target,
+    op: fn(&CK_FUNCTION_LIST, CK_SESSION_HANDLE),
+) -> (Option<Duration>, Sample) {
     let started = Instant::now();
     let mut meanwhile = Sample::default();
+    let before = log_count(bench, DEGRADED_LINE, target.name);
     loop {
-        let log = fs::read_to_string(&bench.log).unwrap_or_default();
-        if log.contains("member degraded") {
+        if log_count(bench, DEGRADED_LINE, target.name) > before {
             return (Some(started.elapsed()), meanwhile);
         }
         if started.elapsed() >= DEGRADE_PATIENCE {
@@ -506,11 +618,168 @@ fn load_until_degraded(bench: &Bench, target: &Target) -> (Option<Duration>, Sam
         run_slice(
             target,
             SLOW_THREADS,
-            mixed,
+            op,
             Duration::from_millis(500),
             &mut meanwhile,
         );
     }
+}
+
+/// What the HA log says when a member is taken out of rotation, and when
+/// it returns.
+const DEGRADED_LINE: &str = "member degraded";
+const RECOVERED_LINE: &str = "member no longer degraded";
+
+/// How many lines of the HA log about group `group` contain `what`.
+fn log_count(bench: &Bench, what: &str, group: &str) -> usize {
+    let log = fs::read_to_string(&bench.log).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains(what) && l.contains(group))
+        .count()
+}
+
+/// Waits, every member back at full speed, until each member of `group`
+/// degraded so far is back in rotation (a table after `slow` starts as it
+/// would alone); false if not within [`DEGRADE_PATIENCE`].
+fn wait_until_recovered(bench: &Bench, group: &str) -> bool {
+    let deadline = Instant::now() + DEGRADE_PATIENCE;
+    while log_count(bench, RECOVERED_LINE, group) < log_count(bench, DEGRADED_LINE, group) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+/// Logs every group in, so that keys can be made (and wrapped under the
+/// domain key) on the members.
+fn log_in(bench: &Bench) {
+    let pin = common::USER_PIN;
+    for target in &bench.targets[1..] {
+        let rv = ck_raw!(
+            target.fns,
+            C_Login(
+                target.sessions[0],
+                CKU_USER,
+                pin.as_ptr() as *mut _,
+                pin.len() as CK_ULONG
+            )
+        );
+        assert!(
+            rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN,
+            "C_Login on {}: {rv:#x}",
+            target.name
+        );
+    }
+}
+
+/// One line of a slow-member table: ops/s, p50, p99 and the ratio to
+/// `healthy` ops/s.
+fn slow_line(out: &mut String, name: &str, sample: &mut Sample, healthy: f64, judged: &str) {
+    let ratio = sample.ops_per_s() / healthy;
+    writeln!(
+        out,
+        "{name:<16} {:>9.1} ops/s  p50 {:>8.2} ms  p99 {:>8.2} ms  ratio {ratio:.3} {judged}",
+        sample.ops_per_s(),
+        ms(sample.percentile(0.5)),
+        ms(sample.percentile(0.99)),
+    )
+    .unwrap();
+}
+
+/// A workload: one operation on one session.
+type Op = fn(&CK_FUNCTION_LIST, CK_SESSION_HANDLE);
+
+/// One object-making table: `ops` on `pair` and `trio` (`trio`'s slow
+/// member slowed by `slow`), while the slow member is still in rotation,
+/// then once the HA log says it is degraded (a mixed load on `trio` gets it
+/// there: object-making is not compared), each against `pair`.
+#[allow(clippy::too_many_arguments)]
+fn making_rows(
+    out: &mut String,
+    bench: &mut Bench,
+    (pair, trio): (usize, usize),
+    slow: fn(&mut Bench),
+    ops: &[(&str, Op)],
+    slice: Duration,
+    cycles: usize,
+) {
+    bench.set_all(Mode::Delay(ONE_WAY));
+    if !wait_until_recovered(bench, bench.targets[trio].name) {
+        writeln!(out, "a member is still degraded: not taken").unwrap();
+        return;
+    }
+    // Sessions, lanes and the domain keys' handles exist before the clock
+    // runs.
+    let targets = [&bench.targets[pair], &bench.targets[trio]];
+    for (_, op) in ops {
+        measure(&targets, SLOW_THREADS, *op, TEST_SLICE, 1);
+    }
+    slow(bench);
+    let degraded_before = log_count(bench, DEGRADED_LINE, bench.targets[trio].name);
+    let targets = [&bench.targets[pair], &bench.targets[trio]];
+    for (name, op) in ops {
+        let mut samples = measure(&targets, SLOW_THREADS, *op, slice, cycles + 1);
+        let healthy = samples[0].ops_per_s();
+        for (target, sample) in targets.iter().zip(samples.iter_mut()) {
+            let label = format!("{} {name} in rot.", target.name);
+            slow_line(out, &label, sample, healthy, "");
+        }
+    }
+    if log_count(bench, DEGRADED_LINE, bench.targets[trio].name) > degraded_before {
+        writeln!(out, "(degraded while those were taken: they mix both)").unwrap();
+    } else {
+        let (degraded, _) = load_until_degraded(bench, &bench.targets[trio], mixed);
+        match degraded {
+            Some(after) => writeln!(out, "degraded after {after:.1?} of a mixed load").unwrap(),
+            None => writeln!(out, "NOT degraded within {DEGRADE_PATIENCE:?}: in rotation").unwrap(),
+        }
+    }
+    let targets = [&bench.targets[pair], &bench.targets[trio]];
+    for (name, op) in ops {
+        let mut samples = measure(&targets, SLOW_THREADS, *op, slice, cycles + 1);
+        let healthy = samples[0].ops_per_s();
+        for (target, sample) in targets.iter().zip(samples.iter_mut()) {
+            let label = format!("{} {name} degr.", target.name);
+            slow_line(out, &label, sample, healthy, "");
+        }
+    }
+    bench.set_all(Mode::Delay(ONE_WAY));
+}
+
+/// The object-making tables ([`generate`], [`create`]): a group of three
+/// whose primary is slow against the two healthy members alone.
+fn making_table(out: &mut String, bench: &mut Bench, slice: Duration, cycles: usize) {
+    log_in(bench);
+    writeln!(
+        out,
+        "\nObject-making, one slow member: the primary of a group of three at \
+         {SLOW_ONE_WAY:?} each way, the others at {ONE_WAY:?}; {SLOW_THREADS} threads; \
+         ratio = group of three / the healthy two (no target: every object reaches the \
+         slow member before its call returns)\n\
+         SoftHSM members in process, latency added by the faulty member:"
+    )
+    .unwrap();
+    making_rows(
+        out,
+        bench,
+        (3, 4),
+        |b| b.gen[GEN_SLOW].set_latency(2 * SLOW_ONE_WAY),
+        &[("generate", generate), ("create", create)],
+        slice,
+        cycles,
+    );
+    writeln!(out, "p11-kit members behind the relay (imports only):").unwrap();
+    making_rows(
+        out,
+        bench,
+        (1, 2),
+        |b| b.members[SLOW].relay.set(Mode::Delay(SLOW_ONE_WAY)),
+        &[("create", create)],
+        slice,
+        cycles,
+    );
 }
 
 fn tables(bench: &mut Bench, test_mode: bool) -> String {
@@ -608,7 +877,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
         .unwrap();
         print!("{out}");
         out.clear();
-        let (degraded, mut meanwhile) = load_until_degraded(bench, &bench.targets[2]);
+        let (degraded, mut meanwhile) = load_until_degraded(bench, &bench.targets[2], mixed);
         match degraded {
             Some(after) => writeln!(out, "degraded after {after:.1?} under load").unwrap(),
             None => writeln!(
@@ -647,6 +916,9 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
             )
             .unwrap();
         }
+    }
+    if wanted("making") {
+        making_table(&mut out, bench, slow_slice, cycles);
     }
     bench.set_all(Mode::Pass);
     out

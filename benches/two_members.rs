@@ -17,13 +17,16 @@
 //! call's own time, ratios from the same run. Each operation's table also
 //! gives the ratio of p50s: a machine busy with other work moves the ops/s
 //! ratio by 10% and more from run to run, the p50 ratio by about 1%.
+//! A second table runs SHA-256, random and open+close from 8 and 32
+//! threads, each on a session of its own, on the group and on SoftHSM
+//! directly: what shared counters and locks cost when calls overlap.
 //!
 //! Owns: a throw-away token dir and config (temp dir) and the process
 //! environment (`SOFTHSM2_CONF`, `PKCS11_HA_CONF`). Must never: touch the
 //! system's tokens.
 //!
 //! Run: `cargo build --release && cargo bench --bench two_members` (about
-//! half a minute). `-- --test` runs each benchmark once, the table briefly.
+//! a minute). `-- --test` runs each benchmark once, the table briefly.
 //! Instructions per call, which a busy machine does not move:
 //! `PKCS11_HA_BENCH_LOOP=sha256_1k/two/1000 valgrind --tool=callgrind
 //! --toggle-collect='*counted_calls*' target/release/deps/two_members-*`
@@ -59,11 +62,17 @@ const TARGET_RATIO: f64 = 0.95;
 const SLICE: Duration = Duration::from_millis(20);
 const PER_TARGET: Duration = Duration::from_millis(1500);
 const TEST_PER_TARGET: Duration = Duration::from_millis(60);
+/// Application threads of the many-thread table, each on a session of its
+/// own; a slice of that table, and the time per target.
+const THREADS: [usize; 2] = [8, 32];
+const THREAD_SLICE: Duration = Duration::from_millis(250);
+const THREAD_PER_TARGET: Duration = Duration::from_millis(1500);
 /// Runs one operation on one target only (see [`counted_run`]).
 const LOOP_ENV: &str = "PKCS11_HA_BENCH_LOOP";
 
 /// One way of reaching token `a` (or a group's slot): a function table, a
 /// logged-in session, the keys as it sees them, and the slot.
+#[derive(Clone, Copy)]
 struct Target {
     name: &'static str,
     fns: CK_FUNCTION_LIST,
@@ -503,6 +512,127 @@ fn table(bench: &Bench, per_target: Duration, test_mode: bool) -> String {
     out
 }
 
+/// CPU time (user + system) of the whole process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// What one target's slices of the many-thread table added up to.
+#[derive(Default, Clone, Copy)]
+struct Threaded {
+    calls: u64,
+    elapsed: Duration,
+    cpu: Duration,
+}
+
+/// `op` from `threads` threads, each on a session of its own (opened
+/// before the clock starts), on `target` for `slice`: the calls made, the
+/// time they took and the process's CPU time meanwhile.
+fn threaded_slice(op: Op, target: &Target, threads: usize, slice: Duration) -> Threaded {
+    let start = std::sync::Barrier::new(threads + 1);
+    let calls = std::sync::atomic::AtomicU64::new(0);
+    let (began, cpu) = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut own = *target;
+                ck!(
+                    own.fns,
+                    C_OpenSession(
+                        own.slot,
+                        CKF_SERIAL_SESSION,
+                        ptr::null_mut(),
+                        None,
+                        &mut own.session
+                    )
+                );
+                let mut b = Buffers {
+                    digest: [0x5a; 32],
+                    data: vec![1; DATA_LEN],
+                    iv: [7; 12],
+                    out: vec![0; DATA_LEN + 64],
+                };
+                start.wait();
+                let end = Instant::now() + slice;
+                let mut made = 0;
+                while Instant::now() < end {
+                    op(&own, &mut b);
+                    made += 1;
+                }
+                calls.fetch_add(made, std::sync::atomic::Ordering::Relaxed);
+                ck!(own.fns, C_CloseSession(own.session));
+            });
+        }
+        start.wait();
+        (Instant::now(), process_cpu())
+    });
+    Threaded {
+        calls: calls.into_inner(),
+        elapsed: began.elapsed(),
+        cpu: process_cpu() - cpu,
+    }
+}
+
+/// The many-thread table: SHA-256, random and open+close from each of
+/// [`THREADS`] threads on the two-member group against SoftHSM directly,
+/// the targets alternating in slices of [`THREAD_SLICE`].
+fn threaded_table(bench: &Bench, per_target: Duration, slice: Duration) -> String {
+    let mut out = String::new();
+    writeln!(
+        out,
+        "\nT threads, a session each; ops/s over {per_target:?} per target in {slice:?} slices \
+         (a slice includes the threads' last calls and their session close); CPU = the process's \
+         user + system time per call, which other processes' load moves less; ratio = two / direct \
+         ops/s, CPU ratio = direct CPU / two CPU"
+    )
+    .unwrap();
+    let [direct, two, ..] = &bench.targets[..] else {
+        unreachable!("four targets")
+    };
+    let operations: [(&str, Op); 3] = [
+        ("sha256_1k", digest),
+        ("random_32", random),
+        ("open_close", open_close),
+    ];
+    for threads in THREADS {
+        for (name, op) in operations {
+            let targets = [direct, two];
+            let mut totals = [Threaded::default(); 2];
+            let cycles = (per_target.as_nanos() / slice.as_nanos()).max(1) as usize;
+            for cycle in 0..cycles {
+                for i in 0..targets.len() {
+                    let k = (i + cycle) % targets.len();
+                    let slice = threaded_slice(op, targets[k], threads, slice);
+                    totals[k].calls += slice.calls;
+                    totals[k].elapsed += slice.elapsed;
+                    totals[k].cpu += slice.cpu;
+                }
+            }
+            let rate = |t: Threaded| t.calls as f64 / t.elapsed.as_secs_f64();
+            let cpu_us = |t: Threaded| t.cpu.as_secs_f64() * 1e6 / t.calls.max(1) as f64;
+            writeln!(
+                out,
+                "{name:<16} T={threads:<3} direct {:>9.0} ops/s {:>6.3} us CPU  two {:>9.0} ops/s {:>6.3} us CPU  \
+                 ratio {:.3}  CPU ratio {:.3}",
+                rate(totals[0]),
+                cpu_us(totals[0]),
+                rate(totals[1]),
+                cpu_us(totals[1]),
+                rate(totals[1]) / rate(totals[0]),
+                cpu_us(totals[0]) / cpu_us(totals[1])
+            )
+            .unwrap();
+        }
+    }
+    out
+}
+
 /// `count` calls of `op` on `target`, nothing else: the function
 /// `--toggle-collect` names to count a call's instructions with callgrind.
 #[inline(never)]
@@ -585,5 +715,11 @@ fn main() {
             PER_TARGET
         };
         print!("{}", table(&bench, time, test_mode));
+        let (per_target, slice) = if test_mode {
+            (TEST_PER_TARGET, TEST_PER_TARGET)
+        } else {
+            (THREAD_PER_TARGET, THREAD_SLICE)
+        };
+        print!("{}", threaded_table(&bench, per_target, slice));
     }
 }

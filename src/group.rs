@@ -742,6 +742,20 @@ pub struct Group {
     wake_recovery: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
+/// One application call's waits for a returning member
+/// ([`Group::wait_for_serving`]): as many as the call needs -- a member
+/// that serves after a wait may fail under the call too -- together at
+/// most one `memberTimeout`: what is left of it.
+#[derive(Default)]
+pub struct Waits(Option<Duration>);
+
+impl Waits {
+    /// Waits for a call that waits no more.
+    pub fn spent() -> Waits {
+        Waits(Some(Duration::ZERO))
+    }
+}
+
 /// Who waits in [`Group::wait_for_serving`].
 #[derive(Default)]
 struct ServingWait {
@@ -1120,20 +1134,28 @@ impl Group {
     /// for it is due at once, as every failed member's is when the outage
     /// begins, or under way -- its token being looked for, or the member
     /// catching up -- or, once its token answered, between the attempts of
-    /// its run), waits for a member to serve, at most `memberTimeout` from
-    /// now; true if one serves. It stops waiting, and answers false, as
-    /// soon as no member is being brought back any more (each attempt
-    /// failed: with every member gone, calls fail once each member's
-    /// attempt in the outage has failed to find its token) or the group
-    /// closes ([`Group::stop_waiting`]), so the call fails as it would
-    /// have. Most outages are a returning member's last second of catching
-    /// up, or a failed member's next attempt; failing at once, each cost
-    /// the application a burst of failed calls.
+    /// its run), waits for a member to serve, for what is left of the
+    /// call's [`Waits`] (one `memberTimeout` for all its waits); true if
+    /// one serves, at once if one does now. It stops waiting, and answers
+    /// false, as soon as no member is being brought back any more (each
+    /// attempt failed: with every member gone, calls fail once each
+    /// member's attempt in the outage has failed to find its token), the
+    /// call has waited its `memberTimeout`, or the group closes ([`Group::stop_waiting`]), so the call fails as it
+    /// would have. Most outages are a returning member's last second of
+    /// catching up, or a failed member's next attempt; failing at once,
+    /// each cost the application a burst of failed calls.
     ///
     /// The caller holds nothing recovery waits for: no write barrier
     /// ([`Group::enter_write`]), no object being made, no session lock.
-    pub fn wait_for_serving(&self) -> bool {
-        let deadline = crate::clock::now() + self.settings.member_timeout;
+    pub fn wait_for_serving(&self, waits: &mut Waits) -> bool {
+        if self.up_members().next().is_some() {
+            return true;
+        }
+        let left = *waits.0.get_or_insert(self.settings.member_timeout);
+        if left.is_zero() {
+            return false;
+        }
+        let deadline = crate::clock::now() + left;
         self.serving_wait().waiting += 1;
         let served = loop {
             // Outside the lock, which recovery takes to wake this call: on
@@ -1155,6 +1177,7 @@ impl Group {
             );
         };
         self.serving_wait().waiting -= 1;
+        waits.0 = Some(deadline.saturating_duration_since(crate::clock::now()));
         served
     }
 

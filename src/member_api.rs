@@ -311,6 +311,29 @@ pub trait MemberApi {
     fn digest_key(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
         CKR_FUNCTION_NOT_SUPPORTED
     }
+    /// `C_DigestInit` with `mechanism` unless `*started`, which its
+    /// success sets, then `C_Digest`: a digest started and finished in one
+    /// member call where the library can (a loaded library counts the pair
+    /// once). Its answer is the init's failure or the digest's.
+    #[allow(clippy::too_many_arguments)]
+    fn digest_init_and_digest(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        started: &mut bool,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV {
+        if !*started {
+            let rv = self.digest_init(session, mechanism);
+            if rv != CKR_OK {
+                return rv;
+            }
+            *started = true;
+        }
+        self.digest(session, input, output, output_len)
+    }
 
     fn encrypt_final(
         &self,
@@ -1094,6 +1117,36 @@ impl MemberApi for MemberLibrary {
     #[inline]
     fn digest_key(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
         member_call!(self, C_DigestKey(session, key))
+    }
+
+    #[inline]
+    fn digest_init_and_digest(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        started: &mut bool,
+        input: Option<&[u8]>,
+        output: Option<&mut [u8]>,
+        output_len: &mut CK_ULONG,
+    ) -> CK_RV {
+        let (input, input_len) = array(input);
+        let output = room(output, output_len);
+        self.call(
+            "C_Digest",
+            |table| table.C_DigestInit.zip(table.C_Digest),
+            // SAFETY: as in `member_call!`: the table is the library's own
+            // and the arguments follow the PKCS#11 signatures.
+            |(init, digest)| unsafe {
+                if !*started {
+                    let rv = init(session, self::mechanism(mechanism));
+                    if rv != CKR_OK {
+                        return rv;
+                    }
+                    *started = true;
+                }
+                digest(session, input, input_len, output, output_len)
+            },
+        )
     }
 
     output_final!(

@@ -161,6 +161,20 @@ pub fn session(handle: CK_SESSION_HANDLE) -> Result<SessionRef> {
     session_from_table(handle)
 }
 
+/// Runs `f` on the session named by `handle` if this thread's cache holds
+/// it (and calls may take the shortcut), without counting a call in on
+/// its gate ([`crate::session::with_cached`]); `None` otherwise.
+#[inline(always)]
+pub fn with_cached_session<R>(
+    handle: CK_SESSION_HANDLE,
+    f: impl FnOnce(&Session) -> R,
+) -> Option<R> {
+    if NO_SHORTCUT.load(Ordering::Relaxed) != 0 {
+        return None;
+    }
+    crate::session::with_cached(handle, f)
+}
+
 /// [`session`] when the thread's cache cannot answer (or must not: see
 /// [`NO_SHORTCUT`]), out of line, so that the cached path inlined into
 /// every entry point stays short.

@@ -970,7 +970,12 @@ fn recover(
             // writes wait at the barrier while the tail is copied, so the
             // rejoin takes the backlog's time, not forever. (Counted from
             // the second round, a member replaying as fast as the writes
-            // came spent one more whole round chasing them.)
+            // came spent one more whole round chasing them.) Only while
+            // another member serves: with none serving no write is made to
+            // refill the queue (a change a call under way queues after the
+            // rejoin is made on the member at once, `Group::queue_unless_up`),
+            // and waiting for those calls kept a long chaos run's group out
+            // 1.5 s longer.
             let mut barrier = None;
             let mut before = backlog;
             let (mut rounds, mut tail, mut at_barrier) = (0, 0, Duration::ZERO);
@@ -980,7 +985,8 @@ fn recover(
                     return Err("the member failed again".to_string().into());
                 }
                 let left = group.pending_count(position);
-                if barrier.is_none() && (left <= SHORT_TAIL || left > before / 2) {
+                let others_serve = group.up_members().next().is_some();
+                if barrier.is_none() && others_serve && (left <= SHORT_TAIL || left > before / 2) {
                     let asked = Instant::now();
                     barrier = group.hold_writes(provider.member_timeout());
                     at_barrier += asked.elapsed();
@@ -1739,7 +1745,12 @@ fn may_be_orphan(
 }
 
 /// The group's object for `handle`, a token object synchronisation listed
-/// on member `reference` -- `None` for one that a call making objects
+/// on member `reference`, identified by its fingerprint: an unmapped handle
+/// of a source whose return counted its objects is most often an object
+/// the group has, and named anew it was a second virtual handle for the
+/// same key, which the source's next return then counted as seen there
+/// twice. `None` where its fingerprint cannot be read (the source failed:
+/// reconciliation has it), and for one that a call making objects
 /// (`making`: one was under way during the listing) may have made there
 /// and not recorded yet: one the group knows by no handle there and no
 /// kept fingerprint. That call gives it to the returning member itself,
@@ -1762,15 +1773,12 @@ fn listed_object(
     if let Some(object) = group.objects.known(reference, handle) {
         return Some(object);
     }
-    if !making {
-        return Some(group.objects.from_member(reference, handle));
-    }
     let print = worker
         .on_member(reference, |s| {
             identity::fingerprint(&*s.library, s.handle, handle)
         })
         .ok()??;
-    group.objects.any_matched_by(&print).then(|| {
+    (!making || group.objects.any_matched_by(&print)).then(|| {
         group
             .objects
             .from_member_identified(reference, handle, print)
@@ -1844,6 +1852,7 @@ fn synchronize(
     let domain = worker.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let making = group.objects_being_made();
+    let listing = Instant::now();
     let handles = match group.find_on_utility(reference, &everything) {
         Ok(handles) => handles,
         Err(e) => {
@@ -1873,6 +1882,8 @@ fn synchronize(
     let mut unsettled_why = "calls making objects were under way, and these may be theirs";
     let handles: Vec<CK_OBJECT_HANDLE> =
         handles.into_iter().filter(|h| Some(*h) != domain).collect();
+    let listed_in = listing.elapsed();
+    let listed_count = handles.len();
     let listed: Vec<CK_OBJECT_HANDLE> = match unmapped_taken_as_held(group, reference, &handles) {
         Ok((mut objects, surplus)) => {
             phases.note(format!(
@@ -1935,6 +1946,9 @@ fn synchronize(
             ),
         );
     }
+    let named_in = listing.elapsed() - listed_in;
+    let comparing = Instant::now();
+    let compared = candidates.len();
     let mut copied = 0;
     for object in candidates {
         if !group.members[reference].is_up() {
@@ -1990,6 +2004,17 @@ fn synchronize(
             Err(why) => return Err(format!("synchronising failed: {why}")),
         }
     }
+    // Where a synchronisation's time went: the source's listing, naming
+    // its objects (those read one by one), and comparing and copying.
+    phases.note(format!(
+        "synchronisation: {} objects listed on member {} in {} ms, named in {} ms, {compared} \
+         compared and {copied} copied in {} ms",
+        listed_count,
+        group.members[reference].serial,
+        listed_in.as_millis(),
+        named_in.as_millis(),
+        comparing.elapsed().as_millis()
+    ));
     Ok(copied)
 }
 

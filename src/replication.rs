@@ -507,9 +507,9 @@ impl VirtualSession {
         function: &str,
     ) -> Result<()> {
         let from = &self.group.members[source];
-        let Some(from_location) = from.location() else {
+        if from.location().is_none() {
             return Ok(());
-        };
+        }
         for &object in objects {
             let Some(entry) = self.group.objects.get(object) else {
                 continue;
@@ -525,31 +525,8 @@ impl VirtualSession {
                 if to.position == source || matches!(entry.on[to.position], Presence::Present(_)) {
                     continue;
                 }
-                let Some(to_location) = to.location() else {
+                let Some(why) = no_way(from, to, class) else {
                     continue;
-                };
-                let (from_can, to_can) = (from.capabilities(), to.capabilities());
-                let source_side = Side {
-                    serial: &from.serial,
-                    library: from_location.library.as_ref(),
-                    capabilities: &from_can,
-                };
-                let target_side = Side {
-                    serial: &to.serial,
-                    library: to_location.library.as_ref(),
-                    capabilities: &to_can,
-                };
-                let why = match strategy::choose(&source_side, &target_side, class) {
-                    Err(why) => why,
-                    Ok(Strategy::Wrap(_)) if to.known_to_refuse_keys() || to_can.wrap_refused => format!(
-                        "member {}'s library refused the key-wrap mechanism",
-                        to.serial
-                    ),
-                    Ok(Strategy::Wrap(_)) if from.known_to_refuse_keys() => format!(
-                        "member {}'s library refused the key-wrap mechanism, so the key cannot leave it",
-                        from.serial
-                    ),
-                    Ok(_) => continue,
                 };
                 let event = format!(
                     "{function}: member {} ({}) could never receive the new {}: {why}; the key was not created",
@@ -563,6 +540,33 @@ impl VirtualSession {
             }
         }
         Ok(())
+    }
+
+    /// Whether a new secret or private key made on any serving member
+    /// reaches every other member exactly when one made on the primary
+    /// would ([`no_way`]): then which member makes it cannot decide
+    /// whether the call succeeds (Luna partitions in Cloning mode, for one,
+    /// send private keys to no SoftHSM member, while SoftHSM sends them to
+    /// a Key Export partition).
+    pub fn makers_alike(&self) -> bool {
+        let serving = self.group.serving_members();
+        let Some(primary) = serving
+            .iter()
+            .find(|m| m.rotation() == crate::group::Rotation::In)
+            .or(serving.first())
+        else {
+            return true;
+        };
+        let members = &self.group.members;
+        let stuck = |from: &crate::group::Member, class| {
+            members
+                .iter()
+                .any(|to| to.position != from.position && no_way(from, to, class).is_some())
+        };
+        [CKO_SECRET_KEY, CKO_PRIVATE_KEY].into_iter().all(|class| {
+            let on_primary = stuck(primary, class);
+            serving.iter().all(|m| stuck(m, class) == on_primary)
+        })
     }
 
     /// The way a key of `class` moves from `source` to `target`; where
@@ -1453,6 +1457,43 @@ enum Kinship {
     /// It cannot be told yet: no other serving member holds a copy of the
     /// group object it may be.
     Undecided,
+}
+
+/// Why a new key of `class` made on `from` could never reach `to`, both
+/// attached in this process, if it could not: no way between them (what
+/// each can do, read when it was attached), or a library found to refuse
+/// the key-wrap mechanism. A member never attached is not known unable.
+fn no_way(
+    from: &crate::group::Member,
+    to: &crate::group::Member,
+    class: CK_OBJECT_CLASS,
+) -> Option<String> {
+    let (Some(from_location), Some(to_location)) = (from.location(), to.location()) else {
+        return None;
+    };
+    let (from_can, to_can) = (from.capabilities(), to.capabilities());
+    let source_side = Side {
+        serial: &from.serial,
+        library: from_location.library.as_ref(),
+        capabilities: &from_can,
+    };
+    let target_side = Side {
+        serial: &to.serial,
+        library: to_location.library.as_ref(),
+        capabilities: &to_can,
+    };
+    match strategy::choose(&source_side, &target_side, class) {
+        Err(why) => Some(why),
+        Ok(Strategy::Wrap(_)) if to.known_to_refuse_keys() || to_can.wrap_refused => Some(format!(
+            "member {}'s library refused the key-wrap mechanism",
+            to.serial
+        )),
+        Ok(Strategy::Wrap(_)) if from.known_to_refuse_keys() => Some(format!(
+            "member {}'s library refused the key-wrap mechanism, so the key cannot leave it",
+            from.serial
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// Clones `object` from `source_session` to `target_session`, two sessions

@@ -349,6 +349,24 @@ impl SessionRef {
     }
 }
 
+/// Runs `f` on the session this thread used last, if it is `handle` and
+/// no session was closed since, without counting a call in on its gate:
+/// for a call that reaches no member and waits for nothing, such as
+/// noting a digest ([`VirtualSession::digest_init_lazily`]). `None` when
+/// the cache cannot answer.
+#[inline(always)]
+pub fn with_cached<R>(handle: CK_SESSION_HANDLE, f: impl FnOnce(&Session) -> R) -> Option<R> {
+    LAST_USED
+        .try_with(|cell| {
+            let (session, looked_up) = cell.take()?;
+            let answer = (session.handle == handle && looked_up == removals()).then(|| f(&session));
+            cell.set(Some((session, looked_up)));
+            answer
+        })
+        .ok()
+        .flatten()
+}
+
 /// Makes every thread's cached session stale: for state dropped without
 /// going through a table, such as a parent's after `fork`.
 pub fn forget_cached_sessions() {

@@ -232,7 +232,7 @@ fn mechanism_name(mechanism: CK_MECHANISM_TYPE) -> String {
 /// could not be read clone a private key, per pair of members and their
 /// epochs then, either way: cloning a private key needs both partitions
 /// to allow it, so the answer one way is the answer the other (keys are
-/// made on the primary, or on the next member while it is degraded). A probe
+/// made on whichever member of a pair is chosen). A probe
 /// clones a throw-away session key pair and destroys it; it runs the
 /// first time a private key is to move between such partitions, since it
 /// needs the group's login.

@@ -6,7 +6,7 @@
 
 use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
 use crate::error::{check, Error, Result};
-use crate::group::Pending;
+use crate::group::{Pending, Waits};
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
@@ -232,13 +232,48 @@ fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSI
 impl VirtualSession {
     /// Creates an object on every member that is up; all or nothing for
     /// request errors. A member that faults is taken out and gets the
-    /// object when it returns.
+    /// object when it returns. When every member asked failed and none
+    /// serves, the try is abandoned (its copies, made or in doubt, are
+    /// removed from the members as they return) and, while a member is
+    /// being brought back, the call waits for it outside its write and
+    /// tries again as a new object, within one `memberTimeout` of waiting
+    /// in all ([`Waits`]).
     pub fn create_everywhere(
         &self,
         owner: Option<CK_SESSION_HANDLE>,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing();
+        self.make_waiting(|| self.try_create(owner, template))
+    }
+
+    /// Runs the tries of a call that makes objects: each inside the write
+    /// ([`Self::wait_before_writing`]); one that answers `None` -- every
+    /// member it asked failed and none served, its objects abandoned --
+    /// is followed, outside the write, by another try as soon as a member
+    /// serves, waiting for a returning one if none does (all the call's
+    /// waits within one `memberTimeout`, [`Waits`]); `CKR_DEVICE_ERROR`
+    /// when none serves by then.
+    fn make_waiting<T>(&self, mut try_once: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+        let mut waits = Waits::default();
+        loop {
+            let writing = self.wait_before_writing(&mut waits);
+            let made = try_once()?;
+            drop(writing);
+            match made {
+                Some(made) => return Ok(made),
+                None if self.serving_again(&mut waits) => continue,
+                None => return Err(Error::new(CKR_DEVICE_ERROR)),
+            }
+        }
+    }
+
+    /// One try of [`Self::create_everywhere`]: `None` when every member
+    /// asked failed and none serves any more (the object abandoned).
+    fn try_create(
+        &self,
+        owner: Option<CK_SESSION_HANDLE>,
+        template: &Template,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
         let _write = self.group.enter_write();
         let create = |library: &dyn MemberBackend, session, handle: &mut CK_OBJECT_HANDLE| {
@@ -263,10 +298,10 @@ impl VirtualSession {
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
-            let up: Vec<usize> = self.group.up_members().map(|m| m.position).collect();
+            let up = self.making_order();
             if up.is_empty() {
                 self.abandon(object, print(), &made, &faulted);
-                return Err(Error::new(CKR_DEVICE_ERROR));
+                return Ok(None);
             }
             for position in up {
                 let mut handle = CK_INVALID_HANDLE;
@@ -304,7 +339,28 @@ impl VirtualSession {
                 self.deliver_or_queue(position, change);
             }
         }
-        Ok(object)
+        Ok(Some(object))
+    }
+
+    /// The members that are up in the order a call that makes an object
+    /// on each of them asks them: the serving ones by expected completion
+    /// in the object-making lane (degraded ones last), then the rest
+    /// (standby members). The first copy made is the one whose fingerprint
+    /// is read (two or three more calls), so it is on the member expected
+    /// to answer first rather than on a slow primary.
+    fn making_order(&self) -> Vec<usize> {
+        let members = &self.group.members;
+        let mut order: Vec<usize> = (self.group)
+            .by_preference(crate::group::MAKING_LANE)
+            .into_iter()
+            .filter(|p| members[*p].is_up())
+            .collect();
+        for member in self.group.up_members() {
+            if !order.contains(&member.position) {
+                order.push(member.position);
+            }
+        }
+        order
     }
 
     /// `VirtualTokenNNMinReplicas`: each new object must be on that many
@@ -387,13 +443,25 @@ impl VirtualSession {
         Ok(object)
     }
 
+    /// `C_CopyObject`, tried again on a returning member when every
+    /// member asked failed ([`Self::make_waiting`]).
     pub fn copy_object(
         &self,
         session: CK_SESSION_HANDLE,
         source: CK_OBJECT_HANDLE,
         template: &Template,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let _writing = self.wait_before_writing();
+        self.make_waiting(|| self.try_copy(session, source, template))
+    }
+
+    /// One try of [`Self::copy_object`]: `None` when every member asked
+    /// failed and none serves any more (the copy abandoned).
+    fn try_copy(
+        &self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let _making = self.group.making_objects();
         let token = match template.bool(CKA_TOKEN) {
             Some(t) => t,
@@ -418,6 +486,10 @@ impl VirtualSession {
                 }
             };
             let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+            let order = self.making_order();
+            let rank = |p: &usize| order.iter().position(|o| o == p).unwrap_or(order.len());
+            let mut copies = copies;
+            copies.sort_by_key(|(p, _)| rank(p));
             for (position, source_handle) in copies {
                 let mut handle = CK_INVALID_HANDLE;
                 let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
@@ -432,7 +504,7 @@ impl VirtualSession {
             }
             if self.group.up_members().next().is_none() {
                 self.abandon(object, None, &made, &[]);
-                return Err(Error::new(CKR_DEVICE_ERROR));
+                return Ok(None);
             }
         };
         if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
@@ -453,7 +525,7 @@ impl VirtualSession {
                 .is_some_and(|o| o.never_extractable);
             self.group.objects.mark_protected(object, never);
         }
-        Ok(object)
+        Ok(Some(object))
     }
 
     /// The template of a copy or change of `object` as the members get
@@ -733,7 +805,7 @@ impl VirtualSession {
         destroys: bool,
         change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
     ) -> Result<()> {
-        let _writing = self.wait_before_writing();
+        let _writing = self.wait_before_writing(&mut Waits::default());
         let _write = self.group.enter_write();
         // Whether a member failed under the change: it may have carried
         // it out before its answer was lost.
@@ -1158,11 +1230,15 @@ impl VirtualSession {
         Ok(true)
     }
 
-    /// Runs a call that makes new objects on one member (the primary while
-    /// it is up) where the keys it needs exist, replicates them to every
-    /// other member, and returns their virtual handles. If the member dies
-    /// before its objects are safe elsewhere, the call runs again on
-    /// another member and the orphans are removed when it returns.
+    /// Runs a call that makes new objects on one member where the keys it
+    /// needs exist, replicates them to every other member, and returns
+    /// their virtual handles. The member is the one expected to finish
+    /// first in the object-making lane, as for an operation, where the
+    /// members are alike as makers ([`Self::makers_alike`]); otherwise the
+    /// primary (the next member in configured order while it is
+    /// degraded). If the member dies before its objects are safe
+    /// elsewhere, the call runs again on another member and the orphans
+    /// are removed when it returns.
     #[allow(clippy::too_many_arguments)]
     pub fn make_on_one(
         &self,
@@ -1180,13 +1256,48 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        let _writing = self.wait_before_writing();
+        self.make_waiting(|| {
+            self.try_make_on_one(
+                session, mechanism, keys, owners, prints, function, &mut make,
+            )
+        })
+    }
+
+    /// One try of [`Self::make_on_one`]: `None` when the members it ran
+    /// on failed and none serves any more (what they may have made
+    /// queued for removal).
+    #[allow(clippy::too_many_arguments)]
+    fn try_make_on_one(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &Mechanism,
+        keys: &[CK_OBJECT_HANDLE],
+        owners: &[Option<bool>],
+        prints: &[Option<identity::Fingerprint>],
+        function: &str,
+        make: &mut impl FnMut(
+            &dyn MemberBackend,
+            CK_SESSION_HANDLE,
+            &CK_MECHANISM,
+            &[CK_OBJECT_HANDLE],
+            &mut [CK_OBJECT_HANDLE],
+        ) -> CK_RV,
+    ) -> Result<Option<Vec<CK_OBJECT_HANDLE>>> {
         let _making = self.group.making_objects();
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
         loop {
-            let (position, handles) = self.choose(&all_keys, Preference::Primary)?;
+            let preference = if self.makers_alike() {
+                Preference::LeastBusy(crate::group::MAKING_LANE)
+            } else {
+                Preference::Primary
+            };
+            let (position, handles) = match self.choose(&all_keys, preference) {
+                Ok(chosen) => chosen,
+                Err(_) if self.group.up_members().next().is_none() => return Ok(None),
+                Err(e) => return Err(e),
+            };
             let (direct, in_parameter) = handles.split_at(keys.len());
             let member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
@@ -1222,7 +1333,7 @@ impl VirtualSession {
                 }
             }
             if self.group.members.len() == 1 {
-                return Ok(objects);
+                return Ok(Some(objects));
             }
             let mut failure = None;
             for object in &objects {
@@ -1239,7 +1350,7 @@ impl VirtualSession {
                 failure = self.check_replicas(&objects, function).err();
             }
             let Some(error) = failure else {
-                return Ok(objects);
+                return Ok(Some(objects));
             };
             // Copies on members that failed meanwhile, the one that made
             // them included, are removed when those return.

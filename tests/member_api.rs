@@ -21,7 +21,7 @@ use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
-    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending,
+    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -519,6 +519,109 @@ fn searches_spread_over_the_members_unless_one_lacks_an_object() {
         on_member1,
         "no search reached member 1 while it lacks an object"
     );
+    v.close();
+}
+
+/// Which tokens made (rather than received) the token key labelled
+/// `label`: the model keeps `CKA_LOCAL` TRUE on the copy a member
+/// generated, FALSE on copies it unwrapped.
+fn made_on(member: &SimMember, label: &[u8]) -> Vec<usize> {
+    let sim = member.sim.lock();
+    (0..sim.tokens.len())
+        .filter(|t| {
+            sim.tokens[*t].token_objects().any(|o| {
+                o.attributes.get(&CKA_LABEL).map(Vec::as_slice) == Some(label)
+                    && o.attributes.get(&CKA_LOCAL).map(Vec::as_slice) == Some(&[1][..])
+            })
+        })
+        .collect()
+}
+
+/// A search for the objects labelled `label` through `v`.
+fn search_label(v: &VirtualSession, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
+    let mut attributes = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: label.as_ptr() as *mut _,
+        ulValueLen: label.len() as CK_ULONG,
+    }];
+    // SAFETY: one attribute whose value lives until the search starts.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
+    v.find_init(&template).expect("C_FindObjectsInit");
+    found_then_final(v)
+}
+
+#[test]
+fn keys_are_made_on_the_member_expected_to_finish_first_not_on_a_slow_primary() {
+    const MS: u64 = 1_000_000;
+    let (member, group) = memory_group(3, 41);
+    let v = logged_in_session(&group);
+    // As fast as one another (no figures yet): the members take turns,
+    // the primary among them.
+    let mut keys = Vec::new();
+    let mut makers = Vec::new();
+    for label in [&b"turn0"[..], b"turn1", b"turn2"] {
+        keys.push((label, generate_token_key(&v, label).expect("C_GenerateKey")));
+        makers.extend(made_on(&member, label));
+    }
+    makers.sort_unstable();
+    assert_eq!(makers, [0, 1, 2], "each member made one key");
+
+    // The primary far slower at making objects than the others, as the
+    // chooser keeps its figures: it makes none of the next keys.
+    group.members[0].record_latency(MAKING_LANE, 200 * MS);
+    group.members[1].record_latency(MAKING_LANE, MS);
+    group.members[2].record_latency(MAKING_LANE, MS);
+    for label in [&b"fast0"[..], b"fast1", b"fast2", b"fast3"] {
+        let key = generate_token_key(&v, label).expect("C_GenerateKey");
+        let maker = made_on(&member, label);
+        assert!(
+            maker == [1] || maker == [2],
+            "{}: made on member 1 or 2, not the slow primary: {maker:?}",
+            String::from_utf8_lossy(label)
+        );
+        keys.push((label, key));
+    }
+    for (label, key) in &keys {
+        let name = String::from_utf8_lossy(label);
+        assert_eq!(
+            copies_on_each_member(&member, label),
+            [1, 1, 1],
+            "{name}: once on every member"
+        );
+        // Searches rotate over the members (each answers them alike): on
+        // each, the key is named by the handle its call returned.
+        for n in 0..3 {
+            assert_eq!(search_label(&v, label), [*key], "{name}: search {n}");
+        }
+    }
+    v.close();
+}
+
+#[test]
+fn no_maker_gives_a_key_a_member_cannot_receive() {
+    let member = Arc::new(SimMember::initialized(3, 43));
+    // Member 2's library refuses the key-wrap mechanism from the start, so
+    // it is known, when attached, never to receive a generated key.
+    member.sim.lock().set_fault(2, Fault::RefuseWrapAlways);
+    let group = group_of((0..3).map(|t| (Arc::clone(&member), t)).collect());
+    let v = logged_in_session(&group);
+    // Three keys, the members taking turns to make them (as in the test
+    // above): whichever makes one, the call fails and no member keeps it.
+    for label in [&b"none0"[..], b"none1", b"none2"] {
+        let name = String::from_utf8_lossy(label);
+        let made = generate_token_key(&v, label);
+        assert_eq!(
+            made.map_err(|e| e.rv),
+            Err(CKR_FUNCTION_FAILED),
+            "{name}: refused"
+        );
+        assert_eq!(
+            copies_on_each_member(&member, label),
+            [0, 0, 0],
+            "{name}: on no member"
+        );
+    }
     v.close();
 }
 
@@ -1245,4 +1348,240 @@ fn found_then_final(v: &VirtualSession) -> Vec<CK_OBJECT_HANDLE> {
     )
     .expect("C_FindObjectsFinal");
     found[..count as usize].to_vec()
+}
+
+/// Polls until a call of `caller` waits for a returning member and
+/// `also` holds; fails if the call returned instead, or after a minute.
+fn until_waiting<T>(
+    group: &Group,
+    caller: &std::thread::ScopedJoinHandle<'_, T>,
+    what: &str,
+    also: impl Fn() -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group.calls_waiting_for_a_member() == 0 || !also() {
+        assert!(!caller.is_finished(), "the call returned: {what}");
+        assert!(Instant::now() < deadline, "no call waits: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An import whose only serving member carried it out and lost its
+/// answer, while another member is being brought back: the call does not
+/// fail (its one wait for a member was spent, or not needed, before the
+/// write). It abandons its try -- the removal queued for the member that
+/// lost the answer -- waits for the returning member, and makes the
+/// object there; once the first member returns too, the object is on
+/// each member once: the copy of the try that failed removed, the
+/// object the application was given replayed.
+#[test]
+fn an_import_whose_only_member_lost_its_answer_waits_and_is_made_on_the_returning_member() {
+    let label = b"made after its member lost the answer";
+    let (member, group) = memory_group(2, 31);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    // Member 1's recovery is under way (the test plays the recovery
+    // thread); member 0 makes the object and loses the answer.
+    group.members[1].set_attempt_under_way(true);
+    member.sim.lock().set_fault(0, Fault::LoseAnswer);
+
+    let import = || {
+        let token_object: CK_BBOOL = CK_TRUE;
+        let mut attributes = data_object(label, b"made once on each member");
+        attributes[1].pValue = &token_object as *const _ as *mut _;
+        // SAFETY: attributes whose values live until the call returns.
+        let template = unsafe {
+            Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG)
+        }
+        .expect("a valid template");
+        v.create_object(CK_INVALID_HANDLE, &template)
+    };
+    let made = std::thread::scope(|scope| {
+        let caller = scope.spawn(import);
+        until_waiting(&group, &caller, "member 0 lost the answer", || true);
+        assert_eq!(
+            group.members[0].state(),
+            MemberState::Down,
+            "member 0 failed under the call"
+        );
+        // Member 0 stays out; member 1 returns.
+        member.sim.lock().set_fault(0, Fault::Crash);
+        recovery::recover_failed_members(&host);
+        group.members[1].set_attempt_under_way(false);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "member 1 is back"
+        );
+        caller.join().expect("the caller returns")
+    });
+    made.expect("the import succeeds on member 1 after the wait");
+    assert_eq!(
+        copies_on_each_member(&member, label),
+        [1, 1],
+        "member 1's copy, and the copy of the failed try on member 0 (out)"
+    );
+
+    member.sim.lock().heal(0);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    assert_eq!(group.pending_count(0), 0, "nothing waits for member 0");
+    assert_eq!(
+        copies_on_each_member(&member, label),
+        [1, 1],
+        "the object once on each member"
+    );
+    v.close();
+}
+
+/// A digest whose member crashes waits for a returning member; the member
+/// that returns fails again as the digest moves to it, and the digest
+/// waits again -- within the same `memberTimeout` (on the manual clock,
+/// which does not move here) -- for the next member to return, moves there
+/// and finishes, its first part replayed: it is not lost.
+#[test]
+fn a_digest_whose_member_fails_again_after_its_wait_waits_again_and_finishes() {
+    let (member, group) = memory_group(3, 32);
+    let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
+    let mut raw = no_parameter(CKM_SHA256);
+    let sha256 = mechanism(&mut raw);
+    v.init(
+        OpKind::Digest,
+        Some(&sha256),
+        None,
+        "C_DigestInit",
+        |l, s, _| l.digest_init(s, sha256.as_raw()),
+    )
+    .expect("C_DigestInit");
+    let first = v.bound_member().expect("the digest is bound to a member");
+    let [next, last] = [(first + 1) % 3, (first + 2) % 3];
+    let (one, two) = (&b"fed before the crash, "[..], &b"then after two waits"[..]);
+    v.step(
+        OpKind::Digest,
+        Step::Update,
+        Input::Data(one),
+        "C_DigestUpdate",
+        |l, s| l.digest_update(s, Some(one)),
+    )
+    .expect("the first update");
+    // The two others are out and being brought back; `next`'s token will
+    // be gone again when it serves.
+    for other in [next, last] {
+        group.member_failed(other, "C_Sign", CKR_DEVICE_ERROR);
+        group.members[other].set_attempt_under_way(true);
+    }
+    {
+        let mut sim = member.sim.lock();
+        sim.set_fault(first, Fault::Crash);
+        sim.set_fault(next, Fault::Crash);
+    }
+
+    let update = || {
+        v.step(
+            OpKind::Digest,
+            Step::Update,
+            Input::Data(two),
+            "C_DigestUpdate",
+            |l, s| l.digest_update(s, Some(two)),
+        )
+    };
+    let updated = std::thread::scope(|scope| {
+        let caller = scope.spawn(update);
+        until_waiting(&group, &caller, "the digest's member crashed", || true);
+        group.members[next].begin_recovery();
+        assert!(group.rejoin(next), "member {next} serves");
+        until_waiting(
+            &group,
+            &caller,
+            &format!("member {next} failed under the move"),
+            || group.members[next].state() == MemberState::Down,
+        );
+        group.members[last].begin_recovery();
+        assert!(group.rejoin(last), "member {last} serves");
+        caller.join().expect("the caller returns")
+    });
+    group.members[next].set_attempt_under_way(false);
+    group.members[last].set_attempt_under_way(false);
+    updated.expect("the second update, on the member that returned last");
+    assert_eq!(
+        v.bound_member(),
+        Some(last),
+        "the digest moved to member {last}"
+    );
+
+    let (mut digest, mut len) = ([0u8; 32], 32 as CK_ULONG);
+    v.step(
+        OpKind::Digest,
+        Step::Finish {
+            length_query: false,
+        },
+        Input::None,
+        "C_DigestFinal",
+        |l, s| l.digest_final(s, Some(&mut digest), &mut len),
+    )
+    .expect("C_DigestFinal");
+    assert_eq!(
+        digest[..len as usize],
+        Sha256::digest([one, two].concat())[..],
+        "the digest covers both parts"
+    );
+    v.close();
+}
+
+/// A key generated on the only serving member, which makes it and loses
+/// the answer, while another member is being brought back: the call
+/// waits for that member and generates the key there; once the first
+/// member returns, its orphan is removed and the key the application was
+/// given is on each member once.
+#[test]
+fn a_key_whose_only_member_lost_the_answer_is_generated_on_the_returning_member() {
+    let label = b"generated after its member lost the answer";
+    let (member, group) = memory_group(2, 33);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    group.members[1].set_attempt_under_way(true);
+    member.sim.lock().set_fault(0, Fault::LoseAnswer);
+
+    let generated = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| generate_token_key(&v, label));
+        until_waiting(&group, &caller, "member 0 lost the answer", || true);
+        member.sim.lock().set_fault(0, Fault::Crash);
+        recovery::recover_failed_members(&host);
+        group.members[1].set_attempt_under_way(false);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "member 1 is back"
+        );
+        caller.join().expect("the caller returns")
+    });
+    generated.expect("C_GenerateKey succeeds on member 1 after the wait");
+    assert_eq!(
+        copies_on_each_member(&member, label),
+        [1, 1],
+        "member 1's key, and the orphan of the failed try on member 0 (out)"
+    );
+
+    member.sim.lock().heal(0);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    assert_eq!(group.pending_count(0), 0, "nothing waits for member 0");
+    let values = key_values(&member, label);
+    assert!(
+        values
+            .iter()
+            .all(|on| on.len() == 1 && on[0] == values[1][0]),
+        "the key generated on member 1, once on each member: {values:?}"
+    );
+    v.close();
 }

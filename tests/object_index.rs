@@ -198,7 +198,8 @@ const OUTSIDE: usize = 20;
 /// another process does) and never seen by it before, enumerated and
 /// looked up one by one -- private keys only while logged in, and a
 /// closed session's objects no more. A search naming an attribute copies
-/// do not hold alike (`CKA_LOCAL`) stays on the primary. Reconciliation is off, so no index
+/// do not hold alike (`CKA_LOCAL`) stays on the primary, and finds the keys
+/// made there. Reconciliation is off, so no index
 /// names the outside objects in advance.
 #[test]
 fn searches_off_the_primary_find_what_it_finds() {
@@ -310,8 +311,18 @@ fn searches_off_the_primary_find_what_it_finds() {
         "the searches ran on both members: {grown:?}"
     );
 
-    // A key generated on member 0 reached member 1 as an unwrapped copy,
-    // which is not `CKA_LOCAL`: a search naming it runs on the primary.
+    // Keys are made on the member expected to finish first (the two take
+    // turns here), and reach the other as unwrapped copies, which are not
+    // `CKA_LOCAL`: a search naming it runs on the primary, and finds the
+    // keys generated there.
+    let generated: Vec<u64> = members
+        .iter()
+        .map(|m| m.call_count("C_GenerateKey"))
+        .collect();
+    assert!(
+        generated.iter().all(|g| *g > 0) && generated.iter().sum::<u64>() == KEYS as u64,
+        "each member generated some of the keys: {generated:?}"
+    );
     let on_member1 = searches(&members[1]);
     for n in 0..4 {
         let local = sorted(
@@ -322,7 +333,15 @@ fn searches_off_the_primary_find_what_it_finds() {
                 ])
                 .expect("C_FindObjects"),
         );
-        assert_eq!(local, first[1], "round {n}: every generated key is local");
+        assert_eq!(
+            local.len() as u64,
+            generated[0],
+            "round {n}: the keys the primary generated"
+        );
+        assert!(
+            local.iter().all(|k| first[1].contains(k)),
+            "round {n}: each by its handle"
+        );
     }
     assert_eq!(
         searches(&members[1]),

@@ -6,6 +6,7 @@ use crate::arguments::{input as input_bytes, two_call_output, Template};
 use crate::error::{check, Error};
 use crate::mechanism::Mechanism;
 use crate::member_api::{MemberApi, MemberBackend};
+use crate::provider;
 use crate::session::Target;
 use crate::virtual_objects::{made_print, MemberTemplate};
 use crate::virtual_session::{Input, OpKind, Step};
@@ -93,6 +94,9 @@ macro_rules! input_update {
                 let done = match &s.target {
                     Target::PassThrough(p) => check(p.library.$method(p.handle, input)),
                     Target::Virtual(v) => {
+                        if OpKind::$kind == OpKind::Digest {
+                            v.start_pending_digest()?;
+                        }
                         v.step(OpKind::$kind, Step::Update, Input::Data(input.unwrap_or_default()), stringify!($name), |l, m| {
                             l.$method(m, input)
                         })
@@ -121,12 +125,17 @@ macro_rules! output_final {
                         let (output, output_len) = unsafe { two_call_output(output, output_len) };
                         check(p.library.$method(p.handle, output, output_len))
                     }
-                    Target::Virtual(v) => v.step(OpKind::$kind, step, Input::None, stringify!($name), |l, m| {
-                        // SAFETY: as for a pass-through session; the room
-                        // is read again for each member asked.
-                        let (output, output_len) = unsafe { two_call_output(output, output_len) };
-                        l.$method(m, output, output_len)
-                    }),
+                    Target::Virtual(v) => {
+                        if OpKind::$kind == OpKind::Digest {
+                            v.start_pending_digest()?;
+                        }
+                        v.step(OpKind::$kind, step, Input::None, stringify!($name), |l, m| {
+                            // SAFETY: as for a pass-through session; the
+                            // room is read again for each member asked.
+                            let (output, output_len) = unsafe { two_call_output(output, output_len) };
+                            l.$method(m, output, output_len)
+                        })
+                    }
                 };
                 s.release();
                 done
@@ -147,7 +156,6 @@ keyed_init!(
 in_out!(
     C_Encrypt => Encrypt, encrypt, true;
     C_Decrypt => Decrypt, decrypt, true;
-    C_Digest => Digest, digest, true;
     C_Sign => Sign, sign, true;
     C_SignRecover => SignRecover, sign_recover, true;
     C_VerifyRecover => VerifyRecover, verify_recover, true;
@@ -180,6 +188,9 @@ macro_rules! dual_update {
                         check(p.library.$method(p.handle, input, output, output_len))
                     }
                     Target::Virtual(v) => {
+                        if OpKind::$other == OpKind::Digest {
+                            v.start_pending_digest()?;
+                        }
                         let answer = v.step(OpKind::$kind, Step::Update, Input::None, stringify!($name), |l, m| {
                             // SAFETY: as for a pass-through session; the
                             // room is read again for each member asked.
@@ -219,14 +230,74 @@ output_final!(
 
 cryptoki_fn! {
     fn C_DigestInit(handle: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR) {
+        // A digest noted lazily reaches no member: the session from the
+        // thread's cache, without its gate.
+        // SAFETY: the application vouches for the mechanism it passes.
+        if let Some(raw) = unsafe { mechanism.as_ref() } {
+            let noted = provider::with_cached_session(handle, |s| match &s.target {
+                Target::Virtual(v) => v.digest_init_lazily(raw),
+                Target::PassThrough(_) => None,
+            });
+            if let Some(Some(done)) = noted {
+                return done;
+            }
+        }
         // SAFETY: the application vouches for the mechanism it passes.
         let mechanism = unsafe { Mechanism::new(mechanism) }?;
         let s = session(handle)?;
         let done = match &s.target {
             Target::PassThrough(p) => check(p.library.digest_init(p.handle, mechanism.as_raw())),
+            Target::Virtual(v) => match v.digest_init_lazily(mechanism.as_raw()) {
+                Some(noted) => noted,
+                None => {
+                    let on_member = |l: &dyn MemberBackend, m, _| l.digest_init(m, mechanism.as_raw());
+                    let started = v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member);
+                    if started.is_ok() {
+                        v.digest_accepted(&mechanism);
+                    }
+                    started
+                }
+            },
+        };
+        s.release();
+        done
+    }
+
+    fn C_Digest(
+        handle: CK_SESSION_HANDLE,
+        input: *mut CK_BYTE,
+        input_len: CK_ULONG,
+        output: *mut CK_BYTE,
+        output_len: CK_ULONG_PTR,
+    ) {
+        buffer(input, input_len)?;
+        required(output_len)?;
+        let s = session(handle)?;
+        let length_query = output.is_null();
+        let done = match &s.target {
+            Target::PassThrough(p) => {
+                // SAFETY: checked above; the application vouches for
+                // `input_len` bytes at `input` and room for `*output_len`
+                // at `output`.
+                let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                check(p.library.digest(p.handle, input, output, output_len))
+            }
             Target::Virtual(v) => {
-                let on_member = |l: &dyn MemberBackend, m, _| l.digest_init(m, mechanism.as_raw());
-                v.init(OpKind::Digest, Some(&mechanism), None, "C_DigestInit", on_member)
+                let call = |l: &dyn MemberBackend, m| {
+                    // SAFETY: as for a pass-through session; the room is
+                    // read again for each member asked.
+                    let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                    l.digest(m, input, output, output_len)
+                };
+                match v.take_pending_digest() {
+                    Some(mechanism) => v.digest_at_once(mechanism, length_query, |l, m, mechanism, started| {
+                        // SAFETY: as for a pass-through session; the room
+                        // is read again for each member asked.
+                        let (input, (output, output_len)) = unsafe { (input_bytes(input, input_len), two_call_output(output, output_len)) };
+                        l.digest_init_and_digest(m, mechanism, started, input, output, output_len)
+                    }),
+                    None => v.step(OpKind::Digest, Step::Finish { length_query }, Input::None, "C_Digest", call),
+                }
             }
         };
         s.release();
@@ -240,7 +311,10 @@ cryptoki_fn! {
                 p.reachable(key, CKR_KEY_HANDLE_INVALID)?;
                 check(p.library.digest_key(p.handle, key)).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
             }
-            Target::Virtual(v) => v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID)),
+            Target::Virtual(v) => {
+                v.start_pending_digest()?;
+                v.digest_key(key).map_err(|e| e.as_key(CKR_KEY_HANDLE_INVALID))
+            }
         }
     }
 

@@ -135,6 +135,7 @@ cryptoki_fn! {
             Target::Virtual(v) => v,
         };
         v.settle_operations();
+        v.start_pending_digest()?;
         let position = v.bound_member().ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
         let m = v.member_session(position)?;
         let mut member_len: CK_ULONG = 0;
@@ -188,6 +189,7 @@ cryptoki_fn! {
         let authentication_key = member_key(authentication_key)?;
         let m = v.member_session(position)?;
         check(m.library.set_operation_state(m.handle, Some(&blob[STATE_HEADER..]), encryption_key, authentication_key))?;
+        v.forget_pending_digest();
         v.restore_binding(position);
         Ok(())
     }

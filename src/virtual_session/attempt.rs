@@ -1,0 +1,334 @@
+//! Every member call of a virtual session, and the one judgement of its
+//! answer: [`VirtualSession::attempt`] acts on
+//! [`crate::member::classify`]'s verdict -- a member fault takes the member
+//! out and the caller chooses again; a request error is the application's
+//! answer -- and logs a member that lost its login in again.
+
+use super::VirtualSession;
+use crate::group::is_member_fault;
+use crate::member::{classify, Answer};
+use crate::member_api::MemberBackend;
+use crate::member_sessions::LentSession;
+use cryptoki_sys::*;
+
+/// What [`VirtualSession::attempt`] does after a login check.
+enum Relogin {
+    /// Logged in again: repeat the call.
+    Retry,
+    /// Logged in again, but the member's handles changed: choose again.
+    LookUpAgain,
+    NotNeeded,
+}
+
+/// How a member answered a call.
+pub(crate) enum Attempt {
+    /// An answer for the application, success or request error.
+    Answered(CK_RV),
+    /// The member is at fault and has been taken out of service.
+    Faulted,
+}
+
+impl VirtualSession {
+    /// Runs `call` on member `position`: logs the member in again if it
+    /// lost its login, and takes it out of service if it faults.
+    /// `Faulted` tells the caller to choose again: the member is out, or
+    /// its object handles had to be looked up afresh.
+    ///
+    /// Inlined, with the rare branches out of line: every member call of a
+    /// virtual slot runs through here, and each frame between the
+    /// application and the member costs on the way back from deep member
+    /// call chains.
+    #[inline(always)]
+    pub(crate) fn attempt<F>(&self, position: usize, function: &str, call: &mut F) -> Attempt
+    where
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        self.attempt_maybe_on_spare(position, function, false, call)
+    }
+
+    /// [`Self::attempt`], on a spare instance of the member's library when
+    /// `spare` (the call names no object and starts no operation) and one
+    /// is idle.
+    #[inline(always)]
+    pub(super) fn attempt_maybe_on_spare<F>(
+        &self,
+        position: usize,
+        function: &str,
+        spare: bool,
+        call: &mut F,
+    ) -> Attempt
+    where
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let LentSession {
+            library,
+            handle,
+            connection,
+            networked,
+        } = match self.session_on(position, epoch) {
+            Ok(s) => s,
+            Err(e) => return self.not_opened(position, e.rv),
+        };
+        if spare && library.has_spares() {
+            let mut call = |l: &dyn MemberBackend, s| call(l, s);
+            if let Some(answer) = self.attempt_on_spare(position, library, function, &mut call) {
+                return answer;
+            }
+        }
+        let guard = member.begin_call();
+        // Only a networked library can have reconnected under the session.
+        let (rv, look_up_again) = if networked {
+            self.run_on_connection(position, function, library, handle, connection, call)
+        } else {
+            self.run(position, function, library, handle, call)
+        };
+        drop(guard);
+        // Success first and inline: most calls succeed, and no other check
+        // applies to them.
+        if rv == CKR_OK && member.epoch() == epoch {
+            return Attempt::Answered(CKR_OK);
+        }
+        self.judge(position, function, epoch, rv, look_up_again)
+    }
+
+    /// [`Self::attempt`]'s verdict on an answer other than `CKR_OK`, out of
+    /// line.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn judge(
+        &self,
+        position: usize,
+        function: &str,
+        epoch: u64,
+        rv: CK_RV,
+        look_up_again: bool,
+    ) -> Attempt {
+        // Taken out while the call was inside it (the watchdog's cut of a
+        // member that hangs in process): its late answer is taken as lost,
+        // as if it had never come -- what it made is removed, what it
+        // missed replayed, when it returns.
+        if look_up_again || rv == CKR_OK {
+            return Attempt::Faulted;
+        }
+        if !is_member_fault(function, rv) {
+            return Attempt::Answered(rv);
+        }
+        // Its member sessions were closed under the call (it outlived the
+        // close's wait): the session is gone, not the member.
+        if self.members.closed() {
+            return Attempt::Answered(CKR_SESSION_HANDLE_INVALID);
+        }
+        // A fault on a session from an earlier epoch belongs to a failure
+        // already recorded: the member may be back by now.
+        if epoch == self.group.members[position].epoch() {
+            self.group.member_failed(position, function, rv);
+        }
+        Attempt::Faulted
+    }
+
+    /// Makes one call for [`Self::attempt`]: asks a busy member again a
+    /// few times, and logs the member in again and repeats the call when its
+    /// answer says it lost its login. True as the second value when the
+    /// caller must choose again.
+    #[inline(always)]
+    fn run<F>(
+        &self,
+        position: usize,
+        function: &str,
+        library: &dyn MemberBackend,
+        handle: CK_SESSION_HANDLE,
+        call: &mut F,
+    ) -> (CK_RV, bool)
+    where
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        let mut rv = call(library, handle);
+        if rv == CKR_OK {
+            return (rv, false);
+        }
+        let mut verdict = classify(function, rv);
+        if verdict == Answer::Busy {
+            rv = crate::group::retry_while_busy(function, rv, || call(library, handle));
+            verdict = classify(function, rv);
+        }
+        if verdict != Answer::LoginLost {
+            return (rv, false);
+        }
+        match self.check_login(position, library, handle, rv) {
+            Relogin::Retry => (call(library, handle), false),
+            Relogin::LookUpAgain => (rv, true),
+            Relogin::NotNeeded => (rv, false),
+        }
+    }
+
+    /// [`Self::run`] on a networked member's session from `connection`,
+    /// out of the inlined path that in-process members take.
+    #[cold]
+    #[inline(never)]
+    fn run_on_connection<F>(
+        &self,
+        position: usize,
+        function: &str,
+        library: &dyn MemberBackend,
+        handle: CK_SESSION_HANDLE,
+        connection: u64,
+        call: &mut F,
+    ) -> (CK_RV, bool)
+    where
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        crate::member::on_connection(connection, || {
+            self.run(position, function, library, handle, call)
+        })
+    }
+
+    /// As [`VirtualSession::attempt`], for a call that must reach this
+    /// member: asked once more when the member only had to be logged in
+    /// again (it is still in service then, in the same epoch). A member
+    /// that failed, or failed and began to return, during the call is not
+    /// asked again even if it is reachable by now: the request may have
+    /// been carried out, and a second one would make its object twice
+    /// (`tests/member_api.rs`: a member whose recovery began before the
+    /// maker saw its answer lost).
+    pub(crate) fn attempt_on(
+        &self,
+        position: usize,
+        function: &str,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let answer = self.attempt(position, function, call);
+        if matches!(answer, Attempt::Faulted) && member.epoch() == epoch && member.reachable() {
+            return self.attempt(position, function, call);
+        }
+        answer
+    }
+
+    /// As [`VirtualSession::attempt_on`], for a call that makes `object` on
+    /// the member. The object is recorded as being made before the request
+    /// goes out, and stays in doubt there if the request was cut off on
+    /// the wire, since the member may still carry it out -- or if a
+    /// recovery of the member began while the call was inside it (the
+    /// epoch moved twice: failed, then returning): that recovery may have
+    /// read the member's objects before the member carried the request
+    /// out, and would make the object again from the queue rather than
+    /// look it up.
+    pub(crate) fn attempt_making(
+        &self,
+        position: usize,
+        function: &str,
+        object: CK_OBJECT_HANDLE,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Attempt {
+        let epoch = self.group.members[position].epoch();
+        self.group.begin_making(position, object);
+        crate::member::forget_cut_off();
+        let answer = self.attempt_on(position, function, call);
+        let returning_meanwhile = self.group.members[position].epoch() >= epoch + 2;
+        let in_doubt = matches!(answer, Attempt::Faulted)
+            && (crate::member::last_call_cut_off() || returning_meanwhile);
+        self.group.end_making(position, object, in_doubt);
+        answer
+    }
+
+    /// Whether the member still answers on this session; one that does not
+    /// is taken out of service.
+    pub fn answers(&self, position: usize) -> bool {
+        let mut info = CK_SESSION_INFO {
+            slotID: 0,
+            state: 0,
+            flags: 0,
+            ulDeviceError: 0,
+        };
+        let mut call = |l: &dyn MemberBackend, s| l.get_session_info(s, &mut info);
+        matches!(
+            self.attempt(position, "C_GetSessionInfo", &mut call),
+            Attempt::Answered(_)
+        )
+    }
+
+    #[cold]
+    fn not_opened(&self, position: usize, rv: CK_RV) -> Attempt {
+        if is_member_fault("C_OpenSession", rv) && !self.members.closed() {
+            crate::member::forget_cut_off();
+            self.group.member_failed(position, "C_OpenSession", rv);
+            Attempt::Faulted
+        } else {
+            Attempt::Answered(rv)
+        }
+    }
+
+    /// After an answer that may mean the member lost its login: logs it in
+    /// again with the cached credential and says what the caller does next.
+    #[cold]
+    fn check_login(
+        &self,
+        position: usize,
+        library: &dyn MemberBackend,
+        handle: CK_SESSION_HANDLE,
+        rv: CK_RV,
+    ) -> Relogin {
+        if rv == CKR_USER_NOT_LOGGED_IN {
+            return if self.log_in_again(library, handle) {
+                Relogin::Retry
+            } else {
+                Relogin::NotNeeded
+            };
+        }
+        if self.lost_login(library, handle) && self.log_in_again(library, handle) {
+            // A token logged out behind our back (SoftHSM then drops its
+            // private objects' handles): in again, and look the handles up
+            // afresh before the caller tries again.
+            self.group.forget_handles(position);
+            self.group
+                .log(Some(position), "member had lost its login; logged in again");
+            return Relogin::LookUpAgain;
+        }
+        Relogin::NotNeeded
+    }
+
+    /// Whether the group is logged in but this member session is not.
+    fn lost_login(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
+        self.group.cached_login().is_some()
+            && crate::member_api::session_is_public(library, session)
+    }
+
+    /// Logs a member that restarted in again with the cached credential.
+    fn log_in_again(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
+        let Some((user_type, pin)) = self.group.cached_login() else {
+            return false;
+        };
+        let rv = crate::group::log_in_member(
+            library,
+            session,
+            user_type,
+            pin.as_deref().map(|p| p.as_slice()),
+        );
+        rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
+    }
+
+    /// [`Self::attempt`] on an idle spare instance of the member's
+    /// library ([`MemberBackend::on_spare`]), for a call that names no
+    /// object; `None` when the library has none idle.
+    #[cold]
+    #[inline(never)]
+    fn attempt_on_spare(
+        &self,
+        position: usize,
+        library: &dyn MemberBackend,
+        function: &str,
+        call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Option<Attempt> {
+        let member = &self.group.members[position];
+        let epoch = member.epoch();
+        let slot = member.location()?.slot;
+        let rv = library.on_spare(slot, &mut || Box::new(member.begin_call()), call)?;
+        if rv == CKR_OK {
+            return Some(Attempt::Answered(CKR_OK));
+        }
+        Some(self.judge(position, function, epoch, rv, false))
+    }
+}

@@ -1,0 +1,161 @@
+//! Which member runs a call: the one the session's operations are bound
+//! to, else the first serving member, in the call's order of preference,
+//! that holds every key the call names.
+
+use super::{VirtualSession, STATELESS_LANE};
+use crate::error::{Error, Result};
+use crate::group::Positions;
+use crate::object::Presence;
+use cryptoki_sys::*;
+use smallvec::{smallvec, SmallVec};
+
+/// Member handles of the keys a call names; inline, being on every
+/// operation's path.
+pub type Handles = SmallVec<[CK_OBJECT_HANDLE; 4]>;
+
+/// Which serving member a call would rather run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preference {
+    /// Spread load: crypto goes to the least busy member; ties rotate
+    /// within the given lane.
+    LeastBusy(usize),
+    /// Searches not every member answers alike, and object-making calls
+    /// where the members are not alike as makers, go to the primary while
+    /// it is up and not degraded.
+    Primary,
+}
+
+impl VirtualSession {
+    /// Chooses the member for a new operation or a stateless call: the
+    /// member already bound to this session's operations, else a serving
+    /// member on which every key in `keys` exists, in order of
+    /// `preference`. Returns the member and the member handles of `keys`.
+    ///
+    /// The first choice is made without listing every candidate: it
+    /// almost always holds the keys.
+    #[inline(always)]
+    pub fn choose(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        preference: Preference,
+    ) -> Result<(usize, Handles)> {
+        let (first, bound) = match self.bound_member() {
+            Some(m) if self.group.members[m].is_up() => (Some(m), true),
+            Some(m) => return self.choose_after_moving(m, keys, preference),
+            None => (self.first_candidate(preference), false),
+        };
+        let Some(first) = first else {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        };
+        if keys.is_empty() {
+            return Ok((first, Handles::new()));
+        }
+        if let Some(handles) = self.known_on(keys, first) {
+            return Ok((first, handles));
+        }
+        if !bound && preference == Preference::LeastBusy(STATELESS_LANE) {
+            if let Some(known) = self.known_elsewhere(keys) {
+                return Ok(known);
+            }
+        }
+        if let Some(handles) = self.resolve_all(keys, first)? {
+            return Ok((first, handles));
+        }
+        if bound {
+            return Err(Error::new(CKR_KEY_HANDLE_INVALID));
+        }
+        self.choose_among(keys, self.candidates(preference))
+    }
+
+    /// The member handles of `keys` on `position` where every one is
+    /// known there already (no lookup): the path of almost every call.
+    #[inline(always)]
+    fn known_on(&self, keys: &[CK_OBJECT_HANDLE], position: usize) -> Option<Handles> {
+        keys.iter()
+            .map(|k| match self.group.objects.presence(*k, position) {
+                Some(Presence::Present(h)) => Some(h),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// For a stateless call whose first choice would have to look an
+    /// object up: a serving member where every object is known already.
+    /// Any member answers such a call alike, and an application reading
+    /// the objects it just found (a keystore load) then costs no lookup
+    /// on the other members at all.
+    #[cold]
+    fn known_elsewhere(&self, keys: &[CK_OBJECT_HANDLE]) -> Option<(usize, Handles)> {
+        self.group
+            .serving_members()
+            .into_iter()
+            .find_map(|m| Some((m.position, self.known_on(keys, m.position)?)))
+    }
+
+    /// [`Self::choose`] for a session whose operations were bound to the
+    /// failed member `from`: they move first.
+    #[cold]
+    fn choose_after_moving(
+        &self,
+        from: usize,
+        keys: &[CK_OBJECT_HANDLE],
+        preference: Preference,
+    ) -> Result<(usize, Handles)> {
+        self.move_operations(from);
+        let candidates = match self.bound_member() {
+            Some(moved) => smallvec![moved],
+            None => self.candidates(preference),
+        };
+        self.choose_among(keys, candidates)
+    }
+
+    /// The first of `candidates` on which every key in `keys` exists.
+    fn choose_among(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        candidates: Positions,
+    ) -> Result<(usize, Handles)> {
+        let Some(&first) = candidates.first() else {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        };
+        if keys.is_empty() {
+            return Ok((first, Handles::new()));
+        }
+        for position in candidates {
+            if let Some(handles) = self.resolve_all(keys, position)? {
+                return Ok((position, handles));
+            }
+        }
+        Err(Error::new(CKR_KEY_HANDLE_INVALID))
+    }
+
+    /// The member handles of `keys` on member `position`; `None` if one
+    /// of them is not there.
+    #[inline(always)]
+    fn resolve_all(&self, keys: &[CK_OBJECT_HANDLE], position: usize) -> Result<Option<Handles>> {
+        let mut handles = Handles::new();
+        for key in keys {
+            match self.resolve(*key, position)? {
+                Some(h) => handles.push(h),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(handles))
+    }
+
+    /// The member [`Self::candidates`] would list first.
+    #[inline(always)]
+    fn first_candidate(&self, preference: Preference) -> Option<usize> {
+        match preference {
+            Preference::LeastBusy(lane) => self.group.least_busy(lane),
+            Preference::Primary => self.group.by_position().first().copied(),
+        }
+    }
+
+    fn candidates(&self, preference: Preference) -> Positions {
+        match preference {
+            Preference::LeastBusy(lane) => self.group.by_preference(lane),
+            Preference::Primary => self.group.by_position(),
+        }
+    }
+}

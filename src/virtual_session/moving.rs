@@ -1,0 +1,185 @@
+//! Failover of operations: an operation bound to a failed member starts
+//! again on another with its saved mechanism and key, and its kept input
+//! is replayed; what cannot move is marked lost.
+
+use super::{Attempt, VirtualSession, STATELESS_LANE};
+use crate::bindings::{ActiveOp, OpKind, Replay, ALL_KINDS};
+use crate::error::{Error, Result};
+use crate::group::Waits;
+use crate::member_api::MemberApi;
+use cryptoki_sys::*;
+
+/// Starts an operation of `kind` on a member; `None` if no mechanism was
+/// saved for it.
+fn member_init(
+    kind: OpKind,
+    library: &(impl MemberApi + ?Sized),
+    session: CK_SESSION_HANDLE,
+    mechanism: Option<&CK_MECHANISM>,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let Some(mechanism) = mechanism else {
+        return CKR_OPERATION_NOT_INITIALIZED;
+    };
+    match kind {
+        OpKind::Encrypt => library.encrypt_init(session, mechanism, key),
+        OpKind::Decrypt => library.decrypt_init(session, mechanism, key),
+        OpKind::Digest => library.digest_init(session, mechanism),
+        OpKind::Sign => library.sign_init(session, mechanism, key),
+        OpKind::Verify => library.verify_init(session, mechanism, key),
+        OpKind::SignRecover => library.sign_recover_init(session, mechanism, key),
+        OpKind::VerifyRecover => library.verify_recover_init(session, mechanism, key),
+        // A search starts again from its kept template (`restart`).
+        OpKind::Find => CKR_OPERATION_NOT_INITIALIZED,
+    }
+}
+
+/// Feeds one buffered update to a member.
+fn member_update(
+    kind: OpKind,
+    library: &(impl MemberApi + ?Sized),
+    session: CK_SESSION_HANDLE,
+    data: &[u8],
+) -> CK_RV {
+    match kind {
+        OpKind::Digest => library.digest_update(session, Some(data)),
+        OpKind::Sign => library.sign_update(session, Some(data)),
+        OpKind::Verify => library.verify_update(session, Some(data)),
+        _ => CKR_OPERATION_NOT_INITIALIZED,
+    }
+}
+
+fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
+    match item {
+        Replay::Key(k) => Some(*k),
+        Replay::Data(_) => None,
+    }
+}
+
+impl VirtualSession {
+    /// Moves every operation bound to the failed member `from` to another
+    /// member: starts each again with its saved mechanism and key and
+    /// replays its buffered updates. What cannot be moved is marked lost.
+    pub(super) fn move_operations(&self, from: usize) {
+        self.move_operations_waiting(from, &mut Waits::spent());
+    }
+
+    /// [`Self::move_operations`] for a call that may wait within `waits`:
+    /// when each member tried failed under the move and none serves, it
+    /// waits for a returning one and tries again rather than lose them.
+    pub(super) fn move_operations_waiting(&self, from: usize, waits: &mut Waits) {
+        if self.lane.on() {
+            self.drop_lane();
+        }
+        let mut ops = {
+            let mut b = self.bindings();
+            if b.member() != Some(from) {
+                return;
+            }
+            let restored = b.restored();
+            b.set_restored(false);
+            let mut ops = b.take_all();
+            if restored {
+                for op in ops.iter_mut().flatten() {
+                    op.movable = false;
+                }
+            }
+            b.set_member(None);
+            ops
+        };
+        let keys: Vec<CK_OBJECT_HANDLE> = ops
+            .iter()
+            .flatten()
+            .filter(|op| op.movable)
+            .flat_map(|op| {
+                let replay = op.history.iter().flat_map(|h| &h.replay);
+                op.key.into_iter().chain(replay.filter_map(replay_key))
+            })
+            .collect();
+        let mut moved_to = None;
+        'waiting: loop {
+            'members: for position in self.group.by_preference(STATELESS_LANE) {
+                let Ok(handles) = keys
+                    .iter()
+                    .map(|k| {
+                        self.resolve(*k, position)?
+                            .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
+                    })
+                    .collect::<Result<Vec<_>>>()
+                else {
+                    continue;
+                };
+                let member_key = |virtual_key: CK_OBJECT_HANDLE| {
+                    keys.iter()
+                        .position(|k| *k == virtual_key)
+                        .map_or(CK_INVALID_HANDLE, |i| handles[i])
+                };
+                for kind in ALL_KINDS {
+                    let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
+                        continue;
+                    };
+                    match self.restart(position, kind, op, &member_key) {
+                        Attempt::Faulted => continue 'members,
+                        Attempt::Answered(CKR_OK) => {}
+                        Attempt::Answered(_) => op.movable = false,
+                    }
+                }
+                moved_to = Some(position);
+                break 'waiting;
+            }
+            if !self.wait_for_a_member(waits) {
+                break;
+            }
+        }
+        let mut lost = 0;
+        for (kind, op) in ops.iter().enumerate() {
+            if op
+                .as_ref()
+                .is_some_and(|op| !op.movable || moved_to.is_none())
+            {
+                lost |= 1 << kind;
+            }
+        }
+        let mut b = self.bindings();
+        b.replace_all(ops, lost);
+        b.set_member(moved_to.or(Some(from)));
+    }
+
+    /// Starts one operation again on `position` and replays its updates.
+    fn restart(
+        &self,
+        position: usize,
+        kind: OpKind,
+        op: &mut ActiveOp,
+        member_key: &dyn Fn(CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE,
+    ) -> Attempt {
+        let function = "operation failover";
+        if let Some(search) = op.history.as_ref().and_then(|h| h.search.as_ref()) {
+            // Known before the search starts there, as in find_init, so that
+            // the search can leave it out.
+            self.domain_handle(position);
+            let template = search.template.attributes();
+            return self.attempt(position, function, &mut |l, s| {
+                l.find_objects_init(s, Some(&template))
+            });
+        }
+        let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
+        let mechanism = op.mechanism.as_raw();
+        let init = self.attempt(position, function, &mut |l, s| {
+            member_init(kind, l, s, mechanism, key)
+        });
+        if !matches!(init, Attempt::Answered(CKR_OK)) {
+            return init;
+        }
+        for item in op.history.iter().flat_map(|h| &h.replay) {
+            let answer = self.attempt(position, function, &mut |l, s| match item {
+                Replay::Data(data) => member_update(kind, l, s, data),
+                Replay::Key(key) => l.digest_key(s, member_key(*key)),
+            });
+            if !matches!(answer, Attempt::Answered(CKR_OK)) {
+                return answer;
+            }
+        }
+        Attempt::Answered(CKR_OK)
+    }
+}

@@ -1,0 +1,58 @@
+//! Waiting for a returning member when none serves: at most
+//! `memberTimeout` in all per call (`Waits`), only in the application's
+//! sessions, and for a call that makes, changes or destroys objects only
+//! outside its write.
+
+use super::VirtualSession;
+use crate::group::Waits;
+
+thread_local! {
+    /// Set while this thread runs a call that makes, changes or destroys
+    /// objects (see [`VirtualSession::wait_before_writing`]).
+    static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A call that makes, changes or destroys objects is under way on this
+/// thread; holds what was set before it.
+pub(crate) struct Writing(bool);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        WRITING.set(self.0);
+    }
+}
+
+impl VirtualSession {
+    /// For a call that found no member serving: waits for a returning
+    /// member to serve ([`crate::group::Group::wait_for_serving`]), within
+    /// the call's `waits` (one `memberTimeout` for all its waits), and only
+    /// in the application's sessions; true if one serves now, and the call
+    /// chooses again. Callers hold no lock of the session; a call making,
+    /// changing or destroying objects waits only outside its write
+    /// ([`Self::wait_before_writing`]).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_for_a_member(&self, waits: &mut Waits) -> bool {
+        self.group.up_members().next().is_none() && self.serving_again(waits)
+    }
+
+    /// After a try that found no member serving: true if one serves now,
+    /// or once one returns within the call's `waits` (as
+    /// [`Self::wait_for_a_member`]), and the call tries again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn serving_again(&self, waits: &mut Waits) -> bool {
+        self.waits_for_members && !WRITING.get() && self.group.wait_for_serving(waits)
+    }
+
+    /// At the start of a call that makes, changes or destroys objects (or
+    /// of its next try, `waits` shared between them): with no member
+    /// serving, waits for a returning one ([`Self::wait_for_a_member`]) --
+    /// here, before the write barrier and the objects being made, which
+    /// that member's recovery waits for. Until the guard drops, the call
+    /// waits no more.
+    pub(crate) fn wait_before_writing(&self, waits: &mut Waits) -> Writing {
+        self.wait_for_a_member(waits);
+        Writing(WRITING.replace(true))
+    }
+}
