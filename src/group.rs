@@ -893,6 +893,17 @@ pub enum Pending {
     Orphans(Fingerprint),
 }
 
+impl Pending {
+    /// The fingerprint a removal removes; `None` for a change that makes
+    /// an object.
+    pub fn removal(&self) -> Option<&crate::identity::Fingerprint> {
+        match self {
+            Pending::Destroy(print) | Pending::Orphans(print) => Some(print),
+            Pending::Create(_) | Pending::Import(..) => None,
+        }
+    }
+}
+
 impl Group {
     pub fn new(
         index: u32,
@@ -1528,6 +1539,17 @@ impl Group {
     /// `deferred`).
     pub fn defer(&self, position: usize, change: Pending) {
         self.deferred.lock()[position].push(change);
+    }
+
+    /// The fingerprints of the removals kept for member `position`: a
+    /// change making an object they could match waits behind them
+    /// ([`crate::virtual_session::VirtualSession::behind_a_removal`]).
+    pub fn deferred_removals(&self, position: usize) -> Vec<crate::identity::Fingerprint> {
+        self.deferred.lock()[position]
+            .iter()
+            .filter_map(Pending::removal)
+            .cloned()
+            .collect()
     }
 
     /// Synchronisation skips key `object`, which cannot reach member

@@ -1514,6 +1514,8 @@ fn replay_pending(
     phases: &mut Phases,
 ) -> Result<usize, String> {
     let mut pending: VecDeque<Pending> = group.take_pending(position).into();
+    // Removals kept for later: what could match them waits behind them.
+    let mut removals = group.deferred_removals(position);
     let mut applied = 0;
     let mut kept = 0;
     let mut after_rejoining = 0;
@@ -1529,8 +1531,14 @@ fn replay_pending(
             after_rejoining += 1;
             continue;
         }
+        if worker.behind_a_removal(&removals, &change) {
+            group.defer(position, change);
+            kept += 1;
+            continue;
+        }
         let logged_out = group.cached_login().is_none();
         if !on_its_own
+            && removals.is_empty()
             && known.complete
             && !logged_out
             && matches!(change, Pending::Import(..))
@@ -1568,6 +1576,7 @@ fn replay_pending(
             // A copy's source may have been down or failed during it, or
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
+            removals.extend(change.removal().cloned());
             group.defer(position, change);
             kept += 1;
             continue;
@@ -1650,7 +1659,13 @@ pub fn replay_deferred(group: &Arc<Group>) {
     let worker = VirtualSession::internal(Arc::clone(group));
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
         let mut kept = group.take_deferred(position).into_iter();
+        let mut removals = Vec::new();
         while let Some(change) = kept.next() {
+            if worker.behind_a_removal(&removals, &change) {
+                group.defer(position, change);
+                group.deferred_handled(position, 1);
+                continue;
+            }
             // A copy waiting for a library to take the key-wrap mechanism
             // again, which it does not yet: kept without being tried, unless
             // the member has the object by now (then it is dropped below).
@@ -1675,6 +1690,7 @@ pub fn replay_deferred(group: &Arc<Group>) {
             if (source_failed && group.members[position].reachable())
                 || must_wait(group, logged_out, &worker, position, &change, &outcome)
             {
+                removals.extend(change.removal().cloned());
                 group.defer(position, change);
             } else if outcome.is_err() && !group.members[position].reachable() {
                 // It failed again (its token restarted unseen, for one):
