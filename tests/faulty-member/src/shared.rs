@@ -1,4 +1,6 @@
-//! The count of initialised copies, shared by every copy in the process.
+//! The count of initialised copies, shared by every copy in the process --
+//! of this library and of `luna-member`, which includes this file: both
+//! forward to the one loaded SoftHSM.
 //!
 //! All copies forward to one loaded real library, so its `C_Initialize` and
 //! `C_Finalize` must be serialised and counted across copies; each copy's
@@ -32,7 +34,7 @@ pub extern "C" fn faulty_initialized_copies() -> *const c_void {
 pub(crate) fn copies() -> Result<MutexGuard<'static, usize>, CK_RV> {
     static FOUND: OnceCell<&'static Mutex<usize>> = OnceCell::new();
     let copies = FOUND.get_or_try_init(first_copy).map_err(|e| {
-        eprintln!("faulty-member: {e}");
+        eprintln!("test member library: {e}");
         CKR_GENERAL_ERROR
     })?;
     // A holder that panicked (turned into `CKR_GENERAL_ERROR`) left the

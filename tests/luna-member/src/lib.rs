@@ -55,14 +55,18 @@
 //! `luna_set_partition_fault(const char *serial, CK_RV)` (forwarded calls on
 //! one partition answer it), `luna_faults_returned()
 //! -> u64`, `luna_call_count(const char *) -> u64` and `luna_reset_counts()`.
-//! Load one copy per process at a time: its `C_Finalize` finalises the real
-//! library.
+//! Copies in one process share one count of initialised copies with the
+//! faulty member library's (`../faulty-member/src/shared.rs`): the real
+//! library is finalised only when the last copy stops, so two copies (two
+//! "Luna library instances") may start and stop concurrently.
 #![deny(unsafe_op_in_unsafe_fn)]
 // The entry points keep their PKCS#11 names.
 #![allow(non_snake_case)]
 
 mod cloning;
 mod partition;
+#[path = "../../faulty-member/src/shared.rs"]
+mod shared;
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr};
@@ -81,7 +85,6 @@ pub(crate) const CKM_AES_KWP: CK_MECHANISM_TYPE = 0x8000_0171;
 pub(crate) const CKR_OPERATION_NOT_ALLOWED: CK_RV = 0x8000_0030;
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
-static INIT: Mutex<()> = Mutex::new(());
 
 struct Plan {
     /// Every call answers this (`None`: forwarded).
@@ -244,7 +247,7 @@ pub extern "C" fn CA_GetFunctionList(_list: *mut *mut c_void) -> CK_RV {
 unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
     count("C_Initialize");
     guard(|| {
-        let _init = INIT.lock();
+        let mut copies = shared::copies()?;
         if INITIALIZED.load(Ordering::SeqCst) {
             return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
         }
@@ -253,6 +256,7 @@ unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
         // SAFETY: the caller's arguments, passed on unchanged.
         match unsafe { initialize(args) } {
             CKR_OK | CKR_CRYPTOKI_ALREADY_INITIALIZED => {
+                *copies += 1;
                 INITIALIZED.store(true, Ordering::SeqCst);
                 Ok(CKR_OK)
             }
@@ -264,12 +268,16 @@ unsafe extern "C" fn C_Initialize(args: *mut c_void) -> CK_RV {
 unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
     count("C_Finalize");
     guard(|| {
-        let _init = INIT.lock();
         if !reserved.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
+        let mut copies = shared::copies()?;
         if !INITIALIZED.swap(false, Ordering::SeqCst) {
             return Err(CKR_CRYPTOKI_NOT_INITIALIZED);
+        }
+        *copies -= 1;
+        if *copies > 0 {
+            return Ok(CKR_OK);
         }
         let finalize = real()?.list.C_Finalize.ok_or(CKR_GENERAL_ERROR)?;
         // SAFETY: `reserved` is NULL, as checked.
