@@ -10,7 +10,7 @@
 //! [`ManualClock`] of their own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A source of time: what a thread that waits or sleeps asks.
@@ -47,6 +47,8 @@ impl Clock for SystemClock {
 pub struct ManualClock {
     start: Instant,
     elapsed_ns: AtomicU64,
+    /// See [`ManualClock::on_block`].
+    on_block: Mutex<Option<fn(Instant)>>,
 }
 
 /// How often a thread waiting on a [`ManualClock`] looks whether its
@@ -58,7 +60,18 @@ impl ManualClock {
         ManualClock {
             start: Instant::now(),
             elapsed_ns: AtomicU64::new(0),
+            on_block: Mutex::new(None),
         }
+    }
+
+    /// Has `hook` run, with the deadline, each time a thread is about to
+    /// block until a deadline that has not come ([`Clock::block_for`]):
+    /// the simulation, whose one thread is the one blocking, runs there
+    /// what other threads would do meanwhile (the recovery thread's
+    /// rounds), and moves the clock. Callers of [`block_for`] on paths the
+    /// simulation runs hold no lock that work may take.
+    pub fn on_block(&self, hook: fn(Instant)) {
+        *self.on_block.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 
     /// Moves the clock `by` forward.
@@ -89,6 +102,12 @@ impl Clock for ManualClock {
     }
 
     fn block_for(&self, deadline: Instant) -> Duration {
+        if self.now() < deadline {
+            let hook = *self.on_block.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(hook) = hook {
+                hook(deadline);
+            }
+        }
         if self.now() >= deadline {
             Duration::ZERO
         } else {

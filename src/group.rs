@@ -893,6 +893,17 @@ pub enum Pending {
     Orphans(Fingerprint),
 }
 
+impl Pending {
+    /// The fingerprint a removal removes; `None` for a change that makes
+    /// an object.
+    pub fn removal(&self) -> Option<&crate::identity::Fingerprint> {
+        match self {
+            Pending::Destroy(print) | Pending::Orphans(print) => Some(print),
+            Pending::Create(_) | Pending::Import(..) => None,
+        }
+    }
+}
+
 impl Group {
     pub fn new(
         index: u32,
@@ -1156,25 +1167,27 @@ impl Group {
             return false;
         }
         let deadline = crate::clock::now() + left;
-        let mut wait = self.serving_wait();
-        wait.waiting += 1;
+        self.serving_wait().waiting += 1;
         let served = loop {
+            // Outside the lock, which recovery takes to wake this call: on
+            // the simulation's clock, the recovery thread's rounds run in
+            // here ([`crate::clock::ManualClock::on_block`]).
+            let left = crate::clock::block_for(deadline);
+            let wait = self.serving_wait();
             if self.up_members().next().is_some() {
                 break true;
             }
             let returning = self.members.iter().any(|m| m.expected_back());
-            let left = crate::clock::block_for(deadline);
             if wait.closed || !returning || left.is_zero() {
                 break false;
             }
-            wait = self
-                .serving_changed
-                .wait_timeout(wait, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+            drop(
+                self.serving_changed
+                    .wait_timeout(wait, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
         };
-        wait.waiting -= 1;
-        drop(wait);
+        self.serving_wait().waiting -= 1;
         waits.0 = Some(deadline.saturating_duration_since(crate::clock::now()));
         served
     }
@@ -1526,6 +1539,17 @@ impl Group {
     /// `deferred`).
     pub fn defer(&self, position: usize, change: Pending) {
         self.deferred.lock()[position].push(change);
+    }
+
+    /// The fingerprints of the removals kept for member `position`: a
+    /// change making an object they could match waits behind them
+    /// ([`crate::virtual_session::VirtualSession::behind_a_removal`]).
+    pub fn deferred_removals(&self, position: usize) -> Vec<crate::identity::Fingerprint> {
+        self.deferred.lock()[position]
+            .iter()
+            .filter_map(Pending::removal)
+            .cloned()
+            .collect()
     }
 
     /// Synchronisation skips key `object`, which cannot reach member

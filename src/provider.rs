@@ -248,6 +248,24 @@ pub fn initialize_with_members(
     threads_allowed: bool,
     members: Vec<Arc<dyn MemberBackend>>,
 ) -> Result<()> {
+    initialize_as(threads_allowed, threads_allowed, members)
+}
+
+/// [`initialize_with_members`] as for an application that allows threads,
+/// with none started: the caller runs the recovery thread's rounds
+/// (the [`recovery::Stepped`] returned) and the watchdog's looks
+/// ([`recovery::Watchdog`]) itself, as the deterministic simulation does;
+/// no reconciliation thread runs.
+pub fn initialize_stepped(members: Vec<Arc<dyn MemberBackend>>) -> Result<recovery::Stepped> {
+    initialize_as(true, false, members)?;
+    Ok(recovery::Stepped::start(&*get()?))
+}
+
+fn initialize_as(
+    threads_allowed: bool,
+    start_threads: bool,
+    members: Vec<Arc<dyn MemberBackend>>,
+) -> Result<()> {
     let lifecycle = LIFECYCLE.get();
     let _serialised = lifecycle.serialise();
     if NO_SHORTCUT.fetch_and(!FORKED, Ordering::Relaxed) & FORKED != 0 {
@@ -286,7 +304,7 @@ pub fn initialize_with_members(
         NO_SHORTCUT.fetch_and(!INLINE_RECOVERY, Ordering::Relaxed);
     }
     let provider = Arc::new(provider);
-    if threads_allowed {
+    if start_threads {
         let host: Arc<dyn Host> = provider.clone();
         let workers = Workers::start(Arc::downgrade(&host), recovery_on).map_err(|e| {
             eprintln!("pkcs11-ha: cannot start the recovery threads: {e}");

@@ -38,7 +38,7 @@ use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::error::Error;
 use crate::group::Pending;
-use crate::group::{now_ms, Group, Location, MemberState};
+use crate::group::{now_ms, Group, Location, Member, MemberState};
 use crate::identity;
 use crate::member::Silent;
 use crate::member_api::{MemberBackend, TokenSearch};
@@ -261,24 +261,12 @@ fn start_attempts(
     for (g, group) in provider.groups().iter().enumerate() {
         for member in &group.members {
             let key = (g, member.position);
-            if member.state() != MemberState::Down {
-                if member.attempt_due() {
-                    member.drop_attempt_due();
-                    group.wake_waiting_calls();
-                }
+            if !still_down(group, member) {
                 continue;
             }
             {
                 let mut flags = shared.flags();
-                let now = now_ms();
-                let failed_at = now.saturating_sub(member.ms_since_state_change());
-                let due = member.attempt_due()
-                    || due_for_attempt(
-                        failed_at,
-                        flags.last_ended.get(&key).copied(),
-                        now,
-                        interval,
-                    );
+                let due = attempt_is_due(member, flags.last_ended.get(&key).copied(), interval);
                 // One under way already tries again at once if due
                 // (`attempts_while_none_serves`), or has this thread look
                 // again as it ends.
@@ -340,6 +328,174 @@ fn due_for_attempt(failed_at: u64, last_ended: Option<u64>, now: u64, interval: 
     last_ended.is_none_or(|ended| {
         failed_at > ended || now.saturating_sub(ended) >= interval.as_millis() as u64
     })
+}
+
+/// The recovery thread's decision for a failed member with no attempt
+/// under way: whether to start one now -- it is due at once
+/// ([`Group::review_serving`]), or by [`due_for_attempt`] on the clock.
+fn attempt_is_due(member: &Member, last_ended: Option<u64>, interval: Duration) -> bool {
+    let now = now_ms();
+    let failed_at = now.saturating_sub(member.ms_since_state_change());
+    member.attempt_due() || due_for_attempt(failed_at, last_ended, now, interval)
+}
+
+/// Whether a member is still down; one that is not loses its due mark
+/// (no attempt begins for it), and calls waiting for it look again.
+fn still_down(group: &Group, member: &Member) -> bool {
+    if member.state() == MemberState::Down {
+        return true;
+    }
+    if member.attempt_due() {
+        member.drop_attempt_due();
+        group.wake_waiting_calls();
+    }
+    false
+}
+
+/// The recovery thread's rounds, run by hand in the caller's thread where
+/// no thread of pkcs11-ha runs: the deterministic simulation
+/// (`tests/simulation.rs`) runs one between the application's calls, and
+/// while a call waits for a member to serve ([`Group::wait_for_serving`]).
+/// Each round makes the decisions [`start_attempts`] and
+/// [`attempts_while_none_serves`] make -- which failed member is due an
+/// attempt, which run of attempts goes on while no member serves, which
+/// mark a waiting call sees across a run's gap -- and runs each attempt it
+/// starts to its end before the next.
+pub struct Stepped {
+    interval: Duration,
+    /// When each member's last run of attempts ended ([`now_ms`]).
+    last_ended: HashMap<(usize, usize), u64>,
+    /// Members in a run of attempts while no member of their group serves.
+    runs: HashMap<(usize, usize), Run>,
+}
+
+/// A run of attempts under way ([`attempts_while_none_serves`]).
+struct Run {
+    /// When the next attempt of the run begins, unless one is due sooner.
+    next: Instant,
+    /// Whether the run holds the member's under-way mark across the gap:
+    /// its last attempt found the token.
+    across_gap: bool,
+}
+
+impl Stepped {
+    /// Starts stepping recovery for `provider`'s groups, as
+    /// [`Workers::start`] starts the thread: failed members become due at
+    /// once when their group's last serving member fails.
+    /// Its wake-up does nothing: each round reads the due marks itself.
+    pub fn start(provider: &dyn Host) -> Stepped {
+        for group in provider.groups() {
+            group.set_recovery_wake(Box::new(|| {}));
+        }
+        Stepped {
+            interval: provider.recovery().interval,
+            last_ended: HashMap::new(),
+            runs: HashMap::new(),
+        }
+    }
+
+    /// Whether a round now would begin an attempt.
+    pub fn due(&self, provider: &dyn Host) -> bool {
+        self.each_due(provider).next().is_some()
+    }
+
+    /// When an attempt falls due next on the clock, if no member's
+    /// becomes due at once before.
+    pub fn next_due(&self, provider: &dyn Host) -> Option<Instant> {
+        let now = clock::now();
+        let mut next = self.runs.values().map(|run| run.next).min();
+        for (g, group) in provider.groups().iter().enumerate() {
+            for member in &group.members {
+                let key = (g, member.position);
+                if member.state() != MemberState::Down || self.runs.contains_key(&key) {
+                    continue;
+                }
+                let at = match self.last_ended.get(&key) {
+                    Some(ended) => {
+                        let since = now_ms().saturating_sub(*ended);
+                        now + self.interval.saturating_sub(Duration::from_millis(since))
+                    }
+                    None => now,
+                };
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        next
+    }
+
+    /// The members a round now would begin an attempt for: runs whose next
+    /// attempt has come or is due at once, and members due one.
+    fn each_due<'a>(&'a self, provider: &'a dyn Host) -> impl Iterator<Item = (usize, usize)> + 'a {
+        let now = clock::now();
+        provider
+            .groups()
+            .iter()
+            .enumerate()
+            .flat_map(|(g, group)| group.members.iter().map(move |m| ((g, m.position), m)))
+            .filter(move |(key, member)| match self.runs.get(key) {
+                Some(run) => member.attempt_due() || now >= run.next,
+                None => {
+                    member.state() == MemberState::Down
+                        && attempt_is_due(member, self.last_ended.get(key).copied(), self.interval)
+                }
+            })
+            .map(|(key, _)| key)
+    }
+
+    /// One round of the recovery thread: every attempt due now, each run
+    /// to its end; then the copies waiting for a library to take the
+    /// key-wrap mechanism again. Returns the members tried, with whether
+    /// each serves again.
+    pub fn round(&mut self, provider: &dyn Host) -> Vec<((usize, usize), bool)> {
+        for group in provider.groups() {
+            for member in &group.members {
+                still_down(group, member);
+            }
+        }
+        let due: Vec<(usize, usize)> = self.each_due(provider).collect();
+        let mut tried = Vec::new();
+        for key in due {
+            let group = &provider.groups()[key.0];
+            group.members[key.1].set_attempt_under_way(true);
+            if self.runs.get(&key).is_some_and(|run| run.across_gap) {
+                group.members[key.1].set_attempt_under_way(false);
+            }
+            let attempted = attempt(provider, group, key.1);
+            let goes_on =
+                attempted != Attempted::Serves && tries_again_in_the_run(provider, group, key.1);
+            if goes_on && attempted == Attempted::FellShort {
+                self.runs.insert(
+                    key,
+                    Run {
+                        next: clock::now() + self.interval,
+                        across_gap: true,
+                    },
+                );
+            } else {
+                group.members[key.1].set_attempt_under_way(false);
+                if goes_on {
+                    self.runs.insert(
+                        key,
+                        Run {
+                            next: clock::now() + self.interval,
+                            across_gap: false,
+                        },
+                    );
+                } else {
+                    self.runs.remove(&key);
+                    self.last_ended.insert(key, now_ms());
+                }
+            }
+            group.wake_waiting_calls();
+            let serves = attempted == Attempted::Serves;
+            if serves {
+                after_return(provider, group);
+            }
+            tried.push((key, serves));
+        }
+        retry_copies_waiting_for_wrapping(provider);
+        tried
+    }
 }
 
 fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
@@ -1358,6 +1514,8 @@ fn replay_pending(
     phases: &mut Phases,
 ) -> Result<usize, String> {
     let mut pending: VecDeque<Pending> = group.take_pending(position).into();
+    // Removals kept for later: what could match them waits behind them.
+    let mut removals = group.deferred_removals(position);
     let mut applied = 0;
     let mut kept = 0;
     let mut after_rejoining = 0;
@@ -1373,8 +1531,14 @@ fn replay_pending(
             after_rejoining += 1;
             continue;
         }
+        if worker.behind_a_removal(&removals, &change) {
+            group.defer(position, change);
+            kept += 1;
+            continue;
+        }
         let logged_out = group.cached_login().is_none();
         if !on_its_own
+            && removals.is_empty()
             && known.complete
             && !logged_out
             && matches!(change, Pending::Import(..))
@@ -1412,6 +1576,7 @@ fn replay_pending(
             // A copy's source may have been down or failed during it, or
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
+            removals.extend(change.removal().cloned());
             group.defer(position, change);
             kept += 1;
             continue;
@@ -1494,7 +1659,13 @@ pub fn replay_deferred(group: &Arc<Group>) {
     let worker = VirtualSession::internal(Arc::clone(group));
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
         let mut kept = group.take_deferred(position).into_iter();
+        let mut removals = Vec::new();
         while let Some(change) = kept.next() {
+            if worker.behind_a_removal(&removals, &change) {
+                group.defer(position, change);
+                group.deferred_handled(position, 1);
+                continue;
+            }
             // A copy waiting for a library to take the key-wrap mechanism
             // again, which it does not yet: kept without being tried, unless
             // the member has the object by now (then it is dropped below).
@@ -1519,6 +1690,7 @@ pub fn replay_deferred(group: &Arc<Group>) {
             if (source_failed && group.members[position].reachable())
                 || must_wait(group, logged_out, &worker, position, &change, &outcome)
             {
+                removals.extend(change.removal().cloned());
                 group.defer(position, change);
             } else if outcome.is_err() && !group.members[position].reachable() {
                 // It failed again (its token restarted unseen, for one):

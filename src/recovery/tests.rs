@@ -136,6 +136,42 @@ fn when_the_last_serving_member_fails_every_failed_member_is_due_an_attempt_at_o
     );
 }
 
+/// The recovery thread's rounds stepped by hand make its decisions: a
+/// failed member never tried is tried at once; with no member serving, a
+/// run whose attempt found no token goes on at the next interval, and no
+/// call waits for it meanwhile; when the group's last serving member fails
+/// again, every failed member -- runs included -- is due at once.
+#[test]
+fn stepped_rounds_try_members_as_the_recovery_thread_decides() {
+    let mut provider = OneGroup::new(&["a", "b"]);
+    provider.recovery.interval = Duration::from_secs(3600);
+    let group = Arc::clone(&provider.groups[0]);
+    let mut stepped = Stepped::start(&provider);
+    assert!(!stepped.due(&provider), "every member serves");
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    assert!(stepped.due(&provider), "never tried: at once");
+    assert_eq!(stepped.round(&provider), [((0, 1), false)]);
+    assert!(!stepped.due(&provider), "tried: not before the interval");
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    assert!(group.members.iter().all(|m| m.attempt_due()));
+    assert_eq!(stepped.round(&provider), [((0, 0), false), ((0, 1), false)]);
+    assert!(
+        group.members.iter().all(|m| !m.expected_back()),
+        "no token found: no call waits between the attempts of the runs"
+    );
+    assert!(!stepped.due(&provider));
+    let next = stepped.next_due(&provider).expect("the runs go on");
+    assert!(next > clock::now() + Duration::from_secs(3500));
+    group.members[0].set_state(MemberState::Up);
+    group.review_serving(clock::now());
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    assert!(
+        stepped.due(&provider),
+        "the last serving member failed again"
+    );
+    assert_eq!(stepped.round(&provider), [((0, 0), false), ((0, 1), false)]);
+}
+
 /// Without a recovery thread (recovery off, or threads forbidden) no
 /// attempt is due when the last serving member fails: no call waits for
 /// one that would never begin.
