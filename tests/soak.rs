@@ -1076,14 +1076,21 @@ fn member_contents(
     Ok(contents)
 }
 
-/// Every recorded key on every member, exactly once per object.
-fn check_keys(pkcs11: &Pkcs11, members: &[Member], keys: &[KeyRecord]) -> Vec<String> {
+/// Every recorded key on every member, exactly once per object; and the
+/// members whose objects could not be listed.
+fn check_keys(
+    pkcs11: &Pkcs11,
+    members: &[Member],
+    keys: &[KeyRecord],
+) -> (Vec<String>, Vec<usize>) {
     let mut problems = Vec::new();
-    for m in members {
+    let mut unlisted = Vec::new();
+    for (i, m) in members.iter().enumerate() {
         let contents = match member_contents(pkcs11, m.serial()) {
             Ok(c) => c,
             Err(e) => {
                 problems.push(format!("{}: cannot list objects: {e}", m.name));
+                unlisted.push(i);
                 continue;
             }
         };
@@ -1107,7 +1114,75 @@ fn check_keys(pkcs11: &Pkcs11, members: &[Member], keys: &[KeyRecord]) -> Vec<St
             }
         }
     }
-    problems
+    (problems, unlisted)
+}
+
+/// A member's token as seen from outside the HA library.
+struct Outside {
+    /// A fresh p11-kit client of the member's server lists the token.
+    fresh_client: bool,
+    /// SoftHSM itself (`softhsm2-util`, no server) shows the token.
+    softhsm: bool,
+    /// The token directory's files, without the empty `.lock` files.
+    files: Vec<(String, u64)>,
+    /// What `pkcs11-tool -L` and `softhsm2-util --show-slots` printed.
+    output: String,
+}
+
+/// Asks a fresh p11-kit client of the member's own server socket (not the
+/// relay, not the HA library's client) and SoftHSM directly whether the
+/// member's token is there, and lists its token directory, copying it to
+/// `keep`. Tells apart a member the HA library fails to find on a healthy
+/// server (its bug) from a token the chaos damaged: a SIGKILL while
+/// SoftHSM rewrites `token.object` (every `C_Login` does) leaves it empty,
+/// and then no one sees the token (`scripts/kill9-token-survival`).
+fn token_from_outside(m: &Member, keep: &Path) -> Outside {
+    let run = |command: &mut Command| {
+        command.output().map_or_else(
+            |e| format!("cannot run: {e}"),
+            |o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            },
+        )
+    };
+    let listed = run(Command::new("pkcs11-tool")
+        .args(["--module", &p11kit::client_module(), "-L"])
+        .env(
+            p11kit::ADDRESS_ENV,
+            format!("unix:path={}", m.socket.display()),
+        ));
+    let shown = run(m.hsm.util().arg("--show-slots"));
+    let mut files = Vec::new();
+    let token_dir = m.hsm.token_dir();
+    for dir in fs::read_dir(&token_dir).into_iter().flatten().flatten() {
+        let target = keep
+            .join(format!("{}-tokens", m.name))
+            .join(dir.file_name());
+        let _ = fs::create_dir_all(&target);
+        for file in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let _ = fs::copy(file.path(), target.join(&name));
+            let size = file.metadata().map_or(0, |md| md.len());
+            if !name.ends_with(".lock") {
+                files.push((name, size));
+            }
+        }
+    }
+    files.sort();
+    Outside {
+        fresh_client: listed
+            .lines()
+            .any(|l| l.starts_with("  serial num") && l.trim_end().ends_with(m.serial())),
+        softhsm: parse_show_slots(&shown)
+            .iter()
+            .any(|t| t.serial == m.serial()),
+        files,
+        output: format!("pkcs11-tool -L:\n{listed}softhsm2-util --show-slots:\n{shown}"),
+    }
 }
 
 /// Lines of the HA log (every file under `dir`), and counts by event.
@@ -1288,7 +1363,12 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
     let settled = settle(&run, &main, SETTLE_BASE + duration / 2);
     let status = run.state.group();
     let keys = run.keys.lock().unwrap().clone();
-    let key_problems = check_keys(&pkcs11, &members, &keys);
+    let (key_problems, unlisted) = check_keys(&pkcs11, &members, &keys);
+    // Members the HA library does not have back, seen from outside it.
+    let outside: Vec<(usize, Outside)> = (0..MEMBERS.len())
+        .filter(|i| unlisted.contains(i) || status.members[*i].state != PKCS11HA_STATE_UP)
+        .map(|i| (i, token_from_outside(&members[i], work.path())))
+        .collect();
     let (log_lines, log_counts) = ha_log_counts(&log_dir);
 
     // The summary.
@@ -1411,7 +1491,55 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
             println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
         }
     }
+    for (i, o) in &outside {
+        println!(
+            "{} from outside the HA library: fresh p11-kit client sees its token: {}; SoftHSM itself: {}",
+            MEMBERS[*i], o.fresh_client, o.softhsm
+        );
+        let empty: Vec<&str> = o
+            .files
+            .iter()
+            .filter(|(_, size)| *size == 0)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        println!(
+            "  token directory (copied to {}-tokens in the work dir): {} files, empty: {empty:?}",
+            MEMBERS[*i],
+            o.files.len()
+        );
+        // The token's own files; each object has a <uuid>.object.
+        for (name, size) in o
+            .files
+            .iter()
+            .filter(|(name, _)| name == "token.object" || !name.ends_with(".object"))
+        {
+            println!("    {name} {size} bytes");
+        }
+        for line in o.output.lines() {
+            println!("  | {line}");
+        }
+    }
     let mut verdict = Vec::new();
+    for (i, o) in &outside {
+        verdict.push(match (o.fresh_client, o.softhsm) {
+            (true, _) => format!(
+                "{}: a fresh client sees its token on its server, the HA library does not have it back (the HA library's fault)",
+                MEMBERS[*i]
+            ),
+            (false, true) => format!(
+                "{}: SoftHSM shows its token but a fresh client of its server does not (the server's fault)",
+                MEMBERS[*i]
+            ),
+            (false, false) => format!(
+                "{}: SoftHSM itself no longer shows its token (token.object: {}): a SIGKILL of the chaos while SoftHSM rewrote it (at each C_Login) damaged it; a harness limit, not the HA library's fault, and the member cannot come back",
+                MEMBERS[*i],
+                o.files
+                    .iter()
+                    .find(|(name, _)| name == "token.object")
+                    .map_or("missing".into(), |(_, size)| format!("{size} bytes"))
+            ),
+        });
+    }
     if !failures.is_empty() {
         verdict.push(format!("{} failed application operations", failures.len()));
     }
