@@ -1366,6 +1366,47 @@ fn until_waiting<T>(
     }
 }
 
+/// Runs `make` while member 0, the only member serving, carries it out and
+/// loses the answer and member 1 is being brought back: once `make` waits,
+/// member 0 is out for good and member 1 returns; `make`'s result.
+fn made_after_a_lost_answer<T: Send>(
+    member: &SimMember,
+    group: &Arc<Group>,
+    host: &MemoryHost,
+    make: impl FnOnce() -> T + Send,
+) -> T {
+    std::thread::scope(|scope| {
+        let caller = scope.spawn(make);
+        until_waiting(group, &caller, "member 0 lost the answer", || true);
+        assert_eq!(
+            group.members[0].state(),
+            MemberState::Down,
+            "member 0 failed under the call"
+        );
+        member.sim.lock().set_fault(0, Fault::Crash);
+        recovery::recover_failed_members(host);
+        group.members[1].set_attempt_under_way(false);
+        assert_eq!(
+            group.members[1].state(),
+            MemberState::Up,
+            "member 1 is back"
+        );
+        caller.join().expect("the caller returns")
+    })
+}
+
+/// Member 0 heals and returns with nothing left waiting for it.
+fn member_0_returns(member: &SimMember, group: &Arc<Group>, host: &MemoryHost) {
+    member.sim.lock().heal(0);
+    recovery::recover_failed_members(host);
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 is back"
+    );
+    assert_eq!(group.pending_count(0), 0, "nothing waits for member 0");
+}
+
 /// An import whose only serving member carried it out and lost its
 /// answer, while another member is being brought back: the call does not
 /// fail (its one wait for a member was spent, or not needed, before the
@@ -1397,40 +1438,14 @@ fn an_import_whose_only_member_lost_its_answer_waits_and_is_made_on_the_returnin
         .expect("a valid template");
         v.create_object(CK_INVALID_HANDLE, &template)
     };
-    let made = std::thread::scope(|scope| {
-        let caller = scope.spawn(import);
-        until_waiting(&group, &caller, "member 0 lost the answer", || true);
-        assert_eq!(
-            group.members[0].state(),
-            MemberState::Down,
-            "member 0 failed under the call"
-        );
-        // Member 0 stays out; member 1 returns.
-        member.sim.lock().set_fault(0, Fault::Crash);
-        recovery::recover_failed_members(&host);
-        group.members[1].set_attempt_under_way(false);
-        assert_eq!(
-            group.members[1].state(),
-            MemberState::Up,
-            "member 1 is back"
-        );
-        caller.join().expect("the caller returns")
-    });
+    let made = made_after_a_lost_answer(&member, &group, &host, import);
     made.expect("the import succeeds on member 1 after the wait");
     assert_eq!(
         copies_on_each_member(&member, label),
         [1, 1],
         "member 1's copy, and the copy of the failed try on member 0 (out)"
     );
-
-    member.sim.lock().heal(0);
-    recovery::recover_failed_members(&host);
-    assert_eq!(
-        group.members[0].state(),
-        MemberState::Up,
-        "member 0 is back"
-    );
-    assert_eq!(group.pending_count(0), 0, "nothing waits for member 0");
+    member_0_returns(&member, &group, &host);
     assert_eq!(
         copies_on_each_member(&member, label),
         [1, 1],
@@ -1548,34 +1563,15 @@ fn a_key_whose_only_member_lost_the_answer_is_generated_on_the_returning_member(
     group.members[1].set_attempt_under_way(true);
     member.sim.lock().set_fault(0, Fault::LoseAnswer);
 
-    let generated = std::thread::scope(|scope| {
-        let caller = scope.spawn(|| generate_token_key(&v, label));
-        until_waiting(&group, &caller, "member 0 lost the answer", || true);
-        member.sim.lock().set_fault(0, Fault::Crash);
-        recovery::recover_failed_members(&host);
-        group.members[1].set_attempt_under_way(false);
-        assert_eq!(
-            group.members[1].state(),
-            MemberState::Up,
-            "member 1 is back"
-        );
-        caller.join().expect("the caller returns")
-    });
+    let generated =
+        made_after_a_lost_answer(&member, &group, &host, || generate_token_key(&v, label));
     generated.expect("C_GenerateKey succeeds on member 1 after the wait");
     assert_eq!(
         copies_on_each_member(&member, label),
         [1, 1],
         "member 1's key, and the orphan of the failed try on member 0 (out)"
     );
-
-    member.sim.lock().heal(0);
-    recovery::recover_failed_members(&host);
-    assert_eq!(
-        group.members[0].state(),
-        MemberState::Up,
-        "member 0 is back"
-    );
-    assert_eq!(group.pending_count(0), 0, "nothing waits for member 0");
+    member_0_returns(&member, &group, &host);
     let values = key_values(&member, label);
     assert!(
         values
