@@ -1151,10 +1151,11 @@ impl Group {
     /// false, as soon as no member is being brought back any more (each
     /// attempt failed: with every member gone, calls fail once each
     /// member's attempt in the outage has failed to find its token), the
-    /// call has waited its `memberTimeout`, or the group closes ([`Group::stop_waiting`]), so the call fails as it
-    /// would have. Most outages are a returning member's last second of
-    /// catching up, or a failed member's next attempt; failing at once,
-    /// each cost the application a burst of failed calls.
+    /// call has waited its `memberTimeout`, or the group closes
+    /// ([`Group::stop_waiting`]), so the call fails as it would have. Most
+    /// outages are a returning member's last second of catching up, or a
+    /// failed member's next attempt; failing at once, each cost the
+    /// application a burst of failed calls.
     ///
     /// The caller holds nothing recovery waits for: no write barrier
     /// ([`Group::enter_write`]), no object being made, no session lock.
