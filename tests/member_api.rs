@@ -625,10 +625,10 @@ fn no_maker_gives_a_key_a_member_cannot_receive() {
     v.close();
 }
 
-#[test]
-fn a_digest_moves_to_another_in_memory_member_when_its_member_crashes_mid_operation() {
-    let (member, group) = memory_group(3, 21);
-    let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
+/// A session with a SHA-256 digest started on it, and the member it is
+/// bound to.
+fn sha256_started(group: &Arc<Group>) -> (VirtualSession, usize) {
+    let v = VirtualSession::open(Arc::clone(group), CKF_SERIAL_SESSION).expect("a session");
     let mut raw = no_parameter(CKM_SHA256);
     let sha256 = mechanism(&mut raw);
     v.init(
@@ -640,6 +640,13 @@ fn a_digest_moves_to_another_in_memory_member_when_its_member_crashes_mid_operat
     )
     .expect("C_DigestInit");
     let first = v.bound_member().expect("the digest is bound to a member");
+    (v, first)
+}
+
+#[test]
+fn a_digest_moves_to_another_in_memory_member_when_its_member_crashes_mid_operation() {
+    let (member, group) = memory_group(3, 21);
+    let (v, first) = sha256_started(&group);
     let (one, two) = (
         &b"fed to the first member, "[..],
         &b"then to the next one"[..],
@@ -1462,18 +1469,7 @@ fn an_import_whose_only_member_lost_its_answer_waits_and_is_made_on_the_returnin
 #[test]
 fn a_digest_whose_member_fails_again_after_its_wait_waits_again_and_finishes() {
     let (member, group) = memory_group(3, 32);
-    let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
-    let mut raw = no_parameter(CKM_SHA256);
-    let sha256 = mechanism(&mut raw);
-    v.init(
-        OpKind::Digest,
-        Some(&sha256),
-        None,
-        "C_DigestInit",
-        |l, s, _| l.digest_init(s, sha256.as_raw()),
-    )
-    .expect("C_DigestInit");
-    let first = v.bound_member().expect("the digest is bound to a member");
+    let (v, first) = sha256_started(&group);
     let [next, last] = [(first + 1) % 3, (first + 2) % 3];
     let (one, two) = (&b"fed before the crash, "[..], &b"then after two waits"[..]);
     v.step(
