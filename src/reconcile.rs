@@ -27,8 +27,8 @@
 //! `C_Finalize` stops it between two objects.
 
 use crate::error::rv_name;
-use crate::group::Group;
 use crate::group::Pending;
+use crate::group::{is_member_fault, Group};
 use crate::identity::{self, Fingerprint};
 use crate::index::MemberIndex;
 use crate::object::Presence;
@@ -813,14 +813,27 @@ fn copy_missing(
                 }
                 Ok(_) => summary.fail("the member failed meanwhile".into()),
                 Err(e) => {
-                    if key {
-                        no_way.insert((copy.source, target));
-                    }
                     summary.fail(format!(
                         "copying to member {} returned {}",
                         group.members[target].serial,
                         rv_name(e.rv)
                     ));
+                    // The source may have failed since it was read, unseen
+                    // (its connection lost while no call went there), as in
+                    // `copy_missed`: asked once, it is taken out if it does
+                    // not answer, and gives no more copies in this pass;
+                    // recovery brings it back, and the next pass copies.
+                    // Left serving, it failed each pass's copies. A failed
+                    // read of the source's object answers
+                    // CKR_OBJECT_HANDLE_INVALID whatever the member said.
+                    let source_may_have_failed =
+                        e.rv == CKR_OBJECT_HANDLE_INVALID || is_member_fault("C_WrapKey", e.rv);
+                    if source_may_have_failed && !worker.answers(copy.source) {
+                        break;
+                    }
+                    if key {
+                        no_way.insert((copy.source, target));
+                    }
                 }
             }
         }

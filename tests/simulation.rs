@@ -254,6 +254,9 @@ struct SimTime {
     /// How many times a call waiting for a member to serve let the
     /// recovery thread run a round or the clock move ([`blocked`]).
     waits: u64,
+    /// The library whose connection drops, unseen by pkcs11-ha, while the
+    /// next stalled call is inside it.
+    drop_unseen: Option<Arc<SimMember>>,
     /// Whether a member served as the last round ended (at first: yes): if
     /// none serves now, the outage began since, and each failed member is
     /// due an attempt at once.
@@ -314,6 +317,9 @@ fn stalled(_token: usize) {
             }
         }
         time.pass(stall);
+        if let Some(library) = time.drop_unseen.take() {
+            library.sim.lock().disconnect();
+        }
         if let Some((position, library)) = time.reconnect.take() {
             // As the recovery thread would, beside the stalled call.
             let provider = Arc::clone(&time.provider);
@@ -1626,6 +1632,7 @@ fn run_plan(
         recover_beside: false,
         stepped,
         waits: 0,
+        drop_unseen: None,
         served_after_round: true,
     });
     // A state directory of the schedule's own, as the reconciliation
@@ -2234,6 +2241,99 @@ fn a_kept_copy_whose_source_dropped_its_connection_unseen_is_made_once_the_sourc
                 "the source returned and the copy was made: {:?}, {} copies",
                 s.states(),
                 held(s, 1)
+            );
+            Ok(())
+        },
+    });
+}
+
+/// Reconciliation's own copy path asks a failing source whether it
+/// answers, as a member's catch-up does (seed 30474): an object another
+/// host's process made on member 0 is read there, and member 0's
+/// connection drops unseen (as member 1 is read) before the pass copies
+/// it. The copy's read of the source fails, which it answers as
+/// `CKR_OBJECT_HANDLE_INVALID`; the source, asked, is silent and taken
+/// out; recovery brings it back, and the next pass makes the copy. Left
+/// serving, it failed every pass's copy.
+#[test]
+fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_it_out() {
+    run_script(&Script {
+        members: 2,
+        split: true,
+        threaded: false,
+        steps: &|s| {
+            s.open_session(0);
+            let provider = pkcs11_ha::provider::get().expect("initialised");
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("state");
+            let state =
+                Arc::new(pkcs11_ha::state_dir::StateDir::open(&path).expect("the state directory"));
+            let _ = provider.groups[0].state.set(Arc::clone(&state));
+            let label = b"made-by-another-host".to_vec();
+            let value = b"its value".to_vec();
+            let (library, local) = (Arc::clone(&s.tokens[0].0), s.tokens[0].1);
+            {
+                let mut sim = library.sim.lock();
+                let session = sim
+                    .open_session(local, CKF_SERIAL_SESSION | CKF_RW_SESSION)
+                    .expect("a session of the other host");
+                let attributes = [
+                    (CKA_CLASS, CKO_DATA.to_ne_bytes().to_vec()),
+                    (CKA_TOKEN, vec![1]),
+                    (CKA_PRIVATE, vec![0]),
+                    (CKA_LABEL, label.clone()),
+                    (CKA_VALUE, value.clone()),
+                ];
+                sim.create_object(session, attributes.into_iter().collect())
+                    .expect("made on the token");
+                sim.close_session(session).expect("closed");
+            }
+            s.made.push(Made {
+                label: label.clone(),
+                handle: 0,
+                token: true,
+                key: None,
+                value: Some(value),
+                owner: None,
+                fate: Fate::Exists,
+            });
+            // Member 1 is read after member 0: once it is, member 0's
+            // connection drops.
+            let (other, other_local) = (Arc::clone(&s.tokens[1].0), s.tokens[1].1);
+            let read_last = *other.sim.lock().tokens[other_local]
+                .token_object_handles()
+                .last()
+                .expect("the domain key");
+            other
+                .sim
+                .lock()
+                .set_fault(other_local, Fault::StallOnReading(read_last));
+            if let Some(time) = TIME.lock().expect("time").as_mut() {
+                time.stall = Duration::ZERO;
+                time.drop_unseen = Some(Arc::clone(&library));
+            }
+            s.note("token 0 drops its connection unseen once token 1 is read".into());
+            pkcs11_ha::reconcile::reconcile_now(&*provider, &state);
+            let on_1 = |s: &Schedule| {
+                let (library, local) = &s.tokens[1];
+                library
+                    .token_objects(*local)
+                    .iter()
+                    .filter(|o| o[1] == hex(&label))
+                    .count()
+            };
+            ensure!(
+                s.states() == [MemberState::Down, MemberState::Up] && on_1(s) == 0,
+                "the copy failed on its silent source, which was taken out: {:?}",
+                s.states()
+            );
+            s.recovery_pass();
+            pkcs11_ha::reconcile::reconcile_now(&*provider, &state);
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up] && on_1(s) == 1,
+                "back, and the next pass copied the object: {:?}, {} copies",
+                s.states(),
+                on_1(s)
             );
             Ok(())
         },
