@@ -2340,6 +2340,113 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
     });
 }
 
+/// A change reaching a serving member directly waits behind a removal
+/// kept for it that could match what it makes
+/// (`VirtualSession::behind_a_removal` in `deliver_or_queue`). Logged
+/// out, member 1 misses a data object made and destroyed, and returns: the
+/// removal finds nothing while private objects are hidden, so it is kept
+/// for the next login. An object of the same attributes is made while
+/// member 1 is out again and returns beside the call, so that the import
+/// reaches it serving. Made at once, the kept removal, made at the login,
+/// removed it from member 1.
+#[test]
+fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        threaded: false,
+        steps: &|s| {
+            // A public session, never logged in.
+            s.logged_in = true;
+            s.open_session(0);
+            s.logged_in = false;
+            let session = s.threads[0].session.expect("a session");
+            let (label, value) = (b"same-attributes".to_vec(), vec![7u8; 16]);
+            let create = |s: &mut Schedule| {
+                let class = CKO_DATA;
+                let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
+                let attribute = |t, p: *const u8, len: usize| CK_ATTRIBUTE {
+                    type_: t,
+                    pValue: p as *mut _,
+                    ulValueLen: len as CK_ULONG,
+                };
+                let mut template = [
+                    attribute(CKA_CLASS, &class as *const _ as *const u8, 8),
+                    attribute(CKA_TOKEN, &yes, 1),
+                    attribute(CKA_PRIVATE, &no, 1),
+                    attribute(CKA_LABEL, label.as_ptr(), label.len()),
+                    attribute(CKA_VALUE, value.as_ptr(), value.len()),
+                ];
+                let mut handle = 0;
+                // SAFETY: the template's buffers outlive the call.
+                let rv = unsafe {
+                    s.f.C_CreateObject.unwrap()(
+                        session,
+                        template.as_mut_ptr(),
+                        template.len() as CK_ULONG,
+                        &mut handle,
+                    )
+                };
+                s.note(format!(
+                    "t0 make {} -> {rv:#x} {handle}",
+                    String::from_utf8_lossy(&label)
+                ));
+                s.made.push(Made {
+                    label: label.clone(),
+                    handle,
+                    token: true,
+                    key: None,
+                    value: Some(value.clone()),
+                    owner: None,
+                    fate: if rv == CKR_OK {
+                        Fate::Exists
+                    } else {
+                        Fate::Gone
+                    },
+                });
+                rv
+            };
+            s.plant(1, Fault::Crash);
+            ensure!(create(s) == CKR_OK, "made on member 0");
+            s.destroy(0, session);
+            ensure!(
+                s.made[0].fate == Fate::Gone && s.states()[1] == MemberState::Down,
+                "destroyed while member 1 was out: {:?}",
+                s.states()
+            );
+            // The settled members are checked by label: the object made
+            // again under it stands for it from here.
+            s.made.remove(0);
+            s.heal(1);
+            s.recovery_pass();
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up],
+                "member 1 serves, the removal kept for the login: {:?}",
+                s.states()
+            );
+            s.plant(1, Fault::Crash);
+            s.make_object(0, session, 0, true);
+            ensure!(
+                s.states()[1] == MemberState::Down,
+                "member 1 out again, failed under another object's making: {:?}",
+                s.states()
+            );
+            s.heal(1);
+            s.stall_after_change(0, MEMBER_TIMEOUT / 2);
+            ensure!(create(s) == CKR_OK, "made again");
+            ensure!(
+                s.states() == [MemberState::Up, MemberState::Up],
+                "member 1 returned beside the call: {:?}",
+                s.states()
+            );
+            // The login makes the kept changes, in order.
+            s.open_session(1);
+            ensure!(s.logged_in, "logged in");
+            Ok(())
+        },
+    });
+}
+
 /// With the recovery thread stepped: when the last serving member fails
 /// under a write, a member whose last attempt found no token but whose
 /// token answers now is due an attempt at once, and the write -- its try
