@@ -92,6 +92,19 @@ struct Faults {
     /// has it run, during calls. Drawn from the seed apart from the
     /// schedule's own choices, as [`Faults::reconnects`] is.
     threads: u64,
+    /// In what percentage of schedules (`SIM_SPARES=1`: half; none by
+    /// default while seed 1378 of those fails) each networked library has
+    /// spare instances (p11-kit's client; [`SimMember::with_one_lane_spares`]):
+    /// operations, searches and random numbers run on them, a returning
+    /// member's replay makes runs of imports on them, and faults meet a
+    /// spare alone ([`Fault::SpareCrash`], [`Fault::SpareStall`] as a hang
+    /// or a slow call, [`Fault::SpareLoseAnswer`]); runs of imports come
+    /// in bursts, so that a member misses enough of them for a replay on
+    /// spares. Drawn from the seed apart from the schedule's own choices,
+    /// as [`Faults::reconnects`] is, and every choice it adds from a
+    /// generator of its own: a spared schedule is its unspared one with
+    /// spares, spare faults and bursts added.
+    spares: u64,
 }
 
 impl Faults {
@@ -105,6 +118,7 @@ impl Faults {
         reconnects: 50,
         recovery_beside: true,
         threads: 50,
+        spares: 0,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -114,6 +128,7 @@ impl Faults {
         reconnects: 100,
         recovery_beside: true,
         threads: 50,
+        spares: 0,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -122,6 +137,7 @@ impl Faults {
         reconnects: 0,
         recovery_beside: true,
         threads: 50,
+        spares: 0,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -131,6 +147,7 @@ impl Faults {
         reconnects: 0,
         recovery_beside: true,
         threads: 0,
+        spares: 0,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -140,6 +157,7 @@ impl Faults {
         reconnects: 0,
         recovery_beside: false,
         threads: 0,
+        spares: 0,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -149,6 +167,7 @@ impl Faults {
         reconnects: 100,
         recovery_beside: false,
         threads: 0,
+        spares: 0,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -156,11 +175,19 @@ impl Faults {
     /// default. Read before any schedule is forked (see
     /// [`run_forked_plan`]).
     fn chosen() -> Faults {
-        match std::env::var("SIM_RECONNECTS").as_deref() {
+        let chosen = match std::env::var("SIM_RECONNECTS").as_deref() {
             Ok("1") => Faults::RECONNECTS,
             Ok("0") => Faults::NO_RECONNECTS,
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
+        };
+        match std::env::var("SIM_SPARES").as_deref() {
+            Ok("1") => Faults {
+                spares: 50,
+                ..chosen
+            },
+            Ok(other) => panic!("SIM_SPARES is 1 (spares in half the schedules), not {other:?}"),
+            Err(_) => chosen,
         }
     }
     /// The default schedules before a refusal mid-run joined them.
@@ -170,6 +197,7 @@ impl Faults {
         reconnects: 0,
         recovery_beside: false,
         threads: 0,
+        spares: 0,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -178,6 +206,7 @@ impl Faults {
         reconnects: 0,
         recovery_beside: false,
         threads: 0,
+        spares: 0,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -186,17 +215,26 @@ impl Faults {
         reconnects: 0,
         recovery_beside: false,
         threads: 0,
+        spares: 0,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
     fn of_seed(self, seed: u64) -> Faults {
         let drawn = Rng(seed ^ 0x5eed_2ec0_2ec0_5eed).below(100) < self.reconnects;
         let threaded = Rng(seed ^ 0x7e2e_ad00_7e2e_ad00).below(100) < self.threads;
+        let spared = Rng(seed ^ 0x59a2_e500_59a2_e500).below(100) < self.spares;
         Faults {
             reconnects: if drawn { 100 } else { 0 },
             threads: if threaded { 100 } else { 0 },
+            spares: if spared { 100 } else { 0 },
             ..self
         }
+    }
+
+    /// Whether this schedule's networked libraries have spares (see
+    /// [`Faults::spares`]).
+    fn spared(self) -> bool {
+        self.spares == 100
     }
 
     /// Whether this schedule's recovery runs as the recovery thread's
@@ -526,6 +564,10 @@ struct Schedule<'a> {
     serial: u64,
     /// The state directory reconciliation passes use ([`Faults::reconnects`]).
     state: Option<Arc<pkcs11_ha::state_dir::StateDir>>,
+    /// The libraries have spares ([`Faults::spares`]).
+    spared: bool,
+    /// Chooses, apart from the others, what spares add to a schedule.
+    spare_rng: Rng,
 }
 
 impl Schedule<'_> {
@@ -949,6 +991,17 @@ impl Schedule<'_> {
         });
     }
 
+    /// A run of token objects imported one after another, as a member
+    /// that misses it is given it on its spares
+    /// ([`Faults::spares`]).
+    fn burst(&mut self, t: usize, session: CK_SESSION_HANDLE) {
+        let (min, more) = (pkcs11_ha::replication::IMPORTS_ON_SPARES as u64, 5);
+        for _ in 0..min + self.spare_rng.below(more) {
+            let kind = self.spare_rng.below(2);
+            self.make_object(t, session, kind, true);
+        }
+    }
+
     /// A generated key's value, read through the virtual slot.
     fn read_value(
         &mut self,
@@ -1060,7 +1113,44 @@ impl Schedule<'_> {
         if !self.faults.overlapping() && !self.all_serving() {
             return;
         }
+        if self.spared && self.spare_rng.chance(50) {
+            return self.spare_fault(token);
+        }
         self.plant(token, fault);
+    }
+
+    /// A fault on `token`'s spares alone: their connections lost, the
+    /// next call on one hanging (longer than memberTimeout) or slow, or
+    /// the next change on one losing its answer.
+    fn spare_fault(&mut self, token: u32) {
+        let fault = match self.spare_rng.below(4) {
+            0 => Fault::SpareCrash,
+            1 | 2 => Fault::SpareStall,
+            _ => Fault::SpareLoseAnswer,
+        };
+        let mut note = format!("fault {fault:?} on token {token}");
+        if fault == Fault::SpareStall {
+            // A hang the watchdog cuts, or a slow call it leaves.
+            let hang = self.spare_rng.chance(50);
+            let stall = if hang {
+                MEMBER_TIMEOUT * 3 / 2 + Duration::from_millis(self.spare_rng.below(1000))
+            } else {
+                Duration::from_millis(self.spare_rng.below(MEMBER_TIMEOUT.as_millis() as u64))
+            };
+            if let Some(time) = TIME.lock().expect("time").as_mut() {
+                time.stall = stall;
+                time.recover_beside = false;
+            }
+            write!(
+                note,
+                ": the next call on a spare stalls {} ms",
+                stall.as_millis()
+            )
+            .unwrap();
+        }
+        let (library, local) = &self.tokens[token as usize];
+        library.sim.lock().set_fault(*local, fault);
+        self.note(note);
     }
 
     fn draw_fault(&mut self) -> Fault {
@@ -1394,6 +1484,12 @@ impl Schedule<'_> {
                         let token = self.rng.chance(70);
                         let kind = self.rng.below(3);
                         self.make_object(t, session, kind, token);
+                        // Mostly while a member is out, which then misses
+                        // the whole run.
+                        let out = self.spared && !self.all_serving();
+                        if self.spared && self.spare_rng.chance(if out { 60 } else { 10 }) {
+                            self.burst(t, session);
+                        }
                     }
                     70..=84 => self.destroy(t, session),
                     _ => self.enumerate(t, session)?,
@@ -1406,6 +1502,14 @@ impl Schedule<'_> {
     /// Heals every token, lets recovery bring every member back, and
     /// compares the members with what the application was told.
     fn settle(&mut self) -> Outcome {
+        if self.spared {
+            let lanes: Vec<usize> = self
+                .tokens
+                .iter()
+                .map(|(library, _)| library.spares.replay_lanes())
+                .collect();
+            self.note(format!("spare lanes lent to replays: {lanes:?}"));
+        }
         for (library, local) in &self.tokens {
             library.sim.lock().heal(*local);
         }
@@ -1493,11 +1597,24 @@ impl Schedule<'_> {
         let open: Vec<usize> = self
             .tokens
             .iter()
-            .map(|(library, local)| library.sessions(*local))
+            .map(|(library, local)| library.own_sessions(*local))
             .collect();
         ensure!(
             open.iter().all(|n| *n <= 1),
-            "with every application session closed, the members hold {open:?} sessions"
+            "with every application session closed, the members hold {open:?} sessions \
+             (spares' own not counted)"
+        );
+        let spare: Vec<usize> = self
+            .tokens
+            .iter()
+            .map(|(library, local)| library.sessions(*local) - library.own_sessions(*local))
+            .collect();
+        ensure!(
+            self.tokens
+                .iter()
+                .zip(&spare)
+                .all(|((library, _), n)| *n <= library.spares.count()),
+            "the spares hold {spare:?} sessions, more than one each"
         );
         let known: Vec<String> = self.made.iter().map(|m| hex(&m.label)).collect();
         for (token, objects) in on.iter().enumerate() {
@@ -1551,9 +1668,18 @@ fn run_plan(
         None => (2 + rng.below(3) as u32, rng.chance(50)),
     };
     let networked = split;
+    let spared = script.is_none() && faults.spared() && networked;
+    let mut spare_rng = Rng(seed ^ 0x59a2_e5ee_59a2_e5ee);
     let libraries: Vec<Arc<SimMember>> = if split {
         (0..members as usize)
-            .map(|i| Arc::new(SimMember::new(&format!("sim{i}"), 1, i, networked, seed)))
+            .map(|i| {
+                let library = SimMember::new(&format!("sim{i}"), 1, i, networked, seed);
+                Arc::new(if spared {
+                    library.with_one_lane_spares(1 + spare_rng.below(2) as usize)
+                } else {
+                    library
+                })
+            })
             .collect()
     } else {
         let tokens = members as usize;
@@ -1694,10 +1820,13 @@ fn run_plan(
                 } else {
                     ""
                 }
+                + if spared { ", spares" } else { "" }
         )],
         verbose: std::env::var_os("SIM_SEED").is_some(),
         serial: 0,
         state,
+        spared,
+        spare_rng,
     };
     if schedule.verbose {
         eprintln!("sim: {}", schedule.trace[0]);
@@ -2013,7 +2142,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -2021,7 +2150,8 @@ fn seeded_schedules_keep_every_invariant() {
             100 => "SIM_RECONNECTS=1 ",
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
-        }
+        },
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
     );
 }
 

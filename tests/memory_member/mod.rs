@@ -73,6 +73,27 @@ impl SimMember {
         self
     }
 
+    /// [`SimMember::with_spares`] as the deterministic simulation has them
+    /// ([`spares::Spares::one_lane`]); made in the thread that will call
+    /// it.
+    pub fn with_one_lane_spares(mut self, count: usize) -> SimMember {
+        self.spares = spares::Spares::one_lane(count);
+        self
+    }
+
+    /// Opens a session for a spare instance: the spare faults meet it.
+    fn open_spare_session(
+        &self,
+        slot: CK_SLOT_ID,
+        flags: CK_FLAGS,
+        session: &mut CK_SESSION_HANDLE,
+    ) -> CK_RV {
+        self.call("C_OpenSession", |sim| {
+            *session = sim.open_spare_session(sim.token_index(slot)?, flags)?;
+            Ok(())
+        })
+    }
+
     /// [`SimMember::new`] of one in-process library, initialised.
     pub fn initialized(tokens: usize, seed: u64) -> SimMember {
         let member = SimMember::new("simulated", tokens, 0, false, seed);
@@ -91,6 +112,7 @@ impl SimMember {
     /// as a loaded library's calls are; a call that met a stall then runs
     /// the stall hook, outside the model's lock (the hook may call in).
     fn call(&self, function: &'static str, f: impl FnOnce(&mut Sim) -> token::Result<()>) -> CK_RV {
+        self.spares.owner_called();
         counted(function, || {
             let (answer, stalled) = {
                 let mut sim = self.sim.lock();
@@ -130,6 +152,16 @@ impl SimMember {
     pub fn sessions(&self, token: usize) -> usize {
         let sim = self.sim.lock();
         sim.sessions.values().filter(|s| s.token == token).count()
+    }
+
+    /// Sessions open on token `token` that no spare instance opened: the
+    /// spares keep theirs open between calls, one per spare.
+    pub fn own_sessions(&self, token: usize) -> usize {
+        let sim = self.sim.lock();
+        sim.sessions
+            .values()
+            .filter(|s| s.token == token && !s.spare)
+            .count()
     }
 
     /// A single-part call: the result under the two-call convention; the
@@ -285,6 +317,10 @@ impl MemberApi for SimMember {
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
+        // A replay's lane opens its read-write session on the spare.
+        if self.spares.on_replay_thread() {
+            return self.open_spare_session(slot, flags, session);
+        }
         self.call("C_OpenSession", |sim| {
             *session = sim.open_session(sim.token_index(slot)?, flags)?;
             Ok(())

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use pkcs11_ha::member_api::{Held, MemberApi, MemberBackend, SpareLane};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::thread::ThreadId;
 
 /// The spare instances of one [`SimMember`].
 #[derive(Default)]
@@ -21,6 +22,12 @@ pub struct Spares {
     /// Held while a spare logs in or the group's logout reaches the
     /// spares, as [`MemberBackend::log_out_spares`] requires.
     logins: Mutex<()>,
+    /// One lane at a time for threads other than the one that made the
+    /// member ([`Spares::one_lane`]): its thread and whether such a lane
+    /// was lent since that thread last called.
+    one_lane: Option<(ThreadId, Mutex<bool>)>,
+    /// Lanes lent to a replay's threads so far.
+    replay_lanes: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -28,6 +35,9 @@ struct State {
     /// Each spare's sessions, by index.
     sessions: Vec<Vec<SpareSession>>,
     idle: Vec<usize>,
+    /// Each spare's connection failed while opening a session: it connects
+    /// again at its next lending, as `member.rs`'s spares do.
+    stale: Vec<bool>,
     /// Lanes taken from each spare so far, for tests to read.
     taken: Vec<usize>,
 }
@@ -47,14 +57,69 @@ impl Spares {
             state: Mutex::new(State {
                 sessions: (0..count).map(|_| Vec::new()).collect(),
                 idle: (0..count).rev().collect(),
+                stale: vec![false; count],
                 taken: vec![0; count],
             }),
             logins: Mutex::new(()),
+            one_lane: None,
+            replay_lanes: Default::default(),
+        }
+    }
+
+    /// `count` spares as the deterministic simulation has them: the lanes
+    /// a replay takes from threads of its own
+    /// (`replication::spares::import_on_spares`) run in an order the
+    /// schedule cannot choose, so only the first thread to ask gets one,
+    /// until the member's own thread (this one) calls again; the others
+    /// find no spare idle, as when every spare is busy. A replay on spares
+    /// then makes the same calls in the same order at each run of a seed.
+    pub fn one_lane(count: usize) -> Spares {
+        Spares {
+            one_lane: Some((std::thread::current().id(), Mutex::new(false))),
+            ..Spares::new(count)
+        }
+    }
+
+    /// Whether the calling thread is a replay's own (see
+    /// [`Spares::one_lane`]).
+    pub fn on_replay_thread(&self) -> bool {
+        self.one_lane
+            .as_ref()
+            .is_some_and(|(owner, _)| *owner != std::thread::current().id())
+    }
+
+    /// The member's own thread calls: a replay after this may take a lane.
+    pub fn owner_called(&self) {
+        if let Some((owner, lent)) = &self.one_lane {
+            if *owner == std::thread::current().id() {
+                *lent.lock() = false;
+            }
+        }
+    }
+
+    /// Whether a replay thread may take a spare now: the first since the
+    /// member's own thread last called.
+    fn replay_may_take(&self) -> bool {
+        match &self.one_lane {
+            Some((owner, lent)) if *owner != std::thread::current().id() => {
+                let first = !std::mem::replace(&mut *lent.lock(), true);
+                if first {
+                    self.replay_lanes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                first
+            }
+            _ => true,
         }
     }
 
     pub fn count(&self) -> usize {
         self.state.lock().sessions.len()
+    }
+
+    /// Lanes lent to a replay's threads so far ([`Spares::one_lane`]).
+    pub fn replay_lanes(&self) -> usize {
+        self.replay_lanes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Lanes taken from each spare so far.
@@ -66,17 +131,26 @@ impl Spares {
 impl SimMember {
     /// An idle spare's session on `slot` on the current connection (opened
     /// now if it has none), with `begin` held around the opening; `None`
-    /// when no spare is idle, `Some(Err)` with the member's answer when the
-    /// session could not be opened (the spare handed back).
+    /// when no spare is idle or its connection failed opening the session
+    /// (it connects again at its next lending), `Some(Err)` with the
+    /// member's answer when the session could not be opened otherwise (the
+    /// spare handed back).
     fn borrow_spare<'g>(
         &self,
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
     ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64), CK_RV>> {
+        if !self.spares.replay_may_take() {
+            return None;
+        }
         let index = self.spares.state.lock().idle.pop()?;
         let connection = self.connection();
         let known = {
             let mut state = self.spares.state.lock();
+            if std::mem::take(&mut state.stale[index]) {
+                state.sessions[index].clear();
+                self.sim.lock().reconnect_spares();
+            }
             let sessions = &mut state.sessions[index];
             sessions.retain(|s| s.connection == connection);
             sessions.iter().find(|s| s.slot == slot).map(|s| s.handle)
@@ -86,10 +160,17 @@ impl SimMember {
         }
         let _begun = begin();
         let mut handle = 0;
-        let rv = self.open_session(slot, CKF_SERIAL_SESSION, &mut handle);
+        let rv = self.open_spare_session(slot, CKF_SERIAL_SESSION, &mut handle);
         let mut state = self.spares.state.lock();
         if rv != CKR_OK {
             state.idle.push(index);
+            // A spare whose connection failed is no answer of the
+            // member's: the call goes to the member's own session, as
+            // `member.rs`'s spares send it.
+            if rv == CKR_DEVICE_ERROR {
+                state.stale[index] = true;
+                return None;
+            }
             return Some(Err(rv));
         }
         state.sessions[index].push(SpareSession {

@@ -69,6 +69,18 @@ pub enum Fault {
     /// newest first, as a p11-kit server does per connection: a handle of
     /// the old connection names another object on the new one.
     RenumberOnReconnect,
+    /// The connections of the library's spare instances are lost while the
+    /// member's own is not: every call on a spare's session, and each
+    /// spare session opened, fails with `CKR_DEVICE_ERROR` until the
+    /// library connects again (or healing).
+    SpareCrash,
+    /// As [`Fault::Stall`], met by the next call on a spare's session (or
+    /// the next spare session opened): a spare that hangs while the
+    /// member's own connection answers.
+    SpareStall,
+    /// As [`Fault::LoseAnswer`], met by the next change made on a spare's
+    /// session.
+    SpareLoseAnswer,
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -104,6 +116,9 @@ pub struct Session {
     pub read_write: bool,
     pub operation: Option<Operation>,
     pub find: Option<Vec<CK_OBJECT_HANDLE>>,
+    /// Opened by a spare instance ([`Sim::open_spare_session`]): the
+    /// spare faults apply to it.
+    pub spare: bool,
 }
 
 #[derive(Default)]
@@ -127,6 +142,9 @@ pub struct Token {
     pub stall_after_change: bool,
     pub stall_on_login: bool,
     pub renumber_on_reconnect: bool,
+    pub spare_crashed: bool,
+    pub spare_stall_next: bool,
+    pub spare_lose_next_answer: bool,
 }
 
 /// The whole simulated library.
@@ -147,6 +165,8 @@ pub struct Sim {
     generated: u64,
     /// The token whose stall the call under way met ([`Fault::Stall`]).
     pub stalled: Option<usize>,
+    /// The call under way is on a spare's session.
+    on_spare: bool,
 }
 
 pub type Result<T> = std::result::Result<T, CK_RV>;
@@ -409,6 +429,7 @@ impl Sim {
 
     /// The gate of every call on a token: its faults, in order.
     pub fn enter(&mut self, token: usize) -> Result<()> {
+        self.on_spare = false;
         if self.disconnected || self.tokens[token].down() {
             return Err(CKR_DEVICE_ERROR);
         }
@@ -427,9 +448,17 @@ impl Sim {
     pub fn connect(&mut self) {
         self.disconnected = false;
         for token in &mut self.tokens {
+            token.spare_crashed = false;
             if token.renumber_on_reconnect {
                 token.renumber_afresh();
             }
+        }
+    }
+
+    /// The spares connect again ([`Fault::SpareCrash`] ends).
+    pub fn reconnect_spares(&mut self) {
+        for token in &mut self.tokens {
+            token.spare_crashed = false;
         }
     }
 
@@ -443,16 +472,32 @@ impl Sim {
 
     /// The gate of a call on a session: the token's faults, then the session.
     pub fn enter_session(&mut self, session: CK_SESSION_HANDLE) -> Result<usize> {
-        let token = self
+        let (token, spare) = self
             .sessions
             .get(&session)
-            .ok_or(CKR_SESSION_HANDLE_INVALID)?
-            .token;
+            .map(|s| (s.token, s.spare))
+            .ok_or(CKR_SESSION_HANDLE_INVALID)?;
         self.enter(token)?;
+        if spare {
+            self.enter_spare(token)?;
+        }
         self.sessions
             .get(&session)
             .map(|s| s.token)
             .ok_or(CKR_SESSION_HANDLE_INVALID)
+    }
+
+    /// The spare faults, for a call on a spare's session, after the
+    /// token's own.
+    fn enter_spare(&mut self, token: usize) -> Result<()> {
+        self.on_spare = true;
+        if self.tokens[token].spare_crashed {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        if std::mem::take(&mut self.tokens[token].spare_stall_next) {
+            self.stalled = Some(token);
+        }
+        Ok(())
     }
 
     /// Answers `rv` for a call that changed the token, unless its answer
@@ -462,6 +507,12 @@ impl Sim {
             self.stalled = Some(token);
         }
         if rv == CKR_OK && std::mem::take(&mut self.tokens[token].lose_next_answer) {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        if rv == CKR_OK
+            && self.on_spare
+            && std::mem::take(&mut self.tokens[token].spare_lose_next_answer)
+        {
             return Err(CKR_DEVICE_ERROR);
         }
         if rv == CKR_OK {
@@ -518,6 +569,9 @@ impl Sim {
             Fault::StallAfterChange => t.stall_after_change = true,
             Fault::StallOnLogin => t.stall_on_login = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
+            Fault::SpareCrash => t.spare_crashed = true,
+            Fault::SpareStall => t.spare_stall_next = true,
+            Fault::SpareLoseAnswer => t.spare_lose_next_answer = true,
         }
     }
 
@@ -544,6 +598,9 @@ impl Sim {
         t.stall_on_reading = None;
         t.stall_after_change = false;
         t.stall_on_login = false;
+        t.spare_crashed = false;
+        t.spare_stall_next = false;
+        t.spare_lose_next_answer = false;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -571,8 +628,23 @@ impl Sim {
                 read_write: flags & CKF_RW_SESSION != 0,
                 operation: None,
                 find: None,
+                spare: false,
             },
         );
+        Ok(handle)
+    }
+
+    /// [`Sim::open_session`] for a spare instance, which the spare faults
+    /// meet.
+    pub fn open_spare_session(
+        &mut self,
+        token: usize,
+        flags: CK_FLAGS,
+    ) -> Result<CK_SESSION_HANDLE> {
+        self.enter(token)?;
+        self.enter_spare(token)?;
+        let handle = self.open_session(token, flags)?;
+        self.session(handle).spare = true;
         Ok(handle)
     }
 
