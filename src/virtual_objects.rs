@@ -4,7 +4,9 @@
 //! made on one member and replicated to the others before the call
 //! returns. Handles the application sees are virtual.
 
-use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
+use crate::arguments::{
+    Attribute, AttributeQuery, AttributeRequest, OutArray, Template, TemplateBuilder,
+};
 use crate::error::{check, Error, Result};
 use crate::group::{Pending, Waits};
 use crate::identity;
@@ -562,16 +564,12 @@ impl VirtualSession {
     }
 
     fn read_bool(&self, object: CK_OBJECT_HANDLE, attribute: CK_ATTRIBUTE_TYPE) -> Result<bool> {
-        let mut value: CK_BBOOL = 0;
+        let mut query = AttributeQuery::new();
+        query.room(attribute, 1);
         self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
-            let mut query = CK_ATTRIBUTE {
-                type_: attribute,
-                pValue: &mut value as *mut _ as *mut _,
-                ulValueLen: 1,
-            };
-            library.get_attribute_value(s, h[0], Some(std::slice::from_mut(&mut query)))
+            library.get_attribute_value(s, h[0], Some(query.as_mut_slice()))
         })?;
-        Ok(value != CK_FALSE)
+        Ok(query.bool(0) == Some(true))
     }
 
     /// Whether the members keep this key extractable only on the
@@ -596,44 +594,23 @@ impl VirtualSession {
                 trusted_only: Some(true),
             });
         }
-        let mut class: CK_ULONG = CK_UNAVAILABLE_INFORMATION;
-        let mut extractable: CK_BBOOL = 0;
-        let mut trusted_only: CK_BBOOL = 0;
-        let mut query = [
-            CK_ATTRIBUTE {
-                type_: CKA_CLASS,
-                pValue: &mut class as *mut _ as *mut _,
-                ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
-            },
-            CK_ATTRIBUTE {
-                type_: CKA_EXTRACTABLE,
-                pValue: &mut extractable as *mut _ as *mut _,
-                ulValueLen: 1,
-            },
-            CK_ATTRIBUTE {
-                type_: CKA_WRAP_WITH_TRUSTED,
-                pValue: &mut trusted_only as *mut _ as *mut _,
-                ulValueLen: 1,
-            },
-        ];
+        let mut query = AttributeQuery::new();
+        query.room(CKA_CLASS, std::mem::size_of::<CK_ULONG>());
+        query.room(CKA_EXTRACTABLE, 1);
+        query.room(CKA_WRAP_WITH_TRUSTED, 1);
         let answer = self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
-            query[0].ulValueLen = std::mem::size_of::<CK_ULONG>() as CK_ULONG;
-            query[1].ulValueLen = 1;
-            query[2].ulValueLen = 1;
-            library.get_attribute_value(s, h[0], Some(&mut query))
+            library.get_attribute_value(s, h[0], Some(query.as_mut_slice()))
         });
         if let Err(e) = answer {
             if e.rv != CKR_ATTRIBUTE_TYPE_INVALID {
                 return Err(e);
             }
         }
-        let read =
-            |a: &CK_ATTRIBUTE, value: CK_BBOOL| (a.ulValueLen == 1).then_some(value != CK_FALSE);
         let protection = Protection {
             known: false,
-            class: (query[0].ulValueLen != CK_UNAVAILABLE_INFORMATION).then_some(class),
-            extractable: read(&query[1], extractable),
-            trusted_only: read(&query[2], trusted_only),
+            class: query.ulong(0),
+            extractable: query.bool(1),
+            trusted_only: query.bool(2),
         };
         if protection.protected() {
             self.group.objects.mark_protected(object, false);
