@@ -157,17 +157,22 @@ impl<'a> Template<'a> {
             return Err(Error::new(CKR_ARGUMENTS_BAD));
         }
         if template.is_null() {
-            return Ok(Template {
-                attributes: Cow::Borrowed(&[]),
-                _nested: Vec::new(),
-                absent: true,
-            });
+            return Ok(Template::absent());
         }
         // SAFETY: not null; the caller vouches for `count` attributes.
         let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
         // SAFETY: the caller vouches for the values.
         unsafe { check_values(attributes, MAX_NESTING) }?;
         Ok(Template::from_checked(attributes))
+    }
+
+    /// The application's NULL template (with no attributes).
+    pub fn absent() -> Template<'static> {
+        Template {
+            attributes: Cow::Borrowed(&[]),
+            _nested: Vec::new(),
+            absent: true,
+        }
     }
 
     fn from_checked(attributes: &'a [CK_ATTRIBUTE]) -> Self {
@@ -380,9 +385,20 @@ impl<'a> AttributeRequest<'a> {
         })
     }
 
-    /// The attributes as asked: types, lengths, whether a buffer was given.
-    pub fn attributes(&self) -> &[CK_ATTRIBUTE] {
-        self.attributes
+    pub fn len(&self) -> usize {
+        self.attributes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_empty()
+    }
+
+    pub fn kind(&self, index: usize) -> CK_ATTRIBUTE_TYPE {
+        self.attributes[index].type_
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = CK_ATTRIBUTE_TYPE> + '_ {
+        self.attributes.iter().map(|a| a.type_)
     }
 
     /// The room attribute `index` gives its value; `None` for no buffer
@@ -539,10 +555,15 @@ impl<'r> AttributeQuery<'r> {
         self.push(kind, Ask::Nested(attributes, asks));
     }
 
-    /// Asks every attribute of the application's `request` as it asked them,
-    /// into its own buffers, which are never read here.
-    pub fn asked(&mut self, request: &'r AttributeRequest) {
-        for attribute in request.attributes.iter() {
+    /// Asks the attributes of the application's `request` whose kind is
+    /// `kept` as it asked them, into its own buffers, which are never read
+    /// here.
+    pub fn asked(
+        &mut self,
+        request: &'r AttributeRequest,
+        kept: impl Fn(CK_ATTRIBUTE_TYPE) -> bool,
+    ) {
+        for attribute in request.attributes.iter().filter(|a| kept(a.type_)) {
             self.push(attribute.type_, Ask::Asked(*attribute));
         }
     }
@@ -835,6 +856,77 @@ mod tests {
         let nested = outer.iter().next().unwrap().nested().unwrap();
         assert_eq!(nested.bool(CKA_EXTRACTABLE), Some(false));
         assert_eq!(nested.bool(CKA_WRAP_WITH_TRUSTED), Some(true));
+    }
+
+    /// Answers `attributes` as a member would: each value that has a
+    /// buffer gets `value`'s bytes that fit and its full length.
+    fn member_answers(attributes: &mut [CK_ATTRIBUTE], value: &[u8]) {
+        for a in attributes {
+            if !a.pValue.is_null() {
+                let n = value.len().min(a.ulValueLen as usize);
+                // SAFETY: the query's room holds `ulValueLen` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), a.pValue.cast(), n) };
+            }
+            a.ulValueLen = value.len() as CK_ULONG;
+        }
+    }
+
+    #[test]
+    fn a_query_reads_back_what_fits_its_rooms_and_asks_afresh() {
+        let mut store = Vec::new();
+        let mut query = AttributeQuery::in_store(&mut store);
+        query.room(CKA_LABEL, 8);
+        query.length(CKA_ID, 7);
+        query.room(CKA_VALUE, 2);
+        member_answers(query.as_mut_slice(), b"abc");
+        assert_eq!(query.value(0), Some(&b"abc"[..]));
+        assert_eq!((query.answered(1), query.value(1)), (3, None));
+        assert_eq!(query.answered(2), 3);
+        assert_eq!(query.value(2), None, "a length beyond the room");
+        let lent = query.as_mut_slice();
+        let lengths: Vec<CK_ULONG> = lent.iter().map(|a| a.ulValueLen).collect();
+        assert_eq!(lengths, [8, 7, 2], "each lending asks afresh");
+        assert!(lent[1].pValue.is_null(), "a length query has no buffer");
+        lent[0].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        assert_eq!(query.value(0), None);
+        assert!(store.len() >= 10, "the rooms stay for the next query");
+    }
+
+    #[test]
+    fn a_query_reads_a_nested_template_in_two_steps() {
+        let size = std::mem::size_of::<CK_ATTRIBUTE>() as CK_ULONG;
+        let mut kinds = AttributeQuery::new();
+        kinds.nested(CKA_UNWRAP_TEMPLATE, &[(0, None), (0, None)]);
+        let outer = &mut kinds.as_mut_slice()[0];
+        assert_eq!(outer.ulValueLen, 2 * size);
+        // SAFETY: the outer room holds two attributes.
+        let inner = unsafe { std::slice::from_raw_parts_mut(outer.pValue.cast(), 2) };
+        let answers = [(CKA_EXTRACTABLE, 1), (CKA_LABEL, 3)];
+        for (a, (kind, len)) in inner.iter_mut().zip(answers) {
+            *a = CK_ATTRIBUTE {
+                type_: kind,
+                pValue: std::ptr::null_mut(),
+                ulValueLen: len,
+            };
+        }
+        assert_eq!(kinds.nested_lengths(0), answers);
+        let mut values = AttributeQuery::new();
+        values.nested(
+            CKA_UNWRAP_TEMPLATE,
+            &[(CKA_EXTRACTABLE, Some(1)), (CKA_LABEL, Some(3))],
+        );
+        let outer = &mut values.as_mut_slice()[0];
+        // SAFETY: as above.
+        let inner = unsafe { std::slice::from_raw_parts_mut(outer.pValue.cast(), 2) };
+        member_answers(&mut inner[..1], &[CK_FALSE]);
+        member_answers(&mut inner[1..], b"key");
+        assert_eq!(
+            values.nested_values(0),
+            Some(vec![
+                (CKA_EXTRACTABLE, vec![CK_FALSE]),
+                (CKA_LABEL, b"key".to_vec())
+            ])
+        );
     }
 
     #[test]

@@ -266,6 +266,33 @@ mod tests {
     }
 
     #[test]
+    fn an_owned_template_keeps_its_nested_values_past_the_call() {
+        let mut label = *b"app";
+        let mut inner = [CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_mut_ptr().cast(),
+            ulValueLen: 3,
+        }];
+        let raw = [CK_ATTRIBUTE {
+            type_: CKA_UNWRAP_TEMPLATE,
+            pValue: inner.as_mut_ptr().cast(),
+            ulValueLen: size_of::<CK_ATTRIBUTE>() as CK_ULONG,
+        }];
+        // SAFETY: a live local template.
+        let given = unsafe { Template::giving_values(raw.as_ptr() as *mut _, 1) }.unwrap();
+        let kept = OwnedTemplate::copy(&given);
+        label.copy_from_slice(b"new");
+        let lent = kept.template();
+        let nested = lent.iter().next().and_then(|a| a.nested()).unwrap();
+        let values: Vec<_> = nested.values().collect();
+        assert_eq!(
+            values,
+            [(CKA_LABEL, &b"app"[..])],
+            "a copy, not the application's memory"
+        );
+    }
+
+    #[test]
     fn wrong_parameter_size_is_rejected() {
         let mut handle: CK_OBJECT_HANDLE = 1;
         let mechanism = CK_MECHANISM {
