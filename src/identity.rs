@@ -199,6 +199,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `read` with this thread's [`SCRATCH`] for a query's rooms, or a
+/// fresh buffer where a read on this thread holds it already (a member
+/// that calls back into us during the call, as the simulation's hooks do).
+fn with_scratch<T>(read: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut kept) => read(&mut kept),
+        Err(_) => read(&mut Vec::new()),
+    })
+}
+
 /// The fingerprint attributes read in one call, each into room enough for
 /// any value it holds in practice -- half the calls of asking the lengths
 /// first, which matters when a search returns thousands of objects. `None`
@@ -211,9 +221,8 @@ fn read_in_one_call(
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<Fingerprint> {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let mut query = AttributeQuery::in_store(&mut scratch);
+    with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
         rooms(&mut query, types);
         if !answered(library, session, object, &mut query) {
             return None;
@@ -269,9 +278,8 @@ pub fn read_along(
     object: CK_OBJECT_HANDLE,
     request: &mut AttributeRequest,
 ) -> (CK_RV, Option<Fingerprint>) {
-    let combined = SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let mut query = AttributeQuery::in_store(&mut scratch);
+    let combined = with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
         query.asked(request, |_| true);
         let asked = request.len();
         rooms(&mut query, LIGHT_FINGERPRINT);
@@ -350,9 +358,8 @@ pub fn read_in_rooms(
     types: &[CK_ATTRIBUTE_TYPE],
     arrays: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<ValuesAndArrays> {
-    let (values, present, unavailable) = SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let mut query = AttributeQuery::in_store(&mut scratch);
+    let (values, present, unavailable) = with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
         rooms(&mut query, types);
         for t in arrays {
             query.length(*t, UNANSWERED);
