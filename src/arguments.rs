@@ -385,18 +385,7 @@ impl<'a> AttributeRequest<'a> {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.attributes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.attributes.is_empty()
-    }
-
-    pub fn kind(&self, index: usize) -> CK_ATTRIBUTE_TYPE {
-        self.attributes[index].type_
-    }
-
+    /// The kinds asked, in order.
     pub fn kinds(&self) -> impl Iterator<Item = CK_ATTRIBUTE_TYPE> + '_ {
         self.attributes.iter().map(|a| a.type_)
     }

@@ -281,7 +281,7 @@ pub fn read_along(
     let combined = with_scratch(|store| {
         let mut query = AttributeQuery::in_store(store);
         query.asked(request, |_| true);
-        let asked = request.len();
+        let asked = request.kinds().count();
         rooms(&mut query, LIGHT_FINGERPRINT);
         let rv = library.get_attribute_value(session, object, Some(query.as_mut_slice()));
         let fits = |i: usize| {

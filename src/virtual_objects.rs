@@ -715,8 +715,8 @@ impl VirtualSession {
         let answers: Vec<CK_ULONG> = (0..asked.len()).map(|j| asked.answered(j)).collect();
         let mut answers = answers.into_iter();
         let mut withheld = false;
-        for i in 0..request.len() {
-            let t = request.kind(i);
+        let kinds: Vec<CK_ATTRIBUTE_TYPE> = request.kinds().collect();
+        for (i, t) in kinds.into_iter().enumerate() {
             if material(t) {
                 request.set_len(i, CK_UNAVAILABLE_INFORMATION);
                 withheld = true;
