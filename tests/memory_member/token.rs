@@ -457,8 +457,25 @@ impl Sim {
 
     /// The spares connect again ([`Fault::SpareCrash`] ends).
     pub fn reconnect_spares(&mut self) {
-        for token in &mut self.tokens {
-            token.spare_crashed = false;
+        for token in 0..self.tokens.len() {
+            self.end_spare_connection(token);
+        }
+    }
+
+    /// A lost spare connection is replaced: the sessions it held on
+    /// `token` went with it.
+    fn end_spare_connection(&mut self, token: usize) {
+        if !std::mem::take(&mut self.tokens[token].spare_crashed) {
+            return;
+        }
+        let gone: Vec<CK_SESSION_HANDLE> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.token == token && s.spare)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in gone {
+            self.end_session(handle);
         }
     }
 
@@ -588,6 +605,7 @@ impl Sim {
             // The deadline passed: pkcs11-ha's watchdog cut the connection.
             self.disconnect();
         }
+        self.end_spare_connection(token);
         let t = &mut self.tokens[token];
         t.crashed = false;
         t.hung = false;
