@@ -1820,7 +1820,7 @@ impl Group {
         if serving.is_empty() {
             serving = degraded.drain(..).collect();
         }
-        let start = self.next_turn(lane);
+        let start = self.round_robin[lane % LANES].fetch_add(1, Ordering::Relaxed);
         if (start + 1) % EXPLORE_EVERY == 0 && serving.len() > 1 {
             let turn = (start / EXPLORE_EVERY) % serving.len();
             // A member with calls in flight is being measured already (and
@@ -1852,8 +1852,7 @@ impl Group {
     /// alone decides. The same choice, exploring turns included, as long as
     /// an active member serves, none of the serving is degraded and there
     /// are at most [`FAST_CHOICE`] of them; otherwise it asks
-    /// [`Self::by_preference`] (out of line: kept off this path, its
-    /// registers and lists cost every call).
+    /// [`Self::by_preference`].
     fn first_by_preference(&self, lane: usize) -> Option<usize> {
         let lane = lane % LANES;
         // (latency, calls in flight, position) of the serving members.
@@ -1868,7 +1867,7 @@ impl Group {
                 continue;
             }
             if count == FAST_CHOICE || m.rotation.load(Ordering::Relaxed) != Rotation::In as u8 {
-                return self.first_listed(lane);
+                return self.by_preference(lane).first().copied();
             }
             let latency = m.latency(lane);
             if latency != 0 {
@@ -1881,46 +1880,25 @@ impl Group {
             count += 1;
         }
         if count == 0 {
-            return self.first_listed(lane);
+            return self.by_preference(lane).first().copied();
         }
         LANE.set(lane as u8);
-        let turn = self.next_turn(lane);
+        let turn = self.round_robin[lane].fetch_add(1, Ordering::Relaxed);
         if (turn + 1) % EXPLORE_EVERY == 0 && count > 1 {
             // As in `by_preference`: a member with calls in flight is
             // being measured already.
-            let (_, in_flight, position) = serving[rank(turn / EXPLORE_EVERY, count)];
+            let (_, in_flight, position) = serving[(turn / EXPLORE_EVERY) % count];
             if in_flight == 0 {
                 return Some(position);
             }
         }
-        let start = rank(turn, count);
+        let start = turn % count;
         let fastest = if fastest == u64::MAX { 1 } else { fastest };
         if !any_in_flight && comparable(slowest, fastest) {
             // Every expected completion is the same: the rotation decides.
             return Some(serving[start].2);
         }
         Some(least_expected_completion(&serving[..count], fastest, start))
-    }
-
-    /// [`Self::by_preference`]'s first member, for
-    /// [`Self::first_by_preference`]'s rare cases.
-    #[cold]
-    #[inline(never)]
-    fn first_listed(&self, lane: usize) -> Option<usize> {
-        self.by_preference(lane).first().copied()
-    }
-
-    /// `lane`'s turn in the rotation, counted on. A load and a store, not
-    /// an atomic add: every stateless call and operation start takes a
-    /// turn, and two threads that race here take the same turn, which
-    /// costs nothing but an even spread for that moment (each still sees
-    /// the other's calls in flight once its call is under way).
-    #[inline(always)]
-    fn next_turn(&self, lane: usize) -> usize {
-        let counter = &self.round_robin[lane % LANES];
-        let turn = counter.load(Ordering::Relaxed);
-        counter.store(turn.wrapping_add(1), Ordering::Relaxed);
-        turn
     }
 
     /// Takes members far slower than the others for a sustained period out
@@ -2203,17 +2181,6 @@ fn completion_key(
     };
     let cost = (in_flight + 1).saturating_mul(latency);
     cost.saturating_mul(n as u64) + rotated as u64
-}
-
-/// `turn` among `count` (1 to [`FAST_CHOICE`]) members: a mask where
-/// `count` is a power of two, sparing a division on every choice.
-#[inline(always)]
-fn rank(turn: usize, count: usize) -> usize {
-    if count.is_power_of_two() {
-        turn & (count - 1)
-    } else {
-        turn % count
-    }
 }
 
 /// Whether a member of `latency` counts as fast as the fastest, `fastest`
