@@ -58,7 +58,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use cryptoki::context::Pkcs11;
@@ -99,6 +99,10 @@ const PROVEN_CALLS: u64 = 20;
 /// half the run, since a recovery copies what the member lacks and grows
 /// with the number of keys.
 const SETTLE_BASE: Duration = Duration::from_secs(120);
+/// The summary shows this many stretches with no member serving, each
+/// with the chaos events and HA log lines of this long before it.
+const OUTAGES_SHOWN: usize = 5;
+const OUTAGE_CONTEXT: Duration = Duration::from_secs(5);
 /// An operation slower than this counts as slow in the summary.
 const SLOW: Duration = Duration::from_millis(250);
 /// DER of the prime256v1 OID.
@@ -470,6 +474,8 @@ struct KeyRecord {
 
 struct Run {
     start: Instant,
+    /// `start` on the wall clock, to place the HA log's lines in the run.
+    wall_start: SystemTime,
     stop: AtomicBool,
     state: StateApi,
     stats: [OpStats; OPS.len()],
@@ -830,6 +836,8 @@ struct ChaosCounts {
     returns: Vec<Duration>,
     /// Time with no member serving.
     outage: Duration,
+    /// Each stretch of it: from when (run time), how long.
+    outages: Vec<(Duration, Duration)>,
     /// Up -> not up transitions seen through the state API, per member.
     failovers: [u64; 3],
 }
@@ -851,6 +859,7 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
     let mut was_up = [true; 3];
     let mut next_event = Instant::now() + rng.millis(CHAOS_GAP_MS);
     let mut last_tick = Instant::now();
+    let mut outage_since: Option<Instant> = None;
     while !run.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let status = run.state.group();
@@ -868,6 +877,9 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
         }
         if !was_up.iter().any(|up| *up) {
             counts.outage += now.duration_since(last_tick);
+            outage_since.get_or_insert(last_tick);
+        } else if let Some(since) = outage_since.take() {
+            counts.outages.push((since - run.start, now - since));
         }
         last_tick = now;
         for (i, d) in dist.iter_mut().enumerate() {
@@ -945,6 +957,9 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
             }
         }
         thread::sleep(CHAOS_TICK);
+    }
+    if let Some(since) = outage_since {
+        counts.outages.push((since - run.start, last_tick - since));
     }
     for (i, d) in dist.iter_mut().enumerate() {
         if let Some((_, pids)) = d.stalled.take() {
@@ -1263,6 +1278,50 @@ fn ha_log_counts(dir: &Path) -> (usize, Vec<(&'static str, usize)>) {
     (text.lines().count(), counts)
 }
 
+/// When an HA log line was written: its leading `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn log_line_time(line: &str) -> Option<SystemTime> {
+    let field = |range: std::ops::Range<usize>| -> Option<u64> { line.get(range)?.parse().ok() };
+    let (year, month, day) = (field(0..4)?, field(5..7)?, field(8..10)?);
+    let (hour, minute, second, milli) = (
+        field(11..13)?,
+        field(14..16)?,
+        field(17..19)?,
+        field(20..23)?,
+    );
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+    // days_from_civil), for years after 1970.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let secs = ((days * 24 + hour) * 60 + minute) * 60 + second;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(milli))
+}
+
+/// The HA log's lines (every file under `dir`) written between `from` and
+/// `to` of run time, each with its run time in front and the group's
+/// label and serial left out, in order.
+fn ha_log_between(dir: &Path, wall_start: SystemTime, from: Duration, to: Duration) -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        for line in fs::read_to_string(entry.path()).unwrap_or_default().lines() {
+            let Some(at) = log_line_time(line).and_then(|t| t.duration_since(wall_start).ok())
+            else {
+                continue;
+            };
+            if (from..=to).contains(&at) {
+                let rest = line.get(24..).unwrap_or_default();
+                let rest = rest.split_once(" member=").map_or(rest, |(_, r)| r);
+                lines.push((at, format!("{} member={rest}", secs(at))));
+            }
+        }
+    }
+    lines.sort();
+    lines.into_iter().map(|(_, line)| line).collect()
+}
+
 /// A failure with the numbers (key IDs, handles) taken out, to group by.
 fn failure_kind(f: &Failure) -> String {
     let error: String = f
@@ -1347,6 +1406,7 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
 
     let run = Run {
         start: Instant::now(),
+        wall_start: SystemTime::now(),
         stop: AtomicBool::new(false),
         state: StateApi::new(),
         stats: Default::default(),
@@ -1423,6 +1483,17 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
     // The summary.
     println!("\n==== soak summary ====");
     println!("seed                {seed:#x}");
+    let started = run
+        .wall_start
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "started             {:02}:{:02}:{:02}.{:03} UTC (the HA log's times)",
+        started.as_secs() / 3600 % 24,
+        started.as_secs() / 60 % 60,
+        started.as_secs() % 60,
+        started.subsec_millis()
+    );
     println!(
         "load                {} ({THREADS} threads, {iterations} iterations)",
         secs(elapsed)
@@ -1475,7 +1546,11 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         percentile(99),
         returns.last().map_or("-".into(), |d| secs(*d))
     );
-    println!("no member serving   {}", secs(counts.outage));
+    println!(
+        "no member serving   {} in {} stretches",
+        secs(counts.outage),
+        counts.outages.len()
+    );
     println!(
         "failovers           {} (state API, up -> down per member: {:?})",
         counts.failovers.iter().sum::<u64>(),
@@ -1538,6 +1613,26 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         println!("chaos events:");
         for e in chaos_log.iter() {
             println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
+        }
+    }
+    // Each stretch with no member serving, with what led to it.
+    for (from, length) in counts.outages.iter().take(OUTAGES_SHOWN) {
+        println!(
+            "no member serving from {} for {}; chaos events in the {} before:",
+            secs(*from),
+            secs(*length),
+            secs(OUTAGE_CONTEXT)
+        );
+        for e in chaos_log
+            .iter()
+            .filter(|e| e.at + OUTAGE_CONTEXT >= *from && e.at <= *from + *length)
+        {
+            println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
+        }
+        println!("  HA log:");
+        let window = from.saturating_sub(OUTAGE_CONTEXT)..=*from + *length + CHAOS_TICK * 5;
+        for line in ha_log_between(&log_dir, run.wall_start, *window.start(), *window.end()) {
+            println!("  | {line}");
         }
     }
     for (i, o) in &outside {
