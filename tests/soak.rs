@@ -103,6 +103,17 @@ const SETTLE_BASE: Duration = Duration::from_secs(120);
 /// with the chaos events and HA log lines of this long before it.
 const OUTAGES_SHOWN: usize = 5;
 const OUTAGE_CONTEXT: Duration = Duration::from_secs(5);
+/// The summary shows this many failures of each kind in detail.
+const FAILURES_SHOWN: usize = 3;
+/// The summary lists this many member failures the chaos did not cause.
+const UNPROVOKED_SHOWN: usize = 10;
+/// A member failure with no chaos event on that member this long before
+/// it is reported as one the chaos did not cause: the longest disturbance,
+/// `memberTimeout` and a second for the first call to meet it.
+const PROVOKED_WITHIN: Duration = Duration::from_millis(OUTAGE_MS.1 + MEMBER_TIMEOUT_MS + 1000);
+/// A chaos event's time is taken once its action is done (a kill waits
+/// for the workers to die), up to this long after the failure it caused.
+const EVENT_LAG: Duration = Duration::from_millis(500);
 /// An operation slower than this counts as slow in the summary.
 const SLOW: Duration = Duration::from_millis(250);
 /// DER of the prime256v1 OID.
@@ -699,7 +710,12 @@ fn sign_and_verify(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
     };
     run.op(thread, Op::Verify, || {
         s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
-            .map_err(|e| format!("C_Verify (ECDSA): {e:?}"))
+            .map_err(|e| {
+                format!(
+                    "C_Verify (ECDSA, a {}-byte signature by key {private}, with key {public}): {e:?}",
+                    signature.len()
+                )
+            })
     });
 }
 
@@ -1322,6 +1338,49 @@ fn ha_log_between(dir: &Path, wall_start: SystemTime, from: Duration, to: Durati
     lines.into_iter().map(|(_, line)| line).collect()
 }
 
+/// The HA log's "member failed" lines that no chaos event on that member
+/// in the [`PROVOKED_WITHIN`] before explains: a member that failed by
+/// itself, which the chaos takes for surely up. Each with its run time,
+/// member and the last chaos event on it.
+fn unprovoked_failures(
+    dir: &Path,
+    wall_start: SystemTime,
+    serials: &[&str],
+    chaos: &[ChaosEvent],
+) -> Vec<String> {
+    let lines = ha_log_between(dir, wall_start, Duration::ZERO, Duration::MAX);
+    let mut unprovoked = Vec::new();
+    for line in lines {
+        let Some((at, rest)) = line.split_once(" s member=") else {
+            continue;
+        };
+        let (Ok(at), Some((serial, what))) = (at.parse::<f64>(), rest.split_once(' ')) else {
+            continue;
+        };
+        let Some(i) = serials.iter().position(|s| *s == serial) else {
+            continue;
+        };
+        if !what.starts_with("member failed in ") {
+            continue;
+        }
+        let at = Duration::from_secs_f64(at);
+        let last = chaos
+            .iter()
+            .rev()
+            .find(|e| e.member == i && e.at <= at + EVENT_LAG);
+        if last.is_some_and(|e| e.at + PROVOKED_WITHIN >= at) {
+            continue;
+        }
+        unprovoked.push(format!(
+            "{} {}: {what}; the last chaos on it: {}",
+            secs(at),
+            MEMBERS[i],
+            last.map_or("none".into(), |e| format!("{} at {}", e.what, secs(e.at)))
+        ));
+    }
+    unprovoked
+}
+
 /// A failure with the numbers (key IDs, handles) taken out, to group by.
 fn failure_kind(f: &Failure) -> String {
     let error: String = f
@@ -1557,6 +1616,21 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         counts.failovers
     );
     println!("HA log              {log_lines} lines: {log_counts:?}");
+    let serials: Vec<&str> = members.iter().map(Member::serial).collect();
+    let unprovoked = unprovoked_failures(
+        &log_dir,
+        run.wall_start,
+        &serials,
+        &run.chaos.lock().unwrap(),
+    );
+    println!(
+        "member failures the chaos did not cause (none on that member in the {} before): {}",
+        secs(PROVOKED_WITHIN),
+        unprovoked.len()
+    );
+    for line in unprovoked.iter().take(UNPROVOKED_SHOWN) {
+        println!("  {line}");
+    }
     let ec = keys.iter().filter(|k| k.classes.len() == 2).count();
     println!(
         "keys                {} imported ({ec} EC pairs, {} AES)",
@@ -1598,9 +1672,11 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
                 secs(last)
             );
         }
-        println!("the first of each kind:");
+        println!("the first {FAILURES_SHOWN} of each kind:");
         for (_, list) in &kinds {
-            println!("{}", failure_detail(list[0], &chaos_log));
+            for f in list.iter().take(FAILURES_SHOWN) {
+                println!("{}", failure_detail(f, &chaos_log));
+            }
         }
     }
     if !key_problems.is_empty() {
