@@ -1350,6 +1350,8 @@ fn unprovoked_failures(
 ) -> Vec<String> {
     let lines = ha_log_between(dir, wall_start, Duration::ZERO, Duration::MAX);
     let mut unprovoked = Vec::new();
+    // Every member failure so far: when, whose, in what.
+    let mut failed: Vec<(Duration, usize, String)> = Vec::new();
     for line in lines {
         let Some((at, rest)) = line.split_once(" s member=") else {
             continue;
@@ -1364,6 +1366,20 @@ fn unprovoked_failures(
             continue;
         }
         let at = Duration::from_secs_f64(at);
+        let function = what.trim_start_matches("member failed in ");
+        let function = function.split(' ').next().unwrap_or_default().to_string();
+        let other = failed
+            .iter()
+            .rev()
+            .find(|(_, m, _)| *m != i)
+            .map(|(then, m, f)| {
+                format!(
+                    "; {} ms after {} failed in {f}",
+                    (at - *then).as_millis(),
+                    MEMBERS[*m]
+                )
+            });
+        failed.push((at, i, function));
         let last = chaos
             .iter()
             .rev()
@@ -1372,10 +1388,11 @@ fn unprovoked_failures(
             continue;
         }
         unprovoked.push(format!(
-            "{} {}: {what}; the last chaos on it: {}",
+            "{} {}: {what}; the last chaos on it: {}{}",
             secs(at),
             MEMBERS[i],
-            last.map_or("none".into(), |e| format!("{} at {}", e.what, secs(e.at)))
+            last.map_or("none".into(), |e| format!("{} at {}", e.what, secs(e.at))),
+            other.unwrap_or_default()
         ));
     }
     unprovoked
