@@ -114,6 +114,10 @@ const PROVOKED_WITHIN: Duration = Duration::from_millis(OUTAGE_MS.1 + MEMBER_TIM
 /// A chaos event's time is taken once its action is done (a kill waits
 /// for the workers to die), up to this long after the failure it caused.
 const EVENT_LAG: Duration = Duration::from_millis(500);
+/// The heartbeat thread's sleep, and how late a wake must be to be
+/// recorded.
+const HEARTBEAT: Duration = Duration::from_millis(10);
+const LATE: Duration = Duration::from_millis(100);
 /// An operation slower than this counts as slow in the summary.
 const SLOW: Duration = Duration::from_millis(250);
 /// DER of the prime256v1 OID.
@@ -498,6 +502,9 @@ struct Run {
     aes_keys: RwLock<Vec<ObjectHandle>>,
     next_id: AtomicU64,
     ec_pool: Vec<EcValues>,
+    /// Each time the heartbeat thread woke late: when (run time), by how
+    /// much.
+    late_wakes: Mutex<Vec<(Duration, Duration)>>,
 }
 
 impl Run {
@@ -797,6 +804,24 @@ fn find(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
             ))
         }
     });
+}
+
+/// Sleeps [`HEARTBEAT`] at a time until the run stops, recording each
+/// wake more than [`LATE`] late: the times this process was not scheduled,
+/// during which no member call of it could make progress either (a member
+/// the watchdog cut then was starved, not hung).
+fn heartbeat(run: &Run) {
+    while !run.stop.load(Ordering::Relaxed) {
+        let before = Instant::now();
+        thread::sleep(HEARTBEAT);
+        let late = before.elapsed().saturating_sub(HEARTBEAT);
+        if late > LATE {
+            run.late_wakes
+                .lock()
+                .unwrap()
+                .push((run.start.elapsed(), late));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1347,6 +1372,7 @@ fn unprovoked_failures(
     wall_start: SystemTime,
     serials: &[&str],
     chaos: &[ChaosEvent],
+    late_wakes: &[(Duration, Duration)],
 ) -> Vec<String> {
     let lines = ha_log_between(dir, wall_start, Duration::ZERO, Duration::MAX);
     let mut unprovoked = Vec::new();
@@ -1387,12 +1413,23 @@ fn unprovoked_failures(
         if last.is_some_and(|e| e.at + PROVOKED_WITHIN >= at) {
             continue;
         }
+        // The process asleep in the memberTimeout before: its calls could
+        // not complete then.
+        let window = at.saturating_sub(Duration::from_millis(MEMBER_TIMEOUT_MS))..at + LATE;
+        let starved = late_wakes
+            .iter()
+            .filter(|(woke, late)| woke.saturating_sub(*late) < window.end && *woke > window.start)
+            .map(|(_, late)| *late)
+            .max()
+            .unwrap_or_default();
         unprovoked.push(format!(
-            "{} {}: {what}; the last chaos on it: {}{}",
+            "{} {}: {what}; the last chaos on it: {}{}; the heartbeat woke {} ms late at most in the {} ms before",
             secs(at),
             MEMBERS[i],
             last.map_or("none".into(), |e| format!("{} at {}", e.what, secs(e.at))),
-            other.unwrap_or_default()
+            other.unwrap_or_default(),
+            starved.as_millis(),
+            MEMBER_TIMEOUT_MS
         ));
     }
     unprovoked
@@ -1494,6 +1531,7 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         aes_keys: RwLock::new(Vec::new()),
         next_id: AtomicU64::new(0),
         ec_pool: ec_pool(),
+        late_wakes: Mutex::new(Vec::new()),
     };
     let status = run.state.group();
     assert!(
@@ -1521,6 +1559,8 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
             let (run, members) = (&run, &mut members);
             scope.spawn(move || chaos(run, members, seed.rotate_left(17)))
         };
+        let run_ref = &run;
+        scope.spawn(move || heartbeat(run_ref));
         let end = run.start + duration;
         let mut report = run.start + Duration::from_secs(10);
         while Instant::now() < end {
@@ -1634,11 +1674,25 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
     );
     println!("HA log              {log_lines} lines: {log_counts:?}");
     let serials: Vec<&str> = members.iter().map(Member::serial).collect();
+    let late_wakes = run.late_wakes.lock().unwrap().clone();
     let unprovoked = unprovoked_failures(
         &log_dir,
         run.wall_start,
         &serials,
         &run.chaos.lock().unwrap(),
+        &late_wakes,
+    );
+    let longest = late_wakes.iter().max_by_key(|(_, late)| *late);
+    println!(
+        "heartbeat           {} wakes more than {} ms late (of {} ms sleeps){}",
+        late_wakes.len(),
+        LATE.as_millis(),
+        HEARTBEAT.as_millis(),
+        longest.map_or(String::new(), |(at, late)| format!(
+            ", the longest {} ms late at {}",
+            late.as_millis(),
+            secs(*at)
+        ))
     );
     println!(
         "member failures the chaos did not cause (none on that member in the {} before): {}",
