@@ -448,11 +448,13 @@ pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
 }
 
 /// A call on the wire of a networked library: its number, the thread
-/// making it (whose blocked socket severing shuts down), and whether the
-/// connection was severed under it.
+/// making it (whose blocked socket severing shuts down), the function (for
+/// the HA log when it stalls), and whether the connection was severed
+/// under it.
 struct OnWire {
     number: u64,
     thread: i32,
+    function: &'static str,
     cut_off: Option<Instant>,
 }
 
@@ -698,14 +700,14 @@ impl Spare {
         let library = &self.library;
         if self.stale.swap(false, Ordering::AcqRel) {
             self.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire(&mut || {
+            library.on_wire("C_Finalize and C_Initialize", &mut || {
                 library
                     .reinitialize()
                     .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
             });
         } else if !library.usable() {
             self.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire(&mut || {
+            library.on_wire("C_Initialize", &mut || {
                 library
                     .initialize_with(&[])
                     .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
@@ -1308,7 +1310,7 @@ impl MemberLibrary {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
         let inside = self.inside.enter();
-        let rv = counted(function, || self.shielded(|| invoke(f)));
+        let rv = counted(function, || self.shielded(function, || invoke(f)));
         inside.answer(rv)
     }
 
@@ -1372,10 +1374,12 @@ impl MemberLibrary {
     /// signal (the process-wide disposition is never touched). In-process
     /// members without a limit pay nothing.
     #[inline(always)]
-    pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
+    pub fn shielded(&self, function: &'static str, call: impl FnOnce() -> CK_RV) -> CK_RV {
         if self.networked || self.call_limit.is_some() {
             let mut call = Some(call);
-            self.shielded_on_wire(&mut || call.take().map_or(CKR_GENERAL_ERROR, |c| c()))
+            self.shielded_on_wire(function, &mut || {
+                call.take().map_or(CKR_GENERAL_ERROR, |c| c())
+            })
         } else {
             call()
         }
@@ -1385,7 +1389,7 @@ impl MemberLibrary {
     /// that the in-process call path stays a few cache lines long.
     #[cold]
     #[inline(never)]
-    fn shielded_on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
+    fn shielded_on_wire(&self, function: &'static str, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let _permit = self.call_limit.as_ref().map(CallLimit::enter);
         if !self.networked {
             return call();
@@ -1396,16 +1400,17 @@ impl MemberLibrary {
             CUT_OFF.set(false);
             return CKR_SESSION_HANDLE_INVALID;
         }
-        self.on_wire(call)
+        self.on_wire(function, call)
     }
 
     /// Runs `call` numbered and recorded on the wire (see
     /// [`Self::shielded`]).
-    fn on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
+    fn on_wire(&self, function: &'static str, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.wire.lock().push(OnWire {
             number,
             thread: this_thread(),
+            function,
             cut_off: None,
         });
         let result = with_sigpipe_blocked(call);
@@ -1430,6 +1435,29 @@ impl MemberLibrary {
             .iter()
             .filter_map(|s| s.library.wire.lock().iter().map(|c| c.number).min());
         own.into_iter().chain(spares).min().unwrap_or(0)
+    }
+
+    /// The oldest call on the wire now, for the HA log: its function, and
+    /// on which instance (see [`Spares`]).
+    pub fn stalled_call(&self) -> Option<String> {
+        let oldest = |instance: &MemberLibrary| {
+            let wire = instance.wire.lock();
+            wire.iter()
+                .min_by_key(|c| c.number)
+                .map(|c| (c.number, c.function))
+        };
+        let own = oldest(self).map(|(number, function)| (number, function, None));
+        let spares = self
+            .spares
+            .instances
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| oldest(&s.library).map(|(n, f)| (n, f, Some(i + 1))));
+        let (_, function, instance) = own.into_iter().chain(spares).min_by_key(|c| c.0)?;
+        Some(match instance {
+            None => format!("{function} on its first instance"),
+            Some(i) => format!("{function} on its instance {i} (a spare)"),
+        })
     }
 
     /// Whether the library talks to a server ([`is_network_client`]); only

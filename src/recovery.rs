@@ -605,6 +605,9 @@ fn check_for_stalled_connections(
             continue;
         }
         *first = (call, now);
+        let stalled = library
+            .stalled_call()
+            .map_or(String::new(), |call| format!(" to {call}"));
         library.sever();
         for group in provider.groups() {
             for member in &group.members {
@@ -616,7 +619,7 @@ fn check_for_stalled_connections(
                     group.log(
                         Some(member.position),
                         &format!(
-                            "library {} answered nothing for {} ms; connection cut",
+                            "library {} answered nothing for {} ms{stalled}; connection cut",
                             library.name(),
                             timeout.as_millis()
                         ),
