@@ -1772,11 +1772,22 @@ impl MemberLibrary {
     /// instance's ([`cut_blocked_socket`]; none for a call that is not
     /// waiting on a socket: it is running, and returns by itself). Each of
     /// those calls knows it was cut off. The number of sockets shut down.
+    ///
+    /// A spare with a call on the wire is marked stale: its connection is
+    /// shut down (or left owing an answer), and recovery, finding the token
+    /// on a first instance that outlived the stall, does not reconnect the
+    /// library. It kept its session there, and its next call -- seconds
+    /// later, on a member back in service -- failed and took the member
+    /// out again (the soak: the last serving member, so that none served).
     pub fn sever(&self) -> usize {
-        std::iter::once(self)
-            .chain(self.spares.instances.iter().map(|s| &s.library))
-            .map(|instance| instance.cut_calls(|_| true))
-            .sum()
+        let spares = self.spares.instances.iter().map(|spare| {
+            let (calls, sockets) = spare.library.cut_calls_counted(|_| true);
+            if calls > 0 {
+                spare.stale.store(true, Ordering::Release);
+            }
+            sockets
+        });
+        self.cut_calls(|_| true) + spares.sum::<usize>()
     }
 
     /// Cuts off the calls on this instance's wire that `which` picks, and
@@ -1784,11 +1795,18 @@ impl MemberLibrary {
     /// locked until then: a call that returns meanwhile waits to leave it,
     /// so its thread cannot be read blocked on another member's socket.
     fn cut_calls(&self, which: impl Fn(&OnWire) -> bool) -> usize {
+        self.cut_calls_counted(which).1
+    }
+
+    /// [`Self::cut_calls`], and how many calls it cut off first.
+    fn cut_calls_counted(&self, which: impl Fn(&OnWire) -> bool) -> (usize, usize) {
         let mut calls = self.wire.lock();
+        let mut cut = 0;
         let mut sockets: Vec<u64> = calls
             .iter_mut()
             .filter(|call| which(call))
             .filter_map(|call| {
+                cut += 1;
                 call.cut_off.get_or_insert_with(crate::clock::now);
                 cut_blocked_socket(call.thread, self.server.as_deref())
             })
@@ -1796,7 +1814,7 @@ impl MemberLibrary {
         drop(calls);
         sockets.sort_unstable();
         sockets.dedup();
-        sockets.len()
+        (cut, sockets.len())
     }
 
     /// The library's current slots with a token present.

@@ -8,7 +8,8 @@
 //! group, session objects only where they were made, every instance
 //! logged out with the group, searches and attribute reads of token
 //! objects on spares while session objects are still found where they
-//! live, and a killed server still takes the whole member out.
+//! live, a killed server still takes the whole member out, and a spare
+//! cut off in a stall connects again before it serves.
 
 mod common;
 #[path = "common/p11kit.rs"]
@@ -1191,6 +1192,72 @@ fn stalled_member_costs_one_timeout_once() {
     assert!(
         slowest < 2 * MEMBER_TIMEOUT,
         "slowest call took {slowest:?}, more than one memberTimeout of waiting"
+    );
+}
+
+/// A spare instance whose call the watchdog cut off is connected again
+/// before it serves again. The member's first instance, idle during the
+/// stall, outlives it, so recovery finds the token there without
+/// reconnecting the library; the cut spare kept its session on its dead
+/// connection and took the member out again at its next call, seconds
+/// after it was back and untouched (the soak, seed 0xdcd9f5359297ad50:
+/// the last serving member, so that none served).
+#[test]
+fn a_spare_cut_off_in_a_stall_connects_again_before_it_serves() {
+    let remote = Remote::start(
+        "memberTimeout = 2000\nAutoReconnectInterval = 1\n\
+         haLogStatus = enabled\nhaLogPath = LOGDIR",
+    );
+    let session = remote.session();
+    let keys = ec_key(&session, b"cut");
+    sign_and_verify(&session, keys);
+    let serial = remote.hsms[0].tokens[0].serial.clone();
+    let failures = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("member={serial} member failed in")))
+            .count()
+    };
+    // Random numbers run on spares: one that meets the stalled member
+    // waits there until the watchdog cuts it off.
+    remote.servers[0].signal_all(libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group_status().members[0].state == 0 && Instant::now() < deadline {
+        session.generate_random_vec(32).expect("C_GenerateRandom");
+    }
+    remote.servers[0].signal_all(libc::SIGCONT);
+    assert_ne!(
+        group_status().members[0].state,
+        0,
+        "no call met the stalled member within 60 s"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while group_status().members[0].state != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "member 0 not back within 30 s: {}",
+            remote.ha_log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(failures(&remote.ha_log()), 1, "{}", remote.ha_log());
+    // Member 0 alone from here, so that its spares serve what follows.
+    remote.servers[1].signal_all(libc::SIGKILL);
+    let served = group_status().members[0].callsServed;
+    for _ in 0..20 {
+        session
+            .generate_random_vec(32)
+            .unwrap_or_else(|e| panic!("C_GenerateRandom: {e:?}; {}", remote.ha_log()));
+        sign_and_verify(&session, keys);
+    }
+    assert!(
+        group_status().members[0].callsServed > served + 40,
+        "member 0 served the calls"
+    );
+    assert_eq!(
+        failures(&remote.ha_log()),
+        1,
+        "member 0 failed again, untouched: {}",
+        remote.ha_log()
     );
 }
 
