@@ -777,7 +777,14 @@ fn encrypt_and_decrypt(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
         if back == plain {
             Ok(())
         } else {
-            Err("AES-ECB decrypted to something else".into())
+            Err(format!(
+                "AES-ECB with key {key} decrypted {} bytes of {} to something else \
+                 ({} bytes, {} of them right)",
+                cipher.len(),
+                plain.len(),
+                back.len(),
+                back.iter().zip(&plain).filter(|(a, b)| a == b).count()
+            ))
         }
     });
 }
@@ -1756,7 +1763,11 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
             println!("  {p}");
         }
     }
-    if !failures.is_empty() || !key_problems.is_empty() || settled.is_none() {
+    if !failures.is_empty()
+        || !key_problems.is_empty()
+        || settled.is_none()
+        || !counts.outages.is_empty()
+    {
         println!("chaos events:");
         for e in chaos_log.iter() {
             println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
