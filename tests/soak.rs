@@ -39,8 +39,10 @@
 //! among the chaos events.
 //!
 //! Owns: three token directories, their servers (through
-//! `tests/common/p11kit.rs`), the config and the HA log, all in a temp dir
-//! that is kept when the test fails. Holds the serial guard throughout.
+//! `tests/common/p11kit.rs`), the config, the HA log and the state
+//! directory (`haStateDir`, so that no other process's lock files or
+//! deletion records meet the run's), all in a temp dir that is kept when
+//! the test fails. Holds the serial guard throughout.
 
 mod common;
 #[path = "common/p11kit.rs"]
@@ -411,9 +413,10 @@ fn config_text(members: &[Member], log_dir: &Path) -> String {
         "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\n\
          VirtualToken00Members = {}\n\n\
          [HAConfiguration]\nAutoReconnectInterval = 1\nmemberTimeout = {MEMBER_TIMEOUT_MS}\n\
-         haLogStatus = enabled\nhaLogPath = {}\n",
+         haLogStatus = enabled\nhaLogPath = {}\nhaStateDir = {}\n",
         serials.join(","),
-        log_dir.display()
+        log_dir.display(),
+        log_dir.with_file_name("state").display()
     )
     .unwrap();
     s
