@@ -653,6 +653,11 @@ impl Spares {
     }
 }
 
+/// What a spare's connection setup is called on the wire ([`Spare::ready`]),
+/// for [`MemberLibrary::cut_stalled_spare_setup`].
+const SPARE_CONNECT: &str = "C_Initialize";
+const SPARE_RECONNECT: &str = "C_Finalize and C_Initialize";
+
 /// How many times a list that grew between its two calls is read again.
 const LIST_READS: usize = 8;
 
@@ -700,14 +705,14 @@ impl Spare {
         let library = &self.library;
         if self.stale.swap(false, Ordering::AcqRel) {
             self.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire("C_Finalize and C_Initialize", &mut || {
+            library.on_wire(SPARE_RECONNECT, &mut || {
                 library
                     .reinitialize()
                     .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
             });
         } else if !library.usable() {
             self.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire("C_Initialize", &mut || {
+            library.on_wire(SPARE_CONNECT, &mut || {
                 library
                     .initialize_with(&[])
                     .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
@@ -1435,6 +1440,39 @@ impl MemberLibrary {
             .iter()
             .filter_map(|s| s.library.wire.lock().iter().map(|c| c.number).min());
         own.into_iter().chain(spares).min().unwrap_or(0)
+    }
+
+    /// Cuts off the oldest call on the wire if it is a spare's connection
+    /// setup, and marks the spare stale: its instance number (1 is the
+    /// first spare), or `None` (nothing cut) for any other call. A new
+    /// connection costs a server process that loads the whole token, which
+    /// on a loaded host outlasted `memberTimeout`; cut as a silent member,
+    /// it took out a member that served from its first instance, one
+    /// second after it returned (the soak: the last serving member). The
+    /// call that took the spare runs on the member's own session instead,
+    /// and a server that does not answer there is cut as ever.
+    pub fn cut_stalled_spare_setup(&self) -> Option<usize> {
+        let oldest = |instance: &MemberLibrary| {
+            let wire = instance.wire.lock();
+            wire.iter()
+                .min_by_key(|c| c.number)
+                .map(|c| (c.number, c.function))
+        };
+        let own = oldest(self).map_or(u64::MAX, |(number, _)| number);
+        let (index, number) = self
+            .spares
+            .instances
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| oldest(&s.library).map(|(n, f)| (i, n, f)))
+            .filter(|(_, n, _)| *n < own)
+            .min_by_key(|(_, n, _)| *n)
+            .filter(|(_, _, f)| [SPARE_CONNECT, SPARE_RECONNECT].contains(f))
+            .map(|(i, n, _)| (i, n))?;
+        let spare = &self.spares.instances[index];
+        spare.stale.store(true, Ordering::Release);
+        spare.library.cut_calls(|call| call.number == number);
+        Some(index + 1)
     }
 
     /// The oldest call on the wire now, for the HA log: its function, and

@@ -747,6 +747,11 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     fn stalled_call(&self) -> Option<String> {
         None
     }
+    /// Cuts off the oldest call on the wire if it sets up a spare
+    /// instance's connection; that instance's number if it did.
+    fn cut_stalled_spare_setup(&self) -> Option<usize> {
+        None
+    }
     /// The slots with a token present.
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {
         self.slot_list(CK_TRUE)
@@ -1512,6 +1517,10 @@ impl MemberBackend for MemberLibrary {
 
     fn stalled_call(&self) -> Option<String> {
         MemberLibrary::stalled_call(self)
+    }
+
+    fn cut_stalled_spare_setup(&self) -> Option<usize> {
+        MemberLibrary::cut_stalled_spare_setup(self)
     }
 
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {

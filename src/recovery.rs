@@ -605,6 +605,19 @@ fn check_for_stalled_connections(
             continue;
         }
         *first = (call, now);
+        if let Some(instance) = library.cut_stalled_spare_setup() {
+            log_on_library(
+                provider,
+                library,
+                &format!(
+                    "library {} connected its instance {instance} (a spare) for {} ms; \
+                     that connection cut, the member serves on without it",
+                    library.name(),
+                    timeout.as_millis()
+                ),
+            );
+            continue;
+        }
         let stalled = library
             .stalled_call()
             .map_or(String::new(), |call| format!(" to {call}"));
@@ -625,6 +638,20 @@ fn check_for_stalled_connections(
                         ),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Says `event` in the HA log of each reachable member on `library`.
+fn log_on_library(provider: &dyn Host, library: &Arc<dyn MemberBackend>, event: &str) {
+    for group in provider.groups() {
+        for member in &group.members {
+            let on_library = member
+                .location()
+                .is_some_and(|l| Arc::ptr_eq(&l.library, library));
+            if on_library && member.reachable() {
+                group.log(Some(member.position), event);
             }
         }
     }

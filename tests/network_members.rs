@@ -8,8 +8,9 @@
 //! group, session objects only where they were made, every instance
 //! logged out with the group, searches and attribute reads of token
 //! objects on spares while session objects are still found where they
-//! live, a killed server still takes the whole member out, and a spare
-//! cut off in a stall connects again before it serves.
+//! live, a killed server still takes the whole member out, a spare cut
+//! off in a stall connects again before it serves, and a spare slow to
+//! connect costs that connection, not the member.
 
 mod common;
 #[path = "common/p11kit.rs"]
@@ -1258,6 +1259,48 @@ fn a_spare_cut_off_in_a_stall_connects_again_before_it_serves() {
         1,
         "member 0 failed again, untouched: {}",
         remote.ha_log()
+    );
+}
+
+/// A spare instance slow to connect costs that connection, not the
+/// member: its server's listener stopped (its worker for the first
+/// instance serving on), each spare's `C_Initialize` waits there until the
+/// watchdog cuts it, and the call that took the spare runs on the
+/// member's own session. Cut as a silent member, a slow spare start-up
+/// on a loaded host took out a member one second after it returned (the
+/// soak, seed 0x1809a24de8a9d921: the last serving member).
+#[test]
+fn a_spare_slow_to_connect_does_not_take_its_member_out() {
+    let remote = Remote::start(
+        "memberTimeout = 1000\nAutoReconnectInterval = 3600\n\
+         haLogStatus = enabled\nhaLogPath = LOGDIR",
+    );
+    let session = remote.session();
+    // Member 0 alone, its spares not yet connected (they connect at their
+    // first use), its server accepting no new connection.
+    remote.servers[1].signal_all(libc::SIGKILL);
+    let listener = remote.servers[0].child.id() as i32;
+    // SAFETY: stopping a child process of ours.
+    assert_eq!(unsafe { libc::kill(listener, libc::SIGSTOP) }, 0);
+    let mut answers = Vec::new();
+    for _ in 0..12 {
+        answers.push(session.generate_random_vec(32).map(|_| ()));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(listener, libc::SIGCONT) }, 0);
+    let log = remote.ha_log();
+    let serial = &remote.hsms[0].tokens[0].serial;
+    assert!(
+        !log.contains(&format!("member={serial} member failed")),
+        "member 0 was taken out: {log}"
+    );
+    assert!(
+        answers.iter().all(Result::is_ok),
+        "random numbers: {answers:?}; {log}"
+    );
+    assert!(
+        log.contains("(a spare) for 1000 ms; that connection cut"),
+        "no spare's connection was cut (the test proves nothing): {log}"
     );
 }
 
