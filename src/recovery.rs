@@ -569,11 +569,23 @@ fn check_for_stalls(
                 continue;
             }
             *seen = (served, now);
+            // Which call waits says whose the silence is: none on the wire
+            // means the calls in flight wait inside this library.
+            let waiting = member
+                .location()
+                .filter(|l| l.library.is_networked())
+                .map_or(String::new(), |l| {
+                    l.library
+                        .stalled_call()
+                        .map_or(" (no call of it on the wire)".to_string(), |call| {
+                            format!(" (the oldest on the wire: {call})")
+                        })
+                });
             group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
             group.log(
                 Some(member.position),
                 &format!(
-                    "member answered nothing for {} ms; connection cut",
+                    "member answered nothing for {} ms{waiting}; connection cut",
                     timeout.as_millis()
                 ),
             );

@@ -1241,6 +1241,13 @@ fn a_spare_cut_off_in_a_stall_connects_again_before_it_serves() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(failures(&remote.ha_log()), 1, "{}", remote.ha_log());
+    assert!(
+        remote
+            .ha_log()
+            .contains("(the oldest on the wire: C_GenerateRandom on its instance"),
+        "the HA log names the call that waited: {}",
+        remote.ha_log()
+    );
     // Member 0 alone from here, so that its spares serve what follows.
     remote.servers[1].signal_all(libc::SIGKILL);
     let served = group_status().members[0].callsServed;
