@@ -455,6 +455,7 @@ struct OnWire {
     number: u64,
     thread: i32,
     function: &'static str,
+    since: Instant,
     cut_off: Option<Instant>,
 }
 
@@ -1416,6 +1417,7 @@ impl MemberLibrary {
             number,
             thread: this_thread(),
             function,
+            since: crate::clock::now(),
             cut_off: None,
         });
         let result = with_sigpipe_blocked(call);
@@ -1482,19 +1484,24 @@ impl MemberLibrary {
             let wire = instance.wire.lock();
             wire.iter()
                 .min_by_key(|c| c.number)
-                .map(|c| (c.number, c.function))
+                .map(|c| (c.number, c.function, c.since))
         };
-        let own = oldest(self).map(|(number, function)| (number, function, None));
+        let own = oldest(self).map(|(number, function, since)| (number, function, since, None));
         let spares = self
             .spares
             .instances
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| oldest(&s.library).map(|(n, f)| (n, f, Some(i + 1))));
-        let (_, function, instance) = own.into_iter().chain(spares).min_by_key(|c| c.0)?;
+            .filter_map(|(i, s)| {
+                oldest(&s.library).map(|(n, f, since)| (n, f, since, Some(i + 1)))
+            });
+        let (_, function, since, instance) = own.into_iter().chain(spares).min_by_key(|c| c.0)?;
+        let waited = crate::clock::now()
+            .saturating_duration_since(since)
+            .as_millis();
         Some(match instance {
-            None => format!("{function} on its first instance"),
-            Some(i) => format!("{function} on its instance {i} (a spare)"),
+            None => format!("{function} on its first instance, {waited} ms on the wire"),
+            Some(i) => format!("{function} on its instance {i} (a spare), {waited} ms on the wire"),
         })
     }
 
