@@ -569,11 +569,23 @@ fn check_for_stalls(
                 continue;
             }
             *seen = (served, now);
+            // Which call waits says whose the silence is: none on the wire
+            // means the calls in flight wait inside this library.
+            let waiting = member
+                .location()
+                .filter(|l| l.library.is_networked())
+                .map_or(String::new(), |l| {
+                    l.library
+                        .stalled_call()
+                        .map_or(" (no call of it on the wire)".to_string(), |call| {
+                            format!(" (the oldest on the wire: {call})")
+                        })
+                });
             group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
             group.log(
                 Some(member.position),
                 &format!(
-                    "member answered nothing for {} ms; connection cut",
+                    "member answered nothing for {} ms{waiting}; connection cut",
                     timeout.as_millis()
                 ),
             );
@@ -605,6 +617,22 @@ fn check_for_stalled_connections(
             continue;
         }
         *first = (call, now);
+        if let Some(instance) = library.cut_stalled_spare_setup() {
+            log_on_library(
+                provider,
+                library,
+                &format!(
+                    "library {} connected its instance {instance} (a spare) for {} ms; \
+                     that connection cut, the member serves on without it",
+                    library.name(),
+                    timeout.as_millis()
+                ),
+            );
+            continue;
+        }
+        let stalled = library
+            .stalled_call()
+            .map_or(String::new(), |call| format!(" to {call}"));
         library.sever();
         for group in provider.groups() {
             for member in &group.members {
@@ -616,12 +644,26 @@ fn check_for_stalled_connections(
                     group.log(
                         Some(member.position),
                         &format!(
-                            "library {} answered nothing for {} ms; connection cut",
+                            "library {} answered nothing for {} ms{stalled}; connection cut",
                             library.name(),
                             timeout.as_millis()
                         ),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Says `event` in the HA log of each reachable member on `library`.
+fn log_on_library(provider: &dyn Host, library: &Arc<dyn MemberBackend>, event: &str) {
+    for group in provider.groups() {
+        for member in &group.members {
+            let on_library = member
+                .location()
+                .is_some_and(|l| Arc::ptr_eq(&l.library, library));
+            if on_library && member.reachable() {
+                group.log(Some(member.position), event);
             }
         }
     }
