@@ -58,7 +58,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use cryptoki::context::Pkcs11;
@@ -466,10 +466,14 @@ struct ChaosEvent {
 struct KeyRecord {
     id: Vec<u8>,
     classes: Vec<ObjectClass>,
+    /// When its last object was made, from the start of the run.
+    made: Duration,
 }
 
 struct Run {
     start: Instant,
+    /// `start` by the clock the HA log's timestamps use.
+    wall_start: SystemTime,
     stop: AtomicBool,
     state: StateApi,
     stats: [OpStats; OPS.len()],
@@ -570,6 +574,7 @@ impl Run {
         let mut record = KeyRecord {
             id: id.clone(),
             classes: vec![ObjectClass::PUBLIC_KEY],
+            made: self.start.elapsed(),
         };
         let private = self.op(thread, Op::ImportEc, || {
             session
@@ -588,6 +593,7 @@ impl Run {
         });
         if let Some(private) = private {
             record.classes.push(ObjectClass::PRIVATE_KEY);
+            record.made = self.start.elapsed();
             self.ec_keys.write().unwrap().push((public, private));
         }
         self.keys.lock().unwrap().push(record);
@@ -617,6 +623,7 @@ impl Run {
             self.keys.lock().unwrap().push(KeyRecord {
                 id,
                 classes: vec![ObjectClass::SECRET_KEY],
+                made: self.start.elapsed(),
             });
         }
     }
@@ -754,26 +761,35 @@ fn encrypt_and_decrypt(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
 }
 
 /// Finds a recorded key by CKA_ID through the virtual slot: exactly its
-/// objects, no more, no fewer.
+/// objects, no more, no fewer. A wrong count says when the key was made
+/// and what a second search right after finds, which tells a search that
+/// missed objects from objects missing.
 fn find(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
     let record = {
         let keys = run.keys.lock().unwrap();
         keys[rng.below(keys.len() as u64) as usize].clone()
     };
+    let search = || {
+        s.find_objects(&[Attribute::Id(record.id.clone())])
+            .map_err(|e| format!("C_FindObjects: {e:?}"))
+    };
     run.op(thread, Op::Find, || {
-        let found = s
-            .find_objects(&[Attribute::Id(record.id.clone())])
-            .map_err(|e| format!("C_FindObjects: {e:?}"))?;
+        let found = search()?;
         if found.len() == record.classes.len() {
-            Ok(())
-        } else {
-            Err(format!(
-                "C_FindObjects of {} found {} objects, expected {}",
-                String::from_utf8_lossy(&record.id),
-                found.len(),
-                record.classes.len()
-            ))
+            return Ok(());
         }
+        let again = match search() {
+            Ok(found) => found.len().to_string(),
+            Err(e) => e,
+        };
+        Err(format!(
+            "C_FindObjects of {} found {} objects, expected {} (made at {}; a second search \
+             found {again})",
+            String::from_utf8_lossy(&record.id),
+            found.len(),
+            record.classes.len(),
+            secs(record.made)
+        ))
     });
 }
 
@@ -1263,6 +1279,53 @@ fn ha_log_counts(dir: &Path) -> (usize, Vec<(&'static str, usize)>) {
     (text.lines().count(), counts)
 }
 
+/// Failed searches whose HA log lines are printed.
+const FINDS_DETAILED: usize = 10;
+/// How far before a failed search its HA log lines start.
+const LOG_BEFORE_FIND: Duration = Duration::from_secs(2);
+
+/// The HA log lines (every file under `dir`) from [`LOG_BEFORE_FIND`]
+/// before failure `f` to its end, in order, each with its time from the
+/// start of the run and its member's name (`serials` by position). The
+/// log's timestamps are fixed-width UTC, so they compare as text.
+fn ha_log_near(dir: &Path, serials: &[String], wall_start: SystemTime, f: &Failure) -> Vec<String> {
+    let at = |d: Duration| pkcs11_ha::halog::utc_timestamp(wall_start + d);
+    let (from, to) = (
+        at(f.at.saturating_sub(LOG_BEFORE_FIND)),
+        at(f.at + f.latency + Duration::from_millis(1)),
+    );
+    let day_ms = |stamp: &str| -> Option<i64> {
+        let t = stamp.get(11..23)?;
+        let n = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+        Some(((n(0..2)? * 60 + n(3..5)?) * 60 + n(6..8)?) * 1000 + n(9..12)?)
+    };
+    let start_ms = day_ms(&at(Duration::ZERO)).unwrap_or_default();
+    let mut lines: Vec<String> = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let text = fs::read_to_string(entry.path()).unwrap_or_default();
+        lines.extend(
+            text.lines()
+                .filter(|l| l.get(..24).is_some_and(|s| *s >= *from && *s <= *to))
+                .map(str::to_string),
+        );
+    }
+    lines.sort();
+    lines
+        .into_iter()
+        .map(|l| {
+            let ms = day_ms(&l).map_or(0, |ms| (ms - start_ms).rem_euclid(86_400_000));
+            let rest = l.get(25..).unwrap_or_default();
+            let rest = rest.split_once(" member=").map_or(rest, |(_, r)| r);
+            let (serial, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = serials
+                .iter()
+                .position(|s| s == serial)
+                .map_or(serial, |i| MEMBERS[i]);
+            format!("{:>8.3} s {name}: {text}", ms as f64 / 1000.0)
+        })
+        .collect()
+}
+
 /// A failure with the numbers (key IDs, handles) taken out, to group by.
 fn failure_kind(f: &Failure) -> String {
     let error: String = f
@@ -1347,6 +1410,7 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
 
     let run = Run {
         start: Instant::now(),
+        wall_start: SystemTime::now(),
         stop: AtomicBool::new(false),
         state: StateApi::new(),
         stats: Default::default(),
@@ -1526,6 +1590,19 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         println!("the first of each kind:");
         for (_, list) in &kinds {
             println!("{}", failure_detail(list[0], &chaos_log));
+        }
+        let serials: Vec<String> = members.iter().map(|m| m.serial().to_string()).collect();
+        let finds: Vec<&Failure> = failures.iter().filter(|f| f.op == Op::Find).collect();
+        for f in finds.iter().take(FINDS_DETAILED) {
+            println!(
+                "HA log around the failed search at {} (thread {}: {}):",
+                secs(f.at),
+                f.thread,
+                f.error
+            );
+            for line in ha_log_near(&log_dir, &serials, run.wall_start, f) {
+                println!("  {line}");
+            }
         }
     }
     if !key_problems.is_empty() {
