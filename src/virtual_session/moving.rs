@@ -57,6 +57,14 @@ fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
 }
 
 impl VirtualSession {
+    /// Moves the active search, with the session's other operations, off
+    /// member `from`, which failed while what the search found there was
+    /// named: started again elsewhere, it finds there what it has not
+    /// shown yet.
+    pub(crate) fn move_search_from(&self, from: usize) {
+        self.move_operations(from);
+    }
+
     /// Moves every operation bound to the failed member `from` to another
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.
