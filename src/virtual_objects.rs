@@ -977,7 +977,7 @@ impl VirtualSession {
         let preference = if self.answered_alike(&searched) {
             Preference::LeastBusy(OpKind::Find as usize)
         } else {
-            Preference::Primary
+            Preference::Complete
         };
         self.init_where(
             OpKind::Find,
@@ -1011,14 +1011,17 @@ impl VirtualSession {
     /// The member a search runs on when it is not spread (see
     /// [`Self::find_init`]): the first serving member in configured order
     /// that is not degraded -- the primary, as `Group::by_position` lists
-    /// it.
+    /// it -- among those that lack no object of the group, if any does.
     fn search_home(&self) -> Option<usize> {
-        let serving = self.group.serving_members();
-        serving
+        let mut order: crate::group::Positions = self
+            .group
+            .serving_members()
             .iter()
-            .find(|m| m.rotation() == crate::group::Rotation::In)
-            .or(serving.first())
             .map(|m| m.position)
+            .collect();
+        // Stable: configured order within each.
+        order.sort_by_key(|p| self.group.members[*p].rotation() != crate::group::Rotation::In);
+        self.group.complete_first(order).first().copied()
     }
 
     /// Whether a search on `position` answers off the primary, where an

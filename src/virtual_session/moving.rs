@@ -104,9 +104,17 @@ impl VirtualSession {
                 op.key.into_iter().chain(replay.filter_map(replay_key))
             })
             .collect();
+        // A search goes where it is answered in full, if a member can.
+        let searching = ops[OpKind::Find as usize]
+            .as_ref()
+            .is_some_and(|op| op.movable);
         let mut moved_to = None;
         'waiting: loop {
-            'members: for position in self.group.by_preference(STATELESS_LANE) {
+            let mut order = self.group.by_preference(STATELESS_LANE);
+            if searching {
+                order = self.group.complete_first(order);
+            }
+            'members: for position in order {
                 let Ok(handles) = keys
                     .iter()
                     .map(|k| {
