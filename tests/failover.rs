@@ -1337,13 +1337,16 @@ fn request_errors_never_take_a_member_out() {
     }
     reached("C_Sign", &before);
 
-    let signs = ha.counts("C_Sign");
+    // Which member signs next is the balancer's choice (by latency, and
+    // a sign followed by a verify can leave every exploring turn to the
+    // verify), so the group's own state says whether each still serves.
+    for i in 0..3 {
+        assert!(
+            member_serves(0, i),
+            "member {i} still serves after 3000 request errors"
+        );
+    }
     sign_and_verify(&s, (public, private), 30);
-    let served = grown(&signs, &ha.counts("C_Sign"));
-    assert!(
-        served.iter().all(|n| *n > 0),
-        "every member still serves after 3000 request errors: {served:?}"
-    );
 }
 
 /// A wrong PIN costs one try on one token: `C_Login` through the virtual
