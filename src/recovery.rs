@@ -1115,10 +1115,13 @@ fn bring_up_to_date(
                 copied += synchronize(group, position, worker, &mut known, phases)?;
                 phases.end("synchronisation");
             }
-            None => phases.note(
-                "synchronisation left to the reconciliation pass another process is making"
-                    .to_string(),
-            ),
+            None => {
+                group.set_compared(position, false);
+                phases.note(
+                    "synchronisation left to the reconciliation pass another process is making"
+                        .to_string(),
+                );
+            }
         }
     }
     if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
@@ -1900,11 +1903,14 @@ fn synchronize(
     known: &mut Known,
     phases: &mut Phases,
 ) -> Result<usize, String> {
+    // Until the pass has run to its end, searches do not spread there.
+    group.set_compared(position, false);
     let Some(reference) = group
         .up_members()
         .map(|m| m.position)
         .find(|p| *p != position)
     else {
+        group.set_compared(position, true);
         return Ok(0);
     };
     let domain = worker.domain_handle(reference);
@@ -2008,8 +2014,10 @@ fn synchronize(
     let comparing = Instant::now();
     let compared = candidates.len();
     let mut copied = 0;
+    let mut complete = unsettled == 0;
     for object in candidates {
         if !group.members[reference].is_up() {
+            complete = false;
             // The member it copies from failed: reconciliation, which its
             // rejoining asks for, compares it with every member that serves.
             // Going on, each copy failed on its own ("no member that serves
@@ -2053,6 +2061,7 @@ fn synchronize(
                 }
                 // A source that failed meanwhile is said once, by the
                 // line that stops the pass, not for this object.
+                complete = false;
                 if group.members[reference].is_up() {
                     known
                         .unsynchronised
@@ -2073,6 +2082,7 @@ fn synchronize(
         named_in.as_millis(),
         comparing.elapsed().as_millis()
     ));
+    group.set_compared(position, complete);
     Ok(copied)
 }
 

@@ -488,6 +488,8 @@ struct ChaosEvent {
 struct KeyRecord {
     id: Vec<u8>,
     classes: Vec<ObjectClass>,
+    /// When its last object was made, from the start of the run.
+    made: Duration,
 }
 
 struct Run {
@@ -597,6 +599,7 @@ impl Run {
         let mut record = KeyRecord {
             id: id.clone(),
             classes: vec![ObjectClass::PUBLIC_KEY],
+            made: self.start.elapsed(),
         };
         let private = self.op(thread, Op::ImportEc, || {
             session
@@ -615,6 +618,7 @@ impl Run {
         });
         if let Some(private) = private {
             record.classes.push(ObjectClass::PRIVATE_KEY);
+            record.made = self.start.elapsed();
             self.ec_keys.write().unwrap().push((public, private));
         }
         self.keys.lock().unwrap().push(record);
@@ -644,6 +648,7 @@ impl Run {
             self.keys.lock().unwrap().push(KeyRecord {
                 id,
                 classes: vec![ObjectClass::SECRET_KEY],
+                made: self.start.elapsed(),
             });
         }
     }
@@ -793,26 +798,35 @@ fn encrypt_and_decrypt(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
 }
 
 /// Finds a recorded key by CKA_ID through the virtual slot: exactly its
-/// objects, no more, no fewer.
+/// objects, no more, no fewer. A wrong count says when the key was made
+/// and what a second search right after finds, which tells a search that
+/// missed objects from objects missing.
 fn find(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
     let record = {
         let keys = run.keys.lock().unwrap();
         keys[rng.below(keys.len() as u64) as usize].clone()
     };
+    let search = || {
+        s.find_objects(&[Attribute::Id(record.id.clone())])
+            .map_err(|e| format!("C_FindObjects: {e:?}"))
+    };
     run.op(thread, Op::Find, || {
-        let found = s
-            .find_objects(&[Attribute::Id(record.id.clone())])
-            .map_err(|e| format!("C_FindObjects: {e:?}"))?;
+        let found = search()?;
         if found.len() == record.classes.len() {
-            Ok(())
-        } else {
-            Err(format!(
-                "C_FindObjects of {} found {} objects, expected {}",
-                String::from_utf8_lossy(&record.id),
-                found.len(),
-                record.classes.len()
-            ))
+            return Ok(());
         }
+        let again = match search() {
+            Ok(found) => found.len().to_string(),
+            Err(e) => e,
+        };
+        Err(format!(
+            "C_FindObjects of {} found {} objects, expected {} (made at {}; a second search \
+             found {again})",
+            String::from_utf8_lossy(&record.id),
+            found.len(),
+            record.classes.len(),
+            secs(record.made)
+        ))
     });
 }
 
@@ -1445,6 +1459,17 @@ fn unprovoked_failures(
     unprovoked
 }
 
+/// Failed searches whose HA log lines are printed.
+const FINDS_DETAILED: usize = 10;
+/// How far before a failed search its HA log lines start.
+const LOG_BEFORE_FIND: Duration = Duration::from_secs(2);
+
+/// The HA log lines from [`LOG_BEFORE_FIND`] before failure `f` to its end.
+fn ha_log_near(dir: &Path, wall_start: SystemTime, f: &Failure) -> Vec<String> {
+    let to = f.at + f.latency + Duration::from_millis(1);
+    ha_log_between(dir, wall_start, f.at.saturating_sub(LOG_BEFORE_FIND), to)
+}
+
 /// A failure with the numbers (key IDs, handles) taken out, to group by.
 fn failure_kind(f: &Failure) -> String {
     let error: String = f
@@ -1757,6 +1782,18 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         for (_, list) in &kinds {
             for f in list.iter().take(FAILURES_SHOWN) {
                 println!("{}", failure_detail(f, &chaos_log));
+            }
+        }
+        let finds: Vec<&Failure> = failures.iter().filter(|f| f.op == Op::Find).collect();
+        for f in finds.iter().take(FINDS_DETAILED) {
+            println!(
+                "HA log around the failed search at {} (thread {}: {}):",
+                secs(f.at),
+                f.thread,
+                f.error
+            );
+            for line in ha_log_near(&log_dir, run.wall_start, f) {
+                println!("  {line}");
             }
         }
     }
