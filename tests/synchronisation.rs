@@ -607,3 +607,85 @@ fn a_counted_member_owed_a_long_tail_reads_its_objects_once() {
     }
     v.close();
 }
+
+/// A run of imports on spares does not wait for the spares to be ready:
+/// the member's own session makes imports of the run meanwhile. A spare
+/// is ready only once initialised (after a restart, a new server process
+/// loading the whole token), logged in and with a session -- up to 3.1 s
+/// of a run in the long chaos run, and runs whose spares never became
+/// ready made nothing in that time. Here the spare's login stalls until
+/// member 1 holds every import of the run, or 10 s pass.
+#[test]
+fn a_run_on_spares_makes_imports_on_the_members_own_session_while_spares_set_up() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 79).with_spares(1));
+    let group = group_over(&library, 2, "own session");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let labels: Vec<String> = (0..12).map(|n| format!("run {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    let holds_all = {
+        let (library, labels) = (Arc::clone(&library), labels.clone());
+        move || {
+            let on_1: Vec<String> = library
+                .token_objects(1)
+                .into_iter()
+                .map(|[_, label, _, _]| label)
+                .collect();
+            labels.iter().all(|l| on_1.contains(&hex(l.as_bytes())))
+        }
+    };
+    // The first login stalled is the recovery's own; the second, the
+    // spare's, waits for the run.
+    let logins = Arc::new(AtomicUsize::new(0));
+    let made_meanwhile = Arc::new(AtomicBool::new(false));
+    let (seen, made, rearm) = (
+        Arc::clone(&logins),
+        Arc::clone(&made_meanwhile),
+        Arc::clone(&library),
+    );
+    library.on_stall(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            rearm.sim.lock().set_fault(1, Fault::StallOnLogin);
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !holds_all() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        made.store(holds_all(), Ordering::SeqCst);
+    });
+    library.sim.lock().set_fault(1, Fault::StallOnLogin);
+    recovery::recover_failed_members(&host);
+    pkcs11_ha::halog::close();
+
+    assert_eq!(logins.load(Ordering::SeqCst), 2, "the spare logged in");
+    assert!(
+        made_meanwhile.load(Ordering::SeqCst),
+        "member 1 was given the run while its spare logged in"
+    );
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    assert!(
+        log.contains("12 imports made on spares in 1 runs (12 of them on its own session)"),
+        "the recovery line says where the run was made:\n{log}"
+    );
+    for label in &labels {
+        let on_1 = library
+            .token_objects(1)
+            .iter()
+            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+            .count();
+        assert_eq!(on_1, 1, "{label} is on member 1 once");
+    }
+    v.close();
+}
