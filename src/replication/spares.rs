@@ -9,7 +9,6 @@ use super::Holdings;
 use crate::group::{Group, Location, Pending};
 use crate::identity::{self, Fingerprint};
 use crate::member_api::SpareLane;
-use crate::object::Presence;
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
 use parking_lot::Mutex;
@@ -27,9 +26,8 @@ const REPLAY_LANES: usize = 4;
 
 /// What [`VirtualSession::import_on_spares`] did.
 pub struct SpareImports {
-    /// Copies made, and of them those made on the member's own session.
+    /// Copies made.
     pub made: usize,
-    pub made_here: usize,
     /// The changes left to the one-by-one replay, in their order: those no
     /// spare took, and those a spare refused or failed on.
     pub left: Vec<Pending>,
@@ -49,8 +47,7 @@ impl VirtualSession {
     /// Makes on member `position` the imports of `run` it lacks, on up to
     /// [`REPLAY_LANES`] of its library's spare instances at once, each on a
     /// read-write session of its own beside the spare's (which is
-    /// read-only), and on the member's own session meanwhile, which needs
-    /// no setting up. `run` holds imports only, each object once: none depends
+    /// read-only). `run` holds imports only, each object once: none depends
     /// on another, so their order does not matter; a change that must
     /// come before or after one of them (a removal) ends the run
     /// (`recovery::replay_pending`). Each copy is recorded as being made
@@ -58,8 +55,8 @@ impl VirtualSession {
     /// ([`VirtualSession::attempt_making`]); a spare's fault is the
     /// member's, which takes it out, and the copies not made are left to
     /// the caller. A spare's handle means nothing on the member's own
-    /// session, so the copies made on spares are found there afterwards in
-    /// one listing, reading only the objects `holdings` does not list.
+    /// session, so the copies made are found there afterwards in one
+    /// listing, reading only the objects `holdings` does not list.
     pub fn import_on_spares(
         &self,
         position: usize,
@@ -80,7 +77,6 @@ impl VirtualSession {
         let Some(location) = member.location() else {
             return SpareImports {
                 made: 0,
-                made_here: 0,
                 left: todo,
                 holdings_current: true,
                 set_up: Duration::ZERO,
@@ -99,11 +95,10 @@ impl VirtualSession {
             started: Instant::now(),
             set_up: Mutex::new(Duration::ZERO),
         };
-        let made_here = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             for _ in 0..REPLAY_LANES.min(todo.len()) {
                 scope.spawn(|| lanes.import_on_a_lane());
             }
-            lanes.import_on_own_session(self)
         });
         let set_up = *lanes.set_up.lock();
         let answers: Vec<Option<Attempt>> =
@@ -112,20 +107,12 @@ impl VirtualSession {
             .iter()
             .filter(|a| matches!(a, Some(Attempt::Answered(CKR_OK))))
             .count();
-        for (i, handle) in &made_here {
-            if let Pending::Import(object, _) = &todo[*i] {
-                self.note_made(*object, *handle, Some(holdings));
-            }
-        }
         // Copies a faulted call may have made are found as well, so that
-        // the one-by-one replay does not make them again; those made on
-        // the member's own session are known by their handles there.
+        // the one-by-one replay does not make them again.
         let tried: Vec<CK_OBJECT_HANDLE> = todo
             .iter()
             .zip(&answers)
-            .enumerate()
-            .filter(|(i, _)| !made_here.iter().any(|(here, _)| here == i))
-            .filter_map(|(_, (change, answer))| match (change, answer) {
+            .filter_map(|(change, answer)| match (change, answer) {
                 (Pending::Import(object, _), Some(_)) => Some(*object),
                 _ => None,
             })
@@ -146,7 +133,6 @@ impl VirtualSession {
             .collect();
         SpareImports {
             made,
-            made_here: made_here.len(),
             left,
             holdings_current,
             set_up,
@@ -202,42 +188,6 @@ struct Lanes<'a> {
 }
 
 impl Lanes<'_> {
-    /// Makes changes of `todo` on the member's own session (`worker`'s),
-    /// beside the spares, one after another, until none is left or a call
-    /// faulted; the index of each copy made, with its handle there. A
-    /// spare's lane is ready only once the spare is initialised (after a
-    /// reset or restart, a new server process loading the whole token),
-    /// logged in and has a session: in the long chaos run that took
-    /// 0.15-3.1 s of a run, and three runs made nothing at all, their
-    /// spares never ready. The member's own session is ready at once.
-    fn import_on_own_session(&self, worker: &VirtualSession) -> Vec<(usize, CK_OBJECT_HANDLE)> {
-        let mut made = Vec::new();
-        while !self.stop.load(Ordering::Relaxed) && self.group.up_members().next().is_some() {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(Pending::Import(object, template)) = self.todo.get(i) else {
-                break;
-            };
-            let attributes = template.attributes();
-            let mut handle = CK_INVALID_HANDLE;
-            let answer =
-                worker.attempt_making(self.position, "C_CreateObject", *object, &mut |l, s| {
-                    l.create_object(s, Some(&attributes), &mut handle)
-                });
-            let faulted = matches!(answer, Attempt::Faulted);
-            if matches!(answer, Attempt::Answered(CKR_OK)) {
-                self.group
-                    .objects
-                    .set_presence(*object, self.position, Presence::Present(handle));
-                made.push((i, handle));
-            }
-            *self.answers[i].lock() = Some(answer);
-            if faulted {
-                self.stop.store(true, Ordering::Relaxed);
-            }
-        }
-        made
-    }
-
     /// Takes a spare and makes changes of `todo` on it, one after another,
     /// until none is left or a call faulted.
     fn import_on_a_lane(&self) {
