@@ -1312,9 +1312,9 @@ impl Known {
     /// serves and the application is logged in (logged out, private
     /// objects would be missing from the reading). Each change looks the
     /// member up otherwise, a search SoftHSM answers by going through
-    /// every object of the token: in the long chaos run a replay of 22-44
-    /// changes so took 3.2-8.3 s where reading took 0.1-0.4 s. Once per
-    /// recovery.
+    /// every object of the token: in the long chaos run replays giving
+    /// 22-44 objects so took 3.2-8.3 s, where a reading in the replay took
+    /// 22-223 ms in the run after. Once per recovery.
     fn reading_pays(&self, group: &Group, waiting: usize) -> bool {
         !self.complete
             && !self.read_late
