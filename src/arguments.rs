@@ -157,17 +157,22 @@ impl<'a> Template<'a> {
             return Err(Error::new(CKR_ARGUMENTS_BAD));
         }
         if template.is_null() {
-            return Ok(Template {
-                attributes: Cow::Borrowed(&[]),
-                _nested: Vec::new(),
-                absent: true,
-            });
+            return Ok(Template::absent());
         }
         // SAFETY: not null; the caller vouches for `count` attributes.
         let attributes = unsafe { std::slice::from_raw_parts(template, count as usize) };
         // SAFETY: the caller vouches for the values.
         unsafe { check_values(attributes, MAX_NESTING) }?;
         Ok(Template::from_checked(attributes))
+    }
+
+    /// The application's NULL template (with no attributes).
+    pub fn absent() -> Template<'static> {
+        Template {
+            attributes: Cow::Borrowed(&[]),
+            _nested: Vec::new(),
+            absent: true,
+        }
     }
 
     fn from_checked(attributes: &'a [CK_ATTRIBUTE]) -> Self {
@@ -209,17 +214,14 @@ impl<'a> Template<'a> {
     pub fn bool(&self, attribute: CK_ATTRIBUTE_TYPE) -> Option<bool> {
         self.iter()
             .filter(|a| a.kind() == attribute)
-            .find_map(|a| a.value().filter(|v| v.len() == 1))
-            .map(|v| v[0] != CK_FALSE)
+            .find_map(|a| a.value().and_then(bool_of))
     }
 
     /// The `CK_ULONG` value of `attribute`, if present.
     pub fn ulong(&self, attribute: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
-        const SIZE: usize = std::mem::size_of::<CK_ULONG>();
         self.iter()
             .filter(|a| a.kind() == attribute)
-            .find_map(|a| a.value().and_then(|v| <[u8; SIZE]>::try_from(v).ok()))
-            .map(CK_ULONG::from_ne_bytes)
+            .find_map(|a| a.value().and_then(ulong_of))
     }
 
     /// The attributes but those of the types in `left_out`.
@@ -240,6 +242,32 @@ impl<'a> Template<'a> {
     pub fn as_slice(&self) -> Option<&[CK_ATTRIBUTE]> {
         (!self.absent).then_some(&self.attributes[..])
     }
+}
+
+/// A template of values the core holds (a fingerprint to search for, a
+/// template read from one member for another), borrowed for as long as
+/// the template is used.
+impl<'t> FromIterator<(CK_ATTRIBUTE_TYPE, &'t [u8])> for Template<'t> {
+    fn from_iter<I: IntoIterator<Item = (CK_ATTRIBUTE_TYPE, &'t [u8])>>(values: I) -> Self {
+        let mut built = TemplateBuilder::with_capacity(0);
+        for (kind, value) in values {
+            built.push_value(kind, value);
+        }
+        built.build()
+    }
+}
+
+/// A `CK_BBOOL` value: exactly one byte.
+fn bool_of(value: &[u8]) -> Option<bool> {
+    match value {
+        [byte] => Some(*byte != CK_FALSE),
+        _ => None,
+    }
+}
+
+/// A `CK_ULONG` value: exactly its size.
+fn ulong_of(value: &[u8]) -> Option<CK_ULONG> {
+    value.try_into().ok().map(CK_ULONG::from_ne_bytes)
 }
 
 /// Checks the values of `attributes` for [`Template::giving_values`],
@@ -295,10 +323,15 @@ impl<'t> TemplateBuilder<'t> {
 
     pub fn push_bool(&mut self, kind: CK_ATTRIBUTE_TYPE, value: bool) {
         let value: &'static CK_BBOOL = if value { &TRUE } else { &FALSE };
+        self.push_value(kind, std::slice::from_ref(value));
+    }
+
+    /// Adds an attribute of `value`, which a member reads, never writes.
+    pub fn push_value(&mut self, kind: CK_ATTRIBUTE_TYPE, value: &'t [u8]) {
         self.attributes.push(CK_ATTRIBUTE {
             type_: kind,
-            pValue: value as *const CK_BBOOL as *mut _,
-            ulValueLen: 1,
+            pValue: value.as_ptr() as *mut _,
+            ulValueLen: value.len() as CK_ULONG,
         });
     }
 
@@ -352,9 +385,16 @@ impl<'a> AttributeRequest<'a> {
         })
     }
 
-    /// The attributes as asked: types, lengths, whether a buffer was given.
-    pub fn attributes(&self) -> &[CK_ATTRIBUTE] {
-        self.attributes
+    /// The kinds asked, in order.
+    pub fn kinds(&self) -> impl Iterator<Item = CK_ATTRIBUTE_TYPE> + '_ {
+        self.attributes.iter().map(|a| a.type_)
+    }
+
+    /// The room attribute `index` gives its value; `None` for no buffer
+    /// (asking the length).
+    pub fn room(&self, index: usize) -> Option<CK_ULONG> {
+        let attribute = &self.attributes[index];
+        (!attribute.pValue.is_null()).then_some(attribute.ulValueLen)
     }
 
     pub fn set_len(&mut self, index: usize, len: CK_ULONG) {
@@ -390,6 +430,254 @@ impl<'a> AttributeRequest<'a> {
     /// stays `None`.
     pub fn as_mut_slice(&mut self) -> Option<&mut [CK_ATTRIBUTE]> {
         (!self.absent).then_some(&mut self.attributes[..])
+    }
+}
+
+/// Attributes the core asks of a member's `C_GetAttributeValue`: each
+/// with a room of its own for the value ([`AttributeQuery::room`]), with
+/// none, asking the length ([`AttributeQuery::length`]), a nested
+/// template's, or as the application asked it ([`AttributeQuery::asked`]).
+/// The rooms lie in one buffer, the query's or one a caller keeps to reuse
+/// ([`AttributeQuery::in_store`]); a member call borrows the attributes as
+/// C ones pointing into it ([`AttributeQuery::as_mut_slice`]) and the
+/// answers are read back as lengths and slices of it, so the core reads a
+/// member's answer without a pointer.
+pub struct AttributeQuery<'r> {
+    attributes: Vec<CK_ATTRIBUTE>,
+    asks: Vec<Ask>,
+    store: Store<'r>,
+    /// How much of `store` the rooms take.
+    used: usize,
+}
+
+enum Store<'r> {
+    Own(Vec<u8>),
+    Kept(&'r mut Vec<u8>),
+}
+
+impl Store<'_> {
+    fn bytes(&mut self) -> &mut Vec<u8> {
+        match self {
+            Store::Own(bytes) => bytes,
+            Store::Kept(bytes) => bytes,
+        }
+    }
+
+    fn get(&self) -> &[u8] {
+        match self {
+            Store::Own(bytes) => bytes,
+            Store::Kept(bytes) => bytes,
+        }
+    }
+}
+
+/// What one attribute of an [`AttributeQuery`] asks.
+enum Ask {
+    /// The length, which reads `unanswered` where the member leaves it.
+    Length { unanswered: CK_ULONG },
+    /// The value, into `len` bytes of the store from `start`.
+    Room { start: usize, len: usize },
+    /// A nested template: its attributes, each asking as `asks` says.
+    Nested(Vec<CK_ATTRIBUTE>, Vec<Ask>),
+    /// As the application asked, into its own buffer.
+    Asked(CK_ATTRIBUTE),
+}
+
+impl AttributeQuery<'static> {
+    /// A query whose rooms are its own.
+    pub fn new() -> Self {
+        AttributeQuery::in_store_of(Store::Own(Vec::new()))
+    }
+}
+
+impl Default for AttributeQuery<'static> {
+    fn default() -> Self {
+        AttributeQuery::new()
+    }
+}
+
+impl<'r> AttributeQuery<'r> {
+    /// A query whose rooms lie in `store`, which keeps its bytes (and their
+    /// allocation) for the next query: a member writes each answer before
+    /// it is read.
+    pub fn in_store(store: &'r mut Vec<u8>) -> Self {
+        AttributeQuery::in_store_of(Store::Kept(store))
+    }
+
+    fn in_store_of(store: Store<'r>) -> Self {
+        AttributeQuery {
+            attributes: Vec::new(),
+            asks: Vec::new(),
+            store,
+            used: 0,
+        }
+    }
+
+    /// Asks `kind`'s length; where the member leaves it unanswered it reads
+    /// `unanswered`.
+    pub fn length(&mut self, kind: CK_ATTRIBUTE_TYPE, unanswered: CK_ULONG) {
+        self.push(kind, Ask::Length { unanswered });
+    }
+
+    /// Asks `kind`'s value, with room for `len` bytes.
+    pub fn room(&mut self, kind: CK_ATTRIBUTE_TYPE, len: usize) {
+        let ask = self.take_room(len);
+        self.push(kind, ask);
+    }
+
+    /// Asks the attributes of `kind`'s nested template: for each, its
+    /// length (a kind of 0 to learn the kinds as well) or, with a length
+    /// given, its value.
+    pub fn nested(
+        &mut self,
+        kind: CK_ATTRIBUTE_TYPE,
+        inner: &[(CK_ATTRIBUTE_TYPE, Option<usize>)],
+    ) {
+        let asks = inner
+            .iter()
+            .map(|(_, len)| match len {
+                Some(len) => self.take_room(*len),
+                None => Ask::Length { unanswered: 0 },
+            })
+            .collect();
+        let attributes = inner.iter().map(|(kind, _)| blank(*kind)).collect();
+        self.push(kind, Ask::Nested(attributes, asks));
+    }
+
+    /// Asks the attributes of the application's `request` whose kind is
+    /// `kept` as it asked them, into its own buffers, which are never read
+    /// here.
+    pub fn asked(
+        &mut self,
+        request: &'r AttributeRequest,
+        kept: impl Fn(CK_ATTRIBUTE_TYPE) -> bool,
+    ) {
+        for attribute in request.attributes.iter().filter(|a| kept(a.type_)) {
+            self.push(attribute.type_, Ask::Asked(*attribute));
+        }
+    }
+
+    fn take_room(&mut self, len: usize) -> Ask {
+        let start = self.used;
+        self.used += len;
+        let bytes = self.store.bytes();
+        if bytes.len() < self.used {
+            bytes.resize(self.used, 0);
+        }
+        Ask::Room { start, len }
+    }
+
+    fn push(&mut self, kind: CK_ATTRIBUTE_TYPE, ask: Ask) {
+        self.attributes.push(blank(kind));
+        self.asks.push(ask);
+    }
+
+    /// The attributes as a member call takes them, each asking afresh:
+    /// pointing at its room with the room's length, or with no buffer and
+    /// the length it reads unanswered.
+    pub fn as_mut_slice(&mut self) -> &mut [CK_ATTRIBUTE] {
+        // One pointer for all rooms: taking it makes no reference to the
+        // bytes, so the rooms' pointers stay valid beside one another.
+        let base = self.store.bytes().as_mut_ptr();
+        let lend = |attribute: &mut CK_ATTRIBUTE, ask: &mut Ask| match ask {
+            Ask::Length { unanswered } => {
+                attribute.pValue = std::ptr::null_mut();
+                attribute.ulValueLen = *unanswered;
+            }
+            Ask::Room { start, len } => {
+                attribute.pValue = base.wrapping_add(*start).cast();
+                attribute.ulValueLen = *len as CK_ULONG;
+            }
+            Ask::Nested(..) => {}
+            Ask::Asked(asked) => *attribute = *asked,
+        };
+        for (attribute, ask) in self.attributes.iter_mut().zip(self.asks.iter_mut()) {
+            lend(attribute, ask);
+            if let Ask::Nested(inner, asks) = ask {
+                for (attribute, ask) in inner.iter_mut().zip(asks.iter_mut()) {
+                    lend(attribute, ask);
+                }
+                attribute.pValue = inner.as_mut_ptr().cast();
+                attribute.ulValueLen = std::mem::size_of_val(inner.as_slice()) as CK_ULONG;
+            }
+        }
+        &mut self.attributes
+    }
+
+    pub fn len(&self) -> usize {
+        self.attributes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_empty()
+    }
+
+    pub fn kind(&self, index: usize) -> CK_ATTRIBUTE_TYPE {
+        self.attributes[index].type_
+    }
+
+    /// The length the member answered for attribute `index`
+    /// (`CK_UNAVAILABLE_INFORMATION` where it has none to give).
+    pub fn answered(&self, index: usize) -> CK_ULONG {
+        self.attributes[index].ulValueLen
+    }
+
+    /// The value the member wrote into attribute `index`'s room; `None`
+    /// where it gave none, or a length beyond the room.
+    pub fn value(&self, index: usize) -> Option<&[u8]> {
+        self.value_of(&self.attributes[index], &self.asks[index])
+    }
+
+    fn value_of(&self, attribute: &CK_ATTRIBUTE, ask: &Ask) -> Option<&[u8]> {
+        let Ask::Room { start, len } = ask else {
+            return None;
+        };
+        let answered = attribute.ulValueLen;
+        if answered == CK_UNAVAILABLE_INFORMATION || answered as usize > *len {
+            return None;
+        }
+        Some(&self.store.get()[*start..*start + answered as usize])
+    }
+
+    /// Attribute `index`'s `CK_BBOOL` value, if it has one.
+    pub fn bool(&self, index: usize) -> Option<bool> {
+        self.value(index).and_then(bool_of)
+    }
+
+    /// Attribute `index`'s `CK_ULONG` value, if it has one.
+    pub fn ulong(&self, index: usize) -> Option<CK_ULONG> {
+        self.value(index).and_then(ulong_of)
+    }
+
+    /// The kinds and lengths the member answered inside attribute
+    /// `index`'s nested template.
+    pub fn nested_lengths(&self, index: usize) -> Vec<(CK_ATTRIBUTE_TYPE, CK_ULONG)> {
+        match &self.asks[index] {
+            Ask::Nested(inner, _) => inner.iter().map(|a| (a.type_, a.ulValueLen)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The values the member wrote inside attribute `index`'s nested
+    /// template; `None` unless it wrote every one.
+    pub fn nested_values(&self, index: usize) -> Option<Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>> {
+        let Ask::Nested(inner, asks) = &self.asks[index] else {
+            return None;
+        };
+        inner
+            .iter()
+            .zip(asks)
+            .map(|(a, ask)| self.value_of(a, ask).map(|v| (a.type_, v.to_vec())))
+            .collect()
+    }
+}
+
+/// An attribute of `kind` with no value yet.
+fn blank(kind: CK_ATTRIBUTE_TYPE) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_: kind,
+        pValue: std::ptr::null_mut(),
+        ulValueLen: 0,
     }
 }
 
@@ -557,6 +845,77 @@ mod tests {
         let nested = outer.iter().next().unwrap().nested().unwrap();
         assert_eq!(nested.bool(CKA_EXTRACTABLE), Some(false));
         assert_eq!(nested.bool(CKA_WRAP_WITH_TRUSTED), Some(true));
+    }
+
+    /// Answers `attributes` as a member would: each value that has a
+    /// buffer gets `value`'s bytes that fit and its full length.
+    fn member_answers(attributes: &mut [CK_ATTRIBUTE], value: &[u8]) {
+        for a in attributes {
+            if !a.pValue.is_null() {
+                let n = value.len().min(a.ulValueLen as usize);
+                // SAFETY: the query's room holds `ulValueLen` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), a.pValue.cast(), n) };
+            }
+            a.ulValueLen = value.len() as CK_ULONG;
+        }
+    }
+
+    #[test]
+    fn a_query_reads_back_what_fits_its_rooms_and_asks_afresh() {
+        let mut store = Vec::new();
+        let mut query = AttributeQuery::in_store(&mut store);
+        query.room(CKA_LABEL, 8);
+        query.length(CKA_ID, 7);
+        query.room(CKA_VALUE, 2);
+        member_answers(query.as_mut_slice(), b"abc");
+        assert_eq!(query.value(0), Some(&b"abc"[..]));
+        assert_eq!((query.answered(1), query.value(1)), (3, None));
+        assert_eq!(query.answered(2), 3);
+        assert_eq!(query.value(2), None, "a length beyond the room");
+        let lent = query.as_mut_slice();
+        let lengths: Vec<CK_ULONG> = lent.iter().map(|a| a.ulValueLen).collect();
+        assert_eq!(lengths, [8, 7, 2], "each lending asks afresh");
+        assert!(lent[1].pValue.is_null(), "a length query has no buffer");
+        lent[0].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        assert_eq!(query.value(0), None);
+        assert!(store.len() >= 10, "the rooms stay for the next query");
+    }
+
+    #[test]
+    fn a_query_reads_a_nested_template_in_two_steps() {
+        let size = std::mem::size_of::<CK_ATTRIBUTE>() as CK_ULONG;
+        let mut kinds = AttributeQuery::new();
+        kinds.nested(CKA_UNWRAP_TEMPLATE, &[(0, None), (0, None)]);
+        let outer = &mut kinds.as_mut_slice()[0];
+        assert_eq!(outer.ulValueLen, 2 * size);
+        // SAFETY: the outer room holds two attributes.
+        let inner = unsafe { std::slice::from_raw_parts_mut(outer.pValue.cast(), 2) };
+        let answers = [(CKA_EXTRACTABLE, 1), (CKA_LABEL, 3)];
+        for (a, (kind, len)) in inner.iter_mut().zip(answers) {
+            *a = CK_ATTRIBUTE {
+                type_: kind,
+                pValue: std::ptr::null_mut(),
+                ulValueLen: len,
+            };
+        }
+        assert_eq!(kinds.nested_lengths(0), answers);
+        let mut values = AttributeQuery::new();
+        values.nested(
+            CKA_UNWRAP_TEMPLATE,
+            &[(CKA_EXTRACTABLE, Some(1)), (CKA_LABEL, Some(3))],
+        );
+        let outer = &mut values.as_mut_slice()[0];
+        // SAFETY: as above.
+        let inner = unsafe { std::slice::from_raw_parts_mut(outer.pValue.cast(), 2) };
+        member_answers(&mut inner[..1], &[CK_FALSE]);
+        member_answers(&mut inner[1..], b"key");
+        assert_eq!(
+            values.nested_values(0),
+            Some(vec![
+                (CKA_EXTRACTABLE, vec![CK_FALSE]),
+                (CKA_LABEL, b"key".to_vec())
+            ])
+        );
     }
 
     #[test]

@@ -310,14 +310,9 @@ mod tests {
     #[test]
     fn a_dual_function_half_is_not_moved() {
         let cell = BindingsCell::default();
-        let sha256 = CK_MECHANISM {
-            mechanism: CKM_SHA256,
-            pParameter: std::ptr::null_mut(),
-            ulParameterLen: 0,
-        };
+        let sha256 = crate::mechanism::BareMechanism::new(CKM_SHA256);
         let mut b = cell.lock();
-        // SAFETY: a mechanism without parameter.
-        let sha256 = unsafe { Mechanism::new(&sha256 as *const _ as *mut _) }.unwrap();
+        let sha256 = sha256.checked().unwrap();
         b.start(OpKind::Digest, Some(&sha256), None, 1);
         assert!(b.active(OpKind::Digest).is_some_and(|op| op.movable));
         b.stop_replaying(OpKind::Digest);

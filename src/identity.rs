@@ -6,10 +6,9 @@
 //! identifies none of them; the object is then treated as absent there, and
 //! that member does not serve operations on it. We never guess.
 
-use crate::arguments::AttributeRequest;
+use crate::arguments::{AttributeQuery, AttributeRequest, Template};
 use crate::member_api::MemberApi;
 use cryptoki_sys::*;
-use std::ptr;
 
 /// Attributes that make up the fingerprint, where the object has them and
 /// lets them be read. Secret values are never read: a sensitive
@@ -200,6 +199,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `read` with this thread's [`SCRATCH`] for a query's rooms, or a
+/// fresh buffer where a read on this thread holds it already (a member
+/// that calls back into us during the call, as the simulation's hooks do).
+fn with_scratch<T>(read: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut kept) => read(&mut kept),
+        Err(_) => read(&mut Vec::new()),
+    })
+}
+
 /// The fingerprint attributes read in one call, each into room enough for
 /// any value it holds in practice -- half the calls of asking the lengths
 /// first, which matters when a search returns thousands of objects. `None`
@@ -212,49 +221,29 @@ fn read_in_one_call(
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<Fingerprint> {
-    SCRATCH.with(|scratch| {
-        let mut query = rooms(types, &mut scratch.borrow_mut());
+    with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
+        rooms(&mut query, types);
         if !answered(library, session, object, &mut query) {
             return None;
         }
-        // SAFETY: the member answered into the rooms of `query`.
-        unsafe { print_from(&query) }
+        print_from(&query, 0)
     })
 }
 
-/// The attributes `query` has the member write into rooms of [`ROOM`]
-/// bytes from `scratch`, one per type.
-fn rooms(types: &[CK_ATTRIBUTE_TYPE], scratch: &mut Vec<u8>) -> Vec<CK_ATTRIBUTE> {
-    scratch.resize(types.len() * ROOM, 0);
-    types
-        .iter()
-        .zip(scratch.chunks_mut(ROOM))
-        .map(|(t, room)| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: room.as_mut_ptr() as *mut _,
-            ulValueLen: ROOM as CK_ULONG,
-        })
-        .collect()
+/// Asks `types` of `query`, each into a room of [`ROOM`] bytes.
+fn rooms(query: &mut AttributeQuery, types: &[CK_ATTRIBUTE_TYPE]) {
+    for t in types {
+        query.room(*t, ROOM);
+    }
 }
 
-/// The fingerprint a member wrote into [`rooms`]; `None` when it is not
-/// certain (see [`read_in_one_call`]).
-///
-/// # Safety
-/// Each attribute's `pValue` must point to [`ROOM`] bytes the member answered
-/// into.
-unsafe fn print_from(query: &[CK_ATTRIBUTE]) -> Option<Fingerprint> {
-    let value = |a: &CK_ATTRIBUTE| -> Option<Vec<u8>> {
-        let len = a.ulValueLen;
-        if len == CK_UNAVAILABLE_INFORMATION || len as usize > ROOM {
-            return None;
-        }
-        // SAFETY: the member wrote `len` bytes into this attribute's room.
-        Some(unsafe { std::slice::from_raw_parts(a.pValue as *const u8, len as usize) }.to_vec())
-    };
-    let print: Fingerprint = query
-        .iter()
-        .filter_map(|a| value(a).map(|v| (a.type_, v)))
+/// The fingerprint a member wrote into the [`rooms`] of `query` from
+/// attribute `from` on; `None` when it is not certain (see
+/// [`read_in_one_call`]).
+fn print_from(query: &AttributeQuery, from: usize) -> Option<Fingerprint> {
+    let print: Fingerprint = (from..query.len())
+        .filter_map(|i| query.value(i).map(|v| (query.kind(i), v.to_vec())))
         .collect();
     let ulong = |t: CK_ATTRIBUTE_TYPE| {
         print
@@ -289,32 +278,34 @@ pub fn read_along(
     object: CK_OBJECT_HANDLE,
     request: &mut AttributeRequest,
 ) -> (CK_RV, Option<Fingerprint>) {
-    let combined = SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let template = request.attributes();
-        let mut query: Vec<CK_ATTRIBUTE> = template.to_vec();
-        query.extend(rooms(LIGHT_FINGERPRINT, &mut scratch));
-        let rv = library.get_attribute_value(session, object, Some(&mut query));
-        let (asked, ours) = query.split_at(template.len());
-        let fits = |(a, q): (&CK_ATTRIBUTE, &CK_ATTRIBUTE)| {
-            q.ulValueLen != CK_UNAVAILABLE_INFORMATION
-                && (a.pValue.is_null() || q.ulValueLen <= a.ulValueLen)
+    let combined = with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
+        query.asked(request, |_| true);
+        let asked = request.kinds().count();
+        rooms(&mut query, LIGHT_FINGERPRINT);
+        let rv = library.get_attribute_value(session, object, Some(query.as_mut_slice()));
+        let fits = |i: usize| {
+            let len = query.answered(i);
+            len != CK_UNAVAILABLE_INFORMATION && request.room(i).is_none_or(|room| len <= room)
         };
         match rv {
             CKR_OK => {}
             CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID | CKR_BUFFER_TOO_SMALL
-                if template.iter().zip(asked).all(fits) => {}
+                if (0..asked).all(fits) => {}
             CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID | CKR_BUFFER_TOO_SMALL => {
                 return None
             }
-            rv => return Some((rv, None)),
+            rv => return Some((rv, None, Vec::new())),
         }
-        for (i, q) in asked.iter().enumerate() {
-            request.set_len(i, q.ulValueLen);
+        let lengths: Vec<CK_ULONG> = (0..asked).map(|i| query.answered(i)).collect();
+        let print = print_from(&query, asked).filter(|print| !holds_public_value(print));
+        Some((CKR_OK, print, lengths))
+    });
+    let combined = combined.map(|(rv, print, lengths)| {
+        for (i, len) in lengths.into_iter().enumerate() {
+            request.set_len(i, len);
         }
-        // SAFETY: the member answered into the rooms of `ours`.
-        let print = unsafe { print_from(ours) }.filter(|print| !holds_public_value(print));
-        Some((CKR_OK, print))
+        (rv, print)
     });
     combined.unwrap_or_else(|| {
         let rv = library.get_attribute_value(session, object, request.as_mut_slice());
@@ -339,9 +330,9 @@ fn answered(
     library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
-    query: &mut [CK_ATTRIBUTE],
+    query: &mut AttributeQuery,
 ) -> bool {
-    let rv = library.get_attribute_value(session, object, Some(query));
+    let rv = library.get_attribute_value(session, object, Some(query.as_mut_slice()));
     matches!(
         rv,
         CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
@@ -367,41 +358,36 @@ pub fn read_in_rooms(
     types: &[CK_ATTRIBUTE_TYPE],
     arrays: &[CK_ATTRIBUTE_TYPE],
 ) -> Option<ValuesAndArrays> {
-    let (values, present, unavailable) = SCRATCH.with(|scratch| {
-        let mut query = rooms(types, &mut scratch.borrow_mut());
-        query.extend(arrays.iter().map(|t| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: ptr::null_mut(),
-            ulValueLen: UNANSWERED,
-        }));
-        let rv = library.get_attribute_value(session, object, Some(&mut query));
+    let (values, present, unavailable) = with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
+        rooms(&mut query, types);
+        for t in arrays {
+            query.length(*t, UNANSWERED);
+        }
+        let rv = library.get_attribute_value(session, object, Some(query.as_mut_slice()));
         if !matches!(
             rv,
             CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID
         ) {
             return None;
         }
-        let (asked, array_lengths) = query.split_at(types.len());
         let mut present = Vec::new();
-        for a in array_lengths {
-            match a.ulValueLen {
+        for i in types.len()..query.len() {
+            match query.answered(i) {
                 UNANSWERED => return None,
                 0 | CK_UNAVAILABLE_INFORMATION => {}
-                _ => present.push(a.type_),
+                _ => present.push(query.kind(i)),
             }
         }
         let mut values = Vec::with_capacity(types.len());
         let mut unavailable = Vec::new();
-        for a in asked {
-            match a.ulValueLen {
-                CK_UNAVAILABLE_INFORMATION => unavailable.push(a.type_),
-                len if len as usize >= ROOM => return None,
-                len => values.push((
-                    a.type_,
-                    // SAFETY: the member wrote `len` bytes into this room.
-                    unsafe { std::slice::from_raw_parts(a.pValue as *const u8, len as usize) }
-                        .to_vec(),
-                )),
+        for i in 0..types.len() {
+            match (query.answered(i), query.value(i)) {
+                (CK_UNAVAILABLE_INFORMATION, _) => unavailable.push(query.kind(i)),
+                (len, Some(value)) if (len as usize) < ROOM => {
+                    values.push((query.kind(i), value.to_vec()))
+                }
+                _ => return None,
             }
         }
         Some((values, present, unavailable))
@@ -409,21 +395,14 @@ pub fn read_in_rooms(
     if unavailable.is_empty() {
         return Some((values, present));
     }
-    let mut lengths: Vec<CK_ATTRIBUTE> = unavailable
-        .iter()
-        .map(|t| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: ptr::null_mut(),
-            ulValueLen: UNANSWERED,
-        })
-        .collect();
+    let mut lengths = AttributeQuery::new();
+    for t in &unavailable {
+        lengths.length(*t, UNANSWERED);
+    }
     if !answered(library, session, object, &mut lengths) {
         return None;
     }
-    if lengths
-        .iter()
-        .all(|a| a.ulValueLen == CK_UNAVAILABLE_INFORMATION)
-    {
+    if (0..lengths.len()).all(|i| lengths.answered(i) == CK_UNAVAILABLE_INFORMATION) {
         return Some((values, present));
     }
     // Longer than its room, or left unanswered: the slow way keeps order.
@@ -449,43 +428,33 @@ pub fn read_attributes(
     if let Some((values, _)) = read_in_rooms(library, session, object, types, &[]) {
         return Some(values);
     }
-    let mut query: Vec<CK_ATTRIBUTE> = types
-        .iter()
-        .map(|t| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: ptr::null_mut(),
-            ulValueLen: UNANSWERED,
-        })
-        .collect();
+    let mut query = AttributeQuery::new();
+    for t in types {
+        query.length(*t, UNANSWERED);
+    }
     if !answered(library, session, object, &mut query) {
         return None;
     }
     let mut values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> = Vec::with_capacity(types.len());
-    let mut wanted: Vec<CK_ATTRIBUTE> = Vec::new();
-    for a in &query {
-        match a.ulValueLen {
+    let mut wanted = AttributeQuery::new();
+    for i in 0..query.len() {
+        let t = query.kind(i);
+        match query.answered(i) {
             CK_UNAVAILABLE_INFORMATION => {}
             UNANSWERED => {
-                if let Some(v) = read_attribute(library, session, object, a.type_) {
-                    values.push((a.type_, v));
+                if let Some(v) = read_attribute(library, session, object, t) {
+                    values.push((t, v));
                 }
             }
-            len => values.push((a.type_, vec![0u8; len as usize])),
+            len => values.push((t, vec![0u8; len as usize])),
         }
     }
-    for (t, v) in values.iter_mut().filter(|(_, v)| !v.is_empty()) {
-        wanted.push(CK_ATTRIBUTE {
-            type_: *t,
-            pValue: v.as_mut_ptr() as *mut _,
-            ulValueLen: v.len() as CK_ULONG,
-        });
+    for (t, v) in values.iter().filter(|(_, v)| !v.is_empty()) {
+        wanted.room(*t, v.len());
     }
     if !wanted.is_empty() {
-        let rv = library.get_attribute_value(session, object, Some(&mut wanted));
-        let complete = rv == CKR_OK
-            && wanted
-                .iter()
-                .all(|a| a.ulValueLen != CK_UNAVAILABLE_INFORMATION);
+        let rv = library.get_attribute_value(session, object, Some(wanted.as_mut_slice()));
+        let complete = rv == CKR_OK && (0..wanted.len()).all(|i| wanted.value(i).is_some());
         if !complete {
             // Changed between the two calls: ask each attribute on its own.
             return Some(
@@ -495,10 +464,13 @@ pub fn read_attributes(
                     .collect(),
             );
         }
-        let lengths: Vec<usize> = wanted.iter().map(|a| a.ulValueLen as usize).collect();
-        let mut lengths = lengths.into_iter();
-        for (_, v) in values.iter_mut().filter(|(_, v)| !v.is_empty()) {
-            v.truncate(lengths.next().unwrap_or(0));
+        let answers = (0..wanted.len()).filter_map(|i| wanted.value(i));
+        for ((_, v), answer) in values
+            .iter_mut()
+            .filter(|(_, v)| !v.is_empty())
+            .zip(answers)
+        {
+            *v = answer.to_vec();
         }
     }
     let order = |t: &CK_ATTRIBUTE_TYPE| types.iter().position(|x| x == t);
@@ -551,16 +523,12 @@ fn find_matching(
     session: CK_SESSION_HANDLE,
     fingerprint: &Fingerprint,
 ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
-    let template: Vec<CK_ATTRIBUTE> = fingerprint
+    let template: Template = fingerprint
         .iter()
         .filter(|(t, _)| *t != CKA_CHECK_VALUE)
-        .map(|(t, v)| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: v.as_ptr() as *mut _,
-            ulValueLen: v.len() as CK_ULONG,
-        })
+        .map(|(t, v)| (*t, v.as_slice()))
         .collect();
-    let rv = library.find_objects_init(session, Some(&template));
+    let rv = library.find_objects_init(session, template.as_slice());
     if rv != CKR_OK {
         return Err(rv);
     }
@@ -592,41 +560,40 @@ pub fn read_nested(
     attribute: CK_ATTRIBUTE_TYPE,
 ) -> Option<Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>> {
     let size = std::mem::size_of::<CK_ATTRIBUTE>();
-    let mut outer = CK_ATTRIBUTE {
-        type_: attribute,
-        pValue: ptr::null_mut(),
-        ulValueLen: 0,
-    };
-    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut outer)));
-    let len = outer.ulValueLen as usize;
-    if rv != CKR_OK || outer.ulValueLen == CK_UNAVAILABLE_INFORMATION || len % size != 0 {
+    let mut outer = AttributeQuery::new();
+    outer.length(attribute, 0);
+    let rv = library.get_attribute_value(session, object, Some(outer.as_mut_slice()));
+    let len = outer.answered(0) as usize;
+    if rv != CKR_OK || outer.answered(0) == CK_UNAVAILABLE_INFORMATION || len % size != 0 {
         return None;
     }
     if len == 0 {
         return Some(Vec::new());
     }
-    let mut inner = vec![
-        CK_ATTRIBUTE {
-            type_: 0,
-            pValue: ptr::null_mut(),
-            ulValueLen: 0,
-        };
-        len / size
-    ];
-    outer.pValue = inner.as_mut_ptr() as *mut _;
-    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut outer)));
+    let mut kinds = AttributeQuery::new();
+    kinds.nested(attribute, &vec![(0, None); len / size]);
+    let rv = library.get_attribute_value(session, object, Some(kinds.as_mut_slice()));
     if rv != CKR_OK {
         return None;
     }
-    let mut values: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> = inner
+    let lengths = kinds.nested_lengths(0);
+    if lengths
         .iter()
-        .map(|a| (a.type_, vec![0u8; a.ulValueLen as usize]))
-        .collect();
-    for (a, (_, v)) in inner.iter_mut().zip(values.iter_mut()) {
-        a.pValue = v.as_mut_ptr() as *mut _;
+        .any(|(_, len)| *len == CK_UNAVAILABLE_INFORMATION)
+    {
+        return None;
     }
-    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut outer)));
-    (rv == CKR_OK).then_some(values)
+    let rooms: Vec<_> = lengths
+        .into_iter()
+        .map(|(t, len)| (t, Some(len as usize)))
+        .collect();
+    let mut values = AttributeQuery::new();
+    values.nested(attribute, &rooms);
+    let rv = library.get_attribute_value(session, object, Some(values.as_mut_slice()));
+    if rv != CKR_OK {
+        return None;
+    }
+    values.nested_values(0)
 }
 
 /// Which of `types` (array attributes) the object has with a non-empty
@@ -637,21 +604,16 @@ pub fn present_arrays(
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
 ) -> Vec<CK_ATTRIBUTE_TYPE> {
-    let mut query: Vec<CK_ATTRIBUTE> = types
-        .iter()
-        .map(|t| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: ptr::null_mut(),
-            ulValueLen: 0,
-        })
-        .collect();
+    let mut query = AttributeQuery::new();
+    for t in types {
+        query.length(*t, 0);
+    }
     if !answered(library, session, object, &mut query) {
         return types.to_vec();
     }
-    query
-        .iter()
-        .filter(|a| a.ulValueLen != 0 && a.ulValueLen != CK_UNAVAILABLE_INFORMATION)
-        .map(|a| a.type_)
+    (0..query.len())
+        .filter(|i| !matches!(query.answered(*i), 0 | CK_UNAVAILABLE_INFORMATION))
+        .map(|i| query.kind(i))
         .collect()
 }
 
@@ -662,23 +624,19 @@ pub fn read_attribute(
     object: CK_OBJECT_HANDLE,
     attribute: CK_ATTRIBUTE_TYPE,
 ) -> Option<Vec<u8>> {
-    let mut query = CK_ATTRIBUTE {
-        type_: attribute,
-        pValue: ptr::null_mut(),
-        ulValueLen: 0,
-    };
-    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut query)));
-    if rv != CKR_OK || query.ulValueLen == CK_UNAVAILABLE_INFORMATION {
+    let mut length = AttributeQuery::new();
+    length.length(attribute, 0);
+    let rv = library.get_attribute_value(session, object, Some(length.as_mut_slice()));
+    if rv != CKR_OK || length.answered(0) == CK_UNAVAILABLE_INFORMATION {
         return None;
     }
-    let mut value = vec![0u8; query.ulValueLen as usize];
-    query.pValue = value.as_mut_ptr() as *mut _;
-    let rv = library.get_attribute_value(session, object, Some(std::slice::from_mut(&mut query)));
-    if rv != CKR_OK || query.ulValueLen == CK_UNAVAILABLE_INFORMATION {
+    let mut value = AttributeQuery::new();
+    value.room(attribute, length.answered(0) as usize);
+    let rv = library.get_attribute_value(session, object, Some(value.as_mut_slice()));
+    if rv != CKR_OK {
         return None;
     }
-    value.truncate(query.ulValueLen as usize);
-    Some(value)
+    value.value(0).map(<[u8]>::to_vec)
 }
 
 /// A `CK_ULONG` attribute value from its bytes.

@@ -5,7 +5,7 @@
 //! application passes virtual handles there too, and each must become the
 //! chosen member's handle before the mechanism reaches that member.
 
-use crate::arguments::{required, Template};
+use crate::arguments::{required, Template, TemplateBuilder};
 use crate::error::{Error, Result};
 use cryptoki_sys::*;
 use smallvec::SmallVec;
@@ -22,6 +22,35 @@ impl MemberMechanism {
     /// The mechanism as a member call takes it.
     pub fn as_raw(&self) -> &CK_MECHANISM {
         &self.mechanism
+    }
+}
+
+/// A mechanism without a parameter, made by the core itself: a digest it
+/// starts for the application, replication's key wrap and key-pair
+/// generation.
+pub struct BareMechanism(CK_MECHANISM);
+
+impl BareMechanism {
+    #[inline(always)]
+    pub fn new(mechanism: CK_MECHANISM_TYPE) -> Self {
+        BareMechanism(CK_MECHANISM {
+            mechanism,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        })
+    }
+
+    /// As an application's mechanism of this type without a parameter:
+    /// refused as [`check_parameter`] refuses such a one.
+    pub fn checked(&self) -> Result<Mechanism<'_>> {
+        // SAFETY: no parameter, so nothing is read.
+        unsafe { Mechanism::new(&self.0 as *const _ as *mut _) }
+    }
+
+    /// The mechanism as a member call takes it.
+    #[inline(always)]
+    pub fn as_raw(&self) -> &CK_MECHANISM {
+        &self.0
     }
 }
 
@@ -140,44 +169,72 @@ pub fn for_member(
     })
 }
 
-/// An application's `C_CreateObject` template, kept (zeroized when
-/// dropped) until every member that was down has the object: the
-/// application handed us the values, and a member behind a client library
-/// that carries no key-wrap mechanism can receive them no other way.
+/// A template the core holds past the call that gave it, its values
+/// zeroized when dropped: an application's `C_CreateObject` template, kept
+/// until every member that was down has the object (the application
+/// handed us the values, and a member behind a client library that
+/// carries no key-wrap mechanism can receive them no other way), a
+/// search's for failover, or one read from a member for a copy on
+/// another. Nested templates are copied as templates, not as the C array
+/// that pointed into the application's memory.
+#[derive(Default)]
 pub struct OwnedTemplate {
-    values: Vec<(CK_ATTRIBUTE_TYPE, zeroize::Zeroizing<Vec<u8>>)>,
+    attributes: Vec<(CK_ATTRIBUTE_TYPE, OwnedValue)>,
+}
+
+enum OwnedValue {
+    Bytes(zeroize::Zeroizing<Vec<u8>>),
+    Nested(OwnedTemplate),
 }
 
 impl OwnedTemplate {
     pub fn copy(template: &Template) -> OwnedTemplate {
-        let values = template
-            .values()
-            .map(|(t, v)| (t, zeroize::Zeroizing::new(v.to_vec())))
-            .collect();
-        OwnedTemplate { values }
+        let mut copy = OwnedTemplate::default();
+        for a in template.iter() {
+            match a.nested() {
+                Some(inner) => copy.push_nested(a.kind(), OwnedTemplate::copy(&inner)),
+                None => copy.push(a.kind(), a.value().unwrap_or_default().to_vec()),
+            }
+        }
+        copy
+    }
+
+    /// Adds an attribute of `value`.
+    pub fn push(&mut self, kind: CK_ATTRIBUTE_TYPE, value: Vec<u8>) {
+        let value = OwnedValue::Bytes(zeroize::Zeroizing::new(value));
+        self.attributes.push((kind, value));
+    }
+
+    /// Adds a nested-template attribute of `inner`.
+    pub fn push_nested(&mut self, kind: CK_ATTRIBUTE_TYPE, inner: OwnedTemplate) {
+        self.attributes.push((kind, OwnedValue::Nested(inner)));
     }
 
     /// The fingerprint of the object this template makes, where it
     /// identifies one (see [`crate::identity::print_of_template`]).
     pub fn print(&self) -> Option<crate::identity::Fingerprint> {
-        crate::identity::print_of_template(self.values.iter().map(|(t, v)| (*t, v.as_slice())))
+        crate::identity::print_of_template(self.values())
     }
 
-    /// The template's attributes with their values.
+    /// The template's attributes with their values, nested templates left
+    /// out.
     pub fn values(&self) -> impl Iterator<Item = (CK_ATTRIBUTE_TYPE, &[u8])> + Clone {
-        self.values.iter().map(|(t, v)| (*t, v.as_slice()))
+        self.attributes.iter().filter_map(|(t, v)| match v {
+            OwnedValue::Bytes(bytes) => Some((*t, bytes.as_slice())),
+            OwnedValue::Nested(_) => None,
+        })
     }
 
-    /// Attributes pointing into this template, for one member call.
-    pub fn attributes(&self) -> Vec<CK_ATTRIBUTE> {
-        self.values
-            .iter()
-            .map(|(t, v)| CK_ATTRIBUTE {
-                type_: *t,
-                pValue: v.as_ptr() as *mut _,
-                ulValueLen: v.len() as CK_ULONG,
-            })
-            .collect()
+    /// The template borrowed, as a member call takes it.
+    pub fn template(&self) -> Template<'_> {
+        let mut built = TemplateBuilder::with_capacity(self.attributes.len());
+        for (t, v) in &self.attributes {
+            match v {
+                OwnedValue::Bytes(bytes) => built.push_value(*t, bytes),
+                OwnedValue::Nested(inner) => built.push_nested(*t, inner.template()),
+            }
+        }
+        built.build()
     }
 }
 
@@ -205,6 +262,33 @@ mod tests {
         assert_eq!(
             virtual_handle, 42,
             "the application's parameter is untouched"
+        );
+    }
+
+    #[test]
+    fn an_owned_template_keeps_its_nested_values_past_the_call() {
+        let mut label = *b"app";
+        let mut inner = [CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_mut_ptr().cast(),
+            ulValueLen: 3,
+        }];
+        let raw = [CK_ATTRIBUTE {
+            type_: CKA_UNWRAP_TEMPLATE,
+            pValue: inner.as_mut_ptr().cast(),
+            ulValueLen: size_of::<CK_ATTRIBUTE>() as CK_ULONG,
+        }];
+        // SAFETY: a live local template.
+        let given = unsafe { Template::giving_values(raw.as_ptr() as *mut _, 1) }.unwrap();
+        let kept = OwnedTemplate::copy(&given);
+        label.copy_from_slice(b"new");
+        let lent = kept.template();
+        let nested = lent.iter().next().and_then(|a| a.nested()).unwrap();
+        let values: Vec<_> = nested.values().collect();
+        assert_eq!(
+            values,
+            [(CKA_LABEL, &b"app"[..])],
+            "a copy, not the application's memory"
         );
     }
 

@@ -798,20 +798,22 @@ impl Provider {
                 counted_on(&library, slot, || library.slot_info(slot))
             }
             Slot::Virtual(group) => {
-                // SAFETY: CK_SLOT_INFO is plain data; all-zero is valid.
-                let mut info: CK_SLOT_INFO = unsafe { std::mem::zeroed() };
+                let mut info = CK_SLOT_INFO {
+                    slotDescription: [0; 64],
+                    manufacturerID: [0; 32],
+                    flags: if group.up_members().next().is_some() {
+                        CKF_TOKEN_PRESENT
+                    } else {
+                        0
+                    },
+                    hardwareVersion: library_version(),
+                    firmwareVersion: library_version(),
+                };
                 string_to_padded(
                     &format!("pkcs11-ha virtual slot {}", group.label),
                     &mut info.slotDescription,
                 );
                 string_to_padded("pkcs11-ha", &mut info.manufacturerID);
-                info.flags = if group.up_members().next().is_some() {
-                    CKF_TOKEN_PRESENT
-                } else {
-                    0
-                };
-                info.hardwareVersion = library_version();
-                info.firmwareVersion = library_version();
                 Ok(info)
             }
         }

@@ -11,17 +11,17 @@
 //! domain key being the only one; the application sees it non-extractable
 //! and cannot wrap it. See `docs/security-model.md`.
 
+use crate::arguments::TemplateBuilder;
 use crate::error::rv_name;
 use crate::error::{Error, Result};
 use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
-use crate::mechanism::OwnedTemplate;
+use crate::mechanism::{BareMechanism, OwnedTemplate};
 use crate::member_api::{MemberBackend, MemberSession};
 use crate::object::Presence;
 use crate::strategy::{self, Cloning, Side, Strategy};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
-use std::ptr;
 
 mod spares;
 pub use spares::{SpareImports, IMPORTS_ON_SPARES};
@@ -138,76 +138,50 @@ pub const PUBLIC_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] = &[
 pub const NESTED_ATTRIBUTES: &[CK_ATTRIBUTE_TYPE] =
     &[CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
 
-/// Attribute values, by type.
-type Values = Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>;
-
-/// An attribute list read from a member, as a template for another.
-struct Template {
-    values: Values,
-    nested: Vec<(CK_ATTRIBUTE_TYPE, Values)>,
-    /// The inner arrays `attributes` points nested values at.
-    inner: Vec<Vec<CK_ATTRIBUTE>>,
-}
-
-impl Template {
-    /// `None` when the object cannot be read (it is gone, or the member
-    /// failed).
-    fn read(
-        library: &dyn MemberBackend,
-        session: CK_SESSION_HANDLE,
-        object: CK_OBJECT_HANDLE,
-        types: &[CK_ATTRIBUTE_TYPE],
-        nested_types: &[CK_ATTRIBUTE_TYPE],
-    ) -> Option<Template> {
-        let (mut values, arrays) =
-            match identity::read_in_rooms(library, session, object, types, nested_types) {
-                Some(read) => read,
-                None => (
-                    identity::read_attributes(library, session, object, types)?,
-                    identity::present_arrays(library, session, object, nested_types),
-                ),
-            };
-        // Empty values (no dates, no subject) are the members' defaults, and
-        // some members refuse them spelled out.
-        values.retain(|(_, v)| !v.is_empty());
-        let nested = arrays
-            .into_iter()
-            .filter_map(|t| identity::read_nested(library, session, object, t).map(|n| (t, n)))
-            .filter(|(_, n)| !n.is_empty())
-            .collect();
-        Some(Template {
-            values,
-            nested,
-            inner: Vec::new(),
-        })
-    }
-
-    fn attributes(&mut self) -> Vec<CK_ATTRIBUTE> {
-        let as_attribute = |(t, v): &mut (CK_ATTRIBUTE_TYPE, Vec<u8>)| CK_ATTRIBUTE {
-            type_: *t,
-            pValue: v.as_mut_ptr() as *mut _,
-            ulValueLen: v.len() as CK_ULONG,
+/// An object's attributes read from a member, as a template for another;
+/// `None` when the object cannot be read (it is gone, or the member
+/// failed).
+fn read_template(
+    library: &dyn MemberBackend,
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    types: &[CK_ATTRIBUTE_TYPE],
+    nested_types: &[CK_ATTRIBUTE_TYPE],
+) -> Option<OwnedTemplate> {
+    let (values, arrays) =
+        match identity::read_in_rooms(library, session, object, types, nested_types) {
+            Some(read) => read,
+            None => (
+                identity::read_attributes(library, session, object, types)?,
+                identity::present_arrays(library, session, object, nested_types),
+            ),
         };
-        self.inner = self
-            .nested
-            .iter_mut()
-            .map(|(_, values)| values.iter_mut().map(as_attribute).collect())
-            .collect();
-        let nested = self
-            .nested
-            .iter()
-            .zip(self.inner.iter_mut())
-            .map(|((t, _), inner)| CK_ATTRIBUTE {
-                type_: *t,
-                pValue: inner.as_mut_ptr() as *mut _,
-                ulValueLen: std::mem::size_of_val(inner.as_slice()) as CK_ULONG,
-            });
-        let mut attributes: Vec<CK_ATTRIBUTE> = self.values.iter_mut().map(as_attribute).collect();
-        attributes.extend(nested);
-        // After the nested templates too (see `KEY_ATTRIBUTES`).
-        attributes.sort_by_key(|a| a.type_ == CKA_MODIFIABLE);
-        attributes
+    // Empty values (no dates, no subject) are the members' defaults, and
+    // some members refuse them spelled out.
+    let (modifiable, values): (Vec<_>, Vec<_>) = values
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .partition(|(t, _)| *t == CKA_MODIFIABLE);
+    let mut template = OwnedTemplate::default();
+    for (t, v) in values {
+        template.push(t, v);
     }
+    for (t, inner) in arrays
+        .into_iter()
+        .filter_map(|t| identity::read_nested(library, session, object, t).map(|n| (t, n)))
+        .filter(|(_, n)| !n.is_empty())
+    {
+        let mut nested = OwnedTemplate::default();
+        for (t, v) in inner {
+            nested.push(t, v);
+        }
+        template.push_nested(t, nested);
+    }
+    // After the nested templates too (see `KEY_ATTRIBUTES`).
+    for (t, v) in modifiable {
+        template.push(t, v);
+    }
+    Some(template)
 }
 
 /// Why an object is being copied to a member, which decides what a
@@ -383,12 +357,8 @@ impl VirtualSession {
             CKO_PRIVATE_KEY => KEY_ATTRIBUTES,
             _ => PUBLIC_ATTRIBUTES,
         };
-        let mut template = if secret && !wraps {
-            Template {
-                values: Vec::new(),
-                nested: Vec::new(),
-                inner: Vec::new(),
-            }
+        let template = if secret && !wraps {
+            OwnedTemplate::default()
         } else {
             self.on_member(source, |s| {
                 let nested = if secret {
@@ -396,7 +366,7 @@ impl VirtualSession {
                 } else {
                     &[CKA_WRAP_TEMPLATE][..]
                 };
-                Template::read(&*s.library, s.handle, source_handle, types, nested)
+                read_template(&*s.library, s.handle, source_handle, types, nested)
             })?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?
         };
@@ -432,14 +402,14 @@ impl VirtualSession {
                             return Err(e);
                         }
                     };
-                    self.unwrap_on(object, position, *mechanism, domain, blob, &mut template)
+                    self.unwrap_on(object, position, *mechanism, domain, blob, &template)
                 }
                 None => {
-                    let attributes = template.attributes();
+                    let attributes = template.template();
                     let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
                     let answer =
                         self.attempt_making(position, "replication", object, &mut |l, s| {
-                            l.create_object(s, Some(&attributes), &mut handle)
+                            l.create_object(s, attributes.as_slice(), &mut handle)
                         });
                     (answer, handle)
                 }
@@ -660,37 +630,30 @@ impl VirtualSession {
             return CKR_DEVICE_ERROR;
         };
         const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-        let mut params = P256;
-        let (mut yes, mut no) = (CK_TRUE, CK_FALSE);
-        let attribute = |type_, value: *mut u8, len: usize| CK_ATTRIBUTE {
-            type_,
-            pValue: value.cast(),
-            ulValueLen: len as CK_ULONG,
-        };
-        let public_template = [
-            attribute(CKA_EC_PARAMS, params.as_mut_ptr(), params.len()),
-            attribute(CKA_TOKEN, &mut no, 1),
-        ];
-        let private_template = [
-            attribute(CKA_TOKEN, &mut no, 1),
-            attribute(CKA_PRIVATE, &mut yes, 1),
-            attribute(CKA_SENSITIVE, &mut yes, 1),
-            attribute(CKA_EXTRACTABLE, &mut yes, 1),
-            attribute(CKA_WRAP_WITH_TRUSTED, &mut yes, 1),
-        ];
-        let mechanism = CK_MECHANISM {
-            mechanism: CKM_EC_KEY_PAIR_GEN,
-            pParameter: ptr::null_mut(),
-            ulParameterLen: 0,
-        };
+        let mut public_template = TemplateBuilder::with_capacity(2);
+        public_template.push_value(CKA_EC_PARAMS, &P256);
+        public_template.push_bool(CKA_TOKEN, false);
+        let mut private_template = TemplateBuilder::with_capacity(5);
+        private_template.push_bool(CKA_TOKEN, false);
+        for kind in [
+            CKA_PRIVATE,
+            CKA_SENSITIVE,
+            CKA_EXTRACTABLE,
+            CKA_WRAP_WITH_TRUSTED,
+        ] {
+            private_template.push_bool(kind, true);
+        }
+        let (public_template, private_template) =
+            (public_template.build(), private_template.build());
+        let mechanism = BareMechanism::new(CKM_EC_KEY_PAIR_GEN);
         let (mut public, mut private) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
         let made = self
             .on_member(source, |s| {
                 s.library.generate_key_pair(
                     s.handle,
-                    &mechanism,
-                    Some(&public_template),
-                    Some(&private_template),
+                    mechanism.as_raw(),
+                    public_template.as_slice(),
+                    private_template.as_slice(),
                     &mut public,
                     &mut private,
                 )
@@ -753,22 +716,18 @@ impl VirtualSession {
         mechanism: CK_MECHANISM_TYPE,
         domain: CK_OBJECT_HANDLE,
         blob: &[u8],
-        template: &mut Template,
+        template: &OwnedTemplate,
     ) -> (Attempt, CK_OBJECT_HANDLE) {
-        let attributes = template.attributes();
+        let attributes = template.template();
         let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
+        let mechanism = BareMechanism::new(mechanism);
         let answer = self.attempt_making(position, "replication", object, &mut |l, s| {
-            let mechanism = CK_MECHANISM {
-                mechanism,
-                pParameter: ptr::null_mut(),
-                ulParameterLen: 0,
-            };
             l.unwrap_key(
                 s,
-                &mechanism,
+                mechanism.as_raw(),
                 domain,
                 Some(blob),
-                Some(&attributes),
+                attributes.as_slice(),
                 &mut handle,
             )
         });
@@ -800,12 +759,8 @@ impl VirtualSession {
         copying: Copying,
     ) -> Result<Vec<u8>> {
         let domain = self.domain_key(source)?;
+        let mechanism = BareMechanism::new(mechanism);
         let wrap = |s: &MemberSession| {
-            let mechanism = CK_MECHANISM {
-                mechanism,
-                pParameter: ptr::null_mut(),
-                ulParameterLen: 0,
-            };
             // Room for any key but the largest RSA ones in one call; the
             // length the member then names where it is not enough.
             let mut blob = vec![0u8; FIRST_WRAP_ROOM];
@@ -813,7 +768,7 @@ impl VirtualSession {
                 let mut len = blob.len() as CK_ULONG;
                 let rv = s.library.wrap_key(
                     s.handle,
-                    &mechanism,
+                    mechanism.as_raw(),
                     domain,
                     key,
                     Some(&mut blob),
@@ -1220,10 +1175,10 @@ impl VirtualSession {
         {
             return Ok(false);
         }
-        let attributes = template.attributes();
+        let attributes = template.template();
         let mut handle = CK_INVALID_HANDLE;
         let answer = self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
-            l.create_object(s, Some(&attributes), &mut handle)
+            l.create_object(s, attributes.as_slice(), &mut handle)
         });
         match answer {
             Attempt::Answered(CKR_OK) => {

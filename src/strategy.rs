@@ -5,6 +5,7 @@
 //! mechanism both members list. Owns what a member can do (found when it
 //! is attached) and the choice; `replication` carries the key.
 
+use crate::mechanism::BareMechanism;
 use crate::member::padded_to_string;
 use crate::member_api::{same_library, MemberBackend};
 use cryptoki_sys::*;
@@ -202,15 +203,11 @@ fn refuses_to_wrap_with(
     if opened != CKR_OK {
         return false;
     }
-    let mechanism = CK_MECHANISM {
-        mechanism,
-        pParameter: std::ptr::null_mut(),
-        ulParameterLen: 0,
-    };
+    let mechanism = BareMechanism::new(mechanism);
     let mut len: CK_ULONG = 0;
     let rv = library.wrap_key(
         session,
-        &mechanism,
+        mechanism.as_raw(),
         CK_INVALID_HANDLE,
         CK_INVALID_HANDLE,
         None,

@@ -4,7 +4,9 @@
 //! made on one member and replicated to the others before the call
 //! returns. Handles the application sees are virtual.
 
-use crate::arguments::{Attribute, AttributeRequest, OutArray, Template, TemplateBuilder};
+use crate::arguments::{
+    Attribute, AttributeQuery, AttributeRequest, OutArray, Template, TemplateBuilder,
+};
 use crate::error::{check, Error, Result};
 use crate::group::{Pending, Waits};
 use crate::identity;
@@ -562,16 +564,12 @@ impl VirtualSession {
     }
 
     fn read_bool(&self, object: CK_OBJECT_HANDLE, attribute: CK_ATTRIBUTE_TYPE) -> Result<bool> {
-        let mut value: CK_BBOOL = 0;
+        let mut query = AttributeQuery::new();
+        query.room(attribute, 1);
         self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
-            let mut query = CK_ATTRIBUTE {
-                type_: attribute,
-                pValue: &mut value as *mut _ as *mut _,
-                ulValueLen: 1,
-            };
-            library.get_attribute_value(s, h[0], Some(std::slice::from_mut(&mut query)))
+            library.get_attribute_value(s, h[0], Some(query.as_mut_slice()))
         })?;
-        Ok(value != CK_FALSE)
+        Ok(query.bool(0) == Some(true))
     }
 
     /// Whether the members keep this key extractable only on the
@@ -596,44 +594,23 @@ impl VirtualSession {
                 trusted_only: Some(true),
             });
         }
-        let mut class: CK_ULONG = CK_UNAVAILABLE_INFORMATION;
-        let mut extractable: CK_BBOOL = 0;
-        let mut trusted_only: CK_BBOOL = 0;
-        let mut query = [
-            CK_ATTRIBUTE {
-                type_: CKA_CLASS,
-                pValue: &mut class as *mut _ as *mut _,
-                ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
-            },
-            CK_ATTRIBUTE {
-                type_: CKA_EXTRACTABLE,
-                pValue: &mut extractable as *mut _ as *mut _,
-                ulValueLen: 1,
-            },
-            CK_ATTRIBUTE {
-                type_: CKA_WRAP_WITH_TRUSTED,
-                pValue: &mut trusted_only as *mut _ as *mut _,
-                ulValueLen: 1,
-            },
-        ];
+        let mut query = AttributeQuery::new();
+        query.room(CKA_CLASS, std::mem::size_of::<CK_ULONG>());
+        query.room(CKA_EXTRACTABLE, 1);
+        query.room(CKA_WRAP_WITH_TRUSTED, 1);
         let answer = self.stateless(&[object], "C_GetAttributeValue", |library, s, h| {
-            query[0].ulValueLen = std::mem::size_of::<CK_ULONG>() as CK_ULONG;
-            query[1].ulValueLen = 1;
-            query[2].ulValueLen = 1;
-            library.get_attribute_value(s, h[0], Some(&mut query))
+            library.get_attribute_value(s, h[0], Some(query.as_mut_slice()))
         });
         if let Err(e) = answer {
             if e.rv != CKR_ATTRIBUTE_TYPE_INVALID {
                 return Err(e);
             }
         }
-        let read =
-            |a: &CK_ATTRIBUTE, value: CK_BBOOL| (a.ulValueLen == 1).then_some(value != CK_FALSE);
         let protection = Protection {
             known: false,
-            class: (query[0].ulValueLen != CK_UNAVAILABLE_INFORMATION).then_some(class),
-            extractable: read(&query[1], extractable),
-            trusted_only: read(&query[2], trusted_only),
+            class: query.ulong(0),
+            extractable: query.bool(1),
+            trusted_only: query.bool(2),
         };
         if protection.protected() {
             self.group.objects.mark_protected(object, false);
@@ -686,10 +663,9 @@ impl VirtualSession {
         object: CK_OBJECT_HANDLE,
         request: &mut AttributeRequest,
     ) -> Result<()> {
-        let attributes = request.attributes();
-        let emulated = |a: &CK_ATTRIBUTE| EMULATED.contains(&a.type_);
-        let material = |a: &CK_ATTRIBUTE| KEY_MATERIAL.contains(&a.type_);
-        let protected = if attributes.iter().any(|a| emulated(a) || material(a)) {
+        let emulated = |t: CK_ATTRIBUTE_TYPE| EMULATED.contains(&t);
+        let material = |t: CK_ATTRIBUTE_TYPE| KEY_MATERIAL.contains(&t);
+        let protected = if request.kinds().any(|t| emulated(t) || material(t)) {
             self.protected(object)?
         } else {
             false
@@ -715,15 +691,12 @@ impl VirtualSession {
         }
         // The members are asked only what they may answer: key material is
         // withheld before it could reach the application's buffers.
-        let mut asked: Vec<CK_ATTRIBUTE> = attributes
-            .iter()
-            .filter(|a| !material(a) && !emulated(a))
-            .copied()
-            .collect();
+        let mut asked = AttributeQuery::new();
+        asked.asked(request, |t| !material(t) && !emulated(t));
         let mut answer = Ok(());
         if !asked.is_empty() {
             answer = self.stateless(&[object], "C_GetAttributeValue", |l, s, h| {
-                l.get_attribute_value(s, h[0], Some(&mut asked))
+                l.get_attribute_value(s, h[0], Some(asked.as_mut_slice()))
             });
             if let Err(e) = &answer {
                 if !matches!(
@@ -739,15 +712,16 @@ impl VirtualSession {
             .objects
             .get(object)
             .is_some_and(|o| o.never_extractable);
-        let mut answers = asked.iter();
+        let answers: Vec<CK_ULONG> = (0..asked.len()).map(|j| asked.answered(j)).collect();
+        let mut answers = answers.into_iter();
         let mut withheld = false;
-        for i in 0..request.attributes().len() {
-            let a = request.attributes()[i];
-            if material(&a) {
+        let kinds: Vec<CK_ATTRIBUTE_TYPE> = request.kinds().collect();
+        for (i, t) in kinds.into_iter().enumerate() {
+            if material(t) {
                 request.set_len(i, CK_UNAVAILABLE_INFORMATION);
                 withheld = true;
-            } else if emulated(&a) {
-                let value = if a.type_ == CKA_EXTRACTABLE {
+            } else if emulated(t) {
+                let value = if t == CKA_EXTRACTABLE {
                     CK_FALSE
                 } else {
                     CK_BBOOL::from(never)
@@ -755,8 +729,8 @@ impl VirtualSession {
                 if let Err(e) = request.answer(i, &[value]) {
                     answer = Err(e);
                 }
-            } else if let Some(member) = answers.next() {
-                request.set_len(i, member.ulValueLen);
+            } else if let Some(len) = answers.next() {
+                request.set_len(i, len);
             }
         }
         if withheld {
@@ -1385,30 +1359,16 @@ impl VirtualSession {
 mod tests {
     use super::*;
 
-    fn template(attributes: &[CK_ATTRIBUTE]) -> Template<'_> {
-        // SAFETY: live local attributes.
-        unsafe {
-            Template::giving_values(attributes.as_ptr() as *mut _, attributes.len() as CK_ULONG)
-        }
-        .unwrap()
-    }
-
     #[test]
     fn non_extractable_becomes_wrap_with_trusted() {
-        let mut no: CK_BBOOL = CK_FALSE;
-        let raw = [CK_ATTRIBUTE {
-            type_: CKA_EXTRACTABLE,
-            pValue: &mut no as *mut _ as *mut _,
-            ulValueLen: 1,
-        }];
-        let given = template(&raw);
+        let no = [CK_FALSE];
+        let given: Template = [(CKA_EXTRACTABLE, &no[..])].into_iter().collect();
         let member = MemberTemplate::for_new_key(&given);
         assert!(member.protects());
         assert_eq!(member.template().count(), 2);
         assert_eq!(member.template().bool(CKA_EXTRACTABLE), Some(true));
         assert_eq!(member.template().bool(CKA_WRAP_WITH_TRUSTED), Some(true));
-        // SAFETY: null with no attributes.
-        let empty = unsafe { Template::giving_values(std::ptr::null_mut(), 0) }.unwrap();
+        let empty = Template::absent();
         let none = MemberTemplate::for_new_key(&empty);
         assert!(
             none.protects(),
@@ -1417,31 +1377,17 @@ mod tests {
         assert_eq!(none.template().bool(CKA_EXTRACTABLE), Some(true));
         let change = MemberTemplate::for_change(&empty);
         assert!(!change.protects(), "absent changes nothing");
-        assert_eq!(no, CK_FALSE, "the application's template is untouched");
+        assert_eq!(no, [CK_FALSE], "the application's template is untouched");
     }
 
     #[test]
     fn a_nested_unwrap_template_is_rewritten_too() {
-        let mut no: CK_BBOOL = CK_FALSE;
-        let mut inner = [CK_ATTRIBUTE {
-            type_: CKA_EXTRACTABLE,
-            pValue: &mut no as *mut _ as *mut _,
-            ulValueLen: 1,
-        }];
-        let mut yes: CK_BBOOL = CK_TRUE;
-        let raw = [
-            CK_ATTRIBUTE {
-                type_: CKA_EXTRACTABLE,
-                pValue: &mut yes as *mut _ as *mut _,
-                ulValueLen: 1,
-            },
-            CK_ATTRIBUTE {
-                type_: CKA_UNWRAP_TEMPLATE,
-                pValue: inner.as_mut_ptr() as *mut _,
-                ulValueLen: std::mem::size_of_val(&inner) as CK_ULONG,
-            },
-        ];
-        let given = template(&raw);
+        let (no, yes) = ([CK_FALSE], [CK_TRUE]);
+        let inner: Template = [(CKA_EXTRACTABLE, &no[..])].into_iter().collect();
+        let mut raw = TemplateBuilder::with_capacity(2);
+        raw.push_value(CKA_EXTRACTABLE, &yes);
+        raw.push_nested(CKA_UNWRAP_TEMPLATE, inner);
+        let given = raw.build();
         let member = MemberTemplate::for_new_key(&given);
         assert!(!member.protects(), "the key itself is extractable");
         let outer = member.template().iter().nth(1).expect("two attributes");

@@ -82,15 +82,7 @@ fn finalize_drops_queued_key_values() {
         },
     );
     let value = [9u8; 32];
-    let template = [CK_ATTRIBUTE {
-        type_: CKA_VALUE,
-        pValue: value.as_ptr() as *mut _,
-        ulValueLen: 32,
-    }];
-    // SAFETY: a live local template.
-    let template =
-        unsafe { crate::arguments::Template::giving_values(template.as_ptr() as *mut _, 1) }
-            .unwrap();
+    let template: crate::arguments::Template = [(CKA_VALUE, &value[..])].into_iter().collect();
     let kept = Arc::new(crate::mechanism::OwnedTemplate::copy(&template));
     let watch = Arc::downgrade(&kept);
     assert!(group.queue_unless_up(1, Pending::Import(7, kept)).is_ok());

@@ -245,13 +245,13 @@ impl Lanes<'_> {
             let Some(Pending::Import(object, template)) = self.todo.get(i) else {
                 break;
             };
-            let attributes = template.attributes();
+            let attributes = template.template();
             let mut handle = CK_INVALID_HANDLE;
             self.group.begin_making(position, *object);
             crate::member::forget_cut_off();
             let answer =
                 worker.attempt_on_lane(position, epoch, "C_CreateObject", &*lane, &mut |l, _| {
-                    l.create_object(session, Some(&attributes), &mut handle)
+                    l.create_object(session, attributes.as_slice(), &mut handle)
                 });
             let faulted = matches!(answer, Attempt::Faulted);
             let returning_meanwhile = member.epoch() >= epoch + 2;

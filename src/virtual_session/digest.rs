@@ -12,7 +12,7 @@ use super::{Attempt, Preference, Step, VirtualSession};
 use crate::bindings::OpKind;
 use crate::error::{check, Error, Result};
 use crate::group::Waits;
-use crate::mechanism::Mechanism;
+use crate::mechanism::{BareMechanism, Mechanism};
 use crate::member_api::MemberBackend;
 use cryptoki_sys::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,15 +27,6 @@ pub(crate) struct PendingDigest {
     /// started lazily, so a mechanism no member takes is still refused by
     /// `C_DigestInit` itself.
     accepted: AtomicU64,
-}
-
-/// The mechanism `type_` without a parameter.
-fn bare(type_: CK_MECHANISM_TYPE) -> CK_MECHANISM {
-    CK_MECHANISM {
-        mechanism: type_,
-        pParameter: std::ptr::null_mut(),
-        ulParameterLen: 0,
-    }
 }
 
 impl VirtualSession {
@@ -114,9 +105,8 @@ impl VirtualSession {
     #[cold]
     #[inline(never)]
     fn start_digest(&self, type_: CK_MECHANISM_TYPE) -> Result<()> {
-        let mut raw = bare(type_);
-        // SAFETY: `raw` is ours, without a parameter, alive for the call.
-        let mechanism = unsafe { Mechanism::new(&mut raw) }?;
+        let bare = BareMechanism::new(type_);
+        let mechanism = bare.checked()?;
         self.init(
             OpKind::Digest,
             Some(&mechanism),
@@ -143,16 +133,16 @@ impl VirtualSession {
         if self.lane.possible(&self.group) {
             self.start_digest(type_)?;
             let mut started = true;
-            let raw = bare(type_);
+            let bare = BareMechanism::new(type_);
             return self.step(
                 OpKind::Digest,
                 step,
                 super::Input::None,
                 "C_Digest",
-                |l, s| call(l, s, &raw, &mut started),
+                |l, s| call(l, s, bare.as_raw(), &mut started),
             );
         }
-        let raw = bare(type_);
+        let bare = BareMechanism::new(type_);
         let mut waits = Waits::default();
         loop {
             let position = match self.choose(&[], Preference::LeastBusy(OpKind::Digest as usize)) {
@@ -165,7 +155,7 @@ impl VirtualSession {
             // login restored) then repeats only `C_Digest`.
             let mut started = false;
             let answer = self.attempt(position, "C_Digest", &mut |l, s| {
-                call(l, s, &raw, &mut started)
+                call(l, s, bare.as_raw(), &mut started)
             });
             let Attempt::Answered(rv) = answer else {
                 continue;
@@ -181,9 +171,8 @@ impl VirtualSession {
     #[cold]
     #[inline(never)]
     fn bind_started_digest(&self, type_: CK_MECHANISM_TYPE, position: usize) {
-        let mut raw = bare(type_);
-        // SAFETY: `raw` is ours, without a parameter, alive for the call.
-        if let Ok(mechanism) = unsafe { Mechanism::new(&mut raw) } {
+        let bare = BareMechanism::new(type_);
+        if let Ok(mechanism) = bare.checked() {
             self.bindings()
                 .start(OpKind::Digest, Some(&mechanism), None, position);
         }

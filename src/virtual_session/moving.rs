@@ -158,9 +158,9 @@ impl VirtualSession {
             // Known before the search starts there, as in find_init, so that
             // the search can leave it out.
             self.domain_handle(position);
-            let template = search.template.attributes();
+            let template = search.template.template();
             return self.attempt(position, function, &mut |l, s| {
-                l.find_objects_init(s, Some(&template))
+                l.find_objects_init(s, template.as_slice())
             });
         }
         let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
