@@ -127,6 +127,10 @@ pub struct Token {
     pub stall_after_change: bool,
     pub stall_on_login: bool,
     pub renumber_on_reconnect: bool,
+    /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
+    /// tell a recovery that looks the token up per object from one that
+    /// reads its objects once.
+    pub searches: usize,
 }
 
 /// The whole simulated library.
@@ -765,6 +769,7 @@ impl Sim {
         if self.session(session).find.is_some() {
             return Err(CKR_OPERATION_ACTIVE);
         }
+        self.tokens[token].searches += 1;
         let t = &self.tokens[token];
         let found: Vec<CK_OBJECT_HANDLE> = t
             .handles
