@@ -704,6 +704,12 @@ pub struct Group {
     /// it (see [`Group::skip_unreceivable`]), so that the HA log says so
     /// once per key; forgotten when what the member can do changes.
     unreceivable: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
+    /// Per member: it serves without having been compared with the group
+    /// since it returned -- its synchronisation was skipped or cut short
+    /// -- so it may lack objects no change queued for it names (made by
+    /// another process, or by calls whose copies there were in doubt),
+    /// until a reconciliation pass compares it ([`Group::set_compared`]).
+    uncompared: Vec<AtomicBool>,
     /// Held while kept changes are made ([`Group::replaying_deferred`]).
     replaying_deferred: Mutex<()>,
     /// A library that refused the key-wrap mechanism was found taking it
@@ -939,6 +945,7 @@ impl Group {
             deferred: Mutex::new(vec![Vec::new(); count]),
             deferred_underway: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             unreceivable: Mutex::new(vec![Default::default(); count]),
+            uncompared: (0..count).map(|_| AtomicBool::new(false)).collect(),
             replaying_deferred: Mutex::new(()),
             wrapping_resumed_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
@@ -1740,9 +1747,30 @@ impl Group {
     }
 
     /// Whether member `position` serves without some object of the group:
-    /// changes queued or kept for it, or keys that cannot reach it.
+    /// changes queued or kept for it, keys that cannot reach it, or a
+    /// return not yet compared with the group.
     pub fn lacks_objects(&self, position: usize) -> bool {
-        self.undelivered_count(position) > 0 || !self.unreceivable.lock()[position].is_empty()
+        self.undelivered_count(position) > 0
+            || !self.unreceivable.lock()[position].is_empty()
+            || self.uncompared[position].load(Ordering::Relaxed)
+    }
+
+    /// Records whether member `position` has been compared with the group
+    /// since it returned: by a synchronisation that ran to its end, or by a
+    /// reconciliation pass. A search does not spread to a member that has
+    /// not (the soak's "found 0 objects, expected 2", right after a return
+    /// whose synchronisation was skipped: its source's listing failed).
+    pub fn set_compared(&self, position: usize, compared: bool) {
+        self.uncompared[position].store(!compared, Ordering::Relaxed);
+    }
+
+    /// Serving members in `order`, those that lack no object of the group
+    /// first: where a search runs, and what names what it finds, when not
+    /// every member answers it alike.
+    pub fn complete_first(&self, order: Positions) -> Positions {
+        let (complete, lacking): (Positions, Positions) =
+            order.into_iter().partition(|p| !self.lacks_objects(*p));
+        complete.into_iter().chain(lacking).collect()
     }
 
     /// How many changes a member has yet to receive, those kept for when a

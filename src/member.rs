@@ -448,11 +448,14 @@ pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
 }
 
 /// A call on the wire of a networked library: its number, the thread
-/// making it (whose blocked socket severing shuts down), and whether the
-/// connection was severed under it.
+/// making it (whose blocked socket severing shuts down), the function (for
+/// the HA log when it stalls), and whether the connection was severed
+/// under it.
 struct OnWire {
     number: u64,
     thread: i32,
+    function: &'static str,
+    since: Instant,
     cut_off: Option<Instant>,
 }
 
@@ -651,6 +654,11 @@ impl Spares {
     }
 }
 
+/// What a spare's connection setup is called on the wire ([`Spare::ready`]),
+/// for [`MemberLibrary::cut_stalled_spare_setup`].
+const SPARE_CONNECT: &str = "C_Initialize";
+const SPARE_RECONNECT: &str = "C_Finalize and C_Initialize";
+
 /// How many times a list that grew between its two calls is read again.
 const LIST_READS: usize = 8;
 
@@ -698,14 +706,14 @@ impl Spare {
         let library = &self.library;
         if self.stale.swap(false, Ordering::AcqRel) {
             self.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire(&mut || {
+            library.on_wire(SPARE_RECONNECT, &mut || {
                 library
                     .reinitialize()
                     .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
             });
         } else if !library.usable() {
             self.tried_on.store(first_connection, Ordering::Relaxed);
-            library.on_wire(&mut || {
+            library.on_wire(SPARE_CONNECT, &mut || {
                 library
                     .initialize_with(&[])
                     .map_or(CKR_GENERAL_ERROR, |()| CKR_OK)
@@ -1308,7 +1316,7 @@ impl MemberLibrary {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
         let inside = self.inside.enter();
-        let rv = counted(function, || self.shielded(|| invoke(f)));
+        let rv = counted(function, || self.shielded(function, || invoke(f)));
         inside.answer(rv)
     }
 
@@ -1372,10 +1380,12 @@ impl MemberLibrary {
     /// signal (the process-wide disposition is never touched). In-process
     /// members without a limit pay nothing.
     #[inline(always)]
-    pub fn shielded(&self, call: impl FnOnce() -> CK_RV) -> CK_RV {
+    pub fn shielded(&self, function: &'static str, call: impl FnOnce() -> CK_RV) -> CK_RV {
         if self.networked || self.call_limit.is_some() {
             let mut call = Some(call);
-            self.shielded_on_wire(&mut || call.take().map_or(CKR_GENERAL_ERROR, |c| c()))
+            self.shielded_on_wire(function, &mut || {
+                call.take().map_or(CKR_GENERAL_ERROR, |c| c())
+            })
         } else {
             call()
         }
@@ -1385,7 +1395,7 @@ impl MemberLibrary {
     /// that the in-process call path stays a few cache lines long.
     #[cold]
     #[inline(never)]
-    fn shielded_on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
+    fn shielded_on_wire(&self, function: &'static str, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let _permit = self.call_limit.as_ref().map(CallLimit::enter);
         if !self.networked {
             return call();
@@ -1396,16 +1406,18 @@ impl MemberLibrary {
             CUT_OFF.set(false);
             return CKR_SESSION_HANDLE_INVALID;
         }
-        self.on_wire(call)
+        self.on_wire(function, call)
     }
 
     /// Runs `call` numbered and recorded on the wire (see
     /// [`Self::shielded`]).
-    fn on_wire(&self, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
+    fn on_wire(&self, function: &'static str, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.wire.lock().push(OnWire {
             number,
             thread: this_thread(),
+            function,
+            since: crate::clock::now(),
             cut_off: None,
         });
         let result = with_sigpipe_blocked(call);
@@ -1430,6 +1442,67 @@ impl MemberLibrary {
             .iter()
             .filter_map(|s| s.library.wire.lock().iter().map(|c| c.number).min());
         own.into_iter().chain(spares).min().unwrap_or(0)
+    }
+
+    /// Cuts off the oldest call on the wire if it is a spare's connection
+    /// setup, and marks the spare stale: its instance number (1 is the
+    /// first spare), or `None` (nothing cut) for any other call. A new
+    /// connection costs a server process that loads the whole token, which
+    /// on a loaded host outlasted `memberTimeout`; cut as a silent member,
+    /// it took out a member that served from its first instance, one
+    /// second after it returned (the soak: the last serving member). The
+    /// call that took the spare runs on the member's own session instead,
+    /// and a server that does not answer there is cut as ever.
+    pub fn cut_stalled_spare_setup(&self) -> Option<usize> {
+        let oldest = |instance: &MemberLibrary| {
+            let wire = instance.wire.lock();
+            wire.iter()
+                .min_by_key(|c| c.number)
+                .map(|c| (c.number, c.function))
+        };
+        let own = oldest(self).map_or(u64::MAX, |(number, _)| number);
+        let (index, number) = self
+            .spares
+            .instances
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| oldest(&s.library).map(|(n, f)| (i, n, f)))
+            .filter(|(_, n, _)| *n < own)
+            .min_by_key(|(_, n, _)| *n)
+            .filter(|(_, _, f)| [SPARE_CONNECT, SPARE_RECONNECT].contains(f))
+            .map(|(i, n, _)| (i, n))?;
+        let spare = &self.spares.instances[index];
+        spare.stale.store(true, Ordering::Release);
+        spare.library.cut_calls(|call| call.number == number);
+        Some(index + 1)
+    }
+
+    /// The oldest call on the wire now, for the HA log: its function, and
+    /// on which instance (see [`Spares`]).
+    pub fn stalled_call(&self) -> Option<String> {
+        let oldest = |instance: &MemberLibrary| {
+            let wire = instance.wire.lock();
+            wire.iter()
+                .min_by_key(|c| c.number)
+                .map(|c| (c.number, c.function, c.since))
+        };
+        let own = oldest(self).map(|(number, function, since)| (number, function, since, None));
+        let spares = self
+            .spares
+            .instances
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                oldest(&s.library).map(|(n, f, since)| (n, f, since, Some(i + 1)))
+            });
+        let (_, function, since, instance) = own.into_iter().chain(spares).min_by_key(|c| c.0)?;
+        let waited = crate::clock::now()
+            .saturating_duration_since(since)
+            .as_millis();
+        Some(match instance {
+            None => format!("{function} on its first instance, {waited} ms on the wire"),
+            Some(i) => format!("{function} on its instance {i} (a spare), {waited} ms on the wire"),
+        })
     }
 
     /// Whether the library talks to a server ([`is_network_client`]); only
@@ -1744,11 +1817,22 @@ impl MemberLibrary {
     /// instance's ([`cut_blocked_socket`]; none for a call that is not
     /// waiting on a socket: it is running, and returns by itself). Each of
     /// those calls knows it was cut off. The number of sockets shut down.
+    ///
+    /// A spare with a call on the wire is marked stale: its connection is
+    /// shut down (or left owing an answer), and recovery, finding the token
+    /// on a first instance that outlived the stall, does not reconnect the
+    /// library. It kept its session there, and its next call -- seconds
+    /// later, on a member back in service -- failed and took the member
+    /// out again (the soak: the last serving member, so that none served).
     pub fn sever(&self) -> usize {
-        std::iter::once(self)
-            .chain(self.spares.instances.iter().map(|s| &s.library))
-            .map(|instance| instance.cut_calls(|_| true))
-            .sum()
+        let spares = self.spares.instances.iter().map(|spare| {
+            let (calls, sockets) = spare.library.cut_calls_counted(|_| true);
+            if calls > 0 {
+                spare.stale.store(true, Ordering::Release);
+            }
+            sockets
+        });
+        self.cut_calls(|_| true) + spares.sum::<usize>()
     }
 
     /// Cuts off the calls on this instance's wire that `which` picks, and
@@ -1756,11 +1840,18 @@ impl MemberLibrary {
     /// locked until then: a call that returns meanwhile waits to leave it,
     /// so its thread cannot be read blocked on another member's socket.
     fn cut_calls(&self, which: impl Fn(&OnWire) -> bool) -> usize {
+        self.cut_calls_counted(which).1
+    }
+
+    /// [`Self::cut_calls`], and how many calls it cut off first.
+    fn cut_calls_counted(&self, which: impl Fn(&OnWire) -> bool) -> (usize, usize) {
         let mut calls = self.wire.lock();
+        let mut cut = 0;
         let mut sockets: Vec<u64> = calls
             .iter_mut()
             .filter(|call| which(call))
             .filter_map(|call| {
+                cut += 1;
                 call.cut_off.get_or_insert_with(crate::clock::now);
                 cut_blocked_socket(call.thread, self.server.as_deref())
             })
@@ -1768,7 +1859,7 @@ impl MemberLibrary {
         drop(calls);
         sockets.sort_unstable();
         sockets.dedup();
-        sockets.len()
+        (cut, sockets.len())
     }
 
     /// The library's current slots with a token present.

@@ -743,6 +743,15 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     fn call_on_wire(&self) -> u64 {
         0
     }
+    /// The oldest call on the wire now, said for the HA log.
+    fn stalled_call(&self) -> Option<String> {
+        None
+    }
+    /// Cuts off the oldest call on the wire if it sets up a spare
+    /// instance's connection; that instance's number if it did.
+    fn cut_stalled_spare_setup(&self) -> Option<usize> {
+        None
+    }
     /// The slots with a token present.
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {
         self.slot_list(CK_TRUE)
@@ -1448,7 +1457,9 @@ impl MemberBackend for MemberLibrary {
             rv: CKR_OK,
         };
         // SAFETY: the documented signature; one live entry.
-        let rv = self.shielded(|| unsafe { migrate(source, target, 0, 1, &mut entry) });
+        let rv = self.shielded("CA_MigrateKeys", || unsafe {
+            migrate(source, target, 0, 1, &mut entry)
+        });
         *migrated = entry.target_handle;
         *object_rv = entry.rv;
         rv
@@ -1466,7 +1477,9 @@ impl MemberBackend for MemberLibrary {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
         // SAFETY: the documented signature; a live out-parameter.
-        self.shielded(|| unsafe { clone(target, source, OBJECT_TYPE_CRYPTOKI, object, cloned) })
+        self.shielded("CA_CloneObject", || unsafe {
+            clone(target, source, OBJECT_TYPE_CRYPTOKI, object, cloned)
+        })
     }
 
     fn container_policy(&self, slot: CK_SLOT_ID, policy: CK_ULONG, value: &mut CK_ULONG) -> CK_RV {
@@ -1477,7 +1490,9 @@ impl MemberBackend for MemberLibrary {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
         // SAFETY: the documented signature, a live out-parameter.
-        self.shielded(|| unsafe { read(slot, SLOT_CONTAINER, policy, value) })
+        self.shielded("CA_GetContainerPolicySetting", || unsafe {
+            read(slot, SLOT_CONTAINER, policy, value)
+        })
     }
 
     fn usable(&self) -> bool {
@@ -1498,6 +1513,14 @@ impl MemberBackend for MemberLibrary {
 
     fn call_on_wire(&self) -> u64 {
         MemberLibrary::call_on_wire(self)
+    }
+
+    fn stalled_call(&self) -> Option<String> {
+        MemberLibrary::stalled_call(self)
+    }
+
+    fn cut_stalled_spare_setup(&self) -> Option<usize> {
+        MemberLibrary::cut_stalled_spare_setup(self)
     }
 
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {

@@ -487,6 +487,15 @@ fn pass(
     }
     let copied = copy_missing(group, shared, worker, &plan.copies, &epochs, &mut summary);
     remove_doubles(group, shared, worker, &copied, &mut summary);
+    // Each member read has now been given what the others hold, unless a
+    // copy failed or it came back meanwhile.
+    if summary.failed == 0 {
+        for (position, _) in &held {
+            if group.members[*position].epoch() == epochs[*position] {
+                group.set_compared(*position, true);
+            }
+        }
+    }
     Ok(Some(summary))
 }
 

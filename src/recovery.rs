@@ -569,11 +569,23 @@ fn check_for_stalls(
                 continue;
             }
             *seen = (served, now);
+            // Which call waits says whose the silence is: none on the wire
+            // means the calls in flight wait inside this library.
+            let waiting = member
+                .location()
+                .filter(|l| l.library.is_networked())
+                .map_or(String::new(), |l| {
+                    l.library
+                        .stalled_call()
+                        .map_or(" (no call of it on the wire)".to_string(), |call| {
+                            format!(" (the oldest on the wire: {call})")
+                        })
+                });
             group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
             group.log(
                 Some(member.position),
                 &format!(
-                    "member answered nothing for {} ms; connection cut",
+                    "member answered nothing for {} ms{waiting}; connection cut",
                     timeout.as_millis()
                 ),
             );
@@ -605,6 +617,22 @@ fn check_for_stalled_connections(
             continue;
         }
         *first = (call, now);
+        if let Some(instance) = library.cut_stalled_spare_setup() {
+            log_on_library(
+                provider,
+                library,
+                &format!(
+                    "library {} connected its instance {instance} (a spare) for {} ms; \
+                     that connection cut, the member serves on without it",
+                    library.name(),
+                    timeout.as_millis()
+                ),
+            );
+            continue;
+        }
+        let stalled = library
+            .stalled_call()
+            .map_or(String::new(), |call| format!(" to {call}"));
         library.sever();
         for group in provider.groups() {
             for member in &group.members {
@@ -616,12 +644,26 @@ fn check_for_stalled_connections(
                     group.log(
                         Some(member.position),
                         &format!(
-                            "library {} answered nothing for {} ms; connection cut",
+                            "library {} answered nothing for {} ms{stalled}; connection cut",
                             library.name(),
                             timeout.as_millis()
                         ),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Says `event` in the HA log of each reachable member on `library`.
+fn log_on_library(provider: &dyn Host, library: &Arc<dyn MemberBackend>, event: &str) {
+    for group in provider.groups() {
+        for member in &group.members {
+            let on_library = member
+                .location()
+                .is_some_and(|l| Arc::ptr_eq(&l.library, library));
+            if on_library && member.reachable() {
+                group.log(Some(member.position), event);
             }
         }
     }
@@ -878,9 +920,20 @@ struct Phases {
     last: Instant,
     spent: Vec<(&'static str, Duration)>,
     notes: Vec<String>,
-    /// Imports made on spare instances, in how many runs, and the time
-    /// those runs took ([`VirtualSession::import_on_spares`]).
-    on_spares: (usize, usize, Duration),
+    /// Imports made on spare instances ([`VirtualSession::import_on_spares`]).
+    on_spares: OnSpares,
+}
+
+/// Imports made on spare instances, in how many runs, the time those runs
+/// took, and of it the time lanes took to be ready and the listings of
+/// the copies (see [`crate::replication::SpareImports`]).
+#[derive(Default)]
+struct OnSpares {
+    made: usize,
+    runs: usize,
+    spent: Duration,
+    set_up: Duration,
+    listing: Duration,
 }
 
 impl Phases {
@@ -891,7 +944,7 @@ impl Phases {
             last: now,
             spent: Vec::new(),
             notes: Vec::new(),
-            on_spares: (0, 0, Duration::ZERO),
+            on_spares: OnSpares::default(),
         }
     }
 
@@ -914,11 +967,16 @@ impl std::fmt::Display for Phases {
             .iter()
             .map(|(phase, spent)| format!("{phase} {} ms", spent.as_millis()))
             .chain(self.notes.iter().cloned())
-            .chain((self.on_spares.1 > 0).then(|| {
-                let (made, runs, spent) = self.on_spares;
+            .chain((self.on_spares.runs > 0).then(|| {
+                let s = &self.on_spares;
                 format!(
-                    "{made} imports made on spares in {runs} runs, {} ms",
-                    spent.as_millis()
+                    "{} imports made on spares in {} runs, {} ms ({} ms setting up lanes, {} ms \
+                     listing the copies)",
+                    s.made,
+                    s.runs,
+                    s.spent.as_millis(),
+                    s.set_up.as_millis(),
+                    s.listing.as_millis()
                 )
             }))
             .collect();
@@ -1073,10 +1131,13 @@ fn bring_up_to_date(
                 copied += synchronize(group, position, worker, &mut known, phases)?;
                 phases.end("synchronisation");
             }
-            None => phases.note(
-                "synchronisation left to the reconciliation pass another process is making"
-                    .to_string(),
-            ),
+            None => {
+                group.set_compared(position, false);
+                phases.note(
+                    "synchronisation left to the reconciliation pass another process is making"
+                        .to_string(),
+                );
+            }
         }
     }
     if provider.recovery().mode == RecoveryMode::ActiveEnhanced {
@@ -1185,6 +1246,8 @@ struct Known {
     /// Objects synchronisation could not give the member, named in the HA
     /// log only once it serves ([`report_unsynchronised`]).
     unsynchronised: Vec<Unsynchronised>,
+    /// They were read after the recovery began ([`Known::read_now`]).
+    read_late: bool,
 }
 
 /// An object synchronisation listed on a serving member and could not
@@ -1234,6 +1297,7 @@ impl Known {
                 complete: false,
                 held_before: Default::default(),
                 unsynchronised: Vec::new(),
+                read_late: false,
             });
         }
         let held_before: rustc_hash::FxHashSet<_> = group
@@ -1257,6 +1321,7 @@ impl Known {
                     complete: false,
                     held_before,
                     unsynchronised: Vec::new(),
+                    read_late: false,
                 });
             }
             phases.note(format!(
@@ -1280,7 +1345,50 @@ impl Known {
             complete: true,
             held_before: Default::default(),
             unsynchronised: Vec::new(),
+            read_late: false,
         })
+    }
+
+    /// Whether to read the member's objects now, with `waiting` changes
+    /// left to make on it: where they were not read (none served when the
+    /// member returned, or they were counted) and more than
+    /// [`QUEUED_FOR_COUNTING`] changes wait -- the tail, or those a member
+    /// that began serving meanwhile lets it make -- while another member
+    /// serves and the application is logged in (logged out, private
+    /// objects would be missing from the reading). Each change looks the
+    /// member up otherwise, a search SoftHSM answers by going through
+    /// every object of the token: in the long chaos run replays giving
+    /// 22-44 objects so took 3.2-8.3 s, where a reading in the replay took
+    /// 22-223 ms in the run after. Once per recovery.
+    fn reading_pays(&self, group: &Group, waiting: usize) -> bool {
+        !self.complete
+            && !self.read_late
+            && waiting > QUEUED_FOR_COUNTING
+            && group.cached_login().is_some()
+            && group.up_members().next().is_some()
+    }
+
+    /// Reads the member's objects in place of what was taken as held (see
+    /// [`Known::reading_pays`]), noting it in `phases`.
+    fn read_now(
+        &mut self,
+        worker: &VirtualSession,
+        position: usize,
+        waiting: usize,
+        phases: &mut Phases,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        self.read_late = true;
+        self.holdings = Holdings::read(worker, position)
+            .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+        self.complete = true;
+        self.held_before.clear();
+        phases.note(format!(
+            "read in the replay, {waiting} changes waiting: {} objects in {} ms",
+            self.holdings.count(),
+            started.elapsed().as_millis()
+        ));
+        Ok(())
     }
 
     /// Whether the group saw `object` on the member before (by its kept
@@ -1523,6 +1631,12 @@ fn replay_pending(
     // spares left, or a run too short for them.
     let mut one_by_one: usize = 0;
     while let Some(mut change) = pending.pop_front() {
+        if known.reading_pays(group, pending.len() + 1) {
+            if let Err(why) = known.read_now(worker, position, pending.len() + 1, phases) {
+                group.requeue(position, std::iter::once(change).chain(pending).collect());
+                return Err(why);
+            }
+        }
         let on_its_own = one_by_one > 0;
         one_by_one = one_by_one.saturating_sub(1);
         let makes_object = matches!(change, Pending::Create(_) | Pending::Import(..));
@@ -1548,9 +1662,12 @@ fn replay_pending(
             if run.len() >= IMPORTS_ON_SPARES {
                 let started = Instant::now();
                 let done = worker.import_on_spares(position, run, &mut known.holdings);
-                phases.on_spares.0 += done.made;
-                phases.on_spares.1 += 1;
-                phases.on_spares.2 += started.elapsed();
+                let on_spares = &mut phases.on_spares;
+                on_spares.made += done.made;
+                on_spares.runs += 1;
+                on_spares.spent += started.elapsed();
+                on_spares.set_up += done.set_up;
+                on_spares.listing += done.listing;
                 applied += done.made;
                 known.complete = done.holdings_current;
                 one_by_one = done.left.len();
@@ -1858,11 +1975,14 @@ fn synchronize(
     known: &mut Known,
     phases: &mut Phases,
 ) -> Result<usize, String> {
+    // Until the pass has run to its end, searches do not spread there.
+    group.set_compared(position, false);
     let Some(reference) = group
         .up_members()
         .map(|m| m.position)
         .find(|p| *p != position)
     else {
+        group.set_compared(position, true);
         return Ok(0);
     };
     let domain = worker.domain_handle(reference);
@@ -1966,8 +2086,10 @@ fn synchronize(
     let comparing = Instant::now();
     let compared = candidates.len();
     let mut copied = 0;
+    let mut complete = unsettled == 0;
     for object in candidates {
         if !group.members[reference].is_up() {
+            complete = false;
             // The member it copies from failed: reconciliation, which its
             // rejoining asks for, compares it with every member that serves.
             // Going on, each copy failed on its own ("no member that serves
@@ -2011,6 +2133,7 @@ fn synchronize(
                 }
                 // A source that failed meanwhile is said once, by the
                 // line that stops the pass, not for this object.
+                complete = false;
                 if group.members[reference].is_up() {
                     known
                         .unsynchronised
@@ -2031,6 +2154,7 @@ fn synchronize(
         named_in.as_millis(),
         comparing.elapsed().as_millis()
     ));
+    group.set_compared(position, complete);
     Ok(copied)
 }
 

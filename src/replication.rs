@@ -1557,6 +1557,11 @@ impl Holdings {
         }
     }
 
+    /// How many objects they list.
+    pub fn count(&self) -> usize {
+        self.objects.len()
+    }
+
     /// The member's objects a search for `print` finds.
     pub fn matching<'a>(
         &'a self,

@@ -113,6 +113,9 @@ fn nested(a: Attribute<'_>) -> Option<impl Iterator<Item = Attribute<'_>> + Clon
     a.nested_attributes()
 }
 
+/// A member failed while the objects a search found there were named.
+struct MemberFailed;
+
 /// A template as the members get it: where the application asks for a
 /// non-extractable key, the members make it extractable under trusted keys
 /// only, so the domain key can still carry it to the other members. The
@@ -948,7 +951,7 @@ impl VirtualSession {
         let preference = if self.answered_alike(&searched) {
             Preference::LeastBusy(OpKind::Find as usize)
         } else {
-            Preference::Primary
+            Preference::Complete
         };
         self.init_where(
             OpKind::Find,
@@ -982,14 +985,17 @@ impl VirtualSession {
     /// The member a search runs on when it is not spread (see
     /// [`Self::find_init`]): the first serving member in configured order
     /// that is not degraded -- the primary, as `Group::by_position` lists
-    /// it.
+    /// it -- among those that lack no object of the group, if any does.
     fn search_home(&self) -> Option<usize> {
-        let serving = self.group.serving_members();
-        serving
+        let mut order: crate::group::Positions = self
+            .group
+            .serving_members()
             .iter()
-            .find(|m| m.rotation() == crate::group::Rotation::In)
-            .or(serving.first())
             .map(|m| m.position)
+            .collect();
+        // Stable: configured order within each.
+        order.sort_by_key(|p| self.group.members[*p].rotation() != crate::group::Rotation::In);
+        self.group.complete_first(order).first().copied()
     }
 
     /// Whether a search on `position` answers off the primary, where an
@@ -1010,16 +1016,17 @@ impl VirtualSession {
     /// hold, one gone meanwhile. Where `home` cannot tell (its look-up
     /// fails, or the fingerprint matches more than one object there: a
     /// collision, "Identity across members"), `member`'s copy names it, as
-    /// on a search moved by a failure.
+    /// on a search moved by a failure. `Err` where `member` failed while
+    /// its copy was read ([`Self::unread`]).
     fn found_off_home(
         &self,
         member: usize,
         home: usize,
         handle: CK_OBJECT_HANDLE,
         identify: bool,
-    ) -> Option<CK_OBJECT_HANDLE> {
+    ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, MemberFailed> {
         if let Some(object) = self.group.objects.known(member, handle) {
-            return Some(object);
+            return Ok(Some(object));
         }
         let read = |full: bool| {
             self.on_member(member, |s| {
@@ -1034,18 +1041,24 @@ impl VirtualSession {
         };
         let mut print = match self.group.indexed_fingerprint(member, handle) {
             Some(print) => (*print).clone(),
-            None => read(false)?,
+            None => match read(false) {
+                Some(print) => print,
+                None => return self.unread(member, handle).map(|()| None),
+            },
         };
         if self.is_domain_print(&print) {
-            return None;
+            return Ok(None);
         }
         let mut found = self.group.look_up(home, &print);
         if found.as_ref().is_ok_and(|f| f.len() > 1) && !identity::has_check_value(&print) {
-            print = read(true)?;
+            print = match read(true) {
+                Some(print) => print,
+                None => return self.unread(member, handle).map(|()| None),
+            };
             found = self.group.look_up(home, &print);
         }
         let there = match found.as_deref() {
-            Ok([]) => return None,
+            Ok([]) => return Ok(None),
             Ok([one]) => *one,
             _ => return self.virtual_handle_of(member, handle, identify),
         };
@@ -1056,7 +1069,33 @@ impl VirtualSession {
         if objects.presence(object, member) == Some(Presence::Unknown) {
             objects.set_presence(object, member, Presence::Present(handle));
         }
-        Some(object)
+        Ok(Some(object))
+    }
+
+    /// Why the fingerprint of the object a search found on `member` as
+    /// `handle` could not be read: `Err` where the member failed (the read
+    /// is asked again through [`Self::attempt`], which takes a member that
+    /// faults out of service) -- the search then moves and finds the
+    /// object elsewhere -- `Ok` where the object is gone or its attributes
+    /// cannot be read, so that no search shows it.
+    fn unread(
+        &self,
+        member: usize,
+        handle: CK_OBJECT_HANDLE,
+    ) -> std::result::Result<(), MemberFailed> {
+        let mut class: CK_OBJECT_CLASS = 0;
+        let mut read = |l: &dyn MemberBackend, s| {
+            let mut attribute = [CK_ATTRIBUTE {
+                type_: CKA_CLASS,
+                pValue: &mut class as *mut CK_OBJECT_CLASS as *mut _,
+                ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+            }];
+            l.get_attribute_value(s, handle, Some(&mut attribute))
+        };
+        match self.attempt(member, "C_GetAttributeValue", &mut read) {
+            Attempt::Faulted => Err(MemberFailed),
+            Attempt::Answered(_) => Ok(()),
+        }
     }
 
     /// Continues the search and turns member handles into virtual ones,
@@ -1119,6 +1158,14 @@ impl VirtualSession {
                     Some(home) => self.found_off_home(member, home, handles[i], identify),
                     None => self.virtual_handle_of(member, handles[i], identify),
                 };
+                let Ok(object) = object else {
+                    // The member failed while naming what it found: the
+                    // search moves (`Self::unread` took the member out),
+                    // and finds there what is not shown yet.
+                    self.move_search_from(member);
+                    moved.set(true);
+                    break;
+                };
                 let Some(object) = object else {
                     continue;
                 };
@@ -1148,33 +1195,39 @@ impl VirtualSession {
     /// it is not the domain key. Without, the fingerprint is read with the
     /// application's first read of the object, or when another member
     /// needs it. `None` for the domain key, which the application never
-    /// sees, or an object that went away meanwhile.
+    /// sees, or an object that went away meanwhile; `Err` where `member`
+    /// failed while it was read ([`Self::unread`]).
     fn virtual_handle_of(
         &self,
         member: usize,
         handle: CK_OBJECT_HANDLE,
         identify: bool,
-    ) -> Option<CK_OBJECT_HANDLE> {
+    ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, MemberFailed> {
         if let Some(object) = self.group.objects.known(member, handle) {
-            return Some(object);
+            return Ok(Some(object));
         }
         let print = match self.group.indexed_fingerprint(member, handle) {
             Some(print) => (*print).clone(),
-            None if !identify => return Some(self.group.objects.from_member(member, handle)),
-            None => self
+            None if !identify => return Ok(Some(self.group.objects.from_member(member, handle))),
+            None => match self
                 .on_member(member, |s| {
                     identity::light_fingerprint(&*s.library, s.handle, handle)
                 })
-                .ok()??,
+                .ok()
+                .flatten()
+            {
+                Some(print) => print,
+                None => return self.unread(member, handle).map(|()| None),
+            },
         };
         if self.is_domain_print(&print) {
-            return None;
+            return Ok(None);
         }
-        Some(
+        Ok(Some(
             self.group
                 .objects
                 .from_member_identified(member, handle, print),
-        )
+        ))
     }
 
     /// Whether a fingerprint is that of the group's domain key.

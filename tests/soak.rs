@@ -39,8 +39,10 @@
 //! among the chaos events.
 //!
 //! Owns: three token directories, their servers (through
-//! `tests/common/p11kit.rs`), the config and the HA log, all in a temp dir
-//! that is kept when the test fails. Holds the serial guard throughout.
+//! `tests/common/p11kit.rs`), the config, the HA log and the state
+//! directory (`haStateDir`, so that no other process's lock files or
+//! deletion records meet the run's), all in a temp dir that is kept when
+//! the test fails. Holds the serial guard throughout.
 
 mod common;
 #[path = "common/p11kit.rs"]
@@ -58,7 +60,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use cryptoki::context::Pkcs11;
@@ -99,6 +101,25 @@ const PROVEN_CALLS: u64 = 20;
 /// half the run, since a recovery copies what the member lacks and grows
 /// with the number of keys.
 const SETTLE_BASE: Duration = Duration::from_secs(120);
+/// The summary shows this many stretches with no member serving, each
+/// with the chaos events and HA log lines of this long before it.
+const OUTAGES_SHOWN: usize = 5;
+const OUTAGE_CONTEXT: Duration = Duration::from_secs(5);
+/// The summary shows this many failures of each kind in detail.
+const FAILURES_SHOWN: usize = 3;
+/// The summary lists this many member failures the chaos did not cause.
+const UNPROVOKED_SHOWN: usize = 10;
+/// A member failure with no chaos event on that member this long before
+/// it is reported as one the chaos did not cause: the longest disturbance,
+/// `memberTimeout` and a second for the first call to meet it.
+const PROVOKED_WITHIN: Duration = Duration::from_millis(OUTAGE_MS.1 + MEMBER_TIMEOUT_MS + 1000);
+/// A chaos event's time is taken once its action is done (a kill waits
+/// for the workers to die), up to this long after the failure it caused.
+const EVENT_LAG: Duration = Duration::from_millis(500);
+/// The heartbeat thread's sleep, and how late a wake must be to be
+/// recorded.
+const HEARTBEAT: Duration = Duration::from_millis(10);
+const LATE: Duration = Duration::from_millis(100);
 /// An operation slower than this counts as slow in the summary.
 const SLOW: Duration = Duration::from_millis(250);
 /// DER of the prime256v1 OID.
@@ -392,9 +413,10 @@ fn config_text(members: &[Member], log_dir: &Path) -> String {
         "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\n\
          VirtualToken00Members = {}\n\n\
          [HAConfiguration]\nAutoReconnectInterval = 1\nmemberTimeout = {MEMBER_TIMEOUT_MS}\n\
-         haLogStatus = enabled\nhaLogPath = {}\n",
+         haLogStatus = enabled\nhaLogPath = {}\nhaStateDir = {}\n",
         serials.join(","),
-        log_dir.display()
+        log_dir.display(),
+        log_dir.with_file_name("state").display()
     )
     .unwrap();
     s
@@ -466,10 +488,14 @@ struct ChaosEvent {
 struct KeyRecord {
     id: Vec<u8>,
     classes: Vec<ObjectClass>,
+    /// When its last object was made, from the start of the run.
+    made: Duration,
 }
 
 struct Run {
     start: Instant,
+    /// `start` on the wall clock, to place the HA log's lines in the run.
+    wall_start: SystemTime,
     stop: AtomicBool,
     state: StateApi,
     stats: [OpStats; OPS.len()],
@@ -481,6 +507,9 @@ struct Run {
     aes_keys: RwLock<Vec<ObjectHandle>>,
     next_id: AtomicU64,
     ec_pool: Vec<EcValues>,
+    /// Each time the heartbeat thread woke late: when (run time), by how
+    /// much.
+    late_wakes: Mutex<Vec<(Duration, Duration)>>,
 }
 
 impl Run {
@@ -570,6 +599,7 @@ impl Run {
         let mut record = KeyRecord {
             id: id.clone(),
             classes: vec![ObjectClass::PUBLIC_KEY],
+            made: self.start.elapsed(),
         };
         let private = self.op(thread, Op::ImportEc, || {
             session
@@ -588,6 +618,7 @@ impl Run {
         });
         if let Some(private) = private {
             record.classes.push(ObjectClass::PRIVATE_KEY);
+            record.made = self.start.elapsed();
             self.ec_keys.write().unwrap().push((public, private));
         }
         self.keys.lock().unwrap().push(record);
@@ -617,6 +648,7 @@ impl Run {
             self.keys.lock().unwrap().push(KeyRecord {
                 id,
                 classes: vec![ObjectClass::SECRET_KEY],
+                made: self.start.elapsed(),
             });
         }
     }
@@ -693,7 +725,12 @@ fn sign_and_verify(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
     };
     run.op(thread, Op::Verify, || {
         s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
-            .map_err(|e| format!("C_Verify (ECDSA): {e:?}"))
+            .map_err(|e| {
+                format!(
+                    "C_Verify (ECDSA, a {}-byte signature by key {private}, with key {public}): {e:?}",
+                    signature.len()
+                )
+            })
     });
 }
 
@@ -748,33 +785,67 @@ fn encrypt_and_decrypt(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
         if back == plain {
             Ok(())
         } else {
-            Err("AES-ECB decrypted to something else".into())
+            Err(format!(
+                "AES-ECB with key {key} decrypted {} bytes of {} to something else \
+                 ({} bytes, {} of them right)",
+                cipher.len(),
+                plain.len(),
+                back.len(),
+                back.iter().zip(&plain).filter(|(a, b)| a == b).count()
+            ))
         }
     });
 }
 
 /// Finds a recorded key by CKA_ID through the virtual slot: exactly its
-/// objects, no more, no fewer.
+/// objects, no more, no fewer. A wrong count says when the key was made
+/// and what a second search right after finds, which tells a search that
+/// missed objects from objects missing.
 fn find(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
     let record = {
         let keys = run.keys.lock().unwrap();
         keys[rng.below(keys.len() as u64) as usize].clone()
     };
+    let search = || {
+        s.find_objects(&[Attribute::Id(record.id.clone())])
+            .map_err(|e| format!("C_FindObjects: {e:?}"))
+    };
     run.op(thread, Op::Find, || {
-        let found = s
-            .find_objects(&[Attribute::Id(record.id.clone())])
-            .map_err(|e| format!("C_FindObjects: {e:?}"))?;
+        let found = search()?;
         if found.len() == record.classes.len() {
-            Ok(())
-        } else {
-            Err(format!(
-                "C_FindObjects of {} found {} objects, expected {}",
-                String::from_utf8_lossy(&record.id),
-                found.len(),
-                record.classes.len()
-            ))
+            return Ok(());
         }
+        let again = match search() {
+            Ok(found) => found.len().to_string(),
+            Err(e) => e,
+        };
+        Err(format!(
+            "C_FindObjects of {} found {} objects, expected {} (made at {}; a second search \
+             found {again})",
+            String::from_utf8_lossy(&record.id),
+            found.len(),
+            record.classes.len(),
+            secs(record.made)
+        ))
     });
+}
+
+/// Sleeps [`HEARTBEAT`] at a time until the run stops, recording each
+/// wake more than [`LATE`] late: the times this process was not scheduled,
+/// during which no member call of it could make progress either (a member
+/// the watchdog cut then was starved, not hung).
+fn heartbeat(run: &Run) {
+    while !run.stop.load(Ordering::Relaxed) {
+        let before = Instant::now();
+        thread::sleep(HEARTBEAT);
+        let late = before.elapsed().saturating_sub(HEARTBEAT);
+        if late > LATE {
+            run.late_wakes
+                .lock()
+                .unwrap()
+                .push((run.start.elapsed(), late));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -830,6 +901,8 @@ struct ChaosCounts {
     returns: Vec<Duration>,
     /// Time with no member serving.
     outage: Duration,
+    /// Each stretch of it: from when (run time), how long.
+    outages: Vec<(Duration, Duration)>,
     /// Up -> not up transitions seen through the state API, per member.
     failovers: [u64; 3],
 }
@@ -851,6 +924,7 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
     let mut was_up = [true; 3];
     let mut next_event = Instant::now() + rng.millis(CHAOS_GAP_MS);
     let mut last_tick = Instant::now();
+    let mut outage_since: Option<Instant> = None;
     while !run.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let status = run.state.group();
@@ -868,6 +942,9 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
         }
         if !was_up.iter().any(|up| *up) {
             counts.outage += now.duration_since(last_tick);
+            outage_since.get_or_insert(last_tick);
+        } else if let Some(since) = outage_since.take() {
+            counts.outages.push((since - run.start, now - since));
         }
         last_tick = now;
         for (i, d) in dist.iter_mut().enumerate() {
@@ -945,6 +1022,9 @@ fn chaos(run: &Run, members: &mut [Member], seed: u64) -> ChaosCounts {
             }
         }
         thread::sleep(CHAOS_TICK);
+    }
+    if let Some(since) = outage_since {
+        counts.outages.push((since - run.start, last_tick - since));
     }
     for (i, d) in dist.iter_mut().enumerate() {
         if let Some((_, pids)) = d.stalled.take() {
@@ -1263,6 +1343,133 @@ fn ha_log_counts(dir: &Path) -> (usize, Vec<(&'static str, usize)>) {
     (text.lines().count(), counts)
 }
 
+/// When an HA log line was written: its leading `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn log_line_time(line: &str) -> Option<SystemTime> {
+    let field = |range: std::ops::Range<usize>| -> Option<u64> { line.get(range)?.parse().ok() };
+    let (year, month, day) = (field(0..4)?, field(5..7)?, field(8..10)?);
+    let (hour, minute, second, milli) = (
+        field(11..13)?,
+        field(14..16)?,
+        field(17..19)?,
+        field(20..23)?,
+    );
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+    // days_from_civil), for years after 1970.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let secs = ((days * 24 + hour) * 60 + minute) * 60 + second;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(milli))
+}
+
+/// The HA log's lines (every file under `dir`) written between `from` and
+/// `to` of run time, each with its run time in front and the group's
+/// label and serial left out, in order.
+fn ha_log_between(dir: &Path, wall_start: SystemTime, from: Duration, to: Duration) -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        for line in fs::read_to_string(entry.path()).unwrap_or_default().lines() {
+            let Some(at) = log_line_time(line).and_then(|t| t.duration_since(wall_start).ok())
+            else {
+                continue;
+            };
+            if (from..=to).contains(&at) {
+                let rest = line.get(24..).unwrap_or_default();
+                let rest = rest.split_once(" member=").map_or(rest, |(_, r)| r);
+                lines.push((at, format!("{} member={rest}", secs(at))));
+            }
+        }
+    }
+    lines.sort();
+    lines.into_iter().map(|(_, line)| line).collect()
+}
+
+/// The HA log's "member failed" lines that no chaos event on that member
+/// in the [`PROVOKED_WITHIN`] before explains: a member that failed by
+/// itself, which the chaos takes for surely up. Each with its run time,
+/// member and the last chaos event on it.
+fn unprovoked_failures(
+    dir: &Path,
+    wall_start: SystemTime,
+    serials: &[&str],
+    chaos: &[ChaosEvent],
+    late_wakes: &[(Duration, Duration)],
+) -> Vec<String> {
+    let lines = ha_log_between(dir, wall_start, Duration::ZERO, Duration::MAX);
+    let mut unprovoked = Vec::new();
+    // Every member failure so far: when, whose, in what.
+    let mut failed: Vec<(Duration, usize, String)> = Vec::new();
+    for line in lines {
+        let Some((at, rest)) = line.split_once(" s member=") else {
+            continue;
+        };
+        let (Ok(at), Some((serial, what))) = (at.parse::<f64>(), rest.split_once(' ')) else {
+            continue;
+        };
+        let Some(i) = serials.iter().position(|s| *s == serial) else {
+            continue;
+        };
+        if !what.starts_with("member failed in ") {
+            continue;
+        }
+        let at = Duration::from_secs_f64(at);
+        let function = what.trim_start_matches("member failed in ");
+        let function = function.split(' ').next().unwrap_or_default().to_string();
+        let other = failed
+            .iter()
+            .rev()
+            .find(|(_, m, _)| *m != i)
+            .map(|(then, m, f)| {
+                format!(
+                    "; {} ms after {} failed in {f}",
+                    (at - *then).as_millis(),
+                    MEMBERS[*m]
+                )
+            });
+        failed.push((at, i, function));
+        let last = chaos
+            .iter()
+            .rev()
+            .find(|e| e.member == i && e.at <= at + EVENT_LAG);
+        if last.is_some_and(|e| e.at + PROVOKED_WITHIN >= at) {
+            continue;
+        }
+        // The process asleep in the memberTimeout before: its calls could
+        // not complete then.
+        let window = at.saturating_sub(Duration::from_millis(MEMBER_TIMEOUT_MS))..at + LATE;
+        let starved = late_wakes
+            .iter()
+            .filter(|(woke, late)| woke.saturating_sub(*late) < window.end && *woke > window.start)
+            .map(|(_, late)| *late)
+            .max()
+            .unwrap_or_default();
+        unprovoked.push(format!(
+            "{} {}: {what}; the last chaos on it: {}{}; the heartbeat woke {} ms late at most in the {} ms before",
+            secs(at),
+            MEMBERS[i],
+            last.map_or("none".into(), |e| format!("{} at {}", e.what, secs(e.at))),
+            other.unwrap_or_default(),
+            starved.as_millis(),
+            MEMBER_TIMEOUT_MS
+        ));
+    }
+    unprovoked
+}
+
+/// Failed searches whose HA log lines are printed.
+const FINDS_DETAILED: usize = 10;
+/// How far before a failed search its HA log lines start.
+const LOG_BEFORE_FIND: Duration = Duration::from_secs(2);
+
+/// The HA log lines from [`LOG_BEFORE_FIND`] before failure `f` to its end.
+fn ha_log_near(dir: &Path, wall_start: SystemTime, f: &Failure) -> Vec<String> {
+    let to = f.at + f.latency + Duration::from_millis(1);
+    ha_log_between(dir, wall_start, f.at.saturating_sub(LOG_BEFORE_FIND), to)
+}
+
 /// A failure with the numbers (key IDs, handles) taken out, to group by.
 fn failure_kind(f: &Failure) -> String {
     let error: String = f
@@ -1347,6 +1554,7 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
 
     let run = Run {
         start: Instant::now(),
+        wall_start: SystemTime::now(),
         stop: AtomicBool::new(false),
         state: StateApi::new(),
         stats: Default::default(),
@@ -1358,6 +1566,7 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         aes_keys: RwLock::new(Vec::new()),
         next_id: AtomicU64::new(0),
         ec_pool: ec_pool(),
+        late_wakes: Mutex::new(Vec::new()),
     };
     let status = run.state.group();
     assert!(
@@ -1385,6 +1594,8 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
             let (run, members) = (&run, &mut members);
             scope.spawn(move || chaos(run, members, seed.rotate_left(17)))
         };
+        let run_ref = &run;
+        scope.spawn(move || heartbeat(run_ref));
         let end = run.start + duration;
         let mut report = run.start + Duration::from_secs(10);
         while Instant::now() < end {
@@ -1423,6 +1634,17 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
     // The summary.
     println!("\n==== soak summary ====");
     println!("seed                {seed:#x}");
+    let started = run
+        .wall_start
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "started             {:02}:{:02}:{:02}.{:03} UTC (the HA log's times)",
+        started.as_secs() / 3600 % 24,
+        started.as_secs() / 60 % 60,
+        started.as_secs() % 60,
+        started.subsec_millis()
+    );
     println!(
         "load                {} ({THREADS} threads, {iterations} iterations)",
         secs(elapsed)
@@ -1475,13 +1697,46 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         percentile(99),
         returns.last().map_or("-".into(), |d| secs(*d))
     );
-    println!("no member serving   {}", secs(counts.outage));
+    println!(
+        "no member serving   {} in {} stretches",
+        secs(counts.outage),
+        counts.outages.len()
+    );
     println!(
         "failovers           {} (state API, up -> down per member: {:?})",
         counts.failovers.iter().sum::<u64>(),
         counts.failovers
     );
     println!("HA log              {log_lines} lines: {log_counts:?}");
+    let serials: Vec<&str> = members.iter().map(Member::serial).collect();
+    let late_wakes = run.late_wakes.lock().unwrap().clone();
+    let unprovoked = unprovoked_failures(
+        &log_dir,
+        run.wall_start,
+        &serials,
+        &run.chaos.lock().unwrap(),
+        &late_wakes,
+    );
+    let longest = late_wakes.iter().max_by_key(|(_, late)| *late);
+    println!(
+        "heartbeat           {} wakes more than {} ms late (of {} ms sleeps){}",
+        late_wakes.len(),
+        LATE.as_millis(),
+        HEARTBEAT.as_millis(),
+        longest.map_or(String::new(), |(at, late)| format!(
+            ", the longest {} ms late at {}",
+            late.as_millis(),
+            secs(*at)
+        ))
+    );
+    println!(
+        "member failures the chaos did not cause (none on that member in the {} before): {}",
+        secs(PROVOKED_WITHIN),
+        unprovoked.len()
+    );
+    for line in unprovoked.iter().take(UNPROVOKED_SHOWN) {
+        println!("  {line}");
+    }
     let ec = keys.iter().filter(|k| k.classes.len() == 2).count();
     println!(
         "keys                {} imported ({ec} EC pairs, {} AES)",
@@ -1523,9 +1778,23 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
                 secs(last)
             );
         }
-        println!("the first of each kind:");
+        println!("the first {FAILURES_SHOWN} of each kind:");
         for (_, list) in &kinds {
-            println!("{}", failure_detail(list[0], &chaos_log));
+            for f in list.iter().take(FAILURES_SHOWN) {
+                println!("{}", failure_detail(f, &chaos_log));
+            }
+        }
+        let finds: Vec<&Failure> = failures.iter().filter(|f| f.op == Op::Find).collect();
+        for f in finds.iter().take(FINDS_DETAILED) {
+            println!(
+                "HA log around the failed search at {} (thread {}: {}):",
+                secs(f.at),
+                f.thread,
+                f.error
+            );
+            for line in ha_log_near(&log_dir, run.wall_start, f) {
+                println!("  {line}");
+            }
         }
     }
     if !key_problems.is_empty() {
@@ -1534,10 +1803,34 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
             println!("  {p}");
         }
     }
-    if !failures.is_empty() || !key_problems.is_empty() || settled.is_none() {
+    if !failures.is_empty()
+        || !key_problems.is_empty()
+        || settled.is_none()
+        || !counts.outages.is_empty()
+    {
         println!("chaos events:");
         for e in chaos_log.iter() {
             println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
+        }
+    }
+    // Each stretch with no member serving, with what led to it.
+    for (from, length) in counts.outages.iter().take(OUTAGES_SHOWN) {
+        println!(
+            "no member serving from {} for {}; chaos events in the {} before:",
+            secs(*from),
+            secs(*length),
+            secs(OUTAGE_CONTEXT)
+        );
+        for e in chaos_log
+            .iter()
+            .filter(|e| e.at + OUTAGE_CONTEXT >= *from && e.at <= *from + *length)
+        {
+            println!("  {} {}: {}", secs(e.at), MEMBERS[e.member], e.what);
+        }
+        println!("  HA log:");
+        let window = from.saturating_sub(OUTAGE_CONTEXT)..=*from + *length + CHAOS_TICK * 5;
+        for line in ha_log_between(&log_dir, run.wall_start, *window.start(), *window.end()) {
+            println!("  | {line}");
         }
     }
     for (i, o) in &outside {

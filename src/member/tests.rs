@@ -247,7 +247,7 @@ fn call_reading(
     std::thread::spawn(move || {
         tid.send(this_thread()).unwrap();
         let mut got = 0;
-        library.on_wire(&mut || {
+        library.on_wire("C_GetSlotList", &mut || {
             let mut byte = 0u8;
             // SAFETY: a read of one byte into a live local.
             got = unsafe { libc::read(fd, &mut byte as *mut u8 as *mut _, 1) };
@@ -357,7 +357,7 @@ fn a_reconnect_waits_for_a_call_cut_off_before_it_reached_its_socket() {
     let caller = Arc::clone(&library);
     std::thread::spawn(move || {
         tid.send(this_thread()).unwrap();
-        let rv = caller.shielded(|| {
+        let rv = caller.shielded("C_GetSlotList", || {
             let _ = waiting.recv();
             let mut byte = 0u8;
             // SAFETY: a read of one byte into a live local.
@@ -371,6 +371,14 @@ fn a_reconnect_waits_for_a_call_cut_off_before_it_reached_its_socket() {
         assert!(Instant::now() < deadline, "the call never went on the wire");
         std::thread::sleep(Duration::from_millis(1));
     }
+    assert_eq!(
+        library
+            .stalled_call()
+            .as_deref()
+            .and_then(|said| said.split_once(", ").map(|(call, _)| call)),
+        Some("C_GetSlotList on its first instance"),
+        "the HA log names the call on the wire"
+    );
     assert_eq!(library.sever(), 0, "the call waits on no socket yet");
     go_on.send(()).unwrap();
     wait_blocked(&tid_known, fd);

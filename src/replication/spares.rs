@@ -14,6 +14,7 @@ use cryptoki_sys::*;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Imports in a row from which a replay makes them on spares: below it,
 /// taking the lanes and reading the copies' handles afterwards cost more
@@ -34,6 +35,12 @@ pub struct SpareImports {
     /// when its objects could not be listed after the copies were made
     /// (each later change then looks the member up).
     pub holdings_current: bool,
+    /// The longest a lane took to be ready for its first import (taking
+    /// the spare, initialising it, logging it in, opening its session),
+    /// and the time the listing of the copies afterwards took: the HA
+    /// log's recovery line shows what a run spent beside the imports.
+    pub set_up: Duration,
+    pub listing: Duration,
 }
 
 impl VirtualSession {
@@ -72,6 +79,8 @@ impl VirtualSession {
                 made: 0,
                 left: todo,
                 holdings_current: true,
+                set_up: Duration::ZERO,
+                listing: Duration::ZERO,
             };
         };
         let lanes = Lanes {
@@ -83,12 +92,15 @@ impl VirtualSession {
             next: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             answers: todo.iter().map(|_| Mutex::new(None)).collect(),
+            started: Instant::now(),
+            set_up: Mutex::new(Duration::ZERO),
         };
         std::thread::scope(|scope| {
             for _ in 0..REPLAY_LANES.min(todo.len()) {
                 scope.spawn(|| lanes.import_on_a_lane());
             }
         });
+        let set_up = *lanes.set_up.lock();
         let answers: Vec<Option<Attempt>> =
             lanes.answers.into_iter().map(Mutex::into_inner).collect();
         let made = answers
@@ -105,7 +117,9 @@ impl VirtualSession {
                 _ => None,
             })
             .collect();
+        let listing = Instant::now();
         let holdings_current = tried.is_empty() || self.note_new_holdings(position, holdings);
+        let listing = listing.elapsed();
         if holdings_current {
             for object in tried {
                 self.holds(object, position, Some(holdings));
@@ -121,6 +135,8 @@ impl VirtualSession {
             made,
             left,
             holdings_current,
+            set_up,
+            listing,
         }
     }
 
@@ -165,6 +181,10 @@ struct Lanes<'a> {
     /// Set at a fault: no lane takes another change.
     stop: AtomicBool,
     answers: Vec<Mutex<Option<Attempt>>>,
+    /// When the run began, and the longest any lane took from then to be
+    /// ready for its first import.
+    started: Instant,
+    set_up: Mutex<Duration>,
 }
 
 impl Lanes<'_> {
@@ -203,6 +223,10 @@ impl Lanes<'_> {
             worker.attempt_on_lane(position, epoch, "C_OpenSession", &*lane, &mut |l, _| {
                 l.open_session(slot, flags, &mut session)
             });
+        {
+            let mut set_up = self.set_up.lock();
+            *set_up = (*set_up).max(self.started.elapsed());
+        }
         match opened {
             Attempt::Answered(CKR_OK) => {}
             Attempt::Answered(_) => return lane.finish(),

@@ -19,10 +19,12 @@ pub enum Preference {
     /// Spread load: crypto goes to the least busy member; ties rotate
     /// within the given lane.
     LeastBusy(usize),
-    /// Searches not every member answers alike, and object-making calls
-    /// where the members are not alike as makers, go to the primary while
-    /// it is up and not degraded.
+    /// Object-making calls where the members are not alike as makers go
+    /// to the primary while it is up and not degraded.
     Primary,
+    /// Searches not every member answers alike: as [`Preference::Primary`],
+    /// but members lacking objects of the group last.
+    Complete,
 }
 
 impl VirtualSession {
@@ -149,6 +151,11 @@ impl VirtualSession {
         match preference {
             Preference::LeastBusy(lane) => self.group.least_busy(lane),
             Preference::Primary => self.group.by_position().first().copied(),
+            Preference::Complete => self
+                .group
+                .complete_first(self.group.by_position())
+                .first()
+                .copied(),
         }
     }
 
@@ -156,6 +163,7 @@ impl VirtualSession {
         match preference {
             Preference::LeastBusy(lane) => self.group.by_preference(lane),
             Preference::Primary => self.group.by_position(),
+            Preference::Complete => self.group.complete_first(self.group.by_position()),
         }
     }
 }

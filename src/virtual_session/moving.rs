@@ -57,6 +57,14 @@ fn replay_key(item: &Replay) -> Option<CK_OBJECT_HANDLE> {
 }
 
 impl VirtualSession {
+    /// Moves the active search, with the session's other operations, off
+    /// member `from`, which failed while what the search found there was
+    /// named: started again elsewhere, it finds there what it has not
+    /// shown yet.
+    pub(crate) fn move_search_from(&self, from: usize) {
+        self.move_operations(from);
+    }
+
     /// Moves every operation bound to the failed member `from` to another
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.
@@ -96,9 +104,17 @@ impl VirtualSession {
                 op.key.into_iter().chain(replay.filter_map(replay_key))
             })
             .collect();
+        // A search goes where it is answered in full, if a member can.
+        let searching = ops[OpKind::Find as usize]
+            .as_ref()
+            .is_some_and(|op| op.movable);
         let mut moved_to = None;
         'waiting: loop {
-            'members: for position in self.group.by_preference(STATELESS_LANE) {
+            let mut order = self.group.by_preference(STATELESS_LANE);
+            if searching {
+                order = self.group.complete_first(order);
+            }
+            'members: for position in order {
                 let Ok(handles) = keys
                     .iter()
                     .map(|k| {

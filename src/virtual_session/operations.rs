@@ -47,7 +47,7 @@ impl VirtualSession {
     ) -> Result<()> {
         let on_spare = kind != OpKind::Find;
         let preference = if kind == OpKind::Find {
-            Preference::Primary
+            Preference::Complete
         } else {
             Preference::LeastBusy(kind as usize)
         };

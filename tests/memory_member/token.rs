@@ -145,6 +145,10 @@ pub struct Token {
     pub spare_crashed: bool,
     pub spare_stall_next: bool,
     pub spare_lose_next_answer: bool,
+    /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
+    /// tell a recovery that looks the token up per object from one that
+    /// reads its objects once.
+    pub searches: usize,
 }
 
 /// The whole simulated library.
@@ -855,6 +859,7 @@ impl Sim {
         if self.session(session).find.is_some() {
             return Err(CKR_OPERATION_ACTIVE);
         }
+        self.tokens[token].searches += 1;
         let t = &self.tokens[token];
         let found: Vec<CK_OBJECT_HANDLE> = t
             .handles
