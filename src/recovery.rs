@@ -634,36 +634,39 @@ fn check_for_stalled_connections(
             .stalled_call()
             .map_or(String::new(), |call| format!(" to {call}"));
         library.sever();
-        for group in provider.groups() {
-            for member in &group.members {
-                let on_library = member
-                    .location()
-                    .is_some_and(|l| Arc::ptr_eq(&l.library, library));
-                if on_library && member.reachable() {
-                    group.member_failed(member.position, "memberTimeout", CKR_DEVICE_ERROR);
-                    group.log(
-                        Some(member.position),
-                        &format!(
-                            "library {} answered nothing for {} ms{stalled}; connection cut",
-                            library.name(),
-                            timeout.as_millis()
-                        ),
-                    );
-                }
-            }
-        }
+        let event = format!(
+            "library {} answered nothing for {} ms{stalled}; connection cut",
+            library.name(),
+            timeout.as_millis()
+        );
+        for_reachable_members_on(provider, library, |group, position| {
+            group.member_failed(position, "memberTimeout", CKR_DEVICE_ERROR);
+            group.log(Some(position), &event);
+        });
     }
 }
 
 /// Says `event` in the HA log of each reachable member on `library`.
 fn log_on_library(provider: &dyn Host, library: &Arc<dyn MemberBackend>, event: &str) {
+    for_reachable_members_on(provider, library, |group, position| {
+        group.log(Some(position), event)
+    });
+}
+
+/// Runs `act` with the group and position of each reachable member whose
+/// token is reached through `library`.
+fn for_reachable_members_on(
+    provider: &dyn Host,
+    library: &Arc<dyn MemberBackend>,
+    mut act: impl FnMut(&Group, usize),
+) {
     for group in provider.groups() {
         for member in &group.members {
             let on_library = member
                 .location()
                 .is_some_and(|l| Arc::ptr_eq(&l.library, library));
             if on_library && member.reachable() {
-                group.log(Some(member.position), event);
+                act(group, member.position);
             }
         }
     }

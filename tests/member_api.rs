@@ -205,6 +205,35 @@ fn a_simulated_fault_is_a_member_fault_and_a_bad_request_is_not() {
     assert!(!classify("C_SeedRandom", unsupported).is_member_fault());
 }
 
+/// A token data object made on `token` straight through its library, as
+/// another process would make it: no member of the group knows its handle.
+fn token_object_made_outside(
+    member: &SimMember,
+    token: usize,
+    label: &[u8],
+    value: &[u8],
+) -> CK_OBJECT_HANDLE {
+    let mut session = CK_INVALID_HANDLE;
+    assert_eq!(
+        member.open_session(
+            FIRST_SLOT + token as CK_SLOT_ID,
+            CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            &mut session
+        ),
+        CKR_OK
+    );
+    let mut template = data_object(label, value);
+    let token_object: &'static CK_BBOOL = &CK_TRUE;
+    template[1].pValue = token_object as *const _ as *mut _;
+    let mut handle = CK_INVALID_HANDLE;
+    assert_eq!(
+        member.create_object(session, Some(&template), &mut handle),
+        CKR_OK
+    );
+    assert_eq!(member.close_session(session), CKR_OK);
+    handle
+}
+
 /// A group over the tokens of one in-memory library, each member attached
 /// where the provider would attach it; the whole process on simulated
 /// time, so that nothing below depends on how fast the machine is.
@@ -1593,29 +1622,12 @@ fn a_search_whose_member_fails_while_naming_an_object_moves_and_finds_it() {
     let (member, group) = memory_group(2, 44);
     let mut made_on_1 = Vec::new();
     for token in 0..2 {
-        let mut session = CK_INVALID_HANDLE;
-        assert_eq!(
-            member.open_session(
-                FIRST_SLOT + token as CK_SLOT_ID,
-                CKF_SERIAL_SESSION | CKF_RW_SESSION,
-                &mut session
-            ),
-            CKR_OK
-        );
         for value in [&b"first"[..], b"second"] {
-            let mut template = data_object(label, value);
-            let token_object: &'static CK_BBOOL = &CK_TRUE;
-            template[1].pValue = token_object as *const _ as *mut _;
-            let mut handle = CK_INVALID_HANDLE;
-            assert_eq!(
-                member.create_object(session, Some(&template), &mut handle),
-                CKR_OK
-            );
+            let handle = token_object_made_outside(&member, token, label, value);
             if token == 1 {
                 made_on_1.push(handle);
             }
         }
-        assert_eq!(member.close_session(session), CKR_OK);
     }
     let v = logged_in_session(&group);
     // The first read of the second object on member 1 is carried out, and
@@ -1663,24 +1675,7 @@ fn a_member_back_without_synchronisation_answers_no_search_until_compared() {
     assert!(group.state.set(Arc::clone(&state)).is_ok());
     let v = logged_in_session(&group);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    let mut session = CK_INVALID_HANDLE;
-    assert_eq!(
-        member.open_session(
-            FIRST_SLOT,
-            CKF_SERIAL_SESSION | CKF_RW_SESSION,
-            &mut session
-        ),
-        CKR_OK
-    );
-    let mut template = data_object(label, b"on member 0 only");
-    let token_object: &'static CK_BBOOL = &CK_TRUE;
-    template[1].pValue = token_object as *const _ as *mut _;
-    let mut handle = CK_INVALID_HANDLE;
-    assert_eq!(
-        member.create_object(session, Some(&template), &mut handle),
-        CKR_OK
-    );
-    assert_eq!(member.close_session(session), CKR_OK);
+    token_object_made_outside(&member, 0, label, b"on member 0 only");
 
     let other_process = state
         .lock_group(&group.serial, Duration::ZERO, |_| true)
