@@ -463,28 +463,17 @@ impl Stepped {
             let attempted = attempt(provider, group, key.1);
             let goes_on =
                 attempted != Attempted::Serves && tries_again_in_the_run(provider, group, key.1);
-            if goes_on && attempted == Attempted::FellShort {
-                self.runs.insert(
-                    key,
-                    Run {
-                        next: clock::now() + self.interval,
-                        across_gap: true,
-                    },
-                );
-            } else {
+            // Only an attempt that fell short holds its mark across the gap.
+            let across_gap = goes_on && attempted == Attempted::FellShort;
+            if !across_gap {
                 group.members[key.1].set_attempt_under_way(false);
-                if goes_on {
-                    self.runs.insert(
-                        key,
-                        Run {
-                            next: clock::now() + self.interval,
-                            across_gap: false,
-                        },
-                    );
-                } else {
-                    self.runs.remove(&key);
-                    self.last_ended.insert(key, now_ms());
-                }
+            }
+            if goes_on {
+                let next = clock::now() + self.interval;
+                self.runs.insert(key, Run { next, across_gap });
+            } else {
+                self.runs.remove(&key);
+                self.last_ended.insert(key, now_ms());
             }
             group.wake_waiting_calls();
             let serves = attempted == Attempted::Serves;
