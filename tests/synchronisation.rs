@@ -15,7 +15,7 @@ use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::{hex, SimMember};
 use pkcs11_ha::arguments::Template;
 use pkcs11_ha::group::{log_in_member, Group, Login, MemberState};
-use pkcs11_ha::member_api::MemberApi;
+use pkcs11_ha::member_api::{MemberApi, MemberBackend};
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::VirtualSession;
 use std::sync::{Arc, Mutex};
@@ -286,6 +286,7 @@ fn imports_a_member_missed_are_made_on_spares_once_each_around_a_removal() {
             import(&v, label);
         }
         assert_eq!(group.pending_count(1), 27, "member 1 is owed every change");
+        connect_spares(&library, 3);
         let taken_before: usize = library.spares.taken().iter().sum();
 
         recovery::recover_failed_members(&host);
@@ -316,6 +317,23 @@ fn imports_a_member_missed_are_made_on_spares_once_each_around_a_removal() {
             );
         }
         v.close();
+    }
+}
+
+/// Connects `count` spare instances of the library on member 1's slot, as
+/// the calls of a member in service do: a replay takes only spares
+/// connected already.
+fn connect_spares(library: &Arc<SimMember>, count: usize) {
+    let lanes: Vec<_> = (0..count)
+        .map(|_| {
+            Arc::clone(library)
+                .take_lane(FIRST_SLOT + 1, &mut || Box::new(()))
+                .expect("a spare is idle")
+                .expect("the spare opens its session")
+        })
+        .collect();
+    for lane in lanes {
+        lane.finish();
     }
 }
 
@@ -451,6 +469,7 @@ fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
     for label in &labels {
         import(&v, label);
     }
+    connect_spares(&library, 1);
     let failing = Arc::clone(&group);
     library.on_stall(move |_| failing.member_failed(0, "C_Sign", CKR_DEVICE_ERROR));
     library.sim.lock().set_fault(1, Fault::StallAfterChange);
@@ -464,6 +483,50 @@ fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
     assert!(
         log.contains("it serves first, and the 39 objects it missed are made on it right after"),
         "member 1 made one import on the spare, then served:\n{log}"
+    );
+    for label in &labels {
+        let on_1 = library
+            .token_objects(1)
+            .iter()
+            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+            .count();
+        assert_eq!(on_1, 1, "{label} is on member 1 once");
+    }
+    v.close();
+}
+
+/// A returning member's replay takes only spare instances connected
+/// already, and connects none: connecting one has p11-kit's server start
+/// a process that loads the whole token, which under the long chaos run's
+/// load outlasted `memberTimeout`, and replays waited 3.2-5.9 s for lanes
+/// that then made no import, their members held out while no other
+/// served. Here the spares were never connected on member 1's slot: the
+/// 20 imports it missed are made one by one on its own session, no spare
+/// is taken, and each object is on it once.
+#[test]
+fn a_replay_connects_no_spare_and_makes_the_imports_on_the_members_own_session() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 78).with_spares(2));
+    let group = group_over(&library, 2, "unconnected");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let labels: Vec<String> = (0..20).map(|n| format!("owed {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    assert_eq!(group.pending_count(1), 20, "member 1 is owed every import");
+    let taken_before = library.spares.taken();
+    recovery::recover_failed_members(&host);
+
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert_eq!(group.pending_count(1), 0, "nothing waits for member 1");
+    assert_eq!(
+        library.spares.taken(),
+        taken_before,
+        "the replay took no spare: none was connected"
     );
     for label in &labels {
         let on_1 = library
