@@ -719,8 +719,9 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempte
     }
     group.log(Some(position), &format!("recovery attempt {}", made + 1));
     let _under_way = AttemptUnderWay::start(group, position);
-    match recover(provider, group, position) {
-        Ok((copied, phases)) => {
+    let mut phases = Phases::start();
+    match recover(provider, group, position, &mut phases) {
+        Ok(copied) => {
             group.log(
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised {phases}"),
@@ -731,14 +732,23 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempte
             if member.state() == MemberState::Recovering {
                 member.set_state(MemberState::Down);
             }
+            // Where an attempt that found the token spent its time, up to
+            // the setback: what held a member out that did not come back.
+            phases.end("until then");
             let (event, attempted) = match setback {
                 Setback::NotFound(why) => (format!("recovery failed: {why}"), Attempted::NotFound),
-                Setback::Failed(why) => (format!("recovery failed: {why}"), Attempted::FellShort),
+                Setback::Failed(why) => (
+                    format!("recovery failed: {why}; {phases}"),
+                    Attempted::FellShort,
+                ),
                 Setback::Waiting(why) => {
                     member
                         .recovery_attempts
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    (format!("recovery waits: {why}"), Attempted::FellShort)
+                    (
+                        format!("recovery waits: {why}; {phases}"),
+                        Attempted::FellShort,
+                    )
                 }
             };
             group.log(Some(position), &event);
@@ -984,13 +994,14 @@ impl std::fmt::Display for Phases {
 /// Changes left to copy that a member copies with writes held back.
 const SHORT_TAIL: usize = 64;
 
-/// Brings one member back; returns how many objects it received.
+/// Brings one member back; returns how many objects it received, and
+/// notes in `phases` where its time went.
 fn recover(
     provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
-) -> Result<(usize, Phases), Setback> {
-    let mut phases = Phases::start();
+    phases: &mut Phases,
+) -> Result<usize, Setback> {
     let location = find_token(provider, group, position).map_err(Setback::NotFound)?;
     phases.end("token found");
     group.forget_handles(position);
@@ -1010,7 +1021,7 @@ fn recover(
 
     let worker = VirtualSession::internal(Arc::clone(group));
     let in_doubt_wait = InDoubtWait::new(provider);
-    let outcome = bring_up_to_date(group, provider, position, &worker, in_doubt_wait, &mut phases).and_then(
+    let outcome = bring_up_to_date(group, provider, position, &worker, in_doubt_wait, phases).and_then(
         |(mut copied, mut known, backlog)| {
             // Changes made while it was coming back were queued for it; it
             // serves again once none is left, which `rejoin` decides under
@@ -1048,7 +1059,7 @@ fn recover(
                 settle_in_doubt(group, position, &worker, in_doubt_wait)?;
                 settle_time += settling.elapsed();
                 let replaying = Instant::now();
-                copied += replay_pending(group, position, &worker, &mut known, &mut phases)?;
+                copied += replay_pending(group, position, &worker, &mut known, phases)?;
                 replay_time += replaying.elapsed();
             }
             phases.end("tail");
@@ -1066,7 +1077,7 @@ fn recover(
                 writes_ended,
                 provider.member_timeout(),
             );
-            Ok((copied, phases))
+            Ok(copied)
         },
     );
     worker.close();

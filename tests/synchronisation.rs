@@ -600,6 +600,47 @@ fn a_member_reading_its_objects_when_none_serves_stops_and_serves_first() {
     v.close();
 }
 
+/// An attempt that found the member's token and then fell short says in
+/// the HA log where its time went, as a recovered member's line does:
+/// what held out a member that did not come back. Here member 1's
+/// connection resets during the replay of the first import it missed.
+#[test]
+fn an_attempt_that_falls_short_says_where_its_time_went() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 80));
+    let group = group_over(&library, 2, "short");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..6 {
+        import(&v, &format!("owed {n:02}"));
+    }
+    let resetting = Arc::clone(&library);
+    library.on_stall(move |_| resetting.sim.lock().set_fault(1, Fault::Reset));
+    library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    recovery::recover_failed_members(&host);
+    pkcs11_ha::halog::close();
+
+    assert_ne!(group.members[1].state(), MemberState::Up);
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    let failed = log
+        .lines()
+        .find(|l| l.contains("recovery failed"))
+        .unwrap_or_else(|| panic!("member 1's attempt fell short:\n{log}"));
+    for phase in ["token found", "login", "objects read", "until then"] {
+        assert!(
+            failed.contains(phase),
+            "the line names the phase {phase:?}: {failed}"
+        );
+    }
+    v.close();
+}
+
 /// A member copying its tail while no member serves does not hold writes
 /// back at the write barrier: no write can be made to refill its queue
 /// then, and the writes under way it would wait for kept the group out
