@@ -1398,9 +1398,14 @@ impl Known {
     }
 
     /// Reads the member's objects in place of what was taken as held (see
-    /// [`Known::reading_pays`]), noting it in `phases`.
+    /// [`Known::reading_pays`]), noting it in `phases`. The reading stops
+    /// once no member serves, what was taken as held staying so: in a
+    /// long chaos run one such reading in a tail took 2.1 s (677 objects),
+    /// and the group's last serving member failed during it, leaving the
+    /// group out until it ended.
     fn read_now(
         &mut self,
+        group: &Group,
         worker: &VirtualSession,
         position: usize,
         waiting: usize,
@@ -1408,8 +1413,17 @@ impl Known {
     ) -> Result<(), String> {
         let started = Instant::now();
         self.read_late = true;
-        self.holdings = Holdings::read(worker, position)
-            .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?;
+        let none_serves = || group.up_members().next().is_none();
+        let Some(holdings) = Holdings::read_unless(worker, position, &none_serves)
+            .map_err(|e| format!("cannot list its objects: {}", rv_name(e.rv)))?
+        else {
+            phases.note(format!(
+                "read in the replay stopped after {} ms: no member serving",
+                started.elapsed().as_millis()
+            ));
+            return Ok(());
+        };
+        self.holdings = holdings;
         self.complete = true;
         self.held_before.clear();
         phases.note(format!(
@@ -1661,7 +1675,7 @@ fn replay_pending(
     let mut one_by_one: usize = 0;
     while let Some(mut change) = pending.pop_front() {
         if known.reading_pays(group, pending.len() + 1) {
-            if let Err(why) = known.read_now(worker, position, pending.len() + 1, phases) {
+            if let Err(why) = known.read_now(group, worker, position, pending.len() + 1, phases) {
                 group.requeue(position, std::iter::once(change).chain(pending).collect());
                 return Err(why);
             }
