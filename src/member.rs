@@ -636,16 +636,25 @@ impl Borrowed<'_> {
 
 impl Spares {
     /// An idle spare that is not resting after missing the slot: an
-    /// initialised one if any, else one not yet tried on the first
-    /// instance's `connection`.
-    fn borrow(&self, connection: u64) -> Option<Borrowed<'_>> {
+    /// initialised one if any, else, where it may `connect` one, one not
+    /// yet tried on the first instance's `connection`. Without `connect`,
+    /// only a spare that is initialised and not stale: one that needs no
+    /// new connection before its first call.
+    fn borrow(&self, connection: u64, connect: bool) -> Option<Borrowed<'_>> {
         let mut idle = self.idle.lock();
         let spare = |i: usize| &self.instances[i];
-        let index = lend_from(
-            &mut idle,
-            |i| spare(i).library.usable() && !spare(i).resting(),
-            |i| spare(i).tried_on.load(Ordering::Relaxed) != connection && !spare(i).resting(),
-        )?;
+        let connected = |i: usize| spare(i).library.usable() && !spare(i).resting();
+        let index = if connect {
+            lend_from(&mut idle, connected, |i| {
+                spare(i).tried_on.load(Ordering::Relaxed) != connection && !spare(i).resting()
+            })
+        } else {
+            lend_from(
+                &mut idle,
+                |i| connected(i) && !spare(i).stale.load(Ordering::Acquire),
+                |_| false,
+            )
+        }?;
         Some(Borrowed {
             spares: self,
             index,
@@ -1189,7 +1198,7 @@ impl MemberLibrary {
         call: &mut dyn FnMut(&MemberLibrary, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<CK_RV> {
         let first_connection = self.connection();
-        let mut borrowed = self.spares.borrow(first_connection)?;
+        let mut borrowed = self.spares.borrow(first_connection, true)?;
         let spare = &self.spares.instances[borrowed.index];
         if !spare.ready(first_connection) {
             borrowed.failed = true;
@@ -1223,8 +1232,32 @@ impl MemberLibrary {
         slot: CK_SLOT_ID,
         begin: impl FnOnce() -> G,
     ) -> Option<std::result::Result<Lane, CK_RV>> {
+        self.lend_lane(slot, begin, true)
+    }
+
+    /// [`Self::take_lane`], from the spares that are connected already
+    /// (initialised and not stale): none is connected for it. A returning
+    /// member's replay takes its lanes so. Connecting a spare has its
+    /// server start a process that loads the whole token, which under the
+    /// long chaos run's load outlasted `memberTimeout` and was cut off: in
+    /// one run, replays spent 3.2-5.9 s setting up lanes and made no import
+    /// on them, their members held out meanwhile while no other served.
+    pub fn take_connected_lane<G>(
+        self: &Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: impl FnOnce() -> G,
+    ) -> Option<std::result::Result<Lane, CK_RV>> {
+        self.lend_lane(slot, begin, false)
+    }
+
+    fn lend_lane<G>(
+        self: &Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: impl FnOnce() -> G,
+        connect: bool,
+    ) -> Option<std::result::Result<Lane, CK_RV>> {
         let first_connection = self.connection();
-        let mut borrowed = self.spares.borrow(first_connection)?;
+        let mut borrowed = self.spares.borrow(first_connection, connect)?;
         let spare = &self.spares.instances[borrowed.index];
         let _begun = begin();
         if !spare.ready(first_connection) {

@@ -684,6 +684,15 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
         None
     }
+    /// [`MemberBackend::take_lane`] from the spares connected already (see
+    /// [`MemberLibrary::take_connected_lane`]); `None`: none is.
+    fn take_connected_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
+        None
+    }
     /// Logs every spare instance out of `slot`: the group logged out.
     fn log_out_spares(&self, slot: CK_SLOT_ID) {}
 
@@ -1412,6 +1421,15 @@ impl MemberBackend for MemberLibrary {
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
     ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
         MemberLibrary::take_lane(&self, slot, begin)
+            .map(|taken| taken.map(|lane| Box::new(lane) as Box<dyn SpareLane>))
+    }
+
+    fn take_connected_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
+        MemberLibrary::take_connected_lane(&self, slot, begin)
             .map(|taken| taken.map(|lane| Box::new(lane) as Box<dyn SpareLane>))
     }
 

@@ -1527,12 +1527,26 @@ pub struct Holdings {
 impl Holdings {
     /// Reads every token object of member `position` but the domain key.
     pub fn read(session: &VirtualSession, position: usize) -> Result<Holdings> {
+        Ok(Holdings::read_unless(session, position, &|| false)?
+            .expect("a reading that nothing stops ends"))
+    }
+
+    /// [`Holdings::read`], stopped (`None`) as soon as `stop` says so
+    /// before an object is read.
+    pub fn read_unless(
+        session: &VirtualSession,
+        position: usize,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Holdings>> {
         let domain = session.domain_handle(position);
         let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
         let handles = session.group.find_on_utility(position, &everything)?;
         let mut objects = Vec::with_capacity(handles.len());
         let mut unread = false;
         for handle in handles.into_iter().filter(|h| Some(*h) != domain) {
+            if stop() {
+                return Ok(None);
+            }
             match session.on_member(position, |s| {
                 identity::fingerprint(&*s.library, s.handle, handle)
             })? {
@@ -1545,7 +1559,7 @@ impl Holdings {
         if unread && !session.answers(position) {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        Ok(Holdings { objects })
+        Ok(Some(Holdings { objects }))
     }
 
     /// Holdings that list nothing yet, for a member that recovery takes to

@@ -193,12 +193,13 @@ impl Lanes<'_> {
     fn import_on_a_lane(&self) {
         let member = &self.group.members[self.position];
         let worker = VirtualSession::internal(Arc::clone(self.group));
-        // A spare whose session could not be opened (its connection went
-        // with the member's) is initialised again at its next lending;
-        // one more is tried.
+        // Only a spare connected already: connecting one here held the
+        // member out for as long as its server took to start a process
+        // for it (see `MemberLibrary::take_connected_lane`). One whose
+        // session could not be opened is passed over; one more is tried.
         let lane = (0..2).find_map(|_| {
             Arc::clone(&self.location.library)
-                .take_lane(self.location.slot, &mut || {
+                .take_connected_lane(self.location.slot, &mut || {
                     Box::new(member.begin_setup_call())
                 })?
                 .ok()

@@ -859,7 +859,15 @@ impl MemberBackend for SimMember {
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
     ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
-        self.take_spare_lane(slot, begin)
+        self.take_spare_lane(slot, begin, true)
+    }
+
+    fn take_connected_lane<'g>(
+        self: Arc<Self>,
+        slot: CK_SLOT_ID,
+        begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+    ) -> Option<std::result::Result<Box<dyn SpareLane>, CK_RV>> {
+        self.take_spare_lane(slot, begin, false)
     }
 
     fn log_out_spares(&self, slot: CK_SLOT_ID) {

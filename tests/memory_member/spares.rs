@@ -134,17 +134,36 @@ impl SimMember {
     /// when no spare is idle or its connection failed opening the session
     /// (it connects again at its next lending), `Some(Err)` with the
     /// member's answer when the session could not be opened otherwise (the
-    /// spare handed back).
+    /// spare handed back). Without `connect`, only a spare connected
+    /// already is lent: one that is not stale and holds a session on
+    /// `slot` on the member's current connection (a reconnect of the
+    /// member's library ends its spares' connections, as `member.rs`'s
+    /// finalises them).
     fn borrow_spare<'g>(
         &self,
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+        connect: bool,
     ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64), CK_RV>> {
         if !self.spares.replay_may_take() {
             return None;
         }
-        let index = self.spares.state.lock().idle.pop()?;
         let connection = self.connection();
+        let index = {
+            let mut state = self.spares.state.lock();
+            let at = if connect {
+                state.idle.len().checked_sub(1)?
+            } else {
+                let connected = |i: usize| {
+                    !state.stale[i]
+                        && state.sessions[i]
+                            .iter()
+                            .any(|s| s.slot == slot && s.connection == connection)
+                };
+                state.idle.iter().rposition(|&i| connected(i))?
+            };
+            state.idle.remove(at)
+        };
         let known = {
             let mut state = self.spares.state.lock();
             if std::mem::take(&mut state.stale[index]) {
@@ -190,7 +209,7 @@ impl SimMember {
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<CK_RV> {
-        let (index, session, _) = match self.borrow_spare(slot, begin)? {
+        let (index, session, _) = match self.borrow_spare(slot, begin, true)? {
             Ok(borrowed) => borrowed,
             Err(rv) => return Some(rv),
         };
@@ -199,12 +218,15 @@ impl SimMember {
         Some(rv)
     }
 
+    /// A spare taken as a lane; without `connect`, only one connected
+    /// already (see [`SimMember::borrow_spare`]).
     pub(super) fn take_spare_lane<'g>(
         self: Arc<Self>,
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
+        connect: bool,
     ) -> Option<Result<Box<dyn SpareLane>, CK_RV>> {
-        let (index, session, connection) = match self.borrow_spare(slot, begin)? {
+        let (index, session, connection) = match self.borrow_spare(slot, begin, connect)? {
             Ok(borrowed) => borrowed,
             Err(rv) => return Some(Err(rv)),
         };
