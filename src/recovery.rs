@@ -42,6 +42,7 @@ use crate::group::{now_ms, Group, Location, Member, MemberState};
 use crate::identity;
 use crate::member::Silent;
 use crate::member_api::{MemberBackend, TokenSearch};
+use crate::object::Era;
 use crate::replication::{Holdings, IMPORTS_ON_SPARES};
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
@@ -1285,7 +1286,7 @@ impl Known {
             // by the time synchronisation compares reads the objects there.
             phases.note("not read: no member serving".to_string());
             return Ok(Known {
-                holdings: Holdings::none_read(),
+                holdings: Holdings::none_read(group.objects.era(position)),
                 complete: false,
                 held_before: Default::default(),
                 unsynchronised: Vec::new(),
@@ -1309,7 +1310,7 @@ impl Known {
                 .count();
             if held_now >= held_before.len() {
                 return Ok(Known {
-                    holdings: Holdings::none_read(),
+                    holdings: Holdings::none_read(group.objects.era(position)),
                     complete: false,
                     held_before,
                     unsynchronised: Vec::new(),
@@ -1891,11 +1892,12 @@ fn may_be_orphan(
 fn listed_object(
     group: &Group,
     worker: &VirtualSession,
-    reference: usize,
+    era: Era,
     handle: CK_OBJECT_HANDLE,
     making: bool,
 ) -> Option<CK_OBJECT_HANDLE> {
-    if let Some(object) = group.objects.known(reference, handle) {
+    let reference = era.member();
+    if let Some(object) = group.objects.known_in(era, handle) {
         return Some(object);
     }
     let print = worker
@@ -1903,11 +1905,11 @@ fn listed_object(
             identity::fingerprint(&*s.library, s.handle, handle)
         })
         .ok()??;
-    (!making || group.objects.any_matched_by(&print)).then(|| {
-        group
-            .objects
-            .from_member_identified(reference, handle, print)
-    })
+    // None from the table: read after the source's handles were
+    // forgotten, `handle` may have named another object.
+    (!making || group.objects.any_matched_by(&print))
+        .then(|| group.objects.from_member_identified(era, handle, print))
+        .flatten()
 }
 
 /// The group's objects that source member `reference` held before its
@@ -1981,6 +1983,7 @@ fn synchronize(
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let making = group.objects_being_made();
     let listing = Instant::now();
+    let era = group.objects.era(reference);
     let handles = match group.find_on_utility(reference, &everything) {
         Ok(handles) => handles,
         Err(e) => {
@@ -2024,7 +2027,7 @@ fn synchronize(
             objects.extend(
                 handles
                     .iter()
-                    .filter_map(|h| group.objects.known(reference, *h)),
+                    .filter_map(|h| group.objects.known_in(era, *h)),
             );
             objects
         }
@@ -2041,10 +2044,10 @@ fn synchronize(
                 .filter_map(|handle| {
                     // A source that failed answers no more: what is left
                     // goes to reconciliation, without a call each.
-                    let object = match group.objects.known(reference, handle) {
+                    let object = match group.objects.known_in(era, handle) {
                         Some(object) => Some(object),
                         None if !group.members[reference].is_up() => None,
-                        None => listed_object(group, worker, reference, handle, making),
+                        None => listed_object(group, worker, era, handle, making),
                     };
                     unsettled += usize::from(object.is_none());
                     object
