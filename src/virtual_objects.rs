@@ -852,8 +852,7 @@ impl VirtualSession {
             // not leave the members that missed the change without it.
             let before = copies
                 .iter()
-                .filter(|(_, _, era)| !self.group.objects.moved_on(*era))
-                .find_map(|(position, handle, _)| self.fingerprint_from((*position, *handle)))
+                .find_map(|(_, handle, era)| self.fingerprint_from(*era, *handle))
                 .or(earlier_print.take());
             let mut decided = false;
             for (position, handle, era) in copies {
@@ -933,12 +932,17 @@ impl VirtualSession {
 
     fn fingerprint_from(
         &self,
-        (position, handle): (usize, CK_OBJECT_HANDLE),
+        era: Era,
+        handle: CK_OBJECT_HANDLE,
     ) -> Option<identity::Fingerprint> {
-        self.on_member(position, |s| {
-            identity::fingerprint(&*s.library, s.handle, handle)
-        })
-        .ok()?
+        let print = self
+            .on_member(era.member(), |s| {
+                identity::fingerprint(&*s.library, s.handle, handle)
+            })
+            .ok()??;
+        // Read after the member's handles were forgotten, `handle` named
+        // whatever holds its number now.
+        (!self.group.objects.moved_on(era)).then_some(print)
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
@@ -1417,7 +1421,7 @@ impl VirtualSession {
                 .map(|o| self.group.making_object(*o))
                 .collect();
             for (h, object) in made.iter().zip(&objects) {
-                if let Some(print) = self.fingerprint_from((position, *h)) {
+                if let Some(print) = self.fingerprint_from(era, *h) {
                     self.group.objects.set_fingerprint(*object, print);
                 }
             }

@@ -76,7 +76,13 @@ impl VirtualSession {
     /// The object's full fingerprint, read from the first serving member
     /// that knows the object.
     fn read_fingerprint(&self, object: CK_OBJECT_HANDLE) -> Option<identity::Fingerprint> {
-        let entry = self.group.objects.get(object)?;
+        let objects = &self.group.objects;
+        // Taken before the handles are: a read after a member's handles
+        // were forgotten read whatever holds the number now.
+        let eras: Vec<_> = (0..self.group.members.len())
+            .map(|m| objects.era(m))
+            .collect();
+        let entry = objects.get(object)?;
         let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
             Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
             _ => None,
@@ -86,7 +92,9 @@ impl VirtualSession {
                 identity::fingerprint(&*s.library, s.handle, handle)
             });
             if let Ok(Some(print)) = read {
-                return Some(print);
+                if !objects.moved_on(eras[source]) {
+                    return Some(print);
+                }
             }
         }
         None
@@ -119,7 +127,11 @@ impl VirtualSession {
         let read = self.on_member(position, |s| {
             identity::fingerprint(&*s.library, s.handle, handle)
         });
-        if let Ok(Some(print)) = read {
+        // Unless the member's handles were forgotten meanwhile (then
+        // `handle` may have named another object when read).
+        let current =
+            self.group.objects.presence(object, position) == Some(Presence::Present(handle));
+        if let (Ok(Some(print)), true) = (read, current) {
             self.group.objects.set_fingerprint(object, print);
         }
     }
