@@ -1415,10 +1415,12 @@ impl VirtualSession {
                 .map(|m| m.position)
                 .filter(|p| *p != position)
                 .find_map(|p| {
+                    let era = self.group.objects.era(p);
                     let handle = self.resolve(object, p).ok().flatten()?;
                     self.on_member(p, |s| identity::fingerprint(&*s.library, s.handle, handle))
                         .ok()
                         .flatten()
+                        .filter(|_| !self.group.objects.moved_on(era))
                 });
             let Some(full) = full else {
                 undecided = true;
