@@ -96,6 +96,29 @@ struct Maps {
     owned: HashMap<CK_SESSION_HANDLE, Vec<CK_OBJECT_HANDLE>>,
 }
 
+/// Which numbering of one member's handles a handle was learned in: one
+/// more each time the table forgets the member's handles (it restarted,
+/// reconnected, or logged out). A member handle is recorded only in the
+/// era it was learned in, taken before the member call that returned it:
+/// `p11-kit server` numbers a token's objects per connection, so a handle
+/// from before a reconnect names another object after it, and one
+/// recorded after the table forgot the member's handles (a lookup that
+/// finished as recovery reconnected) made every later call with that key
+/// use another key (the soak's `CKR_KEY_FUNCTION_NOT_PERMITTED` on a
+/// public key, `CKR_SIGNATURE_LEN_RANGE` and AES decryptions to the
+/// wrong plaintext).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Era {
+    member: usize,
+    count: u64,
+}
+
+impl Era {
+    pub fn member(self) -> usize {
+        self.member
+    }
+}
+
 impl Maps {
     /// Notes that `object` holds `member_handle` as its copy on `member`.
     fn hold(&mut self, member: usize, member_handle: CK_OBJECT_HANDLE, object: CK_OBJECT_HANDLE) {
@@ -135,6 +158,10 @@ impl Maps {
 
 pub struct ObjectTable {
     maps: RwLock<Maps>,
+    /// Per member: how many times its handles were forgotten ([`Era`]);
+    /// changed only under the maps' write lock, so that a write checked
+    /// under it cannot meet a forgetting half done.
+    eras: Box<[AtomicU64]>,
     members: usize,
 }
 
@@ -147,6 +174,7 @@ impl ObjectTable {
                 holders: vec![HashMap::default(); members],
                 owned: HashMap::default(),
             }),
+            eras: (0..members).map(|_| AtomicU64::new(0)).collect(),
             members,
         }
     }
@@ -179,6 +207,17 @@ impl ObjectTable {
             .copied()
     }
 
+    /// [`Self::known`] for a handle learned in `era`: `None` once the
+    /// member's handles were forgotten since, when the number may name
+    /// another object.
+    pub fn known_in(&self, era: Era, member_handle: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
+        let maps = self.maps.read();
+        if self.moved_on(era) {
+            return None;
+        }
+        maps.by_member[era.member].get(&member_handle).copied()
+    }
+
     /// The objects known to be on `member` now.
     pub fn held_by(&self, member: usize) -> Vec<CK_OBJECT_HANDLE> {
         self.maps.read().by_member[member]
@@ -187,14 +226,43 @@ impl ObjectTable {
             .collect()
     }
 
-    /// The virtual handle of a member's object, made on first sight.
-    pub fn from_member(&self, member: usize, member_handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
-        if let Some(h) = self.maps.read().by_member[member].get(&member_handle) {
-            return *h;
+    /// The member's current [`Era`], to take before a member call whose
+    /// handles are to be recorded.
+    pub fn era(&self, member: usize) -> Era {
+        Era {
+            member,
+            count: self.eras[member].load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether the member's handles were forgotten since `era`.
+    pub fn moved_on(&self, era: Era) -> bool {
+        self.era(era.member) != era
+    }
+
+    /// The virtual handle of a member's object learned in `era`, made on
+    /// first sight; `None` once the member's handles were forgotten since.
+    pub fn from_member(
+        &self,
+        era: Era,
+        member_handle: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        let member = era.member;
+        {
+            let maps = self.maps.read();
+            if self.moved_on(era) {
+                return None;
+            }
+            if let Some(h) = maps.by_member[member].get(&member_handle) {
+                return Some(*h);
+            }
         }
         let mut maps = self.maps.write();
+        if self.moved_on(era) {
+            return None;
+        }
         if let Some(h) = maps.by_member[member].get(&member_handle) {
-            return *h;
+            return Some(*h);
         }
         let handle = allocate_handle();
         let mut on = vec![Presence::Unknown; self.members];
@@ -209,7 +277,7 @@ impl ObjectTable {
                 never_extractable: false,
             },
         );
-        handle
+        Some(handle)
     }
 
     /// The virtual handle of a member's object identified by `print` (kept
@@ -221,18 +289,22 @@ impl ObjectTable {
     /// one key by two handles.
     pub fn from_member_identified(
         &self,
-        member: usize,
+        era: Era,
         member_handle: CK_OBJECT_HANDLE,
         print: crate::identity::Fingerprint,
-    ) -> CK_OBJECT_HANDLE {
+    ) -> Option<CK_OBJECT_HANDLE> {
+        let member = era.member;
         let mut maps = self.maps.write();
+        if self.moved_on(era) {
+            return None;
+        }
         if let Some(&h) = maps.by_member[member].get(&member_handle) {
             if let Some(object) = maps.objects.get_mut(&h) {
                 object
                     .fingerprint
                     .get_or_insert_with(|| std::sync::Arc::new(print));
             }
-            return h;
+            return Some(h);
         }
         let mut matching = maps.objects.iter().filter(|(_, o)| {
             o.owner.is_none()
@@ -247,7 +319,7 @@ impl ObjectTable {
             }
             maps.by_member[member].insert(member_handle, handle);
             maps.hold(member, member_handle, handle);
-            return handle;
+            return Some(handle);
         }
         let handle = allocate_handle();
         let mut on = vec![Presence::Unknown; self.members];
@@ -262,7 +334,7 @@ impl ObjectTable {
                 never_extractable: false,
             },
         );
-        handle
+        Some(handle)
     }
 
     pub fn get(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
@@ -274,11 +346,17 @@ impl ObjectTable {
         self.maps.read().objects.get(&handle).map(|o| o.on[member])
     }
 
-    /// Records what resolving `handle` on `member` found.
-    pub fn set_presence(&self, handle: CK_OBJECT_HANDLE, member: usize, presence: Presence) {
+    /// Records what a member call begun in `era` found of `handle` on that
+    /// member; false (nothing recorded) once the member's handles were
+    /// forgotten since.
+    pub fn set_presence(&self, handle: CK_OBJECT_HANDLE, era: Era, presence: Presence) -> bool {
+        let member = era.member;
         let mut maps = self.maps.write();
+        if self.moved_on(era) {
+            return false;
+        }
         let Some(object) = maps.objects.get_mut(&handle) else {
-            return;
+            return true;
         };
         let old = std::mem::replace(&mut object.on[member], presence);
         if let Presence::Present(h) = old {
@@ -289,6 +367,7 @@ impl ObjectTable {
             maps.by_member[member].insert(h, handle);
             maps.hold(member, h, handle);
         }
+        true
     }
 
     /// Keeps the fingerprint of an object, unless one is kept already.
@@ -427,9 +506,10 @@ impl ObjectTable {
     }
 
     /// Forgets everything known of one member's handles, whose numbers mean
-    /// nothing after that member restarts.
+    /// nothing after that member restarts, and begins its next [`Era`].
     pub fn forget_member(&self, member: usize) {
         let mut maps = self.maps.write();
+        self.eras[member].fetch_add(1, Ordering::AcqRel);
         maps.by_member[member].clear();
         maps.holders[member].clear();
         for object in maps.objects.values_mut() {
@@ -530,7 +610,7 @@ mod tests {
                     on[member] = Presence::Present(member_handle);
                     handles.push(table.insert(on, owner));
                 }
-                1 => handles.push(table.from_member(member, member_handle)),
+                1 => handles.extend(table.from_member(table.era(member), member_handle)),
                 2 => {
                     if let Some(h) = pick(&handles, next(1_000)) {
                         let presence = match next(3) {
@@ -538,7 +618,7 @@ mod tests {
                             1 => Presence::Unknown,
                             _ => Presence::Present(member_handle),
                         };
-                        table.set_presence(h, member, presence);
+                        table.set_presence(h, table.era(member), presence);
                     }
                 }
                 3 => table.forget_copy(member, member_handle),
@@ -560,22 +640,22 @@ mod tests {
     fn handles_are_unique_and_map_both_ways() {
         let table = ObjectTable::new(2);
         let a = table.insert(vec![Presence::Present(7), Presence::Present(9)], None);
-        let b = table.from_member(1, 10);
+        let b = table.from_member(table.era(1), 10).unwrap();
         assert_ne!(a, b);
         assert_ne!(a, 0);
-        assert_eq!(table.from_member(0, 7), a);
-        assert_eq!(table.from_member(1, 9), a);
-        assert_eq!(table.from_member(1, 10), b);
+        assert_eq!(table.from_member(table.era(0), 7).unwrap(), a);
+        assert_eq!(table.from_member(table.era(1), 9).unwrap(), a);
+        assert_eq!(table.from_member(table.era(1), 10).unwrap(), b);
         assert_eq!(table.presence(b, 0), Some(Presence::Unknown));
-        table.set_presence(b, 0, Presence::Present(3));
-        assert_eq!(table.from_member(0, 3), b);
+        assert!(table.set_presence(b, table.era(0), Presence::Present(3)));
+        assert_eq!(table.from_member(table.era(0), 3).unwrap(), b);
         assert_eq!(
             table.remove(a).map(|o| o.on),
             Some(vec![Presence::Present(7), Presence::Present(9)])
         );
         assert_eq!(table.get(a).map(|o| o.owner), None);
         assert_ne!(
-            table.from_member(0, 7),
+            table.from_member(table.era(0), 7).unwrap(),
             a,
             "a destroyed handle is never reused"
         );
@@ -585,14 +665,14 @@ mod tests {
     fn an_alias_a_search_made_after_a_logout_goes_with_its_object() {
         let table = ObjectTable::new(2);
         let made = table.insert(vec![Presence::Present(7), Presence::Present(9)], None);
-        let other = table.from_member(1, 4);
+        let other = table.from_member(table.era(1), 4).unwrap();
         table.forget_member(1);
-        let alias = table.from_member(1, 12);
-        table.set_presence(made, 1, Presence::Present(12));
+        let alias = table.from_member(table.era(1), 12).unwrap();
+        assert!(table.set_presence(made, table.era(1), Presence::Present(12)));
         table.remove(made);
         assert!(table.get(alias).is_none(), "the alias outlived the object");
         assert!(table.get(other).is_some(), "another object went too");
-        assert_ne!(table.from_member(1, 12), alias);
+        assert_ne!(table.from_member(table.era(1), 12).unwrap(), alias);
     }
 
     #[test]
@@ -618,12 +698,43 @@ mod tests {
         table.forget_member(0);
         table.forget_member(1);
         // Found again on each member, under new numbers: one handle still.
-        assert_eq!(table.from_member_identified(0, 30, print(b"key")), key);
-        assert_eq!(table.from_member_identified(1, 40, print(b"key")), key);
-        assert_eq!(table.from_member_identified(0, 30, print(b"key")), key);
+        assert_eq!(
+            table.from_member_identified(table.era(0), 30, print(b"key")),
+            Some(key)
+        );
+        assert_eq!(
+            table.from_member_identified(table.era(1), 40, print(b"key")),
+            Some(key)
+        );
+        assert_eq!(
+            table.from_member_identified(table.era(0), 30, print(b"key")),
+            Some(key)
+        );
         // Two objects it could be: a handle of its own, never a guess.
-        let found = table.from_member_identified(0, 31, print(b"twin"));
-        assert!(![key, twin, other_twin].contains(&found));
+        let found = table.from_member_identified(table.era(0), 31, print(b"twin"));
+        assert!(found.is_some_and(|f| ![key, twin, other_twin].contains(&f)));
+        table.assert_indexes_agree();
+    }
+
+    /// A handle learned before the member's handles were forgotten (a
+    /// lookup that finished while recovery reconnected the member) is not
+    /// recorded: on the new connection its number names another object.
+    #[test]
+    fn a_handle_from_an_earlier_era_is_never_recorded() {
+        let table = ObjectTable::new(2);
+        let key = table.insert(vec![Presence::Present(10), Presence::Unknown], None);
+        table.set_fingerprint(key, vec![(CKA_LABEL, b"key".to_vec())]);
+        let before = table.era(1);
+        table.forget_member(1);
+        assert!(!table.set_presence(key, before, Presence::Present(7)));
+        assert_eq!(table.presence(key, 1), Some(Presence::Unknown));
+        assert_eq!(table.from_member(before, 7), None);
+        let print = vec![(CKA_LABEL, b"key".to_vec())];
+        assert_eq!(table.from_member_identified(before, 7, print.clone()), None);
+        assert_eq!(table.known(1, 7), None, "nothing names member 1's handle 7");
+        let now = table.era(1);
+        assert_eq!(table.from_member_identified(now, 8, print), Some(key));
+        assert_eq!(table.presence(key, 1), Some(Presence::Present(8)));
         table.assert_indexes_agree();
     }
 }

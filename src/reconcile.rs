@@ -31,7 +31,7 @@ use crate::group::Pending;
 use crate::group::{is_member_fault, Group};
 use crate::identity::{self, Fingerprint};
 use crate::index::MemberIndex;
-use crate::object::Presence;
+use crate::object::{Era, Presence};
 use crate::recovery::Host;
 use crate::replication::Copying;
 use crate::state_dir::{Deletion, StateDir};
@@ -423,6 +423,11 @@ fn pass(
     let logged_in = group.cached_login().is_some();
     let mut held: Vec<(usize, MemberIndex)> = Vec::new();
     let mut epochs = vec![0; group.members.len()];
+    // The era of each member's handles before it was read: a copy's
+    // source handle is recorded only in that era.
+    let eras: Vec<Era> = (0..group.members.len())
+        .map(|m| group.objects.era(m))
+        .collect();
     for member in group.up_members() {
         if shared.stopping() {
             return Ok(None);
@@ -485,7 +490,14 @@ fn pass(
             ));
         }
     }
-    let copied = copy_missing(group, shared, worker, &plan.copies, &epochs, &mut summary);
+    let copied = copy_missing(
+        group,
+        shared,
+        worker,
+        &plan.copies,
+        (&epochs, &eras),
+        &mut summary,
+    );
     remove_doubles(group, shared, worker, &copied, &mut summary);
     // Each member read has now been given what the others hold, unless a
     // copy failed or it came back meanwhile.
@@ -734,14 +746,15 @@ struct Made {
 
 /// Copies each planned object to the members that lack it, one member at a
 /// time; returns the copies made. A source that came back since it was
-/// read (its epoch is no longer the one in `epochs`) gives nothing: its
-/// handles may name other objects now.
+/// read (its epoch is no longer the one in `epochs`, or the group forgot
+/// its handles since the era in `eras`) gives nothing: its handles may name
+/// other objects now.
 fn copy_missing(
     group: &Group,
     shared: &Shared,
     worker: &VirtualSession,
     copies: &[Copy],
-    epochs: &[u64],
+    (epochs, eras): (&[u64], &[Era]),
     summary: &mut Summary,
 ) -> Vec<Made> {
     let mut made = Vec::new();
@@ -766,10 +779,13 @@ fn copy_missing(
         // group's own objects under unmapped handles, and named anew each
         // was a second virtual handle for one key (the soak's "found 3
         // objects, expected 2").
-        let object =
-            group
-                .objects
-                .from_member_identified(copy.source, copy.handle, copy.print.clone());
+        let Some(object) = group.objects.from_member_identified(
+            eras[copy.source],
+            copy.handle,
+            copy.print.clone(),
+        ) else {
+            continue;
+        };
         let key = is_key(&copy.print);
         for &target in &copy.targets {
             if shared.stopping() {

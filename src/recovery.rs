@@ -42,6 +42,7 @@ use crate::group::{now_ms, Group, Location, Member, MemberState};
 use crate::identity;
 use crate::member::Silent;
 use crate::member_api::{MemberBackend, TokenSearch};
+use crate::object::Era;
 use crate::replication::{Holdings, IMPORTS_ON_SPARES};
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
@@ -1295,7 +1296,7 @@ impl Known {
             // 0.2-2.8 s longer in the long chaos run. A member that serves
             // by the time synchronisation compares reads the objects there.
             phases.note("not read: no member serving".to_string());
-            return Ok(Known::not_read());
+            return Ok(Known::not_read(group.objects.era(position)));
         }
         let held_before: rustc_hash::FxHashSet<_> = group
             .held_before(position)
@@ -1314,7 +1315,7 @@ impl Known {
                 .count();
             if held_now >= held_before.len() {
                 return Ok(Known {
-                    holdings: Holdings::none_read(),
+                    holdings: Holdings::none_read(group.objects.era(position)),
                     complete: false,
                     held_before,
                     unsynchronised: Vec::new(),
@@ -1340,15 +1341,15 @@ impl Known {
             Some(known) => Ok(known),
             None => {
                 phases.note("not read: no member serving since the reading began".to_string());
-                Ok(Known::not_read())
+                Ok(Known::not_read(group.objects.era(position)))
             }
         }
     }
 
     /// Nothing known: each change looks the member up.
-    fn not_read() -> Known {
+    fn not_read(era: Era) -> Known {
         Known {
-            holdings: Holdings::none_read(),
+            holdings: Holdings::none_read(era),
             complete: false,
             held_before: Default::default(),
             unsynchronised: Vec::new(),
@@ -1942,11 +1943,12 @@ fn may_be_orphan(
 fn listed_object(
     group: &Group,
     worker: &VirtualSession,
-    reference: usize,
+    era: Era,
     handle: CK_OBJECT_HANDLE,
     making: bool,
 ) -> Option<CK_OBJECT_HANDLE> {
-    if let Some(object) = group.objects.known(reference, handle) {
+    let reference = era.member();
+    if let Some(object) = group.objects.known_in(era, handle) {
         return Some(object);
     }
     let print = worker
@@ -1954,11 +1956,11 @@ fn listed_object(
             identity::fingerprint(&*s.library, s.handle, handle)
         })
         .ok()??;
-    (!making || group.objects.any_matched_by(&print)).then(|| {
-        group
-            .objects
-            .from_member_identified(reference, handle, print)
-    })
+    // None from the table: read after the source's handles were
+    // forgotten, `handle` may have named another object.
+    (!making || group.objects.any_matched_by(&print))
+        .then(|| group.objects.from_member_identified(era, handle, print))
+        .flatten()
 }
 
 /// The group's objects that source member `reference` held before its
@@ -2032,6 +2034,7 @@ fn synchronize(
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let making = group.objects_being_made();
     let listing = Instant::now();
+    let era = group.objects.era(reference);
     let handles = match group.find_on_utility(reference, &everything) {
         Ok(handles) => handles,
         Err(e) => {
@@ -2075,7 +2078,7 @@ fn synchronize(
             objects.extend(
                 handles
                     .iter()
-                    .filter_map(|h| group.objects.known(reference, *h)),
+                    .filter_map(|h| group.objects.known_in(era, *h)),
             );
             objects
         }
@@ -2092,10 +2095,10 @@ fn synchronize(
                 .filter_map(|handle| {
                     // A source that failed answers no more: what is left
                     // goes to reconciliation, without a call each.
-                    let object = match group.objects.known(reference, handle) {
+                    let object = match group.objects.known_in(era, handle) {
                         Some(object) => Some(object),
                         None if !group.members[reference].is_up() => None,
-                        None => listed_object(group, worker, reference, handle, making),
+                        None => listed_object(group, worker, era, handle, making),
                     };
                     unsettled += usize::from(object.is_none());
                     object

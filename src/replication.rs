@@ -18,7 +18,7 @@ use crate::group::Pending;
 use crate::identity::{self, Fingerprint};
 use crate::mechanism::{BareMechanism, OwnedTemplate};
 use crate::member_api::{MemberBackend, MemberSession};
-use crate::object::Presence;
+use crate::object::{Era, Presence};
 use crate::strategy::{self, Cloning, Side, Strategy};
 use crate::virtual_session::{Attempt, VirtualSession};
 use cryptoki_sys::*;
@@ -327,9 +327,18 @@ impl VirtualSession {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
+        let source_era = self.group.objects.era(source);
         let source_handle = self
             .resolve(object, source)?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?;
+        // A source whose handles were forgotten since (it reconnected)
+        // read or wrapped whatever holds `source_handle`'s number now.
+        let source_moved = || {
+            self.group
+                .objects
+                .moved_on(source_era)
+                .then(|| Error::new(CKR_DEVICE_ERROR))
+        };
         let class = self.class_of(object, source, source_handle)?;
         let secret = class == CKO_SECRET_KEY || class == CKO_PRIVATE_KEY;
         let strategies: Vec<Option<Strategy>> = if secret {
@@ -370,6 +379,9 @@ impl VirtualSession {
             })?
             .ok_or(Error::new(CKR_OBJECT_HANDLE_INVALID))?
         };
+        if let Some(moved) = source_moved() {
+            return Err(moved);
+        }
         let mut wrapped: Option<(CK_MECHANISM_TYPE, Vec<u8>)> = None;
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted = Vec::new();
@@ -379,13 +391,16 @@ impl VirtualSession {
             if let Some(Presence::Present(_)) = self.group.objects.presence(object, position) {
                 continue;
             }
+            let era = self.group.objects.era(position);
             let answer = match strategy {
                 Some(Strategy::Clone) => self.clone_to(object, source, source_handle, position),
                 Some(Strategy::Wrap(mechanism)) => {
                     let blob = match &wrapped {
                         Some((m, blob)) if m == mechanism => blob,
                         _ => {
-                            match self.wrap_for_transfer(source, source_handle, *mechanism, copying)
+                            match self
+                                .wrap_for_transfer(source, source_handle, *mechanism, copying)
+                                .and_then(|blob| source_moved().map_or(Ok(blob), Err))
                             {
                                 Ok(blob) => &wrapped.insert((*mechanism, blob)).1,
                                 Err(e) => {
@@ -402,23 +417,30 @@ impl VirtualSession {
                             return Err(e);
                         }
                     };
-                    self.unwrap_on(object, position, *mechanism, domain, blob, &template)
+                    self.unwrap_on(object, era, *mechanism, domain, blob, &template)
                 }
                 None => {
                     let attributes = template.template();
                     let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
                     let answer =
-                        self.attempt_making(position, "replication", object, &mut |l, s| {
+                        self.attempt_making(position, None, "replication", object, &mut |l, s| {
                             l.create_object(s, attributes.as_slice(), &mut handle)
                         });
                     (answer, handle)
                 }
             };
             match answer {
-                (Attempt::Answered(CKR_OK), handle) => {
-                    self.group
+                // Made, but the target's handles were forgotten since: it
+                // failed, and its return finds the copy by fingerprint.
+                (Attempt::Answered(CKR_OK), handle)
+                    if !self
+                        .group
                         .objects
-                        .set_presence(object, position, Presence::Present(handle));
+                        .set_presence(object, era, Presence::Present(handle)) =>
+                {
+                    faulted.push(position)
+                }
+                (Attempt::Answered(CKR_OK), handle) => {
                     made.push((position, handle));
                     if matches!(strategy, Some(Strategy::Wrap(_))) {
                         self.group.members[source].carried_a_key();
@@ -702,17 +724,18 @@ impl VirtualSession {
             Err(e) => return (Attempt::Answered(e.rv), CK_INVALID_HANDLE),
         };
         let mut cloned = CK_INVALID_HANDLE;
-        let answer = self.attempt_making(target, "CA_CloneObject", object, &mut |l, s| {
+        let answer = self.attempt_making(target, None, "CA_CloneObject", object, &mut |l, s| {
             clone_call(&cloning, l, source_session, s, source_handle, &mut cloned)
         });
         (answer, cloned)
     }
 
-    /// Unwraps `blob` under the domain key on member `position`.
+    /// Unwraps `blob` under the domain key on the member of `era`, in
+    /// which `domain` is its handle.
     fn unwrap_on(
         &self,
         object: CK_OBJECT_HANDLE,
-        position: usize,
+        era: Era,
         mechanism: CK_MECHANISM_TYPE,
         domain: CK_OBJECT_HANDLE,
         blob: &[u8],
@@ -721,16 +744,18 @@ impl VirtualSession {
         let attributes = template.template();
         let mut handle: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
         let mechanism = BareMechanism::new(mechanism);
-        let answer = self.attempt_making(position, "replication", object, &mut |l, s| {
-            l.unwrap_key(
-                s,
-                mechanism.as_raw(),
-                domain,
-                Some(blob),
-                attributes.as_slice(),
-                &mut handle,
-            )
-        });
+        let position = era.member();
+        let answer =
+            self.attempt_making(position, Some(era), "replication", object, &mut |l, s| {
+                l.unwrap_key(
+                    s,
+                    mechanism.as_raw(),
+                    domain,
+                    Some(blob),
+                    attributes.as_slice(),
+                    &mut handle,
+                )
+            });
         (answer, handle)
     }
 
@@ -1134,17 +1159,20 @@ impl VirtualSession {
         let Some(print) = self.fingerprint_of(object) else {
             return false;
         };
-        let found: Vec<CK_OBJECT_HANDLE> = match holdings {
-            Some(h) => h.matching(&print).collect(),
-            None => match self.group.find_on_utility(position, &print) {
-                Ok(found) => found,
-                Err(_) => return false,
-            },
+        let (found, era): (Vec<CK_OBJECT_HANDLE>, Era) = match holdings {
+            Some(h) => (h.matching(&print).collect(), h.era),
+            None => {
+                let era = self.group.objects.era(position);
+                match self.group.find_on_utility(position, &print) {
+                    Ok(found) => (found, era),
+                    Err(_) => return false,
+                }
+            }
         };
         if let [one] = found[..] {
             self.group
                 .objects
-                .set_presence(object, position, Presence::Present(one));
+                .set_presence(object, era, Presence::Present(one));
         }
         !found.is_empty()
     }
@@ -1177,14 +1205,19 @@ impl VirtualSession {
         }
         let attributes = template.template();
         let mut handle = CK_INVALID_HANDLE;
-        let answer = self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
+        let era = self.group.objects.era(position);
+        let answer = self.attempt_making(position, None, "C_CreateObject", object, &mut |l, s| {
             l.create_object(s, attributes.as_slice(), &mut handle)
         });
         match answer {
             Attempt::Answered(CKR_OK) => {
-                self.group
+                if !self
+                    .group
                     .objects
-                    .set_presence(object, position, Presence::Present(handle));
+                    .set_presence(object, era, Presence::Present(handle))
+                {
+                    return Err("the member failed again".into());
+                }
                 self.note_made(object, handle, holdings);
                 Ok(true)
             }
@@ -1251,10 +1284,13 @@ impl VirtualSession {
         print: &Fingerprint,
         mut holdings: Option<&mut Holdings>,
     ) -> std::result::Result<bool, String> {
+        let era = holdings
+            .as_deref()
+            .map_or_else(|| self.group.objects.era(position), |h| h.era);
         let (orphans, undecided) = self.orphans(position, print, holdings.as_deref())?;
         let mut removed = false;
         for handle in orphans {
-            let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
+            let answer = self.attempt_on(position, Some(era), "C_DestroyObject", &mut |l, s| {
                 l.destroy_object(s, handle)
             });
             match answer {
@@ -1379,10 +1415,12 @@ impl VirtualSession {
                 .map(|m| m.position)
                 .filter(|p| *p != position)
                 .find_map(|p| {
+                    let era = self.group.objects.era(p);
                     let handle = self.resolve(object, p).ok().flatten()?;
                     self.on_member(p, |s| identity::fingerprint(&*s.library, s.handle, handle))
                         .ok()
                         .flatten()
+                        .filter(|_| !self.group.objects.moved_on(era))
                 });
             let Some(full) = full else {
                 undecided = true;
@@ -1407,6 +1445,9 @@ impl VirtualSession {
         print: &Fingerprint,
         holdings: Option<&mut Holdings>,
     ) -> std::result::Result<bool, String> {
+        let era = holdings
+            .as_deref()
+            .map_or_else(|| self.group.objects.era(position), |h| h.era);
         let found: Vec<CK_OBJECT_HANDLE> = match &holdings {
             Some(h) => h.matching(print).collect(),
             None => self
@@ -1417,7 +1458,7 @@ impl VirtualSession {
         let [one] = found[..] else {
             return Ok(false);
         };
-        let answer = self.attempt_on(position, "C_DestroyObject", &mut |l, s| {
+        let answer = self.attempt_on(position, Some(era), "C_DestroyObject", &mut |l, s| {
             l.destroy_object(s, one)
         });
         match answer {
@@ -1522,6 +1563,9 @@ fn clone_call(
 /// for each object it might lack.
 pub struct Holdings {
     objects: Vec<(CK_OBJECT_HANDLE, Fingerprint)>,
+    /// The era of the member's handles they were read in: each is
+    /// recorded only in that era.
+    era: Era,
 }
 
 impl Holdings {
@@ -1538,6 +1582,7 @@ impl Holdings {
         position: usize,
         stop: &dyn Fn() -> bool,
     ) -> Result<Option<Holdings>> {
+        let era = session.group.objects.era(position);
         let domain = session.domain_handle(position);
         let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
         let handles = session.group.find_on_utility(position, &everything)?;
@@ -1559,15 +1604,16 @@ impl Holdings {
         if unread && !session.answers(position) {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        Ok(Some(Holdings { objects }))
+        Ok(Some(Holdings { objects, era }))
     }
 
     /// Holdings that list nothing yet, for a member that recovery takes to
     /// hold what it held before (see `recovery.rs`): the copies made on it
-    /// are noted in them.
-    pub fn none_read() -> Holdings {
+    /// are noted in them, from its handles' `era` now.
+    pub fn none_read(era: Era) -> Holdings {
         Holdings {
             objects: Vec::new(),
+            era,
         }
     }
 

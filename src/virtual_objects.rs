@@ -12,7 +12,7 @@ use crate::group::{Pending, Waits};
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
-use crate::object::Presence;
+use crate::object::{Era, Presence};
 use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 
@@ -310,11 +310,12 @@ impl VirtualSession {
             }
             for position in up {
                 let mut handle = CK_INVALID_HANDLE;
+                let era = self.group.objects.era(position);
                 let answer =
-                    self.attempt_making(position, "C_CreateObject", object, &mut |l, s| {
+                    self.attempt_making(position, None, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
-                if self.note_copy(object, position, handle, answer, &mut made, &print)? {
+                if self.note_copy(object, era, handle, answer, &mut made, &print)? {
                     faulted.push(position);
                 }
             }
@@ -398,15 +399,44 @@ impl VirtualSession {
         Ok(())
     }
 
+    /// New virtual objects for the handles `made` returned on the member
+    /// of `era` (their owners as `owners` say); `None`, with none left,
+    /// when the member's handles were forgotten since `era`.
+    fn record_made(
+        &self,
+        era: Era,
+        made: &[CK_OBJECT_HANDLE],
+        owners: &[Option<bool>],
+        session: CK_SESSION_HANDLE,
+    ) -> Option<Vec<CK_OBJECT_HANDLE>> {
+        let objects = &self.group.objects;
+        let mut recorded = Vec::with_capacity(made.len());
+        for (h, token) in made.iter().zip(owners) {
+            let unknown = vec![Presence::Unknown; self.group.members.len()];
+            let object = objects.insert(unknown, owner_for(*token, session));
+            recorded.push(object);
+            if !objects.set_presence(object, era, Presence::Present(*h)) {
+                for object in recorded {
+                    objects.remove(object);
+                }
+                return None;
+            }
+        }
+        Some(recorded)
+    }
+
     /// Records one member's answer to a call that makes `object` on every
     /// member: a copy made is kept in `made`; a request error abandons the
     /// object (`print` finds its copies) and fails the call, so no member
     /// keeps what the application was told failed; true for a member that
-    /// faulted, to be given the object when it returns.
+    /// faulted, to be given the object when it returns -- as one whose
+    /// handles were forgotten after it answered (`era`, taken before the
+    /// call, is over), whose `handle` may name another object now: that
+    /// return finds the copy by its fingerprint.
     fn note_copy(
         &self,
         object: CK_OBJECT_HANDLE,
-        position: usize,
+        era: Era,
         handle: CK_OBJECT_HANDLE,
         answer: Attempt,
         made: &mut Vec<(usize, CK_OBJECT_HANDLE)>,
@@ -414,11 +444,14 @@ impl VirtualSession {
     ) -> Result<bool> {
         match answer {
             Attempt::Answered(CKR_OK) => {
-                self.group
-                    .objects
-                    .set_presence(object, position, Presence::Present(handle));
-                made.push((position, handle));
-                Ok(false)
+                let recorded =
+                    self.group
+                        .objects
+                        .set_presence(object, era, Presence::Present(handle));
+                if recorded {
+                    made.push((era.member(), handle));
+                }
+                Ok(!recorded)
             }
             Attempt::Answered(rv) => {
                 self.abandon(object, print(), made, &[]);
@@ -494,13 +527,17 @@ impl VirtualSession {
             let order = self.making_order();
             let rank = |p: &usize| order.iter().position(|o| o == p).unwrap_or(order.len());
             let mut copies = copies;
-            copies.sort_by_key(|(p, _)| rank(p));
-            for (position, source_handle) in copies {
+            copies.sort_by_key(|(p, _, _)| rank(p));
+            for (position, source_handle, era) in copies {
                 let mut handle = CK_INVALID_HANDLE;
-                let answer = self.attempt_making(position, "C_CopyObject", object, &mut |l, s| {
-                    l.copy_object(s, source_handle, changes.as_slice(), &mut handle)
-                });
-                if self.note_copy(object, position, handle, answer, &mut made, &|| None)? {
+                let answer = self.attempt_making(
+                    position,
+                    Some(era),
+                    "C_CopyObject",
+                    object,
+                    &mut |l, s| l.copy_object(s, source_handle, changes.as_slice(), &mut handle),
+                );
+                if self.note_copy(object, era, handle, answer, &mut made, &|| None)? {
                     missed.push(position);
                 }
             }
@@ -743,23 +780,25 @@ impl VirtualSession {
     }
 
     /// Looks the object up on every member that is up, so that changes
-    /// reach every copy. Also returns the members that were not up, which
+    /// reach every copy (each with the era its handle was looked up in).
+    /// Also returns the members that were not up, which
     /// get the change when they are.
     #[allow(clippy::type_complexity)]
     fn resolve_everywhere(
         &self,
         object: CK_OBJECT_HANDLE,
-    ) -> Result<(Vec<(usize, CK_OBJECT_HANDLE)>, Vec<usize>)> {
+    ) -> Result<(Vec<(usize, CK_OBJECT_HANDLE, Era)>, Vec<usize>)> {
         if self.group.objects.get(object).is_none() {
             return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
         }
         let mut copies = Vec::new();
         let mut missed = Vec::new();
         for member in &self.group.members {
+            let era = self.group.objects.era(member.position);
             if !member.is_up() {
                 missed.push(member.position);
             } else if let Some(h) = self.resolve(object, member.position)? {
-                copies.push((member.position, h));
+                copies.push((member.position, h, era));
             } else if !member.is_up() {
                 // It failed while its copy was looked up: it gets the
                 // change when it returns, as if it had been down before.
@@ -813,11 +852,12 @@ impl VirtualSession {
             // not leave the members that missed the change without it.
             let before = copies
                 .iter()
-                .find_map(|copy| self.fingerprint_from(*copy))
+                .find_map(|(_, handle, era)| self.fingerprint_from(*era, *handle))
                 .or(earlier_print.take());
             let mut decided = false;
-            for (position, handle) in copies {
-                let answer = self.attempt(position, function, &mut |l, s| change(l, s, handle));
+            for (position, handle, era) in copies {
+                let answer =
+                    self.attempt_keyed(position, era, function, &mut |l, s| change(l, s, handle));
                 if matches!(answer, Attempt::Answered(CKR_OK)) {
                     // Gone, or its fingerprint may have changed.
                     self.group.forget_object(position, handle);
@@ -892,12 +932,17 @@ impl VirtualSession {
 
     fn fingerprint_from(
         &self,
-        (position, handle): (usize, CK_OBJECT_HANDLE),
+        era: Era,
+        handle: CK_OBJECT_HANDLE,
     ) -> Option<identity::Fingerprint> {
-        self.on_member(position, |s| {
-            identity::fingerprint(&*s.library, s.handle, handle)
-        })
-        .ok()?
+        let print = self
+            .on_member(era.member(), |s| {
+                identity::fingerprint(&*s.library, s.handle, handle)
+            })
+            .ok()??;
+        // Read after the member's handles were forgotten, `handle` named
+        // whatever holds its number now.
+        (!self.group.objects.moved_on(era)).then_some(print)
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
@@ -1020,12 +1065,14 @@ impl VirtualSession {
     /// its copy was read ([`Self::unread`]).
     fn found_off_home(
         &self,
-        member: usize,
+        era: Era,
         home: usize,
         handle: CK_OBJECT_HANDLE,
         identify: bool,
     ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, MemberFailed> {
-        if let Some(object) = self.group.objects.known(member, handle) {
+        let member = era.member();
+        let objects = &self.group.objects;
+        if let Some(object) = objects.known_in(era, handle) {
             return Ok(Some(object));
         }
         let read = |full: bool| {
@@ -1043,31 +1090,40 @@ impl VirtualSession {
             Some(print) => (*print).clone(),
             None => match read(false) {
                 Some(print) => print,
-                None => return self.unread(member, handle).map(|()| None),
+                None => return self.unread(era, handle).map(|()| None),
             },
         };
+        // Read after the member's handles were forgotten, `handle` named
+        // whatever holds its number now.
+        if objects.moved_on(era) {
+            return Err(MemberFailed);
+        }
         if self.is_domain_print(&print) {
             return Ok(None);
         }
+        let home_era = objects.era(home);
         let mut found = self.group.look_up(home, &print);
         if found.as_ref().is_ok_and(|f| f.len() > 1) && !identity::has_check_value(&print) {
             print = match read(true) {
                 Some(print) => print,
-                None => return self.unread(member, handle).map(|()| None),
+                None => return self.unread(era, handle).map(|()| None),
             };
+            if objects.moved_on(era) {
+                return Err(MemberFailed);
+            }
             found = self.group.look_up(home, &print);
         }
         let there = match found.as_deref() {
             Ok([]) => return Ok(None),
             Ok([one]) => *one,
-            _ => return self.virtual_handle_of(member, handle, identify),
+            _ => return self.virtual_handle_of(era, handle, identify),
         };
-        let objects = &self.group.objects;
         let object = objects
-            .known(home, there)
-            .unwrap_or_else(|| objects.from_member_identified(home, there, print));
+            .known_in(home_era, there)
+            .or_else(|| objects.from_member_identified(home_era, there, print))
+            .ok_or(MemberFailed)?;
         if objects.presence(object, member) == Some(Presence::Unknown) {
-            objects.set_presence(object, member, Presence::Present(handle));
+            objects.set_presence(object, era, Presence::Present(handle));
         }
         Ok(Some(object))
     }
@@ -1078,11 +1134,11 @@ impl VirtualSession {
     /// faults out of service) -- the search then moves and finds the
     /// object elsewhere -- `Ok` where the object is gone or its attributes
     /// cannot be read, so that no search shows it.
-    fn unread(
-        &self,
-        member: usize,
-        handle: CK_OBJECT_HANDLE,
-    ) -> std::result::Result<(), MemberFailed> {
+    fn unread(&self, era: Era, handle: CK_OBJECT_HANDLE) -> std::result::Result<(), MemberFailed> {
+        let member = era.member();
+        if self.group.objects.moved_on(era) {
+            return Err(MemberFailed);
+        }
         let mut class: CK_OBJECT_CLASS = 0;
         let mut read = |l: &dyn MemberBackend, s| {
             let mut attribute = [CK_ATTRIBUTE {
@@ -1107,7 +1163,8 @@ impl VirtualSession {
         // many clients (the `cryptoki` crate among them) take a short batch
         // for the end of the search.
         let filter = self.search_filter();
-        // Which member answered the last fetch: `keep` reads its handles.
+        // Which member answered the last fetch, in the era of its handles
+        // the fetch began in: `keep` reads its handles.
         let member = std::cell::Cell::new(None);
         let mut fetch = |at: &mut [CK_OBJECT_HANDLE]| {
             let mut returned: CK_ULONG = 0;
@@ -1117,7 +1174,7 @@ impl VirtualSession {
                 Input::None,
                 "C_FindObjects",
                 |l, s| {
-                    member.set(self.bound_member());
+                    member.set(self.bound_member().map(|m| self.group.objects.era(m)));
                     l.find_objects(s, Some(&mut *at), &mut returned)
                 },
             )?;
@@ -1126,9 +1183,10 @@ impl VirtualSession {
         // Whether the search moved from a lane in the last batch.
         let moved = std::cell::Cell::new(false);
         let mut keep = |handles: &mut [CK_OBJECT_HANDLE]| {
-            let member = member
+            let era = member
                 .get()
                 .ok_or(Error::new(CKR_OPERATION_NOT_INITIALIZED))?;
+            let member = era.member();
             // A batch that takes the search past the few identified at
             // once is an enumeration's: none of it is identified before
             // the application reads it.
@@ -1155,8 +1213,8 @@ impl VirtualSession {
                 }
                 let identify = !domain_known || small;
                 let object = match home {
-                    Some(home) => self.found_off_home(member, home, handles[i], identify),
-                    None => self.virtual_handle_of(member, handles[i], identify),
+                    Some(home) => self.found_off_home(era, home, handles[i], identify),
+                    None => self.virtual_handle_of(era, handles[i], identify),
                 };
                 let Ok(object) = object else {
                     // The member failed while naming what it found: the
@@ -1199,16 +1257,23 @@ impl VirtualSession {
     /// failed while it was read ([`Self::unread`]).
     fn virtual_handle_of(
         &self,
-        member: usize,
+        era: Era,
         handle: CK_OBJECT_HANDLE,
         identify: bool,
     ) -> std::result::Result<Option<CK_OBJECT_HANDLE>, MemberFailed> {
-        if let Some(object) = self.group.objects.known(member, handle) {
+        let member = era.member();
+        let objects = &self.group.objects;
+        if let Some(object) = objects.known_in(era, handle) {
             return Ok(Some(object));
         }
         let print = match self.group.indexed_fingerprint(member, handle) {
             Some(print) => (*print).clone(),
-            None if !identify => return Ok(Some(self.group.objects.from_member(member, handle))),
+            None if !identify => {
+                return objects
+                    .from_member(era, handle)
+                    .map(Some)
+                    .ok_or(MemberFailed)
+            }
             None => match self
                 .on_member(member, |s| {
                     identity::light_fingerprint(&*s.library, s.handle, handle)
@@ -1217,17 +1282,21 @@ impl VirtualSession {
                 .flatten()
             {
                 Some(print) => print,
-                None => return self.unread(member, handle).map(|()| None),
+                None => return self.unread(era, handle).map(|()| None),
             },
         };
+        // Read after the member's handles were forgotten, `handle` named
+        // whatever holds its number now.
+        if objects.moved_on(era) {
+            return Err(MemberFailed);
+        }
         if self.is_domain_print(&print) {
             return Ok(None);
         }
-        Ok(Some(
-            self.group
-                .objects
-                .from_member_identified(member, handle, print),
-        ))
+        objects
+            .from_member_identified(era, handle, print)
+            .map(Some)
+            .ok_or(MemberFailed)
     }
 
     /// Whether a fingerprint is that of the group's domain key.
@@ -1320,7 +1389,7 @@ impl VirtualSession {
             } else {
                 Preference::Primary
             };
-            let (position, handles) = match self.choose(&all_keys, preference) {
+            let (position, handles, era) = match self.choose(&all_keys, preference) {
                 Ok(chosen) => chosen,
                 Err(_) if self.group.up_members().next().is_none() => return Ok(None),
                 Err(e) => return Err(e),
@@ -1328,34 +1397,31 @@ impl VirtualSession {
             let (direct, in_parameter) = handles.split_at(keys.len());
             let member_mechanism = crate::mechanism::for_member(mechanism, in_parameter)?;
             let mut made = vec![CK_INVALID_HANDLE; owners.len()];
-            let answer = self.attempt(position, function, &mut |l, s| {
+            let answer = self.attempt_keyed(position, era, function, &mut |l, s| {
                 make(l, s, member_mechanism.as_raw(), direct, &mut made)
             });
-            match answer {
-                Attempt::Faulted => {
-                    // It may have made them before its answer was lost.
-                    for print in prints.iter().flatten() {
-                        self.deliver_or_queue(position, Pending::Orphans(print.clone()));
-                    }
-                    continue;
+            let objects = match answer {
+                Attempt::Faulted => None,
+                Attempt::Answered(rv) => {
+                    check(rv)?;
+                    self.record_made(era, &made, owners, session)
                 }
-                Attempt::Answered(rv) => check(rv)?,
-            }
-            let objects: Vec<CK_OBJECT_HANDLE> = made
-                .iter()
-                .zip(owners)
-                .map(|(h, token)| {
-                    let mut on = vec![Presence::Unknown; self.group.members.len()];
-                    on[position] = Presence::Present(*h);
-                    self.group.objects.insert(on, owner_for(*token, session))
-                })
-                .collect();
+            };
+            let Some(objects) = objects else {
+                // It may have made them before its answer was lost, or
+                // before its handles were forgotten (they may name other
+                // objects now).
+                for print in prints.iter().flatten() {
+                    self.deliver_or_queue(position, Pending::Orphans(print.clone()));
+                }
+                continue;
+            };
             let _unfinished: Vec<_> = objects
                 .iter()
                 .map(|o| self.group.making_object(*o))
                 .collect();
             for (h, object) in made.iter().zip(&objects) {
-                if let Some(print) = self.fingerprint_from((position, *h)) {
+                if let Some(print) = self.fingerprint_from(era, *h) {
                     self.group.objects.set_fingerprint(*object, print);
                 }
             }

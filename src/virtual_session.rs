@@ -183,12 +183,12 @@ impl VirtualSession {
     ) -> Result<()> {
         let mut waits = Waits::default();
         loop {
-            let (position, handles) = match self.choose(keys, Preference::LeastBusy(STATELESS_LANE))
-            {
-                Ok(chosen) => chosen,
-                Err(_) if self.wait_for_a_member(&mut waits) => continue,
-                Err(e) => return Err(e),
-            };
+            let (position, handles, era) =
+                match self.choose(keys, Preference::LeastBusy(STATELESS_LANE)) {
+                    Ok(chosen) => chosen,
+                    Err(_) if self.wait_for_a_member(&mut waits) => continue,
+                    Err(e) => return Err(e),
+                };
             let spare = keys.is_empty();
             let on_lane = if !spare && self.lane.possible(&self.group) {
                 self.stateless_on_lane(position, keys, &handles, function, &mut call)
@@ -196,7 +196,7 @@ impl VirtualSession {
                 None
             };
             let answer = on_lane.unwrap_or_else(|| {
-                self.attempt_maybe_on_spare(position, function, spare, &mut |l, s| {
+                self.attempt_maybe_on_spare(position, Some(era), function, spare, &mut |l, s| {
                     call(l, s, &handles)
                 })
             });

@@ -9,6 +9,7 @@ use crate::group::is_member_fault;
 use crate::member::{classify, Answer};
 use crate::member_api::MemberBackend;
 use crate::member_sessions::LentSession;
+use crate::object::Era;
 use cryptoki_sys::*;
 
 /// What [`VirtualSession::attempt`] does after a login check.
@@ -43,16 +44,38 @@ impl VirtualSession {
     where
         F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
-        self.attempt_maybe_on_spare(position, function, false, call)
+        self.attempt_maybe_on_spare(position, None, function, false, call)
     }
 
-    /// [`Self::attempt`], on a spare instance of the member's library when
-    /// `spare` (the call names no object and starts no operation) and one
-    /// is idle.
+    /// [`Self::attempt`] of a call naming member handles looked up in
+    /// `era` (taken before they were): `Faulted`, with no call made, once
+    /// the member's handles were forgotten since -- the caller looks them
+    /// up again. Otherwise a session opened after a reconnect could meet
+    /// a handle of the connection before it, whose number names another
+    /// object there.
+    #[inline(always)]
+    pub(crate) fn attempt_keyed<F>(
+        &self,
+        position: usize,
+        era: Era,
+        function: &str,
+        call: &mut F,
+    ) -> Attempt
+    where
+        F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
+    {
+        self.attempt_maybe_on_spare(position, Some(era), function, false, call)
+    }
+
+    /// [`Self::attempt`], with member handles of `era` if any (see
+    /// [`Self::attempt_keyed`]), on a spare instance of the member's
+    /// library when `spare` (the call names no object and starts no
+    /// operation) and one is idle.
     #[inline(always)]
     pub(super) fn attempt_maybe_on_spare<F>(
         &self,
         position: usize,
+        era: Option<Era>,
         function: &str,
         spare: bool,
         call: &mut F,
@@ -71,6 +94,11 @@ impl VirtualSession {
             Ok(s) => s,
             Err(e) => return self.not_opened(position, e.rv),
         };
+        // After the session is taken: one opened on a new connection was
+        // opened after the handles of the old one were forgotten.
+        if era.is_some_and(|era| self.group.objects.moved_on(era)) {
+            return Attempt::Faulted;
+        }
         if spare && library.has_spares() {
             let mut call = |l: &dyn MemberBackend, s| call(l, s);
             if let Some(answer) = self.attempt_on_spare(position, library, function, &mut call) {
@@ -191,18 +219,20 @@ impl VirtualSession {
     /// asked again even if it is reachable by now: the request may have
     /// been carried out, and a second one would make its object twice
     /// (`tests/member_api.rs`: a member whose recovery began before the
-    /// maker saw its answer lost).
+    /// maker saw its answer lost). A call naming member handles gives the
+    /// `era` they were looked up in ([`Self::attempt_keyed`]).
     pub(crate) fn attempt_on(
         &self,
         position: usize,
+        era: Option<Era>,
         function: &str,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Attempt {
         let member = &self.group.members[position];
         let epoch = member.epoch();
-        let answer = self.attempt(position, function, call);
+        let answer = self.attempt_maybe_on_spare(position, era, function, false, call);
         if matches!(answer, Attempt::Faulted) && member.epoch() == epoch && member.reachable() {
-            return self.attempt(position, function, call);
+            return self.attempt_maybe_on_spare(position, era, function, false, call);
         }
         answer
     }
@@ -219,6 +249,7 @@ impl VirtualSession {
     pub(crate) fn attempt_making(
         &self,
         position: usize,
+        era: Option<Era>,
         function: &str,
         object: CK_OBJECT_HANDLE,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
@@ -226,7 +257,7 @@ impl VirtualSession {
         let epoch = self.group.members[position].epoch();
         self.group.begin_making(position, object);
         crate::member::forget_cut_off();
-        let answer = self.attempt_on(position, function, call);
+        let answer = self.attempt_on(position, era, function, call);
         let returning_meanwhile = self.group.members[position].epoch() >= epoch + 2;
         let in_doubt = matches!(answer, Attempt::Faulted)
             && (crate::member::last_call_cut_off() || returning_meanwhile);

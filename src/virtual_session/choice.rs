@@ -5,7 +5,7 @@
 use super::{VirtualSession, STATELESS_LANE};
 use crate::error::{Error, Result};
 use crate::group::Positions;
-use crate::object::Presence;
+use crate::object::{Era, Presence};
 use cryptoki_sys::*;
 use smallvec::{smallvec, SmallVec};
 
@@ -31,7 +31,9 @@ impl VirtualSession {
     /// Chooses the member for a new operation or a stateless call: the
     /// member already bound to this session's operations, else a serving
     /// member on which every key in `keys` exists, in order of
-    /// `preference`. Returns the member and the member handles of `keys`.
+    /// `preference`. Returns the member, the member handles of `keys`, and
+    /// the era of the member's handles they were found in, taken before
+    /// ([`VirtualSession::attempt_keyed`]).
     ///
     /// The first choice is made without listing every candidate: it
     /// almost always holds the keys.
@@ -40,7 +42,7 @@ impl VirtualSession {
         &self,
         keys: &[CK_OBJECT_HANDLE],
         preference: Preference,
-    ) -> Result<(usize, Handles)> {
+    ) -> Result<(usize, Handles, Era)> {
         let (first, bound) = match self.bound_member() {
             Some(m) if self.group.members[m].is_up() => (Some(m), true),
             Some(m) => return self.choose_after_moving(m, keys, preference),
@@ -49,11 +51,12 @@ impl VirtualSession {
         let Some(first) = first else {
             return Err(Error::new(CKR_DEVICE_ERROR));
         };
+        let era = self.group.objects.era(first);
         if keys.is_empty() {
-            return Ok((first, Handles::new()));
+            return Ok((first, Handles::new(), era));
         }
         if let Some(handles) = self.known_on(keys, first) {
-            return Ok((first, handles));
+            return Ok((first, handles, era));
         }
         if !bound && preference == Preference::LeastBusy(STATELESS_LANE) {
             if let Some(known) = self.known_elsewhere(keys) {
@@ -61,7 +64,7 @@ impl VirtualSession {
             }
         }
         if let Some(handles) = self.resolve_all(keys, first)? {
-            return Ok((first, handles));
+            return Ok((first, handles, era));
         }
         if bound {
             return Err(Error::new(CKR_KEY_HANDLE_INVALID));
@@ -87,11 +90,11 @@ impl VirtualSession {
     /// the objects it just found (a keystore load) then costs no lookup
     /// on the other members at all.
     #[cold]
-    fn known_elsewhere(&self, keys: &[CK_OBJECT_HANDLE]) -> Option<(usize, Handles)> {
-        self.group
-            .serving_members()
-            .into_iter()
-            .find_map(|m| Some((m.position, self.known_on(keys, m.position)?)))
+    fn known_elsewhere(&self, keys: &[CK_OBJECT_HANDLE]) -> Option<(usize, Handles, Era)> {
+        self.group.serving_members().into_iter().find_map(|m| {
+            let era = self.group.objects.era(m.position);
+            Some((m.position, self.known_on(keys, m.position)?, era))
+        })
     }
 
     /// [`Self::choose`] for a session whose operations were bound to the
@@ -102,7 +105,7 @@ impl VirtualSession {
         from: usize,
         keys: &[CK_OBJECT_HANDLE],
         preference: Preference,
-    ) -> Result<(usize, Handles)> {
+    ) -> Result<(usize, Handles, Era)> {
         self.move_operations(from);
         let candidates = match self.bound_member() {
             Some(moved) => smallvec![moved],
@@ -116,16 +119,17 @@ impl VirtualSession {
         &self,
         keys: &[CK_OBJECT_HANDLE],
         candidates: Positions,
-    ) -> Result<(usize, Handles)> {
+    ) -> Result<(usize, Handles, Era)> {
         let Some(&first) = candidates.first() else {
             return Err(Error::new(CKR_DEVICE_ERROR));
         };
         if keys.is_empty() {
-            return Ok((first, Handles::new()));
+            return Ok((first, Handles::new(), self.group.objects.era(first)));
         }
         for position in candidates {
+            let era = self.group.objects.era(position);
             if let Some(handles) = self.resolve_all(keys, position)? {
-                return Ok((position, handles));
+                return Ok((position, handles, era));
             }
         }
         Err(Error::new(CKR_KEY_HANDLE_INVALID))

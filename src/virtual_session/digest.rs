@@ -146,7 +146,7 @@ impl VirtualSession {
         let mut waits = Waits::default();
         loop {
             let position = match self.choose(&[], Preference::LeastBusy(OpKind::Digest as usize)) {
-                Ok((position, _)) => position,
+                Ok((position, _, _)) => position,
                 Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };

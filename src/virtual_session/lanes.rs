@@ -403,6 +403,7 @@ impl VirtualSession {
             lane.remember_found(here, None);
             return Some(None);
         }
+        let era = self.group.objects.era(position);
         let mut found = self.group.look_up(position, &print).ok()?;
         if found.len() > 1 {
             print = read(true)?;
@@ -416,7 +417,8 @@ impl VirtualSession {
             // Named as the primary names it, on the member's own session.
             return None;
         }
-        let object = objects.from_member_identified(position, first, print);
+        // None: the member's handles were forgotten under the lookup.
+        let object = objects.from_member_identified(era, first, print)?;
         lane.remember_found(here, Some((object, first)));
         lane.remember_key(object, first, here);
         Some(Some(object))

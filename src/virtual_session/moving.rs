@@ -7,6 +7,7 @@ use crate::bindings::{ActiveOp, OpKind, Replay, ALL_KINDS};
 use crate::error::{Error, Result};
 use crate::group::Waits;
 use crate::member_api::MemberApi;
+use crate::object::Era;
 use cryptoki_sys::*;
 
 /// Starts an operation of `kind` on a member; `None` if no mechanism was
@@ -115,6 +116,7 @@ impl VirtualSession {
                 order = self.group.complete_first(order);
             }
             'members: for position in order {
+                let era = self.group.objects.era(position);
                 let Ok(handles) = keys
                     .iter()
                     .map(|k| {
@@ -134,7 +136,7 @@ impl VirtualSession {
                     let Some(op) = ops[kind as usize].as_mut().filter(|op| op.movable) else {
                         continue;
                     };
-                    match self.restart(position, kind, op, &member_key) {
+                    match self.restart(position, era, kind, op, &member_key) {
                         Attempt::Faulted => continue 'members,
                         Attempt::Answered(CKR_OK) => {}
                         Attempt::Answered(_) => op.movable = false,
@@ -161,10 +163,12 @@ impl VirtualSession {
         b.set_member(moved_to.or(Some(from)));
     }
 
-    /// Starts one operation again on `position` and replays its updates.
+    /// Starts one operation again on `position` and replays its updates,
+    /// with keys looked up there in `era`.
     fn restart(
         &self,
         position: usize,
+        era: Era,
         kind: OpKind,
         op: &mut ActiveOp,
         member_key: &dyn Fn(CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE,
@@ -181,14 +185,14 @@ impl VirtualSession {
         }
         let key = op.key.map_or(CK_INVALID_HANDLE, member_key);
         let mechanism = op.mechanism.as_raw();
-        let init = self.attempt(position, function, &mut |l, s| {
+        let init = self.attempt_keyed(position, era, function, &mut |l, s| {
             member_init(kind, l, s, mechanism, key)
         });
         if !matches!(init, Attempt::Answered(CKR_OK)) {
             return init;
         }
         for item in op.history.iter().flat_map(|h| &h.replay) {
-            let answer = self.attempt(position, function, &mut |l, s| match item {
+            let answer = self.attempt_keyed(position, era, function, &mut |l, s| match item {
                 Replay::Data(data) => member_update(kind, l, s, data),
                 Replay::Key(key) => l.digest_key(s, member_key(*key)),
             });

@@ -74,7 +74,7 @@ impl VirtualSession {
         let keys = key.as_slice();
         let mut waits = Waits::default();
         loop {
-            let (position, handles) = match self.choose(keys, preference) {
+            let (position, handles, era) = match self.choose(keys, preference) {
                 Ok(chosen) => chosen,
                 Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
@@ -86,7 +86,7 @@ impl VirtualSession {
             };
             let answer = on_lane.unwrap_or_else(|| {
                 let member_key = handles.first().copied().unwrap_or(CK_INVALID_HANDLE);
-                self.attempt(position, function, &mut |l, s| call(l, s, member_key))
+                self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, member_key))
             });
             let Attempt::Answered(rv) = answer else {
                 continue;
@@ -243,15 +243,18 @@ impl VirtualSession {
         self.settle_operations();
         loop {
             let position = self.bound_for(OpKind::Digest)?;
+            let era = self.group.objects.era(position);
             let Some(member_key) = self.resolve(key, position)? else {
                 return Err(Error::new(CKR_KEY_HANDLE_INVALID));
             };
             let mut call = |l: &dyn MemberBackend, s| l.digest_key(s, member_key);
-            match self.attempt(position, "C_DigestKey", &mut call) {
+            match self.attempt_keyed(position, era, "C_DigestKey", &mut call) {
                 Attempt::Answered(rv) => {
                     self.record(OpKind::Digest, Step::Update, &Input::Key(key), rv);
                     return check(rv);
                 }
+                // Its handles were forgotten under the lookup: again.
+                Attempt::Faulted if self.group.objects.moved_on(era) => {}
                 Attempt::Faulted => self.move_operations(position),
             }
         }

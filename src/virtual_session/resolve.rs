@@ -7,44 +7,56 @@ use crate::identity;
 use crate::object::Presence;
 use cryptoki_sys::*;
 
+/// How many times [`VirtualSession::resolve`] looks an object up while the
+/// member's handles keep being forgotten under it (a member failing and
+/// returning again and again) before it takes the object for absent there.
+const LOOKUPS_ACROSS_ERAS: usize = 3;
+
 impl VirtualSession {
     /// The member handle of virtual object `object` on member `position`,
-    /// found by fingerprint the first time it is asked for.
+    /// found by fingerprint the first time it is asked for. A lookup that
+    /// finished as the member's handles were forgotten (recovery
+    /// reconnected it: its handles are numbered anew) is made again, as
+    /// its answer may name another object now ([`crate::object::Era`]).
     pub fn resolve(
         &self,
         object: CK_OBJECT_HANDLE,
         position: usize,
     ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let objects = &self.group.objects;
-        match objects.presence(object, position) {
-            None => Err(Error::new(CKR_OBJECT_HANDLE_INVALID)),
-            Some(Presence::Present(h)) => Ok(Some(h)),
-            Some(Presence::Absent) => Ok(None),
-            Some(Presence::Unknown) => {
-                let Some(print) = self.fingerprint_of(object) else {
-                    return Ok(None);
-                };
-                let Ok(mut found) = self.group.look_up(position, &print) else {
-                    return Ok(None);
-                };
-                if found.len() > 1 && !identity::has_check_value(&print) {
-                    // A light fingerprint named more than one object: the
-                    // check value may tell them apart.
-                    if let Some(full) = self.full_fingerprint(object) {
-                        found = self.group.look_up(position, &full).unwrap_or_default();
-                    }
+        for _ in 0..LOOKUPS_ACROSS_ERAS {
+            let era = objects.era(position);
+            match objects.presence(object, position) {
+                None => return Err(Error::new(CKR_OBJECT_HANDLE_INVALID)),
+                Some(Presence::Present(h)) => return Ok(Some(h)),
+                Some(Presence::Absent) => return Ok(None),
+                Some(Presence::Unknown) => {}
+            }
+            let Some(print) = self.fingerprint_of(object) else {
+                return Ok(None);
+            };
+            let Ok(mut found) = self.group.look_up(position, &print) else {
+                return Ok(None);
+            };
+            if found.len() > 1 && !identity::has_check_value(&print) {
+                // A light fingerprint named more than one object: the
+                // check value may tell them apart.
+                if let Some(full) = self.full_fingerprint(object) {
+                    found = self.group.look_up(position, &full).unwrap_or_default();
                 }
-                let presence = match found.as_slice() {
-                    [one] => Presence::Present(*one),
-                    _ => Presence::Absent,
-                };
-                objects.set_presence(object, position, presence);
-                Ok(match presence {
+            }
+            let presence = match found.as_slice() {
+                [one] => Presence::Present(*one),
+                _ => Presence::Absent,
+            };
+            if objects.set_presence(object, era, presence) {
+                return Ok(match presence {
                     Presence::Present(h) => Some(h),
                     _ => None,
-                })
+                });
             }
         }
+        Ok(None)
     }
 
     /// The object's fingerprint: kept, or read now from a member that is up
@@ -64,7 +76,13 @@ impl VirtualSession {
     /// The object's full fingerprint, read from the first serving member
     /// that knows the object.
     fn read_fingerprint(&self, object: CK_OBJECT_HANDLE) -> Option<identity::Fingerprint> {
-        let entry = self.group.objects.get(object)?;
+        let objects = &self.group.objects;
+        // Taken before the handles are: a read after a member's handles
+        // were forgotten read whatever holds the number now.
+        let eras: Vec<_> = (0..self.group.members.len())
+            .map(|m| objects.era(m))
+            .collect();
+        let entry = objects.get(object)?;
         let sources = entry.on.iter().enumerate().filter_map(|(m, p)| match p {
             Presence::Present(h) if self.group.members[m].is_up() => Some((m, *h)),
             _ => None,
@@ -74,7 +92,9 @@ impl VirtualSession {
                 identity::fingerprint(&*s.library, s.handle, handle)
             });
             if let Ok(Some(print)) = read {
-                return Some(print);
+                if !objects.moved_on(eras[source]) {
+                    return Some(print);
+                }
             }
         }
         None
@@ -107,7 +127,11 @@ impl VirtualSession {
         let read = self.on_member(position, |s| {
             identity::fingerprint(&*s.library, s.handle, handle)
         });
-        if let Ok(Some(print)) = read {
+        // Unless the member's handles were forgotten meanwhile (then
+        // `handle` may have named another object when read).
+        let current =
+            self.group.objects.presence(object, position) == Some(Presence::Present(handle));
+        if let (Ok(Some(print)), true) = (read, current) {
             self.group.objects.set_fingerprint(object, print);
         }
     }
