@@ -1706,3 +1706,141 @@ fn a_member_back_without_synchronisation_answers_no_search_until_compared() {
     }
     v.close();
 }
+
+/// Imports token object `attributes` through the group, as the
+/// provider's `C_CreateObject` does.
+fn import_token_object(
+    v: &VirtualSession,
+    mut attributes: Vec<CK_ATTRIBUTE>,
+) -> pkcs11_ha::error::Result<CK_OBJECT_HANDLE> {
+    let token_object: CK_BBOOL = CK_TRUE;
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }?;
+    v.create_object(CK_INVALID_HANDLE, &template)
+}
+
+/// The labels of member `token`'s token objects, in the order they were
+/// made there.
+fn labels_in_order(member: &SimMember, token: usize) -> Vec<String> {
+    member.sim.lock().tokens[token]
+        .token_objects()
+        .filter_map(|o| o.attributes.get(&CKA_LABEL))
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect()
+}
+
+/// A member that returns while no other serves serves first, and the
+/// objects it missed are made on it right after. A call naming a key it
+/// has not been given yet waits for that key, made before the other
+/// objects kept for it, instead of failing with `CKR_KEY_HANDLE_INVALID`
+/// (the soak, four runs: a signature right after such a return). The
+/// replay of the kept objects is held until the call waits, so that the
+/// call meets the member before it has the key.
+#[test]
+fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
+    let key_label = "kept key";
+    let value = [7u8; 32];
+    let (member, group) = memory_group(2, 46);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    member.sim.lock().set_fault(1, Fault::Crash);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..3 {
+        let label = format!("made before the key {n}");
+        import_token_object(&v, data_object(label.as_bytes(), b"data")).expect("an import");
+    }
+    let mut key_attributes = data_object(key_label.as_bytes(), &value);
+    let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
+    key_attributes[0].pValue = secret as *const _ as *mut _;
+    let encrypts: &'static CK_BBOOL = &CK_TRUE;
+    key_attributes.push(CK_ATTRIBUTE {
+        type_: CKA_ENCRYPT,
+        pValue: encrypts as *const _ as *mut _,
+        ulValueLen: 1,
+    });
+    let key = import_token_object(&v, key_attributes).expect("the key is imported");
+    assert_eq!(
+        group.pending_count(1),
+        4,
+        "member 1 missed the four objects"
+    );
+    member.sim.lock().set_fault(0, Fault::Crash);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    member.sim.lock().heal(1);
+
+    let held = group.replaying_deferred();
+    std::thread::scope(|scope| {
+        let recovery = scope.spawn(|| recovery::recover_failed_members(&host));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.members[1].state() != MemberState::Up {
+            assert!(Instant::now() < deadline, "member 1 does not serve");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            copies_on_each_member(&member, key_label.as_bytes()),
+            [1, 0],
+            "member 1 serves without the key"
+        );
+        let caller = scope.spawn(|| {
+            let mut raw = no_parameter(CKM_AES_ECB);
+            let ecb = mechanism(&mut raw);
+            v.init(
+                OpKind::Encrypt,
+                Some(&ecb),
+                Some(key),
+                "C_EncryptInit",
+                |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+            )
+        });
+        while group.calls_waiting_for_kept_objects() == 0 {
+            assert!(
+                !caller.is_finished(),
+                "the call returned before the key was made"
+            );
+            assert!(Instant::now() < deadline, "no call waits for the key");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        let started = caller.join().expect("the caller returns");
+        assert_eq!(
+            started.map_err(|e| e.rv),
+            Ok(()),
+            "C_EncryptInit with the kept key"
+        );
+        recovery.join().expect("recovery ends");
+    });
+    let data = [1u8; 32];
+    let mut expected = data;
+    token::keystream_xor(&value, 0, &mut expected);
+    let mut out = [0u8; 32];
+    let mut len = out.len() as CK_ULONG;
+    v.step(
+        OpKind::Encrypt,
+        Step::Finish {
+            length_query: false,
+        },
+        Input::Data(&data),
+        "C_Encrypt",
+        |l, s| l.encrypt(s, Some(&data), Some(&mut out[..]), &mut len),
+    )
+    .expect("C_Encrypt");
+    assert_eq!(out, expected, "encrypted with the imported key");
+    let made_on_1 = labels_in_order(&member, 1);
+    assert_eq!(
+        made_on_1
+            .iter()
+            .filter(|l| l.starts_with("made before"))
+            .count(),
+        3,
+        "the other objects were made too: {made_on_1:?}"
+    );
+    let key_at = made_on_1.iter().position(|l| l == key_label);
+    let first_data_at = made_on_1.iter().position(|l| l.starts_with("made before"));
+    assert!(
+        key_at < first_data_at,
+        "the key the call waited for was made first: {made_on_1:?}"
+    );
+    v.close();
+}

@@ -45,6 +45,29 @@ impl VirtualSession {
         self.waits_for_members && !WRITING.get() && self.group.wait_for_serving(waits)
     }
 
+    /// For a call that found a key it names on no serving member: where a
+    /// member serves first after an outage and is given the objects it
+    /// missed right after, waits for the keys to be made there
+    /// ([`crate::group::Group::wait_for_kept`]), within the call's
+    /// `waits`, and only in the application's sessions, outside a write;
+    /// true if it waited, and the call chooses again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_for_kept_keys(
+        &self,
+        keys: &[cryptoki_sys::CK_OBJECT_HANDLE],
+        waits: &mut Waits,
+    ) -> bool {
+        self.waits_for_members
+            && !WRITING.get()
+            && !keys.is_empty()
+            && self
+                .group
+                .serving_members()
+                .into_iter()
+                .any(|m| self.group.wait_for_kept(m.position, keys, waits))
+    }
+
     /// At the start of a call that makes, changes or destroys objects (or
     /// of its next try, `waits` shared between them): with no member
     /// serving, waits for a returning one ([`Self::wait_for_a_member`]) --
