@@ -1788,6 +1788,22 @@ impl Group {
         true
     }
 
+    /// The objects on their way to member `position` (see
+    /// [`Group::wait_for_kept`]); none while no replay of kept changes is
+    /// due or under way.
+    pub fn kept_on_the_way(&self, position: usize) -> Vec<CK_OBJECT_HANDLE> {
+        let deferred = self.deferred.lock();
+        let replay = self.kept_replay.lock();
+        if !replay.due[position] && !replay.running {
+            return Vec::new();
+        }
+        deferred[position]
+            .iter()
+            .filter_map(made_object)
+            .chain(replay.making[position])
+            .collect()
+    }
+
     /// How many application calls wait for a kept object
     /// ([`Group::wait_for_kept`]) now.
     pub fn calls_waiting_for_kept_objects(&self) -> usize {

@@ -951,6 +951,7 @@ impl VirtualSession {
         let preference = if self.answered_alike(&searched) {
             Preference::LeastBusy(OpKind::Find as usize)
         } else {
+            self.wait_for_kept_matches(&searched);
             Preference::Complete
         };
         self.init_where(

@@ -1731,18 +1731,18 @@ fn labels_in_order(member: &SimMember, token: usize) -> Vec<String> {
         .collect()
 }
 
-/// A member that returns while no other serves serves first, and the
-/// objects it missed are made on it right after. A call naming a key it
-/// has not been given yet waits for that key, made before the other
-/// objects kept for it, instead of failing with `CKR_KEY_HANDLE_INVALID`
-/// (the soak, four runs: a signature right after such a return). The
-/// replay of the kept objects is held until the call waits, so that the
-/// call meets the member before it has the key.
-#[test]
-fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
-    let key_label = "kept key";
-    let value = [7u8; 32];
-    let (member, group) = memory_group(2, 46);
+/// A group of two in-memory members in which member 1, out while three
+/// data objects and then an AES key labelled `KEPT_KEY` were imported,
+/// returns while member 0 is out: it serves first, and the four objects it
+/// missed are kept for right after. Runs `call` (on another thread) once
+/// member 1 serves, while the replay of the kept objects is held until the
+/// call waits for one, so that the call meets the member before it has
+/// the object; returns the call's result, the session and the key.
+fn called_while_a_member_serves_first<T: Send>(
+    seed: u64,
+    call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
+) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
+    let (member, group) = memory_group(2, seed);
     let host = MemoryHost::new(&group, &member);
     let v = logged_in_session(&group);
     member.sim.lock().set_fault(1, Fault::Crash);
@@ -1751,7 +1751,7 @@ fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
         let label = format!("made before the key {n}");
         import_token_object(&v, data_object(label.as_bytes(), b"data")).expect("an import");
     }
-    let mut key_attributes = data_object(key_label.as_bytes(), &value);
+    let mut key_attributes = data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE);
     let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
     key_attributes[0].pValue = secret as *const _ as *mut _;
     let encrypts: &'static CK_BBOOL = &CK_TRUE;
@@ -1771,7 +1771,7 @@ fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
     member.sim.lock().heal(1);
 
     let held = group.replaying_deferred();
-    std::thread::scope(|scope| {
+    let answer = std::thread::scope(|scope| {
         let recovery = scope.spawn(|| recovery::recover_failed_members(&host));
         let deadline = Instant::now() + Duration::from_secs(60);
         while group.members[1].state() != MemberState::Up {
@@ -1779,41 +1779,71 @@ fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(
-            copies_on_each_member(&member, key_label.as_bytes()),
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
             [1, 0],
             "member 1 serves without the key"
         );
-        let caller = scope.spawn(|| {
-            let mut raw = no_parameter(CKM_AES_ECB);
-            let ecb = mechanism(&mut raw);
-            v.init(
-                OpKind::Encrypt,
-                Some(&ecb),
-                Some(key),
-                "C_EncryptInit",
-                |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
-            )
-        });
+        let caller = scope.spawn(|| call(&v, key));
         while group.calls_waiting_for_kept_objects() == 0 {
             assert!(
                 !caller.is_finished(),
-                "the call returned before the key was made"
+                "the call returned before the object was made"
             );
-            assert!(Instant::now() < deadline, "no call waits for the key");
+            assert!(Instant::now() < deadline, "no call waits for the object");
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(held);
-        let started = caller.join().expect("the caller returns");
-        assert_eq!(
-            started.map_err(|e| e.rv),
-            Ok(()),
-            "C_EncryptInit with the kept key"
-        );
+        let answer = caller.join().expect("the caller returns");
         recovery.join().expect("recovery ends");
+        answer
     });
+    let made_on_1 = labels_in_order(&member, 1);
+    assert_eq!(
+        made_on_1
+            .iter()
+            .filter(|l| l.starts_with("made before"))
+            .count(),
+        3,
+        "the other objects were made too: {made_on_1:?}"
+    );
+    let key_at = made_on_1.iter().position(|l| l == KEPT_KEY);
+    let first_data_at = made_on_1.iter().position(|l| l.starts_with("made before"));
+    assert!(
+        key_at < first_data_at,
+        "the object the call waited for was made first: {made_on_1:?}"
+    );
+    (member, v, key, answer)
+}
+
+const KEPT_KEY: &str = "kept key";
+const KEPT_VALUE: [u8; 32] = [7; 32];
+
+/// A member that returns while no other serves serves first, and the
+/// objects it missed are made on it right after. A call naming a key it
+/// has not been given yet waits for that key, made before the other
+/// objects kept for it, instead of failing with `CKR_KEY_HANDLE_INVALID`
+/// (the soak, four runs: a signature right after such a return).
+#[test]
+fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
+    let (_member, v, _key, started) = called_while_a_member_serves_first(46, |v, key| {
+        let mut raw = no_parameter(CKM_AES_ECB);
+        let ecb = mechanism(&mut raw);
+        v.init(
+            OpKind::Encrypt,
+            Some(&ecb),
+            Some(key),
+            "C_EncryptInit",
+            |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+        )
+    });
+    assert_eq!(
+        started.map_err(|e| e.rv),
+        Ok(()),
+        "C_EncryptInit with the kept key"
+    );
     let data = [1u8; 32];
     let mut expected = data;
-    token::keystream_xor(&value, 0, &mut expected);
+    token::keystream_xor(&KEPT_VALUE, 0, &mut expected);
     let mut out = [0u8; 32];
     let mut len = out.len() as CK_ULONG;
     v.step(
@@ -1827,20 +1857,16 @@ fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
     )
     .expect("C_Encrypt");
     assert_eq!(out, expected, "encrypted with the imported key");
-    let made_on_1 = labels_in_order(&member, 1);
-    assert_eq!(
-        made_on_1
-            .iter()
-            .filter(|l| l.starts_with("made before"))
-            .count(),
-        3,
-        "the other objects were made too: {made_on_1:?}"
-    );
-    let key_at = made_on_1.iter().position(|l| l == key_label);
-    let first_data_at = made_on_1.iter().position(|l| l.starts_with("made before"));
-    assert!(
-        key_at < first_data_at,
-        "the key the call waited for was made first: {made_on_1:?}"
-    );
+    v.close();
+}
+
+/// As above, for a search: one for the key's label on the member serving
+/// first waits for the key, made first, and finds it (the soak's "found 0
+/// objects, expected 1" right after such a return).
+#[test]
+fn a_search_on_a_member_serving_first_waits_for_the_kept_objects_it_may_find() {
+    let (_member, v, key, found) =
+        called_while_a_member_serves_first(47, |v, _| search_label(v, KEPT_KEY.as_bytes()));
+    assert_eq!(found, [key], "the search finds the kept key");
     v.close();
 }
