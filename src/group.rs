@@ -1824,11 +1824,11 @@ impl Group {
     /// before the member serves (and this refuses) or made on it directly:
     /// a member never serves while lacking an object the application was
     /// given -- unless the group had no member serving when it returned
-    /// (`recovery::replay_pending` kept the objects for right after). Lock
-    /// order: pending, then in-doubt.
-    /// A member rejoining with changes kept for it has them made by the
-    /// replay right after ([`Group::replaying_deferred`]): due from before
-    /// it serves, so that no call finds it serving without knowing.
+    /// (`recovery::replay_pending` kept the objects for right after; that
+    /// replay is due from before the member serves, so that a call naming
+    /// one of them waits for it, [`Group::wait_for_kept`]). Lock order:
+    /// pending, then in-doubt; pending, then deferred, then the kept
+    /// replay's state.
     pub fn rejoin(&self, position: usize) -> bool {
         let rejoined = {
             let pending = self.pending.lock();
