@@ -712,6 +712,9 @@ pub struct Group {
     uncompared: Vec<AtomicBool>,
     /// Held while kept changes are made ([`Group::replaying_deferred`]).
     replaying_deferred: Mutex<()>,
+    /// That replay as calls naming a kept object see it (see
+    /// [`Group::wait_for_kept`]). Lock order: deferred, then this.
+    kept_replay: Mutex<KeptReplay>,
     /// A library that refused the key-wrap mechanism was found taking it
     /// again by a copy (`VirtualSession::carries_keys_now`) since the last
     /// [`Group::wrapping_resumed`]: the copies kept meanwhile are due.
@@ -762,12 +765,52 @@ impl Waits {
     }
 }
 
-/// Who waits in [`Group::wait_for_serving`].
+/// Who waits in [`Group::wait_for_serving`] and [`Group::wait_for_kept`].
 #[derive(Default)]
 struct ServingWait {
     waiting: usize,
+    waiting_for_kept: usize,
     /// `C_Finalize` began: no call waits any more.
     closed: bool,
+}
+
+/// The replay of the changes kept for the serving members
+/// ([`Group::replaying_deferred`]), as calls naming a kept object see it.
+struct KeptReplay {
+    /// Per member: it serves with changes kept for it, and the replay
+    /// that makes them -- right after every return -- has not begun.
+    due: Vec<bool>,
+    /// A replay is under way.
+    running: bool,
+    /// Per member: the object the kept change being made now makes.
+    making: Vec<Option<CK_OBJECT_HANDLE>>,
+    /// Objects calls wait for, by member: made before the other kept
+    /// changes ([`Group::next_deferred`]).
+    wanted: Vec<(usize, CK_OBJECT_HANDLE)>,
+}
+
+/// Held while kept changes are made (see [`Group::replaying_deferred`]).
+pub struct ReplayingDeferred<'a> {
+    group: &'a Group,
+    _one_at_a_time: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl Drop for ReplayingDeferred<'_> {
+    fn drop(&mut self) {
+        let mut replay = self.group.kept_replay.lock();
+        replay.running = false;
+        replay.making.iter_mut().for_each(|m| *m = None);
+        drop(replay);
+        self.group.wake_waiting_calls();
+    }
+}
+
+/// The object a change makes, if it makes one.
+fn made_object(change: &Pending) -> Option<CK_OBJECT_HANDLE> {
+    match change {
+        Pending::Create(object) | Pending::Import(object, _) => Some(*object),
+        Pending::Destroy(_) | Pending::Orphans(_) => None,
+    }
 }
 
 /// Counts a call making objects while it lives.
@@ -947,6 +990,12 @@ impl Group {
             unreceivable: Mutex::new(vec![Default::default(); count]),
             uncompared: (0..count).map(|_| AtomicBool::new(false)).collect(),
             replaying_deferred: Mutex::new(()),
+            kept_replay: Mutex::new(KeptReplay {
+                due: vec![false; count],
+                running: false,
+                making: vec![None; count],
+                wanted: Vec::new(),
+            }),
             wrapping_resumed_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
@@ -1614,23 +1663,151 @@ impl Group {
     /// a time: a login's replay waits for a returning member's, whose
     /// changes, tried while logged out, are kept again -- beside it, the
     /// login's replay found none and they waited for the next login.
-    pub fn replaying_deferred(&self) -> parking_lot::MutexGuard<'_, ()> {
-        self.replaying_deferred.lock()
+    pub fn replaying_deferred(&self) -> ReplayingDeferred<'_> {
+        let one_at_a_time = self.replaying_deferred.lock();
+        let mut replay = self.kept_replay.lock();
+        replay.running = true;
+        replay.due.iter_mut().for_each(|d| *d = false);
+        ReplayingDeferred {
+            group: self,
+            _one_at_a_time: one_at_a_time,
+        }
     }
 
-    /// The changes kept for a member, taken to be made now; each is
-    /// counted as undelivered until [`Group::deferred_handled`] says it was
-    /// made, kept again or queued.
-    pub fn take_deferred(&self, position: usize) -> Vec<Pending> {
+    /// How many changes are kept for member `position`: those a replay
+    /// takes ([`Group::next_deferred`]) before any it keeps again.
+    pub fn kept_count(&self, position: usize) -> usize {
+        self.deferred.lock()[position].len()
+    }
+
+    /// The next of the first `left` changes kept for member `position`, to
+    /// be made now, counted as undelivered until
+    /// [`Group::deferred_handled`]: the first, or one making an object a
+    /// call waits for ([`Group::wait_for_kept`]) if no removal comes before
+    /// it. Changes making objects depend on none of each other; a removal
+    /// must come before an object made after it.
+    pub fn next_deferred(&self, position: usize, left: &mut usize) -> Option<Pending> {
         let mut deferred = self.deferred.lock();
-        let taken = std::mem::take(&mut deferred[position]);
-        self.deferred_underway[position].fetch_add(taken.len(), Ordering::Relaxed);
-        taken
+        let kept = &mut deferred[position];
+        let window = (*left).min(kept.len());
+        if window == 0 {
+            *left = 0;
+            return None;
+        }
+        let mut replay = self.kept_replay.lock();
+        let wanted = kept[..window]
+            .iter()
+            .take_while(|c| c.removal().is_none())
+            .position(|c| made_object(c).is_some_and(|o| replay.wanted.contains(&(position, o))));
+        let change = kept.remove(wanted.unwrap_or(0));
+        *left = window - 1;
+        replay.making[position] = made_object(&change);
+        self.deferred_underway[position].fetch_add(1, Ordering::Relaxed);
+        Some(change)
     }
 
-    /// `count` changes taken by [`Group::take_deferred`] are handled.
+    /// The first `count` changes kept for member `position`, taken: the
+    /// rest of a replay that the member failed in, to be replayed before
+    /// it serves again.
+    pub fn take_kept(&self, position: usize, count: usize) -> Vec<Pending> {
+        let mut deferred = self.deferred.lock();
+        let kept = &mut deferred[position];
+        kept.drain(..count.min(kept.len())).collect()
+    }
+
+    /// `count` changes taken by [`Group::next_deferred`] are handled: made,
+    /// kept again or queued. Calls waiting for an object look again.
     pub fn deferred_handled(&self, position: usize, count: usize) {
         self.deferred_underway[position].fetch_sub(count, Ordering::Relaxed);
+        self.kept_replay.lock().making[position] = None;
+        self.wake_waiting_calls();
+    }
+
+    /// Whether a change kept for member `position` makes `object`, or is
+    /// making it now, while a replay of kept changes is due or under way:
+    /// the object is on its way to the member.
+    fn kept_and_due(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let deferred = self.deferred.lock();
+        let replay = self.kept_replay.lock();
+        (replay.due[position] || replay.running)
+            && (replay.making[position] == Some(object)
+                || deferred[position]
+                    .iter()
+                    .any(|c| made_object(c) == Some(object)))
+    }
+
+    /// For an application call naming `objects`, one of which serving
+    /// member `position` lacks: while the member serves first after an
+    /// outage and the objects it missed are made on it right after
+    /// ([`Group::rejoin`]), waits until those the call names are -- made
+    /// before the other kept changes ([`Group::next_deferred`]) -- for
+    /// what is left of the call's [`Waits`]. True if it waited and the
+    /// call chooses again; false at once if none of `objects` is on its
+    /// way to the member. Failing instead, a signature with a key the
+    /// member was about to be given failed with `CKR_KEY_HANDLE_INVALID`
+    /// (the soak, four runs). The caller holds nothing the replay waits
+    /// for (as [`Group::wait_for_serving`]).
+    pub fn wait_for_kept(
+        &self,
+        position: usize,
+        objects: &[CK_OBJECT_HANDLE],
+        waits: &mut Waits,
+    ) -> bool {
+        let on_the_way = || objects.iter().any(|o| self.kept_and_due(position, *o));
+        let left = *waits.0.get_or_insert(self.settings.member_timeout);
+        if left.is_zero() || !on_the_way() {
+            return false;
+        }
+        let deadline = crate::clock::now() + left;
+        self.kept_replay
+            .lock()
+            .wanted
+            .extend(objects.iter().map(|o| (position, *o)));
+        self.serving_wait().waiting_for_kept += 1;
+        loop {
+            let left = crate::clock::block_for(deadline);
+            let wait = self.serving_wait();
+            if wait.closed || left.is_zero() || !on_the_way() || !self.members[position].is_up() {
+                break;
+            }
+            drop(
+                self.serving_changed
+                    .wait_timeout(wait, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        }
+        self.serving_wait().waiting_for_kept -= 1;
+        let mut replay = self.kept_replay.lock();
+        for object in objects {
+            if let Some(i) = replay.wanted.iter().position(|w| *w == (position, *object)) {
+                replay.wanted.swap_remove(i);
+            }
+        }
+        drop(replay);
+        waits.0 = Some(deadline.saturating_duration_since(crate::clock::now()));
+        true
+    }
+
+    /// The objects on their way to member `position` (see
+    /// [`Group::wait_for_kept`]); none while no replay of kept changes is
+    /// due or under way.
+    pub fn kept_on_the_way(&self, position: usize) -> Vec<CK_OBJECT_HANDLE> {
+        let deferred = self.deferred.lock();
+        let replay = self.kept_replay.lock();
+        if !replay.due[position] && !replay.running {
+            return Vec::new();
+        }
+        deferred[position]
+            .iter()
+            .filter_map(made_object)
+            .chain(replay.making[position])
+            .collect()
+    }
+
+    /// How many application calls wait for a kept object
+    /// ([`Group::wait_for_kept`]) now.
+    pub fn calls_waiting_for_kept_objects(&self) -> usize {
+        self.serving_wait().waiting_for_kept
     }
 
     /// Puts changes a replay could not make back in front of any queued
@@ -1647,17 +1824,34 @@ impl Group {
     /// before the member serves (and this refuses) or made on it directly:
     /// a member never serves while lacking an object the application was
     /// given -- unless the group had no member serving when it returned
-    /// (`recovery::replay_pending` kept the objects for right after). Lock
-    /// order: pending, then in-doubt.
+    /// (`recovery::replay_pending` kept the objects for right after; that
+    /// replay is due from before the member serves, so that a call naming
+    /// one of them waits for it, [`Group::wait_for_kept`]). Lock order:
+    /// pending, then in-doubt; pending, then deferred, then the kept
+    /// replay's state.
     pub fn rejoin(&self, position: usize) -> bool {
         let rejoined = {
             let pending = self.pending.lock();
             pending[position].is_empty()
                 && self.in_doubt.lock()[position].is_empty()
-                && self.members[position].rejoin()
+                && self.rejoin_with_kept(position)
         };
         if rejoined {
             self.review_serving(crate::clock::now());
+        }
+        rejoined
+    }
+
+    /// [`Member::rejoin`], the kept changes' replay due if it serves.
+    fn rejoin_with_kept(&self, position: usize) -> bool {
+        let deferred = self.deferred.lock();
+        let kept = !deferred[position].is_empty();
+        let mut replay = self.kept_replay.lock();
+        let due_before = replay.due[position];
+        replay.due[position] = due_before || kept;
+        let rejoined = self.members[position].rejoin();
+        if !rejoined {
+            replay.due[position] = due_before;
         }
         rejoined
     }

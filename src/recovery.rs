@@ -1819,9 +1819,11 @@ pub fn replay_deferred(group: &Arc<Group>) {
     let _one_at_a_time = group.replaying_deferred();
     let worker = VirtualSession::internal(Arc::clone(group));
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
-        let mut kept = group.take_deferred(position).into_iter();
+        // Taken one at a time, so that an object a call waits for is made
+        // first (`Group::next_deferred`); those kept again go behind.
+        let mut left = group.kept_count(position);
         let mut removals = Vec::new();
-        while let Some(change) = kept.next() {
+        while let Some(change) = group.next_deferred(position, &mut left) {
             if worker.behind_a_removal(&removals, &change) {
                 group.defer(position, change);
                 group.deferred_handled(position, 1);
@@ -1857,10 +1859,9 @@ pub fn replay_deferred(group: &Arc<Group>) {
                 // It failed again (its token restarted unseen, for one):
                 // this change and the rest are replayed when it returns,
                 // before it serves, rather than dropped.
-                let rest: Vec<Pending> = std::iter::once(change).chain(kept).collect();
-                let count = rest.len();
-                group.requeue(position, rest);
-                group.deferred_handled(position, count);
+                let rest = std::iter::once(change).chain(group.take_kept(position, left));
+                group.requeue(position, rest.collect());
+                group.deferred_handled(position, 1);
                 break;
             } else if let Err(why) = outcome {
                 group.log(

@@ -300,6 +300,7 @@ impl VirtualSession {
         };
         let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted: Vec<usize> = Vec::new();
+        let mut refused: Vec<(Era, CK_RV)> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
@@ -315,9 +316,19 @@ impl VirtualSession {
                     self.attempt_making(position, None, "C_CreateObject", object, &mut |l, s| {
                         create(l, s, &mut handle)
                     });
+                if let Attempt::Answered(rv) = answer {
+                    if rv != CKR_OK && (!made.is_empty() || rv == CKR_GENERAL_ERROR) {
+                        refused.push((era, rv));
+                        continue;
+                    }
+                }
                 if self.note_copy(object, era, handle, answer, &mut made, &print)? {
                     faulted.push(position);
                 }
+            }
+            if let (true, Some(&(_, rv))) = (made.is_empty(), refused.first()) {
+                self.abandon(object, print(), &made, &faulted);
+                return Err(Error::new(rv));
             }
         }
         if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
@@ -342,10 +353,37 @@ impl VirtualSession {
             let kept = std::sync::Arc::new(OwnedTemplate::copy(template));
             for position in missed {
                 let change = Pending::Import(object, std::sync::Arc::clone(&kept));
-                self.deliver_or_queue(position, change);
+                match refused.iter().find(|(era, _)| era.member() == position) {
+                    Some(&(era, rv)) => self.keep_refused(object, era, rv, change),
+                    None => self.deliver_or_queue(position, change),
+                }
             }
         }
         Ok(Some(object))
+    }
+
+    /// A member refused (`rv`, in `era`) an object another member took: a
+    /// refusal by one member does not fail the application's call (the
+    /// soak: imports failed with `CKR_GENERAL_ERROR` while one member's
+    /// SoftHSM refused every import). The member serves without the
+    /// object -- searches prefer members that lack none -- and it is tried
+    /// again whenever a member returns; the HA log says so.
+    #[cold]
+    fn keep_refused(&self, object: CK_OBJECT_HANDLE, era: Era, rv: CK_RV, change: Pending) {
+        let position = era.member();
+        self.group
+            .objects
+            .set_presence(object, era, Presence::Absent);
+        self.group.log(
+            Some(position),
+            &format!(
+                "{} refused with {} while another member took it; the member serves \
+                 without it, tried again when a member returns",
+                self.name_change(&change),
+                crate::error::rv_name(rv)
+            ),
+        );
+        self.group.defer(position, change);
     }
 
     /// The members that are up in the order a call that makes an object
@@ -996,6 +1034,7 @@ impl VirtualSession {
         let preference = if self.answered_alike(&searched) {
             Preference::LeastBusy(OpKind::Find as usize)
         } else {
+            self.wait_for_kept_matches(&searched);
             Preference::Complete
         };
         self.init_where(

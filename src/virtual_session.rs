@@ -187,6 +187,12 @@ impl VirtualSession {
                 match self.choose(keys, Preference::LeastBusy(STATELESS_LANE)) {
                     Ok(chosen) => chosen,
                     Err(_) if self.wait_for_a_member(&mut waits) => continue,
+                    Err(e)
+                        if e.rv == CKR_KEY_HANDLE_INVALID
+                            && self.wait_for_kept_keys(keys, &mut waits) =>
+                    {
+                        continue
+                    }
                     Err(e) => return Err(e),
                 };
             let spare = keys.is_empty();

@@ -31,9 +31,9 @@ use cryptoki::types::AuthPin;
 use cryptoki_sys::{
     CKA_CLASS, CKA_ID, CKA_LABEL, CKA_MODULUS, CKA_PRIVATE_EXPONENT, CKA_VALUE, CKM_ECDSA,
     CKM_SHA256, CKM_VENDOR_DEFINED, CKR_ATTRIBUTE_SENSITIVE, CKR_BUFFER_TOO_SMALL,
-    CKR_DEVICE_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CKR_OPERATION_ACTIVE, CK_ATTRIBUTE,
-    CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_TYPE, CK_OBJECT_HANDLE, CK_RV,
-    CK_SESSION_HANDLE, CK_ULONG, CK_UNAVAILABLE_INFORMATION,
+    CKR_DEVICE_ERROR, CKR_GENERAL_ERROR, CKR_MECHANISM_INVALID, CKR_OK, CKR_OPERATION_ACTIVE,
+    CK_ATTRIBUTE, CK_ATTRIBUTE_TYPE, CK_FUNCTION_LIST, CK_MECHANISM, CK_MECHANISM_TYPE,
+    CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_ULONG, CK_UNAVAILABLE_INFORMATION,
 };
 
 /// A bound for waits that only end early when something is broken.
@@ -1895,6 +1895,81 @@ fn an_import_whose_last_serving_member_fails_under_it_is_made_on_a_returning_mem
         );
         thread::sleep(POLL);
     }
+}
+
+/// A member whose token refuses imports with `CKR_GENERAL_ERROR` while
+/// the other takes them (the soak: a member's SoftHSM refused every import
+/// for 2 s, and 10 of the application's imports failed although another
+/// member had made each) does not fail the application's import, whether
+/// it is asked first or after the other made the object: the object is on
+/// the member that took it, and the application finds it; the refusal --
+/// an answer, not a fault -- takes no member out. The member that refused
+/// is given the objects when a member returns (here itself). With both
+/// refusing, the import fails with the refusal.
+#[test]
+fn an_import_one_member_refuses_while_another_takes_it_succeeds() {
+    let ha = Ha::new(2);
+    let s = ha.session();
+    let copies = |i: usize, label: &[u8]| {
+        user_session(&ha.pkcs11, ha.member_slot(i))
+            .find_objects(&[Attribute::Label(label.to_vec())])
+            .expect("a search on the member alone")
+            .len()
+    };
+    let mut labels = Vec::new();
+    for n in 0..3 {
+        ha.members[0].fail_call("C_CreateObject", CKR_GENERAL_ERROR);
+        let label = format!("refused by member 0, {n}").into_bytes();
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(label.clone()),
+            Attribute::Value(vec![7, 8, 9]),
+        ])
+        .unwrap_or_else(|e| panic!("C_CreateObject {n} while member 0 refuses: {e}"));
+        ha.members[0].clear_fault();
+        assert_eq!(copies(0, &label), 0, "member 0 refused {n}");
+        assert_eq!(copies(1, &label), 1, "member 1 took {n}");
+        assert_eq!(
+            s.find_objects(&[Attribute::Label(label.clone())])
+                .expect("a search on the virtual slot")
+                .len(),
+            1,
+            "the application finds object {n}"
+        );
+        assert!(
+            member_serves(0, 0) && member_serves(0, 1),
+            "a refusal takes no member out"
+        );
+        labels.push(label);
+    }
+    ha.fault(0);
+    let deadline = Instant::now() + PATIENCE;
+    while member_serves(0, 0) {
+        assert!(Instant::now() < deadline, "member 0 was never taken out");
+        s.generate_random_vec(8).expect("member 1 serves");
+    }
+    ha.members[0].clear_fault();
+    while !(member_serves(0, 0) && labels.iter().all(|l| copies(0, l) == 1)) {
+        assert!(
+            Instant::now() < deadline,
+            "member 0 back with the objects it refused: {:?}",
+            labels.iter().map(|l| copies(0, l)).collect::<Vec<_>>()
+        );
+        thread::sleep(POLL);
+    }
+    for member in &ha.members {
+        member.fail_call("C_CreateObject", CKR_GENERAL_ERROR);
+    }
+    expect_rv(
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(b"refused by both".to_vec()),
+        ]),
+        RvError::GeneralError,
+        "C_CreateObject both members refuse",
+    );
 }
 
 // ---------------------------------------------------------------------------

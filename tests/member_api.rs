@@ -1706,3 +1706,167 @@ fn a_member_back_without_synchronisation_answers_no_search_until_compared() {
     }
     v.close();
 }
+
+/// Imports token object `attributes` through the group, as the
+/// provider's `C_CreateObject` does.
+fn import_token_object(
+    v: &VirtualSession,
+    mut attributes: Vec<CK_ATTRIBUTE>,
+) -> pkcs11_ha::error::Result<CK_OBJECT_HANDLE> {
+    let token_object: CK_BBOOL = CK_TRUE;
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }?;
+    v.create_object(CK_INVALID_HANDLE, &template)
+}
+
+/// The labels of member `token`'s token objects, in the order they were
+/// made there.
+fn labels_in_order(member: &SimMember, token: usize) -> Vec<String> {
+    member.sim.lock().tokens[token]
+        .token_objects()
+        .filter_map(|o| o.attributes.get(&CKA_LABEL))
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect()
+}
+
+/// A group of two in-memory members in which member 1, out while three
+/// data objects and then an AES key labelled `KEPT_KEY` were imported,
+/// returns while member 0 is out: it serves first, and the four objects it
+/// missed are kept for right after. Runs `call` (on another thread) once
+/// member 1 serves, while the replay of the kept objects is held until the
+/// call waits for one, so that the call meets the member before it has
+/// the object; returns the call's result, the session and the key.
+fn called_while_a_member_serves_first<T: Send>(
+    seed: u64,
+    call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
+) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
+    let (member, group) = memory_group(2, seed);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    member.sim.lock().set_fault(1, Fault::Crash);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..3 {
+        let label = format!("made before the key {n}");
+        import_token_object(&v, data_object(label.as_bytes(), b"data")).expect("an import");
+    }
+    let mut key_attributes = data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE);
+    let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
+    key_attributes[0].pValue = secret as *const _ as *mut _;
+    let encrypts: &'static CK_BBOOL = &CK_TRUE;
+    key_attributes.push(CK_ATTRIBUTE {
+        type_: CKA_ENCRYPT,
+        pValue: encrypts as *const _ as *mut _,
+        ulValueLen: 1,
+    });
+    let key = import_token_object(&v, key_attributes).expect("the key is imported");
+    assert_eq!(
+        group.pending_count(1),
+        4,
+        "member 1 missed the four objects"
+    );
+    member.sim.lock().set_fault(0, Fault::Crash);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    member.sim.lock().heal(1);
+
+    let held = group.replaying_deferred();
+    let answer = std::thread::scope(|scope| {
+        let recovery = scope.spawn(|| recovery::recover_failed_members(&host));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.members[1].state() != MemberState::Up {
+            assert!(Instant::now() < deadline, "member 1 does not serve");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0],
+            "member 1 serves without the key"
+        );
+        let caller = scope.spawn(|| call(&v, key));
+        while group.calls_waiting_for_kept_objects() == 0 {
+            assert!(
+                !caller.is_finished(),
+                "the call returned before the object was made"
+            );
+            assert!(Instant::now() < deadline, "no call waits for the object");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        let answer = caller.join().expect("the caller returns");
+        recovery.join().expect("recovery ends");
+        answer
+    });
+    let made_on_1 = labels_in_order(&member, 1);
+    assert_eq!(
+        made_on_1
+            .iter()
+            .filter(|l| l.starts_with("made before"))
+            .count(),
+        3,
+        "the other objects were made too: {made_on_1:?}"
+    );
+    let key_at = made_on_1.iter().position(|l| l == KEPT_KEY);
+    let first_data_at = made_on_1.iter().position(|l| l.starts_with("made before"));
+    assert!(
+        key_at < first_data_at,
+        "the object the call waited for was made first: {made_on_1:?}"
+    );
+    (member, v, key, answer)
+}
+
+const KEPT_KEY: &str = "kept key";
+const KEPT_VALUE: [u8; 32] = [7; 32];
+
+/// A member that returns while no other serves serves first, and the
+/// objects it missed are made on it right after. A call naming a key it
+/// has not been given yet waits for that key, made before the other
+/// objects kept for it, instead of failing with `CKR_KEY_HANDLE_INVALID`
+/// (the soak, four runs: a signature right after such a return).
+#[test]
+fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
+    let (_member, v, _key, started) = called_while_a_member_serves_first(46, |v, key| {
+        let mut raw = no_parameter(CKM_AES_ECB);
+        let ecb = mechanism(&mut raw);
+        v.init(
+            OpKind::Encrypt,
+            Some(&ecb),
+            Some(key),
+            "C_EncryptInit",
+            |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+        )
+    });
+    assert_eq!(
+        started.map_err(|e| e.rv),
+        Ok(()),
+        "C_EncryptInit with the kept key"
+    );
+    let data = [1u8; 32];
+    let mut expected = data;
+    token::keystream_xor(&KEPT_VALUE, 0, &mut expected);
+    let mut out = [0u8; 32];
+    let mut len = out.len() as CK_ULONG;
+    v.step(
+        OpKind::Encrypt,
+        Step::Finish {
+            length_query: false,
+        },
+        Input::Data(&data),
+        "C_Encrypt",
+        |l, s| l.encrypt(s, Some(&data), Some(&mut out[..]), &mut len),
+    )
+    .expect("C_Encrypt");
+    assert_eq!(out, expected, "encrypted with the imported key");
+    v.close();
+}
+
+/// As above, for a search: one for the key's label on the member serving
+/// first waits for the key, made first, and finds it (the soak's "found 0
+/// objects, expected 1" right after such a return).
+#[test]
+fn a_search_on_a_member_serving_first_waits_for_the_kept_objects_it_may_find() {
+    let (_member, v, key, found) =
+        called_while_a_member_serves_first(47, |v, _| search_label(v, KEPT_KEY.as_bytes()));
+    assert_eq!(found, [key], "the search finds the kept key");
+    v.close();
+}

@@ -5,6 +5,7 @@
 
 use super::VirtualSession;
 use crate::group::Waits;
+use cryptoki_sys::CK_OBJECT_HANDLE;
 
 thread_local! {
     /// Set while this thread runs a call that makes, changes or destroys
@@ -43,6 +44,74 @@ impl VirtualSession {
     #[inline(never)]
     pub(crate) fn serving_again(&self, waits: &mut Waits) -> bool {
         self.waits_for_members && !WRITING.get() && self.group.wait_for_serving(waits)
+    }
+
+    /// For a call that found a key it names on no serving member: where a
+    /// member serves first after an outage and is given the objects it
+    /// missed right after, waits for the keys to be made there
+    /// ([`crate::group::Group::wait_for_kept`]), within the call's
+    /// `waits`, and only in the application's sessions, outside a write;
+    /// true if it waited, and the call chooses again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_for_kept_keys(&self, keys: &[CK_OBJECT_HANDLE], waits: &mut Waits) -> bool {
+        self.waits_for_members
+            && !WRITING.get()
+            && !keys.is_empty()
+            && self
+                .group
+                .serving_members()
+                .into_iter()
+                .any(|m| self.group.wait_for_kept(m.position, keys, waits))
+    }
+
+    /// For a search while every serving member lacks objects: waits, as
+    /// [`Self::wait_for_kept_keys`], for the objects on their way to them
+    /// that the search may find -- those whose fingerprint does not rule
+    /// it out -- made first. Searching at once, the soak's searches right
+    /// after such a return found 0 of their 1 or 2 objects.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_for_kept_matches(&self, searched: &crate::arguments::Template) {
+        if !self.waits_for_members || WRITING.get() {
+            return;
+        }
+        let serving = self.group.serving_members();
+        if serving
+            .iter()
+            .any(|m| !self.group.lacks_objects(m.position))
+        {
+            return;
+        }
+        let mut waits = Waits::default();
+        for member in serving {
+            let may_be_found: Vec<_> = (self.group.kept_on_the_way(member.position))
+                .into_iter()
+                .filter(|o| self.may_be_found(searched, *o))
+                .collect();
+            if !may_be_found.is_empty() {
+                self.group
+                    .wait_for_kept(member.position, &may_be_found, &mut waits);
+            }
+        }
+    }
+
+    /// Whether a search for `searched` may find `object`: its kept
+    /// fingerprint, if any, has no other value for an attribute searched.
+    fn may_be_found(
+        &self,
+        searched: &crate::arguments::Template,
+        object: CK_OBJECT_HANDLE,
+    ) -> bool {
+        let Some(print) = self.group.objects.get(object).and_then(|e| e.fingerprint) else {
+            return true;
+        };
+        searched.values().all(|(kind, value)| {
+            print
+                .iter()
+                .find(|(t, _)| *t == kind)
+                .is_none_or(|(_, v)| v.as_slice() == value)
+        })
     }
 
     /// At the start of a call that makes, changes or destroys objects (or
