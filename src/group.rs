@@ -1071,7 +1071,9 @@ impl Group {
     /// search on such a session finds none of the private objects, so
     /// every look-up there would take the group's private objects for
     /// absent: a copy owed to another member found no source, and the
-    /// member served on without them (simulation seed 135188). A standby
+    /// member served on without them (simulation seed 135188); and an
+    /// application's search there answers without them (seeds 3063, 9207,
+    /// 17574: a token restarted between two calls). A standby
     /// member is left out: it is logged in only while it serves.
     fn lost_login(&self, member: &Member, session: &MemberSession) -> bool {
         if !member.is_up() || member.standby || self.login.lock().is_none() {
@@ -1081,6 +1083,33 @@ impl Group {
         crate::member::on_connection(session.connection, || {
             crate::member_api::session_is_public(&*session.library, session.handle)
         })
+    }
+
+    /// `session`, just opened on member `position`, unless it shows that
+    /// the member lost its login unseen ([`Self::lost_login`]): then it is
+    /// closed and the member taken out -- its handles are stale too, and
+    /// recovery, as after any failure, logs it in again in a new epoch and
+    /// gives it what it missed -- and the open fails as on a member fault.
+    pub fn unless_login_lost(
+        &self,
+        position: usize,
+        session: MemberSession,
+    ) -> Result<MemberSession> {
+        let member = &self.members[position];
+        if !self.lost_login(member, &session) {
+            return Ok(session);
+        }
+        let _in_flight = member.begin_call();
+        crate::member::on_connection(session.connection, || {
+            session.library.close_session(session.handle)
+        });
+        self.take_out(
+            position,
+            CKR_USER_NOT_LOGGED_IN,
+            "member lost its login unseen (its token restarted, or was logged \
+             out): taken out until recovery logs it in again",
+        );
+        Err(Error::new(CKR_DEVICE_ERROR))
     }
 
     /// Has `wake` called when attempts are due at once: the recovery
@@ -1270,23 +1299,7 @@ impl Group {
             });
             drop(guard);
             match opened {
-                Ok(session) if self.lost_login(member, &session) => {
-                    // Its handles are stale too: recovery, as after any
-                    // failure, logs it in again in a new epoch and gives
-                    // it what it missed.
-                    let _in_flight = member.begin_call();
-                    crate::member::on_connection(session.connection, || {
-                        session.library.close_session(session.handle)
-                    });
-                    self.take_out(
-                        position,
-                        CKR_USER_NOT_LOGGED_IN,
-                        "member lost its login unseen (its token restarted, or was logged \
-                         out): taken out until recovery logs it in again",
-                    );
-                    return Err(Error::new(CKR_DEVICE_ERROR));
-                }
-                Ok(session) => *utility = Some(session),
+                Ok(session) => *utility = Some(self.unless_login_lost(position, session)?),
                 Err(e) => {
                     if is_member_fault("C_OpenSession", e.rv) {
                         self.member_failed(position, "C_OpenSession", e.rv);

@@ -216,15 +216,18 @@ impl MemberSessions {
         let opened = match member.take_unused(self.flags, epoch) {
             Some(kept) => kept,
             None => {
-                let _in_flight = member.begin_call();
-                crate::group::retry_result_while_busy("C_OpenSession", || {
+                let in_flight = member.begin_call();
+                let opened = crate::group::retry_result_while_busy("C_OpenSession", || {
                     open_member_session(
                         Arc::clone(&location.library),
                         location.slot,
                         self.flags,
                         epoch,
                     )
-                })?
+                })?;
+                drop(in_flight);
+                // A search there would find none of the private objects.
+                group.unless_login_lost(position, opened)?
             }
         };
         let (held, raced) = self.cells[position].put(opened);

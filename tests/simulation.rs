@@ -1053,8 +1053,13 @@ impl Schedule<'_> {
     }
 
     /// Lists every object through the virtual slot: the domain key never
-    /// shows, nothing the application was told is gone does, and nothing
-    /// shows twice (one object, two virtual handles).
+    /// shows, nothing the application was told is gone does, nothing
+    /// shows twice (one object, two virtual handles), and, while the
+    /// application is logged in, every token object it was told it made
+    /// and still holds does show (a search answered by a member without
+    /// it, or named by one without it, would drop it) -- unless every
+    /// serving member still lacks objects. Session objects die with every
+    /// member's sessions.
     fn enumerate(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
         // SAFETY: an empty template.
         let rv = unsafe { self.f.C_FindObjectsInit.unwrap()(session, ptr::null_mut(), 0) };
@@ -1074,6 +1079,7 @@ impl Schedule<'_> {
             return Ok(());
         }
         let mut seen: Vec<Vec<u8>> = Vec::new();
+        let mut all_read = true;
         for handle in &handles[..found as usize] {
             let mut label = vec![0u8; 64];
             let mut query = CK_ATTRIBUTE {
@@ -1085,6 +1091,7 @@ impl Schedule<'_> {
             let rv =
                 unsafe { self.f.C_GetAttributeValue.unwrap()(session, *handle, &mut query, 1) };
             if rv != CKR_OK {
+                all_read = false;
                 continue;
             }
             label.truncate(query.ulValueLen as usize);
@@ -1110,6 +1117,30 @@ impl Schedule<'_> {
             );
             seen.push(label);
         }
+        if !all_read || found as usize == handles.len() || !self.logged_in {
+            return Ok(());
+        }
+        // A member returning while none serves serves before it has
+        // caught up (design, "no member serving"): a search can do no
+        // better while every serving member lacks objects.
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let group = &provider.groups[0];
+        if group
+            .serving_members()
+            .iter()
+            .all(|m| group.lacks_objects(m.position))
+        {
+            return Ok(());
+        }
+        let missing = self
+            .made
+            .iter()
+            .find(|m| m.fate == Fate::Exists && m.token && !seen.contains(&m.label));
+        ensure!(
+            missing.is_none(),
+            "{} was made and not destroyed, but a search of every object did not return it",
+            String::from_utf8_lossy(&missing.map(|m| m.label.clone()).unwrap_or_default())
+        );
         Ok(())
     }
 
@@ -2956,7 +2987,13 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   (such a member now answers no search until compared).
 /// - 8064 (the first schedules with spares): the memory member's healed
 ///   spare brought back the lost connection's sessions.
-const REGRESSION_SEEDS: [(u64, Faults); 59] = [
+/// - 3063, 9207, 17574 (the first schedules checking that a search finds
+///   every object made): a token that restarted between two calls, unseen,
+///   gave a new virtual session a member session without the group's
+///   login, and a search there answered without the private objects (a
+///   member session opened on such a token now takes its member out, as
+///   the utility session's did).
+const REGRESSION_SEEDS: [(u64, Faults); 62] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3016,6 +3053,9 @@ const REGRESSION_SEEDS: [(u64, Faults); 59] = [
     (7519, Faults::UNSPARED),
     (1378, Faults::DEFAULT),
     (8064, Faults::DEFAULT),
+    (3063, Faults::DEFAULT),
+    (9207, Faults::DEFAULT),
+    (17574, Faults::DEFAULT),
 ];
 
 #[test]
