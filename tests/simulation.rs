@@ -2215,6 +2215,65 @@ fn a_schedule_replays_exactly() {
     }
 }
 
+/// Spared schedules whose replay of a returning member's changes ran on
+/// spares, in threads of their own (`replication::spares`): at most one
+/// lane lent per replay ([`SimMember::with_one_lane_spares`]), the calls
+/// are those of every run. Each runs twice in a forked child, as a run of
+/// many schedules does, and once as the printed replay command runs it
+/// (`SIM_SEED=N`, in a process of its own, printing each step): the three
+/// step traces -- every call and its answer, fault, recovery round and
+/// member state with the time -- are the same, so a failing seed among
+/// them would replay exactly. Seeds of the default schedules, chosen as
+/// those with the most lanes lent among the first 600.
+#[test]
+fn a_spared_seed_replays_exactly() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let setup = setup();
+    for seed in [53, 137, 203] {
+        let [first, again] = [(); 2]
+            .map(|_| run_forked_plan(seed, None, Faults::DEFAULT, setup.f, &setup.configs[0]));
+        assert!(
+            first.failure.is_none(),
+            "seed {seed}: {}",
+            first.failure.unwrap_or_default()
+        );
+        let lanes = first
+            .trace
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("spare lanes lent to replays: "))
+            .unwrap_or_else(|| panic!("seed {seed} has no spares: {}", first.trace));
+        assert!(
+            lanes.contains(|c: char| ('1'..='9').contains(&c)),
+            "seed {seed} made no replay on spares ({lanes})"
+        );
+        assert_eq!(
+            first.trace, again.trace,
+            "seed {seed} ran differently twice"
+        );
+        // The replay as a failing seed's message prints it. Spawned while
+        // this file's lock is held: no other test forks meanwhile.
+        let replay = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "seeded_schedules_keep_every_invariant",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("SIM_SEED", seed.to_string())
+            .env_remove("SIM_RECONNECTS")
+            .env_remove("SIM_SPARES")
+            .output()
+            .expect("the replay runs");
+        assert!(replay.status.success(), "seed {seed}'s replay failed");
+        let printed: Vec<&str> = std::str::from_utf8(&replay.stderr)
+            .expect("UTF-8")
+            .lines()
+            .filter_map(|l| l.strip_prefix("sim: "))
+            .collect();
+        let traced: Vec<&str> = first.trace.split("\n  ").collect();
+        assert_eq!(printed, traced, "seed {seed} replayed differently");
+    }
+}
+
 /// Runs `script` and fails with its report if an invariant broke.
 fn run_script(script: &Script) {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
