@@ -1112,6 +1112,41 @@ impl Group {
         Err(Error::new(CKR_DEVICE_ERROR))
     }
 
+    /// The handle of the member's domain key, looked up by class and label
+    /// once per member epoch (so that searches can leave it out); `None`
+    /// where the member does not hold exactly one.
+    pub fn domain_handle(&self, position: usize) -> Option<CK_OBJECT_HANDLE> {
+        let member = &self.members[position];
+        let epoch = member.epoch();
+        if let Some(found) = self.domain.found(position, epoch) {
+            return found;
+        }
+        let label = self.settings.domain_label.as_bytes().to_vec();
+        let print: Fingerprint = vec![
+            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
+            (CKA_LABEL, label),
+        ];
+        let found = self.find_on_utility(position, &print).ok()?;
+        let handle = match found[..] {
+            [one] => Some(one),
+            _ => None,
+        };
+        self.domain.record_found(position, epoch, found);
+        handle
+    }
+
+    /// Whether a fingerprint is that of the group's domain key.
+    pub fn is_domain_print(&self, print: &Fingerprint) -> bool {
+        let value = |t: CK_ATTRIBUTE_TYPE| {
+            print
+                .iter()
+                .find(|(pt, _)| *pt == t)
+                .map(|(_, v)| v.as_slice())
+        };
+        value(CKA_CLASS).map(identity::ulong_of) == Some(CKO_SECRET_KEY)
+            && value(CKA_LABEL) == Some(self.settings.domain_label.as_bytes())
+    }
+
     /// Has `wake` called when attempts are due at once: the recovery
     /// thread's wake-up, given it as it starts.
     pub fn set_recovery_wake(&self, wake: Box<dyn Fn() + Send + Sync>) {
@@ -1784,6 +1819,26 @@ impl Group {
         let (complete, lacking): (Positions, Positions) =
             order.into_iter().partition(|p| !self.lacks_objects(*p));
         complete.into_iter().chain(lacking).collect()
+    }
+
+    /// The member a search runs on when it is not spread
+    /// (`VirtualSession::find_init`): the first serving member in
+    /// configured order that is not degraded -- the primary, as
+    /// `Group::by_position` lists it -- among those that lack no object of
+    /// the group, if any does.
+    pub fn search_home(&self) -> Option<usize> {
+        let mut order: Positions = self.serving_members().iter().map(|m| m.position).collect();
+        // Stable: configured order within each.
+        order.sort_by_key(|p| self.members[*p].rotation() != Rotation::In);
+        self.complete_first(order).first().copied()
+    }
+
+    /// Whether a search on `position` answers off the primary, where an
+    /// object the group has not met there is named as the primary names
+    /// it (`VirtualSession::found_off_home`): a search on a lane there that finds
+    /// one moves to the member's own session, which does that.
+    pub fn off_search_home(&self, position: usize) -> bool {
+        self.search_home().is_some_and(|home| home != position)
     }
 
     /// How many changes a member has yet to receive, those kept for when a
