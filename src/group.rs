@@ -1120,7 +1120,9 @@ impl Group {
     /// search on such a session finds none of the private objects, so
     /// every look-up there would take the group's private objects for
     /// absent: a copy owed to another member found no source, and the
-    /// member served on without them (simulation seed 135188). A standby
+    /// member served on without them (simulation seed 135188); and an
+    /// application's search there answers without them (seeds 3063, 9207,
+    /// 17574: a token restarted between two calls). A standby
     /// member is left out: it is logged in only while it serves.
     fn lost_login(&self, member: &Member, session: &MemberSession) -> bool {
         if !member.is_up() || member.standby || self.login.lock().is_none() {
@@ -1130,6 +1132,68 @@ impl Group {
         crate::member::on_connection(session.connection, || {
             crate::member_api::session_is_public(&*session.library, session.handle)
         })
+    }
+
+    /// `session`, just opened on member `position`, unless it shows that
+    /// the member lost its login unseen ([`Self::lost_login`]): then it is
+    /// closed and the member taken out -- its handles are stale too, and
+    /// recovery, as after any failure, logs it in again in a new epoch and
+    /// gives it what it missed -- and the open fails as on a member fault.
+    pub fn unless_login_lost(
+        &self,
+        position: usize,
+        session: MemberSession,
+    ) -> Result<MemberSession> {
+        let member = &self.members[position];
+        if !self.lost_login(member, &session) {
+            return Ok(session);
+        }
+        let _in_flight = member.begin_call();
+        crate::member::on_connection(session.connection, || {
+            session.library.close_session(session.handle)
+        });
+        self.take_out(
+            position,
+            CKR_USER_NOT_LOGGED_IN,
+            "member lost its login unseen (its token restarted, or was logged \
+             out): taken out until recovery logs it in again",
+        );
+        Err(Error::new(CKR_DEVICE_ERROR))
+    }
+
+    /// The handle of the member's domain key, looked up by class and label
+    /// once per member epoch (so that searches can leave it out); `None`
+    /// where the member does not hold exactly one.
+    pub fn domain_handle(&self, position: usize) -> Option<CK_OBJECT_HANDLE> {
+        let member = &self.members[position];
+        let epoch = member.epoch();
+        if let Some(found) = self.domain.found(position, epoch) {
+            return found;
+        }
+        let label = self.settings.domain_label.as_bytes().to_vec();
+        let print: Fingerprint = vec![
+            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
+            (CKA_LABEL, label),
+        ];
+        let found = self.find_on_utility(position, &print).ok()?;
+        let handle = match found[..] {
+            [one] => Some(one),
+            _ => None,
+        };
+        self.domain.record_found(position, epoch, found);
+        handle
+    }
+
+    /// Whether a fingerprint is that of the group's domain key.
+    pub fn is_domain_print(&self, print: &Fingerprint) -> bool {
+        let value = |t: CK_ATTRIBUTE_TYPE| {
+            print
+                .iter()
+                .find(|(pt, _)| *pt == t)
+                .map(|(_, v)| v.as_slice())
+        };
+        value(CKA_CLASS).map(identity::ulong_of) == Some(CKO_SECRET_KEY)
+            && value(CKA_LABEL) == Some(self.settings.domain_label.as_bytes())
     }
 
     /// Has `wake` called when attempts are due at once: the recovery
@@ -1319,23 +1383,7 @@ impl Group {
             });
             drop(guard);
             match opened {
-                Ok(session) if self.lost_login(member, &session) => {
-                    // Its handles are stale too: recovery, as after any
-                    // failure, logs it in again in a new epoch and gives
-                    // it what it missed.
-                    let _in_flight = member.begin_call();
-                    crate::member::on_connection(session.connection, || {
-                        session.library.close_session(session.handle)
-                    });
-                    self.take_out(
-                        position,
-                        CKR_USER_NOT_LOGGED_IN,
-                        "member lost its login unseen (its token restarted, or was logged \
-                         out): taken out until recovery logs it in again",
-                    );
-                    return Err(Error::new(CKR_DEVICE_ERROR));
-                }
-                Ok(session) => *utility = Some(session),
+                Ok(session) => *utility = Some(self.unless_login_lost(position, session)?),
                 Err(e) => {
                     if is_member_fault("C_OpenSession", e.rv) {
                         self.member_failed(position, "C_OpenSession", e.rv);
@@ -1965,6 +2013,26 @@ impl Group {
         let (complete, lacking): (Positions, Positions) =
             order.into_iter().partition(|p| !self.lacks_objects(*p));
         complete.into_iter().chain(lacking).collect()
+    }
+
+    /// The member a search runs on when it is not spread
+    /// (`VirtualSession::find_init`): the first serving member in
+    /// configured order that is not degraded -- the primary, as
+    /// `Group::by_position` lists it -- among those that lack no object of
+    /// the group, if any does.
+    pub fn search_home(&self) -> Option<usize> {
+        let mut order: Positions = self.serving_members().iter().map(|m| m.position).collect();
+        // Stable: configured order within each.
+        order.sort_by_key(|p| self.members[*p].rotation() != Rotation::In);
+        self.complete_first(order).first().copied()
+    }
+
+    /// Whether a search on `position` answers off the primary, where an
+    /// object the group has not met there is named as the primary names
+    /// it (`VirtualSession::found_off_home`): a search on a lane there that finds
+    /// one moves to the member's own session, which does that.
+    pub fn off_search_home(&self, position: usize) -> bool {
+        self.search_home().is_some_and(|home| home != position)
     }
 
     /// How many changes a member has yet to receive, those kept for when a

@@ -216,15 +216,18 @@ impl MemberSessions {
         let opened = match member.take_unused(self.flags, epoch) {
             Some(kept) => kept,
             None => {
-                let _in_flight = member.begin_call();
-                crate::group::retry_result_while_busy("C_OpenSession", || {
+                let in_flight = member.begin_call();
+                let opened = crate::group::retry_result_while_busy("C_OpenSession", || {
                     open_member_session(
                         Arc::clone(&location.library),
                         location.slot,
                         self.flags,
                         epoch,
                     )
-                })?
+                })?;
+                drop(in_flight);
+                // A search there would find none of the private objects.
+                group.unless_login_lost(position, opened)?
             }
         };
         let (held, raced) = self.cells[position].put(opened);
@@ -243,5 +246,127 @@ impl MemberSessions {
             return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
         }
         Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The library a cell lends without a reference count, checked under
+    //! Miri (`cargo +nightly miri test --lib member_sessions::tests`): a
+    //! lent library must stay readable however the cell's session is
+    //! replaced or taken meanwhile, by this thread or another.
+    use super::*;
+    use crate::member::Silent;
+    use crate::member_api::{MemberApi, TokenSearch};
+    use std::time::{Duration, Instant};
+
+    /// A library with a name and nothing else: what a lent one is read for.
+    struct Named(String);
+
+    impl MemberApi for Named {
+        fn slot_list(&self, _token_present: CK_BBOOL) -> Result<Vec<CK_SLOT_ID>> {
+            Ok(Vec::new())
+        }
+        fn slot_info(&self, _slot: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {
+            Err(Error::new(CKR_SLOT_ID_INVALID))
+        }
+        fn token_info(&self, _slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
+            Err(Error::new(CKR_SLOT_ID_INVALID))
+        }
+        fn mechanisms(&self, _slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
+            Ok(Vec::new())
+        }
+        fn mechanism_info(
+            &self,
+            _slot: CK_SLOT_ID,
+            _mechanism: CK_MECHANISM_TYPE,
+        ) -> Result<CK_MECHANISM_INFO> {
+            Err(Error::new(CKR_MECHANISM_INVALID))
+        }
+        fn initialize(&self) -> Result<()> {
+            Ok(())
+        }
+        fn finalize(&self) {}
+    }
+
+    impl MemberBackend for Named {
+        fn name(&self) -> &str {
+            &self.0
+        }
+        fn search_bounded(
+            self: Arc<Self>,
+            _search: TokenSearch,
+            _deadline: Instant,
+            _patience: Duration,
+        ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>> {
+            None
+        }
+    }
+
+    /// A session of epoch `epoch` on a library of its own, which only the
+    /// session (and the cell it is put in) holds.
+    fn session(epoch: u64) -> MemberSession {
+        MemberSession {
+            library: Arc::new(Named(format!("library {epoch}"))),
+            handle: epoch,
+            epoch,
+            connection: 0,
+            networked: false,
+        }
+    }
+
+    #[test]
+    fn a_lent_library_outlives_the_session_it_was_lent_from() {
+        let cell = MemberSessionCell::default();
+        let (held, raced) = cell.put(session(1));
+        assert!(raced.is_none());
+        drop(held);
+        let lent = cell.get(1).expect("the session of epoch 1");
+        // Replaced by a session on another library, then taken: no session
+        // holds the first library any more.
+        let (held, _) = cell.put(session(2));
+        drop(held);
+        let (taken, used) = cell.take().expect("the session of epoch 2");
+        assert!(used, "lent for a call");
+        drop(taken);
+        assert!(cell.get(2).is_none(), "taken");
+        assert_eq!(lent.library.name(), "library 1");
+        assert_eq!(lent.handle, 1);
+    }
+
+    #[test]
+    fn lent_libraries_stay_readable_while_another_thread_replaces_the_session() {
+        const EPOCHS: u64 = 8;
+        let cell = MemberSessionCell::default();
+        let (held, _) = cell.put(session(0));
+        drop(held);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for epoch in 1..=EPOCHS {
+                    let (held, _) = cell.put(session(epoch));
+                    drop(held);
+                    if epoch % 3 == 0 {
+                        cell.take();
+                    }
+                }
+            });
+            let mut lent = Vec::new();
+            for _ in 0..2 * EPOCHS {
+                for epoch in 0..=EPOCHS {
+                    if let Some(session) = cell.get(epoch) {
+                        lent.push(session);
+                    }
+                }
+                std::thread::yield_now();
+            }
+            // Every library lent is still whole, whichever sessions the
+            // other thread replaced or took meanwhile.
+            for session in lent {
+                assert_eq!(
+                    session.library.name(),
+                    format!("library {}", session.handle)
+                );
+            }
+        });
     }
 }

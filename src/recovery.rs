@@ -1305,7 +1305,7 @@ impl Known {
             .collect();
         let queued = group.pending_count(position);
         if counting_pays(queued, held_before.len()) {
-            let domain = worker.domain_handle(position);
+            let domain = worker.group.domain_handle(position);
             let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
             let held_now = group
                 .find_on_utility(position, &everything)
@@ -2031,7 +2031,7 @@ fn synchronize(
         group.set_compared(position, true);
         return Ok(0);
     };
-    let domain = worker.domain_handle(reference);
+    let domain = worker.group.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let making = group.objects_being_made();
     let listing = Instant::now();

@@ -214,7 +214,7 @@ impl VirtualSession {
         if let Some(handle) = self.group.domain.cached(position, member.epoch()) {
             return Ok(handle);
         }
-        let Some(handle) = self.domain_handle(position) else {
+        let Some(handle) = self.group.domain_handle(position) else {
             eprintln!(
                 "pkcs11-ha: group {}: member {} does not hold exactly one key labelled {:?}, the group's domain key; provision it with `pkcs11-ha group add-member --provision-domain`",
                 self.group.label, member.serial, self.group.settings.domain_label
@@ -247,35 +247,12 @@ impl VirtualSession {
         Ok(handle)
     }
 
-    /// The handle of the member's domain key, looked up by class and label
-    /// once per member epoch (so that searches can leave it out); `None`
-    /// where the member does not hold exactly one.
-    pub fn domain_handle(&self, position: usize) -> Option<CK_OBJECT_HANDLE> {
-        let member = &self.group.members[position];
-        let epoch = member.epoch();
-        if let Some(found) = self.group.domain.found(position, epoch) {
-            return found;
-        }
-        let label = self.group.settings.domain_label.as_bytes().to_vec();
-        let print: Fingerprint = vec![
-            (CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec()),
-            (CKA_LABEL, label),
-        ];
-        let found = self.group.find_on_utility(position, &print).ok()?;
-        let handle = match found[..] {
-            [one] => Some(one),
-            _ => None,
-        };
-        self.group.domain.record_found(position, epoch, found);
-        handle
-    }
-
     /// Looks up every serving member's domain key now (once per member
     /// epoch), so that neither the first search nor the first key made
     /// pays for a search of each member's whole token.
     pub fn look_up_domain_keys(&self) {
         for member in self.group.up_members() {
-            self.domain_handle(member.position);
+            self.group.domain_handle(member.position);
         }
     }
 
@@ -1583,7 +1560,7 @@ impl Holdings {
         stop: &dyn Fn() -> bool,
     ) -> Result<Option<Holdings>> {
         let era = session.group.objects.era(position);
-        let domain = session.domain_handle(position);
+        let domain = session.group.domain_handle(position);
         let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
         let handles = session.group.find_on_utility(position, &everything)?;
         let mut objects = Vec::with_capacity(handles.len());

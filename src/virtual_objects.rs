@@ -1011,7 +1011,7 @@ impl VirtualSession {
         // Known before the search starts (a member session runs one search
         // at a time), so that the search can leave it out.
         for member in self.group.up_members() {
-            self.domain_handle(member.position);
+            self.group.domain_handle(member.position);
         }
         let asked = template.without(&EMULATED);
         let filter: crate::virtual_session::SearchFilter = EMULATED
@@ -1066,30 +1066,6 @@ impl VirtualSession {
                 .all(|m| !self.group.lacks_objects(m.position))
     }
 
-    /// The member a search runs on when it is not spread (see
-    /// [`Self::find_init`]): the first serving member in configured order
-    /// that is not degraded -- the primary, as `Group::by_position` lists
-    /// it -- among those that lack no object of the group, if any does.
-    fn search_home(&self) -> Option<usize> {
-        let mut order: crate::group::Positions = self
-            .group
-            .serving_members()
-            .iter()
-            .map(|m| m.position)
-            .collect();
-        // Stable: configured order within each.
-        order.sort_by_key(|p| self.group.members[*p].rotation() != crate::group::Rotation::In);
-        self.group.complete_first(order).first().copied()
-    }
-
-    /// Whether a search on `position` answers off the primary, where an
-    /// object the group has not met there is named as the primary names
-    /// it ([`Self::found_off_home`]): a search on a lane there that finds
-    /// one moves to the member's own session, which does that.
-    pub(crate) fn off_search_home(&self, position: usize) -> bool {
-        self.search_home().is_some_and(|home| home != position)
-    }
-
     /// The virtual handle of the object a search on `member`, other than
     /// the primary `home`, found as `handle`: the one the group knows it by
     /// there, else the one a search on `home` names it by -- `home`'s copy
@@ -1137,7 +1113,7 @@ impl VirtualSession {
         if objects.moved_on(era) {
             return Err(MemberFailed);
         }
-        if self.is_domain_print(&print) {
+        if self.group.is_domain_print(&print) {
             return Ok(None);
         }
         let home_era = objects.era(home);
@@ -1244,7 +1220,7 @@ impl VirtualSession {
             // Where the member's domain keys are known by handle, they are
             // left out by handle alone.
             let domain_known = self.group.domain.found(member, epoch).is_some();
-            let home = self.search_home().filter(|home| *home != member);
+            let home = self.group.search_home().filter(|home| *home != member);
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
@@ -1329,25 +1305,13 @@ impl VirtualSession {
         if objects.moved_on(era) {
             return Err(MemberFailed);
         }
-        if self.is_domain_print(&print) {
+        if self.group.is_domain_print(&print) {
             return Ok(None);
         }
         objects
             .from_member_identified(era, handle, print)
             .map(Some)
             .ok_or(MemberFailed)
-    }
-
-    /// Whether a fingerprint is that of the group's domain key.
-    pub(crate) fn is_domain_print(&self, print: &identity::Fingerprint) -> bool {
-        let value = |t: CK_ATTRIBUTE_TYPE| {
-            print
-                .iter()
-                .find(|(pt, _)| *pt == t)
-                .map(|(_, v)| v.as_slice())
-        };
-        value(CKA_CLASS).map(identity::ulong_of) == Some(CKO_SECRET_KEY)
-            && value(CKA_LABEL) == Some(self.group.settings.domain_label.as_bytes())
     }
 
     /// Whether `object` has the values a search's filter wants, as the

@@ -1053,8 +1053,13 @@ impl Schedule<'_> {
     }
 
     /// Lists every object through the virtual slot: the domain key never
-    /// shows, nothing the application was told is gone does, and nothing
-    /// shows twice (one object, two virtual handles).
+    /// shows, nothing the application was told is gone does, nothing
+    /// shows twice (one object, two virtual handles), and, while the
+    /// application is logged in, every token object it was told it made
+    /// and still holds does show (a search answered by a member without
+    /// it, or named by one without it, would drop it) -- unless every
+    /// serving member still lacks objects. Session objects die with every
+    /// member's sessions.
     fn enumerate(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
         // SAFETY: an empty template.
         let rv = unsafe { self.f.C_FindObjectsInit.unwrap()(session, ptr::null_mut(), 0) };
@@ -1074,6 +1079,7 @@ impl Schedule<'_> {
             return Ok(());
         }
         let mut seen: Vec<Vec<u8>> = Vec::new();
+        let mut all_read = true;
         for handle in &handles[..found as usize] {
             let mut label = vec![0u8; 64];
             let mut query = CK_ATTRIBUTE {
@@ -1085,6 +1091,7 @@ impl Schedule<'_> {
             let rv =
                 unsafe { self.f.C_GetAttributeValue.unwrap()(session, *handle, &mut query, 1) };
             if rv != CKR_OK {
+                all_read = false;
                 continue;
             }
             label.truncate(query.ulValueLen as usize);
@@ -1110,6 +1117,30 @@ impl Schedule<'_> {
             );
             seen.push(label);
         }
+        if !all_read || found as usize == handles.len() || !self.logged_in {
+            return Ok(());
+        }
+        // A member returning while none serves serves before it has
+        // caught up (design, "no member serving"): a search can do no
+        // better while every serving member lacks objects.
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let group = &provider.groups[0];
+        if group
+            .serving_members()
+            .iter()
+            .all(|m| group.lacks_objects(m.position))
+        {
+            return Ok(());
+        }
+        let missing = self
+            .made
+            .iter()
+            .find(|m| m.fate == Fate::Exists && m.token && !seen.contains(&m.label));
+        ensure!(
+            missing.is_none(),
+            "{} was made and not destroyed, but a search of every object did not return it",
+            String::from_utf8_lossy(&missing.map(|m| m.label.clone()).unwrap_or_default())
+        );
         Ok(())
     }
 
@@ -2184,6 +2215,65 @@ fn a_schedule_replays_exactly() {
     }
 }
 
+/// Spared schedules whose replay of a returning member's changes ran on
+/// spares, in threads of their own (`replication::spares`): at most one
+/// lane lent per replay ([`SimMember::with_one_lane_spares`]), the calls
+/// are those of every run. Each runs twice in a forked child, as a run of
+/// many schedules does, and once as the printed replay command runs it
+/// (`SIM_SEED=N`, in a process of its own, printing each step): the three
+/// step traces -- every call and its answer, fault, recovery round and
+/// member state with the time -- are the same, so a failing seed among
+/// them would replay exactly. Seeds of the default schedules, chosen as
+/// those with the most lanes lent among the first 600.
+#[test]
+fn a_spared_seed_replays_exactly() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let setup = setup();
+    for seed in [53, 137, 203] {
+        let [first, again] = [(); 2]
+            .map(|_| run_forked_plan(seed, None, Faults::DEFAULT, setup.f, &setup.configs[0]));
+        assert!(
+            first.failure.is_none(),
+            "seed {seed}: {}",
+            first.failure.unwrap_or_default()
+        );
+        let lanes = first
+            .trace
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("spare lanes lent to replays: "))
+            .unwrap_or_else(|| panic!("seed {seed} has no spares: {}", first.trace));
+        assert!(
+            lanes.contains(|c: char| ('1'..='9').contains(&c)),
+            "seed {seed} made no replay on spares ({lanes})"
+        );
+        assert_eq!(
+            first.trace, again.trace,
+            "seed {seed} ran differently twice"
+        );
+        // The replay as a failing seed's message prints it. Spawned while
+        // this file's lock is held: no other test forks meanwhile.
+        let replay = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "seeded_schedules_keep_every_invariant",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("SIM_SEED", seed.to_string())
+            .env_remove("SIM_RECONNECTS")
+            .env_remove("SIM_SPARES")
+            .output()
+            .expect("the replay runs");
+        assert!(replay.status.success(), "seed {seed}'s replay failed");
+        let printed: Vec<&str> = std::str::from_utf8(&replay.stderr)
+            .expect("UTF-8")
+            .lines()
+            .filter_map(|l| l.strip_prefix("sim: "))
+            .collect();
+        let traced: Vec<&str> = first.trace.split("\n  ").collect();
+        assert_eq!(printed, traced, "seed {seed} replayed differently");
+    }
+}
+
 /// Runs `script` and fails with its report if an invariant broke.
 fn run_script(script: &Script) {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -2956,7 +3046,13 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   (such a member now answers no search until compared).
 /// - 8064 (the first schedules with spares): the memory member's healed
 ///   spare brought back the lost connection's sessions.
-const REGRESSION_SEEDS: [(u64, Faults); 59] = [
+/// - 3063, 9207, 17574 (the first schedules checking that a search finds
+///   every object made): a token that restarted between two calls, unseen,
+///   gave a new virtual session a member session without the group's
+///   login, and a search there answered without the private objects (a
+///   member session opened on such a token now takes its member out, as
+///   the utility session's did).
+const REGRESSION_SEEDS: [(u64, Faults); 62] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3016,6 +3112,9 @@ const REGRESSION_SEEDS: [(u64, Faults); 59] = [
     (7519, Faults::UNSPARED),
     (1378, Faults::DEFAULT),
     (8064, Faults::DEFAULT),
+    (3063, Faults::DEFAULT),
+    (9207, Faults::DEFAULT),
+    (17574, Faults::DEFAULT),
 ];
 
 #[test]

@@ -143,7 +143,7 @@ impl VirtualSession {
     /// Adds to `holdings` the member's token objects it does not list yet,
     /// each read once; false if the member could not be listed.
     fn note_new_holdings(&self, position: usize, holdings: &mut Holdings) -> bool {
-        let domain = self.domain_handle(position);
+        let domain = self.group.domain_handle(position);
         let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
         let Ok(handles) = self.group.find_on_utility(position, &everything) else {
             return false;

@@ -399,7 +399,7 @@ impl VirtualSession {
             })
         };
         let mut print = read(false)?;
-        if self.is_domain_print(&print) {
+        if self.group.is_domain_print(&print) {
             lane.remember_found(here, None);
             return Some(None);
         }
@@ -413,7 +413,7 @@ impl VirtualSession {
             return None;
         };
         let objects = &self.group.objects;
-        if objects.known(position, first).is_none() && self.off_search_home(position) {
+        if objects.known(position, first).is_none() && self.group.off_search_home(position) {
             // Named as the primary names it, on the member's own session.
             return None;
         }

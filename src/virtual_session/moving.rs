@@ -177,7 +177,7 @@ impl VirtualSession {
         if let Some(search) = op.history.as_ref().and_then(|h| h.search.as_ref()) {
             // Known before the search starts there, as in find_init, so that
             // the search can leave it out.
-            self.domain_handle(position);
+            self.group.domain_handle(position);
             let template = search.template.template();
             return self.attempt(position, function, &mut |l, s| {
                 l.find_objects_init(s, template.as_slice())
