@@ -5,57 +5,33 @@
 
 use crate::error::{Error, Result};
 use crate::group::Group;
-use crate::member_api::{open_member_session, MemberBackend, MemberSession};
+use crate::member_api::{open_member_session, MemberSession};
 use cryptoki_sys::*;
-use parking_lot::{Mutex, RwLock};
-use smallvec::SmallVec;
+use parking_lot::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// A member session lent for one call: what the call path needs of a
-/// [`MemberSession`], without its library's reference count.
-#[derive(Clone, Copy)]
-pub struct LentSession<'a> {
-    pub library: &'a dyn MemberBackend,
-    pub handle: CK_SESSION_HANDLE,
-    pub connection: u64,
-    /// As [`MemberSession::networked`].
-    pub networked: bool,
-}
 
 /// The member session a virtual session holds on one member.
 #[derive(Default)]
 struct MemberSessionCell {
     held: RwLock<Option<MemberSession>>,
-    /// Every library a session here was opened on, kept for as long as the
-    /// cell, so that a library [`Self::get`] lends out outlives the session.
-    retained: Mutex<SmallVec<[Arc<dyn MemberBackend>; 1]>>,
     /// Whether the session held was lent out for a call: one never lent is
     /// as good as new when the virtual session closes.
     used: AtomicBool,
 }
 
 impl MemberSessionCell {
-    /// The session held, if it was opened in `epoch`. The library is
-    /// lent, not counted: every call reads it, and a reference count shared
-    /// by all threads would be contended.
+    /// The session held, if it was opened in `epoch`, for one call.
     #[inline(always)]
-    fn get(&self, epoch: u64) -> Option<LentSession<'_>> {
-        let held = self.held.read();
-        let session = held.as_ref().filter(|s| s.epoch == epoch)?;
+    fn get(&self, epoch: u64) -> Option<MemberSession> {
+        let session = self
+            .held
+            .read()
+            .as_ref()
+            .filter(|s| s.epoch == epoch)?
+            .clone();
         self.mark_used();
-        let library = Arc::as_ptr(&session.library);
-        let (handle, connection, networked) =
-            (session.handle, session.connection, session.networked);
-        drop(held);
-        Some(LentSession {
-            // SAFETY: `retained` holds an Arc of every library a session
-            // here was opened on for as long as `self` lives.
-            library: unsafe { &*library },
-            handle,
-            connection,
-            networked,
-        })
+        Some(session)
     }
 
     /// The session held, whatever its epoch, as an owned value.
@@ -80,10 +56,6 @@ impl MemberSessionCell {
         let mut held = self.held.write();
         if let Some(same_epoch) = held.as_ref().filter(|h| h.epoch == session.epoch) {
             return (same_epoch.clone(), Some(session));
-        }
-        let mut retained = self.retained.lock();
-        if !retained.iter().any(|l| Arc::ptr_eq(l, &session.library)) {
-            retained.push(Arc::clone(&session.library));
         }
         *held = Some(session.clone());
         (session, None)
@@ -175,15 +147,10 @@ impl MemberSessions {
             })
     }
 
-    /// [`Self::member_session`] without a reference count: the path of
+    /// The member session of `epoch`, opened if none is held: the path of
     /// every member call.
     #[inline(always)]
-    pub fn session_on(
-        &self,
-        group: &Group,
-        position: usize,
-        epoch: u64,
-    ) -> Result<LentSession<'_>> {
+    pub fn session_on(&self, group: &Group, position: usize, epoch: u64) -> Result<MemberSession> {
         match self.cells[position].get(epoch) {
             Some(found) => Ok(found),
             None => self.open_and_get(group, position, epoch),
@@ -191,7 +158,7 @@ impl MemberSessions {
     }
 
     #[cold]
-    fn open_and_get(&self, group: &Group, position: usize, epoch: u64) -> Result<LentSession<'_>> {
+    fn open_and_get(&self, group: &Group, position: usize, epoch: u64) -> Result<MemberSession> {
         self.open_member_session(group, position, epoch)?;
         // Absent only if the member failed again meanwhile.
         self.cells[position]
@@ -246,127 +213,5 @@ impl MemberSessions {
             return Err(Error::new(CKR_SESSION_HANDLE_INVALID));
         }
         Ok(held)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    //! The library a cell lends without a reference count, checked under
-    //! Miri (`cargo +nightly miri test --lib member_sessions::tests`): a
-    //! lent library must stay readable however the cell's session is
-    //! replaced or taken meanwhile, by this thread or another.
-    use super::*;
-    use crate::member::Silent;
-    use crate::member_api::{MemberApi, TokenSearch};
-    use std::time::{Duration, Instant};
-
-    /// A library with a name and nothing else: what a lent one is read for.
-    struct Named(String);
-
-    impl MemberApi for Named {
-        fn slot_list(&self, _token_present: CK_BBOOL) -> Result<Vec<CK_SLOT_ID>> {
-            Ok(Vec::new())
-        }
-        fn slot_info(&self, _slot: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {
-            Err(Error::new(CKR_SLOT_ID_INVALID))
-        }
-        fn token_info(&self, _slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
-            Err(Error::new(CKR_SLOT_ID_INVALID))
-        }
-        fn mechanisms(&self, _slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
-            Ok(Vec::new())
-        }
-        fn mechanism_info(
-            &self,
-            _slot: CK_SLOT_ID,
-            _mechanism: CK_MECHANISM_TYPE,
-        ) -> Result<CK_MECHANISM_INFO> {
-            Err(Error::new(CKR_MECHANISM_INVALID))
-        }
-        fn initialize(&self) -> Result<()> {
-            Ok(())
-        }
-        fn finalize(&self) {}
-    }
-
-    impl MemberBackend for Named {
-        fn name(&self) -> &str {
-            &self.0
-        }
-        fn search_bounded(
-            self: Arc<Self>,
-            _search: TokenSearch,
-            _deadline: Instant,
-            _patience: Duration,
-        ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>> {
-            None
-        }
-    }
-
-    /// A session of epoch `epoch` on a library of its own, which only the
-    /// session (and the cell it is put in) holds.
-    fn session(epoch: u64) -> MemberSession {
-        MemberSession {
-            library: Arc::new(Named(format!("library {epoch}"))),
-            handle: epoch,
-            epoch,
-            connection: 0,
-            networked: false,
-        }
-    }
-
-    #[test]
-    fn a_lent_library_outlives_the_session_it_was_lent_from() {
-        let cell = MemberSessionCell::default();
-        let (held, raced) = cell.put(session(1));
-        assert!(raced.is_none());
-        drop(held);
-        let lent = cell.get(1).expect("the session of epoch 1");
-        // Replaced by a session on another library, then taken: no session
-        // holds the first library any more.
-        let (held, _) = cell.put(session(2));
-        drop(held);
-        let (taken, used) = cell.take().expect("the session of epoch 2");
-        assert!(used, "lent for a call");
-        drop(taken);
-        assert!(cell.get(2).is_none(), "taken");
-        assert_eq!(lent.library.name(), "library 1");
-        assert_eq!(lent.handle, 1);
-    }
-
-    #[test]
-    fn lent_libraries_stay_readable_while_another_thread_replaces_the_session() {
-        const EPOCHS: u64 = 8;
-        let cell = MemberSessionCell::default();
-        let (held, _) = cell.put(session(0));
-        drop(held);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                for epoch in 1..=EPOCHS {
-                    let (held, _) = cell.put(session(epoch));
-                    drop(held);
-                    if epoch % 3 == 0 {
-                        cell.take();
-                    }
-                }
-            });
-            let mut lent = Vec::new();
-            for _ in 0..2 * EPOCHS {
-                for epoch in 0..=EPOCHS {
-                    if let Some(session) = cell.get(epoch) {
-                        lent.push(session);
-                    }
-                }
-                std::thread::yield_now();
-            }
-            // Every library lent is still whole, whichever sessions the
-            // other thread replaced or took meanwhile.
-            for session in lent {
-                assert_eq!(
-                    session.library.name(),
-                    format!("library {}", session.handle)
-                );
-            }
-        });
     }
 }

@@ -11,7 +11,7 @@ pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
 use crate::group::{is_member_fault, Group, Waits};
 use crate::member_api::{MemberBackend, MemberSession};
-use crate::member_sessions::{LentSession, MemberSessions};
+use crate::member_sessions::MemberSessions;
 use cryptoki_sys::*;
 use std::sync::Arc;
 
@@ -140,10 +140,9 @@ impl VirtualSession {
         self.members.member_session(&self.group, position)
     }
 
-    /// [`Self::member_session`] without a reference count, as (library,
-    /// session, connection): the path of every member call.
+    /// The member session of `epoch`: the path of every member call.
     #[inline(always)]
-    fn session_on(&self, position: usize, epoch: u64) -> Result<LentSession<'_>> {
+    fn session_on(&self, position: usize, epoch: u64) -> Result<MemberSession> {
         self.members.session_on(&self.group, position, epoch)
     }
 

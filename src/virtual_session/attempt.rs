@@ -8,7 +8,7 @@ use super::VirtualSession;
 use crate::group::is_member_fault;
 use crate::member::{classify, Answer};
 use crate::member_api::MemberBackend;
-use crate::member_sessions::LentSession;
+use crate::member_api::MemberSession;
 use crate::object::Era;
 use cryptoki_sys::*;
 
@@ -85,11 +85,12 @@ impl VirtualSession {
     {
         let member = &self.group.members[position];
         let epoch = member.epoch();
-        let LentSession {
+        let MemberSession {
             library,
             handle,
             connection,
             networked,
+            ..
         } = match self.session_on(position, epoch) {
             Ok(s) => s,
             Err(e) => return self.not_opened(position, e.rv),
@@ -101,16 +102,16 @@ impl VirtualSession {
         }
         if spare && library.has_spares() {
             let mut call = |l: &dyn MemberBackend, s| call(l, s);
-            if let Some(answer) = self.attempt_on_spare(position, library, function, &mut call) {
+            if let Some(answer) = self.attempt_on_spare(position, &*library, function, &mut call) {
                 return answer;
             }
         }
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if networked {
-            self.run_on_connection(position, function, library, handle, connection, call)
+            self.run_on_connection(position, function, &*library, handle, connection, call)
         } else {
-            self.run(position, function, library, handle, call)
+            self.run(position, function, &*library, handle, call)
         };
         drop(guard);
         // Success first and inline: most calls succeed, and no other check
@@ -208,7 +209,7 @@ impl VirtualSession {
         F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         crate::member::on_connection(connection, || {
-            self.run(position, function, library, handle, call)
+            self.run(position, function, &*library, handle, call)
         })
     }
 
