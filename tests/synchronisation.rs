@@ -320,6 +320,22 @@ fn imports_a_member_missed_are_made_on_spares_once_each_around_a_removal() {
     }
 }
 
+/// Asserts that each of `labels` is on member `token` exactly once.
+fn assert_each_once_on<'a>(
+    library: &SimMember,
+    token: usize,
+    labels: impl IntoIterator<Item = &'a String>,
+) {
+    let held = library.token_objects(token);
+    for label in labels {
+        let copies = held
+            .iter()
+            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
+            .count();
+        assert_eq!(copies, 1, "{label} is on member {token} once");
+    }
+}
+
 /// Connects `count` spare instances of the library on member 1's slot, as
 /// the calls of a member in service do: a replay takes only spares
 /// connected already.
@@ -383,16 +399,7 @@ fn a_source_whose_objects_are_unmapped_is_taken_by_count_and_not_read() {
         !read.load(Ordering::SeqCst),
         "member 0's objects were read one by one"
     );
-    let count_on = |token: usize, label: &str| {
-        library
-            .token_objects(token)
-            .iter()
-            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
-            .count()
-    };
-    for label in &labels {
-        assert_eq!(count_on(1, label), 1, "{label} is on member 1 once");
-    }
+    assert_each_once_on(&library, 1, &labels);
     v.close();
 }
 
@@ -484,14 +491,7 @@ fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
         log.contains("it serves first, and the 39 objects it missed are made on it right after"),
         "member 1 made one import on the spare, then served:\n{log}"
     );
-    for label in &labels {
-        let on_1 = library
-            .token_objects(1)
-            .iter()
-            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
-            .count();
-        assert_eq!(on_1, 1, "{label} is on member 1 once");
-    }
+    assert_each_once_on(&library, 1, &labels);
     v.close();
 }
 
@@ -528,14 +528,7 @@ fn a_replay_connects_no_spare_and_makes_the_imports_on_the_members_own_session()
         taken_before,
         "the replay took no spare: none was connected"
     );
-    for label in &labels {
-        let on_1 = library
-            .token_objects(1)
-            .iter()
-            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
-            .count();
-        assert_eq!(on_1, 1, "{label} is on member 1 once");
-    }
+    assert_each_once_on(&library, 1, &labels);
     v.close();
 }
 
@@ -589,14 +582,7 @@ fn a_member_reading_its_objects_when_none_serves_stops_and_serves_first() {
             && recovered.contains("not read: no member serving since the reading began"),
         "member 1 stopped reading its objects once none served: {recovered}"
     );
-    for label in held.iter().chain(&owed) {
-        let on_1 = library
-            .token_objects(1)
-            .iter()
-            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
-            .count();
-        assert_eq!(on_1, 1, "{label} is on member 1 once");
-    }
+    assert_each_once_on(&library, 1, held.iter().chain(&owed));
     v.close();
 }
 
@@ -709,14 +695,7 @@ fn a_reading_in_the_replay_stops_when_no_member_serves() {
         log.contains("read in the replay stopped after"),
         "member 1 stopped reading once none served:\n{log}"
     );
-    for label in held.iter().chain(&owed).chain(&tail) {
-        let on_1 = library
-            .token_objects(1)
-            .iter()
-            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
-            .count();
-        assert_eq!(on_1, 1, "{label} is on member 1 once");
-    }
+    assert_each_once_on(&library, 1, held.iter().chain(&owed).chain(&tail));
     v.close();
 }
 
@@ -839,15 +818,6 @@ fn a_counted_member_owed_a_long_tail_reads_its_objects_once() {
         searches < 10,
         "member 1 was searched {searches} times for 23 changes: its objects were not read once"
     );
-    let count_on = |label: &str| {
-        library
-            .token_objects(1)
-            .iter()
-            .filter(|[_, l, _, _]| *l == hex(label.as_bytes()))
-            .count()
-    };
-    for label in held.iter().chain(&owed).chain(&tail) {
-        assert_eq!(count_on(label), 1, "{label} is on member 1 once");
-    }
+    assert_each_once_on(&library, 1, held.iter().chain(&owed).chain(&tail));
     v.close();
 }

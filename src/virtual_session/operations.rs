@@ -76,13 +76,7 @@ impl VirtualSession {
         loop {
             let (position, handles, era) = match self.choose(keys, preference) {
                 Ok(chosen) => chosen,
-                Err(_) if self.wait_for_a_member(&mut waits) => continue,
-                Err(e)
-                    if e.rv == CKR_KEY_HANDLE_INVALID
-                        && self.wait_for_kept_keys(keys, &mut waits) =>
-                {
-                    continue
-                }
+                Err(e) if self.wait_to_choose_again(&e, keys, &mut waits) => continue,
                 Err(e) => return Err(e),
             };
             let on_lane = if on_spare && self.lane.possible(&self.group) {

@@ -4,8 +4,9 @@
 //! outside its write.
 
 use super::VirtualSession;
+use crate::error::Error;
 use crate::group::Waits;
-use cryptoki_sys::CK_OBJECT_HANDLE;
+use cryptoki_sys::{CKR_KEY_HANDLE_INVALID, CK_OBJECT_HANDLE};
 
 thread_local! {
     /// Set while this thread runs a call that makes, changes or destroys
@@ -37,6 +38,22 @@ impl VirtualSession {
         self.group.up_members().next().is_none() && self.serving_again(waits)
     }
 
+    /// After [`Self::choose`] failed with `error`: waits for a member to
+    /// serve ([`Self::wait_for_a_member`]) or, for a key on no serving
+    /// member, for the keys the call names to be made on the one serving
+    /// first ([`Self::wait_for_kept_keys`]); true if the call chooses again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_to_choose_again(
+        &self,
+        error: &Error,
+        keys: &[CK_OBJECT_HANDLE],
+        waits: &mut Waits,
+    ) -> bool {
+        self.wait_for_a_member(waits)
+            || (error.rv == CKR_KEY_HANDLE_INVALID && self.wait_for_kept_keys(keys, waits))
+    }
+
     /// After a try that found no member serving: true if one serves now,
     /// or once one returns within the call's `waits` (as
     /// [`Self::wait_for_a_member`]), and the call tries again.
@@ -54,7 +71,7 @@ impl VirtualSession {
     /// true if it waited, and the call chooses again.
     #[cold]
     #[inline(never)]
-    pub(crate) fn wait_for_kept_keys(&self, keys: &[CK_OBJECT_HANDLE], waits: &mut Waits) -> bool {
+    fn wait_for_kept_keys(&self, keys: &[CK_OBJECT_HANDLE], waits: &mut Waits) -> bool {
         self.waits_for_members
             && !WRITING.get()
             && !keys.is_empty()
