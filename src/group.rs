@@ -719,6 +719,9 @@ pub struct Group {
     /// again by a copy (`VirtualSession::carries_keys_now`) since the last
     /// [`Group::wrapping_resumed`]: the copies kept meanwhile are due.
     wrapping_resumed_unseen: AtomicBool,
+    /// An object a serving member refused while another took it was kept
+    /// for it since the last [`Group::refusals_kept`].
+    refusal_kept_unseen: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -997,6 +1000,7 @@ impl Group {
                 wanted: Vec::new(),
             }),
             wrapping_resumed_unseen: AtomicBool::new(false),
+            refusal_kept_unseen: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -1703,6 +1707,17 @@ impl Group {
     }
 
     /// Whether changes are kept for any member (see `deferred`).
+    /// An object a serving member refused while another took it is kept
+    /// for it ([`Group::defer`]): the next recovery round tries it again.
+    pub fn note_refusal_kept(&self) {
+        self.refusal_kept_unseen.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Group::note_refusal_kept`] was called since the last call.
+    pub fn refusals_kept(&self) -> bool {
+        self.refusal_kept_unseen.swap(false, Ordering::AcqRel)
+    }
+
     pub fn has_deferred(&self) -> bool {
         self.deferred.lock().iter().any(|kept| !kept.is_empty())
     }

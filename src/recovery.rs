@@ -241,7 +241,7 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         }
         let Some(p) = provider.upgrade() else { break };
         start_attempts(&*p, &provider, &shared, interval);
-        retry_copies_waiting_for_wrapping(&*p);
+        retry_kept_changes(&*p);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
@@ -483,7 +483,7 @@ impl Stepped {
             }
             tried.push((key, serves));
         }
-        retry_copies_waiting_for_wrapping(provider);
+        retry_kept_changes(provider);
         tried
     }
 }
@@ -674,17 +674,20 @@ pub fn recover_failed_members(provider: &dyn Host) {
             }
         }
     }
-    retry_copies_waiting_for_wrapping(provider);
+    retry_kept_changes(provider);
 }
 
-/// Makes the copies kept while a library refused the key-wrap mechanism
-/// (see [`VirtualSession::waits_for_wrapping`]) once one has stopped
-/// refusing, asked each recovery round while copies are kept: a library
-/// that came to refuse mid-run may stop with every member serving, and no
-/// member's return would try them again (simulation seeds 129, 499, 804).
-fn retry_copies_waiting_for_wrapping(provider: &dyn Host) {
+/// Makes the changes kept for serving members that no member's return
+/// would try again, asked each recovery round while changes are kept: the
+/// copies kept while a library refused the key-wrap mechanism (see
+/// [`VirtualSession::waits_for_wrapping`]) once one has stopped refusing
+/// -- a library that came to refuse mid-run may stop with every member
+/// serving (simulation seeds 129, 499, 804) -- and objects a member
+/// refused while another took them, tried once more (one refused again is
+/// dropped with a line in the HA log; reconciliation compares the members).
+fn retry_kept_changes(provider: &dyn Host) {
     for group in provider.groups() {
-        if group.has_deferred() && group.wrapping_resumed() {
+        if group.has_deferred() && (group.refusals_kept() || group.wrapping_resumed()) {
             replay_deferred(group);
         }
     }

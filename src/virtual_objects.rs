@@ -367,7 +367,9 @@ impl VirtualSession {
     /// soak: imports failed with `CKR_GENERAL_ERROR` while one member's
     /// SoftHSM refused every import). The member serves without the
     /// object -- searches prefer members that lack none -- and it is tried
-    /// again whenever a member returns; the HA log says so.
+    /// again at the next recovery round (no member need return: the long
+    /// chaos run, every member serving at its end, waited for it for
+    /// good); the HA log says so.
     #[cold]
     fn keep_refused(&self, object: CK_OBJECT_HANDLE, era: Era, rv: CK_RV, change: Pending) {
         let position = era.member();
@@ -378,12 +380,13 @@ impl VirtualSession {
             Some(position),
             &format!(
                 "{} refused with {} while another member took it; the member serves \
-                 without it, tried again when a member returns",
+                 without it, tried again at the next recovery round",
                 self.name_change(&change),
                 crate::error::rv_name(rv)
             ),
         );
         self.group.defer(position, change);
+        self.group.note_refusal_kept();
     }
 
     /// The members that are up in the order a call that makes an object

@@ -347,9 +347,9 @@ pub fn multiarch_dir() -> PathBuf {
     Path::new("/usr/lib").join(triplet)
 }
 
-/// Whether member `i` of group `group` serves now, through the exported
+/// The status of group `group`, through the exported
 /// `PKCS11HA_GetGroupStatus` of the loaded library.
-pub fn member_serves(group: u64, i: usize) -> bool {
+pub fn group_status(group: u64) -> pkcs11_ha::state_api::PKCS11HA_GROUP_STATUS {
     // SAFETY: the symbol has this signature; the library is loaded.
     unsafe {
         let library = libloading::Library::new(library_path()).expect("load pkcs11-ha");
@@ -360,8 +360,13 @@ pub fn member_serves(group: u64, i: usize) -> bool {
             .expect("PKCS11HA_GetGroupStatus");
         let mut status = std::mem::zeroed();
         assert_eq!(get(group, &mut status), 0, "PKCS11HA_GetGroupStatus");
-        status.members[i].state == pkcs11_ha::state_api::PKCS11HA_STATE_UP
+        status
     }
+}
+
+/// Whether member `i` of group `group` serves now.
+pub fn member_serves(group: u64, i: usize) -> bool {
+    group_status(group).members[i].state == pkcs11_ha::state_api::PKCS11HA_STATE_UP
 }
 
 /// Set `PKCS11_HA_CONF` in this process (caller holds [`serial_guard`]).
