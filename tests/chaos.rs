@@ -1426,15 +1426,23 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         settled.store(true, Ordering::Relaxed);
         samples = sampler.join().unwrap();
     });
-    wait_for(
-        "every member serves with nothing left to replay",
-        Duration::from_secs(120),
-        || {
-            let status = group_status();
-            (0..MEMBERS)
-                .all(|i| status.members[i].state == 0 && status.members[i].pendingChanges == 0)
-        },
-    );
+    let settling = Instant::now();
+    loop {
+        let status = group_status();
+        let members: Vec<_> = (0..MEMBERS)
+            .map(|i| (status.members[i].state, status.members[i].pendingChanges))
+            .collect();
+        if members.iter().all(|&(state, kept)| state == 0 && kept == 0) {
+            break;
+        }
+        assert!(
+            settling.elapsed() < Duration::from_secs(120),
+            "every member serves with nothing left to replay: not within 120 s; \
+             (state, changes kept) per member: {members:?}; HA log:\n{}",
+            chaos.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let disturbances = disturbances.into_inner().unwrap();
     let keys = keys.into_inner().unwrap();
 
