@@ -1111,12 +1111,7 @@ impl VirtualSession {
                 None => return self.unread(era, handle).map(|()| None),
             },
         };
-        // Read after the member's handles were forgotten, `handle` named
-        // whatever holds its number now.
-        if objects.moved_on(era) {
-            return Err(MemberFailed);
-        }
-        if self.group.is_domain_print(&print) {
+        if !self.names_an_object(era, &print)? {
             return Ok(None);
         }
         let home_era = objects.era(home);
@@ -1170,6 +1165,21 @@ impl VirtualSession {
             Attempt::Faulted => Err(MemberFailed),
             Attempt::Answered(_) => Ok(()),
         }
+    }
+
+    /// Whether `print`, read by a member handle learned in `era`, names an
+    /// object a search shows (not the domain key); `Err` once the member's
+    /// handles were forgotten since: the handle named whatever holds its
+    /// number now.
+    fn names_an_object(
+        &self,
+        era: Era,
+        print: &identity::Fingerprint,
+    ) -> std::result::Result<bool, MemberFailed> {
+        if self.group.objects.moved_on(era) {
+            return Err(MemberFailed);
+        }
+        Ok(!self.group.is_domain_print(print))
     }
 
     /// Continues the search and turns member handles into virtual ones,
@@ -1303,12 +1313,7 @@ impl VirtualSession {
                 None => return self.unread(era, handle).map(|()| None),
             },
         };
-        // Read after the member's handles were forgotten, `handle` named
-        // whatever holds its number now.
-        if objects.moved_on(era) {
-            return Err(MemberFailed);
-        }
-        if self.group.is_domain_print(&print) {
+        if !self.names_an_object(era, &print)? {
             return Ok(None);
         }
         objects
