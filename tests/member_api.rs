@@ -2043,3 +2043,123 @@ fn a_call_in_the_instant_the_last_serving_member_fails_waits_for_it() {
     failing.close();
     meanwhile.close();
 }
+
+/// `C_EncryptUpdate` of `data` through `v`, on the operation it holds.
+fn encrypt_update(v: &VirtualSession, data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; data.len()];
+    let mut len = out.len() as CK_ULONG;
+    v.step(
+        OpKind::Encrypt,
+        Step::Update,
+        Input::Data(data),
+        "C_EncryptUpdate",
+        |l, s| l.encrypt_update(s, Some(data), Some(&mut out[..]), &mut len),
+    )
+    .expect("C_EncryptUpdate");
+    out.truncate(len as usize);
+    out
+}
+
+/// `C_SetOperationState` names its key by a member handle looked up like
+/// any keyed call's: when the member's handles are forgotten after the
+/// lookup and before the call, the key is looked up again. Here the member
+/// numbers its objects afresh, reusing numbers (as a new p11-kit
+/// connection does), as the restoring session's own member session is
+/// opened, after the key's handle was taken and with the member's epoch
+/// unchanged (the group forgot its handles as at a logout): before, the
+/// call named the old number, another key's now, and the encryption went
+/// on with that key.
+#[test]
+fn an_operation_state_restored_as_its_members_handles_are_forgotten_uses_its_key() {
+    let (member, group) = memory_group(2, 64);
+    let saving = logged_in_session(&group);
+    let keys: Vec<CK_OBJECT_HANDLE> = [&b"state key 1"[..], b"state key 2", b"state key 3"]
+        .iter()
+        .map(|label| generate_token_key(&saving, label).expect("C_GenerateKey"))
+        .collect();
+    let key = keys[0];
+    let mut raw = no_parameter(CKM_AES_ECB);
+    let ecb = mechanism(&mut raw);
+    saving
+        .init(
+            OpKind::Encrypt,
+            Some(&ecb),
+            Some(key),
+            "C_EncryptInit",
+            |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+        )
+        .expect("C_EncryptInit");
+    let (first, second) = ([1u8; 16], [2u8; 16]);
+    let begun = encrypt_update(&saving, &first);
+    let position = saving
+        .bound_member()
+        .expect("an operation bound to a member");
+    let state = {
+        let m = saving.member_session(position).expect("its member session");
+        let mut len = 0;
+        assert_eq!(
+            m.library.get_operation_state(m.handle, None, &mut len),
+            CKR_OK
+        );
+        let mut state = vec![0u8; len as usize];
+        let rv = m
+            .library
+            .get_operation_state(m.handle, Some(&mut state[..]), &mut len);
+        assert_eq!(rv, CKR_OK, "C_GetOperationState");
+        state
+    };
+    // The restoring session opens its member session on that member at
+    // its call: it opened while the member was out, and the member is
+    // back, the key's handle there looked up.
+    group.member_failed(position, "C_EncryptUpdate", CKR_DEVICE_ERROR);
+    let restoring =
+        VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a second session");
+    recovery::recover_failed_members(&MemoryHost::new(&group, &member));
+    assert_eq!(group.members[position].state(), MemberState::Up);
+    let old = restoring
+        .resolve(key, position)
+        .expect("the key is looked up")
+        .expect("the member holds the key");
+    let named_after = Arc::new(Mutex::new(None));
+    let (weak_group, weak_member) = (Arc::downgrade(&group), Arc::downgrade(&member));
+    let renumbered = Arc::clone(&named_after);
+    member.on_stall(move |token| {
+        let (Some(group), Some(member)) = (weak_group.upgrade(), weak_member.upgrade()) else {
+            return;
+        };
+        let mut sim = member.sim.lock();
+        sim.tokens[token].renumber_afresh();
+        let label = sim.tokens[token]
+            .object(old)
+            .ok()
+            .map(|o| o.attributes[&CKA_LABEL].clone());
+        *renumbered.lock() = Some(label);
+        group.forget_handles(position);
+    });
+    // The next call on the member is the restoring session's
+    // `C_OpenSession`: its key's handle is known already.
+    member.sim.lock().set_fault(position, Fault::Stall);
+    restoring
+        .set_operation_state(position, &state, key, CK_INVALID_HANDLE)
+        .expect("C_SetOperationState");
+    assert_eq!(
+        *named_after.lock(),
+        Some(Some(b"state key 2".to_vec())),
+        "the member renumbered under the call: the key's old number names another key"
+    );
+    let value = key_values(&member, b"state key 1")[position][0].clone();
+    let mut expected = [first, second].concat();
+    token::keystream_xor(&value, 0, &mut expected);
+    assert_eq!(
+        begun,
+        expected[..16],
+        "the first part, before the state was saved"
+    );
+    assert_eq!(
+        encrypt_update(&restoring, &second),
+        expected[16..],
+        "the restored encryption goes on with its own key"
+    );
+    saving.close();
+    restoring.close();
+}

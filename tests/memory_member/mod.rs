@@ -687,6 +687,35 @@ impl MemberApi for SimMember {
         })
     }
 
+    fn get_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&mut [u8]>,
+        state_len: &mut CK_ULONG,
+    ) -> CK_RV {
+        self.call("C_GetOperationState", |sim| {
+            let saved = sim.operation_state(session)?;
+            two_call(&saved, state, state_len).map(|_| ())
+        })
+    }
+
+    fn set_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&[u8]>,
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        self.call("C_SetOperationState", |sim| {
+            sim.restore_operation(
+                session,
+                state.unwrap_or_default(),
+                encryption_key,
+                authentication_key,
+            )
+        })
+    }
+
     fn generate_random(&self, session: CK_SESSION_HANDLE, random: Option<&mut [u8]>) -> CK_RV {
         let Some(random) = random else {
             return CKR_ARGUMENTS_BAD;

@@ -301,7 +301,7 @@ impl Token {
 
     /// Handles from 1 again, newest object first, as a new connection to a
     /// p11-kit server hands them out.
-    fn renumber_afresh(&mut self) {
+    pub fn renumber_afresh(&mut self) {
         self.handles.clear();
         self.next_handle = 1;
         let ids: Vec<u64> = self.objects.keys().rev().copied().collect();
@@ -1065,6 +1065,79 @@ impl Sim {
             }
             Some(Operation::Verify { .. }) | None => Err(CKR_OPERATION_NOT_INITIALIZED),
         }
+    }
+
+    /// The session's operation as `C_GetOperationState` saves it: its
+    /// kind and what was fed so far (the data of a digest, signature or
+    /// verification, the offset of an encryption or decryption), without
+    /// its key, which `C_SetOperationState` is given again.
+    pub fn operation_state(&mut self, session: CK_SESSION_HANDLE) -> Result<Vec<u8>> {
+        self.enter_session(session)?;
+        let (kind, fed) = match self.session(session).operation.as_ref() {
+            Some(Operation::Digest(data)) => (b'D', data.clone()),
+            Some(Operation::Sign { data, .. }) => (b'S', data.clone()),
+            Some(Operation::Verify { data, .. }) => (b'V', data.clone()),
+            Some(Operation::Encrypt { offset, .. }) => (b'E', offset.to_le_bytes().to_vec()),
+            Some(Operation::Decrypt { offset, .. }) => (b'C', offset.to_le_bytes().to_vec()),
+            None => return Err(CKR_OPERATION_NOT_INITIALIZED),
+        };
+        Ok([&[kind][..], &fed].concat())
+    }
+
+    /// Restores a state [`Sim::operation_state`] saved, with the key it
+    /// needs as `C_SetOperationState` names it: the encryption key of an
+    /// encryption or decryption, the authentication key of a signature or
+    /// verification, none for a digest (`CKR_KEY_NEEDED`,
+    /// `CKR_KEY_NOT_NEEDED` otherwise).
+    pub fn restore_operation(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        state: &[u8],
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let token = self.enter_session(session)?;
+        let (&kind, fed) = state.split_first().ok_or(CKR_SAVED_STATE_INVALID)?;
+        let offset = || {
+            fed.try_into()
+                .map(usize::from_le_bytes)
+                .map_err(|_| CKR_SAVED_STATE_INVALID)
+        };
+        let (needed, unneeded) = match kind {
+            b'D' => (CK_INVALID_HANDLE, encryption_key | authentication_key),
+            b'S' | b'V' => (authentication_key, encryption_key),
+            b'E' | b'C' => (encryption_key, authentication_key),
+            _ => return Err(CKR_SAVED_STATE_INVALID),
+        };
+        if unneeded != CK_INVALID_HANDLE {
+            return Err(CKR_KEY_NOT_NEEDED);
+        }
+        if kind != b'D' && needed == CK_INVALID_HANDLE {
+            return Err(CKR_KEY_NEEDED);
+        }
+        let key = self.translated(session, needed);
+        let t = &self.tokens[token];
+        let operation = match kind {
+            b'D' => Operation::Digest(fed.to_vec()),
+            b'S' => Operation::Sign {
+                key: t.key(key, CKA_SIGN)?,
+                data: fed.to_vec(),
+            },
+            b'V' => Operation::Verify {
+                key: t.key(key, CKA_VERIFY)?,
+                data: fed.to_vec(),
+            },
+            b'E' => Operation::Encrypt {
+                key: t.key(key, CKA_ENCRYPT)?,
+                offset: offset()?,
+            },
+            _ => Operation::Decrypt {
+                key: t.key(key, CKA_DECRYPT)?,
+                offset: offset()?,
+            },
+        };
+        self.session(session).operation = Some(operation);
+        Ok(())
     }
 
     pub fn operation_end(&mut self, session: CK_SESSION_HANDLE) {
