@@ -1892,15 +1892,20 @@ struct HeldLog {
 impl HeldLog {
     /// Logging starts where the log's file cannot be opened, so that each
     /// line opens it again; once it is a FIFO, that open waits for a reader.
+    /// The FIFO comes in its directory at once: a line another test's group
+    /// writes meanwhile must not make the file first.
     fn new() -> HeldLog {
         let directory = tempfile::tempdir().expect("a temporary directory");
         let logs = directory.path().join("log");
         assert!(pkcs11_ha::halog::open(&logs, 0).is_err());
-        std::fs::create_dir(&logs).expect("the log's directory");
-        let fifo = logs.join(pkcs11_ha::halog::FILE_NAME);
-        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("a path");
+        let staging = directory.path().join("staging");
+        std::fs::create_dir(&staging).expect("a directory for the FIFO");
+        let made = staging.join(pkcs11_ha::halog::FILE_NAME);
+        let path = std::ffi::CString::new(made.as_os_str().as_encoded_bytes()).expect("a path");
         // SAFETY: a NUL-terminated path that lives for the call.
         assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+        std::fs::rename(&staging, &logs).expect("the FIFO's directory moves in");
+        let fifo = logs.join(pkcs11_ha::halog::FILE_NAME);
         HeldLog {
             fifo,
             _directory: directory,
