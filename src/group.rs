@@ -1519,6 +1519,23 @@ impl Group {
         held.clone()
     }
 
+    /// Whether member `position` may hold objects of the group under
+    /// handles not recorded since its handles were forgotten: those it was
+    /// seen to hold before, still not found there. A recovery that counted
+    /// its objects instead of reading them leaves them so, and a search
+    /// there that named what it found without identifying it made a second
+    /// virtual object for each (an object twice in one search, seed
+    /// 1027641). Those found since leave the set, so a member whose
+    /// objects are all found again costs nothing more.
+    pub fn holds_unrecorded(&self, position: usize) -> bool {
+        let mut held = self.held_before[position].lock();
+        if held.is_empty() {
+            return false;
+        }
+        self.objects.keep_unknown_on(position, &mut held);
+        !held.is_empty()
+    }
+
     /// To take before reading member `position`'s objects into an index
     /// for [`Group::adopt_index`].
     pub fn index_ticket(&self, position: usize) -> IndexTicket {

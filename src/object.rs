@@ -337,6 +337,21 @@ impl ObjectTable {
         Some(handle)
     }
 
+    /// Keeps in `objects` the token objects whose copy on `member` is not
+    /// known yet.
+    pub fn keep_unknown_on(
+        &self,
+        member: usize,
+        objects: &mut rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
+    ) {
+        let maps = self.maps.read();
+        objects.retain(|handle| {
+            maps.objects
+                .get(handle)
+                .is_some_and(|o| o.owner.is_none() && o.on[member] == Presence::Unknown)
+        });
+    }
+
     pub fn get(&self, handle: CK_OBJECT_HANDLE) -> Option<VirtualObject> {
         self.maps.read().objects.get(&handle).cloned()
     }

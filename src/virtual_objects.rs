@@ -1231,15 +1231,16 @@ impl VirtualSession {
             }
             let epoch = self.group.members[member].epoch();
             // Where the member's domain keys are known by handle, they are
-            // left out by handle alone.
+            // left out by handle alone -- unless objects of the group may be
+            // there under handles not recorded yet: each is identified.
             let domain_known = self.group.domain.found(member, epoch).is_some();
+            let identify = !domain_known || small || self.group.holds_unrecorded(member);
             let home = self.group.search_home().filter(|home| *home != member);
             let mut shown = 0;
             for i in 0..handles.len() {
                 if self.group.domain.is_domain_key(member, epoch, handles[i]) {
                     continue;
                 }
-                let identify = !domain_known || small;
                 let object = match home {
                     Some(home) => self.found_off_home(era, home, handles[i], identify),
                     None => self.virtual_handle_of(era, handles[i], identify),
