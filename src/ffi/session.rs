@@ -179,18 +179,6 @@ cryptoki_fn! {
         if position >= v.group.members.len() {
             return Err(Error::new(CKR_SAVED_STATE_INVALID));
         }
-        let member_key = |key: CK_OBJECT_HANDLE| -> crate::error::Result<CK_OBJECT_HANDLE> {
-            if key == CK_INVALID_HANDLE {
-                return Ok(CK_INVALID_HANDLE);
-            }
-            v.resolve(key, position)?.ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
-        };
-        let encryption_key = member_key(encryption_key)?;
-        let authentication_key = member_key(authentication_key)?;
-        let m = v.member_session(position)?;
-        check(m.library.set_operation_state(m.handle, Some(&blob[STATE_HEADER..]), encryption_key, authentication_key))?;
-        v.forget_pending_digest();
-        v.restore_binding(position);
-        Ok(())
+        v.set_operation_state(position, &blob[STATE_HEADER..], encryption_key, authentication_key)
     }
 }

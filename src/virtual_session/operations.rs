@@ -312,6 +312,49 @@ impl VirtualSession {
         summary.member().filter(|_| summary.any_active())
     }
 
+    /// `C_SetOperationState` of `state`, saved by member `position`, with
+    /// the application's keys (`CK_INVALID_HANDLE`: none): a keyed call
+    /// like the others ([`Self::attempt_keyed`]), its keys' member handles
+    /// looked up in the era taken before, and looked up again when the
+    /// member's handles were forgotten before its session was taken --
+    /// otherwise a handle of the connection before a reconnect, or of the
+    /// numbering before a login, named another key there, or none. Later
+    /// operation calls go to that member.
+    pub fn set_operation_state(
+        &self,
+        position: usize,
+        state: &[u8],
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let member_key = |key: CK_OBJECT_HANDLE| -> Result<CK_OBJECT_HANDLE> {
+            if key == CK_INVALID_HANDLE {
+                return Ok(CK_INVALID_HANDLE);
+            }
+            self.resolve(key, position)?
+                .ok_or(Error::new(CKR_KEY_HANDLE_INVALID))
+        };
+        loop {
+            let era = self.group.objects.era(position);
+            let encryption = member_key(encryption_key)?;
+            let authentication = member_key(authentication_key)?;
+            let answer = self.attempt_keyed(position, era, "C_SetOperationState", &mut |l, s| {
+                l.set_operation_state(s, Some(state), encryption, authentication)
+            });
+            match answer {
+                Attempt::Answered(rv) => check(rv)?,
+                // The saved state is this member's alone.
+                Attempt::Faulted if !self.group.members[position].is_up() => {
+                    return Err(Error::new(CKR_DEVICE_ERROR))
+                }
+                Attempt::Faulted => continue,
+            }
+            self.forget_pending_digest();
+            self.restore_binding(position);
+            return Ok(());
+        }
+    }
+
     /// Binds every later operation call to `position`, whose state the
     /// application restored.
     pub fn restore_binding(&self, position: usize) {

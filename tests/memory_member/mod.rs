@@ -81,15 +81,17 @@ impl SimMember {
         self
     }
 
-    /// Opens a session for a spare instance: the spare faults meet it.
+    /// Opens a session for a spare instance numbering objects by
+    /// `numbering` ([`token::renumbered`]): the spare faults meet it.
     fn open_spare_session(
         &self,
         slot: CK_SLOT_ID,
         flags: CK_FLAGS,
+        numbering: CK_OBJECT_HANDLE,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
         self.call("C_OpenSession", |sim| {
-            *session = sim.open_spare_session(sim.token_index(slot)?, flags)?;
+            *session = sim.open_spare_session(sim.token_index(slot)?, flags, numbering)?;
             Ok(())
         })
     }
@@ -317,9 +319,10 @@ impl MemberApi for SimMember {
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
-        // A replay's lane opens its read-write session on the spare.
-        if self.spares.on_replay_thread() {
-            return self.open_spare_session(slot, flags, session);
+        // A replay's lane opens its read-write session on the spare, which
+        // numbers objects as the lane's own session does.
+        if let Some(numbering) = self.spares.replay_lane_numbering() {
+            return self.open_spare_session(slot, flags, numbering, session);
         }
         self.call("C_OpenSession", |sim| {
             *session = sim.open_session(sim.token_index(slot)?, flags)?;
@@ -681,6 +684,35 @@ impl MemberApi for SimMember {
                 attributes(template),
             )?;
             Ok(())
+        })
+    }
+
+    fn get_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&mut [u8]>,
+        state_len: &mut CK_ULONG,
+    ) -> CK_RV {
+        self.call("C_GetOperationState", |sim| {
+            let saved = sim.operation_state(session)?;
+            two_call(&saved, state, state_len).map(|_| ())
+        })
+    }
+
+    fn set_operation_state(
+        &self,
+        session: CK_SESSION_HANDLE,
+        state: Option<&[u8]>,
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        self.call("C_SetOperationState", |sim| {
+            sim.restore_operation(
+                session,
+                state.unwrap_or_default(),
+                encryption_key,
+                authentication_key,
+            )
         })
     }
 

@@ -6,6 +6,10 @@
 //! login per token, so a spare's login answers
 //! `CKR_USER_ALREADY_LOGGED_IN` where the member's own session is logged
 //! in; the core takes that as logged in, as it does from a real spare.
+//! Each spare numbers the token's objects its own way, anew at each
+//! connection, as each `p11-kit server` worker does (`token::renumbered`):
+//! a handle of the member's own connection names another object, or none,
+//! on a spare, and the reverse.
 
 use super::SimMember;
 use cryptoki_sys::*;
@@ -28,6 +32,9 @@ pub struct Spares {
     one_lane: Option<(ThreadId, Mutex<bool>)>,
     /// Lanes lent to a replay's threads so far.
     replay_lanes: std::sync::atomic::AtomicUsize,
+    /// The numbering of the lane each replay thread holds: the read-write
+    /// session it opens is on the same spare.
+    replay_numbering: Mutex<HashMap<ThreadId, CK_OBJECT_HANDLE>>,
 }
 
 #[derive(Default)]
@@ -46,6 +53,8 @@ struct SpareSession {
     slot: CK_SLOT_ID,
     handle: CK_SESSION_HANDLE,
     connection: u64,
+    /// How the spare numbers objects on this connection.
+    numbering: CK_OBJECT_HANDLE,
     logged_in: bool,
     keys: HashMap<CK_OBJECT_HANDLE, (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
     found: HashMap<CK_OBJECT_HANDLE, Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>>,
@@ -63,6 +72,7 @@ impl Spares {
             logins: Mutex::new(()),
             one_lane: None,
             replay_lanes: Default::default(),
+            replay_numbering: Default::default(),
         }
     }
 
@@ -82,10 +92,21 @@ impl Spares {
 
     /// Whether the calling thread is a replay's own (see
     /// [`Spares::one_lane`]).
-    pub fn on_replay_thread(&self) -> bool {
+    fn on_replay_thread(&self) -> bool {
         self.one_lane
             .as_ref()
             .is_some_and(|(owner, _)| *owner != std::thread::current().id())
+    }
+
+    /// On a replay's thread, the numbering of the spare whose lane it
+    /// holds, where its sessions open.
+    pub fn replay_lane_numbering(&self) -> Option<CK_OBJECT_HANDLE> {
+        if !self.on_replay_thread() {
+            return None;
+        }
+        let lent = self.replay_numbering.lock();
+        let numbering = lent.get(&std::thread::current().id());
+        Some(*numbering.expect("a replay's thread opens sessions only on the lane it holds"))
     }
 
     /// The member's own thread calls: a replay after this may take a lane.
@@ -130,7 +151,8 @@ impl Spares {
 
 impl SimMember {
     /// An idle spare's session on `slot` on the current connection (opened
-    /// now if it has none), with `begin` held around the opening; `None`
+    /// now if it has none), with `begin` held around the opening, and how
+    /// the spare numbers objects; `None`
     /// when no spare is idle or its connection failed opening the session
     /// (it connects again at its next lending), `Some(Err)` with the
     /// member's answer when the session could not be opened otherwise (the
@@ -144,7 +166,7 @@ impl SimMember {
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
         connect: bool,
-    ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64), CK_RV>> {
+    ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64, CK_OBJECT_HANDLE), CK_RV>> {
         if !self.spares.replay_may_take() {
             return None;
         }
@@ -172,14 +194,18 @@ impl SimMember {
             }
             let sessions = &mut state.sessions[index];
             sessions.retain(|s| s.connection == connection);
-            sessions.iter().find(|s| s.slot == slot).map(|s| s.handle)
+            sessions
+                .iter()
+                .find(|s| s.slot == slot)
+                .map(|s| (s.handle, s.numbering))
         };
-        if let Some(handle) = known {
-            return Some(Ok((index, handle, connection)));
+        if let Some((handle, numbering)) = known {
+            return Some(Ok((index, handle, connection, numbering)));
         }
         let _begun = begin();
+        let numbering = self.sim.lock().spare_numbering(index, connection);
         let mut handle = 0;
-        let rv = self.open_spare_session(slot, CKF_SERIAL_SESSION, &mut handle);
+        let rv = self.open_spare_session(slot, CKF_SERIAL_SESSION, numbering, &mut handle);
         let mut state = self.spares.state.lock();
         if rv != CKR_OK {
             state.idle.push(index);
@@ -196,11 +222,12 @@ impl SimMember {
             slot,
             handle,
             connection,
+            numbering,
             logged_in: false,
             keys: HashMap::new(),
             found: HashMap::new(),
         });
-        Some(Ok((index, handle, connection)))
+        Some(Ok((index, handle, connection, numbering)))
     }
 
     pub(super) fn on_spare_call<'g>(
@@ -209,7 +236,7 @@ impl SimMember {
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
         call: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
     ) -> Option<CK_RV> {
-        let (index, session, _) = match self.borrow_spare(slot, begin, true)? {
+        let (index, session, ..) = match self.borrow_spare(slot, begin, true)? {
             Ok(borrowed) => borrowed,
             Err(rv) => return Some(rv),
         };
@@ -226,11 +253,19 @@ impl SimMember {
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
         connect: bool,
     ) -> Option<Result<Box<dyn SpareLane>, CK_RV>> {
-        let (index, session, connection) = match self.borrow_spare(slot, begin, connect)? {
-            Ok(borrowed) => borrowed,
-            Err(rv) => return Some(Err(rv)),
-        };
+        let (index, session, connection, numbering) =
+            match self.borrow_spare(slot, begin, connect)? {
+                Ok(borrowed) => borrowed,
+                Err(rv) => return Some(Err(rv)),
+            };
         self.spares.state.lock().taken[index] += 1;
+        if self.spares.on_replay_thread() {
+            let thread = std::thread::current().id();
+            self.spares
+                .replay_numbering
+                .lock()
+                .insert(thread, numbering);
+        }
         Some(Ok(Box::new(SimLane {
             member: self,
             index,
@@ -369,6 +404,8 @@ impl SpareLane for SimLane {
 
 impl Drop for SimLane {
     fn drop(&mut self) {
+        let thread = std::thread::current().id();
+        self.member.spares.replay_numbering.lock().remove(&thread);
         let mut state = self.member.spares.state.lock();
         if !self.finished {
             let (session, connection) = (self.session, self.connection);

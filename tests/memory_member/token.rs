@@ -119,6 +119,24 @@ pub struct Session {
     /// Opened by a spare instance ([`Sim::open_spare_session`]): the
     /// spare faults apply to it.
     pub spare: bool,
+    /// How the instance that opened it numbers the token's objects: 0 for
+    /// the library's own connection (the token's handles), otherwise the
+    /// key of [`renumbered`].
+    pub numbering: CK_OBJECT_HANDLE,
+}
+
+/// Handle `handle` of the token's own numbering as an instance of
+/// numbering `key` gives it, and back (the map is its own inverse): a
+/// spare instance, a `p11-kit server` worker of its own, numbers the
+/// token's objects its own way, so the same object has another handle
+/// there, and a handle of one instance names another object, or none, on
+/// the other. Handles stay near the token's own, so that a handle used on
+/// the wrong instance mostly names another object rather than none.
+pub fn renumbered(key: CK_OBJECT_HANDLE, handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+    if key == 0 || handle == CK_INVALID_HANDLE {
+        return handle;
+    }
+    ((handle - 1) ^ key) + 1
 }
 
 #[derive(Default)]
@@ -171,6 +189,9 @@ pub struct Sim {
     pub stalled: Option<usize>,
     /// The call under way is on a spare's session.
     on_spare: bool,
+    /// Spare connections ended so far: a spare connecting after is a new
+    /// instance, numbering objects anew ([`Sim::spare_numbering`]).
+    spare_connections_ended: u64,
 }
 
 pub type Result<T> = std::result::Result<T, CK_RV>;
@@ -280,7 +301,7 @@ impl Token {
 
     /// Handles from 1 again, newest object first, as a new connection to a
     /// p11-kit server hands them out.
-    fn renumber_afresh(&mut self) {
+    pub fn renumber_afresh(&mut self) {
         self.handles.clear();
         self.next_handle = 1;
         let ids: Vec<u64> = self.objects.keys().rev().copied().collect();
@@ -459,6 +480,31 @@ impl Sim {
         }
     }
 
+    /// How spare `spare` numbers objects while connected on the library's
+    /// connection `connection`: a key of [`renumbered`] drawn from the
+    /// seed, never 0, the same until the spare's connection ends.
+    pub fn spare_numbering(&self, spare: usize, connection: u64) -> CK_OBJECT_HANDLE {
+        let drawn = sha256(&[
+            b"numbering",
+            &self.seed.to_le_bytes(),
+            &(spare as u64).to_le_bytes(),
+            &connection.to_le_bytes(),
+            &self.spare_connections_ended.to_le_bytes(),
+        ]);
+        1 + CK_OBJECT_HANDLE::from(drawn[0] % 31)
+    }
+
+    /// `handle` as session `session`'s instance numbers objects, from or
+    /// to the token's own numbering (see [`renumbered`]); unchanged for a
+    /// session of the library's own connection, or none.
+    fn translated(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+        renumbered(self.numbering(session), handle)
+    }
+
+    fn numbering(&self, session: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
+        self.sessions.get(&session).map_or(0, |s| s.numbering)
+    }
+
     /// The spares connect again ([`Fault::SpareCrash`] ends).
     pub fn reconnect_spares(&mut self) {
         for token in 0..self.tokens.len() {
@@ -472,6 +518,7 @@ impl Sim {
         if !std::mem::take(&mut self.tokens[token].spare_crashed) {
             return;
         }
+        self.spare_connections_ended += 1;
         let gone: Vec<CK_SESSION_HANDLE> = self
             .sessions
             .iter()
@@ -651,22 +698,26 @@ impl Sim {
                 operation: None,
                 find: None,
                 spare: false,
+                numbering: 0,
             },
         );
         Ok(handle)
     }
 
     /// [`Sim::open_session`] for a spare instance, which the spare faults
-    /// meet.
+    /// meet, numbering objects by `numbering` (see [`renumbered`]).
     pub fn open_spare_session(
         &mut self,
         token: usize,
         flags: CK_FLAGS,
+        numbering: CK_OBJECT_HANDLE,
     ) -> Result<CK_SESSION_HANDLE> {
         self.enter(token)?;
         self.enter_spare(token)?;
         let handle = self.open_session(token, flags)?;
-        self.session(handle).spare = true;
+        let session = self.session(handle);
+        session.spare = true;
+        session.numbering = numbering;
         Ok(handle)
     }
 
@@ -747,10 +798,11 @@ impl Sim {
         attributes: Attributes,
     ) -> CK_OBJECT_HANDLE {
         let on_token = attributes.get(&CKA_TOKEN).is_some_and(|v| v == &[1]);
-        self.tokens[token].insert(Object {
+        let handle = self.tokens[token].insert(Object {
             attributes,
             session: (!on_token).then_some(session),
-        })
+        });
+        self.translated(session, handle)
     }
 
     pub fn create_object(
@@ -814,6 +866,7 @@ impl Sim {
         handle: CK_OBJECT_HANDLE,
     ) -> Result<()> {
         let token = self.enter_session(session)?;
+        let handle = self.translated(session, handle);
         let t = &self.tokens[token];
         let object = t.object(handle)?;
         if object.session.is_none() && !self.session(session).read_write {
@@ -835,6 +888,7 @@ impl Sim {
         types: &[CK_ATTRIBUTE_TYPE],
     ) -> Result<Vec<Result<Option<Vec<u8>>>>> {
         let token = self.enter_session(session)?;
+        let handle = self.translated(session, handle);
         if self.tokens[token].stall_on_reading == Some(handle) {
             self.tokens[token].stall_on_reading = None;
             self.stalled = Some(token);
@@ -868,7 +922,7 @@ impl Sim {
                 let o = &t.objects[id];
                 t.visible(o) && template.iter().all(|(k, v)| o.attributes.get(k) == Some(v))
             })
-            .map(|(h, _)| *h)
+            .map(|(h, _)| self.translated(session, *h))
             .collect();
         self.session(session).find = Some(found);
         Ok(())
@@ -909,6 +963,7 @@ impl Sim {
         if self.session(session).operation.is_some() {
             return Err(CKR_OPERATION_ACTIVE);
         }
+        let key = key.map(|k| self.translated(session, k));
         let t = &self.tokens[token];
         let operation = match (kind, mechanism) {
             (b'D', CKM_SHA256) => Operation::Digest(Vec::new()),
@@ -1012,6 +1067,79 @@ impl Sim {
         }
     }
 
+    /// The session's operation as `C_GetOperationState` saves it: its
+    /// kind and what was fed so far (the data of a digest, signature or
+    /// verification, the offset of an encryption or decryption), without
+    /// its key, which `C_SetOperationState` is given again.
+    pub fn operation_state(&mut self, session: CK_SESSION_HANDLE) -> Result<Vec<u8>> {
+        self.enter_session(session)?;
+        let (kind, fed) = match self.session(session).operation.as_ref() {
+            Some(Operation::Digest(data)) => (b'D', data.clone()),
+            Some(Operation::Sign { data, .. }) => (b'S', data.clone()),
+            Some(Operation::Verify { data, .. }) => (b'V', data.clone()),
+            Some(Operation::Encrypt { offset, .. }) => (b'E', offset.to_le_bytes().to_vec()),
+            Some(Operation::Decrypt { offset, .. }) => (b'C', offset.to_le_bytes().to_vec()),
+            None => return Err(CKR_OPERATION_NOT_INITIALIZED),
+        };
+        Ok([&[kind][..], &fed].concat())
+    }
+
+    /// Restores a state [`Sim::operation_state`] saved, with the key it
+    /// needs as `C_SetOperationState` names it: the encryption key of an
+    /// encryption or decryption, the authentication key of a signature or
+    /// verification, none for a digest (`CKR_KEY_NEEDED`,
+    /// `CKR_KEY_NOT_NEEDED` otherwise).
+    pub fn restore_operation(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        state: &[u8],
+        encryption_key: CK_OBJECT_HANDLE,
+        authentication_key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let token = self.enter_session(session)?;
+        let (&kind, fed) = state.split_first().ok_or(CKR_SAVED_STATE_INVALID)?;
+        let offset = || {
+            fed.try_into()
+                .map(usize::from_le_bytes)
+                .map_err(|_| CKR_SAVED_STATE_INVALID)
+        };
+        let (needed, unneeded) = match kind {
+            b'D' => (CK_INVALID_HANDLE, encryption_key | authentication_key),
+            b'S' | b'V' => (authentication_key, encryption_key),
+            b'E' | b'C' => (encryption_key, authentication_key),
+            _ => return Err(CKR_SAVED_STATE_INVALID),
+        };
+        if unneeded != CK_INVALID_HANDLE {
+            return Err(CKR_KEY_NOT_NEEDED);
+        }
+        if kind != b'D' && needed == CK_INVALID_HANDLE {
+            return Err(CKR_KEY_NEEDED);
+        }
+        let key = self.translated(session, needed);
+        let t = &self.tokens[token];
+        let operation = match kind {
+            b'D' => Operation::Digest(fed.to_vec()),
+            b'S' => Operation::Sign {
+                key: t.key(key, CKA_SIGN)?,
+                data: fed.to_vec(),
+            },
+            b'V' => Operation::Verify {
+                key: t.key(key, CKA_VERIFY)?,
+                data: fed.to_vec(),
+            },
+            b'E' => Operation::Encrypt {
+                key: t.key(key, CKA_ENCRYPT)?,
+                offset: offset()?,
+            },
+            _ => Operation::Decrypt {
+                key: t.key(key, CKA_DECRYPT)?,
+                offset: offset()?,
+            },
+        };
+        self.session(session).operation = Some(operation);
+        Ok(())
+    }
+
     pub fn operation_end(&mut self, session: CK_SESSION_HANDLE) {
         if let Some(s) = self.sessions.get_mut(&session) {
             s.operation = None;
@@ -1026,6 +1154,10 @@ impl Sim {
         key: CK_OBJECT_HANDLE,
     ) -> Result<Vec<u8>> {
         let token = self.enter_session(session)?;
+        let (wrapping, key) = (
+            self.translated(session, wrapping),
+            self.translated(session, key),
+        );
         let t = &self.tokens[token];
         if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap || t.refuse_wrap_always {
             return Err(CKR_MECHANISM_INVALID);
@@ -1059,6 +1191,7 @@ impl Sim {
         mut attributes: Attributes,
     ) -> Result<CK_OBJECT_HANDLE> {
         let token = self.check_writable(session, &attributes)?;
+        let unwrapping = self.translated(session, unwrapping);
         let t = &self.tokens[token];
         if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap || t.refuse_wrap_always {
             return Err(CKR_MECHANISM_INVALID);
