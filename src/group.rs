@@ -2012,17 +2012,23 @@ impl Group {
         self.abandoned.lock().get(&object).cloned()
     }
 
-    /// The objects queued to be created on a member, and those calls under
-    /// way are still making ([`Group::making_object`]): either comes to
-    /// the member by its queue or by its call, not by synchronisation.
+    /// The objects queued or kept to be created on a member, and those
+    /// calls under way are still making ([`Group::making_object`]): each
+    /// comes to the member by its queue, the replay of kept changes or its
+    /// call, not by synchronisation. Kept ones left out, a member that
+    /// served first and failed again before they were made had each key
+    /// among them named "not synchronised" at its next return where its
+    /// library takes no wrapped key, though it got every one.
     pub fn queued_objects(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
         let mut queued: rustc_hash::FxHashSet<CK_OBJECT_HANDLE> = self.pending.lock()[position]
             .iter()
-            .filter_map(|change| match change {
-                Pending::Create(object) | Pending::Import(object, _) => Some(*object),
-                Pending::Destroy(_) | Pending::Orphans(_) => None,
-            })
+            .filter_map(made_object)
             .collect();
+        queued.extend(
+            self.deferred.lock()[position]
+                .iter()
+                .filter_map(made_object),
+        );
         queued.extend(self.unfinished.lock().iter().copied());
         queued
     }

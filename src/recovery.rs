@@ -998,6 +998,17 @@ impl std::fmt::Display for Phases {
 /// Changes left to copy that a member copies with writes held back.
 const SHORT_TAIL: usize = 64;
 
+/// Changes queued for a returning member beyond which it serves first
+/// while another member serves ([`Known::of`]): one to two seconds of
+/// replay one by one under the long chaos run's load (40-80 ms a change).
+const SERVES_FIRST_BACKLOG: usize = 24;
+
+/// Rounds of a tail a member serving first replays without holding
+/// writes back: each defers what came meanwhile, in microseconds, so the
+/// barrier (whose wait for the writes under way took up to 1.6 s in the
+/// long chaos run) only guards against a tail of removals that never ends.
+const SERVES_FIRST_UNHELD_ROUNDS: usize = 4;
+
 /// Brings one member back; returns how many objects it received, and
 /// notes in `phases` where its time went.
 fn recover(
@@ -1051,7 +1062,12 @@ fn recover(
                 }
                 let left = group.pending_count(position);
                 let others_serve = group.up_members().next().is_some();
-                if barrier.is_none() && others_serve && (left <= SHORT_TAIL || left > before / 2) {
+                let holds_back = !known.serves_first || rounds >= SERVES_FIRST_UNHELD_ROUNDS;
+                if barrier.is_none()
+                    && others_serve
+                    && holds_back
+                    && (left <= SHORT_TAIL || left > before / 2)
+                {
                     let asked = Instant::now();
                     barrier = group.hold_writes(provider.member_timeout());
                     at_barrier += asked.elapsed();
@@ -1132,7 +1148,12 @@ fn bring_up_to_date(
     let backlog = group.pending_count(position);
     let mut copied = replay_pending(group, position, worker, &mut known, phases)?;
     phases.end("replay");
-    if provider.synchronize(group) {
+    if provider.synchronize(group) && known.serves_first && !known.replay_failed {
+        // Its objects were not read to compare: until the reconciliation
+        // its return asks for has compared it, searches do not spread there.
+        group.set_compared(position, false);
+        phases.note("synchronisation left to the reconciliation pass: it serves first".to_string());
+    } else if provider.synchronize(group) {
         match reconciliation_turn(group) {
             Some(_one_process_at_a_time) => {
                 copied += synchronize(group, position, worker, &mut known, phases)?;
@@ -1255,6 +1276,19 @@ struct Known {
     unsynchronised: Vec<Unsynchronised>,
     /// They were read after the recovery began ([`Known::read_now`]).
     read_late: bool,
+    /// A change of its replay failed while it answered (a copy kept for
+    /// its source included): synchronisation runs after all, also for a
+    /// member serving first. In simulation seed
+    /// 5724 a copy's source answered `CKR_OBJECT_HANDLE_INVALID` (its
+    /// handle had gone stale with a reset) and, without the pass that
+    /// names the source's objects afresh, two members ended without the
+    /// key.
+    replay_failed: bool,
+    /// It serves first while another member serves: owed more than
+    /// [`SERVES_FIRST_BACKLOG`] changes, it makes the removals and copies
+    /// it missed and serves, and is given the imports it missed right
+    /// after, while it serves ([`Known::of`]).
+    serves_first: bool,
 }
 
 /// An object synchronisation listed on a serving member and could not
@@ -1301,12 +1335,25 @@ impl Known {
             phases.note("not read: no member serving".to_string());
             return Ok(Known::not_read(group.objects.era(position)));
         }
+        let queued = group.pending_count(position);
+        if queued > SERVES_FIRST_BACKLOG {
+            // Made here one by one, a backlog of a few hundred changes (40-80
+            // ms each under the long chaos run's load) held members out 9-16
+            // s after their servers answered again; read and compared first,
+            // 0.3-2.4 s more. Another member serves every object meanwhile.
+            phases.note(format!(
+                "not read: {queued} changes queued, it serves first"
+            ));
+            return Ok(Known {
+                serves_first: true,
+                ..Known::not_read(group.objects.era(position))
+            });
+        }
         let held_before: rustc_hash::FxHashSet<_> = group
             .held_before(position)
             .into_iter()
             .filter_map(|object| group.objects.get(object)?.fingerprint)
             .collect();
-        let queued = group.pending_count(position);
         if counting_pays(queued, held_before.len()) {
             let domain = worker.group.domain_handle(position);
             let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
@@ -1318,11 +1365,8 @@ impl Known {
                 .count();
             if held_now >= held_before.len() {
                 return Ok(Known {
-                    holdings: Holdings::none_read(group.objects.era(position)),
-                    complete: false,
                     held_before,
-                    unsynchronised: Vec::new(),
-                    read_late: false,
+                    ..Known::not_read(group.objects.era(position))
                 });
             }
             phases.note(format!(
@@ -1357,6 +1401,8 @@ impl Known {
             held_before: Default::default(),
             unsynchronised: Vec::new(),
             read_late: false,
+            replay_failed: false,
+            serves_first: false,
         }
     }
 
@@ -1379,6 +1425,8 @@ impl Known {
             held_before: Default::default(),
             unsynchronised: Vec::new(),
             read_late: false,
+            replay_failed: false,
+            serves_first: false,
         }))
     }
 
@@ -1396,6 +1444,7 @@ impl Known {
     fn reading_pays(&self, group: &Group, waiting: usize) -> bool {
         !self.complete
             && !self.read_late
+            && !self.serves_first
             && waiting > QUEUED_FOR_COUNTING
             && group.cached_login().is_some()
             && group.up_members().next().is_some()
@@ -1687,7 +1736,12 @@ fn replay_pending(
         let on_its_own = one_by_one > 0;
         one_by_one = one_by_one.saturating_sub(1);
         let makes_object = matches!(change, Pending::Create(_) | Pending::Import(..));
-        if makes_object && group.up_members().next().is_none() {
+        // Serving first for its backlog, it still takes its copies here,
+        // from a serving member: a copy that fails is then given to it by
+        // synchronisation before it serves (see `Known::replay_failed`).
+        let after_serving = group.up_members().next().is_none()
+            || (known.serves_first && matches!(change, Pending::Import(..)));
+        if makes_object && after_serving {
             group.defer(position, change);
             after_rejoining += 1;
             continue;
@@ -1740,6 +1794,7 @@ fn replay_pending(
             // A copy's source may have been down or failed during it, or
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
+            known.replay_failed |= source_failed;
             removals.extend(change.removal().cloned());
             group.defer(position, change);
             kept += 1;
@@ -1750,6 +1805,7 @@ fn replay_pending(
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
+                known.replay_failed = true;
                 group.log(
                     Some(position),
                     &format!(
@@ -1765,11 +1821,16 @@ fn replay_pending(
         }
     }
     if after_rejoining > 0 {
+        let why = if known.serves_first {
+            "a long backlog"
+        } else {
+            "no member serving"
+        };
         group.log(
             Some(position),
             &format!(
-                "no member serving: it serves first, and the {after_rejoining} objects it \
-                 missed are made on it right after"
+                "{why}: it serves first, and the {after_rejoining} objects it missed are made \
+                 on it right after"
             ),
         );
     }

@@ -1311,6 +1311,123 @@ fn a_spare_slow_to_connect_does_not_take_its_member_out() {
     );
 }
 
+/// A search under way on a member whose server stalls whole (every
+/// process stopped, as the soak's SIGSTOP does) goes on on the other
+/// member once the watchdog cuts the stalled one, whether the stall comes
+/// before its first batch or after it, and moves back when that member
+/// stalls in turn after the first returned: every object once, no error. The
+/// soak (seed 0x6d7f1cf536e4be3f) saw two searches answer
+/// `CKR_DEVICE_ERROR` at the moment their member was cut so.
+#[test]
+fn a_search_on_a_member_that_stalls_whole_goes_on_elsewhere() {
+    let remote = Remote::start(
+        "memberTimeout = 1000\nAutoReconnectInterval = 1\n\
+         haLogStatus = enabled\nhaLogPath = LOGDIR",
+    );
+    let session = remote.session();
+    let ids: Vec<Vec<u8>> = (0..4).map(|i| format!("stall-{i}").into_bytes()).collect();
+    for id in &ids {
+        ec_key(&session, id);
+    }
+    // Searches a server has begun and not ended: the group's own look-ups
+    // (the domain key, naming what a search found) begin and end at once,
+    // and a search that leaves a lane ends with the lane's session.
+    let open = |server: &Server| {
+        let calls = |function| server.calls(function).values().sum::<usize>() as i64;
+        calls("C_FindObjectsInit") - calls("C_FindObjectsFinal") - calls("C_CloseSession")
+    };
+    let mut cuts = 0;
+    for fetch_first in [true, false] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !group_status().members[..2].iter().all(|m| m.state == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "both members not serving: {}",
+                remote.ha_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before: Vec<i64> = remote.servers.iter().map(open).collect();
+        let mut search = session
+            .iter_objects_with_cache_size(
+                &[Attribute::Class(ObjectClass::PRIVATE_KEY)],
+                std::num::NonZeroUsize::new(1).unwrap(),
+            )
+            .expect("C_FindObjectsInit");
+        let mut found = Vec::new();
+        if fetch_first {
+            found.push(
+                search
+                    .next()
+                    .expect("a first object")
+                    .expect("C_FindObjects"),
+            );
+        }
+        // The member the search runs on: the one whose server has it open.
+        let grown: Vec<i64> = remote
+            .servers
+            .iter()
+            .zip(&before)
+            .map(|(s, b)| open(s) - b)
+            .collect();
+        let [on] = grown
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| **g > 0)
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()[..]
+        else {
+            panic!("not one server has the search open: {grown:?}");
+        };
+        remote.servers[on].signal_all(libc::SIGSTOP);
+        if fetch_first {
+            // Once more the other way: the search moved to the other
+            // member, whose server stalls after the first is back.
+            let moved = search.next().expect("a second object");
+            remote.servers[on].signal_all(libc::SIGCONT);
+            found.push(
+                moved.unwrap_or_else(|e| {
+                    panic!("the search did not move: {e:?}; {}", remote.ha_log())
+                }),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while group_status().members[on].state != 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "member {on} not back: {}",
+                    remote.ha_log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            remote.servers[1 - on].signal_all(libc::SIGSTOP);
+        }
+        let rest: Vec<_> = search.collect();
+        for server in &remote.servers {
+            server.signal_all(libc::SIGCONT);
+        }
+        let log = remote.ha_log();
+        for object in rest {
+            found.push(object.unwrap_or_else(|e| {
+                panic!("the search did not go on (first batch before the stall: {fetch_first}): {e:?}; {log}")
+            }));
+        }
+        let mut handles: Vec<_> = found.iter().map(|o| o.handle()).collect();
+        handles.sort_unstable();
+        handles.dedup();
+        assert_eq!(
+            (found.len(), handles.len()),
+            (ids.len(), ids.len()),
+            "each private key once (first batch before the stall: {fetch_first}): {handles:?}; {log}"
+        );
+        cuts += if fetch_first { 2 } else { 1 };
+        assert_eq!(
+            log.matches("answered nothing for 1000 ms").count(),
+            cuts,
+            "each stalled member was cut once (else the test proves nothing): {log}"
+        );
+    }
+}
+
 /// A member whose server was killed comes back within one interval of the
 /// server's return, receives the keys imported while it was away, and
 /// serves.
