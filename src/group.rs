@@ -790,7 +790,21 @@ struct KeptReplay {
     /// Objects calls wait for, by member: made before the other kept
     /// changes ([`Group::next_deferred`]).
     wanted: Vec<(usize, CK_OBJECT_HANDLE)>,
+    /// When the changes kept for serving members are tried again though
+    /// no return or login asked for it ([`Group::kept_retry_due`]).
+    retry_at: Option<Instant>,
+    /// The wait before that retry: doubled after each retry, back to
+    /// [`KEPT_RETRY_FIRST`] once a replay makes a kept change.
+    retry_after: Duration,
 }
+
+/// The first wait before changes kept for serving members are tried again
+/// unasked ([`Group::kept_retry_due`]).
+const KEPT_RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest such wait: one retry of a change that stays kept for a
+/// real cause (its source is down for hours) costs a member call or two.
+const KEPT_RETRY_LONGEST: Duration = Duration::from_secs(30);
 
 /// Held while kept changes are made (see [`Group::replaying_deferred`]).
 pub struct ReplayingDeferred<'a> {
@@ -998,6 +1012,8 @@ impl Group {
                 running: false,
                 making: vec![None; count],
                 wanted: Vec::new(),
+                retry_at: None,
+                retry_after: KEPT_RETRY_FIRST,
             }),
             wrapping_resumed_unseen: AtomicBool::new(false),
             refusal_kept_unseen: AtomicBool::new(false),
@@ -1749,6 +1765,76 @@ impl Group {
 
     pub fn has_deferred(&self) -> bool {
         self.deferred.lock().iter().any(|kept| !kept.is_empty())
+    }
+
+    /// Whether the changes kept for serving members are due a try that
+    /// nothing asked for: each is tried again at every return and login,
+    /// and where it waited for something else (an object in doubt decided,
+    /// a source's copy found), a group with every member serving and the
+    /// application logged in would keep it for good -- the long chaos run
+    /// ended so, 256 changes kept for a serving member 120 s after its
+    /// faults. So while any is kept and the application is logged in
+    /// (logged out, its next login replays them), they are tried
+    /// again after [`KEPT_RETRY_FIRST`], then after twice as long each
+    /// time, up to [`KEPT_RETRY_LONGEST`].
+    pub fn kept_retry_due(&self, now: Instant) -> bool {
+        let logged_in = self.login.lock().is_some();
+        let kept_for_serving = {
+            let deferred = self.deferred.lock();
+            self.up_members().any(|m| !deferred[m.position].is_empty())
+        };
+        let mut replay = self.kept_replay.lock();
+        if !logged_in || !kept_for_serving {
+            replay.retry_at = None;
+            replay.retry_after = KEPT_RETRY_FIRST;
+            return false;
+        }
+        let wait = replay.retry_after;
+        let at = *replay.retry_at.get_or_insert(now + wait);
+        if now < at {
+            return false;
+        }
+        replay.retry_at = None;
+        replay.retry_after = (replay.retry_after * 2).min(KEPT_RETRY_LONGEST);
+        true
+    }
+
+    /// A replay made kept changes: the unasked retries start again from
+    /// the shortest wait.
+    pub fn kept_changes_made(&self) {
+        let mut replay = self.kept_replay.lock();
+        replay.retry_at = None;
+        replay.retry_after = KEPT_RETRY_FIRST;
+    }
+
+    /// Keeps, for the replay of kept changes, changes found queued for a
+    /// member that serves -- which nothing replays: a member rejoins only
+    /// with its queue empty, and nothing is queued for one that serves
+    /// ([`Group::queue_unless_up`]), so each is a change a replay put back
+    /// as its member failed that the member's return did not see. The HA
+    /// log names them; true if there were any.
+    pub fn keep_queued_of_serving(&self) -> bool {
+        let mut found = Vec::new();
+        {
+            let mut pending = self.pending.lock();
+            for member in self.members.iter().filter(|m| m.is_up()) {
+                let queue = std::mem::take(&mut pending[member.position]);
+                if !queue.is_empty() {
+                    found.push((member.position, queue.len()));
+                    self.deferred.lock()[member.position].extend(queue);
+                }
+            }
+        }
+        for (position, count) in &found {
+            self.log(
+                Some(*position),
+                &format!(
+                    "{count} changes were queued for it while it served, where no replay \
+                     takes them: kept, to be made now"
+                ),
+            );
+        }
+        !found.is_empty()
     }
 
     /// Held while the changes kept for the members are made, one replay at

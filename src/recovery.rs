@@ -134,9 +134,12 @@ struct Flags {
     recovery_done: bool,
     /// Members (group, position) with an attempt under way.
     attempts: HashSet<(usize, usize)>,
-    /// Threads making, after a member's return, the changes kept for the
-    /// serving members (see [`after_return`]).
+    /// Threads making, after a member's return or in a retry, the changes
+    /// kept for the serving members (see [`after_return`] and
+    /// [`retry_kept_changes_beside`]).
     handing_over: usize,
+    /// A retry of kept changes runs ([`retry_kept_changes_beside`]).
+    retrying_kept: bool,
     /// When each member's last attempt ended ([`now_ms`]).
     last_ended: HashMap<(usize, usize), u64>,
 }
@@ -241,7 +244,7 @@ fn recovery_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
         }
         let Some(p) = provider.upgrade() else { break };
         start_attempts(&*p, &provider, &shared, interval);
-        retry_kept_changes(&*p);
+        retry_kept_changes_beside(&*p, &shared);
     }
     shared.flags().recovery_done = true;
     shared.wake.notify_all();
@@ -677,19 +680,106 @@ pub fn recover_failed_members(provider: &dyn Host) {
     retry_kept_changes(provider);
 }
 
-/// Makes the changes kept for serving members that no member's return
-/// would try again, asked each recovery round while changes are kept: the
-/// copies kept while a library refused the key-wrap mechanism (see
-/// [`VirtualSession::waits_for_wrapping`]) once one has stopped refusing
-/// -- a library that came to refuse mid-run may stop with every member
-/// serving (simulation seeds 129, 499, 804) -- and objects a member
-/// refused while another took them, tried once more (one refused again is
-/// dropped with a line in the HA log; reconciliation compares the members).
+/// Why the changes kept for serving members are tried now
+/// ([`kept_retry`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeptRetry {
+    /// What held them back may have ended: a library takes the key-wrap
+    /// mechanism again, a member refused an object, or changes were found
+    /// queued for a serving member.
+    Asked,
+    /// Nothing asked for it ([`Group::kept_retry_due`]).
+    Unasked,
+}
+
+/// Whether the changes kept for serving members that no member's return
+/// would try again are due now, asked each recovery round while changes
+/// are kept: the copies kept while a library refused the key-wrap
+/// mechanism (see [`VirtualSession::waits_for_wrapping`]) once one has
+/// stopped refusing -- a library that came to refuse mid-run may stop with
+/// every member serving (simulation seeds 129, 499, 804) -- objects a
+/// member refused while another took them, tried once more (one refused
+/// again is dropped with a line in the HA log; reconciliation compares the
+/// members), and changes found queued for a serving member. Whatever else
+/// is kept is tried again unasked, less and less often.
+fn kept_retry(group: &Group) -> Option<KeptRetry> {
+    let stranded = group.keep_queued_of_serving();
+    if !group.has_deferred() {
+        return None;
+    }
+    if stranded || group.refusals_kept() || group.wrapping_resumed() {
+        Some(KeptRetry::Asked)
+    } else {
+        group
+            .kept_retry_due(clock::now())
+            .then_some(KeptRetry::Unasked)
+    }
+}
+
+/// Makes the kept changes [`kept_retry`] found due; a retry nothing asked
+/// for that makes any says so in the HA log, since some event should have.
+fn retry_kept(group: &Arc<Group>, why: KeptRetry) {
+    let made = replay_deferred(group);
+    if why == KeptRetry::Unasked && made > 0 {
+        group.log(
+            None,
+            &format!(
+                "{made} kept changes made when tried again unasked: no return or login had \
+                 made them since they were kept"
+            ),
+        );
+    }
+}
+
+/// [`kept_retry`] and [`retry_kept`] for every group, in the caller's
+/// thread (recovery during calls, and the simulation's stepped rounds).
 fn retry_kept_changes(provider: &dyn Host) {
     for group in provider.groups() {
-        if group.has_deferred() && (group.refusals_kept() || group.wrapping_resumed()) {
-            replay_deferred(group);
+        if let Some(why) = kept_retry(group) {
+            retry_kept(group, why);
         }
+    }
+}
+
+/// [`retry_kept_changes`] for the recovery thread: the changes are made in
+/// a thread of their own, one such thread at a time, since a replay of a
+/// few hundred takes seconds and the attempts of members that fail
+/// meanwhile must not wait for it.
+fn retry_kept_changes_beside(provider: &dyn Host, shared: &Arc<Shared>) {
+    if shared.flags().retrying_kept {
+        return;
+    }
+    let due: Vec<(Arc<Group>, KeptRetry)> = provider
+        .groups()
+        .iter()
+        .filter_map(|group| Some((Arc::clone(group), kept_retry(group)?)))
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    {
+        let mut flags = shared.flags();
+        flags.retrying_kept = true;
+        flags.handing_over += 1;
+    }
+    fn ended(shared: &Shared) {
+        let mut flags = shared.flags();
+        flags.retrying_kept = false;
+        flags.handing_over -= 1;
+        drop(flags);
+        shared.wake.notify_all();
+    }
+    let shared_for_thread = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("pkcs11-ha-kept".into())
+        .spawn(move || {
+            for (group, why) in &due {
+                retry_kept(group, *why);
+            }
+            ended(&shared_for_thread);
+        });
+    if spawned.is_err() {
+        ended(shared);
     }
 }
 
@@ -1817,10 +1907,12 @@ fn import_run(first: Pending, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
 
 /// Makes on the serving members the changes they returned without (see
 /// [`Group::defer`]), now that a member returned or the application logged
-/// in; those that still cannot be made stay kept.
-pub fn replay_deferred(group: &Arc<Group>) {
+/// in; those that still cannot be made stay kept. Returns how many were
+/// made.
+pub fn replay_deferred(group: &Arc<Group>) -> usize {
     let _one_at_a_time = group.replaying_deferred();
     let worker = VirtualSession::internal(Arc::clone(group));
+    let mut made = 0;
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
         // Taken one at a time, so that an object a call waits for is made
         // first (`Group::next_deferred`); those kept again go behind.
@@ -1866,19 +1958,26 @@ pub fn replay_deferred(group: &Arc<Group>) {
                 group.requeue(position, rest.collect());
                 group.deferred_handled(position, 1);
                 break;
-            } else if let Err(why) = outcome {
-                group.log(
-                    Some(position),
-                    &format!(
-                        "{} could not be made after all: {why}",
-                        worker.name_change(&change)
+            } else {
+                match outcome {
+                    Ok(needed) => made += usize::from(needed),
+                    Err(why) => group.log(
+                        Some(position),
+                        &format!(
+                            "{} could not be made after all: {why}",
+                            worker.name_change(&change)
+                        ),
                     ),
-                );
+                }
             }
             group.deferred_handled(position, 1);
         }
     }
     worker.close();
+    if made > 0 {
+        group.kept_changes_made();
+    }
+    made
 }
 
 /// Whether a change a member answered for must be kept rather than

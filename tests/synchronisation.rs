@@ -226,23 +226,29 @@ fn logged_in_session(group: &Arc<Group>) -> VirtualSession {
 /// Imports a token data object labelled `label` through the group.
 fn import(v: &VirtualSession, label: &str) -> CK_OBJECT_HANDLE {
     let (class, yes, no) = (CKO_DATA, CK_TRUE, CK_FALSE);
-    let attribute = |type_, value: *const u8, len: usize| CK_ATTRIBUTE {
-        type_,
-        pValue: value as *mut _,
-        ulValueLen: len as CK_ULONG,
-    };
+    let ulong = std::mem::size_of::<CK_ULONG>();
     let mut attributes = [
-        attribute(
-            CKA_CLASS,
-            &class as *const _ as *const u8,
-            std::mem::size_of::<CK_OBJECT_CLASS>(),
-        ),
+        attribute(CKA_CLASS, &class as *const _ as *const u8, ulong),
         attribute(CKA_TOKEN, &yes, 1),
         attribute(CKA_PRIVATE, &no, 1),
         attribute(CKA_LABEL, label.as_ptr(), label.len()),
         attribute(CKA_VALUE, label.as_ptr(), label.len()),
     ];
-    // SAFETY: attributes whose values live until the call returns.
+    create(v, label, &mut attributes)
+}
+
+fn attribute(type_: CK_ATTRIBUTE_TYPE, value: *const u8, len: usize) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_,
+        pValue: value as *mut _,
+        ulValueLen: len as CK_ULONG,
+    }
+}
+
+/// Makes object `label` from `attributes`, whose values live until it
+/// returns.
+fn create(v: &VirtualSession, label: &str, attributes: &mut [CK_ATTRIBUTE]) -> CK_OBJECT_HANDLE {
+    // SAFETY: the caller's attributes, whose values outlive the call.
     let template =
         unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
             .expect("a valid template");
@@ -538,11 +544,6 @@ fn import_key(v: &VirtualSession, label: &str, value: u8) -> CK_OBJECT_HANDLE {
     let (class, key_type, yes, no) = (CKO_SECRET_KEY, CKK_AES, CK_TRUE, CK_FALSE);
     let bytes = [value; 32];
     let ulong = std::mem::size_of::<CK_ULONG>();
-    let attribute = |type_, value: *const u8, len: usize| CK_ATTRIBUTE {
-        type_,
-        pValue: value as *mut _,
-        ulValueLen: len as CK_ULONG,
-    };
     let mut attributes = [
         attribute(CKA_CLASS, &class as *const _ as *const u8, ulong),
         attribute(CKA_KEY_TYPE, &key_type as *const _ as *const u8, ulong),
@@ -554,12 +555,7 @@ fn import_key(v: &VirtualSession, label: &str, value: u8) -> CK_OBJECT_HANDLE {
         attribute(CKA_EXTRACTABLE, &yes, 1),
         attribute(CKA_ENCRYPT, &yes, 1),
     ];
-    // SAFETY: attributes whose values live until the call returns.
-    let template =
-        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
-            .expect("a valid template");
-    v.create_object(CK_INVALID_HANDLE, &template)
-        .unwrap_or_else(|e| panic!("{label} is imported: {e:?}"))
+    create(v, label, &mut attributes)
 }
 
 /// Keys kept for a member that served first and failed again before they
@@ -898,4 +894,66 @@ fn a_counted_member_owed_a_long_tail_reads_its_objects_once() {
     );
     assert_each_once_on(&library, 1, held.iter().chain(&owed).chain(&tail));
     v.close();
+}
+
+/// Changes kept for a serving member that no return or login asks for are
+/// made when tried again unasked, a second after they are first seen --
+/// the long chaos run once ended with 256 kept for good, every member
+/// serving -- and a change found queued for a serving member, which no
+/// replay takes, at the next round; the HA log says each.
+#[test]
+fn changes_kept_for_a_serving_member_that_nothing_asks_for_are_made_all_the_same() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let clock = pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 74));
+    let group = group_over(&library, 2, "unasked");
+    let host = MemoryHost::new(&group, &library);
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let v = logged_in_session(&group);
+    let on_member_1 = |label: &str| {
+        library
+            .token_objects(1)
+            .iter()
+            .any(|[_, l, _, _]| *l == hex(label.as_bytes()))
+    };
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    import(&v, "kept unasked");
+    for change in group.take_pending(1) {
+        group.defer(1, change);
+    }
+    group.members[1].set_state(MemberState::Up);
+    recovery::recover_failed_members(&host);
+    clock.advance(std::time::Duration::from_millis(999));
+    recovery::recover_failed_members(&host);
+    assert!(!on_member_1("kept unasked"), "not due yet");
+    clock.advance(std::time::Duration::from_millis(1));
+    recovery::recover_failed_members(&host);
+    assert!(
+        on_member_1("kept unasked"),
+        "made a second after it was seen"
+    );
+    assert!(!group.has_deferred());
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    import(&v, "queued unseen");
+    group.members[1].set_state(MemberState::Up);
+    assert_eq!(group.pending_count(1), 1);
+    recovery::recover_failed_members(&host);
+    assert!(on_member_1("queued unseen"), "made at the next round");
+    assert_eq!(group.pending_count(1), 0);
+    v.close();
+    pkcs11_ha::halog::close();
+
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    assert!(
+        log.contains("1 kept changes made when tried again unasked"),
+        "{log}"
+    );
+    assert!(
+        log.contains("1 changes were queued for it while it served"),
+        "{log}"
+    );
 }

@@ -460,3 +460,48 @@ fn figures_with_nothing_to_compare_leave_the_slow_timer_running() {
         "a search's figure (object-making lane, not compared) did not restart the timer"
     );
 }
+
+/// Changes kept for a serving member are tried again unasked one second
+/// after they are first seen, then after two, four... up to 30 s; not
+/// while the application is logged out (its login replays them), and
+/// from one second again once a replay made some.
+#[test]
+fn changes_kept_for_serving_members_are_retried_unasked_less_and_less_often() {
+    let group = group_of(&["a", "b"]);
+    let start = Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    assert!(!group.kept_retry_due(at(0)), "nothing kept");
+    group.defer(1, Pending::Destroy(vec![(CKA_LABEL, b"x".to_vec())]));
+    assert!(
+        !group.kept_retry_due(at(0)),
+        "logged out: the login replays it"
+    );
+    *group.login.lock() = Some(Login {
+        user_type: CKU_USER,
+        pin: None,
+    });
+    assert!(!group.kept_retry_due(at(0)), "first seen: due in a second");
+    assert!(!group.kept_retry_due(at(999)));
+    assert!(group.kept_retry_due(at(1000)));
+    assert!(!group.kept_retry_due(at(1000)), "then due in two seconds");
+    assert!(!group.kept_retry_due(at(2999)));
+    assert!(group.kept_retry_due(at(3000)));
+    let mut now = 3000;
+    for wait in [4000, 8000, 16000, 30000, 30000] {
+        assert!(!group.kept_retry_due(at(now)), "armed at {now} ms");
+        assert!(!group.kept_retry_due(at(now + wait - 1)));
+        now += wait;
+        assert!(group.kept_retry_due(at(now)), "due {wait} ms later");
+    }
+    group.kept_changes_made();
+    assert!(!group.kept_retry_due(at(now)));
+    assert!(
+        group.kept_retry_due(at(now + 1000)),
+        "a replay made some: a second again"
+    );
+    group.members[1].set_state(MemberState::Down);
+    assert!(
+        !group.kept_retry_due(at(now + 60_000)),
+        "kept for a member that is out: its return replays them"
+    );
+}
