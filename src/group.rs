@@ -1790,6 +1790,12 @@ impl Group {
             return false;
         }
         let wait = replay.retry_after;
+        if replay.running || replay.due.iter().any(|due| *due) {
+            // A return's replay is under way or about to begin: the wait
+            // counts from its end.
+            replay.retry_at = Some(now + wait);
+            return false;
+        }
         let at = *replay.retry_at.get_or_insert(now + wait);
         if now < at {
             return false;
@@ -1842,7 +1848,21 @@ impl Group {
     /// changes, tried while logged out, are kept again -- beside it, the
     /// login's replay found none and they waited for the next login.
     pub fn replaying_deferred(&self) -> ReplayingDeferred<'_> {
-        let one_at_a_time = self.replaying_deferred.lock();
+        self.begin_replaying_deferred(self.replaying_deferred.lock())
+    }
+
+    /// [`Group::replaying_deferred`] unless another replay runs: a retry
+    /// nobody asked for ([`Group::kept_retry_due`]) does not queue behind
+    /// a return's replay, which makes what it would.
+    pub fn replaying_deferred_if_idle(&self) -> Option<ReplayingDeferred<'_>> {
+        let one_at_a_time = self.replaying_deferred.try_lock()?;
+        Some(self.begin_replaying_deferred(one_at_a_time))
+    }
+
+    fn begin_replaying_deferred<'a>(
+        &'a self,
+        one_at_a_time: parking_lot::MutexGuard<'a, ()>,
+    ) -> ReplayingDeferred<'a> {
         let mut replay = self.kept_replay.lock();
         replay.running = true;
         replay.due.iter_mut().for_each(|d| *d = false);

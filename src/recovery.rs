@@ -38,7 +38,7 @@ use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::error::Error;
 use crate::group::Pending;
-use crate::group::{now_ms, Group, Location, Member, MemberState};
+use crate::group::{now_ms, Group, Location, Member, MemberState, ReplayingDeferred};
 use crate::identity;
 use crate::member::Silent;
 use crate::member_api::{MemberBackend, TokenSearch};
@@ -719,8 +719,15 @@ fn kept_retry(group: &Group) -> Option<KeptRetry> {
 /// Makes the kept changes [`kept_retry`] found due; a retry nothing asked
 /// for that makes any says so in the HA log, since some event should have.
 fn retry_kept(group: &Arc<Group>, why: KeptRetry) {
-    let made = replay_deferred(group);
-    if why == KeptRetry::Unasked && made > 0 {
+    if why == KeptRetry::Asked {
+        replay_deferred(group);
+        return;
+    }
+    let Some(replaying) = group.replaying_deferred_if_idle() else {
+        return;
+    };
+    let made = replay_kept(group, replaying);
+    if made > 0 {
         group.log(
             None,
             &format!(
@@ -1910,7 +1917,11 @@ fn import_run(first: Pending, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
 /// in; those that still cannot be made stay kept. Returns how many were
 /// made.
 pub fn replay_deferred(group: &Arc<Group>) -> usize {
-    let _one_at_a_time = group.replaying_deferred();
+    replay_kept(group, group.replaying_deferred())
+}
+
+/// [`replay_deferred`], its turn taken.
+fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     let worker = VirtualSession::internal(Arc::clone(group));
     let mut made = 0;
     for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {

@@ -499,9 +499,21 @@ fn changes_kept_for_serving_members_are_retried_unasked_less_and_less_often() {
         group.kept_retry_due(at(now + 1000)),
         "a replay made some: a second again"
     );
-    group.members[1].set_state(MemberState::Down);
+    let replaying = group.replaying_deferred();
+    assert!(
+        group.replaying_deferred_if_idle().is_none(),
+        "an unasked retry does not queue behind a replay"
+    );
     assert!(
         !group.kept_retry_due(at(now + 60_000)),
+        "a replay runs: the wait counts from its end"
+    );
+    drop(replaying);
+    assert!(!group.kept_retry_due(at(now + 61_999)));
+    assert!(group.kept_retry_due(at(now + 62_000)), "two seconds after");
+    group.members[1].set_state(MemberState::Down);
+    assert!(
+        !group.kept_retry_due(at(now + 120_000)),
         "kept for a member that is out: its return replays them"
     );
 }
