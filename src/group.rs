@@ -256,13 +256,19 @@ impl Member {
 
     /// Closes the sessions [`Self::keep_unused`] kept: before an SO login,
     /// which a token refuses while a read-only session is open, and when
-    /// the slot's last session closes.
+    /// the slot's last session closes; and, while the member serves, those
+    /// lanes left unfinished on its idle spares
+    /// ([`MemberBackend::close_forgotten_lanes`]).
     pub fn close_unused(&self) {
         let kept = std::mem::take(&mut *self.unused_sessions.lock());
         let epoch = self.epoch();
         for (_, s) in kept.into_iter().filter(|(_, s)| s.epoch == epoch) {
             let _in_flight = self.begin_call();
             crate::member::on_connection(s.connection, || s.library.close_session(s.handle));
+        }
+        if let Some(location) = self.location().filter(|_| self.is_up()) {
+            let _in_flight = self.begin_setup_call();
+            location.library.close_forgotten_lanes();
         }
     }
 

@@ -539,6 +539,13 @@ struct Spare {
     rests_until: Mutex<Option<Instant>>,
     /// Its sessions, one per slot.
     sessions: Mutex<SmallVec<[SpareSession; 1]>>,
+    /// Sessions of lanes given up unfinished ([`Lane`]'s drop), each with
+    /// the connection it is on: closed by whoever next holds the spare
+    /// ([`Spare::close_forgotten`]). Its server process keeps them, and the
+    /// operations active on them, for as long as the connection lives: a
+    /// member whose recovery reconnects nothing (its first instance
+    /// outlived the fault) kept one session per lane it lost, for good.
+    forgotten: Mutex<SmallVec<[(CK_SESSION_HANDLE, u64); 1]>>,
 }
 
 /// A spare's session on one slot, with what is known on it: whether the
@@ -800,6 +807,30 @@ impl Spare {
             .retain(|s| (s.handle, s.connection) != (handle, connection));
     }
 
+    /// Closes the sessions of lanes given up unfinished on this spare that
+    /// are on its current connection (those of an earlier one went with
+    /// it), unless a call is inside it (one cut off and not yet returned
+    /// may be on one of them: they wait for the next holder). Called by
+    /// the holder of the spare, before it opens a session: no lane is on
+    /// them, and none of their numbers is a live session's.
+    fn close_forgotten(&self) {
+        let library = &self.library;
+        let forgotten = {
+            let mut forgotten = self.forgotten.lock();
+            if forgotten.is_empty() || library.calls_inside() != 0 {
+                return;
+            }
+            std::mem::take(&mut *forgotten)
+        };
+        let connection = library.connection();
+        for (handle, on) in forgotten {
+            let live = self.sessions.lock().iter().any(|s| s.handle == handle);
+            if on == connection && !live {
+                on_connection(on, || member_call!(library, C_CloseSession(handle)));
+            }
+        }
+    }
+
     /// Runs `with` on the session `handle` still held on this connection.
     fn with_session<T>(
         &self,
@@ -819,8 +850,9 @@ impl Spare {
 /// `*Init` to their end, on the spare's session on the member's slot (an
 /// operation stays on the session it started on). Handed back idle, its
 /// session kept, by [`Lane::finish`]; dropped otherwise (an operation may
-/// still be active on its session), the session is forgotten -- left to
-/// its connection -- so that no later lane meets that operation.
+/// still be active on its session), the session is forgotten, so that no
+/// later lane meets that operation, and closed by the spare's next holder
+/// if its connection still lives ([`Spare::close_forgotten`]).
 pub struct Lane {
     first: Arc<MemberLibrary>,
     index: usize,
@@ -937,6 +969,16 @@ impl Lane {
         logged_in
     }
 
+    /// Leaves `session`, opened on this spare beside the lane's and given
+    /// up unclosed, to the spare's next holder to close
+    /// ([`Spare::close_forgotten`]).
+    pub fn leave_session(&self, session: CK_SESSION_HANDLE) {
+        self.spare()
+            .forgotten
+            .lock()
+            .push((session, self.connection));
+    }
+
     /// Hands the spare back with its session, no operation being active
     /// on it any more.
     pub fn finish(mut self) {
@@ -956,7 +998,9 @@ impl Lane {
 impl Drop for Lane {
     fn drop(&mut self) {
         if !self.finished {
-            self.spare().forget_session(self.session, self.connection);
+            let spare = self.spare();
+            spare.forget_session(self.session, self.connection);
+            spare.forgotten.lock().push((self.session, self.connection));
         }
         hand_back(&mut self.first.spares.idle.lock(), self.index, false);
     }
@@ -1175,6 +1219,7 @@ impl MemberLibrary {
             slot_misses: AtomicU32::new(0),
             rests_until: Mutex::new(None),
             sessions: Mutex::new(SmallVec::new()),
+            forgotten: Mutex::new(SmallVec::new()),
         })
     }
 
@@ -1205,6 +1250,7 @@ impl MemberLibrary {
             return None;
         }
         let _begun = begin();
+        spare.close_forgotten();
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
             Err(rv) => {
@@ -1264,6 +1310,7 @@ impl MemberLibrary {
             borrowed.failed = true;
             return None;
         }
+        spare.close_forgotten();
         let (session, connection) = match spare.session_on(slot) {
             Ok(opened) => opened,
             Err(rv) => {
@@ -1281,6 +1328,33 @@ impl MemberLibrary {
             connection,
             finished: false,
         }))
+    }
+
+    /// Closes the sessions lanes left unfinished on idle spares
+    /// ([`Spare::close_forgotten`]), each spare off the idle list
+    /// meanwhile and back in its place after: for when the application's
+    /// last session on the member's slot closed, since a spare lent to no
+    /// call after that keeps them.
+    pub fn close_forgotten_lanes(&self) {
+        for (index, spare) in self.spares.instances.iter().enumerate() {
+            if spare.forgotten.lock().is_empty() {
+                continue;
+            }
+            let at = {
+                let mut idle = self.spares.idle.lock();
+                let Some(at) = idle.iter().position(|&i| i == index) else {
+                    continue;
+                };
+                idle.remove(at);
+                at
+            };
+            if spare.library.usable() && !spare.stale.load(Ordering::Acquire) {
+                spare.close_forgotten();
+            }
+            let mut idle = self.spares.idle.lock();
+            let at = at.min(idle.len());
+            idle.insert(at, index);
+        }
     }
 
     /// Logs every spare instance out of `slot` where a lane logged it in,

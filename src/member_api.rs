@@ -489,7 +489,8 @@ impl<T: ?Sized> Held for T {}
 /// own session on the member's slot; what the core needs of it. Handed
 /// back idle with its session by [`SpareLane::finish`]; dropped otherwise
 /// (an operation may still be active on its session), its session is
-/// forgotten with its connection, so no later lane meets that operation.
+/// forgotten, so no later lane meets that operation, and closed by the
+/// spare's next holder while its connection lives.
 /// What the spare knows (its login, the handles found there) lives as long
 /// as its session: closing a token's last session logs it out and may
 /// renumber its objects.
@@ -543,6 +544,10 @@ pub trait SpareLane: Send {
         &self,
         log_in: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> Option<CK_RV>,
     ) -> bool;
+    /// Leaves `session`, another session opened on the lane's spare (a
+    /// replay's read-write one) that its holder gives up without closing,
+    /// to be closed as the lane's own is when the lane is dropped.
+    fn leave_session(&self, session: CK_SESSION_HANDLE);
     /// Hands the spare back with its session, no operation being active
     /// on it any more.
     fn finish(self: Box<Self>);
@@ -609,6 +614,10 @@ impl SpareLane for Lane {
         log_in: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> Option<CK_RV>,
     ) -> bool {
         Lane::log_in(self, |library, session| log_in(library, session))
+    }
+
+    fn leave_session(&self, session: CK_SESSION_HANDLE) {
+        Lane::leave_session(self, session)
     }
 
     fn finish(self: Box<Self>) {
@@ -695,6 +704,9 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     }
     /// Logs every spare instance out of `slot`: the group logged out.
     fn log_out_spares(&self, slot: CK_SLOT_ID) {}
+    /// Closes the sessions lanes left unfinished on idle spares (see
+    /// [`MemberLibrary::close_forgotten_lanes`]).
+    fn close_forgotten_lanes(&self) {}
 
     /// The Luna extensions the library exports.
     fn luna_extensions(&self) -> LunaExtensions {
@@ -1435,6 +1447,10 @@ impl MemberBackend for MemberLibrary {
 
     fn log_out_spares(&self, slot: CK_SLOT_ID) {
         MemberLibrary::log_out_spares(self, slot)
+    }
+
+    fn close_forgotten_lanes(&self) {
+        MemberLibrary::close_forgotten_lanes(self)
     }
 
     fn luna_extensions(&self) -> LunaExtensions {

@@ -2135,7 +2135,7 @@ fn an_operation_state_restored_as_its_members_handles_are_forgotten_uses_its_key
         let mut sim = member.sim.lock();
         sim.tokens[token].renumber_afresh();
         let label = sim.tokens[token]
-            .object(old)
+            .object(old, true)
             .ok()
             .map(|o| o.attributes[&CKA_LABEL].clone());
         *renumbered.lock() = Some(label);

@@ -1645,3 +1645,75 @@ fn removed_socket_keeps_the_member_down_until_the_server_returns() {
     }
     sign_and_verify(&session, keys);
 }
+
+/// A lane given up with its operation still active (its virtual session
+/// closed while its member was out, the member back since on connections
+/// that outlived the fault) leaves its session to the spare's next holder,
+/// who closes it: the spare's server process kept it, and the operation,
+/// for as long as the connection lived. The next lane on the spare finds
+/// the digest begun on the first one gone; and the slot's last application
+/// session closing (`close_forgotten_lanes`) closes such a session with no
+/// lane taken, its worker receiving the `C_CloseSession`.
+#[test]
+fn a_lane_given_up_unfinished_leaves_no_session_on_its_spare() {
+    use cryptoki_sys::*;
+    use pkcs11_ha::member::MemberLibrary;
+    use pkcs11_ha::member_api::{MemberApi, MemberBackend};
+    let _guard = serial_guard();
+    let hsm = SoftHsm::new(&["lanes"]);
+    let server = Server::start(&hsm, "lanes", &hsm.dir.path().join("lanes.sock"));
+    let address = format!("unix:path={}", server.socket.display());
+    let library = Arc::new(
+        MemberLibrary::load(
+            "lanes",
+            Path::new(&p11kit::client_module()),
+            &[(p11kit::ADDRESS_ENV.to_string(), address)],
+        )
+        .expect("p11-kit's client loads")
+        .with_instances(std::num::NonZeroUsize::new(2))
+        .expect("a spare instance"),
+    );
+    library
+        .initialize_in_this_environment()
+        .expect("the client connects");
+    let slot = library.slot_list(CK_TRUE).expect("the server's slots")[0];
+    let digest = CK_MECHANISM {
+        mechanism: CKM_SHA256,
+        pParameter: std::ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let give_up_a_digest = || {
+        let lane = MemberLibrary::take_lane(&library, slot, || ())
+            .expect("the spare is idle")
+            .expect("its session opens");
+        assert_eq!(lane.library().digest_init(lane.session, &digest), CKR_OK);
+        lane.session
+    };
+
+    let left = give_up_a_digest();
+    let lane = MemberLibrary::take_lane(&library, slot, || ())
+        .expect("the spare again")
+        .expect("a session");
+    assert_ne!(
+        lane.library().digest_update(left, Some(b"more")),
+        CKR_OK,
+        "the session left with a digest active is still open on the spare"
+    );
+    lane.finish();
+
+    let closed = || {
+        on_spares(&server, "C_CloseSession")
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    };
+    give_up_a_digest();
+    let before = closed();
+    MemberBackend::close_forgotten_lanes(&*library);
+    assert_eq!(
+        closed(),
+        before + 1,
+        "the spare's worker closed the session"
+    );
+    library.finalize();
+}

@@ -260,8 +260,11 @@ impl Lanes<'_> {
             self.group.end_making(position, *object, in_doubt);
             *self.answers[i].lock() = Some(answer);
             if faulted {
-                // The spare's session goes with the lane: its connection
-                // is the member's, which failed.
+                // No call to a member that failed: the read-write session
+                // is closed with the lane's, by the spare's next holder
+                // while its connection lives. Left open, the server kept
+                // it for good where recovery reconnected nothing.
+                lane.leave_session(session);
                 return self.stop.store(true, Ordering::Relaxed);
             }
         }

@@ -46,6 +46,10 @@ pub struct SimMember {
     ours: AtomicBool,
     /// Spare instances ([`SimMember::with_spares`]); none by default.
     pub spares: spares::Spares,
+    /// The spares whose calls are stalled now ([`token::Fault::Stall`]
+    /// and its kin met on a spare's session): those the watchdog's
+    /// [`MemberBackend::sever`] cuts.
+    stalled_spares: Mutex<Vec<usize>>,
 }
 
 impl SimMember {
@@ -62,6 +66,7 @@ impl SimMember {
             connection: AtomicU64::new(0),
             ours: AtomicBool::new(false),
             spares: spares::Spares::default(),
+            stalled_spares: Mutex::new(Vec::new()),
         }
     }
 
@@ -81,17 +86,17 @@ impl SimMember {
         self
     }
 
-    /// Opens a session for a spare instance numbering objects by
-    /// `numbering` ([`token::renumbered`]): the spare faults meet it.
+    /// Opens a session for spare instance `spare`, which numbers objects
+    /// its own way ([`token::spare_handle`]): the spare faults meet it.
     fn open_spare_session(
         &self,
         slot: CK_SLOT_ID,
         flags: CK_FLAGS,
-        numbering: CK_OBJECT_HANDLE,
+        spare: usize,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
         self.call("C_OpenSession", |sim| {
-            *session = sim.open_spare_session(sim.token_index(slot)?, flags, numbering)?;
+            *session = sim.open_spare_session(sim.token_index(slot)?, flags, spare)?;
             Ok(())
         })
     }
@@ -122,12 +127,20 @@ impl SimMember {
                     return CKR_CRYPTOKI_NOT_INITIALIZED;
                 }
                 let answer = f(&mut sim);
-                (answer, sim.stalled.take())
+                let on_spare = sim.on_spare;
+                (answer, sim.stalled.take().map(|token| (token, on_spare)))
             };
-            if let Some(token) = stalled {
+            if let Some((token, on_spare)) = stalled {
                 let hook = self.stall.lock().clone();
                 if let Some(hook) = hook {
+                    self.stalled_spares.lock().extend(on_spare);
                     hook(token);
+                    if let Some(spare) = on_spare {
+                        let mut stalled = self.stalled_spares.lock();
+                        if let Some(at) = stalled.iter().rposition(|s| *s == spare) {
+                            stalled.remove(at);
+                        }
+                    }
                 }
             }
             match answer {
@@ -162,7 +175,7 @@ impl SimMember {
         let sim = self.sim.lock();
         sim.sessions
             .values()
-            .filter(|s| s.token == token && !s.spare)
+            .filter(|s| s.token == token && !s.spare())
             .count()
     }
 
@@ -319,10 +332,9 @@ impl MemberApi for SimMember {
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
-        // A replay's lane opens its read-write session on the spare, which
-        // numbers objects as the lane's own session does.
-        if let Some(numbering) = self.spares.replay_lane_numbering() {
-            return self.open_spare_session(slot, flags, numbering, session);
+        // A replay's lane opens its read-write session on the lane's spare.
+        if let Some(spare) = self.spares.replay_lane_spare() {
+            return self.open_spare_session(slot, flags, spare, session);
         }
         self.call("C_OpenSession", |sim| {
             *session = sim.open_session(sim.token_index(slot)?, flags)?;
@@ -904,6 +916,22 @@ impl MemberBackend for SimMember {
 
     fn log_out_spares(&self, slot: CK_SLOT_ID) {
         self.log_out_spare_sessions(slot)
+    }
+
+    fn close_forgotten_lanes(&self) {
+        self.close_forgotten_lanes_of_spares()
+    }
+
+    /// Cuts the connection of each spare whose call is stalled, as
+    /// `member.rs` shuts its socket down and marks it stale; the member's
+    /// own connection is the faults' to lose ([`token::Fault::Hang`]).
+    fn sever(&self) -> usize {
+        let stalled: Vec<usize> = self.stalled_spares.lock().clone();
+        for spare in &stalled {
+            self.sim.lock().cut_spare(*spare);
+            self.spares.mark_stale(*spare);
+        }
+        stalled.len()
     }
 
     fn search_bounded(

@@ -2,14 +2,13 @@
 //! them (`[LibraryInstances]`): each a session of its own per slot on the
 //! member's tokens, taken whole as a lane ([`SpareLane`]) or for one call,
 //! and what the core keeps on each (its login, the handles found there),
-//! forgotten with its session or the member's connection. The model has one
-//! login per token, so a spare's login answers
-//! `CKR_USER_ALREADY_LOGGED_IN` where the member's own session is logged
-//! in; the core takes that as logged in, as it does from a real spare.
-//! Each spare numbers the token's objects its own way, anew at each
-//! connection, as each `p11-kit server` worker does (`token::renumbered`):
-//! a handle of the member's own connection names another object, or none,
-//! on a spare, and the reverse.
+//! forgotten with its session or the member's connection. Each spare is an
+//! application of its own to the token, as each `p11-kit server` worker
+//! is (`token::Session::instance`): it logs in on its own, its sessions
+//! outlive the member's own `C_CloseAllSessions`, and it numbers the
+//! token's objects its own way, anew at each connection
+//! (`token::spare_handle`): a handle of the member's own connection names
+//! another object, or none, on a spare, and the reverse.
 
 use super::SimMember;
 use cryptoki_sys::*;
@@ -32,9 +31,9 @@ pub struct Spares {
     one_lane: Option<(ThreadId, Mutex<bool>)>,
     /// Lanes lent to a replay's threads so far.
     replay_lanes: std::sync::atomic::AtomicUsize,
-    /// The numbering of the lane each replay thread holds: the read-write
-    /// session it opens is on the same spare.
-    replay_numbering: Mutex<HashMap<ThreadId, CK_OBJECT_HANDLE>>,
+    /// The spare whose lane each replay thread holds: the read-write
+    /// session it opens is on that spare.
+    replay_spare: Mutex<HashMap<ThreadId, usize>>,
 }
 
 #[derive(Default)]
@@ -47,14 +46,16 @@ struct State {
     stale: Vec<bool>,
     /// Lanes taken from each spare so far, for tests to read.
     taken: Vec<usize>,
+    /// Each spare's sessions of lanes given up unfinished, with their
+    /// connection: closed by its next holder, as `member.rs`'s
+    /// `Spare::close_forgotten` closes them.
+    forgotten: Vec<Vec<(CK_SESSION_HANDLE, u64)>>,
 }
 
 struct SpareSession {
     slot: CK_SLOT_ID,
     handle: CK_SESSION_HANDLE,
     connection: u64,
-    /// How the spare numbers objects on this connection.
-    numbering: CK_OBJECT_HANDLE,
     logged_in: bool,
     keys: HashMap<CK_OBJECT_HANDLE, (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>,
     found: HashMap<CK_OBJECT_HANDLE, Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)>>,
@@ -68,11 +69,12 @@ impl Spares {
                 idle: (0..count).rev().collect(),
                 stale: vec![false; count],
                 taken: vec![0; count],
+                forgotten: vec![Vec::new(); count],
             }),
             logins: Mutex::new(()),
             one_lane: None,
             replay_lanes: Default::default(),
-            replay_numbering: Default::default(),
+            replay_spare: Default::default(),
         }
     }
 
@@ -98,15 +100,15 @@ impl Spares {
             .is_some_and(|(owner, _)| *owner != std::thread::current().id())
     }
 
-    /// On a replay's thread, the numbering of the spare whose lane it
-    /// holds, where its sessions open.
-    pub fn replay_lane_numbering(&self) -> Option<CK_OBJECT_HANDLE> {
+    /// On a replay's thread, the spare whose lane it holds, where its
+    /// sessions open.
+    pub fn replay_lane_spare(&self) -> Option<usize> {
         if !self.on_replay_thread() {
             return None;
         }
-        let lent = self.replay_numbering.lock();
-        let numbering = lent.get(&std::thread::current().id());
-        Some(*numbering.expect("a replay's thread opens sessions only on the lane it holds"))
+        let lent = self.replay_spare.lock();
+        let spare = lent.get(&std::thread::current().id());
+        Some(*spare.expect("a replay's thread opens sessions only on the lane it holds"))
     }
 
     /// The member's own thread calls: a replay after this may take a lane.
@@ -147,12 +149,21 @@ impl Spares {
     pub fn taken(&self) -> Vec<usize> {
         self.state.lock().taken.clone()
     }
+
+    fn has_forgotten(&self, index: usize) -> bool {
+        !self.state.lock().forgotten[index].is_empty()
+    }
+
+    /// Spare `index` connects again at its next lending: its connection
+    /// was cut.
+    pub fn mark_stale(&self, index: usize) {
+        self.state.lock().stale[index] = true;
+    }
 }
 
 impl SimMember {
     /// An idle spare's session on `slot` on the current connection (opened
-    /// now if it has none), with `begin` held around the opening, and how
-    /// the spare numbers objects; `None`
+    /// now if it has none), with `begin` held around the opening; `None`
     /// when no spare is idle or its connection failed opening the session
     /// (it connects again at its next lending), `Some(Err)` with the
     /// member's answer when the session could not be opened otherwise (the
@@ -166,7 +177,7 @@ impl SimMember {
         slot: CK_SLOT_ID,
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
         connect: bool,
-    ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64, CK_OBJECT_HANDLE), CK_RV>> {
+    ) -> Option<Result<(usize, CK_SESSION_HANDLE, u64), CK_RV>> {
         if !self.spares.replay_may_take() {
             return None;
         }
@@ -190,22 +201,26 @@ impl SimMember {
             let mut state = self.spares.state.lock();
             if std::mem::take(&mut state.stale[index]) {
                 state.sessions[index].clear();
-                self.sim.lock().reconnect_spares();
+                let mut sim = self.sim.lock();
+                sim.reconnect_spares();
+                sim.reconnect_spare(index);
             }
-            let sessions = &mut state.sessions[index];
-            sessions.retain(|s| s.connection == connection);
-            sessions
+            state.sessions[index].retain(|s| s.connection == connection);
+            state.sessions[index]
                 .iter()
                 .find(|s| s.slot == slot)
-                .map(|s| (s.handle, s.numbering))
+                .map(|s| s.handle)
         };
-        if let Some((handle, numbering)) = known {
-            return Some(Ok((index, handle, connection, numbering)));
+        if self.spares.has_forgotten(index) {
+            let _begun = begin();
+            self.close_forgotten(index);
+        }
+        if let Some(handle) = known {
+            return Some(Ok((index, handle, connection)));
         }
         let _begun = begin();
-        let numbering = self.sim.lock().spare_numbering(index, connection);
         let mut handle = 0;
-        let rv = self.open_spare_session(slot, CKF_SERIAL_SESSION, numbering, &mut handle);
+        let rv = self.open_spare_session(slot, CKF_SERIAL_SESSION, index, &mut handle);
         let mut state = self.spares.state.lock();
         if rv != CKR_OK {
             state.idle.push(index);
@@ -222,12 +237,59 @@ impl SimMember {
             slot,
             handle,
             connection,
-            numbering,
             logged_in: false,
             keys: HashMap::new(),
             found: HashMap::new(),
         });
-        Some(Ok((index, handle, connection, numbering)))
+        Some(Ok((index, handle, connection)))
+    }
+
+    /// Closes spare `index`'s sessions of lanes given up unfinished that
+    /// are on the member's current connection, unless a call is stalled
+    /// inside the spare; called by its holder.
+    fn close_forgotten(&self, index: usize) {
+        if self.stalled_spares.lock().contains(&index) {
+            return;
+        }
+        let connection = self.connection();
+        let forgotten = {
+            let mut state = self.spares.state.lock();
+            let forgotten = std::mem::take(&mut state.forgotten[index]);
+            let live = &state.sessions[index];
+            forgotten
+                .into_iter()
+                .filter(|(handle, on)| {
+                    *on == connection && !live.iter().any(|s| s.handle == *handle)
+                })
+                .collect::<Vec<_>>()
+        };
+        for (handle, _) in forgotten {
+            self.close_session(handle);
+        }
+    }
+
+    /// [`MemberBackend::close_forgotten_lanes`]: each idle spare's, taken
+    /// off the idle list meanwhile.
+    pub(super) fn close_forgotten_lanes_of_spares(&self) {
+        for index in 0..self.spares.count() {
+            let at = {
+                let mut state = self.spares.state.lock();
+                if state.forgotten[index].is_empty() {
+                    continue;
+                }
+                let Some(at) = state.idle.iter().position(|&i| i == index) else {
+                    continue;
+                };
+                state.idle.remove(at);
+                at
+            };
+            if !self.spares.state.lock().stale[index] {
+                self.close_forgotten(index);
+            }
+            let mut state = self.spares.state.lock();
+            let at = at.min(state.idle.len());
+            state.idle.insert(at, index);
+        }
     }
 
     pub(super) fn on_spare_call<'g>(
@@ -253,18 +315,14 @@ impl SimMember {
         begin: &mut dyn FnMut() -> Box<dyn Held + 'g>,
         connect: bool,
     ) -> Option<Result<Box<dyn SpareLane>, CK_RV>> {
-        let (index, session, connection, numbering) =
-            match self.borrow_spare(slot, begin, connect)? {
-                Ok(borrowed) => borrowed,
-                Err(rv) => return Some(Err(rv)),
-            };
+        let (index, session, connection) = match self.borrow_spare(slot, begin, connect)? {
+            Ok(borrowed) => borrowed,
+            Err(rv) => return Some(Err(rv)),
+        };
         self.spares.state.lock().taken[index] += 1;
         if self.spares.on_replay_thread() {
             let thread = std::thread::current().id();
-            self.spares
-                .replay_numbering
-                .lock()
-                .insert(thread, numbering);
+            self.spares.replay_spare.lock().insert(thread, index);
         }
         Some(Ok(Box::new(SimLane {
             member: self,
@@ -393,6 +451,11 @@ impl SpareLane for SimLane {
         logged_in
     }
 
+    fn leave_session(&self, session: CK_SESSION_HANDLE) {
+        let mut state = self.member.spares.state.lock();
+        state.forgotten[self.index].push((session, self.connection));
+    }
+
     fn finish(mut self: Box<Self>) {
         self.finished = true;
     }
@@ -405,12 +468,13 @@ impl SpareLane for SimLane {
 impl Drop for SimLane {
     fn drop(&mut self) {
         let thread = std::thread::current().id();
-        self.member.spares.replay_numbering.lock().remove(&thread);
+        self.member.spares.replay_spare.lock().remove(&thread);
         let mut state = self.member.spares.state.lock();
         if !self.finished {
             let (session, connection) = (self.session, self.connection);
             state.sessions[self.index]
                 .retain(|s| (s.handle, s.connection) != (session, connection));
+            state.forgotten[self.index].push((session, connection));
         }
         state.idle.push(self.index);
     }

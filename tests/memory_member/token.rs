@@ -116,27 +116,38 @@ pub struct Session {
     pub read_write: bool,
     pub operation: Option<Operation>,
     pub find: Option<Vec<CK_OBJECT_HANDLE>>,
-    /// Opened by a spare instance ([`Sim::open_spare_session`]): the
-    /// spare faults apply to it.
-    pub spare: bool,
+    /// The client instance that opened it: 0 for the library's own
+    /// connection, `i + 1` for spare `i` ([`Sim::open_spare_session`]),
+    /// which the spare faults meet. Each instance is an application of its
+    /// own to the token, as each `p11-kit server` worker is: its own
+    /// login, its own object handles, and `C_CloseAllSessions` on one
+    /// leaves the others' sessions open.
+    pub instance: usize,
     /// How the instance that opened it numbers the token's objects: 0 for
     /// the library's own connection (the token's handles), otherwise the
-    /// key of [`renumbered`].
+    /// key of [`spare_handle`].
     pub numbering: CK_OBJECT_HANDLE,
 }
 
-/// Handle `handle` of the token's own numbering as an instance of
-/// numbering `key` gives it, and back (the map is its own inverse): a
-/// spare instance, a `p11-kit server` worker of its own, numbers the
-/// token's objects its own way, so the same object has another handle
-/// there, and a handle of one instance names another object, or none, on
-/// the other. Handles stay near the token's own, so that a handle used on
-/// the wrong instance mostly names another object rather than none.
-pub fn renumbered(key: CK_OBJECT_HANDLE, handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
-    if key == 0 || handle == CK_INVALID_HANDLE {
-        return handle;
+impl Session {
+    /// Opened by a spare instance.
+    pub fn spare(&self) -> bool {
+        self.instance != 0
     }
-    ((handle - 1) ^ key) + 1
+}
+
+/// The handle of the object numbered `id` on the token on a spare
+/// instance numbering objects by `key`, and the number back: a spare
+/// instance, a `p11-kit server` worker of its own, numbers the token's
+/// objects its own way, so the same object has another handle there, and
+/// a handle of one instance names another object, or none, on the other.
+/// Handles stay near the token's own (which start at the number plus one),
+/// so that a handle used on the wrong instance mostly names another object
+/// rather than none. Drawn from the object's number, not the library's own
+/// handle: the own connection numbering its objects anew leaves a spare's
+/// handles as they were.
+pub fn spare_handle(key: CK_OBJECT_HANDLE, id: u64) -> CK_OBJECT_HANDLE {
+    (id as CK_OBJECT_HANDLE ^ key) + 1
 }
 
 #[derive(Default)]
@@ -147,7 +158,9 @@ pub struct Token {
     handles: BTreeMap<CK_OBJECT_HANDLE, u64>,
     next_object: u64,
     next_handle: CK_OBJECT_HANDLE,
-    pub logged_in: bool,
+    /// The client instances logged in ([`Session::instance`]): each logs
+    /// in on its own, and is logged out when its last session closes.
+    pub logins: std::collections::BTreeSet<usize>,
     pub crashed: bool,
     pub hung: bool,
     pub reset_next: bool,
@@ -187,11 +200,21 @@ pub struct Sim {
     generated: u64,
     /// The token whose stall the call under way met ([`Fault::Stall`]).
     pub stalled: Option<usize>,
-    /// The call under way is on a spare's session.
-    on_spare: bool,
-    /// Spare connections ended so far: a spare connecting after is a new
-    /// instance, numbering objects anew ([`Sim::spare_numbering`]).
-    spare_connections_ended: u64,
+    /// The spare whose session the call under way is on, if any.
+    pub on_spare: Option<usize>,
+    /// How each spare numbers each token's objects, by (spare, token),
+    /// while it holds a session there on its connection: drawn anew once
+    /// its connection ended, or its last session there closed on a token
+    /// that renumbers then ([`Sim::spare_numbering`]).
+    spare_keys: BTreeMap<(usize, usize), CK_OBJECT_HANDLE>,
+    /// Keys drawn so far.
+    spare_draws: u64,
+    /// Spares whose connection pkcs11-ha's watchdog cut under a stalled
+    /// call ([`Sim::cut_spare`]), until they connect again.
+    cut_spares: std::collections::BTreeSet<usize>,
+    /// The sessions that went with those connections: a call on one
+    /// fails as on a connection shut down.
+    cut_sessions: std::collections::BTreeSet<CK_SESSION_HANDLE>,
 }
 
 pub type Result<T> = std::result::Result<T, CK_RV>;
@@ -310,25 +333,42 @@ impl Token {
         }
     }
 
-    fn visible(&self, object: &Object) -> bool {
-        self.logged_in || !object.flag(CKA_PRIVATE)
+    fn visible(object: &Object, logged_in: bool) -> bool {
+        logged_in || !object.flag(CKA_PRIVATE)
     }
 
-    pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<&Object> {
+    /// The object of (own) handle `handle`, as an instance `logged_in` or
+    /// not sees it.
+    pub fn object(&self, handle: CK_OBJECT_HANDLE, logged_in: bool) -> Result<&Object> {
         let object = self
             .handles
             .get(&handle)
             .and_then(|id| self.objects.get(id))
             .ok_or(CKR_OBJECT_HANDLE_INVALID)?;
-        if self.visible(object) {
+        if Token::visible(object, logged_in) {
             Ok(object)
         } else {
             Err(CKR_OBJECT_HANDLE_INVALID)
         }
     }
 
-    fn key(&self, handle: CK_OBJECT_HANDLE, usage: CK_ATTRIBUTE_TYPE) -> Result<Vec<u8>> {
-        let key = self.object(handle).map_err(|_| CKR_KEY_HANDLE_INVALID)?;
+    /// The library's own handle of the object numbered `id`.
+    fn handle_of(&self, id: u64) -> Option<CK_OBJECT_HANDLE> {
+        self.handles
+            .iter()
+            .find(|(_, i)| **i == id)
+            .map(|(handle, _)| *handle)
+    }
+
+    fn key(
+        &self,
+        handle: CK_OBJECT_HANDLE,
+        usage: CK_ATTRIBUTE_TYPE,
+        logged_in: bool,
+    ) -> Result<Vec<u8>> {
+        let key = self
+            .object(handle, logged_in)
+            .map_err(|_| CKR_KEY_HANDLE_INVALID)?;
         if !key.flag(usage) {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
@@ -454,7 +494,7 @@ impl Sim {
 
     /// The gate of every call on a token: its faults, in order.
     pub fn enter(&mut self, token: usize) -> Result<()> {
-        self.on_spare = false;
+        self.on_spare = None;
         if self.disconnected || self.tokens[token].down() {
             return Err(CKR_DEVICE_ERROR);
         }
@@ -472,6 +512,7 @@ impl Sim {
     /// do so afresh ([`Fault::RenumberOnReconnect`]).
     pub fn connect(&mut self) {
         self.disconnected = false;
+        self.cut_spares.clear();
         for token in &mut self.tokens {
             token.spare_crashed = false;
             if token.renumber_on_reconnect {
@@ -480,29 +521,87 @@ impl Sim {
         }
     }
 
-    /// How spare `spare` numbers objects while connected on the library's
-    /// connection `connection`: a key of [`renumbered`] drawn from the
-    /// seed, never 0, the same until the spare's connection ends.
-    pub fn spare_numbering(&self, spare: usize, connection: u64) -> CK_OBJECT_HANDLE {
+    /// How spare `spare` numbers the objects of token `token`: a key of
+    /// [`spare_handle`] drawn from the seed, never 0, the same while it
+    /// holds a session there on one connection (see [`Sim::spare_keys`]).
+    fn spare_numbering(&mut self, spare: usize, token: usize) -> CK_OBJECT_HANDLE {
+        if let Some(key) = self.spare_keys.get(&(spare, token)) {
+            return *key;
+        }
+        self.spare_draws += 1;
         let drawn = sha256(&[
             b"numbering",
             &self.seed.to_le_bytes(),
             &(spare as u64).to_le_bytes(),
-            &connection.to_le_bytes(),
-            &self.spare_connections_ended.to_le_bytes(),
+            &(token as u64).to_le_bytes(),
+            &self.spare_draws.to_le_bytes(),
         ]);
-        1 + CK_OBJECT_HANDLE::from(drawn[0] % 31)
+        let key = 1 + CK_OBJECT_HANDLE::from(drawn[0] % 31);
+        self.spare_keys.insert((spare, token), key);
+        key
     }
 
-    /// `handle` as session `session`'s instance numbers objects, from or
-    /// to the token's own numbering (see [`renumbered`]); unchanged for a
-    /// session of the library's own connection, or none.
-    fn translated(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
-        renumbered(self.numbering(session), handle)
+    /// The library's own handle of what session `session`'s instance
+    /// names `handle` (see [`spare_handle`]): unchanged for a session of
+    /// the library's own connection, or none; `CK_INVALID_HANDLE` for a
+    /// spare's handle that names no object.
+    fn own_handle(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+        match self.sessions.get(&session) {
+            Some(s) if s.numbering != 0 && handle != CK_INVALID_HANDLE => {
+                let id = (handle - 1) ^ s.numbering;
+                self.tokens[s.token]
+                    .handle_of(id)
+                    .unwrap_or(CK_INVALID_HANDLE)
+            }
+            _ => handle,
+        }
     }
 
-    fn numbering(&self, session: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
-        self.sessions.get(&session).map_or(0, |s| s.numbering)
+    /// The library's own handle `handle` as session `session`'s instance
+    /// names the object: the reverse of [`Sim::own_handle`].
+    fn instance_handle(
+        &self,
+        session: CK_SESSION_HANDLE,
+        handle: CK_OBJECT_HANDLE,
+    ) -> CK_OBJECT_HANDLE {
+        match self.sessions.get(&session) {
+            Some(s) if s.numbering != 0 => self.tokens[s.token]
+                .handles
+                .get(&handle)
+                .map_or(CK_INVALID_HANDLE, |id| spare_handle(s.numbering, *id)),
+            _ => handle,
+        }
+    }
+
+    /// Whether session `session`'s instance is logged in to its token.
+    fn logged_in(&self, session: CK_SESSION_HANDLE) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| self.tokens[s.token].logins.contains(&s.instance))
+    }
+
+    /// The watchdog shut spare `spare`'s connection down under a stalled
+    /// call: its `p11-kit server` worker ends, and its sessions with it;
+    /// calls on them, and sessions it opens, fail with `CKR_DEVICE_ERROR`
+    /// until it connects again ([`Sim::reconnect_spare`]).
+    pub fn cut_spare(&mut self, spare: usize) {
+        self.cut_spares.insert(spare);
+        let gone: Vec<CK_SESSION_HANDLE> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.instance == spare + 1)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in gone {
+            self.cut_sessions.insert(handle);
+            self.end_session(handle);
+        }
+        self.spare_keys.retain(|(s, _), _| *s != spare);
+    }
+
+    /// Spare `spare` connects again after a cut.
+    pub fn reconnect_spare(&mut self, spare: usize) {
+        self.cut_spares.remove(&spare);
     }
 
     /// The spares connect again ([`Fault::SpareCrash`] ends).
@@ -518,16 +617,16 @@ impl Sim {
         if !std::mem::take(&mut self.tokens[token].spare_crashed) {
             return;
         }
-        self.spare_connections_ended += 1;
         let gone: Vec<CK_SESSION_HANDLE> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.token == token && s.spare)
+            .filter(|(_, s)| s.token == token && s.spare())
             .map(|(h, _)| *h)
             .collect();
         for handle in gone {
             self.end_session(handle);
         }
+        self.spare_keys.retain(|(_, t), _| *t != token);
     }
 
     /// The connection is lost: every session and login with it.
@@ -540,14 +639,17 @@ impl Sim {
 
     /// The gate of a call on a session: the token's faults, then the session.
     pub fn enter_session(&mut self, session: CK_SESSION_HANDLE) -> Result<usize> {
-        let (token, spare) = self
+        if self.cut_sessions.contains(&session) {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        let (token, instance) = self
             .sessions
             .get(&session)
-            .map(|s| (s.token, s.spare))
+            .map(|s| (s.token, s.instance))
             .ok_or(CKR_SESSION_HANDLE_INVALID)?;
         self.enter(token)?;
-        if spare {
-            self.enter_spare(token)?;
+        if let Some(spare) = instance.checked_sub(1) {
+            self.enter_spare(token, spare)?;
         }
         self.sessions
             .get(&session)
@@ -557,9 +659,9 @@ impl Sim {
 
     /// The spare faults, for a call on a spare's session, after the
     /// token's own.
-    fn enter_spare(&mut self, token: usize) -> Result<()> {
-        self.on_spare = true;
-        if self.tokens[token].spare_crashed {
+    fn enter_spare(&mut self, token: usize, spare: usize) -> Result<()> {
+        self.on_spare = Some(spare);
+        if self.tokens[token].spare_crashed || self.cut_spares.contains(&spare) {
             return Err(CKR_DEVICE_ERROR);
         }
         if std::mem::take(&mut self.tokens[token].spare_stall_next) {
@@ -578,7 +680,7 @@ impl Sim {
             return Err(CKR_DEVICE_ERROR);
         }
         if rv == CKR_OK
-            && self.on_spare
+            && self.on_spare.is_some()
             && std::mem::take(&mut self.tokens[token].spare_lose_next_answer)
         {
             return Err(CKR_DEVICE_ERROR);
@@ -594,7 +696,8 @@ impl Sim {
         self.sessions.get_mut(&session).expect("entered session")
     }
 
-    /// Ends every session on `token`, as a lost connection or a restart does.
+    /// Ends every session on `token`, of every instance, as a lost
+    /// connection or a restart does.
     pub fn drop_sessions(&mut self, token: usize) {
         let gone: Vec<CK_SESSION_HANDLE> = self
             .sessions
@@ -605,19 +708,33 @@ impl Sim {
         for handle in gone {
             self.end_session(handle);
         }
-        self.tokens[token].logged_in = false;
+        self.tokens[token].logins.clear();
+        self.spare_keys.retain(|(_, t), _| *t != token);
     }
 
+    /// Ends a session. Its instance's last on the token logs that instance
+    /// out, and on a token that renumbers then, has it number the token's
+    /// objects anew: the library's own connection the token's handles, a
+    /// spare by a key drawn anew.
     fn end_session(&mut self, handle: CK_SESSION_HANDLE) {
         let Some(session) = self.sessions.remove(&handle) else {
             return;
         };
-        let token = session.token;
+        let (token, instance) = (session.token, session.instance);
         self.tokens[token].destroy_session_objects(handle);
-        if !self.sessions.values().any(|s| s.token == token) {
-            self.tokens[token].logged_in = false;
+        if !self
+            .sessions
+            .values()
+            .any(|s| s.token == token && s.instance == instance)
+        {
+            self.tokens[token].logins.remove(&instance);
             if self.tokens[token].renumber_on_last_close {
-                self.tokens[token].renumber();
+                match instance.checked_sub(1) {
+                    None => self.tokens[token].renumber(),
+                    Some(spare) => {
+                        self.spare_keys.remove(&(spare, token));
+                    }
+                }
             }
         }
     }
@@ -685,6 +802,10 @@ impl Sim {
 
     pub fn open_session(&mut self, token: usize, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
         self.enter(token)?;
+        self.new_session(token, flags)
+    }
+
+    fn new_session(&mut self, token: usize, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
         if flags & CKF_SERIAL_SESSION == 0 {
             return Err(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
         }
@@ -697,26 +818,27 @@ impl Sim {
                 read_write: flags & CKF_RW_SESSION != 0,
                 operation: None,
                 find: None,
-                spare: false,
+                instance: 0,
                 numbering: 0,
             },
         );
         Ok(handle)
     }
 
-    /// [`Sim::open_session`] for a spare instance, which the spare faults
-    /// meet, numbering objects by `numbering` (see [`renumbered`]).
+    /// [`Sim::open_session`] for spare instance `spare`, which the spare
+    /// faults meet, numbering objects its own way (see [`spare_handle`]).
     pub fn open_spare_session(
         &mut self,
         token: usize,
         flags: CK_FLAGS,
-        numbering: CK_OBJECT_HANDLE,
+        spare: usize,
     ) -> Result<CK_SESSION_HANDLE> {
         self.enter(token)?;
-        self.enter_spare(token)?;
-        let handle = self.open_session(token, flags)?;
+        self.enter_spare(token, spare)?;
+        let handle = self.new_session(token, flags)?;
+        let numbering = self.spare_numbering(spare, token);
         let session = self.session(handle);
-        session.spare = true;
+        session.instance = spare + 1;
         session.numbering = numbering;
         Ok(handle)
     }
@@ -727,16 +849,26 @@ impl Sim {
         Ok(())
     }
 
+    /// The library's own sessions on `token` end; the spares' stay open,
+    /// as another `p11-kit server` worker's sessions do.
     pub fn close_all_sessions(&mut self, token: usize) -> Result<()> {
         self.enter(token)?;
-        self.drop_sessions(token);
+        let own: Vec<CK_SESSION_HANDLE> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.token == token && !s.spare())
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in own {
+            self.end_session(handle);
+        }
         Ok(())
     }
 
     pub fn session_state(&mut self, session: CK_SESSION_HANDLE) -> Result<(usize, bool, bool)> {
         let token = self.enter_session(session)?;
         let rw = self.session(session).read_write;
-        Ok((token, rw, self.tokens[token].logged_in))
+        Ok((token, rw, self.logged_in(session)))
     }
 
     pub fn login(
@@ -752,19 +884,21 @@ impl Sim {
         if user != CKU_USER {
             return Err(CKR_USER_TYPE_INVALID);
         }
-        if self.tokens[token].logged_in {
+        if self.logged_in(session) {
             return Err(CKR_USER_ALREADY_LOGGED_IN);
         }
         if pin != USER_PIN {
             return Err(CKR_PIN_INCORRECT);
         }
-        self.tokens[token].logged_in = true;
+        let instance = self.session(session).instance;
+        self.tokens[token].logins.insert(instance);
         Ok(())
     }
 
     pub fn logout(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
         let token = self.enter_session(session)?;
-        if !std::mem::take(&mut self.tokens[token].logged_in) {
+        let instance = self.session(session).instance;
+        if !self.tokens[token].logins.remove(&instance) {
             return Err(CKR_USER_NOT_LOGGED_IN);
         }
         Ok(())
@@ -782,7 +916,7 @@ impl Sim {
         }
         let private = attributes.get(&CKA_PRIVATE).is_none_or(|v| v == &[1]);
         let class = attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
-        if private && class != Some(CKO_DATA) && !self.tokens[token].logged_in {
+        if private && class != Some(CKO_DATA) && !self.logged_in(session) {
             return Err(CKR_USER_NOT_LOGGED_IN);
         }
         if attributes.get(&CKA_TRUSTED).is_some_and(|v| v == &[1]) {
@@ -802,7 +936,7 @@ impl Sim {
             attributes,
             session: (!on_token).then_some(session),
         });
-        self.translated(session, handle)
+        self.instance_handle(session, handle)
     }
 
     pub fn create_object(
@@ -866,9 +1000,10 @@ impl Sim {
         handle: CK_OBJECT_HANDLE,
     ) -> Result<()> {
         let token = self.enter_session(session)?;
-        let handle = self.translated(session, handle);
+        let handle = self.own_handle(session, handle);
+        let logged_in = self.logged_in(session);
         let t = &self.tokens[token];
-        let object = t.object(handle)?;
+        let object = t.object(handle, logged_in)?;
         if object.session.is_none() && !self.session(session).read_write {
             return Err(CKR_SESSION_READ_ONLY);
         }
@@ -888,12 +1023,12 @@ impl Sim {
         types: &[CK_ATTRIBUTE_TYPE],
     ) -> Result<Vec<Result<Option<Vec<u8>>>>> {
         let token = self.enter_session(session)?;
-        let handle = self.translated(session, handle);
+        let handle = self.own_handle(session, handle);
         if self.tokens[token].stall_on_reading == Some(handle) {
             self.tokens[token].stall_on_reading = None;
             self.stalled = Some(token);
         }
-        let object = self.tokens[token].object(handle)?;
+        let object = self.tokens[token].object(handle, self.logged_in(session))?;
         let secret = object.flag(CKA_SENSITIVE) || !object.flag(CKA_EXTRACTABLE);
         let class = object.attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
         Ok(types
@@ -914,15 +1049,17 @@ impl Sim {
             return Err(CKR_OPERATION_ACTIVE);
         }
         self.tokens[token].searches += 1;
+        let logged_in = self.logged_in(session);
         let t = &self.tokens[token];
         let found: Vec<CK_OBJECT_HANDLE> = t
             .handles
             .iter()
             .filter(|(_, id)| {
                 let o = &t.objects[id];
-                t.visible(o) && template.iter().all(|(k, v)| o.attributes.get(k) == Some(v))
+                Token::visible(o, logged_in)
+                    && template.iter().all(|(k, v)| o.attributes.get(k) == Some(v))
             })
-            .map(|(h, _)| self.translated(session, *h))
+            .map(|(h, _)| self.instance_handle(session, *h))
             .collect();
         self.session(session).find = Some(found);
         Ok(())
@@ -963,24 +1100,25 @@ impl Sim {
         if self.session(session).operation.is_some() {
             return Err(CKR_OPERATION_ACTIVE);
         }
-        let key = key.map(|k| self.translated(session, k));
+        let key = key.map(|k| self.own_handle(session, k));
+        let logged_in = self.logged_in(session);
         let t = &self.tokens[token];
         let operation = match (kind, mechanism) {
             (b'D', CKM_SHA256) => Operation::Digest(Vec::new()),
             (b'S', CKM_SHA256_HMAC) => Operation::Sign {
-                key: t.key(key.unwrap_or(0), CKA_SIGN)?,
+                key: t.key(key.unwrap_or(0), CKA_SIGN, logged_in)?,
                 data: Vec::new(),
             },
             (b'V', CKM_SHA256_HMAC) => Operation::Verify {
-                key: t.key(key.unwrap_or(0), CKA_VERIFY)?,
+                key: t.key(key.unwrap_or(0), CKA_VERIFY, logged_in)?,
                 data: Vec::new(),
             },
             (b'E', CKM_AES_ECB) => Operation::Encrypt {
-                key: t.key(key.unwrap_or(0), CKA_ENCRYPT)?,
+                key: t.key(key.unwrap_or(0), CKA_ENCRYPT, logged_in)?,
                 offset: 0,
             },
             (b'C', CKM_AES_ECB) => Operation::Decrypt {
-                key: t.key(key.unwrap_or(0), CKA_DECRYPT)?,
+                key: t.key(key.unwrap_or(0), CKA_DECRYPT, logged_in)?,
                 offset: 0,
             },
             _ => return Err(CKR_MECHANISM_INVALID),
@@ -1115,24 +1253,25 @@ impl Sim {
         if kind != b'D' && needed == CK_INVALID_HANDLE {
             return Err(CKR_KEY_NEEDED);
         }
-        let key = self.translated(session, needed);
+        let key = self.own_handle(session, needed);
+        let logged_in = self.logged_in(session);
         let t = &self.tokens[token];
         let operation = match kind {
             b'D' => Operation::Digest(fed.to_vec()),
             b'S' => Operation::Sign {
-                key: t.key(key, CKA_SIGN)?,
+                key: t.key(key, CKA_SIGN, logged_in)?,
                 data: fed.to_vec(),
             },
             b'V' => Operation::Verify {
-                key: t.key(key, CKA_VERIFY)?,
+                key: t.key(key, CKA_VERIFY, logged_in)?,
                 data: fed.to_vec(),
             },
             b'E' => Operation::Encrypt {
-                key: t.key(key, CKA_ENCRYPT)?,
+                key: t.key(key, CKA_ENCRYPT, logged_in)?,
                 offset: offset()?,
             },
             _ => Operation::Decrypt {
-                key: t.key(key, CKA_DECRYPT)?,
+                key: t.key(key, CKA_DECRYPT, logged_in)?,
                 offset: offset()?,
             },
         };
@@ -1155,20 +1294,23 @@ impl Sim {
     ) -> Result<Vec<u8>> {
         let token = self.enter_session(session)?;
         let (wrapping, key) = (
-            self.translated(session, wrapping),
-            self.translated(session, key),
+            self.own_handle(session, wrapping),
+            self.own_handle(session, key),
         );
+        let logged_in = self.logged_in(session);
         let t = &self.tokens[token];
         if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap || t.refuse_wrap_always {
             return Err(CKR_MECHANISM_INVALID);
         }
         let wrapping_key = t
-            .object(wrapping)
+            .object(wrapping, logged_in)
             .map_err(|_| CKR_WRAPPING_KEY_HANDLE_INVALID)?;
         if !wrapping_key.flag(CKA_WRAP) {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
-        let object = t.object(key).map_err(|_| CKR_KEY_HANDLE_INVALID)?;
+        let object = t
+            .object(key, logged_in)
+            .map_err(|_| CKR_KEY_HANDLE_INVALID)?;
         if !object.flag(CKA_EXTRACTABLE) {
             return Err(CKR_KEY_UNEXTRACTABLE);
         }
@@ -1191,13 +1333,14 @@ impl Sim {
         mut attributes: Attributes,
     ) -> Result<CK_OBJECT_HANDLE> {
         let token = self.check_writable(session, &attributes)?;
-        let unwrapping = self.translated(session, unwrapping);
+        let unwrapping = self.own_handle(session, unwrapping);
+        let logged_in = self.logged_in(session);
         let t = &self.tokens[token];
         if mechanism != CKM_AES_KEY_WRAP_PAD || t.refuse_wrap || t.refuse_wrap_always {
             return Err(CKR_MECHANISM_INVALID);
         }
         let unwrapping_key = t
-            .object(unwrapping)
+            .object(unwrapping, logged_in)
             .map_err(|_| CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
         if !unwrapping_key.flag(CKA_UNWRAP) {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
