@@ -1245,7 +1245,7 @@ fn bring_up_to_date(
     let backlog = group.pending_count(position);
     let mut copied = replay_pending(group, position, worker, &mut known, phases)?;
     phases.end("replay");
-    if provider.synchronize(group) && known.serves_first {
+    if provider.synchronize(group) && known.serves_first && !known.replay_failed {
         // Its objects were not read to compare: until the reconciliation
         // its return asks for has compared it, searches do not spread there.
         group.set_compared(position, false);
@@ -1373,10 +1373,18 @@ struct Known {
     unsynchronised: Vec<Unsynchronised>,
     /// They were read after the recovery began ([`Known::read_now`]).
     read_late: bool,
+    /// A change of its replay failed while it answered (a copy kept for
+    /// its source included): synchronisation runs after all, also for a
+    /// member serving first. In simulation seed
+    /// 5724 a copy's source answered `CKR_OBJECT_HANDLE_INVALID` (its
+    /// handle had gone stale with a reset) and, without the pass that
+    /// names the source's objects afresh, two members ended without the
+    /// key.
+    replay_failed: bool,
     /// It serves first while another member serves: owed more than
-    /// [`SERVES_FIRST_BACKLOG`] changes, it makes the removals it missed
-    /// and serves, and is given the objects it missed right after, while
-    /// it serves ([`Known::of`]).
+    /// [`SERVES_FIRST_BACKLOG`] changes, it makes the removals and copies
+    /// it missed and serves, and is given the imports it missed right
+    /// after, while it serves ([`Known::of`]).
     serves_first: bool,
 }
 
@@ -1490,6 +1498,7 @@ impl Known {
             held_before: Default::default(),
             unsynchronised: Vec::new(),
             read_late: false,
+            replay_failed: false,
             serves_first: false,
         }
     }
@@ -1513,6 +1522,7 @@ impl Known {
             held_before: Default::default(),
             unsynchronised: Vec::new(),
             read_late: false,
+            replay_failed: false,
             serves_first: false,
         }))
     }
@@ -1823,7 +1833,12 @@ fn replay_pending(
         let on_its_own = one_by_one > 0;
         one_by_one = one_by_one.saturating_sub(1);
         let makes_object = matches!(change, Pending::Create(_) | Pending::Import(..));
-        if makes_object && (known.serves_first || group.up_members().next().is_none()) {
+        // Serving first for its backlog, it still takes its copies here,
+        // from a serving member: a copy that fails is then given to it by
+        // synchronisation before it serves (see `Known::replay_failed`).
+        let after_serving = group.up_members().next().is_none()
+            || (known.serves_first && matches!(change, Pending::Import(..)));
+        if makes_object && after_serving {
             group.defer(position, change);
             after_rejoining += 1;
             continue;
@@ -1876,6 +1891,7 @@ fn replay_pending(
             // A copy's source may have been down or failed during it, or
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
+            known.replay_failed |= source_failed;
             removals.extend(change.removal().cloned());
             group.defer(position, change);
             kept += 1;
@@ -1886,6 +1902,7 @@ fn replay_pending(
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
+                known.replay_failed = true;
                 group.log(
                     Some(position),
                     &format!(
