@@ -600,6 +600,76 @@ fn a_member_owed_a_long_backlog_serves_first_while_another_serves() {
     v.close();
 }
 
+/// A member owed few changes replays them before it serves, but one whose
+/// tail grows past the long-backlog bound while it replays serves first
+/// too, and is given the tail's objects right after: in the long chaos run
+/// a member owed 7 changes met a tail of 33 and replayed it behind the
+/// write barrier, 5 s of its 12 s return. Here member 1 is owed 3 imports
+/// and, while the first is made on it, 30 more come: each of those is made
+/// on it once it serves.
+#[test]
+fn a_member_whose_tail_grows_long_serves_first() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 83));
+    let group = group_over(&library, 2, "long tail");
+    let host = MemoryHost::new(&group, &library);
+    let v = Arc::new(logged_in_session(&group));
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let owed: Vec<String> = (0..3).map(|n| format!("owed {n}")).collect();
+    for label in &owed {
+        import(&v, label);
+    }
+    let tail: Vec<String> = (0..30).map(|n| format!("tail {n:02}")).collect();
+    // Member 1's state as each object is made on it.
+    let states = Arc::new(Mutex::new(Vec::new()));
+    let stalls = Arc::new(AtomicUsize::new(0));
+    let (importer, labels, watched, rearming, seen, met) = (
+        Arc::clone(&v),
+        tail.clone(),
+        Arc::clone(&group),
+        Arc::clone(&library),
+        Arc::clone(&states),
+        Arc::clone(&stalls),
+    );
+    library.on_stall(move |_| {
+        seen.lock().unwrap().push(watched.members[1].state());
+        if met.fetch_add(1, Ordering::SeqCst) == 0 {
+            for label in &labels {
+                import(&importer, label);
+            }
+        }
+        rearming.sim.lock().set_fault(1, Fault::StallAfterChange);
+    });
+    library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    recovery::recover_failed_members(&host);
+    library.sim.lock().heal(1);
+    pkcs11_ha::halog::close();
+
+    let states = states.lock().unwrap().clone();
+    assert_eq!(states.len(), 33, "each import was made on member 1 once");
+    assert!(
+        states[..3].iter().all(|s| *s == MemberState::Recovering)
+            && states[3..].iter().all(|s| *s == MemberState::Up),
+        "member 1 replayed what it was owed, then served before its tail was made: {states:?}"
+    );
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert_eq!(group.pending_count(1), 0, "nothing is queued for member 1");
+    assert_eq!(group.kept_count(1), 0, "nothing is kept for member 1");
+    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written");
+    assert!(
+        log.contains("tail of 30 changes: it serves first"),
+        "member 1 served first for its tail:\n{log}"
+    );
+    assert_each_once_on(&library, 1, owed.iter().chain(&tail));
+    v.close();
+}
+
 /// Imports a token secret AES key labelled `label` (its ID the same, its
 /// value `value` repeated) through the group.
 fn import_key(v: &VirtualSession, label: &str, value: u8) -> CK_OBJECT_HANDLE {
