@@ -685,8 +685,8 @@ pub fn recover_failed_members(provider: &dyn Host) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum KeptRetry {
     /// What held them back may have ended: a library takes the key-wrap
-    /// mechanism again, a member refused an object, or changes were found
-    /// queued for a serving member.
+    /// mechanism again, a member refused an object, changes were kept for
+    /// a member catching up, or found queued for a serving member.
     Asked,
     /// Nothing asked for it ([`Group::kept_retry_due`]).
     Unasked,
@@ -707,7 +707,7 @@ fn kept_retry(group: &Group) -> Option<KeptRetry> {
     if !group.has_deferred() {
         return None;
     }
-    if stranded || group.refusals_kept() || group.wrapping_resumed() {
+    if stranded || group.kept_replay_asked() || group.wrapping_resumed() {
         Some(KeptRetry::Asked)
     } else {
         group

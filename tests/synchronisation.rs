@@ -1089,3 +1089,59 @@ fn changes_kept_for_a_serving_member_that_nothing_asks_for_are_made_all_the_same
         "{log}"
     );
 }
+
+/// An object made while a member that served first is given what it
+/// missed joins what is kept for it, behind, and is made on it by the next
+/// recovery round: made there in place, each write waited on the member's
+/// connection behind the replay, which halved the writers' rate in the
+/// long chaos run. Here the write comes while member 1 makes the first
+/// object kept for it: the call returns with the object on member 0 only,
+/// and member 1 gets it at the next round.
+#[test]
+fn a_write_while_a_member_catches_up_is_kept_for_it_behind_its_backlog() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 80));
+    let group = group_over(&library, 2, "catching up");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let labels: Vec<String> = (0..30).map(|n| format!("owed {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    // Met by the first object made on member 1: whether it was catching
+    // up, and where the object written then went.
+    let seen = Arc::new(Mutex::new(None));
+    let (noted, watched, reader) = (Arc::clone(&seen), Arc::clone(&group), Arc::clone(&library));
+    library.on_stall(move |_| {
+        let catching_up = watched.members[1].is_up() && watched.catching_up(1);
+        let writer =
+            VirtualSession::open(Arc::clone(&watched), CKF_SERIAL_SESSION | CKF_RW_SESSION)
+                .expect("a virtual session opens");
+        import(&writer, "written meanwhile");
+        writer.close();
+        let on = |token: usize| {
+            reader
+                .token_objects(token)
+                .iter()
+                .any(|[_, l, _, _]| *l == hex(b"written meanwhile"))
+        };
+        *noted.lock().unwrap() = Some((catching_up, on(0), on(1)));
+    });
+    library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some((true, true, false)),
+        "(catching up, on member 0, on member 1) when the object was written"
+    );
+    recovery::recover_failed_members(&host);
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert_eq!(group.kept_count(1), 0, "nothing is kept for member 1");
+    let mut all = labels.clone();
+    all.push("written meanwhile".to_string());
+    assert_each_once_on(&library, 1, &all);
+    v.close();
+}
