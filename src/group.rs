@@ -2157,6 +2157,16 @@ impl Group {
         queued
     }
 
+    /// Whether `object` is on its way to member `position`: queued or kept
+    /// for it, or still being made by its call (see
+    /// [`Group::queued_objects`]).
+    pub fn on_its_way(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let makes = |change: &Pending| made_object(change) == Some(object);
+        self.pending.lock()[position].iter().any(makes)
+            || self.deferred.lock()[position].iter().any(makes)
+            || self.unfinished.lock().contains(&object)
+    }
+
     /// How many changes a member has yet to receive.
     pub fn pending_count(&self, position: usize) -> usize {
         self.pending.lock()[position].len()
