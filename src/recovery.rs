@@ -685,8 +685,8 @@ pub fn recover_failed_members(provider: &dyn Host) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum KeptRetry {
     /// What held them back may have ended: a library takes the key-wrap
-    /// mechanism again, a member refused an object, or changes were found
-    /// queued for a serving member.
+    /// mechanism again, a member refused an object, changes were kept for
+    /// a member catching up, or found queued for a serving member.
     Asked,
     /// Nothing asked for it ([`Group::kept_retry_due`]).
     Unasked,
@@ -707,7 +707,7 @@ fn kept_retry(group: &Group) -> Option<KeptRetry> {
     if !group.has_deferred() {
         return None;
     }
-    if stranded || group.refusals_kept() || group.wrapping_resumed() {
+    if stranded || group.kept_replay_asked() || group.wrapping_resumed() {
         Some(KeptRetry::Asked)
     } else {
         group
@@ -1095,6 +1095,18 @@ impl std::fmt::Display for Phases {
 /// Changes left to copy that a member copies with writes held back.
 const SHORT_TAIL: usize = 64;
 
+/// Changes queued for a returning member beyond which it serves first
+/// while another member serves, at its return ([`Known::of`]) or when its
+/// tail grows past it ([`recover`]): one to two seconds of replay one by
+/// one under the long chaos run's load (40-80 ms a change).
+const SERVES_FIRST_BACKLOG: usize = 24;
+
+/// Rounds of a tail a member serving first replays without holding
+/// writes back: each defers what came meanwhile, in microseconds, so the
+/// barrier (whose wait for the writes under way took up to 1.6 s in the
+/// long chaos run) only guards against a tail of removals that never ends.
+const SERVES_FIRST_UNHELD_ROUNDS: usize = 4;
+
 /// Brings one member back; returns how many objects it received, and
 /// notes in `phases` where its time went.
 fn recover(
@@ -1148,7 +1160,19 @@ fn recover(
                 }
                 let left = group.pending_count(position);
                 let others_serve = group.up_members().next().is_some();
-                if barrier.is_none() && others_serve && (left <= SHORT_TAIL || left > before / 2) {
+                if !known.serves_first && others_serve && left > SERVES_FIRST_BACKLOG {
+                    // Owed little at first, it met writes faster than its
+                    // replay: a tail of 33 changes replayed behind the
+                    // barrier held one out 5 s in the long chaos run.
+                    known.serves_first = true;
+                    phases.note(format!("tail of {left} changes: it serves first"));
+                }
+                let holds_back = !known.serves_first || rounds >= SERVES_FIRST_UNHELD_ROUNDS;
+                if barrier.is_none()
+                    && others_serve
+                    && holds_back
+                    && (left <= SHORT_TAIL || left > before / 2)
+                {
                     let asked = Instant::now();
                     barrier = group.hold_writes(provider.member_timeout());
                     at_barrier += asked.elapsed();
@@ -1229,7 +1253,12 @@ fn bring_up_to_date(
     let backlog = group.pending_count(position);
     let mut copied = replay_pending(group, position, worker, &mut known, phases)?;
     phases.end("replay");
-    if provider.synchronize(group) {
+    if provider.synchronize(group) && known.serves_first && !known.replay_failed {
+        // Its objects were not read to compare: until the reconciliation
+        // its return asks for has compared it, searches do not spread there.
+        group.set_compared(position, false);
+        phases.note("synchronisation left to the reconciliation pass: it serves first".to_string());
+    } else if provider.synchronize(group) {
         match reconciliation_turn(group) {
             Some(_one_process_at_a_time) => {
                 copied += synchronize(group, position, worker, &mut known, phases)?;
@@ -1352,6 +1381,20 @@ struct Known {
     unsynchronised: Vec<Unsynchronised>,
     /// They were read after the recovery began ([`Known::read_now`]).
     read_late: bool,
+    /// A change of its replay failed while it answered (a copy kept for
+    /// its source included): synchronisation runs after all, also for a
+    /// member serving first. In simulation seed
+    /// 5724 a copy's source answered `CKR_OBJECT_HANDLE_INVALID` (its
+    /// handle had gone stale with a reset) and, without the pass that
+    /// names the source's objects afresh, two members ended without the
+    /// key.
+    replay_failed: bool,
+    /// It serves first while another member serves: owed more than
+    /// [`SERVES_FIRST_BACKLOG`] changes at its return or in its tail, it
+    /// makes the removals and copies
+    /// it missed and serves, and is given the imports it missed right
+    /// after, while it serves ([`Known::of`]).
+    serves_first: bool,
 }
 
 /// An object synchronisation listed on a serving member and could not
@@ -1398,12 +1441,25 @@ impl Known {
             phases.note("not read: no member serving".to_string());
             return Ok(Known::not_read(group.objects.era(position)));
         }
+        let queued = group.pending_count(position);
+        if queued > SERVES_FIRST_BACKLOG {
+            // Made here one by one, a backlog of a few hundred changes (40-80
+            // ms each under the long chaos run's load) held members out 9-16
+            // s after their servers answered again; read and compared first,
+            // 0.3-2.4 s more. Another member serves every object meanwhile.
+            phases.note(format!(
+                "not read: {queued} changes queued, it serves first"
+            ));
+            return Ok(Known {
+                serves_first: true,
+                ..Known::not_read(group.objects.era(position))
+            });
+        }
         let held_before: rustc_hash::FxHashSet<_> = group
             .held_before(position)
             .into_iter()
             .filter_map(|object| group.objects.get(object)?.fingerprint)
             .collect();
-        let queued = group.pending_count(position);
         if counting_pays(queued, held_before.len()) {
             let domain = worker.group.domain_handle(position);
             let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
@@ -1415,11 +1471,8 @@ impl Known {
                 .count();
             if held_now >= held_before.len() {
                 return Ok(Known {
-                    holdings: Holdings::none_read(group.objects.era(position)),
-                    complete: false,
                     held_before,
-                    unsynchronised: Vec::new(),
-                    read_late: false,
+                    ..Known::not_read(group.objects.era(position))
                 });
             }
             phases.note(format!(
@@ -1454,6 +1507,8 @@ impl Known {
             held_before: Default::default(),
             unsynchronised: Vec::new(),
             read_late: false,
+            replay_failed: false,
+            serves_first: false,
         }
     }
 
@@ -1476,6 +1531,8 @@ impl Known {
             held_before: Default::default(),
             unsynchronised: Vec::new(),
             read_late: false,
+            replay_failed: false,
+            serves_first: false,
         }))
     }
 
@@ -1493,6 +1550,7 @@ impl Known {
     fn reading_pays(&self, group: &Group, waiting: usize) -> bool {
         !self.complete
             && !self.read_late
+            && !self.serves_first
             && waiting > QUEUED_FOR_COUNTING
             && group.cached_login().is_some()
             && group.up_members().next().is_some()
@@ -1784,7 +1842,12 @@ fn replay_pending(
         let on_its_own = one_by_one > 0;
         one_by_one = one_by_one.saturating_sub(1);
         let makes_object = matches!(change, Pending::Create(_) | Pending::Import(..));
-        if makes_object && group.up_members().next().is_none() {
+        // Serving first for its backlog, it still takes its copies here,
+        // from a serving member: a copy that fails is then given to it by
+        // synchronisation before it serves (see `Known::replay_failed`).
+        let after_serving = group.up_members().next().is_none()
+            || (known.serves_first && matches!(change, Pending::Import(..)));
+        if makes_object && after_serving {
             group.defer(position, change);
             after_rejoining += 1;
             continue;
@@ -1837,6 +1900,7 @@ fn replay_pending(
             // A copy's source may have been down or failed during it, or
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
+            known.replay_failed |= source_failed;
             removals.extend(change.removal().cloned());
             group.defer(position, change);
             kept += 1;
@@ -1847,6 +1911,7 @@ fn replay_pending(
             Err(why) if group.members[position].reachable() => {
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
+                known.replay_failed = true;
                 group.log(
                     Some(position),
                     &format!(
@@ -1862,11 +1927,16 @@ fn replay_pending(
         }
     }
     if after_rejoining > 0 {
+        let why = if known.serves_first {
+            "a long backlog"
+        } else {
+            "no member serving"
+        };
         group.log(
             Some(position),
             &format!(
-                "no member serving: it serves first, and the {after_rejoining} objects it \
-                 missed are made on it right after"
+                "{why}: it serves first, and the {after_rejoining} objects it missed are made \
+                 on it right after"
             ),
         );
     }

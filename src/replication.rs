@@ -939,6 +939,10 @@ impl VirtualSession {
                 Ok(()) => return,
                 Err(back) => change = back,
             }
+            if self.group.catching_up(position) {
+                self.group.keep_for_next_round(position, change);
+                return;
+            }
             if self.behind_a_removal(&self.group.deferred_removals(position), &change) {
                 self.group.defer(position, change);
                 return;

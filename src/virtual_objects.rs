@@ -385,8 +385,7 @@ impl VirtualSession {
                 crate::error::rv_name(rv)
             ),
         );
-        self.group.defer(position, change);
-        self.group.note_refusal_kept();
+        self.group.keep_for_next_round(position, change);
     }
 
     /// The members that are up in the order a call that makes an object
@@ -406,6 +405,16 @@ impl VirtualSession {
             if !order.contains(&member.position) {
                 order.push(member.position);
             }
+        }
+        // Members catching up are given the object behind what is kept
+        // for them (`deliver_or_queue`), unless the others are too few.
+        let (catching_up, current): (Vec<usize>, Vec<usize>) =
+            order.iter().partition(|p| self.group.catching_up(**p));
+        if !catching_up.is_empty()
+            && !current.is_empty()
+            && current.len() >= self.group.settings.min_replicas
+        {
+            return current;
         }
         order
     }

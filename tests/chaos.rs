@@ -1029,6 +1029,10 @@ fn keys_reported_failed_are_left_on_no_member_even_when_in_flight_as_the_last_me
     let mut chaos = Chaos::new(2);
     let (pkcs11, _) = chaos.start();
     let slot = Slot::try_from(0u64).unwrap();
+    // The application stays logged in after its writers stop and close
+    // their sessions, as in the long run: logged out, the imports on their
+    // way to a member that serves first would wait for the next login.
+    let _logged_in = user_session(&pkcs11, slot);
     let stop = AtomicBool::new(false);
     let made: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let failed: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());

@@ -2168,3 +2168,43 @@ fn an_operation_state_restored_as_its_members_handles_are_forgotten_uses_its_key
     saving.close();
     restoring.close();
 }
+
+/// A reconciliation pass leaves to their replay the objects kept for a
+/// member that serves while it is given them (one that served first): a
+/// long chaos run's pass tried 487 such keys by wrapping, which its
+/// members cannot, and named each as not copied. Here the pass finds a
+/// data object member 1 lacks and that is kept for it: it copies nothing,
+/// and the replay makes the object there, once.
+#[test]
+fn a_pass_leaves_objects_kept_for_a_serving_member_to_their_replay() {
+    let label = b"kept for member 1";
+    let (member, group) = memory_group(2, 31);
+    let host = MemoryHost::synchronizing(&group, &member);
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let token_object: CK_BBOOL = CK_TRUE;
+    let mut attributes = data_object(label, b"made by its replay");
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    v.create_object(CK_INVALID_HANDLE, &template)
+        .expect("the object is made on member 0");
+    for change in group.take_pending(1) {
+        group.defer(1, change);
+    }
+    group.members[1].set_state(MemberState::Up);
+
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    let state = StateDir::open(&scratch.path().join("state")).expect("the state directory opens");
+    pkcs11_ha::reconcile::reconcile_now(&host, &state);
+    assert_eq!(
+        copies_on_each_member(&member, label),
+        vec![1, 0],
+        "the pass left it to the replay"
+    );
+    recovery::replay_deferred(&group);
+    assert_eq!(copies_on_each_member(&member, label), vec![1, 1]);
+    v.close();
+}
