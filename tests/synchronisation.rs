@@ -574,13 +574,20 @@ fn a_member_owed_a_long_backlog_serves_first_while_another_serves() {
             .get_or_insert(watched.members[1].state());
     });
     library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    let searches_before = library.sim.lock().tokens[1].searches;
     recovery::recover_failed_members(&host);
+    let searches = library.sim.lock().tokens[1].searches - searches_before;
     pkcs11_ha::halog::close();
 
     assert_eq!(
         *state_at_first.lock().unwrap(),
         Some(MemberState::Up),
         "member 1 served before the first object it missed was made on it"
+    );
+    assert!(
+        searches < 10,
+        "member 1 was searched {searches} times for the 30 changes kept for it: its objects \
+         were not read once"
     );
     assert_eq!(group.members[0].state(), MemberState::Up);
     assert_eq!(group.members[1].state(), MemberState::Up);
