@@ -1793,14 +1793,14 @@ impl Group {
 
     /// Whether the changes kept for serving members are due a try that
     /// nothing asked for: each is tried again at every return and login,
-    /// and where it waited for something else (an object in doubt decided,
-    /// a source's copy found), a group with every member serving and the
-    /// application logged in would keep it for good -- the long chaos run
-    /// ended so, 256 changes kept for a serving member 120 s after its
-    /// faults. So while any is kept and the application is logged in
-    /// (logged out, its next login replays them), they are tried
-    /// again after [`KEPT_RETRY_FIRST`], then after twice as long each
-    /// time, up to [`KEPT_RETRY_LONGEST`].
+    /// and one that waited for something else (an object in doubt decided,
+    /// a source's copy found) would stay kept for good in a group with
+    /// every member serving and the application logged in. So while any
+    /// is kept and the application is logged in (logged out, its next
+    /// login replays them), they are tried again after
+    /// [`KEPT_RETRY_FIRST`], then after twice as long each time, up to
+    /// [`KEPT_RETRY_LONGEST`]: a backstop, which in the long chaos runs
+    /// since has made nothing (the HA log would say).
     pub fn kept_retry_due(&self, now: Instant) -> bool {
         let logged_in = self.login.lock().is_some();
         let kept_for_serving = {
