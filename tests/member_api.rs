@@ -1742,6 +1742,16 @@ fn called_while_a_member_serves_first<T: Send>(
     seed: u64,
     call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
 ) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
+    called_while_a_member_serves_first_after(seed, |_| {}, call)
+}
+
+/// [`called_while_a_member_serves_first`], with `before` run on the
+/// session while member 0 still serves alone, right before it fails.
+fn called_while_a_member_serves_first_after<T: Send>(
+    seed: u64,
+    before: impl FnOnce(&VirtualSession),
+    call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
+) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
     let (member, group) = memory_group(2, seed);
     let host = MemoryHost::new(&group, &member);
     let v = logged_in_session(&group);
@@ -1766,6 +1776,7 @@ fn called_while_a_member_serves_first<T: Send>(
         4,
         "member 1 missed the four objects"
     );
+    before(&v);
     member.sim.lock().set_fault(0, Fault::Crash);
     group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
     member.sim.lock().heal(1);
@@ -1868,6 +1879,35 @@ fn a_search_on_a_member_serving_first_waits_for_the_kept_objects_it_may_find() {
     let (_member, v, key, found) =
         called_while_a_member_serves_first(47, |v, _| search_label(v, KEPT_KEY.as_bytes()));
     assert_eq!(found, [key], "the search finds the kept key");
+    v.close();
+}
+
+/// As above, for a search begun on the member that then fails, the last
+/// one serving: it moves to the member serving first, waits there for the
+/// key, made first, and finds it. Moved at once, it found nothing (the
+/// soak's "found 0 objects, expected 2; a second search found 2": a
+/// search on a lane of a member that failed under it, moved to the only
+/// serving member, which served first without the key).
+#[test]
+fn a_search_moved_to_a_member_serving_first_waits_for_the_kept_objects_it_may_find() {
+    let label = KEPT_KEY.as_bytes();
+    let (_member, v, key, found) = called_while_a_member_serves_first_after(
+        48,
+        |v| {
+            let mut attributes = [CK_ATTRIBUTE {
+                type_: CKA_LABEL,
+                pValue: label.as_ptr() as *mut _,
+                ulValueLen: label.len() as CK_ULONG,
+            }];
+            // SAFETY: one attribute whose value lives until the search starts.
+            let template =
+                unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
+            v.find_init(&template)
+                .expect("C_FindObjectsInit on member 0");
+        },
+        |v, _| found_then_final(v),
+    );
+    assert_eq!(found, [key], "the moved search finds the kept key");
     v.close();
 }
 
