@@ -1911,6 +1911,56 @@ fn a_search_moved_to_a_member_serving_first_waits_for_the_kept_objects_it_may_fi
     v.close();
 }
 
+/// A search whose member fails as it starts, the last one serving, starts
+/// again on the member that returns and serves first: it waits there for
+/// the kept key, made first, and finds it. Started again where it was
+/// first to go (spread, as when it began no serving member lacked an
+/// object), it found nothing (the soak's "found 0 objects, expected 1; a
+/// second search found 1": a search whose spare was cut in its
+/// `C_FindObjectsInit` started on a member serving first).
+#[test]
+fn a_search_whose_member_fails_as_it_starts_waits_on_the_member_serving_first() {
+    let (member, group) = memory_group(2, 49);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    member.sim.lock().set_fault(1, Fault::Crash);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let key = import_token_object(&v, data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE))
+        .expect("the key is imported on member 0");
+    // Member 0 fails unseen: the search's first call on it finds out,
+    // while member 1's recovery is under way (the test plays the recovery
+    // thread), so that the search waits for it.
+    member.sim.lock().set_fault(0, Fault::Crash);
+    group.members[1].set_attempt_under_way(true);
+    let held = group.replaying_deferred();
+    let found = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| search_label(&v, KEPT_KEY.as_bytes()));
+        until_waiting(&group, &caller, "member 0 failed under the search", || {
+            group.members[0].state() == MemberState::Down
+        });
+        member.sim.lock().heal(1);
+        let recovery = scope.spawn(|| {
+            recovery::recover_failed_members(&host);
+            group.members[1].set_attempt_under_way(false);
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.calls_waiting_for_kept_objects() == 0 {
+            assert!(
+                !caller.is_finished(),
+                "the search returned before the key was made"
+            );
+            assert!(Instant::now() < deadline, "the search waits for no object");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        let found = caller.join().expect("the search returns");
+        recovery.join().expect("recovery ends");
+        found
+    });
+    assert_eq!(found, [key], "the search finds the kept key on member 1");
+    v.close();
+}
+
 /// Random bytes through `v`, as `C_GenerateRandom` asks for them.
 fn random(v: &VirtualSession) -> pkcs11_ha::error::Result<()> {
     let mut bytes = [0u8; 16];
