@@ -21,7 +21,8 @@ use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
-    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, MAKING_LANE,
+    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, ReplayingDeferred,
+    MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -568,6 +569,12 @@ fn made_on(member: &SimMember, label: &[u8]) -> Vec<usize> {
 
 /// A search for the objects labelled `label` through `v`.
 fn search_label(v: &VirtualSession, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
+    start_search_for_label(v, label);
+    found_then_final(v)
+}
+
+/// `C_FindObjectsInit` for the objects labelled `label`.
+fn start_search_for_label(v: &VirtualSession, label: &[u8]) {
     let mut attributes = [CK_ATTRIBUTE {
         type_: CKA_LABEL,
         pValue: label.as_ptr() as *mut _,
@@ -577,7 +584,6 @@ fn search_label(v: &VirtualSession, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
     let template =
         unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
     v.find_init(&template).expect("C_FindObjectsInit");
-    found_then_final(v)
 }
 
 #[test]
@@ -1795,18 +1801,7 @@ fn called_while_a_member_serves_first_after<T: Send>(
             "member 1 serves without the key"
         );
         let caller = scope.spawn(|| call(&v, key));
-        while group.calls_waiting_for_kept_objects() == 0 {
-            assert!(
-                !caller.is_finished(),
-                "the call returned before the object was made"
-            );
-            assert!(Instant::now() < deadline, "no call waits for the object");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        drop(held);
-        let answer = caller.join().expect("the caller returns");
-        recovery.join().expect("recovery ends");
-        answer
+        let_kept_go_once_waited_for(&group, held, caller, recovery)
     });
     let made_on_1 = labels_in_order(&member, 1);
     assert_eq!(
@@ -1824,6 +1819,30 @@ fn called_while_a_member_serves_first_after<T: Send>(
         "the object the call waited for was made first: {made_on_1:?}"
     );
     (member, v, key, answer)
+}
+
+/// Lets the replay of kept objects (`held`) go once `caller` waits for
+/// one, and returns its answer when it and `recovery` end; fails if the
+/// call returned before the object was made, or after a minute.
+fn let_kept_go_once_waited_for<T>(
+    group: &Group,
+    held: ReplayingDeferred<'_>,
+    caller: std::thread::ScopedJoinHandle<'_, T>,
+    recovery: std::thread::ScopedJoinHandle<'_, ()>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group.calls_waiting_for_kept_objects() == 0 {
+        assert!(
+            !caller.is_finished(),
+            "the call returned before the object was made"
+        );
+        assert!(Instant::now() < deadline, "no call waits for the object");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(held);
+    let answer = caller.join().expect("the caller returns");
+    recovery.join().expect("recovery ends");
+    answer
 }
 
 const KEPT_KEY: &str = "kept key";
@@ -1893,18 +1912,7 @@ fn a_search_moved_to_a_member_serving_first_waits_for_the_kept_objects_it_may_fi
     let label = KEPT_KEY.as_bytes();
     let (_member, v, key, found) = called_while_a_member_serves_first_after(
         48,
-        |v| {
-            let mut attributes = [CK_ATTRIBUTE {
-                type_: CKA_LABEL,
-                pValue: label.as_ptr() as *mut _,
-                ulValueLen: label.len() as CK_ULONG,
-            }];
-            // SAFETY: one attribute whose value lives until the search starts.
-            let template =
-                unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
-            v.find_init(&template)
-                .expect("C_FindObjectsInit on member 0");
-        },
+        |v| start_search_for_label(v, label),
         |v, _| found_then_final(v),
     );
     assert_eq!(found, [key], "the moved search finds the kept key");
@@ -1943,19 +1951,7 @@ fn a_search_whose_member_fails_as_it_starts_waits_on_the_member_serving_first() 
             recovery::recover_failed_members(&host);
             group.members[1].set_attempt_under_way(false);
         });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while group.calls_waiting_for_kept_objects() == 0 {
-            assert!(
-                !caller.is_finished(),
-                "the search returned before the key was made"
-            );
-            assert!(Instant::now() < deadline, "the search waits for no object");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        drop(held);
-        let found = caller.join().expect("the search returns");
-        recovery.join().expect("recovery ends");
-        found
+        let_kept_go_once_waited_for(&group, held, caller, recovery)
     });
     assert_eq!(found, [key], "the search finds the kept key on member 1");
     v.close();
