@@ -1043,11 +1043,16 @@ impl VirtualSession {
         // session object.
         let on_spare =
             template.bool(CKA_TOKEN) == Some(true) || !self.group.objects.has_session_objects();
-        let preference = if self.answered_alike(&searched) {
-            Preference::LeastBusy(OpKind::Find as usize)
-        } else {
-            self.wait_for_kept_matches(&searched);
-            Preference::Complete
+        // Decided again when a member fails under a try: the search may
+        // then have to go to a member serving first, and wait there for
+        // the kept objects it may find.
+        let preference = || {
+            if self.answered_alike(&searched) {
+                Preference::LeastBusy(OpKind::Find as usize)
+            } else {
+                self.wait_for_kept_matches(&searched);
+                Preference::Complete
+            }
         };
         self.init_where(
             OpKind::Find,

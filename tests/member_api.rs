@@ -21,7 +21,8 @@ use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
-    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, MAKING_LANE,
+    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, ReplayingDeferred,
+    MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -568,6 +569,12 @@ fn made_on(member: &SimMember, label: &[u8]) -> Vec<usize> {
 
 /// A search for the objects labelled `label` through `v`.
 fn search_label(v: &VirtualSession, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
+    start_search_for_label(v, label);
+    found_then_final(v)
+}
+
+/// `C_FindObjectsInit` for the objects labelled `label`.
+fn start_search_for_label(v: &VirtualSession, label: &[u8]) {
     let mut attributes = [CK_ATTRIBUTE {
         type_: CKA_LABEL,
         pValue: label.as_ptr() as *mut _,
@@ -577,7 +584,6 @@ fn search_label(v: &VirtualSession, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
     let template =
         unsafe { Template::giving_values(attributes.as_mut_ptr(), 1) }.expect("template");
     v.find_init(&template).expect("C_FindObjectsInit");
-    found_then_final(v)
 }
 
 #[test]
@@ -1742,6 +1748,16 @@ fn called_while_a_member_serves_first<T: Send>(
     seed: u64,
     call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
 ) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
+    called_while_a_member_serves_first_after(seed, |_| {}, call)
+}
+
+/// [`called_while_a_member_serves_first`], with `before` run on the
+/// session while member 0 still serves alone, right before it fails.
+fn called_while_a_member_serves_first_after<T: Send>(
+    seed: u64,
+    before: impl FnOnce(&VirtualSession),
+    call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
+) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
     let (member, group) = memory_group(2, seed);
     let host = MemoryHost::new(&group, &member);
     let v = logged_in_session(&group);
@@ -1766,6 +1782,7 @@ fn called_while_a_member_serves_first<T: Send>(
         4,
         "member 1 missed the four objects"
     );
+    before(&v);
     member.sim.lock().set_fault(0, Fault::Crash);
     group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
     member.sim.lock().heal(1);
@@ -1784,18 +1801,7 @@ fn called_while_a_member_serves_first<T: Send>(
             "member 1 serves without the key"
         );
         let caller = scope.spawn(|| call(&v, key));
-        while group.calls_waiting_for_kept_objects() == 0 {
-            assert!(
-                !caller.is_finished(),
-                "the call returned before the object was made"
-            );
-            assert!(Instant::now() < deadline, "no call waits for the object");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        drop(held);
-        let answer = caller.join().expect("the caller returns");
-        recovery.join().expect("recovery ends");
-        answer
+        let_kept_go_once_waited_for(&group, held, caller, recovery)
     });
     let made_on_1 = labels_in_order(&member, 1);
     assert_eq!(
@@ -1813,6 +1819,30 @@ fn called_while_a_member_serves_first<T: Send>(
         "the object the call waited for was made first: {made_on_1:?}"
     );
     (member, v, key, answer)
+}
+
+/// Lets the replay of kept objects (`held`) go once `caller` waits for
+/// one, and returns its answer when it and `recovery` end; fails if the
+/// call returned before the object was made, or after a minute.
+fn let_kept_go_once_waited_for<T>(
+    group: &Group,
+    held: ReplayingDeferred<'_>,
+    caller: std::thread::ScopedJoinHandle<'_, T>,
+    recovery: std::thread::ScopedJoinHandle<'_, ()>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group.calls_waiting_for_kept_objects() == 0 {
+        assert!(
+            !caller.is_finished(),
+            "the call returned before the object was made"
+        );
+        assert!(Instant::now() < deadline, "no call waits for the object");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(held);
+    let answer = caller.join().expect("the caller returns");
+    recovery.join().expect("recovery ends");
+    answer
 }
 
 const KEPT_KEY: &str = "kept key";
@@ -1868,6 +1898,62 @@ fn a_search_on_a_member_serving_first_waits_for_the_kept_objects_it_may_find() {
     let (_member, v, key, found) =
         called_while_a_member_serves_first(47, |v, _| search_label(v, KEPT_KEY.as_bytes()));
     assert_eq!(found, [key], "the search finds the kept key");
+    v.close();
+}
+
+/// As above, for a search begun on the member that then fails, the last
+/// one serving: it moves to the member serving first, waits there for the
+/// key, made first, and finds it. Moved at once, it found nothing (the
+/// soak's "found 0 objects, expected 2; a second search found 2": a
+/// search on a lane of a member that failed under it, moved to the only
+/// serving member, which served first without the key).
+#[test]
+fn a_search_moved_to_a_member_serving_first_waits_for_the_kept_objects_it_may_find() {
+    let label = KEPT_KEY.as_bytes();
+    let (_member, v, key, found) = called_while_a_member_serves_first_after(
+        48,
+        |v| start_search_for_label(v, label),
+        |v, _| found_then_final(v),
+    );
+    assert_eq!(found, [key], "the moved search finds the kept key");
+    v.close();
+}
+
+/// A search whose member fails as it starts, the last one serving, starts
+/// again on the member that returns and serves first: it waits there for
+/// the kept key, made first, and finds it. Started again where it was
+/// first to go (spread, as when it began no serving member lacked an
+/// object), it found nothing (the soak's "found 0 objects, expected 1; a
+/// second search found 1": a search whose spare was cut in its
+/// `C_FindObjectsInit` started on a member serving first).
+#[test]
+fn a_search_whose_member_fails_as_it_starts_waits_on_the_member_serving_first() {
+    let (member, group) = memory_group(2, 49);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    member.sim.lock().set_fault(1, Fault::Crash);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let key = import_token_object(&v, data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE))
+        .expect("the key is imported on member 0");
+    // Member 0 fails unseen: the search's first call on it finds out,
+    // while member 1's recovery is under way (the test plays the recovery
+    // thread), so that the search waits for it.
+    member.sim.lock().set_fault(0, Fault::Crash);
+    group.members[1].set_attempt_under_way(true);
+    let held = group.replaying_deferred();
+    let found = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| search_label(&v, KEPT_KEY.as_bytes()));
+        until_waiting(&group, &caller, "member 0 failed under the search", || {
+            group.members[0].state() == MemberState::Down
+        });
+        member.sim.lock().heal(1);
+        let recovery = scope.spawn(|| {
+            recovery::recover_failed_members(&host);
+            group.members[1].set_attempt_under_way(false);
+        });
+        let_kept_go_once_waited_for(&group, held, caller, recovery)
+    });
+    assert_eq!(found, [key], "the search finds the kept key on member 1");
     v.close();
 }
 

@@ -111,6 +111,9 @@ impl VirtualSession {
             .is_some_and(|op| op.movable);
         let mut moved_to = None;
         'waiting: loop {
+            if searching {
+                self.wait_for_kept_to_search(&ops);
+            }
             let mut order = self.group.by_preference(STATELESS_LANE);
             if searching {
                 order = self.group.complete_first(order);
@@ -161,6 +164,23 @@ impl VirtualSession {
         let mut b = self.bindings();
         b.replace_all(ops, lost);
         b.set_member(moved_to.or(Some(from)));
+    }
+
+    /// Before a search in `ops` starts again elsewhere: where every serving
+    /// member lacks objects (one serving first after an outage), waits for
+    /// the kept objects it may find, as a search starting there does
+    /// ([`Self::wait_for_kept_matches`]). Moved at once, a search whose
+    /// member failed under it found none of them on the member serving
+    /// first (the soak's "found 0 objects, expected 2", a second search
+    /// finding 2).
+    fn wait_for_kept_to_search(&self, ops: &[Option<ActiveOp>]) {
+        let search = ops[OpKind::Find as usize]
+            .as_ref()
+            .and_then(|op| op.history.as_ref())
+            .and_then(|h| h.search.as_ref());
+        if let Some(search) = search {
+            self.wait_for_kept_matches(&search.template.template());
+        }
     }
 
     /// Starts one operation again on `position` and replays its updates,

@@ -51,12 +51,21 @@ impl VirtualSession {
         } else {
             Preference::LeastBusy(kind as usize)
         };
-        self.init_where(kind, preference, mechanism, key, function, on_spare, call)
+        self.init_where(
+            kind,
+            || preference,
+            mechanism,
+            key,
+            function,
+            on_spare,
+            call,
+        )
     }
 
-    /// [`Self::init`] on the member `preference` picks; `on_spare` says
-    /// whether the operation may run on a lane (`lanes.rs`): a search
-    /// only where it cannot miss a session object
+    /// [`Self::init`] on the member `preference` picks, asked again at each
+    /// try: a member failing under the first changes what the others
+    /// lack. `on_spare` says whether the operation may run on a lane
+    /// (`lanes.rs`): a search only where it cannot miss a session object
     /// ([`crate::virtual_objects`], `find_init`, which also picks its
     /// preference).
     #[inline(always)]
@@ -64,7 +73,7 @@ impl VirtualSession {
     pub fn init_where(
         &self,
         kind: OpKind,
-        preference: Preference,
+        mut preference: impl FnMut() -> Preference,
         mechanism: Option<&Mechanism>,
         key: Option<CK_OBJECT_HANDLE>,
         function: &str,
@@ -74,6 +83,7 @@ impl VirtualSession {
         let keys = key.as_slice();
         let mut waits = Waits::default();
         loop {
+            let preference = preference();
             let (position, handles, era) = match self.choose(keys, preference) {
                 Ok(chosen) => chosen,
                 Err(e) if self.wait_to_choose_again(&e, keys, &mut waits) => continue,
