@@ -808,8 +808,9 @@ struct KeptReplay {
 /// unasked ([`Group::kept_retry_due`]).
 const KEPT_RETRY_FIRST: Duration = Duration::from_secs(1);
 
-/// The longest such wait: one retry of a change that stays kept for a
-/// real cause (its source is down for hours) costs a member call or two.
+/// The longest such wait: a change that stays kept for a real cause (its
+/// source is down for hours) is tried, and costs its member calls, at
+/// most twice a minute.
 const KEPT_RETRY_LONGEST: Duration = Duration::from_secs(30);
 
 /// Held while kept changes are made (see [`Group::replaying_deferred`]).

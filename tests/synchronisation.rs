@@ -75,6 +75,20 @@ fn make(library: &SimMember, token: usize, label: &str, value: Option<u8>) {
     assert_eq!(library.close_session(session), CKR_OK);
 }
 
+/// Opens the process's HA log in a directory of its own, kept while the
+/// returned directory lives.
+fn open_ha_log() -> tempfile::TempDir {
+    let logs = tempfile::tempdir().expect("a directory for the HA log");
+    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    logs
+}
+
+/// What the HA log opened in `logs` holds.
+fn ha_log(logs: &tempfile::TempDir) -> String {
+    std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
+        .expect("the HA log was written")
+}
+
 /// Takes member 1 out and lets recovery bring it back.
 fn fail_and_recover(group: &Group, host: &MemoryHost) {
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
@@ -102,8 +116,7 @@ fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
         synchronize: true,
         ..MemoryHost::new(&group, &library)
     };
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     fail_and_recover(&group, &host);
     let labels_on_1: Vec<String> = library
@@ -125,8 +138,7 @@ fn keys_a_returning_member_cannot_take_are_skipped_with_one_line_each() {
     fail_and_recover(&group, &host);
     pkcs11_ha::halog::close();
 
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     for (label, value) in KEYS {
         let id: String = label.bytes().map(|b| format!("{b:02x}")).collect();
         let named = format!("secret key (label {label:?}, ID {id}) is not synchronised to it");
@@ -178,8 +190,7 @@ fn a_key_the_member_holds_by_the_time_it_serves_is_not_named_as_not_synchronised
         synchronize: true,
         ..MemoryHost::new(&group, &library)
     };
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     let reached = Arc::new(AtomicBool::new(false));
@@ -198,8 +209,7 @@ fn a_key_the_member_holds_by_the_time_it_serves_is_not_named_as_not_synchronised
         "synchronisation read the key on member 0"
     );
 
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         !log.contains(&format!("{label:?}")),
         "member 1 holds {label}, yet the HA log names it:\n{log}"
@@ -474,8 +484,7 @@ fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
     let group = group_over(&library, 2, "outage");
     let host = MemoryHost::new(&group, &library);
     let v = logged_in_session(&group);
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     let labels: Vec<String> = (0..24).map(|n| format!("owed {n:02}")).collect();
@@ -491,8 +500,7 @@ fn a_run_on_spares_stops_when_no_member_serves_and_the_member_serves_first() {
 
     assert_eq!(group.members[0].state(), MemberState::Down);
     assert_eq!(group.members[1].state(), MemberState::Up);
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         log.contains("it serves first, and the 23 objects it missed are made on it right after"),
         "member 1 made one import on the spare, then served:\n{log}"
@@ -556,8 +564,7 @@ fn a_member_owed_a_long_backlog_serves_first_while_another_serves() {
     let group = group_over(&library, 2, "backlog");
     let host = MemoryHost::new(&group, &library);
     let v = logged_in_session(&group);
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     let labels: Vec<String> = (0..30).map(|n| format!("owed {n:02}")).collect();
@@ -593,8 +600,7 @@ fn a_member_owed_a_long_backlog_serves_first_while_another_serves() {
     assert_eq!(group.members[1].state(), MemberState::Up);
     assert_eq!(group.pending_count(1), 0, "nothing is queued for member 1");
     assert_eq!(group.kept_count(1), 0, "nothing is kept for member 1");
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         log.contains("not read: 30 changes queued, it serves first")
             && log.contains(
@@ -623,8 +629,7 @@ fn a_member_whose_tail_grows_long_serves_first() {
     let group = group_over(&library, 2, "long tail");
     let host = MemoryHost::new(&group, &library);
     let v = Arc::new(logged_in_session(&group));
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     let owed: Vec<String> = (0..3).map(|n| format!("owed {n}")).collect();
@@ -667,8 +672,7 @@ fn a_member_whose_tail_grows_long_serves_first() {
     assert_eq!(group.members[1].state(), MemberState::Up);
     assert_eq!(group.pending_count(1), 0, "nothing is queued for member 1");
     assert_eq!(group.kept_count(1), 0, "nothing is kept for member 1");
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         log.contains("tail of 30 changes: it serves first"),
         "member 1 served first for its tail:\n{log}"
@@ -717,8 +721,7 @@ fn keys_kept_for_a_returning_member_are_not_named_as_not_synchronised() {
         ..MemoryHost::new(&group, &library)
     };
     let v = logged_in_session(&group);
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     for (label, value) in &KEYS[..2] {
@@ -734,8 +737,7 @@ fn keys_kept_for_a_returning_member_are_not_named_as_not_synchronised() {
 
     assert_eq!(group.members[1].state(), MemberState::Up);
     assert_eq!(group.kept_count(1), 0, "nothing is kept for member 1");
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         !log.contains("is not synchronised to it"),
         "no kept key was named as not synchronised:\n{log}"
@@ -760,8 +762,7 @@ fn a_member_reading_its_objects_when_none_serves_stops_and_serves_first() {
     let group = group_over(&library, 2, "reading");
     let host = MemoryHost::new(&group, &library);
     let v = logged_in_session(&group);
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
     let held: Vec<String> = (0..6).map(|n| format!("held {n:02}")).collect();
     for label in &held {
         import(&v, label);
@@ -784,8 +785,7 @@ fn a_member_reading_its_objects_when_none_serves_stops_and_serves_first() {
 
     assert_eq!(group.members[0].state(), MemberState::Down);
     assert_eq!(group.members[1].state(), MemberState::Up);
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     let recovered = log
         .lines()
         .find(|l| l.contains("member recovered"))
@@ -811,8 +811,7 @@ fn an_attempt_that_falls_short_says_where_its_time_went() {
     let group = group_over(&library, 2, "short");
     let host = MemoryHost::new(&group, &library);
     let v = logged_in_session(&group);
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
 
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
     for n in 0..6 {
@@ -825,8 +824,7 @@ fn an_attempt_that_falls_short_says_where_its_time_went() {
     pkcs11_ha::halog::close();
 
     assert_ne!(group.members[1].state(), MemberState::Up);
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     let failed = log
         .lines()
         .find(|l| l.contains("recovery failed"))
@@ -856,8 +854,7 @@ fn a_reading_in_the_replay_stops_when_no_member_serves() {
     let group = group_over(&library, 2, "tail read");
     let host = MemoryHost::new(&group, &library);
     let v = Arc::new(logged_in_session(&group));
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
     let held: Vec<String> = (0..30).map(|n| format!("held {n:02}")).collect();
     for label in &held {
         import(&v, label);
@@ -902,8 +899,7 @@ fn a_reading_in_the_replay_stops_when_no_member_serves() {
     );
     assert_eq!(group.members[0].state(), MemberState::Down);
     assert_eq!(group.members[1].state(), MemberState::Up);
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         log.contains("read in the replay stopped after"),
         "member 1 stopped reading once none served:\n{log}"
@@ -1047,8 +1043,7 @@ fn changes_kept_for_a_serving_member_that_nothing_asks_for_are_made_all_the_same
     let library = Arc::new(SimMember::initialized(2, 74));
     let group = group_over(&library, 2, "unasked");
     let host = MemoryHost::new(&group, &library);
-    let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    let logs = open_ha_log();
     let v = logged_in_session(&group);
     let on_member_1 = |label: &str| {
         library
@@ -1085,8 +1080,7 @@ fn changes_kept_for_a_serving_member_that_nothing_asks_for_are_made_all_the_same
     v.close();
     pkcs11_ha::halog::close();
 
-    let log = std::fs::read_to_string(logs.path().join(pkcs11_ha::halog::FILE_NAME))
-        .expect("the HA log was written");
+    let log = ha_log(&logs);
     assert!(
         log.contains("1 kept changes made when tried again unasked"),
         "{log}"
