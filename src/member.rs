@@ -469,6 +469,16 @@ const CUT_AGAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50
 /// inside a library have left it: a few ms of its bounded wait.
 const FINALIZE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// How long a new job waits for one given up earlier to return once its
+/// socket is cut again ([`MemberLibrary::start_bounded_after_cut`]), and
+/// how often it looks meanwhile.
+const GIVEN_UP_JOB_RETURN: Duration = Duration::from_millis(200);
+const GIVEN_UP_JOB_POLL: Duration = Duration::from_millis(5);
+
+/// How often a job hedged with a fresh instance looks whether that
+/// instance answered ([`Bounded::finish_hedged`]).
+const FRESH_INSTANCE_POLL: Duration = Duration::from_millis(10);
+
 /// Whether a library talks to a server, by what it is rather than by what
 /// it does: p11-kit's remoting client (`p11-kit-client.so`, which serves
 /// every token through one connection to `p11-kit server`), or a library
@@ -517,6 +527,10 @@ struct Spares {
     /// logout of the spares cannot interleave: a spare logged in after
     /// the group logged out would serve private keys without a login.
     logins: Mutex<()>,
+    /// An instance initialised only to tell a dead connection from a slow
+    /// server ([`MemberLibrary::fresh_instance`]); its calls are
+    /// counted apart, so that they never pass for the first instance's.
+    probe: Option<Arc<MemberLibrary>>,
 }
 
 struct Spare {
@@ -1159,7 +1173,9 @@ impl MemberLibrary {
     /// (`[LibraryInstances]`; its default without), the first being this
     /// one. Each further instance's function list is obtained with the
     /// library's environment set, as the first's was: p11-kit's client
-    /// reads its server's address then. Other libraries have one instance.
+    /// reads its server's address then; so is that of the instance
+    /// recovery probes the server with ([`Self::fresh_instance`]).
+    /// Other libraries have one instance.
     pub fn with_instances(
         mut self,
         instances: Option<std::num::NonZeroUsize>,
@@ -1171,16 +1187,19 @@ impl MemberLibrary {
         let spares = (1..count)
             .map(|_| self.spare())
             .collect::<std::result::Result<Box<[Spare]>, String>>()?;
+        let probe = self.instance(Arc::new(AtomicU64::new(0)))?;
         self.spares = Spares {
             idle: Mutex::new((0..spares.len()).collect()),
             instances: spares,
             logins: Mutex::new(()),
+            probe: Some(Arc::new(probe)),
         };
         Ok(self)
     }
 
-    /// A further instance of this library, from a function list of its own.
-    fn spare(&self) -> std::result::Result<Spare, String> {
+    /// A further instance of this library, from a function list of its own,
+    /// numbering its calls on the wire with `calls_sent`.
+    fn instance(&self, calls_sent: Arc<AtomicU64>) -> std::result::Result<MemberLibrary, String> {
         // SAFETY: as in `load`; the library is loaded already, so this only
         // counts one more reference to it.
         let library = unsafe { Library::open(Some(&self.path), RTLD_NOW | RTLD_LOCAL) }
@@ -1189,31 +1208,37 @@ impl MemberLibrary {
             with_sigpipe_blocked(|| Self::function_table(&library))
         })
         .map_err(|why| format!("{} gave no further instance: {why}", self.path.display()))?;
+        Ok(MemberLibrary {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            environment: self.environment.clone(),
+            functions: table,
+            initialized_by_us: Mutex::new(false),
+            retired: AtomicBool::new(false),
+            usable: AtomicBool::new(false),
+            job_thread: AtomicI32::new(0),
+            job_given_up: AtomicBool::new(false),
+            networked: true,
+            server: self.server.clone(),
+            // One call at a time, also when a logout reaches a spare
+            // that a lane holds.
+            call_limit: Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
+            reconnecting: RwLock::new(()),
+            calls_sent,
+            wire: Mutex::new(Vec::new()),
+            connection: AtomicU64::new(1),
+            slot_counts: Mutex::new(Vec::new()),
+            spares: Spares::default(),
+            inside: Inside::default(),
+            _library: library,
+        })
+    }
+
+    /// A spare instance ([`Spares`]): its calls are numbered with the
+    /// first instance's.
+    fn spare(&self) -> std::result::Result<Spare, String> {
         Ok(Spare {
-            library: MemberLibrary {
-                name: self.name.clone(),
-                path: self.path.clone(),
-                environment: self.environment.clone(),
-                functions: table,
-                initialized_by_us: Mutex::new(false),
-                retired: AtomicBool::new(false),
-                usable: AtomicBool::new(false),
-                job_thread: AtomicI32::new(0),
-                job_given_up: AtomicBool::new(false),
-                networked: true,
-                server: self.server.clone(),
-                // One call at a time, also when a logout reaches a spare
-                // that a lane holds.
-                call_limit: Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
-                reconnecting: RwLock::new(()),
-                calls_sent: Arc::clone(&self.calls_sent),
-                wire: Mutex::new(Vec::new()),
-                connection: AtomicU64::new(1),
-                slot_counts: Mutex::new(Vec::new()),
-                spares: Spares::default(),
-                inside: Inside::default(),
-                _library: library,
-            },
+            library: self.instance(Arc::clone(&self.calls_sent))?,
             tried_on: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             slot_misses: AtomicU32::new(0),
@@ -1644,6 +1669,9 @@ impl MemberLibrary {
         for spare in self.spares.instances.iter() {
             spare.library.retire();
         }
+        if let Some(probe) = &self.spares.probe {
+            probe.retire();
+        }
     }
 
     /// Undoes [`Self::retire`]: the application initialises again.
@@ -1651,6 +1679,9 @@ impl MemberLibrary {
         self.retired.store(false, Ordering::Release);
         for spare in self.spares.instances.iter() {
             spare.library.reinstate();
+        }
+        if let Some(probe) = &self.spares.probe {
+            probe.reinstate();
         }
     }
 
@@ -1889,6 +1920,48 @@ impl MemberLibrary {
         tid > 0 && cut_blocked_socket(tid, self.server.as_deref()).is_some()
     }
 
+    /// [`Self::start_bounded`], where a job given up earlier has not
+    /// returned yet: its socket is cut again, and it is given up to
+    /// [`GIVEN_UP_JOB_RETURN`] to return -- a job blocked on its socket
+    /// returns within milliseconds of the cut, and without the wait the
+    /// attempt that cut it found the library busy and the member waited
+    /// for the next (a second with no member serving in the long chaos
+    /// run).
+    pub fn start_bounded_after_cut<T: Send + 'static>(
+        self: &Arc<Self>,
+        job: impl FnOnce(&MemberLibrary) -> T + Send + 'static,
+    ) -> Option<Bounded<T>> {
+        let given_up = self.job_running() && self.job_given_up.load(Ordering::Acquire);
+        // In process, nothing cuts a job: it returns when it returns.
+        if given_up && self.networked {
+            self.sever_job();
+            let until = crate::clock::now() + GIVEN_UP_JOB_RETURN;
+            while self.job_running() && crate::clock::now() < until {
+                crate::clock::sleep(GIVEN_UP_JOB_POLL);
+            }
+        }
+        self.start_bounded(job)
+    }
+
+    /// Starts asking a fresh instance of p11-kit's client -- initialised
+    /// now, on a connection of its own, and finalised again -- whether it
+    /// passes `check`; `None` for other libraries, and while the last such
+    /// instance has not returned. p11-kit's server loads the token for
+    /// each connection before it answers its first byte, so a fresh
+    /// instance that answers says the server and the path to it are well
+    /// now: a connection of the library's that answers nothing meanwhile
+    /// is dead (a relay or balancer took it while the path dropped
+    /// everything, and drops it still).
+    pub fn fresh_instance(&self, check: &FreshCheck) -> Option<Bounded<bool>> {
+        let probe = self.spares.probe.as_ref()?;
+        let check = Arc::clone(check);
+        probe.start_bounded(move |instance: &MemberLibrary| {
+            let answers = instance.initialize_with(&[]).is_ok() && check(instance);
+            instance.finalize();
+            answers
+        })
+    }
+
     /// The current connection's number (see [`on_connection`]).
     pub fn connection(&self) -> u64 {
         self.connection.load(Ordering::Acquire)
@@ -2084,6 +2157,20 @@ pub struct Bounded<T> {
 #[derive(Debug)]
 pub struct Silent;
 
+/// Why a job hedged with a fresh instance ([`Bounded::finish_hedged`]) has
+/// no result.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The library did not answer by the deadline ([`Silent`]).
+    Silent,
+    /// The job's connection answered nothing while a fresh instance of the
+    /// library, on a connection of its own made later, answered.
+    DeadConnection,
+}
+
+/// What a fresh instance is asked ([`MemberLibrary::fresh_instance`]).
+pub type FreshCheck = Arc<dyn Fn(&MemberLibrary) -> bool + Send + Sync>;
+
 impl<T> Bounded<T> {
     /// Waits for the job's result until `deadline` at most, keeping it for
     /// [`Self::finish`].
@@ -2109,23 +2196,87 @@ impl<T> Bounded<T> {
         deadline: Instant,
         patience: std::time::Duration,
     ) -> std::result::Result<T, Silent> {
+        self.finish_hedged(deadline, patience, None)
+            .map_err(|_| Silent)
+    }
+
+    /// [`Self::finish`], asking meanwhile, after `hedge`'s first wait and
+    /// then after twice as long each time, whether a fresh instance of the
+    /// library answers ([`MemberLibrary::fresh_instance`]), each asked for
+    /// one such wait at most. If one does while the job's own connection
+    /// has answered nothing, that connection is dead -- a slow server
+    /// would keep the fresh one waiting too -- and the job is given up at
+    /// once ([`Unanswered::DeadConnection`]).
+    pub fn finish_hedged(
+        self,
+        deadline: Instant,
+        patience: std::time::Duration,
+        hedge: Option<(Duration, &FreshCheck)>,
+    ) -> std::result::Result<T, Unanswered> {
         let (mut deadline, mut seen) = (deadline, self.calls_sent);
+        let mut gap = hedge.map(|(first, _)| first);
+        let mut probe_at = gap.map(|gap| crate::clock::now() + gap);
+        // The fresh instance asked now, the job's calls sent when it was
+        // asked, and until when it may answer.
+        let mut probe: Option<(Bounded<bool>, u64, Instant)> = None;
         loop {
             if let Some(result) = self.answer.take() {
                 return Ok(result);
             }
-            self.wait_until(deadline);
+            let now = crate::clock::now();
+            if let (Some(at), Some(wait), Some((_, check))) = (probe_at, gap, hedge) {
+                if probe.is_none() && now >= at {
+                    let sent = self.library.calls_sent.load(Ordering::Relaxed);
+                    probe = self
+                        .library
+                        .fresh_instance(check)
+                        .map(|fresh| (fresh, sent, now + wait));
+                    gap = Some(wait * 2);
+                    probe_at = Some(now + wait * 2);
+                }
+            }
+            if let Some((fresh, sent, until)) = &probe {
+                fresh.wait_until(now);
+                match fresh.answer.take() {
+                    Some(true) if self.library.calls_sent.load(Ordering::Relaxed) == *sent => {
+                        self.give_up();
+                        return Err(Unanswered::DeadConnection);
+                    }
+                    Some(_) => probe = None,
+                    None if now >= *until => {
+                        fresh.give_up();
+                        probe = None;
+                    }
+                    None => {}
+                }
+            }
+            let mut wake = probe_at.map_or(deadline, |at| at.min(deadline));
+            if probe.is_some() {
+                wake = wake.min(now + FRESH_INSTANCE_POLL);
+            }
+            self.wait_until(wake);
             if let Some(result) = self.answer.take() {
                 return Ok(result);
             }
+            if crate::clock::now() < deadline {
+                continue;
+            }
             let sent = self.library.calls_sent.load(Ordering::Relaxed);
             if sent == seen {
-                self.library.job_given_up.store(true, Ordering::Release);
-                self.library.sever_job();
-                return Err(Silent);
+                self.give_up();
+                if let Some((fresh, _, _)) = &probe {
+                    fresh.give_up();
+                }
+                return Err(Unanswered::Silent);
             }
             (deadline, seen) = (crate::clock::now() + patience, sent);
         }
+    }
+
+    /// Leaves the job to finish on its own, its socket shut down.
+    fn give_up(&self) {
+        self.library.job_given_up.store(true, Ordering::Release);
+        self.library.sever_job();
     }
 }
 

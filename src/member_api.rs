@@ -22,7 +22,7 @@
 //!   [`crate::arguments`] and [`crate::mechanism`], which check that).
 
 use crate::error::{check, Result};
-use crate::member::{member_call, CallCounts, Lane, MemberLibrary, Silent};
+use crate::member::{member_call, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered};
 use cryptoki_sys::*;
 use std::ptr;
 use std::sync::Arc;
@@ -787,7 +787,35 @@ pub trait MemberBackend: MemberApi + Send + Sync {
         deadline: Instant,
         patience: Duration,
     ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>>;
+    /// [`Self::search_bounded`], asking meanwhile whether a fresh instance
+    /// of the library passes `hedge`'s check, where it has such instances
+    /// (p11-kit's client: [`MemberLibrary::fresh_instance`]): one
+    /// that does while the search has answered nothing ends the search at
+    /// once ([`Unanswered::DeadConnection`]). A job given up earlier is
+    /// cut again and given a moment to return first. Others search as
+    /// [`Self::search_bounded`] does.
+    fn search_hedged(
+        self: Arc<Self>,
+        search: TokenSearch,
+        deadline: Instant,
+        patience: Duration,
+        hedge: Hedge,
+    ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Unanswered>> {
+        let _ = hedge;
+        self.search_bounded(search, deadline, patience)
+            .map(|answer| answer.map_err(|Silent| Unanswered::Silent))
+    }
 }
+
+/// What [`MemberBackend::search_hedged`] asks of a fresh instance, and
+/// after how long a silence it first does.
+pub struct Hedge {
+    pub after: Duration,
+    pub check: BackendCheck,
+}
+
+/// A question put to a library instance.
+pub type BackendCheck = Arc<dyn Fn(&dyn MemberBackend) -> bool + Send + Sync>;
 
 /// Whether `session` answers that it is not logged in (a public session):
 /// on a token the group is logged in to, its login was lost unseen. An
@@ -1569,5 +1597,18 @@ impl MemberBackend for MemberLibrary {
     ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>> {
         let job = self.start_bounded(move |library: &MemberLibrary| search(library))?;
         Some(job.finish(deadline, patience))
+    }
+
+    fn search_hedged(
+        self: Arc<Self>,
+        search: TokenSearch,
+        deadline: Instant,
+        patience: Duration,
+        hedge: Hedge,
+    ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Unanswered>> {
+        let job = self.start_bounded_after_cut(move |library: &MemberLibrary| search(library))?;
+        let check = hedge.check;
+        let check: FreshCheck = Arc::new(move |fresh: &MemberLibrary| check(fresh));
+        Some(job.finish_hedged(deadline, patience, Some((hedge.after, &check))))
     }
 }

@@ -40,8 +40,8 @@ use crate::error::Error;
 use crate::group::Pending;
 use crate::group::{now_ms, Group, Location, Member, MemberState, ReplayingDeferred};
 use crate::identity;
-use crate::member::Silent;
-use crate::member_api::{MemberBackend, TokenSearch};
+use crate::member::Unanswered;
+use crate::member_api::{Hedge, MemberBackend, TokenSearch};
 use crate::object::Era;
 use crate::replication::{Holdings, IMPORTS_ON_SPARES};
 use crate::virtual_session::VirtualSession;
@@ -1722,22 +1722,46 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
         }
         let may_reconnect =
             !library.usable() || (library.initialized_by_us() && !shared_with_healthy);
-        let wanted = serial.clone();
-        let job: TokenSearch = Box::new(move |library: &dyn MemberBackend| {
-            if library.usable() {
-                if let Some(slot) = token_slot(library, &wanted) {
-                    return Some(slot);
+        let job = || -> TokenSearch {
+            let wanted = serial.clone();
+            Box::new(move |library: &dyn MemberBackend| {
+                if library.usable() {
+                    if let Some(slot) = token_slot(library, &wanted) {
+                        return Some(slot);
+                    }
                 }
-            }
-            if !may_reconnect || library.reinitialize().is_err() {
-                return None;
-            }
-            token_slot(library, &wanted)
-        });
+                if !may_reconnect || library.reinitialize().is_err() {
+                    return None;
+                }
+                token_slot(library, &wanted)
+            })
+        };
         let answer = if provider.threads_allowed() {
             let patience = find_patience(provider.member_timeout(), this_member);
-            let searched =
-                Arc::clone(&library).search_bounded(job, clock::now() + patience, patience);
+            let search = || {
+                let wanted = serial.clone();
+                let hedge = Hedge {
+                    after: provider.member_timeout(),
+                    check: Arc::new(move |fresh: &dyn MemberBackend| {
+                        token_slot(fresh, &wanted).is_some()
+                    }),
+                };
+                Arc::clone(&library).search_hedged(job(), clock::now() + patience, patience, hedge)
+            };
+            let mut searched = search();
+            if matches!(searched, Some(Err(Unanswered::DeadConnection))) {
+                // Its connection is dead and the server well: once more at
+                // once, the dead job cut off, reconnecting. The patience
+                // does not grow: that is for slow servers.
+                group.log(
+                    Some(position),
+                    &format!(
+                        "{} answered nothing on its connection while a fresh connection found the token: reconnecting",
+                        library.name()
+                    ),
+                );
+                searched = search();
+            }
             let Some(answer) = searched else {
                 silent.push(format!(
                     "{} (its last call has not returned)",
@@ -1747,7 +1771,7 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
             };
             answer
         } else {
-            Ok(job(&*library))
+            Ok(job()(&*library))
         };
         match answer {
             Ok(Some(slot)) => {
@@ -1757,7 +1781,11 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
                 return Ok(Location { library, slot });
             }
             Ok(None) => {}
-            Err(Silent) => silent.push(format!(
+            Err(Unanswered::DeadConnection) => silent.push(format!(
+                "{} (its connection answered nothing while a fresh one did)",
+                library.name()
+            )),
+            Err(Unanswered::Silent) => silent.push(format!(
                 "{} (no answer within {} ms)",
                 library.name(),
                 find_patience(provider.member_timeout(), this_member).as_millis()

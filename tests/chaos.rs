@@ -530,6 +530,90 @@ fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
     pkcs11.finalize().unwrap();
 }
 
+/// A library that reconnected while its path dropped everything holds a
+/// dead connection once the path heals: the relay keeps what it
+/// swallowed, as a balancer that lost the flow does. A search on it is not
+/// waited out to its deadline: a fresh instance of the library, on a
+/// connection of its own, answers, so the search ends at once as a dead
+/// connection (the long chaos run's outages with a healthy server were
+/// such waits, the patience growing with each silent search to seconds).
+/// Without a fresh instance to ask, the search ends only at its deadline.
+#[test]
+fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_answers() {
+    use pkcs11_ha::member::{FreshCheck, MemberLibrary, Unanswered};
+    let _guard = serial_guard();
+    let hsm = SoftHsm::new(&["fresh"]);
+    let dir = hsm.dir.path();
+    let server = P11KitServer::start(SOFTHSM_LIB, &hsm.conf, "fresh", &dir.join("server.sock"));
+    let mut relay = Relay::start(&dir.join("relay.sock"), &server.socket);
+    let library = std::sync::Arc::new(
+        MemberLibrary::load(
+            "fresh",
+            std::path::Path::new(&p11kit::client_module()),
+            &[(p11kit::ADDRESS_ENV.to_string(), relay.address())],
+        )
+        .expect("p11-kit's client loads")
+        .with_instances(std::num::NonZeroUsize::new(1))
+        .expect("its instances"),
+    );
+    let finds_token = || -> FreshCheck {
+        std::sync::Arc::new(|library: &MemberLibrary| {
+            library.token_slots().is_ok_and(|slots| !slots.is_empty())
+        })
+    };
+    let connect_into_black_hole = |relay: &mut Relay| {
+        relay.blackhole();
+        let before = relay.accepted();
+        let search = finds_token();
+        let job = library
+            .start_bounded(move |library: &MemberLibrary| {
+                library.initialize_in_this_environment().is_ok() && search(library)
+            })
+            .expect("no job under way");
+        wait_for(
+            "the library connects into the black hole",
+            Duration::from_secs(10),
+            || relay.accepted() > before,
+        );
+        relay.pass();
+        job
+    };
+
+    let job = connect_into_black_hole(&mut relay);
+    let check = finds_token();
+    let far = Instant::now() + Duration::from_secs(120);
+    let asked = Instant::now();
+    let answer = job.finish_hedged(
+        far,
+        Duration::from_secs(120),
+        Some((member_timeout(), &check)),
+    );
+    eprintln!("dead connection told after {:?}", asked.elapsed());
+    assert!(
+        matches!(answer, Err(Unanswered::DeadConnection)),
+        "the search on the dead connection ends as such, not at its deadline: {answer:?}"
+    );
+    wait_for(
+        "the given-up job returns once cut",
+        Duration::from_secs(10),
+        || !library.job_running(),
+    );
+
+    let job = connect_into_black_hole(&mut relay);
+    let soon = Instant::now() + member_timeout() * 2;
+    let answer = job.finish_hedged(soon, Duration::ZERO, None);
+    assert!(
+        matches!(answer, Err(Unanswered::Silent)),
+        "unhedged, the search on the dead connection waits out its deadline: {answer:?}"
+    );
+    wait_for(
+        "the given-up job returns once cut",
+        Duration::from_secs(10),
+        || !library.job_running(),
+    );
+    library.finalize();
+}
+
 /// Every member down and back in one process, without `C_Finalize`: the
 /// HA log says when the group has no member serving and when it serves
 /// again, and after how long.
