@@ -1101,6 +1101,13 @@ const SHORT_TAIL: usize = 64;
 /// one under the long chaos run's load (40-80 ms a change).
 const SERVES_FIRST_BACKLOG: usize = 24;
 
+/// How long a returning member replays what it missed, while another
+/// member serves, before it serves first with the imports left kept for
+/// right after ([`replay_pending`]): a backlog under the bound above took
+/// 1.4 s to replay and 2.2 s more for its tail in a long chaos run at load
+/// 10 (60-100 ms a change), past the 2 s for a return.
+const SLOW_REPLAY: Duration = Duration::from_millis(500);
+
 /// Rounds of a tail a member serving first replays without holding
 /// writes back: each defers what came meanwhile, in microseconds, so the
 /// barrier (whose wait for the writes under way took up to 1.6 s in the
@@ -1393,8 +1400,11 @@ struct Known {
     /// [`SERVES_FIRST_BACKLOG`] changes at its return or in its tail, it
     /// makes the removals and copies
     /// it missed and serves, and is given the imports it missed right
-    /// after, while it serves ([`Known::of`]).
+    /// after, while it serves ([`Known::of`]); or its replay has taken
+    /// [`SLOW_REPLAY`] ([`replay_pending`]).
     serves_first: bool,
+    /// When its replay began (the clock's), for [`SLOW_REPLAY`].
+    replay_began: Option<Instant>,
 }
 
 /// An object synchronisation listed on a serving member and could not
@@ -1509,6 +1519,7 @@ impl Known {
             read_late: false,
             replay_failed: false,
             serves_first: false,
+            replay_began: None,
         }
     }
 
@@ -1533,6 +1544,7 @@ impl Known {
             read_late: false,
             replay_failed: false,
             serves_first: false,
+            replay_began: None,
         }))
     }
 
@@ -1860,7 +1872,21 @@ fn replay_pending(
     // Changes at the front of `pending` to make one by one: what a run on
     // spares left, or a run too short for them.
     let mut one_by_one: usize = 0;
+    let began = *known.replay_began.get_or_insert_with(clock::now);
+    let mut slow = false;
     while let Some(mut change) = pending.pop_front() {
+        if !known.serves_first
+            && clock::since(began) >= SLOW_REPLAY
+            && group.up_members().next().is_some()
+        {
+            known.serves_first = true;
+            slow = true;
+            phases.note(format!(
+                "a slow replay: {} changes left after {} ms, it serves first",
+                pending.len() + 1,
+                clock::since(began).as_millis()
+            ));
+        }
         if known.reading_pays(group, pending.len() + 1) {
             if let Err(why) = known.read_now(group, worker, position, pending.len() + 1, phases) {
                 group.requeue(position, std::iter::once(change).chain(pending).collect());
@@ -1955,7 +1981,9 @@ fn replay_pending(
         }
     }
     if after_rejoining > 0 {
-        let why = if known.serves_first {
+        let why = if slow {
+            "a slow replay"
+        } else if known.serves_first {
             "a long backlog"
         } else {
             "no member serving"
