@@ -90,6 +90,7 @@ impl VirtualSession {
             handle,
             connection,
             networked,
+            spares,
             ..
         } = match self.session_on(position, epoch) {
             Ok(s) => s,
@@ -100,7 +101,7 @@ impl VirtualSession {
         if era.is_some_and(|era| self.group.objects.moved_on(era)) {
             return Attempt::Faulted;
         }
-        if spare && library.has_spares() {
+        if spare && spares {
             let mut call = |l: &dyn MemberBackend, s| call(l, s);
             if let Some(answer) = self.attempt_on_spare(position, &*library, function, &mut call) {
                 return answer;
