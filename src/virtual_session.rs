@@ -140,12 +140,6 @@ impl VirtualSession {
         self.members.member_session(&self.group, position)
     }
 
-    /// The member session of `epoch`: the path of every member call.
-    #[inline(always)]
-    fn session_on(&self, position: usize, epoch: u64) -> Result<MemberSession> {
-        self.members.session_on(&self.group, position, epoch)
-    }
-
     /// Runs member calls made outside [`VirtualSession::attempt`] (lookups,
     /// attribute reads) on the member's session, counted in flight like any
     /// call, so that the watchdog sees the member if it hangs under them.

@@ -92,9 +92,12 @@ impl VirtualSession {
             networked,
             spares,
             ..
-        } = match self.session_on(position, epoch) {
-            Ok(s) => s,
-            Err(e) => return self.not_opened(position, e.rv),
+        } = match self.members.held(position, epoch) {
+            Some(s) => s,
+            None => match self.members.open_and_get(&self.group, position, epoch) {
+                Ok(s) => s,
+                Err(e) => return self.not_opened(position, e.rv),
+            },
         };
         // After the session is taken: one opened on a new connection was
         // opened after the handles of the old one were forgotten.
