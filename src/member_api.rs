@@ -669,7 +669,8 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     /// for calls outside the group (pass-through sessions).
     fn count_slot_as(&self, slot: CK_SLOT_ID, counts: &Arc<CallCounts>) {}
 
-    /// Whether the library has spare instances (p11-kit's client).
+    /// Whether the library has spare instances (p11-kit's client); fixed
+    /// for the library's life ([`MemberSession::spares`]).
     fn has_spares(&self) -> bool {
         false
     }
@@ -886,6 +887,9 @@ pub struct MemberSession {
     /// was opened (it never changes for a library), so that a call on the
     /// session does not ask through the trait object each time.
     pub networked: bool,
+    /// Whether `library` has spare instances, asked once as `networked`
+    /// is: a library's instances are fixed when it is loaded.
+    pub spares: bool,
 }
 
 /// Opens a session on one member token.
@@ -902,6 +906,7 @@ pub fn open_member_session(
     check(library.open_session(slot, flags, &mut handle))?;
     Ok(MemberSession {
         networked: library.is_networked(),
+        spares: library.has_spares(),
         library,
         handle,
         epoch,

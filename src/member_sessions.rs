@@ -21,17 +21,15 @@ struct MemberSessionCell {
 }
 
 impl MemberSessionCell {
-    /// The session held, if it was opened in `epoch`, for one call.
+    /// The session held, if it was opened in `epoch`, for one call. Marked
+    /// used first, so that the clone is made where the caller takes it,
+    /// not copied out after the mark.
     #[inline(always)]
     fn get(&self, epoch: u64) -> Option<MemberSession> {
-        let session = self
-            .held
-            .read()
-            .as_ref()
-            .filter(|s| s.epoch == epoch)?
-            .clone();
+        let held = self.held.read();
+        let session = held.as_ref().filter(|s| s.epoch == epoch)?;
         self.mark_used();
-        Some(session)
+        Some(session.clone())
     }
 
     /// The session held, whatever its epoch, as an owned value.
@@ -147,18 +145,21 @@ impl MemberSessions {
             })
     }
 
-    /// The member session of `epoch`, opened if none is held: the path of
-    /// every member call.
+    /// The member session of `epoch` if one is held: the path of every
+    /// member call; [`Self::open_and_get`] when it is `None`.
     #[inline(always)]
-    pub fn session_on(&self, group: &Group, position: usize, epoch: u64) -> Result<MemberSession> {
-        match self.cells[position].get(epoch) {
-            Some(found) => Ok(found),
-            None => self.open_and_get(group, position, epoch),
-        }
+    pub fn held(&self, position: usize, epoch: u64) -> Option<MemberSession> {
+        self.cells[position].get(epoch)
     }
 
+    /// The member session of `epoch`, opened now: none was held.
     #[cold]
-    fn open_and_get(&self, group: &Group, position: usize, epoch: u64) -> Result<MemberSession> {
+    pub fn open_and_get(
+        &self,
+        group: &Group,
+        position: usize,
+        epoch: u64,
+    ) -> Result<MemberSession> {
         self.open_member_session(group, position, epoch)?;
         // Absent only if the member failed again meanwhile.
         self.cells[position]

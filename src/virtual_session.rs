@@ -140,12 +140,6 @@ impl VirtualSession {
         self.members.member_session(&self.group, position)
     }
 
-    /// The member session of `epoch`: the path of every member call.
-    #[inline(always)]
-    fn session_on(&self, position: usize, epoch: u64) -> Result<MemberSession> {
-        self.members.session_on(&self.group, position, epoch)
-    }
-
     /// Runs member calls made outside [`VirtualSession::attempt`] (lookups,
     /// attribute reads) on the member's session, counted in flight like any
     /// call, so that the watchdog sees the member if it hangs under them.
@@ -180,6 +174,9 @@ impl VirtualSession {
         function: &str,
         mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE, &[CK_OBJECT_HANDLE]) -> CK_RV,
     ) -> Result<()> {
+        if keys.is_empty() {
+            return self.keyless(function, |l, s| call(l, s, &[]));
+        }
         let mut waits = Waits::default();
         loop {
             let (position, handles, era) =
@@ -188,17 +185,37 @@ impl VirtualSession {
                     Err(e) if self.wait_to_choose_again(&e, keys, &mut waits) => continue,
                     Err(e) => return Err(e),
                 };
-            let spare = keys.is_empty();
-            let on_lane = if !spare && self.lane.possible(&self.group) {
+            let on_lane = if self.lane.possible(&self.group) {
                 self.stateless_on_lane(position, keys, &handles, function, &mut call)
             } else {
                 None
             };
             let answer = on_lane.unwrap_or_else(|| {
-                self.attempt_maybe_on_spare(position, Some(era), function, spare, &mut |l, s| {
-                    call(l, s, &handles)
-                })
+                self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, &handles))
             });
+            if let Attempt::Answered(rv) = answer {
+                return check(rv);
+            }
+        }
+    }
+
+    /// [`Self::stateless`] of a call that names no object, on a spare
+    /// instance of the member's library if one is idle. With no member
+    /// handles there is no era to check them against.
+    #[inline(always)]
+    fn keyless(
+        &self,
+        function: &str,
+        mut call: impl FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        let mut waits = Waits::default();
+        loop {
+            let position = match self.choose_keyless(Preference::LeastBusy(STATELESS_LANE)) {
+                Ok(position) => position,
+                Err(e) if self.wait_to_choose_again(&e, &[], &mut waits) => continue,
+                Err(e) => return Err(e),
+            };
+            let answer = self.attempt_maybe_on_spare(position, None, function, true, &mut call);
             if let Attempt::Answered(rv) = answer {
                 return check(rv);
             }

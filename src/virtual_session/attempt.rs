@@ -90,17 +90,21 @@ impl VirtualSession {
             handle,
             connection,
             networked,
+            spares,
             ..
-        } = match self.session_on(position, epoch) {
-            Ok(s) => s,
-            Err(e) => return self.not_opened(position, e.rv),
+        } = match self.members.held(position, epoch) {
+            Some(s) => s,
+            None => match self.members.open_and_get(&self.group, position, epoch) {
+                Ok(s) => s,
+                Err(e) => return self.not_opened(position, e.rv),
+            },
         };
         // After the session is taken: one opened on a new connection was
         // opened after the handles of the old one were forgotten.
         if era.is_some_and(|era| self.group.objects.moved_on(era)) {
             return Attempt::Faulted;
         }
-        if spare && library.has_spares() {
+        if spare && spares {
             let mut call = |l: &dyn MemberBackend, s| call(l, s);
             if let Some(answer) = self.attempt_on_spare(position, &*library, function, &mut call) {
                 return answer;

@@ -72,6 +72,23 @@ impl VirtualSession {
         self.choose_among(keys, self.candidates(preference))
     }
 
+    /// [`Self::choose`] for a call that names no key (random numbers, a
+    /// digest): the member alone, without a list of handles to carry back
+    /// on the path of every such call.
+    #[inline(always)]
+    pub fn choose_keyless(&self, preference: Preference) -> Result<usize> {
+        let first = match self.bound_member() {
+            Some(m) if self.group.members[m].is_up() => Some(m),
+            Some(m) => {
+                return self
+                    .choose_after_moving(m, &[], preference)
+                    .map(|(m, ..)| m)
+            }
+            None => self.first_candidate(preference),
+        };
+        first.ok_or(Error::new(CKR_DEVICE_ERROR))
+    }
+
     /// The member handles of `keys` on `position` where every one is
     /// known there already (no lookup): the path of almost every call.
     #[inline(always)]

@@ -145,8 +145,9 @@ impl VirtualSession {
         let bare = BareMechanism::new(type_);
         let mut waits = Waits::default();
         loop {
-            let position = match self.choose(&[], Preference::LeastBusy(OpKind::Digest as usize)) {
-                Ok((position, _, _)) => position,
+            let position = match self.choose_keyless(Preference::LeastBusy(OpKind::Digest as usize))
+            {
+                Ok(position) => position,
                 Err(_) if self.wait_for_a_member(&mut waits) => continue,
                 Err(e) => return Err(e),
             };
