@@ -469,11 +469,11 @@ const CUT_AGAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50
 /// inside a library have left it: a few ms of its bounded wait.
 const FINALIZE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// How long a new job waits for one given up earlier to return once its
-/// socket is cut again ([`MemberLibrary::start_bounded_after_cut`]), and
-/// how often it looks meanwhile.
-const GIVEN_UP_JOB_RETURN: Duration = Duration::from_millis(200);
-const GIVEN_UP_JOB_POLL: Duration = Duration::from_millis(5);
+/// How long a new job waits for one given up earlier to return, its
+/// socket cut again ([`MemberLibrary::start_bounded_after_cut`]), and how
+/// often it looks and cuts meanwhile.
+const GIVEN_UP_JOB_RETURN: Duration = Duration::from_millis(300);
+const GIVEN_UP_JOB_POLL: Duration = Duration::from_millis(10);
 
 /// How often a job hedged with a fresh instance looks whether that
 /// instance answered ([`Bounded::finish_hedged`]).
@@ -1921,8 +1921,8 @@ impl MemberLibrary {
     }
 
     /// [`Self::start_bounded`], where a job given up earlier has not
-    /// returned yet: its socket is cut again, and it is given up to
-    /// [`GIVEN_UP_JOB_RETURN`] to return -- a job blocked on its socket
+    /// returned yet: it is given up to [`GIVEN_UP_JOB_RETURN`] to return,
+    /// its socket cut again at each look -- a job blocked on its socket
     /// returns within milliseconds of the cut, and without the wait the
     /// attempt that cut it found the library busy and the member waited
     /// for the next (a second with no member serving in the long chaos
@@ -1934,9 +1934,12 @@ impl MemberLibrary {
         let given_up = self.job_running() && self.job_given_up.load(Ordering::Acquire);
         // In process, nothing cuts a job: it returns when it returns.
         if given_up && self.networked {
-            self.sever_job();
+            // Cut at each look: a cut finds no socket while the job is
+            // between calls, and the job may go on to read another (traced
+            // in the long chaos run: a job cut once read on, a handshake).
             let until = crate::clock::now() + GIVEN_UP_JOB_RETURN;
             while self.job_running() && crate::clock::now() < until {
+                self.sever_job();
                 crate::clock::sleep(GIVEN_UP_JOB_POLL);
             }
         }
