@@ -180,6 +180,9 @@ pub struct Token {
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
     pub searches: usize,
+    /// Objects made on it by `C_CreateObject`: what the simulation counts
+    /// to see where an application's writes went.
+    pub creates: usize,
 }
 
 /// The whole simulated library.
@@ -200,6 +203,12 @@ pub struct Sim {
     generated: u64,
     /// The token whose stall the call under way met ([`Fault::Stall`]).
     pub stalled: Option<usize>,
+    /// Changes carried out on the library's own instance are reported
+    /// ([`Sim::changed`]): the simulation runs application calls there, as
+    /// its threads run beside a recovery making changes.
+    pub report_changes: bool,
+    /// The token the call under way changed, where changes are reported.
+    pub changed: Option<usize>,
     /// The spare whose session the call under way is on, if any.
     pub on_spare: Option<usize>,
     /// How each spare numbers each token's objects, by (spare, token),
@@ -676,6 +685,9 @@ impl Sim {
         if std::mem::take(&mut self.tokens[token].stall_after_change) {
             self.stalled = Some(token);
         }
+        if self.report_changes && self.on_spare.is_none() {
+            self.changed = Some(token);
+        }
         if rv == CKR_OK && std::mem::take(&mut self.tokens[token].lose_next_answer) {
             return Err(CKR_DEVICE_ERROR);
         }
@@ -960,6 +972,7 @@ impl Sim {
             None => return Err(CKR_TEMPLATE_INCOMPLETE),
         }
         let handle = self.store(token, session, attributes);
+        self.tokens[token].creates += 1;
         self.answer(token, CKR_OK)?;
         Ok(handle)
     }
