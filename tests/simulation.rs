@@ -406,6 +406,8 @@ thread_local! {
     /// does, so that its own changes run nothing more.
     static WRITER: std::cell::Cell<Option<std::ptr::NonNull<Schedule<'static>>>> =
         const { std::cell::Cell::new(None) };
+    /// The application writes beside a recovery round now ([`changed`]).
+    static WRITING_BESIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The members' change hook ([`SimMember::on_change`]): a change made on
@@ -418,7 +420,9 @@ fn changed(position: usize) {
     // SAFETY: set by `Schedule::beside_round` from its `&mut self` for
     // the length of the round, which uses the schedule for nothing else
     // meanwhile; taken out above, so that no other reference is made.
+    WRITING_BESIDE.with(|w| w.set(true));
     unsafe { schedule.as_mut() }.write_beside(position);
+    WRITING_BESIDE.with(|w| w.set(false));
     WRITER.with(|w| w.set(Some(schedule)));
 }
 
@@ -456,6 +460,19 @@ fn recover_now(provider: &pkcs11_ha::provider::Provider) -> Vec<((usize, usize),
 /// clock moves to the next attempt due or the call's deadline, the
 /// watchdog looking.
 fn blocked(deadline: Instant) {
+    if WRITING_BESIDE.with(std::cell::Cell::get) {
+        // The recovery thread is inside its round, below this call on the
+        // schedule's one thread: the call waits to its deadline.
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            let now = time.clock.now();
+            time.pass(
+                deadline
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        return;
+    }
     let (provider, due, next) = {
         let Ok(slot) = TIME.try_lock() else { return };
         let Some(time) = slot.as_ref() else { return };
@@ -1431,7 +1448,12 @@ impl Schedule<'_> {
     fn write_beside(&mut self, position: usize) {
         let provider = pkcs11_ha::provider::get().expect("initialised");
         let group = &provider.groups[0];
-        if !group.catching_up(position) || !self.writer_rng.chance(50) {
+        // A stall planted would pass time inside the round's call too.
+        let stall_planted = self.tokens.iter().any(|(library, local)| {
+            let t = &library.sim.lock().tokens[*local];
+            t.stall_next || t.stall_after_change || t.spare_stall_next || t.stall_on_login
+        });
+        if stall_planted || !group.catching_up(position) || !self.writer_rng.chance(50) {
             return;
         }
         let on_the_way = group.kept_on_the_way(position);

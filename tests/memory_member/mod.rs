@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod instance;
 pub mod spares;
 /// Parts of the model that only some tests use are unused in others.
 #[allow(dead_code)]
@@ -102,6 +103,14 @@ impl SimMember {
         self.call("C_OpenSession", |sim| {
             *session = sim.open_spare_session(sim.token_index(slot)?, flags, spare)?;
             Ok(())
+        })
+    }
+
+    /// Ends spare instance `spare`'s sessions on `slot`'s token
+    /// ([`instance::SpareInstance`]'s `C_CloseAllSessions`).
+    fn close_all_spare_sessions(&self, slot: CK_SLOT_ID, spare: usize) -> CK_RV {
+        self.call("C_CloseAllSessions", |sim| {
+            sim.close_spare_sessions(sim.token_index(slot)?, spare)
         })
     }
 
@@ -356,10 +365,6 @@ impl MemberApi for SimMember {
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
-        // A replay's lane opens its read-write session on the lane's spare.
-        if let Some(spare) = self.spares.replay_lane_spare() {
-            return self.open_spare_session(slot, flags, spare, session);
-        }
         self.call("C_OpenSession", |sim| {
             *session = sim.open_session(sim.token_index(slot)?, flags)?;
             Ok(())

@@ -198,6 +198,9 @@ pub struct Sim {
     pub tokens: Vec<Token>,
     pub sessions: BTreeMap<CK_SESSION_HANDLE, Session>,
     next_session: CK_SESSION_HANDLE,
+    /// Each spare's next session number: each numbers its own from 1, as
+    /// an independent client instance does ([`super::instance`]).
+    next_spare_session: BTreeMap<usize, CK_SESSION_HANDLE>,
     /// Seeds generated key values and random bytes.
     seed: u64,
     generated: u64,
@@ -823,6 +826,11 @@ impl Sim {
         }
         let handle = self.next_session;
         self.next_session += 1;
+        self.add_session(token, flags, handle);
+        Ok(handle)
+    }
+
+    fn add_session(&mut self, token: usize, flags: CK_FLAGS, handle: CK_SESSION_HANDLE) {
         self.sessions.insert(
             handle,
             Session {
@@ -834,7 +842,6 @@ impl Sim {
                 numbering: 0,
             },
         );
-        Ok(handle)
     }
 
     /// [`Sim::open_session`] for spare instance `spare`, which the spare
@@ -847,7 +854,13 @@ impl Sim {
     ) -> Result<CK_SESSION_HANDLE> {
         self.enter(token)?;
         self.enter_spare(token, spare)?;
-        let handle = self.new_session(token, flags)?;
+        if flags & CKF_SERIAL_SESSION == 0 {
+            return Err(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
+        }
+        let next = self.next_spare_session.entry(spare).or_insert(1);
+        let handle = super::instance::spare_session(spare, *next);
+        *next += 1;
+        self.add_session(token, flags, handle);
         let numbering = self.spare_numbering(spare, token);
         let session = self.session(handle);
         session.instance = spare + 1;
@@ -858,6 +871,23 @@ impl Sim {
     pub fn close_session(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
         self.enter_session(session)?;
         self.end_session(session);
+        Ok(())
+    }
+
+    /// Spare `spare`'s sessions on `token` end; the member's own and
+    /// other spares' stay open.
+    pub fn close_spare_sessions(&mut self, token: usize, spare: usize) -> Result<()> {
+        self.enter(token)?;
+        self.enter_spare(token, spare)?;
+        let own: Vec<CK_SESSION_HANDLE> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.token == token && s.instance == spare + 1)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in own {
+            self.end_session(handle);
+        }
         Ok(())
     }
 
