@@ -24,6 +24,52 @@ pub fn instance_session(session: CK_SESSION_HANDLE) -> CK_SESSION_HANDLE {
     session & 0xffff_ffff
 }
 
+/// Forwards calls of one shape to the member, the spare's session as
+/// the model knows it.
+macro_rules! forward {
+    (session_only: $($name:ident),*) => {$(
+        fn $name(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+            self.member.$name(self.internal(session))
+        }
+    )*};
+    (keyed_init: $($name:ident),*) => {$(
+        fn $name(
+            &self,
+            session: CK_SESSION_HANDLE,
+            mechanism: &CK_MECHANISM,
+            key: CK_OBJECT_HANDLE,
+        ) -> CK_RV {
+            self.member.$name(self.internal(session), mechanism, key)
+        }
+    )*};
+    (in_out: $($name:ident),*) => {$(
+        fn $name(
+            &self,
+            session: CK_SESSION_HANDLE,
+            input: Option<&[u8]>,
+            output: Option<&mut [u8]>,
+            output_len: &mut CK_ULONG,
+        ) -> CK_RV {
+            self.member.$name(self.internal(session), input, output, output_len)
+        }
+    )*};
+    (input_only: $($name:ident),*) => {$(
+        fn $name(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
+            self.member.$name(self.internal(session), input)
+        }
+    )*};
+    (output_final: $($name:ident),*) => {$(
+        fn $name(
+            &self,
+            session: CK_SESSION_HANDLE,
+            output: Option<&mut [u8]>,
+            output_len: &mut CK_ULONG,
+        ) -> CK_RV {
+            self.member.$name(self.internal(session), output, output_len)
+        }
+    )*};
+}
+
 /// Spare `spare` of `member`, as its lane's library.
 pub struct SpareInstance<M> {
     pub member: M,
@@ -56,9 +102,11 @@ impl<M: Deref<Target = SimMember> + Send + Sync> MemberApi for SpareInstance<M> 
         self.member.close_all_spare_sessions(slot, self.spare)
     }
 
-    fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.member.close_session(self.internal(session))
-    }
+    forward!(session_only: close_session, logout, find_objects_final);
+    forward!(keyed_init: sign_init, verify_init, encrypt_init, decrypt_init);
+    forward!(in_out: digest, sign, encrypt, decrypt, encrypt_update, decrypt_update);
+    forward!(input_only: digest_update, sign_update, verify_update);
+    forward!(output_final: encrypt_final, decrypt_final, digest_final, sign_final);
 
     fn get_session_info(&self, session: CK_SESSION_HANDLE, info: &mut CK_SESSION_INFO) -> CK_RV {
         self.member.get_session_info(self.internal(session), info)
@@ -71,10 +119,6 @@ impl<M: Deref<Target = SimMember> + Send + Sync> MemberApi for SpareInstance<M> 
         pin: Option<&[u8]>,
     ) -> CK_RV {
         self.member.login(self.internal(session), user_type, pin)
-    }
-
-    fn logout(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.member.logout(self.internal(session))
     }
 
     fn create_object(
@@ -120,170 +164,8 @@ impl<M: Deref<Target = SimMember> + Send + Sync> MemberApi for SpareInstance<M> 
             .find_objects(self.internal(session), found, count)
     }
 
-    fn find_objects_final(&self, session: CK_SESSION_HANDLE) -> CK_RV {
-        self.member.find_objects_final(self.internal(session))
-    }
-
     fn digest_init(&self, session: CK_SESSION_HANDLE, mechanism: &CK_MECHANISM) -> CK_RV {
         self.member.digest_init(self.internal(session), mechanism)
-    }
-
-    fn sign_init(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        key: CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.member
-            .sign_init(self.internal(session), mechanism, key)
-    }
-
-    fn verify_init(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        key: CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.member
-            .verify_init(self.internal(session), mechanism, key)
-    }
-
-    fn encrypt_init(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        key: CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.member
-            .encrypt_init(self.internal(session), mechanism, key)
-    }
-
-    fn decrypt_init(
-        &self,
-        session: CK_SESSION_HANDLE,
-        mechanism: &CK_MECHANISM,
-        key: CK_OBJECT_HANDLE,
-    ) -> CK_RV {
-        self.member
-            .decrypt_init(self.internal(session), mechanism, key)
-    }
-
-    fn digest(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .digest(self.internal(session), input, output, output_len)
-    }
-
-    fn sign(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .sign(self.internal(session), input, output, output_len)
-    }
-
-    fn encrypt(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .encrypt(self.internal(session), input, output, output_len)
-    }
-
-    fn decrypt(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .decrypt(self.internal(session), input, output, output_len)
-    }
-
-    fn encrypt_update(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .encrypt_update(self.internal(session), input, output, output_len)
-    }
-
-    fn decrypt_update(
-        &self,
-        session: CK_SESSION_HANDLE,
-        input: Option<&[u8]>,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .decrypt_update(self.internal(session), input, output, output_len)
-    }
-
-    fn digest_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
-        self.member.digest_update(self.internal(session), input)
-    }
-
-    fn sign_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
-        self.member.sign_update(self.internal(session), input)
-    }
-
-    fn verify_update(&self, session: CK_SESSION_HANDLE, input: Option<&[u8]>) -> CK_RV {
-        self.member.verify_update(self.internal(session), input)
-    }
-
-    fn encrypt_final(
-        &self,
-        session: CK_SESSION_HANDLE,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .encrypt_final(self.internal(session), output, output_len)
-    }
-
-    fn decrypt_final(
-        &self,
-        session: CK_SESSION_HANDLE,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .decrypt_final(self.internal(session), output, output_len)
-    }
-
-    fn digest_final(
-        &self,
-        session: CK_SESSION_HANDLE,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .digest_final(self.internal(session), output, output_len)
-    }
-
-    fn sign_final(
-        &self,
-        session: CK_SESSION_HANDLE,
-        output: Option<&mut [u8]>,
-        output_len: &mut CK_ULONG,
-    ) -> CK_RV {
-        self.member
-            .sign_final(self.internal(session), output, output_len)
     }
 
     fn verify(
