@@ -105,6 +105,13 @@ struct Faults {
     /// generator of its own: a spared schedule is its unspared one with
     /// spares, spare faults and bursts added.
     spares: u64,
+    /// Where the recovery thread is stepped ([`Faults::threads`]), the
+    /// application's threads make and destroy objects while the changes
+    /// kept for a member catching up are made on it, as they run beside
+    /// the recovery thread ([`Schedule::write_beside`]). The sets found
+    /// before it leave it out, so that their seeds replay as they were
+    /// found.
+    writes_beside: bool,
 }
 
 impl Faults {
@@ -119,6 +126,13 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 50,
+        writes_beside: true,
+    };
+    /// The default schedules before writes beside the kept replay joined
+    /// them ([`Faults::writes_beside`]).
+    const SPARED: Faults = Faults {
+        writes_beside: false,
+        ..Faults::DEFAULT
     };
     /// The default schedules before spares joined them.
     const UNSPARED: Faults = Faults {
@@ -128,6 +142,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 0,
+        writes_beside: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -138,6 +153,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 0,
+        writes_beside: true,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -147,6 +163,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 0,
+        writes_beside: true,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -157,6 +174,7 @@ impl Faults {
         recovery_beside: true,
         threads: 0,
         spares: 0,
+        writes_beside: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -167,6 +185,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        writes_beside: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -177,6 +196,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        writes_beside: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -207,6 +227,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        writes_beside: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -216,6 +237,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        writes_beside: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -225,6 +247,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        writes_beside: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -377,6 +400,32 @@ fn stalled(_token: usize) {
     }
 }
 
+thread_local! {
+    /// The schedule whose recovery round runs now, where the application
+    /// writes beside it ([`Schedule::beside_round`]); taken out while it
+    /// does, so that its own changes run nothing more.
+    static WRITER: std::cell::Cell<Option<std::ptr::NonNull<Schedule<'static>>>> =
+        const { std::cell::Cell::new(None) };
+    /// The application writes beside a recovery round now ([`changed`]).
+    static WRITING_BESIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The members' change hook ([`SimMember::on_change`]): a change made on
+/// member `position` by a recovery round, on the schedule's one thread,
+/// where the real application's threads would be making calls meanwhile.
+fn changed(position: usize) {
+    let Some(mut schedule) = WRITER.with(std::cell::Cell::take) else {
+        return;
+    };
+    // SAFETY: set by `Schedule::beside_round` from its `&mut self` for
+    // the length of the round, which uses the schedule for nothing else
+    // meanwhile; taken out above, so that no other reference is made.
+    WRITING_BESIDE.with(|w| w.set(true));
+    unsafe { schedule.as_mut() }.write_beside(position);
+    WRITING_BESIDE.with(|w| w.set(false));
+    WRITER.with(|w| w.set(Some(schedule)));
+}
+
 /// Recovery as this schedule runs it between calls: the recovery
 /// thread's next round where the schedule steps it (see
 /// [`SimTime::recover_beside`]), else one synchronous pass. Nothing where
@@ -411,6 +460,19 @@ fn recover_now(provider: &pkcs11_ha::provider::Provider) -> Vec<((usize, usize),
 /// clock moves to the next attempt due or the call's deadline, the
 /// watchdog looking.
 fn blocked(deadline: Instant) {
+    if WRITING_BESIDE.with(std::cell::Cell::get) {
+        // The recovery thread is inside its round, below this call on the
+        // schedule's one thread: the call waits to its deadline.
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            let now = time.clock.now();
+            time.pass(
+                deadline
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        return;
+    }
     let (provider, due, next) = {
         let Ok(slot) = TIME.try_lock() else { return };
         let Some(time) = slot.as_ref() else { return };
@@ -577,6 +639,14 @@ struct Schedule<'a> {
     spared: bool,
     /// Chooses, apart from the others, what spares add to a schedule.
     spare_rng: Rng,
+    /// Chooses, apart from the others, the writes made beside a kept
+    /// replay ([`Faults::writes_beside`]).
+    writer_rng: Rng,
+    /// The schedule settles: the application makes no more calls.
+    settling: bool,
+    /// An invariant broken where no outcome could be returned (in a
+    /// member's hook, [`changed`]): the schedule fails at its next step.
+    broken: Option<String>,
 }
 
 impl Schedule<'_> {
@@ -1029,10 +1099,16 @@ impl Schedule<'_> {
     }
 
     fn destroy(&mut self, t: usize, session: CK_SESSION_HANDLE) {
+        self.destroy_where(t, session, &|_| true);
+    }
+
+    /// Destroys one of the objects that exist and `may` allows.
+    fn destroy_where(&mut self, t: usize, session: CK_SESSION_HANDLE, may: &dyn Fn(&Made) -> bool) {
         let candidates: Vec<usize> = (0..self.made.len())
             .filter(|i| {
                 self.made[*i].fate == Fate::Exists
                     && (self.made[*i].token || self.made[*i].owner.is_some())
+                    && may(&self.made[*i])
             })
             .collect();
         if candidates.is_empty() {
@@ -1335,7 +1411,7 @@ impl Schedule<'_> {
                 let now = pkcs11_ha::clock::install_manual().now();
                 self.pass(next.saturating_duration_since(now));
             }
-            let tried = recover_now(&provider);
+            let tried = self.beside_round(|| recover_now(&provider));
             self.note(format!("recovery round: tried {tried:?}"));
         } else {
             pkcs11_ha::recovery::recover_failed_members(&*provider);
@@ -1346,6 +1422,83 @@ impl Schedule<'_> {
             .map(|m| m.state())
             .collect();
         self.note(format!("recovery pass -> {states:?}"));
+    }
+
+    /// Runs `round`, a recovery round of the stepped recovery thread,
+    /// with the application writing beside it where the schedule has it
+    /// ([`Faults::writes_beside`], [`changed`]).
+    fn beside_round<T>(&mut self, round: impl FnOnce() -> T) -> T {
+        if !self.faults.writes_beside || !self.faults.threaded() || self.settling {
+            return round();
+        }
+        let writer = std::ptr::NonNull::from(&mut *self).cast::<Schedule<'static>>();
+        WRITER.with(|w| w.set(Some(writer)));
+        let result = round();
+        WRITER.with(|w| w.set(None));
+        result
+    }
+
+    /// The application's threads make and destroy objects while a
+    /// recovery round has just made a change on member `position`, which
+    /// catches up (the changes kept for it are being made, `Group::catching_up`):
+    /// calls that name no object on its way to it, so that none waits for
+    /// the replay it runs inside of ([`pkcs11_ha::group::Group::wait_for_kept`]).
+    /// The schedule's time stands still meanwhile: the replay's call is
+    /// not late.
+    fn write_beside(&mut self, position: usize) {
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let group = &provider.groups[0];
+        // A stall planted would pass time inside the round's call too.
+        let stall_planted = self.tokens.iter().any(|(library, local)| {
+            let t = &library.sim.lock().tokens[*local];
+            t.stall_next || t.stall_after_change || t.spare_stall_next || t.stall_on_login
+        });
+        if stall_planted || !group.catching_up(position) || !self.writer_rng.chance(50) {
+            return;
+        }
+        let on_the_way = group.kept_on_the_way(position);
+        self.note(format!("  beside the kept replay to member {position}:"));
+        let (library, local) = (
+            Arc::clone(&self.tokens[position].0),
+            self.tokens[position].1,
+        );
+        let creates = || library.sim.lock().tokens[local].creates;
+        for _ in 0..1 + self.writer_rng.below(3) {
+            // Object-making leaves a member catching up to its kept
+            // changes while enough others serve (`VirtualSession::making_order`):
+            // before and after the call, none failing under it.
+            let others = || {
+                group
+                    .up_members()
+                    .filter(|m| m.position != position && !group.catching_up(m.position))
+                    .count()
+            };
+            let enough = group.settings.min_replicas.max(1);
+            let (before, serving) = (creates(), others());
+            let t = self.writer_rng.below(self.threads.len() as u64) as usize;
+            let Some(session) = self.threads[t].session else {
+                continue;
+            };
+            if self.writer_rng.chance(70) {
+                let kind = self.writer_rng.below(3);
+                let token = self.writer_rng.chance(70);
+                self.make_object(t, session, kind, token);
+            } else {
+                self.destroy_where(t, session, &|made: &Made| {
+                    !on_the_way.contains(&made.handle)
+                });
+            }
+            if serving >= enough
+                && others() >= enough
+                && creates() > before
+                && self.broken.is_none()
+            {
+                self.broken = Some(format!(
+                    "an application's object was made on member {position}, which catches up, \
+                     while {serving} others served"
+                ));
+            }
+        }
     }
 
     /// A reconciliation pass, as the reconciliation thread makes them; on
@@ -1480,7 +1633,7 @@ impl Schedule<'_> {
         let due: Vec<usize> = (0..members.len())
             .filter(|i| outage_since_round && members[*i].state() == MemberState::Down)
             .collect();
-        let tried = recover_now(&provider);
+        let tried = self.beside_round(|| recover_now(&provider));
         if !tried.is_empty() {
             self.note(format!("recovery round: tried {tried:?}"));
         }
@@ -1542,6 +1695,7 @@ impl Schedule<'_> {
     /// Heals every token, lets recovery bring every member back, and
     /// compares the members with what the application was told.
     fn settle(&mut self) -> Outcome {
+        self.settling = true;
         if self.spared {
             let lanes: Vec<usize> = self
                 .tokens
@@ -1765,8 +1919,13 @@ fn run_plan(
             }
         }
     }
-    for library in &libraries {
+    for (i, library) in libraries.iter().enumerate() {
         library.on_stall(stalled);
+        if faults.writes_beside && faults.threaded() && script.is_none() {
+            // Tokens in one library are the members in order.
+            let first = if split { i } else { 0 };
+            library.on_change(move |token| changed(first + token));
+        }
     }
     let clock = pkcs11_ha::clock::install_manual();
     let config = &configs[&(members, split)];
@@ -1867,6 +2026,9 @@ fn run_plan(
         state,
         spared,
         spare_rng,
+        writer_rng: Rng(seed ^ 0x3217_e500_3217_e500),
+        settling: false,
+        broken: None,
     };
     if schedule.verbose {
         eprintln!("sim: {}", schedule.trace[0]);
@@ -1890,6 +2052,9 @@ fn run_plan(
             }
         }
         outcome = schedule.step();
+        if let Some(why) = schedule.broken.take() {
+            outcome = Err(why);
+        }
         schedule.states();
         if outcome.is_err() {
             break;
@@ -3074,7 +3239,11 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   no later lending (now closed when the slot's last session closes);
 ///   1006734, a replay's read-write session on a spare left open when an
 ///   import faulted (now closed with the lane's).
-const REGRESSION_SEEDS: [(u64, Faults); 70] = [
+/// - 6182 (writes beside the kept replay, [`Faults::writes_beside`]): a
+///   key generated on a session whose signature had been lost with its
+///   failed member (no serving member held the key to move it to) went
+///   to that member again and again, for good; it now goes where it can.
+const REGRESSION_SEEDS: [(u64, Faults); 71] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3132,19 +3301,20 @@ const REGRESSION_SEEDS: [(u64, Faults); 70] = [
     (8577, Faults::BESIDE),
     (10616, Faults::BESIDE),
     (7519, Faults::UNSPARED),
-    (1378, Faults::DEFAULT),
-    (8064, Faults::DEFAULT),
-    (3063, Faults::DEFAULT),
-    (9207, Faults::DEFAULT),
-    (17574, Faults::DEFAULT),
-    (1027641, Faults::DEFAULT),
-    (1044820, Faults::DEFAULT),
-    (1047145, Faults::DEFAULT),
-    (5724, Faults::DEFAULT),
-    (1035359, Faults::DEFAULT),
-    (1002023, Faults::DEFAULT),
-    (1002337, Faults::DEFAULT),
-    (1006734, Faults::DEFAULT),
+    (1378, Faults::SPARED),
+    (8064, Faults::SPARED),
+    (3063, Faults::SPARED),
+    (9207, Faults::SPARED),
+    (17574, Faults::SPARED),
+    (1027641, Faults::SPARED),
+    (1044820, Faults::SPARED),
+    (1047145, Faults::SPARED),
+    (5724, Faults::SPARED),
+    (1035359, Faults::SPARED),
+    (1002023, Faults::SPARED),
+    (1002337, Faults::SPARED),
+    (1006734, Faults::SPARED),
+    (6182, Faults::DEFAULT),
 ];
 
 #[test]

@@ -124,9 +124,13 @@ impl VirtualSession {
         preference: Preference,
     ) -> Result<(usize, Handles, Era)> {
         self.move_operations(from);
+        // Operations that could not move stay bound to `from`, lost: a
+        // call of another kind goes where it can (chosen there, a key
+        // generated on a session whose signature was lost went to the failed
+        // member again and again, simulation seed 6182).
         let candidates = match self.bound_member() {
-            Some(moved) => smallvec![moved],
-            None => self.candidates(preference),
+            Some(moved) if self.group.members[moved].is_up() => smallvec![moved],
+            _ => self.candidates(preference),
         };
         self.choose_among(keys, candidates)
     }

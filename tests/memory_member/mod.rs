@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod instance;
 pub mod spares;
 /// Parts of the model that only some tests use are unused in others.
 #[allow(dead_code)]
@@ -40,6 +41,9 @@ pub struct SimMember {
     name: String,
     pub sim: Mutex<Sim>,
     stall: Mutex<Option<StallHook>>,
+    /// What a call that changed a token on the own instance does before it
+    /// returns, where the model reports changes ([`SimMember::on_change`]).
+    change: Mutex<Option<StallHook>>,
     /// The connection's number, one more at each initialisation.
     connection: AtomicU64,
     /// Initialised by the core (not already initialised when it asked).
@@ -63,6 +67,7 @@ impl SimMember {
             name: name.to_string(),
             sim: Mutex::new(sim),
             stall: Mutex::new(None),
+            change: Mutex::new(None),
             connection: AtomicU64::new(0),
             ours: AtomicBool::new(false),
             spares: spares::Spares::default(),
@@ -101,6 +106,14 @@ impl SimMember {
         })
     }
 
+    /// Ends spare instance `spare`'s sessions on `slot`'s token
+    /// ([`instance::SpareInstance`]'s `C_CloseAllSessions`).
+    fn close_all_spare_sessions(&self, slot: CK_SLOT_ID, spare: usize) -> CK_RV {
+        self.call("C_CloseAllSessions", |sim| {
+            sim.close_spare_sessions(sim.token_index(slot)?, spare)
+        })
+    }
+
     /// [`SimMember::new`] of one in-process library, initialised.
     pub fn initialized(tokens: usize, seed: u64) -> SimMember {
         let member = SimMember::new("simulated", tokens, 0, false, seed);
@@ -115,21 +128,41 @@ impl SimMember {
         *self.stall.lock() = Some(Arc::new(hook));
     }
 
+    /// Reports each change carried out on the library's own instance to
+    /// `hook`, given the token's index, before the call returns (outside
+    /// the model's lock: the hook may call in).
+    pub fn on_change(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        self.sim.lock().report_changes = true;
+        *self.change.lock() = Some(Arc::new(hook));
+    }
+
     /// Runs `f` on the model, counted on the member the thread calls for,
     /// as a loaded library's calls are; a call that met a stall then runs
-    /// the stall hook, outside the model's lock (the hook may call in).
+    /// the stall hook, and one that changed a token the change hook,
+    /// outside the model's lock (the hooks may call in).
     fn call(&self, function: &'static str, f: impl FnOnce(&mut Sim) -> token::Result<()>) -> CK_RV {
         self.spares.owner_called();
         counted(function, || {
-            let (answer, stalled) = {
+            let (answer, stalled, changed) = {
                 let mut sim = self.sim.lock();
                 if !sim.initialized {
                     return CKR_CRYPTOKI_NOT_INITIALIZED;
                 }
                 let answer = f(&mut sim);
                 let on_spare = sim.on_spare;
-                (answer, sim.stalled.take().map(|token| (token, on_spare)))
+                let changed = sim.changed.take();
+                (
+                    answer,
+                    sim.stalled.take().map(|token| (token, on_spare)),
+                    changed,
+                )
             };
+            if let Some(token) = changed {
+                let hook = self.change.lock().clone();
+                if let Some(hook) = hook {
+                    hook(token);
+                }
+            }
             if let Some((token, on_spare)) = stalled {
                 let hook = self.stall.lock().clone();
                 if let Some(hook) = hook {
@@ -332,10 +365,6 @@ impl MemberApi for SimMember {
         flags: CK_FLAGS,
         session: &mut CK_SESSION_HANDLE,
     ) -> CK_RV {
-        // A replay's lane opens its read-write session on the lane's spare.
-        if let Some(spare) = self.spares.replay_lane_spare() {
-            return self.open_spare_session(slot, flags, spare, session);
-        }
         self.call("C_OpenSession", |sim| {
             *session = sim.open_session(sim.token_index(slot)?, flags)?;
             Ok(())

@@ -10,6 +10,7 @@
 //! (`token::spare_handle`): a handle of the member's own connection names
 //! another object, or none, on a spare, and the reverse.
 
+use super::instance::{instance_session, spare_session, SpareInstance};
 use super::SimMember;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
@@ -31,9 +32,6 @@ pub struct Spares {
     one_lane: Option<(ThreadId, Mutex<bool>)>,
     /// Lanes lent to a replay's threads so far.
     replay_lanes: std::sync::atomic::AtomicUsize,
-    /// The spare whose lane each replay thread holds: the read-write
-    /// session it opens is on that spare.
-    replay_spare: Mutex<HashMap<ThreadId, usize>>,
 }
 
 #[derive(Default)]
@@ -74,7 +72,6 @@ impl Spares {
             logins: Mutex::new(()),
             one_lane: None,
             replay_lanes: Default::default(),
-            replay_spare: Default::default(),
         }
     }
 
@@ -90,25 +87,6 @@ impl Spares {
             one_lane: Some((std::thread::current().id(), Mutex::new(false))),
             ..Spares::new(count)
         }
-    }
-
-    /// Whether the calling thread is a replay's own (see
-    /// [`Spares::one_lane`]).
-    fn on_replay_thread(&self) -> bool {
-        self.one_lane
-            .as_ref()
-            .is_some_and(|(owner, _)| *owner != std::thread::current().id())
-    }
-
-    /// On a replay's thread, the spare whose lane it holds, where its
-    /// sessions open.
-    pub fn replay_lane_spare(&self) -> Option<usize> {
-        if !self.on_replay_thread() {
-            return None;
-        }
-        let lent = self.replay_spare.lock();
-        let spare = lent.get(&std::thread::current().id());
-        Some(*spare.expect("a replay's thread opens sessions only on the lane it holds"))
     }
 
     /// The member's own thread calls: a replay after this may take a lane.
@@ -221,6 +199,7 @@ impl SimMember {
         let _begun = begin();
         let mut handle = 0;
         let rv = self.open_spare_session(slot, CKF_SERIAL_SESSION, index, &mut handle);
+        let handle = instance_session(handle);
         let mut state = self.spares.state.lock();
         if rv != CKR_OK {
             state.idle.push(index);
@@ -264,7 +243,7 @@ impl SimMember {
                 .collect::<Vec<_>>()
         };
         for (handle, _) in forgotten {
-            self.close_session(handle);
+            self.close_session(spare_session(index, handle));
         }
     }
 
@@ -302,7 +281,11 @@ impl SimMember {
             Ok(borrowed) => borrowed,
             Err(rv) => return Some(rv),
         };
-        let rv = call(self, session);
+        let spare = SpareInstance {
+            member: self,
+            spare: index,
+        };
+        let rv = call(&spare, session);
         self.spares.state.lock().idle.push(index);
         Some(rv)
     }
@@ -320,12 +303,11 @@ impl SimMember {
             Err(rv) => return Some(Err(rv)),
         };
         self.spares.state.lock().taken[index] += 1;
-        if self.spares.on_replay_thread() {
-            let thread = std::thread::current().id();
-            self.spares.replay_spare.lock().insert(thread, index);
-        }
         Some(Ok(Box::new(SimLane {
-            member: self,
+            view: SpareInstance {
+                member: self,
+                spare: index,
+            },
             index,
             session,
             connection,
@@ -338,14 +320,15 @@ impl SimMember {
         let connection = self.connection();
         let logged_in: Vec<CK_SESSION_HANDLE> = {
             let mut state = self.spares.state.lock();
-            let sessions = state.sessions.iter_mut().flatten();
+            let sessions = (state.sessions.iter_mut().enumerate())
+                .flat_map(|(spare, sessions)| sessions.iter_mut().map(move |s| (spare, s)));
             sessions
-                .filter(|s| s.slot == slot)
-                .filter_map(|s| {
+                .filter(|(_, s)| s.slot == slot)
+                .filter_map(|(spare, s)| {
                     s.keys.clear();
                     s.found.clear();
                     (std::mem::take(&mut s.logged_in) && s.connection == connection)
-                        .then_some(s.handle)
+                        .then_some(spare_session(spare, s.handle))
                 })
                 .collect()
         };
@@ -357,7 +340,8 @@ impl SimMember {
 
 /// A spare of a [`SimMember`] taken as a lane.
 struct SimLane {
-    member: Arc<SimMember>,
+    /// The spare as the lane's library: its own instance.
+    view: SpareInstance<Arc<SimMember>>,
     index: usize,
     session: CK_SESSION_HANDLE,
     connection: u64,
@@ -366,7 +350,7 @@ struct SimLane {
 
 impl SimLane {
     fn with_session<T>(&self, with: impl FnOnce(&mut SpareSession) -> T) -> Option<T> {
-        let mut state = self.member.spares.state.lock();
+        let mut state = self.view.member.spares.state.lock();
         state.sessions[self.index]
             .iter_mut()
             .find(|s| s.handle == self.session && s.connection == self.connection)
@@ -376,7 +360,7 @@ impl SimLane {
 
 impl SpareLane for SimLane {
     fn library(&self) -> &dyn MemberBackend {
-        &*self.member
+        &self.view
     }
 
     fn session(&self) -> CK_SESSION_HANDLE {
@@ -437,12 +421,12 @@ impl SpareLane for SimLane {
         &self,
         log_in: &mut dyn FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> Option<CK_RV>,
     ) -> bool {
-        let _logins = self.member.spares.logins.lock();
+        let _logins = self.view.member.spares.logins.lock();
         if self.logged_in() {
             return true;
         }
         let logged_in = matches!(
-            log_in(&*self.member, self.session),
+            log_in(&self.view, self.session),
             Some(CKR_OK | CKR_USER_ALREADY_LOGGED_IN)
         );
         if logged_in {
@@ -452,7 +436,7 @@ impl SpareLane for SimLane {
     }
 
     fn leave_session(&self, session: CK_SESSION_HANDLE) {
-        let mut state = self.member.spares.state.lock();
+        let mut state = self.view.member.spares.state.lock();
         state.forgotten[self.index].push((session, self.connection));
     }
 
@@ -461,15 +445,13 @@ impl SpareLane for SimLane {
     }
 
     fn close(self: Box<Self>) {
-        self.member.close_session(self.session);
+        self.view.close_session(self.session);
     }
 }
 
 impl Drop for SimLane {
     fn drop(&mut self) {
-        let thread = std::thread::current().id();
-        self.member.spares.replay_spare.lock().remove(&thread);
-        let mut state = self.member.spares.state.lock();
+        let mut state = self.view.member.spares.state.lock();
         if !self.finished {
             let (session, connection) = (self.session, self.connection);
             state.sessions[self.index]

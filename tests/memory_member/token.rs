@@ -180,6 +180,9 @@ pub struct Token {
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
     pub searches: usize,
+    /// Objects made on it by `C_CreateObject`: what the simulation counts
+    /// to see where an application's writes went.
+    pub creates: usize,
 }
 
 /// The whole simulated library.
@@ -195,11 +198,20 @@ pub struct Sim {
     pub tokens: Vec<Token>,
     pub sessions: BTreeMap<CK_SESSION_HANDLE, Session>,
     next_session: CK_SESSION_HANDLE,
+    /// Each spare's next session number: each numbers its own from 1, as
+    /// an independent client instance does ([`super::instance`]).
+    next_spare_session: BTreeMap<usize, CK_SESSION_HANDLE>,
     /// Seeds generated key values and random bytes.
     seed: u64,
     generated: u64,
     /// The token whose stall the call under way met ([`Fault::Stall`]).
     pub stalled: Option<usize>,
+    /// Changes carried out on the library's own instance are reported
+    /// ([`Sim::changed`]): the simulation runs application calls there, as
+    /// its threads run beside a recovery making changes.
+    pub report_changes: bool,
+    /// The token the call under way changed, where changes are reported.
+    pub changed: Option<usize>,
     /// The spare whose session the call under way is on, if any.
     pub on_spare: Option<usize>,
     /// How each spare numbers each token's objects, by (spare, token),
@@ -676,6 +688,9 @@ impl Sim {
         if std::mem::take(&mut self.tokens[token].stall_after_change) {
             self.stalled = Some(token);
         }
+        if self.report_changes && self.on_spare.is_none() {
+            self.changed = Some(token);
+        }
         if rv == CKR_OK && std::mem::take(&mut self.tokens[token].lose_next_answer) {
             return Err(CKR_DEVICE_ERROR);
         }
@@ -811,6 +826,11 @@ impl Sim {
         }
         let handle = self.next_session;
         self.next_session += 1;
+        self.add_session(token, flags, handle);
+        Ok(handle)
+    }
+
+    fn add_session(&mut self, token: usize, flags: CK_FLAGS, handle: CK_SESSION_HANDLE) {
         self.sessions.insert(
             handle,
             Session {
@@ -822,7 +842,6 @@ impl Sim {
                 numbering: 0,
             },
         );
-        Ok(handle)
     }
 
     /// [`Sim::open_session`] for spare instance `spare`, which the spare
@@ -835,7 +854,13 @@ impl Sim {
     ) -> Result<CK_SESSION_HANDLE> {
         self.enter(token)?;
         self.enter_spare(token, spare)?;
-        let handle = self.new_session(token, flags)?;
+        if flags & CKF_SERIAL_SESSION == 0 {
+            return Err(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
+        }
+        let next = self.next_spare_session.entry(spare).or_insert(1);
+        let handle = super::instance::spare_session(spare, *next);
+        *next += 1;
+        self.add_session(token, flags, handle);
         let numbering = self.spare_numbering(spare, token);
         let session = self.session(handle);
         session.instance = spare + 1;
@@ -846,6 +871,23 @@ impl Sim {
     pub fn close_session(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
         self.enter_session(session)?;
         self.end_session(session);
+        Ok(())
+    }
+
+    /// Spare `spare`'s sessions on `token` end; the member's own and
+    /// other spares' stay open.
+    pub fn close_spare_sessions(&mut self, token: usize, spare: usize) -> Result<()> {
+        self.enter(token)?;
+        self.enter_spare(token, spare)?;
+        let own: Vec<CK_SESSION_HANDLE> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.token == token && s.instance == spare + 1)
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in own {
+            self.end_session(handle);
+        }
         Ok(())
     }
 
@@ -960,6 +1002,7 @@ impl Sim {
             None => return Err(CKR_TEMPLATE_INCOMPLETE),
         }
         let handle = self.store(token, session, attributes);
+        self.tokens[token].creates += 1;
         self.answer(token, CKR_OK)?;
         Ok(handle)
     }
