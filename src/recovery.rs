@@ -1103,9 +1103,10 @@ const SERVES_FIRST_BACKLOG: usize = 24;
 
 /// How long a returning member replays what it missed, while another
 /// member serves, before it serves first with the imports left kept for
-/// right after ([`replay_pending`]): a backlog under the bound above took
-/// 1.4 s to replay and 2.2 s more for its tail in a long chaos run at load
-/// 10 (60-100 ms a change), past the 2 s for a return.
+/// right after ([`replay_pending`]) and its synchronisation left to the
+/// reconciliation pass ([`bring_up_to_date`]): a backlog under the bound
+/// above took 1.4 s to replay and 2.2 s more for its tail in a long chaos
+/// run at load 10 (60-100 ms a change), past the 2 s for a return.
 const SLOW_REPLAY: Duration = Duration::from_millis(500);
 
 /// Rounds of a tail a member serving first replays without holding
@@ -1260,6 +1261,19 @@ fn bring_up_to_date(
     let backlog = group.pending_count(position);
     let mut copied = replay_pending(group, position, worker, &mut known, phases)?;
     phases.end("replay");
+    if !known.serves_first
+        && known
+            .replay_began
+            .is_some_and(|began| clock::since(began) >= SLOW_REPLAY)
+        && group.up_members().next().is_some()
+    {
+        // Synchronising too would keep it out longer still, and a source
+        // that fails meanwhile costs `memberTimeout`s more (3 s in a long
+        // chaos run, after a 0.6 s replay): the reconciliation its return
+        // asks for compares it instead.
+        known.serves_first = true;
+        phases.note("a slow replay: it serves first".to_string());
+    }
     if provider.synchronize(group) && known.serves_first && !known.replay_failed {
         // Its objects were not read to compare: until the reconciliation
         // its return asks for has compared it, searches do not spread there.

@@ -740,6 +740,39 @@ fn a_member_whose_short_backlog_replays_slowly_serves_first() {
     v.close();
 }
 
+/// A member whose replay of what it was owed ran half a second leaves its
+/// synchronisation to the reconciliation pass and serves: in a long chaos
+/// run a 0.6 s replay was followed by 3 s of synchronisation from a source
+/// that failed meanwhile. Here its one import takes 600 ms of the clock.
+#[test]
+fn a_member_whose_replay_ran_slowly_leaves_synchronisation_to_the_reconciliation_pass() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let clock = pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 97));
+    let group = group_over(&library, 2, "slow sync");
+    let host = MemoryHost::synchronizing(&group, &library);
+    let v = logged_in_session(&group);
+    let logs = open_ha_log();
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    import(&v, "slowly made");
+    library.on_stall(move |_| clock.advance(std::time::Duration::from_millis(600)));
+    library.sim.lock().set_fault(1, Fault::StallAfterChange);
+    recovery::recover_failed_members(&host);
+    library.sim.lock().heal(1);
+    pkcs11_ha::halog::close();
+
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    let log = ha_log(&logs);
+    assert!(
+        log.contains("a slow replay: it serves first")
+            && log.contains("synchronisation left to the reconciliation pass: it serves first"),
+        "member 1 served without synchronising after its slow replay:\n{log}"
+    );
+    assert_each_once_on(&library, 1, &["slowly made".to_string()]);
+    v.close();
+}
+
 /// Imports a token secret AES key labelled `label` (its ID the same, its
 /// value `value` repeated) through the group.
 fn import_key(v: &VirtualSession, label: &str, value: u8) -> CK_OBJECT_HANDLE {
