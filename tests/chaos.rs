@@ -579,6 +579,16 @@ fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_
         job
     };
 
+    // The job was blocked reading for seconds when it was given up, so
+    // the cut then found its socket.
+    let returns_once_cut = || {
+        wait_for(
+            "the given-up job returns once cut",
+            Duration::from_secs(10),
+            || !library.job_running(),
+        )
+    };
+
     let job = connect_into_black_hole(&mut relay);
     let check = finds_token();
     let far = Instant::now() + Duration::from_secs(120);
@@ -593,11 +603,7 @@ fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_
         matches!(answer, Err(Unanswered::DeadConnection)),
         "the search on the dead connection ends as such, not at its deadline: {answer:?}"
     );
-    wait_for(
-        "the given-up job returns once cut",
-        Duration::from_secs(10),
-        || !library.job_running(),
-    );
+    returns_once_cut();
 
     let job = connect_into_black_hole(&mut relay);
     let soon = Instant::now() + member_timeout() * 2;
@@ -606,11 +612,7 @@ fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_
         matches!(answer, Err(Unanswered::Silent)),
         "unhedged, the search on the dead connection waits out its deadline: {answer:?}"
     );
-    wait_for(
-        "the given-up job returns once cut",
-        Duration::from_secs(10),
-        || !library.job_running(),
-    );
+    returns_once_cut();
     library.finalize();
 }
 
