@@ -2216,12 +2216,31 @@ impl<T> Bounded<T> {
         patience: std::time::Duration,
         hedge: Option<(Duration, &FreshCheck)>,
     ) -> std::result::Result<T, Unanswered> {
-        let (mut deadline, mut seen) = (deadline, self.calls_sent);
-        let mut gap = hedge.map(|(first, _)| first);
-        let mut probe_at = gap.map(|gap| crate::clock::now() + gap);
         // The fresh instance asked now, the job's calls sent when it was
         // asked, and until when it may answer.
         let mut probe: Option<(Bounded<bool>, u64, Instant)> = None;
+        let outcome = self.wait_hedged(deadline, patience, hedge, &mut probe);
+        // One still asking when the job ends is cut off too: never given
+        // up, a probe stuck on a dead path would keep the instance busy,
+        // and every later hedge of the library would find none to ask.
+        if let Some((fresh, _, _)) = &probe {
+            fresh.give_up();
+        }
+        outcome
+    }
+
+    /// The loop of [`Self::finish_hedged`], with the fresh instance it is
+    /// asking in `probe`.
+    fn wait_hedged(
+        &self,
+        deadline: Instant,
+        patience: std::time::Duration,
+        hedge: Option<(Duration, &FreshCheck)>,
+        probe: &mut Option<(Bounded<bool>, u64, Instant)>,
+    ) -> std::result::Result<T, Unanswered> {
+        let (mut deadline, mut seen) = (deadline, self.calls_sent);
+        let mut gap = hedge.map(|(first, _)| first);
+        let mut probe_at = gap.map(|gap| crate::clock::now() + gap);
         loop {
             if let Some(result) = self.answer.take() {
                 return Ok(result);
@@ -2230,7 +2249,7 @@ impl<T> Bounded<T> {
             if let (Some(at), Some(wait), Some((_, check))) = (probe_at, gap, hedge) {
                 if probe.is_none() && now >= at {
                     let sent = self.library.calls_sent.load(Ordering::Relaxed);
-                    probe = self
+                    *probe = self
                         .library
                         .fresh_instance(check)
                         .map(|fresh| (fresh, sent, now + wait));
@@ -2238,17 +2257,18 @@ impl<T> Bounded<T> {
                     probe_at = Some(now + wait * 2);
                 }
             }
-            if let Some((fresh, sent, until)) = &probe {
+            if let Some((fresh, sent, until)) = probe.as_ref() {
                 fresh.wait_until(now);
                 match fresh.answer.take() {
                     Some(true) if self.library.calls_sent.load(Ordering::Relaxed) == *sent => {
+                        *probe = None;
                         self.give_up();
                         return Err(Unanswered::DeadConnection);
                     }
-                    Some(_) => probe = None,
+                    Some(_) => *probe = None,
                     None if now >= *until => {
                         fresh.give_up();
-                        probe = None;
+                        *probe = None;
                     }
                     None => {}
                 }
@@ -2267,9 +2287,6 @@ impl<T> Bounded<T> {
             let sent = self.library.calls_sent.load(Ordering::Relaxed);
             if sent == seen {
                 self.give_up();
-                if let Some((fresh, _, _)) = &probe {
-                    fresh.give_up();
-                }
                 return Err(Unanswered::Silent);
             }
             (deadline, seen) = (crate::clock::now() + patience, sent);

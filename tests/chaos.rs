@@ -616,6 +616,64 @@ fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_
     library.finalize();
 }
 
+/// A search that answers while the fresh instance it asked is still
+/// waiting on a stalled path leaves that instance cut off, not stuck:
+/// stuck, it would answer no later hedge of the library. Here the search
+/// is a job that answers when the test says, the path is paused once the
+/// fresh instance has connected, and the instance is free to be asked
+/// again once the search has ended.
+#[test]
+fn a_search_that_answers_while_its_fresh_instance_waits_leaves_that_instance_free() {
+    use pkcs11_ha::member::{FreshCheck, MemberLibrary};
+    let _guard = serial_guard();
+    let hsm = SoftHsm::new(&["probe"]);
+    let dir = hsm.dir.path();
+    let server = P11KitServer::start(SOFTHSM_LIB, &hsm.conf, "probe", &dir.join("server.sock"));
+    let mut relay = Relay::start(&dir.join("relay.sock"), &server.socket);
+    let library = std::sync::Arc::new(
+        MemberLibrary::load(
+            "probe",
+            std::path::Path::new(&p11kit::client_module()),
+            &[(p11kit::ADDRESS_ENV.to_string(), relay.address())],
+        )
+        .expect("p11-kit's client loads")
+        .with_instances(std::num::NonZeroUsize::new(1))
+        .expect("its instances"),
+    );
+    let check: FreshCheck = std::sync::Arc::new(|library: &MemberLibrary| {
+        library.token_slots().is_ok_and(|slots| !slots.is_empty())
+    });
+    let (answer, answered) = std::sync::mpsc::channel::<()>();
+    let job = library
+        .start_bounded(move |_: &MemberLibrary| answered.recv().is_ok())
+        .expect("no job under way");
+    relay.pause();
+    let before = relay.accepted();
+    let ends = std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            job.finish_hedged(
+                Instant::now() + Duration::from_secs(120),
+                Duration::from_secs(120),
+                Some((member_timeout(), &check)),
+            )
+        });
+        wait_for(
+            "the fresh instance connects into the paused path",
+            Duration::from_secs(10),
+            || relay.accepted() > before,
+        );
+        answer.send(()).expect("the job listens");
+        waiting.join().expect("the search")
+    });
+    assert_eq!(ends.ok(), Some(true), "the search's own answer is taken");
+    wait_for(
+        "the fresh instance is free to be asked again",
+        Duration::from_secs(10),
+        || library.fresh_instance(&check).is_some(),
+    );
+    relay.pass();
+}
+
 /// Every member down and back in one process, without `C_Finalize`: the
 /// HA log says when the group has no member serving and when it serves
 /// again, and after how long.
