@@ -1950,7 +1950,9 @@ impl MemberLibrary {
     /// now, on a connection of its own, and finalised again -- whether it
     /// passes `check`; `None` for other libraries, and while the last such
     /// instance has not returned. p11-kit's server loads the token for
-    /// each connection before it answers its first byte, so a fresh
+    /// each connection before it answers its first byte (its source:
+    /// `p11_kit_remote_serve_tokens` initialises the module, then serves;
+    /// read, not timed here), so a fresh
     /// instance that answers says the server and the path to it are well
     /// now: a connection of the library's that answers nothing meanwhile
     /// is dead (a relay or balancer took it while the path dropped
