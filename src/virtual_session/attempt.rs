@@ -21,19 +21,6 @@ enum Relogin {
     NotNeeded,
 }
 
-/// How often a member that answered a call making an object with
-/// `CKR_GENERAL_ERROR` is asked again, and the first pause (doubling: 5,
-/// 10, 20, 40 ms). SoftHSM answers it when writing a new object's first
-/// attributes fails (its log: "Could not initialize the attribute"). Read
-/// in its source, not traced: a thread of the same process reading the
-/// token's objects meanwhile can take the half-written file for a bad one,
-/// since its file locks do not exclude threads of one process. The
-/// failover tests met it
-/// once in about twenty runs, an import then failing although the member
-/// was healthy; asked again, the member makes the object.
-const MAKING_RETRIES: u32 = 4;
-const FIRST_MAKING_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
-
 /// How a member answered a call.
 pub(crate) enum Attempt {
     /// An answer for the application, success or request error.
@@ -263,8 +250,7 @@ impl VirtualSession {
     /// epoch moved twice: failed, then returning): that recovery may have
     /// read the member's objects before the member carried the request
     /// out, and would make the object again from the queue rather than
-    /// look it up. A member answering `CKR_GENERAL_ERROR` is asked again
-    /// ([`MAKING_RETRIES`]).
+    /// look it up.
     pub(crate) fn attempt_making(
         &self,
         position: usize,
@@ -276,16 +262,7 @@ impl VirtualSession {
         let epoch = self.group.members[position].epoch();
         self.group.begin_making(position, object);
         crate::member::forget_cut_off();
-        let mut answer = self.attempt_on(position, era, function, call);
-        let mut pause = FIRST_MAKING_PAUSE;
-        for _ in 0..MAKING_RETRIES {
-            if !matches!(answer, Attempt::Answered(CKR_GENERAL_ERROR)) {
-                break;
-            }
-            crate::clock::sleep(pause);
-            pause *= 2;
-            answer = self.attempt_on(position, era, function, call);
-        }
+        let answer = self.attempt_on(position, era, function, call);
         let returning_meanwhile = self.group.members[position].epoch() >= epoch + 2;
         let in_doubt = matches!(answer, Attempt::Faulted)
             && (crate::member::last_call_cut_off() || returning_meanwhile);
