@@ -728,6 +728,10 @@ pub struct Group {
     /// A change was kept for a serving member, to be made at the next
     /// recovery round, since the last [`Group::kept_replay_asked`].
     kept_replay_asked: AtomicBool,
+    /// Whether a recovery thread makes the kept changes a call asks for
+    /// ([`Group::wait_for_kept`]); without one (no threads allowed, or a
+    /// test driving recovery itself) nothing would.
+    replays_on_request: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -1024,6 +1028,7 @@ impl Group {
             }),
             wrapping_resumed_unseen: AtomicBool::new(false),
             kept_replay_asked: AtomicBool::new(false),
+            replays_on_request: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -1946,17 +1951,26 @@ impl Group {
         self.wake_waiting_calls();
     }
 
-    /// Whether a change kept for member `position` makes `object`, or is
-    /// making it now, while a replay of kept changes is due or under way:
-    /// the object is on its way to the member.
-    fn kept_and_due(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+    /// Whether a change kept for member `position` makes `object`, or a
+    /// replay is making it now, while a replay is due or under way -- or
+    /// will come when asked ([`Group::set_replays_on_request`]), as a call
+    /// waiting for the object does ([`Group::wait_for_kept`]).
+    fn kept_for(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
-        (replay.due[position] || replay.running)
+        let coming = replay.running
+            || replay.due[position]
+            || self.replays_on_request.load(Ordering::Relaxed);
+        coming
             && (replay.making[position] == Some(object)
                 || deferred[position]
                     .iter()
                     .any(|c| made_object(c) == Some(object)))
+    }
+
+    /// Says whether a recovery thread makes the kept changes calls ask for.
+    pub fn set_replays_on_request(&self, on: bool) {
+        self.replays_on_request.store(on, Ordering::Relaxed);
     }
 
     /// For an application call naming `objects`, one of which serving
@@ -1968,24 +1982,32 @@ impl Group {
     /// call chooses again; false at once if none of `objects` is on its
     /// way to the member. Failing instead, a signature with a key the
     /// member was about to be given failed with `CKR_KEY_HANDLE_INVALID`
-    /// (the soak, four runs). The caller holds nothing the replay waits
-    /// for (as [`Group::wait_for_serving`]).
+    /// (the soak, four runs). Where no replay is due or under way (the
+    /// object joined the kept changes after the last one took its share),
+    /// it asks for one, which the recovery thread makes at its next look:
+    /// failing at once instead, calls failed in the soak with the key kept
+    /// for the only serving member and no replay coming for 100 ms. The
+    /// caller holds nothing the replay waits for (as
+    /// [`Group::wait_for_serving`]).
     pub fn wait_for_kept(
         &self,
         position: usize,
         objects: &[CK_OBJECT_HANDLE],
         waits: &mut Waits,
     ) -> bool {
-        let on_the_way = || objects.iter().any(|o| self.kept_and_due(position, *o));
+        let on_the_way = || objects.iter().any(|o| self.kept_for(position, *o));
         let left = *waits.0.get_or_insert(self.settings.member_timeout);
         if left.is_zero() || !on_the_way() {
             return false;
         }
         let deadline = crate::clock::now() + left;
-        self.kept_replay
-            .lock()
-            .wanted
-            .extend(objects.iter().map(|o| (position, *o)));
+        {
+            let mut replay = self.kept_replay.lock();
+            replay.wanted.extend(objects.iter().map(|o| (position, *o)));
+            if !replay.running && !replay.due[position] {
+                self.kept_replay_asked.store(true, Ordering::Release);
+            }
+        }
         self.serving_wait().waiting_for_kept += 1;
         loop {
             let left = crate::clock::block_for(deadline);
@@ -2011,13 +2033,28 @@ impl Group {
         true
     }
 
+    /// Whether a call waits for an object kept for member `position`
+    /// ([`Group::wait_for_kept`]).
+    pub fn kept_object_wanted(&self, position: usize) -> bool {
+        let deferred = self.deferred.lock();
+        let replay = self.kept_replay.lock();
+        replay.wanted.iter().any(|(p, object)| {
+            *p == position
+                && deferred[position]
+                    .iter()
+                    .any(|c| made_object(c) == Some(*object))
+        })
+    }
+
     /// The objects on their way to member `position` (see
-    /// [`Group::wait_for_kept`]); none while no replay of kept changes is
-    /// due or under way.
+    /// [`Group::kept_for`]).
     pub fn kept_on_the_way(&self, position: usize) -> Vec<CK_OBJECT_HANDLE> {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
-        if !replay.due[position] && !replay.running {
+        if !replay.due[position]
+            && !replay.running
+            && !self.replays_on_request.load(Ordering::Relaxed)
+        {
             return Vec::new();
         }
         deferred[position]
@@ -2198,12 +2235,25 @@ impl Group {
     }
 
     /// Serving members in `order`, those that lack no object of the group
-    /// first: where a search runs, and what names what it finds, when not
-    /// every member answers it alike.
+    /// first, then those owed no change (only not yet compared with the
+    /// group, or unable to receive some key), then those still owed
+    /// changes: where a search runs, and what names what it finds, when
+    /// not every member answers it alike. A member owed changes surely
+    /// lacks objects this process made; one only not yet compared lacks
+    /// at most what other processes made. Ranked alike, a search with
+    /// every member lacking something went to a primary still owed its
+    /// kept objects while another member held them all (the soak's "found
+    /// 1 objects, expected 2", a second search finding 2).
     pub fn complete_first(&self, order: Positions) -> Positions {
-        let (complete, lacking): (Positions, Positions) =
-            order.into_iter().partition(|p| !self.lacks_objects(*p));
-        complete.into_iter().chain(lacking).collect()
+        let mut ranked = order;
+        ranked.sort_by_key(|p| {
+            if self.undelivered_count(*p) > 0 {
+                2
+            } else {
+                u8::from(self.lacks_objects(*p))
+            }
+        });
+        ranked
     }
 
     /// The member a search runs on when it is not spread

@@ -311,6 +311,9 @@ fn initialize_as(
             Error::new(CKR_GENERAL_ERROR)
         })?;
         *provider.workers.lock() = Some(workers);
+        for group in &provider.groups {
+            group.set_replays_on_request(recovery_on);
+        }
         start_reconciler(&config, &provider)?;
         start_publisher(&config, &provider);
     }

@@ -2060,75 +2060,131 @@ pub fn replay_deferred(group: &Arc<Group>) -> usize {
     replay_kept(group, group.replaying_deferred())
 }
 
-/// [`replay_deferred`], its turn taken.
+/// [`replay_deferred`], its turn taken. The members take turns, one change
+/// each, and a member a call waits for an object on ([`Group::wait_for_kept`])
+/// goes next: one member's replay after another's, a call waiting for a key
+/// on the second waited behind the whole backlog of the first, and failed
+/// (the soak: two members serving first with 98 and 41 changes kept, the
+/// keys only on the third, which failed).
 fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     let worker = VirtualSession::internal(Arc::clone(group));
+    let mut replays: Vec<KeptReplay> = group
+        .up_members()
+        .map(|m| KeptReplay {
+            position: m.position,
+            left: group.kept_count(m.position),
+            holdings: None,
+            read: false,
+            removals: Vec::new(),
+        })
+        .collect();
     let mut made = 0;
-    for position in group.up_members().map(|m| m.position).collect::<Vec<_>>() {
-        // Taken one at a time, so that an object a call waits for is made
-        // first (`Group::next_deferred`); those kept again go behind.
-        let mut left = group.kept_count(position);
-        let mut holdings = read_for_kept(group, &worker, position, left);
-        let mut removals = Vec::new();
-        while let Some(change) = group.next_deferred(position, &mut left) {
-            if worker.behind_a_removal(&removals, &change) {
-                group.defer(position, change);
-                group.deferred_handled(position, 1);
-                continue;
-            }
-            // A copy waiting for a library to take the key-wrap mechanism
-            // again, which it does not yet: kept without being tried, unless
-            // the member has the object by now (then it is dropped below).
-            if let Pending::Create(object) = change {
-                if worker.waits_for_wrapping(position, &change)
-                    && worker.unreceivable(object, position).is_some()
-                    && !worker.holds(object, position, None)
-                {
-                    group.defer(position, change);
-                    group.deferred_handled(position, 1);
-                    continue;
-                }
-            }
-            let logged_out = group.cached_login().is_none();
-            let outcome = worker.apply(position, &change, holdings.as_mut());
-            // As in the replay: a copy that failed while the member answers
-            // is kept (its source may have failed during it; another may
-            // serve by the next return). Dropped, a copy kept for a member
-            // that returned to a group with no member serving left it
-            // without the object for good (simulation seed 368).
-            let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
-            if (source_failed && group.members[position].reachable())
-                || must_wait(group, logged_out, &worker, position, &change, &outcome)
-            {
-                removals.extend(change.removal().cloned());
-                group.defer(position, change);
-            } else if outcome.is_err() && !group.members[position].reachable() {
-                // It failed again (its token restarted unseen, for one):
-                // this change and the rest are replayed when it returns,
-                // before it serves, rather than dropped.
-                let rest = std::iter::once(change).chain(group.take_kept(position, left));
-                group.requeue(position, rest.collect());
-                group.deferred_handled(position, 1);
-                break;
-            } else {
-                match outcome {
-                    Ok(needed) => made += usize::from(needed),
-                    Err(why) => group.log(
-                        Some(position),
-                        &format!(
-                            "{} could not be made after all: {why}",
-                            worker.name_change(&change)
-                        ),
-                    ),
-                }
-            }
-            group.deferred_handled(position, 1);
+    let mut turn = 0;
+    while let Some(i) = next_kept_turn(group, &replays, &mut turn) {
+        let replay = &mut replays[i];
+        if !replay.read {
+            replay.holdings = read_for_kept(group, &worker, replay.position, replay.left);
+            replay.read = true;
         }
+        made += replay_one_kept(group, &worker, replay);
     }
     worker.close();
     if made > 0 {
         group.kept_changes_made();
     }
+    made
+}
+
+/// One serving member's part of [`replay_kept`].
+struct KeptReplay {
+    position: usize,
+    /// How many of the changes kept when the replay began are still to be
+    /// taken; those kept again go behind them.
+    left: usize,
+    holdings: Option<Holdings>,
+    /// Whether `holdings` was read (on the member's first turn).
+    read: bool,
+    /// Removals kept again: a change they could match waits behind them.
+    removals: Vec<identity::Fingerprint>,
+}
+
+/// The member whose turn it is in [`replay_kept`]: one a call waits for an
+/// object on, else the next in turn after `turn`; `None` once none has
+/// changes left.
+fn next_kept_turn(group: &Group, replays: &[KeptReplay], turn: &mut usize) -> Option<usize> {
+    let count = replays.len();
+    let wanted = replays
+        .iter()
+        .position(|r| r.left > 0 && group.kept_object_wanted(r.position));
+    let next = wanted.or_else(|| {
+        (0..count)
+            .map(|k| (*turn + k) % count)
+            .find(|i| replays[*i].left > 0)
+    })?;
+    *turn = next + 1;
+    Some(next)
+}
+
+/// Takes and makes the next change kept for `replay`'s member; returns how
+/// many were made (0 or 1). A member that failed gets this change and the
+/// rest replayed when it returns, before it serves.
+fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptReplay) -> usize {
+    let position = replay.position;
+    let Some(change) = group.next_deferred(position, &mut replay.left) else {
+        return 0;
+    };
+    if worker.behind_a_removal(&replay.removals, &change) {
+        group.defer(position, change);
+        group.deferred_handled(position, 1);
+        return 0;
+    }
+    // A copy waiting for a library to take the key-wrap mechanism
+    // again, which it does not yet: kept without being tried, unless
+    // the member has the object by now (then it is dropped below).
+    if let Pending::Create(object) = change {
+        if worker.waits_for_wrapping(position, &change)
+            && worker.unreceivable(object, position).is_some()
+            && !worker.holds(object, position, None)
+        {
+            group.defer(position, change);
+            group.deferred_handled(position, 1);
+            return 0;
+        }
+    }
+    let logged_out = group.cached_login().is_none();
+    let outcome = worker.apply(position, &change, replay.holdings.as_mut());
+    // As in the replay: a copy that failed while the member answers
+    // is kept (its source may have failed during it; another may
+    // serve by the next return). Dropped, a copy kept for a member
+    // that returned to a group with no member serving left it
+    // without the object for good (simulation seed 368).
+    let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
+    let mut made = 0;
+    if (source_failed && group.members[position].reachable())
+        || must_wait(group, logged_out, worker, position, &change, &outcome)
+    {
+        replay.removals.extend(change.removal().cloned());
+        group.defer(position, change);
+    } else if outcome.is_err() && !group.members[position].reachable() {
+        // It failed again (its token restarted unseen, for one):
+        // this change and the rest are replayed when it returns,
+        // before it serves, rather than dropped.
+        let rest = std::iter::once(change).chain(group.take_kept(position, replay.left));
+        group.requeue(position, rest.collect());
+        replay.left = 0;
+    } else {
+        match outcome {
+            Ok(needed) => made = usize::from(needed),
+            Err(why) => group.log(
+                Some(position),
+                &format!(
+                    "{} could not be made after all: {why}",
+                    worker.name_change(&change)
+                ),
+            ),
+        }
+    }
+    group.deferred_handled(position, 1);
     made
 }
 

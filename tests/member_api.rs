@@ -1748,14 +1748,15 @@ fn called_while_a_member_serves_first<T: Send>(
     seed: u64,
     call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
 ) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
-    called_while_a_member_serves_first_after(seed, |_| {}, call)
+    called_while_a_member_serves_first_after(seed, |_, _| {}, call)
 }
 
 /// [`called_while_a_member_serves_first`], with `before` run on the
-/// session while member 0 still serves alone, right before it fails.
+/// session and the key while member 0 still serves alone, right before it
+/// fails.
 fn called_while_a_member_serves_first_after<T: Send>(
     seed: u64,
-    before: impl FnOnce(&VirtualSession),
+    before: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE),
     call: impl FnOnce(&VirtualSession, CK_OBJECT_HANDLE) -> T + Send,
 ) -> (Arc<SimMember>, VirtualSession, CK_OBJECT_HANDLE, T) {
     let (member, group) = memory_group(2, seed);
@@ -1782,7 +1783,7 @@ fn called_while_a_member_serves_first_after<T: Send>(
         4,
         "member 1 missed the four objects"
     );
-    before(&v);
+    before(&v, key);
     member.sim.lock().set_fault(0, Fault::Crash);
     group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
     member.sim.lock().heal(1);
@@ -1912,10 +1913,115 @@ fn a_search_moved_to_a_member_serving_first_waits_for_the_kept_objects_it_may_fi
     let label = KEPT_KEY.as_bytes();
     let (_member, v, key, found) = called_while_a_member_serves_first_after(
         48,
-        |v| start_search_for_label(v, label),
+        |v, _| start_search_for_label(v, label),
         |v, _| found_then_final(v),
     );
     assert_eq!(found, [key], "the moved search finds the kept key");
+    v.close();
+}
+
+/// As above, for an encryption begun with the key on the member that then
+/// fails, the last one serving: it moves to the member serving first,
+/// waits there for the key, made first, and encrypts. Moved at once, it
+/// was lost and failed with `CKR_DEVICE_ERROR` (the soak: a signature
+/// whose member was killed while the only other serving member had just
+/// returned owing the key).
+#[test]
+fn an_operation_moved_to_a_member_serving_first_waits_for_its_kept_key() {
+    let mut raw = no_parameter(CKM_AES_ECB);
+    let ecb = mechanism(&mut raw);
+    let data = [1u8; 32];
+    let (_member, v, _key, encrypted) = called_while_a_member_serves_first_after(
+        50,
+        |v, key| {
+            v.init(
+                OpKind::Encrypt,
+                Some(&ecb),
+                Some(key),
+                "C_EncryptInit",
+                |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+            )
+            .expect("C_EncryptInit on member 0");
+        },
+        |v, _| {
+            let mut out = [0u8; 32];
+            let mut len = out.len() as CK_ULONG;
+            v.step(
+                OpKind::Encrypt,
+                Step::Finish {
+                    length_query: false,
+                },
+                Input::Data(&data),
+                "C_Encrypt",
+                |l, s| l.encrypt(s, Some(&data), Some(&mut out[..]), &mut len),
+            )
+            .map(|()| out)
+            .map_err(|e| e.rv)
+        },
+    );
+    let mut expected = data;
+    token::keystream_xor(&KEPT_VALUE, 0, &mut expected);
+    assert_eq!(encrypted, Ok(expected), "C_Encrypt moved with the kept key");
+    v.close();
+}
+
+/// A key kept for the only serving member while no replay is due or under
+/// way (it joined the kept changes after the last replay took its share):
+/// a call naming it asks for a replay, which the recovery thread makes at
+/// its next look (played here by the test), and waits for the key rather
+/// than fail with `CKR_KEY_HANDLE_INVALID` at once (the soak: calls failed
+/// so with the key kept for the only serving member).
+#[test]
+fn a_call_naming_a_key_kept_with_no_replay_coming_asks_for_one_and_waits() {
+    let (member, group) = memory_group(2, 51);
+    group.set_replays_on_request(true);
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let mut key_attributes = data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE);
+    let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
+    key_attributes[0].pValue = secret as *const _ as *mut _;
+    let encrypts: &'static CK_BBOOL = &CK_TRUE;
+    key_attributes.push(CK_ATTRIBUTE {
+        type_: CKA_ENCRYPT,
+        pValue: encrypts as *const _ as *mut _,
+        ulValueLen: 1,
+    });
+    let key = import_token_object(&v, key_attributes).expect("the key is imported on member 0");
+    for change in group.take_pending(1) {
+        group.defer(1, change);
+    }
+    group.members[1].set_state(MemberState::Up);
+    member.sim.lock().set_fault(0, Fault::Crash);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    let _ = group.kept_replay_asked();
+
+    let started = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| {
+            let mut raw = no_parameter(CKM_AES_ECB);
+            let ecb = mechanism(&mut raw);
+            v.init(
+                OpKind::Encrypt,
+                Some(&ecb),
+                Some(key),
+                "C_EncryptInit",
+                |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
+            )
+            .map_err(|e| e.rv)
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !group.kept_replay_asked() {
+            assert!(
+                !caller.is_finished(),
+                "the call returned without asking for a replay"
+            );
+            assert!(Instant::now() < deadline, "no call asks for a replay");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        recovery::replay_deferred(&group);
+        caller.join().expect("the caller returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    assert_eq!(copies_on_each_member(&member, KEPT_KEY.as_bytes()), [1, 1]);
     v.close();
 }
 

@@ -465,6 +465,33 @@ fn figures_with_nothing_to_compare_leave_the_slow_timer_running() {
 /// after they are first seen, then after two, four... up to 30 s; not
 /// while the application is logged out (its login replays them), and
 /// from one second again once a replay made some.
+/// A search with every serving member lacking something runs where
+/// nothing this process made is missing: a member only not yet compared
+/// with the group comes before a primary still owed kept changes (the
+/// soak's search went to that primary and found 1 of 2 objects).
+#[test]
+fn a_search_prefers_a_member_owed_nothing_over_a_primary_catching_up() {
+    let group = group_of(&["primary", "b", "c"]);
+    assert_eq!(
+        group.complete_first(group.by_position()).to_vec(),
+        vec![0, 1, 2]
+    );
+    group.defer(0, Pending::Destroy(vec![(CKA_LABEL, b"x".to_vec())]));
+    group.set_compared(1, false);
+    assert_eq!(
+        group.complete_first(group.by_position()).to_vec(),
+        vec![2, 1, 0],
+        "complete, then only not compared, then owed changes"
+    );
+    group.set_compared(2, false);
+    assert_eq!(
+        group.complete_first(group.by_position()).to_vec(),
+        vec![1, 2, 0],
+        "both only not compared: configured order"
+    );
+    assert_eq!(group.search_home(), Some(1));
+}
+
 #[test]
 fn changes_kept_for_serving_members_are_retried_unasked_less_and_less_often() {
     let group = group_of(&["a", "b"]);

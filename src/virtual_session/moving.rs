@@ -75,7 +75,11 @@ impl VirtualSession {
 
     /// [`Self::move_operations`] for a call that may wait within `waits`:
     /// when each member tried failed under the move and none serves, it
-    /// waits for a returning one and tries again rather than lose them.
+    /// waits for a returning one and tries again rather than lose them --
+    /// and where their keys are on no serving member but on their way to
+    /// one serving first, it waits for those keys there (lost instead, a
+    /// signature failed in the soak as its member was killed while the
+    /// only other serving member had just returned owing the key).
     pub(super) fn move_operations_waiting(&self, from: usize, waits: &mut Waits) {
         if self.lane.on() {
             self.drop_lane();
@@ -148,7 +152,7 @@ impl VirtualSession {
                 moved_to = Some(position);
                 break 'waiting;
             }
-            if !self.wait_for_a_member(waits) {
+            if !self.wait_for_a_member(waits) && !self.wait_for_kept_keys(&keys, waits) {
                 break;
             }
         }

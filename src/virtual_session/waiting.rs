@@ -71,7 +71,7 @@ impl VirtualSession {
     /// true if it waited, and the call chooses again.
     #[cold]
     #[inline(never)]
-    fn wait_for_kept_keys(&self, keys: &[CK_OBJECT_HANDLE], waits: &mut Waits) -> bool {
+    pub(super) fn wait_for_kept_keys(&self, keys: &[CK_OBJECT_HANDLE], waits: &mut Waits) -> bool {
         self.waits_for_members
             && !WRITING.get()
             && !keys.is_empty()
@@ -82,34 +82,30 @@ impl VirtualSession {
                 .any(|m| self.group.wait_for_kept(m.position, keys, waits))
     }
 
-    /// For a search while every serving member lacks objects: waits, as
-    /// [`Self::wait_for_kept_keys`], for the objects on their way to them
-    /// that the search may find -- those whose fingerprint does not rule
-    /// it out -- made first. Searching at once, the soak's searches right
-    /// after such a return found 0 of their 1 or 2 objects.
+    /// For a search while every serving member is owed changes: waits, as
+    /// [`Self::wait_for_kept_keys`], for the objects on their way to the
+    /// member it will run on (the first in [`Group::complete_first`]'s
+    /// order) that the search may find -- those whose fingerprint does not
+    /// rule it out -- made first. Searching at once, the soak's searches
+    /// right after such a return found 0 of their 1 or 2 objects.
+    ///
+    /// [`Group::complete_first`]: crate::group::Group::complete_first
     #[cold]
     #[inline(never)]
     pub(crate) fn wait_for_kept_matches(&self, searched: &crate::arguments::Template) {
         if !self.waits_for_members || WRITING.get() {
             return;
         }
-        let serving = self.group.serving_members();
-        if serving
-            .iter()
-            .any(|m| !self.group.lacks_objects(m.position))
-        {
+        let Some(&home) = self.group.complete_first(self.group.by_position()).first() else {
             return;
-        }
-        let mut waits = Waits::default();
-        for member in serving {
-            let may_be_found: Vec<_> = (self.group.kept_on_the_way(member.position))
-                .into_iter()
-                .filter(|o| self.may_be_found(searched, *o))
-                .collect();
-            if !may_be_found.is_empty() {
-                self.group
-                    .wait_for_kept(member.position, &may_be_found, &mut waits);
-            }
+        };
+        let may_be_found: Vec<_> = (self.group.kept_on_the_way(home))
+            .into_iter()
+            .filter(|o| self.may_be_found(searched, *o))
+            .collect();
+        if !may_be_found.is_empty() {
+            self.group
+                .wait_for_kept(home, &may_be_found, &mut Waits::default());
         }
     }
 
