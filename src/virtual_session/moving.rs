@@ -118,10 +118,16 @@ impl VirtualSession {
             if searching {
                 self.wait_for_kept_to_search(&ops);
             }
-            let mut order = self.group.by_preference(STATELESS_LANE);
-            if searching {
-                order = self.group.complete_first(order);
-            }
+            // A search goes where it waited for the kept objects it may
+            // find: the first member in the order a search starts in.
+            // Ranked from the least busy instead, a moved search waited on
+            // one member serving first and ran on another, finding 0 of
+            // its objects (the soak).
+            let order = if searching {
+                self.group.complete_first(self.group.by_position())
+            } else {
+                self.group.by_preference(STATELESS_LANE)
+            };
             'members: for position in order {
                 let era = self.group.objects.era(position);
                 let Ok(handles) = keys
