@@ -121,6 +121,13 @@ struct Faults {
     /// before it leave it out, so that their seeds replay as they were
     /// found.
     writes_in_replay: bool,
+    /// The writes while a returning member is brought up to date also
+    /// set a new `CKA_ID` on objects ([`Schedule::set_id_where`]), which a
+    /// member that misses it is given as the object's removal and a new
+    /// copy. Open defects: off by default, `SIM_SET_IDS=1` adds it to the
+    /// set a run draws (see `docs/design.md`, "Writes while a returning
+    /// member is brought up to date").
+    set_ids: bool,
 }
 
 impl Faults {
@@ -137,6 +144,7 @@ impl Faults {
         spares: 50,
         writes_beside: true,
         writes_in_replay: true,
+        set_ids: false,
     };
     /// The default schedules before writes during a returning member's
     /// replay joined them ([`Faults::writes_in_replay`]).
@@ -160,6 +168,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -172,6 +181,7 @@ impl Faults {
         spares: 0,
         writes_beside: true,
         writes_in_replay: true,
+        set_ids: false,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -183,6 +193,7 @@ impl Faults {
         spares: 0,
         writes_beside: true,
         writes_in_replay: true,
+        set_ids: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -195,6 +206,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -207,6 +219,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -219,6 +232,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -232,12 +246,20 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        match std::env::var("SIM_SPARES").as_deref() {
+        let chosen = match std::env::var("SIM_SPARES").as_deref() {
             Ok("1") => Faults {
                 spares: 50,
                 ..chosen
             },
             Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
+            Err(_) => chosen,
+        };
+        match std::env::var("SIM_SET_IDS").as_deref() {
+            Ok("1") => Faults {
+                set_ids: true,
+                ..chosen
+            },
+            Ok(other) => panic!("SIM_SET_IDS is 1 (new IDs set in any set), not {other:?}"),
             Err(_) => chosen,
         }
     }
@@ -251,6 +273,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -262,6 +285,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -273,6 +297,7 @@ impl Faults {
         spares: 0,
         writes_beside: false,
         writes_in_replay: false,
+        set_ids: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -599,6 +624,18 @@ enum Fate {
     Either,
 }
 
+/// What the application was told of an object's `CKA_ID`
+/// ([`Schedule::set_id_where`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+enum Id {
+    /// Never set: as the member made it.
+    Unset,
+    /// Set to this (OK).
+    Set(Vec<u8>),
+    /// A set failed: the old value or the new one, alike on every member.
+    Either,
+}
+
 struct Made {
     label: Vec<u8>,
     handle: CK_OBJECT_HANDLE,
@@ -610,6 +647,8 @@ struct Made {
     /// The logical thread whose session made a session object.
     owner: Option<usize>,
     fate: Fate,
+    /// What it was told of the object's `CKA_ID`.
+    id: Id,
 }
 
 enum Running {
@@ -1106,6 +1145,7 @@ impl Schedule<'_> {
             value: data,
             owner: (!token).then_some(t),
             fate,
+            id: Id::Unset,
         });
     }
 
@@ -1164,6 +1204,43 @@ impl Schedule<'_> {
             Fate::Gone
         } else {
             Fate::Either
+        };
+    }
+
+    /// Sets a new `CKA_ID` on one of the token objects that exist and
+    /// `may` allows (`C_SetAttributeValue`, which a member that misses it
+    /// gets as the object's removal and a new copy).
+    fn set_id_where(&mut self, t: usize, session: CK_SESSION_HANDLE, may: &dyn Fn(&Made) -> bool) {
+        let candidates: Vec<usize> = (0..self.made.len())
+            .filter(|i| {
+                let m = &self.made[*i];
+                m.fate == Fate::Exists && m.token && may(m)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let i = candidates[self.replay_rng.below(candidates.len() as u64) as usize];
+        self.serial += 1;
+        let id = format!("id-{}", self.serial).into_bytes();
+        let mut attribute = CK_ATTRIBUTE {
+            type_: CKA_ID,
+            pValue: id.as_ptr() as *mut _,
+            ulValueLen: id.len() as CK_ULONG,
+        };
+        // SAFETY: the value outlives the call.
+        let rv = unsafe {
+            self.f.C_SetAttributeValue.unwrap()(session, self.made[i].handle, &mut attribute, 1)
+        };
+        self.note(format!(
+            "t{t} set ID of {} to {} -> {rv:#x}",
+            String::from_utf8_lossy(&self.made[i].label),
+            String::from_utf8_lossy(&id)
+        ));
+        self.made[i].id = if rv == CKR_OK {
+            Id::Set(id)
+        } else {
+            Id::Either
         };
     }
 
@@ -1551,7 +1628,8 @@ impl Schedule<'_> {
         }
     }
 
-    /// The application's threads make and destroy objects while a recovery
+    /// The application's threads make and destroy objects (and, with
+    /// [`Faults::set_ids`], give them a new `CKA_ID`) while a recovery
     /// round has just made a change on member `position`, which is being
     /// brought up to date before it serves -- its replay of the changes
     /// queued for it, or its synchronisation ([`Faults::writes_in_replay`]):
@@ -1584,12 +1662,15 @@ impl Schedule<'_> {
             let Some(session) = self.threads[t].session else {
                 continue;
             };
-            if self.replay_rng.chance(60) {
+            let not_kept = |made: &Made| !kept.contains(&made.handle);
+            if self.faults.set_ids && self.replay_rng.chance(25) {
+                self.set_id_where(t, session, &not_kept);
+            } else if self.replay_rng.chance(60) {
                 let kind = self.replay_rng.below(3);
                 let token = self.replay_rng.chance(80);
                 self.make_object(t, session, kind, token);
             } else {
-                self.destroy_where(t, session, &|made: &Made| !kept.contains(&made.handle));
+                self.destroy_where(t, session, &not_kept);
             }
         }
     }
@@ -1634,14 +1715,24 @@ impl Schedule<'_> {
             let held = library.token_objects(*local);
             for m in self.made.iter().filter(|m| m.token) {
                 let label = hex(&m.label);
-                let holds = held.iter().any(|o| o[1] == label);
+                let copy = held.iter().find(|o| o[1] == label);
+                let holds = copy.is_some();
                 let name = String::from_utf8_lossy(&m.label);
                 match m.fate {
-                    Fate::Exists => ensure!(
-                        holds || on_its_way.contains(&m.handle),
-                        "member {position} serves again without {name}, which the application \
-                         was told exists, and nothing brings it there"
-                    ),
+                    Fate::Exists => {
+                        ensure!(
+                            holds || on_its_way.contains(&m.handle),
+                            "member {position} serves again without {name}, which the \
+                             application was told exists, and nothing brings it there"
+                        );
+                        if let (Some(copy), Id::Set(id)) = (copy, &m.id) {
+                            ensure!(
+                                copy[2] == hex(id) || on_its_way.contains(&m.handle),
+                                "member {position} serves again with {name} under another \
+                                 CKA_ID than the application set, and nothing changes it there"
+                            );
+                        }
+                    }
                     Fate::Gone => ensure!(
                         !holds || removals.contains(&m.label),
                         "member {position} serves again holding {name}, which the application \
@@ -1918,6 +2009,18 @@ impl Schedule<'_> {
                         "{name} was reported made, but the members hold {counts:?} copies"
                     );
                     let expected = m.key.as_ref().or(m.value.as_ref()).map(|v| hex(v));
+                    let ids: Vec<&String> = on
+                        .iter()
+                        .map(|objects| &objects.iter().find(|o| o[1] == label).expect("counted")[2])
+                        .collect();
+                    ensure!(
+                        match &m.id {
+                            Id::Unset | Id::Either => ids.iter().all(|id| *id == ids[0]),
+                            Id::Set(id) => ids.iter().all(|held| **held == hex(id)),
+                        },
+                        "{name}'s CKA_ID, {:?} as the application was told, is {ids:?} on the members",
+                        m.id
+                    );
                     for (token, objects) in on.iter().enumerate() {
                         let held = objects.iter().find(|o| o[1] == label).expect("counted");
                         if let Some(expected) = &expected {
@@ -2528,7 +2631,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -2537,7 +2640,8 @@ fn seeded_schedules_keep_every_invariant() {
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
         },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
+        if faults.set_ids { "SIM_SET_IDS=1 " } else { "" }
     );
 }
 
@@ -2871,6 +2975,7 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
                 value: Some(value),
                 owner: None,
                 fate: Fate::Exists,
+                id: Id::Unset,
             });
             // Member 1 is read after member 0: once it is, member 0's
             // connection drops.
@@ -2978,6 +3083,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                     } else {
                         Fate::Gone
                     },
+                    id: Id::Unset,
                 });
                 rv
             };
