@@ -1635,8 +1635,9 @@ impl Schedule<'_> {
     /// queued for it, or its synchronisation ([`Faults::writes_in_replay`]):
     /// each change is queued for it, and it serves only once it has them
     /// all ([`Schedule::rejoined_complete`] checks). Only while another
-    /// member serves (with none, a write waits for the very member being
-    /// brought back), and not while writes are held back for its last
+    /// member serves whose token answers (with none, a write waits for the
+    /// very member being brought back, whose replay it runs inside of, to
+    /// its deadline), and not while writes are held back for its last
     /// changes (`Group::hold_writes`: a write would wait at the barrier,
     /// on the schedule's one thread). The destroys name no object kept
     /// for a member catching up, so that none waits for a replay that
@@ -1645,8 +1646,24 @@ impl Schedule<'_> {
     fn write_in_replay(&mut self, position: usize) {
         let provider = pkcs11_ha::provider::get().expect("initialised");
         let group = &provider.groups[0];
+        // A member whose token fails its next call, taken out by a write,
+        // may leave no member serving: the writes after it would wait for
+        // the very member being brought back.
+        let answers = |position: usize| {
+            let (library, local) = &self.tokens[position];
+            let sim = library.sim.lock();
+            let t = &sim.tokens[*local];
+            !(sim.disconnected
+                || t.crashed
+                || t.hung
+                || t.reset_next
+                || t.lose_next_answer
+                || t.spare_crashed
+                || t.spare_lose_next_answer)
+        };
+        let sound = group.up_members().any(|m| answers(m.position));
         if group.writes_held()
-            || group.up_members().next().is_none()
+            || !sound
             || self.replay_writes >= REPLAY_WRITES
             || !self.replay_rng.chance(50)
         {
@@ -3537,7 +3554,12 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   was missing from what the replay knew the member to hold, so the
 ///   removal queued for it found nothing, and the member served again
 ///   holding the destroyed object ([`Schedule::rejoined_complete`]).
-const REGRESSION_SEEDS: [(u64, Faults); 73] = [
+/// - 23288 (the same, a harness defect): a write made the only other
+///   serving member fail (its answer lost), and the writes after it
+///   waited, on the schedule's one thread, to their deadlines inside the
+///   replay's call, which the watchdog then cut; the writes now need a
+///   serving member whose token answers.
+const REGRESSION_SEEDS: [(u64, Faults); 74] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3611,6 +3633,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 73] = [
     (6182, Faults::BESIDE_KEPT),
     (99, Faults::DEFAULT),
     (417, Faults::DEFAULT),
+    (23288, Faults::DEFAULT),
 ];
 
 #[test]
