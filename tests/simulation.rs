@@ -2370,7 +2370,7 @@ fn run_plan(
 /// log when it finds any (`Group::keep_queued_of_serving`) -- within the
 /// same round that the member rejoined in, before any step of the
 /// schedule could see the member (a rejoin that ignored the queue failed
-/// 3 of 5,000 schedules without this, 350 with it).
+/// 3 of 5,000 schedules without this, 348 with it).
 fn served_with_nothing_queued(ha_log: &Path) -> Outcome {
     let log = std::fs::read_to_string(ha_log).unwrap_or_default();
     ensure!(
