@@ -1188,7 +1188,10 @@ impl VirtualSession {
         // destroy the object meanwhile, which takes it out of the group
         // and queues its removal for this member -- a removal that finds
         // the copy only among `holdings` (simulation seed 99).
-        let print = self.fingerprint_of(object);
+        let print = holdings
+            .is_some()
+            .then(|| self.fingerprint_of(object))
+            .flatten();
         let attributes = template.template();
         let mut handle = CK_INVALID_HANDLE;
         let era = self.group.objects.era(position);
@@ -1235,7 +1238,10 @@ impl VirtualSession {
             .find(|p| self.resolve(object, *p).ok().flatten().is_some())
             .ok_or_else(|| "no member that serves holds the object".to_string())?;
         // Read before the copy, as for an import (`import_missed`).
-        let print = self.fingerprint_of(object);
+        let print = holdings
+            .is_some()
+            .then(|| self.fingerprint_of(object))
+            .flatten();
         match self.copy_to(object, source, &[position], Copying::Missed) {
             Ok(faulted) if faulted.is_empty() => {
                 match self.group.objects.presence(object, position) {
