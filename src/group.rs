@@ -2130,6 +2130,12 @@ impl Group {
         self.writes.try_write_for(wait)
     }
 
+    /// Whether new writes are held back now ([`Group::hold_writes`]): a
+    /// write entering waits.
+    pub fn writes_held(&self) -> bool {
+        self.writes.is_locked_exclusive()
+    }
+
     /// Records, before the request goes out, that a call is making
     /// `object` on a member: no recovery can then miss a request that is
     /// cut off.

@@ -1158,14 +1158,14 @@ impl VirtualSession {
         !found.is_empty()
     }
 
-    /// Notes a new copy of `object` in `holdings`.
+    /// Notes a new copy, whose object has fingerprint `print`, in
+    /// `holdings`.
     fn note_made(
-        &self,
-        object: CK_OBJECT_HANDLE,
+        print: Option<std::sync::Arc<Fingerprint>>,
         handle: CK_OBJECT_HANDLE,
         holdings: Option<&mut Holdings>,
     ) {
-        if let (Some(h), Some(print)) = (holdings, self.fingerprint_of(object)) {
+        if let (Some(h), Some(print)) = (holdings, print) {
             h.objects.push((handle, (*print).clone()));
         }
     }
@@ -1184,6 +1184,14 @@ impl VirtualSession {
         {
             return Ok(false);
         }
+        // Read before the member is asked: an application thread may
+        // destroy the object meanwhile, which takes it out of the group
+        // and queues its removal for this member -- a removal that finds
+        // the copy only among `holdings` (simulation seed 99).
+        let print = holdings
+            .is_some()
+            .then(|| self.fingerprint_of(object))
+            .flatten();
         let attributes = template.template();
         let mut handle = CK_INVALID_HANDLE;
         let era = self.group.objects.era(position);
@@ -1199,7 +1207,7 @@ impl VirtualSession {
                 {
                     return Err("the member failed again".into());
                 }
-                self.note_made(object, handle, holdings);
+                Self::note_made(print, handle, holdings);
                 Ok(true)
             }
             Attempt::Answered(rv) => Err(format!("import refused with {}", rv_name(rv))),
@@ -1229,10 +1237,26 @@ impl VirtualSession {
             .filter(|p| *p != position)
             .find(|p| self.resolve(object, *p).ok().flatten().is_some())
             .ok_or_else(|| "no member that serves holds the object".to_string())?;
+        // Read before the copy, as for an import (`import_missed`).
+        let print = holdings
+            .is_some()
+            .then(|| self.fingerprint_of(object))
+            .flatten();
         match self.copy_to(object, source, &[position], Copying::Missed) {
             Ok(faulted) if faulted.is_empty() => {
-                if let Some(Presence::Present(h)) = self.group.objects.presence(object, position) {
-                    self.note_made(object, h, holdings);
+                match self.group.objects.presence(object, position) {
+                    Some(Presence::Present(h)) => Self::note_made(print, h, holdings),
+                    // Destroyed meanwhile, its copy's handle went with it:
+                    // found by its fingerprint for the removal queued.
+                    None => {
+                        if let (Some(h), Some(print)) = (holdings, print) {
+                            let found = self.group.find_on_utility(position, &print);
+                            for copy in found.map_err(|e| rv_name(e.rv))? {
+                                h.objects.push((copy, (*print).clone()));
+                            }
+                        }
+                    }
+                    Some(_) => {}
                 }
                 Ok(true)
             }

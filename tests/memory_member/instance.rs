@@ -145,6 +145,16 @@ impl<M: Deref<Target = SimMember> + Send + Sync> MemberApi for SpareInstance<M> 
             .get_attribute_value(self.internal(session), object, template)
     }
 
+    fn set_attribute_value(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+    ) -> CK_RV {
+        self.member
+            .set_attribute_value(self.internal(session), object, template)
+    }
+
     fn find_objects_init(
         &self,
         session: CK_SESSION_HANDLE,

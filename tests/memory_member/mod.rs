@@ -431,6 +431,17 @@ impl MemberApi for SimMember {
         self.call("C_DestroyObject", |sim| sim.destroy_object(session, object))
     }
 
+    fn set_attribute_value(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+    ) -> CK_RV {
+        self.call("C_SetAttributeValue", |sim| {
+            sim.set_attributes(session, object, attributes(template))
+        })
+    }
+
     fn get_attribute_value(
         &self,
         session: CK_SESSION_HANDLE,

@@ -1057,6 +1057,47 @@ impl Sim {
         self.answer(token, CKR_OK)
     }
 
+    /// `C_SetAttributeValue`: what decides an object's kind, its value and
+    /// what may leave the token are read-only here
+    /// (`CKR_ATTRIBUTE_READ_ONLY`); anything else is set.
+    pub fn set_attributes(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        handle: CK_OBJECT_HANDLE,
+        attributes: Attributes,
+    ) -> Result<()> {
+        const READ_ONLY: [CK_ATTRIBUTE_TYPE; 10] = [
+            CKA_CLASS,
+            CKA_KEY_TYPE,
+            CKA_VALUE,
+            CKA_VALUE_LEN,
+            CKA_TOKEN,
+            CKA_PRIVATE,
+            CKA_SENSITIVE,
+            CKA_EXTRACTABLE,
+            CKA_TRUSTED,
+            CKA_WRAP_WITH_TRUSTED,
+        ];
+        let token = self.enter_session(session)?;
+        let handle = self.own_handle(session, handle);
+        let logged_in = self.logged_in(session);
+        let object = self.tokens[token].object(handle, logged_in)?;
+        if object.session.is_none() && !self.session(session).read_write {
+            return Err(CKR_SESSION_READ_ONLY);
+        }
+        if attributes.keys().any(|t| READ_ONLY.contains(t)) {
+            return Err(CKR_ATTRIBUTE_READ_ONLY);
+        }
+        let t = &mut self.tokens[token];
+        let id = t.handles[&handle];
+        t.objects
+            .get_mut(&id)
+            .expect("a handle names an object")
+            .attributes
+            .extend(attributes);
+        self.answer(token, CKR_OK)
+    }
+
     /// The attribute values asked for: `None` for one the object lacks,
     /// `Err(CKR_ATTRIBUTE_SENSITIVE)` for a value it keeps secret.
     pub fn attributes(
