@@ -408,6 +408,12 @@ fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
 /// Encrypts `data` with AES-ECB (the model's keystream) and `key`
 /// through the group.
 fn encrypt(v: &VirtualSession, key: CK_OBJECT_HANDLE, data: &[u8]) -> Vec<u8> {
+    encrypt_init(v, key).expect("C_EncryptInit");
+    encrypt_finish(v, data).expect("C_Encrypt")
+}
+
+/// `C_EncryptInit` with AES-ECB and `key` through the group.
+fn encrypt_init(v: &VirtualSession, key: CK_OBJECT_HANDLE) -> pkcs11_ha::error::Result<()> {
     let mut raw = no_parameter(CKM_AES_ECB);
     let ecb = mechanism(&mut raw);
     v.init(
@@ -417,7 +423,10 @@ fn encrypt(v: &VirtualSession, key: CK_OBJECT_HANDLE, data: &[u8]) -> Vec<u8> {
         "C_EncryptInit",
         |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
     )
-    .expect("C_EncryptInit");
+}
+
+/// `C_Encrypt` of `data` in the encryption begun on `v`.
+fn encrypt_finish(v: &VirtualSession, data: &[u8]) -> pkcs11_ha::error::Result<Vec<u8>> {
     let mut out = vec![0u8; data.len()];
     let mut len = out.len() as CK_ULONG;
     v.step(
@@ -428,10 +437,9 @@ fn encrypt(v: &VirtualSession, key: CK_OBJECT_HANDLE, data: &[u8]) -> Vec<u8> {
         Input::Data(data),
         "C_Encrypt",
         |l, s| l.encrypt(s, Some(data), Some(&mut out[..]), &mut len),
-    )
-    .expect("C_Encrypt");
+    )?;
     out.truncate(len as usize);
-    out
+    Ok(out)
 }
 
 /// The core takes lanes through [`MemberBackend::take_lane`] alone: an
@@ -1768,16 +1776,7 @@ fn called_while_a_member_serves_first_after<T: Send>(
         let label = format!("made before the key {n}");
         import_token_object(&v, data_object(label.as_bytes(), b"data")).expect("an import");
     }
-    let mut key_attributes = data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE);
-    let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
-    key_attributes[0].pValue = secret as *const _ as *mut _;
-    let encrypts: &'static CK_BBOOL = &CK_TRUE;
-    key_attributes.push(CK_ATTRIBUTE {
-        type_: CKA_ENCRYPT,
-        pValue: encrypts as *const _ as *mut _,
-        ulValueLen: 1,
-    });
-    let key = import_token_object(&v, key_attributes).expect("the key is imported");
+    let key = import_token_object(&v, kept_key()).expect("the key is imported");
     assert_eq!(
         group.pending_count(1),
         4,
@@ -1849,6 +1848,21 @@ fn let_kept_go_once_waited_for<T>(
 const KEPT_KEY: &str = "kept key";
 const KEPT_VALUE: [u8; 32] = [7; 32];
 
+/// The attributes of the AES key `KEPT_KEY`, value `KEPT_VALUE`, that
+/// encrypts.
+fn kept_key() -> Vec<CK_ATTRIBUTE> {
+    let mut attributes = data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE);
+    let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
+    attributes[0].pValue = secret as *const _ as *mut _;
+    let encrypts: &'static CK_BBOOL = &CK_TRUE;
+    attributes.push(CK_ATTRIBUTE {
+        type_: CKA_ENCRYPT,
+        pValue: encrypts as *const _ as *mut _,
+        ulValueLen: 1,
+    });
+    attributes
+}
+
 /// A member that returns while no other serves serves first, and the
 /// objects it missed are made on it right after. A call naming a key it
 /// has not been given yet waits for that key, made before the other
@@ -1856,17 +1870,7 @@ const KEPT_VALUE: [u8; 32] = [7; 32];
 /// (the soak, four runs: a signature right after such a return).
 #[test]
 fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
-    let (_member, v, _key, started) = called_while_a_member_serves_first(46, |v, key| {
-        let mut raw = no_parameter(CKM_AES_ECB);
-        let ecb = mechanism(&mut raw);
-        v.init(
-            OpKind::Encrypt,
-            Some(&ecb),
-            Some(key),
-            "C_EncryptInit",
-            |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
-        )
-    });
+    let (_member, v, _key, started) = called_while_a_member_serves_first(46, encrypt_init);
     assert_eq!(
         started.map_err(|e| e.rv),
         Ok(()),
@@ -1875,19 +1879,11 @@ fn a_call_naming_a_key_a_member_serving_first_was_not_given_yet_waits_for_it() {
     let data = [1u8; 32];
     let mut expected = data;
     token::keystream_xor(&KEPT_VALUE, 0, &mut expected);
-    let mut out = [0u8; 32];
-    let mut len = out.len() as CK_ULONG;
-    v.step(
-        OpKind::Encrypt,
-        Step::Finish {
-            length_query: false,
-        },
-        Input::Data(&data),
-        "C_Encrypt",
-        |l, s| l.encrypt(s, Some(&data), Some(&mut out[..]), &mut len),
-    )
-    .expect("C_Encrypt");
-    assert_eq!(out, expected, "encrypted with the imported key");
+    assert_eq!(
+        encrypt_finish(&v, &data).expect("C_Encrypt"),
+        expected,
+        "encrypted with the imported key"
+    );
     v.close();
 }
 
@@ -1928,40 +1924,19 @@ fn a_search_moved_to_a_member_serving_first_waits_for_the_kept_objects_it_may_fi
 /// returned owing the key).
 #[test]
 fn an_operation_moved_to_a_member_serving_first_waits_for_its_kept_key() {
-    let mut raw = no_parameter(CKM_AES_ECB);
-    let ecb = mechanism(&mut raw);
     let data = [1u8; 32];
     let (_member, v, _key, encrypted) = called_while_a_member_serves_first_after(
         50,
-        |v, key| {
-            v.init(
-                OpKind::Encrypt,
-                Some(&ecb),
-                Some(key),
-                "C_EncryptInit",
-                |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
-            )
-            .expect("C_EncryptInit on member 0");
-        },
-        |v, _| {
-            let mut out = [0u8; 32];
-            let mut len = out.len() as CK_ULONG;
-            v.step(
-                OpKind::Encrypt,
-                Step::Finish {
-                    length_query: false,
-                },
-                Input::Data(&data),
-                "C_Encrypt",
-                |l, s| l.encrypt(s, Some(&data), Some(&mut out[..]), &mut len),
-            )
-            .map(|()| out)
-            .map_err(|e| e.rv)
-        },
+        |v, key| encrypt_init(v, key).expect("C_EncryptInit on member 0"),
+        |v, _| encrypt_finish(v, &data).map_err(|e| e.rv),
     );
     let mut expected = data;
     token::keystream_xor(&KEPT_VALUE, 0, &mut expected);
-    assert_eq!(encrypted, Ok(expected), "C_Encrypt moved with the kept key");
+    assert_eq!(
+        encrypted,
+        Ok(expected.to_vec()),
+        "C_Encrypt moved with the kept key"
+    );
     v.close();
 }
 
@@ -1977,16 +1952,7 @@ fn a_call_naming_a_key_kept_with_no_replay_coming_asks_for_one_and_waits() {
     group.set_replays_on_request(true);
     let v = logged_in_session(&group);
     group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    let mut key_attributes = data_object(KEPT_KEY.as_bytes(), &KEPT_VALUE);
-    let secret: &'static CK_OBJECT_CLASS = &CKO_SECRET_KEY;
-    key_attributes[0].pValue = secret as *const _ as *mut _;
-    let encrypts: &'static CK_BBOOL = &CK_TRUE;
-    key_attributes.push(CK_ATTRIBUTE {
-        type_: CKA_ENCRYPT,
-        pValue: encrypts as *const _ as *mut _,
-        ulValueLen: 1,
-    });
-    let key = import_token_object(&v, key_attributes).expect("the key is imported on member 0");
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 0");
     for change in group.take_pending(1) {
         group.defer(1, change);
     }
@@ -1996,18 +1962,7 @@ fn a_call_naming_a_key_kept_with_no_replay_coming_asks_for_one_and_waits() {
     let _ = group.kept_replay_asked();
 
     let started = std::thread::scope(|scope| {
-        let caller = scope.spawn(|| {
-            let mut raw = no_parameter(CKM_AES_ECB);
-            let ecb = mechanism(&mut raw);
-            v.init(
-                OpKind::Encrypt,
-                Some(&ecb),
-                Some(key),
-                "C_EncryptInit",
-                |l, s, k| l.encrypt_init(s, ecb.as_raw(), k),
-            )
-            .map_err(|e| e.rv)
-        });
+        let caller = scope.spawn(|| encrypt_init(&v, key).map_err(|e| e.rv));
         let deadline = Instant::now() + Duration::from_secs(60);
         while !group.kept_replay_asked() {
             assert!(
