@@ -2046,8 +2046,8 @@ impl Group {
         })
     }
 
-    /// The objects on their way to member `position` (see
-    /// [`Group::kept_for`]).
+    /// The objects on their way to member `position`, as
+    /// [`Group::wait_for_kept`] counts them.
     pub fn kept_on_the_way(&self, position: usize) -> Vec<CK_OBJECT_HANDLE> {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
