@@ -1986,7 +1986,7 @@ impl Group {
     /// object joined the kept changes after the last one took its share),
     /// it asks for one, which the recovery thread makes at its next look:
     /// failing at once instead, calls failed in the soak with the key kept
-    /// for the only serving member and no replay coming for 100 ms. The
+    /// for the only serving member and no replay due. The
     /// caller holds nothing the replay waits for (as
     /// [`Group::wait_for_serving`]).
     pub fn wait_for_kept(
@@ -2226,9 +2226,22 @@ impl Group {
     /// changes queued or kept for it, keys that cannot reach it, or a
     /// return not yet compared with the group.
     pub fn lacks_objects(&self, position: usize) -> bool {
-        self.undelivered_count(position) > 0
-            || !self.unreceivable.lock()[position].is_empty()
-            || self.uncompared[position].load(Ordering::Relaxed)
+        self.lack_rank(position) > 0
+    }
+
+    /// How surely member `position` lacks objects of the group: 0, it lacks
+    /// none; 1, it is owed no change but may lack some (keys that cannot
+    /// reach it, a return not yet compared with the group); 2, it is owed
+    /// changes ([`Group::complete_first`]).
+    fn lack_rank(&self, position: usize) -> u8 {
+        if self.undelivered_count(position) > 0 {
+            2
+        } else {
+            u8::from(
+                !self.unreceivable.lock()[position].is_empty()
+                    || self.uncompared[position].load(Ordering::Relaxed),
+            )
+        }
     }
 
     /// Records whether member `position` has been compared with the group
@@ -2252,13 +2265,7 @@ impl Group {
     /// 1 objects, expected 2", a second search finding 2).
     pub fn complete_first(&self, order: Positions) -> Positions {
         let mut ranked = order;
-        ranked.sort_by_key(|p| {
-            if self.undelivered_count(*p) > 0 {
-                2
-            } else {
-                u8::from(self.lacks_objects(*p))
-            }
-        });
+        ranked.sort_by_cached_key(|p| self.lack_rank(*p));
         ranked
     }
 

@@ -234,6 +234,15 @@ impl Drop for Counting<'_> {
     }
 }
 
+/// Who a library instance is: its config name, file, environment and, for
+/// p11-kit's client, the server it reaches.
+struct Instance {
+    name: String,
+    path: PathBuf,
+    environment: Vec<(String, String)>,
+    server: Option<PathBuf>,
+}
+
 /// One loaded member library.
 pub struct MemberLibrary {
     pub name: String,
@@ -1143,30 +1152,54 @@ impl MemberLibrary {
         })
         .map_err(|why| format!("{} is not a usable PKCS#11 library: {why}", path.display()))?;
         let networked = is_network_client(path, &library);
-        Ok(MemberLibrary {
-            spares: Spares::default(),
-            server: is_p11_kit_client(path)
-                .then(|| p11_kit_server_path(environment))
-                .flatten(),
-            name: name.to_string(),
-            path: path.to_path_buf(),
-            environment: environment.to_vec(),
-            functions: table,
+        let p11_kit_client = is_p11_kit_client(path);
+        Ok(MemberLibrary::with_table(
+            Instance {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                environment: environment.to_vec(),
+                server: p11_kit_client
+                    .then(|| p11_kit_server_path(environment))
+                    .flatten(),
+            },
+            (library, table),
+            networked,
+            p11_kit_client.then(|| CallLimit::new(P11_KIT_CLIENT_CALLS)),
+            Arc::new(AtomicU64::new(0)),
+        ))
+    }
+
+    /// A library instance in its starting state: not initialised, not
+    /// usable, on its first connection, with no spares.
+    fn with_table(
+        instance: Instance,
+        (library, functions): (Library, CK_FUNCTION_LIST),
+        networked: bool,
+        call_limit: Option<CallLimit>,
+        calls_sent: Arc<AtomicU64>,
+    ) -> MemberLibrary {
+        MemberLibrary {
+            name: instance.name,
+            path: instance.path,
+            environment: instance.environment,
+            server: instance.server,
+            functions,
             initialized_by_us: Mutex::new(false),
             retired: AtomicBool::new(false),
             usable: AtomicBool::new(false),
             job_thread: AtomicI32::new(0),
             job_given_up: AtomicBool::new(false),
             networked,
-            call_limit: is_p11_kit_client(path).then(|| CallLimit::new(P11_KIT_CLIENT_CALLS)),
+            call_limit,
             reconnecting: RwLock::new(()),
-            calls_sent: Arc::new(AtomicU64::new(0)),
+            calls_sent,
             wire: Mutex::new(Vec::new()),
             connection: AtomicU64::new(1),
             slot_counts: Mutex::new(Vec::new()),
+            spares: Spares::default(),
             inside: Inside::default(),
             _library: library,
-        })
+        }
     }
 
     /// Gives p11-kit's client `instances` instances in all
@@ -1208,30 +1241,20 @@ impl MemberLibrary {
             with_sigpipe_blocked(|| Self::function_table(&library))
         })
         .map_err(|why| format!("{} gave no further instance: {why}", self.path.display()))?;
-        Ok(MemberLibrary {
-            name: self.name.clone(),
-            path: self.path.clone(),
-            environment: self.environment.clone(),
-            functions: table,
-            initialized_by_us: Mutex::new(false),
-            retired: AtomicBool::new(false),
-            usable: AtomicBool::new(false),
-            job_thread: AtomicI32::new(0),
-            job_given_up: AtomicBool::new(false),
-            networked: true,
-            server: self.server.clone(),
+        Ok(MemberLibrary::with_table(
+            Instance {
+                name: self.name.clone(),
+                path: self.path.clone(),
+                environment: self.environment.clone(),
+                server: self.server.clone(),
+            },
+            (library, table),
+            true,
             // One call at a time, also when a logout reaches a spare
             // that a lane holds.
-            call_limit: Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
-            reconnecting: RwLock::new(()),
+            Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
             calls_sent,
-            wire: Mutex::new(Vec::new()),
-            connection: AtomicU64::new(1),
-            slot_counts: Mutex::new(Vec::new()),
-            spares: Spares::default(),
-            inside: Inside::default(),
-            _library: library,
-        })
+        ))
     }
 
     /// A spare instance ([`Spares`]): its calls are numbered with the

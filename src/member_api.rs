@@ -800,9 +800,8 @@ pub trait MemberBackend: MemberApi + Send + Sync {
         search: TokenSearch,
         deadline: Instant,
         patience: Duration,
-        hedge: Hedge,
+        _hedge: Hedge,
     ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Unanswered>> {
-        let _ = hedge;
         self.search_bounded(search, deadline, patience)
             .map(|answer| answer.map_err(|Silent| Unanswered::Silent))
     }
