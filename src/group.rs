@@ -833,10 +833,13 @@ impl Drop for ReplayingDeferred<'_> {
     }
 }
 
-/// The object a change makes, if it makes one.
+/// The object a change makes or changes, if it makes or changes one: on
+/// its way to the member until the change is made.
 fn made_object(change: &Pending) -> Option<CK_OBJECT_HANDLE> {
     match change {
-        Pending::Create(object) | Pending::Import(object, _) => Some(*object),
+        Pending::Create(object) | Pending::Import(object, _) | Pending::Set { object, .. } => {
+            Some(*object)
+        }
         Pending::Destroy(_) | Pending::Orphans(_) => None,
     }
 }
@@ -968,6 +971,17 @@ pub enum Pending {
     /// member that failed while asked (its answer lost), another key under
     /// the same template, which must never pass for the group's copy.
     Orphans(Fingerprint),
+    /// Set these attributes (the application's `C_SetAttributeValue`, as
+    /// the members got it) on its copy of this virtual object, found by
+    /// the fingerprint the object had before the change: the copy is
+    /// changed in place, never removed and made again -- a key the
+    /// member cannot be given again (no way to move it there, or made
+    /// non-extractable by the change) would be lost to it.
+    Set {
+        object: CK_OBJECT_HANDLE,
+        before: Fingerprint,
+        changes: Arc<OwnedTemplate>,
+    },
 }
 
 impl Pending {
@@ -976,7 +990,7 @@ impl Pending {
     pub fn removal(&self) -> Option<&crate::identity::Fingerprint> {
         match self {
             Pending::Destroy(print) | Pending::Orphans(print) => Some(print),
-            Pending::Create(_) | Pending::Import(..) => None,
+            Pending::Create(_) | Pending::Import(..) | Pending::Set { .. } => None,
         }
     }
 }

@@ -145,6 +145,26 @@ pub fn describe(print: &Fingerprint) -> String {
     format!("{class} ({label}, {id})")
 }
 
+/// The fingerprint of an object with fingerprint `print` once
+/// `C_SetAttributeValue` has given it `values`: what finds it after the
+/// change (a new `CKA_ID` or `CKA_LABEL`), without asking a member.
+pub fn changed<'a>(
+    print: &Fingerprint,
+    values: impl Iterator<Item = (CK_ATTRIBUTE_TYPE, &'a [u8])>,
+) -> Fingerprint {
+    let mut changed = print.clone();
+    let public = holds_public_value(print);
+    let printed =
+        |kind: CK_ATTRIBUTE_TYPE| FINGERPRINT.contains(&kind) || (public && kind == PUBLIC_VALUE);
+    for (kind, value) in values.filter(|(kind, _)| printed(*kind)) {
+        match changed.iter_mut().find(|(t, _)| *t == kind) {
+            Some((_, kept)) => *kept = value.to_vec(),
+            None => changed.push((kind, value.to_vec())),
+        }
+    }
+    changed
+}
+
 /// Whether a fingerprint holds a check value (else it is a light one).
 pub fn has_check_value(print: &Fingerprint) -> bool {
     print.iter().any(|(t, _)| *t == CKA_CHECK_VALUE)
@@ -665,6 +685,36 @@ mod tests {
             (CKA_LABEL, Vec::new()),
         ];
         assert_eq!(describe(&bare), "data object (no label, no ID)");
+    }
+
+    #[test]
+    fn a_changed_print_takes_the_new_values_of_its_own_attributes_only() {
+        let print: Fingerprint = vec![
+            (CKA_CLASS, CKO_DATA.to_ne_bytes().to_vec()),
+            (CKA_LABEL, b"d".to_vec()),
+            (CKA_ID, b"old".to_vec()),
+            (CKA_VALUE, b"v1".to_vec()),
+        ];
+        let yes = [CK_TRUE];
+        let values = [
+            (CKA_ID, b"new".as_slice()),
+            (CKA_VALUE, b"v2".as_slice()),
+            (CKA_APPLICATION, b"app".as_slice()),
+            (CKA_MODIFIABLE, yes.as_slice()),
+        ];
+        assert_eq!(
+            changed(&print, values.into_iter()),
+            vec![
+                (CKA_CLASS, CKO_DATA.to_ne_bytes().to_vec()),
+                (CKA_LABEL, b"d".to_vec()),
+                (CKA_ID, b"new".to_vec()),
+                (CKA_VALUE, b"v2".to_vec()),
+                (CKA_APPLICATION, b"app".to_vec()),
+            ]
+        );
+        let key: Fingerprint = vec![(CKA_CLASS, CKO_SECRET_KEY.to_ne_bytes().to_vec())];
+        let secret = [(CKA_VALUE, b"never".as_slice())];
+        assert_eq!(changed(&key, secret.into_iter()), key);
     }
 
     #[test]

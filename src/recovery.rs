@@ -1961,7 +1961,7 @@ fn replay_pending(
         // Not read: each change looks the member up itself.
         let holdings = known.complete.then_some(&mut known.holdings);
         let outcome = worker.apply(position, &change, holdings);
-        let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
+        let source_failed = change_copies(&change) && outcome.is_err();
         if group.members[position].reachable()
             && (source_failed || must_wait(group, logged_out, worker, position, &change, &outcome))
         {
@@ -2158,7 +2158,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     // serve by the next return). Dropped, a copy kept for a member
     // that returned to a group with no member serving left it
     // without the object for good (simulation seed 368).
-    let source_failed = matches!(change, Pending::Create(_)) && outcome.is_err();
+    let source_failed = change_copies(&change) && outcome.is_err();
     let mut made = 0;
     if (source_failed && group.members[position].reachable())
         || must_wait(group, logged_out, worker, position, &change, &outcome)
@@ -2211,6 +2211,13 @@ fn read_for_kept(
     Holdings::read(worker, position).ok()
 }
 
+/// Whether `change` may copy an object from another member: a copy, or
+/// a change of attributes that finds no copy to change (see
+/// [`Pending::Set`]). One that fails may have met its source failing.
+fn change_copies(change: &Pending) -> bool {
+    matches!(change, Pending::Create(_) | Pending::Set { .. })
+}
+
 /// Whether a change a member answered for must be kept rather than
 /// dropped: a copy whose source was down or failed during it (kept until a
 /// member holding the object returns), and, while the application is
@@ -2229,7 +2236,13 @@ fn must_wait(
     let logged_out = was_logged_out || group.cached_login().is_none();
     match outcome {
         Ok(true) => false,
-        Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
+        Ok(false) => {
+            logged_out
+                && matches!(
+                    change,
+                    Pending::Destroy(_) | Pending::Orphans(_) | Pending::Set { .. }
+                )
+        }
         Err(_) => {
             logged_out
                 || worker.lacks_source(position, change)

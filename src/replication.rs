@@ -979,10 +979,13 @@ impl VirtualSession {
             Pending::Import(_, template) => {
                 template.values().map(|(t, v)| (t, v.to_vec())).collect()
             }
-            Pending::Create(object) => match self.fingerprint_of(*object) {
-                Some(print) => (*print).clone(),
-                None => return true,
-            },
+            // A change of attributes may copy the object (`set_missed`).
+            Pending::Create(object) | Pending::Set { object, .. } => {
+                match self.fingerprint_of(*object) {
+                    Some(print) => (*print).clone(),
+                    None => return true,
+                }
+            }
             Pending::Destroy(_) | Pending::Orphans(_) => return false,
         };
         removals.iter().any(|removal| {
@@ -1010,6 +1013,9 @@ impl VirtualSession {
                 format!("the removal of orphans like {}", identity::describe(print))
             }
             Pending::Create(object) => self.name_object(*object),
+            Pending::Set { before, .. } => {
+                format!("the change of attributes of {}", identity::describe(before))
+            }
             Pending::Import(object, template) => {
                 match self.group.objects.get(*object).and_then(|o| o.fingerprint) {
                     Some(print) => identity::describe(&print),
@@ -1037,17 +1043,23 @@ impl VirtualSession {
             Pending::Import(object, template) => {
                 self.import_missed(position, *object, template, holdings)
             }
+            Pending::Set {
+                object,
+                before,
+                changes,
+            } => self.set_missed(position, *object, before, changes, holdings),
         }
     }
 
-    /// Whether `change` failed for want of a source: a copy of an object
+    /// Whether `change` failed for want of a source: a copy (or a change
+    /// of attributes that found no copy to change) of an object
     /// still the group's that no serving member but `position` holds
     /// (those that do are down, or failed during the copy), or a removal of
     /// orphans that cannot tell an object from the group's copy until such
     /// a member serves.
     pub fn lacks_source(&self, position: usize, change: &Pending) -> bool {
         let object = match change {
-            Pending::Create(object) => object,
+            Pending::Create(object) | Pending::Set { object, .. } => object,
             Pending::Orphans(print) => {
                 return self
                     .orphans(position, print, None)
@@ -1112,13 +1124,14 @@ impl VirtualSession {
         why
     }
 
-    /// Whether `change` is a copy that may fail only because a library
+    /// Whether `change` is a copy (or a change of attributes, which may
+    /// copy) that may fail only because a library
     /// refuses the key-wrap mechanism now: the member's own, or that of a
     /// serving member that could give it the object. Such a copy is kept,
     /// not dropped, and tried again until the library takes the mechanism
     /// again (see [`Self::carries_keys_now`]).
     pub fn waits_for_wrapping(&self, position: usize, change: &Pending) -> bool {
-        matches!(change, Pending::Create(_))
+        matches!(change, Pending::Create(_) | Pending::Set { .. })
             && std::iter::once(&self.group.members[position])
                 .chain(self.group.up_members())
                 .any(|m| m.refuses_wrapping())
@@ -1274,6 +1287,65 @@ impl VirtualSession {
                 }
                 Err(format!("copying an object failed with {}", rv_name(e.rv)))
             }
+        }
+    }
+
+    /// Sets on the member the attributes of a `C_SetAttributeValue` it
+    /// missed (see [`Pending::Set`]), on its copy of `object`: the one
+    /// known, else the one with the fingerprint from before the change (a
+    /// copy made since from a template older than the change is known,
+    /// and noted among `holdings` under the fingerprint the object has
+    /// now, simulation seed 4734 with `SIM_SET_IDS`). Where it holds none, it holds
+    /// the object changed already (the change made before its answer was
+    /// lost, or a copy made since), or lacks it, and is given it as a
+    /// missed copy; where it holds more than one, none is changed (we
+    /// never guess).
+    fn set_missed(
+        &self,
+        position: usize,
+        object: CK_OBJECT_HANDLE,
+        before: &Fingerprint,
+        changes: &OwnedTemplate,
+        holdings: Option<&mut Holdings>,
+    ) -> std::result::Result<bool, String> {
+        let now = self.group.objects.era(position);
+        let (one, era) = match self.group.objects.presence(object, position) {
+            Some(Presence::Present(known)) => (known, now),
+            _ => {
+                let era = holdings.as_deref().map_or(now, |h| h.era);
+                let found: Vec<CK_OBJECT_HANDLE> = match &holdings {
+                    Some(h) => h.matching(before).collect(),
+                    None => self
+                        .group
+                        .find_on_utility(position, before)
+                        .map_err(|e| rv_name(e.rv))?,
+                };
+                match found[..] {
+                    [one] => (one, era),
+                    [] => return self.copy_missed(position, object, holdings),
+                    _ => return Ok(false),
+                }
+            }
+        };
+        let template = changes.template();
+        let answer = self.attempt_on(position, Some(era), "C_SetAttributeValue", &mut |l, s| {
+            l.set_attribute_value(s, one, template.as_slice())
+        });
+        match answer {
+            Attempt::Answered(CKR_OK) => {
+                self.group.forget_object(position, one);
+                self.group
+                    .objects
+                    .set_presence(object, era, Presence::Present(one));
+                if let Some(h) = holdings {
+                    for (_, print) in h.objects.iter_mut().filter(|(h, _)| *h == one) {
+                        *print = identity::changed(print, changes.values());
+                    }
+                }
+                Ok(true)
+            }
+            Attempt::Answered(rv) => Err(format!("the change refused with {}", rv_name(rv))),
+            Attempt::Faulted => Err("the member failed again".into()),
         }
     }
 

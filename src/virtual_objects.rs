@@ -225,6 +225,14 @@ impl Protection {
     }
 }
 
+/// What [`VirtualSession::change_everywhere`] does to every copy of an
+/// object.
+enum Change<'a, 't> {
+    Destroy,
+    /// `C_SetAttributeValue` of these attributes, as the members get them.
+    Set(&'a Template<'t>),
+}
+
 /// Which session owns an object created with this `CKA_TOKEN` value.
 fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSION_HANDLE> {
     if token.unwrap_or(false) {
@@ -868,8 +876,12 @@ impl VirtualSession {
 
     /// Looks the object up on every member that is up, so that changes
     /// reach every copy (each with the era its handle was looked up in).
-    /// Also returns the members that were not up, which
-    /// get the change when they are.
+    /// Also returns the members that were not up, and those that hold no
+    /// copy while one is on its way to them (queued or kept, or a change
+    /// of its attributes is: their copy may not be found by the
+    /// fingerprint it has now), which get the change behind it. With no
+    /// member up, `CKR_DEVICE_ERROR` (as any call when none serves): the
+    /// object is no less the application's.
     #[allow(clippy::type_complexity)]
     fn resolve_everywhere(
         &self,
@@ -886,30 +898,38 @@ impl VirtualSession {
                 missed.push(member.position);
             } else if let Some(h) = self.resolve(object, member.position)? {
                 copies.push((member.position, h, era));
-            } else if !member.is_up() {
+            } else if !member.is_up() || self.group.on_its_way(member.position, object) {
                 // It failed while its copy was looked up: it gets the
                 // change when it returns, as if it had been down before.
                 missed.push(member.position);
             }
         }
         if copies.is_empty() {
-            return Err(Error::new(CKR_OBJECT_HANDLE_INVALID));
+            let none_up = self.group.up_members().next().is_none();
+            return Err(Error::new(if none_up {
+                CKR_DEVICE_ERROR
+            } else {
+                CKR_OBJECT_HANDLE_INVALID
+            }));
         }
         Ok((copies, missed))
     }
 
     /// Applies a change to every copy of an object. The first copy's answer
     /// decides: a request error there changes nothing anywhere. Members
-    /// that are down get the change when they return.
-    fn change_everywhere(
-        &self,
-        object: CK_OBJECT_HANDLE,
-        function: &str,
-        destroys: bool,
-        change: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> CK_RV,
-    ) -> Result<()> {
+    /// that are down get the change when they return
+    /// ([`Self::give_missed`]).
+    fn change_everywhere(&self, object: CK_OBJECT_HANDLE, change: &Change) -> Result<()> {
         let _writing = self.wait_before_writing(&mut Waits::default());
         let _write = self.group.enter_write();
+        let function = match change {
+            Change::Destroy => "C_DestroyObject",
+            Change::Set(_) => "C_SetAttributeValue",
+        };
+        let call = |library: &dyn MemberBackend, s, h| match change {
+            Change::Destroy => library.destroy_object(s, h),
+            Change::Set(template) => library.set_attribute_value(s, h, template.as_slice()),
+        };
         // Whether a member failed under the change: it may have carried
         // it out before its answer was lost.
         let mut faulted = false;
@@ -919,32 +939,35 @@ impl VirtualSession {
                 Ok(found) => found,
                 // Every copy on a serving member failed under the change
                 // and the members serving now hold none (their copy was
-                // still to come): as when every member failed, not "no
-                // such object", which would leave the change half made
-                // (seed 23075).
-                Err(e) if faulted && e.rv == CKR_OBJECT_HANDLE_INVALID => {
-                    if destroys {
-                        let missed: Vec<usize> = (self.group.members)
-                            .iter()
-                            .filter(|m| !m.is_up())
-                            .map(|m| m.position)
-                            .collect();
-                        self.finish_destroy_later(object, earlier_print, &missed);
-                    }
+                // still to come, or none serves): as when every member
+                // failed, not "no such object", which would leave the
+                // change half made (seed 23075).
+                Err(e)
+                    if faulted && matches!(e.rv, CKR_OBJECT_HANDLE_INVALID | CKR_DEVICE_ERROR) =>
+                {
+                    let missed: Vec<usize> = (self.group.members)
+                        .iter()
+                        .filter(|m| !m.is_up())
+                        .map(|m| m.position)
+                        .collect();
+                    self.finish_later(object, change, earlier_print, &missed);
                     return Err(Error::new(CKR_DEVICE_ERROR));
                 }
                 Err(e) => return Err(e),
             };
             // From the first copy that answers: a member failing here must
-            // not leave the members that missed the change without it.
-            let before = copies
-                .iter()
+            // not leave the members that missed the change without it. A
+            // member catching up last: its copy may still wait for an
+            // earlier change.
+            let before = (copies.iter())
+                .filter(|(p, _, _)| !self.group.catching_up(*p))
+                .chain(copies.iter().filter(|(p, _, _)| self.group.catching_up(*p)))
                 .find_map(|(_, handle, era)| self.fingerprint_from(*era, *handle))
                 .or(earlier_print.take());
             let mut decided = false;
             for (position, handle, era) in copies {
                 let answer =
-                    self.attempt_keyed(position, era, function, &mut |l, s| change(l, s, handle));
+                    self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, handle));
                 if matches!(answer, Attempt::Answered(CKR_OK)) {
                     // Gone, or its fingerprint may have changed.
                     self.group.forget_object(position, handle);
@@ -968,36 +991,50 @@ impl VirtualSession {
             // Every copy asked failed: a member that came up meanwhile
             // decides, as another member takes any other call.
             if self.group.up_members().next().is_none() {
-                if destroys {
-                    self.finish_destroy_later(object, before, &missed);
-                }
+                self.finish_later(object, change, before, &missed);
                 return Err(Error::new(CKR_DEVICE_ERROR));
             }
         };
-        if destroys && !missed.is_empty() {
+        if matches!(change, Change::Destroy) && !missed.is_empty() {
             if let Some(print) = &before {
                 self.group.record_deletion(print);
             }
         }
-        for position in missed {
-            if let Some(print) = &before {
-                self.deliver_or_queue(position, Pending::Destroy(print.clone()));
-            }
-            if !destroys {
-                self.deliver_or_queue(position, Pending::Create(object));
-            }
-        }
+        self.give_missed(object, change, before, &missed);
         Ok(())
     }
 
-    /// A destroy every member holding a copy failed in: one may have carried it out before
-    /// its answer was lost, so the members would disagree. The removal is
-    /// finished on each when it returns (the application, told
-    /// `CKR_DEVICE_ERROR`, cannot count on the object either way), and the
-    /// object leaves the slot now.
-    fn finish_destroy_later(
+    /// A change every member holding a copy failed in: one may have
+    /// carried it out before its answer was lost, so the members would
+    /// disagree. The change is finished on each when it returns (the
+    /// application, told `CKR_DEVICE_ERROR`, cannot count on it either
+    /// way), and a destroyed object leaves the slot now.
+    fn finish_later(
         &self,
         object: CK_OBJECT_HANDLE,
+        change: &Change,
+        before: Option<identity::Fingerprint>,
+        missed: &[usize],
+    ) {
+        self.give_missed(object, change, before, missed);
+        if matches!(change, Change::Destroy) {
+            self.group.objects.remove(object);
+        }
+    }
+
+    /// Gives the members in `missed` a change they missed (queued, kept
+    /// or made now, [`Self::deliver_or_queue`]): the removal of the
+    /// object's copy there, or the change of its attributes on that copy
+    /// ([`Pending::Set`]), the copy found by the object's fingerprint from
+    /// before the change (`before`, else the one kept). A change of
+    /// attributes changes the kept fingerprint too, first: it finds the
+    /// object from now on (kept as it was, a member returning with its
+    /// handles forgotten was given a second copy of an object whose
+    /// `CKA_ID` had changed, simulation seed 3242 with `SIM_SET_IDS`).
+    fn give_missed(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        change: &Change,
         before: Option<identity::Fingerprint>,
         missed: &[usize],
     ) {
@@ -1008,13 +1045,29 @@ impl VirtualSession {
                 .and_then(|o| o.fingerprint)
                 .map(|p| (*p).clone())
         };
-        let Some(print) = before.or_else(kept) else {
+        let Some(before) = before.or_else(kept) else {
             return;
         };
-        for position in missed {
-            self.deliver_or_queue(*position, Pending::Destroy(print.clone()));
+        match change {
+            Change::Destroy => {
+                for position in missed {
+                    self.deliver_or_queue(*position, Pending::Destroy(before.clone()));
+                }
+            }
+            Change::Set(template) => {
+                let changes = std::sync::Arc::new(OwnedTemplate::copy(template));
+                let after = identity::changed(&before, changes.values());
+                self.group.objects.replace_fingerprint(object, after);
+                for position in missed {
+                    let set = Pending::Set {
+                        object,
+                        before: before.clone(),
+                        changes: std::sync::Arc::clone(&changes),
+                    };
+                    self.deliver_or_queue(*position, set);
+                }
+            }
         }
-        self.group.objects.remove(object);
     }
 
     fn fingerprint_from(
@@ -1033,9 +1086,7 @@ impl VirtualSession {
     }
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
-        self.change_everywhere(object, "C_DestroyObject", true, |library, s, h| {
-            library.destroy_object(s, h)
-        })?;
+        self.change_everywhere(object, &Change::Destroy)?;
         self.group.objects.remove(object);
         Ok(())
     }
@@ -1043,9 +1094,7 @@ impl VirtualSession {
     pub fn set_attribute_value(&self, object: CK_OBJECT_HANDLE, template: &Template) -> Result<()> {
         let (changes, protects) = self.extractability_change(object, template)?;
         if changes.count() > 0 {
-            self.change_everywhere(object, "C_SetAttributeValue", false, |library, s, h| {
-                library.set_attribute_value(s, h, changes.as_slice())
-            })?;
+            self.change_everywhere(object, &Change::Set(&changes))?;
         }
         if protects {
             self.group.objects.mark_protected(object, false);
