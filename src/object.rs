@@ -27,6 +27,10 @@ pub struct VirtualObject {
     /// How to recognise it on other members, read while a member that holds
     /// it was alive, so that it can be found again when that member is not.
     pub fingerprint: Option<std::sync::Arc<crate::identity::Fingerprint>>,
+    /// The fingerprints it had before each change of its attributes in
+    /// this process, oldest first: a member that missed a change may hold
+    /// a copy with one of them.
+    pub former_prints: Vec<std::sync::Arc<crate::identity::Fingerprint>>,
     /// Known to be a key the application made non-extractable (the members
     /// keep it extractable under trusted keys only). Never goes back: a
     /// key cannot become extractable again.
@@ -191,6 +195,7 @@ impl ObjectTable {
                 fingerprint: None,
                 protected: false,
                 never_extractable: false,
+                former_prints: Vec::new(),
             },
         );
         handle
@@ -275,6 +280,7 @@ impl ObjectTable {
                 fingerprint: None,
                 protected: false,
                 never_extractable: false,
+                former_prints: Vec::new(),
             },
         );
         Some(handle)
@@ -332,6 +338,7 @@ impl ObjectTable {
                 fingerprint: Some(std::sync::Arc::new(print)),
                 protected: false,
                 never_extractable: false,
+                former_prints: Vec::new(),
             },
         );
         Some(handle)
@@ -410,6 +417,20 @@ impl ObjectTable {
     ) {
         if let Some(object) = self.maps.write().objects.get_mut(&handle) {
             object.fingerprint = Some(std::sync::Arc::new(print));
+        }
+    }
+
+    /// Keeps `after` as the fingerprint of an object whose attributes
+    /// changed, and `before` among its former ones.
+    pub fn change_fingerprint(
+        &self,
+        handle: CK_OBJECT_HANDLE,
+        before: crate::identity::Fingerprint,
+        after: crate::identity::Fingerprint,
+    ) {
+        if let Some(object) = self.maps.write().objects.get_mut(&handle) {
+            object.former_prints.push(std::sync::Arc::new(before));
+            object.fingerprint = Some(std::sync::Arc::new(after));
         }
     }
 

@@ -1140,7 +1140,11 @@ impl VirtualSession {
     /// Whether the member already holds the object: known there, or
     /// matched by one or more objects (more than one: an earlier copy that
     /// was interrupted -- never copy it again then, or copies would
-    /// multiply with every recovery).
+    /// multiply with every recovery), with the fingerprint it has or one
+    /// it had before a change of its attributes: the change, which the
+    /// member missed, reaches that copy ([`Pending::Set`]). Made again,
+    /// an import cut off on the member before the change was held twice
+    /// (simulation seed 25725 with `SIM_SET_IDS`).
     pub fn holds(
         &self,
         object: CK_OBJECT_HANDLE,
@@ -1153,22 +1157,28 @@ impl VirtualSession {
         let Some(print) = self.fingerprint_of(object) else {
             return false;
         };
-        let (found, era): (Vec<CK_OBJECT_HANDLE>, Era) = match holdings {
-            Some(h) => (h.matching(&print).collect(), h.era),
-            None => {
-                let era = self.group.objects.era(position);
-                match self.group.find_on_utility(position, &print) {
-                    Ok(found) => (found, era),
-                    Err(_) => return false,
+        let former = (self.group.objects.get(object)).map_or(Vec::new(), |o| o.former_prints);
+        for print in std::iter::once(print).chain(former) {
+            let (found, era): (Vec<CK_OBJECT_HANDLE>, Era) = match holdings {
+                Some(h) => (h.matching(&print).collect(), h.era),
+                None => {
+                    let era = self.group.objects.era(position);
+                    match self.group.find_on_utility(position, &print) {
+                        Ok(found) => (found, era),
+                        Err(_) => return false,
+                    }
                 }
+            };
+            if let [one] = found[..] {
+                self.group
+                    .objects
+                    .set_presence(object, era, Presence::Present(one));
             }
-        };
-        if let [one] = found[..] {
-            self.group
-                .objects
-                .set_presence(object, era, Presence::Present(one));
+            if !found.is_empty() {
+                return true;
+            }
         }
-        !found.is_empty()
+        false
     }
 
     /// Notes a new copy, whose object has fingerprint `print`, in

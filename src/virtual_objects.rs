@@ -1057,7 +1057,7 @@ impl VirtualSession {
             Change::Set(template) => {
                 let changes = std::sync::Arc::new(OwnedTemplate::copy(template));
                 let after = identity::changed(&before, changes.values());
-                self.group.objects.replace_fingerprint(object, after);
+                (self.group.objects).change_fingerprint(object, before.clone(), after);
                 for position in missed {
                     let set = Pending::Set {
                         object,
