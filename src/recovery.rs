@@ -2236,13 +2236,7 @@ fn must_wait(
     let logged_out = was_logged_out || group.cached_login().is_none();
     match outcome {
         Ok(true) => false,
-        Ok(false) => {
-            logged_out
-                && matches!(
-                    change,
-                    Pending::Destroy(_) | Pending::Orphans(_) | Pending::Set { .. }
-                )
-        }
+        Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
         Err(_) => {
             logged_out
                 || worker.lacks_source(position, change)
