@@ -2753,6 +2753,95 @@ fn run_script(script: &Script) {
     );
 }
 
+/// A destroy or a change of attributes made while no member serves, once
+/// its wait for one runs out, fails as any call does then
+/// (`CKR_DEVICE_ERROR`), not with `CKR_OBJECT_HANDLE_INVALID`: the object
+/// is still the application's, on every member when they return (found
+/// by the simulation's writes during a replay, seed 23288 before its
+/// harness fix). The key is one the application made non-extractable,
+/// which a change of attributes asks no member about first.
+#[test]
+fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
+    run_script(&Script {
+        members: 2,
+        split: false,
+        threaded: false,
+        steps: &|s| {
+            s.open_session(0);
+            let session = s.threads[0].session.expect("a session");
+            let (label, value) = (b"locked".to_vec(), vec![7u8; 32]);
+            let (class, kind, yes, no) = (CKO_SECRET_KEY, CKK_AES, CK_TRUE, CK_FALSE);
+            let attribute = |t: CK_ATTRIBUTE_TYPE, p: *const u8, len: usize| CK_ATTRIBUTE {
+                type_: t,
+                pValue: p as *mut _,
+                ulValueLen: len as CK_ULONG,
+            };
+            let ulong = std::mem::size_of::<CK_ULONG>();
+            let mut template = [
+                attribute(CKA_CLASS, &class as *const _ as *const u8, ulong),
+                attribute(CKA_KEY_TYPE, &kind as *const _ as *const u8, ulong),
+                attribute(CKA_TOKEN, &yes, 1),
+                attribute(CKA_LABEL, label.as_ptr(), label.len()),
+                attribute(CKA_VALUE, value.as_ptr(), value.len()),
+                attribute(CKA_ENCRYPT, &yes, 1),
+                attribute(CKA_EXTRACTABLE, &no, 1),
+            ];
+            let mut object = 0;
+            // SAFETY: the template's buffers outlive the call.
+            let rv = unsafe {
+                s.f.C_CreateObject.unwrap()(
+                    session,
+                    template.as_mut_ptr(),
+                    template.len() as CK_ULONG,
+                    &mut object,
+                )
+            };
+            ensure!(rv == CKR_OK, "the key was made: {rv:#x}");
+            s.made.push(Made {
+                label,
+                handle: object,
+                token: true,
+                key: Some(value),
+                value: None,
+                owner: None,
+                fate: Fate::Exists,
+                id: Id::Unset,
+            });
+            s.plant(0, Fault::Crash);
+            s.plant(1, Fault::Crash);
+            s.enumerate(0, session)?;
+            ensure!(
+                s.states() == [MemberState::Down, MemberState::Down],
+                "the search took both members out: {:?}",
+                s.states()
+            );
+            // SAFETY: plain handles.
+            let rv = unsafe { s.f.C_DestroyObject.unwrap()(session, object) };
+            ensure!(
+                rv == CKR_DEVICE_ERROR,
+                "C_DestroyObject with no member serving answered {rv:#x}"
+            );
+            let id = b"new".to_vec();
+            let mut attribute = CK_ATTRIBUTE {
+                type_: CKA_ID,
+                pValue: id.as_ptr() as *mut _,
+                ulValueLen: id.len() as CK_ULONG,
+            };
+            // SAFETY: the value outlives the call.
+            let rv =
+                unsafe { s.f.C_SetAttributeValue.unwrap()(session, object, &mut attribute, 1) };
+            ensure!(
+                rv == CKR_DEVICE_ERROR,
+                "C_SetAttributeValue with no member serving answered {rv:#x}"
+            );
+            s.heal(0);
+            s.heal(1);
+            s.recovery_pass();
+            s.enumerate(0, session)
+        },
+    });
+}
+
 /// Found as seed 172: the first copy of an object sat on a member that had
 /// failed unnoticed, so no fingerprint was read for the destroy and the
 /// member never received it when it returned.
