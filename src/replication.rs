@@ -1144,7 +1144,7 @@ impl VirtualSession {
     /// it had before a change of its attributes: the change, which the
     /// member missed, reaches that copy ([`Pending::Set`]). Made again,
     /// an import cut off on the member before the change was held twice
-    /// (simulation seed 25725 with `SIM_SET_IDS`).
+    /// (simulation seed 25725).
     pub fn holds(
         &self,
         object: CK_OBJECT_HANDLE,
@@ -1305,7 +1305,7 @@ impl VirtualSession {
     /// known, else the one with the fingerprint from before the change (a
     /// copy made since from a template older than the change is known,
     /// and noted among `holdings` under the fingerprint the object has
-    /// now, simulation seed 4734 with `SIM_SET_IDS`). Where it holds none, it holds
+    /// now, simulation seed 4734). Where it holds none, it holds
     /// the object changed already (the change made before its answer was
     /// lost, or a copy made since), or lacks it, and is given it as a
     /// missed copy; where it holds more than one, none is changed (we

@@ -1030,7 +1030,7 @@ impl VirtualSession {
     /// attributes changes the kept fingerprint too, first: it finds the
     /// object from now on (kept as it was, a member returning with its
     /// handles forgotten was given a second copy of an object whose
-    /// `CKA_ID` had changed, simulation seed 3242 with `SIM_SET_IDS`).
+    /// `CKA_ID` had changed, simulation seed 3242).
     fn give_missed(
         &self,
         object: CK_OBJECT_HANDLE,

@@ -123,10 +123,9 @@ struct Faults {
     writes_in_replay: bool,
     /// The writes while a returning member is brought up to date also
     /// set a new `CKA_ID` on objects ([`Schedule::set_id_where`]), which a
-    /// member that misses it is given as the object's removal and a new
-    /// copy. Open defects: off by default, `SIM_SET_IDS=1` adds it to the
-    /// set a run draws (see `docs/design.md`, "Writes while a returning
-    /// member is brought up to date").
+    /// member that misses it is given as the change itself, on its copy
+    /// (`Pending::Set`). The sets found before it leave it out, so that
+    /// their seeds replay as they were found.
     set_ids: bool,
 }
 
@@ -144,13 +143,19 @@ impl Faults {
         spares: 50,
         writes_beside: true,
         writes_in_replay: true,
+        set_ids: true,
+    };
+    /// The default schedules before new IDs joined the writes during a
+    /// returning member's replay ([`Faults::set_ids`]).
+    const IN_REPLAY: Faults = Faults {
         set_ids: false,
+        ..Faults::DEFAULT
     };
     /// The default schedules before writes during a returning member's
     /// replay joined them ([`Faults::writes_in_replay`]).
     const BESIDE_KEPT: Faults = Faults {
         writes_in_replay: false,
-        ..Faults::DEFAULT
+        ..Faults::IN_REPLAY
     };
     /// The default schedules before writes beside the kept replay joined
     /// them ([`Faults::writes_beside`]).
@@ -181,7 +186,7 @@ impl Faults {
         spares: 0,
         writes_beside: true,
         writes_in_replay: true,
-        set_ids: false,
+        set_ids: true,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -193,7 +198,7 @@ impl Faults {
         spares: 0,
         writes_beside: true,
         writes_in_replay: true,
-        set_ids: false,
+        set_ids: true,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -246,20 +251,12 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        let chosen = match std::env::var("SIM_SPARES").as_deref() {
+        match std::env::var("SIM_SPARES").as_deref() {
             Ok("1") => Faults {
                 spares: 50,
                 ..chosen
             },
             Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
-            Err(_) => chosen,
-        };
-        match std::env::var("SIM_SET_IDS").as_deref() {
-            Ok("1") => Faults {
-                set_ids: true,
-                ..chosen
-            },
-            Ok(other) => panic!("SIM_SET_IDS is 1 (new IDs set in any set), not {other:?}"),
             Err(_) => chosen,
         }
     }
@@ -2648,7 +2645,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -2657,8 +2654,7 @@ fn seeded_schedules_keep_every_invariant() {
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
         },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
-        if faults.set_ids { "SIM_SET_IDS=1 " } else { "" }
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
     );
 }
 
@@ -3648,7 +3644,22 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   waited, on the schedule's one thread, to their deadlines inside the
 ///   replay's call, which the watchdog then cut; the writes now need a
 ///   serving member whose token answers.
-const REGRESSION_SEEDS: [(u64, Faults); 74] = [
+/// - 4734, 2737, 3242, 317, 2668, 14209, 25725 (the writes during a
+///   returning member's replay setting new IDs, [`Faults::set_ids`]): a
+///   member that missed a `C_SetAttributeValue` was given the object's
+///   removal and a new copy, and an imported key whose copy needed a
+///   wrap the other member's library refused was removed there for good
+///   (4734), or the member kept the old ID (2737); the group kept the
+///   object's fingerprint from before the change, so a returning member
+///   whose handles were forgotten was given a second copy (3242), and a
+///   later destroy, looking the copy up by it on such a member, found
+///   none and left it there (317, 2668); a change made while the change
+///   before it was still on its way to a member serving without the
+///   object reached it first (14209); and an import cut off on the
+///   member before the change, its copy under the old ID, was made
+///   again (25725). Each member that missed a change of attributes now
+///   gets the change on its copy (`Pending::Set`).
+const REGRESSION_SEEDS: [(u64, Faults); 81] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3720,9 +3731,16 @@ const REGRESSION_SEEDS: [(u64, Faults); 74] = [
     (1002337, Faults::SPARED),
     (1006734, Faults::SPARED),
     (6182, Faults::BESIDE_KEPT),
-    (99, Faults::DEFAULT),
-    (417, Faults::DEFAULT),
-    (23288, Faults::DEFAULT),
+    (99, Faults::IN_REPLAY),
+    (417, Faults::IN_REPLAY),
+    (23288, Faults::IN_REPLAY),
+    (4734, Faults::DEFAULT),
+    (2737, Faults::DEFAULT),
+    (3242, Faults::DEFAULT),
+    (317, Faults::DEFAULT),
+    (2668, Faults::DEFAULT),
+    (14209, Faults::DEFAULT),
+    (25725, Faults::DEFAULT),
 ];
 
 #[test]
