@@ -127,6 +127,13 @@ struct Faults {
     /// (`Pending::Set`). The sets found before it leave it out, so that
     /// their seeds replay as they were found.
     set_ids: bool,
+    /// The writes beside the kept replay ([`Faults::writes_beside`]) also
+    /// set a new `CKA_ID`, on any object, those on their way to the member
+    /// catching up too: a change of attributes kept for it, and a later
+    /// change behind it. Open defects: off by default, `SIM_SETS_BESIDE=1`
+    /// adds it to the set a run draws (see `docs/design.md`, "New IDs in
+    /// those writes").
+    sets_beside: bool,
 }
 
 impl Faults {
@@ -144,6 +151,7 @@ impl Faults {
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
+        sets_beside: false,
     };
     /// The default schedules before new IDs joined the writes during a
     /// returning member's replay ([`Faults::set_ids`]).
@@ -174,6 +182,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -187,6 +196,7 @@ impl Faults {
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
+        sets_beside: false,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -199,6 +209,7 @@ impl Faults {
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
+        sets_beside: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -212,6 +223,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -225,6 +237,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -238,6 +251,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -251,12 +265,22 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        match std::env::var("SIM_SPARES").as_deref() {
+        let chosen = match std::env::var("SIM_SPARES").as_deref() {
             Ok("1") => Faults {
                 spares: 50,
                 ..chosen
             },
             Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
+            Err(_) => chosen,
+        };
+        match std::env::var("SIM_SETS_BESIDE").as_deref() {
+            Ok("1") => Faults {
+                sets_beside: true,
+                ..chosen
+            },
+            Ok(other) => {
+                panic!("SIM_SETS_BESIDE is 1 (new IDs beside the kept replay), not {other:?}")
+            }
             Err(_) => chosen,
         }
     }
@@ -271,6 +295,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -283,6 +308,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -295,6 +321,7 @@ impl Faults {
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
+        sets_beside: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1603,7 +1630,9 @@ impl Schedule<'_> {
             let Some(session) = self.threads[t].session else {
                 continue;
             };
-            if self.writer_rng.chance(70) {
+            if self.faults.sets_beside && self.writer_rng.chance(25) {
+                self.set_id_where(t, session, &|_| true);
+            } else if self.writer_rng.chance(70) {
                 let kind = self.writer_rng.below(3);
                 let token = self.writer_rng.chance(70);
                 self.make_object(t, session, kind, token);
@@ -2645,7 +2674,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -2654,7 +2683,8 @@ fn seeded_schedules_keep_every_invariant() {
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
         },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
+        if faults.sets_beside { "SIM_SETS_BESIDE=1 " } else { "" }
     );
 }
 
