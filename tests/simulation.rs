@@ -609,6 +609,15 @@ impl Rng {
     }
 }
 
+/// A template attribute of `len` bytes at `p`.
+fn attribute(t: CK_ATTRIBUTE_TYPE, p: *const u8, len: usize) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_: t,
+        pValue: p as *mut _,
+        ulValueLen: len as CK_ULONG,
+    }
+}
+
 fn sha256(parts: &[&[u8]]) -> Vec<u8> {
     let mut hash = Sha256::new();
     for part in parts {
@@ -1053,17 +1062,31 @@ impl Schedule<'_> {
 
     /// Makes an object of `kind` (0: data, 1: imported key, 2: generated
     /// key), on the token or in the session.
+    /// `C_CreateObject` of `template` on `session`: its answer and handle.
+    fn create(
+        &self,
+        session: CK_SESSION_HANDLE,
+        template: &mut [CK_ATTRIBUTE],
+    ) -> (CK_RV, CK_OBJECT_HANDLE) {
+        let mut handle = 0;
+        // SAFETY: the template's buffers outlive the call.
+        let rv = unsafe {
+            self.f.C_CreateObject.unwrap()(
+                session,
+                template.as_mut_ptr(),
+                template.len() as CK_ULONG,
+                &mut handle,
+            )
+        };
+        (rv, handle)
+    }
+
     fn make_object(&mut self, t: usize, session: CK_SESSION_HANDLE, kind: u64, token: bool) {
         self.serial += 1;
         let label = format!("obj-{}", self.serial).into_bytes();
         let yes: CK_BBOOL = CK_TRUE;
         let no: CK_BBOOL = CK_FALSE;
         let on_token = if token { &yes } else { &no };
-        let attribute = |t: CK_ATTRIBUTE_TYPE, p: *const u8, len: usize| CK_ATTRIBUTE {
-            type_: t,
-            pValue: p as *mut _,
-            ulValueLen: len as CK_ULONG,
-        };
         let flag = |t, v: &CK_BBOOL| attribute(t, v as *const CK_BBOOL, 1);
         let key_class = CKO_SECRET_KEY;
         let data_class = CKO_DATA;
@@ -1086,15 +1109,8 @@ impl Schedule<'_> {
                 ));
                 template.push(flag(CKA_PRIVATE, &no));
                 template.push(attribute(CKA_VALUE, value.as_ptr(), value.len()));
-                // SAFETY: the template's buffers outlive the call.
-                let rv = unsafe {
-                    self.f.C_CreateObject.unwrap()(
-                        session,
-                        template.as_mut_ptr(),
-                        template.len() as CK_ULONG,
-                        &mut handle,
-                    )
-                };
+                let rv;
+                (rv, handle) = self.create(session, &mut template);
                 (rv, None, Some(value.clone()))
             }
             1 => {
@@ -1106,15 +1122,8 @@ impl Schedule<'_> {
                 }
                 template.push(flag(CKA_SENSITIVE, sensitive));
                 template.push(flag(CKA_EXTRACTABLE, extractable));
-                // SAFETY: the template's buffers outlive the call.
-                let rv = unsafe {
-                    self.f.C_CreateObject.unwrap()(
-                        session,
-                        template.as_mut_ptr(),
-                        template.len() as CK_ULONG,
-                        &mut handle,
-                    )
-                };
+                let rv;
+                (rv, handle) = self.create(session, &mut template);
                 (rv, Some(value.clone()), None)
             }
             _ => {
@@ -2797,11 +2806,6 @@ fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
             let session = s.threads[0].session.expect("a session");
             let (label, value) = (b"locked".to_vec(), vec![7u8; 32]);
             let (class, kind, yes, no) = (CKO_SECRET_KEY, CKK_AES, CK_TRUE, CK_FALSE);
-            let attribute = |t: CK_ATTRIBUTE_TYPE, p: *const u8, len: usize| CK_ATTRIBUTE {
-                type_: t,
-                pValue: p as *mut _,
-                ulValueLen: len as CK_ULONG,
-            };
             let ulong = std::mem::size_of::<CK_ULONG>();
             let mut template = [
                 attribute(CKA_CLASS, &class as *const _ as *const u8, ulong),
@@ -2812,16 +2816,7 @@ fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
                 attribute(CKA_ENCRYPT, &yes, 1),
                 attribute(CKA_EXTRACTABLE, &no, 1),
             ];
-            let mut object = 0;
-            // SAFETY: the template's buffers outlive the call.
-            let rv = unsafe {
-                s.f.C_CreateObject.unwrap()(
-                    session,
-                    template.as_mut_ptr(),
-                    template.len() as CK_ULONG,
-                    &mut object,
-                )
-            };
+            let (rv, object) = s.create(session, &mut template);
             ensure!(rv == CKR_OK, "the key was made: {rv:#x}");
             s.made.push(Made {
                 label,
@@ -3177,11 +3172,6 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
             let create = |s: &mut Schedule| {
                 let class = CKO_DATA;
                 let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
-                let attribute = |t, p: *const u8, len: usize| CK_ATTRIBUTE {
-                    type_: t,
-                    pValue: p as *mut _,
-                    ulValueLen: len as CK_ULONG,
-                };
                 let mut template = [
                     attribute(CKA_CLASS, &class as *const _ as *const u8, 8),
                     attribute(CKA_TOKEN, &yes, 1),
@@ -3189,16 +3179,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                     attribute(CKA_LABEL, label.as_ptr(), label.len()),
                     attribute(CKA_VALUE, value.as_ptr(), value.len()),
                 ];
-                let mut handle = 0;
-                // SAFETY: the template's buffers outlive the call.
-                let rv = unsafe {
-                    s.f.C_CreateObject.unwrap()(
-                        session,
-                        template.as_mut_ptr(),
-                        template.len() as CK_ULONG,
-                        &mut handle,
-                    )
-                };
+                let (rv, handle) = s.create(session, &mut template);
                 s.note(format!(
                     "t0 make {} -> {rv:#x} {handle}",
                     String::from_utf8_lossy(&label)
