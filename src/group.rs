@@ -2200,8 +2200,8 @@ impl Group {
         self.abandoned.lock().get(&object).cloned()
     }
 
-    /// The objects queued or kept to be created on a member, and those
-    /// calls under way are still making ([`Group::making_object`]): each
+    /// The objects queued or kept to be created or changed on a member,
+    /// and those calls under way are still making ([`Group::making_object`]): each
     /// comes to the member by its queue, the replay of kept changes or its
     /// call, not by synchronisation. Kept ones left out, a member that
     /// served first and failed again before they were made had each key
