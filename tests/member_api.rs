@@ -2355,3 +2355,137 @@ fn a_pass_leaves_objects_kept_for_a_serving_member_to_their_replay() {
     assert_eq!(copies_on_each_member(&member, label), vec![1, 1]);
     v.close();
 }
+
+/// Members `positions`, out while changes were made, serve first: what
+/// they missed is kept for them, as at a return with a long backlog.
+fn serving_first_owing(group: &Group, positions: &[usize]) {
+    for &position in positions {
+        for change in group.take_pending(position) {
+            group.defer(position, change);
+        }
+        group.members[position].set_state(MemberState::Up);
+    }
+}
+
+/// Calls held inside an in-memory library until the test lets them go:
+/// the stalled ones ([`Fault::Stall`]) on any token, and the changes the
+/// library makes on the tokens `changes_held` names. Each held call
+/// reports its token on `held` and waits for the gate, which the test
+/// holds shut ([`HeldCalls::shut`]) as long as it wants them held.
+struct HeldCalls {
+    held: mpsc::Receiver<usize>,
+    gate: Arc<parking_lot::RwLock<()>>,
+}
+
+impl HeldCalls {
+    fn on(
+        member: &SimMember,
+        changes_held: impl Fn(usize) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let (report, held) = mpsc::channel();
+        let gate = Arc::new(parking_lot::RwLock::new(()));
+        let hold = {
+            let gate = Arc::clone(&gate);
+            let report = Mutex::new(report);
+            Arc::new(move |token: usize| {
+                // The test may have stopped listening (it failed).
+                let _ = report.lock().send(token);
+                drop(gate.read());
+            })
+        };
+        let on_stall = Arc::clone(&hold);
+        member.on_stall(move |token| on_stall(token));
+        member.on_change(move |token| {
+            if changes_held(token) {
+                hold(token);
+            }
+        });
+        HeldCalls { held, gate }
+    }
+
+    /// Holds the calls until the guard is dropped: taken inside the
+    /// test's thread scope, a failed assertion lets them go before the
+    /// scope waits for its threads.
+    fn shut(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.gate.write()
+    }
+
+    /// The token of the next call held; fails after a minute.
+    fn next(&self) -> usize {
+        self.held
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a call is held")
+    }
+}
+
+/// Polls until a call waits for a kept object; fails if `caller` returned
+/// instead, or after a minute.
+fn until_waiting_for_kept<T>(group: &Group, caller: &std::thread::ScopedJoinHandle<'_, T>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group.calls_waiting_for_kept_objects() == 0 {
+        assert!(!caller.is_finished(), "the call returned without waiting");
+        assert!(Instant::now() < deadline, "no call waits for a kept object");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A search whose member fails under it -- member 2, the only one lacking
+/// nothing -- while members 0 and 1 serve first, each owed a data object
+/// and the key it looks for, moves to member 0, the first in the order a
+/// search starts in: it waits there for the key, made first, and finds
+/// it, although member 1 is less busy (member 0 holds two calls) and
+/// still lacks the key (its replay is held after its first object). Moved
+/// to the least busy, as other calls are, it waited for the key on member
+/// 0 and ran on member 1, finding nothing (the soak's "found 0 objects, a
+/// second search found 1").
+#[test]
+fn a_moved_search_runs_where_it_waited_for_the_kept_objects_not_on_the_least_busy() {
+    let (member, group) = memory_group(3, 63);
+    // The test plays the recovery thread that makes what calls wait for.
+    group.set_replays_on_request(true);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    import_token_object(&v, data_object(b"made before the key", b"data")).expect("an import");
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    serving_first_owing(&group, &[0, 1]);
+    start_search_for_label(&v, KEPT_KEY.as_bytes());
+    assert_eq!(v.bound_member(), Some(2), "the search began on member 2");
+    member.sim.lock().set_fault(2, Fault::Crash);
+    let mut sessions = [CK_INVALID_HANDLE; 2];
+    for session in &mut sessions {
+        assert_eq!(
+            member.open_session(FIRST_SLOT, CKF_SERIAL_SESSION, session),
+            CKR_OK
+        );
+    }
+    let calls = HeldCalls::on(&member, |token| token == 1);
+
+    let found = std::thread::scope(|scope| {
+        let shut = calls.shut();
+        let caller = scope.spawn(|| found_then_final(&v));
+        until_waiting_for_kept(&group, &caller);
+        assert_eq!(group.members[2].state(), MemberState::Down);
+        for session in sessions {
+            member.sim.lock().set_fault(0, Fault::Stall);
+            let (group, member) = (&group, &member);
+            scope.spawn(move || {
+                let _on_member_0 = group.members[0].begin_call();
+                member.generate_random(session, Some(&mut [0u8; 16][..]))
+            });
+            assert_eq!(calls.next(), 0, "a call is held on member 0");
+        }
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        let found = caller.join().expect("the search returns");
+        drop(shut);
+        replay.join().expect("the replay ends");
+        found
+    });
+    assert_eq!(found, [key], "the moved search finds the kept key");
+    assert_eq!(
+        copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+        [1, 1, 1]
+    );
+    v.close();
+}
