@@ -22,7 +22,7 @@ use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
     log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, ReplayingDeferred,
-    MAKING_LANE,
+    Waits, MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -2369,13 +2369,17 @@ fn serving_first_owing(group: &Group, positions: &[usize]) {
 
 /// Calls held inside an in-memory library until the test lets them go:
 /// the stalled ones ([`Fault::Stall`]) on any token, and the changes the
-/// library makes on the tokens `changes_held` names. Each held call
-/// reports its token on `held` and waits for the gate, which the test
-/// holds shut ([`HeldCalls::shut`]) as long as it wants them held.
+/// library makes on the tokens `changes_held` names (carried out, before
+/// they return). Each held call reports its token ([`HeldCalls::next`])
+/// and waits to be let go, one at a time ([`Holding::let_one_go`]) or all
+/// at once when the test's [`Holding`] ends.
 struct HeldCalls {
     held: mpsc::Receiver<usize>,
-    gate: Arc<parking_lot::RwLock<()>>,
+    resume: Mutex<Option<mpsc::Sender<()>>>,
 }
+
+/// Calls are held while it lives ([`HeldCalls::holding`]).
+struct Holding<'a>(&'a HeldCalls);
 
 impl HeldCalls {
     fn on(
@@ -2383,14 +2387,14 @@ impl HeldCalls {
         changes_held: impl Fn(usize) -> bool + Send + Sync + 'static,
     ) -> Self {
         let (report, held) = mpsc::channel();
-        let gate = Arc::new(parking_lot::RwLock::new(()));
+        let (resume, resumed) = mpsc::channel::<()>();
         let hold = {
-            let gate = Arc::clone(&gate);
-            let report = Mutex::new(report);
+            let (report, resumed) = (Mutex::new(report), Mutex::new(resumed));
             Arc::new(move |token: usize| {
                 // The test may have stopped listening (it failed).
                 let _ = report.lock().send(token);
-                drop(gate.read());
+                // Let go one at a time, or for good once the sender is gone.
+                let _ = resumed.lock().recv();
             })
         };
         let on_stall = Arc::clone(&hold);
@@ -2400,14 +2404,17 @@ impl HeldCalls {
                 hold(token);
             }
         });
-        HeldCalls { held, gate }
+        HeldCalls {
+            held,
+            resume: Mutex::new(Some(resume)),
+        }
     }
 
-    /// Holds the calls until the guard is dropped: taken inside the
-    /// test's thread scope, a failed assertion lets them go before the
-    /// scope waits for its threads.
-    fn shut(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
-        self.gate.write()
+    /// Holds the calls until the guard ends: taken inside the test's
+    /// thread scope, a failed assertion lets them go before the scope
+    /// waits for its threads.
+    fn holding(&self) -> Holding<'_> {
+        Holding(self)
     }
 
     /// The token of the next call held; fails after a minute.
@@ -2415,6 +2422,21 @@ impl HeldCalls {
         self.held
             .recv_timeout(Duration::from_secs(60))
             .expect("a call is held")
+    }
+}
+
+impl Holding<'_> {
+    /// Lets one held call go on.
+    fn let_one_go(&self) {
+        if let Some(resume) = &*self.0.resume.lock() {
+            resume.send(()).expect("held calls listen");
+        }
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.resume.lock().take();
     }
 }
 
@@ -2463,7 +2485,7 @@ fn a_moved_search_runs_where_it_waited_for_the_kept_objects_not_on_the_least_bus
     let calls = HeldCalls::on(&member, |token| token == 1);
 
     let found = std::thread::scope(|scope| {
-        let shut = calls.shut();
+        let holding = calls.holding();
         let caller = scope.spawn(|| found_then_final(&v));
         until_waiting_for_kept(&group, &caller);
         assert_eq!(group.members[2].state(), MemberState::Down);
@@ -2478,7 +2500,7 @@ fn a_moved_search_runs_where_it_waited_for_the_kept_objects_not_on_the_least_bus
         }
         let replay = scope.spawn(|| recovery::replay_deferred(&group));
         let found = caller.join().expect("the search returns");
-        drop(shut);
+        drop(holding);
         replay.join().expect("the replay ends");
         found
     });
@@ -2487,5 +2509,103 @@ fn a_moved_search_runs_where_it_waited_for_the_kept_objects_not_on_the_least_bus
         copies_on_each_member(&member, KEPT_KEY.as_bytes()),
         [1, 1, 1]
     );
+    v.close();
+}
+
+/// Imports a data object labelled `label` through `v`.
+fn import_labelled(v: &VirtualSession, label: &str) {
+    import_token_object(v, data_object(label.as_bytes(), b"data")).expect("an import");
+}
+
+/// A member that a call waits on for an object goes next in the replay of
+/// kept changes, out of turn: members 0 and 1 have each been given the
+/// first of the five changes kept for them when a call starts waiting for
+/// the key kept for member 1, and the key is made on member 1 next, before
+/// member 0's second change, whose turn it was. The call waits as one that
+/// finds the key on no serving member and on its way to member 1 does
+/// ([`Group::wait_for_kept`]). Taken one member after another, a call
+/// waiting for a key kept for the second member waited behind the first
+/// member's whole backlog (the soak: 98 changes).
+#[test]
+fn a_member_a_call_waits_on_for_a_kept_key_is_given_it_next() {
+    let (member, group) = memory_group(3, 64);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..4 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    serving_first_owing(&group, &[0, 1]);
+    let calls = HeldCalls::on(&member, |token| token < 2);
+
+    let waited = std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "member 1's first change is made");
+        let caller = scope.spawn(|| group.wait_for_kept(1, &[key], &mut Waits::default()));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "member 1 goes again");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [0, 1, 1],
+            "the key the call waits for is made on member 1"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        caller.join().expect("the call returns")
+    });
+    assert!(waited, "the call waited for the key");
+    assert_eq!(
+        copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+        [1, 1, 1]
+    );
+    for token in 0..2 {
+        let made = labels_in_order(&member, token);
+        let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+        assert_eq!(kept, 5, "member {token} was given all: {made:?}");
+    }
+    v.close();
+}
+
+/// The replay of kept changes gives the members their changes in turns:
+/// member 1, owed one change, lacks nothing once the replay has made two
+/// -- searches then run there ([`Group::search_home`]) -- while member 0
+/// has three of its four still to come. Taken one member after another,
+/// member 1 lacked its object until member 0's whole backlog was made.
+#[test]
+fn kept_changes_are_given_to_the_members_in_turns() {
+    let (member, group) = memory_group(3, 65);
+    let v = logged_in_session(&group);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..3 {
+        import_labelled(&v, &format!("missed by member 0 {n}"));
+    }
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    import_labelled(&v, "missed by both");
+    serving_first_owing(&group, &[0, 1]);
+    let calls = HeldCalls::on(&member, |token| token == 0);
+
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "member 0's second change is made");
+        assert!(
+            !group.lacks_objects(1),
+            "member 1 was given its change in between"
+        );
+        assert_eq!(group.search_home(), Some(1), "searches run on member 1");
+        assert!(group.lacks_objects(0));
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    assert_eq!(copies_on_each_member(&member, b"missed by both"), [1, 1, 1]);
+    assert!(!group.lacks_objects(0), "member 0 was given the rest");
     v.close();
 }
