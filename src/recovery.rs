@@ -2065,22 +2065,21 @@ pub fn replay_deferred(group: &Arc<Group>) -> usize {
 /// goes next: one member's replay after another's, a call waiting for a key
 /// on the second waited behind the whole backlog of the first, and failed
 /// (the soak: two members serving first with 98 and 41 changes kept, the
-/// keys only on the third, which failed).
+/// keys only on the third, which failed). A member that comes to serve
+/// first while it runs takes turns from then on: left to the next replay,
+/// which waits for this one, a call waiting for a key on its way to it
+/// waited behind the whole backlog of the member serving before it
+/// (`tests/member_api.rs`).
 fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     let worker = VirtualSession::internal(Arc::clone(group));
-    let mut replays: Vec<KeptReplay> = group
-        .up_members()
-        .map(|m| KeptReplay {
-            position: m.position,
-            left: group.kept_count(m.position),
-            holdings: None,
-            read: false,
-            removals: Vec::new(),
-        })
-        .collect();
+    let mut replays: Vec<KeptReplay> = Vec::new();
     let mut made = 0;
     let mut turn = 0;
-    while let Some(i) = next_kept_turn(group, &replays, &mut turn) {
+    loop {
+        take_in_serving(group, &mut replays);
+        let Some(i) = next_kept_turn(group, &replays, &mut turn) else {
+            break;
+        };
         let replay = &mut replays[i];
         if !replay.read {
             replay.holdings = read_for_kept(group, &worker, replay.position, replay.left);
@@ -2098,14 +2097,33 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
 /// One serving member's part of [`replay_kept`].
 struct KeptReplay {
     position: usize,
-    /// How many of the changes kept when the replay began are still to be
-    /// taken; those kept again go behind them.
+    /// How many of the changes kept when the member joined the replay are
+    /// still to be taken; those kept again go behind them.
     left: usize,
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
     /// Removals kept again: a change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
+}
+
+/// Takes the serving members not in `replays` yet into [`replay_kept`],
+/// each with the changes kept for it now: at its start, every one; later,
+/// one that came to serve since. Once in, a member is not taken in again:
+/// the changes kept for it meanwhile, kept again among them, wait for the
+/// next replay.
+fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>) {
+    for member in group.up_members() {
+        if replays.iter().all(|r| r.position != member.position) {
+            replays.push(KeptReplay {
+                position: member.position,
+                left: group.kept_count(member.position),
+                holdings: None,
+                read: false,
+                removals: Vec::new(),
+            });
+        }
+    }
 }
 
 /// The member whose turn it is in [`replay_kept`]: one a call waits for an

@@ -2609,3 +2609,86 @@ fn kept_changes_are_given_to_the_members_in_turns() {
     assert!(!group.lacks_objects(0), "member 0 was given the rest");
     v.close();
 }
+
+/// Ends every wait for a member or a kept object if the test fails, so
+/// that it fails instead of waiting for its threads for good.
+struct StopWaitingOnPanic<'a>(&'a Group);
+
+impl Drop for StopWaitingOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop_waiting();
+        }
+    }
+}
+
+/// After every member was out, member 1 returns first and serves first;
+/// the replay of what it missed is under way when member 0 returns and
+/// serves first too (owed more than a return replays before serving). A
+/// call naming a key both are owed waits on member 0, the first serving
+/// member it is on its way to, and the key is made there next: member 0
+/// joins the replay's turns. Left to the replay after, the call waited
+/// behind member 1's whole backlog.
+#[test]
+fn a_member_serving_first_while_the_kept_changes_are_made_joins_their_turns() {
+    const OWED: usize = 26;
+    let (member, group) = memory_group(3, 66);
+    let host = MemoryHost::new(&group, &member);
+    let v = logged_in_session(&group);
+    for token in 0..2 {
+        member.sim.lock().set_fault(token, Fault::Crash);
+        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..OWED - 1 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    member.sim.lock().set_fault(2, Fault::Crash);
+    group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
+    member.sim.lock().heal(1);
+    let calls = HeldCalls::on(&member, |token| token < 2);
+
+    let started = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let holding = calls.holding();
+        let first_back = scope.spawn(|| recovery::recover_failed_members(&host));
+        assert_eq!(
+            calls.next(),
+            1,
+            "member 1 serves and is given its first change"
+        );
+        assert_eq!(group.members[1].state(), MemberState::Up);
+        member.sim.lock().heal(0);
+        let second_back = scope.spawn(|| recovery::recover_failed_members(&host));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.members[0].state() != MemberState::Up {
+            assert!(Instant::now() < deadline, "member 0 does not serve");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(group.kept_count(0), OWED, "member 0 serves first, owed all");
+        let caller = scope.spawn(|| encrypt_init(&v, key).map_err(|e| e.rv));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "member 0 is given a change next");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0, 1],
+            "the key the call waits for, on member 0"
+        );
+        drop(holding);
+        first_back.join().expect("member 1's recovery ends");
+        second_back.join().expect("member 0's recovery ends");
+        caller.join().expect("the call returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    let data = [1u8; 32];
+    let mut expected = data;
+    token::keystream_xor(&KEPT_VALUE, 0, &mut expected);
+    assert_eq!(encrypt_finish(&v, &data).expect("C_Encrypt"), expected);
+    for token in 0..2 {
+        let made = labels_in_order(&member, token);
+        let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+        assert_eq!(kept, OWED, "member {token} was given all: {made:?}");
+    }
+    v.close();
+}
