@@ -2033,15 +2033,16 @@ impl Group {
         true
     }
 
-    /// Whether a call waits for an object kept for member `position`
-    /// ([`Group::wait_for_kept`]).
-    pub fn kept_object_wanted(&self, position: usize) -> bool {
+    /// Whether a call waits for an object ([`Group::wait_for_kept`]) that
+    /// one of the first `window` changes kept for member `position` makes.
+    pub fn kept_object_wanted(&self, position: usize, window: usize) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
         replay.wanted.iter().any(|(p, object)| {
             *p == position
                 && deferred[position]
                     .iter()
+                    .take(window)
                     .any(|c| made_object(c) == Some(*object))
         })
     }

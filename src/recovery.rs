@@ -2077,7 +2077,7 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     let mut turn = 0;
     loop {
         take_in_serving(group, &mut replays);
-        let Some(i) = next_kept_turn(group, &replays, &mut turn) else {
+        let Some(i) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
         let replay = &mut replays[i];
@@ -2097,14 +2097,18 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
 /// One serving member's part of [`replay_kept`].
 struct KeptReplay {
     position: usize,
-    /// How many of the changes kept when the member joined the replay are
-    /// still to be taken; those kept again go behind them.
+    /// How many of the changes kept when the member joined the replay (or
+    /// when its share was widened, [`next_kept_turn`]) are still to be
+    /// taken; those kept again go behind them.
     left: usize,
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
     /// Removals kept again: a change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
+    /// Whether `left` was widened to a change kept after the member joined
+    /// ([`next_kept_turn`]).
+    widened: bool,
 }
 
 /// Takes the serving members not in `replays` yet into [`replay_kept`],
@@ -2121,19 +2125,34 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>) {
                 holdings: None,
                 read: false,
                 removals: Vec::new(),
+                widened: false,
             });
         }
     }
 }
 
-/// The member whose turn it is in [`replay_kept`]: one a call waits for an
-/// object on, else the next in turn after `turn`; `None` once none has
-/// changes left.
-fn next_kept_turn(group: &Group, replays: &[KeptReplay], turn: &mut usize) -> Option<usize> {
+/// The member whose turn it is in [`replay_kept`]: one whose share holds
+/// an object a call waits for, else the next in turn after `turn`; `None`
+/// once none has changes left. Where a call waits for an object kept for a
+/// member after it joined -- written while it catches up, as the other
+/// members were made current -- its share first takes in everything kept
+/// for it now, once (so a change kept again is not taken again and again):
+/// left out, the call waited for every member's whole share and the next
+/// replay (`tests/member_api.rs`), and the member, going first for it,
+/// held the others back without making it.
+fn next_kept_turn(group: &Group, replays: &mut [KeptReplay], turn: &mut usize) -> Option<usize> {
+    for replay in replays.iter_mut().filter(|r| !r.widened) {
+        if group.kept_object_wanted(replay.position, usize::MAX)
+            && !group.kept_object_wanted(replay.position, replay.left)
+        {
+            replay.left = group.kept_count(replay.position);
+            replay.widened = true;
+        }
+    }
     let count = replays.len();
     let wanted = replays
         .iter()
-        .position(|r| r.left > 0 && group.kept_object_wanted(r.position));
+        .position(|r| r.left > 0 && group.kept_object_wanted(r.position, r.left));
     let next = wanted.or_else(|| {
         (0..count)
             .map(|k| (*turn + k) % count)

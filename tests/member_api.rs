@@ -2692,3 +2692,118 @@ fn a_member_serving_first_while_the_kept_changes_are_made_joins_their_turns() {
     }
     v.close();
 }
+
+/// A key imported while members 0 and 1 are given their kept changes
+/// -- made on member 2, the only one not catching up, and kept for them
+/// behind what the replay took in -- is made next on member 0 once member
+/// 2 has failed and a call naming it waits there: it does not wait for
+/// the replay to end. Left behind the replay's share, the call waited for
+/// every member's whole share (past `memberTimeout` on long backlogs: the
+/// soak's members catching up while the only complete one was down).
+#[test]
+fn a_key_kept_during_the_replay_is_made_next_for_a_call_waiting_for_it() {
+    let (member, group) = memory_group(3, 67);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..4 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    serving_first_owing(&group, &[0, 1]);
+    let calls = HeldCalls::on(&member, |token| token < 2);
+
+    let started = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let key = import_token_object(&v, kept_key()).expect("the key is imported");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [0, 0, 1],
+            "made on member 2 alone, kept for the members catching up"
+        );
+        member.sim.lock().set_fault(2, Fault::Crash);
+        group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
+        let v = &v;
+        let caller = scope.spawn(move || encrypt_init(v, key).map_err(|e| e.rv));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "member 0 is given a change next");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0, 1],
+            "the key the call waits for, on member 0"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        caller.join().expect("the call returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    recovery::replay_deferred(&group);
+    assert_eq!(
+        copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+        [1, 1, 1]
+    );
+    v.close();
+}
+
+/// A member goes out of turn in the replay of kept changes only for an
+/// object its share of the replay makes: once its share has taken in the
+/// changes kept for it during the replay, for a call waiting for one of
+/// them, a second call waiting for an object kept after that leaves the
+/// turns as they are -- member 1 is given its change next. Going first
+/// for an object its share does not hold, member 0 made its other changes
+/// ahead of every other member's without making the object.
+#[test]
+fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
+    let (member, group) = memory_group(3, 68);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..4 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    serving_first_owing(&group, &[0, 1]);
+    let calls = HeldCalls::on(&member, |token| token < 2);
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let key = import_token_object(&v, kept_key()).expect("the key is imported");
+        let first = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::default()));
+        until_waiting_for_kept(group, &first);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "member 0 is given the key");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0, 1]
+        );
+        let later = import_token_object(&v, data_object(b"kept later", b"data"))
+            .expect("an import on member 2");
+        let second = scope.spawn(move || group.wait_for_kept(0, &[later], &mut Waits::default()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.calls_waiting_for_kept_objects() < 2 {
+            assert!(!second.is_finished(), "the second call returned");
+            assert!(Instant::now() < deadline, "the second call does not wait");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "member 1 is given its change in turn");
+        drop(holding);
+        replay.join().expect("the replay ends");
+        recovery::replay_deferred(group);
+        (
+            first.join().expect("the first call returns"),
+            second.join().expect("the second call returns"),
+        )
+    });
+    assert_eq!(waited, (true, true), "both calls waited for their object");
+    assert_eq!(copies_on_each_member(&member, b"kept later"), [1, 1, 1]);
+    v.close();
+}
