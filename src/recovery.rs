@@ -2066,17 +2066,16 @@ pub fn replay_deferred(group: &Arc<Group>) -> usize {
 /// on the second waited behind the whole backlog of the first, and failed
 /// (the soak: two members serving first with 98 and 41 changes kept, the
 /// keys only on the third, which failed). A member that comes to serve
-/// first while it runs takes turns from then on: left to the next replay,
-/// which waits for this one, a call waiting for a key on its way to it
-/// waited behind the whole backlog of the member serving before it
-/// (`tests/member_api.rs`).
+/// first while it runs joins it ([`take_in_serving`]).
 fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     let worker = VirtualSession::internal(Arc::clone(group));
     let mut replays: Vec<KeptReplay> = Vec::new();
     let mut made = 0;
     let mut turn = 0;
+    let mut late = false;
     loop {
-        take_in_serving(group, &mut replays);
+        take_in_serving(group, &mut replays, late);
+        late = true;
         let Some(i) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
@@ -2109,14 +2108,23 @@ struct KeptReplay {
     /// Whether `left` was widened to a change kept after the member joined
     /// ([`next_kept_turn`]).
     widened: bool,
+    /// Whether the member joined after the replay began ([`take_in_serving`]).
+    late: bool,
 }
 
 /// Takes the serving members not in `replays` yet into [`replay_kept`],
-/// each with the changes kept for it now: at its start, every one; later,
-/// one that came to serve since. Once in, a member is not taken in again:
-/// the changes kept for it meanwhile, kept again among them, wait for the
-/// next replay.
-fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>) {
+/// each with the changes kept for it now: at its start, every one; `late`,
+/// one that came to serve since (serving first). A late member goes out
+/// of turn for an object a call waits for, and takes turns only once the
+/// members the replay began with are done: left to the next replay, which
+/// waits for this one, a call waiting for a key on its way to it waited
+/// behind the whole backlog of the member that returned before it after
+/// every member was out; in the turns at once, it held back that member,
+/// the group's first to serve again, from lacking nothing
+/// (`tests/member_api.rs`). Once in, a member is not taken in again: the
+/// changes kept for it meanwhile, kept again among them, wait for the next
+/// replay.
+fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     for member in group.up_members() {
         if replays.iter().all(|r| r.position != member.position) {
             replays.push(KeptReplay {
@@ -2126,20 +2134,21 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>) {
                 read: false,
                 removals: Vec::new(),
                 widened: false,
+                late,
             });
         }
     }
 }
 
 /// The member whose turn it is in [`replay_kept`]: one whose share holds
-/// an object a call waits for, else the next in turn after `turn`; `None`
-/// once none has changes left. Where a call waits for an object kept for a
-/// member after it joined -- written while it catches up, as the other
-/// members were made current -- its share first takes in everything kept
-/// for it now, once (so a change kept again is not taken again and again):
-/// left out, the call waited for every member's whole share and the next
-/// replay (`tests/member_api.rs`), and the member, going first for it,
-/// held the others back without making it.
+/// an object a call waits for, else the next in turn after `turn` (a late
+/// one once no other has changes left); `None` once none has. Where a call
+/// waits for an object kept for a member after it joined -- one written
+/// while it catches up, made on the members that do not -- its share
+/// first takes in everything kept for it now, once (so a change kept again
+/// is not taken again and again): left out, the call waited for every
+/// member's whole share and the next replay (`tests/member_api.rs`), and
+/// the member, going first for it, held the others back without making it.
 fn next_kept_turn(group: &Group, replays: &mut [KeptReplay], turn: &mut usize) -> Option<usize> {
     for replay in replays.iter_mut().filter(|r| !r.widened) {
         if group.kept_object_wanted(replay.position, usize::MAX)
@@ -2153,11 +2162,14 @@ fn next_kept_turn(group: &Group, replays: &mut [KeptReplay], turn: &mut usize) -
     let wanted = replays
         .iter()
         .position(|r| r.left > 0 && group.kept_object_wanted(r.position, r.left));
-    let next = wanted.or_else(|| {
+    let in_turn = |late: bool| {
         (0..count)
             .map(|k| (*turn + k) % count)
-            .find(|i| replays[*i].left > 0)
-    })?;
+            .find(|i| replays[*i].left > 0 && replays[*i].late == late)
+    };
+    let next = wanted
+        .or_else(|| in_turn(false))
+        .or_else(|| in_turn(true))?;
     *turn = next + 1;
     Some(next)
 }

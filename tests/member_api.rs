@@ -2627,10 +2627,12 @@ impl Drop for StopWaitingOnPanic<'_> {
 /// serves first too (owed more than a return replays before serving). A
 /// call naming a key both are owed waits on member 0, the first serving
 /// member it is on its way to, and the key is made there next: member 0
-/// joins the replay's turns. Left to the replay after, the call waited
-/// behind member 1's whole backlog.
+/// joins the replay for it. Left to the replay after, the call waited
+/// behind member 1's whole backlog. Member 0 takes turns only once member
+/// 1, the first to serve again, has been given all it was owed: in the
+/// turns at once, it held member 1 back from lacking nothing.
 #[test]
-fn a_member_serving_first_while_the_kept_changes_are_made_joins_their_turns() {
+fn a_member_serving_first_while_the_kept_changes_are_made_joins_them_for_what_calls_wait_for() {
     const OWED: usize = 26;
     let (member, group) = memory_group(3, 66);
     let host = MemoryHost::new(&group, &member);
@@ -2675,6 +2677,14 @@ fn a_member_serving_first_while_the_kept_changes_are_made_joins_their_turns() {
             [1, 0, 1],
             "the key the call waits for, on member 0"
         );
+        let mut order = Vec::new();
+        for _ in 0..2 * (OWED - 1) {
+            holding.let_one_go();
+            order.push(calls.next());
+        }
+        let member_1_first: Vec<usize> =
+            [1, 0].iter().flat_map(|token| [*token; OWED - 1]).collect();
+        assert_eq!(order, member_1_first, "the tokens of the changes made next");
         drop(holding);
         first_back.join().expect("member 1's recovery ends");
         second_back.join().expect("member 0's recovery ends");
