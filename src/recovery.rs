@@ -823,7 +823,7 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempte
     let mut phases = Phases::start();
     match recover(provider, group, position, &mut phases) {
         Ok(copied) => {
-            group.log(
+            group.log_change(
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised {phases}"),
             );
