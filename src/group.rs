@@ -17,7 +17,6 @@ use cryptoki_sys::*;
 use parking_lot::{Mutex, RwLock};
 use smallvec::{smallvec, SmallVec};
 use std::cell::Cell;
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -834,6 +833,14 @@ impl Drop for ReplayingDeferred<'_> {
     }
 }
 
+/// The object a change makes, if it makes one.
+fn made_object(change: &Pending) -> Option<CK_OBJECT_HANDLE> {
+    match change {
+        Pending::Create(object) | Pending::Import(object, _) => Some(*object),
+        Pending::Destroy(_) | Pending::Orphans(_) => None,
+    }
+}
+
 /// Counts a call making objects while it lives.
 pub struct Making<'a>(&'a AtomicUsize);
 
@@ -970,14 +977,6 @@ impl Pending {
         match self {
             Pending::Destroy(print) | Pending::Orphans(print) => Some(print),
             Pending::Create(_) | Pending::Import(..) => None,
-        }
-    }
-
-    /// The object a change makes, if it makes one.
-    pub fn made_object(&self) -> Option<CK_OBJECT_HANDLE> {
-        match self {
-            Pending::Create(object) | Pending::Import(object, _) => Some(*object),
-            Pending::Destroy(_) | Pending::Orphans(_) => None,
         }
     }
 }
@@ -1920,17 +1919,9 @@ impl Group {
     /// be made now, counted as undelivered until
     /// [`Group::deferred_handled`]: the first, or one making an object a
     /// call waits for ([`Group::wait_for_kept`]) if no removal comes before
-    /// it -- among the first `left`, or among those kept since the replay
-    /// began that it has not `tried` (an object made while a member catches
-    /// up joins its kept changes behind a backlog that may outlast the
-    /// call's wait). Changes making objects depend on none of each other; a
-    /// removal must come before an object made after it.
-    pub fn next_deferred(
-        &self,
-        position: usize,
-        left: &mut usize,
-        tried: &HashSet<CK_OBJECT_HANDLE>,
-    ) -> Option<Pending> {
+    /// it. Changes making objects depend on none of each other; a removal
+    /// must come before an object made after it.
+    pub fn next_deferred(&self, position: usize, left: &mut usize) -> Option<Pending> {
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
         let window = (*left).min(kept.len());
@@ -1939,20 +1930,13 @@ impl Group {
             return None;
         }
         let mut replay = self.kept_replay.lock();
-        let wanted = kept
+        let wanted = kept[..window]
             .iter()
-            .enumerate()
-            .take_while(|(_, c)| c.removal().is_none())
-            .find(|(i, c)| {
-                c.made_object().is_some_and(|o| {
-                    replay.wanted.contains(&(position, o)) && (*i < window || !tried.contains(&o))
-                })
-            })
-            .map(|(i, _)| i);
-        let taken = wanted.unwrap_or(0);
-        let change = kept.remove(taken);
-        *left = if taken < window { window - 1 } else { window };
-        replay.making[position] = change.made_object();
+            .take_while(|c| c.removal().is_none())
+            .position(|c| made_object(c).is_some_and(|o| replay.wanted.contains(&(position, o))));
+        let change = kept.remove(wanted.unwrap_or(0));
+        *left = window - 1;
+        replay.making[position] = made_object(&change);
         self.deferred_underway[position].fetch_add(1, Ordering::Relaxed);
         Some(change)
     }
@@ -1988,7 +1972,7 @@ impl Group {
             && (replay.making[position] == Some(object)
                 || deferred[position]
                     .iter()
-                    .any(|c| c.made_object() == Some(object)))
+                    .any(|c| made_object(c) == Some(object)))
     }
 
     /// Says whether a recovery thread makes the kept changes calls ask for.
@@ -2065,7 +2049,7 @@ impl Group {
             *p == position
                 && deferred[position]
                     .iter()
-                    .any(|c| c.made_object() == Some(*object))
+                    .any(|c| made_object(c) == Some(*object))
         })
     }
 
@@ -2082,7 +2066,7 @@ impl Group {
         }
         deferred[position]
             .iter()
-            .filter_map(Pending::made_object)
+            .filter_map(made_object)
             .chain(replay.making[position])
             .collect()
     }
@@ -2219,12 +2203,12 @@ impl Group {
     pub fn queued_objects(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
         let mut queued: rustc_hash::FxHashSet<CK_OBJECT_HANDLE> = self.pending.lock()[position]
             .iter()
-            .filter_map(Pending::made_object)
+            .filter_map(made_object)
             .collect();
         queued.extend(
             self.deferred.lock()[position]
                 .iter()
-                .filter_map(Pending::made_object),
+                .filter_map(made_object),
         );
         queued.extend(self.unfinished.lock().iter().copied());
         queued
@@ -2234,7 +2218,7 @@ impl Group {
     /// for it, or still being made by its call (see
     /// [`Group::queued_objects`]).
     pub fn on_its_way(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
-        let makes = |change: &Pending| change.made_object() == Some(object);
+        let makes = |change: &Pending| made_object(change) == Some(object);
         self.pending.lock()[position].iter().any(makes)
             || self.deferred.lock()[position].iter().any(makes)
             || self.unfinished.lock().contains(&object)

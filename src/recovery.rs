@@ -2076,7 +2076,6 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
             holdings: None,
             read: false,
             removals: Vec::new(),
-            tried: HashSet::new(),
         })
         .collect();
     let mut made = 0;
@@ -2110,9 +2109,6 @@ struct KeptReplay {
     read: bool,
     /// Removals kept again: a change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
-    /// The objects whose changes this replay took, so that one kept again
-    /// is not taken again in it.
-    tried: HashSet<CK_OBJECT_HANDLE>,
 }
 
 /// The member whose turn it is in [`replay_kept`], and whether a call waits
@@ -2141,10 +2137,9 @@ fn next_kept_turn(
 /// rest replayed when it returns, before it serves.
 fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptReplay) -> usize {
     let position = replay.position;
-    let Some(change) = group.next_deferred(position, &mut replay.left, &replay.tried) else {
+    let Some(change) = group.next_deferred(position, &mut replay.left) else {
         return 0;
     };
-    replay.tried.extend(change.made_object());
     if worker.behind_a_removal(&replay.removals, &change) {
         group.defer(position, change);
         group.deferred_handled(position, 1);
