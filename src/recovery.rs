@@ -823,7 +823,7 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempte
     let mut phases = Phases::start();
     match recover(provider, group, position, &mut phases) {
         Ok(copied) => {
-            group.log(
+            group.log_change(
                 Some(position),
                 &format!("member recovered; {copied} objects replicated or synchronised {phases}"),
             );
@@ -2076,11 +2076,14 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     loop {
         take_in_serving(group, &mut replays, late);
         late = true;
-        let Some(i) = next_kept_turn(group, &mut replays, &mut turn) else {
+        let Some((i, wanted)) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
         let replay = &mut replays[i];
-        if !replay.read {
+        // A call waits for this change: it is made looking the member up,
+        // not after reading all the member holds (1.9 s for 4,500 objects
+        // in the long chaos run, against a wait of one memberTimeout).
+        if !replay.read && !wanted {
             replay.holdings = read_for_kept(group, &worker, replay.position, replay.left);
             replay.read = true;
         }
@@ -2140,16 +2143,21 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     }
 }
 
-/// The member whose turn it is in [`replay_kept`]: one whose share holds
-/// an object a call waits for, else the next in turn after `turn` (a late
-/// one once no other has changes left); `None` once none has. Where a call
+/// The member whose turn it is in [`replay_kept`], and whether a call waits
+/// for an object on it: one whose share holds an object a call waits for,
+/// else the next in turn after `turn` (a late one once no other has
+/// changes left); `None` once none has. Where a call
 /// waits for an object kept for a member after it joined -- one written
 /// while it catches up, made on the members that do not -- its share
 /// first takes in everything kept for it now, once (so a change kept again
 /// is not taken again and again): left out, the call waited for every
 /// member's whole share and the next replay (`tests/member_api.rs`), and
 /// the member, going first for it, held the others back without making it.
-fn next_kept_turn(group: &Group, replays: &mut [KeptReplay], turn: &mut usize) -> Option<usize> {
+fn next_kept_turn(
+    group: &Group,
+    replays: &mut [KeptReplay],
+    turn: &mut usize,
+) -> Option<(usize, bool)> {
     for replay in replays.iter_mut().filter(|r| !r.widened) {
         if group.kept_object_wanted(replay.position, usize::MAX)
             && !group.kept_object_wanted(replay.position, replay.left)
@@ -2171,7 +2179,7 @@ fn next_kept_turn(group: &Group, replays: &mut [KeptReplay], turn: &mut usize) -
         .or_else(|| in_turn(false))
         .or_else(|| in_turn(true))?;
     *turn = next + 1;
-    Some(next)
+    Some((next, wanted.is_some()))
 }
 
 /// Takes and makes the next change kept for `replay`'s member; returns how
