@@ -2517,6 +2517,28 @@ fn import_labelled(v: &VirtualSession, label: &str) {
     import_token_object(v, data_object(label.as_bytes(), b"data")).expect("an import");
 }
 
+/// A group of three in-memory members in which members 0 and 1, out while
+/// four data objects labelled "kept N" were imported (and whatever `also`
+/// imports after them), serve first owing them; the changes the library
+/// makes on their tokens are held ([`HeldCalls`]). Returns `also`'s result.
+fn two_serving_first_owing_four<T>(
+    seed: u64,
+    also: impl FnOnce(&VirtualSession) -> T,
+) -> (Arc<SimMember>, Arc<Group>, VirtualSession, HeldCalls, T) {
+    let (member, group) = memory_group(3, seed);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..4 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    let also = also(&v);
+    serving_first_owing(&group, &[0, 1]);
+    let calls = HeldCalls::on(&member, |token| token < 2);
+    (member, group, v, calls, also)
+}
+
 /// A member that a call waits on for an object goes next in the replay of
 /// kept changes, out of turn: members 0 and 1 have each been given the
 /// first of the five changes kept for them when a call starts waiting for
@@ -2528,17 +2550,9 @@ fn import_labelled(v: &VirtualSession, label: &str) {
 /// member's whole backlog (the soak: 98 changes).
 #[test]
 fn a_member_a_call_waits_on_for_a_kept_key_is_given_it_next() {
-    let (member, group) = memory_group(3, 64);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    for n in 0..4 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
-    serving_first_owing(&group, &[0, 1]);
-    let calls = HeldCalls::on(&member, |token| token < 2);
+    let (member, group, v, calls, key) = two_serving_first_owing_four(64, |v| {
+        import_token_object(v, kept_key()).expect("the key is imported on member 2")
+    });
 
     let waited = std::thread::scope(|scope| {
         let holding = calls.holding();
@@ -2712,16 +2726,7 @@ fn a_member_serving_first_while_the_kept_changes_are_made_joins_them_for_what_ca
 /// soak's members catching up while the only complete one was down).
 #[test]
 fn a_key_kept_during_the_replay_is_made_next_for_a_call_waiting_for_it() {
-    let (member, group) = memory_group(3, 67);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    for n in 0..4 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    serving_first_owing(&group, &[0, 1]);
-    let calls = HeldCalls::on(&member, |token| token < 2);
+    let (member, group, v, calls, ()) = two_serving_first_owing_four(67, |_| ());
 
     let started = std::thread::scope(|scope| {
         let _stop = StopWaitingOnPanic(&group);
@@ -2768,16 +2773,7 @@ fn a_key_kept_during_the_replay_is_made_next_for_a_call_waiting_for_it() {
 /// ahead of every other member's without making the object.
 #[test]
 fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
-    let (member, group) = memory_group(3, 68);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    for n in 0..4 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    serving_first_owing(&group, &[0, 1]);
-    let calls = HeldCalls::on(&member, |token| token < 2);
+    let (member, group, v, calls, ()) = two_serving_first_owing_four(68, |_| ());
 
     let waited = std::thread::scope(|scope| {
         let _stop = StopWaitingOnPanic(&group);
