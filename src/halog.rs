@@ -7,8 +7,9 @@
 //! is always written: an operator reconstructs outages from those lines.
 //! Any other event that repeats (the same text but for its numbers, for the
 //! same member) is written [`REPEATS_WRITTEN`] times per [`REPEAT_WINDOW`],
-//! then once per window with how many like it were left out. It never records a PIN or key
-//! material, and a write that fails never fails the application's call.
+//! then once per window with how many like it were left out. It never
+//! records a PIN or key material, and a write that fails never fails the
+//! application's call.
 
 use crate::fork::PerGeneration;
 use parking_lot::{Mutex, RwLock};
