@@ -1167,7 +1167,7 @@ impl Group {
                 "pkcs11-ha: group {} ({}): member {} {event}",
                 self.label, self.serial, member.serial
             );
-            self.log(Some(position), event);
+            self.log_change(Some(position), event);
             self.review_serving(crate::clock::now());
         }
     }
@@ -1294,7 +1294,7 @@ impl Group {
                     }
                     wake();
                 }
-                self.log(
+                self.log_change(
                     None,
                     "no member serving: calls on the group fail until a member returns",
                 );
@@ -1309,7 +1309,7 @@ impl Group {
                 let lasted = now.saturating_duration_since(o.since).as_secs_f64();
                 *outage = None;
                 drop(outage);
-                self.log(
+                self.log_change(
                     None,
                     &format!("serving again after {lasted:.1} s without a serving member"),
                 );
@@ -1681,6 +1681,13 @@ impl Group {
         crate::halog::record(&self.label, &self.serial, member, event);
     }
 
+    /// Records a change of the group's or a member's state in the HA log,
+    /// never left out as a repeat.
+    pub fn log_change(&self, position: Option<usize>, event: &str) {
+        let member = position.map(|p| self.members[p].serial.as_str());
+        crate::halog::record_change(&self.label, &self.serial, member, event);
+    }
+
     /// Queues a change for a member that is down or coming back. A member
     /// that serves gets nothing queued, since nothing replays the queue of a
     /// member that serves: the change is handed back, to be made on it now.
@@ -2047,15 +2054,16 @@ impl Group {
         true
     }
 
-    /// Whether a call waits for an object kept for member `position`
-    /// ([`Group::wait_for_kept`]).
-    pub fn kept_object_wanted(&self, position: usize) -> bool {
+    /// Whether a call waits for an object ([`Group::wait_for_kept`]) that
+    /// one of the first `window` changes kept for member `position` makes.
+    pub fn kept_object_wanted(&self, position: usize, window: usize) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
         replay.wanted.iter().any(|(p, object)| {
             *p == position
                 && deferred[position]
                     .iter()
+                    .take(window)
                     .any(|c| made_object(c) == Some(*object))
         })
     }
@@ -2517,10 +2525,12 @@ impl Group {
                     member
                         .rotation
                         .store(Rotation::Degraded as u8, Ordering::Relaxed);
-                    self.log(
+                    self.log_change(
                         Some(member.position),
                         &format!(
-                            "member degraded: its calls take {:.1} ms against {:.1} ms on the                              fastest other member; out of rotation, probed, until it is close                              to the others again",
+                            "member degraded: its calls take {:.1} ms against {:.1} ms on the \
+                             fastest other member; out of rotation, probed, until it is close \
+                             to the others again",
                             ms(latency),
                             ms(reference.unwrap_or(0))
                         ),
@@ -2533,10 +2543,11 @@ impl Group {
                         slot.store(0, Ordering::Relaxed);
                     }
                     member.rotation.store(Rotation::In as u8, Ordering::Relaxed);
-                    self.log(
+                    self.log_change(
                         Some(member.position),
                         &format!(
-                            "member no longer degraded: a probe took {:.1} ms against {:.1} ms                              on the fastest other member; back in rotation",
+                            "member no longer degraded: a probe took {:.1} ms against {:.1} ms \
+                             on the fastest other member; back in rotation",
                             ms(latency),
                             ms(reference.unwrap_or(0))
                         ),

@@ -2,11 +2,14 @@
 //! over, a recovery attempt and its result, objects replicated or
 //! synchronised, the group without a serving member and back), in
 //! `haErrorLog.txt` under `haLogPath`, rotated by renaming with a timestamp
-//! once the file passes `logLen` bytes. An event that repeats (the same
-//! text but for its numbers, for the same member) is written
-//! [`REPEATS_WRITTEN`] times per [`REPEAT_WINDOW`], then once per window
-//! with how many like it were left out. It never records a PIN or key
-//! material, and a write that fails never fails the application's call.
+//! once the file passes `logLen` bytes. A change of state (a member failed
+//! or serves again, the group without a serving member or serving again)
+//! is always written: an operator reconstructs outages from those lines.
+//! Any other event that repeats (the same text but for its numbers, for the
+//! same member) is written [`REPEATS_WRITTEN`] times per [`REPEAT_WINDOW`],
+//! then once per window with how many like it were left out. It never
+//! records a PIN or key material, and a write that fails never fails the
+//! application's call.
 
 use crate::fork::PerGeneration;
 use parking_lot::{Mutex, RwLock};
@@ -172,7 +175,26 @@ pub fn close() {
     LOG.get().write().take();
 }
 
-/// Appends one event line for a group, and for a member where there is one.
+/// Appends one line for a change of state of a group, or of a member where
+/// there is one, however often it happens.
+pub fn record_change(
+    group_label: &str,
+    group_serial: &str,
+    member_serial: Option<&str>,
+    event: &str,
+) {
+    if let Some(log) = LOG.get().read().as_ref() {
+        log.write(
+            group_label,
+            group_serial,
+            member_serial.unwrap_or("-"),
+            event,
+        );
+    }
+}
+
+/// Appends one event line for a group, and for a member where there is one,
+/// unless it is a repeat past [`REPEATS_WRITTEN`] in its window.
 pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>, event: &str) {
     let guard = LOG.get().read();
     let Some(log) = guard.as_ref() else {
@@ -276,6 +298,9 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
+    /// Tests that open the one process-wide log take turns.
+    static LOG_TESTS: Mutex<()> = Mutex::new(());
+
     #[test]
     fn timestamps_are_utc_calendar_dates() {
         let t = UNIX_EPOCH + Duration::from_millis(1_795_840_863_123);
@@ -340,6 +365,7 @@ mod tests {
 
     #[test]
     fn records_are_private_and_rotate_after_a_complete_line() {
+        let _serial = LOG_TESTS.lock();
         let dir = std::env::temp_dir().join(format!("halog-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         open(&dir, 100).unwrap();
@@ -369,6 +395,29 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_changes_are_written_however_often_they_repeat() {
+        let dir = std::env::temp_dir().join(format!("halog-changes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _serial = LOG_TESTS.lock();
+        open(&dir, 0).unwrap();
+        for _ in 0..5 {
+            record_change("g", "1abc", Some("abc"), "member failed in C_Sign");
+            record(
+                "g",
+                "1abc",
+                Some("abc"),
+                "recovery failed: token abc not found",
+            );
+        }
+        close();
+        let written = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
+        let count = |text: &str| written.lines().filter(|l| l.contains(text)).count();
+        assert_eq!(count("member failed in C_Sign"), 5);
+        assert_eq!(count("recovery failed"), REPEATS_WRITTEN as usize);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

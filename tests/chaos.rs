@@ -1802,7 +1802,29 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .filter(|id| contents.iter().any(|c| c.get(**id).is_some_and(|n| *n > 1)))
         .map(|id| String::from_utf8_lossy(id).into_owned())
         .collect();
+    // What any client pays to reach each member afresh, as recovery does
+    // after a reset: p11-kit's server starts a worker per connection, and
+    // SoftHSM reads every object of the token before the worker answers.
+    let fresh_clients: Vec<String> = chaos
+        .members
+        .iter()
+        .zip(&contents)
+        .map(|(member, held)| {
+            let started = Instant::now();
+            let listed = Command::new("pkcs11-tool")
+                .args(["--module", &p11kit::client_module(), "--list-token-slots"])
+                .env("P11_KIT_SERVER_ADDRESS", member.relay.address())
+                .output()
+                .expect("pkcs11-tool runs");
+            assert!(listed.status.success(), "a fresh client reaches the member");
+            format!("{} ms ({} keys)", started.elapsed().as_millis(), held.len())
+        })
+        .collect();
     let count = |f: fn(&Fault) -> bool| faults.iter().filter(|(_, x)| f(x)).count();
+    eprintln!(
+        "a fresh client reaching each member's token after the run, load off: {}",
+        fresh_clients.join(", ")
+    );
     eprintln!(
         "chaos run figures ({secs} s, seed {seed}):\n\
          faults: {} ({} kills, {} resets, {} black holes, {} pauses)\n\
