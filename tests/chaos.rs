@@ -1822,7 +1822,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .collect();
     let count = |f: fn(&Fault) -> bool| faults.iter().filter(|(_, x)| f(x)).count();
     eprintln!(
-        "a fresh client reaching each member's token after the run, load off: {}",
+        "a fresh client reaching each member's token after the run, writers stopped: {}",
         fresh_clients.join(", ")
     );
     eprintln!(
