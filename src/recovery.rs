@@ -2079,15 +2079,25 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
         let Some((i, wanted)) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
-        let replay = &mut replays[i];
         // A call waits for this change: it is made looking the member up,
         // not after reading all the member holds (1.9 s for 4,500 objects
-        // in the long chaos run, against a wait of one memberTimeout).
-        if !replay.read && !wanted {
-            replay.holdings = read_for_kept(group, &worker, replay.position, replay.left);
-            replay.read = true;
+        // in the long chaos run, against a wait of one memberTimeout); a
+        // call that comes to wait during a reading stops it.
+        if !replays[i].read && !wanted {
+            let shares: Vec<(usize, usize)> =
+                replays.iter().map(|r| (r.position, r.left)).collect();
+            let call_waits = || {
+                shares
+                    .iter()
+                    .any(|(p, left)| group.kept_object_wanted(*p, *left))
+            };
+            let replay = &mut replays[i];
+            match read_for_kept(group, &worker, replay.position, replay.left, &call_waits) {
+                Some(holdings) => (replay.holdings, replay.read) = (holdings, true),
+                None => continue,
+            }
         }
-        made += replay_one_kept(group, &worker, replay);
+        made += replay_one_kept(group, &worker, &mut replays[i]);
     }
     worker.close();
     if made > 0 {
@@ -2254,18 +2264,25 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
 /// with a backlog of 1,069 imports still had 872 kept 145 s later so, in
 /// a long chaos run that then did not settle. While the member catches up,
 /// what the application makes joins the kept changes rather than reach it
-/// (`Group::catching_up`), so the reading stays current; `None` where it
-/// fails (each change looks the member up then).
+/// (`Group::catching_up`), so the reading stays current; `Some(None)`
+/// where it fails (each change looks the member up then). `None` where
+/// `stop` ended it: a call came to wait for an object of a share, made
+/// first, and the reading is taken again on a later turn.
 fn read_for_kept(
     group: &Group,
     worker: &VirtualSession,
     position: usize,
     kept: usize,
-) -> Option<Holdings> {
+    stop: &dyn Fn() -> bool,
+) -> Option<Option<Holdings>> {
     if kept <= QUEUED_FOR_COUNTING || group.cached_login().is_none() {
-        return None;
+        return Some(None);
     }
-    Holdings::read(worker, position).ok()
+    match Holdings::read_unless(worker, position, stop) {
+        Ok(Some(holdings)) => Some(Some(holdings)),
+        Ok(None) => None,
+        Err(_) => Some(None),
+    }
 }
 
 /// Whether `change` may copy an object from another member: a copy, or

@@ -2875,3 +2875,62 @@ fn a_key_a_call_waits_for_is_made_before_the_members_objects_are_read() {
     );
     v.close();
 }
+
+/// A call that comes to wait for a key kept for a member serving first
+/// while the replay reads what that member holds stops the reading: the
+/// key is made next, and the reading is taken again later. Member 1, owed
+/// five data objects and the key, is the only member serving; the reading
+/// stalls on the first of two objects made there outside the group, the
+/// call begins to wait, and the next call held on member 1 is the key's
+/// import -- read on, the reading stalled on the second object first.
+#[test]
+fn a_call_waiting_for_a_kept_key_stops_a_reading_of_the_members_objects() {
+    let (member, group) = memory_group(3, 70);
+    group.set_replays_on_request(true);
+    let read_first = token_object_made_outside(&member, 1, b"made outside 1", b"data");
+    let read_next = token_object_made_outside(&member, 1, b"made outside 2", b"data");
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on members 0, 2");
+    for token in [0, 2] {
+        member.sim.lock().set_fault(token, Fault::Crash);
+        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    serving_first_owing(&group, &[1]);
+    member
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(read_first));
+    let calls = HeldCalls::on(&member, |token| token == 1);
+
+    let started = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "the reading stalls on member 1");
+        member
+            .sim
+            .lock()
+            .set_fault(1, Fault::StallOnReading(read_next));
+        let caller = scope.spawn(|| encrypt_init(&v, key).map_err(|e| e.rv));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "a call is held on member 1");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes())[1],
+            1,
+            "the call held next made the key: the reading stopped"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        caller.join().expect("the call returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    let made = labels_in_order(&member, 1);
+    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+    assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
+    v.close();
+}
