@@ -2086,10 +2086,15 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
         if !replays[i].read && !wanted {
             let shares: Vec<(usize, usize)> =
                 replays.iter().map(|r| (r.position, r.left)).collect();
+            // On a member of the replay, within its share; on one that came
+            // to serve since, anywhere: it joins with all it is owed.
             let call_waits = || {
                 shares
                     .iter()
                     .any(|(p, left)| group.kept_object_wanted(*p, *left))
+                    || (group.up_members())
+                        .filter(|m| shares.iter().all(|(p, _)| *p != m.position))
+                        .any(|m| group.kept_object_wanted(m.position, usize::MAX))
             };
             let replay = &mut replays[i];
             match read_for_kept(group, &worker, replay.position, replay.left, &call_waits) {

@@ -2934,3 +2934,68 @@ fn a_call_waiting_for_a_kept_key_stops_a_reading_of_the_members_objects() {
     assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
     v.close();
 }
+
+/// A call that comes to wait for a key kept for a member that began to
+/// serve first after the replay of kept changes started stops a reading of
+/// another member's holdings too: the newcomer joins the replay and is
+/// given the key next. Member 1 serves first owing five data objects and
+/// the key, and the replay reads its objects (stalled on the first of two
+/// made there outside the group); member 0 then serves first owing the
+/// same, and a call waits for the key there. Read on, the reading stalled
+/// on member 1's second object first -- the soak's calls on a key made
+/// just before its only complete holder failed, while two members caught
+/// up.
+#[test]
+fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another() {
+    let (member, group) = memory_group(3, 71);
+    group.set_replays_on_request(true);
+    let read_first = token_object_made_outside(&member, 1, b"made outside 1", b"data");
+    let read_next = token_object_made_outside(&member, 1, b"made outside 2", b"data");
+    let v = logged_in_session(&group);
+    for token in 0..2 {
+        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    member.sim.lock().set_fault(2, Fault::Crash);
+    group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
+    serving_first_owing(&group, &[1]);
+    member
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(read_first));
+    let calls = HeldCalls::on(&member, |token| token < 2);
+
+    let started = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "the reading stalls on member 1");
+        member
+            .sim
+            .lock()
+            .set_fault(1, Fault::StallOnReading(read_next));
+        serving_first_owing(&group, &[0]);
+        let caller = scope.spawn(|| encrypt_init(&v, key).map_err(|e| e.rv));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "the next call held is on member 0");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0, 1],
+            "it made the key: the reading of member 1 stopped"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        caller.join().expect("the call returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    for token in 0..2 {
+        let made = labels_in_order(&member, token);
+        let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+        assert_eq!(kept, 6, "member {token} was given all: {made:?}");
+    }
+    v.close();
+}
