@@ -833,17 +833,6 @@ impl Drop for ReplayingDeferred<'_> {
     }
 }
 
-/// The object a change makes or changes, if it makes or changes one: on
-/// its way to the member until the change is made.
-fn made_object(change: &Pending) -> Option<CK_OBJECT_HANDLE> {
-    match change {
-        Pending::Create(object) | Pending::Import(object, _) | Pending::Set { object, .. } => {
-            Some(*object)
-        }
-        Pending::Destroy(_) | Pending::Orphans(_) => None,
-    }
-}
-
 /// Counts a call making objects while it lives.
 pub struct Making<'a>(&'a AtomicUsize);
 
@@ -985,6 +974,17 @@ pub enum Pending {
 }
 
 impl Pending {
+    /// The object the change makes or changes, if it makes or changes one:
+    /// on its way to the member until the change is made.
+    pub fn made_object(&self) -> Option<CK_OBJECT_HANDLE> {
+        match self {
+            Pending::Create(object) | Pending::Import(object, _) | Pending::Set { object, .. } => {
+                Some(*object)
+            }
+            Pending::Destroy(_) | Pending::Orphans(_) => None,
+        }
+    }
+
     /// The fingerprint a removal removes; `None` for a change that makes
     /// an object.
     pub fn removal(&self) -> Option<&crate::identity::Fingerprint> {
@@ -1947,10 +1947,13 @@ impl Group {
         let wanted = kept[..window]
             .iter()
             .take_while(|c| c.removal().is_none())
-            .position(|c| made_object(c).is_some_and(|o| replay.wanted.contains(&(position, o))));
+            .position(|c| {
+                c.made_object()
+                    .is_some_and(|o| replay.wanted.contains(&(position, o)))
+            });
         let change = kept.remove(wanted.unwrap_or(0));
         *left = window - 1;
-        replay.making[position] = made_object(&change);
+        replay.making[position] = change.made_object();
         self.deferred_underway[position].fetch_add(1, Ordering::Relaxed);
         Some(change)
     }
@@ -1986,7 +1989,7 @@ impl Group {
             && (replay.making[position] == Some(object)
                 || deferred[position]
                     .iter()
-                    .any(|c| made_object(c) == Some(object)))
+                    .any(|c| c.made_object() == Some(object)))
     }
 
     /// Says whether a recovery thread makes the kept changes calls ask for.
@@ -2064,7 +2067,7 @@ impl Group {
                 && deferred[position]
                     .iter()
                     .take(window)
-                    .any(|c| made_object(c) == Some(*object))
+                    .any(|c| c.made_object() == Some(*object))
         })
     }
 
@@ -2081,7 +2084,7 @@ impl Group {
         }
         deferred[position]
             .iter()
-            .filter_map(made_object)
+            .filter_map(Pending::made_object)
             .chain(replay.making[position])
             .collect()
     }
@@ -2218,25 +2221,65 @@ impl Group {
     pub fn queued_objects(&self, position: usize) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
         let mut queued: rustc_hash::FxHashSet<CK_OBJECT_HANDLE> = self.pending.lock()[position]
             .iter()
-            .filter_map(made_object)
+            .filter_map(Pending::made_object)
             .collect();
         queued.extend(
             self.deferred.lock()[position]
                 .iter()
-                .filter_map(made_object),
+                .filter_map(Pending::made_object),
         );
         queued.extend(self.unfinished.lock().iter().copied());
         queued
     }
 
-    /// Whether `object` is on its way to member `position`: queued or kept
-    /// for it, or still being made by its call (see
-    /// [`Group::queued_objects`]).
+    /// Whether `object` is on its way to member `position`: a change
+    /// making or changing it is ([`Group::change_on_its_way`]), or it is
+    /// still being made by its call (see [`Group::queued_objects`]).
     pub fn on_its_way(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
-        let makes = |change: &Pending| made_object(change) == Some(object);
-        self.pending.lock()[position].iter().any(makes)
-            || self.deferred.lock()[position].iter().any(makes)
-            || self.unfinished.lock().contains(&object)
+        self.change_on_its_way(position, object) || self.unfinished.lock().contains(&object)
+    }
+
+    /// Whether a change making or changing `object` is still on its way to
+    /// member `position`: queued or kept for it, or being made by the
+    /// replay of kept changes. A later change of the object must reach the
+    /// member behind it: made there at once, it was undone by the earlier
+    /// one (simulation seed 808).
+    pub fn change_on_its_way(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let queued = self.pending.lock()[position]
+            .iter()
+            .any(|change| change.made_object() == Some(object));
+        queued || self.change_kept(position, object)
+    }
+
+    /// Whether a removal of `object` must wait behind a change of it on its
+    /// way to member `position`: a change of its attributes queued or kept
+    /// for it (its copy there is still found by the fingerprint from before,
+    /// a removal by the one now would miss it, simulation seed 11729), or
+    /// any change of it the replay of kept changes is making (its copy may
+    /// land after the removal). A copy or import still to come needs no
+    /// wait: it finds the object gone and makes nothing.
+    pub fn removal_waits(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let sets =
+            |change: &Pending| matches!(change, Pending::Set { object: o, .. } if *o == object);
+        if self.pending.lock()[position].iter().any(sets) {
+            return true;
+        }
+        let deferred = self.deferred.lock();
+        deferred[position].iter().any(sets)
+            || self.kept_replay.lock().making[position] == Some(object)
+    }
+
+    /// Whether a change making or changing `object` is kept for member
+    /// `position`, or being made by the replay of kept changes: a change
+    /// of the object that a returning member's replay takes from its queue
+    /// is kept behind it (`recovery::replay_pending`). Lock order:
+    /// deferred, then the kept replay's state.
+    pub fn change_kept(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let deferred = self.deferred.lock();
+        deferred[position]
+            .iter()
+            .any(|change| change.made_object() == Some(object))
+            || self.kept_replay.lock().making[position] == Some(object)
     }
 
     /// How many changes a member has yet to receive.

@@ -1920,6 +1920,14 @@ fn replay_pending(
             after_rejoining += 1;
             continue;
         }
+        // Behind an earlier change of the same object kept above, as it
+        // was made: ahead of it, a change of attributes copied the object
+        // under its new ID, which the kept import then found and left
+        // (simulation seed 4208).
+        if (change.made_object()).is_some_and(|object| group.change_kept(position, object)) {
+            group.defer(position, change);
+            continue;
+        }
         if worker.behind_a_removal(&removals, &change) {
             group.defer(position, change);
             kept += 1;
@@ -2304,6 +2312,10 @@ fn change_copies(change: &Pending) -> bool {
 /// neither copied nor seen then (kept until it logs in). `was_logged_out`
 /// is whether it was logged out when the change was tried: one that
 /// failed for it and was judged after a login came meanwhile was dropped.
+/// A change of attributes that found no copy counts as not made: for an
+/// object destroyed since, the removal behind it looks the copy up by the
+/// fingerprint the change gives it (dropped, the copy stayed, simulation
+/// seed 49891).
 fn must_wait(
     group: &Group,
     was_logged_out: bool,
@@ -2315,7 +2327,13 @@ fn must_wait(
     let logged_out = was_logged_out || group.cached_login().is_none();
     match outcome {
         Ok(true) => false,
-        Ok(false) => logged_out && matches!(change, Pending::Destroy(_) | Pending::Orphans(_)),
+        Ok(false) => {
+            logged_out
+                && matches!(
+                    change,
+                    Pending::Destroy(_) | Pending::Orphans(_) | Pending::Set { .. }
+                )
+        }
         Err(_) => {
             logged_out
                 || worker.lacks_source(position, change)

@@ -933,13 +933,34 @@ impl VirtualSession {
     /// now if it serves again by then, since nothing replays the queue of a
     /// member that serves.
     pub fn deliver_or_queue(&self, position: usize, change: Pending) {
-        let mut change = change;
+        let object = change.made_object();
+        self.deliver_behind(position, change, object);
+    }
+
+    /// [`Self::deliver_or_queue`] for a change of `object` (a removal
+    /// names none itself): for a serving member, kept behind any change of
+    /// the object still on its way there ([`Group::change_on_its_way`]; a
+    /// removal behind those it would miss, [`Group::removal_waits`]). Made
+    /// at once, a change of attributes was undone by the kept one (808),
+    /// and a removal found no copy under the new `CKA_ID` a kept change
+    /// was still to set, which then set it on the copy left behind (11729;
+    /// simulation seeds).
+    pub fn deliver_behind(
+        &self,
+        position: usize,
+        mut change: Pending,
+        object: Option<CK_OBJECT_HANDLE>,
+    ) {
         loop {
             match self.group.queue_unless_up(position, change) {
                 Ok(()) => return,
                 Err(back) => change = back,
             }
-            if self.group.catching_up(position) {
+            let behind = object.is_some_and(|object| match change {
+                Pending::Destroy(_) => self.group.removal_waits(position, object),
+                _ => self.group.change_on_its_way(position, object),
+            });
+            if behind || self.group.catching_up(position) {
                 self.group.keep_for_next_round(position, change);
                 return;
             }
@@ -1071,12 +1092,21 @@ impl VirtualSession {
             .objects
             .get(*object)
             .is_some_and(|entry| entry.owner.is_none())
-            && !self
-                .group
-                .up_members()
-                .map(|m| m.position)
-                .filter(|p| *p != position)
-                .any(|p| self.resolve(*object, p).ok().flatten().is_some())
+            && self.copy_source(*object, position).is_none()
+    }
+
+    /// A serving member other than `position` to copy `object` from: one
+    /// holding it with no change of it on its way there
+    /// ([`Group::change_on_its_way`]). A copy from a member whose copy
+    /// still waited for a change of attributes held the object as it was
+    /// before, which the removal of the object, by its fingerprint now,
+    /// then did not find (simulation seed 20554).
+    fn copy_source(&self, object: CK_OBJECT_HANDLE, position: usize) -> Option<usize> {
+        self.group
+            .up_members()
+            .map(|m| m.position)
+            .filter(|p| *p != position && !self.group.change_on_its_way(*p, object))
+            .find(|p| self.resolve(object, *p).ok().flatten().is_some())
     }
 
     /// Why key `object` cannot reach member `target` from any serving
@@ -1210,10 +1240,12 @@ impl VirtualSession {
         // Read before the member is asked: an application thread may
         // destroy the object meanwhile, which takes it out of the group
         // and queues its removal for this member -- a removal that finds
-        // the copy only among `holdings` (simulation seed 99).
+        // the copy only among `holdings` (simulation seed 99). The print
+        // the template makes: changes of the object's attributes since
+        // come behind the import, and find the copy by it.
         let print = holdings
             .is_some()
-            .then(|| self.fingerprint_of(object))
+            .then(|| self.imported_print(object))
             .flatten();
         let attributes = template.template();
         let mut handle = CK_INVALID_HANDLE;
@@ -1238,6 +1270,17 @@ impl VirtualSession {
         }
     }
 
+    /// The fingerprint of `object` as the application made it, which an
+    /// import from its template makes: the first before any change of its
+    /// attributes. Noted under the print it has now, a copy the object's
+    /// removal came to while the changes were still kept behind the import
+    /// was found neither by them nor by the removal, and stayed (simulation
+    /// seed 20554).
+    fn imported_print(&self, object: CK_OBJECT_HANDLE) -> Option<std::sync::Arc<Fingerprint>> {
+        let first = (self.group.objects.get(object)).and_then(|o| o.former_prints.first().cloned());
+        first.or_else(|| self.fingerprint_of(object))
+    }
+
     /// Copies a token object the member missed from a member that serves.
     /// Session objects are not replayed: their sessions keep them on the
     /// members that were up.
@@ -1254,12 +1297,8 @@ impl VirtualSession {
             return Ok(false);
         }
         let source = self
-            .group
-            .up_members()
-            .map(|m| m.position)
-            .filter(|p| *p != position)
-            .find(|p| self.resolve(object, *p).ok().flatten().is_some())
-            .ok_or_else(|| "no member that serves holds the object".to_string())?;
+            .copy_source(object, position)
+            .ok_or_else(|| "no member that serves holds the object as it is".to_string())?;
         // Read before the copy, as for an import (`import_missed`).
         let print = holdings
             .is_some()

@@ -876,12 +876,16 @@ impl VirtualSession {
 
     /// Looks the object up on every member that is up, so that changes
     /// reach every copy (each with the era its handle was looked up in).
-    /// Also returns the members that were not up, and those that hold no
-    /// copy while one is on its way to them (queued or kept, or a change
-    /// of its attributes is: their copy may not be found by the
-    /// fingerprint it has now), which get the change behind it. With no
-    /// member up, `CKR_DEVICE_ERROR` (as any call when none serves): the
-    /// object is no less the application's.
+    /// Also returns the members that were not up, those that hold no copy
+    /// while one is on its way to them, and those with any change of the
+    /// object still on their way (queued, kept, or being made by the
+    /// replay of kept changes, [`Group::change_on_its_way`]): they get the
+    /// change behind it -- made at once on such a member's copy, it was
+    /// undone by the earlier change (simulation seed 808). Where only such
+    /// members hold a copy, those copies answer too (the change is made
+    /// at once there, and again behind the earlier one). With no member
+    /// up, `CKR_DEVICE_ERROR` (as any call when none serves): the object
+    /// is no less the application's.
     #[allow(clippy::type_complexity)]
     fn resolve_everywhere(
         &self,
@@ -892,10 +896,13 @@ impl VirtualSession {
         }
         let mut copies = Vec::new();
         let mut missed = Vec::new();
+        let mut behind = Vec::new();
         for member in &self.group.members {
             let era = self.group.objects.era(member.position);
             if !member.is_up() {
                 missed.push(member.position);
+            } else if self.group.change_on_its_way(member.position, object) {
+                behind.push(member.position);
             } else if let Some(h) = self.resolve(object, member.position)? {
                 copies.push((member.position, h, era));
             } else if !member.is_up() || self.group.on_its_way(member.position, object) {
@@ -904,6 +911,15 @@ impl VirtualSession {
                 missed.push(member.position);
             }
         }
+        if copies.is_empty() {
+            for position in &behind {
+                let era = self.group.objects.era(*position);
+                if let Some(h) = self.resolve(object, *position)? {
+                    copies.push((*position, h, era));
+                }
+            }
+        }
+        missed.extend(behind);
         if copies.is_empty() {
             let none_up = self.group.up_members().next().is_none();
             return Err(Error::new(if none_up {
@@ -947,7 +963,7 @@ impl VirtualSession {
                 {
                     let missed: Vec<usize> = (self.group.members)
                         .iter()
-                        .filter(|m| !m.is_up())
+                        .filter(|m| !m.is_up() || self.group.change_on_its_way(m.position, object))
                         .map(|m| m.position)
                         .collect();
                     self.finish_later(object, change, earlier_print, &missed);
@@ -956,12 +972,10 @@ impl VirtualSession {
                 Err(e) => return Err(e),
             };
             // From the first copy that answers: a member failing here must
-            // not leave the members that missed the change without it. A
-            // member catching up last: its copy may still wait for an
-            // earlier change.
+            // not leave the members that missed the change without it.
+            // Not from a copy still waiting for an earlier change.
             let before = (copies.iter())
-                .filter(|(p, _, _)| !self.group.catching_up(*p))
-                .chain(copies.iter().filter(|(p, _, _)| self.group.catching_up(*p)))
+                .filter(|(p, _, _)| !missed.contains(p))
                 .find_map(|(_, handle, era)| self.fingerprint_from(*era, *handle))
                 .or(earlier_print.take());
             let mut decided = false;
@@ -975,7 +989,9 @@ impl VirtualSession {
                 match answer {
                     Attempt::Faulted => {
                         faulted = true;
-                        missed.push(position);
+                        if !missed.contains(&position) {
+                            missed.push(position);
+                        }
                     }
                     Attempt::Answered(rv) if !decided => {
                         check(rv)?;
@@ -1051,7 +1067,8 @@ impl VirtualSession {
         match change {
             Change::Destroy => {
                 for position in missed {
-                    self.deliver_or_queue(*position, Pending::Destroy(before.clone()));
+                    let removal = Pending::Destroy(before.clone());
+                    self.deliver_behind(*position, removal, Some(object));
                 }
             }
             Change::Set(template) => {
@@ -1064,7 +1081,7 @@ impl VirtualSession {
                         before: before.clone(),
                         changes: std::sync::Arc::clone(&changes),
                     };
-                    self.deliver_or_queue(*position, set);
+                    self.deliver_behind(*position, set, Some(object));
                 }
             }
         }

@@ -130,9 +130,8 @@ struct Faults {
     /// The writes beside the kept replay ([`Faults::writes_beside`]) also
     /// set a new `CKA_ID`, on any object, those on their way to the member
     /// catching up too: a change of attributes kept for it, and a later
-    /// change behind it. Open defects: off by default, `SIM_SETS_BESIDE=1`
-    /// adds it to the set a run draws (see `docs/design.md`, "New IDs in
-    /// those writes").
+    /// change behind it. The sets found before it leave it out, so that
+    /// their seeds replay as they were found.
     sets_beside: bool,
 }
 
@@ -151,13 +150,19 @@ impl Faults {
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
+        sets_beside: true,
+    };
+    /// The default schedules before new IDs joined the writes beside the
+    /// kept replay ([`Faults::sets_beside`]).
+    const SET_IDS: Faults = Faults {
         sets_beside: false,
+        ..Faults::DEFAULT
     };
     /// The default schedules before new IDs joined the writes during a
     /// returning member's replay ([`Faults::set_ids`]).
     const IN_REPLAY: Faults = Faults {
         set_ids: false,
-        ..Faults::DEFAULT
+        ..Faults::SET_IDS
     };
     /// The default schedules before writes during a returning member's
     /// replay joined them ([`Faults::writes_in_replay`]).
@@ -196,7 +201,7 @@ impl Faults {
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
-        sets_beside: false,
+        sets_beside: true,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -209,7 +214,7 @@ impl Faults {
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
-        sets_beside: false,
+        sets_beside: true,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -265,22 +270,12 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        let chosen = match std::env::var("SIM_SPARES").as_deref() {
+        match std::env::var("SIM_SPARES").as_deref() {
             Ok("1") => Faults {
                 spares: 50,
                 ..chosen
             },
             Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
-            Err(_) => chosen,
-        };
-        match std::env::var("SIM_SETS_BESIDE").as_deref() {
-            Ok("1") => Faults {
-                sets_beside: true,
-                ..chosen
-            },
-            Ok(other) => {
-                panic!("SIM_SETS_BESIDE is 1 (new IDs beside the kept replay), not {other:?}")
-            }
             Err(_) => chosen,
         }
     }
@@ -2683,7 +2678,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -2692,8 +2687,7 @@ fn seeded_schedules_keep_every_invariant() {
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
         },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
-        if faults.sets_beside { "SIM_SETS_BESIDE=1 " } else { "" }
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
     );
 }
 
@@ -3670,7 +3664,27 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   member before the change, its copy under the old ID, was made
 ///   again (25725). Each member that missed a change of attributes now
 ///   gets the change on its copy (`Pending::Set`).
-const REGRESSION_SEEDS: [(u64, Faults); 81] = [
+/// - 808, 1323, 1459, 4208, 11729, 17398, 17505, 20554, 49891 (the writes beside
+///   the kept replay setting new IDs, [`Faults::sets_beside`]): a change
+///   made at once on the copy of a member catching up while an earlier
+///   change of the same object was kept for it or being made there was
+///   undone by it (808, 1323, 1459); a returning member's replay made a
+///   change of attributes ahead of the object's import it had just kept
+///   (4208); a removal made at once found no copy under the `CKA_ID` a
+///   kept change was still to set (11729); an import kept behind changes
+///   of attributes was noted under the object's print now, so neither
+///   they nor the object's removal found the copy (17398, 20554); and a
+///   change whose one current copy failed under it left out a serving
+///   member it was kept for (17505). A change of an object now reaches a
+///   member behind every change of it still on its way there
+///   (`Group::change_on_its_way`). 4208 and 49891 failed only on the way
+///   (the code before passed them by other timing); in 49891 a change of
+///   attributes that found no copy while the application was logged out,
+///   of an object destroyed since, was dropped, and the removal behind it,
+///   by the new ID, missed the copy. With these fixes 1018601 passes (the
+///   default schedules before, from 1,000,000), which failed on the code
+///   before: a removal left a destroyed object on a member.
+const REGRESSION_SEEDS: [(u64, Faults); 91] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3745,13 +3759,23 @@ const REGRESSION_SEEDS: [(u64, Faults); 81] = [
     (99, Faults::IN_REPLAY),
     (417, Faults::IN_REPLAY),
     (23288, Faults::IN_REPLAY),
-    (4734, Faults::DEFAULT),
-    (2737, Faults::DEFAULT),
-    (3242, Faults::DEFAULT),
-    (317, Faults::DEFAULT),
-    (2668, Faults::DEFAULT),
-    (14209, Faults::DEFAULT),
-    (25725, Faults::DEFAULT),
+    (4734, Faults::SET_IDS),
+    (2737, Faults::SET_IDS),
+    (3242, Faults::SET_IDS),
+    (317, Faults::SET_IDS),
+    (2668, Faults::SET_IDS),
+    (14209, Faults::SET_IDS),
+    (25725, Faults::SET_IDS),
+    (1018601, Faults::SET_IDS),
+    (808, Faults::DEFAULT),
+    (1323, Faults::DEFAULT),
+    (1459, Faults::DEFAULT),
+    (4208, Faults::DEFAULT),
+    (11729, Faults::DEFAULT),
+    (17398, Faults::DEFAULT),
+    (17505, Faults::DEFAULT),
+    (20554, Faults::DEFAULT),
+    (49891, Faults::DEFAULT),
 ];
 
 #[test]
