@@ -2814,6 +2814,47 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
     v.close();
 }
 
+/// A group of three in-memory members, with replays on request, in which
+/// member 1 -- holding `outside` data objects made there outside the
+/// group, whose handles are returned -- serves first owing five data
+/// objects labelled "kept N" and the kept key, whose handle is returned.
+/// The members in `out_too` were out with member 1 while those were
+/// imported (they owe them too, and are down); the others hold them and
+/// are down, crashed.
+fn member_1_serving_first_owing_the_key(
+    seed: u64,
+    outside: usize,
+    out_too: &[usize],
+) -> (
+    Arc<SimMember>,
+    Arc<Group>,
+    VirtualSession,
+    CK_OBJECT_HANDLE,
+    Vec<CK_OBJECT_HANDLE>,
+) {
+    let (member, group) = memory_group(3, seed);
+    group.set_replays_on_request(true);
+    let outside = (0..outside)
+        .map(|n| {
+            token_object_made_outside(&member, 1, format!("made outside {n}").as_bytes(), b"data")
+        })
+        .collect();
+    let v = logged_in_session(&group);
+    for position in std::iter::once(1).chain(out_too.iter().copied()) {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    let key = import_token_object(&v, kept_key()).expect("the key is imported");
+    for token in (0..3).filter(|t| *t != 1 && !out_too.contains(t)) {
+        member.sim.lock().set_fault(token, Fault::Crash);
+        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    serving_first_owing(&group, &[1]);
+    (member, group, v, key, outside)
+}
+
 /// A key a call waits for on a member serving first is made there before
 /// the replay reads what the member holds -- a reading it takes for a
 /// backlog of more than four changes, so that each change need not look
@@ -2825,24 +2866,11 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
 /// the key's import.
 #[test]
 fn a_key_a_call_waits_for_is_made_before_the_members_objects_are_read() {
-    let (member, group) = memory_group(3, 69);
-    group.set_replays_on_request(true);
-    let read_stalls_on = token_object_made_outside(&member, 1, b"made outside", b"data");
-    let v = logged_in_session(&group);
-    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    for n in 0..5 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    let key = import_token_object(&v, kept_key()).expect("the key is imported on members 0, 2");
-    for token in [0, 2] {
-        member.sim.lock().set_fault(token, Fault::Crash);
-        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    serving_first_owing(&group, &[1]);
+    let (member, group, v, key, outside) = member_1_serving_first_owing_the_key(69, 1, &[]);
     member
         .sim
         .lock()
-        .set_fault(1, Fault::StallOnReading(read_stalls_on));
+        .set_fault(1, Fault::StallOnReading(outside[0]));
     let calls = HeldCalls::on(&member, |token| token == 1);
 
     let started = std::thread::scope(|scope| {
@@ -2885,21 +2913,8 @@ fn a_key_a_call_waits_for_is_made_before_the_members_objects_are_read() {
 /// import -- read on, the reading stalled on the second object first.
 #[test]
 fn a_call_waiting_for_a_kept_key_stops_a_reading_of_the_members_objects() {
-    let (member, group) = memory_group(3, 70);
-    group.set_replays_on_request(true);
-    let read_first = token_object_made_outside(&member, 1, b"made outside 1", b"data");
-    let read_next = token_object_made_outside(&member, 1, b"made outside 2", b"data");
-    let v = logged_in_session(&group);
-    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    for n in 0..5 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    let key = import_token_object(&v, kept_key()).expect("the key is imported on members 0, 2");
-    for token in [0, 2] {
-        member.sim.lock().set_fault(token, Fault::Crash);
-        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    serving_first_owing(&group, &[1]);
+    let (member, group, v, key, outside) = member_1_serving_first_owing_the_key(70, 2, &[]);
+    let (read_first, read_next) = (outside[0], outside[1]);
     member
         .sim
         .lock()
@@ -2947,21 +2962,8 @@ fn a_call_waiting_for_a_kept_key_stops_a_reading_of_the_members_objects() {
 /// up.
 #[test]
 fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another() {
-    let (member, group) = memory_group(3, 71);
-    group.set_replays_on_request(true);
-    let read_first = token_object_made_outside(&member, 1, b"made outside 1", b"data");
-    let read_next = token_object_made_outside(&member, 1, b"made outside 2", b"data");
-    let v = logged_in_session(&group);
-    for token in 0..2 {
-        group.member_failed(token, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    for n in 0..5 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
-    member.sim.lock().set_fault(2, Fault::Crash);
-    group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
-    serving_first_owing(&group, &[1]);
+    let (member, group, v, key, outside) = member_1_serving_first_owing_the_key(71, 2, &[0]);
+    let (read_first, read_next) = (outside[0], outside[1]);
     member
         .sim
         .lock()
