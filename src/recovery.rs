@@ -2088,9 +2088,10 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
             break;
         };
         // A call waits for this change: it is made looking the member up,
-        // not after reading all the member holds (1.9 s for 4,500 objects
-        // in the long chaos run, against a wait of one memberTimeout); a
-        // call that comes to wait during a reading stops it.
+        // not after reading all the member holds (1.4 s for 4,500 objects
+        // in a long chaos run, 1.9 s for fewer under heavier load, against
+        // a wait of one memberTimeout); a call that comes to wait during a
+        // reading stops it.
         if !replays[i].read && !wanted {
             let shares: Vec<(usize, usize)> =
                 replays.iter().map(|r| (r.position, r.left)).collect();

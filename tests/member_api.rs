@@ -2859,8 +2859,8 @@ fn member_1_serving_first_owing_the_key(
 /// the replay reads what the member holds -- a reading it takes for a
 /// backlog of more than four changes, so that each change need not look
 /// the member up. Read first, the key waited for every object of the token
-/// to be read (1.9 s for 4,500 objects in the long chaos run, against a
-/// wait of one `memberTimeout`). Member 1, owed five data objects and the
+/// to be read (1.4 s for 4,500 objects in a long chaos run, 1.9 s for
+/// fewer under heavier load, against a wait of one `memberTimeout`). Member 1, owed five data objects and the
 /// key, is the only member serving; a read of its objects stalls on an
 /// object made there outside the group, and the first call held on it is
 /// the key's import.
