@@ -795,8 +795,9 @@ struct KeptReplay {
     due: Vec<bool>,
     /// A replay is under way.
     running: bool,
-    /// Per member: the object the kept change being made now makes.
-    making: Vec<Option<CK_OBJECT_HANDLE>>,
+    /// Per member: the objects the kept changes being made now make (one,
+    /// or a run of imports made on spares: [`Group::next_kept_imports`]).
+    making: Vec<Vec<CK_OBJECT_HANDLE>>,
     /// Objects calls wait for, by member: made before the other kept
     /// changes ([`Group::next_deferred`]).
     wanted: Vec<(usize, CK_OBJECT_HANDLE)>,
@@ -827,7 +828,7 @@ impl Drop for ReplayingDeferred<'_> {
     fn drop(&mut self) {
         let mut replay = self.group.kept_replay.lock();
         replay.running = false;
-        replay.making.iter_mut().for_each(|m| *m = None);
+        replay.making.iter_mut().for_each(Vec::clear);
         drop(replay);
         self.group.wake_waiting_calls();
     }
@@ -1035,7 +1036,7 @@ impl Group {
             kept_replay: Mutex::new(KeptReplay {
                 due: vec![false; count],
                 running: false,
-                making: vec![None; count],
+                making: vec![Vec::new(); count],
                 wanted: Vec::new(),
                 retry_at: None,
                 retry_after: KEPT_RETRY_FIRST,
@@ -1810,7 +1811,7 @@ impl Group {
         let replay = self.kept_replay.lock();
         self.members[position].is_up()
             && (replay.due[position] || replay.running)
-            && (!deferred[position].is_empty() || replay.making[position].is_some())
+            && (!deferred[position].is_empty() || !replay.making[position].is_empty())
     }
 
     /// Whether changes are kept for any member (see `deferred`).
@@ -1953,9 +1954,61 @@ impl Group {
             });
         let change = kept.remove(wanted.unwrap_or(0));
         *left = window - 1;
-        replay.making[position] = change.made_object();
+        replay.making[position] = change.made_object().into_iter().collect();
         self.deferred_underway[position].fetch_add(1, Ordering::Relaxed);
         Some(change)
+    }
+
+    /// The imports at the front of the first `left` changes kept for member
+    /// `position`, each object once, at most `longest`, taken as one run
+    /// (made at once on spares, counted as undelivered until
+    /// [`Group::deferred_handled`]) -- if they are `shortest` or more and
+    /// no call waits for an object of the window, which goes first
+    /// ([`Group::next_deferred`]); else `None`, nothing taken. Imports
+    /// depend on none of each other; a change of any other kind ends the
+    /// run, as it must come after the imports before it and before those
+    /// after it.
+    pub fn next_kept_imports(
+        &self,
+        position: usize,
+        left: &mut usize,
+        shortest: usize,
+        longest: usize,
+    ) -> Option<Vec<Pending>> {
+        let mut deferred = self.deferred.lock();
+        let kept = &mut deferred[position];
+        let window = (*left).min(kept.len());
+        let mut replay = self.kept_replay.lock();
+        let wanted = kept[..window].iter().any(|c| {
+            c.made_object()
+                .is_some_and(|o| replay.wanted.contains(&(position, o)))
+        });
+        if wanted {
+            return None;
+        }
+        let mut objects = Vec::new();
+        for change in kept[..window.min(longest)].iter() {
+            match change {
+                Pending::Import(object, _) if !objects.contains(object) => objects.push(*object),
+                _ => break,
+            }
+        }
+        if objects.len() < shortest {
+            return None;
+        }
+        let run: Vec<Pending> = kept.drain(..objects.len()).collect();
+        *left = window - run.len();
+        self.deferred_underway[position].fetch_add(run.len(), Ordering::Relaxed);
+        replay.making[position] = objects;
+        Some(run)
+    }
+
+    /// Puts `changes` taken by [`Group::next_kept_imports`] and not made
+    /// back at the front of those kept for member `position`, in their
+    /// order: ahead of the changes that came after them.
+    pub fn return_kept(&self, position: usize, changes: Vec<Pending>) {
+        let mut deferred = self.deferred.lock();
+        deferred[position].splice(0..0, changes);
     }
 
     /// The first `count` changes kept for member `position`, taken: the
@@ -1971,7 +2024,7 @@ impl Group {
     /// kept again or queued. Calls waiting for an object look again.
     pub fn deferred_handled(&self, position: usize, count: usize) {
         self.deferred_underway[position].fetch_sub(count, Ordering::Relaxed);
-        self.kept_replay.lock().making[position] = None;
+        self.kept_replay.lock().making[position].clear();
         self.wake_waiting_calls();
     }
 
@@ -1986,7 +2039,7 @@ impl Group {
             || replay.due[position]
             || self.replays_on_request.load(Ordering::Relaxed);
         coming
-            && (replay.making[position] == Some(object)
+            && (replay.making[position].contains(&object)
                 || deferred[position]
                     .iter()
                     .any(|c| c.made_object() == Some(object)))
@@ -2085,7 +2138,7 @@ impl Group {
         deferred[position]
             .iter()
             .filter_map(Pending::made_object)
-            .chain(replay.making[position])
+            .chain(replay.making[position].iter().copied())
             .collect()
     }
 
@@ -2266,7 +2319,7 @@ impl Group {
         }
         let deferred = self.deferred.lock();
         deferred[position].iter().any(sets)
-            || self.kept_replay.lock().making[position] == Some(object)
+            || self.kept_replay.lock().making[position].contains(&object)
     }
 
     /// Whether a change making or changing `object` is kept for member
@@ -2279,7 +2332,7 @@ impl Group {
         deferred[position]
             .iter()
             .any(|change| change.made_object() == Some(object))
-            || self.kept_replay.lock().making[position] == Some(object)
+            || self.kept_replay.lock().making[position].contains(&object)
     }
 
     /// How many changes a member has yet to receive.

@@ -336,6 +336,42 @@ fn imports_a_member_missed_are_made_on_spares_once_each_around_a_removal() {
     }
 }
 
+/// A member that returns owed a long backlog serves first, and the imports
+/// it missed are kept for it and made right after: a run of them is made
+/// on the library's spare instances at once, as a returning member's
+/// replay makes its runs, not one by one on the member's own session
+/// (there, two members serving first fell further behind while the
+/// application's writes joined their backlogs). Each object is on the
+/// member once, and nothing stays kept.
+#[test]
+fn imports_kept_for_a_member_serving_first_are_made_on_spares() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    pkcs11_ha::clock::install_manual();
+    let library = Arc::new(SimMember::initialized(2, 75).with_spares(3));
+    let group = group_over(&library, 2, "kept on spares");
+    let host = MemoryHost::new(&group, &library);
+    let v = logged_in_session(&group);
+
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    let labels: Vec<String> = (0..40).map(|n| format!("kept {n:02}")).collect();
+    for label in &labels {
+        import(&v, label);
+    }
+    connect_spares(&library, 3);
+    let taken_before: usize = library.spares.taken().iter().sum();
+
+    recovery::recover_failed_members(&host);
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert_eq!(group.kept_count(1), 0, "nothing stays kept for member 1");
+    assert!(
+        library.spares.taken().iter().sum::<usize>() >= taken_before + 2,
+        "the kept imports were made on spares: {:?}",
+        library.spares.taken()
+    );
+    assert_each_once_on(&library, 1, &labels);
+    v.close();
+}
+
 /// Asserts that each of `labels` is on member `token` exactly once.
 fn assert_each_once_on<'a>(
     library: &SimMember,
