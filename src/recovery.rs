@@ -493,14 +493,21 @@ impl Stepped {
 
 fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     let mut watchdog = Watchdog::default();
+    let mut next_look = clock::now();
     loop {
         let Some(p) = provider.upgrade() else { break };
         let tick = watchdog_tick(p.member_timeout());
-        watchdog.look(&*p, clock::now());
+        let now = clock::now();
+        if now >= next_look {
+            watchdog.look(&*p, now);
+            next_look = now + tick;
+        } else {
+            watchdog.look_for_silent_calls(&*p, now);
+        }
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
-            flags = shared.sleep(flags, tick).0;
+            flags = shared.sleep(flags, tick.min(SILENT_CALL_TICK)).0;
         }
         if flags.stop_watchdog {
             break;
@@ -522,6 +529,10 @@ pub fn watchdog_tick(member_timeout: Duration) -> Duration {
 pub struct Watchdog {
     progress: HashMap<(usize, usize), (u64, Instant)>,
     on_wire: HashMap<usize, (u64, Instant)>,
+    /// When it last looked for silent calls: a look that comes late finds
+    /// this host stalled, and a call silent meanwhile proves nothing of
+    /// its member.
+    looked_for_silent_calls: Option<Instant>,
 }
 
 impl Watchdog {
@@ -530,6 +541,7 @@ impl Watchdog {
     /// members are degraded.
     pub fn look(&mut self, provider: &dyn Host, now: Instant) {
         let timeout = provider.member_timeout();
+        self.look_for_silent_calls(provider, now);
         check_for_stalls(provider, timeout, now, &mut self.progress);
         check_for_stalled_connections(provider, timeout, now, &mut self.on_wire);
         for group in provider.groups() {
@@ -537,6 +549,83 @@ impl Watchdog {
             group.review_latency(now);
         }
         crate::halog::summarize();
+    }
+}
+
+impl Watchdog {
+    /// Cuts the connections silent far longer than their calls usually
+    /// take ([`cut_silent_calls`]), looked for every [`SILENT_CALL_TICK`]
+    /// between two looks, unless this look comes late.
+    pub fn look_for_silent_calls(&mut self, provider: &dyn Host, now: Instant) {
+        let last = self.looked_for_silent_calls.replace(now);
+        let on_time =
+            last.is_none_or(|last| now.saturating_duration_since(last) <= SILENT_CALL_LATE);
+        if on_time {
+            cut_silent_calls(provider, provider.member_timeout(), now);
+        }
+    }
+}
+
+/// How often the watchdog looks for silent calls ([`cut_silent_calls`]),
+/// a quarter of [`crate::member::round_trips::SILENT_FLOOR`].
+const SILENT_CALL_TICK: Duration = Duration::from_millis(250);
+
+/// A look for silent calls this long after the last finds the host
+/// stalled: its own thread did not run when it should have.
+const SILENT_CALL_LATE: Duration = Duration::from_millis(750);
+
+/// Cuts the connection of a networked library on which a call has been
+/// silent for many times its function's usual round trip
+/// ([`MemberBackend::silent_call`]; [`crate::member::round_trips`]), and
+/// takes out its members -- where each of their groups has another member
+/// serving, so that the last is left to `memberTimeout` (a call slower than
+/// usual is no reason for a group to stop serving). Waiting for
+/// `memberTimeout` instead (Luna's 20 s by default), every call in flight
+/// on a black-holed or paused path waited all of it, though the same calls
+/// usually answered in milliseconds.
+fn cut_silent_calls(provider: &dyn Host, timeout: Duration, now: Instant) {
+    for library in provider.libraries() {
+        let Some(call) = library.silent_call(now, timeout) else {
+            continue;
+        };
+        let mut members: Vec<(&Group, usize)> = Vec::new();
+        for group in provider.groups() {
+            for member in &group.members {
+                let on_library = member
+                    .location()
+                    .is_some_and(|l| Arc::ptr_eq(&l.library, library));
+                if on_library && member.reachable() {
+                    members.push((group, member.position));
+                }
+            }
+        }
+        let others_serve = members.iter().all(|(group, position)| {
+            group.up_members().any(|m| {
+                m.position != *position
+                    && !m
+                        .location()
+                        .is_some_and(|l| Arc::ptr_eq(&l.library, library))
+            })
+        });
+        if members.is_empty() || !others_serve {
+            continue;
+        }
+        library.sever();
+        let instance = call.spare.map_or("its first instance".to_string(), |i| {
+            format!("its instance {i} (a spare)")
+        });
+        let event = format!(
+            "library {} was silent for {} ms on {} on {instance}, which lately took at most {:.1}              ms; connection cut before memberTimeout ({} ms)",
+            library.name(),
+            call.waited.as_millis(),
+            call.function,
+            call.usual.as_secs_f64() * 1000.0,
+            timeout.as_millis()
+        );
+        for (group, position) in members {
+            group.member_failed(position, call.function, CKR_DEVICE_ERROR);
+            group.log(Some(position), &event);
+        }
     }
 }
 

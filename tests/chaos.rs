@@ -95,6 +95,11 @@ struct Chaos {
 
 impl Chaos {
     fn new(n: usize) -> Chaos {
+        Chaos::with_member_timeout(n, MEMBER_TIMEOUT_MS)
+    }
+
+    /// `n` members under `memberTimeout = member_timeout_ms`.
+    fn with_member_timeout(n: usize, member_timeout_ms: u64) -> Chaos {
         let guard = serial_guard();
         // Library entries are loaded once per process, and p11-kit's client
         // reads its server's address when loaded: a name of their own per
@@ -139,7 +144,7 @@ impl Chaos {
             .collect();
         text += &format!(
             "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
-             \n[HAConfiguration]\nmemberTimeout = {MEMBER_TIMEOUT_MS}\nAutoReconnectInterval = 1\n\
+             \n[HAConfiguration]\nmemberTimeout = {member_timeout_ms}\nAutoReconnectInterval = 1\n\
              haLogStatus = enabled\nhaLogPath = {}\n",
             serials.join(","),
             log_dir.display()
@@ -751,6 +756,48 @@ fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
     }
     assert!(!serves(1), "the silent member is out");
     eprintln!("member silent mid-run: slowest call {slowest:?}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// Under Luna's default `memberTimeout` of 20 s, a member whose path goes
+/// silent mid-run is cut once a call has been silent for a second that its
+/// function usually answers in milliseconds (a `C_Digest` here): no call
+/// waits anywhere near `memberTimeout`, every digest is right, and the HA
+/// log says why the member was cut. Waiting for `memberTimeout` instead,
+/// each call in flight on the path waited 20 s.
+#[test]
+fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
+    let timeout = Duration::from_secs(20);
+    let mut chaos = Chaos::with_member_timeout(2, timeout.as_millis() as u64);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let session = user_session(&pkcs11, slot);
+    // Round trips enough on each member for the usual one to be known.
+    for i in 0..2 {
+        digest_until_served(&session, i, 40);
+    }
+    chaos.members[1].relay.blackhole();
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    while serves(1) || calls < 20 {
+        let started = Instant::now();
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        slowest = slowest.max(started.elapsed());
+        calls += 1;
+        assert!(slowest < timeout / 4, "a call took {slowest:?}");
+    }
+    eprintln!(
+        "member silent under memberTimeout {timeout:?}: slowest of {calls} calls {slowest:?}"
+    );
+    let log = chaos.log();
+    assert!(
+        log.contains("was silent for") && log.contains("connection cut before memberTimeout"),
+        "{log}"
+    );
     drop(session);
     pkcs11.finalize().unwrap();
 }
