@@ -463,12 +463,7 @@ pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
     }
 }
 
-/// A call on the wire of a networked library: its number, the thread
-/// making it (whose blocked socket severing shuts down), the function (for
-/// the HA log when it stalls), and whether the connection was severed
-/// under it.
 /// A call silent on the wire past its limit ([`MemberLibrary::silent_call`]).
-#[derive(Debug)]
 pub struct SilentCall {
     number: u64,
     pub function: &'static str,
@@ -480,6 +475,10 @@ pub struct SilentCall {
     pub usual: Duration,
 }
 
+/// A call on the wire of a networked library: its number, the thread
+/// making it (whose blocked socket severing shuts down), the function (for
+/// the HA log when it stalls), and whether the connection was severed
+/// under it.
 struct OnWire {
     number: u64,
     thread: i32,
@@ -1617,7 +1616,8 @@ impl MemberLibrary {
             let now = crate::clock::now();
             self.round_trips.answered(now);
             if result == CKR_OK {
-                (self.round_trips).record(function, now.saturating_duration_since(since), now);
+                let took = now.saturating_duration_since(since);
+                self.round_trips.record(function, took, now);
             }
         }
         result

@@ -615,7 +615,8 @@ fn cut_silent_calls(provider: &dyn Host, timeout: Duration, now: Instant) {
             format!("its instance {i} (a spare)")
         });
         let event = format!(
-            "library {} was silent for {} ms on {} on {instance}, which lately took at most {:.1}              ms; connection cut before memberTimeout ({} ms)",
+            "library {} was silent for {} ms on {} on {instance}, which lately took at most \
+             {:.1} ms; connection cut before memberTimeout ({} ms)",
             library.name(),
             call.waited.as_millis(),
             call.function,

@@ -1682,7 +1682,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         spent(&|c| c.to.duration_since(c.from) >= Duration::from_secs(1)),
     );
     eprintln!(
-        "writers' time in calls: {:.1} s, {:.1} s of it in calls of 1 s or more ({} calls;          {} creates took {:.1} ms on average)",
+        "writers' time in calls: {:.1} s, {:.1} s of it in calls of 1 s or more ({} calls; {} creates took {:.1} ms on average)",
         all_time.as_secs_f64(),
         long_time.as_secs_f64(),
         calls
