@@ -2370,10 +2370,13 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
 }
 
 /// The most imports kept for one member made in one run on its spares
-/// ([`replay_kept_imports_on_spares`]): four rounds of its lanes, so that a
-/// call waiting for a kept object on another member waits for at most that
-/// before its member's turn.
-const KEPT_RUN_LONGEST: usize = 16;
+/// ([`replay_kept_imports_on_spares`]): two rounds of its lanes, so that a
+/// call waiting for a kept object on another member waits for about two
+/// imports' time before its member's turn, as for two changes made one by
+/// one -- under load an import is slow (an application's, made on each
+/// member, took 476 ms on average in a long chaos run at load 16), and the
+/// soak's `memberTimeout` is 1 s.
+const KEPT_RUN_LONGEST: usize = 8;
 
 /// Makes the run of imports at the front of `replay`'s share on its
 /// member's spare instances at once, as a returning member's replay does
