@@ -802,6 +802,45 @@ fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
     pkcs11.finalize().unwrap();
 }
 
+/// The last serving member is not cut for a silent call before
+/// `memberTimeout`: with no other member to go to, slower than usual is no
+/// reason to serve nothing. Member 1 goes silent and is cut after about a
+/// second; then member 0, the only one left, goes silent too and is cut by
+/// `memberTimeout` alone.
+#[test]
+fn the_last_serving_member_is_left_to_member_timeout() {
+    let timeout = Duration::from_secs(4);
+    let mut chaos = Chaos::with_member_timeout(2, timeout.as_millis() as u64);
+    let (pkcs11, _) = chaos.start();
+    let slot = Slot::try_from(0u64).unwrap();
+    let session = user_session(&pkcs11, slot);
+    for i in 0..2 {
+        digest_until_served(&session, i, 40);
+    }
+    chaos.members[1].relay.blackhole();
+    wait_for("member 1 is cut", timeout, || {
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        !serves(1)
+    });
+    chaos.members[0].relay.blackhole();
+    let started = Instant::now();
+    let last = session.digest(&Mechanism::Sha256, b"abc");
+    let took = started.elapsed();
+    assert!(last.is_err(), "no member answers: {last:?}");
+    assert!(
+        took >= timeout,
+        "the call was given memberTimeout: {took:?}"
+    );
+    let log = chaos.log();
+    assert_eq!(log.matches("was silent for").count(), 1, "{log}");
+    assert!(log.contains("answered nothing for 4000 ms"), "{log}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
 /// `pkcs11-tool`, as a new user would run it, with one member silent:
 /// listing the slots and hashing through the virtual slot each finish
 /// within `memberTimeout` and the margin.
