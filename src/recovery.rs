@@ -588,17 +588,7 @@ fn cut_silent_calls(provider: &dyn Host, timeout: Duration, now: Instant) {
         let Some(call) = library.silent_call(now, timeout) else {
             continue;
         };
-        let mut members: Vec<(&Group, usize)> = Vec::new();
-        for group in provider.groups() {
-            for member in &group.members {
-                let on_library = member
-                    .location()
-                    .is_some_and(|l| Arc::ptr_eq(&l.library, library));
-                if on_library && member.reachable() {
-                    members.push((group, member.position));
-                }
-            }
-        }
+        let members = reachable_members_on(provider, library);
         let others_serve = members.iter().all(|(group, position)| {
             group.up_members().any(|m| {
                 m.position != *position
@@ -743,16 +733,29 @@ fn for_reachable_members_on(
     library: &Arc<dyn MemberBackend>,
     mut act: impl FnMut(&Group, usize),
 ) {
+    for (group, position) in reachable_members_on(provider, library) {
+        act(group, position);
+    }
+}
+
+/// The group and position of each reachable member whose token is reached
+/// through `library`.
+fn reachable_members_on<'a>(
+    provider: &'a dyn Host,
+    library: &Arc<dyn MemberBackend>,
+) -> Vec<(&'a Group, usize)> {
+    let mut members = Vec::new();
     for group in provider.groups() {
         for member in &group.members {
             let on_library = member
                 .location()
                 .is_some_and(|l| Arc::ptr_eq(&l.library, library));
             if on_library && member.reachable() {
-                act(group, member.position);
+                members.push((&**group, member.position));
             }
         }
     }
+    members
 }
 
 /// One recovery pass over every failed member of every group, one after

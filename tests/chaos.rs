@@ -760,6 +760,29 @@ fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
     pkcs11.finalize().unwrap();
 }
 
+/// How long one SHA-256 digest of "abc" takes; it must be right.
+fn timed_digest(session: &cryptoki::session::Session) -> Duration {
+    let started = Instant::now();
+    let digest = session
+        .digest(&Mechanism::Sha256, b"abc")
+        .expect("C_Digest");
+    assert_eq!(digest, SHA256_ABC);
+    started.elapsed()
+}
+
+/// Two members under `memberTimeout = timeout`, started, with a logged-in
+/// session that has made enough digests on each for its usual round trip
+/// to be known.
+fn two_members_with_round_trips(timeout: Duration) -> (Chaos, Pkcs11, cryptoki::session::Session) {
+    let mut chaos = Chaos::with_member_timeout(2, timeout.as_millis() as u64);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    for i in 0..2 {
+        digest_until_served(&session, i, 40);
+    }
+    (chaos, pkcs11, session)
+}
+
 /// Under Luna's default `memberTimeout` of 20 s, a member whose path goes
 /// silent mid-run is cut once a call has been silent for a second that its
 /// function usually answers in milliseconds (a `C_Digest` here): no call
@@ -769,24 +792,12 @@ fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
 #[test]
 fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
     let timeout = Duration::from_secs(20);
-    let mut chaos = Chaos::with_member_timeout(2, timeout.as_millis() as u64);
-    let (pkcs11, _) = chaos.start();
-    let slot = Slot::try_from(0u64).unwrap();
-    let session = user_session(&pkcs11, slot);
-    // Round trips enough on each member for the usual one to be known.
-    for i in 0..2 {
-        digest_until_served(&session, i, 40);
-    }
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout);
     chaos.members[1].relay.blackhole();
     let mut slowest = Duration::ZERO;
     let mut calls = 0;
     while serves(1) || calls < 20 {
-        let started = Instant::now();
-        let digest = session
-            .digest(&Mechanism::Sha256, b"abc")
-            .expect("C_Digest");
-        assert_eq!(digest, SHA256_ABC);
-        slowest = slowest.max(started.elapsed());
+        slowest = slowest.max(timed_digest(&session));
         calls += 1;
         assert!(slowest < timeout / 4, "a call took {slowest:?}");
     }
@@ -810,13 +821,7 @@ fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
 #[test]
 fn the_last_serving_member_is_left_to_member_timeout() {
     let timeout = Duration::from_secs(4);
-    let mut chaos = Chaos::with_member_timeout(2, timeout.as_millis() as u64);
-    let (pkcs11, _) = chaos.start();
-    let slot = Slot::try_from(0u64).unwrap();
-    let session = user_session(&pkcs11, slot);
-    for i in 0..2 {
-        digest_until_served(&session, i, 40);
-    }
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout);
     chaos.members[1].relay.blackhole();
     wait_for("member 1 is cut", timeout, || {
         let digest = session
@@ -949,12 +954,7 @@ fn concurrent_calls_on_a_member_gone_silent_all_return() {
                     silenced.wait();
                     let mut slowest = Duration::ZERO;
                     while Instant::now() < until {
-                        let started = Instant::now();
-                        let digest = session
-                            .digest(&Mechanism::Sha256, b"abc")
-                            .expect("C_Digest");
-                        assert_eq!(digest, SHA256_ABC);
-                        slowest = slowest.max(started.elapsed());
+                        slowest = slowest.max(timed_digest(&session));
                     }
                     slowest
                 })
