@@ -68,6 +68,12 @@ pub trait Host: Send + Sync {
     fn recovery(&self) -> &RecoverySettings;
     /// How long a member may hold calls without completing any.
     fn member_timeout(&self) -> Duration;
+    /// Whether a network member's call silent far longer than usual is cut
+    /// before `member_timeout` ([`cut_silent_calls`]): `earlyHangDetection`,
+    /// on unless the configuration turns it off.
+    fn early_hang_detection(&self) -> bool {
+        true
+    }
     /// False when no call into a member may run in a thread of ours.
     fn threads_allowed(&self) -> bool;
     /// Whether `group`'s returning members are given what they lack.
@@ -560,7 +566,7 @@ impl Watchdog {
         let last = self.looked_for_silent_calls.replace(now);
         let on_time =
             last.is_none_or(|last| now.saturating_duration_since(last) <= SILENT_CALL_LATE);
-        if on_time {
+        if on_time && provider.early_hang_detection() {
             cut_silent_calls(provider, provider.member_timeout(), now);
         }
     }

@@ -95,11 +95,12 @@ struct Chaos {
 
 impl Chaos {
     fn new(n: usize) -> Chaos {
-        Chaos::with_member_timeout(n, MEMBER_TIMEOUT_MS)
+        Chaos::with_settings(n, MEMBER_TIMEOUT_MS, "")
     }
 
-    /// `n` members under `memberTimeout = member_timeout_ms`.
-    fn with_member_timeout(n: usize, member_timeout_ms: u64) -> Chaos {
+    /// `n` members under `memberTimeout = member_timeout_ms`, with `more`
+    /// lines in `[HAConfiguration]`.
+    fn with_settings(n: usize, member_timeout_ms: u64, more: &str) -> Chaos {
         let guard = serial_guard();
         // Library entries are loaded once per process, and p11-kit's client
         // reads its server's address when loaded: a name of their own per
@@ -145,7 +146,7 @@ impl Chaos {
         text += &format!(
             "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
              \n[HAConfiguration]\nmemberTimeout = {member_timeout_ms}\nAutoReconnectInterval = 1\n\
-             haLogStatus = enabled\nhaLogPath = {}\n",
+             haLogStatus = enabled\nhaLogPath = {}\n{more}",
             serials.join(","),
             log_dir.display()
         );
@@ -770,11 +771,14 @@ fn timed_digest(session: &cryptoki::session::Session) -> Duration {
     started.elapsed()
 }
 
-/// Two members under `memberTimeout = timeout`, started, with a logged-in
-/// session that has made enough digests on each for its usual round trip
-/// to be known.
-fn two_members_with_round_trips(timeout: Duration) -> (Chaos, Pkcs11, cryptoki::session::Session) {
-    let mut chaos = Chaos::with_member_timeout(2, timeout.as_millis() as u64);
+/// Two members under `memberTimeout = timeout` and `more` settings,
+/// started, with a logged-in session that has made enough digests on each
+/// for its usual round trip to be known.
+fn two_members_with_round_trips(
+    timeout: Duration,
+    more: &str,
+) -> (Chaos, Pkcs11, cryptoki::session::Session) {
+    let mut chaos = Chaos::with_settings(2, timeout.as_millis() as u64, more);
     let (pkcs11, _) = chaos.start();
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     for i in 0..2 {
@@ -792,7 +796,7 @@ fn two_members_with_round_trips(timeout: Duration) -> (Chaos, Pkcs11, cryptoki::
 #[test]
 fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
     let timeout = Duration::from_secs(20);
-    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout);
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout, "");
     chaos.members[1].relay.blackhole();
     let mut slowest = Duration::ZERO;
     let mut calls = 0;
@@ -813,6 +817,30 @@ fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
     pkcs11.finalize().unwrap();
 }
 
+/// With `earlyHangDetection = 0` a silent call waits for `memberTimeout`,
+/// as before the rule: the member is cut by the watchdog's stall check
+/// alone, and the call on it took `memberTimeout`.
+#[test]
+fn without_early_hang_detection_a_silent_call_waits_member_timeout() {
+    let timeout = Duration::from_secs(4);
+    let (mut chaos, pkcs11, session) =
+        two_members_with_round_trips(timeout, "earlyHangDetection = 0\n");
+    chaos.members[1].relay.blackhole();
+    let mut slowest = Duration::ZERO;
+    while serves(1) {
+        slowest = slowest.max(timed_digest(&session));
+    }
+    assert!(
+        slowest >= timeout,
+        "a call waited memberTimeout: {slowest:?}"
+    );
+    let log = chaos.log();
+    assert!(!log.contains("was silent for"), "{log}");
+    assert!(log.contains("answered nothing for 4000 ms"), "{log}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
 /// The last serving member is not cut for a silent call before
 /// `memberTimeout`: with no other member to go to, slower than usual is no
 /// reason to serve nothing. Member 1 goes silent and is cut after about a
@@ -821,7 +849,7 @@ fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
 #[test]
 fn the_last_serving_member_is_left_to_member_timeout() {
     let timeout = Duration::from_secs(4);
-    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout);
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout, "");
     chaos.members[1].relay.blackhole();
     wait_for("member 1 is cut", timeout, || {
         let digest = session
