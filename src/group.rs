@@ -1929,30 +1929,39 @@ impl Group {
         self.deferred.lock()[position].len()
     }
 
-    /// The next of the first `left` changes kept for member `position`, to
-    /// be made now, counted as undelivered until
-    /// [`Group::deferred_handled`]: the first, or one making an object a
-    /// call waits for ([`Group::wait_for_kept`]) if no removal comes before
-    /// it. Changes making objects depend on none of each other; a removal
-    /// must come before an object made after it.
-    pub fn next_deferred(&self, position: usize, left: &mut usize) -> Option<Pending> {
+    /// The next change kept for member `position`, to be made now, counted
+    /// as undelivered until [`Group::deferred_handled`]: one making an
+    /// object a call waits for ([`Group::wait_for_kept`]) -- among all kept
+    /// for the member, its share of the replay or not, but for the objects
+    /// in `kept_again` -- if no removal comes before it, else the first;
+    /// with no such object, the first of the first `left` (the member's
+    /// share, counted down as it is taken). Changes making objects depend
+    /// on none of each other; a removal must come before an object made
+    /// after it.
+    pub fn next_deferred(
+        &self,
+        position: usize,
+        left: &mut usize,
+        kept_again: &[CK_OBJECT_HANDLE],
+    ) -> Option<Pending> {
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
         let window = (*left).min(kept.len());
-        if window == 0 {
+        let mut replay = self.kept_replay.lock();
+        let wanted = |c: &Pending| wanted_change(&replay.wanted, position, kept_again, c);
+        let at = if kept.iter().any(wanted) {
+            kept.iter()
+                .take_while(|c| c.removal().is_none())
+                .position(wanted)
+                .unwrap_or(0)
+        } else if window > 0 {
+            0
+        } else {
             *left = 0;
             return None;
-        }
-        let mut replay = self.kept_replay.lock();
-        let wanted = kept[..window]
-            .iter()
-            .take_while(|c| c.removal().is_none())
-            .position(|c| {
-                c.made_object()
-                    .is_some_and(|o| replay.wanted.contains(&(position, o)))
-            });
-        let change = kept.remove(wanted.unwrap_or(0));
-        *left = window - 1;
+        };
+        let change = kept.remove(at);
+        *left = if at < window { window - 1 } else { window };
         replay.making[position] = change.made_object();
         self.deferred_underway[position].fetch_add(1, Ordering::Relaxed);
         Some(change)
@@ -2057,18 +2066,15 @@ impl Group {
         true
     }
 
-    /// Whether a call waits for an object ([`Group::wait_for_kept`]) that
-    /// one of the first `window` changes kept for member `position` makes.
-    pub fn kept_object_wanted(&self, position: usize, window: usize) -> bool {
+    /// Whether a call waits for an object ([`Group::wait_for_kept`]) that a
+    /// change kept for member `position` makes, but for the objects in
+    /// `kept_again` ([`Group::next_deferred`]).
+    pub fn kept_object_wanted(&self, position: usize, kept_again: &[CK_OBJECT_HANDLE]) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
-        replay.wanted.iter().any(|(p, object)| {
-            *p == position
-                && deferred[position]
-                    .iter()
-                    .take(window)
-                    .any(|c| c.made_object() == Some(*object))
-        })
+        deferred[position]
+            .iter()
+            .any(|c| wanted_change(&replay.wanted, position, kept_again, c))
     }
 
     /// The objects on their way to member `position`, as
@@ -2712,6 +2718,20 @@ impl Group {
     pub fn member_serial(info: &CK_TOKEN_INFO) -> String {
         padded_to_string(&info.serialNumber)
     }
+}
+
+/// Whether a call waits for the object `change` makes on member `position`
+/// (`wanted`, [`Group::wait_for_kept`]) and the replay did not keep a
+/// change of that object again (`kept_again`).
+fn wanted_change(
+    wanted: &[(usize, CK_OBJECT_HANDLE)],
+    position: usize,
+    kept_again: &[CK_OBJECT_HANDLE],
+    change: &Pending,
+) -> bool {
+    change
+        .made_object()
+        .is_some_and(|o| wanted.contains(&(position, o)) && !kept_again.contains(&o))
 }
 
 /// Asks a member for its token info in a thread of its own (one probe at

@@ -2764,15 +2764,18 @@ fn a_key_kept_during_the_replay_is_made_next_for_a_call_waiting_for_it() {
     v.close();
 }
 
-/// A member goes out of turn in the replay of kept changes only for an
-/// object its share of the replay makes: once its share has taken in the
-/// changes kept for it during the replay, for a call waiting for one of
-/// them, a second call waiting for an object kept after that leaves the
-/// turns as they are -- member 1 is given its change next. Going first
-/// for an object its share does not hold, member 0 made its other changes
-/// ahead of every other member's without making the object.
+/// A member goes out of turn in the replay of kept changes for each object
+/// kept for it during the replay that a call waits for, not only the
+/// first: once member 0 has been given a key kept after the replay took
+/// its share in, for a call waiting for it, a second call waiting for an
+/// object kept after that has it made next on member 0 too, before member
+/// 1's change whose turn it is. With the share widened once per replay,
+/// the second object was in no share, and the call waited for every
+/// member's whole share and the next replay -- past `memberTimeout` on long
+/// backlogs (the soak's `CKR_KEY_HANDLE_INVALID` after one wait, for a key
+/// made just before its only complete holder failed).
 #[test]
-fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
+fn a_member_goes_out_of_turn_for_each_object_kept_during_the_replay_that_a_call_waits_for() {
     let (member, group, v, calls, ()) = two_serving_first_owing_four(68, |_| ());
 
     let waited = std::thread::scope(|scope| {
@@ -2800,7 +2803,12 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
             std::thread::sleep(Duration::from_millis(5));
         }
         holding.let_one_go();
-        assert_eq!(calls.next(), 1, "member 1 is given its change in turn");
+        assert_eq!(calls.next(), 0, "member 0 is given the second object next");
+        assert_eq!(
+            copies_on_each_member(&member, b"kept later"),
+            [1, 0, 1],
+            "the object the second call waits for, on member 0"
+        );
         drop(holding);
         replay.join().expect("the replay ends");
         recovery::replay_deferred(group);
@@ -2811,6 +2819,51 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
     });
     assert_eq!(waited, (true, true), "both calls waited for their object");
     assert_eq!(copies_on_each_member(&member, b"kept later"), [1, 1, 1]);
+    v.close();
+}
+
+/// A member does not go out of turn again, in one replay of kept changes,
+/// for an object whose change that replay kept again: a key generated on
+/// member 2 while members 0 and 1 were out cannot be copied to member 0
+/// once member 2 has failed; a call waiting for it has member 0 try it
+/// once, and member 1 is then given its change in turn. Tried again for
+/// the call, it would be kept again and again while the call waits -- no
+/// change held, the replay spinning on member 0 -- and the replay would
+/// not end.
+#[test]
+fn a_member_does_not_go_out_of_turn_again_for_an_object_its_replay_kept_again() {
+    let (member, group, v, calls, key) = two_serving_first_owing_four(72, |v| {
+        generate_token_key(v, b"generated").expect("the key is generated on member 2")
+    });
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        member.sim.lock().set_fault(2, Fault::Crash);
+        group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
+        let caller = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::default()));
+        until_waiting_for_kept(group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "member 1 is given its change in turn");
+        drop(holding);
+        replay.join().expect("the replay ends");
+        group.stop_waiting();
+        caller.join().expect("the call returns")
+    });
+    assert!(waited, "the call waited for the key");
+    assert_eq!(
+        copies_on_each_member(&member, b"generated"),
+        [0, 0, 1],
+        "the key had no source to be copied from"
+    );
+    for token in 0..2 {
+        let made = labels_in_order(&member, token);
+        let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+        assert_eq!(kept, 4, "member {token} was given its share: {made:?}");
+    }
     v.close();
 }
 
@@ -2999,5 +3052,73 @@ fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another()
         let kept = made.iter().filter(|l| l.starts_with("kept")).count();
         assert_eq!(kept, 6, "member {token} was given all: {made:?}");
     }
+    v.close();
+}
+
+/// A key kept for a member serving first while the replay reads what that
+/// member holds -- written while it catches up, made on member 0, the only
+/// member lacking nothing, which then fails -- stops the reading once a
+/// call waits for it, as a key of the member's share does: the key is made
+/// next. Member 1 is owed five data objects, the reading stalls on the
+/// first of two objects made there outside the group, and the next call
+/// held on member 1 is the key's import. Looked for in the share alone, the
+/// key did not stop the reading, which stalled on the second object first
+/// (1.9 s for a reading under load in a long chaos run, against one
+/// `memberTimeout`).
+#[test]
+fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
+    let (member, group) = memory_group(2, 73);
+    let outside: Vec<CK_OBJECT_HANDLE> = (0..2)
+        .map(|n| {
+            token_object_made_outside(&member, 1, format!("made outside {n}").as_bytes(), b"data")
+        })
+        .collect();
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    serving_first_owing(&group, &[1]);
+    member
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(outside[0]));
+    let calls = HeldCalls::on(&member, |token| token == 1);
+
+    let started = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "the reading stalls on member 1");
+        member
+            .sim
+            .lock()
+            .set_fault(1, Fault::StallOnReading(outside[1]));
+        let key = import_token_object(&v, kept_key()).expect("the key is imported");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0],
+            "made on member 0, kept for member 1"
+        );
+        member.sim.lock().set_fault(0, Fault::Crash);
+        group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+        let v = &v;
+        let caller = scope.spawn(move || encrypt_init(v, key).map_err(|e| e.rv));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "a call is held on member 1");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 1],
+            "the call held next made the key: the reading stopped"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        caller.join().expect("the call returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    let made = labels_in_order(&member, 1);
+    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+    assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
     v.close();
 }
