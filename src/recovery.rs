@@ -2087,6 +2087,12 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
         let Some((i, wanted)) = next_kept_turn(group, &replays, &mut turn) else {
             break;
         };
+        // Its handles were forgotten since its reading (it returned, or
+        // lost its login): a removal by them faulted without reaching it
+        // and was dropped, the object the application destroyed left there.
+        if (replays[i].holdings.as_ref()).is_some_and(|h| h.outdated(&group.objects)) {
+            (replays[i].holdings, replays[i].read) = (None, false);
+        }
         // A call waits for this change: it is made looking the member up,
         // not after reading all the member holds (1.4 s for 4,500 objects
         // in a long chaos run, 1.9 s for fewer under heavier load, against

@@ -3122,3 +3122,43 @@ fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
     assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
     v.close();
 }
+
+/// A member whose handles are forgotten while the replay of kept changes
+/// gives it its share -- it returned, or lost its login -- has its objects
+/// read again, not named by the reading from before: member 0, owed five
+/// imports and the removal of an object the application destroyed while
+/// it was out, has its objects read, is given its first import, and
+/// forgets its handles; the removal then finds the object and removes it.
+/// With the old reading, the removal named a handle of the old era, which
+/// faults without reaching the member, and was dropped as not made: the
+/// destroyed object stayed on the member.
+#[test]
+fn a_member_whose_handles_are_forgotten_during_the_kept_replay_is_read_again() {
+    let (member, group) = memory_group(2, 74);
+    let v = logged_in_session(&group);
+    let gone = import_token_object(&v, data_object(b"gone", b"data")).expect("an import");
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    v.destroy_object(gone).expect("C_DestroyObject");
+    serving_first_owing(&group, &[0]);
+    let calls = HeldCalls::on(&member, |token| token == 0);
+
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0 is given its first import");
+        group.forget_handles(0);
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    let made = labels_in_order(&member, 0);
+    assert!(
+        !made.iter().any(|l| l == "gone"),
+        "the destroyed object is removed: {made:?}"
+    );
+    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+    assert_eq!(kept, 5, "member 0 was given its imports: {made:?}");
+    v.close();
+}
