@@ -1933,7 +1933,8 @@ impl Group {
     /// as undelivered until [`Group::deferred_handled`]: one making an
     /// object a call waits for ([`Group::wait_for_kept`]) -- among all kept
     /// for the member, its share of the replay or not, but for the objects
-    /// in `kept_again` -- if no removal comes before it, else the first;
+    /// in `kept_again`; of the call that has waited longest, whose wait
+    /// ends first -- if no removal comes before it, else the first;
     /// with no such object, the first of the first `left` (the member's
     /// share, counted down as it is taken). Changes making objects depend
     /// on none of each other; a removal must come before an object made
@@ -1949,11 +1950,17 @@ impl Group {
         let window = (*left).min(kept.len());
         let mut replay = self.kept_replay.lock();
         let wanted = |c: &Pending| wanted_change(&replay.wanted, position, kept_again, c);
+        // `wanted` in the order the calls began to wait.
+        let waited_since = |c: &Pending| {
+            let object = c.made_object();
+            (replay.wanted.iter()).position(|(p, o)| *p == position && Some(*o) == object)
+        };
         let at = if kept.iter().any(wanted) {
-            kept.iter()
-                .take_while(|c| c.removal().is_none())
-                .position(wanted)
-                .unwrap_or(0)
+            (kept.iter().enumerate())
+                .take_while(|(_, c)| c.removal().is_none())
+                .filter(|(_, c)| wanted(c))
+                .min_by_key(|(_, c)| waited_since(c))
+                .map_or(0, |(at, _)| at)
         } else if window > 0 {
             0
         } else {
@@ -2019,7 +2026,12 @@ impl Group {
     /// object joined the kept changes after the last one took its share),
     /// it asks for one, which the recovery thread makes at its next look:
     /// failing at once instead, calls failed in the soak with the key kept
-    /// for the only serving member and no replay due. The
+    /// for the only serving member and no replay due. A call whose wait
+    /// has run out still waits while one of `objects` is being made on the
+    /// member -- one member call, cut by the watchdog within
+    /// `memberTimeout` -- rather than be told its key is invalid as the
+    /// key arrives (the soak under load, with each import 0.2-0.5 s: two of
+    /// six waits that ran out did so while their key was being made). The
     /// caller holds nothing the replay waits for (as
     /// [`Group::wait_for_serving`]).
     pub fn wait_for_kept(
@@ -2029,11 +2041,18 @@ impl Group {
         waits: &mut Waits,
     ) -> bool {
         let on_the_way = || objects.iter().any(|o| self.kept_for(position, *o));
+        let being_made = || {
+            let making = self.kept_replay.lock().making[position];
+            making.is_some_and(|m| objects.contains(&m))
+        };
         let left = *waits.0.get_or_insert(self.settings.member_timeout);
-        if left.is_zero() || !on_the_way() {
+        if !on_the_way() || (left.is_zero() && !being_made()) {
             return false;
         }
         let deadline = crate::clock::now() + left;
+        // The making under way is one call on the member, which the
+        // watchdog cuts within memberTimeout.
+        let made_by = deadline + self.settings.member_timeout;
         {
             let mut replay = self.kept_replay.lock();
             replay.wanted.extend(objects.iter().map(|o| (position, *o)));
@@ -2043,9 +2062,18 @@ impl Group {
         }
         self.serving_wait().waiting_for_kept += 1;
         loop {
-            let left = crate::clock::block_for(deadline);
+            let mut left = crate::clock::block_for(deadline);
+            let run_out = left.is_zero();
+            if run_out && being_made() {
+                left = crate::clock::block_for(made_by);
+            }
             let wait = self.serving_wait();
-            if wait.closed || left.is_zero() || !on_the_way() || !self.members[position].is_up() {
+            if wait.closed
+                || left.is_zero()
+                || (run_out && !being_made())
+                || !on_the_way()
+                || !self.members[position].is_up()
+            {
                 break;
             }
             drop(
@@ -2058,7 +2086,7 @@ impl Group {
         let mut replay = self.kept_replay.lock();
         for object in objects {
             if let Some(i) = replay.wanted.iter().position(|w| *w == (position, *object)) {
-                replay.wanted.swap_remove(i);
+                replay.wanted.remove(i);
             }
         }
         drop(replay);

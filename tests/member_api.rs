@@ -3162,3 +3162,105 @@ fn a_member_whose_handles_are_forgotten_during_the_kept_replay_is_read_again() {
     assert_eq!(kept, 5, "member 0 was given its imports: {made:?}");
     v.close();
 }
+
+/// Of two calls waiting for objects kept for member 0, the object of the
+/// one that began to wait first is made first, whatever the order they
+/// were kept in: its wait ends first. Member 0 is owed four data objects
+/// and then two more, "late a" and "late b"; a call waits for "late b",
+/// then another for "late a", and the next change member 0 is given is
+/// "late b". Taken in the order they were kept, each change 0.2-0.5 s
+/// under the soak's load, the first call's key came after the second's,
+/// after its wait had run out.
+#[test]
+fn the_object_of_the_call_that_has_waited_longest_is_made_first() {
+    let (member, group, v, calls, [a, b]) = two_serving_first_owing_four(75, |v| {
+        ["late a", "late b"].map(|label| {
+            import_token_object(v, data_object(label.as_bytes(), b"data")).expect("an import")
+        })
+    });
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let first = scope.spawn(move || group.wait_for_kept(0, &[b], &mut Waits::default()));
+        until_waiting_for_kept(group, &first);
+        let second = scope.spawn(move || group.wait_for_kept(0, &[a], &mut Waits::default()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.calls_waiting_for_kept_objects() < 2 {
+            assert!(!second.is_finished(), "the second call returned");
+            assert!(Instant::now() < deadline, "the second call does not wait");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        holding.let_one_go();
+        assert_eq!(
+            calls.next(),
+            0,
+            "member 0 is given a waited-for object next"
+        );
+        assert_eq!(
+            [b"late a", b"late b"].map(|label| copies_on_each_member(&member, label)[0]),
+            [0, 1],
+            "the first call's object first"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        (
+            first.join().expect("the first call returns"),
+            second.join().expect("the second call returns"),
+        )
+    });
+    assert_eq!(waited, (true, true), "both calls waited for their object");
+    v.close();
+}
+
+/// A call whose wait has run out still waits for its key while the key is
+/// being made on the member: a call waits for the key kept for member 0,
+/// which member 0 is given next and whose making is held there; a second
+/// call naming the key, with no wait left, waits for that making to end
+/// and returns once the key is there. Failing at once, it was told the key
+/// was invalid as the key arrived (the soak under load: two of six waits
+/// that ran out did so while their key was being made).
+#[test]
+fn a_call_with_no_wait_left_waits_for_its_key_being_made() {
+    let (member, group, v, calls, key) = two_serving_first_owing_four(76, |v| {
+        import_token_object(v, kept_key()).expect("the key is imported on member 2")
+    });
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let first = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::default()));
+        until_waiting_for_kept(group, &first);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "member 0 is given the key");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0, 1],
+            "the key is being made on member 0, its making held"
+        );
+        let late = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::spent()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.calls_waiting_for_kept_objects() < 2 {
+            assert!(!late.is_finished(), "the call with no wait left returned");
+            assert!(
+                Instant::now() < deadline,
+                "the call with no wait left does not wait"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(holding);
+        replay.join().expect("the replay ends");
+        (
+            first.join().expect("the first call returns"),
+            late.join().expect("the call with no wait left returns"),
+        )
+    });
+    assert_eq!(waited, (true, true), "both calls waited for the key");
+    v.close();
+}
