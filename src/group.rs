@@ -2095,13 +2095,17 @@ impl Group {
     }
 
     /// Whether a call waits for an object ([`Group::wait_for_kept`]) that a
-    /// change kept for member `position` makes, but for the objects in
-    /// `kept_again` ([`Group::next_deferred`]).
-    pub fn kept_object_wanted(&self, position: usize, kept_again: &[CK_OBJECT_HANDLE]) -> bool {
+    /// change kept for member `position` makes -- from the `from`th on --
+    /// but for the objects in `kept_again` ([`Group::next_deferred`]).
+    pub fn kept_object_wanted(
+        &self,
+        position: usize,
+        from: usize,
+        kept_again: &[CK_OBJECT_HANDLE],
+    ) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
-        deferred[position]
-            .iter()
+        (deferred[position].iter().skip(from))
             .any(|c| wanted_change(&replay.wanted, position, kept_again, c))
     }
 

@@ -2084,7 +2084,7 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
     loop {
         take_in_serving(group, &mut replays, late);
         late = true;
-        let Some((i, wanted)) = next_kept_turn(group, &replays, &mut turn) else {
+        let Some((i, wanted)) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
         // Its handles were forgotten since its reading (it returned, or
@@ -2105,10 +2105,10 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
             // On a member of the replay, but for an object it kept again;
             // on one that came to serve since, any: it joins for it.
             let call_waits = || {
-                (members.iter()).any(|(p, again)| group.kept_object_wanted(*p, again))
+                (members.iter()).any(|(p, again)| group.kept_object_wanted(*p, 0, again))
                     || (group.up_members())
                         .filter(|m| members.iter().all(|(p, _)| *p != m.position))
-                        .any(|m| group.kept_object_wanted(m.position, &[]))
+                        .any(|m| group.kept_object_wanted(m.position, 0, &[]))
             };
             let replay = &mut replays[i];
             match read_for_kept(group, &worker, replay.position, replay.left, &call_waits) {
@@ -2128,11 +2128,13 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
 /// One serving member's part of [`replay_kept`].
 struct KeptReplay {
     position: usize,
-    /// How many of the changes kept when the member joined the replay are
-    /// still to be taken in turn (its share); those kept since, kept again
-    /// among them, go behind them and are made in this replay only for a
-    /// call waiting for their object ([`next_kept_turn`]).
+    /// How many of the changes kept when the member joined the replay (or
+    /// when its share was last widened, [`next_kept_turn`]) are still to
+    /// be taken in turn (its share); those kept since, kept again among
+    /// them, go behind them.
     left: usize,
+    /// How many times its share was widened ([`WIDENINGS_PER_REPLAY`]).
+    widenings: usize,
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
@@ -2176,32 +2178,51 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
                 read: false,
                 removals: Vec::new(),
                 kept_again: Vec::new(),
+                widenings: 0,
                 late,
             });
         }
     }
 }
 
+/// How many times one replay of kept changes widens a member's share
+/// ([`next_kept_turn`]): under continuous writes, with calls waiting for
+/// the new objects, a share widened at every wait would keep the replay
+/// from ending; past it, the object a call waits for is taken alone.
+const WIDENINGS_PER_REPLAY: usize = 8;
+
 /// The member whose turn it is in [`replay_kept`], and whether a call waits
 /// for an object on it: one a call waits on for an object kept for it --
 /// in its share or kept since, written while it catches up and made on
 /// the members that do not, but not one this replay kept again -- else
 /// the next in turn after `turn` (a late one once no other has changes
-/// left in its share); `None` once none has. A call waiting for an object
-/// kept after the share was taken, left to the next replay, waited for
+/// left in its share); `None` once none has. Where a call waits for an
+/// object kept after a member's share was taken, the share first takes in
+/// everything kept for the member by then, at each such wait up to
+/// [`WIDENINGS_PER_REPLAY`]: left to the next replay, the call waited for
 /// every member's whole share first, past `memberTimeout` on long
 /// backlogs (the soak's members catching up while the only complete one
-/// was down); where such an object comes after a removal, the member
-/// goes first until the removal is made. Only the object is taken in, so
-/// a replay under continuous writes still ends: beyond its shares, it
-/// makes one change for each object calls waited for (`tests/member_api.rs`).
+/// was down); widened once per replay, the objects kept after that each
+/// made a call wait, at 0.3-1 s a change under the soak's load, where a
+/// share taking them in had most of them made before any call named them
+/// (`tests/member_api.rs`). Where the object comes after a removal, the
+/// member goes first until the removal is made.
 fn next_kept_turn(
     group: &Group,
-    replays: &[KeptReplay],
+    replays: &mut [KeptReplay],
     turn: &mut usize,
 ) -> Option<(usize, bool)> {
+    for replay in replays.iter_mut() {
+        if replay.widenings < WIDENINGS_PER_REPLAY
+            && group.kept_object_wanted(replay.position, replay.left, &replay.kept_again)
+        {
+            replay.left = group.kept_count(replay.position);
+            replay.widenings += 1;
+        }
+    }
     let count = replays.len();
-    let wanted = (replays.iter()).position(|r| group.kept_object_wanted(r.position, &r.kept_again));
+    let wanted =
+        (replays.iter()).position(|r| group.kept_object_wanted(r.position, 0, &r.kept_again));
     let in_turn = |late: bool| {
         (0..count)
             .map(|k| (*turn + k) % count)

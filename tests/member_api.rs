@@ -2764,18 +2764,21 @@ fn a_key_kept_during_the_replay_is_made_next_for_a_call_waiting_for_it() {
     v.close();
 }
 
-/// A member goes out of turn in the replay of kept changes for each object
-/// kept for it during the replay that a call waits for, not only the
-/// first: once member 0 has been given a key kept after the replay took
-/// its share in, for a call waiting for it, a second call waiting for an
-/// object kept after that has it made next on member 0 too, before member
-/// 1's change whose turn it is. With the share widened once per replay,
-/// the second object was in no share, and the call waited for every
-/// member's whole share and the next replay -- past `memberTimeout` on long
-/// backlogs (the soak's `CKR_KEY_HANDLE_INVALID` after one wait, for a key
-/// made just before its only complete holder failed).
+/// Each time a call waits for an object kept for a member after its share
+/// of the replay of kept changes was taken, not only the first, the share
+/// takes in everything kept for the member by then, and the object is
+/// made next: once member 0 has been given, out of turn, a key kept after
+/// the replay began, a second call waits for an object kept after that,
+/// "kept later"; member 0 is given it next, before member 1's change whose
+/// turn it is, and "kept before later", kept just before it, is made on
+/// member 0 in the same replay. Widened once per replay, the second object
+/// was in no share, and the call waited for every member's whole share and
+/// the next replay -- past `memberTimeout` on long backlogs (the soak's
+/// `CKR_KEY_HANDLE_INVALID` after one wait, for a key made just before its
+/// only complete holder failed); taken in alone, each object kept since
+/// made a call wait, at 0.3-1 s a change under the soak's load.
 #[test]
-fn a_member_goes_out_of_turn_for_each_object_kept_during_the_replay_that_a_call_waits_for() {
+fn each_call_waiting_beyond_a_members_share_widens_it_to_all_kept_for_the_member() {
     let (member, group, v, calls, ()) = two_serving_first_owing_four(68, |_| ());
 
     let waited = std::thread::scope(|scope| {
@@ -2793,6 +2796,7 @@ fn a_member_goes_out_of_turn_for_each_object_kept_during_the_replay_that_a_call_
             copies_on_each_member(&member, KEPT_KEY.as_bytes()),
             [1, 0, 1]
         );
+        import_labelled(&v, "kept before later");
         let later = import_token_object(&v, data_object(b"kept later", b"data"))
             .expect("an import on member 2");
         let second = scope.spawn(move || group.wait_for_kept(0, &[later], &mut Waits::default()));
@@ -2811,6 +2815,11 @@ fn a_member_goes_out_of_turn_for_each_object_kept_during_the_replay_that_a_call_
         );
         drop(holding);
         replay.join().expect("the replay ends");
+        assert_eq!(
+            copies_on_each_member(&member, b"kept before later"),
+            [1, 0, 1],
+            "kept before the second object, made on member 0 in the same replay"
+        );
         recovery::replay_deferred(group);
         (
             first.join().expect("the first call returns"),
