@@ -2831,6 +2831,64 @@ fn each_call_waiting_beyond_a_members_share_widens_it_to_all_kept_for_the_member
     v.close();
 }
 
+/// A replay of kept changes widens a member's share at most eight times
+/// (`WIDENINGS_PER_REPLAY`), so that under continuous writes, with calls
+/// waiting for the new objects, it still ends: nine times a data object
+/// "filler N" and then "target N" are imported while members 0 and 1
+/// catch up, and a call waits for "target N" on member 0. Each target is
+/// made on member 0 next; the first eight fillers are made on it in the
+/// same replay, taken in with their targets, and the ninth is left to the
+/// next replay.
+#[test]
+fn a_replay_widens_a_members_share_at_most_eight_times() {
+    const WAITS: usize = 9;
+    let (member, group, v, calls, ()) = two_serving_first_owing_four(77, |_| ());
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let mut callers = Vec::new();
+        for n in 0..WAITS {
+            import_labelled(&v, &format!("filler {n}"));
+            let label = format!("target {n}");
+            let target = import_token_object(&v, data_object(label.as_bytes(), b"data"))
+                .expect("an import on member 2");
+            callers.push(
+                scope.spawn(move || group.wait_for_kept(0, &[target], &mut Waits::default())),
+            );
+            // The call before waits until its target, held, is made.
+            let waiting = 1 + usize::from(n > 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while group.calls_waiting_for_kept_objects() < waiting {
+                assert!(Instant::now() < deadline, "call {n} does not wait");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            holding.let_one_go();
+            assert_eq!(calls.next(), 0, "member 0 is given target {n} next");
+            assert_eq!(copies_on_each_member(&member, label.as_bytes()), [1, 0, 1]);
+        }
+        drop(holding);
+        replay.join().expect("the replay ends");
+        callers
+            .into_iter()
+            .map(|c| c.join().expect("a call returns"))
+            .collect::<Vec<bool>>()
+    });
+    assert_eq!(waited, [true; WAITS], "each call waited for its target");
+    let fillers: Vec<usize> = (0..WAITS)
+        .map(|n| copies_on_each_member(&member, format!("filler {n}").as_bytes())[0])
+        .collect();
+    assert_eq!(
+        fillers,
+        [1, 1, 1, 1, 1, 1, 1, 1, 0],
+        "the fillers made on member 0 in the replay"
+    );
+    v.close();
+}
+
 /// A member does not go out of turn again, in one replay of kept changes,
 /// for an object whose change that replay kept again: a key generated on
 /// member 2 while members 0 and 1 were out cannot be copied to member 0
