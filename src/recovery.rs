@@ -2186,23 +2186,28 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
         let Some((i, wanted)) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
+        // Its handles were forgotten since its reading (it returned, or
+        // lost its login): a removal by them faulted without reaching it
+        // and was dropped, the object the application destroyed left there.
+        if (replays[i].holdings.as_ref()).is_some_and(|h| h.outdated(&group.objects)) {
+            (replays[i].holdings, replays[i].read) = (None, false);
+        }
         // A call waits for this change: it is made looking the member up,
         // not after reading all the member holds (1.4 s for 4,500 objects
         // in a long chaos run, 1.9 s for fewer under heavier load, against
         // a wait of one memberTimeout); a call that comes to wait during a
         // reading stops it.
         if !replays[i].read && !wanted {
-            let shares: Vec<(usize, usize)> =
-                replays.iter().map(|r| (r.position, r.left)).collect();
-            // On a member of the replay, within its share; on one that came
-            // to serve since, anywhere: it joins with all it is owed.
+            let members: Vec<(usize, Vec<CK_OBJECT_HANDLE>)> = (replays.iter())
+                .map(|r| (r.position, r.kept_again.clone()))
+                .collect();
+            // On a member of the replay, but for an object it kept again;
+            // on one that came to serve since, any: it joins for it.
             let call_waits = || {
-                shares
-                    .iter()
-                    .any(|(p, left)| group.kept_object_wanted(*p, *left))
+                (members.iter()).any(|(p, again)| group.kept_object_wanted(*p, 0, again))
                     || (group.up_members())
-                        .filter(|m| shares.iter().all(|(p, _)| *p != m.position))
-                        .any(|m| group.kept_object_wanted(m.position, usize::MAX))
+                        .filter(|m| members.iter().all(|(p, _)| *p != m.position))
+                        .any(|m| group.kept_object_wanted(m.position, 0, &[]))
             };
             let replay = &mut replays[i];
             match read_for_kept(group, &worker, replay.position, replay.left, &call_waits) {
@@ -2223,22 +2228,34 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
 struct KeptReplay {
     position: usize,
     /// How many of the changes kept when the member joined the replay (or
-    /// when its share was widened, [`next_kept_turn`]) are still to be
-    /// taken; those kept again go behind them.
+    /// when its share was last widened, [`next_kept_turn`]) are still to
+    /// be taken in turn (its share); those kept since, kept again among
+    /// them, go behind them.
     left: usize,
+    /// How many times its share was widened ([`WIDENINGS_PER_REPLAY`]).
+    widenings: usize,
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
     /// Removals kept again: a change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
-    /// Whether `left` was widened to a change kept after the member joined
-    /// ([`next_kept_turn`]).
-    widened: bool,
+    /// Objects whose change this replay kept again: not taken again in it,
+    /// even for a call waiting for them -- tried again and again, each
+    /// would be kept again and again while the call waits.
+    kept_again: Vec<CK_OBJECT_HANDLE>,
     /// Whether the member joined after the replay began ([`take_in_serving`]).
     late: bool,
     /// How many changes at the front of the share a run on spares left, to
     /// be made one by one before another run ([`replay_kept_imports_on_spares`]).
     one_by_one: usize,
+}
+
+impl KeptReplay {
+    /// Keeps `change` for the member again, behind what is kept for it.
+    fn keep_again(&mut self, group: &Group, change: Pending) {
+        self.kept_again.extend(change.made_object());
+        group.defer(self.position, change);
+    }
 }
 
 /// Takes the serving members not in `replays` yet into [`replay_kept`],
@@ -2252,7 +2269,7 @@ struct KeptReplay {
 /// the group's first to serve again, from lacking nothing
 /// (`tests/member_api.rs`). Once in, a member is not taken in again: the
 /// changes kept for it meanwhile, kept again among them, wait for the next
-/// replay.
+/// replay, but for an object a call waits for ([`next_kept_turn`]).
 fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     for member in group.up_members() {
         if replays.iter().all(|r| r.position != member.position) {
@@ -2262,7 +2279,8 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
                 holdings: None,
                 read: false,
                 removals: Vec::new(),
-                widened: false,
+                kept_again: Vec::new(),
+                widenings: 0,
                 late,
                 one_by_one: 0,
             });
@@ -2270,33 +2288,44 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     }
 }
 
+/// How many times one replay of kept changes widens a member's share
+/// ([`next_kept_turn`]): under continuous writes, with calls waiting for
+/// the new objects, a share widened at every wait would keep the replay
+/// from ending; past it, the object a call waits for is taken alone.
+const WIDENINGS_PER_REPLAY: usize = 8;
+
 /// The member whose turn it is in [`replay_kept`], and whether a call waits
-/// for an object on it: one whose share holds an object a call waits for,
-/// else the next in turn after `turn` (a late one once no other has
-/// changes left); `None` once none has. Where a call
-/// waits for an object kept for a member after it joined -- one written
-/// while it catches up, made on the members that do not -- its share
-/// first takes in everything kept for it now, once (so a change kept again
-/// is not taken again and again): left out, the call waited for every
-/// member's whole share and the next replay (`tests/member_api.rs`), and
-/// the member, going first for it, held the others back without making it.
+/// for an object on it: one a call waits on for an object kept for it --
+/// in its share or kept since, written while it catches up and made on
+/// the members that do not, but not one this replay kept again -- else
+/// the next in turn after `turn` (a late one once no other has changes
+/// left in its share); `None` once none has. Where a call waits for an
+/// object kept after a member's share was taken, the share first takes in
+/// everything kept for the member by then, at each such wait up to
+/// [`WIDENINGS_PER_REPLAY`]: left to the next replay, the call waited for
+/// every member's whole share first, past `memberTimeout` on long
+/// backlogs (the soak's members catching up while the only complete one
+/// was down); widened once per replay, the objects kept after that each
+/// made a call wait, at 0.3-1 s a change under the soak's load, where a
+/// share taking them in had most of them made before any call named them
+/// (`tests/member_api.rs`). Where the object comes after a removal, the
+/// member goes first until the removal is made.
 fn next_kept_turn(
     group: &Group,
     replays: &mut [KeptReplay],
     turn: &mut usize,
 ) -> Option<(usize, bool)> {
-    for replay in replays.iter_mut().filter(|r| !r.widened) {
-        if group.kept_object_wanted(replay.position, usize::MAX)
-            && !group.kept_object_wanted(replay.position, replay.left)
+    for replay in replays.iter_mut() {
+        if replay.widenings < WIDENINGS_PER_REPLAY
+            && group.kept_object_wanted(replay.position, replay.left, &replay.kept_again)
         {
             replay.left = group.kept_count(replay.position);
-            replay.widened = true;
+            replay.widenings += 1;
         }
     }
     let count = replays.len();
-    let wanted = replays
-        .iter()
-        .position(|r| r.left > 0 && group.kept_object_wanted(r.position, r.left));
+    let wanted =
+        (replays.iter()).position(|r| group.kept_object_wanted(r.position, 0, &r.kept_again));
     let in_turn = |late: bool| {
         (0..count)
             .map(|k| (*turn + k) % count)
@@ -2319,12 +2348,12 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         return made;
     }
     let position = replay.position;
-    let Some(change) = group.next_deferred(position, &mut replay.left) else {
+    let Some(change) = group.next_deferred(position, &mut replay.left, &replay.kept_again) else {
         return 0;
     };
     replay.one_by_one = replay.one_by_one.saturating_sub(1);
     if worker.behind_a_removal(&replay.removals, &change) {
-        group.defer(position, change);
+        replay.keep_again(group, change);
         group.deferred_handled(position, 1);
         return 0;
     }
@@ -2336,7 +2365,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
             && worker.unreceivable(object, position).is_some()
             && !worker.holds(object, position, None)
         {
-            group.defer(position, change);
+            replay.keep_again(group, change);
             group.deferred_handled(position, 1);
             return 0;
         }
@@ -2354,7 +2383,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         || must_wait(group, logged_out, worker, position, &change, &outcome)
     {
         replay.removals.extend(change.removal().cloned());
-        group.defer(position, change);
+        replay.keep_again(group, change);
     } else if outcome.is_err() && !group.members[position].reachable() {
         // It failed again (its token restarted unseen, for one):
         // this change and the rest are replayed when it returns,
@@ -2417,8 +2446,8 @@ fn replay_kept_imports_on_spares(
     let run = group.next_kept_imports(
         position,
         &mut replay.left,
-        IMPORTS_ON_SPARES,
-        KEPT_RUN_LONGEST,
+        &replay.kept_again,
+        (IMPORTS_ON_SPARES, KEPT_RUN_LONGEST),
     )?;
     let taken = run.len();
     let done = worker.import_on_spares(position, run, holdings);
