@@ -2081,8 +2081,8 @@ impl Group {
     /// member -- one member call, or two on each spare of a run of imports
     /// (`Group::next_kept_imports`), each cut by the watchdog within
     /// `memberTimeout` -- rather than be told its key is invalid as the
-    /// key arrives (the soak under load, with each import 0.2-0.5 s: two of
-    /// six waits that ran out did so while their key was being made). The
+    /// key arrives (the soak under load, each kept change 0.2-1.5 s: four
+    /// of eight waits that ran out did so while their key was being made). The
     /// caller holds nothing the replay waits for (as
     /// [`Group::wait_for_serving`]).
     pub fn wait_for_kept(

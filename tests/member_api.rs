@@ -239,14 +239,40 @@ fn token_object_made_outside(
 /// where the provider would attach it; the whole process on simulated
 /// time, so that nothing below depends on how fast the machine is.
 fn memory_group(tokens: usize, seed: u64) -> (Arc<SimMember>, Arc<Group>) {
+    memory_group_within(tokens, seed, Duration::from_secs(1))
+}
+
+/// [`memory_group`] with a `memberTimeout` of an hour, for a test whose
+/// calls wait for kept objects until the test lets the replay go: the
+/// manual clock is the process's, and other tests move it (their
+/// `clock::sleep`s, the watchdog test's second), which ended such waits
+/// within one second of it.
+fn patient_memory_group(tokens: usize, seed: u64) -> (Arc<SimMember>, Arc<Group>) {
+    memory_group_within(tokens, seed, Duration::from_secs(3600))
+}
+
+/// [`memory_group`] with `member_timeout`.
+fn memory_group_within(
+    tokens: usize,
+    seed: u64,
+    member_timeout: Duration,
+) -> (Arc<SimMember>, Arc<Group>) {
     let member = Arc::new(SimMember::initialized(tokens, seed));
     let places = (0..tokens).map(|token| (Arc::clone(&member), token));
-    (Arc::clone(&member), group_of(places.collect()))
+    (
+        Arc::clone(&member),
+        group_within(places.collect(), member_timeout),
+    )
 }
 
 /// A group of the tokens at `places` (a library, a token's index there),
 /// each member attached where the provider would attach it.
 fn group_of(places: Vec<(Arc<SimMember>, usize)>) -> Arc<Group> {
+    group_within(places, Duration::from_secs(1))
+}
+
+/// [`group_of`] with `member_timeout`.
+fn group_within(places: Vec<(Arc<SimMember>, usize)>, member_timeout: Duration) -> Arc<Group> {
     pkcs11_ha::clock::install_manual();
     let serials: Vec<String> = places
         .iter()
@@ -256,7 +282,7 @@ fn group_of(places: Vec<(Arc<SimMember>, usize)>) -> Arc<Group> {
         domain_label: String::from_utf8(token::DOMAIN_LABEL.to_vec()).unwrap(),
         replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
         min_replicas: 1,
-        member_timeout: Duration::from_secs(1),
+        member_timeout,
     };
     let group = Group::new(0, "memory", "memory".into(), 0, &serials, &[], settings);
     for (position, (library, token)) in places.into_iter().enumerate() {
@@ -2525,7 +2551,7 @@ fn two_serving_first_owing_four<T>(
     seed: u64,
     also: impl FnOnce(&VirtualSession) -> T,
 ) -> (Arc<SimMember>, Arc<Group>, VirtualSession, HeldCalls, T) {
-    let (member, group) = memory_group(3, seed);
+    let (member, group) = patient_memory_group(3, seed);
     let v = logged_in_session(&group);
     for position in 0..2 {
         group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
@@ -2851,21 +2877,26 @@ fn a_replay_widens_a_members_share_at_most_eight_times() {
         let replay = scope.spawn(|| recovery::replay_deferred(group));
         assert_eq!(calls.next(), 0, "member 0's first change is made");
         let mut callers = Vec::new();
+        let waiting = |count: usize| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while group.calls_waiting_for_kept_objects() != count {
+                assert!(Instant::now() < deadline, "not {count} calls waiting");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
         for n in 0..WAITS {
             import_labelled(&v, &format!("filler {n}"));
             let label = format!("target {n}");
             let target = import_token_object(&v, data_object(label.as_bytes(), b"data"))
                 .expect("an import on member 2");
+            // The call before waits until its target, held, is made; the
+            // one before that has returned.
+            let before = usize::from(n > 0);
+            waiting(before);
             callers.push(
                 scope.spawn(move || group.wait_for_kept(0, &[target], &mut Waits::default())),
             );
-            // The call before waits until its target, held, is made.
-            let waiting = 1 + usize::from(n > 0);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while group.calls_waiting_for_kept_objects() < waiting {
-                assert!(Instant::now() < deadline, "call {n} does not wait");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            waiting(before + 1);
             holding.let_one_go();
             assert_eq!(calls.next(), 0, "member 0 is given target {n} next");
             assert_eq!(copies_on_each_member(&member, label.as_bytes()), [1, 0, 1]);
@@ -2952,7 +2983,7 @@ fn member_1_serving_first_owing_the_key(
     CK_OBJECT_HANDLE,
     Vec<CK_OBJECT_HANDLE>,
 ) {
-    let (member, group) = memory_group(3, seed);
+    let (member, group) = patient_memory_group(3, seed);
     group.set_replays_on_request(true);
     let outside = (0..outside)
         .map(|n| {
@@ -3134,7 +3165,7 @@ fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another()
 /// `memberTimeout`).
 #[test]
 fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
-    let (member, group) = memory_group(2, 73);
+    let (member, group) = patient_memory_group(2, 73);
     let outside: Vec<CK_OBJECT_HANDLE> = (0..2)
         .map(|n| {
             token_object_made_outside(&member, 1, format!("made outside {n}").as_bytes(), b"data")
@@ -3235,7 +3266,7 @@ fn a_member_whose_handles_are_forgotten_during_the_kept_replay_is_read_again() {
 /// were kept in: its wait ends first. Member 0 is owed four data objects
 /// and then two more, "late a" and "late b"; a call waits for "late b",
 /// then another for "late a", and the next change member 0 is given is
-/// "late b". Taken in the order they were kept, each change 0.2-0.5 s
+/// "late b". Taken in the order they were kept, each change 0.2-1.5 s
 /// under the soak's load, the first call's key came after the second's,
 /// after its wait had run out.
 #[test]
@@ -3288,7 +3319,7 @@ fn the_object_of_the_call_that_has_waited_longest_is_made_first() {
 /// which member 0 is given next and whose making is held there; a second
 /// call naming the key, with no wait left, waits for that making to end
 /// and returns once the key is there. Failing at once, it was told the key
-/// was invalid as the key arrived (the soak under load: two of six waits
+/// was invalid as the key arrived (the soak under load: four of eight waits
 /// that ran out did so while their key was being made).
 #[test]
 fn a_call_with_no_wait_left_waits_for_its_key_being_made() {
