@@ -692,9 +692,10 @@ pub struct Group {
     /// make those when it resumes, so they are not made again on it until
     /// it has or can no longer, and it does not rejoin meanwhile.
     in_doubt: Mutex<Vec<Vec<InDoubt>>>,
-    /// Fingerprints of objects whose making call failed while a member had
-    /// them in doubt: recovery looks for those copies by these, and removes
-    /// them. Kept while a member has the object in doubt.
+    /// Fingerprints of objects whose making call failed, or that were
+    /// destroyed, while a member had them in doubt: recovery looks for
+    /// those copies by these, and removes them. Kept while a member has the
+    /// object in doubt.
     abandoned: Mutex<rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Fingerprint>>,
     /// Per member: copies it missed that no serving member could give it
     /// when it returned (the members holding the object were down, or
@@ -2301,6 +2302,25 @@ impl Group {
         in_doubt[position].retain(|(o, since)| *o != object || since.is_none());
         if !in_doubt.iter().flatten().any(|(o, _)| *o == object) {
             self.abandoned.lock().remove(&object);
+        }
+    }
+
+    /// Takes a destroyed object out of the group. A member that may still
+    /// make a copy of it (it is in doubt there) is waited for as for an
+    /// abandoned object's copy, by the fingerprint kept here, so that the
+    /// removal queued for the member meets the copy: settled at once as
+    /// gone from the group, the removal found nothing, and the copy the
+    /// member's server made late stayed, a destroyed object back
+    /// (`tests/member_api.rs`). Lock order: in-doubt, then abandoned.
+    pub fn forget_destroyed(&self, object: CK_OBJECT_HANDLE) {
+        let print = self.objects.get(object).and_then(|o| o.fingerprint);
+        self.objects.remove(object);
+        let Some(print) = print else {
+            return;
+        };
+        let in_doubt = self.in_doubt.lock();
+        if (in_doubt.iter().flatten()).any(|(o, since)| *o == object && since.is_some()) {
+            self.abandoned.lock().insert(object, (*print).clone());
         }
     }
 

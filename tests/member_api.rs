@@ -3009,7 +3009,12 @@ fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another()
 fn imported_with_a_late_change(
     label: &[u8],
     seed: u64,
-) -> (Vec<Arc<SimMember>>, Arc<Group>, VirtualSession) {
+) -> (
+    Vec<Arc<SimMember>>,
+    Arc<Group>,
+    VirtualSession,
+    CK_OBJECT_HANDLE,
+) {
     let libraries: Vec<Arc<SimMember>> = (0..2)
         .map(|i| {
             let library = SimMember::new(&format!("net{i}"), 1, i, true, seed);
@@ -3029,11 +3034,12 @@ fn imported_with_a_late_change(
     let template =
         unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
             .expect("a valid template");
-    v.create_object(CK_INVALID_HANDLE, &template)
+    let object = v
+        .create_object(CK_INVALID_HANDLE, &template)
         .expect("the import succeeds on member 0");
     assert_eq!(group.members[1].state(), MemberState::Down);
     assert_eq!(copies_on_libraries(&libraries, label), [1, 0]);
-    (libraries, group, v)
+    (libraries, group, v, object)
 }
 
 fn copies_on_libraries(libraries: &[Arc<SimMember>], label: &[u8]) -> Vec<usize> {
@@ -3055,7 +3061,7 @@ fn copies_on_libraries(libraries: &[Arc<SimMember>], label: &[u8]) -> Vec<usize>
 #[test]
 fn an_import_its_server_carries_out_after_a_reset_is_on_the_returning_member_once() {
     let label = b"carried out after a reset";
-    let (libraries, group, v) = imported_with_a_late_change(label, 41);
+    let (libraries, group, v, _) = imported_with_a_late_change(label, 41);
     let host = MemoryHost::of(&group, &libraries);
 
     recovery::recover_failed_members(&host);
@@ -3070,6 +3076,46 @@ fn an_import_its_server_carries_out_after_a_reset_is_on_the_returning_member_onc
         copies_on_libraries(&libraries, label),
         [1, 1],
         "the object once on each member"
+    );
+    assert_ne!(
+        waited,
+        MemberState::Up,
+        "member 1 waited for the copy its server could still make"
+    );
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 is back"
+    );
+    v.close();
+}
+
+/// As above, the object destroyed before member 1 returns: the removal
+/// queued for member 1 must meet the copy its server makes late, so the
+/// member waits for that copy as for any object in doubt -- settled at
+/// once because the object was gone from the group, the removal found
+/// nothing and the late copy stayed, a destroyed object back on the
+/// member.
+#[test]
+fn an_import_carried_out_after_a_reset_and_destroyed_meanwhile_leaves_no_copy() {
+    let label = b"destroyed before the late copy";
+    let (libraries, group, v, object) = imported_with_a_late_change(label, 43);
+    let host = MemoryHost::of(&group, &libraries);
+    v.destroy_object(object)
+        .expect("the object is destroyed on member 0");
+
+    recovery::recover_failed_members(&host);
+    let waited = group.members[1].state();
+    assert_eq!(
+        libraries[1].sim.lock().carry_out_late(),
+        1,
+        "the server carries the request out"
+    );
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        copies_on_libraries(&libraries, label),
+        [0, 0],
+        "no copy of the destroyed object on any member"
     );
     assert_ne!(
         waited,
