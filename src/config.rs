@@ -36,6 +36,7 @@
 //! reconnAtt = -1                 ; optional, recovery attempts; -1 forever, 0 off
 //! AutoReconnectInterval = 60     ; optional, seconds between recovery attempts
 //! memberTimeout = 20000          ; optional, milliseconds a member may take
+//! earlyHangDetection = 1         ; optional, 0: a silent network call waits memberTimeout
 //! haLogStatus = disabled         ; optional, enabled or disabled
 //! haLogPath = /var/log/pkcs11-ha ; directory of haErrorLog.txt; needed if enabled
 //! logLen = 10485760              ; optional, bytes before the log rotates; 0 never
@@ -92,18 +93,20 @@ const MULTIPART_REPLAY_LIMIT: &str = "MultipartReplayLimit";
 const RECONN_ATT: &str = "reconnAtt";
 const AUTO_RECONNECT_INTERVAL: &str = "AutoReconnectInterval";
 const MEMBER_TIMEOUT: &str = "memberTimeout";
+const EARLY_HANG_DETECTION: &str = "earlyHangDetection";
 const HA_LOG_STATUS: &str = "haLogStatus";
 pub const HA_LOG_PATH: &str = "haLogPath";
 const LOG_LEN: &str = "logLen";
 pub const HA_STATE_DIR: &str = "haStateDir";
 const RECONCILE_INTERVAL: &str = "ReconcileInterval";
 /// The `[HAConfiguration]` keys, for messages.
-const HA_KEYS: [&str; 10] = [
+const HA_KEYS: [&str; 11] = [
     HA_ONLY,
     MULTIPART_REPLAY_LIMIT,
     RECONN_ATT,
     AUTO_RECONNECT_INTERVAL,
     MEMBER_TIMEOUT,
+    EARLY_HANG_DETECTION,
     HA_LOG_STATUS,
     HA_LOG_PATH,
     LOG_LEN,
@@ -169,6 +172,10 @@ pub struct Config {
     /// `memberTimeout`: milliseconds an application call waits on a member
     /// before the member counts as failed; at least 1.
     pub member_timeout_ms: u64,
+    /// `earlyHangDetection`: a network member's call silent far longer than
+    /// its kind usually takes is cut before `memberTimeout`
+    /// (`recovery::cut_silent_calls`).
+    pub early_hang_detection: bool,
     /// The HA event log.
     pub ha_log: HaLogConfig,
     /// `haStateDir`, absolute, where given; else [`crate::state_dir::default_path`].
@@ -190,6 +197,7 @@ impl Default for Config {
             multipart_replay_limit: DEFAULT_MULTIPART_REPLAY_LIMIT,
             recovery: RecoveryConfig::default(),
             member_timeout_ms: DEFAULT_MEMBER_TIMEOUT_MS,
+            early_hang_detection: true,
             ha_log: HaLogConfig::default(),
             state_dir: None,
             reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
@@ -406,6 +414,7 @@ impl Config {
             attempts,
             interval_secs,
             member_timeout_ms,
+            early_hang_detection,
             ha_log,
             state_dir,
             reconcile_interval_secs,
@@ -429,6 +438,7 @@ impl Config {
                 mode,
             },
             member_timeout_ms,
+            early_hang_detection,
             ha_log,
             state_dir,
             reconcile_interval_secs,
@@ -540,6 +550,9 @@ impl Config {
         }
         if self.member_timeout_ms != DEFAULT_MEMBER_TIMEOUT_MS {
             writeln!(out, "{MEMBER_TIMEOUT} = {}", self.member_timeout_ms)?;
+        }
+        if !self.early_hang_detection {
+            writeln!(out, "{EARLY_HANG_DETECTION} = 0")?;
         }
         if self.ha_log.enabled {
             writeln!(out, "{HA_LOG_STATUS} = enabled")?;
@@ -961,6 +974,7 @@ struct HaSettings {
     attempts: i64,
     interval_secs: u64,
     member_timeout_ms: u64,
+    early_hang_detection: bool,
     ha_log: HaLogConfig,
     state_dir: Option<PathBuf>,
     reconcile_interval_secs: u64,
@@ -973,6 +987,7 @@ fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, C
         attempts: DEFAULT_RECONNECT_ATTEMPTS,
         interval_secs: DEFAULT_RECONNECT_INTERVAL_SECS,
         member_timeout_ms: DEFAULT_MEMBER_TIMEOUT_MS,
+        early_hang_detection: true,
         ha_log: HaLogConfig::default(),
         state_dir: None,
         reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
@@ -1030,6 +1045,15 @@ fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, C
                              digits; the default is {DEFAULT_MEMBER_TIMEOUT_MS}"
                         ))
                     })?;
+            }
+            EARLY_HANG_DETECTION => {
+                settings.early_hang_detection = parse_bool(&value).ok_or_else(|| {
+                    err(format!(
+                        "\"{value}\" is not accepted; use 1 to cut a network member's call \
+                         silent far longer than usual before {MEMBER_TIMEOUT} (the default) or \
+                         0 to wait {MEMBER_TIMEOUT} for it (yes/no and true/false also work)"
+                    ))
+                })?;
             }
             HA_LOG_STATUS => {
                 settings.ha_log.enabled = match value.to_ascii_lowercase().as_str() {

@@ -1958,30 +1958,46 @@ impl Group {
         self.deferred.lock()[position].len()
     }
 
-    /// The next of the first `left` changes kept for member `position`, to
-    /// be made now, counted as undelivered until
-    /// [`Group::deferred_handled`]: the first, or one making an object a
-    /// call waits for ([`Group::wait_for_kept`]) if no removal comes before
-    /// it. Changes making objects depend on none of each other; a removal
-    /// must come before an object made after it.
-    pub fn next_deferred(&self, position: usize, left: &mut usize) -> Option<Pending> {
+    /// The next change kept for member `position`, to be made now, counted
+    /// as undelivered until [`Group::deferred_handled`]: one making an
+    /// object a call waits for ([`Group::wait_for_kept`]) -- among all kept
+    /// for the member, its share of the replay or not, but for the objects
+    /// in `kept_again`; of the call that has waited longest, whose wait
+    /// ends first -- if no removal comes before it, else the first;
+    /// with no such object, the first of the first `left` (the member's
+    /// share, counted down as it is taken). Changes making objects depend
+    /// on none of each other; a removal must come before an object made
+    /// after it.
+    pub fn next_deferred(
+        &self,
+        position: usize,
+        left: &mut usize,
+        kept_again: &[CK_OBJECT_HANDLE],
+    ) -> Option<Pending> {
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
         let window = (*left).min(kept.len());
-        if window == 0 {
+        let mut replay = self.kept_replay.lock();
+        let wanted = |c: &Pending| wanted_change(&replay.wanted, position, kept_again, c);
+        // `wanted` in the order the calls began to wait.
+        let waited_since = |c: &Pending| {
+            let object = c.made_object();
+            (replay.wanted.iter()).position(|(p, o)| *p == position && Some(*o) == object)
+        };
+        let at = if kept.iter().any(wanted) {
+            (kept.iter().enumerate())
+                .take_while(|(_, c)| c.removal().is_none())
+                .filter(|(_, c)| wanted(c))
+                .min_by_key(|(_, c)| waited_since(c))
+                .map_or(0, |(at, _)| at)
+        } else if window > 0 {
+            0
+        } else {
             *left = 0;
             return None;
-        }
-        let mut replay = self.kept_replay.lock();
-        let wanted = kept[..window]
-            .iter()
-            .take_while(|c| c.removal().is_none())
-            .position(|c| {
-                c.made_object()
-                    .is_some_and(|o| replay.wanted.contains(&(position, o)))
-            });
-        let change = kept.remove(wanted.unwrap_or(0));
-        *left = window - 1;
+        };
+        let change = kept.remove(at);
+        *left = if at < window { window - 1 } else { window };
         replay.making[position] = change.made_object().into_iter().collect();
         self.deferred_underway[position].fetch_add(1, Ordering::Relaxed);
         Some(change)
@@ -1991,27 +2007,24 @@ impl Group {
     /// `position`, each object once, at most `longest`, taken as one run
     /// (made at once on spares, counted as undelivered until
     /// [`Group::deferred_handled`]) -- if they are `shortest` or more and
-    /// no call waits for an object of the window, which goes first
-    /// ([`Group::next_deferred`]); else `None`, nothing taken. Imports
-    /// depend on none of each other; a change of any other kind ends the
-    /// run, as it must come after the imports before it and before those
-    /// after it.
+    /// no call waits for an object kept for the member but for those of
+    /// `kept_again` (that object goes first: [`Group::next_deferred`]);
+    /// else `None`, nothing taken. Imports depend on none of each other; a
+    /// change of any other kind ends the run, as it must come after the
+    /// imports before it and before those after it.
     pub fn next_kept_imports(
         &self,
         position: usize,
         left: &mut usize,
-        shortest: usize,
-        longest: usize,
+        kept_again: &[CK_OBJECT_HANDLE],
+        (shortest, longest): (usize, usize),
     ) -> Option<Vec<Pending>> {
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
         let window = (*left).min(kept.len());
         let mut replay = self.kept_replay.lock();
-        let wanted = kept[..window].iter().any(|c| {
-            c.made_object()
-                .is_some_and(|o| replay.wanted.contains(&(position, o)))
-        });
-        if wanted {
+        let wanted = |c: &Pending| wanted_change(&replay.wanted, position, kept_again, c);
+        if kept.iter().any(wanted) {
             return None;
         }
         let mut objects = Vec::new();
@@ -2091,7 +2104,13 @@ impl Group {
     /// object joined the kept changes after the last one took its share),
     /// it asks for one, which the recovery thread makes at its next look:
     /// failing at once instead, calls failed in the soak with the key kept
-    /// for the only serving member and no replay due. The
+    /// for the only serving member and no replay due. A call whose wait
+    /// has run out still waits while one of `objects` is being made on the
+    /// member -- one member call, or two on each spare of a run of imports
+    /// (`Group::next_kept_imports`), each cut by the watchdog within
+    /// `memberTimeout` -- rather than be told its key is invalid as the
+    /// key arrives (the soak under load, with each import 0.2-0.5 s: two of
+    /// six waits that ran out did so while their key was being made). The
     /// caller holds nothing the replay waits for (as
     /// [`Group::wait_for_serving`]).
     pub fn wait_for_kept(
@@ -2101,11 +2120,19 @@ impl Group {
         waits: &mut Waits,
     ) -> bool {
         let on_the_way = || objects.iter().any(|o| self.kept_for(position, *o));
+        let being_made = || {
+            let replay = self.kept_replay.lock();
+            replay.making[position].iter().any(|m| objects.contains(m))
+        };
         let left = *waits.0.get_or_insert(self.settings.member_timeout);
-        if left.is_zero() || !on_the_way() {
+        if !on_the_way() || (left.is_zero() && !being_made()) {
             return false;
         }
         let deadline = crate::clock::now() + left;
+        // The making under way is one call on the member (a run's calls
+        // end at its first fault), which the watchdog cuts within
+        // memberTimeout.
+        let made_by = deadline + self.settings.member_timeout;
         {
             let mut replay = self.kept_replay.lock();
             replay.wanted.extend(objects.iter().map(|o| (position, *o)));
@@ -2115,9 +2142,18 @@ impl Group {
         }
         self.serving_wait().waiting_for_kept += 1;
         loop {
-            let left = crate::clock::block_for(deadline);
+            let mut left = crate::clock::block_for(deadline);
+            let run_out = left.is_zero();
+            if run_out && being_made() {
+                left = crate::clock::block_for(made_by);
+            }
             let wait = self.serving_wait();
-            if wait.closed || left.is_zero() || !on_the_way() || !self.members[position].is_up() {
+            if wait.closed
+                || left.is_zero()
+                || (run_out && !being_made())
+                || !on_the_way()
+                || !self.members[position].is_up()
+            {
                 break;
             }
             drop(
@@ -2130,7 +2166,7 @@ impl Group {
         let mut replay = self.kept_replay.lock();
         for object in objects {
             if let Some(i) = replay.wanted.iter().position(|w| *w == (position, *object)) {
-                replay.wanted.swap_remove(i);
+                replay.wanted.remove(i);
             }
         }
         drop(replay);
@@ -2138,18 +2174,19 @@ impl Group {
         true
     }
 
-    /// Whether a call waits for an object ([`Group::wait_for_kept`]) that
-    /// one of the first `window` changes kept for member `position` makes.
-    pub fn kept_object_wanted(&self, position: usize, window: usize) -> bool {
+    /// Whether a call waits for an object ([`Group::wait_for_kept`]) that a
+    /// change kept for member `position` makes -- from the `from`th on --
+    /// but for the objects in `kept_again` ([`Group::next_deferred`]).
+    pub fn kept_object_wanted(
+        &self,
+        position: usize,
+        from: usize,
+        kept_again: &[CK_OBJECT_HANDLE],
+    ) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
-        replay.wanted.iter().any(|(p, object)| {
-            *p == position
-                && deferred[position]
-                    .iter()
-                    .take(window)
-                    .any(|c| c.made_object() == Some(*object))
-        })
+        (deferred[position].iter().skip(from))
+            .any(|c| wanted_change(&replay.wanted, position, kept_again, c))
     }
 
     /// The objects on their way to member `position`, as
@@ -2837,6 +2874,20 @@ impl Group {
     pub fn member_serial(info: &CK_TOKEN_INFO) -> String {
         padded_to_string(&info.serialNumber)
     }
+}
+
+/// Whether a call waits for the object `change` makes on member `position`
+/// (`wanted`, [`Group::wait_for_kept`]) and the replay did not keep a
+/// change of that object again (`kept_again`).
+fn wanted_change(
+    wanted: &[(usize, CK_OBJECT_HANDLE)],
+    position: usize,
+    kept_again: &[CK_OBJECT_HANDLE],
+    change: &Pending,
+) -> bool {
+    change
+        .made_object()
+        .is_some_and(|o| wanted.contains(&(position, o)) && !kept_again.contains(&o))
 }
 
 /// Asks a member for its token info in a thread of its own (one probe at

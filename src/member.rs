@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+pub mod round_trips;
+use round_trips::RoundTrips;
+
 /// Calls one entry of a member's function table through
 /// [`MemberLibrary::call`]; a missing entry is `CKR_FUNCTION_NOT_SUPPORTED`,
 /// as the specification says of a NULL slot.
@@ -294,6 +297,10 @@ pub struct MemberLibrary {
     /// holds those there now.
     calls_sent: Arc<AtomicU64>,
     wire: Mutex<Vec<OnWire>>,
+    /// How long the calls of this library and its spares usually take on
+    /// the wire (shared as `calls_sent` is): the watchdog cuts a connection
+    /// silent for many times that ([`Self::silent_call`]).
+    round_trips: Arc<RoundTrips>,
     /// Counts `C_Initialize` calls: a session belongs to the connection it
     /// was opened on, and a reconnected library reuses session numbers.
     connection: AtomicU64,
@@ -454,6 +461,18 @@ pub fn with_sigpipe_blocked<T>(call: impl FnOnce() -> T) -> T {
         }
         result
     }
+}
+
+/// A call silent on the wire past its limit ([`MemberLibrary::silent_call`]).
+pub struct SilentCall {
+    number: u64,
+    pub function: &'static str,
+    /// The spare instance it is on (1 is the first spare); `None`: the
+    /// library's first instance.
+    pub spare: Option<usize>,
+    pub waited: Duration,
+    /// The longest round trip of its function lately.
+    pub usual: Duration,
 }
 
 /// A call on the wire of a networked library: its number, the thread
@@ -1166,6 +1185,7 @@ impl MemberLibrary {
             networked,
             p11_kit_client.then(|| CallLimit::new(P11_KIT_CLIENT_CALLS)),
             Arc::new(AtomicU64::new(0)),
+            Arc::default(),
         ))
     }
 
@@ -1177,6 +1197,7 @@ impl MemberLibrary {
         networked: bool,
         call_limit: Option<CallLimit>,
         calls_sent: Arc<AtomicU64>,
+        round_trips: Arc<RoundTrips>,
     ) -> MemberLibrary {
         MemberLibrary {
             name: instance.name,
@@ -1194,6 +1215,7 @@ impl MemberLibrary {
             reconnecting: RwLock::new(()),
             calls_sent,
             wire: Mutex::new(Vec::new()),
+            round_trips,
             connection: AtomicU64::new(1),
             slot_counts: Mutex::new(Vec::new()),
             spares: Spares::default(),
@@ -1220,7 +1242,7 @@ impl MemberLibrary {
         let spares = (1..count)
             .map(|_| self.spare())
             .collect::<std::result::Result<Box<[Spare]>, String>>()?;
-        let probe = self.instance(Arc::new(AtomicU64::new(0)))?;
+        let probe = self.instance(Arc::new(AtomicU64::new(0)), Arc::default())?;
         self.spares = Spares {
             idle: Mutex::new((0..spares.len()).collect()),
             instances: spares,
@@ -1231,8 +1253,13 @@ impl MemberLibrary {
     }
 
     /// A further instance of this library, from a function list of its own,
-    /// numbering its calls on the wire with `calls_sent`.
-    fn instance(&self, calls_sent: Arc<AtomicU64>) -> std::result::Result<MemberLibrary, String> {
+    /// numbering its calls on the wire with `calls_sent` and noting their
+    /// round trips in `round_trips`.
+    fn instance(
+        &self,
+        calls_sent: Arc<AtomicU64>,
+        round_trips: Arc<RoundTrips>,
+    ) -> std::result::Result<MemberLibrary, String> {
         // SAFETY: as in `load`; the library is loaded already, so this only
         // counts one more reference to it.
         let library = unsafe { Library::open(Some(&self.path), RTLD_NOW | RTLD_LOCAL) }
@@ -1254,14 +1281,15 @@ impl MemberLibrary {
             // that a lane holds.
             Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
             calls_sent,
+            round_trips,
         ))
     }
 
-    /// A spare instance ([`Spares`]): its calls are numbered with the
-    /// first instance's.
+    /// A spare instance ([`Spares`]): its calls are numbered, and their
+    /// round trips noted, with the first instance's.
     fn spare(&self) -> std::result::Result<Spare, String> {
         Ok(Spare {
-            library: self.instance(Arc::clone(&self.calls_sent))?,
+            library: self.instance(Arc::clone(&self.calls_sent), Arc::clone(&self.round_trips))?,
             tried_on: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             slot_misses: AtomicU32::new(0),
@@ -1568,11 +1596,12 @@ impl MemberLibrary {
     /// [`Self::shielded`]).
     fn on_wire(&self, function: &'static str, call: &mut dyn FnMut() -> CK_RV) -> CK_RV {
         let number = self.calls_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let since = crate::clock::now();
         self.wire.lock().push(OnWire {
             number,
             thread: this_thread(),
             function,
-            since: crate::clock::now(),
+            since,
             cut_off: None,
         });
         let result = with_sigpipe_blocked(call);
@@ -1583,6 +1612,14 @@ impl MemberLibrary {
             .is_some_and(|i| wire.swap_remove(i).cut_off.is_some());
         drop(wire);
         CUT_OFF.set(cut_off);
+        if !cut_off {
+            let now = crate::clock::now();
+            self.round_trips.answered(now);
+            if result == CKR_OK {
+                let took = now.saturating_duration_since(since);
+                self.round_trips.record(function, took, now);
+            }
+        }
         result
     }
 
@@ -1630,6 +1667,45 @@ impl MemberLibrary {
         spare.stale.store(true, Ordering::Release);
         spare.library.cut_calls(|call| call.number == number);
         Some(index + 1)
+    }
+
+    /// The oldest call on the wire, of this instance or a spare, that has
+    /// been silent past its limit at `now` ([`round_trips::silent_limit`]:
+    /// many times its function's usual round trip, and less than
+    /// `member_timeout`) with no call of the library answering since it
+    /// went out, if any.
+    pub fn silent_call(&self, now: Instant, member_timeout: Duration) -> Option<SilentCall> {
+        let instances = std::iter::once((self, None)).chain(
+            (self.spares.instances.iter())
+                .enumerate()
+                .map(|(i, s)| (&s.library, Some(i + 1))),
+        );
+        let mut oldest: Option<SilentCall> = None;
+        for (instance, spare) in instances {
+            for call in instance.wire.lock().iter() {
+                if call.cut_off.is_some()
+                    || !round_trips::judged_by_round_trip(call.function)
+                    || oldest.as_ref().is_some_and(|o| o.number < call.number)
+                {
+                    continue;
+                }
+                let usual = self.round_trips.usual(call.function, now);
+                let Some(limit) = round_trips::silent_limit(usual, member_timeout) else {
+                    continue;
+                };
+                let waited = now.saturating_duration_since(call.since);
+                if waited >= limit && !self.round_trips.answered_since(call.since) {
+                    oldest = Some(SilentCall {
+                        number: call.number,
+                        function: call.function,
+                        spare,
+                        waited,
+                        usual: usual.unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        oldest
     }
 
     /// The oldest call on the wire now, for the HA log: its function, and

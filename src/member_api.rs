@@ -782,6 +782,16 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     fn cut_stalled_spare_setup(&self) -> Option<usize> {
         None
     }
+    /// The oldest call on the wire silent past many times its function's
+    /// usual round trip at `now`, where that is less than `member_timeout`
+    /// (see [`crate::member::round_trips`]).
+    fn silent_call(
+        &self,
+        _now: std::time::Instant,
+        _member_timeout: std::time::Duration,
+    ) -> Option<crate::member::SilentCall> {
+        None
+    }
     /// The slots with a token present.
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {
         self.slot_list(CK_TRUE)
@@ -1595,6 +1605,14 @@ impl MemberBackend for MemberLibrary {
 
     fn cut_stalled_spare_setup(&self) -> Option<usize> {
         MemberLibrary::cut_stalled_spare_setup(self)
+    }
+
+    fn silent_call(
+        &self,
+        now: std::time::Instant,
+        member_timeout: std::time::Duration,
+    ) -> Option<crate::member::SilentCall> {
+        MemberLibrary::silent_call(self, now, member_timeout)
     }
 
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {

@@ -49,6 +49,8 @@ pub struct Provider {
     pub recovery: RecoverySettings,
     /// How long a member may hold calls without completing any.
     pub member_timeout: Duration,
+    /// `earlyHangDetection` ([`recovery::Host::early_hang_detection`]).
+    early_hang_detection: bool,
     /// False when the application set `CKF_LIBRARY_CANT_CREATE_OS_THREADS`:
     /// then no call into a member runs in a thread of ours, nor has a
     /// deadline.
@@ -568,6 +570,10 @@ impl Host for Provider {
         self.member_timeout
     }
 
+    fn early_hang_detection(&self) -> bool {
+        self.early_hang_detection
+    }
+
     fn threads_allowed(&self) -> bool {
         self.threads_allowed
     }
@@ -699,6 +705,7 @@ impl Provider {
                 mode: config.recovery.mode,
             },
             member_timeout,
+            early_hang_detection: config.early_hang_detection,
             threads_allowed,
             synchronized: config.groups.iter().map(|g| g.synchronize).collect(),
             workers: Mutex::new(None),

@@ -68,6 +68,12 @@ pub trait Host: Send + Sync {
     fn recovery(&self) -> &RecoverySettings;
     /// How long a member may hold calls without completing any.
     fn member_timeout(&self) -> Duration;
+    /// Whether a network member's call silent far longer than usual is cut
+    /// before `member_timeout` ([`cut_silent_calls`]): `earlyHangDetection`,
+    /// on unless the configuration turns it off.
+    fn early_hang_detection(&self) -> bool {
+        true
+    }
     /// False when no call into a member may run in a thread of ours.
     fn threads_allowed(&self) -> bool;
     /// Whether `group`'s returning members are given what they lack.
@@ -493,14 +499,21 @@ impl Stepped {
 
 fn watchdog_loop(provider: Weak<dyn Host>, shared: Arc<Shared>) {
     let mut watchdog = Watchdog::default();
+    let mut next_look = clock::now();
     loop {
         let Some(p) = provider.upgrade() else { break };
         let tick = watchdog_tick(p.member_timeout());
-        watchdog.look(&*p, clock::now());
+        let now = clock::now();
+        if now >= next_look {
+            watchdog.look(&*p, now);
+            next_look = now + tick;
+        } else {
+            watchdog.look_for_silent_calls(&*p, now);
+        }
         drop(p);
         let mut flags = shared.flags();
         if !flags.stop_watchdog {
-            flags = shared.sleep(flags, tick).0;
+            flags = shared.sleep(flags, tick.min(SILENT_CALL_TICK)).0;
         }
         if flags.stop_watchdog {
             break;
@@ -522,6 +535,10 @@ pub fn watchdog_tick(member_timeout: Duration) -> Duration {
 pub struct Watchdog {
     progress: HashMap<(usize, usize), (u64, Instant)>,
     on_wire: HashMap<usize, (u64, Instant)>,
+    /// When it last looked for silent calls: a look that comes late finds
+    /// this host stalled, and a call silent meanwhile proves nothing of
+    /// its member.
+    looked_for_silent_calls: Option<Instant>,
 }
 
 impl Watchdog {
@@ -530,6 +547,7 @@ impl Watchdog {
     /// members are degraded.
     pub fn look(&mut self, provider: &dyn Host, now: Instant) {
         let timeout = provider.member_timeout();
+        self.look_for_silent_calls(provider, now);
         check_for_stalls(provider, timeout, now, &mut self.progress);
         check_for_stalled_connections(provider, timeout, now, &mut self.on_wire);
         for group in provider.groups() {
@@ -537,6 +555,74 @@ impl Watchdog {
             group.review_latency(now);
         }
         crate::halog::summarize();
+    }
+}
+
+impl Watchdog {
+    /// Cuts the connections silent far longer than their calls usually
+    /// take ([`cut_silent_calls`]), looked for every [`SILENT_CALL_TICK`]
+    /// between two looks, unless this look comes late.
+    pub fn look_for_silent_calls(&mut self, provider: &dyn Host, now: Instant) {
+        let last = self.looked_for_silent_calls.replace(now);
+        let on_time =
+            last.is_none_or(|last| now.saturating_duration_since(last) <= SILENT_CALL_LATE);
+        if on_time && provider.early_hang_detection() {
+            cut_silent_calls(provider, provider.member_timeout(), now);
+        }
+    }
+}
+
+/// How often the watchdog looks for silent calls ([`cut_silent_calls`]),
+/// a quarter of [`crate::member::round_trips::SILENT_FLOOR`].
+const SILENT_CALL_TICK: Duration = Duration::from_millis(250);
+
+/// A look for silent calls this long after the last finds the host
+/// stalled: its own thread did not run when it should have.
+const SILENT_CALL_LATE: Duration = Duration::from_millis(750);
+
+/// Cuts the connection of a networked library on which a call has been
+/// silent for many times its function's usual round trip
+/// ([`MemberBackend::silent_call`]; [`crate::member::round_trips`]), and
+/// takes out its members -- where each of their groups has another member
+/// serving, so that the last is left to `memberTimeout` (a call slower than
+/// usual is no reason for a group to stop serving). Waiting for
+/// `memberTimeout` instead (Luna's 20 s by default), every call in flight
+/// on a black-holed or paused path waited all of it, though the same calls
+/// usually answered in milliseconds.
+fn cut_silent_calls(provider: &dyn Host, timeout: Duration, now: Instant) {
+    for library in provider.libraries() {
+        let Some(call) = library.silent_call(now, timeout) else {
+            continue;
+        };
+        let members = reachable_members_on(provider, library);
+        let others_serve = members.iter().all(|(group, position)| {
+            group.up_members().any(|m| {
+                m.position != *position
+                    && !m
+                        .location()
+                        .is_some_and(|l| Arc::ptr_eq(&l.library, library))
+            })
+        });
+        if members.is_empty() || !others_serve {
+            continue;
+        }
+        library.sever();
+        let instance = call.spare.map_or("its first instance".to_string(), |i| {
+            format!("its instance {i} (a spare)")
+        });
+        let event = format!(
+            "library {} was silent for {} ms on {} on {instance}, which lately took at most \
+             {:.1} ms; connection cut before memberTimeout ({} ms)",
+            library.name(),
+            call.waited.as_millis(),
+            call.function,
+            call.usual.as_secs_f64() * 1000.0,
+            timeout.as_millis()
+        );
+        for (group, position) in members {
+            group.member_failed(position, call.function, CKR_DEVICE_ERROR);
+            group.log(Some(position), &event);
+        }
     }
 }
 
@@ -653,16 +739,29 @@ fn for_reachable_members_on(
     library: &Arc<dyn MemberBackend>,
     mut act: impl FnMut(&Group, usize),
 ) {
+    for (group, position) in reachable_members_on(provider, library) {
+        act(group, position);
+    }
+}
+
+/// The group and position of each reachable member whose token is reached
+/// through `library`.
+fn reachable_members_on<'a>(
+    provider: &'a dyn Host,
+    library: &Arc<dyn MemberBackend>,
+) -> Vec<(&'a Group, usize)> {
+    let mut members = Vec::new();
     for group in provider.groups() {
         for member in &group.members {
             let on_library = member
                 .location()
                 .is_some_and(|l| Arc::ptr_eq(&l.library, library));
             if on_library && member.reachable() {
-                act(group, member.position);
+                members.push((&**group, member.position));
             }
         }
     }
+    members
 }
 
 /// One recovery pass over every failed member of every group, one after
@@ -2107,23 +2206,28 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
         let Some((i, wanted)) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
+        // Its handles were forgotten since its reading (it returned, or
+        // lost its login): a removal by them faulted without reaching it
+        // and was dropped, the object the application destroyed left there.
+        if (replays[i].holdings.as_ref()).is_some_and(|h| h.outdated(&group.objects)) {
+            (replays[i].holdings, replays[i].read) = (None, false);
+        }
         // A call waits for this change: it is made looking the member up,
         // not after reading all the member holds (1.4 s for 4,500 objects
         // in a long chaos run, 1.9 s for fewer under heavier load, against
         // a wait of one memberTimeout); a call that comes to wait during a
         // reading stops it.
         if !replays[i].read && !wanted {
-            let shares: Vec<(usize, usize)> =
-                replays.iter().map(|r| (r.position, r.left)).collect();
-            // On a member of the replay, within its share; on one that came
-            // to serve since, anywhere: it joins with all it is owed.
+            let members: Vec<(usize, Vec<CK_OBJECT_HANDLE>)> = (replays.iter())
+                .map(|r| (r.position, r.kept_again.clone()))
+                .collect();
+            // On a member of the replay, but for an object it kept again;
+            // on one that came to serve since, any: it joins for it.
             let call_waits = || {
-                shares
-                    .iter()
-                    .any(|(p, left)| group.kept_object_wanted(*p, *left))
+                (members.iter()).any(|(p, again)| group.kept_object_wanted(*p, 0, again))
                     || (group.up_members())
-                        .filter(|m| shares.iter().all(|(p, _)| *p != m.position))
-                        .any(|m| group.kept_object_wanted(m.position, usize::MAX))
+                        .filter(|m| members.iter().all(|(p, _)| *p != m.position))
+                        .any(|m| group.kept_object_wanted(m.position, 0, &[]))
             };
             let replay = &mut replays[i];
             match read_for_kept(group, &worker, replay.position, replay.left, &call_waits) {
@@ -2144,22 +2248,34 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
 struct KeptReplay {
     position: usize,
     /// How many of the changes kept when the member joined the replay (or
-    /// when its share was widened, [`next_kept_turn`]) are still to be
-    /// taken; those kept again go behind them.
+    /// when its share was last widened, [`next_kept_turn`]) are still to
+    /// be taken in turn (its share); those kept since, kept again among
+    /// them, go behind them.
     left: usize,
+    /// How many times its share was widened ([`WIDENINGS_PER_REPLAY`]).
+    widenings: usize,
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
     /// Removals kept again: a change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
-    /// Whether `left` was widened to a change kept after the member joined
-    /// ([`next_kept_turn`]).
-    widened: bool,
+    /// Objects whose change this replay kept again: not taken again in it,
+    /// even for a call waiting for them -- tried again and again, each
+    /// would be kept again and again while the call waits.
+    kept_again: Vec<CK_OBJECT_HANDLE>,
     /// Whether the member joined after the replay began ([`take_in_serving`]).
     late: bool,
     /// How many changes at the front of the share a run on spares left, to
     /// be made one by one before another run ([`replay_kept_imports_on_spares`]).
     one_by_one: usize,
+}
+
+impl KeptReplay {
+    /// Keeps `change` for the member again, behind what is kept for it.
+    fn keep_again(&mut self, group: &Group, change: Pending) {
+        self.kept_again.extend(change.made_object());
+        group.defer(self.position, change);
+    }
 }
 
 /// Takes the serving members not in `replays` yet into [`replay_kept`],
@@ -2173,7 +2289,7 @@ struct KeptReplay {
 /// the group's first to serve again, from lacking nothing
 /// (`tests/member_api.rs`). Once in, a member is not taken in again: the
 /// changes kept for it meanwhile, kept again among them, wait for the next
-/// replay.
+/// replay, but for an object a call waits for ([`next_kept_turn`]).
 fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     for member in group.up_members() {
         if replays.iter().all(|r| r.position != member.position) {
@@ -2183,7 +2299,8 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
                 holdings: None,
                 read: false,
                 removals: Vec::new(),
-                widened: false,
+                kept_again: Vec::new(),
+                widenings: 0,
                 late,
                 one_by_one: 0,
             });
@@ -2191,33 +2308,44 @@ fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     }
 }
 
+/// How many times one replay of kept changes widens a member's share
+/// ([`next_kept_turn`]): under continuous writes, with calls waiting for
+/// the new objects, a share widened at every wait would keep the replay
+/// from ending; past it, the object a call waits for is taken alone.
+const WIDENINGS_PER_REPLAY: usize = 8;
+
 /// The member whose turn it is in [`replay_kept`], and whether a call waits
-/// for an object on it: one whose share holds an object a call waits for,
-/// else the next in turn after `turn` (a late one once no other has
-/// changes left); `None` once none has. Where a call
-/// waits for an object kept for a member after it joined -- one written
-/// while it catches up, made on the members that do not -- its share
-/// first takes in everything kept for it now, once (so a change kept again
-/// is not taken again and again): left out, the call waited for every
-/// member's whole share and the next replay (`tests/member_api.rs`), and
-/// the member, going first for it, held the others back without making it.
+/// for an object on it: one a call waits on for an object kept for it --
+/// in its share or kept since, written while it catches up and made on
+/// the members that do not, but not one this replay kept again -- else
+/// the next in turn after `turn` (a late one once no other has changes
+/// left in its share); `None` once none has. Where a call waits for an
+/// object kept after a member's share was taken, the share first takes in
+/// everything kept for the member by then, at each such wait up to
+/// [`WIDENINGS_PER_REPLAY`]: left to the next replay, the call waited for
+/// every member's whole share first, past `memberTimeout` on long
+/// backlogs (the soak's members catching up while the only complete one
+/// was down); widened once per replay, the objects kept after that each
+/// made a call wait, at 0.3-1 s a change under the soak's load, where a
+/// share taking them in had most of them made before any call named them
+/// (`tests/member_api.rs`). Where the object comes after a removal, the
+/// member goes first until the removal is made.
 fn next_kept_turn(
     group: &Group,
     replays: &mut [KeptReplay],
     turn: &mut usize,
 ) -> Option<(usize, bool)> {
-    for replay in replays.iter_mut().filter(|r| !r.widened) {
-        if group.kept_object_wanted(replay.position, usize::MAX)
-            && !group.kept_object_wanted(replay.position, replay.left)
+    for replay in replays.iter_mut() {
+        if replay.widenings < WIDENINGS_PER_REPLAY
+            && group.kept_object_wanted(replay.position, replay.left, &replay.kept_again)
         {
             replay.left = group.kept_count(replay.position);
-            replay.widened = true;
+            replay.widenings += 1;
         }
     }
     let count = replays.len();
-    let wanted = replays
-        .iter()
-        .position(|r| r.left > 0 && group.kept_object_wanted(r.position, r.left));
+    let wanted =
+        (replays.iter()).position(|r| group.kept_object_wanted(r.position, 0, &r.kept_again));
     let in_turn = |late: bool| {
         (0..count)
             .map(|k| (*turn + k) % count)
@@ -2240,12 +2368,12 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         return made;
     }
     let position = replay.position;
-    let Some(change) = group.next_deferred(position, &mut replay.left) else {
+    let Some(change) = group.next_deferred(position, &mut replay.left, &replay.kept_again) else {
         return 0;
     };
     replay.one_by_one = replay.one_by_one.saturating_sub(1);
     if worker.behind_a_removal(&replay.removals, &change) {
-        group.defer(position, change);
+        replay.keep_again(group, change);
         group.deferred_handled(position, 1);
         return 0;
     }
@@ -2257,7 +2385,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
             && worker.unreceivable(object, position).is_some()
             && !worker.holds(object, position, None)
         {
-            group.defer(position, change);
+            replay.keep_again(group, change);
             group.deferred_handled(position, 1);
             return 0;
         }
@@ -2275,7 +2403,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         || must_wait(group, logged_out, worker, position, &change, &outcome)
     {
         replay.removals.extend(change.removal().cloned());
-        group.defer(position, change);
+        replay.keep_again(group, change);
     } else if outcome.is_err() && !group.members[position].reachable() {
         // It failed again (its token restarted unseen, for one):
         // this change and the rest are replayed when it returns,
@@ -2300,10 +2428,13 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
 }
 
 /// The most imports kept for one member made in one run on its spares
-/// ([`replay_kept_imports_on_spares`]): four rounds of its lanes, so that a
-/// call waiting for a kept object on another member waits for at most that
-/// before its member's turn.
-const KEPT_RUN_LONGEST: usize = 16;
+/// ([`replay_kept_imports_on_spares`]): two rounds of its lanes, so that a
+/// call waiting for a kept object on another member waits for about two
+/// imports' time before its member's turn, as for two changes made one by
+/// one -- under load an import is slow (an application's, made on each
+/// member, took 476 ms on average in a long chaos run at load 16), and the
+/// soak's `memberTimeout` is 1 s.
+const KEPT_RUN_LONGEST: usize = 8;
 
 /// Makes the run of imports at the front of `replay`'s share on its
 /// member's spare instances at once, as a returning member's replay does
@@ -2335,8 +2466,8 @@ fn replay_kept_imports_on_spares(
     let run = group.next_kept_imports(
         position,
         &mut replay.left,
-        IMPORTS_ON_SPARES,
-        KEPT_RUN_LONGEST,
+        &replay.kept_again,
+        (IMPORTS_ON_SPARES, KEPT_RUN_LONGEST),
     )?;
     let taken = run.len();
     let done = worker.import_on_spares(position, run, holdings);

@@ -1743,6 +1743,13 @@ impl Holdings {
         }
     }
 
+    /// Whether the member's handles were forgotten since they were read
+    /// (it returned, or lost its login): the handles they name mean
+    /// nothing now, and a call naming one faults without reaching it.
+    pub fn outdated(&self, objects: &crate::object::ObjectTable) -> bool {
+        objects.moved_on(self.era)
+    }
+
     /// How many objects they list.
     pub fn count(&self) -> usize {
         self.objects.len()

@@ -95,6 +95,12 @@ struct Chaos {
 
 impl Chaos {
     fn new(n: usize) -> Chaos {
+        Chaos::with_settings(n, MEMBER_TIMEOUT_MS, "")
+    }
+
+    /// `n` members under `memberTimeout = member_timeout_ms`, with `more`
+    /// lines in `[HAConfiguration]`.
+    fn with_settings(n: usize, member_timeout_ms: u64, more: &str) -> Chaos {
         let guard = serial_guard();
         // Library entries are loaded once per process, and p11-kit's client
         // reads its server's address when loaded: a name of their own per
@@ -139,8 +145,8 @@ impl Chaos {
             .collect();
         text += &format!(
             "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
-             \n[HAConfiguration]\nmemberTimeout = {MEMBER_TIMEOUT_MS}\nAutoReconnectInterval = 1\n\
-             haLogStatus = enabled\nhaLogPath = {}\n",
+             \n[HAConfiguration]\nmemberTimeout = {member_timeout_ms}\nAutoReconnectInterval = 1\n\
+             haLogStatus = enabled\nhaLogPath = {}\n{more}",
             serials.join(","),
             log_dir.display()
         );
@@ -755,6 +761,119 @@ fn a_member_silent_mid_run_holds_no_call_longer_than_member_timeout() {
     pkcs11.finalize().unwrap();
 }
 
+/// How long one SHA-256 digest of "abc" takes; it must be right.
+fn timed_digest(session: &cryptoki::session::Session) -> Duration {
+    let started = Instant::now();
+    let digest = session
+        .digest(&Mechanism::Sha256, b"abc")
+        .expect("C_Digest");
+    assert_eq!(digest, SHA256_ABC);
+    started.elapsed()
+}
+
+/// Two members under `memberTimeout = timeout` and `more` settings,
+/// started, with a logged-in session that has made enough digests on each
+/// for its usual round trip to be known.
+fn two_members_with_round_trips(
+    timeout: Duration,
+    more: &str,
+) -> (Chaos, Pkcs11, cryptoki::session::Session) {
+    let mut chaos = Chaos::with_settings(2, timeout.as_millis() as u64, more);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    for i in 0..2 {
+        digest_until_served(&session, i, 40);
+    }
+    (chaos, pkcs11, session)
+}
+
+/// Under Luna's default `memberTimeout` of 20 s, a member whose path goes
+/// silent mid-run is cut once a call has been silent for a second that its
+/// function usually answers in milliseconds (a `C_Digest` here): no call
+/// waits anywhere near `memberTimeout`, every digest is right, and the HA
+/// log says why the member was cut. Waiting for `memberTimeout` instead,
+/// each call in flight on the path waited 20 s.
+#[test]
+fn a_member_gone_silent_is_cut_long_before_a_long_member_timeout() {
+    let timeout = Duration::from_secs(20);
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout, "");
+    chaos.members[1].relay.blackhole();
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    while serves(1) || calls < 20 {
+        slowest = slowest.max(timed_digest(&session));
+        calls += 1;
+        assert!(slowest < timeout / 4, "a call took {slowest:?}");
+    }
+    eprintln!(
+        "member silent under memberTimeout {timeout:?}: slowest of {calls} calls {slowest:?}"
+    );
+    let log = chaos.log();
+    assert!(
+        log.contains("was silent for") && log.contains("connection cut before memberTimeout"),
+        "{log}"
+    );
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// With `earlyHangDetection = 0` a silent call waits for `memberTimeout`,
+/// as before the rule: the member is cut by the watchdog's stall check
+/// alone, and the call on it took `memberTimeout`.
+#[test]
+fn without_early_hang_detection_a_silent_call_waits_member_timeout() {
+    let timeout = Duration::from_secs(4);
+    let (mut chaos, pkcs11, session) =
+        two_members_with_round_trips(timeout, "earlyHangDetection = 0\n");
+    chaos.members[1].relay.blackhole();
+    let mut slowest = Duration::ZERO;
+    while serves(1) {
+        slowest = slowest.max(timed_digest(&session));
+    }
+    assert!(
+        slowest >= timeout,
+        "a call waited memberTimeout: {slowest:?}"
+    );
+    let log = chaos.log();
+    assert!(!log.contains("was silent for"), "{log}");
+    assert!(log.contains("answered nothing for 4000 ms"), "{log}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// The last serving member is not cut for a silent call before
+/// `memberTimeout`: with no other member to go to, slower than usual is no
+/// reason to serve nothing. Member 1 goes silent and is cut after about a
+/// second; then member 0, the only one left, goes silent too and is cut by
+/// `memberTimeout` alone.
+#[test]
+fn the_last_serving_member_is_left_to_member_timeout() {
+    let timeout = Duration::from_secs(4);
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(timeout, "");
+    chaos.members[1].relay.blackhole();
+    wait_for("member 1 is cut", timeout, || {
+        let digest = session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest");
+        assert_eq!(digest, SHA256_ABC);
+        !serves(1)
+    });
+    chaos.members[0].relay.blackhole();
+    let started = Instant::now();
+    let last = session.digest(&Mechanism::Sha256, b"abc");
+    let took = started.elapsed();
+    assert!(last.is_err(), "no member answers: {last:?}");
+    assert!(
+        took >= timeout,
+        "the call was given memberTimeout: {took:?}"
+    );
+    let log = chaos.log();
+    assert_eq!(log.matches("was silent for").count(), 1, "{log}");
+    assert!(log.contains("answered nothing for 4000 ms"), "{log}");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
 /// `pkcs11-tool`, as a new user would run it, with one member silent:
 /// listing the slots and hashing through the virtual slot each finish
 /// within `memberTimeout` and the margin.
@@ -863,12 +982,7 @@ fn concurrent_calls_on_a_member_gone_silent_all_return() {
                     silenced.wait();
                     let mut slowest = Duration::ZERO;
                     while Instant::now() < until {
-                        let started = Instant::now();
-                        let digest = session
-                            .digest(&Mechanism::Sha256, b"abc")
-                            .expect("C_Digest");
-                        assert_eq!(digest, SHA256_ABC);
-                        slowest = slowest.max(started.elapsed());
+                        slowest = slowest.max(timed_digest(&session));
                     }
                     slowest
                 })
@@ -1635,7 +1749,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         spent(&|c| c.to.duration_since(c.from) >= Duration::from_secs(1)),
     );
     eprintln!(
-        "writers' time in calls: {:.1} s, {:.1} s of it in calls of 1 s or more ({} calls;          {} creates took {:.1} ms on average)",
+        "writers' time in calls: {:.1} s, {:.1} s of it in calls of 1 s or more ({} calls; {} creates took {:.1} ms on average)",
         all_time.as_secs_f64(),
         long_time.as_secs_f64(),
         calls

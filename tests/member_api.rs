@@ -2764,15 +2764,21 @@ fn a_key_kept_during_the_replay_is_made_next_for_a_call_waiting_for_it() {
     v.close();
 }
 
-/// A member goes out of turn in the replay of kept changes only for an
-/// object its share of the replay makes: once its share has taken in the
-/// changes kept for it during the replay, for a call waiting for one of
-/// them, a second call waiting for an object kept after that leaves the
-/// turns as they are -- member 1 is given its change next. Going first
-/// for an object its share does not hold, member 0 made its other changes
-/// ahead of every other member's without making the object.
+/// Each time a call waits for an object kept for a member after its share
+/// of the replay of kept changes was taken, not only the first, the share
+/// takes in everything kept for the member by then, and the object is
+/// made next: once member 0 has been given, out of turn, a key kept after
+/// the replay began, a second call waits for an object kept after that,
+/// "kept later"; member 0 is given it next, before member 1's change whose
+/// turn it is, and "kept before later", kept just before it, is made on
+/// member 0 in the same replay. Widened once per replay, the second object
+/// was in no share, and the call waited for every member's whole share and
+/// the next replay -- past `memberTimeout` on long backlogs (the soak's
+/// `CKR_KEY_HANDLE_INVALID` after one wait, for a key made just before its
+/// only complete holder failed); taken in alone, each object kept since
+/// made a call wait, at 0.3-1 s a change under the soak's load.
 #[test]
-fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
+fn each_call_waiting_beyond_a_members_share_widens_it_to_all_kept_for_the_member() {
     let (member, group, v, calls, ()) = two_serving_first_owing_four(68, |_| ());
 
     let waited = std::thread::scope(|scope| {
@@ -2790,6 +2796,7 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
             copies_on_each_member(&member, KEPT_KEY.as_bytes()),
             [1, 0, 1]
         );
+        import_labelled(&v, "kept before later");
         let later = import_token_object(&v, data_object(b"kept later", b"data"))
             .expect("an import on member 2");
         let second = scope.spawn(move || group.wait_for_kept(0, &[later], &mut Waits::default()));
@@ -2800,9 +2807,19 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
             std::thread::sleep(Duration::from_millis(5));
         }
         holding.let_one_go();
-        assert_eq!(calls.next(), 1, "member 1 is given its change in turn");
+        assert_eq!(calls.next(), 0, "member 0 is given the second object next");
+        assert_eq!(
+            copies_on_each_member(&member, b"kept later"),
+            [1, 0, 1],
+            "the object the second call waits for, on member 0"
+        );
         drop(holding);
         replay.join().expect("the replay ends");
+        assert_eq!(
+            copies_on_each_member(&member, b"kept before later"),
+            [1, 0, 1],
+            "kept before the second object, made on member 0 in the same replay"
+        );
         recovery::replay_deferred(group);
         (
             first.join().expect("the first call returns"),
@@ -2811,6 +2828,109 @@ fn a_member_goes_out_of_turn_only_for_an_object_its_share_makes() {
     });
     assert_eq!(waited, (true, true), "both calls waited for their object");
     assert_eq!(copies_on_each_member(&member, b"kept later"), [1, 1, 1]);
+    v.close();
+}
+
+/// A replay of kept changes widens a member's share at most eight times
+/// (`WIDENINGS_PER_REPLAY`), so that under continuous writes, with calls
+/// waiting for the new objects, it still ends: nine times a data object
+/// "filler N" and then "target N" are imported while members 0 and 1
+/// catch up, and a call waits for "target N" on member 0. Each target is
+/// made on member 0 next; the first eight fillers are made on it in the
+/// same replay, taken in with their targets, and the ninth is left to the
+/// next replay.
+#[test]
+fn a_replay_widens_a_members_share_at_most_eight_times() {
+    const WAITS: usize = 9;
+    let (member, group, v, calls, ()) = two_serving_first_owing_four(77, |_| ());
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let mut callers = Vec::new();
+        for n in 0..WAITS {
+            import_labelled(&v, &format!("filler {n}"));
+            let label = format!("target {n}");
+            let target = import_token_object(&v, data_object(label.as_bytes(), b"data"))
+                .expect("an import on member 2");
+            callers.push(
+                scope.spawn(move || group.wait_for_kept(0, &[target], &mut Waits::default())),
+            );
+            // The call before waits until its target, held, is made.
+            let waiting = 1 + usize::from(n > 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while group.calls_waiting_for_kept_objects() < waiting {
+                assert!(Instant::now() < deadline, "call {n} does not wait");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            holding.let_one_go();
+            assert_eq!(calls.next(), 0, "member 0 is given target {n} next");
+            assert_eq!(copies_on_each_member(&member, label.as_bytes()), [1, 0, 1]);
+        }
+        drop(holding);
+        replay.join().expect("the replay ends");
+        callers
+            .into_iter()
+            .map(|c| c.join().expect("a call returns"))
+            .collect::<Vec<bool>>()
+    });
+    assert_eq!(waited, [true; WAITS], "each call waited for its target");
+    let fillers: Vec<usize> = (0..WAITS)
+        .map(|n| copies_on_each_member(&member, format!("filler {n}").as_bytes())[0])
+        .collect();
+    assert_eq!(
+        fillers,
+        [1, 1, 1, 1, 1, 1, 1, 1, 0],
+        "the fillers made on member 0 in the replay"
+    );
+    v.close();
+}
+
+/// A member does not go out of turn again, in one replay of kept changes,
+/// for an object whose change that replay kept again: a key generated on
+/// member 2 while members 0 and 1 were out cannot be copied to member 0
+/// once member 2 has failed; a call waiting for it has member 0 try it
+/// once, and member 1 is then given its change in turn. Tried again for
+/// the call, it would be kept again and again while the call waits -- no
+/// change held, the replay spinning on member 0 -- and the replay would
+/// not end.
+#[test]
+fn a_member_does_not_go_out_of_turn_again_for_an_object_its_replay_kept_again() {
+    let (member, group, v, calls, key) = two_serving_first_owing_four(72, |v| {
+        generate_token_key(v, b"generated").expect("the key is generated on member 2")
+    });
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        member.sim.lock().set_fault(2, Fault::Crash);
+        group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR);
+        let caller = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::default()));
+        until_waiting_for_kept(group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "member 1 is given its change in turn");
+        drop(holding);
+        replay.join().expect("the replay ends");
+        group.stop_waiting();
+        caller.join().expect("the call returns")
+    });
+    assert!(waited, "the call waited for the key");
+    assert_eq!(
+        copies_on_each_member(&member, b"generated"),
+        [0, 0, 1],
+        "the key had no source to be copied from"
+    );
+    for token in 0..2 {
+        let made = labels_in_order(&member, token);
+        let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+        assert_eq!(kept, 4, "member {token} was given its share: {made:?}");
+    }
     v.close();
 }
 
@@ -3118,5 +3238,215 @@ fn an_import_carried_out_after_a_reset_and_destroyed_meanwhile_leaves_no_copy() 
         [0, 0],
         "no copy of the destroyed object on any member"
     );
+    v.close();
+}
+
+/// A key kept for a member serving first while the replay reads what that
+/// member holds -- written while it catches up, made on member 0, the only
+/// member lacking nothing, which then fails -- stops the reading once a
+/// call waits for it, as a key of the member's share does: the key is made
+/// next. Member 1 is owed five data objects, the reading stalls on the
+/// first of two objects made there outside the group, and the next call
+/// held on member 1 is the key's import. Looked for in the share alone, the
+/// key did not stop the reading, which stalled on the second object first
+/// (1.9 s for a reading under load in a long chaos run, against one
+/// `memberTimeout`).
+#[test]
+fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
+    let (member, group) = memory_group(2, 73);
+    let outside: Vec<CK_OBJECT_HANDLE> = (0..2)
+        .map(|n| {
+            token_object_made_outside(&member, 1, format!("made outside {n}").as_bytes(), b"data")
+        })
+        .collect();
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    serving_first_owing(&group, &[1]);
+    member
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(outside[0]));
+    let calls = HeldCalls::on(&member, |token| token == 1);
+
+    let started = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "the reading stalls on member 1");
+        member
+            .sim
+            .lock()
+            .set_fault(1, Fault::StallOnReading(outside[1]));
+        let key = import_token_object(&v, kept_key()).expect("the key is imported");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0],
+            "made on member 0, kept for member 1"
+        );
+        member.sim.lock().set_fault(0, Fault::Crash);
+        group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+        let v = &v;
+        let caller = scope.spawn(move || encrypt_init(v, key).map_err(|e| e.rv));
+        until_waiting_for_kept(&group, &caller);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 1, "a call is held on member 1");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 1],
+            "the call held next made the key: the reading stopped"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        caller.join().expect("the call returns")
+    });
+    assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
+    let made = labels_in_order(&member, 1);
+    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+    assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
+    v.close();
+}
+
+/// A member whose handles are forgotten while the replay of kept changes
+/// gives it its share -- it returned, or lost its login -- has its objects
+/// read again, not named by the reading from before: member 0, owed five
+/// imports and the removal of an object the application destroyed while
+/// it was out, has its objects read, is given its first import, and
+/// forgets its handles; the removal then finds the object and removes it.
+/// With the old reading, the removal named a handle of the old era, which
+/// faults without reaching the member, and was dropped as not made: the
+/// destroyed object stayed on the member.
+#[test]
+fn a_member_whose_handles_are_forgotten_during_the_kept_replay_is_read_again() {
+    let (member, group) = memory_group(2, 74);
+    let v = logged_in_session(&group);
+    let gone = import_token_object(&v, data_object(b"gone", b"data")).expect("an import");
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    v.destroy_object(gone).expect("C_DestroyObject");
+    serving_first_owing(&group, &[0]);
+    let calls = HeldCalls::on(&member, |token| token == 0);
+
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0 is given its first import");
+        group.forget_handles(0);
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    let made = labels_in_order(&member, 0);
+    assert!(
+        !made.iter().any(|l| l == "gone"),
+        "the destroyed object is removed: {made:?}"
+    );
+    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+    assert_eq!(kept, 5, "member 0 was given its imports: {made:?}");
+    v.close();
+}
+
+/// Of two calls waiting for objects kept for member 0, the object of the
+/// one that began to wait first is made first, whatever the order they
+/// were kept in: its wait ends first. Member 0 is owed four data objects
+/// and then two more, "late a" and "late b"; a call waits for "late b",
+/// then another for "late a", and the next change member 0 is given is
+/// "late b". Taken in the order they were kept, each change 0.2-0.5 s
+/// under the soak's load, the first call's key came after the second's,
+/// after its wait had run out.
+#[test]
+fn the_object_of_the_call_that_has_waited_longest_is_made_first() {
+    let (member, group, v, calls, [a, b]) = two_serving_first_owing_four(75, |v| {
+        ["late a", "late b"].map(|label| {
+            import_token_object(v, data_object(label.as_bytes(), b"data")).expect("an import")
+        })
+    });
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let first = scope.spawn(move || group.wait_for_kept(0, &[b], &mut Waits::default()));
+        until_waiting_for_kept(group, &first);
+        let second = scope.spawn(move || group.wait_for_kept(0, &[a], &mut Waits::default()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.calls_waiting_for_kept_objects() < 2 {
+            assert!(!second.is_finished(), "the second call returned");
+            assert!(Instant::now() < deadline, "the second call does not wait");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        holding.let_one_go();
+        assert_eq!(
+            calls.next(),
+            0,
+            "member 0 is given a waited-for object next"
+        );
+        assert_eq!(
+            [b"late a", b"late b"].map(|label| copies_on_each_member(&member, label)[0]),
+            [0, 1],
+            "the first call's object first"
+        );
+        drop(holding);
+        replay.join().expect("the replay ends");
+        (
+            first.join().expect("the first call returns"),
+            second.join().expect("the second call returns"),
+        )
+    });
+    assert_eq!(waited, (true, true), "both calls waited for their object");
+    v.close();
+}
+
+/// A call whose wait has run out still waits for its key while the key is
+/// being made on the member: a call waits for the key kept for member 0,
+/// which member 0 is given next and whose making is held there; a second
+/// call naming the key, with no wait left, waits for that making to end
+/// and returns once the key is there. Failing at once, it was told the key
+/// was invalid as the key arrived (the soak under load: two of six waits
+/// that ran out did so while their key was being made).
+#[test]
+fn a_call_with_no_wait_left_waits_for_its_key_being_made() {
+    let (member, group, v, calls, key) = two_serving_first_owing_four(76, |v| {
+        import_token_object(v, kept_key()).expect("the key is imported on member 2")
+    });
+
+    let waited = std::thread::scope(|scope| {
+        let _stop = StopWaitingOnPanic(&group);
+        let group = &group;
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(group));
+        assert_eq!(calls.next(), 0, "member 0's first change is made");
+        let first = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::default()));
+        until_waiting_for_kept(group, &first);
+        holding.let_one_go();
+        assert_eq!(calls.next(), 0, "member 0 is given the key");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [1, 0, 1],
+            "the key is being made on member 0, its making held"
+        );
+        let late = scope.spawn(move || group.wait_for_kept(0, &[key], &mut Waits::spent()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.calls_waiting_for_kept_objects() < 2 {
+            assert!(!late.is_finished(), "the call with no wait left returned");
+            assert!(
+                Instant::now() < deadline,
+                "the call with no wait left does not wait"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(holding);
+        replay.join().expect("the replay ends");
+        (
+            first.join().expect("the first call returns"),
+            late.join().expect("the call with no wait left returns"),
+        )
+    });
+    assert_eq!(waited, (true, true), "both calls waited for the key");
     v.close();
 }

@@ -90,6 +90,7 @@ fn example_parses() {
                 mode: RecoveryMode::ActiveEnhanced,
             },
             member_timeout_ms: 20_000,
+            early_hang_detection: true,
             ha_log: HaLogConfig {
                 enabled: false,
                 path: None,
@@ -224,6 +225,14 @@ fn optional_sections_default() {
     let config = parse(&with_library("")).unwrap();
     assert!(config.groups.is_empty());
     assert!(!config.ha_only);
+    assert!(config.early_hang_detection, "on unless turned off");
+    for (value, expected) in [("0", false), ("yes", true)] {
+        let text = with_library(&format!(
+            "[HAConfiguration]\nearlyHangDetection = {value}\n"
+        ));
+        let parsed = parse(&text).unwrap().early_hang_detection;
+        assert_eq!(parsed, expected, "earlyHangDetection = {value}");
+    }
     for (value, expected) in [("1", true), ("TRUE", true), ("no", false), ("False", false)] {
         let text = with_library(&format!(
             "[VirtualToken]\nVirtualToken00Label = g\nVirtualToken00Members = 1\n\
@@ -257,6 +266,7 @@ fn round_trip() {
         "reconnAtt",
         "AutoReconnectInterval",
         "memberTimeout",
+        "earlyHangDetection",
         "haLog",
         "logLen",
     ] {
@@ -312,6 +322,7 @@ fn round_trip() {
                 mode: RecoveryMode::ActiveBasic,
             },
             member_timeout_ms: 1,
+            early_hang_detection: false,
             ha_log: HaLogConfig {
                 enabled: true,
                 path: Some(PathBuf::from("/var/log/ha dir")),
@@ -498,8 +509,14 @@ fn errors_name_file_section_and_key() {
             "HAConfiguration",
             "Foo",
             "the keys here are HAOnly, MultipartReplayLimit, reconnAtt, \
-                 AutoReconnectInterval, memberTimeout, haLogStatus, haLogPath, logLen, \
-                 haStateDir and ReconcileInterval",
+                 AutoReconnectInterval, memberTimeout, earlyHangDetection, haLogStatus, \
+                 haLogPath, logLen, haStateDir and ReconcileInterval",
+        ),
+        (
+            with_library("[HAConfiguration]\nearlyHangDetection = sometimes\n"),
+            "HAConfiguration",
+            "earlyHangDetection",
+            "\"sometimes\" is not accepted; use 1",
         ),
         (
             with_library("[HAConfiguration]\nHAOnly = 2\n"),
