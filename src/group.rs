@@ -692,9 +692,10 @@ pub struct Group {
     /// make those when it resumes, so they are not made again on it until
     /// it has or can no longer, and it does not rejoin meanwhile.
     in_doubt: Mutex<Vec<Vec<InDoubt>>>,
-    /// Fingerprints of objects whose making call failed while a member had
-    /// them in doubt: recovery looks for those copies by these, and removes
-    /// them. Kept while a member has the object in doubt.
+    /// Fingerprints of objects whose making call failed, or that were
+    /// destroyed, while a member had them in doubt: recovery looks for
+    /// those copies by these, and removes them. Kept while a member has the
+    /// object in doubt.
     abandoned: Mutex<rustc_hash::FxHashMap<CK_OBJECT_HANDLE, Fingerprint>>,
     /// Per member: copies it missed that no serving member could give it
     /// when it returned (the members holding the object were down, or
@@ -892,9 +893,36 @@ pub struct IndexTicket {
     changes: u64,
 }
 
-/// An object being made on a member (`None`), or in doubt there since a
-/// request making it was cut off on the wire (`Some(when)`).
-pub type InDoubt = (CK_OBJECT_HANDLE, Option<Instant>);
+/// An object being made on a member (`None`), or in doubt there since its
+/// making call ended (`Some`).
+pub type InDoubt = (CK_OBJECT_HANDLE, Option<DoubtSince>);
+
+/// When a call making an object on a member ended leaving it in doubt
+/// there, and how ([`Doubt`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DoubtSince {
+    pub at: Instant,
+    /// Cut off on the wire ([`Doubt::CutOff`]), not merely faulted.
+    pub cut_off: bool,
+}
+
+/// What a call making an object on a member leaves of it there
+/// ([`Group::end_making`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Doubt {
+    /// Nothing in doubt: it answered, or its library carries out nothing
+    /// after a fault.
+    None,
+    /// It faulted on a library whose server may have received the request
+    /// ([`MemberBackend::may_carry_out_after_fault`]): a server still
+    /// answering carries it out at its own pace though the answer is lost
+    /// (p11-kit's worker, its connection reset under it).
+    Faulted,
+    /// Its request was cut off on the wire, or a recovery of the member
+    /// began while it was inside: a stalled server may carry it out much
+    /// later.
+    CutOff,
+}
 
 /// How often the HA log repeats that a group still has no member serving.
 const OUTAGE_SUMMARY: Duration = Duration::from_secs(60);
@@ -2259,16 +2287,41 @@ impl Group {
     }
 
     /// The call making `object` on a member returned: forgotten, unless it
-    /// was cut off on the wire -- then the object is in doubt from now on.
-    pub fn end_making(&self, position: usize, object: CK_OBJECT_HANDLE, cut_off: bool) {
+    /// left the object in doubt there (`doubt`) -- then from now on.
+    pub fn end_making(&self, position: usize, object: CK_OBJECT_HANDLE, doubt: Doubt) {
         let mut in_doubt = self.in_doubt.lock();
         let entries = &mut in_doubt[position];
         if let Some(i) = entries.iter().position(|e| *e == (object, None)) {
-            if cut_off {
-                entries[i].1 = Some(crate::clock::now());
-            } else {
+            if doubt == Doubt::None {
                 entries.remove(i);
+            } else {
+                entries[i].1 = Some(DoubtSince {
+                    at: crate::clock::now(),
+                    cut_off: doubt == Doubt::CutOff,
+                });
             }
+        }
+    }
+
+    /// What a call making an object on member `position` leaves of it
+    /// there: it `faulted`, and was `cut_off` on the wire (or the member
+    /// began to return while it was inside). A fault alone leaves it in
+    /// doubt where the library's server may carry the request out after
+    /// it: the soak's relay reset hsmC's connection under a kept import,
+    /// p11-kit's worker made the key afterwards, and the member's replay,
+    /// which had just looked it up and not found it, made it a second time.
+    pub fn doubt_after(&self, position: usize, faulted: bool, cut_off: bool) -> Doubt {
+        if !faulted {
+            Doubt::None
+        } else if cut_off {
+            Doubt::CutOff
+        } else if self.members[position]
+            .location()
+            .is_some_and(|l| l.library.may_carry_out_after_fault())
+        {
+            Doubt::Faulted
+        } else {
+            Doubt::None
         }
     }
 
@@ -2286,6 +2339,25 @@ impl Group {
         in_doubt[position].retain(|(o, since)| *o != object || since.is_none());
         if !in_doubt.iter().flatten().any(|(o, _)| *o == object) {
             self.abandoned.lock().remove(&object);
+        }
+    }
+
+    /// Takes a destroyed object out of the group. A member that may still
+    /// make a copy of it (it is in doubt there) is waited for as for an
+    /// abandoned object's copy, by the fingerprint kept here, so that the
+    /// removal queued for the member meets the copy: settled at once as
+    /// gone from the group, the removal found nothing, and the copy the
+    /// member's server made late stayed, a destroyed object back
+    /// (`tests/member_api.rs`). Lock order: in-doubt, then abandoned.
+    pub fn forget_destroyed(&self, object: CK_OBJECT_HANDLE) {
+        let print = self.objects.get(object).and_then(|o| o.fingerprint);
+        self.objects.remove(object);
+        let Some(print) = print else {
+            return;
+        };
+        let in_doubt = self.in_doubt.lock();
+        if (in_doubt.iter().flatten()).any(|(o, since)| *o == object && since.is_some()) {
+            self.abandoned.lock().insert(object, (*print).clone());
         }
     }
 

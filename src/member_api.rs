@@ -665,6 +665,14 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     fn is_networked(&self) -> bool {
         false
     }
+    /// Whether a request whose call faulted may still be carried out after
+    /// the fault: a server that received it before its connection failed
+    /// carries it out though its answer cannot come back (p11-kit's worker
+    /// does). An object such a call was making is in doubt on the member
+    /// for a while ([`crate::group::Doubt::Faulted`]).
+    fn may_carry_out_after_fault(&self) -> bool {
+        self.is_networked()
+    }
     /// Makes `counts` (a group member's) the counts of the token in `slot`
     /// for calls outside the group (pass-through sessions).
     fn count_slot_as(&self, slot: CK_SLOT_ID, counts: &Arc<CallCounts>) {}

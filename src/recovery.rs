@@ -38,7 +38,7 @@ use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::error::Error;
 use crate::group::Pending;
-use crate::group::{now_ms, Group, Location, Member, MemberState, ReplayingDeferred};
+use crate::group::{now_ms, DoubtSince, Group, Location, Member, MemberState, ReplayingDeferred};
 use crate::identity;
 use crate::member::Unanswered;
 use crate::member_api::{Hedge, MemberBackend, TokenSearch};
@@ -1071,6 +1071,14 @@ const IN_DOUBT_TIMEOUTS: u32 = 4;
 #[derive(Clone, Copy)]
 struct InDoubtWait {
     after_cut: Duration,
+    /// For a request whose call merely faulted ([`crate::group::Doubt::Faulted`]): one
+    /// `memberTimeout`, the time any call is given to answer. Its server
+    /// was answering (a silent one's calls are cut off, and wait
+    /// `after_cut`) and carries out what it received at its own pace; a
+    /// server killed with it never does, and the member waits for nothing
+    /// -- for the whole `after_cut`, each return after a killed p11-kit
+    /// worker would have waited 4 s.
+    after_fault: Duration,
     /// How long [`settle_in_doubt`] may wait in place: none where the
     /// recovery runs inside an application's call.
     in_place: Duration,
@@ -1088,13 +1096,19 @@ impl InDoubtWait {
     fn for_timeout(member_timeout: Duration) -> InDoubtWait {
         InDoubtWait {
             after_cut: member_timeout * IN_DOUBT_TIMEOUTS,
+            after_fault: member_timeout,
             in_place: member_timeout,
         }
     }
 
-    /// Whether, at `now`, a request cut off at `cut` has had its time.
-    fn over(&self, cut: Instant, now: Instant) -> bool {
-        now.saturating_duration_since(cut) >= self.after_cut
+    /// Whether, at `now`, a request in doubt `since` has had its time.
+    fn over(&self, since: DoubtSince, now: Instant) -> bool {
+        let wait = if since.cut_off {
+            self.after_cut
+        } else {
+            self.after_fault
+        };
+        now.saturating_duration_since(since.at) >= wait
     }
 }
 
@@ -1748,7 +1762,8 @@ fn counting_pays(queued: usize, held_before: usize) -> bool {
 /// in doubt, while it has its time.
 const IN_DOUBT_POLL: Duration = Duration::from_millis(50);
 
-/// Settles the objects whose making the member was cut off in: each once
+/// Settles the objects whose making the member was cut off in, or faulted
+/// in on a library whose server may still carry it out: each once
 /// the member holds it, once the member has had its time to carry the
 /// request out ([`InDoubtWait`]), or once it is gone from the group --
 /// unless the call that made it failed (it was abandoned): then the copy
@@ -1791,8 +1806,13 @@ fn settle_in_doubt(
                 group.settle_in_doubt(position, object);
             } else {
                 waiting = Some(format!(
-                    "it may still make an object it was cut off making {} ms ago",
-                    clock::since(since).as_millis()
+                    "it may still make an object {} making {} ms ago",
+                    if since.cut_off {
+                        "it was cut off"
+                    } else {
+                        "a call faulted"
+                    },
+                    clock::since(since.at).as_millis()
                 ));
             }
         }

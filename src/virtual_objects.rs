@@ -1034,7 +1034,7 @@ impl VirtualSession {
     ) {
         self.give_missed(object, change, before, missed);
         if matches!(change, Change::Destroy) {
-            self.group.objects.remove(object);
+            self.group.forget_destroyed(object);
         }
     }
 
@@ -1104,7 +1104,7 @@ impl VirtualSession {
 
     pub fn destroy_object(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
         self.change_everywhere(object, &Change::Destroy)?;
-        self.group.objects.remove(object);
+        self.group.forget_destroyed(object);
         Ok(())
     }
 

@@ -3153,6 +3153,125 @@ fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another()
     v.close();
 }
 
+/// Two networked in-memory libraries of one token each, initialised, as
+/// the members of a group, logged in; an import of a token data object
+/// labelled `label` is cut by a reset on member 1 once its request reached
+/// the server ([`Fault::LateChange`]), and succeeds on member 0.
+fn imported_with_a_late_change(
+    label: &[u8],
+    seed: u64,
+) -> (
+    Vec<Arc<SimMember>>,
+    Arc<Group>,
+    VirtualSession,
+    CK_OBJECT_HANDLE,
+) {
+    let libraries: Vec<Arc<SimMember>> = (0..2)
+        .map(|i| {
+            let library = SimMember::new(&format!("net{i}"), 1, i, true, seed);
+            library
+                .initialize()
+                .expect("an in-memory library initialises");
+            Arc::new(library)
+        })
+        .collect();
+    let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
+    let v = logged_in_session(&group);
+    libraries[1].sim.lock().set_fault(0, Fault::LateChange);
+    let token_object: CK_BBOOL = CK_TRUE;
+    let mut attributes = data_object(label, b"made once on each member");
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    let object = v
+        .create_object(CK_INVALID_HANDLE, &template)
+        .expect("the import succeeds on member 0");
+    assert_eq!(group.members[1].state(), MemberState::Down);
+    assert_eq!(copies_on_libraries(&libraries, label), [1, 0]);
+    (libraries, group, v, object)
+}
+
+fn copies_on_libraries(libraries: &[Arc<SimMember>], label: &[u8]) -> Vec<usize> {
+    libraries
+        .iter()
+        .map(|l| copies_on_each_member(l, label)[0])
+        .collect()
+}
+
+/// An import whose request reached a networked member's server as a reset
+/// closed the connection: the call faults at once, and the server carries
+/// the request out afterwards (p11-kit's worker does). The member's
+/// recovery does not make the object meanwhile -- the member would end
+/// with two -- but waits for the late copy, and takes it for the member's
+/// once it comes. (The soak's "hsmC: soak-aes-0000131 has
+/// [CKO_SECRET_KEY, CKO_SECRET_KEY]": a kept import on hsmC met the
+/// relay's reset, and the replay of the recovery that followed looked the
+/// key up before the worker had made it, and made it again.)
+#[test]
+fn an_import_its_server_carries_out_after_a_reset_is_on_the_returning_member_once() {
+    let label = b"carried out after a reset";
+    let (libraries, group, v, _) = imported_with_a_late_change(label, 41);
+    assert_eq!(
+        return_across_the_late_change(&libraries, &group, label),
+        [1, 1],
+        "the object once on each member"
+    );
+    v.close();
+}
+
+/// Member 1's recovery, its server carrying the late request out between
+/// two passes: the first leaves member 1 waiting for the copy, the second
+/// brings it back. The copies of `label` on each member then.
+fn return_across_the_late_change(
+    libraries: &[Arc<SimMember>],
+    group: &Arc<Group>,
+    label: &[u8],
+) -> Vec<usize> {
+    let host = MemoryHost::of(group, libraries);
+    recovery::recover_failed_members(&host);
+    let waited = group.members[1].state();
+    assert_eq!(
+        libraries[1].sim.lock().carry_out_late(),
+        1,
+        "the server carries the request out"
+    );
+    recovery::recover_failed_members(&host);
+    let copies = copies_on_libraries(libraries, label);
+    assert_ne!(
+        waited,
+        MemberState::Up,
+        "member 1 waited for the copy its server could still make (copies: {copies:?})"
+    );
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 is back"
+    );
+    copies
+}
+
+/// An import carried out after a reset (as above), the object destroyed
+/// before member 1 returns: the removal queued for member 1 must meet the
+/// copy its server makes late, so the member waits for that copy as for
+/// any object in doubt -- settled at once because the object was gone
+/// from the group, the removal found nothing and the late copy stayed, a
+/// destroyed object back on the member.
+#[test]
+fn an_import_carried_out_after_a_reset_and_destroyed_meanwhile_leaves_no_copy() {
+    let label = b"destroyed before the late copy";
+    let (libraries, group, v, object) = imported_with_a_late_change(label, 43);
+    v.destroy_object(object)
+        .expect("the object is destroyed on member 0");
+    assert_eq!(
+        return_across_the_late_change(&libraries, &group, label),
+        [0, 0],
+        "no copy of the destroyed object on any member"
+    );
+    v.close();
+}
+
 /// A key kept for a member serving first while the replay reads what that
 /// member holds -- written while it catches up, made on member 0, the only
 /// member lacking nothing, which then fails -- stops the reading once a

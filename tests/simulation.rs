@@ -2020,6 +2020,9 @@ impl Schedule<'_> {
         };
         for round in 1..=2 {
             while !all_up() && passes < per_round * round {
+                // A member may wait for an object a networked library's
+                // server can still make after a fault: it has its time.
+                self.pass(MEMBER_TIMEOUT);
                 self.recovery_pass();
                 passes += 1;
             }

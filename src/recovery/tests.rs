@@ -10,11 +10,30 @@ fn a_request_cut_off_waits_the_whole_time_from_the_cut_even_once_the_member_answ
     // worker holding the request: there is no earlier end to the wait.
     let clock = ManualClock::new();
     let wait = InDoubtWait::for_timeout(TIMEOUT);
-    let cut = clock.now();
+    let cut = DoubtSince {
+        at: clock.now(),
+        cut_off: true,
+    };
     clock.advance(TIMEOUT * IN_DOUBT_TIMEOUTS - Duration::from_millis(1));
     assert!(!wait.over(cut, clock.now()), "1 ms short");
     clock.advance(Duration::from_millis(1));
     assert!(wait.over(cut, clock.now()));
+}
+
+#[test]
+fn a_request_whose_call_faulted_uncut_waits_one_member_timeout_from_the_fault() {
+    // Its server was answering: it carries the request out within the
+    // time any call is given, or was killed with it.
+    let clock = ManualClock::new();
+    let wait = InDoubtWait::for_timeout(TIMEOUT);
+    let fault = DoubtSince {
+        at: clock.now(),
+        cut_off: false,
+    };
+    clock.advance(TIMEOUT - Duration::from_millis(1));
+    assert!(!wait.over(fault, clock.now()), "1 ms short");
+    clock.advance(Duration::from_millis(1));
+    assert!(wait.over(fault, clock.now()));
 }
 
 #[test]

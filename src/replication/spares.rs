@@ -256,8 +256,9 @@ impl Lanes<'_> {
                 });
             let faulted = matches!(answer, Attempt::Faulted);
             let returning_meanwhile = member.epoch() >= epoch + 2;
-            let in_doubt = faulted && (crate::member::last_call_cut_off() || returning_meanwhile);
-            self.group.end_making(position, *object, in_doubt);
+            let cut_off = crate::member::last_call_cut_off() || returning_meanwhile;
+            let doubt = self.group.doubt_after(position, faulted, cut_off);
+            self.group.end_making(position, *object, doubt);
             *self.answers[i].lock() = Some(answer);
             if faulted {
                 // No call to a member that failed: the read-write session

@@ -245,7 +245,8 @@ impl VirtualSession {
     /// As [`VirtualSession::attempt_on`], for a call that makes `object` on
     /// the member. The object is recorded as being made before the request
     /// goes out, and stays in doubt there if the request was cut off on
-    /// the wire, since the member may still carry it out -- or if a
+    /// the wire, since the member may still carry it out -- as it may
+    /// after any fault of a networked library ([`crate::group::Group::doubt_after`]) -- or if a
     /// recovery of the member began while the call was inside it (the
     /// epoch moved twice: failed, then returning): that recovery may have
     /// read the member's objects before the member carried the request
@@ -264,9 +265,12 @@ impl VirtualSession {
         crate::member::forget_cut_off();
         let answer = self.attempt_on(position, era, function, call);
         let returning_meanwhile = self.group.members[position].epoch() >= epoch + 2;
-        let in_doubt = matches!(answer, Attempt::Faulted)
-            && (crate::member::last_call_cut_off() || returning_meanwhile);
-        self.group.end_making(position, object, in_doubt);
+        let doubt = self.group.doubt_after(
+            position,
+            matches!(answer, Attempt::Faulted),
+            crate::member::last_call_cut_off() || returning_meanwhile,
+        );
+        self.group.end_making(position, object, doubt);
         answer
     }
 

@@ -921,6 +921,13 @@ impl MemberBackend for SimMember {
         self.sim.lock().initialized
     }
 
+    /// A networked one's server carries out what it received
+    /// ([`token::Fault::LateChange`]); its timing stays an in-process
+    /// library's.
+    fn may_carry_out_after_fault(&self) -> bool {
+        self.sim.lock().networked()
+    }
+
     fn initialized_by_us(&self) -> bool {
         self.ours.load(Ordering::Acquire)
     }

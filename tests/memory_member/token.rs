@@ -81,6 +81,13 @@ pub enum Fault {
     /// As [`Fault::LoseAnswer`], met by the next change made on a spare's
     /// session.
     SpareLoseAnswer,
+    /// The next `C_CreateObject` of a token object is cut by a reset once
+    /// its request reached the server: it fails with `CKR_DEVICE_ERROR`
+    /// and the library's connection is lost, and the token makes the
+    /// object only when the driver carries the request out
+    /// ([`Sim::carry_out_late`]) -- as a `p11-kit server` worker that
+    /// received a request carries it out after its connection closed.
+    LateChange,
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -176,6 +183,7 @@ pub struct Token {
     pub spare_crashed: bool,
     pub spare_stall_next: bool,
     pub spare_lose_next_answer: bool,
+    pub late_change: bool,
     /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
@@ -227,6 +235,9 @@ pub struct Sim {
     /// The sessions that went with those connections: a call on one
     /// fails as on a connection shut down.
     cut_sessions: std::collections::BTreeSet<CK_SESSION_HANDLE>,
+    /// Requests [`Fault::LateChange`] cut off, by token: each makes its
+    /// object when the driver carries it out ([`Sim::carry_out_late`]).
+    late: Vec<(usize, Attributes)>,
 }
 
 pub type Result<T> = std::result::Result<T, CK_RV>;
@@ -482,6 +493,11 @@ impl Sim {
             seed,
             ..Sim::default()
         };
+    }
+
+    /// Whether the library stands for a client of a server.
+    pub fn networked(&self) -> bool {
+        self.networked
     }
 
     fn generate(&mut self, len: usize) -> Vec<u8> {
@@ -772,6 +788,7 @@ impl Sim {
             Fault::SpareCrash => t.spare_crashed = true,
             Fault::SpareStall => t.spare_stall_next = true,
             Fault::SpareLoseAnswer => t.spare_lose_next_answer = true,
+            Fault::LateChange => t.late_change = true,
         }
     }
 
@@ -802,6 +819,7 @@ impl Sim {
         t.spare_crashed = false;
         t.spare_stall_next = false;
         t.spare_lose_next_answer = false;
+        t.late_change = false;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -1001,10 +1019,30 @@ impl Sim {
             Some(_) => return Err(CKR_ATTRIBUTE_VALUE_INVALID),
             None => return Err(CKR_TEMPLATE_INCOMPLETE),
         }
+        let on_token = attributes.get(&CKA_TOKEN).is_some_and(|v| v == &[1]);
+        if on_token && std::mem::take(&mut self.tokens[token].late_change) {
+            self.late.push((token, attributes));
+            self.disconnect();
+            return Err(CKR_DEVICE_ERROR);
+        }
         let handle = self.store(token, session, attributes);
         self.tokens[token].creates += 1;
         self.answer(token, CKR_OK)?;
         Ok(handle)
+    }
+
+    /// Carries out the requests [`Fault::LateChange`] cut off: each
+    /// object is made on its token now. How many were.
+    pub fn carry_out_late(&mut self) -> usize {
+        let late = std::mem::take(&mut self.late);
+        for (token, attributes) in &late {
+            self.tokens[*token].insert(Object {
+                attributes: attributes.clone(),
+                session: None,
+            });
+            self.tokens[*token].creates += 1;
+        }
+        late.len()
     }
 
     pub fn generate_key(
