@@ -1933,6 +1933,12 @@ fn replay_pending(
             kept += 1;
             continue;
         }
+        if (change.removal()).is_some_and(|print| group.removal_behind_kept_set(position, print)) {
+            removals.extend(change.removal().cloned());
+            group.defer(position, change);
+            kept += 1;
+            continue;
+        }
         let logged_out = group.cached_login().is_none();
         if !on_its_own
             && removals.is_empty()
@@ -2214,8 +2220,11 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     let Some(change) = group.next_deferred(position, &mut replay.left) else {
         return 0;
     };
-    if worker.behind_a_removal(&replay.removals, &change) {
-        group.defer(position, change);
+    let behind_a_set =
+        (change.removal()).is_some_and(|p| group.removal_behind_kept_set(position, p));
+    if behind_a_set || worker.behind_a_removal(&replay.removals, &change) {
+        replay.removals.extend(change.removal().cloned());
+        group.defer_again(position, change);
         group.deferred_handled(position, 1);
         return 0;
     }
@@ -2227,7 +2236,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
             && worker.unreceivable(object, position).is_some()
             && !worker.holds(object, position, None)
         {
-            group.defer(position, change);
+            group.defer_again(position, change);
             group.deferred_handled(position, 1);
             return 0;
         }
@@ -2245,12 +2254,13 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         || must_wait(group, logged_out, worker, position, &change, &outcome)
     {
         replay.removals.extend(change.removal().cloned());
-        group.defer(position, change);
+        group.defer_again(position, change);
     } else if outcome.is_err() && !group.members[position].reachable() {
         // It failed again (its token restarted unseen, for one):
         // this change and the rest are replayed when it returns,
         // before it serves, rather than dropped.
-        let rest = std::iter::once(change).chain(group.take_kept(position, replay.left));
+        let taken = group.take_kept(position, &change, replay.left);
+        let rest = std::iter::once(change).chain(taken);
         group.requeue(position, rest.collect());
         replay.left = 0;
     } else {
