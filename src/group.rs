@@ -2052,13 +2052,27 @@ impl Group {
         deferred[position].splice(0..0, changes);
     }
 
-    /// The first `count` changes kept for member `position`, taken: the
-    /// rest of a replay that the member failed in, to be replayed before
-    /// it serves again.
-    pub fn take_kept(&self, position: usize, count: usize) -> Vec<Pending> {
+    /// The first `count` changes kept for member `position`, taken, with
+    /// every later change of an object they or those of `failed` make or
+    /// change:
+    /// the rest of a replay that the member failed in, to be replayed
+    /// before it serves again. Left kept, such a later change came ahead
+    /// of them, which the member's replay then kept behind it (simulation
+    /// seed 18656: an older change of attributes undid a newer one).
+    pub fn take_kept(&self, position: usize, failed: &[Pending], count: usize) -> Vec<Pending> {
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
-        kept.drain(..count.min(kept.len())).collect()
+        let mut taken: Vec<Pending> = kept.drain(..count.min(kept.len())).collect();
+        let objects: Vec<CK_OBJECT_HANDLE> = (failed.iter())
+            .chain(&taken)
+            .filter_map(Pending::made_object)
+            .collect();
+        let (later, left): (Vec<Pending>, Vec<Pending>) = std::mem::take(kept)
+            .into_iter()
+            .partition(|c| c.made_object().is_some_and(|o| objects.contains(&o)));
+        *kept = left;
+        taken.extend(later);
+        taken
     }
 
     /// `count` changes taken by [`Group::next_deferred`] are handled: made,
@@ -2429,6 +2443,24 @@ impl Group {
         let deferred = self.deferred.lock();
         deferred[position].iter().any(sets)
             || self.kept_replay.lock().making[position].contains(&object)
+    }
+
+    /// Whether removal `print` must wait behind a change of attributes
+    /// kept for member `position` that gives the copy that fingerprint:
+    /// made first, the removal looks the copy up by a fingerprint it does
+    /// not have yet and finds nothing, and the change kept then leaves the
+    /// copy of a destroyed object under it (simulation seed 16263: a
+    /// returning member's replay kept the change, behind a removal it could
+    /// not yet tell apart, and made the object's removal in place).
+    pub fn removal_behind_kept_set(&self, position: usize, print: &Fingerprint) -> bool {
+        self.deferred.lock()[position]
+            .iter()
+            .any(|change| match change {
+                Pending::Set {
+                    before, changes, ..
+                } => identity::matches(print, &identity::changed(before, changes.values())),
+                _ => false,
+            })
     }
 
     /// Whether a change making or changing `object` is kept for member

@@ -2052,6 +2052,12 @@ fn replay_pending(
             kept += 1;
             continue;
         }
+        if (change.removal()).is_some_and(|print| group.removal_behind_kept_set(position, print)) {
+            removals.extend(change.removal().cloned());
+            group.defer(position, change);
+            kept += 1;
+            continue;
+        }
         let logged_out = group.cached_login().is_none();
         if !on_its_own
             && removals.is_empty()
@@ -2372,7 +2378,10 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         return 0;
     };
     replay.one_by_one = replay.one_by_one.saturating_sub(1);
-    if worker.behind_a_removal(&replay.removals, &change) {
+    let behind_a_set =
+        (change.removal()).is_some_and(|p| group.removal_behind_kept_set(position, p));
+    if behind_a_set || worker.behind_a_removal(&replay.removals, &change) {
+        replay.removals.extend(change.removal().cloned());
         replay.keep_again(group, change);
         group.deferred_handled(position, 1);
         return 0;
@@ -2408,7 +2417,8 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         // It failed again (its token restarted unseen, for one):
         // this change and the rest are replayed when it returns,
         // before it serves, rather than dropped.
-        let rest = std::iter::once(change).chain(group.take_kept(position, replay.left));
+        let taken = group.take_kept(position, std::slice::from_ref(&change), replay.left);
+        let rest = std::iter::once(change).chain(taken);
         group.requeue(position, rest.collect());
         replay.left = 0;
     } else {
@@ -2481,11 +2491,8 @@ fn replay_kept_imports_on_spares(
         replay.left += done.left.len();
         group.return_kept(position, done.left);
     } else {
-        let rest = done.left.into_iter();
-        group.requeue(
-            position,
-            rest.chain(group.take_kept(position, replay.left)).collect(),
-        );
+        let taken = group.take_kept(position, &done.left, replay.left);
+        group.requeue(position, done.left.into_iter().chain(taken).collect());
         replay.left = 0;
     }
     group.deferred_handled(position, taken);

@@ -133,6 +133,17 @@ struct Faults {
     /// change behind it. The sets found before it leave it out, so that
     /// their seeds replay as they were found.
     sets_beside: bool,
+    /// Members fail in the middle of the work a recovery round or a call
+    /// does for another ([`Schedule::fail_mid_replay`]): where the writes
+    /// above land in a returning member's replay, that member at its next
+    /// call, once they queued their changes for it; where a round makes a
+    /// change on a member being brought up to date or catching up, another
+    /// serving member -- a source of the replay's copies -- at its next
+    /// call; and a member that a recovery beside a call brought back, at
+    /// its next call, the delivery of the change the call made while it was
+    /// out ([`SimTime::fail_returned`]). The sets found before it leave it
+    /// out, so that their seeds replay as they were found.
+    mid_replay: bool,
 }
 
 impl Faults {
@@ -151,12 +162,19 @@ impl Faults {
         writes_in_replay: true,
         set_ids: true,
         sets_beside: true,
+        mid_replay: true,
+    };
+    /// The default schedules before members failed in the middle of a
+    /// replay or a delivery ([`Faults::mid_replay`]).
+    const SETS_BESIDE: Faults = Faults {
+        mid_replay: false,
+        ..Faults::DEFAULT
     };
     /// The default schedules before new IDs joined the writes beside the
     /// kept replay ([`Faults::sets_beside`]).
     const SET_IDS: Faults = Faults {
         sets_beside: false,
-        ..Faults::DEFAULT
+        ..Faults::SETS_BESIDE
     };
     /// The default schedules before new IDs joined the writes during a
     /// returning member's replay ([`Faults::set_ids`]).
@@ -188,6 +206,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -202,6 +221,7 @@ impl Faults {
         writes_in_replay: true,
         set_ids: true,
         sets_beside: true,
+        mid_replay: true,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -215,6 +235,7 @@ impl Faults {
         writes_in_replay: true,
         set_ids: true,
         sets_beside: true,
+        mid_replay: true,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -229,6 +250,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -243,6 +265,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -257,6 +280,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -291,6 +315,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -304,6 +329,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -317,6 +343,7 @@ impl Faults {
         writes_in_replay: false,
         set_ids: false,
         sets_beside: false,
+        mid_replay: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -405,6 +432,18 @@ struct SimTime {
     /// none serves now, the outage began since, and each failed member is
     /// due an attempt at once.
     served_after_round: bool,
+    /// Each member token: the library it is in, and its index there.
+    tokens: Vec<(Arc<SimMember>, usize)>,
+    /// Each member behind a networked library of its own.
+    networked: bool,
+    /// The next recovery beside a stalled call heals the tokens of the
+    /// members out, and those it brings back fail at their next call
+    /// ([`Schedule::return_under_a_call`]): the call goes on to deliver to
+    /// them the change they missed while out.
+    fail_returned: bool,
+    /// Tokens healed inside a call (`None`), or given a fault there, for
+    /// the schedule to note ([`Schedule::note_failed_beside`]).
+    failed_beside: Vec<(usize, Option<Fault>)>,
 }
 
 impl SimTime {
@@ -421,6 +460,30 @@ impl SimTime {
         }
     }
 
+    /// Recovery beside a stalled call after the tokens of the members out
+    /// heal, the members it brings back failing at their next call (see
+    /// [`SimTime::fail_returned`]).
+    fn return_and_fail(&mut self) {
+        let provider = Arc::clone(&self.provider);
+        let members = &provider.groups[0].members;
+        let serving: Vec<bool> = members.iter().map(|m| m.is_up()).collect();
+        for (position, (library, local)) in self.tokens.iter().enumerate() {
+            if !serving[position] {
+                library.sim.lock().heal(*local);
+                self.failed_beside.push((position, None));
+            }
+        }
+        self.recover_beside();
+        for (position, member) in members.iter().enumerate() {
+            if member.is_up() && !serving[position] {
+                let fault = next_call_fails(self.networked);
+                let (library, local) = &self.tokens[position];
+                library.sim.lock().set_fault(*local, fault);
+                self.failed_beside.push((position, Some(fault)));
+            }
+        }
+    }
+
     /// Moves the clock `by` forward, one watchdog tick at a time.
     fn pass(&mut self, by: Duration) {
         let tick = pkcs11_ha::recovery::watchdog_tick(MEMBER_TIMEOUT);
@@ -431,6 +494,17 @@ impl SimTime {
             left -= step;
             self.watchdog.look(&*self.provider, self.clock.now());
         }
+    }
+}
+
+/// A fault that fails a member's next call, before it is carried out: a
+/// reset of a networked library's connection, a crash of a token of the
+/// in-process library (whose connection all its tokens share).
+fn next_call_fails(networked: bool) -> Fault {
+    if networked {
+        Fault::Reset
+    } else {
+        Fault::Crash
     }
 }
 
@@ -453,11 +527,14 @@ fn stalled(_token: usize) {
     if let Some(time) = slot.as_mut() {
         let stall = time.stall;
         if std::mem::take(&mut time.recover_beside) {
+            let fail_returned = std::mem::take(&mut time.fail_returned);
             // Only beside an application's call making objects: a
             // recovery's own copies are made in no such call, and a pass
             // inside a pass would wait on locks the outer one holds.
-            if time.provider.groups[0].objects_being_made() {
-                time.recover_beside();
+            match (time.provider.groups[0].objects_being_made(), fail_returned) {
+                (false, _) => {}
+                (true, false) => time.recover_beside(),
+                (true, true) => time.return_and_fail(),
             }
         }
         time.pass(stall);
@@ -486,7 +563,8 @@ thread_local! {
 
 /// The members' change hook ([`SimMember::on_change`]): a change made on
 /// member `position` by a recovery round, on the schedule's one thread,
-/// where the real application's threads would be making calls meanwhile.
+/// where the real application's threads would be making calls meanwhile,
+/// and members may fail ([`Schedule::fail_mid_replay`]).
 fn changed(position: usize) {
     let Some(mut schedule) = WRITER.with(std::cell::Cell::take) else {
         return;
@@ -494,9 +572,13 @@ fn changed(position: usize) {
     // SAFETY: set by `Schedule::beside_round` from its `&mut self` for
     // the length of the round, which uses the schedule for nothing else
     // meanwhile; taken out above, so that no other reference is made.
+    let current = unsafe { schedule.as_mut() };
     WRITING_BESIDE.with(|w| w.set(true));
-    unsafe { schedule.as_mut() }.write_beside(position);
+    let writes = current.replay_writes;
+    current.write_beside(position);
     WRITING_BESIDE.with(|w| w.set(false));
+    let wrote = current.replay_writes > writes;
+    current.fail_mid_replay(position, wrote);
     WRITER.with(|w| w.set(Some(schedule)));
 }
 
@@ -753,6 +835,9 @@ struct Schedule<'a> {
     /// An invariant broken where no outcome could be returned (in a
     /// member's hook, [`changed`]): the schedule fails at its next step.
     broken: Option<String>,
+    /// Chooses, apart from the others, the members that fail in the
+    /// middle of a replay or a delivery ([`Faults::mid_replay`]).
+    fail_rng: Rng,
 }
 
 impl Schedule<'_> {
@@ -1365,6 +1450,9 @@ impl Schedule<'_> {
     }
 
     fn fault_step(&mut self) {
+        if self.faults.mid_replay && self.fail_rng.chance(20) && self.return_under_a_call() {
+            return;
+        }
         if self.faults.widened && self.rng.chance(15) {
             return self.all_out();
         }
@@ -1377,6 +1465,41 @@ impl Schedule<'_> {
             return self.spare_fault(token);
         }
         self.plant(token, fault);
+    }
+
+    /// A member out comes back under an application's call that makes or
+    /// destroys an object, and fails at its next call there -- the
+    /// delivery of the change the call made while it was out
+    /// (`VirtualSession::deliver_or_queue`): a serving member's next such
+    /// call stalls, without time passing, once carried out, and meanwhile
+    /// the tokens of the members out heal and recovery runs beside it
+    /// ([`SimTime::fail_returned`]). False where no member is out or none
+    /// serves.
+    fn return_under_a_call(&mut self) -> bool {
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let members = &provider.groups[0].members;
+        let serving: Vec<usize> = (0..members.len())
+            .filter(|p| members[*p].is_up() && !self.down[*p])
+            .collect();
+        if serving.len() == members.len() || serving.is_empty() {
+            return false;
+        }
+        let token = serving[self.fail_rng.below(serving.len() as u64) as usize];
+        if let Some(time) = TIME.lock().expect("time").as_mut() {
+            time.stall = Duration::ZERO;
+            time.recover_beside = true;
+            time.fail_returned = true;
+        }
+        let (library, local) = &self.tokens[token];
+        library
+            .sim
+            .lock()
+            .set_fault(*local, Fault::StallAfterChange);
+        self.note(format!(
+            "fault StallAfterChange on token {token}: the members out come back beside its \
+             next change and fail at their next call"
+        ));
+        true
     }
 
     /// A fault on `token`'s spares alone: their connections lost, the
@@ -1400,6 +1523,7 @@ impl Schedule<'_> {
             if let Some(time) = TIME.lock().expect("time").as_mut() {
                 time.stall = stall;
                 time.recover_beside = false;
+                time.fail_returned = false;
             }
             write!(
                 note,
@@ -1476,6 +1600,7 @@ impl Schedule<'_> {
         if let Some(time) = TIME.lock().expect("time").as_mut() {
             time.stall = stall;
             time.recover_beside = false;
+            time.fail_returned = false;
         }
         let (library, local) = &self.tokens[token as usize];
         library.sim.lock().set_fault(*local, Fault::Stall);
@@ -1492,6 +1617,7 @@ impl Schedule<'_> {
         if let Some(time) = TIME.lock().expect("time").as_mut() {
             time.stall = stall;
             time.recover_beside = true;
+            time.fail_returned = false;
         }
         let (library, local) = &self.tokens[token as usize];
         library
@@ -1619,6 +1745,17 @@ impl Schedule<'_> {
         );
         let creates = || library.sim.lock().tokens[local].creates;
         for _ in 0..1 + self.writer_rng.below(3) {
+            // Where members fail mid-replay, only while another member
+            // serves whose token answers: with none, a change of an object
+            // on its way to this member waits, to its deadline, for the
+            // replay it runs inside of, and the watchdog cuts the member
+            // under the replay's call (seeds 10111, 13636 so).
+            let others_answer = group
+                .up_members()
+                .any(|m| m.position != position && self.token_answers(m.position));
+            if self.faults.mid_replay && !others_answer {
+                break;
+            }
             // Object-making leaves a member catching up to its kept
             // changes while enough others serve (`VirtualSession::making_order`):
             // before and after the call, none failing under it.
@@ -1658,6 +1795,63 @@ impl Schedule<'_> {
         }
     }
 
+    /// A member fails at its next call while a recovery round has just
+    /// made a change on member `position`, which is being brought up to
+    /// date or catches up ([`Faults::mid_replay`]): `position` itself,
+    /// half the times the application's writes were just queued for it
+    /// (`wrote`), so that its replay fails with changes queued since what
+    /// it took (`Group::requeue`); or, one change in twenty, another
+    /// serving member, which may be the source of the replay's next copy.
+    fn fail_mid_replay(&mut self, position: usize, wrote: bool) {
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let group = &provider.groups[0];
+        let replaying = group.members[position].state() == MemberState::Recovering
+            || group.catching_up(position);
+        if !self.faults.mid_replay || !replaying {
+            return;
+        }
+        let failing = if wrote && self.fail_rng.chance(50) {
+            position
+        } else if self.fail_rng.chance(5) {
+            let others: Vec<usize> = (group.up_members())
+                .map(|m| m.position)
+                .filter(|p| *p != position)
+                .collect();
+            if others.is_empty() {
+                return;
+            }
+            others[self.fail_rng.below(others.len() as u64) as usize]
+        } else {
+            return;
+        };
+        self.note(format!(
+            "  member {failing} fails at its next call, in the middle of member {position}'s replay:"
+        ));
+        self.plant(failing as u32, next_call_fails(self.networked));
+    }
+
+    /// Notes the faults planted inside a call ([`SimTime::fail_returned`]):
+    /// a crashed token is down until healed.
+    fn note_failed_beside(&mut self) {
+        let failed = TIME
+            .lock()
+            .expect("time")
+            .as_mut()
+            .map_or(Vec::new(), |time| std::mem::take(&mut time.failed_beside));
+        for (token, fault) in failed {
+            let Some(fault) = fault else {
+                self.down[token] = false;
+                self.hung[token] = false;
+                self.note(format!("  heal token {token} beside the call"));
+                continue;
+            };
+            self.down[token] |= fault == Fault::Crash;
+            self.note(format!(
+                "  fault {fault:?} on token {token}, brought back beside the call"
+            ));
+        }
+    }
+
     /// The application's threads make and destroy objects (and, with
     /// [`Faults::set_ids`], give them a new `CKA_ID`) while a recovery
     /// round has just made a change on member `position`, which is being
@@ -1679,19 +1873,7 @@ impl Schedule<'_> {
         // A member whose token fails its next call, taken out by a write,
         // may leave no member serving: the writes after it would wait for
         // the very member being brought back.
-        let answers = |position: usize| {
-            let (library, local) = &self.tokens[position];
-            let sim = library.sim.lock();
-            let t = &sim.tokens[*local];
-            !(sim.disconnected
-                || t.crashed
-                || t.hung
-                || t.reset_next
-                || t.lose_next_answer
-                || t.spare_crashed
-                || t.spare_lose_next_answer)
-        };
-        let sound = group.up_members().any(|m| answers(m.position));
+        let sound = group.up_members().any(|m| self.token_answers(m.position));
         if group.writes_held()
             || !sound
             || self.replay_writes >= REPLAY_WRITES
@@ -1720,6 +1902,21 @@ impl Schedule<'_> {
                 self.destroy_where(t, session, &not_kept);
             }
         }
+    }
+
+    /// Whether member `position`'s token answers its next call: no fault
+    /// planted that fails it.
+    fn token_answers(&self, position: usize) -> bool {
+        let (library, local) = &self.tokens[position];
+        let sim = library.sim.lock();
+        let t = &sim.tokens[*local];
+        !(sim.disconnected
+            || t.crashed
+            || t.hung
+            || t.reset_next
+            || t.lose_next_answer
+            || t.spare_crashed
+            || t.spare_lose_next_answer)
     }
 
     /// Each member that serves again since the last look (in a new epoch)
@@ -2268,6 +2465,10 @@ fn run_plan(
         waits: 0,
         drop_unseen: None,
         served_after_round: true,
+        tokens: tokens.clone(),
+        networked,
+        fail_returned: false,
+        failed_beside: Vec::new(),
     });
     // A state directory of the schedule's own, as the reconciliation
     // thread would have (a provider without threads opens none).
@@ -2341,6 +2542,7 @@ fn run_plan(
         serving_epochs: vec![None; members as usize],
         settling: false,
         broken: None,
+        fail_rng: Rng(seed ^ 0xfa11_ed00_fa11_ed00),
     };
     if schedule.verbose {
         eprintln!("sim: {}", schedule.trace[0]);
@@ -2365,7 +2567,9 @@ fn run_plan(
                 break;
             }
         }
-        outcome = schedule.step().and_then(|()| schedule.rejoined_complete());
+        outcome = schedule.step();
+        schedule.note_failed_beside();
+        outcome = outcome.and_then(|()| schedule.rejoined_complete());
         if let Some(why) = schedule.broken.take() {
             outcome = Err(why);
         }
@@ -3687,7 +3891,17 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   by the new ID, missed the copy. With these fixes 1018601 passes (the
 ///   default schedules before, from 1,000,000), which failed on the code
 ///   before: a removal left a destroyed object on a member.
-const REGRESSION_SEEDS: [(u64, Faults); 91] = [
+/// - 10001, 16263, 18656, 19378 (members failing in the middle of a replay
+///   or a delivery, [`Faults::mid_replay`]): a change of attributes kept
+///   again after its copy failed came behind a later change of the object
+///   and undid it (10001); a returning member's replay kept a change of
+///   attributes and made the object's removal in place, ahead of it, so
+///   that the removal found no copy under the fingerprint still to come
+///   and the destroyed object stayed (16263, 19378); and the rest of a
+///   kept replay the member failed in went back to its queue while a later
+///   change of the same object stayed kept, ahead of them at its return
+///   (18656).
+const REGRESSION_SEEDS: [(u64, Faults); 95] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3770,15 +3984,19 @@ const REGRESSION_SEEDS: [(u64, Faults); 91] = [
     (14209, Faults::SET_IDS),
     (25725, Faults::SET_IDS),
     (1018601, Faults::SET_IDS),
-    (808, Faults::DEFAULT),
-    (1323, Faults::DEFAULT),
-    (1459, Faults::DEFAULT),
-    (4208, Faults::DEFAULT),
-    (11729, Faults::DEFAULT),
-    (17398, Faults::DEFAULT),
-    (17505, Faults::DEFAULT),
-    (20554, Faults::DEFAULT),
-    (49891, Faults::DEFAULT),
+    (808, Faults::SETS_BESIDE),
+    (1323, Faults::SETS_BESIDE),
+    (1459, Faults::SETS_BESIDE),
+    (4208, Faults::SETS_BESIDE),
+    (11729, Faults::SETS_BESIDE),
+    (17398, Faults::SETS_BESIDE),
+    (17505, Faults::SETS_BESIDE),
+    (20554, Faults::SETS_BESIDE),
+    (49891, Faults::SETS_BESIDE),
+    (10001, Faults::DEFAULT),
+    (16263, Faults::DEFAULT),
+    (18656, Faults::DEFAULT),
+    (19378, Faults::DEFAULT),
 ];
 
 #[test]
