@@ -1669,6 +1669,12 @@ impl MemberLibrary {
         Some(index + 1)
     }
 
+    /// The longest `function` took on the wire lately, with enough round
+    /// trips known ([`RoundTrips::usual`]).
+    pub fn usual_round_trip(&self, function: &str) -> Option<Duration> {
+        self.round_trips.usual(function, crate::clock::now())
+    }
+
     /// The oldest call on the wire, of this instance or a spare, that has
     /// been silent past its limit at `now` ([`round_trips::silent_limit`]:
     /// many times its function's usual round trip, and less than

@@ -673,6 +673,11 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     fn may_carry_out_after_fault(&self) -> bool {
         self.is_networked()
     }
+    /// The longest `function` took on the wire lately, where the library
+    /// keeps that ([`crate::member::round_trips`]; network libraries).
+    fn usual_round_trip(&self, _function: &str) -> Option<std::time::Duration> {
+        None
+    }
     /// Makes `counts` (a group member's) the counts of the token in `slot`
     /// for calls outside the group (pass-through sessions).
     fn count_slot_as(&self, slot: CK_SLOT_ID, counts: &Arc<CallCounts>) {}
@@ -1613,6 +1618,10 @@ impl MemberBackend for MemberLibrary {
         member_timeout: std::time::Duration,
     ) -> Option<crate::member::SilentCall> {
         MemberLibrary::silent_call(self, now, member_timeout)
+    }
+
+    fn usual_round_trip(&self, function: &str) -> Option<std::time::Duration> {
+        MemberLibrary::usual_round_trip(self, function)
     }
 
     fn token_slots(&self) -> Result<Vec<CK_SLOT_ID>> {

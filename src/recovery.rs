@@ -1060,6 +1060,13 @@ fn after_return(provider: &dyn Host, group: &Arc<Group>) {
 /// this much longer is taken to have dropped it.
 const IN_DOUBT_TIMEOUTS: u32 = 4;
 
+/// How many times its usual time to make an object a member is given to
+/// carry out a request whose call faulted ([`InDoubtWait::with_usual_making`]).
+const FAULT_WAIT_RATIO: u32 = 8;
+
+/// The shortest wait for such a request.
+const FAULT_WAIT_FLOOR: Duration = Duration::from_millis(250);
+
 /// How long a member that may still make an object it was cut off making
 /// is kept out: [`IN_DOUBT_TIMEOUTS`] from the cut, even once it answers
 /// again. p11-kit's server answers a reconnect through a new worker
@@ -1099,6 +1106,30 @@ impl InDoubtWait {
             after_fault: member_timeout,
             in_place: member_timeout,
         }
+    }
+
+    /// The wait for member `position`: after a fault, many times what its
+    /// library took lately to make an object ([`Self::with_usual_making`]).
+    fn for_member(self, group: &Group, position: usize) -> InDoubtWait {
+        let usual = (group.members[position].location())
+            .and_then(|l| l.library.usual_round_trip("C_CreateObject"));
+        self.with_usual_making(usual)
+    }
+
+    /// After a fault, at most [`FAULT_WAIT_RATIO`] times `usual_making`, the
+    /// longest the member's server took lately to make an object, and at
+    /// least [`FAULT_WAIT_FLOOR`]: a server that received the request
+    /// carries it out at that pace. Waiting a whole `memberTimeout` each
+    /// time, every return after a reset with an import in flight waited
+    /// 1.3-1.5 s in doubt for a copy that never came (the request was lost
+    /// with the connection), which turned a reset under writes into a
+    /// return serving first with its backlog.
+    fn with_usual_making(mut self, usual_making: Option<Duration>) -> InDoubtWait {
+        if let Some(usual) = usual_making {
+            let pace = (usual * FAULT_WAIT_RATIO).max(FAULT_WAIT_FLOOR);
+            self.after_fault = self.after_fault.min(pace);
+        }
+        self
     }
 
     /// Whether, at `now`, a request in doubt `since` has had its time.
@@ -1783,6 +1814,7 @@ fn settle_in_doubt(
     worker: &VirtualSession,
     wait: InDoubtWait,
 ) -> Result<(), Setback> {
+    let wait = wait.for_member(group, position);
     let give_up = clock::now() + wait.in_place;
     loop {
         let mut waiting = None;

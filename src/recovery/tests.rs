@@ -37,6 +37,27 @@ fn a_request_whose_call_faulted_uncut_waits_one_member_timeout_from_the_fault() 
 }
 
 #[test]
+fn a_faulted_request_waits_many_times_the_members_usual_making_within_member_timeout() {
+    let ms = Duration::from_millis;
+    let wait = |usual| {
+        InDoubtWait::for_timeout(TIMEOUT)
+            .with_usual_making(usual)
+            .after_fault
+    };
+    assert_eq!(wait(None), TIMEOUT, "nothing known: one memberTimeout");
+    assert_eq!(wait(Some(ms(5))), FAULT_WAIT_FLOOR);
+    assert_eq!(wait(Some(ms(60))), ms(60) * FAULT_WAIT_RATIO);
+    assert_eq!(wait(Some(TIMEOUT)), TIMEOUT, "never past memberTimeout");
+    assert_eq!(
+        InDoubtWait::for_timeout(TIMEOUT)
+            .with_usual_making(Some(ms(5)))
+            .after_cut,
+        TIMEOUT * IN_DOUBT_TIMEOUTS,
+        "a cut request waits as before"
+    );
+}
+
+#[test]
 fn a_member_owed_more_than_a_handful_of_changes_is_read_rather_than_counted() {
     assert!(counting_pays(0, 1795));
     assert!(counting_pays(QUEUED_FOR_COUNTING, 1795));
