@@ -1733,22 +1733,33 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         samples = sampler.join().unwrap();
     });
     let settling = Instant::now();
-    loop {
+    let owed = || {
         let status = group_status();
-        let members: Vec<_> = (0..MEMBERS)
+        (0..MEMBERS)
             .map(|i| (status.members[i].state, status.members[i].pendingChanges))
-            .collect();
+            .collect::<Vec<_>>()
+    };
+    // What each member is owed every 10 s of the settling: how fast the
+    // replays drain it, where they do not in time.
+    let mut drain = vec![owed()];
+    loop {
+        let members = owed();
         if members.iter().all(|&(state, kept)| state == 0 && kept == 0) {
             break;
+        }
+        if settling.elapsed() >= Duration::from_secs(10) * drain.len() as u32 {
+            drain.push(members.clone());
         }
         assert!(
             settling.elapsed() < Duration::from_secs(120),
             "every member serves with nothing left to replay: not within 120 s; \
-             (state, changes kept) per member: {members:?}; HA log:\n{}",
+             (state, changes kept) per member: {members:?}; every 10 s from the writers' \
+             stop: {drain:?}; HA log:\n{}",
             chaos.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    eprintln!("settled in {:?}", settling.elapsed());
     let disturbances = disturbances.into_inner().unwrap();
     let keys = keys.into_inner().unwrap();
 
