@@ -2485,9 +2485,10 @@ const KEPT_RUN_LONGEST: usize = 8;
 /// the member up), a removal was kept again, the application is logged
 /// out, the run is shorter than [`IMPORTS_ON_SPARES`], a call waits for an
 /// object of the share (it goes first), or the changes a run left are still
-/// being made one by one. One at a time on the member's own connection, a
-/// kept import took about 90 ms (SoftHSM on this machine's disk: 11 a
-/// second, against 24 with two at once and 110 with four), so two members
+/// being made one by one. One at a time, an import costs about 90 ms on
+/// this machine's disk (measured on SoftHSM directly, not through a kept
+/// replay: 11 a second, against 24 with two at once and 110 with four), so
+/// two members
 /// serving first with their backlogs fell further behind while the soak's
 /// writes (8 objects a second) joined them, and a call waiting for a key
 /// only the third member had, which failed, failed with it.

@@ -2466,6 +2466,39 @@ impl Drop for Holding<'_> {
     }
 }
 
+/// Once `caller` waits for a kept key, lets the call held in a reading go
+/// and checks that the next call held is on member `next` and, by
+/// `made_the_key`, that it made the key: the reading stopped for it. Then
+/// lets every call go; returns the caller's answer once the replay ended.
+fn the_reading_stops_for_the_key<T>(
+    group: &Group,
+    (holding, next): (Holding<'_>, usize),
+    (replay, caller): (
+        std::thread::ScopedJoinHandle<'_, usize>,
+        std::thread::ScopedJoinHandle<'_, T>,
+    ),
+    made_the_key: impl FnOnce(),
+) -> T {
+    until_waiting_for_kept(group, &caller);
+    holding.let_one_go();
+    assert_eq!(holding.0.next(), next, "a call is held on member {next}");
+    made_the_key();
+    drop(holding);
+    replay.join().expect("the replay ends");
+    caller.join().expect("the call returns")
+}
+
+/// Asserts that member `token` holds the kept key and the five objects kept
+/// with it.
+fn assert_given_the_key_and_the_rest(member: &SimMember, token: usize) {
+    let made = labels_in_order(member, token);
+    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
+    assert_eq!(
+        kept, 6,
+        "member {token} was given the key and the rest: {made:?}"
+    );
+}
+
 /// Polls until a call waits for a kept object; fails if `caller` returned
 /// instead, or after a minute.
 fn until_waiting_for_kept<T>(group: &Group, caller: &std::thread::ScopedJoinHandle<'_, T>) {
@@ -3082,22 +3115,16 @@ fn a_call_waiting_for_a_kept_key_stops_a_reading_of_the_members_objects() {
             .lock()
             .set_fault(1, Fault::StallOnReading(read_next));
         let caller = scope.spawn(|| encrypt_init(&v, key).map_err(|e| e.rv));
-        until_waiting_for_kept(&group, &caller);
-        holding.let_one_go();
-        assert_eq!(calls.next(), 1, "a call is held on member 1");
-        assert_eq!(
-            copies_on_each_member(&member, KEPT_KEY.as_bytes())[1],
-            1,
-            "the call held next made the key: the reading stopped"
-        );
-        drop(holding);
-        replay.join().expect("the replay ends");
-        caller.join().expect("the call returns")
+        the_reading_stops_for_the_key(&group, (holding, 1), (replay, caller), || {
+            assert_eq!(
+                copies_on_each_member(&member, KEPT_KEY.as_bytes())[1],
+                1,
+                "the call held next made the key: the reading stopped"
+            );
+        })
     });
     assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
-    let made = labels_in_order(&member, 1);
-    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
-    assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
+    assert_given_the_key_and_the_rest(&member, 1);
     v.close();
 }
 
@@ -3132,23 +3159,17 @@ fn a_call_waiting_on_a_member_that_joins_the_replay_stops_a_reading_of_another()
             .set_fault(1, Fault::StallOnReading(read_next));
         serving_first_owing(&group, &[0]);
         let caller = scope.spawn(|| encrypt_init(&v, key).map_err(|e| e.rv));
-        until_waiting_for_kept(&group, &caller);
-        holding.let_one_go();
-        assert_eq!(calls.next(), 0, "the next call held is on member 0");
-        assert_eq!(
-            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
-            [1, 0, 1],
-            "it made the key: the reading of member 1 stopped"
-        );
-        drop(holding);
-        replay.join().expect("the replay ends");
-        caller.join().expect("the call returns")
+        the_reading_stops_for_the_key(&group, (holding, 0), (replay, caller), || {
+            assert_eq!(
+                copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+                [1, 0, 1],
+                "it made the key: the reading of member 1 stopped"
+            );
+        })
     });
     assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
     for token in 0..2 {
-        let made = labels_in_order(&member, token);
-        let kept = made.iter().filter(|l| l.starts_with("kept")).count();
-        assert_eq!(kept, 6, "member {token} was given all: {made:?}");
+        assert_given_the_key_and_the_rest(&member, token);
     }
     v.close();
 }
@@ -3321,22 +3342,16 @@ fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
         group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
         let v = &v;
         let caller = scope.spawn(move || encrypt_init(v, key).map_err(|e| e.rv));
-        until_waiting_for_kept(&group, &caller);
-        holding.let_one_go();
-        assert_eq!(calls.next(), 1, "a call is held on member 1");
-        assert_eq!(
-            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
-            [1, 1],
-            "the call held next made the key: the reading stopped"
-        );
-        drop(holding);
-        replay.join().expect("the replay ends");
-        caller.join().expect("the call returns")
+        the_reading_stops_for_the_key(&group, (holding, 1), (replay, caller), || {
+            assert_eq!(
+                copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+                [1, 1],
+                "the call held next made the key: the reading stopped"
+            );
+        })
     });
     assert_eq!(started, Ok(()), "C_EncryptInit with the kept key");
-    let made = labels_in_order(&member, 1);
-    let kept = made.iter().filter(|l| l.starts_with("kept")).count();
-    assert_eq!(kept, 6, "member 1 was given the key and the rest: {made:?}");
+    assert_given_the_key_and_the_rest(&member, 1);
     v.close();
 }
 
