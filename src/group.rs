@@ -733,6 +733,9 @@ pub struct Group {
     /// ([`Group::wait_for_kept`]); without one (no threads allowed, or a
     /// test driving recovery itself) nothing would.
     replays_on_request: AtomicBool,
+    /// Whether a replay of kept changes makes each member's in a thread
+    /// of its own ([`Group::set_kept_replays_beside`]).
+    kept_replays_beside: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -1072,6 +1075,7 @@ impl Group {
             wrapping_resumed_unseen: AtomicBool::new(false),
             kept_replay_asked: AtomicBool::new(false),
             replays_on_request: AtomicBool::new(false),
+            kept_replays_beside: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -2105,6 +2109,19 @@ impl Group {
         self.replays_on_request.store(on, Ordering::Relaxed);
     }
 
+    /// Says whether a replay of kept changes may run each member's part in
+    /// a thread of its own (the provider runs threads), or takes the
+    /// members in turns in its caller's thread (the deterministic
+    /// simulation, and tests that order the turns).
+    pub fn set_kept_replays_beside(&self, on: bool) {
+        self.kept_replays_beside.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`Group::set_kept_replays_beside`].
+    pub fn kept_replays_beside(&self) -> bool {
+        self.kept_replays_beside.load(Ordering::Relaxed)
+    }
+
     /// For an application call naming `objects`, one of which serving
     /// member `position` lacks: while the member serves first after an
     /// outage and the objects it missed are made on it right after
@@ -2189,18 +2206,12 @@ impl Group {
     }
 
     /// Whether a call waits for an object ([`Group::wait_for_kept`]) that a
-    /// change kept for member `position` makes -- from the `from`th on --
-    /// but for the objects in `kept_again` ([`Group::next_deferred`]).
-    pub fn kept_object_wanted(
-        &self,
-        position: usize,
-        from: usize,
-        kept_again: &[CK_OBJECT_HANDLE],
-    ) -> bool {
+    /// change kept for member `position` makes, but for the objects in
+    /// `kept_again` ([`Group::next_deferred`]).
+    pub fn kept_object_wanted(&self, position: usize, kept_again: &[CK_OBJECT_HANDLE]) -> bool {
         let deferred = self.deferred.lock();
         let replay = self.kept_replay.lock();
-        (deferred[position].iter().skip(from))
-            .any(|c| wanted_change(&replay.wanted, position, kept_again, c))
+        (deferred[position].iter()).any(|c| wanted_change(&replay.wanted, position, kept_again, c))
     }
 
     /// The objects on their way to member `position`, as

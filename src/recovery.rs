@@ -2225,14 +2225,105 @@ pub fn replay_deferred(group: &Arc<Group>) -> usize {
     replay_kept(group, group.replaying_deferred())
 }
 
-/// [`replay_deferred`], its turn taken. The members take turns, one change
-/// each, and a member a call waits for an object on ([`Group::wait_for_kept`])
-/// goes next: one member's replay after another's, a call waiting for a key
-/// on the second waited behind the whole backlog of the first, and failed
-/// (the soak: two members serving first with 98 and 41 changes kept, the
-/// keys only on the third, which failed). A member that comes to serve
-/// first while it runs joins it ([`take_in_serving`]).
+/// [`replay_deferred`], its turn taken: the kept changes of each serving
+/// member made beside the others' ([`replay_kept_beside`]) where the
+/// provider runs threads, else in turns in this thread
+/// ([`replay_kept_in_turns`], the deterministic simulation's way).
 fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
+    let made = if group.kept_replays_beside() {
+        replay_kept_beside(group)
+    } else {
+        replay_kept_in_turns(group)
+    };
+    if made > 0 {
+        group.kept_changes_made();
+    }
+    made
+}
+
+/// How often [`replay_kept_beside`] looks for a member that came to serve
+/// with changes kept for it while the replay runs: a call waiting for one
+/// of them is made to wait this much longer at most.
+const KEPT_REPLAY_LOOK: Duration = Duration::from_millis(100);
+
+/// [`replay_kept`] with each serving member's changes made in a thread of
+/// its own ([`replay_member_kept`]), and a member that comes to serve
+/// while it runs taken in within [`KEPT_REPLAY_LOOK`]. In one thread, in
+/// turns, the members were served one after another: in a long chaos run
+/// three members owed 1,958, 3,397 and 2,705 changes when the writers
+/// stopped; the first drained at 36-40 a second while the others waited,
+/// one for 90 s, the last past the 120 s the run allows for settling --
+/// and a change stuck on a stopped member held every member's turns until
+/// the watchdog cut it. Imports made at once wait together on the
+/// members' disks (11 a second from one thread on SoftHSM, 24 from two),
+/// so members served at once drain nearly as fast each as one alone.
+fn replay_kept_beside(group: &Arc<Group>) -> usize {
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    let (ended, end) = std::sync::mpsc::channel::<usize>();
+    std::thread::scope(|scope| {
+        let mut running: Vec<usize> = Vec::new();
+        let mut taken: Vec<usize> = Vec::new();
+        loop {
+            let newcomers: Vec<usize> = (group.up_members())
+                .map(|m| m.position)
+                .filter(|p| !taken.contains(p) && group.kept_count(*p) > 0)
+                .collect();
+            for position in newcomers {
+                taken.push(position);
+                let (made, ended) = (&made, ended.clone());
+                let member = move || {
+                    let count = replay_member_kept(group, position);
+                    made.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                    let _ = ended.send(position);
+                };
+                let spawned = std::thread::Builder::new()
+                    .name("pkcs11-ha-kept".into())
+                    .spawn_scoped(scope, member.clone());
+                match spawned {
+                    Ok(_) => running.push(position),
+                    Err(_) => member(),
+                }
+            }
+            if running.is_empty() {
+                break;
+            }
+            if let Ok(position) = end.recv_timeout(KEPT_REPLAY_LOOK) {
+                running.retain(|p| *p != position);
+            }
+        }
+    });
+    made.into_inner()
+}
+
+/// Makes the changes kept for serving member `position` in this thread,
+/// share after share ([`KeptReplay::take_next_share`]): its part of
+/// [`replay_kept_beside`].
+fn replay_member_kept(group: &Arc<Group>, position: usize) -> usize {
+    let worker = VirtualSession::internal(Arc::clone(group));
+    let mut replay = KeptReplay::new(group, position, false);
+    let mut made = 0;
+    loop {
+        let wanted = group.kept_object_wanted(position, &replay.kept_again);
+        if !wanted && replay.left == 0 && !replay.take_next_share(group) {
+            break;
+        }
+        let kept_again = replay.kept_again.clone();
+        let call_waits = || group.kept_object_wanted(position, &kept_again);
+        made += take_kept_turn(group, &worker, &mut replay, wanted, &call_waits);
+    }
+    worker.close();
+    made
+}
+
+/// [`replay_kept`] in this thread: the members take turns, one change
+/// each, and a member a call waits for an object on
+/// ([`Group::wait_for_kept`]) goes next: one member's replay after
+/// another's, a call waiting for a key on the second waited behind the
+/// whole backlog of the first, and failed (the soak: two members serving
+/// first with 98 and 41 changes kept, the keys only on the third, which
+/// failed). A member that comes to serve first while it runs joins it
+/// ([`take_in_serving`]).
+fn replay_kept_in_turns(group: &Arc<Group>) -> usize {
     let worker = VirtualSession::internal(Arc::clone(group));
     let mut replays: Vec<KeptReplay> = Vec::new();
     let mut made = 0;
@@ -2244,64 +2335,73 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
         let Some((i, wanted)) = next_kept_turn(group, &mut replays, &mut turn) else {
             break;
         };
-        // Its handles were forgotten since its reading (it returned, or
-        // lost its login): a removal by them faulted without reaching it
-        // and was dropped, the object the application destroyed left there.
-        if (replays[i].holdings.as_ref()).is_some_and(|h| h.outdated(&group.objects)) {
-            (replays[i].holdings, replays[i].read) = (None, false);
-        }
-        // A call waits for this change: it is made looking the member up,
-        // not after reading all the member holds (1.4 s for 4,500 objects
-        // in a long chaos run, 1.9 s for fewer under heavier load, against
-        // a wait of one memberTimeout); a call that comes to wait during a
-        // reading stops it.
-        if !replays[i].read && !wanted {
-            let members: Vec<(usize, Vec<CK_OBJECT_HANDLE>)> = (replays.iter())
-                .map(|r| (r.position, r.kept_again.clone()))
-                .collect();
-            // On a member of the replay, but for an object it kept again;
-            // on one that came to serve since, any: it joins for it.
-            let call_waits = || {
-                (members.iter()).any(|(p, again)| group.kept_object_wanted(*p, 0, again))
-                    || (group.up_members())
-                        .filter(|m| members.iter().all(|(p, _)| *p != m.position))
-                        .any(|m| group.kept_object_wanted(m.position, 0, &[]))
-            };
-            let replay = &mut replays[i];
-            match read_for_kept(group, &worker, replay.position, replay.left, &call_waits) {
-                Some(holdings) => (replay.holdings, replay.read) = (holdings, true),
-                None => continue,
-            }
-        }
-        made += replay_one_kept(group, &worker, &mut replays[i]);
+        let members: Vec<(usize, Vec<CK_OBJECT_HANDLE>)> = (replays.iter())
+            .map(|r| (r.position, r.kept_again.clone()))
+            .collect();
+        // On a member of the replay, but for an object it kept again;
+        // on one that came to serve since, any: it joins for it.
+        let call_waits = || {
+            (members.iter()).any(|(p, again)| group.kept_object_wanted(*p, again))
+                || (group.up_members())
+                    .filter(|m| members.iter().all(|(p, _)| *p != m.position))
+                    .any(|m| group.kept_object_wanted(m.position, &[]))
+        };
+        made += take_kept_turn(group, &worker, &mut replays[i], wanted, &call_waits);
     }
     worker.close();
-    if made > 0 {
-        group.kept_changes_made();
-    }
     made
+}
+
+/// One turn of `replay`'s member: the next change kept for it made
+/// ([`replay_one_kept`]), its holdings read first where that pays --
+/// unless a call waits for the change (`wanted`): it is made looking the
+/// member up, not after reading all the member holds (1.4 s for 4,500
+/// objects in a long chaos run, 1.9 s for fewer under heavier load,
+/// against a wait of one memberTimeout); a call that comes to wait during
+/// a reading (`call_waits`) stops it, and the turn makes nothing.
+fn take_kept_turn(
+    group: &Group,
+    worker: &VirtualSession,
+    replay: &mut KeptReplay,
+    wanted: bool,
+    call_waits: &dyn Fn() -> bool,
+) -> usize {
+    // Its handles were forgotten since its reading (it returned, or lost
+    // its login): a removal by them faulted without reaching it and was
+    // dropped, the object the application destroyed left there.
+    if (replay.holdings.as_ref()).is_some_and(|h| h.outdated(&group.objects)) {
+        (replay.holdings, replay.read) = (None, false);
+    }
+    if !replay.read && !wanted {
+        match read_for_kept(group, worker, replay.position, replay.left, call_waits) {
+            Some(holdings) => (replay.holdings, replay.read) = (holdings, true),
+            None => return 0,
+        }
+    }
+    replay_one_kept(group, worker, replay)
 }
 
 /// One serving member's part of [`replay_kept`].
 struct KeptReplay {
     position: usize,
     /// How many of the changes kept when the member joined the replay (or
-    /// when its share was last widened, [`next_kept_turn`]) are still to
+    /// took its next share, [`KeptReplay::take_next_share`]) are still to
     /// be taken in turn (its share); those kept since, kept again among
     /// them, go behind them.
     left: usize,
-    /// How many times its share was widened ([`WIDENINGS_PER_REPLAY`]).
-    widenings: usize,
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
     /// Removals kept again: a change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
-    /// Objects whose change this replay kept again: not taken again in it,
+    /// Objects whose change this share kept again: not taken again in it,
     /// even for a call waiting for them -- tried again and again, each
     /// would be kept again and again while the call waits.
     kept_again: Vec<CK_OBJECT_HANDLE>,
-    /// Whether the member joined after the replay began ([`take_in_serving`]).
+    /// How many changes this share kept again.
+    kept_again_count: usize,
+    /// Whether the member joined after the replay began ([`take_in_serving`]),
+    /// or is on a share after its first.
     late: bool,
     /// How many changes at the front of the share a run on spares left, to
     /// be made one by one before another run ([`replay_kept_imports_on_spares`]).
@@ -2309,81 +2409,89 @@ struct KeptReplay {
 }
 
 impl KeptReplay {
+    /// Member `position`'s part, its share the changes kept for it now.
+    fn new(group: &Group, position: usize, late: bool) -> KeptReplay {
+        KeptReplay {
+            position,
+            left: group.kept_count(position),
+            holdings: None,
+            read: false,
+            removals: Vec::new(),
+            kept_again: Vec::new(),
+            kept_again_count: 0,
+            late,
+            one_by_one: 0,
+        }
+    }
+
     /// Keeps `change` for the member again, behind what is kept for it.
     fn keep_again(&mut self, group: &Group, change: Pending) {
         self.kept_again.extend(change.made_object());
+        self.kept_again_count += 1;
         group.defer(self.position, change);
+    }
+
+    /// Its share done, takes the changes kept for the member since as its
+    /// next share -- if any is not one this share kept again, so that a
+    /// share of changes that all stay kept ends the replay. Left to the
+    /// next replay, they waited for every other member's share, and then
+    /// for a retry nothing asked for (a long chaos run's member drained
+    /// its share of 2,771 and stopped with 626 kept since). The holdings
+    /// stay: what the application makes meanwhile joins the kept changes
+    /// (`Group::catching_up`) rather than reach the member.
+    fn take_next_share(&mut self, group: &Group) -> bool {
+        let kept = group.kept_count(self.position);
+        if kept <= self.kept_again_count {
+            return false;
+        }
+        self.left = kept;
+        self.late = true;
+        self.kept_again.clear();
+        self.kept_again_count = 0;
+        self.removals.clear();
+        true
     }
 }
 
-/// Takes the serving members not in `replays` yet into [`replay_kept`],
+/// Takes the serving members not in `replays` yet into [`replay_kept_in_turns`],
 /// each with the changes kept for it now: at its start, every one; `late`,
 /// one that came to serve since (serving first). A late member goes out
 /// of turn for an object a call waits for, and takes turns only once the
-/// members the replay began with are done: left to the next replay, which
+/// members the replay began with are done with their first shares: left
+/// to the next replay, which
 /// waits for this one, a call waiting for a key on its way to it waited
 /// behind the whole backlog of the member that returned before it after
 /// every member was out; in the turns at once, it held back that member,
 /// the group's first to serve again, from lacking nothing
 /// (`tests/member_api.rs`). Once in, a member is not taken in again: the
-/// changes kept for it meanwhile, kept again among them, wait for the next
-/// replay, but for an object a call waits for ([`next_kept_turn`]).
+/// changes kept for it meanwhile are its next share
+/// ([`KeptReplay::take_next_share`]).
 fn take_in_serving(group: &Group, replays: &mut Vec<KeptReplay>, late: bool) {
     for member in group.up_members() {
         if replays.iter().all(|r| r.position != member.position) {
-            replays.push(KeptReplay {
-                position: member.position,
-                left: group.kept_count(member.position),
-                holdings: None,
-                read: false,
-                removals: Vec::new(),
-                kept_again: Vec::new(),
-                widenings: 0,
-                late,
-                one_by_one: 0,
-            });
+            replays.push(KeptReplay::new(group, member.position, late));
         }
     }
 }
 
-/// How many times one replay of kept changes widens a member's share
-/// ([`next_kept_turn`]): under continuous writes, with calls waiting for
-/// the new objects, a share widened at every wait would keep the replay
-/// from ending; past it, the object a call waits for is taken alone.
-const WIDENINGS_PER_REPLAY: usize = 8;
-
-/// The member whose turn it is in [`replay_kept`], and whether a call waits
-/// for an object on it: one a call waits on for an object kept for it --
-/// in its share or kept since, written while it catches up and made on
-/// the members that do not, but not one this replay kept again -- else
-/// the next in turn after `turn` (a late one once no other has changes
-/// left in its share); `None` once none has. Where a call waits for an
-/// object kept after a member's share was taken, the share first takes in
-/// everything kept for the member by then, at each such wait up to
-/// [`WIDENINGS_PER_REPLAY`]: left to the next replay, the call waited for
-/// every member's whole share first, past `memberTimeout` on long
-/// backlogs (the soak's members catching up while the only complete one
-/// was down); widened once per replay, the objects kept after that each
-/// made a call wait, at 0.3-1 s a change under the soak's load, where a
-/// share taking them in had most of them made before any call named them
-/// (`tests/member_api.rs`). Where the object comes after a removal, the
-/// member goes first until the removal is made.
+/// The member whose turn it is in [`replay_kept_in_turns`], and whether a
+/// call waits for an object on it: one a call waits on for an object kept
+/// for it -- in its share or kept since, written while it catches up and
+/// made on the members that do not, but not one this share kept again --
+/// else the next in turn after `turn` (a late one once no other has
+/// changes left in its first share); `None` once none has, nor a next
+/// share ([`KeptReplay::take_next_share`]). Where the object comes after a
+/// removal, the member goes first until the removal is made.
 fn next_kept_turn(
     group: &Group,
     replays: &mut [KeptReplay],
     turn: &mut usize,
 ) -> Option<(usize, bool)> {
-    for replay in replays.iter_mut() {
-        if replay.widenings < WIDENINGS_PER_REPLAY
-            && group.kept_object_wanted(replay.position, replay.left, &replay.kept_again)
-        {
-            replay.left = group.kept_count(replay.position);
-            replay.widenings += 1;
-        }
+    for replay in replays.iter_mut().filter(|r| r.left == 0) {
+        replay.take_next_share(group);
     }
     let count = replays.len();
-    let wanted =
-        (replays.iter()).position(|r| group.kept_object_wanted(r.position, 0, &r.kept_again));
+    let wanted = (replays.iter()).position(|r| group.kept_object_wanted(r.position, &r.kept_again));
     let in_turn = |late: bool| {
         (0..count)
             .map(|k| (*turn + k) % count)
