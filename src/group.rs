@@ -1823,10 +1823,16 @@ impl Group {
     /// ([`Group::catching_up`]).
     pub fn keep_for_next_round(&self, position: usize, change: Pending) {
         self.defer(position, change);
+        self.ask_for_kept_replay();
+    }
+
+    /// Has the recovery thread replay the kept changes at its next round.
+    pub fn ask_for_kept_replay(&self) {
         self.kept_replay_asked.store(true, Ordering::Release);
     }
 
-    /// Whether [`Group::keep_for_next_round`] was called since the last call.
+    /// Whether [`Group::keep_for_next_round`] or [`Group::ask_for_kept_replay`]
+    /// was called since the last call.
     pub fn kept_replay_asked(&self) -> bool {
         self.kept_replay_asked.swap(false, Ordering::AcqRel)
     }
@@ -2107,6 +2113,11 @@ impl Group {
     /// Says whether a recovery thread makes the kept changes calls ask for.
     pub fn set_replays_on_request(&self, on: bool) {
         self.replays_on_request.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`Group::set_replays_on_request`].
+    pub fn replays_on_request(&self) -> bool {
+        self.replays_on_request.load(Ordering::Relaxed)
     }
 
     /// Says whether a replay of kept changes may run each member's part in

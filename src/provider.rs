@@ -1097,7 +1097,7 @@ impl Provider {
         v.group.objects.retry_absent();
         v.look_up_domain_keys();
         // Nor could a returning member be given or rid of them.
-        recovery::replay_deferred(&v.group);
+        recovery::replay_deferred_after_login(&v.group);
         // Nor could the members' private objects be compared.
         self.reconcile_soon();
         Ok(())

@@ -2225,6 +2225,21 @@ pub fn replay_deferred(group: &Arc<Group>) -> usize {
     replay_kept(group, group.replaying_deferred())
 }
 
+/// [`replay_deferred`] for an application's login, which does not wait
+/// for a replay under way: where a recovery thread runs, it is asked for
+/// one after it ([`Group::ask_for_kept_replay`]). A member catching up
+/// under continuous writes replays share after share for as long as it
+/// catches up, and `C_Login` waited for all of it.
+pub fn replay_deferred_after_login(group: &Arc<Group>) {
+    if !group.replays_on_request() {
+        replay_deferred(group);
+    } else if let Some(replaying) = group.replaying_deferred_if_idle() {
+        replay_kept(group, replaying);
+    } else {
+        group.ask_for_kept_replay();
+    }
+}
+
 /// [`replay_deferred`], its turn taken: the kept changes of each serving
 /// member made beside the others' ([`replay_kept_beside`]) where the
 /// provider runs threads, else in turns in this thread

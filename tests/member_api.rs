@@ -3479,3 +3479,35 @@ fn members_replaying_beside_each_other_are_not_held_back_by_one_held_in_a_change
     assert_eq!(group.kept_count(0) + group.kept_count(1), 0, "nothing kept");
     v.close();
 }
+
+/// A login's replay of kept changes does not wait for a replay under way
+/// where a recovery thread runs: it asks for one after it. With member 0
+/// held in a change of a running replay, the login's replay returns and
+/// the recovery thread is asked for a replay; `C_Login` waited for the
+/// whole running replay -- a member catching up under continuous writes
+/// replays share after share.
+#[test]
+fn a_logins_replay_asks_for_a_replay_after_one_under_way_rather_than_wait() {
+    let (_member, group, v, calls, ()) = two_serving_first_owing_four(81, |_| ());
+    group.set_replays_on_request(true);
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0's first change is held");
+        assert!(!group.kept_replay_asked(), "no replay asked for yet");
+        let login = scope.spawn(|| recovery::replay_deferred_after_login(&group));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !login.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the login's replay waits for the one under way"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!replay.is_finished(), "the replay under way still runs");
+        assert!(group.kept_replay_asked(), "a replay is asked for");
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    v.close();
+}
