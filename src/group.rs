@@ -1761,6 +1761,31 @@ impl Group {
         self.deferred.lock()[position].push(change);
     }
 
+    /// Keeps `change`, taken from those kept for member `position` and not
+    /// made, again, behind what is kept for the member -- with every later
+    /// change of its object, in their order, taken out of the replay's
+    /// share (`left` is what is still to be taken of it) -- so that a
+    /// member's changes of one object stay in the order they were made:
+    /// moved alone behind a newer change of attributes, an older one
+    /// undid it (simulation seeds 1016443, 2011372). Returns how many
+    /// changes went behind.
+    pub fn defer_again(&self, position: usize, change: Pending, left: &mut usize) -> usize {
+        let mut deferred = self.deferred.lock();
+        let kept = &mut deferred[position];
+        let Some(object) = change.made_object() else {
+            kept.push(change);
+            return 1;
+        };
+        let (later, others): (Vec<_>, Vec<_>) = (std::mem::take(kept).into_iter().enumerate())
+            .partition(|(_, c)| c.made_object() == Some(object));
+        *left -= later.iter().filter(|(at, _)| at < left).count();
+        *kept = others.into_iter().map(|(_, c)| c).collect();
+        let count = 1 + later.len();
+        kept.push(change);
+        kept.extend(later.into_iter().map(|(_, c)| c));
+        count
+    }
+
     /// The fingerprints of the removals kept for member `position`: a
     /// change making an object they could match waits behind them
     /// ([`crate::virtual_session::VirtualSession::behind_a_removal`]).

@@ -2439,11 +2439,11 @@ impl KeptReplay {
         }
     }
 
-    /// Keeps `change` for the member again, behind what is kept for it.
+    /// Keeps `change` for the member again, behind what is kept for it,
+    /// with the later changes of its object ([`Group::defer_again`]).
     fn keep_again(&mut self, group: &Group, change: Pending) {
         self.kept_again.extend(change.made_object());
-        self.kept_again_count += 1;
-        group.defer(self.position, change);
+        self.kept_again_count += group.defer_again(self.position, change, &mut self.left);
     }
 
     /// Its share done, takes the changes kept for the member since as its

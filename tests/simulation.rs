@@ -3901,7 +3901,14 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   kept replay the member failed in went back to its queue while a later
 ///   change of the same object stayed kept, ahead of them at its return
 ///   (18656).
-const REGRESSION_SEEDS: [(u64, Faults); 95] = [
+/// - 1016443, 2011372 (default schedules from 1,000,000 and 2,000,000,
+///   once a member whose share of a kept replay is done takes what was
+///   kept for it since as its next share): a change kept again went to the
+///   back of the member's kept changes, behind a newer change of the same
+///   object, and undid it -- an older `CKA_ID` set last. A change kept
+///   again now takes the later changes of its object behind it, in order
+///   (`Group::defer_again`).
+const REGRESSION_SEEDS: [(u64, Faults); 97] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -3997,6 +4004,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 95] = [
     (16263, Faults::DEFAULT),
     (18656, Faults::DEFAULT),
     (19378, Faults::DEFAULT),
+    (1016443, Faults::DEFAULT),
+    (2011372, Faults::DEFAULT),
 ];
 
 #[test]

@@ -544,3 +544,55 @@ fn changes_kept_for_serving_members_are_retried_unasked_less_and_less_often() {
         "kept for a member that is out: its return replays them"
     );
 }
+
+/// A change kept again goes behind what is kept for its member with every
+/// later change of its object, in their order, those in the replay's share
+/// taken out of it: moved alone behind a newer change of attributes, an
+/// older one undid it (simulation seeds 1016443, 2011372).
+#[test]
+fn a_change_kept_again_takes_the_later_changes_of_its_object_behind_it() {
+    let group = group_of(&["a", "b"]);
+    let set = |object, id: &[u8]| {
+        let template: crate::arguments::Template = [(CKA_ID, id)].into_iter().collect();
+        Pending::Set {
+            object,
+            before: Vec::new(),
+            changes: Arc::new(crate::mechanism::OwnedTemplate::copy(&template)),
+        }
+    };
+    let id_of = |change: &Pending| match change {
+        Pending::Set { changes, .. } => {
+            changes.template().as_slice().map_or(0, |a| a[0].ulValueLen)
+        }
+        _ => 0,
+    };
+    for change in [
+        Pending::Create(1),
+        set(1, b"a"),
+        Pending::Create(2),
+        set(1, b"bb"),
+    ] {
+        group.defer(1, change);
+    }
+    let mut left = 3;
+    let first = group.next_deferred(1, &mut left, &[]).expect("a change");
+    assert_eq!(first.made_object(), Some(1));
+    group.deferred_handled(1, 1);
+    assert_eq!(
+        group.defer_again(1, first, &mut left),
+        3,
+        "it and two later"
+    );
+    assert_eq!(left, 1, "the share keeps the other object's copy alone");
+    let mut order = Vec::new();
+    let mut all = usize::MAX;
+    while let Some(change) = group.next_deferred(1, &mut all, &[]) {
+        order.push((change.made_object(), id_of(&change)));
+        group.deferred_handled(1, 1);
+    }
+    assert_eq!(
+        order,
+        [(Some(2), 0), (Some(1), 0), (Some(1), 1), (Some(1), 2)],
+        "the other object's copy, then the object's copy and changes in order"
+    );
+}
