@@ -2262,8 +2262,11 @@ fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
 const KEPT_REPLAY_LOOK: Duration = Duration::from_millis(100);
 
 /// [`replay_kept`] with each serving member's changes made in a thread of
-/// its own ([`replay_member_kept`]), and a member that comes to serve
-/// while it runs taken in within [`KEPT_REPLAY_LOOK`]. In one thread, in
+/// its own ([`replay_member_kept`]); a member that comes to serve while it
+/// runs is taken in within [`KEPT_REPLAY_LOOK`], and so is one whose part
+/// ended once more is kept for it than it left (what the application
+/// writes meanwhile joins its kept changes, `Group::catching_up`, and a
+/// call waiting for such an object waited for the whole replay). In one thread, in
 /// turns, the members were served one after another: in a long chaos run
 /// three members owed 1,958, 3,397 and 2,705 changes when the writers
 /// stopped; the first drained at 36-40 a second while the others waited,
@@ -2277,26 +2280,30 @@ fn replay_kept_beside(group: &Arc<Group>) -> usize {
     let (ended, end) = std::sync::mpsc::channel::<usize>();
     std::thread::scope(|scope| {
         let mut running: Vec<usize> = Vec::new();
-        let mut taken: Vec<usize> = Vec::new();
+        // Per member whose part ended: how many changes it left kept.
+        let mut left_kept: HashMap<usize, usize> = HashMap::new();
         loop {
-            let newcomers: Vec<usize> = (group.up_members())
+            let due: Vec<usize> = (group.up_members())
                 .map(|m| m.position)
-                .filter(|p| !taken.contains(p) && group.kept_count(*p) > 0)
+                .filter(|p| !running.contains(p))
+                .filter(|p| group.kept_count(*p) > left_kept.get(p).copied().unwrap_or(0))
                 .collect();
-            for position in newcomers {
-                taken.push(position);
+            for position in due {
                 let (made, ended) = (&made, ended.clone());
                 let member = move || {
+                    let _ended = PartEnded(position, ended);
                     let count = replay_member_kept(group, position);
                     made.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-                    let _ = ended.send(position);
                 };
                 let spawned = std::thread::Builder::new()
                     .name("pkcs11-ha-kept".into())
                     .spawn_scoped(scope, member.clone());
                 match spawned {
                     Ok(_) => running.push(position),
-                    Err(_) => member(),
+                    Err(_) => {
+                        member();
+                        left_kept.insert(position, group.kept_count(position));
+                    }
                 }
             }
             if running.is_empty() {
@@ -2304,10 +2311,22 @@ fn replay_kept_beside(group: &Arc<Group>) -> usize {
             }
             if let Ok(position) = end.recv_timeout(KEPT_REPLAY_LOOK) {
                 running.retain(|p| *p != position);
+                left_kept.insert(position, group.kept_count(position));
             }
         }
     });
     made.into_inner()
+}
+
+/// Tells [`replay_kept_beside`] that a member's part ended, however it
+/// ended: a part that panicked and said nothing would hold the replay,
+/// and every replay and login after it, for good.
+struct PartEnded(usize, std::sync::mpsc::Sender<usize>);
+
+impl Drop for PartEnded {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
 }
 
 /// Makes the changes kept for serving member `position` in this thread,

@@ -3453,10 +3453,7 @@ fn members_replaying_beside_each_other_are_not_held_back_by_one_held_in_a_change
     serving_first_owing(&group, &[0, 1]);
     group.set_kept_replays_beside(true);
     let calls = HeldCalls::on(&member, |token| token == 0);
-    let kept_on = |token: usize| -> Vec<String> {
-        let made = labels_in_order(&member, token);
-        made.into_iter().filter(|l| l.starts_with("kept")).collect()
-    };
+    let kept_on = |token| kept_labels(&member, token);
 
     std::thread::scope(|scope| {
         let holding = calls.holding();
@@ -3509,5 +3506,66 @@ fn a_logins_replay_asks_for_a_replay_after_one_under_way_rather_than_wait() {
         drop(holding);
         replay.join().expect("the replay ends");
     });
+    v.close();
+}
+
+/// The labels starting "kept" of the objects on member `token`, in the
+/// order they were made there.
+fn kept_labels(member: &SimMember, token: usize) -> Vec<String> {
+    let made = labels_in_order(member, token);
+    made.into_iter().filter(|l| l.starts_with("kept")).collect()
+}
+
+/// A member whose part of a replay of kept changes ended -- all it had
+/// left kept is a key it cannot take (its token refuses the key-wrap
+/// mechanism) -- is taken in again once more is kept for it while the
+/// replay runs on for another member: members 0 and 1 serve first owing
+/// four objects and a key generated on members 2 and 3; member 0 is given
+/// the four and keeps the key while member 1 is held in its first change;
+/// an object imported then -- made on members 2 and 3, kept for the
+/// members catching up -- is made on member 0 before member 1 is let go.
+/// Not taken in again, it waited for the end of the replay, and a call
+/// naming it with it.
+#[test]
+fn a_member_whose_part_ended_is_taken_in_again_for_what_is_kept_for_it_since() {
+    let (member, group) = patient_memory_group(4, 82);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    let labels: Vec<String> = (0..4).map(|n| format!("kept {n}")).collect();
+    for label in &labels {
+        import_labelled(&v, label);
+    }
+    generate_token_key(&v, b"generated").expect("the key is generated on members 2 and 3");
+    serving_first_owing(&group, &[0, 1]);
+    member.sim.lock().set_fault(0, Fault::RefuseWrapAlways);
+    group.set_kept_replays_beside(true);
+    let calls = HeldCalls::on(&member, |token| token == 1);
+
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "member 1's first change is held");
+        let until = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}: not within 60 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        until(
+            "member 0 is given its four objects and keeps the key",
+            &|| kept_labels(&member, 0) == labels && group.kept_count(0) == 1,
+        );
+        import_labelled(&v, "kept later");
+        until("the object imported since is made on member 0", &|| {
+            kept_labels(&member, 0).last().map(String::as_str) == Some("kept later")
+        });
+        assert!(!replay.is_finished(), "member 1 is still held");
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    assert_eq!(kept_labels(&member, 1).len(), 5, "member 1 was given all");
     v.close();
 }
