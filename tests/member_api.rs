@@ -2576,6 +2576,25 @@ fn import_labelled(v: &VirtualSession, label: &str) {
     import_token_object(v, data_object(label.as_bytes(), b"data")).expect("an import");
 }
 
+/// A group of `tokens` in-memory members, logged in, in which members 0
+/// and 1 were out while four data objects labelled "kept N" were imported
+/// through the session returned; returns the labels.
+fn four_imported_while_0_and_1_were_out(
+    tokens: usize,
+    seed: u64,
+) -> (Arc<SimMember>, Arc<Group>, VirtualSession, Vec<String>) {
+    let (member, group) = patient_memory_group(tokens, seed);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    let labels: Vec<String> = (0..4).map(|n| format!("kept {n}")).collect();
+    for label in &labels {
+        import_labelled(&v, label);
+    }
+    (member, group, v, labels)
+}
+
 /// A group of three in-memory members in which members 0 and 1, out while
 /// four data objects labelled "kept N" were imported (and whatever `also`
 /// imports after them), serve first owing them; the changes the library
@@ -2584,14 +2603,7 @@ fn two_serving_first_owing_four<T>(
     seed: u64,
     also: impl FnOnce(&VirtualSession) -> T,
 ) -> (Arc<SimMember>, Arc<Group>, VirtualSession, HeldCalls, T) {
-    let (member, group) = patient_memory_group(3, seed);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    for n in 0..4 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
+    let (member, group, v, _) = four_imported_while_0_and_1_were_out(3, seed);
     let also = also(&v);
     serving_first_owing(&group, &[0, 1]);
     let calls = HeldCalls::on(&member, |token| token < 2);
@@ -3441,15 +3453,7 @@ fn a_call_with_no_wait_left_waits_for_its_key_being_made() {
 /// drained a long chaos run's backlogs too slowly to settle.
 #[test]
 fn members_replaying_beside_each_other_are_not_held_back_by_one_held_in_a_change() {
-    let (member, group) = patient_memory_group(3, 80);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    let labels: Vec<String> = (0..4).map(|n| format!("kept {n}")).collect();
-    for label in &labels {
-        import_labelled(&v, label);
-    }
+    let (member, group, v, labels) = four_imported_while_0_and_1_were_out(3, 80);
     serving_first_owing(&group, &[0, 1]);
     group.set_kept_replays_beside(true);
     let calls = HeldCalls::on(&member, |token| token == 0);
@@ -3528,15 +3532,7 @@ fn kept_labels(member: &SimMember, token: usize) -> Vec<String> {
 /// naming it with it.
 #[test]
 fn a_member_whose_part_ended_is_taken_in_again_for_what_is_kept_for_it_since() {
-    let (member, group) = patient_memory_group(4, 82);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    let labels: Vec<String> = (0..4).map(|n| format!("kept {n}")).collect();
-    for label in &labels {
-        import_labelled(&v, label);
-    }
+    let (member, group, v, labels) = four_imported_while_0_and_1_were_out(4, 82);
     generate_token_key(&v, b"generated").expect("the key is generated on members 2 and 3");
     serving_first_owing(&group, &[0, 1]);
     member.sim.lock().set_fault(0, Fault::RefuseWrapAlways);
