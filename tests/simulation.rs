@@ -105,6 +105,14 @@ struct Faults {
     /// generator of its own: a spared schedule is its unspared one with
     /// spares, spare faults and bursts added.
     spares: u64,
+    /// In what percentage of its draws a networked library's lost answer
+    /// ([`Fault::LoseAnswer`]) is a late one instead ([`Fault::LateChange`]:
+    /// the request is carried out after its call failed, as a `p11-kit
+    /// server` worker does with a request its client gave up on): carried
+    /// out before the next step when that comes within `memberTimeout`,
+    /// else never. None in any set (`SIM_LATE=1`: half); a draw of its own
+    /// only where it is on, so that other seeds replay as they were found.
+    late: u64,
     /// Where the recovery thread is stepped ([`Faults::threads`]), the
     /// application's threads make and destroy objects while the changes
     /// kept for a member catching up are made on it, as they run beside
@@ -158,6 +166,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 50,
+        late: 0,
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
@@ -202,6 +211,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -217,6 +227,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 0,
+        late: 0,
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
@@ -231,6 +242,7 @@ impl Faults {
         recovery_beside: true,
         threads: 50,
         spares: 0,
+        late: 0,
         writes_beside: true,
         writes_in_replay: true,
         set_ids: true,
@@ -246,6 +258,7 @@ impl Faults {
         recovery_beside: true,
         threads: 0,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -261,6 +274,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -276,6 +290,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -294,12 +309,17 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        match std::env::var("SIM_SPARES").as_deref() {
+        let chosen = match std::env::var("SIM_SPARES").as_deref() {
             Ok("1") => Faults {
                 spares: 50,
                 ..chosen
             },
             Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
+            Err(_) => chosen,
+        };
+        match std::env::var("SIM_LATE").as_deref() {
+            Ok("1") => Faults { late: 50, ..chosen },
+            Ok(other) => panic!("SIM_LATE is 1 (half of the lost answers late), not {other:?}"),
             Err(_) => chosen,
         }
     }
@@ -311,6 +331,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -325,6 +346,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -339,6 +361,7 @@ impl Faults {
         recovery_beside: false,
         threads: 0,
         spares: 0,
+        late: 0,
         writes_beside: false,
         writes_in_replay: false,
         set_ids: false,
@@ -1545,6 +1568,11 @@ impl Schedule<'_> {
             3 => Fault::Stall,
             // Faults of networked libraries (a library each).
             4..=5 if self.networked => Fault::Reset,
+            6..=7
+                if self.networked && self.faults.late > 0 && self.rng.chance(self.faults.late) =>
+            {
+                Fault::LateChange
+            }
             6..=7 if self.networked => Fault::LoseAnswer,
             8..=9 if self.faults.refusals => Fault::RefuseWrap,
             _ => Fault::Crash,
@@ -1635,6 +1663,32 @@ impl Schedule<'_> {
     fn pass_time(&mut self) {
         let by = Duration::from_millis(self.time_rng.below(LONGEST_STEP_MS + 1));
         self.pass(by);
+    }
+
+    /// Carries out the requests late faults held back ([`Faults::late`])
+    /// where this step comes within `memberTimeout` of the one before
+    /// (`last_step`), else drops them: a server carries a request out
+    /// late, or never.
+    fn carry_out_late(&mut self, last_step: &mut Instant) {
+        let now = pkcs11_ha::clock::install_manual().now();
+        let within = now.saturating_duration_since(*last_step) < MEMBER_TIMEOUT;
+        *last_step = now;
+        let mut notes = Vec::new();
+        for (library, _) in &self.tokens {
+            let mut sim = library.sim.lock();
+            let count = if within {
+                sim.carry_out_late()
+            } else {
+                sim.forget_late()
+            };
+            if count > 0 {
+                let done = if within { "carried out" } else { "dropped" };
+                notes.push(format!("{count} late requests {done}"));
+            }
+        }
+        for note in notes {
+            self.note(note);
+        }
     }
 
     /// Lets `by` pass on pkcs11-ha's clock, the watchdog looking.
@@ -2551,9 +2605,13 @@ fn run_plan(
     if let Some(script) = script {
         outcome = (script.steps)(&mut schedule);
     }
+    let mut last_step = pkcs11_ha::clock::install_manual().now();
     for _ in 0..steps {
         if script.is_some() || outcome.is_err() {
             break;
+        }
+        if schedule.faults.late > 0 {
+            schedule.carry_out_late(&mut last_step);
         }
         schedule.pass_time();
         // Half the time the application's next call comes before the
@@ -2885,7 +2943,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -2894,7 +2952,8 @@ fn seeded_schedules_keep_every_invariant() {
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
         },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
+        if faults.late > 0 { "SIM_LATE=1 " } else { "" }
     );
 }
 

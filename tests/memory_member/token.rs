@@ -1031,6 +1031,12 @@ impl Sim {
         Ok(handle)
     }
 
+    /// Drops the requests [`Fault::LateChange`] cut off: never carried
+    /// out. How many were.
+    pub fn forget_late(&mut self) -> usize {
+        std::mem::take(&mut self.late).len()
+    }
+
     /// Carries out the requests [`Fault::LateChange`] cut off: each
     /// object is made on its token now. How many were.
     pub fn carry_out_late(&mut self) -> usize {
