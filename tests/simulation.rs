@@ -3023,6 +3023,7 @@ fn a_spared_seed_replays_exactly() {
             .env("SIM_SEED", seed.to_string())
             .env_remove("SIM_RECONNECTS")
             .env_remove("SIM_SPARES")
+            .env_remove("SIM_LATE")
             .output()
             .expect("the replay runs");
         assert!(replay.status.success(), "seed {seed}'s replay failed");
