@@ -3968,7 +3968,13 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   object, and undid it -- an older `CKA_ID` set last. A change kept
 ///   again now takes the later changes of its object behind it, in order
 ///   (`Group::defer_again`).
-const REGRESSION_SEEDS: [(u64, Faults); 97] = [
+/// - 1006656 (default schedules from 1,000,000): a copy kept while its
+///   only source refused the key-wrap mechanism was tried once the
+///   source's token had restarted unseen; reading the object on a session
+///   from before the restart answered `CKR_OBJECT_HANDLE_INVALID`, taken
+///   for the object's absence, and the key stayed on one member for good.
+///   The source is now asked whether it answers, and taken out if not.
+const REGRESSION_SEEDS: [(u64, Faults); 98] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4066,6 +4072,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 97] = [
     (19378, Faults::DEFAULT),
     (1016443, Faults::DEFAULT),
     (2011372, Faults::DEFAULT),
+    (1006656, Faults::DEFAULT),
 ];
 
 #[test]
