@@ -1025,6 +1025,20 @@ impl Pending {
             Pending::Create(_) | Pending::Import(..) | Pending::Set { .. } => None,
         }
     }
+
+    /// The fingerprint of the group's object a removal destroys: a change
+    /// making an object it could match waits behind it
+    /// ([`crate::virtual_session::VirtualSession::behind_a_removal`]). Not
+    /// a removal of orphans, which spares the group's objects: the group's
+    /// copy made before it is safe, and one waiting behind it waited for
+    /// good where the orphans' removal itself waited behind a change of
+    /// that object's attributes (simulation seed 70505).
+    pub fn destroyed(&self) -> Option<&crate::identity::Fingerprint> {
+        match self {
+            Pending::Destroy(print) => Some(print),
+            _ => None,
+        }
+    }
 }
 
 impl Group {
@@ -1786,13 +1800,14 @@ impl Group {
         count
     }
 
-    /// The fingerprints of the removals kept for member `position`: a
-    /// change making an object they could match waits behind them
+    /// The fingerprints of the removals of destroyed objects kept for
+    /// member `position` ([`Pending::destroyed`]): a change making an
+    /// object they could match waits behind them
     /// ([`crate::virtual_session::VirtualSession::behind_a_removal`]).
     pub fn deferred_removals(&self, position: usize) -> Vec<crate::identity::Fingerprint> {
         self.deferred.lock()[position]
             .iter()
-            .filter_map(Pending::removal)
+            .filter_map(Pending::destroyed)
             .cloned()
             .collect()
     }

@@ -2085,7 +2085,7 @@ fn replay_pending(
             continue;
         }
         if (change.removal()).is_some_and(|print| group.removal_behind_kept_set(position, print)) {
-            removals.extend(change.removal().cloned());
+            removals.extend(change.destroyed().cloned());
             group.defer(position, change);
             kept += 1;
             continue;
@@ -2134,7 +2134,7 @@ fn replay_pending(
             // the application is logged out: kept for when a member
             // returns or it logs in, rather than dropped for good.
             known.replay_failed |= source_failed;
-            removals.extend(change.removal().cloned());
+            removals.extend(change.destroyed().cloned());
             group.defer(position, change);
             kept += 1;
             continue;
@@ -2426,7 +2426,8 @@ struct KeptReplay {
     holdings: Option<Holdings>,
     /// Whether `holdings` was read (on the member's first turn).
     read: bool,
-    /// Removals kept again: a change they could match waits behind them.
+    /// Removals of destroyed objects kept again ([`Pending::destroyed`]): a
+    /// change they could match waits behind them.
     removals: Vec<identity::Fingerprint>,
     /// Objects whose change this share kept again: not taken again in it,
     /// even for a call waiting for them -- tried again and again, each
@@ -2555,7 +2556,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     let behind_a_set =
         (change.removal()).is_some_and(|p| group.removal_behind_kept_set(position, p));
     if behind_a_set || worker.behind_a_removal(&replay.removals, &change) {
-        replay.removals.extend(change.removal().cloned());
+        replay.removals.extend(change.destroyed().cloned());
         replay.keep_again(group, change);
         group.deferred_handled(position, 1);
         return 0;
@@ -2585,7 +2586,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     if (source_failed && group.members[position].reachable())
         || must_wait(group, logged_out, worker, position, &change, &outcome)
     {
-        replay.removals.extend(change.removal().cloned());
+        replay.removals.extend(change.destroyed().cloned());
         replay.keep_again(group, change);
     } else if outcome.is_err() && !group.members[position].reachable() {
         // It failed again (its token restarted unseen, for one):
