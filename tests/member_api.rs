@@ -3565,3 +3565,41 @@ fn a_member_whose_part_ended_is_taken_in_again_for_what_is_kept_for_it_since() {
     assert_eq!(kept_labels(&member, 1).len(), 5, "member 1 was given all");
     v.close();
 }
+
+/// A member's part of a replay of kept changes that ends by panicking
+/// still ends the replay: member 0's first change panics (a defect in the
+/// code under it), and the replay, members 0 and 1 each in a thread of
+/// their own, returns -- the panic passed on to its caller -- with member
+/// 1 given its four changes. A part that said nothing as it unwound left
+/// the replay waiting for it, and every replay and login after it, for
+/// good.
+#[test]
+fn a_member_part_that_panics_still_ends_the_replay() {
+    let (member, group, v, labels) = four_imported_while_0_and_1_were_out(3, 83);
+    serving_first_owing(&group, &[0, 1]);
+    group.set_kept_replays_beside(true);
+    member.on_change(|token| {
+        if token == 0 {
+            panic!("a defect under member 0's change");
+        }
+    });
+    let replay = {
+        let group = Arc::clone(&group);
+        std::thread::spawn(move || recovery::replay_deferred(&group))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !replay.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the replay still waits for the part that panicked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        replay.join().is_err(),
+        "the panic reaches the replay's caller"
+    );
+    assert_eq!(kept_labels(&member, 1), labels, "member 1 was given all");
+    member.on_change(|_| {});
+    v.close();
+}
