@@ -1153,8 +1153,8 @@ impl VirtualSession {
             if self.answered_alike(&searched) {
                 Preference::LeastBusy(OpKind::Find as usize)
             } else {
-                self.wait_for_kept_matches(&searched);
-                Preference::Complete
+                self.wait_for_kept_matches(&searched)
+                    .map_or(Preference::Complete, Preference::WaitedOn)
             }
         };
         self.init_where(

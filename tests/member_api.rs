@@ -2571,6 +2571,100 @@ fn a_moved_search_runs_where_it_waited_for_the_kept_objects_not_on_the_least_bus
     v.close();
 }
 
+/// A search whose member fails under it -- member 2, the only one lacking
+/// nothing -- while member 1 serves first, owed a data object and the key
+/// the search looks for, waits on member 1 for the key. Member 0 comes to
+/// serve first meanwhile, owed the same two objects, and its replay is
+/// held before it is given the key: the search runs on member 1, where it
+/// waited, and finds the key. Chosen again after the wait, it ran on
+/// member 0, first in configured order and as far behind, and found
+/// nothing (the soak's "found 0 objects, expected 2; a second search found
+/// 2", a search moved off a member reset while another returned).
+#[test]
+fn a_moved_search_runs_where_it_waited_not_on_a_member_that_came_to_serve_meanwhile() {
+    let found = searched_while_member_0_comes_to_serve(
+        64,
+        |v, _| {
+            start_search_for_label(v, KEPT_KEY.as_bytes());
+            assert_eq!(v.bound_member(), Some(2), "the search began on member 2");
+        },
+        found_then_final,
+    );
+    assert_eq!(found.0, [found.1], "the moved search finds the kept key");
+}
+
+/// As above, for a search that starts while member 2 is out.
+#[test]
+fn a_search_runs_where_it_waited_not_on_a_member_that_came_to_serve_meanwhile() {
+    let found = searched_while_member_0_comes_to_serve(
+        65,
+        |_, group| group.member_failed(2, "C_Sign", CKR_DEVICE_ERROR),
+        |v| search_label(v, KEPT_KEY.as_bytes()),
+    );
+    assert_eq!(found.0, [found.1], "the search finds the kept key");
+}
+
+/// Members 0 and 1 out, a data object and the key `KEPT_KEY` are imported
+/// on member 2; member 1 serves first owing both. Runs `before` (on the
+/// session, before member 2 crashes), then `search` for the key's label
+/// on another thread; once it waits for a kept object, member 0
+/// serves first owing both too, and the kept changes are replayed with
+/// every change on members 0 and 1 held until the test lets it go: the
+/// key is made on member 1, then the next change is held while the search
+/// chooses. Returns what the search found and the key.
+fn searched_while_member_0_comes_to_serve(
+    seed: u64,
+    before: impl FnOnce(&VirtualSession, &Group),
+    search: impl FnOnce(&VirtualSession) -> Vec<CK_OBJECT_HANDLE> + Send,
+) -> (Vec<CK_OBJECT_HANDLE>, CK_OBJECT_HANDLE) {
+    let (member, group) = memory_group(3, seed);
+    // The test plays the recovery thread that makes what calls wait for.
+    group.set_replays_on_request(true);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    import_token_object(&v, data_object(b"made before the key", b"data")).expect("an import");
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    serving_first_owing(&group, &[1]);
+    before(&v, &group);
+    member.sim.lock().set_fault(2, Fault::Crash);
+    let calls = HeldCalls::on(&member, |token| token < 2);
+
+    let found = std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let caller = scope.spawn(|| search(&v));
+        until_waiting_for_kept(&group, &caller);
+        assert_eq!(group.members[2].state(), MemberState::Down);
+        serving_first_owing(&group, &[0]);
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "the key is made on member 1 first");
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+            [0, 1, 1]
+        );
+        holding.let_one_go();
+        // The replay's next change is held, on member 0 or 1: member 0
+        // still lacks the key while the search chooses.
+        calls.next();
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes())[0],
+            0,
+            "member 0 lacks the key while the search chooses"
+        );
+        let found = caller.join().expect("the search returns");
+        drop(holding);
+        replay.join().expect("the replay ends");
+        found
+    });
+    assert_eq!(
+        copies_on_each_member(&member, KEPT_KEY.as_bytes()),
+        [1, 1, 1]
+    );
+    v.close();
+    (found, key)
+}
+
 /// Imports a data object labelled `label` through `v`.
 fn import_labelled(v: &VirtualSession, label: &str) {
     import_token_object(v, data_object(label.as_bytes(), b"data")).expect("an import");

@@ -25,6 +25,12 @@ pub enum Preference {
     /// Searches not every member answers alike: as [`Preference::Primary`],
     /// but members lacking objects of the group last.
     Complete,
+    /// A search that waited on this member for the kept objects it may
+    /// find ([`VirtualSession::wait_for_kept_matches`]): it runs there,
+    /// else as [`Preference::Complete`]. Chosen again after the wait, a
+    /// member that came to serve meanwhile, owing the same objects, ran
+    /// it (the soak's "found 0 objects, expected 2").
+    WaitedOn(usize),
 }
 
 impl VirtualSession {
@@ -181,6 +187,7 @@ impl VirtualSession {
                 .complete_first(self.group.by_position())
                 .first()
                 .copied(),
+            Preference::WaitedOn(_) => self.candidates(preference).first().copied(),
         }
     }
 
@@ -189,6 +196,13 @@ impl VirtualSession {
             Preference::LeastBusy(lane) => self.group.by_preference(lane),
             Preference::Primary => self.group.by_position(),
             Preference::Complete => self.group.complete_first(self.group.by_position()),
+            Preference::WaitedOn(member) => {
+                let mut order = self.group.complete_first(self.group.by_position());
+                if let Some(at) = order.iter().position(|p| *p == member) {
+                    order[..=at].rotate_right(1);
+                }
+                order
+            }
         }
     }
 }

@@ -115,20 +115,22 @@ impl VirtualSession {
             .is_some_and(|op| op.movable);
         let mut moved_to = None;
         'waiting: loop {
-            if searching {
-                self.wait_for_kept_to_search(&ops);
-            }
-            // A search goes where it waited for the kept objects it may
-            // find: the first member in the order a search starts in.
-            // Ranked from the least busy instead, a moved search waited on
-            // one member serving first and ran on another, finding 0 of
-            // its objects (the soak).
+            // A search goes in the order a search starts in, and waits on
+            // each member it is tried on for the kept objects it may find
+            // there. Ranked from the least busy instead, a moved search
+            // waited on one member serving first and ran on another,
+            // finding 0 of its objects (the soak); so did one that waited
+            // on the first member and then ran on a member that came to
+            // serve first meanwhile, owing the same objects.
             let order = if searching {
                 self.group.complete_first(self.group.by_position())
             } else {
                 self.group.by_preference(STATELESS_LANE)
             };
             'members: for position in order {
+                if searching {
+                    self.wait_for_kept_to_search(position, &ops);
+                }
                 let era = self.group.objects.era(position);
                 let Ok(handles) = keys
                     .iter()
@@ -176,20 +178,20 @@ impl VirtualSession {
         b.set_member(moved_to.or(Some(from)));
     }
 
-    /// Before a search in `ops` starts again elsewhere: where every serving
-    /// member lacks objects (one serving first after an outage), waits for
-    /// the kept objects it may find, as a search starting there does
-    /// ([`Self::wait_for_kept_matches`]). Moved at once, a search whose
-    /// member failed under it found none of them on the member serving
-    /// first (the soak's "found 0 objects, expected 2", a second search
-    /// finding 2).
-    fn wait_for_kept_to_search(&self, ops: &[Option<ActiveOp>]) {
+    /// Before a search in `ops` starts again on member `position`: where it
+    /// is owed changes (it serves first after an outage), waits for the
+    /// kept objects the search may find there, as a search starting there
+    /// does ([`Self::wait_for_kept_matches_on`]). Moved at once, a search
+    /// whose member failed under it found none of them on the member
+    /// serving first (the soak's "found 0 objects, expected 2", a second
+    /// search finding 2).
+    fn wait_for_kept_to_search(&self, position: usize, ops: &[Option<ActiveOp>]) {
         let search = ops[OpKind::Find as usize]
             .as_ref()
             .and_then(|op| op.history.as_ref())
             .and_then(|h| h.search.as_ref());
         if let Some(search) = search {
-            self.wait_for_kept_matches(&search.template.template());
+            self.wait_for_kept_matches_on(position, &search.template.template());
         }
     }
 

@@ -82,23 +82,42 @@ impl VirtualSession {
                 .any(|m| self.group.wait_for_kept(m.position, keys, waits))
     }
 
-    /// For a search while every serving member is owed changes: waits, as
-    /// [`Self::wait_for_kept_keys`], for the objects on their way to the
-    /// member it will run on (the first in [`Group::complete_first`]'s
-    /// order) that the search may find -- those whose fingerprint does not
-    /// rule it out -- made first. Searching at once, the soak's searches
-    /// right after such a return found 0 of their 1 or 2 objects.
+    /// For a search while every serving member is owed changes: waits on
+    /// the member it will run on, the first in [`Group::complete_first`]'s
+    /// order, for the kept objects it may find there
+    /// ([`Self::wait_for_kept_matches_on`]), and returns that member, where
+    /// the search then runs ([`super::Preference::WaitedOn`]).
     ///
     /// [`Group::complete_first`]: crate::group::Group::complete_first
     #[cold]
     #[inline(never)]
-    pub(crate) fn wait_for_kept_matches(&self, searched: &crate::arguments::Template) {
+    pub(crate) fn wait_for_kept_matches(
+        &self,
+        searched: &crate::arguments::Template,
+    ) -> Option<usize> {
+        let home = *self
+            .group
+            .complete_first(self.group.by_position())
+            .first()?;
+        self.wait_for_kept_matches_on(home, searched);
+        Some(home)
+    }
+
+    /// For a search about to run on member `home`: waits, as
+    /// [`Self::wait_for_kept_keys`], for the objects on their way there that
+    /// the search may find -- those whose fingerprint does not rule it out
+    /// -- made first. Searching at once, the soak's searches right after
+    /// such a return found 0 of their 1 or 2 objects.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_for_kept_matches_on(
+        &self,
+        home: usize,
+        searched: &crate::arguments::Template,
+    ) {
         if !self.waits_for_members || WRITING.get() {
             return;
         }
-        let Some(&home) = self.group.complete_first(self.group.by_position()).first() else {
-            return;
-        };
         let may_be_found: Vec<_> = (self.group.kept_on_the_way(home))
             .into_iter()
             .filter(|o| self.may_be_found(searched, *o))
