@@ -123,6 +123,60 @@ pub struct Member {
     /// it was last found so in (see [`Group::review_latency`]); only the
     /// watchdog touches it.
     slow_since: Mutex<Option<(Instant, usize)>>,
+    /// How long it stays degraded at least ([`DegradedHold`]); only the
+    /// watchdog touches it.
+    degraded_hold: Mutex<DegradedHold>,
+}
+
+/// How long a degraded member stays out of rotation at least: nothing the
+/// first time, and [`DEGRADED_AFTER`], doubled each time in a row, at most
+/// [`LONGEST_DEGRADED_HOLD`], when it is degraded again within
+/// [`DEGRADED_AGAIN_WITHIN`] of returning. A member slow only under load
+/// -- one catching up on thousands of kept changes -- answers a probe
+/// quickly and is slow again once back in rotation: without the hold it
+/// went in and out every few seconds (the long chaos run: 24 HA log lines
+/// in 100 s for two members catching up).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DegradedHold {
+    /// Not back in rotation before then.
+    out_until: Option<Instant>,
+    /// When it last returned to rotation.
+    returned: Option<Instant>,
+    /// How many times in a row it was degraded again soon after returning.
+    again: u32,
+}
+
+/// See [`DegradedHold`].
+pub(crate) const DEGRADED_AGAIN_WITHIN: Duration = Duration::from_secs(60);
+pub(crate) const LONGEST_DEGRADED_HOLD: Duration = Duration::from_secs(60);
+
+impl DegradedHold {
+    /// Degraded at `now`: how long it stays out at least.
+    pub fn degrade(&mut self, now: Instant) -> Duration {
+        let soon_after_return = self
+            .returned
+            .is_some_and(|r| now.saturating_duration_since(r) < DEGRADED_AGAIN_WITHIN);
+        self.again = if soon_after_return { self.again + 1 } else { 0 };
+        let hold = match self.again {
+            0 => Duration::ZERO,
+            n => DEGRADED_AFTER
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(LONGEST_DEGRADED_HOLD),
+        };
+        self.out_until = Some(now + hold);
+        hold
+    }
+
+    /// Whether it may return to rotation at `now`.
+    pub fn may_return(&self, now: Instant) -> bool {
+        self.out_until.is_none_or(|until| now >= until)
+    }
+
+    /// Back in rotation at `now`.
+    pub fn returned(&mut self, now: Instant) {
+        self.out_until = None;
+        self.returned = Some(now);
+    }
 }
 
 /// Whether the chooser sends a member calls (see [`Group::review_latency`]).
@@ -214,6 +268,7 @@ impl Member {
             rotation: AtomicU8::new(Rotation::In as u8),
             probing: Default::default(),
             slow_since: Mutex::new(None),
+            degraded_hold: Mutex::new(DegradedHold::default()),
         }
     }
 
@@ -435,6 +490,7 @@ impl Member {
             self.fresh_lanes();
             self.rotation.store(Rotation::In as u8, Ordering::Relaxed);
             *self.slow_since.lock() = None;
+            *self.degraded_hold.lock() = DegradedHold::default();
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.last_fault.store(rv, Ordering::Relaxed);
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
@@ -2816,6 +2872,7 @@ impl Group {
             let since = slow_since.map(|(since, _)| since);
             let verdict = judge_latency(latency, reference, degraded, since, now);
             let ms = |nanos: u64| nanos as f64 / 1e6;
+            let mut hold = member.degraded_hold.lock();
             match verdict {
                 Verdict::Serve => *slow_since = None,
                 Verdict::SlowSince(since) => *slow_since = Some((since, lane)),
@@ -2824,19 +2881,32 @@ impl Group {
                     member
                         .rotation
                         .store(Rotation::Degraded as u8, Ordering::Relaxed);
+                    let held = hold.degrade(now);
+                    let at_least = if held.is_zero() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (degraded again soon after its return: out for {} s at least)",
+                            held.as_secs()
+                        )
+                    };
                     self.log_change(
                         Some(member.position),
                         &format!(
                             "member degraded: its calls take {:.1} ms against {:.1} ms on the \
                              fastest other member; out of rotation, probed, until it is close \
-                             to the others again",
+                             to the others again{at_least}",
                             ms(latency),
                             ms(reference.unwrap_or(0))
                         ),
                     );
                 }
+                // Held out still: probed on, so that a figure is fresh
+                // when it may return.
+                Verdict::Recover if reference.is_some() && !hold.may_return(now) => probe(member),
                 Verdict::Probe => probe(member),
                 Verdict::Recover => {
+                    hold.returned(now);
                     // Its other figures are from before: measured afresh.
                     for slot in &member.latency {
                         slot.store(0, Ordering::Relaxed);

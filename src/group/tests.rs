@@ -315,6 +315,73 @@ fn the_degraded_rule() {
 }
 
 #[test]
+fn a_member_degraded_again_soon_after_its_return_is_held_out_longer_each_time() {
+    let t0 = Instant::now();
+    let mut hold = DegradedHold::default();
+    let mut at = t0;
+    let mut holds = Vec::new();
+    for _ in 0..8 {
+        let held = hold.degrade(at);
+        assert!(!held.is_zero() || hold.may_return(at));
+        assert!(held.is_zero() || !hold.may_return(at + held - Duration::from_millis(1)));
+        assert!(hold.may_return(at + held));
+        holds.push(held.as_secs());
+        at += held + Duration::from_secs(3);
+        hold.returned(at);
+        at += Duration::from_secs(3);
+    }
+    assert_eq!(holds, [0, 2, 4, 8, 16, 32, 60, 60]);
+    assert_eq!(
+        hold.degrade(at + DEGRADED_AGAIN_WITHIN),
+        Duration::ZERO,
+        "degraded again long after its return: as the first time"
+    );
+}
+
+#[test]
+fn the_watchdog_holds_a_member_degraded_again_soon_after_its_return_out_of_rotation() {
+    let group = group_of(&["slow under load", "b", "c"]);
+    let calls = |latency: u64| {
+        group.members[0].record_latency(0, latency);
+        group.members[1].record_latency(0, 2 * MS);
+        group.members[2].record_latency(0, 2 * MS);
+    };
+    let review = |at: Instant, latency: u64| {
+        calls(latency);
+        group.review_latency(at);
+        group.members[0].rotation()
+    };
+    let t0 = Instant::now();
+    let second = |s: u64| t0 + Duration::from_secs(s);
+    // Slow in rotation for DEGRADED_AFTER, fast on its first probe.
+    assert_eq!(review(second(0), 200 * MS), Rotation::In);
+    assert_eq!(review(second(2), 200 * MS), Rotation::Degraded);
+    assert_eq!(review(second(3), 3 * MS), Rotation::In, "back at once");
+    // Slow again as soon as it is back: held out for DEGRADED_AFTER.
+    assert_eq!(review(second(4), 200 * MS), Rotation::In);
+    assert_eq!(review(second(6), 200 * MS), Rotation::Degraded);
+    assert_eq!(
+        review(second(7), 3 * MS),
+        Rotation::Degraded,
+        "a fast probe within its hold"
+    );
+    assert_eq!(
+        review(second(8), 3 * MS),
+        Rotation::In,
+        "back once held 2 s"
+    );
+    // Again: held twice as long.
+    assert_eq!(review(second(9), 200 * MS), Rotation::In);
+    assert_eq!(review(second(11), 200 * MS), Rotation::Degraded);
+    assert_eq!(review(second(14), 3 * MS), Rotation::Degraded);
+    assert_eq!(
+        review(second(15), 3 * MS),
+        Rotation::In,
+        "back once held 4 s"
+    );
+}
+
+#[test]
 fn a_degraded_member_leaves_the_rotation_is_probed_and_returns() {
     let group = group_of(&["slow", "b", "c"]);
     // Calls keep coming: each review sees new samples.
