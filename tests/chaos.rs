@@ -184,12 +184,7 @@ impl Chaos {
         self.members
             .iter()
             .map(|m| {
-                let out = Command::new("softhsm2-util")
-                    .arg("--show-slots")
-                    .env(SOFTHSM_CONF_ENV, &m.hsm.conf)
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_else(|e| format!("softhsm2-util: {e}"));
+                let out = show_slots(m);
                 let labels: Vec<&str> = out
                     .lines()
                     .filter(|l| l.contains("Label:") || l.contains("Initialized:"))
@@ -199,6 +194,20 @@ impl Chaos {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Whether SoftHSM, read directly, no longer shows member `i`'s token
+    /// (its slot's token is uninitialised): SoftHSM can leave a token so
+    /// when it is killed while writing a token object
+    /// (`testing-notes.md`), and no HA layer can bring such a member back.
+    fn token_lost(&self, i: usize) -> bool {
+        let member = &self.members[i];
+        let label = member.hsm.tokens[0].label.as_str();
+        !show_slots(member).lines().any(|line| {
+            line.trim()
+                .strip_prefix("Label:")
+                .is_some_and(|l| l.trim() == label)
+        })
     }
 }
 
@@ -391,6 +400,16 @@ fn group_status() -> PKCS11HA_GROUP_STATUS {
         assert_eq!(get(0, &mut status), 0);
         status
     }
+}
+
+/// `softhsm2-util --show-slots` on a member's token directory.
+fn show_slots(member: &Member) -> String {
+    Command::new("softhsm2-util")
+        .arg("--show-slots")
+        .env(SOFTHSM_CONF_ENV, &member.hsm.conf)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("softhsm2-util: {e}"))
 }
 
 /// Whether member `i` of group 0 serves (state 0).
@@ -1595,6 +1614,8 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .map(|i| format!("member {i} is {}", chaos.members[i].hsm.tokens[0].serial))
         .collect();
     let mut timeline: Vec<String> = serials;
+    // Members whose token SoftHSM lost during the run (`Chaos::token_lost`).
+    let mut lost = [false; MEMBERS];
     std::thread::scope(|scope| {
         let _stop = StopOnDrop(&stop);
         let writers: Vec<_> = (0..WRITERS)
@@ -1720,13 +1741,21 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         }
         let settle = Instant::now();
         let limit = Duration::from_secs(120);
-        while !(0..MEMBERS).all(serves) {
-            assert!(
-                settle.elapsed() < limit,
-                "every member serves again after the chaos; tokens:\n{}\nHA log:\n{}",
-                chaos.tokens(),
-                chaos.log()
-            );
+        while !(0..MEMBERS).all(|i| lost[i] || serves(i)) {
+            if settle.elapsed() >= limit {
+                // Only a member whose token SoftHSM lost may stay out.
+                for (i, lost) in lost.iter_mut().enumerate() {
+                    *lost = !serves(i) && chaos.token_lost(i);
+                }
+                assert!(
+                    (0..MEMBERS).all(|i| lost[i] || serves(i)),
+                    "every member whose token SoftHSM still shows serves again after the \
+                     chaos; tokens:\n{}\nHA log:\n{}",
+                    chaos.tokens(),
+                    chaos.log()
+                );
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         settled.store(true, Ordering::Relaxed);
@@ -1744,7 +1773,9 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     let mut drain = vec![owed()];
     loop {
         let members = owed();
-        if members.iter().all(|&(state, kept)| state == 0 && kept == 0) {
+        if (members.iter().zip(lost))
+            .all(|(&(state, kept), lost)| lost || (state == 0 && kept == 0))
+        {
             break;
         }
         if settling.elapsed() >= Duration::from_secs(10) * drain.len() as u32 {
@@ -1763,8 +1794,24 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         "settled in {:?}; (state, changes kept) per member every 10 s from then: {drain:?}",
         settling.elapsed()
     );
-    let disturbances = disturbances.into_inner().unwrap();
+    let mut disturbances = disturbances.into_inner().unwrap();
     let keys = keys.into_inner().unwrap();
+    // A member whose token was lost is out of the figures from its last
+    // sample serving: out for good from then on, whatever the faults did.
+    for i in (0..MEMBERS).filter(|i| lost[*i]) {
+        let last_served = samples
+            .iter()
+            .rev()
+            .find(|(_, states)| states[i] == PKCS11HA_STATE_UP)
+            .map_or_else(|| samples[0].0, |(at, _)| *at);
+        disturbances[i].push((last_served, None));
+        eprintln!(
+            "member {i}'s token was lost: SoftHSM shows it uninitialised (killed while it \
+             wrote its token object, as SoftHSM can be); the group kept it out, and it is out \
+             of the figures and the key checks from its last sample serving, {}",
+            wall_at(last_served)
+        );
+    }
 
     let healthy_during = |from: Instant, to: Instant| {
         (0..MEMBERS).any(|i| !disturbed_between(&disturbances, i, from, to))
@@ -1922,10 +1969,9 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         );
     }
 
-    let contents: Vec<_> = chaos
-        .members
-        .iter()
-        .map(|m| ids_on_member(&pkcs11, m))
+    let contents: Vec<_> = (chaos.members.iter().zip(lost))
+        .filter(|(_, lost)| !lost)
+        .map(|(m, _)| ids_on_member(&pkcs11, m))
         .collect();
     let ok_keys: Vec<&Vec<u8>> = keys
         .iter()
@@ -1955,9 +2001,9 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     // What any client pays to reach each member afresh, as recovery does
     // after a reset: p11-kit's server starts a worker per connection, and
     // SoftHSM reads every object of the token before the worker answers.
-    let fresh_clients: Vec<String> = chaos
-        .members
-        .iter()
+    let fresh_clients: Vec<String> = (chaos.members.iter().zip(lost))
+        .filter(|(_, lost)| !lost)
+        .map(|(member, _)| member)
         .zip(&contents)
         .map(|(member, held)| {
             let started = Instant::now();
