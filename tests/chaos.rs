@@ -462,6 +462,59 @@ fn a_member_silent_at_start_joins_once_its_path_answers() {
     pkcs11.finalize().unwrap();
 }
 
+/// A member whose token SoftHSM lost while its server was down -- its
+/// token object truncated, as a kill while SoftHSM writes it can leave it
+/// (`testing-notes.md`) -- stays out when its server returns: its library
+/// answers with an uninitialised token where the member's was, and
+/// recovery finds no token by the member's serial. The other member serves
+/// every call meanwhile, and what it makes is there.
+#[test]
+fn a_member_whose_token_softhsm_lost_stays_out_while_the_other_serves() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 0, 1);
+    chaos.members[0].kill_server();
+    wait_for(
+        "the killed member is taken out",
+        Duration::from_secs(10),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on the other member");
+            !serves(0)
+        },
+    );
+    let tokens = chaos.members[0].hsm.dir.path().join("tokens");
+    let token_objects: Vec<PathBuf> = std::fs::read_dir(&tokens)
+        .expect("the token directory")
+        .map(|entry| entry.expect("an entry").path().join("token.object"))
+        .filter(|path| path.exists())
+        .collect();
+    assert_eq!(token_objects.len(), 1, "one token in {}", tokens.display());
+    std::fs::write(&token_objects[0], b"").expect("the token object is truncated");
+    assert!(chaos.token_lost(0), "SoftHSM no longer shows the token");
+    let failed_before = chaos.log().matches("not found").count();
+    chaos.members[0].restart_server();
+    wait_for(
+        "recovery looks for the lost token twice",
+        Duration::from_secs(15),
+        || chaos.log().matches("not found").count() >= failed_before + 2,
+    );
+    assert!(!serves(0), "a member whose token is lost stays out");
+    import_key(&session, b"lost-0").expect("a key is made on the other member");
+    assert_eq!(
+        session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest on the other member")
+            .len(),
+        32
+    );
+    assert!(!serves(0), "still out after the group's calls");
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
 /// A member whose server is killed and restarted through the relay rejoins
 /// and serves: the relay accepts while the server is down, so the member
 /// library's `C_Initialize` fails in between, and a failed initialisation
