@@ -1151,7 +1151,7 @@ impl VirtualSession {
         // the kept objects it may find.
         let preference = || {
             if self.answered_alike(&searched) {
-                Preference::LeastBusy(OpKind::Find as usize)
+                Preference::Spread(OpKind::Find as usize)
             } else {
                 self.wait_for_kept_matches(&searched)
                     .map_or(Preference::Complete, Preference::WaitedOn)

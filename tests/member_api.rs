@@ -33,7 +33,7 @@ use pkcs11_ha::reconcile::Reconciler;
 use pkcs11_ha::recovery::{self, Host, Watchdog};
 use pkcs11_ha::state_dir::StateDir;
 use pkcs11_ha::virtual_objects::{made_print, MemberTemplate};
-use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
+use pkcs11_ha::virtual_session::{Input, OpKind, Preference, Step, VirtualSession};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{mpsc, Arc};
@@ -582,6 +582,41 @@ fn searches_spread_over_the_members_unless_one_lacks_an_object() {
         lanes(&libraries[1]),
         on_member1,
         "no search reached member 1 while it lacks an object"
+    );
+    v.close();
+}
+
+/// A search every serving member answered alike goes to the least busy
+/// member that lacks no object when it is chosen: not to one owing
+/// changes by then (come to serve first since), however idle -- there it
+/// would miss what it is owed.
+#[test]
+fn a_spread_search_is_not_chosen_onto_a_member_that_lacks_objects() {
+    let (_member, group) = memory_group(2, 66);
+    let v = logged_in_session(&group);
+    let key = import_token_object(&v, kept_key()).expect("the key is imported");
+    assert_eq!(v.bound_member(), None, "no operation binds the session");
+    let lane = OpKind::Find as usize;
+    let chosen = |preference| -> Vec<usize> {
+        (0..8)
+            .map(|_| v.choose(&[], preference).expect("a member is chosen").0)
+            .collect()
+    };
+    let spread = chosen(Preference::Spread(lane));
+    assert!(
+        spread.contains(&0) && spread.contains(&1),
+        "searches spread over both members: {spread:?}"
+    );
+    group.defer(0, Pending::Create(key));
+    let operations = chosen(Preference::LeastBusy(lane));
+    assert!(
+        operations.contains(&0),
+        "operations still go to member 0 too: {operations:?}"
+    );
+    assert_eq!(
+        chosen(Preference::Spread(lane)),
+        [1; 8],
+        "searches go only to the member lacking nothing"
     );
     v.close();
 }

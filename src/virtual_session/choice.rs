@@ -25,6 +25,12 @@ pub enum Preference {
     /// Searches not every member answers alike: as [`Preference::Primary`],
     /// but members lacking objects of the group last.
     Complete,
+    /// Searches every serving member answers alike: as
+    /// [`Preference::LeastBusy`], but not on a member lacking objects of
+    /// the group by the time it is chosen -- one that came to serve first
+    /// since the search found every member alike, which would miss what it
+    /// is owed -- while another lacks none.
+    Spread(usize),
     /// A search that waited on this member for the kept objects it may
     /// find ([`VirtualSession::wait_for_kept_matches`]): it runs there,
     /// else as [`Preference::Complete`]. Chosen again after the wait, a
@@ -187,6 +193,10 @@ impl VirtualSession {
                 .complete_first(self.group.by_position())
                 .first()
                 .copied(),
+            Preference::Spread(lane) => match self.group.least_busy(lane) {
+                Some(p) if !self.group.lacks_objects(p) => Some(p),
+                _ => self.candidates(preference).first().copied(),
+            },
             Preference::WaitedOn(_) => self.candidates(preference).first().copied(),
         }
     }
@@ -196,6 +206,7 @@ impl VirtualSession {
             Preference::LeastBusy(lane) => self.group.by_preference(lane),
             Preference::Primary => self.group.by_position(),
             Preference::Complete => self.group.complete_first(self.group.by_position()),
+            Preference::Spread(lane) => self.group.complete_first(self.group.by_preference(lane)),
             Preference::WaitedOn(member) => {
                 let mut order = self.group.complete_first(self.group.by_position());
                 if let Some(at) = order.iter().position(|p| *p == member) {
