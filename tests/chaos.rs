@@ -462,15 +462,10 @@ fn a_member_silent_at_start_joins_once_its_path_answers() {
     pkcs11.finalize().unwrap();
 }
 
-/// A member whose token SoftHSM lost while its server was down -- its
-/// token object truncated, as a kill while SoftHSM writes it can leave it
-/// (`testing-notes.md`) -- stays out when its server returns: its library
-/// answers with an uninitialised token where the member's was, and
-/// recovery finds no token by the member's serial. The other member serves
-/// every call meanwhile, and what it makes is there.
-#[test]
-fn a_member_whose_token_softhsm_lost_stays_out_while_the_other_serves() {
-    let mut chaos = Chaos::new(2);
+/// Starts `chaos` (two members), opens a session on the virtual slot and
+/// kills member 0's server once it has served; returns once it is taken
+/// out, the other member serving.
+fn started_with_member_0_killed(chaos: &mut Chaos) -> (Pkcs11, cryptoki::session::Session) {
     let (pkcs11, _) = chaos.start();
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     digest_until_served(&session, 0, 1);
@@ -485,6 +480,19 @@ fn a_member_whose_token_softhsm_lost_stays_out_while_the_other_serves() {
             !serves(0)
         },
     );
+    (pkcs11, session)
+}
+
+/// A member whose token SoftHSM lost while its server was down -- its
+/// token object truncated, as a kill while SoftHSM writes it can leave it
+/// (`testing-notes.md`) -- stays out when its server returns: its library
+/// answers with an uninitialised token where the member's was, and
+/// recovery finds no token by the member's serial. The other member serves
+/// every call meanwhile, and what it makes is there.
+#[test]
+fn a_member_whose_token_softhsm_lost_stays_out_while_the_other_serves() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, session) = started_with_member_0_killed(&mut chaos);
     let tokens = chaos.members[0].hsm.dir.path().join("tokens");
     let token_objects: Vec<PathBuf> = std::fs::read_dir(&tokens)
         .expect("the token directory")
@@ -522,20 +530,7 @@ fn a_member_whose_token_softhsm_lost_stays_out_while_the_other_serves() {
 #[test]
 fn a_member_killed_and_restarted_through_the_relay_rejoins() {
     let mut chaos = Chaos::new(2);
-    let (pkcs11, _) = chaos.start();
-    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
-    digest_until_served(&session, 0, 1);
-    chaos.members[0].kill_server();
-    wait_for(
-        "the killed member is taken out",
-        Duration::from_secs(10),
-        || {
-            session
-                .digest(&Mechanism::Sha256, b"abc")
-                .expect("C_Digest on the other member");
-            !serves(0)
-        },
-    );
+    let (pkcs11, session) = started_with_member_0_killed(&mut chaos);
     wait_for(
         "recovery tries the member while its server is down",
         Duration::from_secs(10),

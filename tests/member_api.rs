@@ -2545,6 +2545,24 @@ fn until_waiting_for_kept<T>(group: &Group, caller: &std::thread::ScopedJoinHand
     }
 }
 
+/// A group of three in-memory members in which members 0 and 1 were out
+/// while a data object and then the key `KEPT_KEY` were imported on member
+/// 2; the test plays the recovery thread that makes what calls wait for.
+/// Returns the session and the key.
+fn key_imported_while_0_and_1_were_out(
+    seed: u64,
+) -> (Arc<SimMember>, Arc<Group>, VirtualSession, CK_OBJECT_HANDLE) {
+    let (member, group) = memory_group(3, seed);
+    group.set_replays_on_request(true);
+    let v = logged_in_session(&group);
+    for position in 0..2 {
+        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
+    }
+    import_token_object(&v, data_object(b"made before the key", b"data")).expect("an import");
+    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    (member, group, v, key)
+}
+
 /// A search whose member fails under it -- member 2, the only one lacking
 /// nothing -- while members 0 and 1 serve first, each owed a data object
 /// and the key it looks for, moves to member 0, the first in the order a
@@ -2556,15 +2574,7 @@ fn until_waiting_for_kept<T>(group: &Group, caller: &std::thread::ScopedJoinHand
 /// second search found 1").
 #[test]
 fn a_moved_search_runs_where_it_waited_for_the_kept_objects_not_on_the_least_busy() {
-    let (member, group) = memory_group(3, 63);
-    // The test plays the recovery thread that makes what calls wait for.
-    group.set_replays_on_request(true);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    import_token_object(&v, data_object(b"made before the key", b"data")).expect("an import");
-    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    let (member, group, v, key) = key_imported_while_0_and_1_were_out(63);
     serving_first_owing(&group, &[0, 1]);
     start_search_for_label(&v, KEPT_KEY.as_bytes());
     assert_eq!(v.bound_member(), Some(2), "the search began on member 2");
@@ -2652,15 +2662,7 @@ fn searched_while_member_0_comes_to_serve(
     before: impl FnOnce(&VirtualSession, &Group),
     search: impl FnOnce(&VirtualSession) -> Vec<CK_OBJECT_HANDLE> + Send,
 ) -> (Vec<CK_OBJECT_HANDLE>, CK_OBJECT_HANDLE) {
-    let (member, group) = memory_group(3, seed);
-    // The test plays the recovery thread that makes what calls wait for.
-    group.set_replays_on_request(true);
-    let v = logged_in_session(&group);
-    for position in 0..2 {
-        group.member_failed(position, "C_Sign", CKR_DEVICE_ERROR);
-    }
-    import_token_object(&v, data_object(b"made before the key", b"data")).expect("an import");
-    let key = import_token_object(&v, kept_key()).expect("the key is imported on member 2");
+    let (member, group, v, key) = key_imported_while_0_and_1_were_out(seed);
     serving_first_owing(&group, &[1]);
     before(&v, &group);
     member.sim.lock().set_fault(2, Fault::Crash);
