@@ -1173,7 +1173,16 @@ impl Group {
             self.log(Some(position), &event);
             return;
         }
-        self.relocate(position, location);
+        if let Err(e) = self.relocate(position, location) {
+            self.log(
+                Some(position),
+                &format!(
+                    "its mechanisms could not be listed at start ({}); recovery tries it again",
+                    crate::error::rv_name(e.rv)
+                ),
+            );
+            return;
+        }
         self.members[position].set_state(MemberState::Up);
         self.wake_waiting_calls();
     }
@@ -1196,7 +1205,19 @@ impl Group {
                 continue;
             };
             if member.capabilities().refuses_wrapping() {
-                let capabilities = Capabilities::detect(&*location.library, location.slot);
+                let capabilities = match Capabilities::detect(&*location.library, location.slot) {
+                    Ok(capabilities) => capabilities,
+                    // Its connection may be lost unseen: taken out, it is
+                    // brought back, and read again, by recovery (left
+                    // serving, its kept copies waited until an application
+                    // call happened to reach it: simulation seed 31548).
+                    Err(e) => {
+                        if is_member_fault("C_GetMechanismList", e.rv) {
+                            self.member_failed(member.position, "C_GetMechanismList", e.rv);
+                        }
+                        continue;
+                    }
+                };
                 if !capabilities.refuses_wrapping() {
                     self.log(Some(member.position), &capabilities.describe());
                     *member.capabilities.write() = capabilities;
@@ -1218,10 +1239,11 @@ impl Group {
 
     /// Records where a member token lives now (it may have moved slots
     /// after its library reconnected), without changing its state, and
-    /// what it can do to move keys there.
-    pub fn relocate(&self, position: usize, location: Location) {
+    /// what it can do to move keys there; `Err`, recording nothing, where
+    /// its mechanisms cannot be listed ([`Capabilities::detect`]).
+    pub fn relocate(&self, position: usize, location: Location) -> Result<()> {
         let member = &self.members[position];
-        let capabilities = Capabilities::detect(&*location.library, location.slot);
+        let capabilities = Capabilities::detect(&*location.library, location.slot)?;
         let described = capabilities.describe();
         if member.capabilities().describe() != described || member.location().is_none() {
             self.log(Some(position), &described);
@@ -1235,6 +1257,7 @@ impl Group {
             .library
             .count_slot_as(location.slot, &member.counts);
         *member.location.write() = Some(location);
+        Ok(())
     }
 
     /// Records a member fault: the member leaves the rotation and the

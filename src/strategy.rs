@@ -5,6 +5,7 @@
 //! mechanism both members list. Owns what a member can do (found when it
 //! is attached) and the choice; `replication` carries the key.
 
+use crate::error::Result;
 use crate::mechanism::BareMechanism;
 use crate::member::padded_to_string;
 use crate::member_api::{same_library, MemberBackend};
@@ -75,7 +76,11 @@ impl Capabilities {
     /// come from `CA_GetContainerPolicySetting`; where it is absent or
     /// fails, a Luna partition is taken to have Luna's defaults (private
     /// keys clone and are never wrapped) until a probe says otherwise.
-    pub fn detect(library: &dyn MemberBackend, slot: CK_SLOT_ID) -> Capabilities {
+    /// `Err` where its mechanisms cannot be listed: what it can do is not
+    /// known then. (Taken for "no key-wrap mechanism", a member whose
+    /// listing failed once as it reconnected could receive no generated
+    /// key for the rest of its epoch: simulation seed 31548.)
+    pub fn detect(library: &dyn MemberBackend, slot: CK_SLOT_ID) -> Result<Capabilities> {
         let extensions = library.luna_extensions();
         let (migrate, clone) = (extensions.migrate_keys, extensions.clone_object);
         let cloning = (migrate || clone).then_some(Cloning { migrate, clone });
@@ -88,7 +93,7 @@ impl Capabilities {
             let rv = library.container_policy(slot, id, &mut value);
             (rv == CKR_OK).then_some(value != 0)
         };
-        let listed = library.mechanisms(slot).unwrap_or_default();
+        let listed = library.mechanisms(slot)?;
         let mut wrap_mechanisms = [None; 2];
         let mut wrap_refused = false;
         for (found, mechanism) in wrap_mechanisms.iter_mut().zip(WRAP_MECHANISMS) {
@@ -110,7 +115,7 @@ impl Capabilities {
         } else {
             (Some(false), Some(true))
         };
-        Capabilities {
+        Ok(Capabilities {
             cloning,
             luna: is_luna,
             private_key_cloning: cloning_policy.unwrap_or(true),
@@ -118,7 +123,7 @@ impl Capabilities {
             policies_read: cloning_policy.is_some() && wrapping_policy.is_some(),
             wrap_mechanisms,
             wrap_refused,
-        }
+        })
     }
 
     /// Whether it was found to move no key by wrapping because its library

@@ -1388,9 +1388,19 @@ impl Schedule<'_> {
     /// application is logged in, every token object it was told it made
     /// and still holds does show (a search answered by a member without
     /// it, or named by one without it, would drop it) -- unless every
-    /// serving member still lacks objects. Session objects die with every
-    /// member's sessions.
+    /// serving member lacks objects as the search starts or once it ended
+    /// (a member holding them all may come to serve beside the call).
+    /// Session objects die with every member's sessions.
     fn enumerate(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let every_serving_member_lacks = || {
+            let provider = pkcs11_ha::provider::get().expect("initialised");
+            let group = &provider.groups[0];
+            group
+                .serving_members()
+                .iter()
+                .all(|m| group.lacks_objects(m.position))
+        };
+        let lacking_at_start = every_serving_member_lacks();
         // SAFETY: an empty template.
         let rv = unsafe { self.f.C_FindObjectsInit.unwrap()(session, ptr::null_mut(), 0) };
         if rv != CKR_OK {
@@ -1453,13 +1463,7 @@ impl Schedule<'_> {
         // A member returning while none serves serves before it has
         // caught up (design, "no member serving"): a search can do no
         // better while every serving member lacks objects.
-        let provider = pkcs11_ha::provider::get().expect("initialised");
-        let group = &provider.groups[0];
-        if group
-            .serving_members()
-            .iter()
-            .all(|m| group.lacks_objects(m.position))
-        {
+        if lacking_at_start || every_serving_member_lacks() {
             return Ok(());
         }
         let missing = self
@@ -3993,7 +3997,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   removal, which it could match -- and the key never reached two
 ///   members. A removal of orphans spares the group's objects, so no copy
 ///   waits behind one now (`Pending::destroyed`).
-const REGRESSION_SEEDS: [(u64, Faults); 100] = [
+const REGRESSION_SEEDS: [(u64, Faults); 102] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4094,6 +4098,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 100] = [
     (1006656, Faults::MID_REPLAY),
     (70505, Faults::MID_REPLAY),
     (4877, Faults::DEFAULT),
+    (31548, Faults::DEFAULT),
+    (58416, Faults::DEFAULT),
 ];
 
 #[test]

@@ -32,8 +32,9 @@ pub enum Preference {
     /// is owed -- while another lacks none.
     Spread(usize),
     /// A search that waited on this member for the kept objects it may
-    /// find ([`VirtualSession::wait_for_kept_matches`]): it runs there,
-    /// else as [`Preference::Complete`]. Chosen again after the wait, a
+    /// find ([`VirtualSession::wait_for_kept_matches`]): it runs there
+    /// unless a member lacking nothing serves now, else as
+    /// [`Preference::Complete`]. Chosen again after the wait, a
     /// member that came to serve meanwhile, owing the same objects, ran
     /// it (the soak's "found 0 objects, expected 2").
     WaitedOn(usize),
@@ -209,6 +210,11 @@ impl VirtualSession {
             Preference::Spread(lane) => self.group.complete_first(self.group.by_preference(lane)),
             Preference::WaitedOn(member) => {
                 let mut order = self.group.complete_first(self.group.by_position());
+                // A member lacking nothing, come to serve meanwhile, beats
+                // the one waited on, which may lack more than it waited for.
+                if order.first().is_some_and(|p| !self.group.lacks_objects(*p)) {
+                    return order;
+                }
                 if let Some(at) = order.iter().position(|p| *p == member) {
                     order[..=at].rotate_right(1);
                 }

@@ -175,7 +175,23 @@ fn key_transport(
         checks::HA_SLOT,
         "the slot is a token, not an HA virtual slot",
     );
-    let capabilities = Capabilities::detect(library, target.slot);
+    let capabilities = match Capabilities::detect(library, target.slot) {
+        Ok(capabilities) => capabilities,
+        Err(e) => {
+            return vec![
+                ha_slot,
+                Check::fail(
+                    checks::KEY_TRANSPORT,
+                    format!(
+                        "its mechanisms could not be listed ({}): how keys would move is \
+                         unknown; try again once the token answers",
+                        pkcs11_ha::error::rv_name(e.rv)
+                    ),
+                    force,
+                ),
+            ]
+        }
+    };
     let new = Side {
         serial: &target.serial,
         library,
@@ -190,7 +206,16 @@ fn key_transport(
             continue;
         };
         let their_library = members.library(token.library);
-        let theirs = Capabilities::detect(their_library, token.slot);
+        let theirs = match Capabilities::detect(their_library, token.slot) {
+            Ok(theirs) => theirs,
+            Err(e) => {
+                problems.push(format!(
+                    "member {serial}'s mechanisms could not be listed ({})",
+                    pkcs11_ha::error::rv_name(e.rv)
+                ));
+                continue;
+            }
+        };
         let other = Side {
             serial,
             library: their_library,
