@@ -2592,14 +2592,23 @@ impl Group {
     /// not have yet and finds nothing, and the change kept then leaves the
     /// copy of a destroyed object under it (simulation seed 16263: a
     /// returning member's replay kept the change, behind a removal it could
-    /// not yet tell apart, and made the object's removal in place).
+    /// not yet tell apart, and made the object's removal in place) --
+    /// unless the removal finds the copy as it is before the change too:
+    /// then the change makes nothing findable, and waited for, the removal
+    /// of a try a call abandoned before making the object again (its
+    /// print naming no `CKA_ID`) waited behind a change of the object's
+    /// ID, the object's copy behind the removal, and the change behind the
+    /// copy, for good (simulation seed 5005977).
     pub fn removal_behind_kept_set(&self, position: usize, print: &Fingerprint) -> bool {
         self.deferred.lock()[position]
             .iter()
             .any(|change| match change {
                 Pending::Set {
                     before, changes, ..
-                } => identity::matches(print, &identity::changed(before, changes.values())),
+                } => {
+                    identity::matches(print, &identity::changed(before, changes.values()))
+                        && !identity::matches(print, before)
+                }
                 _ => false,
             })
     }

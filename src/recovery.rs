@@ -38,7 +38,9 @@ use crate::config::RecoveryMode;
 use crate::error::rv_name;
 use crate::error::Error;
 use crate::group::Pending;
-use crate::group::{now_ms, DoubtSince, Group, Location, Member, MemberState, ReplayingDeferred};
+use crate::group::{
+    now_ms, DoubtSince, Group, Location, Member, MemberState, Positions, ReplayingDeferred,
+};
 use crate::identity;
 use crate::member::Unanswered;
 use crate::member_api::{Hedge, MemberBackend, TokenSearch};
@@ -2872,14 +2874,22 @@ fn synchronize(
 ) -> Result<usize, String> {
     // Until the pass has run to its end, searches do not spread there.
     group.set_compared(position, false);
-    let Some(reference) = group
-        .up_members()
+    // From a member lacking nothing where one serves.
+    let serving: Positions = (group.up_members())
         .map(|m| m.position)
-        .find(|p| *p != position)
-    else {
+        .filter(|p| *p != position)
+        .collect();
+    let Some(&reference) = group.complete_first(serving).first() else {
         group.set_compared(position, true);
         return Ok(0);
     };
+    // A source still owed changes (it serves first after an outage) may
+    // hold what they remove -- an object destroyed while it was out --
+    // among what the group does not know there: that is left to the
+    // reconciliation, which compares once the changes are made. Copied,
+    // a destroyed object came back on every other member (simulation
+    // seed 5063969).
+    let source_owed = group.undelivered_count(reference) > 0;
     let domain = worker.group.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let making = group.objects_being_made();
@@ -2933,6 +2943,9 @@ fn synchronize(
             objects
         }
         Err((unmapped, held)) => {
+            if source_owed {
+                unsettled_why = "its source is owed changes, which may remove them";
+            }
             if unmapped > 0 {
                 phases.note(format!(
                     "{unmapped} unmapped objects of member {} read one by one ({held} seen there \
@@ -2947,7 +2960,7 @@ fn synchronize(
                     // goes to reconciliation, without a call each.
                     let object = match group.objects.known_in(era, handle) {
                         Some(object) => Some(object),
-                        None if !group.members[reference].is_up() => None,
+                        None if !group.members[reference].is_up() || source_owed => None,
                         None => listed_object(group, worker, era, handle, making),
                     };
                     unsettled += usize::from(object.is_none());

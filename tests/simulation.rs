@@ -3997,7 +3997,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   removal, which it could match -- and the key never reached two
 ///   members. A removal of orphans spares the group's objects, so no copy
 ///   waits behind one now (`Pending::destroyed`).
-const REGRESSION_SEEDS: [(u64, Faults); 102] = [
+const REGRESSION_SEEDS: [(u64, Faults); 106] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4100,6 +4100,10 @@ const REGRESSION_SEEDS: [(u64, Faults); 102] = [
     (4877, Faults::DEFAULT),
     (31548, Faults::DEFAULT),
     (58416, Faults::DEFAULT),
+    (5005977, Faults::DEFAULT),
+    (5063969, Faults::DEFAULT),
+    (5009708, Faults::DEFAULT),
+    (5036870, Faults::DEFAULT),
 ];
 
 #[test]
