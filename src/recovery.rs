@@ -1247,6 +1247,12 @@ const SHORT_TAIL: usize = 64;
 /// one under the long chaos run's load (40-80 ms a change).
 const SERVES_FIRST_BACKLOG: usize = 24;
 
+/// Token objects seen on a returning member beyond which it serves first
+/// rather than have them read, where counting them does not pay
+/// ([`Known::of`]): reading costs about 0.36 ms an object under the long
+/// chaos run's load (2.2 s for 6,027), against an interval of 1 s.
+const SERVES_FIRST_HOLDING: usize = 2_000;
+
 /// How long a returning member replays what it missed, while another
 /// member serves, before it serves first with the imports left kept for
 /// right after ([`replay_pending`]) and its synchronisation left to the
@@ -1596,7 +1602,10 @@ impl Known {
     /// queued for it. Then those are taken as held, and counting them
     /// costs one search where reading them costs a call per object:
     /// 0.1-2.3 s for the few thousand objects of the long chaos run under
-    /// load, at every attempt. Reconciliation, which runs once
+    /// load, at every attempt. Nor where it is owed more than
+    /// [`SERVES_FIRST_BACKLOG`] changes, or would be read for more than
+    /// [`SERVES_FIRST_HOLDING`] objects: it serves first, and what it
+    /// missed is made right after. Reconciliation, which runs once
     /// the member is back, compares every member object by object as
     /// before.
     /// Notes in `phases` why the member was read rather than counted: the
@@ -1617,24 +1626,29 @@ impl Known {
             return Ok(Known::not_read(group.objects.era(position)));
         }
         let queued = group.pending_count(position);
-        if queued > SERVES_FIRST_BACKLOG {
+        let held_before: rustc_hash::FxHashSet<_> = group
+            .held_before(position)
+            .into_iter()
+            .filter_map(|object| group.objects.get(object)?.fingerprint)
+            .collect();
+        let reading_costs =
+            !counting_pays(queued, held_before.len()) && held_before.len() > SERVES_FIRST_HOLDING;
+        if queued > SERVES_FIRST_BACKLOG || reading_costs {
             // Made here one by one, a backlog of a few hundred changes (40-80
             // ms each under the long chaos run's load) held members out 9-16
             // s after their servers answered again; read and compared first,
-            // 0.3-2.4 s more. Another member serves every object meanwhile.
+            // 0.3-2.4 s more. So did reading a large token for a few changes
+            // (2.2 s for 6,027 objects, a reset's return taking 4.5 s in the
+            // long chaos run). Another member serves every object meanwhile.
             phases.note(format!(
-                "not read: {queued} changes queued, it serves first"
+                "not read: {queued} changes queued for {} objects, it serves first",
+                held_before.len()
             ));
             return Ok(Known {
                 serves_first: true,
                 ..Known::not_read(group.objects.era(position))
             });
         }
-        let held_before: rustc_hash::FxHashSet<_> = group
-            .held_before(position)
-            .into_iter()
-            .filter_map(|object| group.objects.get(object)?.fingerprint)
-            .collect();
         if counting_pays(queued, held_before.len()) {
             let domain = worker.group.domain_handle(position);
             let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
