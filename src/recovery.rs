@@ -1640,10 +1640,14 @@ impl Known {
             // 0.3-2.4 s more. So did reading a large token for a few changes
             // (2.2 s for 6,027 objects, a reset's return taking 4.5 s in the
             // long chaos run). Another member serves every object meanwhile.
-            phases.note(format!(
-                "not read: {queued} changes queued for {} objects, it serves first",
-                held_before.len()
-            ));
+            phases.note(if queued <= SERVES_FIRST_BACKLOG {
+                format!(
+                    "not read: {queued} changes queued, {} objects to read, it serves first",
+                    held_before.len()
+                )
+            } else {
+                format!("not read: {queued} changes queued, it serves first")
+            });
             return Ok(Known {
                 serves_first: true,
                 ..Known::not_read(group.objects.era(position))
