@@ -1239,11 +1239,20 @@ impl Group {
 
     /// Records where a member token lives now (it may have moved slots
     /// after its library reconnected), without changing its state, and
-    /// what it can do to move keys there; `Err`, recording nothing, where
-    /// its mechanisms cannot be listed ([`Capabilities::detect`]).
+    /// what it can do to move keys there. Where its mechanisms cannot be
+    /// listed ([`Capabilities::detect`]), what it was found able to do
+    /// before stands (a refusal among it is asked again by
+    /// [`Group::wrapping_resumed`]); `Err`, recording nothing, for a
+    /// member never found before. (Failing the recovery attempt instead
+    /// costs another reconnect, each as slow as the one whose listing
+    /// failed.)
     pub fn relocate(&self, position: usize, location: Location) -> Result<()> {
         let member = &self.members[position];
-        let capabilities = Capabilities::detect(&*location.library, location.slot)?;
+        let capabilities = match Capabilities::detect(&*location.library, location.slot) {
+            Ok(capabilities) => capabilities,
+            Err(_) if member.location().is_some() => member.capabilities(),
+            Err(e) => return Err(e),
+        };
         let described = capabilities.describe();
         if member.capabilities().describe() != described || member.location().is_none() {
             self.log(Some(position), &described);
