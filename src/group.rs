@@ -1173,16 +1173,7 @@ impl Group {
             self.log(Some(position), &event);
             return;
         }
-        if let Err(e) = self.relocate(position, location) {
-            self.log(
-                Some(position),
-                &format!(
-                    "its mechanisms could not be listed at start ({}); recovery tries it again",
-                    crate::error::rv_name(e.rv)
-                ),
-            );
-            return;
-        }
+        self.relocate(position, location);
         self.members[position].set_state(MemberState::Up);
         self.wake_waiting_calls();
     }
@@ -1242,16 +1233,28 @@ impl Group {
     /// what it can do to move keys there. Where its mechanisms cannot be
     /// listed ([`Capabilities::detect`]), what it was found able to do
     /// before stands (a refusal among it is asked again by
-    /// [`Group::wrapping_resumed`]); `Err`, recording nothing, for a
-    /// member never found before. (Failing the recovery attempt instead
-    /// costs another reconnect, each as slow as the one whose listing
-    /// failed.)
-    pub fn relocate(&self, position: usize, location: Location) -> Result<()> {
+    /// [`Group::wrapping_resumed`]); a member never found before is taken
+    /// to move no key until its next return, and the HA log says so.
+    /// (Failing the recovery attempt instead costs another reconnect, each
+    /// as slow as the one whose listing failed: the suite's slow-reconnect
+    /// test failed 1 time in 4 beside a loaded simulation, as against 4
+    /// passes before.)
+    pub fn relocate(&self, position: usize, location: Location) {
         let member = &self.members[position];
         let capabilities = match Capabilities::detect(&*location.library, location.slot) {
             Ok(capabilities) => capabilities,
             Err(_) if member.location().is_some() => member.capabilities(),
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.log(
+                    Some(position),
+                    &format!(
+                        "its mechanisms could not be listed ({}): taken to move no key until \
+                         its next return",
+                        crate::error::rv_name(e.rv)
+                    ),
+                );
+                Capabilities::from_list(&*location.library, location.slot, &[])
+            }
         };
         let described = capabilities.describe();
         if member.capabilities().describe() != described || member.location().is_none() {
@@ -1266,7 +1269,6 @@ impl Group {
             .library
             .count_slot_as(location.slot, &member.counts);
         *member.location.write() = Some(location);
-        Ok(())
     }
 
     /// Records a member fault: the member leaves the rotation and the

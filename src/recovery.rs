@@ -1289,12 +1289,7 @@ fn recover(
     if !provider.uses_member_slot(&location.library, location.slot) {
         let _ = location.library.close_all_sessions(location.slot);
     }
-    group.relocate(position, location).map_err(|e| {
-        Setback::Failed(format!(
-            "cannot list its mechanisms: {}",
-            crate::error::rv_name(e.rv)
-        ))
-    })?;
+    group.relocate(position, location);
     group.members[position].begin_recovery();
 
     let worker = VirtualSession::internal(Arc::clone(group));

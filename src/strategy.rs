@@ -81,6 +81,16 @@ impl Capabilities {
     /// listing failed once as it reconnected could receive no generated
     /// key for the rest of its epoch: simulation seed 31548.)
     pub fn detect(library: &dyn MemberBackend, slot: CK_SLOT_ID) -> Result<Capabilities> {
+        let listed = library.mechanisms(slot)?;
+        Ok(Capabilities::from_list(library, slot, &listed))
+    }
+
+    /// [`Capabilities::detect`] with the mechanisms `listed` in the slot.
+    pub fn from_list(
+        library: &dyn MemberBackend,
+        slot: CK_SLOT_ID,
+        listed: &[CK_MECHANISM_TYPE],
+    ) -> Capabilities {
         let extensions = library.luna_extensions();
         let (migrate, clone) = (extensions.migrate_keys, extensions.clone_object);
         let cloning = (migrate || clone).then_some(Cloning { migrate, clone });
@@ -93,7 +103,6 @@ impl Capabilities {
             let rv = library.container_policy(slot, id, &mut value);
             (rv == CKR_OK).then_some(value != 0)
         };
-        let listed = library.mechanisms(slot)?;
         let mut wrap_mechanisms = [None; 2];
         let mut wrap_refused = false;
         for (found, mechanism) in wrap_mechanisms.iter_mut().zip(WRAP_MECHANISMS) {
@@ -115,7 +124,7 @@ impl Capabilities {
         } else {
             (Some(false), Some(true))
         };
-        Ok(Capabilities {
+        Capabilities {
             cloning,
             luna: is_luna,
             private_key_cloning: cloning_policy.unwrap_or(true),
@@ -123,7 +132,7 @@ impl Capabilities {
             policies_read: cloning_policy.is_some() && wrapping_policy.is_some(),
             wrap_mechanisms,
             wrap_refused,
-        })
+        }
     }
 
     /// Whether it was found to move no key by wrapping because its library
