@@ -488,7 +488,7 @@ fn started_with_member_0_killed(chaos: &mut Chaos) -> (Pkcs11, cryptoki::session
 /// (`testing-notes.md`) -- stays out when its server returns: its library
 /// answers with an uninitialised token where the member's was, and
 /// recovery finds no token by the member's serial. The other member serves
-/// every call meanwhile, and what it makes is there.
+/// the calls meanwhile (a key made, a digest).
 #[test]
 fn a_member_whose_token_softhsm_lost_stays_out_while_the_other_serves() {
     let mut chaos = Chaos::new(2);
