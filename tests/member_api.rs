@@ -3628,14 +3628,9 @@ fn a_logins_replay_asks_for_a_replay_after_one_under_way_rather_than_wait() {
         assert_eq!(calls.next(), 0, "member 0's first change is held");
         assert!(!group.kept_replay_asked(), "no replay asked for yet");
         let login = scope.spawn(|| recovery::replay_deferred_after_login(&group));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !login.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "the login's replay waits for the one under way"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        within_a_minute("the login's replay waits for the one under way", || {
+            login.is_finished()
+        });
         assert!(!replay.is_finished(), "the replay under way still runs");
         assert!(group.kept_replay_asked(), "a replay is asked for");
         drop(holding);
@@ -3718,14 +3713,9 @@ fn a_member_part_that_panics_still_ends_the_replay() {
         let group = Arc::clone(&group);
         std::thread::spawn(move || recovery::replay_deferred(&group))
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !replay.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "the replay still waits for the part that panicked"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    within_a_minute("the replay still waits for the part that panicked", || {
+        replay.is_finished()
+    });
     assert!(
         replay.join().is_err(),
         "the panic reaches the replay's caller"
@@ -3733,4 +3723,13 @@ fn a_member_part_that_panics_still_ends_the_replay() {
     assert_eq!(kept_labels(&member, 1), labels, "member 1 was given all");
     member.on_change(|_| {});
     v.close();
+}
+
+/// Polls `done` until it holds; fails with `failure` after a minute.
+fn within_a_minute(failure: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -314,6 +314,14 @@ fn the_degraded_rule() {
     );
 }
 
+/// One round of calls in lane 0 of a group of three: member 0's take
+/// `latency`, the others' 2 ms.
+fn calls_with_member_0_taking(group: &Group, latency: u64) {
+    group.members[0].record_latency(0, latency);
+    group.members[1].record_latency(0, 2 * MS);
+    group.members[2].record_latency(0, 2 * MS);
+}
+
 #[test]
 fn a_member_degraded_again_soon_after_its_return_is_held_out_longer_each_time() {
     let t0 = Instant::now();
@@ -341,13 +349,8 @@ fn a_member_degraded_again_soon_after_its_return_is_held_out_longer_each_time() 
 #[test]
 fn the_watchdog_holds_a_member_degraded_again_soon_after_its_return_out_of_rotation() {
     let group = group_of(&["slow under load", "b", "c"]);
-    let calls = |latency: u64| {
-        group.members[0].record_latency(0, latency);
-        group.members[1].record_latency(0, 2 * MS);
-        group.members[2].record_latency(0, 2 * MS);
-    };
     let review = |at: Instant, latency: u64| {
-        calls(latency);
+        calls_with_member_0_taking(&group, latency);
         group.review_latency(at);
         group.members[0].rotation()
     };
@@ -385,11 +388,7 @@ fn the_watchdog_holds_a_member_degraded_again_soon_after_its_return_out_of_rotat
 fn a_degraded_member_leaves_the_rotation_is_probed_and_returns() {
     let group = group_of(&["slow", "b", "c"]);
     // Calls keep coming: each review sees new samples.
-    let calls = |slow: u64| {
-        group.members[0].record_latency(0, slow);
-        group.members[1].record_latency(0, 2 * MS);
-        group.members[2].record_latency(0, 2 * MS);
-    };
+    let calls = |slow: u64| calls_with_member_0_taking(&group, slow);
     let t0 = Instant::now();
     for second in 0..2 {
         calls(200 * MS);
