@@ -363,6 +363,19 @@ impl ObjectTable {
         self.maps.read().objects.get(&handle).cloned()
     }
 
+    /// The copies of `handle`, each with the era its member handle belongs
+    /// to (read together, so a copy is never paired with a later era).
+    pub fn copies(&self, handle: CK_OBJECT_HANDLE) -> Vec<(Era, CK_OBJECT_HANDLE)> {
+        let maps = self.maps.read();
+        let Some(object) = maps.objects.get(&handle) else {
+            return Vec::new();
+        };
+        object
+            .copies()
+            .map(|(member, h)| (self.era(member), h))
+            .collect()
+    }
+
     /// What is known of `handle` on `member`; `None` for an unknown handle.
     pub fn presence(&self, handle: CK_OBJECT_HANDLE, member: usize) -> Option<Presence> {
         self.maps.read().objects.get(&handle).map(|o| o.on[member])

@@ -360,7 +360,7 @@ impl VirtualSession {
             return Err(moved);
         }
         let mut wrapped: Option<(CK_MECHANISM_TYPE, Vec<u8>)> = None;
-        let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted = Vec::new();
         for (&position, strategy) in targets.iter().zip(&strategies) {
             // Copied meanwhile by this process's reconciliation
@@ -418,7 +418,7 @@ impl VirtualSession {
                     faulted.push(position)
                 }
                 (Attempt::Answered(CKR_OK), handle) => {
-                    made.push((position, handle));
+                    made.push((era, handle));
                     if matches!(strategy, Some(Strategy::Wrap(_))) {
                         self.group.members[source].carried_a_key();
                         self.group.members[position].carried_a_key();
@@ -674,10 +674,15 @@ impl VirtualSession {
                 )
             })
             .unwrap_or_else(|e| e.rv);
+        // Session objects: whatever a removal leaves goes with the session.
+        let discard = |position: usize, handle| {
+            let _ = self.on_member(position, |s| s.library.destroy_object(s.handle, handle));
+        };
         if rv == CKR_OK {
-            self.undo(&[(target, cloned)]);
+            discard(target, cloned);
         }
-        self.undo(&[(source, private), (source, public)]);
+        discard(source, private);
+        discard(source, public);
         rv
     }
 
@@ -873,15 +878,27 @@ impl VirtualSession {
         Error::new(CKR_FUNCTION_FAILED)
     }
 
-    /// Removes copies made before a replication had to be abandoned;
-    /// returns the members that could not be asked (they failed).
-    pub fn undo(&self, made: &[(usize, CK_OBJECT_HANDLE)]) -> Vec<usize> {
+    /// Removes copies made before a replication had to be abandoned, each
+    /// by its handle in the era it was made in; returns the members whose
+    /// copy may remain: they did not answer that it is gone (a member that
+    /// failed meanwhile, whose handles mean nothing now, or whose removal
+    /// faulted -- taken out of service by that). Taken for removed on any
+    /// answer, such a copy stayed: a reset connection answered
+    /// `CKR_DEVICE_ERROR`, and the member served again holding a key the
+    /// application was told was never made (simulation seed 10047347).
+    pub fn undo(&self, made: &[(Era, CK_OBJECT_HANDLE)]) -> Vec<usize> {
         made.iter()
-            .filter(|(position, handle)| {
-                self.on_member(*position, |s| s.library.destroy_object(s.handle, *handle))
-                    .is_err()
+            .filter(|(era, handle)| {
+                let answer =
+                    self.attempt_on(era.member(), Some(*era), "C_DestroyObject", &mut |l, s| {
+                        l.destroy_object(s, *handle)
+                    });
+                !matches!(
+                    answer,
+                    Attempt::Answered(CKR_OK | CKR_OBJECT_HANDLE_INVALID)
+                )
             })
-            .map(|(position, _)| *position)
+            .map(|(era, _)| era.member())
             .collect()
     }
 
@@ -899,13 +916,15 @@ impl VirtualSession {
         &self,
         object: CK_OBJECT_HANDLE,
         print: Option<Fingerprint>,
-        made: &[(usize, CK_OBJECT_HANDLE)],
+        made: &[(Era, CK_OBJECT_HANDLE)],
         faulted: &[usize],
     ) {
         let print = print.or_else(|| {
-            made.iter().find_map(|(p, h)| {
-                self.on_member(*p, |s| identity::fingerprint(&*s.library, s.handle, *h))
-                    .ok()?
+            made.iter().find_map(|(era, h)| {
+                self.on_member(era.member(), |s| {
+                    identity::fingerprint(&*s.library, s.handle, *h)
+                })
+                .ok()?
             })
         });
         self.group.objects.remove(object);

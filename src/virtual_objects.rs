@@ -330,7 +330,7 @@ impl VirtualSession {
                 .then(|| OwnedTemplate::copy(template).print())
                 .flatten()
         };
-        let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted: Vec<usize> = Vec::new();
         let mut refused: Vec<(Era, CK_RV)> = Vec::new();
         // Until a member holds it: one that came up while those asked
@@ -380,8 +380,8 @@ impl VirtualSession {
             self.abandon(object, print(), &made, &faulted);
             return Err(e);
         }
-        if let Some(&(position, handle)) = made.first() {
-            self.remember_fingerprint(object, position, handle);
+        if let Some(&(era, handle)) = made.first() {
+            self.remember_fingerprint(object, era.member(), handle);
         }
         if !self.group.objects.has_fingerprint(object) {
             // The member failed before its copy could be read: without a
@@ -392,7 +392,7 @@ impl VirtualSession {
             }
         }
         let missed: Vec<usize> = (0..self.group.members.len())
-            .filter(|p| !made.iter().any(|(m, _)| m == p))
+            .filter(|p| !made.iter().any(|(era, _)| era.member() == *p))
             .collect();
         if !missed.is_empty() && owner.is_none() {
             let kept = std::sync::Arc::new(OwnedTemplate::copy(template));
@@ -534,7 +534,7 @@ impl VirtualSession {
         era: Era,
         handle: CK_OBJECT_HANDLE,
         answer: Attempt,
-        made: &mut Vec<(usize, CK_OBJECT_HANDLE)>,
+        made: &mut Vec<(Era, CK_OBJECT_HANDLE)>,
         print: &dyn Fn() -> Option<identity::Fingerprint>,
     ) -> Result<bool> {
         match answer {
@@ -544,7 +544,7 @@ impl VirtualSession {
                         .objects
                         .set_presence(object, era, Presence::Present(handle));
                 if recorded {
-                    made.push((era.member(), handle));
+                    made.push((era, handle));
                 }
                 Ok(!recorded)
             }
@@ -618,7 +618,7 @@ impl VirtualSession {
                     return Err(e);
                 }
             };
-            let mut made: Vec<(usize, CK_OBJECT_HANDLE)> = Vec::new();
+            let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
             let order = self.making_order();
             let rank = |p: &usize| order.iter().position(|o| o == p).unwrap_or(order.len());
             let mut copies = copies;
@@ -648,7 +648,7 @@ impl VirtualSession {
             self.abandon(object, None, &made, &[]);
             return Err(e);
         }
-        self.remember_fingerprint(object, made[0].0, made[0].1);
+        self.remember_fingerprint(object, made[0].0.member(), made[0].1);
         if owner.is_none() {
             for position in missed {
                 self.deliver_or_queue(position, Pending::Create(object));
@@ -1578,7 +1578,7 @@ impl VirtualSession {
             // them included, are removed when those return.
             for object in &objects {
                 if let Some(entry) = self.group.objects.get(*object) {
-                    let copies: Vec<(usize, CK_OBJECT_HANDLE)> = entry.copies().collect();
+                    let copies = self.group.objects.copies(*object);
                     let print = entry.fingerprint.map(|p| (*p).clone());
                     // A member that failed while given a copy may hold it
                     // (its answer lost); a print with a check value finds
@@ -1588,7 +1588,9 @@ impl VirtualSession {
                             .group
                             .members
                             .iter()
-                            .filter(|m| !m.is_up() && copies.iter().all(|(c, _)| *c != m.position))
+                            .filter(|m| {
+                                !m.is_up() && copies.iter().all(|(c, _)| c.member() != m.position)
+                            })
                             .map(|m| m.position)
                             .collect(),
                         _ => Vec::new(),
