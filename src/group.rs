@@ -1187,15 +1187,19 @@ impl Group {
     /// Asks the libraries of serving members known to refuse the key-wrap
     /// mechanism whether they still do (what a member found refusing when
     /// attached can do is read again; one that refused since is asked with
-    /// a wrap without a key); true if one has stopped, here or in a copy
-    /// since the last call.
+    /// a wrap without a key), and lists the mechanisms of those whose
+    /// listing failed when attached ([`Group::list_again`]); true if one
+    /// has stopped refusing or been listed, here or in a copy since the
+    /// last call.
     pub fn wrapping_resumed(&self) -> bool {
         let mut resumed = self.wrapping_resumed_unseen.swap(false, Ordering::Relaxed);
         for member in self.up_members() {
             let Some(location) = member.location() else {
                 continue;
             };
-            if member.capabilities().refuses_wrapping() {
+            if member.capabilities().unlisted {
+                resumed |= self.list_again(member.position);
+            } else if member.capabilities().refuses_wrapping() {
                 let capabilities = match Capabilities::detect(&*location.library, location.slot) {
                     Ok(capabilities) => capabilities,
                     // Its connection may be lost unseen: taken out, it is
@@ -1233,8 +1237,9 @@ impl Group {
     /// what it can do to move keys there. Where its mechanisms cannot be
     /// listed ([`Capabilities::detect`]), what it was found able to do
     /// before stands (a refusal among it is asked again by
-    /// [`Group::wrapping_resumed`]); a member never found before is taken
-    /// to move no key until its next return, and the HA log says so.
+    /// [`Group::wrapping_resumed`]); a member never found before joins
+    /// with what it can do unknown ([`Capabilities::unlisted`], read again
+    /// by [`Group::list_again`]), and the HA log says so.
     /// (Failing the recovery attempt instead costs another reconnect, each
     /// as slow as the one whose listing failed: the suite's slow-reconnect
     /// test failed 1 time in 4 beside a loaded simulation, as against 4
@@ -1248,12 +1253,12 @@ impl Group {
                 self.log(
                     Some(position),
                     &format!(
-                        "its mechanisms could not be listed ({}): taken to move no key until \
-                         its next return",
+                        "its mechanisms could not be listed ({}): read again before a key \
+                         moves to or from it",
                         crate::error::rv_name(e.rv)
                     ),
                 );
-                Capabilities::from_list(&*location.library, location.slot, &[])
+                Capabilities::unlisted(&*location.library, location.slot)
             }
         };
         let described = capabilities.describe();
@@ -1269,6 +1274,36 @@ impl Group {
             .library
             .count_slot_as(location.slot, &member.counts);
         *member.location.write() = Some(location);
+    }
+
+    /// Reads again what a serving member whose mechanisms could not be
+    /// listed when it was attached ([`Capabilities::unlisted`]) can do;
+    /// true once that is known (at once for any other member). A listing
+    /// that faults takes the member out: its recovery reads it again.
+    /// (Taken to move no key until its next return, such a member had
+    /// every generated key refused meanwhile.)
+    pub fn list_again(&self, position: usize) -> bool {
+        let member = &self.members[position];
+        if !member.capabilities().unlisted {
+            return true;
+        }
+        let Some(location) = member.location() else {
+            return false;
+        };
+        match Capabilities::detect(&*location.library, location.slot) {
+            Ok(capabilities) => {
+                self.log(Some(position), &capabilities.describe());
+                self.unreceivable.lock()[position].clear();
+                *member.capabilities.write() = capabilities;
+                true
+            }
+            Err(e) => {
+                if is_member_fault("C_GetMechanismList", e.rv) {
+                    self.member_failed(position, "C_GetMechanismList", e.rv);
+                }
+                false
+            }
+        }
     }
 
     /// Records a member fault: the member leaves the rotation and the

@@ -468,7 +468,9 @@ impl VirtualSession {
     /// its library refused the key-wrap mechanism in this process, or what
     /// it can do (read when it was attached) leaves no way from `source` to
     /// it. A member never attached in this process is not known unable: it
-    /// is given the key when it joins, or says it cannot take it then.
+    /// is given the key when it joins, or says it cannot take it then; nor
+    /// is one whose mechanisms could not be listed, read again as the key
+    /// moves.
     pub fn refuse_unreceivable(
         &self,
         objects: &[CK_OBJECT_HANDLE],
@@ -549,6 +551,18 @@ impl VirtualSession {
         copying: Copying,
     ) -> Result<Strategy> {
         let (from, to) = (&self.group.members[source], &self.group.members[target]);
+        for (position, member) in [(source, from), (target, to)] {
+            if !self.group.list_again(position) {
+                let event = format!(
+                    "member {}'s mechanisms could not be listed; {}",
+                    member.serial,
+                    copying.outcome()
+                );
+                eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+                self.group.log(Some(target), &event);
+                return Err(Error::new(CKR_FUNCTION_FAILED));
+            }
+        }
         let (Some(from_location), Some(to_location)) = (from.location(), to.location()) else {
             return Err(Error::new(CKR_DEVICE_ERROR));
         };
@@ -1651,6 +1665,10 @@ fn no_way(
         return None;
     };
     let (from_can, to_can) = (from.capabilities(), to.capabilities());
+    // Not known unable: read again before the key moves.
+    if from_can.unlisted || to_can.unlisted {
+        return None;
+    }
     let source_side = Side {
         serial: &from.serial,
         library: from_location.library.as_ref(),

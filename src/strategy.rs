@@ -59,6 +59,10 @@ pub struct Capabilities {
     /// 0.24's client cannot carry one): it can never receive a key that
     /// moves by wrapping. Kept while the member is down.
     pub wrap_refused: bool,
+    /// Its mechanisms could not be listed when it was first attached: what
+    /// it can do is not known, and is read again before a key moves to or
+    /// from it (`Group::list_again`).
+    pub unlisted: bool,
 }
 
 /// The way a key moves from one member to another.
@@ -132,6 +136,17 @@ impl Capabilities {
             policies_read: cloning_policy.is_some() && wrapping_policy.is_some(),
             wrap_mechanisms,
             wrap_refused,
+            unlisted: false,
+        }
+    }
+
+    /// What is known of a member whose mechanisms could not be listed:
+    /// Luna's extensions, and no key-wrap mechanism until they are read
+    /// again.
+    pub fn unlisted(library: &dyn MemberBackend, slot: CK_SLOT_ID) -> Capabilities {
+        Capabilities {
+            unlisted: true,
+            ..Capabilities::from_list(library, slot, &[])
         }
     }
 
@@ -156,7 +171,9 @@ impl Capabilities {
             .flatten()
             .map(|m| mechanism_name(*m))
             .collect();
-        let wrap = if wrap.is_empty() && self.wrap_refused {
+        let wrap = if self.unlisted {
+            "its mechanisms could not be listed yet".to_string()
+        } else if wrap.is_empty() && self.wrap_refused {
             "its library refuses the key-wrap mechanism it lists".to_string()
         } else if wrap.is_empty() {
             "no key-wrap mechanism".to_string()
@@ -382,6 +399,7 @@ mod tests {
             policies_read: true,
             wrap_mechanisms: [None, Some(CKM_AES_KWP)],
             wrap_refused: false,
+            unlisted: false,
         }
     }
 

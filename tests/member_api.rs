@@ -729,6 +729,28 @@ fn no_maker_gives_a_key_a_member_cannot_receive() {
     v.close();
 }
 
+#[test]
+fn a_member_whose_mechanisms_could_not_be_listed_when_attached_receives_generated_keys() {
+    let member = Arc::new(SimMember::initialized(2, 47));
+    // Member 1's listing fails once, as it is attached: what it can do is
+    // not known then, and is read again before a key moves to it.
+    member.sim.lock().set_fault(1, Fault::FailListing);
+    let group = group_of((0..2).map(|t| (Arc::clone(&member), t)).collect());
+    let v = logged_in_session(&group);
+    for label in [&b"listed0"[..], b"listed1"] {
+        let name = String::from_utf8_lossy(label);
+        generate_token_key(&v, label).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let values = key_values(&member, label);
+        assert!(
+            values
+                .iter()
+                .all(|on| on.len() == 1 && on[0] == values[0][0]),
+            "{name}: the same key once on each member: {values:?}"
+        );
+    }
+    v.close();
+}
+
 /// A session with a SHA-256 digest started on it, and the member it is
 /// bound to.
 fn sha256_started(group: &Arc<Group>) -> (VirtualSession, usize) {

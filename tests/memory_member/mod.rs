@@ -854,6 +854,9 @@ impl MemberApi for SimMember {
         let mut sim = self.sim.lock();
         let token = sim.token_index(slot)?;
         sim.enter(token)?;
+        if std::mem::take(&mut sim.tokens[token].fail_next_listing) {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
         Ok(MECHANISMS.iter().map(|(m, _)| *m).collect())
     }
 

@@ -88,6 +88,10 @@ pub enum Fault {
     /// ([`Sim::carry_out_late`]) -- as a `p11-kit server` worker that
     /// received a request carries it out after its connection closed.
     LateChange,
+    /// The next `C_GetMechanismList` of the token fails with
+    /// `CKR_DEVICE_ERROR`, and nothing else does: a networked library whose
+    /// request timed out once while its connection stayed.
+    FailListing,
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -184,6 +188,7 @@ pub struct Token {
     pub spare_stall_next: bool,
     pub spare_lose_next_answer: bool,
     pub late_change: bool,
+    pub fail_next_listing: bool,
     /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
@@ -789,6 +794,7 @@ impl Sim {
             Fault::SpareStall => t.spare_stall_next = true,
             Fault::SpareLoseAnswer => t.spare_lose_next_answer = true,
             Fault::LateChange => t.late_change = true,
+            Fault::FailListing => t.fail_next_listing = true,
         }
     }
 
@@ -820,6 +826,7 @@ impl Sim {
         t.spare_stall_next = false;
         t.spare_lose_next_answer = false;
         t.late_change = false;
+        t.fail_next_listing = false;
     }
 
     /// Tokens that are present: not crashed or hung.
