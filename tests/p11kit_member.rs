@@ -328,10 +328,13 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
     // The member's connection really died: its own slot answers
     // `CKR_DEVICE_ERROR` (testing-notes.md) until recovery, which tries a
     // failed member at once, has reconnected -- through a worker the
-    // server started anew, not one of those killed.
+    // server started anew, not one of those killed. Such a worker may
+    // miss the token (`CKR_SLOT_ID_INVALID`: its SoftHSM started while
+    // another worker's login rewrote the token file, docs/design.md,
+    // "spares"; seen once in a suite run), and recovery connects again.
     match pkcs11.get_token_info(remote_slot) {
         Err(Error::Pkcs11(RvError::DeviceError, _)) => {}
-        Ok(_) => {
+        Ok(_) | Err(Error::Pkcs11(RvError::SlotIdInvalid, _)) => {
             let now = group.server.workers();
             assert!(
                 !now.is_empty() && now.iter().all(|w| !workers.contains(w)),
