@@ -1495,7 +1495,9 @@ impl Group {
     /// for it is due at once, as every failed member's is when the outage
     /// begins, or under way -- its token being looked for, or the member
     /// catching up -- or, once its token answered, between the attempts of
-    /// its run), waits for a member to serve, for what is left of the
+    /// its run, the next of which the call makes due at once:
+    /// [`Group::hurry_attempts_between`]), waits for a member to serve, for
+    /// what is left of the
     /// call's [`Waits`] (one `memberTimeout` for all its waits); true if
     /// one serves, at once if one does now. It stops waiting, and answers
     /// false, as soon as no member is being brought back any more (each
@@ -1512,6 +1514,9 @@ impl Group {
     pub fn wait_for_serving(&self, waits: &mut Waits) -> bool {
         if self.up_members().next().is_some() {
             return true;
+        }
+        if waits.0.is_none() {
+            self.hurry_attempts_between();
         }
         let left = *waits.0.get_or_insert(self.settings.member_timeout);
         if left.is_zero() {
@@ -1541,6 +1546,34 @@ impl Group {
         self.serving_wait().waiting -= 1;
         waits.0 = Some(deadline.saturating_duration_since(crate::clock::now()));
         served
+    }
+
+    /// For a call about to wait for a member to serve, the first time:
+    /// the next attempt of each member between the attempts of its run
+    /// (its token answered, the member fell short) is made due at once,
+    /// where a recovery thread runs. The gap is `AutoReconnectInterval`,
+    /// which may outlast the call's wait (one `memberTimeout`): a call
+    /// then waited its whole `memberTimeout` for an attempt it could
+    /// never see -- with every token crashed since (simulation seed
+    /// 12002973). Each call hurries them once, so attempts come no more
+    /// often than calls that wait for them.
+    fn hurry_attempts_between(&self) {
+        let Some(wake) = self.wake_recovery.get() else {
+            return;
+        };
+        let mut hurried = false;
+        for member in &self.members {
+            if member.state() == MemberState::Down
+                && member.attempt_under_way.load(Ordering::Acquire) > 0
+                && !member.attempt_due()
+            {
+                member.attempt_due.store(true, Ordering::Release);
+                hurried = true;
+            }
+        }
+        if hurried {
+            wake();
+        }
     }
 
     /// How many application calls wait for a member to serve now.

@@ -4003,7 +4003,18 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   `CKR_DEVICE_ERROR`, was taken for done, and member 0 served again
 ///   holding the key. A copy is undone only on an answer that it is gone
 ///   (`VirtualSession::undo`); otherwise its removal is queued.
-const REGRESSION_SEEDS: [(u64, Faults); 107] = [
+/// - 12094270 (default schedules from 12,000,000): a call of another kind
+///   on a session whose buffered digest had lost its member moved the
+///   digest while no member served, could not wait for one on its behalf,
+///   and lost it: the digest's `C_DigestFinal` failed at once while two
+///   members were being brought back. Such a move now waits until a
+///   member serves (`choose_after_moving`).
+/// - 12002973 (the same): with every token crashed, a call waited its
+///   whole `memberTimeout` for a member whose last attempt had fallen
+///   short, its next one `AutoReconnectInterval` (longer) away. A call
+///   that waits now makes that attempt due at once
+///   (`Group::hurry_attempts_between`).
+const REGRESSION_SEEDS: [(u64, Faults); 109] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4111,6 +4122,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 107] = [
     (5009708, Faults::DEFAULT),
     (5036870, Faults::DEFAULT),
     (10047347, Faults::DEFAULT),
+    (12094270, Faults::DEFAULT),
+    (12002973, Faults::DEFAULT),
 ];
 
 #[test]

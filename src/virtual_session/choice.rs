@@ -136,6 +136,16 @@ impl VirtualSession {
         keys: &[CK_OBJECT_HANDLE],
         preference: Preference,
     ) -> Result<(usize, Handles, Era)> {
+        // With no member serving they could not move, and this call cannot
+        // wait for one on their behalf: they stay bound to `from`, as when
+        // it failed, and move once a member serves -- this call's next
+        // choice, after it waited, or their own next call. Moved here, a
+        // buffered digest was lost to a call of another kind made while
+        // every member was out, and its `C_DigestFinal` failed at once
+        // (simulation seed 12094270).
+        if self.group.up_members().next().is_none() {
+            return Err(Error::new(CKR_DEVICE_ERROR));
+        }
         self.move_operations(from);
         // Operations that could not move stay bound to `from`, lost: a
         // call of another kind goes where it can (chosen there, a key
