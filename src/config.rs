@@ -748,7 +748,7 @@ fn read_sections(
     Ok(found)
 }
 
-/// "[A], [B] and [C]", with `last` before the last one.
+/// "\[A\], \[B\] and \[C\]", with `last` before the last one.
 fn section_list(last: &str) -> String {
     let names: Vec<String> = SECTIONS.iter().map(|s| format!("[{s}]")).collect();
     let (tail, head) = names.split_last().expect("SECTIONS is not empty");

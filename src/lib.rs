@@ -8,6 +8,10 @@
 //! a group's object table. No lock is ever held across a call into a
 //! member library.
 #![deny(unsafe_op_in_unsafe_fn)]
+// The API documentation is for this crate's developers, read with
+// `cargo doc --document-private-items`: docs link the private items that
+// carry each rule.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod arguments;
 pub mod bindings;

@@ -972,8 +972,8 @@ impl VirtualSession {
 
     /// [`Self::deliver_or_queue`] for a change of `object` (a removal
     /// names none itself): for a serving member, kept behind any change of
-    /// the object still on its way there ([`Group::change_on_its_way`]; a
-    /// removal behind those it would miss, [`Group::removal_waits`]). Made
+    /// the object still on its way there ([`crate::group::Group::change_on_its_way`]; a
+    /// removal behind those it would miss, [`crate::group::Group::removal_waits`]). Made
     /// at once, a change of attributes was undone by the kept one (808),
     /// and a removal found no copy under the new `CKA_ID` a kept change
     /// was still to set, which then set it on the copy left behind (11729;
@@ -1130,7 +1130,7 @@ impl VirtualSession {
 
     /// A serving member other than `position` to copy `object` from: one
     /// holding it with no change of it on its way there
-    /// ([`Group::change_on_its_way`]). A copy from a member whose copy
+    /// ([`crate::group::Group::change_on_its_way`]). A copy from a member whose copy
     /// still waited for a change of attributes held the object as it was
     /// before, which the removal of the object, by its fingerprint now,
     /// then did not find (simulation seed 20554).

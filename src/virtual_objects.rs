@@ -879,7 +879,7 @@ impl VirtualSession {
     /// Also returns the members that were not up, those that hold no copy
     /// while one is on its way to them, and those with any change of the
     /// object still on their way (queued, kept, or being made by the
-    /// replay of kept changes, [`Group::change_on_its_way`]): they get the
+    /// replay of kept changes, [`crate::group::Group::change_on_its_way`]): they get the
     /// change behind it -- made at once on such a member's copy, it was
     /// undone by the earlier change (simulation seed 808). Where only such
     /// members hold a copy, those copies answer too (the change is made
