@@ -2297,11 +2297,22 @@ const KEPT_REPLAY_LOOK: Duration = Duration::from_millis(100);
 /// so members served at once drain nearly as fast each as one alone.
 fn replay_kept_beside(group: &Arc<Group>) -> usize {
     let made = std::sync::atomic::AtomicUsize::new(0);
-    let (ended, end) = std::sync::mpsc::channel::<usize>();
+    let (ended, end) = std::sync::mpsc::channel::<(usize, Option<usize>)>();
     std::thread::scope(|scope| {
         let mut running: Vec<usize> = Vec::new();
-        // Per member whose part ended: how many changes it left kept.
+        // Per member whose part ended: how many changes it left kept, as
+        // its last look counted them (read once the end was heard, a
+        // change kept in between counted as left, and the member was not
+        // taken in again for it: `tests/member_api.rs`, 2 runs in 26
+        // beside a simulation).
         let mut left_kept: HashMap<usize, usize> = HashMap::new();
+        let heard = |(position, left): (usize, Option<usize>),
+                     running: &mut Vec<usize>,
+                     left_kept: &mut HashMap<usize, usize>| {
+            running.retain(|p| *p != position);
+            let left = left.unwrap_or_else(|| group.kept_count(position));
+            left_kept.insert(position, left);
+        };
         loop {
             let due: Vec<usize> = (group.up_members())
                 .map(|m| m.position)
@@ -2311,27 +2322,31 @@ fn replay_kept_beside(group: &Arc<Group>) -> usize {
             for position in due {
                 let (made, ended) = (&made, ended.clone());
                 let member = move || {
-                    let _ended = PartEnded(position, ended);
-                    let count = replay_member_kept(group, position);
+                    let mut part = PartEnded {
+                        position,
+                        left: None,
+                        tell: ended,
+                    };
+                    let (count, left) = replay_member_kept(group, position);
+                    part.left = Some(left);
                     made.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                 };
                 let spawned = std::thread::Builder::new()
                     .name("pkcs11-ha-kept".into())
                     .spawn_scoped(scope, member.clone());
-                match spawned {
-                    Ok(_) => running.push(position),
-                    Err(_) => {
-                        member();
-                        left_kept.insert(position, group.kept_count(position));
-                    }
+                running.push(position);
+                if spawned.is_err() {
+                    member();
                 }
+            }
+            while let Ok(part) = end.try_recv() {
+                heard(part, &mut running, &mut left_kept);
             }
             if running.is_empty() {
                 break;
             }
-            if let Ok(position) = end.recv_timeout(KEPT_REPLAY_LOOK) {
-                running.retain(|p| *p != position);
-                left_kept.insert(position, group.kept_count(position));
+            if let Ok(part) = end.recv_timeout(KEPT_REPLAY_LOOK) {
+                heard(part, &mut running, &mut left_kept);
             }
         }
     });
@@ -2339,34 +2354,42 @@ fn replay_kept_beside(group: &Arc<Group>) -> usize {
 }
 
 /// Tells [`replay_kept_beside`] that a member's part ended, however it
-/// ended: a part that panicked and said nothing would hold the replay,
-/// and every replay and login after it, for good.
-struct PartEnded(usize, std::sync::mpsc::Sender<usize>);
+/// ended, and how many changes it left kept (unknown if it panicked): a
+/// part that panicked and said nothing would hold the replay, and every
+/// replay and login after it, for good.
+struct PartEnded {
+    position: usize,
+    left: Option<usize>,
+    tell: std::sync::mpsc::Sender<(usize, Option<usize>)>,
+}
 
 impl Drop for PartEnded {
     fn drop(&mut self) {
-        let _ = self.1.send(self.0);
+        let _ = self.tell.send((self.position, self.left));
     }
 }
 
 /// Makes the changes kept for serving member `position` in this thread,
 /// share after share ([`KeptReplay::take_next_share`]): its part of
-/// [`replay_kept_beside`].
-fn replay_member_kept(group: &Arc<Group>, position: usize) -> usize {
+/// [`replay_kept_beside`]. Returns how many it made, and how many it left
+/// kept as its last look counted them.
+fn replay_member_kept(group: &Arc<Group>, position: usize) -> (usize, usize) {
     let worker = VirtualSession::internal(Arc::clone(group));
     let mut replay = KeptReplay::new(group, position, false);
     let mut made = 0;
-    loop {
+    let left = loop {
         let wanted = group.kept_object_wanted(position, &replay.kept_again);
-        if !wanted && replay.left == 0 && !replay.take_next_share(group) {
-            break;
+        if !wanted && replay.left == 0 {
+            if let Err(left) = replay.take_next_share(group) {
+                break left;
+            }
         }
         let kept_again = replay.kept_again.clone();
         let call_waits = || group.kept_object_wanted(position, &kept_again);
         made += take_kept_turn(group, &worker, &mut replay, wanted, &call_waits);
-    }
+    };
     worker.close();
-    made
+    (made, left)
 }
 
 /// [`replay_kept`] in this thread: the members take turns, one change
@@ -2493,18 +2516,20 @@ impl KeptReplay {
     /// for a retry nothing asked for (a long chaos run's member drained
     /// its share of 2,771 and stopped with 626 kept since). The holdings
     /// stay: what the application makes meanwhile joins the kept changes
-    /// (`Group::catching_up`) rather than reach the member.
-    fn take_next_share(&mut self, group: &Group) -> bool {
+    /// (`Group::catching_up`) rather than reach the member. `Err` with the
+    /// count of changes kept for the member now, where there is no next
+    /// share.
+    fn take_next_share(&mut self, group: &Group) -> Result<(), usize> {
         let kept = group.kept_count(self.position);
         if kept <= self.kept_again_count {
-            return false;
+            return Err(kept);
         }
         self.left = kept;
         self.late = true;
         self.kept_again.clear();
         self.kept_again_count = 0;
         self.removals.clear();
-        true
+        Ok(())
     }
 }
 
@@ -2543,7 +2568,7 @@ fn next_kept_turn(
     turn: &mut usize,
 ) -> Option<(usize, bool)> {
     for replay in replays.iter_mut().filter(|r| r.left == 0) {
-        replay.take_next_share(group);
+        let _ = replay.take_next_share(group);
     }
     let count = replays.len();
     let wanted = (replays.iter()).position(|r| group.kept_object_wanted(r.position, &r.kept_again));

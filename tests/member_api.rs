@@ -431,6 +431,13 @@ fn key_values(member: &SimMember, label: &[u8]) -> Vec<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// Whether [`key_values`] shows one key, once on each member.
+fn once_on_each_member(values: &[Vec<Vec<u8>>]) -> bool {
+    values
+        .iter()
+        .all(|on| on.len() == 1 && on[0] == values[0][0])
+}
+
 /// Encrypts `data` with AES-ECB (the model's keystream) and `key`
 /// through the group.
 fn encrypt(v: &VirtualSession, key: CK_OBJECT_HANDLE, data: &[u8]) -> Vec<u8> {
@@ -742,9 +749,7 @@ fn a_member_whose_mechanisms_could_not_be_listed_when_attached_receives_generate
         generate_token_key(&v, label).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         let values = key_values(&member, label);
         assert!(
-            values
-                .iter()
-                .all(|on| on.len() == 1 && on[0] == values[0][0]),
+            once_on_each_member(&values),
             "{name}: the same key once on each member: {values:?}"
         );
     }
@@ -879,9 +884,7 @@ fn a_key_made_through_an_in_memory_group_is_on_every_member_and_replayed_to_one_
     generate_token_key(&v, b"everywhere").expect("a key made with every member up");
     let everywhere = key_values(&member, b"everywhere");
     assert!(
-        everywhere
-            .iter()
-            .all(|on| on.len() == 1 && on[0] == everywhere[0][0]),
+        once_on_each_member(&everywhere),
         "the same key once on each member: {everywhere:?}"
     );
 
@@ -905,9 +908,7 @@ fn a_key_made_through_an_in_memory_group_is_on_every_member_and_replayed_to_one_
         (b"everywhere", key_values(&member, b"everywhere")),
     ] {
         assert!(
-            values
-                .iter()
-                .all(|on| on.len() == 1 && on[0] == values[0][0]),
+            once_on_each_member(&values),
             "{}: the same key once on each member after the replay: {values:?}",
             String::from_utf8_lossy(label)
         );
@@ -1191,9 +1192,7 @@ fn a_pass_before_the_first_login_keeps_the_domain_key_known_on_tokens_that_renum
     generate_token_key(&v, b"after the pass").expect("a key is made after the pass");
     let values = key_values(&member, b"after the pass");
     assert!(
-        values
-            .iter()
-            .all(|on| on.len() == 1 && on[0] == values[0][0]),
+        once_on_each_member(&values),
         "the same key once on each member: {values:?}"
     );
     v.close();
@@ -1696,9 +1695,7 @@ fn a_key_whose_only_member_lost_the_answer_is_generated_on_the_returning_member(
     member_0_returns(&member, &group, &host);
     let values = key_values(&member, label);
     assert!(
-        values
-            .iter()
-            .all(|on| on.len() == 1 && on[0] == values[1][0]),
+        once_on_each_member(&values),
         "the key generated on member 1, once on each member: {values:?}"
     );
     v.close();
