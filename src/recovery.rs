@@ -808,7 +808,12 @@ fn kept_retry(group: &Group) -> Option<KeptRetry> {
     if !group.has_deferred() {
         return None;
     }
-    if stranded || group.kept_replay_asked() || group.wrapping_resumed() {
+    // Asked whatever else asks for the retry: skipped when a replay was
+    // asked anyway, a member whose library stopped refusing was not read
+    // again, and the replay kept its copies again, for good (simulation
+    // seed 15032245).
+    let resumed = group.wrapping_resumed();
+    if stranded || group.kept_replay_asked() || resumed {
         Some(KeptRetry::Asked)
     } else {
         group
