@@ -933,13 +933,17 @@ impl VirtualSession {
         made: &[(Era, CK_OBJECT_HANDLE)],
         faulted: &[usize],
     ) {
+        // Read from a copy whose member kept its handles: after a
+        // reconnect the number may name another object.
         let print = print.or_else(|| {
-            made.iter().find_map(|(era, h)| {
-                self.on_member(era.member(), |s| {
-                    identity::fingerprint(&*s.library, s.handle, *h)
+            made.iter()
+                .filter(|(era, _)| !self.group.objects.moved_on(*era))
+                .find_map(|(era, h)| {
+                    self.on_member(era.member(), |s| {
+                        identity::fingerprint(&*s.library, s.handle, *h)
+                    })
+                    .ok()?
                 })
-                .ok()?
-            })
         });
         self.group.objects.remove(object);
         let mut left = self.undo(made);
