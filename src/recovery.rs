@@ -2336,6 +2336,10 @@ fn replay_kept_beside(group: &Arc<Group>) -> usize {
             left_kept.insert(position, left);
         };
         loop {
+            // Parts that ended since, one run in this thread among them.
+            while let Ok(part) = end.try_recv() {
+                heard(part, &mut running, &mut left_kept);
+            }
             let due: Vec<usize> = (group.up_members())
                 .map(|m| m.position)
                 .filter(|p| !running.contains(p))
@@ -2360,9 +2364,6 @@ fn replay_kept_beside(group: &Arc<Group>) -> usize {
                 if spawned.is_err() {
                     member();
                 }
-            }
-            while let Ok(part) = end.try_recv() {
-                heard(part, &mut running, &mut left_kept);
             }
             if running.is_empty() {
                 break;

@@ -3711,6 +3711,48 @@ fn a_member_whose_part_ended_is_taken_in_again_for_what_is_kept_for_it_since() {
     v.close();
 }
 
+/// As the test above, with the import made just as member 0's part ends:
+/// after its last look found nothing more it could make, while its worker
+/// closes its session on member 0 (held). The replay counted what the
+/// part left kept only once it heard the part end -- the import among it
+/// -- and did not take member 0 in again for it (the test above failed 2
+/// times in 26 under load for that).
+#[test]
+fn a_change_kept_as_a_members_part_ends_takes_it_in_again() {
+    let (member, group, v, labels) = four_imported_while_0_and_1_were_out(4, 84);
+    generate_token_key(&v, b"generated").expect("the key is generated on members 2 and 3");
+    serving_first_owing(&group, &[0, 1]);
+    {
+        let mut sim = member.sim.lock();
+        sim.set_fault(0, Fault::RefuseWrapAlways);
+        sim.set_fault(0, Fault::StallOnClose);
+    }
+    group.set_kept_replays_beside(true);
+    let calls = HeldCalls::on(&member, |_| false);
+
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 0, "member 0's part closes its session");
+        assert_eq!(
+            kept_labels(&member, 0),
+            labels,
+            "member 0 was given its four"
+        );
+        assert_eq!(group.kept_count(0), 1, "member 0 keeps the key");
+        import_labelled(&v, "kept later");
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    assert_eq!(
+        kept_labels(&member, 0).last().map(String::as_str),
+        Some("kept later"),
+        "member 0 was taken in again for the object kept as its part ended"
+    );
+    assert_eq!(kept_labels(&member, 1).len(), 5, "member 1 was given all");
+    v.close();
+}
+
 /// A member's part of a replay of kept changes that ends by panicking
 /// still ends the replay: member 0's first change panics (a defect in the
 /// code under it), and the replay, members 0 and 1 each in a thread of

@@ -88,6 +88,10 @@ pub enum Fault {
     /// ([`Sim::carry_out_late`]) -- as a `p11-kit server` worker that
     /// received a request carries it out after its connection closed.
     LateChange,
+    /// As [`Fault::Stall`], met by the next `C_CloseSession` on the token
+    /// (once the session is closed): a driver can act as a worker that is
+    /// done with the member closes its session.
+    StallOnClose,
     /// The next `C_GetMechanismList` of the token fails with
     /// `CKR_DEVICE_ERROR`, and nothing else does: a networked library whose
     /// request timed out once while its connection stayed.
@@ -183,6 +187,7 @@ pub struct Token {
     pub stall_on_reading: Option<CK_OBJECT_HANDLE>,
     pub stall_after_change: bool,
     pub stall_on_login: bool,
+    pub stall_on_close: bool,
     pub renumber_on_reconnect: bool,
     pub spare_crashed: bool,
     pub spare_stall_next: bool,
@@ -789,6 +794,7 @@ impl Sim {
             Fault::StallOnReading(handle) => t.stall_on_reading = Some(handle),
             Fault::StallAfterChange => t.stall_after_change = true,
             Fault::StallOnLogin => t.stall_on_login = true,
+            Fault::StallOnClose => t.stall_on_close = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
             Fault::SpareCrash => t.spare_crashed = true,
             Fault::SpareStall => t.spare_stall_next = true,
@@ -822,6 +828,7 @@ impl Sim {
         t.stall_on_reading = None;
         t.stall_after_change = false;
         t.stall_on_login = false;
+        t.stall_on_close = false;
         t.spare_crashed = false;
         t.spare_stall_next = false;
         t.spare_lose_next_answer = false;
@@ -894,7 +901,10 @@ impl Sim {
     }
 
     pub fn close_session(&mut self, session: CK_SESSION_HANDLE) -> Result<()> {
-        self.enter_session(session)?;
+        let token = self.enter_session(session)?;
+        if std::mem::take(&mut self.tokens[token].stall_on_close) {
+            self.stalled = Some(token);
+        }
         self.end_session(session);
         Ok(())
     }
