@@ -709,14 +709,25 @@ fn keys_are_made_on_the_member_expected_to_finish_first_not_on_a_slow_primary() 
     v.close();
 }
 
+/// A logged-in session on a group over `tokens` in-memory tokens, with
+/// `fault` planted on token `faulty` before the members are attached.
+fn attached_with_fault(
+    tokens: usize,
+    seed: u64,
+    faulty: usize,
+    fault: Fault,
+) -> (Arc<SimMember>, VirtualSession) {
+    let member = Arc::new(SimMember::initialized(tokens, seed));
+    member.sim.lock().set_fault(faulty, fault);
+    let group = group_of((0..tokens).map(|t| (Arc::clone(&member), t)).collect());
+    (member, logged_in_session(&group))
+}
+
 #[test]
 fn no_maker_gives_a_key_a_member_cannot_receive() {
-    let member = Arc::new(SimMember::initialized(3, 43));
     // Member 2's library refuses the key-wrap mechanism from the start, so
     // it is known, when attached, never to receive a generated key.
-    member.sim.lock().set_fault(2, Fault::RefuseWrapAlways);
-    let group = group_of((0..3).map(|t| (Arc::clone(&member), t)).collect());
-    let v = logged_in_session(&group);
+    let (member, v) = attached_with_fault(3, 43, 2, Fault::RefuseWrapAlways);
     // Three keys, the members taking turns to make them (as in the test
     // above): whichever makes one, the call fails and no member keeps it.
     for label in [&b"none0"[..], b"none1", b"none2"] {
@@ -738,12 +749,9 @@ fn no_maker_gives_a_key_a_member_cannot_receive() {
 
 #[test]
 fn a_member_whose_mechanisms_could_not_be_listed_when_attached_receives_generated_keys() {
-    let member = Arc::new(SimMember::initialized(2, 47));
     // Member 1's listing fails once, as it is attached: what it can do is
     // not known then, and is read again before a key moves to it.
-    member.sim.lock().set_fault(1, Fault::FailListing);
-    let group = group_of((0..2).map(|t| (Arc::clone(&member), t)).collect());
-    let v = logged_in_session(&group);
+    let (member, v) = attached_with_fault(2, 47, 1, Fault::FailListing);
     for label in [&b"listed0"[..], b"listed1"] {
         let name = String::from_utf8_lossy(label);
         generate_token_key(&v, label).unwrap_or_else(|e| panic!("{name}: {e:?}"));
