@@ -92,6 +92,11 @@ pub enum Fault {
     /// (once the session is closed): a driver can act as a worker that is
     /// done with the member closes its session.
     StallOnClose,
+    /// The next `C_CreateObject` on the token answers `CKR_GENERAL_ERROR`,
+    /// having made the object (`true`: as SoftHSM can when setting a new
+    /// key's `CKA_LOCAL` fails) or not (as when writing a new object's
+    /// first attributes fails).
+    TroubledCreate(bool),
     /// The next `C_GetMechanismList` of the token fails with
     /// `CKR_DEVICE_ERROR`, and nothing else does: a networked library whose
     /// request timed out once while its connection stayed.
@@ -194,6 +199,7 @@ pub struct Token {
     pub spare_lose_next_answer: bool,
     pub late_change: bool,
     pub fail_next_listing: bool,
+    pub troubled_create: Option<bool>,
     /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
@@ -801,6 +807,7 @@ impl Sim {
             Fault::SpareLoseAnswer => t.spare_lose_next_answer = true,
             Fault::LateChange => t.late_change = true,
             Fault::FailListing => t.fail_next_listing = true,
+            Fault::TroubledCreate(made) => t.troubled_create = Some(made),
         }
     }
 
@@ -834,6 +841,7 @@ impl Sim {
         t.spare_lose_next_answer = false;
         t.late_change = false;
         t.fail_next_listing = false;
+        t.troubled_create = None;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -1042,8 +1050,15 @@ impl Sim {
             self.disconnect();
             return Err(CKR_DEVICE_ERROR);
         }
+        let troubled = self.tokens[token].troubled_create.take();
+        if troubled == Some(false) {
+            return Err(CKR_GENERAL_ERROR);
+        }
         let handle = self.store(token, session, attributes);
         self.tokens[token].creates += 1;
+        if troubled == Some(true) {
+            return Err(CKR_GENERAL_ERROR);
+        }
         self.answer(token, CKR_OK)?;
         Ok(handle)
     }
