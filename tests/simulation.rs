@@ -4021,7 +4021,14 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   stopped refusing was skipped, so the member was never read again and
 ///   the copy stayed kept for good. The question is now asked in every
 ///   such round (`recovery::kept_retry`).
-const REGRESSION_SEEDS: [(u64, Faults); 110] = [
+/// - 18167287 (default schedules from 18,000,000): as 12094270 with a
+///   member serving -- the only one, owed the encryption's key -- so the
+///   move was tried, found the key on no serving member, could not wait
+///   for it, and lost the encryption; its next update failed at once
+///   while a member was being brought back. A move that cannot wait and
+///   began nothing now leaves the operations bound, not lost
+///   (`move_operations_unless_stuck`).
+const REGRESSION_SEEDS: [(u64, Faults); 111] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4132,6 +4139,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 110] = [
     (12094270, Faults::DEFAULT),
     (12002973, Faults::DEFAULT),
     (15032245, Faults::DEFAULT),
+    (18167287, Faults::DEFAULT),
 ];
 
 #[test]

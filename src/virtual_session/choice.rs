@@ -146,9 +146,10 @@ impl VirtualSession {
         if self.group.up_members().next().is_none() {
             return Err(Error::new(CKR_DEVICE_ERROR));
         }
-        self.move_operations(from);
-        // Operations that could not move stay bound to `from`, lost: a
-        // call of another kind goes where it can (chosen there, a key
+        self.move_operations_unless_stuck(from);
+        // Operations that could not move stay bound to `from` (lost only
+        // where one was begun elsewhere): a call of another kind goes
+        // where it can (chosen there, a key
         // generated on a session whose signature was lost went to the failed
         // member again and again, simulation seed 6182).
         let candidates = match self.bound_member() {

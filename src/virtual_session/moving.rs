@@ -70,7 +70,18 @@ impl VirtualSession {
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.
     pub(super) fn move_operations(&self, from: usize) {
-        self.move_operations_waiting(from, &mut Waits::spent());
+        self.move_operations_waiting(from, &mut Waits::spent(), false);
+    }
+
+    /// [`Self::move_operations`] for a call of another kind, which cannot
+    /// wait on their behalf: where no member can take them now and none
+    /// was begun anywhere, they stay bound to `from`, not lost, and move
+    /// once their own call comes, which waits for a returning member or
+    /// their keys (lost here, an encryption whose key was on its way to the
+    /// only member serving failed at once at its next update while a member
+    /// was being brought back: simulation seed 18167287).
+    pub(super) fn move_operations_unless_stuck(&self, from: usize) {
+        self.move_operations_waiting(from, &mut Waits::spent(), true);
     }
 
     /// [`Self::move_operations`] for a call that may wait within `waits`:
@@ -80,7 +91,12 @@ impl VirtualSession {
     /// one serving first, it waits for those keys there (lost instead, a
     /// signature failed in the soak as its member was killed while the
     /// only other serving member had just returned owing the key).
-    pub(super) fn move_operations_waiting(&self, from: usize, waits: &mut Waits) {
+    pub(super) fn move_operations_waiting(
+        &self,
+        from: usize,
+        waits: &mut Waits,
+        keep_if_stuck: bool,
+    ) {
         if self.lane.on() {
             self.drop_lane();
         }
@@ -90,6 +106,9 @@ impl VirtualSession {
                 return;
             }
             let restored = b.restored();
+            if restored && keep_if_stuck {
+                return;
+            }
             b.set_restored(false);
             let mut ops = b.take_all();
             if restored {
@@ -114,6 +133,9 @@ impl VirtualSession {
             .as_ref()
             .is_some_and(|op| op.movable);
         let mut moved_to = None;
+        // Whether an operation was begun again on a member the move then
+        // left: kept bound to `from`, it would meet that one there later.
+        let mut begun = false;
         'waiting: loop {
             // A search goes in the order a search starts in, and waits on
             // each member it is tried on for the kept objects it may find
@@ -153,7 +175,7 @@ impl VirtualSession {
                     };
                     match self.restart(position, era, kind, op, &member_key) {
                         Attempt::Faulted => continue 'members,
-                        Attempt::Answered(CKR_OK) => {}
+                        Attempt::Answered(CKR_OK) => begun = true,
                         Attempt::Answered(_) => op.movable = false,
                     }
                 }
@@ -164,11 +186,12 @@ impl VirtualSession {
                 break;
             }
         }
+        let stuck = moved_to.is_none() && keep_if_stuck && !begun;
         let mut lost = 0;
         for (kind, op) in ops.iter().enumerate() {
             if op
                 .as_ref()
-                .is_some_and(|op| !op.movable || moved_to.is_none())
+                .is_some_and(|op| !op.movable || (moved_to.is_none() && !stuck))
             {
                 lost |= 1 << kind;
             }

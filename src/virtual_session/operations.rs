@@ -182,7 +182,7 @@ impl VirtualSession {
                     // Its member failed under the operation: it moves to
                     // another, or, when none serves, to a returning one
                     // rather than being lost.
-                    self.move_operations_waiting(position, &mut waits);
+                    self.move_operations_waiting(position, &mut waits, false);
                 }
             }
         }
