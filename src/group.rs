@@ -1200,20 +1200,8 @@ impl Group {
             if member.capabilities().unlisted {
                 resumed |= self.list_again(member.position);
             } else if member.capabilities().refuses_wrapping() {
-                let capabilities = match Capabilities::detect(&*location.library, location.slot) {
-                    Ok(capabilities) => capabilities,
-                    // Its connection may be lost unseen: taken out, it is
-                    // brought back, and read again, by recovery (left
-                    // serving, its kept copies waited until an application
-                    // call happened to reach it: simulation seed 31548).
-                    Err(e) => {
-                        if is_member_fault("C_GetMechanismList", e.rv) {
-                            self.member_failed(member.position, "C_GetMechanismList", e.rv);
-                        }
-                        continue;
-                    }
-                };
-                if !capabilities.refuses_wrapping() {
+                let read = self.detect_serving(member.position);
+                if let Some(capabilities) = read.filter(|c| !c.refuses_wrapping()) {
                     self.log(Some(member.position), &capabilities.describe());
                     *member.capabilities.write() = capabilities;
                     resumed = true;
@@ -1287,21 +1275,30 @@ impl Group {
         if !member.capabilities().unlisted {
             return true;
         }
-        let Some(location) = member.location() else {
+        let Some(capabilities) = self.detect_serving(position) else {
             return false;
         };
+        self.log(Some(position), &capabilities.describe());
+        self.unreceivable.lock()[position].clear();
+        *member.capabilities.write() = capabilities;
+        true
+    }
+
+    /// What a serving member can do, read again from its mechanism list;
+    /// `None` where the list cannot be read. A listing that faults takes
+    /// the member out: its connection may be lost unseen, and recovery
+    /// brings it back and reads it again (left serving, its kept copies
+    /// waited until an application call happened to reach it: simulation
+    /// seed 31548).
+    fn detect_serving(&self, position: usize) -> Option<Capabilities> {
+        let location = self.members[position].location()?;
         match Capabilities::detect(&*location.library, location.slot) {
-            Ok(capabilities) => {
-                self.log(Some(position), &capabilities.describe());
-                self.unreceivable.lock()[position].clear();
-                *member.capabilities.write() = capabilities;
-                true
-            }
+            Ok(capabilities) => Some(capabilities),
             Err(e) => {
                 if is_member_fault("C_GetMechanismList", e.rv) {
                     self.member_failed(position, "C_GetMechanismList", e.rv);
                 }
-                false
+                None
             }
         }
     }
