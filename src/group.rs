@@ -963,6 +963,9 @@ pub struct DoubtSince {
     pub at: Instant,
     /// Cut off on the wire ([`Doubt::CutOff`]), not merely faulted.
     pub cut_off: bool,
+    /// When the member has had its time to make the object, where it
+    /// came to serve before then ([`Group::carry_in_doubt`]).
+    pub carried_until: Option<Instant>,
 }
 
 /// What a call making an object on a member leaves of it there
@@ -1845,6 +1848,11 @@ impl Group {
         }
     }
 
+    /// Whether a call is still making `object` ([`Group::making_object`]).
+    pub fn unfinished(&self, object: CK_OBJECT_HANDLE) -> bool {
+        self.unfinished.lock().contains(&object)
+    }
+
     /// Marks a call that makes objects (and replicates them, or undoes them
     /// everywhere) as under way until the guard drops: reconciliation copies
     /// nothing meanwhile, since it could copy an object such a call is
@@ -2224,6 +2232,11 @@ impl Group {
         kept_again: &[CK_OBJECT_HANDLE],
         (shortest, longest): (usize, usize),
     ) -> Option<Vec<Pending>> {
+        // Read first: lock order in-doubt, then deferred.
+        let doubts: SmallVec<[CK_OBJECT_HANDLE; 4]> = (self.in_doubt.lock()[position].iter())
+            .filter(|(_, since)| since.is_some())
+            .map(|(o, _)| *o)
+            .collect();
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
         let window = (*left).min(kept.len());
@@ -2232,10 +2245,16 @@ impl Group {
         if kept.iter().any(wanted) {
             return None;
         }
+        // An import of an object in doubt there is made on its own, once
+        // the doubt is settled ([`Group::doubt_ahead`]).
         let mut objects = Vec::new();
         for change in kept[..window.min(longest)].iter() {
             match change {
-                Pending::Import(object, _) if !objects.contains(object) => objects.push(*object),
+                Pending::Import(object, _)
+                    if !objects.contains(object) && !doubts.contains(object) =>
+                {
+                    objects.push(*object)
+                }
                 _ => break,
             }
         }
@@ -2467,7 +2486,8 @@ impl Group {
         let rejoined = {
             let pending = self.pending.lock();
             pending[position].is_empty()
-                && self.in_doubt.lock()[position].is_empty()
+                && (self.in_doubt.lock()[position].iter())
+                    .all(|(_, since)| since.is_some_and(|s| s.carried_until.is_some()))
                 && self.rejoin_with_kept(position)
         };
         if rejoined {
@@ -2529,6 +2549,7 @@ impl Group {
                 entries[i].1 = Some(DoubtSince {
                     at: crate::clock::now(),
                     cut_off: doubt == Doubt::CutOff,
+                    carried_until: None,
                 });
             }
         }
@@ -2573,6 +2594,97 @@ impl Group {
         }
     }
 
+    /// Lets member `position` serve while it may still make the objects
+    /// in doubt there, each until `until` says it has had its time: the
+    /// changes that make, change or remove them wait for that on the
+    /// member ([`Group::doubt_ahead`]), and the member serves the rest at
+    /// once. Waited for before it served, the doubt kept a long chaos
+    /// run's group with no member serving for up to 0.8 s while a member
+    /// whose server answered again waited for a key its stopped worker
+    /// had most likely dropped.
+    pub fn carry_in_doubt(&self, position: usize, until: impl Fn(DoubtSince) -> Instant) {
+        let mut in_doubt = self.in_doubt.lock();
+        for since in in_doubt[position]
+            .iter_mut()
+            .filter_map(|(_, s)| s.as_mut())
+        {
+            since.carried_until = Some(until(*since));
+        }
+    }
+
+    /// The object in doubt on member `position` that `change` (of
+    /// `object`, where the change names none itself) must wait for there,
+    /// if any: it makes, changes or removes that object ([`Group::carry_in_doubt`]).
+    /// Made first, an import made the object a second time once the
+    /// member's late copy landed, and a removal found nothing and left
+    /// the late copy of a destroyed object. Lock order: in-doubt, then
+    /// abandoned.
+    pub fn doubt_ahead(
+        &self,
+        position: usize,
+        change: &Pending,
+        object: Option<CK_OBJECT_HANDLE>,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        let in_doubt = self.in_doubt.lock();
+        let mut doubts = in_doubt[position]
+            .iter()
+            .filter(|(_, since)| since.is_some())
+            .map(|(o, _)| *o)
+            .peekable();
+        doubts.peek()?;
+        let named = change.made_object().or(object);
+        let print = change.removal();
+        let abandoned = print.map(|_| self.abandoned.lock());
+        // A removal names the object by a fingerprint read from one copy
+        // or another: any that may be of the object waits.
+        doubts.find(|o| {
+            named == Some(*o)
+                || (abandoned.as_ref())
+                    .zip(print)
+                    .is_some_and(|(a, print)| a.get(o).is_some_and(|p| identity::agree(p, print)))
+        })
+    }
+
+    /// Whether the doubt of `object` on member `position` was carried
+    /// ([`Group::carry_in_doubt`]) and has had its time at `now`.
+    pub fn carried_over(&self, position: usize, object: CK_OBJECT_HANDLE, now: Instant) -> bool {
+        self.in_doubt.lock()[position].iter().any(|(o, since)| {
+            *o == object && since.is_some_and(|s| s.carried_until.is_some_and(|u| u <= now))
+        })
+    }
+
+    /// Settles the carried doubts ([`Group::carry_in_doubt`]) that have
+    /// had their time and that no kept change waits for (the replay of
+    /// kept changes settles those as it makes the change, looking the
+    /// member up afresh); true if any doubt has had its time, settled or
+    /// not, so that the replay runs for the changes waiting. Lock order:
+    /// each of in-doubt, abandoned and deferred alone.
+    pub fn settle_carried(&self, now: Instant) -> bool {
+        let over: Vec<(usize, CK_OBJECT_HANDLE)> = (self.in_doubt.lock().iter().enumerate())
+            .flat_map(|(position, entries)| {
+                entries
+                    .iter()
+                    .filter(|(_, since)| {
+                        since.is_some_and(|s| s.carried_until.is_some_and(|until| until <= now))
+                    })
+                    .map(move |(object, _)| (position, *object))
+            })
+            .collect();
+        for (position, object) in &over {
+            let print = self.abandoned_print(*object);
+            let waited_for = self.deferred.lock()[*position].iter().any(|change| {
+                change.made_object() == Some(*object)
+                    || (change.removal())
+                        .zip(print.as_ref())
+                        .is_some_and(|(removal, print)| identity::agree(print, removal))
+            });
+            if !waited_for {
+                self.settle_in_doubt(*position, *object);
+            }
+        }
+        !over.is_empty()
+    }
+
     /// Takes a destroyed object out of the group. A member that may still
     /// make a copy of it (it is in doubt there) is waited for as for an
     /// abandoned object's copy, by the fingerprint kept here, so that the
@@ -2605,9 +2717,10 @@ impl Group {
     }
 
     /// The objects queued or kept to be created or changed on a member,
-    /// and those calls under way are still making ([`Group::making_object`]): each
-    /// comes to the member by its queue, the replay of kept changes or its
-    /// call, not by synchronisation. Kept ones left out, a member that
+    /// those calls under way are still making ([`Group::making_object`]),
+    /// and those in doubt there: each comes to the member by its queue,
+    /// the replay of kept changes, its call or its late copy, not by
+    /// synchronisation. Kept ones left out, a member that
     /// served first and failed again before they were made had each key
     /// among them named "not synchronised" at its next return where its
     /// library takes no wrapped key, though it got every one.
@@ -2622,14 +2735,23 @@ impl Group {
                 .filter_map(Pending::made_object),
         );
         queued.extend(self.unfinished.lock().iter().copied());
+        // Its late copy may still land ([`Group::carry_in_doubt`]).
+        queued.extend(
+            (self.in_doubt.lock()[position].iter())
+                .filter(|(_, since)| since.is_some())
+                .map(|(o, _)| *o),
+        );
         queued
     }
 
     /// Whether `object` is on its way to member `position`: a change
-    /// making or changing it is ([`Group::change_on_its_way`]), or it is
-    /// still being made by its call (see [`Group::queued_objects`]).
+    /// making or changing it is ([`Group::change_on_its_way`]), it is
+    /// still being made by its call, or its late copy may still land
+    /// there (see [`Group::queued_objects`]).
     pub fn on_its_way(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
-        self.change_on_its_way(position, object) || self.unfinished.lock().contains(&object)
+        self.change_on_its_way(position, object)
+            || self.unfinished.lock().contains(&object)
+            || (self.in_doubt.lock()[position].iter()).any(|(o, s)| *o == object && s.is_some())
     }
 
     /// Whether a change making or changing `object` is still on its way to

@@ -498,6 +498,18 @@ pub fn read_attributes(
     Some(values)
 }
 
+/// Whether two fingerprints may be of one object: they agree on every
+/// attribute both name (a check value where both have one). Two reads of
+/// one object's fingerprint -- from its template, from one copy or
+/// another -- always do.
+pub fn agree(a: &Fingerprint, b: &Fingerprint) -> bool {
+    a.iter().all(|(t, v)| {
+        b.iter().find(|(u, _)| u == t).is_none_or(|(_, w)| {
+            w == v || (*t == CKA_CHECK_VALUE && (v.is_empty() || w.is_empty()))
+        })
+    })
+}
+
 /// Whether a search for `print` (as [`find`] makes it) finds an object
 /// whose own fingerprint is `candidate`: the object has every attribute of
 /// `print` with the same value, and a check value counts only where both

@@ -805,6 +805,8 @@ enum KeptRetry {
 /// is kept is tried again unasked, less and less often.
 fn kept_retry(group: &Group) -> Option<KeptRetry> {
     let stranded = group.keep_queued_of_serving();
+    // Changes waiting for a doubt that has had its time are made now.
+    let doubt_over = group.settle_carried(clock::now());
     if !group.has_deferred() {
         return None;
     }
@@ -813,7 +815,7 @@ fn kept_retry(group: &Group) -> Option<KeptRetry> {
     // again, and the replay kept its copies again, for good (simulation
     // seed 15032245).
     let resumed = group.wrapping_resumed();
-    if stranded || group.kept_replay_asked() || resumed {
+    if stranded || doubt_over || group.kept_replay_asked() || resumed {
         Some(KeptRetry::Asked)
     } else {
         group
@@ -1141,12 +1143,17 @@ impl InDoubtWait {
 
     /// Whether, at `now`, a request in doubt `since` has had its time.
     fn over(&self, since: DoubtSince, now: Instant) -> bool {
-        let wait = if since.cut_off {
-            self.after_cut
-        } else {
-            self.after_fault
-        };
-        now.saturating_duration_since(since.at) >= wait
+        now >= self.until(since)
+    }
+
+    /// When a request in doubt `since` has had its time.
+    fn until(&self, since: DoubtSince) -> Instant {
+        since.at
+            + if since.cut_off {
+                self.after_cut
+            } else {
+                self.after_fault
+            }
     }
 }
 
@@ -1348,7 +1355,7 @@ fn recover(
                 rounds += 1;
                 tail += left;
                 let settling = Instant::now();
-                settle_in_doubt(group, position, &worker, in_doubt_wait)?;
+                settle_in_doubt(group, position, &worker, in_doubt_wait, phases)?;
                 settle_time += settling.elapsed();
                 let replaying = Instant::now();
                 copied += replay_pending(group, position, &worker, &mut known, phases)?;
@@ -1415,7 +1422,7 @@ fn bring_up_to_date(
     } else {
         "objects counted"
     });
-    settle_in_doubt(group, position, worker, in_doubt_wait)?;
+    settle_in_doubt(group, position, worker, in_doubt_wait, phases)?;
     phases.end("in doubt");
     let backlog = group.pending_count(position);
     let mut copied = replay_pending(group, position, worker, &mut known, phases)?;
@@ -1829,51 +1836,55 @@ const IN_DOUBT_POLL: Duration = Duration::from_millis(50);
 /// the removal queued for the member. Until then the member is not given
 /// them again -- it would end with two when it resumes -- and so does not
 /// come back; nor while a call making an object on it has yet to return
-/// and say whether it was cut off. The wait is spent here, looking again
-/// every [`IN_DOUBT_POLL`], for at most one `memberTimeout` (by then every
-/// request cut off before the member answered again has had its time),
-/// where recovery has threads of its own: giving the attempt up instead
-/// cost the next `AutoReconnectInterval`, and finding the token and
-/// logging in again.
+/// and say whether it was cut off. Where recovery has threads of its
+/// own, the member serves at once if each object in doubt is one the
+/// group holds, made by a call that returned: the changes of those
+/// objects then wait on it for their doubt ([`Group::carry_in_doubt`]),
+/// settled by the replay of kept changes. Otherwise the wait is spent
+/// here, looking again every [`IN_DOUBT_POLL`], for at most one
+/// `memberTimeout` (by then every request cut off before the member
+/// answered again has had its time): giving the attempt up instead cost
+/// the next `AutoReconnectInterval`, and finding the token and logging in
+/// again. An object whose call failed, or that was destroyed, is not
+/// carried: a late copy of it landing on a member that serves would show
+/// in searches there until its removal.
 fn settle_in_doubt(
     group: &Group,
     position: usize,
     worker: &VirtualSession,
     wait: InDoubtWait,
+    phases: &mut Phases,
 ) -> Result<(), Setback> {
     let wait = wait.for_member(group, position);
     let give_up = clock::now() + wait.in_place;
     loop {
         let mut waiting = None;
+        let mut carriable = !wait.in_place.is_zero();
+        let mut uncarried = 0;
         for (object, since) in group.in_doubt(position) {
             let Some(since) = since else {
                 waiting = Some("a call making an object on it is still under way".to_string());
+                carriable = false;
                 continue;
             };
-            let held = || {
-                if group.objects.get(object).is_some() {
-                    return worker.holds(object, position, None);
-                }
-                match group.abandoned_print(object) {
-                    Some(print) => group
-                        .on_utility(position, |s| identity::find(&*s.library, s.handle, &print))
-                        .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
-                    None => true,
-                }
-            };
-            if wait.over(since, clock::now()) || held() {
+            if wait.over(since, clock::now()) || holds_in_doubt(group, worker, position, object) {
                 group.settle_in_doubt(position, object);
-            } else {
-                waiting = Some(format!(
-                    "it may still make an object {} making {} ms ago",
-                    if since.cut_off {
-                        "it was cut off"
-                    } else {
-                        "a call faulted"
-                    },
-                    clock::since(since.at).as_millis()
-                ));
+                continue;
             }
+            if since.carried_until.is_some() {
+                continue;
+            }
+            uncarried += 1;
+            carriable &= group.objects.get(object).is_some() && !group.unfinished(object);
+            waiting = Some(format!(
+                "it may still make an object {} making {} ms ago",
+                if since.cut_off {
+                    "it was cut off"
+                } else {
+                    "a call faulted"
+                },
+                clock::since(since.at).as_millis()
+            ));
         }
         let Some(why) = waiting else {
             return Ok(());
@@ -1881,10 +1892,38 @@ fn settle_in_doubt(
         if !group.members[position].reachable() {
             return Err("the member failed again".to_string().into());
         }
+        if carriable {
+            group.carry_in_doubt(position, |since| wait.until(since));
+            phases.note(format!(
+                "{uncarried} objects in doubt ({why}): it serves, their changes wait for the doubt"
+            ));
+            return Ok(());
+        }
         if clock::now() >= give_up {
             return Err(Setback::Waiting(why));
         }
         clock::sleep(IN_DOUBT_POLL);
+    }
+}
+
+/// Whether member `position` holds `object`, in doubt there: its copy of
+/// the group's object, or of the one a failed call abandoned (by the
+/// fingerprint kept of it); an object neither is counted as held, since
+/// nothing could find its copy.
+fn holds_in_doubt(
+    group: &Group,
+    worker: &VirtualSession,
+    position: usize,
+    object: CK_OBJECT_HANDLE,
+) -> bool {
+    if group.objects.get(object).is_some() {
+        return worker.holds(object, position, None);
+    }
+    match group.abandoned_print(object) {
+        Some(print) => group
+            .on_utility(position, |s| identity::find(&*s.library, s.handle, &print))
+            .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
+        None => true,
     }
 }
 
@@ -2113,6 +2152,13 @@ fn replay_pending(
             after_rejoining += 1;
             continue;
         }
+        // The member may still make the object it names: the change waits
+        // on it for that (`Group::carry_in_doubt`).
+        if group.doubt_ahead(position, &change, None).is_some() {
+            removals.extend(change.destroyed().cloned());
+            group.defer(position, change);
+            continue;
+        }
         // Behind an earlier change of the same object kept above, as it
         // was made: ahead of it, a change of attributes copied the object
         // under its new ID, which the kept import then found and left
@@ -2140,7 +2186,9 @@ fn replay_pending(
             && matches!(change, Pending::Import(..))
             && has_spares(group, position)
         {
-            let mut run = import_run(change, &mut pending);
+            let mut run = import_run(change, &mut pending, |next| {
+                group.doubt_ahead(position, next, None).is_none()
+            });
             if run.len() >= IMPORTS_ON_SPARES {
                 let started = Instant::now();
                 let done = worker.import_on_spares(position, run, &mut known.holdings);
@@ -2243,15 +2291,20 @@ fn has_spares(group: &Group, position: usize) -> bool {
 /// spares at once ([`VirtualSession::import_on_spares`]). Any other change
 /// ends it -- a removal must come after the import it removes, and before
 /// any import after it, as they were made -- and so does an object met
-/// twice, whose second import the first decides.
-fn import_run(first: Pending, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
+/// twice, whose second import the first decides, or one `may_join` turns
+/// away (its object in doubt on the member).
+fn import_run(
+    first: Pending,
+    pending: &mut VecDeque<Pending>,
+    may_join: impl Fn(&Pending) -> bool,
+) -> Vec<Pending> {
     let mut objects = HashSet::new();
     if let Pending::Import(object, _) = &first {
         objects.insert(*object);
     }
     let mut run = vec![first];
-    while let Some(Pending::Import(object, _)) = pending.front() {
-        if !objects.insert(*object) {
+    while let Some(next @ Pending::Import(object, _)) = pending.front() {
+        if !may_join(next) || !objects.insert(*object) {
             break;
         }
         run.extend(pending.pop_front());
@@ -2621,6 +2674,23 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
         return 0;
     };
     replay.one_by_one = replay.one_by_one.saturating_sub(1);
+    // A change waiting for the doubt of its object on the member
+    // (`Group::carry_in_doubt`) is made once that is settled, the member
+    // looked up afresh: holdings read before its late copy landed would
+    // have it make the object a second time.
+    if let Some(object) = group.doubt_ahead(position, &change, None) {
+        if group.carried_over(position, object, clock::now())
+            || holds_in_doubt(group, worker, position, object)
+        {
+            group.settle_in_doubt(position, object);
+            (replay.holdings, replay.read) = (None, false);
+        } else {
+            replay.removals.extend(change.destroyed().cloned());
+            replay.keep_again(group, change);
+            group.deferred_handled(position, 1);
+            return 0;
+        }
+    }
     let behind_a_set =
         (change.removal()).is_some_and(|p| group.removal_behind_kept_set(position, p));
     if behind_a_set || worker.behind_a_removal(&replay.removals, &change) {

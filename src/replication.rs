@@ -1001,6 +1001,12 @@ impl VirtualSession {
                 self.group.keep_for_next_round(position, change);
                 return;
             }
+            // The member may still make the object: made now, an import
+            // would make it twice, a removal miss the late copy.
+            if self.group.doubt_ahead(position, &change, object).is_some() {
+                self.group.defer(position, change);
+                return;
+            }
             if self.behind_a_removal(&self.group.deferred_removals(position), &change) {
                 self.group.defer(position, change);
                 return;

@@ -997,9 +997,26 @@ impl VirtualSession {
                 .find_map(|(_, handle, era)| self.fingerprint_from(*era, *handle))
                 .or(earlier_print.take());
             let mut decided = false;
-            for (position, handle, era) in copies {
-                let answer =
+            for (position, mut handle, mut era) in copies {
+                let mut answer =
                     self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, handle));
+                if matches!(answer, Attempt::Answered(CKR_OBJECT_HANDLE_INVALID)) {
+                    match self.copy_named_afresh(object, era)? {
+                        Some((fresh, fresh_era)) => {
+                            (handle, era) = (fresh, fresh_era);
+                            answer = self.attempt_keyed(position, era, function, &mut |l, s| {
+                                call(l, s, handle)
+                            });
+                        }
+                        // It failed while looked up: it gets the change
+                        // when it returns.
+                        None if !self.group.members[position].is_up() => {
+                            answer = Attempt::Faulted;
+                        }
+                        // No copy there after all: the others decide.
+                        None => continue,
+                    }
+                }
                 if matches!(answer, Attempt::Answered(CKR_OK)) {
                     // Gone, or its fingerprint may have changed.
                     self.group.forget_object(position, handle);
@@ -1036,6 +1053,31 @@ impl VirtualSession {
         }
         self.give_missed(object, change, before, &missed);
         Ok(())
+    }
+
+    /// The copy of `object` on a member whose handle for it (of `era`)
+    /// named nothing there, looked up afresh with every handle of the
+    /// member forgotten: its token restarted between two of our calls and
+    /// numbered its objects anew, unseen where its sessions were closed and
+    /// opened again meanwhile. Taken at its word, a destroy left the copy
+    /// under its new handle, an object the application destroyed (simulation
+    /// seed 19020903). `None` where the member holds no copy.
+    fn copy_named_afresh(
+        &self,
+        object: CK_OBJECT_HANDLE,
+        era: Era,
+    ) -> Result<Option<(CK_OBJECT_HANDLE, Era)>> {
+        let position = era.member();
+        if !self.group.objects.moved_on(era) {
+            self.group.forget_handles(position);
+            self.group.log(
+                Some(position),
+                "a handle of an object of the group named nothing there: its handles are \
+                 looked up afresh (its token may have restarted unseen)",
+            );
+        }
+        let fresh_era = self.group.objects.era(position);
+        Ok(self.resolve(object, position)?.map(|h| (h, fresh_era)))
     }
 
     /// A change every member holding a copy failed in: one may have

@@ -3374,6 +3374,61 @@ fn an_import_its_server_carries_out_after_a_reset_is_on_the_returning_member_onc
     v.close();
 }
 
+/// An import cut off on member 1 as above, member 0 then failing too:
+/// with no member serving, member 1's server answers again and member 1
+/// serves at once, the import waiting on it for the copy its server may
+/// still make (the doubt is carried, not waited out before it serves).
+/// Waited out first, it kept a long chaos run's group with no member
+/// serving for up to 0.8 s while a healthy server answered. The late
+/// copy is then taken for the member's, not made again.
+#[test]
+fn a_member_whose_server_may_still_make_an_object_serves_at_once_when_none_serves() {
+    let label = b"in doubt while none serves";
+    let (libraries, group, v, object) = imported_with_a_late_change(label, 44);
+    libraries[0].sim.lock().set_fault(0, Fault::Crash);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    assert_eq!(group.up_members().count(), 0, "no member serves");
+    let host = MemoryHost {
+        threads_allowed: true,
+        ..MemoryHost::of(&group, &libraries)
+    };
+
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 serves while its server may still make the object"
+    );
+    assert_eq!(group.members[0].state(), MemberState::Down);
+    assert!(
+        !group.in_doubt(1).is_empty(),
+        "member 1 serves before its server has had its time to make the object"
+    );
+    assert_eq!(
+        copies_on_libraries(&libraries, label),
+        [1, 0],
+        "member 1 is not given the object while its server may make it"
+    );
+    assert!(group.lacks_objects(1), "member 1 is known to lack it");
+    let other = import_token_object(&v, data_object(b"made meanwhile", b"data"))
+        .expect("the group serves again: an import succeeds on member 1");
+    assert_ne!(other, object);
+
+    assert_eq!(
+        libraries[1].sim.lock().carry_out_late(),
+        1,
+        "the server carries the request out"
+    );
+    recovery::replay_deferred(&group);
+    assert_eq!(
+        copies_on_libraries(&libraries, label),
+        [1, 1],
+        "the late copy is member 1's: not made a second time"
+    );
+    assert!(group.in_doubt(1).is_empty(), "the doubt is settled");
+    v.close();
+}
+
 /// Member 1's recovery, its server carrying the late request out between
 /// two passes: the first leaves member 1 waiting for the copy, the second
 /// brings it back. The copies of `label` on each member then.

@@ -13,6 +13,7 @@ fn a_request_cut_off_waits_the_whole_time_from_the_cut_even_once_the_member_answ
     let cut = DoubtSince {
         at: clock.now(),
         cut_off: true,
+        carried_until: None,
     };
     clock.advance(TIMEOUT * IN_DOUBT_TIMEOUTS - Duration::from_millis(1));
     assert!(!wait.over(cut, clock.now()), "1 ms short");
@@ -29,6 +30,7 @@ fn a_request_whose_call_faulted_uncut_waits_one_member_timeout_from_the_fault() 
     let fault = DoubtSince {
         at: clock.now(),
         cut_off: false,
+        carried_until: None,
     };
     clock.advance(TIMEOUT - Duration::from_millis(1));
     assert!(!wait.over(fault, clock.now()), "1 ms short");

@@ -54,6 +54,9 @@ pub struct MemoryHost {
     pub libraries: Vec<Arc<dyn MemberBackend>>,
     pub recovery: RecoverySettings,
     pub synchronize: bool,
+    /// Whether the application allows threads: recovery then waits in
+    /// place and lets a member serve with objects in doubt.
+    pub threads_allowed: bool,
 }
 
 impl MemoryHost {
@@ -83,6 +86,7 @@ impl MemoryHost {
                 mode: RecoveryMode::ActiveBasic,
             },
             synchronize: false,
+            threads_allowed: false,
         }
     }
 }
@@ -101,7 +105,7 @@ impl Host for MemoryHost {
         MEMBER_TIMEOUT
     }
     fn threads_allowed(&self) -> bool {
-        false
+        self.threads_allowed
     }
     fn synchronize(&self, _: &Group) -> bool {
         self.synchronize
