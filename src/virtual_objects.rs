@@ -337,12 +337,16 @@ impl VirtualSession {
         let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted: Vec<usize> = Vec::new();
         let mut refused: Vec<(Era, CK_RV)> = Vec::new();
+        // Members that answered `CKR_GENERAL_ERROR` for a key while holding
+        // something like it: they may have made it before answering.
+        let mut troubled: Vec<usize> = Vec::new();
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
             let up = self.making_order();
             if up.is_empty() {
                 self.abandon(object, print(), &made, &faulted);
+                self.remove_leftovers(&troubled, print());
                 return Ok(None);
             }
             for position in up {
@@ -356,9 +360,11 @@ impl VirtualSession {
                 let mut answer = attempt();
                 let mut pause = FIRST_TROUBLED_PAUSE;
                 for _ in 0..TROUBLED_RETRIES {
-                    if !matches!(answer, Attempt::Answered(CKR_GENERAL_ERROR))
-                        || (is_key(template) && !self.holds_nothing_like(era, print()))
-                    {
+                    if !matches!(answer, Attempt::Answered(CKR_GENERAL_ERROR)) {
+                        break;
+                    }
+                    if is_key(template) && !self.holds_nothing_like(era, print()) {
+                        troubled.push(position);
                         break;
                     }
                     crate::clock::sleep(pause);
@@ -377,11 +383,13 @@ impl VirtualSession {
             }
             if let (true, Some(&(_, rv))) = (made.is_empty(), refused.first()) {
                 self.abandon(object, print(), &made, &faulted);
+                self.remove_leftovers(&troubled, print());
                 return Err(Error::new(rv));
             }
         }
         if let Err(e) = self.check_replicas(&[object], "C_CreateObject") {
             self.abandon(object, print(), &made, &faulted);
+            self.remove_leftovers(&troubled, print());
             return Err(e);
         }
         if let Some(&(era, handle)) = made.first() {
@@ -522,6 +530,22 @@ impl VirtualSession {
             }
         }
         Some(recorded)
+    }
+
+    /// Removes from the `troubled` members the copy a key import whose
+    /// call failed may have left: each answered `CKR_GENERAL_ERROR` while
+    /// holding something like the key, which SoftHSM does having made it
+    /// (its `CKA_LOCAL` could not be set), so no handle names it. Only an
+    /// object no object of the group is goes ([`Pending::Orphans`]): the
+    /// like object may be the application's own. Left, the key the
+    /// application was told failed stayed on the member.
+    fn remove_leftovers(&self, troubled: &[usize], print: Option<identity::Fingerprint>) {
+        let Some(print) = print else {
+            return;
+        };
+        for position in troubled {
+            self.deliver_or_queue(*position, Pending::Orphans(print.clone()));
+        }
     }
 
     /// Whether the member of `era` holds, by a lookup now, no object that

@@ -1956,7 +1956,8 @@ fn kept_key() -> Vec<CK_ATTRIBUTE> {
 /// attributes) is asked again there once a lookup finds nothing like it --
 /// never asked again, 60 key imports failed in 185 ms in a long chaos run
 /// -- and one the member made before answering so is not asked again (it
-/// would hold the key twice).
+/// would hold the key twice) and, the call failing, is removed: the
+/// application was told the import failed.
 #[test]
 fn a_key_import_a_troubled_member_did_not_make_is_asked_again_and_one_it_made_is_not() {
     for (made, answer, creates) in [(false, Ok(()), 1), (true, Err(CKR_GENERAL_ERROR), 1)] {
@@ -1974,6 +1975,11 @@ fn a_key_import_a_troubled_member_did_not_make_is_asked_again_and_one_it_made_is
             member.sim.lock().tokens[0].creates,
             creates,
             "made before the error: {made}: the key made once on member 0"
+        );
+        assert_eq!(
+            copies_on_each_member(&member, KEPT_KEY.as_bytes())[0],
+            usize::from(answer.is_ok()),
+            "made before the error: {made}: on member 0 only if the import succeeded"
         );
         v.close();
     }
