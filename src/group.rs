@@ -2612,6 +2612,17 @@ impl Group {
         }
     }
 
+    /// Whether member `position` serves with objects in doubt there
+    /// ([`Group::carry_in_doubt`]): an object on it that the group does
+    /// not know may be a late copy of one of them, made from a template
+    /// whose fingerprint the object has changed since -- named as an
+    /// object of its own, it was copied to the other members as one
+    /// (simulation seed 20095979).
+    pub fn carries_doubt(&self, position: usize) -> bool {
+        (self.in_doubt.lock()[position].iter())
+            .any(|(_, since)| since.is_some_and(|s| s.carried_until.is_some()))
+    }
+
     /// The object in doubt on member `position` that `change` (of
     /// `object`, where the change names none itself) must wait for there,
     /// if any: it makes, changes or removes that object ([`Group::carry_in_doubt`]).
@@ -2838,15 +2849,16 @@ impl Group {
 
     /// How surely member `position` lacks objects of the group: 0, it lacks
     /// none; 1, it is owed no change but may lack some (keys that cannot
-    /// reach it, a return not yet compared with the group); 2, it is owed
-    /// changes ([`Group::complete_first`]).
+    /// reach it, a return not yet compared with the group, objects in
+    /// doubt there); 2, it is owed changes ([`Group::complete_first`]).
     fn lack_rank(&self, position: usize) -> u8 {
         if self.undelivered_count(position) > 0 {
             2
         } else {
             u8::from(
                 !self.unreceivable.lock()[position].is_empty()
-                    || self.uncompared[position].load(Ordering::Relaxed),
+                    || self.uncompared[position].load(Ordering::Relaxed)
+                    || self.carries_doubt(position),
             )
         }
     }

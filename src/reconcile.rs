@@ -779,6 +779,18 @@ fn copy_missing(
         // group's own objects under unmapped handles, and named anew each
         // was a second virtual handle for one key (the soak's "found 3
         // objects, expected 2").
+        // A source with objects in doubt: one the group does not know
+        // there may be a late copy under a former fingerprint
+        // (`Group::carries_doubt`); its own return's replay settles it.
+        if group.carries_doubt(copy.source)
+            && group
+                .objects
+                .known_in(eras[copy.source], copy.handle)
+                .is_none()
+            && !group.objects.any_matched_by(&copy.print)
+        {
+            continue;
+        }
         let Some(object) = group.objects.from_member_identified(
             eras[copy.source],
             copy.handle,

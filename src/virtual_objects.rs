@@ -1380,6 +1380,12 @@ impl VirtualSession {
         if self.group.objects.moved_on(era) {
             return Err(MemberFailed);
         }
+        // On a member with objects in doubt, one the group does not know
+        // may be a late copy under a former fingerprint: not shown until
+        // the doubt is settled (`Group::carries_doubt`).
+        if self.group.carries_doubt(era.member()) && !self.group.objects.any_matched_by(print) {
+            return Ok(false);
+        }
         Ok(!self.group.is_domain_print(print))
     }
 
@@ -1435,7 +1441,10 @@ impl VirtualSession {
             // left out by handle alone -- unless objects of the group may be
             // there under handles not recorded yet: each is identified.
             let domain_known = self.group.domain.found(member, epoch).is_some();
-            let identify = !domain_known || small || self.group.holds_unrecorded(member);
+            let identify = !domain_known
+                || small
+                || self.group.holds_unrecorded(member)
+                || self.group.carries_doubt(member);
             let home = self.group.search_home().filter(|home| *home != member);
             let mut shown = 0;
             for i in 0..handles.len() {
