@@ -708,6 +708,13 @@ impl DomainKeys {
         }
     }
 
+    /// Forgets a member's domain key handles (see [`Group::forget_handles`]).
+    fn forget(&self, position: usize) {
+        let mut state = self.state.lock();
+        state.keys[position] = None;
+        state.found[position] = None;
+    }
+
     pub fn record_found(&self, position: usize, epoch: u64, handles: Vec<CK_OBJECT_HANDLE>) {
         self.state.lock().found[position] = Some((epoch, handles));
     }
@@ -1740,12 +1747,17 @@ impl Group {
     }
 
     /// Forgets every object handle of a member (it restarted, or logged
-    /// out: SoftHSM numbers private objects anew at the next login).
+    /// out: SoftHSM numbers private objects anew at the next login) -- its
+    /// domain key's too: kept, a token that restarted unseen after a
+    /// logout showed its domain key under its new handle through the
+    /// virtual slot, the key's old handle taken for it (simulation seed
+    /// 20293617).
     pub fn forget_handles(&self, position: usize) {
         self.held_before[position]
             .lock()
             .extend(self.objects.held_by(position));
         self.objects.forget_member(position);
+        self.domain.forget(position);
         let epoch = self.members[position].epoch();
         self.indexes[position].lock().reset(epoch);
     }
