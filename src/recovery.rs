@@ -1827,6 +1827,9 @@ fn counting_pays(queued: usize, held_before: usize) -> bool {
 /// in doubt, while it has its time.
 const IN_DOUBT_POLL: Duration = Duration::from_millis(50);
 
+/// How many of the objects a member serves with in doubt the HA log names.
+const NAMED_IN_DOUBT: usize = 3;
+
 /// Settles the objects whose making the member was cut off in, or faulted
 /// in on a library whose server may still carry it out: each once
 /// the member holds it, once the member has had its time to carry the
@@ -1860,7 +1863,7 @@ fn settle_in_doubt(
     loop {
         let mut waiting = None;
         let mut carriable = !wait.in_place.is_zero();
-        let mut uncarried = 0;
+        let mut uncarried = Vec::new();
         for (object, since) in group.in_doubt(position) {
             let Some(since) = since else {
                 waiting = Some("a call making an object on it is still under way".to_string());
@@ -1874,7 +1877,7 @@ fn settle_in_doubt(
             if since.carried_until.is_some() {
                 continue;
             }
-            uncarried += 1;
+            uncarried.push(object);
             carriable &= group.objects.get(object).is_some() && !group.unfinished(object);
             waiting = Some(format!(
                 "it may still make an object {} making {} ms ago",
@@ -1894,8 +1897,13 @@ fn settle_in_doubt(
         }
         if carriable {
             group.carry_in_doubt(position, |since| wait.until(since));
+            let named: Vec<String> = (uncarried.iter().take(NAMED_IN_DOUBT))
+                .map(|object| worker.name_object(*object))
+                .collect();
             phases.note(format!(
-                "{uncarried} objects in doubt ({why}): it serves, their changes wait for the doubt"
+                "{} objects in doubt ({why}; {}): it serves, their changes wait for the doubt",
+                uncarried.len(),
+                named.join(", ")
             ));
             return Ok(());
         }
