@@ -774,11 +774,6 @@ fn copy_missing(
         if group.members[copy.source].epoch() != epochs[copy.source] {
             continue;
         }
-        // By fingerprint: a source whose handles the group forgot (a
-        // restart, a logout, a return counted rather than read) holds the
-        // group's own objects under unmapped handles, and named anew each
-        // was a second virtual handle for one key (the soak's "found 3
-        // objects, expected 2").
         // A source with objects in doubt: one the group does not know
         // there may be a late copy under a former fingerprint
         // (`Group::carries_doubt`); its own return's replay settles it.
@@ -791,6 +786,11 @@ fn copy_missing(
         {
             continue;
         }
+        // By fingerprint: a source whose handles the group forgot (a
+        // restart, a logout, a return counted rather than read) holds the
+        // group's own objects under unmapped handles, and named anew each
+        // was a second virtual handle for one key (the soak's "found 3
+        // objects, expected 2").
         let Some(object) = group.objects.from_member_identified(
             eras[copy.source],
             copy.handle,
