@@ -2093,9 +2093,22 @@ impl MemberLibrary {
     /// brings it back, and finalising a library under a call frees state
     /// that call uses; `CKR_DEVICE_ERROR`, the member staying down until
     /// a later attempt finds the library empty.
+    ///
+    /// The calls on the old connection's wire are cut off first: their
+    /// requests went out on a connection that answered nothing, and a
+    /// path that held them (a black-holed relay) delivers them when it
+    /// answers again, so an object such a call was making is in doubt for
+    /// as long as after any cut (`Doubt::CutOff`). Taken for a mere fault,
+    /// its short wait (at most `memberTimeout`) can end first: the likely
+    /// course of a soak run's EC public key held twice by a member whose
+    /// connection, black-holed for 2.2 s, was replaced, and which served
+    /// 112 ms later with an object in doubt after a fault.
     pub fn reinitialize(&self) -> Result<()> {
         if !self.networked && self.calls_inside() != 0 {
             return Err(Error::new(CKR_DEVICE_ERROR));
+        }
+        if self.networked {
+            self.cut_calls(|_| true);
         }
         self.finalize();
         self.initialize_with(&[])
