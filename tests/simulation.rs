@@ -2293,7 +2293,7 @@ impl Schedule<'_> {
             3
         };
         // A member that came to serve while it might still make an object
-        // (design, "Objects in doubt") is given the object's changes once
+        // (design, "Hung members") is given the object's changes once
         // the doubt has had its time: the recovery thread's next ticks.
         let in_doubt = || {
             (group.members.iter()).any(|m| {
