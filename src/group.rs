@@ -2245,10 +2245,7 @@ impl Group {
         (shortest, longest): (usize, usize),
     ) -> Option<Vec<Pending>> {
         // Read first: lock order in-doubt, then deferred.
-        let doubts: SmallVec<[CK_OBJECT_HANDLE; 4]> = (self.in_doubt.lock()[position].iter())
-            .filter(|(_, since)| since.is_some())
-            .map(|(o, _)| *o)
-            .collect();
+        let doubts = self.doubted(position);
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
         let window = (*left).min(kept.len());
@@ -2595,6 +2592,14 @@ impl Group {
         self.in_doubt.lock()[position].clone()
     }
 
+    /// The objects in doubt on a member: its server may still make them.
+    fn doubted(&self, position: usize) -> SmallVec<[CK_OBJECT_HANDLE; 4]> {
+        (self.in_doubt.lock()[position].iter())
+            .filter(|(_, since)| since.is_some())
+            .map(|(o, _)| *o)
+            .collect()
+    }
+
     /// Forgets that `object` was in doubt on a member (and its fingerprint
     /// as an abandoned object, once no member has it in doubt). Lock
     /// order: in-doubt, then abandoned.
@@ -2759,11 +2764,7 @@ impl Group {
         );
         queued.extend(self.unfinished.lock().iter().copied());
         // Its late copy may still land ([`Group::carry_in_doubt`]).
-        queued.extend(
-            (self.in_doubt.lock()[position].iter())
-                .filter(|(_, since)| since.is_some())
-                .map(|(o, _)| *o),
-        );
+        queued.extend(self.doubted(position));
         queued
     }
 
@@ -2774,7 +2775,7 @@ impl Group {
     pub fn on_its_way(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
         self.change_on_its_way(position, object)
             || self.unfinished.lock().contains(&object)
-            || (self.in_doubt.lock()[position].iter()).any(|(o, s)| *o == object && s.is_some())
+            || self.doubted(position).contains(&object)
     }
 
     /// Whether a change making or changing `object` is still on its way to

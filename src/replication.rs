@@ -1030,8 +1030,10 @@ impl VirtualSession {
     }
 
     /// Whether `change` makes an object that one of `removals` kept for
-    /// the member could match (they agree on every attribute both name):
-    /// it must then wait behind them, in order. Made first, such a removal
+    /// the member could match (they agree on every attribute both name,
+    /// an empty check value agreeing with any, as the removal's look-up
+    /// finds it: [`identity::agree`]): it must then wait behind them, in
+    /// order. Made first, such a removal
     /// -- of a try a call abandoned before making the object again, kept
     /// until a login shows private objects -- would later remove the
     /// object made (simulation seed 7519).
@@ -1052,13 +1054,9 @@ impl VirtualSession {
             }
             Pending::Destroy(_) | Pending::Orphans(_) => return false,
         };
-        removals.iter().any(|removal| {
-            removal.iter().all(|(t, v)| {
-                made.iter()
-                    .find(|(u, _)| u == t)
-                    .is_none_or(|(_, w)| w == v)
-            })
-        })
+        removals
+            .iter()
+            .any(|removal| identity::agree(removal, &made))
     }
 
     /// An object as the HA log names it (class, label, ID).
