@@ -2329,13 +2329,7 @@ impl<T> Bounded<T> {
     /// one such wait at most. If one does while the job's own connection
     /// has answered nothing, that connection is dead -- a slow server
     /// would keep the fresh one waiting too -- and the job is given up at
-    /// once ([`Unanswered::DeadConnection`]). A job silent at the deadline
-    /// is not given up before one fresh instance has been asked and has
-    /// answered or had its wait: recovery's searches hedge after as long
-    /// as their deadline, and a search begun on a dead connection used to
-    /// end at the deadline, its hedge never asked, the next attempt coming
-    /// one `AutoReconnectInterval` later (slow returns in the long chaos
-    /// run).
+    /// once ([`Unanswered::DeadConnection`]).
     pub fn finish_hedged(
         self,
         deadline: Instant,
@@ -2367,7 +2361,6 @@ impl<T> Bounded<T> {
         let (mut deadline, mut seen) = (deadline, self.calls_sent);
         let mut gap = hedge.map(|(first, _)| first);
         let mut probe_at = gap.map(|gap| crate::clock::now() + gap);
-        let mut asked = false;
         loop {
             if let Some(result) = self.answer.take() {
                 return Ok(result);
@@ -2380,7 +2373,6 @@ impl<T> Bounded<T> {
                         .library
                         .fresh_instance(check)
                         .map(|fresh| (fresh, sent, now + wait));
-                    asked = true;
                     gap = Some(wait * 2);
                     probe_at = Some(now + wait * 2);
                 }
@@ -2403,12 +2395,7 @@ impl<T> Bounded<T> {
             }
             let mut wake = probe_at.map_or(deadline, |at| at.min(deadline));
             if probe.is_some() {
-                // Past the deadline only the fresh instance is waited for.
-                wake = if wake > now {
-                    wake.min(now + FRESH_INSTANCE_POLL)
-                } else {
-                    now + FRESH_INSTANCE_POLL
-                };
+                wake = wake.min(now + FRESH_INSTANCE_POLL);
             }
             self.wait_until(wake);
             if let Some(result) = self.answer.take() {
@@ -2419,14 +2406,6 @@ impl<T> Bounded<T> {
             }
             let sent = self.library.calls_sent.load(Ordering::Relaxed);
             if sent == seen {
-                // Not given up before a fresh instance has had its say.
-                if !asked && hedge.is_some() {
-                    probe_at = Some(crate::clock::now());
-                    continue;
-                }
-                if probe.is_some() {
-                    continue;
-                }
                 self.give_up();
                 return Err(Unanswered::Silent);
             }
