@@ -1298,12 +1298,16 @@ const SERVES_FIRST_BACKLOG: usize = 24;
 /// against an interval of 1 s.
 const SERVES_FIRST_HOLDING: usize = 2_000;
 
-/// How long a returning member replays what it missed, while another
-/// member serves, before it serves first with the imports left kept for
-/// right after ([`replay_pending`]) and its synchronisation left to the
-/// reconciliation pass ([`bring_up_to_date`]): a backlog under the bound
-/// above took 1.4 s to replay and 2.2 s more for its tail in a long chaos
-/// run at load 10 (60-100 ms a change), past the 2 s for a return.
+/// How long a returning member catches up -- its objects read or
+/// counted, its doubts waited for, what it missed replayed -- while
+/// another member serves, before it serves first with the imports left
+/// kept for right after ([`replay_pending`]) and its synchronisation left
+/// to the reconciliation pass ([`bring_up_to_date`]): a backlog under the
+/// bound above took 1.4 s to replay and 2.2 s more for its tail in a long
+/// chaos run at load 10 (60-100 ms a change), past the 2 s for a
+/// return; counted from the replay's start only, a member reset in another
+/// spent 0.5 s counting, 0.4 s replaying and 1.4 s synchronising (3.8 s
+/// in all after the reset, its token found in 1.6 s).
 const SLOW_REPLAY: Duration = Duration::from_millis(500);
 
 /// Rounds of a tail a member serving first replays without holding
@@ -1445,7 +1449,9 @@ fn bring_up_to_date(
     // Known first: the objects in doubt have part of their time meanwhile.
     // One that lands after the reading is found by its own search below,
     // which the replay then knows of.
+    let catching_up_since = clock::now();
     let mut known = Known::of(group, worker, position, phases)?;
+    known.catching_up_since = Some(catching_up_since);
     phases.end(if known.complete {
         "objects read"
     } else if known.held_before.is_empty() {
@@ -1459,9 +1465,7 @@ fn bring_up_to_date(
     let mut copied = replay_pending(group, position, worker, &mut known, phases)?;
     phases.end("replay");
     if !known.serves_first
-        && known
-            .replay_began
-            .is_some_and(|began| clock::since(began) >= SLOW_REPLAY)
+        && clock::since(catching_up_since) >= SLOW_REPLAY
         && group.up_members().next().is_some()
     {
         // Synchronising too would keep it out longer still, and a source
@@ -1469,7 +1473,10 @@ fn bring_up_to_date(
         // chaos run, after a 0.6 s replay): the reconciliation its return
         // asks for compares it instead.
         known.serves_first = true;
-        phases.note("a slow replay: it serves first".to_string());
+        phases.note(format!(
+            "a slow catch-up ({} ms): it serves first",
+            clock::since(catching_up_since).as_millis()
+        ));
     }
     if provider.synchronize(group) && known.serves_first && !known.replay_failed {
         // Its objects were not read to compare: until the reconciliation
@@ -1614,8 +1621,9 @@ struct Known {
     /// after, while it serves ([`Known::of`]); or its replay has taken
     /// [`SLOW_REPLAY`] ([`replay_pending`]).
     serves_first: bool,
-    /// When its replay began (the clock's), for [`SLOW_REPLAY`].
-    replay_began: Option<Instant>,
+    /// When it began to catch up, logged in (the clock's), for
+    /// [`SLOW_REPLAY`].
+    catching_up_since: Option<Instant>,
 }
 
 /// An object synchronisation listed on a serving member and could not
@@ -1742,7 +1750,7 @@ impl Known {
             read_late: false,
             replay_failed: false,
             serves_first: false,
-            replay_began: None,
+            catching_up_since: None,
         }
     }
 
@@ -1767,7 +1775,7 @@ impl Known {
             read_late: false,
             replay_failed: false,
             serves_first: false,
-            replay_began: None,
+            catching_up_since: None,
         }))
     }
 
@@ -2142,7 +2150,7 @@ fn replay_pending(
     // Changes at the front of `pending` to make one by one: what a run on
     // spares left, or a run too short for them.
     let mut one_by_one: usize = 0;
-    let began = *known.replay_began.get_or_insert_with(clock::now);
+    let began = *known.catching_up_since.get_or_insert_with(clock::now);
     let mut slow = false;
     while let Some(mut change) = pending.pop_front() {
         if !known.serves_first
@@ -2152,7 +2160,7 @@ fn replay_pending(
             known.serves_first = true;
             slow = true;
             phases.note(format!(
-                "a slow replay: {} changes left after {} ms, it serves first",
+                "a slow catch-up: {} changes left after {} ms, it serves first",
                 pending.len() + 1,
                 clock::since(began).as_millis()
             ));
@@ -2290,7 +2298,7 @@ fn replay_pending(
     }
     if after_rejoining > 0 {
         let why = if slow {
-            "a slow replay"
+            "a slow catch-up"
         } else if known.serves_first {
             "a long backlog"
         } else {
