@@ -148,15 +148,8 @@ struct Flags {
     handing_over: usize,
     /// A retry of kept changes runs ([`retry_kept_changes_beside`]).
     retrying_kept: bool,
-    /// When each member's last attempt began and ended.
-    last_attempt: HashMap<(usize, usize), LastAttempt>,
-}
-
-/// When a member's last recovery attempt began and ended ([`now_ms`]).
-#[derive(Clone, Copy, Debug)]
-struct LastAttempt {
-    began: u64,
-    ended: u64,
+    /// When each member's last attempt ended ([`now_ms`]).
+    last_ended: HashMap<(usize, usize), u64>,
 }
 
 impl Workers {
@@ -285,7 +278,7 @@ fn start_attempts(
             }
             {
                 let mut flags = shared.flags();
-                let due = attempt_is_due(member, flags.last_attempt.get(&key).copied(), interval);
+                let due = attempt_is_due(member, flags.last_ended.get(&key).copied(), interval);
                 // One under way already tries again at once if due
                 // (`attempts_while_none_serves`), or has this thread look
                 // again as it ends.
@@ -298,7 +291,6 @@ fn start_attempts(
                 .name(format!("pkcs11-ha-recover-{}", member.serial))
                 .spawn(move || {
                     let provider = weak.upgrade();
-                    let mut began = now_ms();
                     let returned = provider.as_ref().is_some_and(|p| {
                         attempts_while_none_serves(
                             &**p,
@@ -306,7 +298,6 @@ fn start_attempts(
                             key.1,
                             &shared_for_thread,
                             interval,
-                            &mut began,
                         )
                     });
                     // The attempt ends before the kept changes are made: a
@@ -315,8 +306,7 @@ fn start_attempts(
                     // attempt until then (the long chaos run's settling).
                     let mut flags = shared_for_thread.flags();
                     flags.attempts.remove(&key);
-                    let ended = now_ms();
-                    flags.last_attempt.insert(key, LastAttempt { began, ended });
+                    flags.last_ended.insert(key, now_ms());
                     if returned {
                         flags.handing_over += 1;
                     }
@@ -343,30 +333,22 @@ fn start_attempts(
     }
 }
 
-/// Whether a failed member is due an attempt at `now` (both in
+/// Whether a failed member is due an attempt at `now` (all three in
 /// [`now_ms`]): it failed after its last attempt ended, or never had one,
-/// or that attempt began `interval` ago: attempts come every `interval`,
-/// and one that took longer, waiting on a silent library, is followed at
-/// once (ended to start, a search begun while the path dropped everything
-/// held the member out a whole interval more after the path healed).
-fn due_for_attempt(
-    failed_at: u64,
-    last: Option<LastAttempt>,
-    now: u64,
-    interval: Duration,
-) -> bool {
-    last.is_none_or(|last| {
-        failed_at > last.ended || now.saturating_sub(last.began) >= interval.as_millis() as u64
+/// or that attempt ended `interval` ago.
+fn due_for_attempt(failed_at: u64, last_ended: Option<u64>, now: u64, interval: Duration) -> bool {
+    last_ended.is_none_or(|ended| {
+        failed_at > ended || now.saturating_sub(ended) >= interval.as_millis() as u64
     })
 }
 
 /// The recovery thread's decision for a failed member with no attempt
 /// under way: whether to start one now -- it is due at once
 /// ([`Group::review_serving`]), or by [`due_for_attempt`] on the clock.
-fn attempt_is_due(member: &Member, last: Option<LastAttempt>, interval: Duration) -> bool {
+fn attempt_is_due(member: &Member, last_ended: Option<u64>, interval: Duration) -> bool {
     let now = now_ms();
     let failed_at = now.saturating_sub(member.ms_since_state_change());
-    member.attempt_due() || due_for_attempt(failed_at, last, now, interval)
+    member.attempt_due() || due_for_attempt(failed_at, last_ended, now, interval)
 }
 
 /// Whether a member is still down; one that is not loses its due mark
@@ -393,8 +375,8 @@ fn still_down(group: &Group, member: &Member) -> bool {
 /// starts to its end before the next.
 pub struct Stepped {
     interval: Duration,
-    /// When each member's last attempt began and ended.
-    last_attempt: HashMap<(usize, usize), LastAttempt>,
+    /// When each member's last run of attempts ended ([`now_ms`]).
+    last_ended: HashMap<(usize, usize), u64>,
     /// Members in a run of attempts while no member of their group serves.
     runs: HashMap<(usize, usize), Run>,
 }
@@ -419,7 +401,7 @@ impl Stepped {
         }
         Stepped {
             interval: provider.recovery().interval,
-            last_attempt: HashMap::new(),
+            last_ended: HashMap::new(),
             runs: HashMap::new(),
         }
     }
@@ -440,9 +422,9 @@ impl Stepped {
                 if member.state() != MemberState::Down || self.runs.contains_key(&key) {
                     continue;
                 }
-                let at = match self.last_attempt.get(&key) {
-                    Some(last) => {
-                        let since = now_ms().saturating_sub(last.began);
+                let at = match self.last_ended.get(&key) {
+                    Some(ended) => {
+                        let since = now_ms().saturating_sub(*ended);
                         now + self.interval.saturating_sub(Duration::from_millis(since))
                     }
                     None => now,
@@ -466,11 +448,7 @@ impl Stepped {
                 Some(run) => member.attempt_due() || now >= run.next,
                 None => {
                     member.state() == MemberState::Down
-                        && attempt_is_due(
-                            member,
-                            self.last_attempt.get(key).copied(),
-                            self.interval,
-                        )
+                        && attempt_is_due(member, self.last_ended.get(key).copied(), self.interval)
                 }
             })
             .map(|(key, _)| key)
@@ -494,7 +472,6 @@ impl Stepped {
             if self.runs.get(&key).is_some_and(|run| run.across_gap) {
                 group.members[key.1].set_attempt_under_way(false);
             }
-            let (began, began_ms) = (clock::now(), now_ms());
             let attempted = attempt(provider, group, key.1);
             let goes_on =
                 attempted != Attempted::Serves && tries_again_in_the_run(provider, group, key.1);
@@ -504,15 +481,11 @@ impl Stepped {
                 group.members[key.1].set_attempt_under_way(false);
             }
             if goes_on {
-                let next = began + self.interval;
+                let next = clock::now() + self.interval;
                 self.runs.insert(key, Run { next, across_gap });
             } else {
                 self.runs.remove(&key);
-                let last = LastAttempt {
-                    began: began_ms,
-                    ended: now_ms(),
-                };
-                self.last_attempt.insert(key, last);
+                self.last_ended.insert(key, now_ms());
             }
             group.wake_waiting_calls();
             let serves = attempted == Attempted::Serves;
@@ -1009,15 +982,13 @@ fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempte
 /// has its server start a worker that loads the whole token, and in the
 /// one chaos run that retried every 0.1 s two members did not serve again
 /// within two minutes of its end (load 13; not shown to be the cause).
-/// True if the member serves again; `began` is when its last attempt
-/// began ([`now_ms`]).
+/// True if the member serves again.
 fn attempts_while_none_serves(
     provider: &dyn Host,
     group: &Arc<Group>,
     position: usize,
     shared: &Shared,
     interval: Duration,
-    began: &mut u64,
 ) -> bool {
     let member = &group.members[position];
     // The mark held across the gap, if any: taken away only once the next
@@ -1026,8 +997,6 @@ fn attempts_while_none_serves(
     loop {
         let under_way = AttemptUnderWay::start(group, position);
         drop(across_gap.take());
-        let began_at = clock::now();
-        *began = now_ms();
         let attempted = attempt(provider, group, position);
         if attempted == Attempted::Serves {
             return true;
@@ -1040,7 +1009,7 @@ fn attempts_while_none_serves(
         } else {
             drop(under_way);
         }
-        let next = began_at + interval;
+        let next = clock::now() + interval;
         let mut flags = shared.flags();
         while !flags.stop_recovery && !member.attempt_due() && clock::now() < next {
             flags = shared.sleep(flags, clock::block_for(next)).0;
