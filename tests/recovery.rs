@@ -94,6 +94,20 @@ impl Group {
         }
     }
 
+    /// Waits, within `limit`, until member `i` has no change left to
+    /// receive.
+    fn wait_for_no_pending(&self, i: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while group_status().members[i].pendingChanges != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "member {i} still had changes to receive after {limit:?}; HA log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// How many objects with `id` member `i` holds, through its own slot.
     fn count_on_member(&self, i: usize, id: &[u8]) -> usize {
         let slot = Slot::try_from(passthrough_slot_id(
@@ -310,7 +324,9 @@ fn a_member_whose_token_lost_objects_while_away_is_read_and_given_them_back() {
 /// -- so they wait, and the group status counts them as changes the member
 /// has yet to receive (it said 0 while they waited, so a member could pass
 /// for complete that lacked keys the application was given); the
-/// application's next login delivers them.
+/// application's next login delivers them -- at once, or right after a
+/// replay of kept changes under way then (`C_Login` does not wait for
+/// one: asserted at once, this failed 1 run in 15 beside a simulation).
 #[test]
 fn private_keys_a_member_missed_while_logged_out_are_counted_until_the_next_login() {
     use cryptoki::object::{KeyType, ObjectClass};
@@ -346,11 +362,7 @@ fn private_keys_a_member_missed_while_logged_out_are_counted_until_the_next_logi
         group.log()
     );
     let _session = group.session();
-    assert_eq!(
-        group_status().members[1].pendingChanges,
-        0,
-        "the login delivered the key"
-    );
+    group.wait_for_no_pending(1, PATIENCE);
     assert_eq!(group.count_on_member(1, b"while-away"), 1);
 }
 
