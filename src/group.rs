@@ -83,6 +83,9 @@ pub struct Member {
     /// Searches for its token since it was last found that had a library
     /// not answer: each next search waits longer (see recovery.rs).
     pub silent_searches: AtomicU64,
+    /// The era its handles were last forgotten in as stale
+    /// ([`Group::handles_went_stale`]).
+    stale_handles_forgotten: Mutex<Option<crate::object::Era>>,
     /// One more than the epoch in which the member's library refused the
     /// key-wrap mechanism (0: not refused), so that the group neither asks
     /// again nor says so again until the member has been reconnected.
@@ -256,6 +259,7 @@ impl Member {
             attempt_under_way: AtomicUsize::new(0),
             attempt_due: AtomicBool::new(false),
             silent_searches: AtomicU64::new(0),
+            stale_handles_forgotten: Mutex::new(None),
             wrap_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),
@@ -1760,6 +1764,35 @@ impl Group {
         self.domain.forget(position);
         let epoch = self.members[position].epoch();
         self.indexes[position].lock().reset(epoch);
+    }
+
+    /// For member `position`'s answer that a handle the group holds there,
+    /// looked up in `era`, is invalid while its login stands: whether its
+    /// handles went stale unseen -- its token numbered its objects anew
+    /// with no session of ours open to notice (a restart between the
+    /// application's sessions) -- and are forgotten, to be looked up
+    /// afresh. Taken at its word, an operation with a key every member
+    /// holds failed with `CKR_KEY_HANDLE_INVALID`. Once per era: handles
+    /// looked up since the last such forgetting are the token's own, and
+    /// its answer stands; handles forgotten since `era` are looked up
+    /// afresh anyway.
+    pub fn handles_went_stale(&self, position: usize, era: crate::object::Era) -> bool {
+        let mut forgotten = self.members[position].stale_handles_forgotten.lock();
+        if self.objects.moved_on(era) {
+            return true;
+        }
+        if *forgotten == Some(era) {
+            return false;
+        }
+        self.forget_handles(position);
+        *forgotten = Some(self.objects.era(position));
+        drop(forgotten);
+        self.log(
+            Some(position),
+            "member answered that a handle the group holds there is invalid: its object \
+             handles are looked up afresh (its token may have restarted unseen)",
+        );
+        true
     }
 
     /// The group's token objects that member `position` was seen to hold

@@ -3891,3 +3891,40 @@ fn within_a_minute(failure: &str, done: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A member whose object handles went stale unseen -- its token numbered
+/// its objects anew with no session of ours to notice, as after a restart
+/// between the application's sessions -- and that answers
+/// `CKR_KEY_HANDLE_INVALID` for a key the group holds there has its
+/// handles looked up afresh, and the call goes on: taken at its word, an
+/// encryption with a key every member holds failed. Member 0 is out, and
+/// member 1's token renumbers its objects under the group; a key the
+/// group's lookup since then found still invalid is not looked up again.
+#[test]
+fn a_key_whose_member_handle_went_stale_unseen_is_looked_up_afresh() {
+    let (member, group) = memory_group(2, 102);
+    let v = logged_in_session(&group);
+    let key = import_token_object(&v, kept_key()).expect("the key is imported");
+    let data = [0x42u8; 16];
+    let before = encrypt(&v, key, &data);
+    group.member_failed(0, "C_Sign", CKR_DEVICE_ERROR);
+    let era = group.objects.era(1);
+    member.sim.lock().tokens[1].renumber();
+
+    assert_eq!(
+        encrypt(&v, key, &data),
+        before,
+        "the encryption ran on member 1 with the key looked up afresh"
+    );
+    assert!(
+        group.objects.moved_on(era),
+        "member 1's handles were forgotten"
+    );
+    let looked_up = group.objects.era(1);
+    assert!(
+        !group.handles_went_stale(1, looked_up),
+        "handles looked up since are the token's own: not forgotten again"
+    );
+    assert!(!group.objects.moved_on(looked_up));
+    v.close();
+}

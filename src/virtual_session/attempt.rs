@@ -113,9 +113,9 @@ impl VirtualSession {
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
         let (rv, look_up_again) = if networked {
-            self.run_on_connection(position, function, &*library, handle, connection, call)
+            self.run_on_connection(position, era, function, &*library, handle, connection, call)
         } else {
-            self.run(position, function, &*library, handle, call)
+            self.run(position, era, function, &*library, handle, call)
         };
         drop(guard);
         // Success first and inline: most calls succeed, and no other check
@@ -169,6 +169,7 @@ impl VirtualSession {
     fn run<F>(
         &self,
         position: usize,
+        era: Option<Era>,
         function: &str,
         library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
@@ -189,7 +190,7 @@ impl VirtualSession {
         if verdict != Answer::LoginLost {
             return (rv, false);
         }
-        match self.check_login(position, library, handle, rv) {
+        match self.check_login(position, era, library, handle, rv) {
             Relogin::Retry => (call(library, handle), false),
             Relogin::LookUpAgain => (rv, true),
             Relogin::NotNeeded => (rv, false),
@@ -200,9 +201,11 @@ impl VirtualSession {
     /// out of the inlined path that in-process members take.
     #[cold]
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn run_on_connection<F>(
         &self,
         position: usize,
+        era: Option<Era>,
         function: &str,
         library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
@@ -213,7 +216,7 @@ impl VirtualSession {
         F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         crate::member::on_connection(connection, || {
-            self.run(position, function, &*library, handle, call)
+            self.run(position, era, function, &*library, handle, call)
         })
     }
 
@@ -303,10 +306,13 @@ impl VirtualSession {
 
     /// After an answer that may mean the member lost its login: logs it in
     /// again with the cached credential and says what the caller does next.
+    /// A handle of `era` answered invalid with the login standing may have
+    /// gone stale ([`crate::group::Group::handles_went_stale`]).
     #[cold]
     fn check_login(
         &self,
         position: usize,
+        era: Option<Era>,
         library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
         rv: CK_RV,
@@ -318,7 +324,10 @@ impl VirtualSession {
                 Relogin::NotNeeded
             };
         }
-        if self.lost_login(library, handle) && self.log_in_again(library, handle) {
+        if self.lost_login(library, handle) {
+            if !self.log_in_again(library, handle) {
+                return Relogin::NotNeeded;
+            }
             // A token logged out behind our back (SoftHSM then drops its
             // private objects' handles): in again, and look the handles up
             // afresh before the caller tries again.
@@ -327,7 +336,10 @@ impl VirtualSession {
                 .log(Some(position), "member had lost its login; logged in again");
             return Relogin::LookUpAgain;
         }
-        Relogin::NotNeeded
+        match era {
+            Some(era) if self.group.handles_went_stale(position, era) => Relogin::LookUpAgain,
+            _ => Relogin::NotNeeded,
+        }
     }
 
     /// Whether the group is logged in but this member session is not.
