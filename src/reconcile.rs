@@ -774,16 +774,10 @@ fn copy_missing(
         if group.members[copy.source].epoch() != epochs[copy.source] {
             continue;
         }
-        // A source with objects in doubt: one the group does not know
-        // there may be a late copy under a former fingerprint
-        // (`Group::carries_doubt`); its own return's replay settles it.
-        // So may a source still owed changes (it serves first after an
-        // outage): one it holds under a former fingerprint may be an
-        // object destroyed while it was out, its removal kept for it --
-        // copied, the object came back on every other member (simulation
-        // seed 21342226, as 5063969 for synchronisation). A later pass
-        // compares it: the next return's, or `ReconcileInterval`'s.
-        if (group.carries_doubt(copy.source) || group.undelivered_count(copy.source) > 0)
+        // What the group does not know on such a source may be unsettled
+        // (`Group::holds_unsettled`): a later pass compares it -- the next
+        // return's, or `ReconcileInterval`'s.
+        if group.holds_unsettled(copy.source)
             && group
                 .objects
                 .known_in(eras[copy.source], copy.handle)

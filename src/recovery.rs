@@ -3044,7 +3044,7 @@ fn synchronize(
     // seed 5063969). So is one with objects in doubt: what the group does
     // not know there may be a late copy under a fingerprint from before a
     // change of its attributes.
-    let source_owed = group.undelivered_count(reference) > 0 || group.carries_doubt(reference);
+    let source_owed = group.holds_unsettled(reference);
     let domain = worker.group.domain_handle(reference);
     let everything: identity::Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let making = group.objects_being_made();

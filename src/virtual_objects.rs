@@ -1024,8 +1024,20 @@ impl VirtualSession {
             for (position, mut handle, mut era) in copies {
                 let mut answer =
                     self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, handle));
-                if matches!(answer, Attempt::Answered(CKR_OBJECT_HANDLE_INVALID)) {
-                    match self.copy_named_afresh(object, era)? {
+                // Its handles forgotten under the call (its answer said
+                // they went stale, `Group::handles_went_stale`; a login it
+                // had lost), or its copy not under that handle after all:
+                // the copy is looked up afresh and asked again. Taken for
+                // a fault, a member whose token restarted unseen was
+                // given the change later rather than now.
+                let named_afresh = match answer {
+                    Attempt::Faulted => {
+                        self.group.objects.moved_on(era) && self.group.members[position].is_up()
+                    }
+                    Attempt::Answered(rv) => rv == CKR_OBJECT_HANDLE_INVALID,
+                };
+                if named_afresh {
+                    match self.copy_named_afresh(object, era, handle)? {
                         Some((fresh, fresh_era)) => {
                             (handle, era) = (fresh, fresh_era);
                             answer = self.attempt_keyed(position, era, function, &mut |l, s| {
@@ -1079,26 +1091,23 @@ impl VirtualSession {
         Ok(())
     }
 
-    /// The copy of `object` on a member whose handle for it (of `era`)
-    /// named nothing there, looked up afresh with every handle of the
-    /// member forgotten: its token restarted between two of our calls and
-    /// numbered its objects anew, unseen where its sessions were closed and
-    /// opened again meanwhile. Taken at its word, a destroy left the copy
-    /// under its new handle, an object the application destroyed (simulation
-    /// seed 19020903). `None` where the member holds no copy.
+    /// The copy of `object` on a member whose handle for it (`handle`, of
+    /// `era`) named nothing there, looked up afresh. Where its token
+    /// numbered its objects anew unseen, the attempt's verdict forgot all
+    /// the member's handles (`Group::handles_went_stale`); otherwise the
+    /// copy is not under that handle after all, and that one is forgotten.
+    /// Taken at its word, a destroy left the copy under its new handle, an
+    /// object the application destroyed (simulation seed 19020903).
+    /// `None` where the member holds no copy.
     fn copy_named_afresh(
         &self,
         object: CK_OBJECT_HANDLE,
         era: Era,
+        handle: CK_OBJECT_HANDLE,
     ) -> Result<Option<(CK_OBJECT_HANDLE, Era)>> {
         let position = era.member();
         if !self.group.objects.moved_on(era) {
-            self.group.forget_handles(position);
-            self.group.log(
-                Some(position),
-                "a handle of an object of the group named nothing there: its handles are \
-                 looked up afresh (its token may have restarted unseen)",
-            );
+            self.group.objects.forget_copy(position, handle);
         }
         let fresh_era = self.group.objects.era(position);
         Ok(self.resolve(object, position)?.map(|h| (h, fresh_era)))
