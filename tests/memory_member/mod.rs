@@ -29,6 +29,9 @@ use token::{Attributes, Sim, FIRST_SLOT, MECHANISMS};
 /// a while, before it returns: given the token's index.
 pub type StallHook = Arc<dyn Fn(usize) + Send + Sync>;
 
+/// What a call does before it reaches the model ([`SimMember::on_call`]).
+pub type CallHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// A member library of in-memory tokens. It answers as a loaded library
 /// of the same tokens would: `CKR_CRYPTOKI_NOT_INITIALIZED` until
 /// initialised, every call counted through [`counted`], functions the
@@ -44,6 +47,9 @@ pub struct SimMember {
     /// What a call that changed a token on the own instance does before it
     /// returns, where the model reports changes ([`SimMember::on_change`]).
     change: Mutex<Option<StallHook>>,
+    /// What each call does first, given the function's name
+    /// ([`SimMember::on_call`]).
+    call_hook: Mutex<Option<CallHook>>,
     /// The connection's number, one more at each initialisation.
     connection: AtomicU64,
     /// Initialised by the core (not already initialised when it asked).
@@ -68,6 +74,7 @@ impl SimMember {
             sim: Mutex::new(sim),
             stall: Mutex::new(None),
             change: Mutex::new(None),
+            call_hook: Mutex::new(None),
             connection: AtomicU64::new(0),
             ours: AtomicBool::new(false),
             spares: spares::Spares::default(),
@@ -136,12 +143,22 @@ impl SimMember {
         *self.change.lock() = Some(Arc::new(hook));
     }
 
+    /// Runs `hook`, given the function's name, as each call begins, before
+    /// the model's lock (the hook may call in).
+    pub fn on_call(&self, hook: impl Fn(&'static str) + Send + Sync + 'static) {
+        *self.call_hook.lock() = Some(Arc::new(hook));
+    }
+
     /// Runs `f` on the model, counted on the member the thread calls for,
     /// as a loaded library's calls are; a call that met a stall then runs
     /// the stall hook, and one that changed a token the change hook,
     /// outside the model's lock (the hooks may call in).
     fn call(&self, function: &'static str, f: impl FnOnce(&mut Sim) -> token::Result<()>) -> CK_RV {
         self.spares.owner_called();
+        let hook = self.call_hook.lock().clone();
+        if let Some(hook) = hook {
+            hook(function);
+        }
         counted(function, || {
             let (answer, stalled, changed) = {
                 let mut sim = self.sim.lock();
