@@ -64,6 +64,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use cryptoki::context::Pkcs11;
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -1182,14 +1183,52 @@ fn member_contents(
         })
         .ok_or_else(|| format!("no slot shows token {serial}"))?;
     let session = user_session(pkcs11, slot);
+    // A reconciliation pass may remove a copy a member held twice between
+    // the search and the read (it did in a run); the listing is then
+    // taken again, at most LISTINGS times.
+    let mut listing = 1;
+    loop {
+        match list_contents(&session) {
+            Err(ListingError::Gone(why)) if listing < LISTINGS => {
+                println!("listing {serial} again: {why}");
+                listing += 1;
+            }
+            Err(ListingError::Gone(why) | ListingError::Failed(why)) => return Err(why),
+            Ok(contents) => return Ok(contents),
+        }
+    }
+}
+
+/// How many times [`member_contents`] lists a member whose objects go
+/// while it lists them.
+const LISTINGS: usize = 3;
+
+/// Why a member's objects could not be listed.
+enum ListingError {
+    /// An object found went before it was read.
+    Gone(String),
+    /// Any other failure.
+    Failed(String),
+}
+
+/// CKA_ID -> the classes of the objects with that ID, through `session`.
+fn list_contents(session: &Session) -> Result<HashMap<Vec<u8>, Vec<ObjectClass>>, ListingError> {
     let objects = session
         .find_objects(&[Attribute::Token(true)])
-        .map_err(|e| format!("C_FindObjects: {e:?}"))?;
+        .map_err(|e| ListingError::Failed(format!("C_FindObjects: {e:?}")))?;
     let mut contents: HashMap<Vec<u8>, Vec<ObjectClass>> = HashMap::new();
     for object in objects {
         let attributes = session
             .get_attributes(object, &[AttributeType::Id, AttributeType::Class])
-            .map_err(|e| format!("C_GetAttributeValue: {e:?}"))?;
+            .map_err(|e| {
+                let why = format!("C_GetAttributeValue: {e:?}");
+                match e {
+                    cryptoki::error::Error::Pkcs11(RvError::ObjectHandleInvalid, _) => {
+                        ListingError::Gone(why)
+                    }
+                    _ => ListingError::Failed(why),
+                }
+            })?;
         let (mut id, mut class) = (None, None);
         for a in attributes {
             match a {
