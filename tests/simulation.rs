@@ -595,18 +595,33 @@ thread_local! {
 /// The members' call hook ([`SimMember::on_call`]): notes whether the
 /// application's search begins on a member -- at first, or moved there
 /// when its member failed -- while every serving member lacks objects.
+/// The schedule's provider is taken from its time, not through
+/// `provider::get`, which may run a recovery round inline -- inside the
+/// member call, under the locks the call holds (seed 22836855 hung so).
 fn search_began(function: &'static str) {
     if function != "C_FindObjectsInit" || !SEARCHING.with(std::cell::Cell::get) {
         return;
     }
-    if every_serving_member_lacks() {
+    let provider = match TIME.try_lock() {
+        Ok(slot) => match slot.as_ref() {
+            Some(time) => Arc::clone(&time.provider),
+            None => return,
+        },
+        Err(_) => return,
+    };
+    if lacking_everywhere(&provider) {
         SEARCHED_LACKING.with(|s| s.set(true));
     }
 }
 
-/// Whether no serving member holds every object of the group.
+/// Whether no serving member holds every object of the group, asked
+/// between the application's calls.
 fn every_serving_member_lacks() -> bool {
-    let provider = pkcs11_ha::provider::get().expect("initialised");
+    lacking_everywhere(&pkcs11_ha::provider::get().expect("initialised"))
+}
+
+/// Whether no serving member of `provider`'s group holds every object.
+fn lacking_everywhere(provider: &pkcs11_ha::provider::Provider) -> bool {
     let group = &provider.groups[0];
     group
         .serving_members()
