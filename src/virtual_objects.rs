@@ -1024,19 +1024,14 @@ impl VirtualSession {
             for (position, mut handle, mut era) in copies {
                 let mut answer =
                     self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, handle));
-                // Its handles forgotten under the call (its answer said
-                // they went stale, `Group::handles_went_stale`; a login it
-                // had lost), or its copy not under that handle after all:
-                // the copy is looked up afresh and asked again. Taken for
-                // a fault, a member whose token restarted unseen was
-                // given the change later rather than now.
-                let named_afresh = match answer {
-                    Attempt::Faulted => {
-                        self.group.objects.moved_on(era) && self.group.members[position].is_up()
-                    }
-                    Attempt::Answered(rv) => rv == CKR_OBJECT_HANDLE_INVALID,
-                };
-                if named_afresh {
+                // Its copy not under that handle after all: looked up
+                // afresh and asked again. (A member whose handles went
+                // stale unseen answers as faulted, its handles forgotten,
+                // `Group::handles_went_stale`: the loop's next look-up
+                // finds its copy afresh, or, where another member decided,
+                // it is given the change as one that missed it -- at once
+                // while it serves, `give_missed`.)
+                if matches!(answer, Attempt::Answered(CKR_OBJECT_HANDLE_INVALID)) {
                     match self.copy_named_afresh(object, era, handle)? {
                         Some((fresh, fresh_era)) => {
                             (handle, era) = (fresh, fresh_era);

@@ -3892,6 +3892,29 @@ fn within_a_minute(failure: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// A destroy on a member whose object handles went stale unseen (its
+/// token numbered its objects anew under the group) removes the copy
+/// there before the call returns: the attempt's verdict forgets the
+/// member's handles and reports the try as faulted, and the change looks
+/// its copy up afresh and asks again -- counted a fault, the removal was
+/// queued for the member, which kept the destroyed key meanwhile.
+#[test]
+fn a_destroy_on_a_member_whose_handles_went_stale_unseen_removes_its_copy_at_once() {
+    let (member, group) = memory_group(2, 103);
+    let v = logged_in_session(&group);
+    let key = import_token_object(&v, kept_key()).expect("the key is imported");
+    member.sim.lock().tokens[1].renumber();
+
+    v.destroy_object(key).expect("C_DestroyObject");
+    assert_eq!(
+        kept_labels(&member, 1),
+        Vec::<String>::new(),
+        "member 1 no longer holds the key"
+    );
+    assert_eq!(group.pending_count(1), 0, "nothing queued for member 1");
+    v.close();
+}
+
 /// A member whose object handles went stale unseen -- its token numbered
 /// its objects anew with no session of ours to notice, as after a restart
 /// between the application's sessions -- and that answers
