@@ -39,6 +39,44 @@ macro_rules! member_call {
 }
 pub(crate) use member_call;
 
+/// `member_call!` for a function that makes or destroys token objects:
+/// first asks each SoftHSM token of the library for its token info
+/// ([`MemberLibrary::softhsm_slots`]), in the same call. SoftHSM keeps, in
+/// each process, the count of changes to a token's object list it has
+/// read, and re-reads the list when the count on disk differs -- but a
+/// process making or destroying an object takes the count it writes as
+/// read, so an object another process (another member connection's
+/// server process, a request finished after it was cut off, another
+/// application) made just before stays out of its view: its searches
+/// miss it, and the group made it a second time there. Asking for the
+/// token info has SoftHSM read the list first (its token object's
+/// refresh re-indexes the token); the answer is not needed.
+macro_rules! member_write {
+    ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
+        let library: &$crate::member::MemberLibrary = &$lib;
+        let softhsm = library.softhsm_slots();
+        library.call(
+            stringify!($func),
+            |table| table.$func.map(|f| (table.C_GetTokenInfo, f)),
+            // SAFETY: as in `member_call!`; the token info is written
+            // into a local of the right type.
+            |(token_info, f)| unsafe {
+                if let Some(token_info) = token_info {
+                    for slot in softhsm {
+                        let mut info: CK_TOKEN_INFO = std::mem::zeroed();
+                        token_info(slot, &mut info);
+                    }
+                }
+                f($($arg),*)
+            },
+        )
+    }};
+}
+pub(crate) use member_write;
+
+/// How SoftHSM names itself in a token's `manufacturerID`.
+const SOFTHSM_MANUFACTURER: &[u8] = b"SoftHSM";
+
 /// What a member's answer says about the member: the one place that tells
 /// a member fault (take the member out, carry the call elsewhere) from a
 /// request error (the application's answer; the member stays in service).
@@ -309,6 +347,12 @@ pub struct MemberLibrary {
     slot_counts: Mutex<Vec<(CK_SLOT_ID, Arc<CallCounts>)>>,
     /// Further instances of p11-kit's client ([`Spares`]); none elsewhere.
     spares: Spares,
+    /// The slots of the SoftHSM tokens this library (and its further
+    /// instances, which share the list) has shown ([`Self::token_info`]):
+    /// before a call that makes or destroys objects, each is asked for its
+    /// token info, which has SoftHSM read the token's object list again
+    /// ([`member_write`]).
+    softhsm_slots: Arc<Mutex<SmallVec<[CK_SLOT_ID; 2]>>>,
     /// The calls inside the library now, and the application's
     /// `C_Finalize`s it has seen ([`Inside`]).
     inside: Inside,
@@ -1219,6 +1263,7 @@ impl MemberLibrary {
             connection: AtomicU64::new(1),
             slot_counts: Mutex::new(Vec::new()),
             spares: Spares::default(),
+            softhsm_slots: Arc::default(),
             inside: Inside::default(),
             _library: library,
         }
@@ -1268,7 +1313,7 @@ impl MemberLibrary {
             with_sigpipe_blocked(|| Self::function_table(&library))
         })
         .map_err(|why| format!("{} gave no further instance: {why}", self.path.display()))?;
-        Ok(MemberLibrary::with_table(
+        let mut instance = MemberLibrary::with_table(
             Instance {
                 name: self.name.clone(),
                 path: self.path.clone(),
@@ -1282,7 +1327,9 @@ impl MemberLibrary {
             Some(CallLimit::new(P11_KIT_CLIENT_CALLS)),
             calls_sent,
             round_trips,
-        ))
+        );
+        instance.softhsm_slots = Arc::clone(&self.softhsm_slots);
+        Ok(instance)
     }
 
     /// A spare instance ([`Spares`]): its calls are numbered, and their
@@ -2175,11 +2222,24 @@ impl MemberLibrary {
         read_list(|list, count| member_call!(self, C_GetSlotList(token_present, list, count)))
     }
 
+    /// The token info of `slot`; a SoftHSM token's slot is noted for
+    /// [`member_write`].
     pub fn token_info(&self, slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
         // SAFETY: CK_TOKEN_INFO is plain data; all-zero is a valid value.
         let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
         check(member_call!(self, C_GetTokenInfo(slot, &mut info)))?;
+        if info.manufacturerID.starts_with(SOFTHSM_MANUFACTURER) {
+            let mut slots = self.softhsm_slots.lock();
+            if !slots.contains(&slot) {
+                slots.push(slot);
+            }
+        }
         Ok(info)
+    }
+
+    /// The slots of the SoftHSM tokens the library has shown.
+    pub fn softhsm_slots(&self) -> SmallVec<[CK_SLOT_ID; 2]> {
+        self.softhsm_slots.lock().clone()
     }
 
     pub fn slot_info(&self, slot: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {

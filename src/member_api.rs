@@ -22,7 +22,9 @@
 //!   [`crate::arguments`] and [`crate::mechanism`], which check that).
 
 use crate::error::{check, Result};
-use crate::member::{member_call, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered};
+use crate::member::{
+    member_call, member_write, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered,
+};
 use cryptoki_sys::*;
 use std::ptr;
 use std::sync::Arc;
@@ -1094,7 +1096,7 @@ impl MemberApi for MemberLibrary {
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
         let (template, count) = array(template);
-        member_call!(self, C_CreateObject(session, template, count, object))
+        member_write!(self, C_CreateObject(session, template, count, object))
     }
 
     fn copy_object(
@@ -1105,11 +1107,11 @@ impl MemberApi for MemberLibrary {
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
         let (template, count) = array(template);
-        member_call!(self, C_CopyObject(session, source, template, count, object))
+        member_write!(self, C_CopyObject(session, source, template, count, object))
     }
 
     fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
-        member_call!(self, C_DestroyObject(session, object))
+        member_write!(self, C_DestroyObject(session, object))
     }
 
     fn get_object_size(
@@ -1267,7 +1269,7 @@ impl MemberApi for MemberLibrary {
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
         let (template, count) = array(template);
-        member_call!(
+        member_write!(
             self,
             C_GenerateKey(session, self::mechanism(mechanism), template, count, key)
         )
@@ -1284,7 +1286,7 @@ impl MemberApi for MemberLibrary {
     ) -> CK_RV {
         let (public, public_count) = array(public_template);
         let (private, private_count) = array(private_template);
-        member_call!(
+        member_write!(
             self,
             C_GenerateKeyPair(
                 session,
@@ -1333,7 +1335,7 @@ impl MemberApi for MemberLibrary {
     ) -> CK_RV {
         let (wrapped, wrapped_len) = array(wrapped);
         let (template, count) = array(template);
-        member_call!(
+        member_write!(
             self,
             C_UnwrapKey(
                 session,
@@ -1358,7 +1360,7 @@ impl MemberApi for MemberLibrary {
     ) -> CK_RV {
         let (template, count) = array(template);
         let key = key.map_or(ptr::null_mut(), |key| key as *mut CK_OBJECT_HANDLE);
-        member_call!(
+        member_write!(
             self,
             C_DeriveKey(
                 session,

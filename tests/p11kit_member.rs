@@ -447,6 +447,38 @@ fn the_group_advertises_the_intersection_of_its_members_mechanisms() {
     assert!(ecdsa.sign() && ecdsa.verify());
 }
 
+fn labelled(s: &Session, label: &str) -> usize {
+    s.find_objects(&[Attribute::Label(label.into())])
+        .expect("search by label")
+        .len()
+}
+
+/// The remote member's server process for our connection keeps its own
+/// view of the token (SoftHSM's count of changes read, `member_write!` in
+/// `src/member.rs`): an object another process makes there, followed by
+/// one the group makes, must still be found through that connection --
+/// it was not, and a replay of changes then made such an object twice.
+#[test]
+fn the_remote_members_connection_sees_what_another_process_made_before_the_group_wrote() {
+    let group = Group::start();
+    let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
+    let data = |label: &str| {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(label.into()),
+            Attribute::Value(label.as_bytes().to_vec()),
+        ])
+        .expect("data object through the group")
+    };
+    data("ours-before");
+    data_object_by_another_process(&group._remote, "remote", "theirs");
+    data("ours-after");
+    let remote = user_session(&group.pkcs11, group.slot("remote"));
+    assert_eq!(labelled(&remote, "theirs"), 1);
+    assert_eq!(labelled(&remote, "ours-after"), 1);
+}
+
 /// Object files the slow member's token holds, copies of one data object:
 /// enough that its server's `C_Initialize` (which loads the whole token)
 /// takes several times the `memberTimeout` below (0.35 s on an idle

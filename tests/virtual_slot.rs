@@ -240,6 +240,27 @@ fn created_objects_exist_on_every_member_and_are_found_once() {
     assert_eq!(found.len(), 3);
 }
 
+/// SoftHSM counts changes of a token's object list in a file all processes
+/// share, and a process re-reads the list only when the count moved since
+/// it last looked -- but making or destroying an object takes the new
+/// count as seen without re-reading, so an object another process made
+/// just before stays out of that process's view (its searches, its
+/// handles) until some other process changes the list again. The group
+/// has each SoftHSM member look at its list before it makes or destroys
+/// an object there: without that, "theirs" was found on no member.
+#[test]
+fn what_another_process_made_stays_in_view_after_the_group_makes_an_object() {
+    let f = Fixture::group(2);
+    let session = f.user_session();
+    data_object(&session, "ours-before", b"1");
+    for token in &f.hsm.tokens {
+        data_object_by_another_process(&f.hsm, &token.label, "theirs");
+    }
+    data_object(&session, "ours-after", b"2");
+    assert_eq!(count_on_members(&f, "theirs"), vec![1, 1]);
+    assert_eq!(labelled(&session, "theirs").len(), 1);
+}
+
 #[test]
 fn destroy_and_set_attribute_reach_every_member() {
     let f = Fixture::group(2);

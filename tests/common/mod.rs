@@ -516,6 +516,26 @@ pub fn pkcs11_tool(module: &Path, hsm: &SoftHsm, config: &Path) -> Command {
     cmd
 }
 
+/// Makes a token data object labelled `label` on `token` of `hsm` from
+/// another process: `pkcs11-tool` on SoftHSM directly.
+pub fn data_object_by_another_process(hsm: &SoftHsm, token: &str, label: &str) {
+    let value = hsm.dir.path().join(format!("{label}.value"));
+    std::fs::write(&value, label).expect("write the object's value");
+    let out = std::process::Command::new("pkcs11-tool")
+        .args(["--module", SOFTHSM_LIB, "--token-label", token])
+        .args(["--login", "--pin", USER_PIN, "--write-object"])
+        .arg(&value)
+        .args(["--type", "data", "--label", label])
+        .env(SOFTHSM_CONF_ENV, &hsm.conf)
+        .output()
+        .expect("run pkcs11-tool");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool --write-object on {token}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Fixture
 // ---------------------------------------------------------------------------
