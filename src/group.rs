@@ -236,6 +236,19 @@ const RECOVERED_RATIO: u64 = 4;
 /// against a token's session limit.
 const UNUSED_SESSIONS_KEPT: usize = 4;
 
+/// The member functions that make or destroy objects: a SoftHSM member
+/// asked one of them answers `CKR_DEVICE_ERROR` once its process has lost
+/// sight of the token ([`crate::member::last_write_lost_sight`]).
+const WRITES: [&str; 7] = [
+    "C_CreateObject",
+    "C_CopyObject",
+    "C_DestroyObject",
+    "C_GenerateKey",
+    "C_GenerateKeyPair",
+    "C_UnwrapKey",
+    "C_DeriveKey",
+];
+
 thread_local! {
     /// The lane this thread last chose a member for: the calls it makes
     /// until it chooses again are that kind's, for their latency.
@@ -1320,14 +1333,22 @@ impl Group {
     /// Records a member fault: the member leaves the rotation and the
     /// operator hears of it once.
     pub fn member_failed(&self, position: usize, function: &str, rv: CK_RV) {
-        self.take_out(
-            position,
-            rv,
-            &format!(
+        let event = if rv == CKR_DEVICE_ERROR
+            && WRITES.contains(&function)
+            && crate::member::last_write_lost_sight()
+        {
+            format!(
+                "member's SoftHSM process lost sight of its token ({function} and \
+                 C_GetTokenInfo answered CKR_GENERAL_ERROR there): taken out, recovery \
+                 connects it afresh; calls go to the other members"
+            )
+        } else {
+            format!(
                 "member failed in {function} with {}; calls go to the other members",
                 crate::error::rv_name(rv)
-            ),
-        );
+            )
+        };
+        self.take_out(position, rv, &event);
     }
 
     /// Takes a member out of service for `rv`, saying `event` once.
@@ -2604,8 +2625,10 @@ impl Group {
     /// it: the soak's relay reset hsmC's connection under a kept import,
     /// p11-kit's worker made the key afterwards, and the member's replay,
     /// which had just looked it up and not found it, made it a second time.
+    /// A write refused because the member's SoftHSM process lost sight of
+    /// its token leaves nothing ([`crate::member::last_write_lost_sight`]).
     pub fn doubt_after(&self, position: usize, faulted: bool, cut_off: bool) -> Doubt {
-        if !faulted {
+        if !faulted || crate::member::last_write_lost_sight() {
             Doubt::None
         } else if cut_off {
             Doubt::CutOff

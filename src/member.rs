@@ -50,7 +50,16 @@ pub(crate) use member_call;
 /// application) made just before stays out of its view: its searches
 /// miss it, and the group made it a second time there. Asking for the
 /// token info has SoftHSM read the list first (its token object's
-/// refresh re-indexes the token); the answer is not needed.
+/// refresh re-indexes the token).
+///
+/// The answer matters in one case: SoftHSM answers `CKR_GENERAL_ERROR`
+/// there once the process has lost sight of the token for good (it
+/// re-listed the token while `token.object` could not be read), and every
+/// write then fails the same way. A write answering `CKR_GENERAL_ERROR`
+/// after such a token info answers `CKR_DEVICE_ERROR` instead: the
+/// member's connection is unusable, not the request wrong, so the member
+/// is taken out and recovery connects it afresh (a new process) rather
+/// than leave it serving a frozen view with every write refused.
 macro_rules! member_write {
     ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
         let library: &$crate::member::MemberLibrary = &$lib;
@@ -61,13 +70,21 @@ macro_rules! member_write {
             // SAFETY: as in `member_call!`; the token info is written
             // into a local of the right type.
             |(token_info, f)| unsafe {
+                let mut lost_sight = false;
                 if let Some(token_info) = token_info {
                     for slot in softhsm {
                         let mut info: CK_TOKEN_INFO = std::mem::zeroed();
-                        token_info(slot, &mut info);
+                        lost_sight |= token_info(slot, &mut info) == CKR_GENERAL_ERROR;
                     }
                 }
-                f($($arg),*)
+                let rv = f($($arg),*);
+                let refused = lost_sight && rv == CKR_GENERAL_ERROR;
+                $crate::member::note_lost_sight(refused);
+                if refused {
+                    CKR_DEVICE_ERROR
+                } else {
+                    rv
+                }
             },
         )
     }};
@@ -443,6 +460,9 @@ thread_local! {
     /// Whether this thread's last call into a member library was on the
     /// wire when its connection was severed.
     static CUT_OFF: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread's last call that makes or destroys objects
+    /// found its SoftHSM token lost from sight ([`member_write`]).
+    static LOST_SIGHT: Cell<bool> = const { Cell::new(false) };
     /// The connection the session this thread is calling on belongs to
     /// (0: the call names no session).
     static SESSION_CONNECTION: Cell<u64> = const { Cell::new(0) };
@@ -471,9 +491,24 @@ pub fn last_call_cut_off() -> bool {
 }
 
 /// Forgets the last call's cut-off, for a call that never reached the
-/// member.
+/// member, and that a write found its token lost from sight.
 pub fn forget_cut_off() {
     CUT_OFF.set(false);
+    LOST_SIGHT.set(false);
+}
+
+/// Whether the calling thread's last call that makes or destroys objects
+/// (since [`forget_cut_off`]) failed because its SoftHSM process has lost
+/// sight of the token ([`member_write`]): answered `CKR_DEVICE_ERROR`, a
+/// fault, but one whose request was refused whole -- nothing it was making
+/// can land later.
+pub fn last_write_lost_sight() -> bool {
+    LOST_SIGHT.get()
+}
+
+/// Notes what [`last_write_lost_sight`] answers ([`member_write`]).
+pub fn note_lost_sight(lost: bool) {
+    LOST_SIGHT.set(lost);
 }
 
 /// Runs `call` with `SIGPIPE` blocked in this thread, consuming one it

@@ -479,6 +479,104 @@ fn the_remote_members_connection_sees_what_another_process_made_before_the_group
     assert_eq!(labelled(&remote, "ours-after"), 1);
 }
 
+/// The directory of the only token of `hsm`.
+fn only_token_dir(hsm: &SoftHsm) -> std::path::PathBuf {
+    let mut dirs: Vec<_> = std::fs::read_dir(hsm.token_dir())
+        .expect("list the token directory")
+        .map(|entry| entry.expect("token directory entry").path())
+        .filter(|path| path.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "tokens in {}", hsm.token_dir().display());
+    dirs.remove(0)
+}
+
+/// Adds `by` to the 8-byte big-endian counter SoftHSM keeps at the start
+/// of `file` (a token's `generation`, an object file's own count).
+fn bump_counter(file: &std::path::Path, by: u64, bytes: &mut [u8]) {
+    let count = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+    bytes[..8].copy_from_slice(&(count + by).to_be_bytes());
+    std::fs::write(file, &*bytes).expect("write the counter");
+}
+
+/// How many data objects labelled `label` the only token of `hsm` holds,
+/// as a fresh process (`pkcs11-tool` on SoftHSM directly, logged in)
+/// lists them; `None` where it could not list them.
+fn labelled_on_disk(hsm: &SoftHsm, label: &str) -> Option<usize> {
+    let out = std::process::Command::new("pkcs11-tool")
+        .args(["--module", SOFTHSM_LIB, "--login", "--pin", USER_PIN])
+        .args(["--list-objects", "--type", "data"])
+        .env(SOFTHSM_CONF_ENV, &hsm.conf)
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| {
+                line.trim()
+                    .strip_prefix("label:")
+                    .map(|l| l.trim().trim_matches('\''))
+                    == Some(label)
+            })
+            .count()
+    })
+}
+
+/// SoftHSM loses sight of a token for good, in one process, once that
+/// process re-lists the token while its `token.object` cannot be read
+/// (`OSToken::index`; softhsm/SoftHSMv2#757 under `p11-kit remote`): it
+/// answers `C_GetTokenInfo` and `C_CreateObject` with `CKR_GENERAL_ERROR`
+/// and sees no object made since. Here the remote member's connection is
+/// brought there on purpose -- its server process reads `token.object`
+/// cut short, then the token's change count moves -- and `token.object`
+/// is put back whole. An object made through the group must still reach
+/// the remote token: the member is taken out and connected afresh (a new
+/// server process), not left serving with every import refused.
+#[test]
+fn a_remote_member_whose_softhsm_lost_sight_of_its_token_is_connected_afresh() {
+    let group = Group::start();
+    let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
+    let data = |label: &str| {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(label.into()),
+            Attribute::Value(label.as_bytes().to_vec()),
+        ])
+        .expect("data object through the group")
+    };
+    data("before");
+    let remote_slot = group.slot("remote");
+    let dir = only_token_dir(&group._remote);
+    let token_object = dir.join("token.object");
+    let whole = std::fs::read(&token_object).expect("read token.object");
+    // Cut short, with a newer count so that the server process reads it.
+    let mut cut = whole[..whole.len() / 2].to_vec();
+    bump_counter(&token_object, 1, &mut cut);
+    assert!(group.pkcs11.get_token_info(remote_slot).is_err());
+    let generation = dir.join("generation");
+    let mut count = std::fs::read(&generation).expect("read generation");
+    bump_counter(&generation, 1, &mut count);
+    assert!(group.pkcs11.get_token_info(remote_slot).is_err());
+    std::fs::write(&token_object, &whole).expect("put token.object back");
+    assert!(
+        group.pkcs11.get_token_info(remote_slot).is_err(),
+        "the connection's SoftHSM still refuses with token.object whole"
+    );
+    assert_eq!(labelled_on_disk(&group._remote, "before"), Some(1));
+    data("after");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while labelled_on_disk(&group._remote, "after") != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the remote token never got the object made after its connection lost sight of it"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let remote = user_session(&group.pkcs11, remote_slot);
+    assert_eq!(labelled(&remote, "after"), 1);
+    assert_eq!(labelled(&remote, "before"), 1);
+}
+
 /// Object files the slow member's token holds, copies of one data object:
 /// enough that its server's `C_Initialize` (which loads the whole token)
 /// takes several times the `memberTimeout` below (0.35 s on an idle
