@@ -39,60 +39,50 @@ macro_rules! member_call {
 }
 pub(crate) use member_call;
 
-/// `member_call!` for a function that makes or destroys token objects:
-/// first asks each SoftHSM token of the library for its token info
-/// ([`MemberLibrary::softhsm_slots`]), in the same call. SoftHSM keeps, in
-/// each process, the count of changes to a token's object list it has
-/// read, and re-reads the list when the count on disk differs -- but a
-/// process making or destroying an object takes the count it writes as
-/// read, so an object another process (another member connection's
-/// server process, a request finished after it was cut off, another
-/// application) made just before stays out of its view: its searches
-/// miss it, and the group made it a second time there. Asking for the
-/// token info has SoftHSM read the list first (its token object's
-/// refresh re-indexes the token).
-///
-/// The answer matters in one case: SoftHSM answers `CKR_GENERAL_ERROR`
-/// there once the process has lost sight of the token for good (it
-/// re-listed the token while `token.object` could not be read), and every
-/// write then fails the same way. A write answering `CKR_GENERAL_ERROR`
-/// after such a token info answers `CKR_DEVICE_ERROR` instead: the
-/// member's connection is unusable, not the request wrong, so the member
-/// is taken out and recovery connects it afresh (a new process) rather
-/// than leave it serving a frozen view with every write refused.
-macro_rules! member_write {
-    ($lib:expr, $func:ident ( $($arg:expr),* $(,)? )) => {{
-        let library: &$crate::member::MemberLibrary = &$lib;
-        let softhsm = library.softhsm_slots();
-        library.call(
-            stringify!($func),
-            |table| table.$func.map(|f| (table.C_GetTokenInfo, f)),
-            // SAFETY: as in `member_call!`; the token info is written
-            // into a local of the right type.
-            |(token_info, f)| unsafe {
-                let mut lost_sight = false;
-                if let Some(token_info) = token_info {
-                    for slot in softhsm {
-                        let mut info: CK_TOKEN_INFO = std::mem::zeroed();
-                        lost_sight |= token_info(slot, &mut info) == CKR_GENERAL_ERROR;
-                    }
-                }
-                let rv = f($($arg),*);
-                let refused = lost_sight && rv == CKR_GENERAL_ERROR;
-                $crate::member::note_lost_sight(refused);
-                if refused {
-                    CKR_DEVICE_ERROR
-                } else {
-                    rv
-                }
-            },
-        )
-    }};
-}
-pub(crate) use member_write;
-
 /// How SoftHSM names itself in a token's `manufacturerID`.
 const SOFTHSM_MANUFACTURER: &[u8] = b"SoftHSM";
+
+/// A token object an instance made on a SoftHSM token, read to have
+/// SoftHSM read the token's object list again
+/// ([`MemberLibrary::call_writing`]).
+#[derive(Clone, Copy)]
+struct IndexProbe {
+    slot: CK_SLOT_ID,
+    /// The instance's connection it was made on: object handles are a
+    /// server process's own.
+    connection: u64,
+    object: CK_OBJECT_HANDLE,
+}
+
+/// The slot of `session`, asked with the library's own
+/// `C_GetSessionInfo`.
+fn session_slot(
+    info: unsafe extern "C" fn(CK_SESSION_HANDLE, *mut CK_SESSION_INFO) -> CK_RV,
+    session: CK_SESSION_HANDLE,
+) -> Option<CK_SLOT_ID> {
+    let mut found = CK_SESSION_INFO {
+        slotID: 0,
+        state: 0,
+        flags: 0,
+        ulDeviceError: 0,
+    };
+    // SAFETY: the library's own function, writing into a local of the
+    // right type.
+    (unsafe { info(session, &mut found) } == CKR_OK).then_some(found.slotID)
+}
+
+/// Whether the token in `slot` answers its token info with
+/// `CKR_GENERAL_ERROR`: SoftHSM's answer once the process lost sight of
+/// the token for good.
+fn token_lost(
+    info: unsafe extern "C" fn(CK_SLOT_ID, *mut CK_TOKEN_INFO) -> CK_RV,
+    slot: CK_SLOT_ID,
+) -> bool {
+    // SAFETY: CK_TOKEN_INFO is plain data (all-zero is a valid value);
+    // the library's own function writes into it.
+    let mut token: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+    (unsafe { info(slot, &mut token) }) == CKR_GENERAL_ERROR
+}
 
 /// What a member's answer says about the member: the one place that tells
 /// a member fault (take the member out, carry the call elsewhere) from a
@@ -365,11 +355,14 @@ pub struct MemberLibrary {
     /// Further instances of p11-kit's client ([`Spares`]); none elsewhere.
     spares: Spares,
     /// The slots of the SoftHSM tokens this library (and its further
-    /// instances, which share the list) has shown ([`Self::token_info`]):
-    /// before a call that makes or destroys objects, each is asked for its
-    /// token info, which has SoftHSM read the token's object list again
-    /// ([`member_write`]).
+    /// instances, which share the list) has shown ([`Self::token_info`]),
+    /// whose object list is read again before each write
+    /// ([`Self::call_writing`]).
     softhsm_slots: Arc<Mutex<SmallVec<[CK_SLOT_ID; 2]>>>,
+    /// For each such slot, a token object this instance made there, on the
+    /// connection it was made on: reading one of its attributes has SoftHSM
+    /// read the token's object list again ([`Self::call_writing`]).
+    index_probes: Mutex<SmallVec<[IndexProbe; 2]>>,
     /// The calls inside the library now, and the application's
     /// `C_Finalize`s it has seen ([`Inside`]).
     inside: Inside,
@@ -461,7 +454,8 @@ thread_local! {
     /// wire when its connection was severed.
     static CUT_OFF: Cell<bool> = const { Cell::new(false) };
     /// Whether this thread's last call that makes or destroys objects
-    /// found its SoftHSM token lost from sight ([`member_write`]).
+    /// found its SoftHSM token lost from sight
+    /// ([`MemberLibrary::call_writing`]).
     static LOST_SIGHT: Cell<bool> = const { Cell::new(false) };
     /// The connection the session this thread is calling on belongs to
     /// (0: the call names no session).
@@ -499,15 +493,15 @@ pub fn forget_cut_off() {
 
 /// Whether the calling thread's last call that makes or destroys objects
 /// (since [`forget_cut_off`]) failed because its SoftHSM process has lost
-/// sight of the token ([`member_write`]): answered `CKR_DEVICE_ERROR`, a
+/// sight of the token ([`MemberLibrary::call_writing`]): answered `CKR_DEVICE_ERROR`, a
 /// fault, but one whose request was refused whole -- nothing it was making
 /// can land later.
 pub fn last_write_lost_sight() -> bool {
     LOST_SIGHT.get()
 }
 
-/// Notes what [`last_write_lost_sight`] answers ([`member_write`]).
-pub fn note_lost_sight(lost: bool) {
+/// Notes what [`last_write_lost_sight`] answers.
+fn note_lost_sight(lost: bool) {
     LOST_SIGHT.set(lost);
 }
 
@@ -1299,6 +1293,7 @@ impl MemberLibrary {
             slot_counts: Mutex::new(Vec::new()),
             spares: Spares::default(),
             softhsm_slots: Arc::default(),
+            index_probes: Mutex::new(SmallVec::new()),
             inside: Inside::default(),
             _library: library,
         }
@@ -2258,7 +2253,7 @@ impl MemberLibrary {
     }
 
     /// The token info of `slot`; a SoftHSM token's slot is noted for
-    /// [`member_write`].
+    /// [`Self::call_writing`].
     pub fn token_info(&self, slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
         // SAFETY: CK_TOKEN_INFO is plain data; all-zero is a valid value.
         let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
@@ -2272,9 +2267,129 @@ impl MemberLibrary {
         Ok(info)
     }
 
-    /// The slots of the SoftHSM tokens the library has shown.
-    pub fn softhsm_slots(&self) -> SmallVec<[CK_SLOT_ID; 2]> {
-        self.softhsm_slots.lock().clone()
+    /// Runs `write`, a call that makes or destroys objects on `session`,
+    /// as [`Self::call`] does; `write` answers with the token object it
+    /// made, if any. On a SoftHSM token, SoftHSM is first made to read the
+    /// token's object list again, in the same call.
+    ///
+    /// Why: SoftHSM keeps, in each process, the count of changes to a
+    /// token's object list it has read (the token's `generation` file),
+    /// and reads the list again when the count on disk differs -- but a
+    /// process making or destroying an object writes the next count and
+    /// takes it as read without reading the list (`Generation::commit`).
+    /// An object another process made just before (another member
+    /// connection's server process, a request finished after it was cut
+    /// off, another application) then stays out of this one's view -- its
+    /// searches miss it, and the group made it a second time -- until some
+    /// other process changes the list again. Reading an attribute of a
+    /// token object of this instance (the slot's [`IndexProbe`]) has
+    /// SoftHSM read the list first (`ObjectFile::refresh` re-indexes the
+    /// token) without reading `token.object`: SoftHSM 2.6.1 writes that
+    /// file after unlocking it, and a process that reads it empty marks
+    /// the token lost for good (asked for the token info before each
+    /// write instead, soak runs met such processes within a minute).
+    ///
+    /// A write answering `CKR_GENERAL_ERROR` on a token whose info then
+    /// answers `CKR_GENERAL_ERROR` too answers `CKR_DEVICE_ERROR`: the
+    /// process has lost sight of the token for good (it re-listed the
+    /// token while `token.object` could not be read, `OSToken::index`) and
+    /// refuses every write, so the member's connection is unusable, not
+    /// the request wrong; the member is taken out and recovery connects it
+    /// afresh (a new process) rather than leave it serving a frozen list
+    /// with every write refused ([`last_write_lost_sight`]).
+    pub fn call_writing<F: Copy>(
+        &self,
+        function: &'static str,
+        session: CK_SESSION_HANDLE,
+        select: impl FnOnce(&CK_FUNCTION_LIST) -> Option<F>,
+        write: impl FnOnce(F) -> (CK_RV, Option<CK_OBJECT_HANDLE>),
+    ) -> CK_RV {
+        if self.softhsm_slots.lock().is_empty() {
+            return self.call(function, select, |f| write(f).0);
+        }
+        self.call(
+            function,
+            |table| {
+                let reads = (
+                    table.C_GetSessionInfo,
+                    table.C_GetAttributeValue,
+                    table.C_GetTokenInfo,
+                );
+                select(table).map(|f| (reads, f))
+            },
+            |((session_info, attribute_value, token_info), f)| {
+                let slot = session_info
+                    .and_then(|info| session_slot(info, session))
+                    .filter(|slot| self.softhsm_slots.lock().contains(slot));
+                let Some(slot) = slot else {
+                    return write(f).0;
+                };
+                if let Some(read) = attribute_value {
+                    self.read_list_again(slot, session, read);
+                }
+                let (rv, made) = write(f);
+                let lost_sight = rv == CKR_GENERAL_ERROR
+                    && token_info.is_some_and(|info| token_lost(info, slot));
+                note_lost_sight(lost_sight);
+                if lost_sight {
+                    return CKR_DEVICE_ERROR;
+                }
+                if let (CKR_OK, Some(made)) = (rv, made) {
+                    self.keep_probe(slot, made);
+                }
+                rv
+            },
+        )
+    }
+
+    /// Reads an attribute of the slot's probe object on `session`, so
+    /// that SoftHSM reads the token's object list again; forgets a probe
+    /// that is gone.
+    fn read_list_again(
+        &self,
+        slot: CK_SLOT_ID,
+        session: CK_SESSION_HANDLE,
+        read: unsafe extern "C" fn(
+            CK_SESSION_HANDLE,
+            CK_OBJECT_HANDLE,
+            CK_ATTRIBUTE_PTR,
+            CK_ULONG,
+        ) -> CK_RV,
+    ) {
+        let connection = self.connection();
+        let probe = (self.index_probes.lock().iter())
+            .find(|p| p.slot == slot && p.connection == connection)
+            .map(|p| p.object);
+        let Some(object) = probe else {
+            return;
+        };
+        let mut class: CK_OBJECT_CLASS = 0;
+        let mut attribute = CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: (&mut class as *mut CK_OBJECT_CLASS).cast(),
+            ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
+        };
+        // SAFETY: the library's own function; one attribute with room for
+        // the value it names.
+        let rv = unsafe { read(session, object, &mut attribute, 1) };
+        if rv == CKR_OBJECT_HANDLE_INVALID {
+            (self.index_probes.lock()).retain(|p| p.slot != slot || p.object != object);
+        }
+    }
+
+    /// Keeps `object`, a token object just made on `slot`, as the slot's
+    /// probe where it has none on this connection.
+    fn keep_probe(&self, slot: CK_SLOT_ID, object: CK_OBJECT_HANDLE) {
+        let connection = self.connection();
+        let mut probes = self.index_probes.lock();
+        probes.retain(|p| p.slot != slot || p.connection == connection);
+        if !probes.iter().any(|p| p.slot == slot) {
+            probes.push(IndexProbe {
+                slot,
+                connection,
+                object,
+            });
+        }
     }
 
     pub fn slot_info(&self, slot: CK_SLOT_ID) -> Result<CK_SLOT_INFO> {

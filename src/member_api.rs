@@ -22,9 +22,7 @@
 //!   [`crate::arguments`] and [`crate::mechanism`], which check that).
 
 use crate::error::{check, Result};
-use crate::member::{
-    member_call, member_write, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered,
-};
+use crate::member::{member_call, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered};
 use cryptoki_sys::*;
 use std::ptr;
 use std::sync::Arc;
@@ -940,6 +938,20 @@ pub fn open_member_session(
 
 /// A read-only array as C takes it: NULL for `None`.
 #[inline(always)]
+/// Whether `template` asks for a token object (`CKA_TOKEN` true): only
+/// such an object can serve as a SoftHSM token's probe
+/// ([`MemberLibrary::call_writing`]).
+fn makes_token_object(template: Option<&[CK_ATTRIBUTE]>) -> bool {
+    template.unwrap_or_default().iter().any(|a| {
+        a.type_ == CKA_TOKEN
+            && a.ulValueLen as usize == std::mem::size_of::<CK_BBOOL>()
+            && !a.pValue.is_null()
+            // SAFETY: the module's convention: `pValue` points at as many
+            // bytes as `ulValueLen` says, here one.
+            && unsafe { *a.pValue.cast::<CK_BBOOL>() } == CK_TRUE
+    })
+}
+
 fn array<T>(items: Option<&[T]>) -> (*mut T, CK_ULONG) {
     items.map_or((ptr::null_mut(), 0), |items| {
         (items.as_ptr() as *mut T, items.len() as CK_ULONG)
@@ -1095,8 +1107,18 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
+        let token = makes_token_object(template);
         let (template, count) = array(template);
-        member_write!(self, C_CreateObject(session, template, count, object))
+        self.call_writing(
+            "C_CreateObject",
+            session,
+            |table| table.C_CreateObject,
+            // SAFETY: as in `member_call!`.
+            |create| unsafe {
+                let rv = create(session, template, count, object);
+                (rv, token.then_some(*object))
+            },
+        )
     }
 
     fn copy_object(
@@ -1106,12 +1128,28 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
+        let token = makes_token_object(template);
         let (template, count) = array(template);
-        member_write!(self, C_CopyObject(session, source, template, count, object))
+        self.call_writing(
+            "C_CopyObject",
+            session,
+            |table| table.C_CopyObject,
+            // SAFETY: as in `member_call!`.
+            |copy| unsafe {
+                let rv = copy(session, source, template, count, object);
+                (rv, token.then_some(*object))
+            },
+        )
     }
 
     fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
-        member_write!(self, C_DestroyObject(session, object))
+        self.call_writing(
+            "C_DestroyObject",
+            session,
+            |table| table.C_DestroyObject,
+            // SAFETY: as in `member_call!`.
+            |destroy| unsafe { (destroy(session, object), None) },
+        )
     }
 
     fn get_object_size(
@@ -1268,10 +1306,17 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
+        let token = makes_token_object(template);
         let (template, count) = array(template);
-        member_write!(
-            self,
-            C_GenerateKey(session, self::mechanism(mechanism), template, count, key)
+        self.call_writing(
+            "C_GenerateKey",
+            session,
+            |table| table.C_GenerateKey,
+            // SAFETY: as in `member_call!`.
+            |generate| unsafe {
+                let rv = generate(session, self::mechanism(mechanism), template, count, key);
+                (rv, token.then_some(*key))
+            },
         )
     }
 
@@ -1284,20 +1329,35 @@ impl MemberApi for MemberLibrary {
         public_key: &mut CK_OBJECT_HANDLE,
         private_key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
+        let made = (
+            makes_token_object(public_template),
+            makes_token_object(private_template),
+        );
         let (public, public_count) = array(public_template);
         let (private, private_count) = array(private_template);
-        member_write!(
-            self,
-            C_GenerateKeyPair(
-                session,
-                self::mechanism(mechanism),
-                public,
-                public_count,
-                private,
-                private_count,
-                public_key,
-                private_key
-            )
+        self.call_writing(
+            "C_GenerateKeyPair",
+            session,
+            |table| table.C_GenerateKeyPair,
+            // SAFETY: as in `member_call!`.
+            |generate| unsafe {
+                let rv = generate(
+                    session,
+                    self::mechanism(mechanism),
+                    public,
+                    public_count,
+                    private,
+                    private_count,
+                    public_key,
+                    private_key,
+                );
+                let token = match made {
+                    (true, _) => Some(*public_key),
+                    (false, true) => Some(*private_key),
+                    (false, false) => None,
+                };
+                (rv, token)
+            },
         )
     }
 
@@ -1333,20 +1393,27 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
+        let token = makes_token_object(template);
         let (wrapped, wrapped_len) = array(wrapped);
         let (template, count) = array(template);
-        member_write!(
-            self,
-            C_UnwrapKey(
-                session,
-                self::mechanism(mechanism),
-                unwrapping_key,
-                wrapped,
-                wrapped_len,
-                template,
-                count,
-                key
-            )
+        self.call_writing(
+            "C_UnwrapKey",
+            session,
+            |table| table.C_UnwrapKey,
+            // SAFETY: as in `member_call!`.
+            |unwrap| unsafe {
+                let rv = unwrap(
+                    session,
+                    self::mechanism(mechanism),
+                    unwrapping_key,
+                    wrapped,
+                    wrapped_len,
+                    template,
+                    count,
+                    key,
+                );
+                (rv, token.then_some(*key))
+            },
         )
     }
 
@@ -1358,18 +1425,26 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         key: Option<&mut CK_OBJECT_HANDLE>,
     ) -> CK_RV {
+        let token = makes_token_object(template);
         let (template, count) = array(template);
         let key = key.map_or(ptr::null_mut(), |key| key as *mut CK_OBJECT_HANDLE);
-        member_write!(
-            self,
-            C_DeriveKey(
-                session,
-                self::mechanism(mechanism),
-                base_key,
-                template,
-                count,
-                key
-            )
+        self.call_writing(
+            "C_DeriveKey",
+            session,
+            |table| table.C_DeriveKey,
+            // SAFETY: as in `member_call!`; `key` is read only where the
+            // caller gave room for it.
+            |derive| unsafe {
+                let rv = derive(
+                    session,
+                    self::mechanism(mechanism),
+                    base_key,
+                    template,
+                    count,
+                    key,
+                );
+                (rv, (token && !key.is_null()).then(|| *key))
+            },
         )
     }
 

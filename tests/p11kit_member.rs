@@ -454,7 +454,7 @@ fn labelled(s: &Session, label: &str) -> usize {
 }
 
 /// The remote member's server process for our connection keeps its own
-/// view of the token (SoftHSM's count of changes read, `member_write!` in
+/// view of the token (SoftHSM's count of changes read, `call_writing` in
 /// `src/member.rs`): an object another process makes there, followed by
 /// one the group makes, must still be found through that connection --
 /// it was not, and a replay of changes then made such an object twice.

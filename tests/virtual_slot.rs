@@ -246,8 +246,10 @@ fn created_objects_exist_on_every_member_and_are_found_once() {
 /// count as seen without re-reading, so an object another process made
 /// just before stays out of that process's view (its searches, its
 /// handles) until some other process changes the list again. The group
-/// has each SoftHSM member look at its list before it makes or destroys
-/// an object there: without that, "theirs" was found on no member.
+/// has each SoftHSM member read its list again before it makes or
+/// destroys an object there (by reading an attribute of an object it made
+/// there before: "ours-before"): without that, "theirs" was found on no
+/// member.
 #[test]
 fn what_another_process_made_stays_in_view_after_the_group_makes_an_object() {
     let f = Fixture::group(2);
