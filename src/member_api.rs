@@ -936,8 +936,6 @@ pub fn open_member_session(
     })
 }
 
-/// A read-only array as C takes it: NULL for `None`.
-#[inline(always)]
 /// Whether `template` asks for a token object (`CKA_TOKEN` true): only
 /// such an object can serve as a SoftHSM token's probe
 /// ([`MemberLibrary::call_writing`]).
@@ -952,6 +950,8 @@ fn makes_token_object(template: Option<&[CK_ATTRIBUTE]>) -> bool {
     })
 }
 
+/// A read-only array as C takes it: NULL for `None`.
+#[inline(always)]
 fn array<T>(items: Option<&[T]>) -> (*mut T, CK_ULONG) {
     items.map_or((ptr::null_mut(), 0), |items| {
         (items.as_ptr() as *mut T, items.len() as CK_ULONG)
