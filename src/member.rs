@@ -2318,11 +2318,15 @@ impl MemberLibrary {
                 select(table).map(|f| (reads, f))
             },
             |((session_info, attribute_value, token_info), f)| {
-                let slot = session_info
-                    .and_then(|info| session_slot(info, session))
-                    .filter(|slot| self.softhsm_slots.lock().contains(slot));
-                let Some(slot) = slot else {
-                    return write(f).0;
+                let slot = match self.sole_probed_slot() {
+                    Some(slot) => slot,
+                    None => {
+                        let asked = session_info.and_then(|info| session_slot(info, session));
+                        match asked.filter(|slot| self.softhsm_slots.lock().contains(slot)) {
+                            Some(slot) => slot,
+                            None => return write(f).0,
+                        }
+                    }
                 };
                 if let Some(read) = attribute_value {
                     self.read_list_again(slot, session, read);
@@ -2340,6 +2344,22 @@ impl MemberLibrary {
                 rv
             },
         )
+    }
+
+    /// The library's one SoftHSM slot, where this instance has a probe
+    /// there on its connection: a write is then taken to be on it without
+    /// asking the session's slot (a round trip on a network client). A
+    /// write on another token of the library reads that probe for nothing,
+    /// and keeps no probe (the slot has one).
+    fn sole_probed_slot(&self) -> Option<CK_SLOT_ID> {
+        let slots = self.softhsm_slots.lock();
+        let [slot] = slots[..] else {
+            return None;
+        };
+        let connection = self.connection();
+        (self.index_probes.lock().iter())
+            .any(|p| p.slot == slot && p.connection == connection)
+            .then_some(slot)
     }
 
     /// Reads an attribute of the slot's probe object on `session`, so
