@@ -42,6 +42,21 @@ pub(crate) use member_call;
 /// How SoftHSM names itself in a token's `manufacturerID`.
 const SOFTHSM_MANUFACTURER: &[u8] = b"SoftHSM";
 
+/// What a call that changes a token's object list does first
+/// ([`MemberLibrary::call_writing`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Makes an object, reading no token object of SoftHSM's first (the
+    /// object it copies, unwraps with or derives from may be a session
+    /// object, whose refresh reads nothing of the token).
+    New,
+    /// Destroys the object it names: SoftHSM refreshes that object first,
+    /// and a token object's refresh re-reads the token's object list when
+    /// another process changed it (a session object's destruction leaves
+    /// the list alone).
+    Named,
+}
+
 /// A token object an instance made on a SoftHSM token, read to have
 /// SoftHSM read the token's object list again
 /// ([`MemberLibrary::call_writing`]).
@@ -2267,10 +2282,11 @@ impl MemberLibrary {
         Ok(info)
     }
 
-    /// Runs `write`, a call that makes or destroys objects on `session`,
-    /// as [`Self::call`] does; `write` answers with the token object it
-    /// made, if any. On a SoftHSM token, SoftHSM is first made to read the
-    /// token's object list again, in the same call.
+    /// Runs `call`, a `write` that makes or destroys objects on `session`,
+    /// as [`Self::call`] does; `call` answers with the token object it
+    /// made, if any. Before a [`Write::New`] on a SoftHSM token, SoftHSM is
+    /// made to read the token's object list again, in the same call (a
+    /// [`Write::Named`] has SoftHSM do so itself).
     ///
     /// Why: SoftHSM keeps, in each process, the count of changes to a
     /// token's object list it has read (the token's `generation` file),
@@ -2301,11 +2317,12 @@ impl MemberLibrary {
         &self,
         function: &'static str,
         session: CK_SESSION_HANDLE,
+        write: Write,
         select: impl FnOnce(&CK_FUNCTION_LIST) -> Option<F>,
-        write: impl FnOnce(F) -> (CK_RV, Option<CK_OBJECT_HANDLE>),
+        call: impl FnOnce(F) -> (CK_RV, Option<CK_OBJECT_HANDLE>),
     ) -> CK_RV {
         if self.softhsm_slots.lock().is_empty() {
-            return self.call(function, select, |f| write(f).0);
+            return self.call(function, select, |f| call(f).0);
         }
         self.call(
             function,
@@ -2318,27 +2335,30 @@ impl MemberLibrary {
                 select(table).map(|f| (reads, f))
             },
             |((session_info, attribute_value, token_info), f)| {
-                let slot = match self.sole_probed_slot() {
-                    Some(slot) => slot,
-                    None => {
+                let softhsm_slot = || {
+                    self.sole_probed_slot().or_else(|| {
                         let asked = session_info.and_then(|info| session_slot(info, session));
-                        match asked.filter(|slot| self.softhsm_slots.lock().contains(slot)) {
-                            Some(slot) => slot,
-                            None => return write(f).0,
-                        }
-                    }
+                        asked.filter(|slot| self.softhsm_slots.lock().contains(slot))
+                    })
                 };
-                if let Some(read) = attribute_value {
-                    self.read_list_again(slot, session, read);
+                let mut slot = None;
+                if write == Write::New {
+                    slot = softhsm_slot();
+                    if let (Some(slot), Some(read)) = (slot, attribute_value) {
+                        self.read_list_again(slot, session, read);
+                    }
                 }
-                let (rv, made) = write(f);
+                let (rv, made) = call(f);
                 let lost_sight = rv == CKR_GENERAL_ERROR
-                    && token_info.is_some_and(|info| token_lost(info, slot));
+                    && token_info.is_some_and(|info| {
+                        slot.or_else(softhsm_slot)
+                            .is_some_and(|s| token_lost(info, s))
+                    });
                 note_lost_sight(lost_sight);
                 if lost_sight {
                     return CKR_DEVICE_ERROR;
                 }
-                if let (CKR_OK, Some(made)) = (rv, made) {
+                if let (CKR_OK, Some(made), Some(slot)) = (rv, made, slot) {
                     self.keep_probe(slot, made);
                 }
                 rv

@@ -22,7 +22,9 @@
 //!   [`crate::arguments`] and [`crate::mechanism`], which check that).
 
 use crate::error::{check, Result};
-use crate::member::{member_call, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered};
+use crate::member::{
+    member_call, CallCounts, FreshCheck, Lane, MemberLibrary, Silent, Unanswered, Write,
+};
 use cryptoki_sys::*;
 use std::ptr;
 use std::sync::Arc;
@@ -1112,6 +1114,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_CreateObject",
             session,
+            Write::New,
             |table| table.C_CreateObject,
             // SAFETY: as in `member_call!`.
             |create| unsafe {
@@ -1133,6 +1136,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_CopyObject",
             session,
+            Write::New,
             |table| table.C_CopyObject,
             // SAFETY: as in `member_call!`.
             |copy| unsafe {
@@ -1146,6 +1150,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_DestroyObject",
             session,
+            Write::Named,
             |table| table.C_DestroyObject,
             // SAFETY: as in `member_call!`.
             |destroy| unsafe { (destroy(session, object), None) },
@@ -1311,6 +1316,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_GenerateKey",
             session,
+            Write::New,
             |table| table.C_GenerateKey,
             // SAFETY: as in `member_call!`.
             |generate| unsafe {
@@ -1338,6 +1344,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_GenerateKeyPair",
             session,
+            Write::New,
             |table| table.C_GenerateKeyPair,
             // SAFETY: as in `member_call!`.
             |generate| unsafe {
@@ -1399,6 +1406,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_UnwrapKey",
             session,
+            Write::New,
             |table| table.C_UnwrapKey,
             // SAFETY: as in `member_call!`.
             |unwrap| unsafe {
@@ -1431,6 +1439,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_DeriveKey",
             session,
+            Write::New,
             |table| table.C_DeriveKey,
             // SAFETY: as in `member_call!`; `key` is read only where the
             // caller gave room for it.

@@ -254,13 +254,20 @@ fn created_objects_exist_on_every_member_and_are_found_once() {
 fn what_another_process_made_stays_in_view_after_the_group_makes_an_object() {
     let f = Fixture::group(2);
     let session = f.user_session();
-    data_object(&session, "ours-before", b"1");
+    let before = data_object(&session, "ours-before", b"1");
     for token in &f.hsm.tokens {
         data_object_by_another_process(&f.hsm, &token.label, "theirs");
     }
     data_object(&session, "ours-after", b"2");
     assert_eq!(count_on_members(&f, "theirs"), vec![1, 1]);
     assert_eq!(labelled(&session, "theirs").len(), 1);
+    // A destroy reads the object it destroys first, and with it the list.
+    for token in &f.hsm.tokens {
+        data_object_by_another_process(&f.hsm, &token.label, "theirs-later");
+    }
+    session.destroy_object(before).expect("destroy");
+    assert_eq!(count_on_members(&f, "theirs-later"), vec![1, 1]);
+    assert_eq!(count_on_members(&f, "ours-before"), vec![0, 0]);
 }
 
 #[test]
