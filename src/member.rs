@@ -42,19 +42,21 @@ pub(crate) use member_call;
 /// How SoftHSM names itself in a token's `manufacturerID`.
 const SOFTHSM_MANUFACTURER: &[u8] = b"SoftHSM";
 
-/// What a call that changes a token's object list does first
-/// ([`MemberLibrary::call_writing`]).
+/// What a call that makes or destroys objects does to a token's object
+/// list ([`MemberLibrary::call_writing`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Write {
-    /// Makes an object, reading no token object of SoftHSM's first (the
-    /// object it copies, unwraps with or derives from may be a session
-    /// object, whose refresh reads nothing of the token).
-    New,
+    /// Makes a token object, reading no token object of SoftHSM's first
+    /// (the object it copies, unwraps with or derives from may be a
+    /// session object, whose refresh reads nothing of the token).
+    Token,
+    /// Makes session objects only: the token's list is not touched.
+    Session,
     /// Destroys the object it names: SoftHSM refreshes that object first,
     /// and a token object's refresh re-reads the token's object list when
     /// another process changed it (a session object's destruction leaves
     /// the list alone).
-    Named,
+    Destroy,
 }
 
 /// A token object an instance made on a SoftHSM token, read to have
@@ -2284,9 +2286,10 @@ impl MemberLibrary {
 
     /// Runs `call`, a `write` that makes or destroys objects on `session`,
     /// as [`Self::call`] does; `call` answers with the token object it
-    /// made, if any. Before a [`Write::New`] on a SoftHSM token, SoftHSM is
-    /// made to read the token's object list again, in the same call (a
-    /// [`Write::Named`] has SoftHSM do so itself).
+    /// made, if any. On a SoftHSM token, SoftHSM is
+    /// made to read the token's object list again, in the same call, before
+    /// a [`Write::Token`] (a [`Write::Destroy`] has SoftHSM do so itself,
+    /// and a [`Write::Session`] leaves the list alone).
     ///
     /// Why: SoftHSM keeps, in each process, the count of changes to a
     /// token's object list it has read (the token's `generation` file),
@@ -2342,7 +2345,7 @@ impl MemberLibrary {
                     })
                 };
                 let mut slot = None;
-                if write == Write::New {
+                if write == Write::Token {
                     slot = softhsm_slot();
                     if let (Some(slot), Some(read)) = (slot, attribute_value) {
                         self.read_list_again(slot, session, read);

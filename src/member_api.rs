@@ -938,18 +938,32 @@ pub fn open_member_session(
     })
 }
 
-/// Whether `template` asks for a token object (`CKA_TOKEN` true): only
-/// such an object can serve as a SoftHSM token's probe
-/// ([`MemberLibrary::call_writing`]).
-fn makes_token_object(template: Option<&[CK_ATTRIBUTE]>) -> bool {
-    template.unwrap_or_default().iter().any(|a| {
-        a.type_ == CKA_TOKEN
+/// `CKA_TOKEN` as `template` gives it, if it does.
+fn token_attribute(template: Option<&[CK_ATTRIBUTE]>) -> Option<bool> {
+    template.unwrap_or_default().iter().find_map(|a| {
+        (a.type_ == CKA_TOKEN
             && a.ulValueLen as usize == std::mem::size_of::<CK_BBOOL>()
-            && !a.pValue.is_null()
-            // SAFETY: the module's convention: `pValue` points at as many
-            // bytes as `ulValueLen` says, here one.
-            && unsafe { *a.pValue.cast::<CK_BBOOL>() } == CK_TRUE
+            && !a.pValue.is_null())
+        // SAFETY: the module's convention: `pValue` points at as many
+        // bytes as `ulValueLen` says, here one.
+        .then(|| unsafe { *a.pValue.cast::<CK_BBOOL>() } == CK_TRUE)
     })
+}
+
+/// Whether `template` makes a token object: `CKA_TOKEN` true (false is
+/// its default).
+fn makes_token_object(template: Option<&[CK_ATTRIBUTE]>) -> bool {
+    token_attribute(template) == Some(true)
+}
+
+/// The kind of write that makes a token object (`token`) or session
+/// objects only ([`MemberLibrary::call_writing`]).
+fn written(token: bool) -> Write {
+    if token {
+        Write::Token
+    } else {
+        Write::Session
+    }
 }
 
 /// A read-only array as C takes it: NULL for `None`.
@@ -1114,7 +1128,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_CreateObject",
             session,
-            Write::New,
+            written(token),
             |table| table.C_CreateObject,
             // SAFETY: as in `member_call!`.
             |create| unsafe {
@@ -1136,7 +1150,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_CopyObject",
             session,
-            Write::New,
+            written(token),
             |table| table.C_CopyObject,
             // SAFETY: as in `member_call!`.
             |copy| unsafe {
@@ -1150,7 +1164,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_DestroyObject",
             session,
-            Write::Named,
+            Write::Destroy,
             |table| table.C_DestroyObject,
             // SAFETY: as in `member_call!`.
             |destroy| unsafe { (destroy(session, object), None) },
@@ -1316,7 +1330,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_GenerateKey",
             session,
-            Write::New,
+            written(token),
             |table| table.C_GenerateKey,
             // SAFETY: as in `member_call!`.
             |generate| unsafe {
@@ -1344,7 +1358,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_GenerateKeyPair",
             session,
-            Write::New,
+            written(made.0 || made.1),
             |table| table.C_GenerateKeyPair,
             // SAFETY: as in `member_call!`.
             |generate| unsafe {
@@ -1406,7 +1420,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_UnwrapKey",
             session,
-            Write::New,
+            written(token),
             |table| table.C_UnwrapKey,
             // SAFETY: as in `member_call!`.
             |unwrap| unsafe {
@@ -1439,7 +1453,7 @@ impl MemberApi for MemberLibrary {
         self.call_writing(
             "C_DeriveKey",
             session,
-            Write::New,
+            written(token),
             |table| table.C_DeriveKey,
             // SAFETY: as in `member_call!`; `key` is read only where the
             // caller gave room for it.
