@@ -166,7 +166,7 @@ fn open_sessions(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> Vec<CK_SESSION_HAN
                 fns,
                 C_OpenSession(
                     slot,
-                    CKF_SERIAL_SESSION,
+                    CKF_SERIAL_SESSION | CKF_RW_SESSION,
                     ptr::null_mut(),
                     None,
                     &mut session
@@ -432,6 +432,32 @@ fn create(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
     let value = [0x5au8; 32];
     let mut template = [
         support::attr(CKA_CLASS, &class),
+        support::attr(CKA_VALUE, &value),
+    ];
+    let mut object = 0;
+    ck!(
+        fns,
+        C_CreateObject(
+            session,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG,
+            &mut object
+        )
+    );
+    black_box(object);
+}
+
+/// `C_CreateObject` of a small data token object: made on every member,
+/// each a file SoftHSM writes (and, on a SoftHSM member, preceded by a read
+/// of an object made before: `MemberLibrary::call_writing`). Kept: the
+/// tokens grow by the objects one table makes.
+fn create_token(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
+    let class: CK_OBJECT_CLASS = CKO_DATA;
+    let yes: CK_BBOOL = CK_TRUE;
+    let value = [0x5au8; 32];
+    let mut template = [
+        support::attr(CKA_CLASS, &class),
+        support::attr(CKA_TOKEN, &yes),
         support::attr(CKA_VALUE, &value),
     ];
     let mut object = 0;
@@ -770,13 +796,13 @@ fn making_table(out: &mut String, bench: &mut Bench, slice: Duration, cycles: us
         slice,
         cycles,
     );
-    writeln!(out, "p11-kit members behind the relay (imports only):").unwrap();
+    writeln!(out, "p11-kit members behind the relay (imports: data session objects, then data token objects):").unwrap();
     making_rows(
         out,
         bench,
         (1, 2),
         |b| b.members[SLOW].relay.set(Mode::Delay(SLOW_ONE_WAY)),
-        &[("create", create)],
+        &[("create", create), ("token", create_token)],
         slice,
         cycles,
     );
