@@ -126,8 +126,28 @@ struct Target {
     name: &'static str,
     fns: CK_FUNCTION_LIST,
     sessions: Vec<CK_SESSION_HANDLE>,
+    /// Read-write sessions beside them, for the ops that make token
+    /// objects (the others run on read-only sessions, as they always did).
+    rw_sessions: Vec<CK_SESSION_HANDLE>,
     /// Members it spreads over (1: the direct member).
     size: usize,
+}
+
+impl Target {
+    /// This target with its read-write sessions where `rw`.
+    fn for_op(&self, rw: bool) -> Target {
+        Target {
+            name: self.name,
+            fns: self.fns,
+            sessions: if rw {
+                self.rw_sessions.clone()
+            } else {
+                self.sessions.clone()
+            },
+            rw_sessions: self.rw_sessions.clone(),
+            size: self.size,
+        }
+    }
 }
 
 struct Bench {
@@ -158,7 +178,11 @@ impl Drop for Bench {
     }
 }
 
-fn open_sessions(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> Vec<CK_SESSION_HANDLE> {
+fn open_sessions(
+    fns: &CK_FUNCTION_LIST,
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+) -> Vec<CK_SESSION_HANDLE> {
     (0..MAX_THREADS)
         .map(|_| {
             let mut session = 0;
@@ -166,7 +190,7 @@ fn open_sessions(fns: &CK_FUNCTION_LIST, slot: CK_SLOT_ID) -> Vec<CK_SESSION_HAN
                 fns,
                 C_OpenSession(
                     slot,
-                    CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                    CKF_SERIAL_SESSION | flags,
                     ptr::null_mut(),
                     None,
                     &mut session
@@ -282,31 +306,36 @@ impl Bench {
             Target {
                 name: "direct",
                 fns: direct_fns,
-                sessions: open_sessions(&direct_fns, slot),
+                sessions: open_sessions(&direct_fns, slot, 0),
+                rw_sessions: open_sessions(&direct_fns, slot, CKF_RW_SESSION),
                 size: 1,
             },
             Target {
                 name: "net-2",
                 fns: ha_fns,
-                sessions: open_sessions(&ha_fns, 0),
+                sessions: open_sessions(&ha_fns, 0, 0),
+                rw_sessions: open_sessions(&ha_fns, 0, CKF_RW_SESSION),
                 size: 2,
             },
             Target {
                 name: "net-3",
                 fns: ha_fns,
-                sessions: open_sessions(&ha_fns, 1),
+                sessions: open_sessions(&ha_fns, 1, 0),
+                rw_sessions: open_sessions(&ha_fns, 1, CKF_RW_SESSION),
                 size: 3,
             },
             Target {
                 name: "gen-2",
                 fns: ha_fns,
-                sessions: open_sessions(&ha_fns, 2),
+                sessions: open_sessions(&ha_fns, 2, 0),
+                rw_sessions: open_sessions(&ha_fns, 2, CKF_RW_SESSION),
                 size: 2,
             },
             Target {
                 name: "gen-3",
                 fns: ha_fns,
-                sessions: open_sessions(&ha_fns, 3),
+                sessions: open_sessions(&ha_fns, 3, 0),
+                rw_sessions: open_sessions(&ha_fns, 3, CKF_RW_SESSION),
                 size: 3,
             },
         ];
@@ -727,7 +756,7 @@ fn making_rows(
     bench: &mut Bench,
     (pair, trio): (usize, usize),
     slow: fn(&mut Bench),
-    ops: &[(&str, Op)],
+    ops: &[(&str, Op, bool)],
     slice: Duration,
     cycles: usize,
 ) {
@@ -738,14 +767,21 @@ fn making_rows(
     }
     // Sessions, lanes and the domain keys' handles exist before the clock
     // runs.
-    let targets = [&bench.targets[pair], &bench.targets[trio]];
-    for (_, op) in ops {
-        measure(&targets, SLOW_THREADS, *op, TEST_SLICE, 1);
+    for (_, op, rw) in ops {
+        let targets = [&bench.targets[pair], &bench.targets[trio]].map(|t| t.for_op(*rw));
+        measure(
+            &[&targets[0], &targets[1]],
+            SLOW_THREADS,
+            *op,
+            TEST_SLICE,
+            1,
+        );
     }
     slow(bench);
     let degraded_before = log_count(bench, DEGRADED_LINE, bench.targets[trio].name);
-    let targets = [&bench.targets[pair], &bench.targets[trio]];
-    for (name, op) in ops {
+    for (name, op, rw) in ops {
+        let targets = [&bench.targets[pair], &bench.targets[trio]].map(|t| t.for_op(*rw));
+        let targets = [&targets[0], &targets[1]];
         let mut samples = measure(&targets, SLOW_THREADS, *op, slice, cycles + 1);
         let healthy = samples[0].ops_per_s();
         for (target, sample) in targets.iter().zip(samples.iter_mut()) {
@@ -762,8 +798,9 @@ fn making_rows(
             None => writeln!(out, "NOT degraded within {DEGRADE_PATIENCE:?}: in rotation").unwrap(),
         }
     }
-    let targets = [&bench.targets[pair], &bench.targets[trio]];
-    for (name, op) in ops {
+    for (name, op, rw) in ops {
+        let targets = [&bench.targets[pair], &bench.targets[trio]].map(|t| t.for_op(*rw));
+        let targets = [&targets[0], &targets[1]];
         let mut samples = measure(&targets, SLOW_THREADS, *op, slice, cycles + 1);
         let healthy = samples[0].ops_per_s();
         for (target, sample) in targets.iter().zip(samples.iter_mut()) {
@@ -792,7 +829,7 @@ fn making_table(out: &mut String, bench: &mut Bench, slice: Duration, cycles: us
         bench,
         (3, 4),
         |b| b.gen[GEN_SLOW].set_latency(2 * SLOW_ONE_WAY),
-        &[("generate", generate), ("create", create)],
+        &[("generate", generate, false), ("create", create, false)],
         slice,
         cycles,
     );
@@ -802,7 +839,7 @@ fn making_table(out: &mut String, bench: &mut Bench, slice: Duration, cycles: us
         bench,
         (1, 2),
         |b| b.members[SLOW].relay.set(Mode::Delay(SLOW_ONE_WAY)),
-        &[("create", create), ("token", create_token)],
+        &[("create", create, false), ("token", create_token, true)],
         slice,
         cycles,
     );
