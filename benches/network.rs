@@ -457,23 +457,7 @@ fn generate(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
 
 /// `C_CreateObject` of a small data session object: made on every member.
 fn create(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
-    let class: CK_OBJECT_CLASS = CKO_DATA;
-    let value = [0x5au8; 32];
-    let mut template = [
-        support::attr(CKA_CLASS, &class),
-        support::attr(CKA_VALUE, &value),
-    ];
-    let mut object = 0;
-    ck!(
-        fns,
-        C_CreateObject(
-            session,
-            template.as_mut_ptr(),
-            template.len() as CK_ULONG,
-            &mut object
-        )
-    );
-    black_box(object);
+    create_data(fns, session, CK_FALSE);
 }
 
 /// `C_CreateObject` of a small data token object: made on every member,
@@ -481,12 +465,16 @@ fn create(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
 /// of an object made before: `MemberLibrary::call_writing`). Kept: the
 /// tokens grow by the objects one table makes.
 fn create_token(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE) {
+    create_data(fns, session, CK_TRUE);
+}
+
+/// `C_CreateObject` of a small data object, on the token or not.
+fn create_data(fns: &CK_FUNCTION_LIST, session: CK_SESSION_HANDLE, token: CK_BBOOL) {
     let class: CK_OBJECT_CLASS = CKO_DATA;
-    let yes: CK_BBOOL = CK_TRUE;
     let value = [0x5au8; 32];
     let mut template = [
         support::attr(CKA_CLASS, &class),
-        support::attr(CKA_TOKEN, &yes),
+        support::attr(CKA_TOKEN, &token),
         support::attr(CKA_VALUE, &value),
     ];
     let mut object = 0;

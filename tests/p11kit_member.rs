@@ -447,6 +447,17 @@ fn the_group_advertises_the_intersection_of_its_members_mechanisms() {
     assert!(ecdsa.sign() && ecdsa.verify());
 }
 
+/// Makes a token data object labelled (and valued) `label` through `s`.
+fn data_object(s: &Session, label: &str) -> ObjectHandle {
+    s.create_object(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(label.into()),
+        Attribute::Value(label.as_bytes().to_vec()),
+    ])
+    .expect("data object through the group")
+}
+
 fn labelled(s: &Session, label: &str) -> usize {
     s.find_objects(&[Attribute::Label(label.into())])
         .expect("search by label")
@@ -462,18 +473,9 @@ fn labelled(s: &Session, label: &str) -> usize {
 fn the_remote_members_connection_sees_what_another_process_made_before_the_group_wrote() {
     let group = Group::start();
     let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
-    let data = |label: &str| {
-        s.create_object(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Token(true),
-            Attribute::Label(label.into()),
-            Attribute::Value(label.as_bytes().to_vec()),
-        ])
-        .expect("data object through the group")
-    };
-    data("ours-before");
+    data_object(&s, "ours-before");
     data_object_by_another_process(&group._remote, "remote", "theirs");
-    data("ours-after");
+    data_object(&s, "ours-after");
     let remote = user_session(&group.pkcs11, group.slot("remote"));
     assert_eq!(labelled(&remote, "theirs"), 1);
     assert_eq!(labelled(&remote, "ours-after"), 1);
@@ -535,16 +537,7 @@ fn labelled_on_disk(hsm: &SoftHsm, label: &str) -> Option<usize> {
 fn a_remote_member_whose_softhsm_lost_sight_of_its_token_is_connected_afresh() {
     let group = Group::start();
     let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
-    let data = |label: &str| {
-        s.create_object(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Token(true),
-            Attribute::Label(label.into()),
-            Attribute::Value(label.as_bytes().to_vec()),
-        ])
-        .expect("data object through the group")
-    };
-    data("before");
+    data_object(&s, "before");
     let remote_slot = group.slot("remote");
     let dir = only_token_dir(&group._remote);
     let token_object = dir.join("token.object");
@@ -563,7 +556,7 @@ fn a_remote_member_whose_softhsm_lost_sight_of_its_token_is_connected_afresh() {
         "the connection's SoftHSM still refuses with token.object whole"
     );
     assert_eq!(labelled_on_disk(&group._remote, "before"), Some(1));
-    data("after");
+    data_object(&s, "after");
     let deadline = std::time::Instant::now() + PATIENCE;
     while labelled_on_disk(&group._remote, "after") != Some(1) {
         assert!(
