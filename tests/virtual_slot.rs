@@ -246,10 +246,11 @@ fn created_objects_exist_on_every_member_and_are_found_once() {
 /// count as seen without re-reading, so an object another process made
 /// just before stays out of that process's view (its searches, its
 /// handles) until some other process changes the list again. The group
-/// has each SoftHSM member read its list again before it makes or
-/// destroys an object there (by reading an attribute of an object it made
-/// there before: "ours-before"): without that, "theirs" was found on no
-/// member.
+/// has each SoftHSM member read its list again before it makes a token
+/// object there (by reading an attribute of an object it made there
+/// before: "ours-before"): without that, "theirs" was found on no member.
+/// A destroy has SoftHSM read the object it destroys first, and with it
+/// the list.
 #[test]
 fn what_another_process_made_stays_in_view_after_the_group_makes_an_object() {
     let f = Fixture::group(2);
@@ -261,7 +262,6 @@ fn what_another_process_made_stays_in_view_after_the_group_makes_an_object() {
     data_object(&session, "ours-after", b"2");
     assert_eq!(count_on_members(&f, "theirs"), vec![1, 1]);
     assert_eq!(labelled(&session, "theirs").len(), 1);
-    // A destroy reads the object it destroys first, and with it the list.
     for token in &f.hsm.tokens {
         data_object_by_another_process(&f.hsm, &token.label, "theirs-later");
     }
