@@ -2285,8 +2285,9 @@ impl MemberLibrary {
     }
 
     /// Runs `call`, a `write` that makes or destroys objects on `session`,
-    /// as [`Self::call`] does; `call` answers with the token object it
-    /// made, if any. On a SoftHSM token, SoftHSM is
+    /// as [`Self::call`] does; `call` answers with the object it made, if
+    /// any, kept as the slot's probe after a [`Write::Token`]. On a SoftHSM
+    /// token, SoftHSM is
     /// made to read the token's object list again, in the same call, before
     /// a [`Write::Token`] (a [`Write::Destroy`] has SoftHSM do so itself,
     /// and a [`Write::Session`] leaves the list alone).

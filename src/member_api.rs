@@ -1123,17 +1123,17 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        let token = makes_token_object(template);
+        let write = written(makes_token_object(template));
         let (template, count) = array(template);
         self.call_writing(
             "C_CreateObject",
             session,
-            written(token),
+            write,
             |table| table.C_CreateObject,
             // SAFETY: as in `member_call!`.
             |create| unsafe {
                 let rv = create(session, template, count, object);
-                (rv, token.then_some(*object))
+                (rv, Some(*object))
             },
         )
     }
@@ -1145,17 +1145,17 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         object: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        let token = makes_token_object(template);
+        let write = written(makes_token_object(template));
         let (template, count) = array(template);
         self.call_writing(
             "C_CopyObject",
             session,
-            written(token),
+            write,
             |table| table.C_CopyObject,
             // SAFETY: as in `member_call!`.
             |copy| unsafe {
                 let rv = copy(session, source, template, count, object);
-                (rv, token.then_some(*object))
+                (rv, Some(*object))
             },
         )
     }
@@ -1325,17 +1325,17 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        let token = makes_token_object(template);
+        let write = written(makes_token_object(template));
         let (template, count) = array(template);
         self.call_writing(
             "C_GenerateKey",
             session,
-            written(token),
+            write,
             |table| table.C_GenerateKey,
             // SAFETY: as in `member_call!`.
             |generate| unsafe {
                 let rv = generate(session, self::mechanism(mechanism), template, count, key);
-                (rv, token.then_some(*key))
+                (rv, Some(*key))
             },
         )
     }
@@ -1353,12 +1353,13 @@ impl MemberApi for MemberLibrary {
             makes_token_object(public_template),
             makes_token_object(private_template),
         );
+        let write = written(made.0 || made.1);
         let (public, public_count) = array(public_template);
         let (private, private_count) = array(private_template);
         self.call_writing(
             "C_GenerateKeyPair",
             session,
-            written(made.0 || made.1),
+            write,
             |table| table.C_GenerateKeyPair,
             // SAFETY: as in `member_call!`.
             |generate| unsafe {
@@ -1372,12 +1373,8 @@ impl MemberApi for MemberLibrary {
                     public_key,
                     private_key,
                 );
-                let token = match made {
-                    (true, _) => Some(*public_key),
-                    (false, true) => Some(*private_key),
-                    (false, false) => None,
-                };
-                (rv, token)
+                // A token object of the pair: the public key if it is one.
+                (rv, Some(if made.0 { *public_key } else { *private_key }))
             },
         )
     }
@@ -1414,13 +1411,13 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         key: &mut CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        let token = makes_token_object(template);
+        let write = written(makes_token_object(template));
         let (wrapped, wrapped_len) = array(wrapped);
         let (template, count) = array(template);
         self.call_writing(
             "C_UnwrapKey",
             session,
-            written(token),
+            write,
             |table| table.C_UnwrapKey,
             // SAFETY: as in `member_call!`.
             |unwrap| unsafe {
@@ -1434,7 +1431,7 @@ impl MemberApi for MemberLibrary {
                     count,
                     key,
                 );
-                (rv, token.then_some(*key))
+                (rv, Some(*key))
             },
         )
     }
@@ -1447,13 +1444,13 @@ impl MemberApi for MemberLibrary {
         template: Option<&[CK_ATTRIBUTE]>,
         key: Option<&mut CK_OBJECT_HANDLE>,
     ) -> CK_RV {
-        let token = makes_token_object(template);
+        let write = written(makes_token_object(template));
         let (template, count) = array(template);
         let key = key.map_or(ptr::null_mut(), |key| key as *mut CK_OBJECT_HANDLE);
         self.call_writing(
             "C_DeriveKey",
             session,
-            written(token),
+            write,
             |table| table.C_DeriveKey,
             // SAFETY: as in `member_call!`; `key` is read only where the
             // caller gave room for it.
@@ -1466,7 +1463,7 @@ impl MemberApi for MemberLibrary {
                     count,
                     key,
                 );
-                (rv, (token && !key.is_null()).then(|| *key))
+                (rv, (!key.is_null()).then(|| *key))
             },
         )
     }

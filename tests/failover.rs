@@ -429,6 +429,44 @@ fn raw_secret(
 /// another, signing with one and verifying with every other), then through
 /// the virtual slot with every member but one failing, for each member in
 /// turn; signatures made by one survivor verify under the next.
+/// Makes data objects labelled `label` through `s`, on the token or not.
+fn data_objects(s: &Session, label: &str, token: bool, count: usize) {
+    for i in 0..count {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(token),
+            Attribute::Label(label.into()),
+            Attribute::Value(vec![i as u8]),
+        ])
+        .expect("data object");
+    }
+}
+
+/// Before each token object it makes on a SoftHSM member, the group has the
+/// member read an object it made there before, which has SoftHSM read the
+/// token's object list again (`MemberLibrary::call_writing`; its effect:
+/// `tests/virtual_slot.rs`, `what_another_process_made_stays_in_view_...`)
+/// -- never the token info, which re-reads `token.object` too: SoftHSM
+/// 2.6.1 writes that file after unlocking it, and member processes that
+/// read it empty lost their token for good in the soak. With one SoftHSM
+/// token on the library and its probe known, the session's slot is not
+/// asked either, nor for session objects, which leave the list alone.
+#[test]
+fn a_softhsm_member_asks_neither_token_nor_session_info_for_the_objects_it_makes() {
+    let ha = Ha::new(2);
+    let s = ha.session();
+    data_objects(&s, "probe", true, 1);
+    let (infos, sessions) = (ha.counts("C_GetTokenInfo"), ha.counts("C_GetSessionInfo"));
+    data_objects(&s, "token", true, 3);
+    data_objects(&s, "session", false, 3);
+    assert_eq!(ha.counts("C_GetTokenInfo"), infos, "token info asked");
+    assert_eq!(
+        ha.counts("C_GetSessionInfo"),
+        sessions,
+        "session info asked"
+    );
+}
+
 #[test]
 fn keys_made_on_the_virtual_slot_exist_and_work_on_every_member_alone() {
     let mut ha = Ha::new(3);
