@@ -1278,21 +1278,46 @@ fn a_spare_cut_off_in_a_stall_connects_again_before_it_serves() {
 /// soak, seed 0x1809a24de8a9d921: the last serving member).
 #[test]
 fn a_spare_slow_to_connect_does_not_take_its_member_out() {
+    spares_slow_to_connect_leave_their_member_serving(1);
+}
+
+/// As [`a_spare_slow_to_connect_does_not_take_its_member_out`], with
+/// several spares connecting at once, one per thread, as under the chaos
+/// suite's writers: the watchdog cuts them one at a time, and the calls
+/// released meanwhile keep the member's count of completed calls moving.
+#[test]
+fn spares_slow_to_connect_together_do_not_take_their_member_out() {
+    spares_slow_to_connect_leave_their_member_serving(4);
+}
+
+fn spares_slow_to_connect_leave_their_member_serving(threads: usize) {
     let remote = Remote::start(
         "memberTimeout = 1000\nAutoReconnectInterval = 3600\n\
          haLogStatus = enabled\nhaLogPath = LOGDIR",
     );
-    let session = remote.session();
+    let sessions: Vec<Session> = (0..threads).map(|_| remote.session()).collect();
     // Member 0 alone, its spares not yet connected (they connect at their
     // first use), its server accepting no new connection.
     remote.servers[1].signal_all(libc::SIGKILL);
     let listener = remote.servers[0].child.id() as i32;
     // SAFETY: stopping a child process of ours.
     assert_eq!(unsafe { libc::kill(listener, libc::SIGSTOP) }, 0);
-    let mut answers = Vec::new();
-    for _ in 0..12 {
-        answers.push(session.generate_random_vec(32).map(|_| ()));
-    }
+    let answers: Vec<_> = std::thread::scope(|scope| {
+        let callers: Vec<_> = sessions
+            .into_iter()
+            .map(|session| {
+                scope.spawn(move || {
+                    (0..12 / threads)
+                        .map(|_| session.generate_random_vec(32).map(|_| ()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        callers
+            .into_iter()
+            .flat_map(|c| c.join().expect("a caller panicked"))
+            .collect()
+    });
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(listener, libc::SIGCONT) }, 0);
     let log = remote.ha_log();
