@@ -1283,8 +1283,9 @@ fn a_spare_slow_to_connect_does_not_take_its_member_out() {
 
 /// As [`a_spare_slow_to_connect_does_not_take_its_member_out`], with
 /// several spares connecting at once, one per thread, as under the chaos
-/// suite's writers: the watchdog cuts them one at a time, and the calls
-/// released meanwhile keep the member's count of completed calls moving.
+/// suite's writers: a spare's connection set-up is no call of its member
+/// (the member-progress watchdog does not count it in flight), and the
+/// connection watchdog cuts the set-ups one at a time.
 #[test]
 fn spares_slow_to_connect_together_do_not_take_their_member_out() {
     spares_slow_to_connect_leave_their_member_serving(4);
