@@ -611,3 +611,57 @@ fn an_in_process_library_is_never_finalised_under_a_call() {
         .finalize_for_application(crate::clock::now() + patience, patience, true)
         .is_ok());
 }
+
+/// The HA log names the oldest call of a member on the wire, not a
+/// spare's connection set-up older still: the set-up is no call of the
+/// member, and the watchdog cuts it on its own. With only a set-up on the
+/// wire, it names none.
+#[test]
+fn a_stalled_call_is_never_a_spares_connection_set_up() {
+    let library = Arc::new(
+        MemberLibrary::load(
+            "own",
+            Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
+            &[(
+                "P11_KIT_SERVER_ADDRESS".to_string(),
+                "unix:path=/nonexistent/server.sock".to_string(),
+            )],
+        )
+        .expect("p11-kit's client loads")
+        .with_instances(std::num::NonZeroUsize::new(2))
+        .expect("its instances"),
+    );
+    let on_wire = |function: &'static str, spare: bool| {
+        let (entered, on_the_wire) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let library = Arc::clone(&library);
+        let call = std::thread::spawn(move || {
+            let instance = match spare {
+                true => &library.spares.instances[0].library,
+                false => &*library,
+            };
+            instance.on_wire(function, &mut || {
+                entered.send(()).unwrap();
+                let _ = released.recv();
+                CKR_OK
+            });
+        });
+        on_the_wire.recv().unwrap();
+        (release, call)
+    };
+    let set_up = on_wire(SPARE_CONNECT, true);
+    assert_ne!(library.call_on_wire(), 0, "the set-up is on the wire");
+    assert_eq!(library.stalled_call(), None, "only a set-up on the wire");
+    let sign = on_wire("C_Sign", false);
+    let named = library
+        .stalled_call()
+        .expect("a call of the member on the wire");
+    assert!(
+        named.starts_with("C_Sign on its first instance, "),
+        "named: {named}"
+    );
+    for (release, call) in [set_up, sign] {
+        release.send(()).unwrap();
+        call.join().unwrap();
+    }
+}
