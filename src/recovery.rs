@@ -1854,7 +1854,8 @@ const NAMED_IN_DOUBT: usize = 3;
 /// settled by the replay of kept changes. Otherwise the wait is spent
 /// here, looking again every [`IN_DOUBT_POLL`], for at most one
 /// `memberTimeout` (by then every request cut off before the member
-/// answered again has had its time): giving the attempt up instead cost
+/// answered again has had its time), and one look more where a doubt's
+/// time ran out during the last: giving the attempt up instead cost
 /// the next `AutoReconnectInterval`, and finding the token and logging in
 /// again. An object whose call failed, or that was destroyed, is not
 /// carried: a late copy of it landing on a member that serves would show
@@ -1915,8 +1916,19 @@ fn settle_in_doubt(
             ));
             return Ok(());
         }
-        if clock::now() >= give_up {
-            return Err(Setback::Waiting(why));
+        let now = clock::now();
+        if now >= give_up {
+            // A doubt whose time ran out during this look (its search for
+            // the member's copy is slow under load) settles at the next
+            // one: given up instead, the member waited for its next
+            // attempt (the long chaos run: 2 s more after a reset).
+            let ran_out = (group.in_doubt(position).into_iter()).any(|(o, since)| {
+                uncarried.contains(&o) && since.is_some_and(|s| wait.over(s, now))
+            });
+            if !ran_out {
+                return Err(Setback::Waiting(why));
+            }
+            continue;
         }
         clock::sleep(IN_DOUBT_POLL);
     }

@@ -36,6 +36,7 @@ use pkcs11_ha::virtual_objects::{made_print, MemberTemplate};
 use pkcs11_ha::virtual_session::{Input, OpKind, Preference, Step, VirtualSession};
 use sha2::{Digest, Sha256};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
@@ -3325,6 +3326,20 @@ fn imported_with_a_late_change(
     VirtualSession,
     CK_OBJECT_HANDLE,
 ) {
+    imported_with_a_late_change_within(label, seed, Duration::from_secs(1))
+}
+
+/// [`imported_with_a_late_change`] with `member_timeout`.
+fn imported_with_a_late_change_within(
+    label: &[u8],
+    seed: u64,
+    member_timeout: Duration,
+) -> (
+    Vec<Arc<SimMember>>,
+    Arc<Group>,
+    VirtualSession,
+    CK_OBJECT_HANDLE,
+) {
     let libraries: Vec<Arc<SimMember>> = (0..2)
         .map(|i| {
             let library = SimMember::new(&format!("net{i}"), 1, i, true, seed);
@@ -3334,7 +3349,10 @@ fn imported_with_a_late_change(
             Arc::new(library)
         })
         .collect();
-    let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
+    let group = group_within(
+        libraries.iter().map(|l| (Arc::clone(l), 0)).collect(),
+        member_timeout,
+    );
     let v = logged_in_session(&group);
     libraries[1].sim.lock().set_fault(0, Fault::LateChange);
     let token_object: CK_BBOOL = CK_TRUE;
@@ -3949,5 +3967,66 @@ fn a_key_whose_member_handle_went_stale_unseen_is_looked_up_afresh() {
         "handles looked up since are the token's own: not forgotten again"
     );
     assert!(!group.objects.moved_on(looked_up));
+    v.close();
+}
+
+/// A member whose server may still make an object the group no longer
+/// holds (its import cut off there, then destroyed: nothing to carry)
+/// waits for it in place, and serves in the same recovery attempt once
+/// the object has had its time, even where that time runs out during a
+/// slow look for the member's copy. Given up when that look ended past the
+/// wait's end, the member waited for its next attempt: 2 s more after a
+/// reset in a long chaos run (seed 2026), its server answering throughout.
+#[test]
+fn a_doubt_whose_time_runs_out_during_a_slow_look_lets_the_member_serve_at_once() {
+    let label = b"doubt over during a look";
+    // A short memberTimeout, since the look moves the manual clock, which
+    // is the process's, by that much: other tests wait on it.
+    let member_timeout = Duration::from_millis(20);
+    let (libraries, group, v, object) =
+        imported_with_a_late_change_within(label, 45, member_timeout);
+    v.destroy_object(object)
+        .expect("the object is destroyed on member 0");
+    let doubted = group.in_doubt(1);
+    assert!(
+        matches!(doubted[..], [(o, Some(since))] if o == object && !since.cut_off),
+        "member 1 holds the object in doubt after a fault: {doubted:?}"
+    );
+    // Member 1's third search is recovery's first look for the copy it
+    // may have made (after two look-ups before it): it takes one
+    // memberTimeout, the time the object is given, so that the look ends
+    // as the wait in place does.
+    let searches = Arc::new(AtomicUsize::new(0));
+    let stalled_in_doubt = Arc::new(AtomicBool::new(false));
+    {
+        let (searches, stalled_in_doubt, group) = (
+            Arc::clone(&searches),
+            Arc::clone(&stalled_in_doubt),
+            Arc::clone(&group),
+        );
+        libraries[1].on_call(move |function| {
+            if function == "C_FindObjectsInit" && searches.fetch_add(1, Ordering::SeqCst) == 2 {
+                stalled_in_doubt.store(!group.in_doubt(1).is_empty(), Ordering::SeqCst);
+                pkcs11_ha::clock::install_manual().advance(member_timeout);
+            }
+        });
+    }
+    let host = MemoryHost {
+        threads_allowed: true,
+        member_timeout,
+        ..MemoryHost::of(&group, &libraries)
+    };
+    recovery::recover_failed_members(&host);
+    assert!(
+        stalled_in_doubt.load(Ordering::SeqCst),
+        "the slow look was one for the copy in doubt (the test proves nothing)"
+    );
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 serves in the attempt during which the doubt ran out"
+    );
+    assert!(group.in_doubt(1).is_empty(), "the doubt is settled");
+    assert_eq!(copies_on_libraries(&libraries, label), [0, 0]);
     v.close();
 }

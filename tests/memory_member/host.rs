@@ -57,6 +57,8 @@ pub struct MemoryHost {
     /// Whether the application allows threads: recovery then waits in
     /// place and lets a member serve with objects in doubt.
     pub threads_allowed: bool,
+    /// `memberTimeout`; [`MEMBER_TIMEOUT`] unless a test sets it.
+    pub member_timeout: Duration,
 }
 
 impl MemoryHost {
@@ -87,6 +89,7 @@ impl MemoryHost {
             },
             synchronize: false,
             threads_allowed: false,
+            member_timeout: MEMBER_TIMEOUT,
         }
     }
 }
@@ -102,7 +105,7 @@ impl Host for MemoryHost {
         &self.recovery
     }
     fn member_timeout(&self) -> Duration {
-        MEMBER_TIMEOUT
+        self.member_timeout
     }
     fn threads_allowed(&self) -> bool {
         self.threads_allowed
