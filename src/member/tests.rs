@@ -636,9 +636,10 @@ fn a_stalled_call_is_never_a_spares_connection_set_up() {
         let (release, released) = mpsc::channel::<()>();
         let library = Arc::clone(&library);
         let call = std::thread::spawn(move || {
-            let instance = match spare {
-                true => &library.spares.instances[0].library,
-                false => &*library,
+            let instance = if spare {
+                &library.spares.instances[0].library
+            } else {
+                &*library
             };
             instance.on_wire(function, &mut || {
                 entered.send(()).unwrap();

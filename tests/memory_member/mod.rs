@@ -32,6 +32,10 @@ pub type StallHook = Arc<dyn Fn(usize) + Send + Sync>;
 /// What a call does before it reaches the model ([`SimMember::on_call`]).
 pub type CallHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
+/// What a search does with its template before it reaches the model
+/// ([`SimMember::on_search`]).
+pub type SearchHook = Arc<dyn Fn(&Attributes) + Send + Sync>;
+
 /// A member library of in-memory tokens. It answers as a loaded library
 /// of the same tokens would: `CKR_CRYPTOKI_NOT_INITIALIZED` until
 /// initialised, every call counted through [`counted`], functions the
@@ -50,6 +54,9 @@ pub struct SimMember {
     /// What each call does first, given the function's name
     /// ([`SimMember::on_call`]).
     call_hook: Mutex<Option<CallHook>>,
+    /// What each search on the own instance does first, given its
+    /// template ([`SimMember::on_search`]).
+    search_hook: Mutex<Option<SearchHook>>,
     /// The connection's number, one more at each initialisation.
     connection: AtomicU64,
     /// Initialised by the core (not already initialised when it asked).
@@ -75,6 +82,7 @@ impl SimMember {
             stall: Mutex::new(None),
             change: Mutex::new(None),
             call_hook: Mutex::new(None),
+            search_hook: Mutex::new(None),
             connection: AtomicU64::new(0),
             ours: AtomicBool::new(false),
             spares: spares::Spares::default(),
@@ -147,6 +155,12 @@ impl SimMember {
     /// the model's lock (the hook may call in).
     pub fn on_call(&self, hook: impl Fn(&'static str) + Send + Sync + 'static) {
         *self.call_hook.lock() = Some(Arc::new(hook));
+    }
+
+    /// Runs `hook`, given the template, as each `C_FindObjectsInit` on
+    /// the library's own instance begins, before the model's lock.
+    pub fn on_search(&self, hook: impl Fn(&Attributes) + Send + Sync + 'static) {
+        *self.search_hook.lock() = Some(Arc::new(hook));
     }
 
     /// Runs `f` on the model, counted on the member the thread calls for,
@@ -513,9 +527,12 @@ impl MemberApi for SimMember {
         session: CK_SESSION_HANDLE,
         template: Option<&[CK_ATTRIBUTE]>,
     ) -> CK_RV {
-        self.call("C_FindObjectsInit", |sim| {
-            sim.find_init(session, attributes(template))
-        })
+        let template = attributes(template);
+        let hook = self.search_hook.lock().clone();
+        if let Some(hook) = hook {
+            hook(&template);
+        }
+        self.call("C_FindObjectsInit", |sim| sim.find_init(session, template))
     }
 
     fn find_objects(
