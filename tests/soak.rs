@@ -511,6 +511,9 @@ struct Run {
     /// Each time the heartbeat thread woke late: when (run time), by how
     /// much.
     late_wakes: Mutex<Vec<(Duration, Duration)>>,
+    /// Each member's name, `softhsm2.conf` and token label, for looking
+    /// at its token from a process of its own ([`on_tokens`]).
+    tokens: Vec<(&'static str, PathBuf, String)>,
 }
 
 impl Run {
@@ -822,13 +825,71 @@ fn find(run: &Run, s: &Session, thread: usize, rng: &mut Rng) {
         };
         Err(format!(
             "C_FindObjects of {} found {} objects, expected {} (made at {}; a second search \
-             found {again})",
+             found {again}; on the tokens, each read by a process of its own: {})",
             String::from_utf8_lossy(&record.id),
             found.len(),
             record.classes.len(),
-            secs(record.made)
+            secs(record.made),
+            on_tokens(run, &record.id)
         ))
     });
+}
+
+/// How many objects with CKA_ID `id` each member's token holds, as a
+/// SoftHSM process of its own reads the token directory (`pkcs11-tool`
+/// on SoftHSM, no server): tells a key missing from a token from one a
+/// member's server process does not show.
+fn on_tokens(run: &Run, id: &[u8]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let counts: Vec<String> = (run.tokens.iter())
+        .map(|(name, conf, label)| {
+            // This pkcs11-tool lists every object whatever `--id` says: each
+            // object's lines start with "... Object; ...", its ID among them.
+            let listed = Command::new("pkcs11-tool")
+                .args(["--module", SOFTHSM_LIB, "--token-label", label])
+                .args(["--login", "--pin", USER_PIN, "--list-objects"])
+                .env(SOFTHSM_CONF_ENV, conf)
+                .output();
+            let count = match listed {
+                Ok(out) if out.status.success() => {
+                    objects_with_id(&String::from_utf8_lossy(&out.stdout), &hex).to_string()
+                }
+                Ok(out) => format!("? ({})", String::from_utf8_lossy(&out.stderr).trim()),
+                Err(e) => format!("? ({e})"),
+            };
+            format!("{name} {count}")
+        })
+        .collect();
+    counts.join(", ")
+}
+
+/// How many objects of a `pkcs11-tool --list-objects` listing have the
+/// CKA_ID `hex`: each object's lines start with "... Object; ...", its
+/// "ID:" line among them.
+fn objects_with_id(listing: &str, hex: &str) -> usize {
+    let mut count = 0;
+    let mut in_object = false;
+    for line in listing.lines() {
+        if line.contains(" Object;") {
+            in_object = true;
+        } else if let Some(id) = line.trim_start().strip_prefix("ID:") {
+            if in_object && id.trim() == hex {
+                count += 1;
+            }
+            in_object = false;
+        }
+    }
+    count
+}
+
+#[test]
+fn a_listing_is_counted_by_id() {
+    let listing = "Public Key Object; EC  EC_POINT 256 bits\n  label:      ec1\n  ID:         01\n\
+                   Secret Key Object; AES length 32\n  ID:         02\n\
+                   Private Key Object; EC\n  label:      ec1\n  ID:         01\n  Usage: sign\n";
+    assert_eq!(objects_with_id(listing, "01"), 2);
+    assert_eq!(objects_with_id(listing, "02"), 1);
+    assert_eq!(objects_with_id(listing, "03"), 0);
 }
 
 /// Sleeps [`HEARTBEAT`] at a time until the run stops, recording each
@@ -1606,6 +1667,10 @@ fn soak_mixed_load_while_members_are_killed_stalled_and_restarted() {
         next_id: AtomicU64::new(0),
         ec_pool: ec_pool(),
         late_wakes: Mutex::new(Vec::new()),
+        tokens: members
+            .iter()
+            .map(|m| (m.name, m.hsm.conf.clone(), m.hsm.tokens[0].label.clone()))
+            .collect(),
     };
     let status = run.state.group();
     assert!(
