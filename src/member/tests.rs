@@ -234,6 +234,19 @@ fn wait_blocked(tid: &mpsc::Receiver<i32>, fd: i32) -> i32 {
     tid
 }
 
+/// p11-kit's client, as member "own", set to reach the server at `socket`.
+fn p11_kit_client(socket: &Path) -> MemberLibrary {
+    MemberLibrary::load(
+        "own",
+        Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
+        &[(
+            "P11_KIT_SERVER_ADDRESS".to_string(),
+            format!("unix:path={}", socket.display()),
+        )],
+    )
+    .expect("p11-kit's client loads")
+}
+
 /// A call on the library's wire, in a thread of its own, reading one
 /// byte from descriptor `fd`; sends its thread id, then the read's
 /// result.
@@ -276,15 +289,7 @@ fn a_cut_shuts_down_the_librarys_own_socket_never_another_at_a_reused_number() {
     let (own_path, other_path) = (dir.path().join("own.sock"), dir.path().join("other.sock"));
     let own_server = UnixListener::bind(&own_path).unwrap();
     let other_server = UnixListener::bind(&other_path).unwrap();
-    let address = format!("unix:path={}", own_path.display());
-    let library = Arc::new(
-        MemberLibrary::load(
-            "own",
-            Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
-            &[("P11_KIT_SERVER_ADDRESS".to_string(), address)],
-        )
-        .expect("p11-kit's client loads"),
-    );
+    let library = Arc::new(p11_kit_client(&own_path));
     assert!(library.is_networked());
 
     let own = UnixStream::connect(&own_path).unwrap();
@@ -337,17 +342,7 @@ fn a_reconnect_waits_for_a_call_cut_off_before_it_reached_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("server.sock");
     let server = UnixListener::bind(&path).unwrap();
-    let library = Arc::new(
-        MemberLibrary::load(
-            "own",
-            Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
-            &[(
-                "P11_KIT_SERVER_ADDRESS".to_string(),
-                format!("unix:path={}", path.display()),
-            )],
-        )
-        .expect("p11-kit's client loads"),
-    );
+    let library = Arc::new(p11_kit_client(&path));
     let socket = UnixStream::connect(&path).unwrap();
     let _peer = server.accept().unwrap();
     let fd = socket.as_raw_fd();
@@ -619,17 +614,9 @@ fn an_in_process_library_is_never_finalised_under_a_call() {
 #[test]
 fn a_stalled_call_is_never_a_spares_connection_set_up() {
     let library = Arc::new(
-        MemberLibrary::load(
-            "own",
-            Path::new("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"),
-            &[(
-                "P11_KIT_SERVER_ADDRESS".to_string(),
-                "unix:path=/nonexistent/server.sock".to_string(),
-            )],
-        )
-        .expect("p11-kit's client loads")
-        .with_instances(std::num::NonZeroUsize::new(2))
-        .expect("its instances"),
+        p11_kit_client(Path::new("/nonexistent/server.sock"))
+            .with_instances(std::num::NonZeroUsize::new(2))
+            .expect("its instances"),
     );
     let on_wire = |function: &'static str, spare: bool| {
         let (entered, on_the_wire) = mpsc::channel();
