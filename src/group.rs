@@ -1442,6 +1442,9 @@ impl Group {
             [one] => Some(one),
             _ => None,
         };
+        if let (Some(one), Some(location)) = (handle, member.location()) {
+            location.library.offer_index_probe(location.slot, one);
+        }
         self.domain.record_found(position, epoch, found);
         handle
     }

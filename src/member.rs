@@ -59,8 +59,9 @@ pub enum Write {
     Destroy,
 }
 
-/// A token object an instance made on a SoftHSM token, read to have
-/// SoftHSM read the token's object list again
+/// A token object an instance made on a SoftHSM token (or found there:
+/// the group's domain key, [`MemberLibrary::offer_index_probe`]), read to
+/// have SoftHSM read the token's object list again
 /// ([`MemberLibrary::call_writing`]).
 #[derive(Clone, Copy)]
 struct IndexProbe {
@@ -2314,7 +2315,8 @@ impl MemberLibrary {
     /// off, another application) then stays out of this one's view -- its
     /// searches miss it, and the group made it a second time -- until some
     /// other process changes the list again. Reading an attribute of a
-    /// token object of this instance (the slot's [`IndexProbe`]) has
+    /// token object of this instance (the slot's [`IndexProbe`]: one it
+    /// made, or the domain key the group found through it) has
     /// SoftHSM read the list first (`ObjectFile::refresh` re-indexes the
     /// token) without reading `token.object`: SoftHSM 2.6.1 writes that
     /// file after unlocking it, and a process that reads it empty marks
@@ -2430,6 +2432,19 @@ impl MemberLibrary {
         let rv = unsafe { read(session, object, &mut attribute, 1) };
         if rv == CKR_OBJECT_HANDLE_INVALID {
             (self.index_probes.lock()).retain(|p| p.slot != slot || p.object != object);
+        }
+    }
+
+    /// Keeps `object`, a token object of a SoftHSM `slot` just found
+    /// through this instance (the group's domain key, looked up at each
+    /// login and return), as the slot's probe where it has none on this
+    /// connection: the connection's first token write then reads it too.
+    /// Without, that write took the token's new count as read, and an
+    /// object another process had made just before stayed out of this
+    /// connection's view (`tests/p11kit_member.rs`: found 0 times of 1).
+    pub fn offer_index_probe(&self, slot: CK_SLOT_ID, object: CK_OBJECT_HANDLE) {
+        if self.softhsm_slots.lock().contains(&slot) {
+            self.keep_probe(slot, object);
         }
     }
 

@@ -789,6 +789,10 @@ pub trait MemberBackend: MemberApi + Send + Sync {
     fn cut_stalled_spare_setup(&self) -> Option<usize> {
         None
     }
+    /// Offers `object`, a token object on `slot` just found through the
+    /// library's own instance, as what that instance reads before its
+    /// first token write there ([`crate::member::MemberLibrary::offer_index_probe`]).
+    fn offer_index_probe(&self, _slot: CK_SLOT_ID, _object: CK_OBJECT_HANDLE) {}
     /// The oldest call on the wire silent past many times its function's
     /// usual round trip at `now`, where that is less than `member_timeout`
     /// (see [`crate::member::round_trips`]).
@@ -1707,6 +1711,10 @@ impl MemberBackend for MemberLibrary {
 
     fn cut_stalled_spare_setup(&self) -> Option<usize> {
         MemberLibrary::cut_stalled_spare_setup(self)
+    }
+
+    fn offer_index_probe(&self, slot: CK_SLOT_ID, object: CK_OBJECT_HANDLE) {
+        MemberLibrary::offer_index_probe(self, slot, object)
     }
 
     fn silent_call(

@@ -443,7 +443,7 @@ fn data_objects(s: &Session, label: &str, token: bool, count: usize) {
 }
 
 /// Before each token object it makes on a SoftHSM member, the group has the
-/// member read an object it made there before, which has SoftHSM read the
+/// member read an object it made or found there before, which has SoftHSM read the
 /// token's object list again (`MemberLibrary::call_writing`; its effect:
 /// `tests/virtual_slot.rs`, `what_another_process_made_stays_in_view_...`)
 /// -- never the token info, which re-reads `token.object` too: SoftHSM

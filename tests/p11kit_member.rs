@@ -481,6 +481,21 @@ fn the_remote_members_connection_sees_what_another_process_made_before_the_group
     assert_eq!(labelled(&remote, "ours-after"), 1);
 }
 
+/// As [`the_remote_members_connection_sees_what_another_process_made_before_the_group_wrote`],
+/// for the first object the group makes on its connection, which has
+/// made nothing there yet to read first: the member's domain key, looked
+/// up there at the login, is read instead.
+#[test]
+fn the_remote_members_first_write_on_its_connection_sees_what_another_process_made() {
+    let group = Group::start();
+    let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
+    data_object_by_another_process(&group._remote, "remote", "theirs-first");
+    data_object(&s, "ours-first");
+    let remote = user_session(&group.pkcs11, group.slot("remote"));
+    assert_eq!(labelled(&remote, "theirs-first"), 1);
+    assert_eq!(labelled(&remote, "ours-first"), 1);
+}
+
 /// The directory of the only token of `hsm`.
 fn only_token_dir(hsm: &SoftHsm) -> std::path::PathBuf {
     let mut dirs: Vec<_> = std::fs::read_dir(hsm.token_dir())
