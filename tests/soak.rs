@@ -882,6 +882,8 @@ fn objects_with_id(listing: &str, hex: &str) -> usize {
     count
 }
 
+/// A failed search's count of the key on each token reads pkcs11-tool's
+/// listing: objects by their ID line, whatever else they show.
 #[test]
 fn a_listing_is_counted_by_id() {
     let listing = "Public Key Object; EC  EC_POINT 256 bits\n  label:      ec1\n  ID:         01\n\
