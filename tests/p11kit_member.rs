@@ -496,6 +496,85 @@ fn the_remote_members_first_write_on_its_connection_sees_what_another_process_ma
     assert_eq!(labelled(&remote, "ours-first"), 1);
 }
 
+/// A connection that has made no object on a SoftHSM token and found no
+/// domain key there (a spare instance's first import in a replay) still
+/// has SoftHSM read the token's object list before its first token
+/// write: an object another process made just before must stay in that
+/// connection's view (p11-kit's client reached directly, no group).
+#[test]
+fn a_connections_first_token_write_with_nothing_to_read_sees_what_another_process_made() {
+    use cryptoki_sys::*;
+    use pkcs11_ha::member::MemberLibrary;
+    use pkcs11_ha::member_api::MemberApi;
+    let _guard = serial_guard();
+    let hsm = SoftHsm::new(&["blank"]);
+    let server = P11KitServer::start(
+        SOFTHSM_LIB,
+        &hsm.conf,
+        "blank",
+        &hsm.dir.path().join("server.sock"),
+    );
+    let library = MemberLibrary::load(
+        "blank",
+        std::path::Path::new(&p11kit::client_module()),
+        &[(ADDRESS_ENV.to_string(), server.address())],
+    )
+    .expect("p11-kit's client loads");
+    library
+        .initialize_in_this_environment()
+        .expect("p11-kit's client initialises");
+    let slot = library.token_slots().expect("the token's slot")[0];
+    library.token_info(slot).expect("the token's info");
+    let mut session = CK_INVALID_HANDLE;
+    assert_eq!(
+        library.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut session),
+        CKR_OK
+    );
+    assert_eq!(
+        library.login(session, CKU_USER, Some(USER_PIN.as_bytes())),
+        CKR_OK
+    );
+    let labelled = |label: &str| {
+        let print = vec![(CKA_LABEL, label.as_bytes().to_vec())];
+        pkcs11_ha::identity::find(&library, session, &print)
+            .expect("a search by label")
+            .len()
+    };
+    assert_eq!(labelled("theirs"), 0, "the connection has read the list");
+    data_object_by_another_process(&hsm, "blank", "theirs");
+    let (class, yes) = (CKO_DATA, CK_TRUE);
+    let label = b"ours";
+    let template = [
+        CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: &class as *const _ as *mut _,
+            ulValueLen: std::mem::size_of_val(&class) as CK_ULONG,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_TOKEN,
+            pValue: &yes as *const _ as *mut _,
+            ulValueLen: 1,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_ptr() as *mut _,
+            ulValueLen: label.len() as CK_ULONG,
+        },
+    ];
+    let mut made = CK_INVALID_HANDLE;
+    assert_eq!(
+        library.create_object(session, Some(&template), &mut made),
+        CKR_OK
+    );
+    assert_eq!(labelled("ours"), 1);
+    assert_eq!(
+        labelled("theirs"),
+        1,
+        "what another process made just before"
+    );
+    library.finalize();
+}
+
 /// The directory of the only token of `hsm`.
 fn only_token_dir(hsm: &SoftHsm) -> std::path::PathBuf {
     let mut dirs: Vec<_> = std::fs::read_dir(hsm.token_dir())
