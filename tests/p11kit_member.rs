@@ -474,11 +474,17 @@ fn the_remote_members_connection_sees_what_another_process_made_before_the_group
     let group = Group::start();
     let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
     data_object(&s, "ours-before");
+    theirs_stays_in_view_after_ours(&group, &s);
+}
+
+/// `pkcs11-tool` makes an object on the remote member's token, then the
+/// group one through `s`: the member's connection must find both.
+fn theirs_stays_in_view_after_ours(group: &Group, s: &Session) {
     data_object_by_another_process(&group._remote, "remote", "theirs");
-    data_object(&s, "ours-after");
+    data_object(s, "ours");
     let remote = user_session(&group.pkcs11, group.slot("remote"));
     assert_eq!(labelled(&remote, "theirs"), 1);
-    assert_eq!(labelled(&remote, "ours-after"), 1);
+    assert_eq!(labelled(&remote, "ours"), 1);
 }
 
 /// As [`the_remote_members_connection_sees_what_another_process_made_before_the_group_wrote`],
@@ -489,11 +495,7 @@ fn the_remote_members_connection_sees_what_another_process_made_before_the_group
 fn the_remote_members_first_write_on_its_connection_sees_what_another_process_made() {
     let group = Group::start();
     let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
-    data_object_by_another_process(&group._remote, "remote", "theirs-first");
-    data_object(&s, "ours-first");
-    let remote = user_session(&group.pkcs11, group.slot("remote"));
-    assert_eq!(labelled(&remote, "theirs-first"), 1);
-    assert_eq!(labelled(&remote, "ours-first"), 1);
+    theirs_stays_in_view_after_ours(&group, &s);
 }
 
 /// A connection that has made no object on a SoftHSM token and found no
