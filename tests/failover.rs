@@ -418,17 +418,6 @@ fn raw_secret(
     (rv, template.ulValueLen, buffer)
 }
 
-// ---------------------------------------------------------------------------
-// 1. Replicated keys work on every member alone
-// ---------------------------------------------------------------------------
-
-/// Keys generated through the virtual slot -- AES-256 token and session
-/// keys, RSA-2048 and EC P-256 pairs, extractable and not -- exist on every
-/// member and work there alone: first through each member's own
-/// pass-through slot (encrypting with one member and decrypting with
-/// another, signing with one and verifying with every other), then through
-/// the virtual slot with every member but one failing, for each member in
-/// turn; signatures made by one survivor verify under the next.
 /// Makes data objects labelled `label` through `s`, on the token or not.
 fn data_objects(s: &Session, label: &str, token: bool, count: usize) {
     for i in 0..count {
@@ -450,12 +439,21 @@ fn data_objects(s: &Session, label: &str, token: bool, count: usize) {
 /// 2.6.1 writes that file after unlocking it, and member processes that
 /// read it empty lost their token for good in the soak. With one SoftHSM
 /// token on the library and its probe known, the session's slot is not
-/// asked either, nor for session objects, which leave the list alone.
+/// asked either, nor for session objects, which leave the list alone. The
+/// first token object after the login has the domain key the login looked
+/// up to read; without it, that write searched the member's whole token
+/// (`search_list_again`), one search on each member.
 #[test]
 fn a_softhsm_member_asks_neither_token_nor_session_info_for_the_objects_it_makes() {
     let ha = Ha::new(2);
     let s = ha.session();
+    let searches = ha.counts("C_FindObjectsInit");
     data_objects(&s, "probe", true, 1);
+    assert_eq!(
+        ha.counts("C_FindObjectsInit"),
+        searches,
+        "the first token object read the domain key found at the login, not a search"
+    );
     let (infos, sessions) = (ha.counts("C_GetTokenInfo"), ha.counts("C_GetSessionInfo"));
     data_objects(&s, "token", true, 3);
     data_objects(&s, "session", false, 3);
@@ -467,6 +465,17 @@ fn a_softhsm_member_asks_neither_token_nor_session_info_for_the_objects_it_makes
     );
 }
 
+// ---------------------------------------------------------------------------
+// 1. Replicated keys work on every member alone
+// ---------------------------------------------------------------------------
+
+/// Keys generated through the virtual slot -- AES-256 token and session
+/// keys, RSA-2048 and EC P-256 pairs, extractable and not -- exist on every
+/// member and work there alone: first through each member's own
+/// pass-through slot (encrypting with one member and decrypting with
+/// another, signing with one and verifying with every other), then through
+/// the virtual slot with every member but one failing, for each member in
+/// turn; signatures made by one survivor verify under the next.
 #[test]
 fn keys_made_on_the_virtual_slot_exist_and_work_on_every_member_alone() {
     let mut ha = Ha::new(3);

@@ -26,7 +26,13 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
+use cryptoki_sys::{
+    CKA_CLASS, CKA_LABEL, CKA_TOKEN, CKF_RW_SESSION, CKF_SERIAL_SESSION, CKO_DATA, CKR_OK,
+    CKU_USER, CK_ATTRIBUTE, CK_INVALID_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_TRUE, CK_ULONG,
+};
 use p11kit::{P11KitServer, ADDRESS_ENV};
+use pkcs11_ha::member::MemberLibrary;
+use pkcs11_ha::member_api::MemberApi;
 
 /// DER of the prime256v1 OID.
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -490,7 +496,8 @@ fn theirs_stays_in_view_after_ours(group: &Group, s: &Session) {
 /// As [`the_remote_members_connection_sees_what_another_process_made_before_the_group_wrote`],
 /// for the first object the group makes on its connection, which has
 /// made nothing there yet to read first: the member's domain key, looked
-/// up there at the login, is read instead.
+/// up there at the login, is read instead (`tests/failover.rs` pins that
+/// no search stands in for it).
 #[test]
 fn the_remote_members_first_write_on_its_connection_sees_what_another_process_made() {
     let group = Group::start();
@@ -505,9 +512,53 @@ fn the_remote_members_first_write_on_its_connection_sees_what_another_process_ma
 /// connection's view (p11-kit's client reached directly, no group).
 #[test]
 fn a_connections_first_token_write_with_nothing_to_read_sees_what_another_process_made() {
-    use cryptoki_sys::*;
-    use pkcs11_ha::member::MemberLibrary;
-    use pkcs11_ha::member_api::MemberApi;
+    on_a_blank_connection(|hsm, library, session| {
+        let labelled = |label: &str| {
+            let print = vec![(CKA_LABEL, label.as_bytes().to_vec())];
+            pkcs11_ha::identity::find(library, session, &print)
+                .expect("a search by label")
+                .len()
+        };
+        assert_eq!(labelled("theirs"), 0, "the connection has read the list");
+        data_object_by_another_process(hsm, "blank", "theirs");
+        assert_eq!(raw_data_object(library, session, b"ours"), CKR_OK);
+        assert_eq!(labelled("ours"), 1);
+        assert_eq!(
+            labelled("theirs"),
+            1,
+            "what another process made just before"
+        );
+    });
+}
+
+/// That search before a connection's first token write neither fails
+/// the write nor ends a search the session has under way: it is refused
+/// (`CKR_OPERATION_ACTIVE`), and the write goes on as before.
+#[test]
+fn a_first_token_write_beside_a_search_under_way_leaves_that_search_open() {
+    on_a_blank_connection(|_, library, session| {
+        let label = b"searched";
+        let template = [CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_ptr() as *mut _,
+            ulValueLen: label.len() as CK_ULONG,
+        }];
+        assert_eq!(library.find_objects_init(session, Some(&template)), CKR_OK);
+        assert_eq!(raw_data_object(library, session, b"beside"), CKR_OK);
+        let (mut found, mut count) = ([CK_INVALID_HANDLE; 4], 0);
+        assert_eq!(
+            library.find_objects(session, Some(&mut found), &mut count),
+            CKR_OK,
+            "the session's search is still under way"
+        );
+        assert_eq!(library.find_objects_final(session), CKR_OK);
+    });
+}
+
+/// Runs `body` on a fresh connection of p11-kit's client (no group) to a
+/// `p11-kit server` of a new SoftHSM token labelled "blank", on a logged-in
+/// read-write session; finalises the client after.
+fn on_a_blank_connection(body: impl FnOnce(&SoftHsm, &MemberLibrary, CK_SESSION_HANDLE)) {
     let _guard = serial_guard();
     let hsm = SoftHsm::new(&["blank"]);
     let server = P11KitServer::start(
@@ -536,16 +587,13 @@ fn a_connections_first_token_write_with_nothing_to_read_sees_what_another_proces
         library.login(session, CKU_USER, Some(USER_PIN.as_bytes())),
         CKR_OK
     );
-    let labelled = |label: &str| {
-        let print = vec![(CKA_LABEL, label.as_bytes().to_vec())];
-        pkcs11_ha::identity::find(&library, session, &print)
-            .expect("a search by label")
-            .len()
-    };
-    assert_eq!(labelled("theirs"), 0, "the connection has read the list");
-    data_object_by_another_process(&hsm, "blank", "theirs");
+    body(&hsm, &library, session);
+    library.finalize();
+}
+
+/// Makes a token data object labelled `label` through `library` itself.
+fn raw_data_object(library: &MemberLibrary, session: CK_SESSION_HANDLE, label: &[u8]) -> CK_RV {
     let (class, yes) = (CKO_DATA, CK_TRUE);
-    let label = b"ours";
     let template = [
         CK_ATTRIBUTE {
             type_: CKA_CLASS,
@@ -564,17 +612,7 @@ fn a_connections_first_token_write_with_nothing_to_read_sees_what_another_proces
         },
     ];
     let mut made = CK_INVALID_HANDLE;
-    assert_eq!(
-        library.create_object(session, Some(&template), &mut made),
-        CKR_OK
-    );
-    assert_eq!(labelled("ours"), 1);
-    assert_eq!(
-        labelled("theirs"),
-        1,
-        "what another process made just before"
-    );
-    library.finalize();
+    library.create_object(session, Some(&template), &mut made)
 }
 
 /// The directory of the only token of `hsm`.
