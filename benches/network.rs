@@ -9,7 +9,8 @@
 //! members 0 and 1, group `net-3` (slot 1) over members 2, 3 and 4 (2 is
 //! its primary), and member 5 driven directly.
 //!
-//! - **Latency-bound** (every relay holds each chunk 1 ms each way):
+//! - **Latency-bound** (every relay holds each chunk 1 ms from when it
+//!   came, each way, as a network path's latency):
 //!   `C_GenerateRandom(32)` from T = 1, 8, 32 threads, a session each;
 //!   target: each group >= 0.9 x the direct member at the same T.
 //! - **An operation, latency-bound**: a 1 KiB SHA-256 (`C_DigestInit` +
@@ -844,7 +845,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
         bench.set_all(Mode::Delay(ONE_WAY));
         writeln!(
             out,
-            "\nLatency-bound: {ONE_WAY:?} each way per chunk on every path; C_GenerateRandom(32); \
+            "\nLatency-bound: {ONE_WAY:?} each way on every path; C_GenerateRandom(32); \
              ratio = group / direct at the same T (target {TARGET_RATIO})"
         )
         .unwrap();

@@ -984,8 +984,8 @@ fn pkcs11_tool_lists_and_hashes_with_a_member_silent() {
     }
 }
 
-/// A slow member (150 ms added to every chunk on its path: each call takes
-/// some 600 ms, inside `memberTimeout`, but its start-up more than
+/// A slow member (150 ms added each way on its path: each call takes some
+/// 300 ms, inside `memberTimeout`, but its start-up more than
 /// `memberTimeout` in all) is not taken for a failed one: it starts with
 /// the group, stays in service, every call succeeds, and the least-busy
 /// choice sends most calls to the fast members.
@@ -1104,8 +1104,8 @@ fn with_no_member_serving_a_returning_member_serves_before_it_is_given_what_it_m
         !serves(1)
     });
     assert!(!serves(0), "member 0 stays out while its path refuses");
-    // 25 ms each way per chunk: each key owed costs a look-up and a
-    // creation, about 200 ms, so the 40 take seconds after it serves.
+    // 25 ms each way: each key owed costs a look-up and a creation, some
+    // 100 ms, so the 40 take seconds after it serves.
     chaos.members[0].relay.delay(Duration::from_millis(25));
     let mut owed_when_serving = 0;
     wait_for("member 0 serves again", Duration::from_secs(60), || {

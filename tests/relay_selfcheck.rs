@@ -73,6 +73,36 @@ fn delay_holds_each_way() {
     );
 }
 
+/// Each chunk is held for the delay from when it came, as a network path
+/// delays each packet: two chunks sent 50 ms apart arrive 50 ms apart, not
+/// one delay apart (held one after another, each waited for the last).
+#[test]
+fn delay_holds_each_chunk_from_when_it_came() {
+    let (_dir, mut relay) = setup();
+    let delay = Duration::from_millis(300);
+    let apart = Duration::from_millis(50);
+    relay.delay(delay);
+    let mut client = UnixStream::connect(&relay.path).unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    let sent = Instant::now();
+    client.write_all(b"first").unwrap();
+    thread::sleep(apart);
+    client.write_all(b"second").unwrap();
+    let mut first = [0u8; 5];
+    client.read_exact(&mut first).unwrap();
+    let first_back = sent.elapsed();
+    let mut second = [0u8; 6];
+    client.read_exact(&mut second).unwrap();
+    let second_back = sent.elapsed();
+    assert_eq!((&first, &second), (b"first", b"second"));
+    assert!(first_back >= 2 * delay, "first echo after {first_back:?}");
+    assert!(
+        second_back - first_back < delay / 2,
+        "the second echo came {:?} after the first: it waited for the first's delay",
+        second_back - first_back
+    );
+}
+
 #[test]
 fn pause_holds_bytes_until_resume() {
     let (_dir, mut relay) = setup();

@@ -16,9 +16,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a thread blocked on a socket looks at the relay's mode again.
 const RECHECK: Duration = Duration::from_millis(20);
@@ -28,7 +29,8 @@ const RECHECK: Duration = Duration::from_millis(20);
 pub enum Mode {
     /// Forwards both ways at once.
     Pass,
-    /// Forwards both ways, each chunk held this long first (one way).
+    /// Forwards both ways, each chunk held this long from when it came
+    /// (one way), as a network path's latency.
     Delay(Duration),
     /// A member of limited capacity: each connection is served one
     /// p11-kit request at a time, each held this long before it is
@@ -77,6 +79,15 @@ impl Shared {
 
     fn stopped(&self) -> bool {
         self.state().stopped
+    }
+
+    /// Waits while the relay is paused; false if it stopped.
+    fn wait_while_paused(&self) -> bool {
+        let mut state = self.state();
+        while state.mode == Mode::Paused && !state.stopped {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        !state.stopped
     }
 }
 
@@ -157,7 +168,8 @@ impl Relay {
         self.set(Mode::Pass);
     }
 
-    /// Holds each chunk `delay` before forwarding it (each way).
+    /// Holds each chunk `delay` from when it came before forwarding it
+    /// (each way).
     pub fn delay(&mut self, delay: Duration) {
         self.set(Mode::Delay(delay));
     }
@@ -398,9 +410,60 @@ enum Side {
     Answers(Arc<Turnstile>),
 }
 
+/// Part of a chunk a pump read, on its way: due when it is to be written,
+/// and whether it ends an answer (for [`Mode::OneAtATime`]).
+struct Segment {
+    due: Instant,
+    bytes: Vec<u8>,
+    ends_answer: bool,
+}
+
+/// Writes what a pump hands it, each segment at its due time, in order:
+/// under [`Mode::Delay`] every chunk is held for the delay from when it
+/// came, as a network path delays each packet, not after the chunk before
+/// it (p11-kit's client writes a request in three writes; held one after
+/// another, a 1 ms path cost 2-3 ms one way). Waits while the relay is
+/// paused. On a failed write it closes both ends, which ends the pump.
+fn deliver(
+    segments: mpsc::Receiver<Segment>,
+    (mut to, from): (UnixStream, UnixStream),
+    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    answers: Option<Arc<Turnstile>>,
+) {
+    let mut broken = false;
+    for segment in segments {
+        if !broken {
+            thread::sleep(segment.due.saturating_duration_since(Instant::now()));
+            broken = !shared.wait_while_paused() || to.write_all(&segment.bytes).is_err();
+            if broken {
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+            } else if segment.ends_answer {
+                if let Some(turnstile) = &answers {
+                    turnstile.answer();
+                }
+            }
+        }
+        queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Moves bytes from `from` to `to` as the mode says, until either end
-/// closes; then closes both.
+/// closes; then closes both. What is delayed, or queued behind what is,
+/// goes through a [`deliver`] thread; the rest is written here, at once.
 fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>, side: Side) {
+    let clone = |s: &UnixStream| s.try_clone().expect("clone a relay socket");
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (queue, segments) = mpsc::channel();
+    let answers = match &side {
+        Side::Answers(turnstile) => Some(Arc::clone(turnstile)),
+        Side::Requests(_) => None,
+    };
+    let delivery = {
+        let (ends, queued, shared) = ((clone(&to), clone(&from)), queued.clone(), shared.clone());
+        thread::spawn(move || deliver(segments, ends, queued, shared, answers))
+    };
     let mut buffer = vec![0u8; 64 * 1024];
     let mut framer = Framer::default();
     let mut sent = 0;
@@ -409,24 +472,16 @@ fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>, side: Sid
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mode = {
-            let mut state = shared.state();
-            while state.mode == Mode::Paused && !state.stopped {
-                state = shared
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
-            if state.stopped {
-                break;
-            }
-            state.mode
-        };
-        match mode {
-            Mode::Blackhole => continue,
-            Mode::Delay(delay) => thread::sleep(delay),
-            _ => {}
+        let came = Instant::now();
+        if !shared.wait_while_paused() {
+            break;
         }
+        let mode = shared.mode();
+        let due = match mode {
+            Mode::Blackhole => continue,
+            Mode::Delay(delay) => Some(came + delay),
+            _ => None,
+        };
         let mut rest = &buffer[..n];
         while !rest.is_empty() {
             let end = framer.message_end(rest);
@@ -439,21 +494,37 @@ fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>, side: Sid
                 }
                 _ => false,
             };
-            if to.write_all(segment).is_err() {
-                break 'chunks;
-            }
-            match (&side, end) {
-                (Side::Requests(turnstile), Some(_)) => {
-                    sent += 1;
-                    if one_at_a_time && !turnstile.wait_for(sent, &shared) {
-                        break 'chunks;
-                    }
+            let ends_answer = matches!((&side, end), (Side::Answers(_), Some(_)));
+            if due.is_some() || queued.load(Ordering::Acquire) > 0 {
+                queued.fetch_add(1, Ordering::AcqRel);
+                let segment = Segment {
+                    due: due.unwrap_or(came),
+                    bytes: segment.to_vec(),
+                    ends_answer,
+                };
+                if queue.send(segment).is_err() {
+                    break 'chunks;
                 }
-                (Side::Answers(turnstile), Some(_)) => turnstile.answer(),
-                (_, None) => {}
+            } else {
+                if to.write_all(segment).is_err() {
+                    break 'chunks;
+                }
+                if let (true, Side::Answers(turnstile)) = (ends_answer, &side) {
+                    turnstile.answer();
+                }
+            }
+            if let (Side::Requests(turnstile), Some(_)) = (&side, end) {
+                sent += 1;
+                if one_at_a_time && !turnstile.wait_for(sent, &shared) {
+                    break 'chunks;
+                }
             }
         }
     }
+    // What is on its way still arrives (a closed connection's last bytes
+    // do), then both ends close.
+    drop(queue);
+    let _ = delivery.join();
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
 }
