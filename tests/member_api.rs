@@ -21,8 +21,8 @@ use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
-    log_in_member, Group, GroupSettings, Location, Login, MemberState, Pending, ReplayingDeferred,
-    Waits, MAKING_LANE,
+    log_in_member, Doubt, Group, GroupSettings, Location, Login, MemberState, Pending,
+    ReplayingDeferred, Waits, MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -4025,5 +4025,72 @@ fn a_doubt_whose_time_runs_out_during_a_slow_look_lets_the_member_serve_at_once(
     );
     assert!(group.in_doubt(1).is_empty(), "the doubt is settled");
     assert_eq!(copies_on_libraries(&libraries, label), [0, 0]);
+    v.close();
+}
+
+/// Two objects in doubt on a returning member, both destroyed since
+/// (nothing to carry): one whose call faulted, whose time runs out during
+/// the slow look, and one whose request was cut off on the wire, which is
+/// given several `memberTimeout`s. The wait's last look settles the first;
+/// the second still has its time, so the member gives the attempt up and
+/// waits for it at the next.
+#[test]
+fn of_two_doubts_at_the_waits_end_the_one_whose_time_ran_out_settles_and_the_other_waits() {
+    let label = b"faulted, over during a look";
+    let member_timeout = Duration::from_millis(20);
+    let (libraries, group, v, faulted) =
+        imported_with_a_late_change_within(label, 46, member_timeout);
+    // Made on member 0 while member 1 is out, with member 1's request cut
+    // off on the wire (as the watchdog cuts a silent member's call).
+    let token_object: CK_BBOOL = CK_TRUE;
+    let mut attributes = data_object(b"cut off", b"made on member 0");
+    attributes[1].pValue = &token_object as *const _ as *mut _;
+    // SAFETY: attributes whose values live until the call returns.
+    let template =
+        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
+            .expect("a valid template");
+    let cut_off = v
+        .create_object(CK_INVALID_HANDLE, &template)
+        .expect("the import succeeds on member 0");
+    group.begin_making(1, cut_off);
+    group.end_making(1, cut_off, Doubt::CutOff);
+    for object in [faulted, cut_off] {
+        v.destroy_object(object)
+            .expect("the object is destroyed on member 0");
+    }
+    // As in the test above: the first look for the faulted object's copy
+    // takes one memberTimeout.
+    let looks = Arc::new(AtomicUsize::new(0));
+    {
+        let looks = Arc::clone(&looks);
+        libraries[1].on_search(move |template| {
+            if template.get(&CKA_LABEL).is_some_and(|l| l == label)
+                && looks.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                pkcs11_ha::clock::install_manual().advance(member_timeout);
+            }
+        });
+    }
+    let host = MemoryHost {
+        threads_allowed: true,
+        member_timeout,
+        ..MemoryHost::of(&group, &libraries)
+    };
+    recovery::recover_failed_members(&host);
+    assert_ne!(
+        looks.load(Ordering::SeqCst),
+        0,
+        "no look for the copy in doubt (the test proves nothing)"
+    );
+    assert_ne!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 waits for the object cut off"
+    );
+    let doubted = group.in_doubt(1);
+    assert!(
+        matches!(doubted[..], [(o, Some(since))] if o == cut_off && since.cut_off),
+        "the faulted object's doubt is settled, the cut-off one's kept: {doubted:?}"
+    );
     v.close();
 }
