@@ -972,16 +972,13 @@ fn the_watchdog_takes_out_an_in_memory_member_whose_call_stalls_for_member_timeo
     v.close();
 }
 
-/// A networked in-memory library that lost its connection (a reset: every
-/// call fails until it is finalised and initialised again, as p11-kit's
-/// client) takes its member out, and recovery reconnects it as it does a
-/// loaded library it initialised: on a connection of a new number, the
-/// member back in service.
-#[test]
-fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
+/// Two networked in-memory members, member 0's connection lost to a reset
+/// met by a call on a virtual session (returned, open): member 0 out, its
+/// library answering nothing until it reconnects.
+fn member_0_reset(seed: u64) -> (Vec<Arc<SimMember>>, Arc<Group>, VirtualSession) {
     let libraries: Vec<Arc<SimMember>> = (0..2)
         .map(|i| {
-            let library = SimMember::new(&format!("net{i}"), 1, i, true, 25);
+            let library = SimMember::new(&format!("net{i}"), 1, i, true, seed);
             library
                 .initialize()
                 .expect("an in-memory library initialises");
@@ -989,9 +986,7 @@ fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
         })
         .collect();
     let group = group_of(libraries.iter().map(|l| (Arc::clone(l), 0)).collect());
-    let host = MemoryHost::of(&group, &libraries);
     let v = VirtualSession::open(Arc::clone(&group), CKF_SERIAL_SESSION).expect("a session");
-    let before = libraries[0].connection();
     assert!(libraries[0].initialized_by_us());
 
     libraries[0].sim.lock().set_fault(0, Fault::Reset);
@@ -1016,6 +1011,19 @@ fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
         Err(CKR_DEVICE_ERROR),
         "nothing answers on a lost connection"
     );
+    (libraries, group, v)
+}
+
+/// A networked in-memory library that lost its connection (a reset: every
+/// call fails until it is finalised and initialised again, as p11-kit's
+/// client) takes its member out, and recovery reconnects it as it does a
+/// loaded library it initialised: on a connection of a new number, the
+/// member back in service.
+#[test]
+fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
+    let (libraries, group, v) = member_0_reset(25);
+    let host = MemoryHost::of(&group, &libraries);
+    let before = libraries[0].connection();
 
     recovery::recover_failed_members(&host);
     assert_eq!(
@@ -1029,6 +1037,35 @@ fn recovery_reconnects_an_in_memory_library_that_lost_its_connection() {
         libraries[1].connection(),
         1,
         "the healthy library was left alone"
+    );
+    v.close();
+}
+
+/// Recovery's search for a member's token that ends as on a dead
+/// connection (its connection answered nothing while a fresh instance of
+/// the library, on a connection of its own, found the token) is made once
+/// more at once, reconnecting, with twice the patience: the reconnect is
+/// cut off only if the server takes longer than that to load the token.
+/// The member serves in that same attempt.
+#[test]
+fn a_search_ended_by_a_dead_connection_is_made_again_at_once_with_twice_the_patience() {
+    let (libraries, group, v) = member_0_reset(26);
+    let host = MemoryHost {
+        threads_allowed: true,
+        ..MemoryHost::of(&group, &libraries)
+    };
+    libraries[0].answer_dead_connections(1);
+    recovery::recover_failed_members(&host);
+    let patience = libraries[0].search_patience.lock().clone();
+    assert_eq!(
+        patience,
+        [host.member_timeout, host.member_timeout * 2],
+        "one search, then one more with twice its patience"
+    );
+    assert_eq!(
+        group.members[0].state(),
+        MemberState::Up,
+        "member 0 serves in the same attempt"
     );
     v.close();
 }

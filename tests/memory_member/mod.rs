@@ -17,9 +17,9 @@ pub mod token;
 use cryptoki_sys::*;
 use parking_lot::Mutex;
 use pkcs11_ha::error::Error;
-use pkcs11_ha::member::{counted, string_to_padded, Silent};
-use pkcs11_ha::member_api::{Held, MemberApi, MemberBackend, SpareLane, TokenSearch};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use pkcs11_ha::member::{counted, string_to_padded, Silent, Unanswered};
+use pkcs11_ha::member_api::{Hedge, Held, MemberApi, MemberBackend, SpareLane, TokenSearch};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use token::{Attributes, Sim, FIRST_SLOT, MECHANISMS};
@@ -67,6 +67,11 @@ pub struct SimMember {
     /// and its kin met on a spare's session): those the watchdog's
     /// [`MemberBackend::sever`] cuts.
     stalled_spares: Mutex<Vec<usize>>,
+    /// Hedged token searches still to end as on a dead connection
+    /// ([`SimMember::answer_dead_connections`]).
+    dead_connections: AtomicUsize,
+    /// The patience each hedged token search was given, in order.
+    pub search_patience: Mutex<Vec<Duration>>,
 }
 
 impl SimMember {
@@ -87,7 +92,16 @@ impl SimMember {
             ours: AtomicBool::new(false),
             spares: spares::Spares::default(),
             stalled_spares: Mutex::new(Vec::new()),
+            dead_connections: AtomicUsize::new(0),
+            search_patience: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The next `count` hedged token searches (recovery's) end as on a
+    /// connection that answered nothing while a fresh instance of the
+    /// library found the token ([`Unanswered::DeadConnection`]).
+    pub fn answer_dead_connections(&self, count: usize) {
+        self.dead_connections.store(count, Ordering::SeqCst);
     }
 
     /// The member with `count` spare instances, as p11-kit's client has
@@ -1024,6 +1038,26 @@ impl MemberBackend for SimMember {
         _deadline: Instant,
         _patience: Duration,
     ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Silent>> {
+        Some(Ok(search(&*self)))
+    }
+
+    /// Each search's patience is noted; the first
+    /// [`SimMember::answer_dead_connections`] searches end as on a dead
+    /// connection whose fresh instance answered, without running.
+    fn search_hedged(
+        self: Arc<Self>,
+        search: TokenSearch,
+        _deadline: Instant,
+        patience: Duration,
+        _hedge: Hedge,
+    ) -> Option<std::result::Result<Option<CK_SLOT_ID>, Unanswered>> {
+        self.search_patience.lock().push(patience);
+        let dead = self
+            .dead_connections
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if dead.is_ok() {
+            return Some(Err(Unanswered::DeadConnection));
+        }
         Some(Ok(search(&*self)))
     }
 }
