@@ -3603,6 +3603,66 @@ fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
     v.close();
 }
 
+/// A member serving first that fails while the replay of kept changes
+/// reads what it holds (its token crashes under the reading) is out again,
+/// keeps what it is owed, and is given each object once when it returns:
+/// member 1 is owed five imports, the reading stalls on an object made on
+/// it outside the group, and the token crashes there.
+#[test]
+fn a_member_failing_while_the_kept_replay_reads_its_objects_is_given_them_once_on_return() {
+    let (member, group) = patient_memory_group(2, 75);
+    let outside = token_object_made_outside(&member, 1, b"made outside", b"data");
+    let v = logged_in_session(&group);
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(&v, &format!("kept {n}"));
+    }
+    serving_first_owing(&group, &[1]);
+    member
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(outside));
+    let calls = HeldCalls::on(&member, |_| false);
+    std::thread::scope(|scope| {
+        let holding = calls.holding();
+        let replay = scope.spawn(|| recovery::replay_deferred(&group));
+        assert_eq!(calls.next(), 1, "the reading stalls on member 1");
+        member.sim.lock().set_fault(1, Fault::Crash);
+        drop(holding);
+        replay.join().expect("the replay ends");
+    });
+    assert_ne!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 failed during its reading"
+    );
+    assert!(
+        !labels_in_order(&member, 1)
+            .iter()
+            .any(|l| l.starts_with("kept")),
+        "nothing was made on member 1 before its reading"
+    );
+
+    member.sim.lock().heal(1);
+    let host = MemoryHost::of(&group, &[Arc::clone(&member)]);
+    recovery::recover_failed_members(&host);
+    recovery::replay_deferred(&group);
+    assert_eq!(
+        group.members[1].state(),
+        MemberState::Up,
+        "member 1 is back"
+    );
+    let mut made = labels_in_order(&member, 1);
+    made.retain(|l| l.starts_with("kept"));
+    made.sort();
+    assert_eq!(
+        made,
+        (0..5).map(|n| format!("kept {n}")).collect::<Vec<_>>(),
+        "member 1 holds each import once"
+    );
+    v.close();
+}
+
 /// A member whose handles are forgotten while the replay of kept changes
 /// gives it its share -- it returned, or lost its login -- has its objects
 /// read again, not named by the reading from before: member 0, owed five
