@@ -40,6 +40,7 @@
 //! haLogStatus = disabled         ; optional, enabled or disabled
 //! haLogPath = /var/log/pkcs11-ha ; directory of haErrorLog.txt; needed if enabled
 //! logLen = 10485760              ; optional, bytes before the log rotates; 0 never
+//! logRepeats = 3                 ; optional, lines per minute for one repeating event; 0 all
 //! haStateDir = /var/lib/pkcs11-ha ; optional, state shared by processes on this host
 //! ReconcileInterval = 300        ; optional, seconds between reconciliations; 0 off
 //! ```
@@ -97,10 +98,11 @@ const EARLY_HANG_DETECTION: &str = "earlyHangDetection";
 const HA_LOG_STATUS: &str = "haLogStatus";
 pub const HA_LOG_PATH: &str = "haLogPath";
 const LOG_LEN: &str = "logLen";
+const LOG_REPEATS: &str = "logRepeats";
 pub const HA_STATE_DIR: &str = "haStateDir";
 const RECONCILE_INTERVAL: &str = "ReconcileInterval";
 /// The `[HAConfiguration]` keys, for messages.
-const HA_KEYS: [&str; 11] = [
+const HA_KEYS: [&str; 12] = [
     HA_ONLY,
     MULTIPART_REPLAY_LIMIT,
     RECONN_ATT,
@@ -110,6 +112,7 @@ const HA_KEYS: [&str; 11] = [
     HA_LOG_STATUS,
     HA_LOG_PATH,
     LOG_LEN,
+    LOG_REPEATS,
     HA_STATE_DIR,
     RECONCILE_INTERVAL,
 ];
@@ -138,6 +141,9 @@ pub const DEFAULT_MEMBER_TIMEOUT_MS: u64 = 20_000;
 pub const MAX_MEMBER_TIMEOUT_MS: u64 = 3_600_000;
 /// `logLen` when the key is not given: 10 MiB.
 pub const DEFAULT_HA_LOG_MAX_LEN: u64 = 10 * 1024 * 1024;
+/// `logRepeats` when the key is not given: an event that repeats is
+/// written three times a minute, then counted.
+pub const DEFAULT_HA_LOG_REPEATS: u32 = 3;
 /// The HA log's file name inside `haLogPath`.
 pub const HA_LOG_FILE: &str = "haErrorLog.txt";
 /// `ReconcileInterval` when the key is not given, in seconds: often enough
@@ -278,7 +284,7 @@ impl fmt::Display for RecoveryMode {
     }
 }
 
-/// The HA log (`haLogStatus`, `haLogPath`, `logLen`).
+/// The HA log (`haLogStatus`, `haLogPath`, `logLen`, `logRepeats`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaLogConfig {
     /// `haLogStatus = enabled`.
@@ -288,6 +294,10 @@ pub struct HaLogConfig {
     pub path: Option<PathBuf>,
     /// `logLen`: bytes after which the log is rotated; 0 never rotates.
     pub max_len: u64,
+    /// `logRepeats`: how often one event that repeats (the same text but
+    /// for its numbers, for the same member) is written per minute before
+    /// the rest are counted; 0 writes every one, for diagnosis.
+    pub repeats: u32,
 }
 
 impl Default for HaLogConfig {
@@ -296,6 +306,7 @@ impl Default for HaLogConfig {
             enabled: false,
             path: None,
             max_len: DEFAULT_HA_LOG_MAX_LEN,
+            repeats: DEFAULT_HA_LOG_REPEATS,
         }
     }
 }
@@ -562,6 +573,9 @@ impl Config {
         }
         if self.ha_log.max_len != DEFAULT_HA_LOG_MAX_LEN {
             writeln!(out, "{LOG_LEN} = {}", self.ha_log.max_len)?;
+        }
+        if self.ha_log.repeats != DEFAULT_HA_LOG_REPEATS {
+            writeln!(out, "{LOG_REPEATS} = {}", self.ha_log.repeats)?;
         }
         if let Some(path) = &self.state_dir {
             writeln!(out, "{HA_STATE_DIR} = {}", path.display())?;
@@ -1083,6 +1097,18 @@ fn parse_ha_configuration(file: &Path, entries: Entries) -> Result<HaSettings, C
                         "\"{value}\" is not accepted; give the size in bytes at which the HA \
                          log is rotated, as decimal digits, or 0 never to rotate it; the \
                          default is {DEFAULT_HA_LOG_MAX_LEN}"
+                    ))
+                })?;
+            }
+            LOG_REPEATS => {
+                let repeats = parse_bounded(&value, 0, u64::from(u32::MAX))
+                    .and_then(|n| u32::try_from(n).ok());
+                settings.ha_log.repeats = repeats.ok_or_else(|| {
+                    err(format!(
+                        "\"{value}\" is not accepted; give how many times a minute one \
+                             repeating event is written before the rest are counted, as \
+                             decimal digits, or 0 to write every one; the default is \
+                             {DEFAULT_HA_LOG_REPEATS}"
                     ))
                 })?;
             }

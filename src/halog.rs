@@ -6,8 +6,9 @@
 //! or serves again, the group without a serving member or serving again)
 //! is always written: an operator reconstructs outages from those lines.
 //! Any other event that repeats (the same text but for its numbers, for the
-//! same member) is written [`REPEATS_WRITTEN`] times per [`REPEAT_WINDOW`],
-//! then once per window with how many like it were left out. It never
+//! same member) is written `logRepeats` times per [`REPEAT_WINDOW`] (three
+//! unless configured; 0 writes every one), then once per window with how
+//! many like it were left out. It never
 //! records a PIN or key material, and a write that fails never fails the
 //! application's call.
 
@@ -29,17 +30,16 @@ struct HaLog {
     repeats: Mutex<Repeats>,
 }
 
-/// How often an event may repeat within [`REPEAT_WINDOW`] before the rest
-/// are counted instead of written.
-pub const REPEATS_WRITTEN: u32 = 3;
 pub const REPEAT_WINDOW: Duration = Duration::from_secs(60);
 /// Events remembered for repeats; past this, those whose window has ended
 /// are forgotten.
 const REPEATS_KEPT: usize = 1024;
 
 /// Recent events by (group, member, text with its numbers taken out).
-#[derive(Default)]
 struct Repeats {
+    /// How often an event may repeat within [`REPEAT_WINDOW`] before the
+    /// rest are counted instead of written; 0: no limit.
+    written_per_window: u32,
     seen: HashMap<(String, String, String), Window>,
 }
 
@@ -53,6 +53,13 @@ struct Window {
 }
 
 impl Repeats {
+    fn new(written_per_window: u32) -> Repeats {
+        Repeats {
+            written_per_window,
+            seen: HashMap::new(),
+        }
+    }
+
     /// Whether to write an event now, and the note to add: how many like
     /// it were left out since the last one written.
     fn admit(
@@ -62,6 +69,9 @@ impl Repeats {
         event: &str,
         now: Instant,
     ) -> Option<String> {
+        if self.written_per_window == 0 {
+            return Some(String::new());
+        }
         if self.seen.len() >= REPEATS_KEPT {
             self.seen
                 .retain(|_, w| now.duration_since(w.started) < REPEAT_WINDOW);
@@ -86,7 +96,7 @@ impl Repeats {
             window.left_out = 0;
             return Some(note.unwrap_or_default());
         }
-        if window.written < REPEATS_WRITTEN {
+        if window.written < self.written_per_window {
             window.written += 1;
             Some(String::new())
         } else {
@@ -143,11 +153,12 @@ fn without_numbers(event: &str) -> String {
 /// threads had under way.
 static LOG: PerGeneration<RwLock<Option<HaLog>>> = PerGeneration::new(|| RwLock::new(None));
 
-/// Starts logging to `directory`; `max_len` 0 never rotates. The file is
-/// opened at once, so that a directory that is missing or not writable is
-/// reported now; logging is on all the same, and each event tries the file
-/// again until it can be written.
-pub fn open(directory: &Path, max_len: u64) -> std::io::Result<()> {
+/// Starts logging to `directory`; `max_len` 0 never rotates; an event
+/// that repeats is written `repeats` times a minute (0: every time). The
+/// file is opened at once, so that a directory that is missing or not
+/// writable is reported now; logging is on all the same, and each event
+/// tries the file again until it can be written.
+pub fn open(directory: &Path, max_len: u64, repeats: u32) -> std::io::Result<()> {
     let path = directory.join(FILE_NAME);
     let (file, opened) = match open_file(&path) {
         Ok(file) => (Some(file), Ok(())),
@@ -157,7 +168,7 @@ pub fn open(directory: &Path, max_len: u64) -> std::io::Result<()> {
         path,
         max_len,
         file: Mutex::new(file),
-        repeats: Mutex::new(Repeats::default()),
+        repeats: Mutex::new(Repeats::new(repeats)),
     });
     opened
 }
@@ -194,7 +205,7 @@ pub fn record_change(
 }
 
 /// Appends one event line for a group, and for a member where there is one,
-/// unless it is a repeat past [`REPEATS_WRITTEN`] in its window.
+/// unless it is a repeat past `logRepeats` in its window.
 pub fn record(group_label: &str, group_serial: &str, member_serial: Option<&str>, event: &str) {
     let guard = LOG.get().read();
     let Some(log) = guard.as_ref() else {
@@ -312,7 +323,7 @@ mod tests {
 
     #[test]
     fn repeats_are_written_a_few_times_per_window_then_counted() {
-        let mut repeats = Repeats::default();
+        let mut repeats = Repeats::new(3);
         let key = |text: &str| ("1abc".to_string(), "abc".to_string(), without_numbers(text));
         let start = Instant::now();
         let written: Vec<Option<String>> = (1..=5)
@@ -368,7 +379,7 @@ mod tests {
         let _serial = LOG_TESTS.lock();
         let dir = std::env::temp_dir().join(format!("halog-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        open(&dir, 100).unwrap();
+        open(&dir, 100, 3).unwrap();
         record(
             "g",
             "1abc",
@@ -398,12 +409,13 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn state_changes_are_written_however_often_they_repeat() {
+    /// Five state changes and five repeats of one event, written with
+    /// `repeats`; how many lines of each the log holds.
+    fn five_of_each(repeats: u32) -> (usize, usize) {
+        let _serial = LOG_TESTS.lock();
         let dir = std::env::temp_dir().join(format!("halog-changes-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let _serial = LOG_TESTS.lock();
-        open(&dir, 0).unwrap();
+        open(&dir, 0, repeats).unwrap();
         for _ in 0..5 {
             record_change("g", "1abc", Some("abc"), "member failed in C_Sign");
             record(
@@ -416,8 +428,17 @@ mod tests {
         close();
         let written = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
         let count = |text: &str| written.lines().filter(|l| l.contains(text)).count();
-        assert_eq!(count("member failed in C_Sign"), 5);
-        assert_eq!(count("recovery failed"), REPEATS_WRITTEN as usize);
         std::fs::remove_dir_all(&dir).unwrap();
+        (count("member failed in C_Sign"), count("recovery failed"))
+    }
+
+    #[test]
+    fn state_changes_are_written_however_often_they_repeat() {
+        assert_eq!(five_of_each(3), (5, 3));
+    }
+
+    #[test]
+    fn with_no_repeat_limit_every_event_is_written() {
+        assert_eq!(five_of_each(0), (5, 5));
     }
 }

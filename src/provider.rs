@@ -287,7 +287,7 @@ fn initialize_as(
     });
     let config = Config::load(&Config::locate()).map_err(report_config_error)?;
     if let (true, Some(directory)) = (config.ha_log.enabled, &config.ha_log.path) {
-        if let Err(why) = halog::open(directory, config.ha_log.max_len) {
+        if let Err(why) = halog::open(directory, config.ha_log.max_len, config.ha_log.repeats) {
             config_warnings::ha_log_unwritable(&config, directory, &why);
         }
     }

@@ -793,12 +793,15 @@ fn recovery_and_log_settings() {
     assert!(log.enabled);
     assert_eq!(log.path.as_deref(), Some(logs.as_path()));
     assert_eq!(log.max_len, 4096);
-    s.ok(&["log", "--disable"]);
+    assert_eq!(log.repeats, 3, "three repeats a minute unless set");
+    s.ok(&["log", "--disable", "--repeats", "0"]);
     let log = s.config().ha_log;
     assert!(!log.enabled);
     assert_eq!(log.path.as_deref(), Some(logs.as_path()));
+    assert_eq!(log.repeats, 0);
     let text = s.ok(&["log", "--settings"]);
     assert!(text.contains("disabled"), "{text}");
+    assert!(text.contains("every one written"), "{text}");
 }
 
 #[test]
@@ -1170,7 +1173,8 @@ fn status_exit_codes_prometheus_and_log_figures() {
     assert!(text.contains(": serving"), "{text}");
 
     // A member failure in the HA log, written by the library's own writer.
-    pkcs11_ha::halog::open(&logs, 0).expect("the HA log directory is writable");
+    pkcs11_ha::halog::open(&logs, 0, pkcs11_ha::config::DEFAULT_HA_LOG_REPEATS)
+        .expect("the HA log directory is writable");
     pkcs11_ha::halog::record(
         "myHAgroup",
         "1",
@@ -1275,7 +1279,8 @@ fn log_reads_rotated_files_filters_and_follows() {
     );
     s.ok(&["log", "--enable", "--path", &logs.display().to_string()]);
     // Small files: every second line (about 64 bytes each) rotates the log.
-    pkcs11_ha::halog::open(&logs, 100).expect("the HA log directory is writable");
+    pkcs11_ha::halog::open(&logs, 100, pkcs11_ha::config::DEFAULT_HA_LOG_REPEATS)
+        .expect("the HA log directory is writable");
     for i in 0..6 {
         let member = if i % 2 == 0 { "m0" } else { "m1" };
         // A rotated file is named by the millisecond: one rotation per millisecond.
@@ -1341,7 +1346,8 @@ fn log_reads_rotated_files_filters_and_follows() {
         assert!(line.contains("\"m1\""), "{line}");
     }
     // New events, through a rotation, until one reaches the follower.
-    pkcs11_ha::halog::open(&logs, 100).expect("the HA log directory is writable");
+    pkcs11_ha::halog::open(&logs, 100, pkcs11_ha::config::DEFAULT_HA_LOG_REPEATS)
+        .expect("the HA log directory is writable");
     let started = std::time::Instant::now();
     let mut followed = None;
     let mut n = 0;

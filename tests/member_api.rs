@@ -2204,7 +2204,9 @@ impl HeldLog {
     fn new() -> HeldLog {
         let directory = tempfile::tempdir().expect("a temporary directory");
         let logs = directory.path().join("log");
-        assert!(pkcs11_ha::halog::open(&logs, 0).is_err());
+        assert!(
+            pkcs11_ha::halog::open(&logs, 0, pkcs11_ha::config::DEFAULT_HA_LOG_REPEATS).is_err()
+        );
         let staging = directory.path().join("staging");
         std::fs::create_dir(&staging).expect("a directory for the FIFO");
         let made = staging.join(pkcs11_ha::halog::FILE_NAME);

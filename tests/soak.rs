@@ -409,12 +409,13 @@ fn config_text(members: &[Member], log_dir: &Path) -> String {
         .unwrap();
     }
     let serials: Vec<&str> = members.iter().map(Member::serial).collect();
+    // `logRepeats = 0`: every HA log line, for a failure's report.
     write!(
         s,
         "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\n\
          VirtualToken00Members = {}\n\n\
          [HAConfiguration]\nAutoReconnectInterval = 1\nmemberTimeout = {MEMBER_TIMEOUT_MS}\n\
-         haLogStatus = enabled\nhaLogPath = {}\nhaStateDir = {}\n",
+         haLogStatus = enabled\nhaLogPath = {}\nlogRepeats = 0\nhaStateDir = {}\n",
         serials.join(","),
         log_dir.display(),
         log_dir.with_file_name("state").display()

@@ -79,7 +79,8 @@ fn make(library: &SimMember, token: usize, label: &str, value: Option<u8>) {
 /// returned directory lives.
 fn open_ha_log() -> tempfile::TempDir {
     let logs = tempfile::tempdir().expect("a directory for the HA log");
-    pkcs11_ha::halog::open(logs.path(), 0).expect("the HA log opens");
+    pkcs11_ha::halog::open(logs.path(), 0, pkcs11_ha::config::DEFAULT_HA_LOG_REPEATS)
+        .expect("the HA log opens");
     logs
 }
 

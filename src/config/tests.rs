@@ -95,6 +95,7 @@ fn example_parses() {
                 enabled: false,
                 path: None,
                 max_len: 10_485_760,
+                repeats: 3,
             },
             state_dir: None,
             reconcile_interval_secs: 300,
@@ -269,6 +270,7 @@ fn round_trip() {
         "earlyHangDetection",
         "haLog",
         "logLen",
+        "logRepeats",
     ] {
         assert!(!text.contains(omitted), "{omitted} in:\n{text}");
     }
@@ -327,6 +329,7 @@ fn round_trip() {
                 enabled: true,
                 path: Some(PathBuf::from("/var/log/ha dir")),
                 max_len: 0,
+                repeats: 0,
             },
             state_dir: Some(PathBuf::from("/var/lib/ha state")),
             reconcile_interval_secs: 0,
@@ -411,7 +414,7 @@ fn synchronize_recovery_timeout_and_log() {
              [hasynchronize]\nfirst = 0\nSECOND = yes\n\
              [HAConfiguration]\nRECONNATT = 10\nautoReconnectInterval = 1\n\
              MemberTimeout = 250\nhaLogStatus = ENABLED\nhaLogPath = /var/log/ha\n\
-             LOGLEN = 0\n",
+             LOGLEN = 0\nlogrepeats = 10\n",
     );
     let config = parse(&text).unwrap();
     assert!(!config.groups[0].synchronize);
@@ -432,6 +435,7 @@ fn synchronize_recovery_timeout_and_log() {
             enabled: true,
             path: Some(PathBuf::from("/var/log/ha")),
             max_len: 0,
+            repeats: 10,
         }
     );
     assert_eq!(parse(&config.to_ini_string()).unwrap(), config);
@@ -510,7 +514,7 @@ fn errors_name_file_section_and_key() {
             "Foo",
             "the keys here are HAOnly, MultipartReplayLimit, reconnAtt, \
                  AutoReconnectInterval, memberTimeout, earlyHangDetection, haLogStatus, \
-                 haLogPath, logLen, haStateDir and ReconcileInterval",
+                 haLogPath, logLen, logRepeats, haStateDir and ReconcileInterval",
         ),
         (
             with_library("[HAConfiguration]\nearlyHangDetection = sometimes\n"),
@@ -894,6 +898,12 @@ fn errors_name_file_section_and_key() {
             "HAConfiguration",
             "logLen",
             "0 never to rotate",
+        ),
+        (
+            with_library("[HAConfiguration]\nlogRepeats = 4294967296\n"),
+            "HAConfiguration",
+            "logRepeats",
+            "or 0 to write every one",
         ),
         (
             with_library("[HAConfiguration]\nhaStateDir = state\n"),

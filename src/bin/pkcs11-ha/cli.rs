@@ -368,6 +368,10 @@ pub struct LogArgs {
     /// logLen: rotate the log at this many bytes; 0 never rotates
     #[arg(long, value_name = "BYTES")]
     pub max_size: Option<u64>,
+    /// logRepeats: write one repeating event this many times a minute,
+    /// then count the rest; 0 writes every one
+    #[arg(long, value_name = "N")]
+    pub repeats: Option<u32>,
 }
 
 #[derive(Args, Debug)]

@@ -181,12 +181,16 @@ fn run(cli: Cli) -> Res<ExitCode> {
 
 /// `log` changes or shows the settings when asked to, else reads the log.
 fn log(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
-    let change = args.enable || args.disable || args.path.is_some() || args.max_size.is_some();
+    let change = args.enable
+        || args.disable
+        || args.path.is_some()
+        || args.max_size.is_some()
+        || args.repeats.is_some();
     let reading = args.follow || args.since.is_some() || args.member.is_some();
     match (change || args.settings, reading) {
         (true, true) => Err(
             "--follow, --since and --member read the log; give them without the settings \
-             options (--settings, --enable, --disable, --path, --max-size)"
+             options (--settings, --enable, --disable, --path, --max-size, --repeats)"
                 .into(),
         ),
         (true, false) => settings::log(ctx, args),

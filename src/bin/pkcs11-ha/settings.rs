@@ -187,7 +187,11 @@ pub fn recovery(ctx: &Ctx, args: &RecoveryArgs) -> Res<ExitCode> {
 }
 
 pub fn log(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
-    let change = args.enable || args.disable || args.path.is_some() || args.max_size.is_some();
+    let change = args.enable
+        || args.disable
+        || args.path.is_some()
+        || args.max_size.is_some()
+        || args.repeats.is_some();
     let _lock = change.then(|| ctx.lock()).transpose()?;
     let mut config = ctx.load()?;
     if let Some(path) = &args.path {
@@ -215,6 +219,9 @@ pub fn log(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
     if let Some(max) = args.max_size {
         config.ha_log.max_len = max;
     }
+    if let Some(repeats) = args.repeats {
+        config.ha_log.repeats = repeats;
+    }
     if change {
         ctx.save(&config)?;
     }
@@ -236,11 +243,20 @@ pub fn log(ctx: &Ctx, args: &LogArgs) -> Res<ExitCode> {
             format!("{} bytes", log.max_len)
         }
     ));
+    ctx.say(format!(
+        "Repeats (logRepeats):   {}",
+        if log.repeats == 0 {
+            "every one written".to_owned()
+        } else {
+            format!("{} a minute per event, then counted", log.repeats)
+        }
+    ));
     ctx.emit(&json!({
         "enabled": log.enabled,
         "path": log.path,
         "file": log.path.as_ref().map(|p| p.join(HA_LOG_FILE)),
         "max_size": log.max_len,
+        "repeats": log.repeats,
     }));
     Ok(ExitCode::SUCCESS)
 }
