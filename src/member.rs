@@ -72,39 +72,6 @@ struct IndexProbe {
     object: CK_OBJECT_HANDLE,
 }
 
-/// A vendor's object class ("HA") no member object has: what
-/// [`search_list_again`] looks for.
-const UNUSED_CLASS: CK_OBJECT_CLASS = CKO_VENDOR_DEFINED | 0x4841;
-
-/// Begins and ends a search on `session` for a class no object has, so
-/// that SoftHSM reads the token's object list again before a connection
-/// that has nothing to read there ([`IndexProbe`]) makes its first token
-/// object: a search lists the token first. It also reads each object's
-/// own count -- 8 ms a search on a token of 1,000 objects, 96 ms on one
-/// of 8,000 (SoftHSM in process) -- paid by each write until the
-/// connection has made an object (a spare's first replay import, a write
-/// whose session cannot read the domain key). An answer other than
-/// `CKR_OK` (a search of the session's own under way) leaves the write
-/// as it was.
-fn search_list_again(
-    session: CK_SESSION_HANDLE,
-    init: unsafe extern "C" fn(CK_SESSION_HANDLE, CK_ATTRIBUTE_PTR, CK_ULONG) -> CK_RV,
-    end: unsafe extern "C" fn(CK_SESSION_HANDLE) -> CK_RV,
-) {
-    let mut class = UNUSED_CLASS;
-    let mut attribute = CK_ATTRIBUTE {
-        type_: CKA_CLASS,
-        pValue: (&mut class as *mut CK_OBJECT_CLASS).cast(),
-        ulValueLen: std::mem::size_of::<CK_OBJECT_CLASS>() as CK_ULONG,
-    };
-    // SAFETY: the library's own function; one attribute whose value lives
-    // across the call.
-    if unsafe { init(session, &mut attribute, 1) } == CKR_OK {
-        // SAFETY: the library's own function, ending the search just begun.
-        unsafe { end(session) };
-    }
-}
-
 /// The slot of `session`, asked with the library's own
 /// `C_GetSessionInfo`.
 fn session_slot(
@@ -2349,13 +2316,17 @@ impl MemberLibrary {
     /// searches miss it, and the group made it a second time -- until some
     /// other process changes the list again. Reading an attribute of a
     /// token object of this instance (the slot's [`IndexProbe`]: one it
-    /// made, or the domain key the group found through it; where it has
-    /// none, a search, [`search_list_again`]) has
-    /// SoftHSM read the list first (`ObjectFile::refresh` re-indexes the
-    /// token) without reading `token.object`: SoftHSM 2.6.1 writes that
-    /// file after unlocking it, and a process that reads it empty marks
-    /// the token lost for good (asked for the token info before each
-    /// write instead, soak runs met such processes within a minute).
+    /// made, or the domain key the group found through it) has SoftHSM
+    /// read the list first (`ObjectFile::refresh` re-indexes the token)
+    /// without reading `token.object`: SoftHSM 2.6.1 writes that file
+    /// after unlocking it, and a process that reads it empty marks the
+    /// token lost for good (asked for the token info before each write
+    /// instead, soak runs met such processes within a minute). A
+    /// connection with neither (a spare's first replay import) writes
+    /// unprobed: the one other way to have the list read, a search, reads
+    /// every object's files, and on the long chaos run's tokens (8,700
+    /// objects, under load) took the spare's first import past
+    /// `memberTimeout`, taking healthy members out 1-4 times a run.
     ///
     /// A write answering `CKR_GENERAL_ERROR` on a token whose info then
     /// answers `CKR_GENERAL_ERROR` too answers `CKR_DEVICE_ERROR`: the
@@ -2383,11 +2354,10 @@ impl MemberLibrary {
                     table.C_GetSessionInfo,
                     table.C_GetAttributeValue,
                     table.C_GetTokenInfo,
-                    table.C_FindObjectsInit.zip(table.C_FindObjectsFinal),
                 );
                 select(table).map(|f| (reads, f))
             },
-            |((session_info, attribute_value, token_info, search), f)| {
+            |((session_info, attribute_value, token_info), f)| {
                 let softhsm_slot = || {
                     self.sole_probed_slot().or_else(|| {
                         let asked = session_info.and_then(|info| session_slot(info, session));
@@ -2397,12 +2367,8 @@ impl MemberLibrary {
                 let mut slot = None;
                 if write == Write::Token {
                     slot = softhsm_slot();
-                    if let Some(slot) = slot {
-                        let probed = attribute_value
-                            .is_some_and(|read| self.read_list_again(slot, session, read));
-                        if let (false, Some((init, end))) = (probed, search) {
-                            search_list_again(session, init, end);
-                        }
+                    if let (Some(slot), Some(read)) = (slot, attribute_value) {
+                        self.read_list_again(slot, session, read);
                     }
                 }
                 let (rv, made) = call(f);
@@ -2440,9 +2406,8 @@ impl MemberLibrary {
     }
 
     /// Reads an attribute of the slot's probe object on `session`, so
-    /// that SoftHSM reads the token's object list again; forgets a probe
-    /// that is gone. False where this connection has no probe there (or
-    /// it was gone).
+    /// that SoftHSM reads the token's object list again, where this
+    /// connection has a probe there; forgets a probe that is gone.
     fn read_list_again(
         &self,
         slot: CK_SLOT_ID,
@@ -2453,13 +2418,13 @@ impl MemberLibrary {
             CK_ATTRIBUTE_PTR,
             CK_ULONG,
         ) -> CK_RV,
-    ) -> bool {
+    ) {
         let connection = self.connection();
         let probe = (self.index_probes.lock().iter())
             .find(|p| p.slot == slot && p.connection == connection)
             .map(|p| p.object);
         let Some(object) = probe else {
-            return false;
+            return;
         };
         let mut class: CK_OBJECT_CLASS = 0;
         let mut attribute = CK_ATTRIBUTE {
@@ -2472,9 +2437,7 @@ impl MemberLibrary {
         let rv = unsafe { read(session, object, &mut attribute, 1) };
         if rv == CKR_OBJECT_HANDLE_INVALID {
             (self.index_probes.lock()).retain(|p| p.slot != slot || p.object != object);
-            return false;
         }
-        true
     }
 
     /// Keeps `object`, a token object of a SoftHSM `slot` just found

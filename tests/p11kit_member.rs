@@ -26,13 +26,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
-use cryptoki_sys::{
-    CKA_CLASS, CKA_LABEL, CKA_TOKEN, CKF_RW_SESSION, CKF_SERIAL_SESSION, CKO_DATA, CKR_OK,
-    CKU_USER, CK_ATTRIBUTE, CK_INVALID_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_TRUE, CK_ULONG,
-};
 use p11kit::{P11KitServer, ADDRESS_ENV};
-use pkcs11_ha::member::MemberLibrary;
-use pkcs11_ha::member_api::MemberApi;
 
 /// DER of the prime256v1 OID.
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -503,116 +497,6 @@ fn the_remote_members_first_write_on_its_connection_sees_what_another_process_ma
     let group = Group::start();
     let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
     theirs_stays_in_view_after_ours(&group, &s);
-}
-
-/// A connection that has made no object on a SoftHSM token and found no
-/// domain key there (a spare instance's first import in a replay) still
-/// has SoftHSM read the token's object list before its first token
-/// write: an object another process made just before must stay in that
-/// connection's view (p11-kit's client reached directly, no group).
-#[test]
-fn a_connections_first_token_write_with_nothing_to_read_sees_what_another_process_made() {
-    on_a_blank_connection(|hsm, library, session| {
-        let labelled = |label: &str| {
-            let print = vec![(CKA_LABEL, label.as_bytes().to_vec())];
-            pkcs11_ha::identity::find(library, session, &print)
-                .expect("a search by label")
-                .len()
-        };
-        assert_eq!(labelled("theirs"), 0, "the connection has read the list");
-        data_object_by_another_process(hsm, "blank", "theirs");
-        assert_eq!(raw_data_object(library, session, b"ours"), CKR_OK);
-        assert_eq!(labelled("ours"), 1);
-        assert_eq!(
-            labelled("theirs"),
-            1,
-            "what another process made just before"
-        );
-    });
-}
-
-/// That search before a connection's first token write neither fails
-/// the write nor ends a search the session has under way: it is refused
-/// (`CKR_OPERATION_ACTIVE`), and the write goes on as before.
-#[test]
-fn a_first_token_write_beside_a_search_under_way_leaves_that_search_open() {
-    on_a_blank_connection(|_, library, session| {
-        let label = b"searched";
-        let template = [CK_ATTRIBUTE {
-            type_: CKA_LABEL,
-            pValue: label.as_ptr() as *mut _,
-            ulValueLen: label.len() as CK_ULONG,
-        }];
-        assert_eq!(library.find_objects_init(session, Some(&template)), CKR_OK);
-        assert_eq!(raw_data_object(library, session, b"beside"), CKR_OK);
-        let (mut found, mut count) = ([CK_INVALID_HANDLE; 4], 0);
-        assert_eq!(
-            library.find_objects(session, Some(&mut found), &mut count),
-            CKR_OK,
-            "the session's search is still under way"
-        );
-        assert_eq!(library.find_objects_final(session), CKR_OK);
-    });
-}
-
-/// Runs `body` on a fresh connection of p11-kit's client (no group) to a
-/// `p11-kit server` of a new SoftHSM token labelled "blank", on a logged-in
-/// read-write session; finalises the client after.
-fn on_a_blank_connection(body: impl FnOnce(&SoftHsm, &MemberLibrary, CK_SESSION_HANDLE)) {
-    let _guard = serial_guard();
-    let hsm = SoftHsm::new(&["blank"]);
-    let server = P11KitServer::start(
-        SOFTHSM_LIB,
-        &hsm.conf,
-        "blank",
-        &hsm.dir.path().join("server.sock"),
-    );
-    let library = MemberLibrary::load(
-        "blank",
-        std::path::Path::new(&p11kit::client_module()),
-        &[(ADDRESS_ENV.to_string(), server.address())],
-    )
-    .expect("p11-kit's client loads");
-    library
-        .initialize_in_this_environment()
-        .expect("p11-kit's client initialises");
-    let slot = library.token_slots().expect("the token's slot")[0];
-    library.token_info(slot).expect("the token's info");
-    let mut session = CK_INVALID_HANDLE;
-    assert_eq!(
-        library.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut session),
-        CKR_OK
-    );
-    assert_eq!(
-        library.login(session, CKU_USER, Some(USER_PIN.as_bytes())),
-        CKR_OK
-    );
-    body(&hsm, &library, session);
-    library.finalize();
-}
-
-/// Makes a token data object labelled `label` through `library` itself.
-fn raw_data_object(library: &MemberLibrary, session: CK_SESSION_HANDLE, label: &[u8]) -> CK_RV {
-    let (class, yes) = (CKO_DATA, CK_TRUE);
-    let template = [
-        CK_ATTRIBUTE {
-            type_: CKA_CLASS,
-            pValue: &class as *const _ as *mut _,
-            ulValueLen: std::mem::size_of_val(&class) as CK_ULONG,
-        },
-        CK_ATTRIBUTE {
-            type_: CKA_TOKEN,
-            pValue: &yes as *const _ as *mut _,
-            ulValueLen: 1,
-        },
-        CK_ATTRIBUTE {
-            type_: CKA_LABEL,
-            pValue: label.as_ptr() as *mut _,
-            ulValueLen: label.len() as CK_ULONG,
-        },
-    ];
-    let mut made = CK_INVALID_HANDLE;
-    library.create_object(session, Some(&template), &mut made)
 }
 
 /// The directory of the only token of `hsm`.
