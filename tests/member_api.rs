@@ -3394,19 +3394,23 @@ fn imported_with_a_late_change_within(
     );
     let v = logged_in_session(&group);
     libraries[1].sim.lock().set_fault(0, Fault::LateChange);
+    let object = token_data_object(&v, label, b"made once on each member");
+    assert_eq!(group.members[1].state(), MemberState::Down);
+    assert_eq!(copies_on_libraries(&libraries, label), [1, 0]);
+    (libraries, group, v, object)
+}
+
+/// Imports a token data object through `v`; its handle.
+fn token_data_object(v: &VirtualSession, label: &[u8], value: &[u8]) -> CK_OBJECT_HANDLE {
     let token_object: CK_BBOOL = CK_TRUE;
-    let mut attributes = data_object(label, b"made once on each member");
+    let mut attributes = data_object(label, value);
     attributes[1].pValue = &token_object as *const _ as *mut _;
     // SAFETY: attributes whose values live until the call returns.
     let template =
         unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
             .expect("a valid template");
-    let object = v
-        .create_object(CK_INVALID_HANDLE, &template)
-        .expect("the import succeeds on member 0");
-    assert_eq!(group.members[1].state(), MemberState::Down);
-    assert_eq!(copies_on_libraries(&libraries, label), [1, 0]);
-    (libraries, group, v, object)
+    v.create_object(CK_INVALID_HANDLE, &template)
+        .expect("the import succeeds on member 0")
 }
 
 fn copies_on_libraries(libraries: &[Arc<SimMember>], label: &[u8]) -> Vec<usize> {
@@ -4069,6 +4073,40 @@ fn a_key_whose_member_handle_went_stale_unseen_is_looked_up_afresh() {
     v.close();
 }
 
+/// Runs recovery (with threads, `member_timeout`) in which member 1's
+/// first search for the object labelled `label` -- its look for the copy
+/// in doubt -- takes one `member_timeout`, the time a faulted object is
+/// given, so that the look ends as the wait in place does.
+fn recover_with_a_slow_first_look(
+    libraries: &[Arc<SimMember>],
+    group: &Arc<Group>,
+    label: &'static [u8],
+    member_timeout: Duration,
+) {
+    let looks = Arc::new(AtomicUsize::new(0));
+    {
+        let looks = Arc::clone(&looks);
+        libraries[1].on_search(move |template| {
+            if template.get(&CKA_LABEL).is_some_and(|l| l == label)
+                && looks.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                pkcs11_ha::clock::install_manual().advance(member_timeout);
+            }
+        });
+    }
+    let host = MemoryHost {
+        threads_allowed: true,
+        member_timeout,
+        ..MemoryHost::of(group, libraries)
+    };
+    recovery::recover_failed_members(&host);
+    assert_ne!(
+        looks.load(Ordering::SeqCst),
+        0,
+        "no look for the copy in doubt (the test proves nothing)"
+    );
+}
+
 /// A member whose server may still make an object the group no longer
 /// holds (its import cut off there, then destroyed: nothing to carry)
 /// waits for it in place, and serves in the same recovery attempt once
@@ -4091,32 +4129,7 @@ fn a_doubt_whose_time_runs_out_during_a_slow_look_lets_the_member_serve_at_once(
         matches!(doubted[..], [(o, Some(since))] if o == object && !since.cut_off),
         "member 1 holds the object in doubt after a fault: {doubted:?}"
     );
-    // Recovery's first search of member 1 for the object (its look for
-    // the copy in doubt, by the object's label) takes one memberTimeout,
-    // the time the object is given, so that the look ends as the wait in
-    // place does.
-    let looks = Arc::new(AtomicUsize::new(0));
-    {
-        let looks = Arc::clone(&looks);
-        libraries[1].on_search(move |template| {
-            if template.get(&CKA_LABEL).is_some_and(|l| l == label)
-                && looks.fetch_add(1, Ordering::SeqCst) == 0
-            {
-                pkcs11_ha::clock::install_manual().advance(member_timeout);
-            }
-        });
-    }
-    let host = MemoryHost {
-        threads_allowed: true,
-        member_timeout,
-        ..MemoryHost::of(&group, &libraries)
-    };
-    recovery::recover_failed_members(&host);
-    assert_ne!(
-        looks.load(Ordering::SeqCst),
-        0,
-        "no look for the copy in doubt (the test proves nothing)"
-    );
+    recover_with_a_slow_first_look(&libraries, &group, label, member_timeout);
     assert_eq!(
         group.members[1].state(),
         MemberState::Up,
@@ -4141,46 +4154,14 @@ fn of_two_doubts_at_the_waits_end_the_one_whose_time_ran_out_settles_and_the_oth
         imported_with_a_late_change_within(label, 46, member_timeout);
     // Made on member 0 while member 1 is out, with member 1's request cut
     // off on the wire (as the watchdog cuts a silent member's call).
-    let token_object: CK_BBOOL = CK_TRUE;
-    let mut attributes = data_object(b"cut off", b"made on member 0");
-    attributes[1].pValue = &token_object as *const _ as *mut _;
-    // SAFETY: attributes whose values live until the call returns.
-    let template =
-        unsafe { Template::giving_values(attributes.as_mut_ptr(), attributes.len() as CK_ULONG) }
-            .expect("a valid template");
-    let cut_off = v
-        .create_object(CK_INVALID_HANDLE, &template)
-        .expect("the import succeeds on member 0");
+    let cut_off = token_data_object(&v, b"cut off", b"made on member 0");
     group.begin_making(1, cut_off);
     group.end_making(1, cut_off, Doubt::CutOff);
     for object in [faulted, cut_off] {
         v.destroy_object(object)
             .expect("the object is destroyed on member 0");
     }
-    // As in the test above: the first look for the faulted object's copy
-    // takes one memberTimeout.
-    let looks = Arc::new(AtomicUsize::new(0));
-    {
-        let looks = Arc::clone(&looks);
-        libraries[1].on_search(move |template| {
-            if template.get(&CKA_LABEL).is_some_and(|l| l == label)
-                && looks.fetch_add(1, Ordering::SeqCst) == 0
-            {
-                pkcs11_ha::clock::install_manual().advance(member_timeout);
-            }
-        });
-    }
-    let host = MemoryHost {
-        threads_allowed: true,
-        member_timeout,
-        ..MemoryHost::of(&group, &libraries)
-    };
-    recovery::recover_failed_members(&host);
-    assert_ne!(
-        looks.load(Ordering::SeqCst),
-        0,
-        "no look for the copy in doubt (the test proves nothing)"
-    );
+    recover_with_a_slow_first_look(&libraries, &group, label, member_timeout);
     assert_ne!(
         group.members[1].state(),
         MemberState::Up,
