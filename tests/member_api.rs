@@ -3547,6 +3547,27 @@ fn an_import_carried_out_after_a_reset_and_destroyed_meanwhile_leaves_no_copy() 
     v.close();
 }
 
+/// Member 1 out while five data objects "kept N" are imported through
+/// `v`, then serving first and owing them, the replay's reading of its
+/// objects set to stall on `stall_at` (an object made there outside the
+/// group).
+fn member_1_serving_first_owing_five(
+    member: &SimMember,
+    group: &Group,
+    v: &VirtualSession,
+    stall_at: CK_OBJECT_HANDLE,
+) {
+    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
+    for n in 0..5 {
+        import_labelled(v, &format!("kept {n}"));
+    }
+    serving_first_owing(group, &[1]);
+    member
+        .sim
+        .lock()
+        .set_fault(1, Fault::StallOnReading(stall_at));
+}
+
 /// A key kept for a member serving first while the replay reads what that
 /// member holds -- written while it catches up, made on member 0, the only
 /// member lacking nothing, which then fails -- stops the reading once a
@@ -3566,15 +3587,7 @@ fn a_key_kept_while_the_replay_reads_the_members_objects_stops_the_reading() {
         })
         .collect();
     let v = logged_in_session(&group);
-    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    for n in 0..5 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    serving_first_owing(&group, &[1]);
-    member
-        .sim
-        .lock()
-        .set_fault(1, Fault::StallOnReading(outside[0]));
+    member_1_serving_first_owing_five(&member, &group, &v, outside[0]);
     let calls = HeldCalls::on(&member, |token| token == 1);
 
     let started = std::thread::scope(|scope| {
@@ -3619,15 +3632,7 @@ fn a_member_failing_while_the_kept_replay_reads_its_objects_is_given_them_once_o
     let (member, group) = patient_memory_group(2, 75);
     let outside = token_object_made_outside(&member, 1, b"made outside", b"data");
     let v = logged_in_session(&group);
-    group.member_failed(1, "C_Sign", CKR_DEVICE_ERROR);
-    for n in 0..5 {
-        import_labelled(&v, &format!("kept {n}"));
-    }
-    serving_first_owing(&group, &[1]);
-    member
-        .sim
-        .lock()
-        .set_fault(1, Fault::StallOnReading(outside));
+    member_1_serving_first_owing_five(&member, &group, &v, outside);
     let calls = HeldCalls::on(&member, |_| false);
     std::thread::scope(|scope| {
         let holding = calls.holding();
