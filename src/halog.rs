@@ -8,9 +8,8 @@
 //! Any other event that repeats (the same text but for its numbers, for the
 //! same member) is written `logRepeats` times per [`REPEAT_WINDOW`] (three
 //! unless configured; 0 writes every one), then once per window with how
-//! many like it were left out. It never
-//! records a PIN or key material, and a write that fails never fails the
-//! application's call.
+//! many like it were left out. It never records a PIN or key material,
+//! and a write that fails never fails the application's call.
 
 use crate::fork::PerGeneration;
 use parking_lot::{Mutex, RwLock};

@@ -1104,8 +1104,8 @@ fn with_no_member_serving_a_returning_member_serves_before_it_is_given_what_it_m
         !serves(1)
     });
     assert!(!serves(0), "member 0 stays out while its path refuses");
-    // 25 ms each way: each key owed costs a look-up and a creation, some
-    // 100 ms, so the 40 take seconds after it serves.
+    // 25 ms each way: each key owed costs a look-up and a creation,
+    // several 50 ms round trips, so the 40 take seconds after it serves.
     chaos.members[0].relay.delay(Duration::from_millis(25));
     let mut owed_when_serving = 0;
     wait_for("member 0 serves again", Duration::from_secs(60), || {
