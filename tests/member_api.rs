@@ -3496,6 +3496,63 @@ fn a_member_whose_server_may_still_make_an_object_serves_at_once_when_none_serve
     v.close();
 }
 
+/// A returning member whose every doubt can be carried -- here the import
+/// cut off on it, an object the group holds, made by a call that
+/// returned -- serves without looking for the copy first: a look is a
+/// search of its token, which on SoftHSM reads every object's files
+/// (0.3-1.7 s in the long chaos run, spent while the member, its server
+/// healthy, was kept from serving). The doubt is carried, and the late
+/// copy is taken for the member's once it comes.
+#[test]
+fn a_member_whose_every_doubt_can_be_carried_serves_without_looking_for_the_copy() {
+    let label: &'static [u8] = b"carried without a look";
+    let (libraries, group, v, _) = imported_with_a_late_change(label, 47);
+    // Member 1's state at each search of it for the object.
+    let looks = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (looks, group) = (Arc::clone(&looks), Arc::downgrade(&group));
+        libraries[1].on_search(move |template| {
+            if let (true, Some(group)) = (
+                template.get(&CKA_LABEL).is_some_and(|l| l == label),
+                group.upgrade(),
+            ) {
+                looks.lock().push(group.members[1].state());
+            }
+        });
+    }
+    let host = MemoryHost {
+        threads_allowed: true,
+        ..MemoryHost::of(&group, &libraries)
+    };
+    recovery::recover_failed_members(&host);
+    assert_eq!(group.members[1].state(), MemberState::Up, "member 1 serves");
+    let before_serving: Vec<MemberState> = (looks.lock().iter().copied())
+        .filter(|state| *state != MemberState::Up)
+        .collect();
+    assert!(
+        before_serving.is_empty(),
+        "member 1 was searched for the copy before it served (states then: {before_serving:?})"
+    );
+    assert!(
+        !group.in_doubt(1).is_empty(),
+        "the doubt is carried, not settled"
+    );
+
+    assert_eq!(
+        libraries[1].sim.lock().carry_out_late(),
+        1,
+        "the server carries the request out"
+    );
+    recovery::replay_deferred(&group);
+    recovery::recover_failed_members(&host);
+    assert_eq!(
+        copies_on_libraries(&libraries, label),
+        [1, 1],
+        "the late copy is member 1's: not made a second time"
+    );
+    v.close();
+}
+
 /// Member 1's recovery, its server carrying the late request out between
 /// two passes: the first leaves member 1 waiting for the copy, the second
 /// brings it back. The copies of `label` on each member then.
