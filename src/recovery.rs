@@ -1936,9 +1936,9 @@ fn settle_in_doubt(
 /// that found nothing: its object is one the group holds, made by a call
 /// that returned. A look is a search of the member's token, which on
 /// SoftHSM reads every object's files: on the long chaos run's tokens
-/// (8,700 objects, under load) one took 0.3-1.7 s while the member, its
-/// server healthy, was kept from serving -- at times with no other member
-/// serving. A copy that has landed is found when the doubt is settled
+/// (8,700 objects, under load) the in-doubt phase of returns took up to
+/// 1.7 s while the member, its server healthy, was kept from serving --
+/// at times with no other member serving. A copy that has landed is found when the doubt is settled
 /// after it serves (by the replay of kept changes). Doubts whose time is
 /// over are settled first. True if the member may serve.
 fn carry_without_looking(

@@ -3500,8 +3500,8 @@ fn a_member_whose_server_may_still_make_an_object_serves_at_once_when_none_serve
 /// cut off on it, an object the group holds, made by a call that
 /// returned -- serves without looking for the copy first: a look is a
 /// search of its token, which on SoftHSM reads every object's files
-/// (0.3-1.7 s in the long chaos run, spent while the member, its server
-/// healthy, was kept from serving). The doubt is carried, and the late
+/// (in-doubt phases of up to 1.7 s in the long chaos run, spent while the
+/// member, its server healthy, was kept from serving). The doubt is carried, and the late
 /// copy is taken for the member's once it comes.
 #[test]
 fn a_member_whose_every_doubt_can_be_carried_serves_without_looking_for_the_copy() {
