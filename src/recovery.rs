@@ -1892,15 +1892,7 @@ fn settle_in_doubt(
             }
             uncarried.push(object);
             carriable &= group.objects.get(object).is_some() && !group.unfinished(object);
-            waiting = Some(format!(
-                "it may still make an object {} making {} ms ago",
-                if since.cut_off {
-                    "it was cut off"
-                } else {
-                    "a call faulted"
-                },
-                clock::since(since.at).as_millis()
-            ));
+            waiting = Some(doubt_reason(since));
         }
         let Some(why) = waiting else {
             return Ok(());
@@ -1977,17 +1969,22 @@ fn carry_without_looking(
         return false;
     };
     group.carry_in_doubt(position, |since| wait.until(since));
-    let why = format!(
-        "it may still make an object {} making {} ms ago, not looked for",
-        if oldest.cut_off {
+    let why = format!("{}, not looked for", doubt_reason(oldest));
+    note_carried(worker, &carriable, &why, phases);
+    true
+}
+
+/// Why a member waits for an object in doubt since `since`, for the HA log.
+fn doubt_reason(since: DoubtSince) -> String {
+    format!(
+        "it may still make an object {} making {} ms ago",
+        if since.cut_off {
             "it was cut off"
         } else {
             "a call faulted"
         },
-        clock::since(oldest.at).as_millis()
-    );
-    note_carried(worker, &carriable, &why, phases);
-    true
+        clock::since(since.at).as_millis()
+    )
 }
 
 /// Notes in the recovery's phases the objects in doubt the member serves
