@@ -1930,9 +1930,10 @@ fn settle_in_doubt(
 /// SoftHSM reads every object's files: on the long chaos run's tokens
 /// (8,700 objects, under load) the in-doubt phase of returns took up to
 /// 1.7 s while the member, its server healthy, was kept from serving --
-/// at times with no other member serving. A copy that has landed is found when the doubt is settled
-/// after it serves (by the replay of kept changes). Doubts whose time is
-/// over are settled first. True if the member may serve.
+/// at times with no other member serving. A copy that has landed is
+/// found when the doubt is settled after the member serves (by the
+/// replay of kept changes). Doubts whose time is over are settled first.
+/// True if the member may serve.
 fn carry_without_looking(
     group: &Group,
     position: usize,
