@@ -1849,11 +1849,13 @@ const NAMED_IN_DOUBT: usize = 3;
 /// come back; nor while a call making an object on it has yet to return
 /// and say whether it was cut off. Where recovery has threads of its
 /// own, the member serves at once if each object in doubt is one the
-/// group holds, made by a call that returned -- without looking for any
-/// copy first ([`carry_without_looking`]): the changes of those objects
-/// then wait on it for their doubt ([`Group::carry_in_doubt`]), settled
-/// by the replay of kept changes. Otherwise the wait is spent
-/// here, looking again every [`IN_DOUBT_POLL`], for at most one
+/// group holds, made by a call that returned -- without looking for its
+/// copy first: the changes of those objects then wait on it for their
+/// doubt ([`Group::carry_in_doubt`]), settled by the replay of kept
+/// changes, which looks once the member serves. Otherwise the wait is
+/// spent here, looking for the copies of the doubts it cannot serve with
+/// (an object the group no longer holds, or whose call has not
+/// returned) again every [`IN_DOUBT_POLL`], for at most one
 /// `memberTimeout` (by then every request cut off before the member
 /// answered again has had its time), and one look more where a doubt's
 /// time ran out during the last: giving the attempt up instead cost
@@ -1871,9 +1873,6 @@ fn settle_in_doubt(
     let wait = wait.for_member(group, position);
     let give_up = clock::now() + wait.in_place;
     loop {
-        if carry_without_looking(group, position, worker, &wait, phases) {
-            return Ok(());
-        }
         let mut waiting = None;
         let mut carriable = !wait.in_place.is_zero();
         let mut uncarried = Vec::new();
@@ -1883,15 +1882,29 @@ fn settle_in_doubt(
                 carriable = false;
                 continue;
             };
-            if wait.over(since, clock::now()) || holds_in_doubt(group, worker, position, object) {
+            if wait.over(since, clock::now()) {
                 group.settle_in_doubt(position, object);
                 continue;
             }
+            // A doubt the member could serve with is not looked for: a
+            // look is a search of its token, which on SoftHSM reads every
+            // object's files (in the long chaos runs the in-doubt phase of
+            // returns took up to 1.7 s while the member, its server
+            // healthy, was kept from serving, at times with no other
+            // member serving); the replay of kept changes looks once it
+            // serves.
             if since.carried_until.is_some() {
                 continue;
             }
+            let can_carry = !wait.in_place.is_zero()
+                && group.objects.get(object).is_some()
+                && !group.unfinished(object);
+            if !can_carry && holds_in_doubt(group, worker, position, object) {
+                group.settle_in_doubt(position, object);
+                continue;
+            }
             uncarried.push(object);
-            carriable &= group.objects.get(object).is_some() && !group.unfinished(object);
+            carriable &= can_carry;
             waiting = Some(doubt_reason(since));
         }
         let Some(why) = waiting else {
@@ -1921,58 +1934,6 @@ fn settle_in_doubt(
         }
         clock::sleep(IN_DOUBT_POLL);
     }
-}
-
-/// Carries the member's doubts at once, without looking for any copy,
-/// where each doubt not yet over or carried could be carried after a look
-/// that found nothing: its object is one the group holds, made by a call
-/// that returned. A look is a search of the member's token, which on
-/// SoftHSM reads every object's files: on the long chaos run's tokens
-/// (8,700 objects, under load) the in-doubt phase of returns took up to
-/// 1.7 s while the member, its server healthy, was kept from serving --
-/// at times with no other member serving. A copy that has landed is
-/// found when the doubt is settled after the member serves (by the
-/// replay of kept changes). Doubts whose time is over are settled first.
-/// True if the member may serve.
-fn carry_without_looking(
-    group: &Group,
-    position: usize,
-    worker: &VirtualSession,
-    wait: &InDoubtWait,
-    phases: &mut Phases,
-) -> bool {
-    if wait.in_place.is_zero() || !group.members[position].reachable() {
-        return false;
-    }
-    let now = clock::now();
-    let mut carriable = Vec::new();
-    let mut oldest = None;
-    for (object, since) in group.in_doubt(position) {
-        let Some(since) = since else {
-            return false;
-        };
-        if wait.over(since, now) {
-            group.settle_in_doubt(position, object);
-            continue;
-        }
-        if since.carried_until.is_some() {
-            continue;
-        }
-        if group.objects.get(object).is_none() || group.unfinished(object) {
-            return false;
-        }
-        carriable.push(object);
-        if oldest.is_none_or(|o: DoubtSince| since.at < o.at) {
-            oldest = Some(since);
-        }
-    }
-    let Some(oldest) = oldest else {
-        return false;
-    };
-    group.carry_in_doubt(position, |since| wait.until(since));
-    let why = format!("{}, not looked for", doubt_reason(oldest));
-    note_carried(worker, &carriable, &why, phases);
-    true
 }
 
 /// Why a member waits for an object in doubt since `since`, for the HA log.

@@ -3553,6 +3553,59 @@ fn a_member_whose_every_doubt_can_be_carried_serves_without_looking_for_the_copy
     v.close();
 }
 
+/// As above with a second doubt that keeps the member waiting (an object
+/// destroyed since, nothing to carry, whose time runs out in the wait):
+/// the doubt it could serve with is not looked for meanwhile either (here
+/// both have had their time when the wait ends, and the object is then
+/// made on the member once).
+#[test]
+fn a_doubt_the_member_could_serve_with_is_not_looked_for_while_another_keeps_it_waiting() {
+    let label: &'static [u8] = b"carriable beside a wait";
+    let member_timeout = Duration::from_millis(20);
+    let (libraries, group, v, _) = imported_with_a_late_change_within(label, 48, member_timeout);
+    let destroyed = token_data_object(&v, b"destroyed, in doubt", b"data");
+    group.begin_making(1, destroyed);
+    group.end_making(1, destroyed, Doubt::Faulted);
+    v.destroy_object(destroyed)
+        .expect("the object is destroyed on member 0");
+    let looks = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (looks, group) = (Arc::clone(&looks), Arc::downgrade(&group));
+        libraries[1].on_search(move |template| {
+            if let (true, Some(group)) = (
+                template.get(&CKA_LABEL).is_some_and(|l| l == label),
+                group.upgrade(),
+            ) {
+                looks.lock().push(group.members[1].state());
+            }
+        });
+    }
+    let host = MemoryHost {
+        threads_allowed: true,
+        member_timeout,
+        ..MemoryHost::of(&group, &libraries)
+    };
+    recovery::recover_failed_members(&host);
+    assert_eq!(group.members[1].state(), MemberState::Up, "member 1 serves");
+    let before_serving: Vec<MemberState> = (looks.lock().iter().copied())
+        .filter(|state| *state != MemberState::Up)
+        .collect();
+    assert!(
+        before_serving.is_empty(),
+        "member 1 was searched for the carriable copy before it served (states then: {before_serving:?})"
+    );
+    assert!(
+        group.in_doubt(1).is_empty(),
+        "both doubts settled: each had its time in the wait"
+    );
+    assert_eq!(
+        copies_on_libraries(&libraries, label),
+        [1, 1],
+        "the object is made on member 1 once"
+    );
+    v.close();
+}
+
 /// Member 1's recovery, its server carrying the late request out between
 /// two passes: the first leaves member 1 waiting for the copy, the second
 /// brings it back. The copies of `label` on each member then.
