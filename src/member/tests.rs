@@ -142,6 +142,40 @@ fn closing_a_session_the_member_no_longer_has_is_no_member_fault() {
     assert_eq!(classify("C_CloseSession", CKR_DEVICE_ERROR), Answer::Down);
 }
 
+/// Reconnecting cuts off the calls on the old connection's wire first: a
+/// call blocked on a server that answers nothing (a black-holed path)
+/// returns, its socket shut down, and knows it was cut off -- its request
+/// may still be carried out when the path answers again, so an object it
+/// made stays in doubt as long as after the watchdog's cut
+/// (`Doubt::CutOff`), not merely as after a fault.
+#[test]
+fn a_reconnect_cuts_off_the_calls_on_the_old_connections_wire() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.sock");
+    let server = UnixListener::bind(&path).unwrap();
+    let library = Arc::new(p11_kit_client(&path));
+    let connection = UnixStream::connect(&path).unwrap();
+    let _silent_peer = server.accept().unwrap();
+    let (tid, done) = call_reading(&library, connection.as_raw_fd());
+    wait_blocked(&tid, connection.as_raw_fd());
+    // The server is gone by the reconnect: its new connection is refused
+    // at once, instead of waiting on a listener that never answers, and
+    // p11-kit's client initialises with no slot.
+    drop(server);
+    library
+        .reinitialize()
+        .expect("initialised again, serverless");
+    assert_eq!(library.slot_list(CK_FALSE).map_err(|e| e.rv), Ok(vec![]));
+    assert_eq!(
+        done.recv_timeout(Duration::from_secs(30)),
+        Ok((0, true)),
+        "the call on the old wire returns, cut off"
+    );
+}
+
 /// After the application's `C_Finalize` a recovery thread left running
 /// may still try to reconnect: the library is not initialised again
 /// (SoftHSM, in this process, would stay initialised behind the
@@ -249,11 +283,12 @@ fn p11_kit_client(socket: &Path) -> MemberLibrary {
 
 /// A call on the library's wire, in a thread of its own, reading one
 /// byte from descriptor `fd`; sends its thread id, then the read's
-/// result.
+/// result and whether the call knows it was cut off
+/// ([`last_call_cut_off`]).
 fn call_reading(
     library: &Arc<MemberLibrary>,
     fd: i32,
-) -> (mpsc::Receiver<i32>, mpsc::Receiver<isize>) {
+) -> (mpsc::Receiver<i32>, mpsc::Receiver<(isize, bool)>) {
     let (tid, tid_known) = mpsc::channel();
     let (read, done) = mpsc::channel();
     let library = Arc::clone(library);
@@ -266,7 +301,7 @@ fn call_reading(
             got = unsafe { libc::read(fd, &mut byte as *mut u8 as *mut _, 1) };
             CKR_OK
         });
-        let _ = read.send(got);
+        let _ = read.send((got, last_call_cut_off()));
     });
     (tid_known, done)
 }
@@ -299,7 +334,7 @@ fn a_cut_shuts_down_the_librarys_own_socket_never_another_at_a_reused_number() {
     assert_eq!(library.sever(), 1, "the library's own socket is cut");
     assert_eq!(
         done.recv_timeout(Duration::from_secs(30)),
-        Ok(0),
+        Ok((0, true)),
         "the cut call returns, its socket shut down"
     );
 
@@ -323,7 +358,7 @@ fn a_cut_shuts_down_the_librarys_own_socket_never_another_at_a_reused_number() {
         .expect("and still receives");
     assert_eq!(&byte, b"xy");
     drop(stale_peer);
-    assert_eq!(done.recv_timeout(Duration::from_secs(30)), Ok(0));
+    assert_eq!(done.recv_timeout(Duration::from_secs(30)), Ok((0, true)));
     // SAFETY: the copy of `other` made at `stale`, no longer read.
     unsafe { libc::close(stale) };
 }
