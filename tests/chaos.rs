@@ -1536,6 +1536,16 @@ enum Fault {
     Blackhole,
     /// The path holds every byte, until it forwards them again.
     Pause,
+    /// The path is slowed, each chunk held this long each way (a latency
+    /// spike), until it passes again.
+    Slow(Duration),
+    /// Every connection reset, and new ones refused until the path passes
+    /// again (a host gone from the network).
+    Refuse,
+    /// Every connection reset, and new ones accepted and closed after their
+    /// first exchange until the path passes again (a load balancer whose
+    /// backend is gone).
+    AcceptAndClose,
 }
 
 /// Per member: when its server or path was disturbed, `[from, until)`
@@ -1614,8 +1624,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// The chaos run (issue 12): three members behind fault relays, four
 /// threads importing keys and digesting, and a fault every 1-3 s on a
 /// member chosen at random -- its server killed and restarted 1-3 s
-/// later, its connections reset, its path black-holed or paused for
-/// 1-3 s -- faults on different members overlapping, so that at times
+/// later, its connections reset, its path black-holed, paused or slowed
+/// by 50-500 ms each way for 1-3 s, or its connections reset and new
+/// ones refused, or accepted and closed, for 1-3 s -- faults on different members overlapping, so that at times
 /// every member is out. Afterwards, with every fault lifted and the group
 /// settled, every member serves and holds every key the application was
 /// given exactly once, and no key it was told failed. The figures of the
@@ -1751,18 +1762,31 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                 let i = rng.below(MEMBERS as u64) as usize;
                 let busy = restores.iter().any(|r| r.1 == i);
                 if !busy {
-                    let fault = match rng.below(4) {
+                    let fault = match rng.below(7) {
                         0 => Fault::Kill,
                         1 => Fault::Reset,
                         2 => Fault::Blackhole,
-                        _ => Fault::Pause,
+                        3 => Fault::Pause,
+                        4 => Fault::Slow(rng.millis(50, 500)),
+                        5 => Fault::Refuse,
+                        _ => Fault::AcceptAndClose,
                     };
                     let started = Instant::now();
+                    let relay = &mut chaos.members[i].relay;
                     match fault {
                         Fault::Kill => chaos.members[i].kill_server(),
-                        Fault::Reset => chaos.members[i].relay.reset(),
-                        Fault::Blackhole => chaos.members[i].relay.blackhole(),
-                        Fault::Pause => chaos.members[i].relay.pause(),
+                        Fault::Reset => relay.reset(),
+                        Fault::Blackhole => relay.blackhole(),
+                        Fault::Pause => relay.pause(),
+                        Fault::Slow(delay) => relay.delay(delay),
+                        Fault::Refuse => {
+                            relay.refuse();
+                            relay.reset();
+                        }
+                        Fault::AcceptAndClose => {
+                            relay.accept_and_close();
+                            relay.reset();
+                        }
                     }
                     let lasts = match fault {
                         Fault::Reset => Some(started),
@@ -2073,7 +2097,8 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     );
     eprintln!(
         "chaos run figures ({secs} s, seed {seed}):\n\
-         faults: {} ({} kills, {} resets, {} black holes, {} pauses)\n\
+         faults: {} ({} kills, {} resets, {} black holes, {} pauses, {} slowed paths, \
+         {} refusing, {} accepting and closing)\n\
          application calls: {}, failed: {}, failed while at least one member was healthy: {}\n\
          keys reported made: {}, reported failed: {}\n\
          keys reported made but missing from a member after settling: {}\n\
@@ -2088,6 +2113,9 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         count(|f| matches!(f, Fault::Reset)),
         count(|f| matches!(f, Fault::Blackhole)),
         count(|f| matches!(f, Fault::Pause)),
+        count(|f| matches!(f, Fault::Slow(_))),
+        count(|f| matches!(f, Fault::Refuse)),
+        count(|f| matches!(f, Fault::AcceptAndClose)),
         calls.len(),
         failed.len(),
         failed_while_healthy,
