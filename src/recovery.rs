@@ -1988,10 +1988,10 @@ fn holds_in_doubt(
     }
 }
 
-/// Finds the member's token: on its library, or on another (one serving
-/// healthy members, or for a member never found, any library no other
-/// failed member is on), each given [`find_patience`] (where the
-/// application allows threads) --
+/// Finds the member's token: on its library, or, for a member never
+/// found, on another (one serving healthy members, or one no other failed
+/// member is on), each given [`find_patience`] (where the application
+/// allows threads) --
 /// initialised first if it is not (its last
 /// `C_Initialize` failed or never answered), or reconnected if its
 /// connection is gone and no healthy member depends on it. A library whose
@@ -2018,10 +2018,13 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
             .is_some_and(|l| Arc::ptr_eq(&l.library, &library));
         let anothers_recovery =
             members().any(|m| !Arc::ptr_eq(m, this_member) && !m.reachable() && on_library(m));
-        // Another library is asked only where that is quick and disturbs no
-        // other member's recovery: one serving healthy members, or, for a
-        // member never found, one no other failed member is on.
-        if !own && !shared_with_healthy && (known.is_some() || anothers_recovery) {
+        // A member found before is looked for on its own library only: a
+        // library serving healthy members may be one whose path has just
+        // gone silent, unseen yet, and a search there held the attempt
+        // until the watchdog cut it (2.4 s of a long chaos run's return,
+        // its own path refusing). A member never found asks any library
+        // serving healthy members, or one no other failed member is on.
+        if !own && (known.is_some() || (!shared_with_healthy && anothers_recovery)) {
             continue;
         }
         let may_reconnect =

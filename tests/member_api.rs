@@ -1070,6 +1070,39 @@ fn a_search_ended_by_a_dead_connection_is_made_again_at_once_with_twice_the_pati
     v.close();
 }
 
+/// A member found before is looked for on its own library only: while its
+/// token is gone from there, recovery's attempt ends without asking the
+/// library of a healthy member, whose path may have just gone silent
+/// unseen (a long chaos run's return waited 2.4 s on such a search, cut
+/// only when the watchdog took that member out). Once its token is back,
+/// the member serves.
+#[test]
+fn a_member_found_before_is_looked_for_on_its_own_library_only() {
+    let (libraries, group, v) = member_0_reset(27);
+    let host = MemoryHost {
+        threads_allowed: true,
+        ..MemoryHost::of(&group, &libraries)
+    };
+    libraries[0].sim.lock().set_fault(0, Fault::Crash);
+    recovery::recover_failed_members(&host);
+    assert_eq!(group.members[0].state(), MemberState::Down);
+    assert_eq!(
+        libraries[0].search_patience.lock().len(),
+        1,
+        "its own library asked"
+    );
+    assert!(
+        libraries[1].search_patience.lock().is_empty(),
+        "the healthy member's library was asked for member 0's token"
+    );
+
+    libraries[0].sim.lock().heal(0);
+    recovery::recover_failed_members(&host);
+    assert_eq!(group.members[0].state(), MemberState::Up);
+    assert!(libraries[1].search_patience.lock().is_empty());
+    v.close();
+}
+
 /// A reconciliation pass reading a member whose library reconnects midway
 /// -- the member fails and recovery brings it back, on a connection whose
 /// server numbers the objects afresh, as a p11-kit server does -- must not
