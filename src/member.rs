@@ -1780,7 +1780,8 @@ impl MemberLibrary {
     /// been silent past its limit at `now` ([`round_trips::silent_limit`]:
     /// many times its function's usual round trip, and less than
     /// `member_timeout`) with no call of the library answering since it
-    /// went out, if any.
+    /// went out (nor a read inside a write: [`Self::call_writing`]), if
+    /// any.
     pub fn silent_call(&self, now: Instant, member_timeout: Duration) -> Option<SilentCall> {
         let instances = std::iter::once((self, None)).chain(
             (self.spares.instances.iter())
@@ -2360,7 +2361,11 @@ impl MemberLibrary {
             |((session_info, attribute_value, token_info), f)| {
                 let softhsm_slot = || {
                     self.sole_probed_slot().or_else(|| {
-                        let asked = session_info.and_then(|info| session_slot(info, session));
+                        let asked = session_info.and_then(|info| {
+                            let slot = session_slot(info, session);
+                            self.round_trips.answered(crate::clock::now());
+                            slot
+                        });
                         asked.filter(|slot| self.softhsm_slots.lock().contains(slot))
                     })
                 };
@@ -2435,6 +2440,11 @@ impl MemberLibrary {
         // SAFETY: the library's own function; one attribute with room for
         // the value it names.
         let rv = unsafe { read(session, object, &mut attribute, 1) };
+        // An answer on the connection, as any call's: the write after it
+        // is one round trip more in the same call on the wire, and under
+        // a slow path (300 ms each way) the two together passed for a
+        // silent connection and were cut ([`Self::silent_call`]).
+        self.round_trips.answered(crate::clock::now());
         if rv == CKR_OBJECT_HANDLE_INVALID {
             (self.index_probes.lock()).retain(|p| p.slot != slot || p.object != object);
         }

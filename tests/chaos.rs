@@ -1026,6 +1026,70 @@ fn a_slow_member_stays_in_service_and_gets_fewer_calls() {
     pkcs11.finalize().unwrap();
 }
 
+/// A latency spike on every member's path at once (a congested network
+/// they share: 300 ms added each way, some 20 times their usual round
+/// trip) is slowness, not silence: two threads importing keys through it,
+/// on sessions opened and used before it, keep every call succeeding, no
+/// member is cut for a silent call or taken out, and every key is on both
+/// members. A SoftHSM member's token write reads the token's list first,
+/// in the same call on the wire (`MemberLibrary::call_writing`): two round
+/// trips, 1.2 s here, with no other answer between them while the other
+/// thread's write waits for the connection; counted as one silence, it
+/// was cut as a silent connection after a second.
+#[test]
+fn a_latency_spike_on_every_path_takes_no_member_out() {
+    const THREADS: usize = 2;
+    const CALLS: usize = 2;
+    // Imports each thread makes before the spike: enough for the usual
+    // round trip of `C_CreateObject` to be known.
+    const WARM_UP: usize = pkcs11_ha::member::round_trips::SAMPLES as usize;
+    let (chaos, pkcs11, session) = two_members_with_round_trips(member_timeout(), "");
+    let slot = Slot::try_from(0u64).unwrap();
+    let chaos = std::sync::Mutex::new(chaos);
+    let ready = std::sync::Barrier::new(THREADS + 1);
+    let spiked = std::sync::Barrier::new(THREADS + 1);
+    let call = |session: &cryptoki::session::Session, thread: usize, call: usize| {
+        let id = format!("spike-{thread}-{call}");
+        import_key(session, id.as_bytes()).expect("C_CreateObject");
+    };
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (pkcs11, ready, spiked) = (&pkcs11, &ready, &spiked);
+            scope.spawn(move || {
+                let session = pkcs11.open_rw_session(slot).expect("C_OpenSession");
+                for n in 0..WARM_UP {
+                    call(&session, thread, n);
+                }
+                ready.wait();
+                spiked.wait();
+                for n in WARM_UP..WARM_UP + CALLS {
+                    call(&session, thread, n);
+                }
+            });
+        }
+        ready.wait();
+        for member in &mut chaos.lock().unwrap().members {
+            member.relay.delay(Duration::from_millis(300));
+        }
+        spiked.wait();
+    });
+    let mut chaos = chaos.into_inner().unwrap();
+    for member in &mut chaos.members {
+        member.relay.pass();
+    }
+    let log = chaos.log();
+    assert!(serves(0) && serves(1), "{log}");
+    assert!(!log.contains("was silent for"), "{log}");
+    assert!(!log.contains("member failed"), "{log}");
+    for member in &chaos.members {
+        let held = ids_on_member(&pkcs11, member);
+        let spiked = held.keys().filter(|id| id.starts_with(b"spike-")).count();
+        assert_eq!(spiked, THREADS * (WARM_UP + CALLS), "{log}");
+    }
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
 /// Several calls in flight at once on a network member whose path goes
 /// silent (calls into one client library run concurrently): the watchdog
 /// cuts the connection under all of them, and every call of every thread
