@@ -445,18 +445,33 @@ fn digest_until_served(session: &cryptoki::session::Session, i: usize, calls: u6
 /// initialises the library afresh.
 #[test]
 fn a_member_silent_at_start_joins_once_its_path_answers() {
+    joins_once_its_path_answers("silent", Relay::blackhole);
+}
+
+/// A member whose path refuses connections at start (its host gone from
+/// the network) joins once it accepts again: p11-kit's client initialises
+/// with no slot then, and recovery initialises it again until its token
+/// is listed.
+#[test]
+fn a_member_refusing_at_start_joins_once_its_path_accepts() {
+    joins_once_its_path_answers("refusing", Relay::refuse);
+}
+
+/// Starts two members, member 1's path set by `fault`; once the group
+/// serves without it, the path passes again and member 1 joins and serves.
+fn joins_once_its_path_answers(what: &str, fault: fn(&mut Relay)) {
     let mut chaos = Chaos::new(2);
-    chaos.members[1].relay.blackhole();
+    fault(&mut chaos.members[1].relay);
     let (pkcs11, _) = chaos.start();
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     assert!(!serves(1));
     chaos.members[1].relay.pass();
     let took = wait_for(
-        "the member silent at start rejoins",
+        &format!("the member {what} at start rejoins"),
         Duration::from_secs(15),
         || serves(1),
     );
-    eprintln!("silent at start: serving {took:?} after its path answered");
+    eprintln!("{what} at start: serving {took:?} after its path answered");
     digest_until_served(&session, 1, 3);
     drop(session);
     pkcs11.finalize().unwrap();
