@@ -151,14 +151,8 @@ fn closing_a_session_the_member_no_longer_has_is_no_member_fault() {
 #[test]
 fn a_reconnect_cuts_off_the_calls_on_the_old_connections_wire() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("server.sock");
-    let server = UnixListener::bind(&path).unwrap();
-    let library = Arc::new(p11_kit_client(&path));
-    let connection = UnixStream::connect(&path).unwrap();
-    let _silent_peer = server.accept().unwrap();
+    let (_dir, server, library, connection, _silent_peer) = client_with_a_silent_connection();
     let (tid, done) = call_reading(&library, connection.as_raw_fd());
     wait_blocked(&tid, connection.as_raw_fd());
     // The server is gone by the reconnect: its new connection is refused
@@ -281,6 +275,27 @@ fn p11_kit_client(socket: &Path) -> MemberLibrary {
     .expect("p11-kit's client loads")
 }
 
+/// p11-kit's client set to reach a listener of the test's own (in a
+/// directory that lives as long as the first value), and a connection
+/// made to that listener with its peer, which answers nothing: the
+/// connection a call of the library is made to wait on.
+fn client_with_a_silent_connection() -> (
+    tempfile::TempDir,
+    std::os::unix::net::UnixListener,
+    Arc<MemberLibrary>,
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+) {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.sock");
+    let server = UnixListener::bind(&path).unwrap();
+    let library = Arc::new(p11_kit_client(&path));
+    let connection = UnixStream::connect(&path).unwrap();
+    let (peer, _) = server.accept().unwrap();
+    (dir, server, library, connection, peer)
+}
+
 /// A call on the library's wire, in a thread of its own, reading one
 /// byte from descriptor `fd`; sends its thread id, then the read's
 /// result and whether the call knows it was cut off
@@ -372,14 +387,8 @@ fn a_cut_shuts_down_the_librarys_own_socket_never_another_at_a_reused_number() {
 #[test]
 fn a_reconnect_waits_for_a_call_cut_off_before_it_reached_its_socket() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("server.sock");
-    let server = UnixListener::bind(&path).unwrap();
-    let library = Arc::new(p11_kit_client(&path));
-    let socket = UnixStream::connect(&path).unwrap();
-    let _peer = server.accept().unwrap();
+    let (_dir, _server, library, socket, _peer) = client_with_a_silent_connection();
     let fd = socket.as_raw_fd();
     let (go_on, waiting) = mpsc::channel::<()>();
     let (tid, tid_known) = mpsc::channel();
