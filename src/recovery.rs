@@ -1999,11 +1999,15 @@ fn holds_in_doubt(
 fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Location, String> {
     let serial = &group.members[position].serial;
     let known = group.members[position].location();
-    let mut libraries: Vec<_> = provider.libraries().to_vec();
-    if let Some(loc) = &known {
-        libraries.retain(|l| !Arc::ptr_eq(l, &loc.library));
-        libraries.insert(0, Arc::clone(&loc.library));
-    }
+    // A member found before is looked for on its own library only: a
+    // library serving healthy members may be one whose path has just gone
+    // silent, unseen yet, and a search there held the attempt until the
+    // watchdog cut it (2.4 s of a long chaos run's return, its own path
+    // refusing).
+    let libraries: Vec<_> = match &known {
+        Some(loc) => vec![Arc::clone(&loc.library)],
+        None => provider.libraries().to_vec(),
+    };
     let this_member = &group.members[position];
     let mut silent = Vec::new();
     for library in libraries {
@@ -2013,18 +2017,12 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
         };
         let members = || provider.groups().iter().flat_map(|g| g.members.iter());
         let shared_with_healthy = members().any(|m| m.reachable() && on_library(m));
-        let own = known
-            .as_ref()
-            .is_some_and(|l| Arc::ptr_eq(&l.library, &library));
         let anothers_recovery =
             members().any(|m| !Arc::ptr_eq(m, this_member) && !m.reachable() && on_library(m));
-        // A member found before is looked for on its own library only: a
-        // library serving healthy members may be one whose path has just
-        // gone silent, unseen yet, and a search there held the attempt
-        // until the watchdog cut it (2.4 s of a long chaos run's return,
-        // its own path refusing). A member never found asks any library
-        // serving healthy members, or one no other failed member is on.
-        if !own && (known.is_some() || (!shared_with_healthy && anothers_recovery)) {
+        // A member never found asks any library serving healthy members,
+        // or one no other failed member is on (that member's recovery may
+        // be using it).
+        if known.is_none() && !shared_with_healthy && anothers_recovery {
             continue;
         }
         let may_reconnect =
