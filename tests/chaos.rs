@@ -1058,9 +1058,8 @@ fn a_latency_spike_on_every_path_takes_no_member_out() {
     // Imports each thread makes before the spike: enough for the usual
     // round trip of `C_CreateObject` to be known.
     const WARM_UP: usize = pkcs11_ha::member::round_trips::SAMPLES as usize;
-    let (chaos, pkcs11, session) = two_members_with_round_trips(member_timeout(), "");
+    let (mut chaos, pkcs11, session) = two_members_with_round_trips(member_timeout(), "");
     let slot = Slot::try_from(0u64).unwrap();
-    let chaos = std::sync::Mutex::new(chaos);
     let ready = std::sync::Barrier::new(THREADS + 1);
     let spiked = std::sync::Barrier::new(THREADS + 1);
     let call = |session: &cryptoki::session::Session, thread: usize, call: usize| {
@@ -1083,12 +1082,11 @@ fn a_latency_spike_on_every_path_takes_no_member_out() {
             });
         }
         ready.wait();
-        for member in &mut chaos.lock().unwrap().members {
+        for member in &mut chaos.members {
             member.relay.delay(Duration::from_millis(300));
         }
         spiked.wait();
     });
-    let mut chaos = chaos.into_inner().unwrap();
     for member in &mut chaos.members {
         member.relay.pass();
     }
@@ -1705,11 +1703,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// member chosen at random -- its server killed and restarted 1-3 s
 /// later, its connections reset, its path black-holed, paused or slowed
 /// by 50-500 ms each way for 1-3 s, or its connections reset and new
-/// ones refused, or accepted and closed, for 1-3 s -- faults on different members overlapping, so that at times
-/// every member is out. Afterwards, with every fault lifted and the group
-/// settled, every member serves and holds every key the application was
-/// given exactly once, and no key it was told failed. The figures of the
-/// issue are printed: failed calls while a member was healthy, keys
+/// ones refused, or accepted and closed, for 1-3 s -- faults on
+/// different members overlapping, so that at times every member is out.
+/// Afterwards, with every fault lifted and the group settled, every
+/// member serves and holds every key the application was given exactly
+/// once, and no key it was told failed. The figures of the issue are
+/// printed: failed calls while a member was healthy, keys
 /// missing or left behind, seconds without a serving member while a server
 /// was healthy, and the time from a member's return to serving.
 #[test]
