@@ -3529,6 +3529,34 @@ fn a_member_whose_server_may_still_make_an_object_serves_at_once_when_none_serve
     v.close();
 }
 
+/// Member 1's state at each search of `library` for objects labelled
+/// `label`, as the searches come.
+fn member_1_at_each_search(
+    library: &SimMember,
+    group: &Arc<Group>,
+    label: &'static [u8],
+) -> Arc<Mutex<Vec<MemberState>>> {
+    let looks = Arc::new(Mutex::new(Vec::new()));
+    let (noted, group) = (Arc::clone(&looks), Arc::downgrade(group));
+    library.on_search(move |template| {
+        if let (true, Some(group)) = (
+            template.get(&CKA_LABEL).is_some_and(|l| l == label),
+            group.upgrade(),
+        ) {
+            noted.lock().push(group.members[1].state());
+        }
+    });
+    looks
+}
+
+/// The states of [`member_1_at_each_search`] in which member 1 did not
+/// serve.
+fn not_serving(looks: &Mutex<Vec<MemberState>>) -> Vec<MemberState> {
+    (looks.lock().iter().copied())
+        .filter(|state| *state != MemberState::Up)
+        .collect()
+}
+
 /// A returning member whose every doubt can be carried -- here the import
 /// cut off on it, an object the group holds, made by a call that
 /// returned -- serves without looking for the copy first: a look is a
@@ -3540,28 +3568,14 @@ fn a_member_whose_server_may_still_make_an_object_serves_at_once_when_none_serve
 fn a_member_whose_every_doubt_can_be_carried_serves_without_looking_for_the_copy() {
     let label: &'static [u8] = b"carried without a look";
     let (libraries, group, v, _) = imported_with_a_late_change(label, 47);
-    // Member 1's state at each search of it for the object.
-    let looks = Arc::new(Mutex::new(Vec::new()));
-    {
-        let (looks, group) = (Arc::clone(&looks), Arc::downgrade(&group));
-        libraries[1].on_search(move |template| {
-            if let (true, Some(group)) = (
-                template.get(&CKA_LABEL).is_some_and(|l| l == label),
-                group.upgrade(),
-            ) {
-                looks.lock().push(group.members[1].state());
-            }
-        });
-    }
+    let looks = member_1_at_each_search(&libraries[1], &group, label);
     let host = MemoryHost {
         threads_allowed: true,
         ..MemoryHost::of(&group, &libraries)
     };
     recovery::recover_failed_members(&host);
     assert_eq!(group.members[1].state(), MemberState::Up, "member 1 serves");
-    let before_serving: Vec<MemberState> = (looks.lock().iter().copied())
-        .filter(|state| *state != MemberState::Up)
-        .collect();
+    let before_serving = not_serving(&looks);
     assert!(
         before_serving.is_empty(),
         "member 1 was searched for the copy before it served (states then: {before_serving:?})"
@@ -3601,18 +3615,7 @@ fn a_doubt_the_member_could_serve_with_is_not_looked_for_while_another_keeps_it_
     group.end_making(1, destroyed, Doubt::Faulted);
     v.destroy_object(destroyed)
         .expect("the object is destroyed on member 0");
-    let looks = Arc::new(Mutex::new(Vec::new()));
-    {
-        let (looks, group) = (Arc::clone(&looks), Arc::downgrade(&group));
-        libraries[1].on_search(move |template| {
-            if let (true, Some(group)) = (
-                template.get(&CKA_LABEL).is_some_and(|l| l == label),
-                group.upgrade(),
-            ) {
-                looks.lock().push(group.members[1].state());
-            }
-        });
-    }
+    let looks = member_1_at_each_search(&libraries[1], &group, label);
     let host = MemoryHost {
         threads_allowed: true,
         member_timeout,
@@ -3620,9 +3623,7 @@ fn a_doubt_the_member_could_serve_with_is_not_looked_for_while_another_keeps_it_
     };
     recovery::recover_failed_members(&host);
     assert_eq!(group.members[1].state(), MemberState::Up, "member 1 serves");
-    let before_serving: Vec<MemberState> = (looks.lock().iter().copied())
-        .filter(|state| *state != MemberState::Up)
-        .collect();
+    let before_serving = not_serving(&looks);
     assert!(
         before_serving.is_empty(),
         "member 1 was searched for the carriable copy before it served (states then: {before_serving:?})"
