@@ -563,6 +563,47 @@ fn a_member_killed_and_restarted_through_the_relay_rejoins() {
     pkcs11.finalize().unwrap();
 }
 
+/// A member whose connections are reset and whose path then answers every
+/// recovery attempt with an error -- each new connection accepted, greeted
+/// and closed, as a load balancer whose backend is gone does -- rejoins
+/// once the path passes again: the failed attempts (at least two, each
+/// an error, not a silence) leave nothing that keeps it out.
+#[test]
+fn a_member_whose_path_closed_each_new_connection_rejoins_once_it_passes() {
+    let mut chaos = Chaos::new(2);
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 0, 3);
+    chaos.members[0].relay.accept_and_close();
+    chaos.members[0].relay.reset();
+    wait_for(
+        "recovery meets the closing path",
+        Duration::from_secs(10),
+        || {
+            let digest = session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest while member 0 is out");
+            assert_eq!(digest, SHA256_ABC);
+            !serves(0) && chaos.log().matches("recovery failed").count() >= 2
+        },
+    );
+    chaos.members[0].relay.pass();
+    let took = wait_for(
+        "the member rejoins through the path",
+        Duration::from_secs(15),
+        || serves(0),
+    );
+    eprintln!("path closing each connection: serving {took:?} after it passed again");
+    let log = chaos.log();
+    assert!(
+        !log.contains("not answering"),
+        "each attempt had an answer: {log}"
+    );
+    digest_until_served(&session, 0, 3);
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
 /// One member black-holed (its path accepts and never answers, so each of
 /// its recovery attempts hangs until cut off) does not hold up the
 /// recovery of another member that failed meanwhile.
