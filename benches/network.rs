@@ -40,6 +40,11 @@
 //!   latency bounds each call either way; the table shows what choosing
 //!   the member that makes a key saves.
 //!
+//! - **Object-making, latency-bound** (1 ms one way): `C_CreateObject` of
+//!   a data session object, then of a data token object, from T = 1 and 8
+//!   threads. No target: each object is made on every member before its
+//!   call returns; the ratio shows what that costs against one member.
+//!
 //! Each table runs its targets in slices that alternate, the order
 //! rotating every cycle, after one unmeasured cycle at each T; ops/s is
 //! over all slices, p50 and p99 over every operation's own time.
@@ -51,7 +56,8 @@
 //! Run: `cargo build --release && cargo bench --bench network` (about a
 //! minute). `-- --test` runs each benchmark once and the tables briefly.
 //! `PKCS11_HA_NETWORK_TABLES=mixed,slow` takes only the tables named
-//! (`random`, `digest`, `mixed`, `capacity`, `slow`, `making`), for a
+//! (`random`, `digest`, `mixed`, `capacity`, `slow`, `create`,
+//! `making`), for a
 //! short run on a shared machine.
 
 // Only some of the shared helpers are used here.
@@ -94,6 +100,7 @@ const LATENCY_THREADS: [usize; 3] = [1, 8, 32];
 const CAPACITY_THREADS: [usize; 2] = [8, 32];
 const DIGEST_THREADS: [usize; 3] = [1, 8, 32];
 const MIXED_THREADS: [usize; 3] = [1, 8, 32];
+const CREATE_THREADS: [usize; 2] = [1, 8];
 const SLOW_THREADS: usize = 8;
 const MAX_THREADS: usize = 32;
 const TARGET_RATIO: f64 = 0.9;
@@ -590,7 +597,20 @@ fn verdict(ratio: f64, test_mode: bool) -> &'static str {
     }
 }
 
-/// Latency-bound and limited-capacity tables: per T, each target's ops/s
+/// Whether a table's ratios have a target, and on which sessions the
+/// untargeted ones run.
+#[derive(Clone, Copy)]
+enum Judge {
+    Target {
+        test_mode: bool,
+    },
+    /// Read-write sessions where `rw` (for token objects).
+    Unjudged {
+        rw: bool,
+    },
+}
+
+/// Latency-bound, limited-capacity and object-making tables: per T, each target's ops/s
 /// of `op`, p50 and p99, and each group's ratio to `expected(size) x
 /// direct`.
 #[allow(clippy::too_many_arguments)]
@@ -602,7 +622,7 @@ fn throughput_table(
     slice: Duration,
     cycles: usize,
     expected: fn(usize) -> f64,
-    test_mode: bool,
+    judge: Judge,
 ) {
     writeln!(
         out,
@@ -611,7 +631,11 @@ fn throughput_table(
     )
     .unwrap();
     // direct, net-2, net-3.
-    let targets: Vec<&Target> = bench.targets[..3].iter().collect();
+    let targets: Vec<Target> = bench.targets[..3]
+        .iter()
+        .map(|t| t.for_op(matches!(judge, Judge::Unjudged { rw: true })))
+        .collect();
+    let targets: Vec<&Target> = targets.iter().collect();
     for &t in threads {
         // Unmeasured first: the sessions and lanes T threads need (a spare
         // instance's session, opened and logged in on first use) are made
@@ -621,10 +645,10 @@ fn throughput_table(
         let direct = samples[0].ops_per_s();
         for (target, sample) in targets.iter().zip(samples.iter_mut()) {
             let ratio = sample.ops_per_s() / (expected(target.size) * direct);
-            let judged = if target.size == 1 {
-                ""
-            } else {
-                verdict(ratio, test_mode)
+            let judged = match judge {
+                _ if target.size == 1 => "",
+                Judge::Target { test_mode } => verdict(ratio, test_mode),
+                Judge::Unjudged { .. } => "",
             };
             writeln!(
                 out,
@@ -696,11 +720,11 @@ fn wait_until_recovered(bench: &Bench, group: &str) -> bool {
     true
 }
 
-/// Logs every group in, so that keys can be made (and wrapped under the
-/// domain key) on the members.
+/// Logs every target in, so that keys can be made (and wrapped under the
+/// domain key) on the members, and private objects on every target.
 fn log_in(bench: &Bench) {
     let pin = common::USER_PIN;
-    for target in &bench.targets[1..] {
+    for target in &bench.targets {
         let rv = ck_raw!(
             target.fns,
             C_Login(
@@ -857,7 +881,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
             slice,
             cycles,
             |_| 1.0,
-            test_mode,
+            Judge::Target { test_mode },
         );
     }
     if wanted("digest") {
@@ -876,7 +900,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
             slice,
             cycles,
             |_| 1.0,
-            test_mode,
+            Judge::Target { test_mode },
         );
     }
     if wanted("mixed") {
@@ -895,7 +919,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
             slice,
             cycles,
             |_| 1.0,
-            test_mode,
+            Judge::Target { test_mode },
         );
     }
     if wanted("capacity") {
@@ -914,7 +938,7 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
             slice,
             cycles,
             |n| n as f64,
-            test_mode,
+            Judge::Target { test_mode },
         );
     }
     if wanted("slow") {
@@ -967,6 +991,32 @@ fn tables(bench: &mut Bench, test_mode: bool) -> String {
                 }
             )
             .unwrap();
+        }
+    }
+    if wanted("create") {
+        log_in(bench);
+        bench.set_all(Mode::Delay(ONE_WAY));
+        for (what, op, rw) in [
+            ("a data session object", create as Op, false),
+            ("a data token object", create_token, true),
+        ] {
+            writeln!(
+                out,
+                "\nObject-making, latency-bound: {ONE_WAY:?} each way; C_CreateObject of {what} \
+                 (made on every member before the call returns); ratio = group / direct at \
+                 the same T (no target)"
+            )
+            .unwrap();
+            throughput_table(
+                &mut out,
+                bench,
+                op,
+                &CREATE_THREADS,
+                slice,
+                cycles,
+                |_| 1.0,
+                Judge::Unjudged { rw },
+            );
         }
     }
     if wanted("making") {
