@@ -68,6 +68,38 @@ pub fn fingerprint(
     read_print(library, session, object, FINGERPRINT)
 }
 
+/// [`fingerprint`] of an object made from a template of a public class
+/// (certificate, data object, public key) whose `CKA_VALUE` was
+/// `value_len` bytes long: the value read in the same call as
+/// the rest, in a room of that length -- one member call instead of three
+/// (the rest, then the value's length and the value), which on a network
+/// member is most of the latency of making such an object. Read as
+/// [`fingerprint`] does where that answer is not certain: the value reads
+/// unavailable (longer than its room or missing: the member's error for
+/// another attribute, which the fingerprint asks of every class, may be
+/// the one it returned), or the object is of another class after all (its
+/// value is then never kept).
+pub fn fingerprint_of_public(
+    library: &(impl MemberApi + ?Sized),
+    session: CK_SESSION_HANDLE,
+    object: CK_OBJECT_HANDLE,
+    value_len: usize,
+) -> Option<Fingerprint> {
+    let read = with_scratch(|store| {
+        let mut query = AttributeQuery::in_store(store);
+        rooms(&mut query, FINGERPRINT);
+        query.room(PUBLIC_VALUE, value_len);
+        if !answered(library, session, object, &mut query) {
+            return None;
+        }
+        if query.answered(query.len() - 1) == CK_UNAVAILABLE_INFORMATION {
+            return None;
+        }
+        print_from(&query, 0).filter(holds_public_value)
+    });
+    read.or_else(|| fingerprint(library, session, object))
+}
+
 /// [`fingerprint`] without the check value (see [`LIGHT_FINGERPRINT`]).
 pub fn light_fingerprint(
     library: &(impl MemberApi + ?Sized),

@@ -393,7 +393,14 @@ impl VirtualSession {
             return Err(e);
         }
         if let Some(&(era, handle)) = made.first() {
-            self.remember_fingerprint(object, era.member(), handle);
+            let public_value = matches!(
+                template.ulong(CKA_CLASS),
+                Some(CKO_CERTIFICATE | CKO_DATA | CKO_PUBLIC_KEY)
+            )
+            .then(|| template.values().find(|(t, _)| *t == CKA_VALUE))
+            .flatten()
+            .map(|(_, value)| value.len());
+            self.remember_fingerprint(object, era.member(), handle, public_value);
         }
         if !self.group.objects.has_fingerprint(object) {
             // The member failed before its copy could be read: without a
@@ -690,7 +697,7 @@ impl VirtualSession {
             self.abandon(object, None, &made, &[]);
             return Err(e);
         }
-        self.remember_fingerprint(object, made[0].0.member(), made[0].1);
+        self.remember_fingerprint(object, made[0].0.member(), made[0].1, None);
         if owner.is_none() {
             for position in missed {
                 self.deliver_or_queue(position, Pending::Create(object));

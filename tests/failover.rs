@@ -464,6 +464,22 @@ fn a_softhsm_member_asks_neither_token_nor_session_info_for_the_objects_it_makes
     );
 }
 
+/// A public object made through the virtual slot is identified by one
+/// attribute read on one member, its value read with the rest
+/// (`identity::fingerprint_of_public`): on a network member each read is a
+/// round trip, and the value read apart (its length, then itself) made a
+/// data object's making five round trips on a group of two instead of
+/// three.
+#[test]
+fn a_public_object_made_is_identified_by_one_attribute_read() {
+    let ha = Ha::new(2);
+    let s = ha.session();
+    let reads = |ha: &Ha| ha.counts("C_GetAttributeValue").iter().sum::<u64>();
+    let before = reads(&ha);
+    data_objects(&s, "session", false, 3);
+    assert_eq!(reads(&ha) - before, 3, "attribute reads for three objects");
+}
+
 /// A member connection with nothing to read before its first token write
 /// -- no object made there, and no domain key found, as in a public
 /// session before any login (or a spare's first replay import) -- writes

@@ -73,7 +73,8 @@ fn data_object(label: &[u8], value: &[u8]) -> Vec<CK_ATTRIBUTE> {
 
 /// The same core code on any member: a wrong PIN is a request error (the
 /// member stays in), the group's login retry logs in, two data objects are
-/// told apart by fingerprint and each found by its own, the member's
+/// told apart by fingerprint (read alike with their value in the same call,
+/// in room enough or too little) and each found by its own, the member's
 /// object index holds its token objects but the session ones, and a digest
 /// follows the two-call convention.
 fn exercise(member: &dyn MemberApi, slot: CK_SLOT_ID, pin: &[u8]) {
@@ -102,6 +103,16 @@ fn exercise(member: &dyn MemberApi, slot: CK_SLOT_ID, pin: &[u8]) {
         .map(|h| identity::fingerprint(member, session, *h).expect("a fingerprint"))
         .collect();
     assert_ne!(prints[0], prints[1], "two objects, two fingerprints");
+    for (handle, print) in made.iter().zip(&prints) {
+        let value_len = 3;
+        for room in [value_len, value_len - 1] {
+            assert_eq!(
+                identity::fingerprint_of_public(member, session, *handle, room).as_ref(),
+                Some(print),
+                "the print read with the value in a room of {room} bytes, as it is read alone"
+            );
+        }
+    }
     let token_objects = identity::find(member, session, &vec![(CKA_TOKEN, vec![CK_TRUE])])
         .expect("a search for token objects");
     let index = MemberIndex::read(member, session, None).expect("an index");

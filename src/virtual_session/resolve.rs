@@ -114,18 +114,22 @@ impl VirtualSession {
     }
 
     /// Reads and keeps the fingerprint of an object first seen on member
-    /// `position`, while that member is known to be alive.
+    /// `position`, while that member is known to be alive; `public_value`,
+    /// the length of the `CKA_VALUE` the object was made with where its
+    /// template named a public class ([`identity::fingerprint_of_public`]).
     pub fn remember_fingerprint(
         &self,
         object: CK_OBJECT_HANDLE,
         position: usize,
         handle: CK_OBJECT_HANDLE,
+        public_value: Option<usize>,
     ) {
         if self.group.objects.has_fingerprint(object) {
             return;
         }
-        let read = self.on_member(position, |s| {
-            identity::fingerprint(&*s.library, s.handle, handle)
+        let read = self.on_member(position, |s| match public_value {
+            Some(len) => identity::fingerprint_of_public(&*s.library, s.handle, handle, len),
+            None => identity::fingerprint(&*s.library, s.handle, handle),
         });
         // Unless the member's handles were forgotten meanwhile (then
         // `handle` may have named another object when read).
