@@ -82,6 +82,12 @@ pub struct Template<'a> {
     absent: bool,
 }
 
+// SAFETY: a template only reads the values it points to -- the
+// application's, for its call, or its own nested templates' -- which stay
+// valid and unchanged for `'a`; nothing writes through it. So threads may
+// read one at once (an object made on several members at once).
+unsafe impl Sync for Template<'_> {}
+
 /// One attribute of a [`Template`], its value readable for as long as the
 /// template is borrowed.
 #[derive(Clone, Copy)]

@@ -813,9 +813,9 @@ pub struct Group {
     /// ([`Group::wait_for_kept`]); without one (no threads allowed, or a
     /// test driving recovery itself) nothing would.
     replays_on_request: AtomicBool,
-    /// Whether a replay of kept changes makes each member's in a thread
-    /// of its own ([`Group::set_kept_replays_beside`]).
-    kept_replays_beside: AtomicBool,
+    /// Whether work on several members runs each member's part in a thread
+    /// of its own ([`Group::set_members_in_threads`]).
+    members_in_threads: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -1172,7 +1172,7 @@ impl Group {
             wrapping_resumed_unseen: AtomicBool::new(false),
             kept_replay_asked: AtomicBool::new(false),
             replays_on_request: AtomicBool::new(false),
-            kept_replays_beside: AtomicBool::new(false),
+            members_in_threads: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -2400,17 +2400,64 @@ impl Group {
         self.replays_on_request.load(Ordering::Relaxed)
     }
 
-    /// Says whether a replay of kept changes may run each member's part in
-    /// a thread of its own (the provider runs threads), or takes the
-    /// members in turns in its caller's thread (the deterministic
-    /// simulation, and tests that order the turns).
-    pub fn set_kept_replays_beside(&self, on: bool) {
-        self.kept_replays_beside.store(on, Ordering::Relaxed);
+    /// Says whether work on several members -- a replay of kept changes, an
+    /// object made on members that talk to servers -- may run each
+    /// member's part in a thread of its own (the provider runs threads),
+    /// or takes the members in turns in its caller's thread (the
+    /// deterministic simulation, and tests that order the turns).
+    pub fn set_members_in_threads(&self, on: bool) {
+        self.members_in_threads.store(on, Ordering::Relaxed);
     }
 
-    /// See [`Group::set_kept_replays_beside`].
-    pub fn kept_replays_beside(&self) -> bool {
-        self.kept_replays_beside.load(Ordering::Relaxed)
+    /// See [`Group::set_members_in_threads`].
+    pub fn members_in_threads(&self) -> bool {
+        self.members_in_threads.load(Ordering::Relaxed)
+    }
+
+    /// Whether a call asking each of `positions` for the same thing asks
+    /// them at once ([`Group::on_each_at_once`]): where members may run in
+    /// threads, there are several, and one talks to a server -- its round
+    /// trip dwarfs starting a thread, which an in-process call does not.
+    pub fn asks_at_once(&self, positions: &[usize]) -> bool {
+        positions.len() > 1
+            && self.members_in_threads()
+            && positions
+                .iter()
+                .any(|p| self.members[*p].timed.load(Ordering::Relaxed))
+    }
+
+    /// `ask` of each of `positions` at once, each but the first in a
+    /// thread of its own (one that cannot be started asks in this thread
+    /// after the first); the answers in the order of `positions`.
+    pub fn on_each_at_once<T: Send>(
+        &self,
+        positions: &[usize],
+        ask: impl Fn(usize) -> T + Sync,
+    ) -> Vec<T> {
+        let Some((&first, others)) = positions.split_first() else {
+            return Vec::new();
+        };
+        std::thread::scope(|scope| {
+            let ask = &ask;
+            let others: Vec<_> = others
+                .iter()
+                .map(|&p| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(scope, move || ask(p))
+                        .map_err(|_| p)
+                })
+                .collect();
+            let mut answers = vec![ask(first)];
+            answers.extend(others.into_iter().map(|other| {
+                match other {
+                    Ok(thread) => thread
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(position) => ask(position),
+                }
+            }));
+            answers
+        })
     }
 
     /// For an application call naming `objects`, one of which serving

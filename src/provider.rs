@@ -315,7 +315,7 @@ fn initialize_as(
         *provider.workers.lock() = Some(workers);
         for group in &provider.groups {
             group.set_replays_on_request(recovery_on);
-            group.set_kept_replays_beside(true);
+            group.set_members_in_threads(true);
         }
         start_reconciler(&config, &provider)?;
         start_publisher(&config, &provider);

@@ -2408,7 +2408,7 @@ pub fn replay_deferred_after_login(group: &Arc<Group>) {
 /// provider runs threads, else in turns in this thread
 /// ([`replay_kept_in_turns`], the deterministic simulation's way).
 fn replay_kept(group: &Arc<Group>, _one_at_a_time: ReplayingDeferred) -> usize {
-    let made = if group.kept_replays_beside() {
+    let made = if group.members_in_threads() {
         replay_kept_beside(group)
     } else {
         replay_kept_in_turns(group)

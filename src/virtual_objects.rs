@@ -13,7 +13,7 @@ use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
 use crate::object::{Era, Presence};
-use crate::virtual_session::{Attempt, Input, OpKind, Preference, Step, VirtualSession};
+use crate::virtual_session::{waiting, Attempt, Input, OpKind, Preference, Step, VirtualSession};
 use cryptoki_sys::*;
 
 /// The fingerprint an object made from `template` has as far as the
@@ -262,6 +262,18 @@ fn owner_for(token: Option<bool>, session: CK_SESSION_HANDLE) -> Option<CK_SESSI
 const TROUBLED_RETRIES: u32 = 4;
 const FIRST_TROUBLED_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// One member's answer to a call making an object on each member: the
+/// copy's handle where it made one, in the `era` its handles were then,
+/// and whether it refused a key while holding something like it
+/// (`troubled`: it may have made the key before answering).
+struct MemberMade {
+    position: usize,
+    era: Era,
+    handle: CK_OBJECT_HANDLE,
+    answer: Attempt,
+    troubled: bool,
+}
+
 /// Whether `template` makes a key: a public, private or secret key.
 fn is_key(template: &Template) -> bool {
     matches!(
@@ -340,6 +352,37 @@ impl VirtualSession {
         // Members that answered `CKR_GENERAL_ERROR` for a key while holding
         // something like it: they may have made it before answering.
         let mut troubled: Vec<usize> = Vec::new();
+        let make_on = |position: usize| {
+            let mut handle = CK_INVALID_HANDLE;
+            let era = self.group.objects.era(position);
+            let mut attempt = || {
+                self.attempt_making(position, None, "C_CreateObject", object, &mut |l, s| {
+                    create(l, s, &mut handle)
+                })
+            };
+            let mut answer = attempt();
+            let mut troubled = false;
+            let mut pause = FIRST_TROUBLED_PAUSE;
+            for _ in 0..TROUBLED_RETRIES {
+                if !matches!(answer, Attempt::Answered(CKR_GENERAL_ERROR)) {
+                    break;
+                }
+                if is_key(template) && !self.holds_nothing_like(era, print()) {
+                    troubled = true;
+                    break;
+                }
+                crate::clock::sleep(pause);
+                pause *= 2;
+                answer = attempt();
+            }
+            MemberMade {
+                position,
+                era,
+                handle,
+                answer,
+                troubled,
+            }
+        };
         // Until a member holds it: one that came up while those asked
         // failed takes it, as another member takes any other call.
         while made.is_empty() {
@@ -349,27 +392,31 @@ impl VirtualSession {
                 self.remove_leftovers(&troubled, print());
                 return Ok(None);
             }
-            for position in up {
-                let mut handle = CK_INVALID_HANDLE;
-                let era = self.group.objects.era(position);
-                let mut attempt = || {
-                    self.attempt_making(position, None, "C_CreateObject", object, &mut |l, s| {
-                        create(l, s, &mut handle)
-                    })
-                };
-                let mut answer = attempt();
-                let mut pause = FIRST_TROUBLED_PAUSE;
-                for _ in 0..TROUBLED_RETRIES {
-                    if !matches!(answer, Attempt::Answered(CKR_GENERAL_ERROR)) {
-                        break;
-                    }
-                    if is_key(template) && !self.holds_nothing_like(era, print()) {
-                        troubled.push(position);
-                        break;
-                    }
-                    crate::clock::sleep(pause);
-                    pause *= 2;
-                    answer = attempt();
+            // One after another, a member's refusal of a request ends the
+            // call before the next is asked. Asked at once, a copy any of
+            // them made makes the object, whatever the order: the answers
+            // that made it are taken first, and a member refusing it then
+            // serves without it, as after it refused behind another.
+            let answers: Box<dyn Iterator<Item = MemberMade>> = if self.group.asks_at_once(&up) {
+                let mut answers = self.group.on_each_at_once(&up, |position| {
+                    let _inside = waiting::part_of_a_write();
+                    make_on(position)
+                });
+                answers.sort_by_key(|a| !matches!(a.answer, Attempt::Answered(CKR_OK)));
+                Box::new(answers.into_iter())
+            } else {
+                Box::new(up.into_iter().map(make_on))
+            };
+            for MemberMade {
+                position,
+                era,
+                handle,
+                answer,
+                troubled: troubled_here,
+            } in answers
+            {
+                if troubled_here {
+                    troubled.push(position);
                 }
                 if let Attempt::Answered(rv) = answer {
                     if rv != CKR_OK && (!made.is_empty() || rv == CKR_GENERAL_ERROR) {

@@ -22,7 +22,7 @@ mod lanes;
 mod moving;
 mod operations;
 mod resolve;
-mod waiting;
+pub(crate) mod waiting;
 
 pub(crate) use attempt::Attempt;
 pub use choice::{Handles, Preference};

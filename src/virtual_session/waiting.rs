@@ -24,6 +24,13 @@ impl Drop for Writing {
     }
 }
 
+/// Marks this thread, until the guard drops, as running a member's part of
+/// another thread's call that makes objects ([`Writing`]): inside that
+/// call's write, it waits for no returning member either.
+pub(crate) fn part_of_a_write() -> Writing {
+    Writing(WRITING.replace(true))
+}
+
 impl VirtualSession {
     /// For a call that found no member serving: waits for a returning
     /// member to serve ([`crate::group::Group::wait_for_serving`]), within

@@ -72,6 +72,9 @@ pub struct SimMember {
     dead_connections: AtomicUsize,
     /// The patience each hedged token search was given, in order.
     pub search_patience: Mutex<Vec<Duration>>,
+    /// Whether the core takes it for a library that talks to a server
+    /// ([`SimMember::talking_to_a_server`]).
+    remote: bool,
 }
 
 impl SimMember {
@@ -94,7 +97,17 @@ impl SimMember {
             stalled_spares: Mutex::new(Vec::new()),
             dead_connections: AtomicUsize::new(0),
             search_patience: Mutex::new(Vec::new()),
+            remote: false,
         }
+    }
+
+    /// The member as the core sees a library that talks to a server
+    /// (`MemberBackend::is_networked`: every call timed, an object made on
+    /// several such members asked of them at once); its calls still
+    /// answer at once.
+    pub fn talking_to_a_server(mut self) -> SimMember {
+        self.remote = true;
+        self
     }
 
     /// The next `count` hedged token searches (recovery's) end as on a
@@ -972,9 +985,13 @@ impl MemberBackend for SimMember {
         self.sim.lock().initialized
     }
 
+    fn is_networked(&self) -> bool {
+        self.remote
+    }
+
     /// A networked one's server carries out what it received
     /// ([`token::Fault::LateChange`]); its timing stays an in-process
-    /// library's.
+    /// library's unless it is [`SimMember::talking_to_a_server`].
     fn may_carry_out_after_fault(&self) -> bool {
         self.sim.lock().networked()
     }

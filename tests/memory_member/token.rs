@@ -97,6 +97,10 @@ pub enum Fault {
     /// key's `CKA_LOCAL` fails) or not (as when writing a new object's
     /// first attributes fails).
     TroubledCreate(bool),
+    /// The next `C_CreateObject` on the token answers
+    /// `CKR_TEMPLATE_INCONSISTENT` without making anything: a member whose
+    /// library judges a template otherwise than the others do.
+    RefuseCreate,
     /// The next `C_GetMechanismList` of the token fails with
     /// `CKR_DEVICE_ERROR`, and nothing else does: a networked library whose
     /// request timed out once while its connection stayed.
@@ -200,6 +204,7 @@ pub struct Token {
     pub late_change: bool,
     pub fail_next_listing: bool,
     pub troubled_create: Option<bool>,
+    pub refuse_create: bool,
     /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
@@ -808,6 +813,7 @@ impl Sim {
             Fault::LateChange => t.late_change = true,
             Fault::FailListing => t.fail_next_listing = true,
             Fault::TroubledCreate(made) => t.troubled_create = Some(made),
+            Fault::RefuseCreate => t.refuse_create = true,
         }
     }
 
@@ -842,6 +848,7 @@ impl Sim {
         t.late_change = false;
         t.fail_next_listing = false;
         t.troubled_create = None;
+        t.refuse_create = false;
     }
 
     /// Tokens that are present: not crashed or hung.
@@ -1049,6 +1056,9 @@ impl Sim {
             self.late.push((token, attributes));
             self.disconnect();
             return Err(CKR_DEVICE_ERROR);
+        }
+        if std::mem::take(&mut self.tokens[token].refuse_create) {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
         }
         let troubled = self.tokens[token].troubled_create.take();
         if troubled == Some(false) {
