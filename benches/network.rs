@@ -57,8 +57,7 @@
 //! minute). `-- --test` runs each benchmark once and the tables briefly.
 //! `PKCS11_HA_NETWORK_TABLES=mixed,slow` takes only the tables named
 //! (`random`, `digest`, `mixed`, `capacity`, `slow`, `create`,
-//! `making`), for a
-//! short run on a shared machine.
+//! `making`), for a short run on a shared machine.
 
 // Only some of the shared helpers are used here.
 #[allow(dead_code)]
@@ -610,9 +609,9 @@ enum Judge {
     },
 }
 
-/// Latency-bound, limited-capacity and object-making tables: per T, each target's ops/s
-/// of `op`, p50 and p99, and each group's ratio to `expected(size) x
-/// direct`.
+/// Latency-bound, limited-capacity and object-making tables: per T, each
+/// target's ops/s of `op`, p50 and p99, and each group's ratio to
+/// `expected(size) x direct`.
 #[allow(clippy::too_many_arguments)]
 fn throughput_table(
     out: &mut String,
