@@ -816,6 +816,8 @@ pub struct Group {
     /// Whether work on several members runs each member's part in a thread
     /// of its own ([`Group::set_members_in_threads`]).
     members_in_threads: AtomicBool,
+    /// See [`Group::set_at_once_in_turn`].
+    at_once_in_turn: AtomicBool,
     round_robin: [AtomicUsize; LANES],
     /// The write barrier: calls that make, change or destroy objects hold
     /// it shared; a returning member's recovery holds it exclusively while
@@ -1173,6 +1175,7 @@ impl Group {
             kept_replay_asked: AtomicBool::new(false),
             replays_on_request: AtomicBool::new(false),
             members_in_threads: AtomicBool::new(false),
+            at_once_in_turn: AtomicBool::new(false),
             round_robin: Default::default(),
             writes: RwLock::new(()),
             outage: Mutex::new(None),
@@ -2344,11 +2347,15 @@ impl Group {
 
     /// The first `count` changes kept for member `position`, taken, with
     /// every later change of an object they or those of `failed` make or
-    /// change:
+    /// change, and every later removal:
     /// the rest of a replay that the member failed in, to be replayed
     /// before it serves again. Left kept, such a later change came ahead
     /// of them, which the member's replay then kept behind it (simulation
-    /// seed 18656: an older change of attributes undid a newer one).
+    /// seed 18656: an older change of attributes undid a newer one); a
+    /// removal, which names no object, only a fingerprint, was made before
+    /// the changes of ID taken back ahead of it, looked the copy up under
+    /// the ID they had yet to give it, and left the copy of a destroyed
+    /// object (seed 25852752).
     pub fn take_kept(&self, position: usize, failed: &[Pending], count: usize) -> Vec<Pending> {
         let mut deferred = self.deferred.lock();
         let kept = &mut deferred[position];
@@ -2357,9 +2364,10 @@ impl Group {
             .chain(&taken)
             .filter_map(Pending::made_object)
             .collect();
-        let (later, left): (Vec<Pending>, Vec<Pending>) = std::mem::take(kept)
-            .into_iter()
-            .partition(|c| c.made_object().is_some_and(|o| objects.contains(&o)));
+        let (later, left): (Vec<Pending>, Vec<Pending>) =
+            std::mem::take(kept).into_iter().partition(|c| {
+                c.removal().is_some() || c.made_object().is_some_and(|o| objects.contains(&o))
+            });
         *kept = left;
         taken.extend(later);
         taken
@@ -2414,26 +2422,41 @@ impl Group {
         self.members_in_threads.load(Ordering::Relaxed)
     }
 
+    /// Has a call that asks several members for the same thing ask them
+    /// at once whatever their libraries, each in turn in the caller's
+    /// thread where members do not run in threads: the deterministic
+    /// simulation's way to take the answers as they are taken from members
+    /// asked at once ([`Group::asks_at_once`]).
+    pub fn set_at_once_in_turn(&self, on: bool) {
+        self.at_once_in_turn.store(on, Ordering::Relaxed);
+    }
+
     /// Whether a call asking each of `positions` for the same thing asks
     /// them at once ([`Group::on_each_at_once`]): where members may run in
     /// threads, there are several, and one talks to a server -- its round
-    /// trip dwarfs starting a thread, which an in-process call does not.
+    /// trip dwarfs starting a thread, which an in-process call does not
+    /// (or where [`Group::set_at_once_in_turn`] says so).
     pub fn asks_at_once(&self, positions: &[usize]) -> bool {
         positions.len() > 1
-            && self.members_in_threads()
-            && positions
-                .iter()
-                .any(|p| self.members[*p].timed.load(Ordering::Relaxed))
+            && (self.at_once_in_turn.load(Ordering::Relaxed)
+                || (self.members_in_threads()
+                    && positions
+                        .iter()
+                        .any(|p| self.members[*p].timed.load(Ordering::Relaxed))))
     }
 
     /// `ask` of each of `positions` at once, each but the first in a
     /// thread of its own (one that cannot be started asks in this thread
-    /// after the first); the answers in the order of `positions`.
+    /// after the first) -- in turn in this thread where members do not
+    /// run in threads; the answers in the order of `positions`.
     pub fn on_each_at_once<T: Send>(
         &self,
         positions: &[usize],
         ask: impl Fn(usize) -> T + Sync,
     ) -> Vec<T> {
+        if !self.members_in_threads() {
+            return positions.iter().map(|p| ask(*p)).collect();
+        }
         let Some((&first, others)) = positions.split_first() else {
             return Vec::new();
         };
