@@ -719,7 +719,7 @@ impl VirtualSession {
             let rank = |p: &usize| order.iter().position(|o| o == p).unwrap_or(order.len());
             let mut copies = copies;
             copies.sort_by_key(|(p, _, _)| rank(p));
-            for (position, source_handle, era) in copies {
+            let copy_on = |&(position, source_handle, era): &(usize, CK_OBJECT_HANDLE, Era)| {
                 let mut handle = CK_INVALID_HANDLE;
                 let answer = self.attempt_making(
                     position,
@@ -728,6 +728,24 @@ impl VirtualSession {
                     object,
                     &mut |l, s| l.copy_object(s, source_handle, changes.as_slice(), &mut handle),
                 );
+                (position, era, handle, answer)
+            };
+            // Asked at once as `C_CreateObject` is (`try_create`); the
+            // copies made are taken first, so that a refusal undoes them
+            // whatever the order, as one after another.
+            let positions: Vec<usize> = copies.iter().map(|(p, _, _)| *p).collect();
+            let answers: Box<dyn Iterator<Item = _>> = if self.group.asks_at_once(&positions) {
+                let mut answers = self.group.on_each_at_once(&positions, |position| {
+                    let _inside = waiting::part_of_a_write();
+                    let copy = copies.iter().find(|(p, _, _)| *p == position);
+                    copy_on(copy.expect("a copy for each position"))
+                });
+                answers.sort_by_key(|(_, _, _, a)| !matches!(a, Attempt::Answered(CKR_OK)));
+                Box::new(answers.into_iter())
+            } else {
+                Box::new(copies.iter().map(copy_on))
+            };
+            for (position, era, handle, answer) in answers {
                 if self.note_copy(object, era, handle, answer, &mut made, &|| None)? {
                     missed.push(position);
                 }

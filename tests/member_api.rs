@@ -4364,28 +4364,33 @@ fn copies_labelled(member: &SimMember, token: usize, label: &str) -> usize {
 /// (network bench, object-making table: a data session object on a group
 /// of two at 1 ms each way took 7.1 ms, asked at once 4.8 ms). Here each
 /// member's `C_CreateObject` waits, up to 10 s, for the other's to begin.
+/// Has each of the two members' calls of `function` wait, up to 10 s, for
+/// the other's to begin; how many of them met the other's under way.
+fn meeting_calls(member: &SimMember, function: &'static str) -> Arc<AtomicUsize> {
+    let begun = Arc::new((Mutex::new(0usize), parking_lot::Condvar::new()));
+    let met = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&met);
+    member.on_call(move |called| {
+        if called != function {
+            return;
+        }
+        let (count, changed) = &*begun;
+        let mut count = count.lock();
+        *count += 1;
+        changed.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *count < 2 && !changed.wait_until(&mut count, deadline).timed_out() {}
+        if *count >= 2 {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    met
+}
+
 #[test]
 fn an_object_is_made_on_members_that_talk_to_servers_at_once() {
     let (member, _group, v) = remote_pair_in_threads(81);
-    let begun = Arc::new((Mutex::new(0usize), parking_lot::Condvar::new()));
-    let met = Arc::new(AtomicUsize::new(0));
-    {
-        let (begun, met) = (Arc::clone(&begun), Arc::clone(&met));
-        member.on_call(move |function| {
-            if function != "C_CreateObject" {
-                return;
-            }
-            let (count, changed) = &*begun;
-            let mut count = count.lock();
-            *count += 1;
-            changed.notify_all();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while *count < 2 && !changed.wait_until(&mut count, deadline).timed_out() {}
-            if *count >= 2 {
-                met.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-    }
+    let met = meeting_calls(&member, "C_CreateObject");
     import_labelled(&v, "at once");
     assert_eq!(
         met.load(Ordering::SeqCst),
@@ -4427,4 +4432,37 @@ fn asked_at_once_a_copy_made_makes_the_object_whichever_member_refused_it() {
         );
         v.close();
     }
+}
+
+/// `C_CopyObject` is asked of members that talk to servers at once too,
+/// each copying its own copy of the source.
+#[test]
+fn an_object_is_copied_on_members_that_talk_to_servers_at_once() {
+    let (member, _group, v) = remote_pair_in_threads(84);
+    let source = import_token_object(&v, data_object(b"source", b"data")).expect("an import");
+    let met = meeting_calls(&member, "C_CopyObject");
+    let label = b"copied at once";
+    let relabel = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: label.as_ptr() as *mut _,
+        ulValueLen: label.len() as CK_ULONG,
+    }];
+    // SAFETY: an attribute whose value lives until the call returns.
+    let template =
+        unsafe { Template::giving_values(relabel.as_ptr() as *mut _, 1) }.expect("a template");
+    v.copy_object(CK_INVALID_HANDLE, source, &template)
+        .expect("C_CopyObject");
+    assert_eq!(
+        met.load(Ordering::SeqCst),
+        2,
+        "each member's C_CopyObject was under way while the other's began"
+    );
+    for token in 0..2 {
+        assert_eq!(
+            copies_labelled(&member, token, "copied at once"),
+            1,
+            "on member {token}"
+        );
+    }
+    v.close();
 }

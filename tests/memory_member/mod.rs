@@ -485,6 +485,19 @@ impl MemberApi for SimMember {
         })
     }
 
+    fn copy_object(
+        &self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        object: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        self.call("C_CopyObject", |sim| {
+            *object = sim.copy_object(session, source, attributes(template))?;
+            Ok(())
+        })
+    }
+
     fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
         self.call("C_DestroyObject", |sim| sim.destroy_object(session, object))
     }

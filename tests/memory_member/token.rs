@@ -1031,6 +1031,34 @@ impl Sim {
         self.instance_handle(session, handle)
     }
 
+    /// `C_CopyObject`: a new object holding the source's attributes with
+    /// `attributes` over them, on the token or in the session as the
+    /// result's `CKA_TOKEN` says; the class, key type and value stay the
+    /// source's.
+    pub fn copy_object(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        source: CK_OBJECT_HANDLE,
+        attributes: Attributes,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        const KEPT: [CK_ATTRIBUTE_TYPE; 3] = [CKA_CLASS, CKA_KEY_TYPE, CKA_VALUE];
+        if attributes.keys().any(|t| KEPT.contains(t)) {
+            return Err(CKR_ATTRIBUTE_READ_ONLY);
+        }
+        let token = self.enter_session(session)?;
+        let source = self.own_handle(session, source);
+        let logged_in = self.logged_in(session);
+        let mut copied = self.tokens[token]
+            .object(source, logged_in)?
+            .attributes
+            .clone();
+        copied.extend(attributes);
+        let token = self.check_writable(session, &copied)?;
+        let handle = self.store(token, session, copied);
+        self.answer(token, CKR_OK)?;
+        Ok(handle)
+    }
+
     pub fn create_object(
         &mut self,
         session: CK_SESSION_HANDLE,
