@@ -359,42 +359,45 @@ impl VirtualSession {
         if let Some(moved) = source_moved() {
             return Err(moved);
         }
-        let mut wrapped: Option<(CK_MECHANISM_TYPE, Vec<u8>)> = None;
-        let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
-        let mut faulted = Vec::new();
+        // Copied meanwhile by this process's reconciliation
+        // (`reconcile.rs`): a second copy would identify neither.
+        let copied = |position: usize| {
+            matches!(
+                self.group.objects.presence(object, position),
+                Some(Presence::Present(_))
+            )
+        };
+        // Wrapped once per mechanism, before any target is asked.
+        let mut wrapped: Vec<(CK_MECHANISM_TYPE, Vec<u8>)> = Vec::new();
         for (&position, strategy) in targets.iter().zip(&strategies) {
-            // Copied meanwhile by this process's reconciliation
-            // (`reconcile.rs`): a second copy would identify neither.
-            if let Some(Presence::Present(_)) = self.group.objects.presence(object, position) {
+            let Some(Strategy::Wrap(mechanism)) = strategy else {
                 continue;
+            };
+            if copied(position) || wrapped.iter().any(|(m, _)| m == mechanism) {
+                continue;
+            }
+            let blob = self
+                .wrap_for_transfer(source, source_handle, *mechanism, copying)
+                .and_then(|blob| source_moved().map_or(Ok(blob), Err))?;
+            wrapped.push((*mechanism, blob));
+        }
+        // One target's copy: `None` where it holds the object already.
+        let copy_to_one = |(position, strategy): (usize, &Option<Strategy>)| {
+            if copied(position) {
+                return None;
             }
             let era = self.group.objects.era(position);
             let answer = match strategy {
-                Some(Strategy::Clone) => self.clone_to(object, source, source_handle, position),
+                Some(Strategy::Clone) => Ok(self.clone_to(object, source, source_handle, position)),
                 Some(Strategy::Wrap(mechanism)) => {
-                    let blob = match &wrapped {
-                        Some((m, blob)) if m == mechanism => blob,
-                        _ => {
-                            match self
-                                .wrap_for_transfer(source, source_handle, *mechanism, copying)
-                                .and_then(|blob| source_moved().map_or(Ok(blob), Err))
-                            {
-                                Ok(blob) => &wrapped.insert((*mechanism, blob)).1,
-                                Err(e) => {
-                                    self.undo(&made);
-                                    return Err(e);
-                                }
-                            }
-                        }
-                    };
-                    let domain = match self.domain_key(position) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            self.undo(&made);
-                            return Err(e);
-                        }
-                    };
-                    self.unwrap_on(object, era, *mechanism, domain, blob, &template)
+                    let blob = wrapped
+                        .iter()
+                        .find(|(m, _)| m == mechanism)
+                        .map(|(_, blob)| blob.as_slice())
+                        .expect("wrapped before the targets are asked");
+                    self.domain_key(position).map(|domain| {
+                        self.unwrap_on(object, era, *mechanism, domain, blob, &template)
+                    })
                 }
                 None => {
                     let attributes = template.template();
@@ -403,7 +406,36 @@ impl VirtualSession {
                         self.attempt_making(position, None, "replication", object, &mut |l, s| {
                             l.create_object(s, attributes.as_slice(), &mut handle)
                         });
-                    (answer, handle)
+                    Ok((answer, handle))
+                }
+            };
+            Some((position, era, *strategy, answer))
+        };
+        // Asked at once as an object the application makes (`try_create`),
+        // the copies made taken first: a target's refusal undoes them
+        // whatever the order, as one after another.
+        let answers: Box<dyn Iterator<Item = _>> = if self.group.asks_at_once(targets) {
+            let mut answers = self.group.on_each_at_once(targets, |position| {
+                let _inside = crate::virtual_session::waiting::part_of_a_write();
+                let at = targets.iter().position(|p| *p == position);
+                let at = at.expect("a target of the copy");
+                copy_to_one((position, &strategies[at]))
+            });
+            answers.sort_by_key(|answer| {
+                !matches!(answer, Some((_, _, _, Ok((Attempt::Answered(CKR_OK), _)))))
+            });
+            Box::new(answers.into_iter())
+        } else {
+            Box::new(targets.iter().copied().zip(&strategies).map(copy_to_one))
+        };
+        let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
+        let mut faulted = Vec::new();
+        for (position, era, strategy, answer) in answers.flatten() {
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    self.undo(&made);
+                    return Err(e);
                 }
             };
             match answer {

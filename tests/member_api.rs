@@ -4340,12 +4340,24 @@ fn of_two_doubts_at_the_waits_end_the_one_whose_time_ran_out_settles_and_the_oth
 /// own as the provider has them ([`Group::set_members_in_threads`]); and a
 /// session logged in on it.
 fn remote_pair_in_threads(seed: u64) -> (Arc<SimMember>, Arc<Group>, VirtualSession) {
-    let member = SimMember::new("remote", 2, 0, true, seed).talking_to_a_server();
+    remote_group_in_threads(2, seed)
+}
+
+/// [`remote_pair_in_threads`] of `tokens` members.
+fn remote_group_in_threads(
+    tokens: usize,
+    seed: u64,
+) -> (Arc<SimMember>, Arc<Group>, VirtualSession) {
+    let member = SimMember::new("remote", tokens, 0, true, seed).talking_to_a_server();
     member
         .initialize()
         .expect("an in-memory library initialises");
     let member = Arc::new(member);
-    let group = group_of((0..2).map(|token| (Arc::clone(&member), token)).collect());
+    let group = group_of(
+        (0..tokens)
+            .map(|token| (Arc::clone(&member), token))
+            .collect(),
+    );
     group.set_members_in_threads(true);
     let v = logged_in_session(&group);
     (member, group, v)
@@ -4364,8 +4376,9 @@ fn copies_labelled(member: &SimMember, token: usize, label: &str) -> usize {
 /// (network bench, object-making table: a data session object on a group
 /// of two at 1 ms each way took 7.1 ms, asked at once 4.8 ms). Here each
 /// member's `C_CreateObject` waits, up to 10 s, for the other's to begin.
-/// Has each of the two members' calls of `function` wait, up to 10 s, for
-/// the other's to begin; how many of them met the other's under way.
+/// Has each of the first two calls of `function` on `member` (two of its
+/// tokens') wait, up to 10 s, for the other to begin; how many of them met
+/// the other under way.
 fn meeting_calls(member: &SimMember, function: &'static str) -> Arc<AtomicUsize> {
     let begun = Arc::new((Mutex::new(0usize), parking_lot::Condvar::new()));
     let met = Arc::new(AtomicUsize::new(0));
@@ -4464,5 +4477,22 @@ fn an_object_is_copied_on_members_that_talk_to_servers_at_once() {
             "on member {token}"
         );
     }
+    v.close();
+}
+
+/// A key made on one member that talks to a server reaches the others at
+/// once: wrapped once, then unwrapped on each of them together.
+#[test]
+fn a_generated_key_reaches_members_that_talk_to_servers_at_once() {
+    let (member, _group, v) = remote_group_in_threads(3, 85);
+    let met = meeting_calls(&member, "C_UnwrapKey");
+    generate_token_key(&v, b"to both at once").expect("C_GenerateKey");
+    assert_eq!(
+        met.load(Ordering::SeqCst),
+        2,
+        "each other member's C_UnwrapKey was under way while the other's began"
+    );
+    let values = key_values(&member, b"to both at once");
+    assert!(once_on_each_member(&values), "{values:?}");
     v.close();
 }
