@@ -367,13 +367,15 @@ impl VirtualSession {
                 Some(Presence::Present(_))
             )
         };
-        // Wrapped once per mechanism, before any target is asked.
+        // Wrapped once per mechanism, before any target is asked (also for
+        // a target copied meanwhile: it may not be by the time it is
+        // asked).
         let mut wrapped: Vec<(CK_MECHANISM_TYPE, Vec<u8>)> = Vec::new();
-        for (&position, strategy) in targets.iter().zip(&strategies) {
+        for strategy in &strategies {
             let Some(Strategy::Wrap(mechanism)) = strategy else {
                 continue;
             };
-            if copied(position) || wrapped.iter().any(|(m, _)| m == mechanism) {
+            if wrapped.iter().any(|(m, _)| m == mechanism) {
                 continue;
             }
             let blob = self
