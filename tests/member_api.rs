@@ -4400,23 +4400,29 @@ fn meeting_calls(member: &SimMember, function: &'static str) -> Arc<AtomicUsize>
     met
 }
 
+/// Checks that both calls of `function` met under way ([`meeting_calls`])
+/// and that each of the two members holds one object labelled `label`.
+fn made_at_once(member: &SimMember, met: &AtomicUsize, function: &str, label: &str) {
+    assert_eq!(
+        met.load(Ordering::SeqCst),
+        2,
+        "each member's {function} was under way while the other's began"
+    );
+    for token in 0..2 {
+        assert_eq!(
+            copies_labelled(member, token, label),
+            1,
+            "on member {token}"
+        );
+    }
+}
+
 #[test]
 fn an_object_is_made_on_members_that_talk_to_servers_at_once() {
     let (member, _group, v) = remote_pair_in_threads(81);
     let met = meeting_calls(&member, "C_CreateObject");
     import_labelled(&v, "at once");
-    assert_eq!(
-        met.load(Ordering::SeqCst),
-        2,
-        "each member's C_CreateObject was under way while the other's began"
-    );
-    for token in 0..2 {
-        assert_eq!(
-            copies_labelled(&member, token, "at once"),
-            1,
-            "on member {token}"
-        );
-    }
+    made_at_once(&member, &met, "C_CreateObject", "at once");
     v.close();
 }
 
@@ -4465,18 +4471,7 @@ fn an_object_is_copied_on_members_that_talk_to_servers_at_once() {
         unsafe { Template::giving_values(relabel.as_ptr() as *mut _, 1) }.expect("a template");
     v.copy_object(CK_INVALID_HANDLE, source, &template)
         .expect("C_CopyObject");
-    assert_eq!(
-        met.load(Ordering::SeqCst),
-        2,
-        "each member's C_CopyObject was under way while the other's began"
-    );
-    for token in 0..2 {
-        assert_eq!(
-            copies_labelled(&member, token, "copied at once"),
-            1,
-            "on member {token}"
-        );
-    }
+    made_at_once(&member, &met, "C_CopyObject", "copied at once");
     v.close();
 }
 
