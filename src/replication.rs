@@ -416,20 +416,13 @@ impl VirtualSession {
         // Asked at once as an object the application makes (`try_create`),
         // the copies made taken first: a target's refusal undoes them
         // whatever the order, as one after another.
-        let answers: Box<dyn Iterator<Item = _>> = if self.group.asks_at_once(targets) {
-            let mut answers = self.group.on_each_at_once(targets, |position| {
-                let _inside = crate::virtual_session::waiting::part_of_a_write();
-                let at = targets.iter().position(|p| *p == position);
-                let at = at.expect("a target of the copy");
-                copy_to_one((position, &strategies[at]))
-            });
-            answers.sort_by_key(|answer| {
-                !matches!(answer, Some((_, _, _, Ok((Attempt::Answered(CKR_OK), _)))))
-            });
-            Box::new(answers.into_iter())
-        } else {
-            Box::new(targets.iter().copied().zip(&strategies).map(copy_to_one))
+        let copy_at = |position: usize| {
+            let at = targets.iter().position(|p| *p == position);
+            copy_to_one((position, &strategies[at.expect("a target of the copy")]))
         };
+        let answers = self.answers_of(targets, &copy_at, |answer| {
+            matches!(answer, Some((_, _, _, Ok((Attempt::Answered(CKR_OK), _)))))
+        });
         let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted = Vec::new();
         for (position, era, strategy, answer) in answers.flatten() {

@@ -274,6 +274,31 @@ struct MemberMade {
     troubled: bool,
 }
 
+impl VirtualSession {
+    /// The answers of the members at `positions` to `ask`, for a call that
+    /// makes objects: asked at once where the group asks them so
+    /// ([`crate::group::Group::asks_at_once`]), each in a thread inside the
+    /// caller's write, the answers that `made` a copy taken first; else one
+    /// after another as the caller takes them, so that a caller that stops
+    /// at an answer asks no further member.
+    pub(crate) fn answers_of<'a, T: Send + 'a>(
+        &self,
+        positions: &'a [usize],
+        ask: &'a (dyn Fn(usize) -> T + Sync),
+        made: impl Fn(&T) -> bool,
+    ) -> Box<dyn Iterator<Item = T> + 'a> {
+        if !self.group.asks_at_once(positions) {
+            return Box::new(positions.iter().map(move |p| ask(*p)));
+        }
+        let mut answers = self.group.on_each_at_once(positions, |position| {
+            let _inside = waiting::part_of_a_write();
+            ask(position)
+        });
+        answers.sort_by_key(|answer| !made(answer));
+        Box::new(answers.into_iter())
+    }
+}
+
 /// Whether `template` makes a key: a public, private or secret key.
 fn is_key(template: &Template) -> bool {
     matches!(
@@ -397,16 +422,9 @@ impl VirtualSession {
             // them made makes the object, whatever the order: the answers
             // that made it are taken first, and a member refusing it then
             // serves without it, as after it refused behind another.
-            let answers: Box<dyn Iterator<Item = MemberMade>> = if self.group.asks_at_once(&up) {
-                let mut answers = self.group.on_each_at_once(&up, |position| {
-                    let _inside = waiting::part_of_a_write();
-                    make_on(position)
-                });
-                answers.sort_by_key(|a| !matches!(a.answer, Attempt::Answered(CKR_OK)));
-                Box::new(answers.into_iter())
-            } else {
-                Box::new(up.into_iter().map(make_on))
-            };
+            let answers = self.answers_of(&up, &make_on, |a| {
+                matches!(a.answer, Attempt::Answered(CKR_OK))
+            });
             for MemberMade {
                 position,
                 era,
@@ -730,21 +748,16 @@ impl VirtualSession {
                 );
                 (position, era, handle, answer)
             };
-            // Asked at once as `C_CreateObject` is (`try_create`); the
-            // copies made are taken first, so that a refusal undoes them
-            // whatever the order, as one after another.
+            // The copies made are taken first, so that a refusal undoes
+            // them whatever the order, as one after another.
             let positions: Vec<usize> = copies.iter().map(|(p, _, _)| *p).collect();
-            let answers: Box<dyn Iterator<Item = _>> = if self.group.asks_at_once(&positions) {
-                let mut answers = self.group.on_each_at_once(&positions, |position| {
-                    let _inside = waiting::part_of_a_write();
-                    let copy = copies.iter().find(|(p, _, _)| *p == position);
-                    copy_on(copy.expect("a copy for each position"))
-                });
-                answers.sort_by_key(|(_, _, _, a)| !matches!(a, Attempt::Answered(CKR_OK)));
-                Box::new(answers.into_iter())
-            } else {
-                Box::new(copies.iter().map(copy_on))
+            let copy_at = |position: usize| {
+                let copy = copies.iter().find(|(p, _, _)| *p == position);
+                copy_on(copy.expect("a copy for each position"))
             };
+            let answers = self.answers_of(&positions, &copy_at, |(_, _, _, a)| {
+                matches!(a, Attempt::Answered(CKR_OK))
+            });
             for (position, era, handle, answer) in answers {
                 if self.note_copy(object, era, handle, answer, &mut made, &|| None)? {
                     missed.push(position);

@@ -4348,7 +4348,9 @@ fn remote_group_in_threads(
     tokens: usize,
     seed: u64,
 ) -> (Arc<SimMember>, Arc<Group>, VirtualSession) {
-    let member = SimMember::new("remote", tokens, 0, true, seed).talking_to_a_server();
+    // Not a lost connection at a crash: the tokens share the library, and
+    // a token restarts alone.
+    let member = SimMember::new("remote", tokens, 0, false, seed).talking_to_a_server();
     member
         .initialize()
         .expect("an in-memory library initialises");
@@ -4489,5 +4491,29 @@ fn a_generated_key_reaches_members_that_talk_to_servers_at_once() {
     );
     let values = key_values(&member, b"to both at once");
     assert!(once_on_each_member(&values), "{values:?}");
+    v.close();
+}
+
+/// Asked at once, a member that crashes under the call is taken out while
+/// the other makes the object: the call succeeds, and the member that
+/// crashed is given the object once when it returns.
+#[test]
+fn asked_at_once_a_member_crashing_under_the_call_gets_the_object_on_return() {
+    let (member, group, v) = remote_pair_in_threads(86);
+    member.sim.lock().set_fault(1, Fault::Crash);
+    import_token_object(&v, data_object(b"made while 1 crashed", b"data"))
+        .expect("member 0 made it");
+    assert_ne!(group.members[1].state(), MemberState::Up);
+    assert_eq!(copies_labelled(&member, 0, "made while 1 crashed"), 1);
+    member.sim.lock().heal(1);
+    let host = MemoryHost::of(&group, &[Arc::clone(&member)]);
+    recovery::recover_failed_members(&host);
+    recovery::replay_deferred(&group);
+    assert_eq!(group.members[1].state(), MemberState::Up);
+    assert_eq!(
+        copies_labelled(&member, 1, "made while 1 crashed"),
+        1,
+        "member 1 was given it once on its return"
+    );
     v.close();
 }
