@@ -34,7 +34,7 @@ use crate::index::MemberIndex;
 use crate::object::{Era, Presence};
 use crate::recovery::Host;
 use crate::replication::Copying;
-use crate::state_dir::{Deletion, StateDir};
+use crate::state_dir::{Deletion, GroupLock, StateDir};
 use crate::virtual_session::VirtualSession;
 use cryptoki_sys::*;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -275,7 +275,7 @@ fn run(
 /// (`tests/simulation.rs`) makes its passes so, at the steps its schedule
 /// draws.
 pub fn reconcile_now(provider: &dyn Host, state: &StateDir) {
-    let shared = Shared::default();
+    let shared = Arc::default();
     for group in provider.groups() {
         match reconcile(provider, group, state, &shared) {
             Ok(Some(summary)) => summary.report(group, &shared),
@@ -383,132 +383,228 @@ fn reconcile(
     provider: &dyn Host,
     group: &Arc<Group>,
     state: &StateDir,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<Option<Summary>, String> {
-    if !provider.synchronize(group) || group.up_members().nth(1).is_none() {
-        return Ok(None);
-    }
-    let lock = state
-        .lock_group(&group.serial, LOCK_POLL, |wait| {
-            shared.wait_unless_stopped(wait)
-        })
-        .map_err(|e| {
-            format!(
-                "cannot take the lock file in {}: {e}",
-                state.path().display()
-            )
-        })?;
-    let Some(_one_process_at_a_time) = lock else {
+    let Some(mut pass) = Pass::begin(provider, group, state, shared)? else {
         return Ok(None);
     };
-    let started = std::time::Instant::now();
-    let worker = VirtualSession::internal(Arc::clone(group));
-    let outcome = pass(group, state, shared, &worker);
-    worker.close();
-    outcome.map(|summary| {
-        summary.map(|summary| Summary {
-            took: started.elapsed(),
-            ..summary
-        })
-    })
+    while pass.read_next() {}
+    pass.finish(state)
 }
 
-/// Reads every serving member once, then copies and removes.
-fn pass(
-    group: &Arc<Group>,
-    state: &StateDir,
-    shared: &Shared,
-    worker: &VirtualSession,
-) -> Result<Option<Summary>, String> {
-    let logged_in = group.cached_login().is_some();
-    let mut held: Vec<(usize, MemberIndex)> = Vec::new();
-    let mut epochs = vec![0; group.members.len()];
-    // The era of each member's handles before it was read: a copy's
-    // source handle is recorded only in that era.
-    let eras: Vec<Era> = (0..group.members.len())
-        .map(|m| group.objects.era(m))
-        .collect();
-    for member in group.up_members() {
-        if shared.stopping() {
+/// A pass over one group under way: it reads each serving member once,
+/// one at a time, then copies and removes. The reconciliation thread makes
+/// it in one go, while the application's calls, members failing and
+/// recoveries go on beside it (a pass over a few hundred objects under
+/// load takes seconds); the simulation makes its steps one by one, with
+/// the application's calls, faults and recoveries of its schedule between
+/// them ([`Pass::begin_now`]).
+pub struct Pass {
+    group: Arc<Group>,
+    shared: Arc<Shared>,
+    worker: VirtualSession,
+    _one_process_at_a_time: GroupLock,
+    started: std::time::Instant,
+    logged_in: bool,
+    /// The era of each member's handles before it was read: a copy's
+    /// source handle is recorded only in that era.
+    eras: Vec<Era>,
+    /// The epoch each member was read in.
+    epochs: Vec<u64>,
+    /// The next member position to read, if it serves by then.
+    next: usize,
+    held: Vec<(usize, MemberIndex)>,
+    /// See [`Pass::check_copies_up_to`].
+    checked_copies: usize,
+}
+
+impl Pass {
+    /// Takes the group's turn (waiting for another process's pass) unless
+    /// the group has fewer than two members serving or
+    /// `[HASynchronize]` does not ask for passes: `None` then.
+    fn begin(
+        provider: &dyn Host,
+        group: &Arc<Group>,
+        state: &StateDir,
+        shared: &Arc<Shared>,
+    ) -> Result<Option<Pass>, String> {
+        if !provider.synchronize(group) || group.up_members().nth(1).is_none() {
             return Ok(None);
         }
-        if let Some((index, epoch)) = read_index(worker, member.position, shared) {
-            held.push((member.position, index));
-            epochs[member.position] = epoch;
-        }
+        let lock = state
+            .lock_group(&group.serial, LOCK_POLL, |wait| {
+                shared.wait_unless_stopped(wait)
+            })
+            .map_err(|e| {
+                format!(
+                    "cannot take the lock file in {}: {e}",
+                    state.path().display()
+                )
+            })?;
+        let Some(lock) = lock else {
+            return Ok(None);
+        };
+        let members = group.members.len();
+        Ok(Some(Pass {
+            group: Arc::clone(group),
+            shared: Arc::clone(shared),
+            worker: VirtualSession::internal(Arc::clone(group)),
+            _one_process_at_a_time: lock,
+            started: std::time::Instant::now(),
+            logged_in: group.cached_login().is_some(),
+            eras: (0..members).map(|m| group.objects.era(m)).collect(),
+            epochs: vec![0; members],
+            next: 0,
+            held: Vec::new(),
+            checked_copies: CHECKED_COPIES,
+        }))
     }
-    // A login or logout meanwhile changed which objects a member shows.
-    if held.len() < 2 || group.cached_login().is_some() != logged_in {
-        return Ok(None);
-    }
-    let deletions = state
-        .deletions(&group.serial)
-        .map_err(|e| format!("cannot read the deletion record: {e}"))?;
-    let plan = Plan::make(&held, &deletions);
-    // A deletion can be forgotten once every member is known rid of the
-    // object -- which only a logged-in pass over all of them can tell --
-    // or once the object was made again.
-    let everyone = held.len() == group.members.len() && logged_in;
-    let forget: Vec<&Deletion> = deletions
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| plan.made_again.contains(i) || (everyone && !plan.seen.contains(i)))
-        .map(|(_, d)| d)
-        .collect();
-    if !forget.is_empty() {
-        state
-            .forget_deletions(&group.serial, |d| forget.contains(&d))
-            .map_err(|e| format!("cannot rewrite the deletion record: {e}"))?;
-    }
-    let mut summary = Summary {
-        ambiguous: plan.ambiguous,
-        objects: held.iter().map(|(_, index)| index.len()).sum(),
-        members: held.len(),
-        ..Summary::default()
-    };
-    for (print, holders) in &plan.removals {
-        for position in holders {
-            if shared.stopping() {
-                return Ok(Some(summary));
-            }
-            match worker.apply(*position, &Pending::Destroy(print.clone()), None) {
-                Ok(removed) => summary.removed += usize::from(removed),
-                Err(why) => summary.fail(why),
-            }
-        }
-    }
-    for (position, handles) in &plan.extras {
-        for handle in handles {
-            if shared.stopping() {
-                return Ok(Some(summary));
-            }
-            summary.doubled += usize::from(remove_copy(
-                group,
-                worker,
-                *position,
-                (*handle, epochs[*position]),
-            ));
-        }
-    }
-    let copied = copy_missing(
-        group,
-        shared,
-        worker,
-        &plan.copies,
-        (&epochs, &eras),
-        &mut summary,
-    );
-    remove_doubles(group, shared, worker, &copied, &mut summary);
-    // Each member read has now been given what the others hold, unless a
-    // copy failed or it came back meanwhile.
-    if summary.failed == 0 {
-        for (position, _) in &held {
-            if group.members[*position].epoch() == epochs[*position] {
-                group.set_compared(*position, true);
+
+    /// A pass over the provider's first group whose steps the caller makes
+    /// ([`Pass::read_next`], [`Pass::finish_and_report`]): the
+    /// deterministic simulation (`tests/simulation.rs`), whose schedules
+    /// run the application's calls and faults between them. `None` where
+    /// [`reconcile_now`] would make no pass.
+    pub fn begin_now(provider: &dyn Host, state: &StateDir) -> Option<Pass> {
+        let group = provider.groups().first()?;
+        match Pass::begin(provider, group, state, &Arc::default()) {
+            Ok(pass) => pass,
+            Err(why) => {
+                group.log(None, &format!("reconciliation failed: {why}"));
+                None
             }
         }
     }
-    Ok(Some(summary))
+
+    /// Up to how many objects a member may lack for each copy to it to be
+    /// checked first with a search ([`CHECKED_COPIES`] unless set): the
+    /// simulation, whose members lack a few objects at most, sets 0 in
+    /// some schedules, so that the copies a large backlog makes unchecked
+    /// are made there too.
+    pub fn check_copies_up_to(&mut self, objects: usize) {
+        self.checked_copies = objects;
+    }
+
+    /// Reads the next member serving now; false once every member has had
+    /// its turn (or the provider is being finalised).
+    pub fn read_next(&mut self) -> bool {
+        while self.next < self.group.members.len() {
+            let position = self.next;
+            self.next += 1;
+            if self.shared.stopping() {
+                return false;
+            }
+            if !self.group.members[position].is_up() {
+                continue;
+            }
+            if let Some((index, epoch)) = read_index(&self.worker, position, &self.shared) {
+                self.held.push((position, index));
+                self.epochs[position] = epoch;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Copies and removes what the members read call for, and logs what
+    /// it did.
+    pub fn finish_and_report(self, state: &StateDir) {
+        let group = Arc::clone(&self.group);
+        let shared = Arc::clone(&self.shared);
+        match self.finish(state) {
+            Ok(Some(summary)) => summary.report(&group, &shared),
+            Ok(None) => {}
+            Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
+        }
+    }
+
+    /// Copies and removes what the members read call for; `None` where
+    /// fewer than two members were read, or a login or logout meanwhile
+    /// changed which objects a member shows.
+    fn finish(self, state: &StateDir) -> Result<Option<Summary>, String> {
+        let (group, shared, worker) = (&self.group, &*self.shared, &self.worker);
+        let held = &self.held;
+        if held.len() < 2 || group.cached_login().is_some() != self.logged_in {
+            return Ok(None);
+        }
+        let deletions = state
+            .deletions(&group.serial)
+            .map_err(|e| format!("cannot read the deletion record: {e}"))?;
+        let plan = Plan::make(held, &deletions);
+        // A deletion can be forgotten once every member is known rid of the
+        // object -- which only a logged-in pass over all of them can tell --
+        // or once the object was made again.
+        let everyone = held.len() == group.members.len() && self.logged_in;
+        let forget: Vec<&Deletion> = deletions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| plan.made_again.contains(i) || (everyone && !plan.seen.contains(i)))
+            .map(|(_, d)| d)
+            .collect();
+        if !forget.is_empty() {
+            state
+                .forget_deletions(&group.serial, |d| forget.contains(&d))
+                .map_err(|e| format!("cannot rewrite the deletion record: {e}"))?;
+        }
+        let mut summary = Summary {
+            ambiguous: plan.ambiguous,
+            objects: held.iter().map(|(_, index)| index.len()).sum(),
+            members: held.len(),
+            ..Summary::default()
+        };
+        for (print, holders) in &plan.removals {
+            for position in holders {
+                if shared.stopping() {
+                    return Ok(Some(summary));
+                }
+                match worker.apply(*position, &Pending::Destroy(print.clone()), None) {
+                    Ok(removed) => summary.removed += usize::from(removed),
+                    Err(why) => summary.fail(why),
+                }
+            }
+        }
+        for (position, handles) in &plan.extras {
+            for handle in handles {
+                if shared.stopping() {
+                    return Ok(Some(summary));
+                }
+                summary.doubled += usize::from(remove_copy(
+                    group,
+                    worker,
+                    *position,
+                    (*handle, self.epochs[*position]),
+                ));
+            }
+        }
+        let copied = copy_missing(
+            group,
+            shared,
+            worker,
+            (&plan.copies, self.checked_copies),
+            (&self.epochs, &self.eras),
+            &mut summary,
+        );
+        remove_doubles(group, shared, worker, &copied, &mut summary);
+        // Each member read has now been given what the others hold, unless a
+        // copy failed or it came back meanwhile.
+        if summary.failed == 0 {
+            for (position, _) in held {
+                if group.members[*position].epoch() == self.epochs[*position] {
+                    group.set_compared(*position, true);
+                }
+            }
+        }
+        Ok(Some(Summary {
+            took: self.started.elapsed(),
+            ..summary
+        }))
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.worker.close();
+    }
 }
 
 /// Reads every token object of the member but its domain key, as
@@ -753,7 +849,7 @@ fn copy_missing(
     group: &Group,
     shared: &Shared,
     worker: &VirtualSession,
-    copies: &[Copy],
+    (copies, checked_copies): (&[Copy], usize),
     (epochs, eras): (&[u64], &[Era]),
     summary: &mut Summary,
 ) -> Vec<Made> {
@@ -767,7 +863,7 @@ fn copy_missing(
     }
     let checked: FxHashSet<usize> = lacking
         .into_iter()
-        .filter(|(_, n)| *n <= CHECKED_COPIES)
+        .filter(|(_, n)| *n <= checked_copies)
         .map(|(target, _)| target)
         .collect();
     for copy in copies {
@@ -803,7 +899,14 @@ fn copy_missing(
             if shared.stopping() {
                 return made;
             }
-            if !group.members[target].is_up() {
+            // A member that came back since it was read is left to the
+            // pass its return asked for: what was made there meanwhile
+            // has handles its new connection may number afresh, so the
+            // group no longer knows it is there, and this pass's reading
+            // says it is not (a soak run's pass, 10.7 s long, made 18
+            // public keys a second time on such a member).
+            let returned = || group.members[target].epoch() != epochs[target];
+            if !group.members[target].is_up() || returned() {
                 continue;
             }
             // Until this process makes no object: one being made may be
@@ -843,7 +946,11 @@ fn copy_missing(
                     continue;
                 }
             }
-            let target_epoch = group.members[target].epoch();
+            // As it may have while this pass waited and searched.
+            if returned() {
+                continue;
+            }
+            let target_epoch = epochs[target];
             match worker.copy_to(object, copy.source, &[target], Copying::Missed) {
                 Ok(faulted) if faulted.is_empty() => {
                     summary.copied += 1;
