@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -318,7 +318,14 @@ pub struct MemberLibrary {
     /// initialises it, never when recovery reconnects it), so that two
     /// entries of one client library can reach two servers.
     environment: Vec<(String, String)>,
-    functions: CK_FUNCTION_LIST,
+    /// The instance's function table ([`Self::table`]): p11-kit's client
+    /// gives each instance a table of its own, and a library takes over
+    /// its probe's where that found the server well while its own
+    /// connection was dead ([`Self::reinitialize`]). Each table is made
+    /// once per instance and leaked, so that a call that read one just
+    /// before such a swap still calls through a live table (a few hundred
+    /// bytes per instance; instances live as long as the process).
+    table: AtomicPtr<CK_FUNCTION_LIST>,
     /// True when our `C_Initialize` succeeded, so ours is the `C_Finalize`.
     initialized_by_us: Mutex<bool>,
     /// Set by the application's `C_Finalize` until its next `C_Initialize`:
@@ -405,6 +412,12 @@ struct Inside {
 }
 
 const CALLS_INSIDE: u64 = (1 << 32) - 1;
+/// How long after its probe told the library's own connection dead the
+/// library may take over the probe's connection
+/// ([`MemberLibrary::reinitialize`]): the reconnect follows at once, and
+/// an older connection may have died since.
+const WARM_PROBE_FOR: Duration = Duration::from_secs(2);
+
 /// Added by each `C_Finalize` of the application.
 const FINALIZED: u64 = 1 << 32;
 
@@ -650,6 +663,10 @@ struct Spares {
     /// server ([`MemberLibrary::fresh_instance`]); its calls are
     /// counted apart, so that they never pass for the first instance's.
     probe: Option<Arc<MemberLibrary>>,
+    /// When the probe, left initialised, last told the library's own
+    /// connection dead ([`Bounded::finish_hedged`]): its connection may be
+    /// taken over ([`MemberLibrary::reinitialize`]).
+    told_dead_at: Mutex<Option<Instant>>,
 }
 
 struct Spare {
@@ -1301,7 +1318,7 @@ impl MemberLibrary {
             path: instance.path,
             environment: instance.environment,
             server: instance.server,
-            functions,
+            table: AtomicPtr::new(Box::leak(Box::new(functions))),
             initialized_by_us: Mutex::new(false),
             retired: AtomicBool::new(false),
             usable: AtomicBool::new(false),
@@ -1347,6 +1364,7 @@ impl MemberLibrary {
             instances: spares,
             logins: Mutex::new(()),
             probe: Some(Arc::new(probe)),
+            told_dead_at: Mutex::new(None),
         };
         Ok(self)
     }
@@ -1589,19 +1607,40 @@ impl MemberLibrary {
     /// [`classify`] finds the answer a member fault. The table itself never
     /// leaves this module, so no member call can skip the connection check,
     /// the numbering the watchdog reads, the classification or the counts.
+    ///
+    /// A networked library's entry is picked again under its reconnect
+    /// lock, where a swap of its table ([`Self::reinitialize`]) cannot
+    /// come between the pick and the call.
     #[inline(always)]
     pub fn call<F: Copy>(
         &self,
         function: &'static str,
-        select: impl FnOnce(&CK_FUNCTION_LIST) -> Option<F>,
+        select: impl Fn(&CK_FUNCTION_LIST) -> Option<F>,
         invoke: impl FnOnce(F) -> CK_RV,
     ) -> CK_RV {
-        let Some(f) = select(&self.functions) else {
+        let Some(f) = select(self.table()) else {
             return CKR_FUNCTION_NOT_SUPPORTED;
         };
         let inside = self.inside.enter();
-        let rv = counted(function, || self.shielded(function, || invoke(f)));
+        let rv = counted(function, || {
+            self.shielded(function, || {
+                let f = if self.networked {
+                    select(self.table()).unwrap_or(f)
+                } else {
+                    f
+                };
+                invoke(f)
+            })
+        });
         inside.answer(rv)
+    }
+
+    /// The function table calls go through now (see `table`).
+    #[inline(always)]
+    fn table(&self) -> &'static CK_FUNCTION_LIST {
+        // SAFETY: every pointer stored there comes from `Box::leak` of a
+        // table no one writes to.
+        unsafe { &*self.table.load(Ordering::Acquire) }
     }
 
     /// The call counts of the token in `slot`: those of the group member
@@ -1627,7 +1666,7 @@ impl MemberLibrary {
 
     /// The PKCS#11 version the library's function table reports.
     pub fn version(&self) -> CK_VERSION {
-        self.functions.version
+        self.table().version
     }
 
     /// A function the library exports beside its PKCS#11 table (Luna's
@@ -1917,7 +1956,7 @@ impl MemberLibrary {
         self.usable.store(false, Ordering::Release);
         self.connection.fetch_add(1, Ordering::AcqRel);
         let rv = with_environment(environment, || {
-            with_sigpipe_blocked(|| match self.functions.C_Initialize {
+            with_sigpipe_blocked(|| match self.table().C_Initialize {
                 // SAFETY: the library's own C_Initialize, with arguments that
                 // live across the call.
                 Some(f) => unsafe { f(&mut args as *mut _ as *mut std::ffi::c_void) },
@@ -1942,19 +1981,38 @@ impl MemberLibrary {
     /// those a stalled server holds).
     pub fn finalize(&self) {
         let _reconnecting = self.exclusive();
+        self.finalize_own();
+        for spare in self.spares.instances.iter() {
+            spare.library.finalize();
+        }
+        self.release_probe();
+    }
+
+    /// Finalises the probe, left initialised if it found the server well
+    /// ([`Self::fresh_instance`]): its connection is a server process of
+    /// its own. Not while a probe job runs (it may be stuck connecting):
+    /// that job's next successor finalises it first.
+    fn release_probe(&self) {
+        *self.spares.told_dead_at.lock() = None;
+        if let Some(probe) = &self.spares.probe {
+            if !probe.job_running() {
+                probe.finalize();
+            }
+        }
+    }
+
+    /// Finalises this instance alone if we initialised it; the caller holds
+    /// its reconnect lock ([`Self::exclusive`]).
+    fn finalize_own(&self) {
         let mut ours = self.initialized_by_us.lock();
         if std::mem::take(&mut *ours) {
             self.usable.store(false, Ordering::Release);
-            with_sigpipe_blocked(|| match self.functions.C_Finalize {
+            with_sigpipe_blocked(|| match self.table().C_Finalize {
                 // SAFETY: the library's own C_Finalize; NULL is its only
                 // valid argument.
                 Some(f) => unsafe { f(ptr::null_mut()) },
                 None => CKR_FUNCTION_NOT_SUPPORTED,
             });
-        }
-        drop(ours);
-        for spare in self.spares.instances.iter() {
-            spare.library.finalize();
         }
     }
 
@@ -2160,22 +2218,27 @@ impl MemberLibrary {
     }
 
     /// Starts asking a fresh instance of p11-kit's client -- initialised
-    /// now, on a connection of its own, and finalised again -- whether it
-    /// passes `check`; `None` for other libraries, and while the last such
-    /// instance has not returned. p11-kit's server loads the token for
-    /// each connection before it answers its first byte (its source:
-    /// `p11_kit_remote_serve_tokens` initialises the module, then serves;
-    /// read, not timed here), so a fresh
-    /// instance that answers says the server and the path to it are well
-    /// now: a connection of the library's that answers nothing meanwhile
-    /// is dead (a relay or balancer took it while the path dropped
-    /// everything, and drops it still).
+    /// now, on a connection of its own -- whether it passes `check`;
+    /// `None` for other libraries, and while the last such instance has
+    /// not returned. One that passes is left initialised, for the library
+    /// to take over if it reconnects soon ([`Self::reinitialize`]); one
+    /// that does not is finalised again, as is one left from before.
+    /// p11-kit's server loads the token for each connection before it
+    /// answers its first byte (its source: `p11_kit_remote_serve_tokens`
+    /// initialises the module, then serves; read, not timed here), so a
+    /// fresh instance that answers says the server and the path to it are
+    /// well now: a connection of the library's that answers nothing
+    /// meanwhile is dead (a relay or balancer took it while the path
+    /// dropped everything, and drops it still).
     pub fn fresh_instance(&self, check: &FreshCheck) -> Option<Bounded<bool>> {
         let probe = self.spares.probe.as_ref()?;
         let check = Arc::clone(check);
         probe.start_bounded(move |instance: &MemberLibrary| {
-            let answers = instance.initialize_with(&[]).is_ok() && check(instance);
             instance.finalize();
+            let answers = instance.initialize_with(&[]).is_ok() && check(instance);
+            if !answers {
+                instance.finalize();
+            }
             answers
         })
     }
@@ -2211,6 +2274,15 @@ impl MemberLibrary {
     /// course of a soak run's EC public key held twice by a member whose
     /// connection, black-holed for 2.2 s, was replaced, and which served
     /// 112 ms later with an object in doubt after a fault.
+    ///
+    /// Where its probe told the library's own connection dead within the
+    /// last [`WARM_PROBE_FOR`] (a hedge, [`Bounded::finish_hedged`]),
+    /// having found the server well on a connection of its own, the
+    /// library takes over that connection instead of making another:
+    /// p11-kit's server loads the whole token for each connection before
+    /// it answers (0.6-1.4 s for the long chaos run's tokens under load),
+    /// and a dead connection's reconnect so loaded it twice, the member out
+    /// all the while (4.3 s in all in that run).
     pub fn reinitialize(&self) -> Result<()> {
         if !self.networked && self.calls_inside() != 0 {
             return Err(Error::new(CKR_DEVICE_ERROR));
@@ -2218,8 +2290,47 @@ impl MemberLibrary {
         if self.networked {
             self.cut_calls(|_| true);
         }
+        if self.take_over_probe() {
+            return Ok(());
+        }
         self.finalize();
         self.initialize_with(&[])
+    }
+
+    /// Finalises this instance and takes over its probe's function table,
+    /// initialised on the connection that told this one's dead within the
+    /// last [`WARM_PROBE_FOR`], handing the probe the finalised one; false
+    /// (nothing changed) where the probe told no such thing. Under
+    /// both instances' reconnect locks: no call is inside either, and each
+    /// call picks its entry again under its instance's lock
+    /// ([`Self::call`]).
+    fn take_over_probe(&self) -> bool {
+        let Some(probe) = &self.spares.probe else {
+            return false;
+        };
+        let told = self.spares.told_dead_at.lock().take();
+        if told.is_none_or(|at| crate::clock::since(at) >= WARM_PROBE_FOR) || probe.job_running() {
+            return false;
+        }
+        let _own = self.exclusive();
+        let _probes = probe.exclusive();
+        if self.retired.load(Ordering::Acquire) || !probe.usable.load(Ordering::Acquire) {
+            return false;
+        }
+        self.finalize_own();
+        let taken = probe
+            .table
+            .swap(self.table.load(Ordering::Acquire), Ordering::AcqRel);
+        self.table.store(taken, Ordering::Release);
+        *probe.initialized_by_us.lock() = false;
+        probe.usable.store(false, Ordering::Release);
+        self.connection.fetch_add(1, Ordering::AcqRel);
+        *self.initialized_by_us.lock() = true;
+        self.usable.store(true, Ordering::Release);
+        for spare in self.spares.instances.iter() {
+            spare.library.finalize();
+        }
+        true
     }
 
     /// Shuts down the library's connection, so that calls stuck on a
@@ -2342,7 +2453,7 @@ impl MemberLibrary {
         function: &'static str,
         session: CK_SESSION_HANDLE,
         write: Write,
-        select: impl FnOnce(&CK_FUNCTION_LIST) -> Option<F>,
+        select: impl Fn(&CK_FUNCTION_LIST) -> Option<F>,
         call: impl FnOnce(F) -> (CK_RV, Option<CK_OBJECT_HANDLE>),
     ) -> CK_RV {
         if self.softhsm_slots.lock().is_empty() {
@@ -2622,10 +2733,12 @@ impl<T> Bounded<T> {
     /// [`Self::finish`], asking meanwhile, after `hedge`'s first wait and
     /// then after twice as long each time, whether a fresh instance of the
     /// library answers ([`MemberLibrary::fresh_instance`]), each asked for
-    /// one such wait at most. If one does while the job's own connection
-    /// has answered nothing, that connection is dead -- a slow server
-    /// would keep the fresh one waiting too -- and the job is given up at
-    /// once ([`Unanswered::DeadConnection`]).
+    /// such a wait or twice `patience`, whichever is longer. If one does while
+    /// the job's own connection has answered nothing, that connection is
+    /// dead -- a slow server would keep the fresh one waiting too -- and
+    /// the job is given up at once ([`Unanswered::DeadConnection`]). A job
+    /// silent at its deadline while a fresh instance is still asking waits
+    /// for that instance's answer, once.
     pub fn finish_hedged(
         self,
         deadline: Instant,
@@ -2642,6 +2755,11 @@ impl<T> Bounded<T> {
         if let Some((fresh, _, _)) = &probe {
             fresh.give_up();
         }
+        // Kept only for the reconnect that follows a dead connection at
+        // once ([`MemberLibrary::reinitialize`]).
+        if !matches!(outcome, Err(Unanswered::DeadConnection)) {
+            self.library.release_probe();
+        }
         outcome
     }
 
@@ -2655,6 +2773,7 @@ impl<T> Bounded<T> {
         probe: &mut Option<(Bounded<bool>, u64, Instant)>,
     ) -> std::result::Result<T, Unanswered> {
         let (mut deadline, mut seen) = (deadline, self.calls_sent);
+        let mut waited_for_probe = false;
         let mut gap = hedge.map(|(first, _)| first);
         let mut probe_at = gap.map(|gap| crate::clock::now() + gap);
         loop {
@@ -2665,10 +2784,13 @@ impl<T> Bounded<T> {
             if let (Some(at), Some(wait), Some((_, check))) = (probe_at, gap, hedge) {
                 if probe.is_none() && now >= at {
                     let sent = self.library.calls_sent.load(Ordering::Relaxed);
+                    // A fresh connection's server loads the whole token
+                    // first (0.5-3 s in the long chaos run): twice the
+                    // search's patience, at least.
                     *probe = self
                         .library
                         .fresh_instance(check)
-                        .map(|fresh| (fresh, sent, now + wait));
+                        .map(|fresh| (fresh, sent, now + wait.max(patience * 2)));
                     gap = Some(wait * 2);
                     probe_at = Some(now + wait * 2);
                 }
@@ -2679,6 +2801,7 @@ impl<T> Bounded<T> {
                     Some(true) if self.library.calls_sent.load(Ordering::Relaxed) == *sent => {
                         *probe = None;
                         self.give_up();
+                        *self.library.spares.told_dead_at.lock() = Some(now);
                         return Err(Unanswered::DeadConnection);
                     }
                     Some(_) => *probe = None,
@@ -2702,6 +2825,16 @@ impl<T> Bounded<T> {
             }
             let sent = self.library.calls_sent.load(Ordering::Relaxed);
             if sent == seen {
+                // A fresh instance still asking may yet tell the connection
+                // dead, and the reconnect then takes its connection over
+                // ([`MemberLibrary::reinitialize`]): it is waited for, once.
+                if let Some((_, _, until)) = probe.as_ref() {
+                    if !waited_for_probe && crate::clock::now() < *until {
+                        waited_for_probe = true;
+                        deadline = *until;
+                        continue;
+                    }
+                }
                 self.give_up();
                 return Err(Unanswered::Silent);
             }
