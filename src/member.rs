@@ -2733,12 +2733,10 @@ impl<T> Bounded<T> {
     /// [`Self::finish`], asking meanwhile, after `hedge`'s first wait and
     /// then after twice as long each time, whether a fresh instance of the
     /// library answers ([`MemberLibrary::fresh_instance`]), each asked for
-    /// such a wait or twice `patience`, whichever is longer. If one does while
-    /// the job's own connection has answered nothing, that connection is
-    /// dead -- a slow server would keep the fresh one waiting too -- and
-    /// the job is given up at once ([`Unanswered::DeadConnection`]). A job
-    /// silent at its deadline while a fresh instance is still asking waits
-    /// for that instance's answer, once.
+    /// one such wait at most. If one does while the job's own connection
+    /// has answered nothing, that connection is dead -- a slow server
+    /// would keep the fresh one waiting too -- and the job is given up at
+    /// once ([`Unanswered::DeadConnection`]).
     pub fn finish_hedged(
         self,
         deadline: Instant,
@@ -2773,7 +2771,6 @@ impl<T> Bounded<T> {
         probe: &mut Option<(Bounded<bool>, u64, Instant)>,
     ) -> std::result::Result<T, Unanswered> {
         let (mut deadline, mut seen) = (deadline, self.calls_sent);
-        let mut waited_for_probe = false;
         let mut gap = hedge.map(|(first, _)| first);
         let mut probe_at = gap.map(|gap| crate::clock::now() + gap);
         loop {
@@ -2784,13 +2781,10 @@ impl<T> Bounded<T> {
             if let (Some(at), Some(wait), Some((_, check))) = (probe_at, gap, hedge) {
                 if probe.is_none() && now >= at {
                     let sent = self.library.calls_sent.load(Ordering::Relaxed);
-                    // A fresh connection's server loads the whole token
-                    // first (0.5-3 s in the long chaos run): twice the
-                    // search's patience, at least.
                     *probe = self
                         .library
                         .fresh_instance(check)
-                        .map(|fresh| (fresh, sent, now + wait.max(patience * 2)));
+                        .map(|fresh| (fresh, sent, now + wait));
                     gap = Some(wait * 2);
                     probe_at = Some(now + wait * 2);
                 }
@@ -2825,16 +2819,6 @@ impl<T> Bounded<T> {
             }
             let sent = self.library.calls_sent.load(Ordering::Relaxed);
             if sent == seen {
-                // A fresh instance still asking may yet tell the connection
-                // dead, and the reconnect then takes its connection over
-                // ([`MemberLibrary::reinitialize`]): it is waited for, once.
-                if let Some((_, _, until)) = probe.as_ref() {
-                    if !waited_for_probe && crate::clock::now() < *until {
-                        waited_for_probe = true;
-                        deadline = *until;
-                        continue;
-                    }
-                }
                 self.give_up();
                 return Err(Unanswered::Silent);
             }

@@ -2047,13 +2047,8 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
             waited = patience;
             let search = |patience: Duration| {
                 let wanted = serial.clone();
-                // Half a `memberTimeout` of silence, so that a fresh
-                // connection, whose server first loads the whole token,
-                // can answer within the search's first patience: since the
-                // reconnect takes its connection over, telling a merely
-                // slow connection dead costs no further load.
                 let hedge = Hedge {
-                    after: provider.member_timeout() / 2,
+                    after: provider.member_timeout(),
                     check: Arc::new(move |fresh: &dyn MemberBackend| {
                         token_slot(fresh, &wanted).is_some()
                     }),
