@@ -3569,6 +3569,18 @@ fn a_kept_copy_whose_source_dropped_its_connection_unseen_is_made_once_the_sourc
     });
 }
 
+/// A state directory in `dir` for a scripted schedule's reconciliation
+/// passes, given to the provider's group as a reconciling provider's is.
+fn state_for_passes(dir: &tempfile::TempDir) -> Arc<pkcs11_ha::state_dir::StateDir> {
+    let provider = pkcs11_ha::provider::get().expect("initialised");
+    let state = Arc::new(
+        pkcs11_ha::state_dir::StateDir::open(&dir.path().join("state"))
+            .expect("the state directory"),
+    );
+    let _ = provider.groups[0].state.set(Arc::clone(&state));
+    state
+}
+
 /// Reconciliation's own copy path asks a failing source whether it
 /// answers, as a member's catch-up does (seed 30474): an object another
 /// host's process made on member 0 is read there, and member 0's
@@ -3587,10 +3599,7 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
             s.open_session(0);
             let provider = pkcs11_ha::provider::get().expect("initialised");
             let dir = tempfile::tempdir().expect("temp dir");
-            let path = dir.path().join("state");
-            let state =
-                Arc::new(pkcs11_ha::state_dir::StateDir::open(&path).expect("the state directory"));
-            let _ = provider.groups[0].state.set(Arc::clone(&state));
+            let state = state_for_passes(&dir);
             let label = b"made-by-another-host".to_vec();
             let value = b"its value".to_vec();
             let (library, local) = (Arc::clone(&s.tokens[0].0), s.tokens[0].1);
@@ -3684,11 +3693,7 @@ fn a_pass_does_not_copy_to_a_member_that_came_back_since_it_was_read() {
             s.open_session(0);
             let provider = pkcs11_ha::provider::get().expect("initialised");
             let dir = tempfile::tempdir().expect("temp dir");
-            let state = Arc::new(
-                pkcs11_ha::state_dir::StateDir::open(&dir.path().join("state"))
-                    .expect("the state directory"),
-            );
-            let _ = provider.groups[0].state.set(Arc::clone(&state));
+            let state = state_for_passes(&dir);
             let (library, local) = (Arc::clone(&s.tokens[0].0), s.tokens[0].1);
             library
                 .sim
