@@ -31,6 +31,10 @@ pub struct VirtualObject {
     /// this process, oldest first: a member that missed a change may hold
     /// a copy with one of them.
     pub former_prints: Vec<std::sync::Arc<crate::identity::Fingerprint>>,
+    /// The table's count of such changes when its last one was made (0:
+    /// none), so that a reading of the members taken before it is known
+    /// not to say what the object is ([`ObjectTable::changes_so_far`]).
+    pub changed_at: u64,
     /// Known to be a key the application made non-extractable (the members
     /// keep it extractable under trusted keys only). Never goes back: a
     /// key cannot become extractable again.
@@ -166,6 +170,9 @@ pub struct ObjectTable {
     /// changed only under the maps' write lock, so that a write checked
     /// under it cannot meet a forgetting half done.
     eras: Box<[AtomicU64]>,
+    /// Changes of objects' attributes made in this process so far
+    /// ([`VirtualObject::changed_at`]).
+    changes: AtomicU64,
     members: usize,
 }
 
@@ -179,6 +186,7 @@ impl ObjectTable {
                 owned: HashMap::default(),
             }),
             eras: (0..members).map(|_| AtomicU64::new(0)).collect(),
+            changes: AtomicU64::new(0),
             members,
         }
     }
@@ -196,6 +204,7 @@ impl ObjectTable {
                 protected: false,
                 never_extractable: false,
                 former_prints: Vec::new(),
+                changed_at: 0,
             },
         );
         handle
@@ -281,6 +290,7 @@ impl ObjectTable {
                 protected: false,
                 never_extractable: false,
                 former_prints: Vec::new(),
+                changed_at: 0,
             },
         );
         Some(handle)
@@ -339,6 +349,7 @@ impl ObjectTable {
                 protected: false,
                 never_extractable: false,
                 former_prints: Vec::new(),
+                changed_at: 0,
             },
         );
         Some(handle)
@@ -444,7 +455,14 @@ impl ObjectTable {
         if let Some(object) = self.maps.write().objects.get_mut(&handle) {
             object.former_prints.push(std::sync::Arc::new(before));
             object.fingerprint = Some(std::sync::Arc::new(after));
+            object.changed_at = self.changes.fetch_add(1, Ordering::AcqRel) + 1;
         }
+    }
+
+    /// How many changes of objects' attributes this process has made
+    /// ([`VirtualObject::changed_at`]).
+    pub fn changes_so_far(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Whether an object of the group has a kept fingerprint that a member

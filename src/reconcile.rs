@@ -416,6 +416,9 @@ pub struct Pass {
     held: Vec<(usize, MemberIndex)>,
     /// See [`Pass::check_copies_up_to`].
     checked_copies: usize,
+    /// This process's changes of objects' attributes before the first
+    /// member was read ([`crate::object::ObjectTable::changes_so_far`]).
+    changes_before: u64,
 }
 
 impl Pass {
@@ -457,6 +460,7 @@ impl Pass {
             next: 0,
             held: Vec::new(),
             checked_copies: CHECKED_COPIES,
+            changes_before: group.objects.changes_so_far(),
         }))
     }
 
@@ -581,7 +585,7 @@ impl Pass {
             shared,
             worker,
             (&plan.copies, self.checked_copies),
-            (&self.epochs, &self.eras),
+            (&self.epochs, &self.eras, self.changes_before),
             &mut summary,
         );
         remove_doubles(group, shared, worker, &copied, &mut summary);
@@ -850,7 +854,7 @@ fn copy_missing(
     shared: &Shared,
     worker: &VirtualSession,
     (copies, checked_copies): (&[Copy], usize),
-    (epochs, eras): (&[u64], &[Era]),
+    (epochs, eras, changes_before): (&[u64], &[Era], u64),
     summary: &mut Summary,
 ) -> Vec<Made> {
     let mut made = Vec::new();
@@ -894,6 +898,20 @@ fn copy_missing(
         ) else {
             continue;
         };
+        // Its attributes changed since the members were read: the readings
+        // taken before the change name it by its former fingerprint, so a
+        // member read before holds it under a print the others no longer
+        // have, and each looks as if it lacked the other's -- copied, the
+        // object was made a second time there (simulation seed 28074978:
+        // its `CKA_ID` set between two members' readings). The next pass
+        // reads them again.
+        if group
+            .objects
+            .get(object)
+            .is_some_and(|o| o.changed_at > changes_before)
+        {
+            continue;
+        }
         let key = is_key(&copy.print);
         for &target in &copy.targets {
             if shared.stopping() {

@@ -20,7 +20,7 @@ use crate::mechanism::{BareMechanism, OwnedTemplate};
 use crate::member_api::{MemberBackend, MemberSession};
 use crate::object::{Era, Presence};
 use crate::strategy::{self, Cloning, Side, Strategy};
-use crate::virtual_session::{Attempt, VirtualSession};
+use crate::virtual_session::{Attempt, MakingAnswer, VirtualSession};
 use cryptoki_sys::*;
 
 mod spares;
@@ -420,8 +420,9 @@ impl VirtualSession {
             let at = targets.iter().position(|p| *p == position);
             copy_to_one((position, &strategies[at.expect("a target of the copy")]))
         };
-        let answers = self.answers_of(targets, &copy_at, |answer| {
-            matches!(answer, Some((_, _, _, Ok((Attempt::Answered(CKR_OK), _)))))
+        let answers = self.answers_of(targets, &copy_at, |answer| match answer {
+            Some((_, _, _, Ok((attempt, _)))) => MakingAnswer::of(attempt),
+            _ => MakingAnswer::Refused,
         });
         let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted = Vec::new();

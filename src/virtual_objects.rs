@@ -13,7 +13,9 @@ use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
 use crate::object::{Era, Presence};
-use crate::virtual_session::{waiting, Attempt, Input, OpKind, Preference, Step, VirtualSession};
+use crate::virtual_session::{
+    waiting, Attempt, Input, MakingAnswer, OpKind, Preference, Step, VirtualSession,
+};
 use cryptoki_sys::*;
 
 /// The fingerprint an object made from `template` has as far as the
@@ -278,14 +280,17 @@ impl VirtualSession {
     /// The answers of the members at `positions` to `ask`, for a call that
     /// makes objects: asked at once where the group asks them so
     /// ([`crate::group::Group::asks_at_once`]), each in a thread inside the
-    /// caller's write, the answers that `made` a copy taken first; else one
-    /// after another as the caller takes them, so that a caller that stops
-    /// at an answer asks no further member.
+    /// caller's write, taken in the order `kind` gives them -- those that
+    /// made a copy first, then those of members that failed, then
+    /// refusals, so that a refusal that ends the call knows every member
+    /// that may hold a copy; else one after another as the caller takes
+    /// them, so that a caller that stops at an answer asks no further
+    /// member.
     pub(crate) fn answers_of<'a, T: Send + 'a>(
         &self,
         positions: &'a [usize],
         ask: &'a (dyn Fn(usize) -> T + Sync),
-        made: impl Fn(&T) -> bool,
+        kind: impl Fn(&T) -> MakingAnswer,
     ) -> Box<dyn Iterator<Item = T> + 'a> {
         if !self.group.asks_at_once(positions) {
             return Box::new(positions.iter().map(move |p| ask(*p)));
@@ -294,7 +299,7 @@ impl VirtualSession {
             let _inside = waiting::part_of_a_write();
             ask(position)
         });
-        answers.sort_by_key(|answer| !made(answer));
+        answers.sort_by_key(|answer| kind(answer));
         Box::new(answers.into_iter())
     }
 }
@@ -422,9 +427,7 @@ impl VirtualSession {
             // them made makes the object, whatever the order: the answers
             // that made it are taken first, and a member refusing it then
             // serves without it, as after it refused behind another.
-            let answers = self.answers_of(&up, &make_on, |a| {
-                matches!(a.answer, Attempt::Answered(CKR_OK))
-            });
+            let answers = self.answers_of(&up, &make_on, |a| MakingAnswer::of(&a.answer));
             for MemberMade {
                 position,
                 era,
@@ -442,8 +445,14 @@ impl VirtualSession {
                         continue;
                     }
                 }
-                if self.note_copy(object, era, handle, answer, &mut made, &print)? {
-                    faulted.push(position);
+                match self.note_copy(object, era, handle, answer, &mut made) {
+                    Ok(true) => faulted.push(position),
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.abandon(object, print(), &made, &faulted);
+                        self.remove_leftovers(&troubled, print());
+                        return Err(e);
+                    }
                 }
             }
             if let (true, Some(&(_, rv))) = (made.is_empty(), refused.first()) {
@@ -635,9 +644,11 @@ impl VirtualSession {
     }
 
     /// Records one member's answer to a call that makes `object` on every
-    /// member: a copy made is kept in `made`; a request error abandons the
-    /// object (`print` finds its copies) and fails the call, so no member
-    /// keeps what the application was told failed; true for a member that
+    /// member: a copy made is kept in `made`; a request error is the
+    /// call's, which abandons the object with every member that may hold a
+    /// copy ([`VirtualSession::abandon`]: those faulted too -- a member
+    /// taken out while its request went on may have made one), so no
+    /// member keeps what the application was told failed; true for a member that
     /// faulted, to be given the object when it returns -- as one whose
     /// handles were forgotten after it answered (`era`, taken before the
     /// call, is over), whose `handle` may name another object now: that
@@ -649,7 +660,6 @@ impl VirtualSession {
         handle: CK_OBJECT_HANDLE,
         answer: Attempt,
         made: &mut Vec<(Era, CK_OBJECT_HANDLE)>,
-        print: &dyn Fn() -> Option<identity::Fingerprint>,
     ) -> Result<bool> {
         match answer {
             Attempt::Answered(CKR_OK) => {
@@ -662,10 +672,7 @@ impl VirtualSession {
                 }
                 Ok(!recorded)
             }
-            Attempt::Answered(rv) => {
-                self.abandon(object, print(), made, &[]);
-                Err(Error::new(rv))
-            }
+            Attempt::Answered(rv) => Err(Error::new(rv)),
             Attempt::Faulted => Ok(true),
         }
     }
@@ -755,12 +762,15 @@ impl VirtualSession {
                 let copy = copies.iter().find(|(p, _, _)| *p == position);
                 copy_on(copy.expect("a copy for each position"))
             };
-            let answers = self.answers_of(&positions, &copy_at, |(_, _, _, a)| {
-                matches!(a, Attempt::Answered(CKR_OK))
-            });
+            let answers = self.answers_of(&positions, &copy_at, |(_, _, _, a)| MakingAnswer::of(a));
             for (position, era, handle, answer) in answers {
-                if self.note_copy(object, era, handle, answer, &mut made, &|| None)? {
-                    missed.push(position);
+                match self.note_copy(object, era, handle, answer, &mut made) {
+                    Ok(true) => missed.push(position),
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.abandon(object, None, &made, &missed);
+                        return Err(e);
+                    }
                 }
             }
             if !made.is_empty() {

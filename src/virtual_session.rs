@@ -24,7 +24,7 @@ mod operations;
 mod resolve;
 pub(crate) mod waiting;
 
-pub(crate) use attempt::Attempt;
+pub(crate) use attempt::{Attempt, MakingAnswer};
 pub use choice::{Handles, Preference};
 pub use operations::Step;
 

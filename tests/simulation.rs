@@ -176,6 +176,17 @@ struct Faults {
     /// from the seed apart from the schedule's own choices; the sets found
     /// before it leave it out.
     passes_beside: u64,
+    /// In what percentage of schedules (none by default; half with
+    /// `SIM_REFUSED_CREATES=1`) a serving member refuses the object an
+    /// application's call makes, in 1 of 5 such
+    /// calls (`Fault::RefuseCreate`, `CKR_TEMPLATE_INCONSISTENT`: a
+    /// library that judges a template otherwise than the others do), the
+    /// fault planted just before the call and lifted after it -- a real
+    /// refusal is the library's for good, and a one-shot one left for a
+    /// replay or a copy would model a refusal that goes away. Drawn apart
+    /// from the schedule's own choices; the sets found before it leave it
+    /// out.
+    refused_creates: u64,
 }
 
 impl Faults {
@@ -198,6 +209,14 @@ impl Faults {
         mid_replay: true,
         at_once: 50,
         passes_beside: 50,
+        refused_creates: 0,
+    };
+    /// The default schedules with members refusing objects made on them
+    /// in half of them ([`Faults::refused_creates`], `SIM_REFUSED_CREATES=1`
+    /// adds them to any set).
+    const REFUSED_CREATES: Faults = Faults {
+        refused_creates: 50,
+        ..Faults::DEFAULT
     };
     /// The default schedules before reconciliation passes ran beside the
     /// application ([`Faults::passes_beside`]).
@@ -264,6 +283,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -282,6 +302,7 @@ impl Faults {
         mid_replay: true,
         at_once: 50,
         passes_beside: 50,
+        refused_creates: 0,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -299,6 +320,7 @@ impl Faults {
         mid_replay: true,
         at_once: 50,
         passes_beside: 50,
+        refused_creates: 0,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -317,6 +339,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -335,6 +358,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -353,6 +377,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -366,12 +391,22 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        match std::env::var("SIM_SPARES").as_deref() {
+        let chosen = match std::env::var("SIM_SPARES").as_deref() {
             Ok("1") => Faults {
                 spares: 50,
                 ..chosen
             },
             Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
+            Err(_) => chosen,
+        };
+        match std::env::var("SIM_REFUSED_CREATES").as_deref() {
+            Ok("1") => Faults {
+                refused_creates: 50,
+                ..chosen
+            },
+            Ok(other) => panic!(
+                "SIM_REFUSED_CREATES is 1 (refused creates in half of any set), not {other:?}"
+            ),
             Err(_) => chosen,
         }
     }
@@ -391,6 +426,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -408,6 +444,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -425,6 +462,7 @@ impl Faults {
         mid_replay: false,
         at_once: 0,
         passes_beside: 0,
+        refused_creates: 0,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -434,12 +472,14 @@ impl Faults {
         let spared = Rng(seed ^ 0x59a2_e500_59a2_e500).below(100) < self.spares;
         let at_once = Rng(seed ^ 0xa70c_e000_a70c_e000).below(100) < self.at_once;
         let beside = Rng(seed ^ 0xbe51_de00_be51_de00).below(100) < self.passes_beside;
+        let refused = Rng(seed ^ 0x2ef0_5e00_2ef0_5e00).below(100) < self.refused_creates;
         Faults {
             reconnects: if drawn { 100 } else { 0 },
             threads: if threaded { 100 } else { 0 },
             spares: if spared { 100 } else { 0 },
             at_once: if at_once { 100 } else { 0 },
             passes_beside: if beside { 100 } else { 0 },
+            refused_creates: if refused { 100 } else { 0 },
             ..self
         }
     }
@@ -448,6 +488,12 @@ impl Faults {
     /// objects made on them (see [`Faults::at_once`]).
     fn asks_at_once(self) -> bool {
         self.at_once == 100
+    }
+
+    /// Whether this schedule's members may refuse objects made on them
+    /// (see [`Faults::refused_creates`]).
+    fn refuses_creates(self) -> bool {
+        self.refused_creates == 100
     }
 
     /// Whether this schedule's reconciliation passes may run beside the
@@ -1000,6 +1046,9 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, which passes run beside the
     /// application and when each takes its next step.
     pass_rng: Rng,
+    /// Chooses, apart from the others, the members that refuse an object
+    /// ([`Faults::refused_creates`]).
+    refuse_rng: Rng,
 }
 
 impl Schedule<'_> {
@@ -1324,6 +1373,43 @@ impl Schedule<'_> {
     }
 
     fn make_object(&mut self, t: usize, session: CK_SESSION_HANDLE, kind: u64, token: bool) {
+        let refusing = self.refuse_one_create();
+        self.make_object_as_drawn(t, session, kind, token);
+        if let Some(position) = refusing {
+            let (library, local) = &self.tokens[position];
+            library.sim.lock().tokens[*local].refuse_create = false;
+        }
+    }
+
+    /// Where the schedule draws it ([`Faults::refused_creates`]), has a
+    /// serving member refuse the next object made on it; that member.
+    fn refuse_one_create(&mut self) -> Option<usize> {
+        if !self.faults.refuses_creates() || !self.refuse_rng.chance(20) {
+            return None;
+        }
+        let provider = pkcs11_ha::provider::get().expect("initialised");
+        let serving: Vec<usize> = (0..self.tokens.len())
+            .filter(|p| provider.groups[0].members[*p].is_up())
+            .collect();
+        if serving.is_empty() {
+            return None;
+        }
+        let position = serving[self.refuse_rng.below(serving.len() as u64) as usize];
+        let (library, local) = &self.tokens[position];
+        library.sim.lock().set_fault(*local, Fault::RefuseCreate);
+        self.note(format!(
+            "token {position} refuses the next object made on it"
+        ));
+        Some(position)
+    }
+
+    fn make_object_as_drawn(
+        &mut self,
+        t: usize,
+        session: CK_SESSION_HANDLE,
+        kind: u64,
+        token: bool,
+    ) {
         self.serial += 1;
         let label = format!("obj-{}", self.serial).into_bytes();
         let yes: CK_BBOOL = CK_TRUE;
@@ -2849,6 +2935,7 @@ fn run_plan(
         fail_rng: Rng(seed ^ 0xfa11_ed00_fa11_ed00),
         pass: None,
         pass_rng: Rng(seed ^ 0x9a55_be00_9a55_be00),
+        refuse_rng: Rng(seed ^ 0x2ef0_5e00_2ef0_5e01),
     };
     if schedule.verbose {
         eprintln!("sim: {}", schedule.trace[0]);
@@ -3200,7 +3287,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -3209,7 +3296,12 @@ fn seeded_schedules_keep_every_invariant() {
             0 => "SIM_RECONNECTS=0 ",
             _ => "",
         },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" }
+        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
+        if faults.refused_creates > 0 {
+            "SIM_REFUSED_CREATES=1 "
+        } else {
+            ""
+        }
     );
 }
 
@@ -3279,6 +3371,7 @@ fn a_spared_seed_replays_exactly() {
             .env("SIM_SEED", seed.to_string())
             .env_remove("SIM_RECONNECTS")
             .env_remove("SIM_SPARES")
+            .env_remove("SIM_REFUSED_CREATES")
             .output()
             .expect("the replay runs");
         assert!(replay.status.success(), "seed {seed}'s replay failed");
@@ -4389,7 +4482,25 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   first, it looked the copy up under the last ID, found nothing, and
 ///   the copy stayed. A replay's failed share now takes every later
 ///   removal with it (`Group::take_kept`).
-const REGRESSION_SEEDS: [(u64, Faults); 118] = [
+/// - 27853448 (`SIM_REFUSED_CREATES=1` from 27,850,000): an object made
+///   one member after another; the first member's call stalled past
+///   `memberTimeout`, was taken out and made the object all the same, and
+///   the second refused the template. The call failed with the refusal,
+///   but its abandoning named no member that had faulted, so the copy on
+///   the first stayed when it returned. A refusal now abandons the object
+///   with every member that faulted while asked (`try_create`, `try_copy`),
+///   and members asked at once are taken faults before refusals
+///   (`VirtualSession::answers_of`).
+/// - 28074978 (`SIM_REFUSED_CREATES=1` from 28,050,000; the failure is
+///   the pass's, not a refusal's): a reconciliation pass beside the application read member
+///   0, an object's `CKA_ID` was then set on every member, and members 1
+///   and 2 were read after. Member 0's reading named the object by its
+///   former ID, which members 1 and 2 seemed to lack; the copy from member
+///   0, made unchecked by a search, gave member 2 the object (as it now
+///   was) a second time. A pass now leaves objects whose attributes this
+///   process changed since it began reading to the next pass
+///   (`VirtualObject::changed_at`).
+const REGRESSION_SEEDS: [(u64, Faults); 120] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4508,6 +4619,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 118] = [
     (21342226, Faults::LATE),
     (21906069, Faults::LATE),
     (25852752, Faults::AT_ONCE),
+    (27853448, Faults::REFUSED_CREATES),
+    (28074978, Faults::REFUSED_CREATES),
 ];
 
 #[test]

@@ -29,6 +29,27 @@ pub(crate) enum Attempt {
     Faulted,
 }
 
+/// What a member's answer to a call making an object was, in the order a
+/// caller asking members at once takes such answers
+/// (`VirtualSession::answers_of`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum MakingAnswer {
+    Made,
+    Failed,
+    Refused,
+}
+
+impl MakingAnswer {
+    /// What `attempt` says.
+    pub(crate) fn of(attempt: &Attempt) -> MakingAnswer {
+        match attempt {
+            Attempt::Answered(CKR_OK) => MakingAnswer::Made,
+            Attempt::Faulted => MakingAnswer::Failed,
+            Attempt::Answered(_) => MakingAnswer::Refused,
+        }
+    }
+}
+
 impl VirtualSession {
     /// Runs `call` on member `position`: logs the member in again if it
     /// lost its login, and takes it out of service if it faults.
