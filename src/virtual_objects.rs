@@ -645,14 +645,14 @@ impl VirtualSession {
 
     /// Records one member's answer to a call that makes `object` on every
     /// member: a copy made is kept in `made`; a request error is the
-    /// call's, which abandons the object with every member that may hold a
-    /// copy ([`VirtualSession::abandon`]: those faulted too -- a member
+    /// call's, which abandons the object with every member that may hold
+    /// a copy ([`VirtualSession::abandon`]: those faulted too -- a member
     /// taken out while its request went on may have made one), so no
-    /// member keeps what the application was told failed; true for a member that
-    /// faulted, to be given the object when it returns -- as one whose
-    /// handles were forgotten after it answered (`era`, taken before the
-    /// call, is over), whose `handle` may name another object now: that
-    /// return finds the copy by its fingerprint.
+    /// member keeps what the application was told failed; true for a
+    /// member that faulted, to be given the object when it returns -- as
+    /// one whose handles were forgotten after it answered (`era`, taken
+    /// before the call, is over), whose `handle` may name another object
+    /// now: that return finds the copy by its fingerprint.
     fn note_copy(
         &self,
         object: CK_OBJECT_HANDLE,
