@@ -323,8 +323,9 @@ pub struct MemberLibrary {
     /// its probe's where that found the server well while its own
     /// connection was dead ([`Self::reinitialize`]). Each table is made
     /// once per instance and leaked, so that a call that read one just
-    /// before such a swap still calls through a live table (a few hundred
-    /// bytes per instance; instances live as long as the process).
+    /// before such a swap still calls through a live table (552
+    /// bytes per instance, made once as the library is loaded: a loaded
+    /// library is kept for the life of the process, see `_library`).
     table: AtomicPtr<CK_FUNCTION_LIST>,
     /// True when our `C_Initialize` succeeded, so ours is the `C_Finalize`.
     initialized_by_us: Mutex<bool>,
@@ -416,7 +417,7 @@ const CALLS_INSIDE: u64 = (1 << 32) - 1;
 /// library may take over the probe's connection
 /// ([`MemberLibrary::reinitialize`]): the reconnect follows at once, and
 /// an older connection may have died since.
-const WARM_PROBE_FOR: Duration = Duration::from_secs(2);
+const TAKE_OVER_WITHIN: Duration = Duration::from_secs(2);
 
 /// Added by each `C_Finalize` of the application.
 const FINALIZED: u64 = 1 << 32;
@@ -2276,7 +2277,7 @@ impl MemberLibrary {
     /// 112 ms later with an object in doubt after a fault.
     ///
     /// Where its probe told the library's own connection dead within the
-    /// last [`WARM_PROBE_FOR`] (a hedge, [`Bounded::finish_hedged`]),
+    /// last [`TAKE_OVER_WITHIN`] (a hedge, [`Bounded::finish_hedged`]),
     /// having found the server well on a connection of its own, the
     /// library takes over that connection instead of making another:
     /// p11-kit's server loads the whole token for each connection before
@@ -2299,7 +2300,7 @@ impl MemberLibrary {
 
     /// Finalises this instance and takes over its probe's function table,
     /// initialised on the connection that told this one's dead within the
-    /// last [`WARM_PROBE_FOR`], handing the probe the finalised one; false
+    /// last [`TAKE_OVER_WITHIN`], handing the probe the finalised one; false
     /// (nothing changed) where the probe told no such thing. Under
     /// both instances' reconnect locks: no call is inside either, and each
     /// call picks its entry again under its instance's lock
@@ -2309,7 +2310,8 @@ impl MemberLibrary {
             return false;
         };
         let told = self.spares.told_dead_at.lock().take();
-        if told.is_none_or(|at| crate::clock::since(at) >= WARM_PROBE_FOR) || probe.job_running() {
+        if told.is_none_or(|at| crate::clock::since(at) >= TAKE_OVER_WITHIN) || probe.job_running()
+        {
             return false;
         }
         let _own = self.exclusive();

@@ -465,6 +465,12 @@ impl ObjectTable {
         self.changes.load(Ordering::Acquire)
     }
 
+    /// Whether the attributes of `handle` changed after the first
+    /// `changes` of them ([`Self::changes_so_far`]).
+    pub fn changed_after(&self, handle: CK_OBJECT_HANDLE, changes: u64) -> bool {
+        (self.maps.read().objects.get(&handle)).is_some_and(|o| o.changed_at > changes)
+    }
+
     /// Whether an object of the group has a kept fingerprint that a member
     /// object whose own fingerprint is `candidate` matches.
     pub fn any_matched_by(&self, candidate: &crate::identity::Fingerprint) -> bool {

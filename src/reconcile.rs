@@ -259,11 +259,11 @@ fn run(
             if shared.stopping() {
                 break;
             }
-            match reconcile(&*provider, group, &state, &shared) {
-                Ok(Some(summary)) => summary.report(group, &shared),
-                Ok(None) => {}
-                Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
-            }
+            report(
+                group,
+                &shared,
+                reconcile(&*provider, group, &state, &shared),
+            );
         }
     }
     shared.flags().done = true;
@@ -277,11 +277,16 @@ fn run(
 pub fn reconcile_now(provider: &dyn Host, state: &StateDir) {
     let shared = Arc::default();
     for group in provider.groups() {
-        match reconcile(provider, group, state, &shared) {
-            Ok(Some(summary)) => summary.report(group, &shared),
-            Ok(None) => {}
-            Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
-        }
+        report(group, &shared, reconcile(provider, group, state, &shared));
+    }
+}
+
+/// Logs what a pass over `group` did, or why it could not be made.
+fn report(group: &Group, shared: &Shared, outcome: Result<Option<Summary>, String>) {
+    match outcome {
+        Ok(Some(summary)) => summary.report(group, shared),
+        Ok(None) => {}
+        Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
     }
 }
 
@@ -471,10 +476,11 @@ impl Pass {
     /// [`reconcile_now`] would make no pass.
     pub fn begin_now(provider: &dyn Host, state: &StateDir) -> Option<Pass> {
         let group = provider.groups().first()?;
-        match Pass::begin(provider, group, state, &Arc::default()) {
+        let shared = Arc::default();
+        match Pass::begin(provider, group, state, &shared) {
             Ok(pass) => pass,
             Err(why) => {
-                group.log(None, &format!("reconciliation failed: {why}"));
+                report(group, &shared, Err(why));
                 None
             }
         }
@@ -515,11 +521,7 @@ impl Pass {
     pub fn finish_and_report(self, state: &StateDir) {
         let group = Arc::clone(&self.group);
         let shared = Arc::clone(&self.shared);
-        match self.finish(state) {
-            Ok(Some(summary)) => summary.report(&group, &shared),
-            Ok(None) => {}
-            Err(why) => group.log(None, &format!("reconciliation failed: {why}")),
-        }
+        report(&group, &shared, self.finish(state));
     }
 
     /// Copies and removes what the members read call for; `None` where
@@ -905,11 +907,7 @@ fn copy_missing(
         // object was made a second time there (simulation seed 28074978:
         // its `CKA_ID` set between two members' readings). The next pass
         // reads them again.
-        if group
-            .objects
-            .get(object)
-            .is_some_and(|o| o.changed_at > changes_before)
-        {
+        if group.objects.changed_after(object, changes_before) {
             continue;
         }
         let key = is_key(&copy.print);

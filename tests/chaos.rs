@@ -668,8 +668,9 @@ fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
 /// such waits, the patience growing with each silent search to seconds).
 /// The library's reconnect then takes over the fresh instance's
 /// connection instead of making one more (p11-kit's server loads the
-/// whole token for each). Without a fresh instance to ask, the search ends
-/// only at its deadline.
+/// whole token for each); one whose connection was reset before it was
+/// taken over fails its calls, and the next reconnect connects anew.
+/// Without a fresh instance to ask, the search ends only at its deadline.
 #[test]
 fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_answers() {
     use pkcs11_ha::member::{FreshCheck, MemberLibrary, Unanswered};
@@ -746,6 +747,40 @@ fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_
     assert!(
         library.token_slots().is_ok_and(|slots| !slots.is_empty()),
         "and finds the token on it"
+    );
+    library.finalize();
+
+    // The fresh instance's connection reset between telling the search's
+    // dead and being taken over: taken over dead, its calls fail, and the
+    // next reconnect, with nothing to take over, connects anew.
+    let job = connect_into_black_hole(&mut relay);
+    let answer = job.finish_hedged(
+        far,
+        Duration::from_secs(120),
+        Some((member_timeout(), &check)),
+    );
+    assert!(
+        matches!(answer, Err(Unanswered::DeadConnection)),
+        "the second search on a dead connection ends as such: {answer:?}"
+    );
+    returns_once_cut();
+    relay.reset();
+    library
+        .reinitialize()
+        .expect("the library takes over the reset connection");
+    assert!(
+        !library.token_slots().is_ok_and(|slots| !slots.is_empty()),
+        "a reset connection taken over finds no token"
+    );
+    let connections = relay.accepted();
+    library.reinitialize().expect("the library reconnects");
+    assert!(
+        relay.accepted() > connections,
+        "with nothing to take over, the reconnect connects anew"
+    );
+    assert!(
+        library.token_slots().is_ok_and(|slots| !slots.is_empty()),
+        "and finds the token there"
     );
     library.finalize();
 

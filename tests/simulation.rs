@@ -467,19 +467,22 @@ impl Faults {
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
     fn of_seed(self, seed: u64) -> Faults {
-        let drawn = Rng(seed ^ 0x5eed_2ec0_2ec0_5eed).below(100) < self.reconnects;
-        let threaded = Rng(seed ^ 0x7e2e_ad00_7e2e_ad00).below(100) < self.threads;
-        let spared = Rng(seed ^ 0x59a2_e500_59a2_e500).below(100) < self.spares;
-        let at_once = Rng(seed ^ 0xa70c_e000_a70c_e000).below(100) < self.at_once;
-        let beside = Rng(seed ^ 0xbe51_de00_be51_de00).below(100) < self.passes_beside;
-        let refused = Rng(seed ^ 0x2ef0_5e00_2ef0_5e00).below(100) < self.refused_creates;
+        // In all of the schedule (100) or none (0), by a stream of the
+        // seed's own for each draw.
+        let all_or_none = |salt: u64, percent: u64| {
+            if Rng(seed ^ salt).below(100) < percent {
+                100
+            } else {
+                0
+            }
+        };
         Faults {
-            reconnects: if drawn { 100 } else { 0 },
-            threads: if threaded { 100 } else { 0 },
-            spares: if spared { 100 } else { 0 },
-            at_once: if at_once { 100 } else { 0 },
-            passes_beside: if beside { 100 } else { 0 },
-            refused_creates: if refused { 100 } else { 0 },
+            reconnects: all_or_none(0x5eed_2ec0_2ec0_5eed, self.reconnects),
+            threads: all_or_none(0x7e2e_ad00_7e2e_ad00, self.threads),
+            spares: all_or_none(0x59a2_e500_59a2_e500, self.spares),
+            at_once: all_or_none(0xa70c_e000_a70c_e000, self.at_once),
+            passes_beside: all_or_none(0xbe51_de00_be51_de00, self.passes_beside),
+            refused_creates: all_or_none(0x2ef0_5e00_2ef0_5e00, self.refused_creates),
             ..self
         }
     }
