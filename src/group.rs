@@ -791,6 +791,12 @@ pub struct Group {
     /// it (see [`Group::skip_unreceivable`]), so that the HA log says so
     /// once per key; forgotten when what the member can do changes.
     unreceivable: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
+    /// Per member: objects it refused to hold while it answered -- its
+    /// library judges their templates otherwise than the others' do, and
+    /// asking again changes nothing (see [`Group::note_refused`]). It
+    /// serves without them, ranked for searches as lacking objects; an
+    /// entry lapses once the object is gone or the member holds it.
+    refused: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
     /// Per member: it serves without having been compared with the group
     /// since it returned -- its synchronisation was skipped or cut short
     /// -- so it may lack objects no change queued for it names (made by
@@ -1161,6 +1167,7 @@ impl Group {
             deferred: Mutex::new(vec![Vec::new(); count]),
             deferred_underway: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             unreceivable: Mutex::new(vec![Default::default(); count]),
+            refused: Mutex::new(vec![Default::default(); count]),
             uncompared: (0..count).map(|_| AtomicBool::new(false)).collect(),
             replaying_deferred: Mutex::new(()),
             kept_replay: Mutex::new(KeptReplay {
@@ -3004,18 +3011,46 @@ impl Group {
 
     /// How surely member `position` lacks objects of the group: 0, it lacks
     /// none; 1, it is owed no change but may lack some (keys that cannot
-    /// reach it, a return not yet compared with the group, objects in
-    /// doubt there); 2, it is owed changes ([`Group::complete_first`]).
+    /// reach it, objects it refused, a return not yet compared with the
+    /// group, objects in doubt there); 2, it is owed changes
+    /// ([`Group::complete_first`]).
     fn lack_rank(&self, position: usize) -> u8 {
         if self.undelivered_count(position) > 0 {
             2
         } else {
             u8::from(
                 !self.unreceivable.lock()[position].is_empty()
+                    || self.refuses_some(position)
                     || self.uncompared[position].load(Ordering::Relaxed)
                     || self.carries_doubt(position),
             )
         }
+    }
+
+    /// Member `position` answered and refused to hold `object` (a copy, a
+    /// kept change or a synchronisation failed there while it served): it
+    /// serves without it, and searches go first to members that lack
+    /// nothing -- left ranked complete, a search a refusing primary
+    /// answered missed the object (simulation, lasting refusals). True the
+    /// first time, so that the caller's HA log line is not repeated at
+    /// every round that asks again.
+    pub fn note_refused(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let mut refused = self.refused.lock();
+        let lacking = &mut refused[position];
+        lacking.retain(|o| self.still_lacks(position, *o));
+        lacking.insert(object)
+    }
+
+    /// Whether member `position` still lacks an object it refused.
+    fn refuses_some(&self, position: usize) -> bool {
+        let refused = self.refused.lock();
+        refused[position]
+            .iter()
+            .any(|o| self.still_lacks(position, *o))
+    }
+
+    fn still_lacks(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        matches!(self.objects.presence(object, position), Some(p) if !matches!(p, Presence::Present(_)))
     }
 
     /// Records whether member `position` has been compared with the group

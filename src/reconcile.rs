@@ -998,6 +998,12 @@ fn copy_missing(
                     if source_may_have_failed && !worker.answers(copy.source) {
                         break;
                     }
+                    // Refused by a member that answers: it serves without
+                    // the object, and searches go first to members that
+                    // lack nothing.
+                    if !source_may_have_failed && group.members[target].reachable() {
+                        group.note_refused(target, object);
+                    }
                     if key {
                         no_way.insert((copy.source, target));
                     }

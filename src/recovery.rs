@@ -1518,13 +1518,18 @@ fn report_unsynchronised(
     };
     for item in unsynchronised {
         match item {
-            Unsynchronised::Failed(object, why) if lacks(object) => group.log(
-                Some(position),
-                &format!(
-                    "{} could not be synchronised: {why}",
-                    worker.name_object(object)
-                ),
-            ),
+            Unsynchronised::Failed(object, why) if lacks(object) => {
+                if group.members[position].reachable() {
+                    group.note_refused(position, object);
+                }
+                group.log(
+                    Some(position),
+                    &format!(
+                        "{} could not be synchronised: {why}",
+                        worker.name_object(object)
+                    ),
+                );
+            }
             Unsynchronised::Unreceivable { object, why, waits } if lacks(object) => group
                 .skip_unreceivable(position, object, || worker.name_object(object), &why, waits),
             _ => {}
@@ -2303,6 +2308,9 @@ fn replay_pending(
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
                 known.replay_failed = true;
+                if let Some(object) = change.made_object() {
+                    group.note_refused(position, object);
+                }
                 group.log(
                     Some(position),
                     &format!(
@@ -2805,13 +2813,18 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     } else {
         match outcome {
             Ok(needed) => made = usize::from(needed),
-            Err(why) => group.log(
-                Some(position),
-                &format!(
-                    "{} could not be made after all: {why}",
-                    worker.name_change(&change)
-                ),
-            ),
+            Err(why) => {
+                if let Some(object) = change.made_object() {
+                    group.note_refused(position, object);
+                }
+                group.log(
+                    Some(position),
+                    &format!(
+                        "{} could not be made after all: {why}",
+                        worker.name_change(&change)
+                    ),
+                );
+            }
         }
     }
     group.deferred_handled(position, 1);

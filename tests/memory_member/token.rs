@@ -205,6 +205,11 @@ pub struct Token {
     pub fail_next_listing: bool,
     pub troubled_create: Option<bool>,
     pub refuse_create: bool,
+    /// Labels of objects the token refuses to hold, whichever call would
+    /// make one (`CKR_TEMPLATE_INCONSISTENT`): a library that judges those
+    /// templates otherwise than the others do, for good -- no heal or
+    /// restart ends it ([`Library::refuse_label`]).
+    pub refused_labels: std::collections::BTreeSet<Vec<u8>>,
     /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
     /// tell a recovery that looks the token up per object from one that
     /// reads its objects once.
@@ -817,6 +822,12 @@ impl Sim {
         }
     }
 
+    /// Has `token` refuse, from now on, every object labelled `label`
+    /// ([`Token::refused_labels`]).
+    pub fn refuse_label(&mut self, token: usize, label: &[u8]) {
+        self.tokens[token].refused_labels.insert(label.to_vec());
+    }
+
     /// Ends every fault on `token`; a crashed token restarts.
     pub fn heal(&mut self, token: usize) {
         if self.tokens[token].crashed {
@@ -1022,13 +1033,17 @@ impl Sim {
         token: usize,
         session: CK_SESSION_HANDLE,
         attributes: Attributes,
-    ) -> CK_OBJECT_HANDLE {
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let label = attributes.get(&CKA_LABEL);
+        if label.is_some_and(|l| self.tokens[token].refused_labels.contains(l)) {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
+        }
         let on_token = attributes.get(&CKA_TOKEN).is_some_and(|v| v == &[1]);
         let handle = self.tokens[token].insert(Object {
             attributes,
             session: (!on_token).then_some(session),
         });
-        self.instance_handle(session, handle)
+        Ok(self.instance_handle(session, handle))
     }
 
     /// `C_CopyObject`: a new object holding the source's attributes with
@@ -1054,7 +1069,7 @@ impl Sim {
             .clone();
         copied.extend(attributes);
         let token = self.check_writable(session, &copied)?;
-        let handle = self.store(token, session, copied);
+        let handle = self.store(token, session, copied)?;
         self.answer(token, CKR_OK)?;
         Ok(handle)
     }
@@ -1092,7 +1107,7 @@ impl Sim {
         if troubled == Some(false) {
             return Err(CKR_GENERAL_ERROR);
         }
-        let handle = self.store(token, session, attributes);
+        let handle = self.store(token, session, attributes)?;
         self.tokens[token].creates += 1;
         if troubled == Some(true) {
             return Err(CKR_GENERAL_ERROR);
@@ -1112,6 +1127,10 @@ impl Sim {
     pub fn carry_out_late(&mut self) -> usize {
         let late = std::mem::take(&mut self.late);
         for (token, attributes) in &late {
+            let label = attributes.get(&CKA_LABEL);
+            if label.is_some_and(|l| self.tokens[*token].refused_labels.contains(l)) {
+                continue;
+            }
             self.tokens[*token].insert(Object {
                 attributes: attributes.clone(),
                 session: None,
@@ -1146,7 +1165,7 @@ impl Sim {
         attributes.insert(CKA_KEY_TYPE, ulong(CKK_AES));
         attributes.insert(CKA_VALUE, value);
         complete_secret_key(&mut attributes, true);
-        let handle = self.store(token, session, attributes);
+        let handle = self.store(token, session, attributes)?;
         self.answer(token, CKR_OK)?;
         Ok(handle)
     }
@@ -1558,7 +1577,7 @@ impl Sim {
         attributes.insert(CKA_VALUE, value);
         attributes.entry(CKA_KEY_TYPE).or_insert(ulong(CKK_AES));
         complete_secret_key(&mut attributes, false);
-        let handle = self.store(token, session, attributes);
+        let handle = self.store(token, session, attributes)?;
         self.answer(token, CKR_OK)?;
         Ok(handle)
     }
