@@ -302,7 +302,12 @@ impl ObjectTable {
     /// yet, else one made now. Without this, once the members'
     /// handles were forgotten (a logout), searches answered by different
     /// members (spares of whichever member is primary at the time) named
-    /// one key by two handles.
+    /// one key by two handles. It matches by a former fingerprint too: a
+    /// member that missed a change of the object's attributes holds a
+    /// copy as it was (simulation seed 29468965: a late copy, made before
+    /// its `CKA_ID` was set, found by a search while its member was in
+    /// doubt about it, named a second object, which the settled doubt
+    /// then gave the same copy).
     pub fn from_member_identified(
         &self,
         era: Era,
@@ -325,9 +330,8 @@ impl ObjectTable {
         let mut matching = maps.objects.iter().filter(|(_, o)| {
             o.owner.is_none()
                 && o.on[member] == Presence::Unknown
-                && o.fingerprint
-                    .as_ref()
-                    .is_some_and(|p| crate::identity::matches(p, &print))
+                && (o.fingerprint.iter().chain(&o.former_prints))
+                    .any(|p| crate::identity::matches(p, &print))
         });
         if let (Some((&handle, _)), None) = (matching.next(), matching.next()) {
             if let Some(object) = maps.objects.get_mut(&handle) {
@@ -786,6 +790,23 @@ mod tests {
         // Two objects it could be: a handle of its own, never a guess.
         let found = table.from_member_identified(table.era(0), 31, print(b"twin"));
         assert!(found.is_some_and(|f| ![key, twin, other_twin].contains(&f)));
+        table.assert_indexes_agree();
+    }
+
+    /// A copy on a member that missed a change of the object's attributes
+    /// is the object's, found by the print it had before the change.
+    #[test]
+    fn an_identified_copy_as_it_was_before_a_change_joins_its_object() {
+        let print = |id: &[u8]| vec![(CKA_LABEL, b"key".to_vec()), (CKA_ID, id.to_vec())];
+        let table = ObjectTable::new(2);
+        let key = table.insert(vec![Presence::Present(10), Presence::Unknown], None);
+        table.set_fingerprint(key, print(b""));
+        table.change_fingerprint(key, print(b""), print(b"id-1"));
+        assert_eq!(
+            table.from_member_identified(table.era(1), 20, print(b"")),
+            Some(key)
+        );
+        assert_eq!(table.presence(key, 1), Some(Presence::Present(20)));
         table.assert_indexes_agree();
     }
 

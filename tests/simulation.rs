@@ -4626,7 +4626,19 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   was) a second time. A pass now leaves objects whose attributes this
 ///   process changed since it began reading to the next pass
 ///   (`VirtualObject::changed_at`).
-const REGRESSION_SEEDS: [(u64, Faults); 120] = [
+/// - 29453031 (lasting refusals, from 29,450,000): a returning member's
+///   replay was refused for good, logged, and forgotten: the group took the
+///   member for complete, and searches could go to it and miss the object.
+///   Such a member now stays ranked as lacking objects
+///   (`Group::note_refused`).
+/// - 29468965 (from 29,466,000): a replay's copy of an object, cut off
+///   and carried out late, was found by a search while its member was in
+///   doubt about it; made before the object's `CKA_ID` was set, it matched
+///   no object's fingerprint and was named a second object, and the settled
+///   doubt then gave the object the same copy: one search showed it twice.
+///   A copy is now identified by the object's former fingerprints too
+///   (`ObjectTable::from_member_identified`).
+const REGRESSION_SEEDS: [(u64, Faults); 122] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4747,6 +4759,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 120] = [
     (25852752, Faults::AT_ONCE),
     (27853448, Faults::REFUSED_ONCE),
     (28074978, Faults::REFUSED_ONCE),
+    (29453031, Faults::DEFAULT),
+    (29468965, Faults::DEFAULT),
 ];
 
 #[test]
