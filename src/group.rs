@@ -3027,18 +3027,17 @@ impl Group {
         }
     }
 
-    /// Member `position` answered and refused to hold `object` (a copy, a
-    /// kept change or a synchronisation failed there while it served): it
-    /// serves without it, and searches go first to members that lack
-    /// nothing -- left ranked complete, a search a refusing primary
-    /// answered missed the object (simulation, lasting refusals). True the
-    /// first time, so that the caller's HA log line is not repeated at
-    /// every round that asks again.
-    pub fn note_refused(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+    /// Member `position` answered and did not take `object` (a change
+    /// replayed or delivered to it, `VirtualSession::apply`; a copy of
+    /// synchronisation or of a reconciliation pass): it serves without
+    /// it, and searches go first to members that lack nothing. Taken for
+    /// complete once its refusal was logged, it answered searches without
+    /// the object (simulation, lasting refusals).
+    pub fn note_refused(&self, position: usize, object: CK_OBJECT_HANDLE) {
         let mut refused = self.refused.lock();
         let lacking = &mut refused[position];
         lacking.retain(|o| self.still_lacks(position, *o));
-        lacking.insert(object)
+        lacking.insert(object);
     }
 
     /// Whether member `position` still lacks an object it refused.

@@ -2308,9 +2308,6 @@ fn replay_pending(
                 // The member answered but cannot take this object: say so and
                 // go on; operations on it run on the members that have it.
                 known.replay_failed = true;
-                if let Some(object) = change.made_object() {
-                    group.note_refused(position, object);
-                }
                 group.log(
                     Some(position),
                     &format!(
@@ -2813,18 +2810,13 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     } else {
         match outcome {
             Ok(needed) => made = usize::from(needed),
-            Err(why) => {
-                if let Some(object) = change.made_object() {
-                    group.note_refused(position, object);
-                }
-                group.log(
-                    Some(position),
-                    &format!(
-                        "{} could not be made after all: {why}",
-                        worker.name_change(&change)
-                    ),
-                );
-            }
+            Err(why) => group.log(
+                Some(position),
+                &format!(
+                    "{} could not be made after all: {why}",
+                    worker.name_change(&change)
+                ),
+            ),
         }
     }
     group.deferred_handled(position, 1);

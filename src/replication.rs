@@ -1126,7 +1126,7 @@ impl VirtualSession {
         change: &Pending,
         holdings: Option<&mut Holdings>,
     ) -> std::result::Result<bool, String> {
-        match change {
+        let outcome = match change {
             Pending::Destroy(print) => self.destroy_copy(position, print, holdings),
             Pending::Orphans(print) => self.remove_orphans(position, print, holdings),
             Pending::Create(object) => self.copy_missed(position, *object, holdings),
@@ -1138,7 +1138,16 @@ impl VirtualSession {
                 before,
                 changes,
             } => self.set_missed(position, *object, before, changes, holdings),
+        };
+        // Whatever the caller does next (keeps the change, drops it with a
+        // line), a member that answers without the object serves without
+        // it: ranked so for searches until it holds it.
+        if let (Err(_), Some(object)) = (&outcome, change.made_object()) {
+            if self.group.members[position].reachable() {
+                self.group.note_refused(position, object);
+            }
         }
+        outcome
     }
 
     /// Whether `change` failed for want of a source: a copy (or a change

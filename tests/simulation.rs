@@ -4630,7 +4630,10 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   replay was refused for good, logged, and forgotten: the group took the
 ///   member for complete, and searches could go to it and miss the object.
 ///   Such a member now stays ranked as lacking objects
-///   (`Group::note_refused`).
+///   (`Group::note_refused`). 29740081 (from 29,666,000) met the same
+///   through a change delivered at once to a member that had just come to
+///   serve: every change made on a member now records it
+///   (`VirtualSession::apply`).
 /// - 29468965 (from 29,466,000): a replay's copy of an object, cut off
 ///   and carried out late, was found by a search while its member was in
 ///   doubt about it; made before the object's `CKA_ID` was set, it matched
@@ -4638,7 +4641,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   doubt then gave the object the same copy: one search showed it twice.
 ///   A copy is now identified by the object's former fingerprints too
 ///   (`ObjectTable::from_member_identified`).
-const REGRESSION_SEEDS: [(u64, Faults); 122] = [
+const REGRESSION_SEEDS: [(u64, Faults); 123] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4761,6 +4764,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 122] = [
     (28074978, Faults::REFUSED_ONCE),
     (29453031, Faults::DEFAULT),
     (29468965, Faults::DEFAULT),
+    (29740081, Faults::DEFAULT),
 ];
 
 #[test]
