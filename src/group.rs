@@ -791,9 +791,9 @@ pub struct Group {
     /// it (see [`Group::skip_unreceivable`]), so that the HA log says so
     /// once per key; forgotten when what the member can do changes.
     unreceivable: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
-    /// Per member: objects it refused to hold while it answered -- its
-    /// library judges their templates otherwise than the others' do, and
-    /// asking again changes nothing (see [`Group::note_refused`]). It
+    /// Per member: objects a change or copy failed to give it while it
+    /// answered -- most often for good, a library judging their templates
+    /// otherwise than the others' do (see [`Group::note_refused`]). It
     /// serves without them, ranked for searches as lacking objects; an
     /// entry lapses once the object is gone or the member holds it.
     refused: Mutex<Vec<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,

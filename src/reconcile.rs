@@ -920,8 +920,14 @@ fn copy_missing(
             // has handles its new connection may number afresh, so the
             // group no longer knows it is there, and this pass's reading
             // says it is not (a soak run's pass, 10.7 s long, made 18
-            // public keys a second time on such a member).
-            let returned = || group.members[target].epoch() != epochs[target];
+            // public keys a second time on such a member). So is one whose
+            // handles the group forgot since (a handle it answered was
+            // invalid): the objects made there meanwhile are no longer
+            // known there either (simulation seed 29959242).
+            let returned = || {
+                group.members[target].epoch() != epochs[target]
+                    || group.objects.moved_on(eras[target])
+            };
             if !group.members[target].is_up() || returned() {
                 continue;
             }

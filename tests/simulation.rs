@@ -4634,6 +4634,13 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   through a change delivered at once to a member that had just come to
 ///   serve: every change made on a member now records it
 ///   (`VirtualSession::apply`).
+/// - 29959242 (from 29,866,000): a reconciliation pass beside the
+///   application copied, unchecked, an object to a member whose handles
+///   the group had forgotten since the pass began (it answered a handle
+///   invalid); the application had made the object there meanwhile, so
+///   the copy made it twice, and its lost answer took the member out
+///   before the pass's check for doubles. A pass now leaves such a member
+///   to the next pass, as one that reconnected (`reconcile::copy_missing`).
 /// - 29468965 (from 29,466,000): a replay's copy of an object, cut off
 ///   and carried out late, was found by a search while its member was in
 ///   doubt about it; made before the object's `CKA_ID` was set, it matched
@@ -4641,7 +4648,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   doubt then gave the object the same copy: one search showed it twice.
 ///   A copy is now identified by the object's former fingerprints too
 ///   (`ObjectTable::from_member_identified`).
-const REGRESSION_SEEDS: [(u64, Faults); 123] = [
+const REGRESSION_SEEDS: [(u64, Faults); 124] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4765,6 +4772,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 123] = [
     (29453031, Faults::DEFAULT),
     (29468965, Faults::DEFAULT),
     (29740081, Faults::DEFAULT),
+    (29959242, Faults::DEFAULT),
 ];
 
 #[test]
