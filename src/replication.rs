@@ -492,39 +492,46 @@ impl VirtualSession {
     }
 
     /// Fails, with one line, when a member that lacks one of these new
-    /// keys (made on `source`) is known unable to receive it, up or down:
-    /// its library refused the key-wrap mechanism in this process, or what
-    /// it can do (read when it was attached) leaves no way from `source` to
-    /// it. A member never attached in this process is not known unable: it
-    /// is given the key when it joins, or says it cannot take it then; nor
-    /// is one whose mechanisms could not be listed, read again as the key
-    /// moves.
+    /// keys (made on `sources`) is known unable to receive it from any of
+    /// them, up or down: its library refused the key-wrap mechanism in
+    /// this process, or what it can do (read when it was attached) leaves
+    /// no way from those members to it. A member never attached in this
+    /// process is not known unable: it is given the key when it joins, or
+    /// says it cannot take it then; nor is one whose mechanisms could not
+    /// be listed, read again as the key moves.
     pub fn refuse_unreceivable(
         &self,
         objects: &[CK_OBJECT_HANDLE],
-        source: usize,
+        sources: &[usize],
         function: &str,
     ) -> Result<()> {
-        let from = &self.group.members[source];
-        if from.location().is_none() {
-            return Ok(());
-        }
+        let members = &self.group.members;
         for &object in objects {
             let Some(entry) = self.group.objects.get(object) else {
                 continue;
             };
-            let Presence::Present(source_handle) = entry.on[source] else {
+            let held = sources.iter().find_map(|&s| match entry.on[s] {
+                Presence::Present(h) if members[s].location().is_some() => Some((s, h)),
+                _ => None,
+            });
+            let Some((source, source_handle)) = held else {
                 continue;
             };
             let class = self.class_of(object, source, source_handle)?;
             if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
                 continue;
             }
-            for to in &self.group.members {
-                if to.position == source || matches!(entry.on[to.position], Presence::Present(_)) {
+            for to in members {
+                if sources.contains(&to.position)
+                    || matches!(entry.on[to.position], Presence::Present(_))
+                {
                     continue;
                 }
-                let Some(why) = no_way(from, to, class) else {
+                // Known unable only when no source has a way to it.
+                let reasons: Option<Vec<String>> = (sources.iter())
+                    .map(|&s| no_way(&members[s], to, class))
+                    .collect();
+                let Some(why) = reasons.and_then(|r| r.into_iter().next()) else {
                     continue;
                 };
                 let event = format!(
@@ -1180,11 +1187,32 @@ impl VirtualSession {
     /// before, which the removal of the object, by its fingerprint now,
     /// then did not find (simulation seed 20554).
     fn copy_source(&self, object: CK_OBJECT_HANDLE, position: usize) -> Option<usize> {
-        self.group
-            .up_members()
-            .map(|m| m.position)
+        let holders = (self.group.up_members().map(|m| m.position))
             .filter(|p| *p != position && !self.group.change_on_its_way(*p, object))
-            .find(|p| self.resolve(object, *p).ok().flatten().is_some())
+            .filter(|p| self.resolve(object, *p).ok().flatten().is_some());
+        // A key goes from a holder with a way to the member, where one has
+        // it: the first holder's library may refuse the key-wrap mechanism
+        // while another's takes it (simulation: a copy made on both, the
+        // first chosen, left the member without it for good).
+        let key_class = (self.fingerprint_of(object))
+            .and_then(|p| {
+                p.iter()
+                    .find(|(t, _)| *t == CKA_CLASS)
+                    .map(|(_, v)| identity::ulong_of(v))
+            })
+            .filter(|c| [CKO_SECRET_KEY, CKO_PRIVATE_KEY].contains(c));
+        let Some(class) = key_class else {
+            return holders.into_iter().next();
+        };
+        let to = &self.group.members[position];
+        let mut first = None;
+        for holder in holders {
+            if no_way(&self.group.members[holder], to, class).is_none() {
+                return Some(holder);
+            }
+            first.get_or_insert(holder);
+        }
+        first
     }
 
     /// Why key `object` cannot reach member `target` from any serving

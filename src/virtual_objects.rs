@@ -729,6 +729,19 @@ impl VirtualSession {
             .objects
             .insert(vec![Presence::Unknown; self.group.members.len()], owner);
         let _unfinished = self.group.making_object(object);
+        // Undone, the copies go, and so do those of members that failed
+        // while asked (`faulted`, an answer lost): found on their return
+        // by the copy's print, read from a copy made, else the print it
+        // would have -- the source's, changed as asked. Without one, a copy
+        // whose only member lost its answer stayed, the application told
+        // it failed (simulation, copies).
+        let undo = |made: &[(Era, CK_OBJECT_HANDLE)], faulted: &[usize]| {
+            let print = (made.is_empty())
+                .then(|| self.fingerprint_of(source))
+                .flatten()
+                .map(|print| identity::changed(&print, changes.values()));
+            self.abandon(object, print, made, faulted);
+        };
         // Each member that holds the source copies it itself: no key
         // material moves, so even keys the members cannot wrap are copied.
         let (made, missed) = loop {
@@ -768,7 +781,7 @@ impl VirtualSession {
                     Ok(true) => missed.push(position),
                     Ok(false) => {}
                     Err(e) => {
-                        self.abandon(object, None, &made, &missed);
+                        undo(&made, &missed);
                         return Err(e);
                     }
                 }
@@ -777,17 +790,36 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                self.abandon(object, None, &made, &[]);
+                undo(&made, &missed);
                 return Ok(None);
             }
         };
-        if let Err(e) = self.check_replicas(&[object], "C_CopyObject") {
-            self.abandon(object, None, &made, &[]);
+        // A serving member without the source (it refused the object, or
+        // cannot take keys) made no copy itself: it is given the copy as a
+        // member that missed it is. Left out, it served without the copy
+        // and no line said so (simulation, copies beside lasting refusals).
+        let lacking: Vec<usize> = (0..self.group.members.len())
+            .filter(|p| !missed.contains(p) && made.iter().all(|(era, _)| era.member() != *p))
+            .collect();
+        // A copy of a key reaches a member without it only by wrapping
+        // (`Pending::Create`): one known unable to receive it from any
+        // member that made it never would, so the copy fails as a key
+        // generated then does, rather than report a key that member lacks
+        // for good (simulation, copies beside a library refusing the
+        // key-wrap mechanism).
+        let sources: Vec<usize> = made.iter().map(|(era, _)| era.member()).collect();
+        for source in &sources {
+            self.probe_wrapping(*source);
+        }
+        let checked = (self.refuse_unreceivable(&[object], &sources, "C_CopyObject"))
+            .and_then(|()| self.check_replicas(&[object], "C_CopyObject"));
+        if let Err(e) = checked {
+            undo(&made, &missed);
             return Err(e);
         }
         self.remember_fingerprint(object, made[0].0.member(), made[0].1, None);
         if owner.is_none() {
-            for position in missed {
+            for position in missed.into_iter().chain(lacking) {
                 self.deliver_or_queue(position, Pending::Create(object));
             }
         }
@@ -1758,7 +1790,9 @@ impl VirtualSession {
             }
             if failure.is_none() {
                 self.probe_wrapping(position);
-                failure = self.refuse_unreceivable(&objects, position, function).err();
+                failure = self
+                    .refuse_unreceivable(&objects, &[position], function)
+                    .err();
             }
             if failure.is_none() {
                 failure = self.check_replicas(&objects, function).err();
