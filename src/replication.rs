@@ -877,11 +877,17 @@ impl VirtualSession {
     /// that can never leave its member, rather than when the copy is due.
     /// Members that move keys by cloning alone are not asked.
     pub fn probe_wrapping(&self, source: usize) {
+        if self.group.up_members().count() < self.group.members.len() {
+            self.probe_source(source);
+        }
+    }
+
+    /// [`Self::probe_wrapping`] whoever serves: a key must leave `source`
+    /// by wrapping for a member that serves too (one without the source of
+    /// a copy).
+    pub fn probe_source(&self, source: usize) {
         let member = &self.group.members[source];
-        if member.known_to_refuse_keys()
-            || self.group.up_members().count() == self.group.members.len()
-            || self.group.all_members_clone()
-        {
+        if member.known_to_refuse_keys() || self.group.all_members_clone() {
             return;
         }
         let Some(location) = member.location() else {
@@ -1186,7 +1192,7 @@ impl VirtualSession {
     /// still waited for a change of attributes held the object as it was
     /// before, which the removal of the object, by its fingerprint now,
     /// then did not find (simulation seed 20554).
-    fn copy_source(&self, object: CK_OBJECT_HANDLE, position: usize) -> Option<usize> {
+    pub fn copy_source(&self, object: CK_OBJECT_HANDLE, position: usize) -> Option<usize> {
         let holders = (self.group.up_members().map(|m| m.position))
             .filter(|p| *p != position && !self.group.change_on_its_way(*p, object))
             .filter(|p| self.resolve(object, *p).ok().flatten().is_some());
@@ -1402,7 +1408,7 @@ impl VirtualSession {
         if entry.owner.is_some() || self.holds(object, position, holdings.as_deref()) {
             return Ok(false);
         }
-        let source = self
+        let mut source = self
             .copy_source(object, position)
             .ok_or_else(|| "no member that serves holds the object as it is".to_string())?;
         // Read before the copy, as for an import (`import_missed`).
@@ -1410,7 +1416,22 @@ impl VirtualSession {
             .is_some()
             .then(|| self.fingerprint_of(object))
             .flatten();
-        match self.copy_to(object, source, &[position], Copying::Missed) {
+        let mut copied = self.copy_to(object, source, &[position], Copying::Missed);
+        // A source whose library refused the key-wrap mechanism in this
+        // very copy (not known before) gives way to another holder, if one
+        // has a way: dropped, a copy delivered to a serving member that
+        // lacked the source was lost for good (simulation, copies).
+        for _ in 1..self.group.members.len() {
+            if copied.is_ok() || !self.group.members[source].known_to_refuse_keys() {
+                break;
+            }
+            match self.copy_source(object, position) {
+                Some(next) if next != source => source = next,
+                _ => break,
+            }
+            copied = self.copy_to(object, source, &[position], Copying::Missed);
+        }
+        match copied {
             Ok(faulted) if faulted.is_empty() => {
                 match self.group.objects.presence(object, position) {
                     Some(Presence::Present(h)) => Self::note_made(print, h, holdings),

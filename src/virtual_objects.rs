@@ -13,6 +13,7 @@ use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
 use crate::object::{Era, Presence};
+use crate::replication::Copying;
 use crate::virtual_session::{
     waiting, Attempt, Input, MakingAnswer, OpKind, Preference, Step, VirtualSession,
 };
@@ -735,20 +736,25 @@ impl VirtualSession {
         // would have -- the source's, changed as asked. Without one, a copy
         // whose only member lost its answer stayed, the application told
         // it failed (simulation, copies).
-        let undo = |made: &[(Era, CK_OBJECT_HANDLE)], faulted: &[usize]| {
+        let undo = |faulted: &[usize]| {
+            let made = self.group.objects.copies(object);
             let print = (made.is_empty())
                 .then(|| self.fingerprint_of(source))
                 .flatten()
                 .map(|print| identity::changed(&print, changes.values()));
-            self.abandon(object, print, made, faulted);
+            self.abandon(object, print, &made, faulted);
         };
         // Each member that holds the source copies it itself: no key
         // material moves, so even keys the members cannot wrap are copied.
+        // Members that failed while asked, in any round: the source may be
+        // on none that serves by the next (a member that refused it), and
+        // the copy made on one whose answer was lost stayed.
+        let mut faulted: Vec<usize> = Vec::new();
         let (made, missed) = loop {
             let (copies, mut missed) = match self.resolve_everywhere(source) {
                 Ok(found) => found,
                 Err(e) => {
-                    self.group.objects.remove(object);
+                    undo(&faulted);
                     return Err(e);
                 }
             };
@@ -778,10 +784,13 @@ impl VirtualSession {
             let answers = self.answers_of(&positions, &copy_at, |(_, _, _, a)| MakingAnswer::of(a));
             for (position, era, handle, answer) in answers {
                 match self.note_copy(object, era, handle, answer, &mut made) {
-                    Ok(true) => missed.push(position),
+                    Ok(true) => {
+                        missed.push(position);
+                        faulted.push(position);
+                    }
                     Ok(false) => {}
                     Err(e) => {
-                        undo(&made, &missed);
+                        undo(&missed);
                         return Err(e);
                     }
                 }
@@ -790,17 +799,38 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                undo(&made, &missed);
+                undo(&missed);
                 return Ok(None);
             }
         };
-        // A serving member without the source (it refused the object, or
-        // cannot take keys) made no copy itself: it is given the copy as a
-        // member that missed it is. Left out, it served without the copy
-        // and no line said so (simulation, copies beside lasting refusals).
+        // Every member that made no copy -- down, failed while asked,
+        // without the source (it refused it, or cannot take keys), a change
+        // of the source on its way there -- is given the copy: one that
+        // serves now, as a generated key's other members are, a refusal
+        // there failing the call with the copies undone; the others when
+        // they return. Left out, a serving member without the source served
+        // without the copy and no line said so; given it once the call had
+        // returned, a member whose library came to refuse the key-wrap
+        // mechanism never got it (simulation, copies).
         let lacking: Vec<usize> = (0..self.group.members.len())
             .filter(|p| !missed.contains(p) && made.iter().all(|(era, _)| era.member() != *p))
             .collect();
+        self.remember_fingerprint(object, made[0].0.member(), made[0].1, None);
+        let (serving, mut later): (Vec<usize>, Vec<usize>) = (missed.iter().chain(&lacking))
+            .copied()
+            .partition(|p| self.group.members[*p].is_up());
+        if let Some(&first) = serving.first() {
+            let source = self
+                .copy_source(object, first)
+                .unwrap_or(made[0].0.member());
+            match self.copy_to(object, source, &serving, Copying::NewObject) {
+                Ok(faulted) => later.extend(faulted),
+                Err(e) => {
+                    undo(&missed);
+                    return Err(e);
+                }
+            }
+        }
         // A copy of a key reaches a member without it only by wrapping
         // (`Pending::Create`): one known unable to receive it from any
         // member that made it never would, so the copy fails as a key
@@ -808,18 +838,19 @@ impl VirtualSession {
         // for good (simulation, copies beside a library refusing the
         // key-wrap mechanism).
         let sources: Vec<usize> = made.iter().map(|(era, _)| era.member()).collect();
-        for source in &sources {
-            self.probe_wrapping(*source);
+        if !missed.is_empty() || !lacking.is_empty() {
+            for source in &sources {
+                self.probe_source(*source);
+            }
         }
         let checked = (self.refuse_unreceivable(&[object], &sources, "C_CopyObject"))
             .and_then(|()| self.check_replicas(&[object], "C_CopyObject"));
         if let Err(e) = checked {
-            undo(&made, &missed);
+            undo(&later);
             return Err(e);
         }
-        self.remember_fingerprint(object, made[0].0.member(), made[0].1, None);
         if owner.is_none() {
-            for position in missed.into_iter().chain(lacking) {
+            for position in later {
                 self.deliver_or_queue(position, Pending::Create(object));
             }
         }

@@ -199,9 +199,9 @@ struct Faults {
     /// of its object-making steps, drawn apart): each member that holds
     /// the source copies it itself, a member without it is given the copy
     /// later, and a refusal undoes the copies made -- the path of
-    /// `VirtualSession::try_copy`, which no schedule took before. Off by
-    /// default (`SIM_COPIES=1` adds it to any set) while schedules with it
-    /// still fail: docs/design.md, "Copies".
+    /// `VirtualSession::try_copy`, which no schedule took before. On in
+    /// the default sets (`SIM_COPIES=1` adds it to the others); the sets
+    /// found before it leave it out.
     copies: bool,
 }
 
@@ -209,19 +209,21 @@ impl Faults {
     /// The default schedules: half of them with reconciliation passes
     /// across reconnects, half as the default was before those joined
     /// ([`Faults::NO_RECONNECTS`]), whose recovery passes they partly
-    /// replace; in half of them members refuse objects for good.
-    const DEFAULT: Faults = Faults::LASTING_REFUSALS;
-    /// The default schedules as lasting refusals joined them.
+    /// replace; in half of them members refuse objects for good, and the
+    /// application copies objects too.
+    const DEFAULT: Faults = Faults::COPIES;
+    /// The default schedules as lasting refusals joined them, before the
+    /// application copied objects.
     const LASTING_REFUSALS: Faults = Faults {
         refused_creates: 50,
         refusals_last: true,
         ..Faults::BEFORE_REFUSALS
     };
-    /// The default schedules with the application copying objects too
-    /// ([`Faults::copies`], `SIM_COPIES=1`; off by default).
+    /// The default schedules as the application's copies joined them
+    /// ([`Faults::copies`]).
     const COPIES: Faults = Faults {
         copies: true,
-        ..Faults::DEFAULT
+        ..Faults::LASTING_REFUSALS
     };
     /// The default schedules before members refused objects made on them.
     const BEFORE_REFUSALS: Faults = Faults {
@@ -4761,7 +4763,19 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   holder with a way); and an undone copy stayed on a member that failed
 ///   while asked, its print unknown where no copy had been made (now
 ///   the source's print, changed as asked).
-const REGRESSION_SEEDS: [(u64, Faults); 129] = [
+/// - 30070796, 30071500, 30083181, 30066171, 30104758 (`SIM_COPIES=1`, the
+///   next 20,000 and 40,000 after those fixes): members without a copy
+///   that served were given it once the call had returned, where a
+///   source's or the member's own library came to refuse the key-wrap
+///   mechanism only then, and the copy, dropped with a line, never came
+///   (they are now given it within the call, as a generated key's other
+///   members, a refusal failing the call; a source found refusing gives
+///   way to another holder; the sources are probed first whenever a
+///   member lacks the copy); an undone copy stayed on a serving member
+///   given it, or on a member that lost its answer in an earlier round of
+///   the call (the undo now takes every copy the table knows, and the
+///   members that failed in any round).
+const REGRESSION_SEEDS: [(u64, Faults); 134] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -4891,6 +4905,11 @@ const REGRESSION_SEEDS: [(u64, Faults); 129] = [
     (30067214, Faults::COPIES),
     (30068102, Faults::COPIES),
     (30069761, Faults::COPIES),
+    (30070796, Faults::COPIES),
+    (30071500, Faults::COPIES),
+    (30083181, Faults::COPIES),
+    (30066171, Faults::COPIES),
+    (30104758, Faults::COPIES),
 ];
 
 #[test]
