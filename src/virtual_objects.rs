@@ -749,12 +749,12 @@ impl VirtualSession {
         // Members that failed while asked, in any round: the source may be
         // on none that serves by the next (a member that refused it), and
         // the copy made on one whose answer was lost stayed.
-        let mut faulted: Vec<usize> = Vec::new();
+        let mut failed_while_asked: Vec<usize> = Vec::new();
         let (made, missed) = loop {
             let (copies, mut missed) = match self.resolve_everywhere(source) {
                 Ok(found) => found,
                 Err(e) => {
-                    undo(&faulted);
+                    undo(&failed_while_asked);
                     return Err(e);
                 }
             };
@@ -786,7 +786,7 @@ impl VirtualSession {
                 match self.note_copy(object, era, handle, answer, &mut made) {
                     Ok(true) => {
                         missed.push(position);
-                        faulted.push(position);
+                        failed_while_asked.push(position);
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -816,6 +816,18 @@ impl VirtualSession {
             .filter(|p| !missed.contains(p) && made.iter().all(|(era, _)| era.member() != *p))
             .collect();
         self.remember_fingerprint(object, made[0].0.member(), made[0].1, None);
+        // A key reaches those members only by wrapping: the members that
+        // made it are asked first whether their library takes the
+        // mechanism, so that the copy comes from one that does, and one
+        // known unable to receive it from any of them fails the call, as
+        // for a generated key, rather than report a key that member lacks
+        // for good.
+        let sources: Vec<usize> = made.iter().map(|(era, _)| era.member()).collect();
+        if !missed.is_empty() || !lacking.is_empty() {
+            for source in &sources {
+                self.probe_source(*source);
+            }
+        }
         let (serving, mut later): (Vec<usize>, Vec<usize>) = (missed.iter().chain(&lacking))
             .copied()
             .partition(|p| self.group.members[*p].is_up());
@@ -829,18 +841,6 @@ impl VirtualSession {
                     undo(&missed);
                     return Err(e);
                 }
-            }
-        }
-        // A copy of a key reaches a member without it only by wrapping
-        // (`Pending::Create`): one known unable to receive it from any
-        // member that made it never would, so the copy fails as a key
-        // generated then does, rather than report a key that member lacks
-        // for good (simulation, copies beside a library refusing the
-        // key-wrap mechanism).
-        let sources: Vec<usize> = made.iter().map(|(era, _)| era.member()).collect();
-        if !missed.is_empty() || !lacking.is_empty() {
-            for source in &sources {
-                self.probe_source(*source);
             }
         }
         let checked = (self.refuse_unreceivable(&[object], &sources, "C_CopyObject"))
