@@ -176,16 +176,15 @@ struct Faults {
     /// from the seed apart from the schedule's own choices; the sets found
     /// before it leave it out.
     passes_beside: u64,
-    /// In what percentage of schedules (none by default; half with
-    /// `SIM_REFUSED_CREATES=1`) a serving member refuses the object an
-    /// application's call makes, in 1 of 5 such
-    /// calls (`Fault::RefuseCreate`, `CKR_TEMPLATE_INCONSISTENT`: a
-    /// library that judges a template otherwise than the others do), the
-    /// fault planted just before the call and lifted after it -- a real
-    /// refusal is the library's for good, and a one-shot one left for a
-    /// replay or a copy would model a refusal that goes away. Drawn apart
-    /// from the schedule's own choices; the sets found before it leave it
-    /// out.
+    /// In what percentage of schedules (half by default;
+    /// `SIM_REFUSED_CREATES=1` adds them to half of the other sets) a
+    /// member refuses the object an application's call makes, in 1 of 5
+    /// such calls (`CKR_TEMPLATE_INCONSISTENT`: a library that judges a
+    /// template otherwise than the others do): for good where
+    /// [`Faults::refusals_last`], else a serving member, the fault
+    /// ([`Fault::RefuseCreate`]) planted just before the call and lifted
+    /// after it. Drawn apart from the schedule's own choices; the sets
+    /// found before it leave it out.
     refused_creates: u64,
     /// Whether a member's refusal ([`Faults::refused_creates`]) lasts:
     /// the member refuses the object, by its label, for good -- the
@@ -198,7 +197,8 @@ struct Faults {
     /// The application also copies objects (`C_CopyObject`, after 1 in 5
     /// of its object-making steps, drawn apart): each member that holds
     /// the source copies it itself, a member without it is given the copy
-    /// later, and a refusal undoes the copies made -- the path of
+    /// (within the call if it serves), and a refusal undoes the copies
+    /// made -- the path of
     /// `VirtualSession::try_copy`, which no schedule took before. On in
     /// the default sets (`SIM_COPIES=1` adds it to the others); the sets
     /// found before it leave it out.
