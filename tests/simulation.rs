@@ -190,7 +190,7 @@ struct Faults {
     /// the member refuses the object, by its label, for good -- the
     /// application's call, a replay, a synchronisation, a reconciliation
     /// pass alike -- as a real library's judgement of a template does
-    /// (`SimMember::refuse_label`), and holds it nowhere at the end. Off,
+    /// (`Sim::refuse_label`), and holds it nowhere at the end. Off,
     /// the refusal is planted before the call and lifted after it, as
     /// the refusals that found seeds 27853448 and 28074978 were.
     refusals_last: bool,

@@ -208,7 +208,7 @@ pub struct Token {
     /// Labels of objects the token refuses to hold, whichever call would
     /// make one (`CKR_TEMPLATE_INCONSISTENT`): a library that judges those
     /// templates otherwise than the others do, for good -- no heal or
-    /// restart ends it ([`Library::refuse_label`]).
+    /// restart ends it ([`Sim::refuse_label`]).
     pub refused_labels: std::collections::BTreeSet<Vec<u8>>,
     /// Searches begun on it (`C_FindObjectsInit`): what a test counts to
     /// tell a recovery that looks the token up per object from one that
