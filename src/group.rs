@@ -3048,8 +3048,12 @@ impl Group {
             .any(|o| self.still_lacks(position, *o))
     }
 
+    /// Whether `object` is still the group's and not known on `position`.
     fn still_lacks(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
-        matches!(self.objects.presence(object, position), Some(p) if !matches!(p, Presence::Present(_)))
+        !matches!(
+            self.objects.presence(object, position),
+            None | Some(Presence::Present(_))
+        )
     }
 
     /// Records whether member `position` has been compared with the group
