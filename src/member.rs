@@ -141,13 +141,19 @@ impl Answer {
 /// close itself: the session is gone either way. A session pkcs11-ha closed
 /// or never had is refused before any member is called (`session.rs`,
 /// `CallGate`), so a member that says a session it was given is invalid
-/// lost it: it restarted.
+/// lost it: it restarted. A login that fails with `CKR_GENERAL_ERROR`
+/// however often it is asked means the member's view of its token is
+/// broken in this process (SoftHSM's, see `group::log_in_member`).
 pub fn classify(function: &str, rv: CK_RV) -> Answer {
     match rv {
         CKR_OK => Answer::Served,
         CKR_SESSION_CLOSED | CKR_SESSION_HANDLE_INVALID if function == "C_CloseSession" => {
             Answer::Request
         }
+        // Asked again for seconds first (`group::log_in_member`): a member
+        // still answering it cannot log this process in, and no PIN was
+        // checked -- SoftHSM answers it before it looks at the PIN.
+        CKR_GENERAL_ERROR if function == "C_Login" => Answer::Down,
         CKR_DEVICE_ERROR
         | CKR_DEVICE_REMOVED
         | CKR_DEVICE_MEMORY

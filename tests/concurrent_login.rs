@@ -1,8 +1,11 @@
 //! Many processes logging in at once, as a web server's workers do when
 //! it starts: SoftHSM answers some of them `CKR_GENERAL_ERROR` while
 //! another process rewrites the token file (each successful login does),
-//! and through pkcs11-ha every login must still succeed with no member
-//! taken out of service.
+//! and through pkcs11-ha every login must still succeed. No member is
+//! taken out of service, but one whose SoftHSM view of its token stays
+//! broken in that process (`CKR_GENERAL_ERROR` at every try until another
+//! process writes the file, 1 process in 250 to 1 in 1,600: docs/design.md): it
+//! goes out with that fault, and the login moves to the next member.
 //!
 //! Each application is a child process (`tests/c/concurrent_login.c`) on
 //! `target/release/libpkcs11_ha.so`; all of them have a session open
@@ -98,8 +101,31 @@ fn pin_count_low(hsm: &SoftHsm, labels: &[&str]) -> Vec<bool> {
         .collect()
 }
 
+/// A member line of the program's output as `(serial, state, fault)`.
+fn member_line(line: &str) -> (&str, &str, &str) {
+    let mut words = line.split(' ');
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("member"), Some(serial), Some(state), Some(fault)) => (
+            serial,
+            state.trim_start_matches("state="),
+            fault.trim_start_matches("fault="),
+        ),
+        _ => panic!("not a member line: {line:?}"),
+    }
+}
+
+/// Whether a member answered `CKR_GENERAL_ERROR` to every login try (its
+/// last fault) in a process's output.
+fn stuck(output: &str, serial: &str) -> bool {
+    output
+        .lines()
+        .skip(1)
+        .map(member_line)
+        .any(|(s, _, fault)| s == serial && fault == "0x5")
+}
+
 #[test]
-fn eight_processes_logging_in_at_once_all_succeed_and_no_member_goes_out() {
+fn eight_processes_logging_in_at_once_all_succeed_and_only_a_stuck_member_goes_out() {
     let _guard = serial_guard();
     let (hsm, config, program) = setup();
     let serials = hsm.serials();
@@ -111,14 +137,13 @@ fn eight_processes_logging_in_at_once_all_succeed_and_no_member_goes_out() {
                 Some("C_Login rv=0x0"),
                 "round {round}: {output}"
             );
-            let members: Vec<&str> = lines.collect();
+            let members: Vec<_> = lines.map(member_line).collect();
             assert_eq!(members.len(), serials.len(), "round {round}: {output}");
             for serial in &serials {
-                let expected = format!("member {serial} state=0 fault=0x0");
                 assert!(
-                    members.contains(&expected.as_str()),
-                    "round {round}: every member in service and never faulted, \
-                     want {expected:?} in\n{output}"
+                    members.contains(&(serial.as_str(), "0", "0x0")) || stuck(&output, serial),
+                    "round {round}: member {serial} in service and never faulted, \
+                     or out after CKR_GENERAL_ERROR at every login try:\n{output}"
                 );
             }
         }
@@ -128,17 +153,22 @@ fn eight_processes_logging_in_at_once_all_succeed_and_no_member_goes_out() {
 /// Asking a member again after `CKR_GENERAL_ERROR` keeps the wrong-PIN
 /// rule: eight processes logging in at once with a wrong PIN each get
 /// `CKR_PIN_INCORRECT`, and only the member tried first (configured first)
-/// counted a failed login.
+/// counted a failed login -- the second too only if a process took the
+/// first out for answering `CKR_GENERAL_ERROR` at every try (it checked
+/// no PIN).
 #[test]
 fn eight_processes_with_a_wrong_pin_at_once_try_it_on_the_first_member_only() {
     let _guard = serial_guard();
     let (hsm, config, program) = setup();
+    let first = &hsm.serials()[0];
+    let mut first_stuck = false;
     for output in log_in_at_once(&program, &hsm, &config, "0000") {
         assert!(output.starts_with("C_Login rv=0xa0\n"), "{output}");
+        first_stuck |= stuck(&output, first);
     }
     assert_eq!(
         pin_count_low(&hsm, &["member0", "member1"]),
-        [true, false],
+        [true, first_stuck],
         "tokens that counted a failed login (member0, member1)"
     );
 }

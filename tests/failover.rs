@@ -1508,6 +1508,65 @@ fn a_wrong_pin_is_tried_on_exactly_one_member() {
     }
 }
 
+/// A member whose `C_Login` answers `CKR_GENERAL_ERROR` however often it
+/// is asked -- a SoftHSM process whose view of its token file stays broken
+/// until another process writes it (`group::log_in_member`) -- is taken
+/// out and the login moves to the next member: a wrong PIN is counted
+/// there only (the first checked none), the right one logs the group in,
+/// and once the member's login answers again recovery logs it in and it
+/// serves.
+#[test]
+fn a_login_that_fails_with_a_general_error_for_good_moves_to_the_next_member() {
+    let ha = Ha::with(2, 0, "AutoReconnectInterval = 1\n");
+    let s = ha
+        .pkcs11
+        .open_rw_session(virtual_slot())
+        .expect("C_OpenSession");
+    ha.members[0].fail_call("C_Login", CKR_GENERAL_ERROR);
+
+    expect_rv(
+        s.login(UserType::User, Some(&AuthPin::new("0000".into()))),
+        RvError::PinIncorrect,
+        "C_Login with a wrong PIN",
+    );
+    let count_low: Vec<bool> = (0..2)
+        .map(|i| {
+            ha.pkcs11
+                .get_token_info(ha.member_slot(i))
+                .expect("C_GetTokenInfo")
+                .user_pin_count_low()
+        })
+        .collect();
+    assert_eq!(
+        count_low,
+        [false, true],
+        "tokens that counted a failed login (member 0, member 1)"
+    );
+    let status = group_status(0);
+    assert!(!member_serves(0, 0), "member 0 still serves");
+    assert_eq!(status.members[0].lastFault, CKR_GENERAL_ERROR);
+
+    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+        .expect("C_Login with the right PIN, on member 1");
+    s.generate_random_vec(8)
+        .expect("C_GenerateRandom on member 1");
+    ha.members[0].clear_fault();
+    let deadline = Instant::now() + PATIENCE;
+    while !member_serves(0, 0) {
+        assert!(Instant::now() < deadline, "member 0 never served again");
+        thread::sleep(POLL);
+    }
+    let observer = ha
+        .pkcs11
+        .open_ro_session(ha.member_slot(0))
+        .expect("C_OpenSession on member 0's own slot");
+    assert_eq!(
+        observer.get_session_info().expect("info").session_state(),
+        SessionState::RoUser,
+        "recovery logged member 0 in"
+    );
+}
+
 /// Logs every member token out through its own slot: the login is per
 /// token and process, so the group's member sessions lose it too, as when
 /// a member restarts. Returns those sessions (they stay open).

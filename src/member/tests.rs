@@ -142,6 +142,15 @@ fn closing_a_session_the_member_no_longer_has_is_no_member_fault() {
     assert_eq!(classify("C_CloseSession", CKR_DEVICE_ERROR), Answer::Down);
 }
 
+/// `CKR_GENERAL_ERROR` is a request's own answer, but a login answering it
+/// through every retry (`group::log_in_member`) cannot be served there.
+#[test]
+fn a_login_failing_with_a_general_error_is_a_member_fault() {
+    assert_eq!(classify("C_Login", CKR_GENERAL_ERROR), Answer::Down);
+    assert_eq!(classify("C_Login", CKR_PIN_INCORRECT), Answer::Request);
+    assert_eq!(classify("C_Sign", CKR_GENERAL_ERROR), Answer::Request);
+}
+
 /// Reconnecting cuts off the calls on the old connection's wire first: a
 /// call blocked on a server that answers nothing (a black-holed path)
 /// returns, its socket shut down, and knows it was cut off -- its request
