@@ -1617,6 +1617,55 @@ fn a_member_that_lost_its_login_is_logged_in_again() {
     }
 }
 
+/// The same loss of login on a member that cannot be logged in again (its
+/// `C_Login` answers `CKR_GENERAL_ERROR` however often it is asked): the
+/// application, logged in, never hears that a member is not -- the member
+/// is taken out at the first call that finds it, with that fault (its
+/// login's), and the call and every one after it run on the others.
+#[test]
+fn a_member_that_lost_its_login_and_cannot_log_in_again_goes_out() {
+    // No reconciliation pass: one opening sessions beside the calls would
+    // meet the loss first (`Group::unless_login_lost`).
+    let ha = Ha::with(3, 0, &format!("\n[HASynchronize]\n{GROUP_LABEL} = 0\n"));
+    let s = ha.session();
+    let (public, private) = ec_pair(&s, "ec", true, false);
+    let digest = [0x42; 32];
+    // Every member holds a session of the application's by now, so that
+    // the calls after the logout meet the loss there (a session opened
+    // afterwards shows it first: `Group::unless_login_lost`).
+    let signs = ha.counts("C_Sign");
+    let mut round = 0;
+    while grown(&signs, &ha.counts("C_Sign")).contains(&0) {
+        assert!(round < 30, "not every member signed in {round} signatures");
+        s.sign(&Mechanism::Ecdsa, private, &digest)
+            .expect("sign before the logout");
+        round += 1;
+    }
+    let _members = log_every_member_out(&ha);
+    ha.members[0].fail_call("C_Login", CKR_GENERAL_ERROR);
+
+    let logins = ha.counts("C_Login");
+    let mut round = 0;
+    while grown(&logins, &ha.counts("C_Login"))[0] == 0 {
+        assert!(round < 30, "member 0 was not tried in {round} signatures");
+        let signature = s
+            .sign(&Mechanism::Ecdsa, private, &digest)
+            .unwrap_or_else(|e| panic!("sign {round} after the members lost their login: {e}"));
+        s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+            .unwrap_or_else(|e| panic!("verify {round}: {e}"));
+        round += 1;
+    }
+    assert!(!member_serves(0, 0), "member 0 still serves");
+    assert_eq!(group_status(0).members[0].lastFault, CKR_GENERAL_ERROR);
+    for round in 0..6 {
+        let signature = s
+            .sign(&Mechanism::Ecdsa, private, &digest)
+            .unwrap_or_else(|e| panic!("sign {round} with member 0 out: {e}"));
+        s.verify(&Mechanism::Ecdsa, public, &digest, &signature)
+            .unwrap_or_else(|e| panic!("verify {round} with member 0 out: {e}"));
+    }
+}
+
 /// The same loss of login, met by a call the members refuse with
 /// `CKR_USER_NOT_LOGGED_IN` (generating a private key: made on one member,
 /// unwrapped on the others): every member is logged in again with the

@@ -18,7 +18,24 @@ enum Relogin {
     Retry,
     /// Logged in again, but the member's handles changed: choose again.
     LookUpAgain,
+    /// The group is logged in and the member refused to be logged in
+    /// again with this answer.
+    Refused(CK_RV),
     NotNeeded,
+}
+
+/// What [`VirtualSession::judge`] makes of a member's answer besides the
+/// answer itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterCall {
+    /// The answer alone decides.
+    Judge,
+    /// The member's handles were looked up afresh (or it was taken out
+    /// under the call): the caller chooses again.
+    LookUpAgain,
+    /// The answer is that of the member's login, refused while the group
+    /// is logged in: the member cannot serve this process's calls.
+    LoginRefused,
 }
 
 /// How a member answered a call.
@@ -133,7 +150,7 @@ impl VirtualSession {
         }
         let guard = member.begin_call();
         // Only a networked library can have reconnected under the session.
-        let (rv, look_up_again) = if networked {
+        let (rv, after) = if networked {
             self.run_on_connection(position, era, function, &*library, handle, connection, call)
         } else {
             self.run(position, era, function, &*library, handle, call)
@@ -144,7 +161,7 @@ impl VirtualSession {
         if rv == CKR_OK && member.epoch() == epoch {
             return Attempt::Answered(CKR_OK);
         }
-        self.judge(position, function, epoch, rv, look_up_again)
+        self.judge(position, function, epoch, rv, after)
     }
 
     /// [`Self::attempt`]'s verdict on an answer other than `CKR_OK`, out of
@@ -157,16 +174,16 @@ impl VirtualSession {
         function: &str,
         epoch: u64,
         rv: CK_RV,
-        look_up_again: bool,
+        after: AfterCall,
     ) -> Attempt {
         // Taken out while the call was inside it (the watchdog's cut of a
         // member that hangs in process): its late answer is taken as lost,
         // as if it had never come -- what it made is removed, what it
         // missed replayed, when it returns.
-        if look_up_again || rv == CKR_OK {
+        if after == AfterCall::LookUpAgain || rv == CKR_OK {
             return Attempt::Faulted;
         }
-        if !is_member_fault(function, rv) {
+        if after == AfterCall::Judge && !is_member_fault(function, rv) {
             return Attempt::Answered(rv);
         }
         // Its member sessions were closed under the call (it outlived the
@@ -177,6 +194,10 @@ impl VirtualSession {
         // A fault on a session from an earlier epoch belongs to a failure
         // already recorded: the member may be back by now.
         if epoch == self.group.members[position].epoch() {
+            let function = match after {
+                AfterCall::LoginRefused => "C_Login",
+                _ => function,
+            };
             self.group.member_failed(position, function, rv);
         }
         Attempt::Faulted
@@ -184,8 +205,8 @@ impl VirtualSession {
 
     /// Makes one call for [`Self::attempt`]: asks a busy member again a
     /// few times, and logs the member in again and repeats the call when its
-    /// answer says it lost its login. True as the second value when the
-    /// caller must choose again.
+    /// answer says it lost its login; what [`Self::judge`] makes of the
+    /// answer besides.
     #[inline(always)]
     fn run<F>(
         &self,
@@ -195,13 +216,13 @@ impl VirtualSession {
         library: &dyn MemberBackend,
         handle: CK_SESSION_HANDLE,
         call: &mut F,
-    ) -> (CK_RV, bool)
+    ) -> (CK_RV, AfterCall)
     where
         F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
         let mut rv = call(library, handle);
         if rv == CKR_OK {
-            return (rv, false);
+            return (rv, AfterCall::Judge);
         }
         let mut verdict = classify(function, rv);
         if verdict == Answer::Busy {
@@ -209,12 +230,13 @@ impl VirtualSession {
             verdict = classify(function, rv);
         }
         if verdict != Answer::LoginLost {
-            return (rv, false);
+            return (rv, AfterCall::Judge);
         }
         match self.check_login(position, era, library, handle, rv) {
-            Relogin::Retry => (call(library, handle), false),
-            Relogin::LookUpAgain => (rv, true),
-            Relogin::NotNeeded => (rv, false),
+            Relogin::Retry => (call(library, handle), AfterCall::Judge),
+            Relogin::LookUpAgain => (rv, AfterCall::LookUpAgain),
+            Relogin::Refused(login) => (login, AfterCall::LoginRefused),
+            Relogin::NotNeeded => (rv, AfterCall::Judge),
         }
     }
 
@@ -232,7 +254,7 @@ impl VirtualSession {
         handle: CK_SESSION_HANDLE,
         connection: u64,
         call: &mut F,
-    ) -> (CK_RV, bool)
+    ) -> (CK_RV, AfterCall)
     where
         F: FnMut(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV + ?Sized,
     {
@@ -339,15 +361,17 @@ impl VirtualSession {
         rv: CK_RV,
     ) -> Relogin {
         if rv == CKR_USER_NOT_LOGGED_IN {
-            return if self.log_in_again(library, handle) {
-                Relogin::Retry
-            } else {
-                Relogin::NotNeeded
+            return match self.log_in_again(library, handle) {
+                None => Relogin::NotNeeded,
+                Some(CKR_OK) => Relogin::Retry,
+                Some(refused) => Relogin::Refused(refused),
             };
         }
         if self.lost_login(library, handle) {
-            if !self.log_in_again(library, handle) {
-                return Relogin::NotNeeded;
+            match self.log_in_again(library, handle) {
+                None => return Relogin::NotNeeded,
+                Some(CKR_OK) => {}
+                Some(refused) => return Relogin::Refused(refused),
             }
             // A token logged out behind our back (SoftHSM then drops its
             // private objects' handles): in again, and look the handles up
@@ -369,18 +393,25 @@ impl VirtualSession {
             && crate::member_api::session_is_public(library, session)
     }
 
-    /// Logs a member that restarted in again with the cached credential.
-    fn log_in_again(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
-        let Some((user_type, pin)) = self.group.cached_login() else {
-            return false;
-        };
+    /// Logs a member that restarted in again with the cached credential:
+    /// `CKR_OK` once it is logged in, its refusal otherwise; `None` when
+    /// the group is not logged in.
+    fn log_in_again(
+        &self,
+        library: &dyn MemberBackend,
+        session: CK_SESSION_HANDLE,
+    ) -> Option<CK_RV> {
+        let (user_type, pin) = self.group.cached_login()?;
         let rv = crate::group::log_in_member(
             library,
             session,
             user_type,
             pin.as_deref().map(|p| p.as_slice()),
         );
-        rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
+        Some(match rv {
+            CKR_USER_ALREADY_LOGGED_IN => CKR_OK,
+            rv => rv,
+        })
     }
 
     /// [`Self::attempt`] on an idle spare instance of the member's
@@ -402,6 +433,6 @@ impl VirtualSession {
         if rv == CKR_OK {
             return Some(Attempt::Answered(CKR_OK));
         }
-        Some(self.judge(position, function, epoch, rv, false))
+        Some(self.judge(position, function, epoch, rv, AfterCall::Judge))
     }
 }

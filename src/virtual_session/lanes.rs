@@ -8,6 +8,7 @@
 //! own session (the first instance) holds session objects, object-making
 //! and the object map; what needs them runs there.
 
+use super::attempt::AfterCall;
 use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
 use crate::group::{is_member_fault, Group};
@@ -121,7 +122,13 @@ impl VirtualSession {
                     },
                     Err(rv) if is_member_fault("C_OpenSession", rv) => {
                         drop(held);
-                        return Some(self.judge(position, "C_OpenSession", epoch, rv, false));
+                        return Some(self.judge(
+                            position,
+                            "C_OpenSession",
+                            epoch,
+                            rv,
+                            AfterCall::Judge,
+                        ));
                     }
                     Err(_) => return None,
                 }
@@ -136,7 +143,13 @@ impl VirtualSession {
             Ok(None) => return self.leave_lane(held, current),
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
                 drop((held, current));
-                return Some(self.judge(position, "C_FindObjectsInit", epoch, rv, false));
+                return Some(self.judge(
+                    position,
+                    "C_FindObjectsInit",
+                    epoch,
+                    rv,
+                    AfterCall::Judge,
+                ));
             }
             Err(_) => return self.leave_lane(held, current),
         };
@@ -278,7 +291,7 @@ impl VirtualSession {
         {
             Ok(lane) => lane,
             Err(rv) if is_member_fault("C_OpenSession", rv) => {
-                return Some(self.judge(position, "C_OpenSession", epoch, rv, false));
+                return Some(self.judge(position, "C_OpenSession", epoch, rv, AfterCall::Judge));
             }
             Err(_) => return None,
         };
@@ -286,7 +299,13 @@ impl VirtualSession {
             Ok(Some(handles)) => handles,
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
                 drop(lane);
-                return Some(self.judge(position, "C_FindObjectsInit", epoch, rv, false));
+                return Some(self.judge(
+                    position,
+                    "C_FindObjectsInit",
+                    epoch,
+                    rv,
+                    AfterCall::Judge,
+                ));
             }
             Ok(None) | Err(_) => {
                 lane.finish();
@@ -533,7 +552,7 @@ impl VirtualSession {
         if rv == CKR_OK {
             return Attempt::Answered(CKR_OK);
         }
-        self.judge(position, function, epoch, rv, false)
+        self.judge(position, function, epoch, rv, AfterCall::Judge)
     }
 
     /// Continues the operation of `kind` on the lane when it runs there;
