@@ -105,6 +105,12 @@ pub enum Fault {
     /// `CKR_DEVICE_ERROR`, and nothing else does: a networked library whose
     /// request timed out once while its connection stayed.
     FailListing,
+    /// Every `C_Login` on the token answers `CKR_GENERAL_ERROR` before it
+    /// looks at the PIN, and nothing else fails: a SoftHSM process whose
+    /// view of its token file stays broken until another process writes
+    /// the file. Healing leaves it (a restart of the token is not such a
+    /// write); [`Sim::mend_login`] ends it.
+    BrokenLogin,
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -196,6 +202,7 @@ pub struct Token {
     pub stall_on_reading: Option<CK_OBJECT_HANDLE>,
     pub stall_after_change: bool,
     pub stall_on_login: bool,
+    pub login_broken: bool,
     pub stall_on_close: bool,
     pub renumber_on_reconnect: bool,
     pub spare_crashed: bool,
@@ -217,6 +224,9 @@ pub struct Token {
     /// Objects made on it by `C_CreateObject`: what the simulation counts
     /// to see where an application's writes went.
     pub creates: usize,
+    /// Logins it refused with its login broken ([`Fault::BrokenLogin`]):
+    /// what the simulation counts to see that schedules meet them.
+    pub refused_logins: usize,
 }
 
 /// The whole simulated library.
@@ -810,6 +820,7 @@ impl Sim {
             Fault::StallOnReading(handle) => t.stall_on_reading = Some(handle),
             Fault::StallAfterChange => t.stall_after_change = true,
             Fault::StallOnLogin => t.stall_on_login = true,
+            Fault::BrokenLogin => t.login_broken = true,
             Fault::StallOnClose => t.stall_on_close = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
             Fault::SpareCrash => t.spare_crashed = true,
@@ -828,7 +839,14 @@ impl Sim {
         self.tokens[token].refused_labels.insert(label.to_vec());
     }
 
-    /// Ends every fault on `token`; a crashed token restarts.
+    /// Ends [`Fault::BrokenLogin`] on `token`: another process wrote its
+    /// token file.
+    pub fn mend_login(&mut self, token: usize) {
+        self.tokens[token].login_broken = false;
+    }
+
+    /// Ends every fault on `token` but a broken login
+    /// ([`Fault::BrokenLogin`]); a crashed token restarts.
     pub fn heal(&mut self, token: usize) {
         if self.tokens[token].crashed {
             self.drop_sessions(token);
@@ -983,6 +1001,10 @@ impl Sim {
         let token = self.enter_session(session)?;
         if std::mem::take(&mut self.tokens[token].stall_on_login) {
             self.stalled = Some(token);
+        }
+        if self.tokens[token].login_broken {
+            self.tokens[token].refused_logins += 1;
+            return Err(CKR_GENERAL_ERROR);
         }
         if user != CKU_USER {
             return Err(CKR_USER_TYPE_INVALID);
