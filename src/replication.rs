@@ -1716,7 +1716,7 @@ impl VirtualSession {
         let [one] = found[..] else {
             return Ok(false);
         };
-        if self.may_be_a_live_copy(position, era, one) {
+        if self.may_be_a_live_copy(position, era, one, print) {
             return Ok(false);
         }
         let answer = self.attempt_on(position, Some(era), "C_DestroyObject", &mut |l, s| {
@@ -1737,16 +1737,23 @@ impl VirtualSession {
     }
 
     /// Whether `copy`, the one object on member `position` (handles of
-    /// `era`) that a kept removal's print finds, may be the copy of a live
-    /// object of the group alike in every attribute the print reads --
-    /// one already there, not on its way (where it is, the one copy can
-    /// only be the removed object's). The retry of a call whose first try
+    /// `era`) that a kept removal's `print` finds, may be the copy of a
+    /// live object of the group that the removal cannot tell from the
+    /// removed one (its kept print matches the copy, and has every
+    /// attribute of `print`) -- one already there, not on its way (where
+    /// it is, the one copy can only be the removed object's). The retry of a call whose first try
     /// was abandoned makes such an object: that try's removal, kept for
     /// the member while the application was logged out, took the retry's
     /// copy for its own and removed it (simulation seed 30406176,
     /// `SIM_BROKEN_LOGINS=1`). Not read: taken for the removed object's,
     /// as before.
-    fn may_be_a_live_copy(&self, position: usize, era: Era, copy: CK_OBJECT_HANDLE) -> bool {
+    fn may_be_a_live_copy(
+        &self,
+        position: usize,
+        era: Era,
+        copy: CK_OBJECT_HANDLE,
+        print: &Fingerprint,
+    ) -> bool {
         if self.group.objects.moved_on(era) {
             return false;
         }
@@ -1759,7 +1766,9 @@ impl VirtualSession {
             .objects
             .matched_by(&own)
             .into_iter()
-            .any(|(object, _)| !self.group.on_its_way(position, object))
+            .any(|(object, kept)| {
+                identity::matches(print, &kept) && !self.group.on_its_way(position, object)
+            })
     }
 }
 
