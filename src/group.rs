@@ -3785,9 +3785,9 @@ const LONGEST_LOGIN_PAUSE: Duration = Duration::from_millis(250);
 /// found it cut short numbers it afresh, so the number can come back to
 /// the one that process holds (SoftHSM 2.6.1: 1 in 250 to 1 in 1,600 of
 /// the processes logging in eight at once, each unstuck at its next try by
-/// a login of another process). Still refused after the bound, the answer is a member
-/// fault ([`classify`]): the member goes out, the next one is asked, and
-/// recovery logs it in once it can.
+/// a login of another process). Still refused after the bound, the answer
+/// is a member fault ([`classify`]): the member goes out, the next one is
+/// asked, and recovery logs it in once it can.
 pub fn log_in_member(
     library: &(impl MemberApi + ?Sized),
     session: CK_SESSION_HANDLE,

@@ -1741,12 +1741,12 @@ impl VirtualSession {
     /// live object of the group that the removal cannot tell from the
     /// removed one (its kept print matches the copy, and has every
     /// attribute of `print`) -- one already there, not on its way (where
-    /// it is, the one copy can only be the removed object's). The retry of a call whose first try
-    /// was abandoned makes such an object: that try's removal, kept for
-    /// the member while the application was logged out, took the retry's
-    /// copy for its own and removed it (simulation seed 30406176,
-    /// `SIM_BROKEN_LOGINS=1`). Not read: taken for the removed object's,
-    /// as before.
+    /// it is, the one copy can only be the removed object's). The retry
+    /// of a call whose first try was abandoned makes such an object: that
+    /// try's removal, kept for the member while the application was
+    /// logged out, took the retry's copy for its own and removed it
+    /// (simulation seed 30406176, `SIM_BROKEN_LOGINS=1`). A copy that
+    /// cannot be read is taken for the removed object's, as before.
     fn may_be_a_live_copy(
         &self,
         position: usize,
