@@ -2,10 +2,11 @@
 //! it starts: SoftHSM answers some of them `CKR_GENERAL_ERROR` while
 //! another process rewrites the token file (each successful login does),
 //! and through pkcs11-ha every login must still succeed. No member is
-//! taken out of service, but one whose SoftHSM view of its token stays
+//! taken out of service except one whose SoftHSM view of its token stays
 //! broken in that process (`CKR_GENERAL_ERROR` at every try until another
-//! process writes the file, 1 process in 250 to 1 in 1,600: docs/design.md): it
-//! goes out with that fault, and the login moves to the next member.
+//! process writes the file; 1 process in 250 to 1 in 1,600,
+//! docs/design.md): it goes out with that fault, and the login moves to
+//! the next member.
 //!
 //! Each application is a child process (`tests/c/concurrent_login.c`) on
 //! `target/release/libpkcs11_ha.so`; all of them have a session open
