@@ -1716,9 +1716,6 @@ impl VirtualSession {
         let [one] = found[..] else {
             return Ok(false);
         };
-        if self.may_be_a_live_copy(position, era, one, print) {
-            return Ok(false);
-        }
         let answer = self.attempt_on(position, Some(era), "C_DestroyObject", &mut |l, s| {
             l.destroy_object(s, one)
         });
@@ -1734,41 +1731,6 @@ impl VirtualSession {
             Attempt::Answered(rv) => Err(format!("removal refused with {}", rv_name(rv))),
             Attempt::Faulted => Err("the member failed again".into()),
         }
-    }
-
-    /// Whether `copy`, the one object on member `position` (handles of
-    /// `era`) that a kept removal's `print` finds, may be the copy of a
-    /// live object of the group that the removal cannot tell from the
-    /// removed one (its kept print matches the copy, and has every
-    /// attribute of `print`) -- one already there, not on its way (where
-    /// it is, the one copy can only be the removed object's). The retry
-    /// of a call whose first try was abandoned makes such an object: that
-    /// try's removal, kept for the member while the application was
-    /// logged out, took the retry's copy for its own and removed it
-    /// (simulation seed 30406176, `SIM_BROKEN_LOGINS=1`). A copy that
-    /// cannot be read is taken for the removed object's, as before.
-    fn may_be_a_live_copy(
-        &self,
-        position: usize,
-        era: Era,
-        copy: CK_OBJECT_HANDLE,
-        print: &Fingerprint,
-    ) -> bool {
-        if self.group.objects.moved_on(era) {
-            return false;
-        }
-        let Ok(Some(own)) = self.on_member(position, |s| {
-            identity::fingerprint(&*s.library, s.handle, copy)
-        }) else {
-            return false;
-        };
-        self.group
-            .objects
-            .matched_by(&own)
-            .into_iter()
-            .any(|(object, kept)| {
-                identity::matches(print, &kept) && !self.group.on_its_way(position, object)
-            })
     }
 }
 

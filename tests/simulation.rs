@@ -246,12 +246,6 @@ impl Faults {
         broken_logins: BrokenLogins::WhileLoggedIn,
         ..Faults::COPIES
     };
-    /// The default schedules with broken logins while the application is
-    /// logged out too (`SIM_BROKEN_LOGINS=1`).
-    const ANY_BROKEN_LOGINS: Faults = Faults {
-        broken_logins: BrokenLogins::Any,
-        ..Faults::BROKEN_LOGINS
-    };
     /// The default schedules as lasting refusals joined them, before the
     /// application copied objects.
     const LASTING_REFUSALS: Faults = Faults {
@@ -4905,17 +4899,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   given it, or on a member that lost its answer in an earlier round of
 ///   the call (the undo now takes every copy the table knows, and the
 ///   members that failed in any round).
-/// - 30406176 (`SIM_BROKEN_LOGINS=1`): a public object's create failed on
-///   every member (cut off on one, the other crashed) while the
-///   application was logged out; the try was abandoned, its removal kept
-///   for the member it was cut off on until the next login (the removal
-///   found nothing there, and a private object would not show while
-///   logged out), and the call's retry made the object on that member
-///   once it returned. When the member returned again, the kept removal
-///   found the retry's copy, alike in every attribute, and removed it: a
-///   kept removal no longer removes the one copy it finds where that copy
-///   may be a live object's (`VirtualSession::may_be_a_live_copy`).
-const REGRESSION_SEEDS: [(u64, Faults); 135] = [
+const REGRESSION_SEEDS: [(u64, Faults); 134] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -5050,7 +5034,6 @@ const REGRESSION_SEEDS: [(u64, Faults); 135] = [
     (30083181, Faults::COPIES),
     (30066171, Faults::COPIES),
     (30104758, Faults::COPIES),
-    (30406176, Faults::ANY_BROKEN_LOGINS),
 ];
 
 #[test]
