@@ -1441,6 +1441,19 @@ fn request_errors_never_take_a_member_out() {
     sign_and_verify(&s, (public, private), 30);
 }
 
+/// Whether each member's token counted a failed login
+/// (`CKF_USER_PIN_COUNT_LOW`), read through its pass-through slot.
+fn failed_logins_counted(ha: &Ha) -> Vec<bool> {
+    (0..ha.members.len())
+        .map(|i| {
+            ha.pkcs11
+                .get_token_info(ha.member_slot(i))
+                .expect("C_GetTokenInfo")
+                .user_pin_count_low()
+        })
+        .collect()
+}
+
 /// A wrong PIN costs one try on one token: `C_Login` through the virtual
 /// slot answers `CKR_PIN_INCORRECT` after exactly one member `C_Login` (and
 /// only that token counts a failed login), and no token is logged in; the
@@ -1478,14 +1491,7 @@ fn a_wrong_pin_is_tried_on_exactly_one_member() {
         1,
         "member C_Login calls: {tried:?}"
     );
-    let count_low: Vec<bool> = (0..3)
-        .map(|i| {
-            ha.pkcs11
-                .get_token_info(ha.member_slot(i))
-                .expect("C_GetTokenInfo")
-                .user_pin_count_low()
-        })
-        .collect();
+    let count_low = failed_logins_counted(&ha);
     assert_eq!(
         count_low.iter().filter(|low| **low).count(),
         1,
@@ -1529,14 +1535,7 @@ fn a_login_that_fails_with_a_general_error_for_good_moves_to_the_next_member() {
         RvError::PinIncorrect,
         "C_Login with a wrong PIN",
     );
-    let count_low: Vec<bool> = (0..2)
-        .map(|i| {
-            ha.pkcs11
-                .get_token_info(ha.member_slot(i))
-                .expect("C_GetTokenInfo")
-                .user_pin_count_low()
-        })
-        .collect();
+    let count_low = failed_logins_counted(&ha);
     assert_eq!(
         count_low,
         [false, true],

@@ -27,7 +27,7 @@ enum Relogin {
 /// What [`VirtualSession::judge`] makes of a member's answer besides the
 /// answer itself.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum AfterCall {
+enum AfterCall {
     /// The answer alone decides.
     Judge,
     /// The member's handles were looked up afresh (or it was taken out
@@ -164,11 +164,23 @@ impl VirtualSession {
         self.judge(position, function, epoch, rv, after)
     }
 
+    /// [`Self::judge`] of an answer that alone decides (no login was
+    /// checked and no handle looked up again).
+    pub(super) fn judge_answer(
+        &self,
+        position: usize,
+        function: &str,
+        epoch: u64,
+        rv: CK_RV,
+    ) -> Attempt {
+        self.judge(position, function, epoch, rv, AfterCall::Judge)
+    }
+
     /// [`Self::attempt`]'s verdict on an answer other than `CKR_OK`, out of
     /// line.
     #[cold]
     #[inline(never)]
-    pub(super) fn judge(
+    fn judge(
         &self,
         position: usize,
         function: &str,
@@ -433,6 +445,6 @@ impl VirtualSession {
         if rv == CKR_OK {
             return Some(Attempt::Answered(CKR_OK));
         }
-        Some(self.judge(position, function, epoch, rv, AfterCall::Judge))
+        Some(self.judge_answer(position, function, epoch, rv))
     }
 }

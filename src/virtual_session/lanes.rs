@@ -8,7 +8,6 @@
 //! own session (the first instance) holds session objects, object-making
 //! and the object map; what needs them runs there.
 
-use super::attempt::AfterCall;
 use super::{Attempt, VirtualSession};
 use crate::bindings::OpKind;
 use crate::group::{is_member_fault, Group};
@@ -122,13 +121,7 @@ impl VirtualSession {
                     },
                     Err(rv) if is_member_fault("C_OpenSession", rv) => {
                         drop(held);
-                        return Some(self.judge(
-                            position,
-                            "C_OpenSession",
-                            epoch,
-                            rv,
-                            AfterCall::Judge,
-                        ));
+                        return Some(self.judge_answer(position, "C_OpenSession", epoch, rv));
                     }
                     Err(_) => return None,
                 }
@@ -143,13 +136,7 @@ impl VirtualSession {
             Ok(None) => return self.leave_lane(held, current),
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
                 drop((held, current));
-                return Some(self.judge(
-                    position,
-                    "C_FindObjectsInit",
-                    epoch,
-                    rv,
-                    AfterCall::Judge,
-                ));
+                return Some(self.judge_answer(position, "C_FindObjectsInit", epoch, rv));
             }
             Err(_) => return self.leave_lane(held, current),
         };
@@ -291,7 +278,7 @@ impl VirtualSession {
         {
             Ok(lane) => lane,
             Err(rv) if is_member_fault("C_OpenSession", rv) => {
-                return Some(self.judge(position, "C_OpenSession", epoch, rv, AfterCall::Judge));
+                return Some(self.judge_answer(position, "C_OpenSession", epoch, rv));
             }
             Err(_) => return None,
         };
@@ -299,13 +286,7 @@ impl VirtualSession {
             Ok(Some(handles)) => handles,
             Err(rv) if is_member_fault("C_FindObjectsInit", rv) => {
                 drop(lane);
-                return Some(self.judge(
-                    position,
-                    "C_FindObjectsInit",
-                    epoch,
-                    rv,
-                    AfterCall::Judge,
-                ));
+                return Some(self.judge_answer(position, "C_FindObjectsInit", epoch, rv));
             }
             Ok(None) | Err(_) => {
                 lane.finish();
@@ -552,7 +533,7 @@ impl VirtualSession {
         if rv == CKR_OK {
             return Attempt::Answered(CKR_OK);
         }
-        self.judge(position, function, epoch, rv, AfterCall::Judge)
+        self.judge_answer(position, function, epoch, rv)
     }
 
     /// Continues the operation of `kind` on the lane when it runs there;
