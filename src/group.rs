@@ -3762,9 +3762,9 @@ pub fn retry_while_busy(function: &str, mut rv: CK_RV, mut call: impl FnMut() ->
 /// How often a member that answered `C_Login` with `CKR_GENERAL_ERROR` is
 /// asked again, the first pause and the longest: pauses double from 5 ms
 /// up to 250 ms, so a login gives up after about 1.8 s. Eight SoftHSM
-/// processes logging in at once, 600 rounds three times over (two of them
-/// beside two busy loops), needed at most four more tries (75 ms) whenever
-/// a try could succeed at all; the logins that failed for longer were
+/// processes logging in at once, in over 1,300 rounds (60 of them beside
+/// two busy loops), needed at most four more tries (75 ms) whenever a try
+/// could succeed at all; the logins that failed for longer were
 /// SoftHSM views that stay broken until the token file is written again
 /// (see [`log_in_member`]).
 const LOGIN_RETRIES: u32 = 12;
@@ -3783,7 +3783,7 @@ const LONGEST_LOGIN_PAUSE: Duration = Duration::from_millis(250);
 /// `CKR_GENERAL_ERROR` until the file is written again: it rereads the
 /// file only when the generation number in it changed, and a writer that
 /// found it cut short numbers it afresh, so the number can come back to
-/// the one that process holds (SoftHSM 2.6.1: 1 in 250 to 1 in 1,600 of
+/// the one that process holds (SoftHSM 2.6.1: 1 in 200 to 1 in 1,600 of
 /// the processes logging in eight at once, each unstuck at its next try by
 /// a login of another process). Still refused after the bound, the answer
 /// is a member fault ([`classify`]): the member goes out, the next one is

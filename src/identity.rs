@@ -365,14 +365,26 @@ pub fn read_along(
     })
 }
 
+/// The class a fingerprint names, if it names one.
+pub fn class_in(print: &Fingerprint) -> Option<CK_OBJECT_CLASS> {
+    print
+        .iter()
+        .find(|(t, _)| *t == CKA_CLASS)
+        .map(|(_, v)| ulong_of(v))
+}
+
+/// Whether a fingerprint names a key class: secret or private.
+pub fn names_a_key(print: &Fingerprint) -> bool {
+    matches!(class_in(print), Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY))
+}
+
 /// Whether an object of this fingerprint's class has its public value in
 /// its fingerprint (see [`read_print`]).
 fn holds_public_value(print: &Fingerprint) -> bool {
-    let class = print
-        .iter()
-        .find(|(t, _)| *t == CKA_CLASS)
-        .map(|(_, v)| ulong_of(v));
-    matches!(class, Some(CKO_CERTIFICATE | CKO_DATA | CKO_PUBLIC_KEY))
+    matches!(
+        class_in(print),
+        Some(CKO_CERTIFICATE | CKO_DATA | CKO_PUBLIC_KEY)
+    )
 }
 
 /// One `C_GetAttributeValue` of `query`; true when the library answered

@@ -830,14 +830,6 @@ impl Plan {
     }
 }
 
-fn is_key(print: &Fingerprint) -> bool {
-    print
-        .iter()
-        .find(|(t, _)| *t == CKA_CLASS)
-        .map(|(_, v)| identity::ulong_of(v))
-        .is_some_and(|c| c == CKO_SECRET_KEY || c == CKO_PRIVATE_KEY)
-}
-
 /// A copy a pass made.
 struct Made {
     target: usize,
@@ -910,7 +902,7 @@ fn copy_missing(
         if group.objects.changed_after(object, changes_before) {
             continue;
         }
-        let key = is_key(&copy.print);
+        let key = identity::names_a_key(&copy.print);
         for &target in &copy.targets {
             if shared.stopping() {
                 return made;

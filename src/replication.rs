@@ -474,12 +474,8 @@ impl VirtualSession {
         source: usize,
         source_handle: CK_OBJECT_HANDLE,
     ) -> Result<CK_OBJECT_CLASS> {
-        let kept_class = self.group.objects.get(object).and_then(|o| {
-            o.fingerprint?
-                .iter()
-                .find(|(t, _)| *t == CKA_CLASS)
-                .map(|(_, v)| identity::ulong_of(v))
-        });
+        let kept_class = (self.group.objects.get(object))
+            .and_then(|o| identity::class_in(o.fingerprint.as_deref()?));
         match kept_class {
             Some(class) => Ok(class),
             None => self
@@ -1201,12 +1197,8 @@ impl VirtualSession {
         // while another's takes it (simulation: a copy made on both, the
         // first chosen, left the member without it for good).
         let key_class = (self.fingerprint_of(object))
-            .and_then(|p| {
-                p.iter()
-                    .find(|(t, _)| *t == CKA_CLASS)
-                    .map(|(_, v)| identity::ulong_of(v))
-            })
-            .filter(|c| [CKO_SECRET_KEY, CKO_PRIVATE_KEY].contains(c));
+            .filter(|p| identity::names_a_key(p))
+            .and_then(|p| identity::class_in(&p));
         let Some(class) = key_class else {
             return holders.into_iter().next();
         };
@@ -1232,13 +1224,10 @@ impl VirtualSession {
     /// 55 s in the long chaos run).
     pub fn unreceivable(&self, object: CK_OBJECT_HANDLE, target: usize) -> Option<String> {
         let print = self.fingerprint_of(object)?;
-        let class = print
-            .iter()
-            .find(|(t, _)| *t == CKA_CLASS)
-            .map(|(_, v)| identity::ulong_of(v))?;
-        if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
+        if !identity::names_a_key(&print) {
             return None;
         }
+        let class = identity::class_in(&print)?;
         let to = &self.group.members[target];
         let to_location = to.location()?;
         let to_can = to.capabilities();

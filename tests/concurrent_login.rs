@@ -4,7 +4,7 @@
 //! and through pkcs11-ha every login must still succeed. No member is
 //! taken out of service except one whose SoftHSM view of its token stays
 //! broken in that process (`CKR_GENERAL_ERROR` at every try until another
-//! process writes the file; 1 process in 250 to 1 in 1,600,
+//! process writes the file; 1 process in 200 to 1 in 1,600,
 //! docs/design.md): it goes out with that fault, and the login moves to
 //! the next member.
 //!
