@@ -1076,8 +1076,15 @@ pub enum Pending {
     Create(CK_OBJECT_HANDLE),
     /// Create this virtual object on it from the application's template.
     Import(CK_OBJECT_HANDLE, Arc<OwnedTemplate>),
-    /// Remove the object with this fingerprint from it.
-    Destroy(Fingerprint),
+    /// Remove the object with this fingerprint from it: the group's
+    /// `object` where this process had one (a removal recorded by another
+    /// process names none). A copy alike in every attribute the print
+    /// reads may be another live object's, made after it by a call's
+    /// retry: that copy stays (`VirtualSession::may_be_a_live_copy`).
+    Destroy {
+        print: Fingerprint,
+        object: Option<CK_OBJECT_HANDLE>,
+    },
     /// Remove every object matching this template's fingerprint that is no
     /// object of the group: what a call making objects may have left on a
     /// member that failed while asked (its answer lost), another key under
@@ -1104,7 +1111,7 @@ impl Pending {
             Pending::Create(object) | Pending::Import(object, _) | Pending::Set { object, .. } => {
                 Some(*object)
             }
-            Pending::Destroy(_) | Pending::Orphans(_) => None,
+            Pending::Destroy { .. } | Pending::Orphans(_) => None,
         }
     }
 
@@ -1112,7 +1119,7 @@ impl Pending {
     /// an object.
     pub fn removal(&self) -> Option<&crate::identity::Fingerprint> {
         match self {
-            Pending::Destroy(print) | Pending::Orphans(print) => Some(print),
+            Pending::Destroy { print, .. } | Pending::Orphans(print) => Some(print),
             Pending::Create(_) | Pending::Import(..) | Pending::Set { .. } => None,
         }
     }
@@ -1126,7 +1133,7 @@ impl Pending {
     /// that object's attributes (simulation seed 70505).
     pub fn destroyed(&self) -> Option<&crate::identity::Fingerprint> {
         match self {
-            Pending::Destroy(print) => Some(print),
+            Pending::Destroy { print, .. } => Some(print),
             _ => None,
         }
     }

@@ -328,8 +328,7 @@ impl ObjectTable {
             return Some(h);
         }
         let mut matching = maps.objects.iter().filter(|(_, o)| {
-            o.owner.is_none()
-                && o.on[member] == Presence::Unknown
+            o.on[member] == Presence::Unknown
                 && (o.fingerprint.iter().chain(&o.former_prints))
                     .any(|p| crate::identity::matches(p, &print))
         });
@@ -359,8 +358,8 @@ impl ObjectTable {
         Some(handle)
     }
 
-    /// Keeps in `objects` the token objects whose copy on `member` is not
-    /// known yet.
+    /// Keeps in `objects` the objects whose copy on `member` is not known
+    /// yet.
     pub fn keep_unknown_on(
         &self,
         member: usize,
@@ -370,7 +369,7 @@ impl ObjectTable {
         objects.retain(|handle| {
             maps.objects
                 .get(handle)
-                .is_some_and(|o| o.owner.is_none() && o.on[member] == Presence::Unknown)
+                .is_some_and(|o| o.on[member] == Presence::Unknown)
         });
     }
 

@@ -563,7 +563,11 @@ impl Pass {
                 if shared.stopping() {
                     return Ok(Some(summary));
                 }
-                match worker.apply(*position, &Pending::Destroy(print.clone()), None) {
+                let removal = Pending::Destroy {
+                    print: print.clone(),
+                    object: None,
+                };
+                match worker.apply(*position, &removal, None) {
                     Ok(removed) => summary.removed += usize::from(removed),
                     Err(why) => summary.fail(why),
                 }

@@ -2949,7 +2949,7 @@ fn must_wait(
             logged_out
                 && matches!(
                     change,
-                    Pending::Destroy(_) | Pending::Orphans(_) | Pending::Set { .. }
+                    Pending::Destroy { .. } | Pending::Orphans(_) | Pending::Set { .. }
                 )
         }
         Err(_) => {

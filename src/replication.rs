@@ -998,7 +998,13 @@ impl VirtualSession {
         left.sort_unstable();
         left.dedup();
         for position in left {
-            self.deliver_or_queue(position, Pending::Destroy(print.clone()));
+            self.deliver_or_queue(
+                position,
+                Pending::Destroy {
+                    print: print.clone(),
+                    object: Some(object),
+                },
+            );
         }
     }
 
@@ -1031,7 +1037,7 @@ impl VirtualSession {
                 Err(back) => change = back,
             }
             let behind = object.is_some_and(|object| match change {
-                Pending::Destroy(_) => self.group.removal_waits(position, object),
+                Pending::Destroy { .. } => self.group.removal_waits(position, object),
                 _ => self.group.change_on_its_way(position, object),
             });
             if behind || self.group.catching_up(position) {
@@ -1089,7 +1095,7 @@ impl VirtualSession {
                     None => return true,
                 }
             }
-            Pending::Destroy(_) | Pending::Orphans(_) => return false,
+            Pending::Destroy { .. } | Pending::Orphans(_) => return false,
         };
         removals
             .iter()
@@ -1107,7 +1113,9 @@ impl VirtualSession {
     /// A queued change as the HA log names it.
     pub fn name_change(&self, change: &Pending) -> String {
         match change {
-            Pending::Destroy(print) => format!("the removal of {}", identity::describe(print)),
+            Pending::Destroy { print, .. } => {
+                format!("the removal of {}", identity::describe(print))
+            }
             Pending::Orphans(print) => {
                 format!("the removal of orphans like {}", identity::describe(print))
             }
@@ -1136,7 +1144,9 @@ impl VirtualSession {
         holdings: Option<&mut Holdings>,
     ) -> std::result::Result<bool, String> {
         let outcome = match change {
-            Pending::Destroy(print) => self.destroy_copy(position, print, holdings),
+            Pending::Destroy { print, object } => {
+                self.destroy_copy(position, print, *object, holdings)
+            }
             Pending::Orphans(print) => self.remove_orphans(position, print, holdings),
             Pending::Create(object) => self.copy_missed(position, *object, holdings),
             Pending::Import(object, template) => {
@@ -1202,15 +1212,24 @@ impl VirtualSession {
         let Some(class) = key_class else {
             return holders.into_iter().next();
         };
+        // Where none has a way, one whose library refused the mechanism
+        // only before its last return, and may take it again: tried
+        // rather than one that refuses it now, the copy left the member
+        // without the key after every holder served again (simulation
+        // seed 30967754).
         let to = &self.group.members[position];
-        let mut first = None;
+        let mut fallback: Option<(usize, bool)> = None;
         for holder in holders {
-            if no_way(&self.group.members[holder], to, class).is_none() {
+            let from = &self.group.members[holder];
+            if no_way(from, to, class).is_none() {
                 return Some(holder);
             }
-            first.get_or_insert(holder);
+            let may_take_it_again = !from.refuses_wrapping();
+            if fallback.is_none_or(|(_, better)| may_take_it_again && !better) {
+                fallback = Some((holder, may_take_it_again));
+            }
         }
-        first
+        fallback.map(|(holder, _)| holder)
     }
 
     /// Why key `object` cannot reach member `target` from any serving
@@ -1685,11 +1704,14 @@ impl VirtualSession {
         }
     }
 
-    /// Removes from the member the one object with this fingerprint.
+    /// Removes from the member the one object with this fingerprint, the
+    /// copy of the group's `removed` where this process had it -- unless
+    /// it may be another live object's.
     fn destroy_copy(
         &self,
         position: usize,
         print: &Fingerprint,
+        removed: Option<CK_OBJECT_HANDLE>,
         holdings: Option<&mut Holdings>,
     ) -> std::result::Result<bool, String> {
         let era = holdings
@@ -1705,6 +1727,11 @@ impl VirtualSession {
         let [one] = found[..] else {
             return Ok(false);
         };
+        if removed
+            .is_some_and(|removed| self.may_be_a_live_copy(position, era, one, print, removed))
+        {
+            return Ok(false);
+        }
         let answer = self.attempt_on(position, Some(era), "C_DestroyObject", &mut |l, s| {
             l.destroy_object(s, one)
         });
@@ -1720,6 +1747,40 @@ impl VirtualSession {
             Attempt::Answered(rv) => Err(format!("removal refused with {}", rv_name(rv))),
             Attempt::Faulted => Err("the member failed again".into()),
         }
+    }
+
+    /// Whether `copy`, the one object on member `position` (handles of
+    /// `era`) that the removal of `removed` finds by `print`, may be the
+    /// copy of another live object of the group that the removal cannot
+    /// tell from it: one whose kept print matches the copy and has every
+    /// attribute of `print`, already on the member (where it is on its way,
+    /// the one copy can only be the removed object's). The retry of a
+    /// call whose first try was abandoned makes such an object: that
+    /// try's removal, kept for the member while the application was
+    /// logged out, took the retry's copy for its own and removed it
+    /// (simulation seed 30406176, `SIM_BROKEN_LOGINS=1`). A copy that
+    /// cannot be read is taken for the removed object's, as before.
+    fn may_be_a_live_copy(
+        &self,
+        position: usize,
+        era: Era,
+        copy: CK_OBJECT_HANDLE,
+        print: &Fingerprint,
+        removed: CK_OBJECT_HANDLE,
+    ) -> bool {
+        if self.group.objects.moved_on(era) {
+            return false;
+        }
+        let Ok(Some(own)) = self.on_member(position, |s| {
+            identity::fingerprint(&*s.library, s.handle, copy)
+        }) else {
+            return false;
+        };
+        (self.group.objects.matched_by(&own).into_iter()).any(|(object, kept)| {
+            object != removed
+                && identity::matches(print, &kept)
+                && !self.group.on_its_way(position, object)
+        })
     }
 }
 

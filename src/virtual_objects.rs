@@ -1161,13 +1161,38 @@ impl VirtualSession {
                 Err(e)
                     if faulted && matches!(e.rv, CKR_OBJECT_HANDLE_INVALID | CKR_DEVICE_ERROR) =>
                 {
-                    let missed: Vec<usize> = (self.group.members)
-                        .iter()
-                        .filter(|m| !m.is_up() || self.group.change_on_its_way(m.position, object))
-                        .map(|m| m.position)
-                        .collect();
-                    self.finish_later(object, change, earlier_print, &missed);
+                    self.finish_later(object, change, earlier_print, &self.owed_changes(object));
                     return Err(Error::new(CKR_DEVICE_ERROR));
+                }
+                // A destroy of the group's object that no serving member
+                // holds yet -- its copies are on members out now, and on
+                // their way to every member serving, waiting for a source:
+                // the object is the application's, and nothing answered
+                // for it, so nothing is in doubt. Each member gets the
+                // removal, behind what is on its way. Answered "no such
+                // object", the application was told its object is not one
+                // (simulation seed 30967754). Not while the application
+                // is logged out: a private object is none to it then, and
+                // a serving member that shows no copy may hold one unseen.
+                Err(e)
+                    if e.rv == CKR_OBJECT_HANDLE_INVALID
+                        && matches!(change, Change::Destroy)
+                        && self.group.objects.get(object).is_some()
+                        && self.group.cached_login().is_some()
+                        && (self.group.up_members())
+                            .all(|m| self.group.change_on_its_way(m.position, object)) =>
+                {
+                    let missed = self.owed_changes(object);
+                    let before = earlier_print.or_else(|| {
+                        (self.group.objects.get(object))
+                            .and_then(|o| o.fingerprint)
+                            .map(|p| (*p).clone())
+                    });
+                    if let Some(print) = &before {
+                        self.group.record_deletion(print);
+                    }
+                    self.give_missed(object, change, before, &missed);
+                    return Ok(());
                 }
                 Err(e) => return Err(e),
             };
@@ -1244,6 +1269,16 @@ impl VirtualSession {
         Ok(())
     }
 
+    /// The members a change of `object` must reach later: those out now,
+    /// and those with a change of it still on its way
+    /// ([`crate::group::Group::change_on_its_way`]).
+    fn owed_changes(&self, object: CK_OBJECT_HANDLE) -> Vec<usize> {
+        (self.group.members.iter())
+            .filter(|m| !m.is_up() || self.group.change_on_its_way(m.position, object))
+            .map(|m| m.position)
+            .collect()
+    }
+
     /// The copy of `object` on a member whose handle for it (`handle`, of
     /// `era`) named nothing there, looked up afresh. Where its token
     /// numbered its objects anew unseen, the attempt's verdict forgot all
@@ -1313,7 +1348,10 @@ impl VirtualSession {
         match change {
             Change::Destroy => {
                 for position in missed {
-                    let removal = Pending::Destroy(before.clone());
+                    let removal = Pending::Destroy {
+                        print: before.clone(),
+                        object: Some(object),
+                    };
                     self.deliver_behind(*position, removal, Some(object));
                 }
             }
@@ -1543,12 +1581,27 @@ impl VirtualSession {
             return Err(MemberFailed);
         }
         // On a member with objects in doubt, one the group does not know
-        // may be a late copy under a former fingerprint: not shown until
-        // the doubt is settled (`Group::carries_doubt`).
-        if self.group.carries_doubt(era.member()) && !self.group.objects.any_matched_by(print) {
+        // may be a late copy under a former fingerprint, or one of an
+        // object in doubt there: not shown until the doubt is settled
+        // (`Group::carries_doubt`). Shown, a late copy of an import the
+        // member's replay was cut off making was named a second object, a
+        // phantom that outlived the object's destroy (simulation seed
+        // 31067919).
+        let member = era.member();
+        if self.group.carries_doubt(member)
+            && (!self.group.objects.any_matched_by(print) || self.doubted_print(member, print))
+        {
             return Ok(false);
         }
         Ok(!self.group.is_domain_print(print))
+    }
+
+    /// Whether `print` is that of an object in doubt on member `position`.
+    fn doubted_print(&self, position: usize, print: &identity::Fingerprint) -> bool {
+        (self.group.in_doubt(position).iter())
+            .filter(|(_, since)| since.is_some())
+            .filter_map(|(object, _)| self.fingerprint_of(*object))
+            .any(|doubted| identity::matches(&doubted, print))
     }
 
     /// Continues the search and turns member handles into virtual ones,

@@ -72,7 +72,10 @@ impl Outage {
             pin: Some(zeroize::Zeroizing::new(USER_PIN.to_vec())),
         });
         // A removal member 1 missed while it was out.
-        let removal = Pending::Destroy(vec![(CKA_LABEL, REMOVED.to_vec())]);
+        let removal = Pending::Destroy {
+            print: vec![(CKA_LABEL, REMOVED.to_vec())],
+            object: None,
+        };
         assert!(
             group.queue_unless_up(1, removal).is_ok(),
             "the removal is queued for member 1"

@@ -1116,7 +1116,13 @@ fn with_no_member_serving_the_tail_holds_no_write_back() {
         if seen.load(Ordering::SeqCst) == 0 {
             let print = vec![(CKA_LABEL, b"removed in the tail".to_vec())];
             assert!(tail_group
-                .queue_unless_up(1, pkcs11_ha::group::Pending::Destroy(print))
+                .queue_unless_up(
+                    1,
+                    pkcs11_ha::group::Pending::Destroy {
+                        print,
+                        object: None
+                    }
+                )
                 .is_ok());
             maker.sim.lock().set_fault(1, Fault::StallAfterChange);
             seen.store(1, Ordering::SeqCst);

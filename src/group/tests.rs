@@ -542,7 +542,13 @@ fn a_search_prefers_a_member_owed_nothing_over_a_primary_catching_up() {
         group.complete_first(group.by_position()).to_vec(),
         vec![0, 1, 2]
     );
-    group.defer(0, Pending::Destroy(vec![(CKA_LABEL, b"x".to_vec())]));
+    group.defer(
+        0,
+        Pending::Destroy {
+            print: vec![(CKA_LABEL, b"x".to_vec())],
+            object: None,
+        },
+    );
     group.set_compared(1, false);
     assert_eq!(
         group.complete_first(group.by_position()).to_vec(),
@@ -564,7 +570,13 @@ fn changes_kept_for_serving_members_are_retried_unasked_less_and_less_often() {
     let start = Instant::now();
     let at = |ms: u64| start + Duration::from_millis(ms);
     assert!(!group.kept_retry_due(at(0)), "nothing kept");
-    group.defer(1, Pending::Destroy(vec![(CKA_LABEL, b"x".to_vec())]));
+    group.defer(
+        1,
+        Pending::Destroy {
+            print: vec![(CKA_LABEL, b"x".to_vec())],
+            object: None,
+        },
+    );
     assert!(
         !group.kept_retry_due(at(0)),
         "logged out: the login replays it"
