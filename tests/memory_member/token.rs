@@ -111,6 +111,11 @@ pub enum Fault {
     /// the file. Healing leaves it (a restart of the token is not such a
     /// write); [`Sim::mend_login`] ends it.
     BrokenLogin,
+    /// The token logs every instance out at once, its sessions left open:
+    /// an HSM whose login expired, or a token logged out behind the group
+    /// through a pass-through slot. Private objects and keys are out of
+    /// reach until the member is logged in again.
+    LoseLogin,
 }
 
 pub type Attributes = BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>>;
@@ -821,6 +826,7 @@ impl Sim {
             Fault::StallAfterChange => t.stall_after_change = true,
             Fault::StallOnLogin => t.stall_on_login = true,
             Fault::BrokenLogin => t.login_broken = true,
+            Fault::LoseLogin => t.logins.clear(),
             Fault::StallOnClose => t.stall_on_close = true,
             Fault::RenumberOnReconnect => t.renumber_on_reconnect = true,
             Fault::SpareCrash => t.spare_crashed = true,
