@@ -254,7 +254,6 @@ impl Faults {
     /// ([`Faults::broken_logins`]).
     const BROKEN_LOGINS: Faults = Faults {
         broken_logins: BrokenLogins::WhileLoggedIn,
-        lost_logins: false,
         ..Faults::COPIES
     };
     /// [`Faults::BROKEN_LOGINS`] with logins broken while logged out too
