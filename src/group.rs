@@ -2049,6 +2049,33 @@ impl Group {
         count
     }
 
+    /// The fingerprints a copy of an object destroyed while member
+    /// `position` was owed its removal may have there: each kept
+    /// removal's, and the print from before each change of attributes of
+    /// that object kept ahead of it (the copy has not had the change).
+    pub fn removed_prints(&self, position: usize) -> Vec<crate::identity::Fingerprint> {
+        let deferred = self.deferred.lock();
+        let kept = &deferred[position];
+        let removed: Vec<CK_OBJECT_HANDLE> = (kept.iter())
+            .filter_map(|change| match change {
+                Pending::Destroy {
+                    object: Some(object),
+                    ..
+                } => Some(*object),
+                _ => None,
+            })
+            .collect();
+        (kept.iter())
+            .filter_map(|change| match change {
+                Pending::Destroy { print, .. } => Some(print.clone()),
+                Pending::Set { object, before, .. } if removed.contains(object) => {
+                    Some(before.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The fingerprints of the removals of destroyed objects kept for
     /// member `position` ([`Pending::destroyed`]): a change making an
     /// object they could match waits behind them

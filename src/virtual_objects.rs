@@ -1593,6 +1593,19 @@ impl VirtualSession {
         {
             return Ok(false);
         }
+        // One no live object of the group matches, that a removal kept for
+        // the member finds (or would, once the changes kept ahead of it
+        // are made): the copy of an object the application destroyed,
+        // gone once the member is given the removal -- kept while the
+        // application is logged out, a destroyed public object showed
+        // through searches meanwhile (simulation seed 22522,
+        // `SIM_BROKEN_LOGINS=1`).
+        if !self.group.objects.any_matched_by(print)
+            && (self.group.removed_prints(member).iter())
+                .any(|removed| identity::matches(removed, print))
+        {
+            return Ok(false);
+        }
         Ok(!self.group.is_domain_print(print))
     }
 

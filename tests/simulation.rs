@@ -232,14 +232,16 @@ enum BrokenLogins {
     /// before each login of the application (its own login storm's
     /// writes), and when the schedule settles -- a token's restart does
     /// not end it. Met by recovery's logins and by a member that lost its
-    /// login and cannot be logged in again. On in the default sets.
+    /// login and cannot be logged in again. The default sets' until
+    /// session 36.
     WhileLoggedIn,
     /// Also while the application is logged out, and on the first member
     /// before its first login in 1 in 5 schedules, not ended before its
     /// logins: it may then run logged out for long, each of its logins
     /// taking every member with a broken login out. Its `C_Login` must
     /// never answer `CKR_GENERAL_ERROR`: such a member goes out and the
-    /// next is asked. `SIM_BROKEN_LOGINS=1`.
+    /// next is asked. On in the default sets; `SIM_BROKEN_LOGINS=1` adds
+    /// it to the others.
     Any,
 }
 
@@ -247,17 +249,18 @@ impl Faults {
     /// The default schedules: half of them with reconciliation passes
     /// across reconnects, half as the default was before those joined
     /// ([`Faults::NO_RECONNECTS`]), whose recovery passes they partly
-    /// replace; in half of them members refuse objects for good, and the
-    /// application copies objects too.
-    const DEFAULT: Faults = Faults::BROKEN_LOGINS;
+    /// replace; in half of them members refuse objects for good, the
+    /// application copies objects too, and members' logins break, while
+    /// it is logged in or out.
+    const DEFAULT: Faults = Faults::ANY_BROKEN_LOGINS;
     /// The default schedules as broken logins joined them
-    /// ([`Faults::broken_logins`]).
+    /// ([`Faults::broken_logins`]), while the application is logged in.
     const BROKEN_LOGINS: Faults = Faults {
         broken_logins: BrokenLogins::WhileLoggedIn,
         ..Faults::COPIES
     };
-    /// [`Faults::BROKEN_LOGINS`] with logins broken while logged out too
-    /// (`SIM_BROKEN_LOGINS=1`).
+    /// [`Faults::BROKEN_LOGINS`] with logins broken while logged out too:
+    /// the default sets since session 36.
     const ANY_BROKEN_LOGINS: Faults = Faults {
         broken_logins: BrokenLogins::Any,
         ..Faults::BROKEN_LOGINS
@@ -5028,7 +5031,13 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   handles were forgotten (58 of the first 20,000 schedules, seeds 280,
 ///   3845, 8258 among them): they are now identified as token objects are
 ///   (`ObjectTable::from_member_identified`, `keep_unknown_on`).
-const REGRESSION_SEEDS: [(u64, Faults); 144] = [
+/// - 22522 (`SIM_BROKEN_LOGINS=1`, from 0): a public data object whose
+///   `CKA_ID` was set and which was then destroyed while a member was out
+///   showed through a search on that member once it served again with
+///   the application logged out: its change and removal were kept for the
+///   next login, and the copy, as it was before the change, was named
+///   anew. Such a copy is now not shown (`Group::removed_prints`).
+const REGRESSION_SEEDS: [(u64, Faults); 145] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -5173,6 +5182,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 144] = [
     (30423004, Faults::ANY_BROKEN_LOGINS),
     (30967754, Faults::BROKEN_LOGINS),
     (31067919, Faults::BROKEN_LOGINS),
+    (22522, Faults::ANY_BROKEN_LOGINS),
 ];
 
 #[test]
