@@ -2049,31 +2049,26 @@ impl Group {
         count
     }
 
-    /// The fingerprints a copy of an object destroyed while member
-    /// `position` was owed its removal may have there: each kept
-    /// removal's, and the print from before each change of attributes of
-    /// that object kept ahead of it (the copy has not had the change).
-    pub fn removed_prints(&self, position: usize) -> Vec<crate::identity::Fingerprint> {
+    /// Whether a removal kept for member `position` finds a copy with
+    /// fingerprint `print` there -- by the removal's print, or by the print
+    /// from before a change of attributes of that object kept ahead of it
+    /// (the copy has not had the change): the copy of an object destroyed
+    /// while the member was owed its removal.
+    pub fn kept_removal_finds(&self, position: usize, print: &Fingerprint) -> bool {
         let deferred = self.deferred.lock();
         let kept = &deferred[position];
-        let removed: Vec<CK_OBJECT_HANDLE> = (kept.iter())
-            .filter_map(|change| match change {
-                Pending::Destroy {
-                    object: Some(object),
-                    ..
-                } => Some(*object),
-                _ => None,
-            })
-            .collect();
-        (kept.iter())
-            .filter_map(|change| match change {
-                Pending::Destroy { print, .. } => Some(print.clone()),
-                Pending::Set { object, before, .. } if removed.contains(object) => {
-                    Some(before.clone())
-                }
-                _ => None,
-            })
-            .collect()
+        let removed_by_kept_removal = |object: &CK_OBJECT_HANDLE| {
+            kept.iter().any(
+                |change| matches!(change, Pending::Destroy { object: Some(o), .. } if o == object),
+            )
+        };
+        kept.iter().any(|change| match change {
+            Pending::Destroy { print: removed, .. } => identity::matches(removed, print),
+            Pending::Set { object, before, .. } => {
+                identity::matches(before, print) && removed_by_kept_removal(object)
+            }
+            _ => false,
+        })
     }
 
     /// The fingerprints of the removals of destroyed objects kept for

@@ -1599,10 +1599,9 @@ impl VirtualSession {
         // gone once the member is given the removal -- kept while the
         // application is logged out, a destroyed public object showed
         // through searches meanwhile (simulation seed 22522,
-        // `SIM_BROKEN_LOGINS=1`).
-        if !self.group.objects.any_matched_by(print)
-            && (self.group.removed_prints(member).iter())
-                .any(|removed| identity::matches(removed, print))
+        // `SIM_BROKEN_LOGINS=1`). Kept removals are asked first: the
+        // table is read whole only where one finds the object.
+        if self.group.kept_removal_finds(member, print) && !self.group.objects.any_matched_by(print)
         {
             return Ok(false);
         }

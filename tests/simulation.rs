@@ -5036,7 +5036,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   showed through a search on that member once it served again with
 ///   the application logged out: its change and removal were kept for the
 ///   next login, and the copy, as it was before the change, was named
-///   anew. Such a copy is now not shown (`Group::removed_prints`).
+///   anew. Such a copy is now not shown (`Group::kept_removal_finds`).
 const REGRESSION_SEEDS: [(u64, Faults); 145] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
