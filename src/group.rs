@@ -2758,7 +2758,7 @@ impl Group {
     }
 
     /// The objects in doubt on a member: its server may still make them.
-    fn doubted(&self, position: usize) -> SmallVec<[CK_OBJECT_HANDLE; 4]> {
+    pub fn doubted(&self, position: usize) -> SmallVec<[CK_OBJECT_HANDLE; 4]> {
         (self.in_doubt.lock()[position].iter())
             .filter(|(_, since)| since.is_some())
             .map(|(o, _)| *o)

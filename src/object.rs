@@ -504,6 +504,27 @@ impl ObjectTable {
             .collect()
     }
 
+    /// The objects of the group whose kept fingerprint has every attribute
+    /// of `print`, as it has them: those a member object found by `print`
+    /// may be a copy of, with that fingerprint.
+    pub fn including(
+        &self,
+        print: &crate::identity::Fingerprint,
+    ) -> Vec<(
+        CK_OBJECT_HANDLE,
+        std::sync::Arc<crate::identity::Fingerprint>,
+    )> {
+        self.maps
+            .read()
+            .objects
+            .iter()
+            .filter_map(|(handle, o)| {
+                let kept = o.fingerprint.as_ref()?;
+                crate::identity::matches(print, kept).then(|| (*handle, kept.clone()))
+            })
+            .collect()
+    }
+
     /// Whether the group holds a session object: one made in this process
     /// that no longer lives is removed with its session.
     pub fn has_session_objects(&self) -> bool {

@@ -1758,8 +1758,10 @@ impl VirtualSession {
     /// call whose first try was abandoned makes such an object: that
     /// try's removal, kept for the member while the application was
     /// logged out, took the retry's copy for its own and removed it
-    /// (simulation seed 30406176, `SIM_BROKEN_LOGINS=1`). A copy that
-    /// cannot be read is taken for the removed object's, as before.
+    /// (simulation seed 30406176, `SIM_BROKEN_LOGINS=1`). The copy is read
+    /// only where such an object exists -- nearly never, so a removal
+    /// costs no more calls than before; a copy that cannot be read is
+    /// taken for the removed object's, as before.
     fn may_be_a_live_copy(
         &self,
         position: usize,
@@ -1771,16 +1773,22 @@ impl VirtualSession {
         if self.group.objects.moved_on(era) {
             return false;
         }
+        let rivals: Vec<std::sync::Arc<Fingerprint>> =
+            (self.group.objects.including(print).into_iter())
+                .filter(|(object, _)| {
+                    *object != removed && !self.group.on_its_way(position, *object)
+                })
+                .map(|(_, kept)| kept)
+                .collect();
+        if rivals.is_empty() {
+            return false;
+        }
         let Ok(Some(own)) = self.on_member(position, |s| {
             identity::fingerprint(&*s.library, s.handle, copy)
         }) else {
             return false;
         };
-        (self.group.objects.matched_by(&own).into_iter()).any(|(object, kept)| {
-            object != removed
-                && identity::matches(print, &kept)
-                && !self.group.on_its_way(position, object)
-        })
+        rivals.iter().any(|kept| identity::matches(kept, &own))
     }
 }
 

@@ -1610,9 +1610,8 @@ impl VirtualSession {
 
     /// Whether `print` is that of an object in doubt on member `position`.
     fn doubted_print(&self, position: usize, print: &identity::Fingerprint) -> bool {
-        (self.group.in_doubt(position).iter())
-            .filter(|(_, since)| since.is_some())
-            .filter_map(|(object, _)| self.fingerprint_of(*object))
+        (self.group.doubted(position).iter())
+            .filter_map(|object| self.fingerprint_of(*object))
             .any(|doubted| identity::matches(&doubted, print))
     }
 
