@@ -1869,6 +1869,19 @@ impl Group {
         !held.is_empty()
     }
 
+    /// After the application's login: every object not found on a member
+    /// is looked for there again ([`ObjectTable::retry_absent`]) -- a
+    /// private one was not visible while logged out -- and, until found,
+    /// counts among those the member may hold under handles not recorded
+    /// ([`Self::holds_unrecorded`]): an enumeration after the login named
+    /// a private key it found unidentified, a second object (simulation
+    /// seed 31688468).
+    pub fn retry_absent_after_login(&self) {
+        for (position, object) in self.objects.retry_absent() {
+            self.held_before[position].lock().insert(object);
+        }
+    }
+
     /// To take before reading member `position`'s objects into an index
     /// for [`Group::adopt_index`].
     pub fn index_ticket(&self, position: usize) -> IndexTicket {

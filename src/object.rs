@@ -629,16 +629,20 @@ impl ObjectTable {
     }
 
     /// Marks every `Absent` entry `Unknown` again, after objects were added
-    /// to members and an earlier search may now succeed.
-    pub fn retry_absent(&self) {
+    /// to members and an earlier search may now succeed; returns each
+    /// (member, object) marked.
+    pub fn retry_absent(&self) -> Vec<(usize, CK_OBJECT_HANDLE)> {
         let mut maps = self.maps.write();
-        for object in maps.objects.values_mut() {
-            for p in object.on.iter_mut() {
+        let mut marked = Vec::new();
+        for (handle, object) in maps.objects.iter_mut() {
+            for (member, p) in object.on.iter_mut().enumerate() {
                 if *p == Presence::Absent {
                     *p = Presence::Unknown;
+                    marked.push((member, *handle));
                 }
             }
         }
+        marked
     }
 }
 
@@ -727,7 +731,9 @@ mod tests {
                 }
                 6 => table.remove_owned_by(1 + next(3)),
                 7 if next(50) == 0 => table.remove_all_session_objects(),
-                _ => table.retry_absent(),
+                _ => {
+                    table.retry_absent();
+                }
             }
             table.assert_indexes_agree();
         }

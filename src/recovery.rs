@@ -1414,6 +1414,14 @@ fn bring_up_to_date(
             return Err(format!("login refused with {}", rv_name(rv)).into());
         }
     }
+    // Opened before any of its handles is cached, so that they stay valid
+    // while it serves: with only the application's sessions open there,
+    // closing them all had a SoftHSM token number its objects anew unseen,
+    // and a synchronisation then named each copy a second object
+    // (simulation seed 31534170).
+    group
+        .on_utility(position, |_| ())
+        .map_err(|e| format!("cannot open the group's session: {}", rv_name(e.rv)))?;
     phases.end("login");
     // Known first: the objects in doubt have part of their time meanwhile.
     // One that lands after the reading is found by its own search below,

@@ -117,7 +117,7 @@ fn nested(a: Attribute<'_>) -> Option<impl Iterator<Item = Attribute<'_>> + Clon
 }
 
 /// A member failed while the objects a search found there were named.
-struct MemberFailed;
+pub(crate) struct MemberFailed;
 
 /// A template as the members get it: where the application asks for a
 /// non-extractable key, the members make it extractable under trusted keys
@@ -1572,7 +1572,7 @@ impl VirtualSession {
     /// object a search shows (not the domain key); `Err` once the member's
     /// handles were forgotten since: the handle named whatever holds its
     /// number now.
-    fn names_an_object(
+    pub(crate) fn names_an_object(
         &self,
         era: Era,
         print: &identity::Fingerprint,

@@ -413,9 +413,17 @@ impl VirtualSession {
             return None;
         };
         let objects = &self.group.objects;
-        if objects.known(position, first).is_none() && self.group.off_search_home(position) {
-            // Named as the primary names it, on the member's own session.
-            return None;
+        if objects.known(position, first).is_none() {
+            if self.group.off_search_home(position) {
+                // Named as the primary names it, on the member's own session.
+                return None;
+            }
+            // Left out as on the member's own session: a copy of a
+            // destroyed object waiting for its removal there showed through
+            // a search on a spare (simulation seed 31624135).
+            if !self.names_an_object(era, &print).ok()? {
+                return Some(None);
+            }
         }
         // None: the member's handles were forgotten under the lookup.
         let object = objects.from_member_identified(era, first, print)?;
