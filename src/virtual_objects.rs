@@ -748,8 +748,13 @@ impl VirtualSession {
         // material moves, so even keys the members cannot wrap are copied.
         // Members that failed while asked, in any round: the source may be
         // on none that serves by the next (a member that refused it), and
-        // the copy made on one whose answer was lost stayed.
+        // the copy made on one whose answer was lost stayed. Every undo
+        // takes them with the members that `missed` (this round's): one
+        // that lost its answer in an earlier round is none of those.
         let mut failed_while_asked: Vec<usize> = Vec::new();
+        let with_earlier = |missed: &[usize], earlier: &[usize]| -> Vec<usize> {
+            missed.iter().chain(earlier).copied().collect()
+        };
         let (made, missed) = loop {
             let (copies, mut missed) = match self.resolve_everywhere(source) {
                 Ok(found) => found,
@@ -790,7 +795,7 @@ impl VirtualSession {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        undo(&missed);
+                        undo(&with_earlier(&missed, &failed_while_asked));
                         return Err(e);
                     }
                 }
@@ -799,7 +804,7 @@ impl VirtualSession {
                 break (made, missed);
             }
             if self.group.up_members().next().is_none() {
-                undo(&missed);
+                undo(&with_earlier(&missed, &failed_while_asked));
                 return Ok(None);
             }
         };
@@ -838,7 +843,7 @@ impl VirtualSession {
             match self.copy_to(object, source, &serving, Copying::NewObject) {
                 Ok(faulted) => later.extend(faulted),
                 Err(e) => {
-                    undo(&missed);
+                    undo(&with_earlier(&missed, &failed_while_asked));
                     return Err(e);
                 }
             }
@@ -846,7 +851,7 @@ impl VirtualSession {
         let checked = (self.refuse_unreceivable(&[object], &sources, "C_CopyObject"))
             .and_then(|()| self.check_replicas(&[object], "C_CopyObject"));
         if let Err(e) = checked {
-            undo(&later);
+            undo(&with_earlier(&later, &failed_while_asked));
             return Err(e);
         }
         if owner.is_none() {
