@@ -1368,6 +1368,23 @@ impl Group {
         self.take_out(position, rv, &event);
     }
 
+    /// Member `position` no longer knew a session of the group's of its
+    /// current epoch (closing it answered that the handle is invalid):
+    /// its token restarted between two calls of ours, or the application
+    /// closed its sessions through the member's own slot. The member's
+    /// object handles, its login and the group's own session there went
+    /// with them: it is taken out, and recovery brings it back in a new
+    /// epoch. Left serving after a restart no call had met, a search
+    /// there named every object it found anew (simulation seed 32124356).
+    pub fn lost_sessions(&self, position: usize) {
+        self.take_out(
+            position,
+            CKR_SESSION_HANDLE_INVALID,
+            "member no longer knew a session of the group's (its token restarted, or its \
+             sessions were closed through its own slot): taken out until recovery opens them again",
+        );
+    }
+
     /// Takes a member out of service for `rv`, saying `event` once.
     fn take_out(&self, position: usize, rv: CK_RV, event: &str) {
         let member = &self.members[position];
@@ -1867,6 +1884,14 @@ impl Group {
         }
         self.objects.keep_unknown_on(position, &mut held);
         !held.is_empty()
+    }
+
+    /// Object `object` was made on member `position` under a handle
+    /// forgotten since: it counts among the objects the member may hold
+    /// under handles not recorded ([`Self::holds_unrecorded`]) until found
+    /// there by its fingerprint.
+    pub fn made_under_forgotten_handle(&self, position: usize, object: CK_OBJECT_HANDLE) {
+        self.held_before[position].lock().insert(object);
     }
 
     /// After the application's login: every object not found on a member

@@ -118,6 +118,8 @@ impl MemberSessions {
                 // open: taken out, its recovery closes what it kept.
                 if crate::group::is_member_fault("C_CloseSession", rv) {
                     group.member_failed(member.position, "C_CloseSession", rv);
+                } else if rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED {
+                    group.lost_sessions(member.position);
                 }
             }
         }

@@ -1380,7 +1380,14 @@ impl VirtualSession {
                     .objects
                     .set_presence(object, era, Presence::Present(handle))
                 {
-                    return Err("the member failed again".into());
+                    // Made, under a handle forgotten since (the member
+                    // failed, or its handles went stale while it serves):
+                    // looked up by its fingerprint like any such copy.
+                    // Taken for a failure, the copy stayed unknown there,
+                    // and a search named it a second object (simulation
+                    // seed 31987150).
+                    self.group.made_under_forgotten_handle(position, object);
+                    return Ok(true);
                 }
                 Self::note_made(print, handle, holdings);
                 Ok(true)

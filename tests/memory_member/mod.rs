@@ -813,6 +813,23 @@ impl MemberApi for SimMember {
         })
     }
 
+    fn derive_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        base_key: CK_OBJECT_HANDLE,
+        template: Option<&[CK_ATTRIBUTE]>,
+        key: Option<&mut CK_OBJECT_HANDLE>,
+    ) -> CK_RV {
+        let Some(key) = key else {
+            return CKR_ARGUMENTS_BAD;
+        };
+        self.call("C_DeriveKey", |sim| {
+            *key = sim.derive_key(session, mechanism.mechanism, base_key, attributes(template))?;
+            Ok(())
+        })
+    }
+
     fn get_operation_state(
         &self,
         session: CK_SESSION_HANDLE,

@@ -512,13 +512,21 @@ fn complete_data_object(attributes: &mut Attributes) {
 }
 
 /// Mechanisms the tokens list, with their flags.
-pub const MECHANISMS: [(CK_MECHANISM_TYPE, CK_FLAGS); 5] = [
+pub const MECHANISMS: [(CK_MECHANISM_TYPE, CK_FLAGS); 6] = [
     (CKM_SHA256, CKF_DIGEST),
     (CKM_SHA256_HMAC, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_ECB, CKF_ENCRYPT | CKF_DECRYPT),
     (CKM_AES_KEY_GEN, CKF_GENERATE),
     (CKM_AES_KEY_WRAP_PAD, CKF_WRAP | CKF_UNWRAP),
+    (CKM_SHA256_KEY_DERIVATION, CKF_DERIVE),
 ];
+
+/// The value `CKM_SHA256_KEY_DERIVATION` derives from a base key's value
+/// (PKCS#11 2.40, 2.15.8: the digest of the base key's value, its first
+/// `len` bytes).
+pub fn derived_value(base: &[u8], len: usize) -> Vec<u8> {
+    sha256(&[base])[..len].to_vec()
+}
 
 impl Sim {
     /// Starts over with `tokens` fresh tokens, each holding the domain key.
@@ -1604,6 +1612,48 @@ impl Sim {
         }
         attributes.insert(CKA_VALUE, value);
         attributes.entry(CKA_KEY_TYPE).or_insert(ulong(CKK_AES));
+        complete_secret_key(&mut attributes, false);
+        let handle = self.store(token, session, attributes)?;
+        self.answer(token, CKR_OK)?;
+        Ok(handle)
+    }
+
+    /// `C_DeriveKey` with `CKM_SHA256_KEY_DERIVATION`: an AES key from a
+    /// secret key that allows derivation (`CKA_DERIVE`), its value
+    /// [`derived_value`] of the base's.
+    pub fn derive_key(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+        base: CK_OBJECT_HANDLE,
+        mut attributes: Attributes,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        if mechanism != CKM_SHA256_KEY_DERIVATION {
+            return Err(CKR_MECHANISM_INVALID);
+        }
+        let token = self.check_writable(session, &attributes)?;
+        let base = self.own_handle(session, base);
+        let logged_in = self.logged_in(session);
+        let base_key = self.tokens[token]
+            .object(base, logged_in)
+            .map_err(|_| CKR_KEY_HANDLE_INVALID)?;
+        if !base_key.flag(CKA_DERIVE) {
+            return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+        }
+        let len = match attributes.get(&CKA_VALUE_LEN) {
+            Some(v) => ulong_of(v).ok_or(CKR_ATTRIBUTE_VALUE_INVALID)? as usize,
+            None => 32,
+        };
+        if ![16, 24, 32].contains(&len) {
+            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        if attributes.contains_key(&CKA_VALUE) {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
+        }
+        let value = derived_value(base_key.value(), len);
+        attributes.insert(CKA_CLASS, ulong(CKO_SECRET_KEY));
+        attributes.insert(CKA_KEY_TYPE, ulong(CKK_AES));
+        attributes.insert(CKA_VALUE, value);
         complete_secret_key(&mut attributes, false);
         let handle = self.store(token, session, attributes)?;
         self.answer(token, CKR_OK)?;
