@@ -138,7 +138,9 @@ impl Answer {
 /// [`MemberLibrary::call`] to every call (an answer that is a member fault
 /// is not counted as served), and by the group to decide what to do next.
 /// A closed session is never the member's fault when the call was the
-/// close itself: the session is gone either way. A session pkcs11-ha closed
+/// close itself: the session is gone either way (closing a virtual
+/// session, the group still takes a member that no longer knew a session
+/// of its current epoch for restarted, `Group::lost_sessions`). A session pkcs11-ha closed
 /// or never had is refused before any member is called (`session.rs`,
 /// `CallGate`), so a member that says a session it was given is invalid
 /// lost it: it restarted. A login that fails with `CKR_GENERAL_ERROR`
