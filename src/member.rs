@@ -140,12 +140,13 @@ impl Answer {
 /// A closed session is never the member's fault when the call was the
 /// close itself: the session is gone either way (closing a virtual
 /// session, the group still takes a member that no longer knew a session
-/// of its current epoch for restarted, `Group::lost_sessions`). A session pkcs11-ha closed
-/// or never had is refused before any member is called (`session.rs`,
-/// `CallGate`), so a member that says a session it was given is invalid
-/// lost it: it restarted. A login that fails with `CKR_GENERAL_ERROR`
-/// however often it is asked means the member's view of its token is
-/// broken in this process (SoftHSM's, see `group::log_in_member`).
+/// of its current epoch for restarted, `Group::lost_sessions`). A
+/// session pkcs11-ha closed or never had is refused before any member is
+/// called (`session.rs`, `CallGate`), so a member that says a session it
+/// was given is invalid lost it: it restarted. A login that fails with
+/// `CKR_GENERAL_ERROR` however often it is asked means the member's view
+/// of its token is broken in this process (SoftHSM's, see
+/// `group::log_in_member`).
 pub fn classify(function: &str, rv: CK_RV) -> Answer {
     match rv {
         CKR_OK => Answer::Served,

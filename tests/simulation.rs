@@ -260,8 +260,8 @@ impl Faults {
     /// across reconnects, half as the default was before those joined
     /// ([`Faults::NO_RECONNECTS`]), whose recovery passes they partly
     /// replace; in half of them members refuse objects for good, the
-    /// application copies objects too, and members' logins break, while
-    /// it is logged in or out.
+    /// application copies objects and derives keys too, and members'
+    /// logins break, while it is logged in or out.
     const DEFAULT: Faults = Faults::DERIVES;
     /// [`Faults::ANY_BROKEN_LOGINS`] with keys derived
     /// ([`Faults::derives`]): the default sets since session 37.
