@@ -748,6 +748,47 @@ fn a_search_on_a_connection_made_into_a_black_hole_ends_once_a_fresh_connection_
         library.token_slots().is_ok_and(|slots| !slots.is_empty()),
         "and finds the token on it"
     );
+
+    // The job the probe tells dead is itself a reconnect, waiting in its
+    // `C_Finalize` on the connection that died under it: once cut, it
+    // takes over the probe's connection rather than release it and
+    // connect anew (p11-kit's server loads the whole token for each
+    // connection; in the long chaos run the next reconnect found the
+    // probe released, 3 times in 4).
+    relay.blackhole();
+    let swallowed = relay.swallowed();
+    let search = finds_token();
+    let reconnect = library
+        .start_bounded(move |library: &MemberLibrary| {
+            library.reinitialize().is_ok() && search(library)
+        })
+        .expect("no job under way");
+    wait_for(
+        "the reconnect's C_Finalize goes into the black hole",
+        Duration::from_secs(10),
+        || relay.swallowed() > swallowed,
+    );
+    relay.pass();
+    let before_probe = relay.accepted();
+    let answer = reconnect.finish_hedged(
+        far,
+        Duration::from_secs(120),
+        Some((member_timeout(), &check)),
+    );
+    assert!(
+        matches!(answer, Err(Unanswered::DeadConnection)),
+        "the reconnect on the dead connection ends as such: {answer:?}"
+    );
+    returns_once_cut();
+    assert_eq!(
+        relay.accepted(),
+        before_probe + 1,
+        "the probe's connection alone was made: the reconnect took it over"
+    );
+    assert!(
+        library.token_slots().is_ok_and(|slots| !slots.is_empty()),
+        "and finds the token on it"
+    );
     library.finalize();
 
     // The fresh instance's connection reset between telling the search's

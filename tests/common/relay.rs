@@ -61,6 +61,8 @@ struct State {
     /// them.
     connections: Vec<(UnixStream, Option<UnixStream>)>,
     accepted: usize,
+    /// Chunks swallowed on connections made before a black hole.
+    swallowed: usize,
 }
 
 struct Shared {
@@ -110,6 +112,7 @@ impl Relay {
                 stopped: false,
                 connections: Vec::new(),
                 accepted: 0,
+                swallowed: 0,
             }),
             changed: Condvar::new(),
         });
@@ -211,6 +214,12 @@ impl Relay {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.shared.state().accepted
+    }
+
+    /// Chunks a black hole swallowed so far on connections made before it
+    /// (either way): what tells a test that a request went into it.
+    pub fn swallowed(&self) -> usize {
+        self.shared.state().swallowed
     }
 }
 
@@ -478,7 +487,10 @@ fn pump(mut from: UnixStream, mut to: UnixStream, shared: Arc<Shared>, side: Sid
         }
         let mode = shared.mode();
         let due = match mode {
-            Mode::Blackhole => continue,
+            Mode::Blackhole => {
+                shared.state().swallowed += 1;
+                continue;
+            }
             Mode::Delay(delay) => Some(came + delay),
             _ => None,
         };
