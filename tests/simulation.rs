@@ -1123,6 +1123,17 @@ enum Fate {
     Either,
 }
 
+impl Fate {
+    /// What the answer `rv` to the call making an object says of it.
+    fn of_making(rv: CK_RV) -> Fate {
+        if rv == CKR_OK {
+            Fate::Exists
+        } else {
+            Fate::Gone
+        }
+    }
+}
+
 /// What the application was told of an object's `CKA_ID`
 /// ([`Schedule::set_id_where`]).
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -1752,11 +1763,7 @@ impl Schedule<'_> {
             ["data", "import", "generate"][kind as usize],
             String::from_utf8_lossy(&label)
         ));
-        let fate = if rv == CKR_OK {
-            Fate::Exists
-        } else {
-            Fate::Gone
-        };
+        let fate = Fate::of_making(rv);
         self.made.push(Made {
             label,
             handle,
@@ -1813,11 +1820,7 @@ impl Schedule<'_> {
             key: from.key.clone(),
             value: from.value.clone(),
             owner: None,
-            fate: if rv == CKR_OK {
-                Fate::Exists
-            } else {
-                Fate::Gone
-            },
+            fate: Fate::of_making(rv),
             id: match &from.id {
                 Id::Set(id) => Id::Set(id.clone()),
                 Id::Unset => Id::Unset,
@@ -1904,11 +1907,7 @@ impl Schedule<'_> {
             key: value,
             value: None,
             owner: (!token).then_some(t),
-            fate: if rv == CKR_OK {
-                Fate::Exists
-            } else {
-                Fate::Gone
-            },
+            fate: Fate::of_making(rv),
             id: Id::Unset,
             refused_by: None,
         });
@@ -4467,11 +4466,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                     key: None,
                     value: Some(value.clone()),
                     owner: None,
-                    fate: if rv == CKR_OK {
-                        Fate::Exists
-                    } else {
-                        Fate::Gone
-                    },
+                    fate: Fate::of_making(rv),
                     id: Id::Unset,
                     refused_by: None,
                 });
