@@ -1370,18 +1370,20 @@ impl Group {
 
     /// Member `position` no longer knew a session of the group's of its
     /// current epoch (closing it answered that the handle is invalid):
-    /// its token restarted between two calls of ours, or the application
-    /// closed its sessions through the member's own slot. The member's
-    /// object handles, its login and the group's own session there went
-    /// with them: it is taken out, and recovery brings it back in a new
-    /// epoch. Left serving after a restart no call had met, a search
-    /// there named every object it found anew (simulation seed 32124356).
+    /// its token, or the server in front of it, restarted between two
+    /// calls of ours. The member's object handles, its login and the
+    /// group's own session there went with it: it is taken out, and
+    /// recovery brings it back in a new epoch. Left serving after a
+    /// restart no call had met, a search there named every object it
+    /// found anew (simulation seed 32124356). (The application's
+    /// `C_CloseAllSessions` on a member's own slot closes only its own
+    /// sessions there, one by one: `Provider::close_all_sessions`.)
     pub fn lost_sessions(&self, position: usize) {
         self.take_out(
             position,
             CKR_SESSION_HANDLE_INVALID,
-            "member no longer knew a session of the group's (its token restarted, or its \
-             sessions were closed through its own slot): taken out until recovery opens them again",
+            "member no longer knew a session of the group's (its token or its server restarted): \
+             taken out until recovery opens them again",
         );
     }
 
