@@ -1670,12 +1670,16 @@ impl VirtualSession {
             let epoch = self.group.members[member].epoch();
             // Where the member's domain keys are known by handle, they are
             // left out by handle alone -- unless objects of the group may be
-            // there under handles not recorded yet: each is identified.
+            // there under handles not recorded yet, or what it holds is
+            // unsettled (`Group::holds_unsettled`): each is identified. A
+            // copy of an object destroyed while the member was out, its
+            // removal kept for the next login, named unidentified, showed
+            // as an object of its own (simulation seed 32654815).
             let domain_known = self.group.domain.found(member, epoch).is_some();
             let identify = !domain_known
                 || small
                 || self.group.holds_unrecorded(member)
-                || self.group.carries_doubt(member);
+                || self.group.holds_unsettled(member);
             let home = self.group.search_home().filter(|home| *home != member);
             let mut shown = 0;
             for i in 0..handles.len() {
