@@ -521,6 +521,22 @@ pub const MECHANISMS: [(CK_MECHANISM_TYPE, CK_FLAGS); 6] = [
     (CKM_SHA256_KEY_DERIVATION, CKF_DERIVE),
 ];
 
+/// The length a template asks of a new AES key (`CKA_VALUE_LEN`, else
+/// `default` where the mechanism has one), which must not carry its value.
+fn aes_key_length(attributes: &Attributes, default: Option<usize>) -> Result<usize> {
+    let len = match attributes.get(&CKA_VALUE_LEN) {
+        Some(v) => ulong_of(v).ok_or(CKR_ATTRIBUTE_VALUE_INVALID)? as usize,
+        None => default.ok_or(CKR_TEMPLATE_INCOMPLETE)?,
+    };
+    if ![16, 24, 32].contains(&len) {
+        return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+    }
+    if attributes.contains_key(&CKA_VALUE) {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    Ok(len)
+}
+
 /// The value `CKM_SHA256_KEY_DERIVATION` derives from a base key's value
 /// (PKCS#11 2.40, 2.15.8: the digest of the base key's value, its first
 /// `len` bytes).
@@ -1180,27 +1196,31 @@ impl Sim {
         &mut self,
         session: CK_SESSION_HANDLE,
         mechanism: CK_MECHANISM_TYPE,
-        mut attributes: Attributes,
+        attributes: Attributes,
     ) -> Result<CK_OBJECT_HANDLE> {
         if mechanism != CKM_AES_KEY_GEN {
             return Err(CKR_MECHANISM_INVALID);
         }
         let token = self.check_writable(session, &attributes)?;
-        let len = attributes
-            .get(&CKA_VALUE_LEN)
-            .and_then(|v| ulong_of(v))
-            .ok_or(CKR_TEMPLATE_INCOMPLETE)? as usize;
-        if ![16, 24, 32].contains(&len) {
-            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
-        }
-        if attributes.contains_key(&CKA_VALUE) {
-            return Err(CKR_TEMPLATE_INCONSISTENT);
-        }
+        let len = aes_key_length(&attributes, None)?;
         let value = self.generate(len);
+        self.store_aes_key(token, session, attributes, value, true)
+    }
+
+    /// Stores a new AES key of `value` from `attributes` (its class, type
+    /// and value set here); `local` where the token made the value itself.
+    fn store_aes_key(
+        &mut self,
+        token: usize,
+        session: CK_SESSION_HANDLE,
+        mut attributes: Attributes,
+        value: Vec<u8>,
+        local: bool,
+    ) -> Result<CK_OBJECT_HANDLE> {
         attributes.insert(CKA_CLASS, ulong(CKO_SECRET_KEY));
         attributes.insert(CKA_KEY_TYPE, ulong(CKK_AES));
         attributes.insert(CKA_VALUE, value);
-        complete_secret_key(&mut attributes, true);
+        complete_secret_key(&mut attributes, local);
         let handle = self.store(token, session, attributes)?;
         self.answer(token, CKR_OK)?;
         Ok(handle)
@@ -1626,7 +1646,7 @@ impl Sim {
         session: CK_SESSION_HANDLE,
         mechanism: CK_MECHANISM_TYPE,
         base: CK_OBJECT_HANDLE,
-        mut attributes: Attributes,
+        attributes: Attributes,
     ) -> Result<CK_OBJECT_HANDLE> {
         if mechanism != CKM_SHA256_KEY_DERIVATION {
             return Err(CKR_MECHANISM_INVALID);
@@ -1640,24 +1660,9 @@ impl Sim {
         if !base_key.flag(CKA_DERIVE) {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
-        let len = match attributes.get(&CKA_VALUE_LEN) {
-            Some(v) => ulong_of(v).ok_or(CKR_ATTRIBUTE_VALUE_INVALID)? as usize,
-            None => 32,
-        };
-        if ![16, 24, 32].contains(&len) {
-            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
-        }
-        if attributes.contains_key(&CKA_VALUE) {
-            return Err(CKR_TEMPLATE_INCONSISTENT);
-        }
+        let len = aes_key_length(&attributes, Some(32))?;
         let value = derived_value(base_key.value(), len);
-        attributes.insert(CKA_CLASS, ulong(CKO_SECRET_KEY));
-        attributes.insert(CKA_KEY_TYPE, ulong(CKK_AES));
-        attributes.insert(CKA_VALUE, value);
-        complete_secret_key(&mut attributes, false);
-        let handle = self.store(token, session, attributes)?;
-        self.answer(token, CKR_OK)?;
-        Ok(handle)
+        self.store_aes_key(token, session, attributes, value, false)
     }
 
     pub fn random(&mut self, session: CK_SESSION_HANDLE, len: usize) -> Result<Vec<u8>> {
