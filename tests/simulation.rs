@@ -3090,14 +3090,14 @@ impl Schedule<'_> {
         // (`Group::kept_retry_due`): it has three of its tries.
         let kept_for_serving =
             || (group.members.iter()).any(|m| m.is_up() && group.kept_count(m.position) > 0);
-        // A member whose token restarted unseen meets it in those tries,
-        // and recovery has its passes again.
         let mut backstop = 0;
         while self.logged_in && kept_for_serving() && backstop < KEPT_RETRY_TICKS {
             self.pass(MEMBER_TIMEOUT);
             self.recovery_pass();
             backstop += 1;
         }
+        // A member whose token restarted unseen meets it in those tries
+        // (seed 8524), and recovery has its passes again.
         let more = passes + per_round + DOUBT_TICKS;
         while (!all_up() || in_doubt()) && passes < more {
             self.pass(MEMBER_TIMEOUT);
