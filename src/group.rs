@@ -1896,14 +1896,14 @@ impl Group {
         self.held_before[position].lock().insert(object);
     }
 
-    /// After the application's login: every object not found on a member
-    /// is looked for there again ([`ObjectTable::retry_absent`]) -- a
-    /// private one was not visible while logged out -- and, until found,
-    /// counts among those the member may hold under handles not recorded
-    /// ([`Self::holds_unrecorded`]): an enumeration after the login named
-    /// a private key it found unidentified, a second object (simulation
-    /// seed 31688468).
-    pub fn retry_absent_after_login(&self) {
+    /// Every object not found on a member is looked for there again
+    /// ([`ObjectTable::retry_absent`]; after a login, a private one was not
+    /// visible while logged out; after a return, a copy may have landed)
+    /// and, until found, counts among those the member may hold under
+    /// handles not recorded ([`Self::holds_unrecorded`]): an enumeration
+    /// after the login named a private key it found unidentified, a second
+    /// object (simulation seed 31688468).
+    pub fn retry_absent(&self) {
         for (position, object) in self.objects.retry_absent() {
             self.held_before[position].lock().insert(object);
         }

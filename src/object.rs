@@ -493,15 +493,7 @@ impl ObjectTable {
         CK_OBJECT_HANDLE,
         std::sync::Arc<crate::identity::Fingerprint>,
     )> {
-        self.maps
-            .read()
-            .objects
-            .iter()
-            .filter_map(|(handle, o)| {
-                let print = o.fingerprint.as_ref()?;
-                crate::identity::matches(print, candidate).then(|| (*handle, print.clone()))
-            })
-            .collect()
+        self.kept_prints(|kept| crate::identity::matches(kept, candidate))
     }
 
     /// The objects of the group whose kept fingerprint has every attribute
@@ -514,13 +506,25 @@ impl ObjectTable {
         CK_OBJECT_HANDLE,
         std::sync::Arc<crate::identity::Fingerprint>,
     )> {
+        self.kept_prints(|kept| crate::identity::matches(print, kept))
+    }
+
+    /// The objects of the group whose kept fingerprint `wanted` takes,
+    /// with that fingerprint.
+    fn kept_prints(
+        &self,
+        wanted: impl Fn(&crate::identity::Fingerprint) -> bool,
+    ) -> Vec<(
+        CK_OBJECT_HANDLE,
+        std::sync::Arc<crate::identity::Fingerprint>,
+    )> {
         self.maps
             .read()
             .objects
             .iter()
             .filter_map(|(handle, o)| {
                 let kept = o.fingerprint.as_ref()?;
-                crate::identity::matches(print, kept).then(|| (*handle, kept.clone()))
+                wanted(kept).then(|| (*handle, kept.clone()))
             })
             .collect()
     }

@@ -1094,7 +1094,7 @@ impl Provider {
             pin: pin.map(|p| Zeroizing::new(p.to_vec())),
         });
         // Private objects looked for while logged out were not visible.
-        v.group.retry_absent_after_login();
+        v.group.retry_absent();
         v.look_up_domain_keys();
         // Nor could a returning member be given or rid of them.
         recovery::replay_deferred_after_login(&v.group);

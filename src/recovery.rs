@@ -1057,7 +1057,7 @@ impl Drop for AttemptUnderWay<'_> {
 /// reconciliation pass compares the members for what other processes
 /// changed while it was away.
 fn after_return(provider: &dyn Host, group: &Arc<Group>) {
-    group.objects.retry_absent();
+    group.retry_absent();
     replay_deferred(group);
     provider.reconcile_soon();
 }

@@ -5201,7 +5201,7 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   group's own session is now opened as a member returns); private
 ///   objects looked for while the application was logged out left the
 ///   set a search identifies by, and an enumeration after the login named
-///   one a second object (`Group::retry_absent_after_login`); and a search
+///   one a second object (`Group::retry_absent`); and a search
 ///   on a spare instance named the copy of an object destroyed while its
 ///   member was out, its removal kept for the next login
 ///   (`identify_on_lane` now asks `names_an_object` as the member's own
