@@ -1647,6 +1647,21 @@ impl Group {
         }
     }
 
+    /// Makes the next attempt for a failed member due at once, where a
+    /// recovery thread runs: its attempt has waited at least
+    /// `AutoReconnectInterval` for a library that did not answer
+    /// ([`crate::recovery`]'s `find_token`).
+    pub fn attempt_at_once(&self, position: usize) {
+        let member = &self.members[position];
+        let Some(wake) = self.wake_recovery.get() else {
+            return;
+        };
+        if member.state() == MemberState::Down {
+            member.attempt_due.store(true, Ordering::Release);
+            wake();
+        }
+    }
+
     /// How many application calls wait for a member to serve now.
     pub fn calls_waiting_for_a_member(&self) -> usize {
         self.serving_wait().waiting

@@ -2109,11 +2109,21 @@ fn find_token(provider: &dyn Host, group: &Group, position: usize) -> Result<Loc
                 "{} (its connection answered nothing while a fresh one did)",
                 library.name()
             )),
-            Err(Unanswered::Silent) => silent.push(format!(
-                "{} (no answer within {} ms)",
-                library.name(),
-                waited.as_millis()
-            )),
+            Err(Unanswered::Silent) => {
+                // A wait as long as the interval stands for it: a path
+                // that heals while the search waits answers the next
+                // attempt, which a whole `AutoReconnectInterval` more
+                // only delayed (the long chaos run's slowest return,
+                // 3.8 s, waited a second so).
+                if waited >= provider.recovery().interval {
+                    group.attempt_at_once(position);
+                }
+                silent.push(format!(
+                    "{} (no answer within {} ms)",
+                    library.name(),
+                    waited.as_millis()
+                ));
+            }
         }
     }
     if silent.is_empty() {

@@ -99,7 +99,8 @@ impl Chaos {
     }
 
     /// `n` members under `memberTimeout = member_timeout_ms`, with `more`
-    /// lines in `[HAConfiguration]`.
+    /// lines in `[HAConfiguration]` (`AutoReconnectInterval` is 1 s unless
+    /// they set it).
     fn with_settings(n: usize, member_timeout_ms: u64, more: &str) -> Chaos {
         let guard = serial_guard();
         // Library entries are loaded once per process, and p11-kit's client
@@ -143,9 +144,14 @@ impl Chaos {
             .iter()
             .map(|m| m.hsm.tokens[0].serial.clone())
             .collect();
+        let interval = if more.contains("AutoReconnectInterval") {
+            ""
+        } else {
+            "AutoReconnectInterval = 1\n"
+        };
         text += &format!(
             "\n[VirtualToken]\nVirtualToken00Label = {GROUP_LABEL}\nVirtualToken00Members = {}\n\
-             \n[HAConfiguration]\nmemberTimeout = {member_timeout_ms}\nAutoReconnectInterval = 1\n\
+             \n[HAConfiguration]\nmemberTimeout = {member_timeout_ms}\n{interval}\
              haLogStatus = enabled\nhaLogPath = {}\n{more}",
             serials.join(","),
             log_dir.display()
@@ -655,6 +661,46 @@ fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
         Duration::from_secs(15),
         || serves(0),
     );
+    drop(session);
+    pkcs11.finalize().unwrap();
+}
+
+/// A member whose token search waited as long as `AutoReconnectInterval`
+/// for its paused path is tried again at once, not an interval after:
+/// that wait stands for it, and a path that healed meanwhile answers
+/// (here: the next attempt, held by the paused path, goes through as it
+/// resumes). The long chaos run's slowest return (3.8 s) waited a second
+/// so. Here the interval is `memberTimeout`, 8 s, the patience of the
+/// first search.
+#[test]
+fn a_search_that_waited_the_interval_for_a_silent_path_is_followed_at_once() {
+    let mut chaos = Chaos::with_settings(2, 8000, "AutoReconnectInterval = 8\n");
+    let (pkcs11, _) = chaos.start();
+    let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
+    digest_until_served(&session, 1, 1);
+    chaos.members[1].relay.pause();
+    wait_for(
+        "the paused member is taken out",
+        Duration::from_secs(30),
+        || {
+            session
+                .digest(&Mechanism::Sha256, b"abc")
+                .expect("C_Digest on the other member");
+            !serves(1)
+        },
+    );
+    wait_for(
+        "recovery gives up a search on the paused path",
+        Duration::from_secs(30),
+        || chaos.log().contains("no answer within"),
+    );
+    chaos.members[1].relay.resume();
+    // By the clock alone, the next attempt would begin 8 s from now.
+    let took = wait_for("the member serves again", Duration::from_secs(4), || {
+        serves(1)
+    });
+    eprintln!("search waited the interval, path resumed: serving {took:?} after");
+    digest_until_served(&session, 1, 3);
     drop(session);
     pkcs11.finalize().unwrap();
 }
