@@ -835,6 +835,9 @@ pub struct Group {
     /// Per member: the group's objects it was seen to hold whenever its
     /// handles were forgotten (see [`Group::held_before`]).
     held_before: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
+    /// Per member: objects made elsewhere after an attempt on it lost its
+    /// answer (see [`Group::made_after_orphans`]).
+    made_after_orphans: Vec<Mutex<rustc_hash::FxHashSet<CK_OBJECT_HANDLE>>>,
     /// Where deletions a member missed are recorded for later processes
     /// (`state_dir.rs`); unset without a usable state directory.
     pub state: std::sync::OnceLock<Arc<crate::state_dir::StateDir>>,
@@ -1195,6 +1198,7 @@ impl Group {
             outage: Mutex::new(None),
             indexes: (0..count).map(|_| Mutex::default()).collect(),
             held_before: (0..count).map(|_| Mutex::default()).collect(),
+            made_after_orphans: (0..count).map(|_| Mutex::default()).collect(),
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
             unfinished: Mutex::new(SmallVec::new()),
@@ -1901,6 +1905,34 @@ impl Group {
         }
         self.objects.keep_unknown_on(position, &mut held);
         !held.is_empty()
+    }
+
+    /// `objects` were made on another member by a call whose earlier
+    /// attempt on member `position` lost its answer: a like object there is
+    /// what that attempt may have made ([`Pending::Orphans`]), never their
+    /// copy -- they came after it ([`Group::made_after_orphans`]).
+    pub fn note_made_after_orphans(&self, position: usize, objects: &[CK_OBJECT_HANDLE]) {
+        self.made_after_orphans[position]
+            .lock()
+            .extend(objects.iter().copied());
+    }
+
+    /// Whether `object` was made after an attempt on member `position` left
+    /// orphans there ([`Group::note_made_after_orphans`]) and the member
+    /// has no copy of it recorded: a like object on it does not make that
+    /// object's removal spare it. A generated EC private key's print holds
+    /// nothing of its value, so the first attempt's key passed for the
+    /// group's there -- the key of another pair (simulation seed 39013).
+    /// A copy the group gave it and lost the answer of goes too, and is
+    /// made again by the copy queued behind.
+    pub fn made_after_orphans(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
+        let mut made_after = self.made_after_orphans[position].lock();
+        made_after.retain(|o| self.objects.get(*o).is_some());
+        made_after.contains(&object)
+            && !self
+                .objects
+                .get(object)
+                .is_some_and(|o| matches!(o.on[position], Presence::Present(_)))
     }
 
     /// Object `object` was made on member `position` under a handle

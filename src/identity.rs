@@ -197,6 +197,16 @@ pub fn changed<'a>(
     changed
 }
 
+/// Whether a fingerprint finds one object rather than any of a kind: it
+/// holds a check value, or a value of [`IDENTIFYING`] (as a print of a
+/// template must, [`print_of_template`]).
+pub fn identifies_one(print: &Fingerprint) -> bool {
+    has_check_value(print)
+        || print
+            .iter()
+            .any(|(t, v)| IDENTIFYING.contains(t) && !v.is_empty())
+}
+
 /// Whether a fingerprint holds a check value (else it is a light one).
 pub fn has_check_value(print: &Fingerprint) -> bool {
     print.iter().any(|(t, _)| *t == CKA_CHECK_VALUE)

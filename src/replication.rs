@@ -1666,7 +1666,8 @@ impl VirtualSession {
     /// for the group's kept an orphan of a lost answer and let
     /// `[HASynchronize]` spread it (simulation seed 256398).
     fn kinship(&self, position: usize, own: &Fingerprint) -> Kinship {
-        let matched = self.group.objects.matched_by(own);
+        let mut matched = self.group.objects.matched_by(own);
+        matched.retain(|(object, _)| !self.group.made_after_orphans(position, *object));
         let Some((_, mine)) = own
             .iter()
             .find(|(t, v)| *t == CKA_CHECK_VALUE && !v.is_empty())

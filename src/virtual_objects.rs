@@ -1840,6 +1840,8 @@ impl VirtualSession {
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
+        // Members an attempt lost its answer on, orphans queued for them.
+        let mut left_orphans_on = Vec::new();
         loop {
             let preference = if self.makers_alike() {
                 Preference::LeastBusy(crate::group::MAKING_LANE)
@@ -1871,8 +1873,12 @@ impl VirtualSession {
                 for print in prints.iter().flatten() {
                     self.deliver_or_queue(position, Pending::Orphans(print.clone()));
                 }
+                left_orphans_on.push(position);
                 continue;
             };
+            for position in &left_orphans_on {
+                self.group.note_made_after_orphans(*position, &objects);
+            }
             let _unfinished: Vec<_> = objects
                 .iter()
                 .map(|o| self.group.making_object(*o))
@@ -1911,10 +1917,13 @@ impl VirtualSession {
                     let copies = self.group.objects.copies(*object);
                     let print = entry.fingerprint.map(|p| (*p).clone());
                     // A member that failed while given a copy may hold it
-                    // (its answer lost); a print with a check value finds
-                    // that copy and no other key.
+                    // (its answer lost); a print that identifies one object
+                    // finds it, as an import's template print does. Not
+                    // only a key's check value: a key pair's public key
+                    // copied to a member that then failed was left there
+                    // (simulation seed 6128, with key pairs).
                     let faulted: Vec<usize> = match &print {
-                        Some(p) if identity::has_check_value(p) => self
+                        Some(p) if identity::identifies_one(p) => self
                             .group
                             .members
                             .iter()
