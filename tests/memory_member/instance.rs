@@ -202,6 +202,25 @@ impl<M: Deref<Target = SimMember> + Send + Sync> MemberApi for SpareInstance<M> 
             .generate_key(self.internal(session), mechanism, template, key)
     }
 
+    fn generate_key_pair(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        public_template: Option<&[CK_ATTRIBUTE]>,
+        private_template: Option<&[CK_ATTRIBUTE]>,
+        public_key: &mut CK_OBJECT_HANDLE,
+        private_key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        self.member.generate_key_pair(
+            self.internal(session),
+            mechanism,
+            public_template,
+            private_template,
+            public_key,
+            private_key,
+        )
+    }
+
     fn wrap_key(
         &self,
         session: CK_SESSION_HANDLE,

@@ -242,14 +242,24 @@ impl SimMember {
     }
 
     /// The token objects of token `token`: (class, label, id, value), each
-    /// hex-encoded ("x" and the bytes; "-" for none).
+    /// hex-encoded ("x" and the bytes; "-" for none). The value of either
+    /// key of an EC pair is the pair's point ([`token::point_of`]), so that
+    /// both halves of a pair show the same.
     pub fn token_objects(&self, token: usize) -> Vec<[String; 4]> {
         let sim = self.sim.lock();
         sim.tokens[token]
             .token_objects()
             .map(|o| {
-                [CKA_CLASS, CKA_LABEL, CKA_ID, CKA_VALUE]
-                    .map(|t| o.attributes.get(&t).map_or("-".to_string(), |v| hex(v)))
+                let [class, label, id, value] = [CKA_CLASS, CKA_LABEL, CKA_ID, CKA_VALUE]
+                    .map(|t| o.attributes.get(&t).map(Vec::as_slice));
+                let value = match class {
+                    Some(c) if c == CKO_PUBLIC_KEY.to_ne_bytes() => {
+                        o.attributes.get(&CKA_EC_POINT).cloned()
+                    }
+                    Some(c) if c == CKO_PRIVATE_KEY.to_ne_bytes() => value.map(token::point_of),
+                    _ => value.map(<[u8]>::to_vec),
+                };
+                [class, label, id, value.as_deref()].map(|v| v.map_or("-".to_string(), hex))
             })
             .collect()
     }
@@ -773,6 +783,26 @@ impl MemberApi for SimMember {
     ) -> CK_RV {
         self.call("C_GenerateKey", |sim| {
             *key = sim.generate_key(session, mechanism.mechanism, attributes(template))?;
+            Ok(())
+        })
+    }
+
+    fn generate_key_pair(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mechanism: &CK_MECHANISM,
+        public_template: Option<&[CK_ATTRIBUTE]>,
+        private_template: Option<&[CK_ATTRIBUTE]>,
+        public_key: &mut CK_OBJECT_HANDLE,
+        private_key: &mut CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        self.call("C_GenerateKeyPair", |sim| {
+            (*public_key, *private_key) = sim.generate_key_pair(
+                session,
+                mechanism.mechanism,
+                attributes(public_template),
+                attributes(private_template),
+            )?;
             Ok(())
         })
     }

@@ -296,6 +296,34 @@ pub fn sign(key: &[u8], data: &[u8]) -> Vec<u8> {
     sha256(&[key, data]).to_vec()
 }
 
+/// The simulated public point of an EC private key's value. A `CKM_ECDSA`
+/// signature is [`sign`] keyed with the point: the private key makes it
+/// from its value, the public key checks it with its point, so that a
+/// signature verifies only under its own pair's public key.
+pub fn point_of(private_value: &[u8]) -> Vec<u8> {
+    sha256(&[b"point", private_value]).to_vec()
+}
+
+/// A private key as `C_WrapKey` seals it: its curve and its value, as
+/// PKCS#8 carries both (the curve's length in one byte first).
+fn private_key_blob(object: &Object) -> Vec<u8> {
+    let params = object
+        .attributes
+        .get(&CKA_EC_PARAMS)
+        .map_or(&[][..], Vec::as_slice);
+    let mut blob = vec![params.len() as u8];
+    blob.extend_from_slice(params);
+    blob.extend_from_slice(object.value());
+    blob
+}
+
+/// [`private_key_blob`] read back: the curve and the value.
+fn private_key_of_blob(blob: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (&len, rest) = blob.split_first()?;
+    let len = usize::from(len);
+    (rest.len() > len).then(|| (rest[..len].to_vec(), rest[len..].to_vec()))
+}
+
 /// XORs `data` in place with the keystream of `key` from byte `offset`.
 /// Each 32 bytes of keystream are SHA-256(key value || block number),
 /// computed once per block.
@@ -424,19 +452,52 @@ impl Token {
             .map(|(handle, _)| *handle)
     }
 
+    /// A secret key's value, for `usage`.
     fn key(
         &self,
         handle: CK_OBJECT_HANDLE,
         usage: CK_ATTRIBUTE_TYPE,
         logged_in: bool,
     ) -> Result<Vec<u8>> {
+        let key = self.key_for(handle, usage, CKO_SECRET_KEY, logged_in)?;
+        Ok(key.value().to_vec())
+    }
+
+    /// An EC key's material for `usage`: a private key's value (to sign),
+    /// a public key's point (to verify).
+    fn ec_key(
+        &self,
+        handle: CK_OBJECT_HANDLE,
+        usage: CK_ATTRIBUTE_TYPE,
+        logged_in: bool,
+    ) -> Result<Vec<u8>> {
+        let (class, material) = if usage == CKA_SIGN {
+            (CKO_PRIVATE_KEY, CKA_VALUE)
+        } else {
+            (CKO_PUBLIC_KEY, CKA_EC_POINT)
+        };
+        let key = self.key_for(handle, usage, class, logged_in)?;
+        Ok(key.attributes.get(&material).cloned().unwrap_or_default())
+    }
+
+    /// The key `handle` names, if it is of `class` and allows `usage`.
+    fn key_for(
+        &self,
+        handle: CK_OBJECT_HANDLE,
+        usage: CK_ATTRIBUTE_TYPE,
+        class: CK_OBJECT_CLASS,
+        logged_in: bool,
+    ) -> Result<&Object> {
         let key = self
             .object(handle, logged_in)
             .map_err(|_| CKR_KEY_HANDLE_INVALID)?;
+        if key.attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v)) != Some(class) {
+            return Err(CKR_KEY_TYPE_INCONSISTENT);
+        }
         if !key.flag(usage) {
             return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
         }
-        Ok(key.value().to_vec())
+        Ok(key)
     }
 
     fn destroy_session_objects(&mut self, session: CK_SESSION_HANDLE) {
@@ -498,6 +559,51 @@ fn complete_secret_key(attributes: &mut Attributes, local: bool) {
     attributes.insert(CKA_CHECK_VALUE, check_value(&value));
 }
 
+/// Fills in what a token sets on an EC public key.
+fn complete_public_key(attributes: &mut Attributes, local: bool) {
+    for (t, v) in [
+        (CKA_TOKEN, boolean(false)),
+        (CKA_PRIVATE, boolean(false)),
+        (CKA_MODIFIABLE, boolean(true)),
+        (CKA_LABEL, Vec::new()),
+        (CKA_ID, Vec::new()),
+        (CKA_ENCRYPT, boolean(false)),
+        (CKA_VERIFY, boolean(false)),
+        (CKA_WRAP, boolean(false)),
+        (CKA_DERIVE, boolean(false)),
+        (CKA_TRUSTED, boolean(false)),
+    ] {
+        attributes.entry(t).or_insert(v);
+    }
+    attributes.insert(CKA_LOCAL, boolean(local));
+}
+
+/// Fills in what a token sets on an EC private key.
+fn complete_private_key(attributes: &mut Attributes, local: bool) {
+    for (t, v) in [
+        (CKA_TOKEN, boolean(false)),
+        (CKA_PRIVATE, boolean(true)),
+        (CKA_MODIFIABLE, boolean(true)),
+        (CKA_LABEL, Vec::new()),
+        (CKA_ID, Vec::new()),
+        (CKA_SENSITIVE, boolean(false)),
+        (CKA_EXTRACTABLE, boolean(true)),
+        (CKA_DECRYPT, boolean(false)),
+        (CKA_SIGN, boolean(false)),
+        (CKA_UNWRAP, boolean(false)),
+        (CKA_DERIVE, boolean(false)),
+        (CKA_WRAP_WITH_TRUSTED, boolean(false)),
+        (CKA_ALWAYS_AUTHENTICATE, boolean(false)),
+    ] {
+        attributes.entry(t).or_insert(v);
+    }
+    let sensitive = attributes[&CKA_SENSITIVE] == [1];
+    let extractable = attributes[&CKA_EXTRACTABLE] == [1];
+    attributes.insert(CKA_LOCAL, boolean(local));
+    attributes.insert(CKA_ALWAYS_SENSITIVE, boolean(local && sensitive));
+    attributes.insert(CKA_NEVER_EXTRACTABLE, boolean(local && !extractable));
+}
+
 fn complete_data_object(attributes: &mut Attributes) {
     for (t, v) in [
         (CKA_TOKEN, boolean(false)),
@@ -511,14 +617,28 @@ fn complete_data_object(attributes: &mut Attributes) {
     }
 }
 
+/// Whether an EC key's template has its type, curve and `material` (its
+/// point or its value), as `C_CreateObject` needs.
+fn ec_key_complete(attributes: &Attributes, material: CK_ATTRIBUTE_TYPE) -> Result<()> {
+    if attributes.get(&CKA_KEY_TYPE).and_then(|v| ulong_of(v)) != Some(CKK_EC) {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    if !attributes.contains_key(&CKA_EC_PARAMS) || !attributes.contains_key(&material) {
+        return Err(CKR_TEMPLATE_INCOMPLETE);
+    }
+    Ok(())
+}
+
 /// Mechanisms the tokens list, with their flags.
-pub const MECHANISMS: [(CK_MECHANISM_TYPE, CK_FLAGS); 6] = [
+pub const MECHANISMS: [(CK_MECHANISM_TYPE, CK_FLAGS); 8] = [
     (CKM_SHA256, CKF_DIGEST),
     (CKM_SHA256_HMAC, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_ECB, CKF_ENCRYPT | CKF_DECRYPT),
     (CKM_AES_KEY_GEN, CKF_GENERATE),
     (CKM_AES_KEY_WRAP_PAD, CKF_WRAP | CKF_UNWRAP),
     (CKM_SHA256_KEY_DERIVATION, CKF_DERIVE),
+    (CKM_EC_KEY_PAIR_GEN, CKF_GENERATE_KEY_PAIR),
+    (CKM_ECDSA, CKF_SIGN | CKF_VERIFY),
 ];
 
 /// The length a template asks of a new AES key (`CKA_VALUE_LEN`, else
@@ -1065,6 +1185,12 @@ impl Sim {
         attributes: &Attributes,
     ) -> Result<usize> {
         let token = self.enter_session(session)?;
+        self.may_make(session, attributes)?;
+        Ok(token)
+    }
+
+    /// Whether the session may make an object of `attributes`.
+    fn may_make(&mut self, session: CK_SESSION_HANDLE, attributes: &Attributes) -> Result<()> {
         let on_token = attributes.get(&CKA_TOKEN).is_some_and(|v| v == &[1]);
         if on_token && !self.session(session).read_write {
             return Err(CKR_SESSION_READ_ONLY);
@@ -1077,7 +1203,7 @@ impl Sim {
         if attributes.get(&CKA_TRUSTED).is_some_and(|v| v == &[1]) {
             return Err(CKR_ATTRIBUTE_READ_ONLY);
         }
-        Ok(token)
+        Ok(())
     }
 
     fn store(
@@ -1143,6 +1269,14 @@ impl Sim {
                 }
                 complete_secret_key(&mut attributes, false);
             }
+            Some(CKO_PUBLIC_KEY) => {
+                ec_key_complete(&attributes, CKA_EC_POINT)?;
+                complete_public_key(&mut attributes, false);
+            }
+            Some(CKO_PRIVATE_KEY) => {
+                ec_key_complete(&attributes, CKA_VALUE)?;
+                complete_private_key(&mut attributes, false);
+            }
             Some(_) => return Err(CKR_ATTRIBUTE_VALUE_INVALID),
             None => return Err(CKR_TEMPLATE_INCOMPLETE),
         }
@@ -1205,6 +1339,51 @@ impl Sim {
         let len = aes_key_length(&attributes, None)?;
         let value = self.generate(len);
         self.store_aes_key(token, session, attributes, value, true)
+    }
+
+    /// `C_GenerateKeyPair` with `CKM_EC_KEY_PAIR_GEN`: a private key of a
+    /// random value and its public key, of [`point_of`] that value, on the
+    /// curve the public template names. Both or neither are made.
+    pub fn generate_key_pair(
+        &mut self,
+        session: CK_SESSION_HANDLE,
+        mechanism: CK_MECHANISM_TYPE,
+        mut public: Attributes,
+        mut private: Attributes,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        if mechanism != CKM_EC_KEY_PAIR_GEN {
+            return Err(CKR_MECHANISM_INVALID);
+        }
+        let token = self.check_writable(session, &public)?;
+        self.may_make(session, &private)?;
+        let params = public
+            .get(&CKA_EC_PARAMS)
+            .cloned()
+            .ok_or(CKR_TEMPLATE_INCOMPLETE)?;
+        let refused = &self.tokens[token].refused_labels;
+        if [&public, &private]
+            .iter()
+            .any(|a| a.get(&CKA_LABEL).is_some_and(|l| refused.contains(l)))
+        {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
+        }
+        let value = self.generate(32);
+        for (attributes, class) in [
+            (&mut public, CKO_PUBLIC_KEY),
+            (&mut private, CKO_PRIVATE_KEY),
+        ] {
+            attributes.insert(CKA_CLASS, ulong(class));
+            attributes.insert(CKA_KEY_TYPE, ulong(CKK_EC));
+            attributes.insert(CKA_EC_PARAMS, params.clone());
+        }
+        public.insert(CKA_EC_POINT, point_of(&value));
+        private.insert(CKA_VALUE, value);
+        complete_public_key(&mut public, true);
+        complete_private_key(&mut private, true);
+        let public = self.store(token, session, public)?;
+        let private = self.store(token, session, private)?;
+        self.answer(token, CKR_OK)?;
+        Ok((public, private))
     }
 
     /// Stores a new AES key of `value` from `attributes` (its class, type
@@ -1307,7 +1486,10 @@ impl Sim {
         Ok(types
             .iter()
             .map(|t| {
-                if *t == CKA_VALUE && class == Some(CKO_SECRET_KEY) && secret {
+                if *t == CKA_VALUE
+                    && matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY))
+                    && secret
+                {
                     Err(CKR_ATTRIBUTE_SENSITIVE)
                 } else {
                     Ok(object.attributes.get(t).cloned())
@@ -1384,6 +1566,14 @@ impl Sim {
             },
             (b'V', CKM_SHA256_HMAC) => Operation::Verify {
                 key: t.key(key.unwrap_or(0), CKA_VERIFY, logged_in)?,
+                data: Vec::new(),
+            },
+            (b'S', CKM_ECDSA) => Operation::Sign {
+                key: point_of(&t.ec_key(key.unwrap_or(0), CKA_SIGN, logged_in)?),
+                data: Vec::new(),
+            },
+            (b'V', CKM_ECDSA) => Operation::Verify {
+                key: t.ec_key(key.unwrap_or(0), CKA_VERIFY, logged_in)?,
                 data: Vec::new(),
             },
             (b'E', CKM_AES_ECB) => Operation::Encrypt {
@@ -1590,7 +1780,12 @@ impl Sim {
         if object.flag(CKA_WRAP_WITH_TRUSTED) && !wrapping_key.flag(CKA_TRUSTED) {
             return Err(CKR_KEY_NOT_WRAPPABLE);
         }
-        let mut blob = object.value().to_vec();
+        let class = object.attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
+        let mut blob = if class == Some(CKO_PRIVATE_KEY) {
+            private_key_blob(object)
+        } else {
+            object.value().to_vec()
+        };
         let tag = wrap_tag(wrapping_key.value(), &blob);
         keystream_xor(wrapping_key.value(), 0, &mut blob);
         blob.extend_from_slice(&tag);
@@ -1627,12 +1822,26 @@ impl Sim {
         if wrap_tag(unwrapping_key.value(), &value) != tag {
             return Err(CKR_WRAPPED_KEY_INVALID);
         }
-        if attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v)) != Some(CKO_SECRET_KEY) {
-            return Err(CKR_TEMPLATE_INCONSISTENT);
+        match attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v)) {
+            Some(CKO_SECRET_KEY) => {
+                attributes.insert(CKA_VALUE, value);
+                attributes.entry(CKA_KEY_TYPE).or_insert(ulong(CKK_AES));
+                complete_secret_key(&mut attributes, false);
+            }
+            Some(CKO_PRIVATE_KEY) => {
+                let (params, value) = private_key_of_blob(&value).ok_or(CKR_WRAPPED_KEY_INVALID)?;
+                if attributes
+                    .insert(CKA_KEY_TYPE, ulong(CKK_EC))
+                    .is_some_and(|t| t != ulong(CKK_EC))
+                {
+                    return Err(CKR_TEMPLATE_INCONSISTENT);
+                }
+                attributes.insert(CKA_EC_PARAMS, params);
+                attributes.insert(CKA_VALUE, value);
+                complete_private_key(&mut attributes, false);
+            }
+            _ => return Err(CKR_TEMPLATE_INCONSISTENT),
         }
-        attributes.insert(CKA_VALUE, value);
-        attributes.entry(CKA_KEY_TYPE).or_insert(ulong(CKK_AES));
-        complete_secret_key(&mut attributes, false);
         let handle = self.store(token, session, attributes)?;
         self.answer(token, CKR_OK)?;
         Ok(handle)
