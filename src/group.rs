@@ -1919,20 +1919,24 @@ impl Group {
 
     /// Whether `object` was made after an attempt on member `position` left
     /// orphans there ([`Group::note_made_after_orphans`]) and the member
-    /// has no copy of it recorded: a like object on it does not make that
+    /// was never seen to hold a copy of it (recorded now, or before its
+    /// handles were forgotten): a like object on it does not make that
     /// object's removal spare it. A generated EC private key's print holds
     /// nothing of its value, so the first attempt's key passed for the
     /// group's there -- the key of another pair (simulation seed 39013).
     /// A copy the group gave it and lost the answer of goes too, and is
     /// made again by the copy queued behind.
     pub fn made_after_orphans(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
-        let mut made_after = self.made_after_orphans[position].lock();
-        made_after.retain(|o| self.objects.get(*o).is_some());
-        made_after.contains(&object)
-            && !self
-                .objects
-                .get(object)
-                .is_some_and(|o| matches!(o.on[position], Presence::Present(_)))
+        {
+            let mut made_after = self.made_after_orphans[position].lock();
+            made_after.retain(|o| self.objects.get(*o).is_some());
+            if !made_after.contains(&object) {
+                return false;
+            }
+        }
+        let held_now = (self.objects.get(object))
+            .is_some_and(|o| matches!(o.on[position], Presence::Present(_)));
+        !held_now && !self.held_before[position].lock().contains(&object)
     }
 
     /// Object `object` was made on member `position` under a handle
