@@ -434,6 +434,17 @@ fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) ->
     started.elapsed()
 }
 
+/// Digests on the virtual slot, each answered by the other members, until
+/// member `i` is taken out (`what`), for `limit` at most.
+fn digest_until_out(session: &cryptoki::session::Session, i: usize, what: &str, limit: Duration) {
+    wait_for(what, limit, || {
+        session
+            .digest(&Mechanism::Sha256, b"abc")
+            .expect("C_Digest on the other members");
+        !serves(i)
+    });
+}
+
 /// Digests on the virtual slot until member `i` has served `calls` more.
 fn digest_until_served(session: &cryptoki::session::Session, i: usize, calls: u64) {
     let before = group_status().members[i].callsServed;
@@ -491,15 +502,11 @@ fn started_with_member_0_killed(chaos: &mut Chaos) -> (Pkcs11, cryptoki::session
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     digest_until_served(&session, 0, 1);
     chaos.members[0].kill_server();
-    wait_for(
+    digest_until_out(
+        &session,
+        0,
         "the killed member is taken out",
         Duration::from_secs(10),
-        || {
-            session
-                .digest(&Mechanism::Sha256, b"abc")
-                .expect("C_Digest on the other member");
-            !serves(0)
-        },
     );
     (pkcs11, session)
 }
@@ -620,15 +627,11 @@ fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     digest_until_served(&session, 0, 1);
     chaos.members[0].relay.blackhole();
-    wait_for(
+    digest_until_out(
+        &session,
+        0,
         "the black-holed member is taken out",
         Duration::from_secs(20),
-        || {
-            session
-                .digest(&Mechanism::Sha256, b"abc")
-                .expect("C_Digest on the others");
-            !serves(0)
-        },
     );
     wait_for(
         "a recovery attempt hangs on the black-holed member",
@@ -636,15 +639,11 @@ fn a_blackholed_member_does_not_hold_up_another_members_recovery() {
         || chaos.members[0].relay.accepted() >= 2,
     );
     chaos.members[1].server().kill_workers();
-    wait_for(
+    digest_until_out(
+        &session,
+        1,
         "the second member is taken out",
         Duration::from_secs(10),
-        || {
-            session
-                .digest(&Mechanism::Sha256, b"abc")
-                .expect("C_Digest on member 2");
-            !serves(1)
-        },
     );
     let out = Instant::now();
     // One interval until the next attempt, and one more in case that
@@ -679,15 +678,11 @@ fn a_search_that_waited_the_interval_for_a_silent_path_is_followed_at_once() {
     let session = user_session(&pkcs11, Slot::try_from(0u64).unwrap());
     digest_until_served(&session, 1, 1);
     chaos.members[1].relay.pause();
-    wait_for(
+    digest_until_out(
+        &session,
+        1,
         "the paused member is taken out",
         Duration::from_secs(30),
-        || {
-            session
-                .digest(&Mechanism::Sha256, b"abc")
-                .expect("C_Digest on the other member");
-            !serves(1)
-        },
     );
     wait_for(
         "recovery gives up a search on the paused path",

@@ -547,21 +547,36 @@ fn complete_secret_key(attributes: &mut Attributes, local: bool) {
         (CKA_WRAP_WITH_TRUSTED, boolean(false)),
         (CKA_TRUSTED, boolean(false)),
     ];
+    with_defaults(attributes, defaults);
+    mark_origin(attributes, local);
+    attributes.insert(CKA_VALUE_LEN, ulong(value.len() as CK_ULONG));
+    attributes.insert(CKA_CHECK_VALUE, check_value(&value));
+}
+
+/// Sets each of `defaults` the template left out.
+fn with_defaults<const N: usize>(
+    attributes: &mut Attributes,
+    defaults: [(CK_ATTRIBUTE_TYPE, Vec<u8>); N],
+) {
     for (t, v) in defaults {
         attributes.entry(t).or_insert(v);
     }
+}
+
+/// Sets what a token records of a secret or private key's origin: made
+/// there (`local`), and if so, whether always sensitive and never
+/// extractable.
+fn mark_origin(attributes: &mut Attributes, local: bool) {
     let sensitive = attributes[&CKA_SENSITIVE] == [1];
     let extractable = attributes[&CKA_EXTRACTABLE] == [1];
     attributes.insert(CKA_LOCAL, boolean(local));
     attributes.insert(CKA_ALWAYS_SENSITIVE, boolean(local && sensitive));
     attributes.insert(CKA_NEVER_EXTRACTABLE, boolean(local && !extractable));
-    attributes.insert(CKA_VALUE_LEN, ulong(value.len() as CK_ULONG));
-    attributes.insert(CKA_CHECK_VALUE, check_value(&value));
 }
 
 /// Fills in what a token sets on an EC public key.
 fn complete_public_key(attributes: &mut Attributes, local: bool) {
-    for (t, v) in [
+    let defaults = [
         (CKA_TOKEN, boolean(false)),
         (CKA_PRIVATE, boolean(false)),
         (CKA_MODIFIABLE, boolean(true)),
@@ -572,15 +587,14 @@ fn complete_public_key(attributes: &mut Attributes, local: bool) {
         (CKA_WRAP, boolean(false)),
         (CKA_DERIVE, boolean(false)),
         (CKA_TRUSTED, boolean(false)),
-    ] {
-        attributes.entry(t).or_insert(v);
-    }
+    ];
+    with_defaults(attributes, defaults);
     attributes.insert(CKA_LOCAL, boolean(local));
 }
 
 /// Fills in what a token sets on an EC private key.
 fn complete_private_key(attributes: &mut Attributes, local: bool) {
-    for (t, v) in [
+    let defaults = [
         (CKA_TOKEN, boolean(false)),
         (CKA_PRIVATE, boolean(true)),
         (CKA_MODIFIABLE, boolean(true)),
@@ -594,27 +608,21 @@ fn complete_private_key(attributes: &mut Attributes, local: bool) {
         (CKA_DERIVE, boolean(false)),
         (CKA_WRAP_WITH_TRUSTED, boolean(false)),
         (CKA_ALWAYS_AUTHENTICATE, boolean(false)),
-    ] {
-        attributes.entry(t).or_insert(v);
-    }
-    let sensitive = attributes[&CKA_SENSITIVE] == [1];
-    let extractable = attributes[&CKA_EXTRACTABLE] == [1];
-    attributes.insert(CKA_LOCAL, boolean(local));
-    attributes.insert(CKA_ALWAYS_SENSITIVE, boolean(local && sensitive));
-    attributes.insert(CKA_NEVER_EXTRACTABLE, boolean(local && !extractable));
+    ];
+    with_defaults(attributes, defaults);
+    mark_origin(attributes, local);
 }
 
 fn complete_data_object(attributes: &mut Attributes) {
-    for (t, v) in [
+    let defaults = [
         (CKA_TOKEN, boolean(false)),
         (CKA_PRIVATE, boolean(false)),
         (CKA_MODIFIABLE, boolean(true)),
         (CKA_LABEL, Vec::new()),
         (CKA_APPLICATION, Vec::new()),
         (CKA_VALUE, Vec::new()),
-    ] {
-        attributes.entry(t).or_insert(v);
-    }
+    ];
+    with_defaults(attributes, defaults);
 }
 
 /// Whether an EC key's template has its type, curve and `material` (its
