@@ -239,6 +239,12 @@ struct Faults {
     /// the default sets (`SIM_PAIRS=1` adds it to the others); the sets
     /// found before it leave it out.
     pairs: bool,
+    /// The application also signs with its key pairs (`CKM_ECDSA`, in 1
+    /// in 4 of its crypto steps where a pair exists, drawn apart): each
+    /// signature it is given must verify under the pair's public point,
+    /// whichever member made it. On in the default sets
+    /// (`SIM_PAIR_SIGNS=1` adds it to the others).
+    pair_signs: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -272,9 +278,15 @@ impl Faults {
     /// replace; in half of them members refuse objects for good, the
     /// application copies objects and derives keys too, and members'
     /// logins break, while it is logged in or out.
-    const DEFAULT: Faults = Faults::PAIRS;
+    const DEFAULT: Faults = Faults::PAIR_SIGNS;
+    /// [`Faults::PAIRS`] with the pairs signing ([`Faults::pair_signs`]):
+    /// the default sets since session 38's second half.
+    const PAIR_SIGNS: Faults = Faults {
+        pair_signs: true,
+        ..Faults::PAIRS
+    };
     /// [`Faults::DERIVES`] with key pairs generated ([`Faults::pairs`]):
-    /// the default sets since session 38.
+    /// the default sets of session 38's first half.
     const PAIRS: Faults = Faults {
         pairs: true,
         ..Faults::DERIVES
@@ -333,6 +345,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -413,6 +426,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -438,6 +452,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
@@ -462,6 +477,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -487,6 +503,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -512,6 +529,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -537,6 +555,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -593,6 +612,19 @@ impl Faults {
             Ok(other) => panic!("SIM_PAIRS is 1 (key pairs generated in any set), not {other:?}"),
             Err(_) => chosen,
         };
+        let chosen = match std::env::var("SIM_PAIR_SIGNS").as_deref() {
+            Ok("1") => Faults {
+                pairs: true,
+                pair_signs: true,
+                ..chosen
+            },
+            Ok(other) => {
+                panic!(
+                    "SIM_PAIR_SIGNS is 1 (key pairs made and signing, in any set), not {other:?}"
+                )
+            }
+            Err(_) => chosen,
+        };
         let chosen = match std::env::var("SIM_LOST_LOGINS").as_deref() {
             Ok("1") => Faults {
                 lost_logins: true,
@@ -638,6 +670,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -662,6 +695,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -686,6 +720,7 @@ impl Faults {
         lost_logins: false,
         derives: false,
         pairs: false,
+        pair_signs: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1244,6 +1279,8 @@ struct Schedule<'a> {
     faults: Faults,
     threads: Vec<Thread>,
     made: Vec<Made>,
+    /// Each key pair made: its public and its private key in `made`.
+    pairs: Vec<(usize, usize)>,
     /// Tokens with a crash or hang planted and not healed.
     down: Vec<bool>,
     /// Tokens with a hang planted and not healed.
@@ -1312,6 +1349,9 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, when and how the application
     /// generates key pairs ([`Faults::pairs`]).
     pair_rng: Rng,
+    /// Chooses, apart from the others, when and with which pair the
+    /// application signs ([`Faults::pair_signs`]).
+    pair_sign_rng: Rng,
 }
 
 impl Schedule<'_> {
@@ -1494,6 +1534,9 @@ impl Schedule<'_> {
     }
 
     fn crypto_step(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        if self.faults.pair_signs && !self.pairs.is_empty() && self.pair_sign_rng.chance(25) {
+            return self.sign_with_a_pair(t, session);
+        }
         let kind = [b'D', b'S', b'E'][self.rng.below(3) as usize];
         let key = match kind {
             b'D' => None,
@@ -1538,6 +1581,43 @@ impl Schedule<'_> {
                 out == expected,
                 "t{t}: single-part {} with key {handle} returned OK with a wrong result",
                 kind as char
+            );
+        }
+        Ok(())
+    }
+
+    /// Signs with the private key of one of the pairs that exist
+    /// ([`Faults::pair_signs`]): a signature given must verify under the
+    /// pair's public point.
+    fn sign_with_a_pair(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let usable: Vec<(usize, Vec<u8>)> = (self.pairs.iter())
+            .filter_map(|&(_, private)| {
+                let m = &self.made[private];
+                let usable = m.fate == Fate::Exists && (m.token || m.owner.is_some());
+                Some((private, m.value.clone().filter(|_| usable)?))
+            })
+            .collect();
+        if usable.is_empty() {
+            return Ok(());
+        }
+        let (private, point) =
+            usable[self.pair_sign_rng.below(usable.len() as u64) as usize].clone();
+        let handle = self.made[private].handle;
+        if self.init(t, session, b'P', handle) != CKR_OK {
+            return Ok(());
+        }
+        let data = self.pair_sign_rng.bytes(32);
+        let signed = self.single(session, b'S', &data);
+        self.note(format!(
+            "t{t} sign with {} -> {:?}",
+            String::from_utf8_lossy(&self.made[private].label),
+            signed.as_ref().err()
+        ));
+        if let Ok(signature) = signed {
+            ensure!(
+                signature == reference_sign(&point, &data),
+                "t{t}: {} signed, and its pair's public point does not verify the signature",
+                String::from_utf8_lossy(&self.made[private].label)
             );
         }
         Ok(())
@@ -2040,6 +2120,7 @@ impl Schedule<'_> {
                 );
             }
         }
+        self.pairs.push((self.made.len(), self.made.len() + 1));
         for (label, handle) in labels.into_iter().zip([public_key, private_key]) {
             self.made.push(Made {
                 label,
@@ -3546,6 +3627,7 @@ fn run_plan(
             })
             .collect(),
         made: Vec::new(),
+        pairs: Vec::new(),
         down: vec![false; members as usize],
         hung: vec![false; members as usize],
         logged_in: false,
@@ -3597,6 +3679,7 @@ fn run_plan(
         lost_rng: Rng(seed ^ 0x1057_1000_1057_1000),
         derive_rng: Rng(seed ^ 0xde21_7e00_de21_7e00),
         pair_rng: Rng(seed ^ 0x9a12_5e00_9a12_5e00),
+        pair_sign_rng: Rng(seed ^ 0x5169_e500_5169_e500),
     };
     if faults.broken_logins == BrokenLogins::Any && schedule.login_rng.chance(20) {
         schedule.break_login(0);
@@ -3951,7 +4034,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -3978,7 +4061,12 @@ fn seeded_schedules_keep_every_invariant() {
             ""
         },
         if faults.derives { "SIM_DERIVES=1 " } else { "" },
-        if faults.pairs { "SIM_PAIRS=1 " } else { "" }
+        if faults.pairs { "SIM_PAIRS=1 " } else { "" },
+        if faults.pair_signs {
+            "SIM_PAIR_SIGNS=1 "
+        } else {
+            ""
+        }
     );
 }
 
