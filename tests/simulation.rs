@@ -3681,11 +3681,13 @@ fn run_plan(
         pair_rng: Rng(seed ^ 0x9a12_5e00_9a12_5e00),
         pair_sign_rng: Rng(seed ^ 0x5169_e500_5169_e500),
     };
-    if faults.broken_logins == BrokenLogins::Any && schedule.login_rng.chance(20) {
-        schedule.break_login(0);
-    }
+    // The header first, as the trace has it: a replay prints the login
+    // broken before the first step after it.
     if schedule.verbose {
         eprintln!("sim: {}", schedule.trace[0]);
+    }
+    if faults.broken_logins == BrokenLogins::Any && schedule.login_rng.chance(20) {
+        schedule.break_login(0);
     }
     let mut outcome = schedule.rejoined_complete();
     if let Some(script) = script {
@@ -4099,13 +4101,13 @@ fn a_schedule_replays_exactly() {
 /// step traces -- every call and its answer, fault, recovery round and
 /// member state with the time -- are the same, so a failing seed among
 /// them would replay exactly. Seeds of the default schedules, chosen as
-/// those with the most lanes lent among the first 600 (again as broken
-/// logins joined them).
+/// those with the most lanes lent among the first 600 (again as the key
+/// pairs' signatures joined them).
 #[test]
 fn a_spared_seed_replays_exactly() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
-    for seed in [137, 152, 422] {
+    for seed in [152, 422, 429] {
         let [first, again] = [(); 2]
             .map(|_| run_forked_plan(seed, None, Faults::DEFAULT, setup.f, &setup.configs[0]));
         assert!(
