@@ -1876,6 +1876,8 @@ impl VirtualSession {
                 left_orphans_on.push(position);
                 continue;
             };
+            // Before their fingerprints are kept: an orphans' removal that
+            // recovery replays meanwhile matches nothing of them yet.
             for position in &left_orphans_on {
                 self.group.note_made_after_orphans(*position, &objects);
             }
