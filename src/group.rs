@@ -1924,8 +1924,9 @@ impl Group {
     /// object's removal spare it. A generated EC private key's print holds
     /// nothing of its value, so the first attempt's key passed for the
     /// group's there -- the key of another pair (simulation seed 39013).
-    /// A copy the group gave it and lost the answer of goes too, and is
-    /// made again by the copy queued behind.
+    /// A copy the group gave it and lost the answer of goes too; the copy
+    /// queued behind makes it again (read from the queue's order, not
+    /// shown by a schedule).
     pub fn made_after_orphans(&self, position: usize, object: CK_OBJECT_HANDLE) -> bool {
         {
             let mut made_after = self.made_after_orphans[position].lock();

@@ -271,6 +271,16 @@ enum BrokenLogins {
     Any,
 }
 
+/// `chosen`, or `on(chosen)` where environment variable `var` is 1 (it
+/// adds `what`); any other value stops the run with the rule.
+fn switched(chosen: Faults, var: &str, what: &str, on: impl FnOnce(Faults) -> Faults) -> Faults {
+    match std::env::var(var).as_deref() {
+        Ok("1") => on(chosen),
+        Ok(other) => panic!("{var} is 1 ({what}), not {other:?}"),
+        Err(_) => chosen,
+    }
+}
+
 impl Faults {
     /// The default schedules: half of them with reconciliation passes
     /// across reconnects, half as the default was before those joined
@@ -569,83 +579,57 @@ impl Faults {
             Ok(other) => panic!("SIM_RECONNECTS is 1 (every schedule) or 0 (none), not {other:?}"),
             Err(_) => Faults::DEFAULT,
         };
-        let chosen = match std::env::var("SIM_SPARES").as_deref() {
-            Ok("1") => Faults {
-                spares: 50,
-                ..chosen
-            },
-            Ok(other) => panic!("SIM_SPARES is 1 (spares in half of any set), not {other:?}"),
-            Err(_) => chosen,
-        };
-        let chosen = match std::env::var("SIM_REFUSED_CREATES").as_deref() {
-            Ok("1") => Faults {
+        let chosen = switched(chosen, "SIM_SPARES", "spares in half of any set", |f| {
+            Faults { spares: 50, ..f }
+        });
+        let chosen = switched(
+            chosen,
+            "SIM_REFUSED_CREATES",
+            "lasting refusals in half of any set",
+            |f| Faults {
                 refused_creates: 50,
                 refusals_last: true,
-                ..chosen
+                ..f
             },
-            Ok(other) => panic!(
-                "SIM_REFUSED_CREATES is 1 (lasting refusals in half of any set), not {other:?}"
-            ),
-            Err(_) => chosen,
-        };
-        let chosen = match std::env::var("SIM_COPIES").as_deref() {
-            Ok("1") => Faults {
-                copies: true,
-                ..chosen
-            },
-            Ok(other) => panic!("SIM_COPIES is 1 (copies in any set), not {other:?}"),
-            Err(_) => chosen,
-        };
-        let chosen = match std::env::var("SIM_DERIVES").as_deref() {
-            Ok("1") => Faults {
-                derives: true,
-                ..chosen
-            },
-            Ok(other) => panic!("SIM_DERIVES is 1 (keys derived in any set), not {other:?}"),
-            Err(_) => chosen,
-        };
-        let chosen = match std::env::var("SIM_PAIRS").as_deref() {
-            Ok("1") => Faults {
-                pairs: true,
-                ..chosen
-            },
-            Ok(other) => panic!("SIM_PAIRS is 1 (key pairs generated in any set), not {other:?}"),
-            Err(_) => chosen,
-        };
-        let chosen = match std::env::var("SIM_PAIR_SIGNS").as_deref() {
-            Ok("1") => Faults {
+        );
+        let chosen = switched(chosen, "SIM_COPIES", "copies in any set", |f| Faults {
+            copies: true,
+            ..f
+        });
+        let chosen = switched(chosen, "SIM_DERIVES", "keys derived in any set", |f| {
+            Faults { derives: true, ..f }
+        });
+        let chosen = switched(chosen, "SIM_PAIRS", "key pairs generated in any set", |f| {
+            Faults { pairs: true, ..f }
+        });
+        let chosen = switched(
+            chosen,
+            "SIM_PAIR_SIGNS",
+            "key pairs made and signing, in any set",
+            |f| Faults {
                 pairs: true,
                 pair_signs: true,
-                ..chosen
+                ..f
             },
-            Ok(other) => {
-                panic!(
-                    "SIM_PAIR_SIGNS is 1 (key pairs made and signing, in any set), not {other:?}"
-                )
-            }
-            Err(_) => chosen,
-        };
-        let chosen = match std::env::var("SIM_LOST_LOGINS").as_deref() {
-            Ok("1") => Faults {
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_LOST_LOGINS",
+            "tokens logging the group out, in any set",
+            |f| Faults {
                 lost_logins: true,
-                ..chosen
+                ..f
             },
-            Ok(other) => panic!(
-                "SIM_LOST_LOGINS is 1 (tokens logging the group out, in any set), not {other:?}"
-            ),
-            Err(_) => chosen,
-        };
-        match std::env::var("SIM_BROKEN_LOGINS").as_deref() {
-            Ok("1") => Faults {
+        );
+        switched(
+            chosen,
+            "SIM_BROKEN_LOGINS",
+            "broken logins while logged out too, in any set",
+            |f| Faults {
                 broken_logins: BrokenLogins::Any,
-                ..chosen
+                ..f
             },
-            Ok(other) => panic!(
-                "SIM_BROKEN_LOGINS is 1 (broken logins while logged out too, in any set), \
-                 not {other:?}"
-            ),
-            Err(_) => chosen,
-        }
+        )
     }
     /// The default schedules before a refusal mid-run joined them.
     const WIDENED: Faults = Faults {
