@@ -143,10 +143,7 @@ pub fn print_of_template<'a>(
         })
         .map(|(t, v)| (t, v.to_vec()))
         .collect();
-    print
-        .iter()
-        .any(|(t, _)| IDENTIFYING.contains(t))
-        .then_some(print)
+    identifies_one(&print).then_some(print)
 }
 
 /// An object as the HA log names it: class, label and ID, from its
