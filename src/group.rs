@@ -1427,7 +1427,7 @@ impl Group {
     /// 17574: a token restarted between two calls). A standby
     /// member is left out: it is logged in only while it serves.
     fn lost_login(&self, member: &Member, session: &MemberSession) -> bool {
-        if !member.is_up() || member.standby || self.login.lock().is_none() {
+        if !member.is_up() || member.standby || !self.holds_login() {
             return false;
         }
         let _in_flight = member.begin_call();
@@ -1454,13 +1454,48 @@ impl Group {
         crate::member::on_connection(session.connection, || {
             session.library.close_session(session.handle)
         });
+        self.take_out_for_lost_login(position);
+        Err(Error::new(CKR_DEVICE_ERROR))
+    }
+
+    fn take_out_for_lost_login(&self, position: usize) {
         self.take_out(
             position,
             CKR_USER_NOT_LOGGED_IN,
             "member lost its login unseen (its token restarted, or was logged \
              out): taken out until recovery logs it in again",
         );
-        Err(Error::new(CKR_DEVICE_ERROR))
+    }
+
+    /// Whether the group may search `session`, a session of member
+    /// `position`: not where it shows that its token lost the group's
+    /// login unseen ([`Self::lost_login`]) -- a search there answers
+    /// without the private objects and no error, and the group would take
+    /// them for absent on the member. Such a member is taken out, as
+    /// [`Self::unless_login_lost`] takes one out.
+    pub fn may_search(&self, position: usize, session: &MemberSession) -> bool {
+        if self.lost_login(&self.members[position], session) {
+            self.take_out_for_lost_login(position);
+            return false;
+        }
+        true
+    }
+
+    /// [`identity::find`] of `print` on `session`, a session of member
+    /// `position`; a member fault's answer where it found nothing and
+    /// [`Self::may_search`] says the member lost its login (asked only
+    /// then: a look-up that finds costs no call more).
+    pub fn find_on(
+        &self,
+        position: usize,
+        session: &MemberSession,
+        print: &Fingerprint,
+    ) -> std::result::Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
+        let found = identity::find(&*session.library, session.handle, print)?;
+        if found.is_empty() && !self.may_search(position, session) {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        Ok(found)
     }
 
     /// The handle of the member's domain key, looked up by class and label
@@ -1762,7 +1797,7 @@ impl Group {
         position: usize,
         print: &Fingerprint,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
-        self.on_utility(position, |s| identity::find(&*s.library, s.handle, print))?
+        self.on_utility(position, |s| self.find_on(position, s, print))?
             .map_err(|rv| {
                 if is_member_fault("C_FindObjects", rv) {
                     self.member_failed(position, "C_FindObjects", rv);
@@ -1783,7 +1818,9 @@ impl Group {
             if state.index.is_none() && state.searches >= SEARCHES_BEFORE_INDEX {
                 let hidden = self.domain.found(position, epoch).flatten();
                 state.index = self.on_utility(position, |s| {
-                    MemberIndex::read(&*s.library, s.handle, hidden)
+                    self.may_search(position, s)
+                        .then(|| MemberIndex::read(&*s.library, s.handle, hidden))
+                        .flatten()
                 })?;
             }
             match &state.index {
@@ -3229,6 +3266,12 @@ impl Group {
         self.pending_count(position)
             + self.deferred.lock()[position].len()
             + self.deferred_underway[position].load(Ordering::Relaxed)
+    }
+
+    /// Whether the application is logged in through the virtual slot (the
+    /// group holds a login for its members), without copying the PIN.
+    pub fn holds_login(&self) -> bool {
+        self.login.lock().is_some()
     }
 
     /// The cached credential, to log a member in again after it lost its

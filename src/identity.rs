@@ -122,6 +122,13 @@ const IDENTIFYING: &[CK_ATTRIBUTE_TYPE] = &[
     PUBLIC_VALUE,
 ];
 
+/// Whether a fingerprint may name `attribute` by value whatever the
+/// object's class: never a value that could be key material (a public
+/// object's `CKA_VALUE` is in its fingerprint, a secret key's never).
+pub fn in_fingerprint(attribute: CK_ATTRIBUTE_TYPE) -> bool {
+    FINGERPRINT.contains(&attribute)
+}
+
 /// The fingerprint an object made from these template values has, as far
 /// as the template says (the check value a member computes is left out):
 /// to find a copy of an object whose making failed. `None` unless the

@@ -529,6 +529,28 @@ impl ObjectTable {
             .collect()
     }
 
+    /// Whether `member` holds, by a handle recorded now, or held before its
+    /// handles were forgotten (`held_before`), an object of the group that
+    /// `returned` lacks and a search for `searched` may find: its kept
+    /// fingerprint agrees with every attribute both name, or it has none.
+    pub fn holds_unreturned(
+        &self,
+        member: usize,
+        held_before: &rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
+        searched: &crate::identity::Fingerprint,
+        returned: &rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
+    ) -> bool {
+        let maps = self.maps.read();
+        (maps.by_member[member].values())
+            .chain(held_before)
+            .any(|object| {
+                !returned.contains(object)
+                    && maps.objects.get(object).is_some_and(|o| {
+                        (o.fingerprint.as_ref()).is_none_or(|p| crate::identity::agree(searched, p))
+                    })
+            })
+    }
+
     /// Whether the group holds a session object: one made in this process
     /// that no longer lives is removed with its session.
     pub fn has_session_objects(&self) -> bool {

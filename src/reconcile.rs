@@ -661,9 +661,7 @@ fn read_index(
     let ticket = worker.group.index_ticket(position);
     let everything: Fingerprint = vec![(CKA_TOKEN, vec![CK_TRUE])];
     let handles = worker
-        .on_member(position, |s| {
-            identity::find(&*s.library, s.handle, &everything)
-        })
+        .on_member(position, |s| worker.group.find_on(position, s, &everything))
         .ok()?
         .ok()?;
     let mut index = MemberIndex::default();
@@ -957,9 +955,8 @@ fn copy_missing(
             // member's size, so a member that lacks many objects (back from
             // a long outage) is only read again after its copies.
             if checked.contains(&target) {
-                let present = worker.on_member(target, |s| {
-                    identity::find(&*s.library, s.handle, &copy.print)
-                });
+                let present =
+                    worker.on_member(target, |s| worker.group.find_on(target, s, &copy.print));
                 if !matches!(present, Ok(Ok(ref found)) if found.is_empty()) {
                     continue;
                 }

@@ -1995,7 +1995,7 @@ fn holds_in_doubt(
     }
     match group.abandoned_print(object) {
         Some(print) => group
-            .on_utility(position, |s| identity::find(&*s.library, s.handle, &print))
+            .on_utility(position, |s| group.find_on(position, s, &print))
             .is_ok_and(|found| found.is_ok_and(|f| !f.is_empty())),
         None => true,
     }

@@ -639,7 +639,7 @@ impl VirtualSession {
             return false;
         };
         let found = self.on_member(era.member(), |s| {
-            identity::find(&*s.library, s.handle, &print)
+            self.group.find_on(era.member(), s, &print)
         });
         !self.group.objects.moved_on(era) && matches!(found, Ok(Ok(f)) if f.is_empty())
     }
@@ -1711,9 +1711,24 @@ impl VirtualSession {
         };
         let items = found.items();
         let mut kept = crate::object::fill_batch(items, &mut fetch, &mut keep)?;
-        // A search that left its lane mid-batch goes on where it moved:
-        // the batch may have ended short only because of the move.
-        while moved.replace(false) && kept < items.len() {
+        // The members whose login a miss had checked, once each (a group
+        // has at most `MAX_GROUP_MEMBERS`, 32).
+        let mut login_checked: u64 = 0;
+        loop {
+            // A search that left its lane mid-batch goes on where it moved:
+            // the batch may have ended short only because of the move.
+            while moved.replace(false) && kept < items.len() {
+                kept += crate::object::fill_batch(&mut items[kept..], &mut fetch, &mut keep)?;
+            }
+            // Ended where it missed what its member holds: started again
+            // if the member had lost its login.
+            let unchecked = member
+                .get()
+                .filter(|e| login_checked & (1 << e.member()) == 0);
+            if kept == items.len() || !self.search_missed_for_login(unchecked) {
+                break;
+            }
+            login_checked |= unchecked.map_or(0, |e| 1 << e.member());
             kept += crate::object::fill_batch(&mut items[kept..], &mut fetch, &mut keep)?;
         }
         *count = kept as CK_ULONG;

@@ -1616,6 +1616,45 @@ fn a_member_that_lost_its_login_is_logged_in_again() {
     }
 }
 
+/// A member that lost its login answers a search without its private
+/// objects and no error: a search through the virtual slot that ends
+/// missing an object the group knows its member holds asks that member's
+/// session state, logs it in again and searches again, so the application
+/// finds its private key whichever member the search ran on, and each
+/// member the searches ran on got a new `C_Login`.
+#[test]
+fn a_search_on_members_that_lost_their_login_finds_the_private_objects() {
+    let ha = Ha::new(3);
+    let s = ha.session();
+    let (public, private) = ec_pair(&s, "kept", true, false);
+    let by_id = [Attribute::Id(b"kept".to_vec())];
+    let mut before = s.find_objects(&by_id).expect("search before the logout");
+    before.sort_by_key(|h| h.handle());
+    assert_eq!(before.len(), 2, "both halves before the logout");
+    let _members = log_every_member_out(&ha);
+
+    let logins = ha.counts("C_Login");
+    let searches = ha.counts("C_FindObjectsInit");
+    for round in 0..6 {
+        let mut found = s
+            .find_objects(&by_id)
+            .unwrap_or_else(|e| panic!("search {round} after the members lost their login: {e}"));
+        found.sort_by_key(|h| h.handle());
+        assert_eq!(
+            found, before,
+            "search {round}: the pair ({public:?}, {private:?}) after the logout"
+        );
+    }
+    let searched = grown(&searches, &ha.counts("C_FindObjectsInit"));
+    let logged = grown(&logins, &ha.counts("C_Login"));
+    assert!(searched.iter().any(|n| *n > 0), "no member searched");
+    for i in 0..3 {
+        if searched[i] > 0 {
+            assert!(logged[i] >= 1, "member {i} searched without a new login");
+        }
+    }
+}
+
 /// The same loss of login on a member that cannot be logged in again (its
 /// `C_Login` answers `CKR_GENERAL_ERROR` however often it is asked): the
 /// application, logged in, never hears that a member is not -- the member

@@ -215,9 +215,9 @@ struct Faults {
     /// as well in 1 in 3 of those (where [`Faults::broken_logins`] are
     /// on): the group must log the member in again before it serves a
     /// private object there, or take it out where that login is refused.
-    /// Drawn apart from the schedule's own choices. `SIM_LOST_LOGINS=1`;
-    /// not in the default sets: a search there misses the private objects
-    /// without an error, an open defect (design.md, "Lost logins").
+    /// Drawn apart from the schedule's own choices. In the default sets
+    /// since session 39; `SIM_LOST_LOGINS=1` adds it to others (design.md,
+    /// "Lost logins").
     lost_logins: bool,
     /// The application also derives keys (`C_DeriveKey` with
     /// `CKM_SHA256_KEY_DERIVATION` from a key it made, after 1 in 5 of its
@@ -287,10 +287,17 @@ impl Faults {
     /// ([`Faults::NO_RECONNECTS`]), whose recovery passes they partly
     /// replace; in half of them members refuse objects for good, the
     /// application copies objects and derives keys too, and members'
-    /// logins break, while it is logged in or out.
-    const DEFAULT: Faults = Faults::PAIR_SIGNS;
+    /// logins break, while it is logged in or out, and tokens log the
+    /// group out behind its back.
+    const DEFAULT: Faults = Faults::LOST_LOGINS;
+    /// [`Faults::PAIR_SIGNS`] with tokens logging the group out behind its
+    /// back ([`Faults::lost_logins`]): the default sets since session 39.
+    const LOST_LOGINS: Faults = Faults {
+        lost_logins: true,
+        ..Faults::PAIR_SIGNS
+    };
     /// [`Faults::PAIRS`] with the pairs signing ([`Faults::pair_signs`]):
-    /// the default sets since session 38's second half.
+    /// the default sets of session 38's second half.
     const PAIR_SIGNS: Faults = Faults {
         pair_signs: true,
         ..Faults::PAIRS
@@ -5472,7 +5479,21 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   attempt's orphans there destroyed the genuine copy; a member seen to
 ///   hold the copy before its handles were forgotten is no longer taken
 ///   so (`Group::held_before`).
-const REGRESSION_SEEDS: [(u64, Faults); 157] = [
+/// - 7, 97, 1535, 9875 (tokens logging the group out, from 0; 82 of the
+///   first 5,000 failed, nearly all so): a member whose token lost the
+///   login answered a search without its private objects and no error --
+///   the application's search (7), the group's look-up of a key, which
+///   took it for absent (97), a search on a spare whose own login was
+///   lost (1535), each member a moved search met (9875). A search that
+///   ends missing an object its member holds, and a look-up that finds
+///   nothing, now ask the session's state, and a member that lost its
+///   login is logged in again and the search started again
+///   (`VirtualSession::search_missed_for_login`, `Group::find_on`).
+/// - 89, 2027 (tokens logging the group out, from 0): an object made with
+///   a key whose handle the member's lost login had made invalid stayed
+///   in doubt there for good: the look-up again counted as a fault,
+///   though the member answered and served on (`attempt_making`).
+const REGRESSION_SEEDS: [(u64, Faults); 163] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -5630,6 +5651,12 @@ const REGRESSION_SEEDS: [(u64, Faults); 157] = [
     (51168, Faults::PAIRS),
     (33826504, Faults::PAIRS),
     (33848930, Faults::PAIRS),
+    (7, Faults::LOST_LOGINS),
+    (97, Faults::LOST_LOGINS),
+    (1535, Faults::LOST_LOGINS),
+    (9875, Faults::LOST_LOGINS),
+    (89, Faults::LOST_LOGINS),
+    (2027, Faults::LOST_LOGINS),
 ];
 
 #[test]

@@ -504,6 +504,25 @@ impl VirtualSession {
         })
     }
 
+    /// Whether the session's lane on member `position` shows that its spare
+    /// lost the group's login unseen: its login is then forgotten, so that
+    /// its next use logs it in again. False without such a lane.
+    pub(super) fn lane_lost_login(&self, position: usize) -> bool {
+        let held = self.lane.held.lock();
+        let Some(current) = held.as_ref().filter(|h| h.position == position) else {
+            return false;
+        };
+        let lane = &*current.lane;
+        let _in_flight = self.group.members[position].begin_setup_call();
+        let public = on_connection(lane.connection(), || {
+            crate::member_api::session_is_public(lane.library(), lane.session())
+        });
+        if public {
+            lane.forget_login();
+        }
+        public
+    }
+
     /// Runs `call` on the lane's session, as [`VirtualSession::attempt`]
     /// does on the member's own: counted on the member, asked again while
     /// busy, the spare logged in again if it lost its login, and a member

@@ -66,6 +66,19 @@ impl VirtualSession {
         self.move_operations(from);
     }
 
+    /// Starts the active search again from member `from`, which serves on
+    /// (it had lost its login unseen): ended there -- on the lane it runs on,
+    /// which the move closes, or on the member's own session -- and moved
+    /// as from a failed member, it shows what it has not shown yet.
+    pub(crate) fn restart_search_from(&self, from: usize) {
+        if !self.lane.on() {
+            self.attempt(from, "C_FindObjectsFinal", &mut |l, s| {
+                l.find_objects_final(s)
+            });
+        }
+        self.move_search_from(from);
+    }
+
     /// Moves every operation bound to the failed member `from` to another
     /// member: starts each again with its saved mechanism and key and
     /// replays its buffered updates. What cannot be moved is marked lost.

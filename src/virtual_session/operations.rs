@@ -214,6 +214,33 @@ impl VirtualSession {
         }
     }
 
+    /// The active search's template as a fingerprint (what an object it
+    /// finds agrees with, [`crate::identity::agree`]: the attributes a
+    /// fingerprint may hold, no value that could be key material), and the
+    /// objects it has returned; `None` without a search that can move.
+    pub fn search_print_and_returned(
+        &self,
+    ) -> Option<(
+        crate::identity::Fingerprint,
+        rustc_hash::FxHashSet<CK_OBJECT_HANDLE>,
+    )> {
+        let mut bindings = self.bindings();
+        let search = bindings
+            .active(OpKind::Find)?
+            .history
+            .as_ref()?
+            .search
+            .as_ref()?;
+        let print = search
+            .template
+            .template()
+            .iter()
+            .filter(|a| crate::identity::in_fingerprint(a.kind()))
+            .filter_map(|a| Some((a.kind(), a.value()?.to_vec())))
+            .collect();
+        Some((print, search.returned.clone()))
+    }
+
     /// How many objects the active search has returned.
     pub fn returned_so_far(&self) -> usize {
         match self.bindings().active(OpKind::Find) {
