@@ -1927,6 +1927,20 @@ impl Group {
         held.clone()
     }
 
+    /// Every object member `position` was seen to hold before its handles
+    /// were last forgotten, as recorded: unlike [`Self::held_before`],
+    /// which drops session objects for good, a reading that leaves the set
+    /// as it is -- a member that lost its login keeps its sessions, and
+    /// their objects ([`Self::holds_unrecorded`] needs them: dropped by an
+    /// earlier reading, a session object found there after the login
+    /// came back was named anew, simulation seed 140005).
+    pub fn held_before_as_recorded(
+        &self,
+        position: usize,
+    ) -> rustc_hash::FxHashSet<CK_OBJECT_HANDLE> {
+        self.held_before[position].lock().clone()
+    }
+
     /// Whether member `position` may hold objects of the group under
     /// handles not recorded since its handles were forgotten: those it was
     /// seen to hold before, still not found there. A recovery that counted

@@ -5479,21 +5479,29 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   attempt's orphans there destroyed the genuine copy; a member seen to
 ///   hold the copy before its handles were forgotten is no longer taken
 ///   so (`Group::held_before`).
-/// - 7, 97, 1535, 9875 (tokens logging the group out, from 0; 82 of the
-///   first 5,000 failed, nearly all so): a member whose token lost the
-///   login answered a search without its private objects and no error --
-///   the application's search (7), the group's look-up of a key, which
-///   took it for absent (97), a search on a spare whose own login was
-///   lost (1535), each member a moved search met (9875). A search that
-///   ends missing an object its member holds, and a look-up that finds
-///   nothing, now ask the session's state, and a member that lost its
-///   login is logged in again and the search started again
-///   (`VirtualSession::search_missed_for_login`, `Group::find_on`).
+/// - 7, 1535, 9875, 1322, 3813 (tokens logging the group out, from 0; 82
+///   of the first 5,000 failed, nearly all so): a member whose token lost
+///   the login answered a search without its private objects and no
+///   error -- the application's search (7), a search on a spare whose own
+///   login was lost (1535), the next member a moved search met (9875),
+///   the group's own look-ups, which took the objects for absent there: a
+///   destroyed object's copy stayed (1322, 3813). A search that ends
+///   missing an object its member holds now asks the session's state, and
+///   a member that lost its login is logged in again and the search
+///   started again (`VirtualSession::search_missed_for_login`); a look-up
+///   that finds nothing asks it too, and takes such a member out
+///   (`Group::find_on`).
+/// - 140005 (the default set with tokens logging the group out, from 0;
+///   1 of 200,000, on the first form of the rule above): reading which
+///   objects the member held before its handles were forgotten dropped
+///   session objects from that record for good, and a session object
+///   found after the member's login came back was named anew
+///   (`Group::held_before_as_recorded`).
 /// - 89, 2027 (tokens logging the group out, from 0): an object made with
 ///   a key whose handle the member's lost login had made invalid stayed
 ///   in doubt there for good: the look-up again counted as a fault,
 ///   though the member answered and served on (`attempt_making`).
-const REGRESSION_SEEDS: [(u64, Faults); 163] = [
+const REGRESSION_SEEDS: [(u64, Faults); 165] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -5652,11 +5660,13 @@ const REGRESSION_SEEDS: [(u64, Faults); 163] = [
     (33826504, Faults::PAIRS),
     (33848930, Faults::PAIRS),
     (7, Faults::LOST_LOGINS),
-    (97, Faults::LOST_LOGINS),
     (1535, Faults::LOST_LOGINS),
     (9875, Faults::LOST_LOGINS),
+    (1322, Faults::LOST_LOGINS),
+    (3813, Faults::LOST_LOGINS),
     (89, Faults::LOST_LOGINS),
     (2027, Faults::LOST_LOGINS),
+    (140005, Faults::LOST_LOGINS),
 ];
 
 #[test]

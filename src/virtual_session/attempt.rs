@@ -397,7 +397,7 @@ impl VirtualSession {
         let Some((searched, returned)) = self.search_print_and_returned() else {
             return false;
         };
-        let held_before = self.group.held_before(position);
+        let held_before = self.group.held_before_as_recorded(position);
         if !(self.group.objects).holds_unreturned(position, &held_before, &searched, &returned) {
             return false;
         }
