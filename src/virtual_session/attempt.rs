@@ -328,17 +328,21 @@ impl VirtualSession {
     ) -> Attempt {
         let member = &self.group.members[position];
         let epoch = member.epoch();
+        let handles = self.group.objects.era(position);
         self.group.begin_making(position, object);
         crate::member::forget_cut_off();
         let answer = self.attempt_on(position, era, function, call);
         let returning_meanwhile = member.epoch() >= epoch + 2;
         let cut_off = crate::member::last_call_cut_off();
-        // Not a fault where the member serves on in the same epoch: it
-        // answered, and the caller looks its handles up again (it had lost
-        // its login, or its handles went stale). Taken for one, the object
-        // stayed in doubt on a member no recovery would read (simulation
-        // seeds 89, 2027).
-        let looked_up_again = member.epoch() == epoch && member.is_up() && !cut_off;
+        // Not a fault where the member serves on in the same epoch and its
+        // handles were forgotten under the call: it answered, and the
+        // caller looks them up again (it had lost its login, or its
+        // handles went stale). Taken for one, the object stayed in doubt
+        // on a member no recovery would read (simulation seeds 89, 2027).
+        let looked_up_again = member.epoch() == epoch
+            && member.is_up()
+            && !cut_off
+            && self.group.objects.moved_on(handles);
         let doubt = self.group.doubt_after(
             position,
             matches!(answer, Attempt::Faulted) && !looked_up_again,
