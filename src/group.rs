@@ -1484,15 +1484,22 @@ impl Group {
     /// [`identity::find`] of `print` on `session`, a session of member
     /// `position`; a member fault's answer where it found nothing and
     /// [`Self::may_search`] says the member lost its login (asked only
-    /// then: a look-up that finds costs no call more).
+    /// then: a look-up that finds costs no call more), or where the member
+    /// served when the look-up began and was taken out before it ended --
+    /// taken for an answer, a stalled look-up on a member whose login had
+    /// gone said a key was not there, and a search on another member left
+    /// the key out (simulation seed 583426).
     pub fn find_on(
         &self,
         position: usize,
         session: &MemberSession,
         print: &Fingerprint,
     ) -> std::result::Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
+        let member = &self.members[position];
+        let (serving, epoch) = (member.is_up(), member.epoch());
         let found = identity::find(&*session.library, session.handle, print)?;
-        if found.is_empty() && !self.may_search(position, session) {
+        let taken_out = serving && member.epoch() != epoch;
+        if found.is_empty() && (taken_out || !self.may_search(position, session)) {
             return Err(CKR_DEVICE_ERROR);
         }
         Ok(found)
