@@ -384,7 +384,8 @@ impl VirtualSession {
     /// search may find and did not return: whether the member had lost its
     /// login unseen. A token that lost it answers a search without its
     /// private objects and no error, and only the session's state tells;
-    /// asked only on such a miss, a complete search costs no call more (a
+    /// asked only on such a miss, a complete search costs no member call
+    /// more, only a walk of the record of the member's objects (a
     /// check before every search cost a round trip each: the network
     /// bench's mixed operation, logged in, 14.4 -> 17.5 ms at p50). Where
     /// it had, it is logged in again and its handles forgotten
