@@ -1824,16 +1824,30 @@ impl VirtualSession {
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        // Members an attempt lost its answer on, orphans queued for them:
+        // kept across tries, as the objects a later try makes come after
+        // those orphans too (forgotten with the try that left them, the
+        // orphan pair's private key passed there for the group's, another
+        // key under its name: simulation seed 727033).
+        let mut left_orphans_on = Vec::new();
         self.make_waiting(|| {
             self.try_make_on_one(
-                session, mechanism, keys, owners, prints, function, &mut make,
+                session,
+                mechanism,
+                keys,
+                owners,
+                prints,
+                function,
+                &mut make,
+                &mut left_orphans_on,
             )
         })
     }
 
     /// One try of [`Self::make_on_one`]: `None` when the members it ran
     /// on failed and none serves any more (what they may have made
-    /// queued for removal).
+    /// queued for removal). `left_orphans_on`: the members this call's
+    /// attempts lost an answer on, in this try or an earlier one.
     #[allow(clippy::too_many_arguments)]
     fn try_make_on_one(
         &self,
@@ -1850,13 +1864,12 @@ impl VirtualSession {
             &[CK_OBJECT_HANDLE],
             &mut [CK_OBJECT_HANDLE],
         ) -> CK_RV,
+        left_orphans_on: &mut Vec<usize>,
     ) -> Result<Option<Vec<CK_OBJECT_HANDLE>>> {
         let _making = self.group.making_objects();
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
-        // Members an attempt lost its answer on, orphans queued for them.
-        let mut left_orphans_on = Vec::new();
         loop {
             let preference = if self.makers_alike() {
                 Preference::LeastBusy(crate::group::MAKING_LANE)
@@ -1893,7 +1906,7 @@ impl VirtualSession {
             };
             // Before their fingerprints are kept: an orphans' removal that
             // recovery replays meanwhile matches nothing of them yet.
-            for position in &left_orphans_on {
+            for position in left_orphans_on.iter() {
                 self.group.note_made_after_orphans(*position, &objects);
             }
             let _unfinished: Vec<_> = objects
