@@ -1090,6 +1090,16 @@ impl VirtualSession {
             }
             // A change of attributes may copy the object (`set_missed`).
             Pending::Create(object) | Pending::Set { object, .. } => {
+                // Not an object destroyed since: no copy of it is made
+                // (`copy_missed`), a change of it only changes the copy
+                // there -- which its own removal waits for
+                // (`Group::removal_behind_kept_set`). Kept behind the
+                // removals, the change waited for its removal and the
+                // removal for it, for good, the copy of the destroyed
+                // object left on the member (simulation seed 542635).
+                if self.group.objects.get(*object).is_none() {
+                    return false;
+                }
                 match self.fingerprint_of(*object) {
                     Some(print) => (*print).clone(),
                     None => return true,
