@@ -1853,6 +1853,15 @@ fn wall_clock() -> String {
     wall_at(Instant::now())
 }
 
+/// A key the long chaos run's writers imported: its ID, whether the
+/// call reported it made, and when the call ran.
+struct KeyCall {
+    id: Vec<u8>,
+    ok: bool,
+    from: Instant,
+    to: Instant,
+}
+
 /// `at` as the HA log writes it (UTC, ms).
 fn wall_at(at: Instant) -> String {
     let now = (std::time::SystemTime::now() - Instant::now().saturating_duration_since(at))
@@ -1923,7 +1932,7 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
     let logged_in = user_session(&pkcs11, slot);
     let (stop, settled) = (AtomicBool::new(false), AtomicBool::new(false));
     let disturbances: Mutex<Disturbances> = Mutex::new(vec![Vec::new(); MEMBERS]);
-    let keys: Mutex<Vec<(Vec<u8>, bool)>> = Mutex::new(Vec::new());
+    let keys: Mutex<Vec<KeyCall>> = Mutex::new(Vec::new());
     let mut calls: Vec<Call> = Vec::new();
     let mut samples: Vec<(Instant, [u64; MEMBERS])> = Vec::new();
     let mut faults: Vec<(usize, Fault)> = Vec::new();
@@ -1948,15 +1957,16 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
                         let from = Instant::now();
                         let failure = failure_of(&import_key(&session, &id));
                         let ok = failure.is_none();
+                        let to = Instant::now();
                         calls.push(Call {
                             from,
-                            to: Instant::now(),
+                            to,
                             ok,
                             what: "C_CreateObject",
                             failure,
                             at: wall_clock(),
                         });
-                        keys.lock().unwrap().push((id, ok));
+                        keys.lock().unwrap().push(KeyCall { id, ok, from, to });
                         let from = Instant::now();
                         let digest = session.digest(&Mechanism::Sha256, b"abc");
                         let failure = match &digest {
@@ -2303,16 +2313,8 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .filter(|(_, lost)| !lost)
         .map(|(m, _)| ids_on_member(&pkcs11, m))
         .collect();
-    let ok_keys: Vec<&Vec<u8>> = keys
-        .iter()
-        .filter(|(_, ok)| *ok)
-        .map(|(id, _)| id)
-        .collect();
-    let failed_keys: Vec<&Vec<u8>> = keys
-        .iter()
-        .filter(|(_, ok)| !*ok)
-        .map(|(id, _)| id)
-        .collect();
+    let ok_keys: Vec<&Vec<u8>> = keys.iter().filter(|k| k.ok).map(|k| &k.id).collect();
+    let failed_keys: Vec<&Vec<u8>> = keys.iter().filter(|k| !k.ok).map(|k| &k.id).collect();
     let missing: Vec<String> = ok_keys
         .iter()
         .filter(|id| contents.iter().any(|c| !c.contains_key(**id)))
@@ -2323,10 +2325,28 @@ fn chaos_run_with_faults_on_different_members_keeps_every_key_consistent() {
         .filter(|id| contents.iter().any(|c| c.contains_key(**id)))
         .map(|id| String::from_utf8_lossy(id).into_owned())
         .collect();
-    let doubled: Vec<String> = ok_keys
-        .iter()
-        .filter(|id| contents.iter().any(|c| c.get(**id).is_some_and(|n| *n > 1)))
-        .map(|id| String::from_utf8_lossy(id).into_owned())
+    // Named with the members holding more than one copy and when the call
+    // ran, to line up with the HA log and the fault timeline.
+    let members_kept: Vec<usize> = (0..MEMBERS).filter(|i| !lost[*i]).collect();
+    let doubled: Vec<String> = (keys.iter().filter(|k| k.ok))
+        .filter_map(|key| {
+            let on: Vec<String> = (contents.iter().zip(&members_kept))
+                .filter_map(|(c, i)| {
+                    (c.get(&key.id))
+                        .filter(|n| **n > 1)
+                        .map(|n| format!("{n} on member {i}"))
+                })
+                .collect();
+            (!on.is_empty()).then(|| {
+                format!(
+                    "{} ({}; made {}-{})",
+                    String::from_utf8_lossy(&key.id),
+                    on.join(", "),
+                    wall_at(key.from),
+                    wall_at(key.to)
+                )
+            })
+        })
         .collect();
     // What any client pays to reach each member afresh, as recovery does
     // after a reset: p11-kit's server starts a worker per connection, and
