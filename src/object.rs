@@ -496,6 +496,32 @@ impl ObjectTable {
         self.kept_prints(|kept| crate::identity::matches(kept, candidate))
     }
 
+    /// The handles on `member`, in `era`, of the group's objects recorded
+    /// there whose kept fingerprint a member object with fingerprint
+    /// `candidate` matches, each with that fingerprint; empty once the
+    /// member's handles were forgotten since.
+    pub fn recorded_matched_by(
+        &self,
+        era: Era,
+        candidate: &crate::identity::Fingerprint,
+    ) -> Vec<(
+        CK_OBJECT_HANDLE,
+        std::sync::Arc<crate::identity::Fingerprint>,
+    )> {
+        let maps = self.maps.read();
+        if self.moved_on(era) {
+            return Vec::new();
+        }
+        (maps.objects.values())
+            .filter_map(|o| match (o.on[era.member], &o.fingerprint) {
+                (Presence::Present(h), Some(kept)) if crate::identity::matches(kept, candidate) => {
+                    Some((h, kept.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The objects of the group whose kept fingerprint has every attribute
     /// of `print`, as it has them: those a member object found by `print`
     /// may be a copy of, with that fingerprint.

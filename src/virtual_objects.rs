@@ -1537,6 +1537,9 @@ impl VirtualSession {
             Ok([one]) => *one,
             _ => return self.virtual_handle_of(era, handle, identify),
         };
+        if objects.known_in(home_era, there).is_none() && self.renumbered_unseen(home_era, &print) {
+            return self.virtual_handle_of(era, handle, identify);
+        }
         let object = objects
             .known_in(home_era, there)
             .or_else(|| objects.from_member_identified(home_era, there, print))
@@ -1693,8 +1696,14 @@ impl VirtualSession {
                 let Ok(object) = object else {
                     // The member failed while naming what it found: the
                     // search moves (`Self::unread` took the member out),
-                    // and finds there what is not shown yet.
-                    self.move_search_from(member);
+                    // and finds there what is not shown yet. Its handles
+                    // forgotten while it serves on, the search starts
+                    // again there or elsewhere.
+                    if self.group.members[member].is_up() {
+                        self.restart_search_from(member);
+                    } else {
+                        self.move_search_from(member);
+                    }
                     moved.set(true);
                     break;
                 };
@@ -1777,10 +1786,37 @@ impl VirtualSession {
         if !self.names_an_object(era, &print)? {
             return Ok(None);
         }
+        if self.renumbered_unseen(era, &print) {
+            return Err(MemberFailed);
+        }
         objects
             .from_member_identified(era, handle, print)
             .map(Some)
             .ok_or(MemberFailed)
+    }
+
+    /// For a handle the group does not know on the member, whose object has
+    /// fingerprint `print`: whether the member's handles went stale unseen
+    /// -- an object of the group it matches is recorded there under a
+    /// handle that no longer names such an object -- and are forgotten, to
+    /// be looked up afresh ([`crate::group::Group::handles_went_stale`]). A
+    /// token that restarted numbers its objects anew, and a session opened
+    /// since answers as if nothing happened: named at its word, an object
+    /// found by a search was made a second object of the group
+    /// (simulation seed 1208915, a member's token restarted and healed
+    /// before any session of ours there was used). One read, only where a
+    /// search finds an unknown object like a recorded one.
+    pub(crate) fn renumbered_unseen(&self, era: Era, print: &identity::Fingerprint) -> bool {
+        let member = era.member();
+        let recorded = self.group.objects.recorded_matched_by(era, print);
+        let stale = recorded.iter().any(|(handle, kept)| {
+            let now = self.on_member(member, |s| {
+                identity::light_fingerprint(&*s.library, s.handle, *handle)
+            });
+            matches!(now, Ok(None))
+                || now.is_ok_and(|p| p.is_some_and(|p| !identity::matches(kept, &p)))
+        });
+        stale && self.group.handles_went_stale(member, era)
     }
 
     /// Whether `object` has the values a search's filter wants, as the

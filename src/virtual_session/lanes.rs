@@ -424,6 +424,9 @@ impl VirtualSession {
             if !self.names_an_object(era, &print).ok()? {
                 return Some(None);
             }
+            if self.renumbered_unseen(era, &print) {
+                return None;
+            }
         }
         // None: the member's handles were forgotten under the lookup.
         let object = objects.from_member_identified(era, first, print)?;
