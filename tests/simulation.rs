@@ -471,6 +471,21 @@ impl Faults {
         pairs: false,
         pair_signs: false,
     };
+    /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
+    /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
+    /// every schedule with reconnects, and all the default set's faults.
+    const RECONNECTS_ALL: Faults = Faults {
+        spares: 50,
+        refused_creates: 50,
+        refusals_last: true,
+        copies: true,
+        broken_logins: BrokenLogins::Any,
+        lost_logins: true,
+        derives: true,
+        pairs: true,
+        pair_signs: true,
+        ..Faults::RECONNECTS
+    };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
         widened: true,
@@ -5524,11 +5539,20 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   good, the destroyed object's copy left on the member. A change of an
 ///   object destroyed since makes no copy, and waits behind no removal
 ///   (`VirtualSession::behind_a_removal`).
+/// - 1208915 (`Faults::RECONNECTS_ALL`, from 1,200,000; it failed on the
+///   code of two sessions before too): a member's token crashed and
+///   came back numbering its objects anew before any session of the
+///   group's there was used; a session opened since answered a search,
+///   and an object found under a new number, like one the group recorded
+///   there under its old number, was named a second object. Such an
+///   object has the recorded handle read first; where it no longer names
+///   a like object, the member's handles are forgotten and the search
+///   starts again (`VirtualSession::renumbered_unseen`).
 /// - 89, 2027 (tokens logging the group out, from 0): an object made with
 ///   a key whose handle the member's lost login had made invalid stayed
 ///   in doubt there for good: the look-up again counted as a fault,
 ///   though the member answered and served on (`attempt_making`).
-const REGRESSION_SEEDS: [(u64, Faults); 168] = [
+const REGRESSION_SEEDS: [(u64, Faults); 169] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -5697,6 +5721,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 168] = [
     (583426, Faults::LOST_LOGINS),
     (727033, Faults::LOST_LOGINS),
     (542635, Faults::LOST_LOGINS),
+    (1208915, Faults::RECONNECTS_ALL),
 ];
 
 #[test]
