@@ -1537,13 +1537,15 @@ impl VirtualSession {
             Ok([one]) => *one,
             _ => return self.virtual_handle_of(era, handle, identify),
         };
-        if objects.known_in(home_era, there).is_none() && self.renumbered_unseen(home_era, &print) {
-            return self.virtual_handle_of(era, handle, identify);
-        }
-        let object = objects
-            .known_in(home_era, there)
-            .or_else(|| objects.from_member_identified(home_era, there, print))
-            .ok_or(MemberFailed)?;
+        let object = match objects.known_in(home_era, there) {
+            Some(object) => object,
+            None if self.renumbered_unseen(home_era, &print) => {
+                return self.virtual_handle_of(era, handle, identify)
+            }
+            None => objects
+                .from_member_identified(home_era, there, print)
+                .ok_or(MemberFailed)?,
+        };
         if objects.presence(object, member) == Some(Presence::Unknown) {
             objects.set_presence(object, era, Presence::Present(handle));
         }
@@ -1804,17 +1806,26 @@ impl VirtualSession {
     /// since answers as if nothing happened: named at its word, an object
     /// found by a search was made a second object of the group
     /// (simulation seed 1208915, a member's token restarted and healed
-    /// before any session of ours there was used). One read, only where a
-    /// search finds an unknown object like a recorded one.
+    /// before any session of ours there was used). Only where a search
+    /// finds an unknown object like a recorded one: one read per recorded
+    /// like object, until one shows stale. A recorded handle that cannot
+    /// be read counts as stale only while the group is logged in: logged
+    /// out, a private object's handle cannot be read either (the light
+    /// fingerprint names no `CKA_PRIVATE`, so a public object may be like
+    /// a private one).
     pub(crate) fn renumbered_unseen(&self, era: Era, print: &identity::Fingerprint) -> bool {
         let member = era.member();
         let recorded = self.group.objects.recorded_matched_by(era, print);
+        let logged_in = self.group.cached_login().is_some();
         let stale = recorded.iter().any(|(handle, kept)| {
             let now = self.on_member(member, |s| {
                 identity::light_fingerprint(&*s.library, s.handle, *handle)
             });
-            matches!(now, Ok(None))
-                || now.is_ok_and(|p| p.is_some_and(|p| !identity::matches(kept, &p)))
+            match now {
+                Ok(Some(now)) => !identity::matches(kept, &now),
+                Ok(None) => logged_in,
+                Err(_) => false,
+            }
         });
         stale && self.group.handles_went_stale(member, era)
     }
