@@ -84,6 +84,8 @@ pub(crate) struct Search {
     /// Attributes the members cannot be asked (they would answer for their
     /// own copies, not for the application's view): checked here.
     pub(crate) filter: SearchFilter,
+    /// [`crate::group::Group::logins_again`] as it last started on a member.
+    pub(crate) logins_again: u64,
 }
 
 /// Attribute values a search wants that are checked against the

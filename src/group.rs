@@ -764,6 +764,9 @@ pub struct Group {
     pub probes: crate::strategy::Probes,
     /// Per member: changes it missed while down, in order.
     pending: Mutex<Vec<Vec<Pending>>>,
+    /// How many times a call logged a member in again after it lost its
+    /// login (see [`Group::note_login_again`]).
+    logins_again: AtomicU64,
     /// While no member serves: since when, and when the HA log last said
     /// so (see [`Group::review_serving`]).
     outage: Mutex<Option<Outage>>,
@@ -1172,6 +1175,7 @@ impl Group {
             domain: DomainKeys::new(count),
             probes: Default::default(),
             pending: Mutex::new(vec![Vec::new(); count]),
+            logins_again: AtomicU64::new(0),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             abandoned: Mutex::default(),
             deferred: Mutex::new(vec![Vec::new(); count]),
@@ -3293,6 +3297,19 @@ impl Group {
     /// group holds a login for its members), without copying the PIN.
     pub fn holds_login(&self) -> bool {
         self.login.lock().is_some()
+    }
+
+    /// A call logged a member in again after it lost its login. A search
+    /// begun there before was answered as for a public session -- its
+    /// matches are fixed when it starts, and its session's state now says
+    /// nothing of them -- so each search notes [`Group::logins_again`] as
+    /// it starts and, missing objects, starts again if it moved.
+    pub fn note_login_again(&self) {
+        self.logins_again.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn logins_again(&self) -> u64 {
+        self.logins_again.load(Ordering::Relaxed)
     }
 
     /// The cached credential, to log a member in again after it lost its

@@ -1446,6 +1446,7 @@ impl VirtualSession {
                     .map_or(Preference::Complete, Preference::WaitedOn)
             }
         };
+        let logins_again = self.group.logins_again();
         self.init_where(
             OpKind::Find,
             preference,
@@ -1455,7 +1456,7 @@ impl VirtualSession {
             on_spare,
             start,
         )?;
-        self.keep_search(kept, filter);
+        self.keep_search(kept, filter, logins_again);
         Ok(())
     }
 

@@ -406,6 +406,13 @@ impl VirtualSession {
         if !(self.group.objects).holds_unreturned(position, &held_before, &searched, &returned) {
             return false;
         }
+        // Logged in again since the search started (another call met the
+        // lost login): the member answered it as a public session, and its
+        // state no longer says so.
+        if self.search_outlived_a_login() {
+            self.restart_search_from(position);
+            return true;
+        }
         // The spare a search ran on logs in apart from the member's own
         // instance; either may have lost it.
         let lane_lost = self.lane_lost_login(position);
@@ -484,6 +491,9 @@ impl VirtualSession {
             user_type,
             pin.as_deref().map(|p| p.as_slice()),
         );
+        if rv == CKR_OK {
+            self.group.note_login_again();
+        }
         Some(match rv {
             CKR_USER_ALREADY_LOGGED_IN => CKR_OK,
             rv => rv,

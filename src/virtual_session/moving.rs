@@ -242,7 +242,8 @@ impl VirtualSession {
         member_key: &dyn Fn(CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE,
     ) -> Attempt {
         let function = "operation failover";
-        if let Some(search) = op.history.as_ref().and_then(|h| h.search.as_ref()) {
+        if let Some(search) = op.history.as_mut().and_then(|h| h.search.as_mut()) {
+            search.logins_again = self.group.logins_again();
             // Known before the search starts there, as in find_init, so that
             // the search can leave it out.
             self.group.domain_handle(position);

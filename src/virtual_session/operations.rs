@@ -189,13 +189,19 @@ impl VirtualSession {
     }
 
     /// Makes the active search movable: keeps its template, and from now on
-    /// the objects it returns.
-    pub fn keep_search(&self, template: crate::mechanism::OwnedTemplate, filter: SearchFilter) {
+    /// the objects it returns; `logins_again` as read before it started.
+    pub fn keep_search(
+        &self,
+        template: crate::mechanism::OwnedTemplate,
+        filter: SearchFilter,
+        logins_again: u64,
+    ) {
         if let Some(op) = self.bindings().active(OpKind::Find) {
             op.history.get_or_insert_with(Default::default).search = Some(Search {
                 template,
                 returned: Default::default(),
                 filter,
+                logins_again,
             });
             op.movable = true;
         }
@@ -239,6 +245,19 @@ impl VirtualSession {
             .filter_map(|a| Some((a.kind(), a.value()?.to_vec())))
             .collect();
         Some((print, search.returned.clone()))
+    }
+
+    /// Whether a member was logged in again after it lost its login since
+    /// the active search last started ([`crate::group::Group::note_login_again`]);
+    /// notes the count, so that one such login starts it again once.
+    pub fn search_outlived_a_login(&self) -> bool {
+        let now = self.group.logins_again();
+        let mut bindings = self.bindings();
+        let search = bindings
+            .active(OpKind::Find)
+            .and_then(|op| op.history.as_mut())
+            .and_then(|h| h.search.as_mut());
+        search.is_some_and(|s| std::mem::replace(&mut s.logins_again, now) != now)
     }
 
     /// How many objects the active search has returned.
