@@ -245,6 +245,25 @@ struct Faults {
     /// whichever member made it. On in the default sets
     /// (`SIM_PAIR_SIGNS=1` adds it to the others).
     pair_signs: bool,
+    /// Half the key pairs are named as `pkcs11-tool --keypairgen` and
+    /// most tools name them: both halves under one `CKA_LABEL` and one
+    /// `CKA_ID` (drawn apart), told apart only by their class. On in the
+    /// default sets since session 41 (`SIM_SHARED_NAMES=1` adds it, with
+    /// pairs, to the others).
+    shared_names: bool,
+    /// Half the application's searches are as applications find their
+    /// keys, by a label or an ID, with the class or without
+    /// ([`Schedule::search_by_template`], drawn apart); the others list
+    /// every object. On in the default sets since session 41
+    /// (`SIM_TEMPLATES=1` adds it to the others).
+    templates: bool,
+    /// Half the application's searches fetch 1-4 objects a step, as
+    /// `pkcs11-tool` and OpenSSL's engine fetch one at a time, so that
+    /// faults, recovery and the other threads' changes come between the
+    /// batches of one search ([`Searching`], drawn apart). On in the
+    /// default sets since session 41 (`SIM_BATCHES=1` adds it to the
+    /// others).
+    batches: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -289,9 +308,27 @@ impl Faults {
     /// application copies objects and derives keys too, and members'
     /// logins break, while it is logged in or out, and tokens log the
     /// group out behind its back.
-    const DEFAULT: Faults = Faults::LOST_LOGINS;
+    const DEFAULT: Faults = Faults::BATCHES;
+    /// [`Faults::TEMPLATES`] with searches fetched a few objects a step
+    /// ([`Faults::batches`]): the default sets since session 41.
+    const BATCHES: Faults = Faults {
+        batches: true,
+        ..Faults::TEMPLATES
+    };
+    /// [`Faults::SHARED_NAMES`] with searches by template
+    /// ([`Faults::templates`]).
+    const TEMPLATES: Faults = Faults {
+        templates: true,
+        ..Faults::SHARED_NAMES
+    };
+    /// [`Faults::LOST_LOGINS`] with pairs named as tools name them
+    /// ([`Faults::shared_names`]).
+    const SHARED_NAMES: Faults = Faults {
+        shared_names: true,
+        ..Faults::LOST_LOGINS
+    };
     /// [`Faults::PAIR_SIGNS`] with tokens logging the group out behind its
-    /// back ([`Faults::lost_logins`]): the default sets since session 39.
+    /// back ([`Faults::lost_logins`]): the default sets of sessions 39-40.
     const LOST_LOGINS: Faults = Faults {
         lost_logins: true,
         ..Faults::PAIR_SIGNS
@@ -363,6 +400,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -444,6 +484,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -470,6 +513,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
     /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
@@ -510,6 +556,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -536,6 +585,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -562,6 +614,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -588,6 +643,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -636,6 +694,31 @@ impl Faults {
         );
         let chosen = switched(
             chosen,
+            "SIM_SHARED_NAMES",
+            "key pairs made, half under one name, in any set",
+            |f| Faults {
+                pairs: true,
+                shared_names: true,
+                ..f
+            },
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_BATCHES",
+            "searches in batches in any set",
+            |f| Faults { batches: true, ..f },
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_TEMPLATES",
+            "searches by template in any set",
+            |f| Faults {
+                templates: true,
+                ..f
+            },
+        );
+        let chosen = switched(
+            chosen,
             "SIM_LOST_LOGINS",
             "tokens logging the group out, in any set",
             |f| Faults {
@@ -677,6 +760,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -702,6 +788,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -727,6 +816,9 @@ impl Faults {
         derives: false,
         pairs: false,
         pair_signs: false,
+        shared_names: false,
+        templates: false,
+        batches: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -969,22 +1061,35 @@ thread_local! {
         const { std::cell::Cell::new(None) };
     /// The application writes beside a recovery round now ([`changed`]).
     static WRITING_BESIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// The application's search of every object is under way
-    /// ([`Schedule::enumerate`]), outside any recovery round run beside it.
+    /// The application's search is under way ([`Schedule::enumerate`],
+    /// [`Schedule::search_by_template`]), outside any recovery round run
+    /// beside it.
     static SEARCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// A member began that search (or took it over) while every serving
     /// member lacked objects ([`search_began`]).
     static SEARCHED_LACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The application's searches fetched across steps now under way
+    /// ([`Searching`]): any call or round may move one.
+    static SEARCHES_UNDER_WAY: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// How many searches began on a member, in a call or round while a
+    /// search fetched across steps was under way, while every serving
+    /// member lacked objects: such a search, moved then, could do no
+    /// better ([`search_began`]; any search counts, the group's own too).
+    static LACKING_STARTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// The members' call hook ([`SimMember::on_call`]): notes whether the
 /// application's search begins on a member -- at first, or moved there
-/// when its member failed -- while every serving member lacks objects.
+/// when its member failed -- while every serving member lacks objects,
+/// and, while a search fetched across steps is under way, whether any
+/// search does ([`LACKING_STARTS`]).
 /// The schedule's provider is taken from its time, not through
 /// `provider::get`, which may run a recovery round inline -- inside the
 /// member call, under the locks the call holds (seed 22836855 hung so).
 fn search_began(function: &'static str) {
-    if function != "C_FindObjectsInit" || !SEARCHING.with(std::cell::Cell::get) {
+    let searching = SEARCHING.with(std::cell::Cell::get);
+    let under_way = SEARCHES_UNDER_WAY.with(std::cell::Cell::get) > 0;
+    if function != "C_FindObjectsInit" || !(searching || under_way) {
         return;
     }
     let provider = match TIME.try_lock() {
@@ -995,7 +1100,8 @@ fn search_began(function: &'static str) {
         Err(_) => return,
     };
     if lacking_everywhere(&provider) {
-        SEARCHED_LACKING.with(|s| s.set(true));
+        SEARCHED_LACKING.with(|s| s.set(searching || s.get()));
+        LACKING_STARTS.with(|n| n.set(n.get() + 1));
     }
 }
 
@@ -1226,6 +1332,10 @@ enum Id {
 
 struct Made {
     label: Vec<u8>,
+    /// With the label, what names the object: the halves of a pair made
+    /// as `pkcs11-tool` makes them share their label
+    /// ([`Faults::shared_names`]).
+    class: CK_OBJECT_CLASS,
     handle: CK_OBJECT_HANDLE,
     token: bool,
     /// The key value (None: a data object, or a key whose value is unknown).
@@ -1241,6 +1351,84 @@ struct Made {
     refused_by: Option<usize>,
 }
 
+impl Made {
+    /// Whether `held`, a token object as `SimMember::token_objects` lists
+    /// it, is this object.
+    fn is(&self, held: &[String; 4]) -> bool {
+        held[1] == hex(&self.label) && held[0] == hex(&self.class.to_ne_bytes())
+    }
+
+    fn name(&self) -> String {
+        named(&self.label, self.class)
+    }
+}
+
+/// What a search asks for.
+#[derive(Clone)]
+enum Wanted {
+    Every,
+    /// A label, and a class where given.
+    Label(Vec<u8>, Option<CK_OBJECT_CLASS>),
+    /// A `CKA_ID`, and a class where given.
+    Id(Vec<u8>, Option<CK_OBJECT_CLASS>),
+}
+
+impl Wanted {
+    fn class(&self) -> Option<CK_OBJECT_CLASS> {
+        match self {
+            Wanted::Every => None,
+            Wanted::Label(_, class) | Wanted::Id(_, class) => *class,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let class = self
+            .class()
+            .map_or(String::new(), |c| format!(" and class {c}"));
+        match self {
+            Wanted::Every => "listing of every object".into(),
+            Wanted::Label(label, _) => {
+                format!("search by label {}{class}", String::from_utf8_lossy(label))
+            }
+            Wanted::Id(id, _) => format!("search by ID {}{class}", String::from_utf8_lossy(id)),
+        }
+    }
+
+    /// Whether an object shown, read back as `label`, `class` and (for a
+    /// search by ID) `id` -- `Some(None)` where it could not be read --
+    /// matches.
+    fn is_met_by(&self, label: &[u8], class: CK_OBJECT_CLASS, id: Option<Option<&[u8]>>) -> bool {
+        let class_met = self.class().is_none_or(|c| c == class);
+        class_met
+            && match self {
+                Wanted::Every => true,
+                Wanted::Label(wanted, _) => wanted == label,
+                Wanted::Id(wanted, _) => id.flatten() == Some(wanted.as_slice()),
+            }
+    }
+
+    /// Whether `m` matches by what the application was told of it (an ID
+    /// a failed call may have set is not known to).
+    fn surely_matches(&self, m: &Made) -> bool {
+        self.class().is_none_or(|c| c == m.class)
+            && match self {
+                Wanted::Every => true,
+                Wanted::Label(label, _) => *label == m.label,
+                Wanted::Id(id, _) => m.id == Id::Set(id.clone()),
+            }
+    }
+}
+
+/// An object's name in a trace: its label, and which half of a pair.
+fn named(label: &[u8], class: CK_OBJECT_CLASS) -> String {
+    let half = match class {
+        CKO_PUBLIC_KEY => " (public)",
+        CKO_PRIVATE_KEY => " (private)",
+        _ => "",
+    };
+    format!("{}{half}", String::from_utf8_lossy(label))
+}
+
 enum Running {
     Digest(Vec<u8>),
     Sign(Vec<u8>, Vec<u8>),
@@ -1250,6 +1438,35 @@ enum Running {
 struct Thread {
     session: Option<CK_SESSION_HANDLE>,
     running: Option<Running>,
+    /// A search fetched a few objects a step ([`Faults::batches`]).
+    searching: Option<Box<Searching>>,
+}
+
+/// A search under way across steps, as `pkcs11-tool` and OpenSSL's
+/// engine fetch one object at a time: faults, recovery and the other
+/// threads' changes come between its batches.
+struct Searching {
+    wanted: Wanted,
+    /// How many handles each `C_FindObjects` asks for.
+    batch: usize,
+    seen: Vec<(Vec<u8>, CK_OBJECT_CLASS)>,
+    shown: usize,
+    all_read: bool,
+    /// A member began it, or took it over, while every serving member
+    /// lacked objects, or none held them all between its batches.
+    lacking: bool,
+    /// [`LACKING_STARTS`] as it began.
+    lacking_starts: u64,
+    logged_in: bool,
+    /// What the application was told of its objects as the search began.
+    before: Before,
+}
+
+/// The fates and IDs of the objects made so far, as a search began: an
+/// object made, destroyed or given another ID since may show or not.
+struct Before {
+    fates: Vec<Fate>,
+    ids: Vec<Id>,
 }
 
 /// How many more recovery passes, one `memberTimeout` apart, settling
@@ -1358,6 +1575,12 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, when and with which pair the
     /// application signs ([`Faults::pair_signs`]).
     pair_sign_rng: Rng,
+    /// Chooses, apart from the others, the pairs whose halves share one
+    /// label and ID ([`Faults::shared_names`]).
+    name_rng: Rng,
+    /// Chooses, apart from the others, the searches by template and what
+    /// they ask for ([`Faults::templates`]).
+    search_rng: Rng,
 }
 
 impl Schedule<'_> {
@@ -1420,6 +1643,9 @@ impl Schedule<'_> {
     fn session_ended(&mut self, t: usize) {
         self.threads[t].session = None;
         self.threads[t].running = None;
+        if self.threads[t].searching.take().is_some() {
+            SEARCHES_UNDER_WAY.with(|n| n.set(n.get() - 1));
+        }
         for m in &mut self.made {
             if m.owner == Some(t) && !m.token {
                 m.fate = Fate::Gone;
@@ -1616,14 +1842,14 @@ impl Schedule<'_> {
         let signed = self.single(session, b'S', &data);
         self.note(format!(
             "t{t} sign with {} -> {:?}",
-            String::from_utf8_lossy(&self.made[private].label),
+            self.made[private].name(),
             signed.as_ref().err()
         ));
         if let Ok(signature) = signed {
             ensure!(
                 signature == reference_sign(&point, &data),
                 "t{t}: {} signed, and its pair's public point does not verify the signature",
-                String::from_utf8_lossy(&self.made[private].label)
+                self.made[private].name()
             );
         }
         Ok(())
@@ -1899,6 +2125,7 @@ impl Schedule<'_> {
         let fate = Fate::of_making(rv);
         self.made.push(Made {
             label,
+            class: if kind == 0 { CKO_DATA } else { CKO_SECRET_KEY },
             handle,
             token,
             key,
@@ -1942,12 +2169,13 @@ impl Schedule<'_> {
         };
         self.note(format!(
             "t{t} copy {} to {} -> {rv:#x} {handle}",
-            String::from_utf8_lossy(&self.made[source].label),
+            self.made[source].name(),
             String::from_utf8_lossy(&label)
         ));
         let from = &self.made[source];
         let copied = Made {
             label,
+            class: from.class,
             handle,
             token: true,
             key: from.key.clone(),
@@ -2035,6 +2263,7 @@ impl Schedule<'_> {
         }
         self.made.push(Made {
             label,
+            class: CKO_SECRET_KEY,
             handle,
             token,
             key: value,
@@ -2057,8 +2286,15 @@ impl Schedule<'_> {
         let token = self.pair_rng.chance(70);
         let sensitive = self.pair_rng.chance(50);
         let extractable = self.pair_rng.chance(80);
+        let shared = self.faults.shared_names && self.name_rng.chance(50);
         self.serial += 2;
-        let labels = [self.serial - 1, self.serial].map(|n| format!("obj-{n}").into_bytes());
+        let labels = if shared {
+            [self.serial - 1; 2]
+        } else {
+            [self.serial - 1, self.serial]
+        }
+        .map(|n| format!("obj-{n}").into_bytes());
+        let pair_id = format!("pair-{}", self.serial - 1).into_bytes();
         let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
         let flag = |t, on: bool| attribute(t, if on { &yes } else { &no } as *const CK_BBOOL, 1);
         let mut public = vec![
@@ -2076,6 +2312,11 @@ impl Schedule<'_> {
             flag(CKA_SENSITIVE, sensitive),
             flag(CKA_EXTRACTABLE, extractable),
         ];
+        if shared {
+            for template in [&mut public, &mut private] {
+                template.push(attribute(CKA_ID, pair_id.as_ptr(), pair_id.len()));
+            }
+        }
         let mut mechanism = CK_MECHANISM {
             mechanism: CKM_EC_KEY_PAIR_GEN,
             pParameter: ptr::null_mut(),
@@ -2096,10 +2337,11 @@ impl Schedule<'_> {
             )
         };
         self.note(format!(
-            "t{t} generate pair {} {} token={token} sensitive={sensitive} \
+            "t{t} generate pair {} {}{} token={token} sensitive={sensitive} \
              extractable={extractable} -> {rv:#x} {public_key} {private_key}",
             String::from_utf8_lossy(&labels[0]),
-            String::from_utf8_lossy(&labels[1])
+            String::from_utf8_lossy(&labels[1]),
+            if shared { " (one label and ID)" } else { "" }
         ));
         let point = if rv == CKR_OK {
             self.read_attribute(session, public_key, CKA_EC_POINT)
@@ -2127,16 +2369,24 @@ impl Schedule<'_> {
             }
         }
         self.pairs.push((self.made.len(), self.made.len() + 1));
-        for (label, handle) in labels.into_iter().zip([public_key, private_key]) {
+        let halves = labels
+            .into_iter()
+            .zip([(CKO_PUBLIC_KEY, public_key), (CKO_PRIVATE_KEY, private_key)]);
+        for (label, (class, handle)) in halves {
             self.made.push(Made {
                 label,
+                class,
                 handle,
                 token,
                 key: None,
                 value: point.clone(),
                 owner: (!token).then_some(t),
                 fate: Fate::of_making(rv),
-                id: Id::Unset,
+                id: if shared {
+                    Id::Set(pair_id.clone())
+                } else {
+                    Id::Unset
+                },
                 refused_by: None,
             });
         }
@@ -2200,10 +2450,7 @@ impl Schedule<'_> {
         let i = candidates[self.rng.below(candidates.len() as u64) as usize];
         // SAFETY: plain handles.
         let rv = unsafe { self.f.C_DestroyObject.unwrap()(session, self.made[i].handle) };
-        self.note(format!(
-            "t{t} destroy {} -> {rv:#x}",
-            String::from_utf8_lossy(&self.made[i].label)
-        ));
+        self.note(format!("t{t} destroy {} -> {rv:#x}", self.made[i].name()));
         self.made[i].fate = if rv == CKR_OK {
             Fate::Gone
         } else {
@@ -2238,7 +2485,7 @@ impl Schedule<'_> {
         };
         self.note(format!(
             "t{t} set ID of {} to {} -> {rv:#x}",
-            String::from_utf8_lossy(&self.made[i].label),
+            self.made[i].name(),
             String::from_utf8_lossy(&id)
         ));
         self.made[i].id = if rv == CKR_OK {
@@ -2248,15 +2495,22 @@ impl Schedule<'_> {
         };
     }
 
-    /// Searches for every object: the handles found, at most
-    /// [`SEARCHED_AT_MOST`], or the first call's answer other than
-    /// `CKR_OK`.
-    fn search_every_object(
+    /// Searches by `template` (every object where it is empty): the
+    /// handles found, at most [`SEARCHED_AT_MOST`], or the first call's
+    /// answer other than `CKR_OK`.
+    fn search(
         &self,
         session: CK_SESSION_HANDLE,
+        template: &mut [CK_ATTRIBUTE],
     ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
-        // SAFETY: an empty template.
-        let rv = unsafe { self.f.C_FindObjectsInit.unwrap()(session, ptr::null_mut(), 0) };
+        // SAFETY: the template's buffers outlive the call.
+        let rv = unsafe {
+            self.f.C_FindObjectsInit.unwrap()(
+                session,
+                template.as_mut_ptr(),
+                template.len() as CK_ULONG,
+            )
+        };
         if rv != CKR_OK {
             return Err(rv);
         }
@@ -2280,6 +2534,45 @@ impl Schedule<'_> {
         Ok(handles)
     }
 
+    /// Reads an object's `CKA_ID` (at most 64 bytes) through the virtual
+    /// slot.
+    fn read_id(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> Option<Vec<u8>> {
+        let mut id = vec![0u8; 64];
+        let mut query = attribute(CKA_ID, id.as_mut_ptr(), 64);
+        // SAFETY: the buffer holds 64 bytes.
+        let rv = unsafe { self.f.C_GetAttributeValue.unwrap()(session, handle, &mut query, 1) };
+        (rv == CKR_OK).then(|| {
+            id.truncate(query.ulValueLen as usize);
+            id
+        })
+    }
+
+    /// Reads an object's label and class through the virtual slot.
+    fn read_name(
+        &self,
+        session: CK_SESSION_HANDLE,
+        handle: CK_OBJECT_HANDLE,
+    ) -> Result<(Vec<u8>, CK_OBJECT_CLASS), CK_RV> {
+        let mut label = vec![0u8; 64];
+        let mut class: CK_OBJECT_CLASS = 0;
+        let mut query = [
+            attribute(CKA_LABEL, label.as_mut_ptr(), 64),
+            attribute(
+                CKA_CLASS,
+                &mut class as *mut CK_OBJECT_CLASS as *const u8,
+                std::mem::size_of::<CK_OBJECT_CLASS>(),
+            ),
+        ];
+        // SAFETY: the buffers hold 64 bytes and a class.
+        let rv =
+            unsafe { self.f.C_GetAttributeValue.unwrap()(session, handle, query.as_mut_ptr(), 2) };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        label.truncate(query[0].ulValueLen as usize);
+        Ok((label, class))
+    }
+
     /// Lists every object through the virtual slot: the domain key never
     /// shows, nothing the application was told is gone does, nothing
     /// shows twice (one object, two virtual handles) or under another
@@ -2293,77 +2586,262 @@ impl Schedule<'_> {
     /// (a member holding them all may come to serve beside the call).
     /// Session objects die with every member's sessions.
     fn enumerate(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        self.search_and_check(t, session, &Wanted::Every)
+    }
+
+    /// Searches as applications find their keys ([`Faults::templates`]):
+    /// by a label or an ID (half each, where an ID was set), with the
+    /// class or without, the values taken from a token object the
+    /// application made (destroyed ones too).
+    /// Every object shown must read back through the virtual slot with the
+    /// template's values and pass what [`Schedule::enumerate`] asks of
+    /// what it shows; while the application is logged in, every token
+    /// object it was told it made and still holds, known to match, must
+    /// show (as there, unless every serving member lacked objects).
+    fn search_by_template(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let form = self.search_rng.below(4);
+        let by_id = |m: &Made| matches!(m.id, Id::Set(_));
+        let with_id = form >= 2 && self.made.iter().any(|m| m.token && by_id(m));
+        let named: Vec<&Made> = (self.made.iter())
+            .filter(|m| m.token && (!with_id || by_id(m)))
+            .collect();
+        if named.is_empty() {
+            return Ok(());
+        }
+        let m = named[self.search_rng.below(named.len() as u64) as usize];
+        let class = (form % 2 == 1).then_some(m.class);
+        let wanted = match &m.id {
+            Id::Set(id) if with_id => Wanted::Id(id.clone(), class),
+            _ => Wanted::Label(m.label.clone(), class),
+        };
+        self.search_and_check(t, session, &wanted)
+    }
+
+    /// Runs the search of `wanted` and checks what it shows (see
+    /// [`Schedule::enumerate`] and [`Schedule::search_by_template`]): at
+    /// once, or, in half the searches where [`Faults::batches`] are on, a
+    /// few objects a step from here on ([`Schedule::continue_search`]).
+    fn search_and_check(
+        &mut self,
+        t: usize,
+        session: CK_SESSION_HANDLE,
+        wanted: &Wanted,
+    ) -> Outcome {
+        let class_bytes = wanted.class().map(CK_OBJECT_CLASS::to_ne_bytes);
+        let mut template = Vec::new();
+        match wanted {
+            Wanted::Every => {}
+            Wanted::Label(label, _) => {
+                template.push(attribute(CKA_LABEL, label.as_ptr(), label.len()))
+            }
+            Wanted::Id(id, _) => template.push(attribute(CKA_ID, id.as_ptr(), id.len())),
+        }
+        if let Some(class) = &class_bytes {
+            template.push(attribute(CKA_CLASS, class.as_ptr(), class.len()));
+        }
+        let batch = if self.faults.batches && self.search_rng.chance(50) {
+            1 + self.search_rng.below(4) as usize
+        } else {
+            SEARCHED_AT_MOST
+        };
         SEARCHED_LACKING.with(|s| s.set(every_serving_member_lacks()));
         SEARCHING.with(|s| s.set(true));
-        let searched = self.search_every_object(session);
+        let searched = if batch == SEARCHED_AT_MOST {
+            self.search(session, &mut template)
+        } else {
+            // SAFETY: the template's buffers outlive the call.
+            let rv = unsafe {
+                self.f.C_FindObjectsInit.unwrap()(
+                    session,
+                    template.as_mut_ptr(),
+                    template.len() as CK_ULONG,
+                )
+            };
+            if rv == CKR_OK {
+                Ok(Vec::new())
+            } else {
+                Err(rv)
+            }
+        };
         SEARCHING.with(|s| s.set(false));
         let lacking = SEARCHED_LACKING.with(std::cell::Cell::get);
         let answer = match &searched {
             Ok(handles) => format!("0x0 {}", handles.len()),
             Err(rv) => format!("{rv:#x}"),
         };
-        self.note(format!("t{t} enumerate -> {answer}"));
+        let batches = if batch == SEARCHED_AT_MOST {
+            String::new()
+        } else {
+            format!(" in batches of {batch}")
+        };
+        let what = match wanted {
+            Wanted::Every => "enumerate".into(),
+            _ => wanted.describe(),
+        };
+        self.note(format!("t{t} {what}{batches} -> {answer}"));
         let Ok(handles) = searched else {
             return Ok(());
         };
-        let mut seen: Vec<Vec<u8>> = Vec::new();
-        let mut all_read = true;
-        for handle in &handles {
-            let mut label = vec![0u8; 64];
-            let mut query = CK_ATTRIBUTE {
-                type_: CKA_LABEL,
-                pValue: label.as_mut_ptr() as *mut _,
-                ulValueLen: 64,
-            };
-            // SAFETY: the buffer holds 64 bytes.
-            let rv =
-                unsafe { self.f.C_GetAttributeValue.unwrap()(session, *handle, &mut query, 1) };
-            if rv != CKR_OK {
-                all_read = false;
-                continue;
+        let mut search = Searching {
+            wanted: wanted.clone(),
+            batch,
+            seen: Vec::new(),
+            shown: 0,
+            all_read: true,
+            lacking,
+            lacking_starts: LACKING_STARTS.with(std::cell::Cell::get),
+            logged_in: self.logged_in,
+            before: Before {
+                fates: self.made.iter().map(|m| m.fate).collect(),
+                ids: self.made.iter().map(|m| m.id.clone()).collect(),
+            },
+        };
+        if batch == SEARCHED_AT_MOST {
+            self.check_shown(session, &mut search, &handles)?;
+            return self.check_complete(&search);
+        }
+        SEARCHES_UNDER_WAY.with(|n| n.set(n.get() + 1));
+        self.threads[t].searching = Some(Box::new(search));
+        Ok(())
+    }
+
+    /// Fetches the next batch of thread `t`'s search under way and checks
+    /// it; ends the search once a batch comes short.
+    fn continue_search(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let mut search = self.threads[t].searching.take().expect("a search");
+        SEARCHED_LACKING.with(|s| s.set(search.lacking || every_serving_member_lacks()));
+        SEARCHING.with(|s| s.set(true));
+        let mut handles = vec![0; search.batch];
+        let mut found: CK_ULONG = 0;
+        // SAFETY: `handles` holds `batch`.
+        let rv = unsafe {
+            self.f.C_FindObjects.unwrap()(
+                session,
+                handles.as_mut_ptr(),
+                search.batch as CK_ULONG,
+                &mut found,
+            )
+        };
+        SEARCHING.with(|s| s.set(false));
+        search.lacking = SEARCHED_LACKING.with(std::cell::Cell::get)
+            || LACKING_STARTS.with(std::cell::Cell::get) != search.lacking_starts;
+        self.note(format!("t{t} find -> {rv:#x} {found}"));
+        if rv == CKR_OK {
+            handles.truncate(found as usize);
+            self.check_shown(session, &mut search, &handles)?;
+            if handles.len() == search.batch && search.shown < SEARCHED_AT_MOST {
+                self.threads[t].searching = Some(search);
+                return Ok(());
             }
-            label.truncate(query.ulValueLen as usize);
+        }
+        SEARCHES_UNDER_WAY.with(|n| n.set(n.get() - 1));
+        // SAFETY: a plain handle.
+        let rv_final = unsafe { self.f.C_FindObjectsFinal.unwrap()(session) };
+        self.note(format!("t{t} find final -> {rv_final:#x}"));
+        if rv != CKR_OK {
+            return Ok(());
+        }
+        search.lacking |= every_serving_member_lacks();
+        self.check_complete(&search)
+    }
+
+    /// Checks what a search shows: each object read back matches what it
+    /// asked (where the application has not given it another ID since the
+    /// search began), is no domain key, was not destroyed before the
+    /// search began, shows under the handle the application was given,
+    /// and shows once.
+    fn check_shown(
+        &self,
+        session: CK_SESSION_HANDLE,
+        search: &mut Searching,
+        handles: &[CK_OBJECT_HANDLE],
+    ) -> Outcome {
+        search.shown += handles.len();
+        let before = &search.before;
+        for handle in handles {
+            let Ok((label, class)) = self.read_name(session, *handle) else {
+                search.all_read = false;
+                continue;
+            };
             ensure!(
                 label != DOMAIN_LABEL,
                 "the domain key shows through the virtual slot"
             );
-            let made = self.made.iter().rev().find(|m| m.label == label);
-            let fate = made.map(|m| m.fate);
+            let name = named(&label, class);
+            let index = (0..self.made.len())
+                .rev()
+                .find(|i| self.made[*i].label == label && self.made[*i].class == class);
+            let id = match search.wanted {
+                Wanted::Id(..) => Some(self.read_id(session, *handle)),
+                _ => None,
+            };
+            let id_changed = index.is_some_and(|i| before.ids.get(i) != Some(&self.made[i].id));
             ensure!(
-                fate.is_some() && fate != Some(Fate::Gone),
-                "{} shows through the virtual slot, but the application was told it failed or was destroyed",
-                String::from_utf8_lossy(&label)
+                id_changed
+                    || search
+                        .wanted
+                        .is_met_by(&label, class, id.as_ref().map(|id| id.as_deref())),
+                "{name} (CKA_ID {:?}) shows in a {}, which it does not match",
+                id.flatten()
+                    .map(|id| String::from_utf8_lossy(&id).into_owned()),
+                search.wanted.describe()
             );
-            let given = made.map_or(0, |m| m.handle);
+            let gone = index.is_none_or(|i| {
+                self.made[i].fate == Fate::Gone
+                    && before.fates.get(i).is_none_or(|f| *f == Fate::Gone)
+            });
+            ensure!(
+                !gone,
+                "{name} shows through the virtual slot, but the application was told it failed or was destroyed"
+            );
+            let given = index.map_or(0, |i| self.made[i].handle);
             ensure!(
                 given == *handle,
-                "{} shows under virtual handle {handle}, but the application was given {given}",
-                String::from_utf8_lossy(&label)
+                "{name} shows under virtual handle {handle}, but the application was given {given}"
             );
             ensure!(
-                !seen.contains(&label),
-                "{} shows twice in one search (under two virtual handles)",
-                String::from_utf8_lossy(&label)
+                !search.seen.contains(&(label.clone(), class)),
+                "{name} shows twice in one search (under two virtual handles)"
             );
-            seen.push(label);
+            search.seen.push((label, class));
         }
-        if !all_read || handles.len() == SEARCHED_AT_MOST || !self.logged_in {
+        Ok(())
+    }
+
+    /// Checks that a search that ended, while the application was logged
+    /// in throughout, showed every token object it was told it made and
+    /// still holds, known to match, that it held as the search began.
+    fn check_complete(&self, search: &Searching) -> Outcome {
+        if !search.all_read
+            || search.shown >= SEARCHED_AT_MOST
+            || !search.logged_in
+            || !self.logged_in
+        {
             return Ok(());
         }
         // A member returning while none serves serves before it has
         // caught up (design, "no member serving"): a search can do no
         // better while every serving member lacks objects.
-        if lacking || every_serving_member_lacks() {
+        if search.lacking || every_serving_member_lacks() {
             return Ok(());
         }
-        let missing = self
-            .made
-            .iter()
-            .find(|m| m.fate == Fate::Exists && m.token && !seen.contains(&m.label));
+        let before = &search.before;
+        let missing = (0..before.fates.len())
+            .map(|i| &self.made[i])
+            .enumerate()
+            .find(|(i, m)| {
+                m.fate == Fate::Exists
+                    && before.fates[*i] == Fate::Exists
+                    && before.ids[*i] == m.id
+                    && m.token
+                    && search.wanted.surely_matches(m)
+                    && !search.seen.contains(&(m.label.clone(), m.class))
+            });
         ensure!(
             missing.is_none(),
-            "{} was made and not destroyed, but a search of every object did not return it",
-            String::from_utf8_lossy(&missing.map(|m| m.label.clone()).unwrap_or_default())
+            "{} was made and not destroyed, but a {} did not return it",
+            missing.map(|(_, m)| m.name()).unwrap_or_default(),
+            search.wanted.describe()
         );
         Ok(())
     }
@@ -2937,23 +3415,30 @@ impl Schedule<'_> {
                 continue;
             }
             let on_its_way = group.queued_objects(position);
-            let removals: Vec<Vec<u8>> = group
+            // Each removal on its way by its label and class (a print
+            // without its class may remove either half of a pair).
+            let removals: Vec<(Vec<u8>, Option<CK_OBJECT_CLASS>)> = group
                 .deferred_removals(position)
                 .into_iter()
                 .chain(group.undecided_orphans(position))
                 .filter_map(|print| {
-                    print
-                        .into_iter()
-                        .find_map(|(t, v)| (t == CKA_LABEL).then_some(v))
+                    let of = |wanted| print.iter().find_map(|(t, v)| (*t == wanted).then_some(v));
+                    let class = of(CKA_CLASS).and_then(|v| {
+                        Some(CK_OBJECT_CLASS::from_ne_bytes(
+                            v.as_slice().try_into().ok()?,
+                        ))
+                    });
+                    Some((of(CKA_LABEL)?.clone(), class))
                 })
                 .collect();
             let (library, local) = &self.tokens[position];
             let held = library.token_objects(*local);
             for m in self.made.iter().filter(|m| m.token) {
-                let label = hex(&m.label);
-                let copy = held.iter().find(|o| o[1] == label);
+                let copy = held.iter().find(|o| m.is(o));
                 let holds = copy.is_some();
-                let name = String::from_utf8_lossy(&m.label);
+                let removed = (removals.iter())
+                    .any(|(label, class)| *label == m.label && class.is_none_or(|c| c == m.class));
+                let name = m.name();
                 match m.fate {
                     // A member refusing the object serves without it, and
                     // the group must know so (searches go to members that
@@ -2978,7 +3463,7 @@ impl Schedule<'_> {
                         }
                     }
                     Fate::Gone => ensure!(
-                        !holds || removals.contains(&m.label),
+                        !holds || removed,
                         "member {position} serves again holding {name}, which the application \
                          was told is gone, and nothing removes it there"
                     ),
@@ -3218,6 +3703,9 @@ impl Schedule<'_> {
                     self.open_session(t);
                     return Ok(());
                 };
+                if self.threads[t].searching.is_some() {
+                    return self.continue_search(t, session);
+                }
                 if self.threads[t].running.is_some() {
                     return self.continue_running(t, session);
                 }
@@ -3245,6 +3733,9 @@ impl Schedule<'_> {
                         }
                     }
                     70..=84 => self.destroy(t, session),
+                    _ if self.faults.templates && self.search_rng.chance(50) => {
+                        self.search_by_template(t, session)?
+                    }
                     _ => self.enumerate(t, session)?,
                 }
             }
@@ -3359,7 +3850,6 @@ impl Schedule<'_> {
             ensure!(domain == 1, "token {token} holds {domain} domain keys");
         }
         for m in self.made.iter().filter(|m| m.token) {
-            let label = hex(&m.label);
             // A member refusing the object holds none of it (its token
             // cannot); the others are compared among themselves.
             let holders: Vec<&Vec<[String; 4]>> = (on.iter().enumerate())
@@ -3368,9 +3858,9 @@ impl Schedule<'_> {
                 .collect();
             let counts: Vec<usize> = holders
                 .iter()
-                .map(|objects| objects.iter().filter(|o| o[1] == label).count())
+                .map(|objects| objects.iter().filter(|o| m.is(o)).count())
                 .collect();
-            let name = String::from_utf8_lossy(&m.label);
+            let name = m.name();
             match m.fate {
                 Fate::Exists => {
                     ensure!(
@@ -3382,7 +3872,7 @@ impl Schedule<'_> {
                     let expected = m.key.as_ref().or(m.value.as_ref()).map(|v| hex(v));
                     let ids: Vec<&String> = holders
                         .iter()
-                        .map(|objects| &objects.iter().find(|o| o[1] == label).expect("counted")[2])
+                        .map(|objects| &objects.iter().find(|o| m.is(o)).expect("counted")[2])
                         .collect();
                     ensure!(
                         match &m.id {
@@ -3393,7 +3883,7 @@ impl Schedule<'_> {
                         m.id
                     );
                     for (token, objects) in on.iter().enumerate() {
-                        let Some(held) = objects.iter().find(|o| o[1] == label) else {
+                        let Some(held) = objects.iter().find(|o| m.is(o)) else {
                             continue;
                         };
                         if let Some(expected) = &expected {
@@ -3439,12 +3929,12 @@ impl Schedule<'_> {
                 .all(|((library, _), n)| *n <= library.spares.count()),
             "the spares hold {spare:?} sessions, more than one each"
         );
-        let known: Vec<String> = self.made.iter().map(|m| hex(&m.label)).collect();
         for (token, objects) in on.iter().enumerate() {
             for o in objects {
                 ensure!(
-                    o[1] == hex(DOMAIN_LABEL) || known.contains(&o[1]),
-                    "token {token} holds an object the application never made: label {}",
+                    o[1] == hex(DOMAIN_LABEL) || self.made.iter().any(|m| m.is(o)),
+                    "token {token} holds an object the application never made: class {}, label {}",
+                    o[0],
                     o[1]
                 );
             }
@@ -3628,6 +4118,7 @@ fn run_plan(
         faults,
         threads: (0..threads)
             .map(|_| Thread {
+                searching: None,
                 session: None,
                 running: None,
             })
@@ -3686,6 +4177,8 @@ fn run_plan(
         derive_rng: Rng(seed ^ 0xde21_7e00_de21_7e00),
         pair_rng: Rng(seed ^ 0x9a12_5e00_9a12_5e00),
         pair_sign_rng: Rng(seed ^ 0x5169_e500_5169_e500),
+        name_rng: Rng(seed ^ 0x5a4e_d000_5a4e_d000),
+        search_rng: Rng(seed ^ 0x5ea2_c400_5ea2_c400),
     };
     // The header first, as the trace has it: a replay prints the login
     // broken before the first step after it.
@@ -4042,7 +4535,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -4074,7 +4567,18 @@ fn seeded_schedules_keep_every_invariant() {
             "SIM_PAIR_SIGNS=1 "
         } else {
             ""
-        }
+        },
+        if faults.shared_names {
+            "SIM_SHARED_NAMES=1 "
+        } else {
+            ""
+        },
+        if faults.templates {
+            "SIM_TEMPLATES=1 "
+        } else {
+            ""
+        },
+        if faults.batches { "SIM_BATCHES=1 " } else { "" }
     );
 }
 
@@ -4208,6 +4712,7 @@ fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
             ensure!(rv == CKR_OK, "the key was made: {rv:#x}");
             s.made.push(Made {
                 label,
+                class,
                 handle: object,
                 token: true,
                 key: Some(value),
@@ -4578,6 +5083,7 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
             }
             s.made.push(Made {
                 label: label.clone(),
+                class: CKO_DATA,
                 handle: 0,
                 token: true,
                 key: None,
@@ -4735,6 +5241,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                 ));
                 s.made.push(Made {
                     label: label.clone(),
+                    class,
                     handle,
                     token: true,
                     key: None,
@@ -5552,7 +6059,16 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   a key whose handle the member's lost login had made invalid stayed
 ///   in doubt there for good: the look-up again counted as a fault,
 ///   though the member answered and served on (`attempt_making`).
-const REGRESSION_SEEDS: [(u64, Faults); 169] = [
+/// - 1589, 1665 (searches fetched across steps, from 0): a member lost
+///   its login behind the group, a search began there as a public
+///   session's, and another call logged the member in again before the
+///   search's last batch: the session read logged in, and the search
+///   ended without the member's private objects. A search that ends
+///   missing objects starts again from its member if a member was logged
+///   in again since it started (`VirtualSession::search_outlived_a_login`);
+///   422 failed with that count not noted again as a search starts again
+///   on a member (`restart`).
+const REGRESSION_SEEDS: [(u64, Faults); 172] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -5722,6 +6238,9 @@ const REGRESSION_SEEDS: [(u64, Faults); 169] = [
     (727033, Faults::LOST_LOGINS),
     (542635, Faults::LOST_LOGINS),
     (1208915, Faults::RECONNECTS_ALL),
+    (1589, Faults::BATCHES),
+    (1665, Faults::BATCHES),
+    (422, Faults::BATCHES),
 ];
 
 #[test]
