@@ -264,6 +264,16 @@ struct Faults {
     /// default sets since session 41 (`SIM_BATCHES=1` adds it to the
     /// others).
     batches: bool,
+    /// The application reads how its keys are protected through the
+    /// virtual slot, after 1 in 6 of its crypto steps (drawn apart): a key
+    /// reads sensitive and extractable as made, `CKA_ALWAYS_SENSITIVE`
+    /// and `CKA_NEVER_EXTRACTABLE` never claim what it never was, and a
+    /// sensitive or non-extractable key's value is refused; after
+    /// settling, every member's copy is as sensitive as made, and a
+    /// non-extractable key's copies extractable only under trusted keys
+    /// ([`Schedule::read_protection`]). On in the default sets since
+    /// session 41 (`SIM_PROTECTIONS=1` adds it to the others).
+    protections: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -308,9 +318,15 @@ impl Faults {
     /// application copies objects and derives keys too, and members'
     /// logins break, while it is logged in or out, and tokens log the
     /// group out behind its back.
-    const DEFAULT: Faults = Faults::BATCHES;
+    const DEFAULT: Faults = Faults::PROTECTIONS;
+    /// [`Faults::BATCHES`] with keys' protection read
+    /// ([`Faults::protections`]): the default sets since session 41.
+    const PROTECTIONS: Faults = Faults {
+        protections: true,
+        ..Faults::BATCHES
+    };
     /// [`Faults::TEMPLATES`] with searches fetched a few objects a step
-    /// ([`Faults::batches`]): the default sets since session 41.
+    /// ([`Faults::batches`]).
     const BATCHES: Faults = Faults {
         batches: true,
         ..Faults::TEMPLATES
@@ -403,6 +419,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -487,6 +504,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -516,6 +534,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
     /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
@@ -559,6 +578,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -588,6 +608,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -617,6 +638,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -646,6 +668,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -699,6 +722,15 @@ impl Faults {
             |f| Faults {
                 pairs: true,
                 shared_names: true,
+                ..f
+            },
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_PROTECTIONS",
+            "keys' protection read in any set",
+            |f| Faults {
+                protections: true,
                 ..f
             },
         );
@@ -763,6 +795,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -791,6 +824,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -819,6 +853,7 @@ impl Faults {
         shared_names: false,
         templates: false,
         batches: false,
+        protections: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1336,6 +1371,9 @@ struct Made {
     /// as `pkcs11-tool` makes them share their label
     /// ([`Faults::shared_names`]).
     class: CK_OBJECT_CLASS,
+    /// A secret or private key's `CKA_SENSITIVE` and `CKA_EXTRACTABLE` as
+    /// made ([`Faults::protections`]); `None` for other objects.
+    flags: Option<(bool, bool)>,
     handle: CK_OBJECT_HANDLE,
     token: bool,
     /// The key value (None: a data object, or a key whose value is unknown).
@@ -1581,6 +1619,9 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, the searches by template and what
     /// they ask for ([`Faults::templates`]).
     search_rng: Rng,
+    /// Chooses, apart from the others, when and which key's protection
+    /// the application reads ([`Faults::protections`]).
+    guard_rng: Rng,
 }
 
 impl Schedule<'_> {
@@ -2126,6 +2167,11 @@ impl Schedule<'_> {
         self.made.push(Made {
             label,
             class: if kind == 0 { CKO_DATA } else { CKO_SECRET_KEY },
+            flags: match kind {
+                0 => None,
+                1 => Some((*sensitive == yes, *extractable == yes)),
+                _ => Some((false, true)),
+            },
             handle,
             token,
             key,
@@ -2176,6 +2222,7 @@ impl Schedule<'_> {
         let copied = Made {
             label,
             class: from.class,
+            flags: from.flags,
             handle,
             token: true,
             key: from.key.clone(),
@@ -2264,6 +2311,7 @@ impl Schedule<'_> {
         self.made.push(Made {
             label,
             class: CKO_SECRET_KEY,
+            flags: Some((false, true)),
             handle,
             token,
             key: value,
@@ -2376,6 +2424,7 @@ impl Schedule<'_> {
             self.made.push(Made {
                 label,
                 class,
+                flags: (class == CKO_PRIVATE_KEY).then_some((sensitive, extractable)),
                 handle,
                 token,
                 key: None,
@@ -2429,6 +2478,90 @@ impl Schedule<'_> {
         // SAFETY: the buffer holds 32 bytes.
         let rv = unsafe { self.f.C_GetAttributeValue.unwrap()(session, handle, &mut query, 1) };
         (rv == CKR_OK && query.ulValueLen == 32).then_some(value)
+    }
+
+    /// Reads, through the virtual slot, how one of the keys that exist is
+    /// protected ([`Faults::protections`]): `CKA_SENSITIVE` and
+    /// `CKA_EXTRACTABLE` as made, `CKA_ALWAYS_SENSITIVE` false for a key
+    /// made not sensitive and `CKA_NEVER_EXTRACTABLE` false for one made
+    /// extractable (PKCS#11 3.0, 4.9), and the value of a sensitive or
+    /// non-extractable key refused with `CKR_ATTRIBUTE_SENSITIVE` and its
+    /// length unavailable -- the value written nowhere -- whichever member
+    /// answers; a readable one must read as made where its value is known.
+    fn read_protection(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let keys: Vec<usize> = (0..self.made.len())
+            .filter(|i| {
+                let m = &self.made[*i];
+                m.flags.is_some() && m.fate == Fate::Exists && (m.token || m.owner.is_some())
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let i = keys[self.guard_rng.below(keys.len() as u64) as usize];
+        let (handle, name, key) = (
+            self.made[i].handle,
+            self.made[i].name(),
+            self.made[i].key.clone(),
+        );
+        let (sensitive, extractable) = self.made[i].flags.expect("a key");
+        let mut read = [CK_FALSE; 4];
+        let types = [
+            CKA_SENSITIVE,
+            CKA_EXTRACTABLE,
+            CKA_ALWAYS_SENSITIVE,
+            CKA_NEVER_EXTRACTABLE,
+        ];
+        let mut query: Vec<CK_ATTRIBUTE> = (types.iter().zip(read.iter_mut()))
+            .map(|(t, v)| attribute(*t, v as *mut CK_BBOOL as *const u8, 1))
+            .collect();
+        // SAFETY: each buffer holds one CK_BBOOL.
+        let rv =
+            unsafe { self.f.C_GetAttributeValue.unwrap()(session, handle, query.as_mut_ptr(), 4) };
+        let mut value = vec![0u8; 64];
+        let mut value_query = attribute(CKA_VALUE, value.as_mut_ptr(), value.len());
+        // SAFETY: the buffer holds 64 bytes.
+        let rv_value =
+            unsafe { self.f.C_GetAttributeValue.unwrap()(session, handle, &mut value_query, 1) };
+        self.note(format!(
+            "t{t} read protection of {name} -> {rv:#x} {read:?}, value {rv_value:#x}"
+        ));
+        if rv == CKR_OK {
+            let [read_sensitive, read_extractable, always, never] = read.map(|b| b == CK_TRUE);
+            ensure!(
+                read_sensitive == sensitive && read_extractable == extractable,
+                "{name} was made sensitive {sensitive}, extractable {extractable}, and reads \
+                 sensitive {read_sensitive}, extractable {read_extractable}"
+            );
+            ensure!(
+                (sensitive || !always) && (!extractable || !never),
+                "{name}, made sensitive {sensitive} and extractable {extractable}, claims \
+                 CKA_ALWAYS_SENSITIVE {always}, CKA_NEVER_EXTRACTABLE {never}"
+            );
+        }
+        if sensitive || !extractable {
+            ensure!(
+                rv_value != CKR_OK,
+                "{name}, made sensitive {sensitive} and extractable {extractable}, gives its value"
+            );
+            ensure!(
+                rv_value != CKR_ATTRIBUTE_SENSITIVE
+                    || value_query.ulValueLen == CK_UNAVAILABLE_INFORMATION,
+                "{name}'s value is refused as sensitive with a length ({})",
+                value_query.ulValueLen
+            );
+            ensure!(
+                key.is_none_or(|k| !value.windows(k.len()).any(|w| w == k.as_slice())),
+                "{name}'s value is refused, and written to the application's buffer"
+            );
+        } else if let (CKR_OK, Some(key)) = (rv_value, &key) {
+            value.truncate(value_query.ulValueLen as usize);
+            ensure!(
+                value == *key,
+                "{name} reads back with another value than it was made with"
+            );
+        }
+        Ok(())
     }
 
     fn destroy(&mut self, t: usize, session: CK_SESSION_HANDLE) {
@@ -2615,6 +2748,46 @@ impl Schedule<'_> {
             _ => Wanted::Label(m.label.clone(), class),
         };
         self.search_and_check(t, session, &wanted)
+    }
+
+    /// After settling ([`Faults::protections`]): every member's copy of a
+    /// token key that exists is as sensitive as made, and a key made
+    /// non-extractable is non-extractable there or extractable only under
+    /// trusted keys (`CKA_WRAP_WITH_TRUSTED`, as the group keeps it to
+    /// replicate it); one made extractable is extractable there, and not
+    /// only under trusted keys (the group would read it as protected).
+    fn check_copies_protected(&self) -> Outcome {
+        for (token, (library, local)) in self.tokens.iter().enumerate() {
+            let held = library.token_key_flags(*local);
+            for m in self
+                .made
+                .iter()
+                .filter(|m| m.token && m.fate == Fate::Exists)
+            {
+                let Some((sensitive, extractable)) = m.flags else {
+                    continue;
+                };
+                let (label, class) = (hex(&m.label), hex(&m.class.to_ne_bytes()));
+                let copies = held.iter().filter(|(c, l, _)| *c == class && *l == label);
+                for (_, _, [held_sensitive, held_extractable, trusted_only]) in copies {
+                    let name = m.name();
+                    ensure!(
+                        *held_sensitive == sensitive,
+                        "{name}, made sensitive {sensitive}, is sensitive {held_sensitive} on token {token}"
+                    );
+                    ensure!(
+                        if extractable {
+                            *held_extractable && !trusted_only
+                        } else {
+                            !held_extractable || *trusted_only
+                        },
+                        "{name}, made extractable {extractable}, is extractable \
+                         {held_extractable} (under trusted keys only: {trusted_only}) on token {token}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the search of `wanted` and checks what it shows (see
@@ -3711,7 +3884,12 @@ impl Schedule<'_> {
                 }
                 match self.rng.below(100) {
                     0..=4 => self.close_session(t),
-                    5..=39 => self.crypto_step(t, session)?,
+                    5..=39 => {
+                        self.crypto_step(t, session)?;
+                        if self.faults.protections && self.guard_rng.chance(16) {
+                            self.read_protection(t, session)?;
+                        }
+                    }
                     40..=69 => {
                         let token = self.rng.chance(70);
                         let kind = self.rng.below(3);
@@ -3848,6 +4026,9 @@ impl Schedule<'_> {
         for (token, objects) in on.iter().enumerate() {
             let domain = objects.iter().filter(|o| o[1] == hex(DOMAIN_LABEL)).count();
             ensure!(domain == 1, "token {token} holds {domain} domain keys");
+        }
+        if self.faults.protections {
+            self.check_copies_protected()?;
         }
         for m in self.made.iter().filter(|m| m.token) {
             // A member refusing the object holds none of it (its token
@@ -4179,6 +4360,7 @@ fn run_plan(
         pair_sign_rng: Rng(seed ^ 0x5169_e500_5169_e500),
         name_rng: Rng(seed ^ 0x5a4e_d000_5a4e_d000),
         search_rng: Rng(seed ^ 0x5ea2_c400_5ea2_c400),
+        guard_rng: Rng(seed ^ 0x6a2d_0000_6a2d_0000),
     };
     // The header first, as the trace has it: a replay prints the login
     // broken before the first step after it.
@@ -4535,7 +4717,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -4578,7 +4760,12 @@ fn seeded_schedules_keep_every_invariant() {
         } else {
             ""
         },
-        if faults.batches { "SIM_BATCHES=1 " } else { "" }
+        if faults.batches { "SIM_BATCHES=1 " } else { "" },
+        if faults.protections {
+            "SIM_PROTECTIONS=1 "
+        } else {
+            ""
+        }
     );
 }
 
@@ -4713,6 +4900,7 @@ fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
             s.made.push(Made {
                 label,
                 class,
+                flags: None,
                 handle: object,
                 token: true,
                 key: Some(value),
@@ -5084,6 +5272,7 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
             s.made.push(Made {
                 label: label.clone(),
                 class: CKO_DATA,
+                flags: None,
                 handle: 0,
                 token: true,
                 key: None,
@@ -5242,6 +5431,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                 s.made.push(Made {
                     label: label.clone(),
                     class,
+                    flags: None,
                     handle,
                     token: true,
                     key: None,

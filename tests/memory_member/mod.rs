@@ -264,6 +264,23 @@ impl SimMember {
             .collect()
     }
 
+    /// The protection of each key on token `token`: its class, label,
+    /// `CKA_SENSITIVE`, `CKA_EXTRACTABLE` and `CKA_WRAP_WITH_TRUSTED`, the
+    /// first two hex-encoded as in [`SimMember::token_objects`].
+    pub fn token_key_flags(&self, token: usize) -> Vec<(String, String, [bool; 3])> {
+        let sim = self.sim.lock();
+        sim.tokens[token]
+            .token_objects()
+            .map(|o| {
+                let [class, label] = [CKA_CLASS, CKA_LABEL]
+                    .map(|t| o.attributes.get(&t).map_or("-".to_string(), |v| hex(v)));
+                let flags =
+                    [CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED].map(|t| o.flag(t));
+                (class, label, flags)
+            })
+            .collect()
+    }
+
     /// Sessions open on token `token`.
     pub fn sessions(&self, token: usize) -> usize {
         let sim = self.sim.lock();
