@@ -1655,6 +1655,37 @@ fn a_search_on_members_that_lost_their_login_finds_the_private_objects() {
     }
 }
 
+/// A search started while its member had lost its login is answered as a
+/// public session's, its matches fixed as it starts; another session's
+/// call then meets the lost login and the group logs the member in again,
+/// after which the search's session reads logged in. Fetched one object
+/// at a time, as `pkcs11-tool` fetches, the search must still return the
+/// private key (simulation seeds 1589, 1665).
+#[test]
+fn a_search_begun_before_its_member_was_logged_in_again_finds_the_private_objects() {
+    let ha = Ha::new(1);
+    let s = ha.session();
+    let other = ha.session();
+    let (public, private) = ec_pair(&s, "kept", true, false);
+    let by_id = [Attribute::Id(b"kept".to_vec())];
+    let _members = log_every_member_out(&ha);
+    let one = std::num::NonZeroUsize::new(1).expect("one");
+    let search = s
+        .iter_objects_with_cache_size(&by_id, one)
+        .expect("C_FindObjectsInit after the logout");
+    let logins = ha.counts("C_Login");
+    aes_key(&other, "made-meanwhile", true, false);
+    assert!(
+        grown(&logins, &ha.counts("C_Login"))[0] >= 1,
+        "making a private key logged the member in again"
+    );
+    let mut found: Vec<ObjectHandle> = search.map(|h| h.expect("C_FindObjects")).collect();
+    found.sort_by_key(|h| h.handle());
+    let mut pair = vec![public, private];
+    pair.sort_by_key(|h| h.handle());
+    assert_eq!(found, pair, "the pair, found one object at a time");
+}
+
 /// The same loss of login on a member that cannot be logged in again (its
 /// `C_Login` answers `CKR_GENERAL_ERROR` however often it is asked): the
 /// application, logged in, never hears that a member is not -- the member
