@@ -274,6 +274,12 @@ struct Faults {
     /// ([`Schedule::read_protection`]). On in the default sets since
     /// session 41 (`SIM_PROTECTIONS=1` adds it to the others).
     protections: bool,
+    /// The application logs out (`C_Logout`) in 3 in 100 of its steps
+    /// while logged in (drawn apart), its sessions left open, and logs in
+    /// again as its next session opens: the group's login comes and goes
+    /// under faults, recovery and operations under way. On in the default
+    /// sets since session 41 (`SIM_LOGOUTS=1` adds it to the others).
+    logouts: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -318,9 +324,15 @@ impl Faults {
     /// application copies objects and derives keys too, and members'
     /// logins break, while it is logged in or out, and tokens log the
     /// group out behind its back.
-    const DEFAULT: Faults = Faults::PROTECTIONS;
+    const DEFAULT: Faults = Faults::LOGOUTS;
+    /// [`Faults::PROTECTIONS`] with the application logging out
+    /// ([`Faults::logouts`]): the default sets since session 41.
+    const LOGOUTS: Faults = Faults {
+        logouts: true,
+        ..Faults::PROTECTIONS
+    };
     /// [`Faults::BATCHES`] with keys' protection read
-    /// ([`Faults::protections`]): the default sets since session 41.
+    /// ([`Faults::protections`]).
     const PROTECTIONS: Faults = Faults {
         protections: true,
         ..Faults::BATCHES
@@ -420,6 +432,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -505,6 +518,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -535,6 +549,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
     /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
@@ -579,6 +594,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -609,6 +625,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -639,6 +656,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -669,6 +687,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -725,6 +744,10 @@ impl Faults {
                 ..f
             },
         );
+        let chosen = switched(chosen, "SIM_LOGOUTS", "logouts in any set", |f| Faults {
+            logouts: true,
+            ..f
+        });
         let chosen = switched(
             chosen,
             "SIM_PROTECTIONS",
@@ -796,6 +819,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -825,6 +849,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -854,6 +879,7 @@ impl Faults {
         templates: false,
         batches: false,
         protections: false,
+        logouts: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1496,6 +1522,8 @@ struct Searching {
     /// [`LACKING_STARTS`] as it began.
     lacking_starts: u64,
     logged_in: bool,
+    /// [`Schedule::logouts`] as it began.
+    logouts: u64,
     /// What the application was told of its objects as the search began.
     before: Before,
 }
@@ -1622,6 +1650,11 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, when and which key's protection
     /// the application reads ([`Faults::protections`]).
     guard_rng: Rng,
+    /// Chooses, apart from the others, when the application logs out
+    /// ([`Faults::logouts`]).
+    logout_rng: Rng,
+    /// How many times the application logged out.
+    logouts: u64,
 }
 
 impl Schedule<'_> {
@@ -1695,6 +1728,18 @@ impl Schedule<'_> {
         }
         if self.threads.iter().all(|t| t.session.is_none()) {
             self.logged_in = false;
+        }
+    }
+
+    /// Logs the application out on thread `t`'s session; its sessions
+    /// stay open ([`Faults::logouts`]).
+    fn log_out(&mut self, t: usize, session: CK_SESSION_HANDLE) {
+        // SAFETY: a plain handle.
+        let rv = unsafe { self.f.C_Logout.unwrap()(session) };
+        self.note(format!("t{t} logout -> {rv:#x}"));
+        if rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN {
+            self.logged_in = false;
+            self.logouts += 1;
         }
     }
 
@@ -2864,6 +2909,7 @@ impl Schedule<'_> {
             lacking,
             lacking_starts: LACKING_STARTS.with(std::cell::Cell::get),
             logged_in: self.logged_in,
+            logouts: self.logouts,
             before: Before {
                 fates: self.made.iter().map(|m| m.fate).collect(),
                 ids: self.made.iter().map(|m| m.id.clone()).collect(),
@@ -2982,13 +3028,14 @@ impl Schedule<'_> {
     }
 
     /// Checks that a search that ended, while the application was logged
-    /// in throughout, showed every token object it was told it made and
+    /// in throughout (no logout between), showed every token object it was told it made and
     /// still holds, known to match, that it held as the search began.
     fn check_complete(&self, search: &Searching) -> Outcome {
         if !search.all_read
             || search.shown >= SEARCHED_AT_MOST
             || !search.logged_in
             || !self.logged_in
+            || search.logouts != self.logouts
         {
             return Ok(());
         }
@@ -3911,6 +3958,9 @@ impl Schedule<'_> {
                         }
                     }
                     70..=84 => self.destroy(t, session),
+                    _ if self.faults.logouts && self.logged_in && self.logout_rng.chance(20) => {
+                        self.log_out(t, session)
+                    }
                     _ if self.faults.templates && self.search_rng.chance(50) => {
                         self.search_by_template(t, session)?
                     }
@@ -4361,6 +4411,8 @@ fn run_plan(
         name_rng: Rng(seed ^ 0x5a4e_d000_5a4e_d000),
         search_rng: Rng(seed ^ 0x5ea2_c400_5ea2_c400),
         guard_rng: Rng(seed ^ 0x6a2d_0000_6a2d_0000),
+        logout_rng: Rng(seed ^ 0x1060_0700_1060_0700),
+        logouts: 0,
     };
     // The header first, as the trace has it: a replay prints the login
     // broken before the first step after it.
@@ -4717,7 +4769,7 @@ fn seeded_schedules_keep_every_invariant() {
     );
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
@@ -4765,7 +4817,8 @@ fn seeded_schedules_keep_every_invariant() {
             "SIM_PROTECTIONS=1 "
         } else {
             ""
-        }
+        },
+        if faults.logouts { "SIM_LOGOUTS=1 " } else { "" }
     );
 }
 
