@@ -6310,8 +6310,10 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   missing objects starts again from its member if a member was logged
 ///   in again since it started (`VirtualSession::search_outlived_a_login`);
 ///   422 failed with that count not noted again as a search starts again
-///   on a member (`restart`).
-const REGRESSION_SEEDS: [(u64, Faults); 172] = [
+///   on a member (`restart`); 22419 (from 20,000) with the search started
+///   again at once on a member that had lost its login once more since:
+///   the member's state is asked all the same.
+const REGRESSION_SEEDS: [(u64, Faults); 173] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -6484,6 +6486,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 172] = [
     (1589, Faults::BATCHES),
     (1665, Faults::BATCHES),
     (422, Faults::BATCHES),
+    (22419, Faults::BATCHES),
 ];
 
 #[test]

@@ -408,11 +408,10 @@ impl VirtualSession {
         }
         // Logged in again since the search started (another call met the
         // lost login): the member answered it as a public session, and its
-        // state no longer says so.
-        if self.search_outlived_a_login() {
-            self.restart_search_from(position);
-            return true;
-        }
+        // state no longer says so. Its state is asked all the same: it may
+        // have lost the login once more, and the search must not start
+        // again as a public session's (simulation seed 22419).
+        let outlived_a_login = self.search_outlived_a_login();
         // The spare a search ran on logs in apart from the member's own
         // instance; either may have lost it.
         let lane_lost = self.lane_lost_login(position);
@@ -423,7 +422,7 @@ impl VirtualSession {
                 CKR_OK
             }
         });
-        if !lane_lost && matches!(answer, Attempt::Answered(_)) {
+        if !outlived_a_login && !lane_lost && matches!(answer, Attempt::Answered(_)) {
             return false;
         }
         self.restart_search_from(position);
