@@ -4851,13 +4851,13 @@ fn a_schedule_replays_exactly() {
 /// step traces -- every call and its answer, fault, recovery round and
 /// member state with the time -- are the same, so a failing seed among
 /// them would replay exactly. Seeds of the default schedules, chosen as
-/// those with the most lanes lent among the first 600 (again as the key
-/// pairs' signatures joined them).
+/// those with the most lanes lent among the first 600 (again as logouts
+/// joined them, session 41).
 #[test]
 fn a_spared_seed_replays_exactly() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let setup = setup();
-    for seed in [152, 422, 429] {
+    for seed in [59, 429, 298] {
         let [first, again] = [(); 2]
             .map(|_| run_forked_plan(seed, None, Faults::DEFAULT, setup.f, &setup.configs[0]));
         assert!(
@@ -4893,6 +4893,14 @@ fn a_spared_seed_replays_exactly() {
             .env_remove("SIM_COPIES")
             .env_remove("SIM_BROKEN_LOGINS")
             .env_remove("SIM_LOST_LOGINS")
+            .env_remove("SIM_DERIVES")
+            .env_remove("SIM_PAIRS")
+            .env_remove("SIM_PAIR_SIGNS")
+            .env_remove("SIM_SHARED_NAMES")
+            .env_remove("SIM_TEMPLATES")
+            .env_remove("SIM_BATCHES")
+            .env_remove("SIM_PROTECTIONS")
+            .env_remove("SIM_LOGOUTS")
             .output()
             .expect("the replay runs");
         assert!(replay.status.success(), "seed {seed}'s replay failed");
