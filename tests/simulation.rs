@@ -2284,17 +2284,24 @@ impl Schedule<'_> {
         self.made.push(copied);
     }
 
+    /// The objects `wanted` that exist and that a session of the
+    /// application can use (token objects, and session objects whose
+    /// session is open), by index in `made`.
+    fn usable(&self, wanted: impl Fn(&Made) -> bool) -> Vec<usize> {
+        (0..self.made.len())
+            .filter(|i| {
+                let m = &self.made[*i];
+                m.fate == Fate::Exists && (m.token || m.owner.is_some()) && wanted(m)
+            })
+            .collect()
+    }
+
     /// Derives a key from one of the keys that exist
     /// (`CKM_SHA256_KEY_DERIVATION`, [`Faults::derives`]), on the token or
     /// in the session as drawn; one reported made must read back with the
     /// value its base gives.
     fn derive_key(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
-        let bases: Vec<usize> = (0..self.made.len())
-            .filter(|i| {
-                let m = &self.made[*i];
-                m.key.is_some() && m.fate == Fate::Exists && (m.token || m.owner.is_some())
-            })
-            .collect();
+        let bases = self.usable(|m| m.key.is_some());
         if bases.is_empty() {
             return Ok(());
         }
@@ -2534,12 +2541,7 @@ impl Schedule<'_> {
     /// length unavailable -- the value written nowhere -- whichever member
     /// answers; a readable one must read as made where its value is known.
     fn read_protection(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
-        let keys: Vec<usize> = (0..self.made.len())
-            .filter(|i| {
-                let m = &self.made[*i];
-                m.flags.is_some() && m.fate == Fate::Exists && (m.token || m.owner.is_some())
-            })
-            .collect();
+        let keys = self.usable(|m| m.flags.is_some());
         if keys.is_empty() {
             return Ok(());
         }
@@ -4767,58 +4769,40 @@ fn seeded_schedules_keep_every_invariant() {
         started.elapsed().as_secs_f64(),
         failed.len()
     );
+    let reconnects = match faults.reconnects {
+        100 => "SIM_RECONNECTS=1 ",
+        0 => "SIM_RECONNECTS=0 ",
+        _ => "",
+    };
+    let switches = [
+        (faults.spares > 0, "SIM_SPARES"),
+        (faults.refused_creates > 0, "SIM_REFUSED_CREATES"),
+        (faults.copies, "SIM_COPIES"),
+        (
+            faults.broken_logins == BrokenLogins::Any,
+            "SIM_BROKEN_LOGINS",
+        ),
+        (faults.lost_logins, "SIM_LOST_LOGINS"),
+        (faults.derives, "SIM_DERIVES"),
+        (faults.pairs, "SIM_PAIRS"),
+        (faults.pair_signs, "SIM_PAIR_SIGNS"),
+        (faults.shared_names, "SIM_SHARED_NAMES"),
+        (faults.templates, "SIM_TEMPLATES"),
+        (faults.batches, "SIM_BATCHES"),
+        (faults.protections, "SIM_PROTECTIONS"),
+        (faults.logouts, "SIM_LOGOUTS"),
+    ];
+    let switched_on: String = (switches.iter())
+        .filter(|(on, _)| *on)
+        .map(|(_, var)| format!("{var}=1 "))
+        .collect();
     assert!(
         failed.is_empty(),
-        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with {}{}{}{}{}{}{}{}{}{}{}{}{}{}SIM_SEED=N cargo test --test simulation",
+        "{} of {} schedules failed (first trace above); failing seeds: {:?}; replay one with \
+         {reconnects}{switched_on}SIM_SEED=N cargo test --test simulation",
         failed.len(),
         seeds.len(),
         &failed[..failed.len().min(30)],
-        match faults.reconnects {
-            100 => "SIM_RECONNECTS=1 ",
-            0 => "SIM_RECONNECTS=0 ",
-            _ => "",
-        },
-        if faults.spares > 0 { "SIM_SPARES=1 " } else { "" },
-        if faults.refused_creates > 0 {
-            "SIM_REFUSED_CREATES=1 "
-        } else {
-            ""
-        },
-        if faults.copies { "SIM_COPIES=1 " } else { "" },
-        if faults.broken_logins == BrokenLogins::Any {
-            "SIM_BROKEN_LOGINS=1 "
-        } else {
-            ""
-        },
-        if faults.lost_logins {
-            "SIM_LOST_LOGINS=1 "
-        } else {
-            ""
-        },
-        if faults.derives { "SIM_DERIVES=1 " } else { "" },
-        if faults.pairs { "SIM_PAIRS=1 " } else { "" },
-        if faults.pair_signs {
-            "SIM_PAIR_SIGNS=1 "
-        } else {
-            ""
-        },
-        if faults.shared_names {
-            "SIM_SHARED_NAMES=1 "
-        } else {
-            ""
-        },
-        if faults.templates {
-            "SIM_TEMPLATES=1 "
-        } else {
-            ""
-        },
-        if faults.batches { "SIM_BATCHES=1 " } else { "" },
-        if faults.protections {
-            "SIM_PROTECTIONS=1 "
-        } else {
-            ""
-        },
-        if faults.logouts { "SIM_LOGOUTS=1 " } else { "" }
     );
 }
 
