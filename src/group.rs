@@ -3303,11 +3303,13 @@ impl Group {
     /// begun there before was answered as for a public session -- its
     /// matches are fixed when it starts, and its session's state now says
     /// nothing of them -- so each search notes [`Group::logins_again`] as
-    /// it starts and, missing objects, starts again if it moved.
+    /// it starts and, ending short of objects, starts again if the count
+    /// moved since.
     pub fn note_login_again(&self) {
         self.logins_again.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// How many times [`Group::note_login_again`] was called.
     pub fn logins_again(&self) -> u64 {
         self.logins_again.load(Ordering::Relaxed)
     }
