@@ -1459,15 +1459,14 @@ impl Wanted {
     }
 
     /// Whether an object shown, read back as `label`, `class` and (for a
-    /// search by ID) `id` -- `Some(None)` where it could not be read --
-    /// matches.
-    fn is_met_by(&self, label: &[u8], class: CK_OBJECT_CLASS, id: Option<Option<&[u8]>>) -> bool {
+    /// search by ID) `id`, matches.
+    fn is_met_by(&self, label: &[u8], class: CK_OBJECT_CLASS, id: Option<&[u8]>) -> bool {
         let class_met = self.class().is_none_or(|c| c == class);
         class_met
             && match self {
                 Wanted::Every => true,
                 Wanted::Label(wanted, _) => wanted == label,
-                Wanted::Id(wanted, _) => id.flatten() == Some(wanted.as_slice()),
+                Wanted::Id(wanted, _) => id == Some(wanted.as_slice()),
             }
     }
 
@@ -2992,19 +2991,17 @@ impl Schedule<'_> {
             let index = (0..self.made.len())
                 .rev()
                 .find(|i| self.made[*i].label == label && self.made[*i].class == class);
-            let id = match search.wanted {
-                Wanted::Id(..) => Some(self.read_id(session, *handle)),
-                _ => None,
-            };
+            let by_id = matches!(search.wanted, Wanted::Id(..));
+            let id = by_id.then(|| self.read_id(session, *handle)).flatten();
+            // An ID not read (its member failed meanwhile) is not known to
+            // differ.
+            let id_unread = by_id && id.is_none();
+            search.all_read &= !id_unread;
             let id_changed = index.is_some_and(|i| before.ids.get(i) != Some(&self.made[i].id));
             ensure!(
-                id_changed
-                    || search
-                        .wanted
-                        .is_met_by(&label, class, id.as_ref().map(|id| id.as_deref())),
+                id_unread || id_changed || search.wanted.is_met_by(&label, class, id.as_deref()),
                 "{name} (CKA_ID {:?}) shows in a {}, which it does not match",
-                id.flatten()
-                    .map(|id| String::from_utf8_lossy(&id).into_owned()),
+                id.map(|id| String::from_utf8_lossy(&id).into_owned()),
                 search.wanted.describe()
             );
             let gone = index.is_none_or(|i| {
