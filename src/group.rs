@@ -3299,6 +3299,11 @@ impl Group {
         self.login.lock().is_some()
     }
 
+    /// Whom the group is logged in as, without copying the PIN.
+    pub fn logged_in_as(&self) -> Option<CK_USER_TYPE> {
+        self.login.lock().as_ref().map(|l| l.user_type)
+    }
+
     /// A call logged a member in again after it lost its login. A search
     /// begun there before was answered as for a public session -- its
     /// matches are fixed when it starts, and its session's state now says

@@ -459,7 +459,7 @@ impl Pass {
             worker: VirtualSession::internal(Arc::clone(group)),
             _one_process_at_a_time: lock,
             started: std::time::Instant::now(),
-            logged_in: group.cached_login().is_some(),
+            logged_in: group.holds_login(),
             eras: (0..members).map(|m| group.objects.era(m)).collect(),
             epochs: vec![0; members],
             next: 0,
@@ -530,7 +530,7 @@ impl Pass {
     fn finish(self, state: &StateDir) -> Result<Option<Summary>, String> {
         let (group, shared, worker) = (&self.group, &*self.shared, &self.worker);
         let held = &self.held;
-        if held.len() < 2 || group.cached_login().is_some() != self.logged_in {
+        if held.len() < 2 || group.holds_login() != self.logged_in {
             return Ok(None);
         }
         let deletions = state

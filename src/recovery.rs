@@ -1777,7 +1777,7 @@ impl Known {
             && !self.read_late
             && !self.serves_first
             && waiting > QUEUED_FOR_COUNTING
-            && group.cached_login().is_some()
+            && group.holds_login()
             && group.up_members().next().is_some()
     }
 
@@ -2269,7 +2269,7 @@ fn replay_pending(
             kept += 1;
             continue;
         }
-        let logged_out = group.cached_login().is_none();
+        let logged_out = !group.holds_login();
         if !on_its_own
             && removals.is_empty()
             && known.complete
@@ -2356,7 +2356,7 @@ fn replay_pending(
             ),
         );
     }
-    if kept > 0 && group.cached_login().is_none() {
+    if kept > 0 && !group.holds_login() {
         // The member serves without them: an operator must know that it
         // lacks objects until the application logs in.
         group.log(
@@ -2803,7 +2803,7 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
             return 0;
         }
     }
-    let logged_out = group.cached_login().is_none();
+    let logged_out = !group.holds_login();
     let outcome = worker.apply(position, &change, replay.holdings.as_mut());
     // As in the replay: a copy that failed while the member answers
     // is kept (its source may have failed during it; another may
@@ -2872,7 +2872,7 @@ fn replay_kept_imports_on_spares(
     let position = replay.position;
     if replay.one_by_one > 0
         || !replay.removals.is_empty()
-        || group.cached_login().is_none()
+        || !group.holds_login()
         || !has_spares(group, position)
     {
         return None;
@@ -2924,7 +2924,7 @@ fn read_for_kept(
     kept: usize,
     stop: &dyn Fn() -> bool,
 ) -> Option<Option<Holdings>> {
-    if kept <= QUEUED_FOR_COUNTING || group.cached_login().is_none() {
+    if kept <= QUEUED_FOR_COUNTING || !group.holds_login() {
         return Some(None);
     }
     match Holdings::read_unless(worker, position, stop) {
@@ -2960,7 +2960,7 @@ fn must_wait(
     change: &Pending,
     outcome: &Result<bool, String>,
 ) -> bool {
-    let logged_out = was_logged_out || group.cached_login().is_none();
+    let logged_out = was_logged_out || !group.holds_login();
     match outcome {
         Ok(true) => false,
         Ok(false) => {

@@ -1183,7 +1183,7 @@ impl VirtualSession {
                     if e.rv == CKR_OBJECT_HANDLE_INVALID
                         && matches!(change, Change::Destroy)
                         && self.group.objects.get(object).is_some()
-                        && self.group.cached_login().is_some()
+                        && self.group.holds_login()
                         && (self.group.up_members())
                             .all(|m| self.group.change_on_its_way(m.position, object)) =>
                 {
@@ -1817,7 +1817,7 @@ impl VirtualSession {
     pub(crate) fn renumbered_unseen(&self, era: Era, print: &identity::Fingerprint) -> bool {
         let member = era.member();
         let recorded = self.group.objects.recorded_matched_by(era, print);
-        let logged_in = self.group.cached_login().is_some();
+        let logged_in = self.group.holds_login();
         let stale = recorded.iter().any(|(handle, kept)| {
             let now = self.on_member(member, |s| {
                 identity::light_fingerprint(&*s.library, s.handle, *handle)

@@ -2535,10 +2535,12 @@ impl Schedule<'_> {
     /// protected ([`Faults::protections`]): `CKA_SENSITIVE` and
     /// `CKA_EXTRACTABLE` as made, `CKA_ALWAYS_SENSITIVE` false for a key
     /// made not sensitive and `CKA_NEVER_EXTRACTABLE` false for one made
-    /// extractable (PKCS#11 3.0, 4.9), and the value of a sensitive or
-    /// non-extractable key refused with `CKR_ATTRIBUTE_SENSITIVE` and its
-    /// length unavailable -- the value written nowhere -- whichever member
-    /// answers; a readable one must read as made where its value is known.
+    /// extractable (PKCS#11's common key attributes), and the value of a
+    /// sensitive or non-extractable key refused with
+    /// `CKR_ATTRIBUTE_SENSITIVE` and its length unavailable -- an imported
+    /// key's value, which the test knows, written nowhere in the buffer --
+    /// whichever member answers; a readable one must read as made where
+    /// its value is known.
     fn read_protection(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
         let keys = self.usable(|m| m.flags.is_some());
         if keys.is_empty() {

@@ -471,8 +471,7 @@ impl VirtualSession {
 
     /// Whether the group is logged in but this member session is not.
     fn lost_login(&self, library: &dyn MemberBackend, session: CK_SESSION_HANDLE) -> bool {
-        self.group.cached_login().is_some()
-            && crate::member_api::session_is_public(library, session)
+        self.group.holds_login() && crate::member_api::session_is_public(library, session)
     }
 
     /// Logs a member that restarted in again with the cached credential:

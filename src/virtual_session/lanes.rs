@@ -487,9 +487,9 @@ impl VirtualSession {
     /// keys (logged in as needed). A login other than the user's (the SO)
     /// is not carried to spares: their sessions are read-only.
     pub(crate) fn log_lane_in(&self, position: usize, lane: &dyn SpareLane) -> bool {
-        match self.group.cached_login() {
+        match self.group.logged_in_as() {
             None => return true,
-            Some((user_type, _)) if user_type != CKU_USER => return false,
+            Some(user_type) if user_type != CKU_USER => return false,
             Some(_) => {}
         }
         if lane.logged_in() {
@@ -550,7 +550,7 @@ impl VirtualSession {
         if rv != CKR_OK && classify(function, rv) == Answer::Busy {
             rv = crate::group::retry_while_busy(function, rv, &mut run);
         }
-        if rv == CKR_USER_NOT_LOGGED_IN && self.group.cached_login().is_some() {
+        if rv == CKR_USER_NOT_LOGGED_IN && self.group.holds_login() {
             lane.forget_login();
             drop(guard);
             if self.log_lane_in(position, lane) {
