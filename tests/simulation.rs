@@ -280,6 +280,14 @@ struct Faults {
     /// under faults, recovery and operations under way. On in the default
     /// sets since session 41 (`SIM_LOGOUTS=1` adds it to the others).
     logouts: bool,
+    /// The application wraps its keys and unwraps them as new ones
+    /// (`CKM_AES_KEY_WRAP_PAD`, after 1 in 5 of its object-making steps,
+    /// drawn apart; its secret keys then allow wrapping and unwrapping):
+    /// `C_WrapKey` with its two calls on whichever member serves, and
+    /// `C_UnwrapKey`, made on one member and copied to the others, under
+    /// the faults that strike while keys are made
+    /// ([`Schedule::wrap_and_unwrap`]). `SIM_WRAPS=1` adds it to any set.
+    wraps: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -433,6 +441,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -519,6 +528,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -550,6 +560,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
     /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
@@ -595,6 +606,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -626,6 +638,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -657,6 +670,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -688,6 +702,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -743,6 +758,12 @@ impl Faults {
                 shared_names: true,
                 ..f
             },
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_WRAPS",
+            "keys wrapped and unwrapped in any set",
+            |f| Faults { wraps: true, ..f },
         );
         let chosen = switched(chosen, "SIM_LOGOUTS", "logouts in any set", |f| Faults {
             logouts: true,
@@ -820,6 +841,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -850,6 +872,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -880,6 +903,7 @@ impl Faults {
         batches: false,
         protections: false,
         logouts: false,
+        wraps: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1413,6 +1437,9 @@ struct Made {
     id: Id,
     /// The member that refuses to hold it ([`Faults::refusals_last`]).
     refused_by: Option<usize>,
+    /// Made by `C_UnwrapKey`: its `CKA_ALWAYS_SENSITIVE` and
+    /// `CKA_NEVER_EXTRACTABLE` are false (PKCS#11 3.1, 5.18).
+    unwrapped: bool,
 }
 
 impl Made {
@@ -1652,6 +1679,9 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, when the application logs out
     /// ([`Faults::logouts`]).
     logout_rng: Rng,
+    /// Chooses, apart from the others, when and which keys the
+    /// application wraps and how it unwraps them ([`Faults::wraps`]).
+    wrap_rng: Rng,
     /// How many times the application logged out.
     logouts: u64,
 }
@@ -2159,6 +2189,10 @@ impl Schedule<'_> {
                 if self.faults.derives {
                     template.push(flag(CKA_DERIVE, &yes));
                 }
+                if self.faults.wraps {
+                    template.push(flag(CKA_WRAP, &yes));
+                    template.push(flag(CKA_UNWRAP, &yes));
+                }
                 template.push(flag(CKA_SENSITIVE, sensitive));
                 template.push(flag(CKA_EXTRACTABLE, extractable));
                 let rv;
@@ -2176,6 +2210,10 @@ impl Schedule<'_> {
                 }
                 if self.faults.derives {
                     template.push(flag(CKA_DERIVE, &yes));
+                }
+                if self.faults.wraps {
+                    template.push(flag(CKA_WRAP, &yes));
+                    template.push(flag(CKA_UNWRAP, &yes));
                 }
                 template.push(flag(CKA_SENSITIVE, &no));
                 template.push(flag(CKA_EXTRACTABLE, &yes));
@@ -2224,6 +2262,7 @@ impl Schedule<'_> {
             fate,
             id: Id::Unset,
             refused_by: None,
+            unwrapped: false,
         });
     }
 
@@ -2279,6 +2318,7 @@ impl Schedule<'_> {
                 Id::Either => Id::Either,
             },
             refused_by: refuser,
+            unwrapped: from.unwrapped,
         };
         self.made.push(copied);
     }
@@ -2323,6 +2363,10 @@ impl Schedule<'_> {
         ];
         for usage in [CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT, CKA_DERIVE] {
             template.push(flag(usage, &yes));
+        }
+        if self.faults.wraps {
+            template.push(flag(CKA_WRAP, &yes));
+            template.push(flag(CKA_UNWRAP, &yes));
         }
         let mut mechanism = CK_MECHANISM {
             mechanism: CKM_SHA256_KEY_DERIVATION,
@@ -2371,6 +2415,200 @@ impl Schedule<'_> {
             fate: Fate::of_making(rv),
             id: Id::Unset,
             refused_by: None,
+            unwrapped: false,
+        });
+        Ok(())
+    }
+
+    /// Wraps one of the secret keys that exist under another
+    /// (`CKM_AES_KEY_WRAP_PAD`, [`Faults::wraps`]) and unwraps the blob as
+    /// a new key, on the token or in the session as drawn. The wrap asks
+    /// the length first, then the blob, as applications do; each given
+    /// must be what the mechanism makes of the key's value. A key made
+    /// non-extractable must be refused with `CKR_KEY_UNEXTRACTABLE` and
+    /// nothing written (PKCS#11 3.1, 5.18 `C_WrapKey`). The blob unwrapped
+    /// is the one the test computes, so that the unwrap runs whether the
+    /// wrap was refused or failed; a key reported unwrapped must read back
+    /// with the wrapped key's value where readable, and claim neither
+    /// `CKA_ALWAYS_SENSITIVE` nor `CKA_NEVER_EXTRACTABLE` (5.18
+    /// `C_UnwrapKey`).
+    fn wrap_and_unwrap(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let keys = self.usable(|m| m.class == CKO_SECRET_KEY && m.key.is_some());
+        if keys.len() < 2 {
+            return Ok(());
+        }
+        let drawn = self.wrap_rng.below(keys.len() as u64) as usize;
+        let other = (drawn + 1 + self.wrap_rng.below(keys.len() as u64 - 1) as usize) % keys.len();
+        let (wrapping, key) = (keys[drawn], keys[other]);
+        let wrapping_value = self.made[wrapping].key.clone().expect("a key");
+        let value = self.made[key].key.clone().expect("a key");
+        let extractable = self.made[key].flags.is_none_or(|(_, e)| e);
+        let expected = memory_member::token::wrapped(&wrapping_value, &value);
+        let mut mechanism = CK_MECHANISM {
+            mechanism: CKM_AES_KEY_WRAP_PAD,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let (wrapping_handle, key_handle) = (self.made[wrapping].handle, self.made[key].handle);
+        let mut needed: CK_ULONG = 0;
+        // SAFETY: no buffer: the call writes the length alone.
+        let rv_length = unsafe {
+            self.f.C_WrapKey.unwrap()(
+                session,
+                &mut mechanism,
+                wrapping_handle,
+                key_handle,
+                ptr::null_mut(),
+                &mut needed,
+            )
+        };
+        let mut blob = vec![0u8; 64];
+        let mut blob_len = blob.len() as CK_ULONG;
+        // SAFETY: the buffer holds `blob_len` bytes.
+        let rv = unsafe {
+            self.f.C_WrapKey.unwrap()(
+                session,
+                &mut mechanism,
+                wrapping_handle,
+                key_handle,
+                blob.as_mut_ptr(),
+                &mut blob_len,
+            )
+        };
+        let (wrapping_name, name) = (self.made[wrapping].name(), self.made[key].name());
+        self.note(format!(
+            "t{t} wrap {name} under {wrapping_name} -> length {rv_length:#x} {needed}, {rv:#x} {blob_len}"
+        ));
+        if extractable {
+            ensure!(
+                rv_length != CKR_OK || needed as usize == expected.len(),
+                "wrapping {name} under {wrapping_name} takes {} bytes, and its length is told \
+                 as {needed}",
+                expected.len()
+            );
+            ensure!(
+                rv != CKR_OK || blob[..blob_len as usize] == expected[..],
+                "wrapping {name} under {wrapping_name} returned OK with another blob than its \
+                 value makes"
+            );
+        } else {
+            ensure!(
+                rv_length == CKR_KEY_UNEXTRACTABLE && rv == CKR_KEY_UNEXTRACTABLE,
+                "{name}, made non-extractable, is wrapped with {rv_length:#x} (length) and \
+                 {rv:#x}, not CKR_KEY_UNEXTRACTABLE"
+            );
+            ensure!(
+                blob.iter().all(|b| *b == 0),
+                "{name}, made non-extractable, is refused and written to the application's buffer"
+            );
+        }
+        self.unwrap_as_new_key(t, session, wrapping, expected, value)
+    }
+
+    /// Unwraps `blob` under key `wrapping` as a new secret key of `value`
+    /// (see [`Schedule::wrap_and_unwrap`]).
+    fn unwrap_as_new_key(
+        &mut self,
+        t: usize,
+        session: CK_SESSION_HANDLE,
+        wrapping: usize,
+        mut blob: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Outcome {
+        let token = self.wrap_rng.chance(70);
+        let sensitive = self.wrap_rng.chance(30);
+        let extractable = self.wrap_rng.chance(80);
+        self.serial += 1;
+        let label = format!("obj-{}", self.serial).into_bytes();
+        let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
+        let flag = |t, on: bool| {
+            let value: &CK_BBOOL = if on { &yes } else { &no };
+            attribute(t, value as *const CK_BBOOL, 1)
+        };
+        let (key_class, aes): (CK_OBJECT_CLASS, CK_KEY_TYPE) = (CKO_SECRET_KEY, CKK_AES);
+        let mut template = vec![
+            flag(CKA_TOKEN, token),
+            attribute(CKA_LABEL, label.as_ptr(), label.len()),
+            attribute(CKA_CLASS, &key_class as *const _ as *const u8, 8),
+            attribute(CKA_KEY_TYPE, &aes as *const _ as *const u8, 8),
+            flag(CKA_SENSITIVE, sensitive),
+            flag(CKA_EXTRACTABLE, extractable),
+        ];
+        for usage in [
+            CKA_SIGN,
+            CKA_VERIFY,
+            CKA_ENCRYPT,
+            CKA_DECRYPT,
+            CKA_WRAP,
+            CKA_UNWRAP,
+        ] {
+            template.push(flag(usage, true));
+        }
+        if self.faults.derives {
+            template.push(flag(CKA_DERIVE, true));
+        }
+        let mut mechanism = CK_MECHANISM {
+            mechanism: CKM_AES_KEY_WRAP_PAD,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let mut handle: CK_OBJECT_HANDLE = 0;
+        // SAFETY: the blob and the template's buffers outlive the call.
+        let rv = unsafe {
+            self.f.C_UnwrapKey.unwrap()(
+                session,
+                &mut mechanism,
+                self.made[wrapping].handle,
+                blob.as_mut_ptr(),
+                blob.len() as CK_ULONG,
+                template.as_mut_ptr(),
+                template.len() as CK_ULONG,
+                &mut handle,
+            )
+        };
+        let name = String::from_utf8_lossy(&label).into_owned();
+        self.note(format!(
+            "t{t} unwrap {name} under {} token={token} sensitive={sensitive} \
+             extractable={extractable} -> {rv:#x} {handle}",
+            self.made[wrapping].name()
+        ));
+        if rv == CKR_OK {
+            if !sensitive && extractable {
+                let read = self.read_value(session, handle);
+                ensure!(
+                    read.is_none_or(|read| read == value),
+                    "{name} reads back with another value than the key it was unwrapped from"
+                );
+            }
+            let mut claims = [CK_FALSE; 2];
+            let mut query: Vec<CK_ATTRIBUTE> = ([CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE]
+                .iter()
+                .zip(claims.iter_mut()))
+            .map(|(t, v)| attribute(*t, v as *mut CK_BBOOL as *const u8, 1))
+            .collect();
+            // SAFETY: each buffer holds one CK_BBOOL.
+            let rv_claims = unsafe {
+                self.f.C_GetAttributeValue.unwrap()(session, handle, query.as_mut_ptr(), 2)
+            };
+            ensure!(
+                rv_claims != CKR_OK || claims == [CK_FALSE; 2],
+                "{name}, unwrapped, claims CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE \
+                 {claims:?}"
+            );
+        }
+        self.made.push(Made {
+            label,
+            class: CKO_SECRET_KEY,
+            flags: Some((sensitive, extractable)),
+            handle,
+            token,
+            key: Some(value),
+            value: None,
+            owner: (!token).then_some(t),
+            fate: Fate::of_making(rv),
+            id: Id::Unset,
+            refused_by: None,
+            unwrapped: true,
         });
         Ok(())
     }
@@ -2395,7 +2633,10 @@ impl Schedule<'_> {
         .map(|n| format!("obj-{n}").into_bytes());
         let pair_id = format!("pair-{}", self.serial - 1).into_bytes();
         let (yes, no): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
-        let flag = |t, on: bool| attribute(t, if on { &yes } else { &no } as *const CK_BBOOL, 1);
+        let flag = |t, on: bool| {
+            let value: &CK_BBOOL = if on { &yes } else { &no };
+            attribute(t, value as *const CK_BBOOL, 1)
+        };
         let mut public = vec![
             flag(CKA_TOKEN, token),
             attribute(CKA_LABEL, labels[0].as_ptr(), labels[0].len()),
@@ -2488,6 +2729,7 @@ impl Schedule<'_> {
                     Id::Unset
                 },
                 refused_by: None,
+                unwrapped: false,
             });
         }
         Ok(())
@@ -2535,7 +2777,8 @@ impl Schedule<'_> {
     /// protected ([`Faults::protections`]): `CKA_SENSITIVE` and
     /// `CKA_EXTRACTABLE` as made, `CKA_ALWAYS_SENSITIVE` false for a key
     /// made not sensitive and `CKA_NEVER_EXTRACTABLE` false for one made
-    /// extractable (PKCS#11's common key attributes), and the value of a
+    /// extractable (PKCS#11's common key attributes), both false for an
+    /// unwrapped key (PKCS#11 3.1, 5.18 `C_UnwrapKey`), and the value of a
     /// sensitive or non-extractable key refused with
     /// `CKR_ATTRIBUTE_SENSITIVE` and its length unavailable -- an imported
     /// key's value, which the test knows, written nowhere in the buffer --
@@ -2553,6 +2796,7 @@ impl Schedule<'_> {
             self.made[i].key.clone(),
         );
         let (sensitive, extractable) = self.made[i].flags.expect("a key");
+        let unwrapped = self.made[i].unwrapped;
         let mut read = [CK_FALSE; 4];
         let types = [
             CKA_SENSITIVE,
@@ -2585,6 +2829,11 @@ impl Schedule<'_> {
                 (sensitive || !always) && (!extractable || !never),
                 "{name}, made sensitive {sensitive} and extractable {extractable}, claims \
                  CKA_ALWAYS_SENSITIVE {always}, CKA_NEVER_EXTRACTABLE {never}"
+            );
+            ensure!(
+                !unwrapped || !(always || never),
+                "{name}, unwrapped, claims CKA_ALWAYS_SENSITIVE {always}, \
+                 CKA_NEVER_EXTRACTABLE {never}"
             );
         }
         if sensitive || !extractable {
@@ -3951,6 +4200,9 @@ impl Schedule<'_> {
                         if self.faults.pairs && self.pair_rng.chance(16) {
                             self.generate_key_pair(t, session)?;
                         }
+                        if self.faults.wraps && self.wrap_rng.chance(20) {
+                            self.wrap_and_unwrap(t, session)?;
+                        }
                         // Mostly while a member is out, which then misses
                         // the whole run.
                         let out = self.spared && !self.all_serving();
@@ -4413,6 +4665,7 @@ fn run_plan(
         search_rng: Rng(seed ^ 0x5ea2_c400_5ea2_c400),
         guard_rng: Rng(seed ^ 0x6a2d_0000_6a2d_0000),
         logout_rng: Rng(seed ^ 0x1060_0700_1060_0700),
+        wrap_rng: Rng(seed ^ 0x3a90_0000_3a90_0000),
         logouts: 0,
     };
     // The header first, as the trace has it: a replay prints the login
@@ -4953,6 +5206,7 @@ fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
                 fate: Fate::Exists,
                 id: Id::Unset,
                 refused_by: None,
+                unwrapped: false,
             });
             s.plant(0, Fault::Crash);
             s.plant(1, Fault::Crash);
@@ -5325,6 +5579,7 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
                 fate: Fate::Exists,
                 id: Id::Unset,
                 refused_by: None,
+                unwrapped: false,
             });
             // Member 1 is read after member 0: once it is, member 0's
             // connection drops.
@@ -5484,6 +5739,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                     fate: Fate::of_making(rv),
                     id: Id::Unset,
                     refused_by: None,
+                    unwrapped: false,
                 });
                 rv
             };

@@ -344,6 +344,16 @@ fn wrap_tag(wrapping_key: &[u8], value: &[u8]) -> [u8; 8] {
     tag[..8].try_into().expect("8 of 32 bytes")
 }
 
+/// What `C_WrapKey` (`CKM_AES_KEY_WRAP_PAD`) gives for key material
+/// `value` under a wrapping key of value `wrapping_key`: the material
+/// under the wrapping key's keystream, then an 8-byte tag.
+pub fn wrapped(wrapping_key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut blob = value.to_vec();
+    keystream_xor(wrapping_key, 0, &mut blob);
+    blob.extend_from_slice(&wrap_tag(wrapping_key, value));
+    blob
+}
+
 fn check_value(value: &[u8]) -> Vec<u8> {
     sha256(&[value])[..3].to_vec()
 }
@@ -1789,15 +1799,12 @@ impl Sim {
             return Err(CKR_KEY_NOT_WRAPPABLE);
         }
         let class = object.attributes.get(&CKA_CLASS).and_then(|v| ulong_of(v));
-        let mut blob = if class == Some(CKO_PRIVATE_KEY) {
+        let material = if class == Some(CKO_PRIVATE_KEY) {
             private_key_blob(object)
         } else {
             object.value().to_vec()
         };
-        let tag = wrap_tag(wrapping_key.value(), &blob);
-        keystream_xor(wrapping_key.value(), 0, &mut blob);
-        blob.extend_from_slice(&tag);
-        Ok(blob)
+        Ok(wrapped(wrapping_key.value(), &material))
     }
 
     pub fn unwrap_key(
