@@ -8,7 +8,7 @@ use crate::arguments::{
     Attribute, AttributeQuery, AttributeRequest, OutArray, Template, TemplateBuilder,
 };
 use crate::error::{check, Error, Result};
-use crate::group::{Pending, Waits};
+use crate::group::{Pending, Positions, Waits};
 use crate::identity;
 use crate::mechanism::{Mechanism, OwnedTemplate};
 use crate::member_api::MemberBackend;
@@ -1918,13 +1918,19 @@ impl VirtualSession {
         let parameter_keys = crate::mechanism::parameter_handles(mechanism)?;
         let all_keys: Vec<CK_OBJECT_HANDLE> = keys.iter().chain(&parameter_keys).copied().collect();
         let _write = self.group.enter_write();
+        let mut refused = Positions::new();
         loop {
             let preference = if self.makers_alike() {
                 Preference::LeastBusy(crate::group::MAKING_LANE)
             } else {
                 Preference::Primary
             };
-            let (position, handles, era) = match self.choose(&all_keys, preference) {
+            let chosen = if refused.is_empty() {
+                self.choose(&all_keys, preference)
+            } else {
+                self.choose_besides(&all_keys, preference, &refused)
+            };
+            let (position, handles, era) = match chosen {
                 Ok(chosen) => chosen,
                 Err(_) if self.group.up_members().next().is_none() => return Ok(None),
                 Err(e) => return Err(e),
@@ -1937,6 +1943,12 @@ impl VirtualSession {
             });
             let objects = match answer {
                 Attempt::Faulted => None,
+                // Nothing made: the member's refusal, while another may
+                // take the mechanism (`choose_besides`).
+                Attempt::Answered(CKR_MECHANISM_INVALID) => {
+                    refused.push(position);
+                    continue;
+                }
                 Attempt::Answered(rv) => {
                     check(rv)?;
                     self.record_made(era, &made, owners, session)

@@ -9,7 +9,7 @@
 use crate::bindings::{BindingsCell, BindingsGuard, Summary, OP_KINDS};
 pub use crate::bindings::{Input, OpKind, SearchFilter};
 use crate::error::{check, Error, Result};
-use crate::group::{is_member_fault, Group, Waits};
+use crate::group::{is_member_fault, Group, Positions, Waits};
 use crate::member_api::{MemberBackend, MemberSession};
 use crate::member_sessions::MemberSessions;
 use cryptoki_sys::*;
@@ -178,13 +178,21 @@ impl VirtualSession {
             return self.keyless(function, |l, s| call(l, s, &[]));
         }
         let mut waits = Waits::default();
+        let mut refused = Positions::new();
         loop {
-            let (position, handles, era) =
-                match self.choose(keys, Preference::LeastBusy(STATELESS_LANE)) {
-                    Ok(chosen) => chosen,
-                    Err(e) if self.wait_to_choose_again(&e, keys, &mut waits) => continue,
-                    Err(e) => return Err(e),
-                };
+            let preference = Preference::LeastBusy(STATELESS_LANE);
+            let chosen = if refused.is_empty() {
+                self.choose(keys, preference)
+            } else {
+                self.choose_besides(keys, preference, &refused)
+            };
+            let (position, handles, era) = match chosen {
+                Ok(chosen) => chosen,
+                Err(e) if refused.is_empty() && self.wait_to_choose_again(&e, keys, &mut waits) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
             let on_lane = if self.lane.possible(&self.group) {
                 self.stateless_on_lane(position, keys, &handles, function, &mut call)
             } else {
@@ -193,8 +201,10 @@ impl VirtualSession {
             let answer = on_lane.unwrap_or_else(|| {
                 self.attempt_keyed(position, era, function, &mut |l, s| call(l, s, &handles))
             });
-            if let Attempt::Answered(rv) = answer {
-                return check(rv);
+            match answer {
+                Attempt::Answered(CKR_MECHANISM_INVALID) => refused.push(position),
+                Attempt::Answered(rv) => return check(rv),
+                Attempt::Faulted => {}
             }
         }
     }

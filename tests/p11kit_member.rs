@@ -359,6 +359,85 @@ fn signing_continues_when_the_remote_members_worker_is_killed() {
     assert_eq!(token.label(), GROUP_LABEL);
 }
 
+/// A library may list a mechanism and refuse it: p11-kit 0.24's client
+/// lists the AES key-wrap mechanisms and cannot send them. The refusal is
+/// the member's, not the application's: every `C_WrapKey` of a key both
+/// members hold runs where the mechanism is taken, whichever member the
+/// group tries first, and gives what the local member's own slot gives;
+/// a `C_UnwrapKey` fails as a generated key does here
+/// (`CKR_FUNCTION_FAILED`: the key could never reach the remote member)
+/// and leaves nothing on either member, never a mechanism error the
+/// application did not cause.
+#[test]
+fn a_wrap_the_remote_member_cannot_send_runs_on_the_member_that_can() {
+    let group = Group::start();
+    let s = user_session(&group.pkcs11, group.slot(GROUP_LABEL));
+    let import = |id: &[u8], value: u8| {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![value; 32]),
+            Attribute::Token(true),
+            Attribute::Id(id.to_vec()),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+        ])
+        .expect("import an AES key through the virtual slot")
+    };
+    let (wrapping, key) = (import(b"wrapping", 7), import(b"wrapped", 9));
+    // Calls that name keys rotate over the members when none is busier:
+    // eight reach each member several times over.
+    let blobs: Vec<Vec<u8>> = (0..8)
+        .map(|round| {
+            s.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, key)
+                .unwrap_or_else(|e| panic!("wrap {round} through the virtual slot: {e}"))
+        })
+        .collect();
+    let local = user_session(&group.pkcs11, group.slot("local"));
+    let on_local = |id: &[u8]| find_one(&local, ObjectClass::SECRET_KEY, id);
+    let expected = local
+        .wrap_key(
+            &Mechanism::AesKeyWrapPad,
+            on_local(b"wrapping"),
+            on_local(b"wrapped"),
+        )
+        .expect("wrap on the local member's own slot");
+    for (round, blob) in blobs.iter().enumerate() {
+        assert_eq!(*blob, expected, "wrap {round} gave another blob");
+    }
+    let refused = s
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            wrapping,
+            &expected,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Id(b"unwrapped".to_vec()),
+                Attribute::Encrypt(true),
+            ],
+        )
+        .expect_err("an unwrapped key cannot cross p11-kit 0.24");
+    assert!(
+        matches!(refused, Error::Pkcs11(RvError::FunctionFailed, _)),
+        "{refused:?}"
+    );
+    for label in ["remote", "local"] {
+        let member = user_session(&group.pkcs11, group.slot(label));
+        let left = member
+            .find_objects(&[Attribute::Id(b"unwrapped".to_vec())])
+            .unwrap();
+        assert!(
+            left.is_empty(),
+            "member {label} kept {} objects",
+            left.len()
+        );
+    }
+}
+
 /// An EC P-256 key pair created through the virtual slot from its
 /// attributes (`C_CreateObject` makes it on every member); the values come
 /// from a throw-away session key pair on the local member's own slot.

@@ -159,6 +159,32 @@ impl VirtualSession {
         self.choose_among(keys, candidates)
     }
 
+    /// [`Self::choose`] after the members in `refused` answered the call
+    /// `CKR_MECHANISM_INVALID`: the next candidate holding every key,
+    /// whatever the session's operations are bound to. A library may list
+    /// a mechanism and refuse it (p11-kit 0.24's client lists the AES
+    /// key-wrap mechanisms and cannot send them), so the refusal is the
+    /// member's while another member may take the mechanism, and the
+    /// application's once none is left to ask.
+    #[cold]
+    pub fn choose_besides(
+        &self,
+        keys: &[CK_OBJECT_HANDLE],
+        preference: Preference,
+        refused: &[usize],
+    ) -> Result<(usize, Handles, Era)> {
+        let candidates: Positions = (self.candidates(preference).into_iter())
+            .filter(|p| !refused.contains(p))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::new(CKR_MECHANISM_INVALID));
+        }
+        self.choose_among(keys, candidates).map_err(|e| match e.rv {
+            CKR_KEY_HANDLE_INVALID => Error::new(CKR_MECHANISM_INVALID),
+            _ => e,
+        })
+    }
+
     /// The first of `candidates` on which every key in `keys` exists.
     fn choose_among(
         &self,
