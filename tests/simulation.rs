@@ -2420,30 +2420,41 @@ impl Schedule<'_> {
         Ok(())
     }
 
-    /// Wraps one of the secret keys that exist under another
-    /// (`CKM_AES_KEY_WRAP_PAD`, [`Faults::wraps`]) and unwraps the blob as
-    /// a new key, on the token or in the session as drawn. The wrap asks
-    /// the length first, then the blob, as applications do; each given
-    /// must be what the mechanism makes of the key's value. A key made
+    /// Wraps one of the keys that exist -- a secret key, or a key pair's
+    /// private key -- under one of the secret keys (`CKM_AES_KEY_WRAP_PAD`,
+    /// [`Faults::wraps`]) and unwraps the blob as a new key, on the token
+    /// or in the session as drawn. The wrap asks the length first, then
+    /// the blob, as applications do; for a secret key, each given must be
+    /// what the mechanism makes of the key's value. A key made
     /// non-extractable must be refused with `CKR_KEY_UNEXTRACTABLE` and
-    /// nothing written (PKCS#11 3.1, 5.18 `C_WrapKey`). The blob unwrapped
-    /// is the one the test computes, so that the unwrap runs whether the
-    /// wrap was refused or failed; a key reported unwrapped must read back
-    /// with the wrapped key's value where readable, and claim neither
-    /// `CKA_ALWAYS_SENSITIVE` nor `CKA_NEVER_EXTRACTABLE` (5.18
-    /// `C_UnwrapKey`).
+    /// nothing written (PKCS#11 3.1, 5.18 `C_WrapKey`). A secret key's
+    /// blob unwrapped is the one the test computes, so that the unwrap
+    /// runs whether the wrap was refused or failed; a private key's is the
+    /// one given, and its copy joins the pair, so that it signs with
+    /// signatures the pair's public point verifies and holds that point on
+    /// every member after settling.
     fn wrap_and_unwrap(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
-        let keys = self.usable(|m| m.class == CKO_SECRET_KEY && m.key.is_some());
-        if keys.len() < 2 {
+        let wrapping_keys = self.usable(|m| m.class == CKO_SECRET_KEY && m.key.is_some());
+        if wrapping_keys.is_empty() {
             return Ok(());
         }
-        let drawn = self.wrap_rng.below(keys.len() as u64) as usize;
-        let other = (drawn + 1 + self.wrap_rng.below(keys.len() as u64 - 1) as usize) % keys.len();
-        let (wrapping, key) = (keys[drawn], keys[other]);
+        let wrapping = wrapping_keys[self.wrap_rng.below(wrapping_keys.len() as u64) as usize];
+        let keys: Vec<usize> = (self.usable(|m| match m.class {
+            CKO_SECRET_KEY => m.key.is_some(),
+            CKO_PRIVATE_KEY => m.value.is_some(),
+            _ => false,
+        }))
+        .into_iter()
+        .filter(|k| *k != wrapping)
+        .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let key = keys[self.wrap_rng.below(keys.len() as u64) as usize];
         let wrapping_value = self.made[wrapping].key.clone().expect("a key");
-        let value = self.made[key].key.clone().expect("a key");
         let extractable = self.made[key].flags.is_none_or(|(_, e)| e);
-        let expected = memory_member::token::wrapped(&wrapping_value, &value);
+        let expected = (self.made[key].key.as_ref())
+            .map(|value| memory_member::token::wrapped(&wrapping_value, value));
         let mut mechanism = CK_MECHANISM {
             mechanism: CKM_AES_KEY_WRAP_PAD,
             pParameter: ptr::null_mut(),
@@ -2462,7 +2473,7 @@ impl Schedule<'_> {
                 &mut needed,
             )
         };
-        let mut blob = vec![0u8; 64];
+        let mut blob = vec![0u8; 128];
         let mut blob_len = blob.len() as CK_ULONG;
         // SAFETY: the buffer holds `blob_len` bytes.
         let rv = unsafe {
@@ -2479,19 +2490,7 @@ impl Schedule<'_> {
         self.note(format!(
             "t{t} wrap {name} under {wrapping_name} -> length {rv_length:#x} {needed}, {rv:#x} {blob_len}"
         ));
-        if extractable {
-            ensure!(
-                rv_length != CKR_OK || needed as usize == expected.len(),
-                "wrapping {name} under {wrapping_name} takes {} bytes, and its length is told \
-                 as {needed}",
-                expected.len()
-            );
-            ensure!(
-                rv != CKR_OK || blob[..blob_len as usize] == expected[..],
-                "wrapping {name} under {wrapping_name} returned OK with another blob than its \
-                 value makes"
-            );
-        } else {
+        if !extractable {
             ensure!(
                 rv_length == CKR_KEY_UNEXTRACTABLE && rv == CKR_KEY_UNEXTRACTABLE,
                 "{name}, made non-extractable, is wrapped with {rv_length:#x} (length) and \
@@ -2502,18 +2501,42 @@ impl Schedule<'_> {
                 "{name}, made non-extractable, is refused and written to the application's buffer"
             );
         }
-        self.unwrap_as_new_key(t, session, wrapping, expected, value)
+        let given = (rv == CKR_OK).then(|| blob[..blob_len as usize].to_vec());
+        if let Some(expected) = &expected {
+            ensure!(
+                rv_length != CKR_OK || needed as usize == expected.len(),
+                "wrapping {name} under {wrapping_name} takes {} bytes, and its length is told \
+                 as {needed}",
+                expected.len()
+            );
+            ensure!(
+                given.as_ref().is_none_or(|given| given == expected),
+                "wrapping {name} under {wrapping_name} returned OK with another blob than its \
+                 value makes"
+            );
+        } else if let Some(given) = &given {
+            ensure!(
+                rv_length != CKR_OK || needed as usize == given.len(),
+                "wrapping {name} under {wrapping_name} gave {} bytes, and its length is told \
+                 as {needed}",
+                given.len()
+            );
+        }
+        match expected.or(given) {
+            Some(blob) => self.unwrap_as_new_key(t, session, wrapping, blob, key),
+            None => Ok(()),
+        }
     }
 
-    /// Unwraps `blob` under key `wrapping` as a new secret key of `value`
-    /// (see [`Schedule::wrap_and_unwrap`]).
+    /// Unwraps `blob` under key `wrapping` as a new key holding what key
+    /// `from` holds (see [`Schedule::wrap_and_unwrap`]).
     fn unwrap_as_new_key(
         &mut self,
         t: usize,
         session: CK_SESSION_HANDLE,
         wrapping: usize,
         mut blob: Vec<u8>,
-        value: Vec<u8>,
+        from: usize,
     ) -> Outcome {
         let token = self.wrap_rng.chance(70);
         let sensitive = self.wrap_rng.chance(30);
@@ -2525,27 +2548,28 @@ impl Schedule<'_> {
             let value: &CK_BBOOL = if on { &yes } else { &no };
             attribute(t, value as *const CK_BBOOL, 1)
         };
-        let (key_class, aes): (CK_OBJECT_CLASS, CK_KEY_TYPE) = (CKO_SECRET_KEY, CKK_AES);
+        let class = self.made[from].class;
+        let key_type: CK_KEY_TYPE = if class == CKO_SECRET_KEY {
+            CKK_AES
+        } else {
+            CKK_EC
+        };
         let mut template = vec![
             flag(CKA_TOKEN, token),
             attribute(CKA_LABEL, label.as_ptr(), label.len()),
-            attribute(CKA_CLASS, &key_class as *const _ as *const u8, 8),
-            attribute(CKA_KEY_TYPE, &aes as *const _ as *const u8, 8),
+            attribute(CKA_CLASS, &class as *const _ as *const u8, 8),
+            attribute(CKA_KEY_TYPE, &key_type as *const _ as *const u8, 8),
             flag(CKA_SENSITIVE, sensitive),
             flag(CKA_EXTRACTABLE, extractable),
+            flag(CKA_SIGN, true),
         ];
-        for usage in [
-            CKA_SIGN,
-            CKA_VERIFY,
-            CKA_ENCRYPT,
-            CKA_DECRYPT,
-            CKA_WRAP,
-            CKA_UNWRAP,
-        ] {
-            template.push(flag(usage, true));
-        }
-        if self.faults.derives {
-            template.push(flag(CKA_DERIVE, true));
+        if class == CKO_SECRET_KEY {
+            for usage in [CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP] {
+                template.push(flag(usage, true));
+            }
+            if self.faults.derives {
+                template.push(flag(CKA_DERIVE, true));
+            }
         }
         let mut mechanism = CK_MECHANISM {
             mechanism: CKM_AES_KEY_WRAP_PAD,
@@ -2566,17 +2590,19 @@ impl Schedule<'_> {
                 &mut handle,
             )
         };
-        let name = String::from_utf8_lossy(&label).into_owned();
+        let name = named(&label, class);
         self.note(format!(
-            "t{t} unwrap {name} under {} token={token} sensitive={sensitive} \
+            "t{t} unwrap {name} from {} under {} token={token} sensitive={sensitive} \
              extractable={extractable} -> {rv:#x} {handle}",
+            self.made[from].name(),
             self.made[wrapping].name()
         ));
+        let (key, value) = (self.made[from].key.clone(), self.made[from].value.clone());
         if rv == CKR_OK {
-            if !sensitive && extractable {
+            if class == CKO_SECRET_KEY && !sensitive && extractable {
                 let read = self.read_value(session, handle);
                 ensure!(
-                    read.is_none_or(|read| read == value),
+                    read.is_none() || read == key,
                     "{name} reads back with another value than the key it was unwrapped from"
                 );
             }
@@ -2596,14 +2622,17 @@ impl Schedule<'_> {
                  {claims:?}"
             );
         }
+        if let Some(&(public, _)) = self.pairs.iter().find(|(_, private)| *private == from) {
+            self.pairs.push((public, self.made.len()));
+        }
         self.made.push(Made {
             label,
-            class: CKO_SECRET_KEY,
+            class,
             flags: Some((sensitive, extractable)),
             handle,
             token,
-            key: Some(value),
-            value: None,
+            key,
+            value,
             owner: (!token).then_some(t),
             fate: Fate::of_making(rv),
             id: Id::Unset,
