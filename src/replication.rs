@@ -487,11 +487,24 @@ impl VirtualSession {
         }
     }
 
+    /// Whether the copy of a key on member `source` is non-extractable
+    /// there -- not one the group keeps extractable under trusted keys --
+    /// so that no member can be given it: a key made non-extractable
+    /// after it was made, and its copies (`C_CopyObject`). Not known
+    /// (unread) counts as not.
+    fn sealed(&self, source: usize, source_handle: CK_OBJECT_HANDLE) -> bool {
+        let read = self.on_member(source, |s| {
+            identity::read_attribute(&*s.library, s.handle, source_handle, CKA_EXTRACTABLE)
+        });
+        matches!(read, Ok(Some(value)) if value == [CK_FALSE])
+    }
+
     /// Fails, with one line, when a member that lacks one of these new
     /// keys (made on `sources`) is known unable to receive it from any of
     /// them, up or down: its library refused the key-wrap mechanism in
-    /// this process, or what it can do (read when it was attached) leaves
-    /// no way from those members to it. A member never attached in this
+    /// this process, what it can do (read when it was attached) leaves
+    /// no way from those members to it, or the key is non-extractable on
+    /// the members ([`Self::sealed`]). A member never attached in this
     /// process is not known unable: it is given the key when it joins, or
     /// says it cannot take it then; nor is one whose mechanisms could not
     /// be listed, read again as the key moves.
@@ -517,6 +530,7 @@ impl VirtualSession {
             if class != CKO_SECRET_KEY && class != CKO_PRIVATE_KEY {
                 continue;
             }
+            let mut sealed = None;
             for to in members {
                 if sources.contains(&to.position)
                     || matches!(entry.on[to.position], Presence::Present(_))
@@ -527,8 +541,14 @@ impl VirtualSession {
                 let reasons: Option<Vec<String>> = (sources.iter())
                     .map(|&s| no_way(&members[s], to, class))
                     .collect();
-                let Some(why) = reasons.and_then(|r| r.into_iter().next()) else {
-                    continue;
+                let why = match reasons.and_then(|r| r.into_iter().next()) {
+                    Some(why) => why,
+                    None if *sealed.get_or_insert_with(|| self.sealed(source, source_handle)) => {
+                        "the key is non-extractable on the members (made so after it was \
+                         made), so no copy of it can leave them"
+                            .to_string()
+                    }
+                    None => continue,
                 };
                 let event = format!(
                     "{function}: member {} ({}) could never receive the new {}: {why}; the key was not created",

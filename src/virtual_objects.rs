@@ -900,7 +900,38 @@ impl VirtualSession {
         // exists, nor on a copy, so a key (or copy) made non-extractable
         // after the fact is so on the members too: it is on every member
         // that holds it now, and members that join later cannot receive it.
+        if !extractable {
+            self.refuse_while_owed(object)?;
+        }
         Ok((unchanged(), false))
+    }
+
+    /// Fails, with one line, a change that would make `object`
+    /// non-extractable on the members while a member is still owed its
+    /// copy (down since it was made, or the copy on its way): that member
+    /// could never receive it, and the key would live on fewer members
+    /// than the application was told, as a new key that cannot reach a
+    /// member is refused ([`Self::refuse_unreceivable`]). The change
+    /// succeeds once every member holds the key.
+    fn refuse_while_owed(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
+        let members = &self.group.members;
+        let Some(owed) = members
+            .iter()
+            .find(|m| self.group.queued_objects(m.position).contains(&object))
+        else {
+            return Ok(());
+        };
+        let event = format!(
+            "C_SetAttributeValue: {} is not made non-extractable: member {} ({}) is still owed \
+             its copy and could never receive it then; the change succeeds once the member \
+             holds it",
+            self.name_object(object),
+            owed.serial,
+            if owed.is_up() { "up" } else { "down now" },
+        );
+        eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+        self.group.log(Some(owed.position), &event);
+        Err(Error::new(CKR_FUNCTION_FAILED))
     }
 
     fn read_bool(&self, object: CK_OBJECT_HANDLE, attribute: CK_ATTRIBUTE_TYPE) -> Result<bool> {

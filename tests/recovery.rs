@@ -513,9 +513,10 @@ fn flag_on_member(group: &Group, i: usize, label: &str, which: AttributeType) ->
         .into_iter()
         .map(
             |object| match session.get_attributes(object, &[which]).unwrap()[..] {
-                [Attribute::Copyable(b) | Attribute::Destroyable(b) | Attribute::Modifiable(b)] => {
-                    b
-                }
+                [Attribute::Copyable(b)
+                | Attribute::Destroyable(b)
+                | Attribute::Modifiable(b)
+                | Attribute::Extractable(b)] => b,
                 ref other => panic!("{which:?} read as {other:?}"),
             },
         )
@@ -603,4 +604,73 @@ fn a_member_that_was_away_gets_objects_as_restricted_as_the_application_made_the
             );
         }
     }
+}
+
+/// SoftHSM takes no `CKA_WRAP_WITH_TRUSTED` on a key that exists, so a key
+/// made non-extractable after it was made is non-extractable on the
+/// members, and no copy of it can leave them. While a member is owed the
+/// key (away since it was made), the change is refused
+/// (`CKR_FUNCTION_FAILED`, one HA log line naming the key) and changes
+/// nothing; once the member holds it, the change is made and the key is
+/// non-extractable on both. A copy of such a key made while a member is
+/// away is refused the same way and leaves nothing. On the code before,
+/// the change succeeded while the member was away (in the simulation,
+/// such a member never got the key: its copy failed with
+/// `CKR_KEY_UNEXTRACTABLE` at every return).
+#[test]
+fn a_key_is_made_non_extractable_only_once_every_member_holds_it() {
+    use cryptoki::error::{Error, RvError};
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let before = ec_key(&session, b"before");
+    fail_member(&group, &session, before, 1);
+    let key = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Label("late".into()),
+                Attribute::Id(b"late".to_vec()),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+                Attribute::Extractable(true),
+            ],
+        )
+        .expect("a key made while member 1 is away");
+    let refused = session.update_attributes(key, &[Attribute::Extractable(false)]);
+    assert!(
+        matches!(refused, Err(Error::Pkcs11(RvError::FunctionFailed, _))),
+        "{refused:?}"
+    );
+    let log = group.log();
+    assert!(
+        log.contains("(label \"late\"") && log.contains("is not made non-extractable"),
+        "{log}"
+    );
+    assert_eq!(
+        flag_on_member(&group, 0, "late", AttributeType::Extractable),
+        [true]
+    );
+
+    group.members[1].clear_fault();
+    group.wait_for_state(1, 0, PATIENCE);
+    group.wait_for_no_pending(1, PATIENCE);
+    session
+        .update_attributes(key, &[Attribute::Extractable(false)])
+        .expect("made non-extractable once both members hold the key");
+    for member in 0..2 {
+        assert_eq!(
+            flag_on_member(&group, member, "late", AttributeType::Extractable),
+            [false],
+            "member {member}"
+        );
+    }
+
+    fail_member(&group, &session, before, 1);
+    let copy = session.copy_object(key, &[Attribute::Label("late-copy".into())]);
+    assert!(
+        matches!(copy, Err(Error::Pkcs11(RvError::FunctionFailed, _))),
+        "{copy:?}"
+    );
+    assert!(flag_on_member(&group, 0, "late-copy", AttributeType::Extractable).is_empty());
 }
