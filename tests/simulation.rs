@@ -288,6 +288,14 @@ struct Faults {
     /// the faults that strike while keys are made
     /// ([`Schedule::wrap_and_unwrap`]). `SIM_WRAPS=1` adds it to any set.
     wraps: bool,
+    /// The application tightens how its keys are protected
+    /// (`C_SetAttributeValue` of `CKA_SENSITIVE` to true or
+    /// `CKA_EXTRACTABLE` to false, after 1 in 7 of its object-making
+    /// steps, drawn apart), and now and then tries the other way, which
+    /// must be refused ([`Schedule::tighten`]): a change the group makes on
+    /// every member, emulated for non-extractable keys, that no member can
+    /// undo. `SIM_TIGHTENS=1` adds it to any set.
+    tightens: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -442,6 +450,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -529,6 +538,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -561,6 +571,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
     /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
@@ -607,6 +618,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -639,6 +651,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -671,6 +684,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -703,6 +717,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -764,6 +779,15 @@ impl Faults {
             "SIM_WRAPS",
             "keys wrapped and unwrapped in any set",
             |f| Faults { wraps: true, ..f },
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_TIGHTENS",
+            "keys' protection tightened in any set",
+            |f| Faults {
+                tightens: true,
+                ..f
+            },
         );
         let chosen = switched(chosen, "SIM_LOGOUTS", "logouts in any set", |f| Faults {
             logouts: true,
@@ -842,6 +866,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -873,6 +898,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -904,6 +930,7 @@ impl Faults {
         protections: false,
         logouts: false,
         wraps: false,
+        tightens: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1424,6 +1451,11 @@ struct Made {
     /// A secret or private key's `CKA_SENSITIVE` and `CKA_EXTRACTABLE` as
     /// made ([`Faults::protections`]); `None` for other objects.
     flags: Option<(bool, bool)>,
+    /// What its `CKA_SENSITIVE` and `CKA_EXTRACTABLE` may be now, alike on
+    /// every member: as made, or as changed since
+    /// ([`Schedule::tighten`]); more than one where a change failed.
+    /// Empty for other objects.
+    protection: Vec<(bool, bool)>,
     handle: CK_OBJECT_HANDLE,
     token: bool,
     /// The key value (None: a data object, or a key whose value is unknown).
@@ -1682,6 +1714,9 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, when and which keys the
     /// application wraps and how it unwraps them ([`Faults::wraps`]).
     wrap_rng: Rng,
+    /// Chooses, apart from the others, when and how the application
+    /// changes its keys' protection ([`Faults::tightens`]).
+    tighten_rng: Rng,
     /// How many times the application logged out.
     logouts: u64,
 }
@@ -2246,14 +2281,16 @@ impl Schedule<'_> {
             String::from_utf8_lossy(&label)
         ));
         let fate = Fate::of_making(rv);
+        let flags = match kind {
+            0 => None,
+            1 => Some((*sensitive == yes, *extractable == yes)),
+            _ => Some((false, true)),
+        };
         self.made.push(Made {
             label,
             class: if kind == 0 { CKO_DATA } else { CKO_SECRET_KEY },
-            flags: match kind {
-                0 => None,
-                1 => Some((*sensitive == yes, *extractable == yes)),
-                _ => Some((false, true)),
-            },
+            flags,
+            protection: flags.into_iter().collect(),
             handle,
             token,
             key,
@@ -2306,6 +2343,7 @@ impl Schedule<'_> {
             label,
             class: from.class,
             flags: from.flags,
+            protection: from.protection.clone(),
             handle,
             token: true,
             key: from.key.clone(),
@@ -2407,6 +2445,7 @@ impl Schedule<'_> {
             label,
             class: CKO_SECRET_KEY,
             flags: Some((false, true)),
+            protection: vec![(false, true)],
             handle,
             token,
             key: value,
@@ -2417,6 +2456,65 @@ impl Schedule<'_> {
             refused_by: None,
             unwrapped: false,
         });
+        Ok(())
+    }
+
+    /// Tightens how one of the keys that exist is protected
+    /// ([`Faults::tightens`]): `CKA_SENSITIVE` to true or `CKA_EXTRACTABLE`
+    /// to false, the one way each may change (PKCS#11 3.1, 4.10 and 4.11,
+    /// footnote 11). In 1 in 4 it asks the other way, which a key
+    /// protected so must refuse, changing nothing, and a key not so takes
+    /// as a change to what it is. A change that fails may have been made
+    /// or not, alike on every member (checked after settling).
+    fn tighten(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
+        let keys = self.usable(|m| !m.protection.is_empty());
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let i = keys[self.tighten_rng.below(keys.len() as u64) as usize];
+        let loosen = self.tighten_rng.chance(25);
+        let sensitivity = self.tighten_rng.chance(50);
+        let asked = sensitivity != loosen;
+        // What the change makes of a key protected as given; `None` where
+        // it must be refused.
+        let change = |(sensitive, extractable): (bool, bool)| match (sensitivity, loosen) {
+            (true, false) => Some((true, extractable)),
+            (false, false) => Some((sensitive, false)),
+            (true, true) => (!sensitive).then_some((sensitive, extractable)),
+            (false, true) => extractable.then_some((sensitive, extractable)),
+        };
+        let value: CK_BBOOL = if asked { CK_TRUE } else { CK_FALSE };
+        let kind = if sensitivity {
+            CKA_SENSITIVE
+        } else {
+            CKA_EXTRACTABLE
+        };
+        let mut template = attribute(kind, &value as *const CK_BBOOL, 1);
+        // SAFETY: the value outlives the call.
+        let rv = unsafe {
+            self.f.C_SetAttributeValue.unwrap()(session, self.made[i].handle, &mut template, 1)
+        };
+        let name = self.made[i].name();
+        let what = if sensitivity {
+            "sensitive"
+        } else {
+            "extractable"
+        };
+        self.note(format!("t{t} set {what} {asked} on {name} -> {rv:#x}"));
+        let now = std::mem::take(&mut self.made[i].protection);
+        let changed: Vec<(bool, bool)> = now.iter().filter_map(|p| change(*p)).collect();
+        let mut after: Vec<(bool, bool)> = if rv == CKR_OK {
+            ensure!(
+                !changed.is_empty(),
+                "{name}, sensitive and extractable as one of {now:?}, took {what} {asked}"
+            );
+            changed
+        } else {
+            now.iter().chain(&changed).copied().collect()
+        };
+        after.sort();
+        after.dedup();
+        self.made[i].protection = after;
         Ok(())
     }
 
@@ -2452,7 +2550,7 @@ impl Schedule<'_> {
         }
         let key = keys[self.wrap_rng.below(keys.len() as u64) as usize];
         let wrapping_value = self.made[wrapping].key.clone().expect("a key");
-        let extractable = self.made[key].flags.is_none_or(|(_, e)| e);
+        let now = self.made[key].protection.clone();
         let expected = (self.made[key].key.as_ref())
             .map(|value| memory_member::token::wrapped(&wrapping_value, value));
         let mut mechanism = CK_MECHANISM {
@@ -2490,7 +2588,7 @@ impl Schedule<'_> {
         self.note(format!(
             "t{t} wrap {name} under {wrapping_name} -> length {rv_length:#x} {needed}, {rv:#x} {blob_len}"
         ));
-        if !extractable {
+        if now.iter().all(|(_, extractable)| !extractable) {
             ensure!(
                 rv_length == CKR_KEY_UNEXTRACTABLE && rv == CKR_KEY_UNEXTRACTABLE,
                 "{name}, made non-extractable, is wrapped with {rv_length:#x} (length) and \
@@ -2629,6 +2727,7 @@ impl Schedule<'_> {
             label,
             class,
             flags: Some((sensitive, extractable)),
+            protection: vec![(sensitive, extractable)],
             handle,
             token,
             key,
@@ -2746,6 +2845,10 @@ impl Schedule<'_> {
                 label,
                 class,
                 flags: (class == CKO_PRIVATE_KEY).then_some((sensitive, extractable)),
+                protection: (class == CKO_PRIVATE_KEY)
+                    .then_some((sensitive, extractable))
+                    .into_iter()
+                    .collect(),
                 handle,
                 token,
                 key: None,
@@ -2804,15 +2907,16 @@ impl Schedule<'_> {
 
     /// Reads, through the virtual slot, how one of the keys that exist is
     /// protected ([`Faults::protections`]): `CKA_SENSITIVE` and
-    /// `CKA_EXTRACTABLE` as made, `CKA_ALWAYS_SENSITIVE` false for a key
+    /// `CKA_EXTRACTABLE` as made or changed since (one of the ways a failed
+    /// change may have left them), `CKA_ALWAYS_SENSITIVE` false for a key
     /// made not sensitive and `CKA_NEVER_EXTRACTABLE` false for one made
     /// extractable (PKCS#11's common key attributes), both false for an
     /// unwrapped key (PKCS#11 3.1, 5.18 `C_UnwrapKey`), and the value of a
     /// sensitive or non-extractable key refused with
     /// `CKR_ATTRIBUTE_SENSITIVE` and its length unavailable -- an imported
     /// key's value, which the test knows, written nowhere in the buffer --
-    /// whichever member answers; a readable one must read as made where
-    /// its value is known.
+    /// whichever member answers, where every way it may be protects it; a
+    /// readable one must read as made where its value is known.
     fn read_protection(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
         let keys = self.usable(|m| m.flags.is_some());
         if keys.is_empty() {
@@ -2825,7 +2929,7 @@ impl Schedule<'_> {
             self.made[i].key.clone(),
         );
         let (sensitive, extractable) = self.made[i].flags.expect("a key");
-        let unwrapped = self.made[i].unwrapped;
+        let (unwrapped, now) = (self.made[i].unwrapped, self.made[i].protection.clone());
         let mut read = [CK_FALSE; 4];
         let types = [
             CKA_SENSITIVE,
@@ -2850,9 +2954,9 @@ impl Schedule<'_> {
         if rv == CKR_OK {
             let [read_sensitive, read_extractable, always, never] = read.map(|b| b == CK_TRUE);
             ensure!(
-                read_sensitive == sensitive && read_extractable == extractable,
-                "{name} was made sensitive {sensitive}, extractable {extractable}, and reads \
-                 sensitive {read_sensitive}, extractable {read_extractable}"
+                now.contains(&(read_sensitive, read_extractable)),
+                "{name}, sensitive and extractable as one of {now:?}, reads sensitive \
+                 {read_sensitive}, extractable {read_extractable}"
             );
             ensure!(
                 (sensitive || !always) && (!extractable || !never),
@@ -2865,10 +2969,11 @@ impl Schedule<'_> {
                  CKA_NEVER_EXTRACTABLE {never}"
             );
         }
-        if sensitive || !extractable {
+        let protected = |(sensitive, extractable): &(bool, bool)| *sensitive || !extractable;
+        if now.iter().all(protected) {
             ensure!(
                 rv_value != CKR_OK,
-                "{name}, made sensitive {sensitive} and extractable {extractable}, gives its value"
+                "{name}, sensitive and extractable as one of {now:?}, gives its value"
             );
             ensure!(
                 rv_value != CKR_ATTRIBUTE_SENSITIVE
@@ -3077,12 +3182,15 @@ impl Schedule<'_> {
     }
 
     /// After settling ([`Faults::protections`]): every member's copy of a
-    /// token key that exists is as sensitive as made, and a key made
-    /// non-extractable is non-extractable there or extractable only under
-    /// trusted keys (`CKA_WRAP_WITH_TRUSTED`, as the group keeps it to
-    /// replicate it); one made extractable is extractable there, and not
+    /// token key that exists is protected as the key may be now (as made,
+    /// or changed since), the same way on every member: as sensitive, and
+    /// a non-extractable key is non-extractable there or extractable only
+    /// under trusted keys (`CKA_WRAP_WITH_TRUSTED`, as the group keeps it
+    /// to replicate it); an extractable one is extractable there, and not
     /// only under trusted keys (the group would read it as protected).
     fn check_copies_protected(&self) -> Outcome {
+        // Each key's protection as the first token holding it has it.
+        let mut alike = std::collections::HashMap::new();
         for (token, (library, local)) in self.tokens.iter().enumerate() {
             let held = library.token_key_flags(*local);
             for m in self
@@ -3090,25 +3198,36 @@ impl Schedule<'_> {
                 .iter()
                 .filter(|m| m.token && m.fate == Fate::Exists)
             {
-                let Some((sensitive, extractable)) = m.flags else {
+                if m.protection.is_empty() {
                     continue;
-                };
+                }
                 let (label, class) = (hex(&m.label), hex(&m.class.to_ne_bytes()));
                 let copies = held.iter().filter(|(c, l, _)| *c == class && *l == label);
                 for (_, _, [held_sensitive, held_extractable, trusted_only]) in copies {
-                    let name = m.name();
+                    let as_held = m.protection.iter().find(|(sensitive, extractable)| {
+                        *held_sensitive == *sensitive
+                            && if *extractable {
+                                *held_extractable && !trusted_only
+                            } else {
+                                !held_extractable || *trusted_only
+                            }
+                    });
                     ensure!(
-                        *held_sensitive == sensitive,
-                        "{name}, made sensitive {sensitive}, is sensitive {held_sensitive} on token {token}"
+                        as_held.is_some(),
+                        "{}, sensitive and extractable as one of {:?}, is sensitive \
+                         {held_sensitive} and extractable {held_extractable} (under trusted keys \
+                         only: {trusted_only}) on token {token}",
+                        m.name(),
+                        m.protection
                     );
+                    let first = alike.entry(m.name()).or_insert((token, as_held.copied()));
                     ensure!(
-                        if extractable {
-                            *held_extractable && !trusted_only
-                        } else {
-                            !held_extractable || *trusted_only
-                        },
-                        "{name}, made extractable {extractable}, is extractable \
-                         {held_extractable} (under trusted keys only: {trusted_only}) on token {token}"
+                        first.1 == as_held.copied(),
+                        "{} is sensitive and extractable as {:?} on token {} and as {as_held:?} \
+                         on token {token}",
+                        m.name(),
+                        first.1,
+                        first.0
                     );
                 }
             }
@@ -4232,6 +4351,9 @@ impl Schedule<'_> {
                         if self.faults.wraps && self.wrap_rng.chance(20) {
                             self.wrap_and_unwrap(t, session)?;
                         }
+                        if self.faults.tightens && self.tighten_rng.chance(15) {
+                            self.tighten(t, session)?;
+                        }
                         // Mostly while a member is out, which then misses
                         // the whole run.
                         let out = self.spared && !self.all_serving();
@@ -4695,6 +4817,7 @@ fn run_plan(
         guard_rng: Rng(seed ^ 0x6a2d_0000_6a2d_0000),
         logout_rng: Rng(seed ^ 0x1060_0700_1060_0700),
         wrap_rng: Rng(seed ^ 0x3a90_0000_3a90_0000),
+        tighten_rng: Rng(seed ^ 0x7167_7e00_7167_7e00),
         logouts: 0,
     };
     // The header first, as the trace has it: a replay prints the login
@@ -5227,6 +5350,7 @@ fn a_destroy_or_change_while_no_member_serves_is_a_device_error() {
                 label,
                 class,
                 flags: None,
+                protection: Vec::new(),
                 handle: object,
                 token: true,
                 key: Some(value),
@@ -5600,6 +5724,7 @@ fn a_reconciliation_copy_from_a_source_that_dropped_its_connection_unseen_takes_
                 label: label.clone(),
                 class: CKO_DATA,
                 flags: None,
+                protection: Vec::new(),
                 handle: 0,
                 token: true,
                 key: None,
@@ -5760,6 +5885,7 @@ fn a_change_delivered_to_a_serving_member_waits_behind_a_removal_kept_for_it() {
                     label: label.clone(),
                     class,
                     flags: None,
+                    protection: Vec::new(),
                     handle,
                     token: true,
                     key: None,

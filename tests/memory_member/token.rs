@@ -1452,26 +1452,35 @@ impl Sim {
         handle: CK_OBJECT_HANDLE,
         attributes: Attributes,
     ) -> Result<()> {
-        const READ_ONLY: [CK_ATTRIBUTE_TYPE; 10] = [
+        const READ_ONLY: [CK_ATTRIBUTE_TYPE; 7] = [
             CKA_CLASS,
             CKA_KEY_TYPE,
             CKA_VALUE,
             CKA_VALUE_LEN,
             CKA_TOKEN,
             CKA_PRIVATE,
-            CKA_SENSITIVE,
-            CKA_EXTRACTABLE,
             CKA_TRUSTED,
-            CKA_WRAP_WITH_TRUSTED,
+        ];
+        // Changed one way only, to the value given, after which they are
+        // read-only (PKCS#11 3.1, 4.10 and 4.11, footnote 11).
+        const ONE_WAY: [(CK_ATTRIBUTE_TYPE, bool); 3] = [
+            (CKA_SENSITIVE, true),
+            (CKA_EXTRACTABLE, false),
+            (CKA_WRAP_WITH_TRUSTED, true),
         ];
         let token = self.enter_session(session)?;
         let handle = self.own_handle(session, handle);
         let logged_in = self.logged_in(session);
         let object = self.tokens[token].object(handle, logged_in)?;
+        let away_from_final = attributes.iter().any(|(t, value)| {
+            ONE_WAY.iter().any(|(one_way, last)| {
+                one_way == t && object.flag(*t) == *last && *value != boolean(*last)
+            })
+        });
         if object.session.is_none() && !self.session(session).read_write {
             return Err(CKR_SESSION_READ_ONLY);
         }
-        if attributes.keys().any(|t| READ_ONLY.contains(t)) {
+        if away_from_final || attributes.keys().any(|t| READ_ONLY.contains(t)) {
             return Err(CKR_ATTRIBUTE_READ_ONLY);
         }
         let t = &mut self.tokens[token];
