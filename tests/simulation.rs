@@ -286,7 +286,8 @@ struct Faults {
     /// `C_WrapKey` with its two calls on whichever member serves, and
     /// `C_UnwrapKey`, made on one member and copied to the others, under
     /// the faults that strike while keys are made
-    /// ([`Schedule::wrap_and_unwrap`]). `SIM_WRAPS=1` adds it to any set.
+    /// ([`Schedule::wrap_and_unwrap`]). On in the default sets since
+    /// session 42 (`SIM_WRAPS=1` adds it to the others).
     wraps: bool,
     /// The application tightens how its keys are protected
     /// (`C_SetAttributeValue` of `CKA_SENSITIVE` to true or
@@ -294,7 +295,8 @@ struct Faults {
     /// steps, drawn apart), and now and then tries the other way, which
     /// must be refused ([`Schedule::tighten`]): a change the group makes on
     /// every member, emulated for non-extractable keys, that no member can
-    /// undo. `SIM_TIGHTENS=1` adds it to any set.
+    /// undo. On in the default sets since session 42 (`SIM_TIGHTENS=1`
+    /// adds it to the others).
     tightens: bool,
 }
 
@@ -340,9 +342,21 @@ impl Faults {
     /// application copies objects and derives keys too, and members'
     /// logins break, while it is logged in or out, and tokens log the
     /// group out behind its back.
-    const DEFAULT: Faults = Faults::LOGOUTS;
+    const DEFAULT: Faults = Faults::WRAPS;
+    /// [`Faults::TIGHTENS`] with the application's wraps and unwraps
+    /// ([`Faults::wraps`]): the default sets since session 42.
+    const WRAPS: Faults = Faults {
+        wraps: true,
+        ..Faults::TIGHTENS
+    };
+    /// [`Faults::LOGOUTS`] with keys' protection tightened
+    /// ([`Faults::tightens`]).
+    const TIGHTENS: Faults = Faults {
+        tightens: true,
+        ..Faults::LOGOUTS
+    };
     /// [`Faults::PROTECTIONS`] with the application logging out
-    /// ([`Faults::logouts`]): the default sets since session 41.
+    /// ([`Faults::logouts`]): the default sets of session 41.
     const LOGOUTS: Faults = Faults {
         logouts: true,
         ..Faults::PROTECTIONS
@@ -2523,9 +2537,10 @@ impl Schedule<'_> {
     /// [`Faults::wraps`]) and unwraps the blob as a new key, on the token
     /// or in the session as drawn. The wrap asks the length first, then
     /// the blob, as applications do; for a secret key, each given must be
-    /// what the mechanism makes of the key's value. A key made
-    /// non-extractable must be refused with `CKR_KEY_UNEXTRACTABLE` and
-    /// nothing written (PKCS#11 3.1, 5.18 `C_WrapKey`). A secret key's
+    /// what the mechanism makes of the key's value. A non-extractable key
+    /// must be refused, nothing written (PKCS#11 3.1, 5.18 `C_WrapKey`):
+    /// with `CKR_KEY_UNEXTRACTABLE` where made so, which the group
+    /// answers itself. A secret key's
     /// blob unwrapped is the one the test computes, so that the unwrap
     /// runs whether the wrap was refused or failed; a private key's is the
     /// one given, and its copy joins the pair, so that it signs with
@@ -2588,15 +2603,26 @@ impl Schedule<'_> {
         self.note(format!(
             "t{t} wrap {name} under {wrapping_name} -> length {rv_length:#x} {needed}, {rv:#x} {blob_len}"
         ));
-        if now.iter().all(|(_, extractable)| !extractable) {
+        // Made non-extractable, the group answers for the key before any
+        // member is asked; made so later, the members do, and may fail.
+        if self.made[key]
+            .flags
+            .is_some_and(|(_, extractable)| !extractable)
+        {
             ensure!(
                 rv_length == CKR_KEY_UNEXTRACTABLE && rv == CKR_KEY_UNEXTRACTABLE,
                 "{name}, made non-extractable, is wrapped with {rv_length:#x} (length) and \
                  {rv:#x}, not CKR_KEY_UNEXTRACTABLE"
             );
+        }
+        if now.iter().all(|(_, extractable)| !extractable) {
+            ensure!(
+                rv_length != CKR_OK && rv != CKR_OK,
+                "{name}, non-extractable, is wrapped with {rv_length:#x} (length) and {rv:#x}"
+            );
             ensure!(
                 blob.iter().all(|b| *b == 0),
-                "{name}, made non-extractable, is refused and written to the application's buffer"
+                "{name}, non-extractable, is refused and written to the application's buffer"
             );
         }
         let given = (rv == CKR_OK).then(|| blob[..blob_len as usize].to_vec());
@@ -6715,7 +6741,15 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   on a member (`restart`); 22419 (from 20,000) with the search started
 ///   again at once on a member that had lost its login once more since:
 ///   the member's state is asked all the same.
-const REGRESSION_SEEDS: [(u64, Faults); 173] = [
+/// - 137, 180 (keys' protection tightened, from 0): a key made while a
+///   member was away was made non-extractable, which it is then on the
+///   members too (SoftHSM takes no `CKA_WRAP_WITH_TRUSTED` on a key that
+///   exists): the member's copy failed at every return, and the key lived
+///   on fewer members than the application was told. The change is
+///   refused while a member is owed the key
+///   (`VirtualSession::refuse_while_owed`); 540, 771 with a copy of such
+///   a key made while a member was away (`VirtualSession::sealed`).
+const REGRESSION_SEEDS: [(u64, Faults); 177] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -6889,6 +6923,10 @@ const REGRESSION_SEEDS: [(u64, Faults); 173] = [
     (1665, Faults::BATCHES),
     (422, Faults::BATCHES),
     (22419, Faults::BATCHES),
+    (137, Faults::TIGHTENS),
+    (180, Faults::TIGHTENS),
+    (540, Faults::TIGHTENS),
+    (771, Faults::TIGHTENS),
 ];
 
 #[test]
