@@ -849,6 +849,9 @@ pub struct Group {
     /// The objects those calls are making, known to the group before the
     /// calls have succeeded (see [`Group::making_object`]).
     unfinished: Mutex<SmallVec<[CK_OBJECT_HANDLE; 4]>>,
+    /// Token objects calls are importing while changes are kept for a
+    /// member, by their templates' prints ([`Group::importing`]).
+    importing: Mutex<Vec<(CK_OBJECT_HANDLE, Fingerprint)>>,
     /// Application calls waiting for a member to serve, and whether the
     /// group is closing (see [`Group::wait_for_serving`]). The standard
     /// library's futex-based primitives, not parking_lot's, for the reason
@@ -952,6 +955,21 @@ impl Drop for Unfinished<'_> {
         let mut objects = self.objects.lock();
         if let Some(i) = objects.iter().position(|o| *o == self.object) {
             objects.swap_remove(i);
+        }
+    }
+}
+
+/// An import under way ([`Group::importing`]), until dropped.
+pub struct Importing<'a> {
+    prints: &'a Mutex<Vec<(CK_OBJECT_HANDLE, Fingerprint)>>,
+    object: CK_OBJECT_HANDLE,
+}
+
+impl Drop for Importing<'_> {
+    fn drop(&mut self) {
+        let mut prints = self.prints.lock();
+        if let Some(i) = prints.iter().position(|(o, _)| *o == self.object) {
+            prints.swap_remove(i);
         }
     }
 }
@@ -1206,6 +1224,7 @@ impl Group {
             state: std::sync::OnceLock::new(),
             making: AtomicUsize::new(0),
             unfinished: Mutex::new(SmallVec::new()),
+            importing: Mutex::new(Vec::new()),
             serving_wait: std::sync::Mutex::default(),
             serving_changed: std::sync::Condvar::new(),
             wake_recovery: std::sync::OnceLock::new(),
@@ -2086,6 +2105,28 @@ impl Group {
             objects: &self.unfinished,
             object,
         }
+    }
+
+    /// Records, until the guard drops, that a call imports `object`, made
+    /// from a template with `print`: a kept removal of a like object waits
+    /// for it ([`Group::importing_like`]).
+    pub fn importing(&self, object: CK_OBJECT_HANDLE, print: Fingerprint) -> Importing<'_> {
+        self.importing.lock().push((object, print));
+        Importing {
+            prints: &self.importing,
+            object,
+        }
+    }
+
+    /// Whether a call imports an object like the one `print` removes
+    /// ([`Group::importing`]). Its copy, made on a member before the call
+    /// records it or keeps its fingerprint, would pass there for the
+    /// removed object: the removal of an abandoned first try's copy,
+    /// replayed beside the retry, removed the retry's, and the
+    /// application was told of an object no member held (simulation seed
+    /// 1574769).
+    pub fn importing_like(&self, print: &Fingerprint) -> bool {
+        (self.importing.lock().iter()).any(|(_, template)| identity::matches(print, template))
     }
 
     /// Whether a call is still making `object` ([`Group::making_object`]).

@@ -2803,6 +2803,18 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
             return 0;
         }
     }
+    // A removal while a call imports a like object waits for it: that
+    // call's copy, on the member and not yet recorded, would pass for the
+    // removed one (`Group::importing_like`).
+    if change
+        .destroyed()
+        .is_some_and(|print| group.importing_like(print))
+    {
+        replay.removals.extend(change.destroyed().cloned());
+        replay.keep_again(group, change);
+        group.deferred_handled(position, 1);
+        return 0;
+    }
     let logged_out = !group.holds_login();
     let outcome = worker.apply(position, &change, replay.holdings.as_mut());
     // As in the replay: a copy that failed while the member answers

@@ -377,6 +377,12 @@ impl VirtualSession {
                 .then(|| OwnedTemplate::copy(template).print())
                 .flatten()
         };
+        // Where changes are kept for a member, a kept removal of a like
+        // object waits for this call (`Group::importing_like`).
+        let _importing = (self.group.has_deferred())
+            .then(print)
+            .flatten()
+            .map(|p| self.group.importing(object, p));
         let mut made: Vec<(Era, CK_OBJECT_HANDLE)> = Vec::new();
         let mut faulted: Vec<usize> = Vec::new();
         let mut refused: Vec<(Era, CK_RV)> = Vec::new();
