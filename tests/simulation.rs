@@ -341,7 +341,8 @@ impl Faults {
     /// replace; in half of them members refuse objects for good, the
     /// application copies objects and derives keys too, and members'
     /// logins break, while it is logged in or out, and tokens log the
-    /// group out behind its back.
+    /// group out behind its back; the application wraps and unwraps its
+    /// keys and tightens their protection.
     const DEFAULT: Faults = Faults::WRAPS;
     /// [`Faults::TIGHTENS`] with the application's wraps and unwraps
     /// ([`Faults::wraps`]): the default sets since session 42.
@@ -5221,6 +5222,8 @@ fn seeded_schedules_keep_every_invariant() {
         (faults.batches, "SIM_BATCHES"),
         (faults.protections, "SIM_PROTECTIONS"),
         (faults.logouts, "SIM_LOGOUTS"),
+        (faults.wraps, "SIM_WRAPS"),
+        (faults.tightens, "SIM_TIGHTENS"),
     ];
     let switched_on: String = (switches.iter())
         .filter(|(on, _)| *on)
