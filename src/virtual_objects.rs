@@ -923,7 +923,7 @@ impl VirtualSession {
         let members = &self.group.members;
         let Some(owed) = members
             .iter()
-            .find(|m| self.group.queued_objects(m.position).contains(&object))
+            .find(|m| self.group.on_its_way(m.position, object))
         else {
             return Ok(());
         };
