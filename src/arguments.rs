@@ -110,6 +110,11 @@ impl<'t> Attribute<'t> {
         })
     }
 
+    /// The `CK_BBOOL` value, if the value is one.
+    pub fn bool(&self) -> Option<bool> {
+        self.value().and_then(bool_of)
+    }
+
     /// The template this attribute's value holds, if it is a well-formed
     /// nested one (`CKA_UNWRAP_TEMPLATE` and the like).
     pub fn nested(&self) -> Option<Template<'t>> {
@@ -220,7 +225,7 @@ impl<'a> Template<'a> {
     pub fn bool(&self, attribute: CK_ATTRIBUTE_TYPE) -> Option<bool> {
         self.iter()
             .filter(|a| a.kind() == attribute)
-            .find_map(|a| a.value().and_then(bool_of))
+            .find_map(|a| a.bool())
     }
 
     /// The `CK_ULONG` value of `attribute`, if present.

@@ -11,7 +11,7 @@
 //! domain key being the only one; the application sees it non-extractable
 //! and cannot wrap it. See `docs/security-model.md`.
 
-use crate::arguments::TemplateBuilder;
+use crate::arguments::{Attribute, Template, TemplateBuilder};
 use crate::error::rv_name;
 use crate::error::{Error, Result};
 use crate::group::Pending;
@@ -1554,9 +1554,13 @@ impl VirtualSession {
             }
         };
         let template = changes.template();
-        let answer = self.attempt_on(position, Some(era), "C_SetAttributeValue", &mut |l, s| {
-            l.set_attribute_value(s, one, template.as_slice())
-        });
+        let mut answer =
+            self.attempt_on(position, Some(era), "C_SetAttributeValue", &mut |l, s| {
+                l.set_attribute_value(s, one, template.as_slice())
+            });
+        if matches!(answer, Attempt::Answered(rv) if rv != CKR_OK) {
+            answer = self.set_what_differs(position, era, one, &template);
+        }
         match answer {
             Attempt::Answered(CKR_OK) => {
                 self.group.forget_object(position, one);
@@ -1573,6 +1577,44 @@ impl VirtualSession {
             Attempt::Answered(rv) => Err(format!("the change refused with {}", rv_name(rv))),
             Attempt::Faulted => Err("the member failed again".into()),
         }
+    }
+
+    /// Sets on copy `one` only those of `changes` it does not hold already,
+    /// after the member refused them all: a copy made since the change
+    /// (from the object as it is now) may hold them, and a member may
+    /// refuse an attribute set again to the value it holds (SoftHSM, any
+    /// `CKA_SENSITIVE` once true). Nested templates are always set.
+    fn set_what_differs(
+        &self,
+        position: usize,
+        era: Era,
+        one: CK_OBJECT_HANDLE,
+        changes: &Template,
+    ) -> Attempt {
+        let kinds: Vec<CK_ATTRIBUTE_TYPE> = changes.iter().map(|a| a.kind()).collect();
+        let mut held = None;
+        let read = self.attempt_on(position, Some(era), "C_GetAttributeValue", &mut |l, s| {
+            held = identity::read_attributes(l, s, one, &kinds);
+            CKR_OK
+        });
+        let Some(held) = held else {
+            return read;
+        };
+        let holds = |a: &Attribute| {
+            !NESTED_ATTRIBUTES.contains(&a.kind())
+                && (held.iter()).any(|(kind, value)| *kind == a.kind() && a.value() == Some(value))
+        };
+        let mut differing = TemplateBuilder::with_capacity(changes.len());
+        for a in changes.iter().filter(|a| !holds(a)) {
+            differing.push(a);
+        }
+        let differing = differing.build();
+        if differing.is_empty() {
+            return Attempt::Answered(CKR_OK);
+        }
+        self.attempt_on(position, Some(era), "C_SetAttributeValue", &mut |l, s| {
+            l.set_attribute_value(s, one, differing.as_slice())
+        })
     }
 
     /// Removes from the member every object matching the template print

@@ -108,6 +108,32 @@ const EMULATED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE
 /// Attributes holding a template for the keys a key unwraps or derives.
 const NESTED_TEMPLATES: [CK_ATTRIBUTE_TYPE; 2] = [CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
 
+/// One-way attributes, each with the value it can only leave (PKCS#11 3.1,
+/// 4.4 and 4.8): set to it, a member changes nothing, or refuses where the
+/// key left it.
+const LOOSE_VALUES: [(CK_ATTRIBUTE_TYPE, bool); 4] = [
+    (CKA_SENSITIVE, false),
+    (CKA_WRAP_WITH_TRUSTED, false),
+    (CKA_EXTRACTABLE, true),
+    (CKA_COPYABLE, true),
+];
+
+/// The attributes of a change that succeeded which a member that missed it
+/// must still get: not a one-way attribute set to its loose value, which
+/// changed nothing, and given to a copy made since with the value
+/// tightened would be refused at every try, holding back the object's
+/// later changes (simulation seed 1808740).
+fn lasting_changes<'t>(changes: &'t Template) -> Template<'t> {
+    let mut lasting = TemplateBuilder::with_capacity(changes.len());
+    let loose = |a: &Attribute| {
+        (LOOSE_VALUES.iter()).any(|&(kind, value)| a.kind() == kind && a.bool() == Some(value))
+    };
+    for a in changes.iter().filter(|a| !loose(a)) {
+        lasting.push(a);
+    }
+    lasting.build()
+}
+
 /// The attributes of a nested template, if `a` is a well-formed one.
 fn nested(a: Attribute<'_>) -> Option<impl Iterator<Item = Attribute<'_>> + Clone> {
     if !NESTED_TEMPLATES.contains(&a.kind()) {
@@ -1398,7 +1424,11 @@ impl VirtualSession {
                 }
             }
             Change::Set(template) => {
-                let changes = std::sync::Arc::new(OwnedTemplate::copy(template));
+                let lasting = lasting_changes(template);
+                if lasting.is_empty() {
+                    return;
+                }
+                let changes = std::sync::Arc::new(OwnedTemplate::copy(&lasting));
                 let after = identity::changed(&before, changes.values());
                 (self.group.objects).change_fingerprint(object, before.clone(), after);
                 for position in missed {
@@ -2094,6 +2124,33 @@ mod tests {
         let change = MemberTemplate::for_change(&empty);
         assert!(!change.protects(), "absent changes nothing");
         assert_eq!(no, [CK_FALSE], "the application's template is untouched");
+    }
+
+    #[test]
+    fn a_one_way_attribute_set_to_its_loose_value_is_no_lasting_change() {
+        let (no, yes, id) = ([CK_FALSE], [CK_TRUE], *b"id");
+        let given: Template = [
+            (CKA_SENSITIVE, &no[..]),
+            (CKA_EXTRACTABLE, &yes[..]),
+            (CKA_WRAP_WITH_TRUSTED, &no[..]),
+            (CKA_COPYABLE, &yes[..]),
+            (CKA_ID, &id[..]),
+            (CKA_SENSITIVE, &yes[..]),
+            (CKA_COPYABLE, &no[..]),
+        ]
+        .into_iter()
+        .collect();
+        let lasting: Vec<_> = (lasting_changes(&given).values())
+            .map(|(kind, value)| (kind, value.to_vec()))
+            .collect();
+        assert_eq!(
+            lasting,
+            [
+                (CKA_ID, id.to_vec()),
+                (CKA_SENSITIVE, yes.to_vec()),
+                (CKA_COPYABLE, no.to_vec())
+            ]
+        );
     }
 
     #[test]

@@ -516,6 +516,7 @@ fn flag_on_member(group: &Group, i: usize, label: &str, which: AttributeType) ->
                 [Attribute::Copyable(b)
                 | Attribute::Destroyable(b)
                 | Attribute::Modifiable(b)
+                | Attribute::Sensitive(b)
                 | Attribute::Extractable(b)] => b,
                 ref other => panic!("{which:?} read as {other:?}"),
             },
@@ -673,4 +674,57 @@ fn a_key_is_made_non_extractable_only_once_every_member_holds_it() {
         "{copy:?}"
     );
     assert!(flag_on_member(&group, 0, "late-copy", AttributeType::Extractable).is_empty());
+}
+
+/// A member away is given a key made meanwhile as it is now, sensitive,
+/// and then the changes of it it missed. SoftHSM refuses `CKA_SENSITIVE`
+/// set at all once true: `FALSE` (a change of nothing when the application
+/// made it) and `TRUE` (which the copy holds already) were refused at every
+/// try, and the key's later `CKA_ID` never reached the member.
+#[test]
+fn a_member_given_a_key_as_it_is_now_still_gets_its_later_changes() {
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let before = ec_key(&session, b"before");
+    fail_member(&group, &session, before, 1);
+    let key = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Label("loose".into()),
+                Attribute::Id(b"first".to_vec()),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+            ],
+        )
+        .expect("a key made while member 1 is away");
+    for change in [
+        Attribute::Sensitive(false),
+        Attribute::Sensitive(true),
+        Attribute::Id(b"second".to_vec()),
+    ] {
+        session
+            .update_attributes(key, std::slice::from_ref(&change))
+            .unwrap_or_else(|e| panic!("{change:?}: {e}"));
+    }
+
+    group.members[1].clear_fault();
+    group.wait_for_state(1, 0, PATIENCE);
+    group.wait_for_no_pending(1, PATIENCE);
+    for member in 0..2 {
+        assert_eq!(
+            flag_on_member(&group, member, "loose", AttributeType::Sensitive),
+            [true],
+            "member {member}"
+        );
+        assert_eq!(
+            group.count_on_member(member, b"second"),
+            1,
+            "member {member}"
+        );
+    }
+    assert!(!group.log().contains("refused with"), "{}", group.log());
 }

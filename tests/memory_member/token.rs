@@ -1461,8 +1461,9 @@ impl Sim {
             CKA_PRIVATE,
             CKA_TRUSTED,
         ];
-        // Changed one way only, to the value given, after which they are
-        // read-only (PKCS#11 3.1, 4.10 and 4.11, footnote 11).
+        // Changed one way only, to the value given (PKCS#11 3.1, 4.10 and
+        // 4.11, footnote 11), after which SoftHSM refuses to set them at
+        // all, even to the value they hold.
         const ONE_WAY: [(CK_ATTRIBUTE_TYPE, bool); 3] = [
             (CKA_SENSITIVE, true),
             (CKA_EXTRACTABLE, false),
@@ -1472,15 +1473,13 @@ impl Sim {
         let handle = self.own_handle(session, handle);
         let logged_in = self.logged_in(session);
         let object = self.tokens[token].object(handle, logged_in)?;
-        let away_from_final = attributes.iter().any(|(t, value)| {
-            ONE_WAY.iter().any(|(one_way, last)| {
-                one_way == t && object.flag(*t) == *last && *value != boolean(*last)
-            })
+        let at_final = attributes.keys().any(|t| {
+            (ONE_WAY.iter()).any(|(one_way, last)| one_way == t && object.flag(*t) == *last)
         });
         if object.session.is_none() && !self.session(session).read_write {
             return Err(CKR_SESSION_READ_ONLY);
         }
-        if away_from_final || attributes.keys().any(|t| READ_ONLY.contains(t)) {
+        if at_final || attributes.keys().any(|t| READ_ONLY.contains(t)) {
             return Err(CKR_ATTRIBUTE_READ_ONLY);
         }
         let t = &mut self.tokens[token];
