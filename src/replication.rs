@@ -1461,6 +1461,7 @@ impl VirtualSession {
             .is_some()
             .then(|| self.fingerprint_of(object))
             .flatten();
+        let mut era = self.group.objects.era(source);
         let mut copied = self.copy_to(object, source, &[position], Copying::Missed);
         // A source whose library refused the key-wrap mechanism in this
         // very copy (not known before) gives way to another holder, if one
@@ -1474,6 +1475,7 @@ impl VirtualSession {
                 Some(next) if next != source => source = next,
                 _ => break,
             }
+            era = self.group.objects.era(source);
             copied = self.copy_to(object, source, &[position], Copying::Missed);
         }
         match copied {
@@ -1506,10 +1508,19 @@ impl VirtualSession {
                 // restarted unseen: the object's reading on a session from
                 // before the restart answers as a handle not found
                 // (simulation seed 1006656, a kept key left on one member).
+                // One that answers, logged in, numbered its objects anew
+                // unseen (its library reconnected, and the token renumbers
+                // per connection): its handles are looked up afresh, and
+                // the copy, kept, finds the object there at its next try
+                // (simulation seed 2449974: every try read the stale
+                // handle, and the member never got the copy).
                 if crate::group::is_member_fault("C_WrapKey", e.rv)
                     || e.rv == CKR_OBJECT_HANDLE_INVALID
                 {
-                    self.answers(source);
+                    let answered = self.answers(source);
+                    if answered && e.rv == CKR_OBJECT_HANDLE_INVALID && self.group.holds_login() {
+                        self.group.handles_went_stale(source, era);
+                    }
                 }
                 Err(format!("copying an object failed with {}", rv_name(e.rv)))
             }

@@ -603,6 +603,18 @@ impl Faults {
         pair_signs: true,
         ..Faults::RECONNECTS
     };
+    /// [`Faults::RECONNECTS_ALL`] with the switches that joined the hint
+    /// since (`SIM_SHARED_NAMES=1 ... SIM_WRAPS=1 SIM_TIGHTENS=1`).
+    const RECONNECTS_EVERY: Faults = Faults {
+        shared_names: true,
+        templates: true,
+        batches: true,
+        protections: true,
+        logouts: true,
+        wraps: true,
+        tightens: true,
+        ..Faults::RECONNECTS_ALL
+    };
     /// No schedule with them (`SIM_RECONNECTS=0`).
     const NO_RECONNECTS: Faults = Faults {
         widened: true,
@@ -6769,7 +6781,15 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   member refused it at every try and the key's later `CKA_ID` change
 ///   never reached it. A one-way attribute set to its loose value is no
 ///   longer kept for a member (`virtual_objects::lasting_changes`).
-const REGRESSION_SEEDS: [(u64, Faults); 179] = [
+/// - 2449974 (`Faults::RECONNECTS_EVERY`, from 2,400,000; it failed on the
+///   code before session 42 too): a data object was copied
+///   (`C_CopyObject`) while member 0 was away; member 1, a holder, crashed
+///   unseen and its library reconnected, numbering its objects anew; every
+///   replay of the copy to member 0 read member 1's stale handle and
+///   failed with `CKR_OBJECT_HANDLE_INVALID`, and member 0 never got it. A
+///   source that answers so, logged in, has its handles looked up afresh
+///   (`VirtualSession::copy_missed`, `Group::handles_went_stale`).
+const REGRESSION_SEEDS: [(u64, Faults); 180] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -6949,6 +6969,7 @@ const REGRESSION_SEEDS: [(u64, Faults); 179] = [
     (771, Faults::TIGHTENS),
     (1574769, Faults::WRAPS),
     (1808740, Faults::WRAPS),
+    (2449974, Faults::RECONNECTS_EVERY),
 ];
 
 #[test]
