@@ -298,6 +298,13 @@ struct Faults {
     /// undo. On in the default sets since session 42 (`SIM_TIGHTENS=1`
     /// adds it to the others).
     tightens: bool,
+    /// With [`Faults::tightens`], 2 in 5 changes of a token key's
+    /// protection give it a new `CKA_ID` in the same call
+    /// (`C_SetAttributeValue` of two attributes): a one-way attribute's
+    /// change kept for a member beside one that must reach it. On in the
+    /// default sets since session 43 (`SIM_JOINT_SETS=1` adds it to the
+    /// others).
+    joint_sets: bool,
 }
 
 /// Where [`Faults::broken_logins`] are planted.
@@ -343,9 +350,15 @@ impl Faults {
     /// logins break, while it is logged in or out, and tokens log the
     /// group out behind its back; the application wraps and unwraps its
     /// keys and tightens their protection.
-    const DEFAULT: Faults = Faults::WRAPS;
+    const DEFAULT: Faults = Faults::JOINT_SETS;
+    /// [`Faults::WRAPS`] with a key's protection and ID changed in one
+    /// call ([`Faults::joint_sets`]): the default sets since session 43.
+    const JOINT_SETS: Faults = Faults {
+        joint_sets: true,
+        ..Faults::WRAPS
+    };
     /// [`Faults::TIGHTENS`] with the application's wraps and unwraps
-    /// ([`Faults::wraps`]): the default sets since session 42.
+    /// ([`Faults::wraps`]): the default sets of session 42.
     const WRAPS: Faults = Faults {
         wraps: true,
         ..Faults::TIGHTENS
@@ -466,6 +479,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// The default schedules before refusals lasted: in half of them a
     /// member refused an object for the application's call alone
@@ -554,6 +568,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// Every schedule with reconciliation passes across reconnects
     /// (`SIM_RECONNECTS=1`).
@@ -587,6 +602,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// [`Faults::RECONNECTS`] with every switch of a failing seed's replay
     /// hint on (`SIM_RECONNECTS=1 SIM_SPARES=1 SIM_REFUSED_CREATES=1 ...`):
@@ -604,7 +620,8 @@ impl Faults {
         ..Faults::RECONNECTS
     };
     /// [`Faults::RECONNECTS_ALL`] with the switches that joined the hint
-    /// since (`SIM_SHARED_NAMES=1 ... SIM_WRAPS=1 SIM_TIGHTENS=1`).
+    /// until session 42 (`SIM_SHARED_NAMES=1 ... SIM_WRAPS=1
+    /// SIM_TIGHTENS=1`).
     const RECONNECTS_EVERY: Faults = Faults {
         shared_names: true,
         templates: true,
@@ -646,6 +663,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// The schedules without reconnects as they were before the stepped
     /// recovery thread joined them.
@@ -679,6 +697,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// The default schedules before reconnects and recovery beside a
     /// call joined them.
@@ -712,6 +731,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// The reconnect schedules as they were before recovery beside a
     /// call joined them.
@@ -745,6 +765,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
 
     /// The schedules a run draws: `SIM_RECONNECTS=1` or `0` chooses
@@ -813,6 +834,16 @@ impl Faults {
             "keys' protection tightened in any set",
             |f| Faults {
                 tightens: true,
+                ..f
+            },
+        );
+        let chosen = switched(
+            chosen,
+            "SIM_JOINT_SETS",
+            "a key's protection and ID changed in one call, in any set",
+            |f| Faults {
+                tightens: true,
+                joint_sets: true,
                 ..f
             },
         );
@@ -894,6 +925,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// The default schedules as they were before [`Faults::widened`].
     const ONE_AT_A_TIME: Faults = Faults {
@@ -926,6 +958,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
     /// The open-defect schedules as they were before [`Faults::widened`].
     const REFUSALS_UNWIDENED: Faults = Faults {
@@ -958,6 +991,7 @@ impl Faults {
         logouts: false,
         wraps: false,
         tightens: false,
+        joint_sets: false,
     };
 
     /// The faults schedule `seed` draws: reconnects in all of it or none.
@@ -1744,6 +1778,9 @@ struct Schedule<'a> {
     /// Chooses, apart from the others, when and how the application
     /// changes its keys' protection ([`Faults::tightens`]).
     tighten_rng: Rng,
+    /// Chooses, apart from the others, which changes of protection give a
+    /// key a new ID too ([`Faults::joint_sets`]).
+    joint_rng: Rng,
     /// How many times the application logged out.
     logouts: u64,
 }
@@ -2492,7 +2529,9 @@ impl Schedule<'_> {
     /// footnote 11). In 1 in 4 it asks the other way, which a key
     /// protected so must refuse, changing nothing, and a key not so takes
     /// as a change to what it is. A change that fails may have been made
-    /// or not, alike on every member (checked after settling).
+    /// or not, alike on every member (checked after settling). With
+    /// [`Faults::joint_sets`], some give a token key a new `CKA_ID` in the
+    /// same call, all or nothing.
     fn tighten(&mut self, t: usize, session: CK_SESSION_HANDLE) -> Outcome {
         let keys = self.usable(|m| !m.protection.is_empty());
         if keys.is_empty() {
@@ -2505,7 +2544,7 @@ impl Schedule<'_> {
         // What the change makes of a key protected as given; `None` where
         // it must be refused (SoftHSM refuses `CKA_SENSITIVE` set at all
         // once true; the group takes `CKA_EXTRACTABLE = FALSE` on a key
-        // that is not as a change of nothing).
+        // non-extractable already as a change of nothing).
         let change = |(sensitive, extractable): (bool, bool)| match (sensitivity, loosen) {
             (true, false) => (!sensitive).then_some((true, extractable)),
             (false, false) => Some((sensitive, false)),
@@ -2518,10 +2557,21 @@ impl Schedule<'_> {
         } else {
             CKA_EXTRACTABLE
         };
-        let mut template = attribute(kind, &value as *const CK_BBOOL, 1);
-        // SAFETY: the value outlives the call.
+        let joint = self.faults.joint_sets && self.made[i].token && self.joint_rng.chance(40);
+        let id = joint.then(|| {
+            self.serial += 1;
+            format!("id-{}", self.serial).into_bytes()
+        });
+        let mut template = vec![attribute(kind, &value as *const CK_BBOOL, 1)];
+        template.extend((id.iter()).map(|id| attribute(CKA_ID, id.as_ptr(), id.len())));
+        // SAFETY: the values outlive the call.
         let rv = unsafe {
-            self.f.C_SetAttributeValue.unwrap()(session, self.made[i].handle, &mut template, 1)
+            self.f.C_SetAttributeValue.unwrap()(
+                session,
+                self.made[i].handle,
+                template.as_mut_ptr(),
+                template.len() as CK_ULONG,
+            )
         };
         let name = self.made[i].name();
         let what = if sensitivity {
@@ -2529,7 +2579,19 @@ impl Schedule<'_> {
         } else {
             "extractable"
         };
-        self.note(format!("t{t} set {what} {asked} on {name} -> {rv:#x}"));
+        let and_id = (id.iter())
+            .map(|id| format!(" and ID {}", String::from_utf8_lossy(id)))
+            .collect::<String>();
+        self.note(format!(
+            "t{t} set {what} {asked}{and_id} on {name} -> {rv:#x}"
+        ));
+        if let Some(id) = id {
+            self.made[i].id = if rv == CKR_OK {
+                Id::Set(id)
+            } else {
+                Id::Either
+            };
+        }
         let now = std::mem::take(&mut self.made[i].protection);
         let changed: Vec<(bool, bool)> = now.iter().filter_map(|p| change(*p)).collect();
         let mut after: Vec<(bool, bool)> = if rv == CKR_OK {
@@ -4859,6 +4921,7 @@ fn run_plan(
         logout_rng: Rng(seed ^ 0x1060_0700_1060_0700),
         wrap_rng: Rng(seed ^ 0x3a90_0000_3a90_0000),
         tighten_rng: Rng(seed ^ 0x7167_7e00_7167_7e00),
+        joint_rng: Rng(seed ^ 0x1d5e_7000_1d5e_7000),
         logouts: 0,
     };
     // The header first, as the trace has it: a replay prints the login
@@ -5238,6 +5301,7 @@ fn seeded_schedules_keep_every_invariant() {
         (faults.logouts, "SIM_LOGOUTS"),
         (faults.wraps, "SIM_WRAPS"),
         (faults.tightens, "SIM_TIGHTENS"),
+        (faults.joint_sets, "SIM_JOINT_SETS"),
     ];
     let switched_on: String = (switches.iter())
         .filter(|(on, _)| *on)
@@ -6789,7 +6853,14 @@ fn an_orphan_is_not_taken_for_the_group_key_when_no_other_member_serves() {
 ///   failed with `CKR_OBJECT_HANDLE_INVALID`, and member 0 never got it. A
 ///   source that answers so, logged in, has its handles looked up afresh
 ///   (`VirtualSession::copy_missed`, `Group::handles_went_stale`).
-const REGRESSION_SEEDS: [(u64, Faults); 180] = [
+/// - 1069, 13819 (`Faults::JOINT_SETS`, from 0; they fail on session
+///   42's code): a key's `CKA_SENSITIVE` (true, or false as a change of
+///   nothing) and `CKA_ID` changed in one call and kept for a member whose
+///   copy was made sensitive since: refused there at every try, the ID
+///   never reached it (1069), and the key's removal, kept behind the
+///   change, never came (13819). As 1808740, with what is set again
+///   limited to what the copy lacks (`VirtualSession::set_what_differs`).
+const REGRESSION_SEEDS: [(u64, Faults); 182] = [
     (6209, Faults::ONE_AT_A_TIME),
     (7588, Faults::ONE_AT_A_TIME),
     (72, Faults::REFUSALS_UNWIDENED),
@@ -6970,6 +7041,8 @@ const REGRESSION_SEEDS: [(u64, Faults); 180] = [
     (1574769, Faults::WRAPS),
     (1808740, Faults::WRAPS),
     (2449974, Faults::RECONNECTS_EVERY),
+    (1069, Faults::JOINT_SETS),
+    (13819, Faults::JOINT_SETS),
 ];
 
 #[test]
