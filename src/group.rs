@@ -90,6 +90,10 @@ pub struct Member {
     /// key-wrap mechanism (0: not refused), so that the group neither asks
     /// again nor says so again until the member has been reconnected.
     wrap_refused: AtomicU64,
+    /// One more than the generation of the group's credential that the
+    /// member's token refused at recovery (0: none refused), so that it is
+    /// not tried there again ([`Group::refused_cached_pin`]).
+    pin_refused: AtomicU64,
     /// Whether its library refused the key-wrap mechanism at any time in
     /// this process (and has carried no key since): kept while the member
     /// is down, so that no key it cannot receive is made meanwhile.
@@ -274,6 +278,7 @@ impl Member {
             silent_searches: AtomicU64::new(0),
             stale_handles_forgotten: Mutex::new(None),
             wrap_refused: AtomicU64::new(0),
+            pin_refused: AtomicU64::new(0),
             known_to_refuse_keys: AtomicBool::new(false),
             utility: Mutex::new(None),
             unused_sessions: Mutex::new(SmallVec::new()),
@@ -641,6 +646,9 @@ fn record_timed_call(member: &Member, started: Instant) {
 pub struct Login {
     pub user_type: CK_USER_TYPE,
     pub pin: Option<Zeroizing<Vec<u8>>>,
+    /// Which credential this is: a new one at each login and PIN change
+    /// ([`Group::refused_cached_pin`]).
+    generation: u64,
 }
 
 /// Per-group settings from the config.
@@ -767,6 +775,8 @@ pub struct Group {
     /// How many times a call logged a member in again after it lost its
     /// login (see [`Group::note_login_again`]).
     logins_again: AtomicU64,
+    /// Credentials cached so far ([`Login::generation`]).
+    logins_cached: AtomicU64,
     /// While no member serves: since when, and when the HA log last said
     /// so (see [`Group::review_serving`]).
     outage: Mutex<Option<Outage>>,
@@ -1194,6 +1204,7 @@ impl Group {
             probes: Default::default(),
             pending: Mutex::new(vec![Vec::new(); count]),
             logins_again: AtomicU64::new(0),
+            logins_cached: AtomicU64::new(0),
             in_doubt: Mutex::new(vec![Vec::new(); count]),
             abandoned: Mutex::default(),
             deferred: Mutex::new(vec![Vec::new(); count]),
@@ -3358,6 +3369,42 @@ impl Group {
     /// How many times [`Group::note_login_again`] was called.
     pub fn logins_again(&self) -> u64 {
         self.logins_again.load(Ordering::Relaxed)
+    }
+
+    /// Keeps the application's login, to log members in again.
+    pub fn cache_login(&self, user_type: CK_USER_TYPE, pin: Option<&[u8]>) {
+        *self.login.lock() = Some(Login {
+            user_type,
+            pin: pin.map(|p| Zeroizing::new(p.to_vec())),
+            generation: self.logins_cached.fetch_add(1, Ordering::Relaxed),
+        });
+    }
+
+    /// Keeps the PIN the application changed its login's to.
+    pub fn cache_new_pin(&self, pin: &[u8]) {
+        if let Some(login) = self.login.lock().as_mut() {
+            if login.user_type == CKU_USER || login.user_type == CKU_SO {
+                login.pin = Some(Zeroizing::new(pin.to_vec()));
+                login.generation = self.logins_cached.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Notes that member `position`'s token refused the cached credential
+    /// at recovery (a wrong PIN there).
+    pub fn note_pin_refused(&self, position: usize) {
+        if let Some(login) = self.login.lock().as_ref() {
+            (self.members[position].pin_refused).store(login.generation + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether member `position`'s token refused the credential the group
+    /// holds now: recovery does not try it there again, since a token may
+    /// lock its user after a few wrong PINs (Luna partitions do), until the
+    /// application logs in again or changes the PIN through the group.
+    pub fn refused_cached_pin(&self, position: usize) -> bool {
+        let refused = self.members[position].pin_refused.load(Ordering::Relaxed);
+        (self.login.lock().as_ref()).is_some_and(|l| refused == l.generation + 1)
     }
 
     /// The cached credential, to log a member in again after it lost its

@@ -8,7 +8,7 @@ use crate::config_warnings;
 use crate::error::{check, Error, Result};
 use crate::fork::PerGeneration;
 use crate::group::now_ms;
-use crate::group::{virtual_serial, Group, GroupSettings, Location, Login};
+use crate::group::{virtual_serial, Group, GroupSettings, Location};
 use crate::halog;
 use crate::member::{
     initialize_each, padded_to_string, string_to_padded, Counting, LeftBusy, MemberLibrary, Silent,
@@ -31,7 +31,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 pub struct Provider {
     pub ha_only: bool,
@@ -1089,10 +1088,7 @@ impl Provider {
                 rv => rv,
             }
         })?;
-        *v.group.login.lock() = Some(Login {
-            user_type,
-            pin: pin.map(|p| Zeroizing::new(p.to_vec())),
-        });
+        v.group.cache_login(user_type, pin);
         // Private objects looked for while logged out were not visible.
         v.group.retry_absent();
         v.look_up_domain_keys();

@@ -916,7 +916,7 @@ enum Attempted {
 /// more.
 fn attempt(provider: &dyn Host, group: &Arc<Group>, position: usize) -> Attempted {
     let member = &group.members[position];
-    if member.state() != MemberState::Down {
+    if member.state() != MemberState::Down || group.refused_cached_pin(position) {
         return Attempted::NotFound;
     }
     let attempts = provider.recovery().attempts;
@@ -1410,6 +1410,23 @@ fn bring_up_to_date(
             pin.as_deref().map(|p| p.as_slice()),
         );
         drop(guard);
+        if matches!(
+            rv,
+            CKR_PIN_INCORRECT
+                | CKR_PIN_INVALID
+                | CKR_PIN_LEN_RANGE
+                | CKR_PIN_EXPIRED
+                | CKR_PIN_LOCKED
+        ) {
+            group.note_pin_refused(position);
+            return Err(format!(
+                "the member refused the group's PIN with {}: it is not tried there again until \
+                 the application logs in again or changes its PIN through the group (a token may \
+                 lock its user after a few wrong PINs); give the member the group's PIN first",
+                rv_name(rv)
+            )
+            .into());
+        }
         if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
             return Err(format!("login refused with {}", rv_name(rv)).into());
         }

@@ -261,4 +261,27 @@ impl VirtualSession {
             Err(Error::new(CKR_DEVICE_ERROR))
         }
     }
+
+    /// Changes a PIN on every member (`C_SetPIN`, `C_InitPIN`) as
+    /// [`Self::first_decides`] runs it -- only while every member serves:
+    /// a member away would keep the old PIN, and its return would be
+    /// refused the group's login, so the change is refused with one HA log
+    /// line, changing nothing.
+    pub fn change_pin(
+        &self,
+        function: &str,
+        call: impl Fn(&dyn MemberBackend, CK_SESSION_HANDLE) -> CK_RV,
+    ) -> Result<()> {
+        if let Some(away) = self.group.members.iter().find(|m| !m.is_up()) {
+            let event = format!(
+                "{function}: the PIN is not changed: member {} does not serve and would keep \
+                 the old one; change it once every member serves",
+                away.serial
+            );
+            eprintln!("pkcs11-ha: group {}: {event}", self.group.label);
+            self.group.log(Some(away.position), &event);
+            return Err(Error::new(CKR_FUNCTION_FAILED));
+        }
+        self.first_decides(function, call)
+    }
 }

@@ -21,8 +21,8 @@ use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::clock::Clock;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
 use pkcs11_ha::group::{
-    log_in_member, Doubt, Group, GroupSettings, Location, Login, MemberState, Pending,
-    ReplayingDeferred, Waits, MAKING_LANE,
+    log_in_member, Doubt, Group, GroupSettings, Location, MemberState, Pending, ReplayingDeferred,
+    Waits, MAKING_LANE,
 };
 use pkcs11_ha::identity;
 use pkcs11_ha::index::MemberIndex;
@@ -39,7 +39,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 /// A data object's template: class, label and value.
 fn data_object(label: &[u8], value: &[u8]) -> Vec<CK_ATTRIBUTE> {
@@ -316,10 +315,7 @@ fn logged_in_session(group: &Arc<Group>) -> VirtualSession {
         log_in_member(l, s, CKU_USER, Some(token::USER_PIN))
     })
     .expect("the group logs in");
-    *group.login.lock() = Some(Login {
-        user_type: CKU_USER,
-        pin: Some(Zeroizing::new(token::USER_PIN.to_vec())),
-    });
+    group.cache_login(CKU_USER, Some(token::USER_PIN));
     v.look_up_domain_keys();
     v
 }

@@ -23,14 +23,13 @@ use memory_member::SimMember;
 use parking_lot::Mutex;
 use pkcs11_ha::arguments::{OutArray, Template};
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
-use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
+use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, MemberState};
 use pkcs11_ha::mechanism::Mechanism;
 use pkcs11_ha::member_api::{MemberApi, MemberBackend};
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 /// The keys each token holds, made outside the group in this order, so
 /// that a new connection (numbering newest first) gives the first one's
@@ -136,10 +135,7 @@ fn two_members(
         log_in_member(l, s, CKU_USER, Some(token::USER_PIN))
     })
     .expect("the group logs in");
-    *group.login.lock() = Some(Login {
-        user_type: CKU_USER,
-        pin: Some(Zeroizing::new(token::USER_PIN.to_vec())),
-    });
+    group.cache_login(CKU_USER, Some(token::USER_PIN));
     v.look_up_domain_keys();
     (libraries, group, host, v)
 }

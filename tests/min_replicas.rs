@@ -18,14 +18,13 @@ use memory_member::token::{Fault, DOMAIN_LABEL, FIRST_SLOT, USER_PIN};
 use memory_member::SimMember;
 use pkcs11_ha::arguments::Template;
 use pkcs11_ha::config::DEFAULT_MULTIPART_REPLAY_LIMIT;
-use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, Login, MemberState};
+use pkcs11_ha::group::{log_in_member, Group, GroupSettings, Location, MemberState};
 use pkcs11_ha::member_api::MemberBackend;
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::VirtualSession;
 use std::fs;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-use zeroize::Zeroizing;
 
 /// A serial no token has: the third member is down from the start.
 const ABSENT: &str = "0123456789abcdef";
@@ -155,10 +154,7 @@ fn memory_group(
         log_in_member(l, s, CKU_USER, Some(USER_PIN))
     })
     .expect("the group logs in");
-    *group.login.lock() = Some(Login {
-        user_type: CKU_USER,
-        pin: Some(Zeroizing::new(USER_PIN.to_vec())),
-    });
+    group.cache_login(CKU_USER, Some(USER_PIN));
     v.look_up_domain_keys();
     (group, v)
 }

@@ -18,7 +18,7 @@ use memory_member::token::USER_PIN;
 use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::{hex, SimMember};
 use pkcs11_ha::clock::Clock as _;
-use pkcs11_ha::group::{Group, Login, MemberState, Pending};
+use pkcs11_ha::group::{Group, MemberState, Pending};
 use pkcs11_ha::member_api::MemberApi;
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::{Input, OpKind, Step, VirtualSession};
@@ -67,10 +67,7 @@ impl Outage {
         );
         // What the application's C_Login leaves: the credential recovery
         // logs a returning member in with.
-        *group.login.lock() = Some(Login {
-            user_type: CKU_USER,
-            pin: Some(zeroize::Zeroizing::new(USER_PIN.to_vec())),
-        });
+        group.cache_login(CKU_USER, Some(USER_PIN));
         // A removal member 1 missed while it was out.
         let removal = Pending::Destroy {
             print: vec![(CKA_LABEL, REMOVED.to_vec())],

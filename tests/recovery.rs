@@ -728,3 +728,107 @@ fn a_member_given_a_key_as_it_is_now_still_gets_its_later_changes() {
     }
     assert!(!group.log().contains("refused with"), "{}", group.log());
 }
+
+/// Waits, within `limit`, until the HA log holds `count` lines with `text`.
+fn wait_for_lines(group: &Group, text: &str, count: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while group.log().matches(text).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{count} lines with {text:?} never came; HA log:\n{}",
+            group.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PIN changed through the group is changed on every member or on none:
+/// refused while a member is away, which would keep the old PIN. A member
+/// whose token refuses the group's PIN at its return is not tried with it
+/// again -- a token may lock its user after a few wrong PINs -- until the
+/// application logs in again.
+#[test]
+fn a_pin_changes_on_every_member_or_none_and_a_refused_pin_is_not_tried_again() {
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let pin = |p: &str| AuthPin::new(p.into());
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    let keys = ec_key(&session, b"pin");
+    fail_member(&group, &session, keys, 1);
+    let refused = session.set_pin(&pin(USER_PIN), &pin("group-pin"));
+    assert!(
+        matches!(refused, Err(Error::Pkcs11(RvError::FunctionFailed, _))),
+        "{refused:?}"
+    );
+    assert!(
+        group.log().contains("C_SetPIN: the PIN is not changed"),
+        "{}",
+        group.log()
+    );
+
+    group.members[1].clear_fault();
+    group.wait_for_state(1, 0, PATIENCE);
+    session
+        .set_pin(&pin(USER_PIN), &pin("group-pin"))
+        .expect("changed while both members serve");
+    session.logout().unwrap();
+    let old = session.login(UserType::User, Some(&pin(USER_PIN)));
+    assert!(
+        matches!(old, Err(Error::Pkcs11(RvError::PinIncorrect, _))),
+        "{old:?}"
+    );
+    // A login through the group asks both members: one that refused the
+    // new PIN would be taken out.
+    session
+        .login(UserType::User, Some(&pin("group-pin")))
+        .unwrap();
+    let status = group_status();
+    assert_eq!([status.members[0].state, status.members[1].state], [0, 0]);
+
+    // Member 1's PIN changed behind the group's back and its token logged
+    // out (a restart would do both), then it fails.
+    let member_slot =
+        Slot::try_from(passthrough_slot_id("m1", group.hsm.tokens[1].slot_id)).unwrap();
+    let direct = group.pkcs11.open_rw_session(member_slot).unwrap();
+    direct
+        .set_pin(&pin("group-pin"), &pin("member-pin"))
+        .unwrap();
+    direct.logout().unwrap();
+    drop(direct);
+    fail_member(&group, &session, keys, 1);
+    group.members[1].reset_counts();
+    group.members[1].clear_fault();
+    let refusal = "refused the group's PIN with CKR_PIN_INCORRECT";
+    wait_for_lines(&group, refusal, 1, PATIENCE);
+    // Three more intervals pass with no other try.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(group.members[1].call_count("C_Login"), 1);
+    assert_eq!(group_status().members[1].state, 1);
+
+    // Each login of the application's gets one try.
+    session.logout().unwrap();
+    session
+        .login(UserType::User, Some(&pin("group-pin")))
+        .unwrap();
+    wait_for_lines(&group, refusal, 2, PATIENCE);
+    assert_eq!(group.members[1].call_count("C_Login"), 2);
+
+    // Given the group's PIN, the member returns at the next login.
+    let direct = group.pkcs11.open_rw_session(member_slot).unwrap();
+    direct
+        .login(UserType::User, Some(&pin("member-pin")))
+        .unwrap();
+    direct
+        .set_pin(&pin("member-pin"), &pin("group-pin"))
+        .unwrap();
+    direct.logout().unwrap();
+    drop(direct);
+    session.logout().unwrap();
+    session
+        .login(UserType::User, Some(&pin("group-pin")))
+        .unwrap();
+    group.wait_for_state(1, 0, PATIENCE);
+    sign_verify(&session, keys);
+}

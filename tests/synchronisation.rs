@@ -14,12 +14,11 @@ use memory_member::host::{group_over, MemoryHost};
 use memory_member::token::{Fault, FIRST_SLOT};
 use memory_member::{hex, SimMember};
 use pkcs11_ha::arguments::Template;
-use pkcs11_ha::group::{log_in_member, Group, Login, MemberState};
+use pkcs11_ha::group::{log_in_member, Group, MemberState};
 use pkcs11_ha::member_api::{MemberApi, MemberBackend};
 use pkcs11_ha::recovery;
 use pkcs11_ha::virtual_session::VirtualSession;
 use std::sync::{Arc, Mutex};
-use zeroize::Zeroizing;
 
 /// The tests of this file run one at a time: each opens the process's HA
 /// log.
@@ -226,10 +225,7 @@ fn logged_in_session(group: &Arc<Group>) -> VirtualSession {
         log_in_member(l, s, CKU_USER, Some(memory_member::token::USER_PIN))
     })
     .expect("the group logs in");
-    *group.login.lock() = Some(Login {
-        user_type: CKU_USER,
-        pin: Some(Zeroizing::new(memory_member::token::USER_PIN.to_vec())),
-    });
+    group.cache_login(CKU_USER, Some(memory_member::token::USER_PIN));
     v.look_up_domain_keys();
     v
 }

@@ -8,7 +8,6 @@ use crate::member_api::MemberApi;
 use crate::provider;
 use crate::session::Target;
 use cryptoki_sys::*;
-use zeroize::Zeroizing;
 
 /// Tags a virtual slot's saved operation state with the member it came
 /// from, since only that member can restore it.
@@ -91,7 +90,7 @@ cryptoki_fn! {
         let s = session(handle)?;
         match &s.target {
             Target::PassThrough(p) => check(p.library.init_pin(p.handle, pin)),
-            Target::Virtual(v) => v.first_decides("C_InitPIN", |l, m| l.init_pin(m, pin)),
+            Target::Virtual(v) => v.change_pin("C_InitPIN", |l, m| l.init_pin(m, pin)),
         }
     }
 
@@ -111,11 +110,9 @@ cryptoki_fn! {
         match &s.target {
             Target::PassThrough(p) => check(p.library.set_pin(p.handle, old_pin, new_pin)),
             Target::Virtual(v) => {
-                v.first_decides("C_SetPIN", |l, m| l.set_pin(m, old_pin, new_pin))?;
-                if let (Some(login), Some(new_pin)) = (v.group.login.lock().as_mut(), new_pin) {
-                    if login.user_type == CKU_USER || login.user_type == CKU_SO {
-                        login.pin = Some(Zeroizing::new(new_pin.to_vec()));
-                    }
+                v.change_pin("C_SetPIN", |l, m| l.set_pin(m, old_pin, new_pin))?;
+                if let Some(new_pin) = new_pin {
+                    v.group.cache_new_pin(new_pin);
                 }
                 Ok(())
             }

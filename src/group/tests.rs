@@ -581,10 +581,7 @@ fn changes_kept_for_serving_members_are_retried_unasked_less_and_less_often() {
         !group.kept_retry_due(at(0)),
         "logged out: the login replays it"
     );
-    *group.login.lock() = Some(Login {
-        user_type: CKU_USER,
-        pin: None,
-    });
+    group.cache_login(CKU_USER, None);
     assert!(!group.kept_retry_due(at(0)), "first seen: due in a second");
     assert!(!group.kept_retry_due(at(999)));
     assert!(group.kept_retry_due(at(1000)));
