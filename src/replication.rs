@@ -1569,8 +1569,8 @@ impl VirtualSession {
             self.attempt_on(position, Some(era), "C_SetAttributeValue", &mut |l, s| {
                 l.set_attribute_value(s, one, template.as_slice())
             });
-        if matches!(answer, Attempt::Answered(rv) if rv != CKR_OK) {
-            answer = self.set_what_differs(position, era, one, &template);
+        if let Attempt::Answered(refused @ 1..) = answer {
+            answer = self.set_what_differs(position, era, one, &template, refused);
         }
         match answer {
             Attempt::Answered(CKR_OK) => {
@@ -1591,16 +1591,19 @@ impl VirtualSession {
     }
 
     /// Sets on copy `one` only those of `changes` it does not hold already,
-    /// after the member refused them all: a copy made since the change
-    /// (from the object as it is now) may hold them, and a member may
-    /// refuse an attribute set again to the value it holds (SoftHSM, any
-    /// `CKA_SENSITIVE` once true). Nested templates are always set.
+    /// after the member refused them all with `refused`: a copy made since
+    /// the change (from the object as it is now) may hold them, and a
+    /// member may refuse an attribute set again to the value it holds
+    /// (SoftHSM, any `CKA_SENSITIVE` once true). Nested templates count as
+    /// not held. The refusal stands where the copy cannot be read or holds
+    /// none of them.
     fn set_what_differs(
         &self,
         position: usize,
         era: Era,
         one: CK_OBJECT_HANDLE,
         changes: &Template,
+        refused: CK_RV,
     ) -> Attempt {
         let kinds: Vec<CK_ATTRIBUTE_TYPE> = changes.iter().map(|a| a.kind()).collect();
         let mut held = None;
@@ -1609,7 +1612,10 @@ impl VirtualSession {
             CKR_OK
         });
         let Some(held) = held else {
-            return read;
+            return match read {
+                Attempt::Faulted => Attempt::Faulted,
+                Attempt::Answered(_) => Attempt::Answered(refused),
+            };
         };
         let holds = |a: &Attribute| {
             !NESTED_ATTRIBUTES.contains(&a.kind())
@@ -1622,6 +1628,9 @@ impl VirtualSession {
         let differing = differing.build();
         if differing.is_empty() {
             return Attempt::Answered(CKR_OK);
+        }
+        if differing.len() == changes.len() {
+            return Attempt::Answered(refused);
         }
         self.attempt_on(position, Some(era), "C_SetAttributeValue", &mut |l, s| {
             l.set_attribute_value(s, one, differing.as_slice())

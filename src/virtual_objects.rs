@@ -109,8 +109,8 @@ const EMULATED: [CK_ATTRIBUTE_TYPE; 2] = [CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE
 const NESTED_TEMPLATES: [CK_ATTRIBUTE_TYPE; 2] = [CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE];
 
 /// One-way attributes, each with the value it can only leave (PKCS#11 3.1,
-/// 4.4 and 4.8): set to it, a member changes nothing, or refuses where the
-/// key left it.
+/// the storage object, private key and secret key attribute tables): set
+/// to it, a member changes nothing, or refuses where the key left it.
 const LOOSE_VALUES: [(CK_ATTRIBUTE_TYPE, bool); 4] = [
     (CKA_SENSITIVE, false),
     (CKA_WRAP_WITH_TRUSTED, false),
