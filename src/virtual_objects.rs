@@ -145,6 +145,15 @@ fn nested(a: Attribute<'_>) -> Option<impl Iterator<Item = Attribute<'_>> + Clon
 /// A member failed while the objects a search found there were named.
 pub(crate) struct MemberFailed;
 
+/// What the application asked of a key's protection, for the HA log.
+#[derive(Clone, Copy)]
+enum Asked {
+    /// `C_SetAttributeValue` on the key.
+    Change,
+    /// `C_CopyObject` of the key.
+    Copy,
+}
+
 /// A template as the members get it: where the application asks for a
 /// non-extractable key, the members make it extractable under trusted keys
 /// only, so the domain key can still carry it to the other members. The
@@ -754,7 +763,7 @@ impl VirtualSession {
             Some(t) => t,
             None => self.read_bool(source, CKA_TOKEN)?,
         };
-        let (changes, protects) = self.extractability_change(source, template)?;
+        let (changes, protects) = self.extractability_change(source, template, Asked::Copy)?;
         let owner = owner_for(Some(token), session);
         let _write = self.group.enter_write();
         let object = self
@@ -912,10 +921,10 @@ impl VirtualSession {
         &self,
         object: CK_OBJECT_HANDLE,
         template: &'t Template,
+        asked: Asked,
     ) -> Result<(Template<'t>, bool)> {
-        let asked = template.bool(CKA_EXTRACTABLE);
         let unchanged = || template.without(&[]);
-        let Some(extractable) = asked else {
+        let Some(extractable) = template.bool(CKA_EXTRACTABLE) else {
             return Ok((unchanged(), self.protected(object)?));
         };
         let view = self.read_protection(object)?;
@@ -933,7 +942,7 @@ impl VirtualSession {
         // after the fact is so on the members too: it is on every member
         // that holds it now, and members that join later cannot receive it.
         if !extractable {
-            self.refuse_while_owed(object)?;
+            self.refuse_while_owed(object, asked)?;
         }
         Ok((unchanged(), false))
     }
@@ -945,7 +954,7 @@ impl VirtualSession {
     /// than the application was told, as a new key that cannot reach a
     /// member is refused ([`Self::refuse_unreceivable`]). The change
     /// succeeds once every member holds the key.
-    fn refuse_while_owed(&self, object: CK_OBJECT_HANDLE) -> Result<()> {
+    fn refuse_while_owed(&self, object: CK_OBJECT_HANDLE, asked: Asked) -> Result<()> {
         let members = &self.group.members;
         let Some(owed) = members
             .iter()
@@ -953,11 +962,19 @@ impl VirtualSession {
         else {
             return Ok(());
         };
+        let what = match asked {
+            Asked::Change => format!(
+                "C_SetAttributeValue: {} is not made non-extractable",
+                self.name_object(object)
+            ),
+            Asked::Copy => format!(
+                "C_CopyObject: no non-extractable copy of {} is made",
+                self.name_object(object)
+            ),
+        };
         let event = format!(
-            "C_SetAttributeValue: {} is not made non-extractable: member {} ({}) is still owed \
-             its copy and could never receive it then; the change succeeds once the member \
-             holds it",
-            self.name_object(object),
+            "{what}: member {} ({}) is still owed the key and could never receive it then; \
+             this succeeds once the member holds it",
             owed.serial,
             if owed.is_up() { "up" } else { "down now" },
         );
@@ -1465,7 +1482,7 @@ impl VirtualSession {
     }
 
     pub fn set_attribute_value(&self, object: CK_OBJECT_HANDLE, template: &Template) -> Result<()> {
-        let (changes, protects) = self.extractability_change(object, template)?;
+        let (changes, protects) = self.extractability_change(object, template, Asked::Change)?;
         if changes.count() > 0 {
             self.change_everywhere(object, &Change::Set(&changes))?;
         }

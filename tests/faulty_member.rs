@@ -257,6 +257,38 @@ fn a_call_fault_fails_only_that_entry_point() {
 }
 
 #[test]
+fn a_member_dying_after_a_call_carries_it_out_and_fails_from_then_on() {
+    let setup = Setup::new();
+    let member = &setup.member;
+    let pkcs11 = start(&member.path);
+    let slot = only_slot(&pkcs11);
+    let session = pkcs11.open_rw_session(slot).expect("C_OpenSession");
+    session
+        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+        .expect("C_Login");
+    member.die_after_call("C_CreateObject");
+    let label = "carried out, answer lost";
+    let template = [
+        cryptoki::object::Attribute::Token(true),
+        cryptoki::object::Attribute::Label(label.into()),
+        cryptoki::object::Attribute::Application("faulty".into()),
+        cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::DATA),
+    ];
+    assert!(is_rv(
+        session.create_object(&template),
+        RvError::DeviceError
+    ));
+    assert!(is_rv(session.generate_random_vec(8), RvError::DeviceError));
+    member.clear_fault();
+    let found = session
+        .find_objects(&[cryptoki::object::Attribute::Label(label.into())])
+        .expect("C_FindObjects forwarded again");
+    assert_eq!(found.len(), 1, "the create was carried out");
+    drop(session);
+    pkcs11.finalize().expect("C_Finalize");
+}
+
+#[test]
 fn hang_blocks_calls_until_release() {
     let setup = Setup::new();
     let member = &setup.member;

@@ -832,3 +832,64 @@ fn a_pin_changes_on_every_member_or_none_and_a_refused_pin_is_not_tried_again() 
     group.wait_for_state(1, 0, PATIENCE);
     sign_verify(&session, keys);
 }
+
+/// A key pair whose generate a member carried out and died before
+/// answering, made on the other member instead: the dead member holds an
+/// orphan pair alike in every attribute a private key's print reads. It
+/// returns while the application is logged out (its private objects'
+/// changes wait for the login), and after the login it must hold the
+/// group's private key, not the orphan. (In simulation seed 2226665 the
+/// orphan passed for the group's key at the login; this path, on SoftHSM,
+/// passes on the code before that fix too.)
+#[test]
+fn an_orphan_private_key_is_replaced_when_the_member_returns_logged_out() {
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
+    let session = group.session();
+    group.members[1].die_after_call("C_GenerateKeyPair");
+    let mut made = Vec::new();
+    for n in 0..8 {
+        made.push(ec_key(&session, format!("pair-{n}").as_bytes()));
+        if group.members[1].call_count("C_GenerateKeyPair") > 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        group.members[1].call_count("C_GenerateKeyPair"),
+        1,
+        "no generate reached member 1"
+    );
+    let orphaned = *made.last().unwrap();
+    group.wait_for_state(1, 1, PATIENCE);
+    session.logout().unwrap();
+    group.members[1].clear_fault();
+    group.wait_for_state(1, 0, PATIENCE);
+    session
+        .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+        .unwrap();
+    group.wait_for_no_pending(1, PATIENCE);
+
+    // Member 1's private key of the pair signs what the group's public key
+    // verifies: the group's, not the orphan.
+    let id = session
+        .get_attributes(orphaned.1, &[AttributeType::Id])
+        .unwrap();
+    let [Attribute::Id(id)] = &id[..] else {
+        panic!("{id:?}")
+    };
+    let slot = Slot::try_from(passthrough_slot_id("m1", group.hsm.tokens[1].slot_id)).unwrap();
+    let direct = user_session(&group.pkcs11, slot);
+    let keys = direct
+        .find_objects(&[
+            Attribute::Class(cryptoki::object::ObjectClass::PRIVATE_KEY),
+            Attribute::Id(id.clone()),
+        ])
+        .unwrap();
+    assert_eq!(keys.len(), 1, "member 1 holds one private key of the pair");
+    let data = [7u8; 32];
+    let signature = direct.sign(&Mechanism::Ecdsa, keys[0], &data).unwrap();
+    session
+        .verify(&Mechanism::Ecdsa, orphaned.0, &data, &signature)
+        .expect("member 1's private key is the group's");
+}

@@ -130,6 +130,20 @@ impl FaultyMember {
         self.control::<extern "C" fn(CK_RV)>("faulty_set_fault")(rv);
     }
 
+    /// The next call of entry point `name` is carried out, then it and
+    /// every call after it fail with `CKR_DEVICE_ERROR` (until
+    /// [`FaultyMember::clear_fault`]): the member dies with that answer
+    /// lost.
+    pub fn die_after_call(&self, name: &str) {
+        let name = CString::new(name).expect("function name without NUL");
+        // SAFETY: `name` is NUL-terminated and outlives the call.
+        unsafe {
+            self.control::<unsafe extern "C" fn(*const std::ffi::c_char)>("faulty_die_after_call")(
+                name.as_ptr(),
+            )
+        }
+    }
+
     /// Only the entry point `name` (e.g. `"C_Login"`) returns `rv`
     /// unforwarded; the others answer. [`FaultyMember::clear_fault`] clears it.
     pub fn fail_call(&self, name: &str, rv: CK_RV) {

@@ -127,6 +127,15 @@ pub struct Object {
 }
 
 impl Object {
+    /// Whether `attributes` sets a one-way attribute the object holds at
+    /// its final value, which SoftHSM refuses in `C_SetAttributeValue` and
+    /// `C_CopyObject`.
+    fn at_final(&self, attributes: &Attributes) -> bool {
+        attributes
+            .keys()
+            .any(|t| (ONE_WAY.iter()).any(|(one_way, last)| one_way == t && self.flag(*t) == *last))
+    }
+
     pub fn flag(&self, attribute: CK_ATTRIBUTE_TYPE) -> bool {
         self.attributes
             .get(&attribute)
@@ -357,6 +366,15 @@ pub fn wrapped(wrapping_key: &[u8], value: &[u8]) -> Vec<u8> {
 fn check_value(value: &[u8]) -> Vec<u8> {
     sha256(&[value])[..3].to_vec()
 }
+
+/// Attributes changed one way only, to the value given (PKCS#11 3.1, the
+/// private and secret key attribute tables, footnote 11), after which
+/// SoftHSM refuses to set them at all, even to the value they hold.
+const ONE_WAY: [(CK_ATTRIBUTE_TYPE, bool); 3] = [
+    (CKA_SENSITIVE, true),
+    (CKA_EXTRACTABLE, false),
+    (CKA_WRAP_WITH_TRUSTED, true),
+];
 
 fn boolean(on: bool) -> Vec<u8> {
     vec![u8::from(on)]
@@ -1259,10 +1277,11 @@ impl Sim {
         let token = self.enter_session(session)?;
         let source = self.own_handle(session, source);
         let logged_in = self.logged_in(session);
-        let mut copied = self.tokens[token]
-            .object(source, logged_in)?
-            .attributes
-            .clone();
+        let original = self.tokens[token].object(source, logged_in)?;
+        if original.at_final(&attributes) {
+            return Err(CKR_ATTRIBUTE_READ_ONLY);
+        }
+        let mut copied = original.attributes.clone();
         copied.extend(attributes);
         let token = self.check_writable(session, &copied)?;
         let handle = self.store(token, session, copied)?;
@@ -1461,21 +1480,11 @@ impl Sim {
             CKA_PRIVATE,
             CKA_TRUSTED,
         ];
-        // Changed one way only, to the value given (PKCS#11 3.1, 4.10 and
-        // 4.11, footnote 11), after which SoftHSM refuses to set them at
-        // all, even to the value they hold.
-        const ONE_WAY: [(CK_ATTRIBUTE_TYPE, bool); 3] = [
-            (CKA_SENSITIVE, true),
-            (CKA_EXTRACTABLE, false),
-            (CKA_WRAP_WITH_TRUSTED, true),
-        ];
         let token = self.enter_session(session)?;
         let handle = self.own_handle(session, handle);
         let logged_in = self.logged_in(session);
         let object = self.tokens[token].object(handle, logged_in)?;
-        let at_final = attributes.keys().any(|t| {
-            (ONE_WAY.iter()).any(|(one_way, last)| one_way == t && object.flag(*t) == *last)
-        });
+        let at_final = object.at_final(&attributes);
         if object.session.is_none() && !self.session(session).read_write {
             return Err(CKR_SESSION_READ_ONLY);
         }

@@ -25,7 +25,7 @@
 //! Control API, for the test after it `dlopen`s the same copy (see
 //! `plan.rs`): `faulty_set_latency_us(u64)`, `faulty_set_capacity(u32)`,
 //! `faulty_set_fault(CK_RV)`, `faulty_set_call_fault(const char *, CK_RV)`,
-//! `faulty_fail_after(u64, CK_RV)`,
+//! `faulty_fail_after(u64, CK_RV)`, `faulty_die_after_call(const char *)`,
 //! `faulty_hang()`, `faulty_release()`,
 //! `faulty_wait_for_blocked(u32, timeout_ms: u64) -> bool`,
 //! `faulty_call_count(const char *) -> u64`, `faulty_max_concurrent() -> u32`,
@@ -207,7 +207,8 @@ macro_rules! forward {
                     $(real.$check($check)?;)?
                     let f = real.list.$name.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
                     // SAFETY: the caller's arguments, passed on unchanged.
-                    Ok(unsafe { f($($arg),*) })
+                    let rv = unsafe { f($($arg),*) };
+                    Ok(plan::answer(stringify!($name), rv))
                 })
             }
         )*

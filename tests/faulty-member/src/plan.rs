@@ -9,7 +9,7 @@ use std::ffi::{c_char, CStr};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cryptoki_sys::{CKR_OK, CK_RV};
+use cryptoki_sys::{CKR_DEVICE_ERROR, CKR_OK, CK_RV};
 use parking_lot::{Condvar, Mutex};
 
 /// What calls that pass the gate get instead of the real library's answer.
@@ -31,6 +31,10 @@ struct Plan {
     /// Entry points that return this instead of forwarding, where `fault`
     /// lets them through.
     call_faults: BTreeMap<String, CK_RV>,
+    /// The entry point whose next call is carried out and then fails with
+    /// `CKR_DEVICE_ERROR`, every call after it failing so too: a member
+    /// whose connection drops right after it carried a request out.
+    dies_after: Option<String>,
     hung: bool,
     /// Bumped by every release, so the calls it freed go even if the test
     /// hangs the member again before they wake.
@@ -48,6 +52,7 @@ static PLAN: Mutex<Plan> = Mutex::new(Plan {
     capacity: 0,
     fault: Fault::None,
     call_faults: BTreeMap::new(),
+    dies_after: None,
     hung: false,
     releases: 0,
     blocked: 0,
@@ -114,6 +119,35 @@ pub(crate) fn admit(name: &str) -> Result<Admission, CK_RV> {
     }
 }
 
+/// The answer the caller gets for a forwarded call of `name` that
+/// returned `rv`: `CKR_DEVICE_ERROR` where the member dies after this call
+/// ([`faulty_die_after_call`]), which also fails every call after it.
+pub(crate) fn answer(name: &str, rv: CK_RV) -> CK_RV {
+    let mut plan = PLAN.lock();
+    if plan.dies_after.as_deref() != Some(name) {
+        return rv;
+    }
+    plan.dies_after = None;
+    plan.fault = Fault::Always(CKR_DEVICE_ERROR);
+    CKR_DEVICE_ERROR
+}
+
+/// Carry out the next call of entry point `name`, then fail it and every
+/// call after it with `CKR_DEVICE_ERROR` (until `faulty_set_fault(CKR_OK)`):
+/// the member dies with that call's answer lost.
+///
+/// # Safety
+/// `name` is NULL (ignored) or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn faulty_die_after_call(name: *const c_char) {
+    if name.is_null() {
+        return;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
+    PLAN.lock().dies_after = Some(name.into_owned());
+}
+
 /// Sleep this long in every call before it is forwarded (or faulted).
 #[no_mangle]
 pub extern "C" fn faulty_set_latency_us(us: u64) {
@@ -136,6 +170,7 @@ pub extern "C" fn faulty_set_fault(rv: CK_RV) {
     if rv == CKR_OK {
         plan.fault = Fault::None;
         plan.call_faults.clear();
+        plan.dies_after = None;
     } else {
         plan.fault = Fault::Always(rv);
     }
