@@ -524,6 +524,32 @@ fn flag_on_member(group: &Group, i: usize, label: &str, which: AttributeType) ->
         .collect()
 }
 
+/// Takes member 1 out and makes an extractable AES key labelled `label`
+/// (its ID too) with the attributes `extra`: a key member 1 is owed. Also
+/// the key pair whose use took the member out, to take it out again.
+fn key_made_while_member_1_is_away(
+    group: &Group,
+    session: &Session,
+    label: &str,
+    extra: &[Attribute],
+) -> (ObjectHandle, (ObjectHandle, ObjectHandle)) {
+    let before = ec_key(session, b"before");
+    fail_member(group, session, before, 1);
+    let mut template = vec![
+        Attribute::Token(true),
+        Attribute::Label(label.into()),
+        Attribute::Id(label.as_bytes().to_vec()),
+        Attribute::ValueLen(32.into()),
+        Attribute::Encrypt(true),
+        Attribute::Extractable(true),
+    ];
+    template.extend_from_slice(extra);
+    let key = session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .expect("a key made while member 1 is away");
+    (key, before)
+}
+
 /// What a member missed reaches it by the copy paths (attributes read from
 /// another member), not by the application's template: the restrictions
 /// must travel with it.
@@ -623,21 +649,7 @@ fn a_key_is_made_non_extractable_only_once_every_member_holds_it() {
     use cryptoki::error::{Error, RvError};
     let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
     let session = group.session();
-    let before = ec_key(&session, b"before");
-    fail_member(&group, &session, before, 1);
-    let key = session
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Token(true),
-                Attribute::Label("late".into()),
-                Attribute::Id(b"late".to_vec()),
-                Attribute::ValueLen(32.into()),
-                Attribute::Encrypt(true),
-                Attribute::Extractable(true),
-            ],
-        )
-        .expect("a key made while member 1 is away");
+    let (key, before) = key_made_while_member_1_is_away(&group, &session, "late", &[]);
     let refused = session.update_attributes(key, &[Attribute::Extractable(false)]);
     assert!(
         matches!(refused, Err(Error::Pkcs11(RvError::FunctionFailed, _))),
@@ -685,22 +697,8 @@ fn a_key_is_made_non_extractable_only_once_every_member_holds_it() {
 fn a_member_given_a_key_as_it_is_now_still_gets_its_later_changes() {
     let group = Group::start("AutoReconnectInterval = 1", CInitializeFlags::OS_LOCKING_OK);
     let session = group.session();
-    let before = ec_key(&session, b"before");
-    fail_member(&group, &session, before, 1);
-    let key = session
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Token(true),
-                Attribute::Label("loose".into()),
-                Attribute::Id(b"first".to_vec()),
-                Attribute::ValueLen(32.into()),
-                Attribute::Encrypt(true),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-            ],
-        )
-        .expect("a key made while member 1 is away");
+    let (key, _) =
+        key_made_while_member_1_is_away(&group, &session, "loose", &[Attribute::Sensitive(false)]);
     for change in [
         Attribute::Sensitive(false),
         Attribute::Sensitive(true),
