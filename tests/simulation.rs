@@ -1536,7 +1536,11 @@ enum Id {
     /// Set to this (OK).
     Set(Vec<u8>),
     /// A set failed: the old value or the new one, alike on every member.
-    Either,
+    /// Numbered by the set (its ID's serial), so that a search that began
+    /// before it tells the object's ID may have changed since, though an
+    /// earlier set failed too (simulation seed 2592834: a set, refused, and
+    /// then one made and one refused during a search by the old ID).
+    Either(u64),
 }
 
 struct Made {
@@ -2487,11 +2491,7 @@ impl Schedule<'_> {
             value: from.value.clone(),
             owner: None,
             fate: Fate::of_making(rv),
-            id: match &from.id {
-                Id::Set(id) => Id::Set(id.clone()),
-                Id::Unset => Id::Unset,
-                Id::Either => Id::Either,
-            },
+            id: from.id.clone(),
             refused_by: refuser,
             unwrapped: from.unwrapped,
         };
@@ -2663,7 +2663,7 @@ impl Schedule<'_> {
             self.made[i].id = if rv == CKR_OK {
                 Id::Set(id)
             } else {
-                Id::Either
+                Id::Either(self.serial)
             };
         }
         let now = std::mem::take(&mut self.made[i].protection);
@@ -3232,7 +3232,7 @@ impl Schedule<'_> {
         self.made[i].id = if rv == CKR_OK {
             Id::Set(id)
         } else {
-            Id::Either
+            Id::Either(self.serial)
         };
     }
 
@@ -4688,7 +4688,7 @@ impl Schedule<'_> {
                         .collect();
                     ensure!(
                         match &m.id {
-                            Id::Unset | Id::Either => ids.iter().all(|id| *id == ids[0]),
+                            Id::Unset | Id::Either(_) => ids.iter().all(|id| *id == ids[0]),
                             Id::Set(id) => ids.iter().all(|held| **held == hex(id)),
                         },
                         "{name}'s CKA_ID, {:?} as the application was told, is {ids:?} on the members",
