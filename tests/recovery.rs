@@ -884,7 +884,12 @@ fn an_orphan_private_key_is_replaced_when_the_member_returns_logged_out() {
             Attribute::Id(id.clone()),
         ])
         .unwrap();
-    assert_eq!(keys.len(), 1, "member 1 holds one private key of the pair");
+    assert_eq!(
+        keys.len(),
+        1,
+        "member 1 holds one private key of the pair; HA log:\n{}",
+        group.log()
+    );
     let data = [7u8; 32];
     let signature = direct.sign(&Mechanism::Ecdsa, keys[0], &data).unwrap();
     session
