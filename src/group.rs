@@ -3398,11 +3398,16 @@ impl Group {
         }
     }
 
+    /// Which credential the group holds now ([`Login::generation`]).
+    pub fn login_generation(&self) -> Option<u64> {
+        self.login.lock().as_ref().map(|l| l.generation)
+    }
+
     /// Notes that member `position`'s token refused the cached credential
-    /// at recovery (a wrong PIN there).
-    pub fn note_pin_refused(&self, position: usize) {
-        if let Some(login) = self.login.lock().as_ref() {
-            (self.members[position].pin_refused).store(login.generation + 1, Ordering::Relaxed);
+    /// of `generation` at recovery (a wrong PIN there).
+    pub fn note_pin_refused(&self, position: usize, generation: Option<u64>) {
+        if let Some(generation) = generation {
+            (self.members[position].pin_refused).store(generation + 1, Ordering::Relaxed);
         }
     }
 

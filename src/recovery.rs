@@ -1401,6 +1401,9 @@ fn bring_up_to_date(
     let session = worker
         .member_session(position)
         .map_err(|e| format!("cannot open a session: {}", rv_name(e.rv)))?;
+    // Read before the credential: a login meanwhile makes it older, never
+    // newer, than the PIN tried, so a refusal never marks an untried one.
+    let generation = group.login_generation();
     if let Some((user_type, pin)) = group.cached_login() {
         let guard = group.members[position].begin_call();
         let rv = crate::group::log_in_member(
@@ -1418,7 +1421,7 @@ fn bring_up_to_date(
                 | CKR_PIN_EXPIRED
                 | CKR_PIN_LOCKED
         ) {
-            group.note_pin_refused(position);
+            group.note_pin_refused(position, generation);
             return Err(format!(
                 "the member refused the group's PIN with {}: it is not tried there again until \
                  the application logs in again or changes its PIN through the group (a token may \
@@ -2801,7 +2804,11 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
     }
     let behind_a_set =
         (change.removal()).is_some_and(|p| group.removal_behind_kept_set(position, p));
-    if behind_a_set || worker.behind_a_removal(&replay.removals, &change) {
+    // A removal while a call imports a like object waits for it: that
+    // call's copy, on the member and not yet recorded, would pass for the
+    // removed one (`Group::importing_like`).
+    let beside_an_import = (change.destroyed()).is_some_and(|p| group.importing_like(p));
+    if behind_a_set || beside_an_import || worker.behind_a_removal(&replay.removals, &change) {
         replay.removals.extend(change.destroyed().cloned());
         replay.keep_again(group, change);
         group.deferred_handled(position, 1);
@@ -2819,18 +2826,6 @@ fn replay_one_kept(group: &Group, worker: &VirtualSession, replay: &mut KeptRepl
             group.deferred_handled(position, 1);
             return 0;
         }
-    }
-    // A removal while a call imports a like object waits for it: that
-    // call's copy, on the member and not yet recorded, would pass for the
-    // removed one (`Group::importing_like`).
-    if change
-        .destroyed()
-        .is_some_and(|print| group.importing_like(print))
-    {
-        replay.removals.extend(change.destroyed().cloned());
-        replay.keep_again(group, change);
-        group.deferred_handled(position, 1);
-        return 0;
     }
     let logged_out = !group.holds_login();
     let outcome = worker.apply(position, &change, replay.holdings.as_mut());
